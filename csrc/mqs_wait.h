@@ -1,0 +1,182 @@
+/*
+ * mqs_wait.h: an event word that threads (or processes, when the word sits
+ * in shared memory) wait on: spin, then yield, then park on a futex.
+ *
+ *   mqs_waitword_t (12 bytes, keep it in the memory it guards):
+ *   +---------------+-----------------+------------------+
+ *   | epoch (u32)   | waiters (u32)   | sleepers (u32)   |
+ *   +---------------+-----------------+------------------+
+ *
+ * epoch     bumped by a signaller after it changed the guarded state, but
+ *           only while someone is registered in waiters; it is the futex
+ *           word, so a sleeper whose epoch is stale never goes to sleep.
+ * waiters   threads that are waiting in any phase (spin, yield or park).
+ * sleepers  threads about to enter or inside FUTEX_WAIT; only these make
+ *           the signaller pay for a wake system call.
+ *
+ * Protocol (both halves need their seq_cst step, the classic store-buffer
+ * case):
+ *   waiter:    e = mqs_wait_prepare(w)     (waiters++, full fence)
+ *              re-check the condition; if met, mqs_wait_finish(w)
+ *              otherwise mqs_wait_park(w, e, ...) until the epoch moves,
+ *              then re-check, and mqs_wait_finish(w) at the end.
+ *   signaller: change the state, then mqs_wait_signal(w)
+ *              (full fence, read waiters, bump epoch, wake sleepers).
+ * A waiter that misses the change in its re-check is registered before
+ * the signaller reads waiters, so the epoch moves and the futex returns.
+ */
+#ifndef MQS_WAIT_H
+#define MQS_WAIT_H
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mqs_atomic.h"
+
+typedef struct mqs_waitword {
+    _Atomic uint32_t epoch;
+    _Atomic uint32_t waiters;
+    _Atomic uint32_t sleepers;
+} mqs_waitword_t;
+
+/* Spin iterations and yields before a waiter parks on the futex. */
+#define MQS_WAIT_SPINS 256
+#define MQS_WAIT_YIELDS 8
+
+static inline void mqs_wait_init(mqs_waitword_t *w)
+{
+    atomic_init(&w->epoch, 0);
+    atomic_init(&w->waiters, 0);
+    atomic_init(&w->sleepers, 0);
+}
+
+static inline int64_t mqs_monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/*
+ * Register the caller as a waiter and return the epoch to wait on.
+ * Any thread. The caller must re-check its condition after this call.
+ */
+static inline uint32_t mqs_wait_prepare(mqs_waitword_t *w)
+{
+    uint32_t epoch = mqs_load_acquire_u32(&w->epoch);
+
+    mqs_fetch_add_seq_cst_u32(&w->waiters, 1);
+    mqs_fence_seq_cst();
+    return epoch;
+}
+
+/* Deregister a waiter registered by mqs_wait_prepare. Any thread. */
+static inline void mqs_wait_finish(mqs_waitword_t *w)
+{
+    mqs_fetch_sub_seq_cst_u32(&w->waiters, 1);
+}
+
+static inline int mqs_futex_wait(_Atomic uint32_t *word, uint32_t expected,
+                                 int64_t timeout_ns, int shared)
+{
+    struct timespec ts;
+    int op = shared ? FUTEX_WAIT : FUTEX_WAIT_PRIVATE;
+
+    ts.tv_sec = timeout_ns / 1000000000;
+    ts.tv_nsec = timeout_ns % 1000000000;
+    return (int)syscall(SYS_futex, (uint32_t *)word, op, expected, &ts,
+                        NULL, 0);
+}
+
+static inline void mqs_futex_wake_all(_Atomic uint32_t *word, int shared)
+{
+    int op = shared ? FUTEX_WAKE : FUTEX_WAKE_PRIVATE;
+
+    syscall(SYS_futex, (uint32_t *)word, op, INT_MAX, NULL, NULL, 0);
+}
+
+/*
+ * Wait until the epoch differs from `epoch` or `timeout_ns` passes: spin
+ * MQS_WAIT_SPINS times, yield MQS_WAIT_YIELDS times, then sleep on the
+ * futex. Any thread, without any lock held. `shared` selects a futex that
+ * works across processes (the word must then be in MAP_SHARED memory).
+ *
+ * Returns MQS_OK when the epoch moved (or on a spurious wake-up: callers
+ * re-check their condition in any case), MQS_ETIMEDOUT when the timeout
+ * passed, MQS_EINTR when a signal interrupted the sleep.
+ */
+static inline int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch,
+                                int64_t timeout_ns, int shared)
+{
+    int64_t deadline = mqs_monotonic_ns() + timeout_ns;
+    int64_t left;
+    int rc;
+
+    for (int i = 0; i < MQS_WAIT_SPINS; i++) {
+        if (mqs_load_acquire_u32(&w->epoch) != epoch)
+            return MQS_OK;
+        mqs_cpu_relax();
+    }
+    for (int i = 0; i < MQS_WAIT_YIELDS; i++) {
+        if (mqs_load_acquire_u32(&w->epoch) != epoch)
+            return MQS_OK;
+        sched_yield();
+    }
+
+    left = deadline - mqs_monotonic_ns();
+    if (left <= 0)
+        return MQS_ETIMEDOUT;
+
+    /* sleepers++ must be ordered before the epoch re-read (seq_cst RMW
+     * then seq_cst load), pairing with the signaller's epoch++ then
+     * sleepers load. */
+    mqs_fetch_add_seq_cst_u32(&w->sleepers, 1);
+    if (mqs_load_seq_cst_u32(&w->epoch) != epoch) {
+        mqs_fetch_sub_seq_cst_u32(&w->sleepers, 1);
+        return MQS_OK;
+    }
+    rc = mqs_futex_wait(&w->epoch, epoch, left, shared);
+    mqs_fetch_sub_seq_cst_u32(&w->sleepers, 1);
+    if (rc == 0 || errno == EAGAIN)
+        return MQS_OK;
+    if (errno == ETIMEDOUT)
+        return MQS_ETIMEDOUT;
+    return MQS_EINTR;
+}
+
+/*
+ * Tell waiters that the guarded state changed. Any thread, after the
+ * change is stored. Costs one fence and one load when nobody waits, and a
+ * system call only when a waiter sleeps in the kernel.
+ */
+static inline void mqs_wait_signal(mqs_waitword_t *w, int shared)
+{
+    mqs_fence_seq_cst();
+    if (mqs_load_seq_cst_u32(&w->waiters) == 0)
+        return;
+    mqs_fetch_add_seq_cst_u32(&w->epoch, 1);
+    if (mqs_load_seq_cst_u32(&w->sleepers) != 0)
+        mqs_futex_wake_all(&w->epoch, shared);
+}
+
+/*
+ * Same as mqs_wait_signal, for a signaller that holds the lock the waiter
+ * held across mqs_wait_prepare and its re-check (the GIL, in mqs.Queue).
+ * The lock orders the two sides, so no fence is needed.
+ */
+static inline void mqs_wait_signal_locked(mqs_waitword_t *w, int shared)
+{
+    if (atomic_load_explicit(&w->waiters, memory_order_relaxed) == 0)
+        return;
+    mqs_fetch_add_seq_cst_u32(&w->epoch, 1);
+    if (mqs_load_seq_cst_u32(&w->sleepers) != 0)
+        mqs_futex_wake_all(&w->epoch, shared);
+}
+
+#endif /* MQS_WAIT_H */

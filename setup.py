@@ -1,0 +1,51 @@
+"""Build the native extensions of mqs.
+
+Environment switches:
+  MQS_DEBUG=1     -O0 -g and assertions on (MQS_DEBUG defined, NDEBUG off)
+  MQS_SANITIZE=1  AddressSanitizer and UndefinedBehaviorSanitizer
+"""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("MQS_DEBUG") == "1"
+SANITIZE = os.environ.get("MQS_SANITIZE") == "1"
+
+compile_args = ["-std=c11", "-Wall", "-Wextra"]
+link_args = []
+if DEBUG:
+    compile_args += ["-O0", "-g", "-UNDEBUG", "-DMQS_DEBUG=1"]
+else:
+    compile_args += ["-O3"]
+if SANITIZE:
+    sanitizers = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    compile_args += sanitizers
+    link_args += sanitizers
+
+
+def extension(name, sources):
+    return Extension(
+        f"mqs.{name}",
+        sources=[f"src/mqs/{name}.pyx", *sources],
+        include_dirs=["csrc"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        depends=[os.path.join("csrc", f) for f in os.listdir("csrc")],
+    )
+
+
+extensions = [
+    extension("_queue", ["csrc/mqs_ring.c"]),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={
+            "language_level": "3",
+            "embedsignature": True,
+        },
+    ),
+)

@@ -1,0 +1,828 @@
+# cython: language_level=3, embedsignature=True
+"""In-process queues on the native ring: `Queue` and `SimpleQueue`.
+
+Items live in a chain of ring segments (`csrc/mqs_ring.h`), each a
+power-of-two array of object pointers. The GIL serialises every put and
+get, so the chain drives each segment as a ring with one producer and one
+broadcast consumer: a put is a claim, a pointer store and a release store;
+a get is an acquire load, a pointer load and a release store. No lock is
+taken anywhere, which is why a put from a signal handler or a ``__del__``
+that runs in the middle of another put or get cannot deadlock.
+
+Blocking waits park on futex event words (`csrc/mqs_wait.h`) with the GIL
+released, in slices of at most 50 ms so Ctrl-C gets through.
+"""
+
+cimport cython
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.stdint cimport int64_t, uint32_t
+from libc.stdlib cimport free, malloc
+
+from mqs.includes.mqs_atomic cimport MQS_OK
+from mqs.includes.mqs_ring cimport (
+    mqs_ring_add_consumer,
+    mqs_ring_consumer_poll,
+    mqs_ring_consumer_release,
+    mqs_ring_create,
+    mqs_ring_free,
+    mqs_ring_reset,
+    mqs_ring_publish,
+    mqs_ring_slot,
+    mqs_ring_t,
+    mqs_ring_try_claim,
+)
+from mqs.includes.mqs_wait cimport (
+    mqs_monotonic_ns,
+    mqs_wait_finish,
+    mqs_wait_init,
+    mqs_wait_park,
+    mqs_wait_prepare,
+    mqs_waitword_t,
+    mqs_wait_signal_locked,
+)
+
+import math
+import types
+
+from mqs.errors import Empty, Full, ShutDown
+
+__all__ = ["Queue", "SimpleQueue"]
+
+# Smallest and largest segment, in slots. Segments double from the first
+# size up to the largest; a bounded queue starts at its maxsize.
+DEF MIN_SEGMENT = 16
+DEF UNBOUNDED_FIRST_SEGMENT = 1024
+DEF MAX_SEGMENT = 65536
+
+# A blocked call wakes at least this often to run signal handlers.
+DEF WAIT_SLICE_NS = 50000000
+
+
+cdef struct segment_t:
+    mqs_ring_t *ring
+    segment_t *next
+
+
+cdef struct chain_t:
+    segment_t *head      # the consumer reads here
+    segment_t *tail      # the producer writes here
+    segment_t *spare     # one drained segment kept to avoid malloc churn
+    int64_t count        # items in the chain
+    int64_t next_slots   # size of the next segment to allocate
+
+
+cdef inline int64_t _round_up_pow2(int64_t n) nogil:
+    cdef int64_t size = MIN_SEGMENT
+    while size < n and size < MAX_SEGMENT:
+        size <<= 1
+    return size
+
+
+cdef segment_t *_segment_new(int64_t slots) noexcept nogil:
+    cdef segment_t *seg = <segment_t *>malloc(sizeof(segment_t))
+    if seg == NULL:
+        return NULL
+    seg.next = NULL
+    if mqs_ring_create(&seg.ring, slots, 0, 1, 0) != MQS_OK:
+        free(seg)
+        return NULL
+    mqs_ring_add_consumer(seg.ring)
+    return seg
+
+
+cdef void _segment_free(segment_t *seg) noexcept nogil:
+    mqs_ring_free(seg.ring)
+    free(seg)
+
+
+cdef int _chain_init(chain_t *chain, int64_t first_slots) except -1:
+    cdef segment_t *seg = _segment_new(_round_up_pow2(first_slots))
+    if seg == NULL:
+        raise MemoryError("cannot allocate the first queue segment")
+    chain.head = seg
+    chain.tail = seg
+    chain.spare = NULL
+    chain.count = 0
+    chain.next_slots = seg.ring.capacity * 2
+    if chain.next_slots > MAX_SEGMENT:
+        chain.next_slots = MAX_SEGMENT
+    return 0
+
+
+cdef int _chain_grow(chain_t *chain) except -1:
+    """Link a fresh segment after the full tail."""
+    cdef segment_t *seg = chain.spare
+    if seg != NULL:
+        chain.spare = NULL
+    else:
+        seg = _segment_new(chain.next_slots)
+        if seg == NULL:
+            raise MemoryError(
+                f"cannot allocate a queue segment of {chain.next_slots} slots")
+        if chain.next_slots < MAX_SEGMENT:
+            chain.next_slots *= 2
+    chain.tail.next = seg
+    chain.tail = seg
+    return 0
+
+
+cdef inline int _chain_push(chain_t *chain, PyObject *item) except -1:
+    cdef int64_t lo
+    cdef mqs_ring_t *ring = chain.tail.ring
+    if mqs_ring_try_claim(ring, 1, &lo) != MQS_OK:
+        _chain_grow(chain)
+        ring = chain.tail.ring
+        mqs_ring_try_claim(ring, 1, &lo)
+    Py_INCREF(<object>item)
+    mqs_ring_slot(ring, lo)[0] = <void *>item
+    mqs_ring_publish(ring, lo, lo + 1)
+    chain.count += 1
+    return 0
+
+
+cdef int _chain_push_many(chain_t *chain, list items, Py_ssize_t start,
+                          Py_ssize_t stop) except -1:
+    """Push items[start:stop], claiming one range per segment."""
+    cdef int64_t lo, n, i
+    cdef mqs_ring_t *ring
+    cdef PyObject *item
+    while start < stop:
+        ring = chain.tail.ring
+        n = stop - start
+        if n > ring.capacity:
+            n = ring.capacity
+        # Halve the claim until it fits in what the tail has left.
+        while n > 0 and mqs_ring_try_claim(ring, n, &lo) != MQS_OK:
+            n >>= 1
+        if n == 0:
+            _chain_grow(chain)
+            continue
+        for i in range(n):
+            item = <PyObject *>items[start + i]
+            Py_INCREF(<object>item)
+            mqs_ring_slot(ring, lo + i)[0] = <void *>item
+        mqs_ring_publish(ring, lo, lo + n)
+        chain.count += n
+        start += n
+    return 0
+
+
+cdef inline PyObject *_chain_pop(chain_t *chain) noexcept:
+    """Take the oldest item, returning a new reference, or NULL if empty."""
+    cdef int64_t lo, hi
+    cdef void **slot
+    cdef PyObject *item
+    cdef segment_t *seg = chain.head
+    while True:
+        if mqs_ring_consumer_poll(seg.ring, 0, 1, &lo, &hi) == MQS_OK:
+            slot = mqs_ring_slot(seg.ring, lo)
+            item = <PyObject *>slot[0]
+            slot[0] = NULL
+            mqs_ring_consumer_release(seg.ring, 0, hi)
+            chain.count -= 1
+            return item
+        if seg == chain.tail:
+            return NULL
+        # The producer only moves to the next segment once this one is
+        # full, and both sides run under the GIL, so an empty head that is
+        # not the tail is drained for good.
+        chain.head = seg.next
+        _chain_recycle(chain, seg)
+        seg = chain.head
+
+
+cdef int64_t _chain_pop_many(chain_t *chain, list out,
+                             int64_t max_items) except -1:
+    """Append up to max_items items to out; return how many."""
+    cdef int64_t lo, hi, s, taken = 0
+    cdef void **slot
+    cdef segment_t *seg = chain.head
+    while taken < max_items:
+        if mqs_ring_consumer_poll(seg.ring, 0, max_items - taken,
+                                  &lo, &hi) == MQS_OK:
+            for s in range(lo, hi):
+                slot = mqs_ring_slot(seg.ring, s)
+                # The list takes over the queue's reference.
+                out.append(<object>slot[0])
+                Py_DECREF(<object>slot[0])
+                slot[0] = NULL
+            mqs_ring_consumer_release(seg.ring, 0, hi)
+            chain.count -= hi - lo
+            taken += hi - lo
+            continue
+        if seg == chain.tail:
+            break
+        chain.head = seg.next
+        _chain_recycle(chain, seg)
+        seg = chain.head
+    return taken
+
+
+cdef inline void _chain_recycle(chain_t *chain, segment_t *seg) noexcept:
+    seg.next = NULL
+    if chain.spare == NULL:
+        # Drained and unreachable by any producer: rewind it for reuse.
+        mqs_ring_reset(seg.ring)
+        chain.spare = seg
+    else:
+        _segment_free(seg)
+
+
+cdef void _chain_clear(chain_t *chain) noexcept:
+    """Drop every item and free every segment (used by dealloc)."""
+    cdef PyObject *item
+    cdef segment_t *seg
+    cdef segment_t *nxt
+    if chain.head == NULL:
+        return
+    item = _chain_pop(chain)
+    while item != NULL:
+        Py_DECREF(<object>item)
+        item = _chain_pop(chain)
+    seg = chain.head
+    while seg != NULL:
+        nxt = seg.next
+        _segment_free(seg)
+        seg = nxt
+    if chain.spare != NULL:
+        _segment_free(chain.spare)
+    chain.head = NULL
+    chain.tail = NULL
+    chain.spare = NULL
+
+
+cdef int64_t _deadline_ns(object timeout) except -2:
+    """Turn a stdlib-style timeout into a monotonic deadline (-1: none)."""
+    cdef double seconds
+    if timeout is None:
+        return -1
+    try:
+        seconds = timeout
+    except TypeError:
+        raise TypeError(
+            f"timeout must be a number of seconds or None, got {timeout!r}"
+        ) from None
+    if seconds < 0 or math.isnan(seconds):
+        raise ValueError(
+            f"timeout must be a non-negative number of seconds, "
+            f"got {timeout!r}")
+    if seconds > 1e9:
+        return -1
+    return mqs_monotonic_ns() + <int64_t>(seconds * 1e9)
+
+
+cdef int64_t _check_max_items(object max_items) except -1:
+    if not isinstance(max_items, int) or isinstance(max_items, bool):
+        raise TypeError(
+            f"max_items must be an int, got {type(max_items).__name__} "
+            f"{max_items!r}")
+    if max_items < 1:
+        raise ValueError(f"max_items must be at least 1, got {max_items!r}")
+    return max_items
+
+
+cdef int _park(mqs_waitword_t *word, uint32_t epoch,
+               int64_t deadline) except -1:
+    """Sleep on word with the GIL released, then run signal handlers.
+
+    Returns 1 when the deadline has passed, 0 otherwise; raises what a
+    signal handler raised (KeyboardInterrupt for Ctrl-C).
+    """
+    cdef int64_t now = mqs_monotonic_ns()
+    cdef int64_t left = WAIT_SLICE_NS
+    if deadline >= 0:
+        if now >= deadline:
+            return 1
+        if deadline - now < left:
+            left = deadline - now
+    with nogil:
+        mqs_wait_park(word, epoch, left, 0)
+    if PyErr_CheckSignals() < 0:
+        return -1
+    return 0
+
+
+@cython.auto_pickle(False)
+cdef class SimpleQueue:
+    """Unbounded FIFO queue, a drop-in for `queue.SimpleQueue`.
+
+    Same methods, blocking rules and exceptions as the standard library
+    class, plus `put_many`, `get_many`, `shutdown` and iteration. Items
+    are held by one pointer-sized slot each in ring segments of up to
+    65,536 slots; a got item is released by the queue at once.
+
+    Notes
+    -----
+    `put` never blocks and takes no lock, so it is safe to call from a
+    signal handler or a ``__del__`` method.
+    """
+
+    cdef chain_t _chain
+    cdef mqs_waitword_t _not_empty
+    cdef bint _shutdown
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+    def __cinit__(self, *args, **kwargs):
+        mqs_wait_init(&self._not_empty)
+        _chain_init(&self._chain, UNBOUNDED_FIRST_SEGMENT)
+
+    def __init__(self):
+        pass
+
+    def __dealloc__(self):
+        _chain_clear(&self._chain)
+
+    def put(self, item, block=True, timeout=None):
+        """Put item into the queue; never blocks.
+
+        `block` and `timeout` are accepted for compatibility with
+        `queue.Queue.put` and ignored, as in `queue.SimpleQueue`.
+
+        Raises
+        ------
+        ShutDown
+            If `shutdown` was called.
+        """
+        if self._shutdown:
+            raise ShutDown("put on a shut-down queue")
+        _chain_push(&self._chain, <PyObject *>item)
+        mqs_wait_signal_locked(&self._not_empty, 0)
+
+    def put_nowait(self, item):
+        """Put item into the queue; same as ``put(item)``."""
+        if self._shutdown:
+            raise ShutDown("put on a shut-down queue")
+        _chain_push(&self._chain, <PyObject *>item)
+        mqs_wait_signal_locked(&self._not_empty, 0)
+
+    def put_many(self, items, block=True, timeout=None):
+        """Put every item of the iterable `items`, in order, in one call.
+
+        Raises
+        ------
+        ShutDown
+            If `shutdown` was called; no item of the batch is added.
+        """
+        cdef list batch = items if type(items) is list else list(items)
+        if self._shutdown:
+            raise ShutDown("put_many on a shut-down queue")
+        _chain_push_many(&self._chain, batch, 0, len(batch))
+        mqs_wait_signal_locked(&self._not_empty, 0)
+
+    def get(self, bint block=True, timeout=None):
+        """Remove and return the oldest item.
+
+        With `block` true (the default) wait until an item arrives, for at
+        most `timeout` seconds if it is not None. The wait never ends
+        before `timeout`, releases the GIL, and lets Ctrl-C through.
+
+        Raises
+        ------
+        Empty
+            When no item arrived (at once if `block` is false).
+        ShutDown
+            When the queue is shut down and empty.
+        ValueError
+            If `timeout` is negative.
+        """
+        cdef PyObject *item = _chain_pop(&self._chain)
+        cdef object result
+        if item != NULL:
+            result = <object>item
+            Py_DECREF(result)
+            return result
+        return self._get_slow(block, timeout)
+
+    def get_nowait(self):
+        """Remove and return the oldest item, or raise `Empty` at once."""
+        cdef PyObject *item = _chain_pop(&self._chain)
+        cdef object result
+        if item != NULL:
+            result = <object>item
+            Py_DECREF(result)
+            return result
+        return self._get_slow(False, None)
+
+    cdef object _get_slow(self, bint block, object timeout):
+        cdef int64_t deadline = _deadline_ns(timeout) if block else 0
+        cdef uint32_t epoch
+        cdef PyObject *item
+        cdef object result
+        while True:
+            epoch = mqs_wait_prepare(&self._not_empty)
+            item = _chain_pop(&self._chain)
+            if item != NULL:
+                mqs_wait_finish(&self._not_empty)
+                result = <object>item
+                Py_DECREF(result)
+                return result
+            if self._shutdown:
+                mqs_wait_finish(&self._not_empty)
+                raise ShutDown("get on a shut-down and empty queue")
+            if not block:
+                mqs_wait_finish(&self._not_empty)
+                raise Empty()
+            try:
+                if _park(&self._not_empty, epoch, deadline):
+                    raise Empty()
+            finally:
+                mqs_wait_finish(&self._not_empty)
+
+    def get_many(self, max_items, bint block=True, timeout=None):
+        """Remove and return a list of 1 to `max_items` oldest items.
+
+        Waits like `get` until at least one item is there, then takes what
+        is queued, up to `max_items`, without waiting for more.
+
+        Raises
+        ------
+        Empty, ShutDown, ValueError
+            As `get`; also ValueError if `max_items` is below 1.
+        TypeError
+            If `max_items` is not an int.
+        """
+        cdef int64_t limit = _check_max_items(max_items)
+        cdef list out = []
+        if _chain_pop_many(&self._chain, out, limit):
+            return out
+        out.append(self._get_slow(block, timeout))
+        if limit > 1:
+            _chain_pop_many(&self._chain, out, limit - 1)
+        return out
+
+    def empty(self):
+        """Return True if the queue is empty."""
+        return self._chain.count == 0
+
+    def qsize(self):
+        """Return the exact number of items in the queue."""
+        return self._chain.count
+
+    def shutdown(self, bint immediate=False):
+        """Shut the queue down, as `queue.Queue.shutdown` of Python 3.13.
+
+        Later puts raise `ShutDown`; gets drain what is queued, then raise
+        `ShutDown`. Blocked getters wake up. With `immediate` true the
+        queued items are dropped at once.
+        """
+        cdef list dropped = []
+        self._shutdown = True
+        if immediate:
+            _chain_pop_many(&self._chain, dropped, self._chain.count + 1)
+        mqs_wait_signal_locked(&self._not_empty, 0)
+        # `dropped` is released here, after the queue state is final, so
+        # a __del__ that touches the queue sees it shut down and empty.
+
+    @property
+    def is_shutdown(self):
+        """True once `shutdown` has been called."""
+        return self._shutdown
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        """Return the next item, blocking; stop once shut down and empty."""
+        try:
+            return self.get()
+        except ShutDown:
+            raise StopIteration from None
+
+    def __repr__(self):
+        return f"<mqs.SimpleQueue qsize={self._chain.count}>"
+
+
+@cython.auto_pickle(False)
+cdef class Queue:
+    """FIFO queue, a drop-in for `queue.Queue`.
+
+    Parameters
+    ----------
+    maxsize : int
+        Upper bound on queued items; 0 or less means unbounded, as in
+        `queue.Queue`. Can be changed on a live queue through the
+        `maxsize` attribute; waiting producers re-check at once.
+
+    Notes
+    -----
+    Same methods, blocking rules and exceptions (`queue.Empty`,
+    `queue.Full`, and `ShutDown` from `shutdown`) as the standard library
+    class, plus `put_many`, `get_many` and iteration. Memory: one
+    pointer-sized (8-byte) slot per queued item in power-of-two ring
+    segments of up to 65,536 slots, plus about 1 KiB per segment for its
+    padded header; a queue bounded at N items starts with one segment of
+    N slots rounded up to a power of two. `put` takes no lock, so
+    `put_nowait`, and `put` on an unbounded queue, are safe in a signal
+    handler or a ``__del__`` method. Subclass hooks of `queue.Queue`
+    (``_put``, ``_get``, ``mutex``, the ``queue`` deque) do not exist.
+    """
+
+    cdef chain_t _chain
+    cdef mqs_waitword_t _not_empty
+    cdef mqs_waitword_t _not_full
+    cdef mqs_waitword_t _all_done
+    cdef int64_t _maxsize
+    cdef int64_t _unfinished
+    cdef bint _shutdown
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+    def __cinit__(self, maxsize=0, *args, **kwargs):
+        cdef int64_t first
+        mqs_wait_init(&self._not_empty)
+        mqs_wait_init(&self._not_full)
+        mqs_wait_init(&self._all_done)
+        self._set_maxsize(maxsize)
+        first = self._maxsize if self._maxsize > 0 else UNBOUNDED_FIRST_SEGMENT
+        _chain_init(&self._chain, first)
+
+    def __init__(self, maxsize=0):
+        pass
+
+    def __dealloc__(self):
+        _chain_clear(&self._chain)
+
+    cdef int _set_maxsize(self, object maxsize) except -1:
+        if not isinstance(maxsize, int) or isinstance(maxsize, bool):
+            raise TypeError(
+                f"maxsize must be an int (0 or less for unbounded), got "
+                f"{type(maxsize).__name__} {maxsize!r}")
+        self._maxsize = maxsize if maxsize > 0 else 0
+        return 0
+
+    @property
+    def maxsize(self):
+        """Bound on queued items; 0 means unbounded. Writable."""
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, value):
+        self._set_maxsize(value)
+        mqs_wait_signal_locked(&self._not_full, 0)
+
+    @property
+    def unfinished_tasks(self):
+        """Items put and not yet marked done with `task_done`."""
+        return self._unfinished
+
+    @property
+    def is_shutdown(self):
+        """True once `shutdown` has been called."""
+        return self._shutdown
+
+    def put(self, item, bint block=True, timeout=None):
+        """Put item into the queue.
+
+        If the queue is bounded and full, with `block` true (the default)
+        wait for a free slot, for at most `timeout` seconds if it is not
+        None. The wait never ends before `timeout`, releases the GIL and
+        lets Ctrl-C through.
+
+        Raises
+        ------
+        Full
+            When no slot freed up (at once if `block` is false).
+        ShutDown
+            If `shutdown` was called, also while waiting.
+        ValueError
+            If `timeout` is negative.
+        """
+        if self._shutdown:
+            raise ShutDown("put on a shut-down queue")
+        if self._maxsize and self._chain.count >= self._maxsize:
+            self._wait_not_full(block, timeout)
+        _chain_push(&self._chain, <PyObject *>item)
+        self._unfinished += 1
+        mqs_wait_signal_locked(&self._not_empty, 0)
+
+    def put_nowait(self, item):
+        """Put item if a slot is free, else raise `Full` at once."""
+        return self.put(item, False)
+
+    cdef int _wait_not_full(self, bint block, object timeout) except -1:
+        """Wait until count < maxsize; raise Full or ShutDown otherwise."""
+        cdef int64_t deadline = _deadline_ns(timeout) if block else 0
+        cdef uint32_t epoch
+        while True:
+            epoch = mqs_wait_prepare(&self._not_full)
+            if self._shutdown:
+                mqs_wait_finish(&self._not_full)
+                raise ShutDown("put on a shut-down queue")
+            if not self._maxsize or self._chain.count < self._maxsize:
+                mqs_wait_finish(&self._not_full)
+                return 0
+            if not block:
+                mqs_wait_finish(&self._not_full)
+                raise Full()
+            try:
+                if _park(&self._not_full, epoch, deadline):
+                    raise Full()
+            finally:
+                mqs_wait_finish(&self._not_full)
+
+    def put_many(self, items, bint block=True, timeout=None):
+        """Put every item of the iterable `items`, in order.
+
+        On an unbounded queue (or when the whole batch fits) this is one
+        native call. On a bounded queue items are added as room frees up,
+        waiting like `put`.
+
+        Raises
+        ------
+        Full
+            When the queue stayed full; ``exc.accepted`` items of the batch
+            were added and stay queued, the rest were not.
+        ShutDown
+            If the queue is or gets shut down; ``exc.accepted`` as above.
+        """
+        cdef list batch = items if type(items) is list else list(items)
+        cdef Py_ssize_t n = len(batch)
+        cdef Py_ssize_t done = 0
+        cdef Py_ssize_t room
+        cdef int64_t deadline = 0
+        if self._shutdown:
+            raise ShutDown("put_many on a shut-down queue", 0)
+        if block and timeout is not None:
+            deadline = _deadline_ns(timeout)
+        while done < n:
+            room = n - done
+            if self._maxsize:
+                room = self._maxsize - self._chain.count
+                if room > n - done:
+                    room = n - done
+            if room > 0:
+                _chain_push_many(&self._chain, batch, done, done + room)
+                done += room
+                self._unfinished += room
+                mqs_wait_signal_locked(&self._not_empty, 0)
+                continue
+            try:
+                self._wait_not_full(
+                    block, None if deadline <= 0 else
+                    max(0.0, (deadline - mqs_monotonic_ns()) / 1e9))
+            except Full:
+                raise Full(
+                    f"queue stayed full: put {done} of {n} items; the "
+                    f"other {n - done} were not added", done) from None
+            except ShutDown:
+                raise ShutDown(
+                    f"queue shut down: put {done} of {n} items; the other "
+                    f"{n - done} were not added", done) from None
+
+    def get(self, bint block=True, timeout=None):
+        """Remove and return the oldest item.
+
+        With `block` true (the default) wait until an item arrives, for at
+        most `timeout` seconds if it is not None. The wait never ends
+        before `timeout`, releases the GIL and lets Ctrl-C through.
+
+        Raises
+        ------
+        Empty
+            When no item arrived (at once if `block` is false).
+        ShutDown
+            When the queue is shut down and empty.
+        ValueError
+            If `timeout` is negative.
+        """
+        cdef PyObject *item = _chain_pop(&self._chain)
+        cdef object result
+        if item != NULL:
+            mqs_wait_signal_locked(&self._not_full, 0)
+            result = <object>item
+            Py_DECREF(result)
+            return result
+        return self._get_slow(block, timeout)
+
+    def get_nowait(self):
+        """Remove and return the oldest item, or raise `Empty` at once."""
+        return self.get(False)
+
+    cdef object _get_slow(self, bint block, object timeout):
+        cdef int64_t deadline = _deadline_ns(timeout) if block else 0
+        cdef uint32_t epoch
+        cdef PyObject *item
+        cdef object result
+        while True:
+            epoch = mqs_wait_prepare(&self._not_empty)
+            item = _chain_pop(&self._chain)
+            if item != NULL:
+                mqs_wait_finish(&self._not_empty)
+                mqs_wait_signal_locked(&self._not_full, 0)
+                result = <object>item
+                Py_DECREF(result)
+                return result
+            if self._shutdown:
+                mqs_wait_finish(&self._not_empty)
+                raise ShutDown("get on a shut-down and empty queue")
+            if not block:
+                mqs_wait_finish(&self._not_empty)
+                raise Empty()
+            try:
+                if _park(&self._not_empty, epoch, deadline):
+                    raise Empty()
+            finally:
+                mqs_wait_finish(&self._not_empty)
+
+    def get_many(self, max_items, bint block=True, timeout=None):
+        """Remove and return a list of 1 to `max_items` oldest items.
+
+        Waits like `get` until at least one item is there, then takes what
+        is queued, up to `max_items`, without waiting for more.
+
+        Raises
+        ------
+        Empty, ShutDown, ValueError
+            As `get`; also ValueError if `max_items` is below 1.
+        TypeError
+            If `max_items` is not an int.
+        """
+        cdef int64_t limit = _check_max_items(max_items)
+        cdef list out = []
+        if not _chain_pop_many(&self._chain, out, limit):
+            out.append(self._get_slow(block, timeout))
+            if limit > 1:
+                _chain_pop_many(&self._chain, out, limit - 1)
+        mqs_wait_signal_locked(&self._not_full, 0)
+        return out
+
+    def task_done(self):
+        """Mark one earlier-got item as processed, for `join`.
+
+        Raises
+        ------
+        ValueError
+            If called more times than items were put.
+        """
+        if self._unfinished <= 0:
+            raise ValueError("task_done() called too many times")
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            mqs_wait_signal_locked(&self._all_done, 0)
+
+    def join(self):
+        """Block until every item put has been marked with `task_done`.
+
+        The wait releases the GIL and lets Ctrl-C through.
+        """
+        cdef uint32_t epoch
+        while True:
+            epoch = mqs_wait_prepare(&self._all_done)
+            if self._unfinished == 0:
+                mqs_wait_finish(&self._all_done)
+                return
+            try:
+                _park(&self._all_done, epoch, -1)
+            finally:
+                mqs_wait_finish(&self._all_done)
+
+    def qsize(self):
+        """Return the exact number of items in the queue."""
+        return self._chain.count
+
+    def empty(self):
+        """Return True if the queue is empty."""
+        return self._chain.count == 0
+
+    def full(self):
+        """Return True if the queue is bounded and holds maxsize items."""
+        return 0 < self._maxsize <= self._chain.count
+
+    def shutdown(self, bint immediate=False):
+        """Shut the queue down, as `queue.Queue.shutdown` of Python 3.13.
+
+        Later puts raise `ShutDown`, and so do blocked ones. Gets drain
+        what is queued, then raise `ShutDown`. With `immediate` true the
+        queued items are dropped at once, each counted as done for
+        `join`, and blocked joiners return.
+        """
+        cdef list dropped = []
+        cdef int64_t n
+        self._shutdown = True
+        if immediate:
+            n = _chain_pop_many(&self._chain, dropped, self._chain.count + 1)
+            self._unfinished -= n
+            if self._unfinished < 0:
+                self._unfinished = 0
+            mqs_wait_signal_locked(&self._all_done, 0)
+        mqs_wait_signal_locked(&self._not_empty, 0)
+        mqs_wait_signal_locked(&self._not_full, 0)
+        # `dropped` is released here, after the queue state is final, so
+        # a __del__ that touches the queue sees it shut down and empty.
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        """Return the next item, blocking; stop once shut down and empty."""
+        try:
+            return self.get()
+        except ShutDown:
+            raise StopIteration from None
+
+    def __repr__(self):
+        return (f"<mqs.Queue maxsize={self._maxsize} "
+                f"qsize={self._chain.count}>")
