@@ -8,7 +8,10 @@ cdef extern from "mqs_ring.h" nogil:
     ctypedef struct mqs_ring_t:
         int64_t capacity
         int64_t mask
+        int32_t shift
         int32_t flags
+        int32_t max_consumers
+        int32_t max_workers
 
     int mqs_ring_create(mqs_ring_t **out, int64_t capacity, int flags,
                         int32_t max_consumers, int32_t max_workers)

@@ -1,0 +1,22 @@
+"""Typical user code, type-checked against the .pyi stubs by mypy."""
+
+import mqs
+
+jobs: mqs.Queue[int] = mqs.Queue(maxsize=16)
+jobs.put(1)
+jobs.put_many([2, 3])
+first: int = jobs.get(timeout=1.0)
+batch: list[int] = jobs.get_many(8, timeout=0.1)
+jobs.task_done()
+jobs.maxsize = 32
+jobs.shutdown(immediate=True)
+
+names: mqs.SimpleQueue[str] = mqs.SimpleQueue()
+names.put_nowait("a")
+name: str = names.get_nowait()
+
+ring = mqs.RingBuffer(8, max_consumers=1, max_workers=0)
+reader: int = ring.add_consumer()
+pushed: bool = ring.try_push(name)
+seen: list[object] = ring.poll(reader)
+print(first, batch, pushed, seen)
