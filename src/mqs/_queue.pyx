@@ -129,7 +129,7 @@ cdef int _chain_grow(chain_t *chain) except -1:
 
 
 cdef inline int _chain_push(chain_t *chain, PyObject *item) except -1:
-    cdef int64_t lo
+    cdef int64_t lo = 0
     cdef mqs_ring_t *ring = chain.tail.ring
     if mqs_ring_try_claim(ring, 1, &lo) != MQS_OK:
         _chain_grow(chain)
@@ -145,7 +145,8 @@ cdef inline int _chain_push(chain_t *chain, PyObject *item) except -1:
 cdef int _chain_push_many(chain_t *chain, list items, Py_ssize_t start,
                           Py_ssize_t stop) except -1:
     """Push items[start:stop], claiming one range per segment."""
-    cdef int64_t lo, n, i
+    cdef int64_t lo = 0
+    cdef int64_t n, i
     cdef mqs_ring_t *ring
     cdef PyObject *item
     while start < stop:
