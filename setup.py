@@ -39,6 +39,7 @@ def extension(name, sources):
 extensions = [
     extension("_ring", ["csrc/mqs_ring.c"]),
     extension("_queue", ["csrc/mqs_ring.c"]),
+    extension("_shared", ["csrc/mqs_bytering.c"]),
 ]
 
 setup(

@@ -179,4 +179,30 @@ static inline void mqs_wait_signal_locked(mqs_waitword_t *w, int shared)
         mqs_futex_wake_all(&w->epoch, shared);
 }
 
+/*
+ * Busy-wait until the epoch differs from `epoch` or `timeout_ns` passes,
+ * never sleeping in the kernel: with `yield_cpu` 0 spin with a pause
+ * instruction, with 1 call sched_yield between checks. For the "spin"
+ * and "yield" wait strategies, which trade a core for latency. Any
+ * thread. Returns MQS_OK when the epoch moved, MQS_ETIMEDOUT otherwise.
+ */
+static inline int mqs_wait_spin(mqs_waitword_t *w, uint32_t epoch,
+                                int64_t timeout_ns, int yield_cpu)
+{
+    int64_t deadline = mqs_monotonic_ns() + timeout_ns;
+
+    for (;;) {
+        for (int i = 0; i < 1024; i++) {
+            if (mqs_load_acquire_u32(&w->epoch) != epoch)
+                return MQS_OK;
+            if (yield_cpu)
+                sched_yield();
+            else
+                mqs_cpu_relax();
+        }
+        if (mqs_monotonic_ns() >= deadline)
+            return MQS_ETIMEDOUT;
+    }
+}
+
 #endif /* MQS_WAIT_H */

@@ -3,11 +3,15 @@
 from mqs.errors import Empty, Full, MessageTooLarge, MqsError, ShutDown
 from mqs._ring import RingBuffer
 from mqs.queue import Queue, SimpleQueue
+from mqs.shared import QueueLayoutError, QueueNotFound, SharedQueue
 
 __all__ = [
     "Queue",
     "SimpleQueue",
     "RingBuffer",
+    "SharedQueue",
+    "QueueNotFound",
+    "QueueLayoutError",
     "MqsError",
     "Empty",
     "Full",

@@ -1,0 +1,302 @@
+/*
+ * mqs_bytering.h: a multi-producer, multi-consumer ring of variable-length
+ * records that lives in shared memory and survives the death of any
+ * process attached to it.
+ *
+ * File layout (one memfd or /dev/shm file):
+ *
+ *   0                     header, MQS_BR_HEADER_BYTES (64 KiB):
+ *     block 0             config, read-only after init (magic, version,
+ *                         sizes, secret)
+ *     block 1             tail       producers' claim position (bytes)
+ *     block 2             committed  records published, ever
+ *     block 3             not_empty  event word, consumers wait on it
+ *     block 4             not_full   event word, producers wait on it
+ *     block 5             counters   repaired records and bytes, records
+ *                                    lost with a dead consumer
+ *     block 6             reserved   records reserved by producers of a
+ *                                    bounded ring (maxsize > 0)
+ *     block 7-8           repair_lock  process-shared robust mutex that
+ *                                    serialises repairs
+ *     block 9..16         groups[8]  head (bytes) and consumed (records)
+ *     block 16..          participants[MQS_BR_MAX_PARTICIPANTS]
+ *   MQS_BR_HEADER_BYTES   data, `capacity` bytes (a power of two and a
+ *                         multiple of the page size)
+ *
+ * Each block is MQS_PAD_BYTES (128) long, so no two counters written by
+ * different sides share a cache line pair.
+ *
+ * The data region is mapped twice, back to back, so every record is
+ * contiguous in virtual memory even when it runs past the end of the
+ * buffer: no padding records at the wrap and whole-record memoryviews.
+ *
+ * Record (16-byte aligned, header never split):
+ *
+ *   +----------------+-------------+-----------+-----------+----------+
+ *   | commit (u64)   | length (u32)| type (u16)| owner(u16)| payload  |
+ *   +----------------+-------------+-----------+-----------+----------+
+ *   0                8             12          14          16
+ *
+ *   commit == secret ^ position once the record is published; it is
+ *   written last, with release. Any other value means "not published
+ *   yet". Because the tag names the record's absolute 64-bit position,
+ *   stale bytes from an earlier lap never look published, and consumers
+ *   need not zero what they consumed. `secret` is random per ring, so
+ *   payload bytes match a tag only by a 2**-64 chance.
+ *
+ * Producers claim [tail, tail + size) by CAS on tail, gated on the slowest
+ * group head and on the pins of readers still copying (see below), write,
+ * then store the commit word. Each consumer group has a head; consumers
+ * of a group compete for records by CAS on it. A consumer first pins the
+ * position it is about to take (a word in its participant block), so a
+ * producer never reuses bytes still being copied or lent as a view.
+ *
+ * Crash repair. Every attached process (participant) holds an open file
+ * description lock on byte MQS_BR_LOCK_BASE + slot of the shared file
+ * for as long as it lives; the kernel drops it when the process dies, so
+ * liveness never depends on a PID. A producer writes its claim (position
+ * and size) into its participant block before the CAS. A reader stuck on
+ * an unpublished record looks for the participant whose claim names that
+ * position; only if that participant's lock proves it dead does the
+ * reader publish the record as padding (counted in repaired). A live but
+ * slow producer is waited for. Pins of dead participants are dropped.
+ * Repairs take the robust repair_lock and re-check under it that the
+ * record is still unpublished at a group head, so two repairers never
+ * write over a record that a producer placed after the first repair.
+ */
+#ifndef MQS_BYTERING_H
+#define MQS_BYTERING_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mqs_atomic.h"
+#include "mqs_wait.h"
+
+#define MQS_BR_MAGIC 0x31474e495253514dULL /* "MQSRING1" little-endian */
+#define MQS_BR_VERSION 1
+#define MQS_BR_HEADER_BYTES 65536
+#define MQS_BR_RECORD_HEADER 16
+#define MQS_BR_ALIGN 16
+#define MQS_BR_MAX_GROUPS 8
+#define MQS_BR_MAX_PARTICIPANTS 256
+#define MQS_BR_LOCK_BASE ((int64_t)1 << 40)
+#define MQS_BR_TYPE_PAD 0xffff
+#define MQS_BR_NO_CLAIM INT64_MAX
+#define MQS_BR_NO_PIN INT64_MAX
+
+/* init_state values: the creator stores READY last, with release. */
+#define MQS_BR_INIT_READY 0x52454459u /* "READ" */
+
+typedef struct mqs_br_config {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t header_bytes;
+    int64_t capacity;
+    int64_t max_message_size;
+    int64_t maxsize;             /* records; 0 for no limit */
+    uint64_t secret;
+    int32_t n_groups;
+    _Atomic uint32_t init_state;
+} mqs_br_config_t;
+
+typedef struct mqs_br_group {
+    _Atomic int64_t head;        /* next record position to hand out */
+    _Atomic int64_t consumed;    /* records handed out, ever */
+    _Atomic int32_t active;
+} mqs_br_group_t;
+
+/* claim_state: a claim is announced before the CAS on tail and
+ * confirmed after it wins, so a repairer can tell a claim that won from
+ * the leftover of a dead producer's failed attempt. */
+#define MQS_BR_CLAIM_NONE 0
+#define MQS_BR_CLAIM_INTENT 1
+#define MQS_BR_CLAIM_WON 2
+
+typedef struct mqs_br_participant {
+    _Atomic int64_t claim_pos;   /* position of an unpublished claim */
+    _Atomic int64_t claim_size;  /* its aligned size in bytes */
+    _Atomic int32_t claim_state;
+    _Atomic int64_t get_pin;     /* record being copied out */
+    _Atomic int64_t view_pin;    /* oldest record lent as a view */
+    _Atomic int64_t pid;         /* informational only, never trusted */
+} mqs_br_participant_t;
+
+typedef struct mqs_br_counters {
+    _Atomic int64_t repaired_records;
+    _Atomic int64_t repaired_bytes;
+    _Atomic int64_t lost_records;
+    _Atomic int64_t stalls_reported;
+} mqs_br_counters_t;
+
+#define MQS_BR_BLOCK(type) \
+    union { type v; char pad[MQS_PAD_BYTES]; }
+
+typedef struct mqs_br_header {
+    MQS_BR_BLOCK(mqs_br_config_t) config;
+    MQS_BR_BLOCK(_Atomic int64_t) tail;
+    MQS_BR_BLOCK(_Atomic int64_t) committed;
+    MQS_BR_BLOCK(mqs_waitword_t) not_empty;
+    MQS_BR_BLOCK(mqs_waitword_t) not_full;
+    MQS_BR_BLOCK(mqs_br_counters_t) counters;
+    MQS_BR_BLOCK(_Atomic int64_t) reserved;
+    union {
+        pthread_mutex_t v;
+        char pad[2 * MQS_PAD_BYTES];
+    } repair_lock;
+    MQS_BR_BLOCK(mqs_br_group_t) groups[MQS_BR_MAX_GROUPS];
+    MQS_BR_BLOCK(mqs_br_participant_t) participants[MQS_BR_MAX_PARTICIPANTS];
+} mqs_br_header_t;
+
+/* Process-local handle: where the mapping is, and this process's slot. */
+typedef struct mqs_bytering {
+    mqs_br_header_t *header;
+    unsigned char *data;         /* 2 * capacity bytes of address space */
+    int64_t capacity;
+    int64_t mask;
+    uint64_t secret;
+    int fd;                      /* this process's own open file description */
+    int slot;                    /* participant index, -1 before attach */
+    int64_t gate_cache;          /* last computed gate, local */
+} mqs_bytering_t;
+
+/* A record handed to a consumer: pointer into the mapping. */
+typedef struct mqs_br_record {
+    const unsigned char *payload;
+    int64_t position;
+    uint32_t length;
+    uint16_t type;
+} mqs_br_record_t;
+
+/* Total file size for a data region of `capacity` bytes. */
+int64_t mqs_br_file_bytes(int64_t capacity);
+
+/*
+ * Check capacity (power of two, >= one page, <= 2**40) and the sizes.
+ * Returns MQS_OK or MQS_EINVAL.
+ */
+int mqs_br_check_sizes(int64_t capacity, int64_t max_message_size,
+                       int64_t maxsize, int32_t n_groups);
+
+/*
+ * Map an already sized shared file: the header, and the data region
+ * twice. The handle takes no ownership of fd. Returns MQS_OK, MQS_ENOMEM
+ * when the address space cannot be had.
+ */
+int mqs_br_map(mqs_bytering_t *ring, int fd, int64_t capacity);
+
+/* Unmap what mqs_br_map mapped. */
+void mqs_br_unmap(mqs_bytering_t *ring);
+
+/*
+ * Write a fresh header into a mapped, zero-filled file, then mark it
+ * ready. Only the creating process, before anyone attaches.
+ * Returns MQS_OK, or MQS_EINVAL when the robust mutex cannot be set up.
+ */
+int mqs_br_format(mqs_bytering_t *ring, int64_t max_message_size,
+                   int64_t maxsize, int32_t n_groups, uint64_t secret);
+
+/*
+ * Validate the header of a file another process created: magic, layout
+ * version, sizes against `file_bytes`, init_state. Returns MQS_OK,
+ * MQS_EAGAIN_INIT when the creator has not finished (retry), MQS_ECORRUPT
+ * for a bad magic or inconsistent sizes, MQS_EVERSION for another layout
+ * version.
+ */
+#define MQS_EAGAIN_INIT (-20)
+#define MQS_EVERSION (-21)
+int mqs_br_validate(const mqs_br_header_t *header, int64_t file_bytes);
+
+/*
+ * Take a free participant slot: lock byte MQS_BR_LOCK_BASE + slot of fd
+ * (an open file description of this process's own), repair what a dead
+ * previous owner left, and reset the block. Returns MQS_OK, or MQS_EFULL
+ * when all MQS_BR_MAX_PARTICIPANTS slots are held by live processes.
+ */
+int mqs_br_attach(mqs_bytering_t *ring);
+
+/* Release this process's slot (its lock goes when its fd is closed). */
+void mqs_br_detach(mqs_bytering_t *ring);
+
+/*
+ * 1 when participant `slot` is held by a live process, 0 when dead or
+ * never used, negative on a fcntl error.
+ */
+int mqs_br_participant_alive(const mqs_bytering_t *ring, int slot);
+
+/*
+ * Producer: claim room for `length` payload bytes, write the payload
+ * gathered from `parts` (n_parts pointers and lengths), publish it with
+ * type `type`, and wake waiting consumers. Any thread of an attached
+ * process; callers in one process serialise claim..publish (the GIL).
+ * Returns MQS_OK, MQS_EFULL (no room now), MQS_ETOOBIG (larger than
+ * max_message_size: never fits), MQS_EINVAL (type reserved).
+ */
+int mqs_br_try_put(mqs_bytering_t *ring, const void *const *parts,
+                   const size_t *part_lengths, int n_parts, uint16_t type);
+
+/* Records the group has not taken yet (as counted when called). */
+int64_t mqs_br_count(const mqs_bytering_t *ring, int group);
+
+/*
+ * Consumer: take the next published record of `group`, pinned with the
+ * pin chosen by `view` (0: get pin, 1: view pin, which the caller keeps
+ * at the oldest record it lends). The record stays valid until
+ * mqs_br_unpin. Any thread of an attached process.
+ * Returns MQS_OK, MQS_EEMPTY when nothing is published at the head,
+ * MQS_EAGAIN_STUCK when the head record is claimed but not yet published
+ * (call mqs_br_repair now and then while waiting).
+ */
+#define MQS_EAGAIN_STUCK (-22)
+int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
+                    mqs_br_record_t *record);
+
+/*
+ * Drop the get pin (view == 0) or set the view pin to `position`
+ * (MQS_BR_NO_PIN to clear it), then wake waiting producers.
+ */
+void mqs_br_unpin(mqs_bytering_t *ring, int view, int64_t position);
+
+/*
+ * Repair what dead participants left: a record at a group head claimed
+ * by a dead producer becomes padding, pins of dead consumers are
+ * dropped. Any attached process, any time. Returns how many records
+ * were repaired (>= 0), or a negative status.
+ */
+int mqs_br_repair(mqs_bytering_t *ring);
+
+/*
+ * Slot of the live participant whose unpublished claim blocks the head
+ * of `group`, or -1. Lets a caller report a stalled producer.
+ */
+int mqs_br_stalled_owner(const mqs_bytering_t *ring, int group);
+
+/* Accessors for the Cython layer, which does not mirror the unions. */
+static inline mqs_br_config_t *mqs_br_config(mqs_bytering_t *ring)
+{
+    return &ring->header->config.v;
+}
+
+static inline mqs_waitword_t *mqs_br_not_empty(mqs_bytering_t *ring)
+{
+    return &ring->header->not_empty.v;
+}
+
+static inline mqs_waitword_t *mqs_br_not_full(mqs_bytering_t *ring)
+{
+    return &ring->header->not_full.v;
+}
+
+static inline mqs_br_counters_t *mqs_br_counters(mqs_bytering_t *ring)
+{
+    return &ring->header->counters.v;
+}
+
+static inline mqs_br_participant_t *mqs_br_participant(mqs_bytering_t *ring,
+                                                       int slot)
+{
+    return &ring->header->participants[slot].v;
+}
+
+#endif /* MQS_BYTERING_H */

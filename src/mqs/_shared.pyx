@@ -1,0 +1,1035 @@
+# cython: language_level=3, embedsignature=True
+"""`SharedQueue`: a multiprocessing.Queue drop-in on a shared-memory ring.
+
+The ring is `csrc/mqs_bytering.h`: variable-length records in a memfd or a
+/dev/shm file that every process maps. No feeder thread, no pipe, no
+semaphore: a put copies the record into the mapping, a get copies it out.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_WRITABLE
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from mqs._waiting cimport (
+    STRATEGY_BLOCK,
+    STRATEGY_SPIN,
+    STRATEGY_YIELD,
+    WAIT_SLICE_NS,
+    deadline_ns,
+    park,
+)
+from mqs.includes.mqs_atomic cimport (
+    MQS_EEMPTY,
+    MQS_EFULL,
+    MQS_EINVAL,
+    MQS_ENOMEM,
+    MQS_ETOOBIG,
+    MQS_OK,
+)
+from mqs.includes.mqs_bytering cimport (
+    MQS_BR_MAX_GROUPS,
+    MQS_BR_NO_PIN,
+    MQS_BR_RECORD_HEADER,
+    MQS_EAGAIN_INIT,
+    MQS_EAGAIN_STUCK,
+    MQS_EVERSION,
+    mqs_br_check_sizes,
+    mqs_br_config,
+    mqs_br_count,
+    mqs_br_counters,
+    mqs_br_detach,
+    mqs_br_file_bytes,
+    mqs_br_format,
+    mqs_br_map,
+    mqs_br_not_empty,
+    mqs_br_not_full,
+    mqs_br_participant,
+    mqs_br_record_t,
+    mqs_br_repair,
+    mqs_br_stalled_owner,
+    mqs_br_try_put,
+    mqs_br_try_take,
+    mqs_br_unmap,
+    mqs_br_unpin,
+    mqs_bytering_t,
+    mqs_br_attach,
+    mqs_br_validate,
+)
+from mqs.includes.mqs_wait cimport (
+    mqs_monotonic_ns,
+    mqs_wait_finish,
+    mqs_wait_prepare,
+)
+
+import logging
+import os
+import pickle
+import secrets
+import stat
+import time
+import weakref
+
+from mqs.errors import Empty, Full, MessageTooLarge, MqsError
+
+__all__ = ["SharedQueue", "QueueNotFound", "QueueLayoutError"]
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+NAME_PREFIX = "mqs."
+DEFAULT_CAPACITY_BYTES = 16 << 20
+
+# Record types in the ring.
+cdef enum:
+    TYPE_BYTES = 1        # a bytes object, returned as bytes
+    TYPE_BYTEARRAY = 2    # a bytearray, returned as bytearray
+    TYPE_PICKLE = 3       # a pickle stream (protocol 5, buffers in band)
+    TYPE_PICKLE_OOB = 4   # pickle stream plus out-of-band buffers
+    TYPE_CUSTOM = 5       # bytes from a user serializer's dumps
+
+# A put or get that waits this long behind one unpublished record logs
+# the stalled producer once.
+DEF STALL_REPORT_NS = 5000000000
+
+
+class QueueNotFound(MqsError, FileNotFoundError):
+    """Raised when attaching to a named queue that does not exist."""
+
+
+class QueueLayoutError(MqsError, ValueError):
+    """Raised when a shared file is not an mqs queue of this layout."""
+
+
+_STRATEGIES = {"block": STRATEGY_BLOCK, "spin": STRATEGY_SPIN,
+               "yield": STRATEGY_YIELD}
+
+# Every live SharedQueue of this process, re-attached in a forked child.
+_instances = weakref.WeakSet()
+
+
+def _shm_path(name):
+    return os.path.join(SHM_DIR, NAME_PREFIX + name)
+
+
+def _check_name(name):
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__} "
+                        f"{name!r}")
+    if not name or "/" in name or name in (".", "..") or len(name) > 200:
+        raise ValueError(
+            f"name must be 1 to 200 characters without '/', got {name!r}")
+
+
+def _check_int(label, value):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{label} must be an int, got "
+                        f"{type(value).__name__} {value!r}")
+
+
+def _reopen_own(fd):
+    """Open a new file description of the file behind fd, closing fd.
+
+    Liveness locks belong to an open file description. A child that
+    inherited the parent's would keep the parent's lock alive, so each
+    process gets its own.
+    """
+    new_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    os.close(fd)
+    return new_fd
+
+
+def _after_fork_in_child():
+    for q in list(_instances):
+        (<SharedQueue>q)._reattach_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@cython.final
+cdef class _RecordView:
+    """Read-only buffer over one record in the mapping; unpins on release."""
+
+    cdef SharedQueue _queue
+    cdef const unsigned char *_payload
+    cdef Py_ssize_t _length
+    cdef int64_t _position
+    cdef int _exports
+    cdef int _pid
+    cdef bint _released
+    cdef Py_ssize_t _shape[1]
+    cdef Py_ssize_t _strides[1]
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("a record view is read-only")
+        if self._released:
+            raise ValueError("the record view was released")
+        self._shape[0] = self._length
+        self._strides[0] = 1
+        buffer.buf = <void *>self._payload
+        buffer.obj = self
+        buffer.len = self._length
+        buffer.readonly = 1
+        buffer.itemsize = 1
+        buffer.format = "B"
+        buffer.ndim = 1
+        buffer.shape = self._shape
+        buffer.strides = self._strides
+        buffer.suboffsets = NULL
+        buffer.internal = NULL
+        self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self._exports -= 1
+        if self._exports == 0:
+            self._release()
+
+    cdef void _release(self):
+        if self._released:
+            return
+        self._released = True
+        if self._pid == os.getpid():
+            self._queue._release_view(self._position)
+
+
+cdef class _ViewContext:
+    """Context manager returned by `SharedQueue.get_view`."""
+
+    cdef SharedQueue _queue
+    cdef object _timeout
+    cdef object _view
+
+    def __enter__(self):
+        self._view = self._queue._take_view(self._timeout)
+        return self._view
+
+    def __exit__(self, *exc_info):
+        view = self._view
+        self._view = None
+        if view is not None:
+            view.release()
+        return False
+
+
+@cython.auto_pickle(False)
+cdef class SharedQueue:
+    """Multi-process FIFO queue in shared memory; a drop-in for
+    `multiprocessing.Queue`.
+
+    Parameters
+    ----------
+    maxsize : int
+        Bound on queued messages; 0 means bounded only by the ring size.
+    name : str, optional
+        Attach by name from any process (a file in /dev/shm, mode 0600).
+        Without a name the queue lives in an anonymous memfd and reaches
+        child processes like a `multiprocessing.Queue`: through
+        inheritance (fork, or the arguments of a spawned Process).
+    create : bool
+        With a name: create the queue if it does not exist (True), or
+        only attach (False, raising `QueueNotFound` when missing).
+    capacity_bytes : int
+        Ring size: a power of two, at least one page. Fixed; this is all
+        the memory the queue uses.
+    max_message_size : int, optional
+        Largest serialized message; default: whatever fits the ring.
+    serializer : object, optional
+        Object with ``dumps(obj) -> bytes`` and ``loads(bytes) -> obj`` for
+        non-bytes messages; default pickle protocol 5 with out-of-band
+        buffers (NumPy arrays travel without an extra pickle copy).
+    wait_strategy : {"block", "spin", "yield"}
+        How blocked calls wait: spin briefly then sleep on a futex
+        (default), spin without sleeping, or yield the CPU in a loop.
+
+    Notes
+    -----
+    Unlike `multiprocessing.Queue`, whose feeder thread buffers without
+    bound, a put blocks (or raises `Full`) when the ring has no room,
+    even with ``maxsize=0``. Messages of type `bytes` and `bytearray`
+    travel as raw bytes and come back as the same type; a `memoryview`
+    comes back as `bytes`; anything else goes through the serializer in
+    the calling thread, so a pickling error is raised by `put` itself.
+    Each message costs its length plus a 16-byte header, rounded up to
+    16 bytes. A process killed while publishing never wedges the queue:
+    readers turn its unfinished record into padding once its liveness
+    lock shows it is dead. A message got by a process that is killed
+    before `get` returns is lost, as with `multiprocessing.Queue`.
+    """
+
+    cdef mqs_bytering_t _ring
+    cdef bint _mapped
+    cdef bint _closed
+    cdef int _group
+    cdef int _strategy
+    cdef int _pid
+    cdef readonly object name
+    cdef object _serializer
+    cdef list _view_positions
+    cdef int64_t _stuck_since
+    cdef object __weakref__
+
+    def __cinit__(self, *args, **kwargs):
+        self._ring.fd = -1
+        self._ring.slot = -1
+        self._ring.header = NULL
+        self._ring.data = NULL
+        self._view_positions = []
+
+    def __init__(self, maxsize=0, *, name=None, create=True,
+                 capacity_bytes=DEFAULT_CAPACITY_BYTES,
+                 max_message_size=None, serializer=None,
+                 wait_strategy="block", ctx=None):
+        _check_int("maxsize", maxsize)
+        _check_int("capacity_bytes", capacity_bytes)
+        if max_message_size is None:
+            max_message_size = max(0, capacity_bytes - MQS_BR_RECORD_HEADER)
+        _check_int("max_message_size", max_message_size)
+        if wait_strategy not in _STRATEGIES:
+            raise ValueError(
+                f"wait_strategy must be 'block', 'spin' or 'yield', got "
+                f"{wait_strategy!r}")
+        if serializer is not None and not (hasattr(serializer, "dumps")
+                                           and hasattr(serializer, "loads")):
+            raise TypeError(
+                f"serializer must have dumps() and loads(), got "
+                f"{serializer!r}")
+        if maxsize < 0:
+            maxsize = 0
+        self._check_sizes(capacity_bytes, max_message_size, maxsize)
+        self._strategy = _STRATEGIES[wait_strategy]
+        self._serializer = serializer
+        self.name = name
+        if name is None:
+            self._create_anonymous(capacity_bytes, max_message_size, maxsize)
+        else:
+            _check_name(name)
+            if create:
+                self._create_or_attach_named(
+                    name, capacity_bytes, max_message_size, maxsize)
+            else:
+                self._attach_named(name)
+        _instances.add(self)
+
+    @staticmethod
+    def _check_sizes(capacity_bytes, max_message_size, maxsize):
+        page = os.sysconf("SC_PAGESIZE")
+        if capacity_bytes < page or capacity_bytes & (capacity_bytes - 1) \
+                or capacity_bytes > 1 << 40:
+            hint = ""
+            if page <= capacity_bytes <= 1 << 40:
+                hint = f" (try {1 << (capacity_bytes - 1).bit_length()})"
+            raise ValueError(
+                f"capacity_bytes must be a power of two from {page} to "
+                f"2**40, got {capacity_bytes!r}{hint}")
+        if max_message_size < 0 or mqs_br_check_sizes(
+                capacity_bytes, max_message_size, maxsize, 1) != MQS_OK:
+            raise ValueError(
+                f"max_message_size must be 0 to {capacity_bytes - 16} for "
+                f"a ring of {capacity_bytes} bytes, got "
+                f"{max_message_size!r}; raise capacity_bytes")
+
+    # -- creating and attaching -----------------------------------------
+
+    cdef int _map(self, int fd, int64_t capacity) except -1:
+        if mqs_br_map(&self._ring, fd, capacity) != MQS_OK:
+            raise OSError(
+                f"cannot map a shared ring of {capacity} bytes; the address "
+                f"space or /dev/shm is exhausted")
+        self._mapped = True
+        return 0
+
+    cdef int _attach_slot(self) except -1:
+        cdef int rc = mqs_br_attach(&self._ring)
+        if rc == MQS_EFULL:
+            raise OSError(
+                "all 256 participant slots of the queue are held by live "
+                "processes; close queues in processes that no longer use "
+                "them")
+        if rc != MQS_OK:
+            raise OSError("cannot lock a participant slot of the queue")
+        self._pid = os.getpid()
+        return 0
+
+    cdef int _format_new(self, int fd, int64_t capacity,
+                         int64_t max_message_size,
+                         int64_t maxsize) except -1:
+        os.ftruncate(fd, mqs_br_file_bytes(capacity))
+        self._map(fd, capacity)
+        secret = int.from_bytes(secrets.token_bytes(8), "little")
+        if mqs_br_format(&self._ring, max_message_size, maxsize, 1,
+                         secret) != MQS_OK:
+            raise OSError("cannot set up the queue's process-shared mutex")
+        return 0
+
+    cdef int _create_anonymous(self, int64_t capacity,
+                               int64_t max_message_size,
+                               int64_t maxsize) except -1:
+        fd = os.memfd_create("mqs-queue", os.MFD_CLOEXEC)
+        try:
+            self._format_new(fd, capacity, max_message_size, maxsize)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._attach_slot()
+        return 0
+
+    cdef int _create_or_attach_named(self, str name, int64_t capacity,
+                                     int64_t max_message_size,
+                                     int64_t maxsize) except -1:
+        # Build the queue under a private name, then link it into place:
+        # an attacher never sees a half-formatted file.
+        path = _shm_path(name)
+        temp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o600)
+        try:
+            self._format_new(fd, capacity, max_message_size, maxsize)
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                mqs_br_unmap(&self._ring)
+                self._mapped = False
+                os.close(fd)
+                fd = -1
+                self._attach_named(name)
+                return 0
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        finally:
+            os.unlink(temp)
+        self._attach_slot()
+        return 0
+
+    cdef int _attach_named(self, str name) except -1:
+        path = _shm_path(name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise QueueNotFound(
+                f"no shared queue named {name!r} ({path} is missing); "
+                f"create it with SharedQueue(name={name!r})") from None
+        try:
+            self._attach_fd(fd, f"{name!r} ({path})")
+        except BaseException:
+            os.close(fd)
+            raise
+        return 0
+
+    cdef int _attach_fd(self, int fd, str label) except -1:
+        """Validate and map the queue file behind fd, then take a slot."""
+        cdef int rc
+        cdef int64_t capacity
+        size = os.fstat(fd).st_size
+        if size < mqs_br_file_bytes(4096):
+            raise QueueLayoutError(
+                f"{label} is {size} bytes, too small for an mqs queue")
+        capacity = size - mqs_br_file_bytes(0)
+        if capacity & (capacity - 1):
+            raise QueueLayoutError(
+                f"{label} has a data region of {capacity} bytes, not a "
+                f"power of two; it is not an mqs queue")
+        self._map(fd, capacity)
+        deadline = time.monotonic() + 5.0
+        while True:
+            rc = mqs_br_validate(self._ring.header, size)
+            if rc != MQS_EAGAIN_INIT or time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+        if rc != MQS_OK:
+            mqs_br_unmap(&self._ring)
+            self._mapped = False
+            if rc == MQS_EVERSION:
+                raise QueueLayoutError(
+                    f"{label} has ring layout version "
+                    f"{mqs_br_config(&self._ring).version if False else '?'}"
+                    f", this mqs reads version 1; use the mqs version that "
+                    f"created it")
+            if rc == MQS_EAGAIN_INIT:
+                raise QueueLayoutError(
+                    f"{label} was never initialised; its creator died "
+                    f"before finishing, so unlink it and create it again")
+            raise QueueLayoutError(
+                f"{label} has a corrupted or foreign header; it is not an "
+                f"mqs queue")
+        self._attach_slot()
+        return 0
+
+    cdef int _reattach_after_fork(self) except -1:
+        if self._closed or not self._mapped:
+            return 0
+        self._ring.fd = _reopen_own(self._ring.fd)
+        self._ring.slot = -1
+        self._view_positions = []
+        self._attach_slot()
+        return 0
+
+    def __reduce__(self):
+        from multiprocessing.context import get_spawning_popen
+        from multiprocessing.reduction import DupFd
+
+        serializer = self._serializer
+        strategy = {v: k for k, v in _STRATEGIES.items()}[self._strategy]
+        if self.name is not None:
+            return (_attach_by_name, (self.name, serializer, strategy))
+        if get_spawning_popen() is None:
+            raise RuntimeError(
+                "an anonymous SharedQueue reaches other processes only "
+                "through inheritance (pass it in Process(args=...)); give "
+                "it a name= to share it any other way")
+        self._check_open()
+        return (_attach_by_fd, (DupFd(self._ring.fd), serializer, strategy))
+
+    # -- state ----------------------------------------------------------
+
+    cdef inline int _check_open(self) except -1:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        if self._pid != os.getpid():
+            raise RuntimeError(
+                f"Queue {self!r} was inherited by a process that could not "
+                f"re-attach to it; create or pass it again in this process")
+        return 0
+
+    @property
+    def maxsize(self):
+        """Bound on queued messages; 0 means bounded only by the ring."""
+        self._check_mapped()
+        return mqs_br_config(&self._ring).maxsize
+
+    @property
+    def capacity_bytes(self):
+        """Size of the ring's data region in bytes (fixed)."""
+        self._check_mapped()
+        return self._ring.capacity
+
+    @property
+    def max_message_size(self):
+        """Largest serialized message the queue accepts, in bytes."""
+        self._check_mapped()
+        return mqs_br_config(&self._ring).max_message_size
+
+    cdef int _check_mapped(self) except -1:
+        if not self._mapped:
+            raise ValueError(f"Queue {self!r} is closed")
+        return 0
+
+    def stats(self):
+        """Return counters of crash repairs as a dict.
+
+        ``repaired_records``: unpublished records of dead producers turned
+        into padding; ``lost_records``: an upper bound on messages taken by
+        consumers that died before returning them.
+        """
+        cdef int64_t[4] values
+        self._check_mapped()
+        counters = mqs_br_counters(&self._ring)
+        return {
+            "repaired_records": counters.repaired_records,
+            "repaired_bytes": counters.repaired_bytes,
+            "lost_records": counters.lost_records,
+            "qsize": mqs_br_count(&self._ring, self._group),
+        }
+
+    def qsize(self):
+        """Return the exact number of queued messages, from any process."""
+        self._check_open()
+        return mqs_br_count(&self._ring, self._group)
+
+    def empty(self):
+        """Return True if no message is queued."""
+        self._check_open()
+        return mqs_br_count(&self._ring, self._group) == 0
+
+    def full(self):
+        """Return True if a bounded queue holds maxsize messages."""
+        cdef int64_t maxsize
+        self._check_open()
+        maxsize = mqs_br_config(&self._ring).maxsize
+        return maxsize > 0 and mqs_br_count(&self._ring, self._group) >= maxsize
+
+    # -- put --------------------------------------------------------------
+
+    cdef int _try_put(self, object obj) except -2:
+        """Serialize obj and try to publish it; MQS_OK or MQS_EFULL."""
+        cdef const void *parts[64]
+        cdef size_t lengths[64]
+        cdef int n = 1
+        cdef uint16_t rtype
+        cdef int rc
+        cdef const unsigned char[::1] view
+        cdef list keep
+        cdef Py_ssize_t total
+        cdef object payload = obj
+        if type(obj) is bytes:
+            parts[0] = PyBytes_AS_STRING(obj)
+            lengths[0] = len(<bytes>obj)
+            rtype = TYPE_BYTES
+            rc = mqs_br_try_put(&self._ring, parts, lengths, 1, rtype)
+        else:
+            keep = self._encode(obj)
+            rtype = keep[0]
+            n = len(keep) - 1
+            if n > 64:
+                keep = [rtype, b"".join([bytes(b) for b in keep[1:]])]
+                n = 1
+            for i in range(n):
+                view = keep[i + 1]
+                parts[i] = &view[0] if view.shape[0] else NULL
+                lengths[i] = view.shape[0]
+            rc = mqs_br_try_put(&self._ring, parts, lengths, n, rtype)
+        if rc == MQS_ETOOBIG:
+            total = 0
+            for i in range(n):
+                total += lengths[i]
+            raise MessageTooLarge(
+                f"message is {total} bytes, max_message_size is "
+                f"{mqs_br_config(&self._ring).max_message_size} (ring "
+                f"capacity_bytes {self._ring.capacity}); raise the limit "
+                f"or split the message")
+        if rc != MQS_OK and rc != MQS_EFULL:
+            raise OSError(f"shared queue put failed with status {rc}")
+        return rc
+
+    cdef list _encode(self, object obj):
+        """Return [record type, buffer, ...] for a non-bytes object."""
+        cdef list buffers
+        if type(obj) is bytearray:
+            return [TYPE_BYTEARRAY, obj]
+        if type(obj) is memoryview:
+            return [TYPE_BYTES, (<memoryview>obj).cast("B")
+                    if (<memoryview>obj).c_contiguous else obj.tobytes()]
+        if self._serializer is not None:
+            data = self._serializer.dumps(obj)
+            return [TYPE_CUSTOM, memoryview(data).cast("B")]
+        buffers = []
+        stream = pickle.dumps(obj, protocol=5,
+                              buffer_callback=buffers.append)
+        if not buffers:
+            return [TYPE_PICKLE, stream]
+        return self._encode_oob(obj, stream, buffers)
+
+    cdef list _encode_oob(self, object obj, bytes stream, list buffers):
+        # Layout: u32 count, u64 stream length, u64 buffer lengths, then
+        # the stream and each buffer at a 16-byte aligned offset.
+        raws = []
+        for buffer in buffers:
+            try:
+                raws.append(buffer.raw())
+            except BufferError:
+                # A non-contiguous buffer cannot travel out of band.
+                return [TYPE_PICKLE, pickle.dumps(obj, protocol=5)]
+        count = len(raws)
+        header = bytearray(4 + 8 + 8 * count)
+        header[0:4] = count.to_bytes(4, "little")
+        header[4:12] = len(stream).to_bytes(8, "little")
+        for i, raw in enumerate(raws):
+            offset = 12 + 8 * i
+            header[offset:offset + 8] = raw.nbytes.to_bytes(8, "little")
+        out = [TYPE_PICKLE_OOB, header]
+        used = len(header)
+        for part in [stream] + raws:
+            pad = -used % 16
+            if pad:
+                out.append(b"\0" * pad)
+                used += pad
+            out.append(part)
+            used += memoryview(part).nbytes
+        return out
+
+    def put(self, obj, block=True, timeout=None):
+        """Put obj into the queue.
+
+        When the queue is full (maxsize reached or no room in the ring),
+        with `block` true (the default) wait for room, for at most
+        `timeout` seconds if it is not None. Waits release the GIL, never
+        end before `timeout`, and let Ctrl-C through.
+
+        Raises
+        ------
+        Full
+            When no room freed up (at once if `block` is false).
+        MessageTooLarge
+            At once, when the serialized message exceeds
+            `max_message_size`: it could never fit.
+        ValueError
+            If the queue is closed, or `timeout` is negative.
+        """
+        self._check_open()
+        if self._try_put(obj) == MQS_OK:
+            return
+        self._wait_room(obj, block, timeout)
+
+    def put_nowait(self, obj):
+        """Put obj if there is room, else raise `Full` at once."""
+        self.put(obj, False)
+
+    cdef int _wait_room(self, object obj, bint block,
+                        object timeout) except -1:
+        cdef int64_t deadline = deadline_ns(timeout) if block else 0
+        cdef int64_t last_repair = mqs_monotonic_ns()
+        cdef uint32_t epoch
+        cdef int rc
+        if not block:
+            raise Full()
+        while True:
+            epoch = mqs_wait_prepare(mqs_br_not_full(&self._ring))
+            try:
+                rc = self._try_put(obj)
+                if rc == MQS_OK:
+                    return 0
+                if park(mqs_br_not_full(&self._ring), epoch, deadline, 1,
+                        self._strategy):
+                    raise Full()
+            finally:
+                mqs_wait_finish(mqs_br_not_full(&self._ring))
+            if mqs_monotonic_ns() - last_repair >= WAIT_SLICE_NS:
+                # Room may be held by pins of consumers that died.
+                mqs_br_repair(&self._ring)
+                last_repair = mqs_monotonic_ns()
+
+    def put_many(self, items, block=True, timeout=None):
+        """Put every item of the iterable `items`, in order.
+
+        Waits like `put` whenever the queue is full.
+
+        Raises
+        ------
+        Full
+            When the queue stayed full; ``exc.accepted`` items were added
+            and stay queued, the rest were not.
+        MessageTooLarge
+            For an item that can never fit; ``exc.accepted`` as above.
+        """
+        cdef Py_ssize_t done = 0
+        cdef int64_t deadline = 0
+        self._check_open()
+        if block and timeout is not None:
+            deadline = deadline_ns(timeout)
+        for item in items:
+            try:
+                if self._try_put(item) != MQS_OK:
+                    self._wait_room(
+                        item, block, None if deadline <= 0 else
+                        max(0.0, (deadline - mqs_monotonic_ns()) / 1e9))
+            except Full:
+                raise Full(f"queue stayed full: put {done} items of the "
+                           f"batch; the rest were not added", done) from None
+            except MessageTooLarge as exc:
+                exc.accepted = done
+                raise
+            done += 1
+
+    # -- get --------------------------------------------------------------
+
+    cdef object _decode(self, mqs_br_record_t *record):
+        """Copy the record out of the ring and rebuild the object."""
+        cdef uint16_t rtype = record.type
+        cdef object data
+        if rtype == TYPE_BYTES:
+            return PyBytes_FromStringAndSize(
+                <const char *>record.payload, record.length)
+        data = bytearray(record.length)
+        if record.length:
+            memcpy(PyByteArray_AS_STRING(data), record.payload,
+                   record.length)
+        return data
+
+    cdef object _finish(self, uint16_t rtype, object data):
+        """Turn copied bytes back into the object (after the unpin)."""
+        if rtype == TYPE_BYTES or rtype == TYPE_BYTEARRAY:
+            return data
+        if rtype == TYPE_PICKLE:
+            return pickle.loads(data)
+        if rtype == TYPE_CUSTOM:
+            return self._serializer.loads(bytes(data))
+        if rtype == TYPE_PICKLE_OOB:
+            return _decode_oob(data)
+        raise QueueLayoutError(f"record of unknown type {rtype} in the ring")
+
+    cdef object _take_copy(self, int *status):
+        """Take one record and return it decoded, or set *status."""
+        cdef mqs_br_record_t record
+        cdef int rc = mqs_br_try_take(&self._ring, self._group, 0, &record)
+        cdef object data
+        status[0] = rc
+        if rc != MQS_OK:
+            return None
+        try:
+            data = self._decode(&record)
+        finally:
+            mqs_br_unpin(&self._ring, 0, MQS_BR_NO_PIN)
+        return self._finish(record.type, data)
+
+    def get(self, block=True, timeout=None):
+        """Remove and return the oldest message.
+
+        With `block` true (the default) wait until one arrives, for at
+        most `timeout` seconds if it is not None. Waits release the GIL,
+        never end before `timeout`, and let Ctrl-C through.
+
+        Raises
+        ------
+        Empty
+            When nothing arrived (at once if `block` is false).
+        ValueError
+            If the queue is closed, or `timeout` is negative.
+        """
+        cdef int status
+        cdef object item
+        self._check_open()
+        item = self._take_copy(&status)
+        if status == MQS_OK:
+            return item
+        return self._wait_item(block, timeout, 0)
+
+    def get_nowait(self):
+        """Remove and return the oldest message, or raise `Empty` at once."""
+        return self.get(False)
+
+    cdef object _wait_item(self, bint block, object timeout, bint view):
+        cdef int64_t deadline = deadline_ns(timeout) if block else 0
+        cdef int64_t stuck_since = 0
+        cdef int64_t now
+        cdef uint32_t epoch
+        cdef int status
+        cdef object item
+        while True:
+            epoch = mqs_wait_prepare(mqs_br_not_empty(&self._ring))
+            try:
+                if view:
+                    item = self._take_view_once(&status)
+                else:
+                    item = self._take_copy(&status)
+                if status == MQS_OK:
+                    return item
+                if not block:
+                    raise Empty()
+                if park(mqs_br_not_empty(&self._ring), epoch, deadline, 1,
+                        self._strategy):
+                    raise Empty()
+            finally:
+                mqs_wait_finish(mqs_br_not_empty(&self._ring))
+            if status == MQS_EAGAIN_STUCK:
+                now = mqs_monotonic_ns()
+                if stuck_since == 0:
+                    stuck_since = now
+                elif now - stuck_since >= WAIT_SLICE_NS:
+                    self._repair_stuck(now - stuck_since)
+            else:
+                stuck_since = 0
+
+    cdef int _repair_stuck(self, int64_t stuck_ns) except -1:
+        """Repair records of dead producers; report a live stalled one."""
+        cdef int repaired = mqs_br_repair(&self._ring)
+        cdef int owner
+        if repaired > 0:
+            logger.warning(
+                "shared queue %s: turned %d unpublished record(s) of dead "
+                "producer(s) into padding", self._label(), repaired)
+            return 0
+        if stuck_ns >= STALL_REPORT_NS and self._stuck_since == 0:
+            owner = mqs_br_stalled_owner(&self._ring, self._group)
+            if owner >= 0:
+                self._stuck_since = stuck_ns
+                logger.warning(
+                    "shared queue %s: waiting %.1f s for a live producer "
+                    "(pid %d, slot %d) to publish a record it claimed",
+                    self._label(), stuck_ns / 1e9,
+                    mqs_br_participant(&self._ring, owner).pid, owner)
+        return 0
+
+    def _label(self):
+        return repr(self.name) if self.name is not None else "(anonymous)"
+
+    def get_many(self, max_items, block=True, timeout=None):
+        """Remove and return a list of 1 to `max_items` oldest messages.
+
+        Waits like `get` until at least one message is there, then takes
+        what is queued, up to `max_items`, without waiting for more.
+        """
+        cdef int status
+        cdef list out
+        cdef Py_ssize_t limit
+        if not isinstance(max_items, int) or isinstance(max_items, bool):
+            raise TypeError(
+                f"max_items must be an int, got {type(max_items).__name__} "
+                f"{max_items!r}")
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, got {max_items!r}")
+        self._check_open()
+        limit = max_items
+        out = [self.get(block, timeout)]
+        while len(out) < limit:
+            item = self._take_copy(&status)
+            if status != MQS_OK:
+                break
+            out.append(item)
+        return out
+
+    # -- zero-copy views ------------------------------------------------------
+
+    def get_view(self, timeout=None):
+        """Lend the next message's raw bytes as a read-only memoryview.
+
+        Use as ``with q.get_view(timeout=1) as view:``; the message is
+        removed from the queue. Waits like `get` (raising `Empty` on
+        timeout). The bytes stay in the ring, and producers do not
+        overwrite them, until the view and every slice of it are
+        released; after the ``with`` block the view raises `ValueError`.
+        For a pickled object the view shows the serialized bytes.
+
+        Notes
+        -----
+        A view that is kept alive holds back producers once they wrap
+        around to it: release views promptly.
+        """
+        cdef _ViewContext context = _ViewContext()
+        self._check_open()
+        context._queue = self
+        context._timeout = timeout
+        return context
+
+    cdef object _take_view_once(self, int *status):
+        cdef mqs_br_record_t record
+        cdef _RecordView holder
+        cdef int rc = mqs_br_try_take(&self._ring, self._group, 1, &record)
+        status[0] = rc
+        if rc != MQS_OK:
+            return None
+        holder = _RecordView()
+        holder._queue = self
+        holder._payload = record.payload
+        holder._length = record.length
+        holder._position = record.position
+        holder._pid = self._pid
+        self._view_positions.append(record.position)
+        return memoryview(holder)
+
+    def _take_view(self, timeout):
+        cdef int status
+        self._check_open()
+        view = self._take_view_once(&status)
+        if status == MQS_OK:
+            return view
+        return self._wait_item(True, timeout, 1)
+
+    cdef void _release_view(self, int64_t position):
+        try:
+            self._view_positions.remove(position)
+        except ValueError:
+            return
+        if not self._mapped or self._ring.slot < 0:
+            return
+        mqs_br_unpin(&self._ring, 1, min(self._view_positions)
+                     if self._view_positions else MQS_BR_NO_PIN)
+
+    # -- closing ---------------------------------------------------------------
+
+    def close(self):
+        """Stop using the queue in this process, as `multiprocessing.Queue`.
+
+        Later calls of put and get on this handle raise `ValueError`.
+        Messages already put stay in the queue for other processes. The
+        mapping is released once no view of a record is alive.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._mapped and self._ring.slot >= 0 \
+                and self._pid == os.getpid():
+            mqs_br_detach(&self._ring)
+        if self._ring.fd >= 0:
+            os.close(self._ring.fd)
+            self._ring.fd = -1
+        if not self._view_positions and self._mapped:
+            mqs_br_unmap(&self._ring)
+            self._mapped = False
+
+    def join_thread(self):
+        """Return at once: there is no feeder thread to join.
+
+        Raises
+        ------
+        AssertionError
+            If the queue is not closed, as `multiprocessing.Queue` does.
+        """
+        assert self._closed, f"Queue {self!r} not closed"
+
+    def cancel_join_thread(self):
+        """Do nothing: puts are synchronous, so exit never waits on them."""
+
+    def unlink(self):
+        """Remove the queue's name; processes attached keep using it.
+
+        Does nothing for an anonymous queue, whose memory goes away with
+        the last process that maps it.
+        """
+        if self.name is None:
+            return
+        try:
+            os.unlink(_shm_path(self.name))
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+    def __dealloc__(self):
+        if self._mapped:
+            if self._ring.slot >= 0 and self._pid == os.getpid():
+                mqs_br_detach(&self._ring)
+            mqs_br_unmap(&self._ring)
+        if self._ring.fd >= 0:
+            os.close(self._ring.fd)
+
+    def __repr__(self):
+        state = "closed" if self._closed else "open"
+        return f"<mqs.SharedQueue name={self.name!r} {state}>"
+
+
+def _decode_oob(data):
+    view = memoryview(data)
+    count = int.from_bytes(view[0:4], "little")
+    stream_length = int.from_bytes(view[4:12], "little")
+    lengths = [int.from_bytes(view[12 + 8 * i:20 + 8 * i], "little")
+               for i in range(count)]
+    offset = 12 + 8 * count
+    offset += -offset % 16
+    stream = view[offset:offset + stream_length]
+    offset += stream_length
+    buffers = []
+    for length in lengths:
+        offset += -offset % 16
+        buffers.append(view[offset:offset + length])
+        offset += length
+    return pickle.loads(stream, buffers=buffers)
+
+
+def _attach_by_name(name, serializer, strategy):
+    return SharedQueue(name=name, create=False, serializer=serializer,
+                       wait_strategy=strategy)
+
+
+def _attach_by_fd(dup, serializer, strategy):
+    cdef SharedQueue q = SharedQueue.__new__(SharedQueue)
+    fd = _reopen_own(dup.detach())
+    q._strategy = _STRATEGIES[strategy]
+    q._serializer = serializer
+    q.name = None
+    try:
+        q._attach_fd(fd, "inherited queue")
+    except BaseException:
+        os.close(fd)
+        raise
+    _instances.add(q)
+    return q
