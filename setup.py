@@ -3,6 +3,7 @@
 Environment switches:
   MQS_DEBUG=1     -O0 -g and assertions on (MQS_DEBUG defined, NDEBUG off)
   MQS_SANITIZE=1  AddressSanitizer and UndefinedBehaviorSanitizer
+  MQS_FAILPOINTS=1  named kill points for crash tests (csrc/mqs_failpoint.h)
 """
 
 import os
@@ -12,6 +13,7 @@ from setuptools import Extension, setup
 
 DEBUG = os.environ.get("MQS_DEBUG") == "1"
 SANITIZE = os.environ.get("MQS_SANITIZE") == "1"
+FAILPOINTS = os.environ.get("MQS_FAILPOINTS") == "1"
 
 compile_args = ["-std=c11", "-Wall", "-Wextra"]
 link_args = []
@@ -19,6 +21,8 @@ if DEBUG:
     compile_args += ["-O0", "-g", "-UNDEBUG", "-DMQS_DEBUG=1"]
 else:
     compile_args += ["-O3"]
+if FAILPOINTS:
+    compile_args += ["-DMQS_FAILPOINTS=1"]
 if SANITIZE:
     sanitizers = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     compile_args += sanitizers

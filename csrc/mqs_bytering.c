@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "mqs_bytering.h"
+#include "mqs_failpoint.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -479,8 +480,10 @@ int mqs_br_try_put(mqs_bytering_t *ring, const void *const *parts,
                 memory_order_acquire))
             break;
     }
+    MQS_FAILPOINT("put_after_cas");
     atomic_store_explicit(&me->claim_state, MQS_BR_CLAIM_WON,
                           memory_order_release);
+    MQS_FAILPOINT("put_after_claim");
 
     rec = record_at(ring, tail);
     atomic_store_explicit(&rec->length, (uint32_t)length,
@@ -492,7 +495,9 @@ int mqs_br_try_put(mqs_bytering_t *ring, const void *const *parts,
     for (int i = 0; i < n_parts; i++) {
         memcpy(out, parts[i], part_lengths[i]);
         out += part_lengths[i];
+        MQS_FAILPOINT("put_mid_payload");
     }
+    MQS_FAILPOINT("put_before_publish");
     /* Publish: the payload stores happen before the tag is seen. */
     atomic_store_explicit(&rec->commit, commit_tag(ring, tail),
                           memory_order_release);
@@ -567,6 +572,7 @@ int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
                 memory_order_acquire))
             continue;
         atomic_fetch_add_explicit(&g->consumed, 1, memory_order_acq_rel);
+        MQS_FAILPOINT("take_after_cas");
         if (type == MQS_BR_TYPE_PAD) {
             head += size;
             continue;

@@ -1,0 +1,45 @@
+/*
+ * mqs_failpoint.h: named points where a test can kill the process.
+ *
+ * Compiled in only when MQS_FAILPOINTS is defined (setup.py does so for
+ * MQS_FAILPOINTS=1); otherwise every MQS_FAILPOINT is an empty statement.
+ * At run time the environment variable MQS_FAILPOINT selects one point as
+ * "name" (fire on the first pass) or "name:N" (fire on the Nth pass), and
+ * the process then kills itself with SIGKILL, exactly as an outside kill
+ * at that instruction would.
+ */
+#ifndef MQS_FAILPOINT_H
+#define MQS_FAILPOINT_H
+
+#ifdef MQS_FAILPOINTS
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline void mqs_failpoint(const char *name, _Atomic long *passes)
+{
+    const char *armed = getenv("MQS_FAILPOINT");
+    size_t length = strlen(name);
+    long wanted = 1;
+
+    if (armed == NULL || strncmp(armed, name, length) != 0)
+        return;
+    if (armed[length] == ':')
+        wanted = strtol(armed + length + 1, NULL, 10);
+    else if (armed[length] != '\0')
+        return;
+    if (atomic_fetch_add(passes, 1) + 1 == wanted)
+        raise(SIGKILL);
+}
+
+#define MQS_FAILPOINT(name)                                  \
+    do {                                                     \
+        static _Atomic long mqs_failpoint_passes;            \
+        mqs_failpoint((name), &mqs_failpoint_passes);        \
+    } while (0)
+#else
+#define MQS_FAILPOINT(name) ((void)0)
+#endif
+
+#endif /* MQS_FAILPOINT_H */
