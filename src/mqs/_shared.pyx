@@ -681,13 +681,15 @@ cdef class SharedQueue:
             epoch = mqs_wait_prepare(mqs_br_not_full(&self._ring))
             try:
                 rc = self._try_put(obj)
-                if rc == MQS_OK:
-                    return 0
-                if park(mqs_br_not_full(&self._ring), epoch, deadline, 1,
-                        self._strategy):
-                    raise Full()
-            finally:
+            except BaseException:
                 mqs_wait_finish(mqs_br_not_full(&self._ring))
+                raise
+            if rc == MQS_OK:
+                mqs_wait_finish(mqs_br_not_full(&self._ring))
+                return 0
+            if park(mqs_br_not_full(&self._ring), epoch, deadline, 1,
+                    self._strategy):
+                raise Full()
             if mqs_monotonic_ns() - last_repair >= WAIT_SLICE_NS:
                 # Room may be held by pins of consumers that died.
                 mqs_br_repair(&self._ring)
@@ -806,15 +808,18 @@ cdef class SharedQueue:
                     item = self._take_view_once(&status)
                 else:
                     item = self._take_copy(&status)
-                if status == MQS_OK:
-                    return item
-                if not block:
-                    raise Empty()
-                if park(mqs_br_not_empty(&self._ring), epoch, deadline, 1,
-                        self._strategy):
-                    raise Empty()
-            finally:
+            except BaseException:
                 mqs_wait_finish(mqs_br_not_empty(&self._ring))
+                raise
+            if status == MQS_OK:
+                mqs_wait_finish(mqs_br_not_empty(&self._ring))
+                return item
+            if not block:
+                mqs_wait_finish(mqs_br_not_empty(&self._ring))
+                raise Empty()
+            if park(mqs_br_not_empty(&self._ring), epoch, deadline, 1,
+                    self._strategy):
+                raise Empty()
             if status == MQS_EAGAIN_STUCK:
                 now = mqs_monotonic_ns()
                 if stuck_since == 0:

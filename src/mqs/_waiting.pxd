@@ -7,6 +7,7 @@ from libc.stdint cimport int64_t, uint32_t
 
 from mqs.includes.mqs_wait cimport (
     mqs_monotonic_ns,
+    mqs_wait_finish,
     mqs_wait_park,
     mqs_wait_spin,
     mqs_waitword_t,
@@ -45,15 +46,20 @@ cdef inline int64_t deadline_ns(object timeout) except -2:
 
 cdef inline int park(mqs_waitword_t *word, uint32_t epoch, int64_t deadline,
                      int shared, int strategy) except -1:
-    """Wait on word with the GIL released, then run signal handlers.
+    """Wait on word with the GIL released, deregister, run signal handlers.
 
-    Returns 1 when the deadline has passed, 0 otherwise; raises what a
-    signal handler raised (KeyboardInterrupt for Ctrl-C).
+    The caller registered with mqs_wait_prepare; this call always ends
+    that registration (mqs_wait_finish), right when the wait ends and
+    before the GIL is taken back, so signallers stop paying for a waiter
+    that is only queueing for the GIL. Returns 1 when the deadline has
+    passed, 0 otherwise; raises what a signal handler raised
+    (KeyboardInterrupt for Ctrl-C).
     """
     cdef int64_t now = mqs_monotonic_ns()
     cdef int64_t left = WAIT_SLICE_NS
     if deadline >= 0:
         if now >= deadline:
+            mqs_wait_finish(word)
             return 1
         if deadline - now < left:
             left = deadline - now
@@ -62,6 +68,7 @@ cdef inline int park(mqs_waitword_t *word, uint32_t epoch, int64_t deadline,
             mqs_wait_park(word, epoch, left, shared)
         else:
             mqs_wait_spin(word, epoch, left, strategy == STRATEGY_YIELD)
+        mqs_wait_finish(word)
     if PyErr_CheckSignals() < 0:
         return -1
     return 0
