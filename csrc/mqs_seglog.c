@@ -1,0 +1,1888 @@
+/*
+ * mqs_seglog.c: the segment log; the file format is in mqs_seglog.h.
+ */
+#define _GNU_SOURCE
+#include "mqs_seglog.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mqs_crc32c.h"
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the segment log format is little-endian; this host is not"
+#endif
+
+#define SEG_NAME_BYTES 32           /* 20 digits + ".seg.tmp" + NUL */
+#define CHECKPOINT_NAME "recovery-point"
+#define CHECKPOINT_MAGIC "MQSCKPT1"
+#define CHECKPOINT_BYTES 32
+#define LOCK_NAME "lock"
+
+typedef struct index_entry {
+    uint32_t rel;                   /* offset - base_offset */
+    uint32_t pos;
+} index_entry_t;
+
+typedef struct time_entry {
+    int64_t max_ts;                 /* max timestamp up to this record */
+    uint32_t rel;
+    uint32_t pos;
+} time_entry_t;
+
+struct mqs_segment {
+    _Atomic int32_t refs;
+    int fd;
+    uint8_t *map;
+    uint64_t map_bytes;
+    int64_t base_offset;
+    uint64_t epoch;
+    uint32_t seed;
+    char name[SEG_NAME_BYTES];
+
+    /* Seal block, valid when sealed. */
+    int sealed;
+    uint64_t seal_end_pos;
+    int64_t seal_next_offset;
+
+    /* Walk state: records [base, next_offset) at [HEADER, end_pos) have
+     * been checked and indexed. For a sealed segment the walk may stop
+     * early at a damaged record; the rest up to the seal is unreadable. */
+    int indexed;
+    uint64_t end_pos;
+    int64_t next_offset;
+    int64_t min_ts;
+    int64_t max_ts;
+
+    uint64_t synced_pos;            /* writer, under sync_mu */
+
+    index_entry_t *idx;
+    size_t idx_n, idx_cap;
+    time_entry_t *tix;
+    size_t tix_n, tix_cap;
+};
+
+enum failpoint {
+    FP_MID_RECORD,
+    FP_AFTER_APPEND,
+    FP_AFTER_SYNC,
+    FP_ROLL_SEALED,
+    FP_ROLL_CREATED,
+    FP_SYNC_EIO,
+    FP_COUNT,
+};
+
+static const char *const failpoint_names[FP_COUNT] = {
+    "seglog.mid_record",  "seglog.after_append", "seglog.after_sync",
+    "seglog.roll_sealed", "seglog.roll_created", "seglog.sync_eio",
+};
+
+struct mqs_seglog {
+    mqs_seglog_config_t cfg;
+    int dir_fd;
+    int lock_fd;
+    long page_bytes;
+
+    mqs_segment_t **segs;
+    size_t nsegs, segs_cap;
+
+    /* Writer: the segment appends go to, switched under sync_mu. */
+    mqs_segment_t *active;
+    _Atomic int64_t pub_offset;     /* offset after the last appended */
+    _Atomic int64_t pub_pos;        /* end position in the active segment */
+
+    pthread_mutex_t sync_mu;
+    pthread_cond_t sync_cv;
+    int sync_running;
+    _Atomic int64_t synced_offset;
+    mqs_segment_t **pending;        /* sealed, not yet synced ("never") */
+    size_t pending_n, pending_cap;
+    _Atomic int poison_errno;
+    mqs_seglog_sync_hook_t hook;
+    void *hook_ctx;
+
+    pthread_t flusher;
+    int flusher_started;
+    pthread_mutex_t flush_mu;
+    pthread_cond_t flush_cv;
+    int flush_stop;
+    int flush_requested;
+
+    /* Read hint: where the record after the last one read starts. */
+    mqs_segment_t *hint_seg;
+    int64_t hint_offset;
+    uint64_t hint_pos;
+
+    _Atomic int64_t fp_left[FP_COUNT];
+
+    _Atomic int64_t syncs;
+    int64_t appended;
+    int64_t segments_deleted;
+    int64_t records_deleted;
+    int last_errno;
+};
+
+/* ---- small helpers ---------------------------------------------------- */
+
+static inline uint64_t align_up(uint64_t n)
+{
+    return (n + MQS_SEGLOG_ALIGN - 1) & ~(uint64_t)(MQS_SEGLOG_ALIGN - 1);
+}
+
+static inline uint32_t get_u32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline uint64_t get_u64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline void put_u32(uint8_t *p, uint32_t v)
+{
+    memcpy(p, &v, 4);
+}
+
+static inline void put_u64(uint8_t *p, uint64_t v)
+{
+    memcpy(p, &v, 8);
+}
+
+/* The length word is aligned to 8 bytes, so it can be accessed atomically;
+ * the acquire pairs with the appender's release store. */
+static inline uint32_t load_length_acquire(const uint8_t *record)
+{
+    return mqs_load_acquire_u32((const _Atomic uint32_t *)record);
+}
+
+static int64_t wall_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static uint64_t random_epoch(void)
+{
+    uint64_t e = 0;
+    struct timespec ts;
+
+    if (getrandom(&e, sizeof e, GRND_NONBLOCK) == (ssize_t)sizeof e && e)
+        return e;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    e = (uint64_t)ts.tv_nsec * 0x9E3779B97F4A7C15ull ^
+        (uint64_t)ts.tv_sec << 32 ^ (uint64_t)getpid();
+    return e ? e : 1;
+}
+
+static uint32_t seed_of(uint64_t epoch)
+{
+    return (uint32_t)epoch ^ (uint32_t)(epoch >> 32);
+}
+
+static void segment_name(char *out, int64_t base, int temp)
+{
+    snprintf(out, SEG_NAME_BYTES, "%020lld.seg%s", (long long)base,
+             temp ? ".tmp" : "");
+}
+
+static int is_durable(const mqs_seglog_t *log)
+{
+    return log->cfg.fsync_mode != MQS_SEGLOG_FSYNC_NEVER;
+}
+
+static int fail_errno(mqs_seglog_t *log, int status)
+{
+    log->last_errno = errno;
+    return status;
+}
+
+/* ---- failpoints ------------------------------------------------------- */
+
+/*
+ * MQS_FAILPOINT="name" or "name:N" (several separated by commas): the
+ * Nth time (default the first) a named point is reached, it fires. Kill
+ * points raise SIGKILL in the calling process, as an outside kill at
+ * that instruction would; seglog.sync_eio makes that sync fail with
+ * EIO. The same variable drives csrc/mqs_failpoint.h, but these points
+ * are always compiled in: the variable is read once at open, and unset,
+ * every check is one relaxed load of a zero.
+ */
+static void failpoints_parse(mqs_seglog_t *log)
+{
+    const char *spec = getenv("MQS_FAILPOINT");
+
+    for (int i = 0; i < FP_COUNT; i++)
+        atomic_store_explicit(&log->fp_left[i], 0, memory_order_relaxed);
+    if (!spec)
+        return;
+    for (int i = 0; i < FP_COUNT; i++) {
+        size_t len = strlen(failpoint_names[i]);
+        for (const char *at = spec; (at = strstr(at, failpoint_names[i]));
+             at += len) {
+            long long n = 1;
+            if (at != spec && at[-1] != ',')
+                continue;
+            if (at[len] == ':')
+                n = atoll(at + len + 1);
+            else if (at[len] != '\0' && at[len] != ',')
+                continue;
+            atomic_store_explicit(&log->fp_left[i], n > 0 ? n : 1,
+                                  memory_order_relaxed);
+            break;
+        }
+    }
+}
+
+static int failpoint_hit(mqs_seglog_t *log, enum failpoint fp)
+{
+    if (atomic_load_explicit(&log->fp_left[fp], memory_order_relaxed) <= 0)
+        return 0;
+    return atomic_fetch_sub_explicit(&log->fp_left[fp], 1,
+                                     memory_order_relaxed) == 1;
+}
+
+static void failpoint_kill(mqs_seglog_t *log, enum failpoint fp)
+{
+    if (failpoint_hit(log, fp))
+        raise(SIGKILL);
+}
+
+/* ---- records ---------------------------------------------------------- */
+
+static uint32_t record_crc(uint32_t seed, const uint8_t *record,
+                           uint32_t length)
+{
+    uint32_t crc = mqs_crc32c_extend(seed, record + MQS_SEGLOG_R_OFFSET,
+                                     length - MQS_SEGLOG_R_OFFSET);
+    return mqs_crc32c_extend(crc, &length, 4);
+}
+
+enum frame_result { FRAME_EMPTY = 0, FRAME_VALID = 1, FRAME_BAD = -1 };
+
+/*
+ * Check the record at `pos`: its length must fit below `limit`, its key
+ * inside it, its offset must be `expected` (unless expected < 0) and,
+ * with verify_crc, its CRC must match.
+ */
+static enum frame_result frame_check(const mqs_segment_t *seg, uint64_t pos,
+                                     uint64_t limit, int64_t expected,
+                                     int verify_crc, uint32_t *length_out)
+{
+    const uint8_t *p = seg->map + pos;
+    uint32_t length;
+
+    if (pos + MQS_SEGLOG_RECORD_HEADER_BYTES > limit)
+        return FRAME_EMPTY;
+    length = load_length_acquire(p);
+    if (length == 0)
+        return FRAME_EMPTY;
+    if (length < MQS_SEGLOG_RECORD_HEADER_BYTES || pos + length > limit)
+        return FRAME_BAD;
+    if (expected >= 0 && (int64_t)get_u64(p + MQS_SEGLOG_R_OFFSET) != expected)
+        return FRAME_BAD;
+    if (get_u32(p + MQS_SEGLOG_R_KEY_LEN) >
+        length - MQS_SEGLOG_RECORD_HEADER_BYTES)
+        return FRAME_BAD;
+    if (verify_crc && get_u32(p + MQS_SEGLOG_R_CRC) !=
+                          record_crc(seg->seed, p, length))
+        return FRAME_BAD;
+    *length_out = length;
+    return FRAME_VALID;
+}
+
+static void fill_record(mqs_segment_t *seg, uint64_t pos,
+                        mqs_seglog_record_t *r)
+{
+    const uint8_t *p = seg->map + pos;
+    uint32_t length = get_u32(p + MQS_SEGLOG_R_LENGTH);
+
+    r->offset = (int64_t)get_u64(p + MQS_SEGLOG_R_OFFSET);
+    r->timestamp_ns = (int64_t)get_u64(p + MQS_SEGLOG_R_TIMESTAMP);
+    r->key_len = get_u32(p + MQS_SEGLOG_R_KEY_LEN);
+    r->has_key = (p[MQS_SEGLOG_R_ATTRIBUTES] & MQS_SEGLOG_ATTR_HAS_KEY) != 0;
+    r->key = p + MQS_SEGLOG_RECORD_HEADER_BYTES;
+    r->value = r->key + r->key_len;
+    r->value_len = length - MQS_SEGLOG_RECORD_HEADER_BYTES - r->key_len;
+    r->segment = seg;
+    r->position = pos;
+}
+
+int64_t mqs_seglog_max_value_bytes(uint64_t segment_bytes, uint32_t key_len)
+{
+    uint64_t room;
+
+    if (segment_bytes <= MQS_SEGLOG_HEADER_BYTES)
+        return -1;
+    room = (segment_bytes - MQS_SEGLOG_HEADER_BYTES) &
+           ~(uint64_t)(MQS_SEGLOG_ALIGN - 1);
+    if (room > UINT32_MAX)
+        room = UINT32_MAX & ~(uint64_t)(MQS_SEGLOG_ALIGN - 1);
+    if (room < (uint64_t)MQS_SEGLOG_RECORD_HEADER_BYTES + key_len)
+        return -1;
+    return (int64_t)(room - MQS_SEGLOG_RECORD_HEADER_BYTES - key_len);
+}
+
+/* ---- indexes ---------------------------------------------------------- */
+
+/* Indexes are sparse, so a failed allocation only drops an entry and
+ * makes later lookups walk further; it never fails an append. */
+static void index_add(mqs_segment_t *seg, int64_t offset, uint64_t pos,
+                      int64_t ts)
+{
+    uint32_t rel = (uint32_t)(offset - seg->base_offset);
+
+    if (ts < seg->min_ts)
+        seg->min_ts = ts;
+    if (seg->idx_n == 0 || pos - seg->idx[seg->idx_n - 1].pos >=
+                               MQS_SEGLOG_INDEX_INTERVAL_BYTES) {
+        if (seg->idx_n == seg->idx_cap) {
+            size_t cap = seg->idx_cap ? seg->idx_cap * 2 : 64;
+            index_entry_t *grown = realloc(seg->idx, cap * sizeof *grown);
+            if (grown) {
+                seg->idx = grown;
+                seg->idx_cap = cap;
+            }
+        }
+        if (seg->idx_n < seg->idx_cap)
+            seg->idx[seg->idx_n++] = (index_entry_t){rel, (uint32_t)pos};
+    }
+    if (ts <= seg->max_ts)
+        return;
+    seg->max_ts = ts;
+    if (seg->tix_n > 0 && pos - seg->tix[seg->tix_n - 1].pos <
+                              MQS_SEGLOG_INDEX_INTERVAL_BYTES) {
+        /* Too close to the last entry: raise its maximum instead. That
+         * keeps "max timestamp up to entry i" true for every entry. */
+        return;
+    }
+    if (seg->tix_n == seg->tix_cap) {
+        size_t cap = seg->tix_cap ? seg->tix_cap * 2 : 64;
+        time_entry_t *grown = realloc(seg->tix, cap * sizeof *grown);
+        if (grown) {
+            seg->tix = grown;
+            seg->tix_cap = cap;
+        }
+    }
+    if (seg->tix_n < seg->tix_cap)
+        seg->tix[seg->tix_n++] = (time_entry_t){ts, rel, (uint32_t)pos};
+}
+
+static void index_reset(mqs_segment_t *seg)
+{
+    seg->idx_n = 0;
+    seg->tix_n = 0;
+    seg->min_ts = INT64_MAX;
+    seg->max_ts = INT64_MIN;
+    seg->end_pos = MQS_SEGLOG_HEADER_BYTES;
+    seg->next_offset = seg->base_offset;
+}
+
+/*
+ * Walk records from the segment's current walk end, checking lengths and
+ * offset continuity, and CRCs from position `verify_from` on. Stops at
+ * the first empty or invalid record and returns which it was.
+ */
+static enum frame_result segment_walk(mqs_segment_t *seg, uint64_t limit,
+                                      uint64_t verify_from,
+                                      int64_t *verified)
+{
+    enum frame_result r;
+    uint32_t length = 0;
+
+    for (;;) {
+        uint64_t pos = seg->end_pos;
+        int verify = pos >= verify_from;
+        r = frame_check(seg, pos, limit, seg->next_offset, verify, &length);
+        if (r != FRAME_VALID)
+            return r;
+        index_add(seg, seg->next_offset, pos,
+                  (int64_t)get_u64(seg->map + pos + MQS_SEGLOG_R_TIMESTAMP));
+        seg->end_pos = pos + align_up(length);
+        seg->next_offset++;
+        if (verify && verified)
+            (*verified)++;
+    }
+}
+
+/* Build the index of a sealed segment the first time it is read. */
+static void segment_ensure_indexed(mqs_segment_t *seg)
+{
+    if (seg->indexed)
+        return;
+    index_reset(seg);
+    segment_walk(seg, seg->sealed ? seg->seal_end_pos : seg->map_bytes,
+                 UINT64_MAX, NULL);
+    seg->indexed = 1;
+}
+
+/* Offset after the last record the segment holds (by its seal, if any). */
+static int64_t segment_end_offset(const mqs_segment_t *seg)
+{
+    return seg->sealed ? seg->seal_next_offset : seg->next_offset;
+}
+
+/* Newest timestamp in the segment: from the seal while it is not
+ * indexed, else from the walk. */
+static int64_t segment_max_ts(mqs_segment_t *seg)
+{
+    if (!seg->indexed && !seg->sealed)
+        segment_ensure_indexed(seg);
+    return seg->max_ts;
+}
+
+/* ---- segment files ---------------------------------------------------- */
+
+static void segment_free(mqs_segment_t *seg)
+{
+    if (seg->map && seg->map != MAP_FAILED)
+        munmap(seg->map, seg->map_bytes);
+    if (seg->fd >= 0)
+        close(seg->fd);
+    free(seg->idx);
+    free(seg->tix);
+    free(seg);
+}
+
+void mqs_seglog_segment_acquire(mqs_segment_t *segment)
+{
+    atomic_fetch_add_explicit(&segment->refs, 1, memory_order_relaxed);
+}
+
+void mqs_seglog_segment_release(mqs_segment_t *segment)
+{
+    if (atomic_fetch_sub_explicit(&segment->refs, 1, memory_order_acq_rel) ==
+        1)
+        segment_free(segment);
+}
+
+const uint8_t *mqs_seglog_segment_data(mqs_segment_t *segment,
+                                       uint64_t *size)
+{
+    if (size)
+        *size = segment->map_bytes;
+    return segment->map;
+}
+
+int64_t mqs_seglog_segment_base(mqs_segment_t *segment)
+{
+    return segment->base_offset;
+}
+
+static mqs_segment_t *segment_alloc(int64_t base)
+{
+    mqs_segment_t *seg = calloc(1, sizeof *seg);
+
+    if (!seg)
+        return NULL;
+    atomic_init(&seg->refs, 1);
+    seg->fd = -1;
+    seg->map = NULL;
+    seg->base_offset = base;
+    segment_name(seg->name, base, 0);
+    index_reset(seg);
+    return seg;
+}
+
+static void seal_encode(const mqs_segment_t *seg, uint8_t *block,
+                        uint64_t end_pos, int64_t next_offset)
+{
+    memset(block, 0, 36);
+    put_u64(block + 0, end_pos);
+    put_u64(block + 8, (uint64_t)next_offset);
+    put_u64(block + 16, (uint64_t)seg->min_ts);
+    put_u64(block + 24, (uint64_t)seg->max_ts);
+    put_u32(block + 32, mqs_crc32c_extend(seg->seed, block, 32));
+}
+
+/* Read the seal block; sets the seal fields when its CRC matches. */
+static void seal_load(mqs_segment_t *seg)
+{
+    const uint8_t *block = seg->map + MQS_SEGLOG_H_SEAL;
+    uint64_t end_pos = get_u64(block);
+    int64_t next = (int64_t)get_u64(block + 8);
+
+    if (get_u32(block + 32) != mqs_crc32c_extend(seg->seed, block, 32))
+        return;
+    if (end_pos < MQS_SEGLOG_HEADER_BYTES || end_pos > seg->map_bytes ||
+        next < seg->base_offset)
+        return;
+    seg->sealed = 1;
+    seg->seal_end_pos = end_pos;
+    seg->seal_next_offset = next;
+    if (!seg->indexed) {
+        seg->min_ts = (int64_t)get_u64(block + 16);
+        seg->max_ts = (int64_t)get_u64(block + 24);
+    }
+}
+
+/*
+ * Write the seal block for the walked records and, in a durable mode,
+ * sync the header page. Writer only.
+ */
+static int segment_seal(mqs_seglog_t *log, mqs_segment_t *seg)
+{
+    uint8_t block[36];
+
+    seal_encode(seg, block, seg->end_pos, seg->next_offset);
+    memcpy(seg->map + MQS_SEGLOG_H_SEAL, block, sizeof block);
+    seg->sealed = 1;
+    seg->seal_end_pos = seg->end_pos;
+    seg->seal_next_offset = seg->next_offset;
+    if (is_durable(log) &&
+        msync(seg->map, (size_t)log->page_bytes, MS_SYNC) != 0)
+        return fail_errno(log, MQS_EIO);
+    return MQS_OK;
+}
+
+static void header_encode(uint8_t *h, int64_t base, uint64_t epoch,
+                          uint64_t segment_bytes)
+{
+    memset(h, 0, MQS_SEGLOG_HEADER_BYTES);
+    memcpy(h + MQS_SEGLOG_H_MAGIC, MQS_SEGLOG_MAGIC, 8);
+    put_u32(h + MQS_SEGLOG_H_VERSION, MQS_SEGLOG_VERSION);
+    put_u32(h + MQS_SEGLOG_H_HEADER_BYTES, MQS_SEGLOG_HEADER_BYTES);
+    put_u64(h + MQS_SEGLOG_H_BASE_OFFSET, (uint64_t)base);
+    put_u64(h + MQS_SEGLOG_H_EPOCH, epoch);
+    put_u64(h + MQS_SEGLOG_H_SEGMENT_BYTES, segment_bytes);
+    put_u64(h + MQS_SEGLOG_H_CREATED_NS, (uint64_t)wall_ns());
+    put_u32(h + MQS_SEGLOG_H_CRC, mqs_crc32c_extend(0, h, MQS_SEGLOG_H_CRC));
+}
+
+static int segment_map(mqs_seglog_t *log, mqs_segment_t *seg)
+{
+    int prot = PROT_READ | (log->cfg.readonly ? 0 : PROT_WRITE);
+
+    seg->map = mmap(NULL, seg->map_bytes, prot, MAP_SHARED, seg->fd, 0);
+    if (seg->map == MAP_FAILED) {
+        seg->map = NULL;
+        return fail_errno(log, errno == ENOMEM ? MQS_ENOMEM : MQS_EIO);
+    }
+    return MQS_OK;
+}
+
+static int sync_dir(mqs_seglog_t *log)
+{
+    if (is_durable(log) && fsync(log->dir_fd) != 0)
+        return fail_errno(log, MQS_EIO);
+    return MQS_OK;
+}
+
+/*
+ * Create the segment starting at `base`: a temporary file, preallocated
+ * in full, header written (and synced in a durable mode), then renamed
+ * into place, so no reader ever maps a short file. Writer only.
+ */
+static int segment_create(mqs_seglog_t *log, int64_t base,
+                          mqs_segment_t **out)
+{
+    char temp[SEG_NAME_BYTES];
+    uint8_t header[MQS_SEGLOG_HEADER_BYTES];
+    mqs_segment_t *seg = segment_alloc(base);
+    int err, rc;
+
+    if (!seg)
+        return MQS_ENOMEM;
+    seg->map_bytes = log->cfg.segment_bytes;
+    seg->epoch = random_epoch();
+    seg->seed = seed_of(seg->epoch);
+    segment_name(temp, base, 1);
+    unlinkat(log->dir_fd, temp, 0);
+    seg->fd = openat(log->dir_fd, temp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC,
+                     0600);
+    if (seg->fd < 0) {
+        rc = fail_errno(log, MQS_EIO);
+        goto fail;
+    }
+    err = posix_fallocate(seg->fd, 0, (off_t)seg->map_bytes);
+    if (err != 0) {
+        errno = err;
+        rc = fail_errno(log, (err == ENOSPC || err == EFBIG || err == EDQUOT)
+                                 ? MQS_ENOSPACE
+                                 : MQS_EIO);
+        goto fail_unlink;
+    }
+    header_encode(header, base, seg->epoch, seg->map_bytes);
+    if (pwrite(seg->fd, header, sizeof header, 0) != (ssize_t)sizeof header ||
+        (is_durable(log) && fdatasync(seg->fd) != 0)) {
+        rc = fail_errno(log, errno == ENOSPC ? MQS_ENOSPACE : MQS_EIO);
+        goto fail_unlink;
+    }
+    if (renameat(log->dir_fd, temp, log->dir_fd, seg->name) != 0) {
+        rc = fail_errno(log, MQS_EIO);
+        goto fail_unlink;
+    }
+    rc = sync_dir(log);
+    if (rc == MQS_OK)
+        rc = segment_map(log, seg);
+    if (rc != MQS_OK)
+        goto fail;
+    seg->indexed = 1;
+    seg->synced_pos = MQS_SEGLOG_HEADER_BYTES;
+    *out = seg;
+    return MQS_OK;
+
+fail_unlink:
+    unlinkat(log->dir_fd, temp, 0);
+fail:
+    segment_free(seg);
+    return rc;
+}
+
+/*
+ * Open and map an existing segment file and check its header.
+ * Returns MQS_OK, MQS_EIO, MQS_ENOMEM, MQS_EVERSION, MQS_ECORRUPT.
+ */
+static int segment_open(mqs_seglog_t *log, int64_t base, mqs_segment_t **out)
+{
+    uint8_t h[MQS_SEGLOG_H_SEAL];
+    struct stat st;
+    mqs_segment_t *seg = segment_alloc(base);
+    int rc;
+
+    if (!seg)
+        return MQS_ENOMEM;
+    seg->fd = openat(log->dir_fd, seg->name,
+                     (log->cfg.readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (seg->fd < 0) {
+        rc = fail_errno(log, MQS_EIO);
+        goto fail;
+    }
+    if (fstat(seg->fd, &st) != 0 ||
+        pread(seg->fd, h, sizeof h, 0) != (ssize_t)sizeof h) {
+        errno = errno ? errno : EIO;
+        rc = fail_errno(log, MQS_EIO);
+        goto fail;
+    }
+    rc = MQS_ECORRUPT;
+    if (memcmp(h + MQS_SEGLOG_H_MAGIC, MQS_SEGLOG_MAGIC, 8) != 0)
+        goto fail;
+    if (get_u32(h + MQS_SEGLOG_H_VERSION) > MQS_SEGLOG_VERSION) {
+        rc = MQS_EVERSION;
+        goto fail;
+    }
+    if (get_u32(h + MQS_SEGLOG_H_CRC) !=
+            mqs_crc32c_extend(0, h, MQS_SEGLOG_H_CRC) ||
+        get_u32(h + MQS_SEGLOG_H_VERSION) != MQS_SEGLOG_VERSION ||
+        get_u32(h + MQS_SEGLOG_H_HEADER_BYTES) != MQS_SEGLOG_HEADER_BYTES ||
+        (int64_t)get_u64(h + MQS_SEGLOG_H_BASE_OFFSET) != base)
+        goto fail;
+    seg->map_bytes = get_u64(h + MQS_SEGLOG_H_SEGMENT_BYTES);
+    /* A file shorter than its header says was truncated by someone else:
+     * mapping it in full would fault past the end. */
+    if (seg->map_bytes < MQS_SEGLOG_MIN_SEGMENT_BYTES ||
+        seg->map_bytes > MQS_SEGLOG_MAX_SEGMENT_BYTES ||
+        (uint64_t)st.st_size < seg->map_bytes)
+        goto fail;
+    seg->epoch = get_u64(h + MQS_SEGLOG_H_EPOCH);
+    seg->seed = seed_of(seg->epoch);
+    rc = segment_map(log, seg);
+    if (rc != MQS_OK)
+        goto fail;
+    seal_load(seg);
+    *out = seg;
+    return MQS_OK;
+
+fail:
+    segment_free(seg);
+    return rc;
+}
+
+static int segs_push(mqs_seglog_t *log, mqs_segment_t *seg)
+{
+    if (log->nsegs == log->segs_cap) {
+        size_t cap = log->segs_cap ? log->segs_cap * 2 : 16;
+        mqs_segment_t **grown = realloc(log->segs, cap * sizeof *grown);
+        if (!grown)
+            return MQS_ENOMEM;
+        log->segs = grown;
+        log->segs_cap = cap;
+    }
+    log->segs[log->nsegs++] = seg;
+    return MQS_OK;
+}
+
+/* ---- directory listing ------------------------------------------------ */
+
+static int parse_segment_name(const char *name, int64_t *base, int *temp)
+{
+    size_t len = strlen(name);
+    int64_t v = 0;
+
+    for (int i = 0; i < 20; i++) {
+        if (name[i] < '0' || name[i] > '9')
+            return 0;
+        if (v > (INT64_MAX - 9) / 10)
+            return 0;
+        v = v * 10 + (name[i] - '0');
+    }
+    if (len == 24 && strcmp(name + 20, ".seg") == 0)
+        *temp = 0;
+    else if (len == 28 && strcmp(name + 20, ".seg.tmp") == 0)
+        *temp = 1;
+    else
+        return 0;
+    *base = v;
+    return 1;
+}
+
+static int compare_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/*
+ * List segment base offsets above `min_base` (exclusive; -1 for all) in
+ * order; a writer removes temporary files left by a crash.
+ */
+static int list_segments(mqs_seglog_t *log, int64_t min_base,
+                         int64_t **bases_out, size_t *n_out,
+                         int64_t *temps_removed)
+{
+    int fd = dup(log->dir_fd);
+    DIR *dir;
+    struct dirent *ent;
+    int64_t *bases = NULL;
+    size_t n = 0, cap = 0;
+
+    if (fd < 0)
+        return fail_errno(log, MQS_EIO);
+    dir = fdopendir(fd);
+    if (!dir) {
+        close(fd);
+        return fail_errno(log, MQS_EIO);
+    }
+    rewinddir(dir);
+    while ((ent = readdir(dir)) != NULL) {
+        int64_t base;
+        int temp;
+        if (!parse_segment_name(ent->d_name, &base, &temp))
+            continue;
+        if (temp) {
+            if (!log->cfg.readonly &&
+                unlinkat(log->dir_fd, ent->d_name, 0) == 0 && temps_removed)
+                (*temps_removed)++;
+            continue;
+        }
+        if (base <= min_base)
+            continue;
+        if (n == cap) {
+            size_t c = cap ? cap * 2 : 16;
+            int64_t *grown = realloc(bases, c * sizeof *grown);
+            if (!grown) {
+                free(bases);
+                closedir(dir);
+                return MQS_ENOMEM;
+            }
+            bases = grown;
+            cap = c;
+        }
+        bases[n++] = base;
+    }
+    closedir(dir);
+    if (n)
+        qsort(bases, n, sizeof *bases, compare_i64);
+    *bases_out = bases;
+    *n_out = n;
+    return MQS_OK;
+}
+
+/* ---- checkpoint ------------------------------------------------------- */
+
+static int checkpoint_read(mqs_seglog_t *log, int64_t *base, uint64_t *pos,
+                           uint32_t *epoch_low)
+{
+    uint8_t b[CHECKPOINT_BYTES];
+    int fd = openat(log->dir_fd, CHECKPOINT_NAME, O_RDONLY | O_CLOEXEC);
+    ssize_t got;
+
+    if (fd < 0)
+        return 0;
+    got = pread(fd, b, sizeof b, 0);
+    close(fd);
+    if (got != (ssize_t)sizeof b || memcmp(b, CHECKPOINT_MAGIC, 8) != 0 ||
+        get_u32(b + 28) != mqs_crc32c_extend(0, b, 28))
+        return 0;
+    *base = (int64_t)get_u64(b + 8);
+    *pos = get_u64(b + 16);
+    *epoch_low = get_u32(b + 24);
+    return 1;
+}
+
+/* Replace the checkpoint atomically: temp file, fsync, rename, fsync. */
+static int checkpoint_write(mqs_seglog_t *log, const mqs_segment_t *seg,
+                            uint64_t pos)
+{
+    uint8_t b[CHECKPOINT_BYTES];
+    const char *temp = CHECKPOINT_NAME ".tmp";
+    int fd;
+
+    memcpy(b, CHECKPOINT_MAGIC, 8);
+    put_u64(b + 8, (uint64_t)seg->base_offset);
+    put_u64(b + 16, pos);
+    put_u32(b + 24, (uint32_t)seg->epoch);
+    put_u32(b + 28, mqs_crc32c_extend(0, b, 28));
+    fd = openat(log->dir_fd, temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
+                0600);
+    if (fd < 0)
+        return fail_errno(log, MQS_EIO);
+    if (pwrite(fd, b, sizeof b, 0) != (ssize_t)sizeof b || fsync(fd) != 0) {
+        close(fd);
+        return fail_errno(log, MQS_EIO);
+    }
+    close(fd);
+    if (renameat(log->dir_fd, temp, log->dir_fd, CHECKPOINT_NAME) != 0 ||
+        fsync(log->dir_fd) != 0)
+        return fail_errno(log, MQS_EIO);
+    return MQS_OK;
+}
+
+/* ---- recovery --------------------------------------------------------- */
+
+/*
+ * End of the last non-zero 8-byte word at or after `from`, or `from` if
+ * all is zero. SEEK_DATA skips ranges the file system knows are holes
+ * or unwritten; where it is not supported the whole range is read.
+ */
+static uint64_t last_nonzero_end(const mqs_segment_t *seg, uint64_t from)
+{
+    uint64_t result = from, pos = from;
+
+    while (pos < seg->map_bytes) {
+        off_t data = lseek(seg->fd, (off_t)pos, SEEK_DATA);
+        off_t hole;
+        uint64_t end;
+        if (data < 0) {
+            if (errno == ENXIO)
+                break;
+            data = (off_t)pos;
+            hole = (off_t)seg->map_bytes;
+        } else {
+            hole = lseek(seg->fd, data, SEEK_HOLE);
+            if (hole < 0)
+                hole = (off_t)seg->map_bytes;
+        }
+        pos = (uint64_t)data & ~(uint64_t)7;
+        if (pos < from)
+            pos = from;
+        end = (uint64_t)hole < seg->map_bytes ? (uint64_t)hole
+                                               : seg->map_bytes;
+        for (; pos + 8 <= end; pos += 8) {
+            if (get_u64(seg->map + pos) != 0)
+                result = pos + 8;
+        }
+        pos = end;
+    }
+    return result;
+}
+
+/* Count records after a cut that still pass length and CRC checks: they
+ * are dropped by the cut, and the report says so. */
+static int64_t count_intact_after(const mqs_segment_t *seg, uint64_t from,
+                                  uint64_t until)
+{
+    int64_t found = 0;
+    uint64_t pos = from;
+    uint32_t length;
+
+    while (pos < until) {
+        if (frame_check(seg, pos, until, -1, 1, &length) == FRAME_VALID) {
+            found++;
+            pos += align_up(length);
+        } else {
+            pos += MQS_SEGLOG_ALIGN;
+        }
+    }
+    return found;
+}
+
+/* 1 if the bytes at `pos` look like the record `expected` with a bad CRC:
+ * a published length that fits and the right offset. A torn write never
+ * publishes its length, and garbage rarely carries the right offset. */
+static int damaged_at(const mqs_segment_t *seg, uint64_t pos,
+                      int64_t expected)
+{
+    uint32_t length;
+
+    if (frame_check(seg, pos, seg->map_bytes, expected, 0, &length) !=
+        FRAME_VALID)
+        return 0;
+    return 1;
+}
+
+/*
+ * Verify an unsealed segment and, for a writer, zero everything after
+ * its last valid record, so that stale or torn bytes can never be taken
+ * as records later. Records below `verify_from` were checked before (the
+ * checkpoint); if walking them fails, the whole segment is verified.
+ */
+static int segment_recover(mqs_seglog_t *log, mqs_segment_t *seg,
+                           uint64_t verify_from, mqs_seglog_recovery_t *rep)
+{
+    enum frame_result r;
+    uint64_t garbage_end;
+
+    index_reset(seg);
+    r = segment_walk(seg, seg->map_bytes, verify_from,
+                     &rep->records_verified);
+    if (r == FRAME_BAD && seg->end_pos < verify_from) {
+        index_reset(seg);
+        r = segment_walk(seg, seg->map_bytes, 0, &rep->records_verified);
+    }
+    seg->indexed = 1;
+    rep->segments_scanned++;
+    if (log->cfg.readonly)
+        return MQS_OK;
+
+    garbage_end = last_nonzero_end(seg, seg->end_pos);
+    if (garbage_end > seg->end_pos) {
+        uint64_t page_start = seg->end_pos & ~(uint64_t)(log->page_bytes - 1);
+        if (rep->torn_segments == 0) {
+            rep->first_bad_offset = seg->next_offset;
+            rep->first_bad_base = seg->base_offset;
+            rep->first_bad_position = seg->end_pos;
+        }
+        rep->torn_segments++;
+        rep->bytes_zeroed += (int64_t)(garbage_end - seg->end_pos);
+        rep->records_dropped +=
+            damaged_at(seg, seg->end_pos, seg->next_offset) +
+            count_intact_after(seg, seg->end_pos, garbage_end);
+        memset(seg->map + seg->end_pos, 0, garbage_end - seg->end_pos);
+        if (msync(seg->map + page_start, garbage_end - page_start, MS_SYNC))
+            return fail_errno(log, MQS_EIO);
+    }
+    return MQS_OK;
+}
+
+static int open_existing(mqs_seglog_t *log, mqs_seglog_recovery_t *rep)
+{
+    int64_t *bases = NULL, ck_base = -1;
+    size_t n = 0;
+    uint64_t ck_pos = 0;
+    uint32_t ck_epoch = 0;
+    int have_ck, rc;
+
+    rc = list_segments(log, -1, &bases, &n, &rep->temp_files_removed);
+    if (rc != MQS_OK)
+        return rc;
+    for (size_t i = 0; i < n; i++) {
+        mqs_segment_t *seg;
+        rc = segment_open(log, bases[i], &seg);
+        if (rc == MQS_OK && segs_push(log, seg) != MQS_OK) {
+            segment_free(seg);
+            rc = MQS_ENOMEM;
+        }
+        if (rc != MQS_OK) {
+            free(bases);
+            return rc;
+        }
+    }
+    free(bases);
+
+    have_ck = checkpoint_read(log, &ck_base, &ck_pos, &ck_epoch);
+    for (size_t i = 0; i < log->nsegs; i++) {
+        mqs_segment_t *seg = log->segs[i];
+        uint64_t verify_from = MQS_SEGLOG_HEADER_BYTES;
+        if (seg->sealed)
+            continue;
+        if (have_ck && ck_base == seg->base_offset &&
+            ck_epoch == (uint32_t)seg->epoch && ck_pos <= seg->map_bytes) {
+            verify_from = ck_pos;
+            rep->checkpoint_offset = ck_base;
+        }
+        rc = segment_recover(log, seg, verify_from, rep);
+        /* A writer seals every segment but the last, so appends go to
+         * exactly one unsealed segment. */
+        if (rc == MQS_OK && !log->cfg.readonly && i + 1 < log->nsegs)
+            rc = segment_seal(log, seg);
+        if (rc != MQS_OK)
+            return rc;
+    }
+    return MQS_OK;
+}
+
+/* ---- open and close --------------------------------------------------- */
+
+static int config_check(const mqs_seglog_config_t *c)
+{
+    if (c->segment_bytes < MQS_SEGLOG_MIN_SEGMENT_BYTES ||
+        c->segment_bytes > MQS_SEGLOG_MAX_SEGMENT_BYTES ||
+        c->segment_bytes % 4096 != 0)
+        return MQS_EINVAL;
+    if (c->fsync_mode < MQS_SEGLOG_FSYNC_NEVER ||
+        c->fsync_mode > MQS_SEGLOG_FSYNC_ALWAYS)
+        return MQS_EINVAL;
+    if (c->fsync_mode == MQS_SEGLOG_FSYNC_INTERVAL &&
+        c->fsync_interval_ns <= 0)
+        return MQS_EINVAL;
+    return MQS_OK;
+}
+
+static int open_directory(mqs_seglog_t *log, const char *path)
+{
+    if (!log->cfg.readonly && mkdir(path, 0700) != 0 && errno != EEXIST)
+        return fail_errno(log, MQS_EIO);
+    log->dir_fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (log->dir_fd < 0)
+        return fail_errno(log, MQS_EIO);
+    if (log->cfg.readonly)
+        return MQS_OK;
+    log->lock_fd = openat(log->dir_fd, LOCK_NAME,
+                          O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (log->lock_fd < 0)
+        return fail_errno(log, MQS_EIO);
+    if (flock(log->lock_fd, LOCK_EX | LOCK_NB) != 0)
+        return fail_errno(log, errno == EWOULDBLOCK ? MQS_ELOCKED : MQS_EIO);
+    return MQS_OK;
+}
+
+static void *flusher_main(void *arg);
+
+static int start_writer(mqs_seglog_t *log)
+{
+    mqs_segment_t *last = log->nsegs ? log->segs[log->nsegs - 1] : NULL;
+    int rc;
+
+    if (!last || last->sealed) {
+        mqs_segment_t *seg;
+        rc = segment_create(log, last ? segment_end_offset(last) : 0, &seg);
+        if (rc != MQS_OK)
+            return rc;
+        if (segs_push(log, seg) != MQS_OK) {
+            segment_free(seg);
+            return MQS_ENOMEM;
+        }
+        last = seg;
+    }
+    log->active = last;
+    /* Make what recovery kept durable, so synced_offset is true. */
+    if (is_durable(log) && last->end_pos > MQS_SEGLOG_HEADER_BYTES &&
+        msync(last->map, last->end_pos, MS_SYNC) != 0)
+        return fail_errno(log, MQS_EIO);
+    last->synced_pos = last->end_pos;
+    atomic_store(&log->pub_pos, (int64_t)last->end_pos);
+    atomic_store(&log->pub_offset, last->next_offset);
+    atomic_store(&log->synced_offset,
+                 is_durable(log) ? last->next_offset : last->base_offset);
+    if (log->cfg.fsync_mode == MQS_SEGLOG_FSYNC_INTERVAL) {
+        if (pthread_create(&log->flusher, NULL, flusher_main, log) != 0)
+            return MQS_ENOMEM;
+        log->flusher_started = 1;
+    }
+    return MQS_OK;
+}
+
+static void log_free(mqs_seglog_t *log)
+{
+    for (size_t i = 0; i < log->nsegs; i++)
+        mqs_seglog_segment_release(log->segs[i]);
+    for (size_t i = 0; i < log->pending_n; i++)
+        mqs_seglog_segment_release(log->pending[i]);
+    free(log->segs);
+    free(log->pending);
+    if (log->lock_fd >= 0)
+        close(log->lock_fd);
+    if (log->dir_fd >= 0)
+        close(log->dir_fd);
+    pthread_mutex_destroy(&log->sync_mu);
+    pthread_cond_destroy(&log->sync_cv);
+    pthread_mutex_destroy(&log->flush_mu);
+    pthread_cond_destroy(&log->flush_cv);
+    free(log);
+}
+
+int mqs_seglog_open(mqs_seglog_t **out, const char *path,
+                    const mqs_seglog_config_t *config,
+                    mqs_seglog_recovery_t *report, int *os_errno)
+{
+    mqs_seglog_recovery_t local;
+    mqs_seglog_t *log;
+    pthread_condattr_t attr;
+    int rc;
+
+    if (!report)
+        report = &local;
+    memset(report, 0, sizeof *report);
+    report->first_bad_offset = -1;
+    report->first_bad_base = -1;
+    report->checkpoint_offset = -1;
+    if (os_errno)
+        *os_errno = 0;
+    rc = config_check(config);
+    if (rc != MQS_OK)
+        return rc;
+    log = calloc(1, sizeof *log);
+    if (!log)
+        return MQS_ENOMEM;
+    log->cfg = *config;
+    log->dir_fd = -1;
+    log->lock_fd = -1;
+    log->page_bytes = sysconf(_SC_PAGESIZE);
+    pthread_mutex_init(&log->sync_mu, NULL);
+    pthread_cond_init(&log->sync_cv, NULL);
+    pthread_mutex_init(&log->flush_mu, NULL);
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&log->flush_cv, &attr);
+    pthread_condattr_destroy(&attr);
+    failpoints_parse(log);
+    mqs_crc32c_init();
+
+    rc = open_directory(log, path);
+    if (rc == MQS_OK)
+        rc = open_existing(log, report);
+    if (rc == MQS_OK && !log->cfg.readonly)
+        rc = start_writer(log);
+    if (rc != MQS_OK) {
+        if (os_errno)
+            *os_errno = log->last_errno;
+        if (log->flusher_started) {
+            log->flush_stop = 1;
+            pthread_cond_signal(&log->flush_cv);
+            pthread_join(log->flusher, NULL);
+        }
+        log_free(log);
+        return rc;
+    }
+    *out = log;
+    return MQS_OK;
+}
+
+static void stop_flusher(mqs_seglog_t *log)
+{
+    if (!log->flusher_started)
+        return;
+    pthread_mutex_lock(&log->flush_mu);
+    log->flush_stop = 1;
+    pthread_cond_signal(&log->flush_cv);
+    pthread_mutex_unlock(&log->flush_mu);
+    pthread_join(log->flusher, NULL);
+    log->flusher_started = 0;
+}
+
+int mqs_seglog_close(mqs_seglog_t *log)
+{
+    int rc = MQS_OK;
+
+    if (!log)
+        return MQS_OK;
+    stop_flusher(log);
+    if (!log->cfg.readonly && is_durable(log)) {
+        rc = mqs_seglog_sync(log, -1);
+        if (rc == MQS_OK)
+            rc = checkpoint_write(log, log->active, log->active->end_pos);
+    }
+    log_free(log);
+    return rc;
+}
+
+/* ---- sync ------------------------------------------------------------- */
+
+static int sync_range(mqs_seglog_t *log, mqs_segment_t *seg, uint64_t from,
+                      uint64_t to)
+{
+    uint64_t start = from & ~(uint64_t)(log->page_bytes - 1);
+
+    if (to <= from)
+        return 0;
+    if (msync(seg->map + start, to - start, MS_SYNC) != 0)
+        return errno ? errno : EIO;
+    return 0;
+}
+
+int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
+{
+    mqs_segment_t *seg, **pending;
+    size_t pending_n;
+    int64_t target_offset, covered_offset, pub;
+    uint64_t from, to;
+    int err = 0;
+
+    if (log->cfg.readonly)
+        return MQS_EREADONLY;
+    pthread_mutex_lock(&log->sync_mu);
+    pub = atomic_load_explicit(&log->pub_offset, memory_order_acquire);
+    target_offset = (end_offset < 0 || end_offset > pub) ? pub : end_offset;
+    for (;;) {
+        if (atomic_load(&log->poison_errno)) {
+            pthread_mutex_unlock(&log->sync_mu);
+            return MQS_EPOISONED;
+        }
+        if (atomic_load(&log->synced_offset) >= target_offset &&
+            (end_offset >= 0 || log->pending_n == 0)) {
+            pthread_mutex_unlock(&log->sync_mu);
+            return MQS_OK;
+        }
+        if (!log->sync_running)
+            break;
+        pthread_cond_wait(&log->sync_cv, &log->sync_mu);
+    }
+
+    /* This thread syncs for everyone: it covers every record published
+     * before the snapshot below, including those of waiting threads.
+     * pub_pos is stored before pub_offset, so loading in the opposite
+     * order gives a position at or past that offset's record. */
+    log->sync_running = 1;
+    seg = log->active;
+    mqs_seglog_segment_acquire(seg);
+    covered_offset = atomic_load_explicit(&log->pub_offset,
+                                          memory_order_acquire);
+    to = (uint64_t)atomic_load_explicit(&log->pub_pos, memory_order_acquire);
+    from = seg->synced_pos;
+    pending = log->pending;
+    pending_n = log->pending_n;
+    log->pending = NULL;
+    log->pending_n = log->pending_cap = 0;
+    pthread_mutex_unlock(&log->sync_mu);
+
+    if (log->hook)
+        err = log->hook(log->hook_ctx, covered_offset, 0);
+    if (!err && failpoint_hit(log, FP_SYNC_EIO))
+        err = EIO;
+    for (size_t i = 0; !err && i < pending_n; i++)
+        err = sync_range(log, pending[i], 0, pending[i]->map_bytes);
+    if (!err)
+        err = sync_range(log, seg, from, to);
+    if (!err && log->hook)
+        log->hook(log->hook_ctx, covered_offset, 1);
+
+    pthread_mutex_lock(&log->sync_mu);
+    log->sync_running = 0;
+    if (err) {
+        /* After a failed msync the kernel may have marked the pages
+         * clean, so a retry could report success for lost data
+         * (PostgreSQL's "fsyncgate"). Never sync this log again. */
+        atomic_store(&log->poison_errno, err);
+        log->last_errno = err;
+    } else {
+        if (to > seg->synced_pos)
+            seg->synced_pos = to;
+        if (covered_offset > atomic_load(&log->synced_offset))
+            atomic_store(&log->synced_offset, covered_offset);
+        atomic_fetch_add(&log->syncs, 1);
+    }
+    pthread_cond_broadcast(&log->sync_cv);
+    pthread_mutex_unlock(&log->sync_mu);
+
+    for (size_t i = 0; i < pending_n; i++)
+        mqs_seglog_segment_release(pending[i]);
+    free(pending);
+    mqs_seglog_segment_release(seg);
+    if (err)
+        return MQS_EPOISONED;
+    failpoint_kill(log, FP_AFTER_SYNC);
+    return MQS_OK;
+}
+
+static void deadline_after(struct timespec *ts, int64_t ns)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ns += ts->tv_nsec;
+    ts->tv_sec += ns / 1000000000;
+    ts->tv_nsec = ns % 1000000000;
+}
+
+/* "interval": sync whatever is unsynced every fsync_interval_ns, or
+ * sooner when an appender asks because fsync_interval_records piled up.
+ * Stops for good once the log is poisoned. */
+static void *flusher_main(void *arg)
+{
+    mqs_seglog_t *log = arg;
+    struct timespec deadline;
+
+    pthread_mutex_lock(&log->flush_mu);
+    while (!log->flush_stop) {
+        deadline_after(&deadline, log->cfg.fsync_interval_ns);
+        while (!log->flush_stop && !log->flush_requested) {
+            if (pthread_cond_timedwait(&log->flush_cv, &log->flush_mu,
+                                       &deadline) == ETIMEDOUT)
+                break;
+        }
+        if (log->flush_stop)
+            break;
+        log->flush_requested = 0;
+        pthread_mutex_unlock(&log->flush_mu);
+        int rc = mqs_seglog_sync(log, -1);
+        pthread_mutex_lock(&log->flush_mu);
+        if (rc != MQS_OK)
+            break;
+    }
+    pthread_mutex_unlock(&log->flush_mu);
+    return NULL;
+}
+
+static void request_flush(mqs_seglog_t *log)
+{
+    pthread_mutex_lock(&log->flush_mu);
+    if (!log->flush_requested) {
+        log->flush_requested = 1;
+        pthread_cond_signal(&log->flush_cv);
+    }
+    pthread_mutex_unlock(&log->flush_mu);
+}
+
+/* ---- append, roll, retention ------------------------------------------ */
+
+static void remove_pending(mqs_seglog_t *log, mqs_segment_t *seg)
+{
+    pthread_mutex_lock(&log->sync_mu);
+    for (size_t i = 0; i < log->pending_n; i++) {
+        if (log->pending[i] == seg) {
+            log->pending[i] = log->pending[--log->pending_n];
+            mqs_seglog_segment_release(seg);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&log->sync_mu);
+}
+
+int mqs_seglog_retain(mqs_seglog_t *log, int64_t now_ns, int64_t *deleted)
+{
+    int64_t total = 0, count = 0;
+    int rc = MQS_OK;
+
+    if (deleted)
+        *deleted = 0;
+    if (log->cfg.readonly)
+        return MQS_EREADONLY;
+    for (size_t i = 0; i < log->nsegs; i++)
+        total += (int64_t)log->segs[i]->map_bytes;
+    while (log->nsegs > 1) {
+        mqs_segment_t *seg = log->segs[0];
+        int by_size = log->cfg.retention_bytes >= 0 &&
+                      total > log->cfg.retention_bytes;
+        int by_age = log->cfg.retention_ns >= 0 &&
+                     segment_max_ts(seg) < now_ns - log->cfg.retention_ns;
+        if (seg == log->active || !(by_size || by_age))
+            break;
+        if (unlinkat(log->dir_fd, seg->name, 0) != 0 && errno != ENOENT) {
+            rc = fail_errno(log, MQS_EIO);
+            break;
+        }
+        total -= (int64_t)seg->map_bytes;
+        log->records_deleted += segment_end_offset(seg) - seg->base_offset;
+        memmove(log->segs, log->segs + 1,
+                (log->nsegs - 1) * sizeof *log->segs);
+        log->nsegs--;
+        if (log->hint_seg == seg)
+            log->hint_seg = NULL;
+        remove_pending(log, seg);
+        mqs_seglog_segment_release(seg);
+        count++;
+    }
+    log->segments_deleted += count;
+    if (deleted)
+        *deleted = count;
+    if (count && rc == MQS_OK)
+        rc = sync_dir(log);
+    return rc;
+}
+
+/*
+ * The active segment is empty but smaller than segment_bytes (it was
+ * created with a smaller setting) and the next record does not fit:
+ * create a full-size file under the same name, renamed over the old one.
+ */
+static int replace_empty_active(mqs_seglog_t *log)
+{
+    mqs_segment_t *old = log->active, *seg;
+    int rc = segment_create(log, old->base_offset, &seg);
+
+    if (rc != MQS_OK)
+        return rc;
+    pthread_mutex_lock(&log->sync_mu);
+    while (log->sync_running)
+        pthread_cond_wait(&log->sync_cv, &log->sync_mu);
+    log->segs[log->nsegs - 1] = seg;
+    log->active = seg;
+    atomic_store_explicit(&log->pub_pos, (int64_t)seg->end_pos,
+                          memory_order_release);
+    pthread_mutex_unlock(&log->sync_mu);
+    if (log->hint_seg == old)
+        log->hint_seg = NULL;
+    mqs_seglog_segment_release(old);
+    return MQS_OK;
+}
+
+static int roll_locked(mqs_seglog_t *log)
+{
+    mqs_segment_t *old = log->active, *seg;
+    int rc;
+
+    if (old->next_offset == old->base_offset) {
+        if (old->map_bytes >= log->cfg.segment_bytes)
+            return MQS_OK;
+        return replace_empty_active(log);
+    }
+    if (is_durable(log)) {
+        rc = mqs_seglog_sync(log, old->next_offset);
+        if (rc != MQS_OK)
+            return rc;
+    }
+    rc = segment_seal(log, old);
+    if (rc != MQS_OK) {
+        atomic_store(&log->poison_errno, log->last_errno ? log->last_errno
+                                                         : EIO);
+        return MQS_EPOISONED;
+    }
+    failpoint_kill(log, FP_ROLL_SEALED);
+    rc = segment_create(log, old->next_offset, &seg);
+    if (rc != MQS_OK)
+        return rc;
+    failpoint_kill(log, FP_ROLL_CREATED);
+    if (segs_push(log, seg) != MQS_OK) {
+        segment_free(seg);
+        return MQS_ENOMEM;
+    }
+
+    pthread_mutex_lock(&log->sync_mu);
+    while (log->sync_running)
+        pthread_cond_wait(&log->sync_cv, &log->sync_mu);
+    if (!is_durable(log)) {
+        mqs_segment_t **grown = log->pending;
+        if (log->pending_n == log->pending_cap) {
+            size_t cap = log->pending_cap ? log->pending_cap * 2 : 8;
+            grown = realloc(log->pending, cap * sizeof *grown);
+            if (grown) {
+                log->pending = grown;
+                log->pending_cap = cap;
+            }
+        }
+        /* NOTE: if this allocation fails, a later flush() in the "never"
+         * mode skips the old segment; the OS still writes it back. */
+        if (grown) {
+            mqs_seglog_segment_acquire(old);
+            log->pending[log->pending_n++] = old;
+        }
+    }
+    log->active = seg;
+    atomic_store_explicit(&log->pub_pos, (int64_t)seg->end_pos,
+                          memory_order_release);
+    pthread_mutex_unlock(&log->sync_mu);
+
+    return mqs_seglog_retain(log, wall_ns(), NULL);
+}
+
+int mqs_seglog_roll(mqs_seglog_t *log)
+{
+    if (log->cfg.readonly)
+        return MQS_EREADONLY;
+    if (atomic_load(&log->poison_errno))
+        return MQS_EPOISONED;
+    return roll_locked(log);
+}
+
+static void write_record(mqs_seglog_t *log, mqs_segment_t *seg,
+                         const mqs_seglog_entry_t *e, uint32_t length)
+{
+    uint8_t *p = seg->map + seg->end_pos;
+    uint64_t stride = align_up(length);
+    uint8_t *body = p + MQS_SEGLOG_RECORD_HEADER_BYTES;
+
+    put_u64(p + MQS_SEGLOG_R_OFFSET, (uint64_t)seg->next_offset);
+    put_u64(p + MQS_SEGLOG_R_TIMESTAMP, (uint64_t)e->timestamp_ns);
+    put_u32(p + MQS_SEGLOG_R_KEY_LEN, e->has_key ? e->key_len : 0);
+    put_u32(p + MQS_SEGLOG_R_ATTRIBUTES,
+            e->has_key ? MQS_SEGLOG_ATTR_HAS_KEY : 0);
+    if (e->has_key && e->key_len) {
+        memcpy(body, e->key, e->key_len);
+        body += e->key_len;
+    }
+    if (e->value_len / 2)
+        memcpy(body, e->value, e->value_len / 2);
+    failpoint_kill(log, FP_MID_RECORD);
+    if (e->value_len - e->value_len / 2)
+        memcpy(body + e->value_len / 2,
+               (const uint8_t *)e->value + e->value_len / 2,
+               e->value_len - e->value_len / 2);
+    if (stride > length)
+        memset(p + length, 0, stride - length);
+    put_u32(p + MQS_SEGLOG_R_CRC, record_crc(seg->seed, p, length));
+    /* Publish: a reader that acquires a non-zero length sees all of the
+     * above. */
+    mqs_store_release_u32((_Atomic uint32_t *)p, length);
+
+    index_add(seg, seg->next_offset, seg->end_pos, e->timestamp_ns);
+    seg->end_pos += stride;
+    seg->next_offset++;
+}
+
+int mqs_seglog_append(mqs_seglog_t *log, const mqs_seglog_entry_t *entries,
+                      size_t n, int64_t *first_offset)
+{
+    int rc;
+
+    if (n < 1)
+        return MQS_EINVAL;
+    if (log->cfg.readonly)
+        return MQS_EREADONLY;
+    if (atomic_load(&log->poison_errno))
+        return MQS_EPOISONED;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t key_len = entries[i].has_key ? entries[i].key_len : 0;
+        int64_t max = mqs_seglog_max_value_bytes(log->cfg.segment_bytes,
+                                                 key_len);
+        if (max < 0 || entries[i].value_len > (uint64_t)max)
+            return MQS_ETOOBIG;
+    }
+
+    *first_offset = log->active->next_offset;
+    for (size_t i = 0; i < n; i++) {
+        const mqs_seglog_entry_t *e = &entries[i];
+        uint32_t length = MQS_SEGLOG_RECORD_HEADER_BYTES +
+                          (e->has_key ? e->key_len : 0) + e->value_len;
+        mqs_segment_t *seg = log->active;
+        if (seg->end_pos + align_up(length) > seg->map_bytes) {
+            /* Publish what is written so a sync in the roll covers it. */
+            atomic_store_explicit(&log->pub_pos, (int64_t)seg->end_pos,
+                                  memory_order_release);
+            atomic_store_explicit(&log->pub_offset, seg->next_offset,
+                                  memory_order_release);
+            rc = roll_locked(log);
+            if (rc != MQS_OK)
+                return rc;
+            seg = log->active;
+        }
+        write_record(log, seg, e, length);
+        log->appended++;
+    }
+    atomic_store_explicit(&log->pub_pos, (int64_t)log->active->end_pos,
+                          memory_order_release);
+    atomic_store_explicit(&log->pub_offset, log->active->next_offset,
+                          memory_order_release);
+    failpoint_kill(log, FP_AFTER_APPEND);
+    if (log->cfg.fsync_mode == MQS_SEGLOG_FSYNC_INTERVAL &&
+        log->cfg.fsync_interval_records > 0 &&
+        log->active->next_offset - atomic_load(&log->synced_offset) >=
+            log->cfg.fsync_interval_records)
+        request_flush(log);
+    return MQS_OK;
+}
+
+/* ---- reads ------------------------------------------------------------ */
+
+static int open_new_segments(mqs_seglog_t *log);
+
+/* Read-only: extend the last segment's walk, and follow its seal to the
+ * next segment file. */
+int mqs_seglog_refresh(mqs_seglog_t *log)
+{
+    int rc;
+
+    if (!log->cfg.readonly)
+        return MQS_OK;
+    for (;;) {
+        mqs_segment_t *last;
+        if (log->nsegs == 0)
+            return open_new_segments(log);
+        last = log->segs[log->nsegs - 1];
+        if (!last->sealed) {
+            segment_walk(last, last->map_bytes, 0, NULL);
+            seal_load(last);
+            if (!last->sealed)
+                return MQS_OK;
+            /* The writer sealed it after our walk: finish the walk. */
+            segment_walk(last, last->seal_end_pos, 0, NULL);
+        }
+        rc = open_new_segments(log);
+        if (rc != MQS_OK || log->segs[log->nsegs - 1] == last)
+            return rc;
+    }
+}
+
+static int open_new_segments(mqs_seglog_t *log)
+{
+    int64_t *bases = NULL;
+    size_t n = 0;
+    int64_t after = log->nsegs ? log->segs[log->nsegs - 1]->base_offset : -1;
+    int rc = list_segments(log, after, &bases, &n, NULL);
+
+    for (size_t i = 0; rc == MQS_OK && i < n; i++) {
+        mqs_segment_t *seg;
+        mqs_seglog_recovery_t unused;
+        rc = segment_open(log, bases[i], &seg);
+        if (rc == MQS_EIO && log->last_errno == ENOENT) {
+            rc = MQS_OK;    /* removed by retention meanwhile */
+            continue;
+        }
+        if (rc != MQS_OK)
+            break;
+        if (!seg->sealed) {
+            memset(&unused, 0, sizeof unused);
+            segment_recover(log, seg, 0, &unused);
+        }
+        rc = segs_push(log, seg);
+        if (rc != MQS_OK)
+            segment_free(seg);
+    }
+    free(bases);
+    return rc;
+}
+
+static int64_t log_end_offset(const mqs_seglog_t *log)
+{
+    if (log->nsegs == 0)
+        return 0;
+    return segment_end_offset(log->segs[log->nsegs - 1]);
+}
+
+static int64_t log_start_offset(const mqs_seglog_t *log)
+{
+    return log->nsegs ? log->segs[0]->base_offset : log_end_offset(log);
+}
+
+/* Index of the segment holding `offset`, or -1 if below the first. */
+static ssize_t find_segment(const mqs_seglog_t *log, int64_t offset)
+{
+    ssize_t lo = 0, hi = (ssize_t)log->nsegs - 1, found = -1;
+
+    while (lo <= hi) {
+        ssize_t mid = lo + (hi - lo) / 2;
+        if (log->segs[mid]->base_offset <= offset) {
+            found = mid;
+            lo = mid + 1;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return found;
+}
+
+/*
+ * Find where the record at `offset` starts. The walk to it trusts the
+ * lengths because they were checked when the segment was indexed and
+ * records below the walk end never change.
+ */
+static int locate(mqs_seglog_t *log, int64_t offset, mqs_segment_t **seg_out,
+                  uint64_t *pos_out)
+{
+    mqs_segment_t *seg;
+    ssize_t i;
+    uint64_t pos;
+    int64_t at;
+
+    if (offset >= log_end_offset(log)) {
+        int rc = mqs_seglog_refresh(log);
+        if (rc != MQS_OK)
+            return rc;
+        if (offset >= log_end_offset(log))
+            return MQS_EEMPTY;
+    }
+    i = find_segment(log, offset);
+    if (i < 0)
+        return MQS_ERANGE;
+    seg = log->segs[i];
+    segment_ensure_indexed(seg);
+    if (offset >= seg->next_offset)
+        return MQS_ECORRUPT;   /* damaged in a sealed segment, or a gap */
+
+    if (log->hint_seg == seg && log->hint_offset == offset) {
+        *seg_out = seg;
+        *pos_out = log->hint_pos;
+        return MQS_OK;
+    }
+    {
+        uint32_t rel = (uint32_t)(offset - seg->base_offset);
+        size_t lo = 0, hi = seg->idx_n;
+        while (lo < hi) {
+            size_t mid = lo + (hi - lo) / 2;
+            if (seg->idx[mid].rel <= rel)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        if (lo == 0) {
+            pos = MQS_SEGLOG_HEADER_BYTES;
+            at = seg->base_offset;
+        } else {
+            pos = seg->idx[lo - 1].pos;
+            at = seg->base_offset + seg->idx[lo - 1].rel;
+        }
+    }
+    while (at < offset) {
+        pos += align_up(get_u32(seg->map + pos));
+        at++;
+    }
+    *seg_out = seg;
+    *pos_out = pos;
+    return MQS_OK;
+}
+
+int mqs_seglog_read(mqs_seglog_t *log, int64_t offset,
+                    mqs_seglog_record_t *record)
+{
+    mqs_segment_t *seg;
+    uint64_t pos;
+    uint32_t length;
+    int rc = locate(log, offset, &seg, &pos);
+
+    if (rc != MQS_OK)
+        return rc;
+    if (frame_check(seg, pos, seg->end_pos, offset, 1, &length) !=
+        FRAME_VALID)
+        return MQS_ECORRUPT;
+    fill_record(seg, pos, record);
+    log->hint_seg = seg;
+    log->hint_offset = offset + 1;
+    log->hint_pos = pos + align_up(length);
+    return MQS_OK;
+}
+
+/* One Arrow binary_view entry: inline up to 12 bytes, else a 4-byte
+ * prefix, buffer index 0 and the position in the segment. */
+static void put_view(uint8_t *view, const uint8_t *data, uint32_t len,
+                     uint64_t position)
+{
+    memset(view, 0, 16);
+    put_u32(view, len);
+    if (len <= 12) {
+        memcpy(view + 4, data, len);
+        return;
+    }
+    memcpy(view + 4, data, 4);
+    put_u32(view + 12, (uint32_t)position);
+}
+
+int mqs_seglog_read_batch(mqs_seglog_t *log, int64_t offset,
+                          int64_t max_records, uint8_t *value_views,
+                          uint8_t *key_views, uint8_t *key_valid,
+                          int64_t *offsets, int64_t *timestamps,
+                          int64_t *count, mqs_segment_t **segment)
+{
+    mqs_segment_t *seg;
+    uint64_t pos;
+    int64_t n = 0;
+    int rc;
+
+    *count = 0;
+    if (max_records < 1)
+        return MQS_EINVAL;
+    rc = locate(log, offset, &seg, &pos);
+    if (rc != MQS_OK)
+        return rc;
+    while (n < max_records && offset + n < seg->next_offset) {
+        const uint8_t *p = seg->map + pos;
+        uint32_t length, key_len;
+        if (frame_check(seg, pos, seg->end_pos, offset + n, 1, &length) !=
+            FRAME_VALID) {
+            if (n == 0)
+                return MQS_ECORRUPT;
+            break;
+        }
+        key_len = get_u32(p + MQS_SEGLOG_R_KEY_LEN);
+        if (value_views)
+            put_view(value_views + 16 * n,
+                     p + MQS_SEGLOG_RECORD_HEADER_BYTES + key_len,
+                     length - MQS_SEGLOG_RECORD_HEADER_BYTES - key_len,
+                     pos + MQS_SEGLOG_RECORD_HEADER_BYTES + key_len);
+        if (key_views)
+            put_view(key_views + 16 * n, p + MQS_SEGLOG_RECORD_HEADER_BYTES,
+                     key_len, pos + MQS_SEGLOG_RECORD_HEADER_BYTES);
+        if (key_valid && (p[MQS_SEGLOG_R_ATTRIBUTES] & MQS_SEGLOG_ATTR_HAS_KEY))
+            key_valid[n / 8] |= (uint8_t)(1u << (n % 8));
+        if (offsets)
+            offsets[n] = offset + n;
+        if (timestamps)
+            timestamps[n] = (int64_t)get_u64(p + MQS_SEGLOG_R_TIMESTAMP);
+        pos += align_up(length);
+        n++;
+    }
+    *count = n;
+    *segment = seg;
+    log->hint_seg = seg;
+    log->hint_offset = offset + n;
+    log->hint_pos = pos;
+    return MQS_OK;
+}
+
+int mqs_seglog_find_time(mqs_seglog_t *log, int64_t timestamp_ns,
+                         int64_t *offset)
+{
+    mqs_seglog_refresh(log);
+    for (size_t i = 0; i < log->nsegs; i++) {
+        mqs_segment_t *seg = log->segs[i];
+        uint64_t pos = MQS_SEGLOG_HEADER_BYTES;
+        int64_t at = seg->base_offset;
+        size_t lo = 0, hi;
+        if (segment_max_ts(seg) < timestamp_ns)
+            continue;
+        /* Last entry whose running maximum is still below the target:
+         * every record up to it is too old, so start after it. */
+        hi = seg->tix_n;
+        while (lo < hi) {
+            size_t mid = lo + (hi - lo) / 2;
+            if (seg->tix[mid].max_ts < timestamp_ns)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        if (lo > 0) {
+            pos = seg->tix[lo - 1].pos;
+            at = seg->base_offset + seg->tix[lo - 1].rel;
+        }
+        for (; at < seg->next_offset; at++) {
+            const uint8_t *p = seg->map + pos;
+            if ((int64_t)get_u64(p + MQS_SEGLOG_R_TIMESTAMP) >= timestamp_ns) {
+                *offset = at;
+                return MQS_OK;
+            }
+            pos += align_up(get_u32(p));
+        }
+    }
+    *offset = log_end_offset(log);
+    return MQS_OK;
+}
+
+/* ---- misc ------------------------------------------------------------- */
+
+void mqs_seglog_get_stats(mqs_seglog_t *log, mqs_seglog_stats_t *s)
+{
+    memset(s, 0, sizeof *s);
+    s->start_offset = log_start_offset(log);
+    s->end_offset = log_end_offset(log);
+    s->synced_offset = log->cfg.readonly ? s->end_offset
+                                         : atomic_load(&log->synced_offset);
+    s->segments = (int64_t)log->nsegs;
+    for (size_t i = 0; i < log->nsegs; i++)
+        s->bytes += (int64_t)log->segs[i]->map_bytes;
+    s->appended_records = log->appended;
+    s->syncs = atomic_load(&log->syncs);
+    s->sync_errno = atomic_load(&log->poison_errno);
+    s->segments_deleted = log->segments_deleted;
+    s->records_deleted = log->records_deleted;
+}
+
+int mqs_seglog_last_errno(mqs_seglog_t *log)
+{
+    return log->last_errno;
+}
+
+void mqs_seglog_set_sync_hook(mqs_seglog_t *log, mqs_seglog_sync_hook_t hook,
+                              void *ctx)
+{
+    pthread_mutex_lock(&log->sync_mu);
+    while (log->sync_running)
+        pthread_cond_wait(&log->sync_cv, &log->sync_mu);
+    log->hook = hook;
+    log->hook_ctx = ctx;
+    pthread_mutex_unlock(&log->sync_mu);
+}

@@ -1,0 +1,686 @@
+/*
+ * Unit tests of csrc/mqs_seglog.h and csrc/mqs_crc32c.h on real files in
+ * a temporary directory (removed at the end unless a check failed).
+ *
+ * Build and run (tests/test_c_seglog.py does this in two builds):
+ *   gcc -std=c11 -O2 -Wall -Wextra -Werror -Icsrc -pthread \
+ *       tests/c/test_seglog.c csrc/mqs_seglog.c csrc/mqs_crc32c.c \
+ *       -o test_seglog && ./test_seglog
+ *
+ * Every failed check prints its function, line and values to stderr. The
+ * last line on stdout is "N passed, M failed" and the exit status is 1
+ * when M > 0.
+ */
+#define _GNU_SOURCE
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "mqs_crc32c.h"
+#include "mqs_seglog.h"
+
+static int checks_passed;
+static int checks_failed;
+static char root[256];
+
+static void check_true(int ok, const char *text, const char *func, int line)
+{
+    if (ok) {
+        checks_passed++;
+        return;
+    }
+    checks_failed++;
+    fprintf(stderr, "FAIL %s (test_seglog.c:%d): %s\n", func, line, text);
+}
+
+static void check_eq(int64_t actual, int64_t expected, const char *text,
+                     const char *func, int line)
+{
+    if (actual == expected) {
+        checks_passed++;
+        return;
+    }
+    checks_failed++;
+    fprintf(stderr, "FAIL %s (test_seglog.c:%d): %s is %" PRId64
+            ", expected %" PRId64 "\n", func, line, text, actual, expected);
+}
+
+#define CHECK(cond) check_true((cond), #cond, __func__, __LINE__)
+#define CHECK_EQ(actual, expected)                                          \
+    check_eq((int64_t)(actual), (int64_t)(expected),                        \
+             #actual " == " #expected, __func__, __LINE__)
+
+static mqs_seglog_config_t config(uint64_t segment_bytes, int fsync_mode)
+{
+    mqs_seglog_config_t c = {
+        .segment_bytes = segment_bytes,
+        .fsync_mode = fsync_mode,
+        .readonly = 0,
+        .fsync_interval_ns = 10 * 1000 * 1000,
+        .fsync_interval_records = 0,
+        .retention_bytes = -1,
+        .retention_ns = -1,
+    };
+    return c;
+}
+
+static void log_dir(char *out, size_t size, const char *name)
+{
+    snprintf(out, size, "%s/%s", root, name);
+}
+
+/* Open a log or stop the run: no later check means anything. */
+static mqs_seglog_t *open_log(const char *path, mqs_seglog_config_t c,
+                              mqs_seglog_recovery_t *report)
+{
+    mqs_seglog_t *log = NULL;
+    int os_errno = 0;
+    int rc = mqs_seglog_open(&log, path, &c, report, &os_errno);
+
+    if (rc != MQS_OK) {
+        fprintf(stderr, "failed to open %s: status %d, errno %d\n", path, rc,
+                os_errno);
+        exit(2);
+    }
+    return log;
+}
+
+static int64_t append_text(mqs_seglog_t *log, const char *key,
+                           const char *value, int64_t ts)
+{
+    mqs_seglog_entry_t e = {
+        .key = key,
+        .value = value,
+        .key_len = key ? (uint32_t)strlen(key) : 0,
+        .value_len = (uint32_t)strlen(value),
+        .timestamp_ns = ts,
+        .has_key = key != NULL,
+    };
+    int64_t offset = -1;
+    int rc = mqs_seglog_append(log, &e, 1, &offset);
+
+    CHECK_EQ(rc, MQS_OK);
+    return offset;
+}
+
+static int64_t append_sized(mqs_seglog_t *log, uint32_t size, int64_t i)
+{
+    static uint8_t buf[1 << 16];
+    mqs_seglog_entry_t e = {0};
+    int64_t offset = -1;
+
+    for (uint32_t k = 0; k < size; k++)
+        buf[k] = (uint8_t)(i * 31 + k);
+    e.value = buf;
+    e.value_len = size;
+    e.timestamp_ns = 1000 + i;
+    CHECK_EQ(mqs_seglog_append(log, &e, 1, &offset), MQS_OK);
+    return offset;
+}
+
+static int value_matches(const mqs_seglog_record_t *r, uint32_t size,
+                         int64_t i)
+{
+    if (r->value_len != size)
+        return 0;
+    for (uint32_t k = 0; k < size; k++)
+        if (r->value[k] != (uint8_t)(i * 31 + k))
+            return 0;
+    return 1;
+}
+
+static uint64_t file_size(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 ? (uint64_t)st.st_size : 0;
+}
+
+/* ---- CRC-32C ------------------------------------------------------------ */
+
+static void test_crc32c_known_values(void)
+{
+    uint8_t zeros[32] = {0}, ones[32];
+
+    memset(ones, 0xFF, sizeof ones);
+    CHECK_EQ(mqs_crc32c_extend(0, "", 0), 0);
+    CHECK_EQ(mqs_crc32c_extend(0, "123456789", 9), 0xE3069283u);
+    CHECK_EQ(mqs_crc32c_extend(0, zeros, 32), 0x8A9136AAu);
+    CHECK_EQ(mqs_crc32c_extend(0, ones, 32), 0x62A8AB43u);
+    CHECK_EQ(mqs_crc32c_extend_sw(0, "123456789", 9), 0xE3069283u);
+    /* Chaining equals one pass. */
+    CHECK_EQ(mqs_crc32c_extend(mqs_crc32c_extend(0, "1234", 4), "56789", 5),
+             0xE3069283u);
+}
+
+static void test_crc32c_hardware_matches_software(void)
+{
+    uint8_t buf[1100];
+    int mismatches = 0;
+
+    for (size_t i = 0; i < sizeof buf; i++)
+        buf[i] = (uint8_t)(i * 7 + 3);
+    for (size_t start = 0; start < 9; start++)
+        for (size_t n = 0; n + start <= sizeof buf; n += 13)
+            if (mqs_crc32c_extend(0x1234, buf + start, n) !=
+                mqs_crc32c_extend_sw(0x1234, buf + start, n))
+                mismatches++;
+    CHECK_EQ(mismatches, 0);
+    printf("crc32c implementation: %s\n", mqs_crc32c_impl());
+}
+
+/* ---- append and read ---------------------------------------------------- */
+
+static void test_append_read_round_trip(void)
+{
+    char path[300];
+    mqs_seglog_t *log;
+    mqs_seglog_record_t r;
+
+    log_dir(path, sizeof path, "roundtrip");
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_NEVER), NULL);
+    CHECK_EQ(append_text(log, NULL, "first", 11), 0);
+    CHECK_EQ(append_text(log, "k", "second", 22), 1);
+    CHECK_EQ(append_text(log, "", "", 33), 2);
+
+    CHECK_EQ(mqs_seglog_read(log, 0, &r), MQS_OK);
+    CHECK_EQ(r.offset, 0);
+    CHECK_EQ(r.timestamp_ns, 11);
+    CHECK_EQ(r.has_key, 0);
+    CHECK_EQ(r.value_len, 5);
+    CHECK(memcmp(r.value, "first", 5) == 0);
+    CHECK_EQ(mqs_seglog_read(log, 1, &r), MQS_OK);
+    CHECK_EQ(r.has_key, 1);
+    CHECK_EQ(r.key_len, 1);
+    CHECK(memcmp(r.key, "k", 1) == 0);
+    CHECK(memcmp(r.value, "second", 6) == 0);
+    CHECK_EQ(mqs_seglog_read(log, 2, &r), MQS_OK);
+    CHECK_EQ(r.has_key, 1);
+    CHECK_EQ(r.key_len, 0);
+    CHECK_EQ(r.value_len, 0);
+    CHECK_EQ(mqs_seglog_read(log, 3, &r), MQS_EEMPTY);
+    CHECK_EQ(mqs_seglog_read(log, -1, &r), MQS_ERANGE);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+
+    /* Files are owner-only. */
+    {
+        struct stat st;
+        char seg[400];
+        snprintf(seg, sizeof seg, "%s/%020d.seg", path, 0);
+        CHECK_EQ(stat(path, &st), 0);
+        CHECK_EQ(st.st_mode & 0777, 0700);
+        CHECK_EQ(stat(seg, &st), 0);
+        CHECK_EQ(st.st_mode & 0777, 0600);
+        CHECK_EQ((uint64_t)st.st_size, 65536);
+    }
+
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_NEVER), NULL);
+    CHECK_EQ(append_text(log, NULL, "after reopen", 44), 3);
+    CHECK_EQ(mqs_seglog_read(log, 1, &r), MQS_OK);
+    CHECK(memcmp(r.value, "second", 6) == 0);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+static void test_append_rolls_segments(void)
+{
+    char path[300], seg[400];
+    mqs_seglog_t *log;
+    mqs_seglog_record_t r;
+    mqs_seglog_stats_t s;
+    int bad = 0;
+    const int n = 400;
+
+    log_dir(path, sizeof path, "roll");
+    log = open_log(path, config(8192, MQS_SEGLOG_FSYNC_INTERVAL), NULL);
+    for (int i = 0; i < n; i++)
+        CHECK_EQ(append_sized(log, 100 + (uint32_t)(i % 50), i), i);
+    mqs_seglog_get_stats(log, &s);
+    CHECK(s.segments > 10);
+    CHECK_EQ(s.end_offset, n);
+    for (int i = 0; i < n; i++)
+        if (mqs_seglog_read(log, i, &r) != MQS_OK ||
+            !value_matches(&r, 100 + (uint32_t)(i % 50), i))
+            bad++;
+    CHECK_EQ(bad, 0);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+
+    snprintf(seg, sizeof seg, "%s/%020d.seg", path, 0);
+    CHECK_EQ(file_size(seg), 8192);
+
+    /* Reopened: sealed segments are indexed lazily and read back. */
+    log = open_log(path, config(8192, MQS_SEGLOG_FSYNC_INTERVAL), NULL);
+    bad = 0;
+    for (int i = n - 1; i >= 0; i--)
+        if (mqs_seglog_read(log, i, &r) != MQS_OK ||
+            !value_matches(&r, 100 + (uint32_t)(i % 50), i))
+            bad++;
+    CHECK_EQ(bad, 0);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+static void test_append_rejects_record_larger_than_segment(void)
+{
+    char path[300];
+    mqs_seglog_t *log;
+    int64_t max = mqs_seglog_max_value_bytes(8192, 0);
+
+    log_dir(path, sizeof path, "toobig");
+    log = open_log(path, config(8192, MQS_SEGLOG_FSYNC_NEVER), NULL);
+    CHECK_EQ(max, 8192 - 4096 - 32);
+    CHECK_EQ(append_sized(log, (uint32_t)max, 0), 0);
+    {
+        static uint8_t big[8192];
+        mqs_seglog_entry_t e = {.value = big, .value_len = (uint32_t)max + 1};
+        int64_t offset;
+        CHECK_EQ(mqs_seglog_append(log, &e, 1, &offset), MQS_ETOOBIG);
+        CHECK_EQ(mqs_seglog_append(log, &e, 0, &offset), MQS_EINVAL);
+    }
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+static void test_read_batch_fills_views(void)
+{
+    char path[300];
+    mqs_seglog_t *log;
+    mqs_segment_t *seg = NULL;
+    uint8_t values[16 * 8], keys[16 * 8], valid[1] = {0};
+    int64_t offsets[8], stamps[8], count = 0;
+    const uint8_t *data;
+    uint32_t len, pos;
+
+    log_dir(path, sizeof path, "batch");
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_NEVER), NULL);
+    append_text(log, NULL, "short", 1);
+    append_text(log, "key-longer-than-12", "a value longer than twelve", 2);
+    append_text(log, "k", "v", 3);
+    CHECK_EQ(mqs_seglog_read_batch(log, 0, 8, values, keys, valid, offsets,
+                                   stamps, &count, &seg),
+             MQS_OK);
+    CHECK_EQ(count, 3);
+    CHECK_EQ(valid[0], 6);
+    CHECK_EQ(offsets[2], 2);
+    CHECK_EQ(stamps[1], 2);
+    data = mqs_seglog_segment_data(seg, NULL);
+    memcpy(&len, values, 4);
+    CHECK_EQ(len, 5);
+    CHECK(memcmp(values + 4, "short", 5) == 0);
+    memcpy(&len, values + 16, 4);
+    memcpy(&pos, values + 28, 4);
+    CHECK_EQ(len, 26);
+    CHECK(memcmp(data + pos, "a value longer than twelve", 26) == 0);
+    CHECK(memcmp(values + 20, "a va", 4) == 0);
+    memcpy(&pos, keys + 28, 4);
+    CHECK(memcmp(data + pos, "key-longer-than-12", 18) == 0);
+
+    CHECK_EQ(mqs_seglog_read_batch(log, 1, 1, values, NULL, NULL, NULL, NULL,
+                                   &count, &seg),
+             MQS_OK);
+    CHECK_EQ(count, 1);
+    CHECK_EQ(mqs_seglog_read_batch(log, 3, 1, values, NULL, NULL, NULL, NULL,
+                                   &count, &seg),
+             MQS_EEMPTY);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+static void test_find_time_returns_first_at_or_after(void)
+{
+    char path[300];
+    mqs_seglog_t *log;
+    int64_t offset = -1;
+
+    log_dir(path, sizeof path, "time");
+    log = open_log(path, config(8192, MQS_SEGLOG_FSYNC_NEVER), NULL);
+    for (int i = 0; i < 300; i++)
+        append_sized(log, 64, i);    /* timestamps 1000 + i */
+    CHECK_EQ(mqs_seglog_find_time(log, 0, &offset), MQS_OK);
+    CHECK_EQ(offset, 0);
+    CHECK_EQ(mqs_seglog_find_time(log, 1150, &offset), MQS_OK);
+    CHECK_EQ(offset, 150);
+    CHECK_EQ(mqs_seglog_find_time(log, 1299, &offset), MQS_OK);
+    CHECK_EQ(offset, 299);
+    CHECK_EQ(mqs_seglog_find_time(log, 5000, &offset), MQS_OK);
+    CHECK_EQ(offset, 300);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+/* ---- locking, read-only handles, retention ------------------------------ */
+
+static void test_second_writer_gets_locked(void)
+{
+    char path[300];
+    mqs_seglog_t *log, *other = NULL;
+    mqs_seglog_config_t c = config(65536, MQS_SEGLOG_FSYNC_NEVER);
+    int os_errno = 0;
+
+    log_dir(path, sizeof path, "lock");
+    log = open_log(path, c, NULL);
+    CHECK_EQ(mqs_seglog_open(&other, path, &c, NULL, &os_errno), MQS_ELOCKED);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+    log = open_log(path, c, NULL);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+static void test_readonly_handle_follows_writer(void)
+{
+    char path[300];
+    mqs_seglog_t *log, *reader;
+    mqs_seglog_config_t rc = config(8192, MQS_SEGLOG_FSYNC_NEVER);
+    mqs_seglog_record_t r;
+    int64_t offset;
+    int bad = 0;
+
+    log_dir(path, sizeof path, "follow");
+    log = open_log(path, config(8192, MQS_SEGLOG_FSYNC_NEVER), NULL);
+    append_sized(log, 50, 0);
+    rc.readonly = 1;
+    reader = open_log(path, rc, NULL);
+    CHECK_EQ(mqs_seglog_read(reader, 0, &r), MQS_OK);
+    CHECK_EQ(mqs_seglog_read(reader, 1, &r), MQS_EEMPTY);
+    for (int i = 1; i < 200; i++)
+        append_sized(log, 120, i);
+    for (int i = 1; i < 200; i++)
+        if (mqs_seglog_read(reader, i, &r) != MQS_OK ||
+            !value_matches(&r, 120, i))
+            bad++;
+    CHECK_EQ(bad, 0);
+    CHECK_EQ(mqs_seglog_append(reader, NULL, 1, &offset), MQS_EREADONLY);
+    CHECK_EQ(mqs_seglog_sync(reader, -1), MQS_EREADONLY);
+    CHECK_EQ(mqs_seglog_close(reader), MQS_OK);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+static void test_retention_unlinks_old_sealed_segments(void)
+{
+    char path[300];
+    mqs_seglog_config_t c = config(8192, MQS_SEGLOG_FSYNC_NEVER);
+    mqs_seglog_t *log;
+    mqs_seglog_stats_t s;
+    mqs_seglog_record_t r;
+
+    log_dir(path, sizeof path, "retain");
+    c.retention_bytes = 4 * 8192;
+    log = open_log(path, c, NULL);
+    for (int i = 0; i < 500; i++)
+        append_sized(log, 100, i);
+    mqs_seglog_get_stats(log, &s);
+    CHECK(s.segments <= 5);
+    CHECK(s.start_offset > 0);
+    CHECK(s.segments_deleted > 0);
+    CHECK_EQ(s.records_deleted, s.start_offset);
+    CHECK_EQ(mqs_seglog_read(log, 0, &r), MQS_ERANGE);
+    CHECK_EQ(mqs_seglog_read(log, s.start_offset, &r), MQS_OK);
+    CHECK(value_matches(&r, 100, s.start_offset));
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+/* ---- durability --------------------------------------------------------- */
+
+typedef struct hook_state {
+    int64_t covered_before[64];
+    int64_t n;
+    int fail_with;
+} hook_state_t;
+
+static int record_hook(void *ctx, int64_t end_offset, int phase)
+{
+    hook_state_t *h = ctx;
+
+    if (phase == 0)
+        return h->fail_with;
+    if (h->n < 64)
+        h->covered_before[h->n++] = end_offset;
+    return 0;
+}
+
+static void test_always_sync_covers_each_record(void)
+{
+    char path[300];
+    mqs_seglog_t *log;
+    mqs_seglog_stats_t s;
+    hook_state_t h = {.n = 0, .fail_with = 0};
+    int64_t offset;
+
+    log_dir(path, sizeof path, "always");
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
+    mqs_seglog_set_sync_hook(log, record_hook, &h);
+    for (int i = 0; i < 5; i++) {
+        offset = append_text(log, NULL, "durable", i);
+        CHECK_EQ(mqs_seglog_sync(log, offset + 1), MQS_OK);
+        CHECK_EQ(h.n, i + 1);
+        CHECK(h.covered_before[h.n - 1] >= offset + 1);
+    }
+    /* Already covered: no second sync. */
+    CHECK_EQ(mqs_seglog_sync(log, offset + 1), MQS_OK);
+    CHECK_EQ(h.n, 5);
+    mqs_seglog_get_stats(log, &s);
+    CHECK_EQ(s.synced_offset, 5);
+
+    h.fail_with = EIO;
+    offset = append_text(log, NULL, "lost", 9);
+    CHECK_EQ(mqs_seglog_sync(log, offset + 1), MQS_EPOISONED);
+    CHECK_EQ(mqs_seglog_sync(log, offset + 1), MQS_EPOISONED);
+    {
+        mqs_seglog_entry_t e = {.value = "x", .value_len = 1};
+        CHECK_EQ(mqs_seglog_append(log, &e, 1, &offset), MQS_EPOISONED);
+    }
+    mqs_seglog_get_stats(log, &s);
+    CHECK_EQ(s.sync_errno, EIO);
+    CHECK_EQ(s.synced_offset, 5);
+    CHECK_EQ(mqs_seglog_close(log), MQS_EPOISONED);
+}
+
+typedef struct group_arg {
+    mqs_seglog_t *log;
+    pthread_mutex_t *append_mu;
+    int records;
+    int errors;
+} group_arg_t;
+
+static void *group_appender(void *p)
+{
+    group_arg_t *a = p;
+    mqs_seglog_entry_t e = {.value = "0123456789", .value_len = 10};
+
+    for (int i = 0; i < a->records; i++) {
+        int64_t offset;
+        pthread_mutex_lock(a->append_mu);
+        int rc = mqs_seglog_append(a->log, &e, 1, &offset);
+        pthread_mutex_unlock(a->append_mu);
+        if (rc != MQS_OK || mqs_seglog_sync(a->log, offset + 1) != MQS_OK)
+            a->errors++;
+    }
+    return NULL;
+}
+
+static void test_group_commit_shares_syncs(void)
+{
+    char path[300];
+    mqs_seglog_t *log;
+    mqs_seglog_stats_t s;
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_t threads[8];
+    group_arg_t args[8];
+    int errors = 0;
+
+    log_dir(path, sizeof path, "group");
+    log = open_log(path, config(1 << 20, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
+    for (int t = 0; t < 8; t++) {
+        args[t] = (group_arg_t){log, &mu, 200, 0};
+        pthread_create(&threads[t], NULL, group_appender, &args[t]);
+    }
+    for (int t = 0; t < 8; t++) {
+        pthread_join(threads[t], NULL);
+        errors += args[t].errors;
+    }
+    mqs_seglog_get_stats(log, &s);
+    CHECK_EQ(errors, 0);
+    CHECK_EQ(s.end_offset, 1600);
+    CHECK_EQ(s.synced_offset, 1600);
+    CHECK(s.syncs < 1600);
+    printf("group commit: 1600 records, %" PRId64 " syncs\n", s.syncs);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+/* ---- recovery ----------------------------------------------------------- */
+
+static void test_recovery_zeroes_garbage_after_tail(void)
+{
+    char path[300], seg[400];
+    mqs_seglog_t *log;
+    mqs_seglog_recovery_t rep;
+    mqs_seglog_record_t r;
+    uint8_t garbage[304];
+    int fd;
+    uint64_t end;
+
+    log_dir(path, sizeof path, "garbage");
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_NEVER), NULL);
+    for (int i = 0; i < 10; i++)
+        append_sized(log, 40, i);
+    CHECK_EQ(mqs_seglog_read(log, 9, &r), MQS_OK);
+    end = r.position + 72;   /* 32-byte header + 40 */
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+
+    for (size_t i = 0; i < sizeof garbage; i++)
+        garbage[i] = (uint8_t)(i * 13 + 1);
+    snprintf(seg, sizeof seg, "%s/%020d.seg", path, 0);
+    fd = open(seg, O_WRONLY);
+    CHECK(pwrite(fd, garbage, sizeof garbage, (off_t)end) ==
+          (ssize_t)sizeof garbage);
+    close(fd);
+
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_NEVER), &rep);
+    CHECK_EQ(rep.torn_segments, 1);
+    CHECK_EQ(rep.bytes_zeroed, 304);
+    CHECK_EQ(rep.records_dropped, 0);
+    CHECK_EQ(rep.first_bad_offset, 10);
+    CHECK_EQ(mqs_seglog_read(log, 9, &r), MQS_OK);
+    CHECK_EQ(append_text(log, NULL, "next", 1), 10);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+
+    /* Idempotent: a second recovery finds nothing to do. */
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_NEVER), &rep);
+    CHECK_EQ(rep.torn_segments, 0);
+    CHECK_EQ(rep.bytes_zeroed, 0);
+    CHECK_EQ(mqs_seglog_read(log, 10, &r), MQS_OK);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+static void test_recovery_cuts_at_flipped_bit(void)
+{
+    char path[300], seg[400];
+    mqs_seglog_t *log;
+    mqs_seglog_recovery_t rep;
+    mqs_seglog_record_t r;
+    uint64_t pos5;
+    uint8_t byte;
+    int fd;
+
+    log_dir(path, sizeof path, "flip");
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_NEVER), NULL);
+    for (int i = 0; i < 10; i++)
+        append_sized(log, 40, i);
+    CHECK_EQ(mqs_seglog_read(log, 5, &r), MQS_OK);
+    pos5 = r.position;
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+
+    snprintf(seg, sizeof seg, "%s/%020d.seg", path, 0);
+    fd = open(seg, O_RDWR);
+    CHECK(pread(fd, &byte, 1, (off_t)pos5 + 40) == 1);
+    byte ^= 0x10;
+    CHECK(pwrite(fd, &byte, 1, (off_t)pos5 + 40) == 1);
+    close(fd);
+
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_NEVER), &rep);
+    CHECK_EQ(rep.torn_segments, 1);
+    CHECK_EQ(rep.first_bad_offset, 5);
+    CHECK_EQ(rep.records_dropped, 5);   /* the damaged one and four after */
+    CHECK_EQ(rep.bytes_zeroed, 5 * 72);
+    CHECK_EQ(mqs_seglog_read(log, 4, &r), MQS_OK);
+    CHECK_EQ(mqs_seglog_read(log, 5, &r), MQS_EEMPTY);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+static void test_open_rejects_newer_version(void)
+{
+    char path[300], seg[400];
+    mqs_seglog_t *log = NULL;
+    mqs_seglog_config_t c = config(65536, MQS_SEGLOG_FSYNC_NEVER);
+    uint32_t version = MQS_SEGLOG_VERSION + 1;
+    int fd;
+
+    log_dir(path, sizeof path, "version");
+    log = open_log(path, c, NULL);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+    snprintf(seg, sizeof seg, "%s/%020d.seg", path, 0);
+    fd = open(seg, O_WRONLY);
+    CHECK(pwrite(fd, &version, 4, MQS_SEGLOG_H_VERSION) == 4);
+    close(fd);
+    CHECK_EQ(mqs_seglog_open(&log, path, &c, NULL, NULL), MQS_EVERSION);
+}
+
+static void test_open_rejects_bad_arguments(void)
+{
+    char path[300];
+    mqs_seglog_t *log = NULL;
+    mqs_seglog_config_t c = config(65536, MQS_SEGLOG_FSYNC_NEVER);
+    int os_errno = 0;
+    int fd;
+
+    c.segment_bytes = 5000;
+    CHECK_EQ(mqs_seglog_open(&log, root, &c, NULL, NULL), MQS_EINVAL);
+    c = config(65536, 7);
+    CHECK_EQ(mqs_seglog_open(&log, root, &c, NULL, NULL), MQS_EINVAL);
+
+    log_dir(path, sizeof path, "a-file");
+    fd = open(path, O_CREAT | O_WRONLY, 0600);
+    close(fd);
+    c = config(65536, MQS_SEGLOG_FSYNC_NEVER);
+    CHECK_EQ(mqs_seglog_open(&log, path, &c, NULL, &os_errno), MQS_EIO);
+    CHECK_EQ(os_errno, ENOTDIR);
+}
+
+int main(void)
+{
+    const char *tmp = getenv("TMPDIR");
+    char cmd[300];
+
+    snprintf(root, sizeof root, "%s/mqs-test-seglog-XXXXXX",
+             tmp ? tmp : "/tmp");
+    if (!mkdtemp(root)) {
+        perror("mkdtemp");
+        return 2;
+    }
+    test_crc32c_known_values();
+    test_crc32c_hardware_matches_software();
+    test_append_read_round_trip();
+    test_append_rolls_segments();
+    test_append_rejects_record_larger_than_segment();
+    test_read_batch_fills_views();
+    test_find_time_returns_first_at_or_after();
+    test_second_writer_gets_locked();
+    test_readonly_handle_follows_writer();
+    test_retention_unlinks_old_sealed_segments();
+    test_always_sync_covers_each_record();
+    test_group_commit_shares_syncs();
+    test_recovery_zeroes_garbage_after_tail();
+    test_recovery_cuts_at_flipped_bit();
+    test_open_rejects_newer_version();
+    test_open_rejects_bad_arguments();
+
+    if (checks_failed == 0) {
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
+        if (system(cmd) != 0)
+            fprintf(stderr, "could not remove %s\n", root);
+    } else {
+        fprintf(stderr, "files kept in %s\n", root);
+    }
+    printf("%d passed, %d failed\n", checks_passed, checks_failed);
+    return checks_failed ? 1 : 0;
+}
