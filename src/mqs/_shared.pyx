@@ -442,14 +442,13 @@ cdef class SharedQueue:
                 break
             time.sleep(0.001)
         if rc != MQS_OK:
+            version = mqs_br_config(&self._ring).version
             mqs_br_unmap(&self._ring)
             self._mapped = False
             if rc == MQS_EVERSION:
                 raise QueueLayoutError(
-                    f"{label} has ring layout version "
-                    f"{mqs_br_config(&self._ring).version if False else '?'}"
-                    f", this mqs reads version 1; use the mqs version that "
-                    f"created it")
+                    f"{label} has ring layout version {version}, this mqs "
+                    f"reads version 1; use the mqs version that created it")
             if rc == MQS_EAGAIN_INIT:
                 raise QueueLayoutError(
                     f"{label} was never initialised; its creator died "
