@@ -660,6 +660,8 @@ cdef class SharedQueue:
             If the queue is closed, or `timeout` is negative.
         """
         self._check_open()
+        if block:
+            deadline_ns(timeout)  # a negative timeout raises even with room
         if self._try_put(obj) == MQS_OK:
             return
         self._wait_room(obj, block, timeout)
@@ -784,6 +786,8 @@ cdef class SharedQueue:
         cdef int status
         cdef object item
         self._check_open()
+        if block:
+            deadline_ns(timeout)  # a negative timeout raises even with items
         item = self._take_copy(&status)
         if status == MQS_OK:
             return item
@@ -918,6 +922,7 @@ cdef class SharedQueue:
     def _take_view(self, timeout):
         cdef int status
         self._check_open()
+        deadline_ns(timeout)  # a negative timeout raises even with items
         view = self._take_view_once(&status)
         if status == MQS_OK:
             return view
