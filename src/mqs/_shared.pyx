@@ -270,6 +270,7 @@ cdef class SharedQueue:
     cdef object _serializer
     cdef list _view_positions
     cdef int64_t _stuck_since
+    cdef int64_t _last_repair_ns
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -677,6 +678,8 @@ cdef class SharedQueue:
         cdef uint32_t epoch
         cdef int rc
         if not block:
+            if self._retry_after_repair(obj) == MQS_OK:
+                return 0
             raise Full()
         while True:
             epoch = mqs_wait_prepare(mqs_br_not_full(&self._ring))
@@ -690,11 +693,37 @@ cdef class SharedQueue:
                 return 0
             if park(mqs_br_not_full(&self._ring), epoch, deadline, 1,
                     self._strategy):
+                if self._retry_after_repair(obj) == MQS_OK:
+                    return 0
                 raise Full()
             if mqs_monotonic_ns() - last_repair >= WAIT_SLICE_NS:
                 # Room may be held by pins of consumers that died.
                 mqs_br_repair(&self._ring)
                 last_repair = mqs_monotonic_ns()
+
+    cdef bint _repair_due(self):
+        """Whether this handle last ran a repair WAIT_SLICE_NS or more ago.
+
+        Marks a repair as run now when it returns True. Calls that give
+        up without a long wait use it, so a caller that only polls still
+        repairs what dead processes left, at most 20 times a second.
+        """
+        cdef int64_t now = mqs_monotonic_ns()
+        if now - self._last_repair_ns < WAIT_SLICE_NS:
+            return False
+        self._last_repair_ns = now
+        return True
+
+    cdef int _retry_after_repair(self, object obj) except -2:
+        """Before a put gives up: drop pins of dead consumers, try again.
+
+        Without this, producers that never wait long would never clear
+        the pin a killed consumer left, and the ring would stay full.
+        """
+        if not self._repair_due():
+            return MQS_EFULL
+        mqs_br_repair(&self._ring)
+        return self._try_put(obj)
 
     def put_many(self, items, block=True, timeout=None):
         """Put every item of the iterable `items`, in order.
@@ -803,6 +832,7 @@ cdef class SharedQueue:
         cdef int64_t now
         cdef uint32_t epoch
         cdef int status
+        cdef bint expired
         cdef object item
         while True:
             epoch = mqs_wait_prepare(mqs_br_not_empty(&self._ring))
@@ -819,9 +849,18 @@ cdef class SharedQueue:
                 return item
             if not block:
                 mqs_wait_finish(mqs_br_not_empty(&self._ring))
-                raise Empty()
-            if park(mqs_br_not_empty(&self._ring), epoch, deadline, 1,
-                    self._strategy):
+                expired = True
+            else:
+                expired = park(mqs_br_not_empty(&self._ring), epoch,
+                               deadline, 1, self._strategy)
+            if expired:
+                # A caller that only polls must still repair a dead
+                # producer's record at the head, or it never gets past
+                # it. After one repair the loop ends: the next take
+                # succeeds, or _repair_due is false and Empty is raised.
+                if status == MQS_EAGAIN_STUCK and self._repair_due() \
+                        and self._repair_stuck(0) > 0:
+                    continue
                 raise Empty()
             if status == MQS_EAGAIN_STUCK:
                 now = mqs_monotonic_ns()
@@ -833,14 +872,18 @@ cdef class SharedQueue:
                 stuck_since = 0
 
     cdef int _repair_stuck(self, int64_t stuck_ns) except -1:
-        """Repair records of dead producers; report a live stalled one."""
+        """Repair records of dead producers; report a live stalled one.
+
+        Returns how many records were repaired.
+        """
         cdef int repaired = mqs_br_repair(&self._ring)
         cdef int owner
+        self._last_repair_ns = mqs_monotonic_ns()
         if repaired > 0:
             logger.warning(
                 "shared queue %s: turned %d unpublished record(s) of dead "
                 "producer(s) into padding", self._label(), repaired)
-            return 0
+            return repaired
         if stuck_ns >= STALL_REPORT_NS and self._stuck_since == 0:
             owner = mqs_br_stalled_owner(&self._ring, self._group)
             if owner >= 0:
