@@ -978,6 +978,10 @@ cdef class SharedQueue:
             return
         if not self._mapped or self._ring.slot < 0:
             return
+        if self._closed and not self._view_positions:
+            # close() kept the slot, and so the view pin, for this view.
+            self._detach_and_unmap()
+            return
         mqs_br_unpin(&self._ring, 1, min(self._view_positions)
                      if self._view_positions else MQS_BR_NO_PIN)
 
@@ -987,21 +991,28 @@ cdef class SharedQueue:
         """Stop using the queue in this process, as `multiprocessing.Queue`.
 
         Later calls of put and get on this handle raise `ValueError`.
-        Messages already put stay in the queue for other processes. The
-        mapping is released once no view of a record is alive.
+        Messages already put stay in the queue for other processes. While
+        a view of a record (or a slice of one) is alive, this process
+        keeps its participant slot, so producers still keep off that
+        record; the slot and the mapping are released with the last view.
         """
         if self._closed:
             return
         self._closed = True
+        if not self._view_positions:
+            self._detach_and_unmap()
+
+    cdef int _detach_and_unmap(self) except -1:
         if self._mapped and self._ring.slot >= 0 \
                 and self._pid == os.getpid():
             mqs_br_detach(&self._ring)
         if self._ring.fd >= 0:
             os.close(self._ring.fd)
             self._ring.fd = -1
-        if not self._view_positions and self._mapped:
+        if self._mapped:
             mqs_br_unmap(&self._ring)
             self._mapped = False
+        return 0
 
     def join_thread(self):
         """Return at once: there is no feeder thread to join.
