@@ -44,6 +44,7 @@ extensions = [
     extension("_ring", ["csrc/mqs_ring.c"]),
     extension("_queue", ["csrc/mqs_ring.c"]),
     extension("_shared", ["csrc/mqs_bytering.c"]),
+    extension("_seglog", ["csrc/mqs_seglog.c", "csrc/mqs_crc32c.c"]),
 ]
 
 setup(

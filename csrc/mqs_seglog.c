@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,6 +69,7 @@ struct mqs_segment {
     int64_t max_ts;
 
     uint64_t synced_pos;            /* writer, under sync_mu */
+    uint64_t extended_bytes;        /* file was short; zeros added at open */
 
     index_entry_t *idx;
     size_t idx_n, idx_cap;
@@ -106,7 +108,12 @@ struct mqs_seglog {
 
     pthread_mutex_t sync_mu;
     pthread_cond_t sync_cv;
-    int sync_running;
+    pthread_cond_t gather_cv;       /* CLOCK_MONOTONIC */
+    _Atomic int sync_running;       /* written under sync_mu */
+    int sync_gathering;
+    int sync_callers;               /* threads inside mqs_seglog_sync */
+    int last_round_callers;         /* callers the last sync served */
+    int64_t last_sync_ns;
     _Atomic int64_t synced_offset;
     mqs_segment_t **pending;        /* sealed, not yet synced ("never") */
     size_t pending_n, pending_cap;
@@ -686,12 +693,24 @@ static int segment_open(mqs_seglog_t *log, int64_t base, mqs_segment_t **out)
         (int64_t)get_u64(h + MQS_SEGLOG_H_BASE_OFFSET) != base)
         goto fail;
     seg->map_bytes = get_u64(h + MQS_SEGLOG_H_SEGMENT_BYTES);
-    /* A file shorter than its header says was truncated by someone else:
-     * mapping it in full would fault past the end. */
     if (seg->map_bytes < MQS_SEGLOG_MIN_SEGMENT_BYTES ||
-        seg->map_bytes > MQS_SEGLOG_MAX_SEGMENT_BYTES ||
-        (uint64_t)st.st_size < seg->map_bytes)
+        seg->map_bytes > MQS_SEGLOG_MAX_SEGMENT_BYTES)
         goto fail;
+    /* A file shorter than its header says was truncated by someone else,
+     * and mapping it in full would fault past the end. A writer extends
+     * it with zeros, which recovery then treats as a torn tail; a reader
+     * cannot. */
+    if ((uint64_t)st.st_size < seg->map_bytes) {
+        if (log->cfg.readonly)
+            goto fail;
+        int err = posix_fallocate(seg->fd, 0, (off_t)seg->map_bytes);
+        if (err != 0) {
+            errno = err;
+            rc = fail_errno(log, err == ENOSPC ? MQS_ENOSPACE : MQS_EIO);
+            goto fail;
+        }
+        seg->extended_bytes = seg->map_bytes - (uint64_t)st.st_size;
+    }
     seg->epoch = get_u64(h + MQS_SEGLOG_H_EPOCH);
     seg->seed = seed_of(seg->epoch);
     rc = segment_map(log, seg);
@@ -954,6 +973,15 @@ static int segment_recover(mqs_seglog_t *log, mqs_segment_t *seg,
         return MQS_OK;
 
     garbage_end = last_nonzero_end(seg, seg->end_pos);
+    if (seg->extended_bytes && garbage_end == seg->end_pos) {
+        /* Truncated exactly after a record: report the cut all the same. */
+        if (rep->torn_segments == 0) {
+            rep->first_bad_offset = seg->next_offset;
+            rep->first_bad_base = seg->base_offset;
+            rep->first_bad_position = seg->end_pos;
+        }
+        rep->torn_segments++;
+    }
     if (garbage_end > seg->end_pos) {
         uint64_t page_start = seg->end_pos & ~(uint64_t)(log->page_bytes - 1);
         if (rep->torn_segments == 0) {
@@ -1107,6 +1135,7 @@ static void log_free(mqs_seglog_t *log)
     pthread_cond_destroy(&log->sync_cv);
     pthread_mutex_destroy(&log->flush_mu);
     pthread_cond_destroy(&log->flush_cv);
+    pthread_cond_destroy(&log->gather_cv);
     free(log);
 }
 
@@ -1143,6 +1172,7 @@ int mqs_seglog_open(mqs_seglog_t **out, const char *path,
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_cond_init(&log->flush_cv, &attr);
+    pthread_cond_init(&log->gather_cv, &attr);
     pthread_condattr_destroy(&attr);
     failpoints_parse(log);
     mqs_crc32c_init();
@@ -1209,31 +1239,98 @@ static int sync_range(mqs_seglog_t *log, mqs_segment_t *seg, uint64_t from,
     return 0;
 }
 
+static int64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void deadline_after(struct timespec *ts, int64_t ns);
+
+/*
+ * Leader of a sync: when the previous sync served several callers, wait
+ * up to about one sync's duration (20 us to 1 ms) for as many to arrive,
+ * so that threads which append in turn share one sync instead of
+ * alternating between a sync of one and a sync of the rest. Called with
+ * sync_mu held.
+ */
+static void gather_callers(mqs_seglog_t *log)
+{
+    struct timespec deadline;
+    int64_t wait_ns = log->last_sync_ns;
+
+    if (log->last_round_callers < 2)
+        return;
+    wait_ns = wait_ns < 20000 ? 20000 : wait_ns > 1000000 ? 1000000 : wait_ns;
+    deadline_after(&deadline, wait_ns);
+    log->sync_gathering = 1;
+    while (log->sync_callers < log->last_round_callers) {
+        if (pthread_cond_timedwait(&log->gather_cv, &log->sync_mu,
+                                   &deadline) == ETIMEDOUT)
+            break;
+    }
+    log->sync_gathering = 0;
+}
+
+/*
+ * With other callers around, wait for the running sync by yielding the
+ * CPU instead of sleeping, for at most one sync's duration (2 ms cap).
+ * A sleeping thread costs a wake-up later, and the threads that must run
+ * meanwhile (appenders handing the GIL on) start sooner on a CPU that is
+ * not idle. Returns 1 if it spun (re-check the state), 0 if the caller
+ * should sleep. Called and returns with sync_mu held.
+ */
+static int spin_while_syncing(mqs_seglog_t *log, int64_t target_offset)
+{
+    int64_t spin_ns = log->last_sync_ns, until;
+
+    if (log->sync_callers < 3 || spin_ns <= 0)
+        return 0;
+    until = monotonic_ns() + (spin_ns < 2000000 ? spin_ns : 2000000);
+    pthread_mutex_unlock(&log->sync_mu);
+    while (atomic_load(&log->sync_running) &&
+           atomic_load(&log->synced_offset) < target_offset &&
+           !atomic_load(&log->poison_errno) && monotonic_ns() < until)
+        sched_yield();
+    pthread_mutex_lock(&log->sync_mu);
+    return !atomic_load(&log->sync_running) ||
+           atomic_load(&log->synced_offset) >= target_offset;
+}
+
+static int sync_leave(mqs_seglog_t *log, int status)
+{
+    log->sync_callers--;
+    pthread_mutex_unlock(&log->sync_mu);
+    return status;
+}
+
 int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
 {
     mqs_segment_t *seg, **pending;
     size_t pending_n;
-    int64_t target_offset, covered_offset, pub;
+    int64_t target_offset, covered_offset, pub, started;
     uint64_t from, to;
-    int err = 0;
+    int err = 0, callers;
 
     if (log->cfg.readonly)
         return MQS_EREADONLY;
     pthread_mutex_lock(&log->sync_mu);
+    log->sync_callers++;
+    if (log->sync_gathering)
+        pthread_cond_signal(&log->gather_cv);
     pub = atomic_load_explicit(&log->pub_offset, memory_order_acquire);
     target_offset = (end_offset < 0 || end_offset > pub) ? pub : end_offset;
     for (;;) {
-        if (atomic_load(&log->poison_errno)) {
-            pthread_mutex_unlock(&log->sync_mu);
-            return MQS_EPOISONED;
-        }
+        if (atomic_load(&log->poison_errno))
+            return sync_leave(log, MQS_EPOISONED);
         if (atomic_load(&log->synced_offset) >= target_offset &&
-            (end_offset >= 0 || log->pending_n == 0)) {
-            pthread_mutex_unlock(&log->sync_mu);
-            return MQS_OK;
-        }
+            (end_offset >= 0 || log->pending_n == 0))
+            return sync_leave(log, MQS_OK);
         if (!log->sync_running)
             break;
+        if (spin_while_syncing(log, target_offset))
+            continue;
         pthread_cond_wait(&log->sync_cv, &log->sync_mu);
     }
 
@@ -1242,6 +1339,8 @@ int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
      * pub_pos is stored before pub_offset, so loading in the opposite
      * order gives a position at or past that offset's record. */
     log->sync_running = 1;
+    gather_callers(log);
+    callers = log->sync_callers;
     seg = log->active;
     mqs_seglog_segment_acquire(seg);
     covered_offset = atomic_load_explicit(&log->pub_offset,
@@ -1254,6 +1353,7 @@ int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
     log->pending_n = log->pending_cap = 0;
     pthread_mutex_unlock(&log->sync_mu);
 
+    started = monotonic_ns();
     if (log->hook)
         err = log->hook(log->hook_ctx, covered_offset, 0);
     if (!err && failpoint_hit(log, FP_SYNC_EIO))
@@ -1267,6 +1367,8 @@ int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
 
     pthread_mutex_lock(&log->sync_mu);
     log->sync_running = 0;
+    log->last_round_callers = callers;
+    log->last_sync_ns = monotonic_ns() - started;
     if (err) {
         /* After a failed msync the kernel may have marked the pages
          * clean, so a retry could report success for lost data
@@ -1281,7 +1383,7 @@ int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
         atomic_fetch_add(&log->syncs, 1);
     }
     pthread_cond_broadcast(&log->sync_cv);
-    pthread_mutex_unlock(&log->sync_mu);
+    sync_leave(log, MQS_OK);
 
     for (size_t i = 0; i < pending_n; i++)
         mqs_seglog_segment_release(pending[i]);

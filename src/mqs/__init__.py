@@ -1,6 +1,14 @@
 """mqs: a message queue scheduler for Python with a native core."""
 
 from mqs.errors import Empty, Full, MessageTooLarge, MqsError, ShutDown
+from mqs.errors import (
+    LogCorrupted,
+    LogLocked,
+    LogPoisoned,
+    LogVersionError,
+    OffsetOutOfRange,
+)
+from mqs._seglog import LogRecord, SegmentLog
 from mqs._ring import RingBuffer
 from mqs.queue import Queue, SimpleQueue
 from mqs.shared import QueueLayoutError, QueueNotFound, SharedQueue
@@ -17,6 +25,13 @@ __all__ = [
     "Full",
     "ShutDown",
     "MessageTooLarge",
+    "SegmentLog",
+    "LogRecord",
+    "LogCorrupted",
+    "LogPoisoned",
+    "LogLocked",
+    "LogVersionError",
+    "OffsetOutOfRange",
 ]
 
 __version__ = "0.1.0"

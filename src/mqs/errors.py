@@ -7,7 +7,18 @@ queue.Empty`` or ``except ValueError`` keeps working.
 
 import queue as _stdlib_queue
 
-__all__ = ["MqsError", "Empty", "Full", "ShutDown", "MessageTooLarge"]
+__all__ = [
+    "MqsError",
+    "Empty",
+    "Full",
+    "ShutDown",
+    "MessageTooLarge",
+    "LogCorrupted",
+    "LogPoisoned",
+    "LogLocked",
+    "LogVersionError",
+    "OffsetOutOfRange",
+]
 
 
 class MqsError(Exception):
@@ -54,3 +65,41 @@ class ShutDown(*_shutdown_bases):
 
 class MessageTooLarge(MqsError, ValueError):
     """Raised for a message larger than the queue can ever hold."""
+
+
+class LogCorrupted(MqsError, ValueError):
+    """Raised when a record of a segment log fails its checks.
+
+    Attributes
+    ----------
+    offset : int or None
+        Offset of the damaged record, when one is known.
+    path : str or None
+        The log directory or the damaged file.
+    """
+
+    def __init__(self, message="", offset=None, path=None):
+        super().__init__(message)
+        self.offset = offset
+        self.path = path
+
+
+class LogPoisoned(MqsError, OSError):
+    """Raised by every append after a sync of a segment log failed.
+
+    A failed fsync or msync may leave the kernel's pages marked clean, so
+    a later sync could report success for lost data; the log therefore
+    takes no more writes. Reopen it to recover what reached the disk.
+    """
+
+
+class LogLocked(MqsError, BlockingIOError):
+    """Raised when another process holds a segment log's writer lock."""
+
+
+class LogVersionError(MqsError, ValueError):
+    """Raised for a segment log written by a newer format version."""
+
+
+class OffsetOutOfRange(MqsError, IndexError):
+    """Raised for a log offset below the first retained or past the last."""

@@ -1,0 +1,884 @@
+"""Tests of mqs.SegmentLog on real files: framing, reads, durability modes,
+recovery from damaged files, retention, readers in other processes, bad
+input, and a Hypothesis model of append/roll/retain/reopen."""
+
+import errno
+import io
+import json
+import logging
+import os
+import pathlib
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+)
+
+import mqs
+from mqs._seglog import _crc32c, _crc32c_impl
+
+SEGMENT = 65536
+HEADER = 4096
+RECORD_HEADER = 32
+
+
+PATTERN = bytes(range(1, 256)) * 4
+
+
+def value_for(offset, size=None):
+    """Deterministic payload of a record, so a check can recompute it.
+
+    It starts with the offset and ends in a non-zero byte, so zeroing or
+    cutting any of its bytes damages it.
+    """
+    if size is None:
+        size = 20 + (offset * 7919) % 180
+    return (struct.pack("<Q", offset) + PATTERN[offset % 255:])[:size]
+
+
+def stride(value, key=b""):
+    """Bytes one record takes in a segment: header, key, value, padding."""
+    return (RECORD_HEADER + len(key) + len(value) + 7) // 8 * 8
+
+
+def segment_files(path):
+    return sorted(p for p in pathlib.Path(path).iterdir()
+                  if p.name.endswith(".seg"))
+
+
+def address_of(view):
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+
+
+def fill(path, count, **kwargs):
+    kwargs.setdefault("segment_bytes", SEGMENT)
+    kwargs.setdefault("fsync", "never")
+    with mqs.SegmentLog(path, **kwargs) as log:
+        for offset in range(count):
+            assert log.append(value_for(offset)) == offset
+
+
+def read_all(log):
+    return [bytes(record.value) for record in log]
+
+
+# ---- basics -----------------------------------------------------------------
+
+def test_crc32c_matches_known_value():
+    assert _crc32c(b"123456789") == 0xE3069283
+    assert _crc32c_impl() in ("sse4.2", "armv8", "software")
+
+
+def test_seglog_append_read_round_trip(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        assert log.append(b"first") == 0
+        assert log.append(bytearray(b"second"), key=b"k", timestamp=7) == 1
+        assert log.append(memoryview(b"third"), key=b"") == 2
+        assert bytes(log.read(0)) == b"first"
+        record = log.read_record(1)
+        assert record.offset == 1
+        assert record.timestamp == 7
+        assert bytes(record.key) == b"k"
+        assert bytes(record.value) == b"second"
+        assert log.read_record(0).key is None
+        assert bytes(log.read_record(2).key) == b""
+        assert log.end_offset == 3
+        assert len(log) == 3
+
+
+def test_seglog_timestamp_defaults_to_wall_clock(tmp_path):
+    before = time.time_ns()
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        log.append(b"x")
+        stamp = log.read_record(0).timestamp
+    assert before <= stamp <= time.time_ns()
+
+
+def test_seglog_read_view_is_readonly(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        log.append(b"payload")
+        view = log.read(0)
+        assert view.readonly
+        with pytest.raises(TypeError):
+            view[0] = 1
+
+
+def test_seglog_files_are_owner_only(tmp_path):
+    path = tmp_path / "log"
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT) as log:
+        log.append(b"x")
+        log.commit("group", 1)
+    assert path.stat().st_mode & 0o777 == 0o700
+    for entry in path.iterdir():
+        assert entry.stat().st_mode & 0o777 == 0o600, entry.name
+
+
+def test_seglog_offsets_continue_after_reopen(tmp_path):
+    fill(tmp_path / "log", 50)
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        assert log.recovery.torn_segments == 0
+        assert log.append(b"next") == 50
+        assert read_all(log)[:50] == [value_for(i) for i in range(50)]
+
+
+def test_seglog_rolls_into_segments_named_by_offset(tmp_path):
+    fill(tmp_path / "log", 2000, segment_bytes=8192)
+    files = segment_files(tmp_path / "log")
+    assert len(files) > 10
+    assert files[0].name == "00000000000000000000.seg"
+    bases = [int(f.name[:20]) for f in files]
+    assert bases == sorted(bases)
+    assert all(f.stat().st_size == 8192 for f in files)
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=8192) as log:
+        assert read_all(log) == [value_for(i) for i in range(2000)]
+        for base in bases[1:]:
+            assert bytes(log.read(base)) == value_for(base)
+
+
+def test_seglog_append_many_keys_and_offsets(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=8192) as log:
+        log.append(b"zero")
+        items = [b"a", (b"key", b"b"), bytearray(b"c"), (None, b"d")]
+        assert log.append_many(items) == 1
+        assert log.append_many(iter([b"e"] * 300)) == 5
+        assert log.append_many([]) == 305
+        records = [log.read_record(i) for i in range(1, 5)]
+        assert [bytes(r.value) for r in records] == [b"a", b"b", b"c", b"d"]
+        assert [r.key and bytes(r.key) for r in records] == [
+            None, b"key", None, None]
+        assert len({r.timestamp for r in records}) == 1
+
+
+def test_seglog_iter_from_offset_and_timestamp(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=8192) as log:
+        for i in range(500):
+            log.append(value_for(i), timestamp=1_000 + 10 * i)
+        assert [r.offset for r in log.iter_from(495)] == list(range(495, 500))
+        first = next(log.iter_from(timestamp=1_000 + 10 * 321 - 5))
+        assert first.offset == 321
+        assert next(log.iter_from(timestamp=0)).offset == 0
+        assert list(log.iter_from(timestamp=10**12)) == []
+        with pytest.raises(ValueError, match="offset or timestamp, not both"):
+            log.iter_from(1, timestamp=1)
+
+
+def test_seglog_iteration_includes_records_appended_meanwhile(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        log.append(b"0")
+        seen = []
+        for record in log:
+            seen.append(record.offset)
+            if record.offset < 3:
+                log.append(b"more")
+        assert seen == [0, 1, 2, 3]
+
+
+# ---- Arrow ------------------------------------------------------------------
+
+def test_seglog_read_batch_columns(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        log.append(b"short", timestamp=5)
+        log.append(b"a value longer than twelve bytes", key=b"k", timestamp=6)
+        batch = log.read_batch(0, 10)
+        batch.validate(full=True)
+        assert batch.num_rows == 2
+        assert batch.schema.names == ["offset", "timestamp", "key", "value"]
+        assert batch.column("value").type == pa.binary_view()
+        assert batch.column("offset").to_pylist() == [0, 1]
+        assert batch.column("timestamp").cast(pa.int64()).to_pylist() == [5, 6]
+        assert batch.column("key").to_pylist() == [None, b"k"]
+        assert batch.column("value").to_pylist() == [
+            b"short", b"a value longer than twelve bytes"]
+        assert log.read_batch(2).num_rows == 0
+
+
+def test_seglog_read_batch_values_point_into_mapping(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        for i in range(100):
+            log.append(value_for(i, 100))
+        batch = log.read_batch(0, 100)
+        data = batch.column("value").buffers()[2]
+        views = np.frombuffer(batch.column("value").buffers()[1],
+                              dtype=np.int32).reshape(-1, 4)
+        for offset in (0, 57, 99):
+            view_offset = int(views[offset][3])
+            assert data.address + view_offset == address_of(log.read(offset))
+        assert data.size == SEGMENT
+
+
+def test_seglog_read_batch_keeps_mapping_after_close(tmp_path):
+    log = mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT)
+    for i in range(10):
+        log.append(value_for(i, 64))
+    batch = log.read_batch(0, 10)
+    view = log.read(3)
+    log.close()
+    shutil.rmtree(tmp_path / "log")
+    assert batch.column("value").to_pylist() == [
+        value_for(i, 64) for i in range(10)]
+    assert bytes(view) == value_for(3, 64)
+
+
+def test_seglog_read_batch_stops_at_segment_end(tmp_path):
+    fill(tmp_path / "log", 300, segment_bytes=8192)
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=8192) as log:
+        second = int(segment_files(tmp_path / "log")[1].name[:20])
+        batch = log.read_batch(0, 1000)
+        assert batch.num_rows == second
+        offset, values = 0, []
+        while offset < log.end_offset:
+            batch = log.read_batch(offset, 1000)
+            values += batch.column("value").to_pylist()
+            offset += batch.num_rows
+        assert values == [value_for(i) for i in range(300)]
+
+
+# ---- bad input --------------------------------------------------------------
+
+def test_seglog_rejects_str_data(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        with pytest.raises(TypeError,
+                           match="data must be a bytes-like object, got str"):
+            log.append("text")
+        with pytest.raises(TypeError, match="key must be a bytes-like object "
+                                            "or None, got int"):
+            log.append(b"x", key=5)
+        with pytest.raises(TypeError, match="each item must be a bytes-like "
+                                            "object, got int"):
+            log.append_many([b"ok", 3])
+        with pytest.raises(TypeError, match="timestamp must be an int"):
+            log.append(b"x", timestamp=1.5)
+        assert log.end_offset == 0
+
+
+def test_seglog_rejects_record_larger_than_segment(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=8192) as log:
+        limit = 8192 - HEADER - RECORD_HEADER
+        assert log.append(b"x" * limit) == 0
+        with pytest.raises(mqs.MessageTooLarge,
+                           match=f"record value is {limit + 1} bytes with a "
+                                 f"0-byte key, but a segment of 8192 bytes "
+                                 f"holds at most {limit} value bytes"):
+            log.append(b"x" * (limit + 1))
+        with pytest.raises(ValueError, match="raise segment_bytes"):
+            log.append_many([b"ok", b"x" * 9000])
+        assert log.end_offset == 1
+
+
+def test_seglog_rejects_unknown_fsync_mode(tmp_path):
+    with pytest.raises(ValueError, match="fsync must be 'always', 'interval' "
+                                         "or 'never', got 'sometimes'"):
+        mqs.SegmentLog(tmp_path / "log", fsync="sometimes")
+    assert not (tmp_path / "log").exists()
+
+
+def test_seglog_rejects_segment_size_not_page_multiple(tmp_path):
+    with pytest.raises(ValueError, match=r"got 10000 \(try 12288\)"):
+        mqs.SegmentLog(tmp_path / "log", segment_bytes=10000)
+    with pytest.raises(ValueError, match="from 8192 to 1073741824, got 4096"):
+        mqs.SegmentLog(tmp_path / "log", segment_bytes=4096)
+    with pytest.raises(TypeError, match="segment_bytes must be an int"):
+        mqs.SegmentLog(tmp_path / "log", segment_bytes="big")
+
+
+def test_seglog_rejects_path_that_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_bytes(b"")
+    with pytest.raises(NotADirectoryError,
+                       match="failed to open segment log: Not a directory"):
+        mqs.SegmentLog(path)
+
+
+def test_seglog_rejects_newer_format_version(tmp_path):
+    fill(tmp_path / "log", 3)
+    segment = segment_files(tmp_path / "log")[0]
+    with open(segment, "r+b") as f:
+        f.seek(8)
+        f.write(struct.pack("<I", 2))
+    with pytest.raises(mqs.LogVersionError,
+                       match="format version newer than 1; upgrade mqs"):
+        mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT)
+
+
+def test_seglog_rejects_damaged_segment_header(tmp_path):
+    fill(tmp_path / "log", 3)
+    segment = segment_files(tmp_path / "log")[0]
+    with open(segment, "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff")
+    with pytest.raises(mqs.LogCorrupted, match="failed its magic, CRC or "
+                                               "size check"):
+        mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT)
+
+
+def test_seglog_rejects_second_writer(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT):
+        with pytest.raises(mqs.LogLocked, match="another process holds the "
+                                                "writer lock"):
+            mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT)
+        with pytest.raises(BlockingIOError):
+            mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT)
+
+
+def test_seglog_readonly_rejects_append(tmp_path):
+    fill(tmp_path / "log", 2)
+    with mqs.SegmentLog(tmp_path / "log", readonly=True) as log:
+        with pytest.raises(io.UnsupportedOperation, match="readonly=True"):
+            log.append(b"x")
+        with pytest.raises(io.UnsupportedOperation, match="readonly=True"):
+            log.flush()
+        assert bytes(log.read(1)) == value_for(1)
+
+
+def test_seglog_read_out_of_range(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        log.append(b"x")
+        with pytest.raises(mqs.OffsetOutOfRange,
+                           match="offset 5 is not written yet; the end "
+                                 "offset is 1"):
+            log.read(5)
+        with pytest.raises(IndexError):
+            log.read(1)
+        with pytest.raises(ValueError, match="offset must be from 0"):
+            log.read(-1)
+
+
+def test_seglog_closed_log_rejects_calls(tmp_path):
+    log = mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT)
+    log.close()
+    log.close()
+    assert log.closed
+    with pytest.raises(ValueError, match="is closed"):
+        log.append(b"x")
+
+
+def test_seglog_preallocation_failure_is_reported(tmp_path):
+    """A file size limit makes posix_fallocate fail like a full disk."""
+    script = (
+        "import resource, signal, sys, mqs\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "try:\n"
+        "    mqs.SegmentLog(sys.argv[1], segment_bytes=4 << 20)\n"
+        "except OSError as exc:\n"
+        "    print(type(exc).__name__, exc.errno, exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script,
+                             str(tmp_path / "log")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"OSError {errno.EFBIG} " in result.stdout
+    assert "failed to preallocate a segment of 4194304 bytes" in result.stdout
+    assert list((tmp_path / "log").glob("*.seg*")) == []
+
+
+# ---- durability -------------------------------------------------------------
+
+def test_seglog_always_returns_after_covering_sync(tmp_path):
+    calls = []
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT,
+                        fsync="always") as log:
+        log._set_sync_hook(lambda end, phase: calls.append((end, phase)))
+        for expected in range(5):
+            offset = log.append(b"x")
+            assert offset == expected
+            assert calls[-1] == (offset + 1, 1)
+            assert log.synced_offset == offset + 1
+        first = log.append_many([b"a"] * 10)
+        assert calls[-1] == (first + 10, 1)
+
+
+def test_seglog_sync_error_poisons_log(tmp_path, caplog):
+    log = mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT,
+                         fsync="always")
+    log.append(b"kept")
+    log._set_sync_hook(lambda end, phase: errno.EIO if phase == 0 else 0)
+    with caplog.at_level(logging.ERROR, logger="mqs._seglog"):
+        with pytest.raises(mqs.LogPoisoned, match="a sync of this log failed "
+                                                  "earlier"):
+            log.append(b"not durable")
+    assert "sync of segment log" in caplog.text
+    assert log.synced_offset == 1
+    with pytest.raises(mqs.LogPoisoned) as info:
+        log.append(b"later")
+    assert info.value.errno == errno.EIO
+    with pytest.raises(OSError):
+        log.flush()
+    assert bytes(log.read(0)) == b"kept"
+    assert log.stats().sync_errno == errno.EIO
+    with pytest.raises(mqs.LogPoisoned, match="final sync"):
+        log.close()
+    assert log.closed
+
+
+def test_seglog_injected_sync_failpoint_poisons(tmp_path, monkeypatch):
+    monkeypatch.setenv("MQS_FAILPOINT", "seglog.sync_eio:3")
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT,
+                        fsync="always") as log:
+        log.append(b"1")
+        log.append(b"2")
+        with pytest.raises(mqs.LogPoisoned):
+            log.append(b"3")
+        monkeypatch.delenv("MQS_FAILPOINT")
+        with pytest.raises(mqs.LogPoisoned):
+            log.append(b"4")
+        log._set_sync_hook(None)
+        try:
+            log.close()
+        except mqs.LogPoisoned:
+            pass
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        assert log.end_offset == 3
+
+
+def test_seglog_interval_flusher_syncs(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT,
+                        fsync="interval", fsync_interval_s=0.01) as log:
+        log.append_many([b"x"] * 100)
+        deadline = time.monotonic() + 10
+        while log.synced_offset < 100 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert log.synced_offset == 100
+        assert log.stats().syncs >= 1
+
+
+def test_seglog_never_syncs_only_on_flush(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=8192,
+                        fsync="never") as log:
+        log.append_many([value_for(i) for i in range(200)])
+        assert log.stats().syncs == 0
+        assert log.synced_offset == 0
+        log.flush()
+        assert log.synced_offset == 200
+        assert log.stats().syncs == 1
+
+
+def test_seglog_group_commit_shares_syncs(tmp_path):
+    threads, per_thread = 8, 150
+    errors = []
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=1 << 20,
+                        fsync="always") as log:
+        def work(tid):
+            try:
+                for i in range(per_thread):
+                    log.append(struct.pack("<II", tid, i))
+            except Exception as exc:  # reported by the assert below
+                errors.append(exc)
+
+        workers = [threading.Thread(target=work, args=(t,))
+                   for t in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        stats = log.stats()
+        seen = sorted(struct.unpack("<II", bytes(r.value)) for r in log)
+    assert errors == []
+    assert stats.end_offset == threads * per_thread
+    assert stats.synced_offset == threads * per_thread
+    assert stats.syncs < threads * per_thread * 3 // 4
+    assert seen == sorted((t, i) for t in range(threads)
+                          for i in range(per_thread))
+
+
+# ---- retention --------------------------------------------------------------
+
+def test_seglog_retention_by_bytes(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=8192,
+                        retention_bytes=4 * 8192) as log:
+        for i in range(1000):
+            log.append(value_for(i))
+        stats = log.stats()
+        assert stats.segments <= 5
+        assert stats.start_offset > 0
+        assert stats.records_deleted == stats.start_offset
+        assert len(segment_files(tmp_path / "log")) == stats.segments
+        with pytest.raises(mqs.OffsetOutOfRange, match="removed by retention"):
+            log.read(0)
+        assert bytes(log.read(stats.start_offset)) == \
+            value_for(stats.start_offset)
+
+
+def test_seglog_retention_by_age_keeps_views(tmp_path):
+    old = time.time_ns() - 7200 * 10**9
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=8192) as log:
+        for i in range(20):
+            log.append(value_for(i, 100), timestamp=old)
+        log.roll()
+        log.append(b"new")
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=8192,
+                        retention_s=3600) as log:
+        view = log.read(0)
+        batch = log.read_batch(0, 10)
+        assert log.enforce_retention() == 1
+        assert log.start_offset == 20
+        assert len(segment_files(tmp_path / "log")) == 1
+        assert bytes(view) == value_for(0, 100)
+        assert batch.column("value").to_pylist()[3] == value_for(3, 100)
+
+
+# ---- recovery ---------------------------------------------------------------
+
+def reopen_and_check(path, expected_count, append=True):
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT) as log:
+        report = log.recovery
+        assert log.end_offset == expected_count
+        assert read_all(log) == [value_for(i) for i in range(expected_count)]
+        if append:
+            assert log.append(b"after") == expected_count
+    return report
+
+
+def complete_before(positions, cut):
+    """Records whose bytes (padding aside) all lie before `cut`."""
+    return sum(1 for i, p in enumerate(positions)
+               if p + RECORD_HEADER + len(value_for(i)) <= cut)
+
+
+def record_positions(count):
+    positions, pos = [], HEADER
+    for offset in range(count):
+        positions.append(pos)
+        pos += stride(value_for(offset))
+    return positions, pos
+
+
+def test_seglog_recovers_truncation_at_every_byte(tmp_path):
+    count = 40
+    fill(tmp_path / "pristine", count)
+    positions, end = record_positions(count)
+    segment = segment_files(tmp_path / "pristine")[0].name
+    for cut in range(positions[-3], end + 1):
+        path = tmp_path / f"cut{cut}"
+        shutil.copytree(tmp_path / "pristine", path)
+        os.truncate(path / segment, cut)
+        complete = complete_before(positions, cut)
+        report = reopen_and_check(path, complete)
+        assert report.torn_segments == 1, cut
+        assert report.first_bad_offset == complete, cut
+        shutil.rmtree(path)
+
+
+def test_seglog_recovers_zeroed_tail_at_every_step(tmp_path):
+    count = 40
+    fill(tmp_path / "pristine", count)
+    positions, end = record_positions(count)
+    segment = segment_files(tmp_path / "pristine")[0].name
+    for cut in range(positions[-3], end, 3):
+        path = tmp_path / f"zero{cut}"
+        shutil.copytree(tmp_path / "pristine", path)
+        with open(path / segment, "r+b") as f:
+            f.seek(cut)
+            f.write(bytes(end - cut))
+        complete = complete_before(positions, cut)
+        reopen_and_check(path, complete)
+        shutil.rmtree(path)
+
+
+def test_seglog_recovers_garbage_after_tail(tmp_path, caplog):
+    fill(tmp_path / "log", 30)
+    _, end = record_positions(30)
+    segment = segment_files(tmp_path / "log")[0]
+    with open(segment, "r+b") as f:
+        f.seek(end)
+        f.write(os.urandom(1000))
+    with caplog.at_level(logging.WARNING, logger="mqs._seglog"):
+        report = reopen_and_check(tmp_path / "log", 30)
+    assert report.torn_segments == 1
+    assert 993 <= report.bytes_zeroed <= 1000
+    assert report.records_dropped == 0
+    assert "zeroed" in caplog.text
+    assert "from offset 30" in caplog.text
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        again = log.recovery
+        assert log.end_offset == 31
+    assert again.torn_segments == 0
+    assert again.bytes_zeroed == 0
+
+
+def test_seglog_recovers_zeroed_page_in_last_mib(tmp_path, caplog):
+    path = tmp_path / "log"
+    count = 12000
+    fill(path, count, segment_bytes=4 << 20)
+    positions, end = record_positions(count)
+    page = (end - (1 << 20) + 12345) // 4096 * 4096
+    with open(segment_files(path)[0], "r+b") as f:
+        f.seek(page)
+        f.write(bytes(4096))
+    survivors = complete_before(positions, page)
+    after = sum(1 for p in positions if p >= page + 4096)
+    with caplog.at_level(logging.WARNING, logger="mqs._seglog"):
+        with mqs.SegmentLog(path, segment_bytes=4 << 20) as log:
+            report = log.recovery
+            assert log.end_offset == survivors
+            assert read_all(log) == [value_for(i) for i in range(survivors)]
+    assert report.first_bad_offset == survivors
+    assert after <= report.records_dropped <= count - survivors
+    assert f"{report.records_dropped} record(s) dropped" in caplog.text
+
+
+def test_seglog_recovery_cuts_active_segment_at_flipped_bit(tmp_path):
+    fill(tmp_path / "log", 50)
+    positions, _ = record_positions(50)
+    with open(segment_files(tmp_path / "log")[0], "r+b") as f:
+        f.seek(positions[20] + RECORD_HEADER + 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    report = reopen_and_check(tmp_path / "log", 20)
+    assert report.first_bad_offset == 20
+    assert report.records_dropped == 30
+
+
+def test_seglog_flipped_bit_in_sealed_segment_raises_on_read(tmp_path):
+    path = tmp_path / "log"
+    fill(path, 600, segment_bytes=8192)
+    second = segment_files(path)[1]
+    base = int(second.name[:20])
+    with open(second, "r+b") as f:
+        f.seek(HEADER + stride(value_for(base)) + RECORD_HEADER + 5)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+    damaged = base + 1
+    with mqs.SegmentLog(path, segment_bytes=8192) as log:
+        assert log.recovery.torn_segments == 0
+        with pytest.raises(mqs.LogCorrupted,
+                           match=f"record at offset {damaged} .* failed") as e:
+            log.read(damaged)
+        assert e.value.offset == damaged
+        assert bytes(log.read(damaged - 1)) == value_for(damaged - 1)
+        assert bytes(log.read(damaged + 1)) == value_for(damaged + 1)
+        assert log.read_batch(base, 100).num_rows == 1
+        with pytest.raises(mqs.LogCorrupted):
+            list(log.iter_from(base))
+        assert [r.offset for r in log.iter_from(damaged + 1)][:2] == [
+            damaged + 1, damaged + 2]
+        assert log.append(b"x") == 600
+
+
+def test_seglog_recovery_is_idempotent(tmp_path):
+    fill(tmp_path / "log", 40)
+    _, end = record_positions(40)
+    with open(segment_files(tmp_path / "log")[0], "r+b") as f:
+        f.seek(end - 50)
+        f.write(b"\x17" * 300)
+    states = []
+    for _ in range(2):
+        with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+            states.append((log.end_offset, read_all(log),
+                           log.recovery.torn_segments))
+        data = segment_files(tmp_path / "log")[0].read_bytes()
+        states[-1] += (data[HEADER:],)
+    assert states[0][0] == 39
+    assert states[0][2] == 1
+    assert states[1][2] == 0
+    assert states[0][:2] == states[1][:2]
+    assert states[0][3] == states[1][3]
+
+
+def test_seglog_removes_half_created_segment(tmp_path):
+    fill(tmp_path / "log", 5)
+    stale = tmp_path / "log" / "00000000000000000005.seg.tmp"
+    stale.write_bytes(b"partial")
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        assert log.recovery.temp_files_removed == 1
+        assert log.end_offset == 5
+    assert not stale.exists()
+
+
+# ---- consumer groups --------------------------------------------------------
+
+def test_seglog_commit_round_trip(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        assert log.committed("billing") is None
+        log.commit("billing", 42)
+        log.commit("billing", 43)
+        assert log.committed("billing") == 43
+    with mqs.SegmentLog(tmp_path / "log", readonly=True) as reader:
+        assert reader.committed("billing") == 43
+        reader.commit("audit", 7)
+    assert [p.name for p in (tmp_path / "log").glob(".consumer-*")] == []
+
+
+def test_seglog_commit_detects_damage(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        log.commit("g", 5)
+        name = tmp_path / "log" / "consumer-g.offset"
+        data = bytearray(name.read_bytes())
+        data[9] ^= 1
+        name.write_bytes(bytes(data))
+        with pytest.raises(mqs.LogCorrupted, match="failed its CRC check"):
+            log.committed("g")
+        log.commit("g", 6)
+        assert log.committed("g") == 6
+
+
+@pytest.mark.parametrize("group", ["", ".hidden", "a/b", "x" * 201])
+def test_seglog_commit_rejects_bad_group(tmp_path, group):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        with pytest.raises(ValueError, match="group must be 1 to 200"):
+            log.commit(group, 1)
+
+
+# ---- readers in other processes ---------------------------------------------
+
+TAIL_READER = r"""
+import json, sys, time
+import mqs
+
+path, total = sys.argv[1], int(sys.argv[2])
+log = mqs.SegmentLog(path, readonly=True)
+offset, errors = 0, []
+deadline = time.monotonic() + 120
+while offset < total and time.monotonic() < deadline:
+    try:
+        record = log.read_record(offset)
+    except mqs.OffsetOutOfRange as exc:
+        if "not written yet" not in str(exc):
+            errors.append(repr(exc))
+            break
+        time.sleep(0.001)
+        continue
+    expected = offset.to_bytes(8, "little") * 8
+    if bytes(record.value) != expected:
+        errors.append(f"offset {offset}: wrong value")
+    offset += 1
+    if offset % 200 == 0:
+        log.commit("tail", offset)
+log.commit("tail", offset)
+print(json.dumps({"read": offset, "errors": errors}))
+"""
+
+
+def test_seglog_reader_process_tails_through_retention(tmp_path):
+    path = tmp_path / "log"
+    total = 20000
+    log = mqs.SegmentLog(path, segment_bytes=65536, fsync="never",
+                         retention_bytes=16 * 65536)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", TAIL_READER, str(path), str(total)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for offset in range(total):
+            # Stay within retention of the reader, as a producer would
+            # throttle on its slowest consumer group.
+            while offset - (log.committed("tail") or 0) > 3000:
+                assert time.monotonic() < deadline, "reader stalled"
+                time.sleep(0.002)
+            log.append(offset.to_bytes(8, "little") * 8)
+        out, err = reader.communicate(timeout=120)
+        stats = log.stats()
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        log.close()
+    assert reader.returncode == 0, err
+    result = json.loads(out)
+    assert result["errors"] == []
+    assert result["read"] == total
+    assert stats.segments_deleted > 0
+
+
+# ---- model-based ------------------------------------------------------------
+
+@settings(max_examples=25, stateful_step_count=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+class SegmentLogModel(RuleBasedStateMachine):
+    """Compare the log with a list over append, roll, retain and reopen."""
+
+    @initialize(tmp=st.just(None))
+    def open_log(self, tmp):
+        import tempfile
+        self.dir = tempfile.mkdtemp(prefix="mqs-seglog-model-")
+        self.path = os.path.join(self.dir, "log")
+        self.model = []
+        self.start = 0
+        self.log = self.open()
+
+    def open(self):
+        return mqs.SegmentLog(self.path, segment_bytes=8192, fsync="never",
+                              retention_bytes=3 * 8192)
+
+    @rule(value=st.binary(max_size=600), key=st.none() | st.binary(max_size=8))
+    def append(self, value, key):
+        assert self.log.append(value, key=key) == len(self.model)
+        self.model.append(value)
+
+    @rule(values=st.lists(st.binary(max_size=300), max_size=40))
+    def append_many(self, values):
+        first = self.log.append_many(values)
+        assert first == len(self.model)
+        self.model.extend(values)
+
+    @rule()
+    def roll(self):
+        self.log.roll()
+
+    @rule()
+    def retain(self):
+        self.log.enforce_retention()
+        start = self.log.start_offset
+        assert start >= self.start
+        self.start = start
+
+    @rule()
+    def reopen(self):
+        self.log.close()
+        self.log = self.open()
+        assert self.log.recovery.torn_segments == 0
+
+    @rule(data=st.data())
+    def read_one(self, data):
+        if self.start < len(self.model):
+            offset = data.draw(st.integers(self.start, len(self.model) - 1))
+            assert bytes(self.log.read(offset)) == self.model[offset]
+
+    @invariant()
+    def offsets_match(self):
+        if not hasattr(self, "log"):
+            return
+        # Rolls inside appends apply retention too, so the start moves
+        # without a retain step; it never moves back.
+        start = self.log.start_offset
+        assert start >= self.start
+        self.start = start
+        assert self.log.end_offset == len(self.model)
+        assert self.start <= len(self.model)
+
+    def teardown(self):
+        if hasattr(self, "log"):
+            self.log.close()
+            values = [bytes(r.value) for r in self.open()]
+            assert values == self.model[self.start:]
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TestSegmentLogModel = SegmentLogModel.TestCase
+
+
+# ---- typing -----------------------------------------------------------------
+
+def test_seglog_stubs_type_check_usage(tmp_path):
+    pytest.importorskip("mypy")
+    usage = pathlib.Path(__file__).parent / "typing" / "usage_seglog.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+         "--cache-dir=/dev/null", "--ignore-missing-imports", str(usage)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
