@@ -313,27 +313,44 @@ static int intent_won(const mqs_bytering_t *ring, int64_t position,
     return 0;
 }
 
-/* Drop the claim and pins a dead participant left, padding its claim if
- * it won one. Caller holds the repair lock. Returns records repaired. */
+static int claim_owner(const mqs_bytering_t *ring, int64_t position,
+                       int *alive);
+
+/*
+ * Drop the claim and pins a dead participant left, padding its claim if
+ * it owns the record at that position. Caller holds the repair lock.
+ * Returns records repaired, or -1 (nothing changed) while a live
+ * participant announces the same position: the dead claim may be an
+ * attempt that lost the CAS to it, and padding would write over a record
+ * the live one is still writing. Call again later.
+ */
 static int clear_dead_participant_locked(mqs_bytering_t *ring, int slot)
 {
     mqs_br_participant_t *p = participant(ring, slot);
     int64_t position = atomic_load_explicit(&p->claim_pos,
                                             memory_order_acquire);
-    int64_t size = atomic_load_explicit(&p->claim_size,
-                                        memory_order_acquire);
     int32_t state = atomic_load_explicit(&p->claim_state,
                                          memory_order_acquire);
     int repaired = 0;
 
-    if (position != MQS_BR_NO_CLAIM
-        && (state == MQS_BR_CLAIM_WON
-            || (state == MQS_BR_CLAIM_INTENT
-                && intent_won(ring, position, size))))
-        repaired = pad_record_locked(
-            ring, position,
-            atomic_load_explicit(&p->claim_size, memory_order_acquire),
-            slot);
+    if (position != MQS_BR_NO_CLAIM && state != MQS_BR_CLAIM_NONE) {
+        int alive = 0;
+        int owner;
+
+        /* Every tail move is a CAS that follows its claimant's
+         * announcement, so after this acquire load the scan in
+         * claim_owner sees whoever won `position`. */
+        (void)atomic_load_explicit(&ring->header->tail.v,
+                                   memory_order_acquire);
+        owner = claim_owner(ring, position, &alive);
+        if (alive)
+            return -1;
+        if (owner == slot)
+            repaired = pad_record_locked(
+                ring, position,
+                atomic_load_explicit(&p->claim_size, memory_order_acquire),
+                slot);
+    }
     if (atomic_load_explicit(&p->get_pin, memory_order_acquire)
         != MQS_BR_NO_PIN)
         atomic_fetch_add_explicit(&ring->header->counters.v.lost_records, 1,
@@ -359,8 +376,14 @@ int mqs_br_attach(mqs_bytering_t *ring)
         /* The slot is ours; whoever had it before is gone. */
         if (repair_lock(ring) != 0)
             return MQS_EINVAL;
-        clear_dead_participant_locked(ring, slot);
+        rc = clear_dead_participant_locked(ring, slot);
         repair_unlock(ring);
+        if (rc < 0) {
+            /* Its claim cannot be settled yet: leave the slot as it is
+             * for a later repair and take another. */
+            lock_byte(ring->fd, slot, F_OFD_SETLK, F_UNLCK, NULL);
+            continue;
+        }
         atomic_store_explicit(&participant(ring, slot)->pid, getpid(),
                               memory_order_relaxed);
         ring->slot = slot;
@@ -672,8 +695,11 @@ int mqs_br_repair(mqs_bytering_t *ring)
         if (tail == head)
             continue;
         owner = claim_owner(ring, head, &alive);
-        if (owner >= 0 && !alive)
-            repaired += clear_dead_participant_locked(ring, owner);
+        if (owner >= 0 && !alive) {
+            int rc = clear_dead_participant_locked(ring, owner);
+            if (rc > 0)
+                repaired += rc;
+        }
     }
 
     /* Pins and claims of every other dead participant. */
@@ -686,8 +712,11 @@ int mqs_br_repair(mqs_bytering_t *ring)
             && atomic_load_explicit(&p->claim_state, memory_order_acquire)
                    == MQS_BR_CLAIM_NONE)
             continue;
-        if (mqs_br_participant_alive(ring, i) == 0)
-            repaired += clear_dead_participant_locked(ring, i);
+        if (mqs_br_participant_alive(ring, i) == 0) {
+            int rc = clear_dead_participant_locked(ring, i);
+            if (rc > 0)
+                repaired += rc;
+        }
     }
     repair_unlock(ring);
     ring->gate_cache = 0;

@@ -19,7 +19,7 @@
  *     block 7-8           repair_lock  process-shared robust mutex that
  *                                    serialises repairs
  *     block 9..16         groups[8]  head (bytes) and consumed (records)
- *     block 16..          participants[MQS_BR_MAX_PARTICIPANTS]
+ *     block 17..          participants[MQS_BR_MAX_PARTICIPANTS]
  *   MQS_BR_HEADER_BYTES   data, `capacity` bytes (a power of two and a
  *                         multiple of the page size)
  *
@@ -63,6 +63,9 @@
  * Repairs take the robust repair_lock and re-check under it that the
  * record is still unpublished at a group head, so two repairers never
  * write over a record that a producer placed after the first repair.
+ * A dead producer's claim at a position that a live participant also
+ * announces (the dead one may have lost the CAS to it) is left alone
+ * until the live one has published or moved on.
  */
 #ifndef MQS_BYTERING_H
 #define MQS_BYTERING_H
@@ -211,8 +214,10 @@ int mqs_br_validate(const mqs_br_header_t *header, int64_t file_bytes);
 /*
  * Take a free participant slot: lock byte MQS_BR_LOCK_BASE + slot of fd
  * (an open file description of this process's own), repair what a dead
- * previous owner left, and reset the block. Returns MQS_OK, or MQS_EFULL
- * when all MQS_BR_MAX_PARTICIPANTS slots are held by live processes.
+ * previous owner left, and reset the block. A free slot whose dead claim
+ * cannot be settled yet (a live participant announces the same position)
+ * is skipped. Returns MQS_OK, or MQS_EFULL when no slot could be taken
+ * (all MQS_BR_MAX_PARTICIPANTS are held by live processes).
  */
 int mqs_br_attach(mqs_bytering_t *ring);
 
