@@ -36,9 +36,9 @@ int mqs_ring_create(mqs_ring_t **out, int64_t capacity, int flags,
 
     if (!is_power_of_two(capacity) || capacity > MQS_RING_MAX_CAPACITY)
         return MQS_EINVAL;
-    if (max_consumers < 0 || max_workers < 0
-        || max_consumers + max_workers < 1 || max_consumers > 4096
-        || max_workers > 4096)
+    /* Bounds first: the sum of two unchecked int32 values can overflow. */
+    if (max_consumers < 0 || max_workers < 0 || max_consumers > 4096
+        || max_workers > 4096 || max_consumers + max_workers < 1)
         return MQS_EINVAL;
 
     bytes = mqs_ring_size_bytes(capacity, flags, max_consumers, max_workers);
