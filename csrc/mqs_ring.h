@@ -202,17 +202,25 @@ static inline int64_t mqs_ring_highest_published(mqs_ring_t *ring,
 
 /*
  * Broadcast consumer `index`: find up to `max_n` published records after
- * its sequence. On MQS_OK, [*lo, *hi) may be read until
- * mqs_ring_consumer_release(ring, index, *hi). Only the thread that owns
- * this consumer may call it.
- * Returns MQS_OK or MQS_EEMPTY.
+ * its sequence (INT64_MAX takes all of them). On MQS_OK, [*lo, *hi) may
+ * be read until mqs_ring_consumer_release(ring, index, *hi). Only the
+ * thread that owns this consumer may call it.
+ * Returns MQS_OK, MQS_EEMPTY, or MQS_EINVAL when max_n < 1.
  */
 static inline int mqs_ring_consumer_poll(mqs_ring_t *ring, int index,
                                          int64_t max_n, int64_t *lo,
                                          int64_t *hi)
 {
-    int64_t next = mqs_load_relaxed_i64(&ring->consumers[index].value);
-    int64_t end = mqs_ring_highest_published(ring, next, next + max_n);
+    int64_t next, end;
+
+    if (max_n < 1)
+        return MQS_EINVAL;
+    /* At most a capacity is ever published past a reader; the cap also
+     * keeps next + max_n from overflowing. */
+    if (max_n > ring->capacity)
+        max_n = ring->capacity;
+    next = mqs_load_relaxed_i64(&ring->consumers[index].value);
+    end = mqs_ring_highest_published(ring, next, next + max_n);
 
     if (end == next)
         return MQS_EEMPTY;
@@ -230,19 +238,25 @@ static inline void mqs_ring_consumer_release(mqs_ring_t *ring, int index,
 
 /*
  * Work-pool worker `index`: take up to `max_n` published records that no
- * other worker has taken. On MQS_OK, [*lo, *hi) belongs to this worker
- * until mqs_ring_work_release(ring, index). Only the thread that owns this
- * worker may call it.
- * Returns MQS_OK or MQS_EEMPTY.
+ * other worker has taken (INT64_MAX takes all of them). On MQS_OK,
+ * [*lo, *hi) belongs to this worker until mqs_ring_work_release(ring,
+ * index). Only the thread that owns this worker may call it.
+ * Returns MQS_OK, MQS_EEMPTY, or MQS_EINVAL when max_n < 1.
  */
 static inline int mqs_ring_work_claim(mqs_ring_t *ring, int index,
                                       int64_t max_n, int64_t *lo,
                                       int64_t *hi)
 {
     _Atomic int64_t *own = &ring->workers[index].value;
-    int64_t current = mqs_load_acquire_i64(&ring->work_claim.value);
-    int64_t end;
+    int64_t current, end;
 
+    if (max_n < 1)
+        return MQS_EINVAL;
+    /* As in mqs_ring_consumer_poll: never more than a capacity, and no
+     * overflow in current + max_n. */
+    if (max_n > ring->capacity)
+        max_n = ring->capacity;
+    current = mqs_load_acquire_i64(&ring->work_claim.value);
     for (;;) {
         end = mqs_ring_highest_published(ring, current, current + max_n);
         if (end == current) {
