@@ -145,13 +145,17 @@ static inline int mqs_ring_try_claim(mqs_ring_t *ring, int64_t n,
         return MQS_OK;
     }
 
+    /* gate_cache may come from another producer: its release store pairs
+     * with this acquire load, so the readers' releases that producer
+     * acquired in mqs_ring_min_gate happen before this producer rewrites
+     * their slots. */
     current = mqs_load_relaxed_i64(&ring->cursor.value);
     do {
         next = current + n;
         if (next - ring->capacity >
-            mqs_load_relaxed_i64(&ring->gate_cache.value)) {
+            mqs_load_acquire_i64(&ring->gate_cache.value)) {
             gate = mqs_ring_min_gate(ring);
-            mqs_store_relaxed_i64(&ring->gate_cache.value, gate);
+            mqs_store_release_i64(&ring->gate_cache.value, gate);
             if (next - ring->capacity > gate)
                 return MQS_EFULL;
         }
