@@ -127,11 +127,24 @@ int mqs_ring_add_worker(mqs_ring_t *ring)
 {
     int32_t index = atomic_fetch_add_explicit(&ring->n_workers, 1,
                                               memory_order_acq_rel);
+    int64_t start, cursor;
 
     if (index >= ring->max_workers) {
         atomic_fetch_sub_explicit(&ring->n_workers, 1, memory_order_acq_rel);
         return MQS_EINVAL;
     }
+    if (index > 0)
+        return index;
+
+    /* Producers ignore work_claim while there is no worker, so the slots
+     * after it may hold newer laps: the first worker starts the pool at
+     * the cursor. The CAS only moves work_claim forward, so it never
+     * undoes a claim another worker made meanwhile. */
+    start = mqs_load_acquire_i64(&ring->work_claim.value);
+    cursor = mqs_load_acquire_i64(&ring->cursor.value);
+    while (start < cursor
+           && !mqs_cas_acq_rel_i64(&ring->work_claim.value, &start, cursor))
+        ;
     return index;
 }
 

@@ -100,7 +100,11 @@ size_t mqs_ring_size_bytes(int64_t capacity, int flags,
 int mqs_ring_add_consumer(mqs_ring_t *ring);
 
 /*
- * Register a work-pool worker. Any thread, any time.
+ * Register a work-pool worker. Any thread. The first worker starts the
+ * pool at the current cursor, so records claimed before it never reach
+ * the pool; as for a consumer, add it before producers claim or while no
+ * claim is in flight, and before any other worker claims. Later workers
+ * join the pool where it stands, at any time.
  * Returns its index (>= 0) or MQS_EINVAL when all are taken.
  */
 int mqs_ring_add_worker(mqs_ring_t *ring);
