@@ -114,9 +114,16 @@ static inline void mqs_futex_wake_all(_Atomic uint32_t *word, int shared)
 static inline int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch,
                                 int64_t timeout_ns, int shared)
 {
-    int64_t deadline = mqs_monotonic_ns() + timeout_ns;
-    int64_t left;
+    int64_t now = mqs_monotonic_ns();
+    int64_t deadline, left;
     int rc;
+
+    /* Clamp, so neither the deadline nor `left` below can overflow: a
+     * negative timeout counts as 0, and a huge one (INT64_MAX) saturates
+     * the deadline. */
+    if (timeout_ns < 0)
+        timeout_ns = 0;
+    deadline = timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
 
     for (int i = 0; i < MQS_WAIT_SPINS; i++) {
         if (mqs_load_acquire_u32(&w->epoch) != epoch)
