@@ -882,3 +882,25 @@ def test_seglog_stubs_type_check_usage(tmp_path):
          "--cache-dir=/dev/null", "--ignore-missing-imports", str(usage)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- benchmark harness --------------------------------------------------------
+
+def test_seglog_bench_reports_cases_and_ratios(tmp_path):
+    from mqs import bench_seglog
+
+    result = bench_seglog.run_seglog_bench(
+        directory=str(tmp_path), scale=0.001, repeat=1,
+        cases=["seglog.always.100B", "seglog.read_batch",
+               "python.write_flush"])
+    cases = {case["case"]: case for case in result["cases"]}
+    assert set(cases) == {"seglog.always.100B", "seglog.read_batch",
+                          "python.write_flush"}
+    assert cases["seglog.always.100B"]["syncs"] == \
+        cases["seglog.always.100B"]["amount"]
+    assert cases["seglog.read_batch"]["rate_per_s"] > 0
+    ratios = {ratio["name"]: ratio for ratio in result["ratios"]}
+    assert ratios["read_batch_records_per_s"]["value"] > 0
+    assert ratios["always_100B_vs_sqlitequeue"]["met"] is None
+    assert "seglog.read_batch" in bench_seglog.format_seglog_bench(result)
+    assert list(tmp_path.iterdir()) == []
