@@ -196,7 +196,10 @@ static inline void mqs_wait_signal_locked(mqs_waitword_t *w, int shared)
 static inline int mqs_wait_spin(mqs_waitword_t *w, uint32_t epoch,
                                 int64_t timeout_ns, int yield_cpu)
 {
-    int64_t deadline = mqs_monotonic_ns() + timeout_ns;
+    int64_t now = mqs_monotonic_ns();
+    /* Saturate as mqs_wait_park does: a huge timeout must not wrap. */
+    int64_t deadline = timeout_ns > INT64_MAX - now ? INT64_MAX
+                                                    : now + timeout_ns;
 
     for (;;) {
         for (int i = 0; i < 1024; i++) {

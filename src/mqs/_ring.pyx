@@ -138,6 +138,10 @@ cdef class RingBuffer:
     def add_worker(self):
         """Register a work-pool worker and return its index.
 
+        The first worker starts the pool at the current cursor: items
+        pushed before it are not delivered to the pool, so add workers
+        before pushing.
+
         Raises
         ------
         ValueError
