@@ -43,6 +43,7 @@ def extension(name, sources):
 extensions = [
     extension("_ring", ["csrc/mqs_ring.c"]),
     extension("_queue", ["csrc/mqs_ring.c"]),
+    extension("_wheel", ["csrc/mqs_wheel.c"]),
     extension("_shared", ["csrc/mqs_bytering.c"]),
     extension("_seglog", ["csrc/mqs_seglog.c", "csrc/mqs_crc32c.c"]),
 ]

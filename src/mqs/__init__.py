@@ -10,6 +10,7 @@ from mqs.errors import (
 )
 from mqs._seglog import LogRecord, SegmentLog
 from mqs._ring import RingBuffer
+from mqs._wheel import TimingWheel
 from mqs.queue import Queue, SimpleQueue
 from mqs.shared import QueueLayoutError, QueueNotFound, SharedQueue
 
@@ -17,6 +18,7 @@ __all__ = [
     "Queue",
     "SimpleQueue",
     "RingBuffer",
+    "TimingWheel",
     "SharedQueue",
     "QueueNotFound",
     "QueueLayoutError",
