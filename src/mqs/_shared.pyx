@@ -373,9 +373,23 @@ cdef class SharedQueue:
         try:
             self._format_new(fd, capacity, max_message_size, maxsize)
         except BaseException:
-            os.close(fd)
+            self._discard_fd(fd)
             raise
         self._attach_slot()
+        return 0
+
+    cdef int _discard_fd(self, int fd) except -1:
+        """Undo a failed create or attach: unmap, then close fd.
+
+        Clears the handle's copy of fd first, so that __dealloc__ does not
+        close the same number again, by then perhaps another file's.
+        """
+        if self._mapped:
+            mqs_br_unmap(&self._ring)
+            self._mapped = False
+        if self._ring.fd == fd:
+            self._ring.fd = -1
+        os.close(fd)
         return 0
 
     cdef int _create_or_attach_named(self, str name, int64_t capacity,
@@ -392,15 +406,13 @@ cdef class SharedQueue:
             try:
                 os.link(temp, path)
             except FileExistsError:
-                mqs_br_unmap(&self._ring)
-                self._mapped = False
-                os.close(fd)
+                self._discard_fd(fd)
                 fd = -1
                 self._attach_named(name)
                 return 0
         except BaseException:
             if fd >= 0:
-                os.close(fd)
+                self._discard_fd(fd)
             raise
         finally:
             os.unlink(temp)
@@ -418,7 +430,7 @@ cdef class SharedQueue:
         try:
             self._attach_fd(fd, f"{name!r} ({path})")
         except BaseException:
-            os.close(fd)
+            self._discard_fd(fd)
             raise
         return 0
 
@@ -1092,7 +1104,7 @@ def _attach_by_fd(dup, serializer, strategy):
     try:
         q._attach_fd(fd, "inherited queue")
     except BaseException:
-        os.close(fd)
+        q._discard_fd(fd)
         raise
     _instances.add(q)
     return q
