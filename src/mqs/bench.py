@@ -150,15 +150,22 @@ class Result:
 
 @dataclasses.dataclass(frozen=True)
 class TrackedRatio:
-    """A ratio of two median rates that the project tracks, with its target.
+    """A ratio of two measurements that the project tracks, with its target.
 
-    `numerator` and `denominator` are (case, queue label) pairs.
+    `numerator` and `denominator` are (case, queue label) pairs. The
+    target is a minimum, or a maximum when `lower_is_better` is true (for
+    ratios of latencies).
     """
 
     name: str
     numerator: tuple[str, str]
     denominator: tuple[str, str]
     target: float
+    lower_is_better: bool = False
+
+    @property
+    def comparison(self) -> str:
+        return "<=" if self.lower_is_better else ">="
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +177,8 @@ class RatioResult:
 
     @property
     def met(self) -> bool:
+        if self.tracked.lower_is_better:
+            return self.value <= self.tracked.target
         return self.value >= self.tracked.target
 
     def to_dict(self) -> dict:
@@ -178,6 +187,7 @@ class RatioResult:
             "numerator": list(self.tracked.numerator),
             "denominator": list(self.tracked.denominator),
             "value": self.value,
+            "comparison": self.tracked.comparison,
             "target": self.tracked.target,
             "met": self.met,
         }
