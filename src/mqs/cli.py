@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 import mqs
-from mqs import bench
+from mqs import bench, bench_ipc
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -76,29 +78,54 @@ def _positive_int(text: str) -> int:
 # ------------------------------------------------------------------ bench
 
 
+def _all_cases() -> list[str]:
+    """Return every case name: the in-process cases, then the ipc- ones."""
+    return [*bench.CASES, *bench_ipc.CASES]
+
+
+def _bench_description() -> str:
+    """Return the help description of `mqs bench`, with its case list."""
+    descriptions = {name: case.description
+                    for name, case in bench.CASES.items()}
+    descriptions.update((name, case.description)
+                        for name, case in bench_ipc.CASES.items())
+    width = max(len(name) for name in descriptions) + 2
+    cases = "\n".join(f"  {name:<{width}}{description}"
+                      for name, description in descriptions.items())
+    return (
+        "Measure the throughput of mqs.Queue and mqs.SimpleQueue\n"
+        "against queue.Queue and queue.SimpleQueue, and the throughput\n"
+        "and round-trip latency of mqs.SharedQueue between two\n"
+        "processes against multiprocessing.Queue and its peers\n"
+        "(faster-fifo and pyzmq, when installed), in the same run.\n"
+        "Every run checks that exactly the items put arrived, intact\n"
+        "and in order.\n\n"
+        f"cases:\n{cases}")
+
+
 def _add_bench_parser(subparsers) -> None:
-    width = max(len(name) for name in bench.CASES) + 2
-    cases = "\n".join(f"  {case.name:<{width}}{case.description}"
-                      for case in bench.CASES.values())
+    all_cases = _all_cases()
+    ipc_counts = ", ".join(
+        f"{case.default_count:,} ({case.quick_count:,})"
+        for case in bench_ipc.CASES.values())
     parser = subparsers.add_parser(
         "bench",
-        help="measure mqs queues against the standard library's queue",
+        help="measure mqs queues against the standard library and peers",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Measure the throughput of mqs.Queue and mqs.SimpleQueue\n"
-            "against queue.Queue and queue.SimpleQueue in the same run,\n"
-            "and check that every run delivered exactly the items put.\n\n"
-            f"cases:\n{cases}"),
+        description=_bench_description(),
     )
+
     parser.add_argument(
-        "--case", action="append", choices=list(bench.CASES),
-        metavar="NAME",
+        "--case", action="append", choices=all_cases, metavar="NAME",
         help=f"run only this case; repeat the option for several "
-             f"(choices: {', '.join(bench.CASES)}; default: all)")
+             f"(choices: {', '.join(all_cases)}; default: all)")
     parser.add_argument(
         "--count", type=_positive_int, default=None, metavar="N",
-        help=f"items moved per run (default: {bench.DEFAULT_COUNT:,}, "
-             f"or {bench.QUICK_COUNT:,} with --quick)")
+        help=f"items per run in every selected case: messages, or round "
+             f"trips for ipc-pingpong (default: {bench.DEFAULT_COUNT:,} "
+             f"({bench.QUICK_COUNT:,}) for the in-process cases; "
+             f"{ipc_counts} for the ipc- cases in the order above; the "
+             f"counts in brackets are those of --quick)")
     parser.add_argument(
         "--repeat", type=_positive_int, default=bench.DEFAULT_REPEAT,
         metavar="N",
@@ -106,9 +133,9 @@ def _add_bench_parser(subparsers) -> None:
              f"median is reported (default: {bench.DEFAULT_REPEAT})")
     parser.add_argument(
         "--quick", action="store_true",
-        help=f"move {bench.QUICK_COUNT:,} items per run unless --count is "
-             f"given: a smoke test in about a second, too short for "
-             f"stable numbers")
+        help="use each case's small default count (in brackets under "
+             "--count) unless --count is given: a smoke test, too short "
+             "for stable numbers")
     parser.add_argument(
         "--json", metavar="PATH", dest="json_path",
         help="also write the machine description and every result to "
@@ -122,47 +149,83 @@ def _run_bench(args: argparse.Namespace,
     count = args.count
     if count is None:
         count = bench.QUICK_COUNT if args.quick else bench.DEFAULT_COUNT
-    case_names = list(dict.fromkeys(args.case or bench.CASES))
+    case_names = list(dict.fromkeys(args.case or _all_cases()))
+    thread_cases = [name for name in case_names if name in bench.CASES]
+    ipc_cases = [name for name in case_names if name in bench_ipc.CASES]
     if args.json_path is not None:
         _check_json_path(args.json_path, parser)
 
     console = _make_console()
     machine = bench.machine_info()
+    machine["peers"] = bench_ipc.peer_versions()
     _print_machine(console, machine)
-    console.print(f"items per run: {count:,}; timed runs: {args.repeat} "
-                  f"after 1 warm-up run; cases: {', '.join(case_names)}")
+    console.print(f"timed runs: {args.repeat} after 1 warm-up run; "
+                  f"cases: {', '.join(case_names)}")
 
     started = time.monotonic()
     try:
-        results = _run_with_progress(console, case_names, count,
-                                     args.repeat)
+        results, ipc_report = _run_with_progress(
+            console, thread_cases, ipc_cases, count, args)
     except bench.BenchmarkError as exc:
         Console(stderr=True).print(f"[bold red]mqs bench: benchmark "
-                                   f"failed:[/bold red] {exc}")
+                                   f"failed:[/bold red] {escape(str(exc))}")
         return EXIT_FAILED
     duration_s = time.monotonic() - started
     ratios = bench.tracked_ratios(results)
+    ipc_ratios, unmeasured = bench_ipc.tracked_ratios(ipc_report)
+    ratios.extend(ipc_ratios)
 
-    console.print(_results_table(results))
-    if ratios:
-        console.print(_ratios_table(ratios))
+    if results:
+        console.print(_results_table(results, count))
+    if ipc_report.throughput or _skipped_in(ipc_report, "throughput"):
+        console.print(_ipc_throughput_table(ipc_report))
+    if ipc_report.latency or _skipped_in(ipc_report, "pingpong"):
+        console.print(_latency_table(ipc_report))
+    if ratios or unmeasured:
+        console.print(_ratios_table(ratios, unmeasured))
     console.print(f"finished in {duration_s:.1f} s")
     if args.json_path is not None:
         report = {
             "command": ["mqs", *args.argv],
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "duration_s": duration_s,
-            "settings": {"count": count, "repeat": args.repeat,
-                         "warmup_runs": 1, "cases": case_names,
-                         "batch_size": bench.BATCH_SIZE,
-                         "bounded_maxsize": bench.BOUNDED_MAXSIZE},
+            "settings": _settings(args, count, case_names, ipc_report),
             "machine": machine,
-            "results": [result.to_dict() for result in results],
+            "results": [result.to_dict() for result in results]
+            + [result.to_dict() for result in ipc_report.throughput],
+            "latency": [result.to_dict() for result in ipc_report.latency],
+            "skipped": [skip.to_dict() for skip in ipc_report.skipped],
             "ratios": [ratio.to_dict() for ratio in ratios],
+            "ratios_not_measured": [
+                {"name": tracked.name, "reason": reason}
+                for tracked, reason in unmeasured],
         }
         _write_json(args.json_path, report)
         console.print(f"wrote {args.json_path}")
     return EXIT_OK
+
+
+def _settings(args: argparse.Namespace, count: int, case_names: list[str],
+              ipc_report: bench_ipc.IpcReport) -> dict:
+    return {
+        "count": count, "repeat": args.repeat, "warmup_runs": 1,
+        "cases": case_names, "batch_size": bench.BATCH_SIZE,
+        "bounded_maxsize": bench.BOUNDED_MAXSIZE,
+        "ipc": {
+            "counts": ipc_report.counts,
+            "start_method": bench_ipc.START_METHOD,
+            "message_pool_size": bench_ipc.MESSAGE_POOL_SIZE,
+            "pingpong_warmup_round_trips":
+                bench_ipc.PINGPONG_WARMUP_ROUND_TRIPS,
+            "faster_fifo_max_size_bytes":
+                bench_ipc.FASTER_FIFO_MAX_SIZE_BYTES,
+        },
+    }
+
+
+def _skipped_in(report: bench_ipc.IpcReport, kind: str) -> bool:
+    return any(bench_ipc.CASES[skip.case].kind == kind
+               for skip in report.skipped)
 
 
 def _make_console() -> Console:
@@ -200,20 +263,34 @@ def _write_json(path: str, report: dict) -> None:
     os.replace(temporary, path)
 
 
-def _run_with_progress(console: Console, case_names: list[str], count: int,
-                       repeat: int) -> list[bench.Result]:
+def _run_with_progress(
+        console: Console, thread_cases: list[str], ipc_cases: list[str],
+        count: int, args: argparse.Namespace,
+) -> tuple[list[bench.Result], bench_ipc.IpcReport]:
+    # No auto refresh: its thread would be running while the cross-process
+    # cases fork, and a fork copies the locks that thread may hold.
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=True)
+        TimeElapsedColumn(), console=console, transient=True,
+        auto_refresh=False)
     with progress:
         task = progress.add_task(
-            "runs", total=bench.count_runs(case_names, repeat))
+            "runs", total=bench.count_runs(thread_cases, args.repeat)
+            + bench_ipc.count_runs(ipc_cases, args.repeat))
 
         def advance(case: str, queue_label: str) -> None:
             progress.update(task, advance=1,
                             description=f"{case} {queue_label}")
+            progress.refresh()
 
-        return bench.run_cases(case_names, count, repeat, on_run=advance)
+        results = []
+        if thread_cases:
+            results = bench.run_cases(thread_cases, count, args.repeat,
+                                      on_run=advance)
+        ipc_report = bench_ipc.run_cases(
+            ipc_cases, args.repeat, count=args.count, quick=args.quick,
+            on_run=advance)
+        return results, ipc_report
 
 
 def _print_machine(console: Console, machine: dict) -> None:
@@ -232,15 +309,19 @@ def _print_machine(console: Console, machine: dict) -> None:
     flags = machine["build"]["compiler_flags"]
     console.print(f"[bold]build[/bold]: "
                   f"{'; '.join(flags) if flags else 'flags not recorded'}")
+    peers = "; ".join(f"{name} {version or 'not installed'}"
+                      for name, version in machine["peers"].items())
+    console.print(f"[bold]peers[/bold]: {peers}")
 
 
 def _format_rate(rate: float) -> str:
     return f"{rate / 1e6:,.2f}"
 
 
-def _results_table(results: list[bench.Result]) -> Table:
+def _results_table(results: list[bench.Result], count: int) -> Table:
     table = Table(
-        title="Throughput, million messages per second",
+        title=f"In-process throughput, million items per second "
+              f"({count:,} items per run)",
         caption=f"x {bench.REFERENCE_QUEUE}: ratio of medians to the "
                 f"case's {bench.REFERENCE_QUEUE}")
     table.add_column("case")
@@ -262,16 +343,123 @@ def _results_table(results: list[bench.Result]) -> Table:
     return table
 
 
-def _ratios_table(ratios: list[bench.RatioResult]) -> Table:
-    table = Table(title="Tracked ratios of medians")
+def _format_thousands(rate: float) -> str:
+    return f"{rate / 1e3:,.0f}"
+
+
+def _ipc_throughput_table(report: bench_ipc.IpcReport) -> Table:
+    reference = bench_ipc.REFERENCE_QUEUE
+    table = Table(
+        title="Cross-process throughput, 1 producer process -> 1 consumer "
+              "process, thousand messages per second",
+        caption=f"MB/s: median payload bytes / 10**6 per second. "
+                f"x mp.Queue: ratio of medians to the case's {reference}."
+                + _skip_notes(report, "throughput"))
+    table.add_column("case")
+    table.add_column("queue", no_wrap=True)
+    table.add_column("median", justify="right")
+    table.add_column("min-max", justify="right")
+    table.add_column("MB/s", justify="right")
+    table.add_column("x mp.Queue", justify="right")
+    for index, name in enumerate(report.counts):
+        if bench_ipc.CASES[name].kind != "throughput":
+            continue
+        if index and table.rows:
+            table.add_section()
+        label = f"{name}\n{report.counts[name]:,} msgs"
+        for result in report.throughput:
+            if result.case != name:
+                continue
+            table.add_row(
+                label, result.queue, _format_thousands(result.median),
+                f"{_format_thousands(result.min)}-"
+                f"{_format_thousands(result.max)}",
+                f"{statistics.median(result.megabytes_per_s):,.1f}",
+                f"{result.ratio_to_reference:.2f}x")
+            label = ""
+        for skip in report.skipped:
+            if skip.case == name:
+                table.add_row(label, skip.queue, "skipped")
+                label = ""
+    return table
+
+
+def _skip_notes(report: bench_ipc.IpcReport, kind: str) -> str:
+    """Return one caption line per skipped queue of the cases of `kind`."""
+    notes: dict[str, str] = {}
+    for skip in report.skipped:
+        if bench_ipc.CASES[skip.case].kind == kind:
+            notes.setdefault(skip.queue, skip.reason)
+    return "".join(f"\n{queue} skipped: {escape(reason)}"
+                   for queue, reason in notes.items())
+
+
+def _format_ratio(value: float | None) -> str:
+    """Format a ratio with 2 decimals, 3 below 0.1, or in e-notation."""
+    if value is None:
+        return "-"
+    if value >= 0.1:
+        return f"{value:.2f}x"
+    if value >= 0.001:
+        return f"{value:.3f}x"
+    return f"{value:.1e}x"
+
+
+def _format_us(nanoseconds: float) -> str:
+    return f"{nanoseconds / 1e3:,.2f}"
+
+
+def _latency_table(report: bench_ipc.IpcReport) -> Table:
+    reference = bench_ipc.REFERENCE_QUEUE
+    totals = {result.total_round_trips for result in report.latency}
+    trips = (f", {totals.pop():,} round trips per queue"
+             if len(totals) == 1 else "")
+    table = Table(
+        title=f"Cross-process round trip (ping-pong) of 64 B, "
+              f"microseconds{trips}",
+        caption=f"Percentiles over the round trips of all timed runs. "
+                f"p50 x mp.Queue: ratio to the p50 of {reference}; "
+                f"lower is faster." + _skip_notes(report, "pingpong"))
+    table.add_column("queue", no_wrap=True)
+    table.add_column("p50", justify="right")
+    table.add_column("p90", justify="right")
+    table.add_column("p99", justify="right")
+    table.add_column("mean", justify="right")
+    table.add_column("p50 x mp.Queue", justify="right")
+    for result in report.latency:
+        table.add_row(
+            result.queue, _format_us(result.p50_ns),
+            _format_us(result.p90_ns), _format_us(result.p99_ns),
+            _format_us(result.mean_ns),
+            _format_ratio(result.p50_ratio_to_reference))
+    for skip in report.skipped:
+        if bench_ipc.CASES[skip.case].kind == "pingpong":
+            table.add_row(skip.queue, "skipped")
+    return table
+
+
+def _ratios_table(
+        ratios: list[bench.RatioResult],
+        unmeasured: list[tuple[bench.TrackedRatio, str]]) -> Table:
+    table = Table(title="Tracked ratios (throughput: of medians; "
+                        "latency: of p50)")
     table.add_column("ratio")
     table.add_column("value", justify="right")
     table.add_column("target", justify="right")
     table.add_column("status")
     for ratio in ratios:
         status = "[green]met[/green]" if ratio.met else "[red]missed[/red]"
-        table.add_row(ratio.tracked.name, f"{ratio.value:.2f}x",
-                      f">= {ratio.tracked.target:g}x", status)
+        table.add_row(ratio.tracked.name, _format_ratio(ratio.value),
+                      f"{ratio.tracked.comparison} {ratio.tracked.target:g}x",
+                      status)
+    for tracked, reason in unmeasured:
+        table.add_row(tracked.name, "-",
+                      f"{tracked.comparison} {tracked.target:g}x",
+                      "not measured")
+    notes = dict.fromkeys(reason for _, reason in unmeasured)
+    if notes:
+        table.caption = "not measured: " + "\n".join(
+            escape(note) for note in notes)
     return table
 
 
