@@ -9,7 +9,6 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,7 +108,7 @@ struct mqs_seglog {
     pthread_mutex_t sync_mu;
     pthread_cond_t sync_cv;
     pthread_cond_t gather_cv;       /* CLOCK_MONOTONIC */
-    _Atomic int sync_running;       /* written under sync_mu */
+    int sync_running;
     int sync_gathering;
     int sync_callers;               /* threads inside mqs_seglog_sync */
     int last_round_callers;         /* callers the last sync served */
@@ -1250,19 +1249,20 @@ static void deadline_after(struct timespec *ts, int64_t ns);
 
 /*
  * Leader of a sync: when the previous sync served several callers, wait
- * up to about one sync's duration (20 us to 1 ms) for as many to arrive,
- * so that threads which append in turn share one sync instead of
- * alternating between a sync of one and a sync of the rest. Called with
- * sync_mu held.
+ * up to two sync durations (20 us to 2 ms) for as many to arrive. Each
+ * thread has one record in flight, so without this wait the threads
+ * split into two halves whose syncs alternate; with it, one sync covers
+ * nearly all of them (7.5 of 8 threads measured on a 2-core VM, against
+ * 4.4 without). Called with sync_mu held.
  */
 static void gather_callers(mqs_seglog_t *log)
 {
     struct timespec deadline;
-    int64_t wait_ns = log->last_sync_ns;
+    int64_t wait_ns = 2 * log->last_sync_ns;
 
     if (log->last_round_callers < 2)
         return;
-    wait_ns = wait_ns < 20000 ? 20000 : wait_ns > 1000000 ? 1000000 : wait_ns;
+    wait_ns = wait_ns < 20000 ? 20000 : wait_ns > 2000000 ? 2000000 : wait_ns;
     deadline_after(&deadline, wait_ns);
     log->sync_gathering = 1;
     while (log->sync_callers < log->last_round_callers) {
@@ -1271,31 +1271,6 @@ static void gather_callers(mqs_seglog_t *log)
             break;
     }
     log->sync_gathering = 0;
-}
-
-/*
- * With other callers around, wait for the running sync by yielding the
- * CPU instead of sleeping, for at most one sync's duration (2 ms cap).
- * A sleeping thread costs a wake-up later, and the threads that must run
- * meanwhile (appenders handing the GIL on) start sooner on a CPU that is
- * not idle. Returns 1 if it spun (re-check the state), 0 if the caller
- * should sleep. Called and returns with sync_mu held.
- */
-static int spin_while_syncing(mqs_seglog_t *log, int64_t target_offset)
-{
-    int64_t spin_ns = log->last_sync_ns, until;
-
-    if (log->sync_callers < 3 || spin_ns <= 0)
-        return 0;
-    until = monotonic_ns() + (spin_ns < 2000000 ? spin_ns : 2000000);
-    pthread_mutex_unlock(&log->sync_mu);
-    while (atomic_load(&log->sync_running) &&
-           atomic_load(&log->synced_offset) < target_offset &&
-           !atomic_load(&log->poison_errno) && monotonic_ns() < until)
-        sched_yield();
-    pthread_mutex_lock(&log->sync_mu);
-    return !atomic_load(&log->sync_running) ||
-           atomic_load(&log->synced_offset) >= target_offset;
 }
 
 static int sync_leave(mqs_seglog_t *log, int status)
@@ -1329,8 +1304,6 @@ int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
             return sync_leave(log, MQS_OK);
         if (!log->sync_running)
             break;
-        if (spin_while_syncing(log, target_offset))
-            continue;
         pthread_cond_wait(&log->sync_cv, &log->sync_mu);
     }
 
