@@ -129,6 +129,22 @@ static void list_sort(mqs_wheel_t *w, uint32_t list)
     mqs_wheel_mark_sorted(w, list);
 }
 
+/*
+ * Precompute mqs_wheel_div for divisor d >= 1 (figure 4.1 of Granlund and
+ * Montgomery): l = ceil(log2 d), magic = floor(2^64 * (2^l - d) / d) + 1,
+ * shift1 = min(l, 1), shift2 = max(l - 1, 0). d < 2^63, so l <= 63 and
+ * the magic fits in 64 bits.
+ */
+static void set_divisor(mqs_wheel_t *w, uint64_t d)
+{
+    int l = d == 1 ? 0 : 64 - __builtin_clzll(d - 1);
+    mqs_u128 scaled = (mqs_u128)(((uint64_t)1 << l) - d) << 64;
+
+    w->tick_magic = (uint64_t)(scaled / d) + 1;
+    w->tick_shift1 = (uint8_t)(l < 1 ? l : 1);
+    w->tick_shift2 = (uint8_t)(l > 1 ? l - 1 : 0);
+}
+
 int mqs_wheel_init(mqs_wheel_t *w, size_t size_bytes, int64_t tick_ns,
                    int64_t start_ns)
 {
@@ -141,6 +157,7 @@ int mqs_wheel_init(mqs_wheel_t *w, size_t size_bytes, int64_t tick_ns,
     memset(w, 0, MQS_WHEEL_HEADER_BYTES);
     w->layout_version = MQS_WHEEL_LAYOUT_VERSION;
     w->tick_ns = tick_ns;
+    set_divisor(w, (uint64_t)tick_ns);
     w->origin_ns = start_ns;
     w->now_ns = start_ns;
     w->now_tick = 0;

@@ -7,10 +7,11 @@
  * shared mapping and may be moved by realloc.
  *
  *   offset                   contents
- *   0                        header, MQS_WHEEL_HEADER_BYTES (4744):
+ *   0                        header, MQS_WHEEL_HEADER_BYTES (4752):
  *                              layout_version, capacity, count, free_head,
- *                              tick_ns, origin_ns, now_ns, now_tick,
- *                              unsorted0, due_unsorted,
+ *                              tick_ns, tick_magic, origin_ns, now_ns,
+ *                              now_tick, unsorted0, due_unsorted,
+ *                              tick_shift1, tick_shift2,
  *                              occupied[MQS_WHEEL_LEVELS]   (bitmaps)
  *                              min_deadline_ns[MQS_WHEEL_LISTS]
  *                              heads[MQS_WHEEL_LISTS]
@@ -28,8 +29,8 @@
  *
  * Time is int64 nanoseconds on the caller's clock: the wheel never reads a
  * clock, so tests pass in any time they like. Ticks count tick_ns steps
- * from origin_ns (the start time given to mqs_wheel_init); tick t holds the
- * deadlines in (origin_ns + (t - 1) * tick_ns, origin_ns + t * tick_ns].
+ * from origin_ns (the start time given to mqs_wheel_init). Tick t contains
+ * the deadlines in (origin_ns + (t - 1) * tick_ns, origin_ns + t * tick_ns].
  *
  * Lists: every timer sits on one circular doubly linked list threaded
  * through next/prev. heads[list] is its first entry, whose prev is the
@@ -37,6 +38,9 @@
  *   level * 64 + slot    a wheel slot (MQS_WHEEL_LEVELS levels of 64)
  *   MQS_WHEEL_DUE        timers inserted with deadline <= now_ns
  *   MQS_WHEEL_OVERFLOW   timers beyond the top level
+ * Lists are kept in insertion order. unsorted0 (a bit per level-0 slot)
+ * and due_unsorted mark the lists that may be out of deadline order; a
+ * stable merge sort fixes such a list just before it fires.
  *
  * Placement: a timer due in tick t goes to level k = msb(t ^ now_tick) / 6,
  * slot (t >> 6k) & 63, where now_tick is the wheel's current tick. So each
@@ -45,9 +49,9 @@
  * non-empty bitmap. When now_tick reaches the start of a level-k slot, its
  * timers move down to lower levels (cascading), and a timer reaches
  * level 0 in its own tick. Level 0 slot (now_tick & 63), the current slot,
- * holds the timers due in the current tick; it is sorted by deadline
+ * contains the timers due in the current tick. It is sorted by deadline
  * before it fires, so mqs_wheel_advance(now) fires exactly the timers whose
- * deadline is at or before now: never early, never a tick late. The tick
+ * deadline is at or before now: never early, and not a tick late either. The tick
  * sets the bucket width only: a coarse tick puts more timers in one slot
  * to sort, a fine one cascades more often and reaches the overflow list
  * sooner (the levels span 2^36 ticks: 795 days at 1 ms).
@@ -78,7 +82,7 @@
 #define MQS_WHEEL_NIL UINT32_MAX /* no entry */
 #define MQS_WHEEL_MAX_CAPACITY (UINT32_MAX - 1u)
 #define MQS_WHEEL_ENTRY_BYTES 32
-#define MQS_WHEEL_HEADER_BYTES 4744
+#define MQS_WHEEL_HEADER_BYTES 4752
 
 typedef struct mqs_wheel_entry {
     int64_t deadline_ns;
@@ -96,6 +100,7 @@ typedef struct mqs_wheel {
     uint32_t count;      /* pending timers */
     uint32_t free_head;  /* first free entry, or MQS_WHEEL_NIL */
     int64_t tick_ns;
+    uint64_t tick_magic; /* division by tick_ns: see mqs_wheel_div */
     int64_t origin_ns;   /* time of tick 0 */
     /* Every timer with deadline <= now_ns has fired, except those on the
      * due list. Updated only when an advance completes. */
@@ -103,7 +108,9 @@ typedef struct mqs_wheel {
     uint64_t now_tick;   /* current tick: level 0 slot now_tick & 63 */
     uint64_t unsorted0;  /* level-0 slots that may be out of order */
     uint32_t due_unsorted;
-    uint32_t reserved;
+    uint8_t tick_shift1;
+    uint8_t tick_shift2;
+    uint16_t reserved;
     uint64_t occupied[MQS_WHEEL_LEVELS]; /* bit s: slot s is not empty */
     /* Per list, at or below the earliest deadline on it: exact unless the
      * earliest timer was cancelled. INT64_MAX when the list is empty. */
@@ -177,8 +184,8 @@ int mqs_wheel_grow(mqs_wheel_t *w, size_t size_bytes);
  * Fire the timers whose deadline is at or before `now_ns`: remove them
  * and write their payloads to payloads[0 .. *n_fired), in deadline order
  * and, for equal deadlines, insertion order. A now_ns below the largest
- * one already passed counts as that one. Work is proportional to the
- * slots with timers, never to the ticks passed.
+ * one already passed counts as that one. The work grows with the timers
+ * fired or cascaded, never with the ticks passed.
  * Returns MQS_OK when every due timer is out, or MQS_EFULL when
  * `max_fired` payloads are out and at least one more is due: call again
  * with the same or a later now_ns to get the rest, in order.
@@ -187,10 +194,10 @@ int mqs_wheel_advance(mqs_wheel_t *w, int64_t now_ns, uint64_t *payloads,
                       size_t max_fired, size_t *n_fired);
 
 /*
- * Store in *deadline_ns a time at or before the earliest pending deadline:
- * exact unless the timer holding the earliest deadline on its list was
+ * Store in *deadline_ns a time at or before the earliest pending deadline.
+ * It is exact unless the timer with the earliest deadline on its list was
  * cancelled, in which case an advance at that time may fire nothing. For
- * timers on the due list it is in the past. Reads the bitmaps only.
+ * timers on the due list it is in the past. O(levels): a few bit scans.
  * Returns MQS_OK, or MQS_EEMPTY when no timer is pending.
  */
 int mqs_wheel_next_deadline(const mqs_wheel_t *w, int64_t *deadline_ns);
@@ -219,6 +226,8 @@ int mqs_wheel_check(const mqs_wheel_t *w);
  */
 #define MQS_WHEEL_SLOT_MASK ((uint64_t)MQS_WHEEL_SLOTS - 1)
 
+__extension__ typedef unsigned __int128 mqs_u128; /* GCC and Clang */
+
 static inline int mqs_wheel_is_level0(uint32_t list)
 {
     return list < MQS_WHEEL_SLOTS;
@@ -234,15 +243,29 @@ static inline uint64_t mqs_wheel_bit(uint32_t index)
     return (uint64_t)1 << index;
 }
 
+/*
+ * n / tick_ns, exact for every uint64 n, without a divide instruction
+ * (20 to 90 cycles on x86-64 for 64 bits). This is the unsigned division
+ * by an invariant integer of Granlund and Montgomery, "Division by
+ * Invariant Integers using Multiplication" (PLDI 1994), figure 4.1:
+ * q = (t + ((n - t) >> shift1)) >> shift2 with t = mulhi(magic, n).
+ */
+static inline uint64_t mqs_wheel_div(const mqs_wheel_t *w, uint64_t n)
+{
+    uint64_t t = (uint64_t)(((mqs_u128)w->tick_magic * n) >> 64);
+
+    return (t + ((n - t) >> w->tick_shift1)) >> w->tick_shift2;
+}
+
 /* Tick of a deadline later than origin_ns: ceil((d - origin) / tick). The
  * difference is taken in uint64, where it is exact for any d > origin. */
 static inline uint64_t mqs_wheel_tick_of(const mqs_wheel_t *w,
                                          int64_t deadline_ns)
 {
     uint64_t since = (uint64_t)deadline_ns - (uint64_t)w->origin_ns;
-    uint64_t tick = (uint64_t)w->tick_ns;
+    uint64_t quotient = mqs_wheel_div(w, since);
 
-    return since / tick + (since % tick != 0);
+    return quotient + (since != quotient * (uint64_t)w->tick_ns);
 }
 
 static inline int mqs_wheel_level_of(uint64_t tick, uint64_t now_tick)

@@ -14,6 +14,8 @@ cimport cython
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_AsDouble
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.exc cimport PyErr_Clear
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.ref cimport Py_INCREF
 from cpython.mem cimport (
     PyMem_Free,
     PyMem_Malloc,
@@ -184,7 +186,7 @@ cdef class TimingWheel:
     there and never fires, so a huge delay is never early.
 
     Memory: 40 bytes per timer the wheel has room for (a 32-byte C slab
-    entry and an 8-byte item reference), plus a 4,744-byte header. Since
+    entry and an 8-byte item reference), plus a 4,752-byte header. Since
     the room doubles when full, that is 40 to 80 bytes per pending timer;
     create the wheel with the capacity you need to stay at 40. `nbytes`
     gives the total. The items themselves and any handles you keep are
@@ -364,6 +366,7 @@ cdef class TimingWheel:
         cdef uint64_t handle = 0
         cdef uint32_t index
         cdef object delay
+        cdef object handle_object
         cdef list handles
         if len(values) != n:
             raise ValueError(
@@ -391,14 +394,17 @@ cdef class TimingWheel:
             now_ns = self._now_ns()
             self._reserve(n)
 
-            handles = [None] * n
+            handles = PyList_New(n)
             for i in range(n):
                 index = mqs_wheel_next_index(self._wheel)
                 mqs_wheel_insert(self._wheel,
                                  mqs_wheel_add_ns(now_ns, deadlines[i]),
                                  index, &handle)
                 self._items[index] = values[i]
-                handles[i] = handle
+                handle_object = handle
+                # PyList_SET_ITEM steals a reference to a new list's slot.
+                Py_INCREF(handle_object)
+                PyList_SET_ITEM(handles, i, handle_object)
         finally:
             PyMem_Free(deadlines)
         return handles

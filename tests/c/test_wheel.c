@@ -615,6 +615,50 @@ static void run_random(uint64_t seed, int64_t tick_ns, int64_t start_ns,
     free(w);
 }
 
+/* The multiply-and-shift division must equal the divide instruction. */
+static void test_tick_division_is_exact(void)
+{
+    size_t bytes = mqs_wheel_size_bytes(1);
+    mqs_wheel_t *w = malloc(bytes);
+    uint64_t divisors[4096];
+    size_t n_divisors = 0, k, j;
+    int shift, wrong = 0;
+
+    for (k = 1; k <= 1000; k++)
+        divisors[n_divisors++] = k;
+    for (shift = 10; shift < 63; shift++) {
+        divisors[n_divisors++] = ((uint64_t)1 << shift) - 1;
+        divisors[n_divisors++] = (uint64_t)1 << shift;
+        divisors[n_divisors++] = ((uint64_t)1 << shift) + 1;
+    }
+    divisors[n_divisors++] = 1000000;
+    divisors[n_divisors++] = 999999937;
+    divisors[n_divisors++] = (uint64_t)INT64_MAX;
+    rng_state = 99;
+    while (n_divisors < 2000)
+        divisors[n_divisors++] = 1 + next_random() % (uint64_t)INT64_MAX;
+
+    for (k = 0; k < n_divisors && !wrong; k++) {
+        uint64_t d = divisors[k];
+        uint64_t numerators[] = {0, 1, d - 1, d, d + 1, 2 * d - 1, 2 * d,
+                                 UINT64_MAX, UINT64_MAX - 1,
+                                 UINT64_MAX - d, next_random(),
+                                 next_random() >> 20, next_random() >> 40};
+
+        CHECK(mqs_wheel_init(w, bytes, (int64_t)d, 0) == MQS_OK);
+        for (j = 0; j < sizeof(numerators) / sizeof(numerators[0]); j++) {
+            if (mqs_wheel_div(w, numerators[j]) != numerators[j] / d) {
+                fprintf(stderr, "division wrong: %llu / %llu\n",
+                        (unsigned long long)numerators[j],
+                        (unsigned long long)d);
+                wrong = 1;
+            }
+        }
+    }
+    CHECK(!wrong);
+    free(w);
+}
+
 static void test_random_against_model(void)
 {
     run_random(1, MS, 0, 20000, 1);
@@ -642,6 +686,7 @@ int main(void)
     test_next_deadline_is_lower_bound_after_cancel();
     test_drain_returns_every_payload();
     test_check_detects_corruption();
+    test_tick_division_is_exact();
     test_random_against_model();
 
     if (failures) {
