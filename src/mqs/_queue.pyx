@@ -274,6 +274,18 @@ cdef int64_t _deadline_ns(object timeout) except -2:
     return mqs_monotonic_ns() + <int64_t>(seconds * 1e9)
 
 
+cdef inline int _check_timeout(bint block, object timeout) except -1:
+    """Reject a bad timeout even when the call need not wait.
+
+    `queue.Queue.get`, `queue.SimpleQueue.get` and a bounded
+    `queue.Queue.put` check the timeout before they look at the queue, so
+    a bad timeout raises even when an item or a free slot is at hand.
+    """
+    if block and timeout is not None:
+        _deadline_ns(timeout)
+    return 0
+
+
 cdef int64_t _check_max_items(object max_items) except -1:
     if not isinstance(max_items, int) or isinstance(max_items, bool):
         raise TypeError(
@@ -389,8 +401,10 @@ cdef class SimpleQueue:
         ValueError
             If `timeout` is negative.
         """
-        cdef PyObject *item = _chain_pop(&self._chain)
+        cdef PyObject *item
         cdef object result
+        _check_timeout(block, timeout)
+        item = _chain_pop(&self._chain)
         if item != NULL:
             result = <object>item
             Py_DECREF(result)
@@ -447,6 +461,7 @@ cdef class SimpleQueue:
         """
         cdef int64_t limit = _check_max_items(max_items)
         cdef list out = []
+        _check_timeout(block, timeout)
         if _chain_pop_many(&self._chain, out, limit):
             return out
         out.append(self._get_slow(block, timeout))
@@ -593,8 +608,10 @@ cdef class Queue:
         """
         if self._shutdown:
             raise ShutDown("put on a shut-down queue")
-        if self._maxsize and self._chain.count >= self._maxsize:
-            self._wait_not_full(block, timeout)
+        if self._maxsize:
+            _check_timeout(block, timeout)
+            if self._chain.count >= self._maxsize:
+                self._wait_not_full(block, timeout)
         _chain_push(&self._chain, <PyObject *>item)
         self._unfinished += 1
         mqs_wait_signal_locked(&self._not_empty, 0)
@@ -689,8 +706,10 @@ cdef class Queue:
         ValueError
             If `timeout` is negative.
         """
-        cdef PyObject *item = _chain_pop(&self._chain)
+        cdef PyObject *item
         cdef object result
+        _check_timeout(block, timeout)
+        item = _chain_pop(&self._chain)
         if item != NULL:
             mqs_wait_signal_locked(&self._not_full, 0)
             result = <object>item
@@ -743,6 +762,7 @@ cdef class Queue:
         """
         cdef int64_t limit = _check_max_items(max_items)
         cdef list out = []
+        _check_timeout(block, timeout)
         if not _chain_pop_many(&self._chain, out, limit):
             out.append(self._get_slow(block, timeout))
             if limit > 1:
