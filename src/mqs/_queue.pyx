@@ -677,6 +677,12 @@ cdef class Queue:
                 self._unfinished += room
                 mqs_wait_signal_locked(&self._not_empty, 0)
                 continue
+            if batch is items:
+                # The wait releases the GIL, so another thread may change
+                # the caller's list. A shorter list would fail the push
+                # after its claim and leave unwritten slots in the ring,
+                # so push the rest from a private copy.
+                batch = list(batch)
             try:
                 self._wait_not_full(
                     block, None if deadline <= 0 else
