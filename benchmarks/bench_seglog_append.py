@@ -68,9 +68,9 @@ def main(argv=None):
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiplies the records per round "
                              "(default: 1.0)")
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeat", type=int, default=5,
                         help="timed rounds per case after one warm-up "
-                             "round (default: 3)")
+                             "round (default: 5)")
     parser.add_argument("--cases", nargs="+", metavar="CASE",
                         choices=bench_seglog.CASE_NAMES,
                         help="cases to run (default: all)")

@@ -311,7 +311,10 @@ cdef class SegmentLog:
     retry could report success for lost data). Reads keep working.
 
     Views returned by `read`, `read_record` and `read_batch` keep their
-    segment mapped, even past retention or `close`, until released.
+    segment mapped, even past retention or `close`, until released. A
+    read-only handle keeps every segment it has opened mapped until it
+    is closed, so the disk space of segments that retention deleted
+    meanwhile is freed only then.
     Only one process may write a log; a writer handle must not be used
     in a forked child.
     """
@@ -384,9 +387,15 @@ cdef class SegmentLog:
         _log_recovery(self.path, self._recovery)
 
     def __dealloc__(self):
-        if self._log != NULL:
-            mqs_seglog_close(self._log)
-            self._log = NULL
+        cdef mqs_seglog_t *log = self._log
+        if log == NULL:
+            return
+        self._log = NULL
+        # The flusher thread may be waiting for the GIL inside a sync
+        # hook; closing joins it, so the GIL must be free meanwhile.
+        with nogil:
+            mqs_seglog_set_sync_hook(log, NULL, NULL)
+            mqs_seglog_close(log)
 
     # ---- helpers ---------------------------------------------------------
 

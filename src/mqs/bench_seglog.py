@@ -66,14 +66,14 @@ SEGMENT_BYTES = 256 << 20
 # Records per round at scale 1. The "always" and peer cases sync per
 # record, so they get far fewer records than the page-cache cases.
 BASE_COUNTS = {
-    "always": 2_000,
-    "many": 50_000,
-    "threads": 8_000,
-    "fast": 200_000,
-    "large": 50_000,
-    "peer": 2_000,
-    "read_batch": 2_000_000,
-    "raw_bytes": 256 << 20,
+    "always": 3_000,
+    "many": 100_000,
+    "threads": 16_000,
+    "fast": 1_000_000,
+    "large": 100_000,
+    "peer": 3_000,
+    "read_batch": 4_000_000,
+    "raw_bytes": 512 << 20,
 }
 
 # Targets of the tracked ratios: (numerator case, denominator case or
@@ -487,7 +487,7 @@ def _ratio(results: dict[str, dict], numerator: str,
 
 
 def run_seglog_bench(directory: str | None = None, scale: float = 1.0,
-                     repeat: int = 3,
+                     repeat: int = 5,
                      cases: Sequence[str] | None = None,
                      progress: Callable[[str], None] | None = None) -> dict:
     """Run the segment log benchmark and return the results as a dict.
@@ -498,8 +498,8 @@ def run_seglog_bench(directory: str | None = None, scale: float = 1.0,
         Where the logs and peer files are written (a fresh subdirectory
         per round, removed afterwards).
     scale : float
-        Multiplies the records per round (1.0: about two minutes on 2
-        cores with every peer installed).
+        Multiplies the records per round (1.0 with the default `repeat`:
+        about a minute on 2 cores with every peer installed).
     repeat : int
         Timed rounds per case, after one warm-up round.
     cases : sequence of str or None
