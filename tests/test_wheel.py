@@ -7,8 +7,11 @@ whose time is at or past its deadline, in (deadline, scheduling order).
 
 import gc
 import math
+import pathlib
 import pickle
 import random
+import subprocess
+import sys
 import time
 import tracemalloc
 import weakref
@@ -532,6 +535,17 @@ def test_repr_shows_state():
 def test_wheel_type_is_generic():
     alias = mqs.TimingWheel[int]
     assert alias.__origin__ is mqs.TimingWheel
+
+
+def test_wheel_stub_type_checks_usage():
+    pytest.importorskip("mypy")
+    usage = pathlib.Path(__file__).parent / "typing" / "wheel_usage.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+         "--cache-dir=/dev/null", str(usage)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---- comparison with a sorted-list model ----

@@ -25,8 +25,9 @@ The schedulers:
   entry, and marked entries skipped as they are popped.
 - ``sched.scheduler``: `enterabs`, `cancel` and `run(blocking=False)` with
   a simulated `timefunc`. Its cancel is a list removal plus a re-heapify,
-  O(n), so it gets at most `SCHED_MAX_COUNT` timers and cancels for at most
-  `SCHED_CANCEL_BUDGET_S` seconds; the result records how many it did.
+  which is O(n). So it gets at most `SCHED_MAX_COUNT` timers and cancels
+  for at most `SCHED_CANCEL_BUDGET_S` seconds, and the result records how
+  many operations it did.
 - ``asyncio.call_at``: `loop.call_at` on a loop that is not running, whose
   `time` returns the simulated clock; `TimerHandle.cancel`; each step runs
   the loop once (`call_soon(loop.stop)` then `run_forever`).
