@@ -1108,8 +1108,10 @@ static int start_writer(mqs_seglog_t *log)
     last->synced_pos = last->end_pos;
     atomic_store(&log->pub_pos, (int64_t)last->end_pos);
     atomic_store(&log->pub_offset, last->next_offset);
-    atomic_store(&log->synced_offset,
-                 is_durable(log) ? last->next_offset : last->base_offset);
+    /* "never" claims nothing synced until a flush. */
+    atomic_store(&log->synced_offset, is_durable(log)
+                                          ? last->next_offset
+                                          : log->segs[0]->base_offset);
     if (log->cfg.fsync_mode == MQS_SEGLOG_FSYNC_INTERVAL) {
         if (pthread_create(&log->flusher, NULL, flusher_main, log) != 0)
             return MQS_ENOMEM;
@@ -1657,6 +1659,33 @@ int mqs_seglog_append(mqs_seglog_t *log, const mqs_seglog_entry_t *entries,
 
 static int open_new_segments(mqs_seglog_t *log);
 
+/*
+ * Read-only: a writer that needs a larger segment than its empty active
+ * one renames a new file over it (replace_empty_active). When the file
+ * under the last segment's name is no longer the one mapped here, map
+ * the new one in its place.
+ */
+static int reopen_if_replaced(mqs_seglog_t *log)
+{
+    mqs_segment_t *old = log->segs[log->nsegs - 1], *seg;
+    struct stat named, mapped;
+    int rc;
+
+    if (fstatat(log->dir_fd, old->name, &named, 0) != 0 ||
+        fstat(old->fd, &mapped) != 0 || named.st_ino == mapped.st_ino)
+        return MQS_OK;
+    rc = segment_open(log, old->base_offset, &seg);
+    if (rc != MQS_OK)
+        return rc == MQS_EIO && log->last_errno == ENOENT ? MQS_OK : rc;
+    log->segs[log->nsegs - 1] = seg;
+    if (log->hint_seg == old)
+        log->hint_seg = NULL;
+    mqs_seglog_segment_release(old);
+    segment_walk(seg, seg->map_bytes, 0, NULL);
+    seg->indexed = 1;
+    return MQS_OK;
+}
+
 /* Read-only: extend the last segment's walk, and follow its seal to the
  * next segment file. */
 int mqs_seglog_refresh(mqs_seglog_t *log)
@@ -1671,10 +1700,15 @@ int mqs_seglog_refresh(mqs_seglog_t *log)
             return open_new_segments(log);
         last = log->segs[log->nsegs - 1];
         if (!last->sealed) {
+            int64_t before = last->next_offset;
             segment_walk(last, last->map_bytes, 0, NULL);
             seal_load(last);
-            if (!last->sealed)
+            if (!last->sealed) {
+                if (last->next_offset == before &&
+                    before == last->base_offset)
+                    return reopen_if_replaced(log);
                 return MQS_OK;
+            }
             /* The writer sealed it after our walk: finish the walk. */
             segment_walk(last, last->seal_end_pos, 0, NULL);
         }

@@ -73,9 +73,10 @@
  *   +24 u32 epoch low bits  +28 u32 CRC-32C of bytes [0, 28)
  *
  * Records of that segment below `position` were synced and verified, so
- * recovery checks CRCs only from there on; sealed segments are trusted
- * (their records were synced before the seal was written), and every
- * read still checks the CRC of the record it returns.
+ * recovery checks CRCs only from there on. Sealed segments are not
+ * re-verified on open (in the "always" and "interval" modes their
+ * records were synced before the seal was written), and every read
+ * still checks the CRC of the record it returns.
  *
  * Threads: every function below that takes a log must be called by one
  * thread at a time (the Python binding holds the GIL), except

@@ -395,6 +395,30 @@ static void test_readonly_handle_follows_writer(void)
     CHECK_EQ(mqs_seglog_close(log), MQS_OK);
 }
 
+static void test_reader_follows_replaced_empty_segment(void)
+{
+    char path[300];
+    mqs_seglog_t *log, *reader;
+    mqs_seglog_config_t rc = config(8192, MQS_SEGLOG_FSYNC_NEVER);
+    mqs_seglog_record_t r;
+
+    log_dir(path, sizeof path, "replace");
+    log = open_log(path, config(8192, MQS_SEGLOG_FSYNC_NEVER), NULL);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+    rc.readonly = 1;
+    reader = open_log(path, rc, NULL);
+    CHECK_EQ(mqs_seglog_read(reader, 0, &r), MQS_EEMPTY);
+
+    /* Reopened with larger segments: a record too large for the empty
+     * 8 KiB active segment makes the writer replace that file. */
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_NEVER), NULL);
+    CHECK_EQ(append_sized(log, 10000, 0), 0);
+    CHECK_EQ(mqs_seglog_read(reader, 0, &r), MQS_OK);
+    CHECK(value_matches(&r, 10000, 0));
+    CHECK_EQ(mqs_seglog_close(reader), MQS_OK);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
 static void test_retention_unlinks_old_sealed_segments(void)
 {
     char path[300];
@@ -666,6 +690,7 @@ int main(void)
     test_find_time_returns_first_at_or_after();
     test_second_writer_gets_locked();
     test_readonly_handle_follows_writer();
+    test_reader_follows_replaced_empty_segment();
     test_retention_unlinks_old_sealed_segments();
     test_always_sync_covers_each_record();
     test_group_commit_shares_syncs();
