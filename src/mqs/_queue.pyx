@@ -14,12 +14,12 @@ released, in slices of at most 50 ms so Ctrl-C gets through.
 """
 
 cimport cython
-from cpython.exc cimport PyErr_CheckSignals
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport free, malloc
 
+from mqs._waiting cimport STRATEGY_BLOCK, deadline_ns, park
 from mqs.includes.mqs_atomic cimport MQS_OK
 from mqs.includes.mqs_ring cimport (
     mqs_ring_add_consumer,
@@ -37,13 +37,11 @@ from mqs.includes.mqs_wait cimport (
     mqs_monotonic_ns,
     mqs_wait_finish,
     mqs_wait_init,
-    mqs_wait_park,
     mqs_wait_prepare,
     mqs_waitword_t,
     mqs_wait_signal_locked,
 )
 
-import math
 import types
 
 from mqs.errors import Empty, Full, ShutDown
@@ -55,9 +53,6 @@ __all__ = ["Queue", "SimpleQueue"]
 DEF MIN_SEGMENT = 16
 DEF UNBOUNDED_FIRST_SEGMENT = 1024
 DEF MAX_SEGMENT = 65536
-
-# A blocked call wakes at least this often to run signal handlers.
-DEF WAIT_SLICE_NS = 50000000
 
 
 cdef struct segment_t:
@@ -254,26 +249,6 @@ cdef void _chain_clear(chain_t *chain) noexcept:
     chain.spare = NULL
 
 
-cdef int64_t _deadline_ns(object timeout) except -2:
-    """Turn a stdlib-style timeout into a monotonic deadline (-1: none)."""
-    cdef double seconds
-    if timeout is None:
-        return -1
-    try:
-        seconds = timeout
-    except TypeError:
-        raise TypeError(
-            f"timeout must be a number of seconds or None, got {timeout!r}"
-        ) from None
-    if seconds < 0 or math.isnan(seconds):
-        raise ValueError(
-            f"timeout must be a non-negative number of seconds, "
-            f"got {timeout!r}")
-    if seconds > 1e9:
-        return -1
-    return mqs_monotonic_ns() + <int64_t>(seconds * 1e9)
-
-
 cdef inline int _check_timeout(bint block, object timeout) except -1:
     """Reject a bad timeout even when the call need not wait.
 
@@ -282,7 +257,7 @@ cdef inline int _check_timeout(bint block, object timeout) except -1:
     a bad timeout raises even when an item or a free slot is at hand.
     """
     if block and timeout is not None:
-        _deadline_ns(timeout)
+        deadline_ns(timeout)
     return 0
 
 
@@ -294,27 +269,6 @@ cdef int64_t _check_max_items(object max_items) except -1:
     if max_items < 1:
         raise ValueError(f"max_items must be at least 1, got {max_items!r}")
     return max_items
-
-
-cdef int _park(mqs_waitword_t *word, uint32_t epoch,
-               int64_t deadline) except -1:
-    """Sleep on word with the GIL released, then run signal handlers.
-
-    Returns 1 when the deadline has passed, 0 otherwise; raises what a
-    signal handler raised (KeyboardInterrupt for Ctrl-C).
-    """
-    cdef int64_t now = mqs_monotonic_ns()
-    cdef int64_t left = WAIT_SLICE_NS
-    if deadline >= 0:
-        if now >= deadline:
-            return 1
-        if deadline - now < left:
-            left = deadline - now
-    with nogil:
-        mqs_wait_park(word, epoch, left, 0)
-    if PyErr_CheckSignals() < 0:
-        return -1
-    return 0
 
 
 @cython.auto_pickle(False)
@@ -422,7 +376,7 @@ cdef class SimpleQueue:
         return self._get_slow(False, None)
 
     cdef object _get_slow(self, bint block, object timeout):
-        cdef int64_t deadline = _deadline_ns(timeout) if block else 0
+        cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef uint32_t epoch
         cdef PyObject *item
         cdef object result
@@ -440,11 +394,8 @@ cdef class SimpleQueue:
             if not block:
                 mqs_wait_finish(&self._not_empty)
                 raise Empty()
-            try:
-                if _park(&self._not_empty, epoch, deadline):
-                    raise Empty()
-            finally:
-                mqs_wait_finish(&self._not_empty)
+            if park(&self._not_empty, epoch, deadline, 0, STRATEGY_BLOCK):
+                raise Empty()
 
     def get_many(self, max_items, bint block=True, timeout=None):
         """Remove and return a list of 1 to `max_items` oldest items.
@@ -622,7 +573,7 @@ cdef class Queue:
 
     cdef int _wait_not_full(self, bint block, object timeout) except -1:
         """Wait until count < maxsize; raise Full or ShutDown otherwise."""
-        cdef int64_t deadline = _deadline_ns(timeout) if block else 0
+        cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef uint32_t epoch
         while True:
             epoch = mqs_wait_prepare(&self._not_full)
@@ -635,11 +586,8 @@ cdef class Queue:
             if not block:
                 mqs_wait_finish(&self._not_full)
                 raise Full()
-            try:
-                if _park(&self._not_full, epoch, deadline):
-                    raise Full()
-            finally:
-                mqs_wait_finish(&self._not_full)
+            if park(&self._not_full, epoch, deadline, 0, STRATEGY_BLOCK):
+                raise Full()
 
     def put_many(self, items, bint block=True, timeout=None):
         """Put every item of the iterable `items`, in order.
@@ -664,7 +612,7 @@ cdef class Queue:
         if self._shutdown:
             raise ShutDown("put_many on a shut-down queue", 0)
         if block and timeout is not None:
-            deadline = _deadline_ns(timeout)
+            deadline = deadline_ns(timeout)
         while done < n:
             room = n - done
             if self._maxsize:
@@ -728,7 +676,7 @@ cdef class Queue:
         return self.get(False)
 
     cdef object _get_slow(self, bint block, object timeout):
-        cdef int64_t deadline = _deadline_ns(timeout) if block else 0
+        cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef uint32_t epoch
         cdef PyObject *item
         cdef object result
@@ -747,11 +695,8 @@ cdef class Queue:
             if not block:
                 mqs_wait_finish(&self._not_empty)
                 raise Empty()
-            try:
-                if _park(&self._not_empty, epoch, deadline):
-                    raise Empty()
-            finally:
-                mqs_wait_finish(&self._not_empty)
+            if park(&self._not_empty, epoch, deadline, 0, STRATEGY_BLOCK):
+                raise Empty()
 
     def get_many(self, max_items, bint block=True, timeout=None):
         """Remove and return a list of 1 to `max_items` oldest items.
@@ -801,10 +746,7 @@ cdef class Queue:
             if self._unfinished == 0:
                 mqs_wait_finish(&self._all_done)
                 return
-            try:
-                _park(&self._all_done, epoch, -1)
-            finally:
-                mqs_wait_finish(&self._all_done)
+            park(&self._all_done, epoch, -1, 0, STRATEGY_BLOCK)
 
     def qsize(self):
         """Return the exact number of items in the queue."""
