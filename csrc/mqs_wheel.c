@@ -229,8 +229,15 @@ static uint32_t next_slot(const mqs_wheel_t *w, uint64_t *start)
     return MQS_WHEEL_NIL;
 }
 
-/* First tick of the earliest top-level span (epoch) that may hold an
- * overflow timer; never at or before now_tick. */
+/*
+ * First tick of the earliest top-level span (epoch) that may contain an
+ * overflow timer; never at or before now_tick. When now_tick gets there,
+ * the whole overflow list is placed again.
+ * NOTE: that walk is O(overflow timers), once per epoch that has one of
+ * them. Epochs are 2^36 ticks (795 days at 1 ms), but with a 1 ns tick
+ * they are 69 s, and many far timers mixed with near ones get walked
+ * each time; a coarser tick avoids it.
+ */
 static uint64_t overflow_start(const mqs_wheel_t *w)
 {
     uint64_t earliest =
