@@ -376,8 +376,9 @@ static void index_add(mqs_segment_t *seg, int64_t offset, uint64_t pos,
     seg->max_ts = ts;
     if (seg->tix_n > 0 && pos - seg->tix[seg->tix_n - 1].pos <
                               MQS_SEGLOG_INDEX_INTERVAL_BYTES) {
-        /* Too close to the last entry: raise its maximum instead. That
-         * keeps "max timestamp up to entry i" true for every entry. */
+        /* Too close to the last entry, so skip this one. Every entry
+         * still gives the max timestamp of the records up to it, which
+         * is all a lookup needs. */
         return;
     }
     if (seg->tix_n == seg->tix_cap) {
@@ -440,7 +441,7 @@ static void segment_ensure_indexed(mqs_segment_t *seg)
     seg->indexed = 1;
 }
 
-/* Offset after the last record the segment holds (by its seal, if any). */
+/* Offset after the last record in the segment (by its seal, if any). */
 static int64_t segment_end_offset(const mqs_segment_t *seg)
 {
     return seg->sealed ? seg->seal_next_offset : seg->next_offset;
@@ -695,7 +696,7 @@ static int segment_open(mqs_seglog_t *log, int64_t base, mqs_segment_t **out)
     if (seg->map_bytes < MQS_SEGLOG_MIN_SEGMENT_BYTES ||
         seg->map_bytes > MQS_SEGLOG_MAX_SEGMENT_BYTES)
         goto fail;
-    /* A file shorter than its header says was truncated by someone else,
+    /* A file shorter than its header records was truncated by someone else,
      * and mapping it in full would fault past the end. A writer extends
      * it with zeros, which recovery then treats as a torn tail; a reader
      * cannot. */
@@ -878,7 +879,7 @@ static int checkpoint_write(mqs_seglog_t *log, const mqs_segment_t *seg,
 
 /*
  * End of the last non-zero 8-byte word at or after `from`, or `from` if
- * all is zero. SEEK_DATA skips ranges the file system knows are holes
+ * all is zero. SEEK_DATA skips ranges the file system reports as holes
  * or unwritten; where it is not supported the whole range is read.
  */
 static uint64_t last_nonzero_end(const mqs_segment_t *seg, uint64_t from)
@@ -914,7 +915,7 @@ static uint64_t last_nonzero_end(const mqs_segment_t *seg, uint64_t from)
 }
 
 /* Count records after a cut that still pass length and CRC checks: they
- * are dropped by the cut, and the report says so. */
+ * are dropped by the cut, and the report counts them. */
 static int64_t count_intact_after(const mqs_segment_t *seg, uint64_t from,
                                   uint64_t until)
 {
@@ -1252,10 +1253,12 @@ static void deadline_after(struct timespec *ts, int64_t ns);
 /*
  * Leader of a sync: when the previous sync served several callers, wait
  * up to two sync durations (20 us to 2 ms) for as many to arrive. Each
- * thread has one record in flight, so without this wait the threads
- * split into two halves whose syncs alternate; with it, one sync covers
- * nearly all of them (7.5 of 8 threads measured on a 2-core VM, against
- * 4.4 without). Called with sync_mu held.
+ * thread has one record in flight. Without this wait the threads split
+ * into two halves whose syncs alternate, and with it one sync covers
+ * nearly all of them: 7.1 to 7.7 records per sync for 8 threads against
+ * 4.4 without (case seglog.always.8_threads of
+ * benchmarks/bench_seglog_append.py on a 2-vCPU VM). Called with sync_mu
+ * held.
  */
 static void gather_callers(mqs_seglog_t *log)
 {
@@ -1264,7 +1267,10 @@ static void gather_callers(mqs_seglog_t *log)
 
     if (log->last_round_callers < 2)
         return;
-    wait_ns = wait_ns < 20000 ? 20000 : wait_ns > 2000000 ? 2000000 : wait_ns;
+    if (wait_ns < 20000)
+        wait_ns = 20000;
+    if (wait_ns > 2000000)
+        wait_ns = 2000000;
     deadline_after(&deadline, wait_ns);
     log->sync_gathering = 1;
     while (log->sync_callers < log->last_round_callers) {
@@ -1379,8 +1385,8 @@ static void deadline_after(struct timespec *ts, int64_t ns)
 }
 
 /* "interval": sync whatever is unsynced every fsync_interval_ns, or
- * sooner when an appender asks because fsync_interval_records piled up.
- * Stops for good once the log is poisoned. */
+ * sooner when an appender requests it because fsync_interval_records
+ * piled up. Stops for good once the log is poisoned. */
 static void *flusher_main(void *arg)
 {
     mqs_seglog_t *log = arg;

@@ -254,7 +254,7 @@ int mqs_seglog_close(mqs_seglog_t *log);
  * retention. Does not sync, except what a roll needs: call
  * mqs_seglog_sync for "always".
  * Returns MQS_OK, MQS_EINVAL (n < 1), MQS_ETOOBIG (a record larger than
- * a segment can hold), MQS_EREADONLY, MQS_EPOISONED, MQS_ENOSPACE or
+ * fits in a segment), MQS_EREADONLY, MQS_EPOISONED, MQS_ENOSPACE or
  * MQS_EIO (a new segment could not be created).
  */
 int mqs_seglog_append(mqs_seglog_t *log, const mqs_seglog_entry_t *entries,
@@ -283,7 +283,7 @@ int mqs_seglog_read(mqs_seglog_t *log, int64_t offset,
 
 /*
  * Read up to `max_records` records from `offset`, stopping at the end of
- * the segment that holds it. For Arrow binary_view columns, value_views
+ * the segment that contains it. For Arrow binary_view columns, value_views
  * and key_views (16 bytes per record, may be NULL) get views whose
  * buffer index is 0 and whose offsets are positions in *segment's
  * mapping; key_valid (a bitmap of max_records bits, zeroed by the

@@ -270,8 +270,8 @@ def test_seglog_rejects_record_larger_than_segment(tmp_path):
         assert log.append(b"x" * limit) == 0
         with pytest.raises(mqs.MessageTooLarge,
                            match=f"record value is {limit + 1} bytes with a "
-                                 f"0-byte key, but a segment of 8192 bytes "
-                                 f"holds at most {limit} value bytes"):
+                                 f"0-byte key, but at most {limit} value "
+                                 f"bytes fit in a segment of 8192 bytes"):
             log.append(b"x" * (limit + 1))
         with pytest.raises(ValueError, match="raise segment_bytes"):
             log.append_many([b"ok", b"x" * 9000])

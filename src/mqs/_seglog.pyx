@@ -490,9 +490,9 @@ cdef class SegmentLog:
                 if max_value < 0 or e[i].value_len > max_value:
                     raise MessageTooLarge(
                         f"record value is {e[i].value_len} bytes with a "
-                        f"{e[i].key_len}-byte key, but a segment of "
-                        f"{self._segment_bytes} bytes holds at most "
-                        f"{max(max_value, 0)} value bytes with that key; "
+                        f"{e[i].key_len}-byte key, but at most "
+                        f"{max(max_value, 0)} value bytes fit in a segment "
+                        f"of {self._segment_bytes} bytes with that key; "
                         f"raise segment_bytes or split the record")
         if rc != MQS_OK:
             if rc == MQS_EPOISONED:

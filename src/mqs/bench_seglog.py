@@ -9,7 +9,7 @@ round-robin over the cases (a warm-up round, then `repeat` timed ones),
 so a slow spell of a shared disk hits mqs and its peers alike; each
 result keeps the median, min and max rate.
 
-Cases (records of 100 bytes unless the name says 4 KiB):
+Cases (records of 100 bytes unless the name ends in 4KiB):
 
 - ``seglog.<mode>.<size>``: one thread calls `append` per record with
   ``fsync=`` "always", "interval" or "never".
@@ -248,7 +248,7 @@ def _sqlitequeue_round(workdir: str, count: int) -> _Round:
                                      auto_commit=True)
     elapsed = _timed(lambda: [queue.put(value) for _ in range(count)])
     if queue.qsize() != count:
-        raise BenchmarkError(f"SQLiteQueue holds {queue.qsize()} items, "
+        raise BenchmarkError(f"SQLiteQueue contains {queue.qsize()} items, "
                              f"expected {count}")
     return _Round(count, elapsed)
 
@@ -261,7 +261,7 @@ def _file_queue_round(workdir: str, count: int) -> _Round:
                                tempdir=workdir)
     elapsed = _timed(lambda: [queue.put(value) for _ in range(count)])
     if queue.qsize() != count:
-        raise BenchmarkError(f"persistqueue.Queue holds {queue.qsize()} "
+        raise BenchmarkError(f"persistqueue.Queue contains {queue.qsize()} "
                              f"items, expected {count}")
     return _Round(count, elapsed)
 
@@ -275,7 +275,7 @@ def _litequeue_round(workdir: str, count: int) -> _Round:
     size = queue.qsize()
     queue.close()
     if size != count:
-        raise BenchmarkError(f"litequeue holds {size} items, expected "
+        raise BenchmarkError(f"litequeue contains {size} items, expected "
                              f"{count}")
     return _Round(count, elapsed)
 

@@ -5,7 +5,7 @@ offset, and after each append (or append_many) returns it stores the
 last returned offset in a small shared mapping. The parent kills it with
 SIGKILL at a random moment, or lets a named failpoint (MQS_FAILPOINT)
 kill it at an exact step, then reopens the log and checks that every
-returned offset is there, that every record holds exactly its own bytes
+returned offset is there, that every record contains exactly its own bytes
 (nothing corrupt or duplicated), and that recovery dropped no complete
 record. One log directory lives through all the kills, so crashes also
 hit rolls and retention.
@@ -154,7 +154,7 @@ def verify(path, acked):
         for record in log.iter_from(start):
             assert record.offset == start + count
             assert bytes(record.value) == value_for(record.offset), \
-                f"record {record.offset} holds the wrong bytes"
+                f"record {record.offset} contains the wrong bytes"
             count += 1
         assert count == end - start
     return report
