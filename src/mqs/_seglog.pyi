@@ -42,14 +42,14 @@ class SegmentLog:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        *,
         segment_bytes: int = ...,
         fsync: str = ...,
         fsync_interval_s: float = ...,
-        fsync_interval_records: int = ...,
         retention_bytes: int | None = ...,
         retention_s: float | None = ...,
         readonly: bool = ...,
+        *,
+        fsync_interval_records: int = ...,
     ) -> None: ...
     def append(
         self,

@@ -268,9 +268,6 @@ cdef class SegmentLog:
           like "interval"; a power loss may lose anything not flushed.
     fsync_interval_s : float
         "interval" only: max age in seconds of an unsynced record.
-    fsync_interval_records : int
-        "interval" only: sync early once this many records are unsynced
-        (0 disables the count).
     retention_bytes : int or None
         Delete the oldest sealed segments while all segments together
         exceed this many bytes. Checked when a segment fills up, and by
@@ -281,6 +278,9 @@ cdef class SegmentLog:
         Open without the writer lock, for reading only, e.g. in another
         process while a writer appends. Reads past the known end look
         for new records first.
+    fsync_interval_records : int
+        "interval" only: sync early once this many records are unsynced
+        (0 disables the count).
 
     Raises
     ------
@@ -319,9 +319,10 @@ cdef class SegmentLog:
     in a forked child.
     """
 
-    def __cinit__(self, path, *, segment_bytes=64 << 20, fsync="interval",
-                  fsync_interval_s=0.05, fsync_interval_records=10_000,
-                  retention_bytes=None, retention_s=None, readonly=False):
+    def __cinit__(self, path, segment_bytes=64 << 20, fsync="interval",
+                  fsync_interval_s=0.05, retention_bytes=None,
+                  retention_s=None, readonly=False, *,
+                  fsync_interval_records=10_000):
         cdef mqs_seglog_config_t config
         cdef mqs_seglog_recovery_t report
         cdef int os_errno = 0
