@@ -249,12 +249,17 @@ static int pad_record_locked(mqs_bytering_t *ring, int64_t position,
     atomic_store_explicit(&rec->owner, (uint16_t)owner, memory_order_relaxed);
     atomic_store_explicit(&rec->commit, commit_tag(ring, position),
                           memory_order_release);
-    atomic_fetch_add_explicit(&h->committed.v, 1, memory_order_acq_rel);
+    /* Padding is no message: committed and consumed leave it out, so
+     * mqs_br_count stays exact. The dead producer reserved a place in a
+     * bounded ring for it; give that place back. */
+    if (h->config.v.maxsize != 0)
+        atomic_fetch_sub_explicit(&h->reserved.v, 1, memory_order_acq_rel);
     atomic_fetch_add_explicit(&h->counters.v.repaired_records, 1,
                               memory_order_relaxed);
     atomic_fetch_add_explicit(&h->counters.v.repaired_bytes, size,
                               memory_order_relaxed);
     mqs_wait_signal(&h->not_empty.v, 1);
+    mqs_wait_signal(&h->not_full.v, 1);
     return 1;
 }
 
@@ -594,7 +599,11 @@ int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
                 &g->head, &head, head + size, memory_order_acq_rel,
                 memory_order_acquire))
             continue;
-        atomic_fetch_add_explicit(&g->consumed, 1, memory_order_acq_rel);
+        /* NOTE: a consumer killed between the CAS and this increment
+         * leaves the count one too high for good (and, with maxsize, one
+         * place short); nothing records which of the two it reached. */
+        if (type != MQS_BR_TYPE_PAD)
+            atomic_fetch_add_explicit(&g->consumed, 1, memory_order_acq_rel);
         MQS_FAILPOINT("take_after_cas");
         if (type == MQS_BR_TYPE_PAD) {
             head += size;

@@ -9,7 +9,8 @@
  *     block 0             config, read-only after init (magic, version,
  *                         sizes, secret)
  *     block 1             tail       producers' claim position (bytes)
- *     block 2             committed  records published, ever
+ *     block 2             committed  messages published, ever (padding
+ *                                    is not counted)
  *     block 3             not_empty  event word, consumers wait on it
  *     block 4             not_full   event word, producers wait on it
  *     block 5             counters   repaired records and bytes, records
@@ -106,7 +107,7 @@ typedef struct mqs_br_config {
 
 typedef struct mqs_br_group {
     _Atomic int64_t head;        /* next record position to hand out */
-    _Atomic int64_t consumed;    /* records handed out, ever */
+    _Atomic int64_t consumed;    /* messages handed out, ever */
     _Atomic int32_t active;
 } mqs_br_group_t;
 

@@ -132,7 +132,7 @@ static void participant_open(mqs_bytering_t *ring, const ring_file_t *file)
     ring->slot = -1;
     ring->gate_cache = 0;
     rc = mqs_br_attach(ring);
-    if (rc != MQS_OK)
+    if (rc < 0)
         die("mqs_br_attach", rc);
 }
 
@@ -408,9 +408,12 @@ static void test_repair_pads_won_claim_of_dead_producer(void)
 
     CHECK_EQ(take_bytes(&reader, out, sizeof(out), &length),
              MQS_EAGAIN_STUCK);
+    CHECK_EQ(mqs_br_count(&reader, 0), 1);
     CHECK_EQ(mqs_br_stalled_owner(&reader, 0), -1);
     CHECK_EQ(mqs_br_repair(&reader), 1);
     CHECK_EQ(counter_repaired(&file), 1);
+    /* The padding is no message: the count still shows only "after". */
+    CHECK_EQ(mqs_br_count(&reader, 0), 1);
     CHECK_EQ(atomic_load(&file.base.header->counters.v.repaired_bytes),
              aligned_size(40));
     CHECK_EQ(take_bytes(&reader, out, sizeof(out), &length), MQS_OK);
@@ -463,6 +466,40 @@ static void test_repair_pads_intent_claim_that_won(void)
 
 /* A dead producer's INTENT that lost the CAS is no claim: nothing is
  * padded, and the announcement is cleared. */
+/* In a bounded ring the dead producer's reserved place comes back with
+ * the repair. */
+static void test_repair_returns_reserved_place(void)
+{
+    unsigned char out[64];
+    ring_file_t file;
+    mqs_bytering_t dead, producer;
+    uint32_t length = 0;
+
+    ring_file_create(&file, 4096, 1000, 2);
+    participant_open(&dead, &file);
+    participant_open(&producer, &file);
+    CHECK_EQ(put_bytes(&dead, "a", 1), MQS_OK);
+    /* A claim by hand skips the reservation, so reserve like a put. */
+    atomic_fetch_add(&file.base.header->reserved.v, 1);
+    claim_by_hand(&dead, 1, 1, 1);
+    participant_kill(&dead);
+    CHECK_EQ(put_bytes(&producer, "c", 1), MQS_EFULL);
+    CHECK_EQ(mqs_br_repair(&producer), 1);
+    CHECK_EQ(mqs_br_count(&producer, 0), 1);
+    CHECK_EQ(put_bytes(&producer, "c", 1), MQS_OK);
+    CHECK_EQ(put_bytes(&producer, "d", 1), MQS_EFULL);
+    CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
+    CHECK(length == 1 && out[0] == 'a');
+    CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
+    CHECK(length == 1 && out[0] == 'c');
+    CHECK_EQ(mqs_br_count(&producer, 0), 0);
+    CHECK_EQ(put_bytes(&producer, "e", 1), MQS_OK);
+    CHECK_EQ(put_bytes(&producer, "f", 1), MQS_OK);
+    CHECK_EQ(put_bytes(&producer, "g", 1), MQS_EFULL);
+    participant_close(&producer);
+    ring_file_destroy(&file);
+}
+
 static void test_repair_ignores_intent_claim_that_lost(void)
 {
     unsigned char out[64];
@@ -880,6 +917,7 @@ int main(int argc, char **argv)
     test_participant_alive_follows_the_lock();
     test_repair_pads_won_claim_of_dead_producer();
     test_repair_pads_intent_claim_that_won();
+    test_repair_returns_reserved_place();
     test_repair_ignores_intent_claim_that_lost();
     test_repair_waits_for_live_producer();
     test_repair_keeps_live_claim_at_dead_intent_position();
