@@ -392,7 +392,7 @@ int mqs_br_attach(mqs_bytering_t *ring)
         atomic_store_explicit(&participant(ring, slot)->pid, getpid(),
                               memory_order_relaxed);
         ring->slot = slot;
-        return MQS_OK;
+        return rc;
     }
     return MQS_EFULL;
 }

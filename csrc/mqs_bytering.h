@@ -217,8 +217,10 @@ int mqs_br_validate(const mqs_br_header_t *header, int64_t file_bytes);
  * (an open file description of this process's own), repair what a dead
  * previous owner left, and reset the block. A free slot whose dead claim
  * cannot be settled yet (a live participant announces the same position)
- * is skipped. Returns MQS_OK, or MQS_EFULL when no slot could be taken
- * (all MQS_BR_MAX_PARTICIPANTS are held by live processes).
+ * is skipped. Returns how many records of the dead previous owner were
+ * repaired (0 or 1; MQS_OK is 0), MQS_EFULL when no slot could be taken
+ * (all MQS_BR_MAX_PARTICIPANTS are held by live processes), or
+ * MQS_EINVAL when locking failed.
  */
 int mqs_br_attach(mqs_bytering_t *ring);
 

@@ -350,9 +350,19 @@ cdef class SharedQueue:
                 "all 256 participant slots of the queue are held by live "
                 "processes; close queues in processes that no longer use "
                 "them")
-        if rc != MQS_OK:
+        if rc < 0:
             raise OSError("cannot lock a participant slot of the queue")
         self._pid = os.getpid()
+        # The slot's dead previous owner may have left a record to repair.
+        self._log_repaired(rc)
+        return 0
+
+    cdef int _log_repaired(self, int repaired) except -1:
+        """Log a repair: every dropped record is counted and logged."""
+        if repaired > 0:
+            logger.warning(
+                "shared queue %s: turned %d unpublished record(s) of dead "
+                "producer(s) into padding", self._label(), repaired)
         return 0
 
     cdef int _format_new(self, int fd, int64_t capacity,
@@ -710,7 +720,7 @@ cdef class SharedQueue:
                 raise Full()
             if mqs_monotonic_ns() - last_repair >= WAIT_SLICE_NS:
                 # Room may be held by pins of consumers that died.
-                mqs_br_repair(&self._ring)
+                self._log_repaired(mqs_br_repair(&self._ring))
                 last_repair = mqs_monotonic_ns()
 
     cdef bint _repair_due(self):
@@ -734,7 +744,7 @@ cdef class SharedQueue:
         """
         if not self._repair_due():
             return MQS_EFULL
-        mqs_br_repair(&self._ring)
+        self._log_repaired(mqs_br_repair(&self._ring))
         return self._try_put(obj)
 
     def put_many(self, items, block=True, timeout=None):
@@ -892,9 +902,7 @@ cdef class SharedQueue:
         cdef int owner
         self._last_repair_ns = mqs_monotonic_ns()
         if repaired > 0:
-            logger.warning(
-                "shared queue %s: turned %d unpublished record(s) of dead "
-                "producer(s) into padding", self._label(), repaired)
+            self._log_repaired(repaired)
             return repaired
         if stuck_ns >= STALL_REPORT_NS and self._stuck_since == 0:
             owner = mqs_br_stalled_owner(&self._ring, self._group)

@@ -427,6 +427,39 @@ static void test_repair_pads_won_claim_of_dead_producer(void)
     ring_file_destroy(&file);
 }
 
+/* Attaching to the slot of a dead producer repairs its record and says
+ * so, so the caller can log it. */
+static void test_attach_repairs_dead_slot_and_reports_it(void)
+{
+    char path[64];
+    unsigned char out[64];
+    ring_file_t file;
+    mqs_bytering_t dead, reader, newcomer;
+    uint32_t length = 0;
+    int dead_slot;
+
+    ring_file_create(&file, 4096, 1000, 0);
+    participant_open(&dead, &file);
+    participant_open(&reader, &file);
+    dead_slot = dead.slot;
+    claim_by_hand(&dead, 64, 1, 1);
+    CHECK_EQ(put_bytes(&reader, "behind", 6), MQS_OK);
+    participant_kill(&dead);
+
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", file.fd);
+    newcomer = file.base;
+    newcomer.fd = open(path, O_RDWR | O_CLOEXEC);
+    CHECK(newcomer.fd >= 0);
+    CHECK_EQ(mqs_br_attach(&newcomer), 1);
+    CHECK_EQ(newcomer.slot, dead_slot);
+    CHECK_EQ(counter_repaired(&file), 1);
+    CHECK_EQ(take_bytes(&reader, out, sizeof(out), &length), MQS_OK);
+    CHECK(length == 6 && memcmp(out, "behind", 6) == 0);
+    participant_close(&newcomer);
+    participant_close(&reader);
+    ring_file_destroy(&file);
+}
+
 /* A producer that died right after winning the CAS, before it stored
  * CLAIM_WON: its claim is still INTENT, and the tail or the record after
  * it shows that it won. */
@@ -916,6 +949,7 @@ int main(int argc, char **argv)
     test_maxsize_bounds_records();
     test_participant_alive_follows_the_lock();
     test_repair_pads_won_claim_of_dead_producer();
+    test_attach_repairs_dead_slot_and_reports_it();
     test_repair_pads_intent_claim_that_won();
     test_repair_returns_reserved_place();
     test_repair_ignores_intent_claim_that_lost();
