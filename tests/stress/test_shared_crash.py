@@ -1,0 +1,505 @@
+"""Crash tests of mqs.SharedQueue: processes killed or stopped mid-way.
+
+Three kinds of test:
+
+- Random-time SIGKILL of producer (and of consumer) processes while the
+  others run. Messages of the processes that survive must arrive exactly
+  once and in order. A killed producer's messages arrive at most once
+  and intact, and all of those it published before it died arrive.
+- Failpoints (csrc/mqs_failpoint.h): a copy of the package built once per
+  session with MQS_FAILPOINTS=1, run by child interpreters with
+  MQS_FAILPOINT set, dies exactly at a named step of a put or a take.
+- A producer stopped between claim and publish (failpoint stop mode): a
+  reader waits for it, logs a WARNING, never repairs its record, and
+  gets the message once the producer continues.
+
+MQS_TEST_SCALE (default 1, sized for CI on 2 cores) multiplies the
+number of random kills and the messages of the surviving producers.
+"""
+
+import logging
+import multiprocessing
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import time
+import uuid
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import shared_workers
+from shared_workers import (
+    BAD_BODY,
+    HEADER,
+    make_message,
+    read_records,
+    sequences_of,
+    stop_message,
+)
+
+from mqs.shared import SharedQueue
+
+pytestmark = pytest.mark.stress
+
+ROOT = Path(__file__).resolve().parents[2]
+STRESS_DIR = Path(__file__).resolve().parent
+SEED = 11
+CHILD_TIMEOUT_S = 60
+PUT_FAILPOINTS = ["put_after_cas", "put_after_claim", "put_mid_payload",
+                  "put_before_publish"]
+# Stall reports come after a reader waited this long (STALL_REPORT_NS in
+# src/mqs/_shared.pyx), plus a margin.
+STALL_WAIT_S = 6.5
+
+
+# -- helpers ---------------------------------------------------------------
+
+
+@pytest.fixture
+def shm_name():
+    """Return a queue name unique to this test; remove its files after."""
+    name = f"test-crash-{uuid.uuid4().hex[:16]}"
+    yield name
+    for path in Path("/dev/shm").glob(f"mqs.{name}*"):
+        path.unlink()
+
+
+def kill_all(processes):
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join(10)
+
+
+def finish_popen(proc, timeout=CHILD_TIMEOUT_S):
+    """Wait for a subprocess; kill it and fail past `timeout`."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"subprocess {proc.pid} did not finish in {timeout} s; "
+                    f"killed it\nstdout: {stdout}\nstderr: {stderr}")
+    return proc.returncode, stdout, stderr
+
+
+def wait_for_state(pid, state, timeout=30.0):
+    """Wait until /proc shows the process in `state` (T: stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] == state:
+                return
+        time.sleep(0.01)
+    pytest.fail(f"process {pid} did not reach state {state} in {timeout} s")
+
+
+def message_length(producer, sequence, max_body):
+    """Length of the message that make_message builds for that sequence."""
+    rng = random.Random(SEED * 1000003 + producer)
+    for seq in range(sequence + 1):
+        message = make_message(producer, seq, rng, max_body)
+    return len(message)
+
+
+def drain(q, expected_count, poll):
+    """Get expected_count messages (polling or blocking), then check that
+    nothing else is queued; return (producer, sequence) pairs."""
+    got = []
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while len(got) < expected_count and time.monotonic() < deadline:
+        try:
+            message = q.get_nowait() if poll else q.get(timeout=1)
+        except queue.Empty:
+            continue
+        producer, sequence, crc = HEADER.unpack_from(message)
+        assert zlib.crc32(message[HEADER.size:]) == crc
+        got.append((producer, sequence))
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.2)
+    return got
+
+
+# -- random-time kills -------------------------------------------------------
+
+
+def test_random_producer_kills_keep_survivors_exact(scale):
+    survivors = 2
+    # Enough messages that the survivors run through all the kills.
+    per_survivor = int(50_000 * scale)
+    kills = max(5, int(20 * scale))
+    rng = random.Random(SEED)
+    q = SharedQueue(capacity_bytes=1 << 20)
+    context = multiprocessing.get_context("fork")
+    pipes = [context.Pipe(duplex=False) for _ in range(2)]
+    consumers = [context.Process(target=shared_workers.consume_into_pipe,
+                                 args=(q, send_end)) for _, send_end in pipes]
+    producers = [
+        context.Process(target=shared_workers.produce,
+                        args=(q, p, per_survivor, SEED, 4096))
+        for p in range(survivors)
+    ]
+    victims = []
+    try:
+        for process in consumers + producers:
+            process.start()
+
+        # Each victim puts large messages (longer copies between claim and
+        # publish) until it is killed after a random delay.
+        for k in range(kills):
+            victim = context.Process(
+                target=shared_workers.produce,
+                args=(q, 100 + k, 10**9, SEED, 32 * 1024))
+            victim.start()
+            victims.append(victim)
+            time.sleep(rng.uniform(0.0, 0.05))
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(CHILD_TIMEOUT_S)
+            assert victim.exitcode == -signal.SIGKILL
+
+        for process in producers:
+            process.join(CHILD_TIMEOUT_S * max(1.0, scale))
+        assert [p.exitcode for p in producers] == [0] * survivors
+        for _ in consumers:
+            q.put(stop_message(), timeout=30)
+        reports = []
+        for receive_end, _ in pipes:
+            assert receive_end.poll(CHILD_TIMEOUT_S), "a consumer hung"
+            reports.append(receive_end.recv())
+        for process in consumers:
+            process.join(CHILD_TIMEOUT_S)
+    finally:
+        kill_all(consumers + producers + victims)
+
+    assert [r.get("failure") for r in reports] == [None, None]
+    assert sum(r["error_count"] for r in reports) == 0, [
+        e for r in reports for e in r["errors"]]
+    received = {}
+    for report in reports:
+        for producer, numbers in sequences_of(report).items():
+            received.setdefault(producer, []).extend(numbers)
+    for producer in range(survivors):
+        assert sorted(received.get(producer, [])) == list(range(per_survivor))
+    for k in range(kills):
+        got = sorted(received.get(100 + k, []))
+        # Published messages all arrive, so a victim's are 0..n-1.
+        assert got == list(range(len(got))), f"victim {k}"
+    stats = q.stats()
+    assert stats["repaired_records"] <= kills
+    assert stats["lost_records"] == 0
+    assert stats["qsize"] == 0
+    q.put(b"still works")
+    assert q.get(timeout=5) == b"still works"
+    q.close()
+
+
+def test_random_consumer_kills_lose_at_most_one_message_each(scale):
+    per_producer = int(15_000 * scale)
+    kills = max(5, int(15 * scale))
+    rng = random.Random(SEED + 1)
+    # A small ring, so producers wrap onto the pins dead consumers left.
+    q = SharedQueue(capacity_bytes=1 << 16)
+    context = multiprocessing.get_context("fork")
+    receive_end, send_end = context.Pipe(duplex=False)
+    survivor = context.Process(target=shared_workers.consume_into_pipe,
+                               args=(q, send_end))
+    producers = [
+        context.Process(target=shared_workers.produce,
+                        args=(q, p, per_producer, SEED, 1024))
+        for p in range(2)
+    ]
+    victims = []
+    victim_records = []
+    try:
+        for process in [survivor] + producers:
+            process.start()
+        for _ in range(kills):
+            read_fd, write_fd = os.pipe()
+            victim = context.Process(target=shared_workers.consume_to_fd,
+                                     args=(q, write_fd))
+            victim.start()
+            os.close(write_fd)
+            victims.append(victim)
+            time.sleep(rng.uniform(0.0, 0.05))
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(CHILD_TIMEOUT_S)
+            assert victim.exitcode == -signal.SIGKILL
+            victim_records.append(read_records(read_fd))
+            os.close(read_fd)
+        for process in producers:
+            process.join(CHILD_TIMEOUT_S * max(1.0, scale))
+        assert [p.exitcode for p in producers] == [0, 0]
+        q.put(stop_message(), timeout=30)
+        assert receive_end.poll(CHILD_TIMEOUT_S), "the consumer hung"
+        report = receive_end.recv()
+        survivor.join(CHILD_TIMEOUT_S)
+    finally:
+        kill_all([survivor] + producers + victims)
+
+    assert report.get("failure") is None
+    assert report["error_count"] == 0, report["errors"]
+    counts = Counter()
+    for producer, numbers in sequences_of(report).items():
+        counts.update((producer, n) for n in numbers)
+    for records in victim_records:
+        assert [r for r in records if r[0] == BAD_BODY] == []
+        for producer in (0, 1):
+            numbers = [n for p, n in records if p == producer]
+            assert numbers == sorted(numbers)
+        counts.update(records)
+    duplicates = [key for key, count in counts.items() if count > 1]
+    assert duplicates == []
+    expected = {(p, n) for p in (0, 1) for n in range(per_producer)}
+    assert set(counts) <= expected
+    missing = len(expected - set(counts))
+    assert missing <= kills
+    stats = q.stats()
+    assert stats["lost_records"] <= kills
+    assert stats["qsize"] == 0
+    q.put(b"still works")
+    assert q.get(timeout=5) == b"still works"
+    q.close()
+
+
+# -- failpoints -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def failpoint_path(tmp_path_factory):
+    """Build a copy of mqs whose _shared module has failpoints compiled in.
+
+    Returns a PYTHONPATH for child interpreters: the copy first, then this
+    directory (for shared_workers). The C source is the Cython output
+    that the normal build left next to the installed module. When that
+    file is missing or stale, Cython (if installed) makes it again from
+    _shared.pyx, and without Cython the failpoint tests are skipped.
+    """
+    import mqs._shared
+
+    installed = Path(mqs._shared.__file__).parent
+    cc = (sysconfig.get_config_var("CC") or "cc").split()
+    if shutil.which(cc[0]) is None:
+        pytest.skip(f"no C compiler ({cc[0]}) to build the failpoint copy")
+    out = tmp_path_factory.mktemp("failpoint-build")
+    package = out / "mqs"
+    shutil.copytree(installed, package, ignore=shutil.ignore_patterns(
+        "_shared.*.so", "_shared.c", "__pycache__"))
+
+    c_source = installed / "_shared.c"
+    pyx = installed / "_shared.pyx"
+    if not c_source.exists() or c_source.stat().st_mtime < pyx.stat().st_mtime:
+        cython = shutil.which("cython") or shutil.which("cython3")
+        if cython is None:
+            pytest.skip("src/mqs/_shared.c is missing or older than "
+                        "_shared.pyx, and Cython is not installed to make it")
+        c_source = out / "_shared.c"
+        subprocess.run([cython, "-3", "--directive", "embedsignature=True",
+                        "-I", str(out), str(package / "_shared.pyx"),
+                        "-o", str(c_source)], check=True, timeout=300)
+
+    target = package / f"_shared{sysconfig.get_config_var('EXT_SUFFIX')}"
+    command = [
+        *cc, "-shared", "-fPIC", "-pthread", "-O2", "-std=c11", "-Wall",
+        "-Wextra", "-DMQS_FAILPOINTS=1", f"-I{ROOT / 'csrc'}",
+        f"-I{sysconfig.get_paths()['include']}", str(c_source),
+        str(ROOT / "csrc" / "mqs_bytering.c"), "-o", str(target),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    return f"{out}{os.pathsep}{STRESS_DIR}"
+
+
+def start_child(failpoint_path, code, failpoint=None):
+    """Start `code` in a child interpreter that imports the failpoint copy."""
+    env = {**os.environ, "PYTHONPATH": failpoint_path}
+    env.pop("MQS_FAILPOINT", None)
+    if failpoint is not None:
+        env["MQS_FAILPOINT"] = failpoint
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def produce_code(name, producer, count, max_body):
+    return f"""
+        import shared_workers
+        shared_workers.produce_main({name!r}, {producer}, {count},
+                                    {SEED}, {max_body})
+    """
+
+
+def test_failpoint_copy_is_the_one_children_import(failpoint_path):
+    proc = start_child(failpoint_path, """
+        import mqs._shared
+        print(mqs._shared.__file__)
+    """)
+    status, stdout, stderr = finish_popen(proc)
+    assert status == 0, stderr
+    assert stdout.startswith(failpoint_path.split(os.pathsep)[0])
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["get", "get_nowait"])
+@pytest.mark.parametrize("failpoint", PUT_FAILPOINTS)
+def test_producer_killed_at_failpoint_is_repaired(failpoint_path, shm_name,
+                                                  caplog, failpoint, poll):
+    q = SharedQueue(name=shm_name, capacity_bytes=1 << 16)
+    # This second handle attaches before the victim, so no process takes
+    # the dead victim's slot later: the reader itself must repair.
+    writer = SharedQueue(name=shm_name, create=False)
+    # The victim (producer 1) dies during its 5th put, sequence 4.
+    victim = start_child(failpoint_path,
+                         produce_code(shm_name, 1, 10, 256),
+                         failpoint=f"{failpoint}:5")
+    status, stdout, stderr = finish_popen(victim)
+    assert status == -signal.SIGKILL, stderr
+    assert stdout == ""
+    # The surviving producer puts behind the unfinished record.
+    shared_workers.produce(writer, 2, 100, SEED, 256)
+    assert q.qsize() == 4 + 100
+    assert q.stats()["repaired_records"] == 0
+
+    with caplog.at_level(logging.WARNING, logger="mqs._shared"):
+        got = drain(q, 4 + 100, poll)
+
+    assert [n for p, n in got if p == 1] == [0, 1, 2, 3]
+    assert [n for p, n in got if p == 2] == list(range(100))
+    stats = q.stats()
+    assert stats["repaired_records"] == 1
+    assert stats["repaired_bytes"] == (
+        16 + message_length(1, 4, 256) + 15) // 16 * 16
+    assert stats["qsize"] == 0
+    assert "turned 1 unpublished record(s) of dead producer(s) into " \
+           "padding" in caplog.text
+    writer.put(b"still works")
+    assert q.get(timeout=5) == b"still works"
+    writer.close()
+    q.close()
+
+
+def test_process_taking_dead_producer_slot_repairs_it(failpoint_path,
+                                                      shm_name):
+    q = SharedQueue(name=shm_name, capacity_bytes=1 << 16)
+    victim = start_child(failpoint_path,
+                         produce_code(shm_name, 1, 10, 256),
+                         failpoint="put_before_publish:3")
+    status, _, stderr = finish_popen(victim)
+    assert status == -signal.SIGKILL, stderr
+    assert q.qsize() == 2
+    # The next process to attach gets the lowest free slot, the victim's.
+    survivor = start_child(failpoint_path,
+                           produce_code(shm_name, 2, 50, 256))
+    status, stdout, stderr = finish_popen(survivor)
+    assert status == 0, stderr
+    assert stdout == "50\n"
+    assert "turned 1 unpublished record(s) of dead producer(s) into " \
+           "padding" in stderr
+    assert q.stats()["repaired_records"] == 1
+    assert q.qsize() == 2 + 50
+    got = drain(q, 2 + 50, poll=True)
+    assert [n for p, n in got if p == 1] == [0, 1]
+    assert [n for p, n in got if p == 2] == list(range(50))
+    q.close()
+
+
+def test_consumer_killed_after_take_loses_only_its_record(failpoint_path,
+                                                          shm_name):
+    # 8 KiB ring: 64 records of 128 bytes, so the puts below wrap onto
+    # the pin the dead consumer left.
+    q = SharedQueue(name=shm_name, capacity_bytes=8192)
+    for n in range(20):
+        q.put(n.to_bytes(4, "little") + bytes(108))
+    victim = start_child(failpoint_path, f"""
+        import mqs
+        q = mqs.SharedQueue(name={shm_name!r}, create=False)
+        while True:
+            message = q.get(timeout=30)
+            print(int.from_bytes(message[:4], "little"), flush=True)
+    """, failpoint="take_after_cas:5")
+    status, stdout, stderr = finish_popen(victim)
+    assert status == -signal.SIGKILL, stderr
+    assert stdout.split() == ["0", "1", "2", "3"]
+
+    # Records 4 (taken, still pinned) to 19 hold 16 of the 64 places.
+    # The 49th put_nowait needs the pinned record's bytes: it must drop
+    # the dead consumer's pin instead of raising Full.
+    assert q.qsize() == 15
+    for n in range(20, 69):
+        q.put_nowait(n.to_bytes(4, "little") + bytes(108))
+    assert q.qsize() == 64
+    assert q.stats()["lost_records"] == 1
+
+    # Another consumer process takes the rest while this one puts more.
+    consumer = start_child(failpoint_path, f"""
+        import mqs
+        q = mqs.SharedQueue(name={shm_name!r}, create=False)
+        for _ in range(64 + 251):
+            message = q.get(timeout=30)
+            print(int.from_bytes(message[:4], "little"), flush=True)
+    """)
+    for n in range(69, 320):
+        q.put(n.to_bytes(4, "little") + bytes(108), timeout=30)
+    status, stdout, stderr = finish_popen(consumer)
+    assert status == 0, stderr
+    assert [int(s) for s in stdout.split()] == list(range(5, 320))
+    stats = q.stats()
+    assert stats["lost_records"] == 1
+    assert stats["repaired_records"] == 0
+    assert stats["qsize"] == 0
+    q.close()
+
+
+# -- stalled producers --------------------------------------------------------
+
+
+@pytest.mark.parametrize("failpoint", PUT_FAILPOINTS)
+def test_stalled_producer_is_waited_for_and_reported(failpoint_path,
+                                                     shm_name, caplog,
+                                                     failpoint):
+    q = SharedQueue(name=shm_name, capacity_bytes=1 << 16)
+    stalled = start_child(failpoint_path,
+                          produce_code(shm_name, 1, 5, 512),
+                          failpoint=f"{failpoint}:3:stop")
+    try:
+        wait_for_state(stalled.pid, "T")
+        survivor = start_child(failpoint_path,
+                               produce_code(shm_name, 2, 50, 512))
+        status, _, stderr = finish_popen(survivor)
+        assert status == 0, stderr
+
+        assert [HEADER.unpack_from(q.get(timeout=5))[:2]
+                for _ in range(2)] == [(1, 0), (1, 1)]
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="mqs._shared"), \
+                pytest.raises(queue.Empty):
+            q.get(timeout=STALL_WAIT_S)
+        assert time.monotonic() - start >= STALL_WAIT_S
+        assert stalled.poll() is None
+        assert q.stats()["repaired_records"] == 0
+        assert re.search(rf"waiting \d+\.\d s for a live producer "
+                         rf"\(pid {stalled.pid}, slot \d+\) to publish a "
+                         rf"record it claimed", caplog.text)
+        assert "into padding" not in caplog.text
+
+        stalled.send_signal(signal.SIGCONT)
+        status, stdout, stderr = finish_popen(stalled)
+    finally:
+        if stalled.poll() is None:
+            stalled.kill()
+            stalled.communicate()
+    assert status == 0, stderr
+    assert stdout == "5\n"
+    got = drain(q, 3 + 50, poll=False)
+    assert [n for p, n in got if p == 1] == [2, 3, 4]
+    assert [n for p, n in got if p == 2] == list(range(50))
+    assert q.stats()["repaired_records"] == 0
+    q.close()
