@@ -1,3 +1,4 @@
+import datetime
 import types
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
@@ -33,7 +34,17 @@ class Queue(Generic[_T]):
     def unfinished_tasks(self) -> int: ...
     @property
     def is_shutdown(self) -> bool: ...
-    def put(self, item: _T, block: bool = True, timeout: float | None = None) -> None: ...
+    @property
+    def delayed(self) -> int: ...
+    def put(
+        self,
+        item: _T,
+        block: bool = True,
+        timeout: float | None = None,
+        *,
+        delay: float | None = None,
+        at: datetime.datetime | float | None = None,
+    ) -> None: ...
     def put_nowait(self, item: _T) -> None: ...
     def put_many(
         self, items: Iterable[_T], block: bool = True, timeout: float | None = None

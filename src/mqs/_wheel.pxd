@@ -14,3 +14,5 @@ cdef class TimingWheel:
     cdef int64_t _now_ns(self) except? -1
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef object _insert(self, int64_t deadline_ns, object item)
+    cdef list _advance_ns(self, int64_t now_ns)
+    cdef int64_t _next_deadline_ns(self) noexcept

@@ -462,6 +462,14 @@ cdef class TimingWheel:
             If `now` is not a finite real number.
         """
         cdef int64_t now_ns
+        if now is None:
+            now_ns = self._now_ns()
+        else:
+            now_ns = _to_ns(now, "now", -1)
+        return self._advance_ns(now_ns)
+
+    cdef list _advance_ns(self, int64_t now_ns):
+        """Fire what is due at now_ns (wheel clock) and return the items."""
         cdef uint64_t fired[FIRE_CHUNK]
         cdef size_t n = 0
         cdef size_t i
@@ -469,10 +477,6 @@ cdef class TimingWheel:
         cdef list out = []
         cdef list items = self._items
         cdef object item
-        if now is None:
-            now_ns = self._now_ns()
-        else:
-            now_ns = _to_ns(now, "now", -1)
         # INT64_MAX is every deadline past 2**63 ns, so it must never be
         # due: a saturated now would fire a saturated deadline early.
         if now_ns == INT64_MAX:
@@ -484,6 +488,13 @@ cdef class TimingWheel:
                 out.append(item)
                 items[fired[i]] = None
         return out
+
+    cdef int64_t _next_deadline_ns(self) noexcept:
+        """Earliest deadline in ns (a lower bound), or INT64_MAX if none."""
+        cdef int64_t deadline_ns
+        if mqs_wheel_next_deadline(self._wheel, &deadline_ns) != MQS_OK:
+            return INT64_MAX
+        return deadline_ns
 
     def next_deadline(self):
         """Return a time at or before the earliest deadline, or None.

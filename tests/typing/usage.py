@@ -5,6 +5,8 @@ import mqs
 jobs: mqs.Queue[int] = mqs.Queue(maxsize=16)
 jobs.put(1)
 jobs.put_many([2, 3])
+jobs.put(4, delay=0.5)
+jobs.put(5, at=1_700_000_000.0)
 first: int = jobs.get(timeout=1.0)
 batch: list[int] = jobs.get_many(8, timeout=0.1)
 jobs.task_done()
