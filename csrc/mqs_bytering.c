@@ -439,6 +439,10 @@ static int64_t compute_gate(mqs_bytering_t *ring)
     return gate;
 }
 
+/* Take one of the maxsize places of a bounded ring for a put.
+ * NOTE: a producer killed after this and before its CAS on the tail wins
+ * keeps the place for good, because no claim records it; the bounded
+ * ring then holds one message fewer. */
 static int reserve_item(mqs_bytering_t *ring)
 {
     mqs_br_header_t *h = ring->header;
