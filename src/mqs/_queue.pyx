@@ -58,6 +58,11 @@ __all__ = ["Queue", "SimpleQueue"]
 DEF MIN_SEGMENT = 16
 DEF UNBOUNDED_FIRST_SEGMENT = 1024
 DEF MAX_SEGMENT = 65536
+# Drained segments kept for reuse. A producer that runs ahead of its
+# consumer for a whole GIL switch interval (5 ms) fills a few of the
+# largest segments; keeping them spares the allocator and page faults
+# on every such burst.
+DEF MAX_SPARES = 4
 
 
 cdef struct segment_t:
@@ -68,7 +73,8 @@ cdef struct segment_t:
 cdef struct chain_t:
     segment_t *head      # the consumer reads here
     segment_t *tail      # the producer writes here
-    segment_t *spare     # one drained segment kept to avoid malloc churn
+    segment_t *spare     # drained segments kept to avoid malloc churn
+    int n_spares
     int64_t count        # items in the chain
     int64_t next_slots   # size of the next segment to allocate
 
@@ -104,6 +110,7 @@ cdef int _chain_init(chain_t *chain, int64_t first_slots) except -1:
     chain.head = seg
     chain.tail = seg
     chain.spare = NULL
+    chain.n_spares = 0
     chain.count = 0
     chain.next_slots = seg.ring.capacity * 2
     if chain.next_slots > MAX_SEGMENT:
@@ -115,7 +122,9 @@ cdef int _chain_grow(chain_t *chain) except -1:
     """Link a fresh segment after the full tail."""
     cdef segment_t *seg = chain.spare
     if seg != NULL:
-        chain.spare = NULL
+        chain.spare = seg.next
+        chain.n_spares -= 1
+        seg.next = NULL
     else:
         seg = _segment_new(chain.next_slots)
         if seg == NULL:
@@ -222,11 +231,12 @@ cdef int64_t _chain_pop_many(chain_t *chain, list out,
 
 
 cdef inline void _chain_recycle(chain_t *chain, segment_t *seg) noexcept:
-    seg.next = NULL
-    if chain.spare == NULL:
+    if chain.n_spares < MAX_SPARES:
         # Drained and unreachable by any producer: rewind it for reuse.
         mqs_ring_reset(seg.ring)
+        seg.next = chain.spare
         chain.spare = seg
+        chain.n_spares += 1
     else:
         _segment_free(seg)
 
@@ -247,8 +257,11 @@ cdef void _chain_clear(chain_t *chain) noexcept:
         nxt = seg.next
         _segment_free(seg)
         seg = nxt
-    if chain.spare != NULL:
-        _segment_free(chain.spare)
+    seg = chain.spare
+    while seg != NULL:
+        nxt = seg.next
+        _segment_free(seg)
+        seg = nxt
     chain.head = NULL
     chain.tail = NULL
     chain.spare = NULL
