@@ -269,7 +269,11 @@ cdef class SharedQueue:
     cdef readonly object name
     cdef object _serializer
     cdef list _view_positions
+    # Monotonic ns when this handle first found the head record claimed
+    # but unpublished, 0 while it is not stuck; and whether that stall was
+    # logged. Kept across calls, so callers with short timeouts see it too.
     cdef int64_t _stuck_since
+    cdef bint _stall_reported
     cdef int64_t _last_repair_ns
     cdef object __weakref__
 
@@ -812,6 +816,7 @@ cdef class SharedQueue:
         cdef int rc = mqs_br_try_take(&self._ring, self._group, 0, &record)
         cdef object data
         status[0] = rc
+        self._track_stall(rc)
         if rc != MQS_OK:
             return None
         try:
@@ -848,10 +853,16 @@ cdef class SharedQueue:
         """Remove and return the oldest message, or raise `Empty` at once."""
         return self.get(False)
 
+    cdef inline void _track_stall(self, int rc):
+        if rc == MQS_EAGAIN_STUCK:
+            if self._stuck_since == 0:
+                self._stuck_since = mqs_monotonic_ns()
+        elif self._stuck_since != 0:
+            self._stuck_since = 0
+            self._stall_reported = False
+
     cdef object _wait_item(self, bint block, object timeout, bint view):
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
-        cdef int64_t stuck_since = 0
-        cdef int64_t now
         cdef uint32_t epoch
         cdef int status
         cdef bint expired
@@ -881,33 +892,32 @@ cdef class SharedQueue:
                 # it. After one repair the loop ends: the next take
                 # succeeds, or _repair_due is false and Empty is raised.
                 if status == MQS_EAGAIN_STUCK and self._repair_due() \
-                        and self._repair_stuck(0) > 0:
+                        and self._repair_stuck() > 0:
                     continue
                 raise Empty()
-            if status == MQS_EAGAIN_STUCK:
-                now = mqs_monotonic_ns()
-                if stuck_since == 0:
-                    stuck_since = now
-                elif now - stuck_since >= WAIT_SLICE_NS:
-                    self._repair_stuck(now - stuck_since)
-            else:
-                stuck_since = 0
+            if status == MQS_EAGAIN_STUCK and \
+                    mqs_monotonic_ns() - self._stuck_since >= WAIT_SLICE_NS:
+                self._repair_stuck()
 
-    cdef int _repair_stuck(self, int64_t stuck_ns) except -1:
+    cdef int _repair_stuck(self) except -1:
         """Repair records of dead producers; report a live stalled one.
 
-        Returns how many records were repaired.
+        The stall is logged once, when the head has been stuck for
+        STALL_REPORT_NS. Returns how many records were repaired.
         """
         cdef int repaired = mqs_br_repair(&self._ring)
         cdef int owner
-        self._last_repair_ns = mqs_monotonic_ns()
+        cdef int64_t now = mqs_monotonic_ns()
+        cdef int64_t stuck_ns = now - self._stuck_since
+        self._last_repair_ns = now
         if repaired > 0:
             self._log_repaired(repaired)
             return repaired
-        if stuck_ns >= STALL_REPORT_NS and self._stuck_since == 0:
+        if self._stuck_since != 0 and stuck_ns >= STALL_REPORT_NS \
+                and not self._stall_reported:
             owner = mqs_br_stalled_owner(&self._ring, self._group)
             if owner >= 0:
-                self._stuck_since = stuck_ns
+                self._stall_reported = True
                 logger.warning(
                     "shared queue %s: waiting %.1f s for a live producer "
                     "(pid %d, slot %d) to publish a record it claimed",
@@ -971,6 +981,7 @@ cdef class SharedQueue:
         cdef _RecordView holder
         cdef int rc = mqs_br_try_take(&self._ring, self._group, 1, &record)
         status[0] = rc
+        self._track_stall(rc)
         if rc != MQS_OK:
             return None
         holder = _RecordView()

@@ -503,3 +503,45 @@ def test_stalled_producer_is_waited_for_and_reported(failpoint_path,
     assert [n for p, n in got if p == 2] == list(range(50))
     assert q.stats()["repaired_records"] == 0
     q.close()
+
+
+def wait_out_stall(q, seconds, poll_timeout):
+    """Call get(timeout=poll_timeout) for `seconds`; every call must find
+    nothing, since a stalled record blocks the head."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with pytest.raises(queue.Empty):
+            q.get(timeout=poll_timeout)
+
+
+def test_each_stall_is_reported_to_polling_reader(failpoint_path, shm_name,
+                                                  caplog):
+    q = SharedQueue(name=shm_name, capacity_bytes=1 << 16)
+    report = re.compile(r"waiting \d+\.\d s for a live producer \(pid "
+                        r"(\d+), slot \d+\)")
+    for round_number in range(2):
+        stalled = start_child(failpoint_path,
+                              produce_code(shm_name, round_number, 3, 64),
+                              failpoint="put_before_publish:2:stop")
+        try:
+            wait_for_state(stalled.pid, "T")
+            assert HEADER.unpack_from(q.get(timeout=5))[:2] == (
+                round_number, 0)
+            caplog.clear()
+            # Short timeouts: no single call waits the 5 s after which a
+            # stall is reported, but the stall lasts longer than that.
+            with caplog.at_level(logging.WARNING, logger="mqs._shared"):
+                wait_out_stall(q, STALL_WAIT_S, poll_timeout=0.25)
+            assert [int(pid) for pid in report.findall(caplog.text)] == [
+                stalled.pid]
+            stalled.send_signal(signal.SIGCONT)
+            status, _, stderr = finish_popen(stalled)
+        finally:
+            if stalled.poll() is None:
+                stalled.kill()
+                stalled.communicate()
+        assert status == 0, stderr
+        got = drain(q, 2, poll=False)
+        assert got == [(round_number, 1), (round_number, 2)]
+    assert q.stats()["repaired_records"] == 0
+    q.close()
