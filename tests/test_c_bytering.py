@@ -88,7 +88,7 @@ def binary(request, tmp_path_factory):
         "-o", str(path),
     ]
     result = subprocess.run(command, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, check=False)
     if result.returncode != 0:
         pytest.fail(f"gcc failed for test_bytering ({name} build):\n"
                     f"{' '.join(command)}\n{result.stderr}")
@@ -98,7 +98,7 @@ def binary(request, tmp_path_factory):
 def _run(command, timeout):
     env = {**os.environ, **SANITIZER_ENV}
     result = subprocess.run(command, capture_output=True, text=True,
-                            timeout=timeout, env=env)
+                            timeout=timeout, env=env, check=False)
     # gcc 12's ThreadSanitizer supports at most 30 bits of mmap ASLR
     # entropy on x86_64; with vm.mmap_rnd_bits=32 it can abort at start
     # with "unexpected memory mapping". Running without ASLR (setarch -R)
@@ -109,7 +109,8 @@ def _run(command, timeout):
             and shutil.which("setarch")):
         result = subprocess.run(
             ["setarch", platform.machine(), "-R", *command],
-            capture_output=True, text=True, timeout=timeout, env=env)
+            capture_output=True, text=True, timeout=timeout, env=env,
+            check=False)
     return result
 
 
