@@ -400,7 +400,7 @@ def test_schedule_many_handles_cancel():
 
 def test_schedule_many_of_nothing():
     wheel, _ = make_wheel()
-    assert wheel.schedule_many([], []) == []
+    assert list(wheel.schedule_many([], [])) == []
     assert len(wheel) == 0
 
 

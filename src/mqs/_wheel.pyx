@@ -8,14 +8,14 @@ Times cross the boundary as int64 nanoseconds: seconds are rounded to the
 nearest nanosecond and saturate at about +-292 years.
 """
 
+import array as _array_module
 import types
 
 cimport cython
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_AsDouble
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.exc cimport PyErr_Clear
-from cpython.list cimport PyList_New, PyList_SET_ITEM
-from cpython.ref cimport Py_INCREF
+from cpython cimport array
 from cpython.mem cimport (
     PyMem_Free,
     PyMem_Malloc,
@@ -67,6 +67,10 @@ cdef enum:
 cdef int64_t _NS_PER_S = 1_000_000_000
 # Whole seconds whose nanoseconds still fit in int64.
 cdef long long _MAX_WHOLE_SECONDS = 9_223_372_036
+
+
+# Empty template for the handle arrays that schedule_many returns.
+cdef array.array _HANDLE_ARRAY = _array_module.array("Q")
 
 
 cdef inline int64_t _finite_to_ns(double seconds) noexcept:
@@ -346,8 +350,11 @@ cdef class TimingWheel:
 
         Returns
         -------
-        list of int
-            The handles, in the order of `items`.
+        array.array
+            The handles, typecode ``'Q'``, in the order of `items`: an
+            array rather than a list of ints, which would cost as much to
+            build as the scheduling itself. Indexing it gives an int that
+            `cancel` accepts.
 
         Raises
         ------
@@ -366,14 +373,13 @@ cdef class TimingWheel:
         cdef uint64_t handle = 0
         cdef uint32_t index
         cdef object delay
-        cdef object handle_object
-        cdef list handles
+        cdef array.array handles
         if len(values) != n:
             raise ValueError(
                 f"delays_s and items must have the same length, got {n} "
                 f"delays and {len(values)} items")
         if n == 0:
-            return []
+            return array.clone(_HANDLE_ARRAY, 0, False)
 
         deadlines = <int64_t *>PyMem_Malloc(n * sizeof(int64_t))
         if deadlines == NULL:
@@ -394,17 +400,14 @@ cdef class TimingWheel:
             now_ns = self._now_ns()
             self._reserve(n)
 
-            handles = PyList_New(n)
+            handles = array.clone(_HANDLE_ARRAY, n, False)
             for i in range(n):
                 index = mqs_wheel_next_index(self._wheel)
                 mqs_wheel_insert(self._wheel,
                                  mqs_wheel_add_ns(now_ns, deadlines[i]),
                                  index, &handle)
                 self._items[index] = values[i]
-                handle_object = handle
-                # PyList_SET_ITEM steals a reference to a new list's slot.
-                Py_INCREF(handle_object)
-                PyList_SET_ITEM(handles, i, handle_object)
+                handles.data.as_ulonglongs[i] = handle
         finally:
             PyMem_Free(deadlines)
         return handles
