@@ -352,13 +352,13 @@ def _ipc_throughput_table(report: bench_ipc.IpcReport) -> Table:
     table = Table(
         title="Cross-process throughput, 1 producer process -> 1 consumer "
               "process, thousand messages per second",
-        caption=f"MB/s: median payload bytes / 10**6 per second. "
-                f"x mp.Queue: ratio of medians to the case's {reference}."
-                + _skip_notes(report, "throughput"))
+        caption=f"Under each case: messages per run. MB/s: median payload "
+                f"bytes / 10**6 per second. x mp.Queue: ratio of medians to "
+                f"the case's {reference}." + _skip_notes(report, "throughput"))
     table.add_column("case")
     table.add_column("queue", no_wrap=True)
     table.add_column("median", justify="right")
-    table.add_column("min-max", justify="right")
+    table.add_column("min-max", justify="right", no_wrap=True)
     table.add_column("MB/s", justify="right")
     table.add_column("x mp.Queue", justify="right")
     for index, name in enumerate(report.counts):
@@ -366,7 +366,7 @@ def _ipc_throughput_table(report: bench_ipc.IpcReport) -> Table:
             continue
         if index and table.rows:
             table.add_section()
-        label = f"{name}\n{report.counts[name]:,} msgs"
+        label = f"{name}\n{report.counts[name]:,}"
         for result in report.throughput:
             if result.case != name:
                 continue
