@@ -83,9 +83,10 @@ FASTER_FIFO_MAX_SIZE_BYTES = 16 << 20
 
 # A run whose processes have not all reported after this long is treated
 # as stalled (a lost message leaves the consumer waiting forever), not as
-# slow. On the machine of BENCHMARKS.md the slowest queues took about 5 us
-# per 4 KiB message and at most about 300 us per round trip (p99), so the
-# allowances per item leave a margin of 6x or more.
+# slow. On the machine of BENCHMARKS.md the slowest runs took about 10 us
+# per 4 KiB message and the slowest queues about 280 us per round trip at
+# the 99th percentile, so the allowances per item leave a margin of 5x or
+# more.
 STALL_TIMEOUT_BASE_S = 30.0
 STALL_TIMEOUT_PER_MESSAGE_S = 50e-6
 STALL_TIMEOUT_PER_ROUND_TRIP_S = 2e-3
