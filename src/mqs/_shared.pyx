@@ -28,6 +28,7 @@ from mqs.includes.mqs_atomic cimport (
     MQS_ENOMEM,
     MQS_ETOOBIG,
     MQS_OK,
+    mqs_cpu_relax,
 )
 from mqs.includes.mqs_bytering cimport (
     MQS_BR_MAX_GROUPS,
@@ -89,6 +90,10 @@ cdef enum:
     TYPE_PICKLE = 3       # a pickle stream (protocol 5, buffers in band)
     TYPE_PICKLE_OOB = 4   # pickle stream plus out-of-band buffers
     TYPE_CUSTOM = 5       # bytes from a user serializer's dumps
+
+# How long a get with the "spin" strategy retries with the GIL held
+# before it waits like the other strategies.
+DEF SPIN_HOLD_NS = 20000
 
 # A put or get that waits this long behind one unpublished record logs
 # the stalled producer once.
@@ -847,7 +852,31 @@ cdef class SharedQueue:
         item = self._take_copy(&status)
         if status == MQS_OK:
             return item
+        if block and self._strategy == STRATEGY_SPIN:
+            item = self._spin_take(&status)
+            if status == MQS_OK:
+                return item
         return self._wait_item(block, timeout, 0)
+
+    cdef object _spin_take(self, int *status):
+        """Retry the take for up to SPIN_HOLD_NS without releasing the GIL.
+
+        For the "spin" strategy: a reply in a ping-pong arrives within a
+        microsecond or two, sooner than releasing and retaking the GIL and
+        registering as a waiter would take. Other threads of this process
+        wait for the GIL meanwhile, which is why the window is short.
+        """
+        cdef int64_t end = mqs_monotonic_ns() + SPIN_HOLD_NS
+        cdef int i = 0
+        cdef object item
+        while True:
+            item = self._take_copy(status)
+            if status[0] == MQS_OK:
+                return item
+            i += 1
+            if (i & 63) == 0 and mqs_monotonic_ns() >= end:
+                return None
+            mqs_cpu_relax()
 
     def get_nowait(self):
         """Remove and return the oldest message, or raise `Empty` at once."""

@@ -16,3 +16,5 @@ cdef extern from "mqs_atomic.h" nogil:
 
     int MQS_CACHE_LINE
     int MQS_PAD_BYTES
+
+    void mqs_cpu_relax()
