@@ -169,6 +169,31 @@ static inline int mqs_ring_try_claim(mqs_ring_t *ring, int64_t n,
 }
 
 /*
+ * Single-producer fast path: claim one slot, store `item` in it and
+ * publish it, in one call. Same rules and statuses as mqs_ring_try_claim
+ * with n = 1 followed by mqs_ring_publish; only for rings created
+ * without MQS_RING_MULTI_PRODUCER, from their one producer thread.
+ */
+static inline int mqs_ring_sp_push(mqs_ring_t *ring, void *item)
+{
+    int64_t current = mqs_load_relaxed_i64(&ring->cursor.value);
+    int64_t gate;
+
+    if (current + 1 - ring->capacity >
+        mqs_load_relaxed_i64(&ring->gate_cache.value)) {
+        gate = mqs_ring_min_gate(ring);
+        mqs_store_relaxed_i64(&ring->gate_cache.value, gate);
+        if (current + 1 - ring->capacity > gate)
+            return MQS_EFULL;
+    }
+    ring->slots[current & ring->mask] = item;
+    mqs_store_relaxed_i64(&ring->cursor.value, current + 1);
+    /* The slot store above happens before a reader sees `published`. */
+    mqs_store_release_i64(&ring->published.value, current + 1);
+    return MQS_OK;
+}
+
+/*
  * Publish the claimed range [lo, hi) after its slots are written. The
  * release stores make the slot writes visible to a reader that acquires
  * the marker (or `published`). Called by the producer that claimed it.

@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True
+# cython: language_level=3, embedsignature=True, binding=False
 """In-process queues on the native ring: `Queue` and `SimpleQueue`.
 
 Items live in a chain of ring segments (`csrc/mqs_ring.h`), each a
@@ -31,6 +31,7 @@ from mqs.includes.mqs_ring cimport (
     mqs_ring_reset,
     mqs_ring_publish,
     mqs_ring_slot,
+    mqs_ring_sp_push,
     mqs_ring_t,
     mqs_ring_try_claim,
 )
@@ -138,15 +139,12 @@ cdef int _chain_grow(chain_t *chain) except -1:
 
 
 cdef inline int _chain_push(chain_t *chain, PyObject *item) except -1:
-    cdef int64_t lo = 0
-    cdef mqs_ring_t *ring = chain.tail.ring
-    if mqs_ring_try_claim(ring, 1, &lo) != MQS_OK:
+    # The reference is taken after the push, so a MemoryError from the
+    # grow leaks nothing; under the GIL no reader runs in between.
+    if mqs_ring_sp_push(chain.tail.ring, <void *>item) != MQS_OK:
         _chain_grow(chain)
-        ring = chain.tail.ring
-        mqs_ring_try_claim(ring, 1, &lo)
+        mqs_ring_sp_push(chain.tail.ring, <void *>item)
     Py_INCREF(<object>item)
-    mqs_ring_slot(ring, lo)[0] = <void *>item
-    mqs_ring_publish(ring, lo, lo + 1)
     chain.count += 1
     return 0
 

@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True
+# cython: language_level=3, embedsignature=True, binding=False
 """`RingBuffer`: the fixed-capacity sequenced ring, usable from Python.
 
 A thin wrapper of `csrc/mqs_ring.h` holding Python objects: producers push,

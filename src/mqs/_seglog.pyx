@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True
+# cython: language_level=3, embedsignature=True, binding=False
 """`SegmentLog`: the durable segment log of `csrc/mqs_seglog.h`.
 
 Records live in memory-mapped segment files; reads return read-only views

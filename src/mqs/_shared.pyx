@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True
+# cython: language_level=3, embedsignature=True, binding=False
 """`SharedQueue`: a multiprocessing.Queue drop-in on a shared-memory ring.
 
 The ring is `csrc/mqs_bytering.h`: variable-length records in a memfd or a

@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True
+# cython: language_level=3, embedsignature=True, binding=False
 """`TimingWheel`: the hierarchical timing wheel, usable from Python.
 
 A wrapper of `csrc/mqs_wheel.h` for Python objects. The C wheel stores

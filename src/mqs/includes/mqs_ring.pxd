@@ -24,6 +24,7 @@ cdef extern from "mqs_ring.h" nogil:
     int64_t mqs_ring_min_gate(mqs_ring_t *ring)
     void **mqs_ring_slot(mqs_ring_t *ring, int64_t seq)
     int mqs_ring_try_claim(mqs_ring_t *ring, int64_t n, int64_t *lo)
+    int mqs_ring_sp_push(mqs_ring_t *ring, void *item)
     void mqs_ring_publish(mqs_ring_t *ring, int64_t lo, int64_t hi)
     int64_t mqs_ring_highest_published(mqs_ring_t *ring, int64_t lo,
                                        int64_t limit)
