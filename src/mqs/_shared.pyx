@@ -249,6 +249,14 @@ cdef class SharedQueue:
     wait_strategy : {"block", "spin", "yield"}
         How blocked calls wait: spin briefly then sleep on a futex
         (default), spin without sleeping, or yield the CPU in a loop.
+    groups : int
+        Consumer groups, 1 to 8, fixed when the queue is created: every
+        group sees every message, and the consumers of one group compete
+        for them (each message goes to one consumer per group). Producers
+        wait for the slowest group.
+    group : int
+        The group this handle gets from (0 by default); see also
+        `for_group`.
 
     Notes
     -----
@@ -259,7 +267,8 @@ cdef class SharedQueue:
     comes back as `bytes`; anything else goes through the serializer in
     the calling thread, so a pickling error is raised by `put` itself.
     Each message costs its length plus a 16-byte header, rounded up to
-    16 bytes. A process killed while publishing never wedges the queue:
+    16 bytes. `maxsize`, `qsize`, `empty` and `full` count the messages of
+    this handle's group; `maxsize` bounds group 0. A process killed while publishing never wedges the queue:
     readers turn its unfinished record into padding once its liveness
     lock shows it is dead. A message got by a process that is killed
     before `get` returns is lost, as with `multiprocessing.Queue`.
@@ -269,6 +278,7 @@ cdef class SharedQueue:
     cdef bint _mapped
     cdef bint _closed
     cdef int _group
+    cdef int _groups_wanted
     cdef int _strategy
     cdef int _pid
     cdef readonly object name
@@ -292,8 +302,16 @@ cdef class SharedQueue:
     def __init__(self, maxsize=0, *, name=None, create=True,
                  capacity_bytes=DEFAULT_CAPACITY_BYTES,
                  max_message_size=None, serializer=None,
-                 wait_strategy="block", ctx=None):
+                 wait_strategy="block", groups=1, group=0, ctx=None):
         _check_int("maxsize", maxsize)
+        _check_int("groups", groups)
+        _check_int("group", group)
+        if not 1 <= groups <= MQS_BR_MAX_GROUPS:
+            raise ValueError(
+                f"groups must be 1 to {MQS_BR_MAX_GROUPS}, got {groups!r}")
+        if group < 0:
+            raise ValueError(f"group must be 0 or more, got {group!r}")
+        self._groups_wanted = groups
         _check_int("capacity_bytes", capacity_bytes)
         if max_message_size is None:
             max_message_size = max(0, capacity_bytes - MQS_BR_RECORD_HEADER)
@@ -323,6 +341,57 @@ cdef class SharedQueue:
             else:
                 self._attach_named(name)
         _instances.add(self)
+        self._set_group(group)
+
+    cdef int _set_group(self, int group) except -1:
+        cdef int n_groups = mqs_br_config(&self._ring).n_groups
+        if not 0 <= group < n_groups:
+            self.close()
+            raise ValueError(
+                f"group must be 0 to {n_groups - 1} for this queue of "
+                f"{n_groups} group(s), got {group!r}")
+        self._group = group
+        return 0
+
+    @property
+    def groups(self):
+        """Number of consumer groups, fixed when the queue was created."""
+        self._check_mapped()
+        return mqs_br_config(&self._ring).n_groups
+
+    @property
+    def group(self):
+        """The consumer group this handle gets from."""
+        return self._group
+
+    def for_group(self, group):
+        """Return a new handle of this queue that gets from `group`.
+
+        The handle attaches in this process like any other (its own
+        liveness lock) and is passed to child processes the same way.
+
+        Raises
+        ------
+        ValueError
+            If `group` is not below `groups`, or this handle is closed.
+        """
+        cdef SharedQueue other
+        _check_int("group", group)
+        self._check_open()
+        other = SharedQueue.__new__(SharedQueue)
+        other._strategy = self._strategy
+        other._serializer = self._serializer
+        other.name = self.name
+        fd = os.open(f"/proc/self/fd/{self._ring.fd}",
+                     os.O_RDWR | os.O_CLOEXEC)
+        try:
+            other._attach_fd(fd, repr(self))
+        except BaseException:
+            other._discard_fd(fd)
+            raise
+        _instances.add(other)
+        other._set_group(group)
+        return other
 
     @staticmethod
     def _check_sizes(capacity_bytes, max_message_size, maxsize):
@@ -380,8 +449,8 @@ cdef class SharedQueue:
         os.ftruncate(fd, mqs_br_file_bytes(capacity))
         self._map(fd, capacity)
         secret = int.from_bytes(secrets.token_bytes(8), "little")
-        if mqs_br_format(&self._ring, max_message_size, maxsize, 1,
-                         secret) != MQS_OK:
+        if mqs_br_format(&self._ring, max_message_size, maxsize,
+                         self._groups_wanted, secret) != MQS_OK:
             raise OSError("cannot set up the queue's process-shared mutex")
         return 0
 
@@ -507,14 +576,16 @@ cdef class SharedQueue:
         serializer = self._serializer
         strategy = {v: k for k, v in _STRATEGIES.items()}[self._strategy]
         if self.name is not None:
-            return (_attach_by_name, (self.name, serializer, strategy))
+            return (_attach_by_name,
+                    (self.name, serializer, strategy, self._group))
         if get_spawning_popen() is None:
             raise RuntimeError(
                 "an anonymous SharedQueue reaches other processes only "
                 "through inheritance (pass it in Process(args=...)); give "
                 "it a name= to share it any other way")
         self._check_open()
-        return (_attach_by_fd, (DupFd(self._ring.fd), serializer, strategy))
+        return (_attach_by_fd,
+                (DupFd(self._ring.fd), serializer, strategy, self._group))
 
     # -- state ----------------------------------------------------------
 
@@ -1138,12 +1209,12 @@ def _decode_oob(data):
     return pickle.loads(stream, buffers=buffers)
 
 
-def _attach_by_name(name, serializer, strategy):
+def _attach_by_name(name, serializer, strategy, group=0):
     return SharedQueue(name=name, create=False, serializer=serializer,
-                       wait_strategy=strategy)
+                       wait_strategy=strategy, group=group)
 
 
-def _attach_by_fd(dup, serializer, strategy):
+def _attach_by_fd(dup, serializer, strategy, group=0):
     cdef SharedQueue q = SharedQueue.__new__(SharedQueue)
     fd = _reopen_own(dup.detach())
     q._strategy = _STRATEGIES[strategy]
@@ -1155,4 +1226,5 @@ def _attach_by_fd(dup, serializer, strategy):
         q._discard_fd(fd)
         raise
     _instances.add(q)
+    q._set_group(group)
     return q

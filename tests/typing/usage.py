@@ -22,3 +22,12 @@ reader: int = ring.add_consumer()
 pushed: bool = ring.try_push(name)
 seen: list[object] = ring.poll(reader)
 print(first, batch, pushed, seen)
+
+frames = mqs.SharedQueue(capacity_bytes=1 << 20, groups=2)
+audit = frames.for_group(1)
+frames.put(b"frame")
+with audit.get_view(timeout=1.0) as view:
+    size: int = view.nbytes
+first_frame: object = frames.get(timeout=1.0)
+print(size, first_frame, frames.qsize(), audit.group)
+frames.close()
