@@ -154,3 +154,18 @@ def test_ring_nbytes_counts_slots_and_markers():
     multi = mqs.RingBuffer(1024, multi_producer=True)
     assert single.nbytes >= 1024 * 8
     assert multi.nbytes - single.nbytes == 1024 * 4
+
+
+def test_ring_rejects_take_by_unregistered_worker():
+    ring = mqs.RingBuffer(4)
+    for value in range(6):
+        ring.try_push(value)
+    with pytest.raises(ValueError, match="worker index must be one returned by add_worker"):
+        ring.take(0)
+
+
+def test_ring_rejects_poll_by_unregistered_consumer():
+    ring = mqs.RingBuffer(8, max_consumers=2, max_workers=2)
+    ring.add_consumer()
+    with pytest.raises(ValueError, match="consumer index must be one returned by add_consumer"):
+        ring.poll(1)

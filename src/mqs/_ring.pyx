@@ -219,7 +219,11 @@ cdef class RingBuffer:
         """
         cdef int64_t lo, hi, s
         cdef list out = []
-        self._check_consumer(consumer, "consumer", self._ring.max_consumers)
+        # n_consumers counts registered consumers; it can pass the
+        # maximum for a moment while a rejected add_consumer backs out.
+        self._check_consumer(consumer, "consumer",
+                             min(self._ring.n_consumers,
+                                 self._ring.max_consumers))
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items!r}")
         if mqs_ring_consumer_poll(self._ring, consumer, max_items,
@@ -238,7 +242,8 @@ cdef class RingBuffer:
         cdef int64_t lo, hi, s
         cdef void **slot
         cdef list out = []
-        self._check_consumer(worker, "worker", self._ring.max_workers)
+        self._check_consumer(worker, "worker",
+                             min(self._ring.n_workers, self._ring.max_workers))
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items!r}")
         if mqs_ring_work_claim(self._ring, worker, max_items,

@@ -12,6 +12,8 @@ cdef extern from "mqs_ring.h" nogil:
         int32_t flags
         int32_t max_consumers
         int32_t max_workers
+        int32_t n_consumers
+        int32_t n_workers
 
     int mqs_ring_create(mqs_ring_t **out, int64_t capacity, int flags,
                         int32_t max_consumers, int32_t max_workers)
