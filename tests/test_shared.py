@@ -1184,7 +1184,9 @@ def test_named_attach_raises_queue_not_found_when_missing(shm_name):
 
 def test_named_create_attaches_to_existing_queue(make_queue, shm_name):
     first = make_queue(3, name=shm_name, capacity_bytes=PAGE)
-    second = make_queue(name=shm_name, capacity_bytes=PAGE * 4)
+    with pytest.raises(mqs.QueueLayoutError, match="capacity_bytes="):
+        make_queue(name=shm_name, capacity_bytes=PAGE * 4)
+    second = make_queue(name=shm_name)
     assert second.capacity_bytes == PAGE
     assert second.maxsize == 3
     first.put(b"shared")

@@ -19,11 +19,11 @@ class SharedQueue:
         *,
         name: str | None = None,
         create: bool = True,
-        capacity_bytes: int = ...,
+        capacity_bytes: int | None = None,
         max_message_size: int | None = None,
         serializer: _Serializer | None = None,
         wait_strategy: Literal["block", "spin", "yield"] = "block",
-        groups: int = 1,
+        groups: int | None = None,
         group: int = 0,
         ctx: Any = None,
     ) -> None: ...

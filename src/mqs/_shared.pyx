@@ -123,9 +123,11 @@ def _check_name(name):
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__} "
                         f"{name!r}")
-    if not name or "/" in name or name in (".", "..") or len(name) > 200:
+    if not name or "/" in name or "\0" in name or name in (".", "..") \
+            or len(name) > 200:
         raise ValueError(
-            f"name must be 1 to 200 characters without '/', got {name!r}")
+            f"name must be 1 to 200 characters, not '.' or '..', without "
+            f"'/' or NUL, got {name!r}")
 
 
 def _check_int(label, value):
@@ -237,9 +239,12 @@ cdef class SharedQueue:
     create : bool
         With a name: create the queue if it does not exist (True), or
         only attach (False, raising `QueueNotFound` when missing).
-    capacity_bytes : int
-        Ring size: a power of two, at least one page. Fixed; this is all
-        the memory the queue uses.
+    capacity_bytes : int, optional
+        Ring size: a power of two, at least one page; 16 MiB by default.
+        Fixed; this is all the memory the queue uses. When attaching to
+        an existing named queue, `capacity_bytes`, `max_message_size`,
+        a nonzero `maxsize` and `groups`, if given, must match it
+        (`QueueLayoutError` otherwise).
     max_message_size : int, optional
         Largest serialized message; default: whatever fits the ring.
     serializer : object, optional
@@ -249,8 +254,9 @@ cdef class SharedQueue:
     wait_strategy : {"block", "spin", "yield"}
         How blocked calls wait: spin briefly then sleep on a futex
         (default), spin without sleeping, or yield the CPU in a loop.
-    groups : int
-        Consumer groups, 1 to 8, fixed when the queue is created: every
+    groups : int, optional
+        Consumer groups, 1 (the default) to 8, fixed when the queue is
+        created: every
         group sees every message, and the consumers of one group compete
         for them (each message goes to one consumer per group). Producers
         wait for the slowest group.
@@ -300,9 +306,18 @@ cdef class SharedQueue:
         self._view_positions = []
 
     def __init__(self, maxsize=0, *, name=None, create=True,
-                 capacity_bytes=DEFAULT_CAPACITY_BYTES,
-                 max_message_size=None, serializer=None,
-                 wait_strategy="block", groups=1, group=0, ctx=None):
+                 capacity_bytes=None, max_message_size=None,
+                 serializer=None, wait_strategy="block", groups=None,
+                 group=0, ctx=None):
+        # Explicit layout arguments, checked against an existing named
+        # queue; None or a default means "whatever the queue has".
+        requested = {"capacity_bytes": capacity_bytes,
+                     "max_message_size": max_message_size,
+                     "maxsize": maxsize or None, "groups": groups}
+        if capacity_bytes is None:
+            capacity_bytes = DEFAULT_CAPACITY_BYTES
+        if groups is None:
+            groups = 1
         _check_int("maxsize", maxsize)
         _check_int("groups", groups)
         _check_int("group", group)
@@ -341,7 +356,24 @@ cdef class SharedQueue:
             else:
                 self._attach_named(name)
         _instances.add(self)
+        if name is not None:
+            self._check_layout(requested)
         self._set_group(group)
+
+    cdef int _check_layout(self, dict requested) except -1:
+        """Raise if an existing named queue differs from explicit sizes."""
+        config = mqs_br_config(&self._ring)
+        actual = {"capacity_bytes": self._ring.capacity,
+                  "max_message_size": config.max_message_size,
+                  "maxsize": config.maxsize, "groups": config.n_groups}
+        for key, wanted in requested.items():
+            if wanted is not None and wanted >= 0 and wanted != actual[key]:
+                self.close()
+                raise QueueLayoutError(
+                    f"shared queue {self.name!r} exists with {key}="
+                    f"{actual[key]}, not {wanted}; attach without {key}, "
+                    f"or unlink the queue and create it again")
+        return 0
 
     cdef int _set_group(self, int group) except -1:
         cdef int n_groups = mqs_br_config(&self._ring).n_groups
