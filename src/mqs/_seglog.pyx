@@ -343,8 +343,15 @@ cdef class SegmentLog:
                 f"fsync must be 'always', 'interval' or 'never', got "
                 f"{fsync!r}")
         hint = ""
-        if isinstance(segment_bytes, int) and segment_bytes % 4096:
-            hint = f" (try {(segment_bytes // 4096 + 1) * 4096})"
+        if isinstance(segment_bytes, int) and not isinstance(
+                segment_bytes, bool):
+            # Suggest the nearest valid size: a multiple of 4096 within
+            # the allowed range.
+            suggestion = -(-segment_bytes // 4096) * 4096
+            suggestion = max(MQS_SEGLOG_MIN_SEGMENT_BYTES,
+                             min(MQS_SEGLOG_MAX_SEGMENT_BYTES, suggestion))
+            if suggestion != segment_bytes:
+                hint = f" (try {suggestion})"
         _check_int("segment_bytes", segment_bytes,
                    MQS_SEGLOG_MIN_SEGMENT_BYTES, MQS_SEGLOG_MAX_SEGMENT_BYTES,
                    hint)
