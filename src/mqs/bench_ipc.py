@@ -364,14 +364,14 @@ CASES: dict[str, IpcCase] = {
     for case in (
         IpcCase("ipc-64b",
                 "1 producer process -> 1 consumer process, 64 B bytes",
-                "throughput", 64, _throughput_subjects(), 200_000, 5_000),
+                "throughput", 64, _throughput_subjects(), 100_000, 5_000),
         IpcCase("ipc-4kib",
                 "1 producer process -> 1 consumer process, 4 KiB bytes",
-                "throughput", 4096, _throughput_subjects(), 100_000, 2_000),
+                "throughput", 4096, _throughput_subjects(), 50_000, 2_000),
         IpcCase("ipc-batch",
                 f"as ipc-64b, with put_many/get_many of {BATCH_SIZE:,} "
                 f"where the queue has them",
-                "throughput", 64, _batch_subjects(), 200_000, 5_000),
+                "throughput", 64, _batch_subjects(), 100_000, 5_000),
         IpcCase("ipc-pingpong",
                 "round trip of 64 B between 2 processes; p50/p90/p99",
                 "pingpong", 64, _pingpong_subjects(), 4_000, 200),
