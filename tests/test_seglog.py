@@ -326,8 +326,8 @@ def test_seglog_rejects_damaged_segment_header(tmp_path):
 
 def test_seglog_rejects_second_writer(tmp_path):
     with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT):
-        with pytest.raises(mqs.LogLocked, match="another process holds the "
-                                                "writer lock"):
+        with pytest.raises(mqs.LogLocked, match="another writer holds the "
+                                                "lock of this log"):
             mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT)
         with pytest.raises(BlockingIOError):
             mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT)

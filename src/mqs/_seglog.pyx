@@ -285,7 +285,8 @@ cdef class SegmentLog:
     Raises
     ------
     LogLocked
-        If another process holds the writer lock.
+        If another writer (another SegmentLog object, in this process or
+        another) holds the writer lock.
     NotADirectoryError, FileNotFoundError, PermissionError, OSError
         If the directory cannot be created, opened or read.
     LogVersionError
@@ -1127,7 +1128,8 @@ def _raise_open_error(int rc, int os_errno, str path, segment_bytes):
     if rc == MQS_ELOCKED:
         raise LogLocked(
             _errno.EAGAIN,
-            "another process holds the writer lock of this log; open it "
+            "another writer holds the lock of this log (an open SegmentLog "
+            "in this or another process); close it, or open this one "
             "with readonly=True to read while it writes",
             os.path.join(path, "lock"))
     if rc == MQS_EVERSION:
