@@ -108,49 +108,29 @@ static inline void mqs_futex_wake_all(_Atomic uint32_t *word, int shared)
     syscall(SYS_futex, (uint32_t *)word, op, INT_MAX, NULL, NULL, 0);
 }
 
-/*
- * Wait until the epoch differs from `epoch` or `timeout_ns` passes: spin
- * for up to MQS_WAIT_SPIN_NS, yield until MQS_WAIT_YIELD_NS, then sleep
- * on the futex; neither phase outlasts the timeout. Any thread, without any lock held. `shared` selects a futex that
- * works across processes (the word must then be in MAP_SHARED memory).
- *
- * Returns MQS_OK when the epoch moved (or on a spurious wake-up: callers
- * re-check their condition in any case), MQS_ETIMEDOUT when the timeout
- * passed, MQS_EINTR when a signal interrupted the sleep.
- */
-static inline int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch,
-                                int64_t timeout_ns, int shared)
+/* Deadline of a wait of timeout_ns from now: a negative timeout counts
+ * as 0, and a huge one (INT64_MAX) saturates instead of overflowing. */
+static inline int64_t mqs_wait_deadline(int64_t now, int64_t timeout_ns)
 {
-    int64_t now = mqs_monotonic_ns();
-    int64_t deadline, left, spin_end, yield_end;
-    int rc;
-
-    /* Clamp, so neither the deadline nor `left` below can overflow: a
-     * negative timeout counts as 0, and a huge one (INT64_MAX) saturates
-     * the deadline. */
     if (timeout_ns < 0)
         timeout_ns = 0;
-    deadline = timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
+    return timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
+}
 
-    spin_end = deadline - now < MQS_WAIT_SPIN_NS ? deadline
-                                                 : now + MQS_WAIT_SPIN_NS;
-    yield_end = deadline - now < MQS_WAIT_YIELD_NS ? deadline
-                                                   : now + MQS_WAIT_YIELD_NS;
-    for (uint32_t i = 0;; i++) {
-        if (mqs_load_acquire_u32(&w->epoch) != epoch)
-            return MQS_OK;
-        /* Reading the clock costs about as much as 64 pause loops. */
-        if ((i & 63) == 0 && mqs_monotonic_ns() >= spin_end)
-            break;
-        mqs_cpu_relax();
-    }
-    while (mqs_monotonic_ns() < yield_end) {
-        if (mqs_load_acquire_u32(&w->epoch) != epoch)
-            return MQS_OK;
-        sched_yield();
-    }
+/*
+ * Sleep on the futex until the epoch differs from `epoch` or `timeout_ns`
+ * passes, without spinning first. For a waiter that already spun in an
+ * earlier call of the same wait. Any thread, without any lock held.
+ * `shared` selects a futex that works across processes (the word must
+ * then be in MAP_SHARED memory). Returns as mqs_wait_park does.
+ */
+static inline int mqs_wait_sleep(mqs_waitword_t *w, uint32_t epoch,
+                                 int64_t timeout_ns, int shared)
+{
+    int64_t left = mqs_wait_deadline(mqs_monotonic_ns(), timeout_ns)
+                   - mqs_monotonic_ns();
+    int rc;
 
-    left = deadline - mqs_monotonic_ns();
     if (left <= 0)
         return MQS_ETIMEDOUT;
 
@@ -169,6 +149,44 @@ static inline int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch,
     if (errno == ETIMEDOUT)
         return MQS_ETIMEDOUT;
     return MQS_EINTR;
+}
+
+/*
+ * Wait until the epoch differs from `epoch` or `timeout_ns` passes: spin
+ * for up to MQS_WAIT_SPIN_NS, yield until MQS_WAIT_YIELD_NS, then sleep
+ * on the futex (mqs_wait_sleep); neither phase outlasts the timeout. Any
+ * thread, without any lock held. `shared` selects a futex that works
+ * across processes (the word must then be in MAP_SHARED memory).
+ *
+ * Returns MQS_OK when the epoch moved (or on a spurious wake-up: callers
+ * re-check their condition in any case), MQS_ETIMEDOUT when the timeout
+ * passed, MQS_EINTR when a signal interrupted the sleep.
+ */
+static inline int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch,
+                                int64_t timeout_ns, int shared)
+{
+    int64_t now = mqs_monotonic_ns();
+    int64_t deadline = mqs_wait_deadline(now, timeout_ns);
+    int64_t spin_end, yield_end;
+
+    spin_end = deadline - now < MQS_WAIT_SPIN_NS ? deadline
+                                                 : now + MQS_WAIT_SPIN_NS;
+    yield_end = deadline - now < MQS_WAIT_YIELD_NS ? deadline
+                                                   : now + MQS_WAIT_YIELD_NS;
+    for (uint32_t i = 0;; i++) {
+        if (mqs_load_acquire_u32(&w->epoch) != epoch)
+            return MQS_OK;
+        /* Reading the clock costs about as much as 64 pause loops. */
+        if ((i & 63) == 0 && mqs_monotonic_ns() >= spin_end)
+            break;
+        mqs_cpu_relax();
+    }
+    while (mqs_monotonic_ns() < yield_end) {
+        if (mqs_load_acquire_u32(&w->epoch) != epoch)
+            return MQS_OK;
+        sched_yield();
+    }
+    return mqs_wait_sleep(w, epoch, deadline - mqs_monotonic_ns(), shared);
 }
 
 /*

@@ -19,7 +19,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport INT64_MAX, int64_t, uint32_t
 from libc.stdlib cimport free, malloc
 
-from mqs._waiting cimport STRATEGY_BLOCK, deadline_ns, park
+from mqs._waiting cimport STRATEGY_BLOCK, STRATEGY_SLEEP, deadline_ns, park
 from mqs._wheel cimport TimingWheel
 from mqs.includes.mqs_atomic cimport MQS_OK
 from mqs.includes.mqs_ring cimport (
@@ -455,6 +455,7 @@ cdef class SimpleQueue:
     cdef object _get_slow(self, bint block, object timeout):
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef uint32_t epoch
+        cdef int strategy = STRATEGY_BLOCK
         cdef PyObject *item
         cdef object result
         while True:
@@ -471,8 +472,9 @@ cdef class SimpleQueue:
             if not block:
                 mqs_wait_finish(&self._not_empty)
                 raise Empty()
-            if park(&self._not_empty, epoch, deadline, 0, STRATEGY_BLOCK):
+            if park(&self._not_empty, epoch, deadline, 0, strategy):
                 raise Empty()
+            strategy = STRATEGY_SLEEP
 
     def get_many(self, max_items, bint block=True, timeout=None):
         """Remove and return a list of 1 to `max_items` oldest items.
@@ -726,6 +728,7 @@ cdef class Queue:
         """Wait until count < maxsize; raise Full or ShutDown otherwise."""
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef uint32_t epoch
+        cdef int strategy = STRATEGY_BLOCK
         while True:
             epoch = mqs_wait_prepare(&self._not_full)
             if self._shutdown:
@@ -738,8 +741,9 @@ cdef class Queue:
             if not block:
                 mqs_wait_finish(&self._not_full)
                 raise Full()
-            if park(&self._not_full, epoch, deadline, 0, STRATEGY_BLOCK):
+            if park(&self._not_full, epoch, deadline, 0, strategy):
                 raise Full()
+            strategy = STRATEGY_SLEEP
 
     def put_many(self, items, bint block=True, timeout=None):
         """Put every item of the iterable `items`, in order.
@@ -833,6 +837,7 @@ cdef class Queue:
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef int64_t wake
         cdef uint32_t epoch
+        cdef int strategy = STRATEGY_BLOCK
         cdef PyObject *item
         cdef object result
         while True:
@@ -860,9 +865,10 @@ cdef class Queue:
             wake = deadline
             if self._delayed and (wake < 0 or self._next_due_ns < wake):
                 wake = self._next_due_ns
-            if park(&self._not_empty, epoch, wake, 0, STRATEGY_BLOCK) \
+            if park(&self._not_empty, epoch, wake, 0, strategy) \
                     and wake == deadline:
                 raise Empty()
+            strategy = STRATEGY_SLEEP
 
     def get_many(self, max_items, bint block=True, timeout=None):
         """Remove and return a list of 1 to `max_items` oldest items.
@@ -909,12 +915,14 @@ cdef class Queue:
         The wait releases the GIL and lets Ctrl-C through.
         """
         cdef uint32_t epoch
+        cdef int strategy = STRATEGY_BLOCK
         while True:
             epoch = mqs_wait_prepare(&self._all_done)
             if self._unfinished == 0:
                 mqs_wait_finish(&self._all_done)
                 return
-            park(&self._all_done, epoch, -1, 0, STRATEGY_BLOCK)
+            park(&self._all_done, epoch, -1, 0, strategy)
+            strategy = STRATEGY_SLEEP
 
     def qsize(self):
         """Return the exact number of ready items (delayed ones not due

@@ -15,6 +15,7 @@ from libc.string cimport memcpy
 
 from mqs._waiting cimport (
     STRATEGY_BLOCK,
+    STRATEGY_SLEEP,
     STRATEGY_SPIN,
     STRATEGY_YIELD,
     WAIT_SLICE_NS,
@@ -810,6 +811,7 @@ cdef class SharedQueue:
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef int64_t last_repair = mqs_monotonic_ns()
         cdef uint32_t epoch
+        cdef int strategy = self._strategy
         cdef int rc
         if not block:
             if self._retry_after_repair(obj) == MQS_OK:
@@ -826,10 +828,12 @@ cdef class SharedQueue:
                 mqs_wait_finish(mqs_br_not_full(&self._ring))
                 return 0
             if park(mqs_br_not_full(&self._ring), epoch, deadline, 1,
-                    self._strategy):
+                    strategy):
                 if self._retry_after_repair(obj) == MQS_OK:
                     return 0
                 raise Full()
+            if strategy == STRATEGY_BLOCK:
+                strategy = STRATEGY_SLEEP
             if mqs_monotonic_ns() - last_repair >= WAIT_SLICE_NS:
                 # Room may be held by pins of consumers that died.
                 self._log_repaired(mqs_br_repair(&self._ring))
@@ -996,6 +1000,7 @@ cdef class SharedQueue:
     cdef object _wait_item(self, bint block, object timeout, bint view):
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef uint32_t epoch
+        cdef int strategy = self._strategy
         cdef int status
         cdef bint expired
         cdef object item
@@ -1017,7 +1022,9 @@ cdef class SharedQueue:
                 expired = True
             else:
                 expired = park(mqs_br_not_empty(&self._ring), epoch,
-                               deadline, 1, self._strategy)
+                               deadline, 1, strategy)
+                if strategy == STRATEGY_BLOCK:
+                    strategy = STRATEGY_SLEEP
             if expired:
                 # A caller that only polls must still repair a dead
                 # producer's record at the head, or it never gets past

@@ -9,6 +9,7 @@ from mqs.includes.mqs_wait cimport (
     mqs_monotonic_ns,
     mqs_wait_finish,
     mqs_wait_park,
+    mqs_wait_sleep,
     mqs_wait_spin,
     mqs_waitword_t,
 )
@@ -18,10 +19,14 @@ cdef enum:
     WAIT_SLICE_NS = 50000000
 
 # Wait strategies: park on a futex after a short spin, or never park.
+# STRATEGY_SLEEP is BLOCK without the spin, for the later slices of a
+# wait that already spun once: an idle waiter then costs only its
+# wake-ups every WAIT_SLICE_NS.
 cdef enum:
     STRATEGY_BLOCK = 0
     STRATEGY_SPIN = 1
     STRATEGY_YIELD = 2
+    STRATEGY_SLEEP = 3
 
 
 cdef inline int64_t deadline_ns(object timeout) except -2:
@@ -66,6 +71,8 @@ cdef inline int park(mqs_waitword_t *word, uint32_t epoch, int64_t deadline,
     with nogil:
         if strategy == STRATEGY_BLOCK:
             mqs_wait_park(word, epoch, left, shared)
+        elif strategy == STRATEGY_SLEEP:
+            mqs_wait_sleep(word, epoch, left, shared)
         else:
             mqs_wait_spin(word, epoch, left, strategy == STRATEGY_YIELD)
         mqs_wait_finish(word)

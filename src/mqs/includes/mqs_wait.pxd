@@ -13,6 +13,8 @@ cdef extern from "mqs_wait.h" nogil:
     void mqs_wait_finish(mqs_waitword_t *w)
     int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch, int64_t timeout_ns,
                       int shared)
+    int mqs_wait_sleep(mqs_waitword_t *w, uint32_t epoch,
+                       int64_t timeout_ns, int shared)
     int mqs_wait_spin(mqs_waitword_t *w, uint32_t epoch, int64_t timeout_ns,
                       int yield_cpu)
     void mqs_wait_signal(mqs_waitword_t *w, int shared)
