@@ -704,6 +704,7 @@ def test_seglog_removes_half_created_segment(tmp_path):
 
 def test_seglog_commit_round_trip(tmp_path):
     with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        log.append_many([b"record"] * 50)
         assert log.committed("billing") is None
         log.commit("billing", 42)
         log.commit("billing", 43)
@@ -716,6 +717,7 @@ def test_seglog_commit_round_trip(tmp_path):
 
 def test_seglog_commit_detects_damage(tmp_path):
     with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        log.append_many([b"record"] * 6)
         log.commit("g", 5)
         name = tmp_path / "log" / "consumer-g.offset"
         data = bytearray(name.read_bytes())
@@ -725,6 +727,24 @@ def test_seglog_commit_detects_damage(tmp_path):
             log.committed("g")
         log.commit("g", 6)
         assert log.committed("g") == 6
+
+
+def test_seglog_commit_rejects_offset_past_end(tmp_path):
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
+        log.append_many([b"record"] * 6)
+        log.commit("g", 6)
+        with pytest.raises(ValueError, match="offset 7 is past the end of "
+                                             r"the log \(next offset 6\)"):
+            log.commit("g", 7)
+        assert log.committed("g") == 6
+
+
+def test_seglog_commit_rejects_closed_log(tmp_path):
+    log = mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT)
+    log.append(b"record")
+    log.close()
+    with pytest.raises(ValueError, match="is closed"):
+        log.commit("g", 1)
 
 
 @pytest.mark.parametrize("group", ["", ".hidden", "a/b", "x" * 201])

@@ -913,10 +913,19 @@ cdef class SegmentLog:
         ------
         ValueError
             If `group` is not 1-200 of ``A-Z a-z 0-9 . _ -`` (not
-            starting with a dot) or `offset` is negative.
+            starting with a dot), `offset` is negative or past the end of
+            the log (the next offset to be written), or the log is closed.
         """
+        cdef mqs_seglog_stats_t s
+        self._check_open()
         _check_group(group)
         _check_int("offset", offset, 0, INT64_MAX)
+        mqs_seglog_get_stats(self._log, &s)
+        if offset > s.end_offset:
+            raise ValueError(
+                f"offset {offset} is past the end of the log (next offset "
+                f"{s.end_offset}); commit the offset after the last record "
+                f"read")
         body = _COMMIT_MAGIC + struct.pack("<q", offset)
         data = _COMMIT_FORMAT.pack(_COMMIT_MAGIC, offset, _crc32c(body))
         fd, temp = tempfile.mkstemp(prefix=f".consumer-{group}.",
