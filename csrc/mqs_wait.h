@@ -48,10 +48,10 @@ typedef struct mqs_waitword {
 /*
  * How long a waiter spins, then yields, before it sleeps on the futex.
  * Waking a sleeping thread or process costs tens of microseconds on a
- * virtual machine (the hypervisor must wake an idle vCPU), far more than
- * a reply in a ping-pong or a handoff between two busy threads takes, so
- * a waiter stays awake for 50 us in all: about 0.1% of a core for a
- * waiter that then sleeps in 50 ms slices.
+ * virtual machine, because the hypervisor must wake an idle vCPU. That
+ * is far longer than a reply in a ping-pong or a handoff between two
+ * busy threads takes, so a waiter stays awake for 50 us in all. Callers
+ * spin only in the first slice of a long wait (mqs_wait_sleep after it).
  */
 #define MQS_WAIT_SPIN_NS 20000
 #define MQS_WAIT_YIELD_NS 50000
