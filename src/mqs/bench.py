@@ -20,7 +20,7 @@ items received are compared with the items put (count, sum and order), and
 a mismatch raises `BenchmarkError`, since the rate of a run that lost items
 means nothing.
 
-This module only measures. `mqs.cli` prints the results.
+This module only measures. `mqs.cli_bench` prints the results.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ not finished after a stall timeout.
 Each (case, queue) pair runs once as a warm-up on a tenth of the messages,
 then `repeat` timed runs that alternate between the case's queues. The
 garbage collector is off in the child processes. This module only
-measures; `mqs.cli` prints the results.
+measures; `mqs.cli_bench` prints the results.
 """
 
 from __future__ import annotations

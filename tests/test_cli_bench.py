@@ -1,0 +1,525 @@
+"""Tests of `mqs bench` and the measurements behind it."""
+
+import array
+import json
+import multiprocessing
+import queue
+import subprocess
+import sys
+import threading
+import types
+
+import pytest
+
+from mqs import bench, bench_ipc, cli
+
+THREAD_CASES = ["1p1c", "1p1c-bounded", "pair", "batch"]
+IPC_CASES = ["ipc-64b", "ipc-4kib", "ipc-batch", "ipc-pingpong"]
+IPC_THROUGHPUT_QUEUES = {
+    "mqs.SharedQueue", "multiprocessing.Queue", "multiprocessing.SimpleQueue",
+    "faster_fifo.Queue get", "faster_fifo.Queue get_many",
+    "pyzmq PUSH/PULL ipc"}
+EXPECTED_IPC_QUEUES = {
+    "ipc-64b": IPC_THROUGHPUT_QUEUES,
+    "ipc-4kib": IPC_THROUGHPUT_QUEUES,
+    "ipc-batch": {"mqs.SharedQueue put_many/get_many",
+                  "multiprocessing.Queue", "multiprocessing.SimpleQueue",
+                  "faster_fifo.Queue put_many/get_many",
+                  "pyzmq PUSH/PULL ipc"},
+    "ipc-pingpong": {"mqs.SharedQueue block", "mqs.SharedQueue spin",
+                     "multiprocessing.Queue", "faster_fifo.Queue",
+                     "pyzmq PUSH/PULL ipc", "raw mmap spin"},
+}
+
+EXPECTED_QUEUES = {
+    "1p1c": {"mqs.Queue", "mqs.SimpleQueue", "queue.Queue",
+             "queue.SimpleQueue"},
+    "1p1c-bounded": {"mqs.Queue(maxsize=1024)", "queue.Queue(maxsize=1024)"},
+    "pair": {"mqs.Queue", "mqs.SimpleQueue", "queue.Queue",
+             "queue.SimpleQueue"},
+    "batch": {"mqs.Queue", "mqs.SimpleQueue", "queue.Queue",
+              "queue.SimpleQueue"},
+}
+
+
+def run_mqs(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mqs", *args], check=False, capture_output=True,
+        text=True, timeout=60, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """Run `mqs bench --quick --json PATH` once and return (process, JSON)."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    cases = [arg for name in THREAD_CASES for arg in ("--case", name)]
+    process = run_mqs("bench", "--quick", "--repeat", "3", *cases,
+                      "--json", str(path))
+    assert process.returncode == 0, process.stderr
+    return process, json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def ipc_report(tmp_path_factory):
+    """Run the cross-process cases with --quick --repeat 2 once."""
+    path = tmp_path_factory.mktemp("bench") / "ipc.json"
+    cases = [arg for name in IPC_CASES for arg in ("--case", name)]
+    process = run_mqs("bench", "--quick", "--repeat", "2", *cases,
+                      "--json", str(path))
+    assert process.returncode == 0, process.stderr
+    return process, json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_bench_quick_exits_zero_and_prints_table(quick_report):
+    process, _ = quick_report
+    assert "In-process throughput" in process.stdout
+    assert "Tracked ratios" in process.stdout
+    assert "queue.SimpleQueue" in process.stdout
+    assert "Cross-process" not in process.stdout
+
+
+def test_bench_json_has_every_case_and_queue(quick_report):
+    _, report = quick_report
+    found = {}
+    for result in report["results"]:
+        found.setdefault(result["case"], set()).add(result["queue"])
+    assert found == EXPECTED_QUEUES
+
+
+def test_bench_json_rates_are_positive(quick_report):
+    _, report = quick_report
+    for result in report["results"]:
+        label = f"{result['case']} {result['queue']}"
+        assert result["count"] == bench.QUICK_COUNT, label
+        assert len(result["rates_per_s"]) == 3, label
+        assert all(rate > 0 for rate in result["rates_per_s"]), label
+        assert result["min_per_s"] <= result["median_per_s"], label
+        assert result["median_per_s"] <= result["max_per_s"], label
+        assert result["ratio_to_reference"] > 0, label
+
+
+def test_bench_json_has_tracked_ratios(quick_report):
+    _, report = quick_report
+    ratios = {ratio["name"]: ratio for ratio in report["ratios"]}
+    assert set(ratios) == {tracked.name for tracked in bench.TRACKED_RATIOS}
+    for name, ratio in ratios.items():
+        assert ratio["value"] > 0, name
+        assert ratio["target"] > 0, name
+        assert ratio["comparison"] == ">=", name
+        assert ratio["met"] == (ratio["value"] >= ratio["target"]), name
+
+
+def test_bench_json_describes_machine_and_settings(quick_report):
+    _, report = quick_report
+    machine = report["machine"]
+    assert machine["cpu_count"] >= 1
+    assert machine["python_version"] == ".".join(
+        map(str, sys.version_info[:3]))
+    assert machine["mqs_version"]
+    assert report["settings"]["count"] == bench.QUICK_COUNT
+    assert report["settings"]["repeat"] == 3
+    assert report["command"][:2] == ["mqs", "bench"]
+
+
+def test_bench_ipc_prints_tables(ipc_report):
+    process, _ = ipc_report
+    assert "Cross-process throughput" in process.stdout
+    assert "Cross-process round trip" in process.stdout
+    assert "Tracked ratios" in process.stdout
+    assert "In-process throughput" not in process.stdout
+
+
+def _skipped_queues(report):
+    skipped = {}
+    for skip in report["skipped"]:
+        skipped.setdefault(skip["case"], set()).add(skip["queue"])
+    return skipped
+
+
+def test_bench_ipc_json_has_every_case_and_queue(ipc_report):
+    _, report = ipc_report
+    found = _skipped_queues(report)
+    for result in report["results"] + report["latency"]:
+        found.setdefault(result["case"], set()).add(result["queue"])
+    assert found == EXPECTED_IPC_QUEUES
+
+
+def test_bench_ipc_skips_only_missing_peers(ipc_report):
+    _, report = ipc_report
+    for skip in report["skipped"]:
+        assert "is not installed" in skip["reason"], skip
+        assert "pip install 'mqs[bench]'" in skip["reason"], skip
+    assert not any(skip["queue"].startswith(("mqs.", "multiprocessing."))
+                   for skip in report["skipped"])
+
+
+def test_bench_ipc_throughput_results(ipc_report):
+    _, report = ipc_report
+    sizes = {"ipc-64b": 64, "ipc-4kib": 4096, "ipc-batch": 64}
+    results = report["results"]
+    assert {result["case"] for result in results} == set(sizes)
+    for result in results:
+        label = f"{result['case']} {result['queue']}"
+        case = bench_ipc.CASES[result["case"]]
+        assert result["count"] == case.quick_count, label
+        assert result["message_size_bytes"] == sizes[result["case"]], label
+        assert len(result["rates_per_s"]) == 2, label
+        assert all(rate > 0 for rate in result["rates_per_s"]), label
+        assert result["median_mb_per_s"] == pytest.approx(
+            result["median_per_s"] * result["message_size_bytes"] / 1e6)
+        assert result["min_mb_per_s"] <= result["max_mb_per_s"], label
+        if result["queue"] == bench_ipc.REFERENCE_QUEUE:
+            assert result["ratio_to_reference"] == 1.0, label
+        else:
+            assert result["ratio_to_reference"] > 0, label
+
+
+def test_bench_ipc_latency_results(ipc_report):
+    _, report = ipc_report
+    count = bench_ipc.CASES["ipc-pingpong"].quick_count
+    assert report["latency"]
+    for result in report["latency"]:
+        label = result["queue"]
+        assert result["case"] == "ipc-pingpong", label
+        assert result["round_trips_per_run"] == count, label
+        assert result["runs"] == 2, label
+        assert result["round_trips_total"] == 2 * count, label
+        assert 0 < result["min_ns"] <= result["p50_ns"], label
+        assert result["p50_ns"] <= result["p90_ns"] <= result["p99_ns"], label
+        assert result["p99_ns"] <= result["max_ns"], label
+        assert result["min_ns"] <= result["mean_ns"] <= result["max_ns"]
+        assert len(result["run_p50_ns"]) == 2, label
+        assert result["p50_ratio_to_reference"] > 0, label
+        assert result["p99_ratio_to_reference"] > 0, label
+
+
+def test_bench_ipc_json_has_tracked_ratios(ipc_report):
+    _, report = ipc_report
+    expected = {tracked.name for tracked in bench_ipc.TRACKED_RATIOS}
+    measured = {ratio["name"]: ratio for ratio in report["ratios"]}
+    unmeasured = {entry["name"] for entry in report["ratios_not_measured"]}
+    assert set(measured) | unmeasured == expected
+    assert not set(measured) & unmeasured
+    for name, ratio in measured.items():
+        assert ratio["value"] > 0, name
+        if ratio["comparison"] == "<=":
+            assert ratio["met"] == (ratio["value"] <= ratio["target"]), name
+        else:
+            assert ratio["comparison"] == ">=", name
+            assert ratio["met"] == (ratio["value"] >= ratio["target"]), name
+
+
+def test_bench_ipc_json_describes_settings(ipc_report):
+    _, report = ipc_report
+    ipc = report["settings"]["ipc"]
+    assert ipc["counts"] == {
+        name: bench_ipc.CASES[name].quick_count for name in IPC_CASES}
+    assert ipc["start_method"] == "fork"
+    assert ipc["message_pool_size"] == bench_ipc.MESSAGE_POOL_SIZE
+    assert report["settings"]["cases"] == IPC_CASES
+    assert set(report["machine"]["peers"]) == {"faster-fifo", "pyzmq",
+                                               "libzmq"}
+
+
+def test_bench_count_option_sets_ipc_messages(tmp_path):
+    path = tmp_path / "ipc.json"
+    process = run_mqs("bench", "--case", "ipc-64b", "--case", "pair",
+                      "--count", "300", "--repeat", "1", "--json", str(path))
+    assert process.returncode == 0, process.stderr
+    report = json.loads(path.read_text(encoding="utf-8"))
+    assert {result["count"] for result in report["results"]} == {300}
+    assert {result["case"] for result in report["results"]} == {
+        "ipc-64b", "pair"}
+    assert report["settings"]["ipc"]["counts"] == {"ipc-64b": 300}
+
+
+def test_bench_case_option_selects_cases(tmp_path):
+    path = tmp_path / "pair.json"
+    process = run_mqs("bench", "--case", "pair", "--count", "1000",
+                      "--repeat", "1", "--json", str(path))
+    assert process.returncode == 0, process.stderr
+    report = json.loads(path.read_text(encoding="utf-8"))
+    assert {result["case"] for result in report["results"]} == {"pair"}
+    assert [ratio["name"] for ratio in report["ratios"]] == [
+        "pair mqs.SimpleQueue / queue.SimpleQueue"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--count", "-5"], r"argument --count: must be at least 1, got '-5'"),
+        (["--count", "0"], r"argument --count: must be at least 1, got '0'"),
+        (["--count", "many"], r"argument --count: invalid integer 'many'"),
+        (["--repeat", "0"], r"argument --repeat: must be at least 1, got '0'"),
+        (["--case", "nope"], r"argument --case: invalid choice: 'nope'"),
+        (["--json", "/nonexistent-dir/bench.json"],
+         r"argument --json: directory '/nonexistent-dir' not found"),
+    ],
+)
+def test_bench_bad_option_exits_two(args, expected):
+    process = run_mqs("bench", *args)
+    assert process.returncode == 2
+    assert expected in process.stderr
+    assert process.stdout == ""
+
+
+def test_unknown_case_error_lists_choices():
+    process = run_mqs("bench", "--case", "nope")
+    assert "1p1c-bounded" in process.stderr
+    assert "ipc-pingpong" in process.stderr
+
+
+# Faulty queues for the correctness checks.
+
+
+class LossyQueue(queue.SimpleQueue):
+    """Drop item 3 on put."""
+
+    def put(self, item, block=True, timeout=None):
+        if item != 3:
+            super().put(item)
+
+
+class SwappingQueue(queue.SimpleQueue):
+    """Swap the values 5 and 6 on put: same count and sum, wrong order."""
+
+    def put(self, item, block=True, timeout=None):
+        super().put({5: 6, 6: 5}.get(item, item))
+
+
+def test_run_once_rejects_reordered_items():
+    case = bench.CASES["pair"]
+    subject = bench.Subject("swapping", SwappingQueue)
+    with pytest.raises(bench.BenchmarkError,
+                       match=r"swapping in case 'pair' reordered items: "
+                             r"item 5 is 6, expected 5"):
+        bench.run_once(case, subject, list(range(10)))
+
+
+def test_run_once_rejects_lost_item_in_pair_case():
+    case = bench.CASES["pair"]
+    # The pair transfer gets once per put, so the dropped item would make
+    # the last get wait forever. One extra item queued up front keeps the
+    # count at 10 and changes the sum instead.
+    items = list(range(10))
+    queue_with_spare = LossyQueue()
+
+    def make_queue():
+        queue_with_spare.put(100)
+        return queue_with_spare
+
+    subject = bench.Subject("lossy", make_queue)
+    with pytest.raises(bench.BenchmarkError,
+                       match=r"lossy in case 'pair' lost or added items: "
+                             r"the consumer got 10 items summing to 142, "
+                             r"expected 10 summing to 45"):
+        bench.run_once(case, subject, items)
+
+
+def test_run_once_reports_stall_when_item_lost(monkeypatch):
+    monkeypatch.setattr(bench, "STALL_TIMEOUT_BASE_S", 0.5)
+    queues_made = []
+
+    def make_queue():
+        queues_made.append(LossyQueue())
+        return queues_made[-1]
+
+    subject = bench.Subject("lossy", make_queue)
+    try:
+        with pytest.raises(bench.BenchmarkError,
+                           match=r"mqs-bench-consumer still running after "
+                                 r"\d+ s; items were lost"):
+            bench.run_once(bench.CASES["1p1c"], subject, list(range(10)))
+    finally:
+        # Wake the consumer that still waits for a tenth item. LossyQueue
+        # drops 3, so any other value does.
+        queues_made[-1].put(-1)
+        for thread in threading.enumerate():
+            if thread.name == "mqs-bench-consumer":
+                thread.join(5)
+                assert not thread.is_alive()
+
+
+def test_bench_exits_one_when_queue_reorders(monkeypatch, capsys):
+    faulty = bench.Case("faulty", "a queue that swaps two items",
+                        (bench.Subject("queue.Queue", SwappingQueue),),
+                        "queue.Queue", bench.transfer_pairs)
+    monkeypatch.setitem(bench.CASES, "faulty", faulty)
+    status = cli.main(["bench", "--case", "faulty", "--count", "100",
+                       "--repeat", "1"])
+    assert status == 1
+    captured = capsys.readouterr()
+    assert "benchmark failed" in captured.err
+    assert "reordered items" in captured.err
+    assert "Throughput" not in captured.out
+
+
+# Faulty cross-process channels for the correctness checks. The children
+# are forked, so they see these classes and the monkeypatched settings.
+
+
+class FaultyChannel:
+    """A multiprocessing.SimpleQueue whose sender alters message 5.
+
+    `fault` is "corrupt" (send other bytes of the same length), "drop"
+    (send nothing) or "raise" (raise ValueError in the producer).
+    """
+
+    def __init__(self, fault):
+        self.queue = multiprocessing.get_context("fork").SimpleQueue()
+        self.fault = fault
+
+    def open_receiver(self):
+        return types.SimpleNamespace(get=self.queue.get, close=lambda: None)
+
+    def open_sender(self):
+        sent = 0
+
+        def put(message):
+            nonlocal sent
+            sent += 1
+            if sent == 6 and self.fault == "raise":
+                raise ValueError("producer failed on purpose")
+            if sent == 6 and self.fault == "drop":
+                return
+            if sent == 6:
+                message = bytes(len(message))
+            self.queue.put(message)
+
+        return types.SimpleNamespace(put=put, close=lambda: None)
+
+    def close(self):
+        self.queue.close()
+
+
+def faulty_subject(fault, mode="single"):
+    peer = bench_ipc.Peer(f"faulty ({fault})", None, None,
+                          lambda directory, name: FaultyChannel(fault))
+    return bench_ipc.IpcSubject(f"faulty ({fault})", peer, mode)
+
+
+def test_ipc_run_rejects_corrupted_message():
+    case = bench_ipc.CASES["ipc-64b"]
+    messages = bench_ipc.make_messages(64, 20)
+    with pytest.raises(bench.BenchmarkError,
+                       match=r"faulty \(corrupt\) in case 'ipc-64b' lost, "
+                             r"duplicated, reordered or corrupted messages: "
+                             r"got 20 of 20, and 1 differed from the message "
+                             r"sent at their position \(the first at index "
+                             r"5\)"):
+        bench_ipc.run_throughput_once(case, faulty_subject("corrupt"),
+                                      messages)
+
+
+def test_ipc_run_reports_stall_when_message_lost(monkeypatch):
+    monkeypatch.setattr(bench_ipc, "STALL_TIMEOUT_BASE_S", 1.0)
+    case = bench_ipc.CASES["ipc-64b"]
+    messages = bench_ipc.make_messages(64, 20)
+    with pytest.raises(bench.BenchmarkError,
+                       match=r"faulty \(drop\) in case 'ipc-64b': the "
+                             r"consumer and producer processes are still "
+                             r"running after 1 s; messages were lost"):
+        bench_ipc.run_throughput_once(case, faulty_subject("drop"), messages)
+    assert multiprocessing.active_children() == []
+
+
+def test_ipc_run_reports_error_raised_in_child():
+    case = bench_ipc.CASES["ipc-64b"]
+    messages = bench_ipc.make_messages(64, 20)
+    with pytest.raises(bench.BenchmarkError,
+                       match=r"the producer process raised ValueError: "
+                             r"producer failed on purpose"):
+        bench_ipc.run_throughput_once(case, faulty_subject("raise"),
+                                      messages)
+    assert multiprocessing.active_children() == []
+
+
+def test_ipc_pingpong_rejects_corrupted_echo():
+    case = bench_ipc.CASES["ipc-pingpong"]
+    # The pinging side sends on the faulty channel, so message 5, the
+    # sixth of the 100 untimed warm-up round trips, comes back changed.
+    messages = bench_ipc.make_messages(64, 150)
+    with pytest.raises(bench.BenchmarkError,
+                       match=r"faulty \(corrupt\) in case 'ipc-pingpong' "
+                             r"lost, duplicated, reordered or corrupted "
+                             r"messages: got 250 of 250, and 1 differed "
+                             r"from the message sent at their position "
+                             r"\(the first at index 5\)"):
+        bench_ipc.run_pingpong_once(case, faulty_subject("corrupt"),
+                                    messages)
+
+
+def test_make_messages_repeats_distinct_pool():
+    messages = bench_ipc.make_messages(64, bench_ipc.MESSAGE_POOL_SIZE + 3)
+    pool = messages[:bench_ipc.MESSAGE_POOL_SIZE]
+    assert len(set(pool)) == bench_ipc.MESSAGE_POOL_SIZE
+    assert all(len(message) == 64 for message in messages)
+    assert messages[bench_ipc.MESSAGE_POOL_SIZE:] == pool[:3]
+
+
+def test_latency_result_uses_nearest_rank_percentiles():
+    runs = [array.array("q", range(1, 51)), array.array("q", range(51, 101))]
+    result = bench_ipc.LatencyResult("ipc-pingpong", "q", 50, runs)
+    assert result.total_round_trips == 100
+    assert result.p50_ns == 50
+    assert result.p90_ns == 90
+    assert result.p99_ns == 99
+    assert result.mean_ns == 50.5
+    assert result.run_p50_ns == [25.5, 75.5]
+
+
+MISSING_PEER = bench_ipc.Peer("missing", "mqs_test_no_such_module",
+                              "no-such-package", None)
+
+
+def test_peer_missing_reason_names_package():
+    reason = bench_ipc.peer_missing_reason(MISSING_PEER)
+    assert reason == ("no-such-package is not installed; pip install "
+                      "'mqs[bench]' installs the peers")
+    assert bench_ipc.peer_missing_reason(bench_ipc.PEER_SHARED_QUEUE) is None
+
+
+def test_bench_skips_missing_peer_with_note(monkeypatch, capsys, tmp_path):
+    case = bench_ipc.IpcCase(
+        "ipc-64b", "as ipc-64b, with a peer that is not installed",
+        "throughput", 64,
+        (bench_ipc.IpcSubject("mqs.SharedQueue",
+                              bench_ipc.PEER_SHARED_QUEUE, "single"),
+         bench_ipc.IpcSubject("multiprocessing.Queue",
+                              bench_ipc.PEER_MULTIPROCESSING_QUEUE, "single"),
+         bench_ipc.IpcSubject("pyzmq PUSH/PULL ipc", MISSING_PEER,
+                              "single")),
+        100, 100)
+    monkeypatch.setitem(bench_ipc.CASES, "ipc-64b", case)
+    path = tmp_path / "skip.json"
+    status = cli.main(["bench", "--case", "ipc-64b", "--repeat", "1",
+                       "--json", str(path)])
+    assert status == 0
+    output = capsys.readouterr().out
+    assert ("pyzmq PUSH/PULL ipc skipped: no-such-package is not installed"
+            in output)
+    assert "not measured: no-such-package is not installed" in output
+    report = json.loads(path.read_text(encoding="utf-8"))
+    assert report["skipped"] == [{
+        "case": "ipc-64b", "queue": "pyzmq PUSH/PULL ipc",
+        "reason": bench_ipc.peer_missing_reason(MISSING_PEER)}]
+    assert [entry["name"] for entry in report["ratios_not_measured"]] == [
+        "ipc-64b mqs.SharedQueue / pyzmq PUSH/PULL ipc"]
+    assert [ratio["name"] for ratio in report["ratios"]] == [
+        "ipc-64b mqs.SharedQueue / multiprocessing.Queue"]
+
+
+def test_bench_exits_one_when_ipc_queue_corrupts(monkeypatch, capsys):
+    case = bench_ipc.IpcCase(
+        "ipc-64b", "a queue that corrupts a message", "throughput", 64,
+        (bench_ipc.IpcSubject("multiprocessing.Queue",
+                              bench_ipc.PEER_MULTIPROCESSING_QUEUE, "single"),
+         faulty_subject("corrupt")),
+        50, 50)
+    monkeypatch.setitem(bench_ipc.CASES, "ipc-64b", case)
+    status = cli.main(["bench", "--case", "ipc-64b", "--repeat", "1"])
+    assert status == 1
+    captured = capsys.readouterr()
+    assert "benchmark failed" in captured.err
+    assert "corrupted messages" in captured.err
+    assert "Cross-process throughput" not in captured.out
