@@ -120,6 +120,63 @@ static inline void mqs_store_relaxed_ptr(void *_Atomic *p, void *v)
     atomic_store_explicit(p, v, memory_order_relaxed);
 }
 
+/*
+ * Two 64-bit words changed by one compare-and-swap (cmpxchg16b on x86_64,
+ * built with -mcx16; a load/store-exclusive pair on aarch64). A position
+ * and the count of messages it has passed live in one pair, so no process
+ * can die between moving one and updating the other.
+ *
+ * Each half may be read alone with an ordinary 64-bit atomic load: the
+ * CAS changes both at once, so a half read alone is always a value that
+ * half really held. Reading both halves with two loads may mix two
+ * moments; callers that need both at one instant take them from a CAS.
+ */
+typedef struct mqs_pair {
+    alignas(16) _Atomic int64_t first;
+    _Atomic int64_t second;
+} mqs_pair_t;
+
+typedef unsigned __int128 mqs_u128_t;
+
+static inline mqs_u128_t mqs_pair_pack(int64_t first, int64_t second)
+{
+    return (mqs_u128_t)(uint64_t)first
+           | ((mqs_u128_t)(uint64_t)second << 64);
+}
+
+/*
+ * If *p contains (*first, *second), store (new_first, new_second) and
+ * return 1. Otherwise load the pair's current value into *first and
+ * *second and return 0. A full barrier either way (the __sync builtins
+ * are sequentially consistent).
+ */
+static inline int mqs_pair_cas(mqs_pair_t *p, int64_t *first,
+                               int64_t *second, int64_t new_first,
+                               int64_t new_second)
+{
+    mqs_u128_t expected = mqs_pair_pack(*first, *second);
+    mqs_u128_t seen = __sync_val_compare_and_swap(
+        (mqs_u128_t *)(void *)p, expected,
+        mqs_pair_pack(new_first, new_second));
+
+    if (seen == expected)
+        return 1;
+    *first = (int64_t)(uint64_t)seen;
+    *second = (int64_t)(uint64_t)(seen >> 64);
+    return 0;
+}
+
+/* Load both halves as of one instant, by a CAS that stores the value it
+ * finds. */
+static inline void mqs_pair_load(mqs_pair_t *p, int64_t *first,
+                                 int64_t *second)
+{
+    *first = atomic_load_explicit(&p->first, memory_order_acquire);
+    *second = atomic_load_explicit(&p->second, memory_order_acquire);
+    while (!mqs_pair_cas(p, first, second, *first, *second)) {
+    }
+}
+
 /* Full fence: orders an earlier store before a later load (StoreLoad). */
 static inline void mqs_fence_seq_cst(void)
 {

@@ -65,6 +65,29 @@ static mqs_br_participant_t *participant(const mqs_bytering_t *ring,
     return &ring->header->participants[slot].v;
 }
 
+static int64_t tail_position(const mqs_bytering_t *ring)
+{
+    return atomic_load_explicit(
+        (_Atomic int64_t *)&ring->header->tail.v.first,
+        memory_order_acquire);
+}
+
+static int64_t group_head(const mqs_bytering_t *ring, int group)
+{
+    return atomic_load_explicit(
+        (_Atomic int64_t *)&ring->header->groups[group].v.cursor.first,
+        memory_order_acquire);
+}
+
+/* Whether some group's head has passed `position`. */
+static int any_head_past(const mqs_bytering_t *ring, int64_t position)
+{
+    for (int g = 0; g < ring->header->config.v.n_groups; g++)
+        if (group_head(ring, g) > position)
+            return 1;
+    return 0;
+}
+
 int64_t mqs_br_file_bytes(int64_t capacity)
 {
     return MQS_BR_HEADER_BYTES + capacity;
@@ -155,10 +178,15 @@ int mqs_br_format(mqs_bytering_t *ring, int64_t max_message_size,
     ring->secret = secret;
 
     for (int g = 0; g < MQS_BR_MAX_GROUPS; g++) {
-        atomic_store_explicit(&h->groups[g].v.head, 0, memory_order_relaxed);
+        atomic_store_explicit(&h->groups[g].v.cursor.first, 0,
+                              memory_order_relaxed);
+        atomic_store_explicit(&h->groups[g].v.cursor.second, 0,
+                              memory_order_relaxed);
         atomic_store_explicit(&h->groups[g].v.active, g < n_groups,
                               memory_order_relaxed);
     }
+    atomic_store_explicit(&h->repairs.v.journal_pos, MQS_BR_NO_CLAIM,
+                          memory_order_relaxed);
     for (int i = 0; i < MQS_BR_MAX_PARTICIPANTS; i++) {
         mqs_br_participant_t *p = participant(ring, i);
         atomic_store_explicit(&p->claim_pos, MQS_BR_NO_CLAIM,
@@ -253,17 +281,22 @@ static int pad_record_locked(mqs_bytering_t *ring, int64_t position,
     mqs_br_header_t *h = ring->header;
     mqs_br_rec_header_t *rec = record_at(ring, position);
 
+    mqs_br_repairs_t *repairs = &h->repairs.v;
+    int64_t padded;
+
     if (atomic_load_explicit(&rec->commit, memory_order_acquire)
         == commit_tag(ring, position))
         return 0;
-    for (int g = 0; g < h->config.v.n_groups; g++)
-        if (atomic_load_explicit(&h->groups[g].v.head, memory_order_acquire)
-            > position)
-            return 0;
-    if (atomic_load_explicit(&h->tail.v, memory_order_acquire)
-        < position + size)
+    if (any_head_past(ring, position))
+        return 0;
+    if (tail_position(ring) < position + size)
         return 0;
 
+    padded = atomic_load_explicit(&repairs->padded, memory_order_relaxed);
+    atomic_store_explicit(&repairs->journal_padded, padded,
+                          memory_order_relaxed);
+    atomic_store_explicit(&repairs->journal_pos, position,
+                          memory_order_release);
     atomic_store_explicit(&rec->length,
                           (uint32_t)(size - MQS_BR_RECORD_HEADER),
                           memory_order_relaxed);
@@ -271,11 +304,13 @@ static int pad_record_locked(mqs_bytering_t *ring, int64_t position,
     atomic_store_explicit(&rec->owner, (uint16_t)owner, memory_order_relaxed);
     atomic_store_explicit(&rec->commit, commit_tag(ring, position),
                           memory_order_release);
-    /* Padding is no message: committed and consumed leave it out, so
-     * mqs_br_count stays exact. The dead producer reserved a place in a
-     * bounded ring for it; give that place back. */
-    if (h->config.v.maxsize != 0)
-        atomic_fetch_sub_explicit(&h->reserved.v, 1, memory_order_acq_rel);
+    MQS_FAILPOINT("repair_after_pad");
+    /* Padding is no message: counting it in padded takes the dead
+     * producer's claim out of mqs_br_count (and gives a bounded ring its
+     * place back). */
+    atomic_store_explicit(&repairs->padded, padded + 1, memory_order_release);
+    atomic_store_explicit(&repairs->journal_pos, MQS_BR_NO_CLAIM,
+                          memory_order_release);
     atomic_fetch_add_explicit(&h->counters.v.repaired_records, 1,
                               memory_order_relaxed);
     atomic_fetch_add_explicit(&h->counters.v.repaired_bytes, size,
@@ -285,13 +320,47 @@ static int pad_record_locked(mqs_bytering_t *ring, int64_t position,
     return 1;
 }
 
+/*
+ * Finish the padding a repairer died in (see mqs_br_repairs_t). A
+ * published pad at journal_pos can only be the dead repairer's: the
+ * record's producer was dead, so nobody else could publish it, and no
+ * head passes an unpublished record.
+ */
+static void finish_journal_locked(mqs_bytering_t *ring)
+{
+    mqs_br_repairs_t *repairs = &ring->header->repairs.v;
+    int64_t position = atomic_load_explicit(&repairs->journal_pos,
+                                            memory_order_acquire);
+    int64_t before;
+    int published;
+
+    if (position == MQS_BR_NO_CLAIM)
+        return;
+    before = atomic_load_explicit(&repairs->journal_padded,
+                                  memory_order_acquire);
+    published = atomic_load_explicit(&record_at(ring, position)->commit,
+                                     memory_order_acquire)
+                    == commit_tag(ring, position)
+                || any_head_past(ring, position);
+    atomic_store_explicit(&repairs->padded, before + published,
+                          memory_order_release);
+    atomic_store_explicit(&repairs->journal_pos, MQS_BR_NO_CLAIM,
+                          memory_order_release);
+    if (published) {
+        mqs_wait_signal(&ring->header->not_empty.v, 1);
+        mqs_wait_signal(&ring->header->not_full.v, 1);
+    }
+}
+
 static int repair_lock(mqs_bytering_t *ring)
 {
     int rc = pthread_mutex_lock(&ring->header->repair_lock.v);
 
     if (rc == EOWNERDEAD) {
-        /* The previous repairer died inside; every repair step re-checks
-         * the ring, so its half-done work is safe to redo. */
+        /* The previous repairer died inside. Its padding count is settled
+         * from the journal; every other repair step re-checks the ring,
+         * so its half-done work is safe to redo. */
+        finish_journal_locked(ring);
         pthread_mutex_consistent(&ring->header->repair_lock.v);
         return 0;
     }
@@ -316,10 +385,8 @@ static void repair_unlock(mqs_bytering_t *ring)
 static int intent_won(const mqs_bytering_t *ring, int64_t position,
                       int64_t size)
 {
-    const mqs_br_header_t *h = ring->header;
     int64_t end = position + size;
-    int64_t tail = atomic_load_explicit((_Atomic int64_t *)&h->tail.v,
-                                        memory_order_acquire);
+    int64_t tail = tail_position(ring);
 
     if (tail < end)
         return 0;
@@ -367,8 +434,7 @@ static int clear_dead_participant_locked(mqs_bytering_t *ring, int slot)
         /* Every tail move is a CAS that follows its claimant's
          * announcement, so after this acquire load the scan in
          * claim_owner sees whoever won `position`. */
-        (void)atomic_load_explicit(&ring->header->tail.v,
-                                   memory_order_acquire);
+        (void)tail_position(ring);
         owner = claim_owner(ring, position, &alive);
         if (alive)
             return -1;
@@ -442,8 +508,7 @@ static int64_t compute_gate(mqs_bytering_t *ring)
     int64_t gate = INT64_MAX;
 
     for (int g = 0; g < h->config.v.n_groups; g++) {
-        int64_t head = atomic_load_explicit(&h->groups[g].v.head,
-                                            memory_order_acquire);
+        int64_t head = group_head(ring, g);
         if (head < gate)
             gate = head;
     }
@@ -461,35 +526,26 @@ static int64_t compute_gate(mqs_bytering_t *ring)
     return gate;
 }
 
-/* Take one of the maxsize places of a bounded ring for a put.
- * NOTE: a producer killed after this and before its CAS on the tail wins
- * keeps the place for good, because no claim records it; the bounded
- * ring then holds one message fewer. */
-static int reserve_item(mqs_bytering_t *ring)
+/*
+ * Whether a bounded ring (maxsize > 0) has room for one more message,
+ * given `claimed` from the tail pair. padded and taken are loaded after
+ * claimed was, so they can only be lower than at the CAS that will use
+ * `claimed`: the count is over-estimated, never under, and maxsize holds.
+ */
+static int has_item_room(const mqs_bytering_t *ring, int64_t claimed)
 {
-    mqs_br_header_t *h = ring->header;
+    const mqs_br_header_t *h = ring->header;
     int64_t maxsize = h->config.v.maxsize;
-    int64_t reserved;
+    int64_t padded, taken;
 
     if (maxsize == 0)
-        return MQS_OK;
-    reserved = atomic_load_explicit(&h->reserved.v, memory_order_acquire);
-    do {
-        int64_t consumed = atomic_load_explicit(&h->groups[0].v.consumed,
-                                                memory_order_acquire);
-        if (reserved - consumed >= maxsize)
-            return MQS_EFULL;
-    } while (!atomic_compare_exchange_weak_explicit(
-        &h->reserved.v, &reserved, reserved + 1, memory_order_acq_rel,
-        memory_order_acquire));
-    return MQS_OK;
-}
-
-static void unreserve_item(mqs_bytering_t *ring)
-{
-    if (ring->header->config.v.maxsize != 0)
-        atomic_fetch_sub_explicit(&ring->header->reserved.v, 1,
-                                  memory_order_acq_rel);
+        return 1;
+    padded = atomic_load_explicit(
+        (_Atomic int64_t *)&h->repairs.v.padded, memory_order_acquire);
+    taken = atomic_load_explicit(
+        (_Atomic int64_t *)&h->groups[0].v.cursor.second,
+        memory_order_acquire);
+    return claimed - padded - taken < maxsize;
 }
 
 int mqs_br_try_put(mqs_bytering_t *ring, const void *const *parts,
@@ -499,7 +555,7 @@ int mqs_br_try_put(mqs_bytering_t *ring, const void *const *parts,
     mqs_br_participant_t *me = participant(ring, ring->slot);
     mqs_br_rec_header_t *rec;
     unsigned char *out;
-    int64_t length = 0, size, tail, gate;
+    int64_t length = 0, size, tail, claimed, gate;
 
     for (int i = 0; i < n_parts; i++)
         length += (int64_t)part_lengths[i];
@@ -508,20 +564,21 @@ int mqs_br_try_put(mqs_bytering_t *ring, const void *const *parts,
     if (length > h->config.v.max_message_size)
         return MQS_ETOOBIG;
     size = align_record(length);
-    if (reserve_item(ring) != MQS_OK)
-        return MQS_EFULL;
 
-    tail = atomic_load_explicit(&h->tail.v, memory_order_acquire);
+    tail = atomic_load_explicit(&h->tail.v.first, memory_order_acquire);
+    claimed = atomic_load_explicit(&h->tail.v.second, memory_order_acquire);
     for (;;) {
-        if (tail + size - ring->gate_cache > ring->capacity) {
+        int full = !has_item_room(ring, claimed);
+
+        if (!full && tail + size - ring->gate_cache > ring->capacity) {
             gate = compute_gate(ring);
             ring->gate_cache = gate;
-            if (tail + size - gate > ring->capacity) {
-                atomic_store_explicit(&me->claim_state, MQS_BR_CLAIM_NONE,
-                                      memory_order_release);
-                unreserve_item(ring);
-                return MQS_EFULL;
-            }
+            full = tail + size - gate > ring->capacity;
+        }
+        if (full) {
+            atomic_store_explicit(&me->claim_state, MQS_BR_CLAIM_NONE,
+                                  memory_order_release);
+            return MQS_EFULL;
         }
         /* Announce the claim before the CAS: a repairer that sees the
          * tail past `tail` also sees this announcement. */
@@ -529,9 +586,8 @@ int mqs_br_try_put(mqs_bytering_t *ring, const void *const *parts,
         atomic_store_explicit(&me->claim_pos, tail, memory_order_relaxed);
         atomic_store_explicit(&me->claim_state, MQS_BR_CLAIM_INTENT,
                               memory_order_release);
-        if (atomic_compare_exchange_weak_explicit(
-                &h->tail.v, &tail, tail + size, memory_order_acq_rel,
-                memory_order_acquire))
+        if (mqs_pair_cas(&h->tail.v, &tail, &claimed, tail + size,
+                         claimed + 1))
             break;
     }
     MQS_FAILPOINT("put_after_cas");
@@ -560,7 +616,6 @@ int mqs_br_try_put(mqs_bytering_t *ring, const void *const *parts,
                           memory_order_relaxed);
     atomic_store_explicit(&me->claim_pos, MQS_BR_NO_CLAIM,
                           memory_order_release);
-    atomic_fetch_add_explicit(&h->committed.v, 1, memory_order_acq_rel);
     mqs_wait_signal(&h->not_empty.v, 1);
     return MQS_OK;
 }
@@ -568,13 +623,17 @@ int mqs_br_try_put(mqs_bytering_t *ring, const void *const *parts,
 int64_t mqs_br_count(const mqs_bytering_t *ring, int group)
 {
     const mqs_br_header_t *h = ring->header;
-    int64_t consumed = atomic_load_explicit(
-        (_Atomic int64_t *)&h->groups[group].v.consumed,
+    /* Loaded in this order each can only be older than the next, so the
+     * difference is never below the count at the last load. */
+    int64_t taken = atomic_load_explicit(
+        (_Atomic int64_t *)&h->groups[group].v.cursor.second,
         memory_order_acquire);
-    int64_t committed = atomic_load_explicit(
-        (_Atomic int64_t *)&h->committed.v, memory_order_acquire);
+    int64_t padded = atomic_load_explicit(
+        (_Atomic int64_t *)&h->repairs.v.padded, memory_order_acquire);
+    int64_t claimed = atomic_load_explicit(
+        (_Atomic int64_t *)&h->tail.v.second, memory_order_acquire);
 
-    return committed > consumed ? committed - consumed : 0;
+    return claimed - padded - taken;
 }
 
 int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
@@ -584,7 +643,10 @@ int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
     mqs_br_group_t *g = &h->groups[group].v;
     mqs_br_participant_t *me = participant(ring, ring->slot);
     _Atomic int64_t *pin = view ? &me->view_pin : &me->get_pin;
-    int64_t head = atomic_load_explicit(&g->head, memory_order_acquire);
+    int64_t head = atomic_load_explicit(&g->cursor.first,
+                                        memory_order_acquire);
+    int64_t taken = atomic_load_explicit(&g->cursor.second,
+                                         memory_order_acquire);
     int64_t old_view_pin = atomic_load_explicit(&me->view_pin,
                                                 memory_order_relaxed);
 
@@ -602,18 +664,19 @@ int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
         MQS_OPTIMISTIC_READS_END();
 
         if (commit != commit_tag(ring, head)) {
-            int64_t now = atomic_load_explicit(&g->head,
+            int64_t now = atomic_load_explicit(&g->cursor.first,
                                                memory_order_acquire);
             if (now != head) {
                 head = now;
+                taken = atomic_load_explicit(&g->cursor.second,
+                                             memory_order_acquire);
                 continue;
             }
             if (!view || old_view_pin == MQS_BR_NO_PIN)
                 atomic_store_explicit(pin, view ? old_view_pin
                                                 : MQS_BR_NO_PIN,
                                       memory_order_release);
-            if (atomic_load_explicit(&h->tail.v, memory_order_acquire)
-                == head)
+            if (tail_position(ring) == head)
                 return MQS_EEMPTY;
             return MQS_EAGAIN_STUCK;
         }
@@ -624,15 +687,10 @@ int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
          * already set is older, so it stays. */
         if (!view || old_view_pin == MQS_BR_NO_PIN)
             atomic_store_explicit(pin, head, memory_order_release);
-        if (!atomic_compare_exchange_strong_explicit(
-                &g->head, &head, head + size, memory_order_acq_rel,
-                memory_order_acquire))
+        /* The take and its count are one CAS: padding counts nothing. */
+        if (!mqs_pair_cas(&g->cursor, &head, &taken, head + size,
+                          taken + (type != MQS_BR_TYPE_PAD)))
             continue;
-        /* NOTE: a consumer killed between the CAS and this increment
-         * leaves the count one too high for good (and, with maxsize, one
-         * place short); nothing records which of the two it reached. */
-        if (type != MQS_BR_TYPE_PAD)
-            atomic_fetch_add_explicit(&g->consumed, 1, memory_order_acq_rel);
         MQS_FAILPOINT("take_after_cas");
         if (type == MQS_BR_TYPE_PAD) {
             head += size;
@@ -700,11 +758,8 @@ static int claim_owner(const mqs_bytering_t *ring, int64_t position,
 
 int mqs_br_stalled_owner(const mqs_bytering_t *ring, int group)
 {
-    const mqs_br_header_t *h = ring->header;
-    int64_t head = atomic_load_explicit(
-        (_Atomic int64_t *)&h->groups[group].v.head, memory_order_acquire);
-    int64_t tail = atomic_load_explicit((_Atomic int64_t *)&h->tail.v,
-                                        memory_order_acquire);
+    int64_t head = group_head(ring, group);
+    int64_t tail = tail_position(ring);
     int alive = 0;
     int owner;
 
@@ -724,10 +779,8 @@ int mqs_br_repair(mqs_bytering_t *ring)
 
     /* Unpublished records at a group head whose producer is dead. */
     for (int g = 0; g < h->config.v.n_groups; g++) {
-        int64_t head = atomic_load_explicit(&h->groups[g].v.head,
-                                            memory_order_acquire);
-        int64_t tail = atomic_load_explicit(&h->tail.v,
-                                            memory_order_acquire);
+        int64_t head = group_head(ring, g);
+        int64_t tail = tail_position(ring);
         int alive = 0, owner;
 
         if (tail == head)
@@ -759,4 +812,18 @@ int mqs_br_repair(mqs_bytering_t *ring)
     repair_unlock(ring);
     ring->gate_cache = 0;
     return repaired;
+}
+
+int mqs_br_settle(mqs_bytering_t *ring)
+{
+    for (int i = 0; i < MQS_BR_MAX_PARTICIPANTS; i++) {
+        if (i == ring->slot
+            || atomic_load_explicit(&participant(ring, i)->claim_state,
+                                    memory_order_acquire)
+                   == MQS_BR_CLAIM_NONE)
+            continue;
+        if (mqs_br_participant_alive(ring, i) == 0)
+            return mqs_br_repair(ring);
+    }
+    return 0;
 }

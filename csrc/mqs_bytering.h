@@ -8,19 +8,19 @@
  *   0                     header, MQS_BR_HEADER_BYTES (64 KiB):
  *     block 0             config, read-only after init (magic, version,
  *                         sizes, secret)
- *     block 1             tail       producers' claim position (bytes)
- *     block 2             committed  messages published, ever (padding
- *                                    is not counted)
+ *     block 1             tail       pair: producers' claim position
+ *                                    (bytes) and records claimed, ever
+ *     block 2             repairs    claims turned into padding, ever,
+ *                                    and the repairer's journal
  *     block 3             not_empty  event word, consumers wait on it
  *     block 4             not_full   event word, producers wait on it
  *     block 5             counters   repaired records and bytes, records
  *                                    lost with a dead consumer
- *     block 6             reserved   records reserved by producers of a
- *                                    bounded ring (maxsize > 0)
- *     block 7-8           repair_lock  process-shared robust mutex that
+ *     block 6-7           repair_lock  process-shared robust mutex that
  *                                    serialises repairs
- *     block 9..16         groups[8]  head (bytes) and consumed (records)
- *     block 17..          participants[MQS_BR_MAX_PARTICIPANTS]
+ *     block 8..15         groups[8]  pair: head (bytes) and messages taken
+ *                                    (records, padding not counted)
+ *     block 16..          participants[MQS_BR_MAX_PARTICIPANTS]
  *   MQS_BR_HEADER_BYTES   data, `capacity` bytes (a power of two and a
  *                         multiple of the page size)
  *
@@ -44,6 +44,17 @@
  *   stale bytes from an earlier lap never look published, and consumers
  *   need not zero what they consumed. `secret` is random per ring, so
  *   payload bytes match a tag only by a 2**-64 chance.
+ *
+ * Counting. Each position moves together with a count in one 16-byte
+ * CAS (mqs_pair_t): a producer's claim adds one to `claimed`, a
+ * consumer's take adds one to its group's `taken` (none for padding).
+ * A record of group g is queued from its claim until it is taken, so
+ * mqs_br_count = claimed - padded - taken, and a process killed at any
+ * instruction leaves these counts exact: there is no step between moving
+ * a position and counting the move. `padded` changes only under the
+ * repair lock, journalled so a repairer that dies halfway is finished
+ * by the next one (see repairs below). A bounded ring (maxsize > 0)
+ * checks that count, against group 0, inside the claim CAS loop.
  *
  * Producers claim [tail, tail + size) by CAS on tail, gated on the slowest
  * group head and on the pins of readers still copying (see below), write,
@@ -79,7 +90,7 @@
 #include "mqs_wait.h"
 
 #define MQS_BR_MAGIC 0x31474e495253514dULL /* "MQSRING1" little-endian */
-#define MQS_BR_VERSION 1
+#define MQS_BR_VERSION 2
 #define MQS_BR_HEADER_BYTES 65536
 #define MQS_BR_RECORD_HEADER 16
 #define MQS_BR_ALIGN 16
@@ -105,11 +116,30 @@ typedef struct mqs_br_config {
     _Atomic uint32_t init_state;
 } mqs_br_config_t;
 
+/* cursor.first: next record position to hand out (bytes);
+ * cursor.second: messages taken, ever (padding is not counted). */
 typedef struct mqs_br_group {
-    _Atomic int64_t head;        /* next record position to hand out */
-    _Atomic int64_t consumed;    /* messages handed out, ever */
+    mqs_pair_t cursor;
     _Atomic int32_t active;
 } mqs_br_group_t;
+
+/* tail.first: claim position (bytes); tail.second: records claimed. */
+
+/*
+ * padded: claims of dead producers turned into padding, ever. Only the
+ * holder of repair_lock writes it. Before padding the record at
+ * journal_pos it stores journal_padded (padded before this repair) and
+ * journal_pos; after it stores padded + 1 and clears journal_pos. A
+ * repairer that takes the lock after its holder died (EOWNERDEAD) and
+ * finds journal_pos set sets padded to journal_padded + 1 if the pad was
+ * published (its tag is there or a group head passed it), else to
+ * journal_padded.
+ */
+typedef struct mqs_br_repairs {
+    _Atomic int64_t padded;
+    _Atomic int64_t journal_pos;
+    _Atomic int64_t journal_padded;
+} mqs_br_repairs_t;
 
 /* claim_state: a claim is announced before the CAS on tail and
  * confirmed after it wins, so a repairer can tell a claim that won from
@@ -139,12 +169,11 @@ typedef struct mqs_br_counters {
 
 typedef struct mqs_br_header {
     MQS_BR_BLOCK(mqs_br_config_t) config;
-    MQS_BR_BLOCK(_Atomic int64_t) tail;
-    MQS_BR_BLOCK(_Atomic int64_t) committed;
+    MQS_BR_BLOCK(mqs_pair_t) tail;
+    MQS_BR_BLOCK(mqs_br_repairs_t) repairs;
     MQS_BR_BLOCK(mqs_waitword_t) not_empty;
     MQS_BR_BLOCK(mqs_waitword_t) not_full;
     MQS_BR_BLOCK(mqs_br_counters_t) counters;
-    MQS_BR_BLOCK(_Atomic int64_t) reserved;
     union {
         pthread_mutex_t v;
         char pad[2 * MQS_PAD_BYTES];
@@ -244,7 +273,15 @@ int mqs_br_participant_alive(const mqs_bytering_t *ring, int slot);
 int mqs_br_try_put(mqs_bytering_t *ring, const void *const *parts,
                    const size_t *part_lengths, int n_parts, uint16_t type);
 
-/* Records the group has not taken yet (as counted when called). */
+/*
+ * Messages of `group` claimed and not yet taken: claimed - padded -
+ * taken. A put counts from its claim, so a record a producer is still
+ * copying in counts, as does the claim of a producer that died before
+ * publishing until a repair turns it into padding. Exact when nothing
+ * moves. Under concurrent puts and takes the result is at least the
+ * count at return, and above it by the takes and repairs made during
+ * the call.
+ */
 int64_t mqs_br_count(const mqs_bytering_t *ring, int group);
 
 /*
@@ -279,6 +316,15 @@ int mqs_br_repair(mqs_bytering_t *ring);
  * of `group`, or -1. Lets a caller report a stalled producer.
  */
 int mqs_br_stalled_owner(const mqs_bytering_t *ring, int group);
+
+/*
+ * Repair the open claims of dead producers wherever they sit, so that
+ * mqs_br_count counts only messages that will arrive. One load per
+ * participant slot when no other slot has a claim open, and one fcntl
+ * per open claim otherwise. Returns records repaired (as mqs_br_repair)
+ * or a negative status.
+ */
+int mqs_br_settle(mqs_bytering_t *ring);
 
 /* Accessors for the Cython layer, which does not mirror the unions. */
 static inline mqs_br_config_t *mqs_br_config(mqs_bytering_t *ring)

@@ -21,6 +21,8 @@ GCC = shutil.which("gcc")
 
 COMMON_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pthread",
                 f"-I{CSRC}"]
+if platform.machine() == "x86_64":
+    COMMON_FLAGS.append("-mcx16")  # 16-byte CAS in mqs_atomic.h
 BUILD_FLAGS = {
     "plain": ["-O2"],
     "asan-ubsan": [

@@ -40,7 +40,7 @@ CHILD_TIMEOUT_S = 60
 HEADER_BYTES = 65536
 CONFIG_VERSION_OFFSET = 8
 CONFIG_CAPACITY_OFFSET = 16
-PARTICIPANTS_OFFSET = 17 * 128
+PARTICIPANTS_OFFSET = 16 * 128
 PARTICIPANT_BLOCK = 128
 PARTICIPANT_PID_OFFSET = 40
 MAX_PARTICIPANTS = 256
@@ -1243,10 +1243,13 @@ def test_attach_rejects_corrupted_magic(shm_name):
 
 def test_attach_rejects_other_layout_version(shm_name):
     path = make_queue_file(shm_name)
-    patch_file(path, CONFIG_VERSION_OFFSET, struct.pack("<I", 2))
+    with open(path, "rb") as file:
+        file.seek(CONFIG_VERSION_OFFSET)
+        (ours,) = struct.unpack("<I", file.read(4))
+    patch_file(path, CONFIG_VERSION_OFFSET, struct.pack("<I", ours + 1))
     with pytest.raises(QueueLayoutError, match=(
-            "has ring layout version 2, this mqs reads version 1; use the "
-            "mqs version that created it")):
+            f"has ring layout version {ours + 1}, this mqs reads version "
+            f"{ours}; use the mqs version that created it")):
         SharedQueue(name=shm_name, create=False)
 
 

@@ -38,6 +38,7 @@ from mqs.includes.mqs_bytering cimport (
     MQS_EAGAIN_INIT,
     MQS_EAGAIN_STUCK,
     MQS_EVERSION,
+    MQS_BR_VERSION,
     mqs_br_check_sizes,
     mqs_br_config,
     mqs_br_count,
@@ -51,6 +52,7 @@ from mqs.includes.mqs_bytering cimport (
     mqs_br_participant,
     mqs_br_record_t,
     mqs_br_repair,
+    mqs_br_settle,
     mqs_br_stalled_owner,
     mqs_br_try_put,
     mqs_br_try_take,
@@ -582,7 +584,8 @@ cdef class SharedQueue:
             if rc == MQS_EVERSION:
                 raise QueueLayoutError(
                     f"{label} has ring layout version {version}, this mqs "
-                    f"reads version 1; use the mqs version that created it")
+                    f"reads version {MQS_BR_VERSION}; use the mqs version "
+                    f"that created it")
             if rc == MQS_EAGAIN_INIT:
                 raise QueueLayoutError(
                     f"{label} was never initialised; its creator died "
@@ -661,32 +664,54 @@ cdef class SharedQueue:
         into padding; ``lost_records``: an upper bound on messages taken by
         consumers that died before returning them.
         """
-        cdef int64_t[4] values
+        cdef int64_t size
         self._check_mapped()
+        size = self._count()
         counters = mqs_br_counters(&self._ring)
         return {
             "repaired_records": counters.repaired_records,
             "repaired_bytes": counters.repaired_bytes,
             "lost_records": counters.lost_records,
-            "qsize": mqs_br_count(&self._ring, self._group),
+            "qsize": size,
         }
 
-    def qsize(self):
-        """Return the exact number of queued messages, from any process."""
-        self._check_open()
+    cdef int64_t _count(self) except -1:
+        """Messages this handle's group has not taken, dead claims repaired.
+
+        A put counts from the moment it claims its place in the ring, so
+        a message another process is still copying in counts. The claim of
+        a producer that died before publishing is turned into padding
+        first and never counts.
+        """
+        cdef int repaired = mqs_br_settle(&self._ring)
+        if repaired < 0:
+            raise OSError("cannot check the liveness of the queue's "
+                          "participants")
+        self._log_repaired(repaired)
         return mqs_br_count(&self._ring, self._group)
+
+    def qsize(self):
+        """Return the exact number of queued messages, from any process.
+
+        Counted in shared memory, not estimated: a put counts once it has
+        claimed its place (including one still copying its bytes), a get
+        once it has taken its message; a process killed at any point
+        leaves the count exact.
+        """
+        self._check_open()
+        return self._count()
 
     def empty(self):
         """Return True if no message is queued."""
         self._check_open()
-        return mqs_br_count(&self._ring, self._group) == 0
+        return self._count() == 0
 
     def full(self):
         """Return True if a bounded queue holds maxsize messages."""
         cdef int64_t maxsize
         self._check_open()
         maxsize = mqs_br_config(&self._ring).maxsize
-        return maxsize > 0 and mqs_br_count(&self._ring, self._group) >= maxsize
+        return maxsize > 0 and self._count() >= maxsize
 
     # -- put --------------------------------------------------------------
 

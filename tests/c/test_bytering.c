@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "mqs_bytering.h"
@@ -183,12 +184,12 @@ static int64_t aligned_size(int64_t payload)
 
 static int64_t ring_tail(const ring_file_t *file)
 {
-    return atomic_load(&file->base.header->tail.v);
+    return atomic_load(&file->base.header->tail.v.first);
 }
 
 static int64_t ring_head(const ring_file_t *file)
 {
-    return atomic_load(&file->base.header->groups[0].v.head);
+    return atomic_load(&file->base.header->groups[0].v.cursor.first);
 }
 
 /*
@@ -201,15 +202,15 @@ static int64_t claim_by_hand(mqs_bytering_t *ring, int64_t payload,
 {
     mqs_br_participant_t *p = mqs_br_participant(ring, ring->slot);
     int64_t size = aligned_size(payload);
-    int64_t tail = atomic_load(&ring->header->tail.v);
+    int64_t tail = atomic_load(&ring->header->tail.v.first);
+    int64_t claimed = atomic_load(&ring->header->tail.v.second);
 
     atomic_store(&p->claim_size, size);
     atomic_store(&p->claim_pos, tail);
     atomic_store(&p->claim_state, MQS_BR_CLAIM_INTENT);
     if (win) {
-        int64_t expected = tail;
-        if (!atomic_compare_exchange_strong(&ring->header->tail.v,
-                                            &expected, tail + size))
+        if (!mqs_pair_cas(&ring->header->tail.v, &tail, &claimed,
+                          tail + size, claimed + 1))
             die("tail CAS in claim_by_hand", -1);
         if (confirm)
             atomic_store(&p->claim_state, MQS_BR_CLAIM_WON);
@@ -234,7 +235,6 @@ static void publish_by_hand(mqs_bytering_t *ring, int64_t position,
                           memory_order_release);
     atomic_store(&p->claim_state, MQS_BR_CLAIM_NONE);
     atomic_store(&p->claim_pos, MQS_BR_NO_CLAIM);
-    atomic_fetch_add(&ring->header->committed.v, 1);
 }
 
 static int64_t counter_repaired(const ring_file_t *file)
@@ -408,11 +408,12 @@ static void test_repair_pads_won_claim_of_dead_producer(void)
 
     CHECK_EQ(take_bytes(&reader, out, sizeof(out), &length),
              MQS_EAGAIN_STUCK);
-    CHECK_EQ(mqs_br_count(&reader, 0), 1);
+    /* The dead claim counts until a repair turns it into padding. */
+    CHECK_EQ(mqs_br_count(&reader, 0), 2);
     CHECK_EQ(mqs_br_stalled_owner(&reader, 0), -1);
     CHECK_EQ(mqs_br_repair(&reader), 1);
     CHECK_EQ(counter_repaired(&file), 1);
-    /* The padding is no message: the count still shows only "after". */
+    /* The padding is no message: the count shows only "after". */
     CHECK_EQ(mqs_br_count(&reader, 0), 1);
     CHECK_EQ(atomic_load(&file.base.header->counters.v.repaired_bytes),
              aligned_size(40));
@@ -512,10 +513,10 @@ static void test_repair_returns_reserved_place(void)
     participant_open(&dead, &file);
     participant_open(&producer, &file);
     CHECK_EQ(put_bytes(&dead, "a", 1), MQS_OK);
-    /* A claim by hand skips the reservation, so reserve like a put. */
-    atomic_fetch_add(&file.base.header->reserved.v, 1);
     claim_by_hand(&dead, 1, 1, 1);
     participant_kill(&dead);
+    /* The dead claim counts until it is repaired. */
+    CHECK_EQ(mqs_br_count(&producer, 0), 2);
     CHECK_EQ(put_bytes(&producer, "c", 1), MQS_EFULL);
     CHECK_EQ(mqs_br_repair(&producer), 1);
     CHECK_EQ(mqs_br_count(&producer, 0), 1);
@@ -632,6 +633,124 @@ static void test_repair_keeps_live_claim_at_dead_intent_position(void)
     participant_close(&live);
     participant_close(&reader);
     ring_file_destroy(&file);
+}
+
+/* Counts move with their positions, so a dead consumer's take counts and
+ * a dead producer's claim counts until a repair pads it; a bounded ring
+ * gets every place back. */
+static void test_counts_stay_exact_across_deaths(void)
+{
+    unsigned char out[64];
+    mqs_br_record_t record;
+    ring_file_t file;
+    mqs_bytering_t consumer, producer, dead;
+    uint32_t length = 0;
+
+    ring_file_create(&file, 4096, 1000, 3);
+    participant_open(&consumer, &file);
+    participant_open(&dead, &file);
+    participant_open(&producer, &file);
+    CHECK_EQ(put_bytes(&producer, "a", 1), MQS_OK);
+    CHECK_EQ(put_bytes(&producer, "b", 1), MQS_OK);
+    CHECK_EQ(mqs_br_try_take(&consumer, 0, 0, &record), MQS_OK);
+    participant_kill(&consumer);
+    CHECK_EQ(mqs_br_count(&producer, 0), 1);
+
+    claim_by_hand(&dead, 8, 1, 1);
+    participant_kill(&dead);
+    CHECK_EQ(mqs_br_count(&producer, 0), 2);
+    CHECK_EQ(put_bytes(&producer, "c", 1), MQS_OK);
+    CHECK_EQ(put_bytes(&producer, "d", 1), MQS_EFULL);
+    /* settle pads the dead claim although no head has reached it. */
+    CHECK_EQ(mqs_br_settle(&producer), 1);
+    CHECK_EQ(mqs_br_settle(&producer), 0);
+    CHECK_EQ(mqs_br_count(&producer, 0), 2);
+    CHECK_EQ(atomic_load(&file.base.header->repairs.v.padded), 1);
+    CHECK_EQ(put_bytes(&producer, "d", 1), MQS_OK);
+    CHECK_EQ(put_bytes(&producer, "e", 1), MQS_EFULL);
+    CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
+    CHECK(length == 1 && out[0] == 'b');
+    CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
+    CHECK(length == 1 && out[0] == 'c');
+    CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
+    CHECK(length == 1 && out[0] == 'd');
+    CHECK_EQ(mqs_br_count(&producer, 0), 0);
+    CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_EEMPTY);
+    /* The repair that settle ran also dropped the dead consumer's pin
+     * and counted its record as lost. */
+    CHECK_EQ(mqs_br_repair(&producer), 0);
+    CHECK_EQ(atomic_load(&file.base.header->counters.v.lost_records), 1);
+    participant_close(&producer);
+    ring_file_destroy(&file);
+}
+
+/* Lock the repair mutex in a child process that exits holding it, so the
+ * next locker gets EOWNERDEAD. */
+static void die_holding_repair_lock(ring_file_t *file)
+{
+    pid_t pid = fork();
+    int status = 0;
+
+    if (pid < 0)
+        die("fork", -1);
+    if (pid == 0) {
+        pthread_mutex_lock(&file->base.header->repair_lock.v);
+        _exit(0);
+    }
+    if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status))
+        die("waitpid", -1);
+}
+
+/* A repairer that died between publishing a pad and counting it, or
+ * after journalling and before publishing, is finished from the
+ * journal by the next repairer. */
+static void test_repair_journal_finishes_dead_repairer(void)
+{
+    unsigned char out[64];
+    ring_file_t file;
+    mqs_bytering_t dead, producer;
+    mqs_br_repairs_t *repairs;
+    test_record_header_t *rec;
+    uint32_t length = 0;
+    int64_t position;
+
+    for (int published = 0; published <= 1; published++) {
+        ring_file_create(&file, 4096, 1000, 0);
+        repairs = &file.base.header->repairs.v;
+        participant_open(&dead, &file);
+        participant_open(&producer, &file);
+        CHECK_EQ(put_bytes(&producer, "a", 1), MQS_OK);
+        position = claim_by_hand(&dead, 8, 1, 1);
+        participant_kill(&dead);
+        CHECK_EQ(put_bytes(&producer, "b", 1), MQS_OK);
+        CHECK_EQ(mqs_br_count(&producer, 0), 3);
+
+        /* Play the dead repairer: journal, maybe publish the pad. */
+        atomic_store(&repairs->journal_padded, 0);
+        atomic_store(&repairs->journal_pos, position);
+        if (published) {
+            rec = (test_record_header_t *)(
+                file.base.data + (position & (file.base.capacity - 1)));
+            atomic_store(&rec->length, (uint32_t)(aligned_size(8) - 16));
+            atomic_store(&rec->type, (uint16_t)MQS_BR_TYPE_PAD);
+            atomic_store(&rec->commit, SECRET ^ (uint64_t)position);
+        }
+        die_holding_repair_lock(&file);
+
+        /* The repair finishes the journal, then pads the claim if the
+         * dead repairer had not. */
+        CHECK_EQ(mqs_br_repair(&producer), published ? 0 : 1);
+        CHECK_EQ(atomic_load(&repairs->padded), 1);
+        CHECK_EQ(atomic_load(&repairs->journal_pos), MQS_BR_NO_CLAIM);
+        CHECK_EQ(mqs_br_count(&producer, 0), 2);
+        CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
+        CHECK(length == 1 && out[0] == 'a');
+        CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
+        CHECK(length == 1 && out[0] == 'b');
+        CHECK_EQ(mqs_br_count(&producer, 0), 0);
+        participant_close(&producer);
+        ring_file_destroy(&file);
+    }
 }
 
 /* A consumer killed between its take and its unpin holds back producers
@@ -956,6 +1075,8 @@ int main(int argc, char **argv)
     test_repair_waits_for_live_producer();
     test_repair_keeps_live_claim_at_dead_intent_position();
     test_repair_drops_pin_of_dead_consumer();
+    test_counts_stay_exact_across_deaths();
+    test_repair_journal_finishes_dead_repairer();
     run_stress(records, 0, timeout_s);
     run_stress(records / 2, 64, timeout_s);
 

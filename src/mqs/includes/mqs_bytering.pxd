@@ -5,6 +5,7 @@ from mqs.includes.mqs_wait cimport mqs_waitword_t
 
 cdef extern from "mqs_bytering.h" nogil:
     int64_t MQS_BR_HEADER_BYTES
+    int MQS_BR_VERSION
     int MQS_BR_RECORD_HEADER
     int MQS_BR_MAX_GROUPS
     int MQS_BR_MAX_PARTICIPANTS
@@ -67,6 +68,7 @@ cdef extern from "mqs_bytering.h" nogil:
     void mqs_br_unpin(mqs_bytering_t *ring, int view, int64_t position)
     int mqs_br_repair(mqs_bytering_t *ring)
     int mqs_br_stalled_owner(const mqs_bytering_t *ring, int group)
+    int mqs_br_settle(mqs_bytering_t *ring)
 
     # Accessors for header fields the Cython layer reads.
     mqs_br_config_t *mqs_br_config(mqs_bytering_t *ring)
