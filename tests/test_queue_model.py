@@ -191,8 +191,11 @@ def outcome(call, *args, **kwargs):
         return ("raised", error_class, getattr(exc, "accepted", 0))
 
 
-class QueueMachine(RuleBasedStateMachine):
-    """Drive an mqs.Queue and a ReferenceQueue through the same calls."""
+class CommonRules(RuleBasedStateMachine):
+    """Rules and invariants that Queue and SimpleQueue share.
+
+    A subclass sets `self.q` and `self.reference` before the first rule.
+    """
 
     def __init__(self):
         super().__init__()
@@ -208,14 +211,54 @@ class QueueMachine(RuleBasedStateMachine):
         actual = outcome(getattr(self.q, name), *args, **kwargs)
         assert actual == expected, f"{name}{args}{kwargs}"
 
+    @rule()
+    def put_nowait(self):
+        self.check_same("put_nowait", *self.new_items(1))
+
+    @rule()
+    def get_nowait(self):
+        self.check_same("get_nowait")
+
+    @rule(block=st.booleans())
+    def get_zero_timeout(self, block):
+        self.check_same("get", block=block, timeout=0)
+
+    @precondition(lambda self: self.reference.is_shutdown
+                  or not self.reference.empty())
+    @rule()
+    def get_blocking_with_item(self):
+        self.check_same("get", timeout=WRONG_WAIT_S)
+
+    @rule(max_items=st.integers(min_value=1, max_value=8))
+    def get_many_nonblocking(self, max_items):
+        expected = outcome(self.reference.get_many, max_items)
+        actual = outcome(self.q.get_many, max_items, block=False)
+        assert actual == expected
+
+    @rule(immediate=st.booleans(), roll=SHUTDOWN_ROLL)
+    def shutdown(self, immediate, roll):
+        if roll != 0:
+            return
+        self.q.shutdown(immediate=immediate)
+        self.reference.shutdown(immediate=immediate)
+
+    @invariant()
+    def sizes_match(self):
+        assert self.q.qsize() == self.reference.qsize()
+        assert self.q.empty() == self.reference.empty()
+
+    @invariant()
+    def shutdown_flag_matches(self):
+        assert self.q.is_shutdown == self.reference.is_shutdown
+
+
+class QueueMachine(CommonRules):
+    """Drive an mqs.Queue and a ReferenceQueue through the same calls."""
+
     @initialize(maxsize=st.integers(min_value=-2, max_value=6))
     def create(self, maxsize):
         self.q = mqs.Queue(maxsize)
         self.reference = ReferenceQueue(maxsize)
-
-    @rule()
-    def put_nowait(self):
-        self.check_same("put_nowait", *self.new_items(1))
 
     @rule(block=st.booleans())
     def put_zero_timeout(self, block):
@@ -236,26 +279,6 @@ class QueueMachine(RuleBasedStateMachine):
         assert actual == expected
 
     @rule()
-    def get_nowait(self):
-        self.check_same("get_nowait")
-
-    @rule(block=st.booleans())
-    def get_zero_timeout(self, block):
-        self.check_same("get", block=block, timeout=0)
-
-    @precondition(lambda self: self.reference.is_shutdown
-                  or not self.reference.empty())
-    @rule()
-    def get_blocking_with_item(self):
-        self.check_same("get", timeout=WRONG_WAIT_S)
-
-    @rule(max_items=st.integers(min_value=1, max_value=8))
-    def get_many_nonblocking(self, max_items):
-        expected = outcome(self.reference.get_many, max_items)
-        actual = outcome(self.q.get_many, max_items, block=False)
-        assert actual == expected
-
-    @rule()
     def task_done(self):
         self.check_same("task_done")
 
@@ -264,17 +287,8 @@ class QueueMachine(RuleBasedStateMachine):
         self.q.maxsize = maxsize
         self.reference.maxsize = maxsize
 
-    @rule(immediate=st.booleans(), roll=SHUTDOWN_ROLL)
-    def shutdown(self, immediate, roll):
-        if roll != 0:
-            return
-        self.q.shutdown(immediate=immediate)
-        self.reference.shutdown(immediate=immediate)
-
     @invariant()
-    def sizes_match(self):
-        assert self.q.qsize() == self.reference.qsize()
-        assert self.q.empty() == self.reference.empty()
+    def full_matches(self):
         assert self.q.full() == self.reference.full()
 
     @invariant()
@@ -286,77 +300,22 @@ class QueueMachine(RuleBasedStateMachine):
         # mqs reads a maxsize of 0 or less back as 0; both mean unbounded.
         assert self.q.maxsize == max(self.reference.maxsize, 0)
 
-    @invariant()
-    def shutdown_flag_matches(self):
-        assert self.q.is_shutdown == self.reference.is_shutdown
 
-
-class SimpleQueueMachine(RuleBasedStateMachine):
+class SimpleQueueMachine(CommonRules):
     """Drive an mqs.SimpleQueue and a ReferenceSimpleQueue alike."""
 
     def __init__(self):
         super().__init__()
         self.q = mqs.SimpleQueue()
         self.reference = ReferenceSimpleQueue()
-        self.next_item = 0
-
-    def new_items(self, count):
-        items = list(range(self.next_item, self.next_item + count))
-        self.next_item += count
-        return items
-
-    def check_same(self, name, *args, **kwargs):
-        expected = outcome(getattr(self.reference, name), *args, **kwargs)
-        actual = outcome(getattr(self.q, name), *args, **kwargs)
-        assert actual == expected, f"{name}{args}{kwargs}"
 
     @rule()
     def put(self):
         self.check_same("put", *self.new_items(1))
 
-    @rule()
-    def put_nowait(self):
-        self.check_same("put_nowait", *self.new_items(1))
-
     @rule(count=st.integers(min_value=0, max_value=8))
     def put_many(self, count):
         self.check_same("put_many", self.new_items(count))
-
-    @rule()
-    def get_nowait(self):
-        self.check_same("get_nowait")
-
-    @rule(block=st.booleans())
-    def get_zero_timeout(self, block):
-        self.check_same("get", block=block, timeout=0)
-
-    @precondition(lambda self: self.reference.is_shutdown
-                  or not self.reference.empty())
-    @rule()
-    def get_blocking_with_item(self):
-        self.check_same("get", timeout=WRONG_WAIT_S)
-
-    @rule(max_items=st.integers(min_value=1, max_value=8))
-    def get_many_nonblocking(self, max_items):
-        expected = outcome(self.reference.get_many, max_items)
-        actual = outcome(self.q.get_many, max_items, block=False)
-        assert actual == expected
-
-    @rule(immediate=st.booleans(), roll=SHUTDOWN_ROLL)
-    def shutdown(self, immediate, roll):
-        if roll != 0:
-            return
-        self.q.shutdown(immediate=immediate)
-        self.reference.shutdown(immediate=immediate)
-
-    @invariant()
-    def sizes_match(self):
-        assert self.q.qsize() == self.reference.qsize()
-        assert self.q.empty() == self.reference.empty()
-
-    @invariant()
-    def shutdown_flag_matches(self):
-        assert self.q.is_shutdown == self.reference.is_shutdown
 
 
 def test_queue_matches_stdlib_model():
