@@ -11,7 +11,17 @@ import types
 
 import pytest
 
-from mqs import bench, bench_ipc, cli
+from mqs import (
+    bench,
+    bench_ipc,
+    bench_latency,
+    bench_plot,
+    bench_seglog,
+    bench_shapes,
+    bench_wheel,
+    cli,
+    cli_bench,
+)
 
 THREAD_CASES = ["1p1c", "1p1c-bounded", "pair", "batch"]
 IPC_CASES = ["ipc-64b", "ipc-4kib", "ipc-batch", "ipc-pingpong"]
@@ -42,10 +52,10 @@ EXPECTED_QUEUES = {
 }
 
 
-def run_mqs(*args, cwd=None):
+def run_mqs(*args, cwd=None, timeout=60):
     return subprocess.run(
         [sys.executable, "-m", "mqs", *args], check=False, capture_output=True,
-        text=True, timeout=60, cwd=cwd)
+        text=True, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +67,22 @@ def quick_report(tmp_path_factory):
                       "--json", str(path))
     assert process.returncode == 0, process.stderr
     return process, json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """Run every case of `mqs bench --quick` with --json and --plot once.
+
+    Returns (process, JSON report, PNG path).
+    """
+    directory = tmp_path_factory.mktemp("bench")
+    json_path = directory / "bench.json"
+    png_path = directory / "bench.png"
+    process = run_mqs("bench", "--quick", "--json", str(json_path),
+                      "--plot", str(png_path), timeout=300)
+    assert process.returncode == 0, process.stderr
+    return (process, json.loads(json_path.read_text(encoding="utf-8")),
+            png_path)
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +243,9 @@ def test_bench_ipc_json_describes_settings(ipc_report):
     assert ipc["start_method"] == "fork"
     assert ipc["message_pool_size"] == bench_ipc.MESSAGE_POOL_SIZE
     assert report["settings"]["cases"] == IPC_CASES
-    assert set(report["machine"]["peers"]) == {"faster-fifo", "pyzmq",
-                                               "libzmq"}
+    assert set(report["machine"]["peers"]) == {
+        "faster-fifo", "pyzmq", "libzmq", "persist-queue", "litequeue",
+        "redis", "matplotlib", "redis-server"}
 
 
 def test_bench_count_option_sets_ipc_messages(tmp_path):
@@ -523,3 +550,188 @@ def test_bench_exits_one_when_ipc_queue_corrupts(monkeypatch, capsys):
     assert "benchmark failed" in captured.err
     assert "corrupted messages" in captured.err
     assert "Cross-process throughput" not in captured.out
+
+
+# The whole --quick run: every section, --json and --plot.
+
+
+def test_quick_run_prints_every_section(quick_run):
+    process, _, _ = quick_run
+    for title in ("In-process throughput", "Cross-process throughput",
+                  "Cross-process round trip", "Disruptor shapes over threads",
+                  "Disruptor shapes over processes", "Payload sweep",
+                  "One-way latency at a fixed rate", "Timers:",
+                  "Durable log:", "Tracked ratios"):
+        assert title in process.stdout, title
+    assert "coordinated omission corrected" in process.stdout
+    assert "profile: quick" in process.stdout
+
+
+def test_quick_run_writes_png(quick_run):
+    _, _, png_path = quick_run
+    data = png_path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 10_000
+
+
+def test_quick_run_json_describes_machine_and_profile(quick_run):
+    _, report, _ = quick_run
+    assert report["profile"] == "quick"
+    assert report["command"][:3] == ["mqs", "bench", "--quick"]
+    machine = report["machine"]
+    assert machine["python_version"] == ".".join(
+        map(str, sys.version_info[:3]))
+    assert "compiler_flags" in machine["build"]
+    assert "python_cflags" in machine["build"]
+    assert report["settings"]["cases"] == cli_bench._all_cases()
+    assert report["settings"]["repeat"] == 1
+
+
+def _queues_by_case(results):
+    found = {}
+    for result in results:
+        found.setdefault(result["case"], set()).add(result["queue"])
+    return found
+
+
+def _transports_or_skipped(report, domain, case):
+    """Return the transports of `domain` the run measured or skipped."""
+    skipped = {skip["queue"] for skip in report["sections_skipped"]
+               if skip["case"] == case}
+    for skip in report["sections_skipped"]:
+        assert "is not installed" in skip["reason"], skip
+    return skipped
+
+
+def test_quick_run_json_has_every_shape(quick_run):
+    _, report, _ = quick_run
+    found = _queues_by_case(report["shapes"])
+    profile = cli_bench.PROFILES["quick"]
+    for domain, transports in bench_shapes.TRANSPORTS.items():
+        for shape in bench_shapes.SHAPES:
+            case = f"{domain} {shape} 64B"
+            skipped = _transports_or_skipped(report, domain, case)
+            assert found[case] | skipped == {t.label for t in transports}
+            assert not found[case] & skipped
+    for result in report["shapes"]:
+        label = f"{result['case']} {result['queue']}"
+        expected = profile.shape_counts[result["domain"]]
+        if result["shape"] == "three-to-one":
+            expected -= expected % 3
+        assert result["count"] == expected, label
+        assert result["message_size_bytes"] == 64, label
+        assert len(result["rates_per_s"]) == 1, label
+        assert result["median_per_s"] > 0, label
+        assert result["ratio_to_reference"] > 0, label
+        if result["queue"] in ("queue.Queue", "multiprocessing.Queue"):
+            assert result["ratio_to_reference"] == 1.0, label
+
+
+def test_quick_run_json_has_payload_sweep(quick_run):
+    _, report, _ = quick_run
+    profile = cli_bench.PROFILES["quick"]
+    sizes = {}
+    for result in report["payload_sweep"]:
+        sizes.setdefault(result["message_size_bytes"], set()).add(
+            result["queue"])
+        assert result["shape"] == "one-to-one"
+        assert result["domain"] == "processes"
+        assert result["count"] == profile.payload_messages(
+            result["message_size_bytes"])
+        assert result["median_mb_per_s"] == pytest.approx(
+            result["median_per_s"] * result["message_size_bytes"] / 1e6)
+    assert sorted(sizes) == list(profile.payload_sizes)
+    for queues in sizes.values():
+        assert {"mqs.SharedQueue", "multiprocessing.Queue"} <= queues
+
+
+def test_quick_run_json_has_fixed_rate_latency(quick_run):
+    _, report, _ = quick_run
+    latency = report["fixed_rate_latency"]
+    assert "intended send time" in latency["method"]
+    assert latency["rate_per_s"] == bench_latency.DEFAULT_RATE_PER_S
+    found = _queues_by_case(latency["results"])
+    assert {"mqs.Queue", "mqs.SimpleQueue", "queue.Queue",
+            "queue.SimpleQueue"} == found["latency-threads"]
+    assert {"mqs.SharedQueue", "multiprocessing.Queue"} <= found[
+        "latency-processes"]
+    count = cli_bench.PROFILES["quick"].latency_count
+    for result in latency["results"]:
+        label = result["queue"]
+        assert result["messages"] == count, label
+        for series in ("corrected", "uncorrected"):
+            summary = result[series]
+            assert summary["count"] == count, label
+            assert 0 < summary["min_ns"] <= summary["p50_ns"], label
+            assert summary["p50_ns"] <= summary["p90_ns"], label
+            assert summary["p90_ns"] <= summary["p99_ns"], label
+            assert summary["p99_ns"] <= summary["p99.9_ns"], label
+            assert summary["p99.9_ns"] <= summary["max_ns"], label
+        assert result["p99_ratio_to_reference"] > 0, label
+
+
+def test_quick_run_json_has_timers_and_log(quick_run):
+    _, report, _ = quick_run
+    timers = report["timers"]
+    assert timers["count"] == cli_bench.PROFILES["quick"].wheel_count
+    assert set(timers["schedulers"]) == set(bench_wheel.SCHEDULERS)
+    assert {name for name, *_ in bench_wheel.TRACKED_RATIOS} == set(
+        timers["ratios"])
+    for name, ratio in timers["ratios"].items():
+        assert ratio["measured"] > 0, name
+    log = report["log"]
+    assert [case["case"] for case in log["cases"]] == list(
+        bench_seglog.CASE_NAMES)
+    for case in log["cases"]:
+        if case["case"].startswith("seglog."):
+            assert case["rate_per_s"] > 0, case["case"]
+        elif "skipped" in case:
+            assert "not installed" in case["skipped"], case
+    assert {ratio["name"] for ratio in log["ratios"]} == set(
+        bench_seglog.TARGETS)
+
+
+def test_quick_run_json_keeps_tracked_ratios(quick_run):
+    _, report, _ = quick_run
+    measured = {ratio["name"] for ratio in report["ratios"]}
+    unmeasured = {entry["name"] for entry in report["ratios_not_measured"]}
+    expected = {tracked.name for tracked in bench.TRACKED_RATIOS}
+    expected |= {tracked.name for tracked in bench_ipc.TRACKED_RATIOS}
+    assert measured | unmeasured == expected
+    for ratio in report["ratios"]:
+        assert ratio["value"] > 0, ratio["name"]
+
+
+def test_plot_without_matplotlib_exits_two(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(bench_plot, "missing_reason",
+                        lambda: "matplotlib is not installed; pip install "
+                                "'mqs[bench]'")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--case", "pair", "--plot",
+                  str(tmp_path / "bench.png")])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert ("argument --plot: matplotlib is not installed; pip install "
+            "'mqs[bench]'") in captured.err
+    assert captured.out == ""
+
+
+def test_quick_and_full_are_exclusive():
+    process = run_mqs("bench", "--quick", "--full")
+    assert process.returncode == 2
+    assert "not allowed with argument" in process.stderr
+
+
+def test_count_option_applies_to_shapes_and_latency(tmp_path):
+    path = tmp_path / "count.json"
+    process = run_mqs("bench", "--case", "shapes-threads", "--case",
+                      "latency-threads", "--count", "90", "--repeat", "1",
+                      "--json", str(path))
+    assert process.returncode == 0, process.stderr
+    report = json.loads(path.read_text(encoding="utf-8"))
+    assert {result["count"] for result in report["shapes"]} == {90}
+    assert {result["messages"] for result in
+            report["fixed_rate_latency"]["results"]} == {90}
+    assert report["results"] == []
+    assert report["timers"] is None
+    assert report["log"] is None

@@ -46,9 +46,10 @@ logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 1000
 BOUNDED_MAXSIZE = 1024
-DEFAULT_COUNT = 300_000
+DEFAULT_COUNT = 100_000
 QUICK_COUNT = 10_000
-DEFAULT_REPEAT = 5
+FULL_COUNT = 300_000
+DEFAULT_REPEAT = 3
 REFERENCE_QUEUE = "queue.Queue"
 
 # A threaded run that has not finished after this long is treated as

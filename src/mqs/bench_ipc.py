@@ -306,7 +306,8 @@ class IpcCase:
     """A cross-process case: message size, queues and message counts.
 
     `kind` is ``"throughput"`` or ``"pingpong"``. The counts are messages
-    per run (round trips for ``"pingpong"``).
+    per run (round trips for ``"pingpong"``) of the default run, of
+    ``--quick`` and of ``--full``.
     """
 
     name: str
@@ -316,6 +317,16 @@ class IpcCase:
     subjects: tuple[IpcSubject, ...]
     default_count: int
     quick_count: int
+    full_count: int = 0
+
+    def count_for(self, profile: str) -> int:
+        """Return the messages per run of `profile` (quick, default, full)."""
+        counts = {"quick": self.quick_count, "default": self.default_count,
+                  "full": self.full_count or self.default_count}
+        if profile not in counts:
+            raise ValueError(f"unknown profile {profile!r}; choose from "
+                             f"{', '.join(counts)}")
+        return counts[profile]
 
 
 def _throughput_subjects() -> tuple[IpcSubject, ...]:
@@ -364,17 +375,21 @@ CASES: dict[str, IpcCase] = {
     for case in (
         IpcCase("ipc-64b",
                 "1 producer process -> 1 consumer process, 64 B bytes",
-                "throughput", 64, _throughput_subjects(), 100_000, 5_000),
+                "throughput", 64, _throughput_subjects(), 50_000, 5_000,
+                100_000),
         IpcCase("ipc-4kib",
                 "1 producer process -> 1 consumer process, 4 KiB bytes",
-                "throughput", 4096, _throughput_subjects(), 50_000, 2_000),
+                "throughput", 4096, _throughput_subjects(), 25_000, 2_000,
+                50_000),
         IpcCase("ipc-batch",
                 f"as ipc-64b, with put_many/get_many of {BATCH_SIZE:,} "
                 f"where the queue has them",
-                "throughput", 64, _batch_subjects(), 100_000, 5_000),
+                "throughput", 64, _batch_subjects(), 50_000, 5_000,
+                100_000),
         IpcCase("ipc-pingpong",
                 "round trip of 64 B between 2 processes; p50/p90/p99",
-                "pingpong", 64, _pingpong_subjects(), 4_000, 200),
+                "pingpong", 64, _pingpong_subjects(), 2_000, 200,
+                4_000),
     )
 }
 
@@ -402,15 +417,15 @@ TRACKED_RATIOS: tuple[TrackedRatio, ...] = (
 )
 
 
-def case_count(case: IpcCase, count: int | None, quick: bool) -> int:
+def case_count(case: IpcCase, count: int | None, profile: str) -> int:
     """Return the messages (or round trips) per run of `case`.
 
     An explicit `count` applies to every case; otherwise each case has
-    its own default, smaller with `quick`.
+    its own count per profile ("quick", "default" or "full").
     """
     if count is not None:
         return count
-    return case.quick_count if quick else case.default_count
+    return case.count_for(profile)
 
 
 def make_messages(size_bytes: int, count: int) -> list[bytes]:
@@ -973,14 +988,14 @@ def count_runs(case_names: Sequence[str], repeat: int) -> int:
 
 
 def run_cases(case_names: Sequence[str], repeat: int, count: int | None = None,
-              quick: bool = False,
+              profile: str = "default",
               on_run: Callable[[str, str], None] | None = None) -> IpcReport:
     """Run the named cross-process cases.
 
     `count` sets the messages (round trips for ``ipc-pingpong``) per run
-    of every case; None takes each case's default, or its smaller
-    quick count when `quick` is true. `on_run(case, queue)` is called
-    after each run, warm-ups included.
+    of every case; None takes each case's count for `profile` ("quick",
+    "default" or "full"). `on_run(case, queue)` is called after each
+    run, warm-ups included.
 
     Raises
     ------
@@ -994,7 +1009,7 @@ def run_cases(case_names: Sequence[str], repeat: int, count: int | None = None,
     report = IpcReport([], [], [], {})
     for name in case_names:
         case = CASES[name]
-        messages_per_run = case_count(case, count, quick)
+        messages_per_run = case_count(case, count, profile)
         report.counts[name] = messages_per_run
         subjects = []
         for subject in case.subjects:

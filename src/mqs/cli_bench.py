@@ -7,9 +7,15 @@ runs them, prints rich tables and writes the JSON report.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import importlib.metadata
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import time
 
 from rich.console import Console
@@ -23,13 +29,75 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mqs import bench, bench_ipc
+from mqs import (
+    bench,
+    bench_ipc,
+    bench_latency,
+    bench_plot,
+    bench_seglog,
+    bench_shapes,
+    bench_wheel,
+)
+from mqs import cli_bench_tables as tables
 from mqs.cli import EXIT_FAILED, EXIT_OK, _positive_int
+
+SECTION_DESCRIPTIONS = {
+    "shapes-threads": "the 5 Disruptor shapes over threads, 64 B messages",
+    "shapes-processes": "the 5 Disruptor shapes over processes, 64 B",
+    "payload-sweep": "one-to-one over processes, payloads of 8 B to 64 KiB",
+    "latency-threads": "one-way latency between threads at a fixed rate, "
+                       "from intended send times",
+    "latency-processes": "one-way latency between processes at a fixed "
+                         "rate, from intended send times",
+    "timers": "mqs.TimingWheel insert/cancel/expire against heapq, sched "
+              "and asyncio",
+    "log": "mqs.SegmentLog appends and reads against persist-queue, "
+           "litequeue, Redis and raw writes",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Counts and repeats of one kind of run: quick, default or full."""
+
+    name: str
+    repeat: int
+    queue_count: int
+    shape_counts: dict[str, int]
+    payload_sizes: tuple[int, ...]
+    payload_count: int
+    payload_budget_bytes: int
+    latency_count: int
+    wheel_count: int
+    seglog_scale: float
+    shape_warmup: bool = True
+
+    def payload_messages(self, size_bytes: int) -> int:
+        """Messages per run at `size_bytes`, capped by the byte budget."""
+        return max(100, min(self.payload_count,
+                            self.payload_budget_bytes // size_bytes))
+
+
+PROFILES = {
+    "quick": Profile(
+        "quick", 1, bench.QUICK_COUNT,
+        {"threads": 2_000, "processes": 1_000}, (8, 4096, 65536), 1_000,
+        4 << 20, 300, 10_000, 0.005, shape_warmup=False),
+    "default": Profile(
+        "default", bench.DEFAULT_REPEAT, bench.DEFAULT_COUNT,
+        {"threads": 30_000, "processes": 10_000}, (8, 64, 512, 4096, 65536),
+        10_000, 64 << 20, 2_500, 100_000, 0.05),
+    "full": Profile(
+        "full", 5, bench.FULL_COUNT,
+        {"threads": 200_000, "processes": 50_000},
+        bench_shapes.PAYLOAD_SIZES, 50_000, 512 << 20, 20_000,
+        bench_wheel.DEFAULT_COUNT, 1.0),
+}
 
 
 def _all_cases() -> list[str]:
-    """Return every case name: the in-process cases, then the ipc- ones."""
-    return [*bench.CASES, *bench_ipc.CASES]
+    """Return every case name: in-process, ipc-, then the other sections."""
+    return [*bench.CASES, *bench_ipc.CASES, *SECTION_DESCRIPTIONS]
 
 
 def _bench_description() -> str:
@@ -38,26 +106,29 @@ def _bench_description() -> str:
                     for name, case in bench.CASES.items()}
     descriptions.update((name, case.description)
                         for name, case in bench_ipc.CASES.items())
+    descriptions.update(SECTION_DESCRIPTIONS)
     width = max(len(name) for name in descriptions) + 2
     cases = "\n".join(f"  {name:<{width}}{description}"
                       for name, description in descriptions.items())
     return (
-        "Measure the throughput of mqs.Queue and mqs.SimpleQueue\n"
-        "against queue.Queue and queue.SimpleQueue, and the throughput\n"
-        "and round-trip latency of mqs.SharedQueue between two\n"
-        "processes against multiprocessing.Queue and its peers\n"
-        "(faster-fifo and pyzmq, when installed), in the same run.\n"
-        "Every run checks that exactly the items put arrived, intact\n"
-        "and in order.\n\n"
+        "Measure mqs against the standard library and every installed\n"
+        "peer in one run: in-process and cross-process queues, the LMAX\n"
+        "Disruptor's shapes (one-to-one, three-to-one, one-to-three,\n"
+        "pipeline, diamond) over threads and processes, a payload sweep,\n"
+        "latency percentiles at a fixed rate measured from the intended\n"
+        "send times (coordinated omission corrected), timers and the\n"
+        "durable log. Results are reported as ratios to the standard\n"
+        "library. Every run checks that exactly the items sent arrived,\n"
+        "intact and in order. Missing peers are skipped with a note.\n\n"
+        "The default run is a representative subset of about a minute on\n"
+        "an idle 2-core machine; --full runs the whole matrix with larger\n"
+        "counts, --quick a smoke run of a few seconds.\n\n"
         f"cases:\n{cases}")
 
 
 def add_parser(subparsers) -> None:
     """Add the `mqs bench` subparser to `subparsers`."""
     all_cases = _all_cases()
-    ipc_counts = ", ".join(
-        f"{case.default_count:,} ({case.quick_count:,})"
-        for case in bench_ipc.CASES.values())
     parser = subparsers.add_parser(
         "bench",
         help="measure mqs queues against the standard library and peers",
@@ -69,97 +140,330 @@ def add_parser(subparsers) -> None:
         "--case", action="append", choices=all_cases, metavar="NAME",
         help=f"run only this case; repeat the option for several "
              f"(choices: {', '.join(all_cases)}; default: all)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true",
+        help="a smoke run of a few seconds with small counts and 1 timed "
+             "run: too short for stable numbers")
+    size.add_argument(
+        "--full", action="store_true",
+        help="the whole matrix (every payload size) with large counts "
+             "and 5 timed runs; several minutes")
     parser.add_argument(
         "--count", type=_positive_int, default=None, metavar="N",
-        help=f"items per run in every selected case: messages, or round "
-             f"trips for ipc-pingpong (default: {bench.DEFAULT_COUNT:,} "
-             f"({bench.QUICK_COUNT:,}) for the in-process cases; "
-             f"{ipc_counts} for the ipc- cases in the order above; the "
-             f"counts in brackets are those of --quick)")
+        help=f"items per run in every selected case except log: "
+             f"messages, round trips for ipc-pingpong, timers for timers "
+             f"(default: per case; the in-process cases move "
+             f"{bench.DEFAULT_COUNT:,} items, {bench.QUICK_COUNT:,} with "
+             f"--quick and {bench.FULL_COUNT:,} with --full)")
     parser.add_argument(
-        "--repeat", type=_positive_int, default=bench.DEFAULT_REPEAT,
-        metavar="N",
+        "--repeat", type=_positive_int, default=None, metavar="N",
         help=f"timed runs per case and queue, after one warm-up run; the "
-             f"median is reported (default: {bench.DEFAULT_REPEAT})")
+             f"median is reported (default: {bench.DEFAULT_REPEAT}, 1 with "
+             f"--quick, 5 with --full; the latency cases make 1)")
     parser.add_argument(
-        "--quick", action="store_true",
-        help="use each case's small default count (in brackets under "
-             "--count) unless --count is given: a smoke test, too short "
-             "for stable numbers")
+        "--rate", type=_positive_int, default=bench_latency.DEFAULT_RATE_PER_S,
+        metavar="N",
+        help=f"messages per second the latency cases send (default: "
+             f"{bench_latency.DEFAULT_RATE_PER_S:,})")
     parser.add_argument(
         "--json", metavar="PATH", dest="json_path",
-        help="also write the machine description and every result to "
-             "PATH as JSON")
+        help="also write the machine, Python version, build flags and "
+             "every result to PATH as JSON")
+    parser.add_argument(
+        "--plot", metavar="PATH.png", dest="plot_path",
+        help="also render charts (throughput by payload size, latency "
+             "percentiles, shapes) to PATH.png; needs matplotlib "
+             "(pip install 'mqs[bench]')")
     parser.set_defaults(handler=lambda args: _run_bench(args, parser))
+
+
+def _profile(args: argparse.Namespace) -> Profile:
+    """Return the profile of `args` with --count and --repeat applied."""
+    name = "quick" if args.quick else "full" if args.full else "default"
+    profile = PROFILES[name]
+    if args.repeat is not None:
+        profile = dataclasses.replace(profile, repeat=args.repeat)
+    if args.count is not None:
+        profile = dataclasses.replace(
+            profile, queue_count=args.count,
+            shape_counts={domain: args.count
+                          for domain in profile.shape_counts},
+            payload_count=args.count, payload_budget_bytes=1 << 62,
+            latency_count=args.count, wheel_count=args.count)
+    return profile
 
 
 def _run_bench(args: argparse.Namespace,
                parser: argparse.ArgumentParser) -> int:
     """Run `mqs bench`; `parser` reports option errors found here."""
-    count = args.count
-    if count is None:
-        count = bench.QUICK_COUNT if args.quick else bench.DEFAULT_COUNT
+    profile = _profile(args)
     case_names = list(dict.fromkeys(args.case or _all_cases()))
-    thread_cases = [name for name in case_names if name in bench.CASES]
-    ipc_cases = [name for name in case_names if name in bench_ipc.CASES]
     if args.json_path is not None:
-        _check_json_path(args.json_path, parser)
+        _check_output_path("--json", args.json_path, "bench.json", parser)
+    if args.plot_path is not None:
+        _check_output_path("--plot", args.plot_path, "bench.png", parser)
+        missing = bench_plot.missing_reason()
+        if missing is not None:
+            parser.error(f"argument --plot: {missing}")
 
     console = _make_console()
     machine = bench.machine_info()
-    machine["peers"] = bench_ipc.peer_versions()
+    machine["peers"] = peer_versions()
     _print_machine(console, machine)
-    console.print(f"timed runs: {args.repeat} after 1 warm-up run; "
-                  f"cases: {', '.join(case_names)}")
+    console.print(f"profile: {profile.name}; timed runs: {profile.repeat} "
+                  f"after 1 warm-up run; cases: {', '.join(case_names)}")
 
     started = time.monotonic()
     try:
-        results, ipc_report = _run_with_progress(
-            console, thread_cases, ipc_cases, count, args)
+        run = _run_with_progress(console, case_names, profile, args)
     except bench.BenchmarkError as exc:
         Console(stderr=True).print(f"[bold red]mqs bench: benchmark "
                                    f"failed:[/bold red] {escape(str(exc))}")
         return EXIT_FAILED
     duration_s = time.monotonic() - started
-    ratios = bench.tracked_ratios(results)
-    ipc_ratios, unmeasured = bench_ipc.tracked_ratios(ipc_report)
-    ratios.extend(ipc_ratios)
 
-    if results:
-        console.print(_results_table(results, count))
-    if ipc_report.throughput or _skipped_in(ipc_report, "throughput"):
-        console.print(_ipc_throughput_table(ipc_report))
-    if ipc_report.latency or _skipped_in(ipc_report, "pingpong"):
-        console.print(_latency_table(ipc_report))
-    if ratios or unmeasured:
-        console.print(_ratios_table(ratios, unmeasured))
-    console.print(f"finished in {duration_s:.1f} s")
+    _print_tables(console, run, profile)
+    sections = ", ".join(f"{name} {seconds:.1f} s"
+                         for name, seconds in run.durations.items()
+                         if seconds >= 0.05)
+    console.print(f"finished in {duration_s:.1f} s ({sections})")
+    report = _report(args, run, profile, case_names, machine, duration_s)
     if args.json_path is not None:
-        report = {
-            "command": ["mqs", *args.argv],
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "duration_s": duration_s,
-            "settings": _settings(args, count, case_names, ipc_report),
-            "machine": machine,
-            "results": [result.to_dict() for result in results]
-            + [result.to_dict() for result in ipc_report.throughput],
-            "latency": [result.to_dict() for result in ipc_report.latency],
-            "skipped": [skip.to_dict() for skip in ipc_report.skipped],
-            "ratios": [ratio.to_dict() for ratio in ratios],
-            "ratios_not_measured": [
-                {"name": tracked.name, "reason": reason}
-                for tracked, reason in unmeasured],
-        }
         _write_json(args.json_path, report)
         console.print(f"wrote {args.json_path}")
+    if args.plot_path is not None:
+        bench_plot.render(report, args.plot_path)
+        console.print(f"wrote {args.plot_path}")
     return EXIT_OK
 
 
-def _settings(args: argparse.Namespace, count: int, case_names: list[str],
-              ipc_report: bench_ipc.IpcReport) -> dict:
+def peer_versions() -> dict[str, str | None]:
+    """Return the version of every optional peer package and server."""
+    versions = bench_ipc.peer_versions()
+    for package in ("persist-queue", "litequeue", "redis", "matplotlib"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["redis-server"] = _redis_server_version()
+    return versions
+
+
+def _redis_server_version() -> str | None:
+    binary = shutil.which(os.environ.get("MQS_REDIS_SERVER")
+                          or "redis-server")
+    if binary is None:
+        return None
+    try:
+        output = subprocess.run([binary, "--version"], capture_output=True,
+                                text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"v=(\S+)", output)
+    return match.group(1) if match else output.strip() or None
+
+
+@dataclasses.dataclass
+class BenchRun:
+    """Everything one `mqs bench` run measured or skipped."""
+
+    results: list[bench.Result]
+    ipc: bench_ipc.IpcReport
+    shapes: list[bench_shapes.ShapeResult]
+    payload: list[bench_shapes.ShapeResult]
+    latency: list[bench_latency.LatencyRunResult]
+    skipped: list[bench_ipc.Skipped]
+    timers: dict | None = None
+    log: dict | None = None
+    durations: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _shape_runs(case_names: list[str], profile: Profile,
+                ) -> tuple[list[bench_shapes.ShapeRun],
+                           list[bench_shapes.ShapeRun]]:
+    shapes = [bench_shapes.ShapeRun(domain, shape,
+                                    bench_shapes.SHAPE_PAYLOAD_BYTES,
+                                    profile.shape_counts[domain])
+              for domain in ("threads", "processes")
+              if f"shapes-{domain}" in case_names
+              for shape in bench_shapes.SHAPES]
+    payload = []
+    if "payload-sweep" in case_names:
+        payload = [bench_shapes.ShapeRun(
+            "processes", "one-to-one", size, profile.payload_messages(size))
+            for size in profile.payload_sizes]
+    return shapes, payload
+
+
+def _seglog_runs(profile: Profile) -> int:
+    ready = [name for name in bench_seglog.CASE_NAMES
+             if bench_seglog._skip_reason(name) is None]
+    return len(ready) * (profile.repeat + 1)
+
+
+def _run_with_progress(console: Console, case_names: list[str],
+                       profile: Profile,
+                       args: argparse.Namespace) -> BenchRun:
+    thread_cases = [name for name in case_names if name in bench.CASES]
+    ipc_cases = [name for name in case_names if name in bench_ipc.CASES]
+    shape_runs, payload_runs = _shape_runs(case_names, profile)
+    latency_domains = [domain for domain in ("threads", "processes")
+                       if f"latency-{domain}" in case_names]
+    total = (bench.count_runs(thread_cases, profile.repeat)
+             + bench_ipc.count_runs(ipc_cases, profile.repeat)
+             + bench_shapes.count_runs(shape_runs + payload_runs,
+                                       profile.repeat, profile.shape_warmup)
+             + bench_latency.count_runs(latency_domains)
+             + ("timers" in case_names)
+             + (_seglog_runs(profile) if "log" in case_names else 0))
+    # No auto refresh: its thread would be running while the cross-process
+    # cases fork, and a fork copies the locks that thread may hold.
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=True,
+        auto_refresh=False)
+    with progress:
+        task = progress.add_task("runs", total=total)
+
+        def advance(case: str, queue_label: str) -> None:
+            progress.update(task, advance=1,
+                            description=f"{case} {queue_label}")
+            progress.refresh()
+
+        durations: dict[str, float] = {}
+        clock = _SectionClock(durations)
+        results = []
+        if thread_cases:
+            with clock("in-process"):
+                results = bench.run_cases(thread_cases, profile.queue_count,
+                                          profile.repeat, on_run=advance)
+        with clock("cross-process"):
+            ipc_report = bench_ipc.run_cases(
+                ipc_cases, profile.repeat, count=args.count,
+                profile=profile.name, on_run=advance)
+        with clock("shapes"):
+            shapes, skipped = bench_shapes.run_matrix(
+                shape_runs, profile.repeat, on_run=advance,
+                warmup=profile.shape_warmup)
+        with clock("payload-sweep"):
+            payload, payload_skipped = bench_shapes.run_matrix(
+                payload_runs, profile.repeat, on_run=advance,
+                warmup=profile.shape_warmup)
+        with clock("latency"):
+            latency, latency_skipped = bench_latency.run_latency(
+                latency_domains, profile.latency_count, args.rate,
+                on_run=advance)
+        run = BenchRun(results, ipc_report, shapes, payload, latency,
+                       skipped + payload_skipped + latency_skipped,
+                       durations=durations)
+        if "timers" in case_names:
+            progress.update(task, description="timers")
+            progress.refresh()
+            with clock("timers"):
+                run.timers = bench_wheel.run_wheel_bench(
+                    profile.wheel_count, profile.repeat)
+            advance("timers", "done")
+        if "log" in case_names:
+            with clock("log"):
+                run.log = bench_seglog.run_seglog_bench(
+                    scale=profile.seglog_scale, repeat=profile.repeat,
+                    progress=lambda text: advance("log", text))
+        return run
+
+
+class _SectionClock:
+    """Context manager factory that adds each section's wall time."""
+
+    def __init__(self, durations: dict[str, float]):
+        self.durations = durations
+
+    @contextlib.contextmanager
+    def __call__(self, section: str):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.durations[section] = time.monotonic() - started
+
+
+def _print_tables(console: Console, run: BenchRun, profile: Profile) -> None:
+    ratios = bench.tracked_ratios(run.results)
+    ipc_ratios, unmeasured = bench_ipc.tracked_ratios(run.ipc)
+    ratios.extend(ipc_ratios)
+    if run.results:
+        console.print(_results_table(run.results, profile.queue_count))
+    if run.ipc.throughput or _skipped_in(run.ipc, "throughput"):
+        console.print(_ipc_throughput_table(run.ipc))
+    if run.ipc.latency or _skipped_in(run.ipc, "pingpong"):
+        console.print(_latency_table(run.ipc))
+    for domain in ("threads", "processes"):
+        results = [r for r in run.shapes if r.domain == domain]
+        if results:
+            console.print(tables.shapes_table(domain, results, run.skipped))
+    if run.payload:
+        console.print(tables.payload_table(run.payload, run.skipped))
+    if run.latency:
+        console.print(tables.fixed_rate_latency_table(run.latency,
+                                                      run.skipped))
+    if run.timers is not None:
+        console.print(tables.timers_table(run.timers))
+    if run.log is not None:
+        console.print(tables.log_table(run.log))
+    extra = tables.section_ratios(run.timers, run.log)
+    if ratios or unmeasured or extra:
+        console.print(_ratios_table(ratios, unmeasured, extra))
+
+
+def _report(args: argparse.Namespace, run: BenchRun, profile: Profile,
+            case_names: list[str], machine: dict, duration_s: float) -> dict:
+    ratios = bench.tracked_ratios(run.results)
+    ipc_ratios, unmeasured = bench_ipc.tracked_ratios(run.ipc)
+    ratios.extend(ipc_ratios)
+    timers = None
+    if run.timers is not None:
+        timers = {key: value for key, value in run.timers.items()
+                  if key != "machine"}
+    log = None
+    if run.log is not None:
+        log = {key: value for key, value in run.log.items()
+               if key != "machine"}
     return {
-        "count": count, "repeat": args.repeat, "warmup_runs": 1,
-        "cases": case_names, "batch_size": bench.BATCH_SIZE,
+        "command": ["mqs", *args.argv],
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "duration_s": duration_s,
+        "section_durations_s": run.durations,
+        "profile": profile.name,
+        "settings": _settings(profile, case_names, run.ipc, args),
+        "machine": machine,
+        "results": [result.to_dict() for result in run.results]
+        + [result.to_dict() for result in run.ipc.throughput],
+        "latency": [result.to_dict() for result in run.ipc.latency],
+        "skipped": [skip.to_dict() for skip in run.ipc.skipped],
+        "ratios": [ratio.to_dict() for ratio in ratios],
+        "ratios_not_measured": [
+            {"name": tracked.name, "reason": reason}
+            for tracked, reason in unmeasured],
+        "shapes": [result.to_dict() for result in run.shapes],
+        "payload_sweep": [result.to_dict() for result in run.payload],
+        "fixed_rate_latency": {
+            "method": bench_latency.METHOD,
+            "rate_per_s": args.rate,
+            "results": [result.to_dict() for result in run.latency],
+        },
+        "sections_skipped": [skip.to_dict() for skip in run.skipped],
+        "timers": timers,
+        "log": log,
+    }
+
+
+def _settings(profile: Profile, case_names: list[str],
+              ipc_report: bench_ipc.IpcReport,
+              args: argparse.Namespace) -> dict:
+    return {
+        "count": profile.queue_count, "repeat": profile.repeat,
+        "warmup_runs": 1, "cases": case_names,
+        "batch_size": bench.BATCH_SIZE,
         "bounded_maxsize": bench.BOUNDED_MAXSIZE,
         "ipc": {
             "counts": ipc_report.counts,
@@ -170,6 +474,21 @@ def _settings(args: argparse.Namespace, count: int, case_names: list[str],
             "faster_fifo_max_size_bytes":
                 bench_ipc.FASTER_FIFO_MAX_SIZE_BYTES,
         },
+        "shapes": {
+            "counts": profile.shape_counts,
+            "payload_bytes": bench_shapes.SHAPE_PAYLOAD_BYTES,
+            "ring_capacity": bench_shapes.RING_CAPACITY,
+            "warmup_runs": int(profile.shape_warmup),
+        },
+        "payload_sweep": {
+            "sizes_bytes": list(profile.payload_sizes),
+            "counts": {str(size): profile.payload_messages(size)
+                       for size in profile.payload_sizes},
+        },
+        "latency": {"count": profile.latency_count, "rate_per_s": args.rate,
+                    "payload_bytes": bench_latency.PAYLOAD_BYTES},
+        "timers": {"count": profile.wheel_count},
+        "log": {"scale": profile.seglog_scale},
     }
 
 
@@ -190,17 +509,18 @@ def _make_console() -> Console:
     return console
 
 
-def _check_json_path(path: str, parser: argparse.ArgumentParser) -> None:
+def _check_output_path(option: str, path: str, example: str,
+                       parser: argparse.ArgumentParser) -> None:
     """Exit with status 2 before running if `path` cannot be written."""
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        parser.error(f"argument --json: {path!r} is a directory; give a "
-                     f"file path such as {os.path.join(path, 'bench.json')!r}")
+        parser.error(f"argument {option}: {path!r} is a directory; give a "
+                     f"file path such as {os.path.join(path, example)!r}")
     if not os.path.isdir(directory):
-        parser.error(f"argument --json: directory {directory!r} not found; "
-                     f"create it or choose another path")
+        parser.error(f"argument {option}: directory {directory!r} not "
+                     f"found; create it or choose another path")
     if not os.access(directory, os.W_OK):
-        parser.error(f"argument --json: directory {directory!r} is not "
+        parser.error(f"argument {option}: directory {directory!r} is not "
                      f"writable; choose another path")
 
 
@@ -211,36 +531,6 @@ def _write_json(path: str, report: dict) -> None:
         json.dump(report, output, indent=2)
         output.write("\n")
     os.replace(temporary, path)
-
-
-def _run_with_progress(
-        console: Console, thread_cases: list[str], ipc_cases: list[str],
-        count: int, args: argparse.Namespace,
-) -> tuple[list[bench.Result], bench_ipc.IpcReport]:
-    # No auto refresh: its thread would be running while the cross-process
-    # cases fork, and a fork copies the locks that thread may hold.
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=True,
-        auto_refresh=False)
-    with progress:
-        task = progress.add_task(
-            "runs", total=bench.count_runs(thread_cases, args.repeat)
-            + bench_ipc.count_runs(ipc_cases, args.repeat))
-
-        def advance(case: str, queue_label: str) -> None:
-            progress.update(task, advance=1,
-                            description=f"{case} {queue_label}")
-            progress.refresh()
-
-        results = []
-        if thread_cases:
-            results = bench.run_cases(thread_cases, count, args.repeat,
-                                      on_run=advance)
-        ipc_report = bench_ipc.run_cases(
-            ipc_cases, args.repeat, count=args.count, quick=args.quick,
-            on_run=advance)
-        return results, ipc_report
 
 
 def _print_machine(console: Console, machine: dict) -> None:
@@ -390,7 +680,8 @@ def _latency_table(report: bench_ipc.IpcReport) -> Table:
 
 def _ratios_table(
         ratios: list[bench.RatioResult],
-        unmeasured: list[tuple[bench.TrackedRatio, str]]) -> Table:
+        unmeasured: list[tuple[bench.TrackedRatio, str]],
+        extra: list[tables.SectionRatio] | None = None) -> Table:
     table = Table(title="Tracked ratios (throughput: of medians; "
                         "latency: of p50)")
     table.add_column("ratio")
@@ -406,6 +697,8 @@ def _ratios_table(
         table.add_row(tracked.name, "-",
                       f"{tracked.comparison} {tracked.target:g}x",
                       "not measured")
+    for row in extra or []:
+        table.add_row(*row.cells())
     notes = dict.fromkeys(reason for _, reason in unmeasured)
     if notes:
         table.caption = "not measured: " + "\n".join(
