@@ -2,6 +2,15 @@
 
 from mqs.errors import Empty, Full, MessageTooLarge, MqsError, ShutDown
 from mqs.errors import (
+    AlreadySettled,
+    BackendUnavailable,
+    CircuitOpen,
+    InvalidPriority,
+    RequestTimeout,
+    TopicConfigError,
+    UnknownTopic,
+)
+from mqs.errors import (
     LogCorrupted,
     LogLocked,
     LogPoisoned,
@@ -13,6 +22,17 @@ from mqs._ring import RingBuffer
 from mqs._wheel import TimingWheel
 from mqs.queue import Queue, SimpleQueue
 from mqs.shared import QueueLayoutError, QueueNotFound, SharedQueue
+from mqs.broker import (
+    Backoff,
+    Broker,
+    CircuitBreaker,
+    Consumer,
+    DeadLetter,
+    Message,
+    Producer,
+    Rate,
+    TopicConfig,
+)
 
 __all__ = [
     "Queue",
@@ -34,6 +54,22 @@ __all__ = [
     "LogLocked",
     "LogVersionError",
     "OffsetOutOfRange",
+    "Broker",
+    "Consumer",
+    "Message",
+    "Producer",
+    "Backoff",
+    "Rate",
+    "CircuitBreaker",
+    "TopicConfig",
+    "DeadLetter",
+    "InvalidPriority",
+    "TopicConfigError",
+    "UnknownTopic",
+    "RequestTimeout",
+    "CircuitOpen",
+    "AlreadySettled",
+    "BackendUnavailable",
 ]
 
 __version__ = "0.1.0"

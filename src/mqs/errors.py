@@ -18,6 +18,13 @@ __all__ = [
     "LogLocked",
     "LogVersionError",
     "OffsetOutOfRange",
+    "InvalidPriority",
+    "TopicConfigError",
+    "UnknownTopic",
+    "RequestTimeout",
+    "CircuitOpen",
+    "AlreadySettled",
+    "BackendUnavailable",
 ]
 
 
@@ -103,3 +110,42 @@ class LogVersionError(MqsError, ValueError):
 
 class OffsetOutOfRange(MqsError, IndexError):
     """Raised for a log offset below the first retained or past the last."""
+
+
+class InvalidPriority(MqsError, ValueError):
+    """Raised for a message priority outside 0 to 9."""
+
+
+class TopicConfigError(MqsError, ValueError):
+    """Raised for an invalid topic setting, or one that conflicts with the
+    settings a backend already stores for the topic."""
+
+
+class UnknownTopic(MqsError, LookupError):
+    """Raised for a topic that was never declared on the broker.
+
+    Attributes
+    ----------
+    topic : str
+        The name that was not found.
+    """
+
+    def __init__(self, message="", topic=None):
+        super().__init__(message)
+        self.topic = topic
+
+
+class RequestTimeout(MqsError, TimeoutError):
+    """Raised by `Broker.request` when no reply arrived in time."""
+
+
+class CircuitOpen(MqsError, RuntimeError):
+    """Raised by `CircuitBreaker.call` while the circuit is open."""
+
+
+class AlreadySettled(MqsError, RuntimeError):
+    """Raised by a second ack or nack of one delivered message."""
+
+
+class BackendUnavailable(MqsError, ValueError):
+    """Raised by `Broker` for a backend name that this build lacks."""

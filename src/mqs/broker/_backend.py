@@ -1,0 +1,334 @@
+"""The contract between `mqs.Broker` and a storage backend.
+
+A backend stores every piece of broker state and applies each operation
+below atomically (under one lock, one transaction or one script). The
+`Broker`, `Consumer` and `Message` classes hold no state that must be
+shared: they validate arguments, build `Envelope` records, turn
+`Delivery` records into `Message` objects and wait. To add a backend,
+subclass `Backend`, implement the abstract methods, register a factory
+in ``mqs.broker._broker.BACKENDS`` and add the same factory to the
+``backend`` fixture of tests/broker/test_contract.py; the contract suite
+then runs against it unchanged.
+
+Semantics every backend must keep (the contract suite checks each):
+
+- Topics: `declare_topic` stores a `TopicConfig`. Declaring again with an
+  equal config is a no-op, a different one raises `TopicConfigError`
+  unless ``replace=True``. Every other call on an undeclared topic
+  raises `UnknownTopic`.
+- Groups: a consumer group is created by the first `open_consumer` that
+  names it. Every group of a topic receives every message published
+  after the group was created; ``start="earliest"`` also gives it every
+  message the topic still stores (not yet finished by every group, kept
+  for `retention` seconds, or published while the topic had no group).
+- Lanes: a message's lane is ``lane_of(priority, config.lanes)``. Inside a
+  lane messages are FIFO by publish order; the next lane comes from a
+  `LaneScheduler` per group (state: a cursor and one deficit per lane).
+  A requeued message (nack without delay, missed ack deadline, redrive)
+  goes to the tail of its lane; a message released unseen by a closing
+  consumer goes back to the head.
+- Keys: per group, only the oldest unfinished message of a key is
+  visible (ready, delayed or in flight); the next one becomes visible
+  when it is acked, dead-lettered, expired or dropped. So one key is
+  never in flight twice in a group, and its messages go out in publish
+  order.
+- Delivery: `fetch` first fires due timers (delays, ack deadlines), then
+  takes messages while lanes are eligible (a visible message, rate
+  tokens available), skipping expired ones (`ttl` from publish:
+  dropped, or dead-lettered when ``config.on_expire == "dead_letter"``).
+  Each taken message gets ``attempts += 1``. With `auto_ack` it is
+  finished at once; otherwise it is in flight, owned by the consumer,
+  with an ack deadline ``now + ack_timeout``. A consumer never holds
+  more than its `prefetch` in-flight messages.
+- Redelivery: a missed deadline puts the message back at its lane's tail
+  (its next delivery has ``attempts + 1``), or dead-letters it (reason
+  ``"ack_timeout"``) once ``attempts >= max_attempts``. `nack` with
+  ``requeue=False`` dead-letters (reason ``"rejected"``); with requeue it
+  dead-letters (reason ``"max_attempts"``) at the limit, otherwise
+  schedules the message after ``retry_delay(...)``.
+- Delivery tags: every delivery carries a tag that stays valid until the
+  message is acked, nacked, released or its deadline passes. `ack`,
+  `nack`, `extend` and `release` return False for a stale tag and count
+  it as ``late_acks``; they never act on a later delivery.
+- Dead letters carry the headers ``mqs.dead_letter_reason``,
+  ``mqs.attempts``, ``mqs.last_error`` and ``mqs.group``; `dlq_redrive`
+  puts them back in their group with attempts reset to 0.
+- Dedup: a publish whose `dedup_id` was seen on the topic within
+  ``config.dedup_window`` seconds is dropped, counted as
+  ``deduplicated``, and returns the first message's id.
+- Capacity: with ``config.maxsize`` > 0, a publish that finds that many
+  stored messages blocks (``when_full="block"``, up to the publish
+  timeout, then `mqs.Full`), raises `mqs.Full` at once (``"raise"``), or
+  drops the oldest stored message that is not in flight
+  (``"drop_oldest"``, counted as ``dropped_full``).
+- Counters: `stats` returns at least the keys of `COUNTER_KEYS` and
+  `GAUGE_KEYS`. Every message that leaves without an ack is counted by
+  reason.
+- Waiting: blocking calls never return before their timeout unless they
+  have a result, and wake by themselves when the next timer is due (no
+  timer thread is required: the caller of `fetch` advances time).
+
+Notes for the planned backends. The rules above are written as shared
+code where they can be: `mqs.broker._policy` (lane choice, backoff,
+token buckets, validation) holds no messages, and
+`mqs.broker._state.TopicState` is the complete in-memory state machine.
+A ``log`` backend can replay its control records (publish, deliver, ack,
+nack, extend, dead-letter, redrive) into a `TopicState` on open and keep
+appending them, so it only adds durability. An ``shm`` backend keeps the
+same state in a shared mapping under a robust process-shared mutex (the
+ring for ready records, the shared timing wheel for delays and ack
+deadlines) and reuses the `_policy` helpers, whose state is a few plain
+numbers. A ``redis`` backend maps lanes to streams and runs each
+operation as one Lua script, with a consumer group per broker group.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from mqs.broker._policy import TopicConfig
+
+__all__ = [
+    "Backend",
+    "Envelope",
+    "Delivery",
+    "DeadLetter",
+    "COUNTER_KEYS",
+    "GAUGE_KEYS",
+]
+
+# Counters of `Backend.stats`: totals since the topic was declared.
+COUNTER_KEYS = (
+    "published",
+    "delivered",
+    "acked",
+    "nacked",
+    "redelivered",      # ack deadline missed, message put back
+    "late_acks",        # ack, nack, extend or release with a stale tag
+    "deduplicated",     # publish dropped: dedup_id seen in the window
+    "expired",          # dropped: ttl passed before delivery
+    "dropped_full",     # dropped by when_full="drop_oldest"
+    # Published while the topic had no group, then skipped because its
+    # first group started at "latest" and retention was not set.
+    "dropped_unsubscribed",
+    "dead_lettered",    # moved to the DLQ, any reason
+    "dead_lettered.max_attempts",
+    "dead_lettered.ack_timeout",
+    "dead_lettered.rejected",
+    "dead_lettered.expired",
+    "redriven",
+    "dlq_purged",
+)
+# Gauges of `Backend.stats`: the state now, summed over groups.
+GAUGE_KEYS = ("stored", "ready", "delayed", "in_flight", "dlq", "groups")
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    """One message as a producer publishes it, before it has an id.
+
+    `delay` is seconds from the publish (0 for none); `ttl` None means
+    the topic's ttl applies.
+    """
+
+    body: Any
+    priority: int = 0
+    delay: float = 0.0
+    key: Any = None
+    headers: dict[str, Any] | None = None
+    dedup_id: Any = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    ttl: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One message handed to one consumer of one group.
+
+    `tag` identifies this delivery for ack, nack, extend and release.
+    `timestamp` is the publish time in `time.time()` seconds.
+    """
+
+    id: str
+    tag: Any
+    topic: str
+    group: str
+    body: Any
+    priority: int
+    attempts: int
+    key: Any
+    headers: dict[str, Any]
+    timestamp: float
+    reply_to: str | None
+    correlation_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """One message in a topic's dead-letter queue.
+
+    `id` is the message id it had in the topic; `headers` include the
+    ``mqs.*`` dead-letter headers listed in the module docstring.
+    """
+
+    id: str
+    topic: str
+    group: str
+    body: Any
+    priority: int
+    key: Any
+    headers: dict[str, Any]
+    timestamp: float
+    attempts: int
+    reason: str
+    error: str | None
+
+
+class Backend(abc.ABC):
+    """Storage and atomic operations of one broker; see the module docs.
+
+    Every method may be called from any thread. Topic names are checked
+    by the `Broker` (non-empty str); everything else by the backend.
+    """
+
+    name = "abstract"
+
+    # Topics.
+
+    @abc.abstractmethod
+    def declare_topic(self, config: TopicConfig, replace: bool = False
+                      ) -> TopicConfig:
+        """Store `config`, or check it against the stored one; return it."""
+
+    @abc.abstractmethod
+    def topic_config(self, topic: str) -> TopicConfig:
+        """Return the stored config, or raise `UnknownTopic`."""
+
+    @abc.abstractmethod
+    def has_topic(self, topic: str) -> bool:
+        """Return whether `topic` was declared."""
+
+    @abc.abstractmethod
+    def delete_topic(self, topic: str) -> None:
+        """Drop a topic with its messages, groups and DLQ."""
+
+    # Producing.
+
+    @abc.abstractmethod
+    def publish(self, topic: str, envelopes: Sequence[Envelope],
+                timeout: float | None) -> list[str]:
+        """Store a batch in order; return one message id per envelope.
+
+        `timeout` bounds the wait of ``when_full="block"`` (None: no
+        bound, 0: no wait). Raises `mqs.Full` (with ``accepted`` set to
+        the envelopes stored before it) when the topic stays full.
+        """
+
+    # Consuming.
+
+    @abc.abstractmethod
+    def open_consumer(self, topic: str, group: str, *, start: str,
+                      prefetch: int, max_attempts: int | None) -> str:
+        """Create the group if needed and register a consumer; return its id.
+
+        `max_attempts`, when not None, overrides the topic's for the group.
+        """
+
+    @abc.abstractmethod
+    def close_consumer(self, topic: str, group: str, consumer: str) -> int:
+        """Release the consumer's in-flight messages (attempts kept) and
+        forget it; return how many went back."""
+
+    @abc.abstractmethod
+    def fetch(self, topic: str, group: str, consumer: str, max_items: int,
+              *, ack_timeout: float, auto_ack: bool,
+              timeout: float | None) -> list[Delivery]:
+        """Deliver 1 to `max_items` messages, waiting up to `timeout`.
+
+        Returns an empty list on timeout (never before it) and when the
+        consumer already holds `prefetch` in-flight messages when the
+        timeout ends.
+        """
+
+    async def fetch_async(self, topic: str, group: str, consumer: str,
+                          max_items: int, *, ack_timeout: float,
+                          auto_ack: bool, timeout: float | None
+                          ) -> list[Delivery]:
+        """Like `fetch`, without blocking the running event loop.
+
+        This default polls with a growing sleep (up to 10 ms); a backend
+        that can notify waiters should override it.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.0005
+        while True:
+            found = self.fetch(topic, group, consumer, max_items,
+                               ack_timeout=ack_timeout, auto_ack=auto_ack,
+                               timeout=0)
+            if found:
+                return found
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                pause = min(pause, left)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    @abc.abstractmethod
+    def ack(self, topic: str, group: str, tag: Any) -> bool:
+        """Finish a delivery; False if the tag is stale."""
+
+    @abc.abstractmethod
+    def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
+             delay: float | None, error: str | None) -> bool:
+        """Return a delivery for retry or dead-letter it; False if stale."""
+
+    @abc.abstractmethod
+    def extend(self, topic: str, group: str, tag: Any, seconds: float
+               ) -> bool:
+        """Set the ack deadline to now + `seconds`; False if stale."""
+
+    @abc.abstractmethod
+    def release(self, topic: str, group: str, tags: Sequence[Any]) -> int:
+        """Put unseen deliveries back at the head of their lanes, in order,
+        with the attempt they used refunded; return how many went back."""
+
+    @abc.abstractmethod
+    def in_flight(self, topic: str, group: str, consumer: str) -> int:
+        """Return how many messages the consumer holds unacknowledged."""
+
+    # Dead letters.
+
+    @abc.abstractmethod
+    def dlq_list(self, topic: str, limit: int | None = None
+                 ) -> list[DeadLetter]:
+        """Return dead letters, oldest first."""
+
+    @abc.abstractmethod
+    def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
+                    ) -> int:
+        """Move dead letters (all, or those `ids`) back to their groups."""
+
+    @abc.abstractmethod
+    def dlq_purge(self, topic: str) -> int:
+        """Delete every dead letter of the topic; return how many."""
+
+    # State.
+
+    @abc.abstractmethod
+    def stats(self, topic: str) -> dict[str, int]:
+        """Return counters and gauges (`COUNTER_KEYS`, `GAUGE_KEYS`)."""
+
+    @abc.abstractmethod
+    def wait_changed(self, timeout: float) -> None:
+        """Block until the state may have changed or `timeout` passed."""
+
+    def close(self) -> None:
+        """Release the backend's resources; the default does nothing."""

@@ -1,0 +1,900 @@
+"""`Broker`, `Consumer`, `Message` and `Producer`: the broker's public API.
+
+These classes validate arguments and wait; every piece of state lives in
+the backend (see `mqs.broker._backend` for the contract).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from mqs.broker._backend import Backend, DeadLetter, Delivery, Envelope
+from mqs.broker._memory import MemoryBackend
+from mqs.broker._policy import Backoff, TopicConfig, check_priority
+from mqs.errors import (
+    AlreadySettled,
+    BackendUnavailable,
+    Empty,
+    Full,
+    RequestTimeout,
+    ShutDown,
+    UnknownTopic,
+)
+
+__all__ = ["Broker", "Consumer", "Message", "Producer", "BACKENDS"]
+
+logger = logging.getLogger(__name__)
+
+# Backend name -> factory taking the Broker's keyword options.
+BACKENDS: dict[str, Callable[..., Backend]] = {
+    "memory": lambda clock=None: MemoryBackend(clock=clock),
+}
+_PLANNED = ("shm", "log", "redis")
+_STARTS = ("earliest", "latest")
+
+
+def _seconds(name: str, value: Any, *, allow_none: bool = True,
+             allow_zero: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number of seconds, got "
+            f"{type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = "0 or more" if allow_zero else "above 0"
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+    return value
+
+
+def _delay_of(delay: Any, at: Any) -> float:
+    """Return the delay in seconds that `delay` or `at` asks for."""
+    if delay is not None and at is not None:
+        raise ValueError(
+            f"pass delay or at, not both (got delay={delay!r}, at={at!r})")
+    if at is None:
+        return _seconds("delay", delay) or 0.0
+    if isinstance(at, datetime.datetime):
+        at = at.timestamp()
+    elif isinstance(at, bool) or not isinstance(at, (int, float)):
+        raise TypeError(
+            f"at must be a datetime or time.time() seconds, got "
+            f"{type(at).__name__} {at!r}")
+    if math.isnan(at):
+        raise ValueError("at must be a time, got nan")
+    return max(0.0, at - time.time())
+
+
+class Message:
+    """One delivered message; `ack` or `nack` it once.
+
+    Attributes
+    ----------
+    body : object
+        The published body. The memory backend hands every group the
+        same object, not a copy.
+    id : str
+        Message id, unique in its topic.
+    topic, group : str
+        Where it came from.
+    priority : int
+        The priority it was published with (0-9).
+    attempts : int
+        Deliveries of this message to its group, this one included.
+    key : object
+        The ordering key it was published with, or None.
+    headers : dict
+        Published headers (dead letters add ``mqs.*`` headers).
+    timestamp : float
+        Publish time in `time.time()` seconds.
+    reply_to, correlation_id : str or None
+        Set on requests made with `Broker.request`.
+    """
+
+    __slots__ = ("_consumer", "_delivery", "_settled", "body", "id", "topic",
+                 "group", "priority", "attempts", "key", "headers",
+                 "timestamp", "reply_to", "correlation_id")
+
+    def __init__(self, consumer: Consumer, delivery: Delivery,
+                 settled: bool) -> None:
+        self._consumer = consumer
+        self._delivery = delivery
+        self._settled = settled
+        self.body = delivery.body
+        self.id = delivery.id
+        self.topic = delivery.topic
+        self.group = delivery.group
+        self.priority = delivery.priority
+        self.attempts = delivery.attempts
+        self.key = delivery.key
+        self.headers = delivery.headers
+        self.timestamp = delivery.timestamp
+        self.reply_to = delivery.reply_to
+        self.correlation_id = delivery.correlation_id
+
+    def __repr__(self) -> str:
+        return (f"<mqs.Message {self.topic}/{self.id} priority="
+                f"{self.priority} attempts={self.attempts} body="
+                f"{self.body!r:.60}>")
+
+    def _settle(self, verb: str) -> None:
+        if self._settled:
+            how = ("at delivery (auto_ack=True)"
+                   if self._consumer.auto_ack else "already")
+            raise AlreadySettled(
+                f"message {self.id} of topic {self.topic!r} was settled "
+                f"{how}; {verb} each message once, after get")
+        self._settled = True
+
+    def ack(self) -> bool:
+        """Acknowledge the message: it is done and never redelivered.
+
+        Returns
+        -------
+        bool
+            False if the ack came too late: the ack deadline had passed and
+            the message was redelivered (counted as ``late_acks``). With
+            ``auto_ack=True`` this does nothing and returns True.
+        """
+        if self._settled and self._consumer.auto_ack:
+            return True
+        self._settle("ack")
+        consumer = self._consumer
+        return consumer._backend.ack(consumer.topic, consumer.group,
+                                     self._delivery.tag)
+
+    def nack(self, requeue: bool = True, delay: float | None = None, *,
+             error: BaseException | str | None = None) -> bool:
+        """Reject the message: retry it later or dead-letter it.
+
+        Parameters
+        ----------
+        requeue : bool
+            True: deliver it again, unless it was delivered `max_attempts`
+            times, which dead-letters it. False: dead-letter it now.
+        delay : float, optional
+            Seconds before it is ready again. None uses the topic's
+            `retry` backoff (no delay without one); 0 means at once.
+        error : exception or str, optional
+            Stored as the ``mqs.last_error`` header if it dead-letters.
+
+        Returns
+        -------
+        bool
+            False if the ack deadline had passed already (see `ack`).
+
+        Notes
+        -----
+        Requeue position: a message ready again (at once, or after its
+        delay) joins the tail of its priority lane, behind the messages
+        already waiting there. A message with a key keeps its place at the
+        head of its key, so later messages of that key still wait for it.
+        """
+        delay = _seconds("delay", delay)
+        if error is not None and not isinstance(error, str):
+            error = f"{type(error).__name__}: {error}"
+        self._settle("nack")
+        consumer = self._consumer
+        return consumer._backend.nack(consumer.topic, consumer.group,
+                                      self._delivery.tag, requeue=requeue,
+                                      delay=delay, error=error)
+
+    def extend(self, seconds: float) -> bool:
+        """Move the ack deadline to `seconds` from now (not from the old
+        deadline); return False if it had passed already."""
+        seconds = _seconds("seconds", seconds, allow_none=False,
+                           allow_zero=False)
+        if self._settled:
+            return False
+        consumer = self._consumer
+        return consumer._backend.extend(consumer.topic, consumer.group,
+                                        self._delivery.tag, seconds)
+
+    def reply(self, body: Any, **options: Any) -> bool:
+        """Publish `body` as the reply to a `Broker.request`; see
+        `Broker.reply`."""
+        return self._consumer._broker.reply(self, body, **options)
+
+
+class Consumer:
+    """Messages of one topic for one consumer of a group.
+
+    Create with `Broker.consume`. Competing consumers of one group share
+    its messages; each group gets every message. Thread-safe: several
+    threads may call `get` on one consumer.
+    """
+
+    def __init__(self, broker: Broker, topic: str, group: str, *,
+                 prefetch: int, ack_timeout: float, auto_ack: bool,
+                 start: str, max_attempts: int | None) -> None:
+        self._broker = broker
+        self._backend = broker._backend
+        self.topic = topic
+        self.group = group
+        self.prefetch = prefetch
+        self.ack_timeout = ack_timeout
+        self.auto_ack = auto_ack
+        self._closed = False
+        self._id = self._backend.open_consumer(
+            topic, group, start=start, prefetch=prefetch,
+            max_attempts=max_attempts)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (f"<mqs.Consumer {self.topic!r} group={self.group!r} "
+                f"prefetch={self.prefetch} {state}>")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def in_flight(self) -> int:
+        """Messages this consumer got and has not acked or nacked yet."""
+        return self._backend.in_flight(self.topic, self.group, self._id)
+
+    def _wrap(self, found: list[Delivery]) -> list[Message]:
+        return [Message(self, delivery, self.auto_ack) for delivery in found]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShutDown(
+                f"get on a closed consumer of topic {self.topic!r}")
+
+    def get_many(self, max_items: int, timeout: float | None = None
+                 ) -> list[Message]:
+        """Return 1 to `max_items` messages, waiting up to `timeout`.
+
+        At most ``prefetch - in_flight`` messages come back without
+        `auto_ack`: while the consumer holds `prefetch` unacknowledged
+        messages it waits for an ack, a nack or a missed ack deadline.
+
+        Raises
+        ------
+        Empty
+            When nothing arrived within `timeout` (never earlier).
+        ShutDown
+            When the consumer is or gets closed.
+        """
+        if isinstance(max_items, bool) or not isinstance(max_items, int) \
+                or max_items < 1:
+            raise ValueError(
+                f"max_items must be an int of 1 or more, got {max_items!r}")
+        timeout = _seconds("timeout", timeout)
+        self._check_open()
+        found = self._backend.fetch(
+            self.topic, self.group, self._id, max_items,
+            ack_timeout=self.ack_timeout, auto_ack=self.auto_ack,
+            timeout=timeout)
+        if not found:
+            raise Empty()
+        return self._wrap(found)
+
+    def get(self, timeout: float | None = None) -> Message:
+        """Return the next message, waiting up to `timeout` seconds.
+
+        Raises `Empty` on timeout and `ShutDown` once closed.
+        """
+        return self.get_many(1, timeout)[0]
+
+    async def get_many_async(self, max_items: int,
+                             timeout: float | None = None) -> list[Message]:
+        """Like `get_many`, awaiting without blocking the event loop."""
+        if isinstance(max_items, bool) or not isinstance(max_items, int) \
+                or max_items < 1:
+            raise ValueError(
+                f"max_items must be an int of 1 or more, got {max_items!r}")
+        timeout = _seconds("timeout", timeout)
+        self._check_open()
+        found = await self._backend.fetch_async(
+            self.topic, self.group, self._id, max_items,
+            ack_timeout=self.ack_timeout, auto_ack=self.auto_ack,
+            timeout=timeout)
+        if not found:
+            raise Empty()
+        return self._wrap(found)
+
+    async def get_async(self, timeout: float | None = None) -> Message:
+        """Like `get`, awaiting without blocking the event loop.
+
+        Cancelling the await loses no message: a message is taken only in
+        the same step that returns it.
+        """
+        return (await self.get_many_async(1, timeout))[0]
+
+    def __iter__(self) -> Consumer:
+        return self
+
+    def __next__(self) -> Message:
+        try:
+            return self.get()
+        except ShutDown:
+            raise StopIteration from None
+
+    def __aiter__(self) -> Consumer:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.get_async()
+        except ShutDown:
+            raise StopAsyncIteration from None
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> int:
+        """Stop consuming; return how many in-flight messages went back.
+
+        With `drain` (the default), wait up to `timeout` seconds (None: no
+        bound) for the messages already handed out to be acked or nacked
+        by other threads. Then, or at once without `drain`, every message
+        still in flight goes back to the group for redelivery, with its
+        attempt counted. Later `get` calls raise `ShutDown` and iteration
+        stops. Closing twice does nothing.
+        """
+        timeout = _seconds("timeout", timeout)
+        if self._closed:
+            return 0
+        self._closed = True
+        if drain:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self.in_flight:
+                left = 0.05 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._backend.wait_changed(min(left, 0.05))
+        returned = self._backend.close_consumer(self.topic, self.group,
+                                                self._id)
+        if returned:
+            logger.debug("consumer of %r/%r closed with %d messages in "
+                         "flight; they go back to the group", self.topic,
+                         self.group, returned)
+        return returned
+
+    async def close_async(self, drain: bool = True,
+                          timeout: float | None = None) -> int:
+        """Like `close`, awaiting the drain without blocking the loop."""
+        timeout = _seconds("timeout", timeout)
+        if self._closed:
+            return 0
+        self._closed = True
+        if drain:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self.in_flight:
+                left = 0.05 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    break
+                await asyncio.sleep(min(left, 0.005))
+        return self._backend.close_consumer(self.topic, self.group, self._id)
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Producer:
+    """A batching publisher to one topic: `linger` and `batch_size`.
+
+    `publish` buffers messages; a batch goes to the backend in one call
+    once it holds `batch_size` messages, or `linger` seconds after its
+    first message (sent by a background thread), or on `flush`/`close`.
+    Errors of a background send are raised by the next `publish`,
+    `flush` or `close`; the batch that failed is kept for the next try.
+    """
+
+    def __init__(self, broker: Broker, topic: str, *, linger: float,
+                 batch_size: int, timeout: float | None) -> None:
+        self._broker = broker
+        self.topic = topic
+        self.linger = _seconds("linger", linger, allow_none=False)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
+                or batch_size < 1:
+            raise ValueError(
+                f"batch_size must be an int of 1 or more, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.timeout = timeout
+        self._batch: list[Envelope] = []
+        self._ids: list[str] = []
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def publish(self, body: Any, **options: Any) -> None:
+        """Buffer one message; options as in `Broker.publish`."""
+        envelope = self._broker._envelope(body, **options)
+        with self._lock:
+            self._raise_error()
+            if self._closed:
+                raise ShutDown(f"publish on a closed producer of "
+                               f"{self.topic!r}")
+            self._batch.append(envelope)
+            if len(self._batch) >= self.batch_size or self.linger == 0:
+                self._send_locked()
+            else:
+                self._start_thread()
+                self._wake.notify()
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"mqs-producer-{self.topic}",
+                daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        with self._lock:
+            while not self._closed:
+                if not self._batch:
+                    self._wake.wait()
+                    continue
+                self._wake.wait(self.linger)
+                if self._batch and not self._closed:
+                    try:
+                        self._send_locked()
+                    except Exception as exc:  # reported to the caller
+                        logger.warning("producer of %r failed to send a "
+                                       "batch", self.topic, exc_info=True)
+                        self._error = exc
+                        self._wake.wait(self.linger or 0.05)
+
+    def _send_locked(self) -> None:
+        batch, self._batch = self._batch, []
+        try:
+            self._ids += self._broker._backend.publish(
+                self.topic, batch, self.timeout)
+        except BaseException as exc:
+            accepted = getattr(exc, "accepted", 0)
+            self._batch = batch[accepted:] + self._batch
+            raise
+
+    def flush(self) -> list[str]:
+        """Send the buffered messages now; return the ids sent since the
+        last `flush` (including background sends)."""
+        with self._lock:
+            self._raise_error()
+            if self._batch:
+                self._send_locked()
+            ids, self._ids = self._ids, []
+            return ids
+
+    def close(self) -> list[str]:
+        """Flush and stop the background thread; return as `flush`."""
+        ids = self.flush()
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        return ids
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Broker:
+    """Topics with priority lanes, acks, retries, dead letters and groups.
+
+    Parameters
+    ----------
+    backend : str or Backend
+        ``"memory"``: this process's threads share the broker. ``"shm"``,
+        ``"log"`` and ``"redis"`` are planned and raise
+        `BackendUnavailable` until they exist.
+    auto_declare : bool
+        Declare an unknown topic with default settings on its first
+        `publish` or `consume`. False raises `UnknownTopic` instead.
+    **options
+        Passed to the backend factory (``clock=`` for the memory backend).
+    """
+
+    def __init__(self, backend: str | Backend = "memory", *,
+                 auto_declare: bool = True, **options: Any) -> None:
+        if isinstance(backend, Backend):
+            self._backend = backend
+        elif backend in BACKENDS:
+            self._backend = BACKENDS[backend](**options)
+        elif backend in _PLANNED:
+            raise BackendUnavailable(
+                f"backend {backend!r} is not implemented yet; use "
+                f"backend='memory'")
+        else:
+            raise BackendUnavailable(
+                f"unknown backend {backend!r}; choose one of "
+                f"{sorted(BACKENDS)}")
+        self.auto_declare = auto_declare
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<mqs.Broker backend={self._backend.name!r}>"
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    # Topics.
+
+    def declare_topic(self, topic: str, *,
+                      weights: Mapping[int, int] | None = None,
+                      policy: str = "weighted", rate: Any = None,
+                      dedup_window: float | None = 300.0,
+                      max_attempts: int | None = None,
+                      retry: Backoff | None = None, ttl: float | None = None,
+                      on_expire: str = "drop",
+                      retention: float | None = None, maxsize: int = 0,
+                      when_full: str = "block",
+                      replace: bool = False) -> TopicConfig:
+        """Create a topic, or check its stored settings; return them.
+
+        Parameters
+        ----------
+        weights : dict, optional
+            Lanes and their weights: ``{priority: weight}``. A message
+            goes to the highest lane at or below its priority (the lowest
+            lane if none is). Default: ten lanes, priority p weighted
+            p + 1.
+        policy : str
+            ``"weighted"`` (default): deficit round robin, each lane gets
+            its weight's share under saturation and none starves.
+            ``"strict"``: the highest non-empty lane always goes first, so
+            lower lanes starve while higher ones have messages.
+        rate : float, mqs.Rate or dict, optional
+            Token-bucket limit on deliveries per second of each group:
+            one for the topic, or ``{lane: rate}`` per lane.
+        dedup_window : float
+            Seconds a `dedup_id` is remembered (default 300; 0 disables).
+        max_attempts : int, optional
+            Deliveries before a failing message goes to the DLQ (None:
+            retry forever). `consume` can override it for its group.
+        retry : mqs.Backoff, optional
+            Delay before redelivery after a nack without an explicit
+            delay (None: at once).
+        ttl : float, optional
+            Seconds after publish that a message may still be delivered;
+            later it is dropped (``on_expire="drop"``) or dead-lettered
+            (``"dead_letter"``), and counted.
+        retention : float, optional
+            Seconds a message stays stored after every group finished it,
+            for groups that join later with ``start="earliest"``.
+        maxsize : int
+            Stored messages allowed (0: unbounded); `when_full` says what
+            a publish does at the limit: ``"block"`` (default),
+            ``"raise"`` (`mqs.Full`) or ``"drop_oldest"`` (counted).
+        replace : bool
+            Overwrite differing stored settings instead of raising
+            `TopicConfigError` (lanes and policy cannot change).
+        """
+        config = TopicConfig.build(
+            topic, weights=weights, policy=policy, rate=rate,
+            dedup_window=dedup_window, max_attempts=max_attempts,
+            retry=retry, ttl=ttl, on_expire=on_expire, retention=retention,
+            maxsize=maxsize, when_full=when_full)
+        return self._backend.declare_topic(config, replace=replace)
+
+    def _ensure_topic(self, topic: str) -> None:
+        if not isinstance(topic, str) or not topic:
+            raise TypeError(f"topic must be a non-empty str, got {topic!r}")
+        if self._backend.has_topic(topic):
+            return
+        if not self.auto_declare:
+            raise UnknownTopic(
+                f"unknown topic {topic!r}; declare it first with "
+                f"broker.declare_topic({topic!r}) or pass "
+                f"auto_declare=True", topic)
+        try:
+            self.declare_topic(topic)
+        except Exception:
+            if not self._backend.has_topic(topic):
+                raise
+
+    def topic_config(self, topic: str) -> TopicConfig:
+        """Return the settings the backend stores for `topic`."""
+        return self._backend.topic_config(topic)
+
+    def delete_topic(self, topic: str) -> None:
+        """Drop a topic with its messages, groups and dead letters."""
+        self._backend.delete_topic(topic)
+
+    # Publishing.
+
+    def _envelope(self, body: Any, *, priority: int = 0,
+                  delay: float | None = None, at: Any = None, key: Any = None,
+                  headers: Mapping[str, Any] | None = None,
+                  dedup_id: Any = None, reply_to: str | None = None,
+                  correlation_id: str | None = None,
+                  ttl: float | None = None) -> Envelope:
+        check_priority(priority)
+        if headers is not None and not isinstance(headers, Mapping):
+            raise TypeError(
+                f"headers must be a dict or None, got "
+                f"{type(headers).__name__} {headers!r}")
+        if reply_to is not None and not isinstance(reply_to, str):
+            raise TypeError(f"reply_to must be a topic name, got {reply_to!r}")
+        return Envelope(
+            body=body, priority=priority, delay=_delay_of(delay, at),
+            key=key, headers=dict(headers) if headers else None,
+            dedup_id=dedup_id, reply_to=reply_to,
+            correlation_id=correlation_id,
+            ttl=_seconds("ttl", ttl, allow_zero=False))
+
+    def publish(self, topic: str, body: Any, *, priority: int = 0,
+                delay: float | None = None, at: Any = None, key: Any = None,
+                headers: Mapping[str, Any] | None = None,
+                dedup_id: Any = None, reply_to: str | None = None,
+                correlation_id: str | None = None, ttl: float | None = None,
+                timeout: float | None = None) -> str:
+        """Publish one message; return its id.
+
+        Parameters
+        ----------
+        priority : int
+            0 to 9, 9 highest.
+        delay, at : optional
+            Seconds to wait, or a `datetime` / `time.time()` value to wait
+            for, before the message can be delivered (not both).
+        key : hashable, optional
+            Ordering key: messages of one key go out in publish order, one
+            at a time per group.
+        dedup_id : hashable, optional
+            A second publish with the same id within the topic's
+            `dedup_window` is dropped (counted) and returns the first id.
+        ttl : float, optional
+            Overrides the topic's ttl for this message.
+        timeout : float, optional
+            Bound of the wait when the topic is full and blocks.
+
+        Raises
+        ------
+        InvalidPriority
+            For a priority outside 0 to 9.
+        Full
+            When the topic is full (``when_full="raise"``, or ``"block"``
+            past `timeout`).
+        UnknownTopic
+            If the topic does not exist and `auto_declare` is off.
+        """
+        envelope = self._envelope(
+            body, priority=priority, delay=delay, at=at, key=key,
+            headers=headers, dedup_id=dedup_id, reply_to=reply_to,
+            correlation_id=correlation_id, ttl=ttl)
+        self._ensure_topic(topic)
+        return self._backend.publish(
+            topic, [envelope], _seconds("timeout", timeout))[0]
+
+    def publish_many(self, topic: str, bodies: Iterable[Any], *,
+                     timeout: float | None = None, **options: Any
+                     ) -> list[str]:
+        """Publish every body of `bodies` in one backend call, in order,
+        with the same options as `publish`; return their ids.
+
+        On `Full`, ``exc.accepted`` bodies were published and stay.
+        """
+        envelopes = [self._envelope(body, **options) for body in bodies]
+        self._ensure_topic(topic)
+        return self._backend.publish(topic, envelopes,
+                                     _seconds("timeout", timeout))
+
+    async def publish_async(self, topic: str, body: Any, *,
+                            timeout: float | None = None, **options: Any
+                            ) -> str:
+        """Like `publish`; a full topic is awaited without blocking the
+        event loop."""
+        envelope = self._envelope(body, **options)
+        self._ensure_topic(topic)
+        timeout = _seconds("timeout", timeout)
+        if self._backend.topic_config(topic).when_full != "block":
+            return self._backend.publish(topic, [envelope], 0)[0]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self._backend.publish(topic, [envelope], 0)[0]
+            except Full:
+                left = None if deadline is None \
+                    else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise
+            await _wait_changed_async(self._backend, left)
+
+    def producer(self, topic: str, *, linger: float = 0.005,
+                 batch_size: int = 100,
+                 timeout: float | None = None) -> Producer:
+        """Return a `Producer` that batches publishes to `topic`."""
+        self._ensure_topic(topic)
+        return Producer(self, topic, linger=linger, batch_size=batch_size,
+                        timeout=timeout)
+
+    # Consuming.
+
+    def consume(self, topic: str, group: str = "default", *,
+                prefetch: int = 1, ack_timeout: float = 30.0,
+                auto_ack: bool = False, start: str = "earliest",
+                max_attempts: int | None = None) -> Consumer:
+        """Return a new consumer of `topic` in `group`.
+
+        Parameters
+        ----------
+        group : str
+            Consumer group: every group gets every message, the consumers
+            of one group compete for them.
+        prefetch : int
+            Unacknowledged messages this consumer may hold at once.
+        ack_timeout : float
+            Seconds to ack a message before it is redelivered with
+            ``attempts + 1`` (or dead-lettered at `max_attempts`).
+        auto_ack : bool
+            Acknowledge at delivery: at most once, never redelivered.
+        start : str
+            For a new group: ``"earliest"`` also delivers the messages the
+            topic still stores, ``"latest"`` only later ones.
+        max_attempts : int, optional
+            Overrides the topic's `max_attempts` for this group.
+        """
+        if not isinstance(group, str) or not group:
+            raise TypeError(f"group must be a non-empty str, got {group!r}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) \
+                or prefetch < 1:
+            raise ValueError(
+                f"prefetch must be an int of 1 or more, got {prefetch!r}")
+        if start not in _STARTS:
+            raise ValueError(
+                f"start must be 'earliest' or 'latest', got {start!r}")
+        if max_attempts is not None and (
+                isinstance(max_attempts, bool)
+                or not isinstance(max_attempts, int) or max_attempts < 1):
+            raise ValueError(
+                f"max_attempts must be an int of 1 or more or None, got "
+                f"{max_attempts!r}")
+        ack_timeout = _seconds("ack_timeout", ack_timeout, allow_none=False,
+                               allow_zero=False)
+        self._ensure_topic(topic)
+        return Consumer(self, topic, group, prefetch=prefetch,
+                        ack_timeout=ack_timeout, auto_ack=auto_ack,
+                        start=start, max_attempts=max_attempts)
+
+    # Request-reply.
+
+    def request(self, topic: str, body: Any, timeout: float, **options: Any
+                ) -> Message:
+        """Publish a request and return the reply message.
+
+        The request carries ``reply_to`` (a private reply topic) and a
+        ``correlation_id``; the responder calls ``msg.reply(body)``.
+
+        Raises
+        ------
+        RequestTimeout
+            When no reply arrived within `timeout` seconds. A reply that
+            arrives later is dropped.
+        """
+        timeout = _seconds("timeout", timeout, allow_none=False)
+        reply_topic, correlation_id = self._open_reply(topic)
+        try:
+            replies = self.consume(reply_topic, "reply", auto_ack=True)
+            self.publish(topic, body, reply_to=reply_topic,
+                         correlation_id=correlation_id, **options)
+            try:
+                return replies.get(timeout)
+            except Empty:
+                raise RequestTimeout(
+                    f"no reply to the request on {topic!r} within "
+                    f"{timeout} s (correlation id {correlation_id})"
+                ) from None
+        finally:
+            self._backend.delete_topic(reply_topic)
+
+    async def request_async(self, topic: str, body: Any, timeout: float,
+                            **options: Any) -> Message:
+        """Like `request`, awaiting the reply without blocking the loop."""
+        timeout = _seconds("timeout", timeout, allow_none=False)
+        reply_topic, correlation_id = self._open_reply(topic)
+        try:
+            replies = self.consume(reply_topic, "reply", auto_ack=True)
+            await self.publish_async(topic, body, reply_to=reply_topic,
+                                     correlation_id=correlation_id,
+                                     **options)
+            try:
+                return await replies.get_async(timeout)
+            except Empty:
+                raise RequestTimeout(
+                    f"no reply to the request on {topic!r} within "
+                    f"{timeout} s (correlation id {correlation_id})"
+                ) from None
+        finally:
+            self._backend.delete_topic(reply_topic)
+
+    def _open_reply(self, topic: str) -> tuple[str, str]:
+        correlation_id = uuid.uuid4().hex
+        reply_topic = f"mqs.reply.{correlation_id}"
+        self._ensure_topic(topic)
+        self._backend.declare_topic(
+            TopicConfig.build(reply_topic, dedup_window=0))
+        return reply_topic, correlation_id
+
+    def reply(self, message: Message, body: Any, **options: Any) -> bool:
+        """Publish `body` to the ``reply_to`` topic of `message`.
+
+        Returns False, and logs, when the requester is gone (it timed out
+        and deleted its reply topic).
+        """
+        if message.reply_to is None:
+            raise ValueError(
+                f"message {message.id} of {message.topic!r} has no reply_to; "
+                f"only messages sent by Broker.request can be replied to")
+        envelope = self._envelope(body, correlation_id=message.correlation_id,
+                                  **options)
+        try:
+            self._backend.publish(message.reply_to, [envelope], 0)
+        except UnknownTopic:
+            logger.info("reply to request %s dropped: the requester timed "
+                        "out", message.correlation_id)
+            return False
+        return True
+
+    # Dead letters and state.
+
+    def dlq_list(self, topic: str, limit: int | None = None
+                 ) -> list[DeadLetter]:
+        """Return the dead letters of `topic`, oldest first."""
+        return self._backend.dlq_list(topic, limit)
+
+    def dlq_redrive(self, topic: str, ids: Iterable[str] | None = None
+                    ) -> int:
+        """Move dead letters back to their group with attempts reset;
+        return how many moved."""
+        return self._backend.dlq_redrive(
+            topic, None if ids is None else list(ids))
+
+    def dlq_purge(self, topic: str) -> int:
+        """Delete the dead letters of `topic`; return how many (counted)."""
+        return self._backend.dlq_purge(topic)
+
+    def stats(self, topic: str) -> dict[str, int]:
+        """Return the topic's counters and gauges.
+
+        Counters: published, delivered, acked, nacked, redelivered,
+        late_acks, and every drop by reason (deduplicated, expired,
+        dropped_full, dropped_unsubscribed, dead_lettered and
+        dead_lettered.<reason>, dlq_purged). Gauges: stored, ready,
+        delayed, in_flight (summed over groups), dlq, groups.
+        """
+        return self._backend.stats(topic)
+
+    def close(self) -> None:
+        """Release the backend. Consumers and producers must be closed
+        first; calls after this fail."""
+        if not self._closed:
+            self._closed = True
+            self._backend.close()
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+async def _wait_changed_async(backend: Backend, timeout: float | None) -> None:
+    wait = getattr(backend, "wait_changed_async", None)
+    step = 0.05 if timeout is None else min(timeout, 0.05)
+    if wait is not None:
+        await wait(step)
+    else:
+        await asyncio.sleep(min(step, 0.005))

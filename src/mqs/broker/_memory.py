@@ -1,0 +1,318 @@
+"""The ``memory`` backend: every topic's `TopicState` in this process.
+
+One lock guards all topics; every operation that can make a message
+deliverable or free room notifies both the threads waiting on the
+condition and the asyncio futures of `fetch_async` and `wait_async`.
+No timer thread: a waiting `fetch` sleeps until the earliest of its
+timeout, the next timer of the topic's wheel and the next rate-limit
+token, then advances the wheel itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mqs.broker._backend import Backend, DeadLetter, Delivery, Envelope
+from mqs.broker._policy import TopicConfig
+from mqs.broker._state import TopicState
+from mqs.errors import Full, TopicConfigError, UnknownTopic
+
+__all__ = ["MemoryBackend"]
+
+
+class MemoryBackend(Backend):
+    """Broker state in Python objects, shared by the threads of a process.
+
+    Parameters
+    ----------
+    clock : callable, optional
+        Monotonic clock in seconds (default `time.monotonic`). Tests pass
+        a simulated one and call with ``timeout=0``.
+    """
+
+    name = "memory"
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self.clock = clock or time.monotonic
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._topics: dict[str, TopicState] = {}
+        self._ids = itertools.count(1)
+        self._consumer_ids = itertools.count(1)
+        self._futures: list[tuple[asyncio.AbstractEventLoop,
+                                  asyncio.Future]] = []
+
+    def _next_id(self) -> str:
+        return str(next(self._ids))
+
+    def _topic(self, topic: str) -> TopicState:
+        state = self._topics.get(topic)
+        if state is None:
+            raise UnknownTopic(
+                f"unknown topic {topic!r}; declare it first with "
+                f"broker.declare_topic({topic!r})", topic)
+        return state
+
+    def _notify(self) -> None:
+        """Wake every waiter; the caller holds the lock."""
+        self._changed.notify_all()
+        futures, self._futures = self._futures, []
+        for loop, future in futures:
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:
+                # That loop is closed; nobody waits on the future any more.
+                pass
+
+    # Topics.
+
+    def declare_topic(self, config: TopicConfig, replace: bool = False
+                      ) -> TopicConfig:
+        with self._lock:
+            state = self._topics.get(config.name)
+            if state is None:
+                self._topics[config.name] = TopicState(
+                    config, self.clock, self._next_id)
+                return config
+            if state.config == config:
+                return config
+            if not replace:
+                raise TopicConfigError(_conflict(state.config, config))
+            if state.config.weights != config.weights \
+                    or state.config.policy != config.policy:
+                raise TopicConfigError(
+                    f"topic {config.name!r}: lanes and policy cannot change "
+                    f"while it exists; delete_topic({config.name!r}) first")
+            state.config = config
+            self._notify()
+            return config
+
+    def topic_config(self, topic: str) -> TopicConfig:
+        with self._lock:
+            return self._topic(topic).config
+
+    def has_topic(self, topic: str) -> bool:
+        with self._lock:
+            return topic in self._topics
+
+    def delete_topic(self, topic: str) -> None:
+        with self._lock:
+            self._topic(topic)
+            del self._topics[topic]
+            self._notify()
+
+    # Producing.
+
+    def publish(self, topic: str, envelopes: Sequence[Envelope],
+                timeout: float | None) -> list[str]:
+        deadline = None if timeout is None else self.clock() + timeout
+        ids: list[str] = []
+        with self._lock:
+            while True:
+                state = self._topic(topic)
+                now = self.clock()
+                ids += state.publish(envelopes[len(ids):], now, time.time(),
+                                     len(ids))
+                self._notify()
+                if len(ids) == len(envelopes):
+                    return ids
+                wait = None if deadline is None else deadline - now
+                if wait is not None and wait <= 0:
+                    raise Full(
+                        f"topic {topic!r} stayed full (maxsize "
+                        f"{state.config.maxsize}): published {len(ids)} of "
+                        f"{len(envelopes)} messages; consume faster or "
+                        f"raise maxsize", len(ids))
+                self._changed.wait(_slice(wait))
+
+    # Consuming.
+
+    def open_consumer(self, topic: str, group: str, *, start: str,
+                      prefetch: int, max_attempts: int | None) -> str:
+        consumer = f"c{next(self._consumer_ids)}"
+        with self._lock:
+            self._topic(topic).open_consumer(
+                group, consumer, start, prefetch, max_attempts, self.clock())
+            self._notify()
+        return consumer
+
+    def close_consumer(self, topic: str, group: str, consumer: str) -> int:
+        with self._lock:
+            state = self._topics.get(topic)
+            if state is None:
+                return 0
+            returned = state.close_consumer(group, consumer, self.clock())
+            self._notify()
+            return returned
+
+    def fetch(self, topic: str, group: str, consumer: str, max_items: int,
+              *, ack_timeout: float, auto_ack: bool,
+              timeout: float | None) -> list[Delivery]:
+        deadline = None if timeout is None else self.clock() + timeout
+        with self._lock:
+            while True:
+                found, wake = self._try_fetch(
+                    topic, group, consumer, max_items, ack_timeout, auto_ack)
+                if found:
+                    return found
+                now = self.clock()
+                if deadline is not None and now >= deadline:
+                    return []
+                wait = _earliest(deadline, wake)
+                self._changed.wait(_slice(None if wait is None
+                                          else wait - now))
+
+    def _try_fetch(self, topic, group, consumer, max_items, ack_timeout,
+                   auto_ack) -> tuple[list[Delivery], float | None]:
+        """Fetch without waiting; the caller holds the lock."""
+        state = self._topic(topic)
+        now = self.clock()
+        found = state.fetch(group, consumer, max_items, ack_timeout,
+                            auto_ack, now)
+        if found and auto_ack and state.config.maxsize:
+            # Finished messages freed room for blocked publishers.
+            self._notify()
+        return found, state.next_wake(group, now)
+
+    async def fetch_async(self, topic: str, group: str, consumer: str,
+                          max_items: int, *, ack_timeout: float,
+                          auto_ack: bool, timeout: float | None
+                          ) -> list[Delivery]:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else self.clock() + timeout
+        while True:
+            future = loop.create_future()
+            with self._lock:
+                found, wake = self._try_fetch(
+                    topic, group, consumer, max_items, ack_timeout, auto_ack)
+                if found:
+                    return found
+                self._futures.append((loop, future))
+            now = self.clock()
+            if deadline is not None and now >= deadline:
+                return []
+            wait = _earliest(deadline, wake)
+            await self._await_future(
+                loop, future, None if wait is None else max(0.0, wait - now))
+
+    def ack(self, topic: str, group: str, tag: Any) -> bool:
+        with self._lock:
+            done = self._topic(topic).ack(group, tag, self.clock())
+            self._notify()
+            return done
+
+    def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
+             delay: float | None, error: str | None) -> bool:
+        with self._lock:
+            done = self._topic(topic).nack(group, tag, requeue, delay, error,
+                                           self.clock())
+            self._notify()
+            return done
+
+    def extend(self, topic: str, group: str, tag: Any, seconds: float
+               ) -> bool:
+        with self._lock:
+            done = self._topic(topic).extend(group, tag, seconds,
+                                             self.clock())
+            self._notify()
+            return done
+
+    def release(self, topic: str, group: str, tags: Sequence[Any]) -> int:
+        with self._lock:
+            state = self._topics.get(topic)
+            if state is None:
+                return 0
+            returned = state.release(group, tags, self.clock())
+            self._notify()
+            return returned
+
+    def in_flight(self, topic: str, group: str, consumer: str) -> int:
+        with self._lock:
+            state = self._topics.get(topic)
+            return 0 if state is None else state.in_flight(group, consumer)
+
+    # Dead letters.
+
+    def dlq_list(self, topic: str, limit: int | None = None
+                 ) -> list[DeadLetter]:
+        with self._lock:
+            return self._topic(topic).dlq_list(limit)
+
+    def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
+                    ) -> int:
+        with self._lock:
+            moved = self._topic(topic).dlq_redrive(ids, self.clock())
+            self._notify()
+            return moved
+
+    def dlq_purge(self, topic: str) -> int:
+        with self._lock:
+            return self._topic(topic).dlq_purge()
+
+    # State.
+
+    def stats(self, topic: str) -> dict[str, int]:
+        with self._lock:
+            state = self._topic(topic)
+            state.advance(self.clock())
+            return state.stats()
+
+    def wait_changed(self, timeout: float) -> None:
+        with self._lock:
+            self._changed.wait(_slice(timeout))
+
+    async def wait_changed_async(self, timeout: float) -> None:
+        """Await a state change or `timeout` seconds, off the lock."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._futures.append((loop, future))
+        await self._await_future(loop, future, timeout)
+
+    async def _await_future(self, loop, future, timeout) -> None:
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                try:
+                    self._futures.remove((loop, future))
+                except ValueError:
+                    pass  # _notify took it already
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _slice(wait: float | None) -> float:
+    """Bound one condition wait to 50 ms, so Ctrl-C and clock changes of
+    a simulated clock are seen; the callers loop until done."""
+    if wait is None:
+        return 0.05
+    return max(0.0, min(wait, 0.05))
+
+
+def _conflict(stored: TopicConfig, new: TopicConfig) -> str:
+    fields = [name for name in stored.__dataclass_fields__
+              if getattr(stored, name) != getattr(new, name)]
+    changes = ", ".join(
+        f"{name}: stored {getattr(stored, name)!r}, got "
+        f"{getattr(new, name)!r}" for name in fields)
+    return (f"topic {new.name!r} exists with other settings ({changes}); "
+            f"pass replace=True to change them")

@@ -1,0 +1,478 @@
+"""Broker semantics that every backend shares: pure functions and small state.
+
+Nothing here stores messages. Backends keep the state (in Python objects,
+in shared memory, in log records, in Redis) and call these helpers under
+their own lock, so lane choice, retry delays, rate limits and validation
+behave the same on every backend. Each stateful helper keeps its state in
+a few numbers (`LaneScheduler.deficits`, `TokenBucket` fields) so that a
+backend with a fixed layout can store them as plain fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from mqs.errors import InvalidPriority, TopicConfigError
+
+__all__ = [
+    "PRIORITIES",
+    "POLICIES",
+    "WHEN_FULL",
+    "DEFAULT_WEIGHTS",
+    "Backoff",
+    "Rate",
+    "TopicConfig",
+    "LaneScheduler",
+    "TokenBucket",
+    "lane_of",
+    "check_priority",
+    "retry_delay",
+]
+
+PRIORITIES = range(10)
+POLICIES = ("weighted", "strict")
+WHEN_FULL = ("block", "raise", "drop_oldest")
+ON_EXPIRE = ("drop", "dead_letter")
+# Ten lanes, priority p weighted p + 1: under saturation priority 9 gets
+# 10/55 of the deliveries and priority 0 gets 1/55, none gets nothing.
+DEFAULT_WEIGHTS = {p: p + 1 for p in PRIORITIES}
+
+
+def check_priority(priority: object) -> int:
+    """Return `priority` if it is an int from 0 to 9, else raise."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(
+            f"priority must be an int from 0 to 9, got "
+            f"{type(priority).__name__} {priority!r}")
+    if not 0 <= priority <= 9:
+        raise InvalidPriority(
+            f"priority must be from 0 to 9 (9 highest), got {priority!r}")
+    return priority
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool = True,
+                   allow_zero: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number of seconds, got "
+            f"{type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = "0 or more" if allow_zero else "above 0"
+        raise TopicConfigError(
+            f"{name} must be {bound} seconds, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Retry delays that grow by `factor` from `base` up to `max` seconds.
+
+    The delay before delivery attempt ``n + 1`` after ``n`` failed ones is
+    ``min(max, base * factor ** (n - 1))``, then scaled by a random factor
+    from ``1 - jitter`` to ``1 + jitter`` and capped at `max` again.
+
+    Parameters
+    ----------
+    base : float
+        Delay after the first failure, in seconds (0 or more).
+    factor : float
+        Growth per further failure, 1 or more.
+    max : float
+        Largest delay in seconds, at least `base`.
+    jitter : float
+        Relative spread from 0 (none) to 1, so that many messages that
+        failed together are not retried together.
+    """
+
+    base: float = 1.0
+    factor: float = 2.0
+    max: float = 300.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_seconds("Backoff base", self.base, allow_none=False)
+        _check_seconds("Backoff max", self.max, allow_none=False)
+        if isinstance(self.factor, bool) or not isinstance(
+                self.factor, (int, float)) or not self.factor >= 1:
+            raise TopicConfigError(
+                f"Backoff factor must be a number of 1 or more, got "
+                f"{self.factor!r}")
+        if isinstance(self.jitter, bool) or not isinstance(
+                self.jitter, (int, float)) or not 0 <= self.jitter <= 1:
+            raise TopicConfigError(
+                f"Backoff jitter must be from 0 to 1, got {self.jitter!r}")
+        if self.max < self.base:
+            raise TopicConfigError(
+                f"Backoff max must be at least base, got max={self.max!r} "
+                f"and base={self.base!r}")
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        """Return the delay in seconds after `failures` failed attempts."""
+        exponent = max(0, failures - 1)
+        try:
+            raw = self.base * self.factor ** exponent
+        except OverflowError:
+            raw = self.max
+        delay = min(self.max, raw)
+        if self.jitter:
+            spread = (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
+            delay = min(self.max, delay * spread)
+        return delay
+
+
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """A token-bucket rate limit on deliveries.
+
+    Parameters
+    ----------
+    per_second : float
+        Tokens added per second, above 0. One delivery takes one token.
+    burst : int, optional
+        Bucket size: deliveries allowed at once after an idle spell. The
+        default is one second of tokens (at least 1).
+    adaptive : bool
+        Additive increase, multiplicative decrease (AIMD): each nack or
+        missed ack deadline cuts the current rate by `decrease` (at most
+        once per `cut_interval` seconds), each ack raises it by
+        ``per_second * increase`` up to `per_second`, never below
+        `min_per_second`.
+    """
+
+    per_second: float
+    burst: int | None = None
+    adaptive: bool = False
+    min_per_second: float | None = None
+    decrease: float = 0.5
+    increase: float = 0.01
+    cut_interval: float = 0.1
+
+    def __post_init__(self) -> None:
+        rate = self.per_second
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
+                or not rate > 0 or math.isinf(rate):
+            raise TopicConfigError(
+                f"rate must be a finite number of deliveries per second "
+                f"above 0, got {rate!r}")
+        if self.burst is not None and (
+                isinstance(self.burst, bool)
+                or not isinstance(self.burst, int) or self.burst < 1):
+            raise TopicConfigError(
+                f"rate burst must be an int of 1 or more, got {self.burst!r}")
+        if not 0 < self.decrease < 1:
+            raise TopicConfigError(
+                f"rate decrease must be between 0 and 1, got "
+                f"{self.decrease!r}")
+        if not self.increase > 0:
+            raise TopicConfigError(
+                f"rate increase must be above 0, got {self.increase!r}")
+        low = self.min_per_second
+        if low is not None and not 0 < low <= rate:
+            raise TopicConfigError(
+                f"min_per_second must be above 0 and at most per_second "
+                f"({rate!r}), got {low!r}")
+
+    @property
+    def capacity(self) -> float:
+        """Bucket size in tokens."""
+        if self.burst is not None:
+            return float(self.burst)
+        return max(1.0, float(self.per_second))
+
+    @property
+    def floor(self) -> float:
+        """Lowest rate the adaptive mode cuts down to."""
+        if self.min_per_second is not None:
+            return self.min_per_second
+        return self.per_second / 100
+
+
+def _as_rate(value: object, where: str) -> Rate | None:
+    if value is None or isinstance(value, Rate):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Rate(float(value))
+    raise TypeError(
+        f"{where} must be a number of deliveries per second or mqs.Rate, "
+        f"got {type(value).__name__} {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TopicConfig:
+    """Settings of one topic, as `Broker.declare_topic` validated them.
+
+    Backends store this record (it is picklable and compares by value) so
+    that every process attached to a broker sees the same settings.
+    """
+
+    name: str
+    weights: tuple[tuple[int, int], ...] = tuple(DEFAULT_WEIGHTS.items())
+    policy: str = "weighted"
+    rate: Rate | None = None
+    lane_rates: tuple[tuple[int, Rate], ...] = ()
+    dedup_window: float = 300.0
+    max_attempts: int | None = None
+    retry: Backoff | None = None
+    ttl: float | None = None
+    on_expire: str = "drop"
+    retention: float | None = None
+    maxsize: int = 0
+    when_full: str = "block"
+
+    @property
+    def lanes(self) -> tuple[int, ...]:
+        """Lane priorities, highest first."""
+        return tuple(sorted((p for p, _ in self.weights), reverse=True))
+
+    @property
+    def weight_map(self) -> dict[int, int]:
+        return dict(self.weights)
+
+    @classmethod
+    def build(cls, name: str, *, weights: Mapping[int, int] | None = None,
+              policy: str = "weighted", rate: Any = None,
+              dedup_window: float | None = 300.0,
+              max_attempts: int | None = None, retry: Backoff | None = None,
+              ttl: float | None = None, on_expire: str = "drop",
+              retention: float | None = None, maxsize: int = 0,
+              when_full: str = "block") -> TopicConfig:
+        """Validate keyword settings and return the record."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"topic must be a non-empty str, got {name!r}")
+        if policy not in POLICIES:
+            raise TopicConfigError(
+                f"policy must be 'weighted' or 'strict', got {policy!r}")
+        if when_full not in WHEN_FULL:
+            raise TopicConfigError(
+                f"when_full must be 'block', 'raise' or 'drop_oldest', got "
+                f"{when_full!r}")
+        if on_expire not in ON_EXPIRE:
+            raise TopicConfigError(
+                f"on_expire must be 'drop' or 'dead_letter', got "
+                f"{on_expire!r}")
+        lanes = _check_weights(weights)
+        topic_rate, lane_rates = _check_rates(rate, lanes)
+        if max_attempts is not None and (
+                isinstance(max_attempts, bool)
+                or not isinstance(max_attempts, int) or max_attempts < 1):
+            raise TopicConfigError(
+                f"max_attempts must be an int of 1 or more or None "
+                f"(unlimited), got {max_attempts!r}")
+        if retry is not None and not isinstance(retry, Backoff):
+            raise TypeError(
+                f"retry must be an mqs.Backoff or None, got "
+                f"{type(retry).__name__} {retry!r}")
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) \
+                or maxsize < 0:
+            raise TopicConfigError(
+                f"maxsize must be an int of 0 (unbounded) or more, got "
+                f"{maxsize!r}")
+        window = _check_seconds("dedup_window", dedup_window)
+        return cls(
+            name=name, weights=lanes, policy=policy, rate=topic_rate,
+            lane_rates=lane_rates, dedup_window=window or 0.0,
+            max_attempts=max_attempts, retry=retry,
+            ttl=_check_seconds("ttl", ttl, allow_zero=False),
+            on_expire=on_expire,
+            retention=_check_seconds("retention", retention),
+            maxsize=maxsize, when_full=when_full)
+
+
+def _check_weights(weights: Mapping[int, int] | None
+                   ) -> tuple[tuple[int, int], ...]:
+    if weights is None:
+        return tuple(DEFAULT_WEIGHTS.items())
+    if not isinstance(weights, Mapping) or not weights:
+        raise TopicConfigError(
+            f"weights must be a non-empty dict of priority (0-9) to weight, "
+            f"for example {{9: 8, 5: 4, 0: 1}}, got {weights!r}")
+    checked = []
+    for priority, weight in weights.items():
+        try:
+            check_priority(priority)
+        except (TypeError, InvalidPriority):
+            raise TopicConfigError(
+                f"weights keys must be priorities from 0 to 9, got "
+                f"{priority!r} in {weights!r}") from None
+        if isinstance(weight, bool) or not isinstance(weight, int) \
+                or weight < 1:
+            raise TopicConfigError(
+                f"weights values must be ints of 1 or more, got {weight!r} "
+                f"for priority {priority} (use strict policy to starve a "
+                f"lane)")
+        checked.append((priority, weight))
+    return tuple(sorted(checked, reverse=True))
+
+
+def _check_rates(rate: Any, weights: tuple[tuple[int, int], ...]
+                 ) -> tuple[Rate | None, tuple[tuple[int, Rate], ...]]:
+    if not isinstance(rate, Mapping):
+        return _as_rate(rate, "rate"), ()
+    lanes = {p for p, _ in weights}
+    per_lane = []
+    for priority, value in rate.items():
+        if priority not in lanes:
+            raise TopicConfigError(
+                f"rate keys must be lane priorities {sorted(lanes)}, got "
+                f"{priority!r}; a lane is a key of weights")
+        per_lane.append((priority, _as_rate(value, f"rate[{priority}]")))
+    return None, tuple(sorted(per_lane, reverse=True))
+
+
+def lane_of(priority: int, lanes: tuple[int, ...]) -> int:
+    """Return the lane of `priority`: the highest lane at or below it.
+
+    `lanes` are sorted highest first. A priority below every lane goes to
+    the lowest lane, so weights {9: 8, 5: 4, 0: 1} put priority 7 in lane
+    5 and priority 3 in lane 0.
+    """
+    for lane in lanes:
+        if lane <= priority:
+            return lane
+    return lanes[-1]
+
+
+class LaneScheduler:
+    """Choose the lane of the next delivery: deficit round robin or strict.
+
+    Weighted: lanes take turns from the highest priority down; a lane on
+    its turn gets `weight` credits and delivers one message per credit
+    while it has eligible messages. A lane with nothing to deliver loses
+    its credits, so a busy lane cannot save up turns. Under saturation
+    each lane gets ``weight / sum(weights)`` of the deliveries, and no
+    lane waits more than one round. Strict: the highest eligible lane
+    always goes first, which starves lower lanes while it has messages.
+
+    The state is `cursor` (index into `lanes`) and `deficits` (credits
+    per lane, same order): a fixed-size backend can store those numbers.
+    """
+
+    __slots__ = ("lanes", "weights", "strict", "cursor", "deficits")
+
+    def __init__(self, config: TopicConfig) -> None:
+        self.lanes = config.lanes
+        weight_map = config.weight_map
+        self.weights = [weight_map[lane] for lane in self.lanes]
+        self.strict = config.policy == "strict"
+        self.cursor = 0
+        self.deficits = [0] * len(self.lanes)
+
+    def pick(self, eligible: set[int] | frozenset[int]) -> int | None:
+        """Return the lane to deliver from next, charging it one credit.
+
+        `eligible` holds the lanes that can deliver now (they have a
+        ready message, not locked by its key, not held by a rate limit).
+        """
+        if not eligible:
+            return None
+        if self.strict:
+            for lane in self.lanes:
+                if lane in eligible:
+                    return lane
+        count = len(self.lanes)
+        # At most one full round passes before an eligible lane gets
+        # credits, because every weight is at least 1.
+        for _ in range(2 * count + 1):
+            index = self.cursor
+            lane = self.lanes[index]
+            if lane in eligible:
+                if self.deficits[index] >= 1:
+                    self.deficits[index] -= 1
+                    return lane
+            else:
+                self.deficits[index] = 0
+            self.cursor = (index + 1) % count
+            if self.lanes[self.cursor] in eligible:
+                self.deficits[self.cursor] += self.weights[self.cursor]
+        raise AssertionError("lane scheduler found no lane to deliver from")
+
+
+@dataclasses.dataclass
+class TokenBucket:
+    """Token-bucket state for one `Rate`, with the adaptive (AIMD) rule.
+
+    Four numbers: `tokens`, `stamp` (clock time of the last refill),
+    `current` (the rate now, below `rate.per_second` after cuts) and
+    `last_cut` (clock time of the last cut).
+    """
+
+    rate: Rate
+    tokens: float = 0.0
+    stamp: float | None = None
+    current: float = 0.0
+    last_cut: float = -math.inf
+
+    def __post_init__(self) -> None:
+        self.current = self.rate.per_second
+        self.tokens = self.rate.capacity
+
+    def _refill(self, now: float) -> None:
+        if self.stamp is not None and now > self.stamp:
+            self.tokens = min(self.rate.capacity,
+                              self.tokens + (now - self.stamp) * self.current)
+        if self.stamp is None or now > self.stamp:
+            self.stamp = now
+
+    def available(self, now: float) -> bool:
+        """Return whether a token is there to take at `now`."""
+        self._refill(now)
+        return self.tokens >= 1
+
+    def take(self, now: float) -> None:
+        """Take one token; the caller checked `available` first."""
+        self._refill(now)
+        self.tokens -= 1
+
+    def ready_at(self, now: float) -> float:
+        """Return the clock time when the next token is there."""
+        self._refill(now)
+        if self.tokens >= 1:
+            return now
+        return now + (1 - self.tokens) / self.current
+
+    def on_success(self) -> None:
+        """Raise an adaptive rate additively after an ack."""
+        if self.rate.adaptive and self.current < self.rate.per_second:
+            self.current = min(
+                self.rate.per_second,
+                self.current + self.rate.per_second * self.rate.increase)
+
+    def on_failure(self, now: float) -> None:
+        """Cut an adaptive rate after a nack or a missed ack deadline."""
+        if not self.rate.adaptive:
+            return
+        if now - self.last_cut < self.rate.cut_interval:
+            return
+        self._refill(now)
+        self.last_cut = now
+        self.current = max(self.rate.floor,
+                           self.current * self.rate.decrease)
+
+
+def retry_delay(config: TopicConfig, attempts: int, delay: float | None,
+                rng: random.Random | None = None) -> float:
+    """Return the redelivery delay after a nack of attempt `attempts`.
+
+    An explicit `delay` wins; otherwise the topic's `retry` backoff gives
+    it, and without one the message is ready again at once.
+    """
+    if delay is not None:
+        return delay
+    if config.retry is None:
+        return 0.0
+    return config.retry.delay(attempts, rng)
+
+
+def attempts_exhausted(config: TopicConfig, attempts: int,
+                       max_attempts: int | None = None) -> bool:
+    """Return whether a message delivered `attempts` times may not retry."""
+    limit = max_attempts if max_attempts is not None else config.max_attempts
+    return limit is not None and attempts >= limit

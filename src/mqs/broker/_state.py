@@ -1,0 +1,678 @@
+"""`TopicState`: the complete broker state machine of one topic, in memory.
+
+The memory backend runs one `TopicState` per topic under its lock; a
+durable backend can rebuild one by replaying its records. The caller
+holds the lock and passes the clock reading `now` (monotonic seconds) to
+every operation, so the state machine itself never reads a clock except
+through its timing wheel, which gets the same clock.
+
+Lazy deletion keeps every operation O(1) amortised: lane deques hold
+``(entry, ticket)`` pairs, and a pair is stale once the entry's ticket
+changed (it was delivered, requeued or finished since), so it is skipped
+when it reaches the head.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mqs._wheel import TimingWheel
+from mqs.broker._backend import (
+    COUNTER_KEYS,
+    DeadLetter,
+    Delivery,
+    Envelope,
+)
+from mqs.broker._policy import (
+    LaneScheduler,
+    TokenBucket,
+    TopicConfig,
+    attempts_exhausted,
+    lane_of,
+    retry_delay,
+)
+from mqs.errors import Full, ShutDown
+
+__all__ = ["TopicState"]
+
+logger = logging.getLogger(__name__)
+
+# Entry states in one group.
+READY, HIDDEN, DELAYED, IN_FLIGHT, GONE = range(5)
+# Timer kinds in the wheel.
+_DUE, _DEADLINE = 0, 1
+
+
+class _Record:
+    """One published message, shared by the entries of every group."""
+
+    __slots__ = ("id", "body", "priority", "lane", "key", "headers",
+                 "timestamp", "expires", "due", "reply_to",
+                 "correlation_id", "refs", "retain_until")
+
+    def __init__(self, message_id: str, envelope: Envelope, lane: int,
+                 now: float, wall: float, ttl: float | None) -> None:
+        self.id = message_id
+        self.body = envelope.body
+        self.priority = envelope.priority
+        self.lane = lane
+        self.key = envelope.key
+        self.headers = dict(envelope.headers or ())
+        self.timestamp = wall
+        self.expires = None if ttl is None else now + ttl
+        self.due = now + envelope.delay if envelope.delay > 0 else None
+        self.reply_to = envelope.reply_to
+        self.correlation_id = envelope.correlation_id
+        # Group entries that still need this record.
+        self.refs = 0
+        # Monotonic time until which the record stays stored for groups
+        # created later with start="earliest"; inf while the topic has no
+        # group at all.
+        self.retain_until = 0.0
+
+
+class _Entry:
+    """The state of one record in one group."""
+
+    __slots__ = ("record", "group", "state", "ticket", "attempts",
+                 "handle", "consumer", "last_error")
+
+    def __init__(self, record: _Record, group: _Group) -> None:
+        self.record = record
+        self.group = group
+        self.state = GONE
+        self.ticket = 0
+        self.attempts = 0
+        self.handle = None
+        self.consumer = None
+        self.last_error = None
+
+
+class _Group:
+    __slots__ = ("name", "entries", "lanes", "scheduler", "key_heads",
+                 "key_waiting", "consumers", "max_attempts", "lane_buckets",
+                 "bucket", "ready")
+
+    def __init__(self, name: str, config: TopicConfig) -> None:
+        self.name = name
+        self.entries: dict[str, _Entry] = {}
+        self.lanes = {lane: collections.deque() for lane in config.lanes}
+        self.scheduler = LaneScheduler(config)
+        # key -> the one visible entry of that key; key -> hidden entries.
+        self.key_heads: dict[Any, _Entry] = {}
+        self.key_waiting: dict[Any, collections.deque] = {}
+        # consumer id -> prefetch and in-flight count.
+        self.consumers: dict[str, list[int]] = {}
+        self.max_attempts: int | None = None
+        self.bucket = None if config.rate is None else TokenBucket(config.rate)
+        self.lane_buckets = {lane: TokenBucket(rate)
+                             for lane, rate in config.lane_rates}
+        self.ready = 0
+
+
+class TopicState:
+    """Messages, groups, timers, DLQ, dedup ids and counters of one topic.
+
+    Parameters
+    ----------
+    config : TopicConfig
+        The topic's settings.
+    clock : callable
+        Monotonic clock in seconds, also given to the timing wheel.
+    id_source : callable
+        Returns the next message id (a str unique in the topic).
+    """
+
+    def __init__(self, config: TopicConfig, clock: Callable[[], float],
+                 id_source: Callable[[], str]) -> None:
+        self.config = config
+        self.clock = clock
+        self.next_id = id_source
+        self.wheel: TimingWheel = TimingWheel(0.001, 256, clock=clock)
+        self.store: collections.OrderedDict[str, _Record] = \
+            collections.OrderedDict()
+        self.retained: collections.deque = collections.deque()
+        self.groups: dict[str, _Group] = {}
+        self.dlq: collections.OrderedDict[str, tuple] = \
+            collections.OrderedDict()
+        self.dedup: collections.OrderedDict[Any, tuple[float, str]] = \
+            collections.OrderedDict()
+        self.counters = dict.fromkeys(COUNTER_KEYS, 0)
+        self.rng = random.Random()
+
+    # Counting.
+
+    def count(self, key: str, n: int = 1) -> None:
+        value = self.counters.get(key, 0) + n
+        self.counters[key] = value
+        if key in _DROP_KEYS and _log_point(value - n, value):
+            logger.warning("topic %r: messages %s so far: %d",
+                           self.config.name, _DROP_KEYS[key], value)
+
+    # Publishing.
+
+    def room(self) -> int:
+        """Return how many more records fit, or -1 when unbounded."""
+        if not self.config.maxsize:
+            return -1
+        return max(0, self.config.maxsize - len(self.store))
+
+    def publish(self, envelopes: Sequence[Envelope], now: float,
+                wall: float, accepted_before: int = 0) -> list[str]:
+        """Store envelopes until the topic is full; return their ids.
+
+        Stops early (returning fewer ids) only when ``maxsize`` is reached
+        with ``when_full="block"``. Raises `Full` for ``"raise"``.
+        """
+        self._trim(now)
+        ids = []
+        for index, envelope in enumerate(envelopes):
+            duplicate = self._duplicate(envelope.dedup_id, now)
+            if duplicate is not None:
+                ids.append(duplicate)
+                continue
+            if self.config.maxsize and len(self.store) >= self.config.maxsize:
+                if self.config.when_full == "raise":
+                    raise Full(
+                        f"topic {self.config.name!r} is full (maxsize "
+                        f"{self.config.maxsize}); consume faster, raise "
+                        f"maxsize or use when_full='block'",
+                        accepted_before + index)
+                if self.config.when_full == "block" or not self._drop_oldest():
+                    return ids
+            ids.append(self._add(envelope, now, wall))
+        return ids
+
+    def _duplicate(self, dedup_id: Any, now: float) -> str | None:
+        if dedup_id is None or not self.config.dedup_window:
+            return None
+        while self.dedup:
+            first = next(iter(self.dedup.values()))
+            if first[0] > now:
+                break
+            self.dedup.popitem(last=False)
+        seen = self.dedup.get(dedup_id)
+        if seen is not None:
+            self.count("deduplicated")
+            return seen[1]
+        return None
+
+    def _add(self, envelope: Envelope, now: float, wall: float) -> str:
+        config = self.config
+        ttl = envelope.ttl if envelope.ttl is not None else config.ttl
+        record = _Record(self.next_id(), envelope,
+                         lane_of(envelope.priority, config.lanes), now, wall,
+                         ttl)
+        if envelope.dedup_id is not None and config.dedup_window:
+            self.dedup[envelope.dedup_id] = (now + config.dedup_window,
+                                             record.id)
+        self.store[record.id] = record
+        self.count("published")
+        if not self.groups:
+            record.retain_until = math.inf
+            return record.id
+        if config.retention:
+            record.retain_until = now + config.retention
+            self.retained.append(record)
+        for group in self.groups.values():
+            self._enter(group, record, now)
+        return record.id
+
+    def _enter(self, group: _Group, record: _Record, now: float) -> None:
+        entry = _Entry(record, group)
+        group.entries[record.id] = entry
+        record.refs += 1
+        key = record.key
+        if key is not None and key in group.key_heads:
+            entry.state = HIDDEN
+            group.key_waiting.setdefault(key, collections.deque()).append(
+                entry)
+            return
+        if key is not None:
+            group.key_heads[key] = entry
+        self._schedule(entry, now)
+
+    def _schedule(self, entry: _Entry, now: float) -> None:
+        """Make a visible entry ready, or delayed until its due time."""
+        due = entry.record.due
+        if due is not None and due > now:
+            self._delay_until(entry, due)
+        else:
+            self._make_ready(entry, front=False)
+
+    def _make_ready(self, entry: _Entry, front: bool) -> None:
+        entry.state = READY
+        entry.ticket += 1
+        entry.group.ready += 1
+        lane = entry.group.lanes[entry.record.lane]
+        if front:
+            lane.appendleft((entry, entry.ticket))
+        else:
+            lane.append((entry, entry.ticket))
+
+    def _delay_until(self, entry: _Entry, due: float) -> None:
+        entry.state = DELAYED
+        entry.ticket += 1
+        entry.handle = self.wheel.schedule_at(
+            due, (_DUE, entry, entry.ticket))
+
+    def _drop_oldest(self) -> bool:
+        """Drop the oldest stored record that is nowhere in flight."""
+        for record in self.store.values():
+            if not any(group.entries.get(record.id) is not None
+                       and group.entries[record.id].state == IN_FLIGHT
+                       for group in self.groups.values()):
+                break
+        else:
+            return False
+        for group in self.groups.values():
+            entry = group.entries.get(record.id)
+            if entry is not None:
+                self._finish(entry)
+        self.store.pop(record.id, None)
+        self.count("dropped_full")
+        return True
+
+    # Groups and consumers.
+
+    def open_consumer(self, group_name: str, consumer: str, start: str,
+                      prefetch: int, max_attempts: int | None,
+                      now: float) -> None:
+        group = self.groups.get(group_name)
+        if group is None:
+            group = _Group(group_name, self.config)
+            first = not self.groups
+            self.groups[group_name] = group
+            if start == "earliest":
+                for record in list(self.store.values()):
+                    self._enter(group, record, now)
+            if first:
+                self._end_backlog(now)
+        if max_attempts is not None:
+            group.max_attempts = max_attempts
+        group.consumers[consumer] = [prefetch, 0]
+
+    def _end_backlog(self, now: float) -> None:
+        """Give records published before any group existed normal retention."""
+        keep = self.config.retention or 0.0
+        for record in list(self.store.values()):
+            if record.retain_until == math.inf:
+                record.retain_until = now + keep
+                if keep:
+                    self.retained.append(record)
+                elif record.refs == 0:
+                    del self.store[record.id]
+                    self.count("dropped_unsubscribed")
+
+    def close_consumer(self, group_name: str, consumer: str,
+                       now: float) -> int:
+        group = self.groups.get(group_name)
+        if group is None or consumer not in group.consumers:
+            return 0
+        returned = 0
+        for entry in list(group.entries.values()):
+            if entry.state == IN_FLIGHT and entry.consumer == consumer:
+                self._leave_flight(entry)
+                self._make_ready(entry, front=False)
+                returned += 1
+        del group.consumers[consumer]
+        return returned
+
+    # Delivering.
+
+    def advance(self, now: float) -> None:
+        """Fire due timers: delayed entries become ready, missed ack
+        deadlines redeliver or dead-letter."""
+        for kind, entry, ticket in self.wheel.advance(now):
+            if entry.ticket != ticket:
+                continue
+            entry.handle = None
+            if kind == _DUE:
+                self._make_ready(entry, front=False)
+                continue
+            self._leave_flight(entry)
+            self.count("redelivered")
+            entry.last_error = "ack deadline passed"
+            self._on_failure(entry.group, entry.record.lane, now)
+            if self._exhausted(entry):
+                self._dead_letter(entry, "ack_timeout", now)
+            else:
+                self._make_ready(entry, front=False)
+
+    def fetch(self, group_name: str, consumer: str, max_items: int,
+              ack_timeout: float, auto_ack: bool, now: float
+              ) -> list[Delivery]:
+        self.advance(now)
+        group = self.groups[group_name]
+        slot = group.consumers.get(consumer)
+        if slot is None:
+            raise ShutDown(
+                f"consumer {consumer} of group {group_name!r} on topic "
+                f"{self.config.name!r} is closed")
+        limit = max_items if auto_ack else min(max_items, slot[0] - slot[1])
+        found: list[Delivery] = []
+        while len(found) < limit:
+            eligible = self._eligible(group, now)
+            lane = group.scheduler.pick(eligible)
+            if lane is None:
+                break
+            entry = self._pop(group.lanes[lane])
+            group.ready -= 1
+            # Off its lane now; IN_FLIGHT without a consumer or deadline
+            # until the branches below settle it.
+            entry.state = IN_FLIGHT
+            record = entry.record
+            if record.expires is not None and record.expires <= now:
+                self._expire(entry, now)
+                continue
+            self._take_token(group, lane, now)
+            entry.attempts += 1
+            entry.ticket += 1
+            self.count("delivered")
+            found.append(self._delivery(entry))
+            if auto_ack:
+                self.count("acked")
+                self._finish(entry)
+                continue
+            entry.state = IN_FLIGHT
+            entry.consumer = consumer
+            slot[1] += 1
+            entry.handle = self.wheel.schedule_at(
+                now + ack_timeout, (_DEADLINE, entry, entry.ticket))
+        return found
+
+    def _eligible(self, group: _Group, now: float) -> set[int]:
+        eligible = set()
+        if group.bucket is not None and not group.bucket.available(now):
+            return eligible
+        for lane, queue in group.lanes.items():
+            while queue:
+                entry, ticket = queue[0]
+                if entry.ticket == ticket and entry.state == READY:
+                    break
+                queue.popleft()
+            if not queue:
+                continue
+            bucket = group.lane_buckets.get(lane)
+            if bucket is None or bucket.available(now):
+                eligible.add(lane)
+        return eligible
+
+    @staticmethod
+    def _pop(queue: collections.deque) -> _Entry:
+        # _eligible left a live pair at the head of every eligible lane.
+        return queue.popleft()[0]
+
+    @staticmethod
+    def _take_token(group: _Group, lane: int, now: float) -> None:
+        if group.bucket is not None:
+            group.bucket.take(now)
+        bucket = group.lane_buckets.get(lane)
+        if bucket is not None:
+            bucket.take(now)
+
+    def _delivery(self, entry: _Entry) -> Delivery:
+        record = entry.record
+        return Delivery(
+            id=record.id, tag=(record.id, entry.ticket),
+            topic=self.config.name, group=entry.group.name, body=record.body,
+            priority=record.priority, attempts=entry.attempts,
+            key=record.key, headers=record.headers,
+            timestamp=record.timestamp, reply_to=record.reply_to,
+            correlation_id=record.correlation_id)
+
+    def next_wake(self, group_name: str | None, now: float) -> float | None:
+        """Return the clock time of the next timer or rate token, if any."""
+        wake = self.wheel.next_deadline()
+        group = self.groups.get(group_name) if group_name else None
+        if group is None or not group.ready:
+            return wake
+        buckets = list(group.lane_buckets.values())
+        if group.bucket is not None:
+            buckets.append(group.bucket)
+        for bucket in buckets:
+            at = bucket.ready_at(now)
+            if at > now and (wake is None or at < wake):
+                wake = at
+        return wake
+
+    # Acknowledging.
+
+    def _live(self, group_name: str, tag: Any) -> _Entry | None:
+        group = self.groups.get(group_name)
+        message_id, ticket = tag
+        entry = None if group is None else group.entries.get(message_id)
+        if entry is None or entry.state != IN_FLIGHT or entry.ticket != ticket:
+            self.count("late_acks")
+            return None
+        return entry
+
+    def ack(self, group_name: str, tag: Any, now: float) -> bool:
+        entry = self._live(group_name, tag)
+        if entry is None:
+            return False
+        self.count("acked")
+        self._leave_flight(entry)
+        self._finish(entry)
+        self._on_success(entry.group, entry.record.lane)
+        return True
+
+    def nack(self, group_name: str, tag: Any, requeue: bool,
+             delay: float | None, error: str | None, now: float) -> bool:
+        entry = self._live(group_name, tag)
+        if entry is None:
+            return False
+        self.count("nacked")
+        self._leave_flight(entry)
+        if error is not None:
+            entry.last_error = error
+        self._on_failure(entry.group, entry.record.lane, now)
+        if not requeue:
+            self._dead_letter(entry, "rejected", now)
+        elif self._exhausted(entry):
+            self._dead_letter(entry, "max_attempts", now)
+        else:
+            wait = retry_delay(self.config, entry.attempts, delay, self.rng)
+            if wait > 0:
+                self._delay_until(entry, now + wait)
+            else:
+                self._make_ready(entry, front=False)
+        return True
+
+    def extend(self, group_name: str, tag: Any, seconds: float,
+               now: float) -> bool:
+        entry = self._live(group_name, tag)
+        if entry is None:
+            return False
+        self.wheel.cancel(entry.handle)
+        entry.handle = self.wheel.schedule_at(
+            now + seconds, (_DEADLINE, entry, entry.ticket))
+        return True
+
+    def release(self, group_name: str, tags: Sequence[Any],
+                now: float) -> int:
+        entries = [self._live(group_name, tag) for tag in tags]
+        returned = 0
+        # Reversed, so that pushing each to its lane's head keeps the order.
+        for entry in reversed(entries):
+            if entry is None:
+                continue
+            self._leave_flight(entry)
+            entry.attempts -= 1
+            self._make_ready(entry, front=True)
+            returned += 1
+        return returned
+
+    def in_flight(self, group_name: str, consumer: str) -> int:
+        group = self.groups.get(group_name)
+        if group is None or consumer not in group.consumers:
+            return 0
+        return group.consumers[consumer][1]
+
+    def _exhausted(self, entry: _Entry) -> bool:
+        return attempts_exhausted(self.config, entry.attempts,
+                                  entry.group.max_attempts)
+
+    def _on_success(self, group: _Group, lane: int) -> None:
+        for bucket in (group.bucket, group.lane_buckets.get(lane)):
+            if bucket is not None:
+                bucket.on_success()
+
+    def _on_failure(self, group: _Group, lane: int, now: float) -> None:
+        for bucket in (group.bucket, group.lane_buckets.get(lane)):
+            if bucket is not None:
+                bucket.on_failure(now)
+
+    def _leave_flight(self, entry: _Entry) -> None:
+        """Take an in-flight entry off its consumer and its deadline."""
+        if entry.handle is not None:
+            self.wheel.cancel(entry.handle)
+            entry.handle = None
+        slot = entry.group.consumers.get(entry.consumer)
+        if slot is not None:
+            slot[1] -= 1
+        entry.consumer = None
+
+    # Finishing.
+
+    def _finish(self, entry: _Entry) -> None:
+        """Remove an entry from its group and show the next one of its key."""
+        group = entry.group
+        if entry.state == READY:
+            group.ready -= 1
+        if entry.handle is not None:
+            self.wheel.cancel(entry.handle)
+            entry.handle = None
+        if entry.state == IN_FLIGHT:
+            self._leave_flight(entry)
+        entry.state = GONE
+        entry.ticket += 1
+        record = entry.record
+        del group.entries[record.id]
+        key = record.key
+        if key is not None and group.key_heads.get(key) is entry:
+            self._show_next(group, key)
+        record.refs -= 1
+        if record.refs == 0 and record.retain_until <= self.clock():
+            self.store.pop(record.id, None)
+
+    def _show_next(self, group: _Group, key: Any) -> None:
+        waiting = group.key_waiting.get(key)
+        while waiting:
+            entry = waiting.popleft()
+            if entry.state == HIDDEN:
+                group.key_heads[key] = entry
+                self._schedule(entry, self.clock())
+                break
+        else:
+            del group.key_heads[key]
+        if waiting is not None and not waiting:
+            del group.key_waiting[key]
+
+    def _expire(self, entry: _Entry, now: float) -> None:
+        if self.config.on_expire == "dead_letter":
+            entry.last_error = "ttl passed before delivery"
+            self._dead_letter(entry, "expired", now)
+        else:
+            self.count("expired")
+            self._finish(entry)
+
+    def _dead_letter(self, entry: _Entry, reason: str, now: float) -> None:
+        record = entry.record
+        headers = dict(record.headers)
+        headers["mqs.dead_letter_reason"] = reason
+        headers["mqs.attempts"] = entry.attempts
+        headers["mqs.last_error"] = entry.last_error
+        headers["mqs.group"] = entry.group.name
+        letter = DeadLetter(
+            id=record.id, topic=self.config.name, group=entry.group.name,
+            body=record.body, priority=record.priority, key=record.key,
+            headers=headers, timestamp=record.timestamp,
+            attempts=entry.attempts, reason=reason, error=entry.last_error)
+        # One record can be dead-lettered by several groups.
+        self.dlq[(record.id, entry.group.name)] = (letter, record)
+        self.count("dead_lettered")
+        self.count(f"dead_lettered.{reason}")
+        self._finish(entry)
+
+    def _trim(self, now: float) -> None:
+        while self.retained and self.retained[0].retain_until <= now:
+            record = self.retained.popleft()
+            if record.refs == 0:
+                self.store.pop(record.id, None)
+
+    # Dead letters.
+
+    def dlq_list(self, limit: int | None) -> list[DeadLetter]:
+        letters = [letter for letter, _ in self.dlq.values()]
+        return letters if limit is None else letters[:limit]
+
+    def dlq_redrive(self, ids: Sequence[str] | None, now: float) -> int:
+        wanted = None if ids is None else set(ids)
+        moved = 0
+        for dlq_key, (letter, record) in list(self.dlq.items()):
+            if wanted is not None and letter.id not in wanted:
+                continue
+            group = self.groups.get(letter.group)
+            del self.dlq[dlq_key]
+            if group is None or record.id in group.entries:
+                continue
+            record.due = None
+            record.expires = None
+            if record.id not in self.store:
+                self.store[record.id] = record
+            self._enter(group, record, now)
+            moved += 1
+        self.count("redriven", moved)
+        return moved
+
+    def dlq_purge(self) -> int:
+        purged = len(self.dlq)
+        self.dlq.clear()
+        self.count("dlq_purged", purged)
+        return purged
+
+    # Statistics.
+
+    def stats(self) -> dict[str, int]:
+        result = dict(self.counters)
+        states = collections.Counter(
+            entry.state for group in self.groups.values()
+            for entry in group.entries.values())
+        result.update(
+            stored=len(self.store), ready=states[READY] + states[HIDDEN],
+            delayed=states[DELAYED], in_flight=states[IN_FLIGHT],
+            dlq=len(self.dlq), groups=len(self.groups))
+        return result
+
+
+# Counter keys of dropped messages, with the words their log line uses.
+_DROP_KEYS = {
+    "deduplicated": "dropped as duplicates (dedup_id seen)",
+    "expired": "dropped because their ttl passed",
+    "dropped_full": "dropped to make room (when_full='drop_oldest')",
+    "dead_lettered": "moved to the dead-letter queue",
+    "dlq_purged": "purged from the dead-letter queue",
+    "dropped_unsubscribed": (
+        "dropped because the topic's first group started at 'latest'"),
+}
+
+
+def _log_point(before: int, after: int) -> bool:
+    """Return whether a power of ten lies in (before, after]."""
+    power = 1
+    while power <= after:
+        if power > before:
+            return True
+        power *= 10
+    return False
+
+
+def wall_clock() -> float:
+    return time.time()

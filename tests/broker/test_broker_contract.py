@@ -1,0 +1,745 @@
+"""The broker contract, run against every backend of conftest.py.
+
+Times use the real clock with short ack timeouts and generous upper
+bounds, so that the same tests fit backends in other processes.
+"""
+
+import asyncio
+import collections
+import threading
+import time
+
+import pytest
+
+import mqs
+
+
+def drain(consumer, limit=10_000):
+    """Get and ack everything ready now; return the bodies in order."""
+    bodies = []
+    while len(bodies) < limit:
+        try:
+            message = consumer.get(timeout=0)
+        except mqs.Empty:
+            return bodies
+        bodies.append(message.body)
+        assert message.ack()
+    return bodies
+
+
+class Unorderable:
+    """A body that raises if anything compares it."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __lt__(self, other):
+        raise AssertionError("payloads must never be compared")
+
+    __gt__ = __le__ = __ge__ = __lt__
+
+
+# Lanes and order.
+
+def test_fifo_within_priority(broker):
+    broker.publish_many("t", range(50))
+    consumer = broker.consume("t", "g")
+    assert drain(consumer) == list(range(50))
+
+
+def test_equal_priorities_never_compare_payloads(broker):
+    bodies = [Unorderable(i) for i in range(20)]
+    for body in bodies:
+        broker.publish("t", body, priority=4)
+    consumer = broker.consume("t", "g")
+    assert [body.n for body in drain(consumer)] == list(range(20))
+
+
+def test_strict_policy_serves_highest_lane_first(broker):
+    broker.declare_topic("t", policy="strict")
+    for i in range(30):
+        broker.publish("t", i, priority=i % 10)
+    consumer = broker.consume("t", "g")
+    got = drain(consumer)
+    priorities = [body % 10 for body in got]
+    assert priorities == sorted(priorities, reverse=True)
+    assert [body for body in got if body % 10 == 3] == [3, 13, 23]
+
+
+def test_priority_maps_to_highest_lane_at_or_below(broker):
+    broker.declare_topic("t", weights={9: 1, 5: 1, 0: 1}, policy="strict")
+    broker.publish("t", "p3", priority=3)
+    broker.publish("t", "p7", priority=7)
+    broker.publish("t", "p5", priority=5)
+    broker.publish("t", "p9", priority=9)
+    consumer = broker.consume("t", "g")
+    # 7 and 5 share lane 5 in publish order; 3 is in lane 0.
+    assert drain(consumer) == ["p9", "p7", "p5", "p3"]
+
+
+def test_weighted_share_within_five_percent_under_saturation(broker):
+    weights = {9: 8, 5: 4, 0: 1}
+    broker.declare_topic("t", weights=weights)
+    per_lane = 2000
+    for priority in weights:
+        broker.publish_many("t", [priority] * per_lane, priority=priority)
+    consumer = broker.consume("t", "g", auto_ack=True)
+    taken = 1300  # every lane stays non-empty for all of these
+    counts = collections.Counter(
+        message.body for message in consumer.get_many(taken, timeout=0))
+    assert sum(counts.values()) == taken
+    total_weight = sum(weights.values())
+    for priority, weight in weights.items():
+        share = counts[priority] / taken
+        assert abs(share - weight / total_weight) <= 0.05 * weight \
+            / total_weight, (priority, counts)
+
+
+def test_weighted_policy_never_starves_lowest_lane(broker):
+    broker.declare_topic("t")
+    broker.publish_many("t", ["high"] * 500, priority=9)
+    broker.publish("t", "low", priority=0)
+    consumer = broker.consume("t", "g", auto_ack=True)
+    bodies = [m.body for m in consumer.get_many(60, timeout=0)]
+    # Default weights: lane 9 gets 10 turns, lane 0 gets 1 per round.
+    assert "low" in bodies
+
+
+# Keys.
+
+def test_key_delivers_in_publish_order_one_at_a_time(broker):
+    for i in range(3):
+        broker.publish("t", f"a{i}", key="a", priority=i * 4)
+    broker.publish("t", "b0", key="b")
+    first = broker.consume("t", "g", prefetch=10)
+    second = broker.consume("t", "g", prefetch=10)
+    got = first.get_many(10, timeout=0)
+    assert sorted(m.body for m in got) == ["a0", "b0"]
+    with pytest.raises(mqs.Empty):
+        second.get(timeout=0)
+    for message in got:
+        message.ack()
+    assert second.get(timeout=0).body == "a1"
+    with pytest.raises(mqs.Empty):
+        first.get(timeout=0)
+
+
+def test_key_keeps_order_across_nack(broker):
+    for i in range(3):
+        broker.publish("t", i, key="k")
+    consumer = broker.consume("t", "g", prefetch=5)
+    message = consumer.get(timeout=0)
+    assert message.body == 0
+    message.nack(delay=0)
+    again = consumer.get_many(5, timeout=0)
+    assert [(m.body, m.attempts) for m in again] == [(0, 2)]
+    again[0].ack()
+    assert drain(consumer) == [1, 2]
+
+
+# TTL and capacity.
+
+def test_ttl_drops_and_counts(broker):
+    broker.declare_topic("t", ttl=0.05)
+    broker.publish("t", "old")
+    broker.publish("t", "fresh", ttl=30)
+    time.sleep(0.1)
+    consumer = broker.consume("t", "g")
+    assert drain(consumer) == ["fresh"]
+    assert broker.stats("t")["expired"] == 1
+
+
+def test_ttl_dead_letters_when_asked(broker):
+    broker.declare_topic("t", ttl=0.05, on_expire="dead_letter")
+    consumer = broker.consume("t", "g")
+    broker.publish("t", "old")
+    time.sleep(0.1)
+    assert drain(consumer) == []
+    letters = broker.dlq_list("t")
+    assert [letter.body for letter in letters] == ["old"]
+    assert letters[0].headers["mqs.dead_letter_reason"] == "expired"
+    assert broker.stats("t")["dead_lettered.expired"] == 1
+
+
+def test_when_full_raise(broker):
+    broker.declare_topic("t", maxsize=2, when_full="raise")
+    broker.publish_many("t", [1, 2])
+    with pytest.raises(mqs.Full, match="maxsize 2"):
+        broker.publish("t", 3)
+    with pytest.raises(mqs.Full) as info:
+        broker.publish_many("t", [4, 5])
+    assert info.value.accepted == 0
+
+
+def test_when_full_block_times_out_then_succeeds(broker):
+    broker.declare_topic("t", maxsize=1)
+    consumer = broker.consume("t", "g")
+    broker.publish("t", 1)
+    started = time.monotonic()
+    with pytest.raises(mqs.Full):
+        broker.publish("t", 2, timeout=0.1)
+    assert time.monotonic() - started >= 0.1
+    consumer.get(timeout=0).ack()
+    broker.publish("t", 2, timeout=0)
+
+
+def test_when_full_block_wakes_on_ack(broker):
+    broker.declare_topic("t", maxsize=1)
+    consumer = broker.consume("t", "g")
+    broker.publish("t", 1)
+    message = consumer.get(timeout=0)
+    timer = threading.Timer(0.1, message.ack)
+    timer.start()
+    broker.publish("t", 2, timeout=10)
+    timer.join()
+    assert consumer.get(timeout=1).body == 2
+
+
+def test_when_full_drop_oldest_counts(broker):
+    broker.declare_topic("t", maxsize=3, when_full="drop_oldest")
+    consumer = broker.consume("t", "g", prefetch=5)
+    broker.publish_many("t", range(3))
+    held = consumer.get(timeout=0)  # in flight, so never dropped
+    broker.publish_many("t", [3, 4])
+    assert broker.stats("t")["dropped_full"] == 2
+    assert held.ack()
+    assert drain(consumer) == [3, 4]
+
+
+# Acknowledgement.
+
+def test_prefetch_caps_unacked_messages(broker):
+    broker.publish_many("t", range(10))
+    consumer = broker.consume("t", "g", prefetch=3)
+    got = consumer.get_many(10, timeout=0)
+    assert [m.body for m in got] == [0, 1, 2]
+    assert consumer.in_flight == 3
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.05)
+    got[0].ack()
+    assert consumer.get(timeout=0).body == 3
+
+
+def test_auto_ack_is_never_redelivered(broker):
+    broker.publish_many("t", range(3))
+    consumer = broker.consume("t", "g", auto_ack=True, ack_timeout=0.05)
+    assert [m.body for m in consumer.get_many(5, timeout=0)] == [0, 1, 2]
+    time.sleep(0.1)
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0)
+    stats = broker.stats("t")
+    assert stats["acked"] == 3
+    assert stats["in_flight"] == 0
+
+
+def test_missed_ack_deadline_redelivers_with_attempts_plus_one(broker):
+    broker.publish("t", "job")
+    consumer = broker.consume("t", "g", ack_timeout=0.1)
+    first = consumer.get(timeout=0)
+    assert first.attempts == 1
+    second = consumer.get(timeout=5)
+    assert second.body == "job"
+    assert second.attempts == 2
+    assert not first.ack()  # stale delivery
+    assert second.ack()
+    stats = broker.stats("t")
+    assert stats["redelivered"] == 1
+    assert stats["late_acks"] == 1
+
+
+def test_extend_pushes_deadline(broker):
+    broker.publish("t", "job")
+    consumer = broker.consume("t", "g", ack_timeout=0.1)
+    message = consumer.get(timeout=0)
+    assert message.extend(30)
+    time.sleep(0.25)
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0)
+    assert message.ack()
+    assert broker.stats("t")["redelivered"] == 0
+
+
+def test_second_ack_raises(broker):
+    broker.publish("t", 1)
+    message = broker.consume("t", "g").get(timeout=0)
+    message.ack()
+    with pytest.raises(mqs.AlreadySettled, match="once"):
+        message.nack()
+
+
+def test_dedup_within_window(broker):
+    broker.declare_topic("t", dedup_window=0.2)
+    first = broker.publish("t", "a", dedup_id="x")
+    assert broker.publish("t", "a again", dedup_id="x") == first
+    assert broker.stats("t")["deduplicated"] == 1
+    time.sleep(0.3)
+    assert broker.publish("t", "a later", dedup_id="x") != first
+    consumer = broker.consume("t", "g")
+    assert drain(consumer) == ["a", "a later"]
+
+
+def test_nack_requeues_at_lane_tail(broker):
+    broker.publish_many("t", ["a", "b", "c"])
+    consumer = broker.consume("t", "g")
+    message = consumer.get(timeout=0)
+    assert message.body == "a"
+    assert message.nack(delay=0)
+    assert drain(consumer) == ["b", "c", "a"]
+
+
+def test_nack_delay_hides_message_until_due(broker):
+    broker.publish("t", "a")
+    consumer = broker.consume("t", "g")
+    consumer.get(timeout=0).nack(delay=0.2)
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.05)
+    started = time.monotonic()
+    again = consumer.get(timeout=5)
+    assert again.attempts == 2
+    assert time.monotonic() - started < 4
+
+
+def test_nack_uses_topic_backoff(broker):
+    broker.declare_topic("t", retry=mqs.Backoff(base=0.2, factor=2, max=1,
+                                                 jitter=0))
+    broker.publish("t", "a")
+    consumer = broker.consume("t", "g")
+    consumer.get(timeout=0).nack()
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.1)
+    assert consumer.get(timeout=5).attempts == 2
+
+
+def test_max_attempts_dead_letters_with_headers(broker):
+    broker.declare_topic("t", max_attempts=3)
+    broker.publish("t", "poison", headers={"trace": "t1"})
+    consumer = broker.consume("t", "g")
+    for attempt in (1, 2, 3):
+        message = consumer.get(timeout=0)
+        assert message.attempts == attempt
+        message.nack(delay=0, error=RuntimeError(f"boom {attempt}"))
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0)
+    (letter,) = broker.dlq_list("t")
+    assert letter.body == "poison"
+    assert letter.reason == "max_attempts"
+    assert letter.headers["mqs.attempts"] == 3
+    assert letter.headers["mqs.last_error"] == "RuntimeError: boom 3"
+    assert letter.headers["trace"] == "t1"
+    assert broker.stats("t")["dead_lettered.max_attempts"] == 1
+
+
+def test_consume_max_attempts_overrides_topic(broker):
+    broker.publish("t", "poison")
+    consumer = broker.consume("t", "g", max_attempts=1, ack_timeout=0.05)
+    consumer.get(timeout=0)
+    deadline = time.monotonic() + 5
+    while not broker.dlq_list("t") and time.monotonic() < deadline:
+        with pytest.raises(mqs.Empty):
+            consumer.get(timeout=0.05)
+    (letter,) = broker.dlq_list("t")
+    assert letter.reason == "ack_timeout"
+    assert letter.attempts == 1
+
+
+def test_dlq_redrive_resets_attempts(broker):
+    broker.publish_many("t", ["x", "y"])
+    consumer = broker.consume("t", "g", prefetch=2)
+    for message in consumer.get_many(2, timeout=0):
+        message.nack(requeue=False)
+    letters = broker.dlq_list("t")
+    assert [letter.body for letter in letters] == ["x", "y"]
+    assert broker.dlq_redrive("t", [letters[1].id]) == 1
+    again = consumer.get(timeout=0)
+    assert (again.body, again.attempts) == ("y", 1)
+    again.ack()
+    assert broker.dlq_purge("t") == 1
+    assert broker.dlq_list("t") == []
+    assert broker.stats("t")["redriven"] == 1
+
+
+def test_release_returns_unseen_messages_to_lane_head(broker):
+    broker.publish_many("t", range(4))
+    consumer = broker.consume("t", "g", prefetch=4)
+    backend = broker.backend
+    found = backend.fetch("t", "g", consumer._id, 2, ack_timeout=30,
+                          auto_ack=False, timeout=0)
+    assert backend.release("t", "g", [d.tag for d in found]) == 2
+    got = consumer.get_many(4, timeout=0)
+    assert [(m.body, m.attempts) for m in got] == [
+        (0, 1), (1, 1), (2, 1), (3, 1)]
+
+
+# Delays.
+
+def test_delay_is_never_early_and_wakes_blocked_get(broker):
+    consumer = broker.consume("t", "g")
+    broker.publish("t", "later", delay=0.2)
+    started = time.monotonic()
+    message = consumer.get(timeout=10)
+    elapsed = time.monotonic() - started
+    assert message.body == "later"
+    assert 0.15 <= elapsed < 5
+
+
+def test_delay_longer_than_ack_timeout_delivers_once(broker):
+    consumer = broker.consume("t", "g", ack_timeout=0.05)
+    broker.publish("t", "once", delay=0.2)
+    message = consumer.get(timeout=10)
+    message.ack()
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.3)
+    assert broker.stats("t")["delivered"] == 1
+
+
+def test_at_accepts_wall_clock_time(broker):
+    consumer = broker.consume("t", "g")
+    broker.publish("t", "at", at=time.time() + 0.1)
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0)
+    assert consumer.get(timeout=5).body == "at"
+
+
+# Groups.
+
+def test_each_group_gets_every_message(broker):
+    a = broker.consume("t", "a", auto_ack=True)
+    b = broker.consume("t", "b", auto_ack=True)
+    broker.publish_many("t", range(5))
+    assert [m.body for m in a.get_many(10, timeout=0)] == list(range(5))
+    assert [m.body for m in b.get_many(10, timeout=0)] == list(range(5))
+
+
+def test_consumers_in_a_group_compete(broker):
+    one = broker.consume("t", "g", prefetch=3)
+    two = broker.consume("t", "g", prefetch=3)
+    broker.publish_many("t", range(6))
+    first = [m.body for m in one.get_many(6, timeout=0)]
+    second = [m.body for m in two.get_many(6, timeout=0)]
+    assert first == [0, 1, 2]
+    assert second == [3, 4, 5]
+
+
+def test_start_earliest_and_latest(broker):
+    broker.consume("t", "first", auto_ack=True)
+    broker.publish("t", "before")
+    late = broker.consume("t", "late", start="latest", auto_ack=True)
+    early = broker.consume("t", "early", start="earliest", auto_ack=True)
+    broker.publish("t", "after")
+    assert [m.body for m in late.get_many(5, timeout=0)] == ["after"]
+    assert [m.body for m in early.get_many(5, timeout=0)] == [
+        "before", "after"]
+
+
+def test_first_group_gets_backlog(broker):
+    broker.publish_many("t", [1, 2])
+    consumer = broker.consume("t", "g")
+    assert drain(consumer) == [1, 2]
+
+
+# Rate limits.
+
+def test_rate_limits_deliveries_after_burst(broker):
+    broker.declare_topic("t", rate=mqs.Rate(20, burst=5))
+    broker.publish_many("t", range(50))
+    consumer = broker.consume("t", "g", auto_ack=True)
+    assert len(consumer.get_many(50, timeout=0)) == 5
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0)
+    # A token comes every 50 ms; a blocked get waits for it.
+    assert consumer.get(timeout=5).body == 5
+
+
+def test_lane_rate_limits_only_that_lane(broker):
+    broker.declare_topic("t", weights={9: 1, 0: 1},
+                         rate={9: mqs.Rate(1, burst=1)})
+    broker.publish_many("t", ["h"] * 5, priority=9)
+    broker.publish_many("t", ["l"] * 5, priority=0)
+    consumer = broker.consume("t", "g", auto_ack=True)
+    bodies = [m.body for m in consumer.get_many(10, timeout=0)]
+    assert bodies.count("h") == 1
+    assert bodies.count("l") == 5
+
+
+# Request-reply.
+
+def test_request_reply(broker):
+    consumer = broker.consume("rpc", "server")
+
+    def serve():
+        message = consumer.get(timeout=10)
+        message.reply(message.body * 2)
+        message.ack()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    reply = broker.request("rpc", 21, timeout=10)
+    server.join()
+    assert reply.body == 42
+
+
+def test_request_times_out_and_late_reply_is_dropped(broker):
+    consumer = broker.consume("rpc", "server")
+    with pytest.raises(mqs.RequestTimeout, match="within 0.1 s"):
+        broker.request("rpc", 1, timeout=0.1)
+    message = consumer.get(timeout=0)
+    assert message.reply("late") is False
+
+
+# asyncio.
+
+def test_async_get_does_not_block_loop(broker):
+    consumer = broker.consume("t", "g")
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        threading.Timer(0.2, broker.publish, ("t", "x")).start()
+        message = await consumer.get_async(timeout=10)
+        task.cancel()
+        return message, ticks
+
+    message, ticks = asyncio.run(main())
+    assert message.body == "x"
+    assert ticks >= 5
+
+
+def test_async_get_wakes_for_delayed_message(broker):
+    consumer = broker.consume("t", "g")
+    broker.publish("t", "d", delay=0.1)
+
+    async def main():
+        return await consumer.get_async(timeout=10)
+
+    assert asyncio.run(main()).body == "d"
+
+
+def test_async_get_times_out(broker):
+    consumer = broker.consume("t", "g")
+
+    async def main():
+        with pytest.raises(mqs.Empty):
+            await consumer.get_async(timeout=0.05)
+
+    asyncio.run(main())
+
+
+def test_async_for_and_publish_async(broker):
+    consumer = broker.consume("t", "g")
+
+    async def main():
+        for i in range(3):
+            await broker.publish_async("t", i)
+        seen = []
+        async for message in consumer:
+            seen.append(message.body)
+            message.ack()
+            if len(seen) == 3:
+                break
+        return seen
+
+    assert asyncio.run(main()) == [0, 1, 2]
+
+
+def test_publish_async_waits_for_room(broker):
+    broker.declare_topic("t", maxsize=1)
+    consumer = broker.consume("t", "g")
+    broker.publish("t", 1)
+
+    async def main():
+        held = consumer.get(timeout=0)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, held.ack)
+        await broker.publish_async("t", 2, timeout=10)
+
+    asyncio.run(main())
+    assert consumer.get(timeout=0).body == 2
+
+
+# Close and drain.
+
+def test_close_drain_waits_for_acks(broker):
+    broker.publish("t", "a")
+    consumer = broker.consume("t", "g")
+    message = consumer.get(timeout=0)
+    threading.Timer(0.1, message.ack).start()
+    assert consumer.close(drain=True, timeout=10) == 0
+    assert broker.stats("t")["acked"] == 1
+    with pytest.raises(mqs.ShutDown):
+        consumer.get(timeout=0)
+
+
+def test_close_without_drain_returns_in_flight(broker):
+    broker.publish_many("t", ["a", "b"])
+    consumer = broker.consume("t", "g", prefetch=2)
+    consumer.get_many(2, timeout=0)
+    assert consumer.close(drain=False) == 2
+    other = broker.consume("t", "g", prefetch=2)
+    got = other.get_many(2, timeout=0)
+    assert [(m.body, m.attempts) for m in got] == [("a", 2), ("b", 2)]
+
+
+def test_close_wakes_blocked_get(broker):
+    consumer = broker.consume("t", "g")
+    errors = []
+
+    def wait():
+        try:
+            consumer.get(timeout=10)
+        except mqs.ShutDown as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.05)
+    consumer.close()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    assert len(errors) == 1
+
+
+def test_iteration_stops_when_closed(broker):
+    broker.publish("t", 1)
+    consumer = broker.consume("t", "g", auto_ack=True)
+    bodies = []
+    for message in consumer:
+        bodies.append(message.body)
+        consumer.close(drain=False)
+    assert bodies == [1]
+
+
+# Producer batching.
+
+def test_producer_batch_size_and_flush(broker):
+    consumer = broker.consume("t", "g", auto_ack=True)
+    with broker.producer("t", linger=60, batch_size=3) as producer:
+        producer.publish(1)
+        producer.publish(2)
+        with pytest.raises(mqs.Empty):
+            consumer.get(timeout=0)
+        producer.publish(3)
+        assert len(producer.flush()) == 3
+        producer.publish(4)
+    assert [m.body for m in consumer.get_many(10, timeout=0)] == [1, 2, 3, 4]
+
+
+def test_producer_linger_sends_in_background(broker):
+    consumer = broker.consume("t", "g", auto_ack=True)
+    producer = broker.producer("t", linger=0.05, batch_size=100)
+    producer.publish("x", priority=5)
+    message = consumer.get(timeout=10)
+    assert (message.body, message.priority) == ("x", 5)
+    producer.close()
+
+
+# Settings and errors.
+
+def test_settings_are_stored_in_backend(broker):
+    config = broker.declare_topic("t", weights={9: 3, 0: 1}, max_attempts=4)
+    assert broker.topic_config("t") == config
+    assert broker.declare_topic("t", weights={9: 3, 0: 1},
+                                max_attempts=4) == config
+    with pytest.raises(mqs.TopicConfigError, match="max_attempts"):
+        broker.declare_topic("t", weights={9: 3, 0: 1}, max_attempts=5)
+    changed = broker.declare_topic("t", weights={9: 3, 0: 1},
+                                   max_attempts=5, replace=True)
+    assert broker.topic_config("t").max_attempts == 5
+    assert changed.max_attempts == 5
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"policy": "fair"}, "policy must be 'weighted' or 'strict', got 'fair'"),
+    ({"weights": {10: 1}}, "priorities from 0 to 9, got 10"),
+    ({"weights": {9: 0}}, "ints of 1 or more, got 0"),
+    ({"weights": {}}, "non-empty dict"),
+    ({"when_full": "wait"}, "got 'wait'"),
+    ({"max_attempts": 0}, "max_attempts must be"),
+    ({"ttl": 0}, "ttl must be above 0"),
+    ({"weights": {9: 1, 0: 1}, "rate": {5: 10}},
+     r"rate keys must be lane priorities \[0, 9\], got 5"),
+    ({"rate": 0}, "above 0, got 0"),
+])
+def test_declare_rejects_bad_settings(broker, kwargs, match):
+    with pytest.raises(mqs.TopicConfigError, match=match):
+        broker.declare_topic("t", **kwargs)
+
+
+def test_publish_rejects_bad_priority(broker):
+    with pytest.raises(mqs.InvalidPriority, match=r"0 to 9 .*got 10"):
+        broker.publish("t", 1, priority=10)
+    with pytest.raises(TypeError, match="priority must be an int"):
+        broker.publish("t", 1, priority="high")
+
+
+def test_unknown_topic_without_auto_declare(broker):
+    strict = mqs.Broker(broker.backend, auto_declare=False)
+    with pytest.raises(mqs.UnknownTopic, match="declare it first"):
+        strict.publish("nope", 1)
+    with pytest.raises(mqs.UnknownTopic, match="'nope'"):
+        broker.dlq_list("nope")
+
+
+def test_unknown_backend_names_choices():
+    with pytest.raises(mqs.BackendUnavailable, match="'memory'"):
+        mqs.Broker(backend="sqs")
+    with pytest.raises(mqs.BackendUnavailable, match="not implemented yet"):
+        mqs.Broker(backend="log")
+
+
+def test_delay_and_at_together_rejected(broker):
+    with pytest.raises(ValueError, match="not both"):
+        broker.publish("t", 1, delay=1, at=time.time())
+
+
+# Threads.
+
+@pytest.mark.stress
+def test_threads_exactly_once_with_acks(broker, scale):
+    producers, consumers = 4, 4
+    per_producer = int(2000 * scale)
+    broker.declare_topic("t")
+    seen = collections.Counter()
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def produce(p):
+        for i in range(per_producer):
+            broker.publish("t", (p, i), priority=i % 10)
+
+    def consume():
+        consumer = broker.consume("t", "g", prefetch=8, ack_timeout=600)
+        while not done.is_set():
+            try:
+                batch = consumer.get_many(8, timeout=0.05)
+            except mqs.Empty:
+                continue
+            for message in batch:
+                with lock:
+                    seen[message.body] += 1
+                assert message.ack()
+        consumer.close()
+
+    threads = [threading.Thread(target=consume) for _ in range(consumers)]
+    threads += [threading.Thread(target=produce, args=(p,))
+                for p in range(producers)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60 * scale
+    while sum(seen.values()) < producers * per_producer \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    done.set()
+    for thread in threads:
+        thread.join(30)
+    assert len(seen) == producers * per_producer
+    assert set(seen.values()) == {1}
+    stats = broker.stats("t")
+    assert stats["acked"] == producers * per_producer
+    assert stats["stored"] == 0
