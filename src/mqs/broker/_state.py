@@ -170,6 +170,7 @@ class TopicState:
         Stops early (returning fewer ids) only when ``maxsize`` is reached
         with ``when_full="block"``. Raises `Full` for ``"raise"``.
         """
+        self.advance(now)
         self._trim(now)
         ids = []
         for index, envelope in enumerate(envelopes):
@@ -284,6 +285,7 @@ class TopicState:
     def open_consumer(self, group_name: str, consumer: str, start: str,
                       prefetch: int, max_attempts: int | None,
                       now: float) -> None:
+        self.advance(now)
         group = self.groups.get(group_name)
         if group is None:
             group = _Group(group_name, self.config)
@@ -312,6 +314,7 @@ class TopicState:
 
     def close_consumer(self, group_name: str, consumer: str,
                        now: float) -> int:
+        self.advance(now)
         group = self.groups.get(group_name)
         if group is None or consumer not in group.consumers:
             return 0
@@ -444,7 +447,12 @@ class TopicState:
 
     # Acknowledging.
 
-    def _live(self, group_name: str, tag: Any) -> _Entry | None:
+    def _live(self, group_name: str, tag: Any, now: float
+              ) -> _Entry | None:
+        """Return the in-flight entry of `tag`, or None (counted) if the
+        tag is stale. Fires due timers first, so a deadline that passed
+        makes the tag stale even if no fetch noticed it yet."""
+        self.advance(now)
         group = self.groups.get(group_name)
         message_id, ticket = tag
         entry = None if group is None else group.entries.get(message_id)
@@ -454,7 +462,7 @@ class TopicState:
         return entry
 
     def ack(self, group_name: str, tag: Any, now: float) -> bool:
-        entry = self._live(group_name, tag)
+        entry = self._live(group_name, tag, now)
         if entry is None:
             return False
         self.count("acked")
@@ -465,7 +473,7 @@ class TopicState:
 
     def nack(self, group_name: str, tag: Any, requeue: bool,
              delay: float | None, error: str | None, now: float) -> bool:
-        entry = self._live(group_name, tag)
+        entry = self._live(group_name, tag, now)
         if entry is None:
             return False
         self.count("nacked")
@@ -487,7 +495,7 @@ class TopicState:
 
     def extend(self, group_name: str, tag: Any, seconds: float,
                now: float) -> bool:
-        entry = self._live(group_name, tag)
+        entry = self._live(group_name, tag, now)
         if entry is None:
             return False
         self.wheel.cancel(entry.handle)
@@ -497,7 +505,7 @@ class TopicState:
 
     def release(self, group_name: str, tags: Sequence[Any],
                 now: float) -> int:
-        entries = [self._live(group_name, tag) for tag in tags]
+        entries = [self._live(group_name, tag, now) for tag in tags]
         returned = 0
         # Reversed, so that pushing each to its lane's head keeps the order.
         for entry in reversed(entries):
@@ -614,6 +622,7 @@ class TopicState:
         return letters if limit is None else letters[:limit]
 
     def dlq_redrive(self, ids: Sequence[str] | None, now: float) -> int:
+        self.advance(now)
         wanted = None if ids is None else set(ids)
         moved = 0
         for dlq_key, (letter, record) in list(self.dlq.items()):
