@@ -50,6 +50,7 @@ import numbers
 import time
 import types
 
+from mqs import _aio
 from mqs.errors import Empty, Full, ShutDown
 
 __all__ = ["Queue", "SimpleQueue"]
@@ -452,6 +453,18 @@ cdef class SimpleQueue:
             return result
         return self._get_slow(False, None)
 
+    def get_async(self, timeout=None):
+        """Return a coroutine that gets the oldest item without blocking
+        the event loop.
+
+        The coroutine retries `get_nowait` after sleeps of 0.5 ms growing
+        to 5 ms, so it sees a new item at most about 5 ms late. It raises
+        `Empty` after `timeout` seconds (None: no limit), never earlier,
+        and any other error of `get_nowait` at once. Cancelling it takes
+        nothing.
+        """
+        return _aio.get_async(self, timeout)
+
     cdef object _get_slow(self, bint block, object timeout):
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef uint32_t epoch
@@ -724,6 +737,17 @@ cdef class Queue:
         """Put item if a slot is free, else raise `Full` at once."""
         return self.put(item, False)
 
+    def put_async(self, item, timeout=None):
+        """Return a coroutine that puts `item` without blocking the event
+        loop.
+
+        The coroutine retries `put_nowait` after sleeps of 0.5 ms growing
+        to 5 ms while the queue is full. It raises `Full` after `timeout`
+        seconds (None: no limit), never earlier, and any other error of
+        `put_nowait` at once. Cancelling it adds nothing.
+        """
+        return _aio.put_async(self, item, timeout)
+
     cdef int _wait_not_full(self, bint block, object timeout) except -1:
         """Wait until count < maxsize; raise Full or ShutDown otherwise."""
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
@@ -832,6 +856,18 @@ cdef class Queue:
     def get_nowait(self):
         """Remove and return the oldest item, or raise `Empty` at once."""
         return self.get(False)
+
+    def get_async(self, timeout=None):
+        """Return a coroutine that gets the oldest item without blocking
+        the event loop.
+
+        The coroutine retries `get_nowait` after sleeps of 0.5 ms growing
+        to 5 ms, so it sees a new item at most about 5 ms late. It raises
+        `Empty` after `timeout` seconds (None: no limit), never earlier,
+        and any other error of `get_nowait` at once. Cancelling it takes
+        nothing.
+        """
+        return _aio.get_async(self, timeout)
 
     cdef object _get_slow(self, bint block, object timeout):
         cdef int64_t deadline = deadline_ns(timeout) if block else 0

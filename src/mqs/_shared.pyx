@@ -76,6 +76,7 @@ import stat
 import time
 import weakref
 
+from mqs import _aio
 from mqs.errors import Empty, Full, MessageTooLarge, MqsError
 
 __all__ = ["SharedQueue", "QueueNotFound", "QueueLayoutError"]
@@ -831,6 +832,17 @@ cdef class SharedQueue:
         """Put obj if there is room, else raise `Full` at once."""
         self.put(obj, False)
 
+    def put_async(self, obj, timeout=None):
+        """Return a coroutine that puts `obj` without blocking the event
+        loop.
+
+        The coroutine retries `put_nowait` after sleeps of 0.5 ms growing
+        to 5 ms while the queue is full. It raises `Full` after `timeout`
+        seconds (None: no limit), never earlier, and any other error of
+        `put_nowait` at once. Cancelling it adds nothing.
+        """
+        return _aio.put_async(self, obj, timeout)
+
     cdef int _wait_room(self, object obj, bint block,
                         object timeout) except -1:
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
@@ -1013,6 +1025,18 @@ cdef class SharedQueue:
     def get_nowait(self):
         """Remove and return the oldest message, or raise `Empty` at once."""
         return self.get(False)
+
+    def get_async(self, timeout=None):
+        """Return a coroutine that gets the oldest message without blocking
+        the event loop.
+
+        The coroutine retries `get_nowait` after sleeps of 0.5 ms growing
+        to 5 ms, so it sees a new message at most about 5 ms late. It raises
+        `Empty` after `timeout` seconds (None: no limit), never earlier,
+        and any other error of `get_nowait` at once. Cancelling it takes
+        nothing.
+        """
+        return _aio.get_async(self, timeout)
 
     cdef inline void _track_stall(self, int rc):
         if rc == MQS_EAGAIN_STUCK:

@@ -31,3 +31,13 @@ with audit.get_view(timeout=1.0) as view:
 first_frame: object = frames.get(timeout=1.0)
 print(size, first_frame, frames.qsize(), audit.group)
 frames.close()
+
+
+async def waits() -> None:
+    queued: mqs.Queue[int] = mqs.Queue(maxsize=1)
+    await queued.put_async(1, timeout=1.0)
+    value: int = await queued.get_async(timeout=1.0)
+    shared = mqs.SharedQueue()
+    await shared.put_async(b"x")
+    got: object = await shared.get_async()
+    print(value, got)

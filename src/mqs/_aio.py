@@ -1,0 +1,65 @@
+"""asyncio waits for the queues: `get_async` of `Queue`, `SimpleQueue`
+and `SharedQueue`, `put_async` of `Queue` and `SharedQueue`.
+
+The queues park threads on futexes, which an event loop cannot await. So
+these coroutines try the non-blocking call and, while it fails, sleep on
+the event loop for a growing pause (0.5 ms doubling up to 5 ms) before
+trying again. The loop is never blocked and a cancelled await takes or
+adds nothing: an item moves only in the same step that returns.
+"""
+
+import asyncio
+import time
+
+from mqs.errors import Empty, Full
+
+__all__ = ["get_async", "put_async"]
+
+_FIRST_PAUSE = 0.0005
+_MAX_PAUSE = 0.005
+
+
+def _deadline(timeout):
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError(f"'timeout' must be a non-negative number, got "
+                         f"{timeout!r}")
+    return time.monotonic() + timeout
+
+
+async def _retry(attempt, failure, timeout):
+    """Call `attempt()` until it stops raising `failure` or time is up."""
+    deadline = _deadline(timeout)
+    pause = _FIRST_PAUSE
+    while True:
+        try:
+            return attempt()
+        except failure:
+            if deadline is None:
+                wait = pause
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                wait = min(pause, left)
+        await asyncio.sleep(wait)
+        pause = min(pause * 2, _MAX_PAUSE)
+
+
+async def get_async(queue, timeout=None):
+    """Return ``queue.get_nowait()`` once an item is there.
+
+    Raises `Empty` after `timeout` seconds (None: wait forever), never
+    earlier, and any other error of `get_nowait` at once.
+    """
+    return await _retry(queue.get_nowait, Empty, timeout)
+
+
+async def put_async(queue, item, timeout=None):
+    """Call ``queue.put_nowait(item)`` once there is room.
+
+    Raises `Full` after `timeout` seconds (None: wait forever), never
+    earlier, and any other error of `put_nowait` at once.
+    """
+    return await _retry(lambda: queue.put_nowait(item), Full, timeout)
