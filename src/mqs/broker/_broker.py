@@ -56,6 +56,13 @@ def _seconds(name: str, value: Any, *, allow_none: bool = True,
     return value
 
 
+def _required_seconds(name: str, value: Any, *, allow_zero: bool = True
+                      ) -> float:
+    seconds = _seconds(name, value, allow_none=False, allow_zero=allow_zero)
+    assert seconds is not None
+    return seconds
+
+
 def _delay_of(delay: Any, at: Any) -> float:
     """Return the delay in seconds that `delay` or `at` asks for."""
     if delay is not None and at is not None:
@@ -191,8 +198,7 @@ class Message:
     def extend(self, seconds: float) -> bool:
         """Move the ack deadline to `seconds` from now (not from the old
         deadline); return False if it had passed already."""
-        seconds = _seconds("seconds", seconds, allow_none=False,
-                           allow_zero=False)
+        seconds = _required_seconds("seconds", seconds, allow_zero=False)
         if self._settled:
             return False
         consumer = self._consumer
@@ -395,7 +401,7 @@ class Producer:
                  batch_size: int, timeout: float | None) -> None:
         self._broker = broker
         self.topic = topic
-        self.linger = _seconds("linger", linger, allow_none=False)
+        self.linger = _required_seconds("linger", linger)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
                 or batch_size < 1:
             raise ValueError(
@@ -762,8 +768,8 @@ class Broker:
             raise ValueError(
                 f"max_attempts must be an int of 1 or more or None, got "
                 f"{max_attempts!r}")
-        ack_timeout = _seconds("ack_timeout", ack_timeout, allow_none=False,
-                               allow_zero=False)
+        ack_timeout = _required_seconds("ack_timeout", ack_timeout,
+                                        allow_zero=False)
         self._ensure_topic(topic)
         return Consumer(self, topic, group, prefetch=prefetch,
                         ack_timeout=ack_timeout, auto_ack=auto_ack,
@@ -784,7 +790,7 @@ class Broker:
             When no reply arrived within `timeout` seconds. A reply that
             arrives later is dropped.
         """
-        timeout = _seconds("timeout", timeout, allow_none=False)
+        timeout = _required_seconds("timeout", timeout)
         reply_topic, correlation_id = self._open_reply(topic)
         try:
             replies = self.consume(reply_topic, "reply", auto_ack=True)
@@ -803,7 +809,7 @@ class Broker:
     async def request_async(self, topic: str, body: Any, timeout: float,
                             **options: Any) -> Message:
         """Like `request`, awaiting the reply without blocking the loop."""
-        timeout = _seconds("timeout", timeout, allow_none=False)
+        timeout = _required_seconds("timeout", timeout)
         reply_topic, correlation_id = self._open_reply(topic)
         try:
             replies = self.consume(reply_topic, "reply", auto_ack=True)

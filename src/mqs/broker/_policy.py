@@ -323,7 +323,9 @@ def _check_rates(rate: Any, weights: tuple[tuple[int, int], ...]
             raise TopicConfigError(
                 f"rate keys must be lane priorities {sorted(lanes)}, got "
                 f"{priority!r}; a lane is a key of weights")
-        per_lane.append((priority, _as_rate(value, f"rate[{priority}]")))
+        lane_rate = _as_rate(value, f"rate[{priority}]")
+        if lane_rate is not None:
+            per_lane.append((priority, lane_rate))
     return None, tuple(sorted(per_lane, reverse=True))
 
 

@@ -89,9 +89,9 @@ class _Entry:
         self.state = GONE
         self.ticket = 0
         self.attempts = 0
-        self.handle = None
-        self.consumer = None
-        self.last_error = None
+        self.handle: int | None = None
+        self.consumer: str | None = None
+        self.last_error: str | None = None
 
 
 class _Group:
@@ -102,7 +102,8 @@ class _Group:
     def __init__(self, name: str, config: TopicConfig) -> None:
         self.name = name
         self.entries: dict[str, _Entry] = {}
-        self.lanes = {lane: collections.deque() for lane in config.lanes}
+        self.lanes: dict[int, collections.deque[tuple[_Entry, int]]] = {
+            lane: collections.deque() for lane in config.lanes}
         self.scheduler = LaneScheduler(config)
         # key -> the one visible entry of that key; key -> hidden entries.
         self.key_heads: dict[Any, _Entry] = {}
@@ -139,7 +140,9 @@ class TopicState:
             collections.OrderedDict()
         self.retained: collections.deque = collections.deque()
         self.groups: dict[str, _Group] = {}
-        self.dlq: collections.OrderedDict[str, tuple] = \
+        # (message id, group) -> the dead letter and its record.
+        self.dlq: collections.OrderedDict[
+            tuple[str, str], tuple[DeadLetter, _Record]] = \
             collections.OrderedDict()
         self.dedup: collections.OrderedDict[Any, tuple[float, str]] = \
             collections.OrderedDict()
@@ -391,7 +394,7 @@ class TopicState:
         return found
 
     def _eligible(self, group: _Group, now: float) -> set[int]:
-        eligible = set()
+        eligible: set[int] = set()
         if group.bucket is not None and not group.bucket.available(now):
             return eligible
         for lane, queue in group.lanes.items():
@@ -498,7 +501,8 @@ class TopicState:
         entry = self._live(group_name, tag, now)
         if entry is None:
             return False
-        self.wheel.cancel(entry.handle)
+        if entry.handle is not None:
+            self.wheel.cancel(entry.handle)
         entry.handle = self.wheel.schedule_at(
             now + seconds, (_DEADLINE, entry, entry.ticket))
         return True
@@ -542,9 +546,8 @@ class TopicState:
         if entry.handle is not None:
             self.wheel.cancel(entry.handle)
             entry.handle = None
-        slot = entry.group.consumers.get(entry.consumer)
-        if slot is not None:
-            slot[1] -= 1
+        if entry.consumer is not None:
+            entry.group.consumers[entry.consumer][1] -= 1
         entry.consumer = None
 
     # Finishing.

@@ -1,0 +1,207 @@
+"""Shared broker semantics: lanes, backoff, token buckets, circuit breaker.
+
+Timing behaviour runs on simulated clocks and is counted, never timed.
+"""
+
+import collections
+import random
+
+import pytest
+
+import mqs
+from mqs.broker._policy import LaneScheduler, TokenBucket, TopicConfig
+
+
+class Clock:
+    def __init__(self, now=100.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+# Lane scheduler.
+
+def test_scheduler_weighted_share_is_exact_per_round():
+    config = TopicConfig.build("t", weights={9: 8, 5: 4, 0: 1})
+    scheduler = LaneScheduler(config)
+    picks = collections.Counter(scheduler.pick({9, 5, 0})
+                                for _ in range(13 * 100))
+    assert picks == {9: 800, 5: 400, 0: 100}
+
+
+def test_scheduler_skips_empty_lanes_without_banking_credit():
+    config = TopicConfig.build("t", weights={9: 2, 0: 2})
+    scheduler = LaneScheduler(config)
+    assert [scheduler.pick({0}) for _ in range(5)] == [0] * 5
+    # Lane 9 saved nothing while it was empty: the share stays 1:1.
+    picks = collections.Counter(scheduler.pick({9, 0}) for _ in range(400))
+    assert picks == {9: 200, 0: 200}
+
+
+def test_scheduler_strict_always_highest():
+    config = TopicConfig.build("t", weights={9: 1, 0: 100}, policy="strict")
+    scheduler = LaneScheduler(config)
+    assert {scheduler.pick({9, 0}) for _ in range(50)} == {9}
+    assert scheduler.pick(set()) is None
+
+
+def test_broker_weighted_share_on_simulated_clock():
+    clock = Clock()
+    broker = mqs.Broker(clock=clock)
+    weights = {9: 5, 4: 3, 0: 2}
+    broker.declare_topic("t", weights=weights)
+    for priority in weights:
+        broker.publish_many("t", [priority] * 3000, priority=priority)
+    consumer = broker.consume("t", "g", prefetch=64)
+    counts = collections.Counter()
+    for _ in range(100):
+        batch = consumer.get_many(50, timeout=0)
+        counts.update(message.body for message in batch)
+        for message in batch:
+            message.ack()
+    assert counts == {9: 2500, 4: 1500, 0: 1000}
+
+
+# Backoff.
+
+def test_backoff_grows_and_caps():
+    backoff = mqs.Backoff(base=1, factor=3, max=20, jitter=0)
+    assert [backoff.delay(n) for n in range(1, 6)] == [1, 3, 9, 20, 20]
+    assert backoff.delay(10_000) == 20
+
+
+def test_backoff_jitter_stays_within_spread():
+    backoff = mqs.Backoff(base=10, factor=1, max=100, jitter=0.2)
+    rng = random.Random(7)
+    delays = [backoff.delay(1, rng) for _ in range(1000)]
+    assert min(delays) >= 8
+    assert max(delays) <= 12
+    assert max(delays) - min(delays) > 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"factor": 0.5}, "factor must be a number of 1 or more, got 0.5"),
+    ({"jitter": 2}, "jitter must be from 0 to 1, got 2"),
+    ({"base": 5, "max": 1}, "max must be at least base"),
+    ({"base": -1}, "base must be 0 or more"),
+])
+def test_backoff_rejects_bad_values(kwargs, match):
+    with pytest.raises(mqs.TopicConfigError, match=match):
+        mqs.Backoff(**kwargs)
+
+
+# Token bucket and rate limits.
+
+def test_rate_limit_within_two_percent_over_ten_seconds():
+    clock = Clock()
+    broker = mqs.Broker(clock=clock)
+    broker.declare_topic("t", rate=mqs.Rate(500, burst=10))
+    broker.publish_many("t", range(20_000))
+    consumer = broker.consume("t", "g", auto_ack=True)
+    delivered = 0
+    for _ in range(10_000):  # 10 s in 1 ms steps
+        clock.now += 0.001
+        try:
+            delivered += len(consumer.get_many(1000, timeout=0))
+        except mqs.Empty:
+            pass
+    # 10 s at 500/s plus the initial burst of 10.
+    assert abs(delivered - 5010) <= 0.02 * 5000
+
+
+def test_adaptive_rate_cuts_on_failure_and_recovers():
+    bucket = TokenBucket(mqs.Rate(100, adaptive=True, min_per_second=10))
+    bucket.on_failure(1.0)
+    assert bucket.current == 50
+    bucket.on_failure(1.01)  # within cut_interval: ignored
+    assert bucket.current == 50
+    bucket.on_failure(1.2)
+    bucket.on_failure(1.4)
+    bucket.on_failure(1.6)
+    assert bucket.current == 10  # the floor
+    for _ in range(89):
+        bucket.on_success()
+    assert bucket.current == pytest.approx(99)
+    bucket.on_success()
+    bucket.on_success()
+    assert bucket.current == 100
+
+
+def test_adaptive_rate_slows_deliveries_after_nacks():
+    clock = Clock()
+    broker = mqs.Broker(clock=clock)
+    broker.declare_topic("t", rate=mqs.Rate(100, burst=1, adaptive=True))
+    broker.publish_many("t", range(1000))
+    consumer = broker.consume("t", "g", prefetch=1000)
+
+    def delivered_in(seconds, nack):
+        count = 0
+        for _ in range(int(seconds * 1000)):
+            clock.now += 0.001
+            try:
+                batch = consumer.get_many(100, timeout=0)
+            except mqs.Empty:
+                continue
+            for message in batch:
+                count += 1
+                if nack:
+                    message.nack(delay=0)
+                else:
+                    message.ack()
+        return count
+
+    assert delivered_in(1, nack=False) == pytest.approx(100, abs=3)
+    delivered_in(1, nack=True)  # cuts the rate down to the floor
+    assert delivered_in(1, nack=False) < 50
+
+
+def test_rate_rejects_bad_values():
+    with pytest.raises(mqs.TopicConfigError, match="above 0, got -1"):
+        mqs.Rate(-1)
+    with pytest.raises(mqs.TopicConfigError, match="burst"):
+        mqs.Rate(10, burst=0)
+
+
+# Circuit breaker.
+
+def test_circuit_opens_on_failure_ratio_then_half_opens():
+    clock = Clock()
+    breaker = mqs.CircuitBreaker(0.5, window=10, min_calls=4,
+                                 open_seconds=5, clock=clock)
+    for ok in (True, False, True):
+        breaker.record_success() if ok else breaker.record_failure()
+    assert breaker.state == "closed"
+    breaker.record_failure()  # 2 of 4 failed
+    assert breaker.state == "open"
+    assert not breaker.allow()
+    with pytest.raises(mqs.CircuitOpen, match="retry later"):
+        breaker.call(lambda: 1)
+    clock.now += 5
+    assert breaker.state == "half_open"
+    assert breaker.allow()
+    assert not breaker.allow()  # one trial call at a time
+    breaker.record_failure()
+    assert breaker.state == "open"
+    clock.now += 5
+    assert breaker.call(lambda: "ok") == "ok"
+    assert breaker.state == "closed"
+
+
+def test_circuit_call_records_exceptions():
+    breaker = mqs.CircuitBreaker(1.0, window=2, min_calls=2)
+
+    def fail():
+        raise OSError("down")
+
+    for _ in range(2):
+        with pytest.raises(OSError):
+            breaker.call(fail)
+    assert breaker.state == "open"
+
+
+def test_circuit_rejects_bad_values():
+    with pytest.raises(ValueError, match="failure_ratio"):
+        mqs.CircuitBreaker(0)
+    with pytest.raises(ValueError, match="min_calls must be at most"):
+        mqs.CircuitBreaker(0.5, window=5, min_calls=6)
