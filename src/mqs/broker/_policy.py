@@ -375,6 +375,13 @@ class LaneScheduler:
         """
         if not eligible:
             return None
+        if len(eligible) == 1 and not self.strict:
+            # The only lane with messages: no other lane's share to keep.
+            (lane,) = eligible
+            index = self.lanes.index(lane)
+            self.cursor = index
+            self.deficits = [0] * len(self.lanes)
+            return lane
         if self.strict:
             for lane in self.lanes:
                 if lane in eligible:

@@ -133,6 +133,8 @@ class TopicState:
     def __init__(self, config: TopicConfig, clock: Callable[[], float],
                  id_source: Callable[[], str]) -> None:
         self.config = config
+        lanes = config.lanes
+        self.lane_of = [lane_of(priority, lanes) for priority in range(10)]
         self.clock = clock
         self.next_id = id_source
         self.wheel: TimingWheel = TimingWheel(0.001, 256, clock=clock)
@@ -211,8 +213,7 @@ class TopicState:
         config = self.config
         ttl = envelope.ttl if envelope.ttl is not None else config.ttl
         record = _Record(self.next_id(), envelope,
-                         lane_of(envelope.priority, config.lanes), now, wall,
-                         ttl)
+                         self.lane_of[envelope.priority], now, wall, ttl)
         if envelope.dedup_id is not None and config.dedup_window:
             self.dedup[envelope.dedup_id] = (now + config.dedup_window,
                                              record.id)
