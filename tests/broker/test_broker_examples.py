@@ -1,0 +1,62 @@
+"""Run each script of examples/ in a subprocess and check its output."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
+
+
+def run_example(name, *args):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines(), result.stderr
+
+
+def test_delayed_scheduler_runs_cleanup_when_due():
+    lines, log = run_example("delayed_scheduler.py", "--cleanup-delay", "0.3",
+                             "--run-for", "10")
+    assert "ran: ['send_email', 'cleanup']" in lines
+    assert "still delayed: 0" in lines
+    assert log.index("email to ada@example.com") < log.index("cleanup of")
+
+
+def test_delayed_scheduler_keeps_far_cleanup_delayed():
+    lines, _ = run_example("delayed_scheduler.py", "--run-for", "0.3")
+    assert "ran: ['send_email']" in lines
+    assert "still delayed: 1" in lines
+
+
+def test_priority_tasks_alerts_first_and_retries():
+    lines, _ = run_example("priority_tasks.py", "--workers", "3",
+                           "--tasks", "20")
+    assert ("completed: Counter({'critical_alert': 20, 'report': 20, "
+            "'cleanup': 20})") in lines
+    assert "critical alerts done before the first cleanup: 20" in lines
+    assert ("retried after a failure: ['critical_alert-7', 'report-3']"
+            in lines)
+
+
+def test_order_pipeline_fans_out_and_restocks():
+    lines, _ = run_example("order_pipeline.py", "--orders", "50")
+    assert "audited orders: 50" in lines
+    assert "duplicates dropped: 5" in lines
+    assert "restock requests: 2" in lines
+    assert "stock: {'apple': 95, 'pear': 55}" in lines
+
+
+def test_readme_broker_example_runs():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme[readme.index("## Broker"):]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            text=True, timeout=60, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "fulfil {'id': 1, 'item': 'tea'}",
+        "fulfil {'id': 2, 'item': 'cake'}",
+        "2 []",
+    ]
