@@ -233,7 +233,10 @@ def test_delay_lateness_has_no_cumulative_drift():
         while time.monotonic() < busy_until:
             pass
     assert min(lateness) >= 0
-    lateness.sort()
-    assert lateness[len(lateness) // 2] < 0.05
-    first_tenth = sum(lateness[: count // 10]) / (count // 10)
-    assert max(lateness) < LATE_BOUND_S + first_tenth
+    assert sorted(lateness)[count // 2] < LATE_BOUND_S
+    # Drift would make the last items later than the first ones; a
+    # machine busy with other work only adds noise to both ends.
+    tenth = count // 10
+    first = sum(lateness[:tenth]) / tenth
+    last = sum(lateness[-tenth:]) / tenth
+    assert last - first < LATE_BOUND_S
