@@ -349,6 +349,75 @@ cdef int64_t _due_ns(object delay, object at) except? -1:
     return due if due > now else now
 
 
+cdef object _get_waiting(chain_t *chain, mqs_waitword_t *not_empty,
+                         mqs_waitword_t *not_full, bint *shutdown,
+                         Queue delays, bint block, object timeout):
+    """Run the slow path of `get` for Queue and SimpleQueue.
+
+    Waits on `not_empty` until an item arrives, the queue is shut down
+    and empty, or the deadline passes. `not_full` (NULL for SimpleQueue)
+    is signalled after a take. `delays` is the Queue whose due delayed
+    items are moved into the ring first, and whose next deadline wakes
+    the wait early (None for SimpleQueue).
+    """
+    cdef int64_t deadline = deadline_ns(timeout) if block else 0
+    cdef int64_t wake
+    cdef uint32_t epoch
+    cdef int strategy = STRATEGY_BLOCK
+    cdef PyObject *item
+    cdef object result
+    while True:
+        epoch = mqs_wait_prepare(not_empty)
+        if delays is not None:
+            try:
+                delays._promote_due()
+            except BaseException:
+                mqs_wait_finish(not_empty)
+                raise
+        item = _chain_pop(chain)
+        if item != NULL:
+            mqs_wait_finish(not_empty)
+            if not_full != NULL:
+                mqs_wait_signal_locked(not_full, 0)
+            result = <object>item
+            Py_DECREF(result)
+            return result
+        if shutdown[0] and (delays is None or not delays._delayed):
+            mqs_wait_finish(not_empty)
+            raise ShutDown("get on a shut-down and empty queue")
+        if not block:
+            mqs_wait_finish(not_empty)
+            raise Empty()
+        # Wake for the caller's deadline or the next delayed item,
+        # whichever comes first.
+        wake = deadline
+        if delays is not None and delays._delayed and (
+                wake < 0 or delays._next_due_ns < wake):
+            wake = delays._next_due_ns
+        if park(not_empty, epoch, wake, 0, strategy) and wake == deadline:
+            raise Empty()
+        strategy = STRATEGY_SLEEP
+
+
+cdef list _get_many(chain_t *chain, mqs_waitword_t *not_empty,
+                    mqs_waitword_t *not_full, bint *shutdown, Queue delays,
+                    object max_items, bint block, object timeout):
+    """Run `get_many` for Queue and SimpleQueue (arguments as _get_waiting)."""
+    cdef int64_t limit = _check_max_items(max_items)
+    cdef list out = []
+    _check_timeout(block, timeout)
+    if delays is not None and delays._delayed:
+        delays._promote_due()
+    if not _chain_pop_many(chain, out, limit):
+        out.append(_get_waiting(chain, not_empty, not_full, shutdown, delays,
+                                block, timeout))
+        if limit > 1:
+            _chain_pop_many(chain, out, limit - 1)
+    if not_full != NULL:
+        mqs_wait_signal_locked(not_full, 0)
+    return out
+
+
 @cython.auto_pickle(False)
 cdef class SimpleQueue:
     """Unbounded FIFO queue, a drop-in for `queue.SimpleQueue`.
@@ -466,28 +535,8 @@ cdef class SimpleQueue:
         return _aio.get_async(self, timeout)
 
     cdef object _get_slow(self, bint block, object timeout):
-        cdef int64_t deadline = deadline_ns(timeout) if block else 0
-        cdef uint32_t epoch
-        cdef int strategy = STRATEGY_BLOCK
-        cdef PyObject *item
-        cdef object result
-        while True:
-            epoch = mqs_wait_prepare(&self._not_empty)
-            item = _chain_pop(&self._chain)
-            if item != NULL:
-                mqs_wait_finish(&self._not_empty)
-                result = <object>item
-                Py_DECREF(result)
-                return result
-            if self._shutdown:
-                mqs_wait_finish(&self._not_empty)
-                raise ShutDown("get on a shut-down and empty queue")
-            if not block:
-                mqs_wait_finish(&self._not_empty)
-                raise Empty()
-            if park(&self._not_empty, epoch, deadline, 0, strategy):
-                raise Empty()
-            strategy = STRATEGY_SLEEP
+        return _get_waiting(&self._chain, &self._not_empty, NULL,
+                            &self._shutdown, None, block, timeout)
 
     def get_many(self, max_items, bint block=True, timeout=None):
         """Remove and return a list of 1 to `max_items` oldest items.
@@ -502,15 +551,8 @@ cdef class SimpleQueue:
         TypeError
             If `max_items` is not an int.
         """
-        cdef int64_t limit = _check_max_items(max_items)
-        cdef list out = []
-        _check_timeout(block, timeout)
-        if _chain_pop_many(&self._chain, out, limit):
-            return out
-        out.append(self._get_slow(block, timeout))
-        if limit > 1:
-            _chain_pop_many(&self._chain, out, limit - 1)
-        return out
+        return _get_many(&self._chain, &self._not_empty, NULL,
+                         &self._shutdown, None, max_items, block, timeout)
 
     def empty(self):
         """Return True if the queue is empty."""
@@ -870,41 +912,8 @@ cdef class Queue:
         return _aio.get_async(self, timeout)
 
     cdef object _get_slow(self, bint block, object timeout):
-        cdef int64_t deadline = deadline_ns(timeout) if block else 0
-        cdef int64_t wake
-        cdef uint32_t epoch
-        cdef int strategy = STRATEGY_BLOCK
-        cdef PyObject *item
-        cdef object result
-        while True:
-            epoch = mqs_wait_prepare(&self._not_empty)
-            try:
-                self._promote_due()
-            except BaseException:
-                mqs_wait_finish(&self._not_empty)
-                raise
-            item = _chain_pop(&self._chain)
-            if item != NULL:
-                mqs_wait_finish(&self._not_empty)
-                mqs_wait_signal_locked(&self._not_full, 0)
-                result = <object>item
-                Py_DECREF(result)
-                return result
-            if self._shutdown and not self._delayed:
-                mqs_wait_finish(&self._not_empty)
-                raise ShutDown("get on a shut-down and empty queue")
-            if not block:
-                mqs_wait_finish(&self._not_empty)
-                raise Empty()
-            # Wake for the caller's deadline or the next delayed item,
-            # whichever comes first.
-            wake = deadline
-            if self._delayed and (wake < 0 or self._next_due_ns < wake):
-                wake = self._next_due_ns
-            if park(&self._not_empty, epoch, wake, 0, strategy) \
-                    and wake == deadline:
-                raise Empty()
-            strategy = STRATEGY_SLEEP
+        return _get_waiting(&self._chain, &self._not_empty, &self._not_full,
+                            &self._shutdown, self, block, timeout)
 
     def get_many(self, max_items, bint block=True, timeout=None):
         """Remove and return a list of 1 to `max_items` oldest items.
@@ -919,17 +928,8 @@ cdef class Queue:
         TypeError
             If `max_items` is not an int.
         """
-        cdef int64_t limit = _check_max_items(max_items)
-        cdef list out = []
-        _check_timeout(block, timeout)
-        if self._delayed:
-            self._promote_due()
-        if not _chain_pop_many(&self._chain, out, limit):
-            out.append(self._get_slow(block, timeout))
-            if limit > 1:
-                _chain_pop_many(&self._chain, out, limit - 1)
-        mqs_wait_signal_locked(&self._not_full, 0)
-        return out
+        return _get_many(&self._chain, &self._not_empty, &self._not_full,
+                         &self._shutdown, self, max_items, block, timeout)
 
     def task_done(self):
         """Mark one earlier-got item as processed, for `join`.
