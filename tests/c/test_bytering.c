@@ -36,35 +36,7 @@
 
 #include "mqs_bytering.h"
 
-static atomic_int checks_passed;
-static atomic_int checks_failed;
-
-static void check_true(int ok, const char *text, const char *func, int line)
-{
-    if (ok) {
-        atomic_fetch_add(&checks_passed, 1);
-        return;
-    }
-    atomic_fetch_add(&checks_failed, 1);
-    fprintf(stderr, "FAIL %s (test_bytering.c:%d): %s\n", func, line, text);
-}
-
-static void check_eq(int64_t actual, int64_t expected, const char *text,
-                     const char *func, int line)
-{
-    if (actual == expected) {
-        atomic_fetch_add(&checks_passed, 1);
-        return;
-    }
-    atomic_fetch_add(&checks_failed, 1);
-    fprintf(stderr, "FAIL %s (test_bytering.c:%d): %s is %" PRId64
-            ", expected %" PRId64 "\n", func, line, text, actual, expected);
-}
-
-#define CHECK(cond) check_true((cond), #cond, __func__, __LINE__)
-#define CHECK_EQ(actual, expected)                                          \
-    check_eq((int64_t)(actual), (int64_t)(expected),                        \
-             #actual " == " #expected, __func__, __LINE__)
+#include "check.h"
 
 /* Record header as documented in mqs_bytering.h, for the tests that play
  * a producer step by step. */

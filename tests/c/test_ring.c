@@ -23,35 +23,7 @@
 #include "mqs_ring.h"
 #include "mqs_wait.h"
 
-static int checks_passed;
-static int checks_failed;
-
-static void check_true(int ok, const char *text, const char *func, int line)
-{
-    if (ok) {
-        checks_passed++;
-        return;
-    }
-    checks_failed++;
-    fprintf(stderr, "FAIL %s (test_ring.c:%d): %s\n", func, line, text);
-}
-
-static void check_eq(int64_t actual, int64_t expected, const char *text,
-                     const char *func, int line)
-{
-    if (actual == expected) {
-        checks_passed++;
-        return;
-    }
-    checks_failed++;
-    fprintf(stderr, "FAIL %s (test_ring.c:%d): %s is %" PRId64
-            ", expected %" PRId64 "\n", func, line, text, actual, expected);
-}
-
-#define CHECK(cond) check_true((cond), #cond, __func__, __LINE__)
-#define CHECK_EQ(actual, expected)                                          \
-    check_eq((int64_t)(actual), (int64_t)(expected),                        \
-             #actual " == " #expected, __func__, __LINE__)
+#include "check.h"
 
 /* Create a ring, or exit with status 2: no later check means anything
  * without it. */
@@ -1061,6 +1033,7 @@ int main(void)
     test_wait_signal_wakes_sleeping_thread();
     test_wait_park_returns_eintr_on_signal();
 
-    printf("%d passed, %d failed\n", checks_passed, checks_failed);
-    return checks_failed == 0 ? 0 : 1;
+    printf("%d passed, %d failed\n", atomic_load(&checks_passed),
+           atomic_load(&checks_failed));
+    return atomic_load(&checks_failed) == 0 ? 0 : 1;
 }

@@ -26,36 +26,9 @@
 #include "mqs_crc32c.h"
 #include "mqs_seglog.h"
 
-static int checks_passed;
-static int checks_failed;
+#include "check.h"
+
 static char root[256];
-
-static void check_true(int ok, const char *text, const char *func, int line)
-{
-    if (ok) {
-        checks_passed++;
-        return;
-    }
-    checks_failed++;
-    fprintf(stderr, "FAIL %s (test_seglog.c:%d): %s\n", func, line, text);
-}
-
-static void check_eq(int64_t actual, int64_t expected, const char *text,
-                     const char *func, int line)
-{
-    if (actual == expected) {
-        checks_passed++;
-        return;
-    }
-    checks_failed++;
-    fprintf(stderr, "FAIL %s (test_seglog.c:%d): %s is %" PRId64
-            ", expected %" PRId64 "\n", func, line, text, actual, expected);
-}
-
-#define CHECK(cond) check_true((cond), #cond, __func__, __LINE__)
-#define CHECK_EQ(actual, expected)                                          \
-    check_eq((int64_t)(actual), (int64_t)(expected),                        \
-             #actual " == " #expected, __func__, __LINE__)
 
 static mqs_seglog_config_t config(uint64_t segment_bytes, int fsync_mode)
 {
@@ -699,13 +672,14 @@ int main(void)
     test_open_rejects_newer_version();
     test_open_rejects_bad_arguments();
 
-    if (checks_failed == 0) {
+    if (atomic_load(&checks_failed) == 0) {
         snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
         if (system(cmd) != 0)
             fprintf(stderr, "could not remove %s\n", root);
     } else {
         fprintf(stderr, "files kept in %s\n", root);
     }
-    printf("%d passed, %d failed\n", checks_passed, checks_failed);
-    return checks_failed ? 1 : 0;
+    printf("%d passed, %d failed\n", atomic_load(&checks_passed),
+           atomic_load(&checks_failed));
+    return atomic_load(&checks_failed) ? 1 : 0;
 }
