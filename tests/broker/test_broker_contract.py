@@ -265,6 +265,15 @@ def test_second_ack_raises(broker):
     message.ack()
     with pytest.raises(mqs.AlreadySettled, match="once"):
         message.nack()
+    assert message.extend(10) is False
+
+
+def test_auto_ack_message_ack_is_noop_and_nack_raises(broker):
+    broker.publish("t", 1)
+    message = broker.consume("t", "g", auto_ack=True).get(timeout=0)
+    assert message.ack()
+    with pytest.raises(mqs.AlreadySettled, match="auto_ack"):
+        message.nack()
 
 
 def test_dedup_within_window(broker):
@@ -431,6 +440,35 @@ def test_start_earliest_and_latest(broker):
         "before", "after"]
 
 
+def test_retention_keeps_finished_messages_for_late_groups(broker):
+    broker.declare_topic("t", retention=30)
+    first = broker.consume("t", "first", auto_ack=True)
+    broker.publish_many("t", ["a", "b"])
+    assert [m.body for m in first.get_many(5, timeout=0)] == ["a", "b"]
+    assert broker.stats("t")["stored"] == 2
+    late = broker.consume("t", "late", start="earliest", auto_ack=True)
+    assert [m.body for m in late.get_many(5, timeout=0)] == ["a", "b"]
+
+
+def test_finished_messages_leave_without_retention(broker):
+    first = broker.consume("t", "first", auto_ack=True)
+    broker.publish_many("t", ["a", "b"])
+    first.get_many(5, timeout=0)
+    assert broker.stats("t")["stored"] == 0
+    late = broker.consume("t", "late", start="earliest", auto_ack=True)
+    with pytest.raises(mqs.Empty):
+        late.get(timeout=0)
+
+
+def test_latest_first_group_skips_backlog_counted(broker):
+    broker.publish_many("t", [1, 2])
+    consumer = broker.consume("t", "g", start="latest")
+    assert drain(consumer) == []
+    stats = broker.stats("t")
+    assert stats["dropped_unsubscribed"] == 2
+    assert stats["stored"] == 0
+
+
 def test_first_group_gets_backlog(broker):
     broker.publish_many("t", [1, 2])
     consumer = broker.consume("t", "g")
@@ -563,6 +601,48 @@ def test_publish_async_waits_for_room(broker):
     assert consumer.get(timeout=0).body == 2
 
 
+def test_request_async_reply(broker):
+    consumer = broker.consume("rpc", "server")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def serve():
+            message = consumer.get(timeout=10)
+            message.reply(message.body + 1)
+            message.ack()
+
+        server = loop.run_in_executor(None, serve)
+        reply = await broker.request_async("rpc", 1, timeout=10)
+        await server
+        return reply
+
+    reply = asyncio.run(main())
+    assert reply.body == 2
+    assert reply.correlation_id is not None
+
+
+def test_request_async_times_out(broker):
+    async def main():
+        with pytest.raises(mqs.RequestTimeout):
+            await broker.request_async("rpc", 1, timeout=0.05)
+
+    asyncio.run(main())
+
+
+def test_close_async_drains(broker):
+    broker.publish("t", "a")
+    consumer = broker.consume("t", "g")
+
+    async def main():
+        message = await consumer.get_async(timeout=1)
+        asyncio.get_running_loop().call_later(0.05, message.ack)
+        return await consumer.close_async(drain=True, timeout=10)
+
+    assert asyncio.run(main()) == 0
+    assert broker.stats("t")["acked"] == 1
+
+
 # Close and drain.
 
 def test_close_drain_waits_for_acks(broker):
@@ -637,6 +717,18 @@ def test_producer_linger_sends_in_background(broker):
     message = consumer.get(timeout=10)
     assert (message.body, message.priority) == ("x", 5)
     producer.close()
+
+
+def test_producer_reports_full_and_keeps_batch(broker):
+    broker.declare_topic("t", maxsize=1, when_full="raise")
+    consumer = broker.consume("t", "g")
+    producer = broker.producer("t", linger=60, batch_size=2)
+    producer.publish(1)
+    with pytest.raises(mqs.Full):
+        producer.publish(2)  # the batch of 2 fills; 1 went in, 2 is kept
+    consumer.get(timeout=0).ack()
+    assert len(producer.flush()) == 1
+    assert consumer.get(timeout=0).body == 2
 
 
 # Settings and errors.

@@ -64,7 +64,7 @@ def _required_seconds(name: str, value: Any, *, allow_zero: bool = True
 
 
 def _delay_of(delay: Any, at: Any) -> float:
-    """Return the delay in seconds that `delay` or `at` asks for."""
+    """Return the delay in seconds that `delay` or `at` requests."""
     if delay is not None and at is not None:
         raise ValueError(
             f"pass delay or at, not both (got delay={delay!r}, at={at!r})")
@@ -394,7 +394,9 @@ class Producer:
     once it holds `batch_size` messages, or `linger` seconds after its
     first message (sent by a background thread), or on `flush`/`close`.
     Errors of a background send are raised by the next `publish`,
-    `flush` or `close`; the batch that failed is kept for the next try.
+    `flush` or `close`. The messages of a failed batch that the topic did
+    not take are kept for the next try; the ids of the ones it took before
+    the error are not returned by `flush`.
     """
 
     def __init__(self, broker: Broker, topic: str, *, linger: float,
@@ -581,9 +583,12 @@ class Broker:
             Seconds a message stays stored after every group finished it,
             for groups that join later with ``start="earliest"``.
         maxsize : int
-            Stored messages allowed (0: unbounded); `when_full` says what
+            Stored messages allowed (0: unbounded). `when_full` sets what
             a publish does at the limit: ``"block"`` (default),
-            ``"raise"`` (`mqs.Full`) or ``"drop_oldest"`` (counted).
+            ``"raise"`` (`mqs.Full`) or ``"drop_oldest"`` (drops the
+            oldest stored message that is not in flight, counted as
+            ``dropped_full``; waits as ``"block"`` when all are in
+            flight).
         replace : bool
             Overwrite differing stored settings instead of raising
             `TopicConfigError` (lanes and policy cannot change).
