@@ -14,8 +14,11 @@ Semantics every backend must keep (the contract suite checks each):
 
 - Topics: `declare_topic` stores a `TopicConfig`. Declaring again with an
   equal config is a no-op, a different one raises `TopicConfigError`
-  unless ``replace=True``. Every other call on an undeclared topic
-  raises `UnknownTopic`.
+  unless ``replace=True`` (lanes and policy never change while the topic
+  exists). Other calls on an undeclared topic raise `UnknownTopic`,
+  except `close_consumer`, `release` and `in_flight`, which return 0.
+- Time: every operation first fires the timers that are due (delays, ack
+  deadlines), so its result never depends on when the last `fetch` ran.
 - Groups: a consumer group is created by the first `open_consumer` that
   names it. Every group of a topic receives every message published
   after the group was created; ``start="earliest"`` also gives it every
@@ -35,7 +38,8 @@ Semantics every backend must keep (the contract suite checks each):
 - Delivery: `fetch` first fires due timers (delays, ack deadlines), then
   takes messages while lanes are eligible (a visible message, rate
   tokens available), skipping expired ones (`ttl` from publish:
-  dropped, or dead-lettered when ``config.on_expire == "dead_letter"``).
+  dropped, or dead-lettered when ``config.on_expire == "dead_letter"``;
+  checked at every delivery, redeliveries included).
   Each taken message gets ``attempts += 1``. With `auto_ack` it is
   finished at once; otherwise it is in flight, owned by the consumer,
   with an ack deadline ``now + ack_timeout``. A consumer never holds
@@ -52,7 +56,8 @@ Semantics every backend must keep (the contract suite checks each):
   it as ``late_acks``; they never act on a later delivery.
 - Dead letters carry the headers ``mqs.dead_letter_reason``,
   ``mqs.attempts``, ``mqs.last_error`` and ``mqs.group``; `dlq_redrive`
-  puts them back in their group with attempts reset to 0.
+  puts them back at the tail of their lane in their group, with
+  attempts reset to 0, ready at once and without a ttl.
 - Dedup: a publish whose `dedup_id` was seen on the topic within
   ``config.dedup_window`` seconds is dropped, counted as
   ``deduplicated``, and returns the first message's id.
@@ -60,7 +65,8 @@ Semantics every backend must keep (the contract suite checks each):
   stored messages blocks (``when_full="block"``, up to the publish
   timeout, then `mqs.Full`), raises `mqs.Full` at once (``"raise"``), or
   drops the oldest stored message that is not in flight
-  (``"drop_oldest"``, counted as ``dropped_full``).
+  (``"drop_oldest"``, counted as ``dropped_full``; when every stored
+  message is in flight it waits as ``"block"`` does).
 - Counters: `stats` returns at least the keys of `COUNTER_KEYS` and
   `GAUGE_KEYS`. Every message that leaves without an ack is counted by
   reason.
@@ -328,6 +334,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def wait_changed(self, timeout: float) -> None:
         """Block until the state may have changed or `timeout` passed."""
+
+    async def wait_changed_async(self, timeout: float) -> None:
+        """Await a possible state change or `timeout` seconds, without
+        blocking the event loop. This default sleeps up to 5 ms; a backend
+        that can notify waiters should override it."""
+        await asyncio.sleep(min(timeout, 0.005))
 
     def close(self) -> None:
         """Release the backend's resources; the default does nothing."""

@@ -6,7 +6,6 @@ the backend (see `mqs.broker._backend` for the contract).
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import logging
 import math
@@ -377,7 +376,7 @@ class Consumer:
                 left = 0.05 if deadline is None else deadline - time.monotonic()
                 if left <= 0:
                     break
-                await asyncio.sleep(min(left, 0.005))
+                await self._backend.wait_changed_async(min(left, 0.05))
         return self._backend.close_consumer(self.topic, self.group, self._id)
 
     def __enter__(self) -> Consumer:
@@ -722,7 +721,8 @@ class Broker:
                     else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise
-            await _wait_changed_async(self._backend, left)
+            step = 0.05 if left is None else min(left, 0.05)
+            await self._backend.wait_changed_async(step)
 
     def producer(self, topic: str, *, linger: float = 0.005,
                  batch_size: int = 100,
@@ -900,12 +900,3 @@ class Broker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-async def _wait_changed_async(backend: Backend, timeout: float | None) -> None:
-    wait = getattr(backend, "wait_changed_async", None)
-    step = 0.05 if timeout is None else min(timeout, 0.05)
-    if wait is not None:
-        await wait(step)
-    else:
-        await asyncio.sleep(min(step, 0.005))
