@@ -6,6 +6,7 @@ bounds, so that the same tests fit backends in other processes.
 
 import asyncio
 import collections
+import random
 import threading
 import time
 
@@ -835,3 +836,56 @@ def test_threads_exactly_once_with_acks(broker, scale):
     stats = broker.stats("t")
     assert stats["acked"] == producers * per_producer
     assert stats["stored"] == 0
+
+
+@pytest.mark.stress
+def test_threads_at_least_once_with_nacks_and_abandoned(broker, scale):
+    """Consumers nack some messages and abandon others (never ack, as a
+    crashed worker would); every message is still acked exactly once."""
+    total = int(1500 * scale)
+    broker.declare_topic("t", weights={9: 2, 0: 1})
+    acked = collections.Counter()
+    abandoned = collections.Counter()
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def consume(seed):
+        rng = random.Random(seed)
+        consumer = broker.consume("t", "g", prefetch=16, ack_timeout=0.2)
+        while not done.is_set():
+            try:
+                batch = consumer.get_many(16, timeout=0.05)
+            except mqs.Empty:
+                continue
+            for message in batch:
+                roll = rng.random()
+                if roll < 0.1:
+                    message.nack(delay=0)
+                elif roll < 0.15:
+                    with lock:
+                        abandoned[message.body] += 1
+                elif message.ack():
+                    with lock:
+                        acked[message.body] += 1
+        consumer.close(drain=False)
+
+    threads = [threading.Thread(target=consume, args=(seed,))
+               for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for start in range(0, total, 100):
+        broker.publish_many("t", range(start, min(total, start + 100)),
+                            priority=9 if start % 200 else 0)
+    deadline = time.monotonic() + 60 * scale
+    while sum(acked.values()) < total and time.monotonic() < deadline:
+        time.sleep(0.02)
+    done.set()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(acked) == list(range(total))
+    assert set(acked.values()) == {1}
+    stats = broker.stats("t")
+    assert stats["acked"] == total
+    assert stats["redelivered"] >= sum(abandoned.values())
+    assert stats["stored"] == 0
+    assert stats["dead_lettered"] == 0
