@@ -889,3 +889,18 @@ def test_threads_at_least_once_with_nacks_and_abandoned(broker, scale):
     assert stats["redelivered"] >= sum(abandoned.values())
     assert stats["stored"] == 0
     assert stats["dead_lettered"] == 0
+
+
+def test_producer_linger_batches_messages(broker):
+    consumer = broker.consume("t", "g", auto_ack=True)
+    producer = broker.producer("t", linger=1.0, batch_size=100)
+    for i in range(5):
+        producer.publish(i)
+        time.sleep(0.01)  # lets the background thread wait meanwhile
+    # Nothing goes out before the linger time of the first message.
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0)
+    # Then the five go out as one batch.
+    got = consumer.get_many(10, timeout=10)
+    assert [m.body for m in got] == [0, 1, 2, 3, 4]
+    producer.close()

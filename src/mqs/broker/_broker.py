@@ -410,6 +410,7 @@ class Producer:
         self.batch_size = batch_size
         self.timeout = timeout
         self._batch: list[Envelope] = []
+        self._batch_started = 0.0
         self._ids: list[str] = []
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -425,10 +426,12 @@ class Producer:
             if self._closed:
                 raise ShutDown(f"publish on a closed producer of "
                                f"{self.topic!r}")
+            if not self._batch:
+                self._batch_started = time.monotonic()
             self._batch.append(envelope)
             if len(self._batch) >= self.batch_size or self.linger == 0:
                 self._send_locked()
-            else:
+            elif len(self._batch) == 1:
                 self._start_thread()
                 self._wake.notify()
 
@@ -450,15 +453,19 @@ class Producer:
                 if not self._batch:
                     self._wake.wait()
                     continue
-                self._wake.wait(self.linger)
-                if self._batch and not self._closed:
-                    try:
-                        self._send_locked()
-                    except Exception as exc:  # reported to the caller
-                        logger.warning("producer of %r failed to send a "
-                                       "batch", self.topic, exc_info=True)
-                        self._error = exc
-                        self._wake.wait(self.linger or 0.05)
+                # Loop after every wake: the batch may have been sent by a
+                # full publish or a flush meanwhile, and a new one started.
+                left = self._batch_started + self.linger - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                try:
+                    self._send_locked()
+                except Exception as exc:  # reported to the caller
+                    logger.warning("producer of %r failed to send a batch",
+                                   self.topic, exc_info=True)
+                    self._error = exc
+                    self._batch_started = time.monotonic()
 
     def _send_locked(self) -> None:
         batch, self._batch = self._batch, []
