@@ -591,6 +591,7 @@ int mqs_br_try_put(mqs_bytering_t *ring, const void *const *parts,
             break;
     }
     MQS_FAILPOINT("put_after_cas");
+    ring->last_put_position = tail;
     atomic_store_explicit(&me->claim_state, MQS_BR_CLAIM_WON,
                           memory_order_release);
     MQS_FAILPOINT("put_after_claim");
@@ -826,4 +827,48 @@ int mqs_br_settle(mqs_bytering_t *ring)
             return mqs_br_repair(ring);
     }
     return 0;
+}
+
+int mqs_br_peek(const mqs_bytering_t *ring, int64_t position,
+                mqs_br_record_t *record)
+{
+    mqs_br_rec_header_t *rec = record_at(ring, position);
+
+    if (atomic_load_explicit(&rec->commit, memory_order_acquire)
+        != commit_tag(ring, position))
+        return tail_position(ring) == position ? MQS_EEMPTY
+                                               : MQS_EAGAIN_STUCK;
+    record->payload = (const unsigned char *)rec + MQS_BR_RECORD_HEADER;
+    record->position = position;
+    record->length = atomic_load_explicit(&rec->length, memory_order_relaxed);
+    record->type = atomic_load_explicit(&rec->type, memory_order_relaxed);
+    return MQS_OK;
+}
+
+int mqs_br_advance(mqs_bytering_t *ring, int group, int64_t position,
+                   int64_t messages)
+{
+    mqs_br_group_t *g = &ring->header->groups[group].v;
+    int64_t head = atomic_load_explicit(&g->cursor.first,
+                                        memory_order_acquire);
+    int64_t taken = atomic_load_explicit(&g->cursor.second,
+                                         memory_order_acquire);
+
+    do {
+        if (position < head)
+            return MQS_EINVAL;
+    } while (!mqs_pair_cas(&g->cursor, &head, &taken, position,
+                           taken + messages));
+    mqs_wait_signal(&ring->header->not_full.v, 1);
+    return MQS_OK;
+}
+
+int64_t mqs_br_head(const mqs_bytering_t *ring, int group)
+{
+    return group_head(ring, group);
+}
+
+int64_t mqs_br_record_size(int64_t length)
+{
+    return align_record(length);
 }

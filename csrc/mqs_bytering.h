@@ -192,6 +192,7 @@ typedef struct mqs_bytering {
     int fd;                      /* this process's own open file description */
     int slot;                    /* participant index, -1 before attach */
     int64_t gate_cache;          /* last computed gate, local */
+    int64_t last_put_position;   /* position of this handle's last put */
 } mqs_bytering_t;
 
 /* A record handed to a consumer: pointer into the mapping. */
@@ -325,6 +326,30 @@ int mqs_br_stalled_owner(const mqs_bytering_t *ring, int group);
  * or a negative status.
  */
 int mqs_br_settle(mqs_bytering_t *ring);
+
+/*
+ * Sole consumer of `group` (the appender of a durable queue): read the
+ * record at `position` without taking it. The bytes stay valid until the
+ * group head is moved past them with mqs_br_advance, because the head
+ * gates producers. Returns MQS_OK (record filled; padding has type
+ * MQS_BR_TYPE_PAD), MQS_EEMPTY when `position` is the tail, or
+ * MQS_EAGAIN_STUCK when the record there is claimed but unpublished.
+ */
+int mqs_br_peek(const mqs_bytering_t *ring, int64_t position,
+                mqs_br_record_t *record);
+
+/*
+ * Move `group`'s head forward to `position`, counting `messages` taken,
+ * in one CAS. For a sole consumer after mqs_br_peek; wakes producers.
+ * Returns MQS_OK, or MQS_EINVAL if `position` is behind the head.
+ */
+int mqs_br_advance(mqs_bytering_t *ring, int group, int64_t position,
+                   int64_t messages);
+
+/* Position of `group`'s head (bytes); aligned size of a record of
+ * `length` payload bytes. */
+int64_t mqs_br_head(const mqs_bytering_t *ring, int group);
+int64_t mqs_br_record_size(int64_t length);
 
 /* Accessors for the Cython layer, which does not mirror the unions. */
 static inline mqs_br_config_t *mqs_br_config(mqs_bytering_t *ring)

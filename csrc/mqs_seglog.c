@@ -1211,6 +1211,26 @@ static void stop_flusher(mqs_seglog_t *log)
     log->flusher_started = 0;
 }
 
+void mqs_seglog_abandon(mqs_seglog_t *log)
+{
+    if (!log)
+        return;
+    for (size_t i = 0; i < log->nsegs; i++)
+        mqs_seglog_segment_release(log->segs[i]);
+    for (size_t i = 0; i < log->pending_n; i++)
+        mqs_seglog_segment_release(log->pending[i]);
+    free(log->segs);
+    free(log->pending);
+    if (log->lock_fd >= 0)
+        close(log->lock_fd);
+    if (log->dir_fd >= 0)
+        close(log->dir_fd);
+    /* No pthread_*_destroy: the parent's threads may have been waiting on
+     * these condition variables at the fork, and destroying one that has
+     * waiters blocks for ever in the child. */
+    free(log);
+}
+
 int mqs_seglog_close(mqs_seglog_t *log)
 {
     int rc = MQS_OK;

@@ -247,6 +247,17 @@ int mqs_seglog_open(mqs_seglog_t **out, const char *path,
 int mqs_seglog_close(mqs_seglog_t *log);
 
 /*
+ * Free a log handle inherited by a forked child without touching the
+ * files: no flush, no checkpoint, no join of the flusher thread (which
+ * exists only in the parent), and no destroy of the mutexes and condition
+ * variables that parent threads may have held at the fork. Closing the
+ * child's copy of the lock file descriptor leaves the parent's writer
+ * lock held, because flock locks belong to the open file description the
+ * parent still has open.
+ */
+void mqs_seglog_abandon(mqs_seglog_t *log);
+
+/*
  * Append `n` records with consecutive offsets; *first_offset gets the
  * first. Sizes are checked first, so either all are appended or none
  * (except when a roll fails midway: the records before it stay). Rolls

@@ -67,6 +67,7 @@ from mqs.includes.mqs_seglog cimport (
     mqs_crc32c_extend,
     mqs_crc32c_impl,
     mqs_seglog_append,
+    mqs_seglog_abandon,
     mqs_seglog_close,
     mqs_seglog_config_t,
     mqs_seglog_entry_t,
@@ -1056,6 +1057,21 @@ cdef class SegmentLog:
                 _errno.EIO,
                 "the final sync of this log failed; records since the last "
                 "successful sync may be lost", self.path)
+
+    def _abandon_after_fork(self):
+        """Drop a handle inherited through fork without touching the log.
+
+        For a forked child only: no sync, no checkpoint, and the parent's
+        writer lock stays held (the child closes only its own copy of
+        the lock file descriptor). Views taken before the fork stay
+        valid.
+        """
+        cdef mqs_seglog_t *log = self._log
+        if log == NULL:
+            return
+        self._log = NULL
+        self._inflight = 0
+        mqs_seglog_abandon(log)
 
     def __enter__(self):
         self._check_open()

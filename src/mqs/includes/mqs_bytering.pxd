@@ -41,6 +41,8 @@ cdef extern from "mqs_bytering.h" nogil:
         int64_t capacity
         int fd
         int slot
+        uint64_t secret
+        int64_t last_put_position
 
     ctypedef struct mqs_br_record_t:
         const unsigned char *payload
@@ -69,6 +71,12 @@ cdef extern from "mqs_bytering.h" nogil:
     int mqs_br_repair(mqs_bytering_t *ring)
     int mqs_br_stalled_owner(const mqs_bytering_t *ring, int group)
     int mqs_br_settle(mqs_bytering_t *ring)
+    int mqs_br_peek(const mqs_bytering_t *ring, int64_t position,
+                    mqs_br_record_t *record)
+    int mqs_br_advance(mqs_bytering_t *ring, int group, int64_t position,
+                       int64_t messages)
+    int64_t mqs_br_head(const mqs_bytering_t *ring, int group)
+    int64_t mqs_br_record_size(int64_t length)
 
     # Accessors for header fields the Cython layer reads.
     mqs_br_config_t *mqs_br_config(mqs_bytering_t *ring)
