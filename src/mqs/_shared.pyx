@@ -35,6 +35,7 @@ from mqs.includes.mqs_bytering cimport (
     MQS_BR_MAX_GROUPS,
     MQS_BR_NO_PIN,
     MQS_BR_RECORD_HEADER,
+    MQS_BR_TYPE_PAD,
     MQS_EAGAIN_INIT,
     MQS_EAGAIN_STUCK,
     MQS_EVERSION,
@@ -49,7 +50,11 @@ from mqs.includes.mqs_bytering cimport (
     mqs_br_map,
     mqs_br_not_empty,
     mqs_br_not_full,
+    mqs_br_advance,
+    mqs_br_head,
     mqs_br_participant,
+    mqs_br_peek,
+    mqs_br_record_size,
     mqs_br_record_t,
     mqs_br_repair,
     mqs_br_settle,
@@ -66,6 +71,8 @@ from mqs.includes.mqs_wait cimport (
     mqs_monotonic_ns,
     mqs_wait_finish,
     mqs_wait_prepare,
+    mqs_wait_signal,
+    mqs_waitword_t,
 )
 
 import logging
@@ -77,7 +84,15 @@ import time
 import weakref
 
 from mqs import _aio
-from mqs.errors import Empty, Full, MessageTooLarge, MqsError
+from mqs._seglog import SegmentLog
+from mqs.errors import (
+    Empty,
+    Full,
+    LogLocked,
+    MessageTooLarge,
+    MqsError,
+    OffsetOutOfRange,
+)
 
 __all__ = ["SharedQueue", "QueueNotFound", "QueueLayoutError"]
 
@@ -267,6 +282,18 @@ cdef class SharedQueue:
     group : int
         The group this handle gets from (0 by default); see also
         `for_group`.
+    persist : str or os.PathLike, optional
+        Directory of a segment log that keeps every message (created if
+        missing, mode 0700): a durable queue. Puts go through the ring to
+        the log; gets read from the log, so messages and the consumer
+        position survive the exit or SIGKILL of every process. One
+        directory serves one queue; it cannot be combined with `maxsize`
+        or `groups`. See Notes.
+    fsync : {"interval", "always", "never"}
+        With `persist`: ``"always"`` returns from `put` only after the
+        message is synced to disk (survives power loss; concurrent puts
+        share one sync); ``"interval"`` (default) syncs the log every
+        50 ms; ``"never"`` leaves syncing to the kernel.
 
     Notes
     -----
@@ -282,6 +309,22 @@ cdef class SharedQueue:
     readers turn its unfinished record into padding once its liveness
     lock shows it is dead. A message got by a process that is killed
     before `get` returns is lost, as with `multiprocessing.Queue`.
+
+    A durable queue (`persist`) has an appender: a thread in whichever
+    process holds the log's writer lock, which moves messages from the
+    ring into the log in order; when that process exits or dies, another
+    process using the queue takes over within 50 ms and skips what its
+    predecessor had written. A message is in the log once the appender
+    moved it, and the log keeps it until a consumer takes it. The
+    consumer position is written to the log every 0.2 s and on `close`,
+    so after a crash of every process up to 0.2 s of gets may be
+    delivered again (at least once). With ``fsync="interval"`` or
+    ``"never"``, a `put` returns once the message is in the shared ring:
+    a message not yet moved to the log is lost if every process using an
+    anonymous queue dies (a named queue's ring outlives them, and the next
+    appender moves it). `put` with ``fsync="always"`` waits for the sync
+    without a time limit, because the message is already accepted.
+    Consumed messages stay in the log's files.
     """
 
     cdef mqs_bytering_t _ring
@@ -300,6 +343,8 @@ cdef class SharedQueue:
     cdef int64_t _stuck_since
     cdef bint _stall_reported
     cdef int64_t _last_repair_ns
+    # The log side of a durable queue (persist=), else None.
+    cdef _Durable _durable
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -312,7 +357,7 @@ cdef class SharedQueue:
     def __init__(self, maxsize=0, *, name=None, create=True,
                  capacity_bytes=None, max_message_size=None,
                  serializer=None, wait_strategy="block", groups=None,
-                 group=0, ctx=None):
+                 group=0, ctx=None, persist=None, fsync="interval"):
         # Explicit layout arguments, checked against an existing named
         # queue; None or a default means "whatever the queue has".
         requested = {"capacity_bytes": capacity_bytes,
@@ -363,6 +408,42 @@ cdef class SharedQueue:
         if name is not None:
             self._check_layout(requested)
         self._set_group(group)
+        if persist is not None or fsync != "interval":
+            self._open_durable(persist, fsync)
+
+    cdef int _open_durable(self, object persist, object fsync) except -1:
+        cdef _Durable durable
+        try:
+            if persist is None:
+                raise ValueError(
+                    f"fsync={fsync!r} applies only to a durable queue; "
+                    f"pass persist=path too, or drop fsync")
+            if mqs_br_config(&self._ring).maxsize != 0:
+                raise ValueError(
+                    f"a durable queue (persist=) cannot have a maxsize; "
+                    f"the ring size bounds what waits to be written and "
+                    f"the disk bounds the log")
+            if mqs_br_config(&self._ring).n_groups != 1:
+                raise ValueError(
+                    "a durable queue (persist=) has one consumer group; "
+                    "create it without groups=")
+            durable = _Durable()
+            durable._open(self, persist, fsync)
+        except BaseException:
+            self.close()
+            raise
+        self._durable = durable
+        return 0
+
+    @property
+    def persist(self):
+        """Directory of the queue's segment log, or None if not durable."""
+        return self._durable.path if self._durable is not None else None
+
+    @property
+    def fsync(self):
+        """Durability mode of a durable queue, or None."""
+        return self._durable.fsync if self._durable is not None else None
 
     cdef int _check_layout(self, dict requested) except -1:
         """Raise if an existing named queue differs from explicit sizes."""
@@ -604,6 +685,8 @@ cdef class SharedQueue:
         self._ring.slot = -1
         self._view_positions = []
         self._attach_slot()
+        if self._durable is not None:
+            self._durable._after_fork()
         return 0
 
     def __reduce__(self):
@@ -612,9 +695,12 @@ cdef class SharedQueue:
 
         serializer = self._serializer
         strategy = {v: k for k, v in _STRATEGIES.items()}[self._strategy]
+        persist = self.persist
+        fsync = self.fsync or "interval"
         if self.name is not None:
             return (_attach_by_name,
-                    (self.name, serializer, strategy, self._group))
+                    (self.name, serializer, strategy, self._group, persist,
+                     fsync))
         if get_spawning_popen() is None:
             raise RuntimeError(
                 "an anonymous SharedQueue reaches other processes only "
@@ -622,7 +708,8 @@ cdef class SharedQueue:
                 "it a name= to share it any other way")
         self._check_open()
         return (_attach_by_fd,
-                (DupFd(self._ring.fd), serializer, strategy, self._group))
+                (DupFd(self._ring.fd), serializer, strategy, self._group,
+                 persist, fsync))
 
     # -- state ----------------------------------------------------------
 
@@ -689,6 +776,9 @@ cdef class SharedQueue:
             raise OSError("cannot check the liveness of the queue's "
                           "participants")
         self._log_repaired(repaired)
+        if self._durable is not None:
+            return mqs_br_count(&self._ring, self._group) \
+                + self._durable.backlog()
         return mqs_br_count(&self._ring, self._group)
 
     def qsize(self):
@@ -824,9 +914,10 @@ cdef class SharedQueue:
         self._check_open()
         if block:
             deadline_ns(timeout)  # a negative timeout raises even with room
-        if self._try_put(obj) == MQS_OK:
-            return
-        self._wait_room(obj, block, timeout)
+        if self._try_put(obj) != MQS_OK:
+            self._wait_room(obj, block, timeout)
+        if self._durable is not None:
+            self._durable.wait_durable(self._ring.last_put_position)
 
     def put_nowait(self, obj):
         """Put obj if there is room, else raise `Full` at once."""
@@ -931,6 +1022,8 @@ cdef class SharedQueue:
                 exc.accepted = done
                 raise
             done += 1
+        if done and self._durable is not None:
+            self._durable.wait_durable(self._ring.last_put_position)
 
     # -- get --------------------------------------------------------------
 
@@ -993,6 +1086,8 @@ cdef class SharedQueue:
         self._check_open()
         if block:
             deadline_ns(timeout)  # a negative timeout raises even with items
+        if self._durable is not None:
+            return self._durable.get(block, timeout)
         item = self._take_copy(&status)
         if status == MQS_OK:
             return item
@@ -1133,6 +1228,10 @@ cdef class SharedQueue:
             raise ValueError(f"max_items must be at least 1, got {max_items!r}")
         self._check_open()
         limit = max_items
+        if self._durable is not None:
+            if block:
+                deadline_ns(timeout)
+            return self._durable.get_many(limit, block, timeout)
         out = [self.get(block, timeout)]
         while len(out) < limit:
             item = self._take_copy(&status)
@@ -1185,6 +1284,8 @@ cdef class SharedQueue:
         cdef int status
         self._check_open()
         deadline_ns(timeout)  # a negative timeout raises even with items
+        if self._durable is not None:
+            return self._durable.get_view(timeout)
         view = self._take_view_once(&status)
         if status == MQS_OK:
             return view
@@ -1217,6 +1318,8 @@ cdef class SharedQueue:
         """
         if self._closed:
             return
+        if self._durable is not None:
+            self._durable.close()
         self._closed = True
         if not self._view_positions:
             self._detach_and_unmap()
@@ -1276,6 +1379,9 @@ cdef class SharedQueue:
 
     def __repr__(self):
         state = "closed" if self._closed else "open"
+        if self._durable is not None:
+            return (f"<mqs.SharedQueue name={self.name!r} "
+                    f"persist={self._durable.path!r} {state}>")
         return f"<mqs.SharedQueue name={self.name!r} {state}>"
 
 
@@ -1297,12 +1403,15 @@ def _decode_oob(data):
     return pickle.loads(stream, buffers=buffers)
 
 
-def _attach_by_name(name, serializer, strategy, group=0):
+def _attach_by_name(name, serializer, strategy, group=0, persist=None,
+                    fsync="interval"):
     return SharedQueue(name=name, create=False, serializer=serializer,
-                       wait_strategy=strategy, group=group)
+                       wait_strategy=strategy, group=group, persist=persist,
+                       fsync=fsync)
 
 
-def _attach_by_fd(dup, serializer, strategy, group=0):
+def _attach_by_fd(dup, serializer, strategy, group=0, persist=None,
+                  fsync="interval"):
     cdef SharedQueue q = SharedQueue.__new__(SharedQueue)
     fd = _reopen_own(dup.detach())
     q._strategy = _STRATEGIES[strategy]
@@ -1315,4 +1424,9 @@ def _attach_by_fd(dup, serializer, strategy, group=0):
         raise
     _instances.add(q)
     q._set_group(group)
+    if persist is not None:
+        q._open_durable(persist, fsync)
     return q
+
+
+include "_durable.pxi"

@@ -1,0 +1,24 @@
+from libc.stdint cimport int64_t, uint64_t
+
+from mqs.includes.mqs_wait cimport mqs_waitword_t
+
+
+cdef extern from "mqs_durable.h" nogil:
+    int MQS_DQ_FILE_BYTES
+    enum:
+        MQS_DQ_CURSOR
+        MQS_DQ_APPENDED_OFFSET
+        MQS_DQ_APPENDED_POS
+        MQS_DQ_DURABLE_POS
+
+    ctypedef struct mqs_dq_control_t:
+        pass
+
+    int64_t mqs_dq_get(mqs_dq_control_t *c, int field)
+    void mqs_dq_set(mqs_dq_control_t *c, int field, int64_t v)
+    mqs_waitword_t *mqs_dq_not_empty(mqs_dq_control_t *c)
+    mqs_waitword_t *mqs_dq_progress(mqs_dq_control_t *c)
+    uint64_t mqs_dq_secret(mqs_dq_control_t *c)
+    void mqs_dq_setup(mqs_dq_control_t *c, uint64_t secret, int64_t cursor,
+                      int64_t appended_offset, int64_t position)
+    int64_t mqs_dq_claim(mqs_dq_control_t *c, int64_t max_n, int64_t *first)

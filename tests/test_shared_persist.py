@@ -1,0 +1,379 @@
+"""Tests of the durable SharedQueue (persist=path): messages and the
+consumer position survive the exit and SIGKILL of every process.
+
+Every test runs real processes on a real segment log in a temporary
+directory. Children are joined with a time bound and killed by PID
+before a test fails.
+"""
+
+import glob
+import multiprocessing
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+import mqs
+from mqs.shared import SharedQueue
+
+CHILD_TIMEOUT_S = 60
+SHM_DIR = "/dev/shm"
+
+
+@pytest.fixture
+def shm_name():
+    """Return a queue name unique to this test; remove its files after."""
+    name = f"test-persist-{uuid.uuid4().hex[:16]}"
+    yield name
+    for path in glob.glob(os.path.join(SHM_DIR, f"mqs.{name}*")):
+        os.unlink(path)
+
+
+@pytest.fixture
+def log_dir(tmp_path):
+    return str(tmp_path / "queue-log")
+
+
+def drain(q, timeout=0.5):
+    """Get messages until none arrives for `timeout` seconds."""
+    out = []
+    while True:
+        try:
+            out.extend(q.get_many(1000, timeout=timeout))
+        except queue.Empty:
+            return out
+
+
+def run_child(code, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=CHILD_TIMEOUT_S):
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"child {proc.pid} did not finish in {timeout} s\n"
+                    f"stdout: {stdout}\nstderr: {stderr}")
+    return proc.returncode, stdout, stderr
+
+
+# -- one process ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fsync", ["always", "interval", "never"])
+def test_messages_round_trip_through_the_log(log_dir, fsync):
+    q = SharedQueue(persist=log_dir, fsync=fsync)
+    assert q.persist == log_dir
+    assert q.fsync == fsync
+    items = [b"bytes", bytearray(b"array"), b"", {"a": [1, 2]}, "text"]
+    for item in items:
+        q.put(item)
+    assert q.qsize() == len(items)
+    got = [q.get(timeout=5) for _ in items]
+    assert got == items
+    assert [type(x) for x in got] == [type(x) for x in items]
+    assert q.qsize() == 0
+    assert q.empty()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.05)
+    q.close()
+
+
+def test_unconsumed_messages_and_cursor_survive_reopen(log_dir):
+    q = SharedQueue(persist=log_dir)
+    q.put_many([n.to_bytes(4, "little") for n in range(100)])
+    assert [int.from_bytes(m, "little") for m in q.get_many(30, timeout=5)
+            ] == list(range(30))
+    q.close()
+
+    # A new ring, a new process's view: only the 70 not taken remain.
+    again = SharedQueue(persist=log_dir)
+    assert again.qsize() == 70
+    assert [int.from_bytes(m, "little") for m in drain(again)] == list(
+        range(30, 100))
+    again.put(b"last")
+    again.close()
+
+    third = SharedQueue(persist=log_dir)
+    assert third.qsize() == 1
+    assert third.get(timeout=5) == b"last"
+    third.close()
+
+
+def test_get_view_lends_the_logged_bytes(log_dir):
+    q = SharedQueue(persist=log_dir)
+    q.put(b"zero-copy")
+    with q.get_view(timeout=5) as view:
+        assert view.readonly
+        assert bytes(view) == b"zero-copy"
+    with pytest.raises(ValueError):
+        bytes(view)
+    q.close()
+
+
+def test_put_many_and_get_many_keep_order(log_dir):
+    q = SharedQueue(persist=log_dir, fsync="always")
+    q.put_many([b"%d" % n for n in range(500)])
+    got = []
+    while len(got) < 500:
+        got.extend(q.get_many(64, timeout=5))
+    assert got == [b"%d" % n for n in range(500)]
+    q.close()
+
+
+# -- bad input ---------------------------------------------------------------
+
+
+def test_persist_rejects_bad_arguments(tmp_path, log_dir):
+    a_file = tmp_path / "file"
+    a_file.write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="is a file; give a "
+                       "directory"):
+        SharedQueue(persist=str(a_file))
+    with pytest.raises(ValueError, match="fsync must be 'always', "
+                       "'interval' or 'never', got 'sometimes'"):
+        SharedQueue(persist=log_dir, fsync="sometimes")
+    with pytest.raises(ValueError, match="applies only to a durable queue"):
+        SharedQueue(fsync="always")
+    with pytest.raises(ValueError, match="cannot have a maxsize"):
+        SharedQueue(5, persist=log_dir)
+    with pytest.raises(ValueError, match="has one consumer group"):
+        SharedQueue(persist=log_dir, groups=2)
+    with pytest.raises(TypeError, match="persist must be a str"):
+        SharedQueue(persist=b"bytes path")
+
+
+def test_persist_rejects_a_foreign_log(log_dir):
+    log = mqs.SegmentLog(log_dir)
+    log.append(b"not a queue record")
+    log.close()
+    with pytest.raises(ValueError, match="did not write"):
+        SharedQueue(persist=log_dir)
+
+
+def test_second_queue_on_the_same_directory_raises(log_dir):
+    first = SharedQueue(persist=log_dir)
+    with pytest.raises(mqs.LogLocked, match="log of another live durable "
+                       "queue"):
+        SharedQueue(persist=log_dir)
+    first.put(b"still works")
+    assert first.get(timeout=5) == b"still works"
+    first.close()
+
+
+# -- several processes ----------------------------------------------------------
+
+
+def _fork_child_puts(q, count):
+    for n in range(count):
+        q.put(b"child-%d" % n)
+    q.close()
+
+
+def test_forked_child_puts_through_the_parents_appender(log_dir):
+    q = SharedQueue(persist=log_dir, fsync="always")
+    child = multiprocessing.get_context("fork").Process(
+        target=_fork_child_puts, args=(q, 50))
+    child.start()
+    child.join(CHILD_TIMEOUT_S)
+    assert child.exitcode == 0
+    assert sorted(drain(q)) == sorted(b"child-%d" % n for n in range(50))
+    q.close()
+
+
+def _spawn_child_gets(q, count, conn):
+    conn.send([q.get(timeout=30) for _ in range(count)])
+    q.close()
+
+
+def test_spawned_child_gets_from_an_anonymous_durable_queue(log_dir):
+    context = multiprocessing.get_context("spawn")
+    q = SharedQueue(persist=log_dir)
+    receive_end, send_end = context.Pipe(duplex=False)
+    child = context.Process(target=_spawn_child_gets,
+                            args=(q, 20, send_end))
+    child.start()
+    q.put_many([b"%d" % n for n in range(20)])
+    assert receive_end.poll(CHILD_TIMEOUT_S)
+    assert receive_end.recv() == [b"%d" % n for n in range(20)]
+    child.join(CHILD_TIMEOUT_S)
+    assert child.exitcode == 0
+    q.close()
+
+
+PRODUCER = """
+    import logging
+    import mqs
+    logging.basicConfig(level=logging.INFO)
+    q = mqs.SharedQueue(name={name!r}, create=False, persist={path!r},
+                        fsync="always")
+    print("ready", flush=True)
+    for n in range({count}):
+        q.put(b"%d:%d" % ({producer}, n))
+        print(n, flush=True)
+    q.close()
+"""
+
+
+def acked(stdout):
+    lines = stdout.split()
+    return [int(x) for x in lines if x.isdigit()]
+
+
+def test_killed_appender_loses_no_acknowledged_put(log_dir, shm_name,
+                                                   scale):
+    """SIGKILL the process holding the log's writer lock while three
+    producer processes put with fsync="always": another process takes
+    over, and every put that returned is in the log exactly once."""
+    rng = random.Random(5)
+    count = max(200, int(1000 * scale))
+    creator = SharedQueue(name=shm_name, persist=log_dir, fsync="always")
+    appender = run_child(f"""
+        import time
+        import mqs
+        q = mqs.SharedQueue(name={shm_name!r}, create=False,
+                            persist={log_dir!r}, fsync="always")
+        print("ready", flush=True)
+        time.sleep(600)
+    """)
+    assert appender.stdout.readline().strip() == "ready"
+    # Closing the creator's handle releases the writer lock; the child,
+    # the only other handle, takes it within its poll interval.
+    creator.close()
+    time.sleep(0.5)
+    producers = [run_child(PRODUCER.format(
+        name=shm_name, path=log_dir, count=count, producer=p))
+        for p in range(3)]
+    try:
+        time.sleep(rng.uniform(0.05, 0.3))
+        os.kill(appender.pid, signal.SIGKILL)
+        appender.communicate(timeout=CHILD_TIMEOUT_S)
+        results = [finish(p) for p in producers]
+    finally:
+        for proc in producers + [appender]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for status, _, stderr in results:
+        assert status == 0, stderr
+    # One of the producers took the log over from the killed appender.
+    assert any("appends to the log" in stderr for _, _, stderr in results)
+    probe = SharedQueue(name=shm_name, create=False, persist=log_dir)
+    got = drain(probe, timeout=1.0)
+    probe.close()
+    seen = {}
+    for message in got:
+        producer, n = (int(x) for x in message.split(b":"))
+        seen.setdefault(producer, []).append(n)
+    for producer, (_, stdout, _) in enumerate(results):
+        numbers = seen.get(producer, [])
+        assert len(numbers) == len(set(numbers)), "duplicates"
+        assert numbers == sorted(numbers)
+        assert set(acked(stdout)) <= set(numbers)
+        assert len(numbers) == count
+
+
+def test_killed_producers_lose_no_acknowledged_put(log_dir, shm_name,
+                                                   scale):
+    rng = random.Random(7)
+    rounds = max(3, int(6 * scale))
+    q = SharedQueue(name=shm_name, persist=log_dir, fsync="always")
+    acknowledged = {}
+    try:
+        for producer in range(rounds):
+            proc = run_child(PRODUCER.format(
+                name=shm_name, path=log_dir, count=10**6,
+                producer=producer))
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(rng.uniform(0.01, 0.2))
+            os.kill(proc.pid, signal.SIGKILL)
+            stdout, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
+            acknowledged[producer] = set(acked(stdout))
+        got = drain(q)
+    finally:
+        q.close()
+    seen = {}
+    for message in got:
+        producer, n = (int(x) for x in message.split(b":"))
+        seen.setdefault(producer, []).append(n)
+    for producer, numbers in acknowledged.items():
+        got_numbers = seen.get(producer, [])
+        assert len(got_numbers) == len(set(got_numbers)), "duplicates"
+        assert numbers <= set(got_numbers)
+        # Published messages arrive in order, so they are 0..n-1.
+        assert got_numbers == list(range(len(got_numbers)))
+
+
+def _produce_range(q, producer, count):
+    for n in range(count):
+        q.put(b"%d:%d" % (producer, n))
+    q.close()
+
+
+def _consume_until_stop(q, conn):
+    got = []
+    while True:
+        message = q.get(timeout=30)
+        if message == b"stop":
+            break
+        got.append(message)
+    conn.send(got)
+    q.close()
+
+
+@pytest.mark.parametrize("fsync", ["always", "interval"])
+def test_processes_share_a_durable_queue_exactly_once(log_dir, shm_name,
+                                                      scale, fsync):
+    producers_n, consumers_n = 3, 2
+    count = max(500, int(3000 * scale))
+    context = multiprocessing.get_context("fork")
+    q = SharedQueue(name=shm_name, persist=log_dir, fsync=fsync)
+    pipes = [context.Pipe(duplex=False) for _ in range(consumers_n)]
+    consumers = [context.Process(target=_consume_until_stop,
+                                 args=(q, send_end))
+                 for _, send_end in pipes]
+    producers = [context.Process(target=_produce_range, args=(q, p, count))
+                 for p in range(producers_n)]
+    processes = consumers + producers
+    try:
+        for process in processes:
+            process.start()
+        for process in producers:
+            process.join(CHILD_TIMEOUT_S)
+        assert [p.exitcode for p in producers] == [0] * producers_n
+        for _ in consumers:
+            q.put(b"stop")
+        results = []
+        for receive_end, _ in pipes:
+            assert receive_end.poll(CHILD_TIMEOUT_S), "a consumer hung"
+            results.append(receive_end.recv())
+        for process in consumers:
+            process.join(CHILD_TIMEOUT_S)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join(10)
+    received = [m for got in results for m in got]
+    assert len(received) == len(set(received))
+    per_producer = {}
+    for got in results:
+        for message in got:
+            producer, n = (int(x) for x in message.split(b":"))
+            per_producer.setdefault(producer, []).append(n)
+    for producer in range(producers_n):
+        assert sorted(per_producer[producer]) == list(range(count))
+    assert q.qsize() == 0
+    q.close()
