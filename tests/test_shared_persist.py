@@ -6,6 +6,7 @@ directory. Children are joined with a time bound and killed by PID
 before a test fails.
 """
 
+import asyncio
 import glob
 import multiprocessing
 import os
@@ -376,4 +377,28 @@ def test_processes_share_a_durable_queue_exactly_once(log_dir, shm_name,
     for producer in range(producers_n):
         assert sorted(per_producer[producer]) == list(range(count))
     assert q.qsize() == 0
+    q.close()
+
+
+def test_put_async_with_always_does_not_block_the_loop(log_dir):
+    q = SharedQueue(persist=log_dir, fsync="always")
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await asyncio.gather(*(q.put_async(b"%d" % n) for n in range(20)))
+        got = [await q.get_async(timeout=5) for _ in range(20)]
+        task.cancel()
+        return ticks, got
+
+    ticks, got = asyncio.run(main())
+    assert sorted(got) == sorted(b"%d" % n for n in range(20))
+    assert ticks > 0
     q.close()

@@ -13,7 +13,7 @@ import time
 
 from mqs.errors import Empty, Full
 
-__all__ = ["get_async", "put_async"]
+__all__ = ["get_async", "in_executor", "put_async"]
 
 _FIRST_PAUSE = 0.0005
 _MAX_PAUSE = 0.005
@@ -63,3 +63,9 @@ async def put_async(queue, item, timeout=None):
     earlier, and any other error of `put_nowait` at once.
     """
     return await _retry(lambda: queue.put_nowait(item), Full, timeout)
+
+
+async def in_executor(function, *args):
+    """Run a blocking `function(*args)` in the loop's default executor."""
+    return await asyncio.get_running_loop().run_in_executor(
+        None, function, *args)

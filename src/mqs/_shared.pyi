@@ -1,3 +1,4 @@
+import os
 from collections.abc import Coroutine, Iterable
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
@@ -26,7 +27,13 @@ class SharedQueue:
         groups: int | None = None,
         group: int = 0,
         ctx: Any = None,
+        persist: str | os.PathLike[str] | None = None,
+        fsync: Literal["always", "interval", "never"] = "interval",
     ) -> None: ...
+    @property
+    def persist(self) -> str | None: ...
+    @property
+    def fsync(self) -> Literal["always", "interval", "never"] | None: ...
     @property
     def maxsize(self) -> int: ...
     @property

@@ -930,8 +930,12 @@ cdef class SharedQueue:
         The coroutine retries `put_nowait` after sleeps of 0.5 ms growing
         to 5 ms while the queue is full. It raises `Full` after `timeout`
         seconds (None: no limit), never earlier, and any other error of
-        `put_nowait` at once. Cancelling it adds nothing.
+        `put_nowait` at once. Cancelling it adds nothing. On a durable
+        queue with ``fsync="always"`` the put and its wait for the sync
+        run in the event loop's default executor instead.
         """
+        if self._durable is not None and self._durable.fsync == "always":
+            return _aio.in_executor(self.put, obj, True, timeout)
         return _aio.put_async(self, obj, timeout)
 
     cdef int _wait_room(self, object obj, bint block,

@@ -32,6 +32,11 @@ first_frame: object = frames.get(timeout=1.0)
 print(size, first_frame, frames.qsize(), audit.group)
 frames.close()
 
+durable = mqs.SharedQueue(persist="/tmp/mqs-typing-jobs", fsync="always")
+log_dir: str | None = durable.persist
+print(log_dir, durable.fsync)
+durable.close()
+
 
 async def waits() -> None:
     queued: mqs.Queue[int] = mqs.Queue(maxsize=1)
