@@ -233,7 +233,7 @@ cdef class _Durable:
             mqs_wait_finish(mqs_br_not_empty(&queue._ring))
             return 0
         park(mqs_br_not_empty(&queue._ring), epoch, mqs_monotonic_ns()
-             + WAIT_SLICE_NS, 1, STRATEGY_SLEEP)
+             + WAIT_SLICE_NS, 1, STRATEGY_BLOCK)
         return 0
 
     cdef bint _try_take_over(self) except -1:

@@ -19,6 +19,9 @@ Cases (records of 100 bytes unless the name ends in 4KiB):
   ``fsync=`` "always", "interval" or "never".
 - ``seglog.always.append_many_100``: `append_many` batches of 100 under
   "always" (one sync per batch).
+- ``durable_queue.always.8_processes``: 8 producer processes putting
+  into one ``SharedQueue(persist=..., fsync="always")``; each put returns
+  after a sync that covers it, and the appender syncs once per batch.
 - ``seglog.always.8_threads``: 8 threads calling `append` under
   "always"; their syncs are shared (group commit). The result records
   the number of syncs.
@@ -47,6 +50,7 @@ since the rate of a wrong run means nothing; a failed check raises
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -75,6 +79,7 @@ BASE_COUNTS = {
     "always": 3_000,
     "many": 100_000,
     "threads": 16_000,
+    "processes": 8_000,
     "fast": 1_000_000,
     "large": 100_000,
     "peer": 3_000,
@@ -89,6 +94,8 @@ TARGETS = {
         "seglog.always.100B", "persistqueue.SQLiteQueue", 1.0),
     "8_threads_always_vs_sqlitequeue": (
         "seglog.always.8_threads", "persistqueue.SQLiteQueue", 5.0),
+    "durable_queue_8_processes_always_vs_sqlitequeue": (
+        "durable_queue.always.8_processes", "persistqueue.SQLiteQueue", 5.0),
     "append_many_100_always_vs_sqlitequeue": (
         "seglog.always.append_many_100", "persistqueue.SQLiteQueue", 50.0),
     "interval_100B_vs_write_flush": (
@@ -350,6 +357,49 @@ def _raw_write_round(workdir: str, total_bytes: int,
 
 # ---- runner --------------------------------------------------------------
 
+def _durable_producer(queue: Any, value: bytes, count: int,
+                      start: Any) -> None:
+    start.wait()
+    for _ in range(count):
+        queue.put(value)
+    queue.close()
+
+
+def _durable_queue_round(workdir: str, count: int) -> _Round:
+    """THREADS producer processes put into one SharedQueue(persist=...,
+    fsync="always"); every put returns after a sync that covers it."""
+    value = _payload(SMALL)
+    per_process = max(1, count // THREADS)
+    context = multiprocessing.get_context("fork")
+    start = context.Event()
+    queue = mqs.SharedQueue(persist=os.path.join(workdir, "queue"),
+                            fsync="always", capacity_bytes=1 << 22)
+    try:
+        producers = [context.Process(target=_durable_producer,
+                                     args=(queue, value, per_process, start))
+                     for _ in range(THREADS)]
+        for producer in producers:
+            producer.start()
+
+        def body() -> None:
+            start.set()
+            for producer in producers:
+                producer.join()
+
+        elapsed = _timed(body)
+        if [p.exitcode for p in producers] != [0] * THREADS:
+            raise BenchmarkError(
+                f"a durable queue producer failed: exit codes "
+                f"{[p.exitcode for p in producers]}")
+        if queue.qsize() != per_process * THREADS:
+            raise BenchmarkError(
+                f"the durable queue holds {queue.qsize()} messages, "
+                f"expected {per_process * THREADS}")
+    finally:
+        queue.close()
+    return _Round(per_process * THREADS, elapsed)
+
+
 def _cases(scale: float) -> dict[str, tuple[Callable[[str], _Round], str]]:
     def n(kind: str) -> int:
         return max(1, int(BASE_COUNTS[kind] * scale))
@@ -368,6 +418,8 @@ def _cases(scale: float) -> dict[str, tuple[Callable[[str], _Round], str]]:
         lambda d: _append_many_round(d, n("many")), "records")
     cases["seglog.always.8_threads"] = (
         lambda d: _threads_round(d, n("threads")), "records")
+    cases["durable_queue.always.8_processes"] = (
+        lambda d: _durable_queue_round(d, n("processes")), "records")
     cases["seglog.read.100B"] = (
         lambda d: _read_round(d, SMALL, n("fast")), "records")
     cases["seglog.read.4KiB"] = (
