@@ -6,9 +6,9 @@ below atomically (under one lock, one transaction or one script). The
 shared: they validate arguments, build `Envelope` records, turn
 `Delivery` records into `Message` objects and wait. To add a backend,
 subclass `Backend`, implement the abstract methods, register a factory
-in ``mqs.broker._broker.BACKENDS`` and add the same factory to the
-``backend`` fixture of tests/broker/test_contract.py; the contract suite
-then runs against it unchanged.
+in ``mqs.broker._broker.BACKENDS`` and add a factory of a fresh broker
+to ``BACKEND_FACTORIES`` in tests/broker/conftest.py; the contract suite
+(tests/broker/test_broker_contract.py) then runs against it unchanged.
 
 Semantics every backend must keep (the contract suite checks each):
 
@@ -44,9 +44,15 @@ Semantics every backend must keep (the contract suite checks each):
   finished at once; otherwise it is in flight, owned by the consumer,
   with an ack deadline ``now + ack_timeout``. A consumer never holds
   more than its `prefetch` in-flight messages.
+- Rate limits: each group has one `TokenBucket` for ``config.rate`` and
+  one per lane of ``config.lane_rates``; a delivery takes a token from
+  each that applies, and a lane without tokens is not eligible. An
+  adaptive bucket is cut by nacks and missed deadlines and raised by
+  acks (`TokenBucket.on_failure`, `on_success`).
 - Redelivery: a missed deadline puts the message back at its lane's tail
   (its next delivery has ``attempts + 1``), or dead-letters it (reason
-  ``"ack_timeout"``) once ``attempts >= max_attempts``. `nack` with
+  ``"ack_timeout"``) once ``attempts >= max_attempts`` (the group's
+  value from `open_consumer` if given, else the topic's). `nack` with
   ``requeue=False`` dead-letters (reason ``"rejected"``); with requeue it
   dead-letters (reason ``"max_attempts"``) at the limit, otherwise
   schedules the message after ``retry_delay(...)``.
