@@ -71,6 +71,8 @@ class Profile:
     wheel_count: int
     seglog_scale: float
     shape_warmup: bool = True
+    wheel_repeat: int = 1
+    seglog_repeat: int = 1
 
     def payload_messages(self, size_bytes: int) -> int:
         """Messages per run at `size_bytes`, capped by the byte budget."""
@@ -91,7 +93,7 @@ PROFILES = {
         "full", 5, bench.FULL_COUNT,
         {"threads": 200_000, "processes": 50_000},
         bench_shapes.PAYLOAD_SIZES, 50_000, 512 << 20, 20_000,
-        bench_wheel.DEFAULT_COUNT, 1.0),
+        bench_wheel.DEFAULT_COUNT, 1.0, wheel_repeat=3, seglog_repeat=5),
 }
 
 
@@ -160,7 +162,8 @@ def add_parser(subparsers) -> None:
         "--repeat", type=_positive_int, default=None, metavar="N",
         help=f"timed runs per case and queue, after one warm-up run; the "
              f"median is reported (default: {bench.DEFAULT_REPEAT}, 1 with "
-             f"--quick, 5 with --full; the latency cases make 1)")
+             f"--quick, 5 with --full; timers and log: 1, or 3 and 5 with "
+             f"--full; the latency cases make 1)")
     parser.add_argument(
         "--rate", type=_positive_int, default=bench_latency.DEFAULT_RATE_PER_S,
         metavar="N",
@@ -183,7 +186,9 @@ def _profile(args: argparse.Namespace) -> Profile:
     name = "quick" if args.quick else "full" if args.full else "default"
     profile = PROFILES[name]
     if args.repeat is not None:
-        profile = dataclasses.replace(profile, repeat=args.repeat)
+        profile = dataclasses.replace(profile, repeat=args.repeat,
+                                      wheel_repeat=args.repeat,
+                                      seglog_repeat=args.repeat)
     if args.count is not None:
         profile = dataclasses.replace(
             profile, queue_count=args.count,
@@ -299,7 +304,7 @@ def _shape_runs(case_names: list[str], profile: Profile,
 def _seglog_runs(profile: Profile) -> int:
     ready = [name for name in bench_seglog.CASE_NAMES
              if bench_seglog._skip_reason(name) is None]
-    return len(ready) * (profile.repeat + 1)
+    return len(ready) * (profile.seglog_repeat + 1)
 
 
 def _run_with_progress(console: Console, case_names: list[str],
@@ -362,12 +367,12 @@ def _run_with_progress(console: Console, case_names: list[str],
             progress.refresh()
             with clock("timers"):
                 run.timers = bench_wheel.run_wheel_bench(
-                    profile.wheel_count, profile.repeat)
+                    profile.wheel_count, profile.wheel_repeat)
             advance("timers", "done")
         if "log" in case_names:
             with clock("log"):
                 run.log = bench_seglog.run_seglog_bench(
-                    scale=profile.seglog_scale, repeat=profile.repeat,
+                    scale=profile.seglog_scale, repeat=profile.seglog_repeat,
                     progress=lambda text: advance("log", text))
         return run
 
@@ -487,8 +492,10 @@ def _settings(profile: Profile, case_names: list[str],
         },
         "latency": {"count": profile.latency_count, "rate_per_s": args.rate,
                     "payload_bytes": bench_latency.PAYLOAD_BYTES},
-        "timers": {"count": profile.wheel_count},
-        "log": {"scale": profile.seglog_scale},
+        "timers": {"count": profile.wheel_count,
+                   "repeat": profile.wheel_repeat},
+        "log": {"scale": profile.seglog_scale,
+                "repeat": profile.seglog_repeat},
     }
 
 
