@@ -1319,12 +1319,16 @@ def test_corrupted_attach_leaves_other_handles_working(make_queue, shm_name):
 # -- stats -------------------------------------------------------------------
 
 
-def test_stats_reports_repair_counters_and_qsize(make_queue):
+def test_stats_reports_repair_counters_and_depth(make_queue):
     q = make_queue(capacity_bytes=PAGE)
     q.put_many([b"a", b"b"])
     stats = q.stats()
-    assert stats == {"repaired_records": 0, "repaired_bytes": 0,
-                     "lost_records": 0, "qsize": 2}
+    assert stats.repaired_records == 0
+    assert stats.repaired_bytes == 0
+    assert stats.lost_records == 0
+    assert stats.depth == 2
+    assert stats.enqueued == 2
+    assert stats.dequeued == (0,)
 
 
 def test_file_descriptors_are_not_leaked(make_queue, shm_name):

@@ -49,8 +49,10 @@ import math
 import numbers
 import time
 import types
+import weakref
 
 from mqs import _aio
+from mqs import metrics as _metrics
 from mqs.errors import Empty, Full, ShutDown
 
 __all__ = ["Queue", "SimpleQueue"]
@@ -78,6 +80,7 @@ cdef struct chain_t:
     segment_t *spare     # drained segments kept to avoid malloc churn
     int n_spares
     int64_t count        # items in the chain
+    int64_t pushed       # items pushed ever; items popped = pushed - count
     int64_t next_slots   # size of the next segment to allocate
 
 
@@ -114,6 +117,7 @@ cdef int _chain_init(chain_t *chain, int64_t first_slots) except -1:
     chain.spare = NULL
     chain.n_spares = 0
     chain.count = 0
+    chain.pushed = 0
     chain.next_slots = seg.ring.capacity * 2
     if chain.next_slots > MAX_SEGMENT:
         chain.next_slots = MAX_SEGMENT
@@ -147,6 +151,7 @@ cdef inline int _chain_push(chain_t *chain, PyObject *item) except -1:
         mqs_ring_sp_push(chain.tail.ring, <void *>item)
     Py_INCREF(<object>item)
     chain.count += 1
+    chain.pushed += 1
     return 0
 
 
@@ -174,6 +179,7 @@ cdef int _chain_push_many(chain_t *chain, list items, Py_ssize_t start,
             mqs_ring_slot(ring, lo + i)[0] = <void *>item
         mqs_ring_publish(ring, lo, lo + n)
         chain.count += n
+        chain.pushed += n
         start += n
     return 0
 
@@ -286,6 +292,127 @@ cdef int64_t _check_max_items(object max_items) except -1:
     if max_items < 1:
         raise ValueError(f"max_items must be at least 1, got {max_items!r}")
     return max_items
+
+
+# ---- metrics -------------------------------------------------------------
+#
+# Counters cost nothing extra: items got ever is chain.pushed - chain.count.
+# Latency sampling costs one compare per put and per get. A put stamps the
+# sampled sequences among its items in a small C ring, with no Python code,
+# so nothing can run between a bounded queue's room check and its push,
+# and a put from a signal handler stays lock-free. A get that passes a
+# stamped sequence turns it into a latency for the sampler's histogram.
+
+# Stamped puts whose get has not happened yet. While a consumer is this
+# many samples behind, new puts are not sampled.
+DEF MAX_PENDING_SAMPLES = 64
+
+cdef struct sampling_t:
+    int64_t every          # sample one sequence in `every`; 0 while off
+    int64_t put_next       # next sequence to stamp; INT64_MAX while off
+    int64_t get_next       # gets past this many items record latencies
+    int64_t head           # pending stamps are [head, tail) of the ring
+    int64_t tail
+    bint recording         # a get is handing latencies to the sampler
+    int64_t pending_sequence[MAX_PENDING_SAMPLES]
+    int64_t pending_ns[MAX_PENDING_SAMPLES]
+
+
+# Every live in-process queue, for the metrics registry.
+_live = weakref.WeakSet()
+
+
+def _live_queues():
+    """Return the live `Queue` and `SimpleQueue` objects of the process."""
+    return list(_live)
+
+
+cdef int _sampling_off(sampling_t *sampling) except -1:
+    sampling.every = 0
+    sampling.put_next = INT64_MAX
+    sampling.get_next = INT64_MAX
+    sampling.head = sampling.tail
+    return 0
+
+
+cdef object _sampling_on(sampling_t *sampling, chain_t *chain,
+                         object sample_every):
+    """Return a new sampler; later puts and gets feed it."""
+    sampler = _metrics.LatencySampler(sample_every)
+    sampling.every = sample_every
+    sampling.head = sampling.tail
+    sampling.put_next = _round_up(chain.pushed, sampling.every)
+    sampling.get_next = sampling.put_next
+    return sampler
+
+
+cdef inline int64_t _round_up(int64_t value, int64_t step) noexcept:
+    return (value + step - 1) // step * step
+
+
+cdef inline void _stamp_puts(sampling_t *sampling, chain_t *chain,
+                             int64_t n) noexcept:
+    """Stamp the sampled sequences among the n items about to be pushed."""
+    cdef int64_t end = chain.pushed + n
+    cdef int64_t now, index
+    if end <= sampling.put_next:
+        return
+    now = mqs_monotonic_ns()
+    while sampling.put_next < end \
+            and sampling.tail - sampling.head < MAX_PENDING_SAMPLES:
+        index = sampling.tail % MAX_PENDING_SAMPLES
+        sampling.pending_sequence[index] = sampling.put_next
+        sampling.pending_ns[index] = now
+        sampling.tail += 1
+        sampling.put_next += sampling.every
+    if sampling.put_next < end:
+        sampling.put_next = _round_up(end, sampling.every)
+
+
+cdef inline void _drop_stamps(sampling_t *sampling) noexcept:
+    """Forget the stamps of items dropped without a get."""
+    sampling.head = sampling.tail
+    sampling.get_next = sampling.put_next
+
+
+cdef inline int _after_pop(sampling_t *sampling, chain_t *chain,
+                           object sampler) except -1:
+    if chain.pushed - chain.count > sampling.get_next:
+        _record_gets(sampling, chain.pushed - chain.count, sampler)
+    return 0
+
+
+cdef int _record_gets(sampling_t *sampling, int64_t got,
+                      object sampler) except -1:
+    """Hand the latencies of the stamped sequences below `got` to the
+    sampler. Runs after the get has updated the queue, because the
+    sampler's Python code may let another thread run."""
+    cdef int64_t now = mqs_monotonic_ns()
+    cdef int64_t index
+    cdef list latencies = []
+    if sampling.recording:
+        return 0
+    while sampling.head < sampling.tail:
+        index = sampling.head % MAX_PENDING_SAMPLES
+        if sampling.pending_sequence[index] >= got:
+            break
+        latencies.append(now - sampling.pending_ns[index])
+        sampling.head += 1
+    if sampling.head < sampling.tail:
+        index = sampling.head % MAX_PENDING_SAMPLES
+        sampling.get_next = sampling.pending_sequence[index]
+    else:
+        sampling.get_next = sampling.put_next
+    sampling.recording = True
+    try:
+        sampler.record_many(latencies)
+    finally:
+        sampling.recording = False
+    return 0
+
+
+cdef object _latency_summary(object sampler):
+    return None if sampler is None else sampler.summary()
 
 
 # Wall-clock time minus monotonic time, in ns, as last measured.
@@ -436,12 +563,22 @@ cdef class SimpleQueue:
     cdef chain_t _chain
     cdef mqs_waitword_t _not_empty
     cdef bint _shutdown
+    cdef sampling_t _sampling
+    cdef object _sampler
+    cdef int64_t _dropped_shutdown
+    cdef object __weakref__
 
     __class_getitem__ = classmethod(types.GenericAlias)
 
     def __cinit__(self, *args, **kwargs):
         mqs_wait_init(&self._not_empty)
         _chain_init(&self._chain, UNBOUNDED_FIRST_SEGMENT)
+        _sampling_off(&self._sampling)
+        sample_every = _metrics.default_sample_every()
+        if sample_every is not None:
+            self._sampler = _sampling_on(&self._sampling, &self._chain,
+                                         sample_every)
+        _live.add(self)
 
     def __init__(self):
         pass
@@ -462,6 +599,7 @@ cdef class SimpleQueue:
         """
         if self._shutdown:
             raise ShutDown("put on a shut-down queue")
+        _stamp_puts(&self._sampling, &self._chain, 1)
         _chain_push(&self._chain, <PyObject *>item)
         mqs_wait_signal_locked(&self._not_empty, 0)
 
@@ -469,6 +607,7 @@ cdef class SimpleQueue:
         """Put item into the queue; same as ``put(item)``."""
         if self._shutdown:
             raise ShutDown("put on a shut-down queue")
+        _stamp_puts(&self._sampling, &self._chain, 1)
         _chain_push(&self._chain, <PyObject *>item)
         mqs_wait_signal_locked(&self._not_empty, 0)
 
@@ -483,6 +622,7 @@ cdef class SimpleQueue:
         cdef list batch = items if type(items) is list else list(items)
         if self._shutdown:
             raise ShutDown("put_many on a shut-down queue")
+        _stamp_puts(&self._sampling, &self._chain, len(batch))
         _chain_push_many(&self._chain, batch, 0, len(batch))
         mqs_wait_signal_locked(&self._not_empty, 0)
 
@@ -507,6 +647,7 @@ cdef class SimpleQueue:
         _check_timeout(block, timeout)
         item = _chain_pop(&self._chain)
         if item != NULL:
+            _after_pop(&self._sampling, &self._chain, self._sampler)
             result = <object>item
             Py_DECREF(result)
             return result
@@ -517,6 +658,7 @@ cdef class SimpleQueue:
         cdef PyObject *item = _chain_pop(&self._chain)
         cdef object result
         if item != NULL:
+            _after_pop(&self._sampling, &self._chain, self._sampler)
             result = <object>item
             Py_DECREF(result)
             return result
@@ -535,8 +677,10 @@ cdef class SimpleQueue:
         return _aio.get_async(self, timeout)
 
     cdef object _get_slow(self, bint block, object timeout):
-        return _get_waiting(&self._chain, &self._not_empty, NULL,
-                            &self._shutdown, None, block, timeout)
+        result = _get_waiting(&self._chain, &self._not_empty, NULL,
+                              &self._shutdown, None, block, timeout)
+        _after_pop(&self._sampling, &self._chain, self._sampler)
+        return result
 
     def get_many(self, max_items, bint block=True, timeout=None):
         """Remove and return a list of 1 to `max_items` oldest items.
@@ -551,8 +695,10 @@ cdef class SimpleQueue:
         TypeError
             If `max_items` is not an int.
         """
-        return _get_many(&self._chain, &self._not_empty, NULL,
-                         &self._shutdown, None, max_items, block, timeout)
+        result = _get_many(&self._chain, &self._not_empty, NULL,
+                           &self._shutdown, None, max_items, block, timeout)
+        _after_pop(&self._sampling, &self._chain, self._sampler)
+        return result
 
     def empty(self):
         """Return True if the queue is empty."""
@@ -572,7 +718,9 @@ cdef class SimpleQueue:
         cdef list dropped = []
         self._shutdown = True
         if immediate:
-            _chain_pop_many(&self._chain, dropped, self._chain.count + 1)
+            self._dropped_shutdown += _chain_pop_many(
+                &self._chain, dropped, self._chain.count + 1)
+            _drop_stamps(&self._sampling)
         mqs_wait_signal_locked(&self._not_empty, 0)
         # `dropped` is released here, after the queue state is final, so
         # a __del__ that touches the queue sees it shut down and empty.
@@ -591,6 +739,39 @@ cdef class SimpleQueue:
             return self.get()
         except ShutDown:
             raise StopIteration from None
+
+    def set_latency_sampling(self, sample_every):
+        """Sample the latency of one message in `sample_every`.
+
+        Each sampled message is timestamped when put and when got; the
+        percentiles appear in ``stats().latency``. None turns sampling
+        off and drops the collected samples. New queues sample at the
+        rate of `mqs.metrics.set_default_sample_every` (one in 1,024
+        unless changed).
+
+        Raises
+        ------
+        ValueError
+            If `sample_every` is below 1.
+        """
+        if sample_every is None:
+            _sampling_off(&self._sampling)
+            self._sampler = None
+        else:
+            self._sampler = _sampling_on(&self._sampling, &self._chain,
+                                         sample_every)
+
+    def stats(self):
+        """Return a `mqs.metrics.QueueStats` snapshot of the counters."""
+        cdef int64_t dequeued = (self._chain.pushed - self._chain.count
+                                 - self._dropped_shutdown)
+        return _metrics.QueueStats(
+            kind="SimpleQueue", depth=self._chain.count, delayed=0,
+            maxsize=0, enqueued=self._chain.pushed, dequeued=dequeued,
+            unfinished_tasks=None,
+            dropped=types.MappingProxyType(
+                {"shutdown": self._dropped_shutdown}),
+            latency=_latency_summary(self._sampler))
 
     def __repr__(self):
         return f"<mqs.SimpleQueue qsize={self._chain.count}>"
@@ -634,6 +815,15 @@ cdef class Queue:
     cdef TimingWheel _wheel
     cdef int64_t _delayed
     cdef int64_t _next_due_ns
+    # Counters not derived from the chain: delayed items put ever, those
+    # moved into the chain when due, and ready items dropped by shutdown.
+    cdef int64_t _delayed_puts
+    cdef int64_t _promoted
+    cdef int64_t _dropped_ready
+    cdef int64_t _dropped_delayed
+    cdef sampling_t _sampling
+    cdef object _sampler
+    cdef object __weakref__
 
     __class_getitem__ = classmethod(types.GenericAlias)
 
@@ -646,6 +836,12 @@ cdef class Queue:
         self._set_maxsize(maxsize)
         first = self._maxsize if self._maxsize > 0 else UNBOUNDED_FIRST_SEGMENT
         _chain_init(&self._chain, first)
+        _sampling_off(&self._sampling)
+        sample_every = _metrics.default_sample_every()
+        if sample_every is not None:
+            self._sampler = _sampling_on(&self._sampling, &self._chain,
+                                         sample_every)
+        _live.add(self)
 
     def __init__(self, maxsize=0):
         pass
@@ -736,6 +932,7 @@ cdef class Queue:
             _check_timeout(block, timeout)
             if self._chain.count + self._delayed >= self._maxsize:
                 self._wait_not_full(block, timeout)
+        _stamp_puts(&self._sampling, &self._chain, 1)
         _chain_push(&self._chain, <PyObject *>item)
         self._unfinished += 1
         mqs_wait_signal_locked(&self._not_empty, 0)
@@ -751,6 +948,7 @@ cdef class Queue:
             self._wheel = TimingWheel(0.001, 64)
         self._wheel._insert(due, item)
         self._delayed += 1
+        self._delayed_puts += 1
         self._unfinished += 1
         if due < self._next_due_ns:
             self._next_due_ns = due
@@ -768,8 +966,10 @@ cdef class Queue:
         cdef list due = self._wheel._advance_ns(now_ns)
         cdef Py_ssize_t n = len(due)
         if n:
+            _stamp_puts(&self._sampling, &self._chain, n)
             _chain_push_many(&self._chain, due, 0, n)
             self._delayed -= n
+            self._promoted += n
             mqs_wait_signal_locked(&self._not_empty, 0)
         self._next_due_ns = (self._wheel._next_deadline_ns()
                              if self._delayed else INT64_MAX)
@@ -842,6 +1042,7 @@ cdef class Queue:
                 if room > n - done:
                     room = n - done
             if room > 0:
+                _stamp_puts(&self._sampling, &self._chain, room)
                 _chain_push_many(&self._chain, batch, done, done + room)
                 done += room
                 self._unfinished += room
@@ -889,6 +1090,7 @@ cdef class Queue:
             self._promote_due()
         item = _chain_pop(&self._chain)
         if item != NULL:
+            _after_pop(&self._sampling, &self._chain, self._sampler)
             mqs_wait_signal_locked(&self._not_full, 0)
             result = <object>item
             Py_DECREF(result)
@@ -912,8 +1114,11 @@ cdef class Queue:
         return _aio.get_async(self, timeout)
 
     cdef object _get_slow(self, bint block, object timeout):
-        return _get_waiting(&self._chain, &self._not_empty, &self._not_full,
-                            &self._shutdown, self, block, timeout)
+        result = _get_waiting(&self._chain, &self._not_empty,
+                              &self._not_full, &self._shutdown, self, block,
+                              timeout)
+        _after_pop(&self._sampling, &self._chain, self._sampler)
+        return result
 
     def get_many(self, max_items, bint block=True, timeout=None):
         """Remove and return a list of 1 to `max_items` oldest items.
@@ -928,8 +1133,10 @@ cdef class Queue:
         TypeError
             If `max_items` is not an int.
         """
-        return _get_many(&self._chain, &self._not_empty, &self._not_full,
-                         &self._shutdown, self, max_items, block, timeout)
+        result = _get_many(&self._chain, &self._not_empty, &self._not_full,
+                           &self._shutdown, self, max_items, block, timeout)
+        _after_pop(&self._sampling, &self._chain, self._sampler)
+        return result
 
     def task_done(self):
         """Mark one earlier-got item as processed, for `join`.
@@ -997,6 +1204,9 @@ cdef class Queue:
         self._shutdown = True
         if immediate:
             n = _chain_pop_many(&self._chain, dropped, self._chain.count + 1)
+            self._dropped_ready += n
+            self._dropped_delayed += self._delayed
+            _drop_stamps(&self._sampling)
             n += self._delayed
             self._wheel = None
             self._delayed = 0
@@ -1011,6 +1221,45 @@ cdef class Queue:
         # here, after the queue state is final, so a __del__ that touches
         # the queue sees it shut down and empty.
         del wheel
+
+    def set_latency_sampling(self, sample_every):
+        """Sample the latency of one message in `sample_every`.
+
+        Each sampled message is timestamped when it becomes ready (put,
+        or due for a delayed item) and when it is got; the percentiles
+        appear in ``stats().latency``. None turns sampling off and drops
+        the collected samples. New queues sample at the rate of
+        `mqs.metrics.set_default_sample_every` (one in 1,024 unless
+        changed).
+
+        Raises
+        ------
+        ValueError
+            If `sample_every` is below 1.
+        """
+        if sample_every is None:
+            _sampling_off(&self._sampling)
+            self._sampler = None
+        else:
+            self._sampler = _sampling_on(&self._sampling, &self._chain,
+                                         sample_every)
+
+    def stats(self):
+        """Return a `mqs.metrics.QueueStats` snapshot of the counters.
+
+        Delayed items that are due are moved into the queue first, as
+        `qsize` does.
+        """
+        self._promote_due()
+        enqueued = self._chain.pushed - self._promoted + self._delayed_puts
+        dequeued = self._chain.pushed - self._chain.count - self._dropped_ready
+        return _metrics.QueueStats(
+            kind="Queue", depth=self._chain.count, delayed=self._delayed,
+            maxsize=self._maxsize, enqueued=enqueued, dequeued=dequeued,
+            unfinished_tasks=self._unfinished,
+            dropped=types.MappingProxyType(
+                {"shutdown": self._dropped_ready + self._dropped_delayed}),
+            latency=_latency_summary(self._sampler))
 
     def __iter__(self):
         return self

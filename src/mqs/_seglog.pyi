@@ -4,6 +4,8 @@ from typing import Callable, NamedTuple, Union
 
 import pyarrow
 
+from mqs.metrics import SegmentLogStats as SegmentLogStats
+
 _BytesLike = Union[bytes, bytearray, memoryview]
 _Item = Union[_BytesLike, tuple[_BytesLike | None, _BytesLike]]
 
@@ -12,18 +14,6 @@ class LogRecord(NamedTuple):
     timestamp: int
     key: memoryview | None
     value: memoryview
-
-class SegmentLogStats(NamedTuple):
-    start_offset: int
-    end_offset: int
-    synced_offset: int
-    segments: int
-    bytes: int
-    appended_records: int
-    syncs: int
-    sync_errno: int
-    segments_deleted: int
-    records_deleted: int
 
 class RecoveryReport(NamedTuple):
     segments_scanned: int

@@ -32,7 +32,9 @@ import re
 import struct
 import tempfile
 import time
+import types
 
+from mqs.metrics import SegmentLogStats
 from mqs.errors import (
     LogCorrupted,
     LogLocked,
@@ -104,12 +106,11 @@ LogRecord.__doc__ = """One record of a SegmentLog.
 record appended without a key; `key` and `value` are read-only
 memoryviews into the segment mapping."""
 
-SegmentLogStats = collections.namedtuple(
-    "SegmentLogStats",
+_RawStats = collections.namedtuple(
+    "_RawStats",
     ["start_offset", "end_offset", "synced_offset", "segments", "bytes",
      "appended_records", "syncs", "sync_errno", "segments_deleted",
-     "records_deleted"],
-    module="mqs")
+     "records_deleted"])
 
 RecoveryReport = collections.namedtuple(
     "RecoveryReport",
@@ -127,6 +128,7 @@ _FSYNC_NAMES = {v: k for k, v in _FSYNC_MODES.items()}
 _GROUP_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 _COMMIT_MAGIC = b"MQSGROUP"
 _COMMIT_FORMAT = struct.Struct("<8sqI")
+_COMMIT_FILE = re.compile(r"consumer-([A-Za-z0-9_-][A-Za-z0-9._-]{0,199})\.offset")
 _pyarrow = None
 
 
@@ -445,7 +447,7 @@ cdef class SegmentLog:
                 f"length, offset or CRC check and is not returned; "
                 f"continue from a later offset", offset, self.path)
         if rc == MQS_EPOISONED:
-            err = self.stats().sync_errno or _errno.EIO
+            err = self._raw_stats().sync_errno or _errno.EIO
             raise LogPoisoned(
                 err,
                 f"a sync of this log failed earlier ({os.strerror(err)}), "
@@ -483,7 +485,7 @@ cdef class SegmentLog:
             if rc == MQS_EPOISONED:
                 logger.error("sync of segment log %s failed: %s; the log "
                              "takes no more appends", self.path,
-                             os.strerror(self.stats().sync_errno or 5))
+                             os.strerror(self._raw_stats().sync_errno or 5))
             self._raise_status(rc)
         return 0
 
@@ -897,8 +899,7 @@ cdef class SegmentLog:
         return self.iter_from()
 
     def __len__(self):
-        self._check_open()
-        stats = self.stats()
+        stats = self._raw_stats()
         return stats.end_offset - stats.start_offset
 
     # ---- consumer groups -------------------------------------------------
@@ -972,29 +973,63 @@ cdef class SegmentLog:
     # ---- state -----------------------------------------------------------
 
     def stats(self):
-        """Return a `SegmentLogStats` snapshot of offsets and counters."""
+        """Return a `mqs.metrics.SegmentLogStats` snapshot.
+
+        Offsets and counters come from the log's state in this process;
+        `committed` is read from the consumer offset files of the
+        directory, and `records_dropped` from the recovery on open.
+        """
+        raw = self._raw_stats()
+        return SegmentLogStats(
+            path=self.path, **raw._asdict(),
+            records_dropped=self._recovery.records_dropped,
+            committed=types.MappingProxyType(self._committed_offsets()))
+
+    def _raw_stats(self):
         cdef mqs_seglog_stats_t s
         self._check_open()
         mqs_seglog_get_stats(self._log, &s)
-        return SegmentLogStats(
+        return _RawStats(
             s.start_offset, s.end_offset, s.synced_offset, s.segments,
             s.bytes, s.appended_records, s.syncs, s.sync_errno,
             s.segments_deleted, s.records_deleted)
 
+    def _committed_offsets(self):
+        """Return {group: committed offset} of every consumer group.
+
+        A group whose offset file fails its CRC check is left out (and
+        logged); `committed(group)` raises for it.
+        """
+        offsets = {}
+        for entry in sorted(os.listdir(self.path)):
+            match = _COMMIT_FILE.fullmatch(entry)
+            if match is None:
+                continue
+            group = match.group(1)
+            try:
+                offset = self.committed(group)
+            except LogCorrupted:
+                logger.warning("segment log %s: offset file of group %r "
+                               "failed its CRC check", self.path, group)
+                continue
+            if offset is not None:
+                offsets[group] = offset
+        return offsets
+
     @property
     def start_offset(self):
         """First retained offset."""
-        return self.stats().start_offset
+        return self._raw_stats().start_offset
 
     @property
     def end_offset(self):
         """Offset the next append gets (one past the last record)."""
-        return self.stats().end_offset
+        return self._raw_stats().end_offset
 
     @property
     def synced_offset(self):
         """Every offset below this one has been synced."""
-        return self.stats().synced_offset
+        return self._raw_stats().synced_offset
 
     @property
     def recovery(self):
@@ -1083,7 +1118,7 @@ cdef class SegmentLog:
     def __repr__(self):
         if self._log == NULL:
             return f"<mqs.SegmentLog {self.path!r} closed>"
-        stats = self.stats()
+        stats = self._raw_stats()
         return (f"<mqs.SegmentLog {self.path!r} fsync={self.fsync!r} "
                 f"offsets={stats.start_offset}..{stats.end_offset}"
                 f"{' readonly' if self.readonly else ''}>")

@@ -65,8 +65,15 @@ from mqs.includes.mqs_bytering cimport (
     mqs_br_unpin,
     mqs_bytering_t,
     mqs_br_attach,
+    mqs_br_config_t,
+    mqs_br_counters_t,
+    mqs_br_header_t,
+    mqs_br_participant_alive,
     mqs_br_validate,
+    MQS_BR_HEADER_BYTES,
+    MQS_BR_MAX_PARTICIPANTS,
 )
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, mmap, munmap
 from mqs.includes.mqs_wait cimport (
     mqs_monotonic_ns,
     mqs_wait_finish,
@@ -746,22 +753,26 @@ cdef class SharedQueue:
         return 0
 
     def stats(self):
-        """Return counters of crash repairs as a dict.
+        """Return a `mqs.metrics.SharedQueueStats` snapshot.
 
-        ``repaired_records``: unpublished records of dead producers turned
-        into padding; ``lost_records``: an upper bound on messages taken by
-        consumers that died before returning them.
+        Every counter is read from the queue's shared mapping, so all
+        processes see the same values: messages put and got ever (per
+        group), the lag of each group, bytes in use, live attached
+        processes, and the crash repair counters (``repaired_records``:
+        unpublished records of dead producers turned into padding;
+        ``lost_records``: an upper bound on messages taken by consumers
+        that died before returning them).
+
+        Raises
+        ------
+        ValueError
+            If the queue is closed.
         """
-        cdef int64_t size
         self._check_mapped()
-        size = self._count()
-        counters = mqs_br_counters(&self._ring)
-        return {
-            "repaired_records": counters.repaired_records,
-            "repaired_bytes": counters.repaired_bytes,
-            "lost_records": counters.lost_records,
-            "qsize": size,
-        }
+        # Settle dead claims first, as qsize does, so the counts include
+        # only messages that will arrive.
+        self._count()
+        return _read_stats(&self._ring, self.name, self._group)
 
     cdef int64_t _count(self) except -1:
         """Messages this handle's group has not taken, dead claims repaired.
@@ -1434,3 +1445,135 @@ def _attach_by_fd(dup, serializer, strategy, group=0, persist=None,
 
 
 include "_durable.pxi"
+
+
+# ---- stats and read-only inspection ----------------------------------------
+#
+# The header fields below are read in place. The block types are
+# declared only to name fields: Cython emits ``header->tail.v.second``
+# and the C compiler resolves it against the real mqs_br_header_t, so a
+# changed layout fails to compile instead of reading the wrong bytes.
+
+cdef extern from *:
+    ctypedef struct _pair "_mqs_pair":
+        int64_t first
+        int64_t second
+
+    ctypedef struct _pair_block "_mqs_pair_block":
+        _pair v
+
+    ctypedef struct _repairs_fields "_mqs_repairs_fields":
+        int64_t padded
+
+    ctypedef struct _repairs_block "_mqs_repairs_block":
+        _repairs_fields v
+
+    ctypedef struct _group_fields "_mqs_group_fields":
+        _pair cursor
+
+    ctypedef struct _group_block "_mqs_group_block":
+        _group_fields v
+
+    ctypedef struct _header_fields "mqs_br_header_t":
+        _pair_block tail
+        _repairs_block repairs
+        _group_block groups[8]
+
+
+cdef object _read_stats(mqs_bytering_t *ring, object name, int group):
+    """Return the SharedQueueStats of the ring whose header is mapped.
+
+    Only loads: the header may be mapped read-only. The lag of a group
+    counts a message from its claim, so a message still being copied in
+    counts, and so does a dead producer's claim until a repair pads it.
+    """
+    from mqs import metrics
+
+    cdef _header_fields *header = <_header_fields *>ring.header
+    cdef mqs_br_config_t *config = mqs_br_config(ring)
+    cdef mqs_br_counters_t *counters = mqs_br_counters(ring)
+    cdef int n_groups = config.n_groups
+    # Plain loads without a lock: under concurrent puts and repairs the
+    # values come from slightly different instants.
+    cdef int64_t padded = header.repairs.v.padded
+    cdef int64_t enqueued = header.tail.v.second - padded
+    cdef int64_t tail = header.tail.v.first
+    cdef int64_t oldest_head = tail
+    dequeued = []
+    lag = []
+    for g in range(n_groups):
+        oldest_head = min(oldest_head, header.groups[g].v.cursor.first)
+        dequeued.append(header.groups[g].v.cursor.second)
+        lag.append(max(0, mqs_br_count(ring, g)))
+    attached = 0
+    for slot in range(MQS_BR_MAX_PARTICIPANTS):
+        if mqs_br_participant(ring, slot).pid != 0 \
+                and mqs_br_participant_alive(ring, slot) == 1:
+            attached += 1
+    return metrics.SharedQueueStats(
+        name=name, capacity_bytes=ring.capacity,
+        max_message_size=config.max_message_size, maxsize=config.maxsize,
+        groups=n_groups, group=group, depth=lag[group], delayed=None,
+        enqueued=enqueued, dequeued=tuple(dequeued), lag=tuple(lag),
+        used_bytes=max(0, tail - oldest_head), attached_processes=attached,
+        repaired_records=counters.repaired_records,
+        repaired_bytes=counters.repaired_bytes,
+        lost_records=counters.lost_records,
+        stalls_reported=counters.stalls_reported)
+
+
+def _inspect_file(path, name):
+    """Return the stats of the queue file at `path` without attaching.
+
+    Maps the header read-only and takes no participant slot: nothing in
+    the file is written, and liveness is read with F_OFD_GETLK, which
+    takes no lock.
+    """
+    cdef mqs_bytering_t ring
+    cdef void *header
+    cdef int rc
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise QueueNotFound(
+            f"no shared queue named {name!r} ({path} is missing); list the "
+            f"queues with `mqs top --once`") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < mqs_br_file_bytes(4096):
+            raise QueueLayoutError(
+                f"{path} is {size} bytes, too small for an mqs queue")
+        header = mmap(NULL, MQS_BR_HEADER_BYTES, PROT_READ, MAP_SHARED,
+                      fd, 0)
+        if header == MAP_FAILED:
+            raise OSError(f"cannot map the header of {path}")
+        try:
+            rc = mqs_br_validate(<mqs_br_header_t *>header, size)
+            if rc == MQS_EVERSION:
+                raise QueueLayoutError(
+                    f"{path} has a ring layout version this mqs does not "
+                    f"read; use the mqs version that created it")
+            if rc == MQS_EAGAIN_INIT:
+                raise QueueLayoutError(
+                    f"{path} is not initialised yet, or its creator died "
+                    f"before finishing")
+            if rc != MQS_OK:
+                raise QueueLayoutError(
+                    f"{path} has a corrupted or foreign header; it is not "
+                    f"an mqs queue")
+            ring.header = <mqs_br_header_t *>header
+            ring.data = NULL
+            ring.capacity = size - mqs_br_file_bytes(0)
+            ring.fd = fd
+            ring.slot = -1
+            return _read_stats(&ring, name, 0)
+        finally:
+            munmap(header, MQS_BR_HEADER_BYTES)
+    finally:
+        os.close(fd)
+
+
+def _live_queues():
+    """Return the open SharedQueue handles of this process."""
+    return [q for q in list(_instances)
+            if not (<SharedQueue>q)._closed and (<SharedQueue>q)._mapped]

@@ -195,9 +195,9 @@ def test_random_producer_kills_keep_survivors_exact(scale):
         # Published messages all arrive, so a victim's are 0..n-1.
         assert got == list(range(len(got))), f"victim {k}"
     stats = q.stats()
-    assert stats["repaired_records"] <= kills
-    assert stats["lost_records"] == 0
-    assert stats["qsize"] == 0
+    assert stats.repaired_records <= kills
+    assert stats.lost_records == 0
+    assert stats.depth == 0
     q.put(b"still works")
     assert q.get(timeout=5) == b"still works"
     q.close()
@@ -264,8 +264,8 @@ def test_random_consumer_kills_lose_at_most_one_message_each(scale):
     missing = len(expected - set(counts))
     assert missing <= kills
     stats = q.stats()
-    assert stats["lost_records"] <= kills
-    assert stats["qsize"] == 0
+    assert stats.lost_records <= kills
+    assert stats.depth == 0
     q.put(b"still works")
     assert q.get(timeout=5) == b"still works"
     q.close()
@@ -327,7 +327,7 @@ def test_random_kills_leave_bounded_counts_exact(scale):
             q.put_nowait(b"p" * 200)
         assert q.qsize() == maxsize
     stats = q.stats()
-    assert stats["qsize"] == maxsize
+    assert stats.depth == maxsize
     q.close()
 
 
@@ -431,16 +431,16 @@ def test_producer_killed_at_failpoint_is_repaired(failpoint_path, shm_name,
     with caplog.at_level(logging.WARNING, logger="mqs._shared"):
         # qsize repairs the dead claim first, so it never counts it.
         assert q.qsize() == 4 + 100
-        assert q.stats()["repaired_records"] == 1
+        assert q.stats().repaired_records == 1
         got = drain(q, 4 + 100, poll)
 
     assert [n for p, n in got if p == 1] == [0, 1, 2, 3]
     assert [n for p, n in got if p == 2] == list(range(100))
     stats = q.stats()
-    assert stats["repaired_records"] == 1
-    assert stats["repaired_bytes"] == (
+    assert stats.repaired_records == 1
+    assert stats.repaired_bytes == (
         16 + message_length(1, 4, 256) + 15) // 16 * 16
-    assert stats["qsize"] == 0
+    assert stats.depth == 0
     assert "turned 1 unpublished record(s) of dead producer(s) into " \
            "padding" in caplog.text
     writer.put(b"still works")
@@ -466,7 +466,7 @@ def test_process_taking_dead_producer_slot_repairs_it(failpoint_path,
     assert stdout == "50\n"
     assert "turned 1 unpublished record(s) of dead producer(s) into " \
            "padding" in stderr
-    assert q.stats()["repaired_records"] == 1
+    assert q.stats().repaired_records == 1
     assert q.qsize() == 2 + 50
     got = drain(q, 2 + 50, poll=True)
     assert [n for p, n in got if p == 1] == [0, 1]
@@ -499,7 +499,7 @@ def test_consumer_killed_after_take_loses_only_its_record(failpoint_path,
     for n in range(20, 69):
         q.put_nowait(n.to_bytes(4, "little") + bytes(108))
     assert q.qsize() == 64
-    assert q.stats()["lost_records"] == 1
+    assert q.stats().lost_records == 1
 
     # Another consumer process takes the rest while this one puts more.
     consumer = start_child(failpoint_path, f"""
@@ -515,9 +515,9 @@ def test_consumer_killed_after_take_loses_only_its_record(failpoint_path,
     assert status == 0, stderr
     assert [int(s) for s in stdout.split()] == list(range(5, 320))
     stats = q.stats()
-    assert stats["lost_records"] == 1
-    assert stats["repaired_records"] == 0
-    assert stats["qsize"] == 0
+    assert stats.lost_records == 1
+    assert stats.repaired_records == 0
+    assert stats.depth == 0
     q.close()
 
 
@@ -547,7 +547,7 @@ def test_stalled_producer_is_waited_for_and_reported(failpoint_path,
             q.get(timeout=STALL_WAIT_S)
         assert time.monotonic() - start >= STALL_WAIT_S
         assert stalled.poll() is None
-        assert q.stats()["repaired_records"] == 0
+        assert q.stats().repaired_records == 0
         assert re.search(rf"waiting \d+\.\d s for a live producer "
                          rf"\(pid {stalled.pid}, slot \d+\) to publish a "
                          rf"record it claimed", caplog.text)
@@ -564,7 +564,7 @@ def test_stalled_producer_is_waited_for_and_reported(failpoint_path,
     got = drain(q, 3 + 50, poll=False)
     assert [n for p, n in got if p == 1] == [2, 3, 4]
     assert [n for p, n in got if p == 2] == list(range(50))
-    assert q.stats()["repaired_records"] == 0
+    assert q.stats().repaired_records == 0
     q.close()
 
 
@@ -606,5 +606,5 @@ def test_each_stall_is_reported_to_polling_reader(failpoint_path, shm_name,
         assert status == 0, stderr
         got = drain(q, 2, poll=False)
         assert got == [(round_number, 1), (round_number, 2)]
-    assert q.stats()["repaired_records"] == 0
+    assert q.stats().repaired_records == 0
     q.close()

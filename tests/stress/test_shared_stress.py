@@ -102,8 +102,11 @@ def test_shared_queue_delivers_exactly_once_in_order(scale, batch):
         reports = run_processes(q, per_producer, scale, batch)
         check_reports(reports, per_producer)
         assert q.qsize() == 0
-        assert q.stats() == {"repaired_records": 0, "repaired_bytes": 0,
-                             "lost_records": 0, "qsize": 0}
+        stats = q.stats()
+        assert stats.repaired_records == 0
+        assert stats.repaired_bytes == 0
+        assert stats.lost_records == 0
+        assert stats.depth == 0
     finally:
         q.close()
 
