@@ -33,6 +33,7 @@ from mqs.broker import (
     Rate,
     TopicConfig,
 )
+from mqs import metrics
 
 __all__ = [
     "Queue",
@@ -70,7 +71,22 @@ __all__ = [
     "CircuitOpen",
     "AlreadySettled",
     "BackendUnavailable",
+    "metrics",
+    "start_metrics_server",
 ]
 
 __version__ = "0.1.0"
+
+
+def start_metrics_server(port, addr="127.0.0.1", *, scan_shared=True):
+    """Serve Prometheus metrics of every queue at ``http://addr:port/``.
+
+    Exports the queues of this process and, with `scan_shared`, every
+    named shared-memory queue of the machine; see
+    `mqs.exporter.start_metrics_server`. Returns a `MetricsServer`;
+    call its ``close()`` to stop.
+    """
+    from mqs.exporter import start_metrics_server as start
+
+    return start(port, addr, scan_shared=scan_shared)
 

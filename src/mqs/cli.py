@@ -2,7 +2,8 @@
 
 `build_parser` adds one subparser per subcommand through an
 ``_add_<name>_parser`` function, or the ``add_parser`` function of a
-``cli_<name>`` module (`mqs.cli_bench`). That function sets the
+``cli_<name>`` module (`mqs.cli_bench`; `mqs.cli_ops` has ``add_parsers``
+for its several subcommands). That function sets the
 ``handler`` default: a function that takes the parsed arguments, runs the subcommand
 and returns the exit status.
 """
@@ -46,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         title="commands", dest="command", required=True, metavar="COMMAND")
     # Imported here: cli_bench imports this module for the exit statuses,
     # and the other subcommands need none of the benchmark modules.
-    from mqs import cli_bench
+    from mqs import cli_bench, cli_ops
 
     cli_bench.add_parser(subparsers)
+    cli_ops.add_parsers(subparsers)
     return parser
 
 

@@ -1,0 +1,285 @@
+"""Tests of `mqs stat`, `top`, `dump`, `purge` and `tail`, run in a
+subprocess against real shared queues and real segment logs."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+import mqs
+
+SHM_DIR = "/dev/shm"
+PAGE = os.sysconf("SC_PAGESIZE")
+SUBCOMMANDS = ["stat", "top", "dump", "purge", "tail", "metrics"]
+
+
+def run_mqs(*args, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "mqs", *args], check=False,
+        capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "COLUMNS": "160"})
+
+
+def assert_one_line_error(result, text):
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    assert text in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.fixture
+def shm_name():
+    name = f"test-cli-{uuid.uuid4().hex[:16]}"
+    yield name
+    for path in glob.glob(os.path.join(SHM_DIR, f"mqs.{name}*")):
+        os.unlink(path)
+
+
+@pytest.fixture
+def queue(shm_name):
+    q = mqs.SharedQueue(name=shm_name, groups=2, capacity_bytes=1 << 16)
+    yield q
+    q.close()
+
+
+@pytest.fixture
+def log_dir(tmp_path):
+    path = tmp_path / "events"
+    with mqs.SegmentLog(path, segment_bytes=8192, fsync="never") as log:
+        for i in range(300):
+            log.append(b"event-%d" % i, key=b"k%d" % (i % 3))
+        log.commit("billing", 120)
+    return path
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command):
+    result = run_mqs(command, "--help")
+    assert result.returncode == 0
+    assert f"usage: mqs {command}" in result.stdout
+
+
+def test_tail_help_says_topics_are_not_supported_yet():
+    result = run_mqs("tail", "--help")
+    assert "topics are not supported yet" in " ".join(result.stdout.split())
+
+
+# ------------------------------------------------------------------- stat
+
+
+def test_stat_shared_queue_prints_counters(queue, shm_name):
+    queue.put_many([b"a", b"b", b"c", b"d"])
+    queue.get()
+    result = run_mqs("stat", shm_name)
+    assert result.returncode == 0, result.stderr
+    assert f"shared queue {shm_name}" in result.stdout
+    assert "group 0: lag (messages)" in result.stdout
+    assert "attached processes" in result.stdout
+
+
+def test_stat_json_matches_queue(queue, shm_name):
+    queue.put_many([b"a", b"b", b"c", b"d"])
+    queue.get()
+    result = run_mqs("stat", shm_name, "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["enqueued"] == 4
+    assert stats["dequeued"] == [1, 0]
+    assert stats["lag"] == [3, 4]
+    assert stats["attached_processes"] == 1
+    assert stats["dropped"] == {"repaired_record": 0, "consumer_died": 0}
+
+
+def test_stat_log_shows_group_lag(log_dir):
+    result = run_mqs("stat", str(log_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["end_offset"] == 300
+    assert stats["committed"] == {"billing": 120}
+    assert stats["consumer_lag"] == {"billing": 180}
+    table = run_mqs("stat", str(log_dir))
+    assert "group billing: lag (records)" in table.stdout
+    assert "180" in table.stdout
+
+
+def test_stat_unknown_name_is_one_line_error():
+    result = run_mqs("stat", "no-such-queue-for-cli")
+    assert_one_line_error(result, "no shared queue named "
+                                  "'no-such-queue-for-cli'")
+
+
+def test_stat_bad_path_is_one_line_error(tmp_path):
+    path = tmp_path / "missing" / "log"
+    result = run_mqs("stat", str(path))
+    assert_one_line_error(result, f"segment log directory '{path}' not "
+                                  f"found")
+
+
+def test_stat_shm_path_reads_queue(queue, shm_name):
+    queue.put(b"a")
+    result = run_mqs("stat", f"/dev/shm/mqs.{shm_name}", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["enqueued"] == 1
+
+
+def test_stat_directory_without_segments_is_error(tmp_path):
+    result = run_mqs("stat", str(tmp_path))
+    assert_one_line_error(result, "has no segment files")
+
+
+# -------------------------------------------------------------------- top
+
+
+def test_top_once_lists_queue(queue, shm_name):
+    queue.put_many([b"x"] * 5)
+    result = run_mqs("top", "--once")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines()
+                if shm_name in line)
+    cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+    assert cells[0] == shm_name
+    assert cells[1] == "2"
+    assert cells[2] == "5"
+
+
+def test_top_iterations_prints_rates(queue, shm_name):
+    result = run_mqs("top", "--iterations", "2", "--interval", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("mqs shared queues on this machine") == 2
+
+
+def test_top_rejects_negative_interval():
+    result = run_mqs("top", "--interval", "-1")
+    assert result.returncode == 2
+    assert "must be a finite number of at least 0" in result.stderr
+
+
+# ------------------------------------------------------------------- dump
+
+
+def test_dump_lists_segments_and_verifies(log_dir):
+    result = run_mqs("dump", str(log_dir))
+    assert result.returncode == 0, result.stderr
+    segments = sorted(p.name for p in log_dir.glob("*.seg"))
+    assert len(segments) >= 2
+    for name in segments:
+        assert name in result.stdout
+    assert "300 records verified, 0 damaged" in result.stdout
+
+
+def test_dump_records_prints_each_record(log_dir):
+    result = run_mqs("dump", str(log_dir), "--records")
+    assert result.returncode == 0, result.stderr
+    assert "b'event-0'" in result.stdout
+    assert "b'event-299'" in result.stdout
+
+
+def test_dump_exits_nonzero_on_crc_error(log_dir):
+    first = sorted(log_dir.glob("*.seg"))[0]
+    data = bytearray(first.read_bytes())
+    position = data.find(b"event-5")
+    data[position] ^= 0xFF
+    first.write_bytes(bytes(data))
+    result = run_mqs("dump", str(log_dir))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "offset 5:" in result.stdout
+    assert "299 records verified, 1 damaged" in result.stdout
+    assert "1 damaged or missing record(s)" in result.stderr
+
+
+def test_dump_missing_dir_is_one_line_error(tmp_path):
+    result = run_mqs("dump", str(tmp_path / "nope"))
+    assert_one_line_error(result, "not found")
+
+
+# ------------------------------------------------------------------ purge
+
+
+def test_purge_without_yes_changes_nothing(queue, shm_name):
+    queue.put_many([b"a", b"b"])
+    result = run_mqs("purge", shm_name)
+    assert result.returncode == 2
+    assert "run again with --yes" in result.stderr
+    assert queue.qsize() == 2
+
+
+def test_purge_yes_discards_every_group(queue, shm_name):
+    queue.put_many([b"a", b"b", b"c"])
+    queue.get()
+    result = run_mqs("purge", shm_name, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "[2, 3]" in result.stdout
+    stats = queue.stats()
+    assert stats.lag == (0, 0)
+    queue.put(b"after")
+    assert queue.get(timeout=5) == b"after"
+
+
+def test_purge_unknown_queue_is_one_line_error():
+    result = run_mqs("purge", "no-such-queue-for-cli", "--yes")
+    assert_one_line_error(result, "no shared queue named")
+
+
+# ------------------------------------------------------------------- tail
+
+
+def test_tail_log_prints_last_records(log_dir):
+    result = run_mqs("tail", str(log_dir), "--lines", "3", "--timeout", "0")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("297 ")
+    assert lines[-1].endswith("b'event-299'")
+
+
+def test_tail_log_follows_new_records(log_dir):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mqs", "tail", str(log_dir), "--from", "300",
+         "--count", "2", "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Give tail time to reach its polling loop, so that it usually
+        # follows the appends. With --from, a late start prints the same.
+        time.sleep(0.5)
+        with mqs.SegmentLog(log_dir, segment_bytes=8192,
+                            fsync="never") as log:
+            log.append(b"late-1")
+            log.append(b"late-2")
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr
+    assert stdout.splitlines() == ["300 6 B b'late-1'", "301 6 B b'late-2'"]
+
+
+def test_tail_queue_gets_its_group_only(queue, shm_name):
+    queue.put_many([b"one", b"two"])
+    queue.put({"n": 3})
+    result = run_mqs("tail", shm_name, "--group", "1", "--count", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "3 B b'one'", "3 B b'two'", "dict {'n': 3}"]
+    assert queue.stats().lag == (3, 0)
+
+
+def test_tail_queue_without_group_is_error(queue, shm_name):
+    result = run_mqs("tail", shm_name, "--timeout", "0")
+    assert_one_line_error(result, "give --group")
+
+
+def test_tail_queue_group_out_of_range_is_error(queue, shm_name):
+    result = run_mqs("tail", shm_name, "--group", "5", "--timeout", "0")
+    assert_one_line_error(result, "--group must be 0 to 1")
+
+
+def test_tail_unknown_target_is_one_line_error():
+    result = run_mqs("tail", "no-such-queue-for-cli", "--group", "0")
+    assert_one_line_error(result, "no shared queue named")
