@@ -366,3 +366,31 @@ def test_registry_skips_failing_collector(caplog):
 def test_metric_rejects_bad_definition(name, kind, match):
     with pytest.raises(ValueError, match=match):
         metrics.Metric(name, kind, "help")
+
+
+def test_register_broker_exports_topic_stats():
+    registry = metrics.MetricsRegistry()
+    broker = mqs.Broker()
+    broker.declare_topic("orders", max_attempts=1)
+    for i in range(3):
+        broker.publish("orders", {"n": i})
+    consumer = broker.consume("orders", "billing")
+    consumer.get(timeout=5).ack()
+    consumer.get(timeout=5).nack(requeue=False)
+    handle = metrics.register_broker(broker, ["orders", "gone"], "shop",
+                                     registry=registry)
+    samples = registry.collect(scan_shared=False)
+    by_key = {(s.metric.name, tuple(sorted(s.labels.items()))): s.value
+              for s in samples}
+    labels = (("broker", "shop"), ("topic", "orders"))
+    assert by_key[("mqs_topic_messages_total",
+                   (*labels[:1], ("event", "published"), labels[1]))] == 3
+    assert by_key[("mqs_topic_messages_total",
+                   (*labels[:1], ("event", "acked"), labels[1]))] == 1
+    assert by_key[("mqs_topic_messages",
+                   (*labels[:1], ("state", "dlq"), labels[1]))] == 1
+    assert by_key[("mqs_topic_consumer_groups", labels)] == 1
+    assert not [s for s in samples if s.labels.get("topic") == "gone"]
+    handle.remove()
+    consumer.close(drain=False)
+    broker.close()

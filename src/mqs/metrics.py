@@ -28,6 +28,8 @@ The registry lists every source the Prometheus exporter exports:
 
   A collector may define its own `Metric` (name with the ``mqs_`` prefix,
   type, help text); the exporter groups samples by metric.
+  `register_broker(broker, topics)` is such a collector for the topics
+  of an `mqs.Broker`.
 """
 
 from __future__ import annotations
@@ -664,3 +666,69 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(item) for item in value]
     return value
+
+
+# ----------------------------------------------------------------- broker
+
+TOPIC_MESSAGES = Metric(
+    "mqs_topic_messages", "gauge",
+    "Messages of a broker topic by state (stored, ready, delayed, "
+    "in_flight, dlq)")
+TOPIC_GROUPS = Metric(
+    "mqs_topic_consumer_groups", "gauge", "Consumer groups of a topic")
+TOPIC_EVENTS = Metric(
+    "mqs_topic_messages_total", "counter",
+    "Messages of a broker topic by event (published, delivered, acked, "
+    "nacked, redelivered, late_acks, redriven)")
+TOPIC_DROPPED = Metric(
+    "mqs_topic_dropped_messages_total", "counter",
+    "Messages of a broker topic dropped or dead-lettered, by reason")
+
+_TOPIC_EVENTS = ("published", "delivered", "acked", "nacked",
+                 "redelivered", "late_acks", "redriven")
+_TOPIC_STATES = ("stored", "ready", "delayed", "in_flight", "dlq")
+
+
+def topic_samples(stats: Mapping[str, int], topic: str,
+                  broker: str) -> Iterator[Sample]:
+    """Turn the dict of `Broker.stats(topic)` into samples."""
+    labels = {"broker": broker, "topic": topic}
+    for state in _TOPIC_STATES:
+        if state in stats:
+            yield Sample(TOPIC_MESSAGES, {**labels, "state": state},
+                         stats[state])
+    if "groups" in stats:
+        yield Sample(TOPIC_GROUPS, labels, stats["groups"])
+    for event in _TOPIC_EVENTS:
+        if event in stats:
+            yield Sample(TOPIC_EVENTS, {**labels, "event": event},
+                         stats[event])
+    for key, count in stats.items():
+        if key in ("deduplicated", "expired", "dropped_full",
+                   "dropped_unsubscribed", "dlq_purged") \
+                or key.startswith("dead_lettered."):
+            yield Sample(TOPIC_DROPPED, {**labels, "reason": key}, count)
+
+
+def register_broker(broker: Any, topics: Iterable[str], name: str = "default",
+                    registry: MetricsRegistry | None = None
+                    ) -> CollectorHandle:
+    """Export the stats of `topics` of `broker` on every scrape.
+
+    Uses the registry's collector hook. A topic deleted later is
+    skipped (and logged at DEBUG) until it is declared again.
+    Returns the handle whose ``remove()`` stops the export.
+    """
+    topics = list(topics)
+
+    def collect() -> Iterator[Sample]:
+        for topic in topics:
+            try:
+                stats = broker.stats(topic)
+            except LookupError as exc:
+                logger.debug("broker %s: skipping topic %r: %s", name,
+                             topic, exc)
+                continue
+            yield from topic_samples(stats, topic, name)
+
+    return (registry or REGISTRY).add_collector(collect)
