@@ -86,10 +86,12 @@ enum failpoint {
     FP_COUNT,
 };
 
+#ifdef MQS_FAILPOINTS
 static const char *const failpoint_names[FP_COUNT] = {
     "seglog.mid_record",  "seglog.after_append", "seglog.after_sync",
     "seglog.roll_sealed", "seglog.roll_created", "seglog.sync_eio",
 };
+#endif
 
 struct mqs_seglog {
     mqs_seglog_config_t cfg;
@@ -132,7 +134,9 @@ struct mqs_seglog {
     int64_t hint_offset;
     uint64_t hint_pos;
 
+#ifdef MQS_FAILPOINTS
     _Atomic int64_t fp_left[FP_COUNT];
+#endif
 
     _Atomic int64_t syncs;
     int64_t appended;
@@ -228,10 +232,12 @@ static int fail_errno(mqs_seglog_t *log, int status)
  * Nth time (default the first) a named point is reached, it fires. Kill
  * points raise SIGKILL in the calling process, as an outside kill at
  * that instruction would; seglog.sync_eio makes that sync fail with
- * EIO. The same variable drives csrc/mqs_failpoint.h, but these points
- * are always compiled in: the variable is read once at open, and unset,
- * every check is one relaxed load of a zero.
+ * EIO. The same variable drives csrc/mqs_failpoint.h, and like those
+ * points these are compiled in only when MQS_FAILPOINTS is defined
+ * (setup.py: MQS_FAILPOINTS=1). The variable is read once per open log,
+ * so each log counts its own passes.
  */
+#ifdef MQS_FAILPOINTS
 static void failpoints_parse(mqs_seglog_t *log)
 {
     const char *spec = getenv("MQS_FAILPOINT");
@@ -271,6 +277,25 @@ static void failpoint_kill(mqs_seglog_t *log, enum failpoint fp)
     if (failpoint_hit(log, fp))
         raise(SIGKILL);
 }
+#else
+static void failpoints_parse(mqs_seglog_t *log)
+{
+    (void)log;
+}
+
+static int failpoint_hit(mqs_seglog_t *log, enum failpoint fp)
+{
+    (void)log;
+    (void)fp;
+    return 0;
+}
+
+static void failpoint_kill(mqs_seglog_t *log, enum failpoint fp)
+{
+    (void)log;
+    (void)fp;
+}
+#endif
 
 /* ---- records ---------------------------------------------------------- */
 

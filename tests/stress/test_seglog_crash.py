@@ -3,8 +3,9 @@
 A child process appends records whose bytes are a function of their
 offset, and after each append (or append_many) returns it stores the
 last returned offset in a small shared mapping. The parent kills it with
-SIGKILL at a random moment, or lets a named failpoint (MQS_FAILPOINT)
-kill it at an exact step, then reopens the log and checks that every
+SIGKILL at a random moment, or lets a named failpoint (MQS_FAILPOINT,
+in the copy of mqs built with MQS_FAILPOINTS=1 by conftest.py) kill it
+at an exact step, then reopens the log and checks that every
 returned offset is there, that every record contains exactly its own bytes
 (nothing corrupt or duplicated), and that recovery dropped no complete
 record. One log directory lives through all the kills, so crashes also
@@ -19,6 +20,7 @@ and 20 failpoint kills, about a minute on 2 cores). Random choices use
 fixed seeds.
 """
 
+import errno
 import mmap
 import os
 import random
@@ -27,6 +29,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 
@@ -113,12 +116,20 @@ class SharedCounter:
         os.close(self.fd)
 
 
-def run_writer(path, mode, seed, counter, failpoint=None, kill_after=None):
-    """Start a writer, wait for its death (or kill it), return the code."""
+def run_writer(path, mode, seed, counter, failpoint=None, kill_after=None,
+               pythonpath=None):
+    """Start a writer, wait for its death (or kill it), return the last
+    offset that its appends returned.
+
+    `pythonpath` (the `failpoint_path` fixture) makes the child import
+    the copy of mqs built with failpoints.
+    """
     env = dict(os.environ)
     env.pop("MQS_FAILPOINT", None)
     if failpoint:
         env["MQS_FAILPOINT"] = failpoint
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     counter.reset()
     child = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(path), mode, str(seed),
@@ -189,10 +200,11 @@ FAILPOINTS = [
 
 
 @pytest.mark.parametrize("failpoint,mode", FAILPOINTS)
-def test_seglog_survives_failpoint_kills(tmp_path, failpoint, mode):
+def test_seglog_survives_failpoint_kills(tmp_path, failpoint_path, failpoint,
+                                         mode):
     path = tmp_path / "log"
     counter = SharedCounter(tmp_path / "acked")
-    rng = random.Random(hash(failpoint) & 0xFFFF)
+    rng = random.Random(zlib.crc32(failpoint.encode()))
     runs = max(1, scaled(FAILPOINT_KILLS) // len(FAILPOINTS))
     try:
         for iteration in range(runs):
@@ -200,10 +212,67 @@ def test_seglog_survives_failpoint_kills(tmp_path, failpoint, mode):
             if failpoint.startswith("seglog.roll"):
                 passes = rng.randint(1, 3)
             acked = run_writer(path, mode, iteration, counter,
-                               failpoint=f"{failpoint}:{passes}")
+                               failpoint=f"{failpoint}:{passes}",
+                               pythonpath=failpoint_path)
             report = verify(path, acked)
             if failpoint == "seglog.mid_record":
                 # Killed with half a record written: its bytes are cut.
                 assert report.bytes_zeroed > 0, report
     finally:
         counter.close()
+
+
+SYNC_EIO_CHILD = r"""
+import sys
+import mqs
+
+with mqs.SegmentLog(sys.argv[1], segment_bytes=65536,
+                    fsync="always") as log:
+    log.append(b"1")
+    log.append(b"2")
+    try:
+        log.append(b"3")
+    except mqs.LogPoisoned as exc:
+        print("poisoned", exc.errno)
+    try:
+        log.append(b"4")
+    except mqs.LogPoisoned:
+        print("still poisoned")
+    print("syncs", log.stats().syncs, "synced", log.synced_offset)
+    try:
+        log.close()
+    except mqs.LogPoisoned:
+        print("close poisoned")
+"""
+
+
+def test_seglog_injected_sync_error_poisons(tmp_path, failpoint_path):
+    """The third sync fails with EIO (seglog.sync_eio): the log stays
+    poisoned, and a reopen recovers what the page cache contains."""
+    env = {**os.environ, "PYTHONPATH": failpoint_path,
+           "MQS_FAILPOINT": "seglog.sync_eio:3"}
+    result = subprocess.run(
+        [sys.executable, "-c", SYNC_EIO_CHILD, str(tmp_path / "log")],
+        env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+        check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"poisoned {errno.EIO}" in lines
+    assert "still poisoned" in lines
+    assert "syncs 2 synced 2" in lines
+    assert "close poisoned" in lines
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=65536) as log:
+        assert log.end_offset == 3
+
+
+def test_seglog_failpoint_copy_has_seglog_failpoints(failpoint_path):
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import mqs._seglog; print(mqs._seglog.__file__)"],
+        env={**os.environ, "PYTHONPATH": failpoint_path},
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False)
+    assert result.returncode == 0, result.stderr
+    module = result.stdout.strip()
+    assert module.startswith(failpoint_path.split(os.pathsep)[0])
+    with open(module, "rb") as f:
+        assert b"seglog.sync_eio" in f.read()

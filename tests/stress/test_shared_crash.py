@@ -7,7 +7,7 @@ Three kinds of test:
   once and in order. A killed producer's messages arrive at most once
   and intact, and all of those it published before it died arrive.
 - Failpoints (csrc/mqs_failpoint.h): a copy of the package built once per
-  session with MQS_FAILPOINTS=1, run by child interpreters with
+  session with MQS_FAILPOINTS=1 (conftest.py), run by child interpreters with
   MQS_FAILPOINT set, dies exactly at a named step of a put or a take.
 - A producer stopped between claim and publish (failpoint stop mode): a
   reader waits for it, logs a WARNING, never repairs its record, and
@@ -20,15 +20,12 @@ number of random kills and the messages of the surviving producers.
 import logging
 import multiprocessing
 import os
-import platform
 import queue
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import time
 import uuid
@@ -51,8 +48,6 @@ from mqs.shared import SharedQueue
 
 pytestmark = pytest.mark.stress
 
-ROOT = Path(__file__).resolve().parents[2]
-STRESS_DIR = Path(__file__).resolve().parent
 SEED = 11
 CHILD_TIMEOUT_S = 60
 PUT_FAILPOINTS = ["put_after_cas", "put_after_claim", "put_mid_payload",
@@ -332,54 +327,6 @@ def test_random_kills_leave_bounded_counts_exact(scale):
 
 
 # -- failpoints -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def failpoint_path(tmp_path_factory):
-    """Build a copy of mqs whose _shared module has failpoints compiled in.
-
-    Returns a PYTHONPATH for child interpreters: the copy first, then this
-    directory (for shared_workers). The C source is the Cython output
-    that the normal build left next to the installed module. When that
-    file is missing or stale, Cython (if installed) makes it again from
-    _shared.pyx, and without Cython the failpoint tests are skipped.
-    """
-    import mqs._shared
-
-    installed = Path(mqs._shared.__file__).parent
-    cc = (sysconfig.get_config_var("CC") or "cc").split()
-    if shutil.which(cc[0]) is None:
-        pytest.skip(f"no C compiler ({cc[0]}) to build the failpoint copy")
-    out = tmp_path_factory.mktemp("failpoint-build")
-    package = out / "mqs"
-    shutil.copytree(installed, package, ignore=shutil.ignore_patterns(
-        "_shared.*.so", "_shared.c", "__pycache__"))
-
-    c_source = installed / "_shared.c"
-    pyx = installed / "_shared.pyx"
-    if not c_source.exists() or c_source.stat().st_mtime < pyx.stat().st_mtime:
-        cython = shutil.which("cython") or shutil.which("cython3")
-        if cython is None:
-            pytest.skip("src/mqs/_shared.c is missing or older than "
-                        "_shared.pyx, and Cython is not installed to make it")
-        c_source = out / "_shared.c"
-        subprocess.run([cython, "-3", "--directive", "embedsignature=True",
-                        "-I", str(out), str(package / "_shared.pyx"),
-                        "-o", str(c_source)], check=True, timeout=300)
-
-    target = package / f"_shared{sysconfig.get_config_var('EXT_SUFFIX')}"
-    command = [
-        *cc, "-shared", "-fPIC", "-pthread", "-O2", "-std=c11", "-Wall",
-        "-Wextra", "-DMQS_FAILPOINTS=1", f"-I{ROOT / 'csrc'}",
-        f"-I{sysconfig.get_paths()['include']}", str(c_source),
-        str(ROOT / "csrc" / "mqs_bytering.c"), "-o", str(target),
-    ]
-    if platform.machine() == "x86_64":
-        command.insert(1, "-mcx16")  # the 16-byte CAS of mqs_atomic.h
-    result = subprocess.run(command, capture_output=True, text=True,
-                            timeout=600, check=False)
-    assert result.returncode == 0, result.stderr
-    return f"{out}{os.pathsep}{STRESS_DIR}"
 
 
 def start_child(failpoint_path, code, failpoint=None):
