@@ -198,11 +198,43 @@ def test_seglog_read_batch_columns(tmp_path):
         assert batch.schema.names == ["offset", "timestamp", "key", "value"]
         assert batch.column("value").type == pa.binary_view()
         assert batch.column("offset").to_pylist() == [0, 1]
-        assert batch.column("timestamp").cast(pa.int64()).to_pylist() == [5, 6]
+        assert batch.column("timestamp").type == pa.int64()
+        assert batch.column("timestamp").to_pylist() == [5, 6]
+        as_time = batch.column("timestamp").cast(pa.timestamp("ns"))
+        assert as_time.buffers()[1].address == \
+            batch.column("timestamp").buffers()[1].address
         assert batch.column("key").to_pylist() == [None, b"k"]
         assert batch.column("value").to_pylist() == [
             b"short", b"a value longer than twelve bytes"]
         assert log.read_batch(2).num_rows == 0
+
+
+def test_seglog_read_batch_converts_without_pandas(tmp_path):
+    stamp = 1_733_333_333_123_456_789   # not a whole microsecond
+    code = f"""
+import sys
+sys.modules["pandas"] = None    # makes "import pandas" fail
+import mqs
+with mqs.SegmentLog({str(tmp_path / "log")!r}) as log:
+    log.append(b"a value longer than twelve bytes", key=b"k",
+               timestamp={stamp})
+    batch = log.read_batch(0)
+    print(batch.to_pydict())
+    print(batch.to_pylist())
+    print(batch.column("timestamp").cast(
+        __import__("pyarrow").timestamp("ns")).cast("int64").to_pylist())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    as_dict, as_list, cast_back = result.stdout.splitlines()
+    assert as_dict == repr({
+        "offset": [0], "timestamp": [stamp], "key": [b"k"],
+        "value": [b"a value longer than twelve bytes"]})
+    assert as_list == repr([{
+        "offset": 0, "timestamp": stamp, "key": b"k",
+        "value": b"a value longer than twelve bytes"}])
+    assert cast_back == repr([stamp])
 
 
 def test_seglog_read_batch_values_point_into_mapping(tmp_path):

@@ -789,8 +789,9 @@ cdef class SegmentLog:
         Returns
         -------
         pyarrow.RecordBatch
-            Columns ``offset`` (int64), ``timestamp`` (timestamp[ns]),
-            ``key`` (binary_view, null without a key) and ``value``
+            Columns ``offset`` (int64), ``timestamp`` (int64, nanoseconds
+            since the Unix epoch, as in `LogRecord`), ``key``
+            (binary_view, null without a key) and ``value``
             (binary_view). Values and keys longer than 12 bytes are not
             copied: their views point into the segment mapping, which
             the batch keeps alive. Empty at the end offset.
@@ -805,6 +806,14 @@ cdef class SegmentLog:
         `max_records` records while more follow: continue from
         ``offset + batch.num_rows``. It also stops before a record that
         fails its checks; reading that offset then raises.
+
+        The timestamps are plain int64 so that ``to_pylist()`` and
+        ``to_pydict()`` work with pyarrow alone: pyarrow turns
+        timestamp[ns] values into Python objects only through pandas,
+        since `datetime.datetime` stops at microseconds. For an Arrow
+        timestamp column, ``batch.column("timestamp").cast(
+        pyarrow.timestamp("ns"))`` reinterprets the values without a
+        copy.
         """
         cdef int64_t count = 0
         cdef int64_t first
@@ -847,7 +856,7 @@ cdef class SegmentLog:
         offset_col = pa.Array.from_buffers(
             pa.int64(), count, [None, offsets[:8 * count]])
         stamp_col = pa.Array.from_buffers(
-            pa.timestamp("ns"), count, [None, stamps[:8 * count]])
+            pa.int64(), count, [None, stamps[:8 * count]])
         return pa.RecordBatch.from_arrays(
             [offset_col, stamp_col, key_col, value_col],
             schema=_batch_schema(pa))
@@ -1172,7 +1181,7 @@ def _check_group(group):
 def _batch_schema(pa):
     return pa.schema([
         ("offset", pa.int64()),
-        ("timestamp", pa.timestamp("ns")),
+        ("timestamp", pa.int64()),
         ("key", pa.binary_view()),
         ("value", pa.binary_view()),
     ])
