@@ -4,8 +4,9 @@ Measures every case of `mqs.bench_seglog` (its docstring lists them):
 appends of 100 B and 4 KiB records under each ``fsync=`` mode,
 `append_many` batches of 100 and 8 appending threads under "always",
 `read` and `read_batch`, and the peers persist-queue (SQLiteQueue and
-the file Queue), litequeue, Redis with ``appendfsync everysec`` (only if
-`redis-server` is installed), a Python ``write()`` + ``flush()`` loop of
+the file Queue), litequeue, Redis with ``appendfsync everysec`` and
+``always`` (XADD per record through redis-py to a server started on
+127.0.0.1 for each round, only if `redis-server` is installed), a Python ``write()`` + ``flush()`` loop of
 framed records and raw sequential ``write()`` bandwidth. Install the
 peers with ``pip install -e '.[bench]'``.
 

@@ -949,3 +949,28 @@ def test_seglog_bench_reports_cases_and_ratios(tmp_path):
     assert ratios["always_100B_vs_sqlitequeue"]["met"] is None
     assert "seglog.read_batch" in bench_seglog.format_seglog_bench(result)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_seglog_bench_compares_with_redis(tmp_path, redis_server_factory):
+    # The fixture only checks for redis-server (skip or CI failure):
+    # the benchmark starts its own servers.
+    pytest.importorskip("redis")
+    from mqs import bench_seglog
+
+    result = bench_seglog.run_seglog_bench(
+        directory=str(tmp_path), scale=0.01, repeat=1,
+        cases=["seglog.interval.100B", "redis.appendfsync_everysec",
+               "seglog.always.100B", "redis.appendfsync_always"])
+    cases = {case["case"]: case for case in result["cases"]}
+    for name in ("redis.appendfsync_everysec", "redis.appendfsync_always"):
+        assert "skipped" not in cases[name], cases[name]
+        assert cases[name]["amount"] == 30
+        assert cases[name]["rate_per_s"] > 0
+    ratios = {ratio["name"]: ratio for ratio in result["ratios"]}
+    assert ratios["interval_100B_vs_redis_everysec"]["value"] > 0
+    assert ratios["interval_100B_vs_redis_everysec"]["target"] == 100.0
+    assert ratios["always_100B_vs_redis_always"]["value"] > 0
+    assert ratios["always_100B_vs_redis_always"]["met"] is None
+    assert "always_100B_vs_redis_always" in \
+        bench_seglog.format_seglog_bench(result)
+    assert list(tmp_path.iterdir()) == []

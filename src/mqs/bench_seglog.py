@@ -30,9 +30,13 @@ Cases (records of 100 bytes unless the name ends in 4KiB):
 - ``persistqueue.SQLiteQueue``, ``persistqueue.Queue``, ``litequeue``:
   `put` per record with each library's defaults (skipped if the package
   is missing; install the ``bench`` extra).
-- ``redis.appendfsync_everysec``: LPUSH per record to a redis-server
-  started here on a Unix socket with ``appendonly yes`` and
-  ``appendfsync everysec``; skipped without a redis-server binary.
+- ``redis.appendfsync_everysec`` and ``redis.appendfsync_always``: one
+  XADD per record through redis-py (with hiredis when installed) to a
+  redis-server that each round starts on 127.0.0.1 with the append-only
+  file on and ``appendfsync everysec`` (the peer of ``fsync="interval"``,
+  since both sync in the background about once per interval) or
+  ``always`` (the peer of ``fsync="always"``). Skipped without redis-py
+  or a redis-server binary.
 - ``python.write_flush``: a Python loop that frames each record (length,
   CRC-32 from zlib, offset, timestamp) and calls ``write`` + ``flush``.
 - ``raw.sequential_write``: ``write`` of 1 MiB blocks to a new file
@@ -55,7 +59,6 @@ import os
 import shutil
 import statistics
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -64,6 +67,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import mqs
+from mqs._redis_server import find_redis_server
 from mqs.bench import BenchmarkError, machine_info
 
 SMALL = 100
@@ -88,7 +92,7 @@ BASE_COUNTS = {
 }
 
 # Targets of the tracked ratios: (numerator case, denominator case or
-# None for an absolute rate, minimum).
+# None for an absolute rate, minimum or None when only reported).
 TARGETS = {
     "always_100B_vs_sqlitequeue": (
         "seglog.always.100B", "persistqueue.SQLiteQueue", 1.0),
@@ -100,6 +104,11 @@ TARGETS = {
         "seglog.always.append_many_100", "persistqueue.SQLiteQueue", 50.0),
     "interval_100B_vs_write_flush": (
         "seglog.interval.100B", "python.write_flush", 3.0),
+    "interval_100B_vs_redis_everysec": (
+        "seglog.interval.100B", "redis.appendfsync_everysec", 100.0),
+    # Like for like under "always": reported, with no target set.
+    "always_100B_vs_redis_always": (
+        "seglog.always.100B", "redis.appendfsync_always", None),
     # Against the faster of the two raw.sequential_write cases.
     "never_4KiB_bandwidth_vs_raw_write": (
         "seglog.never.4KiB", "raw.sequential_write", 0.5),
@@ -294,32 +303,22 @@ def _litequeue_round(workdir: str, count: int) -> _Round:
     return _Round(count, elapsed)
 
 
-def _redis_round(workdir: str, count: int) -> _Round:
+def _redis_round(workdir: str, appendfsync: str, count: int) -> _Round:
     import redis
 
-    sock = os.path.join(workdir, "redis.sock")
-    server = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", "0",
-         "--unixsocket", sock, "--unixsocketperm", "700",
-         "--dir", workdir, "--appendonly", "yes",
-         "--appendfsync", "everysec", "--save", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise BenchmarkError("redis-server did not start")
-            time.sleep(0.01)
-        client = redis.Redis(unix_socket_path=sock)
-        value = _payload(SMALL)
+    from mqs._redis_server import RedisServer
+
+    value = _payload(SMALL)
+    with RedisServer(appendfsync=appendfsync) as server:
+        client = redis.Redis.from_url(server.url)
+        xadd = client.xadd
         elapsed = _timed(
-            lambda: [client.lpush("q", value) for _ in range(count)])
-        if client.llen("q") != count:
-            raise BenchmarkError("redis list has the wrong length")
+            lambda: [xadd("log", {"v": value}) for _ in range(count)])
+        length = client.xlen("log")
         client.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    if length != count:
+        raise BenchmarkError(f"redis stream contains {length} entries, "
+                             f"expected {count}")
     return _Round(count, elapsed)
 
 
@@ -431,8 +430,9 @@ def _cases(scale: float) -> dict[str, tuple[Callable[[str], _Round], str]]:
     cases["persistqueue.Queue"] = (
         lambda d: _file_queue_round(d, n("peer")), "records")
     cases["litequeue"] = (lambda d: _litequeue_round(d, n("peer")), "records")
-    cases["redis.appendfsync_everysec"] = (
-        lambda d: _redis_round(d, n("peer")), "records")
+    for appendfsync in ("everysec", "always"):
+        cases[f"redis.appendfsync_{appendfsync}"] = (
+            lambda d, a=appendfsync: _redis_round(d, a, n("peer")), "records")
     cases["python.write_flush"] = (
         lambda d: _write_flush_round(d, n("fast")), "records")
     cases["raw.sequential_write"] = (
@@ -458,8 +458,9 @@ def _skip_reason(name: str) -> str | None:
             except ImportError:
                 return (f"{module} is not installed (pip install "
                         f"'mqs[bench]')")
-    if name.startswith("redis.") and shutil.which("redis-server") is None:
-        return "redis-server is not installed"
+    if name.startswith("redis.") and find_redis_server() is None:
+        return ("redis-server is not installed (Debian: apt-get install "
+                "redis-server)")
     return None
 
 
@@ -595,7 +596,8 @@ def run_seglog_bench(directory: str | None = None, scale: float = 1.0,
             "denominator": denominator,
             "value": value,
             "target": target,
-            "met": None if value is None else value >= target,
+            "met": None if value is None or target is None
+            else value >= target,
         })
     return {
         "machine": machine_info(),
@@ -644,6 +646,9 @@ def format_seglog_bench(result: dict) -> str:
         shown = "n/a" if value is None else (
             f"{value:,.0f}/s" if ratio["denominator"] is None
             else f"{value:.2f}x")
+        if ratio["target"] is None:
+            lines.append(f"{ratio['name']:40} {shown:>14}  no target")
+            continue
         target = (f"{ratio['target']:,.0f}/s" if ratio["denominator"] is None
                   else f"{ratio['target']}x")
         verdict = {True: "met", False: "MISSED", None: "not measured"}[
