@@ -1,0 +1,518 @@
+"""Redis peer loops for the broker and Redis-backend benchmarks.
+
+Each function drives one loop through redis-py (which parses replies
+with hiredis when that is installed) against the server at `url`, checks
+what arrived, and returns a `RedisRunResult`. None of them starts a
+server: pass the URL of one you own, such as the `url` of a
+`mqs._redis_server.RedisServer`, or call `run_redis_peers`, which starts
+a throwaway server on 127.0.0.1 and runs every loop against it.
+
+Loops (messages of `body_bytes` bytes, 100 by default):
+
+- ``xadd``: one XADD per message, each waiting for its reply.
+- ``xadd_pipelined``: XADD sent in pipelines of `batch` commands
+  (no MULTI/EXEC), one round trip per batch.
+- ``xreadgroup_xack``: a consumer group reads a prefilled stream with
+  XREADGROUP COUNT 1 and acknowledges each entry with its own XACK.
+- ``xreadgroup_xack_batched``: XREADGROUP COUNT `batch`, then one XACK
+  naming every entry of the batch.
+- ``lpush_brpop``: the list pattern of Dramatiq-style queues, LPUSH per
+  message, then BRPOP per message (time for both phases).
+- ``stream_roundtrip``: publish -> consume -> ack across processes: a
+  child process XADDs (pipelined by `batch`) while this process reads
+  with XREADGROUP COUNT `batch` and acknowledges each read with one
+  XACK; timed from the child's start until the last XACK.
+
+Only the loop itself is timed with `time.perf_counter_ns`, with the
+garbage collector off; prefilling and checking are outside the clock.
+Every loop writes keys under a fresh ``mqs-bench:<random>:`` prefix
+and deletes them afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import multiprocessing
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mqs.bench import BenchmarkError
+
+__all__ = [
+    "LOOPS",
+    "RedisRunResult",
+    "lpush_brpop",
+    "run_redis_peers",
+    "stream_roundtrip",
+    "xadd",
+    "xadd_pipelined",
+    "xreadgroup_xack",
+    "xreadgroup_xack_batched",
+]
+
+DEFAULT_BODY_BYTES = 100
+DEFAULT_BATCH = 100
+GROUP = "bench"
+CONSUMER = "c1"
+# A consumer that receives no entry for this long stops and fails the run.
+STALL_TIMEOUT_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisRunResult:
+    """One timed loop against Redis.
+
+    Attributes
+    ----------
+    loop : str
+        Name of the loop (a key of `LOOPS`).
+    count : int
+        Messages moved in the timed part.
+    elapsed_ns : int
+        Wall time of the timed part.
+    params : dict
+        ``body_bytes``, ``batch``, ``hiredis`` (True when redis-py parsed
+        replies with hiredis) and ``url`` (password removed), plus
+        ``appendfsync`` when `run_redis_peers` started the server.
+    """
+
+    loop: str
+    count: int
+    elapsed_ns: int
+    params: dict[str, Any]
+
+    @property
+    def rate_per_s(self) -> float:
+        """Messages per second of the timed part."""
+        return self.count / max(self.elapsed_ns, 1) * 1e9
+
+
+def _timed(body: Callable[[], Any]) -> int:
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        body()
+        return time.perf_counter_ns() - start
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _check_arguments(count: int, body_bytes: int, batch: int) -> None:
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    if not isinstance(body_bytes, int) or body_bytes < 1:
+        raise ValueError(f"body_bytes must be an int >= 1, got {body_bytes!r}")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+
+
+def _body(body_bytes: int) -> bytes:
+    return bytes((i * 7 + 1) & 0xFF for i in range(body_bytes))
+
+
+def _public_url(url: str) -> str:
+    """Return `url` with any password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        rest = f"{user}:***@{host}"
+    return f"{scheme}{sep}{rest}"
+
+
+class _Session:
+    """A client and a fresh key prefix; deletes the keys on close."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+        import redis.utils
+
+        # Any: redis-py's reply types are unions over RESP2 and RESP3.
+        self.client: Any = redis.Redis.from_url(url)
+        self.prefix = f"mqs-bench:{uuid.uuid4().hex[:12]}:"
+        self.hiredis = bool(redis.utils.HIREDIS_AVAILABLE)
+        self.url = url
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def params(self, body_bytes: int, batch: int) -> dict[str, Any]:
+        return {"body_bytes": body_bytes, "batch": batch,
+                "hiredis": self.hiredis, "url": _public_url(self.url)}
+
+    def close(self) -> None:
+        try:
+            keys = list(self.client.scan_iter(match=self.prefix + "*"))
+            if keys:
+                self.client.delete(*keys)
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _prefill(session: _Session, stream: str, count: int, body: bytes) -> None:
+    """Add `count` entries to `stream` and create the consumer group."""
+    client = session.client
+    for start in range(0, count, 1000):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(min(1000, count - start)):
+            pipe.xadd(stream, {"b": body})
+        pipe.execute()
+    client.xgroup_create(stream, GROUP, id="0")
+
+
+def _check_stream(session: _Session, stream: str, count: int,
+                  body: bytes) -> None:
+    length = session.client.xlen(stream)
+    if length != count:
+        raise BenchmarkError(f"stream {stream} contains {length} entries, "
+                             f"expected {count}")
+    for entry_id, fields in session.client.xrange(stream, count=1) + \
+            session.client.xrevrange(stream, count=1):
+        if fields != {b"b": body}:
+            raise BenchmarkError(f"entry {entry_id!r} of {stream} has the "
+                                 f"wrong fields")
+
+
+def _check_acked(session: _Session, stream: str, consumed: int,
+                 count: int) -> None:
+    if consumed != count:
+        raise BenchmarkError(f"consumed {consumed} entries of {stream}, "
+                             f"expected {count}")
+    pending = session.client.xpending(stream, GROUP)["pending"]
+    if pending:
+        raise BenchmarkError(f"{pending} entries of {stream} are still "
+                             f"pending after the acks")
+
+
+# ---- publish --------------------------------------------------------------
+
+def xadd(url: str, count: int, *, body_bytes: int = DEFAULT_BODY_BYTES
+         ) -> RedisRunResult:
+    """Time `count` XADD calls, one round trip per message."""
+    _check_arguments(count, body_bytes, 1)
+    body = _body(body_bytes)
+    with _Session(url) as session:
+        stream = session.key("stream")
+        add = session.client.xadd
+        fields = {"b": body}
+
+        def loop() -> None:
+            for _ in range(count):
+                add(stream, fields)
+
+        elapsed = _timed(loop)
+        _check_stream(session, stream, count, body)
+        return RedisRunResult("xadd", count, elapsed,
+                              session.params(body_bytes, 1))
+
+
+def xadd_pipelined(url: str, count: int, *,
+                   body_bytes: int = DEFAULT_BODY_BYTES,
+                   batch: int = DEFAULT_BATCH) -> RedisRunResult:
+    """Time `count` XADD calls sent in pipelines of `batch` commands."""
+    _check_arguments(count, body_bytes, batch)
+    body = _body(body_bytes)
+    with _Session(url) as session:
+        stream = session.key("stream")
+        client = session.client
+        fields = {"b": body}
+
+        def loop() -> None:
+            for start in range(0, count, batch):
+                pipe = client.pipeline(transaction=False)
+                for _ in range(min(batch, count - start)):
+                    pipe.xadd(stream, fields)
+                pipe.execute()
+
+        elapsed = _timed(loop)
+        _check_stream(session, stream, count, body)
+        return RedisRunResult("xadd_pipelined", count, elapsed,
+                              session.params(body_bytes, batch))
+
+
+# ---- consume and ack --------------------------------------------------------
+
+def xreadgroup_xack(url: str, count: int, *,
+                    body_bytes: int = DEFAULT_BODY_BYTES) -> RedisRunResult:
+    """Time reading `count` entries one at a time, each with its own XACK.
+
+    The stream is filled before the clock starts.
+    """
+    _check_arguments(count, body_bytes, 1)
+    body = _body(body_bytes)
+    with _Session(url) as session:
+        stream = session.key("stream")
+        _prefill(session, stream, count, body)
+        client = session.client
+        streams = {stream: ">"}
+        consumed = [0]
+
+        def loop() -> None:
+            done = 0
+            while done < count:
+                reply = client.xreadgroup(GROUP, CONSUMER, streams, count=1)
+                if not reply:
+                    break
+                entry_id, fields = reply[0][1][0]
+                if fields[b"b"] != body:
+                    raise BenchmarkError(f"entry {entry_id!r} has the wrong "
+                                         f"body")
+                client.xack(stream, GROUP, entry_id)
+                done += 1
+            consumed[0] = done
+
+        elapsed = _timed(loop)
+        _check_acked(session, stream, consumed[0], count)
+        return RedisRunResult("xreadgroup_xack", count, elapsed,
+                              session.params(body_bytes, 1))
+
+
+def xreadgroup_xack_batched(url: str, count: int, *,
+                            body_bytes: int = DEFAULT_BODY_BYTES,
+                            batch: int = DEFAULT_BATCH) -> RedisRunResult:
+    """Time reading `count` entries `batch` at a time, one XACK per batch.
+
+    The stream is filled before the clock starts.
+    """
+    _check_arguments(count, body_bytes, batch)
+    body = _body(body_bytes)
+    with _Session(url) as session:
+        stream = session.key("stream")
+        _prefill(session, stream, count, body)
+        client = session.client
+        streams = {stream: ">"}
+        consumed = [0]
+
+        def loop() -> None:
+            done = 0
+            while done < count:
+                reply = client.xreadgroup(GROUP, CONSUMER, streams,
+                                          count=batch)
+                if not reply:
+                    break
+                entries = reply[0][1]
+                for entry_id, fields in entries:
+                    if fields[b"b"] != body:
+                        raise BenchmarkError(f"entry {entry_id!r} has the "
+                                             f"wrong body")
+                client.xack(stream, GROUP, *[e[0] for e in entries])
+                done += len(entries)
+            consumed[0] = done
+
+        elapsed = _timed(loop)
+        _check_acked(session, stream, consumed[0], count)
+        return RedisRunResult("xreadgroup_xack_batched", count, elapsed,
+                              session.params(body_bytes, batch))
+
+
+# ---- lists ----------------------------------------------------------------
+
+def lpush_brpop(url: str, count: int, *,
+                body_bytes: int = DEFAULT_BODY_BYTES) -> RedisRunResult:
+    """Time LPUSH of `count` messages, then BRPOP of each of them.
+
+    The list is FIFO (pushed on the left, popped on the right); the
+    result's params add ``push_ns`` and ``pop_ns`` for the two phases.
+    """
+    _check_arguments(count, body_bytes, 1)
+    body = _body(body_bytes)
+    with _Session(url) as session:
+        queue = session.key("list")
+        client = session.client
+        popped = [0]
+
+        def push() -> None:
+            for _ in range(count):
+                client.lpush(queue, body)
+
+        def pop() -> None:
+            done = 0
+            for _ in range(count):
+                reply = client.brpop([queue], timeout=STALL_TIMEOUT_S)
+                if reply is None or reply[1] != body:
+                    break
+                done += 1
+            popped[0] = done
+
+        push_ns = _timed(push)
+        pop_ns = _timed(pop)
+        if popped[0] != count or client.llen(queue) != 0:
+            raise BenchmarkError(f"popped {popped[0]} of {count} messages "
+                                 f"pushed to {queue}")
+        params = session.params(body_bytes, 1)
+        params.update(push_ns=push_ns, pop_ns=pop_ns)
+        return RedisRunResult("lpush_brpop", count, push_ns + pop_ns, params)
+
+
+# ---- across processes -------------------------------------------------------
+
+def _produce(url: str, stream: str, count: int, body: bytes, batch: int,
+             ready_event: Any, start_event: Any) -> None:
+    import redis
+
+    client: Any = redis.Redis.from_url(url)
+    client.ping()
+    ready_event.set()
+    start_event.wait()
+    fields = {"b": body}
+    for start in range(0, count, batch):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(min(batch, count - start)):
+            pipe.xadd(stream, fields)
+        pipe.execute()
+    client.close()
+
+
+def stream_roundtrip(url: str, count: int, *,
+                     body_bytes: int = DEFAULT_BODY_BYTES,
+                     batch: int = 1) -> RedisRunResult:
+    """Time publish -> consume -> ack of `count` messages across processes.
+
+    A child process (multiprocessing "spawn") connects, waits for the
+    start, then XADDs the messages in pipelines of `batch`; this process
+    reads them with XREADGROUP COUNT
+    `batch` (blocking up to 1 s per call) and acknowledges each read with
+    one XACK. With ``batch=1`` every step is one round trip per message.
+    """
+    _check_arguments(count, body_bytes, batch)
+    body = _body(body_bytes)
+    context = multiprocessing.get_context("spawn")
+    with _Session(url) as session:
+        stream = session.key("stream")
+        client = session.client
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        ready_event = context.Event()
+        start_event = context.Event()
+        producer = context.Process(
+            target=_produce,
+            args=(url, stream, count, body, batch, ready_event, start_event),
+            daemon=True)
+        producer.start()
+        if not ready_event.wait(STALL_TIMEOUT_S):
+            producer.kill()
+            producer.join()
+            raise BenchmarkError(f"the producer process did not connect to "
+                                 f"Redis within {STALL_TIMEOUT_S} s")
+        streams = {stream: ">"}
+        consumed = [0]
+
+        def loop() -> None:
+            done = 0
+            idle_since = time.monotonic()
+            start_event.set()
+            while done < count:
+                reply = client.xreadgroup(GROUP, CONSUMER, streams,
+                                          count=batch, block=1000)
+                if not reply:
+                    if time.monotonic() - idle_since > STALL_TIMEOUT_S:
+                        break
+                    continue
+                idle_since = time.monotonic()
+                entries = reply[0][1]
+                for entry_id, fields in entries:
+                    if fields[b"b"] != body:
+                        raise BenchmarkError(f"entry {entry_id!r} has the "
+                                             f"wrong body")
+                client.xack(stream, GROUP, *[e[0] for e in entries])
+                done += len(entries)
+            consumed[0] = done
+
+        try:
+            elapsed = _timed(loop)
+        finally:
+            producer.join(STALL_TIMEOUT_S)
+            if producer.is_alive():
+                producer.kill()
+                producer.join()
+        if producer.exitcode != 0:
+            raise BenchmarkError(f"the producer process exited with "
+                                 f"{producer.exitcode}")
+        _check_acked(session, stream, consumed[0], count)
+        return RedisRunResult("stream_roundtrip", count, elapsed,
+                              session.params(body_bytes, batch))
+
+
+# ---- all loops ----------------------------------------------------------------
+
+LOOPS: dict[str, Callable[..., RedisRunResult]] = {
+    "xadd": xadd,
+    "xadd_pipelined": xadd_pipelined,
+    "xreadgroup_xack": xreadgroup_xack,
+    "xreadgroup_xack_batched": xreadgroup_xack_batched,
+    "lpush_brpop": lpush_brpop,
+    "stream_roundtrip": stream_roundtrip,
+}
+_BATCHED = {"xadd_pipelined", "xreadgroup_xack_batched", "stream_roundtrip"}
+
+
+def run_redis_peers(count: int = 20_000, *,
+                    body_bytes: int = DEFAULT_BODY_BYTES,
+                    batch: int = DEFAULT_BATCH,
+                    appendfsync: str | None = "everysec",
+                    loops: Sequence[str] | None = None,
+                    url: str | None = None) -> list[RedisRunResult]:
+    """Run Redis peer loops and return their results in order.
+
+    Parameters
+    ----------
+    count : int
+        Messages per loop.
+    body_bytes, batch : int
+        Message size, and the batch of the batched loops.
+    appendfsync : {"always", "everysec", "no"} or None
+        Durability of the throwaway server this starts (None: no
+        append-only file). Ignored when `url` is given.
+    loops : sequence of str or None
+        Names from `LOOPS` (default: all). ``stream_roundtrip`` runs
+        with `batch` here; call `stream_roundtrip` with ``batch=1`` for
+        the per-message round trip.
+    url : str or None
+        Use this server instead of starting one. Its keys are left alone
+        apart from the ``mqs-bench:`` prefixes the loops create.
+
+    Raises
+    ------
+    ValueError
+        For an unknown loop name or a bad count, size or batch.
+    mqs._redis_server.RedisServerError
+        If no redis-server can be started.
+    mqs.bench.BenchmarkError
+        If a loop lost, added or damaged a message.
+    """
+    names = list(loops) if loops is not None else list(LOOPS)
+    for name in names:
+        if name not in LOOPS:
+            raise ValueError(f"unknown Redis loop {name!r}; expected one of "
+                             f"{', '.join(LOOPS)}")
+    _check_arguments(count, body_bytes, batch)
+    if url is not None:
+        return [_run_one(name, url, count, body_bytes, batch)
+                for name in names]
+
+    from mqs._redis_server import RedisServer
+
+    with RedisServer(appendfsync=appendfsync) as server:
+        results = []
+        for name in names:
+            result = _run_one(name, server.url, count, body_bytes, batch)
+            result.params["appendfsync"] = appendfsync
+            results.append(result)
+        return results
+
+
+def _run_one(name: str, url: str, count: int, body_bytes: int,
+             batch: int) -> RedisRunResult:
+    if name in _BATCHED:
+        return LOOPS[name](url, count, body_bytes=body_bytes, batch=batch)
+    return LOOPS[name](url, count, body_bytes=body_bytes)
