@@ -49,7 +49,8 @@ extensions = [
     extension("_ring", ["csrc/mqs_ring.c"]),
     extension("_queue", ["csrc/mqs_ring.c"]),
     extension("_wheel", ["csrc/mqs_wheel.c"]),
-    extension("_shared", ["csrc/mqs_bytering.c"]),
+    extension("_shared", ["csrc/mqs_bytering.c", "csrc/mqs_delay.c",
+                         "csrc/mqs_wheel.c"]),
     extension("_seglog", ["csrc/mqs_seglog.c", "csrc/mqs_crc32c.c"]),
 ]
 

@@ -234,7 +234,10 @@ int mqs_br_validate(const mqs_br_header_t *header, int64_t file_bytes)
     if (config->header_bytes != MQS_BR_HEADER_BYTES
         || mqs_br_check_sizes(config->capacity, config->max_message_size,
                               config->maxsize, config->n_groups) != MQS_OK
-        || mqs_br_file_bytes(config->capacity) != file_bytes)
+        || config->delayed_bytes < 0
+        || config->delayed_bytes % sysconf(_SC_PAGESIZE) != 0
+        || mqs_br_file_bytes(config->capacity) + config->delayed_bytes
+               != file_bytes)
         return MQS_ECORRUPT;
     return MQS_OK;
 }

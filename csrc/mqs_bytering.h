@@ -23,6 +23,8 @@
  *     block 16..          participants[MQS_BR_MAX_PARTICIPANTS]
  *   MQS_BR_HEADER_BYTES   data, `capacity` bytes (a power of two and a
  *                         multiple of the page size)
+ *   + capacity            delayed area, config.delayed_bytes (a page
+ *                         multiple, 0 for none): see mqs_delay.h
  *
  * Each block is MQS_PAD_BYTES (128) long, so no two counters written by
  * different sides share a cache line pair.
@@ -90,7 +92,7 @@
 #include "mqs_wait.h"
 
 #define MQS_BR_MAGIC 0x31474e495253514dULL /* "MQSRING1" little-endian */
-#define MQS_BR_VERSION 2
+#define MQS_BR_VERSION 3
 #define MQS_BR_HEADER_BYTES 65536
 #define MQS_BR_RECORD_HEADER 16
 #define MQS_BR_ALIGN 16
@@ -114,6 +116,8 @@ typedef struct mqs_br_config {
     uint64_t secret;
     int32_t n_groups;
     _Atomic uint32_t init_state;
+    int64_t delayed_bytes;       /* delayed area after the data region
+                                    (mqs_delay.h), a page multiple or 0 */
 } mqs_br_config_t;
 
 /* cursor.first: next record position to hand out (bytes);
@@ -233,7 +237,8 @@ int mqs_br_format(mqs_bytering_t *ring, int64_t max_message_size,
 
 /*
  * Validate the header of a file another process created: magic, layout
- * version, sizes against `file_bytes`, init_state. Returns MQS_OK,
+ * version, sizes against `file_bytes` (header, data and delayed area),
+ * init_state. Returns MQS_OK,
  * MQS_EAGAIN_INIT when the creator has not finished (retry), MQS_ECORRUPT
  * for a bad magic or inconsistent sizes, MQS_EVERSION for another layout
  * version.

@@ -1205,7 +1205,7 @@ def test_named_queue_file_is_owner_only(make_queue, shm_name):
     info = os.stat(shm_path(shm_name))
     assert info.st_mode & 0o777 == 0o600
     assert info.st_uid == os.getuid()
-    assert info.st_size == HEADER_BYTES + PAGE
+    assert info.st_size == HEADER_BYTES + PAGE + 4 * 1024 * 1024
     assert glob.glob(os.path.join(SHM_DIR, f"mqs.{shm_name}.*")) == []
 
 
@@ -1256,7 +1256,8 @@ def test_attach_rejects_other_layout_version(shm_name):
 def test_attach_rejects_inconsistent_capacity(shm_name):
     path = make_queue_file(shm_name)
     patch_file(path, CONFIG_CAPACITY_OFFSET, struct.pack("<q", 2 * PAGE))
-    with pytest.raises(QueueLayoutError, match="corrupted or foreign header"):
+    with pytest.raises(QueueLayoutError, match="it was truncated or is not "
+                                               "an mqs queue"):
         SharedQueue(name=shm_name, create=False)
 
 
@@ -1268,12 +1269,14 @@ def test_attach_rejects_file_too_small(shm_name):
         SharedQueue(name=shm_name, create=False)
 
 
-def test_attach_rejects_data_region_not_power_of_two(shm_name):
+def test_attach_rejects_file_size_unlike_header(shm_name):
     path = make_queue_file(shm_name)
     os.truncate(path, HEADER_BYTES + 3 * PAGE)
     with pytest.raises(QueueLayoutError, match=(
-            rf"has a data region of {3 * PAGE} bytes, not a power of "
-            rf"two; it is not an mqs queue")):
+            rf"is {HEADER_BYTES + 3 * PAGE} bytes, but its header gives "
+            rf"{HEADER_BYTES + PAGE + 4 * 1024 * 1024} \(capacity_bytes "
+            rf"{PAGE}, delayed_capacity_bytes {4 * 1024 * 1024}\); it was "
+            rf"truncated or is not an mqs queue")):
         SharedQueue(name=shm_name, create=False)
 
 

@@ -476,6 +476,15 @@ cdef int64_t _due_ns(object delay, object at) except? -1:
     return due if due > now else now
 
 
+def due_monotonic_ns(delay=None, at=None):
+    """Return the CLOCK_MONOTONIC deadline in ns of ``put(delay=, at=)``.
+
+    For the other queue modules, so that every queue checks and converts
+    `delay` and `at` alike (same rules and messages as `Queue.put`).
+    """
+    return _due_ns(delay, at)
+
+
 cdef object _get_waiting(chain_t *chain, mqs_waitword_t *not_empty,
                          mqs_waitword_t *not_full, bint *shutdown,
                          Queue delays, bint block, object timeout):

@@ -10,8 +10,9 @@ cimport cython
 from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport INT64_MAX, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+from posix.unistd cimport usleep
 
 from mqs._waiting cimport (
     STRATEGY_BLOCK,
@@ -32,6 +33,7 @@ from mqs.includes.mqs_atomic cimport (
     mqs_cpu_relax,
 )
 from mqs.includes.mqs_bytering cimport (
+    MQS_BR_MAGIC,
     MQS_BR_MAX_GROUPS,
     MQS_BR_NO_PIN,
     MQS_BR_RECORD_HEADER,
@@ -74,6 +76,23 @@ from mqs.includes.mqs_bytering cimport (
     MQS_BR_MAX_PARTICIPANTS,
 )
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, mmap, munmap
+from mqs.includes.mqs_delay cimport (
+    MQS_DELAY_MIN_AREA_BYTES,
+    mqs_delay_state_t,
+    MQS_EAGAIN_LOCKED,
+    mqs_delay_block_bytes,
+    mqs_delay_count,
+    mqs_delay_format,
+    mqs_delay_map,
+    mqs_delay_max_payload,
+    mqs_delay_next_due,
+    mqs_delay_promote,
+    mqs_delay_stats,
+    mqs_delay_t,
+    mqs_delay_try_put,
+    mqs_delay_unmap,
+    mqs_delay_validate,
+)
 from mqs.includes.mqs_wait cimport (
     mqs_monotonic_ns,
     mqs_wait_finish,
@@ -87,10 +106,12 @@ import os
 import pickle
 import secrets
 import stat
+import struct
 import time
 import weakref
 
 from mqs import _aio
+from mqs._queue import due_monotonic_ns
 from mqs._seglog import SegmentLog
 from mqs.errors import (
     Empty,
@@ -108,6 +129,13 @@ logger = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "mqs."
 DEFAULT_CAPACITY_BYTES = 16 << 20
+DEFAULT_DELAYED_CAPACITY_BYTES = 4 << 20
+# Offsets in the ring's config block (mqs_br_config_t), read before the
+# file is mapped to learn its sizes.
+_CONFIG_FORMAT = "<QIIqqqqiIq"
+_CONFIG_BYTES = 64
+_INIT_READY = 0x52454459
+_LAYOUT_VERSION = 3
 
 # Record types in the ring.
 cdef enum:
@@ -124,6 +152,14 @@ DEF SPIN_HOLD_NS = 20000
 # A put or get that waits this long behind one unpublished record logs
 # the stalled producer once.
 DEF STALL_REPORT_NS = 5000000000
+
+# A delayed put retries this long while another process holds the delay
+# lock (a few microseconds normally) before it waits like a full queue.
+DEF LOCK_RETRY_NS = 1000000
+
+# A get that finds due messages it cannot move yet (the delay lock is
+# held, or the ring is full) looks again after this long at the latest.
+DEF DUE_RETRY_NS = 1000000
 
 
 class QueueNotFound(MqsError, FileNotFoundError):
@@ -301,6 +337,13 @@ cdef class SharedQueue:
         message is synced to disk (survives power loss; concurrent puts
         share one sync); ``"interval"`` (default) syncs the log every
         50 ms; ``"never"`` leaves syncing to the kernel.
+    delayed_capacity_bytes : int, optional
+        Size of the delayed area, where messages put with `delay` or `at`
+        wait in the queue's own mapping until they are due; 4 MiB by
+        default, rounded up to a page multiple. 0 turns delayed puts
+        off. Memory is used only as messages wait (the file is sparse).
+        Fixed when the queue is created, checked like `capacity_bytes`
+        when attaching.
 
     Notes
     -----
@@ -332,13 +375,28 @@ cdef class SharedQueue:
     appender moves it). `put` with ``fsync="always"`` waits for the sync
     without a time limit, because the message is already accepted.
     Consumed messages stay in the log's files.
+
+    Delayed messages (``put(obj, delay=...)`` or ``at=...``) wait in the
+    delayed area, not in any process's memory, so they survive the exit
+    of the process that put them. Whichever process next calls `get`,
+    `get_many`, `get_view`, `qsize`, `empty` or `full` after one is due
+    moves it into the ring, and a blocked `get` wakes up for it. Each
+    waiting message costs 32 bytes in the timing wheel plus a block of
+    32 bytes and the payload, rounded up to a size class (64 bytes at
+    least, at most 25% rounding): 96 bytes for a payload of up to
+    32 bytes, 192 bytes for 100 bytes. `maxsize` counts waiting messages,
+    `qsize` does not. A process killed while moving due messages delays
+    nothing and loses nothing: the next one repairs the area, and the
+    message being moved at that instant may be delivered twice.
     """
 
     cdef mqs_bytering_t _ring
+    cdef mqs_delay_t _delay
     cdef bint _mapped
     cdef bint _closed
     cdef int _group
     cdef int _groups_wanted
+    cdef int64_t _delayed_wanted
     cdef int _strategy
     cdef int _pid
     cdef readonly object name
@@ -359,19 +417,29 @@ cdef class SharedQueue:
         self._ring.slot = -1
         self._ring.header = NULL
         self._ring.data = NULL
+        self._delay.header = NULL
+        self._delay.base = NULL
         self._view_positions = []
 
     def __init__(self, maxsize=0, *, name=None, create=True,
                  capacity_bytes=None, max_message_size=None,
                  serializer=None, wait_strategy="block", groups=None,
-                 group=0, ctx=None, persist=None, fsync="interval"):
+                 group=0, ctx=None, persist=None, fsync="interval",
+                 delayed_capacity_bytes=None):
         # Explicit layout arguments, checked against an existing named
         # queue; None or a default means "whatever the queue has".
+        if delayed_capacity_bytes is not None:
+            delayed_capacity_bytes = _delayed_area_bytes(
+                delayed_capacity_bytes)
         requested = {"capacity_bytes": capacity_bytes,
                      "max_message_size": max_message_size,
-                     "maxsize": maxsize or None, "groups": groups}
+                     "maxsize": maxsize or None, "groups": groups,
+                     "delayed_capacity_bytes": delayed_capacity_bytes}
         if capacity_bytes is None:
             capacity_bytes = DEFAULT_CAPACITY_BYTES
+        if delayed_capacity_bytes is None:
+            delayed_capacity_bytes = DEFAULT_DELAYED_CAPACITY_BYTES
+        self._delayed_wanted = delayed_capacity_bytes
         if groups is None:
             groups = 1
         _check_int("maxsize", maxsize)
@@ -457,7 +525,8 @@ cdef class SharedQueue:
         config = mqs_br_config(&self._ring)
         actual = {"capacity_bytes": self._ring.capacity,
                   "max_message_size": config.max_message_size,
-                  "maxsize": config.maxsize, "groups": config.n_groups}
+                  "maxsize": config.maxsize, "groups": config.n_groups,
+                  "delayed_capacity_bytes": config.delayed_bytes}
         for key, wanted in requested.items():
             if wanted is not None and wanted >= 0 and wanted != actual[key]:
                 self.close()
@@ -537,12 +606,28 @@ cdef class SharedQueue:
 
     # -- creating and attaching -----------------------------------------
 
-    cdef int _map(self, int fd, int64_t capacity) except -1:
+    cdef int _map(self, int fd, int64_t capacity,
+                  int64_t delayed_bytes) except -1:
         if mqs_br_map(&self._ring, fd, capacity) != MQS_OK:
             raise OSError(
                 f"cannot map a shared ring of {capacity} bytes; the address "
                 f"space or /dev/shm is exhausted")
         self._mapped = True
+        if delayed_bytes and mqs_delay_map(
+                &self._delay, fd, mqs_br_file_bytes(capacity),
+                delayed_bytes) != MQS_OK:
+            self._unmap()
+            raise OSError(
+                f"cannot map a delayed area of {delayed_bytes} bytes; the "
+                f"address space or /dev/shm is exhausted")
+        return 0
+
+    cdef int _unmap(self) except -1:
+        if self._delay.base != NULL:
+            mqs_delay_unmap(&self._delay)
+        if self._mapped:
+            mqs_br_unmap(&self._ring)
+            self._mapped = False
         return 0
 
     cdef int _attach_slot(self) except -1:
@@ -570,8 +655,15 @@ cdef class SharedQueue:
     cdef int _format_new(self, int fd, int64_t capacity,
                          int64_t max_message_size,
                          int64_t maxsize) except -1:
-        os.ftruncate(fd, mqs_br_file_bytes(capacity))
-        self._map(fd, capacity)
+        os.ftruncate(fd, mqs_br_file_bytes(capacity) + self._delayed_wanted)
+        self._map(fd, capacity, self._delayed_wanted)
+        # The delayed area is ready before mqs_br_format marks the ring
+        # ready, which is what attachers wait for.
+        mqs_br_config(&self._ring).delayed_bytes = self._delayed_wanted
+        if self._delayed_wanted and mqs_delay_format(
+                &self._delay, mqs_monotonic_ns()) != MQS_OK:
+            raise OSError("cannot set up the delayed area's process-shared "
+                          "mutex")
         secret = int.from_bytes(secrets.token_bytes(8), "little")
         if mqs_br_format(&self._ring, max_message_size, maxsize,
                          self._groups_wanted, secret) != MQS_OK:
@@ -596,9 +688,7 @@ cdef class SharedQueue:
         Clears the handle's copy of fd first, so that __dealloc__ does not
         close the same number again, by then perhaps another file's.
         """
-        if self._mapped:
-            mqs_br_unmap(&self._ring)
-            self._mapped = False
+        self._unmap()
         if self._ring.fd == fd:
             self._ring.fd = -1
         os.close(fd)
@@ -649,31 +739,40 @@ cdef class SharedQueue:
     cdef int _attach_fd(self, int fd, str label) except -1:
         """Validate and map the queue file behind fd, then take a slot."""
         cdef int rc
-        cdef int64_t capacity
         size = os.fstat(fd).st_size
         if size < mqs_br_file_bytes(4096):
             raise QueueLayoutError(
                 f"{label} is {size} bytes, too small for an mqs queue")
-        capacity = size - mqs_br_file_bytes(0)
-        if capacity & (capacity - 1):
+        config = _read_config(fd)
+        capacity, delayed_bytes = config[3], config[9]
+        expected = mqs_br_file_bytes(capacity) + delayed_bytes
+        if config[8] == _INIT_READY and config[0] == MQS_BR_MAGIC \
+                and config[1] == _LAYOUT_VERSION and (
+                    capacity < 4096 or capacity & (capacity - 1)
+                    or delayed_bytes < 0 or expected != size):
             raise QueueLayoutError(
-                f"{label} has a data region of {capacity} bytes, not a "
-                f"power of two; it is not an mqs queue")
-        self._map(fd, capacity)
-        deadline = time.monotonic() + 5.0
-        while True:
-            rc = mqs_br_validate(self._ring.header, size)
-            if rc != MQS_EAGAIN_INIT or time.monotonic() > deadline:
-                break
-            time.sleep(0.001)
+                f"{label} is {size} bytes, but its header gives "
+                f"{expected} (capacity_bytes {capacity}, "
+                f"delayed_capacity_bytes {delayed_bytes}); it was "
+                f"truncated or is not an mqs queue")
+        if config[8] == _INIT_READY and config[0] == MQS_BR_MAGIC \
+                and config[1] == _LAYOUT_VERSION:
+            self._map(fd, capacity, delayed_bytes)
+        else:
+            # Map the header alone so that mqs_br_validate names what is
+            # wrong (an unfinished creator, a foreign file, a version).
+            self._map(fd, size - mqs_br_file_bytes(0) if 0 < size -
+                      mqs_br_file_bytes(0) < (1 << 40) else 4096, 0)
+        rc = mqs_br_validate(self._ring.header, size)
+        if rc == MQS_OK and delayed_bytes:
+            rc = mqs_delay_validate(&self._delay)
         if rc != MQS_OK:
             version = mqs_br_config(&self._ring).version
-            mqs_br_unmap(&self._ring)
-            self._mapped = False
+            self._unmap()
             if rc == MQS_EVERSION:
                 raise QueueLayoutError(
                     f"{label} has ring layout version {version}, this mqs "
-                    f"reads version {MQS_BR_VERSION}; use the mqs version "
+                    f"reads version {_LAYOUT_VERSION}; use the mqs version "
                     f"that created it")
             if rc == MQS_EAGAIN_INIT:
                 raise QueueLayoutError(
@@ -774,6 +873,29 @@ cdef class SharedQueue:
         self._count()
         return _read_stats(&self._ring, self.name, self._group)
 
+    def delayed_stats(self):
+        """Return counters of the delayed area as a dict.
+
+        ``delayed``: messages waiting; ``used_bytes``: the bytes they
+        take (wheel entries and blocks); ``moved``: messages moved into
+        the ring, ever; ``repairs``: rebuilds after a process died holding
+        the delay lock; ``requeued``: waiting messages those rebuilds put
+        back; ``dropped``: unfinished puts they freed. All 0 without a
+        delayed area. Read without the delay lock, as a snapshot.
+        """
+        cdef const mqs_delay_state_t *delay_stats
+        self._check_mapped()
+        if self._delay.base == NULL:
+            return {"delayed": 0, "used_bytes": 0, "moved": 0,
+                    "repairs": 0, "requeued": 0, "dropped": 0}
+        delay_stats = mqs_delay_stats(&self._delay)
+        return {"delayed": mqs_delay_count(&self._delay),
+                "used_bytes": delay_stats.used_bytes,
+                "moved": delay_stats.moved,
+                "repairs": delay_stats.rebuilds,
+                "requeued": delay_stats.requeued,
+                "dropped": delay_stats.dropped}
+
     cdef int64_t _count(self) except -1:
         """Messages this handle's group has not taken, dead claims repaired.
 
@@ -793,32 +915,62 @@ cdef class SharedQueue:
         return mqs_br_count(&self._ring, self._group)
 
     def qsize(self):
-        """Return the exact number of queued messages, from any process.
+        """Return the exact number of ready messages, from any process.
 
         Counted in shared memory, not estimated: a put counts once it has
         claimed its place (including one still copying its bytes), a get
         once it has taken its message; a process killed at any point
-        leaves the count exact.
+        leaves the count exact. Delayed messages count once they are due
+        (this call moves the due ones into the ring first); `delayed`
+        counts the others.
         """
         self._check_open()
+        self._promote_due()
         return self._count()
 
     def empty(self):
-        """Return True if no message is queued."""
+        """Return True if no ready message is queued."""
         self._check_open()
+        self._promote_due()
         return self._count() == 0
 
     def full(self):
-        """Return True if a bounded queue holds maxsize messages."""
+        """Return True if a bounded queue holds maxsize messages.
+
+        Messages waiting in the delayed area count towards maxsize.
+        """
         cdef int64_t maxsize
         self._check_open()
+        self._promote_due()
         maxsize = mqs_br_config(&self._ring).maxsize
-        return maxsize > 0 and self._count() >= maxsize
+        return maxsize > 0 \
+            and self._count() + self._delayed_count() >= maxsize
+
+    @property
+    def delayed(self):
+        """Messages put with a delay that are not in the ring yet."""
+        self._check_mapped()
+        return self._delayed_count()
+
+    @property
+    def delayed_capacity_bytes(self):
+        """Size of the delayed area in bytes (0: no delayed puts)."""
+        self._check_mapped()
+        return mqs_br_config(&self._ring).delayed_bytes
+
+    cdef int64_t _delayed_count(self):
+        if self._delay.base == NULL:
+            return 0
+        return mqs_delay_count(&self._delay)
 
     # -- put --------------------------------------------------------------
 
-    cdef int _try_put(self, object obj) except -2:
-        """Serialize obj and try to publish it; MQS_OK or MQS_EFULL."""
+    cdef int _try_put(self, object obj, int64_t due=-1) except -2:
+        """Serialize obj and try to publish it: MQS_OK or MQS_EFULL.
+
+        With `due` >= 0 the message goes into the delayed area instead,
+        to be moved into the ring at that CLOCK_MONOTONIC time.
+        """
         cdef const void *parts[64]
         cdef size_t lengths[64]
         cdef int n = 1
@@ -827,12 +979,11 @@ cdef class SharedQueue:
         cdef const unsigned char[::1] view
         cdef list keep
         cdef Py_ssize_t total
-        cdef object payload = obj
         if type(obj) is bytes:
             parts[0] = PyBytes_AS_STRING(obj)
             lengths[0] = len(<bytes>obj)
             rtype = TYPE_BYTES
-            rc = mqs_br_try_put(&self._ring, parts, lengths, 1, rtype)
+            rc = self._put_parts(parts, lengths, 1, rtype, due)
         else:
             keep = self._encode(obj)
             rtype = keep[0]
@@ -844,19 +995,99 @@ cdef class SharedQueue:
                 view = keep[i + 1]
                 parts[i] = &view[0] if view.shape[0] else NULL
                 lengths[i] = view.shape[0]
-            rc = mqs_br_try_put(&self._ring, parts, lengths, n, rtype)
+            rc = self._put_parts(parts, lengths, n, rtype, due)
         if rc == MQS_ETOOBIG:
             total = 0
             for i in range(n):
                 total += lengths[i]
-            raise MessageTooLarge(
-                f"message is {total} bytes, max_message_size is "
-                f"{mqs_br_config(&self._ring).max_message_size} (ring "
-                f"capacity_bytes {self._ring.capacity}); raise the limit "
-                f"or split the message")
+            self._raise_too_large(total)
         if rc != MQS_OK and rc != MQS_EFULL:
             raise OSError(f"shared queue put failed with status {rc}")
         return rc
+
+    cdef int _put_parts(self, const void **parts, size_t *lengths, int n,
+                        uint16_t rtype, int64_t due) except -2:
+        """Publish now (due < 0) or into the delayed area; return status."""
+        cdef int64_t maxsize, delayed, end
+        cdef int rc
+        if due < 0:
+            maxsize = mqs_br_config(&self._ring).maxsize
+            if maxsize and self._delay.base != NULL:
+                # maxsize counts waiting messages too. NOTE: checked
+                # apart from the ring's own reservation, so racing
+                # producers can overshoot by the delayed puts in flight.
+                delayed = mqs_delay_count(&self._delay)
+                if delayed and mqs_br_count(&self._ring, 0) + delayed \
+                        >= maxsize:
+                    return MQS_EFULL
+            return mqs_br_try_put(&self._ring, parts, lengths, n, rtype)
+        end = mqs_monotonic_ns() + LOCK_RETRY_NS
+        while True:
+            rc = mqs_delay_try_put(&self._delay, &self._ring, parts,
+                                   lengths, n, rtype, due,
+                                   mqs_monotonic_ns())
+            self._log_delay_repair()
+            if rc != MQS_EAGAIN_LOCKED:
+                return rc
+            if mqs_monotonic_ns() >= end:
+                return MQS_EFULL
+            with nogil:
+                usleep(20)
+
+    cdef int _raise_too_large(self, Py_ssize_t total) except -1:
+        cdef int64_t max_size = mqs_br_config(&self._ring).max_message_size
+        if total > max_size:
+            raise MessageTooLarge(
+                f"message is {total} bytes, max_message_size is "
+                f"{max_size} (ring capacity_bytes {self._ring.capacity}); "
+                f"raise the limit or split the message")
+        raise MessageTooLarge(
+            f"message is {total} bytes and needs "
+            f"{mqs_delay_block_bytes(total)} bytes in the delayed area, "
+            f"delayed_capacity_bytes is {self._delay.area_bytes} (room for "
+            f"a payload of {mqs_delay_max_payload(self._delay.area_bytes)} "
+            f"bytes at most); raise delayed_capacity_bytes or split the "
+            f"message")
+
+    cdef int _log_delay_repair(self) except -1:
+        """Log a crash repair of the delayed area once per repair."""
+        cdef const mqs_delay_state_t *stats
+        if self._delay.base == NULL:
+            return 0
+        stats = mqs_delay_stats(&self._delay)
+        if stats.rebuilds != self._delay.rebuilds_seen:
+            self._delay.rebuilds_seen = stats.rebuilds
+            logger.warning(
+                "shared queue %s: rebuilt the delayed area after a process "
+                "died holding its lock (repair %d; %d message(s) requeued "
+                "so far, one of them may be delivered twice; %d unfinished "
+                "put(s) dropped so far)", self._label(), stats.rebuilds,
+                stats.requeued, stats.dropped)
+        return 0
+
+    cdef int64_t _due_for_put(self, object delay, object at) except -2:
+        """Deadline for put(delay=, at=): -1 for an immediate put."""
+        cdef int64_t due
+        if delay is None and at is None:
+            return -1
+        due = due_monotonic_ns(delay, at)
+        if self._durable is not None:
+            # Durable gets read the log, so nothing would move due
+            # messages out of the delayed area.
+            raise ValueError(
+                f"a durable queue (persist={self._durable.path!r}) cannot "
+                f"take delay= or at= yet; put into a queue without persist= "
+                f"or send the message when it is due")
+        if self._delay.base == NULL:
+            raise ValueError(
+                f"queue {self._label()} has no delayed area "
+                f"(delayed_capacity_bytes=0), so it cannot take delay= or "
+                f"at=; create it with delayed_capacity_bytes > 0")
+        # Already due: straight into the ring, behind what is waiting.
+        if due <= mqs_monotonic_ns():
+            self._promote_due()
+            return -1
+        return due
 
     cdef list _encode(self, object obj):
         """Return [record type, buffer, ...] for a non-bytes object."""
@@ -904,13 +1135,27 @@ cdef class SharedQueue:
             used += memoryview(part).nbytes
         return out
 
-    def put(self, obj, block=True, timeout=None):
-        """Put obj into the queue.
+    def put(self, obj, block=True, timeout=None, *, delay=None, at=None):
+        """Put obj into the queue, now or after a delay.
 
-        When the queue is full (maxsize reached or no room in the ring),
-        with `block` true (the default) wait for room, for at most
-        `timeout` seconds if it is not None. Waits release the GIL, never
-        end before `timeout`, and let Ctrl-C through.
+        When the queue is full (maxsize reached, or no room in the ring
+        or, for a delayed put, in the delayed area), with `block` true
+        (the default) wait for room, for at most `timeout` seconds if it
+        is not None. Waits release the GIL, never end before `timeout`,
+        and let Ctrl-C through.
+
+        Parameters
+        ----------
+        delay : float, optional
+            Keep the message invisible for this many seconds, measured on
+            CLOCK_MONOTONIC, which every process on the machine shares.
+        at : datetime.datetime or float, optional
+            Keep the message invisible until this wall-clock time (an
+            aware or naive local datetime, or seconds since the epoch). It
+            is turned into a CLOCK_MONOTONIC deadline once, when the put
+            is accepted, so a later step of the wall clock neither
+            releases waiting messages early nor holds them back. A time in
+            the past makes the message ready at once.
 
         Raises
         ------
@@ -918,21 +1163,38 @@ cdef class SharedQueue:
             When no room freed up (at once if `block` is false).
         MessageTooLarge
             At once, when the serialized message exceeds
-            `max_message_size`: it could never fit.
+            `max_message_size`, or for a delayed put, when it could never
+            fit the delayed area: it could never fit.
         ValueError
-            If the queue is closed, or `timeout` is negative.
+            If the queue is closed; `timeout` or `delay` is negative or
+            not finite; both `delay` and `at` are given; or the queue has
+            no delayed area (``delayed_capacity_bytes=0``).
+        TypeError
+            If `delay` or `at` has the wrong type.
+
+        Notes
+        -----
+        A delayed message is never got before it is due, and is moved
+        into the ring by the first `get` (or `qsize`, `empty`, `full`) of
+        any process that runs after that; a blocked `get` wakes up for it.
+        Delayed messages due at the same time keep their put order.
         """
+        cdef int64_t due
         self._check_open()
         if block:
             deadline_ns(timeout)  # a negative timeout raises even with room
-        if self._try_put(obj) != MQS_OK:
-            self._wait_room(obj, block, timeout)
+        due = self._due_for_put(delay, at)
+        if self._try_put(obj, due) != MQS_OK:
+            self._wait_room(obj, block, timeout, due)
         if self._durable is not None:
             self._durable.wait_durable(self._ring.last_put_position)
 
-    def put_nowait(self, obj):
-        """Put obj if there is room, else raise `Full` at once."""
-        self.put(obj, False)
+    def put_nowait(self, obj, *, delay=None, at=None):
+        """Put obj if there is room, else raise `Full` at once.
+
+        `delay` and `at` work as in `put`.
+        """
+        self.put(obj, False, delay=delay, at=at)
 
     def put_async(self, obj, timeout=None):
         """Return a coroutine that puts `obj` without blocking the event
@@ -949,21 +1211,21 @@ cdef class SharedQueue:
             return _aio.in_executor(self.put, obj, True, timeout)
         return _aio.put_async(self, obj, timeout)
 
-    cdef int _wait_room(self, object obj, bint block,
-                        object timeout) except -1:
+    cdef int _wait_room(self, object obj, bint block, object timeout,
+                        int64_t due=-1) except -1:
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef int64_t last_repair = mqs_monotonic_ns()
         cdef uint32_t epoch
         cdef int strategy = self._strategy
         cdef int rc
         if not block:
-            if self._retry_after_repair(obj) == MQS_OK:
+            if self._retry_after_repair(obj, due) == MQS_OK:
                 return 0
             raise Full()
         while True:
             epoch = mqs_wait_prepare(mqs_br_not_full(&self._ring))
             try:
-                rc = self._try_put(obj)
+                rc = self._try_put(obj, due)
             except BaseException:
                 mqs_wait_finish(mqs_br_not_full(&self._ring))
                 raise
@@ -972,7 +1234,7 @@ cdef class SharedQueue:
                 return 0
             if park(mqs_br_not_full(&self._ring), epoch, deadline, 1,
                     strategy):
-                if self._retry_after_repair(obj) == MQS_OK:
+                if self._retry_after_repair(obj, due) == MQS_OK:
                     return 0
                 raise Full()
             if strategy == STRATEGY_BLOCK:
@@ -995,7 +1257,7 @@ cdef class SharedQueue:
         self._last_repair_ns = now
         return True
 
-    cdef int _retry_after_repair(self, object obj) except -2:
+    cdef int _retry_after_repair(self, object obj, int64_t due) except -2:
         """Before a put gives up: drop pins of dead consumers, try again.
 
         Without this, producers that never wait long would never clear
@@ -1004,12 +1266,14 @@ cdef class SharedQueue:
         if not self._repair_due():
             return MQS_EFULL
         self._log_repaired(mqs_br_repair(&self._ring))
-        return self._try_put(obj)
+        return self._try_put(obj, due)
 
-    def put_many(self, items, block=True, timeout=None):
+    def put_many(self, items, block=True, timeout=None, *, delay=None,
+                 at=None):
         """Put every item of the iterable `items`, in order.
 
-        Waits like `put` whenever the queue is full.
+        Waits like `put` whenever the queue is full. With `delay` or `at`
+        (as in `put`) every item gets the same deadline, computed once.
 
         Raises
         ------
@@ -1021,15 +1285,17 @@ cdef class SharedQueue:
         """
         cdef Py_ssize_t done = 0
         cdef int64_t deadline = 0
+        cdef int64_t due
         self._check_open()
         if block and timeout is not None:
             deadline = deadline_ns(timeout)
+        due = self._due_for_put(delay, at)
         for item in items:
             try:
-                if self._try_put(item) != MQS_OK:
+                if self._try_put(item, due) != MQS_OK:
                     self._wait_room(
                         item, block, None if deadline <= 0 else
-                        max(0.0, (deadline - mqs_monotonic_ns()) / 1e9))
+                        max(0.0, (deadline - mqs_monotonic_ns()) / 1e9), due)
             except Full:
                 raise Full(f"queue stayed full: put {done} items of the "
                            f"batch; the rest were not added", done) from None
@@ -1067,11 +1333,36 @@ cdef class SharedQueue:
             return _decode_oob(data)
         raise QueueLayoutError(f"record of unknown type {rtype} in the ring")
 
+    cdef inline int _promote_due(self) except -1:
+        """Move due delayed messages into the ring, if any are due.
+
+        The fast path is one load of the shared next-due word (and a
+        clock read only while messages wait).
+        """
+        cdef int64_t next_due
+        cdef int64_t now
+        cdef int64_t moved = 0
+        if self._delay.base == NULL:
+            return 0
+        next_due = mqs_delay_next_due(&self._delay)
+        if next_due == INT64_MAX:
+            return 0
+        now = mqs_monotonic_ns()
+        if now < next_due:
+            return 0
+        # MQS_EAGAIN_LOCKED: another process is moving them right now.
+        # MQS_EFULL: the ring is full, the rest move after some gets.
+        mqs_delay_promote(&self._delay, &self._ring, now, &moved)
+        self._log_delay_repair()
+        return 0
+
     cdef object _take_copy(self, int *status):
         """Take one record and return it decoded, or set *status."""
         cdef mqs_br_record_t record
-        cdef int rc = mqs_br_try_take(&self._ring, self._group, 0, &record)
+        cdef int rc
         cdef object data
+        self._promote_due()
+        rc = mqs_br_try_take(&self._ring, self._group, 0, &record)
         status[0] = rc
         self._track_stall(rc)
         if rc != MQS_OK:
@@ -1156,8 +1447,30 @@ cdef class SharedQueue:
             self._stuck_since = 0
             self._stall_reported = False
 
+    cdef int64_t _wake_time(self, int64_t deadline):
+        """Park deadline of a get: its own, or the next delayed message's.
+
+        A due message that could not be moved yet (the delay lock was
+        held, or the ring was full) is tried again DUE_RETRY_NS later at
+        the latest; the process moving it wakes getters sooner.
+        """
+        cdef int64_t next_due
+        cdef int64_t now
+        if self._delay.base == NULL:
+            return deadline
+        next_due = mqs_delay_next_due(&self._delay)
+        if next_due == INT64_MAX:
+            return deadline
+        now = mqs_monotonic_ns()
+        if next_due <= now:
+            next_due = now + DUE_RETRY_NS
+        if deadline >= 0 and deadline <= next_due:
+            return deadline
+        return next_due
+
     cdef object _wait_item(self, bint block, object timeout, bint view):
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
+        cdef int64_t wake
         cdef uint32_t epoch
         cdef int strategy = self._strategy
         cdef int status
@@ -1180,8 +1493,12 @@ cdef class SharedQueue:
                 mqs_wait_finish(mqs_br_not_empty(&self._ring))
                 expired = True
             else:
+                wake = self._wake_time(deadline)
                 expired = park(mqs_br_not_empty(&self._ring), epoch,
-                               deadline, 1, strategy)
+                               wake, 1, strategy)
+                if expired and wake != deadline:
+                    # Woken for a delayed message, not by the timeout.
+                    expired = False
                 if strategy == STRATEGY_BLOCK:
                     strategy = STRATEGY_SLEEP
             if expired:
@@ -1281,7 +1598,9 @@ cdef class SharedQueue:
     cdef object _take_view_once(self, int *status):
         cdef mqs_br_record_t record
         cdef _RecordView holder
-        cdef int rc = mqs_br_try_take(&self._ring, self._group, 1, &record)
+        cdef int rc
+        self._promote_due()
+        rc = mqs_br_try_take(&self._ring, self._group, 1, &record)
         status[0] = rc
         self._track_stall(rc)
         if rc != MQS_OK:
@@ -1346,9 +1665,7 @@ cdef class SharedQueue:
         if self._ring.fd >= 0:
             os.close(self._ring.fd)
             self._ring.fd = -1
-        if self._mapped:
-            mqs_br_unmap(&self._ring)
-            self._mapped = False
+        self._unmap()
         return 0
 
     def join_thread(self):
@@ -1385,6 +1702,8 @@ cdef class SharedQueue:
         return False
 
     def __dealloc__(self):
+        if self._delay.base != NULL:
+            mqs_delay_unmap(&self._delay)
         if self._mapped:
             if self._ring.slot >= 0 and self._pid == os.getpid():
                 mqs_br_detach(&self._ring)
@@ -1398,6 +1717,33 @@ cdef class SharedQueue:
             return (f"<mqs.SharedQueue name={self.name!r} "
                     f"persist={self._durable.path!r} {state}>")
         return f"<mqs.SharedQueue name={self.name!r} {state}>"
+
+
+def _read_config(fd):
+    """Read the ring's config block: waits up to 5 s for its creator.
+
+    Returns the fields of mqs_br_config_t in order: magic, version,
+    header_bytes, capacity, max_message_size, maxsize, secret, n_groups,
+    init_state, delayed_bytes.
+    """
+    deadline = time.monotonic() + 5.0
+    while True:
+        config = struct.unpack(_CONFIG_FORMAT, os.pread(fd, _CONFIG_BYTES, 0))
+        if config[8] == _INIT_READY or config[0] != 0 or config[8] != 0 \
+                or time.monotonic() > deadline:
+            return config
+        time.sleep(0.001)
+
+
+def _delayed_area_bytes(value):
+    """Check delayed_capacity_bytes and round it up to a page multiple."""
+    _check_int("delayed_capacity_bytes", value)
+    if value != 0 and not MQS_DELAY_MIN_AREA_BYTES <= value <= 1 << 40:
+        raise ValueError(
+            f"delayed_capacity_bytes must be 0 (no delayed messages) or "
+            f"{MQS_DELAY_MIN_AREA_BYTES} to 2**40, got {value!r}")
+    page = os.sysconf("SC_PAGESIZE")
+    return -(-value // page) * page
 
 
 def _decode_oob(data):

@@ -6,6 +6,7 @@ from mqs.includes.mqs_wait cimport mqs_waitword_t
 cdef extern from "mqs_bytering.h" nogil:
     int64_t MQS_BR_HEADER_BYTES
     int MQS_BR_VERSION
+    uint64_t MQS_BR_MAGIC
     int MQS_BR_RECORD_HEADER
     int MQS_BR_MAX_GROUPS
     int MQS_BR_MAX_PARTICIPANTS
@@ -22,6 +23,7 @@ cdef extern from "mqs_bytering.h" nogil:
         int64_t max_message_size
         int64_t maxsize
         int32_t n_groups
+        int64_t delayed_bytes
 
     ctypedef struct mqs_br_counters_t:
         int64_t repaired_records
