@@ -78,11 +78,15 @@ def compile_c(build, sources, binary, extra_flags=()):
     return binary
 
 
-def run_c(command, timeout, env=None):
-    """Run a compiled test with the sanitizer options; return the result."""
+def run_c(command, timeout, env=None, stdin=None):
+    """Run a compiled test with the sanitizer options; return the result.
+
+    `stdin`, a str, is written to the test's standard input.
+    """
     env = {**os.environ, **SANITIZER_ENV, **(env or {})}
     result = subprocess.run(command, capture_output=True, text=True,
-                            timeout=timeout, env=env, check=False)
+                            timeout=timeout, env=env, check=False,
+                            input=stdin)
     # gcc 12's ThreadSanitizer supports at most 30 bits of mmap ASLR
     # entropy on x86_64. Kernels configured with vm.mmap_rnd_bits=32 can
     # place a mapping inside its fixed shadow range, and it aborts at
@@ -95,7 +99,7 @@ def run_c(command, timeout, env=None):
         result = subprocess.run(
             ["setarch", platform.machine(), "-R", *command],
             capture_output=True, text=True, timeout=timeout, env=env,
-            check=False)
+            check=False, input=stdin)
     return result
 
 

@@ -1058,10 +1058,11 @@ cdef class SharedQueue:
         if stats.rebuilds != self._delay.rebuilds_seen:
             self._delay.rebuilds_seen = stats.rebuilds
             logger.warning(
-                "shared queue %s: rebuilt the delayed area after a process "
-                "died holding its lock (repair %d; %d message(s) requeued "
-                "so far, one of them may be delivered twice; %d unfinished "
-                "put(s) dropped so far)", self._label(), stats.rebuilds,
+                "shared queue %s: a process died holding the delayed "
+                "area's lock; rebuilt the area (repairs so far: %d, "
+                "messages requeued: %d, unfinished puts dropped: %d; a "
+                "message being moved into the ring at the crash may be "
+                "delivered twice)", self._label(), stats.rebuilds,
                 stats.requeued, stats.dropped)
         return 0
 

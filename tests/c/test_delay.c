@@ -17,13 +17,15 @@
  *   put ID DUE LEN       put message ID (LEN >= 8 payload bytes) due at DUE;
  *                        prints "put ID STATUS"
  *   promote              move what is due and drain the ring; prints
- *                        "got ID" per message, in delivery order
+ *                        "got ID" per message, in delivery order, then
+ *                        "promoted"
  *   kill POINT ID DUE LEN
  *                        a child process with its own participant slot
  *                        puts ID (POINT delay_put_before_insert) or
  *                        promotes (POINT delay_before_move or
  *                        delay_after_move) and is SIGKILLed at POINT;
- *                        prints "killed POINT" when it died there
+ *                        prints "killed POINT" when it died there, else
+ *                        "survived POINT"
  * After every operation the area's invariants are checked (which also
  * runs the repair after a kill). The last line is "N checks passed" or
  * names the failures.
@@ -285,6 +287,8 @@ static void kill_child(queue_file_t *q, const char *point, uint64_t id,
         die("waitpid");
     if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
         printf("killed %s\n", point);
+    else
+        printf("survived %s\n", point);
 }
 
 static int run_script(void)
@@ -311,6 +315,7 @@ static int run_script(void)
                    put_id(&q.delay, &q.ring, id, due * MS, length, now));
         } else if (strcmp(op, "promote") == 0) {
             promote_all(&q, now);
+            printf("promoted\n");
         } else if (strcmp(op, "kill") == 0
                    && sscanf(line, "%*s %63s %llu %lld %lld", point, &id,
                              &due, &length) == 4) {

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STRESS_DIR = Path(__file__).resolve().parent
 # Extension modules that contain failpoints, with the C files they link.
 FAILPOINT_MODULES = {
-    "_shared": ["mqs_bytering.c"],
+    "_shared": ["mqs_bytering.c", "mqs_delay.c", "mqs_wheel.c"],
     "_seglog": ["mqs_seglog.c", "mqs_crc32c.c"],
 }
 

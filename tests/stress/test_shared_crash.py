@@ -9,6 +9,10 @@ Three kinds of test:
 - Failpoints (csrc/mqs_failpoint.h): a copy of the package built once per
   session with MQS_FAILPOINTS=1 (conftest.py), run by child interpreters with
   MQS_FAILPOINT set, dies exactly at a named step of a put or a take.
+- Delayed delivery: a consumer killed while it holds the delay lock,
+  moving due messages into the ring, and a producer killed inside a
+  delayed put. The next process repairs the delayed area; nothing
+  accepted is lost.
 - A producer stopped between claim and publish (failpoint stop mode): a
   reader waits for it, logs a WARNING, never repairs its record, and
   gets the message once the producer continues.
@@ -554,4 +558,78 @@ def test_each_stall_is_reported_to_polling_reader(failpoint_path, shm_name,
         got = drain(q, 2, poll=False)
         assert got == [(round_number, 1), (round_number, 2)]
     assert q.stats().repaired_records == 0
+    q.close()
+
+
+# -- delayed delivery ----------------------------------------------------
+
+
+def delayed_consume_code(name):
+    return f"""
+        from mqs.shared import SharedQueue
+        q = SharedQueue(name={name!r}, create=False)
+        print(q.get(timeout=30))
+    """
+
+
+@pytest.mark.parametrize("failpoint", ["delay_before_move",
+                                       "delay_after_move"])
+def test_consumer_killed_holding_delay_lock_loses_nothing(
+        failpoint_path, shm_name, caplog, failpoint):
+    count = 20
+    q = SharedQueue(name=shm_name, capacity_bytes=1 << 16)
+    for n in range(count):
+        q.put(n.to_bytes(4, "little"), delay=0.2 + n * 0.001)
+    # The victim's get moves the due messages; it dies holding the lock
+    # before (or right after) putting the first one into the ring.
+    victim = start_child(failpoint_path, delayed_consume_code(shm_name),
+                         failpoint=failpoint)
+    status, stdout, stderr = finish_popen(victim)
+    assert status == -signal.SIGKILL, stderr
+    assert stdout == ""
+
+    with caplog.at_level(logging.WARNING, logger="mqs._shared"):
+        got = []
+        while True:
+            try:
+                got.append(int.from_bytes(q.get(timeout=1), "little"))
+            except queue.Empty:
+                break
+    # Every message arrives once; the one the victim had already
+    # published when it died arrives a second time.
+    duplicates = 1 if failpoint == "delay_after_move" else 0
+    assert sorted(set(got)) == list(range(count))
+    assert len(got) == count + duplicates
+    assert sorted(got) == got
+    stats = q.stats()
+    assert stats["delayed"] == 0
+    assert stats["delayed_repairs"] == 1
+    assert stats["delayed_dropped"] == 0
+    assert "a process died holding the delayed area's lock; rebuilt " \
+           "the area" in caplog.text
+    q.put(b"later", delay=0.01)
+    assert q.get(timeout=5) == b"later"
+    q.close()
+
+
+def test_producer_killed_in_delayed_put_loses_only_its_message(
+        failpoint_path, shm_name):
+    q = SharedQueue(name=shm_name, capacity_bytes=1 << 16)
+    q.put(b"before", delay=1.5)
+    victim = start_child(failpoint_path, f"""
+        from mqs.shared import SharedQueue
+        q = SharedQueue(name={shm_name!r}, create=False)
+        q.put(b"victim", delay=0.1)
+    """, failpoint="delay_put_before_insert")
+    status, _, stderr = finish_popen(victim)
+    assert status == -signal.SIGKILL, stderr
+    # The lock is not wedged: the next put repairs and goes through.
+    q.put(b"after", delay=0.1)
+    assert q.get(timeout=5) == b"after"
+    assert q.get(timeout=5) == b"before"
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.3)
+    stats = q.stats()
+    assert stats["delayed_repairs"] == 1
+    assert stats["delayed_dropped"] == 1
     q.close()
