@@ -410,6 +410,9 @@ cdef class SharedQueue:
     cdef int64_t _last_repair_ns
     # The log side of a durable queue (persist=), else None.
     cdef _Durable _durable
+    # (messages moved, CLOCK_MONOTONIC ns after the move) per promote of
+    # this handle, while a benchmark traces them; None otherwise.
+    cdef list _move_trace
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -1354,8 +1357,20 @@ cdef class SharedQueue:
         # MQS_EAGAIN_LOCKED: another process is moving them right now.
         # MQS_EFULL: the ring is full, the rest move after some gets.
         mqs_delay_promote(&self._delay, &self._ring, now, &moved)
+        if moved and self._move_trace is not None:
+            self._move_trace.append((moved, mqs_monotonic_ns()))
         self._log_delay_repair()
         return 0
+
+    def _trace_moves(self):
+        """Record when this handle moves delayed messages into the ring.
+
+        Returns the list that each later move appends to: a tuple of
+        (messages moved, CLOCK_MONOTONIC ns right after the move). For
+        `mqs.bench_wheel`, which measures delayed delivery lateness.
+        """
+        self._move_trace = []
+        return self._move_trace
 
     cdef object _take_copy(self, int *status):
         """Take one record and return it decoded, or set *status."""
