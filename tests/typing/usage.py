@@ -1,5 +1,7 @@
 """Typical user code, type-checked against the .pyi stubs by mypy."""
 
+import datetime
+
 import mqs
 
 jobs: mqs.Queue[int] = mqs.Queue(maxsize=16)
@@ -26,10 +28,13 @@ print(first, batch, pushed, seen)
 frames = mqs.SharedQueue(capacity_bytes=1 << 20, groups=2)
 audit = frames.for_group(1)
 frames.put(b"frame")
+frames.put(b"later", delay=0.5)
+frames.put_many([b"a", b"b"], at=datetime.datetime.now())
+waiting: int = frames.delayed + frames.delayed_capacity_bytes
 with audit.get_view(timeout=1.0) as view:
     size: int = view.nbytes
 first_frame: object = frames.get(timeout=1.0)
-print(size, first_frame, frames.qsize(), audit.group)
+print(size, first_frame, frames.qsize(), audit.group, waiting)
 frames.close()
 
 durable = mqs.SharedQueue(persist="/tmp/mqs-typing-jobs", fsync="always")
