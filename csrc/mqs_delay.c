@@ -11,6 +11,11 @@ _Static_assert(sizeof(mqs_delay_node_t) == MQS_DELAY_NODE_BYTES,
                "block header must be 32 bytes");
 _Static_assert(sizeof(mqs_delay_header_t) <= MQS_DELAY_HEADER_BYTES,
                "delay header must fit its reserved bytes");
+/* src/mqs/_shared.pyx reads the ring's config block with the struct
+ * format "<QIIqqqqiIq" before mapping the file; keep the two in step. */
+_Static_assert(offsetof(mqs_br_config_t, delayed_bytes) == 56
+                   && sizeof(mqs_br_config_t) == 64,
+               "config block layout changed");
 
 /*
  * Keep the compiler from moving stores across this point. A process

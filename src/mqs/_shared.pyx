@@ -33,15 +33,16 @@ from mqs.includes.mqs_atomic cimport (
     mqs_cpu_relax,
 )
 from mqs.includes.mqs_bytering cimport (
+    MQS_BR_INIT_READY,
     MQS_BR_MAGIC,
     MQS_BR_MAX_GROUPS,
     MQS_BR_NO_PIN,
     MQS_BR_RECORD_HEADER,
     MQS_BR_TYPE_PAD,
+    MQS_BR_VERSION,
     MQS_EAGAIN_INIT,
     MQS_EAGAIN_STUCK,
     MQS_EVERSION,
-    MQS_BR_VERSION,
     mqs_br_check_sizes,
     mqs_br_config,
     mqs_br_count,
@@ -130,12 +131,12 @@ SHM_DIR = "/dev/shm"
 NAME_PREFIX = "mqs."
 DEFAULT_CAPACITY_BYTES = 16 << 20
 DEFAULT_DELAYED_CAPACITY_BYTES = 4 << 20
-# Offsets in the ring's config block (mqs_br_config_t), read before the
-# file is mapped to learn its sizes.
+# The fields of the ring's config block (mqs_br_config_t), read before
+# the file is mapped to learn its sizes.
 _CONFIG_FORMAT = "<QIIqqqqiIq"
 _CONFIG_BYTES = 64
-_INIT_READY = 0x52454459
-_LAYOUT_VERSION = 3
+_INIT_READY = MQS_BR_INIT_READY
+_LAYOUT_VERSION = MQS_BR_VERSION
 
 # Record types in the ring.
 cdef enum:

@@ -7,6 +7,7 @@ cdef extern from "mqs_bytering.h" nogil:
     int64_t MQS_BR_HEADER_BYTES
     int MQS_BR_VERSION
     uint64_t MQS_BR_MAGIC
+    uint32_t MQS_BR_INIT_READY
     int MQS_BR_RECORD_HEADER
     int MQS_BR_MAX_GROUPS
     int MQS_BR_MAX_PARTICIPANTS
