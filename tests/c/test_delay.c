@@ -27,8 +27,8 @@
  *                        prints "killed POINT" when it died there, else
  *                        "survived POINT"
  * After every operation the area's invariants are checked (which also
- * runs the repair after a kill). The last line is "N checks passed" or
- * names the failures.
+ * runs the repair after a kill). The last line is "N passed, M failed"
+ * (tests/c/check.h).
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -42,24 +42,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "mqs_bytering.h"
 #include "mqs_delay.h"
 #include "mqs_wait.h"
 
 #define MS 1000000LL
-
-static atomic_long checks;
-static atomic_long failures;
-
-#define CHECK(cond)                                                         \
-    do {                                                                    \
-        atomic_fetch_add(&checks, 1);                                       \
-        if (!(cond)) {                                                      \
-            atomic_fetch_add(&failures, 1);                                 \
-            fprintf(stderr, "%s:%d: %s: check failed: %s\n", __FILE__,      \
-                    __LINE__, __func__, #cond);                             \
-        }                                                                   \
-    } while (0)
 
 typedef struct queue_file {
     int fd;
@@ -196,7 +184,7 @@ static void test_fill_and_reuse(void)
         n++;
     /* 8 KiB of header, a 4752-byte wheel header, then 64-byte blocks
      * and 32-byte wheel entries: (8192 - 4752) / 96 = 35. */
-    CHECK(n == 35);
+    CHECK_EQ(n, 35);
     CHECK(mqs_delay_count(&q.delay) == n);
     CHECK(mqs_delay_next_due(&q.delay) == 5 * MS);
     CHECK(mqs_delay_check(&q.delay, 0) == MQS_OK);
@@ -461,7 +449,7 @@ int main(int argc, char **argv)
     }
     if (rc != 0)
         return rc;
-    printf("%ld checks passed, %ld failed\n", (long)atomic_load(&checks),
-           (long)atomic_load(&failures));
-    return atomic_load(&failures) == 0 ? 0 : 1;
+    printf("%d passed, %d failed\n", atomic_load(&checks_passed),
+           atomic_load(&checks_failed));
+    return atomic_load(&checks_failed) == 0 ? 0 : 1;
 }
