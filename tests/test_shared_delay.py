@@ -168,7 +168,7 @@ def test_shared_delay_full_area_blocks_then_raises_full():
     with pytest.raises(mqs.Full):
         q.put(b"x" * 16, delay=60, timeout=0.1)
     assert time.monotonic() - start >= 0.1
-    assert q.stats()["delayed_used_bytes"] == accepted * 96
+    assert q.delayed_stats()["used_bytes"] == accepted * 96
     q.close()
 
 
@@ -199,9 +199,11 @@ def test_shared_delay_reaches_get_view_and_get_many():
 def test_shared_delay_bytes_per_message_in_stats():
     q = SharedQueue(capacity_bytes=1 << 16)
     q.put(b"x" * 32, delay=60)
-    assert q.stats()["delayed_used_bytes"] == 96
+    assert q.delayed_stats()["used_bytes"] == 96
     q.put(b"x" * 100, delay=60)
-    assert q.stats()["delayed_used_bytes"] == 96 + 192
+    assert q.delayed_stats()["used_bytes"] == 96 + 192
+    assert q.delayed_stats()["delayed"] == 2
+    assert q.stats().delayed == 2
     q.close()
 
 
@@ -446,7 +448,7 @@ def test_shared_delay_million_waiting_keep_consumer_heap_flat(shm_name,
     for i in range(count):
         q.put(payload, delay=3600 + i * 1e-6)
     assert q.delayed == count
-    assert q.stats()["delayed_used_bytes"] == count * 96
+    assert q.delayed_stats()["used_bytes"] == count * 96
     # The consumer waits for a line on stdin before it measures.
     consumer.stdin.write("go\n")
     consumer.stdin.flush()

@@ -102,6 +102,7 @@ from mqs.includes.mqs_wait cimport (
     mqs_waitword_t,
 )
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -875,7 +876,11 @@ cdef class SharedQueue:
         # Settle dead claims first, as qsize does, so the counts include
         # only messages that will arrive.
         self._count()
-        return _read_stats(&self._ring, self.name, self._group)
+        stats = _read_stats(&self._ring, self.name, self._group)
+        if self._delay.base != NULL:
+            stats = dataclasses.replace(
+                stats, delayed=mqs_delay_count(&self._delay))
+        return stats
 
     def delayed_stats(self):
         """Return counters of the delayed area as a dict.

@@ -601,10 +601,11 @@ def test_consumer_killed_holding_delay_lock_loses_nothing(
     assert sorted(set(got)) == list(range(count))
     assert len(got) == count + duplicates
     assert sorted(got) == got
-    stats = q.stats()
+    stats = q.delayed_stats()
     assert stats["delayed"] == 0
-    assert stats["delayed_repairs"] == 1
-    assert stats["delayed_dropped"] == 0
+    assert q.stats().delayed == 0
+    assert stats["repairs"] == 1
+    assert stats["dropped"] == 0
     assert "a process died holding the delayed area's lock; rebuilt " \
            "the area" in caplog.text
     q.put(b"later", delay=0.01)
@@ -629,7 +630,7 @@ def test_producer_killed_in_delayed_put_loses_only_its_message(
     assert q.get(timeout=5) == b"before"
     with pytest.raises(queue.Empty):
         q.get(timeout=0.3)
-    stats = q.stats()
-    assert stats["delayed_repairs"] == 1
-    assert stats["delayed_dropped"] == 1
+    stats = q.delayed_stats()
+    assert stats["repairs"] == 1
+    assert stats["dropped"] == 1
     q.close()
