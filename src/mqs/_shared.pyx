@@ -1931,7 +1931,8 @@ def _inspect_file(path, name):
                     f"an mqs queue")
             ring.header = <mqs_br_header_t *>header
             ring.data = NULL
-            ring.capacity = size - mqs_br_file_bytes(0)
+            # The file also holds the delayed area after the ring.
+            ring.capacity = mqs_br_config(&ring).capacity
             ring.fd = fd
             ring.slot = -1
             return _read_stats(&ring, name, 0)
