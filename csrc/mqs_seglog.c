@@ -31,6 +31,9 @@
 #define CHECKPOINT_MAGIC "MQSCKPT1"
 #define CHECKPOINT_BYTES 32
 #define LOCK_NAME "lock"
+/* The writer drops page table entries of what it wrote every this many
+ * bytes of a segment. */
+#define RELEASE_STEP ((uint64_t)8 << 20)
 
 typedef struct index_entry {
     uint32_t rel;                   /* offset - base_offset */
@@ -68,6 +71,7 @@ struct mqs_segment {
     int64_t max_ts;
 
     uint64_t synced_pos;            /* writer, under sync_mu */
+    uint64_t released_pos;          /* writer: page entries dropped below */
     uint64_t extended_bytes;        /* file was short; zeros added at open */
 
     index_entry_t *idx;
@@ -128,6 +132,9 @@ struct mqs_seglog {
     pthread_cond_t flush_cv;
     int flush_stop;
     int flush_requested;
+
+    /* Segment whose pages the last read mapped in; cleared with hint_seg. */
+    mqs_segment_t *resident_seg;
 
     /* Read hint: where the record after the last one read starts. */
     mqs_segment_t *hint_seg;
@@ -1513,6 +1520,8 @@ int mqs_seglog_retain(mqs_seglog_t *log, int64_t now_ns, int64_t *deleted)
         log->nsegs--;
         if (log->hint_seg == seg)
             log->hint_seg = NULL;
+        if (log->resident_seg == seg)
+            log->resident_seg = NULL;
         remove_pending(log, seg);
         mqs_seglog_segment_release(seg);
         count++;
@@ -1547,8 +1556,30 @@ static int replace_empty_active(mqs_seglog_t *log)
     pthread_mutex_unlock(&log->sync_mu);
     if (log->hint_seg == old)
         log->hint_seg = NULL;
+    if (log->resident_seg == old)
+        log->resident_seg = NULL;
     mqs_seglog_segment_release(old);
     return MQS_OK;
+}
+
+/*
+ * Drop this process's page table entries for [from, to) of a segment,
+ * rounded to whole pages. The pages stay in the page cache (dirty ones
+ * are still written back), so views and later reads fault them in again.
+ * Resident memory then follows the pages in use, not the log's size.
+ */
+static void segment_release_pages(const mqs_seglog_t *log,
+                                  mqs_segment_t *seg, uint64_t from,
+                                  uint64_t to)
+{
+    uint64_t page_mask = (uint64_t)log->page_bytes - 1;
+    uint64_t start = from & ~page_mask;
+    uint64_t end = to & ~page_mask;
+
+    if (end > seg->map_bytes)
+        end = seg->map_bytes & ~page_mask;
+    if (end > start)
+        (void)madvise(seg->map + start, end - start, MADV_DONTNEED);
 }
 
 static int roll_locked(mqs_seglog_t *log)
@@ -1573,6 +1604,7 @@ static int roll_locked(mqs_seglog_t *log)
         return MQS_EPOISONED;
     }
     failpoint_kill(log, FP_ROLL_SEALED);
+    segment_release_pages(log, old, 0, old->map_bytes);
     rc = segment_create(log, old->next_offset, &seg);
     if (rc != MQS_OK)
         return rc;
@@ -1697,6 +1729,14 @@ int mqs_seglog_append(mqs_seglog_t *log, const mqs_seglog_entry_t *entries,
                           memory_order_release);
     atomic_store_explicit(&log->pub_offset, log->active->next_offset,
                           memory_order_release);
+    if (log->active->end_pos - log->active->released_pos >= RELEASE_STEP) {
+        /* The writer only moves forward: drop what is written, up to the
+         * page it is still filling. */
+        segment_release_pages(log, log->active, log->active->released_pos,
+                              log->active->end_pos);
+        log->active->released_pos = log->active->end_pos
+                                    & ~((uint64_t)log->page_bytes - 1);
+    }
     failpoint_kill(log, FP_AFTER_APPEND);
     if (log->cfg.fsync_mode == MQS_SEGLOG_FSYNC_INTERVAL &&
         log->cfg.fsync_interval_records > 0 &&
@@ -1731,6 +1771,8 @@ static int reopen_if_replaced(mqs_seglog_t *log)
     log->segs[log->nsegs - 1] = seg;
     if (log->hint_seg == old)
         log->hint_seg = NULL;
+    if (log->resident_seg == old)
+        log->resident_seg = NULL;
     mqs_seglog_segment_release(old);
     segment_walk(seg, seg->map_bytes, 0, NULL);
     seg->indexed = 1;
@@ -1854,6 +1896,14 @@ static int locate(mqs_seglog_t *log, int64_t offset, mqs_segment_t **seg_out,
     segment_ensure_indexed(seg);
     if (offset >= seg->next_offset)
         return MQS_ECORRUPT;   /* damaged in a sealed segment, or a gap */
+    if (log->resident_seg != seg) {
+        /* Reads move on to another segment: the last one's pages leave
+         * this process's resident set (views still fault them back). */
+        if (log->resident_seg != NULL)
+            segment_release_pages(log, log->resident_seg, 0,
+                                  log->resident_seg->map_bytes);
+        log->resident_seg = seg;
+    }
 
     if (log->hint_seg == seg && log->hint_offset == offset) {
         *seg_out = seg;

@@ -974,3 +974,50 @@ def test_seglog_bench_compares_with_redis(tmp_path, redis_server_factory):
     assert "always_100B_vs_redis_always" in \
         bench_seglog.format_seglog_bench(result)
     assert list(tmp_path.iterdir()) == []
+
+
+RESIDENT_CHILD = """
+import sys
+import mqs
+
+def rss_file_kib():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+
+path, total = sys.argv[1], int(sys.argv[2])
+record = bytes(4096 - 64)
+before = rss_file_kib()
+log = mqs.SegmentLog(path, segment_bytes=16 << 20, fsync="never")
+for _ in range(total // 4096 // 64):
+    log.append_many([record] * 64)
+log.flush()
+written = rss_file_kib() - before
+views = []
+log.close()
+reader = mqs.SegmentLog(path, readonly=True)
+before = rss_file_kib()
+for offset in range(reader.start_offset, reader.end_offset):
+    view = reader.read(offset)
+    if offset % 10_000 == 0:
+        views.append(view)
+read = rss_file_kib() - before
+assert all(len(v) == len(record) for v in views)
+print(written, read)
+"""
+
+
+def test_seglog_resident_memory_follows_pages_in_use(tmp_path):
+    """Writing and reading 256 MiB keeps well under 256 MiB of the log
+    resident in the process: about one segment plus what is being
+    written, not the log's size."""
+    total = 256 << 20
+    result = subprocess.run(
+        [sys.executable, "-c", RESIDENT_CHILD, str(tmp_path / "log"),
+         str(total)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    written_kib, read_kib = (int(x) for x in result.stdout.split())
+    # One 16 MiB segment plus the writer's 8 MiB release step, with room.
+    assert written_kib < 48 << 10
+    assert read_kib < 48 << 10
