@@ -821,10 +821,15 @@ int mqs_br_repair(mqs_bytering_t *ring)
 int mqs_br_settle(mqs_bytering_t *ring)
 {
     for (int i = 0; i < MQS_BR_MAX_PARTICIPANTS; i++) {
+        mqs_br_participant_t *p = participant(ring, i);
+
         if (i == ring->slot
-            || atomic_load_explicit(&participant(ring, i)->claim_state,
-                                    memory_order_acquire)
-                   == MQS_BR_CLAIM_NONE)
+            || (atomic_load_explicit(&p->claim_state, memory_order_acquire)
+                    == MQS_BR_CLAIM_NONE
+                && atomic_load_explicit(&p->get_pin, memory_order_acquire)
+                       == MQS_BR_NO_PIN
+                && atomic_load_explicit(&p->view_pin, memory_order_acquire)
+                       == MQS_BR_NO_PIN))
             continue;
         if (mqs_br_participant_alive(ring, i) == 0)
             return mqs_br_repair(ring);

@@ -324,11 +324,12 @@ int mqs_br_repair(mqs_bytering_t *ring);
 int mqs_br_stalled_owner(const mqs_bytering_t *ring, int group);
 
 /*
- * Repair the open claims of dead producers wherever they sit, so that
- * mqs_br_count counts only messages that will arrive. One load per
- * participant slot when no other slot has a claim open, and one fcntl
- * per open claim otherwise. Returns records repaired (as mqs_br_repair)
- * or a negative status.
+ * Repair what dead participants left, if any: the open claims of dead
+ * producers wherever they sit (so mqs_br_count counts only messages that
+ * will arrive) and the pins of dead consumers (so they stop holding back
+ * producers). Three loads per participant slot when no other slot has a
+ * claim or pin open, plus one fcntl per open one. Returns records
+ * repaired (as mqs_br_repair) or a negative status.
  */
 int mqs_br_settle(mqs_bytering_t *ring);
 

@@ -1271,11 +1271,16 @@ cdef class SharedQueue:
         """Before a put gives up: drop pins of dead consumers, try again.
 
         Without this, producers that never wait long would never clear
-        the pin a killed consumer left, and the ring would stay full.
+        the pin a killed consumer left, and the ring would stay full. The
+        settle costs a few loads per participant slot, and an fcntl only
+        for slots with a claim or pin open, so it runs on every failed
+        put: a put never reports Full because of a dead process.
         """
-        if not self._repair_due():
-            return MQS_EFULL
-        self._log_repaired(mqs_br_repair(&self._ring))
+        cdef int repaired = mqs_br_settle(&self._ring)
+        if repaired < 0:
+            raise OSError("cannot check the liveness of the queue's "
+                          "participants")
+        self._log_repaired(repaired)
         return self._try_put(obj, due)
 
     def put_many(self, items, block=True, timeout=None, *, delay=None,
