@@ -679,6 +679,12 @@ def test_quick_run_json_has_timers_and_log(quick_run):
         timers["ratios"])
     for name, ratio in timers["ratios"].items():
         assert ratio["measured"] > 0, name
+    lateness = timers["delivery_lateness"]
+    assert lateness["messages"] == cli_bench.PROFILES["quick"].lateness_messages
+    assert lateness["early"] == 0
+    for stage in ("due_to_ready", "due_to_get"):
+        assert 0 <= lateness[stage]["p50"] <= lateness[stage]["p99"]
+        assert lateness[stage]["p99"] <= lateness[stage]["max"]
     log = report["log"]
     assert [case["case"] for case in log["cases"]] == list(
         bench_seglog.CASE_NAMES)

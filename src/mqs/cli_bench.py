@@ -73,6 +73,8 @@ class Profile:
     shape_warmup: bool = True
     wheel_repeat: int = 1
     seglog_repeat: int = 1
+    # Delayed messages of the delivery lateness run (timers section).
+    lateness_messages: int = 1_000
 
     def payload_messages(self, size_bytes: int) -> int:
         """Messages per run at `size_bytes`, capped by the byte budget."""
@@ -84,7 +86,8 @@ PROFILES = {
     "quick": Profile(
         "quick", 1, bench.QUICK_COUNT,
         {"threads": 2_000, "processes": 1_000}, (8, 4096, 65536), 1_000,
-        4 << 20, 300, 10_000, 0.005, shape_warmup=False),
+        4 << 20, 300, 10_000, 0.005, shape_warmup=False,
+        lateness_messages=200),
     "default": Profile(
         "default", bench.DEFAULT_REPEAT, bench.DEFAULT_COUNT,
         {"threads": 30_000, "processes": 10_000}, (8, 64, 512, 4096, 65536),
@@ -93,7 +96,8 @@ PROFILES = {
         "full", 5, bench.FULL_COUNT,
         {"threads": 200_000, "processes": 50_000},
         bench_shapes.PAYLOAD_SIZES, 50_000, 512 << 20, 20_000,
-        bench_wheel.DEFAULT_COUNT, 1.0, wheel_repeat=3, seglog_repeat=5),
+        bench_wheel.DEFAULT_COUNT, 1.0, wheel_repeat=3, seglog_repeat=5,
+        lateness_messages=2_000),
 }
 
 
@@ -368,6 +372,12 @@ def _run_with_progress(console: Console, case_names: list[str],
             with clock("timers"):
                 run.timers = bench_wheel.run_wheel_bench(
                     profile.wheel_count, profile.wheel_repeat)
+                # Delayed delivery through a SharedQueue to a consumer
+                # process that is busy half of the time.
+                lateness = bench_wheel.run_delivery_lateness(
+                    profile.lateness_messages).to_dict()
+                lateness.pop("machine", None)
+                run.timers["delivery_lateness"] = lateness
             advance("timers", "done")
         if "log" in case_names:
             with clock("log"):
@@ -413,6 +423,9 @@ def _print_tables(console: Console, run: BenchRun, profile: Profile) -> None:
                                                       run.skipped))
     if run.timers is not None:
         console.print(tables.timers_table(run.timers))
+        if "delivery_lateness" in run.timers:
+            console.print(tables.lateness_text(
+                run.timers["delivery_lateness"]))
     if run.log is not None:
         console.print(tables.log_table(run.log))
     extra = tables.section_ratios(run.timers, run.log)

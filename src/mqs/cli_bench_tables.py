@@ -254,6 +254,24 @@ class SectionRatio:
         return self.name, value, f">= {target}{unit}", status
 
 
+def lateness_text(lateness: dict) -> str:
+    """Return the delivery lateness result of the timers section as text."""
+    def ms(stage: str, key: str) -> str:
+        return f"{lateness[stage][key] * 1e3:.3f} ms"
+
+    verdict = "met" if lateness["met"] else "missed"
+    return (
+        f"Delayed delivery through a SharedQueue: {lateness['messages']:,} "
+        f"messages, consumer process busy "
+        f"{lateness['busy_fraction']:.0%}\n"
+        f"  due -> ready in ring  p50 {ms('due_to_ready', 'p50')}, "
+        f"p99 {ms('due_to_ready', 'p99')}, max {ms('due_to_ready', 'max')}\n"
+        f"  due -> returned by get  p50 {ms('due_to_get', 'p50')}, "
+        f"p99 {ms('due_to_get', 'p99')}\n"
+        f"  early: {lateness['early']}; target p99 due -> ready <= "
+        f"{lateness['target_p99_s'] * 1e3:g} ms: {verdict}")
+
+
 def section_ratios(timers: dict | None,
                    log: dict | None) -> list[SectionRatio]:
     """Return the tracked ratios of the timers and log sections."""
