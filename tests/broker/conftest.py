@@ -21,9 +21,21 @@ def _memory_broker(tmp_path):
         broker.close()
 
 
+@contextlib.contextmanager
+def _log_broker(tmp_path):
+    # Small segments: every test opens a log, and each preallocates one.
+    broker = mqs.Broker(backend="log", path=tmp_path / "broker",
+                        segment_bytes=1 << 20)
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
 # name -> context manager factory taking pytest's tmp_path.
 BACKEND_FACTORIES = {
     "memory": _memory_broker,
+    "log": _log_broker,
 }
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from mqs.broker._backend import Backend, DeadLetter, Delivery, Envelope
+from mqs.broker._log import LogBackend
 from mqs.broker._memory import MemoryBackend
 from mqs.broker._policy import Backoff, TopicConfig, check_priority
 from mqs.errors import (
@@ -35,8 +36,9 @@ logger = logging.getLogger(__name__)
 # Backend name -> factory taking the Broker's keyword options.
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "memory": lambda clock=None: MemoryBackend(clock=clock),
+    "log": LogBackend,
 }
-_PLANNED = ("shm", "log", "redis")
+_PLANNED = ("shm", "redis")
 _STARTS = ("earliest", "latest")
 
 
@@ -510,14 +512,16 @@ class Broker:
     Parameters
     ----------
     backend : str or Backend
-        ``"memory"``: this process's threads share the broker. ``"shm"``,
-        ``"log"`` and ``"redis"`` are planned and raise
-        `BackendUnavailable` until they exist.
+        ``"memory"``: this process's threads share the broker.
+        ``"log"``: the same, durable in a log directory (``path=``,
+        ``fsync=``; see `mqs.broker._log`). ``"shm"`` and ``"redis"``
+        are planned and raise `BackendUnavailable` until they exist.
     auto_declare : bool
         Declare an unknown topic with default settings on its first
         `publish` or `consume`. False raises `UnknownTopic` instead.
     **options
-        Passed to the backend factory (``clock=`` for the memory backend).
+        Passed to the backend factory (``clock=`` for the memory backend,
+        ``path=`` and ``fsync=`` for the log backend).
     """
 
     def __init__(self, backend: str | Backend = "memory", *,

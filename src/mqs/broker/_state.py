@@ -81,7 +81,7 @@ class _Entry:
     """The state of one record in one group."""
 
     __slots__ = ("record", "group", "state", "ticket", "attempts",
-                 "handle", "consumer", "last_error")
+                 "handle", "wake", "wake_seq", "consumer", "last_error")
 
     def __init__(self, record: _Record, group: _Group) -> None:
         self.record = record
@@ -90,6 +90,10 @@ class _Entry:
         self.ticket = 0
         self.attempts = 0
         self.handle: int | None = None
+        # Deadline of the pending timer and the order it was scheduled
+        # in, so that a snapshot can schedule it again (see `restore`).
+        self.wake = 0.0
+        self.wake_seq = 0
         self.consumer: str | None = None
         self.last_error: str | None = None
 
@@ -150,6 +154,47 @@ class TopicState:
             collections.OrderedDict()
         self.counters = dict.fromkeys(COUNTER_KEYS, 0)
         self.rng = random.Random()
+        self.timer_seq = 0
+
+    # Snapshots.
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the state as a dict that pickle can store.
+
+        Everything but the timing wheel, the clock and the id source,
+        which `restore` gets anew; pending timers are kept as the
+        `wake` deadline of their entries.
+        """
+        data = dict(self.__dict__)
+        for name in ("wheel", "clock", "next_id"):
+            del data[name]
+        return data
+
+    @classmethod
+    def restore(cls, data: dict[str, Any], clock: Callable[[], float],
+                id_source: Callable[[], str]) -> TopicState:
+        """Rebuild a state from `snapshot` output, timers included."""
+        state = cls.__new__(cls)
+        state.__dict__.update(data)
+        state.clock = clock
+        state.next_id = id_source
+        state.wheel = TimingWheel(0.001, 256, clock=clock)
+        timers = []
+        for group in state.groups.values():
+            for entry in group.entries.values():
+                entry.handle = None
+                if entry.state == DELAYED:
+                    timers.append((entry.wake, entry.wake_seq, _DUE, entry))
+                elif entry.state == IN_FLIGHT:
+                    timers.append(
+                        (entry.wake, entry.wake_seq, _DEADLINE, entry))
+        # The wheel fires equal deadlines in scheduling order, so schedule
+        # them again in the order they were first scheduled.
+        timers.sort(key=lambda timer: timer[:2])
+        for at, _, kind, entry in timers:
+            entry.handle = state.wheel.schedule_at(
+                at, (kind, entry, entry.ticket))
+        return state
 
     # Counting.
 
@@ -264,8 +309,13 @@ class TopicState:
     def _delay_until(self, entry: _Entry, due: float) -> None:
         entry.state = DELAYED
         entry.ticket += 1
-        entry.handle = self.wheel.schedule_at(
-            due, (_DUE, entry, entry.ticket))
+        self._set_timer(entry, due, _DUE)
+
+    def _set_timer(self, entry: _Entry, at: float, kind: int) -> None:
+        self.timer_seq += 1
+        entry.wake = at
+        entry.wake_seq = self.timer_seq
+        entry.handle = self.wheel.schedule_at(at, (kind, entry, entry.ticket))
 
     def _drop_oldest(self) -> bool:
         """Drop the oldest stored record that is nowhere in flight."""
@@ -390,8 +440,7 @@ class TopicState:
             entry.state = IN_FLIGHT
             entry.consumer = consumer
             slot[1] += 1
-            entry.handle = self.wheel.schedule_at(
-                now + ack_timeout, (_DEADLINE, entry, entry.ticket))
+            self._set_timer(entry, now + ack_timeout, _DEADLINE)
         return found
 
     def _eligible(self, group: _Group, now: float) -> set[int]:
@@ -504,8 +553,7 @@ class TopicState:
             return False
         if entry.handle is not None:
             self.wheel.cancel(entry.handle)
-        entry.handle = self.wheel.schedule_at(
-            now + seconds, (_DEADLINE, entry, entry.ticket))
+        self._set_timer(entry, now + seconds, _DEADLINE)
         return True
 
     def release(self, group_name: str, tags: Sequence[Any],

@@ -1,0 +1,787 @@
+"""The ``log`` backend: the memory backend's state, made durable in a log.
+
+Every topic lives in a `TopicState`, as in the memory backend. Every
+operation that changes a state is also appended to a `SegmentLog` as a
+control record before the operation returns, and opening the broker
+replays those records into fresh `TopicState` objects.
+
+Records
+    Each record is one operation with its arguments and the broker time
+    ``now`` it ran at: declare (with the `TopicConfig` and the seed of
+    the topic's retry jitter), delete, publish (the `Envelope` batch and
+    its wall-clock time), open and close of a consumer, fetch (consumer,
+    batch size, ack timeout, auto_ack: the deliveries it made), ack,
+    nack, extend, release, dlq redrive, dlq purge and tick (timers fired
+    by a `stats` call). The value is the pickled tuple ``(op, now,
+    args)``. Pickle stores only mqs's own records (`TopicConfig`,
+    `Envelope`, tuples of str, int and float) and the values the broker
+    already takes from users (body, key, headers, dedup_id), which must
+    therefore be picklable, as for the memory backend. Anyone who can
+    write the log directory can run code in the broker's process, so
+    the directory is created owner-only (mode 0700).
+
+Replay
+    `TopicState` is deterministic given its inputs: the clock it reads
+    is pinned to each operation's recorded ``now``, message and consumer
+    ids come from counters, and the retry jitter from a seeded
+    generator. Replaying the records in order therefore rebuilds the
+    exact state, delivery tags included, and redeliveries, expiries and
+    dead letters happen again by themselves. A fetch that cannot change
+    anything (no timer due, and nothing ready or no prefetch room) is
+    neither run nor logged, so idle consumers add no records.
+
+Broker time
+    ``now`` is `time.monotonic` plus an offset fixed when the broker
+    opens, chosen so that broker time equals `time.time`, and never
+    below the last recorded ``now``. Delays and ack deadlines are
+    therefore kept as wall-clock times across restarts: a delay due
+    during the downtime fires at the first operation after the restart,
+    and none fires before its due time unless the wall clock is moved
+    forward meanwhile.
+
+Restarts
+    The consumers that held messages belong to the process that is
+    gone, so opening the broker closes every consumer it replayed: its
+    in-flight messages go back to the tail of their lanes at once, with
+    their attempts kept (the next delivery has ``attempts + 1``).
+    Delayed messages keep their due time; DLQ contents, dedup ids (for
+    the rest of their window), counters, groups and topic settings
+    survive as they were.
+
+Durability
+    ``fsync="always"``: an operation returns after a sync that covers
+    its record; threads share syncs (the sync runs outside the broker
+    lock, so it covers every record appended meanwhile). ``"interval"``
+    (default): records survive kill -9 of the process at once and a
+    power loss after `fsync_interval_s` at most. ``"never"``: kill -9
+    as "interval"; a power loss may lose what was not synced at close.
+    A torn last record (kill during the append) is cut by the log's
+    recovery, so the broker opens in the state before that operation.
+
+Compaction
+    The directory at `path` holds ``CURRENT`` (the name of the active
+    log) and that log, ``log-NNNNNN``. A log starts with a snapshot of
+    the whole broker (pickled `TopicState.snapshot` dicts, split into
+    records of at most half a segment). When the records after it pass
+    `compact_bytes`, at open after a replay of any record, and at
+    close, the broker writes a snapshot into a new log, syncs it,
+    switches ``CURRENT`` to it (atomic rename) and deletes the old log.
+    Replay time and disk use are thus bounded by the live state plus
+    `compact_bytes`. Compaction holds the broker lock for the time the
+    snapshot takes to write, which grows with the stored messages.
+
+Limits
+    One process per `path`: the broker holds a lock file, and a second
+    broker on the same path (in this process or another) raises
+    `LogLocked`. Several processes sharing one log broker would need an
+    appender process that the others hand their operations to (as the
+    durable `SharedQueue` does); the log backend has none, so use the
+    ``memory`` backend per process or one broker process. A broker must
+    not be used in a child forked from the process that opened it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import pickle
+import random
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from mqs._seglog import SegmentLog
+from mqs.broker._backend import Delivery, Envelope
+from mqs.broker._memory import MemoryBackend, _conflict, _slice
+from mqs.broker._policy import TopicConfig
+from mqs.broker._state import TopicState
+from mqs.errors import (
+    BackendUnavailable,
+    Full,
+    LogLocked,
+    LogVersionError,
+    MessageTooLarge,
+    ShutDown,
+    TopicConfigError,
+)
+
+__all__ = ["LogBackend"]
+
+logger = logging.getLogger(__name__)
+
+FSYNC_MODES = ("always", "interval", "never")
+# The first field of every snapshot; a newer format raises LogVersionError.
+FORMAT = ("mqs.broker.log", 1)
+CURRENT = "CURRENT"
+LOCK = "lock"
+# Record keys: snapshot parts carry one, operations none.
+_SNAPSHOT_KEY = b"s"
+
+
+class LogBackend(MemoryBackend):
+    """Broker state in memory, made durable by control records in a log.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Directory of the broker, created (mode 0700) if missing.
+    fsync : {"interval", "always", "never"}
+        When records reach the device; see the module docs.
+    fsync_interval_s : float
+        "interval" only: max age in seconds of an unsynced record.
+    segment_bytes : int
+        Size of each log segment file (a multiple of 4096). A publish
+        batch is split into records of at most half a segment; one
+        message that does not fit raises `MessageTooLarge`.
+    compact_bytes : int
+        Bytes of records after the last snapshot that trigger a new
+        snapshot.
+
+    Raises
+    ------
+    LogLocked
+        If another broker (in this or another process) has `path` open.
+    NotADirectoryError
+        If `path` is a file.
+    ValueError
+        If `fsync` is unknown, or `path` holds files that are not a log
+        broker's.
+    LogVersionError
+        If the log was written by a newer mqs.
+    """
+
+    name = "log"
+
+    def __init__(self, path: str | os.PathLike[str], *,
+                 fsync: str = "interval", fsync_interval_s: float = 0.05,
+                 segment_bytes: int = 16 << 20,
+                 compact_bytes: int = 64 << 20) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"path must be a str or os.PathLike, got "
+                f"{type(path).__name__} {path!r}")
+        if fsync not in FSYNC_MODES:
+            raise ValueError(
+                f"fsync must be 'always', 'interval' or 'never', got "
+                f"{fsync!r}")
+        if isinstance(compact_bytes, bool) or not isinstance(
+                compact_bytes, int) or compact_bytes < 1:
+            raise ValueError(
+                f"compact_bytes must be an int of 1 or more, got "
+                f"{compact_bytes!r}")
+        super().__init__(clock=self._read_clock)
+        self.path = os.fspath(path)
+        self.fsync = fsync
+        self._fsync_interval_s = fsync_interval_s
+        self._segment_bytes = segment_bytes
+        self._compact_bytes = compact_bytes
+        self._max_record = segment_bytes // 2
+        # Broker time: see the module docs.
+        self._offset = time.time() - time.monotonic()
+        self._last = 0.0
+        self._now = 0.0
+        self._next_message = 0
+        self._next_consumer = 0
+        self._log: SegmentLog | None = None
+        self._log_name = ""
+        self._bytes_since_snapshot = 0
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._lock_fd = _lock_directory(self.path)
+        try:
+            self._open()
+        except BaseException:
+            if self._log is not None:
+                self._log.close()
+            os.close(self._lock_fd)
+            raise
+
+    # Clocks and ids.
+
+    def _read_clock(self) -> float:
+        now = time.monotonic() + self._offset
+        if now < self._last:
+            now = self._last
+        self._last = now
+        return now
+
+    def _pinned(self) -> float:
+        """The clock of every TopicState: the time of the operation."""
+        return self._now
+
+    def _tick(self) -> float:
+        """Set the time of the next operation; the caller holds the lock."""
+        self._now = max(self._now, self._read_clock())
+        return self._now
+
+    def _next_id(self) -> str:
+        self._next_message += 1
+        return str(self._next_message)
+
+    def _new_state(self, config: TopicConfig, seed: int) -> TopicState:
+        state = TopicState(config, self._pinned, self._next_id)
+        state.rng = random.Random(seed)
+        return state
+
+    # Opening, replay and compaction.
+
+    def _open(self) -> None:
+        current = os.path.join(self.path, CURRENT)
+        try:
+            with open(current, encoding="ascii") as file:
+                name = file.read().strip()
+        except FileNotFoundError:
+            name = None
+        if name is None:
+            _check_empty(self.path)
+            self._compact()
+            return
+        self._remove_stale_logs(name)
+        replayed = self._replay(name)
+        stale = [(topic, group, consumer)
+                 for topic, state in self._topics.items()
+                 for group, group_state in state.groups.items()
+                 for consumer in group_state.consumers]
+        with self._lock:
+            self._tick()
+            for topic, group, consumer in stale:
+                self._logged("close", topic, group, consumer)
+            if replayed or stale:
+                self._compact()
+        if stale:
+            logger.info("log broker %s: closed %d consumers of the previous "
+                        "process; their in-flight messages are ready again",
+                        self.path, len(stale))
+
+    def _replay(self, name: str) -> int:
+        """Open log `name` and apply its records; return how many
+        operations it replayed after the snapshot."""
+        log = SegmentLog(os.path.join(self.path, name),
+                         segment_bytes=self._segment_bytes,
+                         fsync=_log_fsync(self.fsync),
+                         fsync_interval_s=self._fsync_interval_s)
+        self._log = log
+        self._log_name = name
+        parts = []
+        replayed = 0
+        for record in log:
+            if record.key is not None:
+                parts.append(bytes(record.value))
+                continue
+            if parts:
+                self._load_snapshot(b"".join(parts))
+                parts = []
+            op, now, args = pickle.loads(record.value)
+            self._now = self._last = max(self._last, now)
+            try:
+                self._apply(op, args)
+            except Exception:
+                # The operation raised the same way when it first ran;
+                # its record stays because it may have changed the state
+                # before raising (a partial publish).
+                logger.debug("replayed %s raised", op, exc_info=True)
+            self._bytes_since_snapshot += len(record.value)
+            replayed += 1
+        if parts:
+            self._load_snapshot(b"".join(parts))
+        return replayed
+
+    def _load_snapshot(self, data: bytes) -> None:
+        snapshot = pickle.loads(data)
+        if snapshot[0] != FORMAT:
+            raise LogVersionError(
+                f"log broker {self.path!r} has format {snapshot[0]!r}, this "
+                f"mqs reads {FORMAT!r}; upgrade mqs to open it")
+        _, self._next_message, self._next_consumer, now, topics = snapshot
+        self._now = self._last = max(self._last, now)
+        self._topics = {
+            name: TopicState.restore(data, self._pinned, self._next_id)
+            for name, data in topics.items()}
+
+    def _snapshot_bytes(self) -> bytes:
+        topics = {name: state.snapshot()
+                  for name, state in self._topics.items()}
+        return pickle.dumps(
+            (FORMAT, self._next_message, self._next_consumer, self._now,
+             topics), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _compact(self) -> None:
+        """Write the state into a new log, switch CURRENT to it and
+        delete the old one. The caller holds the lock (or is __init__)."""
+        data = self._snapshot_bytes()
+        number = int(self._log_name[4:]) + 1 if self._log_name else 1
+        name = f"log-{number:06d}"
+        directory = os.path.join(self.path, name)
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        log = SegmentLog(directory, segment_bytes=self._segment_bytes,
+                         fsync=_log_fsync(self.fsync),
+                         fsync_interval_s=self._fsync_interval_s)
+        try:
+            step = self._max_record
+            log.append_many([(_SNAPSHOT_KEY, data[start:start + step])
+                             for start in range(0, len(data), step)]
+                            or [(_SNAPSHOT_KEY, b"")])
+            log.flush()
+            _write_current(self.path, name)
+        except BaseException:
+            log.close()
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        old, old_name = self._log, self._log_name
+        self._log, self._log_name = log, name
+        self._bytes_since_snapshot = 0
+        if old is not None:
+            old.close()
+            shutil.rmtree(os.path.join(self.path, old_name),
+                          ignore_errors=True)
+        logger.debug("log broker %s: wrote a snapshot of %d bytes to %s",
+                     self.path, len(data), name)
+
+    def _remove_stale_logs(self, current: str) -> None:
+        """Delete logs that a compaction left behind when it was killed."""
+        for entry in os.listdir(self.path):
+            if entry.startswith("log-") and entry != current:
+                shutil.rmtree(os.path.join(self.path, entry),
+                              ignore_errors=True)
+
+    # Logging operations.
+
+    def _logged(self, op: str, *args: Any) -> Any:
+        """Apply an operation at the current `_now` and append its record.
+
+        The record is encoded first, so that a body pickle cannot store
+        raises before the state changes. The caller holds the lock.
+        """
+        if self._failed is not None:
+            raise BackendUnavailable(
+                f"log broker {self.path!r} failed to append a record "
+                f"({self._failed}); close it and open it again")
+        data = pickle.dumps((op, self._now, args),
+                            protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) > self._max_record:
+            raise MessageTooLarge(
+                f"a {op} record of {len(data)} bytes does not fit in half "
+                f"a log segment ({self._max_record} bytes); raise "
+                f"segment_bytes or send smaller messages")
+        try:
+            return self._apply(op, args)
+        finally:
+            self._append(data)
+
+    def _append(self, data: bytes) -> None:
+        assert self._log is not None
+        try:
+            self._log.append(data)
+        except BaseException as exc:
+            # The state already holds the operation; later records would
+            # not replay the same way without this one.
+            self._failed = exc
+            logger.error("log broker %s: append failed; the broker takes "
+                         "no more operations", self.path, exc_info=True)
+            raise
+        self._bytes_since_snapshot += len(data)
+
+    def _apply(self, op: str, args: tuple) -> Any:
+        return getattr(self, "_do_" + op)(*args)
+
+    def _after_write(self) -> None:
+        """Compact when due; the caller holds the lock."""
+        if self._bytes_since_snapshot > self._compact_bytes:
+            self._compact()
+
+    def _sync(self, log: SegmentLog | None) -> None:
+        """Sync under fsync="always", outside the lock, so that threads
+        share syncs."""
+        if self.fsync != "always" or log is None:
+            return
+        try:
+            log.flush()
+        except ValueError:
+            # A compaction closed this log after syncing its records.
+            if not log.closed:
+                raise
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShutDown(f"log broker {self.path!r} is closed")
+
+    # Operations, as applied live and in replay (the clock is `_now`).
+
+    def _do_declare(self, config: TopicConfig, seed: int) -> None:
+        state = self._topics.get(config.name)
+        if state is None:
+            self._topics[config.name] = self._new_state(config, seed)
+        else:
+            state.config = config
+
+    def _do_delete(self, topic: str) -> None:
+        del self._topics[topic]
+
+    def _do_publish(self, topic: str, envelopes: list[Envelope],
+                    wall: float, accepted: int) -> list[str]:
+        return self._topic(topic).publish(envelopes, self._now, wall,
+                                          accepted)
+
+    def _do_open(self, topic: str, group: str, consumer: str, start: str,
+                 prefetch: int, max_attempts: int | None) -> None:
+        number = int(consumer[1:])
+        self._next_consumer = max(self._next_consumer, number)
+        self._topic(topic).open_consumer(group, consumer, start, prefetch,
+                                         max_attempts, self._now)
+
+    def _do_close(self, topic: str, group: str, consumer: str) -> int:
+        state = self._topics.get(topic)
+        if state is None:
+            return 0
+        return state.close_consumer(group, consumer, self._now)
+
+    def _do_fetch(self, topic: str, group: str, consumer: str,
+                  max_items: int, ack_timeout: float, auto_ack: bool
+                  ) -> tuple[list[Delivery], float | None]:
+        state = self._topic(topic)
+        found = state.fetch(group, consumer, max_items, ack_timeout,
+                            auto_ack, self._now)
+        return found, state.next_wake(group, self._now)
+
+    def _do_ack(self, topic: str, group: str, tag: Any) -> bool:
+        return self._topic(topic).ack(group, tag, self._now)
+
+    def _do_nack(self, topic: str, group: str, tag: Any, requeue: bool,
+                 delay: float | None, error: str | None) -> bool:
+        return self._topic(topic).nack(group, tag, requeue, delay, error,
+                                       self._now)
+
+    def _do_extend(self, topic: str, group: str, tag: Any, seconds: float
+                   ) -> bool:
+        return self._topic(topic).extend(group, tag, seconds, self._now)
+
+    def _do_release(self, topic: str, group: str, tags: list[Any]) -> int:
+        state = self._topics.get(topic)
+        return 0 if state is None else state.release(group, tags, self._now)
+
+    def _do_redrive(self, topic: str, ids: list[str] | None) -> int:
+        return self._topic(topic).dlq_redrive(ids, self._now)
+
+    def _do_purge(self, topic: str) -> int:
+        return self._topic(topic).dlq_purge()
+
+    def _do_tick(self, topic: str) -> None:
+        self._topic(topic).advance(self._now)
+
+    # Topics.
+
+    def declare_topic(self, config: TopicConfig, replace: bool = False
+                      ) -> TopicConfig:
+        with self._lock:
+            self._check_open()
+            state = self._topics.get(config.name)
+            if state is not None:
+                if state.config == config:
+                    return config
+                if not replace:
+                    raise TopicConfigError(_conflict(state.config, config))
+                if state.config.weights != config.weights \
+                        or state.config.policy != config.policy:
+                    raise TopicConfigError(
+                        f"topic {config.name!r}: lanes and policy cannot "
+                        f"change while it exists; "
+                        f"delete_topic({config.name!r}) first")
+            self._tick()
+            self._logged("declare", config, random.getrandbits(64))
+            self._notify()
+            log = self._log
+        self._sync(log)
+        return config
+
+    def delete_topic(self, topic: str) -> None:
+        with self._lock:
+            self._check_open()
+            self._topic(topic)
+            self._tick()
+            self._logged("delete", topic)
+            self._notify()
+            log = self._log
+        self._sync(log)
+
+    # Producing.
+
+    def publish(self, topic: str, envelopes: Sequence[Envelope],
+                timeout: float | None) -> list[str]:
+        deadline = None if timeout is None else self.clock() + timeout
+        ids: list[str] = []
+        try:
+            with self._lock:
+                while True:
+                    self._check_open()
+                    state = self._topic(topic)
+                    now = self._tick()
+                    if not self._publish_blocked(state, envelopes[len(ids)],
+                                                 now):
+                        ids += self._publish_chunks(
+                            topic, list(envelopes[len(ids):]), len(ids))
+                        self._notify()
+                        self._after_write()
+                    if len(ids) == len(envelopes):
+                        return ids
+                    wait = None if deadline is None else deadline - now
+                    if wait is not None and wait <= 0:
+                        raise Full(
+                            f"topic {topic!r} stayed full (maxsize "
+                            f"{state.config.maxsize}): published {len(ids)} "
+                            f"of {len(envelopes)} messages; consume faster "
+                            f"or raise maxsize", len(ids))
+                    self._changed.wait(_slice(wait))
+        finally:
+            self._sync(self._log)
+
+    def _publish_chunks(self, topic: str, envelopes: list[Envelope],
+                        accepted: int) -> list[str]:
+        """Publish in records that fit the log; stop where the topic
+        filled up."""
+        wall = time.time()
+        try:
+            return self._logged("publish", topic, envelopes, wall, accepted)
+        except MessageTooLarge:
+            if len(envelopes) == 1:
+                raise
+        half = len(envelopes) // 2
+        ids = self._publish_chunks(topic, envelopes[:half], accepted)
+        if len(ids) < half:
+            return ids
+        return ids + self._publish_chunks(topic, envelopes[half:],
+                                          accepted + half)
+
+    @staticmethod
+    def _publish_blocked(state: TopicState, first: Envelope, now: float
+                         ) -> bool:
+        """Return whether a publish would store nothing and change nothing
+        (a full topic that blocks), so it need not run or be logged."""
+        config = state.config
+        if config.when_full != "block" or state.room() != 0:
+            return False
+        if first.dedup_id is not None and config.dedup_window:
+            return False
+        wake = state.wheel.next_deadline()
+        if wake is not None and wake <= now:
+            return False
+        return not (state.retained and state.retained[0].retain_until <= now)
+
+    # Consuming.
+
+    def open_consumer(self, topic: str, group: str, *, start: str,
+                      prefetch: int, max_attempts: int | None) -> str:
+        with self._lock:
+            self._check_open()
+            self._topic(topic)
+            self._next_consumer += 1
+            consumer = f"c{self._next_consumer}"
+            self._tick()
+            self._logged("open", topic, group, consumer, start, prefetch,
+                         max_attempts)
+            self._notify()
+            log = self._log
+        self._sync(log)
+        return consumer
+
+    def close_consumer(self, topic: str, group: str, consumer: str) -> int:
+        with self._lock:
+            if self._closed or topic not in self._topics:
+                return 0
+            self._tick()
+            returned = self._logged("close", topic, group, consumer)
+            self._notify()
+            log = self._log
+        self._sync(log)
+        return returned
+
+    def fetch(self, topic: str, group: str, consumer: str, max_items: int,
+              *, ack_timeout: float, auto_ack: bool,
+              timeout: float | None) -> list[Delivery]:
+        try:
+            return super().fetch(topic, group, consumer, max_items,
+                                 ack_timeout=ack_timeout, auto_ack=auto_ack,
+                                 timeout=timeout)
+        finally:
+            self._sync(self._log)
+
+    async def fetch_async(self, topic: str, group: str, consumer: str,
+                          max_items: int, *, ack_timeout: float,
+                          auto_ack: bool, timeout: float | None
+                          ) -> list[Delivery]:
+        found = await super().fetch_async(
+            topic, group, consumer, max_items, ack_timeout=ack_timeout,
+            auto_ack=auto_ack, timeout=timeout)
+        if found and self.fsync == "always":
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._sync, self._log)
+        return found
+
+    def _try_fetch(self, topic, group, consumer, max_items, ack_timeout,
+                   auto_ack) -> tuple[list[Delivery], float | None]:
+        """Fetch without waiting; the caller holds the lock."""
+        self._check_open()
+        state = self._topic(topic)
+        now = self._tick()
+        if _fetch_is_idle(state, group, consumer, auto_ack, now):
+            return [], state.wheel.next_deadline()
+        found, wake = self._logged("fetch", topic, group, consumer,
+                                   max_items, ack_timeout, auto_ack)
+        if found or state.config.maxsize:
+            # Deliveries, expiries and dead letters may free room.
+            self._notify()
+        self._after_write()
+        return found, wake
+
+    def ack(self, topic: str, group: str, tag: Any) -> bool:
+        return self._settle("ack", topic, group, tag)
+
+    def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
+             delay: float | None, error: str | None) -> bool:
+        return self._settle("nack", topic, group, tag, requeue, delay, error)
+
+    def extend(self, topic: str, group: str, tag: Any, seconds: float
+               ) -> bool:
+        return self._settle("extend", topic, group, tag, seconds)
+
+    def release(self, topic: str, group: str, tags: Sequence[Any]) -> int:
+        with self._lock:
+            if self._closed or topic not in self._topics:
+                return 0
+            self._tick()
+            returned = self._logged("release", topic, group, list(tags))
+            self._notify()
+            log = self._log
+        self._sync(log)
+        return returned
+
+    def _settle(self, op: str, topic: str, *args: Any) -> Any:
+        with self._lock:
+            self._check_open()
+            self._topic(topic)
+            self._tick()
+            result = self._logged(op, topic, *args)
+            self._notify()
+            self._after_write()
+            log = self._log
+        self._sync(log)
+        return result
+
+    # Dead letters.
+
+    def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
+                    ) -> int:
+        return self._settle("redrive", topic,
+                            None if ids is None else list(ids))
+
+    def dlq_purge(self, topic: str) -> int:
+        return self._settle("purge", topic)
+
+    # State.
+
+    def stats(self, topic: str) -> dict[str, int]:
+        with self._lock:
+            self._check_open()
+            state = self._topic(topic)
+            now = self._tick()
+            wake = state.wheel.next_deadline()
+            if wake is not None and wake <= now:
+                self._logged("tick", topic)
+            return state.stats()
+
+    def close(self) -> None:
+        """Write a snapshot, close the log and release the directory.
+
+        Idempotent. Consumers and producers must be closed first.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self._failed is None and self._bytes_since_snapshot:
+                    self._compact()
+            finally:
+                if self._log is not None:
+                    self._log.close()
+                os.close(self._lock_fd)
+            self._notify()
+
+    def __repr__(self) -> str:
+        return f"<LogBackend {self.path!r} fsync={self.fsync!r}>"
+
+
+def _fetch_is_idle(state: TopicState, group: str, consumer: str,
+                   auto_ack: bool, now: float) -> bool:
+    """Return whether a fetch would deliver nothing and change nothing:
+    no timer due, and nothing ready or no prefetch room."""
+    group_state = state.groups.get(group)
+    if group_state is None:
+        return False
+    slot = group_state.consumers.get(consumer)
+    if slot is None:
+        return False
+    wake = state.wheel.next_deadline()
+    if wake is not None and wake <= now:
+        return False
+    return group_state.ready == 0 or (not auto_ack and slot[1] >= slot[0])
+
+
+def _log_fsync(mode: str) -> str:
+    # Under "always" the broker syncs by itself, outside its lock, so the
+    # log must not sync inside append (under the lock).
+    return "never" if mode == "always" else mode
+
+
+def _lock_directory(path: str) -> int:
+    """Create `path` if needed and take its lock; return the lock's fd."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(
+            errno.ENOTDIR,
+            f"the log broker needs a directory, but path {path!r} is a "
+            f"file; pass a new or empty directory", path)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    lock = os.path.join(path, LOCK)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LogLocked(
+            errno.EAGAIN,
+            f"another Broker(backend='log') has {path!r} open, in this or "
+            f"another process; close it first, or give this broker its own "
+            f"path (one process per log broker path)", lock) from None
+    return fd
+
+
+def _check_empty(path: str) -> None:
+    extra = sorted(set(os.listdir(path)) - {LOCK, CURRENT + ".tmp"})
+    extra = [name for name in extra if not name.startswith("log-")]
+    if extra:
+        raise ValueError(
+            f"path {path!r} holds files that are not a log broker's "
+            f"({', '.join(extra[:5])}) and no {CURRENT} file; give the "
+            f"broker its own directory")
+
+
+def _write_current(path: str, name: str) -> None:
+    """Point CURRENT at log `name`: temporary file, fsync, rename, fsync
+    of the directory, so a crash leaves the old or the new name."""
+    temp = os.path.join(path, CURRENT + ".tmp")
+    with open(temp, "w", encoding="ascii") as file:
+        file.write(name + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, os.path.join(path, CURRENT))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

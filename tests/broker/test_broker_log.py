@@ -1,0 +1,358 @@
+"""Durability of the log backend: restarts, SIGKILLed processes, torn
+records, compaction and bad input.
+
+The contract suite (test_broker_contract.py) runs against the log backend
+too; these tests cover what only a durable backend has. Each crash test
+runs the broker in a real child process and kills it with SIGKILL.
+"""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import mqs
+
+SEGMENT = 1 << 20
+
+
+def open_broker(path, **options):
+    return mqs.Broker(backend="log", path=path, segment_bytes=SEGMENT,
+                      **options)
+
+
+def start_child(code, *args):
+    """Run `code` in a child Python with `args` in sys.argv[1:]; the child
+    reports by printing one JSON object per line."""
+    script = "import json, sys, time\nimport mqs\n" + textwrap.dedent(code)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_report(child, timeout=60):
+    """Return the next JSON line of the child, failing on its exit."""
+    deadline = time.monotonic() + timeout
+    line = child.stdout.readline()
+    assert line, child.stderr.read()
+    assert time.monotonic() < deadline
+    return json.loads(line)
+
+
+def kill(child):
+    """SIGKILL the child; return the reports it printed that were not
+    read yet."""
+    child.send_signal(signal.SIGKILL)
+    child.wait(30)
+    unread = [json.loads(line) for line in child.stdout]
+    child.stdout.close()
+    child.stderr.close()
+    return unread
+
+
+def bodies_of(messages):
+    return [message.body for message in messages]
+
+
+def take(consumer, max_items, timeout=0):
+    """Return up to `max_items` messages, or [] when none came."""
+    try:
+        return consumer.get_many(max_items, timeout=timeout)
+    except mqs.Empty:
+        return []
+
+
+HOLD_AND_DIE = """
+path, fsync = sys.argv[1], sys.argv[2]
+broker = mqs.Broker(backend="log", path=path, fsync=fsync,
+                    segment_bytes=1 << 20)
+broker.declare_topic("t", max_attempts=5, dedup_window=600)
+for i in range(10):
+    broker.publish("t", i, dedup_id=f"d{i}")
+consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+got = consumer.get_many(10, timeout=5)
+assert [m.body for m in got] == list(range(10))
+for message in got[:4]:
+    message.ack()
+# Read before the nack, so at or below the due time the broker sets.
+due = time.time() + 3.0
+got[4].nack(delay=3.0)
+got[5].nack(requeue=False, error="bad input")
+print(json.dumps({"due": due, "id0": got[0].id}), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("fsync", ["always", "interval"])
+def test_log_sigkill_keeps_acks_flight_delay_dlq_dedup(tmp_path, fsync):
+    path = tmp_path / "broker"
+    child = start_child(HOLD_AND_DIE, path, fsync)
+    report = read_report(child)
+    kill(child)
+
+    broker = open_broker(path)
+    stats = broker.stats("t")
+    assert stats["published"] == 10
+    assert stats["acked"] == 4
+    assert stats["dlq"] == 1
+    letters = broker.dlq_list("t")
+    assert [letter.body for letter in letters] == [5]
+    assert letters[0].reason == "rejected"
+    assert letters[0].error == "bad input"
+
+    # The in-flight ones are ready again at once, attempts kept.
+    consumer = broker.consume("t", "g", prefetch=20, ack_timeout=600)
+    redelivered = consumer.get_many(10, timeout=0)
+    assert bodies_of(redelivered) == [6, 7, 8, 9]
+    assert [m.attempts for m in redelivered] == [2, 2, 2, 2]
+    for message in redelivered:
+        assert message.ack()
+
+    # The delayed one comes at its due time, not before.
+    if time.time() < report["due"] - 0.5:
+        with pytest.raises(mqs.Empty):
+            consumer.get(timeout=0)
+    delayed = consumer.get(timeout=30)
+    assert time.time() >= report["due"]
+    assert delayed.body == 4
+    assert delayed.attempts == 2
+    assert delayed.ack()
+
+    # Acked messages never come back; dedup ids are still remembered.
+    assert broker.publish("t", "again", dedup_id="d0") == report["id0"]
+    assert broker.stats("t")["deduplicated"] == 1
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.2)
+    consumer.close()
+    broker.close()
+
+
+PUBLISH_LOOP = """
+path = sys.argv[1]
+broker = mqs.Broker(backend="log", path=path, fsync="interval",
+                    segment_bytes=1 << 20, compact_bytes=64 << 10)
+broker.declare_topic("t", dedup_window=0)
+consumer = broker.consume("t", "g", prefetch=100, ack_timeout=600)
+i = 0
+while True:
+    broker.publish_many("t", range(i, i + 10))
+    i += 10
+    for message in consumer.get_many(5, timeout=0):
+        message.ack()
+    print(json.dumps({"published": i}), flush=True)
+"""
+
+
+def test_log_sigkill_during_publish_loop_recovers_prefix(tmp_path):
+    path = tmp_path / "broker"
+    rng = random.Random(7)
+    child = start_child(PUBLISH_LOOP, path)
+    published = read_report(child)["published"]
+    deadline = time.monotonic() + rng.uniform(0.2, 1.0)
+    while time.monotonic() < deadline:
+        published = read_report(child)["published"]
+    for report in kill(child):
+        published = report["published"]
+
+    broker = open_broker(path)
+    stats = broker.stats("t")
+    # Every publish that returned is there; one more batch may be too.
+    assert stats["published"] in (published, published + 10)
+    assert stats["stored"] == stats["published"] - stats["acked"]
+    consumer = broker.consume("t", "g", prefetch=100_000, ack_timeout=600)
+    rest = bodies_of(consumer.get_many(100_000, timeout=0))
+    assert sorted(rest) == list(range(stats["acked"], stats["published"]))
+    # Messages the child held unacked (at most one get_many of 5) went
+    # back to the lane's tail at the restart; the others kept their order.
+    in_order = [body for body in rest if body >= rest[0]]
+    assert in_order == sorted(in_order)
+    assert len(rest) - len(in_order) <= 5
+    consumer.close(drain=False)
+    broker.close()
+
+
+OPS_THEN_HOLD = """
+path = sys.argv[1]
+broker = mqs.Broker(backend="log", path=path, fsync="always",
+                    segment_bytes=1 << 20)
+consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+broker.publish_many("t", ["a", "b", "c"])
+got = consumer.get_many(3, timeout=5)
+got[0].ack()
+got[1].ack()
+print(json.dumps({"ok": True}), flush=True)
+time.sleep(600)
+"""
+
+
+def last_segment(path):
+    current = (path / "CURRENT").read_text().strip()
+    segments = sorted((path / current).glob("*.seg"))
+    return segments[-1]
+
+
+def test_log_torn_last_record_opens_state_before_it(tmp_path):
+    path = tmp_path / "broker"
+    child = start_child(OPS_THEN_HOLD, path)
+    read_report(child)
+    kill(child)
+
+    # Tear the last record (the second ack) in the middle of its value.
+    segment = last_segment(path)
+    data = bytearray(segment.read_bytes())
+    with mqs.SegmentLog(segment.parent, readonly=True) as log:
+        last = bytes(log.read(log.end_offset - 1))
+    position = data.rfind(last)
+    assert position > 0
+    data[position + len(last) // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+
+    broker = open_broker(path)
+    stats = broker.stats("t")
+    assert stats["published"] == 3
+    assert stats["acked"] == 1
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+    again = consumer.get_many(10, timeout=0)
+    assert bodies_of(again) == ["b", "c"]
+    assert [m.attempts for m in again] == [2, 2]
+    consumer.close(drain=False)
+    broker.close()
+
+
+def test_log_close_and_reopen_keeps_everything(tmp_path):
+    path = tmp_path / "broker"
+    broker = open_broker(path)
+    config = broker.declare_topic("t", weights={9: 2, 0: 1}, max_attempts=1,
+                                  policy="strict",
+                                  retry=mqs.Backoff(0.5, 2, 5, 0.5))
+    broker.publish_many("t", ["low1", "low2"], priority=0)
+    broker.publish("t", "high", priority=9)
+    broker.publish("t", "later", delay=60)
+    consumer = broker.consume("t", "g", auto_ack=False, ack_timeout=600)
+    first = consumer.get(timeout=0)
+    assert first.body == "high"
+    assert first.nack()  # max_attempts=1: dead-lettered
+    consumer.close()
+    broker.close()
+
+    again = open_broker(path)
+    assert again.topic_config("t") == config
+    assert [letter.body for letter in again.dlq_list("t")] == ["high"]
+    stats = again.stats("t")
+    assert stats["delayed"] == 1
+    assert stats["ready"] == 2
+    assert stats["dead_lettered.max_attempts"] == 1
+    consumer = again.consume("t", "g", auto_ack=True)
+    assert bodies_of(consumer.get_many(10, timeout=0)) == ["low1", "low2"]
+    assert again.dlq_redrive("t") == 1
+    assert consumer.get(timeout=0).body == "high"
+    consumer.close()
+    again.close()
+
+
+def test_log_compaction_bounds_log_and_keeps_timers(tmp_path):
+    path = tmp_path / "broker"
+    broker = open_broker(path, compact_bytes=4096)
+    broker.declare_topic("t", dedup_window=0)
+    consumer = broker.consume("t", "g", prefetch=1000, ack_timeout=600)
+    broker.publish("t", "delayed", delay=1.0)
+    first_log = (path / "CURRENT").read_text().strip()
+    for round_ in range(30):
+        broker.publish_many("t", [f"{round_}-{i}" for i in range(10)])
+        for message in take(consumer, 10):
+            if message.body != f"{round_}-9":
+                assert message.ack()
+    # The last message of each round stays in flight, its deadline pending.
+    assert (path / "CURRENT").read_text().strip() != first_log
+    logs = sorted(entry.name for entry in path.iterdir()
+                  if entry.name.startswith("log-"))
+    assert logs == [(path / "CURRENT").read_text().strip()]
+    held = broker.stats("t")["in_flight"]
+    assert held >= 1
+    broker.close()
+
+    again = open_broker(path)
+    consumer = again.consume("t", "g", prefetch=1000, ack_timeout=600)
+    rest = take(consumer, 1000)
+    later = []
+    deadline = time.monotonic() + 30
+    while "delayed" not in bodies_of(rest + later) \
+            and time.monotonic() < deadline:
+        later += take(consumer, 1000, timeout=0.1)
+    bodies = bodies_of(rest + later)
+    assert sorted(bodies) == sorted(
+        ["delayed"] + [f"{round_}-9" for round_ in range(30)])
+    assert again.stats("t")["acked"] == 270
+    consumer.close(drain=False)
+    again.close()
+
+
+LOCK_HOLDER = """
+broker = mqs.Broker(backend="log", path=sys.argv[1], segment_bytes=1 << 20)
+print(json.dumps({"open": True}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_log_second_process_on_same_path_raises(tmp_path):
+    path = tmp_path / "broker"
+    child = start_child(LOCK_HOLDER, path)
+    try:
+        read_report(child)
+        with pytest.raises(mqs.LogLocked, match="one process per log"):
+            open_broker(path)
+        with pytest.raises(mqs.LogLocked, match=str(path)):
+            open_broker(path)
+    finally:
+        kill(child)
+    open_broker(path).close()
+
+
+def test_log_second_broker_in_process_raises(tmp_path):
+    path = tmp_path / "broker"
+    with open_broker(path):
+        with pytest.raises(mqs.LogLocked, match="close it first"):
+            open_broker(path)
+
+
+def test_log_rejects_bad_input(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        open_broker(a_file)
+    with pytest.raises(ValueError, match="fsync must be .*got 'sometimes'"):
+        open_broker(tmp_path / "b", fsync="sometimes")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a log broker's"):
+        open_broker(foreign)
+    with pytest.raises(TypeError, match="path must be a str"):
+        mqs.Broker(backend="log", path=42)
+
+
+def test_log_unpicklable_body_changes_nothing(tmp_path):
+    with open_broker(tmp_path / "broker") as broker:
+        broker.publish("t", "fine")
+        with pytest.raises((TypeError, AttributeError, pickle_error())):
+            broker.publish("t", lambda: None)
+        assert broker.stats("t")["published"] == 1
+
+
+def pickle_error():
+    import pickle
+    return pickle.PicklingError
+
+
+def test_log_directory_is_owner_only(tmp_path):
+    path = tmp_path / "broker"
+    open_broker(path).close()
+    assert os.stat(path).st_mode & 0o077 == 0
+    assert isinstance(pathlib.Path(path), pathlib.Path)
