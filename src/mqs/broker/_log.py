@@ -49,9 +49,14 @@ Restarts
     survive as they were.
 
 Durability
-    ``fsync="always"``: an operation returns after a sync that covers
-    its record; threads share syncs (the sync runs outside the broker
-    lock, so it covers every record appended meanwhile). ``"interval"``
+    ``fsync="always"``: publish, ack, nack, auto_ack deliveries, topic
+    and DLQ changes return after a sync that covers their record;
+    threads share syncs (the sync runs outside the broker lock, so it
+    covers every record appended meanwhile). Manual deliveries, extend,
+    release and consumer open and close are not synced by themselves,
+    because a restart returns every in-flight message anyway; a later
+    synced record covers them. If one is lost with the power, the
+    message's next delivery counts one attempt less. ``"interval"``
     (default): records survive kill -9 of the process at once and a
     power loss after `fsync_interval_s` at most. ``"never"``: kill -9
     as "interval"; a power loss may lose what was not synced at close.
@@ -149,8 +154,8 @@ class LogBackend(MemoryBackend):
     NotADirectoryError
         If `path` is a file.
     ValueError
-        If `fsync` is unknown, or `path` holds files that are not a log
-        broker's.
+        If `fsync` is unknown, or `path` contains files that are not a
+        log broker's.
     LogVersionError
         If the log was written by a newer mqs.
     """
@@ -211,7 +216,8 @@ class LogBackend(MemoryBackend):
         return now
 
     def _pinned(self) -> float:
-        """The clock of every TopicState: the time of the operation."""
+        """Return the time of the running operation (every TopicState's
+        clock)."""
         return self._now
 
     def _tick(self) -> float:
@@ -379,8 +385,8 @@ class LogBackend(MemoryBackend):
         try:
             self._log.append(data)
         except BaseException as exc:
-            # The state already holds the operation; later records would
-            # not replay the same way without this one.
+            # The state already contains the operation, and later records
+            # would not replay the same way without this one.
             self._failed = exc
             logger.error("log broker %s: append failed; the broker takes "
                          "no more operations", self.path, exc_info=True)
@@ -585,8 +591,6 @@ class LogBackend(MemoryBackend):
             self._logged("open", topic, group, consumer, start, prefetch,
                          max_attempts)
             self._notify()
-            log = self._log
-        self._sync(log)
         return consumer
 
     def close_consumer(self, topic: str, group: str, consumer: str) -> int:
@@ -596,19 +600,20 @@ class LogBackend(MemoryBackend):
             self._tick()
             returned = self._logged("close", topic, group, consumer)
             self._notify()
-            log = self._log
-        self._sync(log)
         return returned
 
     def fetch(self, topic: str, group: str, consumer: str, max_items: int,
               *, ack_timeout: float, auto_ack: bool,
               timeout: float | None) -> list[Delivery]:
-        try:
-            return super().fetch(topic, group, consumer, max_items,
-                                 ack_timeout=ack_timeout, auto_ack=auto_ack,
-                                 timeout=timeout)
-        finally:
+        found = super().fetch(topic, group, consumer, max_items,
+                              ack_timeout=ack_timeout, auto_ack=auto_ack,
+                              timeout=timeout)
+        if found and auto_ack:
+            # Only an auto_ack delivery must not be lost: the message is
+            # finished. A lost manual delivery is undone by the restart,
+            # which returns every in-flight message anyway.
             self._sync(self._log)
+        return found
 
     async def fetch_async(self, topic: str, group: str, consumer: str,
                           max_items: int, *, ack_timeout: float,
@@ -617,7 +622,7 @@ class LogBackend(MemoryBackend):
         found = await super().fetch_async(
             topic, group, consumer, max_items, ack_timeout=ack_timeout,
             auto_ack=auto_ack, timeout=timeout)
-        if found and self.fsync == "always":
+        if found and auto_ack and self.fsync == "always":
             await asyncio.get_running_loop().run_in_executor(
                 None, self._sync, self._log)
         return found
@@ -647,7 +652,7 @@ class LogBackend(MemoryBackend):
 
     def extend(self, topic: str, group: str, tag: Any, seconds: float
                ) -> bool:
-        return self._settle("extend", topic, group, tag, seconds)
+        return self._settle("extend", topic, group, tag, seconds, sync=False)
 
     def release(self, topic: str, group: str, tags: Sequence[Any]) -> int:
         with self._lock:
@@ -656,11 +661,10 @@ class LogBackend(MemoryBackend):
             self._tick()
             returned = self._logged("release", topic, group, list(tags))
             self._notify()
-            log = self._log
-        self._sync(log)
         return returned
 
-    def _settle(self, op: str, topic: str, *args: Any) -> Any:
+    def _settle(self, op: str, topic: str, *args: Any, sync: bool = True
+                ) -> Any:
         with self._lock:
             self._check_open()
             self._topic(topic)
@@ -669,7 +673,8 @@ class LogBackend(MemoryBackend):
             self._notify()
             self._after_write()
             log = self._log
-        self._sync(log)
+        if sync:
+            self._sync(log)
         return result
 
     # Dead letters.
