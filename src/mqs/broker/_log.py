@@ -95,7 +95,6 @@ import os
 import pickle
 import random
 import shutil
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -209,9 +208,7 @@ class LogBackend(MemoryBackend):
     # Clocks and ids.
 
     def _read_clock(self) -> float:
-        now = time.monotonic() + self._offset
-        if now < self._last:
-            now = self._last
+        now = max(time.monotonic() + self._offset, self._last)
         self._last = now
         return now
 
@@ -388,8 +385,8 @@ class LogBackend(MemoryBackend):
             # The state already contains the operation, and later records
             # would not replay the same way without this one.
             self._failed = exc
-            logger.error("log broker %s: append failed; the broker takes "
-                         "no more operations", self.path, exc_info=True)
+            logger.exception("log broker %s: append failed; the broker "
+                             "takes no more operations", self.path)
             raise
         self._bytes_since_snapshot += len(data)
 
