@@ -101,12 +101,16 @@ from typing import Any
 
 from mqs._seglog import SegmentLog
 from mqs.broker._backend import Delivery, Envelope
-from mqs.broker._memory import MemoryBackend, _conflict, _slice
+from mqs.broker._memory import (
+    MemoryBackend,
+    _conflict,
+    _slice,
+    _stayed_full,
+)
 from mqs.broker._policy import TopicConfig
 from mqs.broker._state import TopicState
 from mqs.errors import (
     BackendUnavailable,
-    Full,
     LogLocked,
     LogVersionError,
     MessageTooLarge,
@@ -534,11 +538,8 @@ class LogBackend(MemoryBackend):
                         return ids
                     wait = None if deadline is None else deadline - now
                     if wait is not None and wait <= 0:
-                        raise Full(
-                            f"topic {topic!r} stayed full (maxsize "
-                            f"{state.config.maxsize}): published {len(ids)} "
-                            f"of {len(envelopes)} messages; consume faster "
-                            f"or raise maxsize", len(ids))
+                        raise _stayed_full(topic, state.config.maxsize,
+                                           len(ids), len(envelopes))
                     self._changed.wait(_slice(wait))
         finally:
             self._sync(self._log)

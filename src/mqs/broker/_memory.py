@@ -123,11 +123,8 @@ class MemoryBackend(Backend):
                     return ids
                 wait = None if deadline is None else deadline - now
                 if wait is not None and wait <= 0:
-                    raise Full(
-                        f"topic {topic!r} stayed full (maxsize "
-                        f"{state.config.maxsize}): published {len(ids)} of "
-                        f"{len(envelopes)} messages; consume faster or "
-                        f"raise maxsize", len(ids))
+                    raise _stayed_full(topic, state.config.maxsize,
+                                       len(ids), len(envelopes))
                 self._changed.wait(_slice(wait))
 
     # Consuming.
@@ -306,6 +303,16 @@ def _slice(wait: float | None) -> float:
     if wait is None:
         return 0.05
     return max(0.0, min(wait, 0.05))
+
+
+def _stayed_full(topic: str, maxsize: int, published: int,
+                 total: int) -> Full:
+    """Return the `Full` a publish raises when its timeout ends on a full
+    topic; ``accepted`` is the number of messages already published."""
+    return Full(
+        f"topic {topic!r} stayed full (maxsize {maxsize}): published "
+        f"{published} of {total} messages; consume faster or raise maxsize",
+        published)
 
 
 def _conflict(stored: TopicConfig, new: TopicConfig) -> str:
