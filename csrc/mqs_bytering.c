@@ -325,9 +325,9 @@ static int pad_record_locked(mqs_bytering_t *ring, int64_t position,
 
 /*
  * Finish the padding a repairer died in (see mqs_br_repairs_t). A
- * published pad at journal_pos can only be the dead repairer's: the
- * record's producer was dead, so nobody else could publish it, and no
- * head passes an unpublished record.
+ * published pad at journal_pos can only be the dead repairer's, because
+ * the record's producer was dead (no other participant could publish
+ * it) and no head passes an unpublished record.
  */
 static void finish_journal_locked(mqs_bytering_t *ring)
 {

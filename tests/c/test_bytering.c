@@ -607,9 +607,9 @@ static void test_repair_keeps_live_claim_at_dead_intent_position(void)
     ring_file_destroy(&file);
 }
 
-/* Counts move with their positions, so a dead consumer's take counts and
- * a dead producer's claim counts until a repair pads it; a bounded ring
- * gets every place back. */
+/* Counts move with their positions. A dead consumer's take stays counted,
+ * a dead producer's claim counts until a repair pads it, and a bounded
+ * ring gets every place back. */
 static void test_counts_stay_exact_across_deaths(void)
 {
     unsigned char out[64];
@@ -641,11 +641,14 @@ static void test_counts_stay_exact_across_deaths(void)
     CHECK_EQ(put_bytes(&producer, "d", 1), MQS_OK);
     CHECK_EQ(put_bytes(&producer, "e", 1), MQS_EFULL);
     CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
-    CHECK(length == 1 && out[0] == 'b');
+    CHECK_EQ(length, 1);
+    CHECK_EQ(out[0], 'b');
     CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
-    CHECK(length == 1 && out[0] == 'c');
+    CHECK_EQ(length, 1);
+    CHECK_EQ(out[0], 'c');
     CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
-    CHECK(length == 1 && out[0] == 'd');
+    CHECK_EQ(length, 1);
+    CHECK_EQ(out[0], 'd');
     CHECK_EQ(mqs_br_count(&producer, 0), 0);
     CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_EEMPTY);
     /* The repair that settle ran also dropped the dead consumer's pin
@@ -716,9 +719,11 @@ static void test_repair_journal_finishes_dead_repairer(void)
         CHECK_EQ(atomic_load(&repairs->journal_pos), MQS_BR_NO_CLAIM);
         CHECK_EQ(mqs_br_count(&producer, 0), 2);
         CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
-        CHECK(length == 1 && out[0] == 'a');
+        CHECK_EQ(length, 1);
+        CHECK_EQ(out[0], 'a');
         CHECK_EQ(take_bytes(&producer, out, sizeof(out), &length), MQS_OK);
-        CHECK(length == 1 && out[0] == 'b');
+        CHECK_EQ(length, 1);
+        CHECK_EQ(out[0], 'b');
         CHECK_EQ(mqs_br_count(&producer, 0), 0);
         participant_close(&producer);
         ring_file_destroy(&file);

@@ -287,8 +287,8 @@ def _churn_gets(q):
 
 
 def test_random_kills_leave_bounded_counts_exact(scale):
-    """Producers and consumers of a bounded queue are SIGKILLed at random
-    instructions; afterwards qsize matches what a drain finds and the
+    """SIGKILL producers and consumers of a bounded queue at random
+    instructions. Afterwards qsize matches what a drain finds, and the
     queue takes exactly maxsize messages again."""
     maxsize = 8
     rounds = max(10, int(30 * scale))
