@@ -7,6 +7,7 @@ what is left by PID before failing.
 """
 
 import array
+import gc
 import fcntl
 import glob
 import json
@@ -200,6 +201,11 @@ def idle_get_child(q, conn):
         q.get(timeout=0.2)
     except queue.Empty:
         pass
+    # A collection in the child walks the whole heap inherited from the
+    # test process and faults its pages in: interpreter cost, not the
+    # queue's. Move every object out of the collector's reach first.
+    gc.collect()
+    gc.freeze()
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.monotonic()
     try:
