@@ -3,6 +3,7 @@
 from mqs.errors import Empty, Full, MessageTooLarge, MqsError, ShutDown
 from mqs.errors import (
     AlreadySettled,
+    BackendConnectionError,
     BackendUnavailable,
     CircuitOpen,
     InvalidPriority,
@@ -70,6 +71,7 @@ __all__ = [
     "RequestTimeout",
     "CircuitOpen",
     "AlreadySettled",
+    "BackendConnectionError",
     "BackendUnavailable",
     "metrics",
     "start_metrics_server",

@@ -25,6 +25,7 @@ __all__ = [
     "CircuitOpen",
     "AlreadySettled",
     "BackendUnavailable",
+    "BackendConnectionError",
 ]
 
 
@@ -149,3 +150,8 @@ class AlreadySettled(MqsError, RuntimeError):
 
 class BackendUnavailable(MqsError, ValueError):
     """Raised by `Broker` for a backend name that this build lacks."""
+
+
+class BackendConnectionError(MqsError, ConnectionError):
+    """Raised when a broker backend's server stays unreachable, or
+    rejects the credentials, after the backend's retries."""

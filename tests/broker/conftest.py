@@ -6,6 +6,7 @@ returns a fresh, empty `mqs.Broker` and cleans up after the test.
 """
 
 import contextlib
+import uuid
 
 import pytest
 
@@ -32,15 +33,45 @@ def _log_broker(tmp_path):
         broker.close()
 
 
-# name -> context manager factory taking pytest's tmp_path.
+@contextlib.contextmanager
+def _redis_broker(tmp_path, request):
+    # The suite's bodies are ints, tuples and objects, so the broker
+    # pickles them; a namespace of its own keeps tests apart on a shared
+    # server.
+    url = request.getfixturevalue("redis_url")
+    namespace = f"mqs-test-{uuid.uuid4().hex[:12]}"
+    broker = mqs.Broker(backend="redis", url=url, serializer="pickle",
+                        namespace=namespace)
+    try:
+        yield broker
+    finally:
+        broker.close()
+        delete_redis_namespace(url, namespace)
+
+
+def delete_redis_namespace(url, namespace):
+    """Delete every key of a redis broker's `namespace`."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{{{namespace}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.unlink(*keys[start:start + 500])
+    finally:
+        client.close()
+
+
+# name -> context manager factory taking pytest's tmp_path and request.
 BACKEND_FACTORIES = {
-    "memory": _memory_broker,
-    "log": _log_broker,
+    "memory": lambda tmp_path, request: _memory_broker(tmp_path),
+    "log": lambda tmp_path, request: _log_broker(tmp_path),
+    "redis": _redis_broker,
 }
 
 
 @pytest.fixture(params=sorted(BACKEND_FACTORIES))
 def broker(request, tmp_path):
     """Return a fresh broker on each backend of `BACKEND_FACTORIES`."""
-    with BACKEND_FACTORIES[request.param](tmp_path) as fresh:
+    with BACKEND_FACTORIES[request.param](tmp_path, request) as fresh:
         yield fresh

@@ -783,7 +783,7 @@ def test_unknown_backend_names_choices():
     with pytest.raises(mqs.BackendUnavailable, match="'memory'"):
         mqs.Broker(backend="sqs")
     with pytest.raises(mqs.BackendUnavailable, match="not implemented yet"):
-        mqs.Broker(backend="redis")
+        mqs.Broker(backend="shm")
 
 
 def test_delay_and_at_together_rejected(broker):

@@ -37,9 +37,17 @@ logger = logging.getLogger(__name__)
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "memory": lambda clock=None: MemoryBackend(clock=clock),
     "log": LogBackend,
+    "redis": lambda **options: _redis_backend(**options),
 }
-_PLANNED = ("shm", "redis")
+_PLANNED = ("shm",)
 _STARTS = ("earliest", "latest")
+
+
+def _redis_backend(**options: Any) -> Backend:
+    # Imported on use: redis-py is needed only by this backend.
+    from mqs.broker._redis import RedisBackend
+
+    return RedisBackend(**options)
 
 
 def _seconds(name: str, value: Any, *, allow_none: bool = True,
@@ -514,14 +522,17 @@ class Broker:
     backend : str or Backend
         ``"memory"``: this process's threads share the broker.
         ``"log"``: the same, durable in a log directory (``path=``,
-        ``fsync=``; see `mqs.broker._log`). ``"shm"`` and ``"redis"``
-        are planned and raise `BackendUnavailable` until they exist.
+        ``fsync=``; see `mqs.broker._log`). ``"redis"``: processes on
+        any host share the broker through a Redis server (``url=``,
+        ``serializer=``; see `mqs.broker._redis`). ``"shm"`` is planned
+        and raises `BackendUnavailable` until it exists.
     auto_declare : bool
         Declare an unknown topic with default settings on its first
         `publish` or `consume`. False raises `UnknownTopic` instead.
     **options
         Passed to the backend factory (``clock=`` for the memory backend,
-        ``path=`` and ``fsync=`` for the log backend).
+        ``path=`` and ``fsync=`` for the log backend, ``url=`` and the
+        options of `mqs.broker._redis.RedisBackend` for the redis one).
     """
 
     def __init__(self, backend: str | Backend = "memory", *,

@@ -1,0 +1,1278 @@
+-- The broker state machine of one topic, run atomically inside Redis.
+--
+-- mqs.broker._redis registers this script once and calls it with EVALSHA.
+-- KEYS[1] is the topic's hash "<P>meta", where P is "{<namespace>:<topic>}:";
+-- every other key of the topic starts with P, so Redis Cluster puts all of
+-- them in the slot of the hash tag. ARGV[1] names the operation; the
+-- branches at the end of this file list the arguments of each.
+--
+-- Keys (L is a lane priority, G a group name, K a key token):
+--   P meta         hash: cfg (JSON), seq, lastms, counters "c.<name>"
+--   P s:L          stream of lane L; entry id "<ms>-<seq>" is the message id
+--   P groups       hash G -> max_attempts override ("" for none)
+--   P refs         hash id -> groups that still need the entry
+--   P ret          zset "L|id" -> time (ms) the entry is kept until
+--   P tm           zset of timers: "D<id>|G" (delay due), "A<id>|G" (ack
+--                  deadline), scored by their time in ms
+--   P dlq          stream of dead letters
+--   P rd           hash id -> msgpack copy of a redriven entry's fields
+--   P dd:<token>   string: message id of a dedup_id, with PX = dedup window
+--   P wake         stream with one entry, appended after every change
+--   P g:G\0st      hash id -> msgpack record of an entry in the group
+--   P g:G\0err     hash id -> "=" .. last error
+--   P g:G\0rq:L    list "id|pos": entries ready again in lane L
+--   P g:G\0kh      hash K -> id of the key's one visible entry
+--   P g:G\0kw:K    list of ids waiting behind that entry
+--   P g:G\0sch     hash: "c<L>" cursor (last id read), "drr" scheduler and
+--                  "bk" token buckets (msgpack)
+--   P g:G\0cons    hash consumer -> prefetch
+--   P g:G\0held:C  set of ids consumer C holds in flight
+--
+-- Each group reads its lanes with XREADGROUP, in stream order, when the
+-- entry reaches the head of the lane. Entries that are not ready then
+-- (hidden behind their key, or delayed) are read on behalf of the
+-- consumer "mqs.parked" and wait in the group's own structures. An entry
+-- that is ready again (nack, missed deadline, due delay, key turn) goes
+-- to the list rq:L with pos = the topic's sequence number at that time:
+-- it comes after every stream entry with seq <= pos, so a lane is the
+-- merge of its stream and its list, which is the tail order of a queue.
+-- A released entry gets pos 0 and goes to the list's head.
+--
+-- The pending entries list (PEL) of each group follows the records: an
+-- in-flight entry is owned by its consumer with the delivery count equal
+-- to its attempts; any other entry read by the group is owned by
+-- "mqs.parked". The records stay the source of truth, because ack
+-- deadlines differ per delivery (ack_timeout per consumer, extend), which
+-- the single min-idle-time of XAUTOCLAIM cannot express.
+
+local META = KEYS[1]
+local P = string.sub(META, 1, #META - 4)
+local OP = ARGV[1]
+
+local GROUPS = P .. 'groups'
+local REFS = P .. 'refs'
+local RET = P .. 'ret'
+local TM = P .. 'tm'
+local DLQ = P .. 'dlq'
+local RD = P .. 'rd'
+local WAKE = P .. 'wake'
+local PARKED = 'mqs.parked'
+-- retain_until of entries published while the topic had no group.
+local FAR = 1e15
+-- Fields of a published entry that a dead letter and a redrive copy.
+local ENTRY_FIELDS = {b = true, e = true, p = true, t = true, k = true,
+                      h = true, hp = true, r = true, c = true}
+
+local cfg
+local NOW
+local changed = false
+local invalidate = false
+local scheds = {}
+
+local function stream(lane)
+  return P .. 's:' .. lane
+end
+
+local function gkey(g, name)
+  return P .. 'g:' .. g .. '\0' .. name
+end
+
+local function count(name, n)
+  redis.call('HINCRBY', META, 'c.' .. name, n or 1)
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+
+local function seq_of(id)
+  return tonumber(string.match(id, '%-(%d+)$'))
+end
+
+local function field(arr, name)
+  for i = 1, #arr, 2 do
+    if arr[i] == name then
+      return arr[i + 1]
+    end
+  end
+  return nil
+end
+
+local function lane_of(priority)
+  for _, lane in ipairs(cfg.lanes) do
+    if lane <= priority then
+      return lane
+    end
+  end
+  return cfg.lanes[#cfg.lanes]
+end
+
+local function timer_member(kind, g, id)
+  return kind .. id .. '|' .. g
+end
+
+-- Records.
+
+local function get_rec(g, id)
+  local raw = redis.call('HGET', gkey(g, 'st'), id)
+  if not raw then
+    return nil
+  end
+  return cmsgpack.unpack(raw)
+end
+
+local function put_rec(g, id, rec)
+  redis.call('HSET', gkey(g, 'st'), id, cmsgpack.pack(rec))
+end
+
+-- A record for an entry read from its stream: s is its state ("" while
+-- being handled, H hidden, D delayed, R ready in rq, F in flight), t the
+-- ticket of its delivery tag, a its attempts, r 1 once the group read it.
+local function new_rec(lane, fields)
+  return {s = '', t = 0, a = 0, l = lane, k = field(fields, 'k') or '',
+          r = 1, c = '', p = 0, d = tonumber(field(fields, 'd')) or 0,
+          x = tonumber(field(fields, 'x')) or 0, rd = 0}
+end
+
+local function load_fields(id, lane, redriven)
+  if redriven == 1 then
+    local raw = redis.call('HGET', RD, id)
+    if raw then
+      return cmsgpack.unpack(raw)
+    end
+  end
+  local found = redis.call('XRANGE', stream(lane), id, id)
+  if #found == 0 then
+    return nil
+  end
+  return found[1][2]
+end
+
+-- Scheduler and token buckets of a group, saved when the script ends.
+
+local function sched(g)
+  local state = scheds[g]
+  if state then
+    return state
+  end
+  local raw = redis.call('HMGET', gkey(g, 'sch'), 'drr', 'bk')
+  state = {cursor = 1, d = {}, bk = {}}
+  if raw[1] then
+    local drr = cmsgpack.unpack(raw[1])
+    state.cursor = drr[1]
+    state.d = drr[2]
+  end
+  if raw[2] then
+    state.bk = cmsgpack.unpack(raw[2])
+  end
+  for i = 1, #cfg.lanes do
+    state.d[i] = state.d[i] or 0
+  end
+  scheds[g] = state
+  return state
+end
+
+local function save_scheds()
+  for g, state in pairs(scheds) do
+    redis.call('HSET', gkey(g, 'sch'),
+               'drr', cmsgpack.pack({state.cursor, state.d}),
+               'bk', cmsgpack.pack(state.bk))
+  end
+end
+
+local function bucket(g, name, rate)
+  local bk = sched(g).bk
+  local b = bk[name]
+  if not b then
+    b = {tok = rate.capacity, stamp = -1, cur = rate.per_second,
+         cut = -1e18}
+    bk[name] = b
+  end
+  return b
+end
+
+local function refill(b, rate)
+  if b.stamp >= 0 and NOW > b.stamp then
+    b.tok = math.min(rate.capacity,
+                     b.tok + (NOW - b.stamp) / 1000 * b.cur)
+  end
+  if b.stamp < 0 or NOW > b.stamp then
+    b.stamp = NOW
+  end
+end
+
+local function lane_rate(lane)
+  for _, pair in ipairs(cfg.lane_rates) do
+    if pair[1] == lane then
+      return pair[2]
+    end
+  end
+  return nil
+end
+
+-- Returns the buckets that a delivery from `lane` takes a token from.
+local function buckets_of(g, lane)
+  local found = {}
+  if cfg.rate then
+    found[#found + 1] = {bucket(g, 't', cfg.rate), cfg.rate}
+  end
+  local rate = lane_rate(lane)
+  if rate then
+    found[#found + 1] = {bucket(g, 'l' .. lane, rate), rate}
+  end
+  return found
+end
+
+local function bucket_ready(b, rate)
+  refill(b, rate)
+  return b.tok >= 1
+end
+
+local function bucket_ready_at(b, rate)
+  refill(b, rate)
+  if b.tok >= 1 then
+    return NOW
+  end
+  return NOW + (1 - b.tok) / b.cur * 1000
+end
+
+local function on_success(g, lane)
+  for _, pair in ipairs(buckets_of(g, lane)) do
+    local b, rate = pair[1], pair[2]
+    if rate.adaptive and b.cur < rate.per_second then
+      b.cur = math.min(rate.per_second,
+                       b.cur + rate.per_second * rate.increase)
+    end
+  end
+end
+
+local function on_failure(g, lane)
+  for _, pair in ipairs(buckets_of(g, lane)) do
+    local b, rate = pair[1], pair[2]
+    if rate.adaptive and NOW - b.cut >= rate.cut_interval_ms then
+      refill(b, rate)
+      b.cut = NOW
+      b.cur = math.max(rate.floor, b.cur * rate.decrease)
+    end
+  end
+end
+
+-- Deficit round robin over the eligible lanes, as LaneScheduler.pick.
+local function pick(g, eligible)
+  local n = 0
+  local only
+  for lane, _ in pairs(eligible) do
+    n = n + 1
+    only = lane
+  end
+  if n == 0 then
+    return nil
+  end
+  local lanes = cfg.lanes
+  if cfg.strict then
+    for _, lane in ipairs(lanes) do
+      if eligible[lane] then
+        return lane
+      end
+    end
+  end
+  local state = sched(g)
+  local total = #lanes
+  if n == 1 then
+    for i, lane in ipairs(lanes) do
+      state.d[i] = 0
+      if lane == only then
+        state.cursor = i
+      end
+    end
+    return only
+  end
+  for _ = 1, 2 * total + 1 do
+    local i = state.cursor
+    local lane = lanes[i]
+    if eligible[lane] then
+      if state.d[i] >= 1 then
+        state.d[i] = state.d[i] - 1
+        return lane
+      end
+    else
+      state.d[i] = 0
+    end
+    state.cursor = i % total + 1
+    if eligible[lanes[state.cursor]] then
+      state.d[state.cursor] = state.d[state.cursor]
+        + cfg.weights[state.cursor]
+    end
+  end
+  error('MQS_BUG lane scheduler found no lane')
+end
+
+-- Entry transitions.
+
+local finish
+local dead_letter
+
+local function make_ready(g, id, rec, front)
+  rec.s = 'R'
+  rec.t = rec.t + 1
+  local list = gkey(g, 'rq:' .. rec.l)
+  if front then
+    rec.p = 0
+    redis.call('LPUSH', list, id .. '|0')
+  else
+    rec.p = tonumber(redis.call('HGET', META, 'seq')) or 0
+    redis.call('RPUSH', list, id .. '|' .. rec.p)
+  end
+  put_rec(g, id, rec)
+  invalidate = true
+  changed = true
+end
+
+local function delay_until(g, id, rec, due)
+  rec.s = 'D'
+  rec.t = rec.t + 1
+  put_rec(g, id, rec)
+  redis.call('ZADD', TM, due, timer_member('D', g, id))
+  changed = true
+end
+
+local function schedule(g, id, rec)
+  if rec.d > NOW then
+    delay_until(g, id, rec, rec.d)
+  else
+    make_ready(g, id, rec, false)
+  end
+end
+
+-- Takes an in-flight entry off its consumer and deadline; its PEL entry
+-- goes to the parked consumer with the delivery count kept.
+local function leave_flight(g, id, rec)
+  redis.call('ZREM', TM, timer_member('A', g, id))
+  if rec.c ~= '' then
+    redis.call('SREM', gkey(g, 'held:' .. rec.c), id)
+  end
+  rec.c = ''
+  rec.s = ''
+  redis.call('XCLAIM', stream(rec.l), g, PARKED, 0, id,
+             'RETRYCOUNT', rec.a, 'JUSTID')
+end
+
+local function show_next(g, key)
+  local waiting = gkey(g, 'kw:' .. key)
+  while true do
+    local next_id = redis.call('LPOP', waiting)
+    if not next_id then
+      redis.call('HDEL', gkey(g, 'kh'), key)
+      return
+    end
+    local rec = get_rec(g, next_id)
+    if rec and rec.s == 'H' then
+      redis.call('HSET', gkey(g, 'kh'), key, next_id)
+      if rec.r == 1 then
+        schedule(g, next_id, rec)
+      else
+        -- Not read yet: the group reads it in stream order.
+        redis.call('HDEL', gkey(g, 'st'), next_id)
+      end
+      invalidate = true
+      return
+    end
+  end
+end
+
+local function maybe_delete(id, lane)
+  local member = lane .. '|' .. id
+  local until_ms = redis.call('ZSCORE', RET, member)
+  if until_ms and tonumber(until_ms) > NOW then
+    return
+  end
+  if until_ms then
+    redis.call('ZREM', RET, member)
+  end
+  redis.call('XDEL', stream(lane), id)
+  redis.call('HDEL', RD, id)
+end
+
+-- Removes an entry from its group and shows the next one of its key.
+finish = function(g, id, rec)
+  local lane = rec.l
+  if rec.s == 'R' then
+    redis.call('LREM', gkey(g, 'rq:' .. lane), 1, id .. '|' .. rec.p)
+  elseif rec.s == 'D' then
+    redis.call('ZREM', TM, timer_member('D', g, id))
+  elseif rec.s == 'F' then
+    leave_flight(g, id, rec)
+  elseif rec.s == 'H' then
+    redis.call('LREM', gkey(g, 'kw:' .. rec.k), 1, id)
+  end
+  redis.call('HDEL', gkey(g, 'st'), id)
+  redis.call('HDEL', gkey(g, 'err'), id)
+  redis.call('XACK', stream(lane), g, id)
+  if rec.k ~= '' and redis.call('HGET', gkey(g, 'kh'), rec.k) == id then
+    show_next(g, rec.k)
+  end
+  if redis.call('HINCRBY', REFS, id, -1) <= 0 then
+    redis.call('HDEL', REFS, id)
+    maybe_delete(id, lane)
+  end
+  changed = true
+end
+
+dead_letter = function(g, id, rec, reason)
+  local err = redis.call('HGET', gkey(g, 'err'), id) or ''
+  local fields = load_fields(id, rec.l, rec.rd)
+  local args = {'XADD', DLQ, '*', 'id', id, 'g', g, 'why', reason,
+                'n', rec.a, 'err', err, 'l', rec.l}
+  if fields then
+    for i = 1, #fields, 2 do
+      if ENTRY_FIELDS[fields[i]] then
+        args[#args + 1] = fields[i]
+        args[#args + 1] = fields[i + 1]
+      end
+    end
+  end
+  redis.call(unpack(args))
+  count('dead_lettered')
+  count('dead_lettered.' .. reason)
+  finish(g, id, rec)
+end
+
+local function exhausted(g, attempts)
+  local limit = tonumber(redis.call('HGET', GROUPS, g))
+  if not limit and cfg.max_attempts > 0 then
+    limit = cfg.max_attempts
+  end
+  return limit ~= nil and attempts >= limit
+end
+
+local function set_error(g, id, text)
+  redis.call('HSET', gkey(g, 'err'), id, '=' .. text)
+end
+
+local function expire(g, id, rec)
+  if cfg.on_expire == 'dead_letter' then
+    set_error(g, id, 'ttl passed before delivery')
+    dead_letter(g, id, rec, 'expired')
+  else
+    count('expired')
+    finish(g, id, rec)
+  end
+end
+
+-- Timers and retention.
+
+local function fire()
+  for _ = 1, 100 do
+    local due = redis.call('ZRANGEBYSCORE', TM, '-inf', NOW,
+                           'LIMIT', 0, 200)
+    if #due == 0 then
+      return
+    end
+    for _, member in ipairs(due) do
+      redis.call('ZREM', TM, member)
+      changed = true
+      local kind = string.sub(member, 1, 1)
+      local bar = string.find(member, '|', 2, true)
+      local id = string.sub(member, 2, bar - 1)
+      local g = string.sub(member, bar + 1)
+      local rec = get_rec(g, id)
+      if rec and kind == 'D' and rec.s == 'D' then
+        make_ready(g, id, rec, false)
+      elseif rec and kind == 'A' and rec.s == 'F' then
+        leave_flight(g, id, rec)
+        count('redelivered')
+        set_error(g, id, 'ack deadline passed')
+        on_failure(g, rec.l)
+        if exhausted(g, rec.a) then
+          dead_letter(g, id, rec, 'ack_timeout')
+        else
+          make_ready(g, id, rec, false)
+        end
+      end
+    end
+  end
+end
+
+local function trim_retained()
+  local due = redis.call('ZRANGEBYSCORE', RET, '-inf', NOW,
+                         'LIMIT', 0, 500)
+  for _, member in ipairs(due) do
+    redis.call('ZREM', RET, member)
+    local bar = string.find(member, '|', 1, true)
+    local id = string.sub(member, bar + 1)
+    if redis.call('HEXISTS', REFS, id) == 0 then
+      redis.call('XDEL', stream(string.sub(member, 1, bar - 1)), id)
+      redis.call('HDEL', RD, id)
+    end
+  end
+end
+
+local function stored_count()
+  local total = redis.call('HLEN', RD)
+  for _, lane in ipairs(cfg.lanes) do
+    total = total + redis.call('XLEN', stream(lane))
+  end
+  return total
+end
+
+local function last_id()
+  local seq = redis.call('HGET', META, 'seq')
+  if not seq then
+    return '0-0'
+  end
+  return redis.call('HGET', META, 'lastms') .. '-' .. seq
+end
+
+local function cursor(g, lane)
+  return redis.call('HGET', gkey(g, 'sch'), 'c' .. lane) or '0-0'
+end
+
+local function unread(g, id, lane)
+  return seq_of(id) > seq_of(cursor(g, lane))
+end
+
+-- Publishing.
+
+-- Enters a new entry into a group: it counts as needed by the group and
+-- waits behind an older entry of its key.
+local function enter(g, id, lane, key)
+  redis.call('HINCRBY', REFS, id, 1)
+  if key == '' then
+    return
+  end
+  local head = gkey(g, 'kh')
+  if redis.call('HEXISTS', head, key) == 1 then
+    put_rec(g, id, {s = 'H', t = 0, a = 0, l = lane, k = key, r = 0,
+                    c = '', p = 0, d = 0, x = 0, rd = 0})
+    redis.call('RPUSH', gkey(g, 'kw:' .. key), id)
+  else
+    redis.call('HSET', head, key, id)
+  end
+end
+
+-- Removes a stored entry from every group and from its stream.
+local function drop_entry(id, lane, groups)
+  local fields = load_fields(id, lane, 0) or {}
+  for _, g in ipairs(groups) do
+    local rec = get_rec(g, id)
+    if not rec and unread(g, id, lane) then
+      rec = new_rec(lane, fields)
+      rec.r = 0
+    end
+    if rec then
+      finish(g, id, rec)
+    end
+  end
+  redis.call('XDEL', stream(lane), id)
+  redis.call('HDEL', REFS, id)
+  redis.call('HDEL', RD, id)
+  redis.call('ZREM', RET, lane .. '|' .. id)
+end
+
+-- Drops the oldest stored entry that no group holds in flight.
+-- NOTE: looks at the 64 oldest entries of each lane only.
+local function drop_oldest(groups)
+  local found = {}
+  for _, lane in ipairs(cfg.lanes) do
+    for _, entry in ipairs(redis.call('XRANGE', stream(lane), '-', '+',
+                                      'COUNT', 64)) do
+      found[#found + 1] = {seq_of(entry[1]), entry[1], lane}
+    end
+  end
+  table.sort(found, function(a, b) return a[1] < b[1] end)
+  for _, item in ipairs(found) do
+    local busy = false
+    for _, g in ipairs(groups) do
+      local rec = get_rec(g, item[2])
+      if rec and rec.s == 'F' then
+        busy = true
+        break
+      end
+    end
+    if not busy then
+      drop_entry(item[2], item[3], groups)
+      count('dropped_full')
+      return true
+    end
+  end
+  return false
+end
+
+local function next_id()
+  local ms = math.floor(NOW)
+  local last = tonumber(redis.call('HGET', META, 'lastms')) or 0
+  if ms < last then
+    ms = last
+  end
+  local seq = redis.call('HINCRBY', META, 'seq', 1)
+  redis.call('HSET', META, 'lastms', ms)
+  return string.format('%d-%d', ms, seq)
+end
+
+local PUBLISH_ARGS = 10
+
+-- ARGV: op, count, stream maxlen (0: none), then per message: dedup
+-- token, key token, priority, delay ms, ttl ms ("" for the topic's),
+-- body, body encoding, headers (JSON), headers (pickle), reply_to,
+-- correlation id. "" marks an absent value.
+local function publish()
+  local n = tonumber(ARGV[2])
+  local maxlen = tonumber(ARGV[3])
+  local groups = redis.call('HKEYS', GROUPS)
+  local stored = 0
+  if cfg.maxsize > 0 then
+    stored = stored_count()
+  end
+  local ids = {}
+  for i = 0, n - 1 do
+    local base = 4 + i * (PUBLISH_ARGS + 1)
+    local dedup = ARGV[base]
+    local seen = false
+    if dedup ~= '' and cfg.dedup_ms > 0 then
+      seen = redis.call('GET', P .. 'dd:' .. dedup)
+    end
+    if seen then
+      count('deduplicated')
+      ids[#ids + 1] = seen
+    else
+      if cfg.maxsize > 0 and stored >= cfg.maxsize then
+        if cfg.when_full == 'raise' then
+          return {'FULL', i, ids}
+        end
+        if cfg.when_full == 'block' or not drop_oldest(groups) then
+          return {'BLOCK', i, ids}
+        end
+        stored = stored - 1
+      end
+      local key = ARGV[base + 1]
+      local priority = tonumber(ARGV[base + 2])
+      local delay = tonumber(ARGV[base + 3])
+      local ttl = ARGV[base + 4]
+      local lane = lane_of(priority)
+      local id = next_id()
+      local args = {'XADD', stream(lane)}
+      if maxlen > 0 then
+        args[#args + 1] = 'MAXLEN'
+        args[#args + 1] = '~'
+        args[#args + 1] = maxlen
+      end
+      local rest = {id, 'b', ARGV[base + 5], 'e', ARGV[base + 6],
+                    'p', priority, 't', string.format('%.3f', NOW)}
+      for _, value in ipairs(rest) do
+        args[#args + 1] = value
+      end
+      ttl = (ttl ~= '' and tonumber(ttl)) or cfg.ttl_ms
+      local optional = {{'x', ttl > 0 and string.format('%.3f', NOW + ttl)},
+                        {'d', delay > 0 and string.format('%.3f',
+                                                          NOW + delay)},
+                        {'k', key ~= '' and key},
+                        {'h', ARGV[base + 7] ~= '' and ARGV[base + 7]},
+                        {'hp', ARGV[base + 8] ~= '' and ARGV[base + 8]},
+                        {'r', ARGV[base + 9] ~= '' and ARGV[base + 9]},
+                        {'c', ARGV[base + 10] ~= '' and ARGV[base + 10]}}
+      for _, pair in ipairs(optional) do
+        if pair[2] then
+          args[#args + 1] = pair[1]
+          args[#args + 1] = pair[2]
+        end
+      end
+      redis.call(unpack(args))
+      if dedup ~= '' and cfg.dedup_ms > 0 then
+        redis.call('SET', P .. 'dd:' .. dedup, id, 'PX',
+                   math.max(1, math.ceil(cfg.dedup_ms)))
+      end
+      count('published')
+      stored = stored + 1
+      if #groups == 0 then
+        redis.call('ZADD', RET, FAR, lane .. '|' .. id)
+      else
+        if cfg.retention_ms > 0 then
+          redis.call('ZADD', RET, NOW + cfg.retention_ms, lane .. '|' .. id)
+        end
+        for _, g in ipairs(groups) do
+          enter(g, id, lane, key)
+        end
+      end
+      changed = true
+      ids[#ids + 1] = id
+    end
+  end
+  return {'OK', n, ids}
+end
+
+-- Groups and consumers.
+
+-- Gives the entries published before the first group their retention,
+-- or drops them when the group starts at "latest" without retention.
+local function end_backlog()
+  local keep = cfg.retention_ms
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', RET, FAR, '+inf')) do
+    if keep > 0 then
+      redis.call('ZADD', RET, NOW + keep, member)
+    else
+      redis.call('ZREM', RET, member)
+      local bar = string.find(member, '|', 1, true)
+      local id = string.sub(member, bar + 1)
+      if redis.call('HEXISTS', REFS, id) == 0 then
+        redis.call('XDEL', stream(string.sub(member, 1, bar - 1)), id)
+        count('dropped_unsubscribed')
+      end
+    end
+  end
+end
+
+local function create_group(g, start)
+  local first = redis.call('HLEN', GROUPS) == 0
+  redis.call('HSET', GROUPS, g, '')
+  local start_id = '0-0'
+  if start ~= 'earliest' then
+    start_id = last_id()
+  end
+  for _, lane in ipairs(cfg.lanes) do
+    local made = redis.pcall('XGROUP', 'CREATE', stream(lane), g, start_id,
+                             'MKSTREAM')
+    if type(made) == 'table' and made.err then
+      redis.call('XGROUP', 'SETID', stream(lane), g, start_id)
+    end
+    redis.call('HSET', gkey(g, 'sch'), 'c' .. lane, start_id)
+  end
+  if start == 'earliest' then
+    local stored = {}
+    for _, lane in ipairs(cfg.lanes) do
+      for _, entry in ipairs(redis.call('XRANGE', stream(lane), '-', '+')) do
+        stored[#stored + 1] = {seq_of(entry[1]), entry[1], lane,
+                               field(entry[2], 'k') or ''}
+      end
+    end
+    table.sort(stored, function(a, b) return a[1] < b[1] end)
+    for _, item in ipairs(stored) do
+      enter(g, item[2], item[3], item[4])
+    end
+  end
+  if first then
+    end_backlog()
+  end
+end
+
+-- ARGV: op, group, consumer, start, prefetch, max_attempts ("" none).
+local function open_consumer()
+  local g = ARGV[2]
+  if redis.call('HEXISTS', GROUPS, g) == 0 then
+    create_group(g, ARGV[4])
+  end
+  if ARGV[6] ~= '' then
+    redis.call('HSET', GROUPS, g, ARGV[6])
+  end
+  redis.call('HSET', gkey(g, 'cons'), ARGV[3], ARGV[5])
+  changed = true
+  return {'OK'}
+end
+
+local function ids_by_seq(ids)
+  table.sort(ids, function(a, b) return seq_of(a) < seq_of(b) end)
+  return ids
+end
+
+-- ARGV: op, group, consumer.
+local function close_consumer()
+  local g, consumer = ARGV[2], ARGV[3]
+  if redis.call('HDEL', gkey(g, 'cons'), consumer) == 0 then
+    return {'OK', 0}
+  end
+  local held = gkey(g, 'held:' .. consumer)
+  local returned = 0
+  for _, id in ipairs(ids_by_seq(redis.call('SMEMBERS', held))) do
+    local rec = get_rec(g, id)
+    if rec and rec.s == 'F' then
+      leave_flight(g, id, rec)
+      make_ready(g, id, rec, false)
+      returned = returned + 1
+    end
+  end
+  redis.call('DEL', held)
+  changed = true
+  return {'OK', returned}
+end
+
+-- Delivering.
+
+-- Reads the entry at the head of a lane's unread part into the PEL of
+-- `consumer`; returns its id.
+local function read_next(g, lane, consumer)
+  local got = redis.call('XREADGROUP', 'GROUP', g, consumer, 'COUNT', 1,
+                         'STREAMS', stream(lane), '>')
+  local id = got[1][2][1][1]
+  redis.call('HSET', gkey(g, 'sch'), 'c' .. lane, id)
+  return id
+end
+
+-- Returns the next deliverable entry of a lane: 'q', id (from the ready
+-- list) or 's', id, fields (from the stream), or nil. Hidden and delayed
+-- entries met at the head of the stream are parked on the way.
+local function candidate(g, lane)
+  local sid, sfields
+  while true do
+    local found = redis.call('XRANGE', stream(lane), '(' .. cursor(g, lane),
+                             '+', 'COUNT', 1)
+    if #found == 0 then
+      sid = nil
+      break
+    end
+    sid, sfields = found[1][1], found[1][2]
+    local rec = get_rec(g, sid)
+    if rec then
+      read_next(g, lane, PARKED)
+      rec.r = 1
+      rec.d = tonumber(field(sfields, 'd')) or 0
+      rec.x = tonumber(field(sfields, 'x')) or 0
+      redis.call('XCLAIM', stream(lane), g, PARKED, 0, sid,
+                 'RETRYCOUNT', 0, 'JUSTID')
+      put_rec(g, sid, rec)
+    else
+      local due = tonumber(field(sfields, 'd')) or 0
+      if due <= NOW then
+        break
+      end
+      read_next(g, lane, PARKED)
+      redis.call('XCLAIM', stream(lane), g, PARKED, 0, sid,
+                 'RETRYCOUNT', 0, 'JUSTID')
+      delay_until(g, sid, new_rec(lane, sfields), due)
+    end
+  end
+  local head = redis.call('LINDEX', gkey(g, 'rq:' .. lane), 0)
+  if head then
+    local bar = string.find(head, '|', 1, true)
+    local pos = tonumber(string.sub(head, bar + 1))
+    if not sid or seq_of(sid) > pos then
+      return {'q', string.sub(head, 1, bar - 1)}
+    end
+  end
+  if sid then
+    return {'s', sid, sfields}
+  end
+  return nil
+end
+
+-- Takes the candidate of a lane; returns a delivery, or nil when the
+-- entry left instead (expired, or trimmed from its stream).
+local function take(g, lane, found, consumer, auto_ack, ack_ms)
+  local id, rec, fields = found[2], nil, nil
+  if found[1] == 's' then
+    read_next(g, lane, consumer)
+    fields = found[3]
+    rec = new_rec(lane, fields)
+  else
+    redis.call('LPOP', gkey(g, 'rq:' .. lane))
+    rec = get_rec(g, id)
+    rec.s = ''
+    fields = load_fields(id, lane, rec.rd)
+    if not fields then
+      set_error(g, id, 'entry trimmed from the stream while pending')
+      dead_letter(g, id, rec, 'trimmed')
+      return nil
+    end
+  end
+  if rec.x > 0 and rec.x <= NOW then
+    expire(g, id, rec)
+    return nil
+  end
+  for _, pair in ipairs(buckets_of(g, lane)) do
+    refill(pair[1], pair[2])
+    pair[1].tok = pair[1].tok - 1
+  end
+  rec.a = rec.a + 1
+  rec.t = rec.t + 1
+  count('delivered')
+  local delivery = {id, rec.t, rec.a, fields}
+  if auto_ack then
+    count('acked')
+    finish(g, id, rec)
+    return delivery
+  end
+  if found[1] == 'q' then
+    redis.call('XCLAIM', stream(lane), g, consumer, 0, id,
+               'RETRYCOUNT', rec.a, 'JUSTID')
+  end
+  rec.s = 'F'
+  rec.c = consumer
+  put_rec(g, id, rec)
+  redis.call('SADD', gkey(g, 'held:' .. consumer), id)
+  redis.call('ZADD', TM, NOW + ack_ms, timer_member('A', g, id))
+  return delivery
+end
+
+-- Returns the time (ms from now) of the next timer or rate token, or -1.
+local function next_wake(g, waiting_lanes)
+  local wake = nil
+  local first = redis.call('ZRANGE', TM, 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    wake = tonumber(first[2])
+  end
+  for lane, _ in pairs(waiting_lanes) do
+    for _, pair in ipairs(buckets_of(g, lane)) do
+      local at = bucket_ready_at(pair[1], pair[2])
+      if at > NOW and (wake == nil or at < wake) then
+        wake = at
+      end
+    end
+  end
+  if wake == nil then
+    return -1
+  end
+  return math.max(0, math.ceil(wake - NOW))
+end
+
+-- ARGV: op, group, consumer, max items, ack timeout ms, auto_ack (1/0).
+local function fetch()
+  local g, consumer = ARGV[2], ARGV[3]
+  local prefetch = redis.call('HGET', gkey(g, 'cons'), consumer)
+  if not prefetch then
+    return redis.error_reply('MQS_SHUTDOWN consumer ' .. consumer ..
+                             ' of group ' .. g .. ' is closed')
+  end
+  local auto_ack = ARGV[6] == '1'
+  local ack_ms = tonumber(ARGV[5])
+  local limit = tonumber(ARGV[4])
+  if not auto_ack then
+    local held = redis.call('SCARD', gkey(g, 'held:' .. consumer))
+    limit = math.min(limit, tonumber(prefetch) - held)
+  end
+  local found = {}
+  local cands = {}
+  local waiting = {}
+  while #found < limit do
+    if invalidate then
+      cands = {}
+      invalidate = false
+    end
+    local eligible = {}
+    local topic_ready = true
+    if cfg.rate then
+      topic_ready = bucket_ready(bucket(g, 't', cfg.rate), cfg.rate)
+    end
+    for _, lane in ipairs(cfg.lanes) do
+      if cands[lane] == nil then
+        cands[lane] = candidate(g, lane) or false
+      end
+      if cands[lane] then
+        local ready = topic_ready
+        local rate = lane_rate(lane)
+        if ready and rate then
+          ready = bucket_ready(bucket(g, 'l' .. lane, rate), rate)
+        end
+        if ready then
+          eligible[lane] = true
+        else
+          waiting[lane] = true
+        end
+      end
+    end
+    local lane = pick(g, eligible)
+    if lane == nil then
+      break
+    end
+    local delivery = take(g, lane, cands[lane], consumer, auto_ack, ack_ms)
+    cands[lane] = nil
+    if delivery then
+      found[#found + 1] = delivery
+    end
+  end
+  if auto_ack and #found > 0 and cfg.maxsize > 0 then
+    changed = true
+  end
+  return {'OK', next_wake(g, waiting), found}
+end
+
+-- Acknowledging.
+
+local function live(g, id, ticket)
+  local rec = get_rec(g, id)
+  if not rec or rec.s ~= 'F' or rec.t ~= tonumber(ticket) then
+    count('late_acks')
+    return nil
+  end
+  return rec
+end
+
+-- ARGV: op, group, id, ticket.
+local function ack()
+  local g, id = ARGV[2], ARGV[3]
+  local rec = live(g, id, ARGV[4])
+  if not rec then
+    return {'OK', 0}
+  end
+  count('acked')
+  leave_flight(g, id, rec)
+  finish(g, id, rec)
+  on_success(g, rec.l)
+  return {'OK', 1}
+end
+
+local function retry_ms(attempts, random)
+  local retry = cfg.retry
+  if not retry then
+    return 0
+  end
+  local raw = retry.base * retry.factor ^ math.max(0, attempts - 1)
+  local delay = math.min(retry.max, raw)
+  if retry.jitter > 0 then
+    local spread = 1 - retry.jitter + 2 * retry.jitter * random
+    delay = math.min(retry.max, delay * spread)
+  end
+  return delay * 1000
+end
+
+-- ARGV: op, group, id, ticket, requeue (1/0), delay ms ("" for the
+-- topic's retry), error ("" for none, else "=" .. text), random in [0, 1).
+local function nack()
+  local g, id = ARGV[2], ARGV[3]
+  local rec = live(g, id, ARGV[4])
+  if not rec then
+    return {'OK', 0}
+  end
+  count('nacked')
+  leave_flight(g, id, rec)
+  if ARGV[7] ~= '' then
+    redis.call('HSET', gkey(g, 'err'), id, ARGV[7])
+  end
+  on_failure(g, rec.l)
+  if ARGV[5] ~= '1' then
+    dead_letter(g, id, rec, 'rejected')
+  elseif exhausted(g, rec.a) then
+    dead_letter(g, id, rec, 'max_attempts')
+  else
+    local wait
+    if ARGV[6] ~= '' then
+      wait = tonumber(ARGV[6])
+    else
+      wait = retry_ms(rec.a, tonumber(ARGV[8]))
+    end
+    if wait > 0 then
+      delay_until(g, id, rec, NOW + wait)
+    else
+      make_ready(g, id, rec, false)
+    end
+  end
+  return {'OK', 1}
+end
+
+-- ARGV: op, group, id, ticket, seconds as ms.
+local function extend()
+  local g, id = ARGV[2], ARGV[3]
+  local rec = live(g, id, ARGV[4])
+  if not rec then
+    return {'OK', 0}
+  end
+  redis.call('ZADD', TM, NOW + tonumber(ARGV[5]), timer_member('A', g, id))
+  changed = true
+  return {'OK', 1}
+end
+
+-- ARGV: op, group, count, then id and ticket per delivery.
+local function release()
+  local g = ARGV[2]
+  local n = tonumber(ARGV[3])
+  local recs = {}
+  for i = 1, n do
+    local id = ARGV[2 + 2 * i]
+    recs[i] = {id, live(g, id, ARGV[3 + 2 * i])}
+  end
+  local returned = 0
+  for i = n, 1, -1 do
+    local id, rec = recs[i][1], recs[i][2]
+    if rec then
+      rec.a = rec.a - 1
+      leave_flight(g, id, rec)
+      make_ready(g, id, rec, true)
+      returned = returned + 1
+    end
+  end
+  return {'OK', returned}
+end
+
+-- ARGV: op, group, consumer.
+local function in_flight()
+  local g, consumer = ARGV[2], ARGV[3]
+  if redis.call('HEXISTS', gkey(g, 'cons'), consumer) == 0 then
+    return {'OK', 0}
+  end
+  return {'OK', redis.call('SCARD', gkey(g, 'held:' .. consumer))}
+end
+
+-- Dead letters.
+
+-- ARGV: op, limit (0: all).
+local function dlq_list()
+  local limit = tonumber(ARGV[2])
+  if limit > 0 then
+    return {'OK', redis.call('XRANGE', DLQ, '-', '+', 'COUNT', limit)}
+  end
+  return {'OK', redis.call('XRANGE', DLQ, '-', '+')}
+end
+
+-- ARGV: op, then the message ids to redrive (none: every dead letter).
+local function dlq_redrive()
+  local wanted = nil
+  if #ARGV > 1 then
+    wanted = {}
+    for i = 2, #ARGV do
+      wanted[ARGV[i]] = true
+    end
+  end
+  local moved = 0
+  for _, entry in ipairs(redis.call('XRANGE', DLQ, '-', '+')) do
+    local fields = entry[2]
+    local id = field(fields, 'id')
+    if wanted == nil or wanted[id] then
+      redis.call('XDEL', DLQ, entry[1])
+      local g = field(fields, 'g')
+      local lane = tonumber(field(fields, 'l'))
+      if redis.call('HEXISTS', GROUPS, g) == 1 and not get_rec(g, id)
+          and not unread(g, id, lane) then
+        local copy = {}
+        for i = 1, #fields, 2 do
+          if ENTRY_FIELDS[fields[i]] then
+            copy[#copy + 1] = fields[i]
+            copy[#copy + 1] = fields[i + 1]
+          end
+        end
+        redis.call('HSET', RD, id, cmsgpack.pack(copy))
+        redis.call('HINCRBY', REFS, id, 1)
+        local key = field(fields, 'k') or ''
+        local rec = {s = '', t = 0, a = 0, l = lane, k = key, r = 1, c = '',
+                     p = 0, d = 0, x = 0, rd = 1}
+        local head = gkey(g, 'kh')
+        if key ~= '' and redis.call('HEXISTS', head, key) == 1 then
+          rec.s = 'H'
+          put_rec(g, id, rec)
+          redis.call('RPUSH', gkey(g, 'kw:' .. key), id)
+        else
+          if key ~= '' then
+            redis.call('HSET', head, key, id)
+          end
+          make_ready(g, id, rec, false)
+        end
+        moved = moved + 1
+      end
+    end
+  end
+  count('redriven', moved)
+  changed = true
+  return {'OK', moved}
+end
+
+local function dlq_purge()
+  local purged = redis.call('XLEN', DLQ)
+  redis.call('DEL', DLQ)
+  count('dlq_purged', purged)
+  return {'OK', purged}
+end
+
+-- State.
+
+local function stats()
+  local result = {}
+  local raw = redis.call('HGETALL', META)
+  for i = 1, #raw, 2 do
+    if string.sub(raw[i], 1, 2) == 'c.' then
+      result[#result + 1] = string.sub(raw[i], 3)
+      result[#result + 1] = raw[i + 1]
+    end
+  end
+  local ready, delayed, flying = 0, 0, 0
+  local groups = redis.call('HKEYS', GROUPS)
+  for _, g in ipairs(groups) do
+    for _, raw_rec in ipairs(redis.call('HVALS', gkey(g, 'st'))) do
+      local state = cmsgpack.unpack(raw_rec).s
+      if state == 'D' then
+        delayed = delayed + 1
+      elseif state == 'F' then
+        flying = flying + 1
+      else
+        ready = ready + 1
+      end
+    end
+    for _, lane in ipairs(cfg.lanes) do
+      local from = '(' .. cursor(g, lane)
+      while true do
+        local page = redis.call('XRANGE', stream(lane), from, '+',
+                                'COUNT', 1000)
+        for _, entry in ipairs(page) do
+          if not get_rec(g, entry[1]) then
+            if (tonumber(field(entry[2], 'd')) or 0) > NOW then
+              delayed = delayed + 1
+            else
+              ready = ready + 1
+            end
+          end
+        end
+        if #page < 1000 then
+          break
+        end
+        from = '(' .. page[#page][1]
+      end
+    end
+  end
+  local gauges = {stored = stored_count(), ready = ready,
+                  delayed = delayed, in_flight = flying,
+                  dlq = redis.call('XLEN', DLQ), groups = #groups}
+  for name, value in pairs(gauges) do
+    result[#result + 1] = name
+    result[#result + 1] = value
+  end
+  return {'OK', result}
+end
+
+-- Topics.
+
+-- ARGV: op, config JSON. Stores it unless one is stored; returns the
+-- stored one.
+local function declare()
+  if redis.call('HSETNX', META, 'cfg', ARGV[2]) == 1 then
+    return {'NEW'}
+  end
+  return {'EXISTS', redis.call('HGET', META, 'cfg')}
+end
+
+local OPS = {publish = publish, open = open_consumer,
+             close = close_consumer, fetch = fetch, ack = ack, nack = nack,
+             extend = extend, release = release, in_flight = in_flight,
+             dlq_list = dlq_list, dlq_redrive = dlq_redrive,
+             dlq_purge = dlq_purge, stats = stats}
+
+-- Dispatch.
+
+if OP == 'declare' then
+  return declare()
+end
+if OP == 'replace' then
+  redis.call('HSET', META, 'cfg', ARGV[2])
+  redis.call('XADD', WAKE, 'MAXLEN', 1, '*', 'n', 1)
+  return {'OK'}
+end
+local raw_cfg = redis.call('HGET', META, 'cfg')
+if not raw_cfg then
+  return redis.error_reply('MQS_UNKNOWN topic')
+end
+cfg = cjson.decode(raw_cfg)
+NOW = now_ms()
+local operation = OPS[OP]
+if not operation then
+  return redis.error_reply('MQS_BUG unknown operation ' .. tostring(OP))
+end
+fire()
+trim_retained()
+local reply = operation()
+save_scheds()
+local wake_id = '0-0'
+if changed then
+  wake_id = redis.call('XADD', WAKE, 'MAXLEN', 1, '*', 'n', 1)
+else
+  local last = redis.call('XREVRANGE', WAKE, '+', '-', 'COUNT', 1)
+  if #last > 0 then
+    wake_id = last[1][1]
+  end
+end
+reply[#reply + 1] = wake_id
+return reply

@@ -1,0 +1,639 @@
+"""The ``redis`` backend: the broker's state in Redis, shared by processes.
+
+Every broker that names the same server, database and `namespace` shares
+the topics, so producers and consumers may run in many processes and
+hosts. Each operation of the contract runs as one call of a Lua script
+(``_redis.lua``, registered once and called with EVALSHA), so it is
+atomic however many clients run it. That file lists every key.
+
+Mapping
+    A topic's lanes are Redis Streams, one per lane; a message id is its
+    stream entry id. A broker group is a consumer group on each of them:
+    the first delivery reads an entry with XREADGROUP, an ack is XACK,
+    and an in-flight entry is owned in the group's pending entries list
+    by its consumer, with the delivery count equal to its attempts.
+    Ack deadlines, delays and nack delays are scores in one sorted set
+    per topic; the script moves whatever is due before every operation,
+    so no timer process is needed. Dead letters go to a stream with
+    their reason, dedup ids are ``SET NX PX`` keys, and token buckets
+    live in the group's hash, so every client shares one rate limit.
+    All keys of a topic start with ``{<namespace>:<topic>}``, a Redis
+    Cluster hash tag, so each topic lives in one slot.
+
+Bodies
+    By default a body must be ``bytes``, ``bytearray``, ``memoryview`` or
+    ``str`` (sent as UTF-8 and returned as ``str``); headers must be JSON
+    values; keys and dedup ids must be ``str``, ``bytes`` or ``int``.
+    ``serializer="pickle"`` accepts any picklable body, header and key.
+    It is off by default because unpickling runs code: anyone who can
+    write to the Redis server could run code in every consumer. A broker
+    without it delivers a pickled body as the raw ``bytes`` and never
+    unpickles it.
+
+Connections
+    `url` gives the server, database, user, password and TLS
+    (``rediss://``), as for ``redis.Redis.from_url``; redis-py parses
+    replies with hiredis when it is installed. A lost connection, a
+    timed-out read or a server that is still loading its data is retried
+    with exponential backoff and full jitter for up to `retry_timeout`
+    seconds, each retry logged; then `BackendConnectionError` is raised.
+    A script that ran before the connection dropped may therefore run
+    twice: a publish may store its batch twice (use ``dedup_id`` for
+    exactly-once), a second ack finds a stale tag and returns False.
+    Blocking waits (XREAD BLOCK on the topic's ``wake`` stream) last at
+    most half of `socket_timeout`, so a healthy connection never times
+    out while it waits.
+
+Retention
+    A message stays in its lane's stream until every group that had it
+    finished it (and `retention` passed), then the script deletes it
+    with XDEL. `stream_maxlen` adds ``MAXLEN ~ N`` to every XADD, and
+    operators may also XTRIM with MAXLEN or MINID. Such trimming may
+    delete entries that groups still hold: an entry found trimmed when it
+    is about to be delivered again goes to the dead-letter stream with
+    reason ``"trimmed"`` (and without its body), counted as
+    ``dead_lettered.trimmed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import logging
+import pickle
+import random
+import time
+import urllib.parse
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from mqs.broker._backend import (
+    COUNTER_KEYS,
+    GAUGE_KEYS,
+    Backend,
+    DeadLetter,
+    Delivery,
+    Envelope,
+)
+from mqs.broker._memory import _conflict, _stayed_full
+from mqs.broker._policy import Backoff, Rate, TopicConfig
+from mqs.errors import (
+    BackendConnectionError,
+    Full,
+    ShutDown,
+    TopicConfigError,
+    UnknownTopic,
+)
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger(__name__)
+
+_SERIALIZERS = (None, "pickle")
+_PARKED = "mqs.parked"
+# Body encodings stored in the entry's "e" field.
+_BYTES, _STR, _PICKLE = b"b", b"s", b"p"
+
+
+def _load_script() -> str:
+    return importlib.resources.files("mqs.broker").joinpath(
+        "_redis.lua").read_text(encoding="utf-8")
+
+
+def _redis_module():
+    try:
+        import redis
+    except ImportError:
+        raise BackendConnectionError(
+            "backend='redis' needs redis-py: pip install 'redis>=5' "
+            "(and hiredis for faster replies)") from None
+    return redis
+
+
+def _public_url(url: str) -> str:
+    """Return `url` with its password replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urllib.parse.urlunsplit(
+        (parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query,
+         parts.fragment))
+
+
+# ---- topic settings as JSON ---------------------------------------------
+
+def _rate_for_script(rate: Rate) -> dict[str, Any]:
+    return {"per_second": rate.per_second, "capacity": rate.capacity,
+            "adaptive": rate.adaptive, "floor": rate.floor,
+            "decrease": rate.decrease, "increase": rate.increase,
+            "cut_interval_ms": rate.cut_interval * 1000}
+
+
+def _config_json(config: TopicConfig) -> str:
+    """Return the settings as the JSON the script reads, plus the
+    `TopicConfig` fields under "py" to rebuild it."""
+    lanes = config.lanes
+    weights = config.weight_map
+    retry = config.retry
+    script = {
+        "lanes": list(lanes),
+        "weights": [weights[lane] for lane in lanes],
+        "strict": config.policy == "strict",
+        "rate": _rate_for_script(config.rate) if config.rate else False,
+        "lane_rates": [[lane, _rate_for_script(rate)]
+                       for lane, rate in config.lane_rates],
+        "max_attempts": config.max_attempts or 0,
+        "retry": dataclasses.asdict(retry) if retry else False,
+        "ttl_ms": (config.ttl or 0) * 1000,
+        "on_expire": config.on_expire,
+        "retention_ms": (config.retention or 0) * 1000,
+        "maxsize": config.maxsize,
+        "when_full": config.when_full,
+        "dedup_ms": config.dedup_window * 1000,
+        "py": dataclasses.asdict(config),
+    }
+    return json.dumps(script, sort_keys=True)
+
+
+def _config_from_json(raw: bytes | str) -> TopicConfig:
+    fields = json.loads(raw)["py"]
+    fields["weights"] = tuple(tuple(pair) for pair in fields["weights"])
+    if fields["rate"] is not None:
+        fields["rate"] = Rate(**fields["rate"])
+    fields["lane_rates"] = tuple((lane, Rate(**rate))
+                                 for lane, rate in fields["lane_rates"])
+    if fields["retry"] is not None:
+        fields["retry"] = Backoff(**fields["retry"])
+    return TopicConfig(**fields)
+
+
+# ---- values as Redis strings --------------------------------------------
+
+def _token(value: Any, what: str, allow_pickle: bool) -> bytes:
+    """Encode a key or dedup id as a type-tagged byte string."""
+    if isinstance(value, str):
+        return b"s:" + value.encode()
+    if isinstance(value, bytes):
+        return b"b:" + value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return b"i:" + str(value).encode()
+    if allow_pickle:
+        return b"p:" + pickle.dumps(value, protocol=4)
+    raise TypeError(
+        f"{what} must be a str, bytes or int on backend='redis', got "
+        f"{type(value).__name__} {value!r}; pass serializer='pickle' to the "
+        f"Broker to allow other picklable values")
+
+
+def _untoken(token: bytes, allow_pickle: bool) -> Any:
+    kind, value = token[:2], token[2:]
+    if kind == b"s:":
+        return value.decode()
+    if kind == b"i:":
+        return int(value)
+    if kind == b"p:" and allow_pickle:
+        return pickle.loads(value)
+    return value
+
+
+class RedisBackend(Backend):
+    """Broker state in a Redis server (5.0 or later; tested on 7.0).
+
+    Parameters
+    ----------
+    url : str
+        ``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS.
+        Required: the backend never guesses a server.
+    serializer : None or "pickle"
+        None (default): bodies are bytes or str. ``"pickle"``: any
+        picklable body, header or key; use it only when every client that
+        can write to the server is trusted (see the module docs).
+    namespace : str
+        First part of every key (``{namespace:topic}...``). Brokers with
+        different namespaces on one server do not see each other.
+    socket_timeout : float
+        Seconds a command may wait for its reply. Blocking waits use at
+        most half of it.
+    retry_timeout : float
+        Seconds to keep retrying a lost connection before raising
+        `BackendConnectionError`.
+    stream_maxlen : int, optional
+        Cap each lane's stream at about this many entries (``XADD MAXLEN
+        ~``). Entries trimmed while a group holds them are dead-lettered
+        with reason ``"trimmed"``; unread ones are lost uncounted. None
+        (default) never trims.
+    client : redis.Redis, optional
+        Use this client instead of one built from `url` (its replies must
+        be bytes: ``decode_responses=False``).
+    """
+
+    name = "redis"
+
+    def __init__(self, url: str | None = None, *,
+                 serializer: str | None = None, namespace: str = "mqs",
+                 socket_timeout: float = 5.0, retry_timeout: float = 30.0,
+                 stream_maxlen: int | None = None,
+                 client: Any = None) -> None:
+        redis = _redis_module()
+        if serializer not in _SERIALIZERS:
+            raise ValueError(
+                f"serializer must be None (bytes and str bodies) or "
+                f"'pickle', got {serializer!r}")
+        if not isinstance(namespace, str) or not namespace \
+                or "{" in namespace or "}" in namespace:
+            raise ValueError(
+                f"namespace must be a non-empty str without braces, got "
+                f"{namespace!r}")
+        if not socket_timeout > 0:
+            raise ValueError(
+                f"socket_timeout must be above 0 seconds, got "
+                f"{socket_timeout!r}")
+        if stream_maxlen is not None and (
+                isinstance(stream_maxlen, bool)
+                or not isinstance(stream_maxlen, int) or stream_maxlen < 1):
+            raise ValueError(
+                f"stream_maxlen must be an int of 1 or more or None, got "
+                f"{stream_maxlen!r}")
+        if client is None:
+            if not isinstance(url, str) or not url:
+                raise ValueError(
+                    "backend='redis' needs url=, such as "
+                    "'redis://127.0.0.1:6379/0' or "
+                    "'rediss://user:password@host:6380/0'")
+            client = redis.Redis.from_url(
+                url, socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout)
+        else:
+            url = repr(client)
+        self._redis = redis
+        self.url = _public_url(url)
+        self._client = client
+        self._pickle = serializer == "pickle"
+        self._namespace = namespace
+        self._socket_timeout = socket_timeout
+        self._retry_timeout = retry_timeout
+        self._maxlen = stream_maxlen or 0
+        self._block_cap = max(0.01, min(1.0, socket_timeout / 2))
+        self._backoff = redis.backoff.FullJitterBackoff(cap=2.0, base=0.05)
+        self._rng = random.Random()
+        self._script = client.register_script(_load_script())
+        self._call(client.ping)
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend {self.url} namespace={self._namespace!r}>"
+
+    # ---- plumbing -------------------------------------------------------
+
+    def _call(self, function, *args, **kwargs):
+        """Run a redis-py call, retrying lost connections with backoff."""
+        redis = self._redis
+        started = None
+        failures = 0
+        while True:
+            try:
+                return function(*args, **kwargs)
+            except redis.AuthenticationError as exc:
+                raise BackendConnectionError(
+                    f"Redis at {self.url} rejected the credentials ({exc}); "
+                    f"check the user and password in the URL") from None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                now = time.monotonic()
+                started = now if started is None else started
+                if now - started >= self._retry_timeout:
+                    raise BackendConnectionError(
+                        f"Redis at {self.url} unreachable for "
+                        f"{self._retry_timeout} s: {exc}") from exc
+                failures += 1
+                pause = self._backoff.compute(failures)
+                logger.warning(
+                    "Redis at %s: %s: %s; retry %d in %.3f s", self.url,
+                    type(exc).__name__, exc, failures, pause)
+                time.sleep(pause)
+
+    def _meta(self, topic: str) -> str:
+        if "{" in topic or "}" in topic:
+            raise ValueError(
+                f"topic names on backend='redis' cannot contain braces, "
+                f"got {topic!r}")
+        return f"{{{self._namespace}:{topic}}}:meta"
+
+    def _run(self, topic: str, *args: Any) -> list:
+        """Run one operation of the script on `topic`."""
+        try:
+            return self._call(self._script, keys=[self._meta(topic)],
+                              args=args)
+        except self._redis.ResponseError as exc:
+            text = str(exc)
+            if text.startswith("MQS_UNKNOWN"):
+                raise UnknownTopic(
+                    f"unknown topic {topic!r}; declare it first", topic
+                ) from None
+            if text.startswith("MQS_SHUTDOWN"):
+                raise ShutDown(f"{text[13:]} on topic {topic!r}") from None
+            raise
+
+    def _wait_wake(self, topic: str, wake_id: bytes, seconds: float) -> None:
+        """Block until the topic changes after `wake_id`, or `seconds`."""
+        seconds = min(seconds, self._block_cap)
+        if seconds <= 0:
+            return
+        wake = self._meta(topic)[:-4] + "wake"
+        self._call(self._client.xread, {wake: wake_id}, count=1,
+                   block=max(1, int(seconds * 1000)))
+
+    # ---- topics ---------------------------------------------------------
+
+    def declare_topic(self, config: TopicConfig, replace: bool = False
+                      ) -> TopicConfig:
+        raw = _config_json(config)
+        reply = self._run(config.name, "declare", raw)
+        if reply[0] == b"NEW":
+            return config
+        stored = _config_from_json(reply[1])
+        if stored == config:
+            return config
+        if not replace:
+            raise TopicConfigError(_conflict(stored, config))
+        if stored.weights != config.weights or stored.policy != config.policy:
+            raise TopicConfigError(
+                f"topic {config.name!r}: lanes and policy cannot change "
+                f"while it exists; delete_topic({config.name!r}) first")
+        self._run(config.name, "replace", raw)
+        return config
+
+    def topic_config(self, topic: str) -> TopicConfig:
+        raw = self._call(self._client.hget, self._meta(topic), "cfg")
+        if raw is None:
+            raise UnknownTopic(f"unknown topic {topic!r}", topic)
+        return _config_from_json(raw)
+
+    def has_topic(self, topic: str) -> bool:
+        return bool(self._call(self._client.hexists, self._meta(topic),
+                               "cfg"))
+
+    def delete_topic(self, topic: str) -> None:
+        meta = self._meta(topic)
+        if not self.has_topic(topic):
+            raise UnknownTopic(f"unknown topic {topic!r}", topic)
+        prefix = meta[:-4]
+        pattern = _glob_escape(prefix) + "*"
+        keys = list(self._call(lambda: list(self._client.scan_iter(
+            match=pattern, count=1000))))
+        wake = prefix.encode() + b"wake"
+        others = [key for key in keys if key != wake]
+        for start in range(0, len(others), 500):
+            self._call(self._client.unlink, *others[start:start + 500])
+        # Wake blocked waiters, which then find the topic gone.
+        self._call(self._client.xadd, wake, {"n": 1}, maxlen=1)
+        self._call(self._client.unlink, wake)
+
+    # ---- producing ------------------------------------------------------
+
+    def _encode_body(self, body: Any) -> tuple[bytes, bytes]:
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            return bytes(body), _BYTES
+        if isinstance(body, str):
+            return body.encode(), _STR
+        if self._pickle:
+            return pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL), \
+                _PICKLE
+        raise TypeError(
+            f"body must be bytes, bytearray, memoryview or str on "
+            f"backend='redis', got {type(body).__name__}; pass "
+            f"serializer='pickle' to the Broker to send other objects (only "
+            f"if every client of the Redis server is trusted)")
+
+    def _encode_headers(self, headers: dict | None) -> tuple[bytes, bytes]:
+        if not headers:
+            return b"", b""
+        if self._pickle:
+            return b"", pickle.dumps(headers, protocol=4)
+        try:
+            return json.dumps(headers).encode(), b""
+        except TypeError as exc:
+            raise TypeError(
+                f"headers must hold JSON values on backend='redis' ({exc}); "
+                f"pass serializer='pickle' to the Broker to allow others"
+            ) from None
+
+    def _publish_args(self, envelopes: Sequence[Envelope]) -> list:
+        args: list = []
+        for envelope in envelopes:
+            body, encoding = self._encode_body(envelope.body)
+            headers_json, headers_pickle = self._encode_headers(
+                envelope.headers)
+            dedup = b"" if envelope.dedup_id is None else _token(
+                envelope.dedup_id, "dedup_id", self._pickle)
+            key = b"" if envelope.key is None else _token(
+                envelope.key, "key", self._pickle)
+            ttl = "" if envelope.ttl is None else envelope.ttl * 1000
+            args += [dedup, key, envelope.priority, envelope.delay * 1000,
+                     ttl, body, encoding, headers_json, headers_pickle,
+                     envelope.reply_to or "", envelope.correlation_id or ""]
+        return args
+
+    def publish(self, topic: str, envelopes: Sequence[Envelope],
+                timeout: float | None) -> list[str]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ids: list[str] = []
+        while True:
+            rest = envelopes[len(ids):]
+            reply = self._run(topic, "publish", len(rest), self._maxlen,
+                              *self._publish_args(rest))
+            status, index, new_ids, wake_id = reply
+            ids += [raw.decode() for raw in new_ids]
+            if status == b"OK":
+                return ids
+            if status == b"FULL":
+                maxsize = self.topic_config(topic).maxsize
+                raise Full(
+                    f"topic {topic!r} is full (maxsize {maxsize}); consume "
+                    f"faster, raise maxsize or use when_full='block'",
+                    len(ids))
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise _stayed_full(topic, self.topic_config(topic).maxsize,
+                                   len(ids), len(envelopes))
+            self._wait_wake(topic, wake_id,
+                            self._block_cap if left is None else left)
+
+    # ---- consuming ------------------------------------------------------
+
+    def open_consumer(self, topic: str, group: str, *, start: str,
+                      prefetch: int, max_attempts: int | None) -> str:
+        if _PARKED == group:
+            raise ValueError(f"group name {group!r} is reserved")
+        consumer = f"c{uuid.uuid4().hex[:16]}"
+        self._run(topic, "open", group, consumer, start, prefetch,
+                  "" if max_attempts is None else max_attempts)
+        return consumer
+
+    def close_consumer(self, topic: str, group: str, consumer: str) -> int:
+        try:
+            return int(self._run(topic, "close", group, consumer)[1])
+        except UnknownTopic:
+            return 0
+
+    def _delivery(self, topic: str, group: str, raw: list) -> Delivery:
+        message_id, ticket, attempts, flat = raw
+        fields = dict(zip(flat[::2], flat[1::2]))
+        message_id = message_id.decode()
+        key = fields.get(b"k")
+        return Delivery(
+            id=message_id, tag=(message_id, int(ticket)), topic=topic,
+            group=group, body=self._decode_body(fields, message_id),
+            priority=int(fields[b"p"]), attempts=int(attempts),
+            key=None if key is None else _untoken(key, self._pickle),
+            headers=self._decode_headers(fields),
+            timestamp=float(fields[b"t"]) / 1000,
+            reply_to=_text(fields.get(b"r")),
+            correlation_id=_text(fields.get(b"c")))
+
+    def _decode_body(self, fields: dict, message_id: str) -> Any:
+        body = fields.get(b"b", b"")
+        encoding = fields.get(b"e", _BYTES)
+        if encoding == _STR:
+            return body.decode()
+        if encoding == _PICKLE:
+            if self._pickle:
+                return pickle.loads(body)
+            logger.warning(
+                "message %s has a pickled body, but this broker was opened "
+                "without serializer='pickle': delivering the raw bytes",
+                message_id)
+        return body
+
+    def _decode_headers(self, fields: dict) -> dict[str, Any]:
+        if b"h" in fields:
+            return json.loads(fields[b"h"])
+        if b"hp" in fields and self._pickle:
+            return pickle.loads(fields[b"hp"])
+        return {}
+
+    def _fetch_once(self, topic, group, consumer, max_items, ack_timeout,
+                    auto_ack):
+        reply = self._run(topic, "fetch", group, consumer, max_items,
+                          ack_timeout * 1000, 1 if auto_ack else 0)
+        _, wait_ms, found, wake_id = reply
+        deliveries = [self._delivery(topic, group, raw) for raw in found]
+        return deliveries, int(wait_ms), wake_id
+
+    def fetch(self, topic: str, group: str, consumer: str, max_items: int,
+              *, ack_timeout: float, auto_ack: bool,
+              timeout: float | None) -> list[Delivery]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            found, wait_ms, wake_id = self._fetch_once(
+                topic, group, consumer, max_items, ack_timeout, auto_ack)
+            if found:
+                return found
+            left = self._block_cap
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+            if wait_ms >= 0:
+                left = min(left, wait_ms / 1000)
+            self._wait_wake(topic, wake_id, max(left, 0.001))
+
+    def ack(self, topic: str, group: str, tag: Any) -> bool:
+        message_id, ticket = tag
+        return self._run(topic, "ack", group, message_id, ticket)[1] == 1
+
+    def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
+             delay: float | None, error: str | None) -> bool:
+        message_id, ticket = tag
+        reply = self._run(
+            topic, "nack", group, message_id, ticket, 1 if requeue else 0,
+            "" if delay is None else delay * 1000,
+            "" if error is None else "=" + error, self._rng.random())
+        return reply[1] == 1
+
+    def extend(self, topic: str, group: str, tag: Any, seconds: float
+               ) -> bool:
+        message_id, ticket = tag
+        return self._run(topic, "extend", group, message_id, ticket,
+                         seconds * 1000)[1] == 1
+
+    def release(self, topic: str, group: str, tags: Sequence[Any]) -> int:
+        args: list = []
+        for message_id, ticket in tags:
+            args += [message_id, ticket]
+        try:
+            return int(self._run(topic, "release", group, len(tags),
+                                 *args)[1])
+        except UnknownTopic:
+            return 0
+
+    def in_flight(self, topic: str, group: str, consumer: str) -> int:
+        try:
+            return int(self._run(topic, "in_flight", group, consumer)[1])
+        except UnknownTopic:
+            return 0
+
+    # ---- dead letters ---------------------------------------------------
+
+    def dlq_list(self, topic: str, limit: int | None = None
+                 ) -> list[DeadLetter]:
+        entries = self._run(topic, "dlq_list", limit or 0)[1]
+        return [self._dead_letter(topic, flat) for _, flat in entries]
+
+    def _dead_letter(self, topic: str, flat: list) -> DeadLetter:
+        fields = dict(zip(flat[::2], flat[1::2]))
+        message_id = fields[b"id"].decode()
+        group = fields[b"g"].decode()
+        reason = fields[b"why"].decode()
+        attempts = int(fields[b"n"])
+        error = fields[b"err"].decode()[1:] if fields[b"err"] else None
+        headers = dict(self._decode_headers(fields))
+        headers["mqs.dead_letter_reason"] = reason
+        headers["mqs.attempts"] = attempts
+        headers["mqs.last_error"] = error
+        headers["mqs.group"] = group
+        key = fields.get(b"k")
+        return DeadLetter(
+            id=message_id, topic=topic, group=group,
+            body=self._decode_body(fields, message_id),
+            priority=int(fields.get(b"p", 0)),
+            key=None if key is None else _untoken(key, self._pickle),
+            headers=headers, timestamp=float(fields.get(b"t", 0)) / 1000,
+            attempts=attempts, reason=reason, error=error)
+
+    def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
+                    ) -> int:
+        if ids is not None and not ids:
+            return 0
+        return int(self._run(topic, "dlq_redrive", *(ids or ()))[1])
+
+    def dlq_purge(self, topic: str) -> int:
+        return int(self._run(topic, "dlq_purge")[1])
+
+    # ---- state ----------------------------------------------------------
+
+    def stats(self, topic: str) -> dict[str, int]:
+        flat = self._run(topic, "stats")[1]
+        result = dict.fromkeys(COUNTER_KEYS + GAUGE_KEYS, 0)
+        for name, value in zip(flat[::2], flat[1::2]):
+            result[name.decode()] = int(value)
+        return result
+
+    def wait_changed(self, timeout: float) -> None:
+        # The callers poll a topic's state; no topic is named here, so
+        # this sleeps a short slice instead of waiting for a wake.
+        time.sleep(max(0.0, min(timeout, 0.01)))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
