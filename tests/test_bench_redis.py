@@ -24,7 +24,9 @@ def test_redis_loop_reports_count_and_rate(redis_url, loop):
     assert result.rate_per_s == pytest.approx(COUNT / result.elapsed_ns * 1e9)
     assert result.params["body_bytes"] == 100
     expected_batch = 64 if loop in ("xadd_pipelined", "xreadgroup_xack_batched",
-                                    "stream_roundtrip") else 1
+                                    "stream_roundtrip",
+                                    "broker_publish_batched",
+                                    "broker_consume_ack_batched") else 1
     assert result.params["batch"] == expected_batch
 
 
@@ -35,6 +37,15 @@ def test_redis_loops_leave_no_keys(redis_url):
     bench_redis.xreadgroup_xack(redis_url, 20)
     bench_redis.lpush_brpop(redis_url, 20)
     assert set(client.scan_iter(match="mqs-bench:*")) == before
+    client.close()
+
+
+def test_broker_loops_leave_no_keys(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    before = set(client.scan_iter(match="{mqs-bench-*"))
+    bench_redis.broker_publish_batched(redis_url, 30, batch=7)
+    bench_redis.broker_consume_ack(redis_url, 20)
+    assert set(client.scan_iter(match="{mqs-bench-*")) == before
     client.close()
 
 

@@ -22,6 +22,15 @@ Loops (messages of `body_bytes` bytes, 100 by default):
   child process XADDs (pipelined by `batch`) while this process reads
   with XREADGROUP COUNT `batch` and acknowledges each read with one
   XACK; timed from the child's start until the last XACK.
+- ``broker_publish``, ``broker_publish_batched``: `mqs.Broker` on the
+  redis backend, one `publish` per message, or `publish_many` of `batch`
+  messages (one script call per batch).
+- ``broker_consume_ack``, ``broker_consume_ack_batched``: the same
+  broker, `get` and `ack` per message, or `get_many` of `batch` and one
+  `ack_many` per batch.
+
+Pipelining (``xadd_pipelined``) and batching inside one script call
+(``broker_*_batched``) are separate rows, so each gain shows on its own.
 
 Only the loop itself is timed with `time.perf_counter_ns`, with the
 garbage collector off; prefilling and checking are outside the clock.
@@ -51,6 +60,10 @@ __all__ = [
     "xadd_pipelined",
     "xreadgroup_xack",
     "xreadgroup_xack_batched",
+    "broker_publish",
+    "broker_publish_batched",
+    "broker_consume_ack",
+    "broker_consume_ack_batched",
 ]
 
 DEFAULT_BODY_BYTES = 100
@@ -443,6 +456,138 @@ def stream_roundtrip(url: str, count: int, *,
                               session.params(body_bytes, batch))
 
 
+# ---- the mqs broker's redis backend -------------------------------------------
+
+class _BrokerSession:
+    """A redis-backend `mqs.Broker` in a fresh namespace; deletes its keys
+    on close."""
+
+    def __init__(self, url: str) -> None:
+        import mqs
+
+        self.session = _Session(url)
+        self.namespace = f"mqs-bench-{uuid.uuid4().hex[:12]}"
+        self.broker = mqs.Broker(backend="redis", url=url,
+                                 namespace=self.namespace)
+        self.broker.declare_topic("bench", dedup_window=0)
+
+    def params(self, body_bytes: int, batch: int) -> dict[str, Any]:
+        return self.session.params(body_bytes, batch)
+
+    def check_stored(self, count: int) -> None:
+        stored = self.broker.stats("bench")["stored"]
+        if stored != count:
+            raise BenchmarkError(f"the topic stores {stored} messages, "
+                                 f"expected {count}")
+
+    def close(self) -> None:
+        self.broker.close()
+        client = self.session.client
+        keys = list(client.scan_iter(match=f"{{{self.namespace}:*",
+                                     count=1000))
+        for start in range(0, len(keys), 500):
+            client.unlink(*keys[start:start + 500])
+        self.session.close()
+
+    def __enter__(self) -> _BrokerSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def broker_publish(url: str, count: int, *,
+                   body_bytes: int = DEFAULT_BODY_BYTES,
+                   batch: int = 1) -> RedisRunResult:
+    """Time `Broker.publish_many` of `count` messages in batches of
+    `batch` on the redis backend (``batch=1``: one `publish` per
+    message). Each batch is one script call, so one round trip."""
+    _check_arguments(count, body_bytes, batch)
+    body = _body(body_bytes)
+    with _BrokerSession(url) as bench:
+        broker = bench.broker
+        # A group, so that the messages are stored for a consumer.
+        broker.consume("bench", "g").close()
+
+        def loop() -> None:
+            if batch == 1:
+                for _ in range(count):
+                    broker.publish("bench", body)
+                return
+            for start in range(0, count, batch):
+                broker.publish_many("bench",
+                                    [body] * min(batch, count - start))
+
+        elapsed = _timed(loop)
+        bench.check_stored(count)
+        name = "broker_publish" if batch == 1 else "broker_publish_batched"
+        return RedisRunResult(name, count, elapsed,
+                              bench.params(body_bytes, batch))
+
+
+def broker_consume_ack(url: str, count: int, *,
+                       body_bytes: int = DEFAULT_BODY_BYTES,
+                       batch: int = 1) -> RedisRunResult:
+    """Time consuming and acking `count` messages on the redis backend:
+    `Consumer.get_many` of `batch` messages then one `Consumer.ack_many`
+    (``batch=1``: `get` and `Message.ack` per message). The topic is
+    filled before the clock starts."""
+    _check_arguments(count, body_bytes, batch)
+    body = _body(body_bytes)
+    import mqs
+
+    with _BrokerSession(url) as bench:
+        broker = bench.broker
+        consumer = broker.consume("bench", "g", prefetch=batch)
+        for start in range(0, count, 1000):
+            broker.publish_many("bench", [body] * min(1000, count - start))
+        consumed = [0]
+
+        def loop() -> None:
+            done = 0
+            while done < count:
+                try:
+                    messages = consumer.get_many(batch, timeout=0)
+                except mqs.Empty:
+                    break
+                for message in messages:
+                    if message.body != body:
+                        raise BenchmarkError(f"message {message.id} has the "
+                                             f"wrong body")
+                if batch == 1:
+                    messages[0].ack()
+                else:
+                    consumer.ack_many(messages)
+                done += len(messages)
+            consumed[0] = done
+
+        elapsed = _timed(loop)
+        if consumed[0] != count:
+            raise BenchmarkError(f"consumed {consumed[0]} messages, "
+                                 f"expected {count}")
+        bench.check_stored(0)
+        name = ("broker_consume_ack" if batch == 1
+                else "broker_consume_ack_batched")
+        return RedisRunResult(name, count, elapsed,
+                              bench.params(body_bytes, batch))
+
+
+def broker_publish_batched(url: str, count: int, *,
+                           body_bytes: int = DEFAULT_BODY_BYTES,
+                           batch: int = DEFAULT_BATCH) -> RedisRunResult:
+    """`broker_publish` with batches of `batch` messages."""
+    return broker_publish(url, count, body_bytes=body_bytes, batch=batch)
+
+
+def broker_consume_ack_batched(url: str, count: int, *,
+                               body_bytes: int = DEFAULT_BODY_BYTES,
+                               batch: int = DEFAULT_BATCH
+                               ) -> RedisRunResult:
+    """`broker_consume_ack` with batches of `batch` messages."""
+    return broker_consume_ack(url, count, body_bytes=body_bytes,
+                              batch=batch)
+
+
 # ---- all loops ----------------------------------------------------------------
 
 LOOPS: dict[str, Callable[..., RedisRunResult]] = {
@@ -452,8 +597,13 @@ LOOPS: dict[str, Callable[..., RedisRunResult]] = {
     "xreadgroup_xack_batched": xreadgroup_xack_batched,
     "lpush_brpop": lpush_brpop,
     "stream_roundtrip": stream_roundtrip,
+    "broker_publish": broker_publish,
+    "broker_publish_batched": broker_publish_batched,
+    "broker_consume_ack": broker_consume_ack,
+    "broker_consume_ack_batched": broker_consume_ack_batched,
 }
-_BATCHED = {"xadd_pipelined", "xreadgroup_xack_batched", "stream_roundtrip"}
+_BATCHED = {"xadd_pipelined", "xreadgroup_xack_batched", "stream_roundtrip",
+            "broker_publish_batched", "broker_consume_ack_batched"}
 
 
 def run_redis_peers(count: int = 20_000, *,

@@ -36,24 +36,26 @@ def _log_broker(tmp_path):
 @contextlib.contextmanager
 def _redis_broker(tmp_path, request):
     # The suite's bodies are ints, tuples and objects, so the broker
-    # pickles them; a namespace of its own keeps tests apart on a shared
-    # server.
+    # pickles them.
     url = request.getfixturevalue("redis_url")
-    namespace = f"mqs-test-{uuid.uuid4().hex[:12]}"
+    namespace = request.getfixturevalue("redis_namespace")
     broker = mqs.Broker(backend="redis", url=url, serializer="pickle",
                         namespace=namespace)
     try:
         yield broker
     finally:
         broker.close()
-        delete_redis_namespace(url, namespace)
 
 
-def delete_redis_namespace(url, namespace):
-    """Delete every key of a redis broker's `namespace`."""
+@pytest.fixture
+def redis_namespace(redis_url):
+    """Return a redis broker namespace unique to the test; its keys on
+    `redis_url` are deleted after the test."""
     import redis
 
-    client = redis.Redis.from_url(url)
+    namespace = f"mqs-test-{uuid.uuid4().hex[:12]}"
+    yield namespace
+    client = redis.Redis.from_url(redis_url)
     try:
         keys = list(client.scan_iter(match=f"{{{namespace}:*", count=1000))
         for start in range(0, len(keys), 500):

@@ -248,6 +248,36 @@ def test_missed_ack_deadline_redelivers_with_attempts_plus_one(broker):
     assert stats["late_acks"] == 1
 
 
+def test_ack_many_acks_every_message(broker):
+    broker.publish_many("t", ["a", "b", "c"])
+    consumer = broker.consume("t", "g", prefetch=3)
+    got = consumer.get_many(3, timeout=0)
+    assert consumer.ack_many(got) == 3
+    assert consumer.in_flight == 0
+    assert broker.stats("t")["acked"] == 3
+    with pytest.raises(mqs.AlreadySettled):
+        consumer.ack_many(got[:1])
+
+
+def test_ack_many_counts_late_acks(broker):
+    broker.publish_many("t", ["a", "b"])
+    consumer = broker.consume("t", "g", prefetch=2, ack_timeout=0.05)
+    got = consumer.get_many(2, timeout=0)
+    time.sleep(0.15)
+    assert consumer.ack_many(got) == 0
+    assert broker.stats("t")["late_acks"] == 2
+
+
+def test_ack_many_rejects_other_consumers_message(broker):
+    broker.publish("t", "a")
+    mine = broker.consume("t", "g")
+    other = broker.consume("t", "g")
+    message = mine.get(timeout=0)
+    with pytest.raises(ValueError, match="another consumer"):
+        other.ack_many([message])
+    assert message.ack()
+
+
 def test_extend_pushes_deadline(broker):
     broker.publish("t", "job")
     consumer = broker.consume("t", "g", ack_timeout=0.1)

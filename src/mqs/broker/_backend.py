@@ -296,6 +296,13 @@ class Backend(abc.ABC):
     def ack(self, topic: str, group: str, tag: Any) -> bool:
         """Finish a delivery; False if the tag is stale."""
 
+    def ack_many(self, topic: str, group: str, tags: Sequence[Any]
+                 ) -> list[bool]:
+        """Finish several deliveries; return one bool per tag, False for a
+        stale one. This default calls `ack` per tag; a backend with a
+        round trip per call should override it."""
+        return [self.ack(topic, group, tag) for tag in tags]
+
     @abc.abstractmethod
     def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
              delay: float | None, error: str | None) -> bool:

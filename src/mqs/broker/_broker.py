@@ -257,6 +257,43 @@ class Consumer:
         """Messages this consumer got and has not acked or nacked yet."""
         return self._backend.in_flight(self.topic, self.group, self._id)
 
+    def ack_many(self, messages: Iterable[Message]) -> int:
+        """Acknowledge messages of this consumer in one backend call.
+
+        Returns how many were acked in time: the others came after their
+        ack deadline (counted as ``late_acks``, see `Message.ack`). With
+        ``auto_ack=True`` this does nothing and returns the count.
+
+        Raises
+        ------
+        ValueError
+            If a message came from another consumer or appears twice.
+        AlreadySettled
+            If a message was acked or nacked before; then none is acked.
+        """
+        batch = list(messages)
+        seen = set()
+        for message in batch:
+            if message._consumer is not self:
+                raise ValueError(
+                    f"message {message.id} came from another consumer; "
+                    f"ack it with its own consumer")
+            if id(message) in seen:
+                raise ValueError(
+                    f"message {message.id} appears twice in ack_many")
+            seen.add(id(message))
+        if self.auto_ack:
+            return len(batch)
+        for message in batch:
+            if message._settled:
+                message._settle("ack")
+        for message in batch:
+            message._settled = True
+        done = self._backend.ack_many(
+            self.topic, self.group,
+            [message._delivery.tag for message in batch])
+        return sum(done)
+
     def _wrap(self, found: list[Delivery]) -> list[Message]:
         return [Message(self, delivery, self.auto_ack) for delivery in found]
 

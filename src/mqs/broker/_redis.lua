@@ -68,6 +68,10 @@ local NOW
 local changed = false
 local invalidate = false
 local scheds = {}
+-- Counter increments and group cursors, written back when the script ends.
+local counts = {}
+local cursors = {}
+local ids = nil
 
 local function stream(lane)
   return P .. 's:' .. lane
@@ -78,7 +82,30 @@ local function gkey(g, name)
 end
 
 local function count(name, n)
-  redis.call('HINCRBY', META, 'c.' .. name, n or 1)
+  counts[name] = (counts[name] or 0) + (n or 1)
+end
+
+local function save_counts()
+  for name, n in pairs(counts) do
+    redis.call('HINCRBY', META, 'c.' .. name, n)
+  end
+  counts = {}
+end
+
+-- The topic's sequence number and the millisecond of its last id.
+local function id_state()
+  if not ids then
+    local raw = redis.call('HMGET', META, 'seq', 'lastms')
+    ids = {seq = tonumber(raw[1]) or 0, ms = tonumber(raw[2]) or 0,
+           dirty = false}
+  end
+  return ids
+end
+
+local function save_ids()
+  if ids and ids.dirty then
+    redis.call('HSET', META, 'seq', ids.seq, 'lastms', ids.ms)
+  end
 end
 
 local function now_ms()
@@ -321,7 +348,7 @@ local function make_ready(g, id, rec, front)
     rec.p = 0
     redis.call('LPUSH', list, id .. '|0')
   else
-    rec.p = tonumber(redis.call('HGET', META, 'seq')) or 0
+    rec.p = id_state().seq
     redis.call('RPUSH', list, id .. '|' .. rec.p)
   end
   put_rec(g, id, rec)
@@ -345,8 +372,7 @@ local function schedule(g, id, rec)
   end
 end
 
--- Takes an in-flight entry off its consumer and deadline; its PEL entry
--- goes to the parked consumer with the delivery count kept.
+-- Takes an in-flight entry off its consumer and deadline.
 local function leave_flight(g, id, rec)
   redis.call('ZREM', TM, timer_member('A', g, id))
   if rec.c ~= '' then
@@ -354,6 +380,11 @@ local function leave_flight(g, id, rec)
   end
   rec.c = ''
   rec.s = ''
+end
+
+-- Moves the PEL entry of an entry that left flight without finishing to
+-- the parked consumer, with the delivery count set to its attempts.
+local function park(g, id, rec)
   redis.call('XCLAIM', stream(rec.l), g, PARKED, 0, id,
              'RETRYCOUNT', rec.a, 'JUSTID')
 end
@@ -487,6 +518,7 @@ local function fire()
         if exhausted(g, rec.a) then
           dead_letter(g, id, rec, 'ack_timeout')
         else
+          park(g, id, rec)
           make_ready(g, id, rec, false)
         end
       end
@@ -517,15 +549,18 @@ local function stored_count()
 end
 
 local function last_id()
-  local seq = redis.call('HGET', META, 'seq')
-  if not seq then
-    return '0-0'
-  end
-  return redis.call('HGET', META, 'lastms') .. '-' .. seq
+  local state = id_state()
+  return string.format('%d-%d', state.ms, state.seq)
 end
 
 local function cursor(g, lane)
-  return redis.call('HGET', gkey(g, 'sch'), 'c' .. lane) or '0-0'
+  local name = g .. '\0' .. lane
+  local value = cursors[name]
+  if not value then
+    value = redis.call('HGET', gkey(g, 'sch'), 'c' .. lane) or '0-0'
+    cursors[name] = value
+  end
+  return value
 end
 
 local function unread(g, id, lane)
@@ -600,14 +635,11 @@ local function drop_oldest(groups)
 end
 
 local function next_id()
-  local ms = math.floor(NOW)
-  local last = tonumber(redis.call('HGET', META, 'lastms')) or 0
-  if ms < last then
-    ms = last
-  end
-  local seq = redis.call('HINCRBY', META, 'seq', 1)
-  redis.call('HSET', META, 'lastms', ms)
-  return string.format('%d-%d', ms, seq)
+  local state = id_state()
+  state.ms = math.max(state.ms, math.floor(NOW))
+  state.seq = state.seq + 1
+  state.dirty = true
+  return string.format('%d-%d', state.ms, state.seq)
 end
 
 local PUBLISH_ARGS = 10
@@ -736,6 +768,7 @@ local function create_group(g, start)
       redis.call('XGROUP', 'SETID', stream(lane), g, start_id)
     end
     redis.call('HSET', gkey(g, 'sch'), 'c' .. lane, start_id)
+    cursors[g .. '\0' .. lane] = start_id
   end
   if start == 'earliest' then
     local stored = {}
@@ -786,6 +819,7 @@ local function close_consumer()
     local rec = get_rec(g, id)
     if rec and rec.s == 'F' then
       leave_flight(g, id, rec)
+      park(g, id, rec)
       make_ready(g, id, rec, false)
       returned = returned + 1
     end
@@ -804,6 +838,7 @@ local function read_next(g, lane, consumer)
                          'STREAMS', stream(lane), '>')
   local id = got[1][2][1][1]
   redis.call('HSET', gkey(g, 'sch'), 'c' .. lane, id)
+  cursors[g .. '\0' .. lane] = id
   return id
 end
 
@@ -995,18 +1030,30 @@ local function live(g, id, ticket)
   return rec
 end
 
--- ARGV: op, group, id, ticket.
-local function ack()
-  local g, id = ARGV[2], ARGV[3]
-  local rec = live(g, id, ARGV[4])
+local function ack_one(g, id, ticket)
+  local rec = live(g, id, ticket)
   if not rec then
-    return {'OK', 0}
+    return 0
   end
   count('acked')
   leave_flight(g, id, rec)
   finish(g, id, rec)
   on_success(g, rec.l)
-  return {'OK', 1}
+  return 1
+end
+
+-- ARGV: op, group, id, ticket.
+local function ack()
+  return {'OK', ack_one(ARGV[2], ARGV[3], ARGV[4])}
+end
+
+-- ARGV: op, group, count, then id and ticket per delivery.
+local function ack_many()
+  local done = {}
+  for i = 1, tonumber(ARGV[3]) do
+    done[i] = ack_one(ARGV[2], ARGV[2 + 2 * i], ARGV[3 + 2 * i])
+  end
+  return {'OK', done}
 end
 
 local function retry_ms(attempts, random)
@@ -1048,6 +1095,7 @@ local function nack()
     else
       wait = retry_ms(rec.a, tonumber(ARGV[8]))
     end
+    park(g, id, rec)
     if wait > 0 then
       delay_until(g, id, rec, NOW + wait)
     else
@@ -1084,6 +1132,7 @@ local function release()
     if rec then
       rec.a = rec.a - 1
       leave_flight(g, id, rec)
+      park(g, id, rec)
       make_ready(g, id, rec, true)
       returned = returned + 1
     end
@@ -1172,6 +1221,7 @@ end
 -- State.
 
 local function stats()
+  save_counts()
   local result = {}
   local raw = redis.call('HGETALL', META)
   for i = 1, #raw, 2 do
@@ -1236,7 +1286,8 @@ local function declare()
 end
 
 local OPS = {publish = publish, open = open_consumer,
-             close = close_consumer, fetch = fetch, ack = ack, nack = nack,
+             close = close_consumer, fetch = fetch, ack = ack,
+             ack_many = ack_many, nack = nack,
              extend = extend, release = release, in_flight = in_flight,
              dlq_list = dlq_list, dlq_redrive = dlq_redrive,
              dlq_purge = dlq_purge, stats = stats}
@@ -1265,6 +1316,8 @@ fire()
 trim_retained()
 local reply = operation()
 save_scheds()
+save_counts()
+save_ids()
 local wake_id = '0-0'
 if changed then
   wake_id = redis.call('XADD', WAKE, 'MAXLEN', 1, '*', 'n', 1)

@@ -7,11 +7,12 @@ hosts. Each operation of the contract runs as one call of a Lua script
 atomic however many clients run it. That file lists every key.
 
 Mapping
-    A topic's lanes are Redis Streams, one per lane; a message id is its
-    stream entry id. A broker group is a consumer group on each of them:
-    the first delivery reads an entry with XREADGROUP, an ack is XACK,
-    and an in-flight entry is owned in the group's pending entries list
-    by its consumer, with the delivery count equal to its attempts.
+    Each lane of a topic is a Redis Stream, and a message id is its
+    stream entry id. A broker group is a consumer group on each lane's
+    stream. The first delivery reads an entry with XREADGROUP and an ack
+    is XACK. In the group's pending entries list, an in-flight entry
+    belongs to its consumer, with the delivery count equal to its
+    attempts.
     Ack deadlines, delays and nack delays are scores in one sorted set
     per topic; the script moves whatever is due before every operation,
     so no timer process is needed. Dead letters go to a stream with
@@ -224,9 +225,9 @@ class RedisBackend(Backend):
         `BackendConnectionError`.
     stream_maxlen : int, optional
         Cap each lane's stream at about this many entries (``XADD MAXLEN
-        ~``). Entries trimmed while a group holds them are dead-lettered
-        with reason ``"trimmed"``; unread ones are lost uncounted. None
-        (default) never trims.
+        ~``). An entry trimmed after a group read it is dead-lettered
+        with reason ``"trimmed"``. One trimmed before any group read it
+        is lost without being counted. None (default) never trims.
     client : redis.Redis, optional
         Use this client instead of one built from `url` (its replies must
         be bytes: ``decode_responses=False``).
@@ -307,7 +308,8 @@ class RedisBackend(Backend):
                 if now - started >= self._retry_timeout:
                     raise BackendConnectionError(
                         f"Redis at {self.url} unreachable for "
-                        f"{self._retry_timeout} s: {exc}") from exc
+                        f"{self._retry_timeout} s ({exc}); check that the "
+                        f"server runs, or raise retry_timeout") from exc
                 failures += 1
                 pause = self._backoff.compute(failures)
                 logger.warning(
@@ -417,7 +419,7 @@ class RedisBackend(Backend):
             return json.dumps(headers).encode(), b""
         except TypeError as exc:
             raise TypeError(
-                f"headers must hold JSON values on backend='redis' ({exc}); "
+                f"headers must be JSON values on backend='redis' ({exc}); "
                 f"pass serializer='pickle' to the Broker to allow others"
             ) from None
 
@@ -544,6 +546,14 @@ class RedisBackend(Backend):
     def ack(self, topic: str, group: str, tag: Any) -> bool:
         message_id, ticket = tag
         return self._run(topic, "ack", group, message_id, ticket)[1] == 1
+
+    def ack_many(self, topic: str, group: str, tags: Sequence[Any]
+                 ) -> list[bool]:
+        args: list = []
+        for message_id, ticket in tags:
+            args += [message_id, ticket]
+        done = self._run(topic, "ack_many", group, len(tags), *args)[1]
+        return [flag == 1 for flag in done]
 
     def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
              delay: float | None, error: str | None) -> bool:

@@ -1,0 +1,355 @@
+"""The redis backend against real redis-server processes.
+
+The contract suite runs on it through conftest.py; these tests cover
+what only Redis has: bodies as bytes, passwords, other processes,
+server restarts, trimmed streams and dropped connections. Tests that
+kill or restart a server start their own with `redis_server_factory`.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import mqs
+
+redis = pytest.importorskip("redis")
+
+
+@pytest.fixture
+def namespace(redis_namespace):
+    return redis_namespace
+
+
+@pytest.fixture
+def open_broker(redis_url, namespace):
+    """Return a function that opens brokers on `redis_url` in the test's
+    namespace; all are closed after the test."""
+    brokers = []
+
+    def open_one(url=None, **options):
+        options.setdefault("namespace", namespace)
+        broker = mqs.Broker(backend="redis", url=url or redis_url, **options)
+        brokers.append(broker)
+        return broker
+
+    yield open_one
+    for broker in brokers:
+        broker.close()
+
+
+def lane_stream(namespace, topic, lane):
+    return f"{{{namespace}:{topic}}}:s:{lane}"
+
+
+# Bodies.
+
+@pytest.mark.parametrize("body, expected", [
+    (b"raw", b"raw"),
+    (bytearray(b"array"), b"array"),
+    (memoryview(b"view"), b"view"),
+    ("text \u00e9", "text \u00e9"),
+    (b"", b""),
+])
+def test_bodies_travel_as_bytes_or_str(open_broker, body, expected):
+    broker = open_broker()
+    broker.publish("t", body, headers={"n": 1}, key="k")
+    message = broker.consume("t", "g").get(timeout=5)
+    assert message.body == expected
+    assert type(message.body) is type(expected)
+    assert message.headers == {"n": 1}
+    assert message.key == "k"
+
+
+def test_object_body_needs_pickle_serializer(open_broker):
+    broker = open_broker()
+    with pytest.raises(TypeError, match="serializer='pickle'"):
+        broker.publish("t", {"id": 1})
+    with pytest.raises(TypeError, match="key must be a str, bytes or int"):
+        broker.publish("t", b"x", key=("a", 1))
+
+
+def test_pickled_body_is_never_unpickled_without_option(open_broker):
+    writer = open_broker(serializer="pickle")
+    reader = open_broker()
+    writer.publish("t", {"id": 1})
+    message = reader.consume("t", "g").get(timeout=5)
+    assert isinstance(message.body, bytes)
+    assert message.ack()
+
+
+def test_int_and_bytes_keys_round_trip(open_broker):
+    broker = open_broker()
+    broker.publish("t", b"a", key=7)
+    broker.publish("t", b"b", key=b"\x00raw")
+    consumer = broker.consume("t", "g", prefetch=2)
+    keys = [message.key for message in consumer.get_many(2, timeout=5)]
+    assert keys == [7, b"\x00raw"]
+
+
+def test_topic_with_braces_rejected(open_broker):
+    broker = open_broker()
+    with pytest.raises(ValueError, match="braces"):
+        broker.publish("a{b}", b"x")
+
+
+def test_url_is_required():
+    with pytest.raises(ValueError, match="needs url="):
+        mqs.Broker(backend="redis")
+
+
+# Sharing between clients and processes.
+
+def test_two_brokers_share_one_rate_limit(open_broker):
+    first = open_broker()
+    second = open_broker()
+    first.declare_topic("t", rate=mqs.Rate(1, burst=3))
+    first.publish_many("t", [b"%d" % i for i in range(10)])
+    one = first.consume("t", "g", auto_ack=True)
+    two = second.consume("t", "g", auto_ack=True)
+    got = one.get_many(2, timeout=0)
+    got += two.get_many(10, timeout=0)
+    assert len(got) == 3
+    with pytest.raises(mqs.Empty):
+        one.get(timeout=0)
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    import mqs
+    url, namespace = sys.argv[1], sys.argv[2]
+    broker = mqs.Broker(backend="redis", url=url, namespace=namespace)
+    consumer = broker.consume("t", "g", prefetch=5, ack_timeout=1.0)
+    got = consumer.get_many(5, timeout=30)
+    print(" ".join(m.body.decode() for m in got), flush=True)
+    time.sleep(600)
+""")
+
+
+def test_sigkilled_consumer_messages_redelivered(open_broker, redis_url,
+                                                 namespace):
+    broker = open_broker()
+    broker.publish_many("t", [b"%d" % i for i in range(5)])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, redis_url, namespace],
+        stdout=subprocess.PIPE, env=env)
+    try:
+        line = child.stdout.readline().decode().split()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    assert sorted(line) == ["0", "1", "2", "3", "4"]
+    consumer = broker.consume("t", "g", prefetch=5)
+    got = []
+    deadline = time.monotonic() + 30
+    while len(got) < 5 and time.monotonic() < deadline:
+        try:
+            got += consumer.get_many(5, timeout=1)
+        except mqs.Empty:
+            pass
+    assert sorted(m.body for m in got) == [b"%d" % i for i in range(5)]
+    assert {m.attempts for m in got} == {2}
+    for message in got:
+        assert message.ack()
+    stats = broker.stats("t")
+    assert stats["redelivered"] == 5
+    assert stats["stored"] == 0
+
+
+# Server restarts: no acknowledged publish is lost.
+
+def _publish_through_restart(server, restart, scale):
+    total = int(800 * scale)
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=60,
+                        socket_timeout=2)
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g", prefetch=100)
+    acknowledged = []
+    errors = []
+
+    def produce():
+        try:
+            for i in range(total):
+                broker.publish("t", b"%d" % i)
+                acknowledged.append(i)
+        except Exception as exc:  # reported by the assert below
+            errors.append(exc)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < total // 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    restart()
+    stopped_at = len(acknowledged)
+    producer.join(120)
+    assert not producer.is_alive()
+    assert stopped_at < total
+    assert errors == []
+    assert len(acknowledged) == total
+    seen = set()
+    while True:
+        try:
+            batch = consumer.get_many(100, timeout=1)
+        except mqs.Empty:
+            break
+        for message in batch:
+            seen.add(int(message.body))
+            assert message.ack()
+    broker.close()
+    return set(acknowledged), seen
+
+
+def test_graceful_restart_loses_no_publish(redis_server_factory, scale,
+                                           caplog):
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    server = redis_server_factory(appendfsync="always")
+    acknowledged, seen = _publish_through_restart(server, server.restart,
+                                                  scale)
+    assert acknowledged - seen == set()
+    assert "retry 1" in caplog.text
+
+
+def test_killed_server_loses_no_acknowledged_publish(redis_server_factory,
+                                                     scale, caplog):
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    server = redis_server_factory(appendfsync="always")
+
+    def crash():
+        server.kill()
+        time.sleep(0.3)
+        server.restart()
+
+    acknowledged, seen = _publish_through_restart(server, crash, scale)
+    assert acknowledged - seen == set()
+    assert "retry 1" in caplog.text
+
+
+# Connections.
+
+def test_connection_killed_during_blocking_get(redis_server_factory,
+                                               caplog):
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url)
+    consumer = broker.consume("t", "g")
+    results = []
+
+    def wait():
+        try:
+            results.append(consumer.get(timeout=30).body)
+        except Exception as exc:  # reported by the assert below
+            results.append(exc)
+
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.5)
+    admin = redis.Redis.from_url(server.url)
+    killed = admin.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1
+    time.sleep(0.3)
+    broker.publish("t", b"after")
+    waiter.join(30)
+    admin.close()
+    broker.close()
+    assert results == [b"after"]
+    assert "retry 1" in caplog.text
+
+
+def test_blocking_get_stays_within_socket_timeout(open_broker, caplog):
+    broker = open_broker(socket_timeout=0.4)
+    consumer = broker.consume("t", "g")
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    started = time.monotonic()
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=1.5)
+    assert time.monotonic() - started >= 1.5
+    assert "retry" not in caplog.text
+
+
+def test_password_required_and_checked(redis_server_factory):
+    server = redis_server_factory(password="pw-right-1")
+    broker = mqs.Broker(backend="redis", url=server.url)
+    broker.publish("t", b"x")
+    assert broker.consume("t", "g").get(timeout=5).body == b"x"
+    broker.close()
+    wrong = f"redis://:pw-wrong-2@127.0.0.1:{server.port}/0"
+    with pytest.raises(mqs.BackendConnectionError,
+                       match="rejected the credentials") as info:
+        mqs.Broker(backend="redis", url=wrong)
+    assert "pw-wrong-2" not in str(info.value)
+    missing = f"redis://127.0.0.1:{server.port}/0"
+    with pytest.raises(mqs.BackendConnectionError, match="credentials"):
+        mqs.Broker(backend="redis", url=missing)
+
+
+def test_unreachable_server_raises_after_retries(caplog):
+    # A port that was free a moment ago: nothing listens there.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    with pytest.raises(mqs.BackendConnectionError, match="unreachable"):
+        mqs.Broker(backend="redis", url=f"redis://127.0.0.1:{port}/0",
+                   retry_timeout=0.5)
+    assert "retry 1" in caplog.text
+
+
+# Trimmed streams.
+
+def test_entry_trimmed_while_pending_dead_letters(open_broker, redis_url,
+                                                  namespace):
+    broker = open_broker()
+    consumer = broker.consume("t", "g", ack_timeout=0.2)
+    broker.publish("t", b"gone", headers={"trace": "t1"})
+    message = consumer.get(timeout=5)
+    admin = redis.Redis.from_url(redis_url)
+    assert admin.xtrim(lane_stream(namespace, "t", 0), maxlen=0) == 1
+    admin.close()
+    deadline = time.monotonic() + 20
+    while not broker.dlq_list("t") and time.monotonic() < deadline:
+        with pytest.raises(mqs.Empty):
+            consumer.get(timeout=0.1)
+    (letter,) = broker.dlq_list("t")
+    assert letter.id == message.id
+    assert letter.reason == "trimmed"
+    assert letter.body == b""
+    assert letter.headers["mqs.dead_letter_reason"] == "trimmed"
+    stats = broker.stats("t")
+    assert stats["dead_lettered.trimmed"] == 1
+    assert stats["in_flight"] == 0
+    assert not message.ack()
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.2)
+
+
+def test_ack_of_trimmed_pending_entry(open_broker, redis_url, namespace):
+    broker = open_broker()
+    consumer = broker.consume("t", "g")
+    broker.publish_many("t", [b"a", b"b"])
+    message = consumer.get(timeout=5)
+    admin = redis.Redis.from_url(redis_url)
+    admin.xtrim(lane_stream(namespace, "t", 0), maxlen=0)
+    admin.close()
+    assert message.ack()
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.1)
+    assert broker.stats("t")["stored"] == 0
+
+
+def test_stream_maxlen_caps_stored_entries(open_broker):
+    broker = open_broker(stream_maxlen=100)
+    broker.publish_many("t", [b"x"] * 2000)
+    stored = broker.stats("t")["stored"]
+    # MAXLEN ~ trims whole stream nodes, so a few hundred may stay.
+    assert 100 <= stored < 1000
