@@ -1490,6 +1490,29 @@ static void remove_pending(mqs_seglog_t *log, mqs_segment_t *seg)
     pthread_mutex_unlock(&log->sync_mu);
 }
 
+/* Forget the oldest segment: unlink its file (writer) and drop this
+ * handle's reference. Views into it keep the mapping alive. */
+static int drop_oldest(mqs_seglog_t *log)
+{
+    mqs_segment_t *seg = log->segs[0];
+
+    if (!log->cfg.readonly && unlinkat(log->dir_fd, seg->name, 0) != 0 &&
+        errno != ENOENT)
+        return fail_errno(log, MQS_EIO);
+    log->records_deleted += segment_end_offset(seg) - seg->base_offset;
+    memmove(log->segs, log->segs + 1, (log->nsegs - 1) * sizeof *log->segs);
+    log->nsegs--;
+    if (log->hint_seg == seg)
+        log->hint_seg = NULL;
+    if (log->resident_seg == seg)
+        log->resident_seg = NULL;
+    if (!log->cfg.readonly)
+        remove_pending(log, seg);
+    mqs_seglog_segment_release(seg);
+    log->segments_deleted++;
+    return MQS_OK;
+}
+
 int mqs_seglog_retain(mqs_seglog_t *log, int64_t now_ns, int64_t *deleted)
 {
     int64_t total = 0, count = 0;
@@ -1503,33 +1526,47 @@ int mqs_seglog_retain(mqs_seglog_t *log, int64_t now_ns, int64_t *deleted)
         total += (int64_t)log->segs[i]->map_bytes;
     while (log->nsegs > 1) {
         mqs_segment_t *seg = log->segs[0];
+        int64_t bytes = (int64_t)seg->map_bytes;
         int by_size = log->cfg.retention_bytes >= 0 &&
                       total > log->cfg.retention_bytes;
         int by_age = log->cfg.retention_ns >= 0 &&
                      segment_max_ts(seg) < now_ns - log->cfg.retention_ns;
         if (seg == log->active || !(by_size || by_age))
             break;
-        if (unlinkat(log->dir_fd, seg->name, 0) != 0 && errno != ENOENT) {
-            rc = fail_errno(log, MQS_EIO);
+        rc = drop_oldest(log);
+        if (rc != MQS_OK)
             break;
-        }
-        total -= (int64_t)seg->map_bytes;
-        log->records_deleted += segment_end_offset(seg) - seg->base_offset;
-        memmove(log->segs, log->segs + 1,
-                (log->nsegs - 1) * sizeof *log->segs);
-        log->nsegs--;
-        if (log->hint_seg == seg)
-            log->hint_seg = NULL;
-        if (log->resident_seg == seg)
-            log->resident_seg = NULL;
-        remove_pending(log, seg);
-        mqs_seglog_segment_release(seg);
+        total -= bytes;
         count++;
     }
-    log->segments_deleted += count;
     if (deleted)
         *deleted = count;
     if (count && rc == MQS_OK)
+        rc = sync_dir(log);
+    return rc;
+}
+
+int mqs_seglog_retain_below(mqs_seglog_t *log, int64_t offset,
+                            int64_t *deleted)
+{
+    int64_t count = 0;
+    int rc = MQS_OK;
+
+    if (deleted)
+        *deleted = 0;
+    while (log->nsegs > 1) {
+        mqs_segment_t *seg = log->segs[0];
+        if (seg == log->active || !seg->sealed ||
+            seg->seal_next_offset > offset)
+            break;
+        rc = drop_oldest(log);
+        if (rc != MQS_OK)
+            break;
+        count++;
+    }
+    if (deleted)
+        *deleted = count;
+    if (count && rc == MQS_OK && !log->cfg.readonly)
         rc = sync_dir(log);
     return rc;
 }

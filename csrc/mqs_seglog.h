@@ -334,6 +334,17 @@ int mqs_seglog_roll(mqs_seglog_t *log);
 int mqs_seglog_retain(mqs_seglog_t *log, int64_t now_ns, int64_t *deleted);
 
 /*
+ * Forget sealed segments whose every record is below `offset`, oldest
+ * first, never the last segment: a writer unlinks their files, a
+ * read-only handle drops its mappings (the writer has unlinked them, or
+ * will). Mappings that views still hold stay until those are released,
+ * and no file is ever truncated. *deleted (may be NULL) gets how many.
+ * Returns MQS_OK, MQS_EIO.
+ */
+int mqs_seglog_retain_below(mqs_seglog_t *log, int64_t offset,
+                            int64_t *deleted);
+
+/*
  * Read-only handle: pick up records and segments the writer added since
  * the last call. A writer handle returns MQS_OK at once.
  * Returns MQS_OK, MQS_ENOMEM, MQS_EIO, MQS_EVERSION, MQS_ECORRUPT.

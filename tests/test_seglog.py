@@ -555,6 +555,38 @@ def test_seglog_retention_by_age_keeps_views(tmp_path):
         assert batch.column("value").to_pylist()[3] == value_for(3, 100)
 
 
+def test_seglog_delete_before_keeps_segment_with_later_records(tmp_path):
+    path = tmp_path / "log"
+    with mqs.SegmentLog(path, segment_bytes=8192) as log, \
+            mqs.SegmentLog(path, readonly=True) as reader:
+        for i in range(300):
+            log.append(value_for(i))
+        bases = sorted(int(name.stem) for name in segment_files(path))
+        assert len(bases) >= 4
+        assert reader.refresh() == 300
+        reader_view = reader.read(0)
+        # An offset inside the third segment: the first two go.
+        assert log.delete_before(bases[2] + 1) == 2
+        assert log.start_offset == bases[2]
+        assert len(segment_files(path)) == len(bases) - 2
+        assert log.stats().records_deleted == bases[2]
+        # Deleting again below the same offset finds nothing.
+        assert log.delete_before(bases[2] + 1) == 0
+        # Never the active segment, even below the end offset.
+        assert log.delete_before(log.end_offset) == len(bases) - 3
+        assert len(segment_files(path)) == 1
+        assert bytes(log.read(log.start_offset)) == \
+            value_for(log.start_offset)
+
+        # The reader keeps its mappings until told, and its view after.
+        assert reader.start_offset == 0
+        assert reader.delete_before(bases[2]) == 2
+        assert reader.start_offset == bases[2]
+        assert bytes(reader_view) == value_for(0)
+        with pytest.raises(ValueError, match="offset must be"):
+            log.delete_before(-1)
+
+
 # ---- recovery ---------------------------------------------------------------
 
 def reopen_and_check(path, expected_count, append=True):

@@ -84,6 +84,7 @@ from mqs.includes.mqs_seglog cimport (
     mqs_seglog_recovery_t,
     mqs_seglog_refresh,
     mqs_seglog_retain,
+    mqs_seglog_retain_below,
     mqs_seglog_roll,
     mqs_seglog_segment_acquire,
     mqs_seglog_segment_base,
@@ -713,6 +714,37 @@ cdef class SegmentLog:
         if deleted:
             logger.debug("retention deleted %d segments of %s", deleted,
                          self.path)
+        return deleted
+
+    def delete_before(self, offset):
+        """Delete sealed segments whose every record is below `offset`.
+
+        The active segment (a read-only handle: the last one it knows)
+        is kept, so `start_offset` may stay below `offset`. A read-only
+        handle only drops its own mappings of such segments, which frees
+        their disk space once the writer has deleted them. Views already
+        returned keep their segment mapped until released.
+
+        Returns
+        -------
+        int
+            Number of segments deleted (or dropped).
+
+        Raises
+        ------
+        ValueError
+            If `offset` is negative, or the log is closed.
+        """
+        cdef int64_t deleted = 0
+        cdef int rc
+        self._check_open()
+        _check_int("offset", offset, 0, INT64_MAX)
+        rc = mqs_seglog_retain_below(self._log, offset, &deleted)
+        if rc != MQS_OK:
+            self._raise_status(rc)
+        if deleted and not self.readonly:
+            logger.debug("deleted %d segments of %s below offset %d",
+                         deleted, self.path, offset)
         return deleted
 
     def refresh(self):

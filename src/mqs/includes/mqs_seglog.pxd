@@ -106,6 +106,8 @@ cdef extern from "mqs_seglog.h" nogil:
     int mqs_seglog_find_time(mqs_seglog_t *log, int64_t timestamp_ns,
                              int64_t *offset)
     int mqs_seglog_roll(mqs_seglog_t *log)
+    int mqs_seglog_retain_below(mqs_seglog_t *log, int64_t offset,
+                                int64_t *deleted)
     int mqs_seglog_retain(mqs_seglog_t *log, int64_t now_ns,
                           int64_t *deleted)
     int mqs_seglog_refresh(mqs_seglog_t *log)
