@@ -24,7 +24,18 @@
  *   6      not_empty         appender     consumers wait on it
  *   7      progress          appender     producers of fsync="always" wait
  *                                         on it for durable_pos
+ *   8      groups            appender     consumer groups, 1 to 8
+ *   9      maxsize           appender     bound on stored messages, 0: none
+ *   10     retained_offset   appender     first offset still in the log;
+ *                                         readers drop mappings below it
+ *   11     delayed           appender     delayed messages not yet due
+ *   12     lost              consumers    messages a consumer took but
+ *                                         found deleted (it paused past
+ *                                         the retention delay)
+ *   13-19  group_cursor[7]   consumers    `cursor` of groups 1 to 7
  *
+ * Group 0 uses `cursor`, so a version 1 file (blocks 0-7) reads as a
+ * one-group queue.
  * A process whose ring secret differs from ring_secret waits until an
  * appender of its ring has set the block up. The block lives in a file,
  * not in the ring, so it outlives a ring that every process closed; its
@@ -40,7 +51,8 @@
 #include "mqs_wait.h"
 
 #define MQS_DQ_MAGIC 0x3154434451534d51ULL /* "QMSQDCT1" little-endian */
-#define MQS_DQ_VERSION 1
+#define MQS_DQ_VERSION 2
+#define MQS_DQ_MAX_GROUPS 8
 #define MQS_DQ_FILE_BYTES 4096
 
 #define MQS_DQ_BLOCK(type) \
@@ -60,6 +72,12 @@ typedef struct mqs_dq_control {
     MQS_DQ_BLOCK(_Atomic int64_t) durable_pos;
     MQS_DQ_BLOCK(mqs_waitword_t) not_empty;
     MQS_DQ_BLOCK(mqs_waitword_t) progress;
+    MQS_DQ_BLOCK(_Atomic int64_t) groups;
+    MQS_DQ_BLOCK(_Atomic int64_t) maxsize;
+    MQS_DQ_BLOCK(_Atomic int64_t) retained_offset;
+    MQS_DQ_BLOCK(_Atomic int64_t) delayed;
+    MQS_DQ_BLOCK(_Atomic int64_t) lost;
+    MQS_DQ_BLOCK(_Atomic int64_t) group_cursor[MQS_DQ_MAX_GROUPS - 1];
 } mqs_dq_control_t;
 
 _Static_assert(sizeof(mqs_dq_control_t) <= MQS_DQ_FILE_BYTES,
@@ -71,6 +89,11 @@ enum {
     MQS_DQ_APPENDED_OFFSET = 1,
     MQS_DQ_APPENDED_POS = 2,
     MQS_DQ_DURABLE_POS = 3,
+    MQS_DQ_GROUPS = 4,
+    MQS_DQ_MAXSIZE = 5,
+    MQS_DQ_RETAINED_OFFSET = 6,
+    MQS_DQ_DELAYED = 7,
+    MQS_DQ_LOST = 8,
 };
 
 static inline _Atomic int64_t *mqs_dq_field(mqs_dq_control_t *c, int field)
@@ -82,9 +105,57 @@ static inline _Atomic int64_t *mqs_dq_field(mqs_dq_control_t *c, int field)
         return &c->appended_offset.v;
     case MQS_DQ_APPENDED_POS:
         return &c->appended_pos.v;
+    case MQS_DQ_GROUPS:
+        return &c->groups.v;
+    case MQS_DQ_MAXSIZE:
+        return &c->maxsize.v;
+    case MQS_DQ_RETAINED_OFFSET:
+        return &c->retained_offset.v;
+    case MQS_DQ_DELAYED:
+        return &c->delayed.v;
+    case MQS_DQ_LOST:
+        return &c->lost.v;
     default:
         return &c->durable_pos.v;
     }
+}
+
+/* Cursor of consumer group `group` (0 to MQS_DQ_MAX_GROUPS - 1). */
+static inline _Atomic int64_t *mqs_dq_cursor(mqs_dq_control_t *c, int group)
+{
+    return group == 0 ? &c->cursor.v : &c->group_cursor[group - 1].v;
+}
+
+static inline int64_t mqs_dq_get_cursor(mqs_dq_control_t *c, int group)
+{
+    return atomic_load_explicit(mqs_dq_cursor(c, group),
+                                memory_order_acquire);
+}
+
+static inline void mqs_dq_set_cursor(mqs_dq_control_t *c, int group,
+                                     int64_t v)
+{
+    atomic_store_explicit(mqs_dq_cursor(c, group), v, memory_order_release);
+}
+
+static inline void mqs_dq_add(mqs_dq_control_t *c, int field, int64_t n)
+{
+    atomic_fetch_add_explicit(mqs_dq_field(c, field), n,
+                              memory_order_acq_rel);
+}
+
+/* Smallest cursor of the first `groups` groups: every offset below it
+ * has been taken by every group. */
+static inline int64_t mqs_dq_min_cursor(mqs_dq_control_t *c, int groups)
+{
+    int64_t low = mqs_dq_get_cursor(c, 0);
+
+    for (int g = 1; g < groups; g++) {
+        int64_t v = mqs_dq_get_cursor(c, g);
+        if (v < low)
+            low = v;
+    }
+    return low;
 }
 
 static inline int64_t mqs_dq_get(mqs_dq_control_t *c, int field)
@@ -113,19 +184,27 @@ static inline uint64_t mqs_dq_secret(mqs_dq_control_t *c)
 }
 
 /*
- * Set the block up for the inbox ring with `secret`: positions and
- * offsets first, then the secret with release, so a process that reads
- * its secret also reads the rest. The wait words are left alone: processes may
+ * Set the block up for the inbox ring with `secret`: positions, offsets
+ * and the queue's settings first, then the secret with release, so a
+ * process that reads its secret also reads the rest. `cursors` holds
+ * one cursor per group. The wait words are left alone: processes may
  * already wait on them, and a new file's zero bytes are a valid start.
  */
 static inline void mqs_dq_setup(mqs_dq_control_t *c, uint64_t secret,
-                                int64_t cursor, int64_t appended_offset,
-                                int64_t position)
+                                const int64_t *cursors, int groups,
+                                int64_t maxsize, int64_t appended_offset,
+                                int64_t position, int64_t retained_offset,
+                                int64_t delayed)
 {
     atomic_store_explicit(&c->ring_secret.v, 0, memory_order_release);
     c->id.v.magic = MQS_DQ_MAGIC;
     c->id.v.version = MQS_DQ_VERSION;
-    mqs_dq_set(c, MQS_DQ_CURSOR, cursor);
+    for (int g = 0; g < MQS_DQ_MAX_GROUPS; g++)
+        mqs_dq_set_cursor(c, g, g < groups ? cursors[g] : appended_offset);
+    mqs_dq_set(c, MQS_DQ_GROUPS, groups);
+    mqs_dq_set(c, MQS_DQ_MAXSIZE, maxsize);
+    mqs_dq_set(c, MQS_DQ_RETAINED_OFFSET, retained_offset);
+    mqs_dq_set(c, MQS_DQ_DELAYED, delayed);
     mqs_dq_set(c, MQS_DQ_APPENDED_OFFSET, appended_offset);
     mqs_dq_set(c, MQS_DQ_APPENDED_POS, position);
     mqs_dq_set(c, MQS_DQ_DURABLE_POS, position);
@@ -133,13 +212,15 @@ static inline void mqs_dq_setup(mqs_dq_control_t *c, uint64_t secret,
 }
 
 /*
- * Take up to `max_n` log offsets for a consumer: returns how many
- * (0 when every appended offset is taken) and the first in *first.
+ * Take up to `max_n` log offsets for a consumer of `group`: returns how
+ * many (0 when the group has taken every appended offset) and the first
+ * in *first.
  */
-static inline int64_t mqs_dq_claim(mqs_dq_control_t *c, int64_t max_n,
-                                   int64_t *first)
+static inline int64_t mqs_dq_claim(mqs_dq_control_t *c, int group,
+                                   int64_t max_n, int64_t *first)
 {
-    int64_t cursor = mqs_dq_get(c, MQS_DQ_CURSOR);
+    _Atomic int64_t *word = mqs_dq_cursor(c, group);
+    int64_t cursor = atomic_load_explicit(word, memory_order_acquire);
 
     for (;;) {
         int64_t end = mqs_dq_get(c, MQS_DQ_APPENDED_OFFSET);
@@ -150,7 +231,7 @@ static inline int64_t mqs_dq_claim(mqs_dq_control_t *c, int64_t max_n,
         if (n > max_n)
             n = max_n;
         if (atomic_compare_exchange_weak_explicit(
-                &c->cursor.v, &cursor, cursor + n, memory_order_acq_rel,
+                word, &cursor, cursor + n, memory_order_acq_rel,
                 memory_order_acquire)) {
             *first = cursor;
             return n;

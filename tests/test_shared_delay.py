@@ -457,17 +457,3 @@ def test_shared_delay_million_waiting_keep_consumer_heap_flat(shm_name,
     assert grown < 64 * 1024
     assert peak < 256 * 1024
     q.close()
-
-
-def test_shared_delay_durable_queue_rejects_delay(tmp_path):
-    q = SharedQueue(capacity_bytes=1 << 16, persist=tmp_path / "log")
-    try:
-        with pytest.raises(ValueError, match=(
-                r"a durable queue \(persist=.*\) cannot take delay= or at= "
-                r"yet; put into a queue without persist= or send the "
-                r"message when it is due")):
-            q.put(b"x", delay=1)
-        q.put(b"now")
-        assert q.get(timeout=5) == b"now"
-    finally:
-        q.close()

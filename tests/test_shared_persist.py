@@ -148,10 +148,14 @@ def test_persist_rejects_bad_arguments(tmp_path, log_dir):
         SharedQueue(persist=log_dir, fsync="sometimes")
     with pytest.raises(ValueError, match="applies only to a durable queue"):
         SharedQueue(fsync="always")
-    with pytest.raises(ValueError, match="cannot have a maxsize"):
-        SharedQueue(5, persist=log_dir)
-    with pytest.raises(ValueError, match="has one consumer group"):
-        SharedQueue(persist=log_dir, groups=2)
+    with pytest.raises(ValueError, match="segment_bytes=65536 applies only "
+                       "to a durable queue"):
+        SharedQueue(segment_bytes=65536)
+    with pytest.raises(ValueError, match="groups must be 1 to 8, got 9"):
+        SharedQueue(persist=log_dir, groups=9)
+    with pytest.raises(ValueError, match="segment_bytes must be a multiple "
+                       "of 4096"):
+        SharedQueue(persist=log_dir, segment_bytes=10000)
     with pytest.raises(TypeError, match="persist must be a str"):
         SharedQueue(persist=b"bytes path")
 

@@ -10,6 +10,20 @@
 # Each log record's key holds the inbox ring's secret, the record's ring
 # position and its record type, so an appender that takes over after
 # another died skips what that one appended but had not yet freed.
+#
+# Consumer groups: each group has its own cursor in the control block,
+# committed to the log as the consumer offset of group "queue" (group 0)
+# or "queue-<n>". Segments below every group's committed cursor are
+# deleted (retention), one commit round late, so that a consumer that
+# took an offset a moment ago still finds its record.
+#
+# Delayed messages travel through the inbox like others (their record
+# type has RTYPE_DELAYED set and the payload starts with the due time in
+# wall-clock ns) and the appender writes them to a second log in the
+# `delayed` subdirectory, keyed with that due time. The appender keeps
+# the schedule in memory, rebuilt from that log when it takes over, and
+# when a message is due copies it into the main log, then appends a
+# mark record listing the released offsets to the delayed log.
 
 from posix.mman cimport (
     MAP_FAILED,
@@ -24,11 +38,20 @@ from mqs.includes.mqs_durable cimport (
     MQS_DQ_APPENDED_OFFSET,
     MQS_DQ_APPENDED_POS,
     MQS_DQ_CURSOR,
+    MQS_DQ_DELAYED,
     MQS_DQ_DURABLE_POS,
     MQS_DQ_FILE_BYTES,
+    MQS_DQ_GROUPS,
+    MQS_DQ_LOST,
+    MQS_DQ_MAX_GROUPS,
+    MQS_DQ_MAXSIZE,
+    MQS_DQ_RETAINED_OFFSET,
+    mqs_dq_add,
     mqs_dq_claim,
     mqs_dq_control_t,
     mqs_dq_get,
+    mqs_dq_get_cursor,
+    mqs_dq_min_cursor,
     mqs_dq_not_empty,
     mqs_dq_progress,
     mqs_dq_secret,
@@ -37,13 +60,27 @@ from mqs.includes.mqs_durable cimport (
 )
 
 import atexit
+import heapq
 import struct
 import threading
 
-# Consumer group of the log that stores the queue's cursor.
+# Consumer group of the log that stores the cursor of group 0; group n
+# uses DURABLE_GROUP-n.
 DURABLE_GROUP = "queue"
 CONTROL_FILE = "queue.ctl"
+DELAYED_DIR = "delayed"
 _KEY = struct.Struct("<QqH")  # ring secret, ring position, record type
+# The key of a delayed message (in the delayed log: the due time, wall
+# clock ns), of a released copy (in the main log: its offset in the
+# delayed log) and of a mark (0). A released copy and a mark hold the
+# ring position before the inbox head in place of their own.
+_KEY_EXTRA = struct.Struct("<QqHq")
+_TIME = struct.Struct("<q")
+# Record type of a mark in the delayed log: its value lists the offsets
+# released (int64 each).
+DEF TYPE_MARK = 0xfffe
+# Flag on the record type of a delayed message in the inbox ring.
+DEF RTYPE_DELAYED = 0x8000
 _FSYNC_MODES = ("always", "interval", "never")
 # Records the appender moves per log append, at most.
 DEF APPEND_BATCH = 1024
@@ -55,6 +92,7 @@ DEF COMMIT_EVERY_NS = 200000000
 DEF CLOSE_DRAIN_NS = 5000000000
 # How long a new handle waits for the appender of its ring to show up.
 DEF JOIN_TIMEOUT_NS = 2000000000
+DEF DEFAULT_SEGMENT_BYTES = 64 << 20
 
 _durables = weakref.WeakSet()
 
@@ -85,13 +123,18 @@ def _appender_main(ref):
         del durable
 
 
+def _group_log_name(group):
+    """Name of the log consumer group that stores `group`'s cursor."""
+    return DURABLE_GROUP if group == 0 else f"{DURABLE_GROUP}-{group}"
+
+
 def _check_queue_log(log, path):
     """Raise if the log at `path` holds records a durable queue did not
     write (their key is not a queue key)."""
     if log.end_offset <= log.start_offset:
         return
     key = log.read_record(log.end_offset - 1).key
-    if key is None or len(key) != _KEY.size:
+    if key is None or len(key) not in (_KEY.size, _KEY_EXTRA.size):
         raise ValueError(
             f"persist={path!r} holds a segment log that a durable "
             f"SharedQueue did not write; give the queue its own directory")
@@ -107,6 +150,7 @@ cdef class _Durable:
     cdef mqs_dq_control_t *_control
     cdef object _reader
     cdef object _writer
+    cdef object _delayed_log
     cdef object _thread
     cdef object _lock
     cdef bint _stopping
@@ -114,16 +158,32 @@ cdef class _Durable:
     cdef int _pid
     cdef int64_t _next_takeover_ns
     cdef int64_t _last_commit_ns
-    cdef int64_t _committed
+    cdef list _committed
     cdef int64_t _last_repair_ns
+    # Settings asked for by this handle (None: keep the stored ones).
+    cdef object _groups_requested
+    cdef int64_t _maxsize_requested
+    cdef int64_t _segment_bytes
+    # Appender: retention floor of the next commit round, and the
+    # schedule of delayed messages, (due CLOCK_MONOTONIC ns, offset in
+    # the delayed log) in a heap.
+    cdef int64_t _pending_floor
+    cdef list _schedule
+    # Reader side: offsets below this are dropped from the reader, and
+    # how many gets of this handle are between their claim and read.
+    cdef int64_t _reader_floor
+    cdef int _active_reads
     cdef object __weakref__
 
     def __cinit__(self):
         self._control = NULL
-        self._committed = -1
+        self._committed = []
+        self._schedule = []
+        self._pending_floor = -1
 
-    cdef int _open(self, SharedQueue queue, object path,
-                   object fsync) except -1:
+    cdef int _open(self, SharedQueue queue, object path, object fsync,
+                   object groups, int64_t maxsize,
+                   object segment_bytes) except -1:
         cdef int fd
         cdef void *address
         if fsync not in _FSYNC_MODES:
@@ -142,6 +202,10 @@ cdef class _Durable:
         self._queue = queue
         self.path = path
         self.fsync = fsync
+        self._groups_requested = groups
+        self._maxsize_requested = maxsize
+        self._segment_bytes = DEFAULT_SEGMENT_BYTES \
+            if segment_bytes is None else segment_bytes
         self._pid = os.getpid()
         self._lock = threading.Lock()
         fd = os.open(os.path.join(path, CONTROL_FILE),
@@ -158,11 +222,31 @@ cdef class _Durable:
         self._control = <mqs_dq_control_t *>address
         # Fail now, not in the appender thread, on a log that cannot be
         # opened (a file where a segment should be, a newer format).
-        self._reader = SegmentLog(path, readonly=True)
+        self._reader = SegmentLog(path, segment_bytes=self._segment_bytes,
+                                  readonly=True)
         _check_queue_log(self._reader, path)
         self._join_or_take_over()
+        self._check_settings()
         _durables.add(self)
         self._start_thread()
+        return 0
+
+    cdef int _check_settings(self) except -1:
+        """Raise if this handle asked for other groups or maxsize than
+        the queue's appender set up."""
+        cdef int64_t groups = mqs_dq_get(self._control, MQS_DQ_GROUPS)
+        cdef int64_t maxsize = mqs_dq_get(self._control, MQS_DQ_MAXSIZE)
+        if self._groups_requested is not None \
+                and self._groups_requested != groups:
+            raise QueueLayoutError(
+                f"durable queue {self.path!r} runs with groups={groups}, "
+                f"not {self._groups_requested}; attach without groups=, or "
+                f"close every handle and open it again with the new count")
+        if self._maxsize_requested and self._maxsize_requested != maxsize:
+            raise QueueLayoutError(
+                f"durable queue {self.path!r} runs with maxsize={maxsize}, "
+                f"not {self._maxsize_requested}; attach without maxsize, or "
+                f"close every handle and open it again with the new bound")
         return 0
 
     cdef int _join_or_take_over(self) except -1:
@@ -204,13 +288,25 @@ cdef class _Durable:
             self._start_thread()
         return 0
 
+    cdef int groups(self):
+        return <int>mqs_dq_get(self._control, MQS_DQ_GROUPS)
+
+    cdef int64_t maxsize(self):
+        return mqs_dq_get(self._control, MQS_DQ_MAXSIZE)
+
+    cdef int64_t delayed(self):
+        return mqs_dq_get(self._control, MQS_DQ_DELAYED)
+
     # -- appender -----------------------------------------------------------
 
     cdef int _run_once(self) except -1:
-        """One appender step: take the lock if free, move records, or wait."""
+        """One appender step: take the lock if free, move records, release
+        due delayed messages, or wait."""
         cdef SharedQueue queue = self._queue
         cdef uint32_t epoch
         cdef int moved = 0
+        cdef int64_t wake
+        self._drop_reader_segments()
         if self._writer is None:
             if mqs_monotonic_ns() < self._next_takeover_ns:
                 time.sleep(TAKEOVER_POLL_NS / 1e9)
@@ -225,6 +321,7 @@ cdef class _Durable:
                     moved = 0
                 else:
                     moved = self._append_batch()
+                    moved += self._release_due()
                     self._commit_cursor(False)
         except BaseException:
             mqs_wait_finish(mqs_br_not_empty(&queue._ring))
@@ -232,41 +329,65 @@ cdef class _Durable:
         if moved:
             mqs_wait_finish(mqs_br_not_empty(&queue._ring))
             return 0
-        park(mqs_br_not_empty(&queue._ring), epoch, mqs_monotonic_ns()
-             + WAIT_SLICE_NS, 1, STRATEGY_BLOCK)
+        wake = mqs_monotonic_ns() + WAIT_SLICE_NS
+        if self._schedule and self._schedule[0][0] < wake:
+            wake = self._schedule[0][0]
+        park(mqs_br_not_empty(&queue._ring), epoch, wake, 1, STRATEGY_BLOCK)
+        return 0
+
+    cdef int _drop_reader_segments(self) except -1:
+        """Unmap segments that retention deleted from this process's
+        reader, so that their disk space is freed."""
+        cdef int64_t retained
+        if self._control == NULL or not self._ready():
+            return 0
+        retained = mqs_dq_get(self._control, MQS_DQ_RETAINED_OFFSET)
+        if retained <= self._reader_floor or self._active_reads:
+            return 0
+        self._reader.delete_before(retained)
+        self._reader_floor = retained
         return 0
 
     cdef bint _try_take_over(self) except -1:
         cdef SharedQueue queue = self._queue
         cdef uint64_t secret = queue._ring.secret
-        cdef int64_t head = 0, end = 0, cursor
+        cdef int64_t head = 0, end = 0
         try:
-            writer = SegmentLog(self.path, fsync=self.fsync)
+            writer = SegmentLog(self.path, segment_bytes=self._segment_bytes,
+                                fsync=self.fsync)
         except LogLocked:
             return False
+        try:
+            delayed_log = SegmentLog(
+                os.path.join(self.path, DELAYED_DIR),
+                segment_bytes=self._segment_bytes, fsync=self.fsync)
+        except BaseException:
+            writer.close()
+            raise
         with self._lock:
             if self._stopping:
+                delayed_log.close()
                 writer.close()
                 return False
             self._writer = writer
-            head = self._skip_appended(writer)
+            self._delayed_log = delayed_log
+            head = self._skip_appended(writer, delayed_log)
             end = writer.end_offset
+            self._load_schedule(writer, delayed_log, head)
             if mqs_dq_secret(self._control) != secret:
-                # A new inbox ring: start where the last cursor commit is.
-                committed = writer.committed(DURABLE_GROUP)
-                cursor = writer.start_offset if committed is None \
-                    else committed
-                cursor = min(max(cursor, writer.start_offset), end)
-                mqs_dq_setup(self._control, secret, cursor, end, head)
-                self._committed = cursor
+                self._set_up(writer, secret, head)
             else:
                 # The same ring after its appender died: make what it
                 # appended durable, then continue from there.
                 if self.fsync == "always":
                     writer.flush()
+                mqs_dq_set(self._control, MQS_DQ_DELAYED,
+                           len(self._schedule))
                 mqs_dq_set(self._control, MQS_DQ_APPENDED_OFFSET, end)
                 mqs_dq_set(self._control, MQS_DQ_APPENDED_POS, head)
                 mqs_dq_set(self._control, MQS_DQ_DURABLE_POS, head)
+                self._committed = [-1] * self.groups()
+            self._pending_floor = -1
             self._last_commit_ns = mqs_monotonic_ns()
         logger.info("durable queue %s: this process (pid %d) appends to the "
                     "log from ring position %d, log offset %d", self.path,
@@ -275,21 +396,51 @@ cdef class _Durable:
         mqs_wait_signal(mqs_dq_progress(self._control), 1)
         return True
 
-    cdef int64_t _skip_appended(self, writer) except -1:
-        """Free inbox records that a dead appender already put in the log.
+    cdef int _set_up(self, writer, uint64_t secret,
+                     int64_t head) except -1:
+        """Set the control block up for a new inbox ring: each group
+        starts where its last cursor commit is."""
+        cdef int64_t cursors[MQS_DQ_MAX_GROUPS]
+        cdef int64_t start = writer.start_offset
+        cdef int64_t end = writer.end_offset
+        cdef int64_t stored = mqs_dq_get(self._control, MQS_DQ_GROUPS)
+        cdef int groups
+        if self._groups_requested is not None:
+            groups = self._groups_requested
+        elif 1 <= stored <= MQS_DQ_MAX_GROUPS:
+            groups = <int>stored
+        else:
+            groups = 1
+        self._committed = []
+        for group in range(groups):
+            committed = writer.committed(_group_log_name(group))
+            # A group without a commit starts at the oldest message kept.
+            cursors[group] = min(max(
+                start if committed is None else committed, start), end)
+            self._committed.append(cursors[group])
+        mqs_dq_setup(self._control, secret, cursors, groups,
+                     self._maxsize_requested, end, head, start,
+                     len(self._schedule))
+        return 0
+
+    cdef int64_t _skip_appended(self, writer, delayed_log) except -1:
+        """Free inbox records that a dead appender already put in a log.
 
         Returns the inbox head afterwards.
         """
         cdef SharedQueue queue = self._queue
         cdef int64_t head = mqs_br_head(&queue._ring, 0)
-        cdef int64_t position = head, last
+        cdef int64_t position = head, last = -1
         cdef int64_t messages = 0
         cdef mqs_br_record_t record
-        if writer.end_offset <= writer.start_offset:
-            return head
-        secret, last, _ = _KEY.unpack(
-            bytes(writer.read_record(writer.end_offset - 1).key))
-        if secret != queue._ring.secret or last < head:
+        for log in (writer, delayed_log):
+            if log.end_offset <= log.start_offset:
+                continue
+            secret, logged, _ = _KEY.unpack_from(
+                log.read_record(log.end_offset - 1).key)
+            if secret == queue._ring.secret and logged > last:
+                last = logged
+        if last < head:
             return head
         while position <= last:
             if mqs_br_peek(&queue._ring, position, &record) != MQS_OK:
@@ -305,10 +456,56 @@ cdef class _Durable:
                 messages)
         return position
 
-    cdef int _append_batch(self) except -1:
-        """Move up to APPEND_BATCH inbox records into the log.
+    cdef int _load_schedule(self, writer, delayed_log,
+                            int64_t head) except -1:
+        """Rebuild the schedule from the delayed log: every delayed
+        message that no mark lists and that the main log's tail does not
+        hold a released copy of (its appender died before the mark)."""
+        cdef int64_t offset, now_wall = time.time_ns()
+        cdef int64_t now = mqs_monotonic_ns()
+        cdef int64_t checked = 0
+        pending = {}
+        for record in delayed_log.iter_from(delayed_log.start_offset):
+            _, _, rtype, due = _KEY_EXTRA.unpack(record.key)
+            if rtype == TYPE_MARK:
+                for (offset,) in _TIME.iter_unpack(record.value):
+                    pending.pop(offset, None)
+            else:
+                pending[record.offset] = due
+        # Released copies are appended before their mark, one batch at a
+        # time, so only the last batch can lack its mark.
+        unmarked = []
+        offset = writer.end_offset - 1
+        while offset >= writer.start_offset and checked < APPEND_BATCH:
+            key = writer.read_record(offset).key
+            if len(key) != _KEY_EXTRA.size:
+                break
+            released = _KEY_EXTRA.unpack(key)[3]
+            if pending.pop(released, None) is not None:
+                unmarked.append(released)
+            offset -= 1
+            checked += 1
+        if unmarked:
+            self._append_mark(unmarked, head)
+        self._schedule = [(due - now_wall + now, offset)
+                          for offset, due in pending.items()]
+        heapq.heapify(self._schedule)
+        return 0
 
-        Returns how many ring records (padding included) were passed.
+    cdef int _append_mark(self, list offsets, int64_t head) except -1:
+        self._delayed_log.append(
+            b"".join(_TIME.pack(o) for o in offsets),
+            key=_KEY_EXTRA.pack(self._queue._ring.secret, head - 1,
+                                TYPE_MARK, 0))
+        return 0
+
+    cdef int _append_batch(self) except -1:
+        """Move up to APPEND_BATCH inbox records into the logs.
+
+        Stops where records switch between immediate and delayed, so
+        that each step appends to one log: a successor then finds every
+        appended record through the last key of that log. Returns how
+        many ring records (padding included) were passed.
         """
         cdef SharedQueue queue = self._queue
         cdef uint64_t secret = queue._ring.secret
@@ -317,17 +514,36 @@ cdef class _Durable:
         cdef int64_t messages = 0
         cdef int passed = 0
         cdef int rc = MQS_OK
+        cdef int delayed = -1
+        cdef int is_delayed
         cdef mqs_br_record_t record
         cdef list entries = []
+        cdef list dues = []
+        cdef int64_t due
         while passed < APPEND_BATCH:
             rc = mqs_br_peek(&queue._ring, position, &record)
             if rc != MQS_OK:
                 break
             if record.type != MQS_BR_TYPE_PAD:
-                entries.append((
-                    _KEY.pack(secret, position, record.type),
-                    PyBytes_FromStringAndSize(
-                        <const char *>record.payload, record.length)))
+                is_delayed = (record.type & RTYPE_DELAYED) != 0
+                if delayed < 0:
+                    delayed = is_delayed
+                elif delayed != is_delayed:
+                    break
+                if is_delayed:
+                    memcpy(&due, record.payload, 8)
+                    entries.append((
+                        _KEY_EXTRA.pack(secret, position,
+                                        record.type & ~RTYPE_DELAYED, due),
+                        PyBytes_FromStringAndSize(
+                            <const char *>record.payload + 8,
+                            record.length - 8)))
+                    dues.append(due)
+                else:
+                    entries.append((
+                        _KEY.pack(secret, position, record.type),
+                        PyBytes_FromStringAndSize(
+                            <const char *>record.payload, record.length)))
                 messages += 1
             position += mqs_br_record_size(record.length)
             passed += 1
@@ -340,7 +556,9 @@ cdef class _Durable:
             return 0
         if passed == 0:
             return 0
-        if entries:
+        if entries and delayed == 1:
+            self._append_delayed(entries, dues)
+        elif entries:
             # With fsync="always" this syncs once for the whole batch:
             # the group commit of every producer waiting in wait_durable.
             self._writer.append_many(entries)
@@ -354,19 +572,79 @@ cdef class _Durable:
         mqs_wait_signal(mqs_dq_not_empty(self._control), 1)
         return passed
 
+    cdef int _append_delayed(self, list entries, list dues) except -1:
+        """Write delayed messages to the delayed log and schedule them."""
+        cdef int64_t first = self._delayed_log.append_many(entries)
+        cdef int64_t now_wall = time.time_ns()
+        cdef int64_t now = mqs_monotonic_ns()
+        for i, due in enumerate(dues):
+            heapq.heappush(self._schedule, (due - now_wall + now, first + i))
+        mqs_dq_add(self._control, MQS_DQ_DELAYED, len(dues))
+        return 0
+
+    cdef int _release_due(self) except -1:
+        """Copy due delayed messages into the main log, then mark them
+        released in the delayed log. Returns how many were released."""
+        cdef SharedQueue queue = self._queue
+        cdef int64_t now = mqs_monotonic_ns()
+        cdef int64_t head = mqs_br_head(&queue._ring, 0)
+        cdef list offsets = []
+        cdef list entries = []
+        while self._schedule and self._schedule[0][0] <= now \
+                and len(offsets) < APPEND_BATCH:
+            _, offset = heapq.heappop(self._schedule)
+            record = self._delayed_log.read_record(offset)
+            rtype = _KEY_EXTRA.unpack(record.key)[2]
+            entries.append((
+                _KEY_EXTRA.pack(queue._ring.secret, head - 1, rtype, offset),
+                record.value))
+            offsets.append(offset)
+        if not offsets:
+            return 0
+        self._writer.append_many(entries)
+        self._append_mark(offsets, head)
+        mqs_dq_add(self._control, MQS_DQ_DELAYED, -len(offsets))
+        mqs_dq_set(self._control, MQS_DQ_APPENDED_OFFSET,
+                   self._writer.end_offset)
+        mqs_wait_signal(mqs_dq_not_empty(self._control), 1)
+        return len(offsets)
+
     cdef int _commit_cursor(self, bint now) except -1:
-        """Store the cursor in the log, every COMMIT_EVERY_NS or `now`."""
+        """Store every group's cursor in the log, every COMMIT_EVERY_NS or
+        `now`, then apply retention."""
         cdef int64_t cursor
+        cdef int group
         if self._writer is None or not self._ready():
             return 0
         if not now and mqs_monotonic_ns() - self._last_commit_ns \
                 < COMMIT_EVERY_NS:
             return 0
         self._last_commit_ns = mqs_monotonic_ns()
-        cursor = mqs_dq_get(self._control, MQS_DQ_CURSOR)
-        if cursor != self._committed:
-            self._writer.commit(DURABLE_GROUP, cursor)
-            self._committed = cursor
+        for group in range(self.groups()):
+            cursor = mqs_dq_get_cursor(self._control, group)
+            if cursor != self._committed[group]:
+                self._writer.commit(_group_log_name(group), cursor)
+                self._committed[group] = cursor
+        self._retain()
+        return 0
+
+    cdef int _retain(self) except -1:
+        """Delete segments every group had taken by the previous commit
+        round, and delayed-log segments with no waiting message left.
+
+        Deleting one round late gives a consumer between its claim and
+        its read at least COMMIT_EVERY_NS to map the record's segment.
+        """
+        cdef int64_t floor = self._pending_floor
+        if floor >= 0 and self._writer.delete_before(floor):
+            mqs_dq_set(self._control, MQS_DQ_RETAINED_OFFSET,
+                       self._writer.start_offset)
+        self._pending_floor = min(self._committed)
+        if self._schedule:
+            floor = min(offset for _, offset in self._schedule)
+        else:
+            floor = self._delayed_log.end_offset
+        self._delayed_log.delete_before(floor)
         return 0
 
     # -- producers ----------------------------------------------------------
@@ -388,16 +666,52 @@ cdef class _Durable:
                 return 0
             park(word, epoch, -1, 1, STRATEGY_SLEEP)
 
+    cdef int64_t stored(self):
+        """Messages stored and not yet taken by every group: in the
+        inbox, in the log, and delayed."""
+        cdef int64_t in_log
+        if not self._ready():
+            return 0
+        in_log = mqs_dq_get(self._control, MQS_DQ_APPENDED_OFFSET) \
+            - mqs_dq_min_cursor(self._control, self.groups())
+        return mqs_br_count(&self._queue._ring, 0) + max(0, in_log) \
+            + self.delayed()
+
+    cdef bint full(self):
+        """Whether a bounded queue stores maxsize messages or more."""
+        cdef int64_t maxsize = self.maxsize()
+        return maxsize > 0 and self.stored() >= maxsize
+
+    cdef int put_delayed(self, const void **parts, size_t *lengths, int n,
+                         uint16_t rtype, int64_t due) except -2:
+        """Put a message due at CLOCK_MONOTONIC `due` into the inbox,
+        with its due time in wall-clock ns in front. Returns a status."""
+        cdef const void *prefixed[65]
+        cdef size_t prefixed_lengths[65]
+        cdef int64_t due_wall = time.time_ns() + due - mqs_monotonic_ns()
+        cdef int i
+        prefixed[0] = &due_wall
+        prefixed_lengths[0] = 8
+        for i in range(n):
+            prefixed[i + 1] = parts[i]
+            prefixed_lengths[i + 1] = lengths[i]
+        return mqs_br_try_put(&self._queue._ring, prefixed,
+                              prefixed_lengths, n + 1,
+                              rtype | RTYPE_DELAYED)
+
     # -- consumers ----------------------------------------------------------
 
     cdef int64_t _claim(self, int64_t max_n, int64_t *first):
+        cdef int64_t n
         if not self._ready():
             return 0
-        return mqs_dq_claim(self._control, max_n, first)
+        n = mqs_dq_claim(self._control, self._queue._group, max_n, first)
+        if n and mqs_dq_get(self._control, MQS_DQ_MAXSIZE):
+            mqs_wait_signal(mqs_br_not_full(&self._queue._ring), 1)
+        return n
 
     cdef int64_t _wait_claim(self, int64_t max_n, int64_t *first,
-                             bint block, object timeout) except -1:
-        cdef int64_t deadline = deadline_ns(timeout) if block else 0
+                             bint block, int64_t deadline) except -1:
         cdef mqs_waitword_t *word = mqs_dq_not_empty(self._control)
         cdef uint32_t epoch
         cdef int64_t n
@@ -421,41 +735,70 @@ cdef class _Durable:
                 strategy = STRATEGY_SLEEP
 
     cdef object _read(self, int64_t offset, bint view):
-        """Return the message at log `offset` (or its bytes, as a view)."""
+        """Return the message at log `offset` (or its bytes, as a view),
+        or None if retention deleted it first (counted as lost)."""
         reader = self._reader
         try:
             record = reader.read_record(offset)
         except OffsetOutOfRange:
-            reader.refresh()
-            record = reader.read_record(offset)
+            try:
+                reader.refresh()
+                record = reader.read_record(offset)
+            except OffsetOutOfRange:
+                mqs_dq_add(self._control, MQS_DQ_LOST, 1)
+                logger.warning(
+                    "durable queue %s: message at offset %d was deleted by "
+                    "retention before this consumer read it (it paused "
+                    "between taking and reading it); counted as lost",
+                    self.path, offset)
+                return None
         if view:
             return record.value
-        rtype = _KEY.unpack(bytes(record.key))[2]
+        rtype = _KEY.unpack_from(record.key)[2]
         data = bytes(record.value) if rtype == TYPE_BYTES \
             else bytearray(record.value)
         return self._queue._finish(rtype, data)
 
-    cdef object get(self, bint block, object timeout):
+    cdef list _take(self, int64_t max_items, bint block, object timeout,
+                    bint view):
+        """Claim and read up to max_items messages, at least one."""
+        cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef int64_t first = 0
-        self._wait_claim(1, &first, block, timeout)
-        return self._read(first, False)
+        cdef int64_t n
+        cdef list out
+        while True:
+            self._active_reads += 1
+            try:
+                n = self._wait_claim(max_items, &first, block, deadline)
+                out = []
+                for i in range(n):
+                    item = self._read(first + i, view)
+                    if item is not None:
+                        out.append(item)
+            finally:
+                self._active_reads -= 1
+            if out:
+                return out
+
+    cdef object get(self, bint block, object timeout):
+        return self._take(1, block, timeout, False)[0]
 
     cdef list get_many(self, int64_t max_items, bint block, object timeout):
-        cdef int64_t first = 0
-        cdef int64_t n = self._wait_claim(max_items, &first, block, timeout)
-        return [self._read(first + i, False) for i in range(n)]
+        return self._take(max_items, block, timeout, False)
 
     cdef object get_view(self, object timeout):
-        cdef int64_t first = 0
-        self._wait_claim(1, &first, True, timeout)
-        return self._read(first, True)
+        return self._take(1, True, timeout, True)[0]
 
     cdef int64_t backlog(self):
-        """Messages in the log that no consumer has taken yet."""
+        """Messages in the log that no consumer of this handle's group
+        has taken yet."""
         if not self._ready():
             return 0
         return max(0, mqs_dq_get(self._control, MQS_DQ_APPENDED_OFFSET)
-                   - mqs_dq_get(self._control, MQS_DQ_CURSOR))
+                   - mqs_dq_get_cursor(self._control, self._queue._group))
+
+    cdef int64_t lost(self):
+        return mqs_dq_get(self._control, MQS_DQ_LOST)
 
     # -- closing ------------------------------------------------------------
 
@@ -479,6 +822,8 @@ cdef class _Durable:
                             mqs_monotonic_ns() < deadline:
                         pass
                     self._commit_cursor(True)
+                    self._delayed_log.close()
+                    self._delayed_log = None
                     self._writer.close()
                     self._writer = None
         else:
@@ -497,9 +842,15 @@ cdef class _Durable:
         if self._writer is not None:
             self._writer._abandon_after_fork()
             self._writer = None
+        if self._delayed_log is not None:
+            self._delayed_log._abandon_after_fork()
+            self._delayed_log = None
         if self._reader is not None:
             self._reader._abandon_after_fork()
             self._reader = SegmentLog(self.path, readonly=True)
+        self._reader_floor = 0
+        self._active_reads = 0
+        self._schedule = []
         self._thread = None
         self._lock = threading.Lock()
         return 0

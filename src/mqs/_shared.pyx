@@ -430,7 +430,7 @@ cdef class SharedQueue:
                  capacity_bytes=None, max_message_size=None,
                  serializer=None, wait_strategy="block", groups=None,
                  group=0, ctx=None, persist=None, fsync="interval",
-                 delayed_capacity_bytes=None):
+                 delayed_capacity_bytes=None, segment_bytes=None):
         # Explicit layout arguments, checked against an existing named
         # queue; None or a default means "whatever the queue has".
         if delayed_capacity_bytes is not None:
@@ -456,6 +456,18 @@ cdef class SharedQueue:
         if group < 0:
             raise ValueError(f"group must be 0 or more, got {group!r}")
         self._groups_wanted = groups
+        durable_settings = None
+        if persist is not None:
+            # The log keeps the groups and maxsize; the inbox ring has
+            # one group (the appender) and no bound of its own.
+            durable_settings = (requested.pop("groups"),
+                                requested.pop("maxsize") or 0, segment_bytes)
+            self._groups_wanted = 1
+            maxsize = 0
+        elif segment_bytes is not None:
+            raise ValueError(
+                f"segment_bytes={segment_bytes!r} applies only to a durable "
+                f"queue; pass persist=path too, or drop segment_bytes")
         _check_int("capacity_bytes", capacity_bytes)
         if max_message_size is None:
             max_message_size = max(0, capacity_bytes - MQS_BR_RECORD_HEADER)
@@ -487,28 +499,29 @@ cdef class SharedQueue:
         _instances.add(self)
         if name is not None:
             self._check_layout(requested)
-        self._set_group(group)
-        if persist is not None or fsync != "interval":
+        if durable_settings is not None:
+            self._open_durable(persist, fsync, durable_settings[0],
+                               durable_settings[1], durable_settings[2])
+        elif fsync != "interval":
             self._open_durable(persist, fsync)
+        self._set_group(group)
 
-    cdef int _open_durable(self, object persist, object fsync) except -1:
+    cdef int _open_durable(self, object persist, object fsync,
+                           object groups=None, int64_t maxsize=0,
+                           object segment_bytes=None) except -1:
         cdef _Durable durable
         try:
             if persist is None:
                 raise ValueError(
                     f"fsync={fsync!r} applies only to a durable queue; "
                     f"pass persist=path too, or drop fsync")
-            if mqs_br_config(&self._ring).maxsize != 0:
-                raise ValueError(
-                    f"a durable queue (persist=) cannot have a maxsize; "
-                    f"the ring size bounds what waits to be written and "
-                    f"the disk bounds the log")
             if mqs_br_config(&self._ring).n_groups != 1:
                 raise ValueError(
-                    "a durable queue (persist=) has one consumer group; "
-                    "create it without groups=")
+                    "the shared ring of a durable queue must have one "
+                    "group; attach to it with persist=, as it was created")
             durable = _Durable()
-            durable._open(self, persist, fsync)
+            durable._open(self, persist, fsync, groups, maxsize,
+                          segment_bytes)
         except BaseException:
             self.close()
             raise
@@ -542,7 +555,7 @@ cdef class SharedQueue:
         return 0
 
     cdef int _set_group(self, int group) except -1:
-        cdef int n_groups = mqs_br_config(&self._ring).n_groups
+        cdef int n_groups = self._group_count()
         if not 0 <= group < n_groups:
             self.close()
             raise ValueError(
@@ -555,6 +568,11 @@ cdef class SharedQueue:
     def groups(self):
         """Number of consumer groups, fixed when the queue was created."""
         self._check_mapped()
+        return self._group_count()
+
+    cdef int _group_count(self):
+        if self._durable is not None:
+            return self._durable.groups()
         return mqs_br_config(&self._ring).n_groups
 
     @property
@@ -588,6 +606,8 @@ cdef class SharedQueue:
             other._discard_fd(fd)
             raise
         _instances.add(other)
+        if self._durable is not None:
+            other._open_durable(self._durable.path, self._durable.fsync)
         other._set_group(group)
         return other
 
@@ -837,6 +857,8 @@ cdef class SharedQueue:
     def maxsize(self):
         """Bound on queued messages; 0 means bounded only by the ring."""
         self._check_mapped()
+        if self._durable is not None:
+            return self._durable.maxsize()
         return mqs_br_config(&self._ring).maxsize
 
     @property
@@ -876,7 +898,8 @@ cdef class SharedQueue:
         # Settle dead claims first, as qsize does, so the counts include
         # only messages that will arrive.
         self._count()
-        stats = _read_stats(&self._ring, self.name, self._group)
+        stats = _read_stats(&self._ring, self.name,
+                            0 if self._durable is not None else self._group)
         if self._delay.base != NULL:
             stats = dataclasses.replace(
                 stats, delayed=mqs_delay_count(&self._delay))
@@ -919,8 +942,7 @@ cdef class SharedQueue:
                           "participants")
         self._log_repaired(repaired)
         if self._durable is not None:
-            return mqs_br_count(&self._ring, self._group) \
-                + self._durable.backlog()
+            return mqs_br_count(&self._ring, 0) + self._durable.backlog()
         return mqs_br_count(&self._ring, self._group)
 
     def qsize(self):
@@ -950,6 +972,8 @@ cdef class SharedQueue:
         """
         cdef int64_t maxsize
         self._check_open()
+        if self._durable is not None:
+            return self._durable.full()
         self._promote_due()
         maxsize = mqs_br_config(&self._ring).maxsize
         return maxsize > 0 \
@@ -968,6 +992,8 @@ cdef class SharedQueue:
         return mqs_br_config(&self._ring).delayed_bytes
 
     cdef int64_t _delayed_count(self):
+        if self._durable is not None:
+            return self._durable.delayed()
         if self._delay.base == NULL:
             return 0
         return mqs_delay_count(&self._delay)
@@ -1019,6 +1045,13 @@ cdef class SharedQueue:
         """Publish now (due < 0) or into the delayed area; return status."""
         cdef int64_t maxsize, delayed, end
         cdef int rc
+        if self._durable is not None:
+            if self._durable.full():
+                return MQS_EFULL
+            if due >= 0:
+                return self._durable.put_delayed(parts, lengths, n, rtype,
+                                                 due)
+            return mqs_br_try_put(&self._ring, parts, lengths, n, rtype)
         if due < 0:
             maxsize = mqs_br_config(&self._ring).maxsize
             if maxsize and self._delay.base != NULL:
@@ -1082,12 +1115,8 @@ cdef class SharedQueue:
             return -1
         due = due_monotonic_ns(delay, at)
         if self._durable is not None:
-            # Durable gets read the log, so nothing would move due
-            # messages out of the delayed area.
-            raise ValueError(
-                f"a durable queue (persist={self._durable.path!r}) cannot "
-                f"take delay= or at= yet; put into a queue without persist= "
-                f"or send the message when it is due")
+            # The appender keeps the message in the log until it is due.
+            return due if due > mqs_monotonic_ns() else -1
         if self._delay.base == NULL:
             raise ValueError(
                 f"queue {self._label()} has no delayed area "
@@ -1811,9 +1840,9 @@ def _attach_by_fd(dup, serializer, strategy, group=0, persist=None,
         q._discard_fd(fd)
         raise
     _instances.add(q)
-    q._set_group(group)
     if persist is not None:
         q._open_durable(persist, fsync)
+    q._set_group(group)
     return q
 
 

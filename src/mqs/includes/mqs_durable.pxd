@@ -10,6 +10,12 @@ cdef extern from "mqs_durable.h" nogil:
         MQS_DQ_APPENDED_OFFSET
         MQS_DQ_APPENDED_POS
         MQS_DQ_DURABLE_POS
+        MQS_DQ_GROUPS
+        MQS_DQ_MAXSIZE
+        MQS_DQ_RETAINED_OFFSET
+        MQS_DQ_DELAYED
+        MQS_DQ_LOST
+        MQS_DQ_MAX_GROUPS
 
     ctypedef struct mqs_dq_control_t:
         pass
@@ -19,6 +25,13 @@ cdef extern from "mqs_durable.h" nogil:
     mqs_waitword_t *mqs_dq_not_empty(mqs_dq_control_t *c)
     mqs_waitword_t *mqs_dq_progress(mqs_dq_control_t *c)
     uint64_t mqs_dq_secret(mqs_dq_control_t *c)
-    void mqs_dq_setup(mqs_dq_control_t *c, uint64_t secret, int64_t cursor,
-                      int64_t appended_offset, int64_t position)
-    int64_t mqs_dq_claim(mqs_dq_control_t *c, int64_t max_n, int64_t *first)
+    int64_t mqs_dq_get_cursor(mqs_dq_control_t *c, int group)
+    void mqs_dq_set_cursor(mqs_dq_control_t *c, int group, int64_t v)
+    void mqs_dq_add(mqs_dq_control_t *c, int field, int64_t n)
+    int64_t mqs_dq_min_cursor(mqs_dq_control_t *c, int groups)
+    void mqs_dq_setup(mqs_dq_control_t *c, uint64_t secret,
+                      const int64_t *cursors, int groups, int64_t maxsize,
+                      int64_t appended_offset, int64_t position,
+                      int64_t retained_offset, int64_t delayed)
+    int64_t mqs_dq_claim(mqs_dq_control_t *c, int group, int64_t max_n,
+                         int64_t *first)
