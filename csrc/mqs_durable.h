@@ -186,7 +186,7 @@ static inline uint64_t mqs_dq_secret(mqs_dq_control_t *c)
 /*
  * Set the block up for the inbox ring with `secret`: positions, offsets
  * and the queue's settings first, then the secret with release, so a
- * process that reads its secret also reads the rest. `cursors` holds
+ * process that reads its secret also reads the rest. `cursors` has
  * one cursor per group. The wait words are left alone: processes may
  * already wait on them, and a new file's zero bytes are a valid start.
  */

@@ -1554,8 +1554,12 @@ int mqs_seglog_retain_below(mqs_seglog_t *log, int64_t offset,
 
     if (deleted)
         *deleted = 0;
-    while (log->nsegs > 1) {
+    /* A read-only handle may drop its last segment too: it maps the
+     * next ones again on refresh. */
+    while (log->nsegs > (log->cfg.readonly ? 0u : 1u)) {
         mqs_segment_t *seg = log->segs[0];
+        if (log->cfg.readonly && !seg->sealed)
+            seal_load(seg);
         if (seg == log->active || !seg->sealed ||
             seg->seal_next_offset > offset)
             break;

@@ -335,9 +335,9 @@ int mqs_seglog_retain(mqs_seglog_t *log, int64_t now_ns, int64_t *deleted);
 
 /*
  * Forget sealed segments whose every record is below `offset`, oldest
- * first, never the last segment: a writer unlinks their files, a
- * read-only handle drops its mappings (the writer has unlinked them, or
- * will). Mappings that views still hold stay until those are released,
+ * first. A writer unlinks their files, never its active segment. A
+ * read-only handle drops its mappings, down to none, because the writer
+ * has unlinked those files or will; its next refresh maps later ones. Mappings that views still hold stay until those are released,
  * and no file is ever truncated. *deleted (may be NULL) gets how many.
  * Returns MQS_OK, MQS_EIO.
  */

@@ -578,7 +578,8 @@ def test_seglog_delete_before_keeps_segment_with_later_records(tmp_path):
         assert bytes(log.read(log.start_offset)) == \
             value_for(log.start_offset)
 
-        # The reader keeps its mappings until told, and its view after.
+        # The reader keeps its mappings until it deletes them itself, and
+        # a view it returned stays readable after that.
         assert reader.start_offset == 0
         assert reader.delete_before(bases[2]) == 2
         assert reader.start_offset == bases[2]

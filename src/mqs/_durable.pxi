@@ -170,15 +170,16 @@ cdef class _Durable:
     cdef int64_t _pending_floor
     cdef list _schedule
     # Reader side: offsets below this are dropped from the reader, and
-    # how many gets of this handle are between their claim and read.
+    # the first offset of each claim of this handle not read yet.
     cdef int64_t _reader_floor
-    cdef int _active_reads
+    cdef list _claims
     cdef object __weakref__
 
     def __cinit__(self):
         self._control = NULL
         self._committed = []
         self._schedule = []
+        self._claims = []
         self._pending_floor = -1
 
     cdef int _open(self, SharedQueue queue, object path, object fsync,
@@ -338,14 +339,18 @@ cdef class _Durable:
     cdef int _drop_reader_segments(self) except -1:
         """Unmap segments that retention deleted from this process's
         reader, so that their disk space is freed."""
-        cdef int64_t retained
-        if self._control == NULL or not self._ready():
+        cdef int64_t floor
+        if self._control == NULL or self._reader is None \
+                or not self._ready():
             return 0
-        retained = mqs_dq_get(self._control, MQS_DQ_RETAINED_OFFSET)
-        if retained <= self._reader_floor or self._active_reads:
+        floor = mqs_dq_get(self._control, MQS_DQ_RETAINED_OFFSET)
+        if self._claims:
+            # Keep what a claim of this handle has yet to read.
+            floor = min(floor, min(self._claims))
+        if floor <= self._reader_floor:
             return 0
-        self._reader.delete_before(retained)
-        self._reader_floor = retained
+        self._reader.delete_before(floor)
+        self._reader_floor = floor
         return 0
 
     cdef bint _try_take_over(self) except -1:
@@ -767,16 +772,19 @@ cdef class _Durable:
         cdef int64_t n
         cdef list out
         while True:
-            self._active_reads += 1
+            n = self._wait_claim(max_items, &first, block, deadline)
+            # The GIL is held from the claim on, so the appender thread
+            # sees the claim before it could drop the claimed segment.
+            self._claims.append(first)
             try:
-                n = self._wait_claim(max_items, &first, block, deadline)
                 out = []
                 for i in range(n):
                     item = self._read(first + i, view)
                     if item is not None:
                         out.append(item)
             finally:
-                self._active_reads -= 1
+                self._claims.remove(first)
+            self._drop_reader_segments()
             if out:
                 return out
 
@@ -849,7 +857,7 @@ cdef class _Durable:
             self._reader._abandon_after_fork()
             self._reader = SegmentLog(self.path, readonly=True)
         self._reader_floor = 0
-        self._active_reads = 0
+        self._claims = []
         self._schedule = []
         self._thread = None
         self._lock = threading.Lock()

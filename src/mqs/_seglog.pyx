@@ -742,6 +742,14 @@ cdef class SegmentLog:
         rc = mqs_seglog_retain_below(self._log, offset, &deleted)
         if rc != MQS_OK:
             self._raise_status(rc)
+        if deleted:
+            # The view cache holds a reference on each segment it has a
+            # view of; drop those of deleted segments (every segment,
+            # when a read-only handle dropped all it had).
+            raw = self._raw_stats()
+            start = raw.start_offset if raw.segments else INT64_MAX
+            for base in [b for b in self._views if b < start]:
+                del self._views[base]
         if deleted and not self.readonly:
             logger.debug("deleted %d segments of %s below offset %d",
                          deleted, self.path, offset)

@@ -32,6 +32,7 @@ class SharedQueue:
         persist: str | os.PathLike[str] | None = None,
         fsync: Literal["always", "interval", "never"] = "interval",
         delayed_capacity_bytes: int | None = None,
+        segment_bytes: int | None = None,
     ) -> None: ...
     @property
     def persist(self) -> str | None: ...

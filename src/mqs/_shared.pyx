@@ -323,7 +323,8 @@ cdef class SharedQueue:
         created: every
         group sees every message, and the consumers of one group compete
         for them (each message goes to one consumer per group). Producers
-        wait for the slowest group.
+        wait for the slowest group. A durable queue keeps the count in
+        its directory: None reopens it with the stored count.
     group : int
         The group this handle gets from (0 by default); see also
         `for_group`.
@@ -332,8 +333,7 @@ cdef class SharedQueue:
         missing, mode 0700): a durable queue. Puts go through the ring to
         the log; gets read from the log, so messages and the consumer
         position survive the exit or SIGKILL of every process. One
-        directory serves one queue; it cannot be combined with `maxsize`
-        or `groups`. See Notes.
+        directory serves one queue. See Notes.
     fsync : {"interval", "always", "never"}
         With `persist`: ``"always"`` returns from `put` only after the
         message is synced to disk (survives power loss; concurrent puts
@@ -345,7 +345,12 @@ cdef class SharedQueue:
         default, rounded up to a page multiple. 0 turns delayed puts
         off. Memory is used only as messages wait (the file is sparse).
         Fixed when the queue is created, checked like `capacity_bytes`
-        when attaching.
+        when attaching. A durable queue keeps delayed messages in its
+        log instead.
+    segment_bytes : int, optional
+        With `persist`: size of each segment file of the log, a multiple
+        of 4096 from 8 KiB to 1 GiB; 64 MiB by default. Retention deletes
+        whole segments, so it sets the step of the disk use.
 
     Notes
     -----
@@ -376,7 +381,24 @@ cdef class SharedQueue:
     anonymous queue dies (a named queue's ring outlives them, and the next
     appender moves it). `put` with ``fsync="always"`` waits for the sync
     without a time limit, because the message is already accepted.
-    Consumed messages stay in the log's files.
+
+    Each group of a durable queue has its own position, written with
+    the others. A segment file is deleted once every group's written
+    position is past its last message, one commit round (0.2 s) later,
+    so the files take about two segments plus the segments of messages
+    some group has not taken or took in the last 0.4 s. A consumer that
+    pauses for longer than that between taking a message and reading it
+    loses it (counted and logged). `maxsize` of a durable queue counts
+    the messages stored and not yet taken by every group, delayed ones
+    included, across processes; producers that put at the same instant
+    can overshoot it by one message each. `maxsize` is set by the
+    process that starts the queue, and `groups` by the first process
+    that sets it (a group added later starts at the oldest message
+    kept). A delayed message of a durable queue is written to the log
+    with its due time in wall-clock nanoseconds and moved to the
+    consumers by the appender when it is due, also after a restart of
+    every process; a step of the wall clock while no process runs moves
+    it by that step.
 
     Delayed messages (``put(obj, delay=...)`` or ``at=...``) wait in the
     delayed area, not in any process's memory, so they survive the exit
