@@ -54,6 +54,7 @@ __all__ = [
     "LOOPS",
     "RedisRunResult",
     "lpush_brpop",
+    "run_broker_comparison",
     "run_redis_peers",
     "stream_roundtrip",
     "xadd",
@@ -604,6 +605,73 @@ LOOPS: dict[str, Callable[..., RedisRunResult]] = {
 }
 _BATCHED = {"xadd_pipelined", "xreadgroup_xack_batched", "stream_roundtrip",
             "broker_publish_batched", "broker_consume_ack_batched"}
+
+
+# The broker comparison of `mqs bench`: loop names in table order, and the
+# ratios it reports as (name, numerator loop, denominator loop, which part
+# of the denominator's time: None for all of it, or a params key).
+BROKER_COMPARISON = (
+    "xadd", "xadd_pipelined", "broker_publish", "broker_publish_batched",
+    "xreadgroup_xack", "xreadgroup_xack_batched", "broker_consume_ack",
+    "broker_consume_ack_batched", "lpush_brpop",
+)
+# Speed-up over the per-message loops that the batched broker loops aim
+# for.
+BROKER_TARGET = 5.0
+BROKER_RATIOS = (
+    ("publish_batched_vs_xadd", "broker_publish_batched", "xadd", None),
+    ("publish_batched_vs_lpush", "broker_publish_batched", "lpush_brpop",
+     "push_ns"),
+    ("consume_ack_batched_vs_xreadgroup_xack", "broker_consume_ack_batched",
+     "xreadgroup_xack", None),
+    ("consume_ack_batched_vs_brpop", "broker_consume_ack_batched",
+     "lpush_brpop", "pop_ns"),
+)
+
+
+def run_broker_comparison(count: int = 5_000, *,
+                          body_bytes: int = DEFAULT_BODY_BYTES,
+                          batch: int = DEFAULT_BATCH,
+                          appendfsync: str | None = None,
+                          progress: Callable[[str], None] | None = None
+                          ) -> dict[str, Any]:
+    """Run `BROKER_COMPARISON` on one throwaway server; return a report.
+
+    The report (JSON-ready) has the settings, ``results`` (one dict per
+    loop: ``loop``, ``batch``, ``rate_per_s``, ``elapsed_ns``) and
+    ``ratios``: the batched broker loops' rates over the per-message
+    redis-py loops of `BROKER_RATIOS` (``name``, ``value``, ``target``,
+    ``met``).
+    """
+    _check_arguments(count, body_bytes, batch)
+    from mqs._redis_server import RedisServer
+
+    results: dict[str, RedisRunResult] = {}
+    with RedisServer(appendfsync=appendfsync) as server:
+        for name in BROKER_COMPARISON:
+            if progress is not None:
+                progress(name)
+            results[name] = _run_one(name, server.url, count, body_bytes,
+                                     batch)
+    ratios = []
+    for ratio, top, bottom, part in BROKER_RATIOS:
+        base = results[bottom]
+        elapsed = base.elapsed_ns if part is None else base.params[part]
+        value = results[top].rate_per_s / (base.count / max(elapsed, 1)
+                                           * 1e9)
+        ratios.append({"name": ratio, "value": value,
+                       "target": BROKER_TARGET,
+                       "met": value >= BROKER_TARGET})
+    return {
+        "count": count, "body_bytes": body_bytes, "batch": batch,
+        "appendfsync": appendfsync,
+        "hiredis": results["xadd"].params["hiredis"],
+        "results": [{"loop": name, "batch": result.params["batch"],
+                     "rate_per_s": result.rate_per_s,
+                     "elapsed_ns": result.elapsed_ns}
+                    for name, result in results.items()],
+        "ratios": ratios,
+    }
 
 
 def run_redis_peers(count: int = 20_000, *,

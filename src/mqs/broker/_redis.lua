@@ -71,7 +71,12 @@ local scheds = {}
 -- Counter increments and group cursors, written back when the script ends.
 local counts = {}
 local cursors = {}
+local dirty_cursors = {}
 local ids = nil
+-- Per group and lane: unread stream entries peeked ahead, and the head
+-- of the ready list (false: empty), cached until the list changes.
+local peeks = {}
+local rq_heads = {}
 
 local function stream(lane)
   return P .. 's:' .. lane
@@ -198,6 +203,12 @@ local function sched(g)
   end
   scheds[g] = state
   return state
+end
+
+local function save_cursors()
+  for name, where in pairs(dirty_cursors) do
+    redis.call('HSET', gkey(where[1], 'sch'), 'c' .. where[2], cursors[name])
+  end
 end
 
 local function save_scheds()
@@ -344,6 +355,7 @@ local function make_ready(g, id, rec, front)
   rec.s = 'R'
   rec.t = rec.t + 1
   local list = gkey(g, 'rq:' .. rec.l)
+  rq_heads[g .. '\0' .. rec.l] = nil
   if front then
     rec.p = 0
     redis.call('LPUSH', list, id .. '|0')
@@ -412,17 +424,26 @@ local function show_next(g, key)
   end
 end
 
-local function maybe_delete(id, lane)
-  local member = lane .. '|' .. id
-  local until_ms = redis.call('ZSCORE', RET, member)
-  if until_ms and tonumber(until_ms) > NOW then
-    return
+local retained = nil
+
+local function maybe_delete(id, lane, redriven)
+  if retained == nil then
+    retained = redis.call('EXISTS', RET) == 1
   end
-  if until_ms then
-    redis.call('ZREM', RET, member)
+  if retained then
+    local member = lane .. '|' .. id
+    local until_ms = redis.call('ZSCORE', RET, member)
+    if until_ms and tonumber(until_ms) > NOW then
+      return
+    end
+    if until_ms then
+      redis.call('ZREM', RET, member)
+    end
   end
   redis.call('XDEL', stream(lane), id)
-  redis.call('HDEL', RD, id)
+  if redriven == 1 then
+    redis.call('HDEL', RD, id)
+  end
 end
 
 -- Removes an entry from its group and shows the next one of its key.
@@ -430,6 +451,7 @@ finish = function(g, id, rec)
   local lane = rec.l
   if rec.s == 'R' then
     redis.call('LREM', gkey(g, 'rq:' .. lane), 1, id .. '|' .. rec.p)
+    rq_heads[g .. '\0' .. lane] = nil
   elseif rec.s == 'D' then
     redis.call('ZREM', TM, timer_member('D', g, id))
   elseif rec.s == 'F' then
@@ -438,14 +460,16 @@ finish = function(g, id, rec)
     redis.call('LREM', gkey(g, 'kw:' .. rec.k), 1, id)
   end
   redis.call('HDEL', gkey(g, 'st'), id)
-  redis.call('HDEL', gkey(g, 'err'), id)
+  if rec.e == 1 then
+    redis.call('HDEL', gkey(g, 'err'), id)
+  end
   redis.call('XACK', stream(lane), g, id)
   if rec.k ~= '' and redis.call('HGET', gkey(g, 'kh'), rec.k) == id then
     show_next(g, rec.k)
   end
   if redis.call('HINCRBY', REFS, id, -1) <= 0 then
     redis.call('HDEL', REFS, id)
-    maybe_delete(id, lane)
+    maybe_delete(id, lane, rec.rd)
   end
   changed = true
 end
@@ -477,13 +501,14 @@ local function exhausted(g, attempts)
   return limit ~= nil and attempts >= limit
 end
 
-local function set_error(g, id, text)
+local function set_error(g, id, rec, text)
   redis.call('HSET', gkey(g, 'err'), id, '=' .. text)
+  rec.e = 1
 end
 
 local function expire(g, id, rec)
   if cfg.on_expire == 'dead_letter' then
-    set_error(g, id, 'ttl passed before delivery')
+    set_error(g, id, rec, 'ttl passed before delivery')
     dead_letter(g, id, rec, 'expired')
   else
     count('expired')
@@ -513,7 +538,7 @@ local function fire()
       elseif rec and kind == 'A' and rec.s == 'F' then
         leave_flight(g, id, rec)
         count('redelivered')
-        set_error(g, id, 'ack deadline passed')
+        set_error(g, id, rec, 'ack deadline passed')
         on_failure(g, rec.l)
         if exhausted(g, rec.a) then
           dead_letter(g, id, rec, 'ack_timeout')
@@ -642,14 +667,80 @@ local function next_id()
   return string.format('%d-%d', state.ms, state.seq)
 end
 
-local PUBLISH_ARGS = 10
+-- Stores one message; returns its id.
+local function add_message(meta, body, maxlen, groups)
+  local key = meta.key
+  local lane = lane_of(meta.priority)
+  local id = next_id()
+  local args = {'XADD', stream(lane)}
+  if maxlen > 0 then
+    args[#args + 1] = 'MAXLEN'
+    args[#args + 1] = '~'
+    args[#args + 1] = maxlen
+  end
+  args[#args + 1] = id
+  args[#args + 1] = 'b'
+  args[#args + 1] = body
+  args[#args + 1] = 'p'
+  args[#args + 1] = meta.priority
+  args[#args + 1] = 't'
+  args[#args + 1] = string.format('%.3f', NOW)
+  if meta.ttl > 0 then
+    args[#args + 1] = 'x'
+    args[#args + 1] = string.format('%.3f', NOW + meta.ttl)
+  end
+  if meta.delay > 0 then
+    args[#args + 1] = 'd'
+    args[#args + 1] = string.format('%.3f', NOW + meta.delay)
+  end
+  for _, name in ipairs(meta.optional) do
+    args[#args + 1] = name
+    args[#args + 1] = meta[name]
+  end
+  redis.call(unpack(args))
+  count('published')
+  if #groups == 0 then
+    redis.call('ZADD', RET, FAR, lane .. '|' .. id)
+    retained = true
+  else
+    if cfg.retention_ms > 0 then
+      redis.call('ZADD', RET, NOW + cfg.retention_ms, lane .. '|' .. id)
+      retained = true
+    end
+    for _, g in ipairs(groups) do
+      enter(g, id, lane, key)
+    end
+  end
+  changed = true
+  return id
+end
 
--- ARGV: op, count, stream maxlen (0: none), then per message: dedup
--- token, key token, priority, delay ms, ttl ms ("" for the topic's),
--- body, body encoding, headers (JSON), headers (pickle), reply_to,
--- correlation id. "" marks an absent value.
+-- Reads the settings shared by one run of messages, at ARGV[base].
+local function run_meta(base)
+  local meta = {dedup = ARGV[base + 1], key = ARGV[base + 2],
+                priority = tonumber(ARGV[base + 3]),
+                delay = tonumber(ARGV[base + 4]), e = ARGV[base + 6],
+                k = ARGV[base + 2], h = ARGV[base + 7], hp = ARGV[base + 8],
+                r = ARGV[base + 9], c = ARGV[base + 10], optional = {}}
+  local ttl = ARGV[base + 5]
+  meta.ttl = (ttl ~= '' and tonumber(ttl)) or cfg.ttl_ms
+  for _, name in ipairs({'e', 'k', 'h', 'hp', 'r', 'c'}) do
+    if meta[name] ~= '' then
+      meta.optional[#meta.optional + 1] = name
+    end
+  end
+  return meta
+end
+
+local RUN_HEADER = 11
+
+-- ARGV: op, run count, stream maxlen (0: none), then per run of messages
+-- with equal settings: message count, dedup token, key token, priority,
+-- delay ms, ttl ms ("" for the topic's), body encoding, headers (JSON),
+-- headers (pickle), reply_to, correlation id, then one body per message.
+-- "" marks an absent value.
 local function publish()
-  local n = tonumber(ARGV[2])
+  local runs = tonumber(ARGV[2])
   local maxlen = tonumber(ARGV[3])
   local groups = redis.call('HKEYS', GROUPS)
   local stored = 0
@@ -657,80 +748,40 @@ local function publish()
     stored = stored_count()
   end
   local ids = {}
-  for i = 0, n - 1 do
-    local base = 4 + i * (PUBLISH_ARGS + 1)
-    local dedup = ARGV[base]
-    local seen = false
-    if dedup ~= '' and cfg.dedup_ms > 0 then
-      seen = redis.call('GET', P .. 'dd:' .. dedup)
-    end
-    if seen then
-      count('deduplicated')
-      ids[#ids + 1] = seen
-    else
-      if cfg.maxsize > 0 and stored >= cfg.maxsize then
-        if cfg.when_full == 'raise' then
-          return {'FULL', i, ids}
-        end
-        if cfg.when_full == 'block' or not drop_oldest(groups) then
-          return {'BLOCK', i, ids}
-        end
-        stored = stored - 1
-      end
-      local key = ARGV[base + 1]
-      local priority = tonumber(ARGV[base + 2])
-      local delay = tonumber(ARGV[base + 3])
-      local ttl = ARGV[base + 4]
-      local lane = lane_of(priority)
-      local id = next_id()
-      local args = {'XADD', stream(lane)}
-      if maxlen > 0 then
-        args[#args + 1] = 'MAXLEN'
-        args[#args + 1] = '~'
-        args[#args + 1] = maxlen
-      end
-      local rest = {id, 'b', ARGV[base + 5], 'e', ARGV[base + 6],
-                    'p', priority, 't', string.format('%.3f', NOW)}
-      for _, value in ipairs(rest) do
-        args[#args + 1] = value
-      end
-      ttl = (ttl ~= '' and tonumber(ttl)) or cfg.ttl_ms
-      local optional = {{'x', ttl > 0 and string.format('%.3f', NOW + ttl)},
-                        {'d', delay > 0 and string.format('%.3f',
-                                                          NOW + delay)},
-                        {'k', key ~= '' and key},
-                        {'h', ARGV[base + 7] ~= '' and ARGV[base + 7]},
-                        {'hp', ARGV[base + 8] ~= '' and ARGV[base + 8]},
-                        {'r', ARGV[base + 9] ~= '' and ARGV[base + 9]},
-                        {'c', ARGV[base + 10] ~= '' and ARGV[base + 10]}}
-      for _, pair in ipairs(optional) do
-        if pair[2] then
-          args[#args + 1] = pair[1]
-          args[#args + 1] = pair[2]
-        end
-      end
-      redis.call(unpack(args))
-      if dedup ~= '' and cfg.dedup_ms > 0 then
-        redis.call('SET', P .. 'dd:' .. dedup, id, 'PX',
-                   math.max(1, math.ceil(cfg.dedup_ms)))
-      end
-      count('published')
-      stored = stored + 1
-      if #groups == 0 then
-        redis.call('ZADD', RET, FAR, lane .. '|' .. id)
+  local base = 4
+  for _ = 1, runs do
+    local n = tonumber(ARGV[base])
+    local meta = run_meta(base)
+    local dedup_key = P .. 'dd:' .. meta.dedup
+    local dedup = meta.dedup ~= '' and cfg.dedup_ms > 0
+    for j = 1, n do
+      local seen = dedup and redis.call('GET', dedup_key)
+      if seen then
+        count('deduplicated')
+        ids[#ids + 1] = seen
       else
-        if cfg.retention_ms > 0 then
-          redis.call('ZADD', RET, NOW + cfg.retention_ms, lane .. '|' .. id)
+        if cfg.maxsize > 0 and stored >= cfg.maxsize then
+          if cfg.when_full == 'raise' then
+            return {'FULL', #ids, ids}
+          end
+          if cfg.when_full == 'block' or not drop_oldest(groups) then
+            return {'BLOCK', #ids, ids}
+          end
+          stored = stored - 1
         end
-        for _, g in ipairs(groups) do
-          enter(g, id, lane, key)
+        local id = add_message(meta, ARGV[base + RUN_HEADER - 1 + j],
+                               maxlen, groups)
+        if dedup then
+          redis.call('SET', dedup_key, id, 'PX',
+                     math.max(1, math.ceil(cfg.dedup_ms)))
         end
+        stored = stored + 1
+        ids[#ids + 1] = id
       end
-      changed = true
-      ids[#ids + 1] = id
     end
+    base = base + RUN_HEADER + n
   end
-  return {'OK', n, ids}
+  return {'OK', #ids, ids}
 end
 
 -- Groups and consumers.
@@ -742,6 +793,7 @@ local function end_backlog()
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', RET, FAR, '+inf')) do
     if keep > 0 then
       redis.call('ZADD', RET, NOW + keep, member)
+      retained = true
     else
       redis.call('ZREM', RET, member)
       local bar = string.find(member, '|', 1, true)
@@ -837,9 +889,46 @@ local function read_next(g, lane, consumer)
   local got = redis.call('XREADGROUP', 'GROUP', g, consumer, 'COUNT', 1,
                          'STREAMS', stream(lane), '>')
   local id = got[1][2][1][1]
-  redis.call('HSET', gkey(g, 'sch'), 'c' .. lane, id)
-  cursors[g .. '\0' .. lane] = id
+  local name = g .. '\0' .. lane
+  cursors[name] = id
+  dirty_cursors[name] = {g, lane}
   return id
+end
+
+-- Returns the next unread entry of a lane's stream for the group, or
+-- nil, from a buffer of entries peeked ahead.
+local function peek(g, lane)
+  local name = g .. '\0' .. lane
+  local buffer = peeks[name]
+  if buffer and buffer.i <= #buffer.entries then
+    return buffer.entries[buffer.i]
+  end
+  local from = '(' .. cursor(g, lane)
+  buffer = {i = 1, entries = redis.call('XRANGE', stream(lane), from, '+',
+                                        'COUNT', 32)}
+  peeks[name] = buffer
+  return buffer.entries[1]
+end
+
+-- Reads the peeked head of a lane's unread part into the PEL of
+-- `consumer`.
+local function read_peeked(g, lane, consumer, id)
+  local got = read_next(g, lane, consumer)
+  local buffer = peeks[g .. '\0' .. lane]
+  if got ~= id then
+    error('MQS_BUG read ' .. got .. ' after peeking ' .. id)
+  end
+  buffer.i = buffer.i + 1
+end
+
+local function rq_head(g, lane)
+  local name = g .. '\0' .. lane
+  local head = rq_heads[name]
+  if head == nil then
+    head = redis.call('LINDEX', gkey(g, 'rq:' .. lane), 0)
+    rq_heads[name] = head
+  end
+  return head
 end
 
 -- Returns the next deliverable entry of a lane: 'q', id (from the ready
@@ -848,16 +937,16 @@ end
 local function candidate(g, lane)
   local sid, sfields
   while true do
-    local found = redis.call('XRANGE', stream(lane), '(' .. cursor(g, lane),
-                             '+', 'COUNT', 1)
-    if #found == 0 then
+    local found = peek(g, lane)
+    if not found then
       sid = nil
       break
     end
-    sid, sfields = found[1][1], found[1][2]
-    local rec = get_rec(g, sid)
+    sid, sfields = found[1], found[2]
+    -- Only an entry with a key can have a record before it is read.
+    local rec = field(sfields, 'k') and get_rec(g, sid)
     if rec then
-      read_next(g, lane, PARKED)
+      read_peeked(g, lane, PARKED, sid)
       rec.r = 1
       rec.d = tonumber(field(sfields, 'd')) or 0
       rec.x = tonumber(field(sfields, 'x')) or 0
@@ -869,13 +958,13 @@ local function candidate(g, lane)
       if due <= NOW then
         break
       end
-      read_next(g, lane, PARKED)
+      read_peeked(g, lane, PARKED, sid)
       redis.call('XCLAIM', stream(lane), g, PARKED, 0, sid,
                  'RETRYCOUNT', 0, 'JUSTID')
       delay_until(g, sid, new_rec(lane, sfields), due)
     end
   end
-  local head = redis.call('LINDEX', gkey(g, 'rq:' .. lane), 0)
+  local head = rq_head(g, lane)
   if head then
     local bar = string.find(head, '|', 1, true)
     local pos = tonumber(string.sub(head, bar + 1))
@@ -894,16 +983,17 @@ end
 local function take(g, lane, found, consumer, auto_ack, ack_ms)
   local id, rec, fields = found[2], nil, nil
   if found[1] == 's' then
-    read_next(g, lane, consumer)
+    read_peeked(g, lane, consumer, id)
     fields = found[3]
     rec = new_rec(lane, fields)
   else
     redis.call('LPOP', gkey(g, 'rq:' .. lane))
+    rq_heads[g .. '\0' .. lane] = nil
     rec = get_rec(g, id)
     rec.s = ''
     fields = load_fields(id, lane, rec.rd)
     if not fields then
-      set_error(g, id, 'entry trimmed from the stream while pending')
+      set_error(g, id, rec, 'entry trimmed from the stream while pending')
       dead_letter(g, id, rec, 'trimmed')
       return nil
     end
@@ -1082,6 +1172,7 @@ local function nack()
   leave_flight(g, id, rec)
   if ARGV[7] ~= '' then
     redis.call('HSET', gkey(g, 'err'), id, ARGV[7])
+    rec.e = 1
   end
   on_failure(g, rec.l)
   if ARGV[5] ~= '1' then
@@ -1318,6 +1409,7 @@ local reply = operation()
 save_scheds()
 save_counts()
 save_ids()
+save_cursors()
 local wake_id = '0-0'
 if changed then
   wake_id = redis.call('XADD', WAKE, 'MAXLEN', 1, '*', 'n', 1)

@@ -424,20 +424,35 @@ class RedisBackend(Backend):
             ) from None
 
     def _publish_args(self, envelopes: Sequence[Envelope]) -> list:
-        args: list = []
+        """Return the script's arguments: runs of consecutive messages
+        that share every setting, each with its settings once."""
+        args: list = [0]
+        run_start = -1
+        previous = None
         for envelope in envelopes:
             body, encoding = self._encode_body(envelope.body)
-            headers_json, headers_pickle = self._encode_headers(
-                envelope.headers)
-            dedup = b"" if envelope.dedup_id is None else _token(
-                envelope.dedup_id, "dedup_id", self._pickle)
-            key = b"" if envelope.key is None else _token(
-                envelope.key, "key", self._pickle)
-            ttl = "" if envelope.ttl is None else envelope.ttl * 1000
-            args += [dedup, key, envelope.priority, envelope.delay * 1000,
-                     ttl, body, encoding, headers_json, headers_pickle,
-                     envelope.reply_to or "", envelope.correlation_id or ""]
+            # The types too: 1 == True, but they are different keys.
+            settings = (envelope._replace(body=encoding),
+                        type(envelope.key), type(envelope.dedup_id))
+            if settings != previous:
+                args[0] += 1
+                run_start = len(args)
+                args += [0, *self._settings_args(envelope, encoding)]
+                previous = settings
+            args[run_start] += 1
+            args.append(body)
         return args
+
+    def _settings_args(self, envelope: Envelope, encoding: bytes) -> list:
+        headers_json, headers_pickle = self._encode_headers(envelope.headers)
+        dedup = b"" if envelope.dedup_id is None else _token(
+            envelope.dedup_id, "dedup_id", self._pickle)
+        key = b"" if envelope.key is None else _token(
+            envelope.key, "key", self._pickle)
+        ttl = "" if envelope.ttl is None else envelope.ttl * 1000
+        return [dedup, key, envelope.priority, envelope.delay * 1000, ttl,
+                encoding, headers_json, headers_pickle,
+                envelope.reply_to or "", envelope.correlation_id or ""]
 
     def publish(self, topic: str, envelopes: Sequence[Envelope],
                 timeout: float | None) -> list[str]:
@@ -445,9 +460,9 @@ class RedisBackend(Backend):
         ids: list[str] = []
         while True:
             rest = envelopes[len(ids):]
-            reply = self._run(topic, "publish", len(rest), self._maxlen,
-                              *self._publish_args(rest))
-            status, index, new_ids, wake_id = reply
+            runs, *args = self._publish_args(rest)
+            reply = self._run(topic, "publish", runs, self._maxlen, *args)
+            status, _, new_ids, wake_id = reply
             ids += [raw.decode() for raw in new_ids]
             if status == b"OK":
                 return ids

@@ -1,0 +1,139 @@
+"""Forward a broker topic to another broker: `forward` and endpoint specs.
+
+`forward` consumes a topic of one `mqs.Broker` in a consumer group and
+publishes every message to a topic of another broker, then acks it at
+the source. A message is acked only after the destination stored it, so
+a crash of the forwarding process loses nothing: the source delivers
+the unacked messages again (after their ack deadline, or at once when a
+``log`` broker reopens). Each forwarded message carries the dedup id
+``mqs.bridge:<source topic>:<message id>``, so the destination drops a
+second copy that arrives within its topic's `dedup_window` (300 s by
+default): at-least-once across the hop, and exactly once while the
+window lasts.
+
+Endpoints are written ``redis://[user:password@]host:port/db#topic``
+(or ``rediss://``) and ``log:directory#topic``; `open_endpoint` opens
+one. ``mqs bridge SOURCE DESTINATION`` runs `forward` from the command
+line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+from mqs.broker import Broker
+from mqs.errors import Empty
+
+__all__ = ["Endpoint", "forward", "open_endpoint", "parse_endpoint"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE_HEADER = "mqs.bridge.source"
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """A broker and one of its topics, as parsed from an endpoint spec."""
+
+    backend: str
+    location: str
+    topic: str
+
+
+def parse_endpoint(spec: str) -> Endpoint:
+    """Parse ``redis://...#topic``, ``rediss://...#topic`` or
+    ``log:directory#topic``.
+
+    Raises
+    ------
+    ValueError
+        For another scheme or a missing topic, with an example.
+    """
+    location, sep, topic = spec.rpartition("#")
+    if not sep or not topic or not location:
+        raise ValueError(
+            f"invalid endpoint {spec!r}: add the topic after '#', such as "
+            f"'redis://127.0.0.1:6379/0#orders' or 'log:broker-dir#orders'")
+    if location.startswith(("redis://", "rediss://")):
+        return Endpoint("redis", location, topic)
+    if location.startswith("log:") and len(location) > 4:
+        return Endpoint("log", location[4:], topic)
+    raise ValueError(
+        f"invalid endpoint {spec!r}: it must start with redis://, rediss:// "
+        f"or log:<directory> (the shm backend is not supported yet)")
+
+
+def open_endpoint(endpoint: Endpoint, *, pickle: bool = False) -> Broker:
+    """Open the broker of `endpoint`. `pickle` sets ``serializer="pickle"``
+    on a redis broker (log brokers always pickle)."""
+    if endpoint.backend == "redis":
+        return Broker(backend="redis", url=endpoint.location,
+                      serializer="pickle" if pickle else None)
+    return Broker(backend="log", path=endpoint.location)
+
+
+def forward(source: Broker, source_topic: str, destination: Broker,
+            destination_topic: str, *, group: str = "mqs.bridge",
+            batch: int = 100, ack_timeout: float = 60.0,
+            max_messages: int | None = None,
+            idle_timeout: float | None = None,
+            stop: threading.Event | None = None) -> int:
+    """Move messages from `source_topic` to `destination_topic`; return
+    how many were forwarded.
+
+    Each round gets up to `batch` messages, publishes them in one call
+    with their priority, key, headers, reply_to and correlation id (plus
+    the header ``mqs.bridge.source``), then acks them in one call.
+    Returns after `max_messages` messages, after `idle_timeout` seconds
+    without a message, or once `stop` is set (None: never).
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int of 1 or more, got {batch!r}")
+    consumer = source.consume(source_topic, group, prefetch=batch,
+                              ack_timeout=ack_timeout)
+    destination._ensure_topic(destination_topic)
+    moved = 0
+    idle_since = time.monotonic()
+    try:
+        while stop is None or not stop.is_set():
+            limit = batch
+            if max_messages is not None:
+                limit = min(batch, max_messages - moved)
+                if limit <= 0:
+                    break
+            try:
+                messages = consumer.get_many(limit, timeout=0.2)
+            except Empty:
+                if idle_timeout is not None \
+                        and time.monotonic() - idle_since >= idle_timeout:
+                    break
+                continue
+            envelopes = [_envelope(destination, source_topic, message)
+                         for message in messages]
+            destination.backend.publish(destination_topic, envelopes, None)
+            acked = consumer.ack_many(messages)
+            if acked < len(messages):
+                logger.warning(
+                    "bridge %s -> %s: %d of %d acks came after their ack "
+                    "deadline; those messages will be forwarded again and "
+                    "dropped as duplicates at the destination", source_topic,
+                    destination_topic, len(messages) - acked, len(messages))
+            moved += len(messages)
+            idle_since = time.monotonic()
+    finally:
+        consumer.close(drain=False)
+    return moved
+
+
+def _envelope(destination: Broker, source_topic: str, message: Any):
+    headers = dict(message.headers)
+    headers[SOURCE_HEADER] = f"{source_topic}/{message.id}"
+    return destination._envelope(
+        message.body, priority=message.priority, key=message.key,
+        headers=headers,
+        dedup_id=f"mqs.bridge:{source_topic}:{message.id}",
+        reply_to=message.reply_to, correlation_id=message.correlation_id)

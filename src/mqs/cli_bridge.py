@@ -1,0 +1,81 @@
+"""The `mqs bridge` subcommand: forward a topic between two brokers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from mqs import bridge
+from mqs.cli import EXIT_FAILED, EXIT_OK, _positive_int
+from mqs.errors import MqsError
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bridge", help="forward a broker topic to another broker",
+        description="Consume SOURCE in a consumer group and publish every "
+                    "message to DESTINATION, acking it at the source only "
+                    "after the destination stored it (at-least-once; the "
+                    "destination drops copies within its dedup window). "
+                    "Endpoints: redis://[user:password@]host:port/db#topic "
+                    "(or rediss://) and log:DIRECTORY#topic. Runs until "
+                    "interrupted, --max-messages or --idle-exit.")
+    parser.add_argument("source", metavar="SOURCE", help="endpoint to read")
+    parser.add_argument("destination", metavar="DESTINATION",
+                        help="endpoint to write")
+    parser.add_argument("--group", default="mqs.bridge",
+                        help="consumer group at the source (default: "
+                             "mqs.bridge)")
+    parser.add_argument("--batch", type=_positive_int, default=100,
+                        help="messages per publish and ack (default: 100)")
+    parser.add_argument("--max-messages", type=_positive_int, default=None,
+                        help="stop after forwarding this many messages")
+    parser.add_argument("--idle-exit", type=float, default=None,
+                        metavar="SECONDS",
+                        help="stop after this many seconds without a "
+                             "message")
+    parser.add_argument("--pickle", action="store_true",
+                        help="open redis endpoints with "
+                             "serializer='pickle', for bodies other than "
+                             "bytes and str (only if every client of the "
+                             "server is trusted)")
+    parser.set_defaults(handler=_run_bridge)
+
+
+def _run_bridge(args: argparse.Namespace) -> int:
+    console = Console(stderr=True, highlight=False)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    source = destination = None
+    try:
+        source_end = bridge.parse_endpoint(args.source)
+        destination_end = bridge.parse_endpoint(args.destination)
+        source = bridge.open_endpoint(source_end, pickle=args.pickle)
+        destination = bridge.open_endpoint(destination_end,
+                                           pickle=args.pickle)
+        logger.info("bridge %s -> %s started", args.source, args.destination)
+        moved = bridge.forward(
+            source, source_end.topic, destination, destination_end.topic,
+            group=args.group, batch=args.batch,
+            max_messages=args.max_messages, idle_timeout=args.idle_exit,
+            stop=stop)
+    except (MqsError, OSError, ValueError, TypeError) as exc:
+        console.print(f"[bold red]mqs bridge: error:[/bold red] "
+                      f"{escape(str(exc) or type(exc).__name__)}",
+                      soft_wrap=True)
+        return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for broker in (source, destination):
+            if broker is not None:
+                broker.close()
+    print(f"forwarded {moved} messages", flush=True)
+    return EXIT_OK

@@ -1,0 +1,154 @@
+"""Tests of `mqs.bridge` and `mqs bridge` with log brokers and real Redis."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mqs
+from mqs import bridge
+
+redis = pytest.importorskip("redis")
+
+
+@pytest.fixture
+def redis_endpoint_url(redis_url):
+    """Return `redis_url`; redis brokers opened by the test use the
+    namespace ``mqs`` on it, so its keys are deleted after the test."""
+    client = redis.Redis.from_url(redis_url)
+    yield redis_url
+    keys = list(client.scan_iter(match="{mqs:bridge-*", count=1000))
+    if keys:
+        client.unlink(*keys)
+    client.close()
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("redis://127.0.0.1:1/0#orders",
+     bridge.Endpoint("redis", "redis://127.0.0.1:1/0", "orders")),
+    ("rediss://u:p@h:2/0#a#b", bridge.Endpoint("redis", "rediss://u:p@h:2/0#a",
+                                              "b")),
+    ("log:/tmp/dir#t", bridge.Endpoint("log", "/tmp/dir", "t")),
+])
+def test_parse_endpoint(spec, expected):
+    assert bridge.parse_endpoint(spec) == expected
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("redis://127.0.0.1:1/0", "add the topic after '#'"),
+    ("shm:q#t", "must start with redis://"),
+    ("log:#t", "must start with redis://"),
+])
+def test_parse_endpoint_rejects(spec, match):
+    with pytest.raises(ValueError, match=match):
+        bridge.parse_endpoint(spec)
+
+
+def test_forward_keeps_message_fields(redis_endpoint_url, tmp_path):
+    source = mqs.Broker(backend="log", path=tmp_path / "log")
+    destination = mqs.Broker(backend="redis", url=redis_endpoint_url)
+    topic = "bridge-fields"
+    source.publish("t", b"a", priority=9, key="k", headers={"trace": "x"})
+    source.publish("t", "b", correlation_id="c1")
+    moved = bridge.forward(source, "t", destination, topic, max_messages=2)
+    assert moved == 2
+    consumer = destination.consume(topic, "g", prefetch=2)
+    got = sorted(consumer.get_many(2, timeout=5),
+                 key=lambda message: message.priority, reverse=True)
+    assert [m.body for m in got] == [b"a", "b"]
+    assert got[0].priority == 9
+    assert got[0].key == "k"
+    assert got[0].headers["trace"] == "x"
+    assert got[0].headers[bridge.SOURCE_HEADER].startswith("t/")
+    assert got[1].correlation_id == "c1"
+    assert source.stats("t")["acked"] == 2
+    source.close()
+    destination.close()
+
+
+def test_forward_drops_second_copy_at_destination(redis_endpoint_url,
+                                                  tmp_path):
+    source = mqs.Broker(backend="log", path=tmp_path / "log")
+    destination = mqs.Broker(backend="redis", url=redis_endpoint_url)
+    topic = "bridge-dup"
+    source.publish("t", b"once")
+    message = source.consume("t", "mqs.bridge", ack_timeout=0.1).get(
+        timeout=5)
+    # A forwarder that published this message and died before its ack.
+    destination.publish(topic, b"once",
+                        dedup_id=f"mqs.bridge:t:{message.id}")
+    assert bridge.forward(source, "t", destination, topic,
+                          idle_timeout=1.0) == 1
+    consumer = destination.consume(topic, "g")
+    assert consumer.get(timeout=5).body == b"once"
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.2)
+    assert destination.stats(topic)["deduplicated"] == 1
+    source.close()
+    destination.close()
+
+
+def _bridge_process(*args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.Popen([sys.executable, "-m", "mqs", "bridge", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+
+
+def test_cli_bridge_survives_sigkill_and_comes_back(redis_endpoint_url,
+                                                    tmp_path, scale):
+    total = int(3000 * scale)
+    log_dir = tmp_path / "out"
+    source = mqs.Broker(backend="log", path=log_dir)
+    source.publish_many("t", [b"%d" % i for i in range(total)])
+    source.close()
+    redis_end = f"{redis_endpoint_url}#bridge-cli"
+    watcher = mqs.Broker(backend="redis", url=redis_endpoint_url)
+    watcher.declare_topic("bridge-cli")
+
+    # Out to Redis, killed part way.
+    first = _bridge_process(f"log:{log_dir}#t", redis_end, "--batch", "50")
+    deadline = time.monotonic() + 60
+    while watcher.stats("bridge-cli")["published"] < total // 4 \
+            and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    assert watcher.stats("bridge-cli")["published"] < total
+
+    # A second run forwards the rest, and the redelivered part once.
+    second = _bridge_process(f"log:{log_dir}#t", redis_end,
+                             "--idle-exit", "1")
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err.decode()
+    stats = watcher.stats("bridge-cli")
+    assert stats["published"] == total
+    watcher.close()
+
+    # And back from Redis into another log.
+    back_dir = tmp_path / "back"
+    third = _bridge_process(redis_end, f"log:{back_dir}#t",
+                            "--max-messages", str(total))
+    out, err = third.communicate(timeout=120)
+    assert third.returncode == 0, err.decode()
+    assert out.decode().strip() == f"forwarded {total} messages"
+    back = mqs.Broker(backend="log", path=back_dir)
+    consumer = back.consume("t", "g", prefetch=500, auto_ack=True)
+    bodies = []
+    while True:
+        try:
+            bodies += [m.body for m in consumer.get_many(500, timeout=0)]
+        except mqs.Empty:
+            break
+    back.close()
+    assert sorted(bodies, key=int) == [b"%d" % i for i in range(total)]
+
+
+def test_cli_bridge_reports_bad_endpoint(tmp_path):
+    process = _bridge_process("nowhere", f"log:{tmp_path}#t")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "invalid endpoint 'nowhere'" in err.decode()
