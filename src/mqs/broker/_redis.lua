@@ -12,8 +12,10 @@
 --   P groups       hash G -> max_attempts override ("" for none)
 --   P refs         hash id -> groups that still need the entry
 --   P ret          zset "L|id" -> time (ms) the entry is kept until
---   P tm           zset of timers: "D<id>|G" (delay due), "A<id>|G" (ack
---                  deadline), scored by their time in ms
+--   P tm           zset of timers, scored by their time in ms: "D<id>|G"
+--                  (delay due), "A<id>|G" (ack deadline moved by extend),
+--                  "B<n>|G" (ack deadline of the deliveries of one fetch)
+--   P dl:<n>       list "id|ticket": the deliveries of timer "B<n>|G"
 --   P dlq          stream of dead letters
 --   P rd           hash id -> msgpack copy of a redriven entry's fields
 --   P dd:<token>   string: message id of a dedup_id, with PX = dedup window
@@ -26,7 +28,7 @@
 --   P g:G\0sch     hash: "c<L>" cursor (last id read), "drr" scheduler and
 --                  "bk" token buckets (msgpack)
 --   P g:G\0cons    hash consumer -> prefetch
---   P g:G\0held:C  set of ids consumer C holds in flight
+--   P g:G\0inf     hash consumer -> messages it holds in flight
 --
 -- Each group reads its lanes with XREADGROUP, in stream order, when the
 -- entry reaches the head of the lane. Entries that are not ready then
@@ -44,6 +46,11 @@
 -- "mqs.parked". The records stay the source of truth, because ack
 -- deadlines differ per delivery (ack_timeout per consumer, extend), which
 -- the single min-idle-time of XAUTOCLAIM cannot express.
+--
+-- Records, reference counts, in-flight counts, XACK and XDEL go through
+-- write-back buffers flushed when the script ends (or before a command
+-- that must see them), so a batch costs a few calls instead of a few per
+-- message.
 
 local META = KEYS[1]
 local P = string.sub(META, 1, #META - 4)
@@ -66,6 +73,7 @@ local ENTRY_FIELDS = {b = true, e = true, p = true, t = true, k = true,
 local cfg
 local NOW
 local changed = false
+local flying
 local invalidate = false
 local scheds = {}
 -- Counter increments and group cursors, written back when the script ends.
@@ -77,6 +85,16 @@ local ids = nil
 -- of the ready list (false: empty), cached until the list changes.
 local peeks = {}
 local rq_heads = {}
+local rec_cache = {}
+local rec_dirty = {}
+local refs_cache = {}
+local refs_dirty = {}
+local inflight_delta = {}
+local stream_acks = {}
+local stream_dels = {}
+-- Reads taken by one consumer and not sent yet, per group and lane:
+-- consecutive XREADGROUP COUNT 1 calls become one with COUNT n.
+local pending_reads = {}
 
 local function stream(lane)
   return P .. 's:' .. lane
@@ -100,16 +118,17 @@ end
 -- The topic's sequence number and the millisecond of its last id.
 local function id_state()
   if not ids then
-    local raw = redis.call('HMGET', META, 'seq', 'lastms')
+    local raw = redis.call('HMGET', META, 'seq', 'lastms', 'batch')
     ids = {seq = tonumber(raw[1]) or 0, ms = tonumber(raw[2]) or 0,
-           dirty = false}
+           batch = tonumber(raw[3]) or 0, dirty = false}
   end
   return ids
 end
 
 local function save_ids()
   if ids and ids.dirty then
-    redis.call('HSET', META, 'seq', ids.seq, 'lastms', ids.ms)
+    redis.call('HSET', META, 'seq', ids.seq, 'lastms', ids.ms,
+               'batch', ids.batch)
   end
 end
 
@@ -147,15 +166,176 @@ end
 -- Records.
 
 local function get_rec(g, id)
-  local raw = redis.call('HGET', gkey(g, 'st'), id)
-  if not raw then
-    return nil
+  local name = g .. '\0' .. id
+  local rec = rec_cache[name]
+  if rec == nil then
+    local raw = redis.call('HGET', gkey(g, 'st'), id)
+    rec = raw and cmsgpack.unpack(raw) or false
+    rec_cache[name] = rec
   end
-  return cmsgpack.unpack(raw)
+  return rec or nil
 end
 
 local function put_rec(g, id, rec)
-  redis.call('HSET', gkey(g, 'st'), id, cmsgpack.pack(rec))
+  local name = g .. '\0' .. id
+  rec_cache[name] = rec
+  rec_dirty[name] = {g, id}
+end
+
+local function del_rec(g, id)
+  local name = g .. '\0' .. id
+  rec_cache[name] = false
+  rec_dirty[name] = {g, id}
+end
+
+-- Runs `command key` with the arguments in `args`, in chunks that fit
+-- Lua's stack.
+local function call_chunked(command, key, args, prefix)
+  local step = 2000
+  for i = 1, #args, step do
+    local chunk = {command, key}
+    for _, value in ipairs(prefix or {}) do
+      chunk[#chunk + 1] = value
+    end
+    for j = i, math.min(#args, i + step - 1) do
+      chunk[#chunk + 1] = args[j]
+    end
+    redis.call(unpack(chunk))
+  end
+end
+
+local function save_recs()
+  local sets, dels = {}, {}
+  for name, where in pairs(rec_dirty) do
+    local g, id = where[1], where[2]
+    local rec = rec_cache[name]
+    if rec then
+      sets[g] = sets[g] or {}
+      table.insert(sets[g], id)
+      table.insert(sets[g], cmsgpack.pack(rec))
+    else
+      dels[g] = dels[g] or {}
+      table.insert(dels[g], id)
+    end
+  end
+  for g, args in pairs(sets) do
+    call_chunked('HSET', gkey(g, 'st'), args)
+  end
+  for g, args in pairs(dels) do
+    call_chunked('HDEL', gkey(g, 'st'), args)
+  end
+  rec_dirty = {}
+end
+
+-- Reference counts: how many groups still need an entry (0: none).
+local function get_refs(id)
+  local n = refs_cache[id]
+  if n == nil then
+    n = tonumber(redis.call('HGET', REFS, id)) or 0
+    refs_cache[id] = n
+  end
+  return n
+end
+
+local function set_refs(id, n)
+  refs_cache[id] = n
+  refs_dirty[id] = true
+  return n
+end
+
+local function save_refs()
+  local sets, dels = {}, {}
+  for id, _ in pairs(refs_dirty) do
+    local n = refs_cache[id]
+    if n > 0 then
+      sets[#sets + 1] = id
+      sets[#sets + 1] = n
+    else
+      dels[#dels + 1] = id
+    end
+  end
+  call_chunked('HSET', REFS, sets)
+  call_chunked('HDEL', REFS, dels)
+  refs_dirty = {}
+end
+
+-- Deferred XACK and XDEL: the entries are finished already.
+local function defer_ack(lane, g, id)
+  local name = lane .. '\0' .. g
+  local batch = stream_acks[name]
+  if not batch then
+    batch = {lane = lane, g = g, ids = {}}
+    stream_acks[name] = batch
+  end
+  table.insert(batch.ids, id)
+end
+
+local function defer_del(lane, id)
+  local ids = stream_dels[lane]
+  if not ids then
+    ids = {}
+    stream_dels[lane] = ids
+  end
+  table.insert(ids, id)
+end
+
+-- Sends the pending reads of one group and lane (all when `name` is nil).
+local function flush_reads(name)
+  local todo = pending_reads
+  if name then
+    todo = {[name] = pending_reads[name]}
+  end
+  for key, read in pairs(todo) do
+    local got = redis.call('XREADGROUP', 'GROUP', read.g, read.consumer,
+                           'COUNT', read.n, 'STREAMS', stream(read.lane),
+                           '>')
+    local entries = got and got[1][2] or {}
+    if #entries ~= read.n or entries[#entries][1] ~= read.last then
+      error('MQS_BUG XREADGROUP returned ' .. #entries .. ' entries, ' ..
+            'expected ' .. read.n .. ' up to ' .. read.last)
+    end
+    pending_reads[key] = nil
+  end
+end
+
+-- Sends the deferred reads, then the XACK and XDEL calls, whose
+-- entries the reads must reach first.
+local function save_stream_ops()
+  flush_reads(nil)
+  for _, batch in pairs(stream_acks) do
+    call_chunked('XACK', stream(batch.lane), batch.ids, {batch.g})
+  end
+  for lane, ids in pairs(stream_dels) do
+    call_chunked('XDEL', stream(lane), ids)
+  end
+  stream_acks = {}
+  stream_dels = {}
+end
+
+-- Messages a consumer holds in flight, with this call's changes.
+local function inflight_add(g, consumer, n)
+  local name = g .. '\0' .. consumer
+  local delta = inflight_delta[name]
+  if not delta then
+    delta = {g = g, c = consumer, n = 0}
+    inflight_delta[name] = delta
+  end
+  delta.n = delta.n + n
+end
+
+local function inflight(g, consumer)
+  local held = tonumber(redis.call('HGET', gkey(g, 'inf'), consumer)) or 0
+  local delta = inflight_delta[g .. '\0' .. consumer]
+  return held + (delta and delta.n or 0)
+end
+
+local function save_inflight()
+  for _, delta in pairs(inflight_delta) do
+    if delta.n ~= 0 then
+      redis.call('HINCRBY', gkey(delta.g, 'inf'), delta.c, delta.n)
+    end
+  end
+  inflight_delta = {}
 end
 
 -- A record for an entry read from its stream: s is its state ("" while
@@ -386,9 +566,12 @@ end
 
 -- Takes an in-flight entry off its consumer and deadline.
 local function leave_flight(g, id, rec)
-  redis.call('ZREM', TM, timer_member('A', g, id))
+  if rec.ta == 1 then
+    redis.call('ZREM', TM, timer_member('A', g, id))
+    rec.ta = 0
+  end
   if rec.c ~= '' then
-    redis.call('SREM', gkey(g, 'held:' .. rec.c), id)
+    inflight_add(g, rec.c, -1)
   end
   rec.c = ''
   rec.s = ''
@@ -397,6 +580,9 @@ end
 -- Moves the PEL entry of an entry that left flight without finishing to
 -- the parked consumer, with the delivery count set to its attempts.
 local function park(g, id, rec)
+  if pending_reads[g .. '\0' .. rec.l] then
+    flush_reads(g .. '\0' .. rec.l)
+  end
   redis.call('XCLAIM', stream(rec.l), g, PARKED, 0, id,
              'RETRYCOUNT', rec.a, 'JUSTID')
 end
@@ -416,7 +602,7 @@ local function show_next(g, key)
         schedule(g, next_id, rec)
       else
         -- Not read yet: the group reads it in stream order.
-        redis.call('HDEL', gkey(g, 'st'), next_id)
+        del_rec(g, next_id)
       end
       invalidate = true
       return
@@ -440,7 +626,7 @@ local function maybe_delete(id, lane, redriven)
       redis.call('ZREM', RET, member)
     end
   end
-  redis.call('XDEL', stream(lane), id)
+  defer_del(lane, id)
   if redriven == 1 then
     redis.call('HDEL', RD, id)
   end
@@ -459,16 +645,15 @@ finish = function(g, id, rec)
   elseif rec.s == 'H' then
     redis.call('LREM', gkey(g, 'kw:' .. rec.k), 1, id)
   end
-  redis.call('HDEL', gkey(g, 'st'), id)
+  del_rec(g, id)
   if rec.e == 1 then
     redis.call('HDEL', gkey(g, 'err'), id)
   end
-  redis.call('XACK', stream(lane), g, id)
+  defer_ack(lane, g, id)
   if rec.k ~= '' and redis.call('HGET', gkey(g, 'kh'), rec.k) == id then
     show_next(g, rec.k)
   end
-  if redis.call('HINCRBY', REFS, id, -1) <= 0 then
-    redis.call('HDEL', REFS, id)
+  if set_refs(id, get_refs(id) - 1) <= 0 then
     maybe_delete(id, lane, rec.rd)
   end
   changed = true
@@ -518,6 +703,46 @@ end
 
 -- Timers and retention.
 
+local function missed_deadline(g, id, rec)
+  leave_flight(g, id, rec)
+  count('redelivered')
+  set_error(g, id, rec, 'ack deadline passed')
+  on_failure(g, rec.l)
+  if exhausted(g, rec.a) then
+    dead_letter(g, id, rec, 'ack_timeout')
+  else
+    park(g, id, rec)
+    make_ready(g, id, rec, false)
+  end
+end
+
+-- Handles a deadline timer of an in-flight entry. One that extend moved
+-- later keeps waiting, on a timer of its own.
+local function check_deadline(g, id, rec)
+  if rec.dl <= NOW then
+    missed_deadline(g, id, rec)
+  elseif rec.ta ~= 1 then
+    rec.ta = 1
+    put_rec(g, id, rec)
+    redis.call('ZADD', TM, rec.dl, timer_member('A', g, id))
+  end
+end
+
+local function fire_batch(g, batch)
+  local list = P .. 'dl:' .. batch
+  local items = redis.call('LRANGE', list, 0, -1)
+  redis.call('DEL', list)
+  for _, item in ipairs(items) do
+    local bar = string.find(item, '|', 1, true)
+    local id = string.sub(item, 1, bar - 1)
+    local rec = get_rec(g, id)
+    if rec and rec.s == 'F'
+        and rec.t == tonumber(string.sub(item, bar + 1)) then
+      check_deadline(g, id, rec)
+    end
+  end
+end
+
 local function fire()
   for _ = 1, 100 do
     local due = redis.call('ZRANGEBYSCORE', TM, '-inf', NOW,
@@ -532,19 +757,15 @@ local function fire()
       local bar = string.find(member, '|', 2, true)
       local id = string.sub(member, 2, bar - 1)
       local g = string.sub(member, bar + 1)
-      local rec = get_rec(g, id)
-      if rec and kind == 'D' and rec.s == 'D' then
-        make_ready(g, id, rec, false)
-      elseif rec and kind == 'A' and rec.s == 'F' then
-        leave_flight(g, id, rec)
-        count('redelivered')
-        set_error(g, id, rec, 'ack deadline passed')
-        on_failure(g, rec.l)
-        if exhausted(g, rec.a) then
-          dead_letter(g, id, rec, 'ack_timeout')
-        else
-          park(g, id, rec)
+      if kind == 'B' then
+        fire_batch(g, id)
+      else
+        local rec = get_rec(g, id)
+        if rec and kind == 'D' and rec.s == 'D' then
           make_ready(g, id, rec, false)
+        elseif rec and kind == 'A' and rec.s == 'F' then
+          rec.ta = 0
+          check_deadline(g, id, rec)
         end
       end
     end
@@ -558,14 +779,15 @@ local function trim_retained()
     redis.call('ZREM', RET, member)
     local bar = string.find(member, '|', 1, true)
     local id = string.sub(member, bar + 1)
-    if redis.call('HEXISTS', REFS, id) == 0 then
-      redis.call('XDEL', stream(string.sub(member, 1, bar - 1)), id)
+    if get_refs(id) <= 0 then
+      defer_del(string.sub(member, 1, bar - 1), id)
       redis.call('HDEL', RD, id)
     end
   end
 end
 
 local function stored_count()
+  save_stream_ops()
   local total = redis.call('HLEN', RD)
   for _, lane in ipairs(cfg.lanes) do
     total = total + redis.call('XLEN', stream(lane))
@@ -597,7 +819,7 @@ end
 -- Enters a new entry into a group: it counts as needed by the group and
 -- waits behind an older entry of its key.
 local function enter(g, id, lane, key)
-  redis.call('HINCRBY', REFS, id, 1)
+  set_refs(id, get_refs(id) + 1)
   if key == '' then
     return
   end
@@ -624,8 +846,9 @@ local function drop_entry(id, lane, groups)
       finish(g, id, rec)
     end
   end
+  save_stream_ops()
   redis.call('XDEL', stream(lane), id)
-  redis.call('HDEL', REFS, id)
+  set_refs(id, 0)
   redis.call('HDEL', RD, id)
   redis.call('ZREM', RET, lane .. '|' .. id)
 end
@@ -633,6 +856,7 @@ end
 -- Drops the oldest stored entry that no group holds in flight.
 -- NOTE: looks at the 64 oldest entries of each lane only.
 local function drop_oldest(groups)
+  save_stream_ops()
   local found = {}
   for _, lane in ipairs(cfg.lanes) do
     for _, entry in ipairs(redis.call('XRANGE', stream(lane), '-', '+',
@@ -698,6 +922,7 @@ local function add_message(meta, body, maxlen, groups)
     args[#args + 1] = meta[name]
   end
   redis.call(unpack(args))
+  refs_cache[id] = 0
   count('published')
   if #groups == 0 then
     redis.call('ZADD', RET, FAR, lane .. '|' .. id)
@@ -798,8 +1023,8 @@ local function end_backlog()
       redis.call('ZREM', RET, member)
       local bar = string.find(member, '|', 1, true)
       local id = string.sub(member, bar + 1)
-      if redis.call('HEXISTS', REFS, id) == 0 then
-        redis.call('XDEL', stream(string.sub(member, 1, bar - 1)), id)
+      if get_refs(id) <= 0 then
+        defer_del(string.sub(member, 1, bar - 1), id)
         count('dropped_unsubscribed')
       end
     end
@@ -823,6 +1048,7 @@ local function create_group(g, start)
     cursors[g .. '\0' .. lane] = start_id
   end
   if start == 'earliest' then
+    save_stream_ops()
     local stored = {}
     for _, lane in ipairs(cfg.lanes) do
       for _, entry in ipairs(redis.call('XRANGE', stream(lane), '-', '+')) do
@@ -865,18 +1091,25 @@ local function close_consumer()
   if redis.call('HDEL', gkey(g, 'cons'), consumer) == 0 then
     return {'OK', 0}
   end
-  local held = gkey(g, 'held:' .. consumer)
-  local returned = 0
-  for _, id in ipairs(ids_by_seq(redis.call('SMEMBERS', held))) do
-    local rec = get_rec(g, id)
-    if rec and rec.s == 'F' then
-      leave_flight(g, id, rec)
-      park(g, id, rec)
-      make_ready(g, id, rec, false)
-      returned = returned + 1
+  save_recs()
+  local held = {}
+  local raw = redis.call('HGETALL', gkey(g, 'st'))
+  for i = 1, #raw, 2 do
+    local rec = cmsgpack.unpack(raw[i + 1])
+    if rec.s == 'F' and rec.c == consumer then
+      held[#held + 1] = raw[i]
     end
   end
-  redis.call('DEL', held)
+  local returned = 0
+  for _, id in ipairs(ids_by_seq(held)) do
+    local rec = get_rec(g, id)
+    leave_flight(g, id, rec)
+    park(g, id, rec)
+    make_ready(g, id, rec, false)
+    returned = returned + 1
+  end
+  redis.call('HDEL', gkey(g, 'inf'), consumer)
+  inflight_delta[g .. '\0' .. consumer] = nil
   changed = true
   return {'OK', returned}
 end
@@ -886,13 +1119,36 @@ end
 -- Reads the entry at the head of a lane's unread part into the PEL of
 -- `consumer`; returns its id.
 local function read_next(g, lane, consumer)
+  local name = g .. '\0' .. lane
+  if pending_reads[name] then
+    flush_reads(name)
+  end
   local got = redis.call('XREADGROUP', 'GROUP', g, consumer, 'COUNT', 1,
                          'STREAMS', stream(lane), '>')
   local id = got[1][2][1][1]
-  local name = g .. '\0' .. lane
   cursors[name] = id
   dirty_cursors[name] = {g, lane}
   return id
+end
+
+-- Takes the peeked head of a lane for `consumer`, reading it into the
+-- consumer's PEL with the next flush.
+local function read_deferred(g, lane, consumer, id)
+  local name = g .. '\0' .. lane
+  local read = pending_reads[name]
+  if read and read.consumer ~= consumer then
+    flush_reads(name)
+    read = nil
+  end
+  if not read then
+    read = {g = g, lane = lane, consumer = consumer, n = 0}
+    pending_reads[name] = read
+  end
+  read.n = read.n + 1
+  read.last = id
+  cursors[name] = id
+  dirty_cursors[name] = {g, lane}
+  peeks[name].i = peeks[name].i + 1
 end
 
 -- Returns the next unread entry of a lane's stream for the group, or
@@ -903,6 +1159,7 @@ local function peek(g, lane)
   if buffer and buffer.i <= #buffer.entries then
     return buffer.entries[buffer.i]
   end
+  save_stream_ops()
   local from = '(' .. cursor(g, lane)
   buffer = {i = 1, entries = redis.call('XRANGE', stream(lane), from, '+',
                                         'COUNT', 32)}
@@ -978,12 +1235,15 @@ local function candidate(g, lane)
   return nil
 end
 
+-- "id|ticket" of the deliveries of this fetch, which share one timer.
+flying = {}
+
 -- Takes the candidate of a lane; returns a delivery, or nil when the
 -- entry left instead (expired, or trimmed from its stream).
 local function take(g, lane, found, consumer, auto_ack, ack_ms)
   local id, rec, fields = found[2], nil, nil
   if found[1] == 's' then
-    read_peeked(g, lane, consumer, id)
+    read_deferred(g, lane, consumer, id)
     fields = found[3]
     rec = new_rec(lane, fields)
   else
@@ -1021,9 +1281,11 @@ local function take(g, lane, found, consumer, auto_ack, ack_ms)
   end
   rec.s = 'F'
   rec.c = consumer
+  rec.dl = NOW + ack_ms
+  rec.ta = 0
   put_rec(g, id, rec)
-  redis.call('SADD', gkey(g, 'held:' .. consumer), id)
-  redis.call('ZADD', TM, NOW + ack_ms, timer_member('A', g, id))
+  inflight_add(g, consumer, 1)
+  flying[#flying + 1] = id .. '|' .. rec.t
   return delivery
 end
 
@@ -1060,8 +1322,7 @@ local function fetch()
   local ack_ms = tonumber(ARGV[5])
   local limit = tonumber(ARGV[4])
   if not auto_ack then
-    local held = redis.call('SCARD', gkey(g, 'held:' .. consumer))
-    limit = math.min(limit, tonumber(prefetch) - held)
+    limit = math.min(limit, tonumber(prefetch) - inflight(g, consumer))
   end
   local found = {}
   local cands = {}
@@ -1105,6 +1366,14 @@ local function fetch()
   end
   if auto_ack and #found > 0 and cfg.maxsize > 0 then
     changed = true
+  end
+  if #flying > 0 then
+    local state = id_state()
+    state.batch = state.batch + 1
+    state.dirty = true
+    local batch = P .. 'dl:' .. state.batch
+    call_chunked('RPUSH', batch, flying)
+    redis.call('ZADD', TM, NOW + ack_ms, 'B' .. state.batch .. '|' .. g)
   end
   return {'OK', next_wake(g, waiting), found}
 end
@@ -1203,7 +1472,10 @@ local function extend()
   if not rec then
     return {'OK', 0}
   end
-  redis.call('ZADD', TM, NOW + tonumber(ARGV[5]), timer_member('A', g, id))
+  rec.dl = NOW + tonumber(ARGV[5])
+  rec.ta = 1
+  put_rec(g, id, rec)
+  redis.call('ZADD', TM, rec.dl, timer_member('A', g, id))
   changed = true
   return {'OK', 1}
 end
@@ -1237,7 +1509,7 @@ local function in_flight()
   if redis.call('HEXISTS', gkey(g, 'cons'), consumer) == 0 then
     return {'OK', 0}
   end
-  return {'OK', redis.call('SCARD', gkey(g, 'held:' .. consumer))}
+  return {'OK', inflight(g, consumer)}
 end
 
 -- Dead letters.
@@ -1278,7 +1550,7 @@ local function dlq_redrive()
           end
         end
         redis.call('HSET', RD, id, cmsgpack.pack(copy))
-        redis.call('HINCRBY', REFS, id, 1)
+        set_refs(id, get_refs(id) + 1)
         local key = field(fields, 'k') or ''
         local rec = {s = '', t = 0, a = 0, l = lane, k = key, r = 1, c = '',
                      p = 0, d = 0, x = 0, rd = 1}
@@ -1313,6 +1585,8 @@ end
 
 local function stats()
   save_counts()
+  save_recs()
+  save_stream_ops()
   local result = {}
   local raw = redis.call('HGETALL', META)
   for i = 1, #raw, 2 do
@@ -1410,6 +1684,10 @@ save_scheds()
 save_counts()
 save_ids()
 save_cursors()
+save_recs()
+save_refs()
+save_inflight()
+save_stream_ops()
 local wake_id = '0-0'
 if changed then
   wake_id = redis.call('XADD', WAKE, 'MAXLEN', 1, '*', 'n', 1)

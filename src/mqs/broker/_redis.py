@@ -432,8 +432,8 @@ class RedisBackend(Backend):
         for envelope in envelopes:
             body, encoding = self._encode_body(envelope.body)
             # The types too: 1 == True, but they are different keys.
-            settings = (envelope._replace(body=encoding),
-                        type(envelope.key), type(envelope.dedup_id))
+            settings = (envelope[1:], encoding, type(envelope.key),
+                        type(envelope.dedup_id))
             if settings != previous:
                 args[0] += 1
                 run_start = len(args)
