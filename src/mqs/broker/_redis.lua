@@ -596,14 +596,22 @@ local function show_next(g, key)
       return
     end
     local rec = get_rec(g, next_id)
-    if rec and rec.s == 'H' then
-      redis.call('HSET', gkey(g, 'kh'), key, next_id)
-      if rec.r == 1 then
-        schedule(g, next_id, rec)
-      else
-        -- Not read yet: the group reads it in stream order.
+    local fields = nil
+    if rec and rec.s == 'H' and rec.r == 0 then
+      -- Not read yet: its due and expiry times are in its fields. It
+      -- joins the lane's tail now, as a read entry would; the group's
+      -- stream reading skips it when it gets there.
+      fields = load_fields(next_id, rec.l, rec.rd)
+      if fields and rec.rv ~= 1 then
+        rec.d = tonumber(field(fields, 'd')) or 0
+        rec.x = tonumber(field(fields, 'x')) or 0
+      elseif not fields then
         del_rec(g, next_id)
       end
+    end
+    if rec and rec.s == 'H' and (rec.r == 1 or fields) then
+      redis.call('HSET', gkey(g, 'kh'), key, next_id)
+      schedule(g, next_id, rec)
       invalidate = true
       return
     end
@@ -612,6 +620,33 @@ end
 
 local retained = nil
 
+local group_names = nil
+
+local function all_groups()
+  if not group_names then
+    group_names = redis.call('HKEYS', GROUPS)
+  end
+  return group_names
+end
+
+-- Deletes an entry's stream entry, and the markers groups keep of it.
+local function delete_entry(id, lane, redriven)
+  defer_del(lane, id)
+  if redriven == 1 then
+    redis.call('HDEL', RD, id)
+  end
+  local groups = all_groups()
+  if #groups > 1 then
+    for _, g in ipairs(groups) do
+      if get_rec(g, id) then
+        del_rec(g, id)
+      end
+    end
+  end
+end
+
+-- Deletes an entry no group needs any more, unless retention keeps it;
+-- returns whether it did.
 local function maybe_delete(id, lane, redriven)
   if retained == nil then
     retained = redis.call('EXISTS', RET) == 1
@@ -620,16 +655,14 @@ local function maybe_delete(id, lane, redriven)
     local member = lane .. '|' .. id
     local until_ms = redis.call('ZSCORE', RET, member)
     if until_ms and tonumber(until_ms) > NOW then
-      return
+      return false
     end
     if until_ms then
       redis.call('ZREM', RET, member)
     end
   end
-  defer_del(lane, id)
-  if redriven == 1 then
-    redis.call('HDEL', RD, id)
-  end
+  delete_entry(id, lane, redriven)
+  return true
 end
 
 -- Removes an entry from its group and shows the next one of its key.
@@ -653,8 +686,15 @@ finish = function(g, id, rec)
   if rec.k ~= '' and redis.call('HGET', gkey(g, 'kh'), rec.k) == id then
     show_next(g, rec.k)
   end
+  local deleted = false
   if set_refs(id, get_refs(id) - 1) <= 0 then
-    maybe_delete(id, lane, rec.rd)
+    deleted = maybe_delete(id, lane, rec.rd)
+  end
+  if rec.r == 0 and not deleted then
+    -- Finished before the group read it: a marker tells the group's
+    -- stream reading to skip it.
+    put_rec(g, id, {s = 'X', t = rec.t, a = 0, l = lane, k = '', r = 0,
+                    c = '', p = 0, d = 0, x = 0, rd = 0})
   end
   changed = true
 end
@@ -780,8 +820,12 @@ local function trim_retained()
     local bar = string.find(member, '|', 1, true)
     local id = string.sub(member, bar + 1)
     if get_refs(id) <= 0 then
-      defer_del(string.sub(member, 1, bar - 1), id)
-      redis.call('HDEL', RD, id)
+      delete_entry(id, string.sub(member, 1, bar - 1), 1)
+      for _, g in ipairs(all_groups()) do
+        if get_rec(g, id) then
+          del_rec(g, id)
+        end
+      end
     end
   end
 end
@@ -844,6 +888,11 @@ local function drop_entry(id, lane, groups)
     end
     if rec then
       finish(g, id, rec)
+    end
+  end
+  for _, g in ipairs(groups) do
+    if get_rec(g, id) then
+      del_rec(g, id)
     end
   end
   save_stream_ops()
@@ -1031,6 +1080,37 @@ local function end_backlog()
   end
 end
 
+-- Enters the redriven entries whose stream entry is gone into a new
+-- group, after the stream's entries, as the memory backend does.
+local function enter_redriven(g)
+  local copies = redis.call('HGETALL', RD)
+  local found = {}
+  for i = 1, #copies, 2 do
+    found[#found + 1] = {seq_of(copies[i]), copies[i],
+                         cmsgpack.unpack(copies[i + 1])}
+  end
+  table.sort(found, function(a, b) return a[1] < b[1] end)
+  for _, item in ipairs(found) do
+    local id, fields = item[2], item[3]
+    local key = field(fields, 'k') or ''
+    local rec = {s = '', t = 0, a = 0,
+                 l = lane_of(tonumber(field(fields, 'p'))), k = key, r = 1,
+                 c = '', p = 0, d = 0, x = 0, rd = 1, rv = 1}
+    set_refs(id, get_refs(id) + 1)
+    local head = gkey(g, 'kh')
+    if key ~= '' and redis.call('HEXISTS', head, key) == 1 then
+      rec.s = 'H'
+      put_rec(g, id, rec)
+      redis.call('RPUSH', gkey(g, 'kw:' .. key), id)
+    else
+      if key ~= '' then
+        redis.call('HSET', head, key, id)
+      end
+      make_ready(g, id, rec, false)
+    end
+  end
+end
+
 local function create_group(g, start)
   local first = redis.call('HLEN', GROUPS) == 0
   redis.call('HSET', GROUPS, g, '')
@@ -1060,6 +1140,7 @@ local function create_group(g, start)
     for _, item in ipairs(stored) do
       enter(g, item[2], item[3], item[4])
     end
+    enter_redriven(g)
   end
   if first then
     end_backlog()
@@ -1200,16 +1281,29 @@ local function candidate(g, lane)
       break
     end
     sid, sfields = found[1], found[2]
-    -- Only an entry with a key can have a record before it is read.
+    -- Only an entry with a key can have a record before it is read:
+    -- hidden behind its key (H), or shown and then handled while still
+    -- unread (R, D, F), or finished so (X).
     local rec = field(sfields, 'k') and get_rec(g, sid)
     if rec then
       read_peeked(g, lane, PARKED, sid)
-      rec.r = 1
-      rec.d = tonumber(field(sfields, 'd')) or 0
-      rec.x = tonumber(field(sfields, 'x')) or 0
-      redis.call('XCLAIM', stream(lane), g, PARKED, 0, sid,
-                 'RETRYCOUNT', 0, 'JUSTID')
-      put_rec(g, sid, rec)
+      if rec.s == 'X' then
+        defer_ack(lane, g, sid)
+        del_rec(g, sid)
+      else
+        if rec.s == 'H' and rec.rv ~= 1 then
+          rec.d = tonumber(field(sfields, 'd')) or 0
+          rec.x = tonumber(field(sfields, 'x')) or 0
+        end
+        rec.r = 1
+        local owner = PARKED
+        if rec.s == 'F' then
+          owner = rec.c
+        end
+        redis.call('XCLAIM', stream(lane), g, owner, 0, sid,
+                   'RETRYCOUNT', rec.a, 'JUSTID')
+        put_rec(g, sid, rec)
+      end
     else
       local due = tonumber(field(sfields, 'd')) or 0
       if due <= NOW then
@@ -1540,8 +1634,13 @@ local function dlq_redrive()
       redis.call('XDEL', DLQ, entry[1])
       local g = field(fields, 'g')
       local lane = tonumber(field(fields, 'l'))
-      if redis.call('HEXISTS', GROUPS, g) == 1 and not get_rec(g, id)
-          and not unread(g, id, lane) then
+      -- A group that finished the entry before reading it keeps a marker
+      -- (X); one that has it anywhere else is skipped.
+      local marker = get_rec(g, id)
+      local finished_unread = marker and marker.s == 'X'
+      if redis.call('HEXISTS', GROUPS, g) == 1
+          and (finished_unread or not marker and not unread(g, id, lane))
+          then
         local copy = {}
         for i = 1, #fields, 2 do
           if ENTRY_FIELDS[fields[i]] then
@@ -1549,11 +1648,21 @@ local function dlq_redrive()
             copy[#copy + 1] = fields[i + 1]
           end
         end
-        redis.call('HSET', RD, id, cmsgpack.pack(copy))
+        -- A copy only when the stream entry is gone (finished by every
+        -- group), so that `stored` counts each message once.
+        local redriven = 0
+        if #redis.call('XRANGE', stream(lane), id, id) == 0 then
+          redis.call('HSET', RD, id, cmsgpack.pack(copy))
+          redriven = 1
+        end
         set_refs(id, get_refs(id) + 1)
         local key = field(fields, 'k') or ''
+        -- rv: redriven, so no delay and no ttl.
         local rec = {s = '', t = 0, a = 0, l = lane, k = key, r = 1, c = '',
-                     p = 0, d = 0, x = 0, rd = 1}
+                     p = 0, d = 0, x = 0, rd = redriven, rv = 1}
+        if finished_unread then
+          rec.r = 0
+        end
         local head = gkey(g, 'kh')
         if key ~= '' and redis.call('HEXISTS', head, key) == 1 then
           rec.s = 'H'
@@ -1595,7 +1704,7 @@ local function stats()
       result[#result + 1] = raw[i + 1]
     end
   end
-  local ready, delayed, flying = 0, 0, 0
+  local ready, delayed, in_flight_count = 0, 0, 0
   local groups = redis.call('HKEYS', GROUPS)
   for _, g in ipairs(groups) do
     for _, raw_rec in ipairs(redis.call('HVALS', gkey(g, 'st'))) do
@@ -1603,8 +1712,8 @@ local function stats()
       if state == 'D' then
         delayed = delayed + 1
       elseif state == 'F' then
-        flying = flying + 1
-      else
+        in_flight_count = in_flight_count + 1
+      elseif state ~= 'X' then
         ready = ready + 1
       end
     end
@@ -1630,7 +1739,7 @@ local function stats()
     end
   end
   local gauges = {stored = stored_count(), ready = ready,
-                  delayed = delayed, in_flight = flying,
+                  delayed = delayed, in_flight = in_flight_count,
                   dlq = redis.call('XLEN', DLQ), groups = #groups}
   for name, value in pairs(gauges) do
     result[#result + 1] = name
