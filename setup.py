@@ -52,6 +52,7 @@ extensions = [
     extension("_shared", ["csrc/mqs_bytering.c", "csrc/mqs_delay.c",
                          "csrc/mqs_wheel.c"]),
     extension("_seglog", ["csrc/mqs_seglog.c", "csrc/mqs_crc32c.c"]),
+    extension("_journal", ["csrc/mqs_journal.c"]),
 ]
 
 setup(

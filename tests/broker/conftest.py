@@ -6,6 +6,7 @@ returns a fresh, empty `mqs.Broker` and cleans up after the test.
 """
 
 import contextlib
+import os
 import uuid
 
 import pytest
@@ -31,6 +32,19 @@ def _log_broker(tmp_path):
         yield broker
     finally:
         broker.close()
+
+
+@contextlib.contextmanager
+def _shm_broker(tmp_path):
+    # A name of its own per test; a small journal, so that tests wrap it.
+    name = f"test-{os.getpid()}-{tmp_path.name}"
+    mqs.Broker.unlink(name)
+    broker = mqs.Broker(backend="shm", name=name, journal_bytes=1 << 20)
+    try:
+        yield broker
+    finally:
+        broker.close()
+        mqs.Broker.unlink(name)
 
 
 @contextlib.contextmanager
@@ -69,6 +83,7 @@ BACKEND_FACTORIES = {
     "memory": lambda tmp_path, request: _memory_broker(tmp_path),
     "log": lambda tmp_path, request: _log_broker(tmp_path),
     "redis": _redis_broker,
+    "shm": lambda tmp_path, request: _shm_broker(tmp_path),
 }
 
 

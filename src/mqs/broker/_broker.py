@@ -19,6 +19,7 @@ from mqs.broker._backend import Backend, DeadLetter, Delivery, Envelope
 from mqs.broker._log import LogBackend
 from mqs.broker._memory import MemoryBackend
 from mqs.broker._policy import Backoff, TopicConfig, check_priority
+from mqs.broker._shm import ShmBackend
 from mqs.errors import (
     AlreadySettled,
     BackendUnavailable,
@@ -38,8 +39,9 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
     "memory": lambda clock=None: MemoryBackend(clock=clock),
     "log": LogBackend,
     "redis": lambda **options: _redis_backend(**options),
+    "shm": ShmBackend,
 }
-_PLANNED = ("shm",)
+_PLANNED: tuple[str, ...] = ()
 _STARTS = ("earliest", "latest")
 
 
@@ -561,15 +563,18 @@ class Broker:
         ``"log"``: the same, durable in a log directory (``path=``,
         ``fsync=``; see `mqs.broker._log`). ``"redis"``: processes on
         any host share the broker through a Redis server (``url=``,
-        ``serializer=``; see `mqs.broker._redis`). ``"shm"`` is planned
-        and raises `BackendUnavailable` until it exists.
+        ``serializer=``; see `mqs.broker._redis`). ``"shm"``: every
+        process on this machine that passes the same ``name=`` shares
+        the broker, kept in /dev/shm until `unlink` (see
+        `mqs.broker._shm`).
     auto_declare : bool
         Declare an unknown topic with default settings on its first
         `publish` or `consume`. False raises `UnknownTopic` instead.
     **options
         Passed to the backend factory (``clock=`` for the memory backend,
         ``path=`` and ``fsync=`` for the log backend, ``url=`` and the
-        options of `mqs.broker._redis.RedisBackend` for the redis one).
+        options of `mqs.broker._redis.RedisBackend` for the redis one,
+        ``name=`` and ``journal_bytes=`` for the shm one).
     """
 
     def __init__(self, backend: str | Backend = "memory", *,
@@ -953,6 +958,18 @@ class Broker:
         if not self._closed:
             self._closed = True
             self._backend.close()
+
+    @staticmethod
+    def unlink(name: str) -> bool:
+        """Remove the shm broker `name` with all its state from /dev/shm.
+
+        Returns whether it existed. `close` never removes an shm broker,
+        so that other processes keep it; call this when no process needs
+        it any more. Processes that still have it open keep their
+        mapping, and the next ``Broker(backend="shm", name=name)``
+        creates a new, empty broker.
+        """
+        return ShmBackend.unlink(name)
 
     def __enter__(self) -> Broker:
         return self

@@ -1,0 +1,347 @@
+# cython: language_level=3, embedsignature=True, binding=False
+"""`SharedJournal`: the shared operation journal of an shm broker.
+
+A thin wrapper of `csrc/mqs_journal.h`: a /dev/shm file that every
+process of one broker maps, with a robust process-shared mutex, an
+append-only records area, a change wait word and participant slots.
+What the records mean is up to `mqs.broker._shm`.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+
+from mqs.includes.mqs_atomic cimport MQS_EFULL, MQS_ETIMEDOUT, MQS_OK
+from mqs.includes.mqs_journal cimport (
+    MQS_JOURNAL_EAGAIN_INIT,
+    MQS_JOURNAL_EVERSION,
+    MQS_JOURNAL_HEADER_BYTES,
+    MQS_JOURNAL_MAX_BYTES,
+    MQS_JOURNAL_MAX_PARTICIPANTS,
+    MQS_JOURNAL_MIN_BYTES,
+    MQS_JOURNAL_RECORD_HEADER,
+    mqs_journal_alive,
+    mqs_journal_append,
+    mqs_journal_attach,
+    mqs_journal_bytes,
+    mqs_journal_changed,
+    mqs_journal_file_bytes,
+    mqs_journal_format,
+    mqs_journal_head,
+    mqs_journal_header_t,
+    mqs_journal_lock,
+    mqs_journal_record_bytes,
+    mqs_journal_restart,
+    mqs_journal_unlock,
+    mqs_journal_validate,
+)
+from mqs.includes.mqs_wait cimport (
+    mqs_wait_finish,
+    mqs_wait_park,
+    mqs_wait_prepare,
+    mqs_wait_signal,
+)
+
+import os
+import secrets
+
+__all__ = ["SharedJournal", "JournalLayoutError", "MIN_BYTES", "MAX_BYTES"]
+
+MIN_BYTES = MQS_JOURNAL_MIN_BYTES
+MAX_BYTES = MQS_JOURNAL_MAX_BYTES
+RECORD_HEADER = MQS_JOURNAL_RECORD_HEADER
+
+# A lock wait and a change wait each return to Python this often, so
+# that Ctrl-C (KeyboardInterrupt) gets through.
+DEF SLICE_NS = 50000000
+
+
+class JournalLayoutError(ValueError):
+    """Raised when a /dev/shm file is not an shm broker of this layout."""
+
+
+cdef class SharedJournal:
+    """The mapped journal file at `path`, created if missing.
+
+    Parameters
+    ----------
+    path : str
+        File under /dev/shm, created with mode 0600.
+    journal_bytes : int
+        Size of the records area when this call creates the file; an
+        existing file keeps its own size.
+    """
+
+    cdef mqs_journal_header_t *_header
+    cdef int64_t _file_bytes
+    cdef int _fd
+    cdef int _slot
+    cdef uint64_t _token
+    cdef readonly str path
+    cdef readonly bint created
+
+    def __cinit__(self, *args, **kwargs):
+        self._header = NULL
+        self._fd = -1
+        self._slot = -1
+
+    def __init__(self, str path, int64_t journal_bytes):
+        self.path = path
+        self.created = False
+        temp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o600)
+        try:
+            # Build the file under a private name, then link it into
+            # place: an attacher never sees a half-formatted file.
+            os.ftruncate(fd, mqs_journal_file_bytes(journal_bytes))
+            self._map(fd)
+            if mqs_journal_format(self._header, journal_bytes) != MQS_OK:
+                raise OSError("cannot set up the journal's process-shared "
+                              "mutex")
+            try:
+                os.link(temp, path)
+                self.created = True
+            except FileExistsError:
+                self._unmap()
+                os.close(fd)
+                fd = -1
+                self._attach(path)
+        except BaseException:
+            if fd >= 0:
+                self._unmap()
+                os.close(fd)
+            raise
+        finally:
+            os.unlink(temp)
+        if fd >= 0:
+            self._fd = fd
+
+    cdef int _map(self, int fd) except -1:
+        cdef void *base
+        self._file_bytes = os.fstat(fd).st_size
+        base = mmap(NULL, <size_t>self._file_bytes, PROT_READ | PROT_WRITE,
+                    MAP_SHARED, fd, 0)
+        if base == MAP_FAILED:
+            raise OSError(f"cannot map {self._file_bytes} bytes of "
+                          f"{self.path}; /dev/shm or the address space is "
+                          f"exhausted")
+        self._header = <mqs_journal_header_t *>base
+        return 0
+
+    cdef int _unmap(self) except -1:
+        if self._header != NULL:
+            munmap(self._header, <size_t>self._file_bytes)
+            self._header = NULL
+        return 0
+
+    cdef int _attach(self, str path) except -1:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size < MQS_JOURNAL_HEADER_BYTES:
+                raise JournalLayoutError(
+                    f"{path} is {os.fstat(fd).st_size} bytes, too small "
+                    f"for an shm broker; it is not one, so remove it or "
+                    f"use another name")
+            self._map(fd)
+            rc = mqs_journal_validate(self._header, self._file_bytes)
+            if rc == MQS_JOURNAL_EVERSION:
+                raise JournalLayoutError(
+                    f"{path} has another shm broker layout version; use "
+                    f"the mqs version that created it, or unlink it")
+            if rc != MQS_OK:
+                raise JournalLayoutError(
+                    f"{path} is not an shm broker of this mqs (bad header"
+                    f"{', never initialised' if rc == MQS_JOURNAL_EAGAIN_INIT else ''}"
+                    f"); unlink it or use another name")
+        except BaseException:
+            self._unmap()
+            os.close(fd)
+            raise
+        self._fd = fd
+        return 0
+
+    cdef int _check(self) except -1:
+        if self._header == NULL:
+            raise ValueError(f"journal {self.path} is closed")
+        return 0
+
+    # Participants.
+
+    def attach(self):
+        """Take a participant slot; return ``(slot, token)``."""
+        cdef uint64_t token = 0
+        cdef int slot
+        self._check()
+        slot = mqs_journal_attach(self._header, self._fd, &token)
+        if slot == MQS_EFULL:
+            raise OSError(
+                f"all {MQS_JOURNAL_MAX_PARTICIPANTS} participant slots of "
+                f"{self.path} are held by live processes; close brokers in "
+                f"processes that no longer use them")
+        if slot < 0:
+            raise OSError(-slot, f"cannot lock a participant slot of "
+                                 f"{self.path}", self.path)
+        self._slot = slot
+        self._token = token
+        return slot, token
+
+    def alive(self, int slot, uint64_t token):
+        """Return whether the holder of `slot` with `token` is alive."""
+        cdef int rc
+        self._check()
+        rc = mqs_journal_alive(self._header, self._fd, self._slot, slot,
+                               token)
+        if rc < 0:
+            raise OSError(-rc, f"cannot test a participant lock of "
+                               f"{self.path}", self.path)
+        return rc == 1
+
+    def reopen(self):
+        """Give this process its own open file description (after fork),
+        dropping the slot that belonged to the parent's."""
+        self._check()
+        fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC)
+        os.close(self._fd)
+        self._fd = fd
+        self._slot = -1
+
+    # Lock.
+
+    def lock(self):
+        """Take the lock; return True when its previous owner had died.
+
+        Waits as long as it takes, in slices that let signals through.
+        """
+        cdef int rc
+        self._check()
+        rc = mqs_journal_lock(self._header, 0)
+        while rc == MQS_ETIMEDOUT:
+            with nogil:
+                rc = mqs_journal_lock(self._header, SLICE_NS)
+            if rc == MQS_ETIMEDOUT:
+                PyErr_CheckSignals()
+        if rc < 0:
+            raise OSError(f"the process-shared mutex of {self.path} is "
+                          f"unusable (status {rc})")
+        return rc == 1
+
+    def unlock(self):
+        mqs_journal_unlock(self._header)
+
+    # Records (under the lock).
+
+    def position(self):
+        """Return ``(generation, committed bytes)``."""
+        cdef uint64_t position
+        self._check()
+        position = mqs_journal_head(self._header).position
+        return position >> 32, position & 0xffffffff
+
+    @property
+    def restart_used(self):
+        """Committed bytes of the journal that the last restart ended."""
+        self._check()
+        return mqs_journal_head(self._header).restart_used
+
+    @property
+    def recoveries(self):
+        """Times a process found the lock's owner dead."""
+        self._check()
+        return mqs_journal_head(self._header).recoveries
+
+    @property
+    def journal_bytes(self):
+        self._check()
+        return mqs_journal_bytes(self._header)
+
+    @property
+    def slot(self):
+        return self._slot
+
+    @property
+    def token(self):
+        return self._token
+
+    def record_bytes(self, Py_ssize_t length):
+        """Bytes a record of `length` payload bytes takes."""
+        return mqs_journal_record_bytes(length)
+
+    def append(self, bytes payload):
+        """Append a record; return the new committed bytes, or -1 when
+        the journal has no room for it."""
+        cdef int64_t rc
+        self._check()
+        if len(payload) > mqs_journal_bytes(self._header):
+            return -1
+        rc = mqs_journal_append(self._header, PyBytes_AS_STRING(payload),
+                                <uint32_t>len(payload))
+        return -1 if rc == MQS_EFULL else rc
+
+    def read(self, int64_t start, int64_t end):
+        """Return the payloads of the records from byte `start` to `end`."""
+        cdef unsigned char *records
+        cdef uint32_t length
+        cdef list found = []
+        self._check()
+        if start < 0 or end > mqs_journal_bytes(self._header) or start > end:
+            raise ValueError(f"record range {start}..{end} is outside the "
+                             f"journal of {self.path}")
+        records = (<unsigned char *>self._header) + MQS_JOURNAL_HEADER_BYTES
+        while start < end:
+            memcpy(&length, records + start, sizeof(length))
+            if mqs_journal_record_bytes(length) > end - start:
+                raise ValueError(f"journal {self.path} has a record of "
+                                 f"{length} bytes past its end at {start}")
+            found.append(PyBytes_FromStringAndSize(
+                <char *>records + start + MQS_JOURNAL_RECORD_HEADER, length))
+            start += mqs_journal_record_bytes(length)
+        return found
+
+    def restart(self):
+        """Start a new generation with no records; return it."""
+        self._check()
+        return mqs_journal_restart(self._header)
+
+    # Change notification.
+
+    def wait_prepare(self):
+        """Register as a waiter; return the epoch to pass to `wait`."""
+        self._check()
+        return mqs_wait_prepare(mqs_journal_changed(self._header))
+
+    def wait(self, uint32_t epoch, double timeout):
+        """Wait until a commit after `wait_prepare` or `timeout` seconds
+        (at most 50 ms in one call), then deregister."""
+        cdef int64_t timeout_ns = <int64_t>(min(max(timeout, 0.0), 0.05)
+                                            * 1e9)
+        self._check()
+        with nogil:
+            mqs_wait_park(mqs_journal_changed(self._header), epoch,
+                          timeout_ns, 1)
+        mqs_wait_finish(mqs_journal_changed(self._header))
+
+    def cancel_wait(self):
+        """Deregister a waiter that did not call `wait`."""
+        mqs_wait_finish(mqs_journal_changed(self._header))
+
+    def signal(self):
+        """Wake every process waiting for a change."""
+        self._check()
+        mqs_wait_signal(mqs_journal_changed(self._header), 1)
+
+    def close(self):
+        """Unmap the file and release the slot; idempotent."""
+        self._unmap()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._slot = -1
+
+    def __dealloc__(self):
+        if self._header != NULL:
+            munmap(self._header, <size_t>self._file_bytes)
+        if self._fd >= 0:
+            os.close(self._fd)
