@@ -310,7 +310,11 @@ class ShmBackend(LogBackend):
     def _replay_records(self, records: list[bytes]) -> None:
         for data in records:
             op, now, args = pickle.loads(data)
-            self._now = self._last = max(self._last, now)
+            # Exactly the recorded time, even when this process read a
+            # later clock for an operation that changed nothing: rate
+            # buckets refilled at another time would diverge.
+            self._now = now
+            self._last = max(self._last, now)
             try:
                 self._apply(op, args)
             except Exception:

@@ -1,0 +1,463 @@
+"""Tests of the shm backend across real processes and shared memory.
+
+The contract suite (test_broker_contract.py) covers the broker's rules;
+these tests cover what only the shm backend has: processes sharing one
+broker by name, its lifetime in /dev/shm, dead consumers' messages, a
+journal that wraps into snapshots, and replicas that stay equal.
+"""
+
+import collections
+import multiprocessing
+import os
+import signal
+import stat
+import time
+import uuid
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+import mqs
+from mqs.broker._shm import SHM_DIR, ShmBackend
+
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def name():
+    """Return a fresh broker name, unlinked after the test."""
+    fresh = f"test-shm-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    yield fresh
+    mqs.Broker.unlink(fresh)
+
+
+def open_broker(name, **options):
+    return mqs.Broker(backend="shm", name=name, **options)
+
+
+def start(target, *args):
+    process = FORK.Process(target=target, args=args, daemon=True)
+    process.start()
+    return process
+
+
+def join(process, timeout=60):
+    """Join a child; kill it and fail if it outlives `timeout`."""
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        pytest.fail(f"child {process.pid} did not finish in {timeout} s")
+    assert process.exitcode == 0, f"child exit code {process.exitcode}"
+
+
+def drain(consumer, count, timeout=30):
+    """Get `count` messages (acking each) or fail after `timeout`."""
+    messages = []
+    deadline = time.monotonic() + timeout
+    while len(messages) < count and time.monotonic() < deadline:
+        try:
+            batch = consumer.get_many(count - len(messages), timeout=0.2)
+        except mqs.Empty:
+            continue
+        for message in batch:
+            message.ack()
+        messages += batch
+    return messages
+
+
+def snapshot_files(name):
+    prefix = f"mqs.broker.{name}.snapshot-"
+    return [entry for entry in os.listdir(SHM_DIR)
+            if entry.startswith(prefix)]
+
+
+# Children. Module level, so that they are plain functions in the fork.
+
+def publish_bodies(name, count):
+    broker = open_broker(name)
+    for number in range(count):
+        broker.publish("t", {"n": number})
+    broker.close()
+
+
+def consume_group(name, group, ready, stop, results):
+    broker = open_broker(name)
+    consumer = broker.consume("t", group, prefetch=16, ack_timeout=60)
+    ready.set()
+    seen = []
+    while not stop.is_set():
+        try:
+            batch = consumer.get_many(16, timeout=0.05)
+        except mqs.Empty:
+            continue
+        for message in batch:
+            seen.append(message.body)
+            message.ack()
+    consumer.close()
+    results.put((group, os.getpid(), seen))
+    broker.close()
+
+
+def consume_rated(name, start_at, seconds, results):
+    broker = open_broker(name)
+    consumer = broker.consume("t", "g", auto_ack=True, prefetch=64)
+    while time.monotonic() < start_at:
+        time.sleep(0.001)
+    taken = 0
+    while time.monotonic() < start_at + seconds:
+        try:
+            taken += len(consumer.get_many(64, timeout=0.01))
+        except mqs.Empty:
+            pass
+    results.put(taken)
+    consumer.close()
+    broker.close()
+
+
+def publish_keys(name, keys, per_key):
+    broker = open_broker(name)
+    for number in range(per_key):
+        for key in keys:
+            broker.publish("t", (key, number), key=key)
+    broker.close()
+
+
+def consume_keys(name, stop, results):
+    broker = open_broker(name)
+    consumer = broker.consume("t", "g", prefetch=4, ack_timeout=60)
+    log = []
+    while not stop.is_set():
+        try:
+            message = consumer.get(timeout=0.05)
+        except mqs.Empty:
+            continue
+        got = time.monotonic()
+        time.sleep(0.0005)
+        done = time.monotonic()
+        message.ack()
+        log.append((message.body, got, done))
+    consumer.close()
+    results.put(log)
+    broker.close()
+
+
+def fetch_then_die(name, results):
+    broker = open_broker(name)
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+    messages = consumer.get_many(5, timeout=10)
+    results.put(sorted(message.body for message in messages))
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def publish_later(name, delay_s):
+    broker = open_broker(name)
+    time.sleep(delay_s)
+    broker.publish("t", "late")
+    broker.close()
+
+
+# Processes sharing one broker.
+
+def test_shm_publish_in_one_process_consume_in_another(name):
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g")
+    join(start(publish_bodies, name, 200))
+
+    messages = drain(consumer, 200)
+    assert [message.body for message in messages] == \
+        [{"n": number} for number in range(200)]
+    assert all(message.attempts == 1 for message in messages)
+    stats = broker.stats("t")
+    assert stats["published"] == 200
+    assert stats["acked"] == 200
+    assert stats["stored"] == 0
+    consumer.close()
+    broker.close()
+
+
+def test_shm_groups_split_and_copy_across_processes(name):
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    stop = FORK.Event()
+    results = FORK.Queue()
+    readies = []
+    children = []
+    for group in ("a", "a", "b"):
+        ready = FORK.Event()
+        readies.append(ready)
+        children.append(start(consume_group, name, group, ready, stop,
+                              results))
+    for ready in readies:
+        assert ready.wait(30)
+    broker.publish_many("t", range(300))
+    deadline = time.monotonic() + 60
+    while broker.stats("t")["acked"] < 600 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    found = [results.get(timeout=30) for _ in children]
+    for child in children:
+        join(child)
+
+    group_a = [seen for group, _, seen in found if group == "a"]
+    group_b = [seen for group, _, seen in found if group == "b"]
+    # Competing consumers of "a" split the messages without overlap.
+    assert sorted(group_a[0] + group_a[1]) == list(range(300))
+    assert not set(group_a[0]) & set(group_a[1])
+    # "b" gets its own copy of every message, in publish order.
+    assert group_b[0] == list(range(300))
+    assert broker.stats("t")["acked"] == 600
+    broker.close()
+
+
+def test_shm_rate_limit_shared_by_three_processes(name):
+    broker = open_broker(name)
+    rate, burst, seconds = 100, 10, 1.5
+    broker.declare_topic("t", rate=mqs.Rate(rate, burst=burst))
+    consumer = broker.consume("t", "g")
+    consumer.close()
+    broker.publish_many("t", range(2000))
+    results = FORK.Queue()
+    start_at = time.monotonic() + 1.0
+    children = [start(consume_rated, name, start_at, seconds, results)
+                for _ in range(3)]
+    taken = [results.get(timeout=60) for _ in children]
+    for child in children:
+        join(child)
+
+    # One bucket for the group, whatever the number of processes: the
+    # total stays near rate * seconds + burst, never three times it.
+    total = sum(taken)
+    assert total <= rate * seconds * 1.3 + burst + 10
+    assert total >= rate * seconds * 0.3
+    assert broker.stats("t")["delivered"] == total
+    broker.close()
+
+
+def test_shm_key_order_holds_across_processes(name):
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    broker.consume("t", "g").close()
+    stop = FORK.Event()
+    results = FORK.Queue()
+    consumers = [start(consume_keys, name, stop, results) for _ in range(3)]
+    producers = [start(publish_keys, name, ["k1", "k2"], 40),
+                 start(publish_keys, name, ["k3", "k4"], 40)]
+    for producer in producers:
+        join(producer)
+    deadline = time.monotonic() + 60
+    while broker.stats("t")["acked"] < 160 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    logs = [results.get(timeout=30) for _ in consumers]
+    for child in consumers:
+        join(child)
+
+    by_key = collections.defaultdict(list)
+    for log in logs:
+        for (key, number), got, done in log:
+            by_key[key].append((got, done, number))
+    assert sorted(by_key) == ["k1", "k2", "k3", "k4"]
+    for key, deliveries in by_key.items():
+        deliveries.sort()
+        # Each key's messages went out in publish order...
+        assert [number for _, _, number in deliveries] == list(range(40)), \
+            key
+        # ...and one was never taken before the previous one was done.
+        for before, after in zip(deliveries, deliveries[1:]):
+            assert after[0] >= before[1], key
+    broker.close()
+
+
+def test_shm_fetch_wakes_on_publish_of_other_process(name):
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g")
+    child = start(publish_later, name, 0.3)
+    began = time.monotonic()
+    message = consumer.get(timeout=20)
+    waited = time.monotonic() - began
+    join(child)
+    assert message.body == "late"
+    # Woken by the commit, long before the timeout.
+    assert waited < 10
+    message.ack()
+    consumer.close()
+    broker.close()
+
+
+# Dead processes and lifetime.
+
+def test_shm_killed_consumer_messages_redelivered(name):
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    broker.publish_many("t", range(5))
+    results = FORK.Queue()
+    child = start(fetch_then_die, name, results)
+    assert results.get(timeout=30) == [0, 1, 2, 3, 4]
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+
+    consumer = broker.consume("t", "g")
+    messages = drain(consumer, 5, timeout=30)
+    assert sorted(message.body for message in messages) == list(range(5))
+    # The attempt made by the dead consumer counts.
+    assert [message.attempts for message in messages] == [2] * 5
+    assert broker.stats("t")["in_flight"] == 0
+    consumer.close()
+    broker.close()
+
+
+def test_shm_consumer_left_open_at_close_is_reclaimed(name):
+    first = open_broker(name)
+    first.declare_topic("t")
+    first.publish_many("t", ["a", "b"])
+    held = first.consume("t", "g", prefetch=10,
+                         ack_timeout=600).get_many(2, timeout=5)
+    assert len(held) == 2
+    first.close()
+
+    second = open_broker(name)
+    consumer = second.consume("t", "g")
+    messages = drain(consumer, 2, timeout=10)
+    assert [message.body for message in messages] == ["a", "b"]
+    assert [message.attempts for message in messages] == [2, 2]
+    consumer.close()
+    second.close()
+
+
+def test_shm_state_outlives_every_process_until_unlink(name):
+    broker = open_broker(name)
+    broker.declare_topic("t", max_attempts=7)
+    broker.publish_many("t", ["x", "y", "z"])
+    broker.close()
+    mode = os.stat(os.path.join(SHM_DIR, f"mqs.broker.{name}")).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+
+    reopened = open_broker(name)
+    assert reopened.topic_config("t").max_attempts == 7
+    assert reopened.stats("t")["published"] == 3
+    consumer = reopened.consume("t", "g")
+    assert [m.body for m in drain(consumer, 3)] == ["x", "y", "z"]
+    consumer.close()
+    reopened.close()
+
+    assert mqs.Broker.unlink(name) is True
+    assert mqs.Broker.unlink(name) is False
+    fresh = open_broker(name)
+    assert not fresh.backend.has_topic("t")
+    fresh.close()
+
+
+def test_shm_rejects_bad_name_and_journal_size(name):
+    with pytest.raises(ValueError, match="without '/'"):
+        open_broker("a/b")
+    with pytest.raises(TypeError, match="name must be a str"):
+        open_broker(5)
+    with pytest.raises(ValueError, match="journal_bytes must be a multiple"):
+        open_broker(name, journal_bytes=1000)
+    with pytest.raises(ValueError, match="got 4100"):
+        open_broker(name, journal_bytes=4100)
+
+
+def test_shm_message_larger_than_half_journal_raises(name):
+    broker = open_broker(name, journal_bytes=8192)
+    broker.declare_topic("t")
+    with pytest.raises(mqs.MessageTooLarge, match="larger journal_bytes"):
+        broker.publish("t", b"x" * 5000)
+    # A batch of small messages that does not fit one record is split.
+    ids = broker.publish_many("t", [b"y" * 1000] * 12)
+    assert len(ids) == 12
+    assert broker.stats("t")["published"] == 12
+    broker.close()
+
+
+# Journal wrap and replicas.
+
+def test_shm_journal_wraps_into_snapshots(name):
+    writer = open_broker(name, journal_bytes=4096)
+    writer.declare_topic("t", weights={9: 2, 0: 1})
+    idle = open_broker(name)
+    journal = writer.backend._journal
+    for number in range(300):
+        writer.publish("t", number, priority=9 if number % 3 else 0)
+    generation, _ = journal.position()
+    assert generation >= 5
+    # Only the snapshot of the current generation is kept.
+    assert snapshot_files(name) == [f"mqs.broker.{name}.snapshot-"
+                                    f"{generation}"]
+
+    # A replica that missed several generations reloads the snapshot; a
+    # new one starts from it.
+    late = open_broker(name)
+    for broker in (idle, late):
+        stats = broker.stats("t")
+        assert stats["published"] == 300
+        assert stats["stored"] == 300
+    consumer = idle.consume("t", "g", start="earliest", prefetch=400)
+    messages = drain(consumer, 300)
+    ninth = [number for number in range(300) if number % 3]
+    assert sorted(m.body for m in messages if m.priority == 9) == ninth
+    assert writer.stats("t")["acked"] == 300
+    assert late.stats("t") == writer.stats("t")
+    consumer.close()
+    for broker in (writer, idle, late):
+        broker.close()
+
+
+OPERATIONS = st.lists(
+    st.tuples(st.integers(0, 1),
+              st.sampled_from(["publish", "fetch", "ack", "nack", "stats",
+                               "extend", "redrive"]),
+              st.integers(0, 9)),
+    min_size=1, max_size=60)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations=OPERATIONS)
+def test_shm_replicas_agree_after_any_operations(name, operations):
+    """Two replicas of one broker, used in turn, show the same state after
+    every operation, across journal wraps."""
+    ShmBackend.unlink(name)
+    brokers = [open_broker(name, journal_bytes=4096), open_broker(name)]
+    brokers[0].declare_topic("t", weights={9: 2, 0: 1}, max_attempts=2,
+                             dedup_window=60)
+    consumers = [broker.consume("t", "g", prefetch=3, ack_timeout=60)
+                 for broker in brokers]
+    held = [[], []]
+    for side, op, value in operations:
+        broker, consumer = brokers[side], consumers[side]
+        if op == "publish":
+            broker.publish("t", value, priority=value, key=value % 3 or None,
+                           dedup_id=value if value > 6 else None)
+        elif op == "fetch":
+            try:
+                held[side] += consumer.get_many(2, timeout=0)
+            except mqs.Empty:
+                pass
+        elif op in ("ack", "nack", "extend") and held[side]:
+            message = held[side].pop(value % len(held[side]))
+            if op == "ack":
+                message.ack()
+            elif op == "nack":
+                message.nack(requeue=value % 2 == 0, delay=0)
+            else:
+                message.extend(30)
+                held[side].append(message)
+        elif op == "redrive":
+            broker.dlq_redrive("t")
+        assert brokers[0].stats("t") == brokers[1].stats("t")
+        assert consumers[0].in_flight == len(held[0])
+        assert consumers[1].in_flight == len(held[1])
+    letters = [[(letter.id, letter.reason) for letter in b.dlq_list("t")]
+               for b in brokers]
+    assert letters[0] == letters[1]
+    for consumer in consumers:
+        consumer.close(drain=False)
+    for broker in brokers:
+        broker.close()
+    ShmBackend.unlink(name)
