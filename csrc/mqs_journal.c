@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include "mqs_journal.h"
+#include "mqs_failpoint.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -121,6 +122,7 @@ int64_t mqs_journal_append(mqs_journal_header_t *h, const void *payload,
         return MQS_EFULL;
     memcpy(at + MQS_JOURNAL_RECORD_HEADER, payload, length);
     memcpy(at, &length, sizeof(length));
+    MQS_FAILPOINT("journal.append");
     /* The record becomes visible only with this store: a writer killed
      * before it leaves the old position. */
     atomic_store_explicit(&h->head.v.position,
@@ -139,6 +141,7 @@ uint32_t mqs_journal_restart(mqs_journal_header_t *h)
     atomic_store_explicit(&h->head.v.restart_used,
                           (int64_t)(position & 0xffffffffu),
                           memory_order_relaxed);
+    MQS_FAILPOINT("journal.restart");
     atomic_store_explicit(&h->head.v.position, (uint64_t)generation << 32,
                           memory_order_release);
     return generation;

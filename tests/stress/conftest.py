@@ -15,6 +15,7 @@ STRESS_DIR = Path(__file__).resolve().parent
 FAILPOINT_MODULES = {
     "_shared": ["mqs_bytering.c", "mqs_delay.c", "mqs_wheel.c"],
     "_seglog": ["mqs_seglog.c", "mqs_crc32c.c"],
+    "_journal": ["mqs_journal.c"],
 }
 
 

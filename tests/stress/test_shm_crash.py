@@ -1,0 +1,391 @@
+"""Crash tests of the shm broker: SIGKILL of processes that share it.
+
+`test_shm_crash_producers_and_consumers` runs 4 producer and 4 consumer
+processes on one broker and kills one of them with SIGKILL at random
+moments (a new one takes its place), then stops the rest and drains
+the topic. Every process appends what it did to its own file with one
+write(2) per step, which a SIGKILL cannot tear: producers the bodies of
+each publish that returned, consumers each delivery before they ack it
+and each ack after it returned. The checks: every returned publish was
+delivered and the broker acked every message it accepted (nothing
+lost); a message was delivered again only after a delivery to a
+consumer that was killed before it logged the ack; attempts grow with
+each delivery; the stats counters agree with the logs.
+
+`test_shm_kill_inside_mutex_recovers` kills a process at random points
+while it holds the broker mutex (replaying, applying its operation,
+appending, compacting), and `test_shm_failpoint_inside_append_recovers`
+at the instruction between writing a record and committing it, in the
+copy of mqs built with failpoints. After each kill the next process
+must take the mutex over (EOWNERDEAD), see exactly the committed
+operations, and redeliver the dead consumer's messages.
+
+MQS_TEST_SCALE multiplies the run time and the number of kills
+(default: 20 s of kills and 8 + 8 mutex kills). Random choices use
+fixed seeds.
+"""
+
+import collections
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+import mqs
+from mqs.broker._shm import ShmBackend
+
+pytestmark = pytest.mark.stress
+
+FORK = multiprocessing.get_context("fork")
+PRODUCERS = 4
+CONSUMERS = 4
+RUN_S = 20.0
+ACK_TIMEOUT_S = 120.0
+
+
+@pytest.fixture
+def name():
+    fresh = f"test-shm-crash-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    yield fresh
+    mqs.Broker.unlink(fresh)
+
+
+def append_line(fd, text):
+    os.write(fd, text.encode())
+
+
+def producer(name, log_path, seed, stop):
+    rng = random.Random(seed)
+    broker = mqs.Broker(backend="shm", name=name)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    number = 0
+    tag = os.path.basename(log_path)
+    while not stop.is_set():
+        count = rng.choice([1, 1, 1, 4, 16])
+        bodies = [f"{tag}.{number + i}" for i in range(count)]
+        priority = rng.choice([0, 5, 9])
+        if count == 1:
+            broker.publish("t", bodies[0], priority=priority)
+        else:
+            broker.publish_many("t", bodies, priority=priority)
+        append_line(fd, "".join(f"{body}\n" for body in bodies))
+        number += count
+        time.sleep(rng.random() * 0.01)
+    broker.close()
+
+
+def consumer(name, log_path, seed, stop):
+    rng = random.Random(seed)
+    broker = mqs.Broker(backend="shm", name=name)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    source = broker.consume("t", "g", prefetch=8, ack_timeout=ACK_TIMEOUT_S)
+    while not stop.is_set():
+        try:
+            batch = source.get_many(rng.choice([1, 8]), timeout=0.05)
+        except mqs.Empty:
+            continue
+        append_line(fd, "".join(f"G {message.body} {message.attempts}\n"
+                                for message in batch))
+        # Hold the batch a while, so that kills find messages in flight.
+        time.sleep(rng.random() * 0.01)
+        for message in batch:
+            done = message.ack()
+            append_line(fd, f"{'A' if done else 'L'} {message.body}\n")
+    source.close()
+    broker.close()
+
+
+def read_lines(path):
+    try:
+        with open(path, encoding="ascii") as file:
+            return file.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def test_shm_crash_producers_and_consumers(name, tmp_path, scale):
+    broker = mqs.Broker(backend="shm", name=name)
+    broker.declare_topic("t", weights={9: 3, 5: 2, 0: 1})
+    broker.consume("t", "g").close()
+    stop = FORK.Event()
+    rng = random.Random(1234)
+    workers = {}       # (role, index) -> (process, log path)
+    incarnations = collections.Counter()
+    killed = set()     # log paths of killed processes
+
+    def launch(role, index):
+        incarnations[role, index] += 1
+        log_path = str(tmp_path / f"{role[0]}{index}-{incarnations[role, index]}")
+        target = producer if role == "producer" else consumer
+        process = FORK.Process(
+            target=target, daemon=True,
+            args=(name, log_path, rng.getrandbits(32), stop))
+        process.start()
+        workers[role, index] = (process, log_path)
+
+    for index in range(PRODUCERS):
+        launch("producer", index)
+    for index in range(CONSUMERS):
+        launch("consumer", index)
+
+    end = time.monotonic() + RUN_S * scale
+    while time.monotonic() < end:
+        time.sleep(rng.uniform(0.1, 0.6))
+        role, index = rng.choice(sorted(workers))
+        process, log_path = workers[role, index]
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(30)
+        assert process.exitcode == -signal.SIGKILL
+        killed.add(log_path)
+        launch(role, index)
+
+    stop.set()
+    for process, _ in workers.values():
+        process.join(60)
+        assert process.exitcode == 0, process.exitcode
+
+    # Drain what is left; the dead consumers' messages come back.
+    drained = []
+    last = broker.consume("t", "g", prefetch=64)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            batch = last.get_many(64, timeout=0.5)
+        except mqs.Empty:
+            if broker.stats("t")["stored"] == 0:
+                break
+            continue
+        for message in batch:
+            assert message.ack()
+            drained.append((message.body, message.attempts))
+    last.close()
+    stats = broker.stats("t")
+
+    returned = set()
+    deliveries = collections.defaultdict(list)  # body -> [(attempts, log, acked)]
+    for path in sorted(tmp_path.iterdir()):
+        lines = read_lines(path)
+        if path.name.startswith("p"):
+            returned.update(lines)
+            continue
+        acked = {line[2:] for line in lines if line.startswith("A ")}
+        assert not [line for line in lines if line.startswith("L ")]
+        for line in lines:
+            if line.startswith("G "):
+                _, body, attempts = line.split()
+                deliveries[body].append(
+                    (int(attempts), str(path), body in acked))
+    for body, attempts in drained:
+        deliveries[body].append((attempts, "drain", True))
+
+    # Nothing lost: every returned publish was delivered, and the broker
+    # acked every message it accepted, so none is left anywhere.
+    assert returned <= set(deliveries)
+    assert stats["published"] == len(deliveries)
+    assert stats["acked"] == stats["published"]
+    for gauge in ("stored", "ready", "in_flight", "delayed", "dlq"):
+        assert stats[gauge] == 0, gauge
+    assert stats["delivered"] >= sum(map(len, deliveries.values()))
+    assert stats["late_acks"] == 0
+    # Duplicates only after a delivery to a consumer that was killed
+    # before it logged the ack; attempts count every delivery.
+    for body, seen in deliveries.items():
+        seen.sort()
+        for attempts, log, acked in seen[:-1]:
+            assert log in killed and not acked, (body, seen)
+        counts = [attempts for attempts, _, _ in seen]
+        assert counts == sorted(set(counts)), (body, seen)
+        assert seen[-1][2], (body, seen)
+    assert killed
+    broker.close()
+
+
+# Kills while the mutex is held.
+
+class KillingJournal:
+    """A proxy of the SharedJournal that SIGKILLs this process just
+    before or after its `when`-th call of `method`."""
+
+    def __init__(self, journal, method, when, after):
+        self._journal = journal
+        self._method = method
+        self._left = when
+        self._after = after
+
+    def __getattr__(self, attribute):
+        value = getattr(self._journal, attribute)
+        if attribute != self._method:
+            return value
+
+        def call(*args):
+            self._left -= 1
+            if self._left == 0 and not self._after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = value(*args)
+            if self._left == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        return call
+
+
+def work_until_killed(name, point, when, report_fd):
+    if point == "replay":
+        original_replay = ShmBackend._replay_records
+
+        def replay(self, records):
+            # The first replay catches up at open, under the mutex.
+            original_replay(self, records[:len(records) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        # This forked child's own copy of the class.
+        ShmBackend._replay_records = replay
+    broker = mqs.Broker(backend="shm", name=name)
+    backend = broker.backend
+    if point == "apply":
+        original = backend._apply
+
+        def apply(op, args, left=[when]):
+            left[0] -= 1
+            if left[0] == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(op, args)
+        backend._apply = apply
+    elif point != "replay":
+        method, _, after = point.partition(":")
+        backend._journal = KillingJournal(backend._journal, method, when,
+                                          after == "after")
+    source = broker.consume("t", "g", prefetch=4, ack_timeout=600)
+    number = 0
+    while True:
+        broker.publish("t", number)
+        os.write(report_fd, b"p")
+        number += 1
+        try:
+            for message in source.get_many(2, timeout=0):
+                message.ack()
+        except mqs.Empty:
+            pass
+
+
+POINTS = ["apply", "replay", "append:before", "append:after",
+          "restart:before", "restart:after"]
+
+
+def test_shm_kill_inside_mutex_recovers(name, scale):
+    rng = random.Random(99)
+    broker = mqs.Broker(backend="shm", name=name, journal_bytes=4096)
+    broker.declare_topic("t")
+    kept = broker.consume("t", "g", prefetch=1000, ack_timeout=600)
+    journal = broker.backend._journal
+    returned = 0
+    for round_number in range(int(8 * scale)):
+        point = POINTS[round_number % len(POINTS)]
+        when = rng.randint(1, 3 if point.startswith("restart") else 40)
+        # Leave a record for the child to replay when it opens.
+        broker.publish("t", "before")
+        returned += 1
+        read_fd, write_fd = os.pipe()
+        child = FORK.Process(target=work_until_killed, daemon=True,
+                             args=(name, point, when, write_fd))
+        recoveries = journal.recoveries
+        child.start()
+        os.close(write_fd)
+        child.join(60)
+        assert child.exitcode == -signal.SIGKILL, (point, child.exitcode)
+        while chunk := os.read(read_fd, 4096):
+            returned += len(chunk)
+        os.close(read_fd)
+
+        # The next locker takes the mutex over, and the broker works.
+        stats = broker.stats("t")
+        assert journal.recoveries == recoveries + 1, point
+        assert returned <= stats["published"] <= returned + 1, point
+        broker.publish("t", "after")
+        returned += 1
+
+    # Every message is there once; the dead consumers' ones come back.
+    bodies = []
+    deadline = time.monotonic() + 60
+    while broker.stats("t")["stored"] and time.monotonic() < deadline:
+        try:
+            batch = kept.get_many(100, timeout=0.5)
+        except mqs.Empty:
+            continue
+        for message in batch:
+            message.ack()
+            bodies.append(message.body)
+    stats = broker.stats("t")
+    assert stats["stored"] == 0
+    assert stats["acked"] == stats["published"]
+    assert stats["in_flight"] == 0
+    kept.close()
+    broker.close()
+
+
+CHILD = r"""
+import os, sys
+import mqs
+
+name, report = sys.argv[1], int(sys.argv[2])
+broker = mqs.Broker(backend="shm", name=name)
+source = broker.consume("t", "g", prefetch=4, ack_timeout=600)
+number = 0
+while True:
+    broker.publish("t", number)
+    os.write(report, b"p")
+    number += 1
+    try:
+        for message in source.get_many(2, timeout=0):
+            message.ack()
+    except mqs.Empty:
+        pass
+"""
+
+
+def test_shm_failpoint_inside_append_recovers(name, scale, failpoint_path):
+    rng = random.Random(7)
+    broker = mqs.Broker(backend="shm", name=name, journal_bytes=4096)
+    broker.declare_topic("t")
+    journal = broker.backend._journal
+    returned = 0
+    for round_number in range(int(8 * scale)):
+        if round_number % 2:
+            failpoint = f"journal.restart:{rng.randint(1, 4)}"
+        else:
+            failpoint = f"journal.append:{rng.randint(1, 60)}"
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ, PYTHONPATH=failpoint_path,
+                   MQS_FAILPOINT=failpoint)
+        recoveries = journal.recoveries
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, name, str(write_fd)], env=env,
+            pass_fds=(write_fd,))
+        os.close(write_fd)
+        assert child.wait(60) == -signal.SIGKILL, failpoint
+        while chunk := os.read(read_fd, 4096):
+            returned += len(chunk)
+        os.close(read_fd)
+
+        # Killed before its commit: the operation never happened.
+        stats = broker.stats("t")
+        assert journal.recoveries == recoveries + 1, failpoint
+        assert stats["published"] == returned, failpoint
+
+    consumer = broker.consume("t", "g", prefetch=1000)
+    deadline = time.monotonic() + 60
+    while broker.stats("t")["stored"] and time.monotonic() < deadline:
+        try:
+            for message in consumer.get_many(100, timeout=0.5):
+                message.ack()
+        except mqs.Empty:
+            pass
+    stats = broker.stats("t")
+    assert stats["stored"] == 0
+    assert stats["acked"] == stats["published"] == returned
+    consumer.close()
+    broker.close()
