@@ -13,6 +13,7 @@ import pytest
 
 from mqs import (
     bench,
+    bench_broker,
     bench_ipc,
     bench_latency,
     bench_plot,
@@ -561,7 +562,7 @@ def test_quick_run_prints_every_section(quick_run):
                   "Cross-process round trip", "Disruptor shapes over threads",
                   "Disruptor shapes over processes", "Payload sweep",
                   "One-way latency at a fixed rate", "Timers:",
-                  "Durable log:", "Tracked ratios"):
+                  "Durable log:", "Broker:", "Tracked ratios"):
         assert title in process.stdout, title
     assert "coordinated omission corrected" in process.stdout
     assert "profile: quick" in process.stdout
@@ -695,6 +696,12 @@ def test_quick_run_json_has_timers_and_log(quick_run):
             assert "not installed" in case["skipped"], case
     assert {ratio["name"] for ratio in log["ratios"]} == set(
         bench_seglog.TARGETS)
+    broker = report["broker"]
+    assert [case["case"] for case in broker["cases"]] == list(
+        bench_broker.CASE_NAMES)
+    for case in broker["cases"]:
+        if case["case"].startswith("shm."):
+            assert case["rate_per_s"] > 0, case["case"]
 
 
 def test_quick_run_json_keeps_tracked_ratios(quick_run):
@@ -741,3 +748,4 @@ def test_count_option_applies_to_shapes_and_latency(tmp_path):
     assert report["results"] == []
     assert report["timers"] is None
     assert report["log"] is None
+    assert report["broker"] is None

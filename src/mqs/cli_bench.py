@@ -31,6 +31,7 @@ from rich.table import Table
 
 from mqs import (
     bench,
+    bench_broker,
     bench_ipc,
     bench_latency,
     bench_plot,
@@ -53,6 +54,8 @@ SECTION_DESCRIPTIONS = {
               "and asyncio",
     "log": "mqs.SegmentLog appends and reads against persist-queue, "
            "litequeue, Redis and raw writes",
+    "broker": "shm broker publish+consume+ack in 1 and 4 processes "
+              "against Redis Streams XADD/XREADGROUP/XACK",
 }
 
 
@@ -75,6 +78,9 @@ class Profile:
     seglog_repeat: int = 1
     # Delayed messages of the delivery lateness run (timers section).
     lateness_messages: int = 1_000
+    # Scale of mqs.bench_broker's counts, and its timed rounds.
+    broker_scale: float = 0.25
+    broker_repeat: int = 1
 
     def payload_messages(self, size_bytes: int) -> int:
         """Messages per run at `size_bytes`, capped by the byte budget."""
@@ -87,7 +93,7 @@ PROFILES = {
         "quick", 1, bench.QUICK_COUNT,
         {"threads": 2_000, "processes": 1_000}, (8, 4096, 65536), 1_000,
         4 << 20, 300, 10_000, 0.005, shape_warmup=False,
-        lateness_messages=200),
+        lateness_messages=200, broker_scale=0.02),
     "default": Profile(
         "default", bench.DEFAULT_REPEAT, bench.DEFAULT_COUNT,
         {"threads": 30_000, "processes": 10_000}, (8, 64, 512, 4096, 65536),
@@ -97,7 +103,7 @@ PROFILES = {
         {"threads": 200_000, "processes": 50_000},
         bench_shapes.PAYLOAD_SIZES, 50_000, 512 << 20, 20_000,
         bench_wheel.DEFAULT_COUNT, 1.0, wheel_repeat=3, seglog_repeat=5,
-        lateness_messages=2_000),
+        lateness_messages=2_000, broker_scale=1.0, broker_repeat=3),
 }
 
 
@@ -122,9 +128,10 @@ def _bench_description() -> str:
         "Disruptor's shapes (one-to-one, three-to-one, one-to-three,\n"
         "pipeline, diamond) over threads and processes, a payload sweep,\n"
         "latency percentiles at a fixed rate measured from the intended\n"
-        "send times (coordinated omission corrected), timers and the\n"
-        "durable log. Results are reported as ratios to the standard\n"
-        "library. Every run checks that exactly the items sent arrived,\n"
+        "send times (coordinated omission corrected), timers, the\n"
+        "durable log and the shm broker against Redis Streams. Results\n"
+        "are reported as ratios to the standard library or the peer.\n"
+        "Every run checks that exactly the items sent arrived,\n"
         "intact and in order. Missing peers are skipped with a note.\n\n"
         "The default run is a representative subset of about a minute on\n"
         "an idle 2-core machine; --full runs the whole matrix with larger\n"
@@ -192,7 +199,8 @@ def _profile(args: argparse.Namespace) -> Profile:
     if args.repeat is not None:
         profile = dataclasses.replace(profile, repeat=args.repeat,
                                       wheel_repeat=args.repeat,
-                                      seglog_repeat=args.repeat)
+                                      seglog_repeat=args.repeat,
+                                      broker_repeat=args.repeat)
     if args.count is not None:
         profile = dataclasses.replace(
             profile, queue_count=args.count,
@@ -285,6 +293,7 @@ class BenchRun:
     skipped: list[bench_ipc.Skipped]
     timers: dict | None = None
     log: dict | None = None
+    broker: dict | None = None
     durations: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -303,6 +312,12 @@ def _shape_runs(case_names: list[str], profile: Profile,
             "processes", "one-to-one", size, profile.payload_messages(size))
             for size in profile.payload_sizes]
     return shapes, payload
+
+
+def _broker_runs(profile: Profile) -> int:
+    ready = [name for name in bench_broker.CASE_NAMES
+             if bench_broker._skip_reason(name) is None]
+    return len(ready) * (profile.broker_repeat + 1)
 
 
 def _seglog_runs(profile: Profile) -> int:
@@ -325,7 +340,8 @@ def _run_with_progress(console: Console, case_names: list[str],
                                        profile.repeat, profile.shape_warmup)
              + bench_latency.count_runs(latency_domains)
              + ("timers" in case_names)
-             + (_seglog_runs(profile) if "log" in case_names else 0))
+             + (_seglog_runs(profile) if "log" in case_names else 0)
+             + (_broker_runs(profile) if "broker" in case_names else 0))
     # No auto refresh: its thread would be running while the cross-process
     # cases fork, and a fork copies the locks that thread may hold.
     progress = Progress(
@@ -384,6 +400,11 @@ def _run_with_progress(console: Console, case_names: list[str],
                 run.log = bench_seglog.run_seglog_bench(
                     scale=profile.seglog_scale, repeat=profile.seglog_repeat,
                     progress=lambda text: advance("log", text))
+        if "broker" in case_names:
+            with clock("broker"):
+                run.broker = bench_broker.run_broker_bench(
+                    scale=profile.broker_scale, repeat=profile.broker_repeat,
+                    progress=lambda text: advance("broker", text))
         return run
 
 
@@ -428,7 +449,9 @@ def _print_tables(console: Console, run: BenchRun, profile: Profile) -> None:
                 run.timers["delivery_lateness"]))
     if run.log is not None:
         console.print(tables.log_table(run.log))
-    extra = tables.section_ratios(run.timers, run.log)
+    if run.broker is not None:
+        console.print(tables.broker_table(run.broker))
+    extra = tables.section_ratios(run.timers, run.log, run.broker)
     if ratios or unmeasured or extra:
         console.print(_ratios_table(ratios, unmeasured, extra))
 
@@ -446,6 +469,10 @@ def _report(args: argparse.Namespace, run: BenchRun, profile: Profile,
     if run.log is not None:
         log = {key: value for key, value in run.log.items()
                if key != "machine"}
+    broker = None
+    if run.broker is not None:
+        broker = {key: value for key, value in run.broker.items()
+                  if key != "machine"}
     return {
         "command": ["mqs", *args.argv],
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -472,6 +499,7 @@ def _report(args: argparse.Namespace, run: BenchRun, profile: Profile,
         "sections_skipped": [skip.to_dict() for skip in run.skipped],
         "timers": timers,
         "log": log,
+        "broker": broker,
     }
 
 
@@ -509,6 +537,8 @@ def _settings(profile: Profile, case_names: list[str],
                    "repeat": profile.wheel_repeat},
         "log": {"scale": profile.seglog_scale,
                 "repeat": profile.seglog_repeat},
+        "broker": {"scale": profile.broker_scale,
+                   "repeat": profile.broker_repeat},
     }
 
 

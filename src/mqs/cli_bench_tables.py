@@ -229,6 +229,29 @@ def log_table(log: dict) -> Table:
     return table
 
 
+def broker_table(broker: dict) -> Table:
+    """Return one row per broker case, skipped ones with the reason."""
+    table = Table(
+        title="Broker: messages published, consumed and acked per second",
+        caption=f"Scale {broker['scale']:g} of the counts of "
+                f"mqs.bench_broker, median of {broker['repeat']} timed "
+                f"rounds after 1 warm-up round; 100 B bodies, one topic "
+                f"and group shared by all processes.")
+    table.add_column("case", no_wrap=True)
+    table.add_column("messages", justify="right")
+    table.add_column("median/s", justify="right")
+    table.add_column("min-max/s", justify="right")
+    for case in broker["cases"]:
+        if "skipped" in case:
+            table.add_row(case["case"], "skipped", escape(case["skipped"]))
+            continue
+        table.add_row(
+            case["case"], f"{case['messages']:,}",
+            f"{case['rate_per_s']:,.0f}",
+            f"{case['rate_min_per_s']:,.0f}-{case['rate_max_per_s']:,.0f}")
+    return table
+
+
 @dataclasses.dataclass(frozen=True)
 class SectionRatio:
     """A tracked ratio of the timers or log section, for the ratios table."""
@@ -272,9 +295,9 @@ def lateness_text(lateness: dict) -> str:
         f"{lateness['target_p99_s'] * 1e3:g} ms: {verdict}")
 
 
-def section_ratios(timers: dict | None,
-                   log: dict | None) -> list[SectionRatio]:
-    """Return the tracked ratios of the timers and log sections."""
+def section_ratios(timers: dict | None, log: dict | None,
+                   broker: dict | None = None) -> list[SectionRatio]:
+    """Return the tracked ratios of the timers, log and broker sections."""
     rows = []
     if timers is not None:
         rows += [SectionRatio(f"timers {name}", ratio["measured"],
@@ -285,4 +308,8 @@ def section_ratios(timers: dict | None,
                               ratio["target"], ratio["met"],
                               per_second=ratio["denominator"] is None)
                  for ratio in log["ratios"]]
+    if broker is not None:
+        rows += [SectionRatio(f"broker {ratio['name']}", ratio["value"],
+                              ratio["target"], ratio["met"])
+                 for ratio in broker["ratios"]]
     return rows

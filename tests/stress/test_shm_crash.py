@@ -121,7 +121,8 @@ def test_shm_crash_producers_and_consumers(name, tmp_path, scale):
 
     def launch(role, index):
         incarnations[role, index] += 1
-        log_path = str(tmp_path / f"{role[0]}{index}-{incarnations[role, index]}")
+        incarnation = incarnations[role, index]
+        log_path = str(tmp_path / f"{role[0]}{index}-{incarnation}")
         target = producer if role == "producer" else consumer
         process = FORK.Process(
             target=target, daemon=True,
@@ -198,7 +199,8 @@ def test_shm_crash_producers_and_consumers(name, tmp_path, scale):
     for body, seen in deliveries.items():
         seen.sort()
         for attempts, log, acked in seen[:-1]:
-            assert log in killed and not acked, (body, seen)
+            assert log in killed, (body, seen)
+            assert not acked, (body, seen)
         counts = [attempts for attempts, _, _ in seen]
         assert counts == sorted(set(counts)), (body, seen)
         assert seen[-1][2], (body, seen)

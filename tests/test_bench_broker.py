@@ -1,0 +1,65 @@
+"""Tests of mqs.bench_broker: the shm broker against Redis Streams."""
+
+import os
+
+import pytest
+
+from mqs import bench_broker
+from mqs.bench import BenchmarkError
+
+if os.environ.get("CI"):
+    import redis  # CI installs the test extra, so a missing one is an error
+else:
+    redis = pytest.importorskip("redis")
+
+SCALE = 0.02
+
+
+def test_broker_bench_runs_every_case(redis_url):
+    result = bench_broker.run_broker_bench(scale=SCALE, repeat=1,
+                                           url=redis_url)
+    cases = {case["case"]: case for case in result["cases"]}
+    assert list(cases) == list(bench_broker.CASE_NAMES)
+    for name, case in cases.items():
+        processes = int(name.split(".")[2][:-1])
+        mode = name.split(".")[1]
+        expected = processes * int(bench_broker.BASE_COUNTS[mode] * SCALE)
+        assert case["messages"] == expected, name
+        assert case["rounds"] == 1, name
+        assert 0 < case["rate_min_per_s"] <= case["rate_per_s"], name
+        assert case["rate_per_s"] <= case["rate_max_per_s"], name
+    ratios = {ratio["name"]: ratio for ratio in result["ratios"]}
+    assert sorted(ratios) == sorted(
+        f"{name[4:]}_vs_redis_streams" for name in cases
+        if name.startswith("shm."))
+    for ratio in ratios.values():
+        shm = cases[ratio["numerator"]]["rate_per_s"]
+        peer = cases[ratio["denominator"]]["rate_per_s"]
+        assert ratio["value"] == pytest.approx(shm / peer)
+        assert ratio["met"] == (ratio["value"] >= bench_broker.TARGET)
+
+
+def test_broker_bench_leaves_no_keys_or_brokers(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    before = set(client.scan_iter(match="mqs-bench:*"))
+    bench_broker.run_broker_bench(scale=SCALE, repeat=1, url=redis_url,
+                                  cases=["redis.batched.1p",
+                                         "shm.batched.1p"])
+    assert set(client.scan_iter(match="mqs-bench:*")) == before
+    client.close()
+    assert not [entry for entry in os.listdir("/dev/shm")
+                if entry.startswith(f"mqs.broker.mqs-bench-{os.getpid()}")]
+
+
+def test_broker_bench_worker_failure_raises(monkeypatch):
+    def broken(*args):
+        raise SystemExit(3)
+    monkeypatch.setattr(bench_broker, "_shm_worker", broken)
+    with pytest.raises(BenchmarkError, match="exit codes"):
+        bench_broker.run_broker_bench(scale=SCALE, repeat=1,
+                                      cases=["shm.per_message.1p"])
+
+
+def test_broker_bench_rejects_unknown_case():
+    with pytest.raises(ValueError, match="unknown case 'shm.x'"):
+        bench_broker.run_broker_bench(cases=["shm.x"])
