@@ -41,7 +41,6 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
     "redis": lambda **options: _redis_backend(**options),
     "shm": ShmBackend,
 }
-_PLANNED: tuple[str, ...] = ()
 _STARTS = ("earliest", "latest")
 
 
@@ -583,10 +582,6 @@ class Broker:
             self._backend = backend
         elif backend in BACKENDS:
             self._backend = BACKENDS[backend](**options)
-        elif backend in _PLANNED:
-            raise BackendUnavailable(
-                f"backend {backend!r} is not implemented yet; use "
-                f"backend='memory'")
         else:
             raise BackendUnavailable(
                 f"unknown backend {backend!r}; choose one of "
