@@ -194,6 +194,7 @@ def test_shm_crash_producers_and_consumers(name, tmp_path, scale):
         assert stats[gauge] == 0, gauge
     assert stats["delivered"] >= sum(map(len, deliveries.values()))
     assert stats["late_acks"] == 0
+    unlogged_acks = collections.Counter()
     # Duplicates only after a delivery to a consumer that was killed
     # before it logged the ack; attempts count every delivery.
     for body, seen in deliveries.items():
@@ -203,7 +204,14 @@ def test_shm_crash_producers_and_consumers(name, tmp_path, scale):
             assert not acked, (body, seen)
         counts = [attempts for attempts, _, _ in seen]
         assert counts == sorted(set(counts)), (body, seen)
-        assert seen[-1][2], (body, seen)
+        # The last delivery was acked, or its consumer was killed between
+        # the ack and the log line (the ack counts above prove it).
+        _, log, acked = seen[-1]
+        if not acked:
+            assert log in killed, (body, seen)
+            unlogged_acks[log] += 1
+    # A killed consumer held at most one batch (prefetch 8).
+    assert max(unlogged_acks.values(), default=0) <= 8
     assert killed
     broker.close()
 

@@ -1,7 +1,7 @@
 """The ``shm`` backend: one broker shared by every process of a machine.
 
 ``Broker(backend="shm", name=...)`` opens the broker called `name`,
-creating it if missing; every process that opens the same name shares
+creating it if missing. Every process that opens the same name shares
 its topics, settings, messages, groups, in-flight tables, dead letters,
 counters and rate-limit buckets.
 
@@ -89,7 +89,10 @@ Limits
     message raises `MessageTooLarge`. At most 256 processes have a
     broker of one name open at once. A consumer belongs to the process
     that opened it; a child forked after that takes its own slot and
-    must open its own consumers.
+    must open its own consumers. A compaction holds the mutex while it
+    pickles and writes the whole state, so every process waits that long
+    (it grows with the stored messages) about once per `journal_bytes`
+    of records.
 """
 
 from __future__ import annotations
