@@ -17,6 +17,7 @@ from mqs import (
     bench_ipc,
     bench_latency,
     bench_plot,
+    bench_redis,
     bench_seglog,
     bench_shapes,
     bench_wheel,
@@ -562,7 +563,8 @@ def test_quick_run_prints_every_section(quick_run):
                   "Cross-process round trip", "Disruptor shapes over threads",
                   "Disruptor shapes over processes", "Payload sweep",
                   "One-way latency at a fixed rate", "Timers:",
-                  "Durable log:", "Broker:", "Tracked ratios"):
+                  "Durable log:", "Broker:", "Redis broker:",
+                  "Tracked ratios"):
         assert title in process.stdout, title
     assert "coordinated omission corrected" in process.stdout
     assert "profile: quick" in process.stdout
@@ -702,6 +704,23 @@ def test_quick_run_json_has_timers_and_log(quick_run):
     for case in broker["cases"]:
         if case["case"].startswith("shm."):
             assert case["rate_per_s"] > 0, case["case"]
+
+
+def test_quick_run_json_has_redis_broker(quick_run):
+    _, report, _ = quick_run
+    section = report["redis_broker"]
+    if "skipped" in section:
+        pytest.skip(section["skipped"])
+    loops = [row["loop"] for row in section["results"]]
+    assert loops == list(bench_redis.BROKER_COMPARISON)
+    for row in section["results"]:
+        assert row["rate_per_s"] > 0, row
+    assert section["count"] == cli_bench.PROFILES["quick"].redis_count
+    names = [ratio["name"] for ratio in section["ratios"]]
+    assert names == [ratio[0] for ratio in bench_redis.BROKER_RATIOS]
+    for ratio in section["ratios"]:
+        assert ratio["value"] > 0
+        assert ratio["met"] == (ratio["value"] >= ratio["target"])
 
 
 def test_quick_run_json_keeps_tracked_ratios(quick_run):

@@ -35,6 +35,7 @@ from mqs import (
     bench_ipc,
     bench_latency,
     bench_plot,
+    bench_redis,
     bench_seglog,
     bench_shapes,
     bench_wheel,
@@ -56,6 +57,9 @@ SECTION_DESCRIPTIONS = {
            "litequeue, Redis and raw writes",
     "broker": "shm broker publish+consume+ack in 1 and 4 processes "
               "against Redis Streams XADD/XREADGROUP/XACK",
+    "redis-broker": "the broker's redis backend, batched, against "
+                    "per-message XADD, XREADGROUP+XACK and LPUSH/BRPOP "
+                    "loops of redis-py",
 }
 
 
@@ -81,6 +85,8 @@ class Profile:
     # Scale of mqs.bench_broker's counts, and its timed rounds.
     broker_scale: float = 0.25
     broker_repeat: int = 1
+    # Messages per loop of the redis-broker section.
+    redis_count: int = 5_000
 
     def payload_messages(self, size_bytes: int) -> int:
         """Messages per run at `size_bytes`, capped by the byte budget."""
@@ -93,7 +99,7 @@ PROFILES = {
         "quick", 1, bench.QUICK_COUNT,
         {"threads": 2_000, "processes": 1_000}, (8, 4096, 65536), 1_000,
         4 << 20, 300, 10_000, 0.005, shape_warmup=False,
-        lateness_messages=200, broker_scale=0.02),
+        lateness_messages=200, broker_scale=0.02, redis_count=1_000),
     "default": Profile(
         "default", bench.DEFAULT_REPEAT, bench.DEFAULT_COUNT,
         {"threads": 30_000, "processes": 10_000}, (8, 64, 512, 4096, 65536),
@@ -103,7 +109,8 @@ PROFILES = {
         {"threads": 200_000, "processes": 50_000},
         bench_shapes.PAYLOAD_SIZES, 50_000, 512 << 20, 20_000,
         bench_wheel.DEFAULT_COUNT, 1.0, wheel_repeat=3, seglog_repeat=5,
-        lateness_messages=2_000, broker_scale=1.0, broker_repeat=3),
+        lateness_messages=2_000, broker_scale=1.0, broker_repeat=3,
+        redis_count=20_000),
 }
 
 
@@ -294,6 +301,7 @@ class BenchRun:
     timers: dict | None = None
     log: dict | None = None
     broker: dict | None = None
+    redis: dict | None = None
     durations: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -341,7 +349,9 @@ def _run_with_progress(console: Console, case_names: list[str],
              + bench_latency.count_runs(latency_domains)
              + ("timers" in case_names)
              + (_seglog_runs(profile) if "log" in case_names else 0)
-             + (_broker_runs(profile) if "broker" in case_names else 0))
+             + (_broker_runs(profile) if "broker" in case_names else 0)
+             + (len(bench_redis.BROKER_COMPARISON)
+                if "redis-broker" in case_names else 0))
     # No auto refresh: its thread would be running while the cross-process
     # cases fork, and a fork copies the locks that thread may hold.
     progress = Progress(
@@ -405,7 +415,27 @@ def _run_with_progress(console: Console, case_names: list[str],
                 run.broker = bench_broker.run_broker_bench(
                     scale=profile.broker_scale, repeat=profile.broker_repeat,
                     progress=lambda text: advance("broker", text))
+        if "redis-broker" in case_names:
+            with clock("redis-broker"):
+                run.redis = _run_redis_broker(
+                    profile, lambda text: advance("redis-broker", text))
         return run
+
+
+def _run_redis_broker(profile: Profile, progress) -> dict:
+    """Run the redis-broker section, or return why it is skipped."""
+    from mqs._redis_server import find_redis_server
+
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return {"skipped": "redis-py is not installed (pip install "
+                           "'mqs[bench]')"}
+    if find_redis_server() is None:
+        return {"skipped": "redis-server is not installed (Debian: apt-get "
+                           "install redis-server)"}
+    return bench_redis.run_broker_comparison(profile.redis_count,
+                                             progress=progress)
 
 
 class _SectionClock:
@@ -451,7 +481,10 @@ def _print_tables(console: Console, run: BenchRun, profile: Profile) -> None:
         console.print(tables.log_table(run.log))
     if run.broker is not None:
         console.print(tables.broker_table(run.broker))
-    extra = tables.section_ratios(run.timers, run.log, run.broker)
+    if run.redis is not None:
+        console.print(tables.redis_broker_table(run.redis))
+    extra = tables.section_ratios(run.timers, run.log, run.broker,
+                                  run.redis)
     if ratios or unmeasured or extra:
         console.print(_ratios_table(ratios, unmeasured, extra))
 
@@ -500,6 +533,7 @@ def _report(args: argparse.Namespace, run: BenchRun, profile: Profile,
         "timers": timers,
         "log": log,
         "broker": broker,
+        "redis_broker": run.redis,
     }
 
 
@@ -539,6 +573,8 @@ def _settings(profile: Profile, case_names: list[str],
                 "repeat": profile.seglog_repeat},
         "broker": {"scale": profile.broker_scale,
                    "repeat": profile.broker_repeat},
+        "redis_broker": {"count": profile.redis_count,
+                         "batch": bench_redis.DEFAULT_BATCH},
     }
 
 

@@ -295,9 +295,37 @@ def lateness_text(lateness: dict) -> str:
         f"{lateness['target_p99_s'] * 1e3:g} ms: {verdict}")
 
 
+def redis_broker_table(report: dict) -> Table:
+    """Return one row per loop of the redis-broker section."""
+    if "skipped" in report:
+        table = Table(title="Redis broker: skipped")
+        table.add_column("reason")
+        table.add_row(escape(report["skipped"]))
+        return table
+    table = Table(
+        title="Redis broker: messages per second, the mqs redis backend "
+              "against redis-py loops",
+        caption=f"{report['count']:,} messages of {report['body_bytes']} B "
+                f"per loop on a throwaway redis-server (append-only file "
+                f"{report['appendfsync'] or 'off'}), hiredis "
+                f"{'on' if report['hiredis'] else 'off'}. broker_* rows "
+                f"go through mqs.Broker; _batched rows send "
+                f"{report['batch']} messages per call (pipelined for "
+                f"redis-py, one script call for mqs).")
+    table.add_column("loop", no_wrap=True)
+    table.add_column("batch", justify="right")
+    table.add_column("messages/s", justify="right")
+    for row in report["results"]:
+        table.add_row(row["loop"], str(row["batch"]),
+                      f"{row['rate_per_s']:,.0f}")
+    return table
+
+
 def section_ratios(timers: dict | None, log: dict | None,
-                   broker: dict | None = None) -> list[SectionRatio]:
-    """Return the tracked ratios of the timers, log and broker sections."""
+                   broker: dict | None = None,
+                   redis: dict | None = None) -> list[SectionRatio]:
+    """Return the tracked ratios of the timers, log, broker and
+    redis-broker sections."""
     rows = []
     if timers is not None:
         rows += [SectionRatio(f"timers {name}", ratio["measured"],
@@ -312,4 +340,8 @@ def section_ratios(timers: dict | None, log: dict | None,
         rows += [SectionRatio(f"broker {ratio['name']}", ratio["value"],
                               ratio["target"], ratio["met"])
                  for ratio in broker["ratios"]]
+    if redis is not None and "ratios" in redis:
+        rows += [SectionRatio(f"redis {ratio['name']}", ratio["value"],
+                              ratio["target"], ratio["met"])
+                 for ratio in redis["ratios"]]
     return rows

@@ -1,9 +1,9 @@
 -- The broker state machine of one topic, run atomically inside Redis.
 --
 -- mqs.broker._redis registers this script once and calls it with EVALSHA.
--- KEYS[1] is the topic's hash "<P>meta", where P is "{<namespace>:<topic>}:";
--- every other key of the topic starts with P, so Redis Cluster puts all of
--- them in the slot of the hash tag. ARGV[1] names the operation; the
+-- KEYS[1] is the topic's hash "<P>meta", where P is "{<namespace>:<topic>}:".
+-- Every other key of the topic starts with P, so Redis Cluster puts all of
+-- them in the slot of that hash tag. ARGV[1] names the operation; the
 -- branches at the end of this file list the arguments of each.
 --
 -- Keys (L is a lane priority, G a group name, K a key token):
@@ -312,7 +312,7 @@ local function save_stream_ops()
   stream_dels = {}
 end
 
--- Messages a consumer holds in flight, with this call's changes.
+-- Returns the messages a consumer has in flight, with this call's changes.
 local function inflight_add(g, consumer, n)
   local name = g .. '\0' .. consumer
   local delta = inflight_delta[name]
@@ -339,8 +339,11 @@ local function save_inflight()
 end
 
 -- A record for an entry read from its stream: s is its state ("" while
--- being handled, H hidden, D delayed, R ready in rq, F in flight), t the
--- ticket of its delivery tag, a its attempts, r 1 once the group read it.
+-- being handled, H hidden, D delayed, R ready in rq, F in flight, X
+-- finished before the group read it), t the ticket of its delivery tag,
+-- a its attempts, r 1 once the group read it, d and x its due and expiry
+-- times (ms, 0 for none), dl its ack deadline, rd 1 when its fields are
+-- a redriven copy in P rd.
 local function new_rec(lane, fields)
   return {s = '', t = 0, a = 0, l = lane, k = field(fields, 'k') or '',
           r = 1, c = '', p = 0, d = tonumber(field(fields, 'd')) or 0,
@@ -691,8 +694,8 @@ finish = function(g, id, rec)
     deleted = maybe_delete(id, lane, rec.rd)
   end
   if rec.r == 0 and not deleted then
-    -- Finished before the group read it: a marker tells the group's
-    -- stream reading to skip it.
+    -- Finished before the group read it: with this marker, the group's
+    -- stream reading skips the entry.
     put_rec(g, id, {s = 'X', t = rec.t, a = 0, l = lane, k = '', r = 0,
                     c = '', p = 0, d = 0, x = 0, rd = 0})
   end
@@ -902,7 +905,7 @@ local function drop_entry(id, lane, groups)
   redis.call('ZREM', RET, lane .. '|' .. id)
 end
 
--- Drops the oldest stored entry that no group holds in flight.
+-- Drops the oldest stored entry that no group has in flight.
 -- NOTE: looks at the 64 oldest entries of each lane only.
 local function drop_oldest(groups)
   save_stream_ops()

@@ -14,7 +14,7 @@ Mapping
     belongs to its consumer, with the delivery count equal to its
     attempts.
     Ack deadlines, delays and nack delays are scores in one sorted set
-    per topic; the script moves whatever is due before every operation,
+    per topic. The script moves whatever is due before every operation,
     so no timer process is needed. Dead letters go to a stream with
     their reason, dedup ids are ``SET NX PX`` keys, and token buckets
     live in the group's hash, so every client shares one rate limit.
