@@ -1,6 +1,6 @@
 """The redis backend against real redis-server processes.
 
-The contract suite runs on it through conftest.py; these tests cover
+The contract suite runs on it through conftest.py. These tests cover
 what only Redis has: bodies as bytes, passwords, other processes,
 server restarts, trimmed streams and dropped connections. Tests that
 kill or restart a server start their own with `redis_server_factory`.
@@ -162,6 +162,73 @@ def test_sigkilled_consumer_messages_redelivered(open_broker, redis_url,
     stats = broker.stats("t")
     assert stats["redelivered"] == 5
     assert stats["stored"] == 0
+
+
+_WORKER = textwrap.dedent("""
+    import sys, time
+    import mqs
+    url, namespace = sys.argv[1], sys.argv[2]
+    broker = mqs.Broker(backend="redis", url=url, namespace=namespace)
+    consumer = broker.consume("t", "g", prefetch=16, ack_timeout=1.0)
+    idle = 0
+    while idle < 6:
+        try:
+            batch = consumer.get_many(16, timeout=0.5)
+        except mqs.Empty:
+            idle += 1
+            continue
+        idle = 0
+        for message in batch:
+            time.sleep(0.002)  # work, so that kills find messages held
+            if message.ack():
+                print(message.body.decode(), flush=True)
+""")
+
+
+@pytest.mark.stress
+def test_consumer_processes_killed_at_random(open_broker, redis_url,
+                                             namespace, scale):
+    """Consumer processes are SIGKILLed at random while they work; every
+    message is still acked exactly once, as the broker counts it."""
+    import random
+
+    total = int(3000 * scale)
+    broker = open_broker()
+    broker.publish_many("t", [b"%d" % i for i in range(total)])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+    def start():
+        return subprocess.Popen(
+            [sys.executable, "-c", _WORKER, redis_url, namespace],
+            stdout=subprocess.PIPE, env=env)
+
+    rng = random.Random(7)
+    workers = [start() for _ in range(3)]
+    finished = []
+    try:
+        for _ in range(int(4 * scale)):
+            time.sleep(rng.uniform(0.3, 0.8))
+            victim = workers.pop(rng.randrange(len(workers)))
+            victim.send_signal(signal.SIGKILL)
+            finished.append(victim)
+            workers.append(start())
+        outputs = [worker.communicate(timeout=120)[0]
+                   for worker in finished + workers]
+    finally:
+        for worker in finished + workers:
+            if worker.poll() is None:
+                worker.kill()
+            worker.wait()
+            worker.stdout.close()
+    printed = [int(line) for output in outputs for line in output.split()]
+    assert len(printed) == len(set(printed))
+    assert set(printed) <= set(range(total))
+    stats = broker.stats("t")
+    assert stats["acked"] == total
+    assert stats["stored"] == 0
+    assert stats["in_flight"] == 0
+    assert stats["dead_lettered"] == 0
+    assert stats["redelivered"] >= 1
 
 
 # Server restarts: no acknowledged publish is lost.
