@@ -379,6 +379,9 @@ class RedisBackend(Backend):
                                "cfg"))
 
     def delete_topic(self, topic: str) -> None:
+        # NOTE: SCAN walks the whole database to find the topic's keys, so
+        # this (and Broker.request, which deletes its reply topic) slows
+        # down with the number of keys on the server.
         meta = self._meta(topic)
         if not self.has_topic(topic):
             raise UnknownTopic(f"unknown topic {topic!r}", topic)
