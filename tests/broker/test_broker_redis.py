@@ -414,6 +414,21 @@ def test_ack_of_trimmed_pending_entry(open_broker, redis_url, namespace):
     assert broker.stats("t")["stored"] == 0
 
 
+def test_large_batches_split_into_script_calls(open_broker):
+    broker = open_broker()
+    total = 2500  # three script calls of at most 1000 messages
+    ids = broker.publish_many("t", [b"%d" % i for i in range(total)])
+    assert len(ids) == total
+    assert len(set(ids)) == total
+    consumer = broker.consume("t", "g", prefetch=total)
+    got = []
+    while len(got) < total:
+        got += consumer.get_many(total, timeout=5)
+    assert [m.body for m in got] == [b"%d" % i for i in range(total)]
+    assert consumer.ack_many(got) == total
+    assert broker.stats("t")["acked"] == total
+
+
 def test_stream_maxlen_caps_stored_entries(open_broker):
     broker = open_broker(stream_maxlen=100)
     broker.publish_many("t", [b"x"] * 2000)

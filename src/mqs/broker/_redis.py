@@ -93,6 +93,9 @@ __all__ = ["RedisBackend"]
 logger = logging.getLogger(__name__)
 
 _SERIALIZERS = (None, "pickle")
+# Messages per script call: Redis runs one script at a time, so a larger
+# batch would hold up every other client of the server for longer.
+_MAX_BATCH = 1000
 _PARKED = "mqs.parked"
 # Body encodings stored in the entry's "e" field.
 _BYTES, _STR, _PICKLE = b"b", b"s", b"p"
@@ -462,13 +465,15 @@ class RedisBackend(Backend):
         deadline = None if timeout is None else time.monotonic() + timeout
         ids: list[str] = []
         while True:
-            rest = envelopes[len(ids):]
+            rest = envelopes[len(ids):len(ids) + _MAX_BATCH]
             runs, *args = self._publish_args(rest)
             reply = self._run(topic, "publish", runs, self._maxlen, *args)
             status, _, new_ids, wake_id = reply
             ids += [raw.decode() for raw in new_ids]
-            if status == b"OK":
+            if status == b"OK" and len(ids) == len(envelopes):
                 return ids
+            if status == b"OK":
+                continue
             if status == b"FULL":
                 maxsize = self.topic_config(topic).maxsize
                 raise Full(
@@ -537,8 +542,9 @@ class RedisBackend(Backend):
 
     def _fetch_once(self, topic, group, consumer, max_items, ack_timeout,
                     auto_ack):
-        reply = self._run(topic, "fetch", group, consumer, max_items,
-                          ack_timeout * 1000, 1 if auto_ack else 0)
+        reply = self._run(topic, "fetch", group, consumer,
+                          min(max_items, _MAX_BATCH), ack_timeout * 1000,
+                          1 if auto_ack else 0)
         _, wait_ms, found, wake_id = reply
         deliveries = [self._delivery(topic, group, raw) for raw in found]
         return deliveries, int(wait_ms), wake_id
@@ -550,6 +556,15 @@ class RedisBackend(Backend):
         while True:
             found, wait_ms, wake_id = self._fetch_once(
                 topic, group, consumer, max_items, ack_timeout, auto_ack)
+            # A full chunk: take more of what is ready, in further calls.
+            while len(found) < max_items and len(found) % _MAX_BATCH == 0 \
+                    and found:
+                more, _, _ = self._fetch_once(
+                    topic, group, consumer, max_items - len(found),
+                    ack_timeout, auto_ack)
+                if not more:
+                    break
+                found += more
             if found:
                 return found
             left = self._block_cap
@@ -567,11 +582,15 @@ class RedisBackend(Backend):
 
     def ack_many(self, topic: str, group: str, tags: Sequence[Any]
                  ) -> list[bool]:
-        args: list = []
-        for message_id, ticket in tags:
-            args += [message_id, ticket]
-        done = self._run(topic, "ack_many", group, len(tags), *args)[1]
-        return [flag == 1 for flag in done]
+        done: list[bool] = []
+        for start in range(0, len(tags), _MAX_BATCH):
+            args: list = []
+            chunk = tags[start:start + _MAX_BATCH]
+            for message_id, ticket in chunk:
+                args += [message_id, ticket]
+            reply = self._run(topic, "ack_many", group, len(chunk), *args)
+            done += [flag == 1 for flag in reply[1]]
+        return done
 
     def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
              delay: float | None, error: str | None) -> bool:
