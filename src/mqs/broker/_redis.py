@@ -96,7 +96,6 @@ _SERIALIZERS = (None, "pickle")
 # Messages per script call: Redis runs one script at a time, so a larger
 # batch would hold up every other client of the server for longer.
 _MAX_BATCH = 1000
-_PARKED = "mqs.parked"
 # Body encodings stored in the entry's "e" field.
 _BYTES, _STR, _PICKLE = b"b", b"s", b"p"
 
@@ -491,8 +490,6 @@ class RedisBackend(Backend):
 
     def open_consumer(self, topic: str, group: str, *, start: str,
                       prefetch: int, max_attempts: int | None) -> str:
-        if _PARKED == group:
-            raise ValueError(f"group name {group!r} is reserved")
         consumer = f"c{uuid.uuid4().hex[:16]}"
         self._run(topic, "open", group, consumer, start, prefetch,
                   "" if max_attempts is None else max_attempts)
