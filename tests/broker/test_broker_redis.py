@@ -171,6 +171,7 @@ _WORKER = textwrap.dedent("""
     url, namespace = sys.argv[1], sys.argv[2]
     broker = mqs.Broker(backend="redis", url=url, namespace=namespace)
     consumer = broker.consume("t", "g", prefetch=16, ack_timeout=1.0)
+    print(consumer._id, flush=True)
     idle = 0
     while idle < 6:
         try:
@@ -186,42 +187,79 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+class _Worker:
+    """A consumer process of `_WORKER`; a thread collects its output."""
+
+    def __init__(self, redis_url, namespace):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER, redis_url, namespace],
+            stdout=subprocess.PIPE, env=env)
+        self.lines = []
+        self.reader = threading.Thread(target=self._read)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(line.decode().strip())
+
+    @property
+    def consumer(self):
+        return self.lines[0] if self.lines else None
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.reader.join(30)
+        self.process.stdout.close()
+
+
 @pytest.mark.stress
 def test_consumer_processes_killed_at_random(open_broker, redis_url,
                                              namespace, scale):
-    """Consumer processes are SIGKILLed at random while they work; every
+    """Consumer processes are SIGKILLed while they hold messages; every
     message is still acked exactly once, as the broker counts it."""
     import random
 
     total = int(3000 * scale)
     broker = open_broker()
     broker.publish_many("t", [b"%d" % i for i in range(total)])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-
-    def start():
-        return subprocess.Popen(
-            [sys.executable, "-c", _WORKER, redis_url, namespace],
-            stdout=subprocess.PIPE, env=env)
-
+    admin = redis.Redis.from_url(redis_url)
+    held_key = f"{{{namespace}:t}}:g:g\x00inf"
     rng = random.Random(7)
-    workers = [start() for _ in range(3)]
+    workers = [_Worker(redis_url, namespace) for _ in range(3)]
     finished = []
+    kills = 0
     try:
         for _ in range(int(4 * scale)):
-            time.sleep(rng.uniform(0.3, 0.8))
-            victim = workers.pop(rng.randrange(len(workers)))
-            victim.send_signal(signal.SIGKILL)
+            time.sleep(rng.uniform(0.2, 0.5))
+            # Kill a worker whose consumer holds messages now.
+            holding = []
+            deadline = time.monotonic() + 20
+            while not holding and time.monotonic() < deadline:
+                held = admin.hgetall(held_key)
+                holding = [worker for worker in workers
+                           if worker.consumer is not None
+                           and int(held.get(worker.consumer.encode(), 0))]
+                time.sleep(0.01)
+            if not holding:
+                break
+            victim = rng.choice(holding)
+            workers.remove(victim)
+            victim.process.send_signal(signal.SIGKILL)
+            kills += 1
             finished.append(victim)
-            workers.append(start())
-        outputs = [worker.communicate(timeout=120)[0]
-                   for worker in finished + workers]
+            workers.append(_Worker(redis_url, namespace))
+        for worker in workers:
+            worker.process.wait(120)
     finally:
         for worker in finished + workers:
-            if worker.poll() is None:
-                worker.kill()
-            worker.wait()
-            worker.stdout.close()
-    printed = [int(line) for output in outputs for line in output.split()]
+            worker.stop()
+        admin.close()
+    printed = [int(line) for worker in finished + workers
+               for line in worker.lines[1:]]
+    assert kills >= 1
     assert len(printed) == len(set(printed))
     assert set(printed) <= set(range(total))
     stats = broker.stats("t")
