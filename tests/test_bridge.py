@@ -32,6 +32,7 @@ def redis_endpoint_url(redis_url):
     ("rediss://u:p@h:2/0#a#b", bridge.Endpoint("redis", "rediss://u:p@h:2/0#a",
                                               "b")),
     ("log:/tmp/dir#t", bridge.Endpoint("log", "/tmp/dir", "t")),
+    ("shm:orders#t", bridge.Endpoint("shm", "orders", "t")),
 ])
 def test_parse_endpoint(spec, expected):
     assert bridge.parse_endpoint(spec) == expected
@@ -39,7 +40,7 @@ def test_parse_endpoint(spec, expected):
 
 @pytest.mark.parametrize("spec, match", [
     ("redis://127.0.0.1:1/0", "add the topic after '#'"),
-    ("shm:q#t", "must start with redis://"),
+    ("mem:q#t", "must start with redis://"),
     ("log:#t", "must start with redis://"),
 ])
 def test_parse_endpoint_rejects(spec, match):
@@ -67,6 +68,27 @@ def test_forward_keeps_message_fields(redis_endpoint_url, tmp_path):
     assert source.stats("t")["acked"] == 2
     source.close()
     destination.close()
+
+
+def test_forward_shm_to_redis_and_back(redis_endpoint_url):
+    import uuid
+
+    name = f"mqs-bridge-test-{uuid.uuid4().hex[:8]}"
+    local = mqs.Broker(backend="shm", name=name, journal_bytes=1 << 20)
+    remote = mqs.Broker(backend="redis", url=redis_endpoint_url)
+    try:
+        local.publish_many("out", [b"%d" % i for i in range(50)])
+        assert bridge.forward(local, "out", remote, "bridge-shm",
+                              max_messages=50) == 50
+        assert bridge.forward(remote, "bridge-shm", local, "back",
+                              max_messages=50) == 50
+        consumer = local.consume("back", "g", prefetch=50, auto_ack=True)
+        bodies = [m.body for m in consumer.get_many(50, timeout=5)]
+        assert sorted(bodies, key=int) == [b"%d" % i for i in range(50)]
+    finally:
+        remote.close()
+        local.close()
+        mqs.Broker.unlink(name)
 
 
 def test_forward_drops_second_copy_at_destination(redis_endpoint_url,

@@ -12,8 +12,8 @@ default): at-least-once across the hop, and exactly once while the
 window lasts.
 
 Endpoints are written ``redis://[user:password@]host:port/db#topic``
-(or ``rediss://``) and ``log:directory#topic``; `open_endpoint` opens
-one. ``mqs bridge SOURCE DESTINATION`` runs `forward` from the command
+(or ``rediss://``), ``log:directory#topic`` and ``shm:name#topic``;
+`open_endpoint` opens one. ``mqs bridge SOURCE DESTINATION`` runs `forward` from the command
 line.
 """
 
@@ -45,8 +45,8 @@ class Endpoint:
 
 
 def parse_endpoint(spec: str) -> Endpoint:
-    """Parse ``redis://...#topic``, ``rediss://...#topic`` or
-    ``log:directory#topic``.
+    """Parse ``redis://...#topic``, ``rediss://...#topic``,
+    ``log:directory#topic`` or ``shm:name#topic``.
 
     Raises
     ------
@@ -57,22 +57,27 @@ def parse_endpoint(spec: str) -> Endpoint:
     if not sep or not topic or not location:
         raise ValueError(
             f"invalid endpoint {spec!r}: add the topic after '#', such as "
-            f"'redis://127.0.0.1:6379/0#orders' or 'log:broker-dir#orders'")
+            f"'redis://127.0.0.1:6379/0#orders', 'log:broker-dir#orders' or "
+            f"'shm:orders-broker#orders'")
     if location.startswith(("redis://", "rediss://")):
         return Endpoint("redis", location, topic)
     if location.startswith("log:") and len(location) > 4:
         return Endpoint("log", location[4:], topic)
+    if location.startswith("shm:") and len(location) > 4:
+        return Endpoint("shm", location[4:], topic)
     raise ValueError(
-        f"invalid endpoint {spec!r}: it must start with redis://, rediss:// "
-        f"or log:<directory> (the shm backend is not supported yet)")
+        f"invalid endpoint {spec!r}: it must start with redis://, "
+        f"rediss://, log:<directory> or shm:<name>")
 
 
 def open_endpoint(endpoint: Endpoint, *, pickle: bool = False) -> Broker:
     """Open the broker of `endpoint`. `pickle` sets ``serializer="pickle"``
-    on a redis broker (log brokers always pickle)."""
+    on a redis broker (log and shm brokers always pickle)."""
     if endpoint.backend == "redis":
         return Broker(backend="redis", url=endpoint.location,
                       serializer="pickle" if pickle else None)
+    if endpoint.backend == "shm":
+        return Broker(backend="shm", name=endpoint.location)
     return Broker(backend="log", path=endpoint.location)
 
 

@@ -26,7 +26,8 @@ def add_parser(subparsers: Any) -> None:
                     "after the destination stored it (at-least-once; the "
                     "destination drops copies within its dedup window). "
                     "Endpoints: redis://[user:password@]host:port/db#topic "
-                    "(or rediss://) and log:DIRECTORY#topic. Runs until "
+                    "(or rediss://), log:DIRECTORY#topic and "
+                    "shm:NAME#topic. Runs until "
                     "interrupted, --max-messages or --idle-exit.")
     parser.add_argument("source", metavar="SOURCE", help="endpoint to read")
     parser.add_argument("destination", metavar="DESTINATION",
