@@ -822,6 +822,45 @@ def test_delay_and_at_together_rejected(broker):
         broker.publish("t", 1, delay=1, at=time.time())
 
 
+@pytest.mark.parametrize("options", [
+    {"delay": float("inf")},
+    {"at": float("inf")},
+])
+def test_publish_rejects_infinite_delay(broker, options):
+    consumer = broker.consume("t", "g")
+    with pytest.raises(ValueError, match="finite"):
+        broker.publish("t", "never", **options)
+    with pytest.raises(ValueError, match="finite"):
+        broker.publish_many("t", ["never"], **options)
+    # The topic still works: nothing of the rejected publishes was stored.
+    broker.publish("t", "ok")
+    assert drain(consumer) == ["ok"]
+    assert broker.stats("t")["published"] == 1
+
+
+def test_infinite_deadlines_rejected(broker):
+    with pytest.raises(ValueError, match="ack_timeout must be a finite"):
+        broker.consume("t", "g", ack_timeout=float("inf"))
+    with pytest.raises(mqs.TopicConfigError, match="Backoff max"):
+        mqs.Backoff(base=1, max=float("inf"))
+    broker.publish("t", "x")
+    consumer = broker.consume("t", "g")
+    message = consumer.get(timeout=5)
+    with pytest.raises(ValueError, match="seconds must be a finite"):
+        message.extend(float("inf"))
+    with pytest.raises(ValueError, match="delay must be a finite"):
+        message.nack(delay=float("inf"))
+    assert message.nack(delay=0)
+    assert consumer.get(timeout=5).body == "x"
+
+
+def test_publish_many_of_nothing(broker):
+    assert broker.publish_many("t", []) == []
+    assert broker.publish_many("t", iter(())) == []
+    broker.publish_many("t", [1, 2])
+    assert drain(broker.consume("t", "g")) == [1, 2]
+
+
 # Threads.
 
 @pytest.mark.stress

@@ -52,7 +52,8 @@ def _redis_backend(**options: Any) -> Backend:
 
 
 def _seconds(name: str, value: Any, *, allow_none: bool = True,
-             allow_zero: bool = True) -> float | None:
+             allow_zero: bool = True, allow_inf: bool = True
+             ) -> float | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -63,12 +64,19 @@ def _seconds(name: str, value: Any, *, allow_none: bool = True,
     if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
         bound = "0 or more" if allow_zero else "above 0"
         raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+    if math.isinf(value) and not allow_inf:
+        # A deadline of inf cannot be scheduled on the timing wheel, and a
+        # log or shm broker would replay the failing operation at every
+        # open, so it is rejected before it reaches a backend.
+        raise ValueError(
+            f"{name} must be a finite number of seconds, got {value!r}")
     return value
 
 
-def _required_seconds(name: str, value: Any, *, allow_zero: bool = True
-                      ) -> float:
-    seconds = _seconds(name, value, allow_none=False, allow_zero=allow_zero)
+def _required_seconds(name: str, value: Any, *, allow_zero: bool = True,
+                      allow_inf: bool = True) -> float:
+    seconds = _seconds(name, value, allow_none=False, allow_zero=allow_zero,
+                       allow_inf=allow_inf)
     assert seconds is not None
     return seconds
 
@@ -79,15 +87,15 @@ def _delay_of(delay: Any, at: Any) -> float:
         raise ValueError(
             f"pass delay or at, not both (got delay={delay!r}, at={at!r})")
     if at is None:
-        return _seconds("delay", delay) or 0.0
+        return _seconds("delay", delay, allow_inf=False) or 0.0
     if isinstance(at, datetime.datetime):
         at = at.timestamp()
     elif isinstance(at, bool) or not isinstance(at, (int, float)):
         raise TypeError(
             f"at must be a datetime or time.time() seconds, got "
             f"{type(at).__name__} {at!r}")
-    if math.isnan(at):
-        raise ValueError("at must be a time, got nan")
+    if not math.isfinite(at):
+        raise ValueError(f"at must be a finite time, got {at!r}")
     return max(0.0, at - time.time())
 
 
@@ -196,7 +204,7 @@ class Message:
         already waiting there. A message with a key keeps its place at the
         head of its key, so later messages of that key still wait for it.
         """
-        delay = _seconds("delay", delay)
+        delay = _seconds("delay", delay, allow_inf=False)
         if error is not None and not isinstance(error, str):
             error = f"{type(error).__name__}: {error}"
         self._settle("nack")
@@ -208,7 +216,8 @@ class Message:
     def extend(self, seconds: float) -> bool:
         """Move the ack deadline to `seconds` from now (not from the old
         deadline); return False if it had passed already."""
-        seconds = _required_seconds("seconds", seconds, allow_zero=False)
+        seconds = _required_seconds("seconds", seconds, allow_zero=False,
+                                    allow_inf=False)
         if self._settled:
             return False
         consumer = self._consumer
@@ -757,9 +766,11 @@ class Broker:
         On `Full`, ``exc.accepted`` bodies were published and stay.
         """
         envelopes = [self._envelope(body, **options) for body in bodies]
+        timeout = _seconds("timeout", timeout)
         self._ensure_topic(topic)
-        return self._backend.publish(topic, envelopes,
-                                     _seconds("timeout", timeout))
+        if not envelopes:
+            return []
+        return self._backend.publish(topic, envelopes, timeout)
 
     async def publish_async(self, topic: str, body: Any, *,
                             timeout: float | None = None, **options: Any
@@ -833,7 +844,7 @@ class Broker:
                 f"max_attempts must be an int of 1 or more or None, got "
                 f"{max_attempts!r}")
         ack_timeout = _required_seconds("ack_timeout", ack_timeout,
-                                        allow_zero=False)
+                                        allow_zero=False, allow_inf=False)
         self._ensure_topic(topic)
         return Consumer(self, topic, group, prefetch=prefetch,
                         ack_timeout=ack_timeout, auto_ack=auto_ack,

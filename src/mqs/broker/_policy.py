@@ -99,6 +99,12 @@ class Backoff:
     def __post_init__(self) -> None:
         _check_seconds("Backoff base", self.base, allow_none=False)
         _check_seconds("Backoff max", self.max, allow_none=False)
+        # An infinite retry delay cannot be scheduled, and a log or shm
+        # broker would replay the failing nack at every open.
+        if not math.isfinite(self.max):
+            raise TopicConfigError(
+                f"Backoff max must be a finite number of seconds, got "
+                f"{self.max!r}")
         if isinstance(self.factor, bool) or not isinstance(
                 self.factor, (int, float)) or not self.factor >= 1:
             raise TopicConfigError(
