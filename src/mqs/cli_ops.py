@@ -508,8 +508,7 @@ def _add_tail_parser(subparsers: Any) -> None:
                     "messages of consumer group --group, which takes "
                     "them from that group, so give it a group no other "
                     "consumer reads (a queue created with groups=2 or "
-                    "more). Broker topics are not supported yet; they "
-                    "will be followed by name once the broker exists.")
+                    "more). Broker topics are not supported yet.")
     parser.add_argument("target", metavar="NAME|LOGDIR",
                         help="shared queue name or segment log directory")
     parser.add_argument("--group", type=_non_negative_int, metavar="G",
