@@ -854,6 +854,19 @@ def test_infinite_deadlines_rejected(broker):
     assert consumer.get(timeout=5).body == "x"
 
 
+def test_broker_calls_after_close_fail(broker):
+    broker.declare_topic("t")
+    broker.close()
+    with pytest.raises(mqs.ShutDown, match="is closed"):
+        broker.publish("t", 1)
+    with pytest.raises(mqs.ShutDown, match="is closed"):
+        broker.publish_many("t", [1])
+    with pytest.raises(mqs.ShutDown, match="is closed"):
+        broker.consume("t", "g")
+    with pytest.raises(mqs.ShutDown, match="is closed"):
+        broker.declare_topic("t")
+
+
 def test_publish_many_of_nothing(broker):
     assert broker.publish_many("t", []) == []
     assert broker.publish_many("t", iter(())) == []

@@ -665,9 +665,17 @@ class Broker:
             dedup_window=dedup_window, max_attempts=max_attempts,
             retry=retry, ttl=ttl, on_expire=on_expire, retention=retention,
             maxsize=maxsize, when_full=when_full)
+        self._check_open()
         return self._backend.declare_topic(config, replace=replace)
 
+    def _check_open(self) -> None:
+        # The memory and redis backends keep working after their close,
+        # so the broker itself enforces that calls after `close` fail.
+        if self._closed:
+            raise ShutDown(f"{self!r} is closed; open a new Broker")
+
     def _ensure_topic(self, topic: str) -> None:
+        self._check_open()
         if not isinstance(topic, str) or not topic:
             raise TypeError(f"topic must be a non-empty str, got {topic!r}")
         if self._backend.has_topic(topic):
