@@ -1297,6 +1297,21 @@ def test_attach_rejects_foreign_file(shm_name):
         SharedQueue(name=shm_name, create=False)
 
 
+def test_attach_rejects_foreign_file_of_odd_size(shm_name):
+    # A size that is no header plus a page multiple: the header-only
+    # mapping must still work and name the file as foreign.
+    path = shm_path(shm_name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, os.urandom(HEADER_BYTES + 3 * PAGE + 100))
+    finally:
+        os.close(fd)
+    with pytest.raises(QueueLayoutError, match="corrupted or foreign header"):
+        SharedQueue(name=shm_name, create=False)
+    with pytest.raises(QueueLayoutError, match="corrupted or foreign header"):
+        SharedQueue(name=shm_name)
+
+
 def test_attach_rejects_never_initialised_file(shm_name):
     path = shm_path(shm_name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)

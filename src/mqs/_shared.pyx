@@ -802,18 +802,21 @@ cdef class SharedQueue:
                 f"{expected} (capacity_bytes {capacity}, "
                 f"delayed_capacity_bytes {delayed_bytes}); it was "
                 f"truncated or is not an mqs queue")
-        if config[8] == _INIT_READY and config[0] == MQS_BR_MAGIC \
-                and config[1] == _LAYOUT_VERSION:
-            self._map(fd, capacity, delayed_bytes)
+        header_only = not (config[8] == _INIT_READY
+                           and config[0] == MQS_BR_MAGIC
+                           and config[1] == _LAYOUT_VERSION)
+        if header_only:
+            # Map the header with a one-page ring so that mqs_br_validate
+            # names what is wrong (an unfinished creator, a foreign file, a
+            # version). The ring size must be a page multiple for the
+            # double mapping, whatever the size of the file.
+            self._map(fd, os.sysconf("SC_PAGESIZE"), 0)
         else:
-            # Map the header alone so that mqs_br_validate names what is
-            # wrong (an unfinished creator, a foreign file, a version).
-            self._map(fd, size - mqs_br_file_bytes(0) if 0 < size -
-                      mqs_br_file_bytes(0) < (1 << 40) else 4096, 0)
+            self._map(fd, capacity, delayed_bytes)
         rc = mqs_br_validate(self._ring.header, size)
-        if rc == MQS_OK and delayed_bytes:
+        if rc == MQS_OK and delayed_bytes and not header_only:
             rc = mqs_delay_validate(&self._delay)
-        if rc != MQS_OK:
+        if rc != MQS_OK or header_only:
             version = mqs_br_config(&self._ring).version
             self._unmap()
             if rc == MQS_EVERSION:
