@@ -773,7 +773,9 @@ class Broker:
 
         On `Full`, ``exc.accepted`` bodies were published and stay.
         """
-        envelopes = [self._envelope(body, **options) for body in bodies]
+        # The options are checked once; every envelope shares them.
+        settings = self._envelope(None, **options)[1:]
+        envelopes = [Envelope(body, *settings) for body in bodies]
         timeout = _seconds("timeout", timeout)
         self._ensure_topic(topic)
         if not envelopes:
