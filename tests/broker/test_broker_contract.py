@@ -571,12 +571,16 @@ def test_async_get_does_not_block_loop(broker):
                 ticks += 1
 
         task = asyncio.create_task(ticker())
-        threading.Timer(0.2, broker.publish, ("t", "x")).start()
+        publisher.start()
         message = await consumer.get_async(timeout=10)
         task.cancel()
         return message, ticks
 
+    # Joined below: a backend in another process may see the publish
+    # before the timer's thread has its reply.
+    publisher = threading.Timer(0.2, broker.publish, ("t", "x"))
     message, ticks = asyncio.run(main())
+    publisher.join()
     assert message.body == "x"
     assert ticks >= 5
 
@@ -681,8 +685,12 @@ def test_close_drain_waits_for_acks(broker):
     broker.publish("t", "a")
     consumer = broker.consume("t", "g")
     message = consumer.get(timeout=0)
-    threading.Timer(0.1, message.ack).start()
+    acker = threading.Timer(0.1, message.ack)
+    acker.start()
     assert consumer.close(drain=True, timeout=10) == 0
+    # A backend in another process may count the ack before the timer's
+    # thread has its reply.
+    acker.join()
     assert broker.stats("t")["acked"] == 1
     with pytest.raises(mqs.ShutDown):
         consumer.get(timeout=0)

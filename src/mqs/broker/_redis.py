@@ -284,6 +284,7 @@ class RedisBackend(Backend):
         self._block_cap = max(0.01, min(1.0, socket_timeout / 2))
         self._backoff = redis.backoff.FullJitterBackoff(cap=2.0, base=0.05)
         self._rng = random.Random()
+        self._closed = False
         self._script = client.register_script(_load_script())
         self._call(client.ping)
 
@@ -305,6 +306,9 @@ class RedisBackend(Backend):
                     f"Redis at {self.url} rejected the credentials ({exc}); "
                     f"check the user and password in the URL") from None
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if self._closed:
+                    raise BackendConnectionError(
+                        f"the redis backend of {self.url} is closed") from exc
                 now = time.monotonic()
                 started = now if started is None else started
                 if now - started >= self._retry_timeout:
@@ -672,6 +676,8 @@ class RedisBackend(Backend):
         time.sleep(max(0.0, min(timeout, 0.01)))
 
     def close(self) -> None:
+        # Calls still running in other threads fail instead of retrying.
+        self._closed = True
         self._client.close()
 
 
