@@ -226,6 +226,22 @@ def log_table(report: dict) -> list[str]:
              ""] + _table(["case", "median/s", "MB/s", "syncs"], rows))
 
 
+def broker_table(report: dict) -> list[str]:
+    broker = report.get("broker")
+    if not broker:
+        return []
+    rows = []
+    for case in broker["cases"]:
+        if "skipped" in case:
+            rows.append([case["case"], "skipped: " + case["skipped"], ""])
+            continue
+        rows.append([case["case"], f"{case['messages']:,}",
+                     f"{case['rate_per_s']:,.0f}"])
+    return ([(f"### Broker (messages published, consumed and acked per "
+              f"second, scale {broker['scale']:g})"), ""]
+            + _table(["case", "messages", "median/s"], rows))
+
+
 def ratios_table(report: dict) -> list[str]:
     rows = [[r["name"], _ratio(r["value"]), (f"{r['comparison']} "
              f"{r['target']:g}x"), "met" if r["met"] else "missed"]
@@ -247,6 +263,11 @@ def ratios_table(report: dict) -> list[str]:
         status = {True: "met", False: "missed", None: "not measured"}[
             ratio["met"]]
         rows.append([f"log {ratio['name']}", value_text, target, status])
+    for ratio in (report.get("broker") or {}).get("ratios") or []:
+        status = {True: "met", False: "missed", None: "not measured"}[
+            ratio["met"]]
+        rows.append([f"broker {ratio['name']}", _ratio(ratio["value"]),
+                     f">= {ratio['target']:g}x", status])
     met = sum(row[3] == "met" for row in rows)
     return (["### Tracked ratios", "",
              f"{met} of {len(rows)} targets are met in this run.", ""]
@@ -260,7 +281,7 @@ def render(report: dict, commit: str | None = None, plot: str | None = None,
     if plot:
         lines += [f"![Charts of this run]({plot})", ""]
     for part in (queue_tables, shape_tables, payload_table, latency_table,
-                 timers_table, log_table, ratios_table):
+                 timers_table, log_table, broker_table, ratios_table):
         lines += part(report)
     return "\n".join(lines).rstrip("\n") + "\n"
 

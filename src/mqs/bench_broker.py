@@ -7,15 +7,14 @@ the same loop on the same topic (or stream) and group:
 - ``shm.per_message.<N>p``: `Broker.publish` of one message, then
   `Consumer.get` and `Message.ack`, `count` times per process.
 - ``shm.batched.<N>p``: `publish_many` of `batch` messages, then
-  `get_many` of up to `batch` and an ack per message.
+  `get_many` of up to `batch` and one `Consumer.ack_many`.
 - ``redis.per_message.<N>p``: XADD, XREADGROUP COUNT 1 and XACK per
   message through redis-py (hiredis when installed).
 - ``redis.batched.<N>p``: XADD of `batch` messages in one pipeline,
   XREADGROUP COUNT `batch`, and one XACK naming the whole batch.
 
-The peer gets Redis's batch commands; the shm broker has no ack of a
-batch, so its batched loop still acks message by message. Redis runs as
-a throwaway redis-server on 127.0.0.1 without persistence (the shm
+Both batched loops thus make three calls per batch. Redis runs as a
+throwaway redis-server on 127.0.0.1 without persistence (the shm
 broker keeps nothing across a reboot either).
 
 Each process is forked, opens its own broker or client, and waits on a
@@ -86,13 +85,13 @@ def _shm_worker(name: str, mode: str, count: int, start: Any,
                 published += size
             # Never more than this process still needs, so that no
             # process takes the messages another one waits for.
-            for message in consumer.get_many(min(BATCH, count - done),
-                                             timeout=WORKER_TIMEOUT_S):
+            messages = consumer.get_many(min(BATCH, count - done),
+                                         timeout=WORKER_TIMEOUT_S)
+            for message in messages:
                 if message.body != body:
                     raise BenchmarkError(f"message {message.id} has the "
                                          f"wrong body")
-                message.ack()
-                done += 1
+            done += consumer.ack_many(messages)
     results.put(done)
     consumer.close()
     broker.close()

@@ -411,7 +411,7 @@ def test_shm_journal_wraps_into_snapshots(name):
 OPERATIONS = st.lists(
     st.tuples(st.integers(0, 1),
               st.sampled_from(["publish", "fetch", "ack", "nack", "stats",
-                               "extend", "redrive"]),
+                               "extend", "redrive", "ack_many"]),
               st.integers(0, 9)),
     min_size=1, max_size=60)
 
@@ -448,6 +448,9 @@ def test_shm_replicas_agree_after_any_operations(name, operations):
             else:
                 message.extend(30)
                 held[side].append(message)
+        elif op == "ack_many" and held[side]:
+            assert consumer.ack_many(held[side]) == len(held[side])
+            held[side] = []
         elif op == "redrive":
             broker.dlq_redrive("t")
         assert brokers[0].stats("t") == brokers[1].stats("t")

@@ -458,6 +458,11 @@ class ShmBackend(LogBackend):
         self._owners.pop(consumer, None)
         return super()._do_close(topic, group, consumer)
 
+    def _do_ack_many(self, topic: str, group: str, tags: list[Any]
+                     ) -> list[bool]:
+        state = self._topic(topic)
+        return [state.ack(group, tag, self._now) for tag in tags]
+
     def _do_delete(self, topic: str) -> None:
         super()._do_delete(topic)
         for consumer, owner in list(self._owners.items()):
@@ -494,6 +499,11 @@ class ShmBackend(LogBackend):
                               timeout=timeout)
         return [delivery._replace(body=pickle.loads(delivery.body))
                 for delivery in found]
+
+    def ack_many(self, topic: str, group: str, tags: Sequence[Any]
+                 ) -> list[bool]:
+        # One record, so one mutex round and one replay for the batch.
+        return self._settle("ack_many", topic, group, list(tags))
 
     async def fetch_async(self, topic: str, group: str, consumer: str,
                           max_items: int, *, ack_timeout: float,
