@@ -92,7 +92,8 @@ Limits
     must open its own consumers. A compaction holds the mutex while it
     pickles and writes the whole state, so every process waits that long
     (it grows with the stored messages) about once per `journal_bytes`
-    of records.
+    of records. A process stopped (SIGSTOP, a debugger) while it holds
+    the mutex stalls every other process until it continues or dies.
 """
 
 from __future__ import annotations
