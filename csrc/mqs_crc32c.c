@@ -24,6 +24,24 @@
 typedef uint32_t (*mqs_crc32c_fn)(uint32_t, const uint8_t *, size_t);
 
 static uint32_t table[8][256];
+
+/*
+ * Interleaving: the SSE4.2 version runs three independent CRCs over
+ * three adjacent blocks and merges them, because each crc32 instruction
+ * waits for the previous one's result but independent ones overlap. On
+ * a 2-vCPU AMD EPYC KVM guest, a C loop of 200,000 CRCs
+ * of 4 KiB took about 190 ns per CRC this way against 430 ns in one
+ * stream (best of five loops, four alternating runs). The raw CRC register
+ * (before the final inversion) is linear over GF(2) in the register
+ * and the data, so running register r over block B equals running r
+ * over len(B) zero bytes XOR running 0 over B. The first term, a linear map
+ * of r, is tabulated per byte of r: shift_long[k][b] is the register
+ * after INTERLEAVE_LONG zero bytes from b << 8k (likewise for SHORT).
+ */
+#define INTERLEAVE_LONG 1024
+#define INTERLEAVE_SHORT 128
+static uint32_t shift_long[4][256];
+static uint32_t shift_short[4][256];
 static mqs_crc32c_fn impl_fn;
 static const char *impl_name = "software";
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
@@ -47,6 +65,25 @@ static void fill_tables(void)
     }
 }
 
+static uint32_t crc_sw(uint32_t crc, const uint8_t *p, size_t n);
+
+/* Tabulate the register after `zeros` zero bytes for each byte value at
+ * each of the four byte positions of the register. */
+static void fill_shift_table(uint32_t shift[4][256], size_t zeros)
+{
+    static const uint8_t zero_block[INTERLEAVE_LONG];
+
+    for (int k = 0; k < 4; k++)
+        for (uint32_t b = 0; b < 256; b++)
+            shift[k][b] = crc_sw(b << (8 * k), zero_block, zeros);
+}
+
+static inline uint32_t shift_apply(uint32_t shift[4][256], uint32_t crc)
+{
+    return shift[0][crc & 0xFF] ^ shift[1][(crc >> 8) & 0xFF] ^
+           shift[2][(crc >> 16) & 0xFF] ^ shift[3][crc >> 24];
+}
+
 static uint32_t crc_sw(uint32_t crc, const uint8_t *p, size_t n)
 {
     while (n >= 8) {
@@ -67,11 +104,42 @@ static uint32_t crc_sw(uint32_t crc, const uint8_t *p, size_t n)
 }
 
 #if defined(__x86_64__)
+/* Three CRCs of `block` bytes each from p, merged into crc. */
+__attribute__((target("sse4.2"))) static inline uint32_t
+crc_sse42_3way(uint32_t crc, const uint8_t *p, size_t block,
+               uint32_t shift[4][256])
+{
+    uint64_t c0 = crc, c1 = 0, c2 = 0;
+
+    for (size_t i = 0; i < block; i += 8) {
+        uint64_t w0, w1, w2;
+        memcpy(&w0, p + i, 8);
+        memcpy(&w1, p + block + i, 8);
+        memcpy(&w2, p + 2 * block + i, 8);
+        c0 = _mm_crc32_u64(c0, w0);
+        c1 = _mm_crc32_u64(c1, w1);
+        c2 = _mm_crc32_u64(c2, w2);
+    }
+    crc = shift_apply(shift, (uint32_t)c0) ^ (uint32_t)c1;
+    return shift_apply(shift, crc) ^ (uint32_t)c2;
+}
+
 __attribute__((target("sse4.2"))) static uint32_t
 crc_sse42(uint32_t crc, const uint8_t *p, size_t n)
 {
-    uint64_t c = crc;
+    uint64_t c;
 
+    while (n >= 3 * INTERLEAVE_LONG) {
+        crc = crc_sse42_3way(crc, p, INTERLEAVE_LONG, shift_long);
+        p += 3 * INTERLEAVE_LONG;
+        n -= 3 * INTERLEAVE_LONG;
+    }
+    while (n >= 3 * INTERLEAVE_SHORT) {
+        crc = crc_sse42_3way(crc, p, INTERLEAVE_SHORT, shift_short);
+        p += 3 * INTERLEAVE_SHORT;
+        n -= 3 * INTERLEAVE_SHORT;
+    }
+    c = crc;
     while (n >= 8) {
         uint64_t word;
         memcpy(&word, p, 8);
@@ -108,6 +176,8 @@ crc_armv8(uint32_t crc, const uint8_t *p, size_t n)
 static void init_once_body(void)
 {
     fill_tables();
+    fill_shift_table(shift_long, INTERLEAVE_LONG);
+    fill_shift_table(shift_short, INTERLEAVE_SHORT);
     impl_fn = crc_sw;
 #if defined(__x86_64__)
     __builtin_cpu_init();

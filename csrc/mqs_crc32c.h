@@ -8,8 +8,9 @@
  *                mqs_crc32c_extend(0, "123456789", 9) == 0xE3069283
  *
  * Three implementations, picked once at load time:
- *   x86_64   SSE4.2 `crc32` instruction, 8 bytes per step, when CPUID
- *            reports SSE4.2
+ *   x86_64   SSE4.2 `crc32` instruction, 8 bytes per step, three
+ *            blocks at a time (see mqs_crc32c.c), when CPUID reports
+ *            SSE4.2
  *   aarch64  ARMv8 CRC32C instructions, when HWCAP_CRC32 is set
  *   others   software slicing-by-8 over eight 256-entry tables (8 KiB)
  * All three return the same values; the tests compare them.
