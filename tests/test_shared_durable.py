@@ -379,6 +379,30 @@ def test_durable_delay_at_past_time_is_ready_at_once(log_dir):
     q.close()
 
 
+def test_durable_delay_log_retention_frees_released(log_dir):
+    q = SharedQueue(persist=log_dir, segment_bytes=SEGMENT_BYTES)
+    q.put_many([b"%06d" % n + b"d" * 500 for n in range(600)], delay=2.0)
+    q.put(b"last", delay=8)
+    delayed_dir = os.path.join(log_dir, "delayed")
+    deadline = time.monotonic() + 1.5
+    while q.delayed < 601 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(segment_files(delayed_dir)) > 2
+    got = []
+    while len(got) < 600:
+        got.extend(q.get_many(600, timeout=5))
+    assert sorted(int(m[:6]) for m in got) == list(range(600))
+    deadline = time.monotonic() + 10
+    while len(segment_files(delayed_dir)) > 2 \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The segment of the message still waiting, and the active one.
+    assert len(segment_files(delayed_dir)) <= 2
+    assert q.delayed == 1
+    assert q.get(timeout=10) == b"last"
+    q.close()
+
+
 DELAYED_PRODUCER = """
     import json
     import time

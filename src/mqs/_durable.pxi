@@ -60,6 +60,7 @@ from mqs.includes.mqs_durable cimport (
 )
 
 import atexit
+import collections
 import heapq
 import struct
 import threading
@@ -169,6 +170,11 @@ cdef class _Durable:
     # the delayed log) in a heap.
     cdef int64_t _pending_floor
     cdef list _schedule
+    # Offsets of the delayed messages in the delayed log, in log order,
+    # and those released but not yet popped from its front: the front
+    # is the delayed log's retention floor.
+    cdef object _delayed_offsets
+    cdef set _released
     # Reader side: offsets below this are dropped from the reader, and
     # the first offset of each claim of this handle not read yet.
     cdef int64_t _reader_floor
@@ -179,6 +185,8 @@ cdef class _Durable:
         self._control = NULL
         self._committed = []
         self._schedule = []
+        self._delayed_offsets = collections.deque()
+        self._released = set()
         self._claims = []
         self._pending_floor = -1
 
@@ -495,6 +503,8 @@ cdef class _Durable:
         self._schedule = [(due - now_wall + now, offset)
                           for offset, due in pending.items()]
         heapq.heapify(self._schedule)
+        self._delayed_offsets = collections.deque(sorted(pending))
+        self._released = set()
         return 0
 
     cdef int _append_mark(self, list offsets, int64_t head) except -1:
@@ -584,6 +594,7 @@ cdef class _Durable:
         cdef int64_t now = mqs_monotonic_ns()
         for i, due in enumerate(dues):
             heapq.heappush(self._schedule, (due - now_wall + now, first + i))
+            self._delayed_offsets.append(first + i)
         mqs_dq_add(self._control, MQS_DQ_DELAYED, len(dues))
         return 0
 
@@ -608,6 +619,7 @@ cdef class _Durable:
             return 0
         self._writer.append_many(entries)
         self._append_mark(offsets, head)
+        self._released.update(offsets)
         mqs_dq_add(self._control, MQS_DQ_DELAYED, -len(offsets))
         mqs_dq_set(self._control, MQS_DQ_APPENDED_OFFSET,
                    self._writer.end_offset)
@@ -645,10 +657,10 @@ cdef class _Durable:
             mqs_dq_set(self._control, MQS_DQ_RETAINED_OFFSET,
                        self._writer.start_offset)
         self._pending_floor = min(self._committed)
-        if self._schedule:
-            floor = min(offset for _, offset in self._schedule)
-        else:
-            floor = self._delayed_log.end_offset
+        pending = self._delayed_offsets
+        while pending and pending[0] in self._released:
+            self._released.discard(pending.popleft())
+        floor = pending[0] if pending else self._delayed_log.end_offset
         self._delayed_log.delete_before(floor)
         return 0
 
@@ -859,6 +871,8 @@ cdef class _Durable:
         self._reader_floor = 0
         self._claims = []
         self._schedule = []
+        self._delayed_offsets = collections.deque()
+        self._released = set()
         self._thread = None
         self._lock = threading.Lock()
         return 0
