@@ -33,6 +33,7 @@
  *                                         found deleted (it paused past
  *                                         the retention delay)
  *   13-19  group_cursor[7]   consumers    `cursor` of groups 1 to 7
+ *   20     segment_bytes     appender     size of new segment files
  *
  * Group 0 uses `cursor`, so a version 1 file (blocks 0-7) reads as a
  * one-group queue.
@@ -78,6 +79,7 @@ typedef struct mqs_dq_control {
     MQS_DQ_BLOCK(_Atomic int64_t) delayed;
     MQS_DQ_BLOCK(_Atomic int64_t) lost;
     MQS_DQ_BLOCK(_Atomic int64_t) group_cursor[MQS_DQ_MAX_GROUPS - 1];
+    MQS_DQ_BLOCK(_Atomic int64_t) segment_bytes;
 } mqs_dq_control_t;
 
 _Static_assert(sizeof(mqs_dq_control_t) <= MQS_DQ_FILE_BYTES,
@@ -94,6 +96,7 @@ enum {
     MQS_DQ_RETAINED_OFFSET = 6,
     MQS_DQ_DELAYED = 7,
     MQS_DQ_LOST = 8,
+    MQS_DQ_SEGMENT_BYTES = 9,
 };
 
 static inline _Atomic int64_t *mqs_dq_field(mqs_dq_control_t *c, int field)
@@ -115,6 +118,8 @@ static inline _Atomic int64_t *mqs_dq_field(mqs_dq_control_t *c, int field)
         return &c->delayed.v;
     case MQS_DQ_LOST:
         return &c->lost.v;
+    case MQS_DQ_SEGMENT_BYTES:
+        return &c->segment_bytes.v;
     default:
         return &c->durable_pos.v;
     }

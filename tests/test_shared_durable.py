@@ -96,6 +96,10 @@ def numbers(messages):
     return [int(m) for m in messages]
 
 
+def numbers_prefix(messages):
+    return [int(m[:6]) for m in messages]
+
+
 # -- consumer groups -------------------------------------------------------
 
 
@@ -163,6 +167,32 @@ def test_durable_group_added_on_restart_starts_at_oldest(log_dir):
     assert numbers(drain(again)) == list(range(4, 10))
     assert numbers(drain(added)) == list(range(10))
     added.close()
+    again.close()
+
+
+def test_durable_segment_size_kept_for_group_handles(log_dir, shm_name):
+    q = SharedQueue(name=shm_name, persist=log_dir,
+                    segment_bytes=SEGMENT_BYTES)
+    second = q.for_group(0)
+    with pytest.raises(mqs.QueueLayoutError, match="runs with segment_bytes"
+                       "=65536, not 131072"):
+        SharedQueue(name=shm_name, create=False, persist=log_dir,
+                    segment_bytes=2 * SEGMENT_BYTES)
+    # The first handle hands the writer lock over on close; the one
+    # that takes over keeps writing segments of the queue's size.
+    q.close()
+    second.put_many([b"%06d" % n + b"z" * 500 for n in range(400)])
+    assert numbers_prefix(drain(second)) == list(range(400))
+    sizes = {os.path.getsize(path) for path in segment_files(log_dir)}
+    assert sizes == {SEGMENT_BYTES}
+    second.close()
+
+    # Reopened without segment_bytes: the size it last ran with.
+    again = SharedQueue(persist=log_dir)
+    again.put_many([b"%06d" % n + b"z" * 500 for n in range(400)])
+    assert len(drain(again)) == 400
+    sizes = {os.path.getsize(path) for path in segment_files(log_dir)}
+    assert sizes == {SEGMENT_BYTES}
     again.close()
 
 

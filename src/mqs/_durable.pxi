@@ -46,6 +46,7 @@ from mqs.includes.mqs_durable cimport (
     MQS_DQ_MAX_GROUPS,
     MQS_DQ_MAXSIZE,
     MQS_DQ_RETAINED_OFFSET,
+    MQS_DQ_SEGMENT_BYTES,
     mqs_dq_add,
     mqs_dq_claim,
     mqs_dq_control_t,
@@ -164,6 +165,9 @@ cdef class _Durable:
     # Settings asked for by this handle (None: keep the stored ones).
     cdef object _groups_requested
     cdef int64_t _maxsize_requested
+    # Size of new segment files: asked for by this handle (0: none), and
+    # in use (the control block's, once the queue is set up).
+    cdef int64_t _segment_bytes_requested
     cdef int64_t _segment_bytes
     # Appender: retention floor of the next commit round, and the
     # schedule of delayed messages, (due CLOCK_MONOTONIC ns, offset in
@@ -213,8 +217,8 @@ cdef class _Durable:
         self.fsync = fsync
         self._groups_requested = groups
         self._maxsize_requested = maxsize
-        self._segment_bytes = DEFAULT_SEGMENT_BYTES \
-            if segment_bytes is None else segment_bytes
+        self._segment_bytes_requested = segment_bytes or 0
+        self._segment_bytes = segment_bytes or DEFAULT_SEGMENT_BYTES
         self._pid = os.getpid()
         self._lock = threading.Lock()
         fd = os.open(os.path.join(path, CONTROL_FILE),
@@ -245,6 +249,7 @@ cdef class _Durable:
         the queue's appender set up."""
         cdef int64_t groups = mqs_dq_get(self._control, MQS_DQ_GROUPS)
         cdef int64_t maxsize = mqs_dq_get(self._control, MQS_DQ_MAXSIZE)
+        cdef int64_t size = mqs_dq_get(self._control, MQS_DQ_SEGMENT_BYTES)
         if self._groups_requested is not None \
                 and self._groups_requested != groups:
             raise QueueLayoutError(
@@ -256,6 +261,14 @@ cdef class _Durable:
                 f"durable queue {self.path!r} runs with maxsize={maxsize}, "
                 f"not {self._maxsize_requested}; attach without maxsize, or "
                 f"close every handle and open it again with the new bound")
+        if self._segment_bytes_requested \
+                and self._segment_bytes_requested != size:
+            raise QueueLayoutError(
+                f"durable queue {self.path!r} runs with segment_bytes="
+                f"{size}, not {self._segment_bytes_requested}; attach "
+                f"without segment_bytes, or close every handle and open it "
+                f"again with the new size")
+        self._segment_bytes = size
         return 0
 
     cdef int _join_or_take_over(self) except -1:
@@ -365,6 +378,13 @@ cdef class _Durable:
         cdef SharedQueue queue = self._queue
         cdef uint64_t secret = queue._ring.secret
         cdef int64_t head = 0, end = 0
+        cdef int64_t stored_size = mqs_dq_get(self._control,
+                                              MQS_DQ_SEGMENT_BYTES)
+        if stored_size > 0 and (mqs_dq_secret(self._control) == secret
+                                or not self._segment_bytes_requested):
+            # A running queue keeps its segment size, and so does a
+            # restart that asks for none.
+            self._segment_bytes = stored_size
         try:
             writer = SegmentLog(self.path, segment_bytes=self._segment_bytes,
                                 fsync=self.fsync)
@@ -431,6 +451,7 @@ cdef class _Durable:
             cursors[group] = min(max(
                 start if committed is None else committed, start), end)
             self._committed.append(cursors[group])
+        mqs_dq_set(self._control, MQS_DQ_SEGMENT_BYTES, self._segment_bytes)
         mqs_dq_setup(self._control, secret, cursors, groups,
                      self._maxsize_requested, end, head, start,
                      len(self._schedule))
@@ -762,6 +783,8 @@ cdef class _Durable:
                 reader.refresh()
                 record = reader.read_record(offset)
             except OffsetOutOfRange:
+                # NOTE: no test reaches this branch; it takes a consumer
+                # paused for two commit rounds between claim and read.
                 mqs_dq_add(self._control, MQS_DQ_LOST, 1)
                 logger.warning(
                     "durable queue %s: message at offset %d was deleted by "

@@ -349,8 +349,10 @@ cdef class SharedQueue:
         log instead.
     segment_bytes : int, optional
         With `persist`: size of each segment file of the log, a multiple
-        of 4096 from 8 KiB to 1 GiB; 64 MiB by default. Retention deletes
-        whole segments, so it sets the step of the disk use.
+        of 4096 from 8 KiB to 1 GiB. Retention deletes whole segments, so
+        it sets the step of the disk use. None keeps the size the queue
+        last ran with (64 MiB for a new one); attaching to a running
+        queue with another size raises `QueueLayoutError`.
 
     Notes
     -----
@@ -486,6 +488,8 @@ cdef class SharedQueue:
                                 requested.pop("maxsize") or 0, segment_bytes)
             self._groups_wanted = 1
             maxsize = 0
+            if segment_bytes is not None:
+                _check_int("segment_bytes", segment_bytes)
         elif segment_bytes is not None:
             raise ValueError(
                 f"segment_bytes={segment_bytes!r} applies only to a durable "
@@ -912,7 +916,10 @@ cdef class SharedQueue:
         processes, and the crash repair counters (``repaired_records``:
         unpublished records of dead producers turned into padding;
         ``lost_records``: an upper bound on messages taken by consumers
-        that died before returning them).
+        that died before returning them, plus, on a durable queue, the
+        messages that retention deleted before the consumer that took
+        them read them). A durable queue's ring counters describe its
+        inbox, which only the appender reads.
 
         Raises
         ------
@@ -925,7 +932,11 @@ cdef class SharedQueue:
         self._count()
         stats = _read_stats(&self._ring, self.name,
                             0 if self._durable is not None else self._group)
-        if self._delay.base != NULL:
+        if self._durable is not None:
+            stats = dataclasses.replace(
+                stats, delayed=self._durable.delayed(),
+                lost_records=stats.lost_records + self._durable.lost())
+        elif self._delay.base != NULL:
             stats = dataclasses.replace(
                 stats, delayed=mqs_delay_count(&self._delay))
         return stats

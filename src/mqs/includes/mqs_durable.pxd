@@ -15,6 +15,7 @@ cdef extern from "mqs_durable.h" nogil:
         MQS_DQ_RETAINED_OFFSET
         MQS_DQ_DELAYED
         MQS_DQ_LOST
+        MQS_DQ_SEGMENT_BYTES
         MQS_DQ_MAX_GROUPS
 
     ctypedef struct mqs_dq_control_t:
