@@ -66,7 +66,7 @@ def producer(name, log_path, seed, stop):
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     number = 0
     tag = os.path.basename(log_path)
-    while not stop.is_set():
+    while not stop.value:
         count = rng.choice([1, 1, 1, 4, 16])
         bodies = [f"{tag}.{number + i}" for i in range(count)]
         priority = rng.choice([0, 5, 9])
@@ -85,7 +85,7 @@ def consumer(name, log_path, seed, stop):
     broker = mqs.Broker(backend="shm", name=name)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     source = broker.consume("t", "g", prefetch=8, ack_timeout=ACK_TIMEOUT_S)
-    while not stop.is_set():
+    while not stop.value:
         try:
             batch = source.get_many(rng.choice([1, 8]), timeout=0.05)
         except mqs.Empty:
@@ -113,7 +113,10 @@ def test_shm_crash_producers_and_consumers(name, tmp_path, scale):
     broker = mqs.Broker(backend="shm", name=name)
     broker.declare_topic("t", weights={9: 3, 5: 2, 0: 1})
     broker.consume("t", "g").close()
-    stop = FORK.Event()
+    # A plain shared byte, not an Event: Event.is_set takes a lock shared
+    # by every process, and a child SIGKILLed while holding it would
+    # leave the others and stop.set() blocked for good.
+    stop = FORK.RawValue("b", 0)
     rng = random.Random(1234)
     workers = {}       # (role, index) -> (process, log path)
     incarnations = collections.Counter()
@@ -146,7 +149,7 @@ def test_shm_crash_producers_and_consumers(name, tmp_path, scale):
         killed.add(log_path)
         launch(role, index)
 
-    stop.set()
+    stop.value = 1
     for process, _ in workers.values():
         process.join(60)
         assert process.exitcode == 0, process.exitcode
