@@ -38,6 +38,7 @@ import dataclasses
 import glob
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -261,6 +262,123 @@ def _buckets(histogram: Any) -> tuple[tuple[float, int], ...]:
             pending = next(values, None)
         buckets.append((bound, cumulative))
     return tuple(buckets)
+
+
+# Log-linear buckets, the layout of the C histogram of shared queues too.
+# Values below 2 * HIST_SUB_BUCKETS ns get one bucket each. Above that,
+# every power of two splits into HIST_SUB_BUCKETS buckets, so a bucket is
+# at most 1/32 (3.1%) of its values wide. Values clamp to HIST_MAX_NS
+# (about 73 minutes).
+HIST_SUB_BUCKETS = 32
+HIST_MAX_NS = (1 << 42) - 1
+HIST_BUCKETS = 1216
+
+
+def hist_index(value_ns: int) -> int:
+    """Return the log-linear bucket of `value_ns` (clamped to the range)."""
+    value_ns = min(max(value_ns, 0), HIST_MAX_NS)
+    if value_ns < 2 * HIST_SUB_BUCKETS:
+        return value_ns
+    shift = value_ns.bit_length() - 6
+    return (shift + 1) * HIST_SUB_BUCKETS + (value_ns >> shift) \
+        - HIST_SUB_BUCKETS
+
+
+def hist_upper_ns(index: int) -> int:
+    """Return the highest value in ns that bucket `index` holds."""
+    if index < 2 * HIST_SUB_BUCKETS:
+        return index
+    shift = index // HIST_SUB_BUCKETS - 1
+    sub = index % HIST_SUB_BUCKETS + HIST_SUB_BUCKETS
+    return ((sub + 1) << shift) - 1
+
+
+class LogLinearHistogram:
+    """Latency histogram in log-linear buckets (see `hist_index`).
+
+    Cheap to record into from Python, picklable, and the same bucket
+    layout as the histogram a shared queue keeps in its mapping. Counts
+    are kept sparse, so an idle histogram is a few empty fields.
+    """
+
+    __slots__ = ("counts", "count", "sum_ns", "max_ns")
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.count = 0
+        self.sum_ns = 0
+        self.max_ns = 0
+
+    def __getstate__(self) -> tuple:
+        return (self.counts, self.count, self.sum_ns, self.max_ns)
+
+    def __setstate__(self, state: tuple) -> None:
+        self.counts, self.count, self.sum_ns, self.max_ns = state
+
+    def record_ns(self, value_ns: int) -> None:
+        """Record one value in ns; negative values count as 0."""
+        value_ns = min(max(int(value_ns), 0), HIST_MAX_NS)
+        index = hist_index(value_ns)
+        self.counts[index] = self.counts.get(index, 0) + 1
+        self.count += 1
+        self.sum_ns += value_ns
+        if value_ns > self.max_ns:
+            self.max_ns = value_ns
+
+    def record_s(self, seconds: float) -> None:
+        """Record one value in seconds."""
+        self.record_ns(round(seconds * 1e9))
+
+    def summary(self, sample_every: int) -> LatencySummary:
+        """Return the percentiles and the Prometheus buckets.
+
+        Percentiles are the highest value of the bucket they fall in, so
+        they read up to 3.1% high.
+        """
+        return summarize_buckets(sorted(self.counts.items()), self.count,
+                                 self.sum_ns, self.max_ns, sample_every)
+
+
+def summarize_buckets(counts: Iterable[tuple[int, int]], count: int,
+                      sum_ns: int, max_ns: int,
+                      sample_every: int) -> LatencySummary:
+    """Build a `LatencySummary` from (bucket index, count) pairs in
+    bucket order, as `LogLinearHistogram` and shared queues keep them."""
+    counts = [(index, n) for index, n in counts if n]
+    total = sum(n for _, n in counts)
+    if total == 0:
+        return LatencySummary(
+            0, sample_every, 0.0, 0.0, 0.0, 0.0, 0.0,
+            tuple((bound, 0) for bound in LATENCY_BUCKETS_S), 0.0)
+    # Concurrent recorders update the fields one by one: trust the bucket
+    # counts, which every percentile comes from.
+    count = total
+
+    def percentile(fraction: float) -> float:
+        rank = max(1, math.ceil(fraction * total))
+        seen = 0
+        for index, n in counts:
+            seen += n
+            if seen >= rank:
+                return min(hist_upper_ns(index), max_ns or HIST_MAX_NS) / 1e9
+        return max_ns / 1e9
+
+    buckets = []
+    cumulative = 0
+    pending = iter(counts)
+    item = next(pending, None)
+    for bound in LATENCY_BUCKETS_S:
+        while item is not None and hist_upper_ns(item[0]) <= bound * 1e9:
+            cumulative += item[1]
+            item = next(pending, None)
+        buckets.append((bound, cumulative))
+    highest = max(max_ns, 0) / 1e9
+    return LatencySummary(
+        count=count, sample_every=sample_every, mean_s=sum_ns / count / 1e9,
+        p50_s=percentile(0.5), p99_s=percentile(0.99),
+        p999_s=percentile(0.999),
+        max_s=highest or hist_upper_ns(counts[-1][0]) / 1e9,
+        buckets=tuple(buckets), sum_s=sum_ns / 1e9)
 
 
 class LatencySampler:
@@ -684,6 +802,36 @@ TOPIC_DROPPED = Metric(
     "mqs_topic_dropped_messages_total", "counter",
     "Messages of a broker topic dropped or dead-lettered, by reason")
 
+GROUP_LAG = Metric(
+    "mqs_topic_consumer_lag_messages", "gauge",
+    "Ready messages a consumer group of a broker topic has not got yet")
+GROUP_LAG_SECONDS = Metric(
+    "mqs_topic_consumer_lag_seconds", "gauge",
+    "Seconds the oldest ready message of a consumer group has waited")
+GROUP_IN_FLIGHT = Metric(
+    "mqs_topic_group_in_flight_messages", "gauge",
+    "Messages a consumer group got and has not acked yet")
+GROUP_CONSUMERS = Metric(
+    "mqs_topic_group_consumers", "gauge",
+    "Open consumers of a consumer group")
+GROUP_EVENTS = Metric(
+    "mqs_topic_group_messages_total", "counter",
+    "Messages of a consumer group by event (delivered, acked, nacked, "
+    "redelivered, dead_lettered)")
+GROUP_ERRORS = Metric(
+    "mqs_topic_group_errors_total", "counter",
+    "Failed deliveries of a consumer group: nacks, and dead letters that "
+    "no nack caused")
+GROUP_ERROR_RATIO = Metric(
+    "mqs_topic_group_error_ratio", "gauge",
+    "Failed deliveries over deliveries since the group was created")
+TOPIC_LATENCY = Metric(
+    "mqs_topic_latency_seconds", "histogram",
+    "Sampled broker latencies by stage: enqueue_to_deliver (ready to "
+    "delivered) and deliver_to_ack")
+
+_GROUP_EVENTS = ("delivered", "acked", "nacked", "redelivered",
+                 "dead_lettered")
 _TOPIC_EVENTS = ("published", "delivered", "acked", "nacked",
                  "redelivered", "late_acks", "redriven")
 _TOPIC_STATES = ("stored", "ready", "delayed", "in_flight", "dlq")
@@ -710,16 +858,41 @@ def topic_samples(stats: Mapping[str, int], topic: str,
             yield Sample(TOPIC_DROPPED, {**labels, "reason": key}, count)
 
 
+def group_samples(groups: Iterable[Any], broker: str) -> Iterator[Sample]:
+    """Turn the `GroupStats` list of `Broker.group_stats` into samples."""
+    for stats in groups:
+        labels = {"broker": broker, "topic": stats.topic,
+                  "group": stats.group}
+        yield Sample(GROUP_LAG, labels, stats.lag_messages)
+        yield Sample(GROUP_LAG_SECONDS, labels, stats.lag_seconds)
+        yield Sample(GROUP_IN_FLIGHT, labels, stats.in_flight)
+        yield Sample(GROUP_CONSUMERS, labels, stats.consumers)
+        for event in _GROUP_EVENTS:
+            yield Sample(GROUP_EVENTS, {**labels, "event": event},
+                         getattr(stats, event))
+        yield Sample(GROUP_ERRORS, labels, stats.errors)
+        yield Sample(GROUP_ERROR_RATIO, labels, stats.error_ratio)
+        for stage in ("enqueue_to_deliver", "deliver_to_ack"):
+            summary = getattr(stats, stage)
+            if summary is not None:
+                yield Sample(TOPIC_LATENCY, {**labels, "stage": stage},
+                             summary)
+
+
 def register_broker(broker: Any, topics: Iterable[str], name: str = "default",
                     registry: MetricsRegistry | None = None
                     ) -> CollectorHandle:
     """Export the stats of `topics` of `broker` on every scrape.
 
     Uses the registry's collector hook. A topic deleted later is
-    skipped (and logged at DEBUG) until it is declared again.
+    skipped (and logged at DEBUG) until it is declared again. The
+    per-group metrics (lag, error ratio, latency histograms) come from
+    `Broker.group_stats`; a backend without it exports the topic
+    metrics only (logged at DEBUG once).
     Returns the handle whose ``remove()`` stops the export.
     """
     topics = list(topics)
+    without_groups: list[bool] = []
 
     def collect() -> Iterator[Sample]:
         for topic in topics:
@@ -730,5 +903,16 @@ def register_broker(broker: Any, topics: Iterable[str], name: str = "default",
                              topic, exc)
                 continue
             yield from topic_samples(stats, topic, name)
+            if without_groups:
+                continue
+            try:
+                groups = broker.group_stats(topic)
+            except LookupError:
+                continue  # deleted since the stats call
+            except NotImplementedError as exc:
+                logger.debug("broker %s: no group metrics: %s", name, exc)
+                without_groups.append(True)
+                continue
+            yield from group_samples(groups, name)
 
     return (registry or REGISTRY).add_collector(collect)

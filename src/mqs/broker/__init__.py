@@ -4,7 +4,7 @@
 that storage backends implement.
 """
 
-from mqs.broker._backend import Backend, DeadLetter
+from mqs.broker._backend import Backend, DeadLetter, GroupStats
 from mqs.broker._broker import Broker, Consumer, Message, Producer
 from mqs.broker._circuit import CircuitBreaker
 from mqs.broker._policy import Backoff, Rate, TopicConfig
@@ -19,5 +19,6 @@ __all__ = [
     "CircuitBreaker",
     "TopicConfig",
     "DeadLetter",
+    "GroupStats",
     "Backend",
 ]

@@ -76,6 +76,14 @@ Semantics every backend must keep (the contract suite checks each):
 - Counters: `stats` returns at least the keys of `COUNTER_KEYS` and
   `GAUGE_KEYS`. Every message that leaves without an ack is counted by
   reason.
+- Group metrics: `group_stats` returns one `GroupStats` per group with
+  its lag (ready messages and the seconds the oldest one has waited
+  since it joined its lane), its own delivery counters, and latency
+  histograms of one delivery in `sample_every`: enqueue-to-deliver
+  (from joining a lane's tail to delivery) and deliver-to-ack. A
+  backend without them keeps the default, which raises
+  `NotImplementedError`; the exporter then skips that broker's group
+  metrics.
 - Waiting: blocking calls never return before their timeout unless they
   have a result, and wake by themselves when the next timer is due (no
   timer thread is required: the caller of `fetch` advances time).
@@ -104,12 +112,14 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from mqs.broker._policy import TopicConfig
+from mqs.metrics import LatencySummary
 
 __all__ = [
     "Backend",
     "Envelope",
     "Delivery",
     "DeadLetter",
+    "GroupStats",
     "COUNTER_KEYS",
     "GAUGE_KEYS",
 ]
@@ -199,6 +209,42 @@ class DeadLetter:
     attempts: int
     reason: str
     error: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupStats:
+    """Lag, counters and sampled latencies of one consumer group.
+
+    `lag_messages` counts the group's ready messages, including those
+    that wait behind an earlier message of their key. `lag_seconds` is
+    how long the oldest of them has been ready (0 when none is). The
+    counters run since the group was created. `errors` counts nacks and
+    the dead letters that no nack caused (missed ack deadlines at
+    `max_attempts`, expiries), so each failed delivery counts once.
+    Latencies are None while sampling is off and nothing was sampled.
+    """
+
+    topic: str
+    group: str
+    consumers: int
+    lag_messages: int
+    lag_seconds: float
+    delayed: int
+    in_flight: int
+    delivered: int
+    acked: int
+    nacked: int
+    redelivered: int
+    dead_lettered: int
+    errors: int
+    sample_every: int | None
+    enqueue_to_deliver: LatencySummary | None
+    deliver_to_ack: LatencySummary | None
+
+    @property
+    def error_ratio(self) -> float:
+        """`errors` over `delivered` (0.0 before the first delivery)."""
+        return self.errors / self.delivered if self.delivered else 0.0
 
 
 class Backend(abc.ABC):
@@ -343,6 +389,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def stats(self, topic: str) -> dict[str, int]:
         """Return counters and gauges (`COUNTER_KEYS`, `GAUGE_KEYS`)."""
+
+    def group_stats(self, topic: str) -> list[GroupStats]:
+        """Return one `GroupStats` per group of `topic`.
+
+        Raises `UnknownTopic` for an undeclared topic. This default
+        raises `NotImplementedError`: a backend reports group metrics
+        only once it overrides it.
+        """
+        raise NotImplementedError(
+            f"backend {self.name!r} does not report per-group stats")
 
     @abc.abstractmethod
     def wait_changed(self, timeout: float) -> None:

@@ -15,7 +15,13 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from mqs.broker._backend import Backend, DeadLetter, Delivery, Envelope
+from mqs.broker._backend import (
+    Backend,
+    DeadLetter,
+    Delivery,
+    Envelope,
+    GroupStats,
+)
 from mqs.broker._log import LogBackend
 from mqs.broker._memory import MemoryBackend
 from mqs.broker._policy import Backoff, TopicConfig, check_priority
@@ -36,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 # Backend name -> factory taking the Broker's keyword options.
 BACKENDS: dict[str, Callable[..., Backend]] = {
-    "memory": lambda clock=None: MemoryBackend(clock=clock),
+    "memory": lambda clock=None, sample_every="default": MemoryBackend(
+        clock=clock, sample_every=sample_every),
     "log": LogBackend,
     "redis": lambda **options: _redis_backend(**options),
     "shm": ShmBackend,
@@ -582,7 +589,9 @@ class Broker:
         Passed to the backend factory (``clock=`` for the memory backend,
         ``path=`` and ``fsync=`` for the log backend, ``url=`` and the
         options of `mqs.broker._redis.RedisBackend` for the redis one,
-        ``name=`` and ``journal_bytes=`` for the shm one).
+        ``name=`` and ``journal_bytes=`` for the shm one). The memory and
+        log backends take ``sample_every=``, the latency sampling of
+        `group_stats`.
     """
 
     def __init__(self, backend: str | Backend = "memory", *,
@@ -967,6 +976,19 @@ class Broker:
         delayed, in_flight (summed over groups), dlq, groups.
         """
         return self._backend.stats(topic)
+
+    def group_stats(self, topic: str) -> list[GroupStats]:
+        """Return the lag, counters and sampled latencies of every group
+        of `topic` (see `mqs.broker.GroupStats`).
+
+        Raises
+        ------
+        UnknownTopic
+            If the topic does not exist.
+        NotImplementedError
+            If the backend does not report group metrics.
+        """
+        return self._backend.group_stats(topic)
 
     def close(self) -> None:
         """Release the backend. Consumers and producers must be closed

@@ -100,10 +100,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from mqs._seglog import SegmentLog
-from mqs.broker._backend import Delivery, Envelope
+from mqs.broker._backend import Delivery, Envelope, GroupStats
 from mqs.broker._memory import (
     MemoryBackend,
     _conflict,
+    _sample_every,
     _slice,
     _stayed_full,
 )
@@ -149,6 +150,10 @@ class LogBackend(MemoryBackend):
     compact_bytes : int
         Bytes of records after the last snapshot that trigger a new
         snapshot.
+    sample_every : int, None or "default"
+        Latency sampling of new topics, as for `MemoryBackend`. Replay
+        records the sampled latencies again, so the histograms survive
+        a restart.
 
     Raises
     ------
@@ -168,7 +173,8 @@ class LogBackend(MemoryBackend):
     def __init__(self, path: str | os.PathLike[str], *,
                  fsync: str = "interval", fsync_interval_s: float = 0.05,
                  segment_bytes: int = 16 << 20,
-                 compact_bytes: int = 64 << 20) -> None:
+                 compact_bytes: int = 64 << 20,
+                 sample_every: int | None | str = "default") -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(
                 f"path must be a str or os.PathLike, got "
@@ -182,7 +188,8 @@ class LogBackend(MemoryBackend):
             raise ValueError(
                 f"compact_bytes must be an int of 1 or more, got "
                 f"{compact_bytes!r}")
-        super().__init__(clock=self._read_clock)
+        super().__init__(clock=self._read_clock,
+                         sample_every=_sample_every(sample_every))
         self.path = os.fspath(path)
         self.fsync = fsync
         self._fsync_interval_s = fsync_interval_s
@@ -231,7 +238,8 @@ class LogBackend(MemoryBackend):
         return str(self._next_message)
 
     def _new_state(self, config: TopicConfig, seed: int) -> TopicState:
-        state = TopicState(config, self._pinned, self._next_id)
+        state = TopicState(config, self._pinned, self._next_id,
+                           self.sample_every)
         state.rng = random.Random(seed)
         return state
 
@@ -696,6 +704,16 @@ class LogBackend(MemoryBackend):
             if wake is not None and wake <= now:
                 self._logged("tick", topic)
             return state.stats()
+
+    def group_stats(self, topic: str) -> list[GroupStats]:
+        with self._lock:
+            self._check_open()
+            state = self._topic(topic)
+            now = self._tick()
+            wake = state.wheel.next_deadline()
+            if wake is not None and wake <= now:
+                self._logged("tick", topic)
+            return state.group_stats(now)
 
     def close(self) -> None:
         """Write a snapshot, close the log and release the directory.

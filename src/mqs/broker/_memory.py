@@ -17,7 +17,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mqs.broker._backend import Backend, DeadLetter, Delivery, Envelope
+from mqs import metrics
+from mqs.broker._backend import (
+    Backend,
+    DeadLetter,
+    Delivery,
+    Envelope,
+    GroupStats,
+)
 from mqs.broker._policy import TopicConfig
 from mqs.broker._state import TopicState
 from mqs.errors import Full, TopicConfigError, UnknownTopic
@@ -33,12 +40,18 @@ class MemoryBackend(Backend):
     clock : callable, optional
         Monotonic clock in seconds (default `time.monotonic`). Tests pass
         a simulated one and call with ``timeout=0``.
+    sample_every : int, None or "default"
+        Sample the latencies of one delivery in this many per group
+        (see `group_stats`); None turns sampling off. The default is
+        `mqs.metrics.default_sample_every()` when the backend is made.
     """
 
     name = "memory"
 
-    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None, *,
+                 sample_every: int | None | str = "default") -> None:
         self.clock = clock or time.monotonic
+        self.sample_every = _sample_every(sample_every)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._topics: dict[str, TopicState] = {}
@@ -77,7 +90,7 @@ class MemoryBackend(Backend):
             state = self._topics.get(config.name)
             if state is None:
                 self._topics[config.name] = TopicState(
-                    config, self.clock, self._next_id)
+                    config, self.clock, self._next_id, self.sample_every)
                 return config
             if state.config == config:
                 return config
@@ -259,6 +272,13 @@ class MemoryBackend(Backend):
             state.advance(self.clock())
             return state.stats()
 
+    def group_stats(self, topic: str) -> list[GroupStats]:
+        with self._lock:
+            state = self._topic(topic)
+            now = self.clock()
+            state.advance(now)
+            return state.group_stats(now)
+
     def wait_changed(self, timeout: float) -> None:
         with self._lock:
             self._changed.wait(_slice(timeout))
@@ -282,6 +302,16 @@ class MemoryBackend(Backend):
                     self._futures.remove((loop, future))
                 except ValueError:
                     pass  # _notify took it already
+
+
+def _sample_every(value: int | None | str) -> int | None:
+    """Check a backend's `sample_every` option; "default" reads the
+    process default of `mqs.metrics`."""
+    if value == "default":
+        return metrics.default_sample_every()
+    if value is not None:
+        metrics.LatencySampler(value)  # raises for a bad value
+    return value
 
 
 def _resolve(future: asyncio.Future) -> None:

@@ -18,16 +18,19 @@ import collections
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from mqs import metrics
 from mqs._wheel import TimingWheel
 from mqs.broker._backend import (
     COUNTER_KEYS,
     DeadLetter,
     Delivery,
     Envelope,
+    GroupStats,
 )
 from mqs.broker._policy import (
     LaneScheduler,
@@ -81,7 +84,8 @@ class _Entry:
     """The state of one record in one group."""
 
     __slots__ = ("record", "group", "state", "ticket", "attempts",
-                 "handle", "wake", "wake_seq", "consumer", "last_error")
+                 "handle", "wake", "wake_seq", "consumer", "last_error",
+                 "ready_at", "sampled_at")
 
     def __init__(self, record: _Record, group: _Group) -> None:
         self.record = record
@@ -96,12 +100,24 @@ class _Entry:
         self.wake_seq = 0
         self.consumer: str | None = None
         self.last_error: str | None = None
+        # Clock time it last joined a lane's tail (for lag_seconds and the
+        # enqueue-to-deliver latency), and the time of its current
+        # delivery when that delivery is sampled for deliver-to-ack.
+        self.ready_at = 0.0
+        self.sampled_at: float | None = None
+
+
+# Per-group counters (see GroupStats) and latency histograms.
+_GROUP_COUNTERS = ("delivered", "acked", "nacked", "redelivered",
+                   "dead_lettered", "errors")
+_GROUP_HISTOGRAMS = ("enqueue_to_deliver", "deliver_to_ack")
 
 
 class _Group:
     __slots__ = ("name", "entries", "lanes", "scheduler", "key_heads",
                  "key_waiting", "consumers", "max_attempts", "lane_buckets",
-                 "bucket", "ready")
+                 "bucket", "ready", "countdown") \
+        + _GROUP_COUNTERS + _GROUP_HISTOGRAMS
 
     def __init__(self, name: str, config: TopicConfig) -> None:
         self.name = name
@@ -119,6 +135,21 @@ class _Group:
         self.lane_buckets = {lane: TokenBucket(rate)
                              for lane, rate in config.lane_rates}
         self.ready = 0
+        _init_metrics(self)
+
+
+def _init_metrics(group: _Group) -> None:
+    """Set the metric fields of a group (also of one restored from a
+    snapshot written before they existed)."""
+    for name in _GROUP_COUNTERS:
+        if not hasattr(group, name):
+            setattr(group, name, 0)
+    for name in _GROUP_HISTOGRAMS:
+        if not hasattr(group, name):
+            setattr(group, name, metrics.LogLinearHistogram())
+    if not hasattr(group, "countdown"):
+        # Deliveries left until the next sampled one.
+        group.countdown = 1
 
 
 class TopicState:
@@ -132,10 +163,14 @@ class TopicState:
         Monotonic clock in seconds, also given to the timing wheel.
     id_source : callable
         Returns the next message id (a str unique in the topic).
+    sample_every : int or None
+        Sample the latencies of one delivery in this many per group
+        (None: no sampling).
     """
 
     def __init__(self, config: TopicConfig, clock: Callable[[], float],
-                 id_source: Callable[[], str]) -> None:
+                 id_source: Callable[[], str],
+                 sample_every: int | None = None) -> None:
         self.config = config
         lanes = config.lanes
         self.lane_of = [lane_of(priority, lanes) for priority in range(10)]
@@ -155,6 +190,7 @@ class TopicState:
         self.counters = dict.fromkeys(COUNTER_KEYS, 0)
         self.rng = random.Random()
         self.timer_seq = 0
+        self.sample_every = sample_every
 
     # Snapshots.
 
@@ -179,9 +215,15 @@ class TopicState:
         state.clock = clock
         state.next_id = id_source
         state.wheel = TimingWheel(0.001, 256, clock=clock)
+        if "sample_every" not in data:
+            state.sample_every = None
         timers = []
         for group in state.groups.values():
+            _init_metrics(group)
             for entry in group.entries.values():
+                if not hasattr(entry, "ready_at"):
+                    entry.ready_at = 0.0
+                    entry.sampled_at = None
                 entry.handle = None
                 if entry.state == DELAYED:
                     timers.append((entry.wake, entry.wake_seq, _DUE, entry))
@@ -294,16 +336,18 @@ class TopicState:
         if due is not None and due > now:
             self._delay_until(entry, due)
         else:
-            self._make_ready(entry, front=False)
+            self._make_ready(entry, front=False, now=now)
 
-    def _make_ready(self, entry: _Entry, front: bool) -> None:
+    def _make_ready(self, entry: _Entry, front: bool, now: float) -> None:
         entry.state = READY
         entry.ticket += 1
         entry.group.ready += 1
         lane = entry.group.lanes[entry.record.lane]
         if front:
+            # Back at the head, unseen: it keeps the time it became ready.
             lane.appendleft((entry, entry.ticket))
         else:
+            entry.ready_at = now
             lane.append((entry, entry.ticket))
 
     def _delay_until(self, entry: _Entry, due: float) -> None:
@@ -376,7 +420,7 @@ class TopicState:
         for entry in list(group.entries.values()):
             if entry.state == IN_FLIGHT and entry.consumer == consumer:
                 self._leave_flight(entry)
-                self._make_ready(entry, front=False)
+                self._make_ready(entry, front=False, now=now)
                 returned += 1
         del group.consumers[consumer]
         return returned
@@ -391,16 +435,19 @@ class TopicState:
                 continue
             entry.handle = None
             if kind == _DUE:
-                self._make_ready(entry, front=False)
+                # Ready since its due time, however late this call is.
+                self._make_ready(entry, front=False,
+                                 now=min(now, entry.wake))
                 continue
             self._leave_flight(entry)
             self.count("redelivered")
+            entry.group.redelivered += 1
             entry.last_error = "ack deadline passed"
             self._on_failure(entry.group, entry.record.lane, now)
             if self._exhausted(entry):
                 self._dead_letter(entry, "ack_timeout", now)
             else:
-                self._make_ready(entry, front=False)
+                self._make_ready(entry, front=False, now=now)
 
     def fetch(self, group_name: str, consumer: str, max_items: int,
               ack_timeout: float, auto_ack: bool, now: float
@@ -432,9 +479,14 @@ class TopicState:
             entry.attempts += 1
             entry.ticket += 1
             self.count("delivered")
+            group.delivered += 1
+            group.countdown -= 1
+            if group.countdown <= 0:
+                self._sample_delivery(group, entry, now, auto_ack)
             found.append(self._delivery(entry))
             if auto_ack:
                 self.count("acked")
+                group.acked += 1
                 self._finish(entry)
                 continue
             entry.state = IN_FLIGHT
@@ -442,6 +494,18 @@ class TopicState:
             slot[1] += 1
             self._set_timer(entry, now + ack_timeout, _DEADLINE)
         return found
+
+    def _sample_delivery(self, group: _Group, entry: _Entry, now: float,
+                         auto_ack: bool) -> None:
+        """Record the enqueue-to-deliver latency of a sampled delivery and
+        mark it for deliver-to-ack, then restart the countdown."""
+        if self.sample_every is None:
+            group.countdown = sys.maxsize
+            return
+        group.countdown = self.sample_every
+        group.enqueue_to_deliver.record_s(now - entry.ready_at)
+        if not auto_ack:
+            entry.sampled_at = now
 
     def _eligible(self, group: _Group, now: float) -> set[int]:
         eligible: set[int] = set()
@@ -519,6 +583,10 @@ class TopicState:
         if entry is None:
             return False
         self.count("acked")
+        group = entry.group
+        group.acked += 1
+        if entry.sampled_at is not None:
+            group.deliver_to_ack.record_s(now - entry.sampled_at)
         self._leave_flight(entry)
         self._finish(entry)
         self._on_success(entry.group, entry.record.lane)
@@ -530,6 +598,8 @@ class TopicState:
         if entry is None:
             return False
         self.count("nacked")
+        entry.group.nacked += 1
+        entry.group.errors += 1
         self._leave_flight(entry)
         if error is not None:
             entry.last_error = error
@@ -543,7 +613,7 @@ class TopicState:
             if wait > 0:
                 self._delay_until(entry, now + wait)
             else:
-                self._make_ready(entry, front=False)
+                self._make_ready(entry, front=False, now=now)
         return True
 
     def extend(self, group_name: str, tag: Any, seconds: float,
@@ -566,7 +636,7 @@ class TopicState:
                 continue
             self._leave_flight(entry)
             entry.attempts -= 1
-            self._make_ready(entry, front=True)
+            self._make_ready(entry, front=True, now=now)
             returned += 1
         return returned
 
@@ -598,6 +668,7 @@ class TopicState:
         if entry.consumer is not None:
             entry.group.consumers[entry.consumer][1] -= 1
         entry.consumer = None
+        entry.sampled_at = None
 
     # Finishing.
 
@@ -659,6 +730,11 @@ class TopicState:
         self.dlq[(record.id, entry.group.name)] = (letter, record)
         self.count("dead_lettered")
         self.count(f"dead_lettered.{reason}")
+        group = entry.group
+        group.dead_lettered += 1
+        if reason in ("ack_timeout", "expired"):
+            # Nacked ones were counted by nack already.
+            group.errors += 1
         self._finish(entry)
 
     def _trim(self, now: float) -> None:
@@ -711,6 +787,54 @@ class TopicState:
             delayed=states[DELAYED], in_flight=states[IN_FLIGHT],
             dlq=len(self.dlq), groups=len(self.groups))
         return result
+
+    def group_stats(self, now: float) -> list[GroupStats]:
+        """Return the lag, counters and latencies of every group."""
+        found = []
+        for group in self.groups.values():
+            states = collections.Counter(
+                entry.state for entry in group.entries.values())
+            oldest = self._oldest_ready(group)
+            found.append(GroupStats(
+                topic=self.config.name, group=group.name,
+                consumers=len(group.consumers),
+                lag_messages=states[READY] + states[HIDDEN],
+                lag_seconds=0.0 if oldest is None else max(0.0, now - oldest),
+                delayed=states[DELAYED], in_flight=states[IN_FLIGHT],
+                delivered=group.delivered, acked=group.acked,
+                nacked=group.nacked, redelivered=group.redelivered,
+                dead_lettered=group.dead_lettered, errors=group.errors,
+                sample_every=self.sample_every,
+                enqueue_to_deliver=self._summary(group.enqueue_to_deliver),
+                deliver_to_ack=self._summary(group.deliver_to_ack)))
+        return found
+
+    @staticmethod
+    def _oldest_ready(group: _Group) -> float | None:
+        """Return the earliest `ready_at` of the live lane heads.
+
+        Lanes are FIFO by `ready_at`, except that a message released
+        unseen goes back to the head with its old, earlier time, so the
+        head of each lane holds its oldest ready message.
+        """
+        oldest = None
+        for queue in group.lanes.values():
+            while queue:
+                entry, ticket = queue[0]
+                if entry.ticket == ticket and entry.state == READY:
+                    break
+                queue.popleft()
+            if queue:
+                ready_at = queue[0][0].ready_at
+                if oldest is None or ready_at < oldest:
+                    oldest = ready_at
+        return oldest
+
+    def _summary(self, histogram: metrics.LogLinearHistogram
+                 ) -> metrics.LatencySummary | None:
+        if self.sample_every is None and not histogram.count:
+            return None
+        return histogram.summary(self.sample_every or 0)
 
 
 # Counter keys of dropped messages, with the words their log line uses.
