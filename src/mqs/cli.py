@@ -47,11 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         title="commands", dest="command", required=True, metavar="COMMAND")
     # Imported here: cli_bench imports this module for the exit statuses,
     # and the other subcommands need none of the benchmark modules.
-    from mqs import cli_bench, cli_bridge, cli_ops
+    from mqs import cli_bench, cli_bridge, cli_dlq, cli_ops
 
     cli_bench.add_parser(subparsers)
     cli_ops.add_parsers(subparsers)
     cli_bridge.add_parser(subparsers)
+    cli_dlq.add_parser(subparsers)
     return parser
 
 

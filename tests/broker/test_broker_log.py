@@ -310,6 +310,8 @@ def test_log_second_process_on_same_path_raises(tmp_path):
             open_broker(path)
         with pytest.raises(mqs.LogLocked, match=str(path)):
             open_broker(path)
+        with pytest.raises(mqs.LogLocked, match=f"in process {child.pid};"):
+            open_broker(path)
     finally:
         kill(child)
     open_broker(path).close()

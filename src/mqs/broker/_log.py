@@ -772,13 +772,34 @@ def _lock_directory(path: str) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        holder = lock_holder(path)
         os.close(fd)
+        where = "in this or another process" if holder is None \
+            else f"in process {holder}"
         raise LogLocked(
             errno.EAGAIN,
-            f"another Broker(backend='log') has {path!r} open, in this or "
-            f"another process; close it first, or give this broker its own "
-            f"path (one process per log broker path)", lock) from None
+            f"another Broker(backend='log') has {path!r} open, {where}; "
+            f"close it first, or give this broker its own path (one "
+            f"process per log broker path)", lock) from None
+    # The pid is informational, for the message above: the lock itself
+    # is what proves the holder alive.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return fd
+
+
+def lock_holder(path: str) -> int | None:
+    """Return the pid the lock file of log broker `path` names, if any.
+
+    The pid is written by the process that took the lock; it is stale
+    once that process is gone, so trust it only while the lock is held.
+    """
+    try:
+        with open(os.path.join(path, LOCK), encoding="ascii") as file:
+            text = file.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _check_empty(path: str) -> None:

@@ -1,0 +1,278 @@
+"""The `mqs dlq` subcommand: list, redrive and purge the dead letters of a
+broker topic.
+
+The broker is opened through `mqs.Broker` with the backend that the
+location option names (`BACKEND_OPTIONS`): ``--path LOGDIR`` for the log
+backend, ``--shm NAME`` and ``--url URL`` for the shm and redis
+backends. A backend that this mqs does not have fails with one line.
+
+The log backend allows one process per directory (it holds a lock
+file), so `mqs dlq` works on a log broker only while no broker process
+has it open. Otherwise it exits with status 1 and names the pid that
+holds the lock: stop that process, or call `Broker.dlq_list`,
+`dlq_redrive` or `dlq_purge` from it. Opening a log broker that no
+process holds does what every restart does: the consumers of the
+process that last had it open are closed, so their in-flight messages
+are ready again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mqs.cli_ops import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    _console,
+    _handler,
+    _positive_int,
+)
+from mqs.errors import BackendUnavailable, LogLocked
+
+# Location option -> (backend name for mqs.Broker, its keyword option).
+# NOTE: the shm and redis keywords are assumed; check them against those
+# backends' factories once they are in BACKENDS.
+BACKEND_OPTIONS = {
+    "path": ("log", "path"),
+    "shm": ("shm", "name"),
+    "url": ("redis", "url"),
+}
+
+# Characters of a body that the table shows.
+BODY_PREVIEW_CHARS = 60
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add `mqs dlq` and its list, redrive and purge subcommands."""
+    parser = subparsers.add_parser(
+        "dlq", help="list, redrive or purge the dead letters of a topic",
+        description="Work on the dead-letter queue of a broker topic. "
+                    "A log broker (--path) can be opened only while no "
+                    "other process has it open; the error names the "
+                    "process that does.")
+    commands = parser.add_subparsers(
+        title="commands", dest="dlq_command", required=True,
+        metavar="COMMAND")
+
+    listing = commands.add_parser(
+        "list", help="print the dead letters of a topic, oldest first",
+        description="Print the dead letters of TOPIC, oldest first: id, "
+                    "group, reason, attempts, last error, age and body.")
+    _add_common(listing)
+    listing.add_argument("--limit", type=_positive_int, metavar="N",
+                         help="print only the N oldest dead letters")
+    listing.add_argument("--json", action="store_true",
+                         help="print a JSON list instead of a table")
+    listing.set_defaults(handler=_handler("dlq list", _run_list))
+
+    redrive = commands.add_parser(
+        "redrive", help="move dead letters back to their consumer groups",
+        description="Move dead letters of TOPIC back to the tail of their "
+                    "lane in their consumer group, with attempts reset "
+                    "to 0. Give --id (repeatable) or --all. Ids that are "
+                    "not in the dead-letter queue fail the command "
+                    "before anything moves.")
+    _add_common(redrive)
+    selection = redrive.add_mutually_exclusive_group(required=True)
+    selection.add_argument("--id", action="append", dest="ids", metavar="ID",
+                       help="message id to redrive; repeat for several")
+    selection.add_argument("--all", action="store_true",
+                       help="redrive every dead letter of the topic")
+    redrive.add_argument("--json", action="store_true",
+                         help="print the result as JSON")
+    redrive.set_defaults(handler=_handler("dlq redrive", _run_redrive))
+
+    purge = commands.add_parser(
+        "purge", help="delete every dead letter of a topic",
+        description="Delete every dead letter of TOPIC (counted as "
+                    "dlq_purged). Without --yes only prints how many "
+                    "would go and exits with status 2.")
+    _add_common(purge)
+    purge.add_argument("--yes", action="store_true",
+                       help="delete the dead letters (required)")
+    purge.add_argument("--json", action="store_true",
+                       help="print the result as JSON")
+    purge.set_defaults(handler=_handler("dlq purge", _run_purge))
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("topic", metavar="TOPIC", help="broker topic")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--path", metavar="LOGDIR",
+                       help="directory of a log broker (backend 'log')")
+    where.add_argument("--shm", metavar="NAME",
+                       help="name of a shared-memory broker (backend 'shm')")
+    where.add_argument("--url", metavar="URL",
+                       help="Redis URL of a redis broker (backend 'redis')")
+
+
+# ---------------------------------------------------------------- opening
+
+
+def _open_broker(args: argparse.Namespace) -> Any:
+    """Open the broker that the location option names; check the topic."""
+    import mqs
+
+    option = next(name for name in BACKEND_OPTIONS
+                  if getattr(args, name) is not None)
+    backend, keyword = BACKEND_OPTIONS[option]
+    value = getattr(args, option)
+    if backend == "log":
+        _check_log_dir(value)
+    try:
+        broker = mqs.Broker(backend, auto_declare=False, **{keyword: value})
+    except LogLocked as exc:
+        raise CommandError(
+            f"log broker {value!r} is open in another process; stop it "
+            f"or work on the dead letters from it ({exc.strerror})"
+        ) from None
+    except BackendUnavailable as exc:
+        raise CommandError(
+            f"--{option} needs the {backend!r} backend, which this mqs "
+            f"does not have ({exc})") from None
+    if not broker.backend.has_topic(args.topic):
+        broker.close()
+        raise CommandError(
+            f"topic {args.topic!r} not found in {backend} broker "
+            f"{value!r}; check the name")
+    return broker
+
+
+def _check_log_dir(path: str) -> None:
+    """Reject a path that is not an existing log broker directory, so
+    that opening it never creates one."""
+    from mqs.broker._log import CURRENT
+
+    if not os.path.exists(path):
+        raise CommandError(f"log broker directory {path!r} not found")
+    if not os.path.isdir(path):
+        raise CommandError(f"{path!r} is not a directory; give the path "
+                           f"of a log broker (Broker(backend='log', "
+                           f"path=...))")
+    if not os.path.exists(os.path.join(path, CURRENT)):
+        raise CommandError(f"{path!r} is not a log broker directory (it "
+                           f"has no {CURRENT} file)")
+
+
+# ------------------------------------------------------------------- list
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    broker = _open_broker(args)
+    try:
+        letters = broker.dlq_list(args.topic, args.limit)
+    finally:
+        broker.close()
+    if args.json:
+        print(json.dumps([_letter_dict(letter) for letter in letters],
+                         indent=2, default=repr))
+        return EXIT_OK
+    _console().print(_letters_table(args.topic, letters))
+    return EXIT_OK
+
+
+def _letter_dict(letter: Any) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "topic": letter.topic,
+        "group": letter.group,
+        "reason": letter.reason,
+        "attempts": letter.attempts,
+        "error": letter.error,
+        "priority": letter.priority,
+        "key": letter.key,
+        "timestamp": letter.timestamp,
+        "headers": letter.headers,
+        "body": letter.body,
+    }
+
+
+def _letters_table(topic: str, letters: Sequence[Any]) -> Table:
+    table = Table(title=f"dead letters of {escape(topic)}: {len(letters)}")
+    for column in ("id", "group", "reason", "attempts", "age", "error",
+                   "body"):
+        table.add_column(column, justify="right"
+                         if column in ("attempts", "age") else "left")
+    now = time.time()
+    for letter in letters:
+        table.add_row(
+            escape(letter.id), escape(letter.group), escape(letter.reason),
+            str(letter.attempts), _age(now - letter.timestamp),
+            escape(letter.error or "-"), escape(_preview(letter.body)))
+    return table
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{max(seconds, 0):.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _preview(body: Any) -> str:
+    text = repr(body)
+    if len(text) > BODY_PREVIEW_CHARS:
+        text = text[:BODY_PREVIEW_CHARS] + "..."
+    return text
+
+
+# ---------------------------------------------------------------- redrive
+
+
+def _run_redrive(args: argparse.Namespace) -> int:
+    broker = _open_broker(args)
+    try:
+        ids = None
+        if not args.all:
+            ids = list(dict.fromkeys(args.ids))
+            stored = {letter.id for letter in broker.dlq_list(args.topic)}
+            missing = [message_id for message_id in ids
+                       if message_id not in stored]
+            if missing:
+                raise CommandError(
+                    f"not in the dead-letter queue of {args.topic!r}: "
+                    f"{', '.join(missing)}; list the ids with `mqs dlq "
+                    f"list`")
+        moved = broker.dlq_redrive(args.topic, ids)
+    finally:
+        broker.close()
+    if args.json:
+        print(json.dumps({"topic": args.topic, "redriven": moved}))
+    else:
+        _console().print(f"redrove {moved} dead letter(s) of "
+                         f"{escape(args.topic)}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ purge
+
+
+def _run_purge(args: argparse.Namespace) -> int:
+    broker = _open_broker(args)
+    try:
+        if not args.yes:
+            count = len(broker.dlq_list(args.topic))
+            Console(stderr=True, highlight=False).print(
+                f"mqs dlq purge: would delete {count} dead letter(s) of "
+                f"{escape(args.topic)}; run again with --yes to delete them")
+            return EXIT_USAGE
+        purged = broker.dlq_purge(args.topic)
+    finally:
+        broker.close()
+    if args.json:
+        print(json.dumps({"topic": args.topic, "purged": purged}))
+    else:
+        _console().print(f"purged {purged} dead letter(s) of "
+                         f"{escape(args.topic)}")
+    return EXIT_OK

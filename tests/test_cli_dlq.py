@@ -1,0 +1,231 @@
+"""Tests of `mqs dlq list|redrive|purge`, run in a subprocess against a
+real log broker directory."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import mqs
+from mqs.broker._broker import BACKENDS
+
+from test_cli_ops import assert_one_line_error, run_mqs
+
+
+def open_broker(path):
+    return mqs.Broker("log", path=path, segment_bytes=1 << 20)
+
+
+@pytest.fixture
+def broker_dir(tmp_path):
+    """A closed log broker whose topic "orders" has 3 dead letters
+    (bodies 0, 1, 2, rejected) and 2 acked messages."""
+    path = tmp_path / "broker"
+    with open_broker(path) as broker:
+        broker.declare_topic("orders")
+        broker.publish_many("orders", [{"n": n} for n in range(5)])
+        consumer = broker.consume("orders", "billing", prefetch=5)
+        for message in consumer.get_many(5, timeout=5):
+            if message.body["n"] < 3:
+                message.nack(requeue=False, error=ValueError("bad total"))
+            else:
+                message.ack()
+        consumer.close()
+    return str(path)
+
+
+def dead_letters(path):
+    with open_broker(path) as broker:
+        return broker.dlq_list("orders")
+
+
+def dlq_json(path, *extra):
+    result = run_mqs("dlq", "list", "orders", "--path", path, "--json",
+                     *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("command", [[], ["list"], ["redrive"], ["purge"]])
+def test_dlq_help(command):
+    result = run_mqs("dlq", *command, "--help")
+    assert result.returncode == 0
+    assert "usage: mqs dlq" in result.stdout
+
+
+def test_dlq_list_prints_table(broker_dir):
+    result = run_mqs("dlq", "list", "orders", "--path", broker_dir)
+    assert result.returncode == 0, result.stderr
+    assert "dead letters of orders: 3" in result.stdout
+    assert "rejected" in result.stdout
+    assert "billing" in result.stdout
+    assert "ValueError: bad total" in result.stdout
+    assert "{'n': 2}" in result.stdout
+
+
+def test_dlq_list_json_fields(broker_dir):
+    letters = dlq_json(broker_dir)
+    assert [letter["body"] for letter in letters] \
+        == [{"n": 0}, {"n": 1}, {"n": 2}]
+    first = letters[0]
+    assert first["topic"] == "orders"
+    assert first["group"] == "billing"
+    assert first["reason"] == "rejected"
+    assert first["attempts"] == 1
+    assert first["error"] == "ValueError: bad total"
+    assert first["headers"]["mqs.dead_letter_reason"] == "rejected"
+    stored = dead_letters(broker_dir)
+    assert [letter["id"] for letter in letters] \
+        == [letter.id for letter in stored]
+
+
+def test_dlq_list_limit(broker_dir):
+    letters = dlq_json(broker_dir, "--limit", "2")
+    assert [letter["body"]["n"] for letter in letters] == [0, 1]
+
+
+def test_dlq_list_empty_topic(broker_dir):
+    with open_broker(broker_dir) as broker:
+        broker.declare_topic("quiet")
+    result = run_mqs("dlq", "list", "quiet", "--path", broker_dir)
+    assert result.returncode == 0, result.stderr
+    assert "dead letters of quiet: 0" in result.stdout
+
+
+def test_dlq_redrive_ids(broker_dir):
+    ids = [letter.id for letter in dead_letters(broker_dir)]
+    result = run_mqs("dlq", "redrive", "orders", "--path", broker_dir,
+                     "--id", ids[0], "--id", ids[2], "--id", ids[0])
+    assert result.returncode == 0, result.stderr
+    assert "redrove 2 dead letter(s) of orders" in result.stdout
+    with open_broker(broker_dir) as broker:
+        assert [letter.id for letter in broker.dlq_list("orders")] \
+            == [ids[1]]
+        assert broker.stats("orders")["redriven"] == 2
+        consumer = broker.consume("orders", "billing", prefetch=5)
+        again = consumer.get_many(5, timeout=5)
+        assert sorted(m.body["n"] for m in again) == [0, 2]
+        assert [m.attempts for m in again] == [1, 1]
+        for message in again:
+            message.ack()
+        consumer.close()
+
+
+def test_dlq_redrive_all_json(broker_dir):
+    result = run_mqs("dlq", "redrive", "orders", "--path", broker_dir,
+                     "--all", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"topic": "orders", "redriven": 3}
+    assert dead_letters(broker_dir) == []
+
+
+def test_dlq_redrive_unknown_id_moves_nothing(broker_dir):
+    first = dead_letters(broker_dir)[0].id
+    result = run_mqs("dlq", "redrive", "orders", "--path", broker_dir,
+                     "--id", first, "--id", "no-such-id")
+    assert_one_line_error(result, "not in the dead-letter queue of "
+                                  "'orders': no-such-id")
+    assert len(dead_letters(broker_dir)) == 3
+
+
+def test_dlq_redrive_needs_id_or_all(broker_dir):
+    result = run_mqs("dlq", "redrive", "orders", "--path", broker_dir)
+    assert result.returncode == 2
+    assert "one of the arguments --id --all is required" in result.stderr
+    result = run_mqs("dlq", "redrive", "orders", "--path", broker_dir,
+                     "--all", "--id", "1")
+    assert result.returncode == 2
+    assert "not allowed with argument" in result.stderr
+
+
+def test_dlq_purge_without_yes_changes_nothing(broker_dir):
+    result = run_mqs("dlq", "purge", "orders", "--path", broker_dir)
+    assert result.returncode == 2
+    assert "would delete 3 dead letter(s) of orders" in result.stderr
+    assert len(dead_letters(broker_dir)) == 3
+
+
+def test_dlq_purge_yes_deletes(broker_dir):
+    result = run_mqs("dlq", "purge", "orders", "--path", broker_dir,
+                     "--yes", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"topic": "orders", "purged": 3}
+    with open_broker(broker_dir) as broker:
+        assert broker.dlq_list("orders") == []
+        assert broker.stats("orders")["dlq_purged"] == 3
+
+
+@pytest.mark.parametrize("command", [["list"], ["redrive", "--all"],
+                                     ["purge", "--yes"]])
+def test_dlq_unknown_topic_is_one_line_error(broker_dir, command):
+    result = run_mqs("dlq", command[0], "nope", "--path", broker_dir,
+                     *command[1:])
+    assert_one_line_error(result, "topic 'nope' not found in log broker")
+
+
+def test_dlq_missing_path_is_one_line_error(tmp_path):
+    missing = tmp_path / "missing"
+    result = run_mqs("dlq", "list", "orders", "--path", str(missing))
+    assert_one_line_error(result, "log broker directory")
+    assert "not found" in result.stderr
+    assert not missing.exists()
+
+
+def test_dlq_file_path_is_one_line_error(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    result = run_mqs("dlq", "list", "orders", "--path", str(a_file))
+    assert_one_line_error(result, "is not a directory")
+
+
+def test_dlq_plain_directory_is_one_line_error(tmp_path):
+    result = run_mqs("dlq", "list", "orders", "--path", str(tmp_path))
+    assert_one_line_error(result, "is not a log broker directory")
+    assert os.listdir(tmp_path) == []
+
+
+_HOLDER = """
+import sys, time
+import mqs
+broker = mqs.Broker("log", path=sys.argv[1], segment_bytes=1 << 20)
+print("open", flush=True)
+time.sleep(600)
+"""
+
+
+def test_dlq_locked_broker_names_holder_pid(broker_dir):
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_HOLDER), broker_dir],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "open\n", child.stderr.read()
+        result = run_mqs("dlq", "list", "orders", "--path", broker_dir)
+        assert_one_line_error(result, "is open in another process")
+        assert f"in process {child.pid};" in result.stderr
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        child.stdout.close()
+        child.stderr.close()
+    # Once the holder is gone the command works again.
+    assert len(dlq_json(broker_dir)) == 3
+
+
+@pytest.mark.parametrize("option, backend", [("--shm", "shm"),
+                                             ("--url", "redis")])
+def test_dlq_missing_backend_is_one_line_error(option, backend):
+    if backend in BACKENDS:
+        pytest.skip(f"this mqs has the {backend!r} backend")
+    result = run_mqs("dlq", "list", "orders", option, "x")
+    assert_one_line_error(result, f"{option} needs the {backend!r} backend")
+
+
+def test_dlq_needs_one_location(broker_dir):
+    result = run_mqs("dlq", "list", "orders")
+    assert result.returncode == 2
+    assert "one of the arguments --path --shm --url is required" \
+        in result.stderr
