@@ -78,6 +78,19 @@ static inline int64_t mqs_fetch_add_acq_rel_i64(_Atomic int64_t *p,
     return atomic_fetch_add_explicit(p, v, memory_order_acq_rel);
 }
 
+static inline int64_t mqs_fetch_add_relaxed_i64(_Atomic int64_t *p,
+                                                int64_t v)
+{
+    return atomic_fetch_add_explicit(p, v, memory_order_relaxed);
+}
+
+static inline int mqs_cas_relaxed_i64(_Atomic int64_t *p, int64_t *expected,
+                                      int64_t desired)
+{
+    return atomic_compare_exchange_weak_explicit(
+        p, expected, desired, memory_order_relaxed, memory_order_relaxed);
+}
+
 static inline uint32_t mqs_load_acquire_u32(const _Atomic uint32_t *p)
 {
     return atomic_load_explicit(p, memory_order_acquire);

@@ -21,6 +21,8 @@
  *     block 8..15         groups[8]  pair: head (bytes) and messages taken
  *                                    (records, padding not counted)
  *     block 16..          participants[MQS_BR_MAX_PARTICIPANTS]
+ *     block 272..         latency  enqueue-to-deliver histogram of
+ *                                  sampled records (mqs_hist.h)
  *   MQS_BR_HEADER_BYTES   data, `capacity` bytes (a power of two and a
  *                         multiple of the page size)
  *   + capacity            delayed area, config.delayed_bytes (a page
@@ -39,6 +41,12 @@
  *   | commit (u64)   | length (u32)| type (u16)| owner(u16)| payload  |
  *   +----------------+-------------+-----------+-----------+----------+
  *   0                8             12          14          16
+ *
+ *   A type with bit MQS_BR_TYPE_STAMPED set (padding aside) marks a
+ *   sampled record: its payload starts with the producer's
+ *   CLOCK_MONOTONIC time in ns (8 bytes), which mqs_br_unstamp turns
+ *   into a latency in the header's histogram and strips. Unsampled
+ *   records cost the consumer one bit test.
  *
  *   commit == secret ^ position once the record is published; it is
  *   written last, with release. Any other value means "not published
@@ -87,12 +95,14 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "mqs_atomic.h"
+#include "mqs_hist.h"
 #include "mqs_wait.h"
 
 #define MQS_BR_MAGIC 0x31474e495253514dULL /* "MQSRING1" little-endian */
-#define MQS_BR_VERSION 3
+#define MQS_BR_VERSION 4
 #define MQS_BR_HEADER_BYTES 65536
 #define MQS_BR_RECORD_HEADER 16
 #define MQS_BR_ALIGN 16
@@ -100,6 +110,8 @@
 #define MQS_BR_MAX_PARTICIPANTS 256
 #define MQS_BR_LOCK_BASE ((int64_t)1 << 40)
 #define MQS_BR_TYPE_PAD 0xffff
+#define MQS_BR_TYPE_STAMPED 0x4000
+#define MQS_BR_STAMP_BYTES 8
 #define MQS_BR_NO_CLAIM INT64_MAX
 #define MQS_BR_NO_PIN INT64_MAX
 
@@ -184,6 +196,11 @@ typedef struct mqs_br_header {
     } repair_lock;
     MQS_BR_BLOCK(mqs_br_group_t) groups[MQS_BR_MAX_GROUPS];
     MQS_BR_BLOCK(mqs_br_participant_t) participants[MQS_BR_MAX_PARTICIPANTS];
+    union {
+        mqs_hist_t v;
+        char pad[(sizeof(mqs_hist_t) + MQS_PAD_BYTES - 1)
+                 / MQS_PAD_BYTES * MQS_PAD_BYTES];
+    } latency;
 } mqs_br_header_t;
 
 /* Process-local handle: where the mapping is, and this process's slot. */
@@ -376,6 +393,32 @@ static inline mqs_waitword_t *mqs_br_not_full(mqs_bytering_t *ring)
 static inline mqs_br_counters_t *mqs_br_counters(mqs_bytering_t *ring)
 {
     return &ring->header->counters.v;
+}
+
+static inline mqs_hist_t *mqs_br_latency(mqs_bytering_t *ring)
+{
+    return &ring->header->latency.v;
+}
+
+/*
+ * Consumer, right after a take: if `record` is stamped, record now minus
+ * its stamp in the ring's latency histogram and strip the stamp, so the
+ * record reads as its producer passed it. Any thread of an attached
+ * process; unstamped records are left alone.
+ */
+static inline void mqs_br_unstamp(mqs_bytering_t *ring,
+                                  mqs_br_record_t *record)
+{
+    int64_t stamp_ns;
+    if (!(record->type & MQS_BR_TYPE_STAMPED)
+        || record->type == MQS_BR_TYPE_PAD
+        || record->length < MQS_BR_STAMP_BYTES)
+        return;
+    memcpy(&stamp_ns, record->payload, MQS_BR_STAMP_BYTES);
+    mqs_hist_record(mqs_br_latency(ring), mqs_monotonic_ns() - stamp_ns);
+    record->payload += MQS_BR_STAMP_BYTES;
+    record->length -= MQS_BR_STAMP_BYTES;
+    record->type &= (uint16_t)~MQS_BR_TYPE_STAMPED;
 }
 
 static inline mqs_br_participant_t *mqs_br_participant(mqs_bytering_t *ring,

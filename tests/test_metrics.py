@@ -3,6 +3,7 @@
 import glob
 import multiprocessing
 import os
+import pickle
 import time
 import uuid
 
@@ -394,3 +395,43 @@ def test_register_broker_exports_topic_stats():
     handle.remove()
     consumer.close(drain=False)
     broker.close()
+
+
+def test_log_linear_buckets_cover_range_in_order():
+    previous_upper = -1
+    for index in range(metrics.HIST_BUCKETS):
+        upper = metrics.hist_upper_ns(index)
+        assert upper > previous_upper
+        assert metrics.hist_index(previous_upper + 1) == index
+        assert metrics.hist_index(upper) == index
+        previous_upper = upper
+    assert previous_upper == metrics.HIST_MAX_NS
+    assert metrics.hist_index(metrics.HIST_MAX_NS + 10) \
+        == metrics.HIST_BUCKETS - 1
+    assert metrics.hist_index(-5) == 0
+
+
+def test_log_linear_bucket_width_within_precision():
+    for index in range(2 * metrics.HIST_SUB_BUCKETS, metrics.HIST_BUCKETS):
+        lower = metrics.hist_upper_ns(index - 1) + 1
+        width = metrics.hist_upper_ns(index) - lower + 1
+        assert width / lower <= 1 / metrics.HIST_SUB_BUCKETS
+
+
+def test_log_linear_histogram_summary():
+    histogram = metrics.LogLinearHistogram()
+    for value_ns in range(1_000, 1_001_000, 1_000):
+        histogram.record_ns(value_ns)
+    summary = histogram.summary(1)
+    assert summary.count == 1000
+    assert summary.mean_s == pytest.approx(500.5e-6)
+    assert summary.p50_s == pytest.approx(500e-6, rel=0.032)
+    assert summary.p99_s == pytest.approx(990e-6, rel=0.032)
+    assert summary.max_s == pytest.approx(1e-3)
+    assert summary.sum_s == pytest.approx(0.5005)
+    # A value counts at the first bound at or above its bucket's highest
+    # value, so values up to 3.1% below a bound may count one bound late.
+    assert 96 <= dict(summary.buckets)[1e-4] <= 100
+    assert summary.buckets[-1][1] == 1000
+    restored = pickle.loads(pickle.dumps(histogram))
+    assert restored.summary(1) == summary

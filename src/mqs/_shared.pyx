@@ -38,7 +38,9 @@ from mqs.includes.mqs_bytering cimport (
     MQS_BR_MAX_GROUPS,
     MQS_BR_NO_PIN,
     MQS_BR_RECORD_HEADER,
+    MQS_BR_STAMP_BYTES,
     MQS_BR_TYPE_PAD,
+    MQS_BR_TYPE_STAMPED,
     MQS_BR_VERSION,
     MQS_EAGAIN_INIT,
     MQS_EAGAIN_STUCK,
@@ -50,6 +52,7 @@ from mqs.includes.mqs_bytering cimport (
     mqs_br_detach,
     mqs_br_file_bytes,
     mqs_br_format,
+    mqs_br_latency,
     mqs_br_map,
     mqs_br_not_empty,
     mqs_br_not_full,
@@ -58,6 +61,7 @@ from mqs.includes.mqs_bytering cimport (
     mqs_br_participant,
     mqs_br_peek,
     mqs_br_record_size,
+    mqs_br_unstamp,
     mqs_br_record_t,
     mqs_br_repair,
     mqs_br_settle,
@@ -93,6 +97,11 @@ from mqs.includes.mqs_delay cimport (
     mqs_delay_try_put,
     mqs_delay_unmap,
     mqs_delay_validate,
+)
+from mqs.includes.mqs_hist cimport (
+    MQS_HIST_BUCKETS,
+    mqs_hist_reset,
+    mqs_hist_t,
 )
 from mqs.includes.mqs_wait cimport (
     mqs_monotonic_ns,
@@ -162,6 +171,11 @@ DEF LOCK_RETRY_NS = 1000000
 # A get that finds due messages it cannot move yet (the delay lock is
 # held, or the ring is full) looks again after this long at the latest.
 DEF DUE_RETRY_NS = 1000000
+
+# While latency sampling is off, a producer reads the shared sampling
+# rate again after this many puts, so turning it on in another process
+# takes effect within that many puts.
+DEF SAMPLING_RECHECK_PUTS = 1024
 
 
 class QueueNotFound(MqsError, FileNotFoundError):
@@ -434,6 +448,9 @@ cdef class SharedQueue:
     cdef int64_t _stuck_since
     cdef bint _stall_reported
     cdef int64_t _last_repair_ns
+    # Puts left until this handle reads the shared sampling rate and
+    # stamps one (see _sample_stamp).
+    cdef int64_t _sample_countdown
     # The log side of a durable queue (persist=), else None.
     cdef _Durable _durable
     # (messages moved, CLOCK_MONOTONIC ns after the move) per promote of
@@ -449,6 +466,7 @@ cdef class SharedQueue:
         self._delay.header = NULL
         self._delay.base = NULL
         self._view_positions = []
+        self._sample_countdown = 1
 
     def __init__(self, maxsize=0, *, name=None, create=True,
                  capacity_bytes=None, max_message_size=None,
@@ -552,6 +570,9 @@ cdef class SharedQueue:
             self.close()
             raise
         self._durable = durable
+        # NOTE: durable queues keep no latency histogram; the appender
+        # would have to persist or strip the stamps.
+        mqs_br_latency(&self._ring).sample_every = 0
         return 0
 
     @property
@@ -691,6 +712,10 @@ cdef class SharedQueue:
         if rc < 0:
             raise OSError("cannot lock a participant slot of the queue")
         self._pid = os.getpid()
+        # The first sampled put is the sample_every-th, as for later ones.
+        self._sample_countdown = mqs_br_latency(&self._ring).sample_every
+        if self._sample_countdown <= 0:
+            self._sample_countdown = SAMPLING_RECHECK_PUTS
         # The slot's dead previous owner may have left a record to repair.
         self._log_repaired(rc)
         return 0
@@ -715,6 +740,10 @@ cdef class SharedQueue:
                 &self._delay, mqs_monotonic_ns()) != MQS_OK:
             raise OSError("cannot set up the delayed area's process-shared "
                           "mutex")
+        from mqs import metrics
+
+        mqs_br_latency(&self._ring).sample_every = \
+            metrics.default_sample_every() or 0
         secret = int.from_bytes(secrets.token_bytes(8), "little")
         if mqs_br_format(&self._ring, max_message_size, maxsize,
                          self._groups_wanted, secret) != MQS_OK:
@@ -941,6 +970,44 @@ cdef class SharedQueue:
                 stats, delayed=mqs_delay_count(&self._delay))
         return stats
 
+    def set_latency_sampling(self, sample_every):
+        """Sample the enqueue-to-deliver latency of one message in
+        `sample_every`, in every process of the queue.
+
+        The rate lives in the queue's mapping, so it applies to every
+        producer, which stamps one put in `sample_every` with the time
+        (a delayed put with its due time). The consumer that gets a
+        stamped message records its latency in a histogram in the same
+        mapping, read by ``stats().latency``, `mqs stat` and the
+        exporter. None turns sampling off and clears the histogram. New
+        queues sample at `mqs.metrics.default_sample_every()` (one in
+        1,024 unless changed).
+
+        Raises
+        ------
+        ValueError
+            If `sample_every` is below 1, the queue is closed or durable
+            (persist=), which keeps no latency histogram.
+        TypeError
+            If `sample_every` is not an int or None.
+        """
+        from mqs import metrics
+
+        self._check_mapped()
+        if sample_every is not None:
+            metrics.LatencySampler(sample_every)  # raises for a bad value
+        if self._durable is not None:
+            raise ValueError(
+                f"latency sampling is not available on a durable queue "
+                f"(persist={self._durable.path!r})")
+        if sample_every is None:
+            mqs_br_latency(&self._ring).sample_every = 0
+            mqs_hist_reset(mqs_br_latency(&self._ring))
+            self._sample_countdown = SAMPLING_RECHECK_PUTS
+        else:
+            mqs_br_latency(&self._ring).sample_every = sample_every
+            self._sample_countdown = 1
+
     def delayed_stats(self):
         """Return counters of the delayed area as a dict.
 
@@ -1042,19 +1109,23 @@ cdef class SharedQueue:
         With `due` >= 0 the message goes into the delayed area instead,
         to be moved into the ring at that CLOCK_MONOTONIC time.
         """
-        cdef const void *parts[64]
-        cdef size_t lengths[64]
+        # parts[0] is left for the timestamp of a sampled put.
+        cdef const void *parts[65]
+        cdef size_t lengths[65]
         cdef int n = 1
         cdef uint16_t rtype
         cdef int rc
         cdef const unsigned char[::1] view
         cdef list keep
         cdef Py_ssize_t total
+        cdef int64_t stamp_ns = -1
+        self._sample_countdown -= 1
+        if self._sample_countdown <= 0:
+            stamp_ns = self._sample_stamp(due)
         if type(obj) is bytes:
-            parts[0] = PyBytes_AS_STRING(obj)
-            lengths[0] = len(<bytes>obj)
+            parts[1] = PyBytes_AS_STRING(obj)
+            lengths[1] = len(<bytes>obj)
             rtype = TYPE_BYTES
-            rc = self._put_parts(parts, lengths, 1, rtype, due)
         else:
             keep = self._encode(obj)
             rtype = keep[0]
@@ -1064,17 +1135,42 @@ cdef class SharedQueue:
                 n = 1
             for i in range(n):
                 view = keep[i + 1]
-                parts[i] = &view[0] if view.shape[0] else NULL
-                lengths[i] = view.shape[0]
-            rc = self._put_parts(parts, lengths, n, rtype, due)
+                parts[i + 1] = &view[0] if view.shape[0] else NULL
+                lengths[i + 1] = view.shape[0]
+        if stamp_ns < 0:
+            rc = self._put_parts(&parts[1], &lengths[1], n, rtype, due)
+        else:
+            parts[0] = &stamp_ns
+            lengths[0] = MQS_BR_STAMP_BYTES
+            rc = self._put_parts(parts, lengths, n + 1,
+                                 <uint16_t>(rtype | MQS_BR_TYPE_STAMPED),
+                                 due)
+            if rc == MQS_ETOOBIG:
+                # The stamp must never make a message too large.
+                rc = self._put_parts(&parts[1], &lengths[1], n, rtype, due)
         if rc == MQS_ETOOBIG:
             total = 0
             for i in range(n):
-                total += lengths[i]
+                total += lengths[i + 1]
             self._raise_too_large(total)
         if rc != MQS_OK and rc != MQS_EFULL:
             raise OSError(f"shared queue put failed with status {rc}")
         return rc
+
+    cdef int64_t _sample_stamp(self, int64_t due):
+        """Return the timestamp for this put if it is sampled, else -1.
+
+        Reads the shared sampling rate and restarts the countdown. A
+        delayed message is stamped with its due time, so its latency
+        runs from when it is ready, as for the in-process queues.
+        Durable queues are never sampled (their rate stays 0).
+        """
+        cdef int64_t every = mqs_br_latency(&self._ring).sample_every
+        if every <= 0 or self._durable is not None:
+            self._sample_countdown = SAMPLING_RECHECK_PUTS
+            return -1
+        self._sample_countdown = every
+        return due if due >= 0 else mqs_monotonic_ns()
 
     cdef int _put_parts(self, const void **parts, size_t *lengths, int n,
                         uint16_t rtype, int64_t due) except -2:
@@ -1403,6 +1499,12 @@ cdef class SharedQueue:
 
     cdef object _finish(self, uint16_t rtype, object data):
         """Turn copied bytes back into the object (after the unpin)."""
+        if rtype & MQS_BR_TYPE_STAMPED:
+            # Only a record that a durable queue's appender copied from
+            # the ring still has its stamp (a handle opened without
+            # persist= put it); the latency is not recorded.
+            rtype = <uint16_t>(rtype & ~MQS_BR_TYPE_STAMPED)
+            data = data[MQS_BR_STAMP_BYTES:]
         if rtype == TYPE_BYTES or rtype == TYPE_BYTEARRAY:
             return data
         if rtype == TYPE_PICKLE:
@@ -1459,6 +1561,7 @@ cdef class SharedQueue:
         self._track_stall(rc)
         if rc != MQS_OK:
             return None
+        mqs_br_unstamp(&self._ring, &record)
         try:
             data = self._decode(&record)
         finally:
@@ -1697,6 +1800,7 @@ cdef class SharedQueue:
         self._track_stall(rc)
         if rc != MQS_OK:
             return None
+        mqs_br_unstamp(&self._ring, &record)
         holder = _RecordView()
         holder._queue = self
         holder._payload = record.payload
@@ -1949,6 +2053,7 @@ cdef object _read_stats(mqs_bytering_t *ring, object name, int group):
                 and mqs_br_participant_alive(ring, slot) == 1:
             attached += 1
     return metrics.SharedQueueStats(
+        latency=_read_latency(mqs_br_latency(ring)),
         name=name, capacity_bytes=ring.capacity,
         max_message_size=config.max_message_size, maxsize=config.maxsize,
         groups=n_groups, group=group, depth=lag[group], delayed=None,
@@ -1958,6 +2063,21 @@ cdef object _read_stats(mqs_bytering_t *ring, object name, int group):
         repaired_bytes=counters.repaired_bytes,
         lost_records=counters.lost_records,
         stalls_reported=counters.stalls_reported)
+
+
+cdef object _read_latency(mqs_hist_t *hist):
+    """Return the LatencySummary of a ring's histogram, or None while
+    sampling is off and nothing was recorded. Only loads."""
+    from mqs import metrics
+
+    cdef int64_t every = hist.sample_every
+    cdef int64_t count = hist.count
+    if every <= 0 and count == 0:
+        return None
+    counts = [(index, hist.buckets[index])
+              for index in range(MQS_HIST_BUCKETS) if hist.buckets[index]]
+    return metrics.summarize_buckets(counts, count, hist.sum_ns,
+                                     hist.max_ns, max(every, 0))
 
 
 def _inspect_file(path, name):

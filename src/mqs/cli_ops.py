@@ -215,9 +215,28 @@ def _queue_table(stats: metrics.SharedQueueStats) -> Table:
         ("dropped: consumer died", stats.lost_records),
         ("stalls reported", stats.stalls_reported),
     ]
+    rows += _latency_rows(stats.latency)
     for label, value in rows:
         table.add_row(label, _format_value(value))
     return table
+
+
+def _latency_rows(latency: metrics.LatencySummary | None
+                  ) -> list[tuple[str, Any]]:
+    if latency is None:
+        return [("latency sampling", "off")]
+    every = latency.sample_every
+    rows: list[tuple[str, Any]] = [
+        ("latency sampling", f"1 in {every:,}" if every else "off"),
+        ("latency samples", latency.count),
+    ]
+    if latency.count:
+        rows += [(f"latency {label}", f"{value * 1e6:,.1f} us")
+                 for label, value in (("p50", latency.p50_s),
+                                      ("p99", latency.p99_s),
+                                      ("p99.9", latency.p999_s),
+                                      ("max", latency.max_s))]
+    return rows
 
 
 def _log_table(stats: metrics.SegmentLogStats) -> Table:

@@ -141,6 +141,9 @@ class SharedQueueStats:
     repaired_bytes: int
     lost_records: int
     stalls_reported: int
+    # Enqueue-to-deliver latency of sampled messages, all groups
+    # together; None while sampling is off and nothing was recorded.
+    latency: LatencySummary | None = None
 
     @property
     def dropped(self) -> Mapping[str, int]:
@@ -689,6 +692,10 @@ def shared_queue_samples(stats: SharedQueueStats,
     yield Sample(QUEUE_ATTACHED, labels, stats.attached_processes)
     for reason, count in stats.dropped.items():
         yield Sample(QUEUE_DROPPED, {**labels, "reason": reason}, count)
+    if stats.latency is not None:
+        yield Sample(QUEUE_LATENCY,
+                     {**labels, "stage": "enqueue_to_deliver"},
+                     stats.latency)
 
 
 def log_samples(stats: Any, name: str) -> Iterator[Sample]:

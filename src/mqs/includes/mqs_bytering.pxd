@@ -1,5 +1,6 @@
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 
+from mqs.includes.mqs_hist cimport mqs_hist_t
 from mqs.includes.mqs_wait cimport mqs_waitword_t
 
 
@@ -12,6 +13,8 @@ cdef extern from "mqs_bytering.h" nogil:
     int MQS_BR_MAX_GROUPS
     int MQS_BR_MAX_PARTICIPANTS
     int MQS_BR_TYPE_PAD
+    int MQS_BR_TYPE_STAMPED
+    int MQS_BR_STAMP_BYTES
     int64_t MQS_BR_NO_PIN
     int MQS_EAGAIN_INIT
     int MQS_EVERSION
@@ -87,3 +90,5 @@ cdef extern from "mqs_bytering.h" nogil:
     mqs_waitword_t *mqs_br_not_full(mqs_bytering_t *ring)
     mqs_br_counters_t *mqs_br_counters(mqs_bytering_t *ring)
     mqs_br_participant_t *mqs_br_participant(mqs_bytering_t *ring, int slot)
+    mqs_hist_t *mqs_br_latency(mqs_bytering_t *ring)
+    void mqs_br_unstamp(mqs_bytering_t *ring, mqs_br_record_t *record)
