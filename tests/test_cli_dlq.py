@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import pytest
 
@@ -229,3 +230,93 @@ def test_dlq_needs_one_location(broker_dir):
     assert result.returncode == 2
     assert "one of the arguments --path --shm --url is required" \
         in result.stderr
+
+
+# Redis brokers: a namespace per test on the suite's throwaway server.
+
+@pytest.fixture
+def redis_broker(redis_url):
+    """A redis broker in a fresh namespace whose topic "orders" has 2
+    dead letters; yields (url, namespace)."""
+    import redis
+
+    namespace = f"mqs-cli-{uuid.uuid4().hex[:12]}"
+    broker = mqs.Broker("redis", url=redis_url, serializer="pickle",
+                        namespace=namespace)
+    try:
+        broker.declare_topic("orders")
+        broker.publish_many("orders", [{"n": n} for n in range(3)])
+        consumer = broker.consume("orders", "billing", prefetch=3)
+        for message in consumer.get_many(3, timeout=5):
+            if message.body["n"] < 2:
+                message.nack(requeue=False, error="bad total")
+            else:
+                message.ack()
+        consumer.close()
+        yield redis_url, namespace
+    finally:
+        broker.close()
+        client = redis.Redis.from_url(redis_url)
+        try:
+            keys = list(client.scan_iter(match=f"{{{namespace}:*"))
+            if keys:
+                client.unlink(*keys)
+        finally:
+            client.close()
+
+
+def redis_args(redis_broker):
+    url, namespace = redis_broker
+    return ["--url", url, "-o", f"namespace={namespace}",
+            "-o", "serializer=pickle"]
+
+
+def test_dlq_redis_list_redrive_purge(redis_broker):
+    args = redis_args(redis_broker)
+    listed = run_mqs("dlq", "list", "orders", *args, "--json")
+    assert listed.returncode == 0, listed.stderr
+    letters = json.loads(listed.stdout)
+    assert [letter["body"] for letter in letters] == [{"n": 0}, {"n": 1}]
+    assert letters[0]["error"] == "bad total"
+    assert letters[0]["group"] == "billing"
+
+    redrive = run_mqs("dlq", "redrive", "orders", *args,
+                      "--id", letters[0]["id"], "--json")
+    assert redrive.returncode == 0, redrive.stderr
+    assert json.loads(redrive.stdout) == {"topic": "orders", "redriven": 1}
+
+    purge = run_mqs("dlq", "purge", "orders", *args, "--yes", "--json")
+    assert purge.returncode == 0, purge.stderr
+    assert json.loads(purge.stdout) == {"topic": "orders", "purged": 1}
+
+    url, namespace = redis_broker
+    broker = mqs.Broker("redis", url=url, serializer="pickle",
+                        namespace=namespace)
+    try:
+        assert broker.dlq_list("orders") == []
+        consumer = broker.consume("orders", "billing")
+        message = consumer.get(timeout=5)
+        assert message.body == {"n": 0}
+        message.ack()
+        consumer.close()
+    finally:
+        broker.close()
+
+
+def test_dlq_redis_unknown_topic_is_one_line_error(redis_broker):
+    result = run_mqs("dlq", "list", "nope", *redis_args(redis_broker))
+    assert_one_line_error(result, "topic 'nope' not found in redis broker")
+
+
+def test_dlq_bad_backend_option_is_one_line_error(redis_broker):
+    url, _ = redis_broker
+    result = run_mqs("dlq", "list", "orders", "--url", url,
+                     "-o", "colour=blue")
+    assert_one_line_error(result, "cannot open the redis broker")
+    assert "colour" in result.stderr
+    result = run_mqs("dlq", "list", "orders", "--url", url,
+                     "-o", "url=redis://elsewhere")
+    assert_one_line_error(result, "give the url with --url")
+    result = run_mqs("dlq", "list", "orders", "--url", url, "-o", "novalue")
+    assert result.returncode == 2
+    assert "invalid backend option 'novalue'" in result.stderr

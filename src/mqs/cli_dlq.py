@@ -114,6 +114,20 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                        help="name of a shared-memory broker (backend 'shm')")
     where.add_argument("--url", metavar="URL",
                        help="Redis URL of a redis broker (backend 'redis')")
+    parser.add_argument("-o", "--option", action="append", default=[],
+                        metavar="KEY=VALUE", type=_backend_option,
+                        help="pass KEY=VALUE (a str) to the backend, such "
+                             "as namespace=orders or serializer=pickle "
+                             "for a redis broker; repeat for several")
+
+
+def _backend_option(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"invalid backend option {text!r}; give KEY=VALUE, such as "
+            f"namespace=orders")
+    return key, value
 
 
 # ---------------------------------------------------------------- opening
@@ -127,10 +141,15 @@ def _open_broker(args: argparse.Namespace) -> Any:
                   if getattr(args, name) is not None)
     backend, keyword = BACKEND_OPTIONS[option]
     value = getattr(args, option)
+    options = dict(args.option)
+    if keyword in options:
+        raise CommandError(f"give the {keyword} with --{option}, not with "
+                           f"--option")
+    options[keyword] = value
     if backend == "log":
         _check_log_dir(value)
     try:
-        broker = mqs.Broker(backend, auto_declare=False, **{keyword: value})
+        broker = mqs.Broker(backend, auto_declare=False, **options)
     except LogLocked as exc:
         raise CommandError(
             f"log broker {value!r} is open in another process; stop it "
@@ -140,6 +159,11 @@ def _open_broker(args: argparse.Namespace) -> Any:
         raise CommandError(
             f"--{option} needs the {backend!r} backend, which this mqs "
             f"does not have ({exc})") from None
+    except (TypeError, ValueError) as exc:
+        # A misspelt or invalid --option, or a bad location value.
+        raise CommandError(
+            f"cannot open the {backend} broker at {value!r}: {exc}"
+        ) from None
     if not broker.backend.has_topic(args.topic):
         broker.close()
         raise CommandError(
