@@ -40,8 +40,8 @@ from mqs.cli_ops import (
 from mqs.errors import BackendUnavailable, LogLocked
 
 # Location option -> (backend name for mqs.Broker, its keyword option).
-# NOTE: the shm and redis keywords are assumed; check them against those
-# backends' factories once they are in BACKENDS.
+# NOTE: the shm keyword is assumed; check it against that backend's
+# factory once it is in BACKENDS.
 BACKEND_OPTIONS = {
     "path": ("log", "path"),
     "shm": ("shm", "name"),
