@@ -12,7 +12,6 @@ import uuid
 import pytest
 
 import mqs
-from mqs.broker._broker import BACKENDS
 
 from test_cli_ops import assert_one_line_error, run_mqs
 
@@ -216,15 +215,6 @@ def test_dlq_locked_broker_names_holder_pid(broker_dir):
     assert len(dlq_json(broker_dir)) == 3
 
 
-@pytest.mark.parametrize("option, backend", [("--shm", "shm"),
-                                             ("--url", "redis")])
-def test_dlq_missing_backend_is_one_line_error(option, backend):
-    if backend in BACKENDS:
-        pytest.skip(f"this mqs has the {backend!r} backend")
-    result = run_mqs("dlq", "list", "orders", option, "x")
-    assert_one_line_error(result, f"{option} needs the {backend!r} backend")
-
-
 def test_dlq_needs_one_location(broker_dir):
     result = run_mqs("dlq", "list", "orders")
     assert result.returncode == 2
@@ -320,3 +310,70 @@ def test_dlq_bad_backend_option_is_one_line_error(redis_broker):
     result = run_mqs("dlq", "list", "orders", "--url", url, "-o", "novalue")
     assert result.returncode == 2
     assert "invalid backend option 'novalue'" in result.stderr
+
+
+# Shm brokers: they stay in /dev/shm after close until unlinked.
+
+@pytest.fixture
+def shm_broker():
+    """An shm broker whose topic "orders" has 2 dead letters; yields its
+    name and unlinks it after the test."""
+    name = f"test-cli-dlq-{uuid.uuid4().hex[:12]}"
+    broker = mqs.Broker("shm", name=name)
+    try:
+        broker.declare_topic("orders")
+        broker.publish_many("orders", [{"n": n} for n in range(3)])
+        consumer = broker.consume("orders", "billing", prefetch=3)
+        for message in consumer.get_many(3, timeout=5):
+            if message.body["n"] < 2:
+                message.nack(requeue=False, error="bad total")
+            else:
+                message.ack()
+        consumer.close()
+        broker.close()
+        yield name
+    finally:
+        broker.close()
+        mqs.Broker.unlink(name)
+
+
+def test_dlq_shm_list_redrive_purge(shm_broker):
+    listed = run_mqs("dlq", "list", "orders", "--shm", shm_broker, "--json")
+    assert listed.returncode == 0, listed.stderr
+    letters = json.loads(listed.stdout)
+    assert [letter["body"] for letter in letters] == [{"n": 0}, {"n": 1}]
+    assert letters[1]["reason"] == "rejected"
+
+    redrive = run_mqs("dlq", "redrive", "orders", "--shm", shm_broker,
+                      "--id", letters[1]["id"])
+    assert redrive.returncode == 0, redrive.stderr
+    assert "redrove 1 dead letter(s) of orders" in redrive.stdout
+
+    purge = run_mqs("dlq", "purge", "orders", "--shm", shm_broker, "--yes")
+    assert purge.returncode == 0, purge.stderr
+    assert "purged 1 dead letter(s) of orders" in purge.stdout
+
+    with mqs.Broker("shm", name=shm_broker) as broker:
+        assert broker.dlq_list("orders") == []
+        stats = broker.stats("orders")
+        assert stats["redriven"] == 1
+        assert stats["dlq_purged"] == 1
+        consumer = broker.consume("orders", "billing")
+        message = consumer.get(timeout=5)
+        assert message.body == {"n": 1}
+        message.ack()
+        consumer.close()
+
+
+def test_dlq_shm_missing_name_is_one_line_error():
+    name = f"test-cli-dlq-missing-{uuid.uuid4().hex[:12]}"
+    result = run_mqs("dlq", "list", "orders", "--shm", name)
+    assert_one_line_error(result, f"shm broker '{name}' not found")
+    assert not os.path.exists(f"/dev/shm/mqs.broker.{name}")
+    result = run_mqs("dlq", "list", "orders", "--shm", "a/b")
+    assert_one_line_error(result, "invalid shm broker name 'a/b'")
+
+
+def test_dlq_shm_unknown_topic_is_one_line_error(shm_broker):
+    result = run_mqs("dlq", "purge", "nope", "--shm", shm_broker, "--yes")
+    assert_one_line_error(result, "topic 'nope' not found in shm broker")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -40,8 +41,6 @@ from mqs.cli_ops import (
 from mqs.errors import BackendUnavailable, LogLocked
 
 # Location option -> (backend name for mqs.Broker, its keyword option).
-# NOTE: the shm keyword is assumed; check it against that backend's
-# factory once it is in BACKENDS.
 BACKEND_OPTIONS = {
     "path": ("log", "path"),
     "shm": ("shm", "name"),
@@ -146,8 +145,14 @@ def _open_broker(args: argparse.Namespace) -> Any:
         raise CommandError(f"give the {keyword} with --{option}, not with "
                            f"--option")
     options[keyword] = value
+    # Opening an shm broker replays its journal, and the replayed drops
+    # would log their running totals again; this command reports the
+    # dead letters itself.
+    logging.getLogger("mqs.broker._state").setLevel(logging.ERROR)
     if backend == "log":
         _check_log_dir(value)
+    elif backend == "shm":
+        _check_shm_name(value)
     try:
         broker = mqs.Broker(backend, auto_declare=False, **options)
     except LogLocked as exc:
@@ -186,6 +191,19 @@ def _check_log_dir(path: str) -> None:
     if not os.path.exists(os.path.join(path, CURRENT)):
         raise CommandError(f"{path!r} is not a log broker directory (it "
                            f"has no {CURRENT} file)")
+
+
+def _check_shm_name(name: str) -> None:
+    """Reject the name of an shm broker that does not exist, because
+    opening it would create an empty one."""
+    from mqs.broker._shm import _journal_path
+
+    if "/" in name or not name:
+        raise CommandError(f"invalid shm broker name {name!r}: give the "
+                           f"name it was opened with, without '/'")
+    if not os.path.exists(_journal_path(name)):
+        raise CommandError(f"shm broker {name!r} not found (no "
+                           f"{_journal_path(name)})")
 
 
 # ------------------------------------------------------------------- list
