@@ -120,6 +120,13 @@ def test_stat_bad_path_is_one_line_error(tmp_path):
                                   f"found")
 
 
+def test_stat_file_path_is_one_line_error(tmp_path):
+    path = tmp_path / "file"
+    path.write_bytes(b"not a log")
+    result = run_mqs("stat", str(path))
+    assert_one_line_error(result, f"'{path}' is not a directory")
+
+
 def test_stat_shm_path_reads_queue(queue, shm_name):
     queue.put(b"a")
     result = run_mqs("stat", f"/dev/shm/mqs.{shm_name}", "--json")

@@ -181,6 +181,9 @@ def _run_stat(args: argparse.Namespace) -> int:
         table = _log_table(stats)
     elif os.sep in args.target \
             and not args.target.startswith(metrics.SHM_DIR + os.sep):
+        if os.path.exists(args.target):
+            raise CommandError(f"{args.target!r} is not a directory; give "
+                               f"a segment log directory")
         raise CommandError(f"segment log directory {args.target!r} not "
                            f"found")
     else:
