@@ -825,6 +825,19 @@ def test_unknown_backend_names_choices():
         mqs.Broker(backend="sqs")
 
 
+@pytest.mark.parametrize("backend, options, match", [
+    ("log", {}, "missing a required argument: 'path'"),
+    ("shm", {}, "missing a required argument: 'name'"),
+    ("memory", {"path": "broker-dir"}, "unexpected keyword argument 'path'"),
+    ("log", {"path": "broker-dir", "nmae": "x"},
+     "unexpected keyword argument 'nmae'"),
+])
+def test_backend_options_checked(backend, options, match):
+    with pytest.raises(TypeError, match=(
+            rf"invalid options for backend='{backend}': .*{match}")):
+        mqs.Broker(backend=backend, **options)
+
+
 def test_delay_and_at_together_rejected(broker):
     with pytest.raises(ValueError, match="not both"):
         broker.publish("t", 1, delay=1, at=time.time())

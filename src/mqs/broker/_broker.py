@@ -7,6 +7,7 @@ the backend (see `mqs.broker._backend` for the contract).
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import math
 import threading
@@ -599,7 +600,15 @@ class Broker:
         if isinstance(backend, Backend):
             self._backend = backend
         elif backend in BACKENDS:
-            self._backend = BACKENDS[backend](**options)
+            factory = BACKENDS[backend]
+            try:
+                inspect.signature(factory).bind(**options)
+            except TypeError as exc:
+                raise TypeError(
+                    f"invalid options for backend={backend!r}: {exc}; see "
+                    f"help(mqs.Broker) for the options of each backend"
+                ) from None
+            self._backend = factory(**options)
         else:
             raise BackendUnavailable(
                 f"unknown backend {backend!r}; choose one of "
