@@ -888,6 +888,36 @@ def test_broker_calls_after_close_fail(broker):
         broker.declare_topic("t")
 
 
+def test_close_with_own_unacked_messages_returns(broker):
+    # Nobody else can ack them, so the drain ends at the ack timeout.
+    broker.publish_many("t", [1, 2])
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=0.5)
+    held = consumer.get_many(10, timeout=5)
+    assert len(held) == 2
+    start = time.monotonic()
+    # The two go back at close, or at their ack deadline just before it.
+    assert consumer.close() in (0, 2)
+    assert time.monotonic() - start < 30
+    again = broker.consume("t", "g", prefetch=10)
+    assert sorted(drain(again)) == [1, 2]
+
+
+async def _close_async_own_unacked(broker):
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=0.5)
+    held = await consumer.get_many_async(10, timeout=5)
+    assert len(held) == 1
+    return await consumer.close_async()
+
+
+def test_close_async_with_own_unacked_messages_returns(broker):
+    broker.publish("t", 1)
+    returned = asyncio.run(asyncio.wait_for(
+        _close_async_own_unacked(broker), 30))
+    assert returned in (0, 1)
+    again = broker.consume("t", "g")
+    assert drain(again) == [1]
+
+
 def test_publish_many_of_nothing(broker):
     assert broker.publish_many("t", []) == []
     assert broker.publish_many("t", iter(())) == []

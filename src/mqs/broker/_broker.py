@@ -402,17 +402,24 @@ class Consumer:
     def close(self, drain: bool = True, timeout: float | None = None) -> int:
         """Stop consuming; return how many in-flight messages went back.
 
-        With `drain` (the default), wait up to `timeout` seconds (None: no
-        bound) for the messages already handed out to be acked or nacked
-        by other threads. Then, or at once without `drain`, every message
-        still in flight goes back to the group for redelivery, with its
-        attempt counted. Later `get` calls raise `ShutDown` and iteration
-        stops. Closing twice does nothing.
+        With `drain` (the default), wait up to `timeout` seconds for the
+        messages already handed out to be acked or nacked by other
+        threads. None waits up to `ack_timeout`, because by then an
+        unacked message is due for redelivery anyway, and a thread that
+        closes its own unacked messages would otherwise wait forever.
+        Then, or at once without `drain`, every message still in flight
+        goes back to the group for redelivery, with its attempt counted.
+        Later `get` calls raise `ShutDown` and iteration stops. Closing
+        twice does nothing.
         """
         timeout = _seconds("timeout", timeout)
         if self._closed:
             return 0
         self._closed = True
+        if timeout is None:
+            # NOTE: a message that another thread extended past this bound
+            # goes back to the group too; its later ack counts as late.
+            timeout = self.ack_timeout
         if drain:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self.in_flight:
@@ -435,6 +442,8 @@ class Consumer:
         if self._closed:
             return 0
         self._closed = True
+        if timeout is None:
+            timeout = self.ack_timeout
         if drain:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self.in_flight:
