@@ -726,7 +726,10 @@ cdef class _Durable:
         with its due time in wall-clock ns in front. Returns a status."""
         cdef const void *prefixed[65]
         cdef size_t prefixed_lengths[65]
-        cdef int64_t due_wall = time.time_ns() + due - mqs_monotonic_ns()
+        # Read the monotonic clock first: a preemption between the two
+        # reads then moves the stored due time later, never earlier.
+        cdef int64_t now = mqs_monotonic_ns()
+        cdef int64_t due_wall = time.time_ns() + (due - now)
         cdef int i
         prefixed[0] = &due_wall
         prefixed_lengths[0] = 8
