@@ -8,8 +8,9 @@ the unacked messages again (after their ack deadline, or at once when a
 ``log`` broker reopens). Each forwarded message carries the dedup id
 ``mqs.bridge:<source topic>:<message id>``, so the destination drops a
 second copy that arrives within its topic's `dedup_window` (300 s by
-default): at-least-once across the hop, and exactly once while the
-window lasts.
+default). Delivery across the hop is therefore at-least-once, and the
+destination stores a message once unless its second copy arrives after
+that window.
 
 Endpoints are written ``redis://[user:password@]host:port/db#topic``
 (or ``rediss://``), ``log:directory#topic`` and ``shm:name#topic``;

@@ -889,7 +889,7 @@ def test_broker_calls_after_close_fail(broker):
 
 
 def test_close_with_own_unacked_messages_returns(broker):
-    # Nobody else can ack them, so the drain ends at the ack timeout.
+    # No other consumer can ack them, so the drain ends at the ack timeout.
     broker.publish_many("t", [1, 2])
     consumer = broker.consume("t", "g", prefetch=10, ack_timeout=0.5)
     held = consumer.get_many(10, timeout=5)

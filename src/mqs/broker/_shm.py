@@ -7,7 +7,7 @@ counters and rate-limit buckets.
 
 Design: a replicated operation journal
     The broker is one file in /dev/shm, ``mqs.broker.<name>`` (mode
-    0600, created under a private name and linked into place, so nobody
+    0600, created under a private name and linked into place, so no process
     maps a half-formatted file), laid out by ``csrc/mqs_journal.h``: a
     robust process-shared mutex, a change wait word (a futex), the
     liveness slots of the processes, and a journal of operations. Each
