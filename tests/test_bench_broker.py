@@ -21,9 +21,9 @@ def test_broker_bench_runs_every_case(redis_url):
     cases = {case["case"]: case for case in result["cases"]}
     assert list(cases) == list(bench_broker.CASE_NAMES)
     for name, case in cases.items():
-        processes = int(name.split(".")[2][:-1])
-        mode = name.split(".")[1]
-        expected = processes * int(bench_broker.BASE_COUNTS[mode] * SCALE)
+        _, mode, shape = name.split(".")
+        count = int(bench_broker.BASE_COUNTS[mode] * SCALE)
+        expected = count if shape == "1p1c" else int(shape[:-1]) * count
         assert case["messages"] == expected, name
         assert case["rounds"] == 1, name
         assert 0 < case["rate_min_per_s"] <= case["rate_per_s"], name
@@ -37,6 +37,22 @@ def test_broker_bench_runs_every_case(redis_url):
         peer = cases[ratio["denominator"]]["rate_per_s"]
         assert ratio["value"] == pytest.approx(shm / peer)
         assert ratio["met"] == (ratio["value"] >= bench_broker.TARGET)
+    tracked = [name for name, ratio in ratios.items() if ratio["tracked"]]
+    assert tracked == ["per_message.1p1c_vs_redis_streams"]
+
+
+def test_broker_bench_split_shape_workers():
+    workers = bench_broker._shape_workers(
+        "1p1c", bench_broker._shm_worker, bench_broker._shm_producer,
+        bench_broker._shm_consumer)
+    assert workers == [bench_broker._shm_producer,
+                       bench_broker._shm_consumer]
+    whole = bench_broker._shape_workers(
+        "4p", bench_broker._shm_worker, bench_broker._shm_producer,
+        bench_broker._shm_consumer)
+    assert whole == [bench_broker._shm_worker] * 4
+    assert bench_broker._shape_messages("1p1c", 7) == 7
+    assert bench_broker._shape_messages("4p", 7) == 28
 
 
 def test_broker_bench_leaves_no_keys_or_brokers(redis_url):

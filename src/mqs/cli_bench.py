@@ -55,8 +55,9 @@ SECTION_DESCRIPTIONS = {
               "and asyncio",
     "log": "mqs.SegmentLog appends and reads against persist-queue, "
            "litequeue, Redis and raw writes",
-    "broker": "shm broker publish+consume+ack in 1 and 4 processes "
-              "against Redis Streams XADD/XREADGROUP/XACK",
+    "broker": "shm broker publish+consume+ack by one producer and one "
+              "consumer process, and in 1 and 4 processes, against Redis "
+              "Streams XADD/XREADGROUP/XACK",
     "redis-broker": "the broker's redis backend, batched, against "
                     "per-message XADD, XREADGROUP+XACK and LPUSH/BRPOP "
                     "loops of redis-py",
