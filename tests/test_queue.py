@@ -1226,6 +1226,18 @@ def test_queue_rejects_maxsize_of_wrong_type(maxsize, shown):
         mqs.Queue(maxsize)
 
 
+def test_queue_rejects_maxsize_beyond_64_bits():
+    with pytest.raises(ValueError, match=(
+            r"^maxsize must be at most 2\*\*63 - 1, got "
+            r"1180591620717411303424; pass 0 for an unbounded queue$")):
+        mqs.Queue(2**70)
+    q = mqs.Queue(4)
+    with pytest.raises(ValueError, match="at most 2"):
+        q.maxsize = 2**63
+    assert q.maxsize == 4
+    assert mqs.Queue(2**63 - 1).maxsize == 2**63 - 1
+
+
 def test_queue_maxsize_setter_rejects_wrong_type():
     q = mqs.Queue(4)
     with pytest.raises(TypeError, match=r"got str '3'$"):

@@ -279,6 +279,17 @@ def test_shared_queue_rejects_max_message_size_out_of_range(size):
 
 
 @pytest.mark.parametrize("field, value, text", [
+    ("maxsize", 2**70, r"maxsize must be at most 2\*\*63 - 1, got "
+                       r"1180591620717411303424; pass 0 for a queue bounded "
+                       r"only by capacity_bytes"),
+    ("max_message_size", 2**70, r"max_message_size must be 0 to "),
+])
+def test_shared_queue_rejects_sizes_beyond_64_bits(field, value, text):
+    with pytest.raises(ValueError, match=text):
+        SharedQueue(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, text", [
     ("maxsize", "3", "maxsize must be an int, got str '3'"),
     ("maxsize", True, "maxsize must be an int, got bool True"),
     ("capacity_bytes", 4096.0, "capacity_bytes must be an int, got float"),

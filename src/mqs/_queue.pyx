@@ -863,6 +863,10 @@ cdef class Queue:
             raise TypeError(
                 f"maxsize must be an int (0 or less for unbounded), got "
                 f"{type(maxsize).__name__} {maxsize!r}")
+        if maxsize > INT64_MAX:
+            raise ValueError(
+                f"maxsize must be at most 2**63 - 1, got {maxsize!r}; pass 0 "
+                f"for an unbounded queue")
         self._maxsize = maxsize if maxsize > 0 else 0
         return 0
 

@@ -490,6 +490,10 @@ cdef class SharedQueue:
         if groups is None:
             groups = 1
         _check_int("maxsize", maxsize)
+        if maxsize > INT64_MAX:
+            raise ValueError(
+                f"maxsize must be at most 2**63 - 1, got {maxsize!r}; pass 0 "
+                f"for a queue bounded only by capacity_bytes")
         _check_int("groups", groups)
         _check_int("group", group)
         if not 1 <= groups <= MQS_BR_MAX_GROUPS:
@@ -669,7 +673,8 @@ cdef class SharedQueue:
             raise ValueError(
                 f"capacity_bytes must be a power of two from {page} to "
                 f"2**40, got {capacity_bytes!r}{hint}")
-        if max_message_size < 0 or mqs_br_check_sizes(
+        if max_message_size < 0 or max_message_size > capacity_bytes \
+                or mqs_br_check_sizes(
                 capacity_bytes, max_message_size, maxsize, 1) != MQS_OK:
             raise ValueError(
                 f"max_message_size must be 0 to {capacity_bytes - 16} for "
