@@ -174,3 +174,20 @@ def test_cli_bridge_reports_bad_endpoint(tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1
     assert "invalid endpoint 'nowhere'" in err.decode()
+
+
+@pytest.mark.parametrize("source, text", [
+    ("log:{tmp}/missing#t", "log broker directory '{tmp}/missing' not found"),
+    ("shm:mqs-test-no-such-broker#t",
+     "shm broker 'mqs-test-no-such-broker' not found"),
+])
+def test_cli_bridge_refuses_a_missing_source(tmp_path, source, text):
+    process = _bridge_process(source.format(tmp=tmp_path),
+                              f"log:{tmp_path}/out#t")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert text.format(tmp=tmp_path) in err.decode()
+    assert "Traceback" not in err.decode()
+    # Nothing was created in place of the missing source.
+    assert not (tmp_path / "missing").exists()
+    assert not os.path.exists("/dev/shm/mqs.broker.mqs-test-no-such-broker")

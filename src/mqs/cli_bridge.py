@@ -13,6 +13,8 @@ from rich.markup import escape
 
 from mqs import bridge
 from mqs.cli import EXIT_FAILED, EXIT_OK, _positive_int
+from mqs.cli_dlq import _check_log_dir, _check_shm_name
+from mqs.cli_ops import CommandError
 from mqs.errors import MqsError
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,12 @@ def _run_bridge(args: argparse.Namespace) -> int:
     try:
         source_end = bridge.parse_endpoint(args.source)
         destination_end = bridge.parse_endpoint(args.destination)
+        # Opening a missing log or shm source would create an empty
+        # broker and wait on it forever; a destination may be new.
+        if source_end.backend == "log":
+            _check_log_dir(source_end.location)
+        elif source_end.backend == "shm":
+            _check_shm_name(source_end.location)
         source = bridge.open_endpoint(source_end, pickle=args.pickle)
         destination = bridge.open_endpoint(destination_end,
                                            pickle=args.pickle)
@@ -68,7 +76,8 @@ def _run_bridge(args: argparse.Namespace) -> int:
             group=args.group, batch=args.batch,
             max_messages=args.max_messages, idle_timeout=args.idle_exit,
             stop=stop)
-    except (MqsError, OSError, ValueError, TypeError) as exc:
+    except (CommandError, MqsError, OSError, ValueError,
+            TypeError) as exc:
         console.print(f"[bold red]mqs bridge: error:[/bold red] "
                       f"{escape(str(exc) or type(exc).__name__)}",
                       soft_wrap=True)
