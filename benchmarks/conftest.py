@@ -30,6 +30,10 @@ def pytest_addoption(parser):
         metavar="N",
         help=f"timed rounds per benchmark after 1 warm-up round "
              f"(default: {bench.DEFAULT_REPEAT})")
+    group.addoption(
+        "--window", type=_positive_int, default=10, metavar="SECONDS",
+        help="measured window of the lane and rate benchmarks in seconds "
+             "(default: 10)")
 
 
 @pytest.fixture
