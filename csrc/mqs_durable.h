@@ -30,13 +30,33 @@
  *                                         readers drop mappings below it
  *   11     delayed           appender     delayed messages not yet due
  *   12     lost              consumers    messages a consumer took but
- *                                         found deleted (it paused past
- *                                         the retention delay)
+ *                                         found deleted by retention
+ *                                         (`reading` should keep it 0)
  *   13-19  group_cursor[7]   consumers    `cursor` of groups 1 to 7
  *   20     segment_bytes     appender     size of new segment files
+ *   21     stored            producers,   messages reserved by puts and
+ *                            consumers    not yet taken by every group
+ *                                         (bounded queues only)
+ *   22     taken_floor       consumers    smallest group cursor already
+ *                                         subtracted from `stored`
+ *   23..   reading[256]      consumers    per ring participant slot: the
+ *                                         lowest offset one of its claims
+ *                                         may still read, plus 1; 0: none
  *
  * Group 0 uses `cursor`, so a version 1 file (blocks 0-7) reads as a
- * one-group queue.
+ * one-group queue. A version 2 file (4 KiB) grows to 8 KiB with zero
+ * bytes, which read as "no reservation" and "no claim being read".
+ *
+ * Claims and retention. A consumer stores the cursor it is about to
+ * claim from in its `reading` word, then claims by CAS on the cursor,
+ * reads the records, and clears the word. Retention deletes segments
+ * below min(cursors read before, every live slot's `reading`), with a
+ * seq_cst fence between its cursor loads and its `reading` loads, and
+ * the consumer has one between its store and its cursor load. So
+ * either retention sees the consumer's word, or the consumer's cursor
+ * load comes later and returns a cursor (hence claims offsets) at or
+ * above the floor retention computed. A paused consumer therefore
+ * keeps its record on disk however long it pauses.
  * A process whose ring secret differs from ring_secret waits until an
  * appender of its ring has set the block up. The block lives in a file,
  * not in the ring, so it outlives a ring that every process closed; its
@@ -52,9 +72,12 @@
 #include "mqs_wait.h"
 
 #define MQS_DQ_MAGIC 0x3154434451534d51ULL /* "QMSQDCT1" little-endian */
-#define MQS_DQ_VERSION 2
+#define MQS_DQ_VERSION 3
 #define MQS_DQ_MAX_GROUPS 8
-#define MQS_DQ_FILE_BYTES 4096
+#define MQS_DQ_FILE_BYTES 8192
+/* One `reading` word per participant slot of the inbox ring
+ * (MQS_BR_MAX_PARTICIPANTS in mqs_bytering.h). */
+#define MQS_DQ_READERS 256
 
 #define MQS_DQ_BLOCK(type) \
     union { type v; char pad[MQS_PAD_BYTES]; }
@@ -80,6 +103,11 @@ typedef struct mqs_dq_control {
     MQS_DQ_BLOCK(_Atomic int64_t) lost;
     MQS_DQ_BLOCK(_Atomic int64_t) group_cursor[MQS_DQ_MAX_GROUPS - 1];
     MQS_DQ_BLOCK(_Atomic int64_t) segment_bytes;
+    MQS_DQ_BLOCK(_Atomic int64_t) stored;
+    MQS_DQ_BLOCK(_Atomic int64_t) taken_floor;
+    /* Dense: each word is written twice per claim by one process, and
+     * read by the appender once per commit round. */
+    _Atomic int64_t reading[MQS_DQ_READERS];
 } mqs_dq_control_t;
 
 _Static_assert(sizeof(mqs_dq_control_t) <= MQS_DQ_FILE_BYTES,
@@ -97,6 +125,7 @@ enum {
     MQS_DQ_DELAYED = 7,
     MQS_DQ_LOST = 8,
     MQS_DQ_SEGMENT_BYTES = 9,
+    MQS_DQ_STORED = 10,
 };
 
 static inline _Atomic int64_t *mqs_dq_field(mqs_dq_control_t *c, int field)
@@ -120,6 +149,8 @@ static inline _Atomic int64_t *mqs_dq_field(mqs_dq_control_t *c, int field)
         return &c->lost.v;
     case MQS_DQ_SEGMENT_BYTES:
         return &c->segment_bytes.v;
+    case MQS_DQ_STORED:
+        return &c->stored.v;
     default:
         return &c->durable_pos.v;
     }
@@ -192,14 +223,17 @@ static inline uint64_t mqs_dq_secret(mqs_dq_control_t *c)
  * Set the block up for the inbox ring with `secret`: positions, offsets
  * and the queue's settings first, then the secret with release, so a
  * process that reads its secret also reads the rest. `cursors` has
- * one cursor per group. The wait words are left alone: processes may
+ * one cursor per group; `stored` counts the messages of a bounded
+ * queue already stored (inbox, log backlog and delayed). Every
+ * `reading` word is cleared: they belong to the participants of the
+ * previous ring. The wait words are left alone: processes may
  * already wait on them, and a new file's zero bytes are a valid start.
  */
 static inline void mqs_dq_setup(mqs_dq_control_t *c, uint64_t secret,
                                 const int64_t *cursors, int groups,
                                 int64_t maxsize, int64_t appended_offset,
                                 int64_t position, int64_t retained_offset,
-                                int64_t delayed)
+                                int64_t delayed, int64_t stored)
 {
     atomic_store_explicit(&c->ring_secret.v, 0, memory_order_release);
     c->id.v.magic = MQS_DQ_MAGIC;
@@ -210,6 +244,11 @@ static inline void mqs_dq_setup(mqs_dq_control_t *c, uint64_t secret,
     mqs_dq_set(c, MQS_DQ_MAXSIZE, maxsize);
     mqs_dq_set(c, MQS_DQ_RETAINED_OFFSET, retained_offset);
     mqs_dq_set(c, MQS_DQ_DELAYED, delayed);
+    mqs_dq_set(c, MQS_DQ_STORED, stored);
+    atomic_store_explicit(&c->taken_floor.v, mqs_dq_min_cursor(c, groups),
+                          memory_order_release);
+    for (int slot = 0; slot < MQS_DQ_READERS; slot++)
+        atomic_store_explicit(&c->reading[slot], 0, memory_order_release);
     mqs_dq_set(c, MQS_DQ_APPENDED_OFFSET, appended_offset);
     mqs_dq_set(c, MQS_DQ_APPENDED_POS, position);
     mqs_dq_set(c, MQS_DQ_DURABLE_POS, position);
@@ -242,6 +281,86 @@ static inline int64_t mqs_dq_claim(mqs_dq_control_t *c, int group,
             return n;
         }
     }
+}
+
+/*
+ * Subtract from `stored` the messages that every group took since the
+ * last call (the rise of the smallest cursor). Any thread may call it:
+ * the CAS on taken_floor makes each rise subtracted exactly once. A
+ * caller that loses the CAS to a larger floor leaves the rest to the
+ * winner.
+ */
+static inline void mqs_dq_release_taken(mqs_dq_control_t *c, int groups)
+{
+    int64_t low = mqs_dq_min_cursor(c, groups);
+    int64_t floor = atomic_load_explicit(&c->taken_floor.v,
+                                         memory_order_acquire);
+
+    while (low > floor) {
+        if (atomic_compare_exchange_weak_explicit(
+                &c->taken_floor.v, &floor, low, memory_order_acq_rel,
+                memory_order_acquire)) {
+            atomic_fetch_sub_explicit(&c->stored.v, low - floor,
+                                      memory_order_acq_rel);
+            return;
+        }
+    }
+}
+
+/*
+ * Reserve room for one message in a queue bounded by `maxsize` (> 0):
+ * returns 1 and counts it in `stored`, or 0 when `maxsize` messages are
+ * stored. Between the winner's CAS on taken_floor and its subtraction,
+ * `stored` is briefly too high, so a reservation may fail early but
+ * never overshoots.
+ */
+static inline int mqs_dq_reserve(mqs_dq_control_t *c, int groups,
+                                 int64_t maxsize)
+{
+    int64_t stored;
+
+    mqs_dq_release_taken(c, groups);
+    stored = atomic_load_explicit(&c->stored.v, memory_order_acquire);
+    do {
+        if (stored >= maxsize)
+            return 0;
+    } while (!atomic_compare_exchange_weak_explicit(
+        &c->stored.v, &stored, stored + 1, memory_order_acq_rel,
+        memory_order_acquire));
+    return 1;
+}
+
+/* Give back a reservation whose put failed. */
+static inline void mqs_dq_unreserve(mqs_dq_control_t *c)
+{
+    atomic_fetch_sub_explicit(&c->stored.v, 1, memory_order_acq_rel);
+}
+
+/*
+ * Announce that participant `slot` may read offsets from `offset` on
+ * (-1: none), before claiming from the cursor. The seq_cst fence orders
+ * this store before the claim's cursor load (see "Claims and retention"
+ * above).
+ */
+static inline void mqs_dq_set_reading(mqs_dq_control_t *c, int slot,
+                                      int64_t offset)
+{
+    atomic_store_explicit(&c->reading[slot], offset + 1,
+                          memory_order_seq_cst);
+    atomic_thread_fence(memory_order_seq_cst);
+}
+
+/* Lowest offset participant `slot` may read, or -1 for none. Call
+ * mqs_dq_reading_fence once after loading the cursors a retention floor
+ * comes from and before these loads. */
+static inline int64_t mqs_dq_get_reading(mqs_dq_control_t *c, int slot)
+{
+    return atomic_load_explicit(&c->reading[slot], memory_order_seq_cst) - 1;
+}
+
+static inline void mqs_dq_reading_fence(void)
+{
+    atomic_thread_fence(memory_order_seq_cst);
 }
 
 #endif /* MQS_DURABLE_H */

@@ -278,6 +278,63 @@ def test_durable_retention_bounds_disk_use(log_dir, shm_name, scale):
     creator.close()
 
 
+def process_state(pid):
+    """State letter of process `pid` from /proc (T: stopped)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_durable_paused_consumer_keeps_claimed_message(log_dir, shm_name):
+    """A consumer stopped (SIGSTOP) between claiming an offset and
+    reading it, while other gets move retention far past it, still gets
+    its message, exactly once, and nothing is counted lost."""
+    q = SharedQueue(name=shm_name, persist=log_dir,
+                    segment_bytes=SEGMENT_BYTES)
+    q.put(b"claimed")
+    child = run_child(f"""
+        import os
+        import signal
+        import mqs
+        import mqs._shared
+
+        def pause():
+            mqs._shared._after_claim_hook = None
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+        mqs._shared._after_claim_hook = pause
+        q = mqs.SharedQueue(name={shm_name!r}, create=False,
+                            persist={log_dir!r})
+        print(q.get(timeout=30).decode(), flush=True)
+        print(q.stats().lost_records, flush=True)
+        q.close()
+    """)
+    try:
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        while process_state(child.pid) != "T":
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline, "consumer never paused"
+            time.sleep(0.01)
+        first_segment = segment_files(log_dir)[0]
+        messages = [b"%06d" % n + b"p" * 1000 for n in range(600)]
+        q.put_many(messages)
+        assert drain(q) == messages
+        # Several commit rounds: retention would delete segment 0 now if
+        # the paused claim did not hold it.
+        time.sleep(1.5)
+        assert segment_files(log_dir)[0] == first_segment
+        os.kill(child.pid, signal.SIGCONT)
+        assert finish(child).split() == ["claimed", "0"]
+    finally:
+        kill_all([child])
+    assert q.stats().lost_records == 0
+    # With the claim read, retention frees the segments everyone took.
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while segment_files(log_dir)[0] == first_segment:
+        assert time.monotonic() < deadline, "retention never resumed"
+        time.sleep(0.05)
+    q.close()
+
+
 def test_durable_restart_after_retention_delivers_unconsumed(log_dir):
     messages = [b"%06d" % n + b"r" * 500 for n in range(3000)]
     q = SharedQueue(persist=log_dir, segment_bytes=SEGMENT_BYTES)
@@ -359,6 +416,53 @@ def test_durable_maxsize_counts_across_processes(log_dir, shm_name):
     with pytest.raises(mqs.QueueLayoutError, match="runs with maxsize=10, "
                        "not 5"):
         SharedQueue(5, name=shm_name, create=False, persist=log_dir)
+    q.close()
+
+
+RACING_PRODUCER = """
+import mqs
+q = mqs.SharedQueue(name={name!r}, create=False, persist={path!r})
+for n in range({count}):
+    q.put(b"{producer}:%d" % n, timeout=60)
+q.close()
+print("done", flush=True)
+"""
+
+
+def test_durable_maxsize_exact_with_racing_producers(log_dir, shm_name,
+                                                     scale):
+    """Producer processes block on a full queue of maxsize 3 and race
+    for each place a get frees, and the depth never exceeds maxsize.
+    This thread is the only consumer and samples the depth between its
+    gets, so a sample never counts a message that is already gone."""
+    rng = random.Random(5)
+    maxsize = 3
+    producers = 4
+    count = max(60, int(150 * scale))
+    q = SharedQueue(maxsize, name=shm_name, persist=log_dir)
+    procs = [run_child(RACING_PRODUCER.format(
+        name=shm_name, path=log_dir, count=count, producer=p))
+        for p in range(producers)]
+    got = []
+    depths = []
+    try:
+        while len(got) < producers * count:
+            # Let the producers fill the places the last get freed.
+            for _ in range(10):
+                depths.append(q.qsize())
+                time.sleep(0.002)
+            got.extend(q.get_many(rng.randint(1, maxsize), timeout=30))
+        for proc in procs:
+            assert finish(proc).strip() == "done"
+    finally:
+        kill_all(procs)
+    assert max(depths) <= maxsize, sorted(depths)[-10:]
+    assert max(depths) == maxsize
+    for p in range(producers):
+        sent = [int(m.split(b":")[1]) for m in got
+                if m.startswith(b"%d:" % p)]
+        assert sent == list(range(count))
+    assert q.qsize() == 0
     q.close()
 
 

@@ -14,8 +14,14 @@
 # Consumer groups: each group has its own cursor in the control block,
 # committed to the log as the consumer offset of group "queue" (group 0)
 # or "queue-<n>". Segments below every group's committed cursor are
-# deleted (retention), one commit round late, so that a consumer that
-# took an offset a moment ago still finds its record.
+# deleted (retention), one commit round late, and never at or above an
+# offset that a live consumer announced in its `reading` word before it
+# claimed (see mqs_durable.h), so a consumer that pauses between its
+# claim and its read still finds its record.
+#
+# A bounded queue (maxsize > 0) counts its messages in the control
+# block's `stored` word: a put reserves one by CAS before it writes into
+# the inbox, and the rise of the smallest group cursor gives them back.
 #
 # Delayed messages travel through the inbox like others (their record
 # type has RTYPE_DELAYED set and the payload starts with the due time in
@@ -46,18 +52,26 @@ from mqs.includes.mqs_durable cimport (
     MQS_DQ_MAX_GROUPS,
     MQS_DQ_MAXSIZE,
     MQS_DQ_RETAINED_OFFSET,
+    MQS_DQ_READERS,
     MQS_DQ_SEGMENT_BYTES,
+    MQS_DQ_STORED,
     mqs_dq_add,
     mqs_dq_claim,
     mqs_dq_control_t,
     mqs_dq_get,
     mqs_dq_get_cursor,
+    mqs_dq_get_reading,
     mqs_dq_min_cursor,
     mqs_dq_not_empty,
     mqs_dq_progress,
+    mqs_dq_reading_fence,
+    mqs_dq_release_taken,
+    mqs_dq_reserve,
     mqs_dq_secret,
     mqs_dq_set,
+    mqs_dq_set_reading,
     mqs_dq_setup,
+    mqs_dq_unreserve,
 )
 
 import atexit
@@ -97,6 +111,9 @@ DEF JOIN_TIMEOUT_NS = 2000000000
 DEF DEFAULT_SEGMENT_BYTES = 64 << 20
 
 _durables = weakref.WeakSet()
+# Tests only: called by a consumer between claiming offsets and reading
+# them, to pause it there.
+_after_claim_hook = None
 
 
 def _close_durables_at_exit():
@@ -180,7 +197,9 @@ cdef class _Durable:
     cdef object _delayed_offsets
     cdef set _released
     # Reader side: offsets below this are dropped from the reader, and
-    # the first offset of each claim of this handle not read yet.
+    # for each claim of this handle not read yet, the cursor it was
+    # claimed from (its first offset or less), the minimum of which is
+    # this handle's `reading` word.
     cdef int64_t _reader_floor
     cdef list _claims
     cdef object __weakref__
@@ -240,6 +259,9 @@ cdef class _Durable:
         _check_queue_log(self._reader, path)
         self._join_or_take_over()
         self._check_settings()
+        # A process that held this ring slot before may have died with
+        # a claim announced.
+        self._publish_reading()
         _durables.add(self)
         self._start_thread()
         return 0
@@ -451,10 +473,13 @@ cdef class _Durable:
             cursors[group] = min(max(
                 start if committed is None else committed, start), end)
             self._committed.append(cursors[group])
+        low = min([cursors[group] for group in range(groups)])
+        stored = mqs_br_count(&self._queue._ring, 0) + (end - low) \
+            + len(self._schedule)
         mqs_dq_set(self._control, MQS_DQ_SEGMENT_BYTES, self._segment_bytes)
         mqs_dq_setup(self._control, secret, cursors, groups,
                      self._maxsize_requested, end, head, start,
-                     len(self._schedule))
+                     len(self._schedule), stored)
         return 0
 
     cdef int64_t _skip_appended(self, writer, delayed_log) except -1:
@@ -674,6 +699,8 @@ cdef class _Durable:
         its read at least COMMIT_EVERY_NS to map the record's segment.
         """
         cdef int64_t floor = self._pending_floor
+        if floor >= 0:
+            floor = self._reading_floor(floor)
         if floor >= 0 and self._writer.delete_before(floor):
             mqs_dq_set(self._control, MQS_DQ_RETAINED_OFFSET,
                        self._writer.start_offset)
@@ -685,7 +712,48 @@ cdef class _Durable:
         self._delayed_log.delete_before(floor)
         return 0
 
+    cdef int64_t _reading_floor(self, int64_t floor):
+        """Lower `floor` to the lowest offset a live consumer announced
+        it may still read. `floor` must come from cursor loads made
+        before this call."""
+        cdef int64_t offset
+        mqs_dq_reading_fence()
+        for slot in range(MQS_DQ_READERS):
+            offset = mqs_dq_get_reading(self._control, slot)
+            # A dead participant's word stays until its slot's next
+            # owner opens the queue; it no longer protects anything.
+            if 0 <= offset < floor and mqs_br_participant_alive(
+                    &self._queue._ring, slot) != 0:
+                floor = offset
+        return floor
+
     # -- producers ----------------------------------------------------------
+
+    cdef int put(self, const void **parts, size_t *lengths, int n,
+                 uint16_t rtype, int64_t due) except -2:
+        """Put a message into the inbox (due >= 0: delayed until that
+        CLOCK_MONOTONIC time) after reserving room for it in a bounded
+        queue. Returns MQS_OK, MQS_EFULL or another status."""
+        cdef int64_t maxsize = self.maxsize()
+        cdef int rc
+        # NOTE: a process killed between the reservation and the put
+        # leaves one place reserved until a new ring sets the block up.
+        if maxsize > 0 and not mqs_dq_reserve(self._control, self.groups(),
+                                              maxsize):
+            return MQS_EFULL
+        try:
+            if due >= 0:
+                rc = self.put_delayed(parts, lengths, n, rtype, due)
+            else:
+                rc = mqs_br_try_put(&self._queue._ring, parts, lengths, n,
+                                    rtype)
+        except BaseException:
+            if maxsize > 0:
+                mqs_dq_unreserve(self._control)
+            raise
+        if rc != MQS_OK and maxsize > 0:
+            mqs_dq_unreserve(self._control)
+        return rc
 
     cdef int wait_durable(self, int64_t position) except -1:
         """With fsync="always": wait until the record at `position` is
@@ -704,21 +772,13 @@ cdef class _Durable:
                 return 0
             park(word, epoch, -1, 1, STRATEGY_SLEEP)
 
-    cdef int64_t stored(self):
-        """Messages stored and not yet taken by every group: in the
-        inbox, in the log, and delayed."""
-        cdef int64_t in_log
-        if not self._ready():
-            return 0
-        in_log = mqs_dq_get(self._control, MQS_DQ_APPENDED_OFFSET) \
-            - mqs_dq_min_cursor(self._control, self.groups())
-        return mqs_br_count(&self._queue._ring, 0) + max(0, in_log) \
-            + self.delayed()
-
     cdef bint full(self):
         """Whether a bounded queue stores maxsize messages or more."""
         cdef int64_t maxsize = self.maxsize()
-        return maxsize > 0 and self.stored() >= maxsize
+        if maxsize <= 0 or not self._ready():
+            return False
+        mqs_dq_release_taken(self._control, self.groups())
+        return mqs_dq_get(self._control, MQS_DQ_STORED) >= maxsize
 
     cdef int put_delayed(self, const void **parts, size_t *lengths, int n,
                          uint16_t rtype, int64_t due) except -2:
@@ -742,28 +802,62 @@ cdef class _Durable:
 
     # -- consumers ----------------------------------------------------------
 
-    cdef int64_t _claim(self, int64_t max_n, int64_t *first):
+    cdef int _publish_reading(self) except -1:
+        """Store the lowest offset this handle's claims may still read
+        in its `reading` word (none without claims)."""
+        cdef int slot = self._queue._ring.slot
+        if 0 <= slot < MQS_DQ_READERS:
+            mqs_dq_set_reading(self._control, slot,
+                               min(self._claims) if self._claims else -1)
+        return 0
+
+    cdef int64_t _claim(self, int64_t max_n, int64_t *first,
+                        int64_t *start) except -1:
+        """Claim up to max_n offsets; on success *start stays in
+        self._claims (and the `reading` word) until _unclaim(*start)."""
+        cdef int group = self._queue._group
         cdef int64_t n
         if not self._ready():
             return 0
-        n = mqs_dq_claim(self._control, self._queue._group, max_n, first)
-        if n and mqs_dq_get(self._control, MQS_DQ_MAXSIZE):
+        start[0] = mqs_dq_get_cursor(self._control, group)
+        if start[0] >= mqs_dq_get(self._control, MQS_DQ_APPENDED_OFFSET):
+            return 0
+        # Announce before the claim: the claim's cursor load, ordered
+        # after this store, returns start[0] or more.
+        self._claims.append(start[0])
+        self._publish_reading()
+        n = mqs_dq_claim(self._control, group, max_n, first)
+        if n == 0:
+            self._unclaim(start[0])
+            return 0
+        if mqs_dq_get(self._control, MQS_DQ_MAXSIZE):
+            mqs_dq_release_taken(self._control, self.groups())
             mqs_wait_signal(mqs_br_not_full(&self._queue._ring), 1)
         return n
 
+    cdef int _unclaim(self, int64_t start) except -1:
+        self._claims.remove(start)
+        self._publish_reading()
+        return 0
+
     cdef int64_t _wait_claim(self, int64_t max_n, int64_t *first,
-                             bint block, int64_t deadline) except -1:
+                             int64_t *start, bint block,
+                             int64_t deadline) except -1:
         cdef mqs_waitword_t *word = mqs_dq_not_empty(self._control)
         cdef uint32_t epoch
         cdef int64_t n
         cdef int strategy = self._queue._strategy
         self._check_process()
-        n = self._claim(max_n, first)
+        n = self._claim(max_n, first, start)
         if n:
             return n
         while True:
             epoch = mqs_wait_prepare(word)
-            n = self._claim(max_n, first)
+            try:
+                n = self._claim(max_n, first, start)
+            except BaseException:
+                mqs_wait_finish(word)
+                raise
             if n:
                 mqs_wait_finish(word)
                 return n
@@ -786,13 +880,12 @@ cdef class _Durable:
                 reader.refresh()
                 record = reader.read_record(offset)
             except OffsetOutOfRange:
-                # NOTE: no test reaches this branch; it takes a consumer
-                # paused for two commit rounds between claim and read.
+                # The `reading` word keeps retention below this offset,
+                # so only a bug (or a hand-deleted segment) gets here.
                 mqs_dq_add(self._control, MQS_DQ_LOST, 1)
                 logger.warning(
-                    "durable queue %s: message at offset %d was deleted by "
-                    "retention before this consumer read it (it paused "
-                    "between taking and reading it); counted as lost",
+                    "durable queue %s: message at offset %d was deleted "
+                    "before this consumer read it; counted as lost",
                     self.path, offset)
                 return None
         if view:
@@ -807,21 +900,21 @@ cdef class _Durable:
         """Claim and read up to max_items messages, at least one."""
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef int64_t first = 0
+        cdef int64_t start = 0
         cdef int64_t n
         cdef list out
         while True:
-            n = self._wait_claim(max_items, &first, block, deadline)
-            # The GIL is held from the claim on, so the appender thread
-            # sees the claim before it could drop the claimed segment.
-            self._claims.append(first)
+            n = self._wait_claim(max_items, &first, &start, block, deadline)
             try:
+                if _after_claim_hook is not None:
+                    _after_claim_hook()
                 out = []
                 for i in range(n):
                     item = self._read(first + i, view)
                     if item is not None:
                         out.append(item)
             finally:
-                self._claims.remove(first)
+                self._unclaim(start)
             self._drop_reader_segments()
             if out:
                 return out

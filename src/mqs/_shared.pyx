@@ -401,13 +401,16 @@ cdef class SharedQueue:
     Each group of a durable queue has its own position, written with
     the others. A segment file is deleted once every group's written
     position is past its last message, one commit round (0.2 s) later,
-    so the files take about two segments plus the segments of messages
-    some group has not taken or took in the last 0.4 s. A consumer that
-    pauses for longer than that between taking a message and reading it
-    loses it (counted and logged). `maxsize` of a durable queue counts
-    the messages stored and not yet taken by every group, delayed ones
-    included, across processes; producers that put at the same instant
-    can overshoot it by one message each. `maxsize` is set by the
+    and never while a live consumer that took a message from it has not
+    read it yet, however long that consumer pauses. The files take
+    about two segments plus the segments of messages some group has not
+    taken, took in the last 0.4 s, or is still reading. `maxsize` of a
+    durable queue counts the messages stored and not yet taken by every
+    group, delayed ones included, across processes, and is exact: a put
+    reserves its place in a shared counter before it writes. A producer
+    killed between that reservation and its write leaves that place
+    taken for as long as the queue's shared ring exists. `maxsize` is
+    set by the
     process that starts the queue, and `groups` by the first process
     that sets it (a group added later starts at the oldest message
     kept). A delayed message of a durable queue is written to the log
@@ -951,8 +954,8 @@ cdef class SharedQueue:
         unpublished records of dead producers turned into padding;
         ``lost_records``: an upper bound on messages taken by consumers
         that died before returning them, plus, on a durable queue, the
-        messages that retention deleted before the consumer that took
-        them read them). A durable queue's ring counters describe its
+        messages found deleted before the consumer that took them read
+        them, which only a segment file deleted by hand can cause). A durable queue's ring counters describe its
         inbox, which only the appender reads.
 
         Raises
@@ -1050,7 +1053,11 @@ cdef class SharedQueue:
                           "participants")
         self._log_repaired(repaired)
         if self._durable is not None:
-            return mqs_br_count(&self._ring, 0) + self._durable.backlog()
+            # The log first: the appender adds a message to the log
+            # before it frees it from the ring, so this order never
+            # counts one twice.
+            backlog = self._durable.backlog()
+            return backlog + mqs_br_count(&self._ring, 0)
         return mqs_br_count(&self._ring, self._group)
 
     def qsize(self):
@@ -1183,12 +1190,7 @@ cdef class SharedQueue:
         cdef int64_t maxsize, delayed, end
         cdef int rc
         if self._durable is not None:
-            if self._durable.full():
-                return MQS_EFULL
-            if due >= 0:
-                return self._durable.put_delayed(parts, lengths, n, rtype,
-                                                 due)
-            return mqs_br_try_put(&self._ring, parts, lengths, n, rtype)
+            return self._durable.put(parts, lengths, n, rtype, due)
         if due < 0:
             maxsize = mqs_br_config(&self._ring).maxsize
             if maxsize and self._delay.base != NULL:

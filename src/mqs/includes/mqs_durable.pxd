@@ -16,7 +16,9 @@ cdef extern from "mqs_durable.h" nogil:
         MQS_DQ_DELAYED
         MQS_DQ_LOST
         MQS_DQ_SEGMENT_BYTES
+        MQS_DQ_STORED
         MQS_DQ_MAX_GROUPS
+        MQS_DQ_READERS
 
     ctypedef struct mqs_dq_control_t:
         pass
@@ -33,6 +35,13 @@ cdef extern from "mqs_durable.h" nogil:
     void mqs_dq_setup(mqs_dq_control_t *c, uint64_t secret,
                       const int64_t *cursors, int groups, int64_t maxsize,
                       int64_t appended_offset, int64_t position,
-                      int64_t retained_offset, int64_t delayed)
+                      int64_t retained_offset, int64_t delayed,
+                      int64_t stored)
     int64_t mqs_dq_claim(mqs_dq_control_t *c, int group, int64_t max_n,
                          int64_t *first)
+    void mqs_dq_release_taken(mqs_dq_control_t *c, int groups)
+    int mqs_dq_reserve(mqs_dq_control_t *c, int groups, int64_t maxsize)
+    void mqs_dq_unreserve(mqs_dq_control_t *c)
+    void mqs_dq_set_reading(mqs_dq_control_t *c, int slot, int64_t offset)
+    int64_t mqs_dq_get_reading(mqs_dq_control_t *c, int slot)
+    void mqs_dq_reading_fence()
