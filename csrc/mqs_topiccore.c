@@ -1,0 +1,1160 @@
+/*
+ * mqs_topiccore.c: operations and crash repair of a shared topic core
+ * (layout and rules in mqs_topiccore.h).
+ */
+#define _GNU_SOURCE
+#include "mqs_topiccore.h"
+#include "mqs_failpoint.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* ---- layout ------------------------------------------------------------ */
+
+static mqs_tc_config_t *config_of(mqs_tc_header_t *h)
+{
+    return &h->config.v;
+}
+
+static mqs_tc_state_t *state_of(mqs_tc_header_t *h)
+{
+    return &h->state.v;
+}
+
+mqs_tc_slot_t *mqs_tc_slot(mqs_tc_header_t *h, uint32_t slot)
+{
+    mqs_tc_config_t *c = config_of(h);
+
+    return (mqs_tc_slot_t *)((char *)h + c->slots_offset
+                             + (uint64_t)slot * c->slot_stride);
+}
+
+static unsigned char *body_of(mqs_tc_slot_t *s)
+{
+    return (unsigned char *)(s + 1);
+}
+
+mqs_tc_group_t *mqs_tc_group(mqs_tc_header_t *h, uint32_t group)
+{
+    return (mqs_tc_group_t *)((char *)h + config_of(h)->groups_offset)
+           + group;
+}
+
+mqs_tc_entry_t *mqs_tc_entry(mqs_tc_header_t *h, uint32_t group,
+                             uint32_t slot)
+{
+    mqs_tc_config_t *c = config_of(h);
+
+    return (mqs_tc_entry_t *)((char *)h + c->entries_offset)
+           + (uint64_t)group * c->params.capacity + slot;
+}
+
+static uint32_t *ring_of(mqs_tc_header_t *h, uint32_t group, uint32_t lane)
+{
+    mqs_tc_config_t *c = config_of(h);
+
+    return (uint32_t *)((char *)h + c->rings_offset)
+           + ((uint64_t)group * c->params.lane_count + lane)
+             * c->params.capacity;
+}
+
+mqs_tc_consumer_t *mqs_tc_consumer(mqs_tc_header_t *h, uint32_t consumer)
+{
+    return (mqs_tc_consumer_t *)((char *)h + config_of(h)->consumers_offset)
+           + consumer;
+}
+
+static uint64_t round_up(uint64_t n)
+{
+    return (n + MQS_PAD_BYTES - 1) / MQS_PAD_BYTES * MQS_PAD_BYTES;
+}
+
+static int params_valid(const mqs_tc_params_t *p)
+{
+    if (p->capacity < 1 || p->capacity > (1u << 24) || p->slot_bytes < 1
+        || p->slot_bytes > (1u << 20) || p->max_groups < 1
+        || p->max_groups > 64 || p->max_consumers < 1
+        || p->max_consumers > 4096 || p->lane_count < 1
+        || p->lane_count > MQS_TC_MAX_LANES || p->strict > 1)
+        return 0;
+    for (uint32_t i = 0; i < p->lane_count; i++) {
+        if (p->lanes[i] < 0 || p->lanes[i] > 9 || p->weights[i] < 1)
+            return 0;
+        if (i > 0 && p->lanes[i] >= p->lanes[i - 1])
+            return 0;
+    }
+    return 1;
+}
+
+/* Fill the offsets of `c` from its params; return the total bytes. */
+static uint64_t plan(mqs_tc_config_t *c)
+{
+    const mqs_tc_params_t *p = &c->params;
+    uint64_t at = round_up(sizeof(mqs_tc_header_t));
+
+    c->slot_stride = (sizeof(mqs_tc_slot_t) + p->slot_bytes + 7) & ~7ull;
+    c->slots_offset = at;
+    at = round_up(at + c->slot_stride * p->capacity);
+    c->groups_offset = at;
+    at = round_up(at + sizeof(mqs_tc_group_t) * p->max_groups);
+    c->entries_offset = at;
+    at = round_up(at + sizeof(mqs_tc_entry_t) * p->max_groups
+                  * (uint64_t)p->capacity);
+    c->rings_offset = at;
+    at = round_up(at + sizeof(uint32_t) * p->max_groups * p->lane_count
+                  * (uint64_t)p->capacity);
+    c->consumers_offset = at;
+    at = round_up(at + sizeof(mqs_tc_consumer_t) * p->max_consumers);
+    c->total_bytes = at;
+    return at;
+}
+
+uint64_t mqs_tc_layout_bytes(const mqs_tc_params_t *params)
+{
+    mqs_tc_config_t c;
+
+    if (!params_valid(params))
+        return 0;
+    memset(&c, 0, sizeof(c));
+    c.params = *params;
+    return plan(&c);
+}
+
+int mqs_tc_format(mqs_tc_header_t *h, const mqs_tc_params_t *params)
+{
+    mqs_tc_config_t *c = config_of(h);
+    mqs_tc_state_t *s = state_of(h);
+    pthread_mutexattr_t attr;
+    int rc;
+
+    if (!params_valid(params))
+        return MQS_EINVAL;
+    c->magic = MQS_TC_MAGIC;
+    c->version = MQS_TC_VERSION;
+    c->params = *params;
+    plan(c);
+    for (int priority = 0; priority < 10; priority++) {
+        /* The highest lane at or below the priority, else the lowest. */
+        uint32_t index = params->lane_count - 1;
+        for (uint32_t i = 0; i < params->lane_count; i++) {
+            if (params->lanes[i] <= priority) {
+                index = i;
+                break;
+            }
+        }
+        c->lane_of[priority] = (uint8_t)index;
+    }
+    mqs_wait_init(&h->changed.v);
+    s->next_deadline = INFINITY;
+    for (uint32_t g = 0; g < params->max_groups; g++)
+        mqs_tc_group(h, g)->next_deadline = INFINITY;
+
+    if (pthread_mutexattr_init(&attr) != 0)
+        return MQS_EINVAL;
+    rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (rc == 0)
+        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    if (rc == 0)
+        rc = pthread_mutex_init(&h->lock.v, &attr);
+    pthread_mutexattr_destroy(&attr);
+    if (rc != 0)
+        return MQS_EINVAL;
+    mqs_store_release_u32(&c->init_state, MQS_TC_INIT_READY);
+    return MQS_OK;
+}
+
+int mqs_tc_validate(const mqs_tc_header_t *h, uint64_t file_bytes)
+{
+    const mqs_tc_config_t *c = &h->config.v;
+    mqs_tc_config_t check;
+
+    if (file_bytes < sizeof(mqs_tc_header_t))
+        return MQS_ECORRUPT;
+    if (mqs_load_acquire_u32((_Atomic uint32_t *)&c->init_state)
+        != MQS_TC_INIT_READY)
+        return c->magic == 0 ? MQS_EINTR : MQS_ECORRUPT;
+    if (c->magic != MQS_TC_MAGIC || c->version != MQS_TC_VERSION
+        || !params_valid(&c->params))
+        return MQS_ECORRUPT;
+    memset(&check, 0, sizeof(check));
+    check.params = c->params;
+    if (plan(&check) != file_bytes || c->total_bytes != file_bytes
+        || check.rings_offset != c->rings_offset)
+        return MQS_ECORRUPT;
+    return MQS_OK;
+}
+
+int mqs_tc_lock(mqs_tc_header_t *h, int64_t timeout_ns)
+{
+    struct timespec deadline;
+    int64_t at;
+    int rc;
+
+    rc = pthread_mutex_trylock(&h->lock.v);
+    if (rc == EBUSY && timeout_ns > 0) {
+        /* pthread_mutex_timedlock takes an absolute CLOCK_REALTIME time. */
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        at = (int64_t)deadline.tv_sec * 1000000000 + deadline.tv_nsec
+             + timeout_ns;
+        deadline.tv_sec = at / 1000000000;
+        deadline.tv_nsec = at % 1000000000;
+        rc = pthread_mutex_timedlock(&h->lock.v, &deadline);
+    }
+    if (rc == 0)
+        return MQS_OK;
+    if (rc == EBUSY || rc == ETIMEDOUT)
+        return MQS_ETIMEDOUT;
+    if (rc == EOWNERDEAD) {
+        mqs_tc_repair(h);
+        pthread_mutex_consistent(&h->lock.v);
+        return 1;
+    }
+    return MQS_EINVAL;
+}
+
+void mqs_tc_unlock(mqs_tc_header_t *h)
+{
+    pthread_mutex_unlock(&h->lock.v);
+}
+
+/* ---- entries ------------------------------------------------------------ */
+
+static uint64_t load_word(mqs_tc_entry_t *e)
+{
+    return atomic_load_explicit(&e->word, memory_order_relaxed);
+}
+
+/* The commit step of every entry change: fields stored before it are
+ * never reordered after it. */
+static void store_word(mqs_tc_entry_t *e, uint64_t word)
+{
+    atomic_store_explicit(&e->word, word, memory_order_release);
+}
+
+static uint64_t load_seq(mqs_tc_slot_t *s)
+{
+    return atomic_load_explicit(&s->seq, memory_order_relaxed);
+}
+
+static void push_tail(mqs_tc_header_t *h, uint32_t g, uint32_t lane,
+                      uint32_t slot)
+{
+    mqs_tc_lane_t *l = &mqs_tc_group(h, g)->lanes[lane];
+    uint32_t capacity = config_of(h)->params.capacity;
+
+    ring_of(h, g, lane)[(l->head + l->count) % capacity] = slot;
+    l->count++;
+}
+
+static void push_front(mqs_tc_header_t *h, uint32_t g, uint32_t lane,
+                       uint32_t slot)
+{
+    mqs_tc_lane_t *l = &mqs_tc_group(h, g)->lanes[lane];
+    uint32_t capacity = config_of(h)->params.capacity;
+
+    l->head = (l->head + capacity - 1) % capacity;
+    ring_of(h, g, lane)[l->head] = slot;
+    l->count++;
+}
+
+static uint32_t pop_head(mqs_tc_header_t *h, uint32_t g, uint32_t lane)
+{
+    mqs_tc_lane_t *l = &mqs_tc_group(h, g)->lanes[lane];
+    uint32_t slot = ring_of(h, g, lane)[l->head];
+
+    l->head = (l->head + 1) % config_of(h)->params.capacity;
+    l->count--;
+    return slot;
+}
+
+static void make_ready(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
+                       uint64_t attempts, int front)
+{
+    mqs_tc_group_t *group = mqs_tc_group(h, g);
+    mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+    uint32_t lane = mqs_tc_slot(h, slot)->lane;
+
+    e->ready_seq = front ? --group->front_seq : ++group->tail_seq;
+    store_word(e, mqs_tc_word(MQS_TC_READY, 0, attempts));
+    if (front)
+        push_front(h, g, lane, slot);
+    else
+        push_tail(h, g, lane, slot);
+    group->ready++;
+}
+
+static void set_deadline(mqs_tc_header_t *h, uint32_t g, mqs_tc_entry_t *e,
+                         double at)
+{
+    mqs_tc_group_t *group = mqs_tc_group(h, g);
+    mqs_tc_state_t *s = state_of(h);
+
+    e->deadline = at;
+    e->deadline_seq = ++s->timer_seq;
+    if (at < group->next_deadline)
+        group->next_deadline = at;
+    if (at < s->next_deadline)
+        s->next_deadline = at;
+}
+
+/* Take an in-flight entry off its consumer's count. */
+static void leave_flight(mqs_tc_header_t *h, uint32_t g, mqs_tc_entry_t *e)
+{
+    mqs_tc_group_t *group = mqs_tc_group(h, g);
+    uint32_t consumer = e->consumer;
+
+    if (consumer < config_of(h)->params.max_consumers) {
+        mqs_tc_consumer_t *c = mqs_tc_consumer(h, consumer);
+        if (c->in_flight > 0)
+            c->in_flight--;
+    }
+    e->consumer = MQS_TC_NO_CONSUMER;
+    if (group->in_flight > 0)
+        group->in_flight--;
+}
+
+static int slot_needed(mqs_tc_header_t *h, uint32_t slot)
+{
+    uint32_t groups = config_of(h)->params.max_groups;
+
+    if (mqs_tc_slot(h, slot)->retained)
+        return 1;
+    for (uint32_t g = 0; g < groups; g++) {
+        if (mqs_tc_word_state(load_word(mqs_tc_entry(h, g, slot)))
+            != MQS_TC_FREE)
+            return 1;
+    }
+    return 0;
+}
+
+static void free_slot(mqs_tc_header_t *h, uint32_t slot)
+{
+    atomic_store_explicit(&mqs_tc_slot(h, slot)->seq, 0,
+                          memory_order_release);
+}
+
+/* Remove an entry from its group, freeing the slot once no group needs
+ * it. */
+static void finish(mqs_tc_header_t *h, uint32_t g, uint32_t slot)
+{
+    store_word(mqs_tc_entry(h, g, slot), mqs_tc_word(MQS_TC_FREE, 0, 0));
+    MQS_FAILPOINT("tc_finish_before_free");
+    if (!slot_needed(h, slot))
+        free_slot(h, slot);
+}
+
+static void dead_letter(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
+                        uint64_t attempts, uint32_t reason)
+{
+    mqs_tc_group_t *group = mqs_tc_group(h, g);
+    mqs_tc_state_t *s = state_of(h);
+    mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+
+    /* deadline_seq orders the dead entries for mqs_tc_next_dead. */
+    e->deadline_seq = ++s->timer_seq;
+    store_word(e, mqs_tc_word(MQS_TC_DEAD, reason, attempts));
+    group->dead++;
+    s->counters[MQS_TC_DEAD_LETTERED]++;
+    group->counters[MQS_TC_GROUP_DEAD_LETTERED]++;
+    if (reason == MQS_TC_REASON_REJECTED)
+        s->counters[MQS_TC_DEAD_REJECTED]++;
+    else if (reason == MQS_TC_REASON_MAX_ATTEMPTS)
+        s->counters[MQS_TC_DEAD_MAX_ATTEMPTS]++;
+    else
+        s->counters[MQS_TC_DEAD_ACK_TIMEOUT]++;
+}
+
+static int exhausted(mqs_tc_header_t *h, uint32_t g, uint64_t attempts)
+{
+    uint32_t limit = mqs_tc_group(h, g)->max_attempts;
+
+    if (limit == 0)
+        limit = config_of(h)->params.max_attempts;
+    return limit != 0 && attempts >= limit;
+}
+
+/* ---- deadlines ---------------------------------------------------------- */
+
+typedef struct timed {
+    double at;
+    uint64_t order;
+    uint32_t slot;
+} timed_t;
+
+static int compare_timed(const void *a, const void *b)
+{
+    const timed_t *x = a, *y = b;
+
+    if (x->at != y->at)
+        return x->at < y->at ? -1 : 1;
+    if (x->order != y->order)
+        return x->order < y->order ? -1 : 1;
+    return 0;
+}
+
+/* Collect the slots of group g whose entry is in state `state` and
+ * passes `keep`; return a malloc'ed array (count in *found), or NULL
+ * when none match or malloc fails.
+ * NOTE: when malloc fails the caller skips the entries for this call:
+ * expiry and requeueing then wait for a later call. */
+static timed_t *collect(mqs_tc_header_t *h, uint32_t g, uint32_t state,
+                        int (*keep)(mqs_tc_header_t *, uint32_t,
+                                    mqs_tc_entry_t *, const void *),
+                        const void *arg, uint32_t *found)
+{
+    uint32_t capacity = config_of(h)->params.capacity;
+    uint32_t count = 0, i = 0;
+    timed_t *items;
+
+    for (uint32_t slot = 0; slot < capacity; slot++) {
+        mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+        if (mqs_tc_word_state(load_word(e)) == state && keep(h, slot, e, arg))
+            count++;
+    }
+    *found = 0;
+    if (count == 0)
+        return NULL;
+    items = malloc(sizeof(timed_t) * count);
+    if (items == NULL)
+        return NULL;
+    for (uint32_t slot = 0; slot < capacity && i < count; slot++) {
+        mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+        if (mqs_tc_word_state(load_word(e)) == state
+            && keep(h, slot, e, arg)) {
+            items[i].slot = slot;
+            i++;
+        }
+    }
+    *found = i;
+    return items;
+}
+
+static int expired(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
+                   const void *arg)
+{
+    (void)h;
+    (void)slot;
+    return e->deadline <= *(const double *)arg;
+}
+
+static void recompute_deadlines(mqs_tc_header_t *h)
+{
+    mqs_tc_params_t *p = &config_of(h)->params;
+    double next = INFINITY;
+
+    for (uint32_t g = 0; g < p->max_groups; g++) {
+        mqs_tc_group_t *group = mqs_tc_group(h, g);
+        double group_next = INFINITY;
+        if (group->in_flight > 0) {
+            for (uint32_t slot = 0; slot < p->capacity; slot++) {
+                mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+                if (mqs_tc_word_state(load_word(e)) == MQS_TC_IN_FLIGHT
+                    && e->deadline < group_next)
+                    group_next = e->deadline;
+            }
+        }
+        group->next_deadline = group_next;
+        if (group_next < next)
+            next = group_next;
+    }
+    state_of(h)->next_deadline = next;
+}
+
+static void expire_group(mqs_tc_header_t *h, uint32_t g, double now)
+{
+    mqs_tc_group_t *group = mqs_tc_group(h, g);
+    mqs_tc_state_t *s = state_of(h);
+    uint32_t count;
+    timed_t *items = collect(h, g, MQS_TC_IN_FLIGHT, expired, &now, &count);
+
+    /* Fire in deadline order, then in the order the deadlines were set,
+     * as TopicState's timing wheel does. */
+    for (uint32_t i = 0; i < count; i++) {
+        mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
+        items[i].at = e->deadline;
+        items[i].order = e->deadline_seq;
+    }
+    if (count > 1)
+        qsort(items, count, sizeof(timed_t), compare_timed);
+    for (uint32_t i = 0; i < count; i++) {
+        uint32_t slot = items[i].slot;
+        mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+        uint64_t attempts = mqs_tc_word_attempts(load_word(e));
+        leave_flight(h, g, e);
+        s->counters[MQS_TC_REDELIVERED]++;
+        group->counters[MQS_TC_GROUP_REDELIVERED]++;
+        if (exhausted(h, g, attempts)) {
+            group->counters[MQS_TC_GROUP_ERRORS]++;
+            dead_letter(h, g, slot, attempts, MQS_TC_REASON_ACK_TIMEOUT);
+        } else {
+            make_ready(h, g, slot, attempts, 0);
+        }
+    }
+    free(items);
+}
+
+void mqs_tc_advance(mqs_tc_header_t *h, double now)
+{
+    mqs_tc_params_t *p = &config_of(h)->params;
+
+    if (now < state_of(h)->next_deadline)
+        return;
+    for (uint32_t g = 0; g < p->max_groups; g++) {
+        mqs_tc_group_t *group = mqs_tc_group(h, g);
+        if (atomic_load_explicit(&group->used, memory_order_relaxed)
+            && group->next_deadline <= now)
+            expire_group(h, g, now);
+    }
+    recompute_deadlines(h);
+}
+
+/* ---- publishing --------------------------------------------------------- */
+
+int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
+                       uint32_t length, uint32_t priority, double timestamp,
+                       double now, uint32_t *slot_out)
+{
+    mqs_tc_config_t *c = config_of(h);
+    mqs_tc_state_t *s = state_of(h);
+    uint32_t capacity = c->params.capacity;
+    uint32_t slot = UINT32_MAX;
+    mqs_tc_slot_t *stored;
+    uint64_t seq;
+
+    if (priority > 9)
+        return MQS_EINVAL;
+    if (length > c->params.slot_bytes)
+        return MQS_ETOOBIG;
+    mqs_tc_advance(h, now);
+    /* Acks mostly come in publish order, so the slot after the last one
+     * taken is usually free. NOTE: a full search costs O(capacity). */
+    for (uint32_t i = 0; i < capacity; i++) {
+        uint32_t candidate = (s->alloc_hint + i) % capacity;
+        if (load_seq(mqs_tc_slot(h, candidate)) == 0) {
+            slot = candidate;
+            break;
+        }
+    }
+    if (slot == UINT32_MAX)
+        return MQS_EFULL;
+    stored = mqs_tc_slot(h, slot);
+    stored->length = length;
+    stored->priority = (uint8_t)priority;
+    stored->lane = c->lane_of[priority];
+    stored->retained = s->groups_used == 0;
+    stored->timestamp = timestamp;
+    if (length > 0)
+        memcpy(body_of(stored), body, length);
+    for (uint32_t g = 0; g < c->params.max_groups; g++) {
+        mqs_tc_group_t *group = mqs_tc_group(h, g);
+        if (!atomic_load_explicit(&group->used, memory_order_relaxed))
+            continue;
+        mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+        e->ready_seq = ++group->tail_seq;
+        store_word(e, mqs_tc_word(MQS_TC_READY, 0, 0));
+    }
+    MQS_FAILPOINT("tc_publish_before_commit");
+    seq = ++s->next_seq;
+    atomic_store_explicit(&stored->seq, seq, memory_order_release);
+    MQS_FAILPOINT("tc_publish_after_commit");
+    for (uint32_t g = 0; g < c->params.max_groups; g++) {
+        mqs_tc_group_t *group = mqs_tc_group(h, g);
+        if (!atomic_load_explicit(&group->used, memory_order_relaxed))
+            continue;
+        push_tail(h, g, stored->lane, slot);
+        group->ready++;
+    }
+    s->alloc_hint = (slot + 1) % capacity;
+    s->counters[MQS_TC_PUBLISHED]++;
+    if (slot_out != NULL)
+        *slot_out = slot;
+    return (int64_t)seq;
+}
+
+/* ---- groups and consumers ----------------------------------------------- */
+
+int64_t mqs_tc_find_group(mqs_tc_header_t *h, const char *name,
+                          uint32_t name_length)
+{
+    uint32_t groups = config_of(h)->params.max_groups;
+
+    for (uint32_t g = 0; g < groups; g++) {
+        mqs_tc_group_t *group = mqs_tc_group(h, g);
+        if (atomic_load_explicit(&group->used, memory_order_acquire)
+            && group->name_length == name_length
+            && memcmp(group->name, name, name_length) == 0)
+            return g;
+    }
+    return -1;
+}
+
+static int stored_slot(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
+                       const void *arg)
+{
+    (void)e;
+    (void)arg;
+    return load_seq(mqs_tc_slot(h, slot)) != 0;
+}
+
+int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
+                          uint32_t name_length, int earliest, double now)
+{
+    mqs_tc_config_t *c = config_of(h);
+    mqs_tc_state_t *s = state_of(h);
+    mqs_tc_group_t *group = NULL;
+    int64_t found;
+    uint32_t g, count = 0;
+    timed_t *items = NULL;
+    int first;
+
+    if (name_length == 0 || name_length > MQS_TC_NAME_BYTES)
+        return MQS_EINVAL;
+    mqs_tc_advance(h, now);
+    found = mqs_tc_find_group(h, name, name_length);
+    if (found >= 0)
+        return found;
+    for (g = 0; g < c->params.max_groups; g++) {
+        group = mqs_tc_group(h, g);
+        if (!atomic_load_explicit(&group->used, memory_order_relaxed))
+            break;
+    }
+    if (g == c->params.max_groups)
+        return MQS_EFULL;
+    /* Entries of an unused group are all free (mqs_tc_repair clears a
+     * group whose creation did not finish); tickets stay. */
+    memcpy(group->name, name, name_length);
+    group->name_length = name_length;
+    group->max_attempts = 0;
+    group->cursor = 0;
+    memset(group->deficits, 0, sizeof(group->deficits));
+    group->tail_seq = 0;
+    group->front_seq = 0;
+    group->ready = group->in_flight = group->dead = 0;
+    group->next_deadline = INFINITY;
+    memset(group->lanes, 0, sizeof(group->lanes));
+    memset(group->counters, 0, sizeof(group->counters));
+    if (earliest) {
+        items = collect(h, g, MQS_TC_FREE, stored_slot, NULL, &count);
+        for (uint32_t i = 0; i < count; i++) {
+            items[i].at = 0;
+            items[i].order = load_seq(mqs_tc_slot(h, items[i].slot));
+        }
+        if (count > 1)
+            qsort(items, count, sizeof(timed_t), compare_timed);
+        for (uint32_t i = 0; i < count; i++) {
+            mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
+            e->ready_seq = ++group->tail_seq;
+            store_word(e, mqs_tc_word(MQS_TC_READY, 0, 0));
+        }
+    }
+    MQS_FAILPOINT("tc_open_group_before_commit");
+    atomic_store_explicit(&group->used, 1, memory_order_release);
+    for (uint32_t i = 0; i < count; i++) {
+        push_tail(h, g, mqs_tc_slot(h, items[i].slot)->lane, items[i].slot);
+        group->ready++;
+    }
+    free(items);
+    first = s->groups_used == 0;
+    s->groups_used++;
+    if (first) {
+        /* Messages kept for the first group: those it did not take are
+         * dropped. */
+        for (uint32_t slot = 0; slot < c->params.capacity; slot++) {
+            mqs_tc_slot_t *stored = mqs_tc_slot(h, slot);
+            if (load_seq(stored) == 0 || !stored->retained)
+                continue;
+            stored->retained = 0;
+            if (!slot_needed(h, slot)) {
+                free_slot(h, slot);
+                s->counters[MQS_TC_DROPPED_UNSUBSCRIBED]++;
+            }
+        }
+    }
+    return g;
+}
+
+void mqs_tc_set_group_attempts(mqs_tc_header_t *h, uint32_t group,
+                               uint32_t max_attempts)
+{
+    mqs_tc_group(h, group)->max_attempts = max_attempts;
+}
+
+int64_t mqs_tc_open_consumer(mqs_tc_header_t *h, uint32_t group,
+                             uint32_t prefetch, uint64_t owner, double now)
+{
+    mqs_tc_params_t *p = &config_of(h)->params;
+
+    if (group >= p->max_groups
+        || !atomic_load_explicit(&mqs_tc_group(h, group)->used,
+                                 memory_order_relaxed))
+        return MQS_EINVAL;
+    mqs_tc_advance(h, now);
+    for (uint32_t i = 0; i < p->max_consumers; i++) {
+        mqs_tc_consumer_t *c = mqs_tc_consumer(h, i);
+        if (atomic_load_explicit(&c->used, memory_order_relaxed))
+            continue;
+        c->group = group;
+        c->prefetch = prefetch;
+        c->in_flight = 0;
+        c->owner = owner;
+        atomic_store_explicit(&c->used, 1, memory_order_release);
+        return i;
+    }
+    return MQS_EFULL;
+}
+
+static int owned_by(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
+                    const void *arg)
+{
+    (void)h;
+    (void)slot;
+    return e->consumer == *(const uint32_t *)arg;
+}
+
+/* Requeue in publish order the in-flight entries of group g that pass
+ * `keep`; return how many. */
+static int64_t requeue_where(mqs_tc_header_t *h, uint32_t g,
+                             int (*keep)(mqs_tc_header_t *, uint32_t,
+                                         mqs_tc_entry_t *, const void *),
+                             const void *arg)
+{
+    uint32_t count;
+    timed_t *items = collect(h, g, MQS_TC_IN_FLIGHT, keep, arg, &count);
+
+    for (uint32_t i = 0; i < count; i++) {
+        items[i].at = 0;
+        items[i].order = load_seq(mqs_tc_slot(h, items[i].slot));
+    }
+    if (count > 1)
+        qsort(items, count, sizeof(timed_t), compare_timed);
+    for (uint32_t i = 0; i < count; i++) {
+        mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
+        uint64_t attempts = mqs_tc_word_attempts(load_word(e));
+        leave_flight(h, g, e);
+        make_ready(h, g, items[i].slot, attempts, 0);
+    }
+    free(items);
+    return count;
+}
+
+int64_t mqs_tc_close_consumer(mqs_tc_header_t *h, uint32_t consumer,
+                              double now)
+{
+    mqs_tc_consumer_t *c;
+    int64_t returned;
+
+    if (consumer >= config_of(h)->params.max_consumers)
+        return MQS_EINVAL;
+    c = mqs_tc_consumer(h, consumer);
+    if (!atomic_load_explicit(&c->used, memory_order_relaxed))
+        return MQS_EINVAL;
+    mqs_tc_advance(h, now);
+    returned = requeue_where(h, c->group, owned_by, &consumer);
+    atomic_store_explicit(&c->used, 0, memory_order_release);
+    return returned;
+}
+
+/* ---- delivering --------------------------------------------------------- */
+
+/* Pick the lane of the next delivery as LaneScheduler.pick does; return
+ * its index or -1. */
+static int pick_lane(mqs_tc_header_t *h, mqs_tc_group_t *group)
+{
+    mqs_tc_params_t *p = &config_of(h)->params;
+    uint32_t lanes = p->lane_count;
+    uint32_t eligible = 0, only = 0, count = 0;
+
+    for (uint32_t i = 0; i < lanes; i++) {
+        if (group->lanes[i].count > 0) {
+            eligible |= 1u << i;
+            only = i;
+            count++;
+        }
+    }
+    if (count == 0)
+        return -1;
+    if (count == 1 && !p->strict) {
+        group->cursor = only;
+        memset(group->deficits, 0, sizeof(group->deficits));
+        return (int)only;
+    }
+    if (p->strict) {
+        for (uint32_t i = 0; i < lanes; i++)
+            if (eligible & (1u << i))
+                return (int)i;
+    }
+    for (uint32_t turn = 0; turn < 2 * lanes + 1; turn++) {
+        uint32_t index = group->cursor;
+        if (eligible & (1u << index)) {
+            if (group->deficits[index] >= 1) {
+                group->deficits[index]--;
+                return (int)index;
+            }
+        } else {
+            group->deficits[index] = 0;
+        }
+        group->cursor = (index + 1) % lanes;
+        if (eligible & (1u << group->cursor))
+            group->deficits[group->cursor] += p->weights[group->cursor];
+    }
+    return -1;  /* unreachable: every weight is at least 1 */
+}
+
+int64_t mqs_tc_fetch(mqs_tc_header_t *h, uint32_t consumer,
+                     uint32_t max_items, double ack_timeout, int auto_ack,
+                     double now, mqs_tc_delivery_t *out)
+{
+    mqs_tc_state_t *s = state_of(h);
+    mqs_tc_consumer_t *c;
+    mqs_tc_group_t *group;
+    uint32_t g, limit, n = 0;
+
+    if (consumer >= config_of(h)->params.max_consumers)
+        return MQS_ECLOSED;
+    c = mqs_tc_consumer(h, consumer);
+    if (!atomic_load_explicit(&c->used, memory_order_relaxed))
+        return MQS_ECLOSED;
+    mqs_tc_advance(h, now);
+    g = c->group;
+    group = mqs_tc_group(h, g);
+    limit = max_items;
+    if (!auto_ack) {
+        uint32_t room = c->prefetch > c->in_flight
+                        ? c->prefetch - c->in_flight : 0;
+        if (room < limit)
+            limit = room;
+    }
+    while (n < limit) {
+        int lane = pick_lane(h, group);
+        if (lane < 0)
+            break;
+        uint32_t slot = pop_head(h, g, (uint32_t)lane);
+        mqs_tc_slot_t *stored = mqs_tc_slot(h, slot);
+        mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+        uint64_t attempts = mqs_tc_word_attempts(load_word(e)) + 1;
+        mqs_tc_delivery_t *d = &out[n++];
+
+        group->ready--;
+        e->ticket++;
+        d->slot = slot;
+        d->length = stored->length;
+        d->seq = load_seq(stored);
+        d->ticket = e->ticket;
+        d->attempts = attempts;
+        d->priority = stored->priority;
+        d->reserved = 0;
+        d->timestamp = stored->timestamp;
+        d->body = body_of(stored);
+        s->counters[MQS_TC_DELIVERED]++;
+        group->counters[MQS_TC_GROUP_DELIVERED]++;
+        if (auto_ack) {
+            s->counters[MQS_TC_ACKED]++;
+            group->counters[MQS_TC_GROUP_ACKED]++;
+            /* The body stays in place until the next publish, which
+             * needs the mutex this caller holds. */
+            finish(h, g, slot);
+            continue;
+        }
+        e->consumer = consumer;
+        set_deadline(h, g, e, now + ack_timeout);
+        store_word(e, mqs_tc_word(MQS_TC_IN_FLIGHT, 0, attempts));
+        MQS_FAILPOINT("tc_fetch_after_commit");
+        c->in_flight++;
+        group->in_flight++;
+    }
+    return n;
+}
+
+/* Return the entry of a live in-flight tag, or NULL (counted). */
+static mqs_tc_entry_t *live(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
+                            uint64_t ticket, double now)
+{
+    mqs_tc_params_t *p = &config_of(h)->params;
+    mqs_tc_entry_t *e;
+
+    mqs_tc_advance(h, now);
+    if (g >= p->max_groups || slot >= p->capacity
+        || !atomic_load_explicit(&mqs_tc_group(h, g)->used,
+                                 memory_order_relaxed))
+        goto stale;
+    e = mqs_tc_entry(h, g, slot);
+    if (mqs_tc_word_state(load_word(e)) != MQS_TC_IN_FLIGHT
+        || e->ticket != ticket)
+        goto stale;
+    return e;
+stale:
+    state_of(h)->counters[MQS_TC_LATE_ACKS]++;
+    return NULL;
+}
+
+int mqs_tc_ack(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
+               uint64_t ticket, double now)
+{
+    mqs_tc_entry_t *e = live(h, group, slot, ticket, now);
+
+    if (e == NULL)
+        return 0;
+    state_of(h)->counters[MQS_TC_ACKED]++;
+    mqs_tc_group(h, group)->counters[MQS_TC_GROUP_ACKED]++;
+    leave_flight(h, group, e);
+    finish(h, group, slot);
+    return 1;
+}
+
+int mqs_tc_nack(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
+                uint64_t ticket, int requeue, double now)
+{
+    mqs_tc_entry_t *e = live(h, group, slot, ticket, now);
+    mqs_tc_group_t *g;
+    uint64_t attempts;
+
+    if (e == NULL)
+        return 0;
+    g = mqs_tc_group(h, group);
+    state_of(h)->counters[MQS_TC_NACKED]++;
+    g->counters[MQS_TC_GROUP_NACKED]++;
+    g->counters[MQS_TC_GROUP_ERRORS]++;
+    attempts = mqs_tc_word_attempts(load_word(e));
+    leave_flight(h, group, e);
+    if (!requeue)
+        dead_letter(h, group, slot, attempts, MQS_TC_REASON_REJECTED);
+    else if (exhausted(h, group, attempts))
+        dead_letter(h, group, slot, attempts, MQS_TC_REASON_MAX_ATTEMPTS);
+    else
+        make_ready(h, group, slot, attempts, 0);
+    return 1;
+}
+
+int mqs_tc_extend(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
+                  uint64_t ticket, double seconds, double now)
+{
+    mqs_tc_entry_t *e = live(h, group, slot, ticket, now);
+
+    if (e == NULL)
+        return 0;
+    set_deadline(h, group, e, now + seconds);
+    return 1;
+}
+
+int64_t mqs_tc_release(mqs_tc_header_t *h, uint32_t group,
+                       const uint32_t *slots, const uint64_t *tickets,
+                       uint32_t count, double now)
+{
+    int64_t returned = 0;
+    unsigned char *alive;
+
+    if (count == 0)
+        return 0;
+    alive = malloc(count);
+    if (alive == NULL)
+        return MQS_ENOMEM;
+    for (uint32_t i = 0; i < count; i++)
+        alive[i] = live(h, group, slots[i], tickets[i], now) != NULL;
+    /* Reversed, so that pushing each to its lane's head keeps the order;
+     * a tag named twice goes back once. */
+    for (uint32_t i = count; i-- > 0;) {
+        mqs_tc_entry_t *e;
+        uint64_t word;
+        if (!alive[i])
+            continue;
+        e = mqs_tc_entry(h, group, slots[i]);
+        word = load_word(e);
+        if (mqs_tc_word_state(word) != MQS_TC_IN_FLIGHT)
+            continue;
+        leave_flight(h, group, e);
+        make_ready(h, group, slots[i], mqs_tc_word_attempts(word) - 1, 1);
+        returned++;
+    }
+    free(alive);
+    return returned;
+}
+
+/* ---- dead entries and statistics ---------------------------------------- */
+
+int mqs_tc_next_dead(mqs_tc_header_t *h, mqs_tc_dead_t *out)
+{
+    mqs_tc_params_t *p = &config_of(h)->params;
+    uint64_t best_order = UINT64_MAX;
+    uint32_t best_group = 0, best_slot = 0;
+    int found = 0;
+
+    for (uint32_t g = 0; g < p->max_groups; g++) {
+        if (mqs_tc_group(h, g)->dead == 0)
+            continue;
+        for (uint32_t slot = 0; slot < p->capacity; slot++) {
+            mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+            if (mqs_tc_word_state(load_word(e)) == MQS_TC_DEAD
+                && e->deadline_seq < best_order) {
+                best_order = e->deadline_seq;
+                best_group = g;
+                best_slot = slot;
+                found = 1;
+            }
+        }
+    }
+    if (!found)
+        return 0;
+    mqs_tc_slot_t *stored = mqs_tc_slot(h, best_slot);
+    uint64_t word = load_word(mqs_tc_entry(h, best_group, best_slot));
+    out->group = best_group;
+    out->slot = best_slot;
+    out->seq = load_seq(stored);
+    out->attempts = mqs_tc_word_attempts(word);
+    out->reason = mqs_tc_word_reason(word);
+    out->priority = stored->priority;
+    out->length = stored->length;
+    out->reserved = 0;
+    out->timestamp = stored->timestamp;
+    out->body = body_of(stored);
+    return 1;
+}
+
+void mqs_tc_drop_dead(mqs_tc_header_t *h, uint32_t group, uint32_t slot)
+{
+    mqs_tc_group_t *g = mqs_tc_group(h, group);
+    mqs_tc_entry_t *e = mqs_tc_entry(h, group, slot);
+
+    if (mqs_tc_word_state(load_word(e)) != MQS_TC_DEAD)
+        return;
+    finish(h, group, slot);
+    if (g->dead > 0)
+        g->dead--;
+}
+
+void mqs_tc_stats(mqs_tc_header_t *h, mqs_tc_stats_t *out)
+{
+    mqs_tc_params_t *p = &config_of(h)->params;
+
+    memset(out, 0, sizeof(*out));
+    for (uint32_t slot = 0; slot < p->capacity; slot++)
+        if (load_seq(mqs_tc_slot(h, slot)) != 0)
+            out->stored++;
+    for (uint32_t g = 0; g < p->max_groups; g++) {
+        mqs_tc_group_t *group = mqs_tc_group(h, g);
+        if (!atomic_load_explicit(&group->used, memory_order_relaxed))
+            continue;
+        out->ready += group->ready;
+        out->in_flight += group->in_flight;
+        out->dead += group->dead;
+    }
+}
+
+/* ---- crash repair ------------------------------------------------------- */
+
+static int orphaned(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
+                    const void *arg)
+{
+    uint32_t g = *(const uint32_t *)arg;
+    mqs_tc_consumer_t *c;
+
+    (void)slot;
+    if (e->consumer >= config_of(h)->params.max_consumers)
+        return 1;
+    c = mqs_tc_consumer(h, e->consumer);
+    return !atomic_load_explicit(&c->used, memory_order_relaxed)
+           || c->group != g;
+}
+
+static int compare_ready(const void *a, const void *b)
+{
+    const timed_t *x = a, *y = b;
+    int64_t left = (int64_t)x->order, right = (int64_t)y->order;
+
+    return left < right ? -1 : left > right;
+}
+
+void mqs_tc_repair(mqs_tc_header_t *h)
+{
+    mqs_tc_params_t *p = &config_of(h)->params;
+    mqs_tc_state_t *s = state_of(h);
+    uint32_t groups_used = 0;
+
+    s->counters[MQS_TC_RECOVERIES]++;
+    for (uint32_t g = 0; g < p->max_groups; g++) {
+        mqs_tc_group_t *group = mqs_tc_group(h, g);
+        if (atomic_load_explicit(&group->used, memory_order_relaxed)) {
+            groups_used++;
+            continue;
+        }
+        /* A group whose creation did not finish. */
+        for (uint32_t slot = 0; slot < p->capacity; slot++)
+            store_word(mqs_tc_entry(h, g, slot),
+                       mqs_tc_word(MQS_TC_FREE, 0, 0));
+    }
+    s->groups_used = groups_used;
+    for (uint32_t slot = 0; slot < p->capacity; slot++) {
+        mqs_tc_slot_t *stored = mqs_tc_slot(h, slot);
+        if (load_seq(stored) == 0) {
+            /* An uncommitted publish, or a slot freed already. */
+            for (uint32_t g = 0; g < p->max_groups; g++)
+                store_word(mqs_tc_entry(h, g, slot),
+                           mqs_tc_word(MQS_TC_FREE, 0, 0));
+            continue;
+        }
+        if (stored->retained && groups_used > 0) {
+            /* The first group was created but its holder died before
+             * dropping what it did not take. */
+            stored->retained = 0;
+            if (!slot_needed(h, slot))
+                s->counters[MQS_TC_DROPPED_UNSUBSCRIBED]++;
+        }
+        if (!slot_needed(h, slot))
+            free_slot(h, slot);
+    }
+    for (uint32_t i = 0; i < p->max_consumers; i++)
+        mqs_tc_consumer(h, i)->in_flight = 0;
+    for (uint32_t g = 0; g < p->max_groups; g++) {
+        mqs_tc_group_t *group = mqs_tc_group(h, g);
+        uint32_t count;
+        timed_t *ready, *orphans;
+        if (!atomic_load_explicit(&group->used, memory_order_relaxed))
+            continue;
+        /* Entries in flight to a consumer that is gone go back to their
+         * lanes' tails in publish order, as mqs_tc_close_consumer (which
+         * stores `used` = 0 after requeueing) would have done. */
+        group->ready = group->in_flight = group->dead = 0;
+        memset(group->lanes, 0, sizeof(group->lanes));
+        for (uint32_t slot = 0; slot < p->capacity; slot++) {
+            mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+            uint32_t state = mqs_tc_word_state(load_word(e));
+            if (state == MQS_TC_IN_FLIGHT && !orphaned(h, slot, e, &g)) {
+                group->in_flight++;
+                mqs_tc_consumer(h, e->consumer)->in_flight++;
+            } else if (state == MQS_TC_DEAD) {
+                group->dead++;
+            }
+        }
+        orphans = collect(h, g, MQS_TC_IN_FLIGHT, orphaned, &g, &count);
+        for (uint32_t i = 0; i < count; i++) {
+            orphans[i].at = 0;
+            orphans[i].order = load_seq(mqs_tc_slot(h, orphans[i].slot));
+        }
+        if (count > 1)
+            qsort(orphans, count, sizeof(timed_t), compare_timed);
+        for (uint32_t i = 0; i < count; i++) {
+            mqs_tc_entry_t *e = mqs_tc_entry(h, g, orphans[i].slot);
+            uint64_t attempts = mqs_tc_word_attempts(load_word(e));
+            e->consumer = MQS_TC_NO_CONSUMER;
+            e->ready_seq = ++group->tail_seq;
+            store_word(e, mqs_tc_word(MQS_TC_READY, 0, attempts));
+        }
+        free(orphans);
+        ready = collect(h, g, MQS_TC_READY, stored_slot, NULL, &count);
+        for (uint32_t i = 0; i < count; i++)
+            ready[i].order = (uint64_t)mqs_tc_entry(h, g, ready[i].slot)
+                                 ->ready_seq;
+        if (count > 1)
+            qsort(ready, count, sizeof(timed_t), compare_ready);
+        for (uint32_t i = 0; i < count; i++) {
+            push_tail(h, g, mqs_tc_slot(h, ready[i].slot)->lane,
+                      ready[i].slot);
+            group->ready++;
+        }
+        free(ready);
+    }
+    s->alloc_hint = 0;
+    recompute_deadlines(h);
+}
