@@ -53,6 +53,7 @@ extensions = [
                          "csrc/mqs_wheel.c"]),
     extension("_seglog", ["csrc/mqs_seglog.c", "csrc/mqs_crc32c.c"]),
     extension("_journal", ["csrc/mqs_journal.c"]),
+    extension("_topiccore", ["csrc/mqs_topiccore.c"]),
 ]
 
 setup(

@@ -1,0 +1,536 @@
+# cython: language_level=3, embedsignature=True, binding=False
+"""`TopicCore`: the hot state of one broker topic in a shared mapping.
+
+A thin wrapper of `csrc/mqs_topiccore.h`: a /dev/shm file that every
+process of one broker maps, holding one topic's messages, lanes,
+in-flight table, deadlines and counters as C data under a robust
+process-shared mutex. Each method takes the mutex, runs one operation
+in C and releases it, so every process sees the same state without
+replaying anything. `now` arguments are monotonic seconds; None reads
+CLOCK_MONOTONIC.
+
+Tags are ``(slot, ticket)`` pairs: a slot is reused after every group
+settled its message, and the ticket of a (group, slot) entry only grows,
+so a stale tag never matches a later delivery.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+
+from mqs.includes.mqs_atomic cimport (
+    MQS_ECLOSED,
+    MQS_EFULL,
+    MQS_EINTR,
+    MQS_EINVAL,
+    MQS_ETIMEDOUT,
+    MQS_ETOOBIG,
+    MQS_OK,
+)
+from mqs.includes.mqs_topiccore cimport (
+    MQS_TC_NAME_BYTES,
+    mqs_tc_ack,
+    mqs_tc_advance,
+    mqs_tc_changed,
+    mqs_tc_close_consumer,
+    mqs_tc_consumer,
+    mqs_tc_dead_t,
+    mqs_tc_delivery_t,
+    mqs_tc_drop_dead,
+    mqs_tc_extend,
+    mqs_tc_fetch,
+    mqs_tc_find_group,
+    mqs_tc_format,
+    mqs_tc_group,
+    mqs_tc_header_t,
+    mqs_tc_layout_bytes,
+    mqs_tc_lock,
+    mqs_tc_nack,
+    mqs_tc_next_dead,
+    mqs_tc_open_consumer,
+    mqs_tc_open_group,
+    mqs_tc_params_t,
+    mqs_tc_publish,
+    mqs_tc_release,
+    mqs_tc_set_group_attempts,
+    mqs_tc_stats,
+    mqs_tc_stats_t,
+    mqs_tc_unlock,
+    mqs_tc_validate,
+)
+from mqs.includes.mqs_wait cimport (
+    mqs_monotonic_ns,
+    mqs_wait_finish,
+    mqs_wait_park,
+    mqs_wait_prepare,
+    mqs_wait_signal,
+)
+
+import os
+import secrets
+
+from mqs.errors import ShutDown
+
+__all__ = ["TopicCore", "TopicCoreLayoutError", "COUNTER_NAMES",
+           "GROUP_COUNTER_NAMES", "DEAD_REASONS"]
+
+# The order of the topic's counters in the header (mqs_topiccore.h).
+COUNTER_NAMES = ("published", "delivered", "acked", "nacked", "redelivered",
+                 "late_acks", "dead_lettered", "dead_lettered.rejected",
+                 "dead_lettered.max_attempts", "dead_lettered.ack_timeout",
+                 "dropped_unsubscribed", "recoveries")
+GROUP_COUNTER_NAMES = ("delivered", "acked", "nacked", "redelivered",
+                       "dead_lettered", "errors")
+# Dead reasons by their code.
+DEAD_REASONS = (None, "rejected", "max_attempts", "ack_timeout")
+
+# A lock wait returns to Python this often, so that Ctrl-C gets through.
+DEF SLICE_NS = 50000000
+DEF FETCH_BATCH = 256
+
+
+class TopicCoreLayoutError(ValueError):
+    """Raised when a /dev/shm file is not a topic core of this layout."""
+
+
+cdef inline double _now(object now):
+    if now is None:
+        return mqs_monotonic_ns() / 1e9
+    return <double>now
+
+
+cdef class TopicCore:
+    """The mapped topic core file at `path`, created if missing.
+
+    Parameters
+    ----------
+    path : str
+        File under /dev/shm, created with mode 0600.
+    lanes : sequence of (priority, weight)
+        Lanes highest priority first, as `TopicConfig.lanes` orders them.
+    strict : bool
+        Strict priority instead of weighted lanes.
+    capacity : int
+        Messages stored at once (publish returns -1 beyond).
+    slot_bytes : int
+        Largest body.
+    max_groups, max_consumers : int
+        Groups and open consumers at once.
+    max_attempts : int or None
+        The topic's default limit of deliveries.
+
+    The sizes apply when this call creates the file; an existing file
+    keeps its own.
+    """
+
+    cdef mqs_tc_header_t *_header
+    cdef uint64_t _file_bytes
+    cdef int _fd
+    cdef readonly str path
+    cdef readonly bint created
+    cdef mqs_tc_delivery_t *_out
+
+    def __cinit__(self, *args, **kwargs):
+        self._header = NULL
+        self._fd = -1
+        self._out = <mqs_tc_delivery_t *>malloc(
+            sizeof(mqs_tc_delivery_t) * FETCH_BATCH)
+        if self._out == NULL:
+            raise MemoryError()
+
+    def __init__(self, str path, lanes, bint strict=False,
+                 uint32_t capacity=65536, uint32_t slot_bytes=256,
+                 uint32_t max_groups=16, uint32_t max_consumers=256,
+                 max_attempts=None):
+        cdef mqs_tc_params_t params
+        cdef uint64_t size
+        memset(&params, 0, sizeof(params))
+        lanes = list(lanes)
+        if not 1 <= len(lanes) <= 10:
+            raise ValueError(f"a topic core has 1 to 10 lanes, got "
+                             f"{len(lanes)}")
+        params.capacity = capacity
+        params.slot_bytes = slot_bytes
+        params.max_groups = max_groups
+        params.max_consumers = max_consumers
+        params.lane_count = len(lanes)
+        for index, (priority, weight) in enumerate(lanes):
+            params.lanes[index] = priority
+            params.weights[index] = weight
+        params.strict = strict
+        params.max_attempts = 0 if max_attempts is None else max_attempts
+        size = mqs_tc_layout_bytes(&params)
+        if size == 0:
+            raise ValueError(
+                f"invalid topic core sizes: capacity {capacity} (1 to "
+                f"2**24), slot_bytes {slot_bytes} (1 to 2**20), max_groups "
+                f"{max_groups} (1 to 64), max_consumers {max_consumers} (1 "
+                f"to 4096), lanes {lanes!r} (priorities 0-9 highest first, "
+                f"weights of 1 or more)")
+        self.path = path
+        self.created = False
+        temp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o600)
+        try:
+            # Built under a private name, then linked into place, so no
+            # process maps a half-formatted file.
+            os.ftruncate(fd, size)
+            self._map(fd)
+            if mqs_tc_format(self._header, &params) != MQS_OK:
+                raise OSError("cannot set up the topic core's "
+                              "process-shared mutex")
+            try:
+                os.link(temp, path)
+                self.created = True
+            except FileExistsError:
+                self._unmap()
+                os.close(fd)
+                fd = -1
+                self._attach(path)
+        except BaseException:
+            if fd >= 0:
+                self._unmap()
+                os.close(fd)
+            raise
+        finally:
+            os.unlink(temp)
+        if fd >= 0:
+            self._fd = fd
+
+    cdef int _map(self, int fd) except -1:
+        cdef void *base
+        self._file_bytes = os.fstat(fd).st_size
+        base = mmap(NULL, <size_t>self._file_bytes, PROT_READ | PROT_WRITE,
+                    MAP_SHARED, fd, 0)
+        if base == MAP_FAILED:
+            raise OSError(f"cannot map {self._file_bytes} bytes of "
+                          f"{self.path}; /dev/shm or the address space is "
+                          f"exhausted")
+        self._header = <mqs_tc_header_t *>base
+        return 0
+
+    cdef int _unmap(self) except -1:
+        if self._header != NULL:
+            munmap(self._header, <size_t>self._file_bytes)
+            self._header = NULL
+        return 0
+
+    cdef int _attach(self, str path) except -1:
+        cdef int rc
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size < 4096:
+                raise TopicCoreLayoutError(
+                    f"{path} is {os.fstat(fd).st_size} bytes, too small for "
+                    f"a topic core; remove it or use another name")
+            self._map(fd)
+            rc = mqs_tc_validate(self._header, self._file_bytes)
+            if rc != MQS_OK:
+                raise TopicCoreLayoutError(
+                    f"{path} is not a topic core of this mqs (bad header"
+                    f"{', never initialised' if rc == MQS_EINTR else ''}); "
+                    f"unlink it or use another name")
+        except BaseException:
+            self._unmap()
+            os.close(fd)
+            raise
+        self._fd = fd
+        return 0
+
+    cdef int _lock(self) except -1:
+        cdef int rc
+        if self._header == NULL:
+            raise ValueError(f"topic core {self.path} is closed")
+        rc = mqs_tc_lock(self._header, 0)
+        while rc == MQS_ETIMEDOUT:
+            with nogil:
+                rc = mqs_tc_lock(self._header, SLICE_NS)
+            if rc == MQS_ETIMEDOUT:
+                PyErr_CheckSignals()
+        if rc < 0:
+            raise OSError(f"the process-shared mutex of {self.path} is "
+                          f"unusable (status {rc})")
+        return 0
+
+    cdef inline void _unlock(self, bint changed):
+        mqs_tc_unlock(self._header)
+        if changed:
+            mqs_wait_signal(mqs_tc_changed(self._header), 1)
+
+    # Publishing.
+
+    def publish(self, bytes body, int priority, double timestamp, now=None):
+        """Store a message; return its seq (1, 2, ...), or -1 when every
+        slot is taken."""
+        cdef int64_t rc
+        cdef double at = _now(now)
+        cdef uint32_t slot
+        self._lock()
+        rc = mqs_tc_publish(self._header, PyBytes_AS_STRING(body),
+                            <uint32_t>len(body), <uint32_t>priority,
+                            timestamp, at, &slot)
+        self._unlock(rc > 0)
+        if rc == MQS_EFULL:
+            return -1
+        if rc == MQS_ETOOBIG:
+            raise ValueError(
+                f"a body of {len(body)} bytes is larger than the "
+                f"{self._header.config.v.params.slot_bytes} bytes of a "
+                f"topic core slot")
+        if rc < 0:
+            raise ValueError(f"priority must be 0 to 9, got {priority}")
+        return rc
+
+    # Groups and consumers.
+
+    def open_group(self, str name, bint earliest, max_attempts=None,
+                   now=None):
+        """Return the index of group `name`, creating it if missing."""
+        cdef bytes encoded = name.encode()
+        cdef int64_t rc
+        cdef double at = _now(now)
+        if not 0 < len(encoded) <= MQS_TC_NAME_BYTES:
+            raise ValueError(f"group names of a topic core are 1 to "
+                             f"{MQS_TC_NAME_BYTES} bytes, got {name!r}")
+        self._lock()
+        rc = mqs_tc_open_group(self._header, PyBytes_AS_STRING(encoded),
+                               <uint32_t>len(encoded), earliest, at)
+        if rc >= 0 and max_attempts is not None:
+            mqs_tc_set_group_attempts(self._header, <uint32_t>rc,
+                                      max_attempts)
+        self._unlock(rc >= 0)
+        if rc == MQS_EFULL:
+            raise OSError(f"topic core {self.path} has "
+                          f"{self._header.config.v.params.max_groups} "
+                          f"groups already")
+        return rc
+
+    def find_group(self, str name):
+        """Return the index of group `name`, or -1."""
+        cdef bytes encoded = name.encode()
+        cdef int64_t rc
+        self._lock()
+        rc = mqs_tc_find_group(self._header, PyBytes_AS_STRING(encoded),
+                               <uint32_t>len(encoded))
+        self._unlock(False)
+        return rc
+
+    def open_consumer(self, uint32_t group, uint32_t prefetch, uint64_t owner,
+                      now=None):
+        """Register a consumer of `group`; return its index."""
+        cdef int64_t rc
+        cdef double at = _now(now)
+        self._lock()
+        rc = mqs_tc_open_consumer(self._header, group, prefetch, owner, at)
+        self._unlock(False)
+        if rc == MQS_EFULL:
+            raise OSError(f"topic core {self.path} has "
+                          f"{self._header.config.v.params.max_consumers} "
+                          f"consumers open already; close some")
+        if rc < 0:
+            raise ValueError(f"group {group} of topic core {self.path} does "
+                             f"not exist")
+        return rc
+
+    def close_consumer(self, uint32_t consumer, now=None):
+        """Requeue a consumer's in-flight messages and free it; return how
+        many went back (0 for a consumer that is not open)."""
+        cdef int64_t rc
+        cdef double at = _now(now)
+        self._lock()
+        rc = mqs_tc_close_consumer(self._header, consumer, at)
+        self._unlock(rc > 0)
+        return max(rc, 0)
+
+    def consumer_owner(self, uint32_t consumer):
+        """Return the owner token of an open consumer, or None."""
+        if consumer >= self._header.config.v.params.max_consumers:
+            return None
+        c = mqs_tc_consumer(self._header, consumer)
+        return c.owner if c.used else None
+
+    def consumer_in_flight(self, uint32_t consumer):
+        if consumer >= self._header.config.v.params.max_consumers:
+            return 0
+        c = mqs_tc_consumer(self._header, consumer)
+        return c.in_flight if c.used else 0
+
+    # Delivering and settling.
+
+    def fetch(self, uint32_t consumer, uint32_t max_items, double ack_timeout,
+              bint auto_ack=False, now=None):
+        """Deliver up to `max_items`; return a list of ``(seq, slot,
+        ticket, attempts, priority, timestamp, body)``.
+
+        Raises `ShutDown` for a consumer that is not open.
+        """
+        cdef int64_t n
+        cdef double at = _now(now)
+        cdef mqs_tc_delivery_t *d
+        cdef list found = []
+        if max_items > FETCH_BATCH:
+            max_items = FETCH_BATCH
+        self._lock()
+        n = mqs_tc_fetch(self._header, consumer, max_items, ack_timeout,
+                         auto_ack, at, self._out)
+        try:
+            for i in range(max(n, 0)):
+                d = &self._out[i]
+                found.append((d.seq, d.slot, d.ticket, d.attempts,
+                              d.priority, d.timestamp,
+                              PyBytes_FromStringAndSize(<char *>d.body,
+                                                        d.length)))
+        finally:
+            self._unlock(n > 0)
+        if n == MQS_ECLOSED:
+            raise ShutDown(f"consumer {consumer} of topic core {self.path} "
+                           f"is closed")
+        return found
+
+    def ack(self, uint32_t group, uint32_t slot, uint64_t ticket, now=None):
+        """Acknowledge; return False for a stale tag (counted)."""
+        cdef int rc
+        cdef double at = _now(now)
+        self._lock()
+        rc = mqs_tc_ack(self._header, group, slot, ticket, at)
+        self._unlock(rc == 1)
+        return rc == 1
+
+    def nack(self, uint32_t group, uint32_t slot, uint64_t ticket,
+             bint requeue, now=None):
+        """Requeue at the lane's tail, or dead-letter (requeue False, or
+        max_attempts reached); return False for a stale tag."""
+        cdef int rc
+        cdef double at = _now(now)
+        self._lock()
+        rc = mqs_tc_nack(self._header, group, slot, ticket, requeue, at)
+        self._unlock(rc == 1)
+        return rc == 1
+
+    def extend(self, uint32_t group, uint32_t slot, uint64_t ticket,
+               double seconds, now=None):
+        """Move the ack deadline to `seconds` from now; return False for a
+        stale tag."""
+        cdef int rc
+        cdef double at = _now(now)
+        self._lock()
+        rc = mqs_tc_extend(self._header, group, slot, ticket, seconds, at)
+        self._unlock(False)
+        return rc == 1
+
+    def release(self, uint32_t group, tags, now=None):
+        """Put in-flight tags back at their lanes' heads unseen; return
+        how many were live."""
+        cdef list items = list(tags)
+        cdef uint32_t count = len(items)
+        cdef uint32_t *slots
+        cdef uint64_t *tickets
+        cdef int64_t rc
+        cdef double at = _now(now)
+        if count == 0:
+            return 0
+        slots = <uint32_t *>malloc(sizeof(uint32_t) * count)
+        tickets = <uint64_t *>malloc(sizeof(uint64_t) * count)
+        try:
+            if slots == NULL or tickets == NULL:
+                raise MemoryError()
+            for i, (slot, ticket) in enumerate(items):
+                slots[i] = slot
+                tickets[i] = ticket
+            self._lock()
+            rc = mqs_tc_release(self._header, group, slots, tickets, count,
+                                at)
+            self._unlock(rc > 0)
+        finally:
+            free(slots)
+            free(tickets)
+        if rc < 0:
+            raise MemoryError()
+        return rc
+
+    def advance(self, now=None):
+        """Redeliver or dead-letter the deliveries whose deadline passed."""
+        cdef double at = _now(now)
+        self._lock()
+        mqs_tc_advance(self._header, at)
+        self._unlock(True)
+
+    def take_dead(self):
+        """Remove the dead entries; return them in the order they died as
+        ``(group, seq, attempts, reason, priority, timestamp, body)``."""
+        cdef mqs_tc_dead_t dead
+        cdef list found = []
+        self._lock()
+        try:
+            while mqs_tc_next_dead(self._header, &dead):
+                found.append((dead.group, dead.seq, dead.attempts,
+                              DEAD_REASONS[dead.reason], dead.priority,
+                              dead.timestamp,
+                              PyBytes_FromStringAndSize(<char *>dead.body,
+                                                        dead.length)))
+                mqs_tc_drop_dead(self._header, dead.group, dead.slot)
+        finally:
+            self._unlock(bool(found))
+        return found
+
+    # Statistics.
+
+    def counters(self):
+        """Return the topic's cumulative counters by name."""
+        cdef int64_t *values = self._header.state.v.counters
+        return {name: values[index]
+                for index, name in enumerate(COUNTER_NAMES)}
+
+    def group_counters(self, uint32_t group):
+        cdef int64_t *values = mqs_tc_group(self._header, group).counters
+        return {name: values[index]
+                for index, name in enumerate(GROUP_COUNTER_NAMES)}
+
+    def stats(self):
+        """Return stored messages and entries per state over all groups."""
+        cdef mqs_tc_stats_t stats
+        self._lock()
+        mqs_tc_stats(self._header, &stats)
+        self._unlock(False)
+        return {"stored": stats.stored, "ready": stats.ready,
+                "in_flight": stats.in_flight, "dead": stats.dead}
+
+    # Change notification.
+
+    def wait_prepare(self):
+        """Register as a waiter; return the epoch to pass to `wait`."""
+        return mqs_wait_prepare(mqs_tc_changed(self._header))
+
+    def wait(self, uint32_t epoch, double timeout):
+        """Wait until a change after `wait_prepare` or `timeout` seconds
+        (at most 50 ms in one call), then deregister."""
+        cdef int64_t timeout_ns = <int64_t>(min(max(timeout, 0.0), 0.05)
+                                            * 1e9)
+        with nogil:
+            mqs_wait_park(mqs_tc_changed(self._header), epoch, timeout_ns, 1)
+        mqs_wait_finish(mqs_tc_changed(self._header))
+
+    def cancel_wait(self):
+        """Deregister a waiter that did not call `wait`."""
+        mqs_wait_finish(mqs_tc_changed(self._header))
+
+    def signal(self):
+        mqs_wait_signal(mqs_tc_changed(self._header), 1)
+
+    def close(self):
+        """Unmap the file; idempotent."""
+        self._unmap()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __dealloc__(self):
+        if self._header != NULL:
+            munmap(self._header, <size_t>self._file_bytes)
+        if self._fd >= 0:
+            os.close(self._fd)
+        free(self._out)
