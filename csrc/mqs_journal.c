@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include "mqs_journal.h"
 #include "mqs_failpoint.h"
+#include "mqs_robust.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -19,9 +20,6 @@ static unsigned char *records_of(mqs_journal_header_t *h)
 
 int mqs_journal_format(mqs_journal_header_t *h, int64_t journal_bytes)
 {
-    pthread_mutexattr_t attr;
-    int rc;
-
     if (journal_bytes < MQS_JOURNAL_MIN_BYTES
         || journal_bytes > MQS_JOURNAL_MAX_BYTES || journal_bytes % 8 != 0)
         return MQS_EINVAL;
@@ -36,15 +34,7 @@ int mqs_journal_format(mqs_journal_header_t *h, int64_t journal_bytes)
     for (int i = 0; i < MQS_JOURNAL_MAX_PARTICIPANTS; i++)
         atomic_init(&h->tokens[i], 0);
 
-    if (pthread_mutexattr_init(&attr) != 0)
-        return MQS_EINVAL;
-    rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-    if (rc == 0)
-        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-    if (rc == 0)
-        rc = pthread_mutex_init(&h->lock.v, &attr);
-    pthread_mutexattr_destroy(&attr);
-    if (rc != 0)
+    if (mqs_robust_init(&h->lock.v) != MQS_OK)
         return MQS_EINVAL;
 
     /* Everything above becomes visible before an attacher sees READY. */
@@ -75,25 +65,9 @@ int mqs_journal_validate(const mqs_journal_header_t *h, int64_t file_bytes)
 
 int mqs_journal_lock(mqs_journal_header_t *h, int64_t timeout_ns)
 {
-    struct timespec deadline;
-    int64_t at;
-    int rc;
+    int rc = mqs_robust_lock(&h->lock.v, timeout_ns);
 
-    rc = pthread_mutex_trylock(&h->lock.v);
-    if (rc == EBUSY && timeout_ns > 0) {
-        /* pthread_mutex_timedlock takes an absolute CLOCK_REALTIME time. */
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        at = (int64_t)deadline.tv_sec * 1000000000 + deadline.tv_nsec
-             + timeout_ns;
-        deadline.tv_sec = at / 1000000000;
-        deadline.tv_nsec = at % 1000000000;
-        rc = pthread_mutex_timedlock(&h->lock.v, &deadline);
-    }
-    if (rc == 0)
-        return MQS_OK;
-    if (rc == EBUSY || rc == ETIMEDOUT)
-        return MQS_ETIMEDOUT;
-    if (rc == EOWNERDEAD) {
+    if (rc == MQS_ROBUST_OWNER_DIED) {
         /* The holder stored only single words (see the header), so the
          * shared state is consistent as it is. */
         atomic_fetch_add_explicit(&h->head.v.recoveries, 1,
@@ -101,7 +75,7 @@ int mqs_journal_lock(mqs_journal_header_t *h, int64_t timeout_ns)
         pthread_mutex_consistent(&h->lock.v);
         return 1;
     }
-    return MQS_EINVAL;
+    return rc;
 }
 
 void mqs_journal_unlock(mqs_journal_header_t *h)

@@ -5,12 +5,11 @@
 #define _GNU_SOURCE
 #include "mqs_topiccore.h"
 #include "mqs_failpoint.h"
+#include "mqs_robust.h"
 
-#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 /* ---- layout ------------------------------------------------------------ */
 
@@ -127,8 +126,6 @@ int mqs_tc_format(mqs_tc_header_t *h, const mqs_tc_params_t *params)
 {
     mqs_tc_config_t *c = config_of(h);
     mqs_tc_state_t *s = state_of(h);
-    pthread_mutexattr_t attr;
-    int rc;
 
     if (!params_valid(params))
         return MQS_EINVAL;
@@ -152,15 +149,7 @@ int mqs_tc_format(mqs_tc_header_t *h, const mqs_tc_params_t *params)
     for (uint32_t g = 0; g < params->max_groups; g++)
         mqs_tc_group(h, g)->next_deadline = INFINITY;
 
-    if (pthread_mutexattr_init(&attr) != 0)
-        return MQS_EINVAL;
-    rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-    if (rc == 0)
-        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-    if (rc == 0)
-        rc = pthread_mutex_init(&h->lock.v, &attr);
-    pthread_mutexattr_destroy(&attr);
-    if (rc != 0)
+    if (mqs_robust_init(&h->lock.v) != MQS_OK)
         return MQS_EINVAL;
     mqs_store_release_u32(&c->init_state, MQS_TC_INIT_READY);
     return MQS_OK;
@@ -189,30 +178,14 @@ int mqs_tc_validate(const mqs_tc_header_t *h, uint64_t file_bytes)
 
 int mqs_tc_lock(mqs_tc_header_t *h, int64_t timeout_ns)
 {
-    struct timespec deadline;
-    int64_t at;
-    int rc;
+    int rc = mqs_robust_lock(&h->lock.v, timeout_ns);
 
-    rc = pthread_mutex_trylock(&h->lock.v);
-    if (rc == EBUSY && timeout_ns > 0) {
-        /* pthread_mutex_timedlock takes an absolute CLOCK_REALTIME time. */
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        at = (int64_t)deadline.tv_sec * 1000000000 + deadline.tv_nsec
-             + timeout_ns;
-        deadline.tv_sec = at / 1000000000;
-        deadline.tv_nsec = at % 1000000000;
-        rc = pthread_mutex_timedlock(&h->lock.v, &deadline);
-    }
-    if (rc == 0)
-        return MQS_OK;
-    if (rc == EBUSY || rc == ETIMEDOUT)
-        return MQS_ETIMEDOUT;
-    if (rc == EOWNERDEAD) {
+    if (rc == MQS_ROBUST_OWNER_DIED) {
         mqs_tc_repair(h);
         pthread_mutex_consistent(&h->lock.v);
         return 1;
     }
-    return MQS_EINVAL;
+    return rc;
 }
 
 void mqs_tc_unlock(mqs_tc_header_t *h)
