@@ -405,6 +405,23 @@ static timed_t *collect(mqs_tc_header_t *h, uint32_t g, uint32_t state,
     return items;
 }
 
+/* collect(), sorted by the messages' seq (publish order). */
+static timed_t *collect_in_publish_order(
+    mqs_tc_header_t *h, uint32_t g, uint32_t state,
+    int (*keep)(mqs_tc_header_t *, uint32_t, mqs_tc_entry_t *, const void *),
+    const void *arg, uint32_t *found)
+{
+    timed_t *items = collect(h, g, state, keep, arg, found);
+
+    for (uint32_t i = 0; i < *found; i++) {
+        items[i].at = 0;
+        items[i].order = load_seq(mqs_tc_slot(h, items[i].slot));
+    }
+    if (*found > 1)
+        qsort(items, *found, sizeof(timed_t), compare_timed);
+    return items;
+}
+
 static int expired(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
                    const void *arg)
 {
@@ -610,13 +627,8 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     memset(group->lanes, 0, sizeof(group->lanes));
     memset(group->counters, 0, sizeof(group->counters));
     if (earliest) {
-        items = collect(h, g, MQS_TC_FREE, stored_slot, NULL, &count);
-        for (uint32_t i = 0; i < count; i++) {
-            items[i].at = 0;
-            items[i].order = load_seq(mqs_tc_slot(h, items[i].slot));
-        }
-        if (count > 1)
-            qsort(items, count, sizeof(timed_t), compare_timed);
+        items = collect_in_publish_order(h, g, MQS_TC_FREE, stored_slot,
+                                         NULL, &count);
         for (uint32_t i = 0; i < count; i++) {
             mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
             e->ready_seq = ++group->tail_seq;
@@ -695,14 +707,9 @@ static int64_t requeue_where(mqs_tc_header_t *h, uint32_t g,
                              const void *arg)
 {
     uint32_t count;
-    timed_t *items = collect(h, g, MQS_TC_IN_FLIGHT, keep, arg, &count);
+    timed_t *items = collect_in_publish_order(h, g, MQS_TC_IN_FLIGHT, keep,
+                                              arg, &count);
 
-    for (uint32_t i = 0; i < count; i++) {
-        items[i].at = 0;
-        items[i].order = load_seq(mqs_tc_slot(h, items[i].slot));
-    }
-    if (count > 1)
-        qsort(items, count, sizeof(timed_t), compare_timed);
     for (uint32_t i = 0; i < count; i++) {
         mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
         uint64_t attempts = mqs_tc_word_attempts(load_word(e));
@@ -1100,13 +1107,8 @@ void mqs_tc_repair(mqs_tc_header_t *h)
                 group->dead++;
             }
         }
-        orphans = collect(h, g, MQS_TC_IN_FLIGHT, orphaned, &g, &count);
-        for (uint32_t i = 0; i < count; i++) {
-            orphans[i].at = 0;
-            orphans[i].order = load_seq(mqs_tc_slot(h, orphans[i].slot));
-        }
-        if (count > 1)
-            qsort(orphans, count, sizeof(timed_t), compare_timed);
+        orphans = collect_in_publish_order(h, g, MQS_TC_IN_FLIGHT, orphaned,
+                                           &g, &count);
         for (uint32_t i = 0; i < count; i++) {
             mqs_tc_entry_t *e = mqs_tc_entry(h, g, orphans[i].slot);
             uint64_t attempts = mqs_tc_word_attempts(load_word(e));
