@@ -24,6 +24,8 @@ def test_broker_bench_runs_every_case(redis_url):
         _, mode, shape = name.split(".")
         count = int(bench_broker.BASE_COUNTS[mode] * SCALE)
         expected = count if shape == "1p1c" else int(shape[:-1]) * count
+        if name.startswith("core."):
+            expected *= bench_broker.CORE_COUNT_FACTOR
         assert case["messages"] == expected, name
         assert case["rounds"] == 1, name
         assert 0 < case["rate_min_per_s"] <= case["rate_per_s"], name
@@ -60,11 +62,14 @@ def test_broker_bench_leaves_no_keys_or_brokers(redis_url):
     before = set(client.scan_iter(match="mqs-bench:*"))
     bench_broker.run_broker_bench(scale=SCALE, repeat=1, url=redis_url,
                                   cases=["redis.batched.1p",
-                                         "shm.batched.1p"])
+                                         "shm.batched.1p",
+                                         "core.per_message.1p1c"])
     assert set(client.scan_iter(match="mqs-bench:*")) == before
     client.close()
     assert not [entry for entry in os.listdir("/dev/shm")
                 if entry.startswith(f"mqs.broker.mqs-bench-{os.getpid()}")]
+    assert not [entry for entry in os.listdir("/dev/shm")
+                if entry.startswith(f"mqs-bench-core-{os.getpid()}")]
 
 
 def test_broker_bench_worker_failure_raises(monkeypatch):

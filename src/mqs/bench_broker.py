@@ -20,6 +20,11 @@ at the same time:
 - ``redis.per_message.1p1c``: the producer runs XADD per message; the
   consumer runs XREADGROUP COUNT 1 (blocking) and XACK per message.
 
+- ``core.per_message.1p1c``: the same shape on `mqs._topiccore.TopicCore`
+  directly (publish; fetch of one and ack), without the `Broker` API and
+  without pickling: the ceiling of the shared topic core on this
+  machine, for comparison. The shm backend does not use the core yet.
+
 The ratio of the two ``1p1c`` cases is the tracked one for the target of
 30x Redis Streams (``tracked`` in the result); the others are kept for
 comparison.
@@ -64,6 +69,12 @@ WORKER_TIMEOUT_S = 120.0
 BASE_COUNTS = {"per_message": 2_000, "batched": 10_000}
 TARGET = 30.0
 TRACKED_RATIO = "per_message.1p1c_vs_redis_streams"
+# The core case moves this many times the per-message count, because it
+# is fast enough that a round of 2,000 messages would mostly time the
+# workers' exit.
+CORE_COUNT_FACTOR = 50
+# Lanes of the core cases: the default topic weights.
+CORE_LANES = ((9, 8), (5, 4), (0, 1))
 
 _FORK = multiprocessing.get_context("fork")
 
@@ -139,6 +150,51 @@ def _shm_consumer(name: str, count: int, start: Any, results: Any) -> None:
     results.put(done)
     consumer.close()
     broker.close()
+
+
+def _core_producer(path: str, count: int, start: Any, results: Any) -> None:
+    from mqs._topiccore import TopicCore
+
+    body = _body()
+    core = TopicCore(path, CORE_LANES)
+    gc.disable()
+    start.wait()
+    published = 0
+    while published < count:
+        if core.publish(body, 0, 0.0) > 0:
+            published += 1
+        else:
+            # Every slot is taken: let the consumer catch up.
+            time.sleep(0.0001)
+    results.put(0)
+    core.close()
+
+
+def _core_consumer(path: str, count: int, start: Any, results: Any) -> None:
+    from mqs._topiccore import TopicCore
+
+    body = _body()
+    core = TopicCore(path, CORE_LANES)
+    group = core.find_group("g")
+    consumer = core.open_consumer(group, BATCH, os.getpid())
+    gc.disable()
+    start.wait()
+    done = 0
+    while done < count:
+        epoch = core.wait_prepare()
+        found = core.fetch(consumer, 1, 600.0)
+        if not found:
+            core.wait(epoch, WORKER_TIMEOUT_S)
+            continue
+        core.cancel_wait()
+        seq, slot, ticket, _, _, _, received = found[0]
+        if received != body:
+            raise BenchmarkError(f"core message {seq} has the wrong body")
+        core.ack(group, slot, ticket)
+        done += 1
+    results.put(done)
+    core.close_consumer(consumer)
+    core.close()
 
 
 def _redis_producer(url: str, stream: str, count: int, start: Any,
@@ -296,6 +352,26 @@ def _shm_round(mode: str, shape: str, count: int) -> tuple[int, int]:
     return total, elapsed
 
 
+def _core_round(count: int) -> tuple[int, int]:
+    from mqs._topiccore import TopicCore
+
+    path = f"/dev/shm/mqs-bench-core-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    core = TopicCore(path, CORE_LANES)
+    try:
+        core.open_group("g", False)
+        elapsed = _run_workers([_core_producer, _core_consumer], (path,),
+                               count, count)
+        counters = core.counters()
+        if counters["acked"] != count or core.stats()["stored"]:
+            raise BenchmarkError(
+                f"topic core acked {counters['acked']} messages and stores "
+                f"{core.stats()['stored']}, expected {count} and 0")
+    finally:
+        core.close()
+        os.unlink(path)
+    return count, elapsed
+
+
 def _redis_round(url: str, mode: str, shape: str,
                  count: int) -> tuple[int, int]:
     import redis
@@ -325,7 +401,7 @@ def _redis_round(url: str, mode: str, shape: str,
 
 def case_names() -> list[str]:
     names = [f"{system}.per_message.{SPLIT_SHAPE}"
-             for system in ("shm", "redis")]
+             for system in ("shm", "redis", "core")]
     names += [f"{system}.{mode}.{shape}"
               for mode in ("per_message", "batched")
               for shape in SHAPES
@@ -422,7 +498,9 @@ def run_broker_bench(scale: float = 1.0, repeat: int = 3,
                     progress(f"round {index}/{repeat} {name}")
                 system, mode, shape = name.split(".")
                 count = max(1, int(BASE_COUNTS[mode] * scale))
-                if system == "shm":
+                if system == "core":
+                    result = _core_round(count * CORE_COUNT_FACTOR)
+                elif system == "shm":
                     result = _shm_round(mode, shape, count)
                 else:
                     assert url is not None
