@@ -164,8 +164,56 @@ def test_persist_rejects_a_foreign_log(log_dir):
     log = mqs.SegmentLog(log_dir)
     log.append(b"not a queue record")
     log.close()
+    with pytest.raises(mqs.DirectoryKindError,
+                       match="directory of a segment log"):
+        SharedQueue(persist=log_dir)
+    # A queue's control file beside records that a queue did not write.
+    open(os.path.join(log_dir, "queue.ctl"), "wb").close()
     with pytest.raises(ValueError, match="did not write"):
         SharedQueue(persist=log_dir)
+
+
+BROKER_HOLDER = """
+import sys
+import time
+import mqs
+broker = mqs.Broker(backend="log", path=sys.argv[1])
+broker.publish("t", b"kept")
+print("open", flush=True)
+time.sleep(600)
+"""
+
+
+def test_persist_rejects_a_log_broker_directory(tmp_path):
+    """SharedQueue(persist=) on a log broker's directory, while another
+    process runs the broker and after it exits, raises
+    DirectoryKindError (not LogLocked) and leaves the broker's files
+    alone."""
+    path = str(tmp_path / "broker")
+    child = subprocess.Popen(
+        [sys.executable, "-c", BROKER_HOLDER, path], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "open", child.stderr.read()
+        with pytest.raises(mqs.DirectoryKindError,
+                           match="directory of a log broker") as raised:
+            SharedQueue(persist=path)
+        assert raised.value.path == path
+        assert raised.value.kind == "log broker"
+        assert repr(path) in str(raised.value)
+        assert "give the durable SharedQueue a directory" \
+            in str(raised.value)
+    finally:
+        child.kill()
+        child.communicate()
+    with pytest.raises(mqs.DirectoryKindError, match="log broker"):
+        SharedQueue(persist=path)
+    assert "queue.ctl" not in os.listdir(path)
+    broker = mqs.Broker(backend="log", path=path)
+    consumer = broker.consume("t", "g")
+    assert consumer.get(timeout=10).body == b"kept"
+    consumer.close()
+    broker.close()
 
 
 def test_second_queue_on_the_same_directory_raises(log_dir):

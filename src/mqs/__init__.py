@@ -12,6 +12,7 @@ from mqs.errors import (
     UnknownTopic,
 )
 from mqs.errors import (
+    DirectoryKindError,
     LogCorrupted,
     LogLocked,
     LogPoisoned,
@@ -56,6 +57,7 @@ __all__ = [
     "LogLocked",
     "LogVersionError",
     "OffsetOutOfRange",
+    "DirectoryKindError",
     "Broker",
     "Consumer",
     "Message",

@@ -83,7 +83,7 @@ import threading
 # Consumer group of the log that stores the cursor of group 0; group n
 # uses DURABLE_GROUP-n.
 DURABLE_GROUP = "queue"
-CONTROL_FILE = "queue.ctl"
+CONTROL_FILE = QUEUE_CONTROL_FILE
 DELAYED_DIR = "delayed"
 _KEY = struct.Struct("<QqH")  # ring secret, ring position, record type
 # The key of a delayed message (in the delayed log: the due time, wall
@@ -230,6 +230,7 @@ cdef class _Durable:
             raise NotADirectoryError(
                 f"persist={path!r} is a file; give a directory for the "
                 f"queue's segment log (it is created if missing)")
+        check_directory_kind(path, DURABLE_QUEUE)
         os.makedirs(path, mode=0o700, exist_ok=True)
         self._queue = queue
         self.path = path

@@ -122,6 +122,8 @@ import time
 import weakref
 
 from mqs import _aio
+from mqs._dirkind import DURABLE_QUEUE, QUEUE_CONTROL_FILE
+from mqs._dirkind import check_directory_kind
 from mqs._queue import due_monotonic_ns
 from mqs._seglog import SegmentLog
 from mqs.errors import (
@@ -347,7 +349,8 @@ cdef class SharedQueue:
         missing, mode 0700): a durable queue. Puts go through the ring to
         the log; gets read from the log, so messages and the consumer
         position survive the exit or SIGKILL of every process. One
-        directory serves one queue. See Notes.
+        directory serves one queue: a log broker's or a bare segment
+        log's directory raises `DirectoryKindError`. See Notes.
     fsync : {"interval", "always", "never"}
         With `persist`: ``"always"`` returns from `put` only after the
         message is synced to disk (survives power loss; concurrent puts

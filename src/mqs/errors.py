@@ -18,6 +18,7 @@ __all__ = [
     "LogLocked",
     "LogVersionError",
     "OffsetOutOfRange",
+    "DirectoryKindError",
     "InvalidPriority",
     "TopicConfigError",
     "UnknownTopic",
@@ -111,6 +112,25 @@ class LogVersionError(MqsError, ValueError):
 
 class OffsetOutOfRange(MqsError, IndexError):
     """Raised for a log offset below the first retained or past the last."""
+
+
+class DirectoryKindError(MqsError, ValueError):
+    """Raised when a directory given to one kind of mqs storage belongs to
+    another kind (a durable SharedQueue's, a log broker's, a bare segment
+    log's).
+
+    Attributes
+    ----------
+    path : str or None
+        The directory.
+    kind : str or None
+        The kind of storage found there, e.g. ``"log broker"``.
+    """
+
+    def __init__(self, message="", path=None, kind=None):
+        super().__init__(message)
+        self.path = path
+        self.kind = kind
 
 
 class InvalidPriority(MqsError, ValueError):

@@ -324,6 +324,48 @@ def test_log_second_broker_in_process_raises(tmp_path):
         open_broker(path)
 
 
+DURABLE_QUEUE_HOLDER = """
+queue = mqs.SharedQueue(persist=sys.argv[1], fsync="always")
+queue.put(b"kept")
+print(json.dumps({"open": True}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_log_rejects_durable_queue_directory(tmp_path):
+    """A log broker on a durable SharedQueue's directory, while another
+    process runs the queue and after it exits, raises DirectoryKindError
+    (not LogLocked) and leaves the queue's files alone."""
+    path = tmp_path / "queue"
+    child = start_child(DURABLE_QUEUE_HOLDER, path)
+    try:
+        read_report(child)
+        with pytest.raises(mqs.DirectoryKindError,
+                           match="durable SharedQueue") as raised:
+            open_broker(path)
+        assert raised.value.path == str(path)
+        assert raised.value.kind == "durable SharedQueue"
+        assert str(path) in str(raised.value)
+        assert "persist=path" in str(raised.value)
+    finally:
+        kill(child)
+    with pytest.raises(mqs.DirectoryKindError, match="directory of its own"):
+        open_broker(path)
+    assert "CURRENT" not in os.listdir(path)
+    queue = mqs.SharedQueue(persist=str(path))
+    assert queue.get(timeout=10) == b"kept"
+    queue.close()
+
+
+def test_log_rejects_bare_segment_log(tmp_path):
+    path = tmp_path / "log"
+    log = mqs.SegmentLog(str(path))
+    log.append(b"record")
+    log.close()
+    with pytest.raises(mqs.DirectoryKindError, match="segment log"):
+        open_broker(path)
+
+
 def test_log_rejects_bad_input(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")

@@ -99,6 +99,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from mqs._dirkind import LOG_BROKER, check_directory_kind
 from mqs._seglog import SegmentLog
 from mqs.broker._backend import Delivery, Envelope, GroupStats
 from mqs.broker._memory import (
@@ -161,6 +162,9 @@ class LogBackend(MemoryBackend):
         If another broker (in this or another process) has `path` open.
     NotADirectoryError
         If `path` is a file.
+    DirectoryKindError
+        If `path` is a durable SharedQueue's or a bare segment log's
+        directory.
     ValueError
         If `fsync` is unknown, or `path` contains files that are not a
         log broker's.
@@ -766,6 +770,7 @@ def _lock_directory(path: str) -> int:
             errno.ENOTDIR,
             f"the log broker needs a directory, but path {path!r} is a "
             f"file; pass a new or empty directory", path)
+    check_directory_kind(path, LOG_BROKER)
     os.makedirs(path, mode=0o700, exist_ok=True)
     lock = os.path.join(path, LOCK)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
