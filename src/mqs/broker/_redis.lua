@@ -85,6 +85,7 @@ local ids = nil
 -- of the ready list (false: empty), cached until the list changes.
 local peeks = {}
 local rq_heads = {}
+local load_recs, load_refs
 local rec_cache = {}
 local rec_dirty = {}
 local refs_cache = {}
@@ -227,6 +228,26 @@ local function save_recs()
   rec_dirty = {}
 end
 
+-- Reads the records of `ids` into the cache with one HMGET per 1000.
+load_recs = function(g, ids)
+  local st = gkey(g, 'st')
+  for i = 1, #ids, 1000 do
+    local chunk = {}
+    for j = i, math.min(#ids, i + 999) do
+      if rec_cache[g .. '\0' .. ids[j]] == nil then
+        chunk[#chunk + 1] = ids[j]
+      end
+    end
+    if #chunk > 0 then
+      local raw = redis.call('HMGET', st, unpack(chunk))
+      for j, id in ipairs(chunk) do
+        rec_cache[g .. '\0' .. id] = raw[j] and cmsgpack.unpack(raw[j])
+          or false
+      end
+    end
+  end
+end
+
 -- Reference counts: how many groups still need an entry (0: none).
 local function get_refs(id)
   local n = refs_cache[id]
@@ -235,6 +256,24 @@ local function get_refs(id)
     refs_cache[id] = n
   end
   return n
+end
+
+-- Reads the reference counts of `ids` into the cache, as load_recs.
+load_refs = function(ids)
+  for i = 1, #ids, 1000 do
+    local chunk = {}
+    for j = i, math.min(#ids, i + 999) do
+      if refs_cache[ids[j]] == nil then
+        chunk[#chunk + 1] = ids[j]
+      end
+    end
+    if #chunk > 0 then
+      local raw = redis.call('HMGET', REFS, unpack(chunk))
+      for j, id in ipairs(chunk) do
+        refs_cache[id] = tonumber(raw[j]) or 0
+      end
+    end
+  end
 end
 
 local function set_refs(id, n)
@@ -459,6 +498,9 @@ local function bucket_ready_at(b, rate)
 end
 
 local function on_success(g, lane)
+  if not cfg.rate and #cfg.lane_rates == 0 then
+    return
+  end
   for _, pair in ipairs(buckets_of(g, lane)) do
     local b, rate = pair[1], pair[2]
     if rate.adaptive and b.cur < rate.per_second then
@@ -943,20 +985,28 @@ local function next_id()
   return string.format('%d-%d', state.ms, state.seq)
 end
 
--- Stores one message; returns its id.
-local function add_message(meta, body, maxlen, groups)
-  local key = meta.key
-  local lane = lane_of(meta.priority)
-  local id = next_id()
+-- Gives back the id that next_id returned last, unused.
+local function unuse_id()
+  local state = id_state()
+  state.seq = state.seq - 1
+end
+
+-- Returns the XADD arguments shared by a run of messages, built once per
+-- run, and the positions of the id and the body in them.
+local function xadd_template(meta, lane, maxlen)
+  if meta.args then
+    return meta.args, meta.id_at
+  end
   local args = {'XADD', stream(lane)}
   if maxlen > 0 then
     args[#args + 1] = 'MAXLEN'
     args[#args + 1] = '~'
     args[#args + 1] = maxlen
   end
-  args[#args + 1] = id
+  meta.id_at = #args + 1
+  args[#args + 1] = ''
   args[#args + 1] = 'b'
-  args[#args + 1] = body
+  args[#args + 1] = ''
   args[#args + 1] = 'p'
   args[#args + 1] = meta.priority
   args[#args + 1] = 't'
@@ -973,6 +1023,17 @@ local function add_message(meta, body, maxlen, groups)
     args[#args + 1] = name
     args[#args + 1] = meta[name]
   end
+  meta.args = args
+  return args, meta.id_at
+end
+
+-- Stores one message under `id`, from next_id.
+local function add_message(meta, body, maxlen, groups, id)
+  local key = meta.key
+  local lane = lane_of(meta.priority)
+  local args, id_at = xadd_template(meta, lane, maxlen)
+  args[id_at] = id
+  args[id_at + 2] = body
   redis.call(unpack(args))
   refs_cache[id] = 0
   count('published')
@@ -989,7 +1050,6 @@ local function add_message(meta, body, maxlen, groups)
     end
   end
   changed = true
-  return id
 end
 
 -- Reads the settings shared by one run of messages, at ARGV[base].
@@ -1011,11 +1071,25 @@ end
 
 local RUN_HEADER = 11
 
+-- Claims a dedup id for `id` with SET NX, so that one command both tests
+-- and sets it. Returns nil when it claimed it, else the message id that
+-- holds it. PX, not EX: dedup windows are float seconds, and EX would
+-- round a window below one second to zero or one.
+local function claim_dedup(dedup_key, id)
+  local ms = math.max(1, math.ceil(cfg.dedup_ms))
+  if redis.call('SET', dedup_key, id, 'NX', 'PX', ms) then
+    return nil
+  end
+  return redis.call('GET', dedup_key)
+end
+
 -- ARGV: op, run count, stream maxlen (0: none), then per run of messages
 -- with equal settings: message count, dedup token, key token, priority,
 -- delay ms, ttl ms ("" for the topic's), body encoding, headers (JSON),
--- headers (pickle), reply_to, correlation id, then one body per message.
--- "" marks an absent value.
+-- headers (pickle), reply_to, correlation id, the body lengths in bytes
+-- joined by spaces, and the bodies joined into one string. "" marks an
+-- absent value. Replies 'OK', 'FULL' or 'BLOCK', the count of ids, and
+-- the ids of the messages stored or deduplicated, joined by spaces.
 local function publish()
   local runs = tonumber(ARGV[2])
   local maxlen = tonumber(ARGV[3])
@@ -1026,39 +1100,52 @@ local function publish()
   end
   local ids = {}
   local base = 4
+  local function reply(status)
+    return {status, #ids, table.concat(ids, ' ')}
+  end
   for _ = 1, runs do
     local n = tonumber(ARGV[base])
     local meta = run_meta(base)
     local dedup_key = P .. 'dd:' .. meta.dedup
     local dedup = meta.dedup ~= '' and cfg.dedup_ms > 0
-    for j = 1, n do
-      local seen = dedup and redis.call('GET', dedup_key)
+    local bodies = ARGV[base + RUN_HEADER + 1]
+    local at = 1
+    local taken = 0
+    for length in string.gmatch(ARGV[base + RUN_HEADER], '%d+') do
+      taken = taken + 1
+      local body = string.sub(bodies, at, at + length - 1)
+      at = at + length
+      local id = next_id()
+      local seen = dedup and claim_dedup(dedup_key, id)
       if seen then
+        unuse_id()
         count('deduplicated')
         ids[#ids + 1] = seen
       else
         if cfg.maxsize > 0 and stored >= cfg.maxsize then
-          if cfg.when_full == 'raise' then
-            return {'FULL', #ids, ids}
-          end
-          if cfg.when_full == 'block' or not drop_oldest(groups) then
-            return {'BLOCK', #ids, ids}
+          local blocked = cfg.when_full ~= 'drop_oldest'
+            or not drop_oldest(groups)
+          if blocked then
+            unuse_id()
+            if dedup then
+              redis.call('DEL', dedup_key)
+            end
+            return reply(cfg.when_full == 'raise' and 'FULL' or 'BLOCK')
           end
           stored = stored - 1
         end
-        local id = add_message(meta, ARGV[base + RUN_HEADER - 1 + j],
-                               maxlen, groups)
-        if dedup then
-          redis.call('SET', dedup_key, id, 'PX',
-                     math.max(1, math.ceil(cfg.dedup_ms)))
-        end
+        add_message(meta, body, maxlen, groups, id)
         stored = stored + 1
         ids[#ids + 1] = id
       end
     end
-    base = base + RUN_HEADER + n
+    if taken ~= n or at ~= #bodies + 1 then
+      return redis.error_reply('MQS_BUG publish run of ' .. n ..
+                               ' bodies is malformed')
+    end
+    base = base + RUN_HEADER + 2
   end
-  return {'OK', #ids, ids}
+  return reply('OK')
 end
 
 -- Groups and consumers.
@@ -1245,8 +1332,11 @@ local function peek(g, lane)
   end
   save_stream_ops()
   local from = '(' .. cursor(g, lane)
+  -- The first peek of a lane in a call reads one entry: a fetch that
+  -- takes the lane's entries in bulk (read_bulk) rereads them anyway.
+  local n = buffer and 32 or 1
   buffer = {i = 1, entries = redis.call('XRANGE', stream(lane), from, '+',
-                                        'COUNT', 32)}
+                                        'COUNT', n)}
   peeks[name] = buffer
   return buffer.entries[1]
 end
@@ -1260,6 +1350,38 @@ local function read_peeked(g, lane, consumer, id)
     error('MQS_BUG read ' .. got .. ' after peeking ' .. id)
   end
   buffer.i = buffer.i + 1
+end
+
+-- Handles an entry just read from its stream that cannot be delivered
+-- now: `rec` is its record (hidden behind its key, or handled while
+-- still unread), or nil for an entry delayed into the future. Its PEL
+-- entry goes to the owner its record names, with its attempts as the
+-- delivery count.
+local function park_unready(g, lane, id, fields, rec)
+  if not rec then
+    redis.call('XCLAIM', stream(lane), g, PARKED, 0, id,
+               'RETRYCOUNT', 0, 'JUSTID')
+    delay_until(g, id, new_rec(lane, fields),
+                tonumber(field(fields, 'd')))
+    return
+  end
+  if rec.s == 'X' then
+    defer_ack(lane, g, id)
+    del_rec(g, id)
+    return
+  end
+  if rec.s == 'H' and rec.rv ~= 1 then
+    rec.d = tonumber(field(fields, 'd')) or 0
+    rec.x = tonumber(field(fields, 'x')) or 0
+  end
+  rec.r = 1
+  local owner = PARKED
+  if rec.s == 'F' then
+    owner = rec.c
+  end
+  redis.call('XCLAIM', stream(lane), g, owner, 0, id,
+             'RETRYCOUNT', rec.a, 'JUSTID')
+  put_rec(g, id, rec)
 end
 
 local function rq_head(g, lane)
@@ -1288,35 +1410,11 @@ local function candidate(g, lane)
     -- hidden behind its key (H), or shown and then handled while still
     -- unread (R, D, F), or finished so (X).
     local rec = field(sfields, 'k') and get_rec(g, sid)
-    if rec then
-      read_peeked(g, lane, PARKED, sid)
-      if rec.s == 'X' then
-        defer_ack(lane, g, sid)
-        del_rec(g, sid)
-      else
-        if rec.s == 'H' and rec.rv ~= 1 then
-          rec.d = tonumber(field(sfields, 'd')) or 0
-          rec.x = tonumber(field(sfields, 'x')) or 0
-        end
-        rec.r = 1
-        local owner = PARKED
-        if rec.s == 'F' then
-          owner = rec.c
-        end
-        redis.call('XCLAIM', stream(lane), g, owner, 0, sid,
-                   'RETRYCOUNT', rec.a, 'JUSTID')
-        put_rec(g, sid, rec)
-      end
-    else
-      local due = tonumber(field(sfields, 'd')) or 0
-      if due <= NOW then
-        break
-      end
-      read_peeked(g, lane, PARKED, sid)
-      redis.call('XCLAIM', stream(lane), g, PARKED, 0, sid,
-                 'RETRYCOUNT', 0, 'JUSTID')
-      delay_until(g, sid, new_rec(lane, sfields), due)
+    if not rec and (tonumber(field(sfields, 'd')) or 0) <= NOW then
+      break
     end
+    read_peeked(g, lane, PARKED, sid)
+    park_unready(g, lane, sid, sfields, rec)
   end
   local head = rq_head(g, lane)
   if head then
@@ -1339,8 +1437,11 @@ flying = {}
 -- entry left instead (expired, or trimmed from its stream).
 local function take(g, lane, found, consumer, auto_ack, ack_ms)
   local id, rec, fields = found[2], nil, nil
-  if found[1] == 's' then
-    read_deferred(g, lane, consumer, id)
+  if found[1] ~= 'q' then
+    -- 's': the peeked head of the stream, to read now; 'r': read already.
+    if found[1] == 's' then
+      read_deferred(g, lane, consumer, id)
+    end
     fields = found[3]
     rec = new_rec(lane, fields)
   else
@@ -1386,6 +1487,42 @@ local function take(g, lane, found, consumer, auto_ack, ack_ms)
   return delivery
 end
 
+-- Reads up to `want` unread entries of a lane into the PEL of `consumer`
+-- with one XREADGROUP and delivers the ready ones, appending them to
+-- `found`. fetch calls this only while the lane is the one it can deliver
+-- from and no rate limit applies, so each entry read is taken in stream
+-- order. An entry that became ready again meanwhile (nack, key turn) goes
+-- to the lane's list with pos = the newest seq, so it still comes after
+-- every entry read here.
+local function read_bulk(g, lane, consumer, want, auto_ack, ack_ms, found)
+  local name = g .. '\0' .. lane
+  if pending_reads[name] then
+    flush_reads(name)
+  end
+  local got = redis.call('XREADGROUP', 'GROUP', g, consumer, 'COUNT', want,
+                         'STREAMS', stream(lane), '>')
+  peeks[name] = nil
+  local entries = got and got[1][2] or {}
+  if #entries == 0 then
+    return
+  end
+  cursors[name] = entries[#entries][1]
+  dirty_cursors[name] = {g, lane}
+  for _, entry in ipairs(entries) do
+    local id, fields = entry[1], entry[2]
+    local rec = field(fields, 'k') and get_rec(g, id)
+    if rec or (tonumber(field(fields, 'd')) or 0) > NOW then
+      park_unready(g, lane, id, fields, rec)
+    else
+      local delivery = take(g, lane, {'r', id, fields}, consumer, auto_ack,
+                            ack_ms)
+      if delivery then
+        found[#found + 1] = delivery
+      end
+    end
+  end
+end
+
 -- Returns the time (ms from now) of the next timer or rate token, or -1.
 local function next_wake(g, waiting_lanes)
   local wake = nil
@@ -1407,6 +1544,11 @@ local function next_wake(g, waiting_lanes)
   return math.max(0, math.ceil(wake - NOW))
 end
 
+local function only_lane(eligible)
+  local first = next(eligible)
+  return first ~= nil and next(eligible, first) == nil
+end
+
 -- ARGV: op, group, consumer, max items, ack timeout ms, auto_ack (1/0).
 local function fetch()
   local g, consumer = ARGV[2], ARGV[3]
@@ -1424,6 +1566,7 @@ local function fetch()
   local found = {}
   local cands = {}
   local waiting = {}
+  local rated = cfg.rate or #cfg.lane_rates > 0
   while #found < limit do
     if invalidate then
       cands = {}
@@ -1455,10 +1598,16 @@ local function fetch()
     if lane == nil then
       break
     end
-    local delivery = take(g, lane, cands[lane], consumer, auto_ack, ack_ms)
+    local cand = cands[lane]
     cands[lane] = nil
-    if delivery then
-      found[#found + 1] = delivery
+    if cand[1] == 's' and not rated and not next(waiting)
+        and not rq_head(g, lane) and only_lane(eligible) then
+      read_bulk(g, lane, consumer, limit - #found, auto_ack, ack_ms, found)
+    else
+      local delivery = take(g, lane, cand, consumer, auto_ack, ack_ms)
+      if delivery then
+        found[#found + 1] = delivery
+      end
     end
   end
   if auto_ack and #found > 0 and cfg.maxsize > 0 then
@@ -1503,11 +1652,24 @@ local function ack()
   return {'OK', ack_one(ARGV[2], ARGV[3], ARGV[4])}
 end
 
--- ARGV: op, group, count, then id and ticket per delivery.
+-- ARGV: op, group, count, then "id:ticket" per delivery, joined by
+-- spaces.
 local function ack_many()
+  local g, n = ARGV[2], tonumber(ARGV[3])
+  local ids, tickets = {}, {}
+  for id, ticket in string.gmatch(ARGV[4], '([%d%-]+):(%d+)') do
+    ids[#ids + 1] = id
+    tickets[#tickets + 1] = ticket
+  end
+  if #ids ~= n then
+    return redis.error_reply('MQS_BUG ack_many got ' .. #ids ..
+                             ' tags, expected ' .. n)
+  end
+  load_recs(g, ids)
+  load_refs(ids)
   local done = {}
-  for i = 1, tonumber(ARGV[3]) do
-    done[i] = ack_one(ARGV[2], ARGV[2 + 2 * i], ARGV[3 + 2 * i])
+  for i = 1, n do
+    done[i] = ack_one(g, ids[i], tickets[i])
   end
   return {'OK', done}
 end
