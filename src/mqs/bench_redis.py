@@ -630,27 +630,37 @@ BROKER_RATIOS = (
 def run_broker_comparison(count: int = 5_000, *,
                           body_bytes: int = DEFAULT_BODY_BYTES,
                           batch: int = DEFAULT_BATCH,
+                          rounds: int = 3,
                           appendfsync: str | None = None,
                           progress: Callable[[str], None] | None = None
                           ) -> dict[str, Any]:
     """Run `BROKER_COMPARISON` on one throwaway server; return a report.
 
+    Every round runs each loop once, in table order, so a burst of load
+    from other processes slows the loops of one round rather than one
+    loop; each loop's row is its median round.
+
     The report (JSON-ready) has the settings, ``results`` (one dict per
-    loop: ``loop``, ``batch``, ``rate_per_s``, ``elapsed_ns``) and
-    ``ratios``: the batched broker loops' rates over the per-message
-    redis-py loops of `BROKER_RATIOS` (``name``, ``value``, ``target``,
-    ``met``).
+    loop: ``loop``, ``batch``, ``rate_per_s`` and ``elapsed_ns`` of the
+    median round, and ``rates_per_s`` of every round) and ``ratios``:
+    the batched broker loops' median rates over the per-message redis-py
+    loops of `BROKER_RATIOS` (``name``, ``value``, ``target``, ``met``).
     """
     _check_arguments(count, body_bytes, batch)
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     from mqs._redis_server import RedisServer
 
-    results: dict[str, RedisRunResult] = {}
+    runs: dict[str, list[RedisRunResult]] = {
+        name: [] for name in BROKER_COMPARISON}
     with RedisServer(appendfsync=appendfsync) as server:
-        for name in BROKER_COMPARISON:
-            if progress is not None:
-                progress(name)
-            results[name] = _run_one(name, server.url, count, body_bytes,
-                                     batch)
+        for round_index in range(rounds):
+            for name in BROKER_COMPARISON:
+                if progress is not None:
+                    progress(f"{name} ({round_index + 1}/{rounds})")
+                runs[name].append(_run_one(name, server.url, count,
+                                           body_bytes, batch))
+    results = {name: _median_run(found) for name, found in runs.items()}
     ratios = []
     for ratio, top, bottom, part in BROKER_RATIOS:
         base = results[bottom]
@@ -662,14 +672,21 @@ def run_broker_comparison(count: int = 5_000, *,
                        "met": value >= BROKER_TARGET})
     return {
         "count": count, "body_bytes": body_bytes, "batch": batch,
-        "appendfsync": appendfsync,
+        "rounds": rounds, "appendfsync": appendfsync,
         "hiredis": results["xadd"].params["hiredis"],
         "results": [{"loop": name, "batch": result.params["batch"],
                      "rate_per_s": result.rate_per_s,
-                     "elapsed_ns": result.elapsed_ns}
+                     "elapsed_ns": result.elapsed_ns,
+                     "rates_per_s": [run.rate_per_s for run in runs[name]]}
                     for name, result in results.items()],
         "ratios": ratios,
     }
+
+
+def _median_run(found: list[RedisRunResult]) -> RedisRunResult:
+    """Return the run of median elapsed time (the upper one of two)."""
+    ordered = sorted(found, key=lambda run: run.elapsed_ns)
+    return ordered[len(ordered) // 2]
 
 
 def run_redis_peers(count: int = 20_000, *,

@@ -86,8 +86,10 @@ class Profile:
     # Scale of mqs.bench_broker's counts, and its timed rounds.
     broker_scale: float = 0.25
     broker_repeat: int = 1
-    # Messages per loop of the redis-broker section.
+    # Messages per loop of the redis-broker section, and its rounds (each
+    # loop's row is its median round).
     redis_count: int = 5_000
+    redis_rounds: int = 3
 
     def payload_messages(self, size_bytes: int) -> int:
         """Messages per run at `size_bytes`, capped by the byte budget."""
@@ -100,7 +102,8 @@ PROFILES = {
         "quick", 1, bench.QUICK_COUNT,
         {"threads": 2_000, "processes": 1_000}, (8, 4096, 65536), 1_000,
         4 << 20, 300, 10_000, 0.005, shape_warmup=False,
-        lateness_messages=200, broker_scale=0.02, redis_count=1_000),
+        lateness_messages=200, broker_scale=0.02, redis_count=1_000,
+        redis_rounds=1),
     "default": Profile(
         "default", bench.DEFAULT_REPEAT, bench.DEFAULT_COUNT,
         {"threads": 30_000, "processes": 10_000}, (8, 64, 512, 4096, 65536),
@@ -351,7 +354,7 @@ def _run_with_progress(console: Console, case_names: list[str],
              + ("timers" in case_names)
              + (_seglog_runs(profile) if "log" in case_names else 0)
              + (_broker_runs(profile) if "broker" in case_names else 0)
-             + (len(bench_redis.BROKER_COMPARISON)
+             + (len(bench_redis.BROKER_COMPARISON) * profile.redis_rounds
                 if "redis-broker" in case_names else 0))
     # No auto refresh: its thread would be running while the cross-process
     # cases fork, and a fork copies the locks that thread may hold.
@@ -435,8 +438,8 @@ def _run_redis_broker(profile: Profile, progress) -> dict:
     if find_redis_server() is None:
         return {"skipped": "redis-server is not installed (Debian: apt-get "
                            "install redis-server)"}
-    return bench_redis.run_broker_comparison(profile.redis_count,
-                                             progress=progress)
+    return bench_redis.run_broker_comparison(
+        profile.redis_count, rounds=profile.redis_rounds, progress=progress)
 
 
 class _SectionClock:
@@ -575,6 +578,7 @@ def _settings(profile: Profile, case_names: list[str],
         "broker": {"scale": profile.broker_scale,
                    "repeat": profile.broker_repeat},
         "redis_broker": {"count": profile.redis_count,
+                         "rounds": profile.redis_rounds,
                          "batch": bench_redis.DEFAULT_BATCH},
     }
 

@@ -306,7 +306,8 @@ def redis_broker_table(report: dict) -> Table:
         title="Redis broker: messages per second, the mqs redis backend "
               "against redis-py loops",
         caption=f"{report['count']:,} messages of {report['body_bytes']} B "
-                f"per loop on a throwaway redis-server (append-only file "
+                f"per loop, median of {report.get('rounds', 1)} interleaved "
+                f"rounds, on a throwaway redis-server (append-only file "
                 f"{report['appendfsync'] or 'off'}), hiredis "
                 f"{'on' if report['hiredis'] else 'off'}. broker_* rows "
                 f"go through mqs.Broker; _batched rows send "

@@ -479,3 +479,65 @@ def test_stream_maxlen_caps_stored_entries(open_broker):
     stored = broker.stats("t")["stored"]
     # MAXLEN ~ trims whole stream nodes, so a few hundred may stay.
     assert 100 <= stored < 1000
+
+
+# Reference counts and dedup keys.
+
+def test_second_group_from_earliest_keeps_entries(open_broker, redis_url,
+                                                   namespace):
+    # Entries published to one group store no reference count; a group
+    # that starts at "earliest" later must still get every stored entry.
+    broker = open_broker()
+    first = broker.consume("t", "g1", prefetch=10)
+    broker.publish_many("t", [b"a", b"b", b"c", b"d"])
+    done = first.get(timeout=5)
+    assert done.body == b"a"
+    assert done.ack()
+    held = first.get(timeout=5)
+    assert held.body == b"b"
+    admin = redis.Redis.from_url(redis_url)
+    assert admin.hlen(f"{{{namespace}:t}}:refs") == 0
+    second = broker.consume("t", "g2", start="earliest", prefetch=10)
+    assert held.ack()
+    rest = first.get_many(10, timeout=5)
+    assert [m.body for m in rest] == [b"c", b"d"]
+    assert first.ack_many(rest) == 2
+    got = second.get_many(10, timeout=5)
+    assert [m.body for m in got] == [b"b", b"c", b"d"]
+    assert second.ack_many(got) == 3
+    assert broker.stats("t")["stored"] == 0
+    assert admin.hlen(f"{{{namespace}:t}}:refs") == 0
+    admin.close()
+
+
+def test_dedup_key_set_with_nx_and_px(open_broker, redis_url, namespace):
+    broker = open_broker()
+    broker.declare_topic("t", dedup_window=0.5)
+    first = broker.publish("t", b"x", dedup_id="order-1")
+    assert broker.publish("t", b"y", dedup_id="order-1") == first
+    admin = redis.Redis.from_url(redis_url)
+    key = f"{{{namespace}:t}}:dd:s:order-1"
+    assert admin.get(key) == first.encode()
+    # PX keeps a sub-second window: EX could not store 0.5 s.
+    assert 0 < admin.pttl(key) <= 500
+    deadline = time.monotonic() + 10
+    while admin.exists(key) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not admin.exists(key)
+    second = broker.publish("t", b"z", dedup_id="order-1")
+    assert second != first
+    assert broker.stats("t")["deduplicated"] == 1
+    admin.close()
+
+
+def test_dedup_id_released_when_topic_full(open_broker, redis_url,
+                                           namespace):
+    broker = open_broker()
+    broker.declare_topic("t", maxsize=1, when_full="raise")
+    broker.consume("t", "g").close()
+    broker.publish("t", b"a")
+    with pytest.raises(mqs.Full):
+        broker.publish("t", b"b", dedup_id="d1")
+    admin = redis.Redis.from_url(redis_url)
+    assert not admin.exists(f"{{{namespace}:t}}:dd:s:d1")
+    admin.close()

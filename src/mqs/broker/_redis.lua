@@ -10,7 +10,12 @@
 --   P meta         hash: cfg (JSON), seq, lastms, counters "c.<name>"
 --   P s:L          stream of lane L; entry id "<ms>-<seq>" is the message id
 --   P groups       hash G -> max_attempts override ("" for none)
---   P refs         hash id -> groups that still need the entry
+--   P refs         hash id -> groups that still need the entry (absent: 0),
+--                  less one for an entry published to exactly one group on
+--                  a topic without retention: such an entry stores nothing
+--                  at publish, its group's finish takes the count below 1,
+--                  which deletes it, and create_group recounts it before a
+--                  second group enters it
 --   P ret          zset "L|id" -> time (ms) the entry is kept until
 --   P tm           zset of timers, scored by their time in ms: "D<id>|G"
 --                  (delay due), "A<id>|G" (ack deadline moved by extend),
@@ -90,6 +95,8 @@ local rec_cache = {}
 local rec_dirty = {}
 local refs_cache = {}
 local refs_dirty = {}
+-- Ids whose count the refs hash did not contain when loaded.
+local refs_absent = {}
 local inflight_delta = {}
 local stream_acks = {}
 local stream_dels = {}
@@ -252,7 +259,11 @@ end
 local function get_refs(id)
   local n = refs_cache[id]
   if n == nil then
-    n = tonumber(redis.call('HGET', REFS, id)) or 0
+    n = tonumber(redis.call('HGET', REFS, id))
+    if not n then
+      n = 0
+      refs_absent[id] = true
+    end
     refs_cache[id] = n
   end
   return n
@@ -271,6 +282,7 @@ load_refs = function(ids)
       local raw = redis.call('HMGET', REFS, unpack(chunk))
       for j, id in ipairs(chunk) do
         refs_cache[id] = tonumber(raw[j]) or 0
+        refs_absent[id] = not raw[j] or nil
       end
     end
   end
@@ -289,7 +301,7 @@ local function save_refs()
     if n > 0 then
       sets[#sets + 1] = id
       sets[#sets + 1] = n
-    else
+    elseif not refs_absent[id] then
       dels[#dels + 1] = id
     end
   end
@@ -1048,6 +1060,12 @@ local function add_message(meta, body, maxlen, groups, id)
     for _, g in ipairs(groups) do
       enter(g, id, lane, key)
     end
+    if #groups == 1 and cfg.retention_ms == 0 then
+      -- The one group's need is implicit (see P refs above).
+      refs_cache[id] = 0
+      refs_dirty[id] = nil
+      refs_absent[id] = true
+    end
   end
   changed = true
 end
@@ -1201,6 +1219,20 @@ local function enter_redriven(g)
   end
 end
 
+-- Sets the reference count of a stored entry to the number of `groups`
+-- that still need it: those holding a record of it, other than a
+-- finished-unread marker, and those that have not read it yet.
+local function recount_refs(id, lane, groups)
+  local n = 0
+  for _, g in ipairs(groups) do
+    local rec = get_rec(g, id)
+    if rec and rec.s ~= 'X' or not rec and unread(g, id, lane) then
+      n = n + 1
+    end
+  end
+  set_refs(id, n)
+end
+
 local function create_group(g, start)
   local first = redis.call('HLEN', GROUPS) == 0
   redis.call('HSET', GROUPS, g, '')
@@ -1227,7 +1259,14 @@ local function create_group(g, start)
       end
     end
     table.sort(stored, function(a, b) return a[1] < b[1] end)
+    local others = {}
+    for _, name in ipairs(redis.call('HKEYS', GROUPS)) do
+      if name ~= g then
+        others[#others + 1] = name
+      end
+    end
     for _, item in ipairs(stored) do
+      recount_refs(item[2], item[3], others)
       enter(g, item[2], item[3], item[4])
     end
     enter_redriven(g)
@@ -1460,9 +1499,11 @@ local function take(g, lane, found, consumer, auto_ack, ack_ms)
     expire(g, id, rec)
     return nil
   end
-  for _, pair in ipairs(buckets_of(g, lane)) do
-    refill(pair[1], pair[2])
-    pair[1].tok = pair[1].tok - 1
+  if cfg.rate or #cfg.lane_rates > 0 then
+    for _, pair in ipairs(buckets_of(g, lane)) do
+      refill(pair[1], pair[2])
+      pair[1].tok = pair[1].tok - 1
+    end
   end
   rec.a = rec.a + 1
   rec.t = rec.t + 1
