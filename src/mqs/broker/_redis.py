@@ -16,7 +16,9 @@ Mapping
     Ack deadlines, delays and nack delays are scores in one sorted set
     per topic. The script moves whatever is due before every operation,
     so no timer process is needed. Dead letters go to a stream with
-    their reason, dedup ids are ``SET NX PX`` keys, and token buckets
+    their reason. A dedup id is claimed with one ``SET NX PX`` (PX
+    because windows are float seconds, which EX would round to whole
+    ones) and released again if the topic turns out full. Token buckets
     live in the group's hash, so every client shares one rate limit.
     All keys of a topic start with ``{<namespace>:<topic>}``, a Redis
     Cluster hash tag, so each topic lives in one slot.
@@ -32,9 +34,11 @@ Bodies
     unpickles it.
 
 Connections
-    `url` gives the server, database, user, password and TLS
-    (``rediss://``), as for ``redis.Redis.from_url``; redis-py parses
-    replies with hiredis when it is installed. A lost connection, a
+    `url` gives the server, database, user (an ACL user, or none for
+    ``requirepass``), password and TLS (``rediss://``, with the CA and
+    client certificate as query parameters such as ``ssl_ca_certs=``), as
+    for ``redis.Redis.from_url``; redis-py parses replies with hiredis
+    when it is installed. A lost connection, a
     timed-out read or a server that is still loading its data is retried
     with exponential backoff and full jitter for up to `retry_timeout`
     seconds, each retry logged; then `BackendConnectionError` is raised.
@@ -214,7 +218,10 @@ class RedisBackend(Backend):
     ----------
     url : str
         ``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS.
-        Required: the backend never guesses a server.
+        Required: the backend never guesses a server. redis-py's TLS
+        settings go in the query string, such as
+        ``rediss://user:pw@host:6380/0?ssl_ca_certs=/etc/ca.pem`` (also
+        ``ssl_certfile``, ``ssl_keyfile`` and ``ssl_cert_reqs``).
     serializer : None or "pickle"
         None (default): bodies are bytes or str. ``"pickle"``: any
         picklable body, header or key; use it only when every client that

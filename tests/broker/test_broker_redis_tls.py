@@ -1,0 +1,220 @@
+"""The redis backend over TLS (``rediss://``) with a password and an ACL
+user from the URL.
+
+A module fixture makes a throwaway CA and a server certificate for
+127.0.0.1 with the `cryptography` package, then starts a redis-server
+that listens on a TLS port of 127.0.0.1 only (``--port 0`` turns plain
+TCP off). Clients pass the CA in the URL: ``?ssl_ca_certs=<path>``.
+"""
+
+import datetime
+import ipaddress
+import os
+import socket
+import subprocess
+import time
+import urllib.parse
+
+import pytest
+
+import mqs
+
+redis = pytest.importorskip("redis")
+x509 = pytest.importorskip("cryptography.x509")
+
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+PASSWORD = "tls-default-pw"
+USER, USER_PASSWORD = "alice", "alice-tls-pw"
+START_TIMEOUT_S = 20.0
+
+
+def _write_key(path, key):
+    path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    os.chmod(path, 0o600)
+
+
+def _make_certificates(directory):
+    """Write ca.pem, server.pem and server.key; return their paths."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid_from = now - datetime.timedelta(minutes=5)
+    valid_to = now + datetime.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                            "mqs test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid_from).not_valid_after(valid_to)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0),
+                       critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False,
+            key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256()))
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                    "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid_from).not_valid_after(valid_to)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                       critical=True)
+        .sign(ca_key, hashes.SHA256()))
+    paths = {name: directory / name
+             for name in ("ca.pem", "server.pem", "server.key")}
+    paths["ca.pem"].write_bytes(
+        ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["server.pem"].write_bytes(
+        server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(paths["server.key"], server_key)
+    return paths
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tls_url(port, ca_path, user="", password=PASSWORD):
+    ca = urllib.parse.quote(str(ca_path), safe="")
+    return (f"rediss://{user}:{password}@127.0.0.1:{port}/0"
+            f"?ssl_ca_certs={ca}")
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """Start a TLS-only redis-server; yield (port, CA path)."""
+    from mqs._redis_server import find_redis_server
+
+    binary = find_redis_server()
+    if binary is None:
+        # As tests/conftest.py: CI must run every Redis test.
+        reason = ("no redis-server binary on PATH (Debian: apt-get install "
+                  "redis-server)")
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI is set", pytrace=False)
+        pytest.skip(reason)
+    directory = tmp_path_factory.mktemp("redis-tls")
+    paths = _make_certificates(directory)
+    port = _free_port()
+    log_path = directory / "redis.log"
+    command = [
+        binary, "--bind", "127.0.0.1", "--port", "0", "--tls-port",
+        str(port), "--tls-cert-file", str(paths["server.pem"]),
+        "--tls-key-file", str(paths["server.key"]), "--tls-ca-cert-file",
+        str(paths["ca.pem"]), "--tls-auth-clients", "no", "--dir",
+        str(directory), "--save", "", "--appendonly", "no",
+        "--requirepass", PASSWORD, "--user", USER, "on",
+        f">{USER_PASSWORD}", "~*", "&*", "+@all",
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    client = redis.Redis.from_url(_tls_url(port, paths["ca.pem"]),
+                                  socket_timeout=1)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                text = log_path.read_text(errors="replace")
+                lower = text.lower()
+                # A build without TLS rejects the tls-* options or says
+                # that TLS is not supported.
+                if "tls" in lower and ("not supported" in lower
+                                       or "not available" in lower
+                                       or "bad directive" in lower):
+                    pytest.skip(f"this redis-server build has no TLS "
+                                f"support; its log: {text[-300:]}")
+                pytest.fail(f"redis-server with --tls-port exited with "
+                            f"{process.returncode}; its log: {text[-1000:]}")
+            try:
+                if client.ping():
+                    break
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not answer over TLS on port "
+                            f"{port} within {START_TIMEOUT_S} s")
+            time.sleep(0.05)
+        client.close()
+        yield port, paths["ca.pem"]
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_tls_acl_user_publish_consume_ack(tls_server):
+    port, ca_path = tls_server
+    url = _tls_url(port, ca_path, user=USER, password=USER_PASSWORD)
+    broker = mqs.Broker(backend="redis", url=url, namespace="tls-acl")
+    try:
+        assert USER_PASSWORD not in repr(broker._backend)
+        consumer = broker.consume("t", "g", prefetch=10)
+        ids = broker.publish_many("t", [b"one", b"two", b"three"])
+        got = consumer.get_many(10, timeout=5)
+        assert [m.body for m in got] == [b"one", b"two", b"three"]
+        assert [m.id for m in got] == ids
+        assert consumer.ack_many(got) == 3
+        stats = broker.stats("t")
+        assert stats["acked"] == 3
+        assert stats["stored"] == 0
+    finally:
+        broker.close()
+
+
+def test_tls_requirepass_default_user(tls_server):
+    port, ca_path = tls_server
+    broker = mqs.Broker(backend="redis", url=_tls_url(port, ca_path),
+                        namespace="tls-default")
+    try:
+        broker.publish("t", b"x")
+        message = broker.consume("t", "g").get(timeout=5)
+        assert message.body == b"x"
+        assert message.ack()
+    finally:
+        broker.close()
+
+
+def test_tls_wrong_password_rejected(tls_server):
+    port, ca_path = tls_server
+    url = _tls_url(port, ca_path, user=USER, password="wrong-pw")
+    with pytest.raises(mqs.BackendConnectionError,
+                       match="rejected the credentials") as info:
+        mqs.Broker(backend="redis", url=url)
+    assert "wrong-pw" not in str(info.value)
+
+
+def test_tls_unknown_ca_fails(tls_server):
+    # Without the test CA the server's certificate cannot be verified.
+    port, _ = tls_server
+    url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0"
+    with pytest.raises(mqs.BackendConnectionError, match="unreachable"):
+        mqs.Broker(backend="redis", url=url, retry_timeout=0.3)
+
+
+def test_plain_tcp_to_tls_port_fails(tls_server):
+    port, _ = tls_server
+    url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
+    with pytest.raises(mqs.BackendConnectionError):
+        mqs.Broker(backend="redis", url=url, retry_timeout=0.3,
+                   socket_timeout=0.5)
