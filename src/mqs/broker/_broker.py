@@ -599,8 +599,8 @@ class Broker:
         Passed to the backend factory (``clock=`` for the memory backend,
         ``path=`` and ``fsync=`` for the log backend, ``url=`` and the
         options of `mqs.broker._redis.RedisBackend` for the redis one,
-        ``name=`` and ``journal_bytes=`` for the shm one). The memory and
-        log backends take ``sample_every=``, the latency sampling of
+        ``name=`` and ``journal_bytes=`` for the shm one). The memory, log
+        and redis backends take ``sample_every=``, the latency sampling of
         `group_stats`.
     """
 

@@ -34,6 +34,12 @@
 --                  "bk" token buckets (msgpack)
 --   P g:G\0cons    hash consumer -> prefetch
 --   P g:G\0inf     hash consumer -> messages it holds in flight
+--   P g:G\0ctr     hash: the group's counters (delivered, acked, nacked,
+--                  redelivered, dead_lettered, errors)
+--   P g:G\0hist    hash: sampled latency histograms, "e" enqueue to
+--                  deliver and "a" deliver to ack: "<h>:<bucket>" counts
+--                  in the buckets of mqs.metrics.hist_index, and "<h>:n",
+--                  "<h>:sum" and "<h>:max" in ns
 --
 -- Each group reads its lanes with XREADGROUP, in stream order, when the
 -- entry reaches the head of the lane. Entries that are not ready then
@@ -90,7 +96,7 @@ local ids = nil
 -- of the ready list (false: empty), cached until the list changes.
 local peeks = {}
 local rq_heads = {}
-local load_recs, load_refs
+local load_recs, load_refs, sample_due
 local rec_cache = {}
 local rec_dirty = {}
 local refs_cache = {}
@@ -116,11 +122,59 @@ local function count(name, n)
   counts[name] = (counts[name] or 0) + (n or 1)
 end
 
+-- Counter increments of each group, written back with the topic's.
+local group_counts = {}
+
+local function gcount(g, name, n)
+  local mine = group_counts[g]
+  if not mine then
+    mine = {}
+    group_counts[g] = mine
+  end
+  mine[name] = (mine[name] or 0) + (n or 1)
+end
+
 local function save_counts()
   for name, n in pairs(counts) do
     redis.call('HINCRBY', META, 'c.' .. name, n)
   end
   counts = {}
+  for g, mine in pairs(group_counts) do
+    for name, n in pairs(mine) do
+      redis.call('HINCRBY', gkey(g, 'ctr'), name, n)
+    end
+  end
+  group_counts = {}
+end
+
+-- Latency histograms, in the buckets of mqs.metrics.hist_index: exact
+-- below 64 ns, then 32 buckets per power of two.
+local HIST_MAX_NS = 2 ^ 42 - 1
+
+local function hist_index(ns)
+  ns = math.floor(math.min(math.max(ns, 0), HIST_MAX_NS))
+  if ns < 64 then
+    return ns
+  end
+  local shift, top = 0, ns
+  while top >= 64 do
+    top = math.floor(top / 2)
+    shift = shift + 1
+  end
+  return (shift + 1) * 32 + top - 32
+end
+
+-- Adds one sampled latency (ms) to histogram `h` ("e" or "a") of `g`.
+local function record_latency(g, h, ms)
+  local ns = math.floor(math.max(ms, 0) * 1e6)
+  local key = gkey(g, 'hist')
+  redis.call('HINCRBY', key, h .. ':' .. hist_index(ns), 1)
+  redis.call('HINCRBY', key, h .. ':n', 1)
+  redis.call('HINCRBY', key, h .. ':sum', ns)
+  local max = tonumber(redis.call('HGET', key, h .. ':max')) or 0
+  if ns > max then
+    redis.call('HSET', key, h .. ':max', ns)
+  end
 end
 
 -- The topic's sequence number and the millisecond of its last id.
@@ -591,6 +645,10 @@ local dead_letter
 local function make_ready(g, id, rec, front)
   rec.s = 'R'
   rec.t = rec.t + 1
+  -- ra: when it joined its lane; a released one keeps its earlier time.
+  if not front or not rec.ra then
+    rec.ra = NOW
+  end
   local list = gkey(g, 'rq:' .. rec.l)
   rq_heads[g .. '\0' .. rec.l] = nil
   if front then
@@ -772,6 +830,11 @@ dead_letter = function(g, id, rec, reason)
   redis.call(unpack(args))
   count('dead_lettered')
   count('dead_lettered.' .. reason)
+  gcount(g, 'dead_lettered')
+  if reason ~= 'rejected' and reason ~= 'max_attempts' then
+    -- The others come from a nack, which counted the error already.
+    gcount(g, 'errors')
+  end
   finish(g, id, rec)
 end
 
@@ -803,6 +866,7 @@ end
 local function missed_deadline(g, id, rec)
   leave_flight(g, id, rec)
   count('redelivered')
+  gcount(g, 'redelivered')
   set_error(g, id, rec, 'ack deadline passed')
   on_failure(g, rec.l)
   if exhausted(g, rec.a) then
@@ -1469,6 +1533,26 @@ local function candidate(g, lane)
   return nil
 end
 
+-- Deliveries between latency samples (0: none), from fetch's arguments,
+-- and each group's delivered count before this call.
+local sample_every = 0
+local delivered_before = {}
+
+-- Returns whether the delivery being made is one to sample: every
+-- sample_every-th of its group.
+sample_due = function(g)
+  if sample_every <= 0 then
+    return false
+  end
+  local before = delivered_before[g]
+  if not before then
+    before = tonumber(redis.call('HGET', gkey(g, 'ctr'), 'delivered')) or 0
+    delivered_before[g] = before
+  end
+  local n = before + group_counts[g].delivered
+  return (n - 1) % sample_every == 0
+end
+
 -- "id|ticket" of the deliveries of this fetch, which share one timer.
 flying = {}
 
@@ -1508,9 +1592,21 @@ local function take(g, lane, found, consumer, auto_ack, ack_ms)
   rec.a = rec.a + 1
   rec.t = rec.t + 1
   count('delivered')
+  gcount(g, 'delivered')
+  local sampled = sample_due(g)
+  if sampled then
+    local ready_at = rec.ra
+    if found[1] ~= 'q' then
+      ready_at = math.max(tonumber(field(fields, 't')) or NOW, rec.d)
+    end
+    if ready_at then
+      record_latency(g, 'e', NOW - ready_at)
+    end
+  end
   local delivery = {id, rec.t, rec.a, fields}
   if auto_ack then
     count('acked')
+    gcount(g, 'acked')
     finish(g, id, rec)
     return delivery
   end
@@ -1522,6 +1618,8 @@ local function take(g, lane, found, consumer, auto_ack, ack_ms)
   rec.c = consumer
   rec.dl = NOW + ack_ms
   rec.ta = 0
+  -- da: delivered at, kept for the deliver-to-ack latency of a sample.
+  rec.da = sampled and NOW or nil
   put_rec(g, id, rec)
   inflight_add(g, consumer, 1)
   flying[#flying + 1] = id .. '|' .. rec.t
@@ -1590,9 +1688,11 @@ local function only_lane(eligible)
   return first ~= nil and next(eligible, first) == nil
 end
 
--- ARGV: op, group, consumer, max items, ack timeout ms, auto_ack (1/0).
+-- ARGV: op, group, consumer, max items, ack timeout ms, auto_ack (1/0),
+-- sample_every (0: no latency samples).
 local function fetch()
   local g, consumer = ARGV[2], ARGV[3]
+  sample_every = tonumber(ARGV[7]) or 0
   local prefetch = redis.call('HGET', gkey(g, 'cons'), consumer)
   if not prefetch then
     return redis.error_reply('MQS_SHUTDOWN consumer ' .. consumer ..
@@ -1682,6 +1782,10 @@ local function ack_one(g, id, ticket)
     return 0
   end
   count('acked')
+  gcount(g, 'acked')
+  if rec.da then
+    record_latency(g, 'a', NOW - rec.da)
+  end
   leave_flight(g, id, rec)
   finish(g, id, rec)
   on_success(g, rec.l)
@@ -1738,6 +1842,8 @@ local function nack()
     return {'OK', 0}
   end
   count('nacked')
+  gcount(g, 'nacked')
+  gcount(g, 'errors')
   leave_flight(g, id, rec)
   if ARGV[7] ~= '' then
     redis.call('HSET', gkey(g, 'err'), id, ARGV[7])
@@ -1898,6 +2004,58 @@ end
 
 -- State.
 
+-- Returns the ready, delayed and in-flight messages of group `g`, and
+-- the time (ms) the oldest ready one joined its lane, or nil.
+-- NOTE: walks every record and unread entry of the group, so it takes
+-- time in proportion to the backlog. XINFO GROUPS "lag" would be O(1),
+-- but it counts delayed and key-hidden unread entries as ready.
+local function group_state(g)
+  local ready, delayed, in_flight_count = 0, 0, 0
+  local oldest = nil
+  local function ready_since(at)
+    if at and (not oldest or at < oldest) then
+      oldest = at
+    end
+  end
+  for _, raw_rec in ipairs(redis.call('HVALS', gkey(g, 'st'))) do
+    local rec = cmsgpack.unpack(raw_rec)
+    local state = rec.s
+    if state == 'D' then
+      delayed = delayed + 1
+    elseif state == 'F' then
+      in_flight_count = in_flight_count + 1
+    elseif state ~= 'X' then
+      ready = ready + 1
+      if state == 'R' then
+        ready_since(rec.ra)
+      end
+    end
+  end
+  for _, lane in ipairs(cfg.lanes) do
+    local from = '(' .. cursor(g, lane)
+    while true do
+      local page = redis.call('XRANGE', stream(lane), from, '+',
+                              'COUNT', 1000)
+      for _, entry in ipairs(page) do
+        if not get_rec(g, entry[1]) then
+          local due = tonumber(field(entry[2], 'd')) or 0
+          if due > NOW then
+            delayed = delayed + 1
+          else
+            ready = ready + 1
+            ready_since(math.max(due, tonumber(field(entry[2], 't')) or NOW))
+          end
+        end
+      end
+      if #page < 1000 then
+        break
+      end
+      from = '(' .. page[#page][1]
+    end
+  end
+  return ready, delayed, in_flight_count, oldest
+end
+
 local function stats()
   save_counts()
   save_recs()
@@ -1913,36 +2071,10 @@ local function stats()
   local ready, delayed, in_flight_count = 0, 0, 0
   local groups = redis.call('HKEYS', GROUPS)
   for _, g in ipairs(groups) do
-    for _, raw_rec in ipairs(redis.call('HVALS', gkey(g, 'st'))) do
-      local state = cmsgpack.unpack(raw_rec).s
-      if state == 'D' then
-        delayed = delayed + 1
-      elseif state == 'F' then
-        in_flight_count = in_flight_count + 1
-      elseif state ~= 'X' then
-        ready = ready + 1
-      end
-    end
-    for _, lane in ipairs(cfg.lanes) do
-      local from = '(' .. cursor(g, lane)
-      while true do
-        local page = redis.call('XRANGE', stream(lane), from, '+',
-                                'COUNT', 1000)
-        for _, entry in ipairs(page) do
-          if not get_rec(g, entry[1]) then
-            if (tonumber(field(entry[2], 'd')) or 0) > NOW then
-              delayed = delayed + 1
-            else
-              ready = ready + 1
-            end
-          end
-        end
-        if #page < 1000 then
-          break
-        end
-        from = '(' .. page[#page][1]
-      end
-    end
+    local r, d, f = group_state(g)
+    ready = ready + r
+    delayed = delayed + d
+    in_flight_count = in_flight_count + f
   end
   local gauges = {stored = stored_count(), ready = ready,
                   delayed = delayed, in_flight = in_flight_count,
@@ -1952,6 +2084,28 @@ local function stats()
     result[#result + 1] = value
   end
   return {'OK', result}
+end
+
+-- Replies per group: name, consumers, ready, delayed, in flight, the
+-- oldest ready one's wait in ms (-1: none), its counters and its
+-- histograms as flat field lists.
+local function group_stats()
+  save_counts()
+  save_recs()
+  save_stream_ops()
+  local found = {}
+  for _, g in ipairs(redis.call('HKEYS', GROUPS)) do
+    local ready, delayed, flying_count, oldest = group_state(g)
+    local wait = -1
+    if oldest then
+      wait = string.format('%.3f', math.max(0, NOW - oldest))
+    end
+    found[#found + 1] = {g, redis.call('HLEN', gkey(g, 'cons')), ready,
+                         delayed, flying_count, wait,
+                         redis.call('HGETALL', gkey(g, 'ctr')),
+                         redis.call('HGETALL', gkey(g, 'hist'))}
+  end
+  return {'OK', found}
 end
 
 -- Topics.
@@ -1970,7 +2124,8 @@ local OPS = {publish = publish, open = open_consumer,
              ack_many = ack_many, nack = nack,
              extend = extend, release = release, in_flight = in_flight,
              dlq_list = dlq_list, dlq_redrive = dlq_redrive,
-             dlq_purge = dlq_purge, stats = stats}
+             dlq_purge = dlq_purge, stats = stats,
+             group_stats = group_stats}
 
 -- Dispatch.
 

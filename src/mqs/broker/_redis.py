@@ -81,8 +81,10 @@ from mqs.broker._backend import (
     DeadLetter,
     Delivery,
     Envelope,
+    GroupStats,
 )
-from mqs.broker._memory import _conflict, _stayed_full
+from mqs import metrics
+from mqs.broker._memory import _conflict, _sample_every, _stayed_full
 from mqs.broker._policy import Backoff, Rate, TopicConfig
 from mqs.errors import (
     BackendConnectionError,
@@ -243,6 +245,10 @@ class RedisBackend(Backend):
     client : redis.Redis, optional
         Use this client instead of one built from `url` (its replies must
         be bytes: ``decode_responses=False``).
+    sample_every : int, None or "default"
+        Sample the latencies of one delivery in this many per group
+        (see `group_stats`); None turns sampling off. The default is
+        `mqs.metrics.default_sample_every()` when the backend is made.
     """
 
     name = "redis"
@@ -251,8 +257,10 @@ class RedisBackend(Backend):
                  serializer: str | None = None, namespace: str = "mqs",
                  socket_timeout: float = 5.0, retry_timeout: float = 30.0,
                  stream_maxlen: int | None = None,
-                 client: Any = None) -> None:
+                 client: Any = None,
+                 sample_every: int | None | str = "default") -> None:
         redis = _redis_module()
+        self.sample_every = _sample_every(sample_every)
         if serializer not in _SERIALIZERS:
             raise ValueError(
                 f"serializer must be None (bytes and str bodies) or "
@@ -570,7 +578,7 @@ class RedisBackend(Backend):
                     auto_ack):
         reply = self._run(topic, "fetch", group, consumer,
                           min(max_items, _MAX_BATCH), ack_timeout * 1000,
-                          1 if auto_ack else 0)
+                          1 if auto_ack else 0, self.sample_every or 0)
         _, wait_ms, found, wake_id = reply
         delivery = self._delivery
         deliveries = [delivery(topic, group, raw) for raw in found]
@@ -696,6 +704,44 @@ class RedisBackend(Backend):
         for name, value in zip(flat[::2], flat[1::2]):
             result[name.decode()] = int(value)
         return result
+
+    def group_stats(self, topic: str) -> list[GroupStats]:
+        found = []
+        for raw in self._run(topic, "group_stats")[1]:
+            (name, consumers, ready, delayed, in_flight, wait_ms, counters,
+             histograms) = raw
+            counts = {key.decode(): int(value)
+                      for key, value in zip(counters[::2], counters[1::2])}
+            hist = {key.decode(): int(value)
+                    for key, value in zip(histograms[::2], histograms[1::2])}
+            found.append(GroupStats(
+                topic=topic, group=name.decode(), consumers=consumers,
+                lag_messages=ready,
+                lag_seconds=0.0 if wait_ms == -1 else float(wait_ms) / 1000,
+                delayed=delayed, in_flight=in_flight,
+                delivered=counts.get("delivered", 0),
+                acked=counts.get("acked", 0),
+                nacked=counts.get("nacked", 0),
+                redelivered=counts.get("redelivered", 0),
+                dead_lettered=counts.get("dead_lettered", 0),
+                errors=counts.get("errors", 0),
+                sample_every=self.sample_every,
+                enqueue_to_deliver=self._latency(hist, "e"),
+                deliver_to_ack=self._latency(hist, "a")))
+        return found
+
+    def _latency(self, hist: dict[str, int], name: str
+                 ) -> metrics.LatencySummary | None:
+        """Return histogram `name` ("e" or "a") of a group_stats reply."""
+        count = hist.get(f"{name}:n", 0)
+        if self.sample_every is None and not count:
+            return None
+        buckets = sorted(
+            (int(key[len(name) + 1:]), value) for key, value in hist.items()
+            if key.startswith(name + ":") and key[len(name) + 1:].isdigit())
+        return metrics.summarize_buckets(
+            buckets, count, hist.get(f"{name}:sum", 0),
+            hist.get(f"{name}:max", 0), self.sample_every or 0)
 
     def wait_changed(self, timeout: float) -> None:
         # The callers poll a topic's state; no topic is named here, so
