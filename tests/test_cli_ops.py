@@ -107,6 +107,28 @@ def test_stat_log_shows_group_lag(log_dir):
     assert "180" in table.stdout
 
 
+def test_stat_durable_queue_directory_shows_groups(tmp_path):
+    path = str(tmp_path / "durable")
+    q = mqs.SharedQueue(persist=path, groups=2)
+    q.put_many([b"a", b"b", b"c", b"d"])
+    assert q.get(timeout=10) == b"a"
+    q.close()
+    result = run_mqs("stat", path, "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["persist"] == path
+    assert stats["groups"] == 2
+    assert stats["lag"] == [3, 4]
+    assert stats["dequeued"] == [1, 0]
+    assert stats["committed"] == [1, None]
+    assert stats["lag_seconds"][1] > 0
+    table = run_mqs("stat", path)
+    assert table.returncode == 0, table.stderr
+    assert "durable shared queue" in table.stdout
+    assert "group 1: lag (seconds)" in table.stdout
+    assert "group 0: committed offset" in table.stdout
+
+
 def test_stat_unknown_name_is_one_line_error():
     result = run_mqs("stat", "no-such-queue-for-cli")
     assert_one_line_error(result, "no shared queue named "

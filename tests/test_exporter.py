@@ -103,6 +103,32 @@ def test_server_exports_process_and_shared_queues(shm_name, tmp_path):
                     log="exporter-log") == 6
 
 
+def test_server_exports_durable_queue_groups(shm_name, tmp_path):
+    """A named durable queue is exported with its log's groups and lag,
+    not with its inbox ring's single group."""
+    shared = mqs.SharedQueue(name=shm_name, groups=2,
+                             persist=str(tmp_path / "durable"))
+    shared.put_many([b"a", b"b", b"c"])
+    assert shared.get(timeout=10) == b"a"
+    try:
+        with mqs.start_metrics_server(0) as server:
+            found = samples_by_name(scrape(server.port))
+    finally:
+        shared.unlink()
+        shared.close()
+    name = {"queue": shm_name, "kind": "SharedQueue"}
+    assert value_of(found, "mqs_queue_consumer_lag_messages", group="0",
+                    **name) == 2
+    assert value_of(found, "mqs_queue_consumer_lag_messages", group="1",
+                    **name) == 3
+    assert value_of(found, "mqs_queue_depth_messages", group="1",
+                    **name) == 3
+    assert value_of(found, "mqs_queue_dequeued_messages_total", group="0",
+                    **name) == 1
+    assert value_of(found, "mqs_queue_consumer_lag_seconds", group="1",
+                    **name) >= 0
+
+
 def test_metric_names_follow_prometheus_conventions():
     q = mqs.Queue()
     q.put(1)

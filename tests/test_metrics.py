@@ -435,3 +435,60 @@ def test_log_linear_histogram_summary():
     assert summary.buckets[-1][1] == 1000
     restored = pickle.loads(pickle.dumps(histogram))
     assert restored.summary(1) == summary
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_durable_shared_queue_stats_report_the_log(tmp_path):
+    """stats() of a durable queue, and inspect_durable_queue of its
+    directory, report the log's groups, lag, cursors and committed
+    offsets, not the inbox ring's."""
+    path = str(tmp_path / "durable")
+    q = mqs.SharedQueue(persist=path, groups=2, maxsize=50)
+    slow = q.for_group(1)
+    q.put_many([b"%d" % n for n in range(10)])
+    assert q.get_many(4, timeout=10) == [b"0", b"1", b"2", b"3"]
+    time.sleep(0.3)
+    # The appender commits every 0.2 s; wait for group 0's commit.
+    wait_for(lambda: q.stats().committed[0] == 4)
+    stats = q.stats()
+    assert stats.persist == path
+    assert stats.groups == 2
+    assert stats.maxsize == 50
+    assert stats.enqueued == 10
+    assert stats.dequeued == (4, 0)
+    assert stats.lag == (6, 10)
+    assert stats.depth == 6
+    assert slow.stats().depth == 10
+    assert slow.stats().group == 1
+    assert stats.committed == (4, None)
+    assert stats.lag_seconds[0] >= 0.3
+    assert stats.lag_seconds[1] >= stats.lag_seconds[0]
+    assert stats.lost_records == 0
+
+    inspected = metrics.inspect_durable_queue(path)
+    assert inspected.persist == path
+    assert inspected.groups == 2
+    assert inspected.lag == (6, 10)
+    assert inspected.dequeued == (4, 0)
+    assert inspected.committed == (4, None)
+    assert inspected.attached_processes == 0
+
+    assert len(slow.get_many(10, timeout=10)) == 10
+    assert len(q.get_many(6, timeout=10)) == 6
+    stats = q.stats()
+    assert stats.lag == (0, 0)
+    assert stats.lag_seconds == (0.0, 0.0)
+    slow.close()
+    q.close()
+    assert metrics.inspect_durable_queue(path).committed == (10, 10)
+
+
+def test_inspect_durable_queue_rejects_other_directory(tmp_path):
+    with pytest.raises(mqs.QueueNotFound, match="not a durable"):
+        metrics.inspect_durable_queue(str(tmp_path))

@@ -159,6 +159,88 @@ def _check_queue_log(log, path):
             f"SharedQueue did not write; give the queue its own directory")
 
 
+cdef dict _durable_stats_fields(mqs_dq_control_t *control, object reader,
+                                str path, int64_t inbox):
+    """Return the SharedQueueStats fields of a durable queue: per group
+    lag in messages (log plus `inbox`) and seconds, cursors and
+    committed offsets. Only loads from the control block."""
+    cdef int groups = <int>mqs_dq_get(control, MQS_DQ_GROUPS)
+    cdef int64_t end = mqs_dq_get(control, MQS_DQ_APPENDED_OFFSET)
+    cdef int64_t now = time.time_ns()
+    groups = min(max(groups, 1), MQS_DQ_MAX_GROUPS)
+    cursors = [mqs_dq_get_cursor(control, g) for g in range(groups)]
+    lag_seconds = []
+    for cursor in cursors:
+        lag_seconds.append(
+            _age_seconds(reader, cursor, now) if cursor < end else 0.0)
+    return dict(
+        persist=path, groups=groups,
+        lag=tuple(max(0, end - cursor) + inbox for cursor in cursors),
+        dequeued=tuple(cursors), enqueued=end + inbox,
+        maxsize=mqs_dq_get(control, MQS_DQ_MAXSIZE),
+        delayed=mqs_dq_get(control, MQS_DQ_DELAYED),
+        committed=tuple(reader.committed(_group_log_name(g))
+                        for g in range(groups)),
+        lag_seconds=tuple(lag_seconds))
+
+
+cdef double _age_seconds(object reader, int64_t offset, int64_t now_ns):
+    """Seconds since the record at `offset` was appended, 0.0 if it is
+    gone or not visible yet."""
+    try:
+        timestamp = reader.read_record(offset).timestamp
+    except OffsetOutOfRange:
+        try:
+            reader.refresh()
+            timestamp = reader.read_record(offset).timestamp
+        except OffsetOutOfRange:
+            return 0.0
+    return max(0.0, (now_ns - timestamp) / 1e9)
+
+
+def _inspect_durable_dir(path):
+    """Return the SharedQueueStats of the durable queue at `path`, read
+    from its control file (mapped read-only) and its log."""
+    from mqs import metrics
+
+    cdef void *address
+    cdef mqs_dq_control_t *control
+    path = os.fspath(path)
+    control_path = os.path.join(path, CONTROL_FILE)
+    try:
+        fd = os.open(control_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise QueueNotFound(
+            f"{path!r} has no {CONTROL_FILE}; it is not a durable "
+            f"SharedQueue's directory") from None
+    try:
+        if os.fstat(fd).st_size < MQS_DQ_FILE_BYTES:
+            raise QueueLayoutError(
+                f"{control_path!r} is {os.fstat(fd).st_size} bytes, not "
+                f"{MQS_DQ_FILE_BYTES}; open the queue once with this mqs "
+                f"version to upgrade it")
+        address = mmap(NULL, MQS_DQ_FILE_BYTES, PROT_READ, MAP_SHARED, fd, 0)
+    finally:
+        os.close(fd)
+    if address == MAP_FAILED:
+        raise OSError(f"cannot map {control_path!r}")
+    control = <mqs_dq_control_t *>address
+    reader = None
+    try:
+        reader = SegmentLog(path, readonly=True)
+        fields = _durable_stats_fields(control, reader, path, 0)
+        lost = mqs_dq_get(control, MQS_DQ_LOST)
+    finally:
+        if reader is not None:
+            reader.close()
+        munmap(address, MQS_DQ_FILE_BYTES)
+    return metrics.SharedQueueStats(
+        name=None, capacity_bytes=0, max_message_size=0, group=0,
+        depth=fields["lag"][0], used_bytes=0, attached_processes=0,
+        repaired_records=0, repaired_bytes=0, lost_records=lost,
+        stalls_reported=0, **fields)
+
+
 @cython.final
 cdef class _Durable:
     """The durable part of one SharedQueue handle (one per process)."""
@@ -939,6 +1021,11 @@ cdef class _Durable:
 
     cdef int64_t lost(self):
         return mqs_dq_get(self._control, MQS_DQ_LOST)
+
+    cdef dict stats_fields(self):
+        """Return the SharedQueueStats fields that describe the log."""
+        return _durable_stats_fields(self._control, self._reader, self.path,
+                                     mqs_br_count(&self._queue._ring, 0))
 
     # -- closing ------------------------------------------------------------
 

@@ -392,9 +392,19 @@ cdef class SharedQueue:
     process using the queue takes over within 50 ms and skips what its
     predecessor had written. A message is in the log once the appender
     moved it, and the log keeps it until a consumer takes it. The
-    consumer position is written to the log every 0.2 s and on `close`,
-    so after a crash of every process up to 0.2 s of gets may be
-    delivered again (at least once). With ``fsync="interval"`` or
+    consumer position is written to the log every 0.2 s and on `close`.
+    After every process using an anonymous queue was killed (or after
+    a reboot, or once a named queue's ring is unlinked), each group
+    restarts at the position last written: the messages it got after
+    that write are delivered again, once, in their order, and nothing
+    it had not got is skipped (at least once). These are the gets of
+    the last 0.2 s before the crash, more while the process that runs
+    the appender was kept from running (a loaded machine). A group's
+    written position is in `stats` (``committed``). A named queue's
+    ring outlives its processes and keeps each group's exact position,
+    so nothing is delivered again, and a message got by a process
+    killed before `get` returned is lost, as for a single crash. With
+    ``fsync="interval"`` or
     ``"never"``, a `put` returns once the message is in the shared ring:
     a message not yet moved to the log is lost if every process using an
     anonymous queue dies (a named queue's ring outlives them, and the next
@@ -958,8 +968,10 @@ cdef class SharedQueue:
         ``lost_records``: an upper bound on messages taken by consumers
         that died before returning them, plus, on a durable queue, the
         messages found deleted before the consumer that took them read
-        them, which only a segment file deleted by hand can cause). A durable queue's ring counters describe its
-        inbox, which only the appender reads.
+        them, which only a segment file deleted by hand can cause). A durable
+        queue reports its log's groups, lag (messages and seconds),
+        cursors and committed offsets; its ring counters (bytes,
+        repairs) describe its inbox, which only the appender reads.
 
         Raises
         ------
@@ -973,9 +985,11 @@ cdef class SharedQueue:
         stats = _read_stats(&self._ring, self.name,
                             0 if self._durable is not None else self._group)
         if self._durable is not None:
+            fields = self._durable.stats_fields()
             stats = dataclasses.replace(
-                stats, delayed=self._durable.delayed(),
-                lost_records=stats.lost_records + self._durable.lost())
+                stats, group=self._group, depth=fields["lag"][self._group],
+                lost_records=stats.lost_records + self._durable.lost(),
+                **fields)
         elif self._delay.base != NULL:
             stats = dataclasses.replace(
                 stats, delayed=mqs_delay_count(&self._delay))

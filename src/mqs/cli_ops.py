@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mqs import metrics
+from mqs._dirkind import DURABLE_QUEUE, directory_kind
 from mqs.errors import Empty, LogCorrupted, MqsError
 
 EXIT_OK = 0
@@ -160,11 +161,14 @@ def _add_stat_parser(subparsers: Any) -> None:
         "stat", help="show the counters of one shared queue or segment log",
         description="Print one table of the counters of a named shared "
                     "queue (read through a read-only mapping; the queue "
-                    "is not disturbed) or of a segment log directory "
-                    "(opened read-only).")
+                    "is not disturbed), of a durable shared queue's "
+                    "directory (its groups, lag and committed offsets, "
+                    "read-only) or of a segment log directory (opened "
+                    "read-only).")
     parser.add_argument("target", metavar="NAME|PATH",
-                        help="shared queue name (as in SharedQueue(name=...)) "
-                             "or segment log directory")
+                        help="shared queue name (as in SharedQueue(name=...)), "
+                             "durable queue directory (persist=...) or "
+                             "segment log directory")
     parser.add_argument("--json", action="store_true",
                         help="print the stats as JSON instead of a table")
     parser.set_defaults(handler=_handler("stat", _run_stat))
@@ -172,7 +176,11 @@ def _add_stat_parser(subparsers: Any) -> None:
 
 def _run_stat(args: argparse.Namespace) -> int:
     console = _console()
-    if _is_log_dir(args.target):
+    if _is_log_dir(args.target) and directory_kind(args.target) \
+            == DURABLE_QUEUE:
+        stats = metrics.inspect_durable_queue(args.target)
+        table = _queue_table(stats)
+    elif _is_log_dir(args.target):
         log = _open_log(args.target)
         try:
             stats = log.stats()
@@ -197,7 +205,11 @@ def _run_stat(args: argparse.Namespace) -> int:
 
 
 def _queue_table(stats: metrics.SharedQueueStats) -> Table:
-    table = Table(title=f"shared queue {escape(str(stats.name))}")
+    if stats.persist is None:
+        title = f"shared queue {escape(str(stats.name))}"
+    else:
+        title = f"durable shared queue {escape(stats.persist)}"
+    table = Table(title=title)
     table.add_column("counter")
     table.add_column("value", justify="right")
     rows: list[tuple[str, Any]] = [
@@ -207,6 +219,13 @@ def _queue_table(stats: metrics.SharedQueueStats) -> Table:
     for group in range(stats.groups):
         rows.append((f"group {group}: dequeued", stats.dequeued[group]))
         rows.append((f"group {group}: lag (messages)", stats.lag[group]))
+        if stats.lag_seconds is not None:
+            rows.append((f"group {group}: lag (seconds)",
+                         f"{stats.lag_seconds[group]:.3f}"))
+        if stats.committed is not None:
+            committed = stats.committed[group]
+            rows.append((f"group {group}: committed offset",
+                         "-" if committed is None else committed))
     rows += [
         ("delayed", "-" if stats.delayed is None else stats.delayed),
         ("maxsize (0: ring bound)", stats.maxsize),

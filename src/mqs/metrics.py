@@ -122,6 +122,18 @@ class SharedQueueStats:
     reader; ``"consumer_died"`` for an upper bound on messages taken by
     consumers that died before returning them. `delayed` is None for a
     queue without delayed delivery.
+
+    A durable queue (``persist=``) reports its log: `groups`, `lag` and
+    `depth` count the messages in the log and in its inbox ring that a
+    group has not taken, `dequeued` the log offsets each group took,
+    `enqueued` every message appended or waiting in the inbox, and
+    `maxsize` the durable bound. It also fills `persist` (the log
+    directory), `committed` (per group, the offset last written to the
+    log, where the group restarts after a crash of every process) and
+    `lag_seconds` (per group, the age of the oldest message it has not
+    taken, 0.0 with no lag). The ring fields (`capacity_bytes`,
+    `used_bytes`, `attached_processes`, the repair counters) describe
+    the inbox; read from the directory alone they are 0.
     """
 
     name: str | None
@@ -144,6 +156,9 @@ class SharedQueueStats:
     # Enqueue-to-deliver latency of sampled messages, all groups
     # together; None while sampling is off and nothing was recorded.
     latency: LatencySummary | None = None
+    persist: str | None = None
+    committed: tuple[int | None, ...] | None = None
+    lag_seconds: tuple[float, ...] | None = None
 
     @property
     def dropped(self) -> Mapping[str, int]:
@@ -494,6 +509,14 @@ QUEUE_DROPPED = Metric(
 QUEUE_LAG = Metric(
     "mqs_queue_consumer_lag_messages", "gauge",
     "Messages a consumer group of a shared queue has not got yet")
+QUEUE_LAG_SECONDS = Metric(
+    "mqs_queue_consumer_lag_seconds", "gauge",
+    "Age of the oldest message a consumer group of a durable shared "
+    "queue has not got")
+QUEUE_COMMITTED = Metric(
+    "mqs_queue_committed_offset", "gauge",
+    "Log offset where a consumer group of a durable shared queue "
+    "restarts after a crash of every process")
 QUEUE_ATTACHED = Metric(
     "mqs_queue_attached_processes", "gauge",
     "Live processes attached to a shared queue")
@@ -604,7 +627,10 @@ class MetricsRegistry:
         samples.extend(self._local_queue_samples())
         samples.extend(self._local_shared_samples(scan_shared))
         if scan_shared:
+            durable = _local_durable_names()
             for stats in scan_shared_queues():
+                if stats.name in durable:
+                    continue
                 samples.extend(shared_queue_samples(stats, stats.name or ""))
         with self._lock:
             logs = list(self._logs)
@@ -637,8 +663,10 @@ class MetricsRegistry:
         from mqs import _shared
 
         for queue in _shared._live_queues():
-            # A named queue is read by the machine-wide scan already.
-            if scan_shared and queue.name is not None:
+            # A named queue is read by the machine-wide scan already,
+            # except a durable one, whose ring is only its inbox.
+            if scan_shared and queue.name is not None \
+                    and queue.persist is None:
                 continue
             try:
                 stats = queue.stats()
@@ -646,6 +674,14 @@ class MetricsRegistry:
                 continue
             yield from shared_queue_samples(
                 stats, queue.name or self.name_of(queue))
+
+
+def _local_durable_names() -> set[str]:
+    """Names of the durable shared queues open in this process."""
+    from mqs import _shared
+
+    return {queue.name for queue in _shared._live_queues()
+            if queue.name is not None and queue.persist is not None}
 
 
 REGISTRY = MetricsRegistry()
@@ -683,6 +719,13 @@ def shared_queue_samples(stats: SharedQueueStats,
         yield Sample(QUEUE_DEPTH, group_labels, stats.lag[group])
         yield Sample(QUEUE_LAG, group_labels, stats.lag[group])
         yield Sample(QUEUE_DEQUEUED, group_labels, stats.dequeued[group])
+        if stats.lag_seconds is not None:
+            yield Sample(QUEUE_LAG_SECONDS, group_labels,
+                         stats.lag_seconds[group])
+        if stats.committed is not None \
+                and stats.committed[group] is not None:
+            yield Sample(QUEUE_COMMITTED, group_labels,
+                         stats.committed[group])
     if stats.delayed is not None:
         yield Sample(QUEUE_DELAYED, labels, stats.delayed)
     yield Sample(QUEUE_MAXSIZE, labels, stats.maxsize)
@@ -753,6 +796,26 @@ def inspect_shared_queue(name_or_path: str) -> SharedQueueStats:
         name = name_or_path
         path = os.path.join(SHM_DIR, SHM_PREFIX + name)
     return _shared._inspect_file(path, name)
+
+
+def inspect_durable_queue(path: str) -> SharedQueueStats:
+    """Read the stats of the durable shared queue whose log is at `path`
+    (``SharedQueue(persist=path)``) without attaching to it.
+
+    The control file is mapped read-only and the log opened read-only;
+    the queue need not be running. The inbox ring is not read, so its
+    fields are 0 and messages not yet moved into the log are not counted.
+
+    Raises
+    ------
+    QueueNotFound
+        If `path` has no durable queue's control file.
+    QueueLayoutError
+        If the control file was written by an older mqs.
+    """
+    from mqs import _shared
+
+    return _shared._inspect_durable_dir(path)
 
 
 def scan_shared_queues() -> list[SharedQueueStats]:
