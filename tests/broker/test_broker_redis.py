@@ -541,3 +541,39 @@ def test_dedup_id_released_when_topic_full(open_broker, redis_url,
     admin = redis.Redis.from_url(redis_url)
     assert not admin.exists(f"{{{namespace}:t}}:dd:s:d1")
     admin.close()
+
+
+# Redis Cluster slots.
+
+def test_every_topic_key_in_one_slot(open_broker, redis_url, namespace):
+    # Redis Cluster runs a script only on keys of one slot: every key the
+    # backend creates for a topic must carry the topic's hash tag.
+    from redis.crc import key_slot
+
+    broker = open_broker()
+    broker.declare_topic("t", dedup_window=60, retention=60,
+                         weights={0: 1, 5: 2})
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=30)
+    other = broker.consume("t", "g2", prefetch=10)
+    broker.publish("t", b"a", key="k", dedup_id="d")
+    broker.publish("t", b"b", key="k", priority=5)
+    broker.publish("t", b"c", delay=30)
+    message = consumer.get(timeout=5)
+    assert message.nack(requeue=False)
+    broker.dlq_redrive("t")
+    assert consumer.get(timeout=5).nack(delay=30, error="later")
+    assert len(other.get_many(10, timeout=5)) >= 1
+    admin = redis.Redis.from_url(redis_url)
+    keys = list(admin.scan_iter(match=f"*{namespace}*", count=1000))
+    admin.close()
+    kinds = {key.decode().split("}:", 1)[1].split(":")[0].split("\0")[0]
+             for key in keys}
+    # The stream of each lane, the group's records, timers, dedup ids,
+    # dead letters, redriven copies and retention all exist by now.
+    for kind in ("meta", "s", "g", "tm", "dl", "dd", "dlq", "groups",
+                 "refs", "ret", "wake"):
+        assert kind in kinds, kind
+    slots = {key_slot(key) for key in keys}
+    assert slots == {key_slot(f"{{{namespace}:t}}".encode())}
+    assert all(key.startswith(f"{{{namespace}:t}}:".encode())
+               for key in keys)
