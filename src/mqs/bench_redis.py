@@ -209,6 +209,17 @@ def _check_acked(session: _Session, stream: str, consumed: int,
                              f"pending after the acks")
 
 
+def _check_and_ack(client: Any, stream: str, entries: list,
+                   body: bytes) -> int:
+    """Check the bodies of `entries` read from `stream`, then XACK them
+    all in one call; return how many there were."""
+    for entry_id, fields in entries:
+        if fields[b"b"] != body:
+            raise BenchmarkError(f"entry {entry_id!r} has the wrong body")
+    client.xack(stream, GROUP, *[entry[0] for entry in entries])
+    return len(entries)
+
+
 # ---- publish --------------------------------------------------------------
 
 def xadd(url: str, count: int, *, body_bytes: int = DEFAULT_BODY_BYTES
@@ -263,33 +274,7 @@ def xreadgroup_xack(url: str, count: int, *,
 
     The stream is filled before the clock starts.
     """
-    _check_arguments(count, body_bytes, 1)
-    body = _body(body_bytes)
-    with _Session(url) as session:
-        stream = session.key("stream")
-        _prefill(session, stream, count, body)
-        client = session.client
-        streams = {stream: ">"}
-        consumed = [0]
-
-        def loop() -> None:
-            done = 0
-            while done < count:
-                reply = client.xreadgroup(GROUP, CONSUMER, streams, count=1)
-                if not reply:
-                    break
-                entry_id, fields = reply[0][1][0]
-                if fields[b"b"] != body:
-                    raise BenchmarkError(f"entry {entry_id!r} has the wrong "
-                                         f"body")
-                client.xack(stream, GROUP, entry_id)
-                done += 1
-            consumed[0] = done
-
-        elapsed = _timed(loop)
-        _check_acked(session, stream, consumed[0], count)
-        return RedisRunResult("xreadgroup_xack", count, elapsed,
-                              session.params(body_bytes, 1))
+    return _read_and_ack("xreadgroup_xack", url, count, body_bytes, 1)
 
 
 def xreadgroup_xack_batched(url: str, count: int, *,
@@ -299,6 +284,14 @@ def xreadgroup_xack_batched(url: str, count: int, *,
 
     The stream is filled before the clock starts.
     """
+    return _read_and_ack("xreadgroup_xack_batched", url, count, body_bytes,
+                         batch)
+
+
+def _read_and_ack(name: str, url: str, count: int, body_bytes: int,
+                  batch: int) -> RedisRunResult:
+    """Time XREADGROUP COUNT `batch` then one XACK of what it read, until
+    `count` entries are acknowledged (two round trips per read)."""
     _check_arguments(count, body_bytes, batch)
     body = _body(body_bytes)
     with _Session(url) as session:
@@ -315,18 +308,12 @@ def xreadgroup_xack_batched(url: str, count: int, *,
                                           count=batch)
                 if not reply:
                     break
-                entries = reply[0][1]
-                for entry_id, fields in entries:
-                    if fields[b"b"] != body:
-                        raise BenchmarkError(f"entry {entry_id!r} has the "
-                                             f"wrong body")
-                client.xack(stream, GROUP, *[e[0] for e in entries])
-                done += len(entries)
+                done += _check_and_ack(client, stream, reply[0][1], body)
             consumed[0] = done
 
         elapsed = _timed(loop)
         _check_acked(session, stream, consumed[0], count)
-        return RedisRunResult("xreadgroup_xack_batched", count, elapsed,
+        return RedisRunResult(name, count, elapsed,
                               session.params(body_bytes, batch))
 
 
@@ -433,13 +420,7 @@ def stream_roundtrip(url: str, count: int, *,
                         break
                     continue
                 idle_since = time.monotonic()
-                entries = reply[0][1]
-                for entry_id, fields in entries:
-                    if fields[b"b"] != body:
-                        raise BenchmarkError(f"entry {entry_id!r} has the "
-                                             f"wrong body")
-                client.xack(stream, GROUP, *[e[0] for e in entries])
-                done += len(entries)
+                done += _check_and_ack(client, stream, reply[0][1], body)
             consumed[0] = done
 
         try:

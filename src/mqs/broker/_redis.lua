@@ -1252,6 +1252,23 @@ local function end_backlog()
   end
 end
 
+-- Enters the record of a redriven entry into group `g`: behind the
+-- visible entry of its key, or else ready at the tail of its lane.
+local function enter_record(g, id, rec)
+  local key = rec.k
+  local head = gkey(g, 'kh')
+  if key ~= '' and redis.call('HEXISTS', head, key) == 1 then
+    rec.s = 'H'
+    put_rec(g, id, rec)
+    redis.call('RPUSH', gkey(g, 'kw:' .. key), id)
+    return
+  end
+  if key ~= '' then
+    redis.call('HSET', head, key, id)
+  end
+  make_ready(g, id, rec, false)
+end
+
 -- Enters the redriven entries whose stream entry is gone into a new
 -- group, after the stream's entries, as the memory backend does.
 local function enter_redriven(g)
@@ -1269,17 +1286,7 @@ local function enter_redriven(g)
                  l = lane_of(tonumber(field(fields, 'p'))), k = key, r = 1,
                  c = '', p = 0, d = 0, x = 0, rd = 1, rv = 1}
     set_refs(id, get_refs(id) + 1)
-    local head = gkey(g, 'kh')
-    if key ~= '' and redis.call('HEXISTS', head, key) == 1 then
-      rec.s = 'H'
-      put_rec(g, id, rec)
-      redis.call('RPUSH', gkey(g, 'kw:' .. key), id)
-    else
-      if key ~= '' then
-        redis.call('HSET', head, key, id)
-      end
-      make_ready(g, id, rec, false)
-    end
+    enter_record(g, id, rec)
   end
 end
 
@@ -1975,17 +1982,7 @@ local function dlq_redrive()
         if finished_unread then
           rec.r = 0
         end
-        local head = gkey(g, 'kh')
-        if key ~= '' and redis.call('HEXISTS', head, key) == 1 then
-          rec.s = 'H'
-          put_rec(g, id, rec)
-          redis.call('RPUSH', gkey(g, 'kw:' .. key), id)
-        else
-          if key ~= '' then
-            redis.call('HSET', head, key, id)
-          end
-          make_ready(g, id, rec, false)
-        end
+        enter_record(g, id, rec)
         moved = moved + 1
       end
     end
