@@ -44,6 +44,11 @@ def open_broker(redis_url, namespace):
         broker.close()
 
 
+# The min idle time of the backend's XAUTOCLAIM (CLAIM_IDLE_MS in
+# _redis.lua): a delivery's PEL idle time reaches it at the ack deadline.
+CLAIM_IDLE_MS = 10 ** 12
+
+
 def lane_stream(namespace, topic, lane):
     return f"{{{namespace}:{topic}}}:s:{lane}"
 
@@ -148,6 +153,17 @@ def test_sigkilled_consumer_messages_redelivered(open_broker, redis_url,
         child.wait()
         child.stdout.close()
     assert sorted(line) == ["0", "1", "2", "3", "4"]
+    admin = redis.Redis.from_url(redis_url)
+    lane = lane_stream(namespace, "t", 0)
+    # The dead consumer still owns the entries, each delivered once, with
+    # a PEL idle time that reaches CLAIM_IDLE_MS at its ack deadline.
+    held = admin.xpending_range(lane, "g", "-", "+", 10)
+    assert len(held) == 5
+    assert {entry["times_delivered"] for entry in held} == {1}
+    for entry in held:
+        assert CLAIM_IDLE_MS - 1000 <= entry["time_since_delivered"] \
+            <= CLAIM_IDLE_MS + 60_000
+    claims_before = _command_calls(admin, "xautoclaim")
     consumer = broker.consume("t", "g", prefetch=5)
     got = []
     deadline = time.monotonic() + 30
@@ -158,11 +174,50 @@ def test_sigkilled_consumer_messages_redelivered(open_broker, redis_url,
             pass
     assert sorted(m.body for m in got) == [b"%d" % i for i in range(5)]
     assert {m.attempts for m in got} == {2}
+    # XAUTOCLAIM took them back; the delivery count is the attempts.
+    assert _command_calls(admin, "xautoclaim") > claims_before
+    again = admin.xpending_range(lane, "g", "-", "+", 10)
+    assert {entry["consumer"].decode() for entry in again} == {consumer._id}
+    assert {entry["times_delivered"] for entry in again} == {2}
     for message in got:
         assert message.ack()
+    assert admin.xpending(lane, "g")["pending"] == 0
+    admin.close()
     stats = broker.stats("t")
     assert stats["redelivered"] == 5
     assert stats["stored"] == 0
+
+
+def test_extend_moves_pel_deadline(open_broker, redis_url, namespace):
+    broker = open_broker()
+    consumer = broker.consume("t", "g", prefetch=2, ack_timeout=0.3)
+    broker.publish_many("t", [b"kept", b"lost"])
+    kept, lost = consumer.get_many(2, timeout=5)
+    assert kept.extend(60)
+    time.sleep(0.5)
+    other = broker.consume("t", "g")
+    again = other.get(timeout=5)
+    assert again.body == b"lost"
+    assert again.attempts == 2
+    admin = redis.Redis.from_url(redis_url)
+    lane = lane_stream(namespace, "t", 0)
+    (entry,) = [e for e in admin.xpending_range(lane, "g", "-", "+", 10)
+                if e["message_id"].decode() == kept.id]
+    assert entry["consumer"].decode() == consumer._id
+    assert entry["times_delivered"] == 1
+    # About 60 s left of CLAIM_IDLE_MS.
+    left = CLAIM_IDLE_MS - entry["time_since_delivered"]
+    assert 30_000 < left <= 60_000
+    admin.close()
+    assert kept.ack()
+    assert again.ack()
+    with pytest.raises(mqs.Empty):
+        other.get(timeout=0.2)
+
+
+def _command_calls(client, name):
+    return client.info("commandstats").get(f"cmdstat_{name}",
+                                           {}).get("calls", 0)
 
 
 _WORKER = textwrap.dedent("""

@@ -54,9 +54,14 @@
 -- The pending entries list (PEL) of each group follows the records: an
 -- in-flight entry is owned by its consumer with the delivery count equal
 -- to its attempts; any other entry read by the group is owned by
--- "mqs.parked". The records stay the source of truth, because ack
--- deadlines differ per delivery (ack_timeout per consumer, extend), which
--- the single min-idle-time of XAUTOCLAIM cannot express.
+-- "mqs.parked". Ack deadlines differ per delivery (ack_timeout per
+-- consumer, extend), but XAUTOCLAIM takes one min idle time, so each
+-- delivery's PEL idle time is set to CLAIM_IDLE_MS minus its time left
+-- (XCLAIM IDLE at delivery and at extend): it reaches CLAIM_IDLE_MS at
+-- the deadline. When a deadline timer finds a delivery overdue, XAUTOCLAIM
+-- with that min idle time moves every overdue delivery of the group to
+-- "mqs.parked" (reclaim). XPENDING therefore shows an in-flight entry
+-- idle for about 31 years less its time left.
 --
 -- Records, reference counts, in-flight counts, XACK and XDEL go through
 -- write-back buffers flushed when the script ends (or before a command
@@ -75,6 +80,11 @@ local DLQ = P .. 'dlq'
 local RD = P .. 'rd'
 local WAKE = P .. 'wake'
 local PARKED = 'mqs.parked'
+-- Min idle time (ms) of the XAUTOCLAIM that takes back overdue
+-- deliveries. A delivery's PEL idle time is set to CLAIM_IDLE_MS minus
+-- its ack timeout (set_deadline), so it reaches CLAIM_IDLE_MS at the ack
+-- deadline; parked entries, idle since they were parked, never do.
+local CLAIM_IDLE_MS = 1e12
 -- retain_until of entries published while the topic had no group.
 local FAR = 1e15
 -- Fields of a published entry that a dead letter and a redrive copy.
@@ -403,10 +413,52 @@ local function flush_reads(name)
   end
 end
 
+-- Deliveries whose PEL idle time encodes their ack deadline, per group,
+-- lane, consumer and ack timeout, sent by save_stream_ops after the reads.
+local deadline_claims = {}
+
+-- Sets the PEL idle time of delivery `id` (owned by `consumer`) so that
+-- it reaches CLAIM_IDLE_MS after `ms` milliseconds: XCLAIM ... IDLE with
+-- JUSTID, which keeps the delivery count.
+local function set_deadline(g, lane, consumer, id, ms)
+  local name = g .. '\0' .. lane .. '\0' .. consumer .. '\0' .. ms
+  local claim = deadline_claims[name]
+  if not claim then
+    claim = {g = g, lane = lane, consumer = consumer, ms = ms, ids = {}}
+    deadline_claims[name] = claim
+  end
+  claim.ids[#claim.ids + 1] = id
+end
+
+local function idle_for(ms)
+  return math.max(0, CLAIM_IDLE_MS - math.ceil(ms))
+end
+
+local function save_deadlines()
+  for _, claim in pairs(deadline_claims) do
+    local idle = idle_for(claim.ms)
+    for i = 1, #claim.ids, 1000 do
+      local args = {'XCLAIM', stream(claim.lane), claim.g, claim.consumer,
+                    0}
+      for j = i, math.min(#claim.ids, i + 999) do
+        args[#args + 1] = claim.ids[j]
+      end
+      args[#args + 1] = 'IDLE'
+      args[#args + 1] = idle
+      args[#args + 1] = 'JUSTID'
+      redis.call(unpack(args))
+    end
+  end
+  deadline_claims = {}
+end
+
 -- Sends the deferred reads, then the XACK and XDEL calls, whose
 -- entries the reads must reach first.
 local function save_stream_ops()
   flush_reads(nil)
+  if next(deadline_claims) then
+    save_deadlines()
+  end
   for _, batch in pairs(stream_acks) do
     call_chunked('XACK', stream(batch.lane), batch.ids, {batch.g})
   end
@@ -863,7 +915,9 @@ end
 
 -- Timers and retention.
 
-local function missed_deadline(g, id, rec)
+-- `claimed`: XAUTOCLAIM moved its PEL entry to the parked consumer
+-- already, with the delivery count unchanged (JUSTID).
+local function missed_deadline(g, id, rec, claimed)
   leave_flight(g, id, rec)
   count('redelivered')
   gcount(g, 'redelivered')
@@ -872,8 +926,49 @@ local function missed_deadline(g, id, rec)
   if exhausted(g, rec.a) then
     dead_letter(g, id, rec, 'ack_timeout')
   else
-    park(g, id, rec)
+    if not claimed then
+      park(g, id, rec)
+    end
     make_ready(g, id, rec, false)
+  end
+end
+
+-- Groups with a delivery past its ack deadline, found by the timers of
+-- this call; reclaim takes their deliveries back.
+local overdue = {}
+
+-- Takes back every delivery of group `g` whose ack deadline passed, with
+-- XAUTOCLAIM (min idle CLAIM_IDLE_MS, see set_deadline) to the parked
+-- consumer, lane by lane, then makes them ready again or dead-letters
+-- them at max_attempts. Returns nothing; a delivery it missed (its PEL
+-- deadline can be up to 1 ms later than the record's) stays for
+-- fire_overdue.
+local function reclaim(g)
+  save_stream_ops()
+  for _, lane in ipairs(cfg.lanes) do
+    local start = '0-0'
+    -- NOTE: each XAUTOCLAIM call scans at most 10 x COUNT PEL entries;
+    -- past 100 calls the rest waits for the fallback in fire_overdue.
+    for _ = 1, 100 do
+      local got = redis.call('XAUTOCLAIM', stream(lane), g, PARKED,
+                             CLAIM_IDLE_MS, start, 'COUNT', 1000, 'JUSTID')
+      start = got[1]
+      local ids = got[2]
+      -- Redis 7 also lists the PEL entries whose stream entry was
+      -- deleted (trimmed), and drops them from the PEL.
+      for _, deleted in ipairs(got[3] or {}) do
+        ids[#ids + 1] = deleted
+      end
+      for _, id in ipairs(ids) do
+        local rec = get_rec(g, id)
+        if rec and rec.s == 'F' then
+          missed_deadline(g, id, rec, true)
+        end
+      end
+      if start == '0-0' then
+        break
+      end
+    end
   end
 end
 
@@ -881,7 +976,8 @@ end
 -- later keeps waiting, on a timer of its own.
 local function check_deadline(g, id, rec)
   if rec.dl <= NOW then
-    missed_deadline(g, id, rec)
+    overdue[g] = overdue[g] or {}
+    table.insert(overdue[g], id)
   elseif rec.ta ~= 1 then
     rec.ta = 1
     put_rec(g, id, rec)
@@ -904,11 +1000,27 @@ local function fire_batch(g, batch)
   end
 end
 
+-- Reclaims the overdue deliveries that the timers found; one that
+-- XAUTOCLAIM did not take (see reclaim) is taken back directly.
+local function fire_overdue()
+  for g, ids in pairs(overdue) do
+    reclaim(g)
+    for _, id in ipairs(ids) do
+      local rec = get_rec(g, id)
+      if rec and rec.s == 'F' and rec.dl <= NOW then
+        missed_deadline(g, id, rec, false)
+      end
+    end
+  end
+  overdue = {}
+end
+
 local function fire()
   for _ = 1, 100 do
     local due = redis.call('ZRANGEBYSCORE', TM, '-inf', NOW,
                            'LIMIT', 0, 200)
     if #due == 0 then
+      fire_overdue()
       return
     end
     for _, member in ipairs(due) do
@@ -931,6 +1043,7 @@ local function fire()
       end
     end
   end
+  fire_overdue()
 end
 
 local function trim_retained()
@@ -1619,7 +1732,9 @@ local function take(g, lane, found, consumer, auto_ack, ack_ms)
   end
   if found[1] == 'q' then
     redis.call('XCLAIM', stream(lane), g, consumer, 0, id,
-               'RETRYCOUNT', rec.a, 'JUSTID')
+               'IDLE', idle_for(ack_ms), 'RETRYCOUNT', rec.a, 'JUSTID')
+  else
+    set_deadline(g, lane, consumer, id, ack_ms)
   end
   rec.s = 'F'
   rec.c = consumer
@@ -1888,6 +2003,8 @@ local function extend()
   rec.dl = NOW + tonumber(ARGV[5])
   rec.ta = 1
   put_rec(g, id, rec)
+  redis.call('XCLAIM', stream(rec.l), g, rec.c, 0, id,
+             'IDLE', idle_for(tonumber(ARGV[5])), 'JUSTID')
   redis.call('ZADD', TM, rec.dl, timer_member('A', g, id))
   changed = true
   return {'OK', 1}

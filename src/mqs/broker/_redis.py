@@ -12,10 +12,15 @@ Mapping
     stream. The first delivery reads an entry with XREADGROUP and an ack
     is XACK. In the group's pending entries list, an in-flight entry
     belongs to its consumer, with the delivery count equal to its
-    attempts.
-    Ack deadlines, delays and nack delays are scores in one sorted set
-    per topic. The script moves whatever is due before every operation,
-    so no timer process is needed. Dead letters go to a stream with
+    attempts, and its idle time is set so that it reaches a fixed
+    XAUTOCLAIM min idle time at the ack deadline; `extend` resets it with
+    XCLAIM IDLE. A delivery past its deadline is taken back with
+    XAUTOCLAIM and redelivered with its delivery count raised, or
+    dead-lettered at `max_attempts`.
+    Ack deadlines, delays and nack delays are also scores in one sorted
+    set per topic. The script handles whatever is due before every
+    operation, so no timer process is needed, and XAUTOCLAIM scans a
+    group's pending entries only when one of its deadlines passed. Dead letters go to a stream with
     their reason. A dedup id is claimed with one ``SET NX PX`` (PX
     because windows are float seconds, which EX would round to whole
     ones) and released again if the topic turns out full. Token buckets
@@ -53,11 +58,15 @@ Retention
     A message stays in its lane's stream until every group that had it
     finished it (and `retention` passed), then the script deletes it
     with XDEL. `stream_maxlen` adds ``MAXLEN ~ N`` to every XADD, and
-    operators may also XTRIM with MAXLEN or MINID. Such trimming may
-    delete entries that groups still hold: an entry found trimmed when it
-    is about to be delivered again goes to the dead-letter stream with
-    reason ``"trimmed"`` (and without its body), counted as
-    ``dead_lettered.trimmed``.
+    operators may also XTRIM with MAXLEN or MINID. Neither looks at
+    pending entries: trimming deletes entries that groups still hold
+    (in flight, delayed, waiting behind their key, or not read yet). An
+    entry that a group had read and that is found trimmed when it is
+    about to be delivered again goes to the dead-letter stream with
+    reason ``"trimmed"`` (without its body), counted as
+    ``dead_lettered.trimmed``; an in-flight one is acked normally. One
+    trimmed before any group read it is lost without being counted, so
+    set `stream_maxlen` well above the backlog consumers may build.
 """
 
 from __future__ import annotations
@@ -214,7 +223,8 @@ def _untoken(token: bytes, allow_pickle: bool) -> Any:
 
 
 class RedisBackend(Backend):
-    """Broker state in a Redis server (5.0 or later; tested on 7.0).
+    """Broker state in a Redis server (6.2 or later, for XAUTOCLAIM;
+    tested on 7.0).
 
     Parameters
     ----------
