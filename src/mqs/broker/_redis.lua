@@ -237,27 +237,36 @@ end
 
 -- Records.
 
+-- The record cache and the changed records, per group: nested tables
+-- rather than "g\0id" keys, which would build a string per lookup.
+local function group_table(tables, g)
+  local found = tables[g]
+  if not found then
+    found = {}
+    tables[g] = found
+  end
+  return found
+end
+
 local function get_rec(g, id)
-  local name = g .. '\0' .. id
-  local rec = rec_cache[name]
+  local cache = group_table(rec_cache, g)
+  local rec = cache[id]
   if rec == nil then
     local raw = redis.call('HGET', gkey(g, 'st'), id)
     rec = raw and cmsgpack.unpack(raw) or false
-    rec_cache[name] = rec
+    cache[id] = rec
   end
   return rec or nil
 end
 
 local function put_rec(g, id, rec)
-  local name = g .. '\0' .. id
-  rec_cache[name] = rec
-  rec_dirty[name] = {g, id}
+  group_table(rec_cache, g)[id] = rec
+  group_table(rec_dirty, g)[id] = true
 end
 
 local function del_rec(g, id)
-  local name = g .. '\0' .. id
-  rec_cache[name] = false
-  rec_dirty[name] = {g, id}
+  group_table(rec_cache, g)[id] = false
+  group_table(rec_dirty, g)[id] = true
 end
 
 -- Runs `command key` with the arguments in `args`, in chunks that fit
@@ -277,24 +286,20 @@ local function call_chunked(command, key, args, prefix)
 end
 
 local function save_recs()
-  local sets, dels = {}, {}
-  for name, where in pairs(rec_dirty) do
-    local g, id = where[1], where[2]
-    local rec = rec_cache[name]
-    if rec then
-      sets[g] = sets[g] or {}
-      table.insert(sets[g], id)
-      table.insert(sets[g], cmsgpack.pack(rec))
-    else
-      dels[g] = dels[g] or {}
-      table.insert(dels[g], id)
+  for g, dirty in pairs(rec_dirty) do
+    local cache = rec_cache[g]
+    local sets, dels = {}, {}
+    for id, _ in pairs(dirty) do
+      local rec = cache[id]
+      if rec then
+        sets[#sets + 1] = id
+        sets[#sets + 1] = cmsgpack.pack(rec)
+      else
+        dels[#dels + 1] = id
+      end
     end
-  end
-  for g, args in pairs(sets) do
-    call_chunked('HSET', gkey(g, 'st'), args)
-  end
-  for g, args in pairs(dels) do
-    call_chunked('HDEL', gkey(g, 'st'), args)
+    call_chunked('HSET', gkey(g, 'st'), sets)
+    call_chunked('HDEL', gkey(g, 'st'), dels)
   end
   rec_dirty = {}
 end
@@ -302,18 +307,18 @@ end
 -- Reads the records of `ids` into the cache with one HMGET per 1000.
 load_recs = function(g, ids)
   local st = gkey(g, 'st')
+  local cache = group_table(rec_cache, g)
   for i = 1, #ids, 1000 do
     local chunk = {}
     for j = i, math.min(#ids, i + 999) do
-      if rec_cache[g .. '\0' .. ids[j]] == nil then
+      if cache[ids[j]] == nil then
         chunk[#chunk + 1] = ids[j]
       end
     end
     if #chunk > 0 then
       local raw = redis.call('HMGET', st, unpack(chunk))
       for j, id in ipairs(chunk) do
-        rec_cache[g .. '\0' .. id] = raw[j] and cmsgpack.unpack(raw[j])
-          or false
+        cache[id] = raw[j] and cmsgpack.unpack(raw[j]) or false
       end
     end
   end
@@ -376,13 +381,13 @@ end
 
 -- Deferred XACK and XDEL: the entries are finished already.
 local function defer_ack(lane, g, id)
-  local name = lane .. '\0' .. g
-  local batch = stream_acks[name]
+  local by_lane = group_table(stream_acks, g)
+  local batch = by_lane[lane]
   if not batch then
     batch = {lane = lane, g = g, ids = {}}
-    stream_acks[name] = batch
+    by_lane[lane] = batch
   end
-  table.insert(batch.ids, id)
+  batch.ids[#batch.ids + 1] = id
 end
 
 local function defer_del(lane, id)
@@ -420,12 +425,21 @@ local deadline_claims = {}
 -- Sets the PEL idle time of delivery `id` (owned by `consumer`) so that
 -- it reaches CLAIM_IDLE_MS after `ms` milliseconds: XCLAIM ... IDLE with
 -- JUSTID, which keeps the delivery count.
+local last_claim = nil
+
 local function set_deadline(g, lane, consumer, id, ms)
-  local name = g .. '\0' .. lane .. '\0' .. consumer .. '\0' .. ms
-  local claim = deadline_claims[name]
-  if not claim then
-    claim = {g = g, lane = lane, consumer = consumer, ms = ms, ids = {}}
-    deadline_claims[name] = claim
+  local claim = last_claim
+  if not (claim and claim.g == g and claim.lane == lane
+          and claim.consumer == consumer and claim.ms == ms
+          and deadline_claims[claim.name]) then
+    local name = g .. '\0' .. lane .. '\0' .. consumer .. '\0' .. ms
+    claim = deadline_claims[name]
+    if not claim then
+      claim = {g = g, lane = lane, consumer = consumer, ms = ms, ids = {},
+               name = name}
+      deadline_claims[name] = claim
+    end
+    last_claim = claim
   end
   claim.ids[#claim.ids + 1] = id
 end
@@ -459,8 +473,10 @@ local function save_stream_ops()
   if next(deadline_claims) then
     save_deadlines()
   end
-  for _, batch in pairs(stream_acks) do
-    call_chunked('XACK', stream(batch.lane), batch.ids, {batch.g})
+  for _, by_lane in pairs(stream_acks) do
+    for _, batch in pairs(by_lane) do
+      call_chunked('XACK', stream(batch.lane), batch.ids, {batch.g})
+    end
   end
   for lane, ids in pairs(stream_dels) do
     call_chunked('XDEL', stream(lane), ids)
@@ -471,25 +487,21 @@ end
 
 -- Returns the messages a consumer has in flight, with this call's changes.
 local function inflight_add(g, consumer, n)
-  local name = g .. '\0' .. consumer
-  local delta = inflight_delta[name]
-  if not delta then
-    delta = {g = g, c = consumer, n = 0}
-    inflight_delta[name] = delta
-  end
-  delta.n = delta.n + n
+  local deltas = group_table(inflight_delta, g)
+  deltas[consumer] = (deltas[consumer] or 0) + n
 end
 
 local function inflight(g, consumer)
   local held = tonumber(redis.call('HGET', gkey(g, 'inf'), consumer)) or 0
-  local delta = inflight_delta[g .. '\0' .. consumer]
-  return held + (delta and delta.n or 0)
+  return held + (group_table(inflight_delta, g)[consumer] or 0)
 end
 
 local function save_inflight()
-  for _, delta in pairs(inflight_delta) do
-    if delta.n ~= 0 then
-      redis.call('HINCRBY', gkey(delta.g, 'inf'), delta.c, delta.n)
+  for g, deltas in pairs(inflight_delta) do
+    for consumer, n in pairs(deltas) do
+      if n ~= 0 then
+        redis.call('HINCRBY', gkey(g, 'inf'), consumer, n)
+      end
     end
   end
   inflight_delta = {}
@@ -502,9 +514,19 @@ end
 -- times (ms, 0 for none), dl its ack deadline, rd 1 when its fields are
 -- a redriven copy in P rd.
 local function new_rec(lane, fields)
-  return {s = '', t = 0, a = 0, l = lane, k = field(fields, 'k') or '',
-          r = 1, c = '', p = 0, d = tonumber(field(fields, 'd')) or 0,
-          x = tonumber(field(fields, 'x')) or 0, rd = 0}
+  local key, due, expiry = '', 0, 0
+  for i = 1, #fields, 2 do
+    local name = fields[i]
+    if name == 'k' then
+      key = fields[i + 1]
+    elseif name == 'd' then
+      due = tonumber(fields[i + 1])
+    elseif name == 'x' then
+      expiry = tonumber(fields[i + 1])
+    end
+  end
+  return {s = '', t = 0, a = 0, l = lane, k = key, r = 1, c = '', p = 0,
+          d = due, x = expiry, rd = 0}
 end
 
 local function load_fields(id, lane, redriven)
@@ -1503,7 +1525,7 @@ local function close_consumer()
     returned = returned + 1
   end
   redis.call('HDEL', gkey(g, 'inf'), consumer)
-  inflight_delta[g .. '\0' .. consumer] = nil
+  group_table(inflight_delta, g)[consumer] = nil
   changed = true
   return {'OK', returned}
 end
