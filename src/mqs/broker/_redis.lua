@@ -237,6 +237,16 @@ end
 
 -- Records.
 
+-- Record fields left out when they hold these values: a fresh delivery
+-- stores only s, t, a, l, c and dl, so msgpack packs and unpacks fewer
+-- fields. Every record read or made gets this metatable.
+local REC = {__index = {s = '', t = 0, a = 0, k = '', r = 1, c = '', p = 0,
+                        d = 0, x = 0, rd = 0}}
+
+local function unpack_rec(raw)
+  return setmetatable(cmsgpack.unpack(raw), REC)
+end
+
 -- The record cache and the changed records, per group: nested tables
 -- rather than "g\0id" keys, which would build a string per lookup.
 local function group_table(tables, g)
@@ -253,7 +263,7 @@ local function get_rec(g, id)
   local rec = cache[id]
   if rec == nil then
     local raw = redis.call('HGET', gkey(g, 'st'), id)
-    rec = raw and cmsgpack.unpack(raw) or false
+    rec = raw and unpack_rec(raw) or false
     cache[id] = rec
   end
   return rec or nil
@@ -318,7 +328,7 @@ load_recs = function(g, ids)
     if #chunk > 0 then
       local raw = redis.call('HMGET', st, unpack(chunk))
       for j, id in ipairs(chunk) do
-        cache[id] = raw[j] and cmsgpack.unpack(raw[j]) or false
+        cache[id] = raw[j] and unpack_rec(raw[j]) or false
       end
     end
   end
@@ -525,8 +535,17 @@ local function new_rec(lane, fields)
       expiry = tonumber(fields[i + 1])
     end
   end
-  return {s = '', t = 0, a = 0, l = lane, k = key, r = 1, c = '', p = 0,
-          d = due, x = expiry, rd = 0}
+  local rec = setmetatable({l = lane}, REC)
+  if key ~= '' then
+    rec.k = key
+  end
+  if due ~= 0 then
+    rec.d = due
+  end
+  if expiry ~= 0 then
+    rec.x = expiry
+  end
+  return rec
 end
 
 local function load_fields(id, lane, redriven)
@@ -1511,7 +1530,7 @@ local function close_consumer()
   local held = {}
   local raw = redis.call('HGETALL', gkey(g, 'st'))
   for i = 1, #raw, 2 do
-    local rec = cmsgpack.unpack(raw[i + 1])
+    local rec = unpack_rec(raw[i + 1])
     if rec.s == 'F' and rec.c == consumer then
       held[#held + 1] = raw[i]
     end
@@ -1761,7 +1780,7 @@ local function take(g, lane, found, consumer, auto_ack, ack_ms)
   rec.s = 'F'
   rec.c = consumer
   rec.dl = NOW + ack_ms
-  rec.ta = 0
+  rec.ta = nil
   -- da: delivered at, kept for the deliver-to-ack latency of a sample.
   rec.da = sampled and NOW or nil
   put_rec(g, id, rec)
@@ -2154,7 +2173,7 @@ local function group_state(g)
     end
   end
   for _, raw_rec in ipairs(redis.call('HVALS', gkey(g, 'st'))) do
-    local rec = cmsgpack.unpack(raw_rec)
+    local rec = unpack_rec(raw_rec)
     local state = rec.s
     if state == 'D' then
       delayed = delayed + 1
