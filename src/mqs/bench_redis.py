@@ -456,11 +456,22 @@ class _BrokerSession:
     def params(self, body_bytes: int, batch: int) -> dict[str, Any]:
         return self.session.params(body_bytes, batch)
 
-    def check_stored(self, count: int) -> None:
+    def check_stored(self, count: int, body: bytes | None = None) -> None:
+        """Check the count of stored messages and, given `body`, the body
+        of the first and the last entry of the topic's lane 0 stream."""
         stored = self.broker.stats("bench")["stored"]
         if stored != count:
             raise BenchmarkError(f"the topic stores {stored} messages, "
                                  f"expected {count}")
+        if body is None:
+            return
+        stream = f"{{{self.namespace}:bench}}:s:0"
+        client = self.session.client
+        for entry_id, fields in client.xrange(stream, count=1) + \
+                client.xrevrange(stream, count=1):
+            if fields.get(b"b") != body:
+                raise BenchmarkError(f"entry {entry_id!r} of {stream} has "
+                                     f"the wrong body")
 
     def close(self) -> None:
         self.broker.close()
@@ -501,7 +512,7 @@ def broker_publish(url: str, count: int, *,
                                     [body] * min(batch, count - start))
 
         elapsed = _timed(loop)
-        bench.check_stored(count)
+        bench.check_stored(count, body)
         name = "broker_publish" if batch == 1 else "broker_publish_batched"
         return RedisRunResult(name, count, elapsed,
                               bench.params(body_bytes, batch))
