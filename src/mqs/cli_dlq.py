@@ -6,14 +6,10 @@ location option names (`BACKEND_OPTIONS`): ``--path LOGDIR`` for the log
 backend, ``--shm NAME`` and ``--url URL`` for the shm and redis
 backends. A backend that this mqs does not have fails with one line.
 
-The log backend allows one process per directory (it holds a lock
-file), so `mqs dlq` works on a log broker only while no broker process
-has it open. Otherwise it exits with status 1 and names the pid that
-holds the lock: stop that process, or call `Broker.dlq_list`,
-`dlq_redrive` or `dlq_purge` from it. Opening a log broker that no
-process holds does what every restart does: the consumers of the
-process that last had it open are closed, so their in-flight messages
-are ready again.
+Processes share a log broker, so `mqs dlq` joins one that others have
+open. Opening a log broker that no process has open does what every
+restart does: the consumers of the processes that last had it open are
+closed, so their in-flight messages are ready again.
 """
 
 from __future__ import annotations

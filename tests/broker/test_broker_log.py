@@ -19,8 +19,19 @@ import time
 import pytest
 
 import mqs
+from mqs.broker._log_shared import unlink_journal
 
 SEGMENT = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def remove_journal(tmp_path):
+    """Remove the shm journals that brokers of killed children left
+    behind, for every directory of the test."""
+    yield
+    for directory in [tmp_path, *tmp_path.rglob("*")]:
+        if directory.is_dir():
+            unlink_journal(directory)
 
 
 def open_broker(path, **options):
@@ -90,12 +101,18 @@ time.sleep(600)
 """
 
 
+@pytest.mark.parametrize("reboot", [False, True],
+                         ids=["journal_kept", "reboot"])
 @pytest.mark.parametrize("fsync", ["always", "interval"])
-def test_log_sigkill_keeps_acks_flight_delay_dlq_dedup(tmp_path, fsync):
+def test_log_sigkill_keeps_acks_flight_delay_dlq_dedup(tmp_path, fsync,
+                                                       reboot):
     path = tmp_path / "broker"
     child = start_child(HOLD_AND_DIE, path, fsync)
     report = read_report(child)
     kill(child)
+    if reboot:
+        # A reboot empties /dev/shm: the log alone restores the broker.
+        assert unlink_journal(path)
 
     broker = open_broker(path)
     stats = broker.stats("t")
@@ -150,7 +167,9 @@ while True:
 """
 
 
-def test_log_sigkill_during_publish_loop_recovers_prefix(tmp_path):
+@pytest.mark.parametrize("reboot", [False, True],
+                         ids=["journal_kept", "reboot"])
+def test_log_sigkill_during_publish_loop_recovers_prefix(tmp_path, reboot):
     path = tmp_path / "broker"
     rng = random.Random(7)
     child = start_child(PUBLISH_LOOP, path)
@@ -160,6 +179,8 @@ def test_log_sigkill_during_publish_loop_recovers_prefix(tmp_path):
         published = read_report(child)["published"]
     for report in kill(child):
         published = report["published"]
+    if reboot:
+        assert unlink_journal(path)
 
     broker = open_broker(path)
     stats = broker.stats("t")
@@ -203,6 +224,8 @@ def test_log_torn_last_record_opens_state_before_it(tmp_path):
     child = start_child(OPS_THEN_HOLD, path)
     read_report(child)
     kill(child)
+    # As after a reboot: the torn log alone restores the broker.
+    assert unlink_journal(path)
 
     # Tear the last record (the second ack) in the middle of its value.
     segment = last_segment(path)
@@ -294,34 +317,53 @@ def test_log_compaction_bounds_log_and_keeps_timers(tmp_path):
     again.close()
 
 
-LOCK_HOLDER = """
+SHARE_AND_HOLD = """
 broker = mqs.Broker(backend="log", path=sys.argv[1], segment_bytes=1 << 20)
-print(json.dumps({"open": True}), flush=True)
+consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+got = consumer.get_many(2, timeout=30)
+got[0].ack()
+broker.publish("t", "from child")
+print(json.dumps({"bodies": [m.body for m in got]}), flush=True)
 time.sleep(600)
 """
 
 
-def test_log_second_process_on_same_path_raises(tmp_path):
+def test_log_second_process_shares_the_broker(tmp_path):
     path = tmp_path / "broker"
-    child = start_child(LOCK_HOLDER, path)
+    broker = open_broker(path)
+    broker.declare_topic("t")
+    broker.consume("t", "g").close()
+    broker.publish_many("t", ["a", "b", "c"])
+    child = start_child(SHARE_AND_HOLD, path)
     try:
-        read_report(child)
-        with pytest.raises(mqs.LogLocked, match="one process per log"):
-            open_broker(path)
-        with pytest.raises(mqs.LogLocked, match=str(path)):
-            open_broker(path)
-        with pytest.raises(mqs.LogLocked, match=f"in process {child.pid};"):
-            open_broker(path)
+        assert read_report(child) == {"bodies": ["a", "b"]}
+        stats = broker.stats("t")
+        assert stats["published"] == 4
+        assert stats["acked"] == 1
+        assert stats["in_flight"] == 1
+        consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+        assert bodies_of(take(consumer, 10)) == ["c", "from child"]
     finally:
         kill(child)
-    open_broker(path).close()
+    # The child's consumer is closed by this process: "b" comes back.
+    again = consumer.get(timeout=30)
+    assert again.body == "b"
+    assert again.attempts == 2
+    consumer.close(drain=False)
+    broker.close()
 
 
-def test_log_second_broker_in_process_raises(tmp_path):
+def test_log_second_broker_in_process_shares(tmp_path):
     path = tmp_path / "broker"
-    with open_broker(path), pytest.raises(mqs.LogLocked,
-                                          match="close it first"):
-        open_broker(path)
+    with open_broker(path) as first, open_broker(path) as second:
+        first.declare_topic("t")
+        consumer = second.consume("t", "g", ack_timeout=600)
+        first.publish("t", "x")
+        message = consumer.get(timeout=30)
+        assert message.body == "x"
+        assert message.ack()
+        assert first.stats("t")["acked"] == 1
+        consumer.close()
 
 
 DURABLE_QUEUE_HOLDER = """

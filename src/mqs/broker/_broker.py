@@ -23,7 +23,7 @@ from mqs.broker._backend import (
     Envelope,
     GroupStats,
 )
-from mqs.broker._log import LogBackend
+from mqs.broker._log_shared import SharedLogBackend
 from mqs.broker._memory import MemoryBackend
 from mqs.broker._policy import Backoff, TopicConfig, check_priority
 from mqs.broker._shm import ShmBackend
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "memory": lambda clock=None, sample_every="default": MemoryBackend(
         clock=clock, sample_every=sample_every),
-    "log": LogBackend,
+    "log": SharedLogBackend,
     "redis": lambda **options: _redis_backend(**options),
     "shm": ShmBackend,
 }
@@ -585,8 +585,9 @@ class Broker:
     ----------
     backend : str or Backend
         ``"memory"``: this process's threads share the broker.
-        ``"log"``: the same, durable in a log directory (``path=``,
-        ``fsync=``; see `mqs.broker._log`). ``"redis"``: processes on
+        ``"log"``: every process on this machine that passes the same
+        ``path=`` shares the broker, durable in that log directory
+        (``fsync=``; see `mqs.broker._log_shared`). ``"redis"``: processes on
         any host share the broker through a Redis server (``url=``,
         ``serializer=``; see `mqs.broker._redis`). ``"shm"``: every
         process on this machine that passes the same ``name=`` shares

@@ -1,4 +1,10 @@
-"""The ``log`` backend: the memory backend's state, made durable in a log.
+"""The log broker of one process: the memory backend's state, made durable.
+
+`Broker(backend="log")` uses `mqs.broker._log_shared.SharedLogBackend`,
+which lets several processes share one log directory and builds on the
+record format, replay and compaction of `LogBackend` defined here. The
+shm backend builds on it too. Used alone (as below), `LogBackend` is one
+process's broker.
 
 Every topic lives in a `TopicState`, as in the memory backend. Every
 operation that changes a state is also appended to a `SegmentLog` as a
@@ -76,13 +82,11 @@ Compaction
     snapshot takes to write, which grows with the stored messages.
 
 Limits
-    One process per `path`: the broker holds a lock file, and a second
-    broker on the same path (in this process or another) raises
-    `LogLocked`. Several processes sharing one log broker would need an
-    appender process that the others hand their operations to (as the
-    durable `SharedQueue` does); the log backend has none, so use the
-    ``memory`` backend per process or one broker process. A broker must
-    not be used in a child forked from the process that opened it.
+    One `LogBackend` per `path`: it holds a lock file, and a second one
+    on the same path (in this process or another) raises `LogLocked`.
+    `SharedLogBackend` takes the same lock as its writer lock, so the
+    two must not be mixed on one path. A `LogBackend` must not be used
+    in a child forked from the process that opened it.
 """
 
 from __future__ import annotations
@@ -808,7 +812,7 @@ def lock_holder(path: str) -> int | None:
 
 
 def _check_empty(path: str) -> None:
-    extra = sorted(set(os.listdir(path)) - {LOCK, CURRENT + ".tmp"})
+    extra = sorted(set(os.listdir(path)) - {LOCK, CURRENT + ".tmp", "users"})
     extra = [name for name in extra if not name.startswith("log-")]
     if extra:
         raise ValueError(

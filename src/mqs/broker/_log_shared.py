@@ -1,0 +1,652 @@
+"""The ``log`` backend shared by processes: the shm journal, made durable.
+
+``Broker(backend="log", path=...)`` may be opened by any number of
+processes at once. They share one broker: topics, groups, in-flight
+tables, rate buckets, dedup ids, dead letters and counters.
+
+Design
+    The processes coordinate exactly as those of the ``shm`` backend
+    (`mqs.broker._shm`) do. A journal in /dev/shm, named after the real
+    path of the log directory, has a robust process-shared mutex. Every
+    process keeps a replica of the state and replays the records of the
+    others before it runs its own operation. The records are the ones
+    the single-process `LogBackend` writes, so the same bytes go into
+    the journal and into the segment log.
+
+    One process at a time is the writer: it holds an exclusive `flock`
+    on ``<path>/lock``. It appends its own records to the log as it
+    journals them, and the records of the other processes when it
+    replays them, so the log holds the journal's records in journal
+    order. A thread of the writer wakes on every journal commit, catches
+    up and, under ``fsync="always"``, syncs the log; one sync covers
+    every record appended meanwhile, by any process (group commit).
+    It then stores how far the log is durable, as the journal position
+    ``generation << 32 | offset``, in a small file next to the journal
+    (``mqs.broker.<name>.durable``) and wakes the waiters.
+
+    A process that is not the writer tries the lock every
+    `TAKEOVER_INTERVAL_S`. When the writer dies, the kernel drops its
+    lock and the next process that takes it becomes the writer: it
+    writes its replica (which is the journal's state) as a snapshot
+    into a new log and switches ``CURRENT`` to it, so records the dead
+    writer appended or not do not matter. The writer does the same when
+    a journal compaction by another process dropped records that it had
+    not appended yet.
+
+    The first process to open a broker whose journal does not exist (no
+    process has it open, after a reboot, or after every process closed
+    it) becomes the writer, replays the log into its replica, closes
+    the consumers it finds (their processes are gone) and publishes
+    the state as the journal's first generation. The last process to
+    close the broker (it finds no other user through a shared `flock`
+    on ``<path>/users``) writes a final snapshot and removes the
+    journal, so the log alone holds the broker while nobody uses it.
+
+What survives what
+    ``fsync="always"``: publish, ack, nack, auto_ack deliveries, topic
+    and DLQ changes return after the writer synced a log that holds
+    their record, in whichever process they ran. They survive SIGKILL
+    of any process, the writer included, and a power loss. Manual
+    deliveries, extend, release and consumer open and close are not
+    waited for, as in `LogBackend`.
+    ``"interval"`` and ``"never"``: every operation that returned
+    survives SIGKILL of any process, because the journal keeps it until
+    a writer has it in the log; a power loss loses what the writer had
+    not synced (at most `fsync_interval_s` for ``"interval"``) and what
+    was still only in the journal.
+    Every process killed and the machine still up: the journal stays in
+    /dev/shm, and the next process goes on from it (nothing that
+    returned is lost in any mode). Reboot: the log alone restores the
+    state, as for `LogBackend`: the consumers are closed and their
+    in-flight messages are ready again with their attempts kept.
+
+Limits
+    Those of the shm backend (at most 256 processes at once, one record
+    in half the journal) and of the log backend (bodies must be
+    picklable; the directory is owner-only). A process stopped while it
+    holds the journal mutex stalls every other process. Under
+    ``"always"`` a call waits for the writer, so a stopped writer stalls
+    the durable calls of every process until it continues or dies.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import dataclasses
+import mmap
+import os
+import pickle
+import shutil
+import threading
+import time
+from typing import Any
+
+from mqs._journal import MAX_BYTES, MIN_BYTES, SharedJournal
+from mqs.broker._log import (
+    CURRENT,
+    FORMAT,
+    FSYNC_MODES,
+    LOCK,
+    LogBackend,
+    _check_empty,
+)
+from mqs.broker._memory import MemoryBackend, _sample_every
+from mqs.broker._shm import (
+    DEFAULT_JOURNAL_BYTES,
+    PREFIX,
+    SHM_DIR,
+    ShmBackend,
+    _instances,
+)
+from mqs.broker._state import TopicState
+from mqs.errors import BackendUnavailable, LogLocked, LogVersionError, ShutDown
+
+__all__ = ["SharedLogBackend", "TAKEOVER_INTERVAL_S"]
+
+logger = logging.getLogger(__name__)
+
+# How often a process that is not the writer tries the writer lock.
+TAKEOVER_INTERVAL_S = 0.05
+USERS = "users"
+# Words of the durable file: the durable journal position, and 1 once
+# the writer failed to append or sync.
+_DURABLE, _FAILED = 0, 1
+_DURABLE_FILE_BYTES = 4096
+# The first field of every snapshot this backend writes. Version 1 is
+# the single-process LogBackend's, whose records hold bodies as objects;
+# this backend keeps them pickled (as bytes), like the shm backend.
+SHARED_FORMAT = (FORMAT[0], 2)
+# Objects a forked child inherited and must neither use nor free.
+_inherited: list[Any] = []
+
+
+def journal_name(path: str | os.PathLike[str]) -> str:
+    """Return the shm journal name of the log broker at `path`."""
+    real = os.path.realpath(os.fspath(path))
+    return "log." + hashlib.sha256(real.encode()).hexdigest()[:32]
+
+
+def unlink_journal(path: str | os.PathLike[str]) -> bool:
+    """Remove the /dev/shm journal of the log broker at `path`, as a
+    reboot would; return whether it existed. Open processes keep their
+    mappings; the next open restores the broker from the log."""
+    name = journal_name(path)
+    try:
+        os.unlink(os.path.join(SHM_DIR, PREFIX + name + ".durable"))
+    except FileNotFoundError:
+        pass
+    return ShmBackend.unlink(name)
+
+
+class SharedLogBackend(ShmBackend):
+    """A durable log broker that several processes can open at once.
+
+    Parameters
+    ----------
+    path, fsync, fsync_interval_s, segment_bytes, compact_bytes,
+    sample_every
+        As for `LogBackend`.
+    journal_bytes : int
+        Size of the shm journal when this call creates it, as for
+        `ShmBackend`.
+
+    Raises
+    ------
+    NotADirectoryError
+        If `path` is a file.
+    ValueError
+        If an option is invalid, or `path` contains files that are not
+        a log broker's.
+    LogVersionError
+        If the log was written by a newer mqs.
+    LogLocked
+        If the journal is new but another process has held the writer
+        lock of `path` for 10 s (it uses a journal that was removed).
+    """
+
+    name = "log"
+
+    def __init__(self, path: str | os.PathLike[str], *,
+                 fsync: str = "interval", fsync_interval_s: float = 0.05,
+                 segment_bytes: int = 16 << 20,
+                 compact_bytes: int = 64 << 20,
+                 sample_every: int | None | str = "default",
+                 journal_bytes: int = DEFAULT_JOURNAL_BYTES) -> None:
+        _check_options(path, fsync, compact_bytes, journal_bytes)
+        directory = os.fspath(path)
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise NotADirectoryError(
+                errno.ENOTDIR,
+                f"the log broker needs a directory, but path {directory!r} "
+                f"is a file; pass a new or empty directory", directory)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        MemoryBackend.__init__(self, clock=self._read_clock,
+                               sample_every=_sample_every(sample_every))
+        self.path = directory
+        self.shm_name = journal_name(directory)
+        self._journal_file = os.path.join(SHM_DIR, PREFIX + self.shm_name)
+        self.fsync = fsync
+        self._fsync_interval_s = fsync_interval_s
+        self._segment_bytes = segment_bytes
+        self._compact_bytes = compact_bytes
+        # Broker time as in LogBackend: monotonic, aligned to the wall
+        # clock when the process opened the broker.
+        self._offset = time.time() - time.monotonic()
+        self._last = 0.0
+        self._now = 0.0
+        self._log = None
+        self._log_name = ""
+        self._bytes_since_snapshot = 0
+        self._failed = None
+        self._closed = False
+        self._reset_state()
+        self._generation = -1
+        self._applied = 0
+        self._held = False
+        self._appended = False
+        self._waiting = 0
+        self._next_reap = 0.0
+        self._writer = False
+        # The writer's log misses records (a takeover, or a journal
+        # compaction dropped records it had not appended): the next
+        # section writes a snapshot first.
+        self._log_behind = False
+        # Journal position of the last record in the log, and the last
+        # one published as durable (writer only).
+        self._log_mark = 0
+        self._mark_lock = threading.Lock()
+        self._local = threading.local()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        from mqs.broker._shm import _ChangeWait, _SharedSection
+
+        self._lock = _SharedSection(self)  # type: ignore[assignment]
+        self._changed = _ChangeWait(self)  # type: ignore[assignment]
+        self._users_fd = _open_file(os.path.join(directory, USERS))
+        self._lock_fd = -1
+        self._journal = None
+        self._durable = None
+        try:
+            fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+            self._lock_fd = _open_file(os.path.join(directory, LOCK))
+            self._durable = _map_durable(self._journal_file + ".durable")
+            self._journal = SharedJournal(self._journal_file, journal_bytes)
+            self._max_record = min(self._journal.journal_bytes,
+                                   segment_bytes) // 2
+            self._slot, self._token = self._journal.attach()
+            _instances.add(self)
+            self._try_writer_lock()
+            # Catch up; the first process restores the broker from the log.
+            with self._lock:
+                pass
+        except BaseException:
+            self._release_files()
+            raise
+        self._start_thread()
+
+    # Files and the writer lock.
+
+    def _release_files(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._journal is not None:
+            self._journal.close()
+        if self._durable is not None:
+            self._durable.release()
+        for fd in (self._lock_fd, self._users_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._lock_fd = self._users_fd = -1
+
+    def _try_writer_lock(self) -> bool:
+        """Take the writer lock if it is free; return whether this process
+        is the writer now. The caller runs the takeover (see module docs)."""
+        if self._writer:
+            return True
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._log_name = _read_current(self.path) or ""
+        self._log_behind = True
+        self._writer = True
+        logger.debug("log broker %s: process %d is the writer", self.path,
+                     os.getpid())
+        return True
+
+    def _wait_writer_lock(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._try_writer_lock():
+            if time.monotonic() >= deadline:
+                raise LogLocked(
+                    errno.EAGAIN,
+                    f"log broker {self.path!r} has a new journal, but "
+                    f"another process has held its writer lock for "
+                    f"{timeout:g} s (it uses a journal that was removed); "
+                    f"close that process",
+                    os.path.join(self.path, LOCK))
+            time.sleep(0.01)
+
+    # The section: the journal mutex with the replica and the log caught up.
+
+    def _enter_shared(self) -> None:
+        super()._enter_shared()
+        generation, used = self._journal.position()
+        if generation == 0 and used == 0:
+            self._restore()
+        elif self._writer and self._log_behind:
+            self._write_snapshot()
+        elif self._writer:
+            # _replay_records appended the records of the others.
+            self._set_log_mark()
+
+    def _load_snapshot_file(self, generation: int) -> None:
+        # This replica missed records of the old generation, so the log
+        # missed them too.
+        super()._load_snapshot_file(generation)
+        self._log_behind = True
+
+    def _replay_records(self, records: list[bytes]) -> None:
+        super()._replay_records(records)
+        if self._writer and not self._log_behind:
+            for data in records:
+                LogBackend._append(self, data)
+
+    def _append(self, data: bytes) -> None:
+        super()._append(data)
+        self._local.mark = self._position()
+        if self._writer and not self._log_behind:
+            LogBackend._append(self, data)
+            self._set_log_mark()
+
+    def _position(self) -> int:
+        return (self._generation << 32) | self._applied
+
+    def _set_log_mark(self) -> None:
+        with self._mark_lock:
+            self._log_mark = self._position()
+
+    def _restore(self) -> None:
+        """Replay the log into this replica and publish it as the first
+        generation of a new journal; the caller holds the mutex."""
+        self._wait_writer_lock(10.0)
+        self._durable[_DURABLE] = 0
+        self._durable[_FAILED] = 0
+        self._reset_state()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+        name = _read_current(self.path)
+        if name is None:
+            _check_empty(self.path)
+            self._log_name = ""
+            LogBackend._compact(self)
+        else:
+            self._remove_stale_logs(name)
+            self._raw_bodies = False
+            LogBackend._replay(self, name)
+            if self._raw_bodies:
+                self._pickle_bodies()
+        self._log_behind = False
+
+        stale = [(topic, group, consumer)
+                 for topic, state in self._topics.items()
+                 for group, group_state in state.groups.items()
+                 for consumer in group_state.consumers]
+        self._tick()
+        for topic, group, consumer in stale:
+            self._logged("close", topic, group, consumer)
+        if stale:
+            logger.info("log broker %s: closed %d consumers of processes "
+                        "that are gone; their in-flight messages are ready "
+                        "again", self.path, len(stale))
+
+        # The journal's first generation: other processes load this
+        # replica from its snapshot.
+        ShmBackend._compact(self)
+        self._write_snapshot()
+
+    def _snapshot_bytes(self) -> bytes:
+        topics = {name: state.snapshot()
+                  for name, state in self._topics.items()}
+        return pickle.dumps(
+            (SHARED_FORMAT, self._next_message, self._next_consumer,
+             self._now, topics), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _load_snapshot(self, data: bytes) -> None:
+        snapshot = pickle.loads(data)
+        if snapshot[0] not in (FORMAT, SHARED_FORMAT):
+            raise LogVersionError(
+                f"log broker {self.path!r} has format {snapshot[0]!r}, this "
+                f"mqs reads {SHARED_FORMAT!r}; upgrade mqs to open it")
+        # Records of a version 1 log, snapshot and operations alike,
+        # hold bodies as objects.
+        self._raw_bodies = snapshot[0] == FORMAT
+        _, self._next_message, self._next_consumer, now, topics = snapshot
+        self._now = self._last = max(self._last, now)
+        self._topics = {
+            name: TopicState.restore(state, self._pinned, self._next_id)
+            for name, state in topics.items()}
+
+    def _pickle_bodies(self) -> None:
+        """Pickle the bodies of a replayed version 1 log, once per record."""
+        seen: set[int] = set()
+        for state in self._topics.values():
+            records = list(state.store.values())
+            records += [entry.record for group in state.groups.values()
+                        for entry in group.entries.values()]
+            records += [record for _, record in state.dlq.values()]
+            for record in records:
+                if id(record) not in seen:
+                    seen.add(id(record))
+                    record.body = pickle.dumps(
+                        record.body, protocol=pickle.HIGHEST_PROTOCOL)
+            for key, (letter, record) in list(state.dlq.items()):
+                state.dlq[key] = (dataclasses.replace(
+                    letter, body=record.body), record)
+        logger.info("log broker %s: converted a log of format %r to %r",
+                    self.path, FORMAT, SHARED_FORMAT)
+
+    def _write_snapshot(self) -> None:
+        """Write the replica into a new log and switch to it; the caller
+        holds the mutex and is the writer."""
+        old = self._log_name
+        with self._mark_lock:
+            LogBackend._compact(self)
+            self._log_mark = self._position()
+        self._log_behind = False
+        if old and old != self._log_name:
+            shutil.rmtree(os.path.join(self.path, old), ignore_errors=True)
+        self._publish_durable(self._log_mark)
+
+    def _after_write(self) -> None:
+        if self._writer and not self._log_behind \
+                and self._bytes_since_snapshot > self._compact_bytes:
+            self._write_snapshot()
+
+    # Durability.
+
+    def _publish_durable(self, mark: int) -> None:
+        if mark > self._durable[_DURABLE]:
+            self._durable[_DURABLE] = mark
+        self._journal.signal()
+
+    def _flush_log(self) -> None:
+        """Sync the log (under "always") and publish how far it is
+        durable; the writer calls it outside the section."""
+        with self._mark_lock:
+            log, mark = self._log, self._log_mark
+        if log is None or mark <= self._durable[_DURABLE]:
+            return
+        if self.fsync == "always":
+            try:
+                log.flush()
+            except ValueError:
+                # A snapshot closed this log after syncing its records.
+                if not log.closed:
+                    raise
+            except BaseException:
+                self._durable[_FAILED] = 1
+                self._journal.signal()
+                raise
+        self._publish_durable(mark)
+
+    def _sync(self, log: Any) -> None:
+        """Return once the log is durable up to this thread's last record
+        (under "always")."""
+        if self.fsync != "always":
+            return
+        target = getattr(self._local, "mark", 0)
+        while self._durable[_DURABLE] < target:
+            if self._durable[_FAILED]:
+                raise BackendUnavailable(
+                    f"log broker {self.path!r}: the writer process failed "
+                    f"to append or sync the log; close the broker in every "
+                    f"process and check the disk")
+            if self._closed:
+                raise ShutDown(f"log broker {self.path!r} is closed")
+            if self._writer and not self._log_behind:
+                self._flush_log()
+                continue
+            epoch = self._journal.wait_prepare()
+            if self._durable[_DURABLE] >= target:
+                return
+            self._journal.wait(epoch, TAKEOVER_INTERVAL_S)
+
+    # The log thread: takeover, catch-up and group commit.
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run_log_thread, daemon=True,
+            name=f"mqs-log-writer-{os.path.basename(self.path)}")
+        self._thread.start()
+
+    def _run_log_thread(self) -> None:
+        seen = None
+        while not self._stop.is_set():
+            try:
+                if not self._writer:
+                    if not self._try_writer_lock():
+                        self._stop.wait(TAKEOVER_INTERVAL_S)
+                        continue
+                    logger.info("log broker %s: process %d took over the "
+                                "log", self.path, os.getpid())
+                epoch = self._journal.wait_prepare()
+                if self._journal.position() == seen:
+                    self._journal.wait(epoch, TAKEOVER_INTERVAL_S)
+                with self._lock:
+                    seen = self._journal.position()
+                self._flush_log()
+            except ShutDown:
+                return
+            except Exception:
+                logger.exception("log broker %s: the writer thread failed; "
+                                 "retrying in 1 s", self.path)
+                self._stop.wait(1.0)
+
+    def _stop_thread(self) -> None:
+        self._stop.set()
+        if self._journal is not None:
+            self._journal.signal()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(10)
+
+    # Closing.
+
+    def close(self) -> None:
+        """Close this process's use of the broker. Idempotent.
+
+        The writer appends and syncs what it has not yet, then frees the
+        writer lock for another process. The last process writes a
+        snapshot and removes the journal (see the module docs).
+        """
+        if self._closed:
+            return
+        self._stop_thread()
+        last = False
+        try:
+            fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            last = True
+        except BlockingIOError:
+            pass
+        try:
+            if last:
+                self._wait_writer_lock(10.0)
+            if self._writer:
+                with self._lock:
+                    if self._log_behind or (
+                            last and self._bytes_since_snapshot):
+                        self._write_snapshot()
+                if self._failed is None and self._log is not None:
+                    self._log.flush()
+                    self._publish_durable(self._log_mark)
+                if last:
+                    unlink_journal(self.path)
+        finally:
+            ShmBackend.close(self)
+            self._writer = False
+            self._release_files()
+
+    def _after_fork_in_child(self) -> None:
+        # The child shares the parent's lock descriptions: dropping them
+        # here keeps the parent's locks, and the child takes its own.
+        _inherited.append(self._log)
+        self._log = None
+        self._writer = False
+        self._log_behind = False
+        self._mark_lock = threading.Lock()
+        self._local = threading.local()
+        self._stop = threading.Event()
+        for fd in (self._lock_fd, self._users_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._lock_fd = self._users_fd = -1
+        super()._after_fork_in_child()
+        if self._closed:
+            return
+        self._users_fd = _open_file(os.path.join(self.path, USERS))
+        fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+        self._lock_fd = _open_file(os.path.join(self.path, LOCK))
+        self._start_thread()
+
+    # Snapshot files of the journal (ShmBackend keys them by `path`).
+
+    def _snapshot_path(self, generation: int) -> str:
+        return f"{self._journal_file}.snapshot-{generation}"
+
+    def _remove_snapshots(self, keep: str | None) -> None:
+        prefix = os.path.basename(self._journal_file) + ".snapshot-"
+        for entry in os.listdir(SHM_DIR):
+            path = os.path.join(SHM_DIR, entry)
+            if entry.startswith(prefix) and path != keep:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    def __repr__(self) -> str:
+        return f"<SharedLogBackend {self.path!r} fsync={self.fsync!r}>"
+
+
+def _check_options(path: Any, fsync: Any, compact_bytes: Any,
+                   journal_bytes: Any) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"path must be a str or os.PathLike, got "
+            f"{type(path).__name__} {path!r}")
+    if fsync not in FSYNC_MODES:
+        raise ValueError(
+            f"fsync must be 'always', 'interval' or 'never', got "
+            f"{fsync!r}")
+    if isinstance(compact_bytes, bool) or not isinstance(
+            compact_bytes, int) or compact_bytes < 1:
+        raise ValueError(
+            f"compact_bytes must be an int of 1 or more, got "
+            f"{compact_bytes!r}")
+    if isinstance(journal_bytes, bool) or not isinstance(
+            journal_bytes, int) or not (
+                MIN_BYTES <= journal_bytes <= MAX_BYTES) \
+            or journal_bytes % 8:
+        raise ValueError(
+            f"journal_bytes must be a multiple of 8 from {MIN_BYTES} "
+            f"to {MAX_BYTES}, got {journal_bytes!r}")
+
+
+def _open_file(path: str) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _map_durable(path: str) -> memoryview:
+    """Map the durable file (created owner-only) as two int64 words.
+
+    Only the writer stores the words, and readers compare them with
+    their own positions.
+
+    NOTE: CPython stores a memoryview item with an 8-byte memcpy, which
+    compilers emit as one aligned store on x86-64 and aarch64 (atomic
+    there), but no standard promises it.
+    """
+    fd = _open_file(path)
+    try:
+        if os.fstat(fd).st_size < _DURABLE_FILE_BYTES:
+            os.ftruncate(fd, _DURABLE_FILE_BYTES)
+        mapping = mmap.mmap(fd, _DURABLE_FILE_BYTES)
+    finally:
+        os.close(fd)
+    return memoryview(mapping).cast("q")
+
+
+def _read_current(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, CURRENT), encoding="ascii") as file:
+            return file.read().strip() or None
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,254 @@
+"""One log broker shared by several processes: hand-over of records to
+the writer, a rate limit shared by all, and SIGKILL of the writer.
+
+Each test runs real child processes on one log directory. A "reboot"
+is simulated by removing the broker's /dev/shm journal while no process
+has it open, so that the log alone restores the broker.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import mqs
+from mqs import bench_lanes
+from mqs.broker._log import lock_holder
+from mqs.broker._log_shared import journal_name, unlink_journal
+
+
+@pytest.fixture
+def path(tmp_path):
+    directory = tmp_path / "broker"
+    yield directory
+    unlink_journal(directory)
+
+
+def open_broker(path, **options):
+    return mqs.Broker(backend="log", path=path, segment_bytes=1 << 20,
+                      **options)
+
+
+class Child:
+    """A child Python running `code`; a thread collects the JSON lines it
+    prints."""
+
+    def __init__(self, code, *args):
+        script = "import json, os, sys, time\nimport mqs\n" + \
+            textwrap.dedent(code)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", script, *map(str, args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.reports = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.reports.append(json.loads(line))
+
+    def wait_report(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not self.reports:
+            assert self.process.poll() is None, self.process.stderr.read()
+            assert time.monotonic() < deadline, "child reported nothing"
+            time.sleep(0.01)
+        return self.reports[0]
+
+    def kill(self):
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self.reader.join(30)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+WORKER = """
+path = sys.argv[1]
+name = sys.argv[2]
+broker = mqs.Broker(backend="log", path=path, fsync="always",
+                    segment_bytes=1 << 20)
+consumer = broker.consume("t", "g", prefetch=1, ack_timeout=600)
+print(json.dumps({"pid": os.getpid()}), flush=True)
+number = 0
+while True:
+    body = f"{name}-{number}"
+    number += 1
+    broker.publish("t", body)
+    print(json.dumps({"published": body}), flush=True)
+    try:
+        message = consumer.get(timeout=0.1)
+    except mqs.Empty:
+        continue
+    print(json.dumps({"got": message.body}), flush=True)
+    assert message.ack()
+    print(json.dumps({"acked": message.body}), flush=True)
+"""
+
+
+def reported(children, key):
+    return {report[key] for child in children for report in child.reports
+            if key in report}
+
+
+def test_log_processes_share_topics_groups_and_acks(path):
+    broker = open_broker(path, fsync="always")
+    broker.declare_topic("t")
+    broker.consume("t", "g").close()
+    children = [Child(WORKER, path, f"w{index}") for index in range(3)]
+    try:
+        for child in children:
+            child.wait_report()
+        deadline = time.monotonic() + 60
+        while len(reported(children, "acked")) < 60:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        for child in children:
+            child.kill()
+    published = reported(children, "published")
+    acked = reported(children, "acked")
+    # Each process acked messages the others published: one group.
+    assert {body.split("-")[0] for body in acked} == {"w0", "w1", "w2"}
+    stats = broker.stats("t")
+    assert stats["published"] >= len(published)
+    assert stats["acked"] >= len(acked)
+    consumer = broker.consume("t", "g", prefetch=100_000, ack_timeout=600)
+    rest = {message.body for message in consumer.get_many(100_000,
+                                                          timeout=5)}
+    assert not rest & acked
+    assert published <= rest | reported(children, "got")
+    consumer.close(drain=False)
+    broker.close()
+
+
+@pytest.mark.parametrize("round_seed", [1, 2])
+def test_log_sigkill_of_writer_loses_nothing_returned(path, scale,
+                                                      round_seed):
+    rng = random.Random(round_seed)
+    broker = open_broker(path, fsync="always")
+    broker.declare_topic("t")
+    broker.consume("t", "g").close()
+    broker.close()
+    children = [Child(WORKER, path, f"w{index}") for index in range(3)]
+    killed = 0
+    try:
+        for child in children:
+            child.wait_report()
+        for round_number in range(max(2, int(4 * scale))):
+            time.sleep(rng.uniform(0.1, 0.6))
+            holder = lock_holder(path)
+            victims = [child for child in children
+                       if child.process.poll() is None
+                       and child.reports[0]["pid"] == holder]
+            if not victims:
+                continue
+            victims[0].kill()
+            killed += 1
+            fresh = Child(WORKER, path, f"r{round_number}")
+            children.append(fresh)
+            fresh.wait_report()
+        # The others went on after each kill.
+        time.sleep(0.3)
+        progress = len(reported(children, "acked"))
+        time.sleep(0.5)
+        assert len(reported(children, "acked")) > progress
+    finally:
+        # Every process dies; then a reboot empties /dev/shm.
+        for child in children:
+            if child.process.poll() is None:
+                child.kill()
+    assert killed >= 1
+    assert unlink_journal(path)
+
+    published = reported(children, "published")
+    acked = reported(children, "acked")
+    got = reported(children, "got")
+    assert len(acked) > 10
+    broker = open_broker(path)
+    consumer = broker.consume("t", "g", prefetch=100_000, ack_timeout=600)
+    rest = {message.body for message in consumer.get_many(100_000,
+                                                          timeout=5)}
+    # Nothing acked comes back, nothing published that returned is lost.
+    assert not rest & acked
+    assert published - got <= rest
+    assert published <= rest | got
+    consumer.close(drain=False)
+    broker.close()
+
+
+def test_log_restart_of_every_process_keeps_state(path):
+    broker = open_broker(path, fsync="interval")
+    broker.declare_topic("t", max_attempts=3)
+    broker.consume("t", "g").close()
+    broker.close()
+    children = [Child(WORKER.replace('"always"', '"interval"'), path,
+                      f"w{index}") for index in range(2)]
+    try:
+        for child in children:
+            child.wait_report()
+        time.sleep(0.5)
+    finally:
+        for child in children:
+            child.kill()
+    journal = f"/dev/shm/mqs.broker.{journal_name(path)}"
+    # Every process is gone, the machine is up: the journal is still there
+    # and holds everything that returned, synced to the log or not.
+    assert os.path.exists(journal)
+    published = reported(children, "published")
+    acked = reported(children, "acked")
+    broker = open_broker(path)
+    consumer = broker.consume("t", "g", prefetch=100_000, ack_timeout=600)
+    rest = {message.body for message in consumer.get_many(100_000,
+                                                          timeout=5)}
+    assert not rest & acked
+    assert published <= rest | reported(children, "got")
+    consumer.close(drain=False)
+    broker.close()
+    # The last process to close wrote a snapshot and removed the journal.
+    assert not os.path.exists(journal)
+    broker = open_broker(path)
+    assert broker.stats("t")["acked"] >= len(acked)
+    broker.close()
+
+
+def test_log_rate_limit_shared_by_three_processes():
+    result = bench_lanes.run_rate_limit(duration_s=1.0, per_second=300,
+                                        processes=3, backend="log",
+                                        warmup_s=0.5)
+    assert result["processes"] == 3
+    # One bucket for the three: near 300/s, far from the 900/s of three
+    # separate buckets. Generous, because the machine may be loaded.
+    assert 150 <= result["rate_per_s"] <= 320
+
+
+def test_log_opens_single_process_log_format(path):
+    from mqs.broker._log import LogBackend
+
+    old = mqs.Broker(backend="memory")
+    old._backend.close()
+    old._backend = LogBackend(path, segment_bytes=1 << 20)
+    old.declare_topic("t", max_attempts=1)
+    consumer = old.consume("t", "g", prefetch=10, ack_timeout=600)
+    old.publish_many("t", [{"n": 1}, ("tuple", 2), b"bytes"])
+    first = consumer.get(timeout=5)
+    first.nack(requeue=False, error="bad")
+    consumer.close(drain=False)
+    old.close()
+
+    broker = open_broker(path)
+    assert [letter.body for letter in broker.dlq_list("t")] == [{"n": 1}]
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+    assert [message.body for message in consumer.get_many(10, timeout=5)] \
+        == [("tuple", 2), b"bytes"]
+    broker.publish("t", {"new": True})
+    assert consumer.get(timeout=5).body == {"new": True}
+    consumer.close(drain=False)
+    broker.close()
