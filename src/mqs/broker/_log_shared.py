@@ -84,6 +84,7 @@ import threading
 import time
 from typing import Any
 
+from mqs._dirkind import LOG_BROKER, check_directory_kind
 from mqs._journal import MAX_BYTES, MIN_BYTES, SharedJournal
 from mqs.broker._log import (
     CURRENT,
@@ -92,6 +93,7 @@ from mqs.broker._log import (
     LOCK,
     LogBackend,
     _check_empty,
+    lock_holder,
 )
 from mqs.broker._memory import MemoryBackend, _sample_every
 from mqs.broker._shm import (
@@ -157,6 +159,9 @@ class SharedLogBackend(ShmBackend):
     ------
     NotADirectoryError
         If `path` is a file.
+    DirectoryKindError
+        If `path` is a durable SharedQueue's or a bare segment log's
+        directory.
     ValueError
         If an option is invalid, or `path` contains files that are not
         a log broker's.
@@ -182,6 +187,7 @@ class SharedLogBackend(ShmBackend):
                 errno.ENOTDIR,
                 f"the log broker needs a directory, but path {directory!r} "
                 f"is a file; pass a new or empty directory", directory)
+        check_directory_kind(directory, LOG_BROKER)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         MemoryBackend.__init__(self, clock=self._read_clock,
                                sample_every=_sample_every(sample_every))
@@ -286,10 +292,9 @@ class SharedLogBackend(ShmBackend):
             if time.monotonic() >= deadline:
                 raise LogLocked(
                     errno.EAGAIN,
-                    f"log broker {self.path!r} has a new journal, but "
-                    f"another process has held its writer lock for "
-                    f"{timeout:g} s (it uses a journal that was removed); "
-                    f"close that process",
+                    f"timed out after {timeout:g} s waiting for the writer "
+                    f"lock of log broker {self.path!r}, held by process "
+                    f"{lock_holder(self.path)}; close that process",
                     os.path.join(self.path, LOCK))
             time.sleep(0.01)
 
@@ -297,9 +302,10 @@ class SharedLogBackend(ShmBackend):
 
     def _enter_shared(self) -> None:
         super()._enter_shared()
-        generation, used = self._journal.position()
-        if generation == 0 and used == 0:
-            self._restore()
+        # Generation 0 is a journal that no process has restored yet:
+        # every restore ends in a compaction to generation 1.
+        if self._journal.position()[0] == 0:
+            self._restore_or_wait()
         elif self._writer and self._log_behind:
             self._write_snapshot()
         elif self._writer:
@@ -332,10 +338,35 @@ class SharedLogBackend(ShmBackend):
         with self._mark_lock:
             self._log_mark = self._position()
 
+    def _restore_or_wait(self) -> None:
+        """Restore a new journal from the log, or let the process that
+        holds the writer lock do it; the caller holds the mutex."""
+        deadline = time.monotonic() + 10.0
+        while not self._try_writer_lock():
+            # The writer restores it once it gets the mutex.
+            self._leave_shared()
+            if time.monotonic() >= deadline:
+                raise LogLocked(
+                    errno.EAGAIN,
+                    f"log broker {self.path!r} has a new journal, but "
+                    f"another process has held its writer lock for 10 s "
+                    f"without restoring it (it uses a journal that was "
+                    f"removed); close that process",
+                    os.path.join(self.path, LOCK))
+            time.sleep(0.01)
+            # The restore changes the state outside the journal's records,
+            # so this replica must load the snapshot that ends it.
+            self._generation = -1
+            self._applied = 0
+            super()._enter_shared()
+            if self._journal.position()[0] != 0:
+                return
+        self._restore()
+
     def _restore(self) -> None:
         """Replay the log into this replica and publish it as the first
-        generation of a new journal; the caller holds the mutex."""
-        self._wait_writer_lock(10.0)
+        generation of a new journal; the caller holds the mutex and the
+        writer lock."""
         self._durable[_DURABLE] = 0
         self._durable[_FAILED] = 0
         self._reset_state()
