@@ -55,13 +55,13 @@
 -- in-flight entry is owned by its consumer with the delivery count equal
 -- to its attempts; any other entry read by the group is owned by
 -- "mqs.parked". Ack deadlines differ per delivery (ack_timeout per
--- consumer, extend), but XAUTOCLAIM takes one min idle time, so each
--- delivery's PEL idle time is set to CLAIM_IDLE_MS minus its time left
--- (XCLAIM IDLE at delivery and at extend): it reaches CLAIM_IDLE_MS at
--- the deadline. When a deadline timer finds a delivery overdue, XAUTOCLAIM
--- with that min idle time moves every overdue delivery of the group to
--- "mqs.parked" (reclaim). XPENDING therefore shows an in-flight entry
--- idle for about 31 years less its time left.
+-- consumer, extend), but XAUTOCLAIM takes one min idle time. So XCLAIM
+-- IDLE sets each delivery's PEL idle time to CLAIM_IDLE_MS minus its time
+-- left, at delivery and at extend, and the idle time reaches CLAIM_IDLE_MS
+-- at the deadline. When a deadline timer finds a delivery overdue,
+-- XAUTOCLAIM with that min idle time moves every overdue delivery of the
+-- group to "mqs.parked" (reclaim). XPENDING therefore shows an in-flight
+-- entry idle for about 31 years less its time left.
 --
 -- Records, reference counts, in-flight counts, XACK and XDEL go through
 -- write-back buffers flushed when the script ends (or before a command
@@ -83,7 +83,8 @@ local PARKED = 'mqs.parked'
 -- Min idle time (ms) of the XAUTOCLAIM that takes back overdue
 -- deliveries. A delivery's PEL idle time is set to CLAIM_IDLE_MS minus
 -- its ack timeout (set_deadline), so it reaches CLAIM_IDLE_MS at the ack
--- deadline; parked entries, idle since they were parked, never do.
+-- deadline. Parked entries are idle only since they were parked, so they
+-- never reach it.
 local CLAIM_IDLE_MS = 1e12
 -- retain_until of entries published while the topic had no group.
 local FAR = 1e15
@@ -1308,8 +1309,8 @@ end
 local RUN_HEADER = 11
 
 -- Claims a dedup id for `id` with SET NX, so that one command both tests
--- and sets it. Returns nil when it claimed it, else the message id that
--- holds it. PX, not EX: dedup windows are float seconds, and EX would
+-- and sets it. Returns nil when it claimed it, else the message id stored
+-- under it. PX, not EX: dedup windows are float seconds, and EX would
 -- round a window below one second to zero or one.
 local function claim_dedup(dedup_key, id)
   local ms = math.max(1, math.ceil(cfg.dedup_ms))
@@ -1346,9 +1347,9 @@ local function publish()
     local dedup = meta.dedup ~= '' and cfg.dedup_ms > 0
     local bodies = ARGV[base + RUN_HEADER + 1]
     local at = 1
-    local taken = 0
+    local body_count = 0
     for length in string.gmatch(ARGV[base + RUN_HEADER], '%d+') do
-      taken = taken + 1
+      body_count = body_count + 1
       local body = string.sub(bodies, at, at + length - 1)
       at = at + length
       local id = next_id()
@@ -1375,7 +1376,7 @@ local function publish()
         ids[#ids + 1] = id
       end
     end
-    if taken ~= n or at ~= #bodies + 1 then
+    if body_count ~= n or at ~= #bodies + 1 then
       return redis.error_reply('MQS_BUG publish run of ' .. n ..
                                ' bodies is malformed')
     end

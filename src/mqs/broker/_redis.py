@@ -12,11 +12,11 @@ Mapping
     stream. The first delivery reads an entry with XREADGROUP and an ack
     is XACK. In the group's pending entries list, an in-flight entry
     belongs to its consumer, with the delivery count equal to its
-    attempts, and its idle time is set so that it reaches a fixed
-    XAUTOCLAIM min idle time at the ack deadline; `extend` resets it with
-    XCLAIM IDLE. A delivery past its deadline is taken back with
-    XAUTOCLAIM and redelivered with its delivery count raised, or
-    dead-lettered at `max_attempts`.
+    attempts. Its idle time is set so that it reaches a fixed XAUTOCLAIM
+    min idle time at the ack deadline, and `extend` resets it with XCLAIM
+    IDLE. A delivery past its deadline is taken back with XAUTOCLAIM, then
+    redelivered with its delivery count raised or dead-lettered at
+    `max_attempts`.
     Ack deadlines, delays and nack delays are also scores in one sorted
     set per topic. The script handles whatever is due before every
     operation, so no timer process is needed, and XAUTOCLAIM scans a
