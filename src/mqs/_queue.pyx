@@ -419,16 +419,30 @@ cdef object _latency_summary(object sampler):
 cdef int64_t _wall_offset_ns = 0
 
 
-cdef int64_t _wall_offset(int64_t monotonic_ns):
-    """Return wall-clock ns minus monotonic ns.
+cdef int64_t _wall_offset():
+    """Return wall-clock ns minus monotonic ns, never above the truth.
 
-    Two clock reads never happen at the same instant, so the offset
-    jitters by a microsecond or so between calls. It is kept unless it
+    The monotonic clock is read after the wall clock, so the offset is
+    low by the time between the two reads and a deadline made from it is
+    late by that time, never early. The pair is read again (up to five
+    times) while the reads were more than 20 us apart, as happens when
+    the thread is preempted between them. The offset is kept unless it
     moved by more than a millisecond (a real clock step), so equal `at`
     times map to equal deadlines and keep their put order.
     """
     global _wall_offset_ns
-    cdef int64_t offset = time.time_ns() - monotonic_ns
+    cdef int64_t before, wall, after, offset = 0
+    cdef int64_t gap = INT64_MAX
+    cdef int attempt
+    for attempt in range(5):
+        before = mqs_monotonic_ns()
+        wall = time.time_ns()
+        after = mqs_monotonic_ns()
+        if after - before < gap:
+            gap = after - before
+            offset = wall - after
+        if gap <= 20000:
+            break
     if offset - _wall_offset_ns > 1000000 or _wall_offset_ns - offset > 1000000:
         _wall_offset_ns = offset
     return _wall_offset_ns
@@ -472,7 +486,7 @@ cdef int64_t _due_ns(object delay, object at) except? -1:
     if seconds <= 0:
         return now
     # Converted once, here: later wall-clock steps do not move it.
-    due = <int64_t>(seconds * 1e9) - _wall_offset(now)
+    due = <int64_t>(seconds * 1e9) - _wall_offset()
     return due if due > now else now
 
 
