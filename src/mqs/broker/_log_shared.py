@@ -220,10 +220,14 @@ class SharedLogBackend(ShmBackend):
         # compaction dropped records it had not appended): the next
         # section writes a snapshot first.
         self._log_behind = False
-        # Journal position of the last record in the log, and the last
-        # one published as durable (writer only).
-        self._log_mark = 0
-        self._mark_lock = threading.Lock()
+        # The log and the journal position of the last record in it
+        # (writer only), replaced as one tuple so that a thread that syncs
+        # outside the section reads a matching pair.
+        self._log_state: tuple[Any, int] = (None, 0)
+        # Journal position after the last record of another process that
+        # the writer appended: its thread syncs up to there.
+        self._others_mark = 0
+        self._replayed = False
         self._local = threading.local()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -308,9 +312,11 @@ class SharedLogBackend(ShmBackend):
             self._restore_or_wait()
         elif self._writer and self._log_behind:
             self._write_snapshot()
-        elif self._writer:
+        elif self._replayed:
             # _replay_records appended the records of the others.
             self._set_log_mark()
+            self._others_mark = self._log_state[1]
+            self._replayed = False
 
     def _load_snapshot_file(self, generation: int) -> None:
         # This replica missed records of the old generation, so the log
@@ -323,6 +329,7 @@ class SharedLogBackend(ShmBackend):
         if self._writer and not self._log_behind:
             for data in records:
                 LogBackend._append(self, data)
+            self._replayed = True
 
     def _append(self, data: bytes) -> None:
         super()._append(data)
@@ -335,8 +342,7 @@ class SharedLogBackend(ShmBackend):
         return (self._generation << 32) | self._applied
 
     def _set_log_mark(self) -> None:
-        with self._mark_lock:
-            self._log_mark = self._position()
+        self._log_state = (self._log, self._position())
 
     def _restore_or_wait(self) -> None:
         """Restore a new journal from the log, or let the process that
@@ -449,13 +455,12 @@ class SharedLogBackend(ShmBackend):
         """Write the replica into a new log and switch to it; the caller
         holds the mutex and is the writer."""
         old = self._log_name
-        with self._mark_lock:
-            LogBackend._compact(self)
-            self._log_mark = self._position()
+        LogBackend._compact(self)
+        self._set_log_mark()
         self._log_behind = False
         if old and old != self._log_name:
             shutil.rmtree(os.path.join(self.path, old), ignore_errors=True)
-        self._publish_durable(self._log_mark)
+        self._publish_durable(self._log_state[1])
 
     def _after_write(self) -> None:
         if self._writer and not self._log_behind \
@@ -472,8 +477,7 @@ class SharedLogBackend(ShmBackend):
     def _flush_log(self) -> None:
         """Sync the log (under "always") and publish how far it is
         durable; the writer calls it outside the section."""
-        with self._mark_lock:
-            log, mark = self._log, self._log_mark
+        log, mark = self._log_state
         if log is None or mark <= self._durable[_DURABLE]:
             return
         if self.fsync == "always":
@@ -519,8 +523,13 @@ class SharedLogBackend(ShmBackend):
             name=f"mqs-log-writer-{os.path.basename(self.path)}")
         self._thread.start()
 
+    def _caught_up(self) -> bool:
+        """Return whether the log holds every journal record (read without
+        the mutex: a wrong answer costs one idle round or one wait)."""
+        return not self._log_behind and self._journal.position() == (
+            self._generation, self._applied)
+
     def _run_log_thread(self) -> None:
-        seen = None
         while not self._stop.is_set():
             try:
                 if not self._writer:
@@ -530,11 +539,15 @@ class SharedLogBackend(ShmBackend):
                     logger.info("log broker %s: process %d took over the "
                                 "log", self.path, os.getpid())
                 epoch = self._journal.wait_prepare()
-                if self._journal.position() == seen:
+                if self._caught_up():
                     self._journal.wait(epoch, TAKEOVER_INTERVAL_S)
+                    if self._caught_up():
+                        continue
                 with self._lock:
-                    seen = self._journal.position()
-                self._flush_log()
+                    pass
+                # This process's threads sync their own records.
+                if self._others_mark > self._durable[_DURABLE]:
+                    self._flush_log()
             except ShutDown:
                 return
             except Exception:
@@ -578,7 +591,7 @@ class SharedLogBackend(ShmBackend):
                         self._write_snapshot()
                 if self._failed is None and self._log is not None:
                     self._log.flush()
-                    self._publish_durable(self._log_mark)
+                    self._publish_durable(self._log_state[1])
                 if last:
                     unlink_journal(self.path)
         finally:
@@ -593,7 +606,7 @@ class SharedLogBackend(ShmBackend):
         self._log = None
         self._writer = False
         self._log_behind = False
-        self._mark_lock = threading.Lock()
+        self._log_state = (None, 0)
         self._local = threading.local()
         self._stop = threading.Event()
         for fd in (self._lock_fd, self._users_fd):
