@@ -12,69 +12,24 @@ import os
 import queue
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 import time
-import uuid
 
 import pytest
 
 import mqs
+from durable_helpers import (  # noqa: F401 (fixtures)
+    CHILD_TIMEOUT_S,
+    SHM_DIR,
+    drain,
+    finish,
+    kill_all,
+    log_dir,
+    run_child,
+    shm_name,
+)
 from mqs.shared import SharedQueue
 
-CHILD_TIMEOUT_S = 60
-SHM_DIR = "/dev/shm"
 SEGMENT_BYTES = 64 * 1024
-
-
-@pytest.fixture
-def shm_name():
-    """Return a queue name unique to this test; remove its files after."""
-    name = f"test-durable-{uuid.uuid4().hex[:16]}"
-    yield name
-    for path in glob.glob(os.path.join(SHM_DIR, f"mqs.{name}*")):
-        os.unlink(path)
-
-
-@pytest.fixture
-def log_dir(tmp_path):
-    return str(tmp_path / "queue-log")
-
-
-def run_child(code):
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)], env=dict(os.environ),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc, timeout=CHILD_TIMEOUT_S):
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"child {proc.pid} did not finish in {timeout} s\n"
-                    f"stdout: {stdout}\nstderr: {stderr}")
-    assert proc.returncode == 0, stderr
-    return stdout
-
-
-def kill_all(procs):
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
-def drain(q, timeout=0.5):
-    """Get messages until none arrives for `timeout` seconds."""
-    out = []
-    while True:
-        try:
-            out.extend(q.get_many(1000, timeout=timeout))
-        except queue.Empty:
-            return out
 
 
 def segment_files(path):

@@ -7,7 +7,6 @@ before a test fails.
 """
 
 import asyncio
-import glob
 import multiprocessing
 import os
 import queue
@@ -15,60 +14,20 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-import uuid
 
 import pytest
 
 import mqs
+from durable_helpers import (  # noqa: F401 (fixtures)
+    CHILD_TIMEOUT_S,
+    communicate,
+    drain,
+    log_dir,
+    run_child,
+    shm_name,
+)
 from mqs.shared import SharedQueue
-
-CHILD_TIMEOUT_S = 60
-SHM_DIR = "/dev/shm"
-
-
-@pytest.fixture
-def shm_name():
-    """Return a queue name unique to this test; remove its files after."""
-    name = f"test-persist-{uuid.uuid4().hex[:16]}"
-    yield name
-    for path in glob.glob(os.path.join(SHM_DIR, f"mqs.{name}*")):
-        os.unlink(path)
-
-
-@pytest.fixture
-def log_dir(tmp_path):
-    return str(tmp_path / "queue-log")
-
-
-def drain(q, timeout=0.5):
-    """Get messages until none arrives for `timeout` seconds."""
-    out = []
-    while True:
-        try:
-            out.extend(q.get_many(1000, timeout=timeout))
-        except queue.Empty:
-            return out
-
-
-def run_child(code, env_extra=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc, timeout=CHILD_TIMEOUT_S):
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"child {proc.pid} did not finish in {timeout} s\n"
-                    f"stdout: {stdout}\nstderr: {stderr}")
-    return proc.returncode, stdout, stderr
-
 
 # -- one process ---------------------------------------------------------------
 
@@ -313,7 +272,7 @@ def test_killed_appender_loses_no_acknowledged_put(log_dir, shm_name,
         time.sleep(rng.uniform(0.05, 0.3))
         os.kill(appender.pid, signal.SIGKILL)
         appender.communicate(timeout=CHILD_TIMEOUT_S)
-        results = [finish(p) for p in producers]
+        results = [communicate(p) for p in producers]
     finally:
         for proc in producers + [appender]:
             if proc.poll() is None:
