@@ -1,0 +1,28 @@
+"""Build the plain C test of the durable queue's control block and run
+it in the three builds (optimised, ASan with UBSan, TSan).
+
+tests/c/test_durable.c drives csrc/mqs_durable.h from threads: bounded
+reservations (maxsize stays exact with racing producers), the claim
+announcements that keep retention below a paused reader, and exactly
+once delivery to each of two groups.
+"""
+
+import c_build
+import pytest
+
+pytestmark = pytest.mark.c
+
+SOURCES = [c_build.C_TESTS / "test_durable.c"]
+TIMEOUT_SECONDS = 300
+
+
+@pytest.mark.parametrize("build", list(c_build.BUILD_FLAGS))
+def test_c_durable_threads(build, tmp_path):
+    binary = c_build.compile_c(build, SOURCES, tmp_path / "test_durable")
+    records = max(20_000, int(100_000 * c_build.scale_factor()))
+    if build != "plain":
+        records //= 5
+    result = c_build.run_c([str(binary), "threads", str(records)],
+                           TIMEOUT_SECONDS)
+    output = c_build.assert_clean(result, f"test_durable ({build})")
+    assert result.stdout.rstrip().endswith(" passed, 0 failed"), output
