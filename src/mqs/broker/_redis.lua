@@ -1031,12 +1031,16 @@ local function fire_batch(g, batch)
   local list = P .. 'dl:' .. batch
   local items = redis.call('LRANGE', list, 0, -1)
   redis.call('DEL', list)
-  for _, item in ipairs(items) do
+  local ids, tickets = {}, {}
+  for i, item in ipairs(items) do
     local bar = string.find(item, '|', 1, true)
-    local id = string.sub(item, 1, bar - 1)
+    ids[i] = string.sub(item, 1, bar - 1)
+    tickets[i] = tonumber(string.sub(item, bar + 1))
+  end
+  load_recs(g, ids)
+  for i, id in ipairs(ids) do
     local rec = get_rec(g, id)
-    if rec and rec.s == 'F'
-        and rec.t == tonumber(string.sub(item, bar + 1)) then
+    if rec and rec.s == 'F' and rec.t == tickets[i] then
       check_deadline(g, id, rec)
     end
   end
