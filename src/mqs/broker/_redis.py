@@ -20,13 +20,15 @@ Mapping
     Ack deadlines, delays and nack delays are also scores in one sorted
     set per topic. The script handles whatever is due before every
     operation, so no timer process is needed, and XAUTOCLAIM scans a
-    group's pending entries only when one of its deadlines passed. Dead letters go to a stream with
-    their reason. A dedup id is claimed with one ``SET NX PX`` (PX
-    because windows are float seconds, which EX would round to whole
-    ones) and released again if the topic turns out full. Token buckets
-    live in the group's hash, so every client shares one rate limit.
-    All keys of a topic start with ``{<namespace>:<topic>}``, a Redis
-    Cluster hash tag, so each topic lives in one slot.
+    group's pending entries only when one of its deadlines passed. Dead
+    letters go to a stream with their reason. A dedup id is claimed with
+    one ``SET NX PX`` (PX because windows are float seconds, which EX
+    would round to whole ones) and released again if the topic turns out
+    full. Token buckets live in the group's hash, so every client shares
+    one rate limit. Each group keeps the counters and sampled latency
+    histograms of `group_stats` in hashes of its own. All keys of a topic
+    start with ``{<namespace>:<topic>}``, a Redis Cluster hash tag, so
+    each topic lives in one slot.
 
 Bodies
     By default a body must be ``bytes``, ``bytearray``, ``memoryview`` or
@@ -43,10 +45,10 @@ Connections
     ``requirepass``), password and TLS (``rediss://``, with the CA and
     client certificate as query parameters such as ``ssl_ca_certs=``), as
     for ``redis.Redis.from_url``; redis-py parses replies with hiredis
-    when it is installed. A lost connection, a
-    timed-out read or a server that is still loading its data is retried
-    with exponential backoff and full jitter for up to `retry_timeout`
-    seconds, each retry logged; then `BackendConnectionError` is raised.
+    when it is installed. A lost connection, a timed-out read or a
+    server that is still loading its data is retried with exponential
+    backoff and full jitter for up to `retry_timeout` seconds, each retry
+    logged; then `BackendConnectionError` is raised.
     A script that ran before the connection dropped may therefore run
     twice: a publish may store its batch twice (use ``dedup_id`` for
     exactly-once), a second ack finds a stale tag and returns False.
