@@ -97,23 +97,14 @@ def _tls_url(port, ca_path, user="", password=PASSWORD):
             f"?ssl_ca_certs={ca}")
 
 
-@pytest.fixture(scope="module")
-def tls_server(tmp_path_factory):
-    """Start a TLS-only redis-server; yield (port, CA path)."""
-    from mqs._redis_server import find_redis_server
+def _launch(binary, directory, paths):
+    """Start redis-server on a free TLS port and wait until it answers.
 
-    binary = find_redis_server()
-    if binary is None:
-        # As tests/conftest.py: CI must run every Redis test.
-        reason = ("no redis-server binary on PATH (Debian: apt-get install "
-                  "redis-server)")
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI is set", pytrace=False)
-        pytest.skip(reason)
-    directory = tmp_path_factory.mktemp("redis-tls")
-    paths = _make_certificates(directory)
+    Returns (process, port), or (None, log text) if the server exited,
+    such as when another process took the port first.
+    """
     port = _free_port()
-    log_path = directory / "redis.log"
+    log_path = directory / f"redis-{port}.log"
     command = [
         binary, "--bind", "127.0.0.1", "--port", "0", "--tls-port",
         str(port), "--tls-cert-file", str(paths["server.pem"]),
@@ -130,37 +121,67 @@ def tls_server(tmp_path_factory):
                                   socket_timeout=1)
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        while True:
-            if process.poll() is not None:
-                text = log_path.read_text(errors="replace")
-                lower = text.lower()
-                # A build without TLS rejects the tls-* options or says
-                # that TLS is not supported.
-                if "tls" in lower and ("not supported" in lower
-                                       or "not available" in lower
-                                       or "bad directive" in lower):
-                    pytest.skip(f"this redis-server build has no TLS "
-                                f"support; its log: {text[-300:]}")
-                pytest.fail(f"redis-server with --tls-port exited with "
-                            f"{process.returncode}; its log: {text[-1000:]}")
+        while process.poll() is None:
             try:
                 if client.ping():
-                    break
+                    return process, port
             except (redis.ConnectionError, redis.TimeoutError):
                 pass
             if time.monotonic() > deadline:
+                _stop(process)
                 pytest.fail(f"redis-server did not answer over TLS on port "
                             f"{port} within {START_TIMEOUT_S} s")
             time.sleep(0.05)
-        client.close()
-        yield port, paths["ca.pem"]
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        client.close()
+    return None, log_path.read_text(errors="replace")
+
+
+def _stop(process):
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """Start a TLS-only redis-server; yield (port, CA path)."""
+    from mqs._redis_server import find_redis_server
+
+    binary = find_redis_server()
+    if binary is None:
+        # As tests/conftest.py: CI must run every Redis test.
+        reason = ("no redis-server binary on PATH (Debian: apt-get install "
+                  "redis-server)")
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI is set", pytrace=False)
+        pytest.skip(reason)
+    directory = tmp_path_factory.mktemp("redis-tls")
+    paths = _make_certificates(directory)
+    for _ in range(3):
+        process, found = _launch(binary, directory, paths)
+        if process is not None:
+            break
+        lower = found.lower()
+        # A build without TLS rejects the tls-* options or logs that TLS
+        # is not supported.
+        if "tls" in lower and ("not supported" in lower
+                               or "not available" in lower
+                               or "bad directive" in lower):
+            pytest.skip(f"this redis-server build has no TLS support; its "
+                        f"log: {found[-300:]}")
+        if "address already in use" not in lower:
+            pytest.fail(f"redis-server with --tls-port exited; its log: "
+                        f"{found[-1000:]}")
+    else:
+        pytest.fail("redis-server found its TLS port taken 3 times")
+    try:
+        yield found, paths["ca.pem"]
+    finally:
+        _stop(process)
 
 
 def test_tls_acl_user_publish_consume_ack(tls_server):
