@@ -64,7 +64,9 @@ Limits
     Those of the shm backend (at most 256 processes at once, one record
     in half the journal) and of the log backend (bodies must be
     picklable; the directory is owner-only). A process stopped while it
-    holds the journal mutex stalls every other process. Under
+    holds the journal mutex stalls every other process. Each change of
+    writer (a close or a death) writes the whole state into a new log
+    while it holds the mutex, so it costs what a compaction costs. Under
     ``"always"`` a call waits for the writer, so a stopped writer stalls
     the durable calls of every process until it continues or dies.
 """
@@ -524,8 +526,9 @@ class SharedLogBackend(ShmBackend):
         self._thread.start()
 
     def _caught_up(self) -> bool:
-        """Return whether the log holds every journal record (read without
-        the mutex: a wrong answer costs one idle round or one wait)."""
+        """Return whether the log holds every journal record. It reads
+        without the mutex, so a stale result costs one idle round or one
+        wait of at most `TAKEOVER_INTERVAL_S`."""
         return not self._log_behind and self._journal.position() == (
             self._generation, self._applied)
 
