@@ -103,7 +103,9 @@ from mqs.broker._shm import (
     PREFIX,
     SHM_DIR,
     ShmBackend,
+    _ChangeWait,
     _instances,
+    _SharedSection,
 )
 from mqs.broker._state import TopicState
 from mqs.errors import BackendUnavailable, LogLocked, LogVersionError, ShutDown
@@ -233,8 +235,6 @@ class SharedLogBackend(ShmBackend):
         self._local = threading.local()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        from mqs.broker._shm import _ChangeWait, _SharedSection
-
         self._lock = _SharedSection(self)  # type: ignore[assignment]
         self._changed = _ChangeWait(self)  # type: ignore[assignment]
         self._users_fd = _open_file(os.path.join(directory, USERS))
