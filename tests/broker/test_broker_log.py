@@ -485,11 +485,15 @@ time.sleep(600)
 """
 
 
-def test_log_replay_reproduces_random_operations(tmp_path, scale):
+@pytest.mark.parametrize("reboot", [False, True],
+                         ids=["journal_kept", "reboot"])
+def test_log_replay_reproduces_random_operations(tmp_path, scale, reboot):
     path = tmp_path / "broker"
     child = start_child(RANDOM_OPS, path, 11, int(3000 * scale))
     report = read_report(child, timeout=120)
     kill(child)
+    if reboot:
+        assert unlink_journal(path)
 
     broker = open_broker(path)
     stats = broker.stats("t")
