@@ -574,6 +574,19 @@ static void seal_load(mqs_segment_t *seg)
 }
 
 /*
+ * Read-only: load the seal a writer may have added since this handle
+ * walked the segment, and then finish the walk up to the seal. Reads
+ * trust a sealed segment's walk (an offset past it is damage), so a
+ * seal must never be taken without the records it covers.
+ */
+static void seal_load_and_walk(mqs_segment_t *seg)
+{
+    seal_load(seg);
+    if (seg->sealed)
+        segment_walk(seg, seg->seal_end_pos, 0, NULL);
+}
+
+/*
  * Write the seal block for the walked records and, in a durable mode,
  * sync the header page. Writer only.
  */
@@ -1559,7 +1572,7 @@ int mqs_seglog_retain_below(mqs_seglog_t *log, int64_t offset,
     while (log->nsegs > (log->cfg.readonly ? 0u : 1u)) {
         mqs_segment_t *seg = log->segs[0];
         if (log->cfg.readonly && !seg->sealed)
-            seal_load(seg);
+            seal_load_and_walk(seg);
         if (seg == log->active || !seg->sealed ||
             seg->seal_next_offset > offset)
             break;
@@ -1836,15 +1849,13 @@ int mqs_seglog_refresh(mqs_seglog_t *log)
         if (!last->sealed) {
             int64_t before = last->next_offset;
             segment_walk(last, last->map_bytes, 0, NULL);
-            seal_load(last);
+            seal_load_and_walk(last);
             if (!last->sealed) {
                 if (last->next_offset == before &&
                     before == last->base_offset)
                     return reopen_if_replaced(log);
                 return MQS_OK;
             }
-            /* The writer sealed it after our walk: finish the walk. */
-            segment_walk(last, last->seal_end_pos, 0, NULL);
         }
         rc = open_new_segments(log);
         if (rc != MQS_OK || log->segs[log->nsegs - 1] == last)

@@ -872,6 +872,28 @@ def test_seglog_reader_process_tails_through_retention(tmp_path):
     assert stats.segments_deleted > 0
 
 
+def test_seglog_reader_reads_records_sealed_after_its_walk(tmp_path):
+    """A reader that walked a segment, then saw it sealed through
+    delete_before (which loads seals) while the writer had appended more
+    records and rolled, reads those records: the seal never hides the
+    records it covers."""
+    path = tmp_path / "log"
+    writer = mqs.SegmentLog(path, segment_bytes=8192, fsync="never")
+    reader = mqs.SegmentLog(path, readonly=True)
+    for n in range(3):
+        writer.append(b"%04d" % n + b"x" * 100)
+    assert bytes(reader.read_record(2).value)[:4] == b"0002"
+    count = 3
+    while writer.stats().segments < 2:
+        writer.append(b"%04d" % count + b"x" * 100)
+        count += 1
+    assert reader.delete_before(1) == 0
+    for n in range(3, count):
+        assert bytes(reader.read_record(n).value)[:4] == b"%04d" % n
+    reader.close()
+    writer.close()
+
+
 # ---- model-based ------------------------------------------------------------
 
 @settings(max_examples=25, stateful_step_count=30, deadline=None,
