@@ -24,8 +24,10 @@ def shm_name():
     """Return a queue name unique to this test; remove its files after."""
     name = f"test-durable-{uuid.uuid4().hex[:16]}"
     yield name
-    for path in glob.glob(os.path.join(SHM_DIR, f"mqs.{name}*")):
-        os.unlink(path)
+    # The ring, and the note naming a durable queue's log directory.
+    for pattern in (f"mqs.{name}*", f"mqs-persist.{name}*"):
+        for path in glob.glob(os.path.join(SHM_DIR, pattern)):
+            os.unlink(path)
 
 
 @pytest.fixture

@@ -176,6 +176,34 @@ def test_top_once_lists_queue(queue, shm_name):
     assert cells[2] == "5"
 
 
+def test_top_and_stat_show_durable_queue_groups(shm_name, tmp_path):
+    """A named durable queue's ring is only its inbox: top and stat by
+    name report the log's groups and lag instead."""
+    q = mqs.SharedQueue(name=shm_name, groups=2,
+                        persist=str(tmp_path / "durable"))
+    try:
+        q.put_many([b"x"] * 5)
+        assert q.get(timeout=10) == b"x"
+        result = run_mqs("top", "--once")
+        assert result.returncode == 0, result.stderr
+        line = next(line for line in result.stdout.splitlines()
+                    if shm_name in line)
+        cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+        assert cells[0] == shm_name
+        assert cells[1] == "2"
+        assert cells[2] == "5"
+        stat = run_mqs("stat", shm_name, "--json")
+        assert stat.returncode == 0, stat.stderr
+        stats = json.loads(stat.stdout)
+        assert stats["persist"] == str(tmp_path / "durable")
+        assert stats["lag"] == [4, 5]
+    finally:
+        q.unlink()
+        q.close()
+    assert not os.path.exists(os.path.join(SHM_DIR,
+                                           f"mqs-persist.{shm_name}"))
+
+
 def test_top_iterations_prints_rates(queue, shm_name):
     result = run_mqs("top", "--iterations", "2", "--interval", "0.2")
     assert result.returncode == 0, result.stderr

@@ -198,6 +198,77 @@ cdef double _age_seconds(object reader, int64_t offset, int64_t now_ns):
     return max(0.0, (now_ns - timestamp) / 1e9)
 
 
+def _persist_note_path(name):
+    """File next to a named queue's ring that stores its log directory,
+    so that tools reading the ring find the durable queue behind it."""
+    return os.path.join(SHM_DIR, f"mqs-persist.{name}")
+
+
+def _write_persist_note(name, path):
+    """Store the log directory of durable queue `name` (atomic rename)."""
+    note = _persist_note_path(name)
+    data = os.path.abspath(path).encode()
+    try:
+        with open(note, "rb") as existing:
+            if existing.read() == data:
+                return
+    except OSError:
+        pass
+    temp = f"{note}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(temp, note)
+    except OSError:
+        # Only tools (mqs stat, top, the exporter) read it.
+        logger.debug("durable queue %s: cannot write %s", path, note,
+                     exc_info=True)
+
+
+def _with_durable_stats(stats, uint64_t ring_secret):
+    """Return `stats` of a ring, with the log's fields if the ring is the
+    inbox of a durable queue (its note names a directory whose control
+    block belongs to this ring)."""
+    cdef void *address
+    cdef mqs_dq_control_t *control
+    if stats.name is None:
+        return stats
+    try:
+        with open(_persist_note_path(stats.name), "rb") as note:
+            path = note.read().decode()
+        fd = os.open(os.path.join(path, CONTROL_FILE),
+                     os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, UnicodeDecodeError):
+        return stats
+    try:
+        if os.fstat(fd).st_size < MQS_DQ_FILE_BYTES:
+            return stats
+        address = mmap(NULL, MQS_DQ_FILE_BYTES, PROT_READ, MAP_SHARED, fd, 0)
+    finally:
+        os.close(fd)
+    if address == MAP_FAILED:
+        return stats
+    control = <mqs_dq_control_t *>address
+    reader = None
+    try:
+        if mqs_dq_secret(control) != ring_secret:
+            return stats
+        reader = SegmentLog(path, readonly=True)
+        fields = _durable_stats_fields(control, reader, path, stats.lag[0])
+        lost = mqs_dq_get(control, MQS_DQ_LOST)
+    finally:
+        if reader is not None:
+            reader.close()
+        munmap(address, MQS_DQ_FILE_BYTES)
+    return dataclasses.replace(
+        stats, depth=fields["lag"][0],
+        lost_records=stats.lost_records + lost, **fields)
+
+
 def _inspect_durable_dir(path):
     """Return the SharedQueueStats of the durable queue at `path`, read
     from its control file (mapped read-only) and its log."""
@@ -345,6 +416,8 @@ cdef class _Durable:
         # A process that held this ring slot before may have died with
         # a claim announced.
         self._publish_reading()
+        if queue.name is not None:
+            _write_persist_note(queue.name, path)
         _durables.add(self)
         self._start_thread()
         return 0

@@ -1904,15 +1904,20 @@ cdef class SharedQueue:
     def unlink(self):
         """Remove the queue's name; processes attached keep using it.
 
+        For a durable queue this also removes the file
+        ``/dev/shm/mqs-persist.<name>`` that names its log directory for
+        ``mqs stat``, ``mqs top`` and the metrics exporter.
+
         Does nothing for an anonymous queue, whose memory goes away with
         the last process that maps it.
         """
         if self.name is None:
             return
-        try:
-            os.unlink(_shm_path(self.name))
-        except FileNotFoundError:
-            pass
+        for path in (_shm_path(self.name), _persist_note_path(self.name)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def __enter__(self):
         return self
@@ -2114,6 +2119,7 @@ def _inspect_file(path, name):
     cdef mqs_bytering_t ring
     cdef void *header
     cdef int rc
+    cdef uint64_t secret
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -2149,7 +2155,9 @@ def _inspect_file(path, name):
             ring.capacity = mqs_br_config(&ring).capacity
             ring.fd = fd
             ring.slot = -1
-            return _read_stats(&ring, name, 0)
+            stats = _read_stats(&ring, name, 0)
+            secret = mqs_br_config(&ring).secret
+            return _with_durable_stats(stats, secret)
         finally:
             munmap(header, MQS_BR_HEADER_BYTES)
     finally:

@@ -131,7 +131,10 @@ class SharedQueueStats:
     directory), `committed` (per group, the offset last written to the
     log, where the group restarts after a crash of every process) and
     `lag_seconds` (per group, the age of the oldest message it has not
-    taken, 0.0 with no lag). The ring fields (`capacity_bytes`,
+    taken, 0.0 with no lag). `inspect_shared_queue` and
+    `scan_shared_queues` find a named durable queue's log through the
+    file ``/dev/shm/mqs-persist.<name>`` that its handles write. The
+    ring fields (`capacity_bytes`,
     `used_bytes`, `attached_processes`, the repair counters) describe
     the inbox; read from the directory alone they are 0.
     """

@@ -26,6 +26,7 @@ cdef extern from "mqs_bytering.h" nogil:
         int64_t capacity
         int64_t max_message_size
         int64_t maxsize
+        uint64_t secret
         int32_t n_groups
         int64_t delayed_bytes
 
