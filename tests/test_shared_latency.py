@@ -30,8 +30,10 @@ CHILD_TIMEOUT_S = 60
 def shm_name():
     name = f"test-latency-{uuid.uuid4().hex[:16]}"
     yield name
-    for path in glob.glob(os.path.join(SHM_DIR, f"mqs.{name}*")):
-        os.unlink(path)
+    # The ring, and the note a durable queue writes beside it.
+    for pattern in (f"mqs.{name}*", f"mqs-persist.{name}"):
+        for path in glob.glob(os.path.join(SHM_DIR, pattern)):
+            os.unlink(path)
 
 
 def run_child(code, *args):
