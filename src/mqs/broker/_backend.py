@@ -255,6 +255,10 @@ class Backend(abc.ABC):
     """
 
     name = "abstract"
+    # True when `publish` raises `UnknownTopic` for an undeclared topic
+    # before it stores any message of the batch, so `Broker.publish` may
+    # skip its `has_topic` call and declare the topic only on that error.
+    publish_checks_topic = False
 
     # Topics.
 

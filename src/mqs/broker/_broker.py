@@ -702,10 +702,13 @@ class Broker:
         if self._closed:
             raise ShutDown(f"{self!r} is closed; open a new Broker")
 
-    def _ensure_topic(self, topic: str) -> None:
+    def _check_topic_name(self, topic: str) -> None:
         self._check_open()
         if not isinstance(topic, str) or not topic:
             raise TypeError(f"topic must be a non-empty str, got {topic!r}")
+
+    def _ensure_topic(self, topic: str) -> None:
+        self._check_topic_name(topic)
         if self._backend.has_topic(topic):
             return
         if not self.auto_declare:
@@ -789,9 +792,8 @@ class Broker:
             body, priority=priority, delay=delay, at=at, key=key,
             headers=headers, dedup_id=dedup_id, reply_to=reply_to,
             correlation_id=correlation_id, ttl=ttl)
-        self._ensure_topic(topic)
-        return self._backend.publish(
-            topic, [envelope], _seconds("timeout", timeout))[0]
+        return self._publish(topic, [envelope],
+                             _seconds("timeout", timeout))[0]
 
     def publish_many(self, topic: str, bodies: Iterable[Any], *,
                      timeout: float | None = None, **options: Any
@@ -805,9 +807,24 @@ class Broker:
         settings = self._envelope(None, **options)[1:]
         envelopes = [Envelope(body, *settings) for body in bodies]
         timeout = _seconds("timeout", timeout)
-        self._ensure_topic(topic)
         if not envelopes:
+            self._ensure_topic(topic)
             return []
+        return self._publish(topic, envelopes, timeout)
+
+    def _publish(self, topic: str, envelopes: list[Envelope],
+                 timeout: float | None) -> list[str]:
+        """Publish `envelopes` to `topic`, declaring it if needed."""
+        if not self._backend.publish_checks_topic:
+            self._ensure_topic(topic)
+            return self._backend.publish(topic, envelopes, timeout)
+        # The backend raises UnknownTopic itself, so the topic check costs
+        # nothing (no round trip to Redis) while the topic exists.
+        self._check_topic_name(topic)
+        try:
+            return self._backend.publish(topic, envelopes, timeout)
+        except UnknownTopic:
+            self._ensure_topic(topic)
         return self._backend.publish(topic, envelopes, timeout)
 
     async def publish_async(self, topic: str, body: Any, *,
