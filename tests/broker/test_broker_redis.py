@@ -632,3 +632,38 @@ def test_every_topic_key_in_one_slot(open_broker, redis_url, namespace):
     assert slots == {key_slot(f"{{{namespace}:t}}".encode())}
     assert all(key.startswith(f"{{{namespace}:t}}:".encode())
                for key in keys)
+
+
+def test_publish_skips_topic_check_round_trip(open_broker, redis_url):
+    broker = open_broker()
+    broker.declare_topic("t")
+    admin = redis.Redis.from_url(redis_url)
+    checks_before = _command_calls(admin, "hexists")
+    broker.publish("t", b"one")
+    broker.publish_many("t", [b"two", b"three"])
+    assert _command_calls(admin, "hexists") == checks_before
+    admin.close()
+
+
+def test_publish_declares_deleted_topic_again(open_broker):
+    broker = open_broker()
+    broker.publish("t", b"old")
+    broker.delete_topic("t")
+    ids = broker.publish_many("t", [b"a", b"b"])
+    assert len(ids) == 2
+    consumer = broker.consume("t", "g", start="earliest")
+    first = consumer.get(timeout=1)
+    assert first.body == b"a"
+    assert first.ack()
+    second = consumer.get(timeout=1)
+    assert second.body == b"b"
+
+
+def test_publish_without_auto_declare_raises(open_broker):
+    broker = open_broker(auto_declare=False)
+    with pytest.raises(mqs.UnknownTopic, match="auto_declare=True"):
+        broker.publish("missing", b"x")
+    with pytest.raises(mqs.UnknownTopic, match="auto_declare=True"):
+        broker.publish_many("missing", [b"x"])
+    with pytest.raises(mqs.UnknownTopic):
+        broker.topic_config("missing")

@@ -264,10 +264,10 @@ class RedisBackend(Backend):
     """
 
     name = "redis"
-    # The script raises MQS_UNKNOWN before it stores anything. NOTE: a
-    # batch of more than _MAX_BATCH messages runs as several calls, so a
-    # topic deleted between two of them raises UnknownTopic after the
-    # first calls stored their messages (with the topic they went away).
+    # The script raises MQS_UNKNOWN before it stores anything.
+    # NOTE: a batch of more than _MAX_BATCH messages takes several calls.
+    # A topic deleted between two of them raises UnknownTopic after the
+    # earlier calls stored messages, which the deletion removed again.
     publish_checks_topic = True
 
     def __init__(self, url: str | None = None, *,
