@@ -150,6 +150,13 @@ def test_dlq_purge_without_yes_changes_nothing(broker_dir):
     assert len(dead_letters(broker_dir)) == 3
 
 
+def test_dlq_purge_without_yes_is_one_line(broker_dir):
+    result = run_mqs("dlq", "purge", "orders", "--path", broker_dir,
+                     columns=40)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_dlq_purge_yes_deletes(broker_dir):
     result = run_mqs("dlq", "purge", "orders", "--path", broker_dir,
                      "--yes", "--json")

@@ -18,11 +18,11 @@ PAGE = os.sysconf("SC_PAGESIZE")
 SUBCOMMANDS = ["stat", "top", "dump", "purge", "tail", "metrics"]
 
 
-def run_mqs(*args, timeout=60):
+def run_mqs(*args, timeout=60, columns=160):
     return subprocess.run(
         [sys.executable, "-m", "mqs", *args], check=False,
         capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "COLUMNS": "160"})
+        env={**os.environ, "COLUMNS": str(columns)})
 
 
 def assert_one_line_error(result, text):
@@ -161,6 +161,27 @@ def test_stat_directory_without_segments_is_error(tmp_path):
     assert_one_line_error(result, "has no segment files")
 
 
+@pytest.mark.parametrize("command", ["stat", "dump", "tail"])
+def test_log_broker_directory_is_named_in_error(command, tmp_path):
+    path = tmp_path / "broker"
+    broker = mqs.Broker(backend="log", path=str(path))
+    broker.declare_topic("orders")
+    broker.publish("orders", b"x")
+    broker.close()
+    result = run_mqs(command, str(path))
+    assert_one_line_error(result, "is a log broker directory")
+    assert "mqs dlq list" in result.stderr
+    assert "has no segment files" not in result.stderr
+
+
+def test_metrics_log_broker_directory_is_error(tmp_path):
+    path = tmp_path / "broker"
+    mqs.Broker(backend="log", path=str(path)).close()
+    result = run_mqs("metrics", "--port", "0", "--log", str(path),
+                     "--duration", "0.1")
+    assert_one_line_error(result, "is a log broker directory")
+
+
 # -------------------------------------------------------------------- top
 
 
@@ -264,6 +285,13 @@ def test_purge_without_yes_changes_nothing(queue, shm_name):
     assert result.returncode == 2
     assert "run again with --yes" in result.stderr
     assert queue.qsize() == 2
+
+
+def test_purge_without_yes_is_one_line(queue, shm_name):
+    queue.put(b"a")
+    result = run_mqs("purge", shm_name, columns=40)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_purge_yes_discards_every_group(queue, shm_name):

@@ -303,7 +303,8 @@ def _run_purge(args: argparse.Namespace) -> int:
             count = len(broker.dlq_list(args.topic))
             Console(stderr=True, highlight=False).print(
                 f"mqs dlq purge: would delete {count} dead letter(s) of "
-                f"{escape(args.topic)}; run again with --yes to delete them")
+                f"{escape(args.topic)}; run again with --yes to delete them",
+                soft_wrap=True)
             return EXIT_USAGE
         purged = broker.dlq_purge(args.topic)
     finally:

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mqs import metrics
-from mqs._dirkind import DURABLE_QUEUE, directory_kind
+from mqs._dirkind import DURABLE_QUEUE, LOG_BROKER, directory_kind
 from mqs.errors import Empty, LogCorrupted, MqsError
 
 EXIT_OK = 0
@@ -124,6 +124,14 @@ def _open_log(path: str) -> Any:
             raise CommandError(f"{path!r} is not a directory; give a segment "
                                f"log directory")
         raise CommandError(f"segment log directory {path!r} not found")
+    if directory_kind(path) == LOG_BROKER:
+        # A log broker keeps its segments in subdirectories, and its
+        # records are broker operations, not messages.
+        raise CommandError(
+            f"{path!r} is a log broker directory, not a segment log; list "
+            f"a topic's dead letters with `mqs dlq list TOPIC --path "
+            f"{path}`, or read its counters with "
+            f"mqs.Broker(backend='log', path=...).stats(TOPIC)")
     if not any(name.endswith(".seg") for name in os.listdir(path)):
         raise CommandError(f"{path!r} has no segment files (*.seg); it is "
                            f"not a segment log")
@@ -506,7 +514,7 @@ def _run_purge(args: argparse.Namespace) -> int:
         Console(stderr=True).print(
             f"mqs purge: would discard {max(stats.lag):,} message(s) of "
             f"{escape(args.name)} (lag per group: {list(stats.lag)}); "
-            f"run again with --yes to discard them")
+            f"run again with --yes to discard them", soft_wrap=True)
         return EXIT_USAGE
     discarded = []
     queue = SharedQueue(name=args.name, create=False)
