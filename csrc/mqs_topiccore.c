@@ -243,13 +243,17 @@ static uint32_t pop_head(mqs_tc_header_t *h, uint32_t g, uint32_t lane)
     return slot;
 }
 
+/* Put an entry on its lane: at the tail as ready since `now`, or back at
+ * the head unseen with the ready time it had. */
 static void make_ready(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
-                       uint64_t attempts, int front)
+                       uint64_t attempts, int front, double now)
 {
     mqs_tc_group_t *group = mqs_tc_group(h, g);
     mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
     uint32_t lane = mqs_tc_slot(h, slot)->lane;
 
+    if (!front)
+        e->ready_at = now;
     e->ready_seq = front ? --group->front_seq : ++group->tail_seq;
     store_word(e, mqs_tc_word(MQS_TC_READY, 0, attempts));
     if (front)
@@ -285,6 +289,7 @@ static void leave_flight(mqs_tc_header_t *h, uint32_t g, mqs_tc_entry_t *e)
             c->in_flight--;
     }
     e->consumer = MQS_TC_NO_CONSUMER;
+    e->sampled_at = 0;
     if (group->in_flight > 0)
         group->in_flight--;
 }
@@ -474,13 +479,14 @@ static void expire_group(mqs_tc_header_t *h, uint32_t g, double now)
         mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
         uint64_t attempts = mqs_tc_word_attempts(load_word(e));
         leave_flight(h, g, e);
+        e->timed_out = 1;
         s->counters[MQS_TC_REDELIVERED]++;
         group->counters[MQS_TC_GROUP_REDELIVERED]++;
         if (exhausted(h, g, attempts)) {
             group->counters[MQS_TC_GROUP_ERRORS]++;
             dead_letter(h, g, slot, attempts, MQS_TC_REASON_ACK_TIMEOUT);
         } else {
-            make_ready(h, g, slot, attempts, 0);
+            make_ready(h, g, slot, attempts, 0, now);
         }
     }
     free(items);
@@ -543,13 +549,19 @@ int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
         if (!atomic_load_explicit(&group->used, memory_order_relaxed))
             continue;
         mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+        e->ready_at = now;
+        e->timed_out = 0;
         e->ready_seq = ++group->tail_seq;
         store_word(e, mqs_tc_word(MQS_TC_READY, 0, 0));
     }
     MQS_FAILPOINT("tc_publish_before_commit");
-    seq = ++s->next_seq;
+    seq = s->next_seq + 1;
     atomic_store_explicit(&stored->seq, seq, memory_order_release);
     MQS_FAILPOINT("tc_publish_after_commit");
+    /* The published counter is next_seq, so mqs_tc_repair can redo both
+     * from the committed slots. */
+    s->next_seq = seq;
+    s->counters[MQS_TC_PUBLISHED] = (int64_t)seq;
     for (uint32_t g = 0; g < c->params.max_groups; g++) {
         mqs_tc_group_t *group = mqs_tc_group(h, g);
         if (!atomic_load_explicit(&group->used, memory_order_relaxed))
@@ -558,7 +570,6 @@ int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
         group->ready++;
     }
     s->alloc_hint = (slot + 1) % capacity;
-    s->counters[MQS_TC_PUBLISHED]++;
     if (slot_out != NULL)
         *slot_out = slot;
     return (int64_t)seq;
@@ -626,11 +637,16 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     group->next_deadline = INFINITY;
     memset(group->lanes, 0, sizeof(group->lanes));
     memset(group->counters, 0, sizeof(group->counters));
+    group->countdown = 1;
+    mqs_hist_reset(&group->enqueue_to_deliver);
+    mqs_hist_reset(&group->deliver_to_ack);
     if (earliest) {
         items = collect_in_publish_order(h, g, MQS_TC_FREE, stored_slot,
                                          NULL, &count);
         for (uint32_t i = 0; i < count; i++) {
             mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
+            e->ready_at = now;
+            e->timed_out = 0;
             e->ready_seq = ++group->tail_seq;
             store_word(e, mqs_tc_word(MQS_TC_READY, 0, 0));
         }
@@ -704,7 +720,7 @@ static int owned_by(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
 static int64_t requeue_where(mqs_tc_header_t *h, uint32_t g,
                              int (*keep)(mqs_tc_header_t *, uint32_t,
                                          mqs_tc_entry_t *, const void *),
-                             const void *arg)
+                             const void *arg, double now)
 {
     uint32_t count;
     timed_t *items = collect_in_publish_order(h, g, MQS_TC_IN_FLIGHT, keep,
@@ -714,7 +730,7 @@ static int64_t requeue_where(mqs_tc_header_t *h, uint32_t g,
         mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
         uint64_t attempts = mqs_tc_word_attempts(load_word(e));
         leave_flight(h, g, e);
-        make_ready(h, g, items[i].slot, attempts, 0);
+        make_ready(h, g, items[i].slot, attempts, 0, now);
     }
     free(items);
     return count;
@@ -732,7 +748,7 @@ int64_t mqs_tc_close_consumer(mqs_tc_header_t *h, uint32_t consumer,
     if (!atomic_load_explicit(&c->used, memory_order_relaxed))
         return MQS_EINVAL;
     mqs_tc_advance(h, now);
-    returned = requeue_where(h, c->group, owned_by, &consumer);
+    returned = requeue_where(h, c->group, owned_by, &consumer, now);
     atomic_store_explicit(&c->used, 0, memory_order_release);
     return returned;
 }
@@ -783,6 +799,30 @@ static int pick_lane(mqs_tc_header_t *h, mqs_tc_group_t *group)
     return -1;  /* unreachable: every weight is at least 1 */
 }
 
+/* Round seconds to ns; mqs_hist_record clamps negative values to 0. */
+static int64_t nanoseconds(double seconds)
+{
+    return (int64_t)(seconds * 1e9 + (seconds < 0 ? -0.5 : 0.5));
+}
+
+/* Record the enqueue-to-deliver latency of a sampled delivery and mark
+ * it for deliver-to-ack, as TopicState._sample_delivery does. */
+static void sample_delivery(mqs_tc_header_t *h, mqs_tc_group_t *group,
+                            mqs_tc_entry_t *e, double now, int auto_ack)
+{
+    uint32_t every = config_of(h)->params.sample_every;
+
+    if (every == 0) {
+        group->countdown = INT64_MAX;
+        return;
+    }
+    group->countdown = every;
+    mqs_hist_record(&group->enqueue_to_deliver,
+                    nanoseconds(now - e->ready_at));
+    if (!auto_ack)
+        e->sampled_at = now;
+}
+
 int64_t mqs_tc_fetch(mqs_tc_header_t *h, uint32_t consumer,
                      uint32_t max_items, double ack_timeout, int auto_ack,
                      double now, mqs_tc_delivery_t *out)
@@ -830,6 +870,9 @@ int64_t mqs_tc_fetch(mqs_tc_header_t *h, uint32_t consumer,
         d->body = body_of(stored);
         s->counters[MQS_TC_DELIVERED]++;
         group->counters[MQS_TC_GROUP_DELIVERED]++;
+        e->sampled_at = 0;
+        if (--group->countdown <= 0)
+            sample_delivery(h, group, e, now, auto_ack);
         if (auto_ack) {
             s->counters[MQS_TC_ACKED]++;
             group->counters[MQS_TC_GROUP_ACKED]++;
@@ -879,6 +922,9 @@ int mqs_tc_ack(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
         return 0;
     state_of(h)->counters[MQS_TC_ACKED]++;
     mqs_tc_group(h, group)->counters[MQS_TC_GROUP_ACKED]++;
+    if (e->sampled_at != 0)
+        mqs_hist_record(&mqs_tc_group(h, group)->deliver_to_ack,
+                        nanoseconds(now - e->sampled_at));
     leave_flight(h, group, e);
     finish(h, group, slot);
     return 1;
@@ -904,7 +950,7 @@ int mqs_tc_nack(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
     else if (exhausted(h, group, attempts))
         dead_letter(h, group, slot, attempts, MQS_TC_REASON_MAX_ATTEMPTS);
     else
-        make_ready(h, group, slot, attempts, 0);
+        make_ready(h, group, slot, attempts, 0, now);
     return 1;
 }
 
@@ -945,7 +991,8 @@ int64_t mqs_tc_release(mqs_tc_header_t *h, uint32_t group,
         if (mqs_tc_word_state(word) != MQS_TC_IN_FLIGHT)
             continue;
         leave_flight(h, group, e);
-        make_ready(h, group, slots[i], mqs_tc_word_attempts(word) - 1, 1);
+        make_ready(h, group, slots[i], mqs_tc_word_attempts(word) - 1, 1,
+                   now);
         returned++;
     }
     free(alive);
@@ -1002,6 +1049,25 @@ void mqs_tc_drop_dead(mqs_tc_header_t *h, uint32_t group, uint32_t slot)
     finish(h, group, slot);
     if (g->dead > 0)
         g->dead--;
+}
+
+int mqs_tc_oldest_ready(mqs_tc_header_t *h, uint32_t group, double *out)
+{
+    mqs_tc_group_t *g = mqs_tc_group(h, group);
+    int found = 0;
+
+    for (uint32_t lane = 0; lane < config_of(h)->params.lane_count; lane++) {
+        mqs_tc_lane_t *l = &g->lanes[lane];
+        double ready_at;
+        if (l->count == 0)
+            continue;
+        ready_at = mqs_tc_entry(h, group, ring_of(h, group, lane)[l->head])
+                       ->ready_at;
+        if (!found || ready_at < *out)
+            *out = ready_at;
+        found = 1;
+    }
+    return found;
 }
 
 void mqs_tc_stats(mqs_tc_header_t *h, mqs_tc_stats_t *out)
@@ -1065,6 +1131,13 @@ void mqs_tc_repair(mqs_tc_header_t *h)
                        mqs_tc_word(MQS_TC_FREE, 0, 0));
     }
     s->groups_used = groups_used;
+    for (uint32_t slot = 0; slot < p->capacity; slot++) {
+        /* A publish committed its slot but died before next_seq. */
+        uint64_t seq = load_seq(mqs_tc_slot(h, slot));
+        if (seq > s->next_seq)
+            s->next_seq = seq;
+    }
+    s->counters[MQS_TC_PUBLISHED] = (int64_t)s->next_seq;
     for (uint32_t slot = 0; slot < p->capacity; slot++) {
         mqs_tc_slot_t *stored = mqs_tc_slot(h, slot);
         if (load_seq(stored) == 0) {

@@ -23,10 +23,11 @@
  * "latest"), prefetch, manual and auto ack, nack with requeue at once
  * or dead-lettering (requeue=False, max_attempts), ack deadlines with
  * redelivery at the lane's tail, extend, release to the lane's head,
- * closing a consumer, and dead entries kept until the caller takes them
- * for its dead-letter queue. Not covered (a caller keeps these on
+ * closing a consumer, latency samples (enqueue-to-deliver and
+ * deliver-to-ack histograms per group), and dead entries kept until the
+ * caller takes them for its dead-letter queue. Not covered (a caller keeps these on
  * another path): keys, dedup, ttl, delays and retry backoff, rate
- * limits, retention, maxsize, latency sampling.
+ * limits, retention, maxsize.
  *
  * Crash repair. Each entry's state and attempts live in one 64-bit word
  * (`word`), and a message slot is committed by storing its `seq` last.
@@ -38,8 +39,10 @@
  * entries go back to their lanes in ready order, entries of an
  * uncommitted publish are cleared, a slot no group needs is freed, and
  * in-flight entries of a closed consumer are requeued.
- * NOTE: the cumulative counters (published, acked, ...) are bumped after
- * the commit, so one may miss the operation a dead holder was running.
+ * The published counter is next_seq, which the repair takes from the
+ * committed slots. NOTE: the other cumulative counters (acked, ...) are
+ * bumped apart from the commit, so one may miss or double-count the
+ * operation a dead holder was running.
  */
 #ifndef MQS_TOPICCORE_H
 #define MQS_TOPICCORE_H
@@ -49,6 +52,7 @@
 #include <stdint.h>
 
 #include "mqs_atomic.h"
+#include "mqs_hist.h"
 #include "mqs_wait.h"
 
 #define MQS_TC_MAGIC 0x3145524f43435451ULL /* "QTCCORE1" little-endian */
@@ -113,6 +117,8 @@ typedef struct mqs_tc_params {
     uint32_t weights[MQS_TC_MAX_LANES];
     uint32_t strict;         /* 1: strict priority, 0: weighted */
     uint32_t max_attempts;   /* topic default, 0 for no limit */
+    uint32_t sample_every;   /* latency sample of one delivery in this
+                                many per group, 0 for none */
 } mqs_tc_params_t;
 
 typedef struct mqs_tc_config {
@@ -135,6 +141,9 @@ typedef struct mqs_tc_state {
     uint64_t timer_seq;       /* order in which deadlines were set */
     uint32_t alloc_hint;      /* where the search for a free slot starts */
     uint32_t groups_used;
+    /* Set once when the caller moves the topic elsewhere; callers check
+     * it under the mutex before every operation. */
+    _Atomic uint32_t retired;
     double next_deadline;     /* no in-flight deadline is earlier */
     int64_t counters[MQS_TC_COUNTERS];
 } mqs_tc_state_t;
@@ -183,8 +192,11 @@ typedef struct mqs_tc_group {
     uint32_t dead;
     uint32_t reserved;
     double next_deadline;     /* no in-flight deadline is earlier */
+    int64_t countdown;        /* deliveries left until the next sample */
     mqs_tc_lane_t lanes[MQS_TC_MAX_LANES];
     int64_t counters[MQS_TC_GROUP_COUNTERS];
+    mqs_hist_t enqueue_to_deliver;
+    mqs_hist_t deliver_to_ack;
 } mqs_tc_group_t;
 
 /* word: state (bits 0-7), dead reason (8-15), attempts (16-63). */
@@ -195,7 +207,10 @@ typedef struct mqs_tc_entry {
     double deadline;          /* in flight: the ack deadline */
     uint64_t deadline_seq;    /* in flight: when the deadline was set */
     uint32_t consumer;        /* in flight: the consumer's index */
-    uint32_t reserved;
+    uint32_t timed_out;       /* 1 once an ack deadline of it passed */
+    double ready_at;          /* when it last joined its lane's tail */
+    double sampled_at;        /* in flight: its delivery time if sampled,
+                                 else 0 */
 } mqs_tc_entry_t;
 
 typedef struct mqs_tc_consumer {
@@ -360,6 +375,12 @@ typedef struct mqs_tc_stats {
 } mqs_tc_stats_t;
 
 void mqs_tc_stats(mqs_tc_header_t *h, mqs_tc_stats_t *out);
+
+/* The earliest ready_at of the lane heads of `group` (a lane is FIFO by
+ * ready_at except for released entries, which go back to its head with
+ * their older time, so its head is its oldest). Returns 0 when every
+ * lane is empty. */
+int mqs_tc_oldest_ready(mqs_tc_header_t *h, uint32_t group, double *out);
 
 /* Accessors for callers and tests. */
 mqs_tc_slot_t *mqs_tc_slot(mqs_tc_header_t *h, uint32_t slot);

@@ -67,19 +67,22 @@ class CoreAgainstState(RuleBasedStateMachine):
     @initialize(lanes=st.sets(st.integers(0, 9), min_size=1, max_size=4),
                 weights=st.lists(st.integers(1, 4), min_size=4, max_size=4),
                 strict=st.booleans(),
-                max_attempts=st.one_of(st.none(), st.integers(1, 3)))
-    def setup(self, lanes, weights, strict, max_attempts):
+                max_attempts=st.one_of(st.none(), st.integers(1, 3)),
+                sample_every=st.sampled_from([None, 1, 2, 3]))
+    def setup(self, lanes, weights, strict, max_attempts, sample_every):
         ordered = sorted(lanes, reverse=True)
         weight_map = dict(zip(ordered, weights))
         config = TopicConfig.build(
             "t", weights=weight_map, policy="strict" if strict else "weighted",
             max_attempts=max_attempts, dedup_window=None)
-        self.state = TopicState(config, self.clock, self._next_id)
+        self.state = TopicState(config, self.clock, self._next_id,
+                                sample_every)
         self.path = f"/dev/shm/mqs.test-core.{os.getpid()}.{uuid.uuid4().hex}"
         self.core = TopicCore(
             self.path, [(lane, weight_map[lane]) for lane in ordered],
             strict=strict, capacity=64, slot_bytes=32, max_groups=4,
-            max_consumers=16, max_attempts=max_attempts)
+            max_consumers=16, max_attempts=max_attempts,
+            sample_every=sample_every)
 
     def _next_id(self):
         self.published += 1
@@ -227,6 +230,31 @@ class CoreAgainstState(RuleBasedStateMachine):
         expected_stats = self.state.stats()
         assert stats["ready"] == expected_stats["ready"]
         assert stats["in_flight"] == expected_stats["in_flight"]
+
+    @invariant()
+    def same_group_stats(self):
+        if self.core is None:
+            return
+        now = self.clock()
+        expected = {stats.group: stats
+                    for stats in self.state.group_stats(now)}
+        found = self.core.group_stats(now=now)
+        assert sorted(item[1] for item in found) == sorted(expected)
+        for (_, name, consumers, ready, oldest, in_flight, counters,
+             enqueue_to_deliver, deliver_to_ack) in found:
+            stats = expected[name]
+            assert consumers == stats.consumers
+            assert ready == stats.lag_messages
+            lag = 0.0 if oldest is None else max(0.0, now - oldest)
+            assert lag == pytest.approx(stats.lag_seconds)
+            assert in_flight == stats.in_flight
+            for key, value in counters.items():
+                assert value == getattr(stats, key), key
+            for histogram, summary in (
+                    (enqueue_to_deliver, stats.enqueue_to_deliver),
+                    (deliver_to_ack, stats.deliver_to_ack)):
+                count = 0 if summary is None else summary.count
+                assert histogram[1] == count
 
     def core_group_name(self, index):
         for group in GROUPS:

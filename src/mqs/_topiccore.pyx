@@ -31,7 +31,15 @@ from mqs.includes.mqs_atomic cimport (
     MQS_OK,
 )
 from mqs.includes.mqs_topiccore cimport (
+    MQS_TC_DEAD,
+    MQS_TC_IN_FLIGHT,
     MQS_TC_NAME_BYTES,
+    MQS_TC_READY,
+    mqs_tc_entry,
+    mqs_tc_entry_t,
+    mqs_tc_group_t,
+    mqs_tc_slot,
+    mqs_tc_slot_t,
     mqs_tc_ack,
     mqs_tc_advance,
     mqs_tc_changed,
@@ -50,6 +58,7 @@ from mqs.includes.mqs_topiccore cimport (
     mqs_tc_lock,
     mqs_tc_nack,
     mqs_tc_next_dead,
+    mqs_tc_oldest_ready,
     mqs_tc_open_consumer,
     mqs_tc_open_group,
     mqs_tc_params_t,
@@ -61,6 +70,7 @@ from mqs.includes.mqs_topiccore cimport (
     mqs_tc_unlock,
     mqs_tc_validate,
 )
+from mqs.includes.mqs_hist cimport MQS_HIST_BUCKETS, mqs_hist_t
 from mqs.includes.mqs_wait cimport (
     mqs_monotonic_ns,
     mqs_wait_finish,
@@ -74,8 +84,9 @@ import secrets
 
 from mqs.errors import ShutDown
 
-__all__ = ["TopicCore", "TopicCoreLayoutError", "COUNTER_NAMES",
-           "GROUP_COUNTER_NAMES", "DEAD_REASONS"]
+__all__ = ["TopicCore", "TopicCoreLayoutError", "TopicRetired",
+           "COUNTER_NAMES", "GROUP_COUNTER_NAMES", "DEAD_REASONS",
+           "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD"]
 
 # The order of the topic's counters in the header (mqs_topiccore.h).
 COUNTER_NAMES = ("published", "delivered", "acked", "nacked", "redelivered",
@@ -84,6 +95,10 @@ COUNTER_NAMES = ("published", "delivered", "acked", "nacked", "redelivered",
                  "dropped_unsubscribed", "recoveries")
 GROUP_COUNTER_NAMES = ("delivered", "acked", "nacked", "redelivered",
                        "dead_lettered", "errors")
+# Entry states in `retire_and_export`.
+ENTRY_READY = MQS_TC_READY
+ENTRY_IN_FLIGHT = MQS_TC_IN_FLIGHT
+ENTRY_DEAD = MQS_TC_DEAD
 # Dead reasons by their code.
 DEAD_REASONS = (None, "rejected", "max_attempts", "ack_timeout")
 
@@ -96,10 +111,23 @@ class TopicCoreLayoutError(ValueError):
     """Raised when a /dev/shm file is not a topic core of this layout."""
 
 
+class TopicRetired(Exception):
+    """Raised by every operation once `retire_and_export` moved the topic
+    out of the core; the caller goes on with the exported state."""
+
+
 cdef inline double _now(object now):
     if now is None:
         return mqs_monotonic_ns() / 1e9
     return <double>now
+
+
+cdef tuple _histogram(mqs_hist_t *hist):
+    """Return a histogram as the state of a `mqs.metrics.LogLinearHistogram`
+    (sparse bucket counts, count, sum_ns, max_ns)."""
+    counts = {index: hist.buckets[index] for index in range(MQS_HIST_BUCKETS)
+              if hist.buckets[index]}
+    return (counts, hist.count, hist.sum_ns, hist.max_ns)
 
 
 cdef class TopicCore:
@@ -121,6 +149,9 @@ cdef class TopicCore:
         Groups and open consumers at once.
     max_attempts : int or None
         The topic's default limit of deliveries.
+    sample_every : int or None
+        Record the latencies of one delivery in this many per group (None:
+        none).
 
     The sizes apply when this call creates the file; an existing file
     keeps its own.
@@ -144,7 +175,7 @@ cdef class TopicCore:
     def __init__(self, str path, lanes, bint strict=False,
                  uint32_t capacity=65536, uint32_t slot_bytes=256,
                  uint32_t max_groups=16, uint32_t max_consumers=256,
-                 max_attempts=None):
+                 max_attempts=None, sample_every=None):
         cdef mqs_tc_params_t params
         cdef uint64_t size
         memset(&params, 0, sizeof(params))
@@ -162,6 +193,7 @@ cdef class TopicCore:
             params.weights[index] = weight
         params.strict = strict
         params.max_attempts = 0 if max_attempts is None else max_attempts
+        params.sample_every = 0 if sample_every is None else sample_every
         size = mqs_tc_layout_bytes(&params)
         if size == 0:
             raise ValueError(
@@ -242,6 +274,13 @@ cdef class TopicCore:
         return 0
 
     cdef int _lock(self) except -1:
+        self._lock_any()
+        if self._header.state.v.retired:
+            mqs_tc_unlock(self._header)
+            raise TopicRetired(self.path)
+        return 0
+
+    cdef int _lock_any(self) except -1:
         cdef int rc
         if self._header == NULL:
             raise ValueError(f"topic core {self.path} is closed")
@@ -362,30 +401,41 @@ cdef class TopicCore:
     # Delivering and settling.
 
     def fetch(self, uint32_t consumer, uint32_t max_items, double ack_timeout,
-              bint auto_ack=False, now=None):
+              bint auto_ack=False, now=None, uint64_t owner=0):
         """Deliver up to `max_items`; return a list of ``(seq, slot,
         ticket, attempts, priority, timestamp, body)``.
 
-        Raises `ShutDown` for a consumer that is not open.
+        Raises `ShutDown` for a consumer that is not open, or whose owner
+        token is not `owner` (unless `owner` is 0): a closed consumer's
+        index may belong to a newer one.
         """
-        cdef int64_t n
+        cdef int64_t n = 0
+        cdef uint32_t chunk
         cdef double at = _now(now)
         cdef mqs_tc_delivery_t *d
         cdef list found = []
-        if max_items > FETCH_BATCH:
-            max_items = FETCH_BATCH
         self._lock()
-        n = mqs_tc_fetch(self._header, consumer, max_items, ack_timeout,
-                         auto_ack, at, self._out)
         try:
-            for i in range(max(n, 0)):
-                d = &self._out[i]
-                found.append((d.seq, d.slot, d.ticket, d.attempts,
-                              d.priority, d.timestamp,
-                              PyBytes_FromStringAndSize(<char *>d.body,
-                                                        d.length)))
+            if owner and (
+                    consumer >= self._header.config.v.params.max_consumers
+                    or mqs_tc_consumer(self._header, consumer).owner
+                    != owner):
+                n = MQS_ECLOSED
+            # In chunks of FETCH_BATCH, all in one critical section.
+            while n >= 0 and len(found) < max_items:
+                chunk = min(max_items - len(found), FETCH_BATCH)
+                n = mqs_tc_fetch(self._header, consumer, chunk, ack_timeout,
+                                 auto_ack, at, self._out)
+                for i in range(max(n, 0)):
+                    d = &self._out[i]
+                    found.append((d.seq, d.slot, d.ticket, d.attempts,
+                                  d.priority, d.timestamp,
+                                  PyBytes_FromStringAndSize(<char *>d.body,
+                                                            d.length)))
+                if n < chunk:
+                    break
         finally:
-            self._unlock(n > 0)
+            self._unlock(bool(found))
         if n == MQS_ECLOSED:
             raise ShutDown(f"consumer {consumer} of topic core {self.path} "
                            f"is closed")
@@ -477,7 +527,129 @@ cdef class TopicCore:
             self._unlock(bool(found))
         return found
 
+    def has_dead(self):
+        """Return whether a group holds dead entries (read without the
+        mutex, so only a hint: `retire_and_export` returns them)."""
+        cdef uint32_t groups = self._header.config.v.params.max_groups
+        cdef uint32_t g
+        for g in range(groups):
+            if mqs_tc_group(self._header, g).dead:
+                return True
+        return False
+
+    @property
+    def retired(self):
+        """Whether the topic moved out of the core (read without the
+        mutex: False may be stale, True is final)."""
+        return self._header != NULL and self._header.state.v.retired != 0
+
+    def retire(self):
+        """Mark the topic moved out of the core; later operations in every
+        process raise `TopicRetired`."""
+        self._lock()
+        self._header.state.v.retired = 1
+        self._unlock(True)
+
+    def retire_and_export(self):
+        """Retire the topic and return its whole state, in one critical
+        section, as a dict of plain values (see the code for the keys).
+
+        Works on a retired core too: retiring freezes the state, so a
+        caller whose predecessor died before using the export can export
+        it again."""
+        cdef mqs_tc_params_t *params
+        cdef mqs_tc_slot_t *stored
+        cdef mqs_tc_group_t *group
+        cdef mqs_tc_entry_t *entry
+        cdef uint64_t word
+        self._lock_any()
+        try:
+            params = &self._header.config.v.params
+            slots = []
+            for slot in range(params.capacity):
+                stored = mqs_tc_slot(self._header, slot)
+                if stored.seq == 0:
+                    continue
+                slots.append((slot, stored.seq, stored.priority,
+                              stored.timestamp, bool(stored.retained),
+                              PyBytes_FromStringAndSize(
+                                  <char *>(stored + 1), stored.length)))
+            groups = []
+            for g in range(params.max_groups):
+                group = mqs_tc_group(self._header, g)
+                if not group.used:
+                    continue
+                entries = []
+                for slot in range(params.capacity):
+                    entry = mqs_tc_entry(self._header, g, slot)
+                    word = entry.word
+                    if word & 0xff == 0:
+                        continue
+                    entries.append((slot, word & 0xff, (word >> 8) & 0xff,
+                                    word >> 16, entry.ticket,
+                                    entry.ready_seq, entry.deadline,
+                                    entry.deadline_seq, entry.consumer,
+                                    entry.ready_at, entry.sampled_at,
+                                    bool(entry.timed_out)))
+                groups.append((
+                    g, group.name[:group.name_length].decode(),
+                    group.max_attempts, group.cursor,
+                    [group.deficits[i] for i in range(params.lane_count)],
+                    {name: group.counters[index] for index, name
+                     in enumerate(GROUP_COUNTER_NAMES)},
+                    entries, group.countdown,
+                    _histogram(&group.enqueue_to_deliver),
+                    _histogram(&group.deliver_to_ack)))
+            consumers = []
+            for index in range(params.max_consumers):
+                c = mqs_tc_consumer(self._header, index)
+                if c.used:
+                    consumers.append((index, c.group, c.prefetch, c.owner))
+            counters = {name: self._header.state.v.counters[index]
+                        for index, name in enumerate(COUNTER_NAMES)}
+            self._header.state.v.retired = 1
+        finally:
+            self._unlock(True)
+        return {"slots": slots, "groups": groups, "consumers": consumers,
+                "counters": counters}
+
     # Statistics.
+
+    def group_stats(self, now=None):
+        """Return per used group: ``(index, name, consumers, ready,
+        oldest ready_at or None, in_flight, counters, enqueue_to_deliver,
+        deliver_to_ack)``, histograms as in `retire_and_export`."""
+        cdef mqs_tc_params_t *params
+        cdef mqs_tc_group_t *group
+        cdef mqs_tc_entry_t *entry
+        cdef double at = _now(now)
+        cdef double ready_at = 0
+        found = []
+        self._lock()
+        try:
+            mqs_tc_advance(self._header, at)
+            params = &self._header.config.v.params
+            for g in range(params.max_groups):
+                group = mqs_tc_group(self._header, g)
+                if not group.used:
+                    continue
+                oldest = (ready_at if mqs_tc_oldest_ready(
+                    self._header, g, &ready_at) else None)
+                consumers = 0
+                for index in range(params.max_consumers):
+                    c = mqs_tc_consumer(self._header, index)
+                    if c.used and c.group == g:
+                        consumers += 1
+                found.append((
+                    g, group.name[:group.name_length].decode(), consumers,
+                    group.ready, oldest, group.in_flight,
+                    {name: group.counters[index] for index, name
+                     in enumerate(GROUP_COUNTER_NAMES)},
+                    _histogram(&group.enqueue_to_deliver),
+                    _histogram(&group.deliver_to_ack)))
+        finally:
+            self._unlock(False)
+        return found
 
     def counters(self):
         """Return the topic's cumulative counters by name."""
@@ -497,7 +669,8 @@ cdef class TopicCore:
         mqs_tc_stats(self._header, &stats)
         self._unlock(False)
         return {"stored": stats.stored, "ready": stats.ready,
-                "in_flight": stats.in_flight, "dead": stats.dead}
+                "in_flight": stats.in_flight, "dead": stats.dead,
+                "groups": self._header.state.v.groups_used}
 
     # Change notification.
 

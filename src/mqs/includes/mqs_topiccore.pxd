@@ -1,5 +1,6 @@
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
+from mqs.includes.mqs_hist cimport mqs_hist_t
 from mqs.includes.mqs_wait cimport mqs_waitword_t
 
 
@@ -24,12 +25,15 @@ cdef extern from "mqs_topiccore.h" nogil:
         uint32_t weights[10]
         uint32_t strict
         uint32_t max_attempts
+        uint32_t sample_every
 
     ctypedef struct mqs_tc_config_t:
         mqs_tc_params_t params
 
     ctypedef struct mqs_tc_state_t:
         uint64_t next_seq
+        uint32_t groups_used
+        uint32_t retired
         int64_t counters[12]
 
     ctypedef struct mqs_tc_config_block:
@@ -44,7 +48,36 @@ cdef extern from "mqs_topiccore.h" nogil:
 
     ctypedef struct mqs_tc_group_t:
         uint32_t used
+        uint32_t name_length
+        char name[120]
+        uint32_t max_attempts
+        uint32_t cursor
+        int64_t deficits[10]
+        uint32_t ready
+        uint32_t in_flight
+        uint32_t dead
+        int64_t countdown
         int64_t counters[6]
+        mqs_hist_t enqueue_to_deliver
+        mqs_hist_t deliver_to_ack
+
+    ctypedef struct mqs_tc_slot_t:
+        uint64_t seq
+        uint32_t length
+        uint8_t priority
+        uint8_t retained
+        double timestamp
+
+    ctypedef struct mqs_tc_entry_t:
+        uint64_t word
+        uint64_t ticket
+        int64_t ready_seq
+        double deadline
+        uint64_t deadline_seq
+        uint32_t consumer
+        uint32_t timed_out
+        double ready_at
+        double sampled_at
 
     ctypedef struct mqs_tc_consumer_t:
         uint32_t used
@@ -117,5 +150,9 @@ cdef extern from "mqs_topiccore.h" nogil:
     int mqs_tc_next_dead(mqs_tc_header_t *h, mqs_tc_dead_t *out)
     void mqs_tc_drop_dead(mqs_tc_header_t *h, uint32_t group, uint32_t slot)
     void mqs_tc_stats(mqs_tc_header_t *h, mqs_tc_stats_t *out)
+    int mqs_tc_oldest_ready(mqs_tc_header_t *h, uint32_t group, double *out)
     mqs_tc_group_t *mqs_tc_group(mqs_tc_header_t *h, uint32_t group)
+    mqs_tc_slot_t *mqs_tc_slot(mqs_tc_header_t *h, uint32_t slot)
+    mqs_tc_entry_t *mqs_tc_entry(mqs_tc_header_t *h, uint32_t group,
+                                 uint32_t slot)
     mqs_tc_consumer_t *mqs_tc_consumer(mqs_tc_header_t *h, uint32_t consumer)

@@ -1,0 +1,109 @@
+"""Tests of mqs._topiccore.TopicCore beyond the model test: files,
+attaching, retiring and exporting."""
+
+import os
+import uuid
+
+import pytest
+
+from mqs._topiccore import TopicCore, TopicCoreLayoutError, TopicRetired
+from mqs.errors import ShutDown
+
+LANES = ((9, 8), (5, 4), (0, 1))
+
+
+@pytest.fixture
+def path():
+    name = f"/dev/shm/mqs.test-core.{os.getpid()}.{uuid.uuid4().hex}"
+    yield name
+    if os.path.exists(name):
+        os.unlink(name)
+
+
+def test_topiccore_second_handle_shares_state(path):
+    first = TopicCore(path, LANES)
+    second = TopicCore(path, LANES, capacity=8)
+    assert first.created
+    assert not second.created
+    group = first.open_group("g", False)
+    consumer = second.open_consumer(group, 4, 1)
+    assert first.publish(b"x", 5, 1.0) == 1
+    found = second.fetch(consumer, 4, 30.0)
+    assert [item[0] for item in found] == [1]
+    assert found[0][6] == b"x"
+    assert first.ack(group, found[0][1], found[0][2])
+    first.close()
+    second.close()
+
+
+def test_topiccore_rejects_foreign_file(path):
+    with open(path, "wb") as file:
+        file.write(b"\0" * 8192)
+    with pytest.raises(TopicCoreLayoutError, match="not a topic core"):
+        TopicCore(path, LANES)
+
+
+def test_topiccore_rejects_bad_sizes(path):
+    with pytest.raises(ValueError, match="invalid topic core sizes"):
+        TopicCore(path, LANES, capacity=0)
+    with pytest.raises(ValueError, match="1 to 10 lanes"):
+        TopicCore(path, [])
+
+
+def test_topiccore_rejects_large_body(path):
+    core = TopicCore(path, LANES, slot_bytes=16)
+    with pytest.raises(ValueError, match="larger than the 16 bytes"):
+        core.publish(b"x" * 17, 0, 0.0)
+    core.close()
+
+
+def test_topiccore_fetch_checks_owner(path):
+    core = TopicCore(path, LANES)
+    group = core.open_group("g", False)
+    consumer = core.open_consumer(group, 4, 77)
+    core.publish(b"x", 0, 0.0)
+    with pytest.raises(ShutDown):
+        core.fetch(consumer, 1, 30.0, owner=78)
+    assert len(core.fetch(consumer, 1, 30.0, owner=77)) == 1
+    core.close()
+
+
+def test_topiccore_retire_exports_state(path):
+    core = TopicCore(path, LANES, strict=True, max_attempts=3)
+    other = TopicCore(path, LANES)
+    group = core.open_group("g", False)
+    consumer = core.open_consumer(group, 4, 5)
+    for number in range(3):
+        core.publish(bytes([number]), 9 if number == 1 else 0, 2.0,
+                     now=10.0)
+    held = core.fetch(consumer, 1, 30.0, now=10.0)
+    assert [item[0] for item in held] == [2]  # strict: lane 9 first
+
+    data = core.retire_and_export()
+
+    assert [(seq, priority, payload) for _, seq, priority, _, _, payload
+            in data["slots"]] == [(1, 0, b"\0"), (2, 9, b"\1"),
+                                  (3, 0, b"\2")]
+    ((index, name, max_attempts, _, deficits, counters, entries, countdown,
+      _, _),) = data["groups"]
+    assert countdown == 2**63 - 1  # sampling off, as TopicState sets it
+    assert (index, name, max_attempts) == (group, "g", 0)
+    assert len(deficits) == 3
+    assert counters["delivered"] == 1
+    states = {slot: (state, attempts, ticket, deadline, owner)
+              for slot, state, _, attempts, ticket, _, deadline, _, owner, _,
+              _, _ in entries}
+    in_flight = states[held[0][1]]
+    assert in_flight == (2, 1, held[0][2], 40.0, consumer)
+    assert sorted(state[0] for state in states.values()) == [1, 1, 2]
+    assert data["consumers"] == [(consumer, group, 4, 5)]
+    assert data["counters"]["published"] == 3
+    for handle in (core, other):
+        with pytest.raises(TopicRetired):
+            handle.publish(b"y", 0, 0.0)
+        with pytest.raises(TopicRetired):
+            handle.fetch(consumer, 1, 30.0)
+    # Retiring froze the state, so it can be exported again.
+    assert other.retire_and_export()["slots"] == data["slots"]
+    core.close()
+    other.close()
