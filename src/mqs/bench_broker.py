@@ -23,7 +23,7 @@ at the same time:
 - ``core.per_message.1p1c``: the same shape on `mqs._topiccore.TopicCore`
   directly (publish; fetch of one and ack), without the `Broker` API and
   without pickling: the ceiling of the shared topic core on this
-  machine, for comparison. The shm backend does not use the core yet.
+  machine, which the shm backend uses for plain topics.
 
 The ratio of the two ``1p1c`` cases is the tracked one for the target of
 30x Redis Streams (``tracked`` in the result); the others are kept for

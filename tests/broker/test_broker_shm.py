@@ -379,7 +379,8 @@ def test_shm_message_larger_than_half_journal_raises(name):
 
 def test_shm_journal_wraps_into_snapshots(name):
     writer = open_broker(name, journal_bytes=4096)
-    writer.declare_topic("t", weights={9: 2, 0: 1})
+    # A ttl keeps the topic on the journal (a topic core has no ttl).
+    writer.declare_topic("t", weights={9: 2, 0: 1}, ttl=3600)
     idle = open_broker(name)
     journal = writer.backend._journal
     for number in range(300):
@@ -406,6 +407,153 @@ def test_shm_journal_wraps_into_snapshots(name):
     consumer.close()
     for broker in (writer, idle, late):
         broker.close()
+
+
+# Topic cores and the journal.
+
+def core_files(name):
+    prefix = f"mqs.broker.{name}.core-"
+    return [entry for entry in os.listdir(SHM_DIR)
+            if entry.startswith(prefix)]
+
+
+def test_shm_plain_topic_runs_on_its_core(name):
+    broker = open_broker(name)
+    other = open_broker(name)
+    broker.declare_topic("t")
+    assert len(core_files(name)) == 1
+    consumer = other.consume("t", "g", prefetch=10)
+    broker.publish("t", {"n": 1}, headers={"h": 1}, reply_to="r",
+                   correlation_id="c")
+    message = consumer.get(timeout=5)
+    assert message.body == {"n": 1}
+    assert message.headers == {"h": 1}
+    assert (message.reply_to, message.correlation_id) == ("r", "c")
+    assert message.id.startswith("s")
+    assert message.ack()
+    assert broker.stats("t")["acked"] == 1
+    # Nothing but the declare and the open went through the journal.
+    assert "t" in broker.backend._core_paths
+    assert "t" in other.backend._core_paths
+    consumer.close()
+    broker.close()
+    other.close()
+
+
+def test_shm_core_topic_moves_to_journal_keeping_order(name):
+    broker = open_broker(name)
+    other = open_broker(name)
+    broker.declare_topic("t", weights={9: 1, 0: 1})
+    consumer = other.consume("t", "g", prefetch=10, ack_timeout=600)
+    for number in range(4):
+        broker.publish("t", number)
+    held = consumer.get(timeout=5)
+    assert held.body == 0
+    # A keyed message needs the journal: the topic moves with its state,
+    # and the new message queues behind the ones the core held.
+    broker.publish("t", 4, key="k")
+    assert "t" not in broker.backend._core_paths
+    assert core_files(name) == []
+    assert [message.body for message in drain(consumer, 4)] == [1, 2, 3, 4]
+    # A tag from the core settles the same delivery on the journal.
+    assert held.ack()
+    stats = other.stats("t")
+    assert stats["published"] == 5
+    assert stats["acked"] == 5
+    assert stats["stored"] == 0
+    assert other.stats("t") == broker.stats("t")
+    consumer.close()
+    broker.close()
+    other.close()
+
+
+def test_shm_core_dead_letter_moves_to_journal(name):
+    broker = open_broker(name)
+    broker.declare_topic("t", max_attempts=2)
+    consumer = broker.consume("t", "g", ack_timeout=0.2)
+    broker.publish("t", "poison", headers={"trace": 1})
+    assert consumer.get(timeout=5).nack()
+    # The second delivery misses its deadline: max_attempts is reached
+    # when a fetch runs the timers.
+    assert consumer.get(timeout=5).attempts == 2
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.5)
+    (letter,) = broker.dlq_list("t")
+    assert letter.body == "poison"
+    assert letter.reason == "ack_timeout"
+    assert letter.attempts == 2
+    assert letter.headers["trace"] == 1
+    assert letter.error == "ack deadline passed"
+    assert "t" not in broker.backend._core_paths
+    stats = broker.stats("t")
+    assert stats["redelivered"] == 1
+    assert stats["dead_lettered"] == 1
+    consumer.close()
+    broker.close()
+
+
+def test_shm_core_retired_without_adopt_moves_again(name):
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g", prefetch=10)
+    broker.publish_many("t", ["a", "b"])
+    # As if a mover died after retiring the core and before its record.
+    broker.backend._cores["t"].retire_and_export()
+    broker.publish("t", "c")
+    assert "t" not in broker.backend._core_paths
+    assert [message.body for message in drain(consumer, 3)] == [
+        "a", "b", "c"]
+    consumer.close()
+    broker.close()
+
+
+def test_shm_stale_core_tag_of_deleted_topic(name):
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g", ack_timeout=600)
+    broker.publish("t", "old")
+    old = consumer.get(timeout=5)
+    consumer.close(drain=False)
+    broker.delete_topic("t")
+    assert core_files(name) == []
+    broker.declare_topic("t")
+    fresh = broker.consume("t", "g", ack_timeout=600)
+    broker.publish("t", "new")
+    new = fresh.get(timeout=5)
+    # The old tag names the deleted core: it settles nothing.
+    assert not old.ack()
+    assert new.ack()
+    assert broker.stats("t")["acked"] == 1
+    fresh.close()
+    broker.close()
+
+
+def test_shm_core_consumer_of_killed_process_redelivered(name):
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    broker.consume("t", "g").close()
+    broker.publish_many("t", list(range(3)))
+    child = start(take_and_hang, name)
+    deadline = time.monotonic() + 30
+    while broker.stats("t")["in_flight"] < 3 \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert broker.stats("t")["in_flight"] == 3
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    consumer = broker.consume("t", "g", prefetch=10)
+    messages = drain(consumer, 3)
+    assert sorted(message.body for message in messages) == [0, 1, 2]
+    assert all(message.attempts == 2 for message in messages)
+    consumer.close()
+    broker.close()
+
+
+def take_and_hang(name):
+    broker = open_broker(name)
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+    consumer.get_many(3, timeout=10)
+    time.sleep(600)
 
 
 OPERATIONS = st.lists(

@@ -16,6 +16,7 @@ FAILPOINT_MODULES = {
     "_shared": ["mqs_bytering.c", "mqs_delay.c", "mqs_wheel.c"],
     "_seglog": ["mqs_seglog.c", "mqs_crc32c.c"],
     "_journal": ["mqs_journal.c"],
+    "_topiccore": ["mqs_topiccore.c"],
 }
 
 

@@ -292,7 +292,8 @@ POINTS = ["apply", "replay", "append:before", "append:after",
 def test_shm_kill_inside_mutex_recovers(name, scale):
     rng = random.Random(99)
     broker = mqs.Broker(backend="shm", name=name, journal_bytes=4096)
-    broker.declare_topic("t")
+    # A ttl keeps the topic on the journal, whose mutex this test kills in.
+    broker.declare_topic("t", ttl=3600)
     kept = broker.consume("t", "g", prefetch=1000, ack_timeout=600)
     journal = broker.backend._journal
     returned = 0
@@ -363,7 +364,8 @@ while True:
 def test_shm_failpoint_inside_append_recovers(name, scale, failpoint_path):
     rng = random.Random(7)
     broker = mqs.Broker(backend="shm", name=name, journal_bytes=4096)
-    broker.declare_topic("t")
+    # A ttl keeps the topic on the journal (a topic core has no ttl).
+    broker.declare_topic("t", ttl=3600)
     journal = broker.backend._journal
     returned = 0
     for round_number in range(int(8 * scale)):
@@ -401,4 +403,62 @@ def test_shm_failpoint_inside_append_recovers(name, scale, failpoint_path):
     assert stats["stored"] == 0
     assert stats["acked"] == stats["published"] == returned
     consumer.close()
+    broker.close()
+
+
+CORE_POINTS = ["tc_publish_before_commit", "tc_publish_after_commit",
+               "tc_fetch_after_commit", "tc_finish_before_free"]
+
+
+def test_shm_failpoint_inside_core_recovers(name, scale, failpoint_path):
+    """Kill a process inside the topic core's mutex, at the failpoints
+    between its stores, in the copy of mqs built with failpoints. The
+    next locker repairs the core (EOWNERDEAD): a publish killed before
+    its commit never happened, one killed after it did, and every
+    message the dead consumer held comes back."""
+    rng = random.Random(11)
+    broker = mqs.Broker(backend="shm", name=name)
+    broker.declare_topic("t")
+    kept = broker.consume("t", "g", prefetch=1000, ack_timeout=600)
+    returned = 0
+    recoveries = 0
+    for round_number in range(int(8 * scale)):
+        point = CORE_POINTS[round_number % len(CORE_POINTS)]
+        failpoint = f"{point}:{rng.randint(1, 30)}"
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ, PYTHONPATH=failpoint_path,
+                   MQS_FAILPOINT=failpoint)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, name, str(write_fd)], env=env,
+            pass_fds=(write_fd,))
+        os.close(write_fd)
+        assert child.wait(60) == -signal.SIGKILL, failpoint
+        while chunk := os.read(read_fd, 4096):
+            returned += len(chunk)
+        os.close(read_fd)
+        stats = broker.stats("t")
+        core = broker.backend._cores["t"]
+        recoveries += 1
+        assert core.counters()["recoveries"] == recoveries, failpoint
+        # A publish that returned is stored; one killed after its commit
+        # is too, although its process never saw the id.
+        expected = returned + (point == "tc_publish_after_commit")
+        assert stats["published"] == expected, failpoint
+        returned = expected
+
+    # Drain with the consumer of this process once the dead children's
+    # consumers are closed (the reaper runs within REAP_INTERVAL_S).
+    deadline = time.monotonic() + 60
+    while broker.stats("t")["stored"] and time.monotonic() < deadline:
+        try:
+            for message in kept.get_many(100, timeout=0.5):
+                message.ack()
+        except mqs.Empty:
+            pass
+    stats = broker.stats("t")
+    assert stats["stored"] == 0
+    assert stats["in_flight"] == 0
+    assert stats["acked"] == stats["published"] == returned
+    assert "t" in broker.backend._core_paths
+    kept.close()
     broker.close()

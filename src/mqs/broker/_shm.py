@@ -5,7 +5,7 @@ creating it if missing. Every process that opens the same name shares
 its topics, settings, messages, groups, in-flight tables, dead letters,
 counters and rate-limit buckets.
 
-Design: a replicated operation journal
+Design: topic cores for the common path, a replicated journal for the rest
     The broker is one file in /dev/shm, ``mqs.broker.<name>`` (mode
     0600, created under a private name and linked into place, so no process
     maps a half-formatted file), laid out by ``csrc/mqs_journal.h``: a
@@ -15,35 +15,65 @@ Design: a replicated operation journal
     the pickled tuple ``(op, now, args)`` with its broker time ``now``,
     message and consumer ids from replicated counters and the seed of
     each topic's retry jitter. Every process keeps a replica of the
-    whole state (a `TopicState` per topic). Under the mutex it first
-    replays the records it has not applied yet, then runs its own
+    state recorded there (a `TopicState` per topic). Under the mutex it
+    first replays the records it has not applied yet, then runs its own
     operation on its replica and appends the record, so all replicas
-    pass through the same states in the same order. Message bodies are
-    pickled once by the publisher and stay bytes in the journal and in
-    every replica; only the process that receives a message unpickles
-    it. A commit bumps the wait word, which wakes a blocked `fetch` or
-    `publish` in any process.
+    pass through the same states in the same order. A commit bumps the
+    wait word, which wakes a blocked `fetch` or `publish` in any process.
+
+    Topic cores. A topic declared without rate limits, ttl, retry
+    backoff, retention or maxsize starts on a topic core: a second file,
+    ``mqs.broker.<name>.core-<token>`` (`mqs._topiccore.TopicCore`,
+    ``csrc/mqs_topiccore.h``), that holds the topic's messages, lanes,
+    in-flight table, deadlines, counters and latency histograms as C
+    data under its own robust mutex. Publish, fetch, ack, nack (requeue
+    at once), extend, release, stats and group stats of such a topic are
+    one C call each in the calling process: nothing is replayed and the
+    journal mutex is not taken. Declaring the topic, opening and closing
+    consumers still go through the journal (so every replica knows the
+    core file and which process owns each core consumer), and the
+    opening process registers the group and consumer in the core first.
+    Message ids on a core are ``s<seq>``; bodies are pickled once and
+    stored with headers, reply_to and correlation_id in the core slot.
+
+    The rule of the two paths: a topic is on its core or on the journal,
+    never both, and it moves at most once, from core to journal. It
+    moves when an operation needs what the core lacks: a message with a
+    key, delay, ttl or dedup_id (on a topic with a dedup window), a
+    payload over CORE_SLOT_BYTES, a full core (CORE_CAPACITY messages),
+    a nack with a delay, an error text or requeue=False, a dead letter
+    (the core's max_attempts or ack deadline dead-lettered one), or a new
+    configuration. The mover holds the journal mutex, takes the core's
+    whole state and marks it retired in one critical section of the core
+    (`TopicCore.retire_and_export`), builds the `TopicState` that running
+    the same operations would have built (ids, attempts, tickets, lane
+    order, deadlines, consumers, counters, histograms, dead letters),
+    writes it to ``mqs.broker.<name>.adopt-<token>`` and appends an
+    ``adopt`` record naming that file; every replica replaces its
+    placeholder state by it on replay. A process still using the core
+    gets `TopicRetired` and retries through the journal. The operation
+    that caused the move then runs on the journal, behind every message
+    the core held, so FIFO within a priority lane holds across the move,
+    and tags handed out by the core keep working (``(s<seq>, ticket)`` on
+    the journal).
 
     When the journal has no room for a record, the mutex holder writes
-    its replica (`TopicState.snapshot`) to ``mqs.broker.<name>.snapshot-
-    <generation>`` in /dev/shm and restarts the journal empty under the
-    next generation. A replica that had applied every record of the old
-    journal goes on as it is; one that had not reloads the snapshot.
-    The snapshot lives in its own file because its size is that of the
-    stored state, which the fixed mapping cannot bound.
+    its replica (`TopicState.snapshot`, with the core files and core
+    consumers) to ``mqs.broker.<name>.snapshot-<generation>`` in /dev/shm
+    and restarts the journal empty under the next generation. A replica
+    that had applied every record of the old journal goes on as it is;
+    one that had not reloads the snapshot. The snapshot lives in its own
+    file because its size is that of the stored state, which the fixed
+    mapping cannot bound.
 
-    Why not rings per lane in the mapping: the broker's rules (weighted
-    lanes, key ordering, per-group rate buckets, dedup windows, retry
-    jitter, DLQ headers) already live in `TopicState` and
-    `mqs.broker._policy`, tested once for every backend. A second copy
-    written against a shared-memory layout would have to agree with them
-    rule by rule, and every rule would need its own crash repair. The
-    journal keeps one implementation and makes crash repair a single
-    rule (below). The cost is throughput: every operation holds one
-    mutex across all topics, and every process replays every other
-    process's operations, so the work per operation grows with the
-    number of busy processes instead of shrinking. `mqs bench` measures
-    it.
+    Why both: the broker's rules (weighted lanes, key ordering, per-group
+    rate buckets, dedup windows, retry jitter, DLQ headers) live in
+    `TopicState` and `mqs.broker._policy`, tested once for every
+    backend; the core repeats only the rules of the common path, and a
+    hypothesis test drives it against `TopicState`. The journal costs
+    throughput: every operation holds one mutex across all topics, and
+    every process replays every other process's operations. `mqs bench
+    --case broker` measures both.
 
 Time
     Broker time is `time.monotonic`, which is one clock for every
@@ -73,7 +103,15 @@ What survives what
     state only as single words, so the next process to take the mutex
     (it gets EOWNERDEAD) marks it consistent and goes on; the dead
     process's consumers are closed as above. A compaction killed before
-    it restarted the journal leaves the old journal in force.
+    it restarted the journal leaves the old journal in force. A process
+    killed inside a core's mutex leaves each entry's state in one word
+    and commits each publish by one store; the next locker rebuilds the
+    lanes and counts from those words (`mqs_tc_repair`), so a publish
+    is stored exactly when its commit store happened, and a delivery is
+    in flight exactly when its entry word says so. A move to the journal
+    killed before its ``adopt`` record leaves the core retired but
+    intact: the next process that meets the retired core moves the topic
+    again from the same frozen state.
     All processes exit: the broker stays in /dev/shm with its state,
     and the next process to open the name goes on from it, closing the
     consumers of the processes that are gone. `Broker.close` never
@@ -94,25 +132,60 @@ Limits
     (it grows with the stored messages) about once per `journal_bytes`
     of records. A process stopped (SIGSTOP, a debugger) while it holds
     the mutex stalls every other process until it continues or dies.
+    A topic core holds at most CORE_GROUPS groups and CORE_CONSUMERS
+    open consumers at once (more raise OSError). A core consumer whose
+    process died between registering it and appending its ``open``
+    record stays idle in the core. Group stats of a core topic scan the
+    core (O(capacity)).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import os
 import pickle
+import random
+import secrets
+import sys
 import threading
 import time
+import types
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from mqs import metrics
 from mqs._journal import MAX_BYTES, MIN_BYTES, SharedJournal
-from mqs.broker._backend import Backend, DeadLetter, Delivery, Envelope
+from mqs._topiccore import (
+    DEAD_REASONS,
+    ENTRY_IN_FLIGHT,
+    ENTRY_READY,
+    TopicCore,
+    TopicRetired,
+)
+from mqs.broker._backend import (
+    COUNTER_KEYS,
+    Backend,
+    DeadLetter,
+    Delivery,
+    Envelope,
+    GroupStats,
+)
 from mqs.broker._log import LogBackend
 from mqs.broker._memory import MemoryBackend
-from mqs.broker._state import TopicState
+from mqs.broker._policy import TopicConfig
+from mqs.broker._state import (
+    _DEADLINE,
+    IN_FLIGHT,
+    READY,
+    TopicState,
+    _Entry,
+    _Group,
+    _Record,
+)
 from mqs.errors import BackendUnavailable, MessageTooLarge, ShutDown
 
 __all__ = ["ShmBackend", "REAP_INTERVAL_S"]
@@ -126,6 +199,15 @@ FORMAT = ("mqs.broker.shm", 1)
 # How often each process checks that the consumers' processes live.
 REAP_INTERVAL_S = 0.05
 DEFAULT_JOURNAL_BYTES = 16 << 20
+# Sizes of each topic core. Files in /dev/shm are sparse, so untouched
+# slots and entries take no memory.
+CORE_CAPACITY = 65536
+CORE_SLOT_BYTES = 480
+CORE_GROUPS = 8
+CORE_CONSUMERS = 512
+# First byte of a core payload that carries headers, reply_to or
+# correlation_id besides the body; a plain pickle starts with 0x80.
+_EXTRAS = 0
 
 # Every open ShmBackend of this process, given its own slot in a child.
 _instances: weakref.WeakSet[ShmBackend] = weakref.WeakSet()
@@ -145,6 +227,40 @@ def _check_name(name: Any) -> str:
 
 def _journal_path(name: str) -> str:
     return os.path.join(SHM_DIR, PREFIX + name)
+
+
+def _core_topic(config: TopicConfig) -> bool:
+    """Return whether a topic of `config` starts on a topic core."""
+    return (config.rate is None and not config.lane_rates
+            and config.ttl is None and config.retry is None
+            and config.retention is None and not config.maxsize)
+
+
+def _core_envelope(envelope: Envelope, config: TopicConfig) -> bool:
+    """Return whether a topic core can store `envelope` as it is."""
+    return (envelope.key is None and not envelope.delay
+            and envelope.ttl is None
+            and (envelope.dedup_id is None or not config.dedup_window))
+
+
+def _encode(envelope: Envelope) -> tuple[bytes, bytes]:
+    """Return the core payload of an envelope and its pickled body."""
+    body = pickle.dumps(envelope.body, protocol=pickle.HIGHEST_PROTOCOL)
+    if not envelope.headers and envelope.reply_to is None \
+            and envelope.correlation_id is None:
+        return body, body
+    extras = pickle.dumps(
+        (body, dict(envelope.headers or ()), envelope.reply_to,
+         envelope.correlation_id), protocol=pickle.HIGHEST_PROTOCOL)
+    return bytes([_EXTRAS]) + extras, body
+
+
+def _decode(payload: bytes) -> tuple[bytes, dict, str | None, str | None]:
+    """Return the pickled body, headers, reply_to and correlation_id of a
+    core payload."""
+    if payload[0] != _EXTRAS:
+        return payload, {}, None, None
+    return pickle.loads(memoryview(payload)[1:])
 
 
 class _SharedSection:
@@ -211,6 +327,12 @@ class ShmBackend(LogBackend):
     """
 
     name = "shm"
+    # Defaults for subclasses whose __init__ does not run this one's: they
+    # keep every topic on the journal.
+    _core_topics = False
+    _cores: dict[str, TopicCore] = types.MappingProxyType({})  # type: ignore
+    _replaying = False
+    _guard = None
 
     def __init__(self, name: str, *,
                  journal_bytes: int = DEFAULT_JOURNAL_BYTES) -> None:
@@ -231,6 +353,12 @@ class ShmBackend(LogBackend):
         self._log = None
         self._failed = None
         self._closed = False
+        # Open handles of this process on the cores of core topics, and
+        # whether the records being applied come from other processes.
+        self._core_topics = True
+        self._cores = {}
+        self._replaying = False
+        self._guard = threading.local()
         self._reset_state()
         self._generation = -1
         self._applied = 0
@@ -258,6 +386,10 @@ class ShmBackend(LogBackend):
         self._next_consumer = 0
         # consumer id -> (topic, group, slot, token) of its process.
         self._owners: dict[str, tuple[str, str, int, int]] = {}
+        # Core topics: topic -> core file; consumer id -> (topic, group
+        # index, consumer index, owner token) in the core.
+        self._core_paths: dict[str, str] = {}
+        self._core_consumers: dict[str, tuple[str, int, int, int]] = {}
 
     # The shared mutex and the replica.
 
@@ -312,6 +444,13 @@ class ShmBackend(LogBackend):
         self._enter_shared()
 
     def _replay_records(self, records: list[bytes]) -> None:
+        self._replaying = True
+        try:
+            self._replay_each(records)
+        finally:
+            self._replaying = False
+
+    def _replay_each(self, records: list[bytes]) -> None:
         for data in records:
             op, now, args = pickle.loads(data)
             # Exactly the recorded time, even when this process read a
@@ -328,6 +467,9 @@ class ShmBackend(LogBackend):
     def _load_snapshot_file(self, generation: int) -> None:
         self._reset_state()
         if generation == 0:
+            for handle in self._cores.values():
+                handle.close()
+            self._cores = {}
             return
         path = self._snapshot_path(generation)
         try:
@@ -344,11 +486,16 @@ class ShmBackend(LogBackend):
                 f"{snapshot[0]!r}, this mqs reads {FORMAT!r}; use the mqs "
                 f"version that created it")
         (_, self._next_message, self._next_consumer, now, topics,
-         self._owners) = snapshot
+         self._owners, *cores) = snapshot
+        # A snapshot without core topics ends at the owners.
+        self._core_paths, self._core_consumers = cores or ({}, {})
         self._now = self._last = max(self._last, now)
         self._topics = {
             name: TopicState.restore(data, self._pinned, self._next_id)
             for name, data in topics.items()}
+        for topic in list(self._cores):
+            if self._cores[topic].path != self._core_paths.get(topic):
+                self._cores.pop(topic).close()
 
     def _snapshot_path(self, generation: int) -> str:
         return f"{self.path}.snapshot-{generation}"
@@ -358,9 +505,11 @@ class ShmBackend(LogBackend):
         the journal; the caller holds the mutex and is caught up."""
         topics = {name: state.snapshot()
                   for name, state in self._topics.items()}
-        data = pickle.dumps(
-            (FORMAT, self._next_message, self._next_consumer, self._now,
-             topics, self._owners), protocol=pickle.HIGHEST_PROTOCOL)
+        fields = (FORMAT, self._next_message, self._next_consumer,
+                  self._now, topics, self._owners)
+        if self._core_paths or self._core_consumers:
+            fields += (self._core_paths, self._core_consumers)
+        data = pickle.dumps(fields, protocol=pickle.HIGHEST_PROTOCOL)
         generation = self._generation + 1
         path = self._snapshot_path(generation)
         temp = f"{path}.{os.getpid()}.tmp"
@@ -384,10 +533,12 @@ class ShmBackend(LogBackend):
                      self._generation)
 
     def _remove_snapshots(self, keep: str | None) -> None:
-        prefix = os.path.basename(self.path) + ".snapshot-"
+        # Adopted topic states are in the new snapshot too.
+        prefixes = (os.path.basename(self.path) + ".snapshot-",
+                    os.path.basename(self.path) + ".adopt-")
         for entry in os.listdir(SHM_DIR):
             path = os.path.join(SHM_DIR, entry)
-            if entry.startswith(prefix) and path != keep:
+            if entry.startswith(prefixes) and path != keep:
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
@@ -448,16 +599,36 @@ class ShmBackend(LogBackend):
 
     # Replicated operations that also track consumer owners.
 
+    def _do_declare(self, config: TopicConfig, seed: int,
+                    core_path: str | None = None) -> None:
+        new = config.name not in self._topics
+        super()._do_declare(config, seed)
+        if new and core_path is not None:
+            self._core_paths[config.name] = core_path
+
     def _do_open(self, topic: str, group: str, consumer: str, start: str,
                  prefetch: int, max_attempts: int | None, slot: int = -1,
-                 token: int = 0) -> None:
-        super()._do_open(topic, group, consumer, start, prefetch,
-                         max_attempts)
+                 token: int = 0, core: tuple[int, int, int] | None = None
+                 ) -> None:
+        if core is None:
+            super()._do_open(topic, group, consumer, start, prefetch,
+                             max_attempts)
+        else:
+            # The opening process registered it in the core already.
+            self._next_consumer = max(self._next_consumer,
+                                      int(consumer[1:]))
+            self._core_consumers[consumer] = (topic, *core)
         self._owners[consumer] = (topic, group, slot, token)
 
     def _do_close(self, topic: str, group: str, consumer: str) -> int:
         self._owners.pop(consumer, None)
-        return super()._do_close(topic, group, consumer)
+        entry = self._core_consumers.pop(consumer, None)
+        if entry is None:
+            return super()._do_close(topic, group, consumer)
+        if self._replaying:
+            return 0
+        # Only the process that logged the close changes the core.
+        return self._core(topic).close_consumer(entry[2])
 
     def _do_ack_many(self, topic: str, group: str, tags: list[Any]
                      ) -> list[bool]:
@@ -469,42 +640,560 @@ class ShmBackend(LogBackend):
         for consumer, owner in list(self._owners.items()):
             if owner[0] == topic:
                 del self._owners[consumer]
+        path = self._core_paths.pop(topic, None)
+        if path is None:
+            return
+        for consumer, entry in list(self._core_consumers.items()):
+            if entry[0] == topic:
+                del self._core_consumers[consumer]
+        handle = self._cores.pop(topic, None)
+        if not self._replaying:
+            if handle is None:
+                handle = self._open_core(path)
+            try:
+                handle.retire()
+            except TopicRetired:
+                pass
+            _unlink_quietly(path)
+        if handle is not None:
+            handle.close()
+
+    def _do_adopt(self, topic: str, path: str) -> None:
+        """Replace a core topic's state by the one its core handed over
+        (see `_move_to_journal`)."""
+        with open(path, "rb") as file:
+            data = pickle.load(file)
+        self._topics[topic] = TopicState.restore(data, self._pinned,
+                                                 self._next_id)
+        self._core_paths.pop(topic, None)
+        for consumer, entry in list(self._core_consumers.items()):
+            if entry[0] == topic:
+                del self._core_consumers[consumer]
+        handle = self._cores.pop(topic, None)
+        if handle is not None:
+            handle.close()
+
+    # Topic cores.
+
+    @contextlib.contextmanager
+    def _journal_op(self) -> Iterator[None]:
+        """Mark this thread as running a journal operation, in which
+        `_topic` raises _OnCore for a topic on its core."""
+        if self._guard is None:
+            yield
+            return
+        self._guard.active = True
+        try:
+            yield
+        finally:
+            self._guard.active = False
+
+    def _open_core(self, path: str) -> TopicCore:
+        # The sizes only matter to the process that creates the file.
+        return TopicCore(path, ((0, 1),))
+
+    def _core(self, topic: str) -> TopicCore:
+        """Return this process's handle on a core topic's core; the caller
+        holds the section and the topic is on its core."""
+        handle = self._cores.get(topic)
+        if handle is None:
+            handle = self._cores[topic] = self._open_core(
+                self._core_paths[topic])
+        return handle
+
+    def _fast_core(self, topic: str) -> TopicCore | None:
+        """Return the core handle of `topic` if this process knows it as a
+        core topic, after the periodic check for dead consumers."""
+        if self._closed:
+            raise ShutDown(f"shm broker {self.shm_name!r} is closed")
+        if time.monotonic() >= self._next_reap:
+            with self._lock:
+                if topic in self._core_paths:
+                    self._core(topic)
+        return self._cores.get(topic)
+
+    def _create_core(self, config: TopicConfig) -> str:
+        path = f"{self.path}.core-{secrets.token_hex(8)}"
+        weights = config.weight_map
+        handle = TopicCore(
+            path, [(lane, weights[lane]) for lane in config.lanes],
+            strict=config.policy == "strict", capacity=CORE_CAPACITY,
+            slot_bytes=CORE_SLOT_BYTES, max_groups=CORE_GROUPS,
+            max_consumers=CORE_CONSUMERS, max_attempts=config.max_attempts,
+            sample_every=self.sample_every)
+        self._cores[config.name] = handle
+        return path
+
+    def _move_to_journal(self, topic: str) -> None:
+        """Move a core topic with all its state to the journal for good;
+        the caller holds the section.
+
+        Every process switches when it applies the ``adopt`` record. A
+        process that still holds the core handle gets `TopicRetired`
+        from it first, so it takes the section, which applies the record.
+        """
+        if topic not in self._core_paths:
+            return
+        core = self._core(topic)
+        core_path = core.path
+        data = core.retire_and_export()
+        now = self._tick()
+        consumers = {entry[2]: consumer for consumer, entry
+                     in self._core_consumers.items() if entry[0] == topic}
+        state = self._topics[topic]
+        _adopt_core_state(state, data, consumers, now)
+        path = f"{self.path}.adopt-{secrets.token_hex(8)}"
+        temp = f"{path}.{os.getpid()}.tmp"
+        with open(temp, "wb") as file:
+            pickle.dump(state.snapshot(), file,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(temp, path)
+        self._logged("adopt", topic, path)
+        _unlink_quietly(core_path)
+        logger.info("shm broker %s: topic %r moved from its shared core to "
+                    "the journal with %d stored message(s)", self.shm_name,
+                    topic, len(data["slots"]))
+
+    def _leave_core(self, topic: str) -> None:
+        """Move `topic` to the journal if it is still on its core."""
+        with self._lock:
+            self._check_open()
+            self._move_to_journal(topic)
+
+    def _settle_dead(self, topic: str, core: TopicCore) -> None:
+        """Move a core topic whose core dead-lettered a message to the
+        journal, which keeps the topic's dead-letter queue."""
+        if core.has_dead():
+            self._leave_core(topic)
 
     # Operations that differ from the log backend's.
 
+    def declare_topic(self, config: TopicConfig, replace: bool = False
+                      ) -> TopicConfig:
+        with self._lock:
+            self._check_open()
+            state = self._topics.get(config.name)
+            if state is None and self._core_topics and _core_topic(config):
+                self._tick()
+                path = self._create_core(config)
+                self._logged("declare", config, random.getrandbits(64),
+                             path)
+                return config
+            if state is not None and state.config != config:
+                # A core keeps the settings it was created with.
+                self._move_to_journal(config.name)
+        return super().declare_topic(config, replace)
+
     def publish(self, topic: str, envelopes: Sequence[Envelope],
                 timeout: float | None) -> list[str]:
-        # Bodies travel as bytes; receivers unpickle them (see `fetch`).
-        encoded = [envelope._replace(body=pickle.dumps(
-            envelope.body, protocol=pickle.HIGHEST_PROTOCOL))
-            for envelope in envelopes]
-        return super().publish(topic, encoded, timeout)
+        ids: list[str] = []
+        while True:
+            core = self._fast_core(topic)
+            if core is not None:
+                ids += self._publish_core(core, topic, envelopes[len(ids):])
+                if len(ids) == len(envelopes):
+                    return ids
+                # A feature the core lacks, a full core or a large body:
+                # the topic moves to the journal, behind the messages
+                # stored so far.
+                self._leave_core(topic)
+            # Bodies travel as bytes; receivers unpickle them (see
+            # `fetch`).
+            encoded = [envelope._replace(body=pickle.dumps(
+                envelope.body, protocol=pickle.HIGHEST_PROTOCOL))
+                for envelope in envelopes[len(ids):]]
+            try:
+                with self._journal_op():
+                    return ids + super().publish(topic, encoded, timeout)
+            except _OnCore:
+                continue
+
+    def _publish_core(self, core: TopicCore, topic: str,
+                      envelopes: Sequence[Envelope]) -> list[str]:
+        """Store envelopes in a topic core until one does not fit; return
+        the ids of those stored."""
+        config = self._topics[topic].config
+        wall = time.time()
+        ids = []
+        try:
+            for envelope in envelopes:
+                if not _core_envelope(envelope, config):
+                    break
+                payload, _ = _encode(envelope)
+                if len(payload) > CORE_SLOT_BYTES:
+                    break
+                seq = core.publish(payload, envelope.priority, wall)
+                if seq < 0:
+                    break
+                ids.append(f"s{seq}")
+        except TopicRetired:
+            pass
+        return ids
+
+    def _topic(self, topic: str) -> TopicState:
+        # Journal operations never run on a core topic's placeholder state:
+        # in them (see `_journal_path`) _OnCore makes the caller retry on
+        # the core.
+        if self._guard is not None and getattr(self._guard, "active", False) \
+                and not self._replaying \
+                and topic in self._core_paths:
+            self._core(topic)
+            raise _OnCore(topic)
+        return super()._topic(topic)
+
+    def has_topic(self, topic: str) -> bool:
+        handle = self._cores.get(topic)
+        if handle is not None and not handle.retired and not self._closed:
+            # Deleting a core topic retires its core first.
+            return True
+        return super().has_topic(topic)
 
     def open_consumer(self, topic: str, group: str, *, start: str,
                       prefetch: int, max_attempts: int | None) -> str:
         with self._lock:
             self._check_open()
-            self._topic(topic)
+            core = None
+            if topic in self._core_paths:
+                core = self._core(topic)
+            else:
+                self._topic(topic)
             self._next_consumer += 1
             consumer = f"c{self._next_consumer}"
             self._tick()
+            if core is None:
+                self._logged("open", topic, group, consumer, start, prefetch,
+                             max_attempts, self._slot, self._token)
+                return consumer
+            # The core first: a process killed between the two steps
+            # leaves an idle core consumer, never a record of a consumer
+            # the core does not have.
+            index = core.open_group(group, start == "earliest", max_attempts)
+            owner = secrets.randbits(63) or 1
+            number = core.open_consumer(index, prefetch, owner)
             self._logged("open", topic, group, consumer, start, prefetch,
-                         max_attempts, self._slot, self._token)
+                         max_attempts, self._slot, self._token,
+                         (index, number, owner))
         return consumer
+
+    def close_consumer(self, topic: str, group: str, consumer: str) -> int:
+        with self._lock:
+            if self._closed or topic not in self._topics:
+                return 0
+            self._tick()
+            return self._logged("close", topic, group, consumer)
 
     def fetch(self, topic: str, group: str, consumer: str, max_items: int,
               *, ack_timeout: float, auto_ack: bool,
               timeout: float | None) -> list[Delivery]:
-        found = super().fetch(topic, group, consumer, max_items,
-                              ack_timeout=ack_timeout, auto_ack=auto_ack,
-                              timeout=timeout)
-        return [delivery._replace(body=pickle.loads(delivery.body))
-                for delivery in found]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            entry = self._core_consumers.get(consumer)
+            core = self._fast_core(topic) if entry is not None else None
+            if core is not None:
+                found = self._fetch_core(core, entry, topic, group,
+                                         max_items, ack_timeout, auto_ack,
+                                         deadline)
+                if found is not None:
+                    return found
+                continue
+            left = None if deadline is None else max(
+                0.0, deadline - time.monotonic())
+            try:
+                with self._journal_op():
+                    found = super().fetch(topic, group, consumer, max_items,
+                                          ack_timeout=ack_timeout,
+                                          auto_ack=auto_ack, timeout=left)
+            except _OnCore:
+                continue
+            return [delivery._replace(body=pickle.loads(delivery.body))
+                    for delivery in found]
+
+    def _fetch_core(self, core: TopicCore, entry: tuple, topic: str,
+                    group: str, max_items: int, ack_timeout: float,
+                    auto_ack: bool, deadline: float | None
+                    ) -> list[Delivery] | None:
+        """Fetch from a topic core, waiting until `deadline`; return None
+        when the topic left its core meanwhile."""
+        _, group_index, number, owner = entry
+        # The first try registers no waiter: a message is usually there.
+        waiting = False
+        epoch = 0
+        while True:
+            if self._closed:
+                if waiting:
+                    core.cancel_wait()
+                raise ShutDown(f"shm broker {self.shm_name!r} is closed")
+            try:
+                found = core.fetch(number, max_items, ack_timeout, auto_ack,
+                                   None, owner)
+            except TopicRetired:
+                if waiting:
+                    core.cancel_wait()
+                self._leave_core(topic)
+                return None
+            except ShutDown:
+                if waiting:
+                    core.cancel_wait()
+                raise ShutDown(
+                    f"consumer of group {group!r} on topic {topic!r} is "
+                    f"closed") from None
+            if core.has_dead():
+                if waiting:
+                    core.cancel_wait()
+                    waiting = False
+                self._leave_core(topic)
+                if not found:
+                    return None
+            if found:
+                if waiting:
+                    core.cancel_wait()
+                return [_core_delivery(core.path, topic, group, group_index,
+                                       item) for item in found]
+            if not waiting:
+                # Register, then look again, so a publish in between is
+                # not missed.
+                epoch = core.wait_prepare()
+                waiting = True
+                continue
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                core.cancel_wait()
+                return []
+            if now >= self._next_reap:
+                core.cancel_wait()
+                waiting = False
+                with self._lock:
+                    pass
+                continue
+            core.wait(epoch, 0.05 if deadline is None
+                      else min(0.05, deadline - now))
+            waiting = False
+
+    def _core_tag(self, topic: str, tag: Any
+                  ) -> tuple[TopicCore | None, Any]:
+        """Return ``(core handle, tag)`` for a tag the core can settle.
+
+        Returns ``(None, journal tag)`` when the topic is on the journal,
+        and ``(None, None)`` for a tag of an earlier core of a topic that
+        is on a newer one.
+        """
+        if len(tag) != 5:
+            return None, tag
+        core = self._fast_core(topic)
+        if core is not None:
+            if core.path == tag[0]:
+                return core, tag
+            return None, None
+        # The topic left its core: the journal keeps the core's ids and
+        # tickets.
+        return None, (f"s{tag[4]}", tag[3])
+
+    def ack(self, topic: str, group: str, tag: Any) -> bool:
+        original = tag
+        while True:
+            core, tag = self._core_tag(topic, original)
+            if tag is None:
+                return False
+            if core is not None:
+                try:
+                    return core.ack(tag[1], tag[2], tag[3])
+                except TopicRetired:
+                    self._leave_core(topic)
+                    continue
+            try:
+                return self._settle("ack", topic, group, tag)
+            except _OnCore:
+                if not _stale_on_core(original):
+                    continue
+                return False
 
     def ack_many(self, topic: str, group: str, tags: Sequence[Any]
                  ) -> list[bool]:
+        tags = list(tags)
+        if tags and all(len(tag) == 5 for tag in tags):
+            return [self.ack(topic, group, tag) for tag in tags]
+        journal = [tag if len(tag) != 5 else (f"s{tag[4]}", tag[3])
+                   for tag in tags]
+        if any(len(tag) == 5 for tag in tags):
+            self._leave_core(topic)
         # One record, so one mutex round and one replay for the batch.
-        return self._settle("ack_many", topic, group, list(tags))
+        try:
+            return self._settle("ack_many", topic, group, journal)
+        except _OnCore:
+            # The topic is on a core now; each tag settles there or is
+            # stale.
+            return [self.ack(topic, group, tag) for tag in tags]
+
+    def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
+             delay: float | None, error: str | None) -> bool:
+        original = tag
+        while True:
+            core, tag = self._core_tag(topic, original)
+            if tag is None:
+                return False
+            if core is not None:
+                if requeue and not delay and error is None:
+                    try:
+                        done = core.nack(tag[1], tag[2], tag[3], True)
+                    except TopicRetired:
+                        self._leave_core(topic)
+                        continue
+                    self._settle_dead(topic, core)
+                    return done
+                # A dead letter, a delay or an error text: the journal
+                # keeps those.
+                self._leave_core(topic)
+                continue
+            try:
+                return self._settle("nack", topic, group, tag, requeue,
+                                    delay, error)
+            except _OnCore:
+                if not _stale_on_core(original):
+                    continue
+                return False
+
+    def extend(self, topic: str, group: str, tag: Any, seconds: float
+               ) -> bool:
+        original = tag
+        while True:
+            core, tag = self._core_tag(topic, original)
+            if tag is None:
+                return False
+            if core is not None:
+                try:
+                    return core.extend(tag[1], tag[2], tag[3], seconds)
+                except TopicRetired:
+                    self._leave_core(topic)
+                    continue
+            try:
+                return self._settle("extend", topic, group, tag, seconds,
+                                    sync=False)
+            except _OnCore:
+                if not _stale_on_core(original):
+                    continue
+                return False
+
+    def release(self, topic: str, group: str, tags: Sequence[Any]) -> int:
+        tags = list(tags)
+        while True:
+            pairs = [pair for pair in (self._core_tag(topic, tag)
+                                       for tag in tags)
+                     if pair[1] is not None]
+            cores = {id(core) for core, _ in pairs}
+            core = pairs[0][0] if pairs else None
+            if core is not None and len(cores) == 1:
+                try:
+                    return core.release(
+                        pairs[0][1][1],
+                        [(tag[2], tag[3]) for _, tag in pairs])
+                except TopicRetired:
+                    self._leave_core(topic)
+                    continue
+            if core is not None:
+                self._leave_core(topic)
+                continue
+            try:
+                with self._journal_op():
+                    return super().release(topic, group,
+                                           [tag for _, tag in pairs])
+            except _OnCore:
+                if all(_stale_on_core(tag) for tag in tags):
+                    return 0
+                tags = [tag for tag in tags if not _stale_on_core(tag)]
+
+    def in_flight(self, topic: str, group: str, consumer: str) -> int:
+        entry = self._core_consumers.get(consumer)
+        core = self._fast_core(topic) if entry is not None else None
+        if core is not None:
+            return core.consumer_in_flight(entry[2])
+        with self._lock:
+            state = self._topics.get(topic)
+            return 0 if state is None or topic in self._core_paths \
+                else state.in_flight(group, consumer)
+
+    def stats(self, topic: str) -> dict[str, int]:
+        while True:
+            core = self._fast_core(topic)
+            if core is None:
+                try:
+                    with self._journal_op():
+                        return super().stats(topic)
+                except _OnCore:
+                    continue
+            try:
+                core.advance()
+                counts = core.stats()
+            except TopicRetired:
+                self._leave_core(topic)
+                continue
+            if counts["dead"]:
+                self._leave_core(topic)
+                continue
+            return _core_stats(core.counters(), counts)
+
+    def group_stats(self, topic: str) -> list[GroupStats]:
+        while True:
+            core = self._fast_core(topic)
+            if core is None:
+                try:
+                    with self._journal_op():
+                        return super().group_stats(topic)
+                except _OnCore:
+                    continue
+            now = time.monotonic()
+            try:
+                groups = core.group_stats(now)
+            except TopicRetired:
+                self._leave_core(topic)
+                continue
+            if core.has_dead():
+                self._leave_core(topic)
+                continue
+            return [_core_group_stats(topic, item, now, self.sample_every)
+                    for item in groups]
+
+    def dlq_list(self, topic: str, limit: int | None = None
+                 ) -> list[DeadLetter]:
+        while True:
+            core = self._fast_core(topic)
+            if core is not None:
+                if not core.has_dead():
+                    # Dead letters move a topic off its core at once.
+                    return []
+                self._leave_core(topic)
+            try:
+                with self._journal_op():
+                    letters = super().dlq_list(topic, limit)
+            except _OnCore:
+                continue
+            return [dataclasses.replace(letter,
+                                        body=pickle.loads(letter.body))
+                    for letter in letters]
+
+    def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
+                    ) -> int:
+        self._leave_core_if_dead(topic)
+        return super().dlq_redrive(topic, ids)
+
+    def dlq_purge(self, topic: str) -> int:
+        self._leave_core_if_dead(topic)
+        return super().dlq_purge(topic)
+
+    def _leave_core_if_dead(self, topic: str) -> None:
+        core = self._fast_core(topic)
+        if core is not None and core.has_dead():
+            self._leave_core(topic)
+
+    def _settle(self, op: str, topic: str, *args: Any, sync: bool = True
+                ) -> Any:
+        if op in ("redrive", "purge"):
+            with self._lock:
+                if topic in self._core_paths:
+                    # A topic on its core has no dead letters.
+                    self._check_open()
+                    return 0
+        with self._journal_op():
+            return super()._settle(op, topic, *args, sync=sync)
 
     async def fetch_async(self, topic: str, group: str, consumer: str,
                           max_items: int, *, ack_timeout: float,
@@ -518,12 +1207,6 @@ class ShmBackend(LogBackend):
 
     async def wait_changed_async(self, timeout: float) -> None:
         await Backend.wait_changed_async(self, timeout)
-
-    def dlq_list(self, topic: str, limit: int | None = None
-                 ) -> list[DeadLetter]:
-        letters = super().dlq_list(topic, limit)
-        return [dataclasses.replace(letter, body=pickle.loads(letter.body))
-                for letter in letters]
 
     def close(self) -> None:
         """Release this process's slot and mapping; the broker and its
@@ -544,6 +1227,9 @@ class ShmBackend(LogBackend):
             time.sleep(0.001)
         with section.thread_lock:
             self._journal.close()
+            # Dropped, not closed: a thread still in a core wait holds its
+            # handle, which unmaps when the last reference goes.
+            self._cores = {}
         _instances.discard(self)
 
     @staticmethod
@@ -557,9 +1243,10 @@ class ShmBackend(LogBackend):
             existed = True
         except FileNotFoundError:
             existed = False
-        prefix = os.path.basename(path) + ".snapshot-"
+        base = os.path.basename(path)
+        prefixes = (base + ".snapshot-", base + ".core-", base + ".adopt-")
         for entry in os.listdir(SHM_DIR):
-            if entry.startswith(prefix):
+            if entry.startswith(prefixes):
                 try:
                     os.unlink(os.path.join(SHM_DIR, entry))
                 except FileNotFoundError:
@@ -577,6 +1264,178 @@ class ShmBackend(LogBackend):
 
     def __repr__(self) -> str:
         return f"<ShmBackend {self.shm_name!r}>"
+
+
+class _OnCore(Exception):
+    """Raised inside the section when a journal operation meets a topic
+    that is on its core; the caller retries on the core."""
+
+
+def _stale_on_core(tag: Any) -> bool:
+    """Return whether a tag that met a topic on its core is stale: a
+    journal tag is (the topic was deleted and declared again), and a core
+    tag is not (the journal form was only a guess of this process)."""
+    return len(tag) != 5
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _core_delivery(path: str, topic: str, group: str, group_index: int,
+                   item: tuple) -> Delivery:
+    seq, slot, ticket, attempts, priority, timestamp, payload = item
+    body, headers, reply_to, correlation_id = _decode(payload)
+    # The tag names the core file, so a tag of a deleted topic's core
+    # never settles a delivery of a later core of the same name.
+    return Delivery(
+        id=f"s{seq}", tag=(path, group_index, slot, ticket, seq),
+        topic=topic, group=group, body=pickle.loads(body), priority=priority,
+        attempts=attempts, key=None, headers=headers, timestamp=timestamp,
+        reply_to=reply_to, correlation_id=correlation_id)
+
+
+def _core_stats(counters: dict[str, int], counts: dict[str, int]
+                ) -> dict[str, int]:
+    """Return `TopicState.stats` of a topic on its core."""
+    result = dict.fromkeys(COUNTER_KEYS, 0)
+    for name, value in counters.items():
+        if name in result or (value and name.startswith("dead_lettered.")):
+            result[name] = value
+    result.update(stored=counts["stored"], ready=counts["ready"], delayed=0,
+                  in_flight=counts["in_flight"], dlq=0,
+                  groups=counts["groups"])
+    return result
+
+
+def _histogram(state: tuple) -> metrics.LogLinearHistogram:
+    histogram = metrics.LogLinearHistogram()
+    histogram.__setstate__(state)
+    return histogram
+
+
+def _summary(state: tuple, sample_every: int | None
+             ) -> metrics.LatencySummary | None:
+    histogram = _histogram(state)
+    if sample_every is None and not histogram.count:
+        return None
+    return histogram.summary(sample_every or 0)
+
+
+def _core_group_stats(topic: str, item: tuple, now: float,
+                      sample_every: int | None) -> GroupStats:
+    (_, group, consumers, ready, oldest, in_flight, counters,
+     enqueue_to_deliver, deliver_to_ack) = item
+    return GroupStats(
+        topic=topic, group=group, consumers=consumers, lag_messages=ready,
+        lag_seconds=0.0 if oldest is None else max(0.0, now - oldest),
+        delayed=0, in_flight=in_flight, sample_every=sample_every,
+        enqueue_to_deliver=_summary(enqueue_to_deliver, sample_every),
+        deliver_to_ack=_summary(deliver_to_ack, sample_every), **counters)
+
+
+def _adopt_core_state(state: TopicState, data: dict,
+                      consumers: dict[int, str], now: float) -> None:
+    """Fill the placeholder state of a core topic with the state its core
+    exported (`TopicCore.retire_and_export`), as `TopicState` would hold
+    it had it run every operation itself.
+
+    `consumers` maps core consumer indexes to consumer ids.
+    """
+    records = {}
+    seqs = {}
+    for slot, seq, priority, timestamp, retained, payload in sorted(
+            data["slots"], key=lambda item: item[1]):
+        body, headers, reply_to, correlation_id = _decode(payload)
+        envelope = Envelope(body, priority, headers=headers,
+                            reply_to=reply_to,
+                            correlation_id=correlation_id)
+        record = _Record(f"s{seq}", envelope, state.lane_of[priority], now,
+                         timestamp, None)
+        record.retain_until = math.inf if retained else 0.0
+        state.store[record.id] = record
+        records[slot] = record
+        seqs[slot] = seq
+    owners = {index: group for index, group, _, _ in data["consumers"]}
+    prefetches = {index: prefetch for index, _, prefetch, _
+                  in data["consumers"]}
+    timers: list[tuple] = []
+    dead: list[tuple] = []
+    group_counters = []
+    for (index, name, max_attempts, cursor, deficits, counters, entries,
+         countdown, enqueue_to_deliver, deliver_to_ack) in data["groups"]:
+        group = _Group(name, state.config)
+        state.groups[name] = group
+        group.max_attempts = max_attempts or None
+        group.scheduler.cursor = cursor
+        group.scheduler.deficits = list(deficits)
+        group.countdown = min(countdown, sys.maxsize)
+        group.enqueue_to_deliver = _histogram(enqueue_to_deliver)
+        group.deliver_to_ack = _histogram(deliver_to_ack)
+        for number, consumer in consumers.items():
+            if owners.get(number) == index:
+                group.consumers[consumer] = [prefetches[number], 0]
+        entries = sorted(entries, key=lambda item: seqs[item[0]])
+        _adopt_entries(group, records, entries, consumers, timers, dead)
+        group_counters.append((group, counters))
+    # Deadlines and dead letters in the order the core set them across
+    # groups: equal deadlines fire in that order, and the dead-letter
+    # queue keeps it.
+    for _, deadline, entry in sorted(timers, key=lambda item: item[0]):
+        state._set_timer(entry, deadline, _DEADLINE)
+    for _, entry, reason in sorted(dead, key=lambda item: item[0]):
+        entry.state = IN_FLIGHT
+        state._dead_letter(entry, reason, now)
+    # The core counted everything already, dead letters included.
+    for group, counters in group_counters:
+        for key, value in counters.items():
+            setattr(group, key, value)
+    totals = dict(data["counters"])
+    totals.pop("recoveries", None)
+    for name, value in totals.items():
+        if name in state.counters or value:
+            state.counters[name] = value
+
+
+def _adopt_entries(group: _Group, records: dict, entries: list,
+                   consumers: dict[int, str], timers: list,
+                   dead: list) -> None:
+    """Add a group's entries in publish order; its ready ones go to their
+    lanes, its timers and dead entries to `timers` and `dead`."""
+    ready = []
+    for (slot, kind, reason, attempts, ticket, ready_seq, deadline,
+         deadline_seq, number, ready_at, sampled_at, timed_out) in entries:
+        record = records[slot]
+        entry = _Entry(record, group)
+        group.entries[record.id] = entry
+        record.refs += 1
+        entry.attempts = attempts
+        entry.ticket = ticket
+        entry.ready_at = ready_at
+        if timed_out:
+            entry.last_error = "ack deadline passed"
+        consumer = consumers.get(number)
+        if kind == ENTRY_IN_FLIGHT and consumer in group.consumers:
+            entry.state = IN_FLIGHT
+            entry.consumer = consumer
+            entry.sampled_at = sampled_at or None
+            group.consumers[consumer][1] += 1
+            timers.append((deadline_seq, deadline, entry))
+        elif kind == ENTRY_IN_FLIGHT:
+            # Its consumer's open record never landed: ready again, as a
+            # closed consumer's deliveries are.
+            ready.append((math.inf, entry))
+        elif kind == ENTRY_READY:
+            ready.append((ready_seq, entry))
+        else:
+            dead.append((deadline_seq, entry, DEAD_REASONS[reason]))
+    for _, entry in sorted(ready, key=lambda item: item[0]):
+        entry.state = READY
+        group.ready += 1
+        group.lanes[entry.record.lane].append((entry, entry.ticket))
 
 
 def _after_fork() -> None:
