@@ -360,6 +360,7 @@ typedef struct timed {
     double at;
     uint64_t order;
     uint32_t slot;
+    uint32_t group;     /* set only where items of several groups mix */
 } timed_t;
 
 static int compare_timed(const void *a, const void *b)
@@ -458,52 +459,70 @@ static void recompute_deadlines(mqs_tc_header_t *h)
     state_of(h)->next_deadline = next;
 }
 
-static void expire_group(mqs_tc_header_t *h, uint32_t g, double now)
+static void expire(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
+                   double now)
 {
     mqs_tc_group_t *group = mqs_tc_group(h, g);
     mqs_tc_state_t *s = state_of(h);
-    uint32_t count;
-    timed_t *items = collect(h, g, MQS_TC_IN_FLIGHT, expired, &now, &count);
+    mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+    uint64_t attempts = mqs_tc_word_attempts(load_word(e));
 
-    /* Fire in deadline order, then in the order the deadlines were set,
-     * as TopicState's timing wheel does. */
-    for (uint32_t i = 0; i < count; i++) {
-        mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
-        items[i].at = e->deadline;
-        items[i].order = e->deadline_seq;
+    leave_flight(h, g, e);
+    e->timed_out = 1;
+    s->counters[MQS_TC_REDELIVERED]++;
+    group->counters[MQS_TC_GROUP_REDELIVERED]++;
+    if (exhausted(h, g, attempts)) {
+        group->counters[MQS_TC_GROUP_ERRORS]++;
+        dead_letter(h, g, slot, attempts, MQS_TC_REASON_ACK_TIMEOUT);
+    } else {
+        make_ready(h, g, slot, attempts, 0, now);
     }
-    if (count > 1)
-        qsort(items, count, sizeof(timed_t), compare_timed);
-    for (uint32_t i = 0; i < count; i++) {
-        uint32_t slot = items[i].slot;
-        mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
-        uint64_t attempts = mqs_tc_word_attempts(load_word(e));
-        leave_flight(h, g, e);
-        e->timed_out = 1;
-        s->counters[MQS_TC_REDELIVERED]++;
-        group->counters[MQS_TC_GROUP_REDELIVERED]++;
-        if (exhausted(h, g, attempts)) {
-            group->counters[MQS_TC_GROUP_ERRORS]++;
-            dead_letter(h, g, slot, attempts, MQS_TC_REASON_ACK_TIMEOUT);
-        } else {
-            make_ready(h, g, slot, attempts, 0, now);
-        }
-    }
-    free(items);
 }
 
 void mqs_tc_advance(mqs_tc_header_t *h, double now)
 {
     mqs_tc_params_t *p = &config_of(h)->params;
+    timed_t *all = NULL;
+    uint32_t total = 0;
 
     if (now < state_of(h)->next_deadline)
         return;
+    /* Fire in deadline order across every group, then in the order the
+     * deadlines were set (timer_seq is shared by the groups), as
+     * TopicState's timing wheel does. */
     for (uint32_t g = 0; g < p->max_groups; g++) {
         mqs_tc_group_t *group = mqs_tc_group(h, g);
-        if (atomic_load_explicit(&group->used, memory_order_relaxed)
-            && group->next_deadline <= now)
-            expire_group(h, g, now);
+        uint32_t count;
+        timed_t *items, *grown;
+
+        if (!atomic_load_explicit(&group->used, memory_order_relaxed)
+            || group->next_deadline > now)
+            continue;
+        items = collect(h, g, MQS_TC_IN_FLIGHT, expired, &now, &count);
+        if (items == NULL)
+            continue;
+        grown = realloc(all, sizeof(timed_t) * (total + count));
+        if (grown == NULL) {
+            /* Those deadlines fire on a later call. */
+            free(items);
+            continue;
+        }
+        all = grown;
+        for (uint32_t i = 0; i < count; i++) {
+            mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
+            all[total + i].slot = items[i].slot;
+            all[total + i].group = g;
+            all[total + i].at = e->deadline;
+            all[total + i].order = e->deadline_seq;
+        }
+        total += count;
+        free(items);
     }
+    if (total > 1)
+        qsort(all, total, sizeof(timed_t), compare_timed);
+    for (uint32_t i = 0; i < total; i++)
+        expire(h, all[i].group, all[i].slot, now);
+    free(all);
     recompute_deadlines(h);
 }
 
