@@ -242,6 +242,22 @@ def broker_table(report: dict) -> list[str]:
             + _table(["case", "messages", "median/s"], rows))
 
 
+def redis_broker_table(report: dict) -> list[str]:
+    redis = report.get("redis_broker")
+    if not redis:
+        return []
+    title = "### Redis backend against redis-py loops (messages per second"
+    if "skipped" in redis:
+        return [title + ")", "", "Skipped: " + redis["skipped"], ""]
+    rows = [[row["loop"], f"{row['batch']:,}", f"{row['rate_per_s']:,.0f}",
+             " / ".join(f"{rate:,.0f}" for rate in row["rates_per_s"])]
+            for row in redis["results"]]
+    return ([(f"{title}, {redis['count']:,} messages of "
+              f"{redis['body_bytes']} B per loop, median of "
+              f"{redis['rounds']} rounds)"), ""]
+            + _table(["loop", "batch", "median/s", "rounds/s"], rows))
+
+
 def ratios_table(report: dict) -> list[str]:
     rows = [[r["name"], _ratio(r["value"]), (f"{r['comparison']} "
              f"{r['target']:g}x"), "met" if r["met"] else "missed"]
@@ -268,6 +284,10 @@ def ratios_table(report: dict) -> list[str]:
             ratio["met"]]
         rows.append([f"broker {ratio['name']}", _ratio(ratio["value"]),
                      f">= {ratio['target']:g}x", status])
+    for ratio in (report.get("redis_broker") or {}).get("ratios") or []:
+        rows.append([f"redis-broker {ratio['name']}",
+                     _ratio(ratio["value"]), f">= {ratio['target']:g}x",
+                     "met" if ratio["met"] else "missed"])
     met = sum(row[3] == "met" for row in rows)
     return (["### Tracked ratios", "",
              f"{met} of {len(rows)} targets are met in this run.", ""]
@@ -281,7 +301,8 @@ def render(report: dict, commit: str | None = None, plot: str | None = None,
     if plot:
         lines += [f"![Charts of this run]({plot})", ""]
     for part in (queue_tables, shape_tables, payload_table, latency_table,
-                 timers_table, log_table, broker_table, ratios_table):
+                 timers_table, log_table, broker_table, redis_broker_table,
+                 ratios_table):
         lines += part(report)
     return "\n".join(lines).rstrip("\n") + "\n"
 
