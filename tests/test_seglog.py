@@ -1076,3 +1076,17 @@ def test_seglog_resident_memory_follows_pages_in_use(tmp_path):
     # One 16 MiB segment plus the writer's 8 MiB release step, with room.
     assert written_kib < 48 << 10
     assert read_kib < 48 << 10
+
+
+def test_open_rejects_log_broker_directory(tmp_path):
+    path = tmp_path / "broker"
+    broker = mqs.Broker(backend="log", path=str(path))
+    broker.declare_topic("orders")
+    broker.close()
+    before = sorted(os.listdir(path))
+    with pytest.raises(mqs.DirectoryKindError, match="log broker"):
+        mqs.SegmentLog(path)
+    assert sorted(os.listdir(path)) == before
+    reopened = mqs.Broker(backend="log", path=str(path))
+    assert reopened.stats("orders")["published"] == 0
+    reopened.close()

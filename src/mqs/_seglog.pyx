@@ -34,6 +34,8 @@ import tempfile
 import time
 import types
 
+from mqs._dirkind import (
+    LOG_BROKER, SEGMENT_LOG, check_directory_kind, directory_kind)
 from mqs.metrics import SegmentLogStats
 from mqs.errors import (
     LogCorrupted,
@@ -348,6 +350,10 @@ cdef class SegmentLog:
                 f"path must be a str or os.PathLike, got "
                 f"{type(path).__name__} {path!r}")
         self.path = os.fsdecode(os.fspath(path))
+        if not readonly and directory_kind(self.path) == LOG_BROKER:
+            # A log broker keeps its segment logs in subdirectories, so
+            # segments and a lock file at its top would corrupt it.
+            check_directory_kind(self.path, SEGMENT_LOG)
         if not isinstance(fsync, str):
             raise TypeError(
                 f"fsync must be a str, got {type(fsync).__name__} {fsync!r}")
