@@ -191,3 +191,43 @@ def test_cli_bridge_refuses_a_missing_source(tmp_path, source, text):
     # Nothing was created in place of the missing source.
     assert not (tmp_path / "missing").exists()
     assert not os.path.exists("/dev/shm/mqs.broker.mqs-test-no-such-broker")
+
+
+def test_forward_rejects_same_topic():
+    broker = mqs.Broker(backend="memory")
+    broker.declare_topic("t")
+    broker.publish("t", b"x")
+    with pytest.raises(ValueError, match="same topic 't'"):
+        bridge.forward(broker, "t", broker, "t", idle_timeout=0.1,
+                       max_messages=50)
+    assert broker.stats("t")["published"] == 1
+    broker.close()
+
+
+@pytest.mark.parametrize("first, second, same", [
+    ("log:d#t", "log:./d#t", True),
+    ("log:d#t", "log:d#u", False),
+    ("log:d#t", "shm:d#t", False),
+    ("shm:b#t", "shm:b#t", True),
+    ("redis://127.0.0.1:7000/0#t", "redis://127.0.0.1:7000/1#t", False),
+])
+def test_same_topic(first, second, same):
+    assert bridge.same_topic(bridge.parse_endpoint(first),
+                             bridge.parse_endpoint(second)) is same
+
+
+def test_cli_bridge_rejects_same_topic(tmp_path):
+    path = tmp_path / "broker"
+    broker = mqs.Broker(backend="log", path=str(path))
+    broker.declare_topic("t")
+    broker.publish("t", b"x")
+    broker.close()
+    process = _bridge_process(f"log:{path}#t", f"log:{path}/../broker#t",
+                              "--idle-exit", "1", "--max-messages", "50")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "are the same topic" in err.decode()
+    assert "Traceback" not in err.decode()
+    reopened = mqs.Broker(backend="log", path=str(path))
+    assert reopened.stats("t")["published"] == 1
+    reopened.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -29,7 +30,8 @@ from typing import Any
 from mqs.broker import Broker
 from mqs.errors import Empty
 
-__all__ = ["Endpoint", "forward", "open_endpoint", "parse_endpoint"]
+__all__ = ["Endpoint", "forward", "open_endpoint", "parse_endpoint",
+           "same_topic"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,21 @@ def parse_endpoint(spec: str) -> Endpoint:
         f"rediss://, log:<directory> or shm:<name>")
 
 
+def same_topic(first: Endpoint, second: Endpoint) -> bool:
+    """Return True if both endpoints name one topic of one broker.
+
+    Log directories are compared after resolving symlinks and ``..``.
+    NOTE: redis URLs are compared as written, so two spellings of one
+    server (a host name and its address) are not recognized.
+    """
+    if first.backend != second.backend or first.topic != second.topic:
+        return False
+    if first.backend == "log":
+        return (os.path.realpath(first.location)
+                == os.path.realpath(second.location))
+    return first.location == second.location
+
+
 def open_endpoint(endpoint: Endpoint, *, pickle: bool = False) -> Broker:
     """Open the broker of `endpoint`. `pickle` sets ``serializer="pickle"``
     on a redis broker (log and shm brokers always pickle)."""
@@ -99,6 +116,12 @@ def forward(source: Broker, source_topic: str, destination: Broker,
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int of 1 or more, got {batch!r}")
+    if source is destination and source_topic == destination_topic:
+        # Every forwarded copy would reach the bridge's group again.
+        raise ValueError(
+            f"source and destination are the same topic {source_topic!r} "
+            f"of one broker, so messages would loop forever; give another "
+            f"destination topic")
     consumer = source.consume(source_topic, group, prefetch=batch,
                               ack_timeout=ack_timeout)
     destination._ensure_topic(destination_topic)

@@ -61,6 +61,11 @@ def _run_bridge(args: argparse.Namespace) -> int:
     try:
         source_end = bridge.parse_endpoint(args.source)
         destination_end = bridge.parse_endpoint(args.destination)
+        if bridge.same_topic(source_end, destination_end):
+            raise CommandError(
+                f"source {args.source!r} and destination "
+                f"{args.destination!r} are the same topic, so messages "
+                f"would loop forever; give another destination")
         # Opening a missing log or shm source would create an empty
         # broker and wait on it forever; a destination may be new.
         if source_end.backend == "log":
