@@ -422,6 +422,9 @@ def test_log_rejects_bad_input(tmp_path):
         open_broker(foreign)
     with pytest.raises(TypeError, match="path must be a str"):
         mqs.Broker(backend="log", path=42)
+    with pytest.raises(ValueError, match="path must name the log broker's "
+                                         "directory, got ''"):
+        mqs.Broker(backend="log", path="")
 
 
 def test_log_unpicklable_body_changes_nothing(tmp_path):

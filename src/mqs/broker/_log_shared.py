@@ -649,6 +649,9 @@ def _check_options(path: Any, fsync: Any, compact_bytes: Any,
         raise TypeError(
             f"path must be a str or os.PathLike, got "
             f"{type(path).__name__} {path!r}")
+    if os.fspath(path) == "":
+        raise ValueError("path must name the log broker's directory, got "
+                         "''; pass a directory such as 'broker-data'")
     if fsync not in FSYNC_MODES:
         raise ValueError(
             f"fsync must be 'always', 'interval' or 'never', got "
