@@ -259,3 +259,32 @@ def test_log_opens_single_process_log_format(path):
     assert consumer.get(timeout=5).body == {"new": True}
     consumer.close(drain=False)
     broker.close()
+
+
+def test_log_rejects_newer_snapshot_format(path):
+    from mqs.broker._log import FORMAT, LogBackend
+
+    class NewerLogBackend(LogBackend):
+        _snapshot_format = (FORMAT[0], 99)
+
+    NewerLogBackend(path, segment_bytes=1 << 20).close()
+    with pytest.raises(mqs.LogVersionError) as caught:
+        open_broker(path)
+    message = str(caught.value)
+    assert "('mqs.broker.log', 99)" in message
+    assert "upgrade mqs" in message
+    # The rejected open released the writer lock.
+    assert not _lock_is_held(path)
+
+
+def _lock_is_held(path):
+    import fcntl
+
+    fd = os.open(path / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

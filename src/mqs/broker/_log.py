@@ -177,25 +177,16 @@ class LogBackend(MemoryBackend):
     """
 
     name = "log"
+    # The format this class writes into snapshots, and those it reads.
+    _snapshot_format = FORMAT
+    _formats_read: tuple[tuple, ...] = (FORMAT,)
 
     def __init__(self, path: str | os.PathLike[str], *,
                  fsync: str = "interval", fsync_interval_s: float = 0.05,
                  segment_bytes: int = 16 << 20,
                  compact_bytes: int = 64 << 20,
                  sample_every: int | None | str = "default") -> None:
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(
-                f"path must be a str or os.PathLike, got "
-                f"{type(path).__name__} {path!r}")
-        if fsync not in FSYNC_MODES:
-            raise ValueError(
-                f"fsync must be 'always', 'interval' or 'never', got "
-                f"{fsync!r}")
-        if isinstance(compact_bytes, bool) or not isinstance(
-                compact_bytes, int) or compact_bytes < 1:
-            raise ValueError(
-                f"compact_bytes must be an int of 1 or more, got "
-                f"{compact_bytes!r}")
+        _check_log_options(path, fsync, compact_bytes)
         super().__init__(clock=self._read_clock,
                          sample_every=_sample_every(sample_every))
         self.path = os.fspath(path)
@@ -254,32 +245,34 @@ class LogBackend(MemoryBackend):
     # Opening, replay and compaction.
 
     def _open(self) -> None:
-        current = os.path.join(self.path, CURRENT)
-        try:
-            with open(current, encoding="ascii") as file:
-                name = file.read().strip()
-        except FileNotFoundError:
-            name = None
+        name = _read_current(self.path)
         if name is None:
             _check_empty(self.path)
             self._compact()
             return
         self._remove_stale_logs(name)
         replayed = self._replay(name)
+        with self._lock:
+            closed = self._close_stale_consumers()
+            if replayed or closed:
+                self._compact()
+
+    def _close_stale_consumers(self) -> int:
+        """Close every consumer that the replay restored and return how
+        many there were. Their processes are gone, so their in-flight
+        messages go back to their lanes. The caller holds the lock."""
         stale = [(topic, group, consumer)
                  for topic, state in self._topics.items()
                  for group, group_state in state.groups.items()
                  for consumer in group_state.consumers]
-        with self._lock:
-            self._tick()
-            for topic, group, consumer in stale:
-                self._logged("close", topic, group, consumer)
-            if replayed or stale:
-                self._compact()
+        self._tick()
+        for topic, group, consumer in stale:
+            self._logged("close", topic, group, consumer)
         if stale:
-            logger.info("log broker %s: closed %d consumers of the previous "
-                        "process; their in-flight messages are ready again",
-                        self.path, len(stale))
+            logger.info("log broker %s: closed %d consumers of processes "
+                        "that are gone; their in-flight messages are ready "
+                        "again", self.path, len(stale))
+        return len(stale)
 
     def _replay(self, name: str) -> int:
         """Open log `name` and apply its records; return how many
@@ -314,24 +307,28 @@ class LogBackend(MemoryBackend):
             self._load_snapshot(b"".join(parts))
         return replayed
 
-    def _load_snapshot(self, data: bytes) -> None:
+    def _load_snapshot(self, data: bytes) -> tuple:
+        """Restore the state from a snapshot and return its format."""
         snapshot = pickle.loads(data)
-        if snapshot[0] != FORMAT:
+        if snapshot[0] not in self._formats_read:
             raise LogVersionError(
                 f"log broker {self.path!r} has format {snapshot[0]!r}, this "
-                f"mqs reads {FORMAT!r}; upgrade mqs to open it")
+                f"mqs reads {self._snapshot_format!r}; upgrade mqs to open "
+                f"it")
         _, self._next_message, self._next_consumer, now, topics = snapshot
         self._now = self._last = max(self._last, now)
         self._topics = {
             name: TopicState.restore(data, self._pinned, self._next_id)
             for name, data in topics.items()}
+        return snapshot[0]
 
     def _snapshot_bytes(self) -> bytes:
         topics = {name: state.snapshot()
                   for name, state in self._topics.items()}
         return pickle.dumps(
-            (FORMAT, self._next_message, self._next_consumer, self._now,
-             topics), protocol=pickle.HIGHEST_PROTOCOL)
+            (self._snapshot_format, self._next_message,
+             self._next_consumer, self._now, topics),
+            protocol=pickle.HIGHEST_PROTOCOL)
 
     def _compact(self) -> None:
         """Write the state into a new log, switch CURRENT to it and
@@ -769,13 +766,7 @@ def _log_fsync(mode: str) -> str:
 
 def _lock_directory(path: str) -> int:
     """Create `path` if needed and take its lock; return the lock's fd."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(
-            errno.ENOTDIR,
-            f"the log broker needs a directory, but path {path!r} is a "
-            f"file; pass a new or empty directory", path)
-    check_directory_kind(path, LOG_BROKER)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    _make_directory(path)
     lock = os.path.join(path, LOCK)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -795,6 +786,46 @@ def _lock_directory(path: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return fd
+
+
+def _check_log_options(path: Any, fsync: Any, compact_bytes: Any) -> None:
+    """Raise TypeError or ValueError for an invalid log broker option."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"path must be a str or os.PathLike, got "
+            f"{type(path).__name__} {path!r}")
+    if os.fspath(path) == "":
+        raise ValueError("path must name the log broker's directory, got "
+                         "''; pass a directory such as 'broker-data'")
+    if fsync not in FSYNC_MODES:
+        raise ValueError(
+            f"fsync must be 'always', 'interval' or 'never', got "
+            f"{fsync!r}")
+    if isinstance(compact_bytes, bool) or not isinstance(
+            compact_bytes, int) or compact_bytes < 1:
+        raise ValueError(
+            f"compact_bytes must be an int of 1 or more, got "
+            f"{compact_bytes!r}")
+
+
+def _make_directory(path: str) -> None:
+    """Create the log broker directory `path` (mode 0700) if missing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(
+            errno.ENOTDIR,
+            f"the log broker needs a directory, but path {path!r} is a "
+            f"file; pass a new or empty directory", path)
+    check_directory_kind(path, LOG_BROKER)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def _read_current(path: str) -> str | None:
+    """Return the name of the active log in `path`, or None if none."""
+    try:
+        with open(os.path.join(path, CURRENT), encoding="ascii") as file:
+            return file.read().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def lock_holder(path: str) -> int | None:

@@ -86,15 +86,15 @@ import threading
 import time
 from typing import Any
 
-from mqs._dirkind import LOG_BROKER, check_directory_kind
 from mqs._journal import MAX_BYTES, MIN_BYTES, SharedJournal
 from mqs.broker._log import (
-    CURRENT,
     FORMAT,
-    FSYNC_MODES,
     LOCK,
     LogBackend,
     _check_empty,
+    _check_log_options,
+    _make_directory,
+    _read_current,
     lock_holder,
 )
 from mqs.broker._memory import MemoryBackend, _sample_every
@@ -107,8 +107,7 @@ from mqs.broker._shm import (
     _instances,
     _SharedSection,
 )
-from mqs.broker._state import TopicState
-from mqs.errors import BackendUnavailable, LogLocked, LogVersionError, ShutDown
+from mqs.errors import BackendUnavailable, LogLocked, ShutDown
 
 __all__ = ["SharedLogBackend", "TAKEOVER_INTERVAL_S"]
 
@@ -177,6 +176,8 @@ class SharedLogBackend(ShmBackend):
     """
 
     name = "log"
+    _snapshot_format = SHARED_FORMAT
+    _formats_read = (FORMAT, SHARED_FORMAT)
 
     def __init__(self, path: str | os.PathLike[str], *,
                  fsync: str = "interval", fsync_interval_s: float = 0.05,
@@ -184,15 +185,10 @@ class SharedLogBackend(ShmBackend):
                  compact_bytes: int = 64 << 20,
                  sample_every: int | None | str = "default",
                  journal_bytes: int = DEFAULT_JOURNAL_BYTES) -> None:
-        _check_options(path, fsync, compact_bytes, journal_bytes)
+        _check_log_options(path, fsync, compact_bytes)
+        _check_journal_bytes(journal_bytes)
         directory = os.fspath(path)
-        if os.path.exists(directory) and not os.path.isdir(directory):
-            raise NotADirectoryError(
-                errno.ENOTDIR,
-                f"the log broker needs a directory, but path {directory!r} "
-                f"is a file; pass a new or empty directory", directory)
-        check_directory_kind(directory, LOG_BROKER)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        _make_directory(directory)
         MemoryBackend.__init__(self, clock=self._read_clock,
                                sample_every=_sample_every(sample_every))
         self.path = directory
@@ -394,45 +390,19 @@ class SharedLogBackend(ShmBackend):
             if self._raw_bodies:
                 self._pickle_bodies()
         self._log_behind = False
-
-        stale = [(topic, group, consumer)
-                 for topic, state in self._topics.items()
-                 for group, group_state in state.groups.items()
-                 for consumer in group_state.consumers]
-        self._tick()
-        for topic, group, consumer in stale:
-            self._logged("close", topic, group, consumer)
-        if stale:
-            logger.info("log broker %s: closed %d consumers of processes "
-                        "that are gone; their in-flight messages are ready "
-                        "again", self.path, len(stale))
+        self._close_stale_consumers()
 
         # The journal's first generation: other processes load this
         # replica from its snapshot.
         ShmBackend._compact(self)
         self._write_snapshot()
 
-    def _snapshot_bytes(self) -> bytes:
-        topics = {name: state.snapshot()
-                  for name, state in self._topics.items()}
-        return pickle.dumps(
-            (SHARED_FORMAT, self._next_message, self._next_consumer,
-             self._now, topics), protocol=pickle.HIGHEST_PROTOCOL)
-
-    def _load_snapshot(self, data: bytes) -> None:
-        snapshot = pickle.loads(data)
-        if snapshot[0] not in (FORMAT, SHARED_FORMAT):
-            raise LogVersionError(
-                f"log broker {self.path!r} has format {snapshot[0]!r}, this "
-                f"mqs reads {SHARED_FORMAT!r}; upgrade mqs to open it")
+    def _load_snapshot(self, data: bytes) -> tuple:
+        format_ = super()._load_snapshot(data)
         # Records of a version 1 log, snapshot and operations alike,
         # hold bodies as objects.
-        self._raw_bodies = snapshot[0] == FORMAT
-        _, self._next_message, self._next_consumer, now, topics = snapshot
-        self._now = self._last = max(self._last, now)
-        self._topics = {
-            name: TopicState.restore(state, self._pinned, self._next_id)
-            for name, state in topics.items()}
+        self._raw_bodies = format_ == FORMAT
+        return format_
 
     def _pickle_bodies(self) -> None:
         """Pickle the bodies of a replayed version 1 log, once per record."""
@@ -643,24 +613,7 @@ class SharedLogBackend(ShmBackend):
         return f"<SharedLogBackend {self.path!r} fsync={self.fsync!r}>"
 
 
-def _check_options(path: Any, fsync: Any, compact_bytes: Any,
-                   journal_bytes: Any) -> None:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(
-            f"path must be a str or os.PathLike, got "
-            f"{type(path).__name__} {path!r}")
-    if os.fspath(path) == "":
-        raise ValueError("path must name the log broker's directory, got "
-                         "''; pass a directory such as 'broker-data'")
-    if fsync not in FSYNC_MODES:
-        raise ValueError(
-            f"fsync must be 'always', 'interval' or 'never', got "
-            f"{fsync!r}")
-    if isinstance(compact_bytes, bool) or not isinstance(
-            compact_bytes, int) or compact_bytes < 1:
-        raise ValueError(
-            f"compact_bytes must be an int of 1 or more, got "
-            f"{compact_bytes!r}")
+def _check_journal_bytes(journal_bytes: Any) -> None:
     if isinstance(journal_bytes, bool) or not isinstance(
             journal_bytes, int) or not (
                 MIN_BYTES <= journal_bytes <= MAX_BYTES) \
@@ -692,11 +645,3 @@ def _map_durable(path: str) -> memoryview:
     finally:
         os.close(fd)
     return memoryview(mapping).cast("q")
-
-
-def _read_current(path: str) -> str | None:
-    try:
-        with open(os.path.join(path, CURRENT), encoding="ascii") as file:
-            return file.read().strip() or None
-    except FileNotFoundError:
-        return None
