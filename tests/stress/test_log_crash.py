@@ -20,9 +20,7 @@ MQS_TEST_SCALE multiplies the run time (default: 10 s of kills). Random
 choices use fixed seeds.
 """
 
-import collections
-import multiprocessing
-import os
+import functools
 import random
 import signal
 import time
@@ -30,12 +28,12 @@ import time
 import pytest
 
 import mqs
+from broker_workers import Crew, check_redeliveries, read_step_logs
 from mqs.broker._log import lock_holder
 from mqs.broker._log_shared import unlink_journal
 
 pytestmark = pytest.mark.stress
 
-FORK = multiprocessing.get_context("fork")
 PRODUCERS = 4
 CONSUMERS = 4
 RUN_S = 10.0
@@ -44,48 +42,6 @@ RUN_S = 10.0
 def open_broker(path):
     return mqs.Broker(backend="log", path=path, fsync="always",
                       segment_bytes=1 << 20)
-
-
-def append_line(fd, text):
-    os.write(fd, text.encode())
-
-
-def producer(path, log_path, seed):
-    rng = random.Random(seed)
-    broker = open_broker(path)
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    number = 0
-    tag = os.path.basename(log_path)
-    while True:
-        count = rng.choice([1, 1, 1, 4, 16])
-        bodies = [f"{tag}.{number + i}" for i in range(count)]
-        broker.publish_many("t", bodies, priority=rng.choice([0, 5, 9]))
-        append_line(fd, "".join(f"{body}\n" for body in bodies))
-        number += count
-        time.sleep(rng.random() * 0.01)
-
-
-def consumer(path, log_path, seed):
-    rng = random.Random(seed)
-    broker = open_broker(path)
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    source = broker.consume("t", "g", prefetch=8, ack_timeout=600)
-    while True:
-        try:
-            batch = source.get_many(rng.choice([1, 8]), timeout=0.05)
-        except mqs.Empty:
-            continue
-        append_line(fd, "".join(f"G {message.body} {message.attempts}\n"
-                                for message in batch))
-        time.sleep(rng.random() * 0.01)
-        for message in batch:
-            done = message.ack()
-            append_line(fd, f"{'A' if done else 'L'} {message.body}\n")
-
-
-def read_lines(path):
-    with open(path, encoding="ascii") as file:
-        return file.read().splitlines()
 
 
 def test_log_crash_writer_producers_consumers(tmp_path, scale):
@@ -97,48 +53,26 @@ def test_log_crash_writer_producers_consumers(tmp_path, scale):
     broker.consume("t", "g").close()
     broker.close()
     rng = random.Random(4321)
-    workers = {}
-    incarnations = collections.Counter()
-    killed = set()
+    crew = Crew(logs, rng, functools.partial(open_broker, path),
+                ack_timeout=600)
     writer_kills = 0
-
-    def launch(role, index):
-        incarnations[role, index] += 1
-        log_path = str(logs / f"{role[0]}{index}-"
-                              f"{incarnations[role, index]}")
-        target = producer if role == "producer" else consumer
-        process = FORK.Process(target=target, daemon=True,
-                               args=(path, log_path, rng.getrandbits(32)))
-        process.start()
-        workers[role, index] = (process, log_path)
-
     try:
-        for index in range(PRODUCERS):
-            launch("producer", index)
-        for index in range(CONSUMERS):
-            launch("consumer", index)
+        crew.launch_all(PRODUCERS, CONSUMERS)
         end = time.monotonic() + RUN_S * scale
         while time.monotonic() < end:
             time.sleep(rng.uniform(0.1, 0.5))
             holder = lock_holder(path)
-            pick = [key for key, (process, _) in workers.items()
+            pick = [key for key, (process, _) in crew.workers.items()
                     if process.pid == holder]
             if pick and rng.random() < 0.5:
                 key = pick[0]
                 writer_kills += 1
             else:
-                key = rng.choice(sorted(workers))
-            process, log_path = workers[key]
-            os.kill(process.pid, signal.SIGKILL)
-            process.join(30)
-            killed.add(log_path)
-            launch(*key)
+                key = rng.choice(sorted(crew.workers))
+            assert crew.kill_and_replace(key) == -signal.SIGKILL, key
     finally:
-        for process, log_path in workers.values():
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGKILL)
-                process.join(30)
-            killed.add(log_path)
+        for key in list(crew.workers):
+            crew.kill(key)
     assert writer_kills >= 1
     # A reboot: the log alone restores the broker.
     assert unlink_journal(path)
@@ -159,21 +93,7 @@ def test_log_crash_writer_producers_consumers(tmp_path, scale):
     broker.close()
     unlink_journal(path)
 
-    returned = set()
-    # body -> [(attempts, log, acked)]
-    delivered = collections.defaultdict(list)
-    for log in sorted(logs.iterdir()):
-        lines = read_lines(log)
-        if log.name.startswith("p"):
-            returned.update(lines)
-            continue
-        acked = {line[2:] for line in lines if line.startswith("A ")}
-        assert not [line for line in lines if line.startswith("L ")]
-        for line in lines:
-            if line.startswith("G "):
-                _, body, attempts = line.split()
-                delivered[body].append((int(attempts), str(log),
-                                        body in acked))
+    returned, delivered = read_step_logs(logs)
     assert stats["stored"] == 0
     assert len(drained) == len(set(drained))
     for body in drained:
@@ -181,12 +101,6 @@ def test_log_crash_writer_producers_consumers(tmp_path, scale):
         assert not any(acked for _, _, acked in delivered[body]), body
     # Nothing published that returned is lost.
     assert returned <= set(delivered) | set(drained)
-    for body, seen in delivered.items():
-        # Delivered again only after a consumer died before logging its
-        # ack; attempts count every delivery.
-        seen.sort()
-        counts = [attempts for attempts, _, _ in seen]
-        assert counts == sorted(set(counts)), (body, seen)
-        for _, log, acked in seen[:-1]:
-            assert log in killed, (body, seen)
-            assert not acked, (body, seen)
+    # Delivered again only after a consumer died before logging its ack,
+    # and attempts count every delivery.
+    check_redeliveries(delivered, crew.killed)

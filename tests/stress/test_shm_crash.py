@@ -26,7 +26,7 @@ fixed seeds.
 """
 
 import collections
-import multiprocessing
+import functools
 import os
 import random
 import signal
@@ -38,11 +38,11 @@ import uuid
 import pytest
 
 import mqs
+from broker_workers import FORK, Crew, check_redeliveries, read_step_logs
 from mqs.broker._shm import ShmBackend
 
 pytestmark = pytest.mark.stress
 
-FORK = multiprocessing.get_context("fork")
 PRODUCERS = 4
 CONSUMERS = 4
 RUN_S = 20.0
@@ -56,61 +56,12 @@ def name():
     mqs.Broker.unlink(fresh)
 
 
-def append_line(fd, text):
-    os.write(fd, text.encode())
-
-
-def producer(name, log_path, seed, stop):
-    rng = random.Random(seed)
-    broker = mqs.Broker(backend="shm", name=name)
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    number = 0
-    tag = os.path.basename(log_path)
-    while not stop.value:
-        count = rng.choice([1, 1, 1, 4, 16])
-        bodies = [f"{tag}.{number + i}" for i in range(count)]
-        priority = rng.choice([0, 5, 9])
-        if count == 1:
-            broker.publish("t", bodies[0], priority=priority)
-        else:
-            broker.publish_many("t", bodies, priority=priority)
-        append_line(fd, "".join(f"{body}\n" for body in bodies))
-        number += count
-        time.sleep(rng.random() * 0.01)
-    broker.close()
-
-
-def consumer(name, log_path, seed, stop):
-    rng = random.Random(seed)
-    broker = mqs.Broker(backend="shm", name=name)
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    source = broker.consume("t", "g", prefetch=8, ack_timeout=ACK_TIMEOUT_S)
-    while not stop.value:
-        try:
-            batch = source.get_many(rng.choice([1, 8]), timeout=0.05)
-        except mqs.Empty:
-            continue
-        append_line(fd, "".join(f"G {message.body} {message.attempts}\n"
-                                for message in batch))
-        # Hold the batch a while, so that kills find messages in flight.
-        time.sleep(rng.random() * 0.01)
-        for message in batch:
-            done = message.ack()
-            append_line(fd, f"{'A' if done else 'L'} {message.body}\n")
-    source.close()
-    broker.close()
-
-
-def read_lines(path):
-    try:
-        with open(path, encoding="ascii") as file:
-            return file.read().splitlines()
-    except FileNotFoundError:
-        return []
+def open_broker(name):
+    return mqs.Broker(backend="shm", name=name)
 
 
 def test_shm_crash_producers_and_consumers(name, tmp_path, scale):
-    broker = mqs.Broker(backend="shm", name=name)
+    broker = open_broker(name)
     broker.declare_topic("t", weights={9: 3, 5: 2, 0: 1})
     broker.consume("t", "g").close()
     # A plain shared byte, not an Event: Event.is_set takes a lock shared
@@ -118,39 +69,18 @@ def test_shm_crash_producers_and_consumers(name, tmp_path, scale):
     # leave the others and stop.set() blocked for good.
     stop = FORK.RawValue("b", 0)
     rng = random.Random(1234)
-    workers = {}       # (role, index) -> (process, log path)
-    incarnations = collections.Counter()
-    killed = set()     # log paths of killed processes
-
-    def launch(role, index):
-        incarnations[role, index] += 1
-        incarnation = incarnations[role, index]
-        log_path = str(tmp_path / f"{role[0]}{index}-{incarnation}")
-        target = producer if role == "producer" else consumer
-        process = FORK.Process(
-            target=target, daemon=True,
-            args=(name, log_path, rng.getrandbits(32), stop))
-        process.start()
-        workers[role, index] = (process, log_path)
-
-    for index in range(PRODUCERS):
-        launch("producer", index)
-    for index in range(CONSUMERS):
-        launch("consumer", index)
+    crew = Crew(tmp_path, rng, functools.partial(open_broker, name),
+                ack_timeout=ACK_TIMEOUT_S, stop=stop)
+    crew.launch_all(PRODUCERS, CONSUMERS)
 
     end = time.monotonic() + RUN_S * scale
     while time.monotonic() < end:
         time.sleep(rng.uniform(0.1, 0.6))
-        role, index = rng.choice(sorted(workers))
-        process, log_path = workers[role, index]
-        os.kill(process.pid, signal.SIGKILL)
-        process.join(30)
-        assert process.exitcode == -signal.SIGKILL
-        killed.add(log_path)
-        launch(role, index)
+        key = rng.choice(sorted(crew.workers))
+        assert crew.kill_and_replace(key) == -signal.SIGKILL, key
 
     stop.value = 1
-    for process, _ in workers.values():
+    for process, _ in crew.workers.values():
         process.join(60)
         assert process.exitcode == 0, process.exitcode
 
@@ -171,20 +101,7 @@ def test_shm_crash_producers_and_consumers(name, tmp_path, scale):
     last.close()
     stats = broker.stats("t")
 
-    returned = set()
-    deliveries = collections.defaultdict(list)  # body -> [(attempts, log, acked)]
-    for path in sorted(tmp_path.iterdir()):
-        lines = read_lines(path)
-        if path.name.startswith("p"):
-            returned.update(lines)
-            continue
-        acked = {line[2:] for line in lines if line.startswith("A ")}
-        assert not [line for line in lines if line.startswith("L ")]
-        for line in lines:
-            if line.startswith("G "):
-                _, body, attempts = line.split()
-                deliveries[body].append(
-                    (int(attempts), str(path), body in acked))
+    returned, deliveries = read_step_logs(tmp_path)
     for body, attempts in drained:
         deliveries[body].append((attempts, "drain", True))
 
@@ -199,23 +116,18 @@ def test_shm_crash_producers_and_consumers(name, tmp_path, scale):
     assert stats["late_acks"] == 0
     unlogged_acks = collections.Counter()
     # Duplicates only after a delivery to a consumer that was killed
-    # before it logged the ack; attempts count every delivery.
+    # before it logged the ack, and attempts count every delivery.
+    check_redeliveries(deliveries, crew.killed)
     for body, seen in deliveries.items():
-        seen.sort()
-        for attempts, log, acked in seen[:-1]:
-            assert log in killed, (body, seen)
-            assert not acked, (body, seen)
-        counts = [attempts for attempts, _, _ in seen]
-        assert counts == sorted(set(counts)), (body, seen)
         # The last delivery was acked, or its consumer was killed between
         # the ack and the log line (the ack counts above prove it).
         _, log, acked = seen[-1]
         if not acked:
-            assert log in killed, (body, seen)
+            assert log in crew.killed, (body, seen)
             unlogged_acks[log] += 1
     # A killed consumer held at most one batch (prefetch 8).
     assert max(unlogged_acks.values(), default=0) <= 8
-    assert killed
+    assert crew.killed
     broker.close()
 
 
