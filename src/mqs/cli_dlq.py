@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -59,45 +59,52 @@ def add_parser(subparsers: Any) -> None:
         title="commands", dest="dlq_command", required=True,
         metavar="COMMAND")
 
-    listing = commands.add_parser(
-        "list", help="print the dead letters of a topic, oldest first",
+    listing = _add_command(
+        commands, "list", _run_list,
+        help="print the dead letters of a topic, oldest first",
         description="Print the dead letters of TOPIC, oldest first: id, "
-                    "group, reason, attempts, last error, age and body.")
-    _add_common(listing)
+                    "group, reason, attempts, last error, age and body.",
+        json_help="print a JSON list instead of a table")
     listing.add_argument("--limit", type=_positive_int, metavar="N",
                          help="print only the N oldest dead letters")
-    listing.add_argument("--json", action="store_true",
-                         help="print a JSON list instead of a table")
-    listing.set_defaults(handler=_handler("dlq list", _run_list))
 
-    redrive = commands.add_parser(
-        "redrive", help="move dead letters back to their consumer groups",
+    redrive = _add_command(
+        commands, "redrive", _run_redrive,
+        help="move dead letters back to their consumer groups",
         description="Move dead letters of TOPIC back to the tail of their "
                     "lane in their consumer group, with attempts reset "
                     "to 0. Give --id (repeatable) or --all. Ids that are "
                     "not in the dead-letter queue fail the command "
-                    "before anything moves.")
-    _add_common(redrive)
+                    "before anything moves.",
+        json_help="print the result as JSON")
     selection = redrive.add_mutually_exclusive_group(required=True)
     selection.add_argument("--id", action="append", dest="ids", metavar="ID",
-                       help="message id to redrive; repeat for several")
+                           help="message id to redrive; repeat for several")
     selection.add_argument("--all", action="store_true",
-                       help="redrive every dead letter of the topic")
-    redrive.add_argument("--json", action="store_true",
-                         help="print the result as JSON")
-    redrive.set_defaults(handler=_handler("dlq redrive", _run_redrive))
+                           help="redrive every dead letter of the topic")
 
-    purge = commands.add_parser(
-        "purge", help="delete every dead letter of a topic",
+    purge = _add_command(
+        commands, "purge", _run_purge,
+        help="delete every dead letter of a topic",
         description="Delete every dead letter of TOPIC (counted as "
                     "dlq_purged). Without --yes only prints how many "
-                    "would go and exits with status 2.")
-    _add_common(purge)
+                    "would go and exits with status 2.",
+        json_help="print the result as JSON")
     purge.add_argument("--yes", action="store_true",
                        help="delete the dead letters (required)")
-    purge.add_argument("--json", action="store_true",
-                       help="print the result as JSON")
-    purge.set_defaults(handler=_handler("dlq purge", _run_purge))
+
+
+def _add_command(commands: Any, name: str,
+                 run: Callable[[argparse.Namespace], int], *, help: str,
+                 description: str, json_help: str
+                 ) -> argparse.ArgumentParser:
+    """Add the `mqs dlq` subcommand `name` with the options that every
+    subcommand takes: TOPIC, the broker location, --option and --json."""
+    parser = commands.add_parser(name, help=help, description=description)
+    _add_common(parser)
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.set_defaults(handler=_handler(f"dlq {name}", run))
+    return parser
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
