@@ -1,6 +1,7 @@
 """Tests of `mqs dlq list|redrive|purge`, run in a subprocess against a
 real log broker directory."""
 
+import fcntl
 import json
 import os
 import signal
@@ -223,6 +224,20 @@ def test_dlq_works_while_broker_open_elsewhere(broker_dir):
         child.stderr.close()
         unlink_journal(broker_dir)
     assert dlq_json(broker_dir) == []
+
+
+def test_dlq_held_writer_lock_is_one_line_error(broker_dir):
+    # A process that holds the writer lock of a broker without a journal
+    # (it uses one that was removed) keeps others from restoring it.
+    fd = os.open(os.path.join(broker_dir, "lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_mqs("dlq", "list", "orders", "--path", broker_dir)
+    finally:
+        os.close(fd)
+        unlink_journal(broker_dir)
+    assert_one_line_error(result, f"cannot open log broker {broker_dir!r}")
+    assert "writer lock" in result.stderr
 
 
 def test_dlq_needs_one_location(broker_dir):

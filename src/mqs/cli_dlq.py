@@ -52,9 +52,8 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "dlq", help="list, redrive or purge the dead letters of a topic",
         description="Work on the dead-letter queue of a broker topic. "
-                    "A log broker (--path) can be opened only while no "
-                    "other process has it open; the error names the "
-                    "process that does.")
+                    "The command joins a log (--path) or shm (--shm) "
+                    "broker that other processes have open.")
     commands = parser.add_subparsers(
         title="commands", dest="dlq_command", required=True,
         metavar="COMMAND")
@@ -159,10 +158,10 @@ def _open_broker(args: argparse.Namespace) -> Any:
     try:
         broker = mqs.Broker(backend, auto_declare=False, **options)
     except LogLocked as exc:
-        raise CommandError(
-            f"log broker {value!r} is open in another process; stop it "
-            f"or work on the dead letters from it ({exc.strerror})"
-        ) from None
+        # Raised when another process holds the writer lock of a log
+        # broker that has no journal, not because the broker is open.
+        raise CommandError(f"cannot open log broker {value!r}: "
+                           f"{exc.strerror}") from None
     except BackendUnavailable as exc:
         raise CommandError(
             f"--{option} needs the {backend!r} backend, which this mqs "
