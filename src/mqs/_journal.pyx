@@ -47,6 +47,8 @@ from mqs.includes.mqs_wait cimport (
 import os
 import secrets
 
+include "_mapped_file.pxi"
+
 __all__ = ["SharedJournal", "JournalLayoutError", "MIN_BYTES", "MAX_BYTES"]
 
 MIN_BYTES = MQS_JOURNAL_MIN_BYTES
@@ -62,7 +64,7 @@ class JournalLayoutError(ValueError):
     """Raised when a /dev/shm file is not an shm broker of this layout."""
 
 
-cdef class SharedJournal:
+cdef class SharedJournal(_MappedFile):
     """The mapped journal file at `path`, created if missing.
 
     Parameters
@@ -75,92 +77,42 @@ cdef class SharedJournal:
     """
 
     cdef mqs_journal_header_t *_header
-    cdef int64_t _file_bytes
-    cdef int _fd
     cdef int _slot
     cdef uint64_t _token
-    cdef readonly str path
-    cdef readonly bint created
 
     def __cinit__(self, *args, **kwargs):
         self._header = NULL
-        self._fd = -1
         self._slot = -1
 
     def __init__(self, str path, int64_t journal_bytes):
-        self.path = path
-        self.created = False
-        temp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     0o600)
-        try:
-            # Build the file under a private name, then link it into
-            # place: an attacher never sees a half-formatted file.
-            os.ftruncate(fd, mqs_journal_file_bytes(journal_bytes))
-            self._map(fd)
-            if mqs_journal_format(self._header, journal_bytes) != MQS_OK:
-                raise OSError("cannot set up the journal's process-shared "
-                              "mutex")
-            try:
-                os.link(temp, path)
-                self.created = True
-            except FileExistsError:
-                self._unmap()
-                os.close(fd)
-                fd = -1
-                self._attach(path)
-        except BaseException:
-            if fd >= 0:
-                self._unmap()
-                os.close(fd)
-            raise
-        finally:
-            os.unlink(temp)
-        if fd >= 0:
-            self._fd = fd
+        self._min_file_bytes = MQS_JOURNAL_HEADER_BYTES
+        self._kind = "an shm broker"
+        self._layout_error = JournalLayoutError
+        self._open(path, mqs_journal_file_bytes(journal_bytes),
+                   &journal_bytes)
 
-    cdef int _map(self, int fd) except -1:
-        cdef void *base
-        self._file_bytes = os.fstat(fd).st_size
-        base = mmap(NULL, <size_t>self._file_bytes, PROT_READ | PROT_WRITE,
-                    MAP_SHARED, fd, 0)
-        if base == MAP_FAILED:
-            raise OSError(f"cannot map {self._file_bytes} bytes of "
-                          f"{self.path}; /dev/shm or the address space is "
-                          f"exhausted")
+    cdef int _mapped(self, void *base) except -1:
         self._header = <mqs_journal_header_t *>base
         return 0
 
-    cdef int _unmap(self) except -1:
-        if self._header != NULL:
-            munmap(self._header, <size_t>self._file_bytes)
-            self._header = NULL
+    cdef int _format(self, const void *params) except -1:
+        if mqs_journal_format(self._header,
+                              (<const int64_t *>params)[0]) != MQS_OK:
+            raise OSError("cannot set up the journal's process-shared "
+                          "mutex")
         return 0
 
-    cdef int _attach(self, str path) except -1:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            if os.fstat(fd).st_size < MQS_JOURNAL_HEADER_BYTES:
-                raise JournalLayoutError(
-                    f"{path} is {os.fstat(fd).st_size} bytes, too small "
-                    f"for an shm broker; it is not one, so remove it or "
-                    f"use another name")
-            self._map(fd)
-            rc = mqs_journal_validate(self._header, self._file_bytes)
-            if rc == MQS_JOURNAL_EVERSION:
-                raise JournalLayoutError(
-                    f"{path} has another shm broker layout version; use "
-                    f"the mqs version that created it, or unlink it")
-            if rc != MQS_OK:
-                raise JournalLayoutError(
-                    f"{path} is not an shm broker of this mqs (bad header"
-                    f"{', never initialised' if rc == MQS_JOURNAL_EAGAIN_INIT else ''}"
-                    f"); unlink it or use another name")
-        except BaseException:
-            self._unmap()
-            os.close(fd)
-            raise
-        self._fd = fd
+    cdef int _validate(self, str path) except -1:
+        cdef int rc = mqs_journal_validate(self._header, self._file_bytes)
+        if rc == MQS_JOURNAL_EVERSION:
+            raise JournalLayoutError(
+                f"{path} has another shm broker layout version; use "
+                f"the mqs version that created it, or unlink it")
+        if rc != MQS_OK:
+            raise JournalLayoutError(
+                f"{path} is not an shm broker of this mqs (bad header"
+                f"{', never initialised' if rc == MQS_JOURNAL_EAGAIN_INIT else ''}"
+                f"); unlink it or use another name")
         return 0
 
     cdef int _check(self) except -1:
@@ -334,14 +286,5 @@ cdef class SharedJournal:
 
     def close(self):
         """Unmap the file and release the slot; idempotent."""
-        self._unmap()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close_file()
         self._slot = -1
-
-    def __dealloc__(self):
-        if self._header != NULL:
-            munmap(self._header, <size_t>self._file_bytes)
-        if self._fd >= 0:
-            os.close(self._fd)

@@ -84,6 +84,8 @@ import secrets
 
 from mqs.errors import ShutDown
 
+include "_mapped_file.pxi"
+
 __all__ = ["TopicCore", "TopicCoreLayoutError", "TopicRetired",
            "COUNTER_NAMES", "GROUP_COUNTER_NAMES", "DEAD_REASONS",
            "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD"]
@@ -130,7 +132,7 @@ cdef tuple _histogram(mqs_hist_t *hist):
     return (counts, hist.count, hist.sum_ns, hist.max_ns)
 
 
-cdef class TopicCore:
+cdef class TopicCore(_MappedFile):
     """The mapped topic core file at `path`, created if missing.
 
     Parameters
@@ -158,15 +160,10 @@ cdef class TopicCore:
     """
 
     cdef mqs_tc_header_t *_header
-    cdef uint64_t _file_bytes
-    cdef int _fd
-    cdef readonly str path
-    cdef readonly bint created
     cdef mqs_tc_delivery_t *_out
 
     def __cinit__(self, *args, **kwargs):
         self._header = NULL
-        self._fd = -1
         self._out = <mqs_tc_delivery_t *>malloc(
             sizeof(mqs_tc_delivery_t) * FETCH_BATCH)
         if self._out == NULL:
@@ -202,75 +199,29 @@ cdef class TopicCore:
                 f"{max_groups} (1 to 64), max_consumers {max_consumers} (1 "
                 f"to 4096), lanes {lanes!r} (priorities 0-9 highest first, "
                 f"weights of 1 or more)")
-        self.path = path
-        self.created = False
-        temp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     0o600)
-        try:
-            # Built under a private name, then linked into place, so no
-            # process maps a half-formatted file.
-            os.ftruncate(fd, size)
-            self._map(fd)
-            if mqs_tc_format(self._header, &params) != MQS_OK:
-                raise OSError("cannot set up the topic core's "
-                              "process-shared mutex")
-            try:
-                os.link(temp, path)
-                self.created = True
-            except FileExistsError:
-                self._unmap()
-                os.close(fd)
-                fd = -1
-                self._attach(path)
-        except BaseException:
-            if fd >= 0:
-                self._unmap()
-                os.close(fd)
-            raise
-        finally:
-            os.unlink(temp)
-        if fd >= 0:
-            self._fd = fd
+        self._min_file_bytes = sizeof(mqs_tc_header_t)
+        self._kind = "a topic core"
+        self._layout_error = TopicCoreLayoutError
+        self._open(path, size, &params)
 
-    cdef int _map(self, int fd) except -1:
-        cdef void *base
-        self._file_bytes = os.fstat(fd).st_size
-        base = mmap(NULL, <size_t>self._file_bytes, PROT_READ | PROT_WRITE,
-                    MAP_SHARED, fd, 0)
-        if base == MAP_FAILED:
-            raise OSError(f"cannot map {self._file_bytes} bytes of "
-                          f"{self.path}; /dev/shm or the address space is "
-                          f"exhausted")
+    cdef int _mapped(self, void *base) except -1:
         self._header = <mqs_tc_header_t *>base
         return 0
 
-    cdef int _unmap(self) except -1:
-        if self._header != NULL:
-            munmap(self._header, <size_t>self._file_bytes)
-            self._header = NULL
+    cdef int _format(self, const void *params) except -1:
+        if mqs_tc_format(self._header,
+                         <const mqs_tc_params_t *>params) != MQS_OK:
+            raise OSError("cannot set up the topic core's "
+                          "process-shared mutex")
         return 0
 
-    cdef int _attach(self, str path) except -1:
-        cdef int rc
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            if os.fstat(fd).st_size < 4096:
-                raise TopicCoreLayoutError(
-                    f"{path} is {os.fstat(fd).st_size} bytes, too small for "
-                    f"a topic core; remove it or use another name")
-            self._map(fd)
-            rc = mqs_tc_validate(self._header, self._file_bytes)
-            if rc != MQS_OK:
-                raise TopicCoreLayoutError(
-                    f"{path} is not a topic core of this mqs (bad header"
-                    f"{', never initialised' if rc == MQS_EINTR else ''}); "
-                    f"unlink it or use another name")
-        except BaseException:
-            self._unmap()
-            os.close(fd)
-            raise
-        self._fd = fd
+    cdef int _validate(self, str path) except -1:
+        cdef int rc = mqs_tc_validate(self._header, self._file_bytes)
+        if rc != MQS_OK:
+            raise TopicCoreLayoutError(
+                f"{path} is not a topic core of this mqs (bad header"
+                f"{', never initialised' if rc == MQS_EINTR else ''}); "
+                f"unlink it or use another name")
         return 0
 
     cdef int _lock(self) except -1:
@@ -696,14 +647,7 @@ cdef class TopicCore:
 
     def close(self):
         """Unmap the file; idempotent."""
-        self._unmap()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close_file()
 
     def __dealloc__(self):
-        if self._header != NULL:
-            munmap(self._header, <size_t>self._file_bytes)
-        if self._fd >= 0:
-            os.close(self._fd)
         free(self._out)
