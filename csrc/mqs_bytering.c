@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "mqs_bytering.h"
 #include "mqs_failpoint.h"
+#include "mqs_robust.h"
 
 /*
  * mqs_br_try_take reads a record header at the head it loaded before its
@@ -164,8 +165,6 @@ int mqs_br_format(mqs_bytering_t *ring, int64_t max_message_size,
 {
     mqs_br_header_t *h = ring->header;
     mqs_br_config_t *config = &h->config.v;
-    pthread_mutexattr_t attr;
-    int rc;
 
     config->magic = MQS_BR_MAGIC;
     config->version = MQS_BR_VERSION;
@@ -199,15 +198,7 @@ int mqs_br_format(mqs_bytering_t *ring, int64_t max_message_size,
                               memory_order_relaxed);
     }
 
-    if (pthread_mutexattr_init(&attr) != 0)
-        return MQS_EINVAL;
-    rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-    if (rc == 0)
-        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-    if (rc == 0)
-        rc = pthread_mutex_init(&h->repair_lock.v, &attr);
-    pthread_mutexattr_destroy(&attr);
-    if (rc != 0)
+    if (mqs_robust_init(&h->repair_lock.v) != MQS_OK)
         return MQS_EINVAL;
 
     /* Everything above becomes visible before an attacher sees READY. */

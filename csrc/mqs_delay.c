@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "mqs_delay.h"
 #include "mqs_failpoint.h"
+#include "mqs_robust.h"
 #include "mqs_wait.h"
 
 #include <errno.h>
@@ -126,8 +127,6 @@ static int wheel_reset(mqs_delay_t *d, int64_t wheel_bytes, int64_t now_ns)
 int mqs_delay_format(mqs_delay_t *d, int64_t now_ns)
 {
     mqs_delay_header_t *h = d->header;
-    pthread_mutexattr_t attr;
-    int rc;
 
     if (d->area_bytes < MQS_DELAY_MIN_AREA_BYTES)
         return MQS_EINVAL;
@@ -145,15 +144,7 @@ int mqs_delay_format(mqs_delay_t *d, int64_t now_ns)
                     now_ns) != MQS_OK)
         return MQS_EINVAL;
 
-    if (pthread_mutexattr_init(&attr) != 0)
-        return MQS_EINVAL;
-    rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-    if (rc == 0)
-        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-    if (rc == 0)
-        rc = pthread_mutex_init(&h->lock.v, &attr);
-    pthread_mutexattr_destroy(&attr);
-    return rc == 0 ? MQS_OK : MQS_EINVAL;
+    return mqs_robust_init(&h->lock.v);
 }
 
 int mqs_delay_validate(const mqs_delay_t *d)
