@@ -398,6 +398,20 @@ def check_transfer(case: str, queue_label: str, items: list,
         f"expected {items[index]!r}")
 
 
+def timed_ns(body: Callable[[], Any]) -> int:
+    """Run `body` with the garbage collector off and return its wall time
+    in nanoseconds (`time.perf_counter_ns`)."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        body()
+        return time.perf_counter_ns() - start
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
 def run_once(case: Case, subject: Subject, items: list) -> int:
     """Time one transfer of `items` on a fresh queue; return nanoseconds.
 

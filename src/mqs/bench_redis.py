@@ -41,14 +41,13 @@ and deletes them afterwards.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import multiprocessing
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mqs.bench import BenchmarkError
+from mqs.bench import BenchmarkError, timed_ns
 
 __all__ = [
     "LOOPS",
@@ -102,18 +101,6 @@ class RedisRunResult:
     def rate_per_s(self) -> float:
         """Messages per second of the timed part."""
         return self.count / max(self.elapsed_ns, 1) * 1e9
-
-
-def _timed(body: Callable[[], Any]) -> int:
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter_ns()
-        body()
-        return time.perf_counter_ns() - start
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
 def _check_arguments(count: int, body_bytes: int, batch: int) -> None:
@@ -236,7 +223,7 @@ def xadd(url: str, count: int, *, body_bytes: int = DEFAULT_BODY_BYTES
             for _ in range(count):
                 add(stream, fields)
 
-        elapsed = _timed(loop)
+        elapsed = timed_ns(loop)
         _check_stream(session, stream, count, body)
         return RedisRunResult("xadd", count, elapsed,
                               session.params(body_bytes, 1))
@@ -260,7 +247,7 @@ def xadd_pipelined(url: str, count: int, *,
                     pipe.xadd(stream, fields)
                 pipe.execute()
 
-        elapsed = _timed(loop)
+        elapsed = timed_ns(loop)
         _check_stream(session, stream, count, body)
         return RedisRunResult("xadd_pipelined", count, elapsed,
                               session.params(body_bytes, batch))
@@ -311,7 +298,7 @@ def _read_and_ack(name: str, url: str, count: int, body_bytes: int,
                 done += _check_and_ack(client, stream, reply[0][1], body)
             consumed[0] = done
 
-        elapsed = _timed(loop)
+        elapsed = timed_ns(loop)
         _check_acked(session, stream, consumed[0], count)
         return RedisRunResult(name, count, elapsed,
                               session.params(body_bytes, batch))
@@ -346,8 +333,8 @@ def lpush_brpop(url: str, count: int, *,
                 done += 1
             popped[0] = done
 
-        push_ns = _timed(push)
-        pop_ns = _timed(pop)
+        push_ns = timed_ns(push)
+        pop_ns = timed_ns(pop)
         if popped[0] != count or client.llen(queue) != 0:
             raise BenchmarkError(f"popped {popped[0]} of {count} messages "
                                  f"pushed to {queue}")
@@ -424,7 +411,7 @@ def stream_roundtrip(url: str, count: int, *,
             consumed[0] = done
 
         try:
-            elapsed = _timed(loop)
+            elapsed = timed_ns(loop)
         finally:
             producer.join(STALL_TIMEOUT_S)
             if producer.is_alive():
@@ -511,7 +498,7 @@ def broker_publish(url: str, count: int, *,
                 broker.publish_many("bench",
                                     [body] * min(batch, count - start))
 
-        elapsed = _timed(loop)
+        elapsed = timed_ns(loop)
         bench.check_stored(count, body)
         name = "broker_publish" if batch == 1 else "broker_publish_batched"
         return RedisRunResult(name, count, elapsed,
@@ -554,7 +541,7 @@ def broker_consume_ack(url: str, count: int, *,
                 done += len(messages)
             consumed[0] = done
 
-        elapsed = _timed(loop)
+        elapsed = timed_ns(loop)
         if consumed[0] != count:
             raise BenchmarkError(f"consumed {consumed[0]} messages, "
                                  f"expected {count}")

@@ -53,7 +53,6 @@ since the rate of a wrong run means nothing; a failed check raises
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import shutil
@@ -68,7 +67,7 @@ from typing import Any
 
 import mqs
 from mqs._redis_server import find_redis_server
-from mqs.bench import BenchmarkError, machine_info
+from mqs.bench import BenchmarkError, machine_info, timed_ns
 
 SMALL = 100
 LARGE = 4096
@@ -125,18 +124,6 @@ class _Round:
         self.extra = extra or {}
 
 
-def _timed(body: Callable[[], Any]) -> int:
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter_ns()
-        body()
-        return time.perf_counter_ns() - start
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-
-
 def _payload(size: int) -> bytes:
     return bytes((i * 7 + 1) & 0xFF or 1 for i in range(size))
 
@@ -164,7 +151,7 @@ def _append_round(workdir: str, fsync: str, size: int, count: int) -> _Round:
             for _ in range(count):
                 append(value)
 
-        elapsed = _timed(body)
+        elapsed = timed_ns(body)
         _check_log(log, count, value)
         syncs = log.stats().syncs
     return _Round(count, elapsed, {"bytes": count * size, "syncs": syncs})
@@ -180,7 +167,7 @@ def _append_many_round(workdir: str, count: int) -> _Round:
             for _ in range(batches):
                 log.append_many(batch)
 
-        elapsed = _timed(body)
+        elapsed = timed_ns(body)
         _check_log(log, batches * BATCH, value)
         syncs = log.stats().syncs
     return _Round(batches * BATCH, elapsed, {"syncs": syncs})
@@ -206,7 +193,7 @@ def _threads_round(workdir: str, count: int) -> _Round:
             for thread in threads:
                 thread.join()
 
-        elapsed = _timed(body)
+        elapsed = timed_ns(body)
         if errors:
             raise BenchmarkError(f"an appending thread failed: {errors[0]!r}")
         _check_log(log, per_thread * THREADS, value)
@@ -229,7 +216,7 @@ def _read_round(workdir: str, size: int, count: int) -> _Round:
                 n += len(read(offset))
             total[0] = n
 
-        elapsed = _timed(body)
+        elapsed = timed_ns(body)
     if total[0] != count * size:
         raise BenchmarkError(
             f"read {total[0]} bytes, expected {count * size}")
@@ -254,7 +241,7 @@ def _read_batch_round(workdir: str, count: int) -> _Round:
                 last[0] = batch
             rows[0] = offset
 
-        elapsed = _timed(body)
+        elapsed = timed_ns(body)
         if rows[0] != count or last[0].column("value")[0].as_py() != value:
             raise BenchmarkError(
                 f"read_batch returned {rows[0]} rows, expected {count}")
@@ -269,7 +256,7 @@ def _sqlitequeue_round(workdir: str, count: int) -> _Round:
     value = _payload(SMALL)
     queue = persistqueue.SQLiteQueue(os.path.join(workdir, "q"),
                                      auto_commit=True)
-    elapsed = _timed(lambda: [queue.put(value) for _ in range(count)])
+    elapsed = timed_ns(lambda: [queue.put(value) for _ in range(count)])
     if queue.qsize() != count:
         raise BenchmarkError(f"SQLiteQueue contains {queue.qsize()} items, "
                              f"expected {count}")
@@ -282,7 +269,7 @@ def _file_queue_round(workdir: str, count: int) -> _Round:
     value = _payload(SMALL)
     queue = persistqueue.Queue(os.path.join(workdir, "q"),
                                tempdir=workdir)
-    elapsed = _timed(lambda: [queue.put(value) for _ in range(count)])
+    elapsed = timed_ns(lambda: [queue.put(value) for _ in range(count)])
     if queue.qsize() != count:
         raise BenchmarkError(f"persistqueue.Queue contains {queue.qsize()} "
                              f"items, expected {count}")
@@ -294,7 +281,7 @@ def _litequeue_round(workdir: str, count: int) -> _Round:
 
     value = _payload(SMALL).decode("latin-1")  # its data column is TEXT
     queue = litequeue.LiteQueue(os.path.join(workdir, "q.sqlite3"))
-    elapsed = _timed(lambda: [queue.put(value) for _ in range(count)])
+    elapsed = timed_ns(lambda: [queue.put(value) for _ in range(count)])
     size = queue.qsize()
     queue.close()
     if size != count:
@@ -312,7 +299,7 @@ def _redis_round(workdir: str, appendfsync: str, count: int) -> _Round:
     with RedisServer(appendfsync=appendfsync) as server:
         client = redis.Redis.from_url(server.url)
         xadd = client.xadd
-        elapsed = _timed(
+        elapsed = timed_ns(
             lambda: [xadd("log", {"v": value}) for _ in range(count)])
         length = client.xlen("log")
         client.close()
@@ -336,7 +323,7 @@ def _write_flush_round(workdir: str, count: int) -> _Round:
                 write(value)
                 flush()
 
-        elapsed = _timed(body)
+        elapsed = timed_ns(body)
     if os.path.getsize(path) != count * (header.size + SMALL):
         raise BenchmarkError("write()+flush() file has the wrong size")
     return _Round(count, elapsed)
@@ -350,7 +337,7 @@ def _raw_write_round(workdir: str, total_bytes: int,
     with open(path, "wb", buffering=0) as f:
         if preallocate:
             os.posix_fallocate(f.fileno(), 0, blocks * len(block))
-        elapsed = _timed(lambda: [f.write(block) for _ in range(blocks)])
+        elapsed = timed_ns(lambda: [f.write(block) for _ in range(blocks)])
     return _Round(blocks, elapsed, {"bytes": blocks * len(block)})
 
 
@@ -385,7 +372,7 @@ def _durable_queue_round(workdir: str, count: int) -> _Round:
             for producer in producers:
                 producer.join()
 
-        elapsed = _timed(body)
+        elapsed = timed_ns(body)
         if [p.exitcode for p in producers] != [0] * THREADS:
             raise BenchmarkError(
                 f"a durable queue producer failed: exit codes "
