@@ -343,8 +343,8 @@ class SharedLogBackend(ShmBackend):
         self._log_state = (self._log, self._position())
 
     def _restore_or_wait(self) -> None:
-        """Restore a new journal from the log, or let the process that
-        holds the writer lock do it; the caller holds the mutex."""
+        """Restore a new journal from the log, or wait for the process
+        that has the writer lock to do it. The caller holds the mutex."""
         deadline = time.monotonic() + 10.0
         while not self._try_writer_lock():
             # The writer restores it once it gets the mutex.
@@ -369,7 +369,7 @@ class SharedLogBackend(ShmBackend):
 
     def _restore(self) -> None:
         """Replay the log into this replica and publish it as the first
-        generation of a new journal; the caller holds the mutex and the
+        generation of a new journal. The caller holds the mutex and the
         writer lock."""
         self._durable[_DURABLE] = 0
         self._durable[_FAILED] = 0
@@ -424,7 +424,7 @@ class SharedLogBackend(ShmBackend):
                     self.path, FORMAT, SHARED_FORMAT)
 
     def _write_snapshot(self) -> None:
-        """Write the replica into a new log and switch to it; the caller
+        """Write the replica into a new log and switch to it. The caller
         holds the mutex and is the writer."""
         old = self._log_name
         LogBackend._compact(self)
@@ -448,7 +448,7 @@ class SharedLogBackend(ShmBackend):
 
     def _flush_log(self) -> None:
         """Sync the log (under "always") and publish how far it is
-        durable; the writer calls it outside the section."""
+        durable. The writer calls it outside the section."""
         log, mark = self._log_state
         if log is None or mark <= self._durable[_DURABLE]:
             return
@@ -496,7 +496,7 @@ class SharedLogBackend(ShmBackend):
         self._thread.start()
 
     def _caught_up(self) -> bool:
-        """Return whether the log holds every journal record. It reads
+        """Return whether the log contains every journal record. It reads
         without the mutex, so a stale result costs one idle round or one
         wait of at most `TAKEOVER_INTERVAL_S`."""
         return not self._log_behind and self._journal.position() == (
