@@ -375,10 +375,13 @@ static int compare_timed(const void *a, const void *b)
 }
 
 /* Collect the slots of group g whose entry is in state `state` and
- * passes `keep`; return a malloc'ed array (count in *found), or NULL
- * when none match or malloc fails.
- * NOTE: when malloc fails the caller skips the entries for this call:
- * expiry and requeueing then wait for a later call. */
+ * passes `keep` into a malloc'ed array, and set *found to their count.
+ * Returns NULL when none match or malloc fails.
+ * NOTE: every caller takes a failed malloc for "none match". Expired
+ * deadlines then fire on a later mqs_tc_advance. But an `earliest`
+ * group opens without the stored messages, a closed consumer's entries
+ * stay in flight until their ack deadline, and mqs_tc_repair leaves the
+ * ready entries out of their lanes. */
 static timed_t *collect(mqs_tc_header_t *h, uint32_t g, uint32_t state,
                         int (*keep)(mqs_tc_header_t *, uint32_t,
                                     mqs_tc_entry_t *, const void *),

@@ -4,8 +4,8 @@
  * the features it covers.
  *
  * One mapping per topic, formatted by mqs_tc_format and used by every
- * process under the robust process-shared mutex in the header. It holds
- * offsets only, so each process may map it anywhere. Layout:
+ * process under the robust process-shared mutex in the header. It stores
+ * offsets, never pointers, so each process may map it anywhere. Layout:
  *   header        config, mutex, change wait word, counters
  *   slots         capacity messages: seq, priority, lane, length, body
  *   groups        max_groups consumer groups: name, lane cursors,
@@ -308,9 +308,9 @@ void mqs_tc_repair(mqs_tc_header_t *h);
 
 void mqs_tc_advance(mqs_tc_header_t *h, double now);
 
-/* Store a message; return its seq (1, 2, ...), MQS_EFULL when every
- * slot is taken, MQS_ETOOBIG for a body over slot_bytes, MQS_EINVAL for
- * a priority outside 0..9. *slot_out gets its slot. */
+/* Store a message and set *slot_out to its slot. Returns its seq (1,
+ * 2, ...), MQS_EFULL when every slot is taken, MQS_ETOOBIG for a body
+ * over slot_bytes, or MQS_EINVAL for a priority outside 0..9. */
 int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
                        uint32_t length, uint32_t priority, double timestamp,
                        double now, uint32_t *slot_out);
@@ -338,9 +338,9 @@ int64_t mqs_tc_open_consumer(mqs_tc_header_t *h, uint32_t group,
 int64_t mqs_tc_close_consumer(mqs_tc_header_t *h, uint32_t consumer,
                               double now);
 
-/* Deliver up to `max_items` (at most prefetch - in flight unless
- * `auto_ack`) into `out`; return how many, or MQS_ECLOSED for a consumer
- * that is not open. */
+/* Deliver up to `max_items` into `out` and return how many, or
+ * MQS_ECLOSED for a consumer that is not open. Unless `auto_ack` is set,
+ * it delivers at most prefetch minus the consumer's in-flight count. */
 int64_t mqs_tc_fetch(mqs_tc_header_t *h, uint32_t consumer,
                      uint32_t max_items, double ack_timeout, int auto_ack,
                      double now, mqs_tc_delivery_t *out);
@@ -349,8 +349,9 @@ int64_t mqs_tc_fetch(mqs_tc_header_t *h, uint32_t consumer,
  * 1, or 0 for a stale tag (counted as a late ack). */
 int mqs_tc_ack(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
                uint64_t ticket, double now);
-/* requeue 0 dead-letters it (rejected); so does an exhausted one
- * (max_attempts); otherwise it goes back to its lane's tail at once. */
+/* With requeue 0 the message is dead-lettered as rejected, and one
+ * that used up its max_attempts as max_attempts. Otherwise it goes back
+ * to its lane's tail at once. */
 int mqs_tc_nack(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
                 uint64_t ticket, int requeue, double now);
 int mqs_tc_extend(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
@@ -376,10 +377,10 @@ typedef struct mqs_tc_stats {
 
 void mqs_tc_stats(mqs_tc_header_t *h, mqs_tc_stats_t *out);
 
-/* The earliest ready_at of the lane heads of `group` (a lane is FIFO by
- * ready_at except for released entries, which go back to its head with
- * their older time, so its head is its oldest). Returns 0 when every
- * lane is empty. */
+/* Set *out to the earliest ready_at of the lane heads of `group` and
+ * return 1, or return 0 with *out unchanged when every lane is empty.
+ * A lane's head is its oldest entry: lanes are FIFO by ready_at, and a
+ * released entry goes back to the head with its older time. */
 int mqs_tc_oldest_ready(mqs_tc_header_t *h, uint32_t group, double *out);
 
 /* Accessors for callers and tests. */
