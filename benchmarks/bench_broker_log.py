@@ -2,11 +2,14 @@
 against persist-queue's SQLiteAckQueue and Redis Streams.
 
 N small dicts (``--bench-count`` / 50) go through each subject, one
-message per call, in three shapes: one thread that publishes, gets and
-acks each message in turn; 4 producer threads with 1 consumer thread;
-and 4 producer threads with 4 consumer threads (the shapes where the
-syncs of ``fsync="always"`` are shared by concurrent callers: group
-commit). Subjects:
+message per call, in three shapes:
+
+- one thread that publishes, gets and acks each message in turn;
+- 4 producer threads with 1 consumer thread;
+- 4 producer threads with 4 consumer threads.
+
+In the threaded shapes concurrent callers share the syncs of
+``fsync="always"`` (group commit). Subjects:
 
 - `Broker(backend="log")` with ``fsync="always"`` (every publish and
   ack returns after a sync that covers its record) and ``"interval"``

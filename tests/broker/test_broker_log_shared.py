@@ -94,7 +94,7 @@ while True:
 
 
 def take_all(consumer):
-    """Return the bodies of every ready message, or none when none is."""
+    """Return the set of bodies of the ready messages, empty if none."""
     try:
         return {message.body
                 for message in consumer.get_many(100_000, timeout=2)}
@@ -207,7 +207,7 @@ def test_log_restart_of_every_process_keeps_state(path):
             child.kill()
     journal = f"/dev/shm/mqs.broker.{journal_name(path)}"
     # Every process is gone, the machine is up: the journal is still there
-    # and holds everything that returned, synced to the log or not.
+    # and contains everything that returned, synced to the log or not.
     assert os.path.exists(journal)
     published = reported(children, "published")
     acked = reported(children, "acked")

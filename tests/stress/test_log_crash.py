@@ -7,12 +7,12 @@ consumers and the writer, then a reboot.
 takes its place. Every process appends what it did to its own file with
 one write(2) per step, which a SIGKILL cannot tear. Producers log the
 bodies of each publish that returned. Consumers log each delivery
-before they ack it and each ack after it returned. Then every process is killed and the
-broker's /dev/shm journal removed, as a reboot would, and a new process
-drains the broker from the log alone.
+before they ack it and each ack after it returned. Then every process
+is killed and the broker's /dev/shm journal removed, as a reboot would,
+and a new process drains the broker from the log alone.
 
-The checks: every returned publish is in the log (delivered before or
-drained after); no message whose ack returned is delivered again; a
+The checks: every returned publish is in the log, delivered before or
+drained after. No message whose ack returned is delivered again. A
 message was delivered again only after a delivery to a consumer that
 was killed before it logged the ack.
 
