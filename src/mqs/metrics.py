@@ -706,12 +706,7 @@ def queue_samples(stats: QueueStats, name: str) -> Iterator[Sample]:
     yield Sample(QUEUE_MAXSIZE, labels, stats.maxsize)
     yield Sample(QUEUE_ENQUEUED, labels, stats.enqueued)
     yield Sample(QUEUE_DEQUEUED, group_labels, stats.dequeued)
-    for reason, count in stats.dropped.items():
-        yield Sample(QUEUE_DROPPED, {**labels, "reason": reason}, count)
-    if stats.latency is not None:
-        yield Sample(QUEUE_LATENCY,
-                     {**labels, "stage": "enqueue_to_deliver"},
-                     stats.latency)
+    yield from _drop_and_latency_samples(stats, labels)
 
 
 def shared_queue_samples(stats: SharedQueueStats,
@@ -736,6 +731,11 @@ def shared_queue_samples(stats: SharedQueueStats,
     yield Sample(QUEUE_USED, labels, stats.used_bytes)
     yield Sample(QUEUE_ENQUEUED, labels, stats.enqueued)
     yield Sample(QUEUE_ATTACHED, labels, stats.attached_processes)
+    yield from _drop_and_latency_samples(stats, labels)
+
+
+def _drop_and_latency_samples(stats: QueueStats | SharedQueueStats,
+                              labels: dict[str, str]) -> Iterator[Sample]:
     for reason, count in stats.dropped.items():
         yield Sample(QUEUE_DROPPED, {**labels, "reason": reason}, count)
     if stats.latency is not None:
