@@ -223,9 +223,7 @@ def test_shm_kill_inside_mutex_recovers(name, scale):
         os.close(write_fd)
         child.join(60)
         assert child.exitcode == -signal.SIGKILL, (point, child.exitcode)
-        while chunk := os.read(read_fd, 4096):
-            returned += len(chunk)
-        os.close(read_fd)
+        returned += count_reports(read_fd)
 
         # The next locker takes the mutex over, and the broker works.
         stats = broker.stats("t")
@@ -273,6 +271,31 @@ while True:
 """
 
 
+def count_reports(read_fd):
+    """Read the pipe until every writer closed it, close it and return
+    how many publishes the child reported (one byte each)."""
+    returned = 0
+    while chunk := os.read(read_fd, 4096):
+        returned += len(chunk)
+    os.close(read_fd)
+    return returned
+
+
+def run_until_failpoint(name, failpoint, failpoint_path):
+    """Run CHILD on broker `name` in the copy of mqs built with
+    failpoints, with `failpoint` armed. Check that it killed the child
+    and return how many publishes returned."""
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ, PYTHONPATH=failpoint_path,
+               MQS_FAILPOINT=failpoint)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, name, str(write_fd)], env=env,
+        pass_fds=(write_fd,))
+    os.close(write_fd)
+    assert child.wait(60) == -signal.SIGKILL, failpoint
+    return count_reports(read_fd)
+
+
 def test_shm_failpoint_inside_append_recovers(name, scale, failpoint_path):
     rng = random.Random(7)
     broker = mqs.Broker(backend="shm", name=name, journal_bytes=4096)
@@ -285,18 +308,8 @@ def test_shm_failpoint_inside_append_recovers(name, scale, failpoint_path):
             failpoint = f"journal.restart:{rng.randint(1, 4)}"
         else:
             failpoint = f"journal.append:{rng.randint(1, 60)}"
-        read_fd, write_fd = os.pipe()
-        env = dict(os.environ, PYTHONPATH=failpoint_path,
-                   MQS_FAILPOINT=failpoint)
         recoveries = journal.recoveries
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, name, str(write_fd)], env=env,
-            pass_fds=(write_fd,))
-        os.close(write_fd)
-        assert child.wait(60) == -signal.SIGKILL, failpoint
-        while chunk := os.read(read_fd, 4096):
-            returned += len(chunk)
-        os.close(read_fd)
+        returned += run_until_failpoint(name, failpoint, failpoint_path)
 
         # Killed before its commit: the operation never happened.
         stats = broker.stats("t")
@@ -337,17 +350,7 @@ def test_shm_failpoint_inside_core_recovers(name, scale, failpoint_path):
     for round_number in range(int(8 * scale)):
         point = CORE_POINTS[round_number % len(CORE_POINTS)]
         failpoint = f"{point}:{rng.randint(1, 30)}"
-        read_fd, write_fd = os.pipe()
-        env = dict(os.environ, PYTHONPATH=failpoint_path,
-                   MQS_FAILPOINT=failpoint)
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, name, str(write_fd)], env=env,
-            pass_fds=(write_fd,))
-        os.close(write_fd)
-        assert child.wait(60) == -signal.SIGKILL, failpoint
-        while chunk := os.read(read_fd, 4096):
-            returned += len(chunk)
-        os.close(read_fd)
+        returned += run_until_failpoint(name, failpoint, failpoint_path)
         stats = broker.stats("t")
         core = broker.backend._cores["t"]
         recoveries += 1
