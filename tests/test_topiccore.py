@@ -2,6 +2,9 @@
 attaching, retiring and exporting."""
 
 import os
+import pickle
+import threading
+import time
 import uuid
 
 import pytest
@@ -65,6 +68,55 @@ def test_topiccore_fetch_checks_owner(path):
     with pytest.raises(ShutDown):
         core.fetch(consumer, 1, 30.0, owner=78)
     assert len(core.fetch(consumer, 1, 30.0, owner=77)) == 1
+    core.close()
+
+
+def test_topiccore_publish_pickled_stores_pickle(path):
+    core = TopicCore(path, LANES, slot_bytes=64)
+    group = core.open_group("g", True)
+    consumer = core.open_consumer(group, 4, 1)
+    before = time.time()
+    assert core.publish_pickled({"n": 1}, 5) == 1
+    after = time.time()
+    (item,) = core.fetch(consumer, 4, 30.0)
+    seq, _, _, attempts, priority, timestamp, payload = item
+    assert (seq, attempts, priority) == (1, 1, 5)
+    assert before <= timestamp <= after
+    assert payload == pickle.dumps({"n": 1},
+                                   protocol=pickle.HIGHEST_PROTOCOL)
+    core.close()
+
+
+def test_topiccore_publish_pickled_reports_full_and_too_big(path):
+    core = TopicCore(path, LANES, capacity=2, slot_bytes=64)
+    assert core.publish_pickled(b"x" * 64, 0) == -2
+    assert core.publish_pickled("a", 0) == 1
+    assert core.publish_pickled("b", 0) == 2
+    assert core.publish_pickled("c", 0) == -1
+    with pytest.raises(ValueError, match="priority must be 0 to 9"):
+        TopicCore(path, LANES).publish_pickled("d", 10)
+    with pytest.raises(TypeError, match="cannot pickle"):
+        core.publish_pickled(threading.Lock(), 0)
+    core.close()
+
+
+def test_topiccore_fetch_one_delivers_one_at_a_time(path):
+    core = TopicCore(path, LANES)
+    group = core.open_group("g", True)
+    consumer = core.open_consumer(group, 2, 7)
+    assert core.fetch_one(consumer, 30.0, False, 7) is None
+    for body in (b"a", b"b", b"c"):
+        core.publish(body, 0, 1.0)
+    first = core.fetch_one(consumer, 30.0, False, 7)
+    second = core.fetch_one(consumer, 30.0, False, 7)
+    assert (first[0], first[6]) == (1, b"a")
+    assert (second[0], second[6]) == (2, b"b")
+    # Two in flight is the prefetch: nothing more until an ack.
+    assert core.fetch_one(consumer, 30.0, False, 7) is None
+    assert core.ack(group, first[1], first[2])
+    assert core.fetch_one(consumer, 30.0, False, 7)[6] == b"c"
+    with pytest.raises(ShutDown, match="is closed"):
+        core.fetch_one(consumer, 30.0, False, 8)
     core.close()
 
 

@@ -20,6 +20,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from mqs.includes.mqs_atomic cimport (
     MQS_ECLOSED,
@@ -80,6 +81,7 @@ from mqs.includes.mqs_wait cimport (
 )
 
 import os
+import pickle
 import secrets
 
 from mqs.errors import ShutDown
@@ -116,6 +118,18 @@ class TopicCoreLayoutError(ValueError):
 class TopicRetired(Exception):
     """Raised by every operation once `retire_and_export` moved the topic
     out of the core; the caller goes on with the exported state."""
+
+
+# Bound once: `publish_pickled` runs per message.
+cdef object _dumps = pickle.dumps
+cdef object _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+cdef inline double _wall_clock():
+    """Return `time.time()`: CLOCK_REALTIME in seconds."""
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return ts.tv_sec + ts.tv_nsec / 1e9
 
 
 cdef inline double _now(object now):
@@ -275,6 +289,34 @@ cdef class TopicCore(_MappedFile):
             raise ValueError(f"priority must be 0 to 9, got {priority}")
         return rc
 
+    def publish_pickled(self, object body, int priority):
+        """Pickle `body` and store it stamped with the current wall clock;
+        return its seq, -1 when every slot is taken, or -2 when the pickle
+        is larger than a slot.
+
+        The shm broker's publish of one plain message: the same as
+        `publish` of ``pickle.dumps(body, HIGHEST_PROTOCOL)`` with
+        `time.time()` as timestamp, in one call.
+        """
+        cdef bytes payload = _dumps(body, _PICKLE_PROTOCOL)
+        cdef Py_ssize_t length = len(payload)
+        cdef double wall = _wall_clock()
+        cdef double at = mqs_monotonic_ns() / 1e9
+        cdef int64_t rc
+        cdef uint32_t slot
+        if length > self._header.config.v.params.slot_bytes:
+            return -2
+        self._lock()
+        rc = mqs_tc_publish(self._header, PyBytes_AS_STRING(payload),
+                            <uint32_t>length, <uint32_t>priority, wall, at,
+                            &slot)
+        self._unlock(rc > 0)
+        if rc == MQS_EFULL:
+            return -1
+        if rc < 0:
+            raise ValueError(f"priority must be 0 to 9, got {priority}")
+        return rc
+
     # Groups and consumers.
 
     def open_group(self, str name, bint earliest, max_attempts=None,
@@ -387,6 +429,40 @@ cdef class TopicCore(_MappedFile):
                     break
         finally:
             self._unlock(bool(found))
+        if n == MQS_ECLOSED:
+            raise ShutDown(f"consumer {consumer} of topic core {self.path} "
+                           f"is closed")
+        return found
+
+    def fetch_one(self, uint32_t consumer, double ack_timeout,
+                  bint auto_ack, uint64_t owner):
+        """Deliver one message now as `fetch` does; return its ``(seq,
+        slot, ticket, attempts, priority, timestamp, body)``, or None when
+        none is ready or the consumer holds `prefetch` messages.
+
+        Raises `ShutDown` as `fetch` does. Never waits.
+        """
+        cdef int64_t n = 0
+        cdef double at = mqs_monotonic_ns() / 1e9
+        cdef mqs_tc_delivery_t *d = self._out
+        cdef object found = None
+        self._lock()
+        try:
+            if owner and (
+                    consumer >= self._header.config.v.params.max_consumers
+                    or mqs_tc_consumer(self._header, consumer).owner
+                    != owner):
+                n = MQS_ECLOSED
+            else:
+                n = mqs_tc_fetch(self._header, consumer, 1, ack_timeout,
+                                 auto_ack, at, d)
+            if n == 1:
+                found = (d.seq, d.slot, d.ticket, d.attempts, d.priority,
+                         d.timestamp,
+                         PyBytes_FromStringAndSize(<char *>d.body,
+                                                   d.length))
+        finally:
+            self._unlock(n == 1)
         if n == MQS_ECLOSED:
             raise ShutDown(f"consumer {consumer} of topic core {self.path} "
                            f"is closed")

@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import mqs
-from mqs.broker._shm import SHM_DIR, ShmBackend
+from mqs.broker import _shm as shm_module
+from mqs.broker._shm import CORE_SLOT_BYTES, SHM_DIR, ShmBackend
 
 FORK = multiprocessing.get_context("fork")
 
@@ -526,6 +527,88 @@ def test_shm_stale_core_tag_of_deleted_topic(name):
     assert broker.stats("t")["acked"] == 1
     fresh.close()
     broker.close()
+
+
+def test_shm_core_body_over_slot_moves_topic(name):
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g", prefetch=10)
+    broker.publish("t", "small")
+    # Its pickle is larger than a core slot: the journal stores it.
+    big = bytes(CORE_SLOT_BYTES)
+    broker.publish("t", big)
+    assert "t" not in broker.backend._core_paths
+    assert [message.body for message in drain(consumer, 2)] == [
+        "small", big]
+    consumer.close()
+    broker.close()
+
+
+def test_shm_full_core_moves_topic(name, monkeypatch):
+    monkeypatch.setattr(shm_module, "CORE_CAPACITY", 4)
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g", prefetch=10)
+    for number in range(4):
+        broker.publish("t", number)
+    assert "t" in broker.backend._core_paths
+    # The fifth finds every slot taken and queues behind the four.
+    broker.publish("t", 4)
+    assert "t" not in broker.backend._core_paths
+    assert [message.body for message in drain(consumer, 5)] == [
+        0, 1, 2, 3, 4]
+    assert broker.stats("t")["published"] == 5
+    consumer.close()
+    broker.close()
+
+
+def test_shm_core_message_has_wall_clock_timestamp(name):
+    broker = open_broker(name)
+    consumer = broker.consume("t", "g")
+    before = time.time()
+    broker.publish("t", "x")
+    after = time.time()
+    message = consumer.get(timeout=5)
+    assert before <= message.timestamp <= after
+    assert message.topic == "t"
+    assert message.group == "g"
+    assert message.attempts == 1
+    assert message.key is None
+    assert message.headers == {}
+    consumer.close()
+    broker.close()
+
+
+@pytest.mark.parametrize("timeout, error", [
+    (-1, ValueError), (float("nan"), ValueError), (True, TypeError),
+    ("1", TypeError)])
+def test_shm_get_checks_timeout_with_message_ready(name, timeout, error):
+    broker = open_broker(name)
+    consumer = broker.consume("t", "g")
+    broker.publish("t", "x")
+    with pytest.raises(error, match="timeout"):
+        consumer.get(timeout)
+    # The failed call took nothing.
+    message = consumer.get(timeout=0)
+    assert message.body == "x"
+    assert message.attempts == 1
+    consumer.close()
+    broker.close()
+
+
+def test_shm_publish_checks_topic_and_priority(name):
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    with pytest.raises(TypeError, match="topic must be a non-empty str"):
+        broker.publish(["t"], "x")
+    with pytest.raises(mqs.InvalidPriority):
+        broker.publish("t", "x", priority=10)
+    with pytest.raises(TypeError, match="priority must be an int"):
+        broker.publish("t", "x", priority=True)
+    assert broker.stats("t")["published"] == 0
+    broker.close()
+    with pytest.raises(mqs.ShutDown, match="is closed"):
+        broker.publish("t", "x")
 
 
 def test_shm_core_consumer_of_killed_process_redelivered(name):

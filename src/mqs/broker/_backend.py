@@ -291,6 +291,16 @@ class Backend(abc.ABC):
         the envelopes stored before it) when the topic stays full.
         """
 
+    def publish_one(self, topic: str, body: Any, priority: int
+                    ) -> str | None:
+        """Publish one message that has no options through the backend's
+        fast path; return its id, or None to make the caller use `publish`.
+
+        `publish` then does every check. The `Broker` calls this only for
+        a valid `priority` and a str `topic`. This default returns None.
+        """
+        return None
+
     # Consuming.
 
     @abc.abstractmethod
@@ -316,6 +326,17 @@ class Backend(abc.ABC):
         consumer already holds `prefetch` in-flight messages when the
         timeout ends.
         """
+
+    def fetch_one(self, topic: str, group: str, consumer: str, *,
+                  ack_timeout: float, auto_ack: bool) -> Delivery | None:
+        """Deliver one message that is ready now through the backend's
+        fast path; return None to make the caller use `fetch`.
+
+        None comes back when nothing is ready and in every case that the
+        fast path leaves to `fetch`. Never waits. This default returns
+        None.
+        """
+        return None
 
     async def fetch_async(self, topic: str, group: str, consumer: str,
                           max_items: int, *, ack_timeout: float,

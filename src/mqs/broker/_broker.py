@@ -50,6 +50,9 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
     "shm": ShmBackend,
 }
 _STARTS = ("earliest", "latest")
+# Classes of a timeout that the fast path of `Consumer.get` accepts as
+# they are; `_seconds` checks any other value.
+_NUMBERS = (int, float)
 
 
 def _redis_backend(**options: Any) -> Backend:
@@ -105,6 +108,15 @@ def _delay_of(delay: Any, at: Any) -> float:
     if not math.isfinite(at):
         raise ValueError(f"at must be a finite time, got {at!r}")
     return max(0.0, at - time.time())
+
+
+def _fast_path(backend: Backend, name: str) -> Callable[..., Any] | None:
+    """Return the bound method `name` of `backend` if its class overrides
+    `Backend`'s default, which only returns None."""
+    if getattr(type(backend), name) is getattr(Backend, name):
+        return None
+    method: Callable[..., Any] = getattr(backend, name)
+    return method
 
 
 class Message:
@@ -257,6 +269,7 @@ class Consumer:
         self.ack_timeout = ack_timeout
         self.auto_ack = auto_ack
         self._closed = False
+        self._fetch_one = _fast_path(self._backend, "fetch_one")
         self._id = self._backend.open_consumer(
             topic, group, start=start, prefetch=prefetch,
             max_attempts=max_attempts)
@@ -354,6 +367,16 @@ class Consumer:
 
         Raises `Empty` on timeout and `ShutDown` once closed.
         """
+        if (self._fetch_one is not None and not self._closed
+                and (timeout is None or (timeout.__class__ in _NUMBERS
+                                         and timeout >= 0))):
+            # A message that is ready now needs no wait, so only the
+            # timeout is checked first.
+            delivery = self._fetch_one(
+                self.topic, self.group, self._id,
+                ack_timeout=self.ack_timeout, auto_ack=self.auto_ack)
+            if delivery is not None:
+                return Message(self, delivery, self.auto_ack)
         return self.get_many(1, timeout)[0]
 
     async def get_many_async(self, max_items: int,
@@ -625,6 +648,7 @@ class Broker:
                 f"{sorted(BACKENDS)}")
         self.auto_declare = auto_declare
         self._closed = False
+        self._publish_one = _fast_path(self._backend, "publish_one")
 
     def __repr__(self) -> str:
         return f"<mqs.Broker backend={self._backend.name!r}>"
@@ -788,6 +812,17 @@ class Broker:
         UnknownTopic
             If the topic does not exist and `auto_declare` is off.
         """
+        if (self._publish_one is not None and priority.__class__ is int
+                and 0 <= priority <= 9 and delay is None and at is None
+                and key is None and headers is None and dedup_id is None
+                and reply_to is None and correlation_id is None
+                and ttl is None and timeout is None
+                and topic.__class__ is str and not self._closed):
+            # Without options nothing else needs a check, so the backend
+            # may store the message at once.
+            message_id = self._publish_one(topic, body, priority)
+            if message_id is not None:
+                return message_id
         envelope = self._envelope(
             body, priority=priority, delay=delay, at=at, key=key,
             headers=headers, dedup_id=dedup_id, reply_to=reply_to,

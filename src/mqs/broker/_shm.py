@@ -808,6 +808,20 @@ class ShmBackend(LogBackend):
             except _OnCore:
                 continue
 
+    def publish_one(self, topic: str, body: Any, priority: int
+                    ) -> str | None:
+        core = self._cores.get(topic)
+        if core is None or self._closed \
+                or time.monotonic() >= self._next_reap:
+            return None
+        try:
+            seq = core.publish_pickled(body, priority)
+        except TopicRetired:
+            return None
+        # On -1 (core full) and -2 (pickle larger than a slot), `publish`
+        # moves the topic to the journal.
+        return f"s{seq}" if seq > 0 else None
+
     def _publish_core(self, core: TopicCore, topic: str,
                       envelopes: Sequence[Envelope]) -> list[str]:
         """Store envelopes in a topic core until one does not fit; return
@@ -908,6 +922,28 @@ class ShmBackend(LogBackend):
             return [delivery._replace(body=pickle.loads(delivery.body))
                     for delivery in found]
 
+    def fetch_one(self, topic: str, group: str, consumer: str, *,
+                  ack_timeout: float, auto_ack: bool) -> Delivery | None:
+        entry = self._core_consumers.get(consumer)
+        if entry is None or self._closed \
+                or time.monotonic() >= self._next_reap:
+            return None
+        core = self._cores.get(topic)
+        if core is None:
+            return None
+        try:
+            item = core.fetch_one(entry[2], ack_timeout, auto_ack, entry[3])
+        except (TopicRetired, ShutDown):
+            # `fetch` moves the topic or raises with the consumer named.
+            return None
+        if core.has_dead():
+            # The fetch ran the ack deadlines and dead-lettered a message;
+            # the journal keeps dead letters.
+            self._leave_core(topic)
+        if item is None:
+            return None
+        return _core_delivery(core.path, topic, group, entry[1], item)
+
     def _fetch_core(self, core: TopicCore, entry: tuple, topic: str,
                     group: str, max_items: int, ack_timeout: float,
                     auto_ack: bool, deadline: float | None
@@ -989,6 +1025,13 @@ class ShmBackend(LogBackend):
         return None, (f"s{tag[4]}", tag[3])
 
     def ack(self, topic: str, group: str, tag: Any) -> bool:
+        core = self._cores.get(topic)
+        if core is not None and len(tag) == 5 and core.path == tag[0] \
+                and not self._closed and time.monotonic() < self._next_reap:
+            try:
+                return core.ack(tag[1], tag[2], tag[3])
+            except TopicRetired:
+                pass
         original = tag
         while True:
             core, tag = self._core_tag(topic, original)
@@ -1290,12 +1333,12 @@ def _core_delivery(path: str, topic: str, group: str, group_index: int,
     seq, slot, ticket, attempts, priority, timestamp, payload = item
     body, headers, reply_to, correlation_id = _decode(payload)
     # The tag names the core file, so a tag of a deleted topic's core
-    # never settles a delivery of a later core of the same name.
-    return Delivery(
-        id=f"s{seq}", tag=(path, group_index, slot, ticket, seq),
-        topic=topic, group=group, body=pickle.loads(body), priority=priority,
-        attempts=attempts, key=None, headers=headers, timestamp=timestamp,
-        reply_to=reply_to, correlation_id=correlation_id)
+    # never settles a delivery of a later core of the same name. The
+    # fields go by position, because keywords make the named tuple about
+    # three times slower to build (measured on CPython 3.11).
+    return Delivery(f"s{seq}", (path, group_index, slot, ticket, seq), topic,
+                    group, pickle.loads(body), priority, attempts, None,
+                    headers, timestamp, reply_to, correlation_id)
 
 
 def _core_stats(counters: dict[str, int], counts: dict[str, int]
