@@ -1166,7 +1166,9 @@ static int start_writer(mqs_seglog_t *log)
     return MQS_OK;
 }
 
-static void log_free(mqs_seglog_t *log)
+/* Release the segments and close the descriptors of `log`, but leave
+ * its mutexes and condition variables and the struct itself. */
+static void release_segments_and_fds(mqs_seglog_t *log)
 {
     for (size_t i = 0; i < log->nsegs; i++)
         mqs_seglog_segment_release(log->segs[i]);
@@ -1178,6 +1180,11 @@ static void log_free(mqs_seglog_t *log)
         close(log->lock_fd);
     if (log->dir_fd >= 0)
         close(log->dir_fd);
+}
+
+static void log_free(mqs_seglog_t *log)
+{
+    release_segments_and_fds(log);
     pthread_mutex_destroy(&log->sync_mu);
     pthread_cond_destroy(&log->sync_cv);
     pthread_mutex_destroy(&log->flush_mu);
@@ -1260,16 +1267,7 @@ void mqs_seglog_abandon(mqs_seglog_t *log)
 {
     if (!log)
         return;
-    for (size_t i = 0; i < log->nsegs; i++)
-        mqs_seglog_segment_release(log->segs[i]);
-    for (size_t i = 0; i < log->pending_n; i++)
-        mqs_seglog_segment_release(log->pending[i]);
-    free(log->segs);
-    free(log->pending);
-    if (log->lock_fd >= 0)
-        close(log->lock_fd);
-    if (log->dir_fd >= 0)
-        close(log->dir_fd);
+    release_segments_and_fds(log);
     /* No pthread_*_destroy: the parent's threads may have been waiting on
      * these condition variables at the fork, and destroying one that has
      * waiters blocks for ever in the child. */
