@@ -610,7 +610,14 @@ class Broker:
         ``"memory"``: this process's threads share the broker.
         ``"log"``: every process on this machine that passes the same
         ``path=`` shares the broker, durable in that log directory
-        (``fsync=``; see `mqs.broker._log_shared`). ``"redis"``: processes on
+        (``fsync=``; see `mqs.broker._log_shared`). With
+        ``fsync="always"`` a publish returns after a sync that covers it,
+        so it survives a power loss. An ack (or nack, or auto_ack
+        delivery) returns before its sync: SIGKILL of any process loses
+        none, but a power loss may undo the acks of about the last sync
+        round, and those messages are delivered again with
+        ``attempts + 1``. ``sync_acks=True`` makes acks wait for their
+        sync too. ``"redis"``: processes on
         any host share the broker through a Redis server (``url=``,
         ``serializer=``; see `mqs.broker._redis`). ``"shm"``: every
         process on this machine that passes the same ``name=`` shares
@@ -621,7 +628,8 @@ class Broker:
         `publish` or `consume`. False raises `UnknownTopic` instead.
     **options
         Passed to the backend factory (``clock=`` for the memory backend,
-        ``path=`` and ``fsync=`` for the log backend, ``url=`` and the
+        ``path=``, ``fsync=`` and ``sync_acks=`` for the log backend,
+        ``url=`` and the
         options of `mqs.broker._redis.RedisBackend` for the redis one,
         ``name=`` and ``journal_bytes=`` for the shm one). The memory, log
         and redis backends take ``sample_every=``, the latency sampling of

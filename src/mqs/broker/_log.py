@@ -135,6 +135,9 @@ CURRENT = "CURRENT"
 LOCK = "lock"
 # Record keys: snapshot parts carry one, operations none.
 _SNAPSHOT_KEY = b"s"
+# Operations whose lost record can only cause a redelivery: with
+# sync_acks=False they return without waiting for a sync.
+_ACK_OPS = frozenset({"ack", "ack_many", "nack"})
 
 
 class LogBackend(MemoryBackend):
@@ -180,6 +183,9 @@ class LogBackend(MemoryBackend):
     # The format this class writes into snapshots, and those it reads.
     _snapshot_format = FORMAT
     _formats_read: tuple[tuple, ...] = (FORMAT,)
+    # Whether acks, nacks and auto_ack deliveries wait for a sync under
+    # fsync="always" (SharedLogBackend makes it an option).
+    _sync_acks = True
 
     def __init__(self, path: str | os.PathLike[str], *,
                  fsync: str = "interval", fsync_interval_s: float = 0.05,
@@ -619,7 +625,7 @@ class LogBackend(MemoryBackend):
         found = super().fetch(topic, group, consumer, max_items,
                               ack_timeout=ack_timeout, auto_ack=auto_ack,
                               timeout=timeout)
-        if found and auto_ack:
+        if found and auto_ack and self._sync_acks:
             # Only an auto_ack delivery must not be lost: the message is
             # finished. A lost manual delivery is undone by the restart,
             # which returns every in-flight message anyway.
@@ -633,7 +639,8 @@ class LogBackend(MemoryBackend):
         found = await super().fetch_async(
             topic, group, consumer, max_items, ack_timeout=ack_timeout,
             auto_ack=auto_ack, timeout=timeout)
-        if found and auto_ack and self.fsync == "always":
+        if found and auto_ack and self.fsync == "always" \
+                and self._sync_acks:
             await asyncio.get_running_loop().run_in_executor(
                 None, self._sync, self._log)
         return found
@@ -684,7 +691,7 @@ class LogBackend(MemoryBackend):
             self._notify()
             self._after_write()
             log = self._log
-        if sync:
+        if sync and (self._sync_acks or op not in _ACK_OPS):
             self._sync(log)
         return result
 

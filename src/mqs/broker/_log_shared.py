@@ -43,12 +43,23 @@ Design
     journal, so the log alone holds the broker while nobody uses it.
 
 What survives what
-    ``fsync="always"``: publish, ack, nack, auto_ack deliveries, topic
-    and DLQ changes return after the writer synced a log that holds
-    their record, in whichever process they ran. They survive SIGKILL
-    of any process, the writer included, and a power loss. Manual
-    deliveries, extend, release and consumer open and close are not
-    waited for, as in `LogBackend`.
+    ``fsync="always"``: publish, topic and DLQ changes return after the
+    writer synced a log that holds their record, in whichever process
+    they ran. They survive SIGKILL of any process, the writer included,
+    and a power loss. Ack, ack_many, nack and auto_ack deliveries return
+    once their record is in the journal, without waiting for a sync:
+    the writer's log thread syncs them in its next group commit, and a
+    later publish returns only after they are durable too, because the
+    log keeps the journal's order. Losing one of those records can only
+    cause a redelivery, which at-least-once delivery allows. So SIGKILL
+    of any process loses no ack (the journal, or the page cache once
+    the writer appended it, keeps it), but a power loss undoes the acks
+    that no completed sync covered yet, about those of the last sync
+    round: their messages are delivered again with ``attempts + 1``.
+    ``sync_acks=True`` makes them wait for a covering sync as publishes
+    do. Manual deliveries, extend, release and consumer open and close
+    never wait, as in `LogBackend` (a restart returns every in-flight
+    message anyway).
     ``"interval"`` and ``"never"``: every operation that returned
     survives SIGKILL of any process, because the journal keeps it until
     a writer has it in the log; a power loss loses what the writer had
@@ -157,6 +168,12 @@ class SharedLogBackend(ShmBackend):
     journal_bytes : int
         Size of the shm journal when this call creates it, as for
         `ShmBackend`.
+    sync_acks : bool
+        ``fsync="always"`` only: make acks, nacks and auto_ack
+        deliveries wait for a sync that covers their record, as
+        publishes do. The default (False) returns once the record is in
+        the journal, and the writer syncs it in its next group commit
+        (see "What survives what" in the module docs).
 
     Raises
     ------
@@ -184,9 +201,13 @@ class SharedLogBackend(ShmBackend):
                  segment_bytes: int = 16 << 20,
                  compact_bytes: int = 64 << 20,
                  sample_every: int | None | str = "default",
-                 journal_bytes: int = DEFAULT_JOURNAL_BYTES) -> None:
+                 journal_bytes: int = DEFAULT_JOURNAL_BYTES,
+                 sync_acks: bool = False) -> None:
         _check_log_options(path, fsync, compact_bytes)
         _check_journal_bytes(journal_bytes)
+        if not isinstance(sync_acks, bool):
+            raise TypeError(f"sync_acks must be True or False, got "
+                            f"{type(sync_acks).__name__} {sync_acks!r}")
         directory = os.fspath(path)
         _make_directory(directory)
         MemoryBackend.__init__(self, clock=self._read_clock,
@@ -195,6 +216,7 @@ class SharedLogBackend(ShmBackend):
         self.shm_name = journal_name(directory)
         self._journal_file = os.path.join(SHM_DIR, PREFIX + self.shm_name)
         self.fsync = fsync
+        self._sync_acks = sync_acks
         self._fsync_interval_s = fsync_interval_s
         self._segment_bytes = segment_bytes
         self._compact_bytes = compact_bytes
@@ -502,6 +524,18 @@ class SharedLogBackend(ShmBackend):
         return not self._log_behind and self._journal.position() == (
             self._generation, self._applied)
 
+    def _sync_due(self) -> bool:
+        """Return whether the log thread has records to sync (writer only).
+
+        Under "always" that is every record in the log that no sync
+        covers: the acks of this process do not wait for a sync, so this
+        thread makes them durable in its next group commit. Otherwise
+        it is the records of other processes (this process's threads
+        sync their own)."""
+        mark = self._log_state[1] if self.fsync == "always" \
+            else self._others_mark
+        return mark > self._durable[_DURABLE]
+
     def _run_log_thread(self) -> None:
         while not self._stop.is_set():
             try:
@@ -512,14 +546,14 @@ class SharedLogBackend(ShmBackend):
                     logger.info("log broker %s: process %d took over the "
                                 "log", self.path, os.getpid())
                 epoch = self._journal.wait_prepare()
-                if self._caught_up():
+                if self._caught_up() and not self._sync_due():
                     self._journal.wait(epoch, TAKEOVER_INTERVAL_S)
-                    if self._caught_up():
+                    if self._caught_up() and not self._sync_due():
                         continue
-                with self._lock:
-                    pass
-                # This process's threads sync their own records.
-                if self._others_mark > self._durable[_DURABLE]:
+                if not self._caught_up():
+                    with self._lock:
+                        pass
+                if self._sync_due():
                     self._flush_log()
             except ShutDown:
                 return
