@@ -786,6 +786,20 @@ def test_settings_are_stored_in_backend(broker):
     assert changed.max_attempts == 5
 
 
+@pytest.mark.parametrize("change", [{"weights": {9: 1, 0: 1}},
+                                    {"weights": {9: 3, 5: 1, 0: 1}},
+                                    {"policy": "strict"}])
+def test_replace_keeps_lanes_and_policy(broker, change):
+    config = broker.declare_topic("t", weights={9: 3, 0: 1})
+    settings = {"weights": {9: 3, 0: 1}, **change}
+    with pytest.raises(mqs.TopicConfigError,
+                       match="lanes and policy cannot change"):
+        broker.declare_topic("t", replace=True, **settings)
+    with pytest.raises(mqs.TopicConfigError, match="replace=True"):
+        broker.declare_topic("t", **settings)
+    assert broker.topic_config("t") == config
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"policy": "fair"}, "policy must be 'weighted' or 'strict', got 'fair'"),
     ({"weights": {10: 1}}, "priorities from 0 to 9, got 10"),

@@ -108,7 +108,7 @@ from mqs._seglog import SegmentLog
 from mqs.broker._backend import Delivery, Envelope, GroupStats
 from mqs.broker._memory import (
     MemoryBackend,
-    _conflict,
+    _redeclare_changes,
     _sample_every,
     _slice,
     _stayed_full,
@@ -121,7 +121,6 @@ from mqs.errors import (
     LogVersionError,
     MessageTooLarge,
     ShutDown,
-    TopicConfigError,
 )
 
 __all__ = ["LogBackend"]
@@ -507,17 +506,9 @@ class LogBackend(MemoryBackend):
         with self._lock:
             self._check_open()
             state = self._topics.get(config.name)
-            if state is not None:
-                if state.config == config:
-                    return config
-                if not replace:
-                    raise TopicConfigError(_conflict(state.config, config))
-                if state.config.weights != config.weights \
-                        or state.config.policy != config.policy:
-                    raise TopicConfigError(
-                        f"topic {config.name!r}: lanes and policy cannot "
-                        f"change while it exists; "
-                        f"delete_topic({config.name!r}) first")
+            if state is not None and not _redeclare_changes(
+                    state.config, config, replace):
+                return config
             self._tick()
             self._logged("declare", config, random.getrandbits(64))
             self._notify()

@@ -92,15 +92,8 @@ class MemoryBackend(Backend):
                 self._topics[config.name] = TopicState(
                     config, self.clock, self._next_id, self.sample_every)
                 return config
-            if state.config == config:
+            if not _redeclare_changes(state.config, config, replace):
                 return config
-            if not replace:
-                raise TopicConfigError(_conflict(state.config, config))
-            if state.config.weights != config.weights \
-                    or state.config.policy != config.policy:
-                raise TopicConfigError(
-                    f"topic {config.name!r}: lanes and policy cannot change "
-                    f"while it exists; delete_topic({config.name!r}) first")
             state.config = config
             self._notify()
             return config
@@ -343,6 +336,26 @@ def _stayed_full(topic: str, maxsize: int, published: int,
         f"topic {topic!r} stayed full (maxsize {maxsize}): published "
         f"{published} of {total} messages; consume faster or raise maxsize",
         published)
+
+
+def _redeclare_changes(stored: TopicConfig, config: TopicConfig,
+                       replace: bool) -> bool:
+    """Return whether declaring an existing topic with `config` changes
+    its `stored` settings.
+
+    Raises TopicConfigError when it would change them without
+    replace=True, or change the lanes or the policy, which no backend
+    can do while the topic exists.
+    """
+    if stored == config:
+        return False
+    if not replace:
+        raise TopicConfigError(_conflict(stored, config))
+    if stored.weights != config.weights or stored.policy != config.policy:
+        raise TopicConfigError(
+            f"topic {config.name!r}: lanes and policy cannot change "
+            f"while it exists; delete_topic({config.name!r}) first")
+    return True
 
 
 def _conflict(stored: TopicConfig, new: TopicConfig) -> str:

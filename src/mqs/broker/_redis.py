@@ -95,13 +95,16 @@ from mqs.broker._backend import (
     GroupStats,
 )
 from mqs import metrics
-from mqs.broker._memory import _conflict, _sample_every, _stayed_full
+from mqs.broker._memory import (
+    _redeclare_changes,
+    _sample_every,
+    _stayed_full,
+)
 from mqs.broker._policy import Backoff, Rate, TopicConfig
 from mqs.errors import (
     BackendConnectionError,
     Full,
     ShutDown,
-    TopicConfigError,
     UnknownTopic,
 )
 
@@ -398,14 +401,8 @@ class RedisBackend(Backend):
         if reply[0] == b"NEW":
             return config
         stored = _config_from_json(reply[1])
-        if stored == config:
+        if not _redeclare_changes(stored, config, replace):
             return config
-        if not replace:
-            raise TopicConfigError(_conflict(stored, config))
-        if stored.weights != config.weights or stored.policy != config.policy:
-            raise TopicConfigError(
-                f"topic {config.name!r}: lanes and policy cannot change "
-                f"while it exists; delete_topic({config.name!r}) first")
         self._run(config.name, "replace", raw)
         return config
 
