@@ -1,5 +1,6 @@
-"""Fixtures and child-process helpers of the durable SharedQueue tests
-(test_shared_durable.py and test_shared_persist.py).
+"""Fixtures of the durable SharedQueue tests (test_shared_durable.py and
+test_shared_persist.py), and child-process helpers that other
+SharedQueue tests use too.
 
 Children run as separate interpreters; every helper that waits on one
 has a time bound and kills it by PID before the test fails.

@@ -30,6 +30,7 @@ import zlib
 import pytest
 
 import mqs
+from durable_helpers import communicate
 from mqs.shared import QueueLayoutError, QueueNotFound, SharedQueue
 
 SHM_DIR = "/dev/shm"
@@ -90,18 +91,6 @@ def finish_process(process, timeout=CHILD_TIMEOUT_S):
         pytest.fail(f"child process {process.pid} did not finish in "
                     f"{timeout} s; killed it")
     return process.exitcode
-
-
-def finish_popen(proc, timeout=CHILD_TIMEOUT_S):
-    """Wait for a subprocess; kill it and fail past `timeout`."""
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"subprocess {proc.pid} did not finish in {timeout} s; "
-                    f"killed it\nstdout: {stdout}\nstderr: {stderr}")
-    return proc.returncode, stdout, stderr
 
 
 def wait_for_pid(pid, timeout=CHILD_TIMEOUT_S):
@@ -173,7 +162,7 @@ def run_python(code, timeout=CHILD_TIMEOUT_S):
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    return finish_popen(proc, timeout)
+    return communicate(proc, timeout)
 
 
 # Children of multiprocessing tests. Module level, so spawn and forkserver
@@ -1081,7 +1070,7 @@ def test_blocked_call_raises_keyboard_interrupt_on_sigint(make_queue, shm_name,
         time.sleep(0.2)
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        status, stdout, stderr = finish_popen(proc, timeout=30)
+        status, stdout, stderr = communicate(proc, timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import durable_helpers
 import mqs
 from mqs.shared import QueueLayoutError, SharedQueue
 
@@ -45,16 +46,10 @@ def run_child(code):
         stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc, timeout=CHILD_TIMEOUT_S):
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"child {proc.pid} did not finish in {timeout} s\n"
-                    f"stdout: {stdout}\nstderr: {stderr}")
-    assert proc.returncode == 0, stderr
-    return stdout
+def finish(proc):
+    """Wait for `proc`, check that it exited with status 0, return its
+    stdout."""
+    return durable_helpers.finish(proc, CHILD_TIMEOUT_S)
 
 
 # -- one process -----------------------------------------------------------

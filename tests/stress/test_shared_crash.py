@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 import shared_workers
+from durable_helpers import communicate
 from shared_workers import (
     BAD_BODY,
     HEADER,
@@ -78,18 +79,6 @@ def kill_all(processes):
         if process.is_alive():
             process.kill()
             process.join(10)
-
-
-def finish_popen(proc, timeout=CHILD_TIMEOUT_S):
-    """Wait for a subprocess; kill it and fail past `timeout`."""
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"subprocess {proc.pid} did not finish in {timeout} s; "
-                    f"killed it\nstdout: {stdout}\nstderr: {stderr}")
-    return proc.returncode, stdout, stderr
 
 
 def wait_for_state(pid, state, timeout=30.0):
@@ -357,7 +346,7 @@ def test_failpoint_copy_is_the_one_children_import(failpoint_path):
         import mqs._shared
         print(mqs._shared.__file__)
     """)
-    status, stdout, stderr = finish_popen(proc)
+    status, stdout, stderr = communicate(proc)
     assert status == 0, stderr
     assert stdout.startswith(failpoint_path.split(os.pathsep)[0])
 
@@ -374,7 +363,7 @@ def test_producer_killed_at_failpoint_is_repaired(failpoint_path, shm_name,
     victim = start_child(failpoint_path,
                          produce_code(shm_name, 1, 10, 256),
                          failpoint=f"{failpoint}:5")
-    status, stdout, stderr = finish_popen(victim)
+    status, stdout, stderr = communicate(victim)
     assert status == -signal.SIGKILL, stderr
     assert stdout == ""
     # The surviving producer puts behind the unfinished record.
@@ -406,13 +395,13 @@ def test_process_taking_dead_producer_slot_repairs_it(failpoint_path,
     victim = start_child(failpoint_path,
                          produce_code(shm_name, 1, 10, 256),
                          failpoint="put_before_publish:3")
-    status, _, stderr = finish_popen(victim)
+    status, _, stderr = communicate(victim)
     assert status == -signal.SIGKILL, stderr
     # (No qsize here: it would repair the dead claim itself.)
     # The next process to attach gets the lowest free slot, the victim's.
     survivor = start_child(failpoint_path,
                            produce_code(shm_name, 2, 50, 256))
-    status, stdout, stderr = finish_popen(survivor)
+    status, stdout, stderr = communicate(survivor)
     assert status == 0, stderr
     assert stdout == "50\n"
     assert "turned 1 unpublished record(s) of dead producer(s) into " \
@@ -439,7 +428,7 @@ def test_consumer_killed_after_take_loses_only_its_record(failpoint_path,
             message = q.get(timeout=30)
             print(int.from_bytes(message[:4], "little"), flush=True)
     """, failpoint="take_after_cas:5")
-    status, stdout, stderr = finish_popen(victim)
+    status, stdout, stderr = communicate(victim)
     assert status == -signal.SIGKILL, stderr
     assert stdout.split() == ["0", "1", "2", "3"]
 
@@ -462,7 +451,7 @@ def test_consumer_killed_after_take_loses_only_its_record(failpoint_path,
     """)
     for n in range(69, 320):
         q.put(n.to_bytes(4, "little") + bytes(108), timeout=30)
-    status, stdout, stderr = finish_popen(consumer)
+    status, stdout, stderr = communicate(consumer)
     assert status == 0, stderr
     assert [int(s) for s in stdout.split()] == list(range(5, 320))
     stats = q.stats()
@@ -487,7 +476,7 @@ def test_stalled_producer_is_waited_for_and_reported(failpoint_path,
         wait_for_state(stalled.pid, "T")
         survivor = start_child(failpoint_path,
                                produce_code(shm_name, 2, 50, 512))
-        status, _, stderr = finish_popen(survivor)
+        status, _, stderr = communicate(survivor)
         assert status == 0, stderr
 
         assert [HEADER.unpack_from(q.get(timeout=5))[:2]
@@ -505,7 +494,7 @@ def test_stalled_producer_is_waited_for_and_reported(failpoint_path,
         assert "into padding" not in caplog.text
 
         stalled.send_signal(signal.SIGCONT)
-        status, stdout, stderr = finish_popen(stalled)
+        status, stdout, stderr = communicate(stalled)
     finally:
         if stalled.poll() is None:
             stalled.kill()
@@ -549,7 +538,7 @@ def test_each_stall_is_reported_to_polling_reader(failpoint_path, shm_name,
             assert [int(pid) for pid in report.findall(caplog.text)] == [
                 stalled.pid]
             stalled.send_signal(signal.SIGCONT)
-            status, _, stderr = finish_popen(stalled)
+            status, _, stderr = communicate(stalled)
         finally:
             if stalled.poll() is None:
                 stalled.kill()
@@ -584,7 +573,7 @@ def test_consumer_killed_holding_delay_lock_loses_nothing(
     # before (or right after) putting the first one into the ring.
     victim = start_child(failpoint_path, delayed_consume_code(shm_name),
                          failpoint=failpoint)
-    status, stdout, stderr = finish_popen(victim)
+    status, stdout, stderr = communicate(victim)
     assert status == -signal.SIGKILL, stderr
     assert stdout == ""
 
@@ -622,7 +611,7 @@ def test_producer_killed_in_delayed_put_loses_only_its_message(
         q = SharedQueue(name={shm_name!r}, create=False)
         q.put(b"victim", delay=0.1)
     """, failpoint="delay_put_before_insert")
-    status, _, stderr = finish_popen(victim)
+    status, _, stderr = communicate(victim)
     assert status == -signal.SIGKILL, stderr
     # The lock is not wedged: the next put repairs and goes through.
     q.put(b"after", delay=0.1)
