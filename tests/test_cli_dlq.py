@@ -259,15 +259,7 @@ def redis_broker(redis_url):
     broker = mqs.Broker("redis", url=redis_url, serializer="pickle",
                         namespace=namespace)
     try:
-        broker.declare_topic("orders")
-        broker.publish_many("orders", [{"n": n} for n in range(3)])
-        consumer = broker.consume("orders", "billing", prefetch=3)
-        for message in consumer.get_many(3, timeout=5):
-            if message.body["n"] < 2:
-                message.nack(requeue=False, error="bad total")
-            else:
-                message.ack()
-        consumer.close()
+        add_two_dead_letters(broker)
         yield redis_url, namespace
     finally:
         broker.close()
@@ -278,6 +270,20 @@ def redis_broker(redis_url):
                 client.unlink(*keys)
         finally:
             client.close()
+
+
+def add_two_dead_letters(broker):
+    """Declare topic "orders" and publish bodies 0, 1 and 2 to it. Group
+    "billing" rejects 0 and 1, so they become dead letters, and acks 2."""
+    broker.declare_topic("orders")
+    broker.publish_many("orders", [{"n": n} for n in range(3)])
+    consumer = broker.consume("orders", "billing", prefetch=3)
+    for message in consumer.get_many(3, timeout=5):
+        if message.body["n"] < 2:
+            message.nack(requeue=False, error="bad total")
+        else:
+            message.ack()
+    consumer.close()
 
 
 def redis_args(redis_broker):
@@ -346,15 +352,7 @@ def shm_broker():
     name = f"test-cli-dlq-{uuid.uuid4().hex[:12]}"
     broker = mqs.Broker("shm", name=name)
     try:
-        broker.declare_topic("orders")
-        broker.publish_many("orders", [{"n": n} for n in range(3)])
-        consumer = broker.consume("orders", "billing", prefetch=3)
-        for message in consumer.get_many(3, timeout=5):
-            if message.body["n"] < 2:
-                message.nack(requeue=False, error="bad total")
-            else:
-                message.ack()
-        consumer.close()
+        add_two_dead_letters(broker)
         broker.close()
         yield name
     finally:
