@@ -700,23 +700,25 @@ class LogBackend(MemoryBackend):
 
     def stats(self, topic: str) -> dict[str, int]:
         with self._lock:
-            self._check_open()
-            state = self._topic(topic)
-            now = self._tick()
-            wake = state.wheel.next_deadline()
-            if wake is not None and wake <= now:
-                self._logged("tick", topic)
+            state, _ = self._advanced_topic(topic)
             return state.stats()
 
     def group_stats(self, topic: str) -> list[GroupStats]:
         with self._lock:
-            self._check_open()
-            state = self._topic(topic)
-            now = self._tick()
-            wake = state.wheel.next_deadline()
-            if wake is not None and wake <= now:
-                self._logged("tick", topic)
+            state, now = self._advanced_topic(topic)
             return state.group_stats(now)
+
+    def _advanced_topic(self, topic: str) -> tuple[TopicState, float]:
+        """Return the state of `topic` and the operation's time, after
+        logging a tick if a timer of the topic is due, so that the stats
+        count its expiries. The caller holds the lock."""
+        self._check_open()
+        state = self._topic(topic)
+        now = self._tick()
+        wake = state.wheel.next_deadline()
+        if wake is not None and wake <= now:
+            self._logged("tick", topic)
+        return state, now
 
     def close(self) -> None:
         """Write a snapshot, close the log and release the directory.
