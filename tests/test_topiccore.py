@@ -9,7 +9,12 @@ import uuid
 
 import pytest
 
-from mqs._topiccore import TopicCore, TopicCoreLayoutError, TopicRetired
+from mqs._topiccore import (
+    PAYLOAD_EXTRAS,
+    TopicCore,
+    TopicCoreLayoutError,
+    TopicRetired,
+)
 from mqs.errors import ShutDown
 
 LANES = ((9, 8), (5, 4), (0, 1))
@@ -100,23 +105,49 @@ def test_topiccore_publish_pickled_reports_full_and_too_big(path):
     core.close()
 
 
+def test_topiccore_closed_handle_raises(path):
+    core = TopicCore(path, LANES)
+    group = core.open_group("g", True)
+    consumer = core.open_consumer(group, 2, 7)
+    core.close()
+    with pytest.raises(ValueError, match="is closed"):
+        core.publish_pickled("x", 0)
+    with pytest.raises(ValueError, match="is closed"):
+        core.fetch_one(consumer, 30.0, False, 7)
+    assert not core.has_dead()
+
+
 def test_topiccore_fetch_one_delivers_one_at_a_time(path):
     core = TopicCore(path, LANES)
     group = core.open_group("g", True)
     consumer = core.open_consumer(group, 2, 7)
     assert core.fetch_one(consumer, 30.0, False, 7) is None
-    for body in (b"a", b"b", b"c"):
-        core.publish(body, 0, 1.0)
+    for body in ("a", "b", "c"):
+        core.publish_pickled(body, 0)
     first = core.fetch_one(consumer, 30.0, False, 7)
     second = core.fetch_one(consumer, 30.0, False, 7)
-    assert (first[0], first[6]) == (1, b"a")
-    assert (second[0], second[6]) == (2, b"b")
+    assert first[0] == 1
+    assert first[6:] == ("a", {}, None, None)
+    assert second[0] == 2
+    assert second[6] == "b"
     # Two in flight is the prefetch: nothing more until an ack.
     assert core.fetch_one(consumer, 30.0, False, 7) is None
     assert core.ack(group, first[1], first[2])
-    assert core.fetch_one(consumer, 30.0, False, 7)[6] == b"c"
+    assert core.fetch_one(consumer, 30.0, False, 7)[6] == "c"
     with pytest.raises(ShutDown, match="is closed"):
         core.fetch_one(consumer, 30.0, False, 8)
+    core.close()
+
+
+def test_topiccore_fetch_one_unpacks_extras(path):
+    core = TopicCore(path, LANES)
+    group = core.open_group("g", True)
+    consumer = core.open_consumer(group, 2, 7)
+    extras = pickle.dumps((pickle.dumps([1, 2]), {"h": 1}, "reply", "c1"))
+    core.publish(bytes([PAYLOAD_EXTRAS]) + extras, 3, 1.0)
+    item = core.fetch_one(consumer, 30.0, False, 7)
+    assert item[4] == 3
+    assert item[6:] == ([1, 2], {"h": 1}, "reply", "c1")
     core.close()
 
 

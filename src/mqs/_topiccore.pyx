@@ -90,7 +90,7 @@ include "_mapped_file.pxi"
 
 __all__ = ["TopicCore", "TopicCoreLayoutError", "TopicRetired",
            "COUNTER_NAMES", "GROUP_COUNTER_NAMES", "DEAD_REASONS",
-           "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD"]
+           "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD", "PAYLOAD_EXTRAS"]
 
 # The order of the topic's counters in the header (mqs_topiccore.h).
 COUNTER_NAMES = ("published", "delivered", "acked", "nacked", "redelivered",
@@ -120,8 +120,14 @@ class TopicRetired(Exception):
     out of the core; the caller goes on with the exported state."""
 
 
-# Bound once: `publish_pickled` runs per message.
+# First byte of a payload that carries headers, reply_to or
+# correlation_id besides the body: the pickle of ``(pickled body, headers,
+# reply_to, correlation_id)`` follows it. A plain pickle starts with 0x80.
+PAYLOAD_EXTRAS = 0
+
+# Bound once: `publish_pickled` and `fetch_one` run per message.
 cdef object _dumps = pickle.dumps
+cdef object _loads = pickle.loads
 cdef object _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -304,9 +310,12 @@ cdef class TopicCore(_MappedFile):
         cdef double at = mqs_monotonic_ns() / 1e9
         cdef int64_t rc
         cdef uint32_t slot
-        if length > self._header.config.v.params.slot_bytes:
-            return -2
         self._lock()
+        # Checked here, not by mqs_tc_publish, because a length over 2**32
+        # would wrap in the cast.
+        if length > self._header.config.v.params.slot_bytes:
+            self._unlock(False)
+            return -2
         rc = mqs_tc_publish(self._header, PyBytes_AS_STRING(payload),
                             <uint32_t>length, <uint32_t>priority, wall, at,
                             &slot)
@@ -436,16 +445,22 @@ cdef class TopicCore(_MappedFile):
 
     def fetch_one(self, uint32_t consumer, double ack_timeout,
                   bint auto_ack, uint64_t owner):
-        """Deliver one message now as `fetch` does; return its ``(seq,
-        slot, ticket, attempts, priority, timestamp, body)``, or None when
-        none is ready or the consumer holds `prefetch` messages.
+        """Deliver one message now as `fetch` does and unpickle it; return
+        ``(seq, slot, ticket, attempts, priority, timestamp, body,
+        headers, reply_to, correlation_id)``, or None when none is ready
+        or the consumer holds `prefetch` messages.
 
-        Raises `ShutDown` as `fetch` does. Never waits.
+        The payload is a pickle, or `PAYLOAD_EXTRAS` and the pickle of
+        the body with its extras; without extras, headers is a new empty
+        dict and the other two are None. Raises `ShutDown` as `fetch`
+        does, and the unpickler's errors after the message is in flight.
+        Never waits.
         """
         cdef int64_t n = 0
         cdef double at = mqs_monotonic_ns() / 1e9
         cdef mqs_tc_delivery_t *d = self._out
-        cdef object found = None
+        cdef bytes payload
+        cdef tuple head
         self._lock()
         try:
             if owner and (
@@ -457,16 +472,25 @@ cdef class TopicCore(_MappedFile):
                 n = mqs_tc_fetch(self._header, consumer, 1, ack_timeout,
                                  auto_ack, at, d)
             if n == 1:
-                found = (d.seq, d.slot, d.ticket, d.attempts, d.priority,
-                         d.timestamp,
-                         PyBytes_FromStringAndSize(<char *>d.body,
-                                                   d.length))
+                head = (d.seq, d.slot, d.ticket, d.attempts, d.priority,
+                        d.timestamp)
+                payload = PyBytes_FromStringAndSize(<char *>d.body,
+                                                    d.length)
         finally:
             self._unlock(n == 1)
         if n == MQS_ECLOSED:
             raise ShutDown(f"consumer {consumer} of topic core {self.path} "
                            f"is closed")
-        return found
+        if n != 1:
+            return None
+        # Unpickled after the unlock: an unpickler runs arbitrary code,
+        # which must not run inside the shared mutex.
+        if len(payload) and (<unsigned char *>PyBytes_AS_STRING(payload))[0] \
+                == PAYLOAD_EXTRAS:
+            body, headers, reply_to, correlation_id = _loads(
+                memoryview(payload)[1:])
+            return head + (_loads(body), headers, reply_to, correlation_id)
+        return head + (_loads(payload), {}, None, None)
 
     def ack(self, uint32_t group, uint32_t slot, uint64_t ticket, now=None):
         """Acknowledge; return False for a stale tag (counted)."""
@@ -556,9 +580,14 @@ cdef class TopicCore(_MappedFile):
 
     def has_dead(self):
         """Return whether a group holds dead entries (read without the
-        mutex, so only a hint: `retire_and_export` returns them)."""
-        cdef uint32_t groups = self._header.config.v.params.max_groups
+        mutex, so only a hint: `retire_and_export` returns them). False
+        once closed: the broker closes a handle after its topic left the
+        core."""
+        cdef uint32_t groups
         cdef uint32_t g
+        if self._header == NULL:
+            return False
+        groups = self._header.config.v.params.max_groups
         for g in range(groups):
             if mqs_tc_group(self._header, g).dead:
                 return True

@@ -327,7 +327,7 @@ class Backend(abc.ABC):
         timeout ends.
         """
 
-    def fetch_one(self, topic: str, group: str, consumer: str, *,
+    def fetch_one(self, topic: str, group: str, consumer: str,
                   ack_timeout: float, auto_ack: bool) -> Delivery | None:
         """Deliver one message that is ready now through the backend's
         fast path; return None to make the caller use `fetch`.

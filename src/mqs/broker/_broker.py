@@ -154,17 +154,11 @@ class Message:
         self._consumer = consumer
         self._delivery = delivery
         self._settled = settled
-        self.body = delivery.body
-        self.id = delivery.id
-        self.topic = delivery.topic
-        self.group = delivery.group
-        self.priority = delivery.priority
-        self.attempts = delivery.attempts
-        self.key = delivery.key
-        self.headers = delivery.headers
-        self.timestamp = delivery.timestamp
-        self.reply_to = delivery.reply_to
-        self.correlation_id = delivery.correlation_id
+        # Unpacked in one step, because a lookup per field costs more and
+        # this runs per message. The tag stays in `_delivery`.
+        (self.id, _, self.topic, self.group, self.body, self.priority,
+         self.attempts, self.key, self.headers, self.timestamp,
+         self.reply_to, self.correlation_id) = delivery
 
     def __repr__(self) -> str:
         return (f"<mqs.Message {self.topic}/{self.id} priority="
@@ -190,10 +184,12 @@ class Message:
             the message was redelivered (counted as ``late_acks``). With
             ``auto_ack=True`` this does nothing and returns True.
         """
-        if self._settled and self._consumer.auto_ack:
-            return True
-        self._settle("ack")
         consumer = self._consumer
+        if self._settled:
+            if consumer.auto_ack:
+                return True
+            self._settle("ack")
+        self._settled = True
         return consumer._backend.ack(consumer.topic, consumer.group,
                                      self._delivery.tag)
 
@@ -372,9 +368,8 @@ class Consumer:
                                          and timeout >= 0))):
             # A message that is ready now needs no wait, so only the
             # timeout is checked first.
-            delivery = self._fetch_one(
-                self.topic, self.group, self._id,
-                ack_timeout=self.ack_timeout, auto_ack=self.auto_ack)
+            delivery = self._fetch_one(self.topic, self.group, self._id,
+                                       self.ack_timeout, self.auto_ack)
             if delivery is not None:
                 return Message(self, delivery, self.auto_ack)
         return self.get_many(1, timeout)[0]

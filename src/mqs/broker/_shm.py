@@ -163,6 +163,7 @@ from mqs._topiccore import (
     DEAD_REASONS,
     ENTRY_IN_FLIGHT,
     ENTRY_READY,
+    PAYLOAD_EXTRAS,
     TopicCore,
     TopicRetired,
 )
@@ -205,9 +206,7 @@ CORE_CAPACITY = 65536
 CORE_SLOT_BYTES = 480
 CORE_GROUPS = 8
 CORE_CONSUMERS = 512
-# First byte of a core payload that carries headers, reply_to or
-# correlation_id besides the body; a plain pickle starts with 0x80.
-_EXTRAS = 0
+_EXTRAS = PAYLOAD_EXTRAS
 
 # Every open ShmBackend of this process, given its own slot in a child.
 _instances: weakref.WeakSet[ShmBackend] = weakref.WeakSet()
@@ -922,7 +921,7 @@ class ShmBackend(LogBackend):
             return [delivery._replace(body=pickle.loads(delivery.body))
                     for delivery in found]
 
-    def fetch_one(self, topic: str, group: str, consumer: str, *,
+    def fetch_one(self, topic: str, group: str, consumer: str,
                   ack_timeout: float, auto_ack: bool) -> Delivery | None:
         entry = self._core_consumers.get(consumer)
         if entry is None or self._closed \
@@ -942,7 +941,12 @@ class ShmBackend(LogBackend):
             self._leave_core(topic)
         if item is None:
             return None
-        return _core_delivery(core.path, topic, group, entry[1], item)
+        (seq, slot, ticket, attempts, priority, timestamp, body, headers,
+         reply_to, correlation_id) = item
+        # As `_core_delivery` builds it.
+        return Delivery(f"s{seq}", (core.path, entry[1], slot, ticket, seq),
+                        topic, group, body, priority, attempts, None,
+                        headers, timestamp, reply_to, correlation_id)
 
     def _fetch_core(self, core: TopicCore, entry: tuple, topic: str,
                     group: str, max_items: int, ack_timeout: float,
