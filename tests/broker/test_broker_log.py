@@ -366,6 +366,22 @@ def test_log_second_broker_in_process_shares(tmp_path):
         consumer.close()
 
 
+def test_log_publish_declares_topic_deleted_elsewhere(tmp_path):
+    path = tmp_path / "broker"
+    with open_broker(path) as first, open_broker(path) as second:
+        first.publish("t", "old")
+        second.delete_topic("t")
+        # The publish finds the topic gone in the shared state and
+        # declares it again, instead of publishing to its stale replica.
+        first.publish("t", "new")
+        assert second.stats("t")["stored"] == 1
+        strict = mqs.Broker(first.backend, auto_declare=False)
+        second.delete_topic("t")
+        with pytest.raises(mqs.UnknownTopic, match="declare it first"):
+            strict.publish("t", "lost")
+        assert not second.backend.has_topic("t")
+
+
 DURABLE_QUEUE_HOLDER = """
 queue = mqs.SharedQueue(persist=sys.argv[1], fsync="always")
 queue.put(b"kept")

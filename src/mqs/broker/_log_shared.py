@@ -195,6 +195,9 @@ class SharedLogBackend(ShmBackend):
     name = "log"
     _snapshot_format = SHARED_FORMAT
     _formats_read = (FORMAT, SHARED_FORMAT)
+    # A publish looks the topic up under the journal mutex, after the
+    # replay, so the Broker needs no has_topic round before it.
+    publish_checks_topic = True
 
     def __init__(self, path: str | os.PathLike[str], *,
                  fsync: str = "interval", fsync_interval_s: float = 0.05,
