@@ -330,8 +330,9 @@ class SharedLogBackend(ShmBackend):
     def _enter_shared(self) -> None:
         super()._enter_shared()
         # Generation 0 is a journal that no process has restored yet:
-        # every restore ends in a compaction to generation 1.
-        if self._journal.position()[0] == 0:
+        # every restore ends in a compaction to generation 1. The
+        # section stored the journal's generation in _generation.
+        if self._generation == 0:
             self._restore_or_wait()
         elif self._writer and self._log_behind:
             self._write_snapshot()
@@ -356,7 +357,8 @@ class SharedLogBackend(ShmBackend):
 
     def _append(self, data: bytes) -> None:
         super()._append(data)
-        self._local.mark = self._position()
+        if self.fsync == "always":
+            self._local.mark = self._position()
         if self._writer and not self._log_behind:
             LogBackend._append(self, data)
             self._set_log_mark()
