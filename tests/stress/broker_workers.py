@@ -77,6 +77,23 @@ def consumer(open_broker, log_path, seed, stop, ack_timeout):
     broker.close()
 
 
+def publish_and_ack_forever(broker, report_fd):
+    """Publish 0, 1, 2, ... to topic "t" and write one byte to `report_fd`
+    after each publish returned. Between publishes, ack what group "g"
+    has ready, up to 2 messages. Runs until the process is killed."""
+    source = broker.consume("t", "g", prefetch=4, ack_timeout=600)
+    number = 0
+    while True:
+        broker.publish("t", number)
+        os.write(report_fd, b"p")
+        number += 1
+        try:
+            for message in source.get_many(2, timeout=0):
+                message.ack()
+        except mqs.Empty:
+            pass
+
+
 class Crew:
     """Producer and consumer processes, forked, each replaced by a new
     incarnation when it is killed.

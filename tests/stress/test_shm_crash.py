@@ -38,7 +38,13 @@ import uuid
 import pytest
 
 import mqs
-from broker_workers import FORK, Crew, check_redeliveries, read_step_logs
+from broker_workers import (
+    FORK,
+    Crew,
+    check_redeliveries,
+    publish_and_ack_forever,
+    read_step_logs,
+)
 from mqs.broker._shm import ShmBackend
 
 pytestmark = pytest.mark.stress
@@ -184,17 +190,7 @@ def work_until_killed(name, point, when, report_fd):
         method, _, after = point.partition(":")
         backend._journal = KillingJournal(backend._journal, method, when,
                                           after == "after")
-    source = broker.consume("t", "g", prefetch=4, ack_timeout=600)
-    number = 0
-    while True:
-        broker.publish("t", number)
-        os.write(report_fd, b"p")
-        number += 1
-        try:
-            for message in source.get_many(2, timeout=0):
-                message.ack()
-        except mqs.Empty:
-            pass
+    publish_and_ack_forever(broker, report_fd)
 
 
 POINTS = ["apply", "replay", "append:before", "append:after",
@@ -251,23 +247,15 @@ def test_shm_kill_inside_mutex_recovers(name, scale):
     broker.close()
 
 
+# Run by the failpoint tests with PYTHONPATH set to the failpoint copy
+# of mqs and this directory.
 CHILD = r"""
-import os, sys
+import sys
 import mqs
+from broker_workers import publish_and_ack_forever
 
 name, report = sys.argv[1], int(sys.argv[2])
-broker = mqs.Broker(backend="shm", name=name)
-source = broker.consume("t", "g", prefetch=4, ack_timeout=600)
-number = 0
-while True:
-    broker.publish("t", number)
-    os.write(report, b"p")
-    number += 1
-    try:
-        for message in source.get_many(2, timeout=0):
-            message.ack()
-    except mqs.Empty:
-        pass
+publish_and_ack_forever(mqs.Broker(backend="shm", name=name), report)
 """
 
 
