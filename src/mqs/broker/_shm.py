@@ -143,6 +143,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -154,7 +155,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mqs import metrics
@@ -759,11 +760,63 @@ class ShmBackend(LogBackend):
             self._check_open()
             self._move_to_journal(topic)
 
-    def _settle_dead(self, topic: str, core: TopicCore) -> None:
-        """Move a core topic whose core dead-lettered a message to the
-        journal, which keeps the topic's dead-letter queue."""
-        if core.has_dead():
+    def _core_or_journal(self, topic: str,
+                         on_core: Callable[[TopicCore], Any],
+                         on_journal: Callable[[], Any]) -> Any:
+        """Return `on_core` of the topic's core while the topic is on one,
+        else `on_journal` run as a journal operation.
+
+        `on_core` returns `_MOVED` to move the topic to the journal first;
+        a retired core moves it too. When the topic is on a core again by
+        the time the journal operation runs (deleted and declared anew),
+        the whole choice is made again.
+        """
+        while True:
+            core = self._fast_core(topic)
+            if core is None:
+                try:
+                    with self._journal_op():
+                        return on_journal()
+                except _OnCore:
+                    continue
+            try:
+                result = on_core(core)
+            except TopicRetired:
+                result = _MOVED
+            if result is not _MOVED:
+                return result
             self._leave_core(topic)
+
+    def _settle_tag(self, topic: str, tag: Any,
+                    on_core: Callable[[TopicCore, Any], Any],
+                    on_journal: Callable[[Any], bool]) -> bool:
+        """Settle a delivery's `tag` and return the result, or False for a
+        stale tag.
+
+        `on_core` settles on the core that delivered the tag. It gets the
+        core tag and returns `_MOVED` to move the topic to the journal
+        first. Once the topic is on the journal, `on_journal` settles
+        there with the journal form of the tag, which keeps the core's ids
+        and tickets.
+        """
+        while True:
+            core, current = self._core_tag(topic, tag)
+            if current is None:
+                return False
+            if core is not None:
+                try:
+                    result = on_core(core, current)
+                except TopicRetired:
+                    result = _MOVED
+                if result is not _MOVED:
+                    return bool(result)
+                self._leave_core(topic)
+                continue
+            try:
+                return on_journal(current)
+            except _OnCore:
+                if _stale_on_core(tag):
+                    return False
 
     # Operations that differ from the log backend's.
 
@@ -786,26 +839,27 @@ class ShmBackend(LogBackend):
     def publish(self, topic: str, envelopes: Sequence[Envelope],
                 timeout: float | None) -> list[str]:
         ids: list[str] = []
-        while True:
-            core = self._fast_core(topic)
-            if core is not None:
-                ids += self._publish_core(core, topic, envelopes[len(ids):])
-                if len(ids) == len(envelopes):
-                    return ids
-                # A feature the core lacks, a full core or a large body:
-                # the topic moves to the journal, behind the messages
-                # stored so far.
-                self._leave_core(topic)
+        journal_publish = super().publish
+
+        def publish_on_core(core: TopicCore) -> Any:
+            ids.extend(self._publish_core(core, topic, envelopes[len(ids):]))
+            if len(ids) == len(envelopes):
+                return ids
+            # A feature the core lacks, a full core or a large body: the
+            # topic moves to the journal, behind the messages stored so
+            # far.
+            return _MOVED
+
+        def publish_on_journal() -> list[str]:
             # Bodies travel as bytes; receivers unpickle them (see
             # `fetch`).
             encoded = [envelope._replace(body=pickle.dumps(
                 envelope.body, protocol=pickle.HIGHEST_PROTOCOL))
                 for envelope in envelopes[len(ids):]]
-            try:
-                with self._journal_op():
-                    return ids + super().publish(topic, encoded, timeout)
-            except _OnCore:
-                continue
+            return ids + journal_publish(topic, encoded, timeout)
+
+        return self._core_or_journal(topic, publish_on_core,
+                                     publish_on_journal)
 
     def publish_one(self, topic: str, body: Any, priority: int
                     ) -> str | None:
@@ -1036,23 +1090,11 @@ class ShmBackend(LogBackend):
                 return core.ack(tag[1], tag[2], tag[3])
             except TopicRetired:
                 pass
-        original = tag
-        while True:
-            core, tag = self._core_tag(topic, original)
-            if tag is None:
-                return False
-            if core is not None:
-                try:
-                    return core.ack(tag[1], tag[2], tag[3])
-                except TopicRetired:
-                    self._leave_core(topic)
-                    continue
-            try:
-                return self._settle("ack", topic, group, tag)
-            except _OnCore:
-                if not _stale_on_core(original):
-                    continue
-                return False
+        return self._settle_tag(
+            topic, tag,
+            lambda core, core_tag: core.ack(*core_tag[1:4]),
+            lambda journal_tag: self._settle("ack", topic, group,
+                                             journal_tag))
 
     def ack_many(self, topic: str, group: str, tags: Sequence[Any]
                  ) -> list[bool]:
@@ -1073,52 +1115,29 @@ class ShmBackend(LogBackend):
 
     def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
              delay: float | None, error: str | None) -> bool:
-        original = tag
-        while True:
-            core, tag = self._core_tag(topic, original)
-            if tag is None:
-                return False
-            if core is not None:
-                if requeue and not delay and error is None:
-                    try:
-                        done = core.nack(tag[1], tag[2], tag[3], True)
-                    except TopicRetired:
-                        self._leave_core(topic)
-                        continue
-                    self._settle_dead(topic, core)
-                    return done
+        def nack_on_core(core: TopicCore, core_tag: Any) -> Any:
+            if not requeue or delay or error is not None:
                 # A dead letter, a delay or an error text: the journal
                 # keeps those.
-                self._leave_core(topic)
-                continue
-            try:
-                return self._settle("nack", topic, group, tag, requeue,
-                                    delay, error)
-            except _OnCore:
-                if not _stale_on_core(original):
-                    continue
-                return False
+                return _MOVED
+            done = core.nack(*core_tag[1:4], True)
+            self._leave_core_if_dead(topic, core)
+            return done
+
+        return self._settle_tag(
+            topic, tag, nack_on_core,
+            lambda journal_tag: self._settle("nack", topic, group,
+                                             journal_tag, requeue, delay,
+                                             error))
 
     def extend(self, topic: str, group: str, tag: Any, seconds: float
                ) -> bool:
-        original = tag
-        while True:
-            core, tag = self._core_tag(topic, original)
-            if tag is None:
-                return False
-            if core is not None:
-                try:
-                    return core.extend(tag[1], tag[2], tag[3], seconds)
-                except TopicRetired:
-                    self._leave_core(topic)
-                    continue
-            try:
-                return self._settle("extend", topic, group, tag, seconds,
-                                    sync=False)
-            except _OnCore:
-                if not _stale_on_core(original):
-                    continue
-                return False
+        return self._settle_tag(
+            topic, tag,
+            lambda core, core_tag: core.extend(*core_tag[1:4], seconds),
+            lambda journal_tag: self._settle("extend", topic, group,
+                                             journal_tag, seconds,
+                                             sync=False))
 
     def release(self, topic: str, group: str, tags: Sequence[Any]) -> int:
         tags = list(tags)
@@ -1159,63 +1178,38 @@ class ShmBackend(LogBackend):
                 else state.in_flight(group, consumer)
 
     def stats(self, topic: str) -> dict[str, int]:
-        while True:
-            core = self._fast_core(topic)
-            if core is None:
-                try:
-                    with self._journal_op():
-                        return super().stats(topic)
-                except _OnCore:
-                    continue
-            try:
-                core.advance()
-                counts = core.stats()
-            except TopicRetired:
-                self._leave_core(topic)
-                continue
+        def stats_on_core(core: TopicCore) -> Any:
+            core.advance()
+            counts = core.stats()
             if counts["dead"]:
-                self._leave_core(topic)
-                continue
+                return _MOVED
             return _core_stats(core.counters(), counts)
 
+        return self._core_or_journal(topic, stats_on_core,
+                                     functools.partial(super().stats, topic))
+
     def group_stats(self, topic: str) -> list[GroupStats]:
-        while True:
-            core = self._fast_core(topic)
-            if core is None:
-                try:
-                    with self._journal_op():
-                        return super().group_stats(topic)
-                except _OnCore:
-                    continue
+        def group_stats_on_core(core: TopicCore) -> Any:
             now = time.monotonic()
-            try:
-                groups = core.group_stats(now)
-            except TopicRetired:
-                self._leave_core(topic)
-                continue
+            groups = core.group_stats(now)
             if core.has_dead():
-                self._leave_core(topic)
-                continue
+                return _MOVED
             return [_core_group_stats(topic, item, now, self.sample_every)
                     for item in groups]
 
+        return self._core_or_journal(
+            topic, group_stats_on_core,
+            functools.partial(super().group_stats, topic))
+
     def dlq_list(self, topic: str, limit: int | None = None
                  ) -> list[DeadLetter]:
-        while True:
-            core = self._fast_core(topic)
-            if core is not None:
-                if not core.has_dead():
-                    # Dead letters move a topic off its core at once.
-                    return []
-                self._leave_core(topic)
-            try:
-                with self._journal_op():
-                    letters = super().dlq_list(topic, limit)
-            except _OnCore:
-                continue
-            return [dataclasses.replace(letter,
-                                        body=pickle.loads(letter.body))
-                    for letter in letters]
+        # Dead letters move a topic off its core at once, so a core
+        # without dead entries has none.
+        letters = self._core_or_journal(
+            topic, lambda core: _MOVED if core.has_dead() else [],
+            functools.partial(super().dlq_list, topic, limit))
+        return [dataclasses.replace(letter, body=pickle.loads(letter.body))
+                for letter in letters]
 
     def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
                     ) -> int:
@@ -1226,8 +1220,12 @@ class ShmBackend(LogBackend):
         self._leave_core_if_dead(topic)
         return super().dlq_purge(topic)
 
-    def _leave_core_if_dead(self, topic: str) -> None:
-        core = self._fast_core(topic)
+    def _leave_core_if_dead(self, topic: str,
+                            core: TopicCore | None = None) -> None:
+        """Move a core topic whose core dead-lettered a message to the
+        journal, which keeps the topic's dead-letter queue."""
+        if core is None:
+            core = self._fast_core(topic)
         if core is not None and core.has_dead():
             self._leave_core(topic)
 
@@ -1311,6 +1309,11 @@ class ShmBackend(LogBackend):
 
     def __repr__(self) -> str:
         return f"<ShmBackend {self.shm_name!r}>"
+
+
+# Returned by the `on_core` functions of `_core_or_journal` and
+# `_settle_tag` to move the topic to the journal and run there.
+_MOVED = object()
 
 
 class _OnCore(Exception):
