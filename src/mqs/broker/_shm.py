@@ -188,6 +188,7 @@ from mqs.broker._state import (
     _Group,
     _Record,
 )
+from mqs.broker._wakeup import Wakeups
 from mqs.errors import BackendUnavailable, MessageTooLarge, ShutDown
 
 __all__ = ["ShmBackend", "REAP_INTERVAL_S"]
@@ -333,6 +334,10 @@ class ShmBackend(LogBackend):
     _cores: dict[str, TopicCore] = types.MappingProxyType({})  # type: ignore
     _replaying = False
     _guard = None
+    # The threads that wake awaiting coroutines (made on the first await)
+    # and how many journal waiter registrations those coroutines hold.
+    _async_wakeups: Wakeups | None = None
+    _async_registered = 0
 
     def __init__(self, name: str, *,
                  journal_bytes: int = DEFAULT_JOURNAL_BYTES) -> None:
@@ -971,6 +976,12 @@ class ShmBackend(LogBackend):
                                           ack_timeout=ack_timeout,
                                           auto_ack=auto_ack, timeout=left)
             except _OnCore:
+                if consumer not in self._core_consumers:
+                    # Topics never move back onto a core, so a consumer
+                    # the core does not know was closed.
+                    raise ShutDown(
+                        f"consumer of group {group!r} on topic {topic!r} "
+                        f"is closed") from None
                 continue
             return [delivery._replace(body=pickle.loads(delivery.body))
                     for delivery in found]
@@ -1244,14 +1255,90 @@ class ShmBackend(LogBackend):
                           max_items: int, *, ack_timeout: float,
                           auto_ack: bool, timeout: float | None
                           ) -> list[Delivery]:
-        # Commits of other processes cannot resolve this loop's futures,
-        # so poll (Backend's default).
-        return await Backend.fetch_async(
-            self, topic, group, consumer, max_items, ack_timeout=ack_timeout,
-            auto_ack=auto_ack, timeout=timeout)
+        """Like `fetch`, without blocking the running event loop.
+
+        Waits on the wait word that a publish bumps (the topic core's or
+        the journal's) through a `Wakeups` thread, and checks again at
+        least every REAP_INTERVAL_S for ack deadlines and dead consumers,
+        as `fetch` does.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            word = self._async_word(topic, consumer)
+            epoch = self._prepare_async(word)
+            try:
+                found = self.fetch(topic, group, consumer, max_items,
+                                   ack_timeout=ack_timeout,
+                                   auto_ack=auto_ack, timeout=0)
+                if found:
+                    return found
+                wait = REAP_INTERVAL_S
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return []
+                if word is self._async_word(topic, consumer):
+                    await self._wakeups.wait(word, epoch, wait)
+            finally:
+                self._finish_async(word)
 
     async def wait_changed_async(self, timeout: float) -> None:
-        await Backend.wait_changed_async(self, timeout)
+        word = self._journal
+        epoch = self._prepare_async(word)
+        try:
+            await self._wakeups.wait(word, epoch, timeout)
+        finally:
+            self._finish_async(word)
+
+    def _async_word(self, topic: str, consumer: str) -> Any:
+        """Return the wait word a change for `consumer` bumps: its topic
+        core's, or the journal's for a topic on the journal."""
+        if consumer in self._core_consumers:
+            core = self._fast_core(topic)
+            if core is not None:
+                return core
+        return self._journal
+
+    @property
+    def _wakeups(self) -> Wakeups:
+        wakeups = self._async_wakeups
+        if wakeups is None:
+            section = self._lock
+            assert isinstance(section, _SharedSection)
+            with section.thread_lock:
+                self._check_open()
+                if self._async_wakeups is None:
+                    self._async_wakeups = Wakeups(self.shm_name)
+                wakeups = self._async_wakeups
+        return wakeups
+
+    def _prepare_async(self, word: Any) -> int:
+        wakeups = self._wakeups
+        if word is not self._journal:
+            # A core handle stays mapped while a reference to it lives.
+            return wakeups.prepare(word)
+        # close() unmaps the journal under the thread lock, after it has
+        # finished the registrations counted here.
+        section = self._lock
+        assert isinstance(section, _SharedSection)
+        with section.thread_lock:
+            self._check_open()
+            epoch = wakeups.prepare(word)
+            self._async_registered += 1
+            return epoch
+
+    def _finish_async(self, word: Any) -> None:
+        wakeups = self._async_wakeups
+        assert wakeups is not None
+        if word is not self._journal:
+            wakeups.finish(word)
+            return
+        section = self._lock
+        assert isinstance(section, _SharedSection)
+        with section.thread_lock:
+            if self._async_registered:
+                self._async_registered -= 1
+                wakeups.finish(word)
 
     def close(self) -> None:
         """Release this process's slot and mapping; the broker and its
@@ -1265,12 +1352,19 @@ class ShmBackend(LogBackend):
                 return
             self._closed = True
             self._journal.signal()
+        if self._async_wakeups is not None:
+            self._async_wakeups.close()
         # Threads of this process that wait for a change return within
         # 50 ms, then see the broker closed.
         deadline = time.monotonic() + 1.0
         while self._waiting and time.monotonic() < deadline:
             time.sleep(0.001)
         with section.thread_lock:
+            # Coroutines still awaiting find the broker closed and finish
+            # nothing, so their journal registrations end here.
+            for _ in range(self._async_registered):
+                self._journal.cancel_wait()
+            self._async_registered = 0
             self._journal.close()
             # Dropped, not closed: a thread still in a core wait holds its
             # handle, which unmaps when the last reference goes.
@@ -1302,6 +1396,9 @@ class ShmBackend(LogBackend):
         self._lock = _SharedSection(self)  # type: ignore[assignment]
         self._held = False
         self._waiting = 0
+        # The parent's coroutines hold their own registrations.
+        self._async_wakeups = None
+        self._async_registered = 0
         if self._closed:
             return
         self._journal.reopen()
