@@ -190,3 +190,26 @@ def test_topiccore_retire_exports_state(path):
     assert other.retire_and_export()["slots"] == data["slots"]
     core.close()
     other.close()
+
+
+def test_topiccore_close_waits_for_parked_waiter(path):
+    core = TopicCore(path, [(0, 1)])
+    epoch = core.wait_prepare()
+    parked = threading.Thread(target=core.wait, args=(epoch, 0.05))
+    parked.start()
+    # The parked thread still holds the mapping; close defers the unmap.
+    core.close()
+    parked.join(10)
+    assert not parked.is_alive()
+    with pytest.raises(TopicRetired):
+        core.wait_prepare()
+    with pytest.raises(ValueError, match="closed"):
+        core.publish(b"x", 0, 0.0)
+    core.signal()  # a no-op on a closed handle
+
+
+def test_topiccore_closed_handle_rejects_new_waiter(path):
+    core = TopicCore(path, [(0, 1)])
+    core.close()
+    with pytest.raises(TopicRetired):
+        core.wait_prepare()

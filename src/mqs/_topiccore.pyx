@@ -181,6 +181,10 @@ cdef class TopicCore(_MappedFile):
 
     cdef mqs_tc_header_t *_header
     cdef mqs_tc_delivery_t *_out
+    # Waiters of this handle registered by `wait_prepare`, and whether
+    # `close` waits for them to leave before it unmaps.
+    cdef Py_ssize_t _waiters
+    cdef bint _close_pending
 
     def __cinit__(self, *args, **kwargs):
         self._header = NULL
@@ -253,7 +257,7 @@ cdef class TopicCore(_MappedFile):
 
     cdef int _lock_any(self) except -1:
         cdef int rc
-        if self._header == NULL:
+        if self._header == NULL or self._close_pending:
             raise ValueError(f"topic core {self.path} is closed")
         rc = mqs_tc_lock(self._header, 0)
         while rc == MQS_ETIMEDOUT:
@@ -731,7 +735,14 @@ cdef class TopicCore(_MappedFile):
     # Change notification.
 
     def wait_prepare(self):
-        """Register as a waiter; return the epoch to pass to `wait`."""
+        """Register as a waiter; return the epoch to pass to `wait`.
+
+        Raises `TopicRetired` once `close` was called: a closed handle
+        takes no new waiters.
+        """
+        if self._header == NULL or self._close_pending:
+            raise TopicRetired(self.path)
+        self._waiters += 1
         return mqs_wait_prepare(mqs_tc_changed(self._header))
 
     def wait(self, uint32_t epoch, double timeout):
@@ -739,20 +750,37 @@ cdef class TopicCore(_MappedFile):
         (at most 50 ms in one call), then deregister."""
         cdef int64_t timeout_ns = <int64_t>(min(max(timeout, 0.0), 0.05)
                                             * 1e9)
+        # The registration keeps the file mapped (see `close`).
         with nogil:
             mqs_wait_park(mqs_tc_changed(self._header), epoch, timeout_ns, 1)
-        mqs_wait_finish(mqs_tc_changed(self._header))
+        self._finish_wait()
 
     def cancel_wait(self):
         """Deregister a waiter that did not call `wait`."""
+        self._finish_wait()
+
+    cdef int _finish_wait(self) except -1:
         mqs_wait_finish(mqs_tc_changed(self._header))
+        self._waiters -= 1
+        if self._waiters == 0 and self._close_pending:
+            self._close_file()
+        return 0
 
     def signal(self):
-        mqs_wait_signal(mqs_tc_changed(self._header), 1)
+        if self._header != NULL:
+            mqs_wait_signal(mqs_tc_changed(self._header), 1)
 
     def close(self):
-        """Unmap the file; idempotent."""
-        self._close_file()
+        """Unmap the file; idempotent.
+
+        While threads of this process are registered waiters, the file
+        stays mapped until the last of them deregisters, because a
+        parked thread still writes to the wait word.
+        """
+        if self._waiters:
+            self._close_pending = True
+        else:
+            self._close_file()
 
     def __dealloc__(self):
         free(self._out)

@@ -1265,7 +1265,10 @@ class ShmBackend(LogBackend):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             word = self._async_word(topic, consumer)
-            epoch = self._prepare_async(word)
+            try:
+                epoch = self._prepare_async(word)
+            except TopicRetired:
+                continue  # the core handle was closed meanwhile
             try:
                 found = self.fetch(topic, group, consumer, max_items,
                                    ack_timeout=ack_timeout,
@@ -1315,7 +1318,8 @@ class ShmBackend(LogBackend):
     def _prepare_async(self, word: Any) -> int:
         wakeups = self._wakeups
         if word is not self._journal:
-            # A core handle stays mapped while a reference to it lives.
+            # A core handle stays mapped while it has registered waiters
+            # and raises TopicRetired once closed.
             return wakeups.prepare(word)
         # close() unmaps the journal under the thread lock, after it has
         # finished the registrations counted here.

@@ -25,6 +25,8 @@ import threading
 import weakref
 from typing import Any
 
+from mqs._topiccore import TopicRetired
+
 __all__ = ["Wakeups"]
 
 logger = logging.getLogger(__name__)
@@ -135,6 +137,10 @@ class _Watcher:
         try:
             while self._wait_for_waiters():
                 self._watch_once()
+        except TopicRetired:
+            # The core handle was closed: its topic left the core or was
+            # deleted. The woken coroutines look up their word again.
+            pass
         except Exception:
             logger.error("%s: the wakeup thread failed; awaiting consumers "
                          "fall back to their timeout", self.owner.name,
