@@ -53,7 +53,7 @@ What survives what
     log keeps the journal's order. Losing one of those records can only
     cause a redelivery, which at-least-once delivery allows. So SIGKILL
     of any process loses no ack (the journal, or the page cache once
-    the writer appended it, keeps it), but a power loss undoes the acks
+    the writer appended it, keeps it), but a power loss may undo the acks
     that no completed sync covered yet, about those of the last sync
     round: their messages are delivered again with ``attempts + 1``.
     ``sync_acks=True`` makes them wait for a covering sync as publishes
