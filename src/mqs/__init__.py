@@ -4,6 +4,7 @@ from mqs.errors import Empty, Full, MessageTooLarge, MqsError, ShutDown
 from mqs.errors import (
     AlreadySettled,
     BackendConnectionError,
+    CertificateVerifyError,
     BackendUnavailable,
     CircuitOpen,
     InvalidPriority,
@@ -74,6 +75,7 @@ __all__ = [
     "CircuitOpen",
     "AlreadySettled",
     "BackendConnectionError",
+    "CertificateVerifyError",
     "BackendUnavailable",
     "metrics",
     "start_metrics_server",

@@ -27,6 +27,7 @@ __all__ = [
     "AlreadySettled",
     "BackendUnavailable",
     "BackendConnectionError",
+    "CertificateVerifyError",
 ]
 
 
@@ -175,3 +176,8 @@ class BackendUnavailable(MqsError, ValueError):
 class BackendConnectionError(MqsError, ConnectionError):
     """Raised when a broker backend's server stays unreachable, or
     rejects the credentials, after the backend's retries."""
+
+
+class CertificateVerifyError(BackendConnectionError):
+    """Raised at once, without retries, when the TLS certificate of a
+    broker backend's server fails verification."""

@@ -225,12 +225,35 @@ def test_tls_wrong_password_rejected(tls_server):
     assert "wrong-pw" not in str(info.value)
 
 
-def test_tls_unknown_ca_fails(tls_server):
-    # Without the test CA the server's certificate cannot be verified.
+def test_tls_unknown_ca_fails_at_once(tls_server):
+    # Without the test CA the server's certificate cannot be verified. No
+    # retry can change that, so the error comes before retry_timeout.
     port, _ = tls_server
     url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0"
-    with pytest.raises(mqs.BackendConnectionError, match="unreachable"):
-        mqs.Broker(backend="redis", url=url, retry_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(mqs.CertificateVerifyError) as info:
+        mqs.Broker(backend="redis", url=url, retry_timeout=60)
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert f"127.0.0.1:{port}" in message
+    assert "ssl_ca_certs" in message
+    assert "ssl_cert_reqs=none" in message
+    assert PASSWORD not in message
+    assert isinstance(info.value, mqs.BackendConnectionError)
+    # Generous, and still far below the 60 s retry_timeout.
+    assert elapsed < 30
+
+
+def test_tls_unverified_url_connects(tls_server):
+    # The second fix the error names: skip the certificate check.
+    port, _ = tls_server
+    url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=none"
+    broker = mqs.Broker(backend="redis", url=url, namespace="tls-noverify")
+    try:
+        broker.publish("t", b"x")
+        assert broker.consume("t", "g").get(timeout=5).body == b"x"
+    finally:
+        broker.close()
 
 
 def test_plain_tcp_to_tls_port_fails(tls_server):

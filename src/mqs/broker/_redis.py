@@ -48,7 +48,9 @@ Connections
     when it is installed. A lost connection, a timed-out read or a
     server that is still loading its data is retried with exponential
     backoff and full jitter for up to `retry_timeout` seconds, each retry
-    logged; then `BackendConnectionError` is raised.
+    logged; then `BackendConnectionError` is raised. A server certificate
+    that fails TLS verification is not retried: its subclass
+    `CertificateVerifyError` is raised at once.
     A script that ran before the connection dropped may therefore run
     twice: a publish may store its batch twice (use ``dedup_id`` for
     exactly-once), a second ack finds a stale tag and returns False.
@@ -79,6 +81,7 @@ import json
 import logging
 import pickle
 import random
+import ssl
 import time
 import urllib.parse
 import uuid
@@ -103,6 +106,7 @@ from mqs.broker._memory import (
 from mqs.broker._policy import Backoff, Rate, TopicConfig
 from mqs.errors import (
     BackendConnectionError,
+    CertificateVerifyError,
     Full,
     ShutDown,
     UnknownTopic,
@@ -136,6 +140,19 @@ def _redis_module():
             "backend='redis' needs redis-py: pip install 'redis>=5' "
             "(and hiredis for faster replies)") from None
     return redis
+
+
+def _certificate_failed(exc: BaseException) -> bool:
+    """Return whether a redis-py connection error comes from a failed
+    TLS certificate check (redis-py 8.2 keeps the `ssl` error as the cause)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _public_url(url: str) -> str:
@@ -344,6 +361,14 @@ class RedisBackend(Backend):
                     f"Redis at {self.url} rejected the credentials ({exc}); "
                     f"check the user and password in the URL") from None
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if _certificate_failed(exc):
+                    # Retrying cannot fix a certificate.
+                    raise CertificateVerifyError(
+                        f"Redis at {self.url}: the server's TLS certificate "
+                        f"failed verification ({exc}); pass the CA that "
+                        f"signed it as ssl_ca_certs=<path.pem> in the URL, "
+                        f"or ssl_cert_reqs=none to skip the check (not "
+                        f"for untrusted networks)") from exc
                 if self._closed:
                     raise BackendConnectionError(
                         f"the redis backend of {self.url} is closed") from exc
