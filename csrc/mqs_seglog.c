@@ -34,6 +34,19 @@
 /* The writer drops page table entries of what it wrote every this many
  * bytes of a segment. */
 #define RELEASE_STEP ((uint64_t)8 << 20)
+/*
+ * Under "never" and "interval", the writer write()s zeros into the pages
+ * of the active segment ahead of its end, in ZEROS_STEP-aligned pieces,
+ * keeping at least ZEROS_MARGIN bytes ahead. Without that, the first
+ * store to each page of the preallocated file faults, and the kernel
+ * reads (zero-fills) a new page-cache page in the fault. A write() of
+ * whole pages creates those pages from its own bytes instead, and the
+ * later store only maps a cached page. On ext4 under Linux 6.18 this
+ * made 4 KiB appends about 30% faster (BENCHMARKS.md). The bytes stay
+ * zero, so readers, syncs and recovery see the same file.
+ */
+#define ZEROS_STEP ((size_t)2 << 20)
+#define ZEROS_MARGIN ((uint64_t)512 << 10)
 
 typedef struct index_entry {
     uint32_t rel;                   /* offset - base_offset */
@@ -72,6 +85,7 @@ struct mqs_segment {
 
     uint64_t synced_pos;            /* writer, under sync_mu */
     uint64_t released_pos;          /* writer: page entries dropped below */
+    uint64_t zeroed_pos;            /* writer: zeros written up to here */
     uint64_t extended_bytes;        /* file was short; zeros added at open */
 
     index_entry_t *idx;
@@ -145,6 +159,7 @@ struct mqs_seglog {
     _Atomic int64_t fp_left[FP_COUNT];
 #endif
 
+    int write_zeros;                /* writer: write zeros ahead (ZEROS_STEP) */
     _Atomic int64_t syncs;
     int64_t appended;
     int64_t segments_deleted;
@@ -1158,6 +1173,9 @@ static int start_writer(mqs_seglog_t *log)
     atomic_store(&log->synced_offset, is_durable(log)
                                           ? last->next_offset
                                           : log->segs[0]->base_offset);
+    /* Under "always" every append waits for a sync, which the zeros
+     * would not shorten. */
+    log->write_zeros = log->cfg.fsync_mode != MQS_SEGLOG_FSYNC_ALWAYS;
     if (log->cfg.fsync_mode == MQS_SEGLOG_FSYNC_INTERVAL) {
         if (pthread_create(&log->flusher, NULL, flusher_main, log) != 0)
             return MQS_ENOMEM;
@@ -1703,6 +1721,42 @@ int mqs_seglog_roll(mqs_seglog_t *log)
     return roll_locked(log);
 }
 
+/*
+ * Write zeros from the first whole page after the segment's end (or from
+ * where the last call stopped) up to `to`, capped at the segment's last
+ * whole page. Writer only. Every byte past the end of the active segment
+ * is already zero (new segments are preallocated, and recovery zeroes a
+ * torn tail), so this never changes a record. A failed write turns the
+ * zeros off for this handle, and the mapping fills the pages as before.
+ */
+static void write_zeros_ahead(mqs_seglog_t *log, mqs_segment_t *seg,
+                              uint64_t to)
+{
+    /* Never written. Not const, so that it sits in .bss and not in the
+     * library file; reads of its untouched pages map the zero page. */
+    static uint8_t zeros[ZEROS_STEP];
+    uint64_t page_mask = (uint64_t)log->page_bytes - 1;
+    uint64_t limit = seg->map_bytes & ~page_mask;
+    uint64_t from = (seg->end_pos + page_mask) & ~page_mask;
+
+    if (from < seg->zeroed_pos)
+        from = seg->zeroed_pos;
+    if (to > limit)
+        to = limit;
+    while (from < to) {
+        size_t len = ZEROS_STEP - (size_t)(from % ZEROS_STEP);
+        if (len > to - from)
+            len = (size_t)(to - from);
+        ssize_t n = pwrite(seg->fd, zeros, len, (off_t)from);
+        if (n <= 0) {
+            log->write_zeros = 0;
+            break;
+        }
+        from += (uint64_t)n;
+    }
+    seg->zeroed_pos = limit > from ? from : limit;
+}
+
 static void write_record(mqs_seglog_t *log, mqs_segment_t *seg,
                          const mqs_seglog_entry_t *e, uint32_t length)
 {
@@ -1774,6 +1828,11 @@ int mqs_seglog_append(mqs_seglog_t *log, const mqs_seglog_entry_t *entries,
                 return rc;
             seg = log->active;
         }
+        if (log->write_zeros &&
+            seg->end_pos + align_up(length) + ZEROS_MARGIN > seg->zeroed_pos &&
+            seg->zeroed_pos < seg->map_bytes)
+            write_zeros_ahead(log, seg, seg->end_pos + align_up(length) +
+                                            ZEROS_MARGIN + ZEROS_STEP);
         write_record(log, seg, e, length);
         log->appended++;
     }

@@ -394,6 +394,110 @@ static void test_reader_follows_replaced_empty_segment(void)
     CHECK_EQ(mqs_seglog_close(log), MQS_OK);
 }
 
+/* Count the non-zero bytes of a file in [from, to). */
+static uint64_t nonzero_bytes(const char *path, uint64_t from, uint64_t to)
+{
+    static uint8_t buf[1 << 16];
+    uint64_t count = 0;
+    int fd = open(path, O_RDONLY);
+
+    if (fd < 0)
+        return UINT64_MAX;
+    while (from < to) {
+        size_t want = to - from < sizeof buf ? (size_t)(to - from) : sizeof buf;
+        ssize_t n = pread(fd, buf, want, (off_t)from);
+        if (n <= 0)
+            break;
+        for (ssize_t k = 0; k < n; k++)
+            count += buf[k] != 0;
+        from += (uint64_t)n;
+    }
+    close(fd);
+    return count;
+}
+
+/*
+ * Under "never" and "interval" the writer writes zeros ahead of the end
+ * of the active segment in steps of 2 MiB. Records of 1-12 KiB go through
+ * several of those steps and two rolls. A reader handle must see each
+ * record right after its append, and the files must keep their size.
+ * The bytes after the last record must stay zero, and a reopen must
+ * recover every record with nothing cut.
+ */
+static void test_zeros_ahead_keep_records_and_size(void)
+{
+    const uint64_t segment = (uint64_t)4 << 20;
+    const int modes[] = {MQS_SEGLOG_FSYNC_NEVER, MQS_SEGLOG_FSYNC_INTERVAL};
+
+    for (size_t m = 0; m < sizeof modes / sizeof modes[0]; m++) {
+        char path[300], seg[400];
+        mqs_seglog_t *log, *reader;
+        mqs_seglog_config_t rc = config(segment, modes[m]);
+        mqs_seglog_recovery_t report;
+        mqs_seglog_record_t r;
+        mqs_seglog_stats_t s;
+        int64_t n = 0, last_base = 0;
+        int bad = 0, unseen = 0;
+        uint64_t tail = 0;
+
+        snprintf(path, sizeof path, "%s/zeros-%zu", root, m);
+        log = open_log(path, config(segment, modes[m]), NULL);
+        rc.readonly = 1;
+        reader = open_log(path, rc, NULL);
+        for (uint64_t written = 0; written < 3 * segment; n++) {
+            uint32_t size = 1000 + (uint32_t)((n * 2654435761u) % 11000);
+            CHECK_EQ(append_sized(log, size, n), n);
+            written += size;
+            if (mqs_seglog_read(reader, n, &r) != MQS_OK ||
+                !value_matches(&r, size, n))
+                unseen++;
+        }
+        CHECK_EQ(unseen, 0);
+        for (int64_t i = 0; i < n; i++)
+            if (mqs_seglog_read(log, i, &r) != MQS_OK ||
+                !value_matches(&r, 1000 + (uint32_t)((i * 2654435761u) % 11000),
+                               i))
+                bad++;
+        CHECK_EQ(bad, 0);
+        mqs_seglog_get_stats(log, &s);
+        CHECK(s.segments >= 3);
+        CHECK_EQ(s.end_offset, n);
+        CHECK_EQ(mqs_seglog_read(log, n - 1, &r), MQS_OK);
+        tail = r.position + MQS_SEGLOG_RECORD_HEADER_BYTES + r.value_len;
+        last_base = mqs_seglog_segment_base(r.segment);
+        CHECK_EQ(mqs_seglog_close(reader), MQS_OK);
+        CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+
+        snprintf(seg, sizeof seg, "%s/%020" PRId64 ".seg", path, last_base);
+        CHECK_EQ(file_size(seg), segment);
+        CHECK_EQ(nonzero_bytes(seg, (tail + 7) & ~(uint64_t)7, segment), 0);
+        snprintf(seg, sizeof seg, "%s/%020d.seg", path, 0);
+        CHECK_EQ(file_size(seg), segment);
+
+        log = open_log(path, config(segment, modes[m]), &report);
+        CHECK_EQ(report.bytes_zeroed, 0);
+        CHECK_EQ(report.records_dropped, 0);
+        mqs_seglog_get_stats(log, &s);
+        CHECK_EQ(s.end_offset, n);
+        /* Appends after the reopen start mid-page: the zeros must not
+         * reach the records already in that page. */
+        for (int64_t i = n; i < n + 3; i++)
+            CHECK_EQ(append_sized(log, 100, i), i);
+        bad = 0;
+        for (int64_t i = n - 20; i < n; i++)
+            if (mqs_seglog_read(log, i, &r) != MQS_OK ||
+                !value_matches(&r, 1000 + (uint32_t)((i * 2654435761u) % 11000),
+                               i))
+                bad++;
+        for (int64_t i = n; i < n + 3; i++)
+            if (mqs_seglog_read(log, i, &r) != MQS_OK ||
+                !value_matches(&r, 100, i))
+                bad++;
+        CHECK_EQ(bad, 0);
+        CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+    }
+}
+
 static void test_retention_unlinks_old_sealed_segments(void)
 {
     char path[300];
@@ -667,6 +771,7 @@ int main(void)
     test_readonly_handle_follows_writer();
     test_reader_follows_replaced_empty_segment();
     test_retention_unlinks_old_sealed_segments();
+    test_zeros_ahead_keep_records_and_size();
     test_always_sync_covers_each_record();
     test_group_commit_shares_syncs();
     test_recovery_zeroes_garbage_after_tail();
