@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -231,3 +232,72 @@ def test_cli_bridge_rejects_same_topic(tmp_path):
     reopened = mqs.Broker(backend="log", path=str(path))
     assert reopened.stats("t")["published"] == 1
     reopened.close()
+
+
+def test_forward_rejects_missing_source_topic():
+    source = mqs.Broker(backend="memory")
+    destination = mqs.Broker(backend="memory")
+    with pytest.raises(mqs.UnknownTopic,
+                       match="source topic 'orders' does not exist") as info:
+        bridge.forward(source, "orders", destination, "copy",
+                       idle_timeout=30)
+    assert info.value.topic == "orders"
+    assert "wait_for_topic=True" in str(info.value)
+    # Nothing was declared in place of the missing topic.
+    assert not source.backend.has_topic("orders")
+
+
+def test_forward_waits_for_topic_when_asked(tmp_path):
+    source = mqs.Broker(backend="log", path=tmp_path / "source")
+    destination = mqs.Broker(backend="memory")
+
+    def produce_later():
+        time.sleep(0.5)
+        source.declare_topic("orders")
+        source.publish("orders", b"late")
+
+    producer = threading.Thread(target=produce_later)
+    producer.start()
+    try:
+        moved = bridge.forward(source, "orders", destination, "copy",
+                               max_messages=1, wait_for_topic=True)
+    finally:
+        producer.join(30)
+    assert moved == 1
+    message = destination.consume("copy", "g").get(timeout=5)
+    assert message.body == b"late"
+    source.close()
+
+
+def test_forward_topic_wait_ends_on_idle_timeout():
+    source = mqs.Broker(backend="memory")
+    destination = mqs.Broker(backend="memory")
+    moved = bridge.forward(source, "orders", destination, "copy",
+                           idle_timeout=0.3, wait_for_topic=True)
+    assert moved == 0
+    assert not source.backend.has_topic("orders")
+
+
+def test_cli_bridge_rejects_missing_source_topic(tmp_path):
+    source = mqs.Broker(backend="log", path=tmp_path / "in")
+    source.declare_topic("other")
+    source.close()
+    process = _bridge_process(f"log:{tmp_path}/in#orders",
+                              f"log:{tmp_path}/out#t", "--idle-exit", "30")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "source topic 'orders' does not exist" in err.decode()
+    assert "--wait-for-topic" in err.decode()
+    assert "Traceback" not in err.decode()
+
+
+def test_cli_bridge_wait_for_topic_idle_exit(tmp_path):
+    source = mqs.Broker(backend="log", path=tmp_path / "in")
+    source.declare_topic("other")
+    source.close()
+    process = _bridge_process(f"log:{tmp_path}/in#orders",
+                              f"log:{tmp_path}/out#t", "--wait-for-topic",
+                              "--idle-exit", "0.5")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().strip() == "forwarded 0 messages"

@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from mqs.broker import Broker
-from mqs.errors import Empty
+from mqs.errors import Empty, UnknownTopic
 
 __all__ = ["Endpoint", "forward", "open_endpoint", "parse_endpoint",
            "same_topic"]
@@ -36,6 +36,8 @@ __all__ = ["Endpoint", "forward", "open_endpoint", "parse_endpoint",
 logger = logging.getLogger(__name__)
 
 SOURCE_HEADER = "mqs.bridge.source"
+# Seconds between checks for the source topic under wait_for_topic.
+_TOPIC_POLL_S = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +106,8 @@ def forward(source: Broker, source_topic: str, destination: Broker,
             batch: int = 100, ack_timeout: float = 60.0,
             max_messages: int | None = None,
             idle_timeout: float | None = None,
-            stop: threading.Event | None = None) -> int:
+            stop: threading.Event | None = None,
+            wait_for_topic: bool = False) -> int:
     """Move messages from `source_topic` to `destination_topic`; return
     how many were forwarded.
 
@@ -113,6 +116,11 @@ def forward(source: Broker, source_topic: str, destination: Broker,
     the header ``mqs.bridge.source``), then acks them in one call.
     Returns after `max_messages` messages, after `idle_timeout` seconds
     without a message, or once `stop` is set (None: never).
+
+    Raises `mqs.UnknownTopic` when `source_topic` is not declared on
+    `source`, unless `wait_for_topic` is true: then it first waits until
+    a producer declares the topic (or publishes to it), within the same
+    `idle_timeout` and `stop`, and returns 0 if that ends the wait.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int of 1 or more, got {batch!r}")
@@ -122,6 +130,9 @@ def forward(source: Broker, source_topic: str, destination: Broker,
             f"source and destination are the same topic {source_topic!r} "
             f"of one broker, so messages would loop forever; give another "
             f"destination topic")
+    if not _source_topic_ready(source, source_topic, wait_for_topic,
+                               idle_timeout, stop):
+        return 0
     consumer = source.consume(source_topic, group, prefetch=batch,
                               ack_timeout=ack_timeout)
     destination._ensure_topic(destination_topic)
@@ -156,6 +167,38 @@ def forward(source: Broker, source_topic: str, destination: Broker,
     finally:
         consumer.close(drain=False)
     return moved
+
+
+def _source_topic_ready(source: Broker, topic: str, wait: bool,
+                        idle_timeout: float | None,
+                        stop: threading.Event | None) -> bool:
+    """Return whether `topic` exists on `source`, waiting for it when
+    `wait` is true; False when `idle_timeout` or `stop` ended the wait.
+
+    Consuming a missing topic would declare it with default settings,
+    so a bridge with a mistyped source name would wait forever and a
+    producer's later declaration with other settings would fail.
+    """
+    if source.backend.has_topic(topic):
+        return True
+    if not wait:
+        raise UnknownTopic(
+            f"source topic {topic!r} does not exist on the source broker; "
+            f"check the name, declare the topic first, or pass "
+            f"wait_for_topic=True (mqs bridge --wait-for-topic) to wait "
+            f"until a producer declares it", topic)
+    logger.info("bridge: waiting for source topic %s to be declared", topic)
+    started = time.monotonic()
+    while not source.backend.has_topic(topic):
+        if idle_timeout is not None \
+                and time.monotonic() - started >= idle_timeout:
+            return False
+        if stop is not None:
+            if stop.wait(_TOPIC_POLL_S):
+                return False
+        else:
+            time.sleep(_TOPIC_POLL_S)
+    return True
 
 
 def _envelope(destination: Broker, source_topic: str, message: Any):

@@ -45,6 +45,10 @@ def add_parser(subparsers: Any) -> None:
                         metavar="SECONDS",
                         help="stop after this many seconds without a "
                              "message")
+    parser.add_argument("--wait-for-topic", action="store_true",
+                        help="wait until the source topic is declared; "
+                             "without it a missing source topic is an "
+                             "error")
     parser.add_argument("--pickle", action="store_true",
                         help="open redis endpoints with "
                              "serializer='pickle', for bodies other than "
@@ -80,7 +84,7 @@ def _run_bridge(args: argparse.Namespace) -> int:
             source, source_end.topic, destination, destination_end.topic,
             group=args.group, batch=args.batch,
             max_messages=args.max_messages, idle_timeout=args.idle_exit,
-            stop=stop)
+            stop=stop, wait_for_topic=args.wait_for_topic)
     except (CommandError, MqsError, OSError, ValueError,
             TypeError) as exc:
         console.print(f"[bold red]mqs bridge: error:[/bold red] "
