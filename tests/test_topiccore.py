@@ -15,6 +15,7 @@ from mqs._topiccore import (
     TopicCoreLayoutError,
     TopicRetired,
 )
+from mqs.broker._backend import Delivery
 from mqs.errors import ShutDown
 
 LANES = ((9, 8), (5, 4), (0, 1))
@@ -113,29 +114,42 @@ def test_topiccore_closed_handle_raises(path):
     with pytest.raises(ValueError, match="is closed"):
         core.publish_pickled("x", 0)
     with pytest.raises(ValueError, match="is closed"):
-        core.fetch_one(consumer, 30.0, False, 7)
+        fetch_one(core, consumer)
     assert not core.has_dead()
+
+
+def fetch_one(core, consumer, owner=7):
+    return core.fetch_one(consumer, 30.0, False, owner, Delivery, "t", "g",
+                          0)
 
 
 def test_topiccore_fetch_one_delivers_one_at_a_time(path):
     core = TopicCore(path, LANES)
     group = core.open_group("g", True)
     consumer = core.open_consumer(group, 2, 7)
-    assert core.fetch_one(consumer, 30.0, False, 7) is None
+    assert fetch_one(core, consumer) is None
     for body in ("a", "b", "c"):
         core.publish_pickled(body, 0)
-    first = core.fetch_one(consumer, 30.0, False, 7)
-    second = core.fetch_one(consumer, 30.0, False, 7)
-    assert first[0] == 1
-    assert first[6:] == ("a", {}, None, None)
-    assert second[0] == 2
-    assert second[6] == "b"
+    first = fetch_one(core, consumer)
+    second = fetch_one(core, consumer)
+    assert isinstance(first, Delivery)
+    assert first.id == "s1"
+    assert first.tag[0] == path
+    assert first.tag[1] == group
+    assert first.tag[4] == 1
+    assert (first.topic, first.group) == ("t", "g")
+    assert first.body == "a"
+    assert (first.priority, first.attempts, first.key) == (0, 1, None)
+    assert first.headers == {}
+    assert (first.reply_to, first.correlation_id) == (None, None)
+    assert second.id == "s2"
+    assert second.body == "b"
     # Two in flight is the prefetch: nothing more until an ack.
-    assert core.fetch_one(consumer, 30.0, False, 7) is None
-    assert core.ack(group, first[1], first[2])
-    assert core.fetch_one(consumer, 30.0, False, 7)[6] == "c"
+    assert fetch_one(core, consumer) is None
+    assert core.ack(group, first.tag[2], first.tag[3])
+    assert fetch_one(core, consumer).body == "c"
     with pytest.raises(ShutDown, match="is closed"):
-        core.fetch_one(consumer, 30.0, False, 8)
+        fetch_one(core, consumer, owner=8)
     core.close()
 
 
@@ -145,9 +159,12 @@ def test_topiccore_fetch_one_unpacks_extras(path):
     consumer = core.open_consumer(group, 2, 7)
     extras = pickle.dumps((pickle.dumps([1, 2]), {"h": 1}, "reply", "c1"))
     core.publish(bytes([PAYLOAD_EXTRAS]) + extras, 3, 1.0)
-    item = core.fetch_one(consumer, 30.0, False, 7)
-    assert item[4] == 3
-    assert item[6:] == ([1, 2], {"h": 1}, "reply", "c1")
+    delivery = fetch_one(core, consumer)
+    assert delivery.priority == 3
+    assert delivery.timestamp == 1.0
+    assert delivery.body == [1, 2]
+    assert delivery.headers == {"h": 1}
+    assert (delivery.reply_to, delivery.correlation_id) == ("reply", "c1")
     core.close()
 
 

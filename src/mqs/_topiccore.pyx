@@ -448,23 +448,32 @@ cdef class TopicCore(_MappedFile):
         return found
 
     def fetch_one(self, uint32_t consumer, double ack_timeout,
-                  bint auto_ack, uint64_t owner):
+                  bint auto_ack, uint64_t owner, type delivery_type,
+                  str topic, str group, uint32_t group_index):
         """Deliver one message now as `fetch` does and unpickle it; return
-        ``(seq, slot, ticket, attempts, priority, timestamp, body,
-        headers, reply_to, correlation_id)``, or None when none is ready
-        or the consumer holds `prefetch` messages.
+        it as a `delivery_type`, or None when none is ready or the
+        consumer holds `prefetch` messages.
 
-        The payload is a pickle, or `PAYLOAD_EXTRAS` and the pickle of
-        the body with its extras; without extras, headers is a new empty
-        dict and the other two are None. Raises `ShutDown` as `fetch`
-        does, and the unpickler's errors after the message is in flight.
-        Never waits.
+        `delivery_type` is a tuple subclass with the fields of
+        `mqs.broker.Delivery`: id ``s<seq>``, tag ``(path, group_index,
+        slot, ticket, seq)``, `topic`, `group`, body, priority, attempts,
+        key (None), headers, timestamp, reply_to and correlation_id. The
+        payload is a pickle, or `PAYLOAD_EXTRAS` and the pickle of the
+        body with its extras; without extras, headers is a new empty dict
+        and the other two are None. Raises `ShutDown` as `fetch` does,
+        and the unpickler's errors after the message is in flight. Never
+        waits.
         """
         cdef int64_t n = 0
         cdef double at = mqs_monotonic_ns() / 1e9
         cdef mqs_tc_delivery_t *d = self._out
         cdef bytes payload
-        cdef tuple head
+        cdef uint64_t seq = 0
+        cdef uint32_t slot = 0
+        cdef uint64_t ticket = 0
+        cdef uint64_t attempts = 0
+        cdef uint32_t priority = 0
+        cdef double timestamp = 0
         self._lock()
         try:
             if owner and (
@@ -476,8 +485,12 @@ cdef class TopicCore(_MappedFile):
                 n = mqs_tc_fetch(self._header, consumer, 1, ack_timeout,
                                  auto_ack, at, d)
             if n == 1:
-                head = (d.seq, d.slot, d.ticket, d.attempts, d.priority,
-                        d.timestamp)
+                seq = d.seq
+                slot = d.slot
+                ticket = d.ticket
+                attempts = d.attempts
+                priority = d.priority
+                timestamp = d.timestamp
                 payload = PyBytes_FromStringAndSize(<char *>d.body,
                                                     d.length)
         finally:
@@ -493,8 +506,17 @@ cdef class TopicCore(_MappedFile):
                 == PAYLOAD_EXTRAS:
             body, headers, reply_to, correlation_id = _loads(
                 memoryview(payload)[1:])
-            return head + (_loads(body), headers, reply_to, correlation_id)
-        return head + (_loads(payload), {}, None, None)
+            body = _loads(body)
+        else:
+            body = _loads(payload)
+            headers = {}
+            reply_to = correlation_id = None
+        # What the named tuple's own __new__ does, without its Python
+        # frame.
+        return tuple.__new__(delivery_type, (
+            f"s{seq}", (self.path, group_index, slot, ticket, seq), topic,
+            group, body, priority, attempts, None, headers, timestamp,
+            reply_to, correlation_id))
 
     def ack(self, uint32_t group, uint32_t slot, uint64_t ticket, now=None):
         """Acknowledge; return False for a stale tag (counted)."""

@@ -996,7 +996,9 @@ class ShmBackend(LogBackend):
         if core is None:
             return None
         try:
-            item = core.fetch_one(entry[2], ack_timeout, auto_ack, entry[3])
+            delivery = core.fetch_one(entry[2], ack_timeout, auto_ack,
+                                      entry[3], Delivery, topic, group,
+                                      entry[1])
         except (TopicRetired, ShutDown):
             # `fetch` moves the topic or raises with the consumer named.
             return None
@@ -1004,14 +1006,7 @@ class ShmBackend(LogBackend):
             # The fetch ran the ack deadlines and dead-lettered a message;
             # the journal keeps dead letters.
             self._leave_core(topic)
-        if item is None:
-            return None
-        (seq, slot, ticket, attempts, priority, timestamp, body, headers,
-         reply_to, correlation_id) = item
-        # As `_core_delivery` builds it.
-        return Delivery(f"s{seq}", (core.path, entry[1], slot, ticket, seq),
-                        topic, group, body, priority, attempts, None,
-                        headers, timestamp, reply_to, correlation_id)
+        return delivery
 
     def _fetch_core(self, core: TopicCore, entry: tuple, topic: str,
                     group: str, max_items: int, ack_timeout: float,
