@@ -462,22 +462,29 @@ static void recompute_deadlines(mqs_tc_header_t *h)
     state_of(h)->next_deadline = next;
 }
 
+/* Count a delivered message put back for another delivery: after a nack
+ * with requeue, a missed ack deadline, or the close of the consumer that
+ * held it (a release of unseen messages is not one). Lock held. */
+static void count_redelivery(mqs_tc_header_t *h, uint32_t g)
+{
+    state_of(h)->counters[MQS_TC_REDELIVERED]++;
+    mqs_tc_group(h, g)->counters[MQS_TC_GROUP_REDELIVERED]++;
+}
+
 static void expire(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
                    double now)
 {
     mqs_tc_group_t *group = mqs_tc_group(h, g);
-    mqs_tc_state_t *s = state_of(h);
     mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
     uint64_t attempts = mqs_tc_word_attempts(load_word(e));
 
     leave_flight(h, g, e);
     e->timed_out = 1;
-    s->counters[MQS_TC_REDELIVERED]++;
-    group->counters[MQS_TC_GROUP_REDELIVERED]++;
     if (exhausted(h, g, attempts)) {
         group->counters[MQS_TC_GROUP_ERRORS]++;
         dead_letter(h, g, slot, attempts, MQS_TC_REASON_ACK_TIMEOUT);
     } else {
+        count_redelivery(h, g);
         make_ready(h, g, slot, attempts, 0, now);
     }
 }
@@ -752,6 +759,7 @@ static int64_t requeue_where(mqs_tc_header_t *h, uint32_t g,
         mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
         uint64_t attempts = mqs_tc_word_attempts(load_word(e));
         leave_flight(h, g, e);
+        count_redelivery(h, g);
         make_ready(h, g, items[i].slot, attempts, 0, now);
     }
     free(items);
@@ -971,8 +979,10 @@ int mqs_tc_nack(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
         dead_letter(h, group, slot, attempts, MQS_TC_REASON_REJECTED);
     else if (exhausted(h, group, attempts))
         dead_letter(h, group, slot, attempts, MQS_TC_REASON_MAX_ATTEMPTS);
-    else
+    else {
+        count_redelivery(h, group);
         make_ready(h, group, slot, attempts, 0, now);
+    }
     return 1;
 }
 

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import mqs
+from mqs.broker._backend import Backend
 
 
 def drain(consumer, limit=10_000):
@@ -1052,3 +1053,60 @@ def test_producer_linger_batches_messages(broker):
     got = consumer.get_many(10, timeout=10)
     assert [m.body for m in got] == [0, 1, 2, 3, 4]
     producer.close()
+
+
+def test_redelivered_counts_every_put_back(broker):
+    broker.declare_topic("t", max_attempts=3)
+    group_stats_known = type(broker.backend).group_stats \
+        is not Backend.group_stats
+    broker.publish_many("t", ["nack", "late", "held", "reject"])
+    consumer = broker.consume("t", "g", prefetch=4, ack_timeout=1.0)
+    got = {m.body: m for m in consumer.get_many(4, timeout=5)}
+    assert sorted(got) == ["held", "late", "nack", "reject"]
+
+    # A nack with requeue puts the message back: one redelivery.
+    assert got["nack"].nack(delay=0)
+    assert broker.stats("t")["redelivered"] == 1
+    # A rejected message is dead-lettered, not redelivered.
+    assert got["reject"].nack(requeue=False)
+    assert broker.stats("t")["redelivered"] == 1
+    assert got["held"].extend(60)
+
+    # "late" misses its ack deadline and comes back: two redeliveries.
+    # Each message got again is extended, so it stays in flight.
+    again = []
+    deadline = time.monotonic() + 10
+    while len(again) < 2 and time.monotonic() < deadline:
+        try:
+            found = consumer.get_many(4, timeout=1)
+        except mqs.Empty:
+            continue
+        for message in found:
+            assert message.extend(60)
+        again += found
+    assert sorted(m.body for m in again) == ["late", "nack"]
+    assert broker.stats("t")["redelivered"] == 2
+
+    # Closing a consumer that holds messages puts each back.
+    consumer.close(drain=False)
+    stats = broker.stats("t")
+    assert stats["redelivered"] == 5
+    assert stats["dead_lettered"] == 1
+    if group_stats_known:
+        (group,) = broker.group_stats("t")
+        assert group.redelivered == 5
+
+
+def test_redelivered_skips_dead_letter_at_deadline(broker):
+    broker.declare_topic("t", max_attempts=1)
+    broker.publish("t", "once")
+    consumer = broker.consume("t", "g", ack_timeout=0.1)
+    assert consumer.get(timeout=5).body == "once"
+    deadline = time.monotonic() + 10
+    while broker.stats("t")["dead_lettered"] == 0 \
+            and time.monotonic() < deadline:
+        with pytest.raises(mqs.Empty):
+            consumer.get(timeout=0.1)
+    stats = broker.stats("t")
+    assert stats["dead_lettered.ack_timeout"] == 1
+    assert stats["redelivered"] == 0

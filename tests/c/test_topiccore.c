@@ -218,6 +218,8 @@ static void test_deadline_redelivers_then_dead_letters(void)
     /* Message 1 missed its second deadline: max_attempts 2 reached. */
     mqs_tc_advance(h, NOW + 3.0);
     CHECK_EQ(counter(h, MQS_TC_DEAD_ACK_TIMEOUT), 1);
+    /* A dead letter is not a redelivery. */
+    CHECK_EQ(counter(h, MQS_TC_REDELIVERED), 1);
     CHECK_EQ(mqs_tc_next_dead(h, &dead), 1);
     CHECK_EQ(dead.reason, MQS_TC_REASON_ACK_TIMEOUT);
     CHECK_EQ(dead.attempts, 2);
@@ -257,6 +259,8 @@ static void test_nack_release_and_close(void)
     CHECK_EQ(mqs_tc_next_dead(h, &dead), 1);
     CHECK_EQ(dead.reason, MQS_TC_REASON_REJECTED);
     CHECK_EQ(dead.seq, 2);
+    /* Only the requeued nack is a redelivery. */
+    CHECK_EQ(counter(h, MQS_TC_REDELIVERED), 1);
     CHECK_EQ(mqs_tc_fetch(h, 0, 8, 30.0, 0, NOW, out), 3);
     CHECK_EQ(number_of(&out[0]), 2);
     CHECK_EQ(out[0].attempts, 1);       /* released unseen */
@@ -265,6 +269,7 @@ static void test_nack_release_and_close(void)
     CHECK_EQ(out[2].attempts, 2);
     /* Closing the consumer puts all three back, in publish order. */
     CHECK_EQ(mqs_tc_close_consumer(h, 0, NOW), 3);
+    CHECK_EQ(counter(h, MQS_TC_REDELIVERED), 4);
     CHECK_EQ(mqs_tc_open_consumer(h, 0, 8, 2, NOW), 0);
     CHECK_EQ(mqs_tc_fetch(h, 0, 8, 30.0, 0, NOW, out), 3);
     CHECK_EQ(number_of(&out[0]), 0);

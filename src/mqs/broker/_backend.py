@@ -130,7 +130,10 @@ COUNTER_KEYS = (
     "delivered",
     "acked",
     "nacked",
-    "redelivered",      # ack deadline missed, message put back
+    # A delivered message put back for another delivery: nack with
+    # requeue, missed ack deadline, or its consumer closed or died while
+    # holding it. Not a release of unseen messages, nor a dead letter.
+    "redelivered",
     "late_acks",        # ack, nack, extend or release with a stale tag
     "deduplicated",     # publish dropped: dedup_id seen in the window
     "expired",          # dropped: ttl passed before delivery

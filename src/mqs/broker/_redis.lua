@@ -945,6 +945,14 @@ local function set_error(g, id, rec, text)
   rec.e = 1
 end
 
+-- Counts a delivered message put back for another delivery: after a
+-- nack with requeue, a missed ack deadline or the close of the consumer
+-- that held it (a release of unseen messages is not one).
+local function count_redelivery(g)
+  count('redelivered')
+  gcount(g, 'redelivered')
+end
+
 local function expire(g, id, rec)
   if cfg.on_expire == 'dead_letter' then
     set_error(g, id, rec, 'ttl passed before delivery')
@@ -961,13 +969,12 @@ end
 -- already, with the delivery count unchanged (JUSTID).
 local function missed_deadline(g, id, rec, claimed)
   leave_flight(g, id, rec)
-  count('redelivered')
-  gcount(g, 'redelivered')
   set_error(g, id, rec, 'ack deadline passed')
   on_failure(g, rec.l)
   if exhausted(g, rec.a) then
     dead_letter(g, id, rec, 'ack_timeout')
   else
+    count_redelivery(g)
     if not claimed then
       park(g, id, rec)
     end
@@ -1544,6 +1551,7 @@ local function close_consumer()
   for _, id in ipairs(ids_by_seq(held)) do
     local rec = get_rec(g, id)
     leave_flight(g, id, rec)
+    count_redelivery(g)
     park(g, id, rec)
     make_ready(g, id, rec, false)
     returned = returned + 1
@@ -2023,6 +2031,7 @@ local function nack()
   elseif exhausted(g, rec.a) then
     dead_letter(g, id, rec, 'max_attempts')
   else
+    count_redelivery(g)
     local wait
     if ARGV[6] ~= '' then
       wait = tonumber(ARGV[6])

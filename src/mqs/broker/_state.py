@@ -420,6 +420,7 @@ class TopicState:
         for entry in list(group.entries.values()):
             if entry.state == IN_FLIGHT and entry.consumer == consumer:
                 self._leave_flight(entry)
+                self._count_redelivery(group)
                 self._make_ready(entry, front=False, now=now)
                 returned += 1
         del group.consumers[consumer]
@@ -440,13 +441,12 @@ class TopicState:
                                  now=min(now, entry.wake))
                 continue
             self._leave_flight(entry)
-            self.count("redelivered")
-            entry.group.redelivered += 1
             entry.last_error = "ack deadline passed"
             self._on_failure(entry.group, entry.record.lane, now)
             if self._exhausted(entry):
                 self._dead_letter(entry, "ack_timeout", now)
             else:
+                self._count_redelivery(entry.group)
                 self._make_ready(entry, front=False, now=now)
 
     def fetch(self, group_name: str, consumer: str, max_items: int,
@@ -609,6 +609,7 @@ class TopicState:
         elif self._exhausted(entry):
             self._dead_letter(entry, "max_attempts", now)
         else:
+            self._count_redelivery(entry.group)
             wait = retry_delay(self.config, entry.attempts, delay, self.rng)
             if wait > 0:
                 self._delay_until(entry, now + wait)
@@ -645,6 +646,13 @@ class TopicState:
         if group is None or consumer not in group.consumers:
             return 0
         return group.consumers[consumer][1]
+
+    def _count_redelivery(self, group: _Group) -> None:
+        """Count a delivered message put back for another delivery: after
+        a nack with requeue, a missed ack deadline or the close of the
+        consumer that held it (a release of unseen messages is not)."""
+        self.count("redelivered")
+        group.redelivered += 1
 
     def _exhausted(self, entry: _Entry) -> bool:
         return attempts_exhausted(self.config, entry.attempts,
