@@ -268,6 +268,51 @@ def test_log_opens_single_process_log_format(path):
     broker.close()
 
 
+ENVELOPE_RECORDS = """
+import pickle
+from mqs.broker import _shm
+
+path = sys.argv[1]
+broker = mqs.Broker(backend="log", path=path, segment_bytes=1 << 20)
+broker.declare_topic("t")
+broker.consume("t", "g").close()
+# Publish records as mqs wrote them before plain tuples: Envelope objects.
+new_encoding = _shm.encode_record
+_shm.encode_record = lambda op, now, args: pickle.dumps(
+    (op, now, args), protocol=pickle.HIGHEST_PROTOCOL)
+broker.publish("t", {"n": 1}, headers={"h": "v"})
+broker.publish("t", "two", priority=9)
+_shm.encode_record = new_encoding
+broker.publish("t", "three")
+print(json.dumps({"published": 3}), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("reboot", [False, True])
+def test_log_replays_envelope_object_records(path, reboot):
+    child = Child(ENVELOPE_RECORDS, path)
+    try:
+        assert child.wait_report() == {"published": 3}
+    finally:
+        child.kill()
+    if reboot:
+        # The log's records alone restore the broker.
+        assert unlink_journal(path)
+
+    broker = open_broker(path)
+    assert broker.stats("t")["published"] == 3
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+    messages = {repr(message.body): message
+                for message in consumer.get_many(10, timeout=5)}
+    assert sorted(messages) == ["'three'", "'two'", "{'n': 1}"]
+    assert messages["{'n': 1}"].headers == {"h": "v"}
+    assert messages["'two'"].priority == 9
+    assert messages["'three'"].priority == 0
+    consumer.close(drain=False)
+    broker.close()
+
+
 def test_log_rejects_newer_snapshot_format(path):
     from mqs.broker._log import FORMAT, LogBackend
 

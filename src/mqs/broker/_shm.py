@@ -176,7 +176,7 @@ from mqs.broker._backend import (
     Envelope,
     GroupStats,
 )
-from mqs.broker._log import LogBackend
+from mqs.broker._log import LogBackend, encode_record
 from mqs.broker._memory import MemoryBackend
 from mqs.broker._policy import TopicConfig
 from mqs.broker._state import (
@@ -553,8 +553,7 @@ class ShmBackend(LogBackend):
 
     def _logged(self, op: str, *args: Any) -> Any:
         """Apply an operation at `_now` and append its record."""
-        data = pickle.dumps((op, self._now, args),
-                            protocol=pickle.HIGHEST_PROTOCOL)
+        data = encode_record(op, self._now, args)
         if len(data) > self._max_record:
             raise MessageTooLarge(
                 f"a {op} record of {len(data)} bytes does not fit in half "
