@@ -221,6 +221,15 @@ cdef class SharedJournal(_MappedFile):
         """Bytes a record of `length` payload bytes takes."""
         return mqs_journal_record_bytes(length)
 
+    def has_room(self, Py_ssize_t length):
+        """Return whether a record of `length` payload bytes fits after
+        the committed ones."""
+        self._check()
+        return mqs_journal_record_bytes(length) <= (
+            mqs_journal_bytes(self._header)
+            - <int64_t>(mqs_journal_head(self._header).position
+                        & 0xffffffff))
+
     def append(self, bytes payload):
         """Append a record; return the new committed bytes, or -1 when
         the journal has no room for it."""

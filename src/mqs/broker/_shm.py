@@ -563,9 +563,7 @@ class ShmBackend(LogBackend):
                 f"the journal of shm broker {self.shm_name!r} "
                 f"({self._max_record} bytes); open the broker with a larger "
                 f"journal_bytes or send smaller messages")
-        _, used = self._journal.position()
-        if self._journal.record_bytes(len(data)) > \
-                self._journal.journal_bytes - used:
+        if not self._journal.has_room(len(data)):
             self._compact()
         try:
             return self._apply(op, args)
