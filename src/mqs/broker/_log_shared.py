@@ -360,12 +360,14 @@ class SharedLogBackend(ShmBackend):
             self._replayed = True
 
     def _append(self, data: bytes) -> None:
-        super()._append(data)
+        ShmBackend._append(self, data)
+        # `_position` inlined: this runs in every operation.
+        position = (self._generation << 32) | self._applied
         if self.fsync == "always":
-            self._local.mark = self._position()
+            self._local.mark = position
         if self._writer and not self._log_behind:
             LogBackend._append(self, data)
-            self._set_log_mark()
+            self._log_state = (self._log, position)
 
     def _position(self) -> int:
         return (self._generation << 32) | self._applied
@@ -485,11 +487,23 @@ class SharedLogBackend(ShmBackend):
                     ) -> str | None:
         envelope = Envelope(
             pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL), priority)
+        # `LogBackend.publish` without its wait loop: a full topic that
+        # blocks and an unknown topic return None, so `publish` waits
+        # for room, declares the topic or raises.
         try:
-            return LogBackend.publish(self, topic, [envelope], None)[0]
-        except UnknownTopic:
-            # `publish` declares the topic or raises.
-            return None
+            with self._lock:
+                state = self._topics.get(topic)
+                if state is None:
+                    return None
+                now = self._tick()
+                if self._publish_blocked(state, envelope, now):
+                    return None
+                ids = self._publish_chunks(topic, [envelope], 0)
+                self._notify()
+                self._after_write()
+        finally:
+            self._sync(self._log)
+        return ids[0] if ids else None
 
     def fetch(self, topic: str, group: str, consumer: str, max_items: int,
               *, ack_timeout: float, auto_ack: bool,
