@@ -1250,6 +1250,9 @@ class ShmBackend(LogBackend):
         the journal's) through a `Wakeups` thread, and checks again at
         least every REAP_INTERVAL_S for ack deadlines and dead consumers,
         as `fetch` does.
+
+        NOTE: on a log broker with ``fsync="always"``, an auto_ack fetch
+        that delivers waits for the writer's sync on the loop's thread.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
