@@ -833,6 +833,23 @@ def test_unknown_topic_without_auto_declare(broker):
         broker.dlq_list("nope")
 
 
+def test_topics_lists_declared_sorted(broker):
+    assert broker.topics() == []
+    broker.declare_topic("orders")
+    broker.declare_topic("audit:2026")
+    broker.publish("billing", 1)  # declared on first use
+    assert broker.topics() == ["audit:2026", "billing", "orders"]
+    broker.delete_topic("orders")
+    assert broker.topics() == ["audit:2026", "billing"]
+
+
+def test_topics_after_close_fails(broker):
+    broker.declare_topic("orders")
+    broker.close()
+    with pytest.raises(mqs.ShutDown, match="is closed"):
+        broker.topics()
+
+
 def test_unknown_backend_names_choices():
     with pytest.raises(mqs.BackendUnavailable, match="'memory'"):
         mqs.Broker(backend="sqs")

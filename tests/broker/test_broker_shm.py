@@ -695,3 +695,16 @@ def test_shm_replicas_agree_after_any_operations(name, operations):
     for broker in brokers:
         broker.close()
     ShmBackend.unlink(name)
+
+
+def _declare_topics(name):
+    with open_broker(name) as broker:
+        broker.declare_topic("orders")
+        broker.publish("billing", 1)
+
+
+def test_shm_topics_declared_by_other_process(name):
+    with open_broker(name) as broker:
+        broker.declare_topic("audit")
+        join(start(_declare_topics, name))
+        assert broker.topics() == ["audit", "billing", "orders"]

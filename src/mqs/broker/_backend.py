@@ -282,6 +282,15 @@ class Backend(abc.ABC):
     def delete_topic(self, topic: str) -> None:
         """Drop a topic with its messages, groups and DLQ."""
 
+    def topics(self) -> list[str]:
+        """Return the names of the declared topics, sorted.
+
+        This default raises `NotImplementedError`: a backend lists its
+        topics only once it overrides it.
+        """
+        raise NotImplementedError(
+            f"backend {self.name!r} does not list its topics")
+
     # Producing.
 
     @abc.abstractmethod

@@ -753,6 +753,14 @@ class Broker:
         """Return the settings the backend stores for `topic`."""
         return self._backend.topic_config(topic)
 
+    def topics(self) -> list[str]:
+        """Return the names of the broker's declared topics, sorted.
+
+        Raises `NotImplementedError` if the backend cannot list them.
+        """
+        self._check_open()
+        return self._backend.topics()
+
     def delete_topic(self, topic: str) -> None:
         """Drop a topic with its messages, groups and dead letters."""
         self._backend.delete_topic(topic)

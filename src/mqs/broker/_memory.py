@@ -106,6 +106,12 @@ class MemoryBackend(Backend):
         with self._lock:
             return topic in self._topics
 
+    def topics(self) -> list[str]:
+        # The shm and log backends inherit this: their `_lock` brings the
+        # replica up to date with the other processes first.
+        with self._lock:
+            return sorted(self._topics)
+
     def delete_topic(self, topic: str) -> None:
         with self._lock:
             self._topic(topic)

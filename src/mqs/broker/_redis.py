@@ -441,6 +441,21 @@ class RedisBackend(Backend):
         return bool(self._call(self._client.hexists, self._meta(topic),
                                "cfg"))
 
+    def topics(self) -> list[str]:
+        # NOTE: like delete_topic, SCAN walks the whole database, so this
+        # slows down with the number of keys on the server.
+        pattern = "{" + _glob_escape(self._namespace) + ":*}:meta"
+        keys = self._call(lambda: list(self._client.scan_iter(
+            match=pattern, count=1000)))
+        prefix = "{" + self._namespace + ":"
+        names = []
+        for key in keys:
+            text = key.decode() if isinstance(key, bytes) else key
+            name = text[len(prefix):-len("}:meta")]
+            if self.has_topic(name):
+                names.append(name)
+        return sorted(names)
+
     def delete_topic(self, topic: str) -> None:
         # NOTE: SCAN walks the whole database to find the topic's keys, so
         # this (and Broker.request, which deletes its reply topic) slows
