@@ -243,8 +243,64 @@ def test_dlq_held_writer_lock_is_one_line_error(broker_dir):
 def test_dlq_needs_one_location(broker_dir):
     result = run_mqs("dlq", "list", "orders")
     assert result.returncode == 2
-    assert "one of the arguments --path --shm --url is required" \
-        in result.stderr
+    assert "give the broker: BROKER orders" in result.stderr
+    assert "one of the arguments --path --shm --url" in result.stderr
+
+
+def test_dlq_broker_and_flag_is_usage_error(broker_dir):
+    result = run_mqs("dlq", "list", broker_dir, "orders", "--path",
+                     broker_dir)
+    assert result.returncode == 2
+    assert "either as BROKER or with --path, not both" in result.stderr
+
+
+def test_dlq_positional_log_broker(broker_dir):
+    listed = run_mqs("dlq", "list", broker_dir, "orders", "--json")
+    assert listed.returncode == 0, listed.stderr
+    letters = json.loads(listed.stdout)
+    assert [letter["body"] for letter in letters] == \
+        [{"n": 0}, {"n": 1}, {"n": 2}]
+
+    table = run_mqs("dlq", "list", broker_dir, "orders")
+    assert table.returncode == 0, table.stderr
+    assert "dead letters of orders: 3" in table.stdout
+
+    redrive = run_mqs("dlq", "redrive", broker_dir, "orders", "--id",
+                      letters[2]["id"], "--json")
+    assert redrive.returncode == 0, redrive.stderr
+    assert json.loads(redrive.stdout) == {"topic": "orders", "redriven": 1}
+
+    purge = run_mqs("dlq", "purge", broker_dir, "orders", "--yes")
+    assert purge.returncode == 0, purge.stderr
+    assert "purged 2 dead letter(s) of orders" in purge.stdout
+    assert dead_letters(broker_dir) == []
+
+
+def test_dlq_positional_relative_log_dir(broker_dir):
+    parent, name = os.path.split(broker_dir)
+    result = run_mqs("dlq", "redrive", name, "orders", "--all", "--json",
+                     cwd=parent)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"topic": "orders", "redriven": 3}
+    assert dead_letters(broker_dir) == []
+
+
+def test_dlq_positional_unknown_broker_is_error(tmp_path):
+    name = f"test-cli-dlq-missing-{uuid.uuid4().hex[:12]}"
+    result = run_mqs("dlq", "list", name, "orders", cwd=tmp_path)
+    assert_one_line_error(result, f"no shm broker named '{name}'")
+    assert "--shm NAME, --path LOGDIR or --url URL" in result.stderr
+    assert not os.path.exists(f"/dev/shm/mqs.broker.{name}")
+    assert not os.path.exists(tmp_path / name)
+
+    missing = tmp_path / "nowhere"
+    result = run_mqs("dlq", "list", str(missing), "orders")
+    assert_one_line_error(result, f"log broker directory '{missing}' not "
+                                  f"found")
+    assert not missing.exists()
+
+    result = run_mqs("dlq", "list", str(tmp_path), "orders")
+    assert_one_line_error(result, "is not a log broker directory")
 
 
 # Redis brokers: a namespace per test on the suite's throwaway server.
@@ -386,6 +442,50 @@ def test_dlq_shm_list_redrive_purge(shm_broker):
         assert message.body == {"n": 1}
         message.ack()
         consumer.close()
+
+
+def test_dlq_positional_shm_broker(shm_broker):
+    listed = run_mqs("dlq", "list", shm_broker, "orders", "--json")
+    assert listed.returncode == 0, listed.stderr
+    letters = json.loads(listed.stdout)
+    assert [letter["body"] for letter in letters] == [{"n": 0}, {"n": 1}]
+
+    redrive = run_mqs("dlq", "redrive", shm_broker, "orders", "--all")
+    assert redrive.returncode == 0, redrive.stderr
+    assert "redrove 2 dead letter(s) of orders" in redrive.stdout
+
+    with mqs.Broker("shm", name=shm_broker) as broker:
+        assert broker.dlq_list("orders") == []
+        assert broker.stats("orders")["redriven"] == 2
+
+    purge = run_mqs("dlq", "purge", shm_broker, "orders", "--yes",
+                    "--json")
+    assert purge.returncode == 0, purge.stderr
+    assert json.loads(purge.stdout) == {"topic": "orders", "purged": 0}
+
+
+def test_dlq_positional_unknown_topic_is_error(shm_broker):
+    result = run_mqs("dlq", "list", shm_broker, "nope")
+    assert_one_line_error(result, "topic 'nope' not found in shm broker")
+
+
+def test_dlq_name_both_shm_and_log_is_error(shm_broker, tmp_path):
+    with open_broker(tmp_path / shm_broker) as broker:
+        broker.declare_topic("orders")
+    result = run_mqs("dlq", "list", shm_broker, "orders", cwd=tmp_path)
+    assert_one_line_error(result, "is both an shm broker name and a log "
+                                  "broker directory")
+    assert f"--shm {shm_broker} or --path ./{shm_broker}" in result.stderr
+
+    # The flags pick one.
+    by_shm = run_mqs("dlq", "list", "orders", "--shm", shm_broker,
+                     "--json", cwd=tmp_path)
+    assert by_shm.returncode == 0, by_shm.stderr
+    assert len(json.loads(by_shm.stdout)) == 2
+    by_path = run_mqs("dlq", "list", "orders", "--path", f"./{shm_broker}",
+                      "--json", cwd=tmp_path)
+    assert by_path.returncode == 0, by_path.stderr
+    assert json.loads(by_path.stdout) == []
 
 
 def test_dlq_shm_missing_name_is_one_line_error():

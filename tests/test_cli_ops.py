@@ -18,11 +18,17 @@ PAGE = os.sysconf("SC_PAGESIZE")
 SUBCOMMANDS = ["stat", "top", "dump", "purge", "tail", "metrics"]
 
 
-def run_mqs(*args, timeout=60, columns=160):
+def run_mqs(*args, timeout=60, columns=160, cwd=None):
+    env = {**os.environ, "COLUMNS": str(columns)}
+    if cwd is not None:
+        # The child imports mqs from PYTHONPATH, so relative entries must
+        # keep pointing where they did.
+        env["PYTHONPATH"] = os.pathsep.join(
+            os.path.abspath(entry)
+            for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry)
     return subprocess.run(
         [sys.executable, "-m", "mqs", *args], check=False,
-        capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "COLUMNS": str(columns)})
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def assert_one_line_error(result, text):

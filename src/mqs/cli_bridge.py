@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from mqs import bridge
 from mqs.cli import EXIT_FAILED, EXIT_OK, _positive_int
-from mqs.cli_dlq import _check_log_dir, _check_shm_name
+from mqs.cli_broker import check_log_dir, check_shm_name
 from mqs.cli_ops import CommandError
 from mqs.errors import MqsError
 
@@ -73,9 +73,9 @@ def _run_bridge(args: argparse.Namespace) -> int:
         # Opening a missing log or shm source would create an empty
         # broker and wait on it forever; a destination may be new.
         if source_end.backend == "log":
-            _check_log_dir(source_end.location)
+            check_log_dir(source_end.location)
         elif source_end.backend == "shm":
-            _check_shm_name(source_end.location)
+            check_shm_name(source_end.location)
         source = bridge.open_endpoint(source_end, pickle=args.pickle)
         destination = bridge.open_endpoint(destination_end,
                                            pickle=args.pickle)

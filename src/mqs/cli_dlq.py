@@ -1,10 +1,12 @@
 """The `mqs dlq` subcommand: list, redrive and purge the dead letters of a
 broker topic.
 
-The broker is opened through `mqs.Broker` with the backend that the
-location option names (`BACKEND_OPTIONS`): ``--path LOGDIR`` for the log
+The broker comes first as BROKER, an shm broker name or a log broker
+directory (``mqs dlq list shop orders``), or after the topic as a
+location option (`BACKEND_OPTIONS`): ``--path LOGDIR`` for the log
 backend, ``--shm NAME`` and ``--url URL`` for the shm and redis
-backends. A backend that this mqs does not have fails with one line.
+backends. A redis broker needs ``--url``. A backend that this mqs does
+not have fails with one line.
 
 Processes share a log broker, so `mqs dlq` joins one that others have
 open. Opening a log broker that no process has open does what every
@@ -16,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,14 +34,12 @@ from mqs.cli_ops import (
     _handler,
     _positive_int,
 )
-from mqs.errors import BackendUnavailable, LogLocked
-
-# Location option -> (backend name for mqs.Broker, its keyword option).
-BACKEND_OPTIONS = {
-    "path": ("log", "path"),
-    "shm": ("shm", "name"),
-    "url": ("redis", "url"),
-}
+from mqs.cli_broker import (
+    BACKEND_OPTIONS,
+    broker_not_found,
+    locate_broker,
+    open_broker,
+)
 
 # Characters of a body that the table shows.
 BODY_PREVIEW_CHARS = 60
@@ -52,8 +50,12 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "dlq", help="list, redrive or purge the dead letters of a topic",
         description="Work on the dead-letter queue of a broker topic. "
-                    "The command joins a log (--path) or shm (--shm) "
-                    "broker that other processes have open.")
+                    "Name the broker first, as an shm broker name or a "
+                    "log broker directory (mqs dlq list shop orders), or "
+                    "after the topic with --path, --shm or --url "
+                    "(mqs dlq list orders --url redis://...). The command "
+                    "joins a log or shm broker that other processes have "
+                    "open.")
     commands = parser.add_subparsers(
         title="commands", dest="dlq_command", required=True,
         metavar="COMMAND")
@@ -98,8 +100,13 @@ def _add_command(commands: Any, name: str,
                  description: str, json_help: str
                  ) -> argparse.ArgumentParser:
     """Add the `mqs dlq` subcommand `name` with the options that every
-    subcommand takes: TOPIC, the broker location, --option and --json."""
-    parser = commands.add_parser(name, help=help, description=description)
+    subcommand takes: BROKER, TOPIC, the location options, --option and
+    --json."""
+    usage = (f"mqs dlq {name} [options] BROKER TOPIC\n"
+             f"       mqs dlq {name} [options] TOPIC "
+             f"(--path LOGDIR | --shm NAME | --url URL)")
+    parser = commands.add_parser(name, help=help, description=description,
+                                 usage=usage)
     _add_common(parser)
     parser.add_argument("--json", action="store_true", help=json_help)
     parser.set_defaults(handler=_handler(f"dlq {name}", run))
@@ -107,8 +114,16 @@ def _add_command(commands: Any, name: str,
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("topic", metavar="TOPIC", help="broker topic")
-    where = parser.add_mutually_exclusive_group(required=True)
+    # argparse fills the positionals from the left, so with one positional
+    # it lands in broker_or_topic; `_broker_location` sorts them out.
+    parser.add_argument("broker_or_topic", metavar="BROKER",
+                        help="shm broker name (as in Broker(backend='shm', "
+                             "name=...)) or log broker directory; leave "
+                             "it out when you give --path, --shm or --url")
+    parser.add_argument("topic", metavar="TOPIC", nargs="?",
+                        help="broker topic")
+    parser.set_defaults(parser=parser)
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--path", metavar="LOGDIR",
                        help="directory of a log broker (backend 'log')")
     where.add_argument("--shm", metavar="NAME",
@@ -134,78 +149,41 @@ def _backend_option(text: str) -> tuple[str, str]:
 # ---------------------------------------------------------------- opening
 
 
-def _open_broker(args: argparse.Namespace) -> Any:
-    """Open the broker that the location option names; check the topic."""
-    import mqs
+def _broker_location(args: argparse.Namespace) -> tuple[str, str]:
+    """Return the location option and value of the broker that the
+    arguments name, and set `args.topic`."""
+    flags = [name for name in BACKEND_OPTIONS
+             if getattr(args, name) is not None]
+    if args.topic is not None:
+        if flags:
+            args.parser.error(
+                f"give the broker either as BROKER or with --{flags[0]}, "
+                f"not both")
+        broker = args.broker_or_topic
+        option = locate_broker(broker)
+        if option is None:
+            raise broker_not_found(broker)
+        return option, broker
+    args.topic = args.broker_or_topic
+    if not flags:
+        args.parser.error(
+            f"give the broker: BROKER {args.topic} (an shm broker name "
+            f"or a log broker directory) or {args.topic} with one of the "
+            f"arguments --path --shm --url")
+    return flags[0], getattr(args, flags[0])
 
-    option = next(name for name in BACKEND_OPTIONS
-                  if getattr(args, name) is not None)
-    backend, keyword = BACKEND_OPTIONS[option]
-    value = getattr(args, option)
-    options = dict(args.option)
-    if keyword in options:
-        raise CommandError(f"give the {keyword} with --{option}, not with "
-                           f"--option")
-    options[keyword] = value
-    # Opening an shm broker replays its journal, and the replayed drops
-    # would log their running totals again; this command reports the
-    # dead letters itself.
-    logging.getLogger("mqs.broker._state").setLevel(logging.ERROR)
-    if backend == "log":
-        _check_log_dir(value)
-    elif backend == "shm":
-        _check_shm_name(value)
-    try:
-        broker = mqs.Broker(backend, auto_declare=False, **options)
-    except LogLocked as exc:
-        # Raised when another process holds the writer lock of a log
-        # broker that has no journal, not because the broker is open.
-        raise CommandError(f"cannot open log broker {value!r}: "
-                           f"{exc.strerror}") from None
-    except BackendUnavailable as exc:
-        raise CommandError(
-            f"--{option} needs the {backend!r} backend, which this mqs "
-            f"does not have ({exc})") from None
-    except (TypeError, ValueError) as exc:
-        # A misspelt or invalid --option, or a bad location value.
-        raise CommandError(
-            f"cannot open the {backend} broker at {value!r}: {exc}"
-        ) from None
+
+def _open_broker(args: argparse.Namespace) -> Any:
+    """Open the broker that the arguments name; check the topic."""
+    option, value = _broker_location(args)
+    broker = open_broker(option, value, dict(args.option))
     if not broker.backend.has_topic(args.topic):
         broker.close()
+        backend = BACKEND_OPTIONS[option][0]
         raise CommandError(
             f"topic {args.topic!r} not found in {backend} broker "
             f"{value!r}; check the name")
     return broker
-
-
-def _check_log_dir(path: str) -> None:
-    """Reject a path that is not an existing log broker directory, so
-    that opening it never creates one."""
-    from mqs.broker._log import CURRENT
-
-    if not os.path.exists(path):
-        raise CommandError(f"log broker directory {path!r} not found")
-    if not os.path.isdir(path):
-        raise CommandError(f"{path!r} is not a directory; give the path "
-                           f"of a log broker (Broker(backend='log', "
-                           f"path=...))")
-    if not os.path.exists(os.path.join(path, CURRENT)):
-        raise CommandError(f"{path!r} is not a log broker directory (it "
-                           f"has no {CURRENT} file)")
-
-
-def _check_shm_name(name: str) -> None:
-    """Reject the name of an shm broker that does not exist, because
-    opening it would create an empty one."""
-    from mqs.broker._shm import _journal_path
-
-    if "/" in name or not name:
-        raise CommandError(f"invalid shm broker name {name!r}: give the "
-                           f"name it was opened with, without '/'")
-    if not os.path.exists(_journal_path(name)):
-        raise CommandError(f"shm broker {name!r} not found (no "
-                           f"{_journal_path(name)})")
 
 
 # ------------------------------------------------------------------- list

@@ -1,0 +1,143 @@
+"""Locate and open an existing broker for the `mqs stat` and `mqs dlq`
+subcommands.
+
+A broker is named on the command line either with a location option
+(``--path LOGDIR``, ``--shm NAME``, ``--url URL``) or as one positional
+BROKER: an shm broker name or a log broker directory, distinguished by
+which of them exists (`locate_broker`). Opening never creates a broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from mqs._dirkind import LOG_BROKER, directory_kind
+from mqs.cli_ops import CommandError
+from mqs.errors import BackendUnavailable, LogLocked
+
+# Location option -> (backend name for mqs.Broker, its keyword option).
+BACKEND_OPTIONS = {
+    "path": ("log", "path"),
+    "shm": ("shm", "name"),
+    "url": ("redis", "url"),
+}
+
+
+def shm_broker_exists(name: str) -> bool:
+    """Return whether /dev/shm contains the shm broker `name`."""
+    from mqs.broker._shm import _journal_path
+
+    if not name or "/" in name or "\0" in name:
+        return False
+    return os.path.exists(_journal_path(name))
+
+
+def is_log_broker_dir(path: str) -> bool:
+    return os.path.isdir(path) and directory_kind(path) == LOG_BROKER
+
+
+def locate_broker(target: str) -> str | None:
+    """Return the location option ("shm" or "path") of the broker that
+    `target` names, or None when it names neither kind.
+
+    Raises `CommandError` when `target` is both an shm broker name and a
+    log broker directory, naming the options that pick one.
+    """
+    is_shm = shm_broker_exists(target)
+    is_log = is_log_broker_dir(target)
+    if is_shm and is_log:
+        raise CommandError(
+            f"{target!r} is both an shm broker name and a log broker "
+            f"directory; give --shm {target} or --path ./{target}")
+    if is_shm:
+        return "shm"
+    if is_log:
+        return "path"
+    return None
+
+
+def broker_not_found(target: str) -> CommandError:
+    """Return the error for a positional BROKER that names no broker."""
+    from mqs.broker._shm import _journal_path
+
+    if os.sep in target or not target:
+        if os.path.isdir(target):
+            return CommandError(
+                f"{target!r} is not a log broker directory (it has no "
+                f"CURRENT file); give the directory of a "
+                f"Broker(backend='log', path=...)")
+        return CommandError(f"log broker directory {target!r} not found")
+    return CommandError(
+        f"no shm broker named {target!r} (no {_journal_path(target)}) and "
+        f"no log broker directory {target!r}; check the name, or give the "
+        f"broker with --shm NAME, --path LOGDIR or --url URL")
+
+
+def check_log_dir(path: str) -> None:
+    """Reject a path that is not an existing log broker directory, so
+    that opening it never creates one."""
+    from mqs.broker._log import CURRENT
+
+    if not os.path.exists(path):
+        raise CommandError(f"log broker directory {path!r} not found")
+    if not os.path.isdir(path):
+        raise CommandError(f"{path!r} is not a directory; give the path "
+                           f"of a log broker (Broker(backend='log', "
+                           f"path=...))")
+    if not os.path.exists(os.path.join(path, CURRENT)):
+        raise CommandError(f"{path!r} is not a log broker directory (it "
+                           f"has no {CURRENT} file)")
+
+
+def check_shm_name(name: str) -> None:
+    """Reject the name of an shm broker that does not exist, because
+    opening it would create an empty one."""
+    from mqs.broker._shm import _journal_path
+
+    if "/" in name or not name:
+        raise CommandError(f"invalid shm broker name {name!r}: give the "
+                           f"name it was opened with, without '/'")
+    if not os.path.exists(_journal_path(name)):
+        raise CommandError(f"shm broker {name!r} not found (no "
+                           f"{_journal_path(name)})")
+
+
+def open_broker(option: str, value: str,
+                options: dict[str, str] | None = None) -> Any:
+    """Open the existing broker at `value` with the backend of location
+    option `option` (a key of `BACKEND_OPTIONS`) and backend `options`.
+    """
+    import mqs
+
+    backend, keyword = BACKEND_OPTIONS[option]
+    options = dict(options or {})
+    if keyword in options:
+        raise CommandError(f"give the {keyword} with --{option}, not with "
+                           f"--option")
+    options[keyword] = value
+    # Opening an shm broker replays its journal, and the replayed drops
+    # would log their running totals again; the commands report the
+    # counters themselves.
+    logging.getLogger("mqs.broker._state").setLevel(logging.ERROR)
+    if backend == "log":
+        check_log_dir(value)
+    elif backend == "shm":
+        check_shm_name(value)
+    try:
+        return mqs.Broker(backend, auto_declare=False, **options)
+    except LogLocked as exc:
+        # Raised when another process holds the writer lock of a log
+        # broker that has no journal, not because the broker is open.
+        raise CommandError(f"cannot open log broker {value!r}: "
+                           f"{exc.strerror}") from None
+    except BackendUnavailable as exc:
+        raise CommandError(
+            f"--{option} needs the {backend!r} backend, which this mqs "
+            f"does not have ({exc})") from None
+    except (TypeError, ValueError) as exc:
+        # A misspelt or invalid --option, or a bad location value.
+        raise CommandError(
+            f"cannot open the {backend} broker at {value!r}: {exc}"
+        ) from None
