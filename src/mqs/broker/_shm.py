@@ -1090,11 +1090,11 @@ class ShmBackend(LogBackend):
                 return core.ack(tag[1], tag[2], tag[3])
             except TopicRetired:
                 pass
+        # A partial, not a lambda: a closure over the arguments would
+        # slow the fast path above too.
         return self._settle_tag(
-            topic, tag,
-            lambda core, core_tag: core.ack(*core_tag[1:4]),
-            lambda journal_tag: self._settle("ack", topic, group,
-                                             journal_tag))
+            topic, tag, _ack_on_core,
+            functools.partial(self._settle, "ack", topic, group))
 
     def ack_many(self, topic: str, group: str, tags: Sequence[Any]
                  ) -> list[bool]:
@@ -1402,6 +1402,11 @@ class ShmBackend(LogBackend):
 
     def __repr__(self) -> str:
         return f"<ShmBackend {self.shm_name!r}>"
+
+
+def _ack_on_core(core: TopicCore, tag: Any) -> bool:
+    done: bool = core.ack(tag[1], tag[2], tag[3])
+    return done
 
 
 # Returned by the `on_core` functions of `_core_or_journal` and
