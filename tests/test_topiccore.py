@@ -116,6 +116,18 @@ def test_topiccore_closed_handle_raises(path):
     with pytest.raises(ValueError, match="is closed"):
         fetch_one(core, consumer)
     assert not core.has_dead()
+    for read in (lambda: core.consumer_owner(consumer),
+                 lambda: core.consumer_in_flight(consumer),
+                 core.counters, lambda: core.group_counters(group)):
+        with pytest.raises(ValueError, match="is closed"):
+            read()
+
+
+def test_topiccore_group_counters_rejects_unknown_index(path):
+    core = TopicCore(path, LANES, max_groups=4)
+    with pytest.raises(ValueError, match="group index 4 is out of range"):
+        core.group_counters(4)
+    core.close()
 
 
 def fetch_one(core, consumer, owner=7):

@@ -391,14 +391,23 @@ cdef class TopicCore(_MappedFile):
         self._unlock(rc > 0)
         return max(rc, 0)
 
+    cdef inline int _check_mapped(self) except -1:
+        # Reads without the mutex still need the mapping: after `close`
+        # the header pointer is gone.
+        if self._header == NULL:
+            raise ValueError(f"topic core {self.path} is closed")
+        return 0
+
     def consumer_owner(self, uint32_t consumer):
         """Return the owner token of an open consumer, or None."""
+        self._check_mapped()
         if consumer >= self._header.config.v.params.max_consumers:
             return None
         c = mqs_tc_consumer(self._header, consumer)
         return c.owner if c.used else None
 
     def consumer_in_flight(self, uint32_t consumer):
+        self._check_mapped()
         if consumer >= self._header.config.v.params.max_consumers:
             return 0
         c = mqs_tc_consumer(self._header, consumer)
@@ -735,12 +744,21 @@ cdef class TopicCore(_MappedFile):
 
     def counters(self):
         """Return the topic's cumulative counters by name."""
-        cdef int64_t *values = self._header.state.v.counters
+        cdef int64_t *values
+        self._check_mapped()
+        values = self._header.state.v.counters
         return {name: values[index]
                 for index, name in enumerate(COUNTER_NAMES)}
 
     def group_counters(self, uint32_t group):
-        cdef int64_t *values = mqs_tc_group(self._header, group).counters
+        cdef int64_t *values
+        self._check_mapped()
+        if group >= self._header.config.v.params.max_groups:
+            raise ValueError(
+                f"group index {group} is out of range: the topic core "
+                f"{self.path} has {self._header.config.v.params.max_groups} "
+                f"group slots")
+        values = mqs_tc_group(self._header, group).counters
         return {name: values[index]
                 for index, name in enumerate(GROUP_COUNTER_NAMES)}
 
