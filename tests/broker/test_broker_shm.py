@@ -562,6 +562,31 @@ def test_shm_full_core_moves_topic(name, monkeypatch):
     broker.close()
 
 
+def test_shm_rejected_redeclare_keeps_core(name):
+    broker = open_broker(name)
+    other = open_broker(name)
+    broker.declare_topic("t")
+    broker.publish_many("t", ["a", "b"])
+    assert "t" in broker.backend._core_paths
+    # Changed settings without replace=True are rejected, and so is a
+    # changed policy with it. Neither rejection may move the topic.
+    with pytest.raises(mqs.TopicConfigError, match="max_attempts"):
+        other.declare_topic("t", max_attempts=7)
+    with pytest.raises(mqs.TopicConfigError, match="policy"):
+        other.declare_topic("t", policy="strict", replace=True)
+    assert "t" in broker.backend._core_paths
+    assert "t" in other.backend._core_paths
+    assert len(core_files(name)) == 1
+    consumer = other.consume("t", "g", prefetch=10)
+    assert [message.body for message in drain(consumer, 2)] == ["a", "b"]
+    assert broker.stats("t")["published"] == 2
+    assert broker.stats("t")["acked"] == 2
+    assert "t" in broker.backend._core_paths
+    consumer.close()
+    broker.close()
+    other.close()
+
+
 def test_shm_core_message_has_wall_clock_timestamp(name):
     broker = open_broker(name)
     consumer = broker.consume("t", "g")

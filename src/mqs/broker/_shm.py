@@ -177,7 +177,7 @@ from mqs.broker._backend import (
     GroupStats,
 )
 from mqs.broker._log import LogBackend, encode_record
-from mqs.broker._memory import MemoryBackend
+from mqs.broker._memory import MemoryBackend, _redeclare_changes
 from mqs.broker._policy import TopicConfig
 from mqs.broker._state import (
     _DEADLINE,
@@ -829,8 +829,10 @@ class ShmBackend(LogBackend):
                 self._logged("declare", config, random.getrandbits(64),
                              path)
                 return config
-            if state is not None and state.config != config:
-                # A core keeps the settings it was created with.
+            # A core keeps the settings it was created with, so a change
+            # moves the topic, but only once the redeclare is accepted.
+            if state is not None and _redeclare_changes(
+                    state.config, config, replace):
                 self._move_to_journal(config.name)
         return super().declare_topic(config, replace)
 
