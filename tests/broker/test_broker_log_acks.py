@@ -14,6 +14,7 @@ sync's end offset from the hook) and removing the /dev/shm journal, so
 the log alone restores the broker.
 """
 
+import asyncio
 import json
 import os
 import signal
@@ -159,6 +160,107 @@ def test_always_sync_acks_true_ack_waits(path):
         assert log.synced_offset >= end
     finally:
         gate.remove()
+    consumer.close(drain=False)
+    broker.close()
+
+
+def test_sync_acks_get_async_frees_loop(path):
+    broker = open_broker(path, sync_acks=True)
+    broker.publish("t", "a")
+    log = broker._backend._log
+    consumer = broker.consume("t", "g", prefetch=1, ack_timeout=600,
+                              auto_ack=True)
+    wait_synced(log)
+    gate = SyncGate(log)
+    # Opens the gate in case the event loop's thread is the one held in
+    # the sync, so a failing run ends.
+    fallback = threading.Timer(10.0, gate.open)
+    fallback.start()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        ticks = [loop.time()]
+
+        async def tick():
+            while True:
+                await asyncio.sleep(0.01)
+                ticks.append(loop.time())
+
+        ticker = asyncio.create_task(tick())
+        get = asyncio.create_task(consumer.get_async(timeout=30))
+        deadline = loop.time() + 30
+        while not gate.entered.is_set():
+            assert loop.time() < deadline, "no sync started"
+            await asyncio.sleep(0.01)
+        # The ticker goes on while the delivery's sync is held.
+        count = len(ticks)
+        await asyncio.sleep(0.5)
+        held_ticks = len(ticks) - count
+        done_while_held = get.done()
+        end = log.end_offset
+        gate.open()
+        message = await asyncio.wait_for(get, 30)
+        ticker.cancel()
+        gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:])]
+        return message, held_ticks, done_while_held, end, max(gaps)
+
+    try:
+        message, held_ticks, done_while_held, end, max_gap = asyncio.run(
+            run())
+    finally:
+        fallback.cancel()
+        gate.remove()
+    assert max_gap < 5.0, "the event loop was blocked during the sync"
+    assert held_ticks >= 2
+    assert not done_while_held, "get_async returned before its sync"
+    assert message.body == "a"
+    assert log.synced_offset >= end
+    consumer.close(drain=False)
+    broker.close()
+
+
+def test_sync_acks_get_async_cancel_keeps_message(path):
+    broker = open_broker(path, sync_acks=True)
+    broker.publish("t", "a")
+    log = broker._backend._log
+    consumer = broker.consume("t", "g", prefetch=1, ack_timeout=600,
+                              auto_ack=True)
+    wait_synced(log)
+    gate = SyncGate(log)
+    fallback = threading.Timer(10.0, gate.open)
+    fallback.start()
+    received = []
+
+    async def receive():
+        message = await consumer.get_async(timeout=30)
+        received.append(message.body)
+        await asyncio.sleep(30)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(receive())
+        deadline = loop.time() + 30
+        while not gate.entered.is_set():
+            assert loop.time() < deadline, "no sync started"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.sleep(0.2)
+        # The auto-acked message is taken, so the get waits for its sync.
+        received_while_held = list(received)
+        gate.open()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        return received_while_held
+
+    try:
+        received_while_held = asyncio.run(run())
+    finally:
+        fallback.cancel()
+        gate.remove()
+    assert received_while_held == []
+    # The cancellation reached the next await, after the get returned.
+    assert received == ["a"]
     consumer.close(drain=False)
     broker.close()
 

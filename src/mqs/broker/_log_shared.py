@@ -84,6 +84,7 @@ Limits
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import hashlib
@@ -513,6 +514,55 @@ class SharedLogBackend(ShmBackend):
                                  timeout=timeout)
         return [_unpickled(delivery) for delivery in found]
 
+    def _fetch_now(self, topic: str, group: str, consumer: str,
+                   max_items: int, ack_timeout: float, auto_ack: bool
+                   ) -> list[Delivery]:
+        # `fetch` without the sync wait of sync_acks, which `fetch_async`
+        # awaits off the event loop's thread.
+        found = MemoryBackend.fetch(self, topic, group, consumer, max_items,
+                                    ack_timeout=ack_timeout,
+                                    auto_ack=auto_ack, timeout=0)
+        return [_unpickled(delivery) for delivery in found]
+
+    async def fetch_async(self, topic: str, group: str, consumer: str,
+                          max_items: int, *, ack_timeout: float,
+                          auto_ack: bool, timeout: float | None
+                          ) -> list[Delivery]:
+        found = await super().fetch_async(
+            topic, group, consumer, max_items, ack_timeout=ack_timeout,
+            auto_ack=auto_ack, timeout=timeout)
+        if found and auto_ack and self._sync_acks \
+                and self.fsync == "always":
+            # No await since the fetch, so this thread's mark is its
+            # record's.
+            await self._sync_async(getattr(self._local, "mark", 0))
+        return found
+
+    async def _sync_async(self, target: int) -> None:
+        """Await `_sync` up to journal position `target` in a worker
+        thread, so the event loop runs meanwhile.
+
+        The deliveries being synced are acked already, so a cancellation
+        does not stop the wait: it finishes, the deliveries are returned,
+        and the cancellation is requested again for the caller's next
+        await.
+        """
+        future = asyncio.get_running_loop().run_in_executor(
+            None, self._sync, self._log, target)
+        task = asyncio.current_task()
+        assert task is not None
+        cancelled = False
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                # Withdrawn here and requested once more below.
+                task.uncancel()
+                cancelled = True
+        future.result()
+        if cancelled:
+            task.cancel()
+
     def fetch_one(self, topic: str, group: str, consumer: str,
                   ack_timeout: float, auto_ack: bool) -> Delivery | None:
         try:
@@ -557,12 +607,13 @@ class SharedLogBackend(ShmBackend):
                 raise
         self._publish_durable(mark)
 
-    def _sync(self, log: Any) -> None:
-        """Return once the log is durable up to this thread's last record
-        (under "always")."""
+    def _sync(self, log: Any, target: int | None = None) -> None:
+        """Return once the log is durable up to journal position `target`,
+        by default this thread's last record (under "always")."""
         if self.fsync != "always":
             return
-        target = getattr(self._local, "mark", 0)
+        if target is None:
+            target = getattr(self._local, "mark", 0)
         while self._durable[_DURABLE] < target:
             if self._durable[_FAILED]:
                 raise BackendUnavailable(

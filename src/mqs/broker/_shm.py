@@ -1252,9 +1252,6 @@ class ShmBackend(LogBackend):
         the journal's) through a `Wakeups` thread, and checks again at
         least every REAP_INTERVAL_S for ack deadlines and dead consumers,
         as `fetch` does.
-
-        NOTE: on a log broker with ``fsync="always"``, an auto_ack fetch
-        that delivers waits for the writer's sync on the loop's thread.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -1264,9 +1261,8 @@ class ShmBackend(LogBackend):
             except TopicRetired:
                 continue  # the core handle was closed meanwhile
             try:
-                found = self.fetch(topic, group, consumer, max_items,
-                                   ack_timeout=ack_timeout,
-                                   auto_ack=auto_ack, timeout=0)
+                found = self._fetch_now(topic, group, consumer, max_items,
+                                        ack_timeout, auto_ack)
                 if found:
                     return found
                 wait = REAP_INTERVAL_S
@@ -1278,6 +1274,14 @@ class ShmBackend(LogBackend):
                     await self._wakeups.wait(word, epoch, wait)
             finally:
                 self._finish_async(word)
+
+    def _fetch_now(self, topic: str, group: str, consumer: str,
+                   max_items: int, ack_timeout: float, auto_ack: bool
+                   ) -> list[Delivery]:
+        """Fetch what is ready now, for `fetch_async`."""
+        return self.fetch(topic, group, consumer, max_items,
+                          ack_timeout=ack_timeout, auto_ack=auto_ack,
+                          timeout=0)
 
     async def wait_changed_async(self, timeout: float) -> None:
         word = self._journal
