@@ -167,7 +167,7 @@ def test_stat_directory_without_segments_is_error(tmp_path):
     assert_one_line_error(result, "has no segment files")
 
 
-@pytest.mark.parametrize("command", ["stat", "dump", "tail"])
+@pytest.mark.parametrize("command", ["dump", "tail"])
 def test_log_broker_directory_is_named_in_error(command, tmp_path):
     path = tmp_path / "broker"
     broker = mqs.Broker(backend="log", path=str(path))
@@ -176,8 +176,175 @@ def test_log_broker_directory_is_named_in_error(command, tmp_path):
     broker.close()
     result = run_mqs(command, str(path))
     assert_one_line_error(result, "is a log broker directory")
-    assert "mqs dlq list" in result.stderr
+    assert f"mqs dlq list {path} TOPIC" in result.stderr
+    assert f"mqs stat {path}" in result.stderr
     assert "has no segment files" not in result.stderr
+
+
+# Brokers: `mqs stat` shows every topic and consumer group.
+
+def fill_broker(broker):
+    """Give topic "orders" of `broker` 2 ready messages, 1 dead letter,
+    1 delayed message and 1 message in flight; return the consumer that
+    holds it. Topic "audit" gets 1 message and no group."""
+    broker.declare_topic("orders")
+    broker.declare_topic("audit")
+    broker.publish("audit", "a")
+    broker.publish_many("orders", [0, 1, 2, 3])
+    broker.publish("orders", 4, delay=600)
+    consumer = broker.consume("orders", "billing", prefetch=1)
+    rejected = consumer.get(timeout=5)
+    rejected.nack(requeue=False, error="bad total")
+    consumer.get(timeout=5)
+    return consumer
+
+
+def check_broker_json(stats):
+    assert sorted(stats["topics"]) == ["audit", "orders"]
+    orders = stats["topics"]["orders"]
+    assert orders["stats"]["ready"] == 2
+    assert orders["stats"]["in_flight"] == 1
+    assert orders["stats"]["delayed"] == 1
+    assert orders["stats"]["dlq"] == 1
+    assert orders["stats"]["published"] == 5
+    assert orders["stats"]["dead_lettered.rejected"] == 1
+    [group] = orders["groups"]
+    assert group["group"] == "billing"
+    assert group["lag_messages"] == 2
+    assert group["in_flight"] == 1
+    assert group["delivered"] == 2
+    assert group["dead_lettered"] == 1
+    assert group["error_ratio"] == 0.5
+    audit = stats["topics"]["audit"]
+    assert audit["stats"]["ready"] == 0  # no group receives it
+    assert audit["stats"]["published"] == 1
+    assert audit["groups"] == []
+
+
+@pytest.fixture
+def shm_broker():
+    """A filled shm broker (see `fill_broker`) whose consumer stays
+    open; yields its name and unlinks it after the test."""
+    name = f"test-cli-broker-{uuid.uuid4().hex[:12]}"
+    broker = mqs.Broker("shm", name=name)
+    consumer = fill_broker(broker)
+    yield name
+    consumer.close()
+    broker.close()
+    mqs.Broker.unlink(name)
+
+
+def test_stat_shm_broker_json(shm_broker):
+    result = run_mqs("stat", shm_broker, "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["backend"] == "shm"
+    assert stats["broker"] == shm_broker
+    check_broker_json(stats)
+
+    # --shm names the same broker.
+    flagged = run_mqs("stat", "--shm", shm_broker, "--json")
+    assert flagged.returncode == 0, flagged.stderr
+    check_broker_json(json.loads(flagged.stdout))
+
+
+def test_stat_shm_broker_table(shm_broker):
+    result = run_mqs("stat", shm_broker)
+    assert result.returncode == 0, result.stderr
+    # The title wraps at the table's width.
+    words = " ".join(result.stdout.split())
+    assert f"shm broker {shm_broker}: 2 topic(s)" in words
+    lines = [" ".join(line.replace("│", " ").split())
+             for line in result.stdout.splitlines()]
+    assert "orders: ready 2" in lines
+    assert "orders: in_flight 1" in lines
+    assert "orders: delayed 1" in lines
+    assert "orders: dlq 1" in lines
+    assert "orders / billing: lag_messages 2" in lines
+    assert "orders / billing: error_ratio 0.500" in lines
+    assert "audit: published 1" in lines
+
+
+def test_stat_log_broker_directory(tmp_path):
+    path = tmp_path / "broker"
+    with mqs.Broker("log", path=str(path)) as broker:
+        fill_broker(broker).close(drain=False)
+    result = run_mqs("stat", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["backend"] == "log"
+    orders = stats["topics"]["orders"]["stats"]
+    # Closing the consumer put its in-flight message back.
+    assert orders["ready"] == 3
+    assert orders["in_flight"] == 0
+    assert orders["delayed"] == 1
+    assert orders["dlq"] == 1
+
+    table = run_mqs("stat", "broker", cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "log broker broker: 2 topic(s)" in " ".join(table.stdout.split())
+
+    # The command changed nothing that a reader can see.
+    with mqs.Broker("log", path=str(path)) as broker:
+        assert [letter.body for letter in broker.dlq_list("orders")] == [0]
+        assert broker.stats("orders")["ready"] == 3
+
+
+def test_stat_missing_broker_is_not_created(tmp_path):
+    name = f"test-cli-missing-{uuid.uuid4().hex[:12]}"
+    result = run_mqs("stat", "--shm", name)
+    assert_one_line_error(result, f"shm broker '{name}' not found")
+    assert not os.path.exists(f"/dev/shm/mqs.broker.{name}")
+
+    result = run_mqs("stat", name)
+    assert_one_line_error(result, f"no shared queue named '{name}', no shm "
+                                  f"broker of that name")
+
+    missing = tmp_path / "nowhere"
+    result = run_mqs("stat", "--path", str(missing))
+    assert_one_line_error(result, f"log broker directory '{missing}' not "
+                                  f"found")
+    assert not missing.exists()
+
+
+def test_stat_broker_and_flag_is_usage_error(shm_broker):
+    result = run_mqs("stat", shm_broker, "--shm", shm_broker)
+    assert result.returncode == 2
+    assert "give either NAME|PATH or --shm, not both" in result.stderr
+    result = run_mqs("stat")
+    assert result.returncode == 2
+    assert "give a NAME|PATH, --shm NAME or --path LOGDIR" in result.stderr
+
+
+def test_stat_name_both_shm_broker_and_log_dir(shm_broker, tmp_path):
+    with mqs.Broker("log", path=str(tmp_path / shm_broker)) as broker:
+        broker.declare_topic("other")
+    result = run_mqs("stat", shm_broker, cwd=tmp_path)
+    assert_one_line_error(result, "is both an shm broker name and a log "
+                                  "broker directory")
+    assert f"--shm {shm_broker} or --path ./{shm_broker}" in result.stderr
+
+    by_path = run_mqs("stat", "--path", shm_broker, "--json", cwd=tmp_path)
+    assert by_path.returncode == 0, by_path.stderr
+    assert sorted(json.loads(by_path.stdout)["topics"]) == ["other"]
+
+
+def test_stat_name_both_shm_broker_and_queue(shm_broker):
+    queue = mqs.SharedQueue(name=shm_broker, capacity_bytes=1 << 16)
+    try:
+        result = run_mqs("stat", shm_broker)
+        assert_one_line_error(result, "is both an shm broker and a shared "
+                                      "queue")
+        assert f"--shm {shm_broker} for the broker" in result.stderr
+        assert f"/dev/shm/mqs.{shm_broker} for the queue" in result.stderr
+
+        by_path = run_mqs("stat", f"/dev/shm/mqs.{shm_broker}", "--json")
+        assert by_path.returncode == 0, by_path.stderr
+        assert json.loads(by_path.stdout)["enqueued"] == 0
+    finally:
+        queue.close()
+        for path in glob.glob(f"/dev/shm/mqs.{shm_broker}"):
+            os.unlink(path)
 
 
 def test_metrics_log_broker_directory_is_error(tmp_path):

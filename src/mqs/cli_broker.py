@@ -5,6 +5,9 @@ A broker is named on the command line either with a location option
 (``--path LOGDIR``, ``--shm NAME``, ``--url URL``) or as one positional
 BROKER: an shm broker name or a log broker directory, distinguished by
 which of them exists (`locate_broker`). Opening never creates a broker.
+
+`broker_stats` and `broker_table` build the output of `mqs stat` for a
+broker: the gauges and counters of every topic and of its groups.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import logging
 import os
 from typing import Any
 
+from rich.markup import escape
+from rich.table import Table
+
 from mqs._dirkind import LOG_BROKER, directory_kind
-from mqs.cli_ops import CommandError
+from mqs.cli_ops import CommandError, _format_value
 from mqs.errors import BackendUnavailable, LogLocked
 
 # Location option -> (backend name for mqs.Broker, its keyword option).
@@ -141,3 +147,65 @@ def open_broker(option: str, value: str,
         raise CommandError(
             f"cannot open the {backend} broker at {value!r}: {exc}"
         ) from None
+
+
+# ------------------------------------------------------------------- stat
+
+# Rows of `mqs stat` for a topic: gauges first, then the counters that
+# the table always shows; other nonzero counters (drops by reason)
+# follow them.
+TOPIC_ROWS = ("ready", "in_flight", "delayed", "dlq", "stored", "groups",
+              "published", "delivered", "acked", "nacked", "redelivered",
+              "dead_lettered")
+GROUP_ROWS = ("consumers", "lag_messages", "lag_seconds", "in_flight",
+              "delayed", "delivered", "acked", "nacked", "redelivered",
+              "dead_lettered", "errors", "error_ratio")
+
+
+def broker_stats(option: str, value: str) -> dict[str, Any]:
+    """Open the broker at `value` (location option `option`) and return
+    the stats of every topic and group as plain values for JSON."""
+    from mqs.metrics import stats_as_dict
+
+    broker = open_broker(option, value)
+    try:
+        topics: dict[str, Any] = {}
+        for topic in broker.topics():
+            groups = []
+            for group in broker.group_stats(topic):
+                record = stats_as_dict(group)
+                record["error_ratio"] = group.error_ratio
+                groups.append(record)
+            topics[topic] = {"stats": broker.stats(topic), "groups": groups}
+    finally:
+        broker.close()
+    return {"backend": BACKEND_OPTIONS[option][0], "broker": value,
+            "topics": topics}
+
+
+def broker_table(stats: dict[str, Any]) -> Table:
+    """Return the `mqs stat` table of `broker_stats` output."""
+    topics = stats["topics"]
+    table = Table(title=f"{stats['backend']} broker "
+                        f"{escape(stats['broker'])}: {len(topics)} topic(s)")
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    for topic, record in topics.items():
+        counters = record["stats"]
+        names = list(TOPIC_ROWS) + sorted(
+            name for name, count in counters.items()
+            if name not in TOPIC_ROWS and count)
+        for name in names:
+            table.add_row(escape(f"{topic}: {name}"),
+                          _format_value(counters.get(name, 0)))
+        for group in record["groups"]:
+            for name in GROUP_ROWS:
+                value = group[name]
+                if isinstance(value, float):
+                    text = f"{value:.3f}"
+                else:
+                    text = _format_value(value)
+                table.add_row(escape(f"{topic} / {group['group']}: {name}"),
+                              text)
+        table.add_section()
+    return table

@@ -129,9 +129,8 @@ def _open_log(path: str) -> Any:
         # records are broker operations, not messages.
         raise CommandError(
             f"{path!r} is a log broker directory, not a segment log; list "
-            f"a topic's dead letters with `mqs dlq list TOPIC --path "
-            f"{path}`, or read its counters with "
-            f"mqs.Broker(backend='log', path=...).stats(TOPIC)")
+            f"a topic's dead letters with `mqs dlq list {path} TOPIC`, or "
+            f"read its counters with `mqs stat {path}`")
     if not any(name.endswith(".seg") for name in os.listdir(path)):
         raise CommandError(f"{path!r} has no segment files (*.seg); it is "
                            f"not a segment log")
@@ -146,8 +145,9 @@ def _queue_stats(name: str) -> metrics.SharedQueueStats:
         return metrics.inspect_shared_queue(name)
     except QueueNotFound:
         raise CommandError(
-            f"no shared queue named {name!r} and no directory {name!r}; "
-            f"list the queues with `mqs top --once`") from None
+            f"no shared queue named {name!r}, no shm broker of that name "
+            f"and no directory {name!r}; list the queues with `mqs top "
+            f"--once`") from None
     except QueueLayoutError as exc:
         raise CommandError(str(exc)) from None
     except ValueError as exc:  # a name with '/' or NUL
@@ -166,24 +166,84 @@ def _check_queue_name(name: str) -> None:
 
 def _add_stat_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "stat", help="show the counters of one shared queue or segment log",
+        "stat", help="show the counters of a shared queue, segment log or "
+                     "broker",
         description="Print one table of the counters of a named shared "
                     "queue (read through a read-only mapping; the queue "
                     "is not disturbed), of a durable shared queue's "
                     "directory (its groups, lag and committed offsets, "
-                    "read-only) or of a segment log directory (opened "
-                    "read-only).")
-    parser.add_argument("target", metavar="NAME|PATH",
-                        help="shared queue name (as in SharedQueue(name=...)), "
-                             "durable queue directory (persist=...) or "
-                             "segment log directory")
+                    "read-only), of a segment log directory (opened "
+                    "read-only), or of an shm or log broker: for every "
+                    "topic its ready, in-flight, delayed and dead-letter "
+                    "counts and counters, and for every consumer group "
+                    "its lag, in-flight messages and counters. The "
+                    "broker is opened as one more process (never "
+                    "created). Opening a log broker that no process has "
+                    "open closes the consumers that its last processes "
+                    "left, as every restart does.")
+    parser.add_argument("target", metavar="NAME|PATH", nargs="?",
+                        help="shm broker name (Broker(backend='shm', "
+                             "name=...)), log broker directory, shared "
+                             "queue name (SharedQueue(name=...)), durable "
+                             "queue directory (persist=...) or segment "
+                             "log directory")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--shm", metavar="NAME",
+                       help="name of an shm broker, for a name that is "
+                            "also a shared queue or a directory")
+    where.add_argument("--path", metavar="LOGDIR",
+                       help="directory of a log broker, for a name that is "
+                            "also an shm broker")
     parser.add_argument("--json", action="store_true",
                         help="print the stats as JSON instead of a table")
-    parser.set_defaults(handler=_handler("stat", _run_stat))
+    parser.set_defaults(handler=_handler("stat", _run_stat), parser=parser)
+
+
+def _stat_broker_location(args: argparse.Namespace
+                          ) -> tuple[str, str] | None:
+    """Return the location option and value of the broker that `mqs
+    stat` was given, or None when the target is no broker."""
+    from mqs.cli_broker import locate_broker
+
+    for option in ("shm", "path"):
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if args.target is not None:
+            args.parser.error(f"give either NAME|PATH or --{option}, not "
+                              f"both")
+        return option, value
+    if args.target is None:
+        args.parser.error("give a NAME|PATH, --shm NAME or --path LOGDIR")
+    target = args.target
+    option = locate_broker(target)
+    if option != "shm":
+        return None if option is None else (option, target)
+    queue_path = os.path.join(metrics.SHM_DIR, metrics.SHM_PREFIX + target)
+    if os.path.exists(queue_path):
+        raise CommandError(
+            f"{target!r} is both an shm broker and a shared queue; give "
+            f"--shm {target} for the broker or {queue_path} for the queue")
+    if directory_kind(target) is not None:
+        raise CommandError(
+            f"{target!r} is both an shm broker and a "
+            f"{directory_kind(target)} directory; give --shm {target} for "
+            f"the broker or ./{target} for the directory")
+    return option, target
 
 
 def _run_stat(args: argparse.Namespace) -> int:
     console = _console()
+    broker = _stat_broker_location(args)
+    if broker is not None:
+        from mqs.cli_broker import broker_stats, broker_table
+
+        result = broker_stats(*broker)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            console.print(broker_table(result))
+        return EXIT_OK
     if _is_log_dir(args.target) and directory_kind(args.target) \
             == DURABLE_QUEUE:
         stats = metrics.inspect_durable_queue(args.target)
