@@ -134,10 +134,14 @@ def test_dlq_redrive_unknown_id_moves_nothing(broker_dir):
     assert len(dead_letters(broker_dir)) == 3
 
 
-def test_dlq_redrive_needs_id_or_all(broker_dir):
-    result = run_mqs("dlq", "redrive", "orders", "--path", broker_dir)
-    assert result.returncode == 2
-    assert "one of the arguments --id --all is required" in result.stderr
+def test_dlq_redrive_without_id_moves_all(broker_dir):
+    result = run_mqs("dlq", "redrive", broker_dir, "orders", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"topic": "orders", "redriven": 3}
+    assert dead_letters(broker_dir) == []
+
+
+def test_dlq_redrive_id_and_all_is_error(broker_dir):
     result = run_mqs("dlq", "redrive", "orders", "--path", broker_dir,
                      "--all", "--id", "1")
     assert result.returncode == 2

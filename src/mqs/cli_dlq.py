@@ -74,15 +74,17 @@ def add_parser(subparsers: Any) -> None:
         help="move dead letters back to their consumer groups",
         description="Move dead letters of TOPIC back to the tail of their "
                     "lane in their consumer group, with attempts reset "
-                    "to 0. Give --id (repeatable) or --all. Ids that are "
-                    "not in the dead-letter queue fail the command "
-                    "before anything moves.",
+                    "to 0: those given with --id (repeatable), or all of "
+                    "them without --id, as Broker.dlq_redrive(topic) "
+                    "does. Ids that are not in the dead-letter queue "
+                    "fail the command before anything moves.",
         json_help="print the result as JSON")
-    selection = redrive.add_mutually_exclusive_group(required=True)
+    selection = redrive.add_mutually_exclusive_group()
     selection.add_argument("--id", action="append", dest="ids", metavar="ID",
                            help="message id to redrive; repeat for several")
     selection.add_argument("--all", action="store_true",
-                           help="redrive every dead letter of the topic")
+                           help="redrive every dead letter of the topic "
+                                "(the default without --id)")
 
     purge = _add_command(
         commands, "purge", _run_purge,
@@ -256,7 +258,7 @@ def _run_redrive(args: argparse.Namespace) -> int:
     broker = _open_broker(args)
     try:
         ids = None
-        if not args.all:
+        if args.ids:
             ids = list(dict.fromkeys(args.ids))
             stored = {letter.id for letter in broker.dlq_list(args.topic)}
             missing = [message_id for message_id in ids
