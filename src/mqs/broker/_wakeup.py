@@ -192,7 +192,7 @@ def _resolve_all(futures: list[tuple[asyncio.Future, tuple[Any, int]]]
         try:
             loop.call_soon_threadsafe(_resolve, future)
         except RuntimeError:
-            pass  # that loop is closed, so nobody awaits the future
+            pass  # The loop is closed, so no coroutine awaits this future.
 
 
 def _after_fork() -> None:
