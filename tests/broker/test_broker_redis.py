@@ -667,3 +667,27 @@ def test_publish_without_auto_declare_raises(open_broker):
         broker.publish_many("missing", [b"x"])
     with pytest.raises(mqs.UnknownTopic):
         broker.topic_config("missing")
+
+
+# Namespaces.
+
+def test_namespace_with_colon_rejected(redis_url):
+    # Topic names may contain colons, so namespace "a:b" would share the
+    # keys of namespace "a" (topic "b:c" and topic "c" both map to
+    # {a:b:c}) and show up in its topics().
+    with pytest.raises(ValueError, match="namespace cannot contain ':'.*"
+                                         "'mqs-test.sub'"):
+        mqs.Broker(backend="redis", url=redis_url,
+                   namespace="mqs-test:sub")
+
+
+def test_topics_only_of_own_namespace(open_broker, namespace):
+    mine = open_broker()
+    other = open_broker(namespace=namespace + ".sub")
+    mine.declare_topic("orders:eu")
+    other.declare_topic("billing")
+    try:
+        assert mine.topics() == ["orders:eu"]
+        assert other.topics() == ["billing"]
+    finally:
+        other.delete_topic("billing")

@@ -262,7 +262,8 @@ class RedisBackend(Backend):
         can write to the server is trusted (see the module docs).
     namespace : str
         First part of every key (``{namespace:topic}...``). Brokers with
-        different namespaces on one server do not see each other.
+        different namespaces on one server do not see each other. It
+        cannot contain braces or colons (topic names may contain colons).
     socket_timeout : float
         Seconds a command may wait for its reply. Blocking waits use at
         most half of it.
@@ -307,6 +308,13 @@ class RedisBackend(Backend):
             raise ValueError(
                 f"namespace must be a non-empty str without braces, got "
                 f"{namespace!r}")
+        if ":" in namespace:
+            # Topic names may contain colons, so {a:b:c} would be topic
+            # "b:c" of namespace "a" and topic "c" of namespace "a:b".
+            raise ValueError(
+                f"namespace cannot contain ':', got {namespace!r}; use "
+                f"another separator, such as "
+                f"{namespace.replace(':', '.')!r}")
         if not socket_timeout > 0:
             raise ValueError(
                 f"socket_timeout must be above 0 seconds, got "
