@@ -759,6 +759,7 @@ static int64_t requeue_where(mqs_tc_header_t *h, uint32_t g,
         mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
         uint64_t attempts = mqs_tc_word_attempts(load_word(e));
         leave_flight(h, g, e);
+        MQS_FAILPOINT("tc_requeue_after_leave");
         count_redelivery(h, g);
         make_ready(h, g, items[i].slot, attempts, 0, now);
     }
@@ -770,7 +771,6 @@ int64_t mqs_tc_close_consumer(mqs_tc_header_t *h, uint32_t consumer,
                               double now)
 {
     mqs_tc_consumer_t *c;
-    int64_t returned;
 
     if (consumer >= config_of(h)->params.max_consumers)
         return MQS_EINVAL;
@@ -778,9 +778,10 @@ int64_t mqs_tc_close_consumer(mqs_tc_header_t *h, uint32_t consumer,
     if (!atomic_load_explicit(&c->used, memory_order_relaxed))
         return MQS_EINVAL;
     mqs_tc_advance(h, now);
-    returned = requeue_where(h, c->group, owned_by, &consumer, now);
+    /* Closed first, so that if this process dies while requeueing,
+     * mqs_tc_repair puts back every entry it still holds. */
     atomic_store_explicit(&c->used, 0, memory_order_release);
-    return returned;
+    return requeue_where(h, c->group, owned_by, &consumer, now);
 }
 
 /* ---- delivering --------------------------------------------------------- */
@@ -1198,8 +1199,8 @@ void mqs_tc_repair(mqs_tc_header_t *h)
         if (!atomic_load_explicit(&group->used, memory_order_relaxed))
             continue;
         /* Entries in flight to a consumer that is gone go back to their
-         * lanes' tails in publish order, as mqs_tc_close_consumer (which
-         * stores `used` = 0 after requeueing) would have done. */
+         * lanes' tails in publish order and count as redelivered, as
+         * mqs_tc_close_consumer would have done. */
         group->ready = group->in_flight = group->dead = 0;
         memset(group->lanes, 0, sizeof(group->lanes));
         for (uint32_t slot = 0; slot < p->capacity; slot++) {
@@ -1220,6 +1221,7 @@ void mqs_tc_repair(mqs_tc_header_t *h)
             e->consumer = MQS_TC_NO_CONSUMER;
             e->ready_seq = ++group->tail_seq;
             store_word(e, mqs_tc_word(MQS_TC_READY, 0, attempts));
+            count_redelivery(h, g);
         }
         free(orphans);
         ready = collect(h, g, MQS_TC_READY, stored_slot, NULL, &count);

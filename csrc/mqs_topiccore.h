@@ -38,7 +38,8 @@
  * mqs_tc_repair, which rebuilds the mirrors from the words: ready
  * entries go back to their lanes in ready order, entries of an
  * uncommitted publish are cleared, a slot no group needs is freed, and
- * in-flight entries of a closed consumer are requeued.
+ * in-flight entries of a closed consumer are requeued (and counted as
+ * redelivered).
  * The published counter is next_seq, which the repair takes from the
  * committed slots. NOTE: the other cumulative counters (acked, ...) are
  * bumped apart from the commit, so one may miss or double-count the
@@ -333,8 +334,8 @@ void mqs_tc_set_group_attempts(mqs_tc_header_t *h, uint32_t group,
 int64_t mqs_tc_open_consumer(mqs_tc_header_t *h, uint32_t group,
                              uint32_t prefetch, uint64_t owner, double now);
 
-/* Requeue a consumer's in-flight entries at their lanes' tails in
- * publish order and free it; return how many went back, or MQS_EINVAL. */
+/* Free a consumer, then requeue its in-flight entries at their lanes'
+ * tails in publish order; return how many went back, or MQS_EINVAL. */
 int64_t mqs_tc_close_consumer(mqs_tc_header_t *h, uint32_t consumer,
                               double now);
 

@@ -25,7 +25,7 @@ FLAGS = ["-DMQS_FAILPOINTS=1"]
 TIMEOUT_SECONDS = 300
 KILL_POINTS = ["tc_publish_before_commit", "tc_publish_after_commit",
                "tc_fetch_after_commit", "tc_finish_before_free",
-               "tc_open_group_before_commit"]
+               "tc_open_group_before_commit", "tc_requeue_after_leave:2"]
 
 
 @pytest.fixture(scope="module", params=list(c_build.BUILD_FLAGS))

@@ -356,6 +356,15 @@ static void child_fetch_ack(mqs_tc_header_t *h)
     mqs_tc_unlock(h);
 }
 
+static void child_fetch_close(mqs_tc_header_t *h)
+{
+    mqs_tc_delivery_t out[4];
+    mqs_tc_lock(h, 0);
+    mqs_tc_fetch(h, 1, 4, 30.0, 0, NOW, out);
+    mqs_tc_close_consumer(h, 1, NOW);
+    mqs_tc_unlock(h);
+}
+
 static void child_open_group(mqs_tc_header_t *h)
 {
     mqs_tc_lock(h, 0);
@@ -408,6 +417,8 @@ static void test_crash(const char *point)
         run_killed(point, child_fetch, h);
     else if (strcmp(point, "tc_open_group_before_commit") == 0)
         run_killed(point, child_open_group, h);
+    else if (strncmp(point, "tc_requeue_after_leave", 22) == 0)
+        run_killed(point, child_fetch_close, h);
     else
         run_killed(point, child_fetch_ack, h);
     CHECK_EQ(mqs_tc_lock(h, 0), 1);
@@ -439,6 +450,12 @@ static void test_crash(const char *point)
         CHECK_EQ(total, 3);
     } else {
         CHECK_EQ(total, 4);
+    }
+    if (strncmp(point, "tc_requeue_after_leave", 22) == 0) {
+        /* The child requeued one delivery; the repair put back the one
+         * it was requeueing and the two it had not reached. */
+        CHECK_EQ(counter(h, MQS_TC_REDELIVERED), 4);
+        CHECK_EQ(mqs_tc_group(h, 0)->counters[MQS_TC_GROUP_REDELIVERED], 4);
     }
     mqs_tc_stats(h, &stats);
     CHECK_EQ(stats.stored, 0);

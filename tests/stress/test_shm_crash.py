@@ -19,6 +19,8 @@ at the instruction between writing a record and committing it, in the
 copy of mqs built with failpoints. After each kill the next process
 must take the mutex over (EOWNERDEAD), see exactly the committed
 operations, and redeliver the dead consumer's messages.
+`test_shm_consumer_killed_in_close_redelivered` kills a consumer inside
+its close and checks that the repair counts what it puts back.
 
 MQS_TEST_SCALE multiplies the run time and the number of kills
 (default: 20 s of kills and 8 + 8 mutex kills). Random choices use
@@ -364,4 +366,46 @@ def test_shm_failpoint_inside_core_recovers(name, scale, failpoint_path):
     assert stats["acked"] == stats["published"] == returned
     assert "t" in broker.backend._core_paths
     kept.close()
+    broker.close()
+
+
+CLOSE_CHILD = r"""
+import sys
+import mqs
+
+broker = mqs.Broker(backend="shm", name=sys.argv[1])
+consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+assert len(consumer.get_many(3, timeout=10)) == 3
+consumer.close(drain=False)
+"""
+
+
+def test_shm_consumer_killed_in_close_redelivered(name, failpoint_path):
+    """Kill a consumer process inside its close, after it put back one of
+    its three messages and while it puts back the second. The repair puts
+    back the other two and counts all three as redelivered."""
+    broker = mqs.Broker(backend="shm", name=name)
+    broker.declare_topic("t")
+    broker.consume("t", "g").close()
+    broker.publish_many("t", [0, 1, 2])
+    env = dict(os.environ, PYTHONPATH=failpoint_path,
+               MQS_FAILPOINT="tc_requeue_after_leave:2")
+    child = subprocess.run([sys.executable, "-c", CLOSE_CHILD, name],
+                           env=env, timeout=60, check=False)
+    assert child.returncode == -signal.SIGKILL
+
+    stats = broker.stats("t")
+    assert broker.backend._cores["t"].counters()["recoveries"] == 1
+    assert stats["in_flight"] == 0
+    assert stats["ready"] == 3
+    assert stats["redelivered"] == 3
+    (group,) = broker.group_stats("t")
+    assert group.redelivered == 3
+    consumer = broker.consume("t", "g", prefetch=10)
+    messages = consumer.get_many(3, timeout=10)
+    assert sorted(message.body for message in messages) == [0, 1, 2]
+    assert [message.attempts for message in messages] == [2, 2, 2]
+    for message in messages:
+        assert message.ack()
+    consumer.close()
     broker.close()
