@@ -224,15 +224,21 @@ def test_delay_lateness_has_no_cumulative_drift():
     for index in range(count):
         q.put((index, start + index * spacing), delay=start + index * spacing - time.monotonic())
     lateness = []
+    since_due = []
     for _ in range(count):
+        asked = time.monotonic()
         index, due = q.get(timeout=10)
         arrived = time.monotonic()
-        lateness.append(arrived - due)
+        since_due.append(arrived - due)
+        # A consumer that fell behind (on a loaded machine its busy loops
+        # and wake-ups stretch) asks after the item was due: the queue's
+        # part of the lateness counts from the later of the two.
+        lateness.append(arrived - max(due, asked))
         # Keep the consumer busy for about half of each interval.
         busy_until = time.monotonic() + spacing / 2
         while time.monotonic() < busy_until:
             pass
-    assert min(lateness) >= 0
+    assert min(since_due) >= 0
     assert sorted(lateness)[count // 2] < LATE_BOUND_S
     # Drift would make the last items later than the first ones; a
     # machine busy with other work only adds noise to both ends.

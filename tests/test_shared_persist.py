@@ -170,7 +170,9 @@ def test_persist_rejects_a_log_broker_directory(tmp_path):
     assert "queue.ctl" not in os.listdir(path)
     broker = mqs.Broker(backend="log", path=path)
     consumer = broker.consume("t", "g")
-    assert consumer.get(timeout=10).body == b"kept"
+    message = consumer.get(timeout=10)
+    assert message.body == b"kept"
+    message.ack()
     consumer.close()
     broker.close()
 

@@ -600,6 +600,7 @@ def test_shm_core_message_has_wall_clock_timestamp(name):
     assert message.attempts == 1
     assert message.key is None
     assert message.headers == {}
+    message.ack()
     consumer.close()
     broker.close()
 
@@ -617,6 +618,7 @@ def test_shm_get_checks_timeout_with_message_ready(name, timeout, error):
     message = consumer.get(timeout=0)
     assert message.body == "x"
     assert message.attempts == 1
+    message.ack()
     consumer.close()
     broker.close()
 
