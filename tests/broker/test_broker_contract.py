@@ -7,8 +7,11 @@ bounds, so that the same tests fit backends in other processes.
 import asyncio
 import collections
 import random
+import subprocess
+import sys
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -932,6 +935,41 @@ def test_close_with_own_unacked_messages_returns(broker):
     assert time.monotonic() - start < 30
     again = broker.consume("t", "g", prefetch=10)
     assert sorted(drain(again)) == [1, 2]
+
+
+ALONE_CLOSE = """
+import sys, time, mqs
+kind, where = sys.argv[1], sys.argv[2]
+options = {"memory": {}, "log": {"path": where}, "shm": {"name": where}}
+broker = mqs.Broker(backend=kind, **options[kind])
+broker.publish("t", "held")
+consumer = broker.consume("t", "g", ack_timeout=60)
+assert consumer.get(timeout=5).body == "held"
+start = time.monotonic()
+returned = consumer.close()
+waited = time.monotonic() - start
+again = broker.consume("t", "g").get(timeout=5)
+print(returned, round(waited, 3), again.body, again.attempts)
+again.ack()
+broker.close()
+if kind == "shm":
+    mqs.Broker.unlink(where)
+"""
+
+
+@pytest.mark.parametrize("kind", ["memory", "log", "shm"])
+def test_close_in_a_single_thread_program_does_not_wait(kind, tmp_path):
+    # The program's only thread holds the message: no one else could ack
+    # it, so the drain returns it at once instead of after the 60 s ack
+    # timeout.
+    where = (str(tmp_path / "broker") if kind == "log"
+             else f"test-alone-{uuid.uuid4().hex[:10]}")
+    result = subprocess.run([sys.executable, "-c", ALONE_CLOSE, kind, where],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    returned, waited, body, attempts = result.stdout.split()
+    assert (returned, body, attempts) == ("1", "held", "2")
+    assert float(waited) < 20
 
 
 async def _close_async_own_unacked(broker):

@@ -62,6 +62,16 @@ def _redis_backend(**options: Any) -> Backend:
     return RedisBackend(**options)
 
 
+
+def _another_thread_alive() -> bool:
+    """Whether a thread other than the caller and mqs's own background
+    threads (all named "mqs-...") is alive: one that could still ack."""
+    current = threading.current_thread()
+    return any(thread is not current and thread.is_alive()
+               and not thread.name.startswith("mqs-")
+               for thread in threading.enumerate())
+
+
 def _seconds(name: str, value: Any, *, allow_none: bool = True,
              allow_zero: bool = True, allow_inf: bool = True
              ) -> float | None:
@@ -425,6 +435,9 @@ class Consumer:
         threads. None waits up to `ack_timeout`, because by then an
         unacked message is due for redelivery anyway, and a thread that
         closes its own unacked messages would otherwise wait forever.
+        When no other thread of the program is alive (mqs's own
+        background threads aside), nothing could settle a message during
+        the wait, so there is none.
         Then, or at once without `drain`, every message still in flight
         goes back to the group for redelivery, with its attempt counted.
         Later `get` calls raise `ShutDown` and iteration stops. Closing
@@ -438,7 +451,7 @@ class Consumer:
             # NOTE: a message that another thread extended past this bound
             # goes back to the group too; its later ack counts as late.
             timeout = self.ack_timeout
-        if drain:
+        if drain and _another_thread_alive():
             deadline = None if timeout is None else time.monotonic() + timeout
             while self.in_flight:
                 left = 0.05 if deadline is None else deadline - time.monotonic()
