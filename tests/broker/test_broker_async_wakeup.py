@@ -83,6 +83,23 @@ def _publish_on_event(where, go, count):
         broker.close()
 
 
+def _publish_between_events(where, ready, go, done):
+    """Child: publish "warm-up" on "t" (which opens the topic here), set
+    `ready`, wait for `go`, publish 0 and close only after `done`, because
+    a close wakes every waiter of the broker."""
+    broker = open_broker(where)
+    try:
+        broker.publish("t", "warm-up")
+        ready.set()
+        if not go.wait(60):
+            os._exit(3)
+        broker.publish("t", 0)
+        if not done.wait(60):
+            os._exit(3)
+    finally:
+        broker.close()
+
+
 def _ping_pong(where, rounds):
     """Child: publish on "t", then wait for the reply on "r", `rounds`
     times; every publish must wake the parent's awaiting consumer."""
@@ -321,6 +338,40 @@ def test_async_get_in_successive_loops(where):
     try:
         assert asyncio.run(main("a")) == "a"
         assert asyncio.run(main("b")) == "b"
+    finally:
+        broker.close()
+    assert wakeup_threads() == []
+
+
+def test_wait_changed_async_woken_by_publish(where):
+    # On a core topic a publish changes only the core, not the journal.
+    # A missed wakeup makes the wait last its whole 30 s.
+    broker = open_broker(where)
+    declare(broker, where)
+    consumer = broker.consume("t", "g", auto_ack=True)
+    ready, go, done = FORK.Event(), FORK.Event(), FORK.Event()
+    child = start(_publish_between_events, where, ready, go, done)
+    assert ready.wait(60)
+    assert consumer.get(timeout=5).body == "warm-up"
+
+    async def main():
+        waiting = asyncio.create_task(
+            broker._backend.wait_changed_async(30.0))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        began = time.monotonic()
+        go.set()
+        await asyncio.wait_for(waiting, 60)
+        return time.monotonic() - began
+
+    try:
+        try:
+            waited = asyncio.run(main())
+        finally:
+            done.set()
+        join(child)
+        assert waited < 15
+        assert consumer.get(timeout=5).body == 0
     finally:
         broker.close()
     assert wakeup_threads() == []

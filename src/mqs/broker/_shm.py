@@ -141,6 +141,7 @@ Limits
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -293,7 +294,11 @@ class _SharedSection:
 
 
 class _ChangeWait:
-    """The backend's `_changed`: waits for a commit by any process."""
+    """The backend's `_changed`: waits for a commit by any process.
+
+    NOTE: it parks on the journal word only, so a change of a topic core
+    ends the wait only at the caller's next slice (50 ms in `wait_changed`).
+    """
 
     def __init__(self, backend: ShmBackend) -> None:
         self.backend = backend
@@ -1284,12 +1289,28 @@ class ShmBackend(LogBackend):
                           timeout=0)
 
     async def wait_changed_async(self, timeout: float) -> None:
-        word = self._journal
-        epoch = self._prepare_async(word)
+        """Await a commit to the journal or to a topic core that this
+        process has open, or `timeout` seconds."""
+        prepared = []
         try:
-            await self._wakeups.wait(word, epoch, timeout)
+            for word in (self._journal, *tuple(self._cores.values())):
+                try:
+                    prepared.append((word, self._prepare_async(word)))
+                except TopicRetired:
+                    continue  # the core handle was closed meanwhile
+            waits = [asyncio.ensure_future(
+                         self._wakeups.wait(word, epoch, timeout))
+                     for word, epoch in prepared]
+            try:
+                await asyncio.wait(waits,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
         finally:
-            self._finish_async(word)
+            for word, _ in prepared:
+                self._finish_async(word)
 
     def _async_word(self, topic: str, consumer: str) -> Any:
         """Return the wait word a change for `consumer` bumps: its topic
