@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -292,6 +293,89 @@ def test_stat_log_broker_directory(tmp_path):
         assert broker.stats("orders")["ready"] == 3
 
 
+def test_stat_redis_broker_json(redis_url):
+    import redis
+
+    namespace = f"mqs-cli-stat-{uuid.uuid4().hex[:12]}"
+    broker = mqs.Broker("redis", url=redis_url, serializer="pickle",
+                        namespace=namespace)
+    try:
+        consumer = fill_broker(broker)
+        result = run_mqs("stat", "--url", redis_url, "-o",
+                         f"namespace={namespace}", "--json")
+        consumer.close(drain=False)
+    finally:
+        broker.close()
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=f"{{{namespace}:*"))
+        if keys:
+            client.unlink(*keys)
+        client.close()
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["backend"] == "redis"
+    assert stats["broker"] == redis_url
+    check_broker_json(stats)
+
+
+def test_stat_interval_prints_rates(shm_name):
+    broker = mqs.Broker("shm", name=shm_name)
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g", auto_ack=True)
+    stop = threading.Event()
+
+    def publish_and_consume():
+        while not stop.is_set():
+            broker.publish("t", 0)
+            consumer.get(timeout=5)
+            time.sleep(0.001)
+
+    worker = threading.Thread(target=publish_and_consume)
+    worker.start()
+    try:
+        result = run_mqs("stat", "--shm", shm_name, "--interval", "0.5",
+                         "--json")
+        table = run_mqs("stat", "--shm", shm_name, "--interval", "0.1")
+    finally:
+        stop.set()
+        worker.join(30)
+        consumer.close()
+        broker.close()
+        mqs.Broker.unlink(shm_name)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    interval = stats["interval_s"]
+    assert interval >= 0.5
+    topic = stats["topics"]["t"]
+    for name in ("published", "delivered", "acked"):
+        # A rate is a whole number of messages over the interval.
+        count = topic["rates"][name] * interval
+        assert count > 0, name
+        assert abs(count - round(count)) < 1e-6, name
+        assert round(count) <= topic["stats"][name], name
+
+    assert table.returncode == 0, table.stderr
+    words = " ".join(table.stdout.split())
+    assert "rates over" in words
+    lines = [" ".join(line.replace("│", " ").split())
+             for line in table.stdout.splitlines()]
+    assert any(line.startswith("t: published/s ") for line in lines)
+    assert any(line.startswith("t: acked/s ") for line in lines)
+
+
+@pytest.mark.parametrize("value", ["0", "nan", "7200"])
+def test_stat_interval_rejects_bad_value(value):
+    result = run_mqs("stat", "--shm", "any", "--interval", value)
+    assert result.returncode == 2
+    assert f"invalid interval {value!r}" in result.stderr
+
+
+def test_stat_interval_only_for_broker(queue, shm_name):
+    result = run_mqs("stat", shm_name, "--interval", "1")
+    assert result.returncode == 2
+    assert "--option and --interval apply only to a broker" in result.stderr
+
+
 def test_stat_missing_broker_is_not_created(tmp_path):
     name = f"test-cli-missing-{uuid.uuid4().hex[:12]}"
     result = run_mqs("stat", "--shm", name)
@@ -315,7 +399,8 @@ def test_stat_broker_and_flag_is_usage_error(shm_broker):
     assert "give either NAME|PATH or --shm, not both" in result.stderr
     result = run_mqs("stat")
     assert result.returncode == 2
-    assert "give a NAME|PATH, --shm NAME or --path LOGDIR" in result.stderr
+    assert ("give a NAME|PATH, --shm NAME, --path LOGDIR or --url URL"
+            in result.stderr)
 
 
 def test_stat_name_both_shm_broker_and_log_dir(shm_broker, tmp_path):

@@ -12,8 +12,11 @@ broker: the gauges and counters of every topic and of its groups.
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import os
+import time
 from typing import Any
 
 from rich.markup import escape
@@ -110,6 +113,16 @@ def check_shm_name(name: str) -> None:
                            f"{_journal_path(name)})")
 
 
+def parse_backend_option(text: str) -> tuple[str, str]:
+    """Split a ``-o KEY=VALUE`` argument into (KEY, VALUE)."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"invalid backend option {text!r}; give KEY=VALUE, such as "
+            f"namespace=orders")
+    return key, value
+
+
 def open_broker(option: str, value: str,
                 options: dict[str, str] | None = None) -> Any:
     """Open the existing broker at `value` with the backend of location
@@ -162,32 +175,85 @@ GROUP_ROWS = ("consumers", "lag_messages", "lag_seconds", "in_flight",
               "dead_lettered", "errors", "error_ratio")
 
 
-def broker_stats(option: str, value: str) -> dict[str, Any]:
-    """Open the broker at `value` (location option `option`) and return
-    the stats of every topic and group as plain values for JSON."""
-    from mqs.metrics import stats_as_dict
+# Counters that `mqs stat --interval` turns into per-second rates.
+RATE_COUNTERS = ("published", "delivered", "acked")
 
-    broker = open_broker(option, value)
+
+def broker_stats(option: str, value: str,
+                 options: dict[str, str] | None = None,
+                 interval_s: float | None = None) -> dict[str, Any]:
+    """Open the broker at `value` (location option `option`, backend
+    `options`) and return the stats of every topic and group as plain
+    values for JSON.
+
+    With `interval_s`, sample the stats twice, that many seconds apart,
+    and add ``interval_s`` (the measured time between the samples) and,
+    for every topic in both samples, ``rates``: the per-second change of
+    each counter of RATE_COUNTERS. The stats are those of the second
+    sample.
+    """
+    broker = open_broker(option, value, options)
     try:
-        topics: dict[str, Any] = {}
-        for topic in broker.topics():
-            groups = []
-            for group in broker.group_stats(topic):
-                record = stats_as_dict(group)
-                record["error_ratio"] = group.error_ratio
-                groups.append(record)
-            topics[topic] = {"stats": broker.stats(topic), "groups": groups}
+        if interval_s is None:
+            topics = _sample_topics(broker)
+        else:
+            began = time.monotonic()
+            first = _sample_topics(broker)
+            time.sleep(interval_s)
+            ended = time.monotonic()
+            topics = _sample_topics(broker)
     finally:
         broker.close()
-    return {"backend": BACKEND_OPTIONS[option][0], "broker": value,
-            "topics": topics}
+    result = {"backend": BACKEND_OPTIONS[option][0], "broker": value,
+              "topics": topics}
+    if interval_s is not None:
+        elapsed = ended - began
+        result["interval_s"] = elapsed
+        for topic, record in topics.items():
+            if topic not in first:
+                continue
+            before, after = first[topic]["stats"], record["stats"]
+            record["rates"] = {
+                name: (after[name] - before[name]) / elapsed
+                for name in RATE_COUNTERS}
+    return result
+
+
+def _sample_topics(broker: Any) -> dict[str, Any]:
+    from mqs.metrics import stats_as_dict
+
+    topics: dict[str, Any] = {}
+    for topic in broker.topics():
+        groups = []
+        for group in broker.group_stats(topic):
+            record = stats_as_dict(group)
+            record["error_ratio"] = group.error_ratio
+            groups.append(record)
+        topics[topic] = {"stats": broker.stats(topic), "groups": groups}
+    return topics
+
+
+def parse_interval(text: str) -> float:
+    """Parse the seconds of ``mqs stat --interval``."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"invalid interval {text!r}; give seconds above 0 and at most "
+            f"3600, such as 1 or 0.5")
+    return seconds
 
 
 def broker_table(stats: dict[str, Any]) -> Table:
     """Return the `mqs stat` table of `broker_stats` output."""
     topics = stats["topics"]
-    table = Table(title=f"{stats['backend']} broker "
-                        f"{escape(stats['broker'])}: {len(topics)} topic(s)")
+    title = (f"{stats['backend']} broker {escape(stats['broker'])}: "
+             f"{len(topics)} topic(s)")
+    if "interval_s" in stats:
+        title += f", rates over {stats['interval_s']:.2f} s"
+    table = Table(title=title)
     table.add_column("counter")
     table.add_column("value", justify="right")
     for topic, record in topics.items():
@@ -198,6 +264,8 @@ def broker_table(stats: dict[str, Any]) -> Table:
         for name in names:
             table.add_row(escape(f"{topic}: {name}"),
                           _format_value(counters.get(name, 0)))
+        for name, rate in record.get("rates", {}).items():
+            table.add_row(escape(f"{topic}: {name}/s"), f"{rate:.1f}")
         for group in record["groups"]:
             for name in GROUP_ROWS:
                 value = group[name]

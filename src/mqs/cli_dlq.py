@@ -39,6 +39,7 @@ from mqs.cli_broker import (
     broker_not_found,
     locate_broker,
     open_broker,
+    parse_backend_option,
 )
 
 # Characters of a body that the table shows.
@@ -133,19 +134,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--url", metavar="URL",
                        help="Redis URL of a redis broker (backend 'redis')")
     parser.add_argument("-o", "--option", action="append", default=[],
-                        metavar="KEY=VALUE", type=_backend_option,
+                        metavar="KEY=VALUE", type=parse_backend_option,
                         help="pass KEY=VALUE (a str) to the backend, such "
                              "as namespace=orders or serializer=pickle "
                              "for a redis broker; repeat for several")
-
-
-def _backend_option(text: str) -> tuple[str, str]:
-    key, equals, value = text.partition("=")
-    if not equals or not key.isidentifier():
-        raise argparse.ArgumentTypeError(
-            f"invalid backend option {text!r}; give KEY=VALUE, such as "
-            f"namespace=orders")
-    return key, value
 
 
 # ---------------------------------------------------------------- opening

@@ -165,6 +165,8 @@ def _check_queue_name(name: str) -> None:
 
 
 def _add_stat_parser(subparsers: Any) -> None:
+    from mqs.cli_broker import parse_backend_option, parse_interval
+
     parser = subparsers.add_parser(
         "stat", help="show the counters of a shared queue, segment log or "
                      "broker",
@@ -173,8 +175,8 @@ def _add_stat_parser(subparsers: Any) -> None:
                     "is not disturbed), of a durable shared queue's "
                     "directory (its groups, lag and committed offsets, "
                     "read-only), of a segment log directory (opened "
-                    "read-only), or of an shm or log broker: for every "
-                    "topic its ready, in-flight, delayed and dead-letter "
+                    "read-only), or of an shm, log or redis broker: for "
+                    "every topic its ready, in-flight, delayed and dead-letter "
                     "counts and counters, and for every consumer group "
                     "its lag, in-flight messages and counters. The "
                     "broker is opened as one more process (never "
@@ -194,6 +196,18 @@ def _add_stat_parser(subparsers: Any) -> None:
     where.add_argument("--path", metavar="LOGDIR",
                        help="directory of a log broker, for a name that is "
                             "also an shm broker")
+    where.add_argument("--url", metavar="URL",
+                       help="Redis URL of a redis broker (backend 'redis')")
+    parser.add_argument("-o", "--option", action="append", default=[],
+                        metavar="KEY=VALUE", type=parse_backend_option,
+                        help="pass KEY=VALUE (a str) to a broker's backend, "
+                             "such as namespace=orders for a redis broker; "
+                             "repeat for several")
+    parser.add_argument("--interval", metavar="SECONDS", type=parse_interval,
+                        help="for a broker: read the stats twice, SECONDS "
+                             "apart, and add the per-second rates of "
+                             "published, delivered and acked messages of "
+                             "every topic")
     parser.add_argument("--json", action="store_true",
                         help="print the stats as JSON instead of a table")
     parser.set_defaults(handler=_handler("stat", _run_stat), parser=parser)
@@ -205,7 +219,7 @@ def _stat_broker_location(args: argparse.Namespace
     stat` was given, or None when the target is no broker."""
     from mqs.cli_broker import locate_broker
 
-    for option in ("shm", "path"):
+    for option in ("shm", "path", "url"):
         value = getattr(args, option)
         if value is None:
             continue
@@ -214,7 +228,8 @@ def _stat_broker_location(args: argparse.Namespace
                               f"both")
         return option, value
     if args.target is None:
-        args.parser.error("give a NAME|PATH, --shm NAME or --path LOGDIR")
+        args.parser.error("give a NAME|PATH, --shm NAME, --path LOGDIR or "
+                          "--url URL")
     target = args.target
     option = locate_broker(target)
     if option != "shm":
@@ -235,10 +250,13 @@ def _stat_broker_location(args: argparse.Namespace
 def _run_stat(args: argparse.Namespace) -> int:
     console = _console()
     broker = _stat_broker_location(args)
+    if broker is None and (args.option or args.interval is not None):
+        args.parser.error(f"--option and --interval apply only to a "
+                          f"broker, and {args.target!r} is not one")
     if broker is not None:
         from mqs.cli_broker import broker_stats, broker_table
 
-        result = broker_stats(*broker)
+        result = broker_stats(*broker, dict(args.option), args.interval)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
