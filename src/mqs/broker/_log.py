@@ -411,13 +411,16 @@ class LogBackend(MemoryBackend):
         try:
             self._log.append(data)
         except BaseException as exc:
-            # The state already contains the operation, and later records
-            # would not replay the same way without this one.
-            self._failed = exc
-            logger.exception("log broker %s: append failed; the broker "
-                             "takes no more operations", self.path)
+            self._fail_append(exc)
             raise
         self._bytes_since_snapshot += len(data)
+
+    def _fail_append(self, exc: BaseException) -> None:
+        # The state already contains the operation, and later records
+        # would not replay the same way without this one.
+        self._failed = exc
+        logger.exception("log broker %s: append failed; the broker "
+                         "takes no more operations", self.path)
 
     def _apply(self, op: str, args: tuple) -> Any:
         return getattr(self, "_do_" + op)(*args)

@@ -107,6 +107,7 @@ from mqs.broker._log import (
     LogBackend,
     _check_empty,
     _check_log_options,
+    _fetch_is_idle,
     _make_directory,
     _read_current,
     lock_holder,
@@ -361,14 +362,26 @@ class SharedLogBackend(ShmBackend):
             self._replayed = True
 
     def _append(self, data: bytes) -> None:
-        ShmBackend._append(self, data)
-        # `_position` inlined: this runs in every operation.
-        position = (self._generation << 32) | self._applied
+        # `ShmBackend._append` and `_position` inlined: this runs in
+        # every operation.
+        end = self._journal.append(data)
+        if end < 0:
+            raise AssertionError("journal full after a compaction")
+        self._applied = end
+        self._appended = True
+        position = (self._generation << 32) | end
         if self.fsync == "always":
             self._local.mark = position
         if self._writer and not self._log_behind:
-            LogBackend._append(self, data)
-            self._log_state = (self._log, position)
+            # `LogBackend._append` inlined.
+            log = self._log
+            try:
+                log.append(data)
+            except BaseException as exc:
+                self._fail_append(exc)
+                raise
+            self._bytes_since_snapshot += len(data)
+            self._log_state = (log, position)
 
     def _position(self) -> int:
         return (self._generation << 32) | self._applied
@@ -497,13 +510,18 @@ class SharedLogBackend(ShmBackend):
                 if state is None:
                     return None
                 now = self._tick()
-                if self._publish_blocked(state, envelope, now):
+                # An unbounded topic never blocks.
+                if state.config.maxsize and self._publish_blocked(
+                        state, envelope, now):
                     return None
-                ids = self._publish_chunks(topic, [envelope], 0)
-                self._notify()
+                # `_publish_chunks` of one envelope: one record, which
+                # raises MessageTooLarge if it does not fit.
+                ids = self._logged("publish", topic, [envelope],
+                                   time.time(), 0)
                 self._after_write()
         finally:
-            self._sync(self._log)
+            if self.fsync == "always":
+                self._sync(self._log)
         return ids[0] if ids else None
 
     def fetch(self, topic: str, group: str, consumer: str, max_items: int,
@@ -567,8 +585,8 @@ class SharedLogBackend(ShmBackend):
                   ack_timeout: float, auto_ack: bool) -> Delivery | None:
         try:
             with self._lock:
-                found, _ = self._try_fetch(topic, group, consumer, 1,
-                                           ack_timeout, auto_ack)
+                found = self._fetch_one_locked(topic, group, consumer,
+                                               ack_timeout, auto_ack)
         except (UnknownTopic, ShutDown):
             # `fetch` raises them again, with its own checks first.
             return None
@@ -578,8 +596,39 @@ class SharedLogBackend(ShmBackend):
             self._sync(self._log)
         return _unpickled(found[0])
 
+    def _fetch_one_locked(self, topic: str, group: str, consumer: str,
+                          ack_timeout: float, auto_ack: bool
+                          ) -> list[Delivery]:
+        """`_try_fetch` of one message, without the next wake time that
+        `fetch_one` does not use. The caller holds the section, which
+        raises ShutDown once the broker is closed."""
+        state = self._topic(topic)
+        now = self._tick()
+        if _fetch_is_idle(state, group, consumer, auto_ack, now):
+            return []
+        args = (topic, group, consumer, 1, ack_timeout, auto_ack)
+        data = self._encoded("fetch", args)
+        try:
+            # `_do_fetch` without its `next_wake`.
+            found = state.fetch(group, consumer, 1, ack_timeout, auto_ack,
+                                now)
+        finally:
+            self._append(data)
+        self._after_write()
+        return found
+
     def ack(self, topic: str, group: str, tag: Any) -> bool:
-        return LogBackend._settle(self, "ack", topic, group, tag)
+        # `LogBackend._settle` of an ack, with its checks that the
+        # section makes (ShutDown once closed) left out.
+        with self._lock:
+            self._topic(topic)
+            self._tick()
+            result = self._logged("ack", topic, group, tag)
+            self._after_write()
+            log = self._log
+        if self._sync_acks:
+            self._sync(log)
+        return result
 
     # Durability.
 

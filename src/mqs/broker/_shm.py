@@ -276,21 +276,26 @@ class _SharedSection:
     def __init__(self, backend: ShmBackend) -> None:
         self.backend = backend
         self.thread_lock = threading.Lock()
+        # Bound once: every operation enters and leaves the section.
+        self._acquire = self.thread_lock.acquire
+        self._release = self.thread_lock.release
+        self._enter = backend._enter_shared
+        self._leave = backend._leave_shared
 
     def __enter__(self) -> None:
-        self.thread_lock.acquire()
+        self._acquire()
         try:
-            self.backend._enter_shared()
+            self._enter()
         except BaseException:
-            self.backend._leave_shared()
-            self.thread_lock.release()
+            self._leave()
+            self._release()
             raise
 
     def __exit__(self, *exc_info: object) -> None:
         try:
-            self.backend._leave_shared()
+            self._leave()
         finally:
-            self.thread_lock.release()
+            self._release()
 
 
 class _ChangeWait:
@@ -561,6 +566,15 @@ class ShmBackend(LogBackend):
 
     def _logged(self, op: str, *args: Any) -> Any:
         """Apply an operation at `_now` and append its record."""
+        data = self._encoded(op, args)
+        try:
+            return self._apply(op, args)
+        finally:
+            self._append(data)
+
+    def _encoded(self, op: str, args: tuple) -> bytes:
+        """Return the record of `op` at `_now`, after making room for it
+        in the journal; raise `MessageTooLarge` if it can never fit."""
         data = encode_record(op, self._now, args)
         if len(data) > self._max_record:
             raise MessageTooLarge(
@@ -570,10 +584,7 @@ class ShmBackend(LogBackend):
                 f"journal_bytes or send smaller messages")
         if not self._journal.has_room(len(data)):
             self._compact()
-        try:
-            return self._apply(op, args)
-        finally:
-            self._append(data)
+        return data
 
     def _append(self, data: bytes) -> None:
         end = self._journal.append(data)
@@ -583,6 +594,12 @@ class ShmBackend(LogBackend):
         self._appended = True
 
     def _after_write(self) -> None:
+        pass
+
+    def _notify(self) -> None:
+        # Waiters in any process wake when the section is left after an
+        # append (`_leave_shared`), and async waiters through `Wakeups`,
+        # so no future of MemoryBackend's is ever pending here.
         pass
 
     def _sync(self, log: Any) -> None:
