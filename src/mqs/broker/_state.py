@@ -264,13 +264,15 @@ class TopicState:
         with ``when_full="block"``. Raises `Full` for ``"raise"``.
         """
         self.advance(now)
-        self._trim(now)
+        if self.retained:
+            self._trim(now)
         ids = []
         for index, envelope in enumerate(envelopes):
-            duplicate = self._duplicate(envelope.dedup_id, now)
-            if duplicate is not None:
-                ids.append(duplicate)
-                continue
+            if envelope.dedup_id is not None:
+                duplicate = self._duplicate(envelope.dedup_id, now)
+                if duplicate is not None:
+                    ids.append(duplicate)
+                    continue
             if self.config.maxsize and len(self.store) >= self.config.maxsize:
                 if self.config.when_full == "raise":
                     raise Full(
@@ -467,7 +469,8 @@ class TopicState:
             lane = group.scheduler.pick(eligible)
             if lane is None:
                 break
-            entry = self._pop(group.lanes[lane])
+            # _eligible left a live pair at the head of every eligible lane.
+            entry = group.lanes[lane].popleft()[0]
             group.ready -= 1
             # Off its lane now; IN_FLIGHT without a consumer or deadline
             # until the branches below settle it.
@@ -476,7 +479,8 @@ class TopicState:
             if record.expires is not None and record.expires <= now:
                 self._expire(entry, now)
                 continue
-            self._take_token(group, lane, now)
+            if group.bucket is not None or group.lane_buckets:
+                self._take_token(group, lane, now)
             entry.attempts += 1
             entry.ticket += 1
             self.count("delivered")
@@ -529,11 +533,6 @@ class TopicState:
             if bucket is None or bucket.available(now):
                 eligible.add(lane)
         return eligible
-
-    @staticmethod
-    def _pop(queue: collections.deque) -> _Entry:
-        # _eligible left a live pair at the head of every eligible lane.
-        return queue.popleft()[0]
 
     @staticmethod
     def _take_token(group: _Group, lane: int, now: float) -> None:
@@ -595,7 +594,8 @@ class TopicState:
             group.deliver_to_ack.record_s(now - entry.sampled_at)
         self._leave_flight(entry)
         self._finish(entry)
-        self._on_success(entry.group, entry.record.lane)
+        if group.bucket is not None or group.lane_buckets:
+            self._on_success(group, entry.record.lane)
         return True
 
     def nack(self, group_name: str, tag: Any, requeue: bool,
