@@ -654,7 +654,11 @@ class SharedLogBackend(ShmBackend):
                 self._durable[_FAILED] = 1
                 self._journal.signal()
                 raise
-        self._publish_durable(mark)
+        # Threads whose records one sync covered all get here: only the
+        # first to store a higher position wakes the waiters, who check
+        # the position after they register and before they park.
+        if mark > self._durable[_DURABLE]:
+            self._publish_durable(mark)
 
     def _sync(self, log: Any, target: int | None = None) -> None:
         """Return once the log is durable up to journal position `target`,
