@@ -78,7 +78,40 @@ class SyncGate:
 
     def remove(self):
         self.released.set()
-        self.log._set_sync_hook(None)
+        # Closing the broker closed the log, and its hook with it.
+        if not self.log.closed:
+            self.log._set_sync_hook(None)
+
+
+@pytest.fixture
+def sync_gate():
+    """Return a function that puts a `SyncGate` on the log of a broker,
+    once a sync covers every record so far; the gates and their timers
+    are removed after the test.
+
+    With `fallback_s`, a timer opens the gate after that many seconds,
+    in case the thread held in the sync is the event loop's, so that a
+    failing run ends.
+    """
+    gates = []
+    timers = []
+
+    def install(broker, fallback_s=None):
+        log = broker._backend._log
+        wait_synced(log)
+        gate = SyncGate(log)
+        gates.append(gate)
+        if fallback_s is not None:
+            timer = threading.Timer(fallback_s, gate.open)
+            timers.append(timer)
+            timer.start()
+        return gate
+
+    yield install
+    for timer in timers:
+        timer.cancel()
+    for gate in gates:
+        gate.remove()
 
 
 def run_in_thread(function, *args):
@@ -92,90 +125,74 @@ def run_in_thread(function, *args):
     return thread, result
 
 
-def test_always_publish_waits_ack_returns_before_sync(path):
+def test_always_publish_waits_ack_returns_before_sync(path, sync_gate):
     broker = open_broker(path)
     consumer = broker.consume("t", "g", prefetch=2, ack_timeout=600)
     broker.publish_many("t", ["a", "b"])
     first, second = consumer.get_many(2, timeout=5)
-    log = broker._backend._log
-    wait_synced(log)
-    gate = SyncGate(log)
-    try:
-        assert first.ack()
-        assert second.nack(requeue=True)
-        # Both records are appended, and no sync has covered them.
-        assert log.end_offset == log.synced_offset + 2
-        assert gate.entered.wait(30)
+    gate = sync_gate(broker)
+    log = gate.log
+    assert first.ack()
+    assert second.nack(requeue=True)
+    # Both records are appended, and no sync has covered them.
+    assert log.end_offset == log.synced_offset + 2
+    assert gate.entered.wait(30)
 
-        thread, result = run_in_thread(broker.publish, "t", "c")
-        thread.join(0.5)
-        assert thread.is_alive(), "publish returned before its sync"
-        end = log.end_offset
-        gate.open()
-        thread.join(30)
-        assert not thread.is_alive()
-        assert result["value"]
-        assert log.synced_offset >= end
-        assert max(gate.synced) >= end
-    finally:
-        gate.remove()
+    thread, result = run_in_thread(broker.publish, "t", "c")
+    thread.join(0.5)
+    assert thread.is_alive(), "publish returned before its sync"
+    end = log.end_offset
+    gate.open()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert result["value"]
+    assert log.synced_offset >= end
+    assert max(gate.synced) >= end
     consumer.close(drain=False)
     broker.close()
 
 
-def test_always_auto_ack_delivery_returns_before_sync(path):
+def test_always_auto_ack_delivery_returns_before_sync(path, sync_gate):
     broker = open_broker(path)
     broker.publish("t", "a")
-    log = broker._backend._log
     consumer = broker.consume("t", "g", prefetch=1, ack_timeout=600,
                               auto_ack=True)
-    wait_synced(log)
-    gate = SyncGate(log)
-    try:
-        assert consumer.get(timeout=5).body == "a"
-        assert log.synced_offset < log.end_offset
-    finally:
-        gate.remove()
+    gate = sync_gate(broker)
+    log = gate.log
+    assert consumer.get(timeout=5).body == "a"
+    assert log.synced_offset < log.end_offset
+    gate.open()
     consumer.close(drain=False)
     broker.close()
 
 
-def test_always_sync_acks_true_ack_waits(path):
+def test_always_sync_acks_true_ack_waits(path, sync_gate):
     broker = open_broker(path, sync_acks=True)
     consumer = broker.consume("t", "g", prefetch=1, ack_timeout=600)
     broker.publish("t", "a")
     message = consumer.get(timeout=5)
-    log = broker._backend._log
-    wait_synced(log)
-    gate = SyncGate(log)
-    try:
-        thread, result = run_in_thread(message.ack)
-        thread.join(0.5)
-        assert thread.is_alive(), "ack returned before its sync"
-        end = log.end_offset
-        gate.open()
-        thread.join(30)
-        assert not thread.is_alive()
-        assert result["value"] is True
-        assert log.synced_offset >= end
-    finally:
-        gate.remove()
+    gate = sync_gate(broker)
+    log = gate.log
+    thread, result = run_in_thread(message.ack)
+    thread.join(0.5)
+    assert thread.is_alive(), "ack returned before its sync"
+    end = log.end_offset
+    gate.open()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert result["value"] is True
+    assert log.synced_offset >= end
     consumer.close(drain=False)
     broker.close()
 
 
-def test_sync_acks_get_async_frees_loop(path):
+def test_sync_acks_get_async_frees_loop(path, sync_gate):
     broker = open_broker(path, sync_acks=True)
     broker.publish("t", "a")
-    log = broker._backend._log
     consumer = broker.consume("t", "g", prefetch=1, ack_timeout=600,
                               auto_ack=True)
-    wait_synced(log)
-    gate = SyncGate(log)
-    # Opens the gate in case the event loop's thread is the one held in
-    # the sync, so a failing run ends.
-    fallback = threading.Timer(10.0, gate.open)
-    fallback.start()
+    gate = sync_gate(broker, fallback_s=10.0)
+    log = gate.log
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -204,12 +221,7 @@ def test_sync_acks_get_async_frees_loop(path):
         gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:])]
         return message, held_ticks, done_while_held, end, max(gaps)
 
-    try:
-        message, held_ticks, done_while_held, end, max_gap = asyncio.run(
-            run())
-    finally:
-        fallback.cancel()
-        gate.remove()
+    message, held_ticks, done_while_held, end, max_gap = asyncio.run(run())
     assert max_gap < 5.0, "the event loop was blocked during the sync"
     assert held_ticks >= 2
     assert not done_while_held, "get_async returned before its sync"
@@ -219,16 +231,12 @@ def test_sync_acks_get_async_frees_loop(path):
     broker.close()
 
 
-def test_sync_acks_get_async_cancel_keeps_message(path):
+def test_sync_acks_get_async_cancel_keeps_message(path, sync_gate):
     broker = open_broker(path, sync_acks=True)
     broker.publish("t", "a")
-    log = broker._backend._log
     consumer = broker.consume("t", "g", prefetch=1, ack_timeout=600,
                               auto_ack=True)
-    wait_synced(log)
-    gate = SyncGate(log)
-    fallback = threading.Timer(10.0, gate.open)
-    fallback.start()
+    gate = sync_gate(broker, fallback_s=10.0)
     received = []
 
     async def receive():
@@ -253,11 +261,7 @@ def test_sync_acks_get_async_cancel_keeps_message(path):
             await asyncio.wait_for(task, 30)
         return received_while_held
 
-    try:
-        received_while_held = asyncio.run(run())
-    finally:
-        fallback.cancel()
-        gate.remove()
+    received_while_held = asyncio.run(run())
     assert received_while_held == []
     # The cancellation reached the next await, after the get returned.
     assert received == ["a"]
