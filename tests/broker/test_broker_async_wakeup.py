@@ -9,7 +9,6 @@ the log backend.
 """
 
 import asyncio
-import multiprocessing
 import os
 import threading
 import time
@@ -18,9 +17,9 @@ import uuid
 import pytest
 
 import mqs
+from broker_children import FORK, join, start
 from mqs.broker import _shm
 
-FORK = multiprocessing.get_context("fork")
 KINDS = ["shm-core", "shm-journal", "log"]
 
 
@@ -48,22 +47,6 @@ def declare(broker, where, topic="t"):
     # A ttl keeps a topic off its core, on the journal.
     ttl = 3600 if where[0] == "shm-journal" else None
     broker.declare_topic(topic, ttl=ttl)
-
-
-def start(target, *args):
-    process = FORK.Process(target=target, args=args, daemon=True)
-    process.start()
-    return process
-
-
-def join(process, timeout=60):
-    """Join a child; kill it and fail if it outlives `timeout`."""
-    process.join(timeout)
-    if process.is_alive():
-        process.kill()
-        process.join()
-        pytest.fail(f"child {process.pid} did not finish in {timeout} s")
-    assert process.exitcode == 0, f"child exit code {process.exitcode}"
 
 
 def wakeup_threads():

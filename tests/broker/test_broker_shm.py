@@ -7,7 +7,6 @@ journal that wraps into snapshots, and replicas that stay equal.
 """
 
 import collections
-import multiprocessing
 import os
 import signal
 import stat
@@ -19,10 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import mqs
+from broker_children import FORK, join, start
 from mqs.broker import _shm as shm_module
 from mqs.broker._shm import CORE_SLOT_BYTES, SHM_DIR, ShmBackend
-
-FORK = multiprocessing.get_context("fork")
 
 
 @pytest.fixture
@@ -35,22 +33,6 @@ def name():
 
 def open_broker(name, **options):
     return mqs.Broker(backend="shm", name=name, **options)
-
-
-def start(target, *args):
-    process = FORK.Process(target=target, args=args, daemon=True)
-    process.start()
-    return process
-
-
-def join(process, timeout=60):
-    """Join a child; kill it and fail if it outlives `timeout`."""
-    process.join(timeout)
-    if process.is_alive():
-        process.kill()
-        process.join()
-        pytest.fail(f"child {process.pid} did not finish in {timeout} s")
-    assert process.exitcode == 0, f"child exit code {process.exitcode}"
 
 
 def drain(consumer, count, timeout=30):
