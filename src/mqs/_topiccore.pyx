@@ -415,6 +415,15 @@ cdef class TopicCore(_MappedFile):
 
     # Delivering and settling.
 
+    cdef inline bint _owned_by(self, uint32_t consumer, uint64_t owner):
+        # An owner of 0 skips the check. Otherwise the consumer's owner
+        # token must match, because a closed consumer's index may belong
+        # to a newer one. The caller holds the mutex.
+        if owner == 0:
+            return True
+        return (consumer < self._header.config.v.params.max_consumers
+                and mqs_tc_consumer(self._header, consumer).owner == owner)
+
     def fetch(self, uint32_t consumer, uint32_t max_items, double ack_timeout,
               bint auto_ack=False, now=None, uint64_t owner=0):
         """Deliver up to `max_items`; return a list of ``(seq, slot,
@@ -431,10 +440,7 @@ cdef class TopicCore(_MappedFile):
         cdef list found = []
         self._lock()
         try:
-            if owner and (
-                    consumer >= self._header.config.v.params.max_consumers
-                    or mqs_tc_consumer(self._header, consumer).owner
-                    != owner):
+            if not self._owned_by(consumer, owner):
                 n = MQS_ECLOSED
             # In chunks of FETCH_BATCH, all in one critical section.
             while n >= 0 and len(found) < max_items:
@@ -485,10 +491,7 @@ cdef class TopicCore(_MappedFile):
         cdef double timestamp = 0
         self._lock()
         try:
-            if owner and (
-                    consumer >= self._header.config.v.params.max_consumers
-                    or mqs_tc_consumer(self._header, consumer).owner
-                    != owner):
+            if not self._owned_by(consumer, owner):
                 n = MQS_ECLOSED
             else:
                 n = mqs_tc_fetch(self._header, consumer, 1, ack_timeout,
