@@ -716,7 +716,7 @@ fail:
 
 /*
  * Open and map an existing segment file and check its header.
- * Returns MQS_OK, MQS_EIO, MQS_ENOMEM, MQS_EVERSION, MQS_ECORRUPT.
+ * Returns MQS_OK, MQS_EIO, MQS_ENOMEM, MQS_ELOGVERSION, MQS_ECORRUPT.
  */
 static int segment_open(mqs_seglog_t *log, int64_t base, mqs_segment_t **out)
 {
@@ -743,7 +743,7 @@ static int segment_open(mqs_seglog_t *log, int64_t base, mqs_segment_t **out)
     if (memcmp(h + MQS_SEGLOG_H_MAGIC, MQS_SEGLOG_MAGIC, 8) != 0)
         goto fail;
     if (get_u32(h + MQS_SEGLOG_H_VERSION) > MQS_SEGLOG_VERSION) {
-        rc = MQS_EVERSION;
+        rc = MQS_ELOGVERSION;
         goto fail;
     }
     if (get_u32(h + MQS_SEGLOG_H_CRC) !=

@@ -138,7 +138,7 @@
 #define MQS_EIO (-101)       /* a system call failed */
 #define MQS_ELOCKED (-102)   /* another process holds the writer lock */
 #define MQS_ENOSPACE (-103)  /* preallocation failed: disk full or limit */
-#define MQS_EVERSION (-104)  /* written by a newer format version */
+#define MQS_ELOGVERSION (-104) /* written by a newer format version */
 #define MQS_EPOISONED (-105) /* a sync failed earlier; no more appends */
 #define MQS_EREADONLY (-106) /* the log was opened read-only */
 #define MQS_ERANGE (-107)    /* offset below the first retained record */
@@ -229,7 +229,7 @@ typedef int (*mqs_seglog_sync_hook_t)(void *ctx, int64_t end_offset,
  * NULL) gets what recovery did; `os_errno` (may be NULL) gets the errno
  * of a failed system call. Any thread, no log exists yet.
  * Returns MQS_OK, MQS_EINVAL (bad config), MQS_ENOMEM, MQS_EIO (path is
- * not a directory, cannot be created or read), MQS_ELOCKED, MQS_EVERSION,
+ * not a directory, cannot be created or read), MQS_ELOCKED, MQS_ELOGVERSION,
  * MQS_ECORRUPT (a segment header failed its CRC), MQS_ENOSPACE (the first
  * segment cannot be preallocated).
  */
@@ -347,7 +347,7 @@ int mqs_seglog_retain_below(mqs_seglog_t *log, int64_t offset,
 /*
  * Read-only handle: pick up records and segments the writer added since
  * the last call. A writer handle returns MQS_OK at once.
- * Returns MQS_OK, MQS_ENOMEM, MQS_EIO, MQS_EVERSION, MQS_ECORRUPT.
+ * Returns MQS_OK, MQS_ENOMEM, MQS_EIO, MQS_ELOGVERSION, MQS_ECORRUPT.
  */
 int mqs_seglog_refresh(mqs_seglog_t *log);
 

@@ -61,7 +61,7 @@ from mqs.includes.mqs_seglog cimport (
     MQS_EPOISONED,
     MQS_ERANGE,
     MQS_EREADONLY,
-    MQS_EVERSION,
+    MQS_ELOGVERSION,
     MQS_SEGLOG_FSYNC_ALWAYS,
     MQS_SEGLOG_FSYNC_INTERVAL,
     MQS_SEGLOG_FSYNC_NEVER,
@@ -1255,7 +1255,7 @@ def _raise_open_error(int rc, int os_errno, str path, segment_bytes):
             "in this or another process); close it, or open this one "
             "with readonly=True to read while it writes",
             os.path.join(path, "lock"))
-    if rc == MQS_EVERSION:
+    if rc == MQS_ELOGVERSION:
         raise LogVersionError(
             f"segment log {path!r} has segments of a format version newer "
             f"than {MQS_SEGLOG_VERSION}; upgrade mqs to open it")

@@ -725,7 +725,7 @@ static void test_open_rejects_newer_version(void)
     fd = open(seg, O_WRONLY);
     CHECK(pwrite(fd, &version, 4, MQS_SEGLOG_H_VERSION) == 4);
     close(fd);
-    CHECK_EQ(mqs_seglog_open(&log, path, &c, NULL, NULL), MQS_EVERSION);
+    CHECK_EQ(mqs_seglog_open(&log, path, &c, NULL, NULL), MQS_ELOGVERSION);
 }
 
 static void test_open_rejects_bad_arguments(void)

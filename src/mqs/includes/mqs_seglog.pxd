@@ -17,7 +17,7 @@ cdef extern from "mqs_seglog.h" nogil:
     int MQS_EIO
     int MQS_ELOCKED
     int MQS_ENOSPACE
-    int MQS_EVERSION
+    int MQS_ELOGVERSION
     int MQS_EPOISONED
     int MQS_EREADONLY
     int MQS_ERANGE
