@@ -31,6 +31,9 @@
 # when a message is due copies it into the main log, then appends a
 # mark record listing the released offsets to the delayed log.
 
+from libc.stdint cimport uint8_t
+from libc.stdlib cimport free, malloc
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 from posix.mman cimport (
     MAP_FAILED,
     MAP_SHARED,
@@ -73,6 +76,11 @@ from mqs.includes.mqs_durable cimport (
     mqs_dq_setup,
     mqs_dq_unreserve,
 )
+from mqs.includes.mqs_seglog cimport (
+    MQS_SEGLOG_FSYNC_ALWAYS,
+    mqs_seglog_entry_t,
+)
+from mqs._seglog cimport SegmentLog as _SegmentLogType
 
 import atexit
 import collections
@@ -86,6 +94,8 @@ DURABLE_GROUP = "queue"
 CONTROL_FILE = QUEUE_CONTROL_FILE
 DELAYED_DIR = "delayed"
 _KEY = struct.Struct("<QqH")  # ring secret, ring position, record type
+# _KEY.size, for the appender's C path that writes keys without _KEY.
+DEF KEY_BYTES = 18
 # The key of a delayed message (in the delayed log: the due time, wall
 # clock ns), of a released copy (in the main log: its offset in the
 # delayed log) and of a mark (0). A released copy and a mark hold the
@@ -140,6 +150,27 @@ def _appender_main(ref):
                              (<_Durable>durable).path)
             time.sleep(0.5)
         del durable
+
+
+cdef inline int64_t _wall_clock_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline void _store_le(uint8_t *out, uint64_t value,
+                           int size) noexcept nogil:
+    cdef int i
+    for i in range(size):
+        out[i] = <uint8_t>(value >> (8 * i))
+
+
+cdef inline void _store_key(uint8_t *out, uint64_t secret, int64_t position,
+                            uint16_t rtype) noexcept nogil:
+    """Write the key of an immediate message as _KEY.pack does."""
+    _store_le(out, secret, 8)
+    _store_le(out + 8, <uint64_t>position, 8)
+    _store_le(out + 16, rtype, 2)
 
 
 def _group_log_name(group):
@@ -355,6 +386,10 @@ cdef class _Durable:
     # this handle's `reading` word.
     cdef int64_t _reader_floor
     cdef list _claims
+    # Appender: the record descriptors and keys of one batch of immediate
+    # messages (APPEND_BATCH each), filled without Python objects.
+    cdef mqs_seglog_entry_t *_entries
+    cdef uint8_t *_keys
     cdef object __weakref__
 
     def __cinit__(self):
@@ -365,6 +400,11 @@ cdef class _Durable:
         self._released = set()
         self._claims = []
         self._pending_floor = -1
+        self._entries = <mqs_seglog_entry_t *>malloc(
+            APPEND_BATCH * sizeof(mqs_seglog_entry_t))
+        self._keys = <uint8_t *>malloc(APPEND_BATCH * KEY_BYTES)
+        if self._entries == NULL or self._keys == NULL:
+            raise MemoryError("cannot allocate the appender's batch buffers")
 
     cdef int _open(self, SharedQueue queue, object path, object fsync,
                    object groups, int64_t maxsize,
@@ -737,6 +777,8 @@ cdef class _Durable:
         cdef list entries = []
         cdef list dues = []
         cdef int64_t due
+        cdef int64_t now = _wall_clock_ns()
+        cdef mqs_seglog_entry_t *entry
         while passed < APPEND_BATCH:
             rc = mqs_br_peek(&queue._ring, position, &record)
             if rc != MQS_OK:
@@ -757,10 +799,17 @@ cdef class _Durable:
                             record.length - 8)))
                     dues.append(due)
                 else:
-                    entries.append((
-                        _KEY.pack(secret, position, record.type),
-                        PyBytes_FromStringAndSize(
-                            <const char *>record.payload, record.length)))
+                    # The value stays in the ring until mqs_br_advance
+                    # below, after the log has copied it.
+                    entry = &self._entries[messages]
+                    entry.key = self._keys + messages * KEY_BYTES
+                    _store_key(self._keys + messages * KEY_BYTES, secret,
+                               position, record.type)
+                    entry.key_len = KEY_BYTES
+                    entry.has_key = 1
+                    entry.value = record.payload
+                    entry.value_len = record.length
+                    entry.timestamp_ns = now
                 messages += 1
             position += mqs_br_record_size(record.length)
             passed += 1
@@ -775,10 +824,10 @@ cdef class _Durable:
             return 0
         if entries and delayed == 1:
             self._append_delayed(entries, dues)
-        elif entries:
+        elif messages:
             # With fsync="always" this syncs once for the whole batch:
             # the group commit of every producer waiting in wait_durable.
-            self._writer.append_many(entries)
+            self._append_immediate(<int>messages)
         mqs_br_advance(&queue._ring, 0, position, messages)
         mqs_dq_set(self._control, MQS_DQ_APPENDED_OFFSET,
                    self._writer.end_offset)
@@ -788,6 +837,17 @@ cdef class _Durable:
             mqs_wait_signal(mqs_dq_progress(self._control), 1)
         mqs_wait_signal(mqs_dq_not_empty(self._control), 1)
         return passed
+
+    cdef int _append_immediate(self, int n) except -1:
+        """Append the first `n` records of self._entries to the main log
+        and, with fsync="always", sync them (as append_many does)."""
+        cdef _SegmentLogType writer = <_SegmentLogType>self._writer
+        cdef int64_t first
+        writer._check_open()
+        first = writer._append_entries(self._entries, n)
+        if writer._fsync_mode == MQS_SEGLOG_FSYNC_ALWAYS:
+            writer._sync(first + n)
+        return 0
 
     cdef int _append_delayed(self, list entries, list dues) except -1:
         """Write delayed messages to the delayed log and schedule them."""
@@ -1158,5 +1218,7 @@ cdef class _Durable:
         return 0
 
     def __dealloc__(self):
+        free(self._entries)
+        free(self._keys)
         if self._control != NULL:
             munmap(self._control, MQS_DQ_FILE_BYTES)
