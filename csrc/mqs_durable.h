@@ -42,6 +42,11 @@
  *   23..   reading[256]      consumers    per ring participant slot: the
  *                                         lowest offset one of its claims
  *                                         may still read, plus 1; 0: none
+ *   then   gather_count      appender     fsync="always": inbox records
+ *                                         the appender waits for before
+ *                                         its next sync; 0: none
+ *   then   gathered          producers    the appender waits on it for
+ *                                         gather_count
  *
  * Group 0 uses `cursor`, so a version 1 file (blocks 0-7) reads as a
  * one-group queue. A version 2 file (4 KiB) grows to 8 KiB with zero
@@ -108,6 +113,8 @@ typedef struct mqs_dq_control {
     /* Dense: each word is written twice per claim by one process, and
      * read by the appender once per commit round. */
     _Atomic int64_t reading[MQS_DQ_READERS];
+    MQS_DQ_BLOCK(_Atomic int64_t) gather_count;
+    MQS_DQ_BLOCK(mqs_waitword_t) gathered;
 } mqs_dq_control_t;
 
 _Static_assert(sizeof(mqs_dq_control_t) <= MQS_DQ_FILE_BYTES,
@@ -214,6 +221,38 @@ static inline mqs_waitword_t *mqs_dq_progress(mqs_dq_control_t *c)
     return &c->progress.v;
 }
 
+/* Producers registered on `progress` (waiting for durable_pos). */
+static inline uint32_t mqs_dq_progress_waiters(mqs_dq_control_t *c)
+{
+    return mqs_load_seq_cst_u32(&c->progress.v.waiters);
+}
+
+/*
+ * Group commit under fsync="always". After a sync, the appender asks to
+ * be woken once the inbox holds `count` records (one per producer that
+ * the sync woke), so that its next sync covers them all, and sleeps on
+ * `gathered` until then or a short deadline. A producer that finds
+ * gather_count > 0 after its put, and at least that many records in the
+ * inbox, signals `gathered`. Both sides store or load gather_count
+ * seq_cst before a full fence (mqs_wait_prepare on either side), so
+ * either the producer sees the request or the appender's re-check of the
+ * inbox sees the producer's record.
+ */
+static inline void mqs_dq_set_gather(mqs_dq_control_t *c, int64_t count)
+{
+    atomic_store_explicit(&c->gather_count.v, count, memory_order_seq_cst);
+}
+
+static inline int64_t mqs_dq_gather_count(mqs_dq_control_t *c)
+{
+    return atomic_load_explicit(&c->gather_count.v, memory_order_seq_cst);
+}
+
+static inline mqs_waitword_t *mqs_dq_gathered(mqs_dq_control_t *c)
+{
+    return &c->gathered.v;
+}
+
 static inline uint64_t mqs_dq_secret(mqs_dq_control_t *c)
 {
     return atomic_load_explicit(&c->ring_secret.v, memory_order_acquire);
@@ -249,6 +288,7 @@ static inline void mqs_dq_setup(mqs_dq_control_t *c, uint64_t secret,
                           memory_order_release);
     for (int slot = 0; slot < MQS_DQ_READERS; slot++)
         atomic_store_explicit(&c->reading[slot], 0, memory_order_release);
+    mqs_dq_set_gather(c, 0);
     mqs_dq_set(c, MQS_DQ_APPENDED_OFFSET, appended_offset);
     mqs_dq_set(c, MQS_DQ_APPENDED_POS, position);
     mqs_dq_set(c, MQS_DQ_DURABLE_POS, position);

@@ -63,15 +63,19 @@ from mqs.includes.mqs_durable cimport (
     mqs_dq_control_t,
     mqs_dq_get,
     mqs_dq_get_cursor,
+    mqs_dq_gather_count,
+    mqs_dq_gathered,
     mqs_dq_get_reading,
     mqs_dq_min_cursor,
     mqs_dq_not_empty,
     mqs_dq_progress,
+    mqs_dq_progress_waiters,
     mqs_dq_reading_fence,
     mqs_dq_release_taken,
     mqs_dq_reserve,
     mqs_dq_secret,
     mqs_dq_set,
+    mqs_dq_set_gather,
     mqs_dq_set_reading,
     mqs_dq_setup,
     mqs_dq_unreserve,
@@ -80,6 +84,7 @@ from mqs.includes.mqs_seglog cimport (
     MQS_SEGLOG_FSYNC_ALWAYS,
     mqs_seglog_entry_t,
 )
+from mqs.includes.mqs_wait cimport mqs_wait_sleep
 from mqs._seglog cimport SegmentLog as _SegmentLogType
 
 import atexit
@@ -96,6 +101,12 @@ DELAYED_DIR = "delayed"
 _KEY = struct.Struct("<QqH")  # ring secret, ring position, record type
 # _KEY.size, for the appender's C path that writes keys without _KEY.
 DEF KEY_BYTES = 18
+# fsync="always": after a sync, the appender waits for the producers it
+# woke to put again before it syncs again, for at most twice the last
+# append and sync took, bounded to 20 us - 1 ms (see _gather).
+DEF GATHER_FACTOR = 2
+DEF GATHER_MIN_NS = 20000
+DEF GATHER_MAX_NS = 1000000
 # The key of a delayed message (in the delayed log: the due time, wall
 # clock ns), of a released copy (in the main log: its offset in the
 # delayed log) and of a mark (0). A released copy and a mark hold the
@@ -390,6 +401,11 @@ cdef class _Durable:
     # messages (APPEND_BATCH each), filled without Python objects.
     cdef mqs_seglog_entry_t *_entries
     cdef uint8_t *_keys
+    # Appender, fsync="always": how many inbox records the next batch
+    # waits for, until when, and how long the last append and sync took.
+    cdef int64_t _gather_target
+    cdef int64_t _gather_deadline_ns
+    cdef int64_t _sync_ns
     cdef object __weakref__
 
     def __cinit__(self):
@@ -777,8 +793,14 @@ cdef class _Durable:
         cdef list entries = []
         cdef list dues = []
         cdef int64_t due
-        cdef int64_t now = _wall_clock_ns()
+        cdef int64_t now
+        cdef int64_t started
+        cdef int64_t waiters
         cdef mqs_seglog_entry_t *entry
+        # One waiting producer has nothing to share its sync with.
+        if self._gather_target > 1:
+            self._gather()
+        now = _wall_clock_ns()
         while passed < APPEND_BATCH:
             rc = mqs_br_peek(&queue._ring, position, &record)
             if rc != MQS_OK:
@@ -827,16 +849,52 @@ cdef class _Durable:
         elif messages:
             # With fsync="always" this syncs once for the whole batch:
             # the group commit of every producer waiting in wait_durable.
+            started = mqs_monotonic_ns()
             self._append_immediate(<int>messages)
+            self._sync_ns = mqs_monotonic_ns() - started
         mqs_br_advance(&queue._ring, 0, position, messages)
         mqs_dq_set(self._control, MQS_DQ_APPENDED_OFFSET,
                    self._writer.end_offset)
         mqs_dq_set(self._control, MQS_DQ_APPENDED_POS, position)
         if self.fsync == "always":
             mqs_dq_set(self._control, MQS_DQ_DURABLE_POS, position)
+            # Each producer waiting now has a record in the inbox, or
+            # puts one once this signal wakes it.
+            waiters = mqs_dq_progress_waiters(self._control)
             mqs_wait_signal(mqs_dq_progress(self._control), 1)
+            self._gather_target = waiters
+            self._gather_deadline_ns = mqs_monotonic_ns() + min(max(
+                GATHER_FACTOR * self._sync_ns, GATHER_MIN_NS), GATHER_MAX_NS)
         mqs_wait_signal(mqs_dq_not_empty(self._control), 1)
         return passed
+
+    cdef int _gather(self) except -1:
+        """Wait until the inbox holds _gather_target records or the
+        gather deadline passes, so that one sync covers the next record
+        of every producer the last sync woke (see mqs_dq_set_gather).
+
+        Without it the appender syncs the first record that arrives
+        while the others wait for the sync after, and the producers
+        split into groups whose syncs alternate."""
+        cdef mqs_bytering_t *ring = &self._queue._ring
+        cdef mqs_waitword_t *word = mqs_dq_gathered(self._control)
+        cdef int64_t target = self._gather_target
+        cdef int64_t deadline = self._gather_deadline_ns
+        cdef int64_t left
+        cdef uint32_t epoch
+        self._gather_target = 0
+        mqs_dq_set_gather(self._control, target)
+        with nogil:
+            while True:
+                epoch = mqs_wait_prepare(word)
+                left = deadline - mqs_monotonic_ns()
+                if mqs_br_count(ring, 0) >= target or left <= 0:
+                    mqs_wait_finish(word)
+                    break
+                mqs_wait_sleep(word, epoch, left, 1)
+                mqs_wait_finish(word)
+        mqs_dq_set_gather(self._control, 0)
+        return 0
 
     cdef int _append_immediate(self, int n) except -1:
         """Append the first `n` records of self._entries to the main log
@@ -976,6 +1034,7 @@ cdef class _Durable:
         flushed. Waits without a limit (the message is already accepted),
         waking every WAIT_SLICE_NS for Ctrl-C."""
         cdef uint32_t epoch
+        cdef int64_t gather
         cdef mqs_waitword_t *word = mqs_dq_progress(self._control)
         if self.fsync != "always":
             return 0
@@ -986,6 +1045,9 @@ cdef class _Durable:
                     self._control, MQS_DQ_DURABLE_POS) > position:
                 mqs_wait_finish(word)
                 return 0
+            gather = mqs_dq_gather_count(self._control)
+            if gather > 0 and mqs_br_count(&self._queue._ring, 0) >= gather:
+                mqs_wait_signal(mqs_dq_gathered(self._control), 1)
             park(word, epoch, -1, 1, STRATEGY_SLEEP)
 
     cdef bint full(self):

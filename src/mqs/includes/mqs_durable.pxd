@@ -1,4 +1,4 @@
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from mqs.includes.mqs_wait cimport mqs_waitword_t
 
@@ -28,6 +28,10 @@ cdef extern from "mqs_durable.h" nogil:
     mqs_waitword_t *mqs_dq_not_empty(mqs_dq_control_t *c)
     mqs_waitword_t *mqs_dq_progress(mqs_dq_control_t *c)
     uint64_t mqs_dq_secret(mqs_dq_control_t *c)
+    uint32_t mqs_dq_progress_waiters(mqs_dq_control_t *c)
+    void mqs_dq_set_gather(mqs_dq_control_t *c, int64_t count)
+    int64_t mqs_dq_gather_count(mqs_dq_control_t *c)
+    mqs_waitword_t *mqs_dq_gathered(mqs_dq_control_t *c)
     int64_t mqs_dq_get_cursor(mqs_dq_control_t *c, int group)
     void mqs_dq_set_cursor(mqs_dq_control_t *c, int group, int64_t v)
     void mqs_dq_add(mqs_dq_control_t *c, int field, int64_t n)
