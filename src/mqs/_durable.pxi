@@ -367,6 +367,9 @@ cdef class _Durable:
     cdef object _delayed_log
     cdef object _thread
     cdef object _lock
+    # Set by close(): ends the appender thread's wait between takeover
+    # attempts, so that close() does not wait for the poll interval.
+    cdef object _stop_event
     cdef bint _stopping
     cdef bint _closed
     cdef int _pid
@@ -450,6 +453,7 @@ cdef class _Durable:
         self._segment_bytes = segment_bytes or DEFAULT_SEGMENT_BYTES
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._stop_event = threading.Event()
         fd = os.open(os.path.join(path, CONTROL_FILE),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -565,7 +569,7 @@ cdef class _Durable:
         self._drop_reader_segments()
         if self._writer is None:
             if mqs_monotonic_ns() < self._next_takeover_ns:
-                time.sleep(TAKEOVER_POLL_NS / 1e9)
+                self._stop_event.wait(TAKEOVER_POLL_NS / 1e9)
                 return 0
             self._next_takeover_ns = mqs_monotonic_ns() + TAKEOVER_POLL_NS
             if not self._try_take_over():
@@ -1235,6 +1239,7 @@ cdef class _Durable:
         _durables.discard(self)
         if self._pid == os.getpid():
             if self._thread is not None:
+                self._stop_event.set()
                 mqs_wait_signal(mqs_br_not_empty(&self._queue._ring), 1)
                 self._thread.join()
             with self._lock:
@@ -1277,6 +1282,7 @@ cdef class _Durable:
         self._released = set()
         self._thread = None
         self._lock = threading.Lock()
+        self._stop_event = threading.Event()
         return 0
 
     def __dealloc__(self):
