@@ -3,8 +3,9 @@ it in the three builds (optimised, ASan with UBSan, TSan).
 
 tests/c/test_durable.c drives csrc/mqs_durable.h from threads: bounded
 reservations (maxsize stays exact with racing producers), the claim
-announcements that keep retention below a paused reader, and exactly
-once delivery to each of two groups.
+announcements that keep retention below a paused reader, exactly once
+delivery to each of two groups, and the group-commit handshake between
+the appender and producers (no lost wake-up).
 """
 
 import c_build
@@ -25,4 +26,16 @@ def test_c_durable_threads(build, tmp_path):
     result = c_build.run_c([str(binary), "threads", str(records)],
                            TIMEOUT_SECONDS)
     output = c_build.assert_clean(result, f"test_durable ({build})")
+    assert result.stdout.rstrip().endswith(" passed, 0 failed"), output
+
+
+@pytest.mark.parametrize("build", list(c_build.BUILD_FLAGS))
+def test_c_durable_gather(build, tmp_path):
+    binary = c_build.compile_c(build, SOURCES, tmp_path / "test_durable")
+    rounds = max(2_000, int(10_000 * c_build.scale_factor()))
+    if build != "plain":
+        rounds //= 5
+    result = c_build.run_c([str(binary), "gather", str(rounds)],
+                           TIMEOUT_SECONDS)
+    output = c_build.assert_clean(result, f"test_durable gather ({build})")
     assert result.stdout.rstrip().endswith(" passed, 0 failed"), output
