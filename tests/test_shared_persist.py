@@ -330,6 +330,47 @@ def test_killed_producers_lose_no_acknowledged_put(log_dir, shm_name,
         assert got_numbers == list(range(len(got_numbers)))
 
 
+def test_group_commit_survives_killed_producer(log_dir, shm_name, scale):
+    """SIGKILL one of four producers putting with fsync="always". After
+    each sync the appender waits for the next record of every producer
+    it woke, the victim included: the other three must still finish, and
+    every put that returned must be in the log exactly once."""
+    rng = random.Random(9)
+    count = max(300, int(1000 * scale))
+    q = SharedQueue(name=shm_name, persist=log_dir, fsync="always")
+    producers = [run_child(PRODUCER.format(
+        name=shm_name, path=log_dir, count=10**6 if p == 0 else count,
+        producer=p)) for p in range(4)]
+    try:
+        for proc in producers:
+            assert proc.stdout.readline().strip() == "ready"
+        # Kill the victim once its puts are under way, at a random point.
+        assert producers[0].stdout.readline().strip().isdigit()
+        time.sleep(rng.uniform(0.01, 0.2))
+        os.kill(producers[0].pid, signal.SIGKILL)
+        victim_stdout, _ = producers[0].communicate(timeout=CHILD_TIMEOUT_S)
+        results = [communicate(p) for p in producers[1:]]
+        got = drain(q)
+    finally:
+        for proc in producers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        q.close()
+    for status, _, stderr in results:
+        assert status == 0, stderr
+    seen = {}
+    for message in got:
+        producer, n = (int(x) for x in message.split(b":"))
+        seen.setdefault(producer, []).append(n)
+    victim_numbers = seen.get(0, [])
+    assert len(victim_numbers) == len(set(victim_numbers)), "duplicates"
+    # The victim printed 0 before the kill, so 0 was synced.
+    assert set(acked(victim_stdout)) | {0} <= set(victim_numbers)
+    for producer in range(1, 4):
+        assert seen.get(producer) == list(range(count)), producer
+
+
 def _produce_range(q, producer, count):
     for n in range(count):
         q.put(b"%d:%d" % (producer, n))

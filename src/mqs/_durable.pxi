@@ -107,6 +107,9 @@ DEF KEY_BYTES = 18
 DEF GATHER_FACTOR = 2
 DEF GATHER_MIN_NS = 20000
 DEF GATHER_MAX_NS = 1000000
+# Gathers in a row that must reach their count before the appender
+# counts one more of the waiters again (see _gather).
+DEF GATHER_TRUST_ROUNDS = 64
 # The key of a delayed message (in the delayed log: the due time, wall
 # clock ns), of a released copy (in the main log: its offset in the
 # delayed log) and of a mark (0). A released copy and a mark hold the
@@ -409,6 +412,10 @@ cdef class _Durable:
     cdef int64_t _gather_target
     cdef int64_t _gather_deadline_ns
     cdef int64_t _sync_ns
+    # Waiters left out of the count because earlier gathers timed out,
+    # and gathers that reached their count since the last change.
+    cdef int64_t _gather_excess
+    cdef int64_t _gather_reached
     cdef object __weakref__
 
     def __cinit__(self):
@@ -866,7 +873,7 @@ cdef class _Durable:
             # puts one once this signal wakes it.
             waiters = mqs_dq_progress_waiters(self._control)
             mqs_wait_signal(mqs_dq_progress(self._control), 1)
-            self._gather_target = waiters
+            self._gather_target = waiters - self._gather_excess
             self._gather_deadline_ns = mqs_monotonic_ns() + min(max(
                 GATHER_FACTOR * self._sync_ns, GATHER_MIN_NS), GATHER_MAX_NS)
         mqs_wait_signal(mqs_dq_not_empty(self._control), 1)
@@ -886,18 +893,33 @@ cdef class _Durable:
         cdef int64_t deadline = self._gather_deadline_ns
         cdef int64_t left
         cdef uint32_t epoch
+        cdef bint reached = False
         self._gather_target = 0
         mqs_dq_set_gather(self._control, target)
         with nogil:
             while True:
                 epoch = mqs_wait_prepare(word)
                 left = deadline - mqs_monotonic_ns()
-                if mqs_br_count(ring, 0) >= target or left <= 0:
+                reached = mqs_br_count(ring, 0) >= target
+                if reached or left <= 0:
                     mqs_wait_finish(word)
                     break
                 mqs_wait_sleep(word, epoch, left, 1)
                 mqs_wait_finish(word)
         mqs_dq_set_gather(self._control, 0)
+        # A producer killed while it waited stays counted in `progress`
+        # for good, and would make every gather wait out its deadline.
+        # So each timeout leaves one more waiter out of the count, and
+        # a long run of gathers that reached theirs puts one back.
+        if not reached:
+            self._gather_excess += 1
+            self._gather_reached = 0
+        else:
+            self._gather_reached += 1
+            if self._gather_reached >= GATHER_TRUST_ROUNDS \
+                    and self._gather_excess > 0:
+                self._gather_excess -= 1
+                self._gather_reached = 0
         return 0
 
     cdef int _append_immediate(self, int n) except -1:
