@@ -360,7 +360,7 @@ typedef struct timed {
     double at;
     uint64_t order;
     uint32_t slot;
-    uint32_t group;     /* set only where items of several groups mix */
+    uint32_t group;
 } timed_t;
 
 static int compare_timed(const void *a, const void *b)
@@ -374,69 +374,126 @@ static int compare_timed(const void *a, const void *b)
     return 0;
 }
 
-/* Collect the slots of group g whose entry is in state `state` and
- * passes `keep` into a malloc'ed array, and set *found to their count.
- * Returns NULL when none match or malloc fails.
- * NOTE: every caller takes a failed malloc for "none match". Expired
- * deadlines then fire on a later mqs_tc_advance. But an `earliest`
- * group opens without the stored messages, a closed consumer's entries
- * stay in flight until their ack deadline, and mqs_tc_repair leaves the
- * ready entries out of their lanes. */
-static timed_t *collect(mqs_tc_header_t *h, uint32_t g, uint32_t state,
-                        int (*keep)(mqs_tc_header_t *, uint32_t,
-                                    mqs_tc_entry_t *, const void *),
-                        const void *arg, uint32_t *found)
+/* Entries are taken in batches of at most BATCH_ITEMS, smallest key
+ * first, so that no operation allocates. A larger set costs one scan of
+ * the entries per batch. 512 items take 12 KiB of stack. */
+#define BATCH_ITEMS 512
+
+typedef struct batch {
+    timed_t items[BATCH_ITEMS];
+    uint32_t count;
+    int started;    /* whether `after` is the last key of a batch */
+    timed_t after;
+} batch_t;
+
+typedef void (*key_fn)(mqs_tc_header_t *, uint32_t, uint32_t, timed_t *);
+typedef int (*keep_fn)(mqs_tc_header_t *, uint32_t, mqs_tc_entry_t *,
+                       const void *);
+
+static void batch_init(batch_t *b)
+{
+    b->count = 0;
+    b->started = 0;
+}
+
+static void swap_timed(timed_t *x, timed_t *y)
+{
+    timed_t t = *x;
+
+    *x = *y;
+    *y = t;
+}
+
+/* Offer an item to the batch, a max-heap of the BATCH_ITEMS smallest
+ * keys above `after`. */
+static void batch_offer(batch_t *b, const timed_t *item)
+{
+    uint32_t i;
+
+    if (b->started && compare_timed(item, &b->after) <= 0)
+        return;
+    if (b->count < BATCH_ITEMS) {
+        i = b->count++;
+        b->items[i] = *item;
+        while (i > 0 && compare_timed(&b->items[(i - 1) / 2],
+                                      &b->items[i]) < 0) {
+            swap_timed(&b->items[(i - 1) / 2], &b->items[i]);
+            i = (i - 1) / 2;
+        }
+        return;
+    }
+    if (compare_timed(item, &b->items[0]) >= 0)
+        return;
+    b->items[0] = *item;
+    i = 0;
+    for (;;) {
+        uint32_t left = 2 * i + 1, right = left + 1, largest = i;
+        if (left < b->count
+            && compare_timed(&b->items[left], &b->items[largest]) > 0)
+            largest = left;
+        if (right < b->count
+            && compare_timed(&b->items[right], &b->items[largest]) > 0)
+            largest = right;
+        if (largest == i)
+            break;
+        swap_timed(&b->items[i], &b->items[largest]);
+        i = largest;
+    }
+}
+
+/* Sort the batch by key and move `after` to its last key; return its
+ * count. A full batch may have more items after it. */
+static uint32_t batch_finish(batch_t *b)
+{
+    if (b->count > 1)
+        qsort(b->items, b->count, sizeof(timed_t), compare_timed);
+    if (b->count > 0) {
+        b->after = b->items[b->count - 1];
+        b->started = 1;
+    }
+    return b->count;
+}
+
+/* Fill `b` with the next batch of the slots of group g whose entry is in
+ * state `state` and passes `keep`, ordered by `key`. */
+static uint32_t next_batch(mqs_tc_header_t *h, uint32_t g, uint32_t state,
+                           keep_fn keep, const void *arg, key_fn key,
+                           batch_t *b)
 {
     uint32_t capacity = config_of(h)->params.capacity;
-    uint32_t count = 0, i = 0;
-    timed_t *items;
 
+    b->count = 0;
     for (uint32_t slot = 0; slot < capacity; slot++) {
         mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
-        if (mqs_tc_word_state(load_word(e)) == state && keep(h, slot, e, arg))
-            count++;
+        timed_t item;
+        if (mqs_tc_word_state(load_word(e)) != state
+            || !keep(h, slot, e, arg))
+            continue;
+        key(h, g, slot, &item);
+        item.slot = slot;
+        item.group = g;
+        batch_offer(b, &item);
     }
-    *found = 0;
-    if (count == 0)
-        return NULL;
-    items = malloc(sizeof(timed_t) * count);
-    if (items == NULL)
-        return NULL;
-    for (uint32_t slot = 0; slot < capacity && i < count; slot++) {
-        mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
-        if (mqs_tc_word_state(load_word(e)) == state
-            && keep(h, slot, e, arg)) {
-            items[i].slot = slot;
-            i++;
-        }
-    }
-    *found = i;
-    return items;
+    return batch_finish(b);
 }
 
-/* collect(), sorted by the messages' seq (publish order). */
-static timed_t *collect_in_publish_order(
-    mqs_tc_header_t *h, uint32_t g, uint32_t state,
-    int (*keep)(mqs_tc_header_t *, uint32_t, mqs_tc_entry_t *, const void *),
-    const void *arg, uint32_t *found)
+/* Key: the message's seq (publish order). */
+static void publish_key(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
+                        timed_t *out)
 {
-    timed_t *items = collect(h, g, state, keep, arg, found);
-
-    for (uint32_t i = 0; i < *found; i++) {
-        items[i].at = 0;
-        items[i].order = load_seq(mqs_tc_slot(h, items[i].slot));
-    }
-    if (*found > 1)
-        qsort(items, *found, sizeof(timed_t), compare_timed);
-    return items;
+    (void)g;
+    out->at = 0;
+    out->order = load_seq(mqs_tc_slot(h, slot));
 }
 
-static int expired(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
-                   const void *arg)
+/* Key: the entry's ready_seq (lane order), which is negative for head
+ * pushes, so its sign bit is flipped to keep the order unsigned. */
+static void ready_key(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
+                      timed_t *out)
 {
-    (void)h;
-    (void)slot;
-    return e->deadline <= *(const double *)arg;
+    out->at = 0;
+    out->order = (uint64_t)mqs_tc_entry(h, g, slot)->ready_seq
+                 ^ ((uint64_t)1 << 63);
 }
 
 static void recompute_deadlines(mqs_tc_header_t *h)
@@ -492,47 +549,39 @@ static void expire(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
 void mqs_tc_advance(mqs_tc_header_t *h, double now)
 {
     mqs_tc_params_t *p = &config_of(h)->params;
-    timed_t *all = NULL;
-    uint32_t total = 0;
+    batch_t batch;
 
     if (now < state_of(h)->next_deadline)
         return;
     /* Fire in deadline order across every group, then in the order the
      * deadlines were set (timer_seq is shared by the groups), as
-     * TopicState's timing wheel does. */
-    for (uint32_t g = 0; g < p->max_groups; g++) {
-        mqs_tc_group_t *group = mqs_tc_group(h, g);
-        uint32_t count;
-        timed_t *items, *grown;
-
-        if (!atomic_load_explicit(&group->used, memory_order_relaxed)
-            || group->next_deadline > now)
-            continue;
-        items = collect(h, g, MQS_TC_IN_FLIGHT, expired, &now, &count);
-        if (items == NULL)
-            continue;
-        grown = realloc(all, sizeof(timed_t) * (total + count));
-        if (grown == NULL) {
-            /* Those deadlines fire on a later call. */
-            free(items);
-            continue;
+     * TopicState's timing wheel does. An expired entry leaves the
+     * in-flight state, so the next batch starts after it. */
+    batch_init(&batch);
+    do {
+        batch.count = 0;
+        for (uint32_t g = 0; g < p->max_groups; g++) {
+            mqs_tc_group_t *group = mqs_tc_group(h, g);
+            if (!atomic_load_explicit(&group->used, memory_order_relaxed)
+                || group->next_deadline > now)
+                continue;
+            for (uint32_t slot = 0; slot < p->capacity; slot++) {
+                mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+                timed_t item;
+                if (mqs_tc_word_state(load_word(e)) != MQS_TC_IN_FLIGHT
+                    || e->deadline > now)
+                    continue;
+                item.at = e->deadline;
+                item.order = e->deadline_seq;
+                item.slot = slot;
+                item.group = g;
+                batch_offer(&batch, &item);
+            }
         }
-        all = grown;
-        for (uint32_t i = 0; i < count; i++) {
-            mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
-            all[total + i].slot = items[i].slot;
-            all[total + i].group = g;
-            all[total + i].at = e->deadline;
-            all[total + i].order = e->deadline_seq;
-        }
-        total += count;
-        free(items);
-    }
-    if (total > 1)
-        qsort(all, total, sizeof(timed_t), compare_timed);
-    for (uint32_t i = 0; i < total; i++)
-        expire(h, all[i].group, all[i].slot, now);
-    free(all);
+        batch_finish(&batch);
+        for (uint32_t i = 0; i < batch.count; i++)
+            expire(h, batch.items[i].group, batch.items[i].slot, now);
+    } while (batch.count == BATCH_ITEMS);
     recompute_deadlines(h);
 }
 
@@ -637,7 +686,7 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     mqs_tc_group_t *group = NULL;
     int64_t found;
     uint32_t g, count = 0;
-    timed_t *items = NULL;
+    batch_t batch;
     int first;
 
     if (name_length == 0 || name_length > MQS_TC_NAME_BYTES)
@@ -669,24 +718,35 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     group->countdown = 1;
     mqs_hist_reset(&group->enqueue_to_deliver);
     mqs_hist_reset(&group->deliver_to_ack);
+    batch_init(&batch);
     if (earliest) {
-        items = collect_in_publish_order(h, g, MQS_TC_FREE, stored_slot,
-                                         NULL, &count);
-        for (uint32_t i = 0; i < count; i++) {
-            mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
-            e->ready_at = now;
-            e->timed_out = 0;
-            e->ready_seq = ++group->tail_seq;
-            store_word(e, mqs_tc_word(MQS_TC_READY, 0, 0));
-        }
+        do {
+            next_batch(h, g, MQS_TC_FREE, stored_slot, NULL, publish_key,
+                       &batch);
+            for (uint32_t i = 0; i < batch.count; i++) {
+                mqs_tc_entry_t *e = mqs_tc_entry(h, g, batch.items[i].slot);
+                e->ready_at = now;
+                e->timed_out = 0;
+                e->ready_seq = ++group->tail_seq;
+                store_word(e, mqs_tc_word(MQS_TC_READY, 0, 0));
+                count++;
+            }
+        } while (batch.count == BATCH_ITEMS);
     }
     MQS_FAILPOINT("tc_open_group_before_commit");
     atomic_store_explicit(&group->used, 1, memory_order_release);
-    for (uint32_t i = 0; i < count; i++) {
-        push_tail(h, g, mqs_tc_slot(h, items[i].slot)->lane, items[i].slot);
-        group->ready++;
+    batch_init(&batch);
+    if (count > 0) {
+        do {
+            next_batch(h, g, MQS_TC_READY, stored_slot, NULL, ready_key,
+                       &batch);
+            for (uint32_t i = 0; i < batch.count; i++) {
+                uint32_t slot = batch.items[i].slot;
+                push_tail(h, g, mqs_tc_slot(h, slot)->lane, slot);
+                group->ready++;
+            }
+        } while (batch.count == BATCH_ITEMS);
     }
-    free(items);
     first = s->groups_used == 0;
     s->groups_used++;
     if (first) {
@@ -746,24 +806,26 @@ static int owned_by(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
 
 /* Requeue in publish order the in-flight entries of group g that pass
  * `keep`; return how many. */
-static int64_t requeue_where(mqs_tc_header_t *h, uint32_t g,
-                             int (*keep)(mqs_tc_header_t *, uint32_t,
-                                         mqs_tc_entry_t *, const void *),
+static int64_t requeue_where(mqs_tc_header_t *h, uint32_t g, keep_fn keep,
                              const void *arg, double now)
 {
-    uint32_t count;
-    timed_t *items = collect_in_publish_order(h, g, MQS_TC_IN_FLIGHT, keep,
-                                              arg, &count);
+    batch_t batch;
+    int64_t count = 0;
 
-    for (uint32_t i = 0; i < count; i++) {
-        mqs_tc_entry_t *e = mqs_tc_entry(h, g, items[i].slot);
-        uint64_t attempts = mqs_tc_word_attempts(load_word(e));
-        leave_flight(h, g, e);
-        MQS_FAILPOINT("tc_requeue_after_leave");
-        count_redelivery(h, g);
-        make_ready(h, g, items[i].slot, attempts, 0, now);
-    }
-    free(items);
+    batch_init(&batch);
+    do {
+        next_batch(h, g, MQS_TC_IN_FLIGHT, keep, arg, publish_key, &batch);
+        for (uint32_t i = 0; i < batch.count; i++) {
+            uint32_t slot = batch.items[i].slot;
+            mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+            uint64_t attempts = mqs_tc_word_attempts(load_word(e));
+            leave_flight(h, g, e);
+            MQS_FAILPOINT("tc_requeue_after_leave");
+            count_redelivery(h, g);
+            make_ready(h, g, slot, attempts, 0, now);
+            count++;
+        }
+    } while (batch.count == BATCH_ITEMS);
     return count;
 }
 
@@ -1137,14 +1199,6 @@ static int orphaned(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
            || c->group != g;
 }
 
-static int compare_ready(const void *a, const void *b)
-{
-    const timed_t *x = a, *y = b;
-    int64_t left = (int64_t)x->order, right = (int64_t)y->order;
-
-    return left < right ? -1 : left > right;
-}
-
 void mqs_tc_repair(mqs_tc_header_t *h)
 {
     mqs_tc_params_t *p = &config_of(h)->params;
@@ -1194,8 +1248,7 @@ void mqs_tc_repair(mqs_tc_header_t *h)
         mqs_tc_consumer(h, i)->in_flight = 0;
     for (uint32_t g = 0; g < p->max_groups; g++) {
         mqs_tc_group_t *group = mqs_tc_group(h, g);
-        uint32_t count;
-        timed_t *ready, *orphans;
+        batch_t batch;
         if (!atomic_load_explicit(&group->used, memory_order_relaxed))
             continue;
         /* Entries in flight to a consumer that is gone go back to their
@@ -1213,29 +1266,29 @@ void mqs_tc_repair(mqs_tc_header_t *h)
                 group->dead++;
             }
         }
-        orphans = collect_in_publish_order(h, g, MQS_TC_IN_FLIGHT, orphaned,
-                                           &g, &count);
-        for (uint32_t i = 0; i < count; i++) {
-            mqs_tc_entry_t *e = mqs_tc_entry(h, g, orphans[i].slot);
-            uint64_t attempts = mqs_tc_word_attempts(load_word(e));
-            e->consumer = MQS_TC_NO_CONSUMER;
-            e->ready_seq = ++group->tail_seq;
-            store_word(e, mqs_tc_word(MQS_TC_READY, 0, attempts));
-            count_redelivery(h, g);
-        }
-        free(orphans);
-        ready = collect(h, g, MQS_TC_READY, stored_slot, NULL, &count);
-        for (uint32_t i = 0; i < count; i++)
-            ready[i].order = (uint64_t)mqs_tc_entry(h, g, ready[i].slot)
-                                 ->ready_seq;
-        if (count > 1)
-            qsort(ready, count, sizeof(timed_t), compare_ready);
-        for (uint32_t i = 0; i < count; i++) {
-            push_tail(h, g, mqs_tc_slot(h, ready[i].slot)->lane,
-                      ready[i].slot);
-            group->ready++;
-        }
-        free(ready);
+        batch_init(&batch);
+        do {
+            next_batch(h, g, MQS_TC_IN_FLIGHT, orphaned, &g, publish_key,
+                       &batch);
+            for (uint32_t i = 0; i < batch.count; i++) {
+                mqs_tc_entry_t *e = mqs_tc_entry(h, g, batch.items[i].slot);
+                uint64_t attempts = mqs_tc_word_attempts(load_word(e));
+                e->consumer = MQS_TC_NO_CONSUMER;
+                e->ready_seq = ++group->tail_seq;
+                store_word(e, mqs_tc_word(MQS_TC_READY, 0, attempts));
+                count_redelivery(h, g);
+            }
+        } while (batch.count == BATCH_ITEMS);
+        batch_init(&batch);
+        do {
+            next_batch(h, g, MQS_TC_READY, stored_slot, NULL, ready_key,
+                       &batch);
+            for (uint32_t i = 0; i < batch.count; i++) {
+                uint32_t slot = batch.items[i].slot;
+                push_tail(h, g, mqs_tc_slot(h, slot)->lane, slot);
+                group->ready++;
+            }
+        } while (batch.count == BATCH_ITEMS);
     }
     s->alloc_hint = 0;
     recompute_deadlines(h);

@@ -358,7 +358,9 @@ int mqs_tc_nack(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
 int mqs_tc_extend(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
                   uint64_t ticket, double seconds, double now);
 /* Put in-flight deliveries back at their lanes' heads unseen (attempts
- * - 1), keeping their order; return how many were live. */
+ * - 1), keeping their order; return how many were live, or MQS_ENOMEM
+ * (nothing changed) when `count` bytes of scratch cannot be allocated.
+ * The other operations never allocate. */
 int64_t mqs_tc_release(mqs_tc_header_t *h, uint32_t group,
                        const uint32_t *slots, const uint64_t *tickets,
                        uint32_t count, double now);

@@ -7,7 +7,8 @@ UndefinedBehaviorSanitizer, and ThreadSanitizer (threads mode only).
 
 - units: publish, fetch, ack, prefetch, weighted and strict lanes, ack
   deadlines, max_attempts, nack, release, closing consumers, groups
-  started at "earliest" and "latest".
+  started at "earliest" and "latest", and every operation but release
+  working while malloc fails.
 - crash: a child SIGKILLed at a failpoint while it holds the mutex; the
   parent gets EOWNERDEAD, the repair rebuilds the lanes, and every
   message that was not acked is delivered once more, nothing twice.
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.c
 
 SOURCES = [c_build.C_TESTS / "test_topiccore.c",
            c_build.CSRC / "mqs_topiccore.c"]
-FLAGS = ["-DMQS_FAILPOINTS=1"]
+# --wrap=malloc lets the units make malloc fail.
+FLAGS = ["-DMQS_FAILPOINTS=1", "-Wl,--wrap=malloc"]
 TIMEOUT_SECONDS = 300
 KILL_POINTS = ["tc_publish_before_commit", "tc_publish_after_commit",
                "tc_fetch_after_commit", "tc_finish_before_free",

@@ -89,6 +89,19 @@ static int64_t counter(mqs_tc_header_t *h, int which)
     return h->state.v.counters[which];
 }
 
+/* The build links with -Wl,--wrap=malloc, so every malloc call of the
+ * core and of this file comes here, and a test can make it fail. */
+void *__real_malloc(size_t size);
+void *__wrap_malloc(size_t size);
+static int malloc_fails;
+
+void *__wrap_malloc(size_t size)
+{
+    if (malloc_fails)
+        return NULL;
+    return __real_malloc(size);
+}
+
 static void test_layout_rejects_bad_params(void)
 {
     mqs_tc_params_t p = params_of(16, 3, 0);
@@ -306,6 +319,77 @@ static void test_groups_start_and_backlog(void)
     CHECK_EQ(number_of(&out[1]), 3);
     mqs_tc_stats(h, &stats);
     CHECK_EQ(stats.stored, 0);
+    topic_free(h, &p);
+}
+
+/* ---- no allocation ------------------------------------------------------ */
+
+/* More entries than one batch of the core (512), so every scan that
+ * orders entries takes several batches. */
+#define MANY 1300
+
+/* Fetch MANY messages for `consumer` and check that they are the numbers
+ * 0..MANY-1 in publish order, with `attempts`. */
+static void fetch_all_in_order(mqs_tc_header_t *h, uint32_t consumer,
+                               uint64_t attempts)
+{
+    static mqs_tc_delivery_t out[MANY];
+    uint32_t wrong_order = 0, wrong_attempts = 0;
+
+    CHECK_EQ(mqs_tc_fetch(h, consumer, MANY, 10.0, 0, NOW, out), MANY);
+    for (uint32_t i = 0; i < MANY; i++) {
+        wrong_order += number_of(&out[i]) != i;
+        wrong_attempts += out[i].attempts != attempts;
+    }
+    CHECK_EQ(wrong_order, 0);
+    CHECK_EQ(wrong_attempts, 0);
+}
+
+static void test_no_allocation_when_malloc_fails(void)
+{
+    mqs_tc_params_t p = params_of(MANY, 1, 0);
+    mqs_tc_header_t *h = topic_new(&p, NULL);
+    mqs_tc_stats_t stats;
+    uint32_t slots[1] = {0};
+    uint64_t tickets[1] = {1};
+    uint32_t consumer;
+
+    malloc_fails = 1;
+    /* Kept for the first group, which starts at the earliest. */
+    for (uint32_t i = 0; i < MANY; i++)
+        CHECK(publish_number(h, i, 0) > 0);
+    CHECK_EQ(mqs_tc_open_group(h, "g", 1, 1, NOW), 0);
+    mqs_tc_stats(h, &stats);
+    CHECK_EQ(stats.ready, MANY);
+    consumer = (uint32_t)mqs_tc_open_consumer(h, 0, MANY, 1, NOW);
+    fetch_all_in_order(h, consumer, 1);
+
+    /* Missed deadlines put them back in deadline order. */
+    mqs_tc_advance(h, NOW + 20.0);
+    mqs_tc_stats(h, &stats);
+    CHECK_EQ(stats.ready, MANY);
+    CHECK_EQ(stats.in_flight, 0);
+    CHECK_EQ(counter(h, MQS_TC_REDELIVERED), MANY);
+    fetch_all_in_order(h, consumer, 2);
+
+    /* Only the release of unseen messages needs memory. */
+    CHECK_EQ(mqs_tc_release(h, 0, slots, tickets, 1, NOW), MQS_ENOMEM);
+
+    /* A close puts them back in publish order. */
+    CHECK_EQ(mqs_tc_close_consumer(h, consumer, NOW), MANY);
+    consumer = (uint32_t)mqs_tc_open_consumer(h, 0, MANY, 2, NOW);
+    fetch_all_in_order(h, consumer, 3);
+
+    /* So does the repair, for a consumer that died before its close. */
+    atomic_store(&mqs_tc_consumer(h, consumer)->used, 0);
+    mqs_tc_repair(h);
+    mqs_tc_stats(h, &stats);
+    CHECK_EQ(stats.ready, MANY);
+    CHECK_EQ(stats.in_flight, 0);
+    CHECK_EQ(counter(h, MQS_TC_REDELIVERED), 3 * MANY);
+    consumer = (uint32_t)mqs_tc_open_consumer(h, 0, MANY, 3, NOW);
+    fetch_all_in_order(h, consumer, 4);
+    malloc_fails = 0;
     topic_free(h, &p);
 }
 
@@ -554,6 +638,7 @@ int main(int argc, char **argv)
         test_deadline_redelivers_then_dead_letters();
         test_nack_release_and_close();
         test_groups_start_and_backlog();
+        test_no_allocation_when_malloc_fails();
     } else if (argc >= 3 && strcmp(argv[1], "crash") == 0) {
         test_crash(argv[2]);
     } else if (argc >= 3 && strcmp(argv[1], "threads") == 0) {
