@@ -362,8 +362,8 @@ class SharedLogBackend(ShmBackend):
             self._replayed = True
 
     def _append(self, data: bytes) -> None:
-        # `ShmBackend._append` and `_position` inlined: this runs in
-        # every operation.
+        # `ShmBackend._append` and `_position` are inlined here, because
+        # this runs in every operation.
         end = self._journal.append(data)
         if end < 0:
             raise AssertionError("journal full after a compaction")
@@ -510,11 +510,11 @@ class SharedLogBackend(ShmBackend):
                 if state is None:
                     return None
                 now = self._tick()
-                # An unbounded topic never blocks.
+                # A topic without a maxsize never blocks a publish.
                 if state.config.maxsize and self._publish_blocked(
                         state, envelope, now):
                     return None
-                # `_publish_chunks` of one envelope: one record, which
+                # `_publish_chunks` for one envelope. Its one record
                 # raises MessageTooLarge if it does not fit.
                 ids = self._logged("publish", topic, [envelope],
                                    time.time(), 0)
@@ -599,9 +599,9 @@ class SharedLogBackend(ShmBackend):
     def _fetch_one_locked(self, topic: str, group: str, consumer: str,
                           ack_timeout: float, auto_ack: bool
                           ) -> list[Delivery]:
-        """`_try_fetch` of one message, without the next wake time that
-        `fetch_one` does not use. The caller holds the section, which
-        raises ShutDown once the broker is closed."""
+        """Fetch one message as `_try_fetch` does, without the next wake
+        time that `fetch_one` does not use. The caller holds the section,
+        which raises ShutDown once the broker is closed."""
         state = self._topic(topic)
         now = self._tick()
         if _fetch_is_idle(state, group, consumer, auto_ack, now):
@@ -609,7 +609,7 @@ class SharedLogBackend(ShmBackend):
         args = (topic, group, consumer, 1, ack_timeout, auto_ack)
         data = self._encoded("fetch", args)
         try:
-            # `_do_fetch` without its `next_wake`.
+            # As `_do_fetch` does, without its `next_wake`.
             found = state.fetch(group, consumer, 1, ack_timeout, auto_ack,
                                 now)
         finally:
@@ -618,8 +618,8 @@ class SharedLogBackend(ShmBackend):
         return found
 
     def ack(self, topic: str, group: str, tag: Any) -> bool:
-        # `LogBackend._settle` of an ack, with its checks that the
-        # section makes (ShutDown once closed) left out.
+        # `LogBackend._settle` for an ack, without the checks that the
+        # section already makes (ShutDown once closed).
         with self._lock:
             self._topic(topic)
             self._tick()
@@ -654,8 +654,8 @@ class SharedLogBackend(ShmBackend):
                 self._durable[_FAILED] = 1
                 self._journal.signal()
                 raise
-        # Threads whose records one sync covered all get here: only the
-        # first to store a higher position wakes the waiters, who check
+        # Every thread whose records one sync covered gets here. Only the
+        # first to store a higher position wakes the waiters, which check
         # the position after they register and before they park.
         if mark > self._durable[_DURABLE]:
             self._publish_durable(mark)

@@ -276,7 +276,8 @@ class _SharedSection:
     def __init__(self, backend: ShmBackend) -> None:
         self.backend = backend
         self.thread_lock = threading.Lock()
-        # Bound once: every operation enters and leaves the section.
+        # Bound once, because every operation enters and leaves the
+        # section.
         self._acquire = self.thread_lock.acquire
         self._release = self.thread_lock.release
         self._enter = backend._enter_shared
