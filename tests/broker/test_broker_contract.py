@@ -403,6 +403,40 @@ def test_dlq_redrive_resets_attempts(broker):
     assert broker.stats("t")["redriven"] == 1
 
 
+def test_dlq_list_limit(broker):
+    broker.publish_many("t", ["x", "y", "z"])
+    consumer = broker.consume("t", "g", prefetch=3)
+    for message in consumer.get_many(3, timeout=0):
+        message.nack(requeue=False)
+    assert [letter.body for letter in broker.dlq_list("t")] == ["x", "y", "z"]
+    assert [letter.body for letter in broker.dlq_list("t", 2)] == ["x", "y"]
+    assert broker.dlq_list("t", 0) == []
+    with pytest.raises(ValueError, match="limit must be 0 or more"):
+        broker.dlq_list("t", -1)
+    for bad in (1.5, "2", True):
+        with pytest.raises(TypeError, match="limit must be an int or None"):
+            broker.dlq_list("t", bad)
+    assert len(broker.dlq_list("t")) == 3
+
+
+def test_dlq_redrive_rejects_bare_id(broker):
+    broker.publish_many("t", ["x", "y"])
+    consumer = broker.consume("t", "g", prefetch=2)
+    for message in consumer.get_many(2, timeout=0):
+        message.nack(requeue=False)
+    letters = broker.dlq_list("t")
+    # A str would be iterated per character, and on the memory backend the
+    # ids are "1" and "2", so "12" would redrive both messages.
+    with pytest.raises(TypeError, match=r"pass \[.*\] for one id"):
+        broker.dlq_redrive("t", letters[0].id + letters[1].id)
+    with pytest.raises(TypeError, match="dead-letter ids must be str"):
+        broker.dlq_redrive("t", [1])
+    assert len(broker.dlq_list("t")) == 2
+    assert broker.dlq_redrive("t", []) == 0
+    assert broker.dlq_redrive("t", (letter.id for letter in letters)) == 2
+    assert broker.dlq_list("t") == []
+
+
 def test_release_returns_unseen_messages_to_lane_head(broker):
     broker.publish_many("t", range(4))
     consumer = broker.consume("t", "g", prefetch=4)

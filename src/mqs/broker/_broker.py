@@ -1047,15 +1047,42 @@ class Broker:
 
     def dlq_list(self, topic: str, limit: int | None = None
                  ) -> list[DeadLetter]:
-        """Return the dead letters of `topic`, oldest first."""
+        """Return the dead letters of `topic`, oldest first (at most
+        `limit` of them; None returns all)."""
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int):
+                raise TypeError(
+                    f"limit must be an int or None (every dead letter), got "
+                    f"{type(limit).__name__} {limit!r}")
+            if limit < 0:
+                raise ValueError(
+                    f"limit must be 0 or more, or None (every dead letter), "
+                    f"got {limit!r}")
         return self._backend.dlq_list(topic, limit)
 
     def dlq_redrive(self, topic: str, ids: Iterable[str] | None = None
                     ) -> int:
         """Move dead letters back to their group with attempts reset;
-        return how many moved."""
-        return self._backend.dlq_redrive(
-            topic, None if ids is None else list(ids))
+        return how many moved.
+
+        `ids` is an iterable of `DeadLetter.id` strings, or None for every
+        dead letter. Ids not in the dead-letter queue are skipped.
+        """
+        if ids is None:
+            return self._backend.dlq_redrive(topic, None)
+        # A bare str would be iterated as one id per character and redrive
+        # other messages than the one meant.
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(
+                f"ids must be an iterable of dead-letter ids, got "
+                f"{type(ids).__name__} {ids!r}; pass [{ids!r}] for one id")
+        id_list = list(ids)
+        for message_id in id_list:
+            if not isinstance(message_id, str):
+                raise TypeError(
+                    f"dead-letter ids must be str (DeadLetter.id), got "
+                    f"{type(message_id).__name__} {message_id!r}")
+        return self._backend.dlq_redrive(topic, id_list)
 
     def dlq_purge(self, topic: str) -> int:
         """Delete the dead letters of `topic`; return how many (counted)."""

@@ -725,6 +725,11 @@ class RedisBackend(Backend):
 
     def dlq_list(self, topic: str, limit: int | None = None
                  ) -> list[DeadLetter]:
+        # The script treats a limit of 0 as no limit, so a limit of 0 requests
+        # one entry, which also raises UnknownTopic for a missing topic.
+        if limit == 0:
+            self._run(topic, "dlq_list", 1)
+            return []
         entries = self._run(topic, "dlq_list", limit or 0)[1]
         return [self._dead_letter(topic, flat) for _, flat in entries]
 
