@@ -10,10 +10,12 @@ import uuid
 import pytest
 
 from mqs._topiccore import (
+    PAYLOAD_BYTES,
     PAYLOAD_EXTRAS,
     TopicCore,
     TopicCoreLayoutError,
     TopicRetired,
+    decode_payload,
 )
 from mqs.broker._backend import Delivery
 from mqs.errors import ShutDown
@@ -178,6 +180,49 @@ def test_topiccore_fetch_one_unpacks_extras(path):
     assert delivery.headers == {"h": 1}
     assert (delivery.reply_to, delivery.correlation_id) == ("reply", "c1")
     core.close()
+
+
+class BytesSubclass(bytes):
+    pass
+
+
+def test_topiccore_bytes_body_stored_unpickled(path):
+    core = TopicCore(path, LANES, slot_bytes=64)
+    group = core.open_group("g", True)
+    consumer = core.open_consumer(group, 8, 7)
+    assert core.publish_pickled(b"abc", 0) == 1
+    assert core.publish_pickled(b"", 0) == 2
+    assert core.publish_pickled(BytesSubclass(b"sub"), 0) == 3
+    # A bytes body fills its slot with one byte more than its length.
+    assert core.publish_pickled(b"x" * 63, 0) == 4
+    assert core.publish_pickled(b"x" * 64, 0) == -2
+    payloads = [item[6] for item in core.fetch(consumer, 2, 30.0)]
+    assert payloads == [bytes([PAYLOAD_BYTES]) + b"abc",
+                        bytes([PAYLOAD_BYTES])]
+    third = fetch_one(core, consumer)
+    assert third.body == b"sub"
+    assert type(third.body) is BytesSubclass
+    fourth = fetch_one(core, consumer)
+    assert fourth.body == b"x" * 63
+    assert type(fourth.body) is bytes
+    core.close()
+
+
+@pytest.mark.parametrize("payload, body", [
+    (bytes([PAYLOAD_BYTES]) + b"raw", b"raw"),
+    (bytes([PAYLOAD_BYTES]), b""),
+    (pickle.dumps({"n": 1}, protocol=pickle.HIGHEST_PROTOCOL), {"n": 1}),
+    (bytes([PAYLOAD_EXTRAS]) + pickle.dumps((pickle.dumps("b"), {"h": 1},
+                                             "r", "c")), "b"),
+])
+def test_topiccore_decode_payload_kinds(payload, body):
+    decoded = decode_payload(payload)
+    assert decoded[0] == body
+    assert type(decoded[0]) is type(body)
+    if payload[0] == PAYLOAD_EXTRAS:
+        assert decoded[1:] == ({"h": 1}, "r", "c")
+    else:
+        assert decoded[1:] == ({}, None, None)
 
 
 def test_topiccore_retire_exports_state(path):

@@ -14,11 +14,16 @@ settled its message, and the ticket of a (group, slot) entry only grows,
 so a stale tag never matches a later delivery.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
@@ -84,13 +89,15 @@ import os
 import pickle
 import secrets
 
-from mqs.errors import ShutDown
+from mqs.errors import AlreadySettled, ShutDown
 
 include "_mapped_file.pxi"
 
 __all__ = ["TopicCore", "TopicCoreLayoutError", "TopicRetired",
            "COUNTER_NAMES", "GROUP_COUNTER_NAMES", "DEAD_REASONS",
-           "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD", "PAYLOAD_EXTRAS"]
+           "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD", "PAYLOAD_EXTRAS",
+           "PAYLOAD_BYTES", "decode_payload", "MessageBase", "CorePath",
+           "CoreReader"]
 
 # The order of the topic's counters in the header (mqs_topiccore.h).
 COUNTER_NAMES = ("published", "delivered", "acked", "nacked", "redelivered",
@@ -124,6 +131,9 @@ class TopicRetired(Exception):
 # correlation_id besides the body: the pickle of ``(pickled body, headers,
 # reply_to, correlation_id)`` follows it. A plain pickle starts with 0x80.
 PAYLOAD_EXTRAS = 0
+# First byte of a payload whose body is a `bytes` object (not a subclass),
+# stored as it is after this byte: no pickle on either side.
+PAYLOAD_BYTES = 1
 
 # Bound once: `publish_pickled` and `fetch_one` run per message.
 cdef object _dumps = pickle.dumps
@@ -142,6 +152,28 @@ cdef inline double _now(object now):
     if now is None:
         return mqs_monotonic_ns() / 1e9
     return <double>now
+
+
+def decode_payload(bytes payload):
+    """Return the body, headers, reply_to and correlation_id of a core
+    payload (a pickle, or one that starts with `PAYLOAD_EXTRAS` or
+    `PAYLOAD_BYTES`). Without extras, headers is a new empty dict and
+    the other two are None."""
+    return _decode_payload(payload)
+
+
+cdef tuple _decode_payload(bytes payload):
+    # Unpickling runs arbitrary code, so callers never hold the mutex.
+    cdef Py_ssize_t length = len(payload)
+    cdef unsigned char *data = <unsigned char *>PyBytes_AS_STRING(payload)
+    if length and data[0] == PAYLOAD_BYTES:
+        return (PyBytes_FromStringAndSize(<char *>data + 1, length - 1), {},
+                None, None)
+    if length and data[0] == PAYLOAD_EXTRAS:
+        body, headers, reply_to, correlation_id = _loads(
+            memoryview(payload)[1:])
+        return _loads(body), headers, reply_to, correlation_id
+    return _loads(payload), {}, None, None
 
 
 cdef tuple _histogram(mqs_hist_t *hist):
@@ -306,10 +338,25 @@ cdef class TopicCore(_MappedFile):
 
         The shm broker's publish of one plain message: the same as
         `publish` of ``pickle.dumps(body, HIGHEST_PROTOCOL)`` with
-        `time.time()` as timestamp, in one call.
+        `time.time()` as timestamp, in one call. A `bytes` body is stored
+        behind `PAYLOAD_BYTES` instead of pickled.
         """
-        cdef bytes payload = _dumps(body, _PICKLE_PROTOCOL)
-        cdef Py_ssize_t length = len(payload)
+        return self._publish_pickled(body, priority)
+
+    cdef int64_t _publish_pickled(self, object body, int priority) except? -3:
+        cdef bytes payload
+        cdef Py_ssize_t length
+        cdef char *data
+        if PyBytes_CheckExact(body):
+            # Copying costs less than pickling: see `PAYLOAD_BYTES`.
+            length = PyBytes_GET_SIZE(body) + 1
+            payload = PyBytes_FromStringAndSize(NULL, length)
+            data = PyBytes_AS_STRING(payload)
+            data[0] = PAYLOAD_BYTES
+            memcpy(data + 1, PyBytes_AS_STRING(body), length - 1)
+        else:
+            payload = _dumps(body, _PICKLE_PROTOCOL)
+            length = len(payload)
         cdef double wall = _wall_clock()
         cdef double at = mqs_monotonic_ns() / 1e9
         cdef int64_t rc
@@ -473,22 +520,43 @@ cdef class TopicCore(_MappedFile):
         `mqs.broker.Delivery`: id ``s<seq>``, tag ``(path, group_index,
         slot, ticket, seq)``, `topic`, `group`, body, priority, attempts,
         key (None), headers, timestamp, reply_to and correlation_id. The
-        payload is a pickle, or `PAYLOAD_EXTRAS` and the pickle of the
-        body with its extras; without extras, headers is a new empty dict
-        and the other two are None. Raises `ShutDown` as `fetch` does,
+        payload is decoded as `decode_payload` does. Raises `ShutDown` as
+        `fetch` does,
         and the unpickler's errors after the message is in flight. Never
         waits.
+        """
+        cdef mqs_tc_delivery_t *d = self._out
+        cdef uint64_t seq, ticket, attempts
+        cdef uint32_t slot, priority
+        cdef double timestamp
+        payload = self._take_one(consumer, ack_timeout, auto_ack, owner)
+        if payload is None:
+            return None
+        # Copied before the unpickler runs, because it may run code that
+        # fetches through this handle again.
+        seq, slot, ticket = d.seq, d.slot, d.ticket
+        attempts, priority, timestamp = d.attempts, d.priority, d.timestamp
+        body, headers, reply_to, correlation_id = _decode_payload(payload)
+        # What the named tuple's own __new__ does, without its Python
+        # frame.
+        return tuple.__new__(delivery_type, (
+            f"s{seq}", (self.path, group_index, slot, ticket, seq), topic,
+            group, body, priority, attempts, None, headers, timestamp,
+            reply_to, correlation_id))
+
+    cdef object _take_one(self, uint32_t consumer, double ack_timeout,
+                          bint auto_ack, uint64_t owner):
+        """Deliver one message now; return its payload, with its other
+        fields in ``self._out[0]``, or None when none is ready.
+
+        Raises `ShutDown` for a closed consumer (or one of another
+        `owner`, unless `owner` is 0) and `TopicRetired` after
+        `retire_and_export`.
         """
         cdef int64_t n = 0
         cdef double at = mqs_monotonic_ns() / 1e9
         cdef mqs_tc_delivery_t *d = self._out
-        cdef bytes payload
-        cdef uint64_t seq = 0
-        cdef uint32_t slot = 0
-        cdef uint64_t ticket = 0
-        cdef uint64_t attempts = 0
-        cdef uint32_t priority = 0
-        cdef double timestamp = 0
+        payload = None
         self._lock()
         try:
             if not self._owned_by(consumer, owner):
@@ -497,12 +565,6 @@ cdef class TopicCore(_MappedFile):
                 n = mqs_tc_fetch(self._header, consumer, 1, ack_timeout,
                                  auto_ack, at, d)
             if n == 1:
-                seq = d.seq
-                slot = d.slot
-                ticket = d.ticket
-                attempts = d.attempts
-                priority = d.priority
-                timestamp = d.timestamp
                 payload = PyBytes_FromStringAndSize(<char *>d.body,
                                                     d.length)
         finally:
@@ -510,30 +572,16 @@ cdef class TopicCore(_MappedFile):
         if n == MQS_ECLOSED:
             raise ShutDown(f"consumer {consumer} of topic core {self.path} "
                            f"is closed")
-        if n != 1:
-            return None
-        # Unpickled after the unlock: an unpickler runs arbitrary code,
-        # which must not run inside the shared mutex.
-        if len(payload) and (<unsigned char *>PyBytes_AS_STRING(payload))[0] \
-                == PAYLOAD_EXTRAS:
-            body, headers, reply_to, correlation_id = _loads(
-                memoryview(payload)[1:])
-            body = _loads(body)
-        else:
-            body = _loads(payload)
-            headers = {}
-            reply_to = correlation_id = None
-        # What the named tuple's own __new__ does, without its Python
-        # frame.
-        return tuple.__new__(delivery_type, (
-            f"s{seq}", (self.path, group_index, slot, ticket, seq), topic,
-            group, body, priority, attempts, None, headers, timestamp,
-            reply_to, correlation_id))
+        return payload
 
     def ack(self, uint32_t group, uint32_t slot, uint64_t ticket, now=None):
         """Acknowledge; return False for a stale tag (counted)."""
+        return self._ack(group, slot, ticket, _now(now)) == 1
+
+    cdef int _ack(self, uint32_t group, uint32_t slot, uint64_t ticket,
+                  double at) except -1:
+        """Return 1 for an ack in time, 0 for a stale tag (counted)."""
         cdef int rc
-        cdef double at = _now(now)
         self._lock()
         rc = mqs_tc_ack(self._header, group, slot, ticket, at)
         self._unlock(rc == 1)
@@ -621,6 +669,9 @@ cdef class TopicCore(_MappedFile):
         mutex, so only a hint: `retire_and_export` returns them). False
         once closed: the broker closes a handle after its topic left the
         core."""
+        return self._has_dead()
+
+    cdef bint _has_dead(self):
         cdef uint32_t groups
         cdef uint32_t g
         if self._header == NULL:
@@ -827,3 +878,6 @@ cdef class TopicCore(_MappedFile):
 
     def __dealloc__(self):
         free(self._out)
+
+
+include "_fastpath.pxi"

@@ -605,6 +605,107 @@ def test_shm_get_checks_timeout_with_message_ready(name, timeout, error):
     broker.close()
 
 
+def test_shm_core_ids_and_tags_match_publish(name):
+    broker = open_broker(name)
+    consumer = broker.consume("t", "g", prefetch=20, ack_timeout=600)
+    ids = [broker.publish("t", number) for number in range(12)]
+    assert ids == [f"s{seq}" for seq in range(1, 13)]
+    single = [consumer.get(timeout=5) for _ in range(6)]
+    batch = consumer.get_many(6, timeout=5)
+    assert [message.id for message in single + batch] == ids
+    assert [message.body for message in single + batch] == list(range(12))
+    # The tag of a message from the fast path names the same delivery
+    # as the one `get_many` builds.
+    assert single[0]._delivery.tag[4] == 1
+    assert batch[0]._delivery.tag[4] == 7
+    assert single[0]._delivery.tag[0] == batch[0]._delivery.tag[0]
+    assert isinstance(single[0], mqs.Message)
+    # Every way to settle works on messages of either path. The nack
+    # comes last, because a dead letter moves the topic to the journal.
+    assert single[0].extend(60)
+    assert consumer.ack_many(single[1:3] + batch[:2]) == 4
+    assert all(message.ack() for message in single[3:] + batch[2:])
+    with pytest.raises(mqs.AlreadySettled, match="already"):
+        single[3].ack()
+    assert "t" in broker.backend._core_paths
+    assert single[0].nack(requeue=False)
+    stats = broker.stats("t")
+    assert stats["acked"] == 11
+    assert stats["stored"] == 0
+    consumer.close()
+    broker.close()
+
+
+class _Blob(bytes):
+    """A bytes subclass, which the core stores pickled to keep its type."""
+
+
+def test_shm_core_bytes_bodies_on_every_path(name):
+    broker = open_broker(name)
+    consumer = broker.consume("t", "g", prefetch=20, ack_timeout=600)
+    bodies = [b"", b"\x00\x80raw", _Blob(b"blob"), "text", b"moved"]
+    for body in bodies[:4]:
+        broker.publish("t", body)
+    single = consumer.get(timeout=5)
+    batch = consumer.get_many(2, timeout=5)
+    assert [single.body] + [message.body for message in batch] == bodies[:3]
+    assert type(batch[1].body) is _Blob
+    # A keyed message moves the topic with the stored bodies to the
+    # journal.
+    broker.publish("t", bodies[4], key="k")
+    assert "t" not in broker.backend._core_paths
+    rest = drain(consumer, 2)
+    assert [message.body for message in rest] == bodies[3:]
+    assert type(rest[1].body) is bytes
+    for message in [single, *batch]:
+        assert message.ack()
+    assert broker.stats("t")["acked"] == 5
+    consumer.close()
+    broker.close()
+
+
+# The consumer that `_ReentrantBody` fetches from while it is unpickled.
+_reentrant = {}
+
+
+def _unpickle_reentrant(label):
+    consumer = _reentrant.pop("consumer", None)
+    if consumer is not None:
+        _reentrant["inner"] = consumer.get(timeout=5)
+    return label
+
+
+class _ReentrantBody:
+    """A body whose unpickling fetches the next message of a consumer."""
+
+    def __init__(self, label):
+        self.label = label
+
+    def __reduce__(self):
+        return _unpickle_reentrant, (self.label,)
+
+
+def test_shm_core_get_inside_unpickle_keeps_fields(name):
+    broker = open_broker(name)
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+    first_id = broker.publish("t", _ReentrantBody("outer"), priority=3)
+    second_id = broker.publish("t", "inner", priority=3)
+    _reentrant["consumer"] = consumer
+    outer = consumer.get(timeout=5)
+    inner = _reentrant.pop("inner")
+    # The fetch inside the unpickler reused the core's delivery buffer,
+    # but the outer message still has its own id and tag.
+    assert (outer.id, outer.body) == (first_id, "outer")
+    assert (inner.id, inner.body) == (second_id, "inner")
+    assert outer._delivery.tag[4] == 1
+    assert inner._delivery.tag[4] == 2
+    assert outer.ack()
+    assert inner.ack()
+    assert broker.stats("t")["acked"] == 2
+    consumer.close()
+    broker.close()
+
+
 def test_shm_publish_checks_topic_and_priority(name):
     broker = open_broker(name)
     broker.declare_topic("t")

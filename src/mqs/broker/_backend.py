@@ -108,7 +108,7 @@ import abc
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from mqs.broker._policy import TopicConfig
@@ -349,6 +349,32 @@ class Backend(abc.ABC):
         None.
         """
         return None
+
+    def message_reader(self, consumer: Any, message_type: type
+                       ) -> Callable[[float, bool], Any] | None:
+        """Return the fast path of `Consumer.get` for `consumer`, or None
+        when the backend has none.
+
+        The `Consumer` calls the result with ``(ack_timeout, auto_ack)``
+        after `open_consumer`. It returns one message that is ready now
+        as a `message_type` (built as ``message_type(consumer, delivery,
+        auto_ack)``), or None to make the caller use `fetch`. This
+        default wraps `fetch_one` when a subclass overrides it.
+        """
+        if type(self).fetch_one is Backend.fetch_one:
+            return None
+        fetch_one = self.fetch_one
+        topic, group, consumer_id = consumer.topic, consumer.group, \
+            consumer._id
+
+        def read_one(ack_timeout: float, auto_ack: bool) -> Any:
+            delivery = fetch_one(topic, group, consumer_id, ack_timeout,
+                                 auto_ack)
+            if delivery is None:
+                return None
+            return message_type(consumer, delivery, auto_ack)
+
+        return read_one
 
     async def fetch_async(self, topic: str, group: str, consumer: str,
                           max_items: int, *, ack_timeout: float,

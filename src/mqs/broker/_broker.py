@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from mqs._topiccore import MessageBase
 from mqs.broker._backend import (
     Backend,
     DeadLetter,
@@ -28,7 +29,6 @@ from mqs.broker._memory import MemoryBackend
 from mqs.broker._policy import Backoff, TopicConfig, check_priority
 from mqs.broker._shm import ShmBackend
 from mqs.errors import (
-    AlreadySettled,
     BackendUnavailable,
     Empty,
     Full,
@@ -129,7 +129,7 @@ def _fast_path(backend: Backend, name: str) -> Callable[..., Any] | None:
     return method
 
 
-class Message:
+class Message(MessageBase):
     """One delivered message; `ack` or `nack` it once.
 
     Attributes
@@ -153,55 +153,20 @@ class Message:
         Publish time in `time.time()` seconds.
     reply_to, correlation_id : str or None
         Set on requests made with `Broker.request`.
+
+    Notes
+    -----
+    The fields and `ack` live in C (`mqs._topiccore.MessageBase`), because
+    they run for every message; ``Message(consumer, delivery, settled)``
+    builds one from a backend's `Delivery`.
     """
 
-    __slots__ = ("_consumer", "_delivery", "_settled", "body", "id", "topic",
-                 "group", "priority", "attempts", "key", "headers",
-                 "timestamp", "reply_to", "correlation_id")
-
-    def __init__(self, consumer: Consumer, delivery: Delivery,
-                 settled: bool) -> None:
-        self._consumer = consumer
-        self._delivery = delivery
-        self._settled = settled
-        # Unpacked in one step, because a lookup per field costs more and
-        # this runs per message. The tag stays in `_delivery`.
-        (self.id, _, self.topic, self.group, self.body, self.priority,
-         self.attempts, self.key, self.headers, self.timestamp,
-         self.reply_to, self.correlation_id) = delivery
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return (f"<mqs.Message {self.topic}/{self.id} priority="
                 f"{self.priority} attempts={self.attempts} body="
                 f"{self.body!r:.60}>")
-
-    def _settle(self, verb: str) -> None:
-        if self._settled:
-            how = ("at delivery (auto_ack=True)"
-                   if self._consumer.auto_ack else "already")
-            raise AlreadySettled(
-                f"message {self.id} of topic {self.topic!r} was settled "
-                f"{how}; {verb} each message once, after get")
-        self._settled = True
-
-    def ack(self) -> bool:
-        """Acknowledge the message: it is done and never redelivered.
-
-        Returns
-        -------
-        bool
-            False if the ack came too late: the ack deadline had passed and
-            the message was redelivered (counted as ``late_acks``). With
-            ``auto_ack=True`` this does nothing and returns True.
-        """
-        consumer = self._consumer
-        if self._settled:
-            if consumer.auto_ack:
-                return True
-            self._settle("ack")
-        self._settled = True
-        return consumer._backend.ack(consumer.topic, consumer.group,
-                                     self._delivery.tag)
 
     def nack(self, requeue: bool = True, delay: float | None = None, *,
              error: BaseException | str | None = None) -> bool:
@@ -275,10 +240,11 @@ class Consumer:
         self.ack_timeout = ack_timeout
         self.auto_ack = auto_ack
         self._closed = False
-        self._fetch_one = _fast_path(self._backend, "fetch_one")
         self._id = self._backend.open_consumer(
             topic, group, start=start, prefetch=prefetch,
             max_attempts=max_attempts)
+        self._read_one: Callable[[float, bool], Message | None] | None = \
+            self._backend.message_reader(self, Message)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -373,15 +339,14 @@ class Consumer:
 
         Raises `Empty` on timeout and `ShutDown` once closed.
         """
-        if (self._fetch_one is not None and not self._closed
+        if (self._read_one is not None and not self._closed
                 and (timeout is None or (timeout.__class__ in _NUMBERS
                                          and timeout >= 0))):
             # A message that is ready now needs no wait, so only the
             # timeout is checked first.
-            delivery = self._fetch_one(self.topic, self.group, self._id,
-                                       self.ack_timeout, self.auto_ack)
-            if delivery is not None:
-                return Message(self, delivery, self.auto_ack)
+            message = self._read_one(self.ack_timeout, self.auto_ack)
+            if message is not None:
+                return message
         return self.get_many(1, timeout)[0]
 
     async def get_many_async(self, max_items: int,

@@ -165,9 +165,13 @@ from mqs._topiccore import (
     DEAD_REASONS,
     ENTRY_IN_FLIGHT,
     ENTRY_READY,
+    PAYLOAD_BYTES,
     PAYLOAD_EXTRAS,
+    CorePath,
+    CoreReader,
     TopicCore,
     TopicRetired,
+    decode_payload,
 )
 from mqs.broker._backend import (
     COUNTER_KEYS,
@@ -260,6 +264,9 @@ def _encode(envelope: Envelope) -> tuple[bytes, bytes]:
 def _decode(payload: bytes) -> tuple[bytes, dict, str | None, str | None]:
     """Return the pickled body, headers, reply_to and correlation_id of a
     core payload."""
+    if payload[0] == PAYLOAD_BYTES:
+        return (pickle.dumps(payload[1:], protocol=pickle.HIGHEST_PROTOCOL),
+                {}, None, None)
     if payload[0] != _EXTRAS:
         return payload, {}, None, None
     return pickle.loads(memoryview(payload)[1:])
@@ -385,6 +392,12 @@ class ShmBackend(LogBackend):
         self._appended = False
         self._waiting = 0
         self._next_reap = 0.0
+        # The per-message paths on the topic cores, in C. The instance
+        # attribute hides the `publish_one` method, so `Broker` calls C
+        # directly. `CorePath` reads `_closed`, `_next_reap` and `_cores`
+        # on every call.
+        self._fast = CorePath(self)
+        self.publish_one = self._fast.publish_one  # type: ignore[method-assign]
         self._lock = _SharedSection(self)  # type: ignore[assignment]
         self._changed = _ChangeWait(self)  # type: ignore[assignment]
         self._journal = SharedJournal(self.path, journal_bytes)
@@ -886,17 +899,13 @@ class ShmBackend(LogBackend):
 
     def publish_one(self, topic: str, body: Any, priority: int
                     ) -> str | None:
-        core = self._cores.get(topic)
-        if core is None or self._closed \
-                or time.monotonic() >= self._next_reap:
-            return None
-        try:
-            seq = core.publish_pickled(body, priority)
-        except TopicRetired:
-            return None
-        # On -1 (core full) and -2 (pickle larger than a slot), `publish`
+        # `__init__` hides this method behind `CorePath.publish_one`,
+        # which does the same without a Python frame. On a full core and
+        # on a pickle larger than a slot it returns None, and `publish`
         # moves the topic to the journal.
-        return f"s{seq}" if seq > 0 else None
+        message_id: str | None = self._fast.publish_one(topic, body,
+                                                        priority)
+        return message_id
 
     def _publish_core(self, core: TopicCore, topic: str,
                       envelopes: Sequence[Envelope]) -> list[str]:
@@ -1005,27 +1014,18 @@ class ShmBackend(LogBackend):
             return [Delivery(*delivery[:4], pickle.loads(delivery.body),
                              *delivery[5:]) for delivery in found]
 
-    def fetch_one(self, topic: str, group: str, consumer: str,
-                  ack_timeout: float, auto_ack: bool) -> Delivery | None:
-        entry = self._core_consumers.get(consumer)
-        if entry is None or self._closed \
-                or time.monotonic() >= self._next_reap:
-            return None
-        core = self._cores.get(topic)
-        if core is None:
-            return None
-        try:
-            delivery = core.fetch_one(entry[2], ack_timeout, auto_ack,
-                                      entry[3], Delivery, topic, group,
-                                      entry[1])
-        except (TopicRetired, ShutDown):
-            # `fetch` moves the topic or raises with the consumer named.
-            return None
-        if core.has_dead():
-            # The fetch ran the ack deadlines and dead-lettered a message;
-            # the journal keeps dead letters.
-            self._leave_core(topic)
-        return delivery
+    def message_reader(self, consumer: Any, message_type: type
+                       ) -> Callable[[float, bool], Any] | None:
+        entry = self._core_consumers.get(consumer._id) \
+            if self._core_topics else None
+        if entry is None:
+            # A topic on the journal never moves onto a core.
+            return super().message_reader(consumer, message_type)
+        topic, group_index, number, owner = entry
+        reader: Callable[[float, bool], Any] = CoreReader(
+            self._fast, consumer, message_type, Delivery, topic,
+            consumer.group, group_index, number, owner)
+        return reader
 
     def _fetch_core(self, core: TopicCore, entry: tuple, topic: str,
                     group: str, max_items: int, ack_timeout: float,
@@ -1498,14 +1498,14 @@ def _unlink_quietly(path: str) -> None:
 def _core_delivery(path: str, topic: str, group: str, group_index: int,
                    item: tuple) -> Delivery:
     seq, slot, ticket, attempts, priority, timestamp, payload = item
-    body, headers, reply_to, correlation_id = _decode(payload)
+    body, headers, reply_to, correlation_id = decode_payload(payload)
     # The tag names the core file, so a tag of a deleted topic's core
     # never settles a delivery of a later core of the same name. The
     # fields go by position, because keywords make the named tuple about
     # three times slower to build (measured on CPython 3.11).
     return Delivery(f"s{seq}", (path, group_index, slot, ticket, seq), topic,
-                    group, pickle.loads(body), priority, attempts, None,
-                    headers, timestamp, reply_to, correlation_id)
+                    group, body, priority, attempts, None, headers,
+                    timestamp, reply_to, correlation_id)
 
 
 def _core_stats(counters: dict[str, int], counts: dict[str, int]

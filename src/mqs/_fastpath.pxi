@@ -1,0 +1,288 @@
+# Per-message paths of `mqs.Broker`, compiled into `mqs._topiccore`
+# (included at its end) so that they reach `TopicCore` at the C level.
+#
+# `MessageBase` keeps the fields of `mqs.Message` in C fields, so a
+# delivery becomes a message without a Python frame and `Message.ack`
+# runs in C up to the backend call. `CorePath` and `CoreReader` run
+# `Broker.publish` of a message without options, `Consumer.get` of a
+# message that is ready now and its `Message.ack` straight on a topic
+# core of the shm backend (`mqs.broker._shm`). They return None for
+# every case they leave to the backend's own methods, which do every
+# check (topic moved to the journal, broker closed, consumers to reap).
+
+cimport cython
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII
+
+cdef enum:
+    # Fields of `mqs.broker.Delivery`, and the position of its tag.
+    DELIVERY_FIELDS = 12
+    DELIVERY_TAG = 1
+
+
+cdef tuple _NO_ARGS = ()
+
+
+cdef str _message_id(uint64_t seq):
+    """Return the id that `ShmBackend` gives a core message: "s" and its
+    seq in decimal (PyUnicode_FromFormat costs several times more)."""
+    cdef char digits[24]
+    cdef int start = 23
+    while True:
+        digits[start] = <char>(48 + seq % 10)
+        seq //= 10
+        start -= 1
+        if seq == 0:
+            break
+    digits[start] = b"s"
+    return PyUnicode_DecodeASCII(&digits[start], 24 - start, NULL)
+
+
+@cython.auto_pickle(False)
+cdef class MessageBase:
+    """The fields of one delivered message and its `ack`.
+
+    `mqs.Message` subclasses it with the rest of the public API.
+    Subclasses must not add a ``__dict__`` (``__slots__ = ()``), so that
+    a message stays one allocation.
+    """
+
+    cdef public object _consumer
+    cdef public bint _settled
+    cdef public object body, id, topic, group, priority, attempts, key
+    cdef public object headers, timestamp, reply_to, correlation_id
+    # The backend's `Delivery`, which a `CoreReader` leaves to `_delivery`
+    # to build on first use.
+    cdef object _delivery_value
+    # Set by a `CoreReader`: the reader and the core that delivered the
+    # message, and its tag as C values.
+    cdef CoreReader _reader
+    cdef TopicCore _core
+    cdef uint32_t _slot
+    cdef uint64_t _ticket
+    cdef uint64_t _seq
+
+    def __init__(self, consumer, delivery, bint settled):
+        # Any tuple type: `Delivery` is a named tuple.
+        if not PyTuple_Check(delivery) \
+                or PyTuple_GET_SIZE(delivery) != DELIVERY_FIELDS:
+            raise TypeError(f"delivery must be a Delivery of "
+                            f"{DELIVERY_FIELDS} fields, got {delivery!r}")
+        self._consumer = consumer
+        self._delivery_value = delivery
+        self._settled = settled
+        # The tag (field 1) stays in `_delivery`.
+        self.id = <object>PyTuple_GET_ITEM(delivery, 0)
+        self.topic = <object>PyTuple_GET_ITEM(delivery, 2)
+        self.group = <object>PyTuple_GET_ITEM(delivery, 3)
+        self.body = <object>PyTuple_GET_ITEM(delivery, 4)
+        self.priority = <object>PyTuple_GET_ITEM(delivery, 5)
+        self.attempts = <object>PyTuple_GET_ITEM(delivery, 6)
+        self.key = <object>PyTuple_GET_ITEM(delivery, 7)
+        self.headers = <object>PyTuple_GET_ITEM(delivery, 8)
+        self.timestamp = <object>PyTuple_GET_ITEM(delivery, 9)
+        self.reply_to = <object>PyTuple_GET_ITEM(delivery, 10)
+        self.correlation_id = <object>PyTuple_GET_ITEM(delivery, 11)
+
+    @property
+    def _delivery(self):
+        """The backend's `Delivery` of this message (its tag settles it)."""
+        return self._get_delivery()
+
+    cdef object _get_delivery(self):
+        if self._delivery_value is None and self._reader is not None:
+            self._delivery_value = self._reader._delivery_of(self)
+        return self._delivery_value
+
+    def _settle(self, str verb):
+        if self._settled:
+            how = ("at delivery (auto_ack=True)"
+                   if self._consumer.auto_ack else "already")
+            raise AlreadySettled(
+                f"message {self.id} of topic {self.topic!r} was settled "
+                f"{how}; {verb} each message once, after get")
+        self._settled = True
+
+    def ack(self):
+        """Acknowledge the message: it is done and never redelivered.
+
+        Returns
+        -------
+        bool
+            False if the ack came too late: the ack deadline had passed and
+            the message was redelivered (counted as ``late_acks``). With
+            ``auto_ack=True`` this does nothing and returns True.
+        """
+        consumer = self._consumer
+        if self._settled:
+            if consumer.auto_ack:
+                return True
+            self._settle("ack")
+        self._settled = True
+        if self._core is not None and self._reader._path._usable_core(
+                self._reader._topic) is self._core:
+            try:
+                return self._core._ack(self._reader._group_index, self._slot,
+                                       self._ticket,
+                                       mqs_monotonic_ns() / 1e9) == 1
+            except TopicRetired:
+                pass
+        return consumer._backend.ack(consumer.topic, consumer.group,
+                                     self._get_delivery()[DELIVERY_TAG])
+
+
+@cython.auto_pickle(False)
+cdef class CorePath:
+    """The fast paths of one `ShmBackend` on its topic cores.
+
+    Reads the backend's ``_closed``, ``_next_reap`` and ``_cores`` on
+    every call, so it never acts on state the backend has left. It reads
+    them from the instance dict, which costs a few dict lookups instead
+    of a full attribute lookup each.
+    """
+
+    cdef object _backend
+    cdef dict _state
+
+    def __init__(self, backend):
+        self._backend = backend
+        self._state = backend.__dict__
+
+    cdef TopicCore _usable_core(self, str topic):
+        """Return the core handle of `topic`, or None when the backend is
+        closed, its periodic check for dead consumers is due, or the
+        topic is not on a core in this process."""
+        cdef PyObject *item = PyDict_GetItem(self._state, "_closed")
+        if item == NULL or <object>item is not False:
+            return None
+        item = PyDict_GetItem(self._state, "_next_reap")
+        if item == NULL \
+                or mqs_monotonic_ns() / 1e9 >= <double><object>item:
+            return None
+        item = PyDict_GetItem(self._state, "_cores")
+        if item == NULL or type(<object>item) is not dict:
+            return None
+        # Borrowed references: no Python code runs until the cast.
+        item = PyDict_GetItem(<object>item, topic)
+        if item == NULL:
+            return None
+        return <TopicCore?><object>item
+
+    def publish_one(self, str topic, body, int priority):
+        """Pickle and store one message without options; return its id,
+        or None to make the caller use `ShmBackend.publish`.
+
+        The same contract as `ShmBackend.publish_one`: None comes back
+        when the topic is not on a core here, when its core is full or
+        retired, and when the pickle is larger than a slot.
+        """
+        cdef int64_t seq
+        core = self._usable_core(topic)
+        if core is None:
+            return None
+        try:
+            seq = core._publish_pickled(body, priority)
+        except TopicRetired:
+            return None
+        return _message_id(seq) if seq > 0 else None
+
+
+@cython.auto_pickle(False)
+cdef class CoreReader:
+    """`Consumer.get` of a message that is ready now, for one consumer of
+    a topic core: call it with ``(ack_timeout, auto_ack)``.
+
+    Returns a `message_type` built without its ``__init__``, or None when
+    nothing is ready, the consumer holds `prefetch` messages, or the
+    case is the backend's (see `CorePath`). A fetch that dead-lettered
+    a message at its ack deadline moves the topic to the journal, which
+    keeps dead letters, and still returns the message it delivered.
+    """
+
+    cdef CorePath _path
+    cdef object _consumer
+    cdef type _message_type
+    cdef type _delivery_type
+    cdef str _topic
+    cdef str _group
+    cdef uint32_t _group_index
+    cdef uint32_t _number
+    cdef uint64_t _owner
+
+    def __init__(self, CorePath path, consumer, type message_type,
+                 type delivery_type, str topic, str group,
+                 uint32_t group_index, uint32_t number, uint64_t owner):
+        if not issubclass(message_type, MessageBase):
+            raise TypeError(f"message_type must subclass MessageBase, got "
+                            f"{message_type!r}")
+        self._path = path
+        self._consumer = consumer
+        self._message_type = message_type
+        self._delivery_type = delivery_type
+        self._topic = topic
+        self._group = group
+        self._group_index = group_index
+        self._number = number
+        self._owner = owner
+
+    def __call__(self, double ack_timeout, bint auto_ack):
+        cdef MessageBase message
+        cdef mqs_tc_delivery_t *d
+        cdef uint64_t seq, ticket, attempts
+        cdef uint32_t slot, priority
+        cdef double timestamp
+        core = self._path._usable_core(self._topic)
+        if core is None:
+            return None
+        try:
+            payload = core._take_one(self._number, ack_timeout, auto_ack,
+                                     self._owner)
+        except (TopicRetired, ShutDown):
+            # `fetch` moves the topic or raises with the consumer named.
+            return None
+        if core._has_dead():
+            self._path._backend._leave_core(self._topic)
+        if payload is None:
+            return None
+
+        # Copied before the unpickler runs, because it may run code that
+        # fetches through this handle again.
+        d = core._out
+        seq, slot, ticket = d.seq, d.slot, d.ticket
+        attempts, priority, timestamp = d.attempts, d.priority, d.timestamp
+        body, headers, reply_to, correlation_id = _decode_payload(payload)
+
+        message = <MessageBase>(<PyTypeObject *>self._message_type).tp_new(
+            self._message_type, <PyObject *>_NO_ARGS, NULL)
+        message._consumer = self._consumer
+        message._settled = auto_ack
+        message.id = _message_id(seq)
+        message.topic = self._topic
+        message.group = self._group
+        message.body = body
+        message.priority = priority
+        message.attempts = attempts
+        message.key = None
+        message.headers = headers
+        message.timestamp = timestamp
+        message.reply_to = reply_to
+        message.correlation_id = correlation_id
+        message._reader = self
+        message._core = core
+        message._slot = slot
+        message._ticket = ticket
+        message._seq = seq
+        return message
+
+    cdef object _delivery_of(self, MessageBase message):
+        """Build the `Delivery` of a message this reader returned."""
+        # The tag names the core file, so a tag of a deleted topic's core
+        # never settles a delivery of a later core of the same name.
+        return self._delivery_type(
+            message.id, (message._core.path, self._group_index,
+                         message._slot, message._ticket, message._seq),
+            self._topic, self._group, message.body, message.priority,
+            message.attempts, None, message.headers, message.timestamp,
+            message.reply_to, message.correlation_id)
