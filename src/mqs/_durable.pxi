@@ -549,7 +549,7 @@ cdef class _Durable:
         return mqs_dq_secret(self._control) == self._queue._ring.secret
 
     cdef int _check_process(self) except -1:
-        if self._pid != os.getpid():
+        if self._pid != _process_id:
             # A forked child: start this process's own appender thread.
             self._pid = os.getpid()
             self._start_thread()

@@ -12,7 +12,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport INT64_MAX, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
-from posix.unistd cimport usleep
+from posix.unistd cimport getpid, usleep
 
 from mqs._waiting cimport (
     STRATEGY_BLOCK,
@@ -234,6 +234,26 @@ def _after_fork_in_child():
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+ctypedef void (*_fork_handler_t)() noexcept nogil
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_atfork(_fork_handler_t prepare, _fork_handler_t parent,
+                       _fork_handler_t child)
+
+# This process's id, for the inherited-handle checks of every put and get:
+# os.getpid() is a system call on glibc. A pthread_atfork handler updates
+# it in the child of any fork() through glibc, os.fork() included.
+cdef int _process_id = getpid()
+
+
+cdef void _update_process_id() noexcept nogil:
+    global _process_id
+    _process_id = getpid()
+
+
+pthread_atfork(NULL, NULL, _update_process_id)
 
 
 @cython.final
@@ -926,7 +946,7 @@ cdef class SharedQueue:
     cdef inline int _check_open(self) except -1:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        if self._pid != os.getpid():
+        if self._pid != _process_id:
             raise RuntimeError(
                 f"Queue {self!r} was inherited by a process that could not "
                 f"re-attach to it; create or pass it again in this process")
