@@ -807,6 +807,7 @@ cdef class _Durable:
         cdef int64_t now
         cdef int64_t started
         cdef int64_t waiters
+        cdef int64_t end_offset = -1
         cdef mqs_seglog_entry_t *entry
         # One waiting producer has nothing to share its sync with.
         if self._gather_target > 1:
@@ -861,11 +862,12 @@ cdef class _Durable:
             # With fsync="always" this syncs once for the whole batch:
             # the group commit of every producer waiting in wait_durable.
             started = mqs_monotonic_ns()
-            self._append_immediate(<int>messages)
+            end_offset = self._append_immediate(<int>messages)
             self._sync_ns = mqs_monotonic_ns() - started
         mqs_br_advance(&queue._ring, 0, position, messages)
-        mqs_dq_set(self._control, MQS_DQ_APPENDED_OFFSET,
-                   self._writer.end_offset)
+        if end_offset < 0:
+            end_offset = self._writer.end_offset
+        mqs_dq_set(self._control, MQS_DQ_APPENDED_OFFSET, end_offset)
         mqs_dq_set(self._control, MQS_DQ_APPENDED_POS, position)
         if self.fsync == "always":
             mqs_dq_set(self._control, MQS_DQ_DURABLE_POS, position)
@@ -922,16 +924,17 @@ cdef class _Durable:
                 self._gather_reached = 0
         return 0
 
-    cdef int _append_immediate(self, int n) except -1:
+    cdef int64_t _append_immediate(self, int n) except -1:
         """Append the first `n` records of self._entries to the main log
-        and, with fsync="always", sync them (as append_many does)."""
+        and, with fsync="always", sync them (as append_many does).
+        Returns the log's end offset after them."""
         cdef _SegmentLogType writer = <_SegmentLogType>self._writer
         cdef int64_t first
         writer._check_open()
         first = writer._append_entries(self._entries, n)
         if writer._fsync_mode == MQS_SEGLOG_FSYNC_ALWAYS:
             writer._sync(first + n)
-        return 0
+        return first + n
 
     cdef int _append_delayed(self, list entries, list dues) except -1:
         """Write delayed messages to the delayed log and schedule them."""
