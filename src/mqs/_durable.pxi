@@ -664,6 +664,8 @@ cdef class _Durable:
                 mqs_dq_set(self._control, MQS_DQ_APPENDED_OFFSET, end)
                 mqs_dq_set(self._control, MQS_DQ_APPENDED_POS, head)
                 mqs_dq_set(self._control, MQS_DQ_DURABLE_POS, head)
+                # The dead appender may have died waiting for a gather.
+                mqs_dq_set_gather(self._control, 0)
                 self._committed = [-1] * self.groups()
             self._pending_floor = -1
             self._last_commit_ns = mqs_monotonic_ns()
