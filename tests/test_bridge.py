@@ -49,6 +49,28 @@ def test_parse_endpoint_rejects(spec, match):
         bridge.parse_endpoint(spec)
 
 
+@pytest.mark.parametrize("idle_timeout", [-1, float("nan"), float("inf"),
+                                          "1", True])
+def test_forward_rejects_bad_idle_timeout(idle_timeout):
+    broker = mqs.Broker(backend="memory")
+    broker.publish("t", b"x")
+    with pytest.raises(ValueError, match="idle_timeout must be a finite"):
+        bridge.forward(broker, "t", broker, "u", idle_timeout=idle_timeout)
+    assert broker.stats("t")["acked"] == 0
+    broker.close()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_cli_bridge_rejects_bad_idle_exit(value, tmp_path, capsys):
+    from mqs.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bridge", f"log:{tmp_path}/in#t", f"log:{tmp_path}/out#t",
+              "--idle-exit", value])
+    assert exit_info.value.code == 2
+    assert "--idle-exit" in capsys.readouterr().err
+    assert not (tmp_path / "in").exists()
+
+
 def test_forward_keeps_message_fields(redis_endpoint_url, tmp_path):
     source = mqs.Broker(backend="log", path=tmp_path / "log")
     destination = mqs.Broker(backend="redis", url=redis_endpoint_url)

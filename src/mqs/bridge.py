@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -124,6 +125,15 @@ def forward(source: Broker, source_topic: str, destination: Broker,
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int of 1 or more, got {batch!r}")
+    if idle_timeout is not None and (
+            isinstance(idle_timeout, bool)
+            or not isinstance(idle_timeout, (int, float))
+            or not 0 <= idle_timeout < math.inf):
+        # NaN compares false with every idle time, so the bridge would
+        # never stop.
+        raise ValueError(
+            f"idle_timeout must be a finite number of seconds of 0 or more, "
+            f"or None to run until stopped, got {idle_timeout!r}")
     if source is destination and source_topic == destination_topic:
         # Every forwarded copy would reach the bridge's group again.
         raise ValueError(

@@ -14,7 +14,7 @@ from rich.markup import escape
 from mqs import bridge
 from mqs.cli import EXIT_FAILED, EXIT_OK, _positive_int
 from mqs.cli_broker import check_log_dir, check_shm_name
-from mqs.cli_ops import CommandError
+from mqs.cli_ops import CommandError, _non_negative_float
 from mqs.errors import MqsError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ def add_parser(subparsers: Any) -> None:
                         help="messages per publish and ack (default: 100)")
     parser.add_argument("--max-messages", type=_positive_int, default=None,
                         help="stop after forwarding this many messages")
-    parser.add_argument("--idle-exit", type=float, default=None,
+    parser.add_argument("--idle-exit", type=_non_negative_float,
+                        default=None,
                         metavar="SECONDS",
                         help="stop after this many seconds without a "
                              "message")
