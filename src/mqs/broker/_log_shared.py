@@ -141,6 +141,10 @@ _DURABLE_FILE_BYTES = 4096
 SHARED_FORMAT = (FORMAT[0], 2)
 # Objects a forked child inherited and must neither use nor free.
 _inherited: list[Any] = []
+# The fields of an Envelope after body and priority, at their defaults,
+# for building one without the keyword handling of Envelope.__new__.
+_ENVELOPE_DEFAULTS = Envelope(None)[2:]
+_new_tuple = tuple.__new__
 
 
 def journal_name(path: str | os.PathLike[str]) -> str:
@@ -499,8 +503,9 @@ class SharedLogBackend(ShmBackend):
 
     def publish_one(self, topic: str, body: Any, priority: int
                     ) -> str | None:
-        envelope = Envelope(
-            pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL), priority)
+        envelope = _new_tuple(Envelope, (
+            pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL), priority,
+            *_ENVELOPE_DEFAULTS))
         # `LogBackend.publish` without its wait loop: a full topic that
         # blocks and an unknown topic return None, so `publish` waits
         # for room, declares the topic or raises.
@@ -822,10 +827,10 @@ class SharedLogBackend(ShmBackend):
 
 
 def _unpickled(delivery: Delivery) -> Delivery:
-    """Return `delivery` with its body unpickled (built by position,
-    because `_replace` takes twice as long)."""
-    return Delivery(*delivery[:4], pickle.loads(delivery.body),
-                    *delivery[5:])
+    """Return `delivery` with its body unpickled (built by position
+    through tuple.__new__, because `_replace` takes twice as long)."""
+    return _new_tuple(Delivery, (*delivery[:4], pickle.loads(delivery.body),
+                                 *delivery[5:]))
 
 
 def _check_journal_bytes(journal_bytes: Any) -> None:

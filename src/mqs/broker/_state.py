@@ -515,7 +515,8 @@ class TopicState:
     def _eligible(self, group: _Group, now: float) -> set[int]:
         eligible: set[int] = set()
         if not group.ready:
-            # The lanes hold only stale pairs; a later call drops them.
+            # The lanes contain only stale pairs, so a later call drops
+            # them.
             return eligible
         if group.bucket is not None and not group.bucket.available(now):
             return eligible
@@ -545,7 +546,7 @@ class TopicState:
     def _delivery(self, entry: _Entry) -> Delivery:
         record = entry.record
         # Built by position through tuple.__new__, because this runs per
-        # message and Delivery's keyword arguments cost twice as much.
+        # message and Delivery's keyword arguments are slower.
         return _new_tuple(Delivery, (
             record.id, (record.id, entry.ticket), self.config.name,
             entry.group.name, record.body, record.priority, entry.attempts,
