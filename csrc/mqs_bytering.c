@@ -699,6 +699,18 @@ int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
     }
 }
 
+int mqs_br_head_published(const mqs_bytering_t *ring, int group)
+{
+    int64_t head = group_head(ring, group);
+    const mqs_br_rec_header_t *rec = record_at(ring, head);
+    uint64_t commit;
+
+    MQS_OPTIMISTIC_READS_BEGIN();
+    commit = atomic_load_explicit(&rec->commit, memory_order_acquire);
+    MQS_OPTIMISTIC_READS_END();
+    return commit == commit_tag(ring, head);
+}
+
 void mqs_br_unpin(mqs_bytering_t *ring, int view, int64_t position)
 {
     mqs_br_participant_t *me = participant(ring, ring->slot);

@@ -321,6 +321,16 @@ int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
                     mqs_br_record_t *record);
 
 /*
+ * Consumer: return 1 when the record at the head of `group` is published,
+ * so that mqs_br_try_take may succeed, else 0. It reads the head and that
+ * record's commit word and writes nothing. A consumer that spins on it
+ * instead of on mqs_br_try_take reads no tail and stores no pin until a
+ * record arrives. A 0 can also mean a stuck record, which only
+ * mqs_br_try_take reports.
+ */
+int mqs_br_head_published(const mqs_bytering_t *ring, int group);
+
+/*
  * Drop the get pin (view == 0) or set the view pin to `position`
  * (MQS_BR_NO_PIN to clear it), then wake waiting producers.
  */

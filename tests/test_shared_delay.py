@@ -121,6 +121,19 @@ def test_shared_delay_blocked_get_wakes_without_producer():
     q.close()
 
 
+@pytest.mark.parametrize("strategy", ["block", "spin", "yield"])
+@pytest.mark.parametrize("delay", [1e-5, 0.05])
+def test_shared_delay_blocked_get_wakes_for_each_strategy(strategy, delay):
+    # 10 us is due within the spin window of a "spin" get, 50 ms after it.
+    q = SharedQueue(capacity_bytes=1 << 16, wait_strategy=strategy)
+    due = time.monotonic() + delay
+    q.put(b"x", delay=delay)
+    assert q.get(timeout=30) == b"x"
+    assert time.monotonic() >= due
+    assert q.delayed == 0
+    q.close()
+
+
 def test_shared_delay_get_timeout_before_due_raises_empty():
     q = SharedQueue(capacity_bytes=1 << 16)
     q.put(b"x", delay=5)

@@ -58,6 +58,7 @@ from mqs.includes.mqs_bytering cimport (
     mqs_br_not_full,
     mqs_br_advance,
     mqs_br_head,
+    mqs_br_head_published,
     mqs_br_participant,
     mqs_br_peek,
     mqs_br_record_size,
@@ -1633,13 +1634,12 @@ cdef class SharedQueue:
             deadline_ns(timeout)  # a negative timeout raises even with items
         if self._durable is not None:
             return self._durable.get(block, timeout)
-        item = self._take_copy(&status)
-        if status == MQS_OK:
-            return item
         if block and self._strategy == STRATEGY_SPIN:
             item = self._spin_take(&status)
-            if status == MQS_OK:
-                return item
+        else:
+            item = self._take_copy(&status)
+        if status == MQS_OK:
+            return item
         return self._wait_item(block, timeout, 0)
 
     cdef object _spin_take(self, int *status):
@@ -1649,16 +1649,22 @@ cdef class SharedQueue:
         microsecond or two, sooner than releasing and retaking the GIL and
         registering as a waiter would take. Other threads of this process
         wait for the GIL meanwhile, which is why the window is short.
+        Between takes it polls the head record's commit word only. A take
+        that finds nothing also reads the tail, so the producer's next put
+        would first have to move the tail's cache line back to its core.
         """
         cdef int64_t end = mqs_monotonic_ns() + SPIN_HOLD_NS
         cdef int i = 0
         cdef object item
         while True:
-            item = self._take_copy(status)
-            if status[0] == MQS_OK:
-                return item
+            self._promote_due()
+            if mqs_br_head_published(&self._ring, self._group):
+                item = self._take_copy(status)
+                if status[0] == MQS_OK:
+                    return item
             i += 1
             if (i & 63) == 0 and mqs_monotonic_ns() >= end:
+                status[0] = MQS_EEMPTY
                 return None
             mqs_cpu_relax()
 

@@ -295,6 +295,41 @@ static void test_record_wraps_at_every_aligned_offset(void)
     ring_file_destroy(&file);
 }
 
+/* The head is published only between a record's commit and its take,
+ * and a commit word left from an earlier lap of the ring never counts. */
+static void test_head_published_follows_commit_and_take(void)
+{
+    unsigned char in[100], out[100];
+    ring_file_t file;
+    mqs_bytering_t p;
+    uint32_t length = 0;
+    int64_t position;
+
+    memset(in, 0x3c, sizeof(in));
+    ring_file_create(&file, 4096, 1024, 0);
+    participant_open(&p, &file);
+    CHECK_EQ(mqs_br_head_published(&p, 0), 0);
+
+    position = claim_by_hand(&p, sizeof(in), 1, 1);
+    CHECK_EQ(mqs_br_head_published(&p, 0), 0);
+    publish_by_hand(&p, position, in, sizeof(in));
+    CHECK_EQ(mqs_br_head_published(&p, 0), 1);
+    CHECK_EQ(take_bytes(&p, out, sizeof(out), &length), MQS_OK);
+    CHECK_EQ(mqs_br_head_published(&p, 0), 0);
+
+    /* Three laps: every head position then holds an older commit. */
+    while (ring_tail(&file) < 3 * 4096) {
+        CHECK_EQ(put_bytes(&p, in, sizeof(in)), MQS_OK);
+        CHECK_EQ(mqs_br_head_published(&p, 0), 1);
+        CHECK_EQ(take_bytes(&p, out, sizeof(out), &length), MQS_OK);
+        CHECK_EQ(length, sizeof(in));
+        CHECK_EQ(mqs_br_head_published(&p, 0), 0);
+    }
+    CHECK_EQ(ring_head(&file), ring_tail(&file));
+    participant_close(&p);
+    ring_file_destroy(&file);
+}
+
 static void test_put_reports_full_too_big_and_reserved_type(void)
 {
     unsigned char data[4096] = {0};
@@ -1041,6 +1076,7 @@ int main(int argc, char **argv)
     test_put_take_round_trip_sizes();
     test_put_gathers_parts_in_order();
     test_record_wraps_at_every_aligned_offset();
+    test_head_published_follows_commit_and_take();
     test_put_reports_full_too_big_and_reserved_type();
     test_maxsize_bounds_records();
     test_participant_alive_follows_the_lock();

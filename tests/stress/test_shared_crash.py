@@ -389,6 +389,26 @@ def test_producer_killed_at_failpoint_is_repaired(failpoint_path, shm_name,
     q.close()
 
 
+@pytest.mark.parametrize("strategy", ["block", "spin", "yield"])
+def test_blocked_get_repairs_dead_producer_record(failpoint_path, shm_name,
+                                                  strategy):
+    q = SharedQueue(name=shm_name, capacity_bytes=1 << 16,
+                    wait_strategy=strategy)
+    writer = SharedQueue(name=shm_name, create=False)
+    # The victim dies in its first put, after the claim and before the
+    # commit, so the head record stays unpublished.
+    victim = start_child(failpoint_path,
+                         produce_code(shm_name, 1, 10, 256),
+                         failpoint="put_before_publish:1")
+    status, stdout, stderr = communicate(victim)
+    assert status == -signal.SIGKILL, stderr
+    writer.put(b"behind the dead record")
+    assert q.get(timeout=30) == b"behind the dead record"
+    assert q.stats().repaired_records == 1
+    writer.close()
+    q.close()
+
+
 def test_process_taking_dead_producer_slot_repairs_it(failpoint_path,
                                                       shm_name):
     q = SharedQueue(name=shm_name, capacity_bytes=1 << 16)

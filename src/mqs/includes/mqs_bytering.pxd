@@ -74,6 +74,7 @@ cdef extern from "mqs_bytering.h" nogil:
     int64_t mqs_br_count(const mqs_bytering_t *ring, int group)
     int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
                         mqs_br_record_t *record)
+    int mqs_br_head_published(const mqs_bytering_t *ring, int group)
     void mqs_br_unpin(mqs_bytering_t *ring, int view, int64_t position)
     int mqs_br_repair(mqs_bytering_t *ring)
     int mqs_br_stalled_owner(const mqs_bytering_t *ring, int group)
