@@ -8,8 +8,11 @@ journal that wraps into snapshots, and replicas that stay equal.
 
 import collections
 import os
+import pickle
+import queue
 import signal
 import stat
+import threading
 import time
 import uuid
 
@@ -567,6 +570,30 @@ def test_shm_rejected_redeclare_keeps_core(name):
     consumer.close()
     broker.close()
     other.close()
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"headers": {"h": 1}}, {"headers": {"bad": threading.Lock()}}])
+@pytest.mark.parametrize("journal", [False, True])
+def test_shm_publish_many_with_unpicklable_body_publishes_nothing(
+        name, options, journal):
+    broker = open_broker(name)
+    # maxsize keeps a topic on the journal instead of the topic core.
+    broker.declare_topic("t", **({"maxsize": 100} if journal else {}))
+    bodies = ["a", "b", threading.Lock(), "d"]
+    if "bad" in options.get("headers", {}):
+        bodies[2] = "c"
+    with pytest.raises((TypeError, pickle.PicklingError)):
+        broker.publish_many("t", bodies, **options)
+    assert broker.stats("t")["published"] == 0
+    consumer = broker.consume("t", "g")
+    with pytest.raises(queue.Empty):
+        consumer.get(timeout=0)
+    # The same batch without the bad part goes through whole, once.
+    broker.publish_many("t", ["a", "b", "c", "d"])
+    assert [m.body for m in drain(consumer, 4)] == ["a", "b", "c", "d"]
+    consumer.close()
+    broker.close()
 
 
 def test_shm_core_message_has_wall_clock_timestamp(name):

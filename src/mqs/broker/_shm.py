@@ -876,9 +876,15 @@ class ShmBackend(LogBackend):
                 timeout: float | None) -> list[str]:
         ids: list[str] = []
         journal_publish = super().publish
+        # Pickle the whole batch before storing any of it: a body that
+        # cannot be pickled fails the call with nothing published, as on
+        # the other backends, so a retry of the batch adds no duplicates.
+        encoded = [_encode(envelope) for envelope in envelopes]
 
         def publish_on_core(core: TopicCore) -> Any:
-            ids.extend(self._publish_core(core, topic, envelopes[len(ids):]))
+            done = len(ids)
+            ids.extend(self._publish_core(core, topic, envelopes[done:],
+                                          encoded[done:]))
             if len(ids) == len(envelopes):
                 return ids
             # A feature the core lacks, a full core or a large body: the
@@ -889,10 +895,10 @@ class ShmBackend(LogBackend):
         def publish_on_journal() -> list[str]:
             # Bodies travel as bytes; receivers unpickle them (see
             # `fetch`).
-            encoded = [Envelope(pickle.dumps(
-                envelope.body, protocol=pickle.HIGHEST_PROTOCOL),
-                *envelope[1:]) for envelope in envelopes[len(ids):]]
-            return ids + journal_publish(topic, encoded, timeout)
+            done = len(ids)
+            moved = [Envelope(body, *envelope[1:]) for envelope, (_, body)
+                     in zip(envelopes[done:], encoded[done:])]
+            return ids + journal_publish(topic, moved, timeout)
 
         return self._core_or_journal(topic, publish_on_core,
                                      publish_on_journal)
@@ -908,17 +914,17 @@ class ShmBackend(LogBackend):
         return message_id
 
     def _publish_core(self, core: TopicCore, topic: str,
-                      envelopes: Sequence[Envelope]) -> list[str]:
-        """Store envelopes in a topic core until one does not fit; return
-        the ids of those stored."""
+                      envelopes: Sequence[Envelope],
+                      encoded: Sequence[tuple[bytes, bytes]]) -> list[str]:
+        """Store envelopes (with their `_encode` results) in a topic core
+        until one does not fit; return the ids of those stored."""
         config = self._topics[topic].config
         wall = time.time()
         ids = []
         try:
-            for envelope in envelopes:
+            for envelope, (payload, _) in zip(envelopes, encoded):
                 if not _core_envelope(envelope, config):
                     break
-                payload, _ = _encode(envelope)
                 if len(payload) > CORE_SLOT_BYTES:
                     break
                 seq = core.publish(payload, envelope.priority, wall)
