@@ -1314,7 +1314,12 @@ class ShmBackend(LogBackend):
 
     async def wait_changed_async(self, timeout: float) -> None:
         """Await a commit to the journal or to a topic core that this
-        process has open, or `timeout` seconds."""
+        process has open, or `timeout` seconds.
+
+        NOTE: `Wakeups` watches each word with a thread of its own, so a
+        process with many open cores runs that many threads while it
+        waits here (each ends 1 s after its last waiter).
+        """
         prepared = []
         try:
             for word in (self._journal, *tuple(self._cores.values())):
