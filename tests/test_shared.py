@@ -649,6 +649,25 @@ def test_put_many_message_too_large_carries_accepted_count(make_queue):
     assert q.get_many(5) == [b"ok"]
 
 
+def test_put_many_unpicklable_item_carries_accepted_count(make_queue):
+    q = make_queue(capacity_bytes=PAGE)
+    with pytest.raises((TypeError, pickle.PicklingError)) as caught:
+        q.put_many([b"ok", {"n": 2}, threading.Lock(), b"never"])
+    assert caught.value.accepted == 2
+    assert q.get_many(5) == [b"ok", {"n": 2}]
+
+
+def test_durable_put_many_error_keeps_the_items_before_it(tmp_path):
+    q = mqs.SharedQueue(persist=str(tmp_path / "log"), fsync="always")
+    with pytest.raises((TypeError, pickle.PicklingError)) as caught:
+        q.put_many([b"kept", threading.Lock()])
+    assert caught.value.accepted == 1
+    q.close()
+    again = mqs.SharedQueue(persist=str(tmp_path / "log"))
+    assert again.get(timeout=5) == b"kept"
+    again.close()
+
+
 # -- message types -------------------------------------------------------------
 
 

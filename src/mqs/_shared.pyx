@@ -1503,6 +1503,12 @@ cdef class SharedQueue:
             and stay queued, the rest were not.
         MessageTooLarge
             For an item that can never fit; ``exc.accepted`` as above.
+        Exception
+            Any other error of an item (one that cannot be pickled, say)
+            propagates with ``exc.accepted`` set as above.
+
+        Under ``fsync="always"`` the items put before an error are
+        durable when it propagates, as they are when the call returns.
         """
         cdef Py_ssize_t done = 0
         cdef int64_t deadline = 0
@@ -1511,21 +1517,28 @@ cdef class SharedQueue:
         if block and timeout is not None:
             deadline = deadline_ns(timeout)
         due = self._due_for_put(delay, at)
-        for item in items:
-            try:
-                if self._try_put(item, due) != MQS_OK:
-                    self._wait_room(
-                        item, block, None if deadline <= 0 else
-                        max(0.0, (deadline - mqs_monotonic_ns()) / 1e9), due)
-            except Full:
-                raise Full(f"queue stayed full: put {done} items of the "
-                           f"batch; the rest were not added", done) from None
-            except MessageTooLarge as exc:
-                exc.accepted = done
-                raise
-            done += 1
-        if done and self._durable is not None:
-            self._durable.wait_durable(self._ring.last_put_position)
+        try:
+            for item in items:
+                try:
+                    if self._try_put(item, due) != MQS_OK:
+                        self._wait_room(
+                            item, block, None if deadline <= 0 else
+                            max(0.0, (deadline - mqs_monotonic_ns()) / 1e9),
+                            due)
+                except Full:
+                    raise Full(f"queue stayed full: put {done} items of "
+                               f"the batch; the rest were not added",
+                               done) from None
+                except Exception as exc:
+                    try:
+                        exc.accepted = done
+                    except AttributeError:
+                        pass  # a built-in exception without a __dict__
+                    raise
+                done += 1
+        finally:
+            if done and self._durable is not None:
+                self._durable.wait_durable(self._ring.last_put_position)
 
     # -- get --------------------------------------------------------------
 
