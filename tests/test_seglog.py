@@ -555,6 +555,22 @@ def test_seglog_retention_by_age_keeps_views(tmp_path):
         assert batch.column("value").to_pylist()[3] == value_for(3, 100)
 
 
+def test_seglog_readonly_len_and_offsets_follow_the_writer(tmp_path):
+    path = tmp_path / "log"
+    with mqs.SegmentLog(path, segment_bytes=8192) as log, \
+            mqs.SegmentLog(path, readonly=True) as reader:
+        assert len(reader) == 0
+        for i in range(5):
+            log.append(value_for(i))
+        # No read or refresh in between: len() and the offsets catch up.
+        assert len(reader) == 5
+        assert reader.end_offset == 5
+        for i in range(5, 1000):
+            log.append(value_for(i))
+        assert reader.end_offset == 1000
+        assert len(reader) == len(log) == 1000
+
+
 def test_seglog_delete_before_keeps_segment_with_later_records(tmp_path):
     path = tmp_path / "log"
     with mqs.SegmentLog(path, segment_bytes=8192) as log, \

@@ -440,7 +440,7 @@ cdef class SegmentLog:
         buf = _segment_buffer(segment)
         view = memoryview(buf)
         if len(self._views) >= 8:
-            start = self.start_offset
+            start = self._raw_stats().start_offset
             for old in [b for b in self._views if b < start]:
                 del self._views[old]
         self._views[base] = (<uintptr_t>segment, view, buf)
@@ -451,11 +451,11 @@ cdef class SegmentLog:
         if rc == MQS_ERANGE:
             raise OffsetOutOfRange(
                 f"offset {offset} was removed by retention; the first "
-                f"retained offset is {self.start_offset}")
+                f"retained offset is {self._raw_stats().start_offset}")
         if rc == MQS_EEMPTY:
             raise OffsetOutOfRange(
                 f"offset {offset} is not written yet; the end offset is "
-                f"{self.end_offset}")
+                f"{self._raw_stats().end_offset}")
         if rc == MQS_ECORRUPT:
             raise LogCorrupted(
                 f"record at offset {offset} in {self.path!r} failed its "
@@ -780,7 +780,7 @@ cdef class SegmentLog:
         rc = mqs_seglog_refresh(self._log)
         if rc != MQS_OK:
             self._raise_status(rc)
-        return self.end_offset
+        return self._raw_stats().end_offset
 
     # ---- reading ---------------------------------------------------------
 
@@ -894,7 +894,7 @@ cdef class SegmentLog:
             <uint8_t *><uintptr_t>keys.address, validity,
             <int64_t *><uintptr_t>offsets.address,
             <int64_t *><uintptr_t>stamps.address, &count, &segment)
-        if rc == MQS_EEMPTY and first == self.end_offset:
+        if rc == MQS_EEMPTY and first == self._raw_stats().end_offset:
             return _empty_batch(pa)
         if rc != MQS_OK:
             self._raise_status(rc, offset)
@@ -962,7 +962,12 @@ cdef class SegmentLog:
         return self.iter_from()
 
     def __len__(self):
-        stats = self._raw_stats()
+        """Records retained: ``end_offset - start_offset``.
+
+        On a read-only handle this (like `start_offset` and `end_offset`)
+        first picks up what the writer appended or retention deleted.
+        """
+        stats = self._current_stats()
         return stats.end_offset - stats.start_offset
 
     # ---- consumer groups -------------------------------------------------
@@ -1048,6 +1053,16 @@ cdef class SegmentLog:
             records_dropped=self._recovery.records_dropped,
             committed=types.MappingProxyType(self._committed_offsets()))
 
+    def _current_stats(self):
+        """`_raw_stats`, after a refresh on a read-only handle."""
+        cdef int rc
+        self._check_open()
+        if self.readonly:
+            rc = mqs_seglog_refresh(self._log)
+            if rc != MQS_OK:
+                self._raise_status(rc)
+        return self._raw_stats()
+
     def _raw_stats(self):
         cdef mqs_seglog_stats_t s
         self._check_open()
@@ -1082,12 +1097,12 @@ cdef class SegmentLog:
     @property
     def start_offset(self):
         """First retained offset."""
-        return self._raw_stats().start_offset
+        return self._current_stats().start_offset
 
     @property
     def end_offset(self):
         """Offset the next append gets (one past the last record)."""
-        return self._raw_stats().end_offset
+        return self._current_stats().end_offset
 
     @property
     def synced_offset(self):
