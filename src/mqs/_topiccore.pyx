@@ -341,9 +341,10 @@ cdef class TopicCore(_MappedFile):
         `time.time()` as timestamp, in one call. A `bytes` body is stored
         behind `PAYLOAD_BYTES` instead of pickled.
         """
-        return self._publish_pickled(body, priority)
+        return self._publish_pickled(body, priority, mqs_monotonic_ns() / 1e9)
 
-    cdef int64_t _publish_pickled(self, object body, int priority) except? -3:
+    cdef int64_t _publish_pickled(self, object body, int priority,
+                                  double at) except? -3:
         cdef bytes payload
         cdef Py_ssize_t length
         cdef char *data
@@ -358,7 +359,6 @@ cdef class TopicCore(_MappedFile):
             payload = _dumps(body, _PICKLE_PROTOCOL)
             length = len(payload)
         cdef double wall = _wall_clock()
-        cdef double at = mqs_monotonic_ns() / 1e9
         cdef int64_t rc
         cdef uint32_t slot
         self._lock()
@@ -529,7 +529,8 @@ cdef class TopicCore(_MappedFile):
         cdef uint64_t seq, ticket, attempts
         cdef uint32_t slot, priority
         cdef double timestamp
-        payload = self._take_one(consumer, ack_timeout, auto_ack, owner)
+        payload = self._take_one(consumer, ack_timeout, auto_ack, owner,
+                                 mqs_monotonic_ns() / 1e9)
         if payload is None:
             return None
         # Copied before the unpickler runs, because it may run code that
@@ -545,7 +546,7 @@ cdef class TopicCore(_MappedFile):
             reply_to, correlation_id))
 
     cdef object _take_one(self, uint32_t consumer, double ack_timeout,
-                          bint auto_ack, uint64_t owner):
+                          bint auto_ack, uint64_t owner, double at):
         """Deliver one message now; return its payload, with its other
         fields in ``self._out[0]``, or None when none is ready.
 
@@ -554,7 +555,6 @@ cdef class TopicCore(_MappedFile):
         `retire_and_export`.
         """
         cdef int64_t n = 0
-        cdef double at = mqs_monotonic_ns() / 1e9
         cdef mqs_tc_delivery_t *d = self._out
         payload = None
         self._lock()
