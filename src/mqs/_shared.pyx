@@ -1656,7 +1656,7 @@ cdef class SharedQueue:
         return self._wait_item(block, timeout, 0)
 
     cdef object _spin_take(self, int *status):
-        """Retry the take for up to SPIN_HOLD_NS without releasing the GIL.
+        """Retry the take for about SPIN_HOLD_NS without releasing the GIL.
 
         For the "spin" strategy: a reply in a ping-pong arrives within a
         microsecond or two, sooner than releasing and retaking the GIL and
@@ -1665,8 +1665,11 @@ cdef class SharedQueue:
         Between takes it polls the head record's commit word only. A take
         that finds nothing also reads the tail, so the producer's next put
         would first have to move the tail's cache line back to its core.
+        The clock is first read after 64 polls, so a get that finds its
+        item sooner reads no clock at all.
         """
-        cdef int64_t end = mqs_monotonic_ns() + SPIN_HOLD_NS
+        cdef int64_t end = 0
+        cdef int64_t now
         cdef int i = 0
         cdef object item
         while True:
@@ -1676,9 +1679,13 @@ cdef class SharedQueue:
                 if status[0] == MQS_OK:
                     return item
             i += 1
-            if (i & 63) == 0 and mqs_monotonic_ns() >= end:
-                status[0] = MQS_EEMPTY
-                return None
+            if (i & 63) == 0:
+                now = mqs_monotonic_ns()
+                if end == 0:
+                    end = now + SPIN_HOLD_NS
+                elif now >= end:
+                    status[0] = MQS_EEMPTY
+                    return None
             mqs_cpu_relax()
 
     def get_nowait(self):
