@@ -341,8 +341,7 @@ cdef class TimingWheel:
             If `delay_s` is NaN or infinite.
         """
         cdef int64_t delay_ns = _to_ns(delay_s, "delay_s", -1)
-        return _insert_item(
-            self, mqs_wheel_add_ns(self._now_ns(), delay_ns), item)
+        return self._insert(mqs_wheel_add_ns(self._now_ns(), delay_ns), item)
 
     def schedule_at(self, deadline_s, item):
         """Schedule `item` to fire at `deadline_s`; return a handle.
