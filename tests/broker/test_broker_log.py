@@ -452,6 +452,23 @@ def test_log_unpicklable_body_changes_nothing(tmp_path):
         assert broker.stats("t")["published"] == 1
 
 
+def test_log_errors_name_the_directory(tmp_path):
+    path = str(tmp_path / "broker")
+    broker = mqs.Broker(backend="log", path=path, journal_bytes=1 << 16)
+    with pytest.raises(mqs.MessageTooLarge) as too_large:
+        broker.publish("t", b"x" * (1 << 16))
+    assert f"log broker {path!r}" in str(too_large.value)
+    assert "journal_bytes" in str(too_large.value)
+    consumer = broker.consume("t", "g")
+    broker.publish("t", "m")
+    message = consumer.get(timeout=5)
+    broker.close()
+    with pytest.raises(mqs.ShutDown) as closed:
+        message.ack()
+    assert str(closed.value) == f"log broker {path!r} is closed"
+    assert "shm broker" not in str(closed.value)
+
+
 def test_log_directory_is_owner_only(tmp_path):
     path = tmp_path / "broker"
     open_broker(path).close()

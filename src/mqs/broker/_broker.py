@@ -601,8 +601,9 @@ class Broker:
         `publish` or `consume`. False raises `UnknownTopic` instead.
     **options
         Passed to the backend factory (``clock=`` for the memory backend,
-        ``path=``, ``fsync=`` and ``sync_acks=`` for the log backend,
-        ``url=`` and the
+        ``path=``, ``fsync=``, ``fsync_interval_s=``, ``sync_acks=``,
+        ``segment_bytes=``, ``compact_bytes=`` and ``journal_bytes=`` for
+        the log backend (see `mqs.broker._log_shared`), ``url=`` and the
         options of `mqs.broker._redis.RedisBackend` for the redis one,
         ``name=`` and ``journal_bytes=`` for the shm one). The memory, log
         and redis backends take ``sample_every=``, the latency sampling of

@@ -822,6 +822,12 @@ class SharedLogBackend(ShmBackend):
                 except FileNotFoundError:
                     pass
 
+    @property
+    def _label(self) -> str:
+        """Name the broker in messages by its directory, not by the shm
+        broker that serves it."""
+        return f"log broker {getattr(self, 'path', self.shm_name)!r}"
+
     def __repr__(self) -> str:
         return f"<SharedLogBackend {self.path!r} fsync={self.fsync!r}>"
 

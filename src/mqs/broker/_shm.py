@@ -428,7 +428,7 @@ class ShmBackend(LogBackend):
     def _enter_shared(self) -> None:
         """Take the mutex and apply the records this replica lacks."""
         if self._closed:
-            raise ShutDown(f"shm broker {self.shm_name!r} is closed")
+            raise ShutDown(f"{self._label} is closed")
         if self._journal.lock():
             logger.warning("shm broker %s: a process died holding the "
                            "broker mutex; checking its consumers",
@@ -509,12 +509,12 @@ class ShmBackend(LogBackend):
                 snapshot = pickle.load(file)
         except FileNotFoundError:
             raise BackendUnavailable(
-                f"shm broker {self.shm_name!r}: snapshot {path} is missing "
+                f"{self._label}: snapshot {path} is missing "
                 f"(the broker was unlinked, or /dev/shm was cleared); "
                 f"close it and open it again") from None
         if snapshot[0] != FORMAT:
             raise BackendUnavailable(
-                f"shm broker {self.shm_name!r} has snapshot format "
+                f"{self._label} has snapshot format "
                 f"{snapshot[0]!r}, this mqs reads {FORMAT!r}; use the mqs "
                 f"version that created it")
         (_, self._next_message, self._next_consumer, now, topics,
@@ -593,7 +593,7 @@ class ShmBackend(LogBackend):
         if len(data) > self._max_record:
             raise MessageTooLarge(
                 f"a {op} record of {len(data)} bytes does not fit in half "
-                f"the journal of shm broker {self.shm_name!r} "
+                f"the journal of {self._label} "
                 f"({self._max_record} bytes); open the broker with a larger "
                 f"journal_bytes or send smaller messages")
         if not self._journal.has_room(len(data)):
@@ -621,7 +621,7 @@ class ShmBackend(LogBackend):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ShutDown(f"shm broker {self.shm_name!r} is closed")
+            raise ShutDown(f"{self._label} is closed")
 
     def _reap(self) -> None:
         """Close the consumers whose processes are gone."""
@@ -739,7 +739,7 @@ class ShmBackend(LogBackend):
         """Return the core handle of `topic` if this process knows it as a
         core topic, after the periodic check for dead consumers."""
         if self._closed:
-            raise ShutDown(f"shm broker {self.shm_name!r} is closed")
+            raise ShutDown(f"{self._label} is closed")
         if time.monotonic() >= self._next_reap:
             with self._lock:
                 if topic in self._core_paths:
@@ -1047,7 +1047,7 @@ class ShmBackend(LogBackend):
             if self._closed:
                 if waiting:
                     core.cancel_wait()
-                raise ShutDown(f"shm broker {self.shm_name!r} is closed")
+                raise ShutDown(f"{self._label} is closed")
             try:
                 found = core.fetch(number, max_items, ack_timeout, auto_ack,
                                    None, owner)
@@ -1455,6 +1455,11 @@ class ShmBackend(LogBackend):
             return
         self._journal.reopen()
         self._slot, self._token = self._journal.attach()
+
+    @property
+    def _label(self) -> str:
+        """Name the broker in messages: "shm broker 'name'"."""
+        return f"shm broker {self.shm_name!r}"
 
     def __repr__(self) -> str:
         return f"<ShmBackend {self.shm_name!r}>"
