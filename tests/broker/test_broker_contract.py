@@ -1022,6 +1022,59 @@ def test_close_async_with_own_unacked_messages_returns(broker):
     assert drain(again) == [1]
 
 
+def _second_handle(broker, request):
+    """Return another Broker on the store of `broker`, or None for the
+    memory backend, which no other handle can share."""
+    backend = broker.backend
+    if backend.name == "shm":
+        return mqs.Broker(backend="shm", name=backend.shm_name)
+    if backend.name == "log":
+        return mqs.Broker(backend="log", path=backend.path)
+    if backend.name == "redis":
+        return mqs.Broker(backend="redis",
+                          url=request.getfixturevalue("redis_url"),
+                          serializer="pickle",
+                          namespace=request.getfixturevalue(
+                              "redis_namespace"))
+    return None
+
+
+def test_broker_close_closes_open_consumers(broker, request):
+    broker.publish_many("t", ["a", "b", "c", "d"])
+    consumer = broker.consume("t", "g", prefetch=4, ack_timeout=60)
+    held = consumer.get_many(4, timeout=5)
+    assert [m.body for m in held] == ["a", "b", "c", "d"]
+    other = _second_handle(broker, request)
+
+    broker.close()
+    assert consumer.closed
+    with pytest.raises(mqs.ShutDown):
+        held[0].ack()
+    with pytest.raises(mqs.ShutDown):
+        held[1].nack()
+    with pytest.raises(mqs.ShutDown):
+        held[2].extend(5)
+    with pytest.raises(mqs.ShutDown):
+        consumer.ack_many([held[3]])
+    with pytest.raises(mqs.ShutDown):
+        consumer.get(timeout=0)
+    assert consumer.close() == 0
+
+    if other is None:
+        return
+    # The held messages went back to the group at close, long before
+    # their 60 s ack deadline.
+    try:
+        again = other.consume("t", "g", prefetch=4)
+        got = again.get_many(4, timeout=10)
+        assert sorted((m.body, m.attempts) for m in got) == [
+            ("a", 2), ("b", 2), ("c", 2), ("d", 2)]
+        assert again.ack_many(got) == 4
+        again.close()
+    finally:
+        other.close()
+
+
 def test_publish_many_of_nothing(broker):
     assert broker.publish_many("t", []) == []
     assert broker.publish_many("t", iter(())) == []

@@ -13,6 +13,7 @@ import math
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -630,6 +631,9 @@ class Broker:
                 f"{sorted(BACKENDS)}")
         self.auto_declare = auto_declare
         self._closed = False
+        # Consumers that `close` must close first. Weak, because a
+        # consumer dropped without `Consumer.close` must not leak.
+        self._consumers: weakref.WeakSet[Consumer] = weakref.WeakSet()
         self._publish_one = _fast_path(self._backend, "publish_one")
 
     def __repr__(self) -> str:
@@ -926,9 +930,11 @@ class Broker:
         ack_timeout = _required_seconds("ack_timeout", ack_timeout,
                                         allow_zero=False, allow_inf=False)
         self._ensure_topic(topic)
-        return Consumer(self, topic, group, prefetch=prefetch,
-                        ack_timeout=ack_timeout, auto_ack=auto_ack,
-                        start=start, max_attempts=max_attempts)
+        consumer = Consumer(self, topic, group, prefetch=prefetch,
+                            ack_timeout=ack_timeout, auto_ack=auto_ack,
+                            start=start, max_attempts=max_attempts)
+        self._consumers.add(consumer)
+        return consumer
 
     # Request-reply.
 
@@ -1079,10 +1085,26 @@ class Broker:
         return self._backend.group_stats(topic)
 
     def close(self) -> None:
-        """Release the backend. Consumers and producers must be closed
-        first; calls after this fail."""
-        if not self._closed:
-            self._closed = True
+        """Close the open consumers of this broker, then release the
+        backend.
+
+        Each open consumer closes as with ``Consumer.close(drain=False)``:
+        its in-flight messages go back to their group at once, with the
+        attempt counted, so other processes get them without waiting for
+        the ack deadline. Afterwards `Consumer.close` returns 0, and
+        calls on the broker, on its consumers (`Consumer.get`,
+        `Consumer.ack_many`) and on their messages (`Message.ack`,
+        `nack`, `extend`) raise `ShutDown`. Close or flush producers
+        first: this does not send their buffered messages. Closing twice
+        does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for consumer in list(self._consumers):
+                consumer.close(drain=False)
+        finally:
             self._backend.close()
 
     @staticmethod

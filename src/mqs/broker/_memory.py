@@ -27,7 +27,7 @@ from mqs.broker._backend import (
 )
 from mqs.broker._policy import TopicConfig
 from mqs.broker._state import TopicState
-from mqs.errors import Full, TopicConfigError, UnknownTopic
+from mqs.errors import Full, ShutDown, TopicConfigError, UnknownTopic
 
 __all__ = ["MemoryBackend"]
 
@@ -59,6 +59,7 @@ class MemoryBackend(Backend):
         self._consumer_ids = itertools.count(1)
         self._futures: list[tuple[asyncio.AbstractEventLoop,
                                   asyncio.Future]] = []
+        self._closed = False
 
     def _next_id(self) -> str:
         return str(next(self._ids))
@@ -70,6 +71,11 @@ class MemoryBackend(Backend):
                 f"unknown topic {topic!r}; declare it first with "
                 f"broker.declare_topic({topic!r})", topic)
         return state
+
+    def _check_open(self) -> None:
+        """Raise ShutDown after `close`; the caller holds the lock."""
+        if self._closed:
+            raise ShutDown("memory broker is closed; open a new Broker")
 
     def _notify(self) -> None:
         """Wake every waiter; the caller holds the lock."""
@@ -211,6 +217,7 @@ class MemoryBackend(Backend):
 
     def ack(self, topic: str, group: str, tag: Any) -> bool:
         with self._lock:
+            self._check_open()
             done = self._topic(topic).ack(group, tag, self.clock())
             self._notify()
             return done
@@ -218,6 +225,7 @@ class MemoryBackend(Backend):
     def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
              delay: float | None, error: str | None) -> bool:
         with self._lock:
+            self._check_open()
             done = self._topic(topic).nack(group, tag, requeue, delay, error,
                                            self.clock())
             self._notify()
@@ -226,6 +234,7 @@ class MemoryBackend(Backend):
     def extend(self, topic: str, group: str, tag: Any, seconds: float
                ) -> bool:
         with self._lock:
+            self._check_open()
             done = self._topic(topic).extend(group, tag, seconds,
                                              self.clock())
             self._notify()
@@ -277,6 +286,16 @@ class MemoryBackend(Backend):
             now = self.clock()
             state.advance(now)
             return state.group_stats(now)
+
+    def close(self) -> None:
+        """Make later acks, nacks and extends raise ShutDown.
+
+        `Broker` rejects its own calls after its close, but a message
+        that a consumer handed out before it would still reach here.
+        """
+        with self._lock:
+            self._closed = True
+            self._notify()
 
     def wait_changed(self, timeout: float) -> None:
         with self._lock:

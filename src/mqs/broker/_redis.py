@@ -403,6 +403,10 @@ class RedisBackend(Backend):
 
     def _run(self, topic: str, *args: Any) -> list:
         """Run one operation of the script on `topic`."""
+        if self._closed:
+            # The client would reconnect: `close` does not stop it.
+            raise ShutDown(f"the redis backend of {self.url} is closed; "
+                           f"open a new Broker")
         try:
             return self._call(self._script, keys=[self._meta(topic)],
                               args=args)
