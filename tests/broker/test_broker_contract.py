@@ -868,6 +868,24 @@ def test_unknown_topic_without_auto_declare(broker):
         strict.publish("nope", 1)
     with pytest.raises(mqs.UnknownTopic, match="'nope'"):
         broker.dlq_list("nope")
+    for call in (broker.dlq_list, broker.stats, broker.delete_topic):
+        with pytest.raises(mqs.UnknownTopic,
+                           match=r"declare_topic\('nope'\)"):
+            call("nope")
+
+
+@pytest.mark.parametrize("option", ["key", "dedup_id"])
+def test_publish_rejects_unhashable_option(broker, option):
+    broker.declare_topic("t")
+    match = rf"{option} must be hashable, got list \[1\]"
+    with pytest.raises(TypeError, match=match):
+        broker.publish("t", 1, **{option: [1]})
+    with pytest.raises(TypeError, match=match):
+        broker.publish_many("t", [1, 2], **{option: [1]})
+    with pytest.raises(TypeError, match=f"{option} must be hashable, got "
+                                        f"tuple"):
+        broker.publish("t", 1, **{option: ("a", [1])})
+    assert broker.stats("t")["published"] == 0
 
 
 def test_topics_lists_declared_sorted(broker):

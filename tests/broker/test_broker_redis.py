@@ -8,6 +8,7 @@ kill or restart a server start their own with `redis_server_factory`.
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,6 +108,18 @@ def test_topic_with_braces_rejected(open_broker):
 def test_url_is_required():
     with pytest.raises(ValueError, match="needs url="):
         mqs.Broker(backend="redis")
+    with pytest.raises(ValueError, match="non-empty str.*got int 5"):
+        mqs.Broker(backend="redis", url=5)
+
+
+@pytest.mark.parametrize("retry_timeout", [-1, float("nan"), "30", True])
+def test_retry_timeout_checked(retry_timeout):
+    # Without a url: the check must come before the url check, and no
+    # connection is tried.
+    with pytest.raises(ValueError, match=(
+            f"retry_timeout must be 0 or more seconds.*got "
+            f"{re.escape(repr(retry_timeout))}")):
+        mqs.Broker(backend="redis", retry_timeout=retry_timeout)
 
 
 # Sharing between clients and processes.

@@ -121,6 +121,24 @@ def _delay_of(delay: Any, at: Any) -> float:
     return max(0.0, at - time.time())
 
 
+def _check_hashable(name: str, value: Any) -> None:
+    """Raise TypeError unless `value` is None or hashable.
+
+    The memory, shm and log backends keep keys and dedup ids in dicts,
+    but redis with ``serializer="pickle"`` stores their pickle, so
+    without this check only redis accepted an unhashable one.
+    """
+    if value is None:
+        return
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be hashable, got {type(value).__name__} "
+            f"{value!r}; use a str, an int, or a tuple of those"
+        ) from None
+
+
 def _fast_path(backend: Backend, name: str) -> Callable[..., Any] | None:
     """Return the bound method `name` of `backend` if its class overrides
     `Backend`'s default, which only returns None."""
@@ -763,6 +781,8 @@ class Broker:
                 f"{type(headers).__name__} {headers!r}")
         if reply_to is not None and not isinstance(reply_to, str):
             raise TypeError(f"reply_to must be a topic name, got {reply_to!r}")
+        for name, value in (("key", key), ("dedup_id", dedup_id)):
+            _check_hashable(name, value)
         return Envelope(
             body=body, priority=priority, delay=_delay_of(delay, at),
             key=key, headers=dict(headers) if headers else None,

@@ -319,6 +319,11 @@ class RedisBackend(Backend):
             raise ValueError(
                 f"socket_timeout must be above 0 seconds, got "
                 f"{socket_timeout!r}")
+        if isinstance(retry_timeout, bool) or not isinstance(
+                retry_timeout, (int, float)) or not retry_timeout >= 0:
+            raise ValueError(
+                f"retry_timeout must be 0 or more seconds (0: no retry), "
+                f"got {retry_timeout!r}")
         if stream_maxlen is not None and (
                 isinstance(stream_maxlen, bool)
                 or not isinstance(stream_maxlen, int) or stream_maxlen < 1):
@@ -328,9 +333,10 @@ class RedisBackend(Backend):
         if client is None:
             if not isinstance(url, str) or not url:
                 raise ValueError(
-                    "backend='redis' needs url=, such as "
-                    "'redis://127.0.0.1:6379/0' or "
-                    "'rediss://user:password@host:6380/0'")
+                    f"backend='redis' needs url= as a non-empty str, such "
+                    f"as 'redis://127.0.0.1:6379/0' or "
+                    f"'rediss://user:password@host:6380/0', got "
+                    f"{type(url).__name__} {url!r}")
             client = redis.Redis.from_url(
                 url, socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_timeout)
@@ -413,9 +419,7 @@ class RedisBackend(Backend):
         except self._redis.ResponseError as exc:
             text = str(exc)
             if text.startswith("MQS_UNKNOWN"):
-                raise UnknownTopic(
-                    f"unknown topic {topic!r}; declare it first", topic
-                ) from None
+                raise UnknownTopic(_unknown_topic(topic), topic) from None
             if text.startswith("MQS_SHUTDOWN"):
                 raise ShutDown(f"{text[13:]} on topic {topic!r}") from None
             raise
@@ -446,7 +450,7 @@ class RedisBackend(Backend):
     def topic_config(self, topic: str) -> TopicConfig:
         raw = self._call(self._client.hget, self._meta(topic), "cfg")
         if raw is None:
-            raise UnknownTopic(f"unknown topic {topic!r}", topic)
+            raise UnknownTopic(_unknown_topic(topic), topic)
         return _config_from_json(raw)
 
     def has_topic(self, topic: str) -> bool:
@@ -474,7 +478,7 @@ class RedisBackend(Backend):
         # down with the number of keys on the server.
         meta = self._meta(topic)
         if not self.has_topic(topic):
-            raise UnknownTopic(f"unknown topic {topic!r}", topic)
+            raise UnknownTopic(_unknown_topic(topic), topic)
         prefix = meta[:-4]
         pattern = _glob_escape(prefix) + "*"
         keys = list(self._call(lambda: list(self._client.scan_iter(
@@ -823,6 +827,12 @@ class RedisBackend(Backend):
         # Calls still running in other threads fail instead of retrying.
         self._closed = True
         self._client.close()
+
+
+def _unknown_topic(topic: str) -> str:
+    """Return the message of `UnknownTopic`, as the memory backend words it."""
+    return (f"unknown topic {topic!r}; declare it first with "
+            f"broker.declare_topic({topic!r})")
 
 
 def _end_run(args: list, bodies: list[bytes]) -> None:
