@@ -1328,6 +1328,8 @@ def test_put_bounded_rejects_negative_timeout_when_full():
     ("2", TypeError, "^max_items must be an int, got str '2'$"),
     (0, ValueError, "^max_items must be at least 1, got 0$"),
     (-3, ValueError, "^max_items must be at least 1, got -3$"),
+    (2**70, ValueError,
+     r"^max_items must be at most 2\*\*63 - 1, got 1180591620717411303424$"),
 ])
 def test_get_many_rejects_bad_max_items(make_queue, max_items, error, message):
     q = make_queue()

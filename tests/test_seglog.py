@@ -293,7 +293,12 @@ def test_seglog_rejects_str_data(tmp_path):
             log.append_many([b"ok", 3])
         with pytest.raises(TypeError, match="timestamp must be an int"):
             log.append(b"x", timestamp=1.5)
+        with pytest.raises(ValueError, match=(
+                r"timestamp must be 0 to 2\*\*63 - 1 nanoseconds since the "
+                r"epoch, got -5")):
+            log.append(b"x", timestamp=-5)
         assert log.end_offset == 0
+        assert log.append(b"epoch", timestamp=0) == 0
 
 
 def test_seglog_rejects_record_larger_than_segment(tmp_path):

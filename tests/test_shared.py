@@ -259,10 +259,10 @@ def test_shared_queue_rejects_capacity_out_of_range(capacity):
         SharedQueue(capacity_bytes=capacity)
 
 
-@pytest.mark.parametrize("size", [-1, PAGE - 15, PAGE])
+@pytest.mark.parametrize("size", [-1, 0, PAGE - 15, PAGE])
 def test_shared_queue_rejects_max_message_size_out_of_range(size):
     with pytest.raises(ValueError, match=(
-            rf"max_message_size must be 0 to {PAGE - 16} for a ring of "
+            rf"max_message_size must be 1 to {PAGE - 16} for a ring of "
             rf"{PAGE} bytes, got {size}; raise capacity_bytes")):
         SharedQueue(capacity_bytes=PAGE, max_message_size=size)
 
@@ -271,7 +271,7 @@ def test_shared_queue_rejects_max_message_size_out_of_range(size):
     ("maxsize", 2**70, r"maxsize must be at most 2\*\*63 - 1, got "
                        r"1180591620717411303424; pass 0 for a queue bounded "
                        r"only by capacity_bytes"),
-    ("max_message_size", 2**70, r"max_message_size must be 0 to "),
+    ("max_message_size", 2**70, r"max_message_size must be 1 to "),
 ])
 def test_shared_queue_rejects_sizes_beyond_64_bits(field, value, text):
     with pytest.raises(ValueError, match=text):
@@ -610,6 +610,8 @@ def test_get_many_waits_for_first_message(make_queue):
 @pytest.mark.parametrize("max_items, error, text", [
     (0, ValueError, "max_items must be at least 1, got 0"),
     (-2, ValueError, "max_items must be at least 1, got -2"),
+    (2**70, ValueError,
+     r"max_items must be at most 2\*\*63 - 1, got 1180591620717411303424"),
     ("3", TypeError, "max_items must be an int, got str '3'"),
     (True, TypeError, "max_items must be an int, got bool True"),
 ])
@@ -1329,6 +1331,19 @@ def test_attach_rejects_foreign_file_of_odd_size(shm_name):
         SharedQueue(name=shm_name, create=False)
     with pytest.raises(QueueLayoutError, match="corrupted or foreign header"):
         SharedQueue(name=shm_name)
+
+
+def test_attach_names_shm_broker_file():
+    broker_name = f"test-shared-{uuid.uuid4().hex[:16]}"
+    mqs.Broker(backend="shm", name=broker_name, journal_bytes=1 << 20).close()
+    try:
+        for create in (False, True):
+            with pytest.raises(QueueLayoutError, match=(
+                    r"is an mqs shm broker, not a queue; open it with "
+                    r"mqs.Broker\(backend='shm'")):
+                SharedQueue(name=f"broker.{broker_name}", create=create)
+    finally:
+        assert mqs.Broker.unlink(broker_name)
 
 
 def test_attach_rejects_never_initialised_file(shm_name):

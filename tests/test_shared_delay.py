@@ -262,8 +262,8 @@ def test_shared_delay_without_area_rejects_delay():
     q = SharedQueue(capacity_bytes=PAGE, delayed_capacity_bytes=0)
     with pytest.raises(ValueError, match=(
             r"has no delayed area \(delayed_capacity_bytes=0\), so it "
-            r"cannot take delay= or at=; create it with "
-            r"delayed_capacity_bytes > 0")):
+            r"cannot take delay= or at=; create it with a "
+            r"delayed_capacity_bytes of 16384 to 2\*\*40")):
         q.put(b"x", delay=1)
     q.put(b"now")
     assert q.get_nowait() == b"now"

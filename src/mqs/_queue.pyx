@@ -291,6 +291,9 @@ cdef int64_t _check_max_items(object max_items) except -1:
             f"{max_items!r}")
     if max_items < 1:
         raise ValueError(f"max_items must be at least 1, got {max_items!r}")
+    if max_items > INT64_MAX:
+        raise ValueError(
+            f"max_items must be at most 2**63 - 1, got {max_items!r}")
     return max_items
 
 

@@ -540,7 +540,8 @@ cdef class SegmentLog:
         key : bytes-like or None
             Optional key; ``b""`` is a key, None is none.
         timestamp : int or None
-            Nanoseconds since the Unix epoch; None takes the wall clock.
+            Nanoseconds since the Unix epoch, 0 or more; None takes the
+            wall clock.
 
         Returns
         -------
@@ -1231,9 +1232,12 @@ cdef int64_t _timestamp_ns(object timestamp) except? -1:
         raise TypeError(
             f"timestamp must be an int of nanoseconds since the epoch or "
             f"None, got {type(timestamp).__name__} {timestamp!r}")
-    if not -2**63 <= timestamp < 2**63:
+    # A segment header stores INT64_MIN as its max timestamp when it has
+    # no records, so negative timestamps are rejected.
+    if not 0 <= timestamp < 2**63:
         raise ValueError(
-            f"timestamp must fit in 64 bits, got {timestamp!r}")
+            f"timestamp must be 0 to 2**63 - 1 nanoseconds since the epoch, "
+            f"got {timestamp!r}")
     return timestamp
 
 

@@ -150,6 +150,9 @@ _CONFIG_FORMAT = "<QIIqqqqiIq"
 _CONFIG_BYTES = 64
 _INIT_READY = MQS_BR_INIT_READY
 _LAYOUT_VERSION = MQS_BR_VERSION
+# MQS_JOURNAL_MAGIC of mqs_journal.h ("MQSJRNL1"): the first field of an
+# shm broker's journal, which lives in /dev/shm as "mqs.broker.<name>".
+_JOURNAL_MAGIC = 0x314C4E524A53514D
 
 # Record types in the ring.
 cdef enum:
@@ -710,11 +713,13 @@ cdef class SharedQueue:
             raise ValueError(
                 f"capacity_bytes must be a power of two from {page} to "
                 f"2**40, got {capacity_bytes!r}{hint}")
-        if max_message_size < 0 or max_message_size > capacity_bytes \
+        # 0 would allow only empty messages, and even a pickled None
+        # takes bytes.
+        if max_message_size < 1 or max_message_size > capacity_bytes \
                 or mqs_br_check_sizes(
                 capacity_bytes, max_message_size, maxsize, 1) != MQS_OK:
             raise ValueError(
-                f"max_message_size must be 0 to {capacity_bytes - 16} for "
+                f"max_message_size must be 1 to {capacity_bytes - 16} for "
                 f"a ring of {capacity_bytes} bytes, got "
                 f"{max_message_size!r}; raise capacity_bytes")
 
@@ -903,6 +908,11 @@ cdef class SharedQueue:
                 raise QueueLayoutError(
                     f"{label} was never initialised; its creator died "
                     f"before finishing, so unlink it and create it again")
+            if config[0] == _JOURNAL_MAGIC:
+                raise QueueLayoutError(
+                    f"{label} is an mqs shm broker, not a queue; open it "
+                    f"with mqs.Broker(backend='shm', name=...), or give "
+                    f"the queue another name")
             raise QueueLayoutError(
                 f"{label} has a corrupted or foreign header; it is not an "
                 f"mqs queue")
@@ -1298,7 +1308,8 @@ cdef class SharedQueue:
             raise ValueError(
                 f"queue {self._label()} has no delayed area "
                 f"(delayed_capacity_bytes=0), so it cannot take delay= or "
-                f"at=; create it with delayed_capacity_bytes > 0")
+                f"at=; create it with a delayed_capacity_bytes of "
+                f"{MQS_DELAY_MIN_AREA_BYTES} to 2**40")
         # Already due: straight into the ring, behind what is waiting.
         if due <= mqs_monotonic_ns():
             self._promote_due()
@@ -1823,6 +1834,9 @@ cdef class SharedQueue:
                 f"{max_items!r}")
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items!r}")
+        if max_items > (1 << 63) - 1:
+            raise ValueError(
+                f"max_items must be at most 2**63 - 1, got {max_items!r}")
         self._check_open()
         limit = max_items
         if self._durable is not None:
