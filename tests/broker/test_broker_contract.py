@@ -874,6 +874,29 @@ def test_unknown_topic_without_auto_declare(broker):
             call("nope")
 
 
+@pytest.mark.parametrize("topic, match", [
+    ("a\0b", "topic cannot contain a NUL character"),
+    ("a\ud800", "topic must be valid UTF-8 text"),
+    ("x" * 256, "topic must be at most 255 bytes in UTF-8, got 256 bytes"),
+    ("\u00e9" * 128, "at most 255 bytes in UTF-8, got 256 bytes"),
+])
+def test_topic_name_checked(broker, topic, match):
+    with pytest.raises(ValueError, match=match):
+        broker.declare_topic(topic)
+    with pytest.raises(ValueError, match=match):
+        broker.publish(topic, 1)
+    with pytest.raises(ValueError, match=match):
+        broker.consume(topic, "g")
+    assert broker.topics() == []
+
+
+def test_topic_name_of_255_bytes_works(broker):
+    topic = "\u00e9" * 127 + "x"
+    broker.publish(topic, 1)
+    assert drain(broker.consume(topic, "g")) == [1]
+    assert broker.topics() == [topic]
+
+
 @pytest.mark.parametrize("option", ["key", "dedup_id"])
 def test_publish_rejects_unhashable_option(broker, option):
     broker.declare_topic("t")

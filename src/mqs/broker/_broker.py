@@ -27,7 +27,12 @@ from mqs.broker._backend import (
 )
 from mqs.broker._log_shared import SharedLogBackend
 from mqs.broker._memory import MemoryBackend
-from mqs.broker._policy import Backoff, TopicConfig, check_priority
+from mqs.broker._policy import (
+    Backoff,
+    TopicConfig,
+    check_priority,
+    check_topic_name,
+)
 from mqs.broker._shm import ShmBackend
 from mqs.errors import (
     BackendUnavailable,
@@ -732,8 +737,7 @@ class Broker:
 
     def _check_topic_name(self, topic: str) -> None:
         self._check_open()
-        if not isinstance(topic, str) or not topic:
-            raise TypeError(f"topic must be a non-empty str, got {topic!r}")
+        check_topic_name(topic)
 
     def _ensure_topic(self, topic: str) -> None:
         self._check_topic_name(topic)

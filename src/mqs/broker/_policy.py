@@ -40,6 +40,10 @@ ON_EXPIRE = ("drop", "dead_letter")
 # Ten lanes, priority p weighted p + 1: under saturation priority 9 gets
 # 10/55 of the deliveries and priority 0 gets 1/55, none gets nothing.
 DEFAULT_WEIGHTS = {p: p + 1 for p in PRIORITIES}
+# Longest topic name in UTF-8 bytes. Every backend stores longer ones,
+# but this limit, NAME_MAX of Linux file names, catches a body or a key
+# passed as the topic by mistake.
+MAX_TOPIC_BYTES = 255
 
 
 def check_priority(priority: object) -> int:
@@ -52,6 +56,32 @@ def check_priority(priority: object) -> int:
         raise InvalidPriority(
             f"priority must be from 0 to 9 (9 highest), got {priority!r}")
     return priority
+
+
+def check_topic_name(name: object) -> str:
+    """Return `name` if every backend can store it as a topic name.
+
+    Raises TypeError for a non-str or empty name. Raises ValueError for
+    a NUL, which no command line can pass to the mqs CLI, for a lone
+    surrogate, which redis cannot encode as UTF-8, and for a name of
+    more than `MAX_TOPIC_BYTES` bytes.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"topic must be a non-empty str, got {name!r}")
+    if "\0" in name:
+        raise ValueError(
+            f"topic cannot contain a NUL character, got {name!r}")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"topic must be valid UTF-8 text, got {name!r} with a lone "
+            f"surrogate") from None
+    if size > MAX_TOPIC_BYTES:
+        raise ValueError(
+            f"topic must be at most {MAX_TOPIC_BYTES} bytes in UTF-8, got "
+            f"{size} bytes: {name[:40]!r}...")
+    return name
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool = True,
@@ -250,9 +280,7 @@ class TopicConfig:
               retention: float | None = None, maxsize: int = 0,
               when_full: str = "block") -> TopicConfig:
         """Validate keyword settings and return the record."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(
-                f"topic must be a non-empty str, got {name!r}")
+        check_topic_name(name)
         if policy not in POLICIES:
             raise TopicConfigError(
                 f"policy must be 'weighted' or 'strict', got {policy!r}")
