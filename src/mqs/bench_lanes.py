@@ -167,6 +167,9 @@ def run_lane_shares(duration_s: float = 10.0,
             "machine": machine_info()}
 
 
+START_SLACK_S = 2.0
+
+
 def _consume_rate(broker: mqs.Broker, stop_at: float) -> tuple[list, list]:
     """Consume topic ``rate`` until `stop_at` (monotonic); return the
     (time, count) of each delivery batch and the delivered ids."""
@@ -213,7 +216,8 @@ def run_rate_limit(duration_s: float = 10.0, per_second: float = 2_000.0,
     backend : {"memory", "shm", "log"}
         Backend of the broker (``log`` with ``fsync="never"``).
     warmup_s : float
-        Seconds left out at the start, so the initial burst drains.
+        Seconds left out after the first delivery, so the initial burst
+        drains (the consumers run START_SLACK_S longer for late starts).
 
     Returns
     -------
@@ -225,7 +229,8 @@ def run_rate_limit(duration_s: float = 10.0, per_second: float = 2_000.0,
     if processes > 1 and backend == "memory":
         raise ValueError("processes > 1 needs backend 'shm' or 'log'; a "
                          "memory broker lives in one process")
-    total = int(per_second * (warmup_s + duration_s + 2)) + 1000
+    total = int(per_second * (warmup_s + duration_s + START_SLACK_S + 2)) \
+        + 1000
     with _broker_place(backend) as where:
         with _open_broker(backend, where, fsync="never") as broker:
             broker.declare_topic("rate", rate=mqs.Rate(per_second))
@@ -234,18 +239,29 @@ def run_rate_limit(duration_s: float = 10.0, per_second: float = 2_000.0,
             for start in range(0, total, 10_000):
                 broker.publish_many("rate", range(start, min(
                     total, start + 10_000)))
+            # The consumers run for START_SLACK_S more than the window
+            # needs: on a loaded machine they may start late.
+            length_s = warmup_s + duration_s + START_SLACK_S
             if processes == 1 and backend == "memory":
                 began = time.monotonic()
-                runs = [_consume_rate(broker, began + warmup_s + duration_s)]
+                runs = [_consume_rate(broker, began + length_s)]
             else:
                 runs, began = _run_rate_processes(
-                    backend, where, processes, warmup_s + duration_s)
+                    backend, where, processes, length_s)
     stamps = [stamp for run in runs for stamp in run[0]]
     ids = [message_id for run in runs for message_id in run[1]]
     if len(ids) != len(set(ids)):
         raise BenchmarkError("a rate-limited message was delivered twice")
-    window_start = began + warmup_s
+    if not stamps:
+        raise BenchmarkError("no rate-limited message was delivered")
+    # The bucket starts full, and its burst drains at the first fetch,
+    # whenever the consumers get going: the warm-up counts from then.
+    window_start = min(at for at, _ in stamps) + warmup_s
     window_end = window_start + duration_s
+    if window_end > began + length_s:
+        raise BenchmarkError(
+            f"the consumers started {window_start - warmup_s - began:.1f} s "
+            f"late, after the run's slack of {START_SLACK_S} s")
     counted = sum(count for at, count in stamps
                   if window_start <= at < window_end)
     rate = counted / duration_s
