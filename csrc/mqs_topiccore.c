@@ -678,6 +678,24 @@ static int stored_slot(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
     return load_seq(mqs_tc_slot(h, slot)) != 0;
 }
 
+/* Put every ready entry of group g at its lane's tail, in ready_seq
+ * order. */
+static void push_ready_in_order(mqs_tc_header_t *h, uint32_t g)
+{
+    mqs_tc_group_t *group = mqs_tc_group(h, g);
+    batch_t batch;
+
+    batch_init(&batch);
+    do {
+        next_batch(h, g, MQS_TC_READY, stored_slot, NULL, ready_key, &batch);
+        for (uint32_t i = 0; i < batch.count; i++) {
+            uint32_t slot = batch.items[i].slot;
+            push_tail(h, g, mqs_tc_slot(h, slot)->lane, slot);
+            group->ready++;
+        }
+    } while (batch.count == BATCH_ITEMS);
+}
+
 int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
                           uint32_t name_length, int earliest, double now)
 {
@@ -735,18 +753,8 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     }
     MQS_FAILPOINT("tc_open_group_before_commit");
     atomic_store_explicit(&group->used, 1, memory_order_release);
-    batch_init(&batch);
-    if (count > 0) {
-        do {
-            next_batch(h, g, MQS_TC_READY, stored_slot, NULL, ready_key,
-                       &batch);
-            for (uint32_t i = 0; i < batch.count; i++) {
-                uint32_t slot = batch.items[i].slot;
-                push_tail(h, g, mqs_tc_slot(h, slot)->lane, slot);
-                group->ready++;
-            }
-        } while (batch.count == BATCH_ITEMS);
-    }
+    if (count > 0)
+        push_ready_in_order(h, g);
     first = s->groups_used == 0;
     s->groups_used++;
     if (first) {
@@ -1279,16 +1287,7 @@ void mqs_tc_repair(mqs_tc_header_t *h)
                 count_redelivery(h, g);
             }
         } while (batch.count == BATCH_ITEMS);
-        batch_init(&batch);
-        do {
-            next_batch(h, g, MQS_TC_READY, stored_slot, NULL, ready_key,
-                       &batch);
-            for (uint32_t i = 0; i < batch.count; i++) {
-                uint32_t slot = batch.items[i].slot;
-                push_tail(h, g, mqs_tc_slot(h, slot)->lane, slot);
-                group->ready++;
-            }
-        } while (batch.count == BATCH_ITEMS);
+        push_ready_in_order(h, g);
     }
     s->alloc_hint = 0;
     recompute_deadlines(h);
