@@ -70,8 +70,8 @@ def _redis_backend(**options: Any) -> Backend:
 
 
 def _another_thread_alive() -> bool:
-    """Whether a thread other than the caller and mqs's own background
-    threads (all named "mqs-...") is alive: one that could still ack."""
+    """Tell whether a thread that could still ack is alive: one other
+    than the caller and mqs's own background threads (named "mqs-...")."""
     current = threading.current_thread()
     return any(thread is not current and thread.is_alive()
                and not thread.name.startswith("mqs-")
