@@ -228,10 +228,10 @@ static inline uint32_t mqs_dq_progress_waiters(mqs_dq_control_t *c)
 }
 
 /*
- * Group commit under fsync="always". After a sync, the appender asks to
- * be woken once the inbox holds `count` records (one per producer that
- * the sync woke), so that its next sync covers them all, and sleeps on
- * `gathered` until then or a short deadline. A producer that finds
+ * Group commit under fsync="always". After a sync, the appender requests
+ * a wake-up once the inbox contains `count` records (one per producer
+ * that the sync woke), so that its next sync covers them all. It sleeps
+ * on `gathered` until then or a short deadline. A producer that finds
  * gather_count > 0 after its put, and at least that many records in the
  * inbox, signals `gathered`. Both sides store or load gather_count
  * seq_cst before a full fence (mqs_wait_prepare on either side), so

@@ -226,14 +226,14 @@ def test_delay_lateness_has_no_cumulative_drift():
     lateness = []
     since_due = []
     for _ in range(count):
-        asked = time.monotonic()
+        called = time.monotonic()
         index, due = q.get(timeout=10)
         arrived = time.monotonic()
         since_due.append(arrived - due)
-        # A consumer that fell behind (on a loaded machine its busy loops
-        # and wake-ups stretch) asks after the item was due: the queue's
-        # part of the lateness counts from the later of the two.
-        lateness.append(arrived - max(due, asked))
+        # On a loaded machine the consumer can fall behind and call get
+        # after the item was due. The queue's part of the lateness counts
+        # from the later of the two.
+        lateness.append(arrived - max(due, called))
         # Keep the consumer busy for about half of each interval.
         busy_until = time.monotonic() + spacing / 2
         while time.monotonic() < busy_until:

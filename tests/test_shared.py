@@ -659,7 +659,7 @@ def test_put_many_unpicklable_item_carries_accepted_count(make_queue):
     assert q.get_many(5) == [b"ok", {"n": 2}]
 
 
-def test_durable_put_many_error_keeps_the_items_before_it(tmp_path):
+def test_durable_put_many_error_keeps_earlier(tmp_path):
     q = mqs.SharedQueue(persist=str(tmp_path / "log"), fsync="always")
     with pytest.raises((TypeError, pickle.PicklingError)) as caught:
         q.put_many([b"kept", threading.Lock()])

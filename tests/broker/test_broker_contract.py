@@ -1038,9 +1038,9 @@ if kind == "shm":
 
 
 @pytest.mark.parametrize("kind", ["memory", "log", "shm"])
-def test_close_in_a_single_thread_program_does_not_wait(kind, tmp_path):
-    # The program's only thread holds the message: no one else could ack
-    # it, so the drain returns it at once instead of after the 60 s ack
+def test_close_alone_skips_drain(kind, tmp_path):
+    # The program's only thread has the message, so no one else could ack
+    # it. The drain returns it at once instead of after the 60 s ack
     # timeout.
     where = (str(tmp_path / "broker") if kind == "log"
              else f"test-alone-{uuid.uuid4().hex[:10]}")

@@ -317,7 +317,7 @@ static void test_head_published_follows_commit_and_take(void)
     CHECK_EQ(take_bytes(&p, out, sizeof(out), &length), MQS_OK);
     CHECK_EQ(mqs_br_head_published(&p, 0), 0);
 
-    /* Three laps: every head position then holds an older commit. */
+    /* Three laps, so that every head position has an older commit word. */
     while (ring_tail(&file) < 3 * 4096) {
         CHECK_EQ(put_bytes(&p, in, sizeof(in)), MQS_OK);
         CHECK_EQ(mqs_br_head_published(&p, 0), 1);

@@ -605,8 +605,8 @@ class SharedLogBackend(ShmBackend):
                           ack_timeout: float, auto_ack: bool
                           ) -> list[Delivery]:
         """Fetch one message as `_try_fetch` does, without the next wake
-        time that `fetch_one` does not use. The caller holds the section,
-        which raises ShutDown once the broker is closed."""
+        time that `fetch_one` does not use. The caller is inside the
+        section, which raises ShutDown once the broker is closed."""
         state = self._topic(topic)
         now = self._tick()
         if _fetch_is_idle(state, group, consumer, auto_ack, now):

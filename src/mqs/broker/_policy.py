@@ -40,9 +40,9 @@ ON_EXPIRE = ("drop", "dead_letter")
 # Ten lanes, priority p weighted p + 1: under saturation priority 9 gets
 # 10/55 of the deliveries and priority 0 gets 1/55, none gets nothing.
 DEFAULT_WEIGHTS = {p: p + 1 for p in PRIORITIES}
-# Longest topic name in UTF-8 bytes. Every backend stores longer ones,
-# but this limit, NAME_MAX of Linux file names, catches a body or a key
-# passed as the topic by mistake.
+# Maximum length of a topic name in UTF-8 bytes. Every backend can store
+# longer ones, but this limit (NAME_MAX of Linux file names) catches a
+# body or a key passed as the topic by mistake.
 MAX_TOPIC_BYTES = 255
 
 
