@@ -145,6 +145,8 @@ int mqs_tc_format(mqs_tc_header_t *h, const mqs_tc_params_t *params)
         c->lane_of[priority] = (uint8_t)index;
     }
     mqs_wait_init(&h->changed.v);
+    s->slot_limit = params->capacity < MQS_TC_GROW_SLOTS
+                    ? params->capacity : MQS_TC_GROW_SLOTS;
     s->next_deadline = INFINITY;
     for (uint32_t g = 0; g < params->max_groups; g++)
         mqs_tc_group(h, g)->next_deadline = INFINITY;
@@ -210,6 +212,15 @@ static void store_word(mqs_tc_entry_t *e, uint64_t word)
 static uint64_t load_seq(mqs_tc_slot_t *s)
 {
     return atomic_load_explicit(&s->seq, memory_order_relaxed);
+}
+
+/* The end of the slots ever used (see state.slot_limit). */
+static uint32_t slot_limit(mqs_tc_header_t *h)
+{
+    uint32_t limit = state_of(h)->slot_limit;
+    uint32_t capacity = config_of(h)->params.capacity;
+
+    return limit < capacity ? limit : capacity;
 }
 
 static void push_tail(mqs_tc_header_t *h, uint32_t g, uint32_t lane,
@@ -294,6 +305,8 @@ static void leave_flight(mqs_tc_header_t *h, uint32_t g, mqs_tc_entry_t *e)
         group->in_flight--;
 }
 
+/* Entries of unused groups are free, so only used groups are read:
+ * reading an untouched page of the file would allocate it. */
 static int slot_needed(mqs_tc_header_t *h, uint32_t slot)
 {
     uint32_t groups = config_of(h)->params.max_groups;
@@ -301,6 +314,9 @@ static int slot_needed(mqs_tc_header_t *h, uint32_t slot)
     if (mqs_tc_slot(h, slot)->retained)
         return 1;
     for (uint32_t g = 0; g < groups; g++) {
+        if (!atomic_load_explicit(&mqs_tc_group(h, g)->used,
+                                  memory_order_relaxed))
+            continue;
         if (mqs_tc_word_state(load_word(mqs_tc_entry(h, g, slot)))
             != MQS_TC_FREE)
             return 1;
@@ -310,8 +326,12 @@ static int slot_needed(mqs_tc_header_t *h, uint32_t slot)
 
 static void free_slot(mqs_tc_header_t *h, uint32_t slot)
 {
+    mqs_tc_state_t *s = state_of(h);
+
     atomic_store_explicit(&mqs_tc_slot(h, slot)->seq, 0,
                           memory_order_release);
+    if (s->stored > 0)
+        s->stored--;
 }
 
 /* Remove an entry from its group, freeing the slot once no group needs
@@ -460,10 +480,10 @@ static uint32_t next_batch(mqs_tc_header_t *h, uint32_t g, uint32_t state,
                            keep_fn keep, const void *arg, key_fn key,
                            batch_t *b)
 {
-    uint32_t capacity = config_of(h)->params.capacity;
+    uint32_t limit = slot_limit(h);
 
     b->count = 0;
-    for (uint32_t slot = 0; slot < capacity; slot++) {
+    for (uint32_t slot = 0; slot < limit; slot++) {
         mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
         timed_t item;
         if (mqs_tc_word_state(load_word(e)) != state
@@ -496,16 +516,71 @@ static void ready_key(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
                  ^ ((uint64_t)1 << 63);
 }
 
+typedef void (*visit_fn)(mqs_tc_header_t *, uint32_t, uint32_t, void *);
+
+static int matches(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
+                   uint32_t state, keep_fn keep, const void *arg)
+{
+    mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+
+    return mqs_tc_word_state(load_word(e)) == state
+           && keep(h, slot, e, arg);
+}
+
+/* Call `visit` on each slot of group g whose entry is in state `state`
+ * and passes `keep`, in `key` order, and return how many. `visit` may
+ * change the entry. The slots are sorted in a scratch array; when it
+ * cannot be allocated, each batch of BATCH_ITEMS costs one more scan. */
+static int64_t visit_in_order(mqs_tc_header_t *h, uint32_t g,
+                              uint32_t state, keep_fn keep, const void *arg,
+                              key_fn key, visit_fn visit, void *context)
+{
+    uint32_t limit = slot_limit(h);
+    uint64_t count = 0, filled = 0;
+    timed_t *items;
+    batch_t batch;
+
+    for (uint32_t slot = 0; slot < limit; slot++)
+        count += matches(h, g, slot, state, keep, arg);
+    if (count == 0)
+        return 0;
+    items = malloc(count * sizeof(timed_t));
+    if (items != NULL) {
+        for (uint32_t slot = 0; slot < limit && filled < count; slot++) {
+            if (!matches(h, g, slot, state, keep, arg))
+                continue;
+            key(h, g, slot, &items[filled]);
+            items[filled].slot = slot;
+            items[filled].group = g;
+            filled++;
+        }
+        qsort(items, filled, sizeof(timed_t), compare_timed);
+        for (uint64_t i = 0; i < filled; i++)
+            visit(h, g, items[i].slot, context);
+        free(items);
+        return (int64_t)filled;
+    }
+    batch_init(&batch);
+    do {
+        next_batch(h, g, state, keep, arg, key, &batch);
+        for (uint32_t i = 0; i < batch.count; i++)
+            visit(h, g, batch.items[i].slot, context);
+        filled += batch.count;
+    } while (batch.count == BATCH_ITEMS);
+    return (int64_t)filled;
+}
+
 static void recompute_deadlines(mqs_tc_header_t *h)
 {
     mqs_tc_params_t *p = &config_of(h)->params;
+    uint32_t limit = slot_limit(h);
     double next = INFINITY;
 
     for (uint32_t g = 0; g < p->max_groups; g++) {
         mqs_tc_group_t *group = mqs_tc_group(h, g);
         double group_next = INFINITY;
         if (group->in_flight > 0) {
-            for (uint32_t slot = 0; slot < p->capacity; slot++) {
+            for (uint32_t slot = 0; slot < limit; slot++) {
                 mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
                 if (mqs_tc_word_state(load_word(e)) == MQS_TC_IN_FLIGHT
                     && e->deadline < group_next)
@@ -549,6 +624,7 @@ static void expire(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
 void mqs_tc_advance(mqs_tc_header_t *h, double now)
 {
     mqs_tc_params_t *p = &config_of(h)->params;
+    uint32_t limit = slot_limit(h);
     batch_t batch;
 
     if (now < state_of(h)->next_deadline)
@@ -565,7 +641,7 @@ void mqs_tc_advance(mqs_tc_header_t *h, double now)
             if (!atomic_load_explicit(&group->used, memory_order_relaxed)
                 || group->next_deadline > now)
                 continue;
-            for (uint32_t slot = 0; slot < p->capacity; slot++) {
+            for (uint32_t slot = 0; slot < limit; slot++) {
                 mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
                 timed_t item;
                 if (mqs_tc_word_state(load_word(e)) != MQS_TC_IN_FLIGHT
@@ -594,6 +670,7 @@ int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
     mqs_tc_config_t *c = config_of(h);
     mqs_tc_state_t *s = state_of(h);
     uint32_t capacity = c->params.capacity;
+    uint32_t limit = slot_limit(h);
     uint32_t slot = UINT32_MAX;
     mqs_tc_slot_t *stored;
     uint64_t seq;
@@ -604,16 +681,27 @@ int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
         return MQS_ETOOBIG;
     mqs_tc_advance(h, now);
     /* Acks mostly come in publish order, so the slot after the last one
-     * taken is usually free. NOTE: a full search costs O(capacity). */
-    for (uint32_t i = 0; i < capacity; i++) {
-        uint32_t candidate = (s->alloc_hint + i) % capacity;
-        if (load_seq(mqs_tc_slot(h, candidate)) == 0) {
-            slot = candidate;
-            break;
+     * taken is usually free. NOTE: a search among scattered free slots
+     * costs O(slot_limit). */
+    if (s->stored < limit) {
+        for (uint32_t i = 0; i < limit; i++) {
+            uint32_t candidate = (s->alloc_hint + i) % limit;
+            if (load_seq(mqs_tc_slot(h, candidate)) == 0) {
+                slot = candidate;
+                break;
+            }
         }
     }
-    if (slot == UINT32_MAX)
-        return MQS_EFULL;
+    if (slot == UINT32_MAX) {
+        /* Every used slot is taken: grow the used region. The new limit
+         * is stored before the slot is written, so repair, which scans
+         * up to the limit, finds every slot a dead publisher touched. */
+        if (limit >= capacity)
+            return MQS_EFULL;
+        slot = limit;
+        s->slot_limit = capacity - limit < MQS_TC_GROW_SLOTS
+                        ? capacity : limit + MQS_TC_GROW_SLOTS;
+    }
     stored = mqs_tc_slot(h, slot);
     stored->length = length;
     stored->priority = (uint8_t)priority;
@@ -640,6 +728,7 @@ int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
      * from the committed slots. */
     s->next_seq = seq;
     s->counters[MQS_TC_PUBLISHED] = (int64_t)seq;
+    s->stored++;
     for (uint32_t g = 0; g < c->params.max_groups; g++) {
         mqs_tc_group_t *group = mqs_tc_group(h, g);
         if (!atomic_load_explicit(&group->used, memory_order_relaxed))
@@ -647,7 +736,7 @@ int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
         push_tail(h, g, stored->lane, slot);
         group->ready++;
     }
-    s->alloc_hint = (slot + 1) % capacity;
+    s->alloc_hint = slot + 1;
     if (slot_out != NULL)
         *slot_out = slot;
     return (int64_t)seq;
@@ -678,22 +767,33 @@ static int stored_slot(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
     return load_seq(mqs_tc_slot(h, slot)) != 0;
 }
 
+static void push_ready_entry(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
+                             void *context)
+{
+    (void)context;
+    push_tail(h, g, mqs_tc_slot(h, slot)->lane, slot);
+    mqs_tc_group(h, g)->ready++;
+}
+
 /* Put every ready entry of group g at its lane's tail, in ready_seq
  * order. */
 static void push_ready_in_order(mqs_tc_header_t *h, uint32_t g)
 {
-    mqs_tc_group_t *group = mqs_tc_group(h, g);
-    batch_t batch;
+    visit_in_order(h, g, MQS_TC_READY, stored_slot, NULL, ready_key,
+                   push_ready_entry, NULL);
+}
 
-    batch_init(&batch);
-    do {
-        next_batch(h, g, MQS_TC_READY, stored_slot, NULL, ready_key, &batch);
-        for (uint32_t i = 0; i < batch.count; i++) {
-            uint32_t slot = batch.items[i].slot;
-            push_tail(h, g, mqs_tc_slot(h, slot)->lane, slot);
-            group->ready++;
-        }
-    } while (batch.count == BATCH_ITEMS);
+/* Make a stored message ready in a group being created (`context` is
+ * the time). */
+static void enter_new_group(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
+                            void *context)
+{
+    mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+
+    e->ready_at = *(const double *)context;
+    e->timed_out = 0;
+    e->ready_seq = ++mqs_tc_group(h, g)->tail_seq;
+    store_word(e, mqs_tc_word(MQS_TC_READY, 0, 0));
 }
 
 int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
@@ -702,9 +802,8 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     mqs_tc_config_t *c = config_of(h);
     mqs_tc_state_t *s = state_of(h);
     mqs_tc_group_t *group = NULL;
-    int64_t found;
-    uint32_t g, count = 0;
-    batch_t batch;
+    int64_t found, count = 0;
+    uint32_t g;
     int first;
 
     if (name_length == 0 || name_length > MQS_TC_NAME_BYTES)
@@ -722,6 +821,7 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
         return MQS_EFULL;
     /* Entries of an unused group are all free (mqs_tc_repair clears a
      * group whose creation did not finish); tickets stay. */
+    s->opening_group = g + 1;
     memcpy(group->name, name, name_length);
     group->name_length = name_length;
     group->max_attempts = 0;
@@ -736,23 +836,12 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     group->countdown = 1;
     mqs_hist_reset(&group->enqueue_to_deliver);
     mqs_hist_reset(&group->deliver_to_ack);
-    batch_init(&batch);
-    if (earliest) {
-        do {
-            next_batch(h, g, MQS_TC_FREE, stored_slot, NULL, publish_key,
-                       &batch);
-            for (uint32_t i = 0; i < batch.count; i++) {
-                mqs_tc_entry_t *e = mqs_tc_entry(h, g, batch.items[i].slot);
-                e->ready_at = now;
-                e->timed_out = 0;
-                e->ready_seq = ++group->tail_seq;
-                store_word(e, mqs_tc_word(MQS_TC_READY, 0, 0));
-                count++;
-            }
-        } while (batch.count == BATCH_ITEMS);
-    }
+    if (earliest)
+        count = visit_in_order(h, g, MQS_TC_FREE, stored_slot, NULL,
+                               publish_key, enter_new_group, &now);
     MQS_FAILPOINT("tc_open_group_before_commit");
     atomic_store_explicit(&group->used, 1, memory_order_release);
+    s->opening_group = 0;
     if (count > 0)
         push_ready_in_order(h, g);
     first = s->groups_used == 0;
@@ -760,7 +849,8 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     if (first) {
         /* Messages kept for the first group: those it did not take are
          * dropped. */
-        for (uint32_t slot = 0; slot < c->params.capacity; slot++) {
+        uint32_t limit = slot_limit(h);
+        for (uint32_t slot = 0; slot < limit; slot++) {
             mqs_tc_slot_t *stored = mqs_tc_slot(h, slot);
             if (load_seq(stored) == 0 || !stored->retained)
                 continue;
@@ -812,29 +902,27 @@ static int owned_by(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
     return e->consumer == *(const uint32_t *)arg;
 }
 
+/* Requeue an in-flight entry at its lane's tail (`context` is the
+ * time). */
+static void requeue_entry(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
+                          void *context)
+{
+    mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+    uint64_t attempts = mqs_tc_word_attempts(load_word(e));
+
+    leave_flight(h, g, e);
+    MQS_FAILPOINT("tc_requeue_after_leave");
+    count_redelivery(h, g);
+    make_ready(h, g, slot, attempts, 0, *(const double *)context);
+}
+
 /* Requeue in publish order the in-flight entries of group g that pass
  * `keep`; return how many. */
 static int64_t requeue_where(mqs_tc_header_t *h, uint32_t g, keep_fn keep,
                              const void *arg, double now)
 {
-    batch_t batch;
-    int64_t count = 0;
-
-    batch_init(&batch);
-    do {
-        next_batch(h, g, MQS_TC_IN_FLIGHT, keep, arg, publish_key, &batch);
-        for (uint32_t i = 0; i < batch.count; i++) {
-            uint32_t slot = batch.items[i].slot;
-            mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
-            uint64_t attempts = mqs_tc_word_attempts(load_word(e));
-            leave_flight(h, g, e);
-            MQS_FAILPOINT("tc_requeue_after_leave");
-            count_redelivery(h, g);
-            make_ready(h, g, slot, attempts, 0, now);
-            count++;
-        }
-    } while (batch.count == BATCH_ITEMS);
-    return count;
+    return visit_in_order(h, g, MQS_TC_IN_FLIGHT, keep, arg, publish_key,
+                          requeue_entry, &now);
 }
 
 int64_t mqs_tc_close_consumer(mqs_tc_header_t *h, uint32_t consumer,
@@ -1000,7 +1088,7 @@ static mqs_tc_entry_t *live(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
     mqs_tc_entry_t *e;
 
     mqs_tc_advance(h, now);
-    if (g >= p->max_groups || slot >= p->capacity
+    if (g >= p->max_groups || slot >= slot_limit(h)
         || !atomic_load_explicit(&mqs_tc_group(h, g)->used,
                                  memory_order_relaxed))
         goto stale;
@@ -1107,6 +1195,7 @@ int64_t mqs_tc_release(mqs_tc_header_t *h, uint32_t group,
 int mqs_tc_next_dead(mqs_tc_header_t *h, mqs_tc_dead_t *out)
 {
     mqs_tc_params_t *p = &config_of(h)->params;
+    uint32_t limit = slot_limit(h);
     uint64_t best_order = UINT64_MAX;
     uint32_t best_group = 0, best_slot = 0;
     int found = 0;
@@ -1114,7 +1203,7 @@ int mqs_tc_next_dead(mqs_tc_header_t *h, mqs_tc_dead_t *out)
     for (uint32_t g = 0; g < p->max_groups; g++) {
         if (mqs_tc_group(h, g)->dead == 0)
             continue;
-        for (uint32_t slot = 0; slot < p->capacity; slot++) {
+        for (uint32_t slot = 0; slot < limit; slot++) {
             mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
             if (mqs_tc_word_state(load_word(e)) == MQS_TC_DEAD
                 && e->deadline_seq < best_order) {
@@ -1178,9 +1267,7 @@ void mqs_tc_stats(mqs_tc_header_t *h, mqs_tc_stats_t *out)
     mqs_tc_params_t *p = &config_of(h)->params;
 
     memset(out, 0, sizeof(*out));
-    for (uint32_t slot = 0; slot < p->capacity; slot++)
-        if (load_seq(mqs_tc_slot(h, slot)) != 0)
-            out->stored++;
+    out->stored = state_of(h)->stored;
     for (uint32_t g = 0; g < p->max_groups; g++) {
         mqs_tc_group_t *group = mqs_tc_group(h, g);
         if (!atomic_load_explicit(&group->used, memory_order_relaxed))
@@ -1207,41 +1294,65 @@ static int orphaned(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,
            || c->group != g;
 }
 
+/* Put an orphaned in-flight entry back at its lane's tail in repair. */
+static void requeue_orphan(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
+                           void *context)
+{
+    mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+    uint64_t attempts = mqs_tc_word_attempts(load_word(e));
+
+    (void)context;
+    e->consumer = MQS_TC_NO_CONSUMER;
+    e->ready_seq = ++mqs_tc_group(h, g)->tail_seq;
+    store_word(e, mqs_tc_word(MQS_TC_READY, 0, attempts));
+    count_redelivery(h, g);
+}
+
 void mqs_tc_repair(mqs_tc_header_t *h)
 {
     mqs_tc_params_t *p = &config_of(h)->params;
     mqs_tc_state_t *s = state_of(h);
+    uint32_t limit = slot_limit(h);
     uint32_t groups_used = 0;
 
     s->counters[MQS_TC_RECOVERIES]++;
+    s->slot_limit = limit;
     for (uint32_t g = 0; g < p->max_groups; g++) {
         mqs_tc_group_t *group = mqs_tc_group(h, g);
         if (atomic_load_explicit(&group->used, memory_order_relaxed)) {
             groups_used++;
             continue;
         }
+        if (s->opening_group != g + 1)
+            continue;
         /* A group whose creation did not finish. */
-        for (uint32_t slot = 0; slot < p->capacity; slot++)
+        for (uint32_t slot = 0; slot < limit; slot++)
             store_word(mqs_tc_entry(h, g, slot),
                        mqs_tc_word(MQS_TC_FREE, 0, 0));
     }
+    s->opening_group = 0;
     s->groups_used = groups_used;
-    for (uint32_t slot = 0; slot < p->capacity; slot++) {
+    for (uint32_t slot = 0; slot < limit; slot++) {
         /* A publish committed its slot but died before next_seq. */
         uint64_t seq = load_seq(mqs_tc_slot(h, slot));
         if (seq > s->next_seq)
             s->next_seq = seq;
     }
     s->counters[MQS_TC_PUBLISHED] = (int64_t)s->next_seq;
-    for (uint32_t slot = 0; slot < p->capacity; slot++) {
+    s->stored = 0;
+    for (uint32_t slot = 0; slot < limit; slot++) {
         mqs_tc_slot_t *stored = mqs_tc_slot(h, slot);
         if (load_seq(stored) == 0) {
             /* An uncommitted publish, or a slot freed already. */
-            for (uint32_t g = 0; g < p->max_groups; g++)
-                store_word(mqs_tc_entry(h, g, slot),
-                           mqs_tc_word(MQS_TC_FREE, 0, 0));
+            for (uint32_t g = 0; g < p->max_groups; g++) {
+                if (atomic_load_explicit(&mqs_tc_group(h, g)->used,
+                                         memory_order_relaxed))
+                    store_word(mqs_tc_entry(h, g, slot),
+                               mqs_tc_word(MQS_TC_FREE, 0, 0));
+            }
             continue;
         }
+        s->stored++;
         if (stored->retained && groups_used > 0) {
             /* The first group was created but its holder died before
              * dropping what it did not take. */
@@ -1256,7 +1367,6 @@ void mqs_tc_repair(mqs_tc_header_t *h)
         mqs_tc_consumer(h, i)->in_flight = 0;
     for (uint32_t g = 0; g < p->max_groups; g++) {
         mqs_tc_group_t *group = mqs_tc_group(h, g);
-        batch_t batch;
         if (!atomic_load_explicit(&group->used, memory_order_relaxed))
             continue;
         /* Entries in flight to a consumer that is gone go back to their
@@ -1264,7 +1374,7 @@ void mqs_tc_repair(mqs_tc_header_t *h)
          * mqs_tc_close_consumer would have done. */
         group->ready = group->in_flight = group->dead = 0;
         memset(group->lanes, 0, sizeof(group->lanes));
-        for (uint32_t slot = 0; slot < p->capacity; slot++) {
+        for (uint32_t slot = 0; slot < limit; slot++) {
             mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
             uint32_t state = mqs_tc_word_state(load_word(e));
             if (state == MQS_TC_IN_FLIGHT && !orphaned(h, slot, e, &g)) {
@@ -1274,19 +1384,8 @@ void mqs_tc_repair(mqs_tc_header_t *h)
                 group->dead++;
             }
         }
-        batch_init(&batch);
-        do {
-            next_batch(h, g, MQS_TC_IN_FLIGHT, orphaned, &g, publish_key,
-                       &batch);
-            for (uint32_t i = 0; i < batch.count; i++) {
-                mqs_tc_entry_t *e = mqs_tc_entry(h, g, batch.items[i].slot);
-                uint64_t attempts = mqs_tc_word_attempts(load_word(e));
-                e->consumer = MQS_TC_NO_CONSUMER;
-                e->ready_seq = ++group->tail_seq;
-                store_word(e, mqs_tc_word(MQS_TC_READY, 0, attempts));
-                count_redelivery(h, g);
-            }
-        } while (batch.count == BATCH_ITEMS);
+        visit_in_order(h, g, MQS_TC_IN_FLIGHT, orphaned, &g, publish_key,
+                       requeue_orphan, NULL);
         push_ready_in_order(h, g);
     }
     s->alloc_hint = 0;

@@ -41,7 +41,15 @@
  * in-flight entries of a closed consumer are requeued (and counted as
  * redelivered).
  * The published counter is next_seq, which the repair takes from the
- * committed slots. NOTE: the other cumulative counters (acked, ...) are
+ * committed slots.
+ *
+ * Size. The file is sized for `capacity` messages but is sparse: only
+ * slots below state.slot_limit, which grows with the largest backlog
+ * seen, and the entries and lane rings of used groups and lanes are
+ * touched. Every scan stops at slot_limit, and the operations that put
+ * a whole backlog in order (creating a group at "earliest", closing a
+ * consumer, repair) sort it in one pass with a scratch array, so their
+ * cost is O(n log n) in the stored messages, not O(capacity). NOTE: the other cumulative counters (acked, ...) are
  * bumped apart from the commit, so one may miss or double-count the
  * operation a dead holder was running.
  */
@@ -62,6 +70,8 @@
 #define MQS_TC_MAX_LANES 10
 #define MQS_TC_NAME_BYTES 120
 #define MQS_TC_NO_CONSUMER UINT32_MAX
+/* How many slots a full topic core adds to its used region at a time. */
+#define MQS_TC_GROW_SLOTS 4096u
 
 /* Entry states (low 8 bits of an entry's word). */
 enum {
@@ -145,8 +155,17 @@ typedef struct mqs_tc_state {
     /* Set once when the caller moves the topic elsewhere; callers check
      * it under the mutex before every operation. */
     _Atomic uint32_t retired;
+    /* Slots at or above it were never used, so scans stop there and the
+     * file's untouched pages take no memory. A publish that finds every
+     * slot below it taken raises it by MQS_TC_GROW_SLOTS (up to
+     * capacity) before it writes the new slot. It never shrinks. */
+    uint32_t slot_limit;
     double next_deadline;     /* no in-flight deadline is earlier */
     int64_t counters[MQS_TC_COUNTERS];
+    uint32_t stored;          /* committed slots (a mirror) */
+    /* 1 + the index of the group mqs_tc_open_group is creating, else 0:
+     * the only unused group whose entries may be other than free. */
+    uint32_t opening_group;
 } mqs_tc_state_t;
 
 #define MQS_TC_BLOCK(type) \
@@ -360,7 +379,10 @@ int mqs_tc_extend(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
 /* Put in-flight deliveries back at their lanes' heads unseen (attempts
  * - 1), keeping their order; return how many were live, or MQS_ENOMEM
  * (nothing changed) when `count` bytes of scratch cannot be allocated.
- * The other operations never allocate. */
+ * Besides this one, only mqs_tc_open_group, mqs_tc_close_consumer and
+ * mqs_tc_repair allocate: a scratch array to sort the entries they put
+ * in order, freed before they return. When it cannot be allocated they
+ * do the same work with one scan of the entries per 512 of them. */
 int64_t mqs_tc_release(mqs_tc_header_t *h, uint32_t group,
                        const uint32_t *slots, const uint64_t *tickets,
                        uint32_t count, double now);

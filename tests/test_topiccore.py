@@ -287,3 +287,63 @@ def test_topiccore_closed_handle_rejects_new_waiter(path):
     core.close()
     with pytest.raises(TopicRetired):
         core.wait_prepare()
+
+
+def test_topiccore_backlog_beyond_first_region(path):
+    # Three times the 4,096 slots a core starts with, plus a few: the used
+    # region grows three times, then the core is full.
+    capacity = 3 * 4096 + 5
+    core = TopicCore(path, LANES, capacity=capacity)
+    for number in range(capacity):
+        assert core.publish(number.to_bytes(4, "little"), 0, 0.0) \
+            == number + 1
+    assert core.publish(b"x", 0, 0.0) == -1
+    assert core.stats()["stored"] == capacity
+
+    # A group started at "earliest" takes the whole backlog in order.
+    group = core.open_group("g", True)
+    consumer = core.open_consumer(group, capacity, 1)
+    found = core.fetch(consumer, capacity, 30.0)
+    numbers = [int.from_bytes(item[6], "little") for item in found]
+    assert numbers == list(range(capacity))
+
+    # Closing the consumer puts every delivery back in publish order.
+    assert core.close_consumer(consumer) == capacity
+    consumer = core.open_consumer(group, capacity, 1)
+    found = core.fetch(consumer, capacity, 30.0)
+    numbers = [int.from_bytes(item[6], "little") for item in found]
+    assert numbers == list(range(capacity))
+    assert all(item[3] == 2 for item in found)
+    for item in found:
+        assert core.ack(group, item[1], item[2])
+    stats = core.stats()
+    assert stats["stored"] == 0
+    assert stats["in_flight"] == 0
+
+    # Freed slots are reused: the core takes `capacity` messages again.
+    for number in range(capacity):
+        assert core.publish(b"y", 0, 0.0) > 0
+    assert core.publish(b"y", 0, 0.0) == -1
+    core.close()
+
+
+def test_topiccore_memory_follows_backlog_not_capacity(path):
+    # A core of 2**20 slots maps about 1 GiB (sparse). A backlog of 10,000
+    # messages must touch only their slots, entries and ring positions.
+    core = TopicCore(path, LANES, capacity=1 << 20, slot_bytes=480,
+                     max_groups=8)
+    group = core.open_group("g", False)
+    consumer = core.open_consumer(group, 100, 1)
+    for _ in range(10_000):
+        assert core.publish(b"x" * 64, 0, 0.0) > 0
+    found = core.fetch(consumer, 100, 30.0)
+    for item in found[:50]:
+        assert core.ack(group, item[1], item[2])
+    assert core.close_consumer(consumer) == 50
+    assert core.stats()["stored"] == 9950
+    core.group_stats()
+    core.retire_and_export()
+    assert os.path.getsize(path) > 1 << 30
+    # About 0.6 KiB per message: slot, entry and ring index.
+    assert os.stat(path).st_blocks * 512 < 16 << 20
+    core.close()

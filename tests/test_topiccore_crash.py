@@ -6,7 +6,10 @@ time, acks it and records the number after the ack returned True. The
 test kills one or both at random moments (inside the core's critical
 section or outside it), closes the dead consumer as the backend's
 reaper would, and starts new ones. At the end a last consumer drains
-the topic. Then:
+the topic. The test runs twice: on a core of 256 slots, where the
+producer waits for free slots, and on one of 20,000 that starts with a
+backlog of 5,000 messages, past the first 4,096 slots that a core
+uses, so that the kills hit a grown core and the growth itself. Then:
 
 - every number whose publish returned was acked (nothing lost), except
   that a consumer killed between its ack call and its record leaves
@@ -53,6 +56,11 @@ def _read_numbers(path):
         return [int(line) for line in file if line.strip()]
 
 
+# (capacity, messages per producer, backlog published before the
+# kills): a full core, a growing backlog.
+SHAPES = [(256, 2000, 0), (20_000, 12_000, 5000)]
+
+
 def _producer(core_path, first, count, published_path):
     core = TopicCore(core_path, LANES)
     for number in range(first, first + count):
@@ -90,24 +98,30 @@ def core_path():
         os.unlink(path)
 
 
-def test_topiccore_survives_sigkill(core_path, tmp_path):
+@pytest.mark.parametrize("capacity, per_producer, backlog", SHAPES)
+def test_topiccore_survives_sigkill(core_path, tmp_path, capacity,
+                                    per_producer, backlog):
     rng = random.Random(os.getpid())
-    core = TopicCore(core_path, LANES, capacity=256)
+    core = TopicCore(core_path, LANES, capacity=capacity)
     group = core.open_group("g", False)
     published_path = str(tmp_path / "published")
     acked_path = str(tmp_path / "acked")
     index_path = str(tmp_path / "consumers")
     acking_path = str(tmp_path / "acking")
-    next_number = 0
+    for number in range(backlog):
+        assert core.publish(struct.pack("<Q", number), number % 10, 0.0) > 0
+        _append(published_path, number)
+    assert core.stats()["stored"] == backlog
+    next_number = backlog
     closed = 0
     for _ in range(ROUNDS):
         producer = _FORK.Process(
             target=_producer,
-            args=(core_path, next_number, 2000, published_path))
+            args=(core_path, next_number, per_producer, published_path))
         consumer = _FORK.Process(
             target=_consumer,
             args=(core_path, acked_path, index_path, acking_path))
-        next_number += 2000
+        next_number += per_producer
         producer.start()
         consumer.start()
         time.sleep(rng.uniform(0.005, 0.08))

@@ -710,8 +710,10 @@ cdef class TopicCore(_MappedFile):
         self._lock_any()
         try:
             params = &self._header.config.v.params
+            # No slot at or above slot_limit was ever used.
+            limit = min(self._header.state.v.slot_limit, params.capacity)
             slots = []
-            for slot in range(params.capacity):
+            for slot in range(limit):
                 stored = mqs_tc_slot(self._header, slot)
                 if stored.seq == 0:
                     continue
@@ -725,7 +727,7 @@ cdef class TopicCore(_MappedFile):
                 if not group.used:
                     continue
                 entries = []
-                for slot in range(params.capacity):
+                for slot in range(limit):
                     entry = mqs_tc_entry(self._header, g, slot)
                     word = entry.word
                     if word & 0xff == 0:

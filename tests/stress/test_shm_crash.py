@@ -409,3 +409,145 @@ def test_shm_consumer_killed_in_close_redelivered(name, failpoint_path):
         assert message.ack()
     consumer.close()
     broker.close()
+
+
+# A backlog larger than the 65,536 messages that a topic core held
+# before its used region could grow.
+BACKLOG = 70_000
+BACKLOG_BATCH = 1000
+
+BACKLOG_CHILD = r"""
+import os
+import sys
+import mqs
+
+name, first, report = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+broker = mqs.Broker(backend="shm", name=name)
+for number in range(first, first + 100):
+    broker.publish("t", number)
+    os.write(report, b"p")
+"""
+
+
+def publish_backlog(name, count, report_fd):
+    """Publish 0 .. count - 1 to topic "t" in batches, writing the
+    number published so far (8 bytes) to `report_fd` after each."""
+    broker = mqs.Broker(backend="shm", name=name)
+    for first in range(0, count, BACKLOG_BATCH):
+        last = min(count, first + BACKLOG_BATCH)
+        broker.publish_many("t", range(first, last))
+        os.write(report_fd, last.to_bytes(8, "little"))
+    broker.close()
+
+
+def fetch_backlog_then_hang(name, count, results):
+    broker = mqs.Broker(backend="shm", name=name)
+    consumer = broker.consume("t", "a", prefetch=count, ack_timeout=600)
+    fetched = []
+    deadline = time.monotonic() + 30
+    while len(fetched) < count and time.monotonic() < deadline:
+        fetched += [message.body for message in
+                    consumer.get_many(count - len(fetched), timeout=1)]
+    results.put(fetched)
+    time.sleep(600)
+
+
+def drain_group(broker, group, timeout):
+    """Ack every message group `group` gets until the topic is empty;
+    return (body, attempts) pairs in delivery order."""
+    consumer = broker.consume("t", group, prefetch=1000, ack_timeout=600)
+    got = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            batch = consumer.get_many(1000, timeout=0.5)
+        except mqs.Empty:
+            (stats,) = [entry for entry in broker.group_stats("t")
+                        if entry.group == group]
+            if stats.lag_messages == 0 and stats.in_flight == 0:
+                break
+            continue
+        for message in batch:
+            assert message.ack()
+            got.append((message.body, message.attempts))
+    consumer.close()
+    return got
+
+
+def test_shm_large_backlog_survives_kills(name, failpoint_path):
+    """Build a backlog of about 70,000 messages on a plain topic with two
+    groups. Its publisher is SIGKILLed part way, and one more publisher
+    is killed inside the topic core's mutex (failpoint before a commit).
+    A consumer of group "a" is killed with 500 messages in flight.
+    The topic stays on its core, every published message reaches each
+    group exactly once, and the 500 come back with attempts 2."""
+    rng = random.Random(23)
+    broker = mqs.Broker(backend="shm", name=name)
+    broker.declare_topic("t")
+    broker.consume("t", "a").close()
+    broker.consume("t", "b").close()
+    core = broker.backend._cores["t"]
+
+    # A publisher killed once its backlog is past 66,000 messages.
+    read_fd, write_fd = os.pipe()
+    publisher = FORK.Process(target=publish_backlog, daemon=True,
+                             args=(name, BACKLOG + 10_000, write_fd))
+    publisher.start()
+    os.close(write_fd)
+    kill_at = 66_000 + rng.randint(0, 3000)
+    returned = 0
+    while returned < kill_at:
+        report = os.read(read_fd, 8)
+        assert len(report) == 8, "the publisher ended before the kill"
+        returned = int.from_bytes(report, "little")
+    os.kill(publisher.pid, signal.SIGKILL)
+    publisher.join(30)
+    assert publisher.exitcode == -signal.SIGKILL
+    while report := os.read(read_fd, 8):
+        returned = int.from_bytes(report, "little")
+    os.close(read_fd)
+    published = broker.stats("t")["published"]
+    assert returned <= published <= returned + BACKLOG_BATCH
+    assert "t" in broker.backend._core_paths
+
+    # A publisher killed before the commit of its 50th message: the next
+    # locker repairs a core that stores the whole backlog.
+    recoveries = core.counters()["recoveries"]
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ, PYTHONPATH=failpoint_path,
+               MQS_FAILPOINT="tc_publish_before_commit:50")
+    child = subprocess.Popen(
+        [sys.executable, "-c", BACKLOG_CHILD, name, str(published),
+         str(write_fd)], env=env, pass_fds=(write_fd,))
+    os.close(write_fd)
+    assert child.wait(60) == -signal.SIGKILL
+    assert count_reports(read_fd) == 49
+    stats = broker.stats("t")
+    assert core.counters()["recoveries"] == recoveries + 1
+    published += 49
+    assert stats["published"] == published
+    assert stats["stored"] == published
+
+    # A consumer of group "a" killed with 500 deliveries in flight.
+    results = FORK.Queue()
+    consumer = FORK.Process(target=fetch_backlog_then_hang, daemon=True,
+                            args=(name, 500, results))
+    consumer.start()
+    in_flight = results.get(timeout=60)
+    os.kill(consumer.pid, signal.SIGKILL)
+    consumer.join(30)
+    assert in_flight == list(range(500))
+
+    got_a = drain_group(broker, "a", timeout=120)
+    got_b = drain_group(broker, "b", timeout=120)
+    assert sorted(body for body, _ in got_a) == list(range(published))
+    assert [body for body, _ in got_b] == list(range(published))
+    assert sorted(body for body, attempts in got_a if attempts == 2) \
+        == in_flight
+    assert all(attempts == 1 for _, attempts in got_b)
+    stats = broker.stats("t")
+    assert stats["stored"] == 0
+    assert stats["in_flight"] == 0
+    assert stats["acked"] == 2 * published
+    assert "t" in broker.backend._core_paths
+    broker.close()

@@ -129,8 +129,10 @@ Limits
     that opened it; a child forked after that takes its own slot and
     must open its own consumers. A compaction holds the mutex while it
     pickles and writes the whole state, so every process waits that long
-    (it grows with the stored messages) about once per `journal_bytes`
-    of records. A process stopped (SIGSTOP, a debugger) while it holds
+    (it grows with the messages stored on the journal; those of a topic
+    on its core are not part of it) about once per `journal_bytes` of
+    records. Moving a topic from its core to the journal takes a time
+    that grows with its stored messages too. A process stopped (SIGSTOP, a debugger) while it holds
     the mutex stalls every other process until it continues or dies.
     A topic core holds at most CORE_GROUPS groups and CORE_CONSUMERS
     open consumers at once (more raise OSError). A core consumer whose
@@ -207,9 +209,12 @@ FORMAT = ("mqs.broker.shm", 1)
 # How often each process checks that the consumers' processes live.
 REAP_INTERVAL_S = 0.05
 DEFAULT_JOURNAL_BYTES = 16 << 20
-# Sizes of each topic core. Files in /dev/shm are sparse, so untouched
-# slots and entries take no memory.
-CORE_CAPACITY = 65536
+# Sizes of each topic core. Files in /dev/shm are sparse and a core uses
+# its slots from the lowest up, so a core takes memory for the largest
+# backlog it held (about 0.6 KiB per message with one group), not for
+# CORE_CAPACITY. Its mapping takes 4.3 GiB of address space with ten
+# lanes.
+CORE_CAPACITY = 1 << 22
 CORE_SLOT_BYTES = 480
 CORE_GROUPS = 8
 CORE_CONSUMERS = 512

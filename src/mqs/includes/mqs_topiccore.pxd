@@ -34,7 +34,9 @@ cdef extern from "mqs_topiccore.h" nogil:
         uint64_t next_seq
         uint32_t groups_used
         uint32_t retired
+        uint32_t slot_limit
         int64_t counters[12]
+        uint32_t stored
 
     ctypedef struct mqs_tc_config_block:
         mqs_tc_config_t v
