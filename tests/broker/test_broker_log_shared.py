@@ -293,10 +293,14 @@ new_encoding = _shm.encode_record
 _shm.encode_record = lambda op, now, args: pickle.dumps(
     (op, now, args), protocol=pickle.HIGHEST_PROTOCOL)
 broker.publish("t", {"n": 1}, headers={"h": "v"})
-broker.publish("t", "two", priority=9)
+# A timeout takes the path through encode_record (publish_one builds
+# its record by itself).
+broker.publish("t", "two", priority=9, timeout=60)
 _shm.encode_record = new_encoding
+# Records of publish_one: the envelope as (body, priority).
 broker.publish("t", "three")
-print(json.dumps({"published": 3}), flush=True)
+broker.publish("t", "four", priority=5)
+print(json.dumps({"published": 4}), flush=True)
 time.sleep(600)
 """
 
@@ -305,7 +309,7 @@ time.sleep(600)
 def test_log_replays_envelope_object_records(path, reboot):
     child = Child(ENVELOPE_RECORDS, path)
     try:
-        assert child.wait_report() == {"published": 3}
+        assert child.wait_report() == {"published": 4}
     finally:
         child.kill()
     if reboot:
@@ -313,14 +317,17 @@ def test_log_replays_envelope_object_records(path, reboot):
         assert unlink_journal(path)
 
     broker = open_broker(path)
-    assert broker.stats("t")["published"] == 3
+    assert broker.stats("t")["published"] == 4
     consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
     messages = {repr(message.body): message
                 for message in consumer.get_many(10, timeout=5)}
-    assert sorted(messages) == ["'three'", "'two'", "{'n': 1}"]
+    assert sorted(messages) == ["'four'", "'three'", "'two'", "{'n': 1}"]
     assert messages["{'n': 1}"].headers == {"h": "v"}
     assert messages["'two'"].priority == 9
     assert messages["'three'"].priority == 0
+    assert messages["'four'"].priority == 5
+    assert messages["'four'"].headers == {}
+    assert messages["'four'"].key is None
     consumer.close(drain=False)
     broker.close()
 

@@ -15,8 +15,9 @@ Records
     Each record is one operation with its arguments and the broker time
     ``now`` it ran at: declare (with the `TopicConfig` and the seed of
     the topic's retry jitter), delete, publish (the `Envelope` batch as
-    plain tuples, and its wall-clock time; older logs hold `Envelope`
-    objects, which replay too), open and close of a consumer, fetch (consumer,
+    plain tuples, which may leave out trailing fields at their defaults,
+    and its wall-clock time; older logs hold `Envelope` objects, which
+    replay too), open and close of a consumer, fetch (consumer,
     batch size, ack timeout, auto_ack: the deliveries it made), ack,
     nack, extend, release, dlq redrive, dlq purge and tick (timers fired
     by a `stats` call). The value is the pickled tuple ``(op, now,

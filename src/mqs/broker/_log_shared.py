@@ -145,6 +145,8 @@ _inherited: list[Any] = []
 # for building one without the keyword handling of Envelope.__new__.
 _ENVELOPE_DEFAULTS = Envelope(None)[2:]
 _new_tuple = tuple.__new__
+_dumps = pickle.dumps
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def journal_name(path: str | os.PathLike[str]) -> str:
@@ -503,9 +505,9 @@ class SharedLogBackend(ShmBackend):
 
     def publish_one(self, topic: str, body: Any, priority: int
                     ) -> str | None:
-        envelope = _new_tuple(Envelope, (
-            pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL), priority,
-            *_ENVELOPE_DEFAULTS))
+        body = _dumps(body, _PROTOCOL)
+        envelope = _new_tuple(Envelope, (body, priority,
+                                         *_ENVELOPE_DEFAULTS))
         # `LogBackend.publish` without its wait loop: a full topic that
         # blocks and an unknown topic return None, so `publish` waits
         # for room, declares the topic or raises.
@@ -519,10 +521,20 @@ class SharedLogBackend(ShmBackend):
                 if state.config.maxsize and self._publish_blocked(
                         state, envelope, now):
                     return None
-                # `_publish_chunks` for one envelope. Its one record
-                # raises MessageTooLarge if it does not fit.
-                ids = self._logged("publish", topic, [envelope],
-                                   time.time(), 0)
+                # `_logged("publish", ...)` for one envelope. The record
+                # is built here, because `encode_record` takes twice as
+                # long, and `_reserve` raises MessageTooLarge if it does
+                # not fit. It stores the envelope as ``(body, priority)``,
+                # since replay builds ``Envelope(*fields)`` and the other
+                # fields are at their defaults.
+                wall = time.time()
+                data = self._reserve("publish", _dumps(
+                    ("publish", now, (topic, [(body, priority)], wall, 0)),
+                    _PROTOCOL))
+                try:
+                    ids = state.publish((envelope,), now, wall)
+                finally:
+                    self._append(data)
                 self._after_write()
         finally:
             if self.fsync == "always":
@@ -588,10 +600,24 @@ class SharedLogBackend(ShmBackend):
 
     def fetch_one(self, topic: str, group: str, consumer: str,
                   ack_timeout: float, auto_ack: bool) -> Delivery | None:
+        # `_try_fetch` for one message, without the next wake time that
+        # `fetch_one` does not use.
         try:
             with self._lock:
-                found = self._fetch_one_locked(topic, group, consumer,
-                                               ack_timeout, auto_ack)
+                state = self._topic(topic)
+                now = self._tick()
+                if _fetch_is_idle(state, group, consumer, auto_ack, now):
+                    return None
+                data = self._reserve("fetch", _dumps(
+                    ("fetch", now, (topic, group, consumer, 1, ack_timeout,
+                                    auto_ack)), _PROTOCOL))
+                try:
+                    # As `_do_fetch` does, without its `next_wake`.
+                    found = state.fetch(group, consumer, 1, ack_timeout,
+                                        auto_ack, now)
+                finally:
+                    self._append(data)
+                self._after_write()
         except (UnknownTopic, ShutDown):
             # `fetch` raises them again, with its own checks first.
             return None
@@ -601,34 +627,19 @@ class SharedLogBackend(ShmBackend):
             self._sync(self._log)
         return _unpickled(found[0])
 
-    def _fetch_one_locked(self, topic: str, group: str, consumer: str,
-                          ack_timeout: float, auto_ack: bool
-                          ) -> list[Delivery]:
-        """Fetch one message as `_try_fetch` does, without the next wake
-        time that `fetch_one` does not use. The caller is inside the
-        section, which raises ShutDown once the broker is closed."""
-        state = self._topic(topic)
-        now = self._tick()
-        if _fetch_is_idle(state, group, consumer, auto_ack, now):
-            return []
-        args = (topic, group, consumer, 1, ack_timeout, auto_ack)
-        data = self._encoded("fetch", args)
-        try:
-            # As `_do_fetch` does, without its `next_wake`.
-            found = state.fetch(group, consumer, 1, ack_timeout, auto_ack,
-                                now)
-        finally:
-            self._append(data)
-        self._after_write()
-        return found
-
     def ack(self, topic: str, group: str, tag: Any) -> bool:
         # `LogBackend._settle` for an ack, without the checks that the
-        # section already makes (ShutDown once closed).
+        # section already makes (ShutDown once closed), and with
+        # `_logged` inlined.
         with self._lock:
-            self._topic(topic)
-            self._tick()
-            result = self._logged("ack", topic, group, tag)
+            state = self._topic(topic)
+            now = self._tick()
+            data = self._reserve("ack", _dumps(
+                ("ack", now, (topic, group, tag)), _PROTOCOL))
+            try:
+                result = state.ack(group, tag, now)
+            finally:
+                self._append(data)
             self._after_write()
             log = self._log
         if self._sync_acks:

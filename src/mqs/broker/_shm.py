@@ -594,7 +594,11 @@ class ShmBackend(LogBackend):
     def _encoded(self, op: str, args: tuple) -> bytes:
         """Return the record of `op` at `_now`, after making room for it
         in the journal; raise `MessageTooLarge` if it can never fit."""
-        data = encode_record(op, self._now, args)
+        return self._reserve(op, encode_record(op, self._now, args))
+
+    def _reserve(self, op: str, data: bytes) -> bytes:
+        """Return `data`, the record of `op`, after making room for it in
+        the journal; raise `MessageTooLarge` if it can never fit."""
         if len(data) > self._max_record:
             raise MessageTooLarge(
                 f"a {op} record of {len(data)} bytes does not fit in half "
