@@ -359,3 +359,39 @@ def _lock_is_held(path):
     finally:
         os.close(fd)
     return False
+
+
+def test_log_section_excludes_threads(path):
+    """Threads of one process hold the section one at a time, also while
+    a holder sleeps in it (without the GIL) past the spins of the
+    waiters, which then block until it leaves."""
+    broker = open_broker(path)
+    section = broker._backend._lock
+    inside = []
+    overlaps = []
+    entered = []
+
+    def hold(number, seconds):
+        with section:
+            inside.append(number)
+            if len(inside) > 1:
+                overlaps.append(list(inside))
+            time.sleep(seconds)
+            inside.remove(number)
+            entered.append(number)
+
+    first = threading.Thread(target=hold, args=(0, 0.5))
+    first.start()
+    while not inside:
+        time.sleep(0.001)
+    threads = [threading.Thread(target=hold,
+                                args=(number, 0.001 * (number % 3)))
+               for number in range(1, 17)]
+    for thread in threads:
+        thread.start()
+    for thread in [first, *threads]:
+        thread.join(30)
+    assert overlaps == []
+    assert entered[0] == 0
+    assert sorted(entered) == list(range(17))
+    broker.close()
