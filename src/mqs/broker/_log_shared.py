@@ -122,7 +122,7 @@ from mqs.broker._shm import (
     _instances,
     _SharedSection,
 )
-from mqs.errors import BackendUnavailable, LogLocked, ShutDown, UnknownTopic
+from mqs.errors import BackendUnavailable, LogLocked, ShutDown
 
 __all__ = ["SharedLogBackend", "TAKEOVER_INTERVAL_S"]
 
@@ -146,6 +146,7 @@ _inherited: list[Any] = []
 _ENVELOPE_DEFAULTS = Envelope(None)[2:]
 _new_tuple = tuple.__new__
 _dumps = pickle.dumps
+_loads = pickle.loads
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -535,7 +536,8 @@ class SharedLogBackend(ShmBackend):
                     ids = state.publish((envelope,), now, wall)
                 finally:
                     self._append(data)
-                self._after_write()
+                if self._bytes_since_snapshot > self._compact_bytes:
+                    self._after_write()
         finally:
             if self.fsync == "always":
                 self._sync(self._log)
@@ -601,10 +603,14 @@ class SharedLogBackend(ShmBackend):
     def fetch_one(self, topic: str, group: str, consumer: str,
                   ack_timeout: float, auto_ack: bool) -> Delivery | None:
         # `_try_fetch` for one message, without the next wake time that
-        # `fetch_one` does not use.
+        # `fetch_one` does not use. `_topic`, `_after_write` and
+        # `_unpickled` are inlined, because this runs per message.
         try:
             with self._lock:
-                state = self._topic(topic)
+                state = self._topics.get(topic)
+                if state is None:
+                    # `fetch` raises UnknownTopic.
+                    return None
                 now = self._tick()
                 if _fetch_is_idle(state, group, consumer, auto_ack, now):
                     return None
@@ -617,22 +623,27 @@ class SharedLogBackend(ShmBackend):
                                         auto_ack, now)
                 finally:
                     self._append(data)
-                self._after_write()
-        except (UnknownTopic, ShutDown):
-            # `fetch` raises them again, with its own checks first.
+                if self._bytes_since_snapshot > self._compact_bytes:
+                    self._after_write()
+        except ShutDown:
+            # `fetch` raises it again, with its own checks first.
             return None
         if not found:
             return None
         if auto_ack and self._sync_acks:
             self._sync(self._log)
-        return _unpickled(found[0])
+        delivery = found[0]
+        return _new_tuple(Delivery, (*delivery[:4], _loads(delivery[4]),
+                                     *delivery[5:]))
 
     def ack(self, topic: str, group: str, tag: Any) -> bool:
         # `LogBackend._settle` for an ack, without the checks that the
         # section already makes (ShutDown once closed), and with
-        # `_logged` inlined.
+        # `_logged` and `_after_write` inlined.
         with self._lock:
-            state = self._topic(topic)
+            state = self._topics.get(topic)
+            if state is None:
+                state = self._topic(topic)
             now = self._tick()
             data = self._reserve("ack", _dumps(
                 ("ack", now, (topic, group, tag)), _PROTOCOL))
@@ -640,7 +651,8 @@ class SharedLogBackend(ShmBackend):
                 result = state.ack(group, tag, now)
             finally:
                 self._append(data)
-            self._after_write()
+            if self._bytes_since_snapshot > self._compact_bytes:
+                self._after_write()
             log = self._log
         if self._sync_acks:
             self._sync(log)
