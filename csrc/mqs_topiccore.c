@@ -288,12 +288,63 @@ static void set_deadline(mqs_tc_header_t *h, uint32_t g, mqs_tc_entry_t *e,
         s->next_deadline = at;
 }
 
-/* Take an in-flight entry off its consumer's count. */
+/* Append the entry of `slot` to group g's in-flight list. */
+static void link_flight(mqs_tc_header_t *h, uint32_t g, uint32_t slot)
+{
+    mqs_tc_group_t *group = mqs_tc_group(h, g);
+    mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+
+    e->flight_prev = group->flight_tail;
+    e->flight_next = MQS_TC_NO_SLOT;
+    if (group->flight_tail == MQS_TC_NO_SLOT)
+        group->flight_head = slot;
+    else
+        mqs_tc_entry(h, g, group->flight_tail)->flight_next = slot;
+    group->flight_tail = slot;
+}
+
+static void unlink_flight(mqs_tc_header_t *h, uint32_t g, uint32_t slot)
+{
+    mqs_tc_group_t *group = mqs_tc_group(h, g);
+    mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+
+    if (e->flight_prev == MQS_TC_NO_SLOT)
+        group->flight_head = e->flight_next;
+    else
+        mqs_tc_entry(h, g, e->flight_prev)->flight_next = e->flight_next;
+    if (e->flight_next == MQS_TC_NO_SLOT)
+        group->flight_tail = e->flight_prev;
+    else
+        mqs_tc_entry(h, g, e->flight_next)->flight_prev = e->flight_prev;
+    e->flight_prev = e->flight_next = MQS_TC_NO_SLOT;
+}
+
+/* The first slot to look at for entries of group g in `state`, and the
+ * one after `slot`: in-flight entries are on the group's in-flight
+ * list, the others need a scan of every used slot. */
+static uint32_t first_slot(mqs_tc_header_t *h, uint32_t g, uint32_t state)
+{
+    if (state == MQS_TC_IN_FLIGHT)
+        return mqs_tc_group(h, g)->flight_head;
+    return slot_limit(h) > 0 ? 0 : MQS_TC_NO_SLOT;
+}
+
+static uint32_t next_slot(mqs_tc_header_t *h, uint32_t g, uint32_t state,
+                          uint32_t slot)
+{
+    if (state == MQS_TC_IN_FLIGHT)
+        return mqs_tc_entry(h, g, slot)->flight_next;
+    return slot + 1 < slot_limit(h) ? slot + 1 : MQS_TC_NO_SLOT;
+}
+
+/* Take an in-flight entry off its group's in-flight list and its
+ * consumer's count. */
 static void leave_flight(mqs_tc_header_t *h, uint32_t g, mqs_tc_entry_t *e)
 {
     mqs_tc_group_t *group = mqs_tc_group(h, g);
     uint32_t consumer = e->consumer;
 
+    unlink_flight(h, g, (uint32_t)(e - mqs_tc_entry(h, g, 0)));
     if (consumer < config_of(h)->params.max_consumers) {
         mqs_tc_consumer_t *c = mqs_tc_consumer(h, consumer);
         if (c->in_flight > 0)
@@ -480,10 +531,9 @@ static uint32_t next_batch(mqs_tc_header_t *h, uint32_t g, uint32_t state,
                            keep_fn keep, const void *arg, key_fn key,
                            batch_t *b)
 {
-    uint32_t limit = slot_limit(h);
-
     b->count = 0;
-    for (uint32_t slot = 0; slot < limit; slot++) {
+    for (uint32_t slot = first_slot(h, g, state); slot != MQS_TC_NO_SLOT;
+         slot = next_slot(h, g, state, slot)) {
         mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
         timed_t item;
         if (mqs_tc_word_state(load_word(e)) != state
@@ -535,18 +585,20 @@ static int64_t visit_in_order(mqs_tc_header_t *h, uint32_t g,
                               uint32_t state, keep_fn keep, const void *arg,
                               key_fn key, visit_fn visit, void *context)
 {
-    uint32_t limit = slot_limit(h);
     uint64_t count = 0, filled = 0;
     timed_t *items;
     batch_t batch;
 
-    for (uint32_t slot = 0; slot < limit; slot++)
+    for (uint32_t slot = first_slot(h, g, state); slot != MQS_TC_NO_SLOT;
+         slot = next_slot(h, g, state, slot))
         count += matches(h, g, slot, state, keep, arg);
     if (count == 0)
         return 0;
     items = malloc(count * sizeof(timed_t));
     if (items != NULL) {
-        for (uint32_t slot = 0; slot < limit && filled < count; slot++) {
+        for (uint32_t slot = first_slot(h, g, state);
+             slot != MQS_TC_NO_SLOT && filled < count;
+             slot = next_slot(h, g, state, slot)) {
             if (!matches(h, g, slot, state, keep, arg))
                 continue;
             key(h, g, slot, &items[filled]);
@@ -573,17 +625,17 @@ static int64_t visit_in_order(mqs_tc_header_t *h, uint32_t g,
 static void recompute_deadlines(mqs_tc_header_t *h)
 {
     mqs_tc_params_t *p = &config_of(h)->params;
-    uint32_t limit = slot_limit(h);
     double next = INFINITY;
 
     for (uint32_t g = 0; g < p->max_groups; g++) {
         mqs_tc_group_t *group = mqs_tc_group(h, g);
         double group_next = INFINITY;
-        if (group->in_flight > 0) {
-            for (uint32_t slot = 0; slot < limit; slot++) {
+        if (atomic_load_explicit(&group->used, memory_order_relaxed)) {
+            for (uint32_t slot = group->flight_head;
+                 slot != MQS_TC_NO_SLOT;
+                 slot = mqs_tc_entry(h, g, slot)->flight_next) {
                 mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
-                if (mqs_tc_word_state(load_word(e)) == MQS_TC_IN_FLIGHT
-                    && e->deadline < group_next)
+                if (e->deadline < group_next)
                     group_next = e->deadline;
             }
         }
@@ -624,7 +676,6 @@ static void expire(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
 void mqs_tc_advance(mqs_tc_header_t *h, double now)
 {
     mqs_tc_params_t *p = &config_of(h)->params;
-    uint32_t limit = slot_limit(h);
     batch_t batch;
 
     if (now < state_of(h)->next_deadline)
@@ -641,11 +692,12 @@ void mqs_tc_advance(mqs_tc_header_t *h, double now)
             if (!atomic_load_explicit(&group->used, memory_order_relaxed)
                 || group->next_deadline > now)
                 continue;
-            for (uint32_t slot = 0; slot < limit; slot++) {
+            for (uint32_t slot = group->flight_head;
+                 slot != MQS_TC_NO_SLOT;
+                 slot = mqs_tc_entry(h, g, slot)->flight_next) {
                 mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
                 timed_t item;
-                if (mqs_tc_word_state(load_word(e)) != MQS_TC_IN_FLIGHT
-                    || e->deadline > now)
+                if (e->deadline > now)
                     continue;
                 item.at = e->deadline;
                 item.order = e->deadline_seq;
@@ -830,6 +882,7 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     group->tail_seq = 0;
     group->front_seq = 0;
     group->ready = group->in_flight = group->dead = 0;
+    group->flight_head = group->flight_tail = MQS_TC_NO_SLOT;
     group->next_deadline = INFINITY;
     memset(group->lanes, 0, sizeof(group->lanes));
     memset(group->counters, 0, sizeof(group->counters));
@@ -1072,6 +1125,7 @@ int64_t mqs_tc_fetch(mqs_tc_header_t *h, uint32_t consumer,
         }
         e->consumer = consumer;
         set_deadline(h, g, e, now + ack_timeout);
+        link_flight(h, g, slot);
         store_word(e, mqs_tc_word(MQS_TC_IN_FLIGHT, 0, attempts));
         MQS_FAILPOINT("tc_fetch_after_commit");
         c->in_flight++;
@@ -1302,6 +1356,7 @@ static void requeue_orphan(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
     uint64_t attempts = mqs_tc_word_attempts(load_word(e));
 
     (void)context;
+    unlink_flight(h, g, slot);
     e->consumer = MQS_TC_NO_CONSUMER;
     e->ready_seq = ++mqs_tc_group(h, g)->tail_seq;
     store_word(e, mqs_tc_word(MQS_TC_READY, 0, attempts));
@@ -1373,10 +1428,14 @@ void mqs_tc_repair(mqs_tc_header_t *h)
          * lanes' tails in publish order and count as redelivered, as
          * mqs_tc_close_consumer would have done. */
         group->ready = group->in_flight = group->dead = 0;
+        group->flight_head = group->flight_tail = MQS_TC_NO_SLOT;
         memset(group->lanes, 0, sizeof(group->lanes));
         for (uint32_t slot = 0; slot < limit; slot++) {
             mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
             uint32_t state = mqs_tc_word_state(load_word(e));
+            /* Orphans too: requeue_orphan takes them off again. */
+            if (state == MQS_TC_IN_FLIGHT)
+                link_flight(h, g, slot);
             if (state == MQS_TC_IN_FLIGHT && !orphaned(h, slot, e, &g)) {
                 group->in_flight++;
                 mqs_tc_consumer(h, e->consumer)->in_flight++;

@@ -35,21 +35,21 @@
  * other fields of that entry; lane rings, ready counts, dead counts,
  * consumers' in-flight counts and deadline hints only mirror the words.
  * A process that gets EOWNERDEAD (mqs_tc_lock returns 1) calls
- * mqs_tc_repair, which rebuilds the mirrors from the words: ready
- * entries go back to their lanes in ready order, entries of an
- * uncommitted publish are cleared, a slot no group needs is freed, and
- * in-flight entries of a closed consumer are requeued (and counted as
- * redelivered).
+ * mqs_tc_repair, which rebuilds the mirrors (in-flight lists too) from
+ * the words: ready entries go back to their lanes in ready order,
+ * entries of an uncommitted publish are cleared, a slot no group needs
+ * is freed, and in-flight entries of a closed consumer are requeued
+ * (and counted as redelivered).
  * The published counter is next_seq, which the repair takes from the
  * committed slots.
  *
  * Size. The file is sized for `capacity` messages but is sparse: only
  * slots below state.slot_limit, which grows with the largest backlog
  * seen, and the entries and lane rings of used groups and lanes are
- * touched. Every scan stops at slot_limit, and the operations that put
- * a whole backlog in order (creating a group at "earliest", closing a
- * consumer, repair) sort it in one pass with a scratch array, so their
- * cost is O(n log n) in the stored messages, not O(capacity). NOTE: the other cumulative counters (acked, ...) are
+ * touched. Every scan stops at slot_limit. Creating a group at
+ * "earliest" and repair put a whole backlog in order with one sort in a
+ * scratch array, so they cost O(n log n) in the stored messages. Ack
+ * deadlines and closing a consumer walk the group's in-flight list. NOTE: the other cumulative counters (acked, ...) are
  * bumped apart from the commit, so one may miss or double-count the
  * operation a dead holder was running.
  */
@@ -70,6 +70,7 @@
 #define MQS_TC_MAX_LANES 10
 #define MQS_TC_NAME_BYTES 120
 #define MQS_TC_NO_CONSUMER UINT32_MAX
+#define MQS_TC_NO_SLOT UINT32_MAX
 /* How many slots a full topic core adds to its used region at a time. */
 #define MQS_TC_GROW_SLOTS 4096u
 
@@ -210,6 +211,11 @@ typedef struct mqs_tc_group {
     uint32_t ready;
     uint32_t in_flight;
     uint32_t dead;
+    /* In-flight entries in delivery order, linked through their
+     * flight_prev and flight_next (MQS_TC_NO_SLOT ends it), so that
+     * deadlines cost O(in flight), not O(stored). A mirror. */
+    uint32_t flight_head;
+    uint32_t flight_tail;
     uint32_t reserved;
     double next_deadline;     /* no in-flight deadline is earlier */
     int64_t countdown;        /* deliveries left until the next sample */
@@ -231,6 +237,8 @@ typedef struct mqs_tc_entry {
     double ready_at;          /* when it last joined its lane's tail */
     double sampled_at;        /* in flight: its delivery time if sampled,
                                  else 0 */
+    uint32_t flight_prev;     /* in flight: neighbours on the group's */
+    uint32_t flight_next;     /* in-flight list */
 } mqs_tc_entry_t;
 
 typedef struct mqs_tc_consumer {

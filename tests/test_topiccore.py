@@ -347,3 +347,41 @@ def test_topiccore_memory_follows_backlog_not_capacity(path):
     # About 0.6 KiB per message: slot, entry and ring index.
     assert os.stat(path).st_blocks * 512 < 16 << 20
     core.close()
+
+
+def test_topiccore_deadlines_behind_large_backlog(path):
+    # Deadlines are found through each group's in-flight list, so they
+    # must fire in deadline order while most stored messages are ready.
+    core = TopicCore(path, LANES, capacity=20_000)
+    group = core.open_group("g", False)
+    for number in range(10_000):
+        assert core.publish(number.to_bytes(4, "little"), 0, 0.0) > 0
+    first = core.open_consumer(group, 1000, 1)
+    second = core.open_consumer(group, 100, 1)
+    held_long = core.fetch(first, 1000, 10.0, now=0.0)
+    held_short = core.fetch(second, 100, 5.0, now=1.0)
+    # Ack the odd numbers of the first consumer, last first.
+    for item in reversed(held_long[1::2]):
+        assert core.ack(group, item[1], item[2], now=2.0)
+    assert core.stats()["in_flight"] == 600
+
+    core.advance(now=7.0)
+    assert core.stats()["in_flight"] == 500
+    core.advance(now=11.0)
+    stats = core.stats()
+    assert stats["in_flight"] == 0
+    assert stats["ready"] == 10_000 - 500
+
+    drain = core.open_consumer(group, 10_000, 1)
+    found = core.fetch(drain, 10_000, 60.0, now=12.0)
+    numbers = [int.from_bytes(item[6], "little") for item in found]
+    expired_short = list(range(1000, 1100))
+    expired_long = list(range(0, 1000, 2))
+    assert numbers == list(range(1100, 10_000)) + expired_short \
+        + expired_long
+    attempts = [item[3] for item in found]
+    assert attempts == [1] * 8900 + [2] * 600
+    for item in found:
+        assert core.ack(group, item[1], item[2], now=13.0)
+    assert core.stats()["stored"] == 0
+    core.close()
