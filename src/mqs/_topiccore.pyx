@@ -683,6 +683,13 @@ cdef class TopicCore(_MappedFile):
         return False
 
     @property
+    def capacity(self):
+        """Messages the core stores at once, fixed by its creator."""
+        if self._header == NULL:
+            raise ValueError(f"topic core {self.path} is closed")
+        return self._header.config.v.params.capacity
+
+    @property
     def retired(self):
         """Whether the topic moved out of the core (read without the
         mutex: False may be stale, True is final)."""

@@ -547,6 +547,30 @@ def test_shm_full_core_moves_topic(name, monkeypatch):
     broker.close()
 
 
+def test_shm_core_capacity_fits_free_space():
+    per_message = shm_module.CORE_BYTES_PER_MESSAGE
+    assert shm_module._core_capacity(1 << 50) == shm_module.CORE_CAPACITY
+    assert shm_module._core_capacity(2 * per_message << 20) == 1 << 20
+    assert shm_module._core_capacity((2 * per_message << 20) - 1) \
+        == 1 << 19
+    assert shm_module._core_capacity(64 << 20) \
+        == shm_module.CORE_MIN_CAPACITY
+    assert shm_module._core_capacity(0) == shm_module.CORE_MIN_CAPACITY
+
+
+def test_shm_small_dev_shm_gets_small_core(name, monkeypatch):
+    monkeypatch.setattr(shm_module, "_shm_free_bytes", lambda: 64 << 20)
+    broker = open_broker(name)
+    broker.declare_topic("small")
+    assert broker.backend._cores["small"].capacity \
+        == shm_module.CORE_MIN_CAPACITY
+    monkeypatch.setattr(shm_module, "_shm_free_bytes", lambda: 1 << 50)
+    broker.declare_topic("large")
+    assert broker.backend._cores["large"].capacity \
+        == shm_module.CORE_CAPACITY
+    broker.close()
+
+
 def test_shm_rejected_redeclare_keeps_core(name):
     broker = open_broker(name)
     other = open_broker(name)

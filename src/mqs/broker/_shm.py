@@ -40,7 +40,8 @@ Design: topic cores for the common path, a replicated journal for the rest
     never both, and it moves at most once, from core to journal. It
     moves when an operation needs what the core lacks: a message with a
     key, delay, ttl or dedup_id (on a topic with a dedup window), a
-    payload over CORE_SLOT_BYTES, a full core (CORE_CAPACITY messages),
+    payload over CORE_SLOT_BYTES, a full core (up to CORE_CAPACITY
+    messages, fewer when /dev/shm is small: see CORE_MIN_CAPACITY),
     a nack with a delay, an error text or requeue=False, a dead letter
     (the core's max_attempts or ack deadline dead-lettered one), or a new
     configuration. The mover holds the journal mutex, takes the core's
@@ -212,12 +213,22 @@ DEFAULT_JOURNAL_BYTES = 16 << 20
 # Sizes of each topic core. Files in /dev/shm are sparse and a core uses
 # its slots from the lowest up, so a core takes memory for the largest
 # backlog it held (about 0.6 KiB per message with one group), not for
-# CORE_CAPACITY. Its mapping takes 4.3 GiB of address space with ten
-# lanes.
+# its capacity. A core of CORE_CAPACITY maps 4.3 GiB of address space
+# with ten lanes.
 CORE_CAPACITY = 1 << 22
 CORE_SLOT_BYTES = 480
 CORE_GROUPS = 8
 CORE_CONSUMERS = 512
+# A store into a page that /dev/shm has no room for kills the process
+# with SIGBUS. So a new core gets the largest power-of-two capacity,
+# from CORE_MIN_CAPACITY to CORE_CAPACITY, whose full use (every group
+# and lane) takes at most half of the free space of /dev/shm. A topic
+# whose core is full moves to the journal, in the heap of each process.
+CORE_MIN_CAPACITY = 65536
+# Estimate of a full core's bytes per message, from the structs of
+# csrc/mqs_topiccore.h: a slot (24 byte header and body), and per group
+# an entry (72 bytes) and a 4 byte lane ring index per lane.
+CORE_BYTES_PER_MESSAGE = 24 + CORE_SLOT_BYTES + CORE_GROUPS * (72 + 10 * 4)
 _EXTRAS = PAYLOAD_EXTRAS
 
 # Every open ShmBackend of this process, given its own slot in a child.
@@ -238,6 +249,21 @@ def _check_name(name: Any) -> str:
 
 def _journal_path(name: str) -> str:
     return os.path.join(SHM_DIR, PREFIX + name)
+
+
+def _core_capacity(free_bytes: int) -> int:
+    """Return the capacity of a new topic core when /dev/shm has
+    `free_bytes` free (see CORE_MIN_CAPACITY)."""
+    capacity = CORE_CAPACITY
+    while capacity > CORE_MIN_CAPACITY \
+            and capacity * CORE_BYTES_PER_MESSAGE > free_bytes // 2:
+        capacity //= 2
+    return capacity
+
+
+def _shm_free_bytes() -> int:
+    stats = os.statvfs(SHM_DIR)
+    return stats.f_bavail * stats.f_frsize
 
 
 def _core_topic(config: TopicConfig) -> bool:
@@ -783,7 +809,8 @@ class ShmBackend(LogBackend):
         weights = config.weight_map
         handle = TopicCore(
             path, [(lane, weights[lane]) for lane in config.lanes],
-            strict=config.policy == "strict", capacity=CORE_CAPACITY,
+            strict=config.policy == "strict",
+            capacity=_core_capacity(_shm_free_bytes()),
             slot_bytes=CORE_SLOT_BYTES, max_groups=CORE_GROUPS,
             max_consumers=CORE_CONSUMERS, max_attempts=config.max_attempts,
             sample_every=self.sample_every)
