@@ -133,13 +133,15 @@ Limits
     (it grows with the messages stored on the journal; those of a topic
     on its core are not part of it) about once per `journal_bytes` of
     records. Moving a topic from its core to the journal takes a time
-    that grows with its stored messages too. A process stopped (SIGSTOP, a debugger) while it holds
-    the mutex stalls every other process until it continues or dies.
+    that grows with its stored messages too. A process stopped
+    (SIGSTOP, a debugger) while it holds the mutex stalls every other
+    process until it continues or dies.
     A topic core holds at most CORE_GROUPS groups and CORE_CONSUMERS
     open consumers at once (more raise OSError). A core consumer whose
     process died between registering it and appending its ``open``
-    record stays idle in the core. Group stats of a core topic scan the
-    core (O(capacity)).
+    record stays idle in the core. Repairing a core after a process
+    died inside its mutex scans and sorts its stored messages, so that
+    pause grows with the backlog.
 """
 
 from __future__ import annotations
