@@ -25,6 +25,7 @@ __all__ = [
     "RequestTimeout",
     "CircuitOpen",
     "AlreadySettled",
+    "ProducerFlushError",
     "BackendUnavailable",
     "BackendConnectionError",
     "CertificateVerifyError",
@@ -167,6 +168,25 @@ class CircuitOpen(MqsError, RuntimeError):
 
 class AlreadySettled(MqsError, RuntimeError):
     """Raised by a second ack or nack of one delivered message."""
+
+
+class ProducerFlushError(MqsError, RuntimeError):
+    """Raised by `Broker.close` when producers could not publish their
+    buffered messages. Those messages were dropped, logged and counted in
+    `Producer.dropped`.
+
+    Attributes
+    ----------
+    dropped : int
+        Messages dropped, over every producer.
+    by_topic : dict
+        Messages dropped per topic.
+    """
+
+    def __init__(self, message="", dropped=0, by_topic=None):
+        super().__init__(message)
+        self.dropped = dropped
+        self.by_topic = dict(by_topic or {})
 
 
 class BackendUnavailable(MqsError, ValueError):

@@ -6,12 +6,16 @@ bounds, so that the same tests fit backends in other processes.
 
 import asyncio
 import collections
+import gc
+import json
+import logging
 import random
 import subprocess
 import sys
 import threading
 import time
 import uuid
+import weakref
 
 import pytest
 
@@ -454,6 +458,7 @@ def test_release_returns_unseen_messages_to_lane_head(broker):
         (0, 1), (1, 1), (2, 1), (3, 1)]
 
 
+
 # Delays.
 
 def test_delay_is_never_early_and_wakes_blocked_get(broker):
@@ -812,6 +817,226 @@ def test_producer_reports_full_and_keeps_batch(broker):
     consumer.get(timeout=0).ack()
     assert len(producer.flush()) == 1
     assert consumer.get(timeout=0).body == 2
+
+
+
+def test_broker_close_publishes_producer_batches(broker, request):
+    first = broker.producer("t", linger=60, batch_size=100)
+    second = broker.producer("t", linger=60, batch_size=100)
+    for body in ("a", "b", "c"):
+        first.publish(body)
+    second.publish("d", priority=5)
+    other = _second_handle(broker, request)
+
+    broker.close()
+    assert first.closed
+    assert second.closed
+    assert (first.dropped, second.dropped) == (0, 0)
+    # Their ids come back from the next flush or close.
+    assert len(first.close()) == 3
+    assert len(second.flush()) == 1
+    with pytest.raises(mqs.ShutDown, match="closed producer"):
+        first.publish("e")
+
+    if other is None:
+        return
+    try:
+        got = other.consume("t", "g", auto_ack=True).get_many(10, timeout=10)
+        assert sorted(m.body for m in got) == ["a", "b", "c", "d"]
+    finally:
+        other.close()
+
+
+def test_close_counts_dropped_producer_batch(broker, request, caplog):
+    broker.declare_topic("t", maxsize=1, when_full="raise")
+    consumer = broker.consume("t", "g")
+    producer = broker.producer("t", linger=60, batch_size=100)
+    for body in (1, 2, 3):
+        producer.publish(body)
+    other = _second_handle(broker, request)
+
+    with caplog.at_level(logging.WARNING, logger="mqs.broker._broker"):
+        with pytest.raises(mqs.ProducerFlushError,
+                           match=r"dropped 2 buffered producer message") \
+                as raised:
+            broker.close()
+    assert raised.value.dropped == 2
+    assert raised.value.by_topic == {"t": 2}
+    assert isinstance(raised.value.__cause__, mqs.Full)
+    assert producer.dropped == 2
+    assert producer.closed
+    assert "dropped 2 buffered message(s)" in caplog.text
+    # The rest of the close ran.
+    assert consumer.closed
+    with pytest.raises(mqs.ShutDown):
+        broker.publish("t", 4)
+
+    if other is None:
+        return
+    try:
+        got = other.consume("t", "g", prefetch=5).get_many(5, timeout=10)
+        assert [m.body for m in got] == [1]
+    finally:
+        other.close()
+
+
+def test_collected_producer_publishes_batch(broker):
+    consumer = broker.consume("t", "g", auto_ack=True)
+    producer = broker.producer("t", linger=60, batch_size=100)
+    producer.publish("a")
+    producer.publish("b")
+    batcher = producer._batcher
+    thread = batcher._thread
+    dead = weakref.ref(producer)
+    del producer
+    gc.collect()
+    assert dead() is None
+
+    # Sent at once, not after the 60 s linger.
+    bodies = []
+    while len(bodies) < 2:
+        bodies += [m.body for m in consumer.get_many(10, timeout=10)]
+    assert bodies == ["a", "b"]
+    thread.join(10)
+    assert not thread.is_alive()
+    assert batcher.dropped == 0
+
+
+def test_collected_idle_producer_ends_thread(broker):
+    producer = broker.producer("t", linger=60, batch_size=2)
+    producer.publish("a")
+    producer.publish("b")  # a full batch goes out; the thread idles
+    thread = producer._batcher._thread
+    del producer
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+@pytest.mark.stress
+def test_close_races_producer_threads(broker, request, scale):
+    # Every publish that returned is published by the close; the ones
+    # after it raise ShutDown.
+    producer = broker.producer("t", linger=0.002, batch_size=7)
+    accepted = collections.Counter()
+    per_thread = int(3000 * scale)
+    started = threading.Barrier(5)
+
+    def publish(thread_id):
+        started.wait()
+        for n in range(per_thread):
+            try:
+                producer.publish((thread_id, n))
+            except mqs.ShutDown:
+                return
+            accepted[thread_id] += 1
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    other = _second_handle(broker, request)
+    started.wait()
+    time.sleep(0.05)
+    broker.close()
+    for thread in threads:
+        thread.join(60)
+    total = sum(accepted.values())
+    assert producer.dropped == 0
+    assert len(producer.close()) == total
+
+    if other is None:
+        return
+    try:
+        consumer = other.consume("t", "g", auto_ack=True)
+        got = []
+        while len(got) < total:
+            got += [m.body for m in consumer.get_many(1000, timeout=10)]
+        for thread_id in range(4):
+            mine = [n for owner, n in got if owner == thread_id]
+            assert mine == list(range(accepted[thread_id]))
+    finally:
+        other.close()
+
+
+EXIT_PRODUCER = """
+import atexit, json, sys, mqs
+kind, options = sys.argv[1], json.loads(sys.argv[2])
+broker = mqs.Broker(backend=kind, **options)
+broker.declare_topic("full", maxsize=1, when_full="raise")
+consumer = broker.consume("t", "g", auto_ack=True)
+
+def check():
+    # Registered before the producers, so it runs after their exit hook.
+    got = consumer.get_many(10, timeout=10)
+    print(json.dumps([[m.body for m in got], dropping.dropped]))
+
+atexit.register(check)
+producer = broker.producer("t", linger=60, batch_size=100)
+producer.publish("a")
+producer.publish("b")
+dropping = broker.producer("full", linger=60, batch_size=100)
+for body in (1, 2, 3):
+    dropping.publish(body)
+"""
+
+
+EXIT_BLOCKED = """
+import json, sys, threading, time, mqs
+from mqs.broker import _broker
+_broker._EXIT_TIMEOUT_S = 1.0
+kind, options = sys.argv[1], json.loads(sys.argv[2])
+broker = mqs.Broker(backend=kind, **options)
+broker.declare_topic("full", maxsize=1, when_full="block")
+broker.publish("full", 0)
+# The background thread sends at once and blocks on the full topic.
+stuck = broker.producer("full", linger=0, batch_size=100)
+waiting = broker.producer("full", linger=60, batch_size=100)
+waiting.publish(1)
+threading.Thread(target=stuck.publish, args=(2,), daemon=True).start()
+time.sleep(0.5)
+"""
+
+
+def test_exit_bounds_blocked_producer_wait(broker, request):
+    backend = broker.backend
+    options = _child_options(broker, request)
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_BLOCKED, backend.name,
+         json.dumps(options)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - start < 60
+    # One producer waited in vain for room, the other was in a publish.
+    assert "dropped 1 buffered message(s)" in result.stderr
+    assert "was still publishing when the interpreter exited; 1 " \
+        in result.stderr
+
+
+def _child_options(broker, request):
+    """Return the options with which a child process opens the store of
+    `broker` (a broker of its own for the memory backend)."""
+    backend = broker.backend
+    if backend.name == "shm":
+        return {"name": backend.shm_name}
+    if backend.name == "log":
+        return {"path": str(backend.path)}
+    if backend.name == "redis":
+        return {"url": request.getfixturevalue("redis_url"),
+                "namespace": request.getfixturevalue("redis_namespace"),
+                "serializer": "pickle"}
+    return {}
+
+
+def test_producer_batch_published_at_exit(broker, request):
+    backend = broker.backend
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_PRODUCER, backend.name,
+         json.dumps(_child_options(broker, request))],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [["a", "b"], 2]
+    assert "dropped 2 buffered message(s)" in result.stderr
+    assert "the interpreter exited" in result.stderr
 
 
 # Settings and errors.

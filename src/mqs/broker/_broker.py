@@ -6,10 +6,12 @@ the backend (see `mqs.broker._backend` for the contract).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import inspect
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -38,6 +40,7 @@ from mqs.errors import (
     BackendUnavailable,
     Empty,
     Full,
+    ProducerFlushError,
     RequestTimeout,
     ShutDown,
     UnknownTopic,
@@ -142,6 +145,26 @@ def _check_hashable(name: str, value: Any) -> None:
             f"{name} must be hashable, got {type(value).__name__} "
             f"{value!r}; use a str, an int, or a tuple of those"
         ) from None
+
+
+def _flush_error(failures: list[tuple[str, int, Exception | None]]
+                 ) -> ProducerFlushError:
+    """Return the error `Broker.close` raises for the batches its
+    producers dropped: ``(topic, dropped, cause)`` each."""
+    by_topic: dict[str, int] = {}
+    for topic, dropped, _ in failures:
+        by_topic[topic] = by_topic.get(topic, 0) + dropped
+    total = sum(by_topic.values())
+    causes = "; ".join(
+        f"{topic!r}: {dropped} ({type(cause).__name__}: {cause})"
+        for topic, dropped, cause in failures)
+    error = ProducerFlushError(
+        f"Broker.close dropped {total} buffered producer message(s) that "
+        f"could not be published ({causes}); close the producers before "
+        f"the broker to handle such errors", dropped=total,
+        by_topic=by_topic)
+    error.__cause__ = failures[0][2]
+    return error
 
 
 def _fast_path(backend: Backend, name: str) -> Callable[..., Any] | None:
@@ -480,29 +503,63 @@ class Consumer:
         self.close()
 
 
-class Producer:
-    """A batching publisher to one topic: `linger` and `batch_size`.
+# Batchers of this process whose buffered messages `_flush_at_exit`
+# publishes; weak, so that a closed producer is not kept.
+_batchers: weakref.WeakSet[_Batcher] = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+# Maximum wait of an idle background thread before it checks whether its
+# `Producer` was garbage-collected (when the finalizer could not wake it).
+_IDLE_WAIT_S = 1.0
+# Maximum time the exit hook waits for all producers together: for a
+# background publish to finish and for room in a full topic.
+_EXIT_TIMEOUT_S = 10.0
 
-    `publish` buffers messages; a batch goes to the backend in one call
-    once it holds `batch_size` messages, or `linger` seconds after its
-    first message (sent by a background thread), or on `flush`/`close`.
-    Errors of a background send are raised by the next `publish`,
-    `flush` or `close`. The messages of a failed batch that the topic did
-    not take are kept for the next try; the ids of the ones it took before
-    the error are not returned by `flush`.
+
+def _register_exit_hook() -> None:
+    """Register `_flush_at_exit` with atexit, once per process.
+
+    Registered at the first producer rather than at import, because
+    atexit runs its hooks last in, first out: this one then runs before
+    the hooks registered earlier, such as the one that stops a
+    `mqs._redis_server.RedisServer`.
+    """
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        if not _exit_hook_registered:
+            atexit.register(_flush_at_exit)
+            _exit_hook_registered = True
+
+
+def _flush_at_exit() -> None:
+    """Publish the buffered messages of every producer of this process."""
+    pid = os.getpid()
+    deadline = time.monotonic() + _EXIT_TIMEOUT_S
+    for batcher in list(_batchers):
+        # A forked child inherits copies of its parent's batches, which
+        # the parent publishes itself.
+        if batcher.pid == pid:
+            left = max(0.0, deadline - time.monotonic())
+            batcher.shut("the interpreter exited", timeout=left)
+
+
+class _Batcher:
+    """The buffer, lock and background thread of one `Producer`.
+
+    The thread references this object and never the `Producer`, so a
+    producer dropped without `close` is garbage-collected. Its finalizer
+    calls `orphan`, and the thread then publishes the batch and ends.
     """
 
     def __init__(self, broker: Broker, topic: str, *, linger: float,
                  batch_size: int, timeout: float | None) -> None:
-        self._broker = broker
+        self.broker = broker
         self.topic = topic
-        self.linger = _required_seconds("linger", linger)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
-                or batch_size < 1:
-            raise ValueError(
-                f"batch_size must be an int of 1 or more, got {batch_size!r}")
+        self.linger = linger
         self.batch_size = batch_size
         self.timeout = timeout
+        self.pid = os.getpid()
+        self.dropped = 0
         self._batch: list[Envelope] = []
         self._batch_started = 0.0
         self._ids: list[str] = []
@@ -510,11 +567,15 @@ class Producer:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closed = False
+        self._orphaned = False
         self._thread: threading.Thread | None = None
+        # Messages of the publish call in progress, for the count of a
+        # `shut` that cannot wait for it.
+        self._sending = 0
+        _batchers.add(self)
+        _register_exit_hook()
 
-    def publish(self, body: Any, **options: Any) -> None:
-        """Buffer one message; options as in `Broker.publish`."""
-        envelope = self._broker._envelope(body, **options)
+    def publish(self, envelope: Envelope) -> None:
         with self._lock:
             self._raise_error()
             if self._closed:
@@ -544,8 +605,11 @@ class Producer:
     def _run(self) -> None:
         with self._lock:
             while not self._closed:
+                if self._orphaned:
+                    self._shut_locked("its Producer was garbage-collected")
+                    return
                 if not self._batch:
-                    self._wake.wait()
+                    self._wake.wait(_IDLE_WAIT_S)
                     continue
                 # Loop after every wake: the batch may have been sent by a
                 # full publish or a flush meanwhile, and a new one started.
@@ -561,19 +625,23 @@ class Producer:
                     self._error = exc
                     self._batch_started = time.monotonic()
 
-    def _send_locked(self) -> None:
+    def _send_locked(self, timeout: float | None = None) -> None:
+        """Publish the batch, waiting up to `timeout` seconds on a full
+        topic (None: the producer's `timeout`)."""
         batch, self._batch = self._batch, []
+        self._sending = len(batch)
         try:
-            self._ids += self._broker._backend.publish(
-                self.topic, batch, self.timeout)
+            self._ids += self.broker._backend.publish(
+                self.topic, batch, self.timeout if timeout is None
+                else timeout)
         except BaseException as exc:
             accepted = getattr(exc, "accepted", 0)
             self._batch = batch[accepted:] + self._batch
             raise
+        finally:
+            self._sending = 0
 
     def flush(self) -> list[str]:
-        """Send the buffered messages now; return the ids sent since the
-        last `flush` (including background sends)."""
         with self._lock:
             self._raise_error()
             if self._batch:
@@ -582,14 +650,180 @@ class Producer:
             return ids
 
     def close(self) -> list[str]:
-        """Flush and stop the background thread; return as `flush`."""
         ids = self.flush()
         with self._lock:
             self._closed = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
+        self._join()
         return ids
+
+    def shut(self, reason: str, timeout: float | None = None
+             ) -> tuple[int, Exception | None]:
+        """Publish the buffered messages, dropping them if that fails, and
+        stop; return how many were dropped and the error that caused it.
+
+        `reason` completes the log message "... when <reason>".
+        `timeout` bounds the wait for a background publish in progress
+        and for room in a full topic; None waits as `flush` does.
+        """
+        if not self._lock.acquire(timeout=-1 if timeout is None
+                                  else timeout):
+            # Another thread is still in a publish of this producer,
+            # which may take the messages later or not at all.
+            lost = len(self._batch) + self._sending
+            self.dropped += lost
+            logger.warning(
+                "producer of %r was still publishing when %s; %d buffered "
+                "message(s) may be lost", self.topic, reason, lost)
+            return lost, None
+        try:
+            result = self._shut_locked(reason, timeout)
+        finally:
+            self._lock.release()
+        self._join()
+        return result
+
+    def _shut_locked(self, reason: str, timeout: float | None = None
+                     ) -> tuple[int, Exception | None]:
+        # A background send error was logged when it happened; the send
+        # below tries its messages once more.
+        self._error = None
+        error = None
+        if timeout is not None and self.timeout is not None:
+            timeout = min(timeout, self.timeout)
+        if self._batch and not self._closed:
+            try:
+                self._send_locked(timeout)
+            except Exception as exc:
+                error = exc
+        dropped = len(self._batch)
+        if dropped:
+            self._batch = []
+            self.dropped += dropped
+            logger.warning(
+                "producer of %r dropped %d buffered message(s) that could "
+                "not be published when %s", self.topic, dropped, reason,
+                exc_info=error)
+        self._closed = True
+        self._wake.notify()
+        return dropped, error
+
+    def _join(self) -> None:
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def orphan(self) -> None:
+        """Make the background thread publish the batch and end; called
+        when the `Producer` is garbage-collected."""
+        self._orphaned = True
+        # Not blocking: a finalizer may run in any thread at any point,
+        # and the background thread holds the lock while it publishes.
+        # When the lock is taken, the thread reads the flag at its next
+        # wake (at most _IDLE_WAIT_S later).
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._batch and not self._closed:
+                    self._start_thread()
+                self._wake.notify()
+            finally:
+                self._lock.release()
+
+
+class Producer:
+    """A batching publisher to one topic: `linger` and `batch_size`.
+
+    `publish` buffers messages; a batch goes to the backend in one call
+    once it holds `batch_size` messages, or `linger` seconds after its
+    first message (sent by a background thread), or on `flush`/`close`.
+    Errors of a background send are raised by the next `publish`,
+    `flush` or `close`. The messages of a failed batch that the topic did
+    not take are kept for the next try; the ids of the ones it took before
+    the error are not returned by `flush`.
+
+    Notes
+    -----
+    Buffered messages are published, not lost, in these cases too:
+
+    - `Broker.close` publishes the batch of every open producer of the
+      broker first.
+    - A producer dropped without `close` is garbage-collected, and its
+      background thread then publishes its batch and ends.
+    - At the exit of the interpreter (an atexit hook) every producer of
+      the process publishes its batch. The hook waits at most 10 s in
+      total for publishes in progress and for room in full topics. A
+      process that ends through ``os._exit``, a signal or SIGKILL loses
+      what its producers buffer.
+
+    In these cases nobody can retry a failed publish, so the producer
+    drops the messages it could not publish, logs a warning and counts
+    them in `dropped`. `Broker.close` raises `ProducerFlushError` after
+    such a drop. A producer belongs to the process that created it: a
+    forked child must create its own.
+    """
+
+    def __init__(self, broker: Broker, topic: str, *, linger: float,
+                 batch_size: int, timeout: float | None) -> None:
+        linger = _required_seconds("linger", linger)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
+                or batch_size < 1:
+            raise ValueError(
+                f"batch_size must be an int of 1 or more, got {batch_size!r}")
+        self._batcher = _Batcher(broker, topic, linger=linger,
+                                 batch_size=batch_size, timeout=timeout)
+        # Exit is left to `_flush_at_exit`, which also covers producers
+        # that are still referenced.
+        finalizer = weakref.finalize(self, self._batcher.orphan)
+        finalizer.atexit = False
+
+    def __repr__(self) -> str:
+        return (f"<mqs.Producer {self.topic!r} linger={self.linger} "
+                f"batch_size={self.batch_size}>")
+
+    @property
+    def topic(self) -> str:
+        return self._batcher.topic
+
+    @property
+    def linger(self) -> float:
+        return self._batcher.linger
+
+    @property
+    def batch_size(self) -> int:
+        return self._batcher.batch_size
+
+    @property
+    def timeout(self) -> float | None:
+        return self._batcher.timeout
+
+    @property
+    def closed(self) -> bool:
+        return self._batcher._closed
+
+    @property
+    def dropped(self) -> int:
+        """Buffered messages dropped because they could not be published
+        when the broker closed, the interpreter exited or the producer
+        was garbage-collected (see Notes)."""
+        return self._batcher.dropped
+
+    def publish(self, body: Any, **options: Any) -> None:
+        """Buffer one message; options as in `Broker.publish`."""
+        envelope = self._batcher.broker._envelope(body, **options)
+        self._batcher.publish(envelope)
+
+    def flush(self) -> list[str]:
+        """Send the buffered messages now; return the ids sent since the
+        last `flush` (including background sends)."""
+        return self._batcher.flush()
+
+    def close(self) -> list[str]:
+        """Flush and stop the background thread; return as `flush`.
+
+        If the flush raises, the producer stays open with the messages
+        the topic did not take, so a later `close` can try again.
+        """
+        return self._batcher.close()
 
     def __enter__(self) -> Producer:
         return self
@@ -657,6 +891,10 @@ class Broker:
         # Consumers that `close` must close first. Weak, because a
         # consumer dropped without `Consumer.close` must not leak.
         self._consumers: weakref.WeakSet[Consumer] = weakref.WeakSet()
+        # Batchers of the producers whose buffered messages `close`
+        # publishes first. A batcher outlives its garbage-collected
+        # producer while its thread publishes the last batch.
+        self._batchers: weakref.WeakSet[_Batcher] = weakref.WeakSet()
         self._publish_one = _fast_path(self._backend, "publish_one")
 
     def __repr__(self) -> str:
@@ -907,8 +1145,10 @@ class Broker:
                  timeout: float | None = None) -> Producer:
         """Return a `Producer` that batches publishes to `topic`."""
         self._ensure_topic(topic)
-        return Producer(self, topic, linger=linger, batch_size=batch_size,
-                        timeout=timeout)
+        producer = Producer(self, topic, linger=linger,
+                            batch_size=batch_size, timeout=timeout)
+        self._batchers.add(producer._batcher)
+        return producer
 
     # Consuming.
 
@@ -1109,27 +1349,47 @@ class Broker:
         return self._backend.group_stats(topic)
 
     def close(self) -> None:
-        """Close the open consumers of this broker, then release the
-        backend.
+        """Publish the batches of this broker's producers, close its open
+        consumers, then release the backend.
 
-        Each open consumer closes as with ``Consumer.close(drain=False)``:
-        its in-flight messages go back to their group at once, with the
-        attempt counted, so other processes get them without waiting for
-        the ack deadline. Afterwards `Consumer.close` returns 0, and
-        calls on the broker, on its consumers (`Consumer.get`,
-        `Consumer.ack_many`) and on their messages (`Message.ack`,
-        `nack`, `extend`) raise `ShutDown`. Close or flush producers
-        first: this does not send their buffered messages. Closing twice
-        does nothing.
+        Each open `Producer` of the broker publishes what it buffers and
+        closes. Each open consumer closes as with
+        ``Consumer.close(drain=False)``: its in-flight messages go back to
+        their group at once, with the attempt counted, so other processes
+        get them without waiting for the ack deadline. Afterwards
+        `Consumer.close` returns 0, and calls on the broker, on its
+        consumers (`Consumer.get`, `Consumer.ack_many`), on its producers
+        (`Producer.publish`) and on their messages (`Message.ack`,
+        `nack`, `extend`) raise `ShutDown`. Closing twice does nothing.
+
+        Raises
+        ------
+        ProducerFlushError
+            After everything is closed, if a producer failed to publish
+            its batch. Those messages were dropped, logged and counted
+            (`Producer.dropped`); to handle such errors yourself, call
+            `Producer.close` before this.
+
+        Notes
+        -----
+        A producer's publish waits as in `Producer.flush`: on a full topic
+        that blocks, for up to the producer's `timeout`.
         """
         if self._closed:
             return
         self._closed = True
+        failures: list[tuple[str, int, Exception | None]] = []
         try:
+            for batcher in list(self._batchers):
+                dropped, error = batcher.shut("the broker closed")
+                if dropped:
+                    failures.append((batcher.topic, dropped, error))
             for consumer in list(self._consumers):
                 consumer.close(drain=False)
         finally:
             self._backend.close()
+        if failures:
+            raise _flush_error(failures)
 
     @staticmethod
     def unlink(name: str) -> bool:
