@@ -147,6 +147,12 @@ int mqs_journal_format(mqs_journal_header_t *h, int64_t journal_bytes);
  */
 int mqs_journal_validate(const mqs_journal_header_t *h, int64_t file_bytes);
 
+/* The layout version a mapped file was formatted with. */
+static inline uint32_t mqs_journal_version(const mqs_journal_header_t *h)
+{
+    return h->config.v.version;
+}
+
 /*
  * Take the lock, waiting up to `timeout_ns`. Any thread; the caller must
  * not hold it already. Returns MQS_OK, 1 when the previous owner died

@@ -167,8 +167,11 @@ int mqs_tc_validate(const mqs_tc_header_t *h, uint64_t file_bytes)
     if (mqs_load_acquire_u32((_Atomic uint32_t *)&c->init_state)
         != MQS_TC_INIT_READY)
         return c->magic == 0 ? MQS_EINTR : MQS_ECORRUPT;
-    if (c->magic != MQS_TC_MAGIC || c->version != MQS_TC_VERSION
-        || !params_valid(&c->params))
+    if (c->magic != MQS_TC_MAGIC)
+        return MQS_ECORRUPT;
+    if (c->version != MQS_TC_VERSION)
+        return MQS_TC_EVERSION;
+    if (!params_valid(&c->params))
         return MQS_ECORRUPT;
     memset(&check, 0, sizeof(check));
     check.params = c->params;

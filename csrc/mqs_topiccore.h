@@ -65,7 +65,12 @@
 #include "mqs_wait.h"
 
 #define MQS_TC_MAGIC 0x3145524f43435451ULL /* "QTCCORE1" little-endian */
-#define MQS_TC_VERSION 1
+/* Version 2 stores a body that is exactly `bytes` raw behind the marker
+ * byte PAYLOAD_BYTES (mqs/_topiccore.pyx), which a version 1 reader would
+ * unpickle wrongly, and adds state.slot_limit and state.opening_group. */
+#define MQS_TC_VERSION 2
+/* mqs_tc_validate: the file has another MQS_TC_VERSION. */
+#define MQS_TC_EVERSION (-32)
 #define MQS_TC_INIT_READY 0x52454459u
 #define MQS_TC_MAX_LANES 10
 #define MQS_TC_NAME_BYTES 120
@@ -310,13 +315,20 @@ uint64_t mqs_tc_layout_bytes(const mqs_tc_params_t *params);
 int mqs_tc_format(mqs_tc_header_t *h, const mqs_tc_params_t *params);
 
 /* Check a mapped file of `file_bytes`. Returns MQS_OK, MQS_EINTR while
- * its creator is formatting it, or MQS_ECORRUPT. */
+ * its creator is formatting it, MQS_TC_EVERSION for another layout
+ * version (see mqs_tc_version), or MQS_ECORRUPT. */
 int mqs_tc_validate(const mqs_tc_header_t *h, uint64_t file_bytes);
 
 /* Take the mutex within `timeout_ns`. Returns MQS_OK, 1 when the last
  * holder died and the state was repaired, MQS_ETIMEDOUT or MQS_EINVAL. */
 int mqs_tc_lock(mqs_tc_header_t *h, int64_t timeout_ns);
 void mqs_tc_unlock(mqs_tc_header_t *h);
+
+/* The layout version a mapped file was formatted with. */
+static inline uint32_t mqs_tc_version(const mqs_tc_header_t *h)
+{
+    return h->config.v.version;
+}
 
 static inline mqs_waitword_t *mqs_tc_changed(mqs_tc_header_t *h)
 {

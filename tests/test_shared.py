@@ -1275,8 +1275,32 @@ def test_attach_rejects_other_layout_version(shm_name):
         (ours,) = struct.unpack("<I", file.read(4))
     patch_file(path, CONFIG_VERSION_OFFSET, struct.pack("<I", ours + 1))
     with pytest.raises(QueueLayoutError, match=(
-            f"has ring layout version {ours + 1}, this mqs reads version "
-            f"{ours}; use the mqs version that created it")):
+            f"has ring layout version {ours + 1}, and this mqs reads "
+            f"version {ours}: processes of two mqs versions share the "
+            f"queue. Run every process of the queue on the mqs version "
+            f"that created it")) as raised:
+        SharedQueue(name=shm_name, create=False)
+    assert isinstance(raised.value, mqs.LayoutVersionError)
+    assert raised.value.version == ours + 1
+    assert raised.value.expected_version == ours
+
+
+def test_attach_rejects_other_delayed_area_version(shm_name):
+    delayed_bytes = 1 << 16
+    q = SharedQueue(name=shm_name, capacity_bytes=PAGE,
+                    delayed_capacity_bytes=delayed_bytes)
+    q.close()
+    path = shm_path(shm_name)
+    # The delayed area ends the file and starts with its config: a 64-bit
+    # magic, then the version (mqs_delay_config_t in mqs_delay.h).
+    offset = os.path.getsize(path) - delayed_bytes + CONFIG_VERSION_OFFSET
+    with open(path, "rb") as file:
+        file.seek(offset)
+        (ours,) = struct.unpack("<I", file.read(4))
+    patch_file(path, offset, struct.pack("<I", ours + 1))
+    with pytest.raises(mqs.LayoutVersionError, match=(
+            f"has delayed area layout version {ours + 1}, and this mqs "
+            f"reads version {ours}")):
         SharedQueue(name=shm_name, create=False)
 
 

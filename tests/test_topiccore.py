@@ -3,17 +3,21 @@ attaching, retiring and exporting."""
 
 import os
 import pickle
+import struct
 import threading
 import time
 import uuid
 
 import pytest
 
+import mqs
 from mqs._topiccore import (
+    LAYOUT_VERSION,
     PAYLOAD_BYTES,
     PAYLOAD_EXTRAS,
     TopicCore,
     TopicCoreLayoutError,
+    TopicCoreVersionError,
     TopicRetired,
     decode_payload,
 )
@@ -52,6 +56,34 @@ def test_topiccore_rejects_foreign_file(path):
         file.write(b"\0" * 8192)
     with pytest.raises(TopicCoreLayoutError, match="not a topic core"):
         TopicCore(path, LANES)
+
+
+# Byte offset of the layout version in a topic core file: after the
+# 64-bit magic (mqs_tc_config_t in mqs_topiccore.h).
+VERSION_OFFSET = 8
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_topiccore_rejects_other_layout_version(path, delta):
+    TopicCore(path, LANES).close()
+    with open(path, "rb") as file:
+        file.seek(VERSION_OFFSET)
+        (ours,) = struct.unpack("<I", file.read(4))
+    assert ours == LAYOUT_VERSION
+    with open(path, "r+b") as file:
+        file.seek(VERSION_OFFSET)
+        file.write(struct.pack("<I", ours + delta))
+
+    with pytest.raises(TopicCoreVersionError, match=(
+            rf"{path} has topic core layout version {ours + delta}, and "
+            rf"this mqs reads version {ours}: processes of two mqs "
+            rf"versions share its shm broker. Run every process")) as raised:
+        TopicCore(path, LANES)
+    error = raised.value
+    assert isinstance(error, TopicCoreLayoutError)
+    assert isinstance(error, mqs.LayoutVersionError)
+    assert (error.path, error.version, error.expected_version) == (
+        path, ours + delta, ours)
 
 
 def test_topiccore_rejects_bad_sizes(path):

@@ -15,6 +15,7 @@ from mqs.errors import (
 )
 from mqs.errors import (
     DirectoryKindError,
+    LayoutVersionError,
     LogCorrupted,
     LogLocked,
     LogPoisoned,
@@ -58,6 +59,7 @@ __all__ = [
     "LogPoisoned",
     "LogLocked",
     "LogVersionError",
+    "LayoutVersionError",
     "OffsetOutOfRange",
     "DirectoryKindError",
     "Broker",

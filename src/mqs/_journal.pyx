@@ -22,6 +22,7 @@ from mqs.includes.mqs_journal cimport (
     MQS_JOURNAL_MAX_PARTICIPANTS,
     MQS_JOURNAL_MIN_BYTES,
     MQS_JOURNAL_RECORD_HEADER,
+    MQS_JOURNAL_VERSION,
     mqs_journal_alive,
     mqs_journal_append,
     mqs_journal_attach,
@@ -36,6 +37,7 @@ from mqs.includes.mqs_journal cimport (
     mqs_journal_restart,
     mqs_journal_unlock,
     mqs_journal_validate,
+    mqs_journal_version,
 )
 from mqs.includes.mqs_wait cimport (
     mqs_wait_finish,
@@ -47,9 +49,12 @@ from mqs.includes.mqs_wait cimport (
 import os
 import secrets
 
+from mqs.errors import LayoutVersionError
+
 include "_mapped_file.pxi"
 
-__all__ = ["SharedJournal", "JournalLayoutError", "MIN_BYTES", "MAX_BYTES"]
+__all__ = ["SharedJournal", "JournalLayoutError", "JournalVersionError",
+           "MIN_BYTES", "MAX_BYTES"]
 
 MIN_BYTES = MQS_JOURNAL_MIN_BYTES
 MAX_BYTES = MQS_JOURNAL_MAX_BYTES
@@ -62,6 +67,11 @@ DEF SLICE_NS = 50000000
 
 class JournalLayoutError(ValueError):
     """Raised when a /dev/shm file is not an shm broker of this layout."""
+
+
+class JournalVersionError(JournalLayoutError, LayoutVersionError):
+    """Raised when an shm broker's journal has another layout version
+    than this mqs reads."""
 
 
 cdef class SharedJournal(_MappedFile):
@@ -105,9 +115,16 @@ cdef class SharedJournal(_MappedFile):
     cdef int _validate(self, str path) except -1:
         cdef int rc = mqs_journal_validate(self._header, self._file_bytes)
         if rc == MQS_JOURNAL_EVERSION:
-            raise JournalLayoutError(
-                f"{path} has another shm broker layout version; use "
-                f"the mqs version that created it, or unlink it")
+            version = mqs_journal_version(self._header)
+            raise JournalVersionError(
+                f"{path} has shm broker layout version {version}, and this "
+                f"mqs reads version {MQS_JOURNAL_VERSION}: processes of two "
+                f"mqs versions share this broker. Run every process of the "
+                f"broker on the mqs version that created it, or close them "
+                f"all and remove the broker with mqs.Broker.unlink(name) to "
+                f"start it again on this version (its stored messages are "
+                f"lost)", path=path, version=version,
+                expected_version=MQS_JOURNAL_VERSION)
         if rc != MQS_OK:
             raise JournalLayoutError(
                 f"{path} is not an shm broker of this mqs (bad header"

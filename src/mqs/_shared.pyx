@@ -47,6 +47,7 @@ from mqs.includes.mqs_bytering cimport (
     MQS_EVERSION,
     mqs_br_check_sizes,
     mqs_br_config,
+    mqs_br_config_t,
     mqs_br_count,
     mqs_br_counters,
     mqs_br_detach,
@@ -84,6 +85,7 @@ from mqs.includes.mqs_bytering cimport (
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, mmap, munmap
 from mqs.includes.mqs_delay cimport (
     MQS_DELAY_MIN_AREA_BYTES,
+    MQS_DELAY_VERSION,
     mqs_delay_state_t,
     MQS_EAGAIN_LOCKED,
     mqs_delay_block_bytes,
@@ -130,13 +132,15 @@ from mqs._seglog import SegmentLog
 from mqs.errors import (
     Empty,
     Full,
+    LayoutVersionError,
     LogLocked,
     MessageTooLarge,
     MqsError,
     OffsetOutOfRange,
 )
 
-__all__ = ["SharedQueue", "QueueNotFound", "QueueLayoutError"]
+__all__ = ["SharedQueue", "QueueNotFound", "QueueLayoutError",
+           "QueueVersionError"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +194,23 @@ class QueueNotFound(MqsError, FileNotFoundError):
 
 class QueueLayoutError(MqsError, ValueError):
     """Raised when a shared file is not an mqs queue of this layout."""
+
+
+class QueueVersionError(QueueLayoutError, LayoutVersionError):
+    """Raised when a shared queue file has another layout version (of its
+    ring or of its delayed area) than this mqs reads."""
+
+
+def _version_error(label, part, version, expected, path=None):
+    """Return the `QueueVersionError` for a queue whose `part` ("ring" or
+    "delayed area") has layout `version`."""
+    return QueueVersionError(
+        f"{label} has {part} layout version {version}, and this mqs reads "
+        f"version {expected}: processes of two mqs versions share the "
+        f"queue. Run every process of the queue on the mqs version that "
+        f"created it, or close them all and unlink the queue to create "
+        f"it again on this version (its items are lost)", path=path,
+        version=version, expected_version=expected)
 
 
 _STRATEGIES = {"block": STRATEGY_BLOCK, "spin": STRATEGY_SPIN,
@@ -896,14 +917,19 @@ cdef class SharedQueue:
         rc = mqs_br_validate(self._ring.header, size)
         if rc == MQS_OK and delayed_bytes and not header_only:
             rc = mqs_delay_validate(&self._delay)
+            if rc == MQS_EVERSION:
+                self._unmap()
+                # The delayed area's config (magic, then version) starts
+                # where the ring ends.
+                version = struct.unpack(
+                    "<I", os.pread(fd, 4, mqs_br_file_bytes(capacity) + 8))[0]
+                raise _version_error(label, "delayed area", version,
+                                     MQS_DELAY_VERSION)
         if rc != MQS_OK or header_only:
             version = mqs_br_config(&self._ring).version
             self._unmap()
             if rc == MQS_EVERSION:
-                raise QueueLayoutError(
-                    f"{label} has ring layout version {version}, this mqs "
-                    f"reads version {_LAYOUT_VERSION}; use the mqs version "
-                    f"that created it")
+                raise _version_error(label, "ring", version, _LAYOUT_VERSION)
             if rc == MQS_EAGAIN_INIT:
                 raise QueueLayoutError(
                     f"{label} was never initialised; its creator died "
@@ -2198,9 +2224,10 @@ def _inspect_file(path, name):
         try:
             rc = mqs_br_validate(<mqs_br_header_t *>header, size)
             if rc == MQS_EVERSION:
-                raise QueueLayoutError(
-                    f"{path} has a ring layout version this mqs does not "
-                    f"read; use the mqs version that created it")
+                # The config block is the first of the header.
+                raise _version_error(
+                    path, "ring", (<mqs_br_config_t *>header).version,
+                    _LAYOUT_VERSION, path=path)
             if rc == MQS_EAGAIN_INIT:
                 raise QueueLayoutError(
                     f"{path} is not initialised yet, or its creator died "

@@ -41,6 +41,8 @@ from mqs.includes.mqs_topiccore cimport (
     MQS_TC_IN_FLIGHT,
     MQS_TC_NAME_BYTES,
     MQS_TC_READY,
+    MQS_TC_EVERSION,
+    MQS_TC_VERSION,
     mqs_tc_entry,
     mqs_tc_entry_t,
     mqs_tc_group_t,
@@ -75,6 +77,7 @@ from mqs.includes.mqs_topiccore cimport (
     mqs_tc_stats_t,
     mqs_tc_unlock,
     mqs_tc_validate,
+    mqs_tc_version,
 )
 from mqs.includes.mqs_hist cimport MQS_HIST_BUCKETS, mqs_hist_t
 from mqs.includes.mqs_wait cimport (
@@ -89,11 +92,16 @@ import os
 import pickle
 import secrets
 
-from mqs.errors import AlreadySettled, ShutDown
+from mqs.errors import (
+    AlreadySettled,
+    LayoutVersionError,
+    ShutDown,
+)
 
 include "_mapped_file.pxi"
 
-__all__ = ["TopicCore", "TopicCoreLayoutError", "TopicRetired",
+__all__ = ["TopicCore", "TopicCoreLayoutError", "TopicCoreVersionError",
+           "TopicRetired", "LAYOUT_VERSION",
            "COUNTER_NAMES", "GROUP_COUNTER_NAMES", "DEAD_REASONS",
            "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD", "PAYLOAD_EXTRAS",
            "PAYLOAD_BYTES", "decode_payload", "MessageBase", "CorePath",
@@ -120,6 +128,15 @@ DEF FETCH_BATCH = 256
 
 class TopicCoreLayoutError(ValueError):
     """Raised when a /dev/shm file is not a topic core of this layout."""
+
+
+class TopicCoreVersionError(TopicCoreLayoutError, LayoutVersionError):
+    """Raised when a topic core file has another layout version than
+    `LAYOUT_VERSION`."""
+
+
+# The layout version of the topic core files this mqs creates and reads.
+LAYOUT_VERSION = MQS_TC_VERSION
 
 
 class TopicRetired(Exception):
@@ -273,6 +290,17 @@ cdef class TopicCore(_MappedFile):
 
     cdef int _validate(self, str path) except -1:
         cdef int rc = mqs_tc_validate(self._header, self._file_bytes)
+        if rc == MQS_TC_EVERSION:
+            version = mqs_tc_version(self._header)
+            raise TopicCoreVersionError(
+                f"{path} has topic core layout version {version}, and this "
+                f"mqs reads version {MQS_TC_VERSION}: processes of two mqs "
+                f"versions share its shm broker. Run every process of the "
+                f"broker on the mqs version that created it, or close them "
+                f"all and remove the broker with mqs.Broker.unlink(name) to "
+                f"start it again on this version (its stored messages are "
+                f"lost)", path=path, version=version,
+                expected_version=MQS_TC_VERSION)
         if rc != MQS_OK:
             raise TopicCoreLayoutError(
                 f"{path} is not a topic core of this mqs (bad header"

@@ -17,6 +17,7 @@ __all__ = [
     "LogPoisoned",
     "LogLocked",
     "LogVersionError",
+    "LayoutVersionError",
     "OffsetOutOfRange",
     "DirectoryKindError",
     "InvalidPriority",
@@ -110,6 +111,29 @@ class LogLocked(MqsError, BlockingIOError):
 
 class LogVersionError(MqsError, ValueError):
     """Raised for a segment log written by a newer format version."""
+
+
+class LayoutVersionError(MqsError, ValueError):
+    """Raised when a shared-memory file of mqs (an shm broker's journal or
+    topic core, a SharedQueue) has another layout version than this mqs
+    reads: processes of two mqs versions share it.
+
+    Attributes
+    ----------
+    path : str or None
+        The file.
+    version : int or None
+        The layout version of the file.
+    expected_version : int or None
+        The layout version this mqs reads.
+    """
+
+    def __init__(self, message="", path=None, version=None,
+                 expected_version=None):
+        super().__init__(message)
+        self.path = path
+        self.version = version
+        self.expected_version = expected_version
 
 
 class OffsetOutOfRange(MqsError, IndexError):

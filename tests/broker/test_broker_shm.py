@@ -12,6 +12,7 @@ import pickle
 import queue
 import signal
 import stat
+import struct
 import threading
 import time
 import uuid
@@ -51,6 +52,22 @@ def drain(consumer, count, timeout=30):
             message.ack()
         messages += batch
     return messages
+
+
+# Byte offset of the layout version in a journal or topic core file:
+# after the 64-bit magic (mqs_journal.h, mqs_topiccore.h).
+VERSION_OFFSET = 8
+
+
+def patch_version(path, delta):
+    """Add `delta` to the layout version of the file at `path`; return
+    the version it had."""
+    with open(path, "r+b") as file:
+        file.seek(VERSION_OFFSET)
+        (version,) = struct.unpack("<I", file.read(4))
+        file.seek(VERSION_OFFSET)
+        file.write(struct.pack("<I", version + delta))
+    return version
 
 
 def snapshot_files(name):
@@ -869,3 +886,41 @@ def test_shm_topics_declared_by_other_process(name):
         broker.declare_topic("audit")
         join(start(_declare_topics, name))
         assert broker.topics() == ["audit", "billing", "orders"]
+
+
+# Layout versions.
+
+def test_shm_core_of_other_version_raises(name):
+    first = open_broker(name)
+    first.publish("t", b"x")
+    core_path = first.backend._core_paths["t"]
+    first.close()
+    ours = patch_version(core_path, -1)
+
+    again = open_broker(name)
+    try:
+        with pytest.raises(mqs.LayoutVersionError, match=(
+                rf"its topic core {core_path} has layout version "
+                rf"{ours - 1}, and this mqs reads version {ours}: processes "
+                rf"of two mqs versions share the broker. .* remove the "
+                rf"broker with mqs\.Broker\.unlink\('{name}'\)")) as raised:
+            again.consume("t", "g").get(timeout=1)
+        assert raised.value.path == core_path
+        assert (raised.value.version, raised.value.expected_version) == (
+            ours - 1, ours)
+    finally:
+        again.close()
+
+
+def test_shm_journal_of_other_version_raises(name):
+    first = open_broker(name)
+    journal_path = first.backend.path
+    first.close()
+    ours = patch_version(journal_path, 1)
+    with pytest.raises(mqs.LayoutVersionError, match=(
+            rf"{journal_path} has shm broker layout version {ours + 1}, and "
+            rf"this mqs reads version {ours}: processes of two mqs versions "
+            rf"share this broker")) as raised:
+        open_broker(name)
+    assert isinstance(raised.value, mqs._journal.JournalLayoutError)
+    assert raised.value.version == ours + 1

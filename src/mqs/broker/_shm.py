@@ -175,6 +175,7 @@ from mqs._topiccore import (
     CorePath,
     CoreReader,
     TopicCore,
+    TopicCoreVersionError,
     TopicRetired,
     decode_payload,
 )
@@ -399,6 +400,11 @@ class ShmBackend(LogBackend):
     mqs._journal.JournalLayoutError
         If the /dev/shm file of that name is not an shm broker of this
         mqs version.
+    mqs.LayoutVersionError
+        If the journal has another layout version than this mqs reads
+        (a subclass of JournalLayoutError), or, at the first use of a
+        topic, its topic core has. Every process of one broker must run
+        the same mqs version.
     """
 
     name = "shm"
@@ -784,7 +790,20 @@ class ShmBackend(LogBackend):
 
     def _open_core(self, path: str) -> TopicCore:
         # The sizes only matter to the process that creates the file.
-        return TopicCore(path, ((0, 1),))
+        try:
+            return TopicCore(path, ((0, 1),))
+        except TopicCoreVersionError as exc:
+            # Raised again to name the broker in the error and its fix.
+            raise TopicCoreVersionError(
+                f"{self._label}: its topic core {path} has layout version "
+                f"{exc.version}, and this mqs reads version "
+                f"{exc.expected_version}: processes of two mqs versions "
+                f"share the broker. Run every process of the broker on the "
+                f"mqs version that created it, or close them all and "
+                f"remove the broker with mqs.Broker.unlink("
+                f"{self.shm_name!r}) to start it again on this version (its "
+                f"stored messages are lost)", path=path, version=exc.version,
+                expected_version=exc.expected_version) from None
 
     def _core(self, topic: str) -> TopicCore:
         """Return this process's handle on a core topic's core; the caller

@@ -6,6 +6,7 @@ from mqs.includes.mqs_bytering cimport mqs_bytering_t
 cdef extern from "mqs_delay.h" nogil:
     int MQS_DELAY_MIN_AREA_BYTES
     int MQS_DELAY_TICK_NS
+    int MQS_DELAY_VERSION
     int MQS_EAGAIN_LOCKED
 
     ctypedef struct mqs_delay_header_t:

@@ -10,6 +10,7 @@ cdef extern from "mqs_journal.h" nogil:
     int64_t MQS_JOURNAL_MIN_BYTES
     int64_t MQS_JOURNAL_MAX_BYTES
     int MQS_JOURNAL_EVERSION
+    int MQS_JOURNAL_VERSION
     int MQS_JOURNAL_EAGAIN_INIT
 
     ctypedef struct mqs_journal_head_t:
@@ -29,6 +30,7 @@ cdef extern from "mqs_journal.h" nogil:
     int mqs_journal_format(mqs_journal_header_t *h, int64_t journal_bytes)
     int mqs_journal_validate(const mqs_journal_header_t *h,
                              int64_t file_bytes)
+    uint32_t mqs_journal_version(const mqs_journal_header_t *h)
     int mqs_journal_lock(mqs_journal_header_t *h, int64_t timeout_ns)
     void mqs_journal_unlock(mqs_journal_header_t *h)
     int64_t mqs_journal_append(mqs_journal_header_t *h, const void *payload,

@@ -14,6 +14,8 @@ cdef extern from "mqs_topiccore.h" nogil:
         MQS_TC_DEAD
         MQS_TC_COUNTERS
         MQS_TC_GROUP_COUNTERS
+        MQS_TC_VERSION
+        MQS_TC_EVERSION
 
     ctypedef struct mqs_tc_params_t:
         uint32_t capacity
@@ -117,6 +119,7 @@ cdef extern from "mqs_topiccore.h" nogil:
 
     uint64_t mqs_tc_layout_bytes(const mqs_tc_params_t *params)
     int mqs_tc_format(mqs_tc_header_t *h, const mqs_tc_params_t *params)
+    uint32_t mqs_tc_version(const mqs_tc_header_t *h)
     int mqs_tc_validate(const mqs_tc_header_t *h, uint64_t file_bytes)
     int mqs_tc_lock(mqs_tc_header_t *h, int64_t timeout_ns)
     void mqs_tc_unlock(mqs_tc_header_t *h)
