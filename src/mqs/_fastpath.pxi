@@ -97,7 +97,22 @@ cdef class MessageBase:
             self._delivery_value = self._reader._delivery_of(self)
         return self._delivery_value
 
+    def __reduce__(self):
+        # Used by pickle, copy.copy and copy.deepcopy (which deep-copies
+        # these arguments). The consumer stays behind: see `_detached`.
+        fields = {name: getattr(self, name) for name in _MESSAGE_FIELDS}
+        return (_detached_message, (type(self), fields))
+
+    def _check_attached(self, str verb):
+        """Raise `MessageDetached` if this message is a copy."""
+        if self._consumer is None:
+            raise MessageDetached(
+                f"message {self.id} of topic {self.topic!r} is a copy (made "
+                f"by copy, deepcopy or pickle), which cannot {verb}; "
+                f"{verb} the original message in the process that got it")
+
     def _settle(self, str verb):
+        self._check_attached(verb)
         if self._settled:
             how = ("at delivery (auto_ack=True)"
                    if self._consumer.auto_ack else "already")
@@ -117,6 +132,8 @@ cdef class MessageBase:
             ``auto_ack=True`` this does nothing and returns True.
         """
         consumer = self._consumer
+        if consumer is None:
+            self._check_attached("ack")
         if self._settled:
             if consumer.auto_ack:
                 return True
@@ -132,6 +149,26 @@ cdef class MessageBase:
                 pass
         return consumer._backend.ack(consumer.topic, consumer.group,
                                      self._get_delivery()[DELIVERY_TAG])
+
+
+# The public fields of a message, which its copies carry.
+cdef tuple _MESSAGE_FIELDS = (
+    "id", "topic", "group", "body", "priority", "attempts", "key",
+    "headers", "timestamp", "reply_to", "correlation_id")
+
+
+def _detached_message(type message_type, dict fields):
+    """Return a `message_type` with `fields` and no consumer: a copy or an
+    unpickled message, whose `ack`, `nack` and `extend` raise
+    `MessageDetached`."""
+    cdef MessageBase message
+    if not issubclass(message_type, MessageBase):
+        raise TypeError(f"message_type must subclass MessageBase, got "
+                        f"{message_type!r}")
+    message = message_type.__new__(message_type)
+    for name in _MESSAGE_FIELDS:
+        setattr(message, name, fields.get(name))
+    return message
 
 
 @cython.auto_pickle(False)

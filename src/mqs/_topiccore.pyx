@@ -95,6 +95,7 @@ import secrets
 from mqs.errors import (
     AlreadySettled,
     LayoutVersionError,
+    MessageDetached,
     ShutDown,
 )
 

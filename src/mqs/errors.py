@@ -26,6 +26,7 @@ __all__ = [
     "RequestTimeout",
     "CircuitOpen",
     "AlreadySettled",
+    "MessageDetached",
     "ProducerFlushError",
     "BackendUnavailable",
     "BackendConnectionError",
@@ -192,6 +193,12 @@ class CircuitOpen(MqsError, RuntimeError):
 
 class AlreadySettled(MqsError, RuntimeError):
     """Raised by a second ack or nack of one delivered message."""
+
+
+class MessageDetached(MqsError, RuntimeError):
+    """Raised by `ack`, `nack`, `extend` and `reply` of a copy of a
+    delivered message (made by `copy.copy`, `copy.deepcopy` or
+    `pickle`); settle the original message instead."""
 
 
 class ProducerFlushError(MqsError, RuntimeError):

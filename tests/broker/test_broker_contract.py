@@ -6,9 +6,11 @@ bounds, so that the same tests fit backends in other processes.
 
 import asyncio
 import collections
+import copy
 import gc
 import json
 import logging
+import pickle
 import random
 import subprocess
 import sys
@@ -457,6 +459,97 @@ def test_release_returns_unseen_messages_to_lane_head(broker):
     assert [(m.body, m.attempts) for m in got] == [
         (0, 1), (1, 1), (2, 1), (3, 1)]
 
+
+
+MESSAGE_FIELDS = ("body", "id", "topic", "group", "priority", "attempts",
+                  "key", "headers", "timestamp", "reply_to",
+                  "correlation_id")
+COPIERS = {
+    "copy": copy.copy,
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda message: pickle.loads(pickle.dumps(message)),
+}
+
+
+def test_message_copies_carry_fields(broker):
+    # A plain message (an shm topic core keeps it) and one with options.
+    broker.publish("t", b"raw", priority=3)
+    broker.publish("t", {"n": [1, 2]}, priority=7, key="k",
+                   headers={"h": "v"})
+    consumer = broker.consume("t", "g", prefetch=2)
+    originals = consumer.get_many(2, timeout=5)
+    if len(originals) < 2:
+        originals += consumer.get_many(1, timeout=5)
+    assert sorted(m.priority for m in originals) == [3, 7]
+    for message in originals:
+        for method, copier in COPIERS.items():
+            duplicate = copier(message)
+            assert type(duplicate) is mqs.Message, method
+            for name in MESSAGE_FIELDS:
+                assert getattr(duplicate, name) == getattr(message, name), \
+                    (method, name)
+            assert repr(duplicate) == repr(message)
+            if method == "copy":
+                assert duplicate.body is message.body
+            if method == "deepcopy" and message.priority == 7:
+                assert duplicate.body is not message.body
+                assert duplicate.headers is not message.headers
+    assert [m.ack() for m in originals] == [True, True]
+
+
+def test_message_copy_cannot_settle(broker):
+    broker.publish("t", "x", reply_to="replies")
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    message = consumer.get(timeout=5)
+    for method, copier in COPIERS.items():
+        duplicate = copier(message)
+        with pytest.raises(mqs.MessageDetached, match=(
+                f"message {message.id} of topic 't' is a copy .* which "
+                f"cannot ack; ack the original message")):
+            duplicate.ack()
+        with pytest.raises(mqs.MessageDetached, match="cannot nack"):
+            duplicate.nack()
+        with pytest.raises(mqs.MessageDetached, match="cannot extend"):
+            duplicate.extend(5)
+        with pytest.raises(mqs.MessageDetached,
+                           match=r"broker\.reply\(message, body\)"):
+            duplicate.reply("answer")
+        with pytest.raises(mqs.MessageDetached, match="cannot ack"):
+            consumer.ack_many([duplicate])
+        # A copy of a copy is detached too.
+        with pytest.raises(mqs.MessageDetached):
+            copier(duplicate).ack()
+
+    # The copies changed nothing: the original still settles once.
+    assert consumer.in_flight == 1
+    assert message.ack()
+    with pytest.raises(mqs.AlreadySettled):
+        message.ack()
+    assert broker.stats("t")["acked"] == 1
+    assert broker.stats("t")["redelivered"] == 0
+
+
+UNPICKLE_MESSAGE = """
+import pickle, sys, mqs
+message = pickle.load(sys.stdin.buffer)
+assert type(message) is mqs.Message
+try:
+    message.ack()
+except mqs.MessageDetached:
+    print(message.id, message.body, message.priority, message.headers)
+"""
+
+
+def test_message_pickle_in_other_process(broker):
+    broker.publish("t", "x", priority=4, headers={"h": 1})
+    message = broker.consume("t", "g").get(timeout=5)
+    result = subprocess.run(
+        [sys.executable, "-c", UNPICKLE_MESSAGE],
+        input=pickle.dumps(message), capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    expected = f"{message.id} x 4 {{'h': 1}}"
+    assert result.stdout.decode().strip() == expected
+    assert message.ack()
 
 
 # Delays.

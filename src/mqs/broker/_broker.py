@@ -40,6 +40,7 @@ from mqs.errors import (
     BackendUnavailable,
     Empty,
     Full,
+    MessageDetached,
     ProducerFlushError,
     RequestTimeout,
     ShutDown,
@@ -203,6 +204,14 @@ class Message(MessageBase):
 
     Notes
     -----
+    `copy.copy`, `copy.deepcopy` and `pickle` make a detached copy: it
+    has every attribute above (deepcopy copies the body and headers too)
+    but no consumer, so its `ack`, `nack`, `extend` and `reply` raise
+    `MessageDetached`. Settle the original message, which stays in the
+    process that got it. A copy never settles the delivery, even in the
+    same process: two objects that could settle one delivery would race
+    on which one does. `Broker.reply` accepts a copy.
+
     The fields and `ack` live in C (`mqs._topiccore.MessageBase`), because
     they run for every message; ``Message(consumer, delivery, settled)``
     builds one from a backend's `Delivery`.
@@ -256,6 +265,7 @@ class Message(MessageBase):
         deadline); return False if it had passed already."""
         seconds = _required_seconds("seconds", seconds, allow_zero=False,
                                     allow_inf=False)
+        self._check_attached("extend")
         if self._settled:
             return False
         consumer = self._consumer
@@ -265,6 +275,11 @@ class Message(MessageBase):
     def reply(self, body: Any, **options: Any) -> bool:
         """Publish `body` as the reply to a `Broker.request`; see
         `Broker.reply`."""
+        if self._consumer is None:
+            raise MessageDetached(
+                f"message {self.id} of topic {self.topic!r} is a copy (made "
+                f"by copy, deepcopy or pickle) and has no broker; reply "
+                f"to it with broker.reply(message, body)")
         return self._consumer._broker.reply(self, body, **options)
 
 
@@ -324,6 +339,7 @@ class Consumer:
         batch = list(messages)
         seen = set()
         for message in batch:
+            message._check_attached("ack")
             if message._consumer is not self:
                 raise ValueError(
                     f"message {message.id} came from another consumer; "
