@@ -82,7 +82,10 @@
  * thread at a time (the Python binding holds the GIL), except
  * mqs_seglog_sync, which any number of threads may call concurrently
  * with each other and with that one thread. In the "interval" mode a
- * flusher thread owned by the log calls it too.
+ * flusher thread owned by the log calls it too. In the "never" and
+ * "interval" modes a writer handle also owns a toucher thread, which
+ * writes zeros into the active segment's file ahead of its end so the
+ * pages exist before the appender stores into them (mqs_seglog.c).
  */
 #ifndef MQS_SEGLOG_H
 #define MQS_SEGLOG_H
@@ -187,6 +190,11 @@ typedef struct mqs_seglog_stats {
     int64_t sync_errno;         /* errno that poisoned the log, or 0 */
     int64_t segments_deleted;   /* by retention, through this handle */
     int64_t records_deleted;
+    /* Bytes of zeros written ahead of the end ("never", "interval"), by
+     * the log's toucher thread and by the appending thread when it caught
+     * up with the toucher. */
+    int64_t zeros_by_toucher;
+    int64_t zeros_by_appender;
 } mqs_seglog_stats_t;
 
 /* One record to append; key may be NULL with has_key 0. */
@@ -358,6 +366,17 @@ int mqs_seglog_last_errno(mqs_seglog_t *log);
 
 /* Install (or with NULL remove) the sync test hook. Writer thread only,
  * while no sync runs. */
+/* Test hook: called twice by the toucher thread, outside every lock of
+ * the log, before each write() of zeros over [from, to) of the active
+ * segment: with `writing` 0 before the range is final (it is picked
+ * again after the call), and with `writing` 1 once it is, just before
+ * the write() (a slow hook then keeps the write in progress longer).
+ * Any thread; NULL removes it. */
+typedef void (*mqs_seglog_touch_hook_t)(void *ctx, uint64_t from,
+                                        uint64_t to, int writing);
+void mqs_seglog_set_touch_hook(mqs_seglog_t *log,
+                               mqs_seglog_touch_hook_t hook, void *ctx);
+
 void mqs_seglog_set_sync_hook(mqs_seglog_t *log, mqs_seglog_sync_hook_t hook,
                               void *ctx);
 

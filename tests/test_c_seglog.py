@@ -1,8 +1,10 @@
 """Build and run the plain C tests of the segment log (tests/c/test_seglog.c).
 
-Two builds: optimised with -Wall -Wextra -Werror, and AddressSanitizer
+Three builds: optimised with -Wall -Wextra -Werror, AddressSanitizer
 plus UndefinedBehaviorSanitizer, so a leak, an overflow or undefined
-behaviour fails the test.
+behaviour fails the test, and ThreadSanitizer for the log's own threads
+(the "interval" flusher, the toucher that writes zeros ahead) and the
+threads of the group-commit tests.
 """
 
 import os
@@ -21,7 +23,7 @@ SOURCES = [
 TIMEOUT_SECONDS = 300
 
 
-@pytest.mark.parametrize("build", ["plain", "asan-ubsan"])
+@pytest.mark.parametrize("build", ["plain", "asan-ubsan", "tsan"])
 def test_c_seglog(build, tmp_path, monkeypatch):
     binary = c_build.compile_c(build, SOURCES,
                                tmp_path / f"test_seglog_{build}")

@@ -325,6 +325,13 @@ cdef class SegmentLog:
     Only one process may write a log; a writer handle must not be used
     in a forked child.
 
+    A writer handle under ``fsync="never"`` or ``"interval"`` runs a
+    thread that writes zeros into the active segment's file 8 MiB ahead
+    of the last record, so the page-cache pages exist before `append`
+    stores into them. With a free CPU that made 4 KiB appends about 1.5
+    times as fast (BENCHMARKS.md); when the thread falls behind,
+    `append` writes the zeros itself, as it would without the thread.
+
     Resident memory follows the pages in use, not the size of the log:
     the writer releases the pages behind it as it goes, and a reader
     keeps resident about the segment it reads plus the views it holds.

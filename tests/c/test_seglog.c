@@ -767,6 +767,85 @@ static void test_open_rejects_bad_arguments(void)
     CHECK_EQ(os_errno, ENOTDIR);
 }
 
+/* The toucher hook: before every third write of zeros, wait until the
+ * appender has appended 300 more records (about 7 MiB), so that it
+ * catches up with the toucher and writes zeros itself; and keep every
+ * write in progress a varying short time longer, so that the appender
+ * often catches up during one and must wait for it. */
+static _Atomic int64_t toucher_test_appended;
+
+static void slow_toucher(void *ctx, uint64_t from, uint64_t to, int writing)
+{
+    _Atomic uint64_t *calls = ctx;
+    uint64_t n = atomic_fetch_add(calls, 1);
+
+    (void)from;
+    (void)to;
+    if (writing) {
+        usleep((useconds_t)(n * 7919 % 2000));
+    } else if (n % 3 == 0) {
+        int64_t goal = atomic_load(&toucher_test_appended) + 300;
+        for (int i = 0; i < 5000 && atomic_load(&toucher_test_appended) < goal;
+             i++)
+            usleep(1000);
+    }
+}
+
+static void test_toucher_never_overwrites_records(void)
+{
+    const uint64_t segment = (uint64_t)3 << 20;
+    const int modes[] = {MQS_SEGLOG_FSYNC_NEVER, MQS_SEGLOG_FSYNC_INTERVAL};
+
+    for (size_t m = 0; m < sizeof modes / sizeof modes[0]; m++) {
+        char path[300];
+        mqs_seglog_t *log;
+        mqs_seglog_record_t r;
+        mqs_seglog_stats_t s;
+        _Atomic uint64_t calls = 0;
+        int64_t n = 0;
+        int bad = 0;
+
+        snprintf(path, sizeof path, "%s/toucher-%zu", root, m);
+        log = open_log(path, config(segment, modes[m]), NULL);
+        mqs_seglog_set_touch_hook(log, slow_toucher, &calls);
+        for (uint64_t written = 0; written < 12 * segment; n++) {
+            /* Sizes from 1 byte to 48 KiB: records cross pages and
+             * the toucher's chunk boundaries. */
+            uint32_t size = 1 + (uint32_t)((n * 2654435761u) % 49152);
+            CHECK_EQ(append_sized(log, size, n), n);
+            atomic_fetch_add(&toucher_test_appended, 1);
+            written += size;
+            if (n % 97 == 0)
+                usleep(50);
+        }
+        /* Release a hook still waiting for appends. */
+        atomic_fetch_add(&toucher_test_appended, 1000000);
+        mqs_seglog_get_stats(log, &s);
+        CHECK(s.zeros_by_toucher > 0);
+        CHECK(s.zeros_by_appender > 0);
+        CHECK(atomic_load(&calls) > 0);
+        mqs_seglog_set_touch_hook(log, NULL, NULL);
+        for (int64_t i = 0; i < n; i++)
+            if (mqs_seglog_read(log, i, &r) != MQS_OK ||
+                !value_matches(&r, 1 + (uint32_t)((i * 2654435761u) % 49152),
+                               i))
+                bad++;
+        CHECK_EQ(bad, 0);
+        CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+
+        log = open_log(path, config(segment, modes[m]), NULL);
+        mqs_seglog_get_stats(log, &s);
+        CHECK_EQ(s.end_offset, n);
+        for (int64_t i = 0; i < n; i++)
+            if (mqs_seglog_read(log, i, &r) != MQS_OK ||
+                !value_matches(&r, 1 + (uint32_t)((i * 2654435761u) % 49152),
+                               i))
+                bad++;
+        CHECK_EQ(bad, 0);
+        CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+    }
+}
+
 int main(void)
 {
     const char *tmp = getenv("TMPDIR");
@@ -790,6 +869,7 @@ int main(void)
     test_reader_follows_replaced_empty_segment();
     test_retention_unlinks_old_sealed_segments();
     test_zeros_ahead_keep_records_and_size();
+    test_toucher_never_overwrites_records();
     test_always_sync_covers_each_record();
     test_group_commit_shares_syncs();
     test_recovery_zeroes_garbage_after_tail();
