@@ -67,7 +67,9 @@
 #define MQS_TC_MAGIC 0x3145524f43435451ULL /* "QTCCORE1" little-endian */
 /* Version 2 stores a body that is exactly `bytes` raw behind the marker
  * byte PAYLOAD_BYTES (mqs/_topiccore.pyx), which a version 1 reader would
- * unpickle wrongly, and adds state.slot_limit and state.opening_group. */
+ * unpickle wrongly. It adds state.slot_limit, state.stored and
+ * state.opening_group, and the in-flight list of each group (which makes
+ * an entry 72 bytes, not 64). */
 #define MQS_TC_VERSION 2
 /* mqs_tc_validate: the file has another MQS_TC_VERSION. */
 #define MQS_TC_EVERSION (-32)
