@@ -323,3 +323,26 @@ def test_cli_bridge_wait_for_topic_idle_exit(tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err.decode()
     assert out.decode().strip() == "forwarded 0 messages"
+
+
+def test_cli_bridge_names_pickle_option(redis_endpoint_url, tmp_path):
+    source = mqs.Broker(backend="log", path=tmp_path / "in")
+    source.publish("t", {"order": 1})
+    source.close()
+    process = _bridge_process(f"log:{tmp_path}/in#t",
+                              f"{redis_endpoint_url}#bridge-dict",
+                              "--max-messages", "1", "--idle-exit", "30")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "got dict" in err.decode()
+    assert "rerun mqs bridge with --pickle" in err.decode()
+    assert "serializer=" not in err.decode()
+    assert "Traceback" not in err.decode()
+
+    process = _bridge_process(f"log:{tmp_path}/in#t",
+                              f"{redis_endpoint_url}#bridge-dict",
+                              "--max-messages", "1", "--idle-exit", "30",
+                              "--pickle")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().strip() == "forwarded 1 messages"

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mqs import bridge
+from mqs.broker._redis import PICKLE_HINT
 from mqs.cli import EXIT_FAILED, EXIT_OK, _positive_int
 from mqs.cli_broker import check_log_dir, check_shm_name
 from mqs.cli_ops import CommandError, _non_negative_float
@@ -88,9 +89,12 @@ def _run_bridge(args: argparse.Namespace) -> int:
             stop=stop, wait_for_topic=args.wait_for_topic)
     except (CommandError, MqsError, OSError, ValueError,
             TypeError) as exc:
+        # A redis destination names the Python fix for a body it cannot
+        # store, but on the command line the fix is --pickle.
+        message = (str(exc) or type(exc).__name__).replace(
+            PICKLE_HINT, "rerun mqs bridge with --pickle")
         console.print(f"[bold red]mqs bridge: error:[/bold red] "
-                      f"{escape(str(exc) or type(exc).__name__)}",
-                      soft_wrap=True)
+                      f"{escape(message)}", soft_wrap=True)
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -127,6 +127,12 @@ _BYTES, _STR, _PICKLE = b"b", b"s", b"p"
 _RUN_SETTINGS = 10
 
 
+# The fix named in the TypeError of a body, header, key or dedup id that
+# the default serializer cannot store. `mqs bridge` replaces it with the
+# name of its command-line option.
+PICKLE_HINT = "pass serializer='pickle' to the Broker"
+
+
 def _load_script() -> str:
     return importlib.resources.files("mqs.broker").joinpath(
         "_redis.lua").read_text(encoding="utf-8")
@@ -229,8 +235,8 @@ def _token(value: Any, what: str, allow_pickle: bool) -> bytes:
         return b"p:" + pickle.dumps(value, protocol=4)
     raise TypeError(
         f"{what} must be a str, bytes or int on backend='redis', got "
-        f"{type(value).__name__} {value!r}; pass serializer='pickle' to the "
-        f"Broker to allow other picklable values")
+        f"{type(value).__name__} {value!r}; {PICKLE_HINT} to allow other "
+        f"picklable values")
 
 
 def _untoken(token: bytes, allow_pickle: bool) -> Any:
@@ -503,9 +509,9 @@ class RedisBackend(Backend):
                 _PICKLE
         raise TypeError(
             f"body must be bytes, bytearray, memoryview or str on "
-            f"backend='redis', got {type(body).__name__}; pass "
-            f"serializer='pickle' to the Broker to send other objects (only "
-            f"if every client of the Redis server is trusted)")
+            f"backend='redis', got {type(body).__name__}; {PICKLE_HINT} to "
+            f"send other objects (only if every client of the Redis server "
+            f"is trusted)")
 
     def _encode_headers(self, headers: dict | None) -> tuple[bytes, bytes]:
         if not headers:
@@ -517,7 +523,7 @@ class RedisBackend(Backend):
         except TypeError as exc:
             raise TypeError(
                 f"headers must be JSON values on backend='redis' ({exc}); "
-                f"pass serializer='pickle' to the Broker to allow others"
+                f"{PICKLE_HINT} to allow others"
             ) from None
 
     def _publish_args(self, envelopes: Sequence[Envelope]) -> list:
