@@ -395,3 +395,64 @@ def test_log_section_excludes_threads(path):
     assert entered[0] == 0
     assert sorted(entered) == list(range(17))
     broker.close()
+
+
+class _FullDiskLog:
+    """A stand-in for the broker's SegmentLog whose appends fail as on a
+    full disk; everything else goes to the real log."""
+
+    def __init__(self, log):
+        self._real = log
+
+    def append(self, data, *args, **kwargs):
+        raise OSError(28, "No space left on device (simulated)")
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("fsync", ["always", "interval"])
+def test_log_failed_append_raises_instead_of_waiting(path, fsync):
+    broker = open_broker(path, fsync=fsync)
+    try:
+        broker.declare_topic("t")
+        broker.publish("t", b"before")
+        backend = broker._backend
+        real = backend._log
+        backend._log = _FullDiskLog(real)
+        outcome = []
+
+        def publish():
+            try:
+                broker.publish("t", b"lost")
+                outcome.append("returned")
+            except Exception as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=publish, daemon=True)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "publish hung after a failed append"
+        assert len(outcome) == 1 and isinstance(outcome[0], Exception)
+        assert "No space left on device" in str(outcome[0])
+        # The log now misses a record the broker state has: every later
+        # operation raises at once, naming the failure.
+        with pytest.raises(mqs.BackendUnavailable,
+                           match="failed to append a record"):
+            broker.publish("t", b"after")
+        with pytest.raises(mqs.BackendUnavailable,
+                           match="failed to append a record"):
+            broker.consume("t", group="g").get(timeout=1)
+        backend._log = real
+    finally:
+        try:
+            broker.close()
+        except Exception:
+            pass
+    # The journal kept the operation the log missed, and the snapshot
+    # written at close put it into the log.
+    broker = open_broker(path, fsync=fsync)
+    try:
+        assert broker.stats("t")["stored"] == 2
+    finally:
+        broker.close()

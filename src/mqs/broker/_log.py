@@ -393,9 +393,7 @@ class LogBackend(MemoryBackend):
         raises before the state changes. The caller holds the lock.
         """
         if self._failed is not None:
-            raise BackendUnavailable(
-                f"log broker {self.path!r} failed to append a record "
-                f"({self._failed}); close it and open it again")
+            raise self._failed_error()
         data = encode_record(op, self._now, args)
         if len(data) > self._max_record:
             raise MessageTooLarge(
@@ -415,6 +413,11 @@ class LogBackend(MemoryBackend):
             self._fail_append(exc)
             raise
         self._bytes_since_snapshot += len(data)
+
+    def _failed_error(self) -> BackendUnavailable:
+        return BackendUnavailable(
+            f"log broker {self.path!r} failed to append a record "
+            f"({self._failed}); close it and open it again")
 
     def _fail_append(self, exc: BaseException) -> None:
         # The state already contains the operation, and later records

@@ -368,6 +368,20 @@ class SharedLogBackend(ShmBackend):
                 LogBackend._append(self, data)
             self._replayed = True
 
+    def _reserve(self, op: str, data: bytes) -> bytes:
+        # After a failed append the log misses a record that the journal
+        # has, so no later operation may run (`_logged` checks the same).
+        if self._failed is not None:
+            raise self._failed_error()
+        return ShmBackend._reserve(self, op, data)
+
+    def _fail_append(self, exc: BaseException) -> None:
+        super()._fail_append(exc)
+        # Threads and processes that wait for the record's sync would
+        # wait for ever: the log will not reach it.
+        self._durable[_FAILED] = 1
+        self._journal.signal()
+
     def _append(self, data: bytes) -> None:
         # `ShmBackend._append` and `_position` are inlined here, because
         # this runs in every operation.
@@ -696,6 +710,8 @@ class SharedLogBackend(ShmBackend):
         if target is None:
             target = getattr(self._local, "mark", 0)
         while self._durable[_DURABLE] < target:
+            if self._failed is not None:
+                raise self._failed_error()
             if self._durable[_FAILED]:
                 raise BackendUnavailable(
                     f"log broker {self.path!r}: the writer process failed "
