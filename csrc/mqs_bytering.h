@@ -178,6 +178,10 @@ typedef struct mqs_br_counters {
     _Atomic int64_t repaired_bytes;
     _Atomic int64_t lost_records;
     _Atomic int64_t stalls_reported;
+    /* Messages taken whose payload the consumer's serializer failed to
+     * decode, so they were dropped. Rings mapped by an older mqs have
+     * zeros in this padding, so the field needs no layout version. */
+    _Atomic int64_t decode_failures;
 } mqs_br_counters_t;
 
 #define MQS_BR_BLOCK(type) \
@@ -403,6 +407,15 @@ static inline mqs_waitword_t *mqs_br_not_full(mqs_bytering_t *ring)
 static inline mqs_br_counters_t *mqs_br_counters(mqs_bytering_t *ring)
 {
     return &ring->header->counters.v;
+}
+
+/* Count one message that a consumer took but failed to decode. Any
+ * thread of any attached process may call it. Relaxed, because the
+ * counter orders nothing else. */
+static inline void mqs_br_count_decode_failure(mqs_bytering_t *ring)
+{
+    atomic_fetch_add_explicit(&ring->header->counters.v.decode_failures, 1,
+                              memory_order_relaxed);
 }
 
 static inline mqs_hist_t *mqs_br_latency(mqs_bytering_t *ring)

@@ -99,7 +99,8 @@ def test_stat_json_matches_queue(queue, shm_name):
     assert stats["dequeued"] == [1, 0]
     assert stats["lag"] == [3, 4]
     assert stats["attached_processes"] == 1
-    assert stats["dropped"] == {"repaired_record": 0, "consumer_died": 0}
+    assert stats["dropped"] == {"repaired_record": 0, "consumer_died": 0,
+                                "decode_failed": 0}
 
 
 def test_stat_log_shows_group_lag(log_dir):

@@ -238,7 +238,8 @@ def test_shared_queue_stats_count_across_processes(shm_name):
         assert stats.attached_processes == 2
         assert stats.used_bytes == 24 * 32
         assert dict(stats.dropped) == {"repaired_record": 0,
-                                       "consumer_died": 0}
+                                       "consumer_died": 0,
+                                       "decode_failed": 0}
         group1.close()
     finally:
         q.unlink()

@@ -1452,3 +1452,65 @@ def test_too_many_live_handles_raise_os_error(shm_name):
         for handle in handles:
             handle.close()
 
+
+
+class Unreadable:
+    """Pickles fine but fails to unpickle: int("not-an-int")."""
+
+    def __reduce__(self):
+        return (int, ("not-an-int",))
+
+
+def test_undecodable_message_is_counted(make_queue, shm_name):
+    q = make_queue(name=shm_name)
+    q.put(Unreadable())
+    q.put("next")
+    with pytest.raises(mqs.MessageDecodeError,
+                       match="message dropped") as info:
+        q.get(timeout=5)
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "decode_failed" in str(info.value)
+    assert q.get(timeout=5) == "next"
+    stats = q.stats()
+    assert stats.decode_failures == 1
+    assert stats.dropped["decode_failed"] == 1
+    assert stats.dequeued == (2,)
+
+    # The counter lives in the shared mapping, so another process reads it.
+    code = textwrap.dedent(f"""
+        from mqs.shared import SharedQueue
+        q = SharedQueue(name={shm_name!r}, create=False)
+        print(q.stats().dropped["decode_failed"])
+        q.close()
+    """)
+    output = subprocess.run([sys.executable, "-c", code], check=True,
+                            capture_output=True, text=True,
+                            timeout=CHILD_TIMEOUT_S).stdout
+    assert output.strip() == "1"
+
+
+def test_get_many_keeps_messages_before_undecodable(make_queue, caplog):
+    q = make_queue()
+    q.put_many(["a", Unreadable(), "b"])
+    with caplog.at_level("WARNING", logger="mqs"):
+        assert q.get_many(10, timeout=5) == ["a"]
+    assert "message dropped" in caplog.text
+    assert q.get_many(10, timeout=5) == ["b"]
+    assert q.stats().dropped["decode_failed"] == 1
+
+
+def test_undecodable_custom_serializer_counted(make_queue):
+    class Failing:
+        def dumps(self, value):
+            return pickle.dumps(value)
+
+        def loads(self, data):
+            raise KeyError("no such class")
+
+    q = make_queue(serializer=Failing())
+    q.put({"order": 1})
+    with pytest.raises(mqs.MessageDecodeError) as info:
+        q.get(timeout=5)
+    assert isinstance(info.value.__cause__, KeyError)
+    assert q.stats().decode_failures == 1

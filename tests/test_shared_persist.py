@@ -456,3 +456,36 @@ def test_put_async_with_always_does_not_block_the_loop(log_dir):
     assert sorted(got) == sorted(b"%d" % n for n in range(20))
     assert ticks > 0
     q.close()
+
+
+class Unreadable:
+    """Pickles fine but fails to unpickle: int("not-an-int")."""
+
+    def __reduce__(self):
+        return (int, ("not-an-int",))
+
+
+def test_undecodable_durable_message_counted(log_dir):
+    q = SharedQueue(persist=log_dir)
+    try:
+        q.put(Unreadable())
+        q.put("next")
+        with pytest.raises(mqs.MessageDecodeError, match="message dropped"):
+            q.get(timeout=5)
+        assert q.get(timeout=5) == "next"
+
+        q.put_many(["a", Unreadable(), "b"])
+        got = []
+        failures = 0
+        # One get_many call claims the three messages or only some of
+        # them, so the bad one is either logged or raised.
+        while len(got) < 2:
+            try:
+                got += q.get_many(10, timeout=5)
+            except mqs.MessageDecodeError:
+                failures += 1
+        assert got == ["a", "b"]
+        assert failures <= 1
+        assert q.stats().dropped["decode_failed"] == 2
+    finally:
+        q.close()

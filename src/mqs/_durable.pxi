@@ -1212,6 +1212,7 @@ cdef class _Durable:
         cdef int64_t start = 0
         cdef int64_t n
         cdef list out
+        failure = None
         while True:
             n = self._wait_claim(max_items, &first, &start, block, deadline)
             try:
@@ -1219,14 +1220,29 @@ cdef class _Durable:
                     _after_claim_hook()
                 out = []
                 for i in range(n):
-                    item = self._read(first + i, view)
+                    # Every claimed offset is read, because the claim
+                    # already moved the group's cursor past all of them.
+                    try:
+                        item = self._read(first + i, view)
+                    except MessageDecodeError as exc:
+                        if failure is not None:
+                            logger.warning("durable queue %s: %s",
+                                           self.path, failure)
+                        failure = exc
+                        continue
                     if item is not None:
                         out.append(item)
             finally:
                 self._unclaim(start)
             self._drop_reader_segments()
             if out:
+                if failure is not None:
+                    # Raising would lose the messages already taken.
+                    logger.warning("durable queue %s: %s", self.path,
+                                   failure)
                 return out
+            if failure is not None:
+                raise failure
 
     cdef object get(self, bint block, object timeout):
         return self._take(1, block, timeout, False)[0]

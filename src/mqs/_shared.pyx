@@ -49,6 +49,7 @@ from mqs.includes.mqs_bytering cimport (
     mqs_br_config,
     mqs_br_config_t,
     mqs_br_count,
+    mqs_br_count_decode_failure,
     mqs_br_counters,
     mqs_br_detach,
     mqs_br_file_bytes,
@@ -134,6 +135,7 @@ from mqs.errors import (
     Full,
     LayoutVersionError,
     LogLocked,
+    MessageDecodeError,
     MessageTooLarge,
     MqsError,
     OffsetOutOfRange,
@@ -1593,7 +1595,27 @@ cdef class SharedQueue:
         return data
 
     cdef object _finish(self, uint16_t rtype, object data):
-        """Turn copied bytes back into the object (after the unpin)."""
+        """Turn copied bytes back into the object (after the unpin).
+
+        The record is already taken, so a payload that fails to decode
+        is dropped: counted in the shared counters, then reported as
+        `MessageDecodeError`.
+        """
+        try:
+            return self._deserialize(rtype, data)
+        except QueueLayoutError:
+            raise
+        except Exception as exc:
+            mqs_br_count_decode_failure(&self._ring)
+            raise MessageDecodeError(
+                f"message dropped: its {len(data)}-byte payload failed to "
+                f"deserialize ({type(exc).__name__}: {exc}); it is counted "
+                f"in stats().dropped['decode_failed']. Check that producers "
+                f"and consumers use the same serializer and that every "
+                f"class in the message can be imported and rebuilt here"
+            ) from exc
+
+    cdef object _deserialize(self, uint16_t rtype, object data):
         if rtype & MQS_BR_TYPE_STAMPED:
             # Only a record that a durable queue's appender copied from
             # the ring still has its stamp (a handle opened without
@@ -1674,6 +1696,11 @@ cdef class SharedQueue:
         ------
         Empty
             When nothing arrived (at once if `block` is false).
+        MessageDecodeError
+            When the message taken failed to deserialize. It is dropped,
+            not put back, so a message that can never be decoded cannot
+            block the queue, and it is counted in
+            ``stats().dropped["decode_failed"]``.
         ValueError
             If the queue is closed, or `timeout` is negative.
         """
@@ -1850,6 +1877,12 @@ cdef class SharedQueue:
 
         Waits like `get` until at least one message is there, then takes
         what is queued, up to `max_items`, without waiting for more.
+        A message that fails to deserialize is dropped and counted as in
+        `get`. It raises `MessageDecodeError` only when no message of the
+        call decoded, because raising later would lose the messages
+        already taken. Otherwise it is logged and the call returns the
+        messages decoded before it (on a durable queue, also those after
+        it in the same claim).
         """
         cdef int status
         cdef list out
@@ -1871,7 +1904,12 @@ cdef class SharedQueue:
             return self._durable.get_many(limit, block, timeout)
         out = [self.get(block, timeout)]
         while len(out) < limit:
-            item = self._take_copy(&status)
+            try:
+                item = self._take_copy(&status)
+            except MessageDecodeError as exc:
+                # Raising would lose the messages already taken.
+                logger.warning("queue %s: %s", self._label(), exc)
+                break
             if status != MQS_OK:
                 break
             out.append(item)
@@ -2177,7 +2215,8 @@ cdef object _read_stats(mqs_bytering_t *ring, object name, int group):
         repaired_records=counters.repaired_records,
         repaired_bytes=counters.repaired_bytes,
         lost_records=counters.lost_records,
-        stalls_reported=counters.stalls_reported)
+        stalls_reported=counters.stalls_reported,
+        decode_failures=counters.decode_failures)
 
 
 cdef object _read_latency(mqs_hist_t *hist):

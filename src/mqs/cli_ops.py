@@ -321,6 +321,7 @@ def _queue_table(stats: metrics.SharedQueueStats) -> Table:
         ("attached processes", stats.attached_processes),
         ("dropped: repaired records", stats.repaired_records),
         ("dropped: consumer died", stats.lost_records),
+        ("dropped: decode failed", stats.decode_failures),
         ("stalls reported", stats.stalls_reported),
     ]
     rows += _latency_rows(stats.latency)
@@ -443,7 +444,7 @@ def _top_table(current: dict[str, tuple[float, metrics.SharedQueueStats]],
             got = sum(stats.dequeued) - sum(old.dequeued)
             get_rate = f"{got / elapsed / stats.groups:,.0f}"
         used = 100.0 * stats.used_bytes / stats.capacity_bytes
-        dropped = stats.repaired_records + stats.lost_records
+        dropped = sum(stats.dropped.values())
         table.add_row(escape(name), str(stats.groups), f"{max(stats.lag):,}",
                       f"{stats.enqueued:,}", put_rate, get_rate,
                       f"{used:.1f}%", str(stats.attached_processes),

@@ -13,6 +13,7 @@ __all__ = [
     "Full",
     "ShutDown",
     "MessageTooLarge",
+    "MessageDecodeError",
     "LogCorrupted",
     "LogPoisoned",
     "LogLocked",
@@ -78,6 +79,15 @@ class ShutDown(*_shutdown_bases):
 
 class MessageTooLarge(MqsError, ValueError):
     """Raised for a message larger than the queue can ever hold."""
+
+
+class MessageDecodeError(MqsError, ValueError):
+    """Raised by a get whose message failed to deserialize.
+
+    The message was removed from the queue, so it is dropped, and the
+    queue counts it under the reason ``"decode_failed"`` of its stats.
+    The serializer's own exception is the ``__cause__``.
+    """
 
 
 class LogCorrupted(MqsError, ValueError):

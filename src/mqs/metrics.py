@@ -120,7 +120,9 @@ class SharedQueueStats:
     `dropped` maps a reason to a count: ``"repaired_record"`` for records
     of producers that died while publishing, turned into padding by a
     reader; ``"consumer_died"`` for an upper bound on messages taken by
-    consumers that died before returning them. `delayed` is None for a
+    consumers that died before returning them; ``"decode_failed"`` for
+    messages dropped because their payload failed to deserialize (raised
+    as `mqs.MessageDecodeError`). `delayed` is None for a
     queue without delayed delivery.
 
     A durable queue (``persist=``) reports its log: `groups`, `lag` and
@@ -162,12 +164,16 @@ class SharedQueueStats:
     persist: str | None = None
     committed: tuple[int | None, ...] | None = None
     lag_seconds: tuple[float, ...] | None = None
+    # Messages taken whose payload failed to deserialize, so the get
+    # that took them raised MessageDecodeError and they were dropped.
+    decode_failures: int = 0
 
     @property
     def dropped(self) -> Mapping[str, int]:
         """Messages lost, by reason."""
         return MappingProxyType({"repaired_record": self.repaired_records,
-                                 "consumer_died": self.lost_records})
+                                 "consumer_died": self.lost_records,
+                                 "decode_failed": self.decode_failures})
 
 
 @dataclass(frozen=True)

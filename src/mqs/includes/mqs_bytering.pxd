@@ -35,6 +35,7 @@ cdef extern from "mqs_bytering.h" nogil:
         int64_t repaired_bytes
         int64_t lost_records
         int64_t stalls_reported
+        int64_t decode_failures
 
     ctypedef struct mqs_br_participant_t:
         int64_t pid
@@ -91,6 +92,7 @@ cdef extern from "mqs_bytering.h" nogil:
     mqs_waitword_t *mqs_br_not_empty(mqs_bytering_t *ring)
     mqs_waitword_t *mqs_br_not_full(mqs_bytering_t *ring)
     mqs_br_counters_t *mqs_br_counters(mqs_bytering_t *ring)
+    void mqs_br_count_decode_failure(mqs_bytering_t *ring)
     mqs_br_participant_t *mqs_br_participant(mqs_bytering_t *ring, int slot)
     mqs_hist_t *mqs_br_latency(mqs_bytering_t *ring)
     void mqs_br_unstamp(mqs_bytering_t *ring, mqs_br_record_t *record)
