@@ -346,3 +346,19 @@ def test_cli_bridge_names_pickle_option(redis_endpoint_url, tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err.decode()
     assert out.decode().strip() == "forwarded 1 messages"
+
+
+def test_cli_bridge_unreachable_redis_fails_fast(tmp_path):
+    from test_cli_ops import closed_redis_url
+
+    source = mqs.Broker(backend="log", path=tmp_path / "in")
+    source.declare_topic("t")
+    source.close()
+    process = _bridge_process(f"log:{tmp_path}/in#t",
+                              f"{closed_redis_url()}#t", "--retry-timeout",
+                              "0.5")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "unreachable for 0.5 s" in err.decode()
+    assert "raise --retry-timeout" in err.decode()
+    assert "Traceback" not in err.decode()

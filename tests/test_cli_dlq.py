@@ -504,3 +504,18 @@ def test_dlq_shm_missing_name_is_one_line_error():
 def test_dlq_shm_unknown_topic_is_one_line_error(shm_broker):
     result = run_mqs("dlq", "purge", "nope", "--shm", shm_broker, "--yes")
     assert_one_line_error(result, "topic 'nope' not found in shm broker")
+
+
+def test_dlq_unreachable_redis_fails_fast():
+    from test_cli_ops import closed_redis_url
+
+    pytest.importorskip("redis")
+    result = run_mqs("dlq", "list", "orders", "--url", closed_redis_url(),
+                     "--retry-timeout", "0")
+    assert_one_line_error(result, "unreachable for 0.0 s")
+    assert "raise --retry-timeout" in result.stderr
+
+    result = run_mqs("dlq", "list", "orders", "--url", closed_redis_url(),
+                     "-o", "retry_timeout=60")
+    assert_one_line_error(result, "give the retry_timeout with "
+                                  "--retry-timeout")

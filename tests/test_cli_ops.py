@@ -629,3 +629,29 @@ def test_tail_queue_group_out_of_range_is_error(queue, shm_name):
 def test_tail_unknown_target_is_one_line_error():
     result = run_mqs("tail", "no-such-queue-for-cli", "--group", "0")
     assert_one_line_error(result, "no shared queue named")
+
+
+def closed_redis_url():
+    """Return a redis:// URL of a 127.0.0.1 port that nothing listens on
+    (it was free a moment ago)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def test_stat_unreachable_redis_fails_fast():
+    pytest.importorskip("redis")
+    result = run_mqs("stat", "--url", closed_redis_url(), "--retry-timeout",
+                     "0")
+    assert_one_line_error(result, "unreachable for 0.0 s")
+    assert "raise --retry-timeout" in result.stderr
+    assert "raise retry_timeout" not in result.stderr
+
+    # The default retries for a few seconds, not the library's 30 s.
+    result = run_mqs("stat", "--url", closed_redis_url())
+    assert result.returncode == 1
+    assert "unreachable for 3.0 s" in result.stderr
+    assert "Traceback" not in result.stderr

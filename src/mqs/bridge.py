@@ -91,12 +91,16 @@ def same_topic(first: Endpoint, second: Endpoint) -> bool:
     return first.location == second.location
 
 
-def open_endpoint(endpoint: Endpoint, *, pickle: bool = False) -> Broker:
+def open_endpoint(endpoint: Endpoint, *, pickle: bool = False,
+                  connect_retry_timeout: float | None = None) -> Broker:
     """Open the broker of `endpoint`. `pickle` sets ``serializer="pickle"``
-    on a redis broker (log and shm brokers always pickle)."""
+    on a redis broker (log and shm brokers always pickle), and
+    `connect_retry_timeout` the seconds it retries an unreachable server
+    while it opens (None: as long as later, 30 s)."""
     if endpoint.backend == "redis":
         return Broker(backend="redis", url=endpoint.location,
-                      serializer="pickle" if pickle else None)
+                      serializer="pickle" if pickle else None,
+                      connect_retry_timeout=connect_retry_timeout)
     if endpoint.backend == "shm":
         return Broker(backend="shm", name=endpoint.location)
     return Broker(backend="log", path=endpoint.location)

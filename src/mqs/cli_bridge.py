@@ -14,7 +14,13 @@ from rich.markup import escape
 from mqs import bridge
 from mqs.broker._redis import PICKLE_HINT
 from mqs.cli import EXIT_FAILED, EXIT_OK, _positive_int
-from mqs.cli_broker import check_log_dir, check_shm_name
+from mqs.cli_broker import (
+    RETRY_TIMEOUT_S,
+    add_retry_timeout_option,
+    check_log_dir,
+    check_shm_name,
+    name_retry_option,
+)
 from mqs.cli_ops import CommandError, _non_negative_float
 from mqs.errors import MqsError
 
@@ -56,6 +62,10 @@ def add_parser(subparsers: Any) -> None:
                              "serializer='pickle', for bodies other than "
                              "bytes and str (only if every client of the "
                              "server is trusted)")
+    add_retry_timeout_option(
+        parser, f"seconds to retry an unreachable Redis endpoint at "
+                f"start-up before failing (default: {RETRY_TIMEOUT_S:g}); "
+                f"once running, a lost connection is retried for 30 s")
     parser.set_defaults(handler=_run_bridge)
 
 
@@ -78,9 +88,12 @@ def _run_bridge(args: argparse.Namespace) -> int:
             check_log_dir(source_end.location)
         elif source_end.backend == "shm":
             check_shm_name(source_end.location)
-        source = bridge.open_endpoint(source_end, pickle=args.pickle)
-        destination = bridge.open_endpoint(destination_end,
-                                           pickle=args.pickle)
+        source = bridge.open_endpoint(
+            source_end, pickle=args.pickle,
+            connect_retry_timeout=args.retry_timeout)
+        destination = bridge.open_endpoint(
+            destination_end, pickle=args.pickle,
+            connect_retry_timeout=args.retry_timeout)
         logger.info("bridge %s -> %s started", args.source, args.destination)
         moved = bridge.forward(
             source, source_end.topic, destination, destination_end.topic,
@@ -93,6 +106,8 @@ def _run_bridge(args: argparse.Namespace) -> int:
         # store, but on the command line the fix is --pickle.
         message = (str(exc) or type(exc).__name__).replace(
             PICKLE_HINT, "rerun mqs bridge with --pickle")
+        # --retry-timeout sets only the retries while the brokers open.
+        message = name_retry_option(message, ("connect_retry_timeout",))
         console.print(f"[bold red]mqs bridge: error:[/bold red] "
                       f"{escape(message)}", soft_wrap=True)
         return EXIT_FAILED

@@ -23,8 +23,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from mqs._dirkind import LOG_BROKER, directory_kind
-from mqs.cli_ops import CommandError, _format_value
-from mqs.errors import BackendUnavailable, LogLocked
+from mqs.cli_ops import CommandError, _format_value, _non_negative_float
+from mqs.errors import BackendConnectionError, BackendUnavailable, LogLocked
 
 # Location option -> (backend name for mqs.Broker, its keyword option).
 BACKEND_OPTIONS = {
@@ -32,6 +32,31 @@ BACKEND_OPTIONS = {
     "shm": ("shm", "name"),
     "url": ("redis", "url"),
 }
+
+
+# Seconds that `mqs stat`, `mqs dlq` and the start of `mqs bridge` retry
+# an unreachable Redis server. The library default (30 s) suits brokers
+# that run for long, not a command that someone waits for.
+RETRY_TIMEOUT_S = 3.0
+
+
+def add_retry_timeout_option(parser: argparse.ArgumentParser,
+                             help_text: str) -> None:
+    """Add ``--retry-timeout SECONDS`` (default RETRY_TIMEOUT_S)."""
+    parser.add_argument("--retry-timeout", type=_non_negative_float,
+                        default=RETRY_TIMEOUT_S, metavar="SECONDS",
+                        help=help_text)
+
+
+def name_retry_option(message: str,
+                      options: tuple[str, ...] = ("connect_retry_timeout",
+                                                  "retry_timeout")) -> str:
+    """Replace the Python option in `options` that a redis connection
+    error names as the fix with ``--retry-timeout``."""
+    for option in options:
+        message = message.replace(f"raise {option}",
+                                  "raise --retry-timeout")
+    return message
 
 
 def shm_broker_exists(name: str) -> bool:
@@ -124,18 +149,27 @@ def parse_backend_option(text: str) -> tuple[str, str]:
 
 
 def open_broker(option: str, value: str,
-                options: dict[str, str] | None = None) -> Any:
+                options: dict[str, str] | None = None,
+                retry_timeout_s: float = RETRY_TIMEOUT_S) -> Any:
     """Open the existing broker at `value` with the backend of location
     option `option` (a key of `BACKEND_OPTIONS`) and backend `options`.
+
+    A redis broker retries an unreachable server for `retry_timeout_s`
+    seconds, at open and for every later command.
     """
     import mqs
 
     backend, keyword = BACKEND_OPTIONS[option]
-    options = dict(options or {})
+    options: dict[str, Any] = dict(options or {})
     if keyword in options:
         raise CommandError(f"give the {keyword} with --{option}, not with "
                            f"--option")
     options[keyword] = value
+    if backend == "redis":
+        if "retry_timeout" in options:
+            raise CommandError("give the retry_timeout with "
+                               "--retry-timeout, not with --option")
+        options["retry_timeout"] = retry_timeout_s
     # Opening an shm broker replays its journal, and the replayed drops
     # would log their running totals again; the commands report the
     # counters themselves.
@@ -155,6 +189,8 @@ def open_broker(option: str, value: str,
         raise CommandError(
             f"--{option} needs the {backend!r} backend, which this mqs "
             f"does not have ({exc})") from None
+    except BackendConnectionError as exc:
+        raise CommandError(name_retry_option(str(exc))) from None
     except (TypeError, ValueError) as exc:
         # A misspelt or invalid --option, or a bad location value.
         raise CommandError(
@@ -181,7 +217,8 @@ RATE_COUNTERS = ("published", "delivered", "acked")
 
 def broker_stats(option: str, value: str,
                  options: dict[str, str] | None = None,
-                 interval_s: float | None = None) -> dict[str, Any]:
+                 interval_s: float | None = None,
+                 retry_timeout_s: float = RETRY_TIMEOUT_S) -> dict[str, Any]:
     """Open the broker at `value` (location option `option`, backend
     `options`) and return the stats of every topic and group as plain
     values for JSON.
@@ -192,7 +229,7 @@ def broker_stats(option: str, value: str,
     each counter of RATE_COUNTERS. The stats are those of the second
     sample.
     """
-    broker = open_broker(option, value, options)
+    broker = open_broker(option, value, options, retry_timeout_s)
     try:
         if interval_s is None:
             topics = _sample_topics(broker)

@@ -36,6 +36,8 @@ from mqs.cli_ops import (
 )
 from mqs.cli_broker import (
     BACKEND_OPTIONS,
+    RETRY_TIMEOUT_S,
+    add_retry_timeout_option,
     broker_not_found,
     locate_broker,
     open_broker,
@@ -138,6 +140,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="pass KEY=VALUE (a str) to the backend, such "
                              "as namespace=orders or serializer=pickle "
                              "for a redis broker; repeat for several")
+    add_retry_timeout_option(
+        parser, f"for a redis broker (--url): seconds to retry an "
+                f"unreachable server before failing (default: "
+                f"{RETRY_TIMEOUT_S:g})")
 
 
 # ---------------------------------------------------------------- opening
@@ -170,7 +176,8 @@ def _broker_location(args: argparse.Namespace) -> tuple[str, str]:
 def _open_broker(args: argparse.Namespace) -> Any:
     """Open the broker that the arguments name; check the topic."""
     option, value = _broker_location(args)
-    broker = open_broker(option, value, dict(args.option))
+    broker = open_broker(option, value, dict(args.option),
+                         args.retry_timeout)
     if not broker.backend.has_topic(args.topic):
         broker.close()
         backend = BACKEND_OPTIONS[option][0]

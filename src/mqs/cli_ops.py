@@ -165,7 +165,12 @@ def _check_queue_name(name: str) -> None:
 
 
 def _add_stat_parser(subparsers: Any) -> None:
-    from mqs.cli_broker import parse_backend_option, parse_interval
+    from mqs.cli_broker import (
+        RETRY_TIMEOUT_S,
+        add_retry_timeout_option,
+        parse_backend_option,
+        parse_interval,
+    )
 
     parser = subparsers.add_parser(
         "stat", help="show the counters of a shared queue, segment log or "
@@ -208,6 +213,9 @@ def _add_stat_parser(subparsers: Any) -> None:
                              "apart, and add the per-second rates of "
                              "published, delivered and acked messages of "
                              "every topic")
+    add_retry_timeout_option(
+        parser, f"for a redis broker: seconds to retry an unreachable "
+                f"server before failing (default: {RETRY_TIMEOUT_S:g})")
     parser.add_argument("--json", action="store_true",
                         help="print the stats as JSON instead of a table")
     parser.set_defaults(handler=_handler("stat", _run_stat), parser=parser)
@@ -256,7 +264,8 @@ def _run_stat(args: argparse.Namespace) -> int:
     if broker is not None:
         from mqs.cli_broker import broker_stats, broker_table
 
-        result = broker_stats(*broker, dict(args.option), args.interval)
+        result = broker_stats(*broker, dict(args.option), args.interval,
+                              args.retry_timeout)
         if args.json:
             print(json.dumps(result, indent=2))
         else:

@@ -231,7 +231,8 @@ class ProducerFlushError(MqsError, RuntimeError):
 
 
 class BackendUnavailable(MqsError, ValueError):
-    """Raised by `Broker` for a backend name that this build lacks."""
+    """Raised by `Broker` for a backend name that this build lacks, or
+    whose client library (redis-py for ``"redis"``) is not installed."""
 
 
 class BackendConnectionError(MqsError, ConnectionError):

@@ -484,6 +484,36 @@ def test_unreachable_server_raises_after_retries(caplog):
     assert "retry 1" in caplog.text
 
 
+def test_connect_retry_timeout_fails_fast():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(mqs.BackendConnectionError,
+                       match="raise connect_retry_timeout"):
+        mqs.Broker(backend="redis", url=f"redis://127.0.0.1:{port}/0",
+                   retry_timeout=600, connect_retry_timeout=0.2)
+    # Far below retry_timeout, with room for a loaded machine.
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), "3", True])
+def test_connect_retry_timeout_checked(value):
+    # Without a url, as in test_retry_timeout_checked: nothing connects.
+    with pytest.raises(ValueError, match="connect_retry_timeout must be"):
+        mqs.Broker(backend="redis", connect_retry_timeout=value)
+
+
+def test_missing_redis_py_is_backend_unavailable(monkeypatch):
+    # None in sys.modules makes `import redis` raise ImportError.
+    monkeypatch.setitem(sys.modules, "redis", None)
+    with pytest.raises(mqs.BackendUnavailable,
+                       match="needs redis-py, which is not installed"):
+        mqs.Broker(backend="redis", url="redis://127.0.0.1:1/0")
+
+
 # Trimmed streams.
 
 def test_entry_trimmed_while_pending_dead_letters(open_broker, redis_url,

@@ -106,6 +106,7 @@ from mqs.broker._memory import (
 from mqs.broker._policy import Backoff, Rate, TopicConfig
 from mqs.errors import (
     BackendConnectionError,
+    BackendUnavailable,
     CertificateVerifyError,
     Full,
     ShutDown,
@@ -142,10 +143,18 @@ def _redis_module():
     try:
         import redis
     except ImportError:
-        raise BackendConnectionError(
-            "backend='redis' needs redis-py: pip install 'redis>=5' "
-            "(and hiredis for faster replies)") from None
+        raise BackendUnavailable(
+            "backend='redis' needs redis-py, which is not installed: pip "
+            "install 'redis>=5' (and hiredis for faster replies)") from None
     return redis
+
+
+def _check_retry_seconds(option: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not value >= 0:
+        raise ValueError(
+            f"{option} must be 0 or more seconds (0: no retry), got "
+            f"{value!r}")
 
 
 def _certificate_failed(exc: BaseException) -> bool:
@@ -276,6 +285,12 @@ class RedisBackend(Backend):
     retry_timeout : float
         Seconds to keep retrying a lost connection before raising
         `BackendConnectionError`.
+    connect_retry_timeout : float, optional
+        Seconds to keep retrying the first connection, made while the
+        backend opens, before raising `BackendConnectionError`. None
+        (default) uses `retry_timeout`. A small value makes a wrong URL
+        fail fast while later outages are still retried for
+        `retry_timeout`.
     stream_maxlen : int, optional
         Cap each lane's stream at about this many entries (``XADD MAXLEN
         ~``). An entry trimmed after a group read it is dead-lettered
@@ -300,6 +315,7 @@ class RedisBackend(Backend):
     def __init__(self, url: str | None = None, *,
                  serializer: str | None = None, namespace: str = "mqs",
                  socket_timeout: float = 5.0, retry_timeout: float = 30.0,
+                 connect_retry_timeout: float | None = None,
                  stream_maxlen: int | None = None,
                  client: Any = None,
                  sample_every: int | None | str = "default") -> None:
@@ -325,11 +341,10 @@ class RedisBackend(Backend):
             raise ValueError(
                 f"socket_timeout must be above 0 seconds, got "
                 f"{socket_timeout!r}")
-        if isinstance(retry_timeout, bool) or not isinstance(
-                retry_timeout, (int, float)) or not retry_timeout >= 0:
-            raise ValueError(
-                f"retry_timeout must be 0 or more seconds (0: no retry), "
-                f"got {retry_timeout!r}")
+        _check_retry_seconds("retry_timeout", retry_timeout)
+        if connect_retry_timeout is not None:
+            _check_retry_seconds("connect_retry_timeout",
+                                 connect_retry_timeout)
         if stream_maxlen is not None and (
                 isinstance(stream_maxlen, bool)
                 or not isinstance(stream_maxlen, int) or stream_maxlen < 1):
@@ -355,13 +370,22 @@ class RedisBackend(Backend):
         self._namespace = namespace
         self._socket_timeout = socket_timeout
         self._retry_timeout = retry_timeout
+        # The option that set _retry_timeout, named in the error.
+        self._retry_option = "retry_timeout"
         self._maxlen = stream_maxlen or 0
         self._block_cap = max(0.01, min(1.0, socket_timeout / 2))
         self._backoff = redis.backoff.FullJitterBackoff(cap=2.0, base=0.05)
         self._rng = random.Random()
         self._closed = False
         self._script = client.register_script(_load_script())
-        self._call(client.ping)
+        if connect_retry_timeout is not None:
+            self._retry_timeout = connect_retry_timeout
+            self._retry_option = "connect_retry_timeout"
+        try:
+            self._call(client.ping)
+        finally:
+            self._retry_timeout = retry_timeout
+            self._retry_option = "retry_timeout"
 
     def __repr__(self) -> str:
         return f"<RedisBackend {self.url} namespace={self._namespace!r}>"
@@ -398,7 +422,8 @@ class RedisBackend(Backend):
                     raise BackendConnectionError(
                         f"Redis at {self.url} unreachable for "
                         f"{self._retry_timeout} s ({exc}); check that the "
-                        f"server runs, or raise retry_timeout") from exc
+                        f"server runs, or raise {self._retry_option}"
+                    ) from exc
                 failures += 1
                 pause = self._backoff.compute(failures)
                 logger.warning(
