@@ -1616,3 +1616,30 @@ def test_redelivered_skips_dead_letter_at_deadline(broker):
     stats = broker.stats("t")
     assert stats["dead_lettered.ack_timeout"] == 1
     assert stats["redelivered"] == 0
+
+
+class Unreadable:
+    """Pickles fine but fails to unpickle: int("not-an-int")."""
+
+    def __reduce__(self):
+        return (int, ("not-an-int",))
+
+
+def test_undecodable_body_is_dead_lettered(broker):
+    # The memory backend keeps bodies as objects, so nothing is decoded.
+    if broker.backend.name == "memory":
+        pytest.skip("the memory backend does not serialize bodies")
+    broker.publish("t", Unreadable())
+    consumer = broker.consume("t", "g", max_attempts=1, ack_timeout=0.05)
+    with pytest.raises(ValueError, match="not-an-int"):
+        consumer.get(timeout=5)
+    # The message stays in flight, so it is not lost: its ack deadline
+    # passes and max_attempts moves it to the dead-letter queue.
+    deadline = time.monotonic() + 30
+    while broker.stats("t")["dlq"] == 0 and time.monotonic() < deadline:
+        with pytest.raises(mqs.Empty):
+            consumer.get(timeout=0.05)
+    stats = broker.stats("t")
+    assert stats["dlq"] == 1
+    assert stats["dead_lettered.ack_timeout"] == 1
+    assert stats["acked"] == 0

@@ -400,7 +400,11 @@ class Consumer:
     def get(self, timeout: float | None = None) -> Message:
         """Return the next message, waiting up to `timeout` seconds.
 
-        Raises `Empty` on timeout and `ShutDown` once closed.
+        Raises `Empty` on timeout and `ShutDown` once closed. A body that
+        fails to unpickle raises the unpickling error, but its message
+        stays in flight: it is delivered again after its ack deadline,
+        and dead-lettered (reason ``"ack_timeout"``) after
+        `max_attempts`. Without `max_attempts` it comes back forever.
         """
         if (self._read_one is not None and not self._closed
                 and (timeout is None or (timeout.__class__ in _NUMBERS
