@@ -123,6 +123,7 @@ enum failpoint {
     FP_ROLL_SEALED,
     FP_ROLL_CREATED,
     FP_SYNC_EIO,
+    FP_CREATE_ENOSPC,
     FP_COUNT,
 };
 
@@ -130,6 +131,7 @@ enum failpoint {
 static const char *const failpoint_names[FP_COUNT] = {
     "seglog.mid_record",  "seglog.after_append", "seglog.after_sync",
     "seglog.roll_sealed", "seglog.roll_created", "seglog.sync_eio",
+    "seglog.create_enospc",
 };
 #endif
 
@@ -294,7 +296,8 @@ static int fail_errno(mqs_seglog_t *log, int status)
  * Nth time (default the first) a named point is reached, it fires. Kill
  * points raise SIGKILL in the calling process, as an outside kill at
  * that instruction would; seglog.sync_eio makes that sync fail with
- * EIO. The same variable drives csrc/mqs_failpoint.h, and like those
+ * EIO, and seglog.create_enospc the preallocation of a new segment
+ * fail with ENOSPC. The same variable drives csrc/mqs_failpoint.h, and like those
  * points these are compiled in only when MQS_FAILPOINTS is defined
  * (setup.py: MQS_FAILPOINTS=1). The variable is read once per open log,
  * so each log counts its own passes.
@@ -720,6 +723,8 @@ static int segment_create(mqs_seglog_t *log, int64_t base,
         goto fail;
     }
     err = posix_fallocate(seg->fd, 0, (off_t)seg->map_bytes);
+    if (err == 0 && failpoint_hit(log, FP_CREATE_ENOSPC))
+        err = ENOSPC;
     if (err != 0) {
         errno = err;
         rc = fail_errno(log, (err == ENOSPC || err == EFBIG || err == EDQUOT)
@@ -2046,7 +2051,11 @@ int mqs_seglog_append(mqs_seglog_t *log, const mqs_seglog_entry_t *entries,
         uint32_t length = MQS_SEGLOG_RECORD_HEADER_BYTES +
                           (e->has_key ? e->key_len : 0) + e->value_len;
         mqs_segment_t *seg = log->active;
-        if (seg->end_pos + align_up(length) > seg->map_bytes) {
+        /* A sealed active segment is one whose roll failed (its new
+         * segment could not be created): readers stop at its seal, so
+         * nothing more may go into it; the roll is tried again. */
+        if (seg->sealed ||
+            seg->end_pos + align_up(length) > seg->map_bytes) {
             /* Publish what is written so a sync in the roll covers it. */
             atomic_store_explicit(&log->pub_pos, (int64_t)seg->end_pos,
                                   memory_order_release);

@@ -265,6 +265,48 @@ def test_seglog_injected_sync_error_poisons(tmp_path, failpoint_path):
         assert log.end_offset == 3
 
 
+CREATE_ENOSPC_CHILD = """
+import errno, sys
+import mqs
+log = mqs.SegmentLog(sys.argv[1], segment_bytes=65536, fsync="always")
+count = 0
+try:
+    while True:
+        log.append(b"x" * 1000)
+        count += 1
+except OSError as exc:
+    print("full after", count, exc.errno == errno.ENOSPC)
+offset = log.append(b"y")
+print("appended", offset, bytes(log.read(offset)).decode())
+log.close()
+"""
+
+
+def test_seglog_append_after_failed_roll_is_readable(tmp_path,
+                                                     failpoint_path):
+    """Creating the next segment fails once with ENOSPC (as on a full
+    disk) after the full segment was sealed. A later append must not go
+    into the sealed segment, where readers stop at the seal: it tries the
+    roll again, and its record is readable in this and any other
+    handle."""
+    env = {**os.environ, "PYTHONPATH": failpoint_path,
+           "MQS_FAILPOINT": "seglog.create_enospc:2"}
+    result = subprocess.run(
+        [sys.executable, "-c", CREATE_ENOSPC_CHILD, str(tmp_path / "log")],
+        env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+        check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    full = [line for line in lines if line.startswith("full after")]
+    assert len(full) == 1 and full[0].endswith("True"), lines
+    count = int(full[0].split()[2])
+    assert count > 10
+    assert f"appended {count} y" in lines
+    with mqs.SegmentLog(tmp_path / "log", readonly=True) as log:
+        values = [bytes(r.value) for r in log]
+    assert values == [b"x" * 1000] * count + [b"y"]
+
+
 def test_seglog_failpoint_copy_has_seglog_failpoints(failpoint_path):
     result = subprocess.run(
         [sys.executable, "-c",
