@@ -1112,3 +1112,49 @@ def test_open_rejects_log_broker_directory(tmp_path):
     reopened = mqs.Broker(backend="log", path=str(path))
     assert reopened.stats("orders")["published"] == 0
     reopened.close()
+
+
+def test_seglog_forked_child_cannot_write_through_parent_handle(tmp_path):
+    """A writer handle inherited through fork refuses writes in the child
+    (the parent holds the writer lock and would overwrite them); closing
+    or dropping it there leaves the parent's log and lock alone."""
+    path = tmp_path / "log"
+    log = mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync="always")
+    log.append(b"parent-0")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            outcome = []
+            for call in (lambda: log.append(b"child"),
+                         lambda: log.append_many([b"child"]),
+                         log.flush, log.roll):
+                try:
+                    call()
+                    outcome.append("wrote")
+                except mqs.LogLocked as exc:
+                    outcome.append("locked" if "forked" in str(exc)
+                                   else str(exc))
+            with mqs.SegmentLog(path, readonly=True) as reader:
+                outcome.append(bytes(reader.read(0)).decode())
+            log.close()
+            outcome.append("closed" if log.closed else "open")
+            os.write(write_end, ",".join(outcome).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        report = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert report == "locked,locked,locked,locked,parent-0,closed"
+    # The parent still writes at the next offset and holds the lock.
+    assert log.append(b"parent-1") == 1
+    with pytest.raises(mqs.LogLocked):
+        mqs.SegmentLog(path, segment_bytes=SEGMENT)
+    log.close()
+    with mqs.SegmentLog(path, readonly=True) as reader:
+        assert [bytes(r.value) for r in reader] == [b"parent-0", b"parent-1"]

@@ -20,8 +20,12 @@ cdef class SegmentLog:
     cdef object _sync_hook
     cdef object _recovery
     cdef object __weakref__
+    cdef unsigned long _fork_generation
+    cdef long _opener_pid
 
     cdef int _check_open(self) except -1
+    cdef int _check_writer(self) except -1
+    cdef bint _forked(self)
     cdef object _view_for(self, mqs_segment_t *segment)
     cdef int _raise_status(self, int rc, object offset=*) except -1
     cdef int _sync(self, int64_t end_offset) except -1

@@ -134,6 +134,18 @@ _COMMIT_FORMAT = struct.Struct("<8sqI")
 _COMMIT_FILE = re.compile(r"consumer-([A-Za-z0-9_-][A-Za-z0-9._-]{0,199})\.offset")
 _pyarrow = None
 
+# Counts forks in this process's ancestry line: a writer handle whose
+# generation differs was opened by a parent (see SegmentLog._forked).
+cdef unsigned long _fork_generation = 0
+
+
+def _count_fork():
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
 
 cdef inline int64_t _wall_ns() noexcept nogil:
     cdef timespec ts
@@ -322,8 +334,9 @@ cdef class SegmentLog:
     read-only handle keeps every segment it has opened mapped until it
     is closed, so the disk space of segments that retention deleted
     meanwhile is freed only then.
-    Only one process may write a log; a writer handle must not be used
-    in a forked child.
+    Only one process may write a log. In a child forked from the
+    writer, the inherited handle raises `LogLocked` on every write, and
+    closing it there leaves the parent's log and lock alone.
 
     A writer handle under ``fsync="never"`` or ``"interval"`` runs a
     thread that writes zeros into the active segment's file 8 MiB ahead
@@ -400,6 +413,8 @@ cdef class SegmentLog:
             -1 if retention_bytes is None else retention_bytes)
         config.retention_ns = _check_seconds("retention_s", retention_s, True)
         self.readonly = config.readonly
+        self._fork_generation = _fork_generation
+        self._opener_pid = os.getpid()
         self._fsync_mode = config.fsync_mode
         self._segment_bytes = config.segment_bytes
         self._views = {}
@@ -425,6 +440,10 @@ cdef class SegmentLog:
         if log == NULL:
             return
         self._log = NULL
+        if self._forked():
+            # The writer's threads and lock belong to the parent.
+            mqs_seglog_abandon(log)
+            return
         # The flusher thread may be waiting for the GIL inside a sync
         # hook; closing joins it, so the GIL must be free meanwhile.
         with nogil:
@@ -436,6 +455,24 @@ cdef class SegmentLog:
     cdef int _check_open(self) except -1:
         if self._log == NULL:
             raise ValueError(f"segment log {self.path!r} is closed")
+        return 0
+
+    cdef bint _forked(self):
+        """True for a writer handle inherited through fork."""
+        return not self.readonly and \
+            self._fork_generation != _fork_generation
+
+    cdef int _check_writer(self) except -1:
+        self._check_open()
+        if self._forked():
+            raise LogLocked(
+                _errno.EAGAIN,
+                f"this SegmentLog writer was opened by process "
+                f"{self._opener_pid}, which this process was forked from, "
+                f"and that process holds the writer lock; a forked child "
+                f"cannot write through it. Open the log with readonly=True "
+                f"in the child, or close it in the parent and open a new "
+                f"writer in the child", self.path)
         return 0
 
     cdef object _view_for(self, mqs_segment_t *segment):
@@ -577,7 +614,7 @@ cdef class SegmentLog:
         cdef Py_buffer value_buf, key_buf
         cdef bint value_held = False, key_held = False
         cdef int64_t offset
-        self._check_open()
+        self._check_writer()
         if PyBytes_CheckExact(data):
             e.value = PyBytes_AS_STRING(data)
             size = PyBytes_GET_SIZE(data)
@@ -653,7 +690,7 @@ cdef class SegmentLog:
         cdef const uint8_t[::1] value_view
         cdef const uint8_t[::1] key_view
         cdef list keep = []
-        self._check_open()
+        self._check_writer()
         if n == 0:
             return self.end_offset
         entries = <mqs_seglog_entry_t *>malloc(n * sizeof(mqs_seglog_entry_t))
@@ -706,7 +743,7 @@ cdef class SegmentLog:
         io.UnsupportedOperation
             If the log was opened read-only.
         """
-        self._check_open()
+        self._check_writer()
         if self.readonly:
             self._raise_status(MQS_EREADONLY)
         self._sync(-1)
@@ -714,7 +751,7 @@ cdef class SegmentLog:
     def roll(self):
         """Seal the active segment and start a new one (no-op if empty)."""
         cdef int rc
-        self._check_open()
+        self._check_writer()
         rc = mqs_seglog_roll(self._log)
         if rc != MQS_OK:
             self._raise_status(rc)
@@ -729,7 +766,7 @@ cdef class SegmentLog:
         """
         cdef int64_t deleted = 0
         cdef int rc
-        self._check_open()
+        self._check_writer()
         rc = mqs_seglog_retain(self._log, _wall_ns(), &deleted)
         if rc != MQS_OK:
             self._raise_status(rc)
@@ -759,7 +796,7 @@ cdef class SegmentLog:
         """
         cdef int64_t deleted = 0
         cdef int rc
-        self._check_open()
+        self._check_writer()
         _check_int("offset", offset, 0, INT64_MAX)
         rc = mqs_seglog_retain_below(self._log, offset, &deleted)
         if rc != MQS_OK:
@@ -1166,6 +1203,10 @@ cdef class SegmentLog:
         cdef mqs_seglog_t *log = self._log
         cdef int rc
         if log == NULL:
+            return
+        if self._forked():
+            # No sync, checkpoint or unlock: those belong to the parent.
+            self._abandon_after_fork()
             return
         while self._inflight:
             time.sleep(0.001)
