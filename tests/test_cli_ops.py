@@ -16,7 +16,7 @@ import mqs
 
 SHM_DIR = "/dev/shm"
 PAGE = os.sysconf("SC_PAGESIZE")
-SUBCOMMANDS = ["stat", "top", "dump", "purge", "tail", "metrics"]
+SUBCOMMANDS = ["stat", "top", "dump", "purge", "clean", "tail", "metrics"]
 
 
 def run_mqs(*args, timeout=60, columns=160, cwd=None):

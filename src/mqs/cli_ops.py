@@ -1,5 +1,5 @@
 """Operations subcommands of the `mqs` command: stat, top, dump, purge,
-tail and metrics.
+clean, tail and metrics.
 
 `add_parsers` registers them with the `mqs` parser. Every handler returns
 an exit status; an expected failure (bad name or path, corrupted log)
@@ -44,6 +44,7 @@ def add_parsers(subparsers: Any) -> None:
     _add_top_parser(subparsers)
     _add_dump_parser(subparsers)
     _add_purge_parser(subparsers)
+    _add_clean_parser(subparsers)
     _add_tail_parser(subparsers)
     _add_metrics_parser(subparsers)
 
@@ -617,6 +618,49 @@ def _run_purge(args: argparse.Namespace) -> int:
         queue.close()
     console.print(f"purged {escape(args.name)}: discarded "
                   f"{discarded} message(s) per group")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ clean
+
+
+def _add_clean_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "clean", help="remove the /dev/shm journals a log broker left",
+        description="Remove the /dev/shm journals of the log broker at "
+                    "PATH that no process has open. If PATH is a log "
+                    "broker directory, the command opens and closes the "
+                    "broker first, so its journal goes into the log "
+                    "before it is removed (unless other processes still "
+                    "have the broker open). Journals of earlier "
+                    "directories at PATH (removed, emptied or replaced "
+                    "since) are removed, and PATH may no longer exist.")
+    parser.add_argument("path", metavar="PATH",
+                        help="log broker directory, or the path of one "
+                             "that was removed")
+    parser.set_defaults(handler=_handler("clean", _run_clean))
+
+
+def _run_clean(args: argparse.Namespace) -> int:
+    from mqs import Broker
+    from mqs.broker._log_shared import (
+        journal_files,
+        remove_stale_journals,
+    )
+
+    console = _console()
+    path = args.path
+    if os.path.isdir(path) and directory_kind(path) == LOG_BROKER:
+        # The last process to close the broker snapshots the journal
+        # into the log and removes it.
+        Broker(backend="log", path=path).close()
+    removed = remove_stale_journals(path)
+    left = sorted(journal_files(path))
+    console.print(f"{escape(path)}: removed {len(removed)} journal(s) of "
+                  f"earlier directories; {len(left)} journal(s) in use by "
+                  f"open brokers stay" + "".join(
+                      f"\n  /dev/shm/mqs.broker.{escape(name)}"
+                      for name in left))
     return EXIT_OK
 
 

@@ -875,7 +875,10 @@ def lock_holder(path: str) -> int | None:
 
 def _check_empty(path: str) -> None:
     extra = sorted(set(os.listdir(path)) - {LOCK, CURRENT + ".tmp", "users"})
-    extra = [name for name in extra if not name.startswith("log-")]
+    # "broker.id" and its temporary names: the directory identity of the
+    # shared log backend.
+    extra = [name for name in extra
+             if not name.startswith(("log-", "broker.id"))]
     if extra:
         raise ValueError(
             f"path {path!r} holds files that are not a log broker's "

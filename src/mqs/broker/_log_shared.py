@@ -6,8 +6,9 @@ tables, rate buckets, dedup ids, dead letters and counters.
 
 Design
     The processes coordinate exactly as those of the ``shm`` backend
-    (`mqs.broker._shm`) do. A journal in /dev/shm, named after the real
-    path of the log directory, has a robust process-shared mutex. Every
+    (`mqs.broker._shm`) do. A journal in /dev/shm has a robust
+    process-shared mutex; `journal_name` names it after the real path of
+    the log directory and the directory's identity. Every
     process keeps a replica of the state and replays the records of the
     others before it runs its own operation. The records are the ones
     the single-process `LogBackend` writes, so the same bytes go into
@@ -70,6 +71,22 @@ What survives what
     returned is lost in any mode). Reboot: the log alone restores the
     state, as for `LogBackend`: the consumers are closed and their
     in-flight messages are ready again with their attempts kept.
+    The directory removed, emptied or replaced by a copy: its identity
+    (`directory_identity`) changes, so the next open creates a new
+    journal and restores the broker from the log alone, and it removes
+    the journals of earlier identities that no process has open (each
+    open broker holds a shared `flock` on its ``.durable`` file).
+    Processes that still have the old directory open find out within
+    `DIRECTORY_CHECK_INTERVAL_S`; from then on their operations raise
+    `BackendUnavailable`. They check the identity before they write a
+    snapshot or take the writer lock, so they write nothing into the
+    new directory unless it replaces the old one between that check and
+    the write. Their segment appends go to the old files, which the
+    segment log reaches through a descriptor of the old directory.
+    NOTE: a backup restored in place into the same directory, with the
+    same ``broker.id`` file, keeps the identity, so a journal left by a
+    crash still overrides the restored log. Delete ``broker.id`` after
+    such a restore.
 
 Limits
     Those of the shm backend (at most 256 processes at once, one record
@@ -93,6 +110,7 @@ import dataclasses
 import mmap
 import os
 import pickle
+import secrets
 import shutil
 import threading
 import time
@@ -124,16 +142,26 @@ from mqs.broker._shm import (
 )
 from mqs.errors import BackendUnavailable, LogLocked, ShutDown
 
-__all__ = ["SharedLogBackend", "TAKEOVER_INTERVAL_S"]
+__all__ = ["SharedLogBackend", "TAKEOVER_INTERVAL_S", "directory_identity",
+           "journal_files", "journal_name", "remove_stale_journals",
+           "unlink_journal"]
 
 logger = logging.getLogger(__name__)
 
 # How often a process that is not the writer tries the writer lock.
 TAKEOVER_INTERVAL_S = 0.05
+# How often the log thread checks that the directory at `path` is still
+# the one the process opened.
+DIRECTORY_CHECK_INTERVAL_S = 0.5
 USERS = "users"
-# Words of the durable file: the durable journal position, and 1 once
-# the writer failed to append or sync.
+# The random id that, with the directory's inode, names the journal of
+# one incarnation of the directory (see `directory_identity`).
+DIRECTORY_ID = "broker.id"
+# Words of the durable file: the durable journal position, and
+# _WRITE_FAILED once the writer failed to append or sync, or
+# _DIRECTORY_REPLACED once a process found the directory replaced.
 _DURABLE, _FAILED = 0, 1
+_WRITE_FAILED, _DIRECTORY_REPLACED = 1, 2
 _DURABLE_FILE_BYTES = 4096
 # The first field of every snapshot this backend writes. Version 1 is
 # the single-process LogBackend's, whose records hold bodies as objects;
@@ -150,22 +178,183 @@ _loads = pickle.loads
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
-def journal_name(path: str | os.PathLike[str]) -> str:
-    """Return the shm journal name of the log broker at `path`."""
+def _path_prefix(path: str | os.PathLike[str]) -> str:
+    """Return the start of the shm names of every journal that served the
+    log broker at `path`, whatever the directory's identity."""
     real = os.path.realpath(os.fspath(path))
     return "log." + hashlib.sha256(real.encode()).hexdigest()[:32]
 
 
+def _read_directory_id(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, DIRECTORY_ID), encoding="ascii") as file:
+            return file.read().strip() or None
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+
+
+def _create_directory_id(path: str) -> None:
+    """Write a random id into `path` unless it has one. The id is written
+    under a temporary name and linked into place, so a concurrent opener
+    reads either no id or the whole one, and only one id wins."""
+    if _read_directory_id(path) is not None:
+        return
+    temp = os.path.join(path, f"{DIRECTORY_ID}.{os.getpid()}."
+                              f"{secrets.token_hex(4)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.write(fd, (secrets.token_hex(16) + "\n").encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(temp, os.path.join(path, DIRECTORY_ID))
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(temp)
+
+
+def directory_identity(path: str | os.PathLike[str]) -> str | None:
+    """Return the identity of the log broker directory at `path`, or None
+    if it has no id file (a new, emptied or missing directory).
+
+    The identity hashes the directory's device and inode numbers with
+    the random id in its ``broker.id`` file. A directory that was
+    removed and created again, emptied, or replaced by a copy gets
+    another identity, so it never meets the journal of its predecessor.
+    """
+    directory = os.fspath(path)
+    directory_id = _read_directory_id(directory)
+    if directory_id is None:
+        return None
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    key = f"{info.st_dev}:{info.st_ino}:{directory_id}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def journal_name(path: str | os.PathLike[str]) -> str:
+    """Return the shm journal name of the log broker at `path`: the hash
+    of its real path, then its `directory_identity`.
+
+    Raises FileNotFoundError if `path` has no id file yet (no process
+    opened the broker since the directory was created or emptied).
+    """
+    identity = directory_identity(path)
+    if identity is None:
+        raise FileNotFoundError(
+            errno.ENOENT, f"log broker directory {os.fspath(path)!r} has no "
+            f"{DIRECTORY_ID} file; open the broker once to create it",
+            os.path.join(os.fspath(path), DIRECTORY_ID))
+    return f"{_path_prefix(path)}.{identity}"
+
+
+def _journal_files(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Return the /dev/shm files of every journal of the log broker at
+    `path`, by journal name. They include the journals of earlier
+    directories and the journal that mqs versions without directory
+    identities named after the path alone."""
+    prefix = _path_prefix(path)
+    found: dict[str, list[str]] = {}
+    for entry in os.listdir(SHM_DIR):
+        if not entry.startswith(PREFIX + prefix):
+            continue
+        rest = entry[len(PREFIX + prefix):]
+        identity = ""
+        if rest.startswith(".") and len(rest) >= 17 and all(
+                char in "0123456789abcdef" for char in rest[1:17]):
+            identity = rest[:17]
+            rest = rest[17:]
+        if rest and not rest.startswith((".durable", ".snapshot-")):
+            continue
+        found.setdefault(prefix + identity, []).append(
+            os.path.join(SHM_DIR, entry))
+    return found
+
+
+def journal_files(path: str | os.PathLike[str]) -> list[str]:
+    """Return the names of the /dev/shm journals of the log broker at
+    `path`, of every incarnation of its directory."""
+    return list(_journal_files(path))
+
+
+def _unlink_files(paths: Sequence[str]) -> None:
+    for file_path in paths:
+        try:
+            os.unlink(file_path)
+        except FileNotFoundError:
+            pass
+
+
 def unlink_journal(path: str | os.PathLike[str]) -> bool:
-    """Remove the /dev/shm journal of the log broker at `path`, as a
-    reboot would; return whether it existed. Open processes keep their
-    mappings; the next open restores the broker from the log."""
-    name = journal_name(path)
+    """Remove every /dev/shm journal of the log broker at `path`, as a
+    reboot would; return whether one existed. It removes them even if
+    processes use them: those keep their mappings, and the next open
+    restores the broker from the log."""
+    existed = False
+    for name, files in _journal_files(path).items():
+        existed |= os.path.join(SHM_DIR, PREFIX + name) in files
+        _unlink_files(files)
+    return existed
+
+
+def remove_stale_journals(path: str | os.PathLike[str],
+                          keep: str | None = None) -> list[str]:
+    """Remove the /dev/shm journals of the log broker at `path` that
+    belong to an earlier incarnation of its directory and that no open
+    broker uses; return their names.
+
+    `keep` defaults to the journal of the directory as it is now. Any
+    other journal is in use while a process has a shared `flock` on its
+    ``.durable`` file, which every process that has the broker open
+    takes. A journal without that file counts as unused: its opener died
+    before creating it, or an mqs version without directory identities
+    made it.
+    """
+    if keep is None:
+        identity = directory_identity(path)
+        keep = None if identity is None else \
+            f"{_path_prefix(path)}.{identity}"
+    removed = []
+    for name, files in _journal_files(path).items():
+        if name == keep:
+            continue
+        durable = os.path.join(SHM_DIR, PREFIX + name + ".durable")
+        try:
+            fd = os.open(durable, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = -1
+        try:
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    logger.info("log broker %s: journal %s belongs to an "
+                                "earlier directory at this path and is "
+                                "still open in a process; kept", path, name)
+                    continue
+            _unlink_files(files)
+            removed.append(name)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    if removed:
+        logger.info("log broker %s: removed %d stale journal(s) of earlier "
+                    "directories at this path: %s", path, len(removed),
+                    ", ".join(removed))
+    return removed
+
+
+def _unlink_own_journal(name: str) -> None:
     try:
         os.unlink(os.path.join(SHM_DIR, PREFIX + name + ".durable"))
     except FileNotFoundError:
         pass
-    return ShmBackend.unlink(name)
+    ShmBackend.unlink(name)
 
 
 class SharedLogBackend(ShmBackend):
@@ -229,7 +418,13 @@ class SharedLogBackend(ShmBackend):
         MemoryBackend.__init__(self, clock=self._read_clock,
                                sample_every=_sample_every(sample_every))
         self.path = directory
-        self.shm_name = journal_name(directory)
+        _create_directory_id(directory)
+        self._identity = directory_identity(directory)
+        if self._identity is None:
+            raise FileNotFoundError(
+                errno.ENOENT, f"log broker directory {directory!r} was "
+                f"removed while the broker was being opened", directory)
+        self.shm_name = f"{_path_prefix(directory)}.{self._identity}"
         self._journal_file = os.path.join(SHM_DIR, PREFIX + self.shm_name)
         self.fsync = fsync
         self._sync_acks = sync_acks
@@ -273,12 +468,18 @@ class SharedLogBackend(ShmBackend):
         self._changed = _ChangeWait(self)  # type: ignore[assignment]
         self._users_fd = _open_file(os.path.join(directory, USERS))
         self._lock_fd = -1
+        self._durable_fd = -1
         self._journal = None
         self._durable = None
         try:
             fcntl.flock(self._users_fd, fcntl.LOCK_SH)
             self._lock_fd = _open_file(os.path.join(directory, LOCK))
-            self._durable = _map_durable(self._journal_file + ".durable")
+            # The shared lock on the durable file marks this journal as
+            # in use for `remove_stale_journals` until the broker closes.
+            self._durable_fd = _open_file(self._journal_file + ".durable")
+            fcntl.flock(self._durable_fd, fcntl.LOCK_SH)
+            remove_stale_journals(directory, keep=self.shm_name)
+            self._durable = _map_durable(self._durable_fd)
             self._journal = SharedJournal(self._journal_file, journal_bytes)
             self._max_record = min(self._journal.journal_bytes,
                                    segment_bytes) // 2
@@ -303,16 +504,20 @@ class SharedLogBackend(ShmBackend):
             self._journal.close()
         if self._durable is not None:
             self._durable.release()
-        for fd in (self._lock_fd, self._users_fd):
+        for fd in (self._lock_fd, self._users_fd, self._durable_fd):
             if fd >= 0:
                 os.close(fd)
-        self._lock_fd = self._users_fd = -1
+        self._lock_fd = self._users_fd = self._durable_fd = -1
 
     def _try_writer_lock(self) -> bool:
         """Take the writer lock if it is free; return whether this process
         is the writer now. The caller runs the takeover (see module docs)."""
         if self._writer:
             return True
+        if self._directory_replaced():
+            # Its lock file is not the one at `path` any more, so taking
+            # it would make a second writer of the new directory.
+            return False
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -325,6 +530,29 @@ class SharedLogBackend(ShmBackend):
         logger.debug("log broker %s: process %d is the writer", self.path,
                      os.getpid())
         return True
+
+    def _directory_replaced(self) -> bool:
+        """Return whether the directory at `path` is no longer the one this
+        process opened (removed, emptied, or replaced by a copy). The
+        first process to find out marks the journal, so that durable
+        calls in every process of it raise `BackendUnavailable`."""
+        if directory_identity(self.path) == self._identity:
+            return False
+        if self._durable is not None and \
+                self._durable[_FAILED] != _DIRECTORY_REPLACED:
+            self._durable[_FAILED] = _DIRECTORY_REPLACED
+            self._journal.signal()
+            logger.error("log broker %s: the directory was removed or "
+                         "replaced while process %d had the broker open; "
+                         "its journal %s no longer reaches the log",
+                         self.path, os.getpid(), self.shm_name)
+        return True
+
+    def _check_directory(self) -> None:
+        """Raise `BackendUnavailable` if the directory was replaced, before
+        this process writes into it."""
+        if self._directory_replaced():
+            raise BackendUnavailable(_replaced_message(self.path))
 
     def _wait_writer_lock(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -341,6 +569,11 @@ class SharedLogBackend(ShmBackend):
     # The section: the journal mutex with the replica and the log caught up.
 
     def _enter_shared(self) -> None:
+        # A closed broker raises ShutDown in ShmBackend._enter_shared, and
+        # its durable file is unmapped.
+        if not self._closed and \
+                self._durable[_FAILED] == _DIRECTORY_REPLACED:
+            raise BackendUnavailable(_replaced_message(self.path))
         ShmBackend._enter_shared(self)
         # Generation 0 is a journal that no process has restored yet:
         # every restore ends in a compaction to generation 1. The
@@ -379,7 +612,7 @@ class SharedLogBackend(ShmBackend):
         super()._fail_append(exc)
         # Threads and processes that wait for the record's sync would
         # wait for ever: the log will not reach it.
-        self._durable[_FAILED] = 1
+        self._durable[_FAILED] = _WRITE_FAILED
         self._journal.signal()
 
     def _append(self, data: bytes) -> None:
@@ -439,6 +672,7 @@ class SharedLogBackend(ShmBackend):
         """Replay the log into this replica and publish it as the first
         generation of a new journal. The caller holds the mutex and the
         writer lock."""
+        self._check_directory()
         self._durable[_DURABLE] = 0
         self._durable[_FAILED] = 0
         self._reset_state()
@@ -494,6 +728,7 @@ class SharedLogBackend(ShmBackend):
     def _write_snapshot(self) -> None:
         """Write the replica into a new log and switch to it. The caller
         holds the mutex and is the writer."""
+        self._check_directory()
         old = self._log_name
         LogBackend._compact(self)
         self._set_log_mark()
@@ -693,7 +928,7 @@ class SharedLogBackend(ShmBackend):
                 if not log.closed:
                     raise
             except BaseException:
-                self._durable[_FAILED] = 1
+                self._durable[_FAILED] = _WRITE_FAILED
                 self._journal.signal()
                 raise
         # Every thread whose records one sync covered gets here. Only the
@@ -712,6 +947,8 @@ class SharedLogBackend(ShmBackend):
         while self._durable[_DURABLE] < target:
             if self._failed is not None:
                 raise self._failed_error()
+            if self._durable[_FAILED] == _DIRECTORY_REPLACED:
+                raise BackendUnavailable(_replaced_message(self.path))
             if self._durable[_FAILED]:
                 raise BackendUnavailable(
                     f"log broker {self.path!r}: the writer process failed "
@@ -755,8 +992,14 @@ class SharedLogBackend(ShmBackend):
         return mark > self._durable[_DURABLE]
 
     def _run_log_thread(self) -> None:
+        next_check = 0.0
         while not self._stop.is_set():
             try:
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + DIRECTORY_CHECK_INTERVAL_S
+                    if self._directory_replaced():
+                        # Every section raises from now on.
+                        return
                 if not self._writer:
                     if not self._try_writer_lock():
                         self._stop.wait(TAKEOVER_INTERVAL_S)
@@ -795,7 +1038,9 @@ class SharedLogBackend(ShmBackend):
 
         The writer appends and syncs what it has not yet, then frees the
         writer lock for another process. The last process writes a
-        snapshot and removes the journal (see the module docs).
+        snapshot and removes the journal (see the module docs). If the
+        directory was replaced meanwhile, nothing is written, and the last
+        process of the old directory removes its journal.
         """
         if self._closed:
             return
@@ -807,9 +1052,12 @@ class SharedLogBackend(ShmBackend):
         except BlockingIOError:
             pass
         try:
-            if last:
+            if self._directory_replaced():
+                if last:
+                    _unlink_own_journal(self.shm_name)
+            elif last:
                 self._wait_writer_lock(10.0)
-            if self._writer:
+            if self._writer and not self._directory_replaced():
                 with self._lock:
                     if self._log_behind or (
                             last and self._bytes_since_snapshot):
@@ -818,7 +1066,7 @@ class SharedLogBackend(ShmBackend):
                     self._log.flush()
                     self._publish_durable(self._log_state[1])
                 if last:
-                    unlink_journal(self.path)
+                    _unlink_own_journal(self.shm_name)
         finally:
             ShmBackend.close(self)
             self._writer = False
@@ -878,6 +1126,12 @@ def _unpickled(delivery: Delivery) -> Delivery:
                                  *delivery[5:]))
 
 
+def _replaced_message(path: str) -> str:
+    return (f"log broker {path!r}: the directory was removed or replaced "
+            f"after this process opened the broker, so nothing reaches its "
+            f"log any more; close the broker and open it again")
+
+
 def _check_journal_bytes(journal_bytes: Any) -> None:
     if isinstance(journal_bytes, bool) or not isinstance(
             journal_bytes, int) or not (
@@ -892,8 +1146,8 @@ def _open_file(path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
-def _map_durable(path: str) -> memoryview:
-    """Map the durable file (created owner-only) as two int64 words.
+def _map_durable(fd: int) -> memoryview:
+    """Map the durable file open at `fd` as two int64 words.
 
     Only the writer stores the words, and readers compare them with
     their own positions.
@@ -902,11 +1156,7 @@ def _map_durable(path: str) -> memoryview:
     compilers emit as one aligned store on x86-64 and aarch64 (atomic
     there), but no standard promises it.
     """
-    fd = _open_file(path)
-    try:
-        if os.fstat(fd).st_size < _DURABLE_FILE_BYTES:
-            os.ftruncate(fd, _DURABLE_FILE_BYTES)
-        mapping = mmap.mmap(fd, _DURABLE_FILE_BYTES)
-    finally:
-        os.close(fd)
+    if os.fstat(fd).st_size < _DURABLE_FILE_BYTES:
+        os.ftruncate(fd, _DURABLE_FILE_BYTES)
+    mapping = mmap.mmap(fd, _DURABLE_FILE_BYTES)
     return memoryview(mapping).cast("q")
