@@ -534,8 +534,8 @@ class SharedLogBackend(ShmBackend):
     def _directory_replaced(self) -> bool:
         """Return whether the directory at `path` is no longer the one this
         process opened (removed, emptied, or replaced by a copy). The
-        first process to find out marks the journal, so that durable
-        calls in every process of it raise `BackendUnavailable`."""
+        first process to find out marks the journal, so that the
+        operations of every process on it raise `BackendUnavailable`."""
         if directory_identity(self.path) == self._identity:
             return False
         if self._durable is not None and \
