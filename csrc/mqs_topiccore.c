@@ -851,6 +851,15 @@ static void enter_new_group(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
     store_word(e, mqs_tc_word(MQS_TC_READY, 0, 0));
 }
 
+/* Start a new round of the weighted scheduler as LaneScheduler.restart
+ * does. The cursor goes to the lowest lane with no credits, so that the
+ * next step moves to the highest lane and starts its turn. */
+static void restart_round(mqs_tc_group_t *group, uint32_t lane_count)
+{
+    group->cursor = lane_count - 1;
+    memset(group->deficits, 0, sizeof(group->deficits));
+}
+
 int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
                           uint32_t name_length, int earliest, double now)
 {
@@ -880,8 +889,7 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     memcpy(group->name, name, name_length);
     group->name_length = name_length;
     group->max_attempts = 0;
-    group->cursor = 0;
-    memset(group->deficits, 0, sizeof(group->deficits));
+    restart_round(group, c->params.lane_count);
     group->tail_seq = 0;
     group->front_seq = 0;
     group->ready = group->in_flight = group->dead = 0;
@@ -1018,8 +1026,10 @@ static int pick_lane(mqs_tc_header_t *h, mqs_tc_group_t *group)
     if (count == 0)
         return -1;
     if (count == 1 && !p->strict) {
-        group->cursor = only;
-        memset(group->deficits, 0, sizeof(group->deficits));
+        /* Only this lane has messages, so no other lane's share needs
+         * keeping. A new round lets the highest lane go first the next
+         * time several lanes are ready. */
+        restart_round(group, lanes);
         return (int)only;
     }
     if (p->strict) {

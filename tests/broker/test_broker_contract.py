@@ -116,6 +116,57 @@ def test_weighted_policy_never_starves_lowest_lane(broker):
     assert "low" in bodies
 
 
+def get_one_at_a_time(consumer, count):
+    """Get and ack `count` messages one by one; return their bodies."""
+    bodies = []
+    for _ in range(count):
+        message = consumer.get(timeout=5)
+        bodies.append(message.body)
+        assert message.ack()
+    return bodies
+
+
+@pytest.mark.parametrize("weights, priorities, expected", [
+    ({9: 8, 5: 4, 0: 1}, (0, 5, 9, 0, 5, 9), (9, 9, 5, 5, 0, 0)),
+    (None, (0, 1, 5, 9), (9, 5, 1, 0)),
+])
+def test_weighted_first_round_highest_first(
+        broker, weights, priorities, expected):
+    if weights is not None:
+        broker.declare_topic("t", weights=weights)
+    for priority in priorities:
+        broker.publish("t", priority, priority=priority)
+    consumer = broker.consume("t", "g", prefetch=1)
+    assert get_one_at_a_time(consumer, len(priorities)) == list(expected)
+
+
+def test_weighted_rounds_exact_from_start(broker):
+    broker.declare_topic("t", weights={9: 8, 5: 4, 0: 1})
+    for priority in (0, 5, 9):
+        broker.publish_many("t", [priority] * 300, priority=priority)
+    consumer = broker.consume("t", "g", auto_ack=True)
+    bodies = [m.body for m in consumer.get_many(13 * 20, timeout=0)]
+    assert bodies[:13] == [9] * 8 + [5] * 4 + [0]
+    assert collections.Counter(bodies) == {9: 160, 5: 80, 0: 20}
+
+
+def test_idle_lane_returns_without_burst(broker):
+    broker.declare_topic("t", weights={9: 3, 5: 2, 0: 1})
+    broker.publish_many("t", [9] * 200, priority=9)
+    broker.publish_many("t", [0] * 200, priority=0)
+    consumer = broker.consume("t", "g", prefetch=1)
+    # Ten rounds of 9, 9, 9, 0 while lane 5 is idle.
+    assert get_one_at_a_time(consumer, 40) == [9, 9, 9, 0] * 10
+    broker.publish_many("t", [5] * 100, priority=5)
+    bodies = get_one_at_a_time(consumer, 60)
+    # Lane 5 gets its weight per round and no credit for the idle rounds.
+    assert bodies[:6] == [9, 9, 9, 5, 5, 0]
+    assert collections.Counter(bodies) == {9: 30, 5: 20, 0: 10}
+    longest_run = max(len(run) for run in "".join(
+        "x" if body == 5 else " " for body in bodies).split())
+    assert longest_run == 2
+
+
 # Keys.
 
 def test_key_delivers_in_publish_order_one_at_a_time(broker):

@@ -39,6 +39,34 @@ def test_scheduler_skips_empty_lanes_without_banking_credit():
     assert picks == {9: 200, 0: 200}
 
 
+def test_scheduler_first_round_starts_at_highest_lane():
+    config = TopicConfig.build("t", weights={9: 3, 5: 2, 0: 1})
+    scheduler = LaneScheduler(config)
+    picks = [scheduler.pick({9, 5, 0}) for _ in range(12)]
+    assert picks == [9, 9, 9, 5, 5, 0] * 2
+
+
+def test_scheduler_restarts_round_after_single_lane():
+    config = TopicConfig.build("t", weights={9: 3, 5: 2, 0: 1})
+    scheduler = LaneScheduler(config)
+    assert [scheduler.pick({9}) for _ in range(4)] == [9] * 4
+    # Lane 9 was alone: the next round starts at the highest ready lane.
+    assert [scheduler.pick({5, 0}) for _ in range(3)] == [5, 5, 0]
+    assert [scheduler.pick({0}) for _ in range(2)] == [0, 0]
+    assert [scheduler.pick({9, 0}) for _ in range(4)] == [9, 9, 9, 0]
+
+
+def test_scheduler_idle_lane_gets_one_turn_per_round():
+    config = TopicConfig.build("t", weights={9: 3, 5: 2, 0: 1})
+    scheduler = LaneScheduler(config)
+    for _ in range(40):
+        scheduler.pick({9, 0})
+    assert max(scheduler.deficits) <= 3
+    # Lane 5 was idle for ten rounds and comes back with its weight only.
+    picks = [scheduler.pick({9, 5, 0}) for _ in range(12)]
+    assert picks == [9, 9, 9, 5, 5, 0] * 2
+
+
 def test_scheduler_strict_always_highest():
     config = TopicConfig.build("t", weights={9: 1, 0: 100}, policy="strict")
     scheduler = LaneScheduler(config)

@@ -181,7 +181,11 @@ static void test_weighted_and_strict_lanes(void)
                 CHECK_EQ(out[i].priority, 9);
             CHECK_EQ(out[10].priority, 5);
         } else {
-            /* Weights 3:2:1 in rounds of 6. */
+            /* Weights 3:2:1 in rounds of 6, the first round starting
+             * at the highest lane. */
+            uint32_t first_round[6] = {9, 9, 9, 5, 5, 0};
+            for (int i = 0; i < 6; i++)
+                CHECK_EQ(out[i].priority, first_round[i]);
             int per_lane[10] = {0};
             for (int i = 0; i < 12; i++)
                 per_lane[out[i].priority]++;

@@ -946,8 +946,10 @@ class Broker:
             lane if none is). Default: ten lanes, priority p weighted
             p + 1.
         policy : str
-            ``"weighted"`` (default): deficit round robin, each lane gets
-            its weight's share under saturation and none starves.
+            ``"weighted"`` (default): deficit round robin. Each round
+            starts at the highest ready lane and gives a lane up to its
+            weight in deliveries, so each lane gets its weight's share
+            under saturation and none starves.
             ``"strict"``: the highest non-empty lane always goes first, so
             lower lanes starve while higher ones have messages.
         rate : float, mqs.Rate or dict, optional

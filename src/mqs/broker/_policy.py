@@ -379,16 +379,22 @@ def lane_of(priority: int, lanes: tuple[int, ...]) -> int:
 class LaneScheduler:
     """Choose the lane of the next delivery: deficit round robin or strict.
 
-    Weighted: lanes take turns from the highest priority down; a lane on
-    its turn gets `weight` credits and delivers one message per credit
-    while it has eligible messages. A lane with nothing to deliver loses
-    its credits, so a busy lane cannot save up turns. Under saturation
-    each lane gets ``weight / sum(weights)`` of the deliveries, and no
-    lane waits more than one round. Strict: the highest eligible lane
-    always goes first, which starves lower lanes while it has messages.
+    Weighted: lanes take turns from the highest priority down. A lane
+    gets `weight` credits when its turn starts and delivers one message
+    per credit while it has eligible messages. A lane with nothing to
+    deliver loses its credits, so a busy lane cannot save up turns and a
+    lane that was idle comes back with at most `weight` credits. Under
+    saturation each lane gets ``weight / sum(weights)`` of the
+    deliveries, and no lane waits more than one round. A round starts
+    over at the highest lane on a new scheduler and whenever only one
+    lane is eligible, so the highest ready lane goes first. Strict: the
+    highest eligible lane always goes first, which starves lower lanes
+    while it has messages.
 
     The state is `cursor` (index into `lanes`) and `deficits` (credits
     per lane, same order): a fixed-size backend can store those numbers.
+    A new round is `cursor` on the last (lowest) lane with no credits,
+    so the next step moves to the highest lane and starts its turn.
     """
 
     __slots__ = ("lanes", "weights", "strict", "cursor", "deficits")
@@ -399,6 +405,12 @@ class LaneScheduler:
         self.weights = [weight_map[lane] for lane in self.lanes]
         self.strict = config.policy == "strict"
         self.cursor = 0
+        self.deficits: list[int] = []
+        self.restart()
+
+    def restart(self) -> None:
+        """Start a new round, which begins at the highest lane."""
+        self.cursor = len(self.lanes) - 1
         self.deficits = [0] * len(self.lanes)
 
     def pick(self, eligible: set[int] | frozenset[int]) -> int | None:
@@ -410,11 +422,11 @@ class LaneScheduler:
         if not eligible:
             return None
         if len(eligible) == 1 and not self.strict:
-            # The only lane with messages: no other lane's share to keep.
+            # Only this lane has messages, so no other lane's share needs
+            # keeping. A new round lets the highest lane go first the next
+            # time several lanes are ready.
             (lane,) = eligible
-            index = self.lanes.index(lane)
-            self.cursor = index
-            self.deficits = [0] * len(self.lanes)
+            self.restart()
             return lane
         if self.strict:
             for lane in self.lanes:

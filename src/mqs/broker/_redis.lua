@@ -571,7 +571,8 @@ local function sched(g)
     return state
   end
   local raw = redis.call('HMGET', gkey(g, 'sch'), 'drr', 'bk')
-  state = {cursor = 1, d = {}, bk = {}}
+  -- A new group starts a round on the highest lane (see restart).
+  state = {cursor = #cfg.lanes, d = {}, bk = {}}
   if raw[1] then
     local drr = cmsgpack.unpack(raw[1])
     state.cursor = drr[1]
@@ -681,6 +682,16 @@ local function on_failure(g, lane)
   end
 end
 
+-- Start a new round as LaneScheduler.restart does. The cursor goes to
+-- the lowest lane with no credits, so that the next step moves to the
+-- highest lane and starts its turn.
+local function restart(state)
+  state.cursor = #cfg.lanes
+  for i = 1, #cfg.lanes do
+    state.d[i] = 0
+  end
+end
+
 -- Deficit round robin over the eligible lanes, as LaneScheduler.pick.
 local function pick(g, eligible)
   local n = 0
@@ -703,12 +714,10 @@ local function pick(g, eligible)
   local state = sched(g)
   local total = #lanes
   if n == 1 then
-    for i, lane in ipairs(lanes) do
-      state.d[i] = 0
-      if lane == only then
-        state.cursor = i
-      end
-    end
+    -- Only this lane has messages, so no other lane's share needs
+    -- keeping. A new round lets the highest lane go first the next
+    -- time several lanes are ready.
+    restart(state)
     return only
   end
   for _ = 1, 2 * total + 1 do
