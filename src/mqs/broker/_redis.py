@@ -144,8 +144,9 @@ def _redis_module():
         import redis
     except ImportError:
         raise BackendUnavailable(
-            "backend='redis' needs redis-py, which is not installed: pip "
-            "install 'redis>=5' (and hiredis for faster replies)") from None
+            "backend='redis' needs redis-py, which is not installed: "
+            "pip install 'mqs[redis]' (or 'redis>=5'), and hiredis for "
+            "faster replies") from None
     return redis
 
 
