@@ -1306,7 +1306,12 @@ class Broker:
     def dlq_list(self, topic: str, limit: int | None = None
                  ) -> list[DeadLetter]:
         """Return the dead letters of `topic`, oldest first (at most
-        `limit` of them; None returns all)."""
+        `limit` of them; None returns all).
+
+        NOTE: on the log, shm and redis backends a letter whose body
+        fails to unpickle makes the whole call raise that error, so
+        ``mqs dlq list`` prints a traceback and shows no other letter.
+        """
         if limit is not None:
             if isinstance(limit, bool) or not isinstance(limit, int):
                 raise TypeError(
