@@ -30,6 +30,12 @@ LANES = tuple(sorted(WEIGHTS, reverse=True))
 
 
 class Clock:
+    """Times are multiples of 1/8 s, exact in binary floating point, so a
+    deadline and the clock meet exactly: with steps of 0.1 s the clock
+    read 1001.9999999999999 where a deadline said 1002.0, and the model
+    and the broker (which rounds to whole nanoseconds) disagreed on
+    whether it had passed."""
+
     def __init__(self):
         self.now = 1000.0
 
@@ -169,7 +175,7 @@ class BrokerModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.held)
     @rule(data=st.data(), requeue=st.booleans(),
-          delay=st.sampled_from([0.0, 0.3]))
+          delay=st.sampled_from([0.0, 0.25]))
     def nack(self, data, requeue, delay):
         message = self.held.pop(data.draw(
             st.integers(0, len(self.held) - 1)))
@@ -195,7 +201,7 @@ class BrokerModel(RuleBasedStateMachine):
         if current:
             self._timer(self.clock.now + seconds, "deadline", message.id)
 
-    @rule(seconds=st.sampled_from([0.1, 0.4, 1.0]))
+    @rule(seconds=st.sampled_from([0.125, 0.375, 1.0]))
     def advance(self, seconds):
         self.clock.now += seconds
 
