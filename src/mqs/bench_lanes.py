@@ -200,7 +200,7 @@ def _rate_worker(backend: str, where: str, stop_at: float, results: Any
 
 def run_rate_limit(duration_s: float = 10.0, per_second: float = 2_000.0,
                    processes: int = 1, backend: str = "memory",
-                   warmup_s: float = 1.0) -> dict:
+                   warmup_s: float = 1.0, burst: int | None = None) -> dict:
     """Measure the delivery rate of a rate-limited topic against its
     target.
 
@@ -209,7 +209,9 @@ def run_rate_limit(duration_s: float = 10.0, per_second: float = 2_000.0,
     duration_s : float
         Length of the measured window in seconds.
     per_second : float
-        The topic's `Rate` (its burst is the default, one second).
+        The topic's `Rate`.
+    burst : int or None
+        The rate's burst; None is its default, one second's worth.
     processes : int
         Consumer processes; more than 1 needs the shm or log backend,
         whose processes share one bucket.
@@ -233,7 +235,8 @@ def run_rate_limit(duration_s: float = 10.0, per_second: float = 2_000.0,
         + 1000
     with _broker_place(backend) as where:
         with _open_broker(backend, where, fsync="never") as broker:
-            broker.declare_topic("rate", rate=mqs.Rate(per_second))
+            broker.declare_topic("rate",
+                                 rate=mqs.Rate(per_second, burst=burst))
             # Create the group before publishing, so it gets every message.
             broker.consume("rate", "g").close(drain=False)
             for start in range(0, total, 10_000):
