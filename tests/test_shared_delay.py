@@ -182,9 +182,11 @@ def test_shared_delay_full_area_blocks_then_raises_full():
 
 def test_shared_delay_area_full_put_waits_for_room():
     q = SharedQueue(capacity_bytes=1 << 16, delayed_capacity_bytes=16384)
+    # Taken before the first put: its delay runs from there, so a clock
+    # read after the puts could see less than 0.2 s pass (CI saw 0.1993).
+    start = time.monotonic()
     for i in range(35):
         q.put(b"%d" % i, delay=0.2 if i == 0 else 60)
-    start = time.monotonic()
     # Room appears once a get moves the first message into the ring.
     with pytest.raises(mqs.Full):
         q.put(b"late", delay=60, block=False)
