@@ -791,6 +791,20 @@ static void slow_toucher(void *ctx, uint64_t from, uint64_t to, int writing)
     }
 }
 
+/* Records of test_toucher_never_overwrites_records that do not read
+ * back as written. */
+static int toucher_test_damaged(mqs_seglog_t *log, int64_t n)
+{
+    mqs_seglog_record_t r;
+    int bad = 0;
+
+    for (int64_t i = 0; i < n; i++)
+        if (mqs_seglog_read(log, i, &r) != MQS_OK ||
+            !value_matches(&r, 1 + (uint32_t)((i * 2654435761u) % 49152), i))
+            bad++;
+    return bad;
+}
+
 static void test_toucher_never_overwrites_records(void)
 {
     const uint64_t segment = (uint64_t)3 << 20;
@@ -799,11 +813,9 @@ static void test_toucher_never_overwrites_records(void)
     for (size_t m = 0; m < sizeof modes / sizeof modes[0]; m++) {
         char path[300];
         mqs_seglog_t *log;
-        mqs_seglog_record_t r;
         mqs_seglog_stats_t s;
         _Atomic uint64_t calls = 0;
         int64_t n = 0;
-        int bad = 0;
 
         snprintf(path, sizeof path, "%s/toucher-%zu", root, m);
         log = open_log(path, config(segment, modes[m]), NULL);
@@ -825,23 +837,13 @@ static void test_toucher_never_overwrites_records(void)
         CHECK(s.zeros_by_appender > 0);
         CHECK(atomic_load(&calls) > 0);
         mqs_seglog_set_touch_hook(log, NULL, NULL);
-        for (int64_t i = 0; i < n; i++)
-            if (mqs_seglog_read(log, i, &r) != MQS_OK ||
-                !value_matches(&r, 1 + (uint32_t)((i * 2654435761u) % 49152),
-                               i))
-                bad++;
-        CHECK_EQ(bad, 0);
+        CHECK_EQ(toucher_test_damaged(log, n), 0);
         CHECK_EQ(mqs_seglog_close(log), MQS_OK);
 
         log = open_log(path, config(segment, modes[m]), NULL);
         mqs_seglog_get_stats(log, &s);
         CHECK_EQ(s.end_offset, n);
-        for (int64_t i = 0; i < n; i++)
-            if (mqs_seglog_read(log, i, &r) != MQS_OK ||
-                !value_matches(&r, 1 + (uint32_t)((i * 2654435761u) % 49152),
-                               i))
-                bad++;
-        CHECK_EQ(bad, 0);
+        CHECK_EQ(toucher_test_damaged(log, n), 0);
         CHECK_EQ(mqs_seglog_close(log), MQS_OK);
     }
 }
