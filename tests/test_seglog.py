@@ -1114,13 +1114,14 @@ def test_open_rejects_log_broker_directory(tmp_path):
     reopened.close()
 
 
-def test_seglog_forked_child_cannot_write_through_parent_handle(tmp_path):
-    """A writer handle inherited through fork refuses writes in the child
-    (the parent holds the writer lock and would overwrite them); closing
-    or dropping it there leaves the parent's log and lock alone."""
+def test_seglog_forked_writer_rejects_writes(tmp_path):
+    """A writer handle inherited through fork raises on writes in the
+    child, because the parent keeps the writer lock and would overwrite
+    them. Closing it in the child leaves the parent's log and lock alone."""
     path = tmp_path / "log"
     log = mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync="always")
     log.append(b"parent-0")
+
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -1145,12 +1146,14 @@ def test_seglog_forked_child_cannot_write_through_parent_handle(tmp_path):
             code = 0
         finally:
             os._exit(code)
+
     os.close(write_end)
     with os.fdopen(read_end, "rb") as f:
         report = f.read().decode()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert report == "locked,locked,locked,locked,parent-0,closed"
+
     # The parent still writes at the next offset and holds the lock.
     assert log.append(b"parent-1") == 1
     with pytest.raises(mqs.LogLocked):

@@ -32,7 +32,7 @@ LANES = tuple(sorted(WEIGHTS, reverse=True))
 class Clock:
     """Times are multiples of 1/8 s, exact in binary floating point, so a
     deadline and the clock meet exactly: with steps of 0.1 s the clock
-    read 1001.9999999999999 where a deadline said 1002.0, and the model
+    read 1001.9999999999999 where a deadline was 1002.0, and the model
     and the broker (which rounds to whole nanoseconds) disagreed on
     whether it had passed."""
 

@@ -298,7 +298,8 @@ def test_seglog_append_after_failed_roll_is_readable(tmp_path,
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     full = [line for line in lines if line.startswith("full after")]
-    assert len(full) == 1 and full[0].endswith("True"), lines
+    assert len(full) == 1, lines
+    assert full[0].endswith("True"), lines
     count = int(full[0].split()[2])
     assert count > 10
     assert f"appended {count} y" in lines
