@@ -27,6 +27,8 @@ int mqs_journal_format(mqs_journal_header_t *h, int64_t journal_bytes)
     h->config.v.version = MQS_JOURNAL_VERSION;
     h->config.v.journal_bytes = journal_bytes;
     mqs_wait_init(&h->changed.v);
+    mqs_wait_init(&h->durable.v);
+    mqs_wait_init(&h->writer.v);
     atomic_init(&h->head.v.position, 0);
     atomic_init(&h->head.v.restart_used, 0);
     atomic_init(&h->head.v.next_token, 0);

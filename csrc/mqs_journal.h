@@ -12,7 +12,11 @@
  *     block 3                  changed  wait word, bumped after commits
  *     block 4                  head: position, restart_used, next_token,
  *                              recoveries (written under the lock)
- *     block 5..                participants[MQS_JOURNAL_MAX_PARTICIPANTS]
+ *     block 5                  durable  wait word, for the owner's
+ *                              durability waiters (the log backend)
+ *     block 6                  writer   wait word, for the owner's writer
+ *                              thread (the log backend)
+ *     block 7..                participants[MQS_JOURNAL_MAX_PARTICIPANTS]
  *                              token of the process holding each slot
  *   MQS_JOURNAL_HEADER_BYTES   records, journal_bytes long
  *
@@ -47,6 +51,11 @@
  * file or dies, and stores a fresh token in the slot. A slot whose byte
  * is unlocked, or whose token changed, belongs to no live process with
  * that token. A PID is never trusted: PIDs are reused.
+ *
+ * Wait words. `changed` wakes everyone waiting for any commit. The
+ * owner of the journal uses `durable` and `writer` for waits that most
+ * commits do not concern, so that those waiters do not wake (and, in
+ * Python, take the GIL) at every commit.
  */
 #ifndef MQS_JOURNAL_H
 #define MQS_JOURNAL_H
@@ -59,7 +68,7 @@
 #include "mqs_wait.h"
 
 #define MQS_JOURNAL_MAGIC 0x314c4e524a53514dULL /* "MQSJRNL1" little-endian */
-#define MQS_JOURNAL_VERSION 1
+#define MQS_JOURNAL_VERSION 2
 #define MQS_JOURNAL_HEADER_BYTES 65536
 #define MQS_JOURNAL_RECORD_HEADER 8
 #define MQS_JOURNAL_MAX_PARTICIPANTS 256
@@ -101,6 +110,8 @@ typedef struct mqs_journal_header {
     } lock;
     MQS_JOURNAL_BLOCK(mqs_waitword_t) changed;
     MQS_JOURNAL_BLOCK(mqs_journal_head_t) head;
+    MQS_JOURNAL_BLOCK(mqs_waitword_t) durable;
+    MQS_JOURNAL_BLOCK(mqs_waitword_t) writer;
     _Atomic uint64_t tokens[MQS_JOURNAL_MAX_PARTICIPANTS];
 } mqs_journal_header_t;
 
@@ -113,6 +124,17 @@ static inline int64_t mqs_journal_file_bytes(int64_t journal_bytes)
 static inline mqs_waitword_t *mqs_journal_changed(mqs_journal_header_t *h)
 {
     return &h->changed.v;
+}
+
+/* Wait word `which`: MQS_JOURNAL_CHANGED, _DURABLE or _WRITER. */
+enum { MQS_JOURNAL_CHANGED, MQS_JOURNAL_DURABLE, MQS_JOURNAL_WRITER };
+
+static inline mqs_waitword_t *mqs_journal_word(mqs_journal_header_t *h,
+                                               int which)
+{
+    return which == MQS_JOURNAL_DURABLE ? &h->durable.v
+         : which == MQS_JOURNAL_WRITER ? &h->writer.v
+         : &h->changed.v;
 }
 
 static inline mqs_journal_head_t *mqs_journal_head(mqs_journal_header_t *h)

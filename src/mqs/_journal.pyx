@@ -15,6 +15,8 @@ from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, mun
 
 from mqs.includes.mqs_atomic cimport MQS_EFULL, MQS_ETIMEDOUT, MQS_OK
 from mqs.includes.mqs_journal cimport (
+    MQS_JOURNAL_CHANGED,
+    MQS_JOURNAL_DURABLE,
     MQS_JOURNAL_EAGAIN_INIT,
     MQS_JOURNAL_EVERSION,
     MQS_JOURNAL_HEADER_BYTES,
@@ -23,11 +25,11 @@ from mqs.includes.mqs_journal cimport (
     MQS_JOURNAL_MIN_BYTES,
     MQS_JOURNAL_RECORD_HEADER,
     MQS_JOURNAL_VERSION,
+    MQS_JOURNAL_WRITER,
     mqs_journal_alive,
     mqs_journal_append,
     mqs_journal_attach,
     mqs_journal_bytes,
-    mqs_journal_changed,
     mqs_journal_file_bytes,
     mqs_journal_format,
     mqs_journal_head,
@@ -38,9 +40,11 @@ from mqs.includes.mqs_journal cimport (
     mqs_journal_unlock,
     mqs_journal_validate,
     mqs_journal_version,
+    mqs_journal_word,
 )
 from mqs.includes.mqs_wait cimport (
     mqs_wait_finish,
+    mqs_waitword_t,
     mqs_wait_park,
     mqs_wait_prepare,
     mqs_wait_signal,
@@ -54,10 +58,15 @@ from mqs.errors import LayoutVersionError
 include "_mapped_file.pxi"
 
 __all__ = ["SharedJournal", "JournalLayoutError", "JournalVersionError",
-           "MIN_BYTES", "MAX_BYTES"]
+           "MIN_BYTES", "MAX_BYTES", "CHANGED", "DURABLE", "WRITER"]
 
 MIN_BYTES = MQS_JOURNAL_MIN_BYTES
 MAX_BYTES = MQS_JOURNAL_MAX_BYTES
+# Wait words: every commit signals CHANGED; the log backend waits for
+# durability on DURABLE and wakes its writer thread through WRITER.
+CHANGED = MQS_JOURNAL_CHANGED
+DURABLE = MQS_JOURNAL_DURABLE
+WRITER = MQS_JOURNAL_WRITER
 RECORD_HEADER = MQS_JOURNAL_RECORD_HEADER
 
 # A lock wait and a change wait each return to Python this often, so
@@ -283,32 +292,36 @@ cdef class SharedJournal(_MappedFile):
         self._check()
         return mqs_journal_restart(self._header)
 
-    # Change notification.
+    # Change notification. Every commit should be followed by `signal()`;
+    # the other two words are for the owner's own protocol.
 
-    def wait_prepare(self):
-        """Register as a waiter; return the epoch to pass to `wait`."""
+    def wait_prepare(self, int which=MQS_JOURNAL_CHANGED):
+        """Register as a waiter on word `which`; return the epoch to pass
+        to `wait`."""
         self._check()
-        return mqs_wait_prepare(mqs_journal_changed(self._header))
+        return mqs_wait_prepare(mqs_journal_word(self._header, which))
 
-    def wait(self, uint32_t epoch, double timeout):
-        """Wait until a commit after `wait_prepare` or `timeout` seconds
-        (at most 50 ms in one call), then deregister."""
+    def wait(self, uint32_t epoch, double timeout, int which=MQS_JOURNAL_CHANGED):
+        """Wait until word `which` is signalled after `wait_prepare` or
+        `timeout` seconds pass (at most 50 ms in one call), then
+        deregister."""
         cdef int64_t timeout_ns = <int64_t>(min(max(timeout, 0.0), 0.05)
                                             * 1e9)
+        cdef mqs_waitword_t *word
         self._check()
+        word = mqs_journal_word(self._header, which)
         with nogil:
-            mqs_wait_park(mqs_journal_changed(self._header), epoch,
-                          timeout_ns, 1)
-        mqs_wait_finish(mqs_journal_changed(self._header))
+            mqs_wait_park(word, epoch, timeout_ns, 1)
+        mqs_wait_finish(word)
 
-    def cancel_wait(self):
+    def cancel_wait(self, int which=MQS_JOURNAL_CHANGED):
         """Deregister a waiter that did not call `wait`."""
-        mqs_wait_finish(mqs_journal_changed(self._header))
+        mqs_wait_finish(mqs_journal_word(self._header, which))
 
-    def signal(self):
-        """Wake every process waiting for a change."""
+    def signal(self, int which=MQS_JOURNAL_CHANGED):
+        """Wake every process waiting on word `which`."""
         self._check()
-        mqs_wait_signal(mqs_journal_changed(self._header), 1)
+        mqs_wait_signal(mqs_journal_word(self._header, which), 1)
 
     def close(self):
         """Unmap the file and release the slot; idempotent."""

@@ -2,8 +2,8 @@
 sync, and what SIGKILL and a power loss do to them.
 
 A publish returns after a sync that covers its record. An ack, nack or
-auto_ack delivery returns once its record is appended, and the writer's
-log thread syncs it in its next group commit. ``sync_acks=True`` makes
+auto_ack delivery returns once its record is appended; the next sync
+covers it, at most `fsync_interval_s` later. ``sync_acks=True`` makes
 it wait like a publish. The sync test hook of `mqs.SegmentLog` holds
 syncs back, so the tests can see which calls wait for one.
 
@@ -269,13 +269,14 @@ def test_sync_acks_get_async_cancel_keeps_message(path, sync_gate):
     broker.close()
 
 
-def test_always_unsynced_ack_is_synced_by_log_thread(path):
-    broker = open_broker(path)
+def test_always_unsynced_ack_is_synced_without_a_publish(path):
+    broker = open_broker(path, fsync_interval_s=0.05)
     consumer = broker.consume("t", "g", prefetch=1, ack_timeout=600)
     broker.publish("t", "a")
     message = consumer.get(timeout=5)
     assert message.ack()
-    # No later publish: the writer's log thread syncs the ack by itself.
+    # No later publish: the segment log syncs the ack by itself within
+    # fsync_interval_s.
     wait_synced(broker._backend._log)
     consumer.close(drain=False)
     broker.close()

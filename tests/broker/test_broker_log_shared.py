@@ -456,3 +456,45 @@ def test_log_failed_append_raises_instead_of_waiting(path, fsync):
         assert broker.stats("t")["stored"] == 2
     finally:
         broker.close()
+
+
+PUBLISH_ONCE = """
+broker = mqs.Broker(backend="log", path=sys.argv[1], segment_bytes=1 << 20)
+broker.publish("t", "from the child")
+print(json.dumps({"published": True}), flush=True)
+time.sleep(60)
+"""
+
+
+def test_log_writer_word_wakes_only_for_other_processes(path):
+    from mqs._journal import WRITER
+
+    broker = open_broker(path)
+    broker.declare_topic("t")
+    journal = broker._backend._journal
+    # A registered waiter makes every signal of the word move its epoch.
+    epoch = journal.wait_prepare(WRITER)
+    try:
+        for number in range(20):
+            broker.publish("t", number)
+        consumer = broker.consume("t", "g", prefetch=100)
+        for message in consumer.get_many(100, timeout=5):
+            message.ack()
+        # Commits of the writer's own threads leave its log thread asleep.
+        assert journal.wait_prepare(WRITER) == epoch
+        journal.cancel_wait(WRITER)
+
+        child = Child(PUBLISH_ONCE, path)
+        try:
+            assert child.wait_report() == {"published": True}
+            # The child is not the writer: its commit woke the log thread.
+            assert journal.wait_prepare(WRITER) != epoch
+            journal.cancel_wait(WRITER)
+            assert [m.body for m in consumer.get_many(100, timeout=5)] \
+                == ["from the child"]
+        finally:
+            child.kill()
+    finally:
+        journal.cancel_wait(WRITER)
+    consumer.close(drain=False)
+    broker.close()

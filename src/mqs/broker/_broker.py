@@ -865,9 +865,9 @@ class Broker:
         ``fsync="always"`` a publish returns after a sync that covers it,
         so it survives a power loss. An ack (or nack, or auto_ack
         delivery) returns before its sync: SIGKILL of any process loses
-        none, but a power loss may undo the acks of about the last sync
-        round, and those messages are delivered again with
-        ``attempts + 1``. ``sync_acks=True`` makes acks wait for their
+        none, but a power loss may undo the acks of the last
+        ``fsync_interval_s`` (50 ms) at most, and those messages are
+        delivered again with ``attempts + 1``. ``sync_acks=True`` makes acks wait for their
         sync too. ``"redis"``: processes on
         any host share the broker through a Redis server (``url=``,
         ``serializer=``; see `mqs.broker._redis`). ``"shm"``: every

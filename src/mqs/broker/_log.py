@@ -293,7 +293,7 @@ class LogBackend(MemoryBackend):
         operations it replayed after the snapshot."""
         log = SegmentLog(os.path.join(self.path, name),
                          segment_bytes=self._segment_bytes,
-                         fsync=_log_fsync(self.fsync),
+                         fsync=self._segment_fsync(),
                          fsync_interval_s=self._fsync_interval_s)
         self._log = log
         self._log_name = name
@@ -354,7 +354,7 @@ class LogBackend(MemoryBackend):
         if os.path.exists(directory):
             shutil.rmtree(directory)
         log = SegmentLog(directory, segment_bytes=self._segment_bytes,
-                         fsync=_log_fsync(self.fsync),
+                         fsync=self._segment_fsync(),
                          fsync_interval_s=self._fsync_interval_s)
         try:
             step = self._max_record
@@ -425,6 +425,10 @@ class LogBackend(MemoryBackend):
         self._failed = exc
         logger.exception("log broker %s: append failed; the broker "
                          "takes no more operations", self.path)
+
+    def _segment_fsync(self) -> str:
+        """The fsync mode of the segment logs this broker opens."""
+        return _log_fsync(self.fsync)
 
     def _apply(self, op: str, args: tuple) -> Any:
         return getattr(self, "_do_" + op)(*args)

@@ -18,12 +18,16 @@ Design
     on ``<path>/lock``. It appends its own records to the log as it
     journals them, and the records of the other processes when it
     replays them, so the log holds the journal's records in journal
-    order. A thread of the writer wakes on every journal commit, catches
-    up and, under ``fsync="always"``, syncs the log; one sync covers
-    every record appended meanwhile, by any process (group commit).
-    It then stores how far the log is durable, as the journal position
+    order. A thread of the writer wakes on every journal commit of
+    another process (they signal the journal's ``writer`` word; the
+    writer's own threads append their records themselves), catches up
+    and, under ``fsync="always"``, syncs the log; one sync covers every
+    record appended meanwhile, by any process (group commit). It then
+    stores how far the log is durable, as the journal position
     ``generation << 32 | offset``, in a small file next to the journal
-    (``mqs.broker.<name>.durable``) and wakes the waiters.
+    (``mqs.broker.<name>.durable``) and wakes the waiters on the
+    journal's ``durable`` word. The writer's own threads sync their
+    publishes themselves, sharing syncs in the segment log.
 
     A process that is not the writer tries the lock every
     `TAKEOVER_INTERVAL_S`. When the writer dies, the kernel drops its
@@ -48,15 +52,18 @@ What survives what
     writer synced a log that holds their record, in whichever process
     they ran. They survive SIGKILL of any process, the writer included,
     and a power loss. Ack, ack_many, nack and auto_ack deliveries return
-    once their record is in the journal, without waiting for a sync:
-    the writer's log thread syncs them in its next group commit, and a
-    later publish returns only after they are durable too, because the
-    log keeps the journal's order. Losing one of those records can only
-    cause a redelivery, which at-least-once delivery allows. So SIGKILL
-    of any process loses no ack (the journal, or the page cache once
-    the writer appended it, keeps it), but a power loss may undo the acks
-    that no completed sync covered yet, about those of the last sync
-    round: their messages are delivered again with ``attempts + 1``.
+    once their record is in the journal, without waiting for a sync.
+    The next sync makes them durable: the writer's log thread syncs
+    those of other processes at once, a publish of any process syncs
+    every record before its own (the log keeps the journal's order),
+    and the segment log syncs by itself every `fsync_interval_s`, so
+    none stays unsynced longer than that. Losing one of those records
+    can only cause a redelivery, which at-least-once delivery allows.
+    So SIGKILL of any process loses no ack (the journal, or the page
+    cache once the writer appended it, keeps it), but a power loss may
+    undo the acks that no completed sync covered yet, at most those of
+    the last `fsync_interval_s`: their messages are delivered again
+    with ``attempts + 1``.
     ``sync_acks=True`` makes them wait for a covering sync as publishes
     do. Manual deliveries, extend, release and consumer open and close
     never wait, as in `LogBackend` (a restart returns every in-flight
@@ -117,7 +124,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from mqs._journal import MAX_BYTES, MIN_BYTES, SharedJournal
+from mqs._journal import DURABLE, MAX_BYTES, MIN_BYTES, WRITER, SharedJournal
 from mqs.broker._backend import Delivery, Envelope
 from mqs.broker._log import (
     FORMAT,
@@ -364,7 +371,8 @@ class SharedLogBackend(ShmBackend):
     ----------
     path, fsync, fsync_interval_s, segment_bytes, compact_bytes,
     sample_every
-        As for `LogBackend`.
+        As for `LogBackend`, except that `fsync_interval_s` also bounds
+        how long an ack stays unsynced under ``fsync="always"``.
     journal_bytes : int
         Size of the shm journal when this call creates it, as for
         `ShmBackend`.
@@ -372,8 +380,8 @@ class SharedLogBackend(ShmBackend):
         ``fsync="always"`` only: make acks, nacks and auto_ack
         deliveries wait for a sync that covers their record, as
         publishes do. The default (False) returns once the record is in
-        the journal, and the writer syncs it in its next group commit
-        (see "What survives what" in the module docs).
+        the journal; the next sync, at most `fsync_interval_s` later,
+        makes it durable (see "What survives what" in the module docs).
 
     Raises
     ------
@@ -542,6 +550,7 @@ class SharedLogBackend(ShmBackend):
                 self._durable[_FAILED] != _DIRECTORY_REPLACED:
             self._durable[_FAILED] = _DIRECTORY_REPLACED
             self._journal.signal()
+            self._journal.signal(DURABLE)
             logger.error("log broker %s: the directory was removed or "
                          "replaced while process %d had the broker open; "
                          "its journal %s no longer reaches the log",
@@ -583,10 +592,20 @@ class SharedLogBackend(ShmBackend):
         elif self._writer and self._log_behind:
             self._write_snapshot()
         elif self._replayed:
-            # _replay_records appended the records of the others.
+            # _replay_records appended the records of the others, which
+            # the log thread syncs.
             self._set_log_mark()
             self._others_mark = self._log_state[1]
             self._replayed = False
+            self._journal.signal(WRITER)
+
+    def _leave_shared(self) -> None:
+        held = self._held
+        ShmBackend._leave_shared(self)
+        # The writer's log thread appends (or syncs) the records of other
+        # processes; its own threads do that for theirs.
+        if held and self._appended and not self._writer:
+            self._journal.signal(WRITER)
 
     def _load_snapshot_file(self, generation: int) -> None:
         # This replica missed records of the old generation, so the log
@@ -613,7 +632,7 @@ class SharedLogBackend(ShmBackend):
         # Threads and processes that wait for the record's sync would
         # wait for ever: the log will not reach it.
         self._durable[_FAILED] = _WRITE_FAILED
-        self._journal.signal()
+        self._journal.signal(DURABLE)
 
     def _append(self, data: bytes) -> None:
         # `ShmBackend._append` and `_position` are inlined here, because
@@ -912,7 +931,7 @@ class SharedLogBackend(ShmBackend):
     def _publish_durable(self, mark: int) -> None:
         if mark > self._durable[_DURABLE]:
             self._durable[_DURABLE] = mark
-        self._journal.signal()
+        self._journal.signal(DURABLE)
 
     def _flush_log(self) -> None:
         """Sync the log (under "always") and publish how far it is
@@ -929,7 +948,7 @@ class SharedLogBackend(ShmBackend):
                     raise
             except BaseException:
                 self._durable[_FAILED] = _WRITE_FAILED
-                self._journal.signal()
+                self._journal.signal(DURABLE)
                 raise
         # Every thread whose records one sync covered gets here. Only the
         # first to store a higher position wakes the waiters, which check
@@ -959,12 +978,19 @@ class SharedLogBackend(ShmBackend):
             if self._writer and not self._log_behind:
                 self._flush_log()
                 continue
-            epoch = self._journal.wait_prepare()
+            epoch = self._journal.wait_prepare(DURABLE)
             if self._durable[_DURABLE] >= target:
+                self._journal.cancel_wait(DURABLE)
                 return
-            self._journal.wait(epoch, TAKEOVER_INTERVAL_S)
+            self._journal.wait(epoch, TAKEOVER_INTERVAL_S, DURABLE)
 
     # The log thread: takeover, catch-up and group commit.
+
+    def _segment_fsync(self) -> str:
+        # Under "always" the segment log syncs by itself every
+        # `fsync_interval_s` too, which makes the acks of this process
+        # durable when no publish syncs after them.
+        return "interval" if self.fsync == "always" else self.fsync
 
     def _start_thread(self) -> None:
         self._thread = threading.Thread(
@@ -980,16 +1006,13 @@ class SharedLogBackend(ShmBackend):
             self._generation, self._applied)
 
     def _sync_due(self) -> bool:
-        """Return whether the log thread has records to sync (writer only).
+        """Return whether the log thread has records of other processes
+        to sync (writer only).
 
-        Under "always" that is every record in the log that no sync
-        covers: the acks of this process do not wait for a sync, so this
-        thread makes them durable in its next group commit. Otherwise
-        it is the records of other processes (this process's threads
-        sync their own)."""
-        mark = self._log_state[1] if self.fsync == "always" \
-            else self._others_mark
-        return mark > self._durable[_DURABLE]
+        This process's threads sync their own records. Its acks, which do
+        not wait for a sync, are synced by the next sync of a publish or
+        by the segment log's own flusher (see `_segment_fsync`)."""
+        return self._others_mark > self._durable[_DURABLE]
 
     def _run_log_thread(self) -> None:
         next_check = 0.0
@@ -1006,11 +1029,15 @@ class SharedLogBackend(ShmBackend):
                         continue
                     logger.info("log broker %s: process %d took over the "
                                 "log", self.path, os.getpid())
-                epoch = self._journal.wait_prepare()
+                # Only commits of other processes wake this thread, so
+                # that it does not take the GIL once per commit.
+                epoch = self._journal.wait_prepare(WRITER)
                 if self._caught_up() and not self._sync_due():
-                    self._journal.wait(epoch, TAKEOVER_INTERVAL_S)
+                    self._journal.wait(epoch, TAKEOVER_INTERVAL_S, WRITER)
                     if self._caught_up() and not self._sync_due():
                         continue
+                else:
+                    self._journal.cancel_wait(WRITER)
                 if not self._caught_up():
                     with self._lock:
                         pass
@@ -1026,7 +1053,7 @@ class SharedLogBackend(ShmBackend):
     def _stop_thread(self) -> None:
         self._stop.set()
         if self._journal is not None:
-            self._journal.signal()
+            self._journal.signal(WRITER)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(10)

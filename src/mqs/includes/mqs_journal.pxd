@@ -22,7 +22,12 @@ cdef extern from "mqs_journal.h" nogil:
     ctypedef struct mqs_journal_header_t:
         pass
 
+    int MQS_JOURNAL_CHANGED
+    int MQS_JOURNAL_DURABLE
+    int MQS_JOURNAL_WRITER
+
     mqs_waitword_t *mqs_journal_changed(mqs_journal_header_t *h)
+    mqs_waitword_t *mqs_journal_word(mqs_journal_header_t *h, int which)
     mqs_journal_head_t *mqs_journal_head(mqs_journal_header_t *h)
     int64_t mqs_journal_bytes(const mqs_journal_header_t *h)
     int64_t mqs_journal_file_bytes(int64_t journal_bytes)
