@@ -457,6 +457,10 @@ class SharedLogBackend(ShmBackend):
         self._waiting = 0
         self._next_reap = 0.0
         self._writer = False
+        # Commits of this process wake the writer's log thread.
+        self._wakes_writer = True
+        # Each thread's last record, which its sync waits for.
+        self._marks_records = fsync == "always"
         # The writer's log misses records (a takeover, or a journal
         # compaction dropped records it had not appended): the next
         # section writes a snapshot first.
@@ -473,6 +477,7 @@ class SharedLogBackend(ShmBackend):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = _SharedSection(self)  # type: ignore[assignment]
+        self._append = self._lock.append_record  # type: ignore[method-assign]
         self._changed = _ChangeWait(self)  # type: ignore[assignment]
         self._users_fd = _open_file(os.path.join(directory, USERS))
         self._lock_fd = -1
@@ -535,6 +540,7 @@ class SharedLogBackend(ShmBackend):
         self._log_name = _read_current(self.path) or ""
         self._log_behind = True
         self._writer = True
+        self._wakes_writer = False
         logger.debug("log broker %s: process %d is the writer", self.path,
                      os.getpid())
         return True
@@ -546,6 +552,9 @@ class SharedLogBackend(ShmBackend):
         operations of every process on it raise `BackendUnavailable`."""
         if directory_identity(self.path) == self._identity:
             return False
+        # Every section of this process takes the Python path from now on,
+        # where it raises.
+        self._enter_slow = True
         if self._durable is not None and \
                 self._durable[_FAILED] != _DIRECTORY_REPLACED:
             self._durable[_FAILED] = _DIRECTORY_REPLACED
@@ -579,11 +588,18 @@ class SharedLogBackend(ShmBackend):
 
     def _enter_shared(self) -> None:
         # A closed broker raises ShutDown in ShmBackend._enter_shared, and
-        # its durable file is unmapped.
+        # its durable file is unmapped. `JournalSection` skips this check
+        # (and this method) in its common case, so the process finds out
+        # through its log thread's check of the directory instead, within
+        # DIRECTORY_CHECK_INTERVAL_S.
         if not self._closed and \
                 self._durable[_FAILED] == _DIRECTORY_REPLACED:
+            self._enter_slow = True
             raise BackendUnavailable(_replaced_message(self.path))
         ShmBackend._enter_shared(self)
+
+    def _enter_locked(self) -> None:
+        ShmBackend._enter_locked(self)
         # Generation 0 is a journal that no process has restored yet:
         # every restore ends in a compaction to generation 1. The
         # section stored the journal's generation in _generation.
@@ -597,14 +613,6 @@ class SharedLogBackend(ShmBackend):
             self._set_log_mark()
             self._others_mark = self._log_state[1]
             self._replayed = False
-            self._journal.signal(WRITER)
-
-    def _leave_shared(self) -> None:
-        held = self._held
-        ShmBackend._leave_shared(self)
-        # The writer's log thread appends (or syncs) the records of other
-        # processes; its own threads do that for theirs.
-        if held and self._appended and not self._writer:
             self._journal.signal(WRITER)
 
     def _load_snapshot_file(self, generation: int) -> None:
@@ -635,26 +643,12 @@ class SharedLogBackend(ShmBackend):
         self._journal.signal(DURABLE)
 
     def _append(self, data: bytes) -> None:
-        # `ShmBackend._append` and `_position` are inlined here, because
-        # this runs in every operation.
-        end = self._journal.append(data)
-        if end < 0:
-            raise AssertionError("journal full after a compaction")
-        self._applied = end
-        self._appended = True
-        position = (self._generation << 32) | end
-        if self.fsync == "always":
-            self._local.mark = position
-        if self._writer and not self._log_behind:
-            # `LogBackend._append` inlined.
-            log = self._log
-            try:
-                log.append(data)
-            except BaseException as exc:
-                self._fail_append(exc)
-                raise
-            self._bytes_since_snapshot += len(data)
-            self._log_state = (log, position)
+        # Runs in every operation, so the section does it in C (see
+        # `JournalSection.append_record`): append to the journal, store
+        # the position as this thread's mark under "always", and append
+        # to the log when this process is the writer and its log is not
+        # behind.
+        self._lock.append_record(data)
 
     def _position(self) -> int:
         return (self._generation << 32) | self._applied
@@ -682,7 +676,13 @@ class SharedLogBackend(ShmBackend):
             # so this replica must load the snapshot that ends it.
             self._generation = -1
             self._applied = 0
-            super()._enter_shared()
+            # ShmBackend._enter_shared without this class's checks after
+            # the catch-up, which would call this method again.
+            if self._closed:
+                raise ShutDown(f"log broker {self.path!r} is closed")
+            if self._journal.lock():
+                self._lock_recovered()
+            ShmBackend._enter_locked(self)
             if self._journal.position()[0] != 0:
                 return
         self._restore()
@@ -1097,6 +1097,7 @@ class SharedLogBackend(ShmBackend):
         finally:
             ShmBackend.close(self)
             self._writer = False
+            self._wakes_writer = True
             self._release_files()
 
     def _after_fork_in_child(self) -> None:
@@ -1105,6 +1106,7 @@ class SharedLogBackend(ShmBackend):
         _inherited.append(self._log)
         self._log = None
         self._writer = False
+        self._wakes_writer = True
         self._log_behind = False
         self._log_state = (None, 0)
         self._local = threading.local()
@@ -1114,6 +1116,7 @@ class SharedLogBackend(ShmBackend):
                 os.close(fd)
         self._lock_fd = self._users_fd = -1
         super()._after_fork_in_child()
+        self._append = self._lock.append_record  # type: ignore[method-assign]
         if self._closed:
             return
         self._users_fd = _open_file(os.path.join(self.path, USERS))

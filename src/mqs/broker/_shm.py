@@ -165,7 +165,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mqs import metrics
-from mqs._journal import MAX_BYTES, MIN_BYTES, SharedJournal
+from mqs._journal import (
+    MAX_BYTES,
+    MIN_BYTES,
+    WRITER,
+    JournalSection,
+    SharedJournal,
+)
 from mqs._topiccore import (
     DEAD_REASONS,
     ENTRY_IN_FLIGHT,
@@ -306,61 +312,11 @@ def _decode(payload: bytes) -> tuple[bytes, dict, str | None, str | None]:
     return pickle.loads(memoryview(payload)[1:])
 
 
-# Tries of a thread that finds the section taken by another thread of
-# its process before it blocks (see `_SharedSection._acquire_contended`).
-_SECTION_SPINS = 64
-
-
-class _SharedSection:
-    """The backend's `_lock`: this process's thread lock, then the shared
-    mutex with the replica brought up to date.
-
-    The inherited `MemoryBackend` and `LogBackend` methods run their
-    operations inside ``with self._lock:``, so they need no change.
-    """
-
-    def __init__(self, backend: ShmBackend) -> None:
-        self.backend = backend
-        self.thread_lock = threading.Lock()
-        # Bound once, because every operation enters and leaves the
-        # section.
-        self._acquire = self.thread_lock.acquire
-        self._release = self.thread_lock.release
-        self._enter = backend._enter_shared
-        self._leave = backend._leave_shared
-
-    def __enter__(self) -> None:
-        if not self._acquire(False):
-            self._acquire_contended()
-        try:
-            self._enter()
-        except BaseException:
-            self._leave()
-            self._release()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            self._leave()
-        finally:
-            self._release()
-
-    def _acquire_contended(self) -> None:
-        """Take the thread lock that another thread holds.
-
-        Threads that block in the lock wake at each release and then wait
-        for the GIL, so with several busy threads nearly every operation
-        costs wake-ups and context switches (a lock convoy). That cost a
-        log broker with 4 producer and 4 consumer threads up to twice the
-        CPU per message. So the waiter first yields the GIL
-        (``time.sleep(0)``), letting the holder finish, and tries again,
-        up to `_SECTION_SPINS` times, before it blocks in the lock.
-        """
-        for _ in range(_SECTION_SPINS):
-            time.sleep(0)
-            if self._acquire(False):
-                return
-        self._acquire()
+# The backend's `_lock`: this process's thread lock, then the shared mutex
+# with the replica brought up to date (in C, see `JournalSection`). The
+# inherited `MemoryBackend` and `LogBackend` methods run their operations
+# inside ``with self._lock:``, so they need no change.
+_SharedSection = JournalSection
 
 
 class _ChangeWait:
@@ -420,6 +376,14 @@ class ShmBackend(LogBackend):
     # and how many journal waiter registrations those coroutines hold.
     _async_wakeups: Wakeups | None = None
     _async_registered = 0
+    # Read by `JournalSection` at every section: whether entering must
+    # take the Python path, whether leaving after an append wakes a
+    # writer thread (the log backend's), and the log backend's writer
+    # state (a writer whose log is behind writes a snapshot first).
+    _enter_slow = False
+    _wakes_writer = False
+    _log_behind = False
+    _writer = False
 
     def __init__(self, name: str, *,
                  journal_bytes: int = DEFAULT_JOURNAL_BYTES) -> None:
@@ -492,10 +456,17 @@ class ShmBackend(LogBackend):
         if self._closed:
             raise ShutDown(f"{self._label} is closed")
         if self._journal.lock():
-            logger.warning("shm broker %s: a process died holding the "
-                           "broker mutex; checking its consumers",
-                           self.shm_name)
-            self._next_reap = 0.0
+            self._lock_recovered()
+        self._enter_locked()
+
+    def _lock_recovered(self) -> None:
+        logger.warning("shm broker %s: a process died holding the broker "
+                       "mutex; checking its consumers", self.shm_name)
+        self._next_reap = 0.0
+
+    def _enter_locked(self) -> None:
+        """Apply the records this replica lacks; the caller took the
+        mutex. `JournalSection` skips this call when nothing is due."""
         self._held = True
         self._appended = False
         generation, used = self._journal.position()
@@ -512,12 +483,15 @@ class ShmBackend(LogBackend):
             self._reap()
 
     def _leave_shared(self) -> None:
+        # `JournalSection` does the same in C when the section ends.
         if not self._held:
             return
         self._held = False
         self._journal.unlock()
         if self._appended:
             self._journal.signal()
+            if self._wakes_writer:
+                self._journal.signal(WRITER)
 
     def _wait_for_change(self, timeout: float) -> None:
         """Release the section, wait for a commit by anyone (at most
