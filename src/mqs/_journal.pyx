@@ -507,3 +507,39 @@ cdef class JournalSection:
                 raise
             backend._bytes_since_snapshot += len(data)
             backend._log_state = (log, position)
+
+    def reserve(self, op, bytes data):
+        """The backends' ``_reserve`` when the record fits: return `data`
+        when the backend has not failed, the record is at most
+        ``_max_record`` bytes and fits in the journal after the committed
+        records. Otherwise the backend class's ``_reserve`` decides
+        (compaction, or MessageTooLarge). The caller holds the section."""
+        cdef object backend = self._backend
+        cdef object found = backend._journal
+        cdef SharedJournal journal
+        cdef Py_ssize_t length = len(data)
+        if (backend._failed is None and length <= backend._max_record
+                and type(found) is SharedJournal):
+            journal = <SharedJournal>found
+            if journal._header != NULL and mqs_journal_record_bytes(length) \
+                    <= mqs_journal_bytes(journal._header) - <int64_t>(
+                        mqs_journal_head(journal._header).position
+                        & 0xffffffffu):
+                return data
+        return type(backend)._reserve(backend, op, data)
+
+    def tick(self):
+        """The log backends' ``_tick``: set and return the broker time of
+        the next operation (`mqs.broker._log`). The caller holds the
+        section."""
+        cdef object backend = self._backend
+        cdef double now = _monotonic() + <double>backend._offset
+        cdef double last = backend._last
+        cdef double pinned = backend._now
+        if now < last:
+            now = last
+        backend._last = now
+        if now < pinned:
+            now = pinned
+        backend._now = now
+        return now

@@ -477,7 +477,7 @@ class SharedLogBackend(ShmBackend):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = _SharedSection(self)  # type: ignore[assignment]
-        self._append = self._lock.append_record  # type: ignore[method-assign]
+        self._bind_section_paths()
         self._changed = _ChangeWait(self)  # type: ignore[assignment]
         self._users_fd = _open_file(os.path.join(directory, USERS))
         self._lock_fd = -1
@@ -642,12 +642,20 @@ class SharedLogBackend(ShmBackend):
         self._durable[_FAILED] = _WRITE_FAILED
         self._journal.signal(DURABLE)
 
+    def _bind_section_paths(self) -> None:
+        """Make `_append`, `_reserve` and `_tick`, which run in every
+        operation, the section's C versions (instance attributes hide
+        the methods below, which do the same)."""
+        section = self._lock
+        assert isinstance(section, _SharedSection)
+        self._append = section.append_record  # type: ignore[method-assign]
+        self._reserve = section.reserve  # type: ignore[method-assign]
+        self._tick = section.tick  # type: ignore[method-assign]
+
     def _append(self, data: bytes) -> None:
-        # Runs in every operation, so the section does it in C (see
-        # `JournalSection.append_record`): append to the journal, store
-        # the position as this thread's mark under "always", and append
-        # to the log when this process is the writer and its log is not
-        # behind.
+        # Append to the journal, store the position as this thread's mark
+        # under "always", and append to the log when this process is the
+        # writer and its log is not behind.
         self._lock.append_record(data)
 
     def _position(self) -> int:
@@ -1116,7 +1124,7 @@ class SharedLogBackend(ShmBackend):
                 os.close(fd)
         self._lock_fd = self._users_fd = -1
         super()._after_fork_in_child()
-        self._append = self._lock.append_record  # type: ignore[method-assign]
+        self._bind_section_paths()
         if self._closed:
             return
         self._users_fd = _open_file(os.path.join(self.path, USERS))
