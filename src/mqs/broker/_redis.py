@@ -96,6 +96,7 @@ from mqs.broker._backend import (
     Delivery,
     Envelope,
     GroupStats,
+    undecodable_letter,
 )
 from mqs import metrics
 from mqs.broker._memory import (
@@ -786,13 +787,17 @@ class RedisBackend(Backend):
         headers["mqs.last_error"] = error
         headers["mqs.group"] = group
         key = fields.get(b"k")
-        return DeadLetter(
-            id=message_id, topic=topic, group=group,
-            body=self._decode_body(fields, message_id),
+        letter = DeadLetter(
+            id=message_id, topic=topic, group=group, body=None,
             priority=int(fields.get(b"p", 0)),
             key=None if key is None else _untoken(key, self._pickle),
             headers=headers, timestamp=float(fields.get(b"t", 0)) / 1000,
             attempts=attempts, reason=reason, error=error)
+        try:
+            body = self._decode_body(fields, message_id)
+        except Exception as exc:
+            return undecodable_letter(letter, fields.get(b"b", b""), exc)
+        return dataclasses.replace(letter, body=body)
 
     def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
                     ) -> int:
