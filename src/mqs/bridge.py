@@ -92,15 +92,25 @@ def same_topic(first: Endpoint, second: Endpoint) -> bool:
 
 
 def open_endpoint(endpoint: Endpoint, *, pickle: bool = False,
-                  connect_retry_timeout: float | None = None) -> Broker:
-    """Open the broker of `endpoint`. `pickle` sets ``serializer="pickle"``
-    on a redis broker (log and shm brokers always pickle), and
+                  connect_retry_timeout: float | None = None,
+                  retry_timeout: float | None = None) -> Broker:
+    """Open the broker of `endpoint`.
+
+    For a redis broker, `pickle` sets ``serializer="pickle"`` (log and
+    shm brokers always pickle), `retry_timeout` the seconds it retries a
+    lost connection (None: the backend's default, 30 s) and
     `connect_retry_timeout` the seconds it retries an unreachable server
-    while it opens (None: as long as later, 30 s)."""
+    while it opens (None: as long as `retry_timeout`). Log and shm
+    brokers ignore the timeouts.
+    """
     if endpoint.backend == "redis":
+        options = {}
+        if retry_timeout is not None:
+            options["retry_timeout"] = retry_timeout
         return Broker(backend="redis", url=endpoint.location,
                       serializer="pickle" if pickle else None,
-                      connect_retry_timeout=connect_retry_timeout)
+                      connect_retry_timeout=connect_retry_timeout,
+                      **options)
     if endpoint.backend == "shm":
         return Broker(backend="shm", name=endpoint.location)
     return Broker(backend="log", path=endpoint.location)

@@ -129,6 +129,10 @@ _BYTES, _STR, _PICKLE = b"b", b"s", b"p"
 _RUN_SETTINGS = 10
 
 
+# Seconds a redis backend retries a lost connection by default
+# (`RedisBackend` retry_timeout).
+DEFAULT_RETRY_TIMEOUT_S = 30.0
+
 # The fix named in the TypeError of a body, header, key or dedup id that
 # the default serializer cannot store. `mqs bridge` replaces it with the
 # name of its command-line option.
@@ -316,7 +320,8 @@ class RedisBackend(Backend):
 
     def __init__(self, url: str | None = None, *,
                  serializer: str | None = None, namespace: str = "mqs",
-                 socket_timeout: float = 5.0, retry_timeout: float = 30.0,
+                 socket_timeout: float = 5.0,
+                 retry_timeout: float = DEFAULT_RETRY_TIMEOUT_S,
                  connect_retry_timeout: float | None = None,
                  stream_maxlen: int | None = None,
                  client: Any = None,
