@@ -396,3 +396,5 @@ def test_cli_bridge_lost_redis_names_flag(redis_server_factory, tmp_path):
     assert "retry_timeout" not in error
     # The running bridge used the flag's 1 s, not the 30 s default.
     assert elapsed < 20
+    # One series of retries: closing the consumer did not retry again.
+    assert error.count("retry 1 in") == 1, error
