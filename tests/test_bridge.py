@@ -362,3 +362,39 @@ def test_cli_bridge_unreachable_redis_fails_fast(tmp_path):
     assert "unreachable for 0.5 s" in err.decode()
     assert "raise --retry-timeout" in err.decode()
     assert "Traceback" not in err.decode()
+
+
+def test_cli_bridge_lost_redis_names_flag(redis_server_factory, tmp_path):
+    server = redis_server_factory()
+    watcher = mqs.Broker(backend="redis", url=server.url)
+    watcher.publish("bridge-lost", b"first")
+    process = _bridge_process(f"{server.url}#bridge-lost",
+                              f"log:{tmp_path}/out#t", "--retry-timeout", "1")
+    try:
+        deadline = time.monotonic() + 60
+        while watcher.stats("bridge-lost")["acked"] < 1 \
+                and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert watcher.stats("bridge-lost")["acked"] == 1
+        watcher.close()
+
+        stopped = time.monotonic()
+        server.stop()
+        out, err = process.communicate(timeout=60)
+        elapsed = time.monotonic() - stopped
+    finally:
+        watcher.close()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+    assert process.returncode == 1
+    error = err.decode()
+    assert "Traceback" not in error
+    assert "unreachable for 1.0 s" in error
+    assert "raise --retry-timeout" in error
+    assert "retry_timeout" not in error
+    # The running bridge used the flag's 1 s, not the 30 s default.
+    assert elapsed < 20
+    # One series of retries: closing the consumer did not retry again.
+    assert error.count("retry 1 in") == 1, error

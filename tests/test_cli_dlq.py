@@ -1,9 +1,12 @@
 """Tests of `mqs dlq list|redrive|purge`, run in a subprocess against a
 real log broker directory."""
 
+import base64
 import fcntl
+import importlib
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -307,6 +310,134 @@ def test_dlq_positional_unknown_broker_is_error(tmp_path):
     assert_one_line_error(result, "is not a log broker directory")
 
 
+# Bodies of a class that the mqs subprocess cannot import.
+
+APP_MODULE = """
+class Order:
+    def __init__(self, n):
+        self.n = n
+
+    def __repr__(self):
+        return f"Order({self.n})"
+"""
+
+
+@pytest.fixture
+def app_module(tmp_path, monkeypatch):
+    """Import a module of class Order from a directory that only this
+    process has on sys.path; yield the module."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    name = f"shop_models_{uuid.uuid4().hex[:12]}"
+    (app_dir / f"{name}.py").write_text(APP_MODULE)
+    monkeypatch.syspath_prepend(str(app_dir))
+    yield importlib.import_module(name)
+    del sys.modules[name]
+
+
+def add_order_letter(broker, app_module):
+    """Dead-letter an Order(9) in topic "orders"; return its id."""
+    broker.declare_topic("orders")
+    broker.publish("orders", app_module.Order(9))
+    consumer = broker.consume("orders", "billing")
+    message = consumer.get(timeout=5)
+    message.nack(requeue=False, error="no such customer")
+    consumer.close()
+    return message.id
+
+
+def with_app_path(monkeypatch, app_module):
+    """Put the directory of `app_module` on the PYTHONPATH of the mqs
+    subprocesses."""
+    app_dir = os.path.dirname(app_module.__file__)
+    paths = [app_dir, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        os.path.abspath(path) for path in paths if path))
+
+
+def test_dlq_list_table_shows_undecodable_body(broker_dir, app_module):
+    with open_broker(broker_dir) as broker:
+        add_order_letter(broker, app_module)
+
+    result = run_mqs("dlq", "list", "orders", "--path", broker_dir,
+                     columns=400)
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "dead letters of orders: 4" in result.stdout
+    assert "{'n': 2}" in result.stdout
+    assert "no such customer" in result.stdout
+    assert "bytes that failed to deserialize: ModuleNotFoundError: " \
+           f"No module named '{app_module.__name__}'" in result.stdout
+    assert "1 dead letter(s) have a body that failed to deserialize" \
+        in result.stdout
+
+
+def test_dlq_list_json_undecodable_body(broker_dir, app_module):
+    with open_broker(broker_dir) as broker:
+        order_id = add_order_letter(broker, app_module)
+
+    letters = dlq_json(broker_dir)
+
+    assert [letter["id"] for letter in letters][-1] == order_id
+    *others, order = letters
+    assert [letter["body"] for letter in others] \
+        == [{"n": 0}, {"n": 1}, {"n": 2}]
+    for letter in others:
+        assert letter["decode_error"] is None
+        assert letter["raw_body_base64"] is None
+    assert order["body"] is None
+    assert order["decode_error"] == (
+        f"ModuleNotFoundError: No module named '{app_module.__name__}'")
+    assert order["error"] == "no such customer"
+    assert order["reason"] == "rejected"
+    assert order["attempts"] == 1
+    raw_body = base64.b64decode(order["raw_body_base64"])
+    assert pickle.loads(raw_body).n == 9
+
+
+def test_dlq_list_decodes_body_with_app_path(broker_dir, app_module,
+                                             monkeypatch):
+    with open_broker(broker_dir) as broker:
+        add_order_letter(broker, app_module)
+    with_app_path(monkeypatch, app_module)
+
+    order = dlq_json(broker_dir)[-1]
+
+    assert order["body"] == "Order(9)"
+    assert order["decode_error"] is None
+    assert order["raw_body_base64"] is None
+
+
+def test_dlq_redrive_and_purge_undecodable_body(broker_dir, app_module):
+    with open_broker(broker_dir) as broker:
+        order_id = add_order_letter(broker, app_module)
+
+    would = run_mqs("dlq", "purge", "orders", "--path", broker_dir)
+    assert would.returncode == 2
+    assert "would delete 4 dead letter(s) of orders" in would.stderr
+
+    redrive = run_mqs("dlq", "redrive", "orders", "--path", broker_dir,
+                      "--id", order_id, "--json")
+    assert redrive.returncode == 0, redrive.stderr
+    assert json.loads(redrive.stdout) == {"topic": "orders", "redriven": 1}
+
+    purge = run_mqs("dlq", "purge", "orders", "--path", broker_dir,
+                    "--yes", "--json")
+    assert purge.returncode == 0, purge.stderr
+    assert json.loads(purge.stdout) == {"topic": "orders", "purged": 3}
+
+    with open_broker(broker_dir) as broker:
+        assert broker.dlq_list("orders") == []
+        consumer = broker.consume("orders", "billing")
+        message = consumer.get(timeout=5)
+        assert message.id == order_id
+        assert message.body.n == 9
+        assert message.attempts == 1
+        message.ack()
+        consumer.close()
+
+
 # Redis brokers: a namespace per test on the suite's throwaway server.
 
 @pytest.fixture
@@ -384,6 +515,25 @@ def test_dlq_redis_list_redrive_purge(redis_broker):
         broker.close()
 
 
+def test_dlq_redis_list_undecodable_body(redis_broker, app_module):
+    url, namespace = redis_broker
+    with mqs.Broker("redis", url=url, serializer="pickle",
+                    namespace=namespace) as broker:
+        order_id = add_order_letter(broker, app_module)
+
+    listed = run_mqs("dlq", "list", "orders", *redis_args(redis_broker),
+                     "--json")
+
+    assert listed.returncode == 0, listed.stderr
+    *others, order = json.loads(listed.stdout)
+    assert [letter["body"] for letter in others] == [{"n": 0}, {"n": 1}]
+    assert order["id"] == order_id
+    assert order["body"] is None
+    assert order["decode_error"].startswith("ModuleNotFoundError: ")
+    raw_body = base64.b64decode(order["raw_body_base64"])
+    assert pickle.loads(raw_body).n == 9
+
+
 def test_dlq_redis_unknown_topic_is_one_line_error(redis_broker):
     result = run_mqs("dlq", "list", "nope", *redis_args(redis_broker))
     assert_one_line_error(result, "topic 'nope' not found in redis broker")
@@ -446,6 +596,20 @@ def test_dlq_shm_list_redrive_purge(shm_broker):
         assert message.body == {"n": 1}
         message.ack()
         consumer.close()
+
+
+def test_dlq_shm_list_undecodable_body(shm_broker, app_module):
+    with mqs.Broker("shm", name=shm_broker) as broker:
+        order_id = add_order_letter(broker, app_module)
+
+    listed = run_mqs("dlq", "list", "orders", "--shm", shm_broker, "--json")
+
+    assert listed.returncode == 0, listed.stderr
+    *others, order = json.loads(listed.stdout)
+    assert [letter["body"] for letter in others] == [{"n": 0}, {"n": 1}]
+    assert order["id"] == order_id
+    assert order["body"] is None
+    assert order["decode_error"].startswith("ModuleNotFoundError: ")
 
 
 def test_dlq_positional_shm_broker(shm_broker):

@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from mqs.broker import Broker
-from mqs.errors import Empty, UnknownTopic
+from mqs.errors import BackendConnectionError, Empty, UnknownTopic
 
 __all__ = ["Endpoint", "forward", "open_endpoint", "parse_endpoint",
            "same_topic"]
@@ -92,15 +92,25 @@ def same_topic(first: Endpoint, second: Endpoint) -> bool:
 
 
 def open_endpoint(endpoint: Endpoint, *, pickle: bool = False,
-                  connect_retry_timeout: float | None = None) -> Broker:
-    """Open the broker of `endpoint`. `pickle` sets ``serializer="pickle"``
-    on a redis broker (log and shm brokers always pickle), and
+                  connect_retry_timeout: float | None = None,
+                  retry_timeout: float | None = None) -> Broker:
+    """Open the broker of `endpoint`.
+
+    For a redis broker, `pickle` sets ``serializer="pickle"`` (log and
+    shm brokers always pickle), `retry_timeout` the seconds it retries a
+    lost connection (None: the backend's default, 30 s) and
     `connect_retry_timeout` the seconds it retries an unreachable server
-    while it opens (None: as long as later, 30 s)."""
+    while it opens (None: as long as `retry_timeout`). Log and shm
+    brokers ignore the timeouts.
+    """
     if endpoint.backend == "redis":
+        options = {}
+        if retry_timeout is not None:
+            options["retry_timeout"] = retry_timeout
         return Broker(backend="redis", url=endpoint.location,
                       serializer="pickle" if pickle else None,
-                      connect_retry_timeout=connect_retry_timeout)
+                      connect_retry_timeout=connect_retry_timeout,
+                      **options)
     if endpoint.backend == "shm":
         return Broker(backend="shm", name=endpoint.location)
     return Broker(backend="log", path=endpoint.location)
@@ -126,6 +136,10 @@ def forward(source: Broker, source_topic: str, destination: Broker,
     `source`, unless `wait_for_topic` is true: then it first waits until
     a producer declares the topic (or publishes to it), within the same
     `idle_timeout` and `stop`, and returns 0 if that ends the wait.
+    Raises `mqs.BackendConnectionError` when a redis broker stays
+    unreachable for its `retry_timeout`. If that broker is the source,
+    the messages in flight go back to the group after their ack
+    deadline, because closing the consumer would need the source.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int of 1 or more, got {batch!r}")
@@ -152,6 +166,9 @@ def forward(source: Broker, source_topic: str, destination: Broker,
     destination._ensure_topic(destination_topic)
     moved = 0
     idle_since = time.monotonic()
+    # Set when a call to the source raised BackendConnectionError, that
+    # is, after the source's backend retried for its whole retry_timeout.
+    source_lost = False
     try:
         while stop is None or not stop.is_set():
             limit = batch
@@ -166,10 +183,17 @@ def forward(source: Broker, source_topic: str, destination: Broker,
                         and time.monotonic() - idle_since >= idle_timeout:
                     break
                 continue
+            except BackendConnectionError:
+                source_lost = True
+                raise
             envelopes = [_envelope(destination, source_topic, message)
                          for message in messages]
             destination.backend.publish(destination_topic, envelopes, None)
-            acked = consumer.ack_many(messages)
+            try:
+                acked = consumer.ack_many(messages)
+            except BackendConnectionError:
+                source_lost = True
+                raise
             if acked < len(messages):
                 logger.warning(
                     "bridge %s -> %s: %d of %d acks came after their ack "
@@ -179,7 +203,15 @@ def forward(source: Broker, source_topic: str, destination: Broker,
             moved += len(messages)
             idle_since = time.monotonic()
     finally:
-        consumer.close(drain=False)
+        if source_lost:
+            # Closing would retry the lost source for another
+            # retry_timeout before the error is raised. Its in-flight
+            # messages go back after their ack deadline, as after a
+            # crash. Marked closed, the consumer is skipped by
+            # Broker.close as well.
+            consumer._closed = True
+        else:
+            consumer.close(drain=False)
     return moved
 
 

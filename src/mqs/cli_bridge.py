@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mqs import bridge
-from mqs.broker._redis import PICKLE_HINT
+from mqs.broker._redis import DEFAULT_RETRY_TIMEOUT_S, PICKLE_HINT
 from mqs.cli import EXIT_FAILED, EXIT_OK, _positive_int
 from mqs.cli_broker import (
     RETRY_TIMEOUT_S,
@@ -63,9 +63,11 @@ def add_parser(subparsers: Any) -> None:
                              "bytes and str (only if every client of the "
                              "server is trusted)")
     add_retry_timeout_option(
-        parser, f"seconds to retry an unreachable Redis endpoint at "
-                f"start-up before failing (default: {RETRY_TIMEOUT_S:g}); "
-                f"once running, a lost connection is retried for 30 s")
+        parser, f"seconds to retry an unreachable Redis endpoint before "
+                f"failing, at start-up and after a lost connection while "
+                f"running (default: {RETRY_TIMEOUT_S:g} at start-up, "
+                f"{DEFAULT_RETRY_TIMEOUT_S:g} while running)",
+        default=None)
     parser.set_defaults(handler=_run_bridge)
 
 
@@ -88,12 +90,19 @@ def _run_bridge(args: argparse.Namespace) -> int:
             check_log_dir(source_end.location)
         elif source_end.backend == "shm":
             check_shm_name(source_end.location)
+        # Without --retry-timeout, start-up fails after RETRY_TIMEOUT_S
+        # and a running bridge retries for the backend's default.
+        connect_retry_timeout = args.retry_timeout
+        if connect_retry_timeout is None:
+            connect_retry_timeout = RETRY_TIMEOUT_S
         source = bridge.open_endpoint(
             source_end, pickle=args.pickle,
-            connect_retry_timeout=args.retry_timeout)
+            connect_retry_timeout=connect_retry_timeout,
+            retry_timeout=args.retry_timeout)
         destination = bridge.open_endpoint(
             destination_end, pickle=args.pickle,
-            connect_retry_timeout=args.retry_timeout)
+            connect_retry_timeout=connect_retry_timeout,
+            retry_timeout=args.retry_timeout)
         logger.info("bridge %s -> %s started", args.source, args.destination)
         moved = bridge.forward(
             source, source_end.topic, destination, destination_end.topic,
@@ -106,8 +115,9 @@ def _run_bridge(args: argparse.Namespace) -> int:
         # store, but on the command line the fix is --pickle.
         message = (str(exc) or type(exc).__name__).replace(
             PICKLE_HINT, "rerun mqs bridge with --pickle")
-        # --retry-timeout sets only the retries while the brokers open.
-        message = name_retry_option(message, ("connect_retry_timeout",))
+        # --retry-timeout sets the retries while the brokers open and
+        # while they run, so it is the fix for either error.
+        message = name_retry_option(message)
         console.print(f"[bold red]mqs bridge: error:[/bold red] "
                       f"{escape(message)}", soft_wrap=True)
         return EXIT_FAILED

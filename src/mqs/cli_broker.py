@@ -41,10 +41,12 @@ RETRY_TIMEOUT_S = 3.0
 
 
 def add_retry_timeout_option(parser: argparse.ArgumentParser,
-                             help_text: str) -> None:
-    """Add ``--retry-timeout SECONDS`` (default RETRY_TIMEOUT_S)."""
+                             help_text: str,
+                             default: float | None = RETRY_TIMEOUT_S
+                             ) -> None:
+    """Add ``--retry-timeout SECONDS`` with the default `default`."""
     parser.add_argument("--retry-timeout", type=_non_negative_float,
-                        default=RETRY_TIMEOUT_S, metavar="SECONDS",
+                        default=default, metavar="SECONDS",
                         help=help_text)
 
 

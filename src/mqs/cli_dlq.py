@@ -17,6 +17,7 @@ closed, so their in-flight messages are ready again.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -67,7 +68,11 @@ def add_parser(subparsers: Any) -> None:
         commands, "list", _run_list,
         help="print the dead letters of a topic, oldest first",
         description="Print the dead letters of TOPIC, oldest first: id, "
-                    "group, reason, attempts, last error, age and body.",
+                    "group, reason, attempts, last error, age and body. "
+                    "A body that fails to deserialize in this process "
+                    "(a class in it does not import here) is shown with "
+                    "its error, and --json gives it as decode_error and "
+                    "raw_body_base64.",
         json_help="print a JSON list instead of a table")
     listing.add_argument("--limit", type=_positive_int, metavar="N",
                          help="print only the N oldest dead letters")
@@ -217,6 +222,11 @@ def _letter_dict(letter: Any) -> dict[str, Any]:
         "timestamp": letter.timestamp,
         "headers": letter.headers,
         "body": letter.body,
+        # Set only for a body that failed to deserialize here, whose
+        # "body" is then null.
+        "decode_error": letter.decode_error,
+        "raw_body_base64": None if letter.raw_body is None
+        else base64.b64encode(letter.raw_body).decode("ascii"),
     }
 
 
@@ -231,8 +241,22 @@ def _letters_table(topic: str, letters: Sequence[Any]) -> Table:
         table.add_row(
             escape(letter.id), escape(letter.group), escape(letter.reason),
             str(letter.attempts), _age(now - letter.timestamp),
-            escape(letter.error or "-"), escape(_preview(letter.body)))
+            escape(letter.error or "-"), escape(_body_cell(letter)))
+    undecodable = sum(letter.decode_error is not None for letter in letters)
+    if undecodable:
+        table.caption = (
+            f"{undecodable} dead letter(s) have a body that failed to "
+            f"deserialize in this process. Run mqs where the application's "
+            f"modules import (with its PYTHONPATH, for example) to see "
+            f"those bodies; redrive and purge work on them as they are.")
     return table
+
+
+def _body_cell(letter: Any) -> str:
+    if letter.decode_error is not None:
+        return (f"<{len(letter.raw_body)} bytes that failed to "
+                f"deserialize: {letter.decode_error}>")
+    return _preview(letter.body)
 
 
 def _age(seconds: float) -> str:

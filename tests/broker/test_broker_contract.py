@@ -499,6 +499,103 @@ def test_dlq_redrive_rejects_bare_id(broker):
     assert broker.dlq_list("t") == []
 
 
+# Set "broken" to make every Fragile fail to unpickle, as a body whose
+# class the listing process cannot import would.
+FRAGILE = {"broken": False}
+
+
+def rebuild_fragile(value):
+    if FRAGILE["broken"]:
+        raise RuntimeError(f"cannot rebuild Fragile({value!r}) here")
+    return Fragile(value)
+
+
+class Fragile:
+    """A body that always pickles, and unpickles only while
+    FRAGILE["broken"] is false."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return rebuild_fragile, (self.value,)
+
+
+def dead_letter_all(broker, bodies, **publish_options):
+    """Publish `bodies` to "t" and reject each one; return the group's
+    consumer."""
+    for body in bodies:
+        broker.publish("t", body, **publish_options)
+    consumer = broker.consume("t", "g", prefetch=len(bodies))
+    for message in consumer.get_many(len(bodies), timeout=5):
+        message.nack(requeue=False, error=ValueError("bad total"))
+    return consumer
+
+
+def test_dlq_list_keeps_undecodable_letter(broker, monkeypatch):
+    dead_letter_all(broker, ["before", Fragile(7), "after"],
+                    headers={"trace": "t1"})
+    monkeypatch.setitem(FRAGILE, "broken", True)
+    started = time.time()
+
+    letters = broker.dlq_list("t")
+
+    assert len(letters) == 3
+    before, broken, after = letters
+    assert (before.body, after.body) == ("before", "after")
+    for letter in (before, after):
+        assert letter.decode_error is None
+        assert letter.raw_body is None
+    assert broken.reason == "rejected"
+    assert broken.attempts == 1
+    assert broken.error == "ValueError: bad total"
+    assert broken.headers["trace"] == "t1"
+    assert broken.headers["mqs.dead_letter_reason"] == "rejected"
+    assert broken.headers["mqs.attempts"] == 1
+    assert broken.group == "g"
+    assert started - 60 < broken.timestamp <= started
+    if broker.backend.name == "memory":
+        # The memory backend keeps the body object, so nothing decodes.
+        assert broken.body.value == 7
+        assert broken.decode_error is None
+        assert broken.raw_body is None
+    else:
+        assert broken.body is None
+        assert broken.decode_error == "RuntimeError: cannot rebuild " \
+                                      "Fragile(7) here"
+        monkeypatch.setitem(FRAGILE, "broken", False)
+        assert pickle.loads(broken.raw_body).value == 7
+        monkeypatch.setitem(FRAGILE, "broken", True)
+    assert [letter.id for letter in broker.dlq_list("t", 2)] \
+        == [before.id, broken.id]
+
+
+def test_dlq_redrive_undecodable_letter_unchanged(broker, monkeypatch):
+    consumer = dead_letter_all(broker, [Fragile(7), "other"])
+    monkeypatch.setitem(FRAGILE, "broken", True)
+    broken, other = broker.dlq_list("t")
+
+    assert broker.dlq_redrive("t", [broken.id]) == 1
+
+    assert [letter.id for letter in broker.dlq_list("t")] == [other.id]
+    monkeypatch.setitem(FRAGILE, "broken", False)
+    again = consumer.get(timeout=5)
+    assert again.id == broken.id
+    assert again.body.value == 7
+    assert again.attempts == 1
+    assert again.ack()
+
+
+def test_dlq_purge_counts_undecodable_letters(broker, monkeypatch):
+    dead_letter_all(broker, [Fragile(1), Fragile(2), "other"])
+    monkeypatch.setitem(FRAGILE, "broken", True)
+
+    assert broker.dlq_purge("t") == 3
+
+    assert broker.dlq_list("t") == []
+    assert broker.stats("t")["dlq_purged"] == 3
+
+
 def test_release_returns_unseen_messages_to_lane_head(broker):
     broker.publish_many("t", range(4))
     consumer = broker.consume("t", "g", prefetch=4)

@@ -107,6 +107,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import logging
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -123,6 +125,8 @@ __all__ = [
     "COUNTER_KEYS",
     "GAUGE_KEYS",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Counters of `Backend.stats`: totals since the topic was declared.
 COUNTER_KEYS = (
@@ -199,6 +203,14 @@ class DeadLetter:
 
     `id` is the message id it had in the topic; `headers` include the
     ``mqs.*`` dead-letter headers listed in the module docstring.
+
+    `decode_error` is None when `body` is the message's body. A backend
+    that stores bodies serialized (shm, log, and redis with
+    ``serializer="pickle"``) sets it when the body fails to deserialize
+    in the listing process, for example because a class in it cannot be
+    imported there. Then `body` is None, `decode_error` is the
+    deserializer's exception as ``"<type>: <message>"``, and `raw_body`
+    is the serialized body as stored. `raw_body` is None otherwise.
     """
 
     id: str
@@ -212,6 +224,34 @@ class DeadLetter:
     attempts: int
     reason: str
     error: str | None
+    decode_error: str | None = None
+    raw_body: bytes | None = None
+
+
+def unpickled_letter(letter: DeadLetter) -> DeadLetter:
+    """Return `letter` with its pickled body unpickled.
+
+    A body that fails to unpickle leaves the letter listed with `body`
+    None, `decode_error` and `raw_body` set (see `DeadLetter`), so one
+    broken body never hides the other dead letters.
+    """
+    try:
+        body = pickle.loads(letter.body)
+    except Exception as exc:
+        return undecodable_letter(letter, letter.body, exc)
+    return dataclasses.replace(letter, body=body)
+
+
+def undecodable_letter(letter: DeadLetter, raw_body: bytes,
+                       exc: Exception) -> DeadLetter:
+    """Return `letter` marked as one whose `raw_body` failed to
+    deserialize with `exc` (see `DeadLetter`)."""
+    error = f"{type(exc).__name__}: {exc}"
+    logger.debug("dead letter %s of topic %r: its %d-byte body failed to "
+                 "deserialize (%s)", letter.id, letter.topic, len(raw_body),
+                 error, exc_info=exc)
+    return dataclasses.replace(letter, body=None, decode_error=error,
+                               raw_body=bytes(raw_body))
 
 
 @dataclasses.dataclass(frozen=True)

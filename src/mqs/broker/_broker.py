@@ -1308,9 +1308,25 @@ class Broker:
         """Return the dead letters of `topic`, oldest first (at most
         `limit` of them; None returns all).
 
-        NOTE: on the log, shm and redis backends a letter whose body
-        fails to unpickle makes the whole call raise that error, so
-        ``mqs dlq list`` prints a traceback and shows no other letter.
+        Returns
+        -------
+        list of DeadLetter
+            Every dead letter, including those whose body fails to
+            deserialize in this process. Such a letter has ``body`` None,
+            ``decode_error`` set to the error as ``"<type>: <message>"``
+            and ``raw_body`` holding the serialized body as stored. Its
+            other fields are filled as usual.
+
+        Notes
+        -----
+        Bodies fail to deserialize only on the backends that store them
+        pickled: shm, log, and redis with ``serializer="pickle"``. The
+        usual cause is a class in the body that cannot be imported
+        here, such as ``mqs dlq list`` run outside the application's
+        environment. List again where the class imports (set
+        PYTHONPATH, or use the application's interpreter) to see the
+        body. `dlq_redrive` and `dlq_purge` work on such letters as on
+        any other, and redrive puts the stored bytes back unchanged.
         """
         if limit is not None:
             if isinstance(limit, bool) or not isinstance(limit, int):

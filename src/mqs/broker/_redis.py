@@ -96,6 +96,7 @@ from mqs.broker._backend import (
     Delivery,
     Envelope,
     GroupStats,
+    undecodable_letter,
 )
 from mqs import metrics
 from mqs.broker._memory import (
@@ -127,6 +128,10 @@ _BYTES, _STR, _PICKLE = b"b", b"s", b"p"
 # bodies (the list of _settings_args).
 _RUN_SETTINGS = 10
 
+
+# Seconds a redis backend retries a lost connection by default
+# (`RedisBackend` retry_timeout).
+DEFAULT_RETRY_TIMEOUT_S = 30.0
 
 # The fix named in the TypeError of a body, header, key or dedup id that
 # the default serializer cannot store. `mqs bridge` replaces it with the
@@ -315,7 +320,8 @@ class RedisBackend(Backend):
 
     def __init__(self, url: str | None = None, *,
                  serializer: str | None = None, namespace: str = "mqs",
-                 socket_timeout: float = 5.0, retry_timeout: float = 30.0,
+                 socket_timeout: float = 5.0,
+                 retry_timeout: float = DEFAULT_RETRY_TIMEOUT_S,
                  connect_retry_timeout: float | None = None,
                  stream_maxlen: int | None = None,
                  client: Any = None,
@@ -786,13 +792,17 @@ class RedisBackend(Backend):
         headers["mqs.last_error"] = error
         headers["mqs.group"] = group
         key = fields.get(b"k")
-        return DeadLetter(
-            id=message_id, topic=topic, group=group,
-            body=self._decode_body(fields, message_id),
+        letter = DeadLetter(
+            id=message_id, topic=topic, group=group, body=None,
             priority=int(fields.get(b"p", 0)),
             key=None if key is None else _untoken(key, self._pickle),
             headers=headers, timestamp=float(fields.get(b"t", 0)) / 1000,
             attempts=attempts, reason=reason, error=error)
+        try:
+            body = self._decode_body(fields, message_id)
+        except Exception as exc:
+            return undecodable_letter(letter, fields.get(b"b", b""), exc)
+        return dataclasses.replace(letter, body=body)
 
     def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
                     ) -> int:

@@ -148,7 +148,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -192,6 +191,7 @@ from mqs.broker._backend import (
     Delivery,
     Envelope,
     GroupStats,
+    unpickled_letter,
 )
 from mqs.broker._log import LogBackend, encode_record
 from mqs.broker._memory import MemoryBackend, _redeclare_changes
@@ -1293,8 +1293,7 @@ class ShmBackend(LogBackend):
         letters = self._core_or_journal(
             topic, lambda core: _MOVED if core.has_dead() else [],
             functools.partial(super().dlq_list, topic, limit))
-        return [dataclasses.replace(letter, body=pickle.loads(letter.body))
-                for letter in letters]
+        return [unpickled_letter(letter) for letter in letters]
 
     def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
                     ) -> int:
