@@ -367,7 +367,8 @@ cdef class JournalSection:
     ``_lock_recovered`` (the mutex's previous owner died) and
     ``_enter_locked`` (catch up, with the mutex held). Leaving does what
     ``_leave_shared`` does: release the mutex and, after an append,
-    signal the change word, and the writer word when the backend's
+    signal the change word (unless the backend's ``_quiet`` is true,
+    which it then clears), and the writer word when the backend's
     ``_wakes_writer`` is true.
     """
 
@@ -461,8 +462,11 @@ cdef class JournalSection:
         journal._check()
         mqs_journal_unlock(journal._header)
         if backend._appended:
-            mqs_wait_signal(mqs_journal_word(journal._header,
-                                             MQS_JOURNAL_CHANGED), 1)
+            if backend._quiet:
+                backend._quiet = False
+            else:
+                mqs_wait_signal(mqs_journal_word(journal._header,
+                                                 MQS_JOURNAL_CHANGED), 1)
             if backend._wakes_writer:
                 mqs_wait_signal(mqs_journal_word(journal._header,
                                                  MQS_JOURNAL_WRITER), 1)

@@ -665,11 +665,15 @@ class LogBackend(MemoryBackend):
         now = self._tick()
         if _fetch_is_idle(state, group, consumer, auto_ack, now):
             return [], state.wheel.next_deadline()
+        quiet = _fetch_is_quiet(state, auto_ack, now)
         found, wake = self._logged("fetch", topic, group, consumer,
                                    max_items, ack_timeout, auto_ack)
         if found or state.config.maxsize:
             # Deliveries, expiries and dead letters may free room.
             self._notify()
+        # The shm backends wake the waiters of every process when the
+        # section ends, except after a fetch that can only take messages.
+        self._quiet = quiet
         self._after_write()
         return found, wake
 
@@ -775,6 +779,18 @@ def encode_record(op: str, now: float, args: tuple) -> bytes:
         args = (args[0], [tuple(envelope) for envelope in args[1]],
                 *args[2:])
     return pickle.dumps((op, now, args), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _fetch_is_quiet(state: TopicState, auto_ack: bool, now: float) -> bool:
+    """Return whether a fetch at `now` can only take messages, so that
+    its record need not wake anyone waiting for messages: no timer is
+    due (a due one makes messages ready again), it does not finish
+    messages (auto_ack), and the topic has no maxsize (whose room an
+    expiry during the fetch could free)."""
+    if auto_ack or state.config.maxsize:
+        return False
+    wake = state.wheel.next_deadline()
+    return wake is None or wake > now
 
 
 def _fetch_is_idle(state: TopicState, group: str, consumer: str,

@@ -133,6 +133,7 @@ from mqs.broker._log import (
     _check_empty,
     _check_log_options,
     _fetch_is_idle,
+    _fetch_is_quiet,
     _make_directory,
     _read_current,
     lock_holder,
@@ -893,12 +894,14 @@ class SharedLogBackend(ShmBackend):
                 data = self._reserve("fetch", _dumps(
                     ("fetch", now, (topic, group, consumer, 1, ack_timeout,
                                     auto_ack)), _PROTOCOL))
+                quiet = _fetch_is_quiet(state, auto_ack, now)
                 try:
                     # As `_do_fetch` does, without its `next_wake`.
                     found = state.fetch(group, consumer, 1, ack_timeout,
                                         auto_ack, now)
                 finally:
                     self._append(data)
+                self._quiet = quiet
                 if self._bytes_since_snapshot > self._compact_bytes:
                     self._after_write()
         except ShutDown:

@@ -382,6 +382,10 @@ class ShmBackend(LogBackend):
     # state (a writer whose log is behind writes a snapshot first).
     _enter_slow = False
     _wakes_writer = False
+    # Set by an operation whose records make nothing deliverable or free
+    # no room (a plain delivery), so leaving the section wakes no waiter
+    # for messages; cleared when the section is left.
+    _quiet = False
     _log_behind = False
     _writer = False
 
@@ -489,7 +493,10 @@ class ShmBackend(LogBackend):
         self._held = False
         self._journal.unlock()
         if self._appended:
-            self._journal.signal()
+            if self._quiet:
+                self._quiet = False
+            else:
+                self._journal.signal()
             if self._wakes_writer:
                 self._journal.signal(WRITER)
 
