@@ -2,6 +2,7 @@ MIN_BYTES: int
 MAX_BYTES: int
 CHANGED: int
 DURABLE: int
+DURABLE_LOG_END: int
 WRITER: int
 RECORD_HEADER: int
 

@@ -61,7 +61,7 @@ include "_mapped_file.pxi"
 
 __all__ = ["SharedJournal", "JournalSection", "JournalLayoutError",
            "JournalVersionError", "MIN_BYTES", "MAX_BYTES", "CHANGED",
-           "DURABLE", "WRITER"]
+           "DURABLE", "DURABLE_LOG_END", "WRITER"]
 
 MIN_BYTES = MQS_JOURNAL_MIN_BYTES
 MAX_BYTES = MQS_JOURNAL_MAX_BYTES
@@ -70,6 +70,11 @@ MAX_BYTES = MQS_JOURNAL_MAX_BYTES
 CHANGED = MQS_JOURNAL_CHANGED
 DURABLE = MQS_JOURNAL_DURABLE
 WRITER = MQS_JOURNAL_WRITER
+# The word of a log broker's durable file (`mqs.broker._log_shared`)
+# that holds the end offset of the writer's log after its last append.
+cdef enum:
+    _DURABLE_LOG_END = 5
+DURABLE_LOG_END = _DURABLE_LOG_END
 RECORD_HEADER = MQS_JOURNAL_RECORD_HEADER
 
 # A lock wait and a change wait each return to Python this often, so
@@ -476,7 +481,8 @@ cdef class JournalSection:
         """The log backend's ``_append`` (`mqs.broker._log_shared`), run
         in every operation: append `data` to the journal, and to the
         segment log when this process is the writer and its log is not
-        behind. The caller holds the section."""
+        behind (then store the log's new end in the durable file). The
+        caller holds the section."""
         cdef object backend = self._backend
         cdef object found = backend._journal
         cdef SharedJournal journal
@@ -505,10 +511,12 @@ cdef class JournalSection:
         if backend._writer and not backend._log_behind:
             log = backend._log
             try:
-                log.append(data)
+                offset = log.append(data)
             except BaseException as exc:
                 backend._fail_append(exc)
                 raise
+            # How far the log reaches, for the check of a restored backup.
+            backend._durable[_DURABLE_LOG_END] = offset + 1
             backend._bytes_since_snapshot += len(data)
             backend._log_state = (log, position)
 

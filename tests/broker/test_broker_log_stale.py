@@ -17,7 +17,9 @@ import pytest
 import mqs
 from mqs.broker._log_shared import (
     SHM_DIR,
+    _log_mismatch,
     _path_prefix,
+    _read_log,
     directory_identity,
     journal_name,
     remove_stale_journals,
@@ -319,3 +321,326 @@ def test_cli_clean_keeps_journal_in_use(path):
     finally:
         broker.close()
     assert journal_files(path) == []
+
+
+# Opens the broker with compact_bytes=argv[2], stores message "first" and
+# prints "ready". Once the file named by argv[3] exists, it stores
+# message "second", prints "second" and waits to be killed.
+TWO_STEP_PUBLISHER = """
+import json, os, sys, time
+import mqs
+path, compact_bytes, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+broker = mqs.Broker(backend="log", path=path, fsync="always",
+                    compact_bytes=compact_bytes)
+broker.declare_topic("old")
+broker.publish("old", "first")
+print(json.dumps({"ready": True}), flush=True)
+while not os.path.exists(go):
+    time.sleep(0.01)
+broker.publish("old", "second")
+print(json.dumps({"second": True}), flush=True)
+time.sleep(600)
+"""
+
+
+def restore_in_place(backup, path):
+    """Copy every file of `backup` over `path`, keeping the directory
+    (its inode) and the files that the backup lacks."""
+    for root, _, files in os.walk(backup):
+        target = os.path.join(path, os.path.relpath(root, backup))
+        os.makedirs(target, exist_ok=True)
+        for name in files:
+            shutil.copy2(os.path.join(root, name),
+                         os.path.join(target, name))
+
+
+def read_current(path):
+    with open(os.path.join(path, "CURRENT"), encoding="ascii") as file:
+        return file.read().strip()
+
+
+@pytest.mark.parametrize("compact_bytes", [1, 64 << 20],
+                         ids=["later_log", "same_log"])
+def test_log_backup_restored_in_place_wins_over_journal(
+        path, tmp_path, caplog, compact_bytes):
+    go = tmp_path / "go"
+    backup = tmp_path / "backup"
+    process = subprocess.Popen(
+        [sys.executable, "-c", TWO_STEP_PUBLISHER, str(path),
+         str(compact_bytes), str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = Reader(process)
+    try:
+        reader.wait_for("ready")
+        shutil.copytree(path, backup)
+        go.touch()
+        reader.wait_for("second")
+        old = journal_name(path)
+        log_at_crash = read_current(path)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+        reader.thread.join(30)
+        process.stdout.close()
+        process.stderr.close()
+    # compact_bytes=1 writes a new log at every operation; the default
+    # keeps appending to the log of the backup.
+    same_log = read_current(backup) == log_at_crash
+    assert same_log == (compact_bytes != 1)
+    identity = directory_identity(path)
+    restore_in_place(backup, path)
+    assert directory_identity(path) == identity
+    assert os.path.exists(os.path.join(SHM_DIR, PREFIX + old))
+
+    with caplog.at_level("WARNING", logger="mqs.broker._log_shared"):
+        broker = mqs.Broker(backend="log", path=path)
+    try:
+        assert broker.stats("old")["stored"] == 1
+        consumer = broker.consume("old", "g")
+        assert [message.body for message in consumer.get_many(
+            10, timeout=0)] == ["first"]
+        consumer.close(drain=False)
+    finally:
+        broker.close()
+    warnings = [record.getMessage() for record in caplog.records
+                if "discarded journal" in record.getMessage()]
+    assert len(warnings) == 1
+    assert str(path) in warnings[0]
+    assert old in warnings[0]
+    expected = "ends at offset" if same_log else "incarnation id"
+    assert expected in warnings[0]
+
+
+def test_log_crash_keeps_journal_ahead_of_log(path, tmp_path):
+    """The writer is stopped, so the journal holds a publish of another
+    process that the log lacks; after both die the journal wins."""
+    go = tmp_path / "go"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", TWO_STEP_PUBLISHER, str(path), str(64 << 20),
+         str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = Reader(writer)
+    other = None
+    try:
+        reader.wait_for("ready")
+        # Let the writer's log thread go idle, then stop it.
+        time.sleep(0.5)
+        writer.send_signal(signal.SIGSTOP)
+        other = subprocess.run(
+            [sys.executable, "-c",
+             "import os, sys, mqs\n"
+             "broker = mqs.Broker(backend='log', path=sys.argv[1],"
+             " fsync='interval')\n"
+             "broker.publish('old', 'only in the journal')\n"
+             "os._exit(0)\n", str(path)],
+            capture_output=True, text=True, timeout=60)
+        assert other.returncode == 0, other.stderr
+        # The log alone (read through a copy, which gets its own journal)
+        # has one message.
+        copy = tmp_path / "copy"
+        shutil.copytree(path, copy)
+        try:
+            from_log = mqs.Broker(backend="log", path=copy)
+            try:
+                assert from_log.stats("old")["stored"] == 1
+            finally:
+                from_log.close()
+        finally:
+            unlink_journal(copy)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(30)
+        reader.thread.join(30)
+        writer.stdout.close()
+        writer.stderr.close()
+
+    old = journal_name(path)
+    broker = mqs.Broker(backend="log", path=path)
+    try:
+        assert journal_name(path) == old
+        assert broker.stats("old")["stored"] == 2
+    finally:
+        broker.close()
+    assert journal_files(path) == []
+
+
+def test_log_backup_restored_while_open_stops_broker(path, tmp_path):
+    backup = tmp_path / "backup"
+    broker = mqs.Broker(backend="log", path=path, fsync="always",
+                        compact_bytes=1)
+    try:
+        broker.declare_topic("old")
+        broker.publish("old", "first")
+        shutil.copytree(path, backup)
+        # compact_bytes=1: this publish writes a new log.
+        broker.publish("old", "second")
+        assert read_current(path) != read_current(backup)
+        restore_in_place(backup, path)
+
+        # stats writes nothing, so the writer's thread finds the log
+        # replaced (it checks CURRENT every 0.5 s).
+        deadline = time.monotonic() + 30
+        with pytest.raises(mqs.BackendUnavailable,
+                           match="log in the directory was replaced"):
+            while True:
+                broker.stats("old")
+                assert time.monotonic() < deadline, \
+                    "no BackendUnavailable in 30 s"
+                time.sleep(0.05)
+        with pytest.raises(mqs.BackendUnavailable,
+                           match="log in the directory was replaced"):
+            broker.publish("old", "after the restore")
+    finally:
+        broker.close()
+    # The close removed the journal and wrote nothing.
+    assert journal_files(path) == []
+    reopened = mqs.Broker(backend="log", path=path)
+    try:
+        assert reopened.stats("old")["stored"] == 1
+    finally:
+        reopened.close()
+
+
+def test_log_mismatch_cases(path):
+    broker = mqs.Broker(backend="log", path=path)
+    broker.declare_topic("old")
+    broker.publish("old", "kept")
+    broker.close()
+    name = read_current(path)
+    incarnation, end = _read_log(str(path), name)
+    assert incarnation != 0
+    number = int(name[4:])
+
+    def words(version=2, log_id=incarnation, log_end=end, next_id=0,
+              log_number=number):
+        return [0, 0, version, log_number, log_id, log_end, next_id]
+
+    accepted = {
+        "same log": words(),
+        "log longer than the journal knows": words(log_end=end - 1),
+        "log that a snapshot was switching to": words(
+            log_id=incarnation + 1, log_end=end + 5, next_id=incarnation),
+        "durable file of an older mqs": words(version=0, log_id=7),
+        "journal that never wrote a log": words(log_id=0),
+    }
+    for case, case_words in accepted.items():
+        assert _log_mismatch(str(path), case_words) is None, case
+    rejected = {
+        "shorter log": (words(log_end=end + 1), "ends at offset"),
+        "other log": (words(log_id=incarnation + 1), "incarnation id"),
+    }
+    for case, (case_words, reason) in rejected.items():
+        problem = _log_mismatch(str(path), case_words)
+        assert problem is not None, case
+        assert reason in problem, case
+
+    os.unlink(os.path.join(path, "CURRENT"))
+    problem = _log_mismatch(str(path), words())
+    assert problem is not None
+    assert "no CURRENT file" in problem
+
+
+def test_log_durable_file_of_older_mqs_keeps_journal(path):
+    old = crash_publisher(path, "sigkill")
+    durable = os.path.join(SHM_DIR, PREFIX + old + ".durable")
+    # An older mqs stored only the first two words.
+    with open(durable, "r+b") as file:
+        file.seek(16)
+        file.write(bytes(40))
+
+    broker = mqs.Broker(backend="log", path=path)
+    try:
+        assert journal_name(path) == old
+        assert broker.stats("old")["stored"] == 1
+        with open(durable, "rb") as file:
+            version = int.from_bytes(file.read(24)[16:], sys.byteorder)
+        assert version == 2
+    finally:
+        broker.close()
+
+
+def test_log_backup_restored_before_takeover_stops_broker(path, tmp_path,
+                                                          caplog):
+    """A writer dies after a backup of its own log was restored under it:
+    the process that takes over finds the log shorter than the journal's
+    writer left it."""
+    go = tmp_path / "go"
+    backup = tmp_path / "backup"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", TWO_STEP_PUBLISHER, str(path), str(64 << 20),
+         str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = Reader(writer)
+    try:
+        reader.wait_for("ready")
+        broker = mqs.Broker(backend="log", path=path)
+        try:
+            shutil.copytree(path, backup)
+            go.touch()
+            reader.wait_for("second")
+            assert broker.stats("old")["stored"] == 2
+            # Stopped, the writer keeps its lock while the backup of its
+            # log (same name, one record less) is copied back.
+            writer.send_signal(signal.SIGSTOP)
+            assert read_current(path) == read_current(backup)
+            restore_in_place(backup, path)
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(30)
+
+            deadline = time.monotonic() + 30
+            with caplog.at_level("ERROR", logger="mqs.broker._log_shared"), \
+                    pytest.raises(mqs.BackendUnavailable,
+                                  match="log in the directory was replaced"):
+                while True:
+                    broker.stats("old")
+                    assert time.monotonic() < deadline, \
+                        "no BackendUnavailable in 30 s"
+                    time.sleep(0.05)
+            errors = [record.getMessage() for record in caplog.records
+                      if "log changed" in record.getMessage()]
+            assert len(errors) == 1
+            assert "ends at offset" in errors[0]
+        finally:
+            broker.close()
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(30)
+        reader.thread.join(30)
+        writer.stdout.close()
+        writer.stderr.close()
+    assert journal_files(path) == []
+    reopened = mqs.Broker(backend="log", path=path)
+    try:
+        assert reopened.stats("old")["stored"] == 1
+    finally:
+        reopened.close()
+
+
+def test_log_backup_of_same_log_restored_before_close(path, tmp_path):
+    """The backup is copied over the segments that the writer appends to;
+    the snapshot of the last close finds the log shorter and writes
+    nothing."""
+    backup = tmp_path / "backup"
+    broker = mqs.Broker(backend="log", path=path, fsync="always")
+    try:
+        broker.declare_topic("old")
+        broker.publish("old", "first")
+        shutil.copytree(path, backup)
+        broker.publish("old", "second")
+        assert read_current(path) == read_current(backup)
+        restore_in_place(backup, path)
+    finally:
+        broker.close()
+    assert journal_files(path) == []
+    reopened = mqs.Broker(backend="log", path=path)
+    try:
+        assert reopened.stats("old")["stored"] == 1
+    finally:
+        reopened.close()

@@ -82,6 +82,9 @@ Compaction
     Replay time and disk use are thus bounded by the live state plus
     `compact_bytes`. Compaction holds the broker lock for the time the
     snapshot takes to write, which grows with the stored messages.
+    `SharedLogBackend` appends a random incarnation id to the key of the
+    first snapshot record, so that it can tell two logs of the same name
+    apart; replay reads every keyed record as a snapshot part.
 
 Limits
     One `LogBackend` per `path`: it holds a lock file, and a second one
@@ -134,7 +137,8 @@ FSYNC_MODES = ("always", "interval", "never")
 FORMAT = ("mqs.broker.log", 1)
 CURRENT = "CURRENT"
 LOCK = "lock"
-# Record keys: snapshot parts carry one, operations none.
+# Record keys: snapshot parts carry one, operations none. Replay reads
+# any key as a snapshot part, so the first part may carry more bytes.
 _SNAPSHOT_KEY = b"s"
 # Operations whose lost record can only cause a redelivery: with
 # sync_acks=False they return without waiting for a sync.
@@ -344,9 +348,14 @@ class LogBackend(MemoryBackend):
              self._next_consumer, self._now, topics),
             protocol=pickle.HIGHEST_PROTOCOL)
 
-    def _compact(self) -> None:
+    def _compact(self, first_key: bytes = _SNAPSHOT_KEY) -> None:
         """Write the state into a new log, switch CURRENT to it and
-        delete the old one. The caller holds the lock (or is __init__)."""
+        delete the old one. The caller holds the lock (or is __init__).
+
+        `first_key` is the key of the first snapshot record; it must
+        start with ``_SNAPSHOT_KEY`` (SharedLogBackend appends the log's
+        incarnation id to it).
+        """
         data = self._snapshot_bytes()
         number = int(self._log_name[4:]) + 1 if self._log_name else 1
         name = f"log-{number:06d}"
@@ -358,9 +367,11 @@ class LogBackend(MemoryBackend):
                          fsync_interval_s=self._fsync_interval_s)
         try:
             step = self._max_record
-            log.append_many([(_SNAPSHOT_KEY, data[start:start + step])
-                             for start in range(0, len(data), step)]
-                            or [(_SNAPSHOT_KEY, b"")])
+            parts = [(_SNAPSHOT_KEY, data[start:start + step])
+                     for start in range(0, len(data), step)] \
+                or [(_SNAPSHOT_KEY, b"")]
+            parts[0] = (first_key, parts[0][1])
+            log.append_many(parts)
             log.flush()
             _write_current(self.path, name)
         except BaseException:

@@ -90,10 +90,32 @@ What survives what
     new directory unless it replaces the old one between that check and
     the write. Their segment appends go to the old files, which the
     segment log reaches through a descriptor of the old directory.
-    NOTE: a backup restored in place into the same directory, with the
-    same ``broker.id`` file, keeps the identity, so a journal left by a
-    crash still overrides the restored log. Delete ``broker.id`` after
-    such a restore.
+    A backup restored in place into the same directory, with the same
+    ``broker.id`` file, keeps the identity, so the log itself tells it
+    apart. Every log that a writer starts (at a compaction, a takeover,
+    a restore and the last close) gets a random incarnation id in the
+    key of its first snapshot record. The durable file stores the name
+    and incarnation id of the log that the journal's writer appends to,
+    and that log's end offset after each append. The first process to
+    open a journal that no process has open compares them with the log
+    that ``CURRENT`` names. A journal may be ahead of its log (records a
+    dead writer had not appended), but never behind it. So if the log
+    is another one, or shorter than the writer left it, the process
+    removes the journal, logs a WARNING and restores the broker from the
+    log alone. The restored backup wins, and operations that were only
+    in the journal are lost. A log without an incarnation id (an older
+    mqs wrote it) passes the check.
+    NOTE: a backup taken after the writer's last append before the
+    crash contains the same log, so the journal still goes on from it.
+    A restore while processes have the broker open stops them. The
+    writer checks every `DIRECTORY_CHECK_INTERVAL_S` that ``CURRENT``
+    still names its log, and before each snapshot (a compaction, a
+    takeover, the last close) a writer compares the log with the
+    durable file as above. On a mismatch every operation raises
+    `BackendUnavailable` and nothing more is written. The last process
+    to close removes the journal, so the next open restores from the
+    restored log. Operations between the restore and its detection are
+    lost with the journal.
 
 Limits
     Those of the shm backend (at most 256 processes at once, one record
@@ -119,14 +141,25 @@ import os
 import pickle
 import secrets
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from mqs._journal import DURABLE, MAX_BYTES, MIN_BYTES, WRITER, SharedJournal
+from mqs._journal import (
+    DURABLE,
+    DURABLE_LOG_END,
+    MAX_BYTES,
+    MIN_BYTES,
+    WRITER,
+    SharedJournal,
+)
+from mqs._seglog import SegmentLog
 from mqs.broker._backend import Delivery, Envelope
 from mqs.broker._log import (
+    _SNAPSHOT_KEY,
+    CURRENT,
     FORMAT,
     LOCK,
     LogBackend,
@@ -148,7 +181,13 @@ from mqs.broker._shm import (
     _instances,
     _SharedSection,
 )
-from mqs.errors import BackendUnavailable, LogLocked, ShutDown
+from mqs.errors import (
+    BackendUnavailable,
+    LogCorrupted,
+    LogLocked,
+    LogVersionError,
+    ShutDown,
+)
 
 __all__ = ["SharedLogBackend", "TAKEOVER_INTERVAL_S", "directory_identity",
            "journal_files", "journal_name", "remove_stale_journals",
@@ -165,11 +204,29 @@ USERS = "users"
 # The random id that, with the directory's inode, names the journal of
 # one incarnation of the directory (see `directory_identity`).
 DIRECTORY_ID = "broker.id"
-# Words of the durable file: the durable journal position, and
-# _WRITE_FAILED once the writer failed to append or sync, or
-# _DIRECTORY_REPLACED once a process found the directory replaced.
-_DURABLE, _FAILED = 0, 1
-_WRITE_FAILED, _DIRECTORY_REPLACED = 1, 2
+# Words (int64) of the durable file:
+# _DURABLE     The durable journal position.
+# _FAILED      0, or why every operation raises: _WRITE_FAILED (the
+#              writer failed to append or sync), _DIRECTORY_REPLACED (a
+#              process found the directory replaced) or _LOG_REPLACED (a
+#              writer found a log that this journal's writers did not
+#              write).
+# _VERSION     _DURABLE_VERSION, or 0 in the two-word files of older mqs.
+# _LOG_NUMBER  The NNNNNN of the name of the log the writer appends to.
+# _LOG_ID      The incarnation id of that log (0 before the first
+#              snapshot of this journal).
+# _LOG_END     That log's end offset after the writer's last append.
+# _NEXT_LOG_ID The incarnation id of the log that a snapshot is writing,
+#              from before CURRENT names it until _LOG_ID is that id.
+# `_log_mismatch` compares the log words with the directory's log.
+_DURABLE, _FAILED, _VERSION = 0, 1, 2
+# `JournalSection.append_record` stores _LOG_END (DURABLE_LOG_END).
+_LOG_NUMBER, _LOG_ID, _LOG_END, _NEXT_LOG_ID = 3, 4, DURABLE_LOG_END, 6
+_WRITE_FAILED, _DIRECTORY_REPLACED, _LOG_REPLACED = 1, 2, 3
+# Processes of an older mqs can share a journal with this one (the
+# journal layout is the same). They leave the log words as they are,
+# and their logs have no incarnation id, which `_log_mismatch` accepts.
+_DURABLE_VERSION = 2
 _DURABLE_FILE_BYTES = 4096
 # The first field of every snapshot this backend writes. Version 1 is
 # the single-process LogBackend's, whose records hold bodies as objects;
@@ -365,6 +422,79 @@ def _unlink_own_journal(name: str) -> None:
     ShmBackend.unlink(name)
 
 
+def _new_incarnation() -> int:
+    """Return a random incarnation id for a new log: a positive int64."""
+    return secrets.randbelow((1 << 63) - 1) + 1
+
+
+def _incarnation_key(incarnation: int) -> bytes:
+    """Return the key of the first snapshot record of a log with
+    `incarnation`. Replay reads it as any snapshot part."""
+    return _SNAPSHOT_KEY + incarnation.to_bytes(8, "big")
+
+
+def _read_log(path: str, name: str) -> tuple[int, int]:
+    """Return the incarnation id (0 if it has none) and the end offset of
+    log `name` in the log broker directory `path`.
+
+    Raises FileNotFoundError if the log is missing, and what
+    `SegmentLog` raises for a damaged one.
+    """
+    log = SegmentLog(os.path.join(path, name), readonly=True)
+    try:
+        end = log.end_offset
+        if end <= log.start_offset:
+            return 0, end
+        key = log.read_record(log.start_offset).key
+        if key is None or len(key) != 9 or key[:1] != _SNAPSHOT_KEY:
+            # A log of LogBackend or of an mqs without incarnation ids.
+            return 0, end
+        return int.from_bytes(key[1:], "big"), end
+    finally:
+        log.close()
+
+
+def _log_mismatch(path: str, words: Sequence[int]) -> str | None:
+    """Compare the log in directory `path` with the log words of a
+    durable file. Return None if the journal may go on from that log,
+    else a description of what differs.
+
+    The journal may be ahead of the log (records a crashed writer had
+    not appended), but never behind it. So the directory's log must be
+    the one the journal's writer last appended to, with at least the
+    records it appended, or the one a snapshot was switching to. A log
+    without an incarnation id passes, because an older mqs, which may
+    share the journal, wrote it.
+    """
+    if words[_VERSION] != _DURABLE_VERSION or not words[_LOG_ID]:
+        # The journal's writers never wrote a log with an id.
+        return None
+    expected = f"log-{words[_LOG_NUMBER]:06d}"
+    name = _read_current(path)
+    if name is None:
+        return f"the directory has no {CURRENT} file, expected {expected}"
+    try:
+        incarnation, end = _read_log(path, name)
+    except (LogCorrupted, LogVersionError) as exc:
+        # The journal can replace a damaged log, as a takeover does.
+        logger.warning("log broker %s: could not read log %s to compare it "
+                       "with the journal (%s); the journal is kept", path,
+                       name, exc)
+        return None
+    except OSError as exc:
+        return f"its log {name} cannot be read ({exc})"
+    if incarnation in (0, words[_NEXT_LOG_ID]):
+        return None
+    if incarnation != words[_LOG_ID]:
+        return (f"{CURRENT} names {name} with incarnation id "
+                f"{incarnation:016x}, expected {expected} with id "
+                f"{words[_LOG_ID]:016x}")
+    if end < words[_LOG_END]:
+        return (f"its log {name} ends at offset {end}, but the journal's "
+                f"writer appended up to offset {words[_LOG_END]}")
+    return None
+
+
 class SharedLogBackend(ShmBackend):
     """A durable log broker that several processes can open at once.
 
@@ -488,10 +618,7 @@ class SharedLogBackend(ShmBackend):
         try:
             fcntl.flock(self._users_fd, fcntl.LOCK_SH)
             self._lock_fd = _open_file(os.path.join(directory, LOCK))
-            # The shared lock on the durable file marks this journal as
-            # in use for `remove_stale_journals` until the broker closes.
-            self._durable_fd = _open_file(self._journal_file + ".durable")
-            fcntl.flock(self._durable_fd, fcntl.LOCK_SH)
+            self._durable_fd = self._lock_durable_file()
             remove_stale_journals(directory, keep=self.shm_name)
             self._durable = _map_durable(self._durable_fd)
             self._journal = SharedJournal(self._journal_file, journal_bytes)
@@ -509,6 +636,87 @@ class SharedLogBackend(ShmBackend):
         self._start_thread()
 
     # Files and the writer lock.
+
+    def _lock_durable_file(self) -> int:
+        """Open the journal's durable file and take a shared `flock` on it;
+        return its descriptor.
+
+        The shared lock marks the journal as in use, for
+        `remove_stale_journals` and for this check, until the broker
+        closes. A process that gets the lock exclusively first is the
+        only user: it discards the journal if it does not match the
+        directory's log (see `_discard_outdated_journal`).
+        """
+        durable_path = self._journal_file + ".durable"
+        while True:
+            fd = _open_file(durable_path)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                else:
+                    if self._discard_outdated_journal(fd):
+                        os.close(fd)
+                        continue
+                    # Not atomic: another opener may take the lock
+                    # exclusively in between and run the same check.
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                # A process that discarded the journal unlinked the file
+                # this descriptor may have opened before.
+                opened, current = os.fstat(fd), os.stat(durable_path)
+                if (opened.st_dev, opened.st_ino) == (current.st_dev,
+                                                      current.st_ino):
+                    return fd
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def _discard_outdated_journal(self, fd: int) -> bool:
+        """Remove the journal if no process uses it and it does not match
+        the directory's log; return whether it did. The caller has an
+        exclusive `flock` on the durable file open at `fd`.
+
+        A crash of every process leaves the journal to go on from, but a
+        backup restored into the same directory afterwards keeps the
+        directory's identity: its log must win over the journal.
+        """
+        if os.fstat(fd).st_size < _DURABLE_FILE_BYTES:
+            # A new file: a journal without one is never restored.
+            _init_durable_file(fd)
+            return False
+        mapping = _map_durable(fd)
+        try:
+            words = mapping.tolist()[:_NEXT_LOG_ID + 1]
+            if words[_VERSION] < _DURABLE_VERSION:
+                # Written by an older mqs: the journal cannot be checked
+                # against the log, and from now on it can.
+                for index in range(_LOG_NUMBER, _NEXT_LOG_ID + 1):
+                    mapping[index] = 0
+                mapping[_VERSION] = _DURABLE_VERSION
+                return False
+        finally:
+            mapping.release()
+        problem = _log_mismatch(self.path, words)
+        if problem is None:
+            return False
+        if not os.path.exists(self._journal_file):
+            # Left by a removal of the journal that was cut short, so
+            # the new journal must not inherit its words.
+            _unlink_own_journal(self.shm_name)
+            return True
+        logger.warning(
+            "log broker %s: discarded journal %s, left by processes that "
+            "ended without closing the broker, because the directory's log "
+            "is not the one the journal continues (%s); the directory was "
+            "probably restored from a backup. The broker restores from the "
+            "log; operations that were only in the journal are lost",
+            self.path, self.shm_name, problem)
+        _unlink_own_journal(self.shm_name)
+        return True
 
     def _release_files(self) -> None:
         if self._log is not None:
@@ -573,6 +781,44 @@ class SharedLogBackend(ShmBackend):
         if self._directory_replaced():
             raise BackendUnavailable(_replaced_message(self.path))
 
+    def _stopped_error(self) -> BackendUnavailable:
+        """Return the error of every operation once a process found the
+        directory or its log replaced."""
+        if self._durable[_FAILED] == _LOG_REPLACED:
+            return BackendUnavailable(_log_replaced_message(self.path))
+        return BackendUnavailable(_replaced_message(self.path))
+
+    def _check_log(self) -> None:
+        """Raise `BackendUnavailable` if the directory's log is not the one
+        this journal's writers wrote, before a snapshot replaces it.
+
+        Someone restored a backup into the directory while processes had
+        the broker open. A snapshot of the journal would overwrite the
+        restored log, and a restore from it would drop the operations
+        of the running processes, so every process stops instead.
+        """
+        # A read-only open of the log costs about 2 ms for 60 MB of
+        # records, less than the snapshot that follows.
+        problem = _log_mismatch(self.path, self._durable)
+        if problem is not None:
+            self._mark_log_replaced(problem)
+            raise BackendUnavailable(_log_replaced_message(self.path))
+
+    def _mark_log_replaced(self, problem: str) -> None:
+        """Make the operations of every process on this journal raise
+        `BackendUnavailable`."""
+        # Every section of this process takes the Python path from now on,
+        # where it raises; the other processes' log threads find the mark.
+        self._enter_slow = True
+        if self._durable[_FAILED] == _LOG_REPLACED:
+            return
+        self._durable[_FAILED] = _LOG_REPLACED
+        self._journal.signal()
+        self._journal.signal(DURABLE)
+        logger.error("log broker %s: the directory's log changed while "
+                     "process %d had the broker open (%s); nothing more "
+                     "is written to it", self.path, os.getpid(), problem)
+
     def _wait_writer_lock(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self._try_writer_lock():
@@ -591,12 +837,12 @@ class SharedLogBackend(ShmBackend):
         # A closed broker raises ShutDown in ShmBackend._enter_shared, and
         # its durable file is unmapped. `JournalSection` skips this check
         # (and this method) in its common case, so the process finds out
-        # through its log thread's check of the directory instead, within
-        # DIRECTORY_CHECK_INTERVAL_S.
-        if not self._closed and \
-                self._durable[_FAILED] == _DIRECTORY_REPLACED:
+        # through its log thread's checks of the directory and of the
+        # durable file instead, within DIRECTORY_CHECK_INTERVAL_S.
+        if not self._closed and self._durable[_FAILED] in (
+                _DIRECTORY_REPLACED, _LOG_REPLACED):
             self._enter_slow = True
-            raise BackendUnavailable(_replaced_message(self.path))
+            raise self._stopped_error()
         ShmBackend._enter_shared(self)
 
     def _enter_locked(self) -> None:
@@ -627,6 +873,7 @@ class SharedLogBackend(ShmBackend):
         if self._writer and not self._log_behind:
             for data in records:
                 LogBackend._append(self, data)
+            self._durable[_LOG_END] = self._log.end_offset
             self._replayed = True
 
     def _reserve(self, op: str, data: bytes) -> bytes:
@@ -703,6 +950,8 @@ class SharedLogBackend(ShmBackend):
         self._check_directory()
         self._durable[_DURABLE] = 0
         self._durable[_FAILED] = 0
+        # No log is this journal's yet: `_write_snapshot` below writes one.
+        self._durable[_LOG_ID] = 0
         self._reset_state()
         if self._log is not None:
             self._log.close()
@@ -754,11 +1003,20 @@ class SharedLogBackend(ShmBackend):
                     self.path, FORMAT, SHARED_FORMAT)
 
     def _write_snapshot(self) -> None:
-        """Write the replica into a new log and switch to it. The caller
-        holds the mutex and is the writer."""
+        """Write the replica into a new log with a new incarnation id and
+        switch to it. The caller holds the mutex and is the writer."""
         self._check_directory()
+        self._check_log()
         old = self._log_name
-        LogBackend._compact(self)
+        # The store order keeps the words valid for `_log_mismatch` if
+        # the process dies between any two of them.
+        incarnation = _new_incarnation()
+        self._durable[_NEXT_LOG_ID] = incarnation
+        LogBackend._compact(self, _incarnation_key(incarnation))
+        self._durable[_LOG_NUMBER] = int(self._log_name[4:])
+        self._durable[_LOG_ID] = incarnation
+        self._durable[_LOG_END] = self._log.end_offset
+        self._durable[_NEXT_LOG_ID] = 0
         self._set_log_mark()
         self._log_behind = False
         if old and old != self._log_name:
@@ -977,8 +1235,9 @@ class SharedLogBackend(ShmBackend):
         while self._durable[_DURABLE] < target:
             if self._failed is not None:
                 raise self._failed_error()
-            if self._durable[_FAILED] == _DIRECTORY_REPLACED:
-                raise BackendUnavailable(_replaced_message(self.path))
+            if self._durable[_FAILED] in (_DIRECTORY_REPLACED,
+                                          _LOG_REPLACED):
+                raise self._stopped_error()
             if self._durable[_FAILED]:
                 raise BackendUnavailable(
                     f"log broker {self.path!r}: the writer process failed "
@@ -1031,7 +1290,7 @@ class SharedLogBackend(ShmBackend):
             try:
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + DIRECTORY_CHECK_INTERVAL_S
-                    if self._directory_replaced():
+                    if self._directory_replaced() or self._log_replaced():
                         # Every section raises from now on.
                         return
                 if not self._writer:
@@ -1061,6 +1320,30 @@ class SharedLogBackend(ShmBackend):
                                  "retrying in 1 s", self.path)
                 self._stop.wait(1.0)
 
+    def _log_replaced(self) -> bool:
+        """Return whether a process found the directory's log replaced.
+        The writer checks that CURRENT still names its log first."""
+        if self._writer and self._durable[_FAILED] != _LOG_REPLACED \
+                and _read_current(self.path) != self._log_name:
+            try:
+                # A snapshot switches CURRENT and `_log_name` together
+                # inside the section.
+                with self._lock:
+                    name = _read_current(self.path)
+                    if name != self._log_name:
+                        self._mark_log_replaced(
+                            f"{CURRENT} names {name}, but this process "
+                            f"appends to {self._log_name}")
+            except BackendUnavailable:
+                if self._durable[_FAILED] != _LOG_REPLACED:
+                    raise
+        if self._durable[_FAILED] != _LOG_REPLACED:
+            return False
+        # Every section of this process takes the Python path, which
+        # raises.
+        self._enter_slow = True
+        return True
+
     def _stop_thread(self) -> None:
         self._stop.set()
         if self._journal is not None:
@@ -1077,8 +1360,8 @@ class SharedLogBackend(ShmBackend):
         The writer appends and syncs what it has not yet, then frees the
         writer lock for another process. The last process writes a
         snapshot and removes the journal (see the module docs). If the
-        directory was replaced meanwhile, nothing is written, and the last
-        process of the old directory removes its journal.
+        directory or its log was replaced meanwhile, nothing is written,
+        and the last process removes the journal.
         """
         if self._closed:
             return
@@ -1090,26 +1373,44 @@ class SharedLogBackend(ShmBackend):
         except BlockingIOError:
             pass
         try:
-            if self._directory_replaced():
+            if self._stopped():
                 if last:
                     _unlink_own_journal(self.shm_name)
             elif last:
                 self._wait_writer_lock(10.0)
-            if self._writer and not self._directory_replaced():
-                with self._lock:
-                    if self._log_behind or (
-                            last and self._bytes_since_snapshot):
-                        self._write_snapshot()
-                if self._failed is None and self._log is not None:
-                    self._log.flush()
-                    self._publish_durable(self._log_state[1])
-                if last:
-                    _unlink_own_journal(self.shm_name)
+            if self._writer and not self._stopped():
+                self._close_log(last)
         finally:
             ShmBackend.close(self)
             self._writer = False
             self._wakes_writer = True
             self._release_files()
+
+    def _stopped(self) -> bool:
+        """Return whether the directory or its log was replaced, so that
+        this process must write nothing more."""
+        return self._directory_replaced() or \
+            self._durable[_FAILED] == _LOG_REPLACED
+
+    def _close_log(self, last: bool) -> None:
+        """Bring the log up to the journal and sync it (writer only). The
+        `last` process also writes a snapshot and removes the journal."""
+        try:
+            with self._lock:
+                if self._log_behind or (
+                        last and self._bytes_since_snapshot):
+                    self._write_snapshot()
+        except BackendUnavailable:
+            if self._durable[_FAILED] != _LOG_REPLACED:
+                raise
+            # `_check_log` found a restored log, which the next open
+            # restores from once the journal is gone.
+        else:
+            if self._failed is None and self._log is not None:
+                self._log.flush()
+                self._publish_durable(self._log_state[1])
+        if last:
+            _unlink_own_journal(self.shm_name)
 
     def _after_fork_in_child(self) -> None:
         # The child shares the parent's lock descriptions: dropping them
@@ -1167,6 +1468,14 @@ def _unpickled(delivery: Delivery) -> Delivery:
                                  *delivery[5:]))
 
 
+def _log_replaced_message(path: str) -> str:
+    return (f"log broker {path!r}: the log in the directory was replaced "
+            f"(a backup restored?) while processes had the broker open, "
+            f"so they write nothing more into it; close the broker in "
+            f"every process, and the next open restores it from the log "
+            f"in the directory")
+
+
 def _replaced_message(path: str) -> str:
     return (f"log broker {path!r}: the directory was removed or replaced "
             f"after this process opened the broker, so nothing reaches its "
@@ -1185,6 +1494,13 @@ def _check_journal_bytes(journal_bytes: Any) -> None:
 
 def _open_file(path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _init_durable_file(fd: int) -> None:
+    """Size a new durable file and store its version."""
+    os.ftruncate(fd, _DURABLE_FILE_BYTES)
+    os.pwrite(fd, _DURABLE_VERSION.to_bytes(8, sys.byteorder, signed=True),
+              _VERSION * 8)
 
 
 def _map_durable(fd: int) -> memoryview:
