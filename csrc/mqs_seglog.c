@@ -1822,11 +1822,11 @@ static uint64_t page_up(const mqs_seglog_t *log, uint64_t pos)
 }
 
 /* Map the pages the toucher just created writable in the segment's
- * mapping too, so that the appender's first store into each of them
- * takes no page fault (with its page_mkwrite call into the file
- * system), which cost it about half of a small append. The toucher
- * is busy meanwhile, so the segment stays mapped. Kernels before 5.14
- * refuse the advice; the appender then faults the pages in itself. */
+ * mapping too. The appender's first store into each page then takes no
+ * page fault, with its page_mkwrite call into the file system, which
+ * cost about half of a small append. The toucher is busy meanwhile, so
+ * the segment stays mapped. Kernels before 5.14 reject the advice, and
+ * the appender then faults the pages in itself. */
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif

@@ -438,7 +438,7 @@ class LogBackend(MemoryBackend):
                          "takes no more operations", self.path)
 
     def _segment_fsync(self) -> str:
-        """The fsync mode of the segment logs this broker opens."""
+        """Return the fsync mode of the segment logs this broker opens."""
         return _log_fsync(self.fsync)
 
     def _apply(self, op: str, args: tuple) -> Any:
@@ -794,10 +794,12 @@ def encode_record(op: str, now: float, args: tuple) -> bytes:
 
 def _fetch_is_quiet(state: TopicState, auto_ack: bool, now: float) -> bool:
     """Return whether a fetch at `now` can only take messages, so that
-    its record need not wake anyone waiting for messages: no timer is
-    due (a due one makes messages ready again), it does not finish
-    messages (auto_ack), and the topic has no maxsize (whose room an
-    expiry during the fetch could free)."""
+    its record need not wake anyone waiting for messages.
+
+    That holds when no timer is due (a due one makes messages ready
+    again), the fetch does not finish messages (auto_ack), and the topic
+    has no maxsize (an expiry during the fetch could free room).
+    """
     if auto_ack or state.config.maxsize:
         return False
     wake = state.wheel.next_deadline()

@@ -376,15 +376,15 @@ class ShmBackend(LogBackend):
     # and how many journal waiter registrations those coroutines hold.
     _async_wakeups: Wakeups | None = None
     _async_registered = 0
-    # Read by `JournalSection` at every section: whether entering must
-    # take the Python path, whether leaving after an append wakes a
-    # writer thread (the log backend's), and the log backend's writer
-    # state (a writer whose log is behind writes a snapshot first).
+    # `JournalSection` reads these at every section. `_enter_slow` sends
+    # entering down the Python path. `_wakes_writer` makes leaving after
+    # an append wake the log backend's writer thread. A log backend
+    # writer whose log is behind (`_log_behind`) writes a snapshot first.
     _enter_slow = False
     _wakes_writer = False
-    # Set by an operation whose records make nothing deliverable or free
-    # no room (a plain delivery), so leaving the section wakes no waiter
-    # for messages; cleared when the section is left.
+    # Set by an operation that makes nothing deliverable and frees no
+    # room (a plain delivery). Leaving the section then wakes no waiter
+    # for messages, and clears it.
     _quiet = False
     _log_behind = False
     _writer = False

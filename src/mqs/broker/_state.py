@@ -308,8 +308,8 @@ class TopicState:
             self.dedup[envelope.dedup_id] = (now + config.dedup_window,
                                              record.id)
         self.store[record.id] = record
-        # `count` inlined for the counters of every message, which are
-        # not drop counters.
+        # `count` inlined: every message bumps this counter, which is not
+        # a drop counter with a log line.
         counters = self.counters
         counters["published"] = counters.get("published", 0) + 1
         if not self.groups:
