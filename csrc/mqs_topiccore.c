@@ -10,6 +10,8 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 /* ---- layout ------------------------------------------------------------ */
 
@@ -388,6 +390,58 @@ static void free_slot(mqs_tc_header_t *h, uint32_t slot)
         s->stored--;
 }
 
+/* Give the pages wholly inside [from, to) of the mapping back to the
+ * file system. A tmpfs file frees them, and later reads see zeros.
+ * Other file systems reject the advice, so their pages stay. */
+static void discard_range(mqs_tc_header_t *h, uint64_t from, uint64_t to)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t start = (from + page - 1) & ~(page - 1);
+    uint64_t end = to & ~(page - 1);
+
+    if (end > start)
+        (void)madvise((char *)h + start, (size_t)(end - start), MADV_REMOVE);
+}
+
+/*
+ * Once the topic stores no message, take slot_limit back to
+ * MQS_TC_GROW_SLOTS and give the memory of the slots past it, and of the
+ * lane rings past that many positions, back to /dev/shm. Without it a
+ * topic that once held a large backlog keeps that memory for good. With
+ * no message stored every entry is free and every lane empty, so each
+ * ring restarts at position 0. Entries keep their memory (72 bytes per
+ * slot and group), because their tickets must keep growing: a consumer
+ * may still hold a stale tag of a slot. Called with the mutex held at
+ * the end of an operation that freed slots and at the start of a
+ * publish, never while a caller may still read a body it was given.
+ */
+static void shrink_if_drained(mqs_tc_header_t *h)
+{
+    mqs_tc_config_t *c = config_of(h);
+    mqs_tc_state_t *s = state_of(h);
+    uint32_t limit = slot_limit(h);
+    uint32_t keep = MQS_TC_GROW_SLOTS;
+
+    if (s->stored != 0 || limit <= keep)
+        return;
+    s->slot_limit = keep;
+    s->alloc_hint = 0;
+    for (uint32_t g = 0; g < c->params.max_groups; g++) {
+        mqs_tc_group_t *group = mqs_tc_group(h, g);
+        for (uint32_t lane = 0; lane < c->params.lane_count; lane++) {
+            uint64_t ring;
+
+            group->lanes[lane].head = 0;
+            ring = (uint64_t)((char *)ring_of(h, g, lane) - (char *)h);
+            discard_range(h, ring + (uint64_t)keep * sizeof(uint32_t),
+                          ring + (uint64_t)c->params.capacity
+                                 * sizeof(uint32_t));
+        }
+    }
+    discard_range(h, c->slots_offset + (uint64_t)keep * c->slot_stride,
+                  c->slots_offset + (uint64_t)limit * c->slot_stride);
+}
+
 /* Remove an entry from its group, freeing the slot once no group needs
  * it. */
 static void finish(mqs_tc_header_t *h, uint32_t g, uint32_t slot)
@@ -735,6 +789,10 @@ int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
     if (length > c->params.slot_bytes)
         return MQS_ETOOBIG;
     mqs_tc_advance(h, now);
+    /* A fetch with auto_ack may have emptied the topic: its bodies were
+     * copied by now. */
+    shrink_if_drained(h);
+    limit = slot_limit(h);
     /* Acks mostly come in publish order, so the slot after the last one
      * taken is usually free. NOTE: a search among scattered free slots
      * costs O(slot_limit). */
@@ -1183,6 +1241,7 @@ int mqs_tc_ack(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
                         nanoseconds(now - e->sampled_at));
     leave_flight(h, group, e);
     finish(h, group, slot);
+    shrink_if_drained(h);
     return 1;
 }
 
@@ -1308,6 +1367,7 @@ void mqs_tc_drop_dead(mqs_tc_header_t *h, uint32_t group, uint32_t slot)
     finish(h, group, slot);
     if (g->dead > 0)
         g->dead--;
+    shrink_if_drained(h);
 }
 
 int mqs_tc_oldest_ready(mqs_tc_header_t *h, uint32_t group, double *out)

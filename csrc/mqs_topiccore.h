@@ -46,7 +46,11 @@
  * Size. The file is sized for `capacity` messages but is sparse: only
  * slots below state.slot_limit, which grows with the largest backlog
  * seen, and the entries and lane rings of used groups and lanes are
- * touched. Every scan stops at slot_limit. Creating a group at
+ * touched. Every scan stops at slot_limit. When the topic has drained
+ * (no message stored), an ack, a dead-letter drop or the next publish
+ * gives the pages of the slots and lane rings past MQS_TC_GROW_SLOTS
+ * back (madvise MADV_REMOVE, which a tmpfs file honours); the entries
+ * keep theirs, so that tickets keep growing. Creating a group at
  * "earliest" and repair put a whole backlog in order with one sort in a
  * scratch array, so they cost O(n log n) in the stored messages. Ack
  * deadlines and closing a consumer walk the group's in-flight list. NOTE: the other cumulative counters (acked, ...) are
@@ -166,7 +170,10 @@ typedef struct mqs_tc_state {
     /* Slots at or above it were never used, so scans stop there and the
      * file's untouched pages take no memory. A publish that finds every
      * slot below it taken raises it by MQS_TC_GROW_SLOTS (up to
-     * capacity) before it writes the new slot. It never shrinks. */
+     * capacity) before it writes the new slot. Once the topic stores no
+     * message it goes back to MQS_TC_GROW_SLOTS, and the memory of the
+     * slots and lane ring positions past it goes back to the file
+     * system. */
     uint32_t slot_limit;
     double next_deadline;     /* no in-flight deadline is earlier */
     int64_t counters[MQS_TC_COUNTERS];

@@ -381,6 +381,76 @@ def test_topiccore_memory_follows_backlog_not_capacity(path):
     core.close()
 
 
+def _resident_bytes(path):
+    return os.stat(path).st_blocks * 512
+
+
+def test_topiccore_drained_backlog_returns_memory(path):
+    # 40,000 bodies of 400 bytes fill about 20 MiB of slots. Once every
+    # message is acked, the pages past the first 4,096 slots go back.
+    core = TopicCore(path, LANES, capacity=1 << 20, slot_bytes=480)
+    group = core.open_group("g", False)
+    consumer = core.open_consumer(group, 100_000, 1)
+    count = 40_000
+    for number in range(count):
+        body = number.to_bytes(4, "little") + b"x" * 396
+        assert core.publish(body, number % 10, 0.0) > 0
+    peak = _resident_bytes(path)
+    assert peak > 20 << 20
+
+    found = core.fetch(consumer, count, 600.0)
+    assert len(found) == count
+    first_slot, first_ticket = found[0][1], found[0][2]
+    for item in found:
+        assert core.ack(group, item[1], item[2])
+    assert core.stats()["stored"] == 0
+    drained = _resident_bytes(path)
+    # Entries (72 bytes per slot) and the first 4,096 slots stay.
+    assert drained < peak // 3
+
+    # The core fills its slots again from the start, in order.
+    for number in range(count):
+        body = number.to_bytes(4, "little") + b"y" * 396
+        assert core.publish(body, 0, 0.0) > 0
+    again = core.fetch(consumer, count, 600.0)
+    numbers = [int.from_bytes(item[6][:4], "little") for item in again]
+    assert numbers == list(range(count))
+    assert all(item[6][4:] == b"y" * 396 for item in again)
+    # A tag from before the drain stays stale: tickets kept growing.
+    reused = [item for item in again if item[1] == first_slot]
+    assert len(reused) == 1
+    assert reused[0][2] > first_ticket
+    assert not core.ack(group, first_slot, first_ticket)
+    for item in again:
+        assert core.ack(group, item[1], item[2])
+    core.close()
+
+
+def test_topiccore_auto_ack_drain_returns_memory_on_publish(path):
+    # An auto_ack fetch hands out bodies that stay in their slots until
+    # the next publish, so the memory goes back only then.
+    core = TopicCore(path, LANES, capacity=1 << 20, slot_bytes=480)
+    group = core.open_group("g", False)
+    consumer = core.open_consumer(group, 1, 1)
+    count = 40_000
+    for number in range(count):
+        assert core.publish(number.to_bytes(4, "little") + b"z" * 396, 0,
+                            0.0) > 0
+    peak = _resident_bytes(path)
+    found = core.fetch(consumer, count, 600.0, auto_ack=True)
+    numbers = [int.from_bytes(item[6][:4], "little") for item in found]
+    assert numbers == list(range(count))
+    assert all(item[6][4:] == b"z" * 396 for item in found)
+    assert core.stats()["stored"] == 0
+    assert _resident_bytes(path) > peak // 2
+
+    assert core.publish(b"next", 0, 0.0) > 0
+    assert _resident_bytes(path) < peak // 3
+    last = core.fetch(consumer, 10, 600.0, auto_ack=True)
+    assert [item[6] for item in last] == [b"next"]
+    core.close()
+
+
 def test_topiccore_deadlines_behind_large_backlog(path):
     # Deadlines are found through each group's in-flight list, so they
     # must fire in deadline order while most stored messages are ready.

@@ -221,8 +221,8 @@ REAP_INTERVAL_S = 0.05
 DEFAULT_JOURNAL_BYTES = 16 << 20
 # Sizes of each topic core. Files in /dev/shm are sparse and a core uses
 # its slots from the lowest up, so a core takes memory for the largest
-# backlog it held (about 0.6 KiB per message with one group), not for
-# its capacity. A core of CORE_CAPACITY maps 5.5 GiB of address space
+# backlog it held since it last drained (about 0.6 KiB per message with
+# one group), not for its capacity. A core of CORE_CAPACITY maps 5.5 GiB of address space
 # with ten lanes.
 CORE_CAPACITY = 1 << 22
 CORE_SLOT_BYTES = 480
