@@ -655,3 +655,15 @@ def test_stat_unreachable_redis_fails_fast():
     assert result.returncode == 1
     assert "unreachable for 3.0 s" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_stat_log_broker_title_on_one_line(tmp_path):
+    path = tmp_path / ("a-directory-name-long-enough-to-wrap-a-narrow-table"
+                       "-title") / "broker"
+    broker = mqs.Broker(backend="log", path=path)
+    broker.publish("t", 1)
+    broker.close()
+    result = run_mqs("stat", "--path", str(path))
+    assert result.returncode == 0, result.stderr
+    title = result.stdout.splitlines()[0].strip()
+    assert title == f"log broker {path}: 1 topic(s)"

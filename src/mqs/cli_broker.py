@@ -288,11 +288,13 @@ def parse_interval(text: str) -> float:
 def broker_table(stats: dict[str, Any]) -> Table:
     """Return the `mqs stat` table of `broker_stats` output."""
     topics = stats["topics"]
-    title = (f"{stats['backend']} broker {escape(stats['broker'])}: "
+    title = (f"{stats['backend']} broker {stats['broker']}: "
              f"{len(topics)} topic(s)")
     if "interval_s" in stats:
         title += f", rates over {stats['interval_s']:.2f} s"
-    table = Table(title=title)
+    # As wide as the title, so that a long broker URL or path does not
+    # wrap inside the two narrow columns (the console still caps it).
+    table = Table(title=escape(title), min_width=len(title))
     table.add_column("counter")
     table.add_column("value", justify="right")
     for topic, record in topics.items():
