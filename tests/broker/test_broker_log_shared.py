@@ -498,3 +498,26 @@ def test_log_writer_word_wakes_only_for_other_processes(path):
         journal.cancel_wait(WRITER)
     consumer.close(drain=False)
     broker.close()
+
+
+EXIT_WITHOUT_CLOSE = """
+broker = mqs.Broker(backend="log", path=sys.argv[1], segment_bytes=1 << 20)
+broker.publish("t", "kept")
+"""
+
+
+def test_log_exit_without_close_moves_journal_to_log(path):
+    from mqs.broker._log_shared import journal_files
+
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys\nimport mqs\n"
+         + textwrap.dedent(EXIT_WITHOUT_CLOSE), str(path)],
+        capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr
+    # The exit hook closed the broker: the journal is in the log now.
+    assert journal_files(path) == []
+    broker = open_broker(path)
+    consumer = broker.consume("t", "g")
+    assert consumer.get(timeout=5).body == "kept"
+    consumer.close()
+    broker.close()

@@ -131,6 +131,7 @@ Limits
 from __future__ import annotations
 
 import asyncio
+import atexit
 import errno
 import fcntl
 import hashlib
@@ -1517,3 +1518,22 @@ def _map_durable(fd: int) -> memoryview:
         os.ftruncate(fd, _DURABLE_FILE_BYTES)
     mapping = mmap.mmap(fd, _DURABLE_FILE_BYTES)
     return memoryview(mapping).cast("q")
+
+
+def _close_at_exit() -> None:
+    """Close the log brokers this process left open when the interpreter
+    exits normally, so that the last process of a broker moves its
+    journal into the log and removes it from /dev/shm, as `close` does.
+    Registered at import, so it runs after the exit hooks that flush
+    producers (atexit runs the last registered first)."""
+    for backend in list(_instances):
+        if isinstance(backend, SharedLogBackend) and not backend._closed:
+            try:
+                backend.close()
+            except Exception:
+                logger.exception("log broker %s: closing it at exit failed; "
+                                 "its journal stays in /dev/shm until the "
+                                 "next open or mqs clean", backend.path)
+
+
+atexit.register(_close_at_exit)

@@ -464,8 +464,8 @@ class ShmBackend(LogBackend):
         self._enter_locked()
 
     def _lock_recovered(self) -> None:
-        logger.warning("shm broker %s: a process died holding the broker "
-                       "mutex; checking its consumers", self.shm_name)
+        logger.warning("%s: a process died holding the broker mutex; "
+                       "checking its consumers", self._label)
         self._next_reap = 0.0
 
     def _enter_locked(self) -> None:
