@@ -103,6 +103,16 @@ def test_stat_json_matches_queue(queue, shm_name):
                                 "decode_failed": 0}
 
 
+def test_stat_json_counts_delayed(queue, shm_name):
+    queue.put(b"later", delay=600)
+    queue.put(b"later too", delay=600)
+    queue.put(b"now")
+    assert queue.stats().delayed == 2
+    result = run_mqs("stat", shm_name, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["delayed"] == 2
+
+
 def test_stat_log_shows_group_lag(log_dir):
     result = run_mqs("stat", str(log_dir), "--json")
     assert result.returncode == 0, result.stderr

@@ -2175,6 +2175,29 @@ cdef extern from *:
         _group_block groups[8]
 
 
+cdef extern from *:
+    """
+    #include <stddef.h>
+    #define MQS_DELAY_COUNT_OFFSET offsetof(mqs_delay_header_t, count)
+    """
+    size_t MQS_DELAY_COUNT_OFFSET
+
+
+cdef object _read_delayed(mqs_bytering_t *ring, int fd):
+    """Return the messages waiting in the delayed area of a ring mapped
+    header-only, read from the file (the area follows the ring), or None
+    when the queue has no delayed area."""
+    cdef int64_t count
+    if mqs_br_config(ring).delayed_bytes <= 0:
+        return None
+    data = os.pread(fd, 8, mqs_br_file_bytes(ring.capacity)
+                    + MQS_DELAY_COUNT_OFFSET)
+    if len(data) != 8:
+        return None
+    count = struct.unpack("<q", data)[0]
+    return max(0, count)
+
+
 cdef object _read_stats(mqs_bytering_t *ring, object name, int group):
     """Return the SharedQueueStats of the ring whose header is mapped.
 
@@ -2282,6 +2305,8 @@ def _inspect_file(path, name):
             ring.fd = fd
             ring.slot = -1
             stats = _read_stats(&ring, name, 0)
+            stats = dataclasses.replace(
+                stats, delayed=_read_delayed(&ring, fd))
             secret = mqs_br_config(&ring).secret
             return _with_durable_stats(stats, secret)
         finally:
