@@ -767,6 +767,14 @@ def test_put_many_error_message_names_counts():
         q.put_many(range(5), block=False)
 
 
+def test_put_many_error_message_one_left():
+    q = mqs.Queue(maxsize=2)
+    message = (r"^queue stayed full: put 2 of 3 items; "
+               r"the other item was not added$")
+    with pytest.raises(mqs.Full, match=message):
+        q.put_many(range(3), block=False)
+
+
 def test_put_many_blocks_until_consumer_frees_room():
     q = mqs.Queue(maxsize=4)
     producer = start_worker(q.put_many, range(1000))

@@ -1090,12 +1090,12 @@ cdef class Queue:
                     max(0.0, (deadline - mqs_monotonic_ns()) / 1e9))
             except Full:
                 raise Full(
-                    f"queue stayed full: put {done} of {n} items; the "
-                    f"other {n - done} were not added", done) from None
+                    f"queue stayed full: put {done} of {n} items; "
+                    f"{_not_added(n - done)}", done) from None
             except ShutDown:
                 raise ShutDown(
-                    f"queue shut down: put {done} of {n} items; the other "
-                    f"{n - done} were not added", done) from None
+                    f"queue shut down: put {done} of {n} items; "
+                    f"{_not_added(n - done)}", done) from None
 
     def get(self, bint block=True, timeout=None):
         """Remove and return the oldest item.
@@ -1304,3 +1304,10 @@ cdef class Queue:
     def __repr__(self):
         return (f"<mqs.Queue maxsize={self._maxsize} "
                 f"qsize={self._chain.count}>")
+
+
+def _not_added(left):
+    """Describe the `left` items of a batch that were not added."""
+    if left == 1:
+        return "the other item was not added"
+    return f"the other {left} were not added"
