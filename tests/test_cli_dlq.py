@@ -683,3 +683,27 @@ def test_dlq_unreachable_redis_fails_fast():
                      "-o", "retry_timeout=60")
     assert_one_line_error(result, "give the retry_timeout with "
                                   "--retry-timeout")
+
+
+def test_dlq_list_into_closed_pipe_is_quiet(tmp_path):
+    path = tmp_path / "broker"
+    broker = mqs.Broker(backend="log", path=path)
+    broker.declare_topic("t", max_attempts=1)
+    consumer = broker.consume("t", "g", prefetch=3000)
+    for _ in range(3000):
+        broker.publish("t", "x" * 200)
+    for message in consumer.get_many(3000, timeout=5):
+        message.nack(requeue=False)
+    consumer.close()
+    broker.close()
+    # Far more JSON than a pipe buffer: the command is still writing
+    # when the reader goes away, as with `mqs dlq list ... | head -1`.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mqs", "dlq", "list", "--path", str(path),
+         "t", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.read(1) == b"["
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(60) == 141
+    assert stderr == ""

@@ -11,6 +11,7 @@ and returns the exit status.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +23,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# As a process killed by SIGPIPE reports itself to a shell (128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,6 +38,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         Console(stderr=True).print("[red]interrupted[/red]")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout closed it (`mqs dlq list | head`): stop
+        # without a message, as a process killed by SIGPIPE would, and
+        # point stdout at /dev/null so that the flush at exit does not
+        # fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 def build_parser() -> argparse.ArgumentParser:

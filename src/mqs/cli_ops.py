@@ -56,6 +56,10 @@ def _handler(name: str,
     def handle(args: argparse.Namespace) -> int:
         try:
             return run(args)
+        except BrokenPipeError:
+            # The reader of the output went away (`mqs ... | head`):
+            # `mqs.cli.main` ends quietly.
+            raise
         except (CommandError, MqsError, OSError) as exc:
             message = str(exc) or type(exc).__name__
             Console(stderr=True, highlight=False).print(
