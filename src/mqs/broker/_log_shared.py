@@ -632,6 +632,9 @@ class SharedLogBackend(ShmBackend):
             with self._lock:
                 pass
         except BaseException:
+            # Nothing is left to close, at exit or later.
+            _instances.discard(self)
+            self._closed = True
             self._release_files()
             raise
         self._start_thread()
