@@ -255,7 +255,10 @@ def _run_bench(args: argparse.Namespace,
     sections = ", ".join(f"{name} {seconds:.1f} s"
                          for name, seconds in run.durations.items()
                          if seconds >= 0.05)
-    console.print(f"finished in {duration_s:.1f} s ({sections})")
+    # Sections under 0.05 s are left out, and a quick single case may
+    # leave none.
+    console.print(f"finished in {duration_s:.2f} s"
+                  + (f" ({sections})" if sections else ""))
     report = _report(args, run, profile, case_names, machine, duration_s)
     if args.json_path is not None:
         _write_json(args.json_path, report)
