@@ -332,6 +332,161 @@ def test_log_replays_envelope_object_records(path, reboot):
     broker.close()
 
 
+def legacy_snapshot(state):
+    """`TopicState.snapshot` as mqs wrote it before the column encoding:
+    the state's attributes, objects included."""
+    data = dict(state.__dict__)
+    for name in ("wheel", "clock", "next_id"):
+        del data[name]
+    return data
+
+
+def write_in_object_formats(monkeypatch, writer):
+    """Make `writer` (SharedLogBackend or LogBackend) and the journal
+    write the snapshot formats of mqs before the column encoding."""
+    from mqs.broker import _log, _log_shared, _shm, _state
+
+    monkeypatch.setattr(_state.TopicState, "snapshot", legacy_snapshot)
+    monkeypatch.setattr(_shm, "FORMAT", ("mqs.broker.shm", 1))
+    old = {"shared": _log_shared.OBJECT_SHARED_FORMAT,
+           "single": _log.OBJECT_FORMAT}[writer]
+    monkeypatch.setattr(_log.LogBackend, "_snapshot_format", old)
+    monkeypatch.setattr(_log_shared.SharedLogBackend, "_snapshot_format",
+                        old)
+
+
+def fill_broker(broker):
+    """Leave a message of each kind: dead letter, in flight, delayed,
+    ready behind a key, and a dedup id."""
+    broker.declare_topic("t", max_attempts=2, weights={9: 2, 0: 1})
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+    broker.publish("t", "dead", priority=9)
+    broker.publish("t", "held", priority=9, dedup_id="d1")
+    broker.publish("t", "later", delay=600)
+    broker.publish("t", "k1", key="k")
+    broker.publish("t", "k2", key="k")
+    dead = consumer.get(timeout=5)
+    assert dead.body == "dead"
+    dead.nack(requeue=False, error="bad")
+    held = consumer.get(timeout=5)
+    assert held.body == "held"
+    return consumer
+
+
+def check_filled_broker(broker, delayed_after):
+    """Check what `fill_broker` left, after `delayed_after` more delayed
+    messages."""
+    assert [letter.body for letter in broker.dlq_list("t")] == ["dead"]
+    stats = broker.stats("t")
+    assert stats["published"] == 5 + delayed_after
+    assert stats["delayed"] == 1 + delayed_after
+    assert stats["dead_lettered.rejected"] == 1
+    # The dedup id is still in its window.
+    broker.publish("t", "again", dedup_id="d1")
+    assert broker.stats("t")["deduplicated"] == 1
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+    messages = {message.body: message
+                for message in consumer.get_many(10, timeout=5)}
+    # The consumer that held "held" is gone: it is ready again, with
+    # its first attempt counted; "k2" waits behind "k1".
+    assert sorted(messages) == ["held", "k1"]
+    assert messages["held"].attempts == 2
+    assert messages["k1"].attempts == 1
+    assert messages["k1"].ack()
+    assert consumer.get(timeout=5).body == "k2"
+    consumer.close(drain=False)
+
+
+@pytest.mark.parametrize("writer", ["shared", "single"])
+def test_log_opens_object_snapshot_formats(path, monkeypatch, writer):
+    from mqs.broker._log import LogBackend
+
+    write_in_object_formats(monkeypatch, writer)
+    if writer == "shared":
+        old = open_broker(path)
+    else:
+        old = mqs.Broker(backend="memory")
+        old._backend.close()
+        old._backend = LogBackend(path, segment_bytes=1 << 20)
+    consumer = fill_broker(old)
+    # A compaction before the close, so the log contains a snapshot and
+    # records after it.
+    old._backend._compact_bytes = 0
+    old.publish("t", "compacted", priority=0, delay=600)
+    consumer.close(drain=False)
+    old.close()
+    monkeypatch.undo()
+
+    broker = open_broker(path)
+    check_filled_broker(broker, delayed_after=1)
+    broker.close()
+
+
+def test_log_backend_opens_object_snapshot_format(path, monkeypatch):
+    from mqs.broker._log import LogBackend
+
+    def open_single():
+        broker = mqs.Broker(backend="memory")
+        broker._backend.close()
+        broker._backend = LogBackend(path, segment_bytes=1 << 20)
+        return broker
+
+    write_in_object_formats(monkeypatch, "single")
+    old = open_single()
+    consumer = fill_broker(old)
+    consumer.close(drain=False)
+    old.close()
+    monkeypatch.undo()
+
+    broker = open_single()
+    check_filled_broker(broker, delayed_after=0)
+    broker.close()
+
+
+OBJECT_FORMAT_JOURNAL = """
+from mqs.broker import _log_shared, _shm, _state
+
+def legacy_snapshot(state):
+    data = dict(state.__dict__)
+    for name in ("wheel", "clock", "next_id"):
+        del data[name]
+    return data
+
+_state.TopicState.snapshot = legacy_snapshot
+_shm.FORMAT = ("mqs.broker.shm", 1)
+_log_shared.SharedLogBackend._snapshot_format = (
+    _log_shared.OBJECT_SHARED_FORMAT)
+sys.path.insert(0, sys.argv[2])
+from test_broker_log_shared import fill_broker
+
+broker = mqs.Broker(backend="log", path=sys.argv[1], segment_bytes=1 << 20,
+                    journal_bytes=16384)
+consumer = fill_broker(broker)
+# More records than the journal holds: it restarts from a snapshot.
+for n in range(200):
+    broker.publish("t", n, delay=600)
+print(json.dumps({"generation": broker._backend._generation}), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("reboot", [False, True])
+def test_log_opens_object_format_journal(path, reboot):
+    child = Child(OBJECT_FORMAT_JOURNAL, path, os.path.dirname(__file__))
+    try:
+        assert child.wait_report()["generation"] > 1
+    finally:
+        child.kill()
+    if reboot:
+        assert unlink_journal(path)
+
+    # Without a reboot the replica loads the journal's snapshot of the
+    # old format; after one, the log's.
+    broker = open_broker(path)
+    check_filled_broker(broker, delayed_after=200)
+    broker.close()
+
+
 def test_log_rejects_newer_snapshot_format(path):
     from mqs.broker._log import FORMAT, LogBackend
 

@@ -134,7 +134,11 @@ logger = logging.getLogger(__name__)
 
 FSYNC_MODES = ("always", "interval", "never")
 # The first field of every snapshot; a newer format raises LogVersionError.
-FORMAT = ("mqs.broker.log", 1)
+# Version 3 stores each topic as `TopicState.snapshot` columns; version 1,
+# still read, stored the `TopicState` objects themselves. (Version 2 is
+# SharedLogBackend's.)
+FORMAT = ("mqs.broker.log", 3)
+OBJECT_FORMAT = ("mqs.broker.log", 1)
 CURRENT = "CURRENT"
 LOCK = "lock"
 # Record keys: snapshot parts carry one, operations none. Replay reads
@@ -187,7 +191,7 @@ class LogBackend(MemoryBackend):
     name = "log"
     # The format this class writes into snapshots, and those it reads.
     _snapshot_format = FORMAT
-    _formats_read: tuple[tuple, ...] = (FORMAT,)
+    _formats_read: tuple[tuple, ...] = (OBJECT_FORMAT, FORMAT)
     # Whether acks, nacks and auto_ack deliveries wait for a sync under
     # fsync="always" (SharedLogBackend makes it an option).
     _sync_acks = True

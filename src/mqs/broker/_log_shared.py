@@ -163,6 +163,7 @@ from mqs.broker._log import (
     CURRENT,
     FORMAT,
     LOCK,
+    OBJECT_FORMAT,
     LogBackend,
     _check_empty,
     _check_log_options,
@@ -229,10 +230,15 @@ _WRITE_FAILED, _DIRECTORY_REPLACED, _LOG_REPLACED = 1, 2, 3
 # and their logs have no incarnation id, which `_log_mismatch` accepts.
 _DURABLE_VERSION = 2
 _DURABLE_FILE_BYTES = 4096
-# The first field of every snapshot this backend writes. Version 1 is
-# the single-process LogBackend's, whose records hold bodies as objects;
-# this backend keeps them pickled (as bytes), like the shm backend.
-SHARED_FORMAT = (FORMAT[0], 2)
+# The first field of every snapshot this backend writes. Versions 1 and
+# 3 are the single-process LogBackend's, whose records hold bodies as
+# objects; this backend keeps them pickled (as bytes), like the shm
+# backend. Version 4 stores each topic as `TopicState.snapshot` columns;
+# version 2, still read, stored the `TopicState` objects themselves.
+SHARED_FORMAT = (FORMAT[0], 4)
+OBJECT_SHARED_FORMAT = (FORMAT[0], 2)
+# Formats whose bodies are objects, pickled once on replay.
+_OBJECT_BODY_FORMATS = (OBJECT_FORMAT, FORMAT)
 # Objects a forked child inherited and must neither use nor free.
 _inherited: list[Any] = []
 # The fields of an Envelope after body and priority, at their defaults,
@@ -534,7 +540,8 @@ class SharedLogBackend(ShmBackend):
 
     name = "log"
     _snapshot_format = SHARED_FORMAT
-    _formats_read = (FORMAT, SHARED_FORMAT)
+    _formats_read = (OBJECT_FORMAT, OBJECT_SHARED_FORMAT, FORMAT,
+                     SHARED_FORMAT)
     # A publish looks the topic up under the journal mutex, after the
     # replay, so the Broker needs no has_topic round before it.
     publish_checks_topic = True
@@ -982,13 +989,13 @@ class SharedLogBackend(ShmBackend):
 
     def _load_snapshot(self, data: bytes) -> tuple:
         format_ = super()._load_snapshot(data)
-        # Records of a version 1 log, snapshot and operations alike,
+        # Records of a LogBackend log, snapshot and operations alike,
         # hold bodies as objects.
-        self._raw_bodies = format_ == FORMAT
+        self._raw_bodies = format_ in _OBJECT_BODY_FORMATS
         return format_
 
     def _pickle_bodies(self) -> None:
-        """Pickle the bodies of a replayed version 1 log, once per record."""
+        """Pickle the bodies of a replayed LogBackend log, once per record."""
         seen: set[int] = set()
         for state in self._topics.values():
             records = list(state.store.values())
@@ -1003,8 +1010,9 @@ class SharedLogBackend(ShmBackend):
             for key, (letter, record) in list(state.dlq.items()):
                 state.dlq[key] = (dataclasses.replace(
                     letter, body=record.body), record)
-        logger.info("log broker %s: converted a log of format %r to %r",
-                    self.path, FORMAT, SHARED_FORMAT)
+        logger.info("log broker %s: converted a single-process log, whose "
+                    "bodies are objects, to format %r", self.path,
+                    SHARED_FORMAT)
 
     def _write_snapshot(self) -> None:
         """Write the replica into a new log with a new incarnation id and

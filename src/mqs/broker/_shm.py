@@ -214,8 +214,11 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 PREFIX = "mqs.broker."
-# The first field of every snapshot; another format raises.
-FORMAT = ("mqs.broker.shm", 1)
+# The first field of every snapshot; another format raises. Version 2
+# stores each topic as `TopicState.snapshot` columns; version 1, still
+# read, stored the `TopicState` objects themselves.
+FORMAT = ("mqs.broker.shm", 2)
+_FORMATS_READ = (("mqs.broker.shm", 1), FORMAT)
 # How often each process checks that the consumers' processes live.
 REAP_INTERVAL_S = 0.05
 DEFAULT_JOURNAL_BYTES = 16 << 20
@@ -555,7 +558,7 @@ class ShmBackend(LogBackend):
                 f"{self._label}: snapshot {path} is missing "
                 f"(the broker was unlinked, or /dev/shm was cleared); "
                 f"close it and open it again") from None
-        if snapshot[0] != FORMAT:
+        if snapshot[0] not in _FORMATS_READ:
             raise BackendUnavailable(
                 f"{self._label} has snapshot format "
                 f"{snapshot[0]!r}, this mqs reads {FORMAT!r}; use the mqs "
