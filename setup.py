@@ -54,6 +54,7 @@ extensions = [
     extension("_seglog", ["csrc/mqs_seglog.c", "csrc/mqs_crc32c.c"]),
     extension("_journal", ["csrc/mqs_journal.c"]),
     extension("_topiccore", ["csrc/mqs_topiccore.c"]),
+    extension("_slots", []),
 ]
 
 setup(

@@ -25,7 +25,7 @@ import itertools
 from array import array
 from typing import Any
 
-__all__ = ["decode_column", "encode_column"]
+__all__ = ["decode_column", "encode_column", "encode_typed_column"]
 
 # Column kinds, the first field of an encoded column.
 _CONST, _F64, _I64, _BYTES, _STR, _EMPTY_DICTS, _LIST = range(7)
@@ -38,13 +38,17 @@ _SEPARATOR = "\0"
 
 def encode_column(values: list[Any]) -> tuple:
     """Return a compact, picklable form of `values` (see module docs)."""
-    count = len(values)
-    if not count:
-        return (_LIST, values)
     kinds = set(map(type, values))
-    if len(kinds) != 1:
+    return encode_typed_column(values, kinds.pop() if len(kinds) == 1
+                               else None)
+
+
+def encode_typed_column(values: list[Any], kind: type | None) -> tuple:
+    """Return `encode_column(values)`, given the type `kind` that every
+    value has, or None if their types differ (or there are none)."""
+    count = len(values)
+    if kind is None or not count:
         return (_LIST, values)
-    kind = kinds.pop()
     first = values[0]
     if kind in _CONST_TYPES and values.count(first) == count:
         return (_CONST, first, count)

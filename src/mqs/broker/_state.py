@@ -36,7 +36,12 @@ from mqs.broker._backend import (
     Envelope,
     GroupStats,
 )
-from mqs.broker._columns import decode_column, encode_column
+from mqs._slots import new_with_slots, slot_columns
+from mqs.broker._columns import (
+    decode_column,
+    encode_column,
+    encode_typed_column,
+)
 from mqs.broker._policy import (
     LaneScheduler,
     TokenBucket,
@@ -1033,15 +1038,17 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _columns_of(objects: list[Any], fields: Sequence[str]
-                ) -> list[list[Any]]:
-    return [list(map(operator.attrgetter(name), objects))
-            for name in fields]
-
-
 def _record_columns(records: list[_Record]) -> list[tuple]:
-    return [encode_column(column)
-            for column in _columns_of(records, _RECORD_FIELDS)]
+    columns, kinds = slot_columns(_Record, records, _RECORD_FIELDS)
+    return list(map(encode_typed_column, columns, kinds))
+
+
+def _entry_columns(entries: list[_Entry]) -> tuple[list, list, list]:
+    """Return the records of `entries`, their `_ENTRY_FIELDS` columns and
+    the types of those columns (see `slot_columns`)."""
+    columns, kinds = slot_columns(_Entry, entries,
+                                  ("record", *_ENTRY_FIELDS))
+    return columns[0], columns[1:], kinds[1:]
 
 
 def _entry_ids(entries: list[_Entry]) -> list[str]:
@@ -1079,8 +1086,7 @@ def _snapshot_group(group: _Group, store: dict[str, _Record],
     """
     entries = group.entries
     table = list(entries.values())
-    columns = _columns_of(table, _ENTRY_FIELDS)
-    records = list(map(_record_of, table))
+    records, columns, kinds = _entry_columns(table)
     ready = _ready_by_lane(table, columns[0], list(map(_lane_of, records)))
     extra_entries = _Numbering()
     lanes = []
@@ -1106,13 +1112,12 @@ def _snapshot_group(group: _Group, store: dict[str, _Record],
                                         _entry_ids(hidden), hidden)))
     if extra_entries.items:
         table += extra_entries.items
-        columns = _columns_of(table, _ENTRY_FIELDS)
-        records = list(map(_record_of, table))
+        records, columns, kinds = _entry_columns(table)
     fields = {name: getattr(group, name) for name in _Group.__slots__
               if name not in _GROUP_TABLES}
     return {"fields": fields, "entries": len(entries),
             "records": _refer_records(store, stored, extra_records, records),
-            "entry_columns": [encode_column(column) for column in columns],
+            "entry_columns": list(map(encode_typed_column, columns, kinds)),
             "lanes": lanes, "key_heads": key_heads,
             "key_waiting": key_waiting}
 
@@ -1190,56 +1195,20 @@ def _restore_group(item: dict[str, Any], store: dict[str, _Record],
 
 
 def _new_records(encoded_columns: list[tuple]) -> list[_Record]:
-    """Build records from the columns of `_RECORD_FIELDS`, in that order."""
+    """Build records from the columns of `_RECORD_FIELDS`."""
     columns = [decode_column(column) for column in encoded_columns]
-    new = _Record.__new__
-    records = []
-    append = records.append
-    for (message_id, body, priority, lane, key, headers, timestamp, expires,
-         due, reply_to, correlation_id, refs, retain_until) in zip(*columns):
-        record = new(_Record)
-        record.id = message_id
-        record.body = body
-        record.priority = priority
-        record.lane = lane
-        record.key = key
-        record.headers = headers
-        record.timestamp = timestamp
-        record.expires = expires
-        record.due = due
-        record.reply_to = reply_to
-        record.correlation_id = correlation_id
-        record.refs = refs
-        record.retain_until = retain_until
-        append(record)
-    return records
+    return new_with_slots(_Record, _RECORD_FIELDS, columns)
 
 
 def _new_entries(group: _Group, records: list[_Record],
                  columns: list[list[Any]]) -> list[_Entry]:
     """Build the entries of `group` from their records and the columns of
-    `_ENTRY_FIELDS`, in that order. Timer handles are None, because
+    `_ENTRY_FIELDS`. Timer handles are None, because
     `TopicState.restore` schedules the timers again."""
-    new = _Entry.__new__
-    entries = []
-    append = entries.append
-    for (record, state, ticket, attempts, wake, wake_seq, consumer,
-         last_error, ready_at, sampled_at) in zip(records, *columns):
-        entry = new(_Entry)
-        entry.record = record
-        entry.group = group
-        entry.state = state
-        entry.ticket = ticket
-        entry.attempts = attempts
-        entry.handle = None
-        entry.wake = wake
-        entry.wake_seq = wake_seq
-        entry.consumer = consumer
-        entry.last_error = last_error
-        entry.ready_at = ready_at
-        entry.sampled_at = sampled_at
-        append(entry)
-    return entries
+    count = len(records)
+    return new_with_slots(
+        _Entry, ("record", "group", "handle", *_ENTRY_FIELDS),
+        [records, [group] * count, [None] * count, *columns])
 
 
 def _restore_objects(state: TopicState, data: dict[str, Any]) -> None:

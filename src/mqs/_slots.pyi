@@ -1,0 +1,6 @@
+from typing import Any
+
+def slot_columns(cls: type, objects: list[Any], names: tuple[str, ...]
+                 ) -> tuple[list[list[Any]], list[type | None]]: ...
+def new_with_slots(cls: type, names: tuple[str, ...],
+                   columns: list[list[Any]]) -> list[Any]: ...
