@@ -371,7 +371,9 @@ class LogBackend(MemoryBackend):
                          fsync_interval_s=self._fsync_interval_s)
         try:
             step = self._max_record
-            parts = [(_SNAPSHOT_KEY, data[start:start + step])
+            # Views, so that the parts are not copied before the append.
+            view = memoryview(data)
+            parts = [(_SNAPSHOT_KEY, view[start:start + step])
                      for start in range(0, len(data), step)] \
                 or [(_SNAPSHOT_KEY, b"")]
             parts[0] = (first_key, parts[0][1])
