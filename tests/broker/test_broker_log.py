@@ -551,3 +551,36 @@ def test_log_replay_reproduces_random_operations(tmp_path, scale, reboot):
                for letter in broker.dlq_list("t")}
     assert {tuple(letter) for letter in report["letters"]} <= letters
     broker.close()
+
+
+def test_log_snapshot_parts_match_pickle():
+    from mqs.broker._log import _Parts
+
+    value = {"small": list(range(1000)), "large": b"b" * (3 << 20),
+             "medium": [b"m" * 100_000] * 12, "bytearray": bytearray(5000)}
+    parts = _Parts(1 << 20)
+    pickle.dump(value, parts, protocol=pickle.HIGHEST_PROTOCOL)
+    found = parts.finish()
+    assert b"".join(found) == pickle.dumps(
+        value, protocol=pickle.HIGHEST_PROTOCOL)
+    assert max(map(len, found)) <= 1 << 20
+    # The large value is split into views of it, not copied.
+    assert any(isinstance(part, memoryview) for part in found)
+
+
+def test_log_reopens_snapshot_larger_than_segment(tmp_path):
+    path = tmp_path / "broker"
+    broker = open_broker(path)
+    bodies = [os.urandom(20_000) for _ in range(200)]
+    broker.publish_many("t", bodies)
+    # The last close writes a snapshot of about 4 MB, in parts that span
+    # several segments of 1 MiB, and removes the journal.
+    broker.close()
+    assert unlink_journal(path) is False
+
+    again = open_broker(path)
+    consumer = again.consume("t", "g", auto_ack=True)
+    assert [message.body for message in consumer.get_many(500, timeout=5)] \
+        == bodies
+    consumer.close()
+    again.close()

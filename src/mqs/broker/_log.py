@@ -344,13 +344,17 @@ class LogBackend(MemoryBackend):
             for name, data in topics.items()}
         return snapshot[0]
 
-    def _snapshot_bytes(self) -> bytes:
+    def _snapshot_parts(self) -> list[Any]:
+        """Return the pickled snapshot as bytes-like parts of at most
+        `_max_record` bytes each, in order."""
         topics = {name: state.snapshot()
                   for name, state in self._topics.items()}
-        return pickle.dumps(
+        parts = _Parts(self._max_record)
+        pickle.dump(
             (self._snapshot_format, self._next_message,
              self._next_consumer, self._now, topics),
-            protocol=pickle.HIGHEST_PROTOCOL)
+            parts, protocol=pickle.HIGHEST_PROTOCOL)
+        return parts.finish()
 
     def _compact(self, first_key: bytes = _SNAPSHOT_KEY) -> None:
         """Write the state into a new log, switch CURRENT to it and
@@ -360,7 +364,7 @@ class LogBackend(MemoryBackend):
         start with ``_SNAPSHOT_KEY`` (SharedLogBackend appends the log's
         incarnation id to it).
         """
-        data = self._snapshot_bytes()
+        parts = self._snapshot_parts()
         number = int(self._log_name[4:]) + 1 if self._log_name else 1
         name = f"log-{number:06d}"
         directory = os.path.join(self.path, name)
@@ -370,14 +374,10 @@ class LogBackend(MemoryBackend):
                          fsync=self._segment_fsync(),
                          fsync_interval_s=self._fsync_interval_s)
         try:
-            step = self._max_record
-            # Views, so that the parts are not copied before the append.
-            view = memoryview(data)
-            parts = [(_SNAPSHOT_KEY, view[start:start + step])
-                     for start in range(0, len(data), step)] \
+            records = [(_SNAPSHOT_KEY, part) for part in parts] \
                 or [(_SNAPSHOT_KEY, b"")]
-            parts[0] = (first_key, parts[0][1])
-            log.append_many(parts)
+            records[0] = (first_key, records[0][1])
+            log.append_many(records)
             log.flush()
             _write_current(self.path, name)
         except BaseException:
@@ -392,7 +392,7 @@ class LogBackend(MemoryBackend):
             shutil.rmtree(os.path.join(self.path, old_name),
                           ignore_errors=True)
         logger.debug("log broker %s: wrote a snapshot of %d bytes to %s",
-                     self.path, len(data), name)
+                     self.path, sum(map(len, parts)), name)
 
     def _remove_stale_logs(self, current: str) -> None:
         """Delete logs that a compaction left behind when it was killed."""
@@ -939,4 +939,49 @@ def _write_current(path: str, name: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Parts:
+    """A file-like sink that `pickle.dump` writes a snapshot into, kept as
+    parts of at most `max_bytes` each.
+
+    The C pickler of CPython 3.11 (protocol 4 and later) passes a large
+    bytes value, such as the snapshot's column of bodies, to `write` as
+    the object itself, so it is kept as views instead of being copied
+    into one output buffer first.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._parts: list[Any] = []
+        # Small writes (pickle frames) joined into one part later.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    def write(self, data: Any) -> int:
+        if type(data) is not bytes:
+            # A buffer that the pickler might reuse: keep a copy.
+            data = bytes(data)
+        size = len(data)
+        if self._pending_bytes + size > self._max_bytes:
+            self._flush_pending()
+        if size <= self._max_bytes:
+            self._pending.append(data)
+            self._pending_bytes += size
+            return size
+        view = memoryview(data)
+        step = self._max_bytes
+        self._parts += [view[start:start + step]
+                        for start in range(0, size, step)]
+        return size
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            self._parts.append(b"".join(self._pending))
+            self._pending = []
+            self._pending_bytes = 0
+
+    def finish(self) -> list[Any]:
+        self._flush_pending()
+        return self._parts
 

@@ -587,7 +587,6 @@ class ShmBackend(LogBackend):
                   self._now, topics, self._owners)
         if self._core_paths or self._core_consumers:
             fields += (self._core_paths, self._core_consumers)
-        data = pickle.dumps(fields, protocol=pickle.HIGHEST_PROTOCOL)
         generation = self._generation + 1
         path = self._snapshot_path(generation)
         temp = f"{path}.{os.getpid()}.tmp"
@@ -595,7 +594,10 @@ class ShmBackend(LogBackend):
                      | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as file:
-                file.write(data)
+                # Straight into the file: CPython's pickler passes large
+                # bytes (the snapshot's bodies) to write() uncopied.
+                pickle.dump(fields, file, protocol=pickle.HIGHEST_PROTOCOL)
+                size = file.tell()
             os.replace(temp, path)
         except BaseException:
             try:
@@ -607,7 +609,7 @@ class ShmBackend(LogBackend):
         self._applied = 0
         self._remove_snapshots(keep=path)
         logger.debug("shm broker %s: wrote a snapshot of %d bytes for "
-                     "generation %d", self.shm_name, len(data),
+                     "generation %d", self.shm_name, size,
                      self._generation)
 
     def _remove_snapshots(self, keep: str | None) -> None:
