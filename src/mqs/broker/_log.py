@@ -81,7 +81,9 @@ Compaction
     switches ``CURRENT`` to it (atomic rename) and deletes the old log.
     Replay time and disk use are thus bounded by the live state plus
     `compact_bytes`. Compaction holds the broker lock for the time the
-    snapshot takes to write, which grows with the stored messages.
+    snapshot takes to write, which grows with the stored messages (about
+    1 s per million on a 2-vCPU VM, most of it building and appending
+    the columns of `TopicState.snapshot`).
     `SharedLogBackend` appends a random incarnation id to the key of the
     first snapshot record, so that it can tell two logs of the same name
     apart; replay reads every keyed record as a snapshot part.
