@@ -25,7 +25,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from mqs import metrics
 from mqs._wheel import TimingWheel
@@ -1135,13 +1135,27 @@ def _refer_records(store: dict[str, _Record], stored: list[_Record],
                          records))
 
 
-def _resolve_records(store: dict[str, _Record], stored: list[_Record],
+def _resolve_records(store: dict[str, _Record], stored: _Stored,
                      extra_records: list[_Record], reference: tuple
-                     ) -> list[_Record]:
+                     ) -> _Stored:
+    """Return the records of a `_refer_records` reference, with their ids
+    and lanes."""
     kind, value = reference
     if kind == _LAST_STORED:
-        return stored[len(stored) - value:]
-    return _resolve(store, extra_records, value)
+        start = len(stored.records) - value
+        return _Stored(stored.records[start:], stored.ids[start:],
+                       stored.lanes[start:])
+    records = _resolve(store, extra_records, value)
+    return _Stored(records, list(map(_id_of, records)),
+                   list(map(_lane_of, records)))
+
+
+class _Stored(NamedTuple):
+    """Restored records with their id and lane columns."""
+
+    records: list[_Record]
+    ids: list[str]
+    lanes: list[int]
 
 
 def _restore_tables(state: TopicState, data: dict[str, Any]) -> None:
@@ -1149,8 +1163,8 @@ def _restore_tables(state: TopicState, data: dict[str, Any]) -> None:
     state.__dict__.update((name, value) for name, value in data.items()
                           if name not in _TABLE_KEYS)
     stored = _new_records(data["records"])
-    store = state.store = dict(zip(map(_id_of, stored), stored))
-    extras = _new_records(data["extra_records"])
+    store = state.store = dict(zip(stored.ids, stored.records))
+    extras = _new_records(data["extra_records"]).records
     state.retained = collections.deque(
         _resolve(store, extras, data["retained"]))
     dead = _resolve(store, extras, data["dlq_records"])
@@ -1164,7 +1178,7 @@ def _restore_tables(state: TopicState, data: dict[str, Any]) -> None:
 
 
 def _restore_group(item: dict[str, Any], store: dict[str, _Record],
-                   stored: list[_Record], extra_records: list[_Record]
+                   stored: _Stored, extra_records: list[_Record]
                    ) -> _Group:
     group = _Group.__new__(_Group)
     for name, value in item["fields"].items():
@@ -1172,12 +1186,11 @@ def _restore_group(item: dict[str, Any], store: dict[str, _Record],
     records = _resolve_records(store, stored, extra_records,
                                item["records"])
     columns = [decode_column(column) for column in item["entry_columns"]]
-    table = _new_entries(group, records, columns)
+    table = _new_entries(group, records.records, columns)
     kept = item["entries"]
-    entries = group.entries = dict(zip(_entry_ids(table[:kept]),
-                                       table[:kept]))
+    entries = group.entries = dict(zip(records.ids[:kept], table[:kept]))
     extras = table[kept:]
-    ready = _ready_by_lane(table, columns[0], list(map(_lane_of, records)))
+    ready = _ready_by_lane(table, columns[0], records.lanes)
     group.lanes = {}
     for lane, reference in item["lanes"]:
         if reference is None:
@@ -1194,10 +1207,12 @@ def _restore_group(item: dict[str, Any], store: dict[str, _Record],
     return group
 
 
-def _new_records(encoded_columns: list[tuple]) -> list[_Record]:
+def _new_records(encoded_columns: list[tuple]) -> _Stored:
     """Build records from the columns of `_RECORD_FIELDS`."""
     columns = [decode_column(column) for column in encoded_columns]
-    return new_with_slots(_Record, _RECORD_FIELDS, columns)
+    records = new_with_slots(_Record, _RECORD_FIELDS, columns)
+    return _Stored(records, columns[_RECORD_FIELDS.index("id")],
+                   columns[_RECORD_FIELDS.index("lane")])
 
 
 def _new_entries(group: _Group, records: list[_Record],
