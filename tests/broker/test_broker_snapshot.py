@@ -361,3 +361,31 @@ def test_restore_rejects_newer_encoding():
     data["encoding"] = SNAPSHOT_ENCODING + 1
     with pytest.raises(ValueError, match="upgrade mqs"):
         TopicState.restore(data, clock, Ids())
+
+
+def test_snapshot_keeps_objects_outside_their_tables():
+    """References that the store or a group's entries do not resolve
+    (no operation makes them) restore as the same objects."""
+    clock = Clock()
+    state = TopicState(TopicConfig.build("t"), clock, Ids())
+    state.open_consumer("g", "c", "earliest", 10, None, clock.now)
+    state.publish([Envelope(pickle.dumps(n)) for n in range(4)],
+                  clock.now, 1.7e9)
+    group = state.groups["g"]
+    # A ready entry that only its lane refers to, whose record is no
+    # longer stored either.
+    outside = group.entries.pop("2")
+    del state.store["2"]
+
+    twin = TopicState.restore(
+        pickle.loads(pickle.dumps(state.snapshot())), clock, Ids(4))
+    twin_group = twin.groups["g"]
+    assert "2" not in twin_group.entries
+    assert "2" not in twin.store
+    lane = twin_group.lanes[outside.record.lane]
+    assert [(entry.record.id, ticket) for entry, ticket in lane] \
+        == [("1", 1), ("2", 1), ("3", 1), ("4", 1)]
+    restored = lane[1][0]
+    assert restored.record.body == pickle.dumps(1)
+    assert restored.group is twin_group
+    assert restored.state == READY

@@ -1190,7 +1190,9 @@ def _restore_group(item: dict[str, Any], store: dict[str, _Record],
     kept = item["entries"]
     entries = group.entries = dict(zip(records.ids[:kept], table[:kept]))
     extras = table[kept:]
-    ready = _ready_by_lane(table, columns[0], records.lanes)
+    # As `_snapshot_group` found them: among the entries of the dict.
+    ready = _ready_by_lane(table[:kept], columns[0][:kept],
+                           records.lanes[:kept])
     group.lanes = {}
     for lane, reference in item["lanes"]:
         if reference is None:
