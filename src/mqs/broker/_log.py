@@ -986,4 +986,3 @@ class _Parts:
     def finish(self) -> list[Any]:
         self._flush_pending()
         return self._parts
-

@@ -134,8 +134,8 @@ Limits
     on its core are not part of it) about once per `journal_bytes` of
     records: about 0.5 s per million stored messages on a 2-vCPU VM,
     and a replica that reloads the snapshot takes longer (see
-    `TopicState.snapshot`). Moving a topic from its core to the journal takes a time
-    that grows with its stored messages too. A process stopped
+    `TopicState.snapshot`). Moving a topic from its core to the journal
+    takes a time that grows with its stored messages too. A process stopped
     (SIGSTOP, a debugger) while it holds the mutex stalls every other
     process until it continues or dies.
     A topic core holds at most CORE_GROUPS groups and CORE_CONSUMERS
