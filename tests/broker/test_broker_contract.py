@@ -1316,6 +1316,10 @@ def test_replace_keeps_lanes_and_policy(broker, change):
     ({"weights": {}}, "non-empty dict"),
     ({"when_full": "wait"}, "got 'wait'"),
     ({"max_attempts": 0}, "max_attempts must be"),
+    ({"max_attempts": 2**32},
+     r"max_attempts must be from 1 to 4294967295 .*got 4294967296"),
+    ({"weights": {9: 2**32, 0: 1}},
+     r"from 1 to 4294967295 .*got 4294967296 for priority 9"),
     ({"ttl": 0}, "ttl must be above 0"),
     ({"weights": {9: 1, 0: 1}, "rate": {5: 10}},
      r"rate keys must be lane priorities \[0, 9\], got 5"),
@@ -1324,6 +1328,22 @@ def test_replace_keeps_lanes_and_policy(broker, change):
 def test_declare_rejects_bad_settings(broker, kwargs, match):
     with pytest.raises(mqs.TopicConfigError, match=match):
         broker.declare_topic("t", **kwargs)
+
+
+def test_declare_accepts_largest_counts(broker):
+    config = broker.declare_topic("t", weights={9: 2**32 - 1, 0: 1},
+                                  max_attempts=2**32 - 1)
+    assert config.max_attempts == 2**32 - 1
+    assert broker.topic_config("t").weight_map == {9: 2**32 - 1, 0: 1}
+    consumer = broker.consume("t", "g", max_attempts=2**32 - 1)
+    broker.publish("t", "x", priority=9)
+    assert drain(consumer) == ["x"]
+
+
+def test_consume_rejects_huge_max_attempts(broker):
+    with pytest.raises(ValueError, match=r"from 1 to 4294967295 .*2\*\*32"):
+        broker.consume("t", "g", max_attempts=2**32)
+    assert broker.consume("t", "g", max_attempts=3) is not None
 
 
 def test_publish_rejects_bad_priority(broker):

@@ -32,6 +32,7 @@ from mqs.broker._memory import MemoryBackend
 from mqs.broker._policy import (
     Backoff,
     TopicConfig,
+    check_max_attempts,
     check_priority,
     check_topic_name,
 )
@@ -941,10 +942,10 @@ class Broker:
         Parameters
         ----------
         weights : dict, optional
-            Lanes and their weights: ``{priority: weight}``. A message
-            goes to the highest lane at or below its priority (the lowest
-            lane if none is). Default: ten lanes, priority p weighted
-            p + 1.
+            Lanes and their weights: ``{priority: weight}``, each weight
+            an int from 1 to 2**32 - 1. A message goes to the highest
+            lane at or below its priority (the lowest lane if none is).
+            Default: ten lanes, priority p weighted p + 1.
         policy : str
             ``"weighted"`` (default): deficit round robin. Each round
             starts at the highest ready lane and gives a lane up to its
@@ -958,8 +959,9 @@ class Broker:
         dedup_window : float
             Seconds a `dedup_id` is remembered (default 300; 0 disables).
         max_attempts : int, optional
-            Deliveries before a failing message goes to the DLQ (None:
-            retry forever). `consume` can override it for its group.
+            Deliveries before a failing message goes to the DLQ, from 1
+            to 2**32 - 1 (None: retry forever). `consume` can override it
+            for its group.
         retry : mqs.Backoff, optional
             Delay before redelivery after a nack without an explicit
             delay (None: at once).
@@ -1196,7 +1198,8 @@ class Broker:
             For a new group: ``"earliest"`` also delivers the messages the
             topic still stores, ``"latest"`` only later ones.
         max_attempts : int, optional
-            Overrides the topic's `max_attempts` for this group.
+            Overrides the topic's `max_attempts` for this group, from 1
+            to 2**32 - 1.
         """
         if not isinstance(group, str) or not group:
             raise TypeError(f"group must be a non-empty str, got {group!r}")
@@ -1207,12 +1210,7 @@ class Broker:
         if start not in _STARTS:
             raise ValueError(
                 f"start must be 'earliest' or 'latest', got {start!r}")
-        if max_attempts is not None and (
-                isinstance(max_attempts, bool)
-                or not isinstance(max_attempts, int) or max_attempts < 1):
-            raise ValueError(
-                f"max_attempts must be an int of 1 or more or None, got "
-                f"{max_attempts!r}")
+        check_max_attempts(max_attempts)
         ack_timeout = _required_seconds("ack_timeout", ack_timeout,
                                         allow_zero=False, allow_inf=False)
         self._ensure_topic(topic)

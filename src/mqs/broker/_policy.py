@@ -44,6 +44,11 @@ DEFAULT_WEIGHTS = {p: p + 1 for p in PRIORITIES}
 # longer ones, but this limit (NAME_MAX of Linux file names) catches a
 # body or a key passed as the topic by mistake.
 MAX_TOPIC_BYTES = 255
+# Largest max_attempts and lane weight. The shm backend's topic core
+# stores both as 32-bit unsigned ints, and every backend rejects larger
+# values so that a topic config works on all of them.
+MAX_ATTEMPTS = 2**32 - 1
+MAX_WEIGHT = 2**32 - 1
 
 
 def check_priority(priority: object) -> int:
@@ -82,6 +87,27 @@ def check_topic_name(name: object) -> str:
             f"topic must be at most {MAX_TOPIC_BYTES} bytes in UTF-8, got "
             f"{size} bytes: {name[:40]!r}...")
     return name
+
+
+def check_max_attempts(max_attempts: object,
+                       error: type[Exception] = ValueError) -> int | None:
+    """Return `max_attempts` if it is None or an int from 1 to MAX_ATTEMPTS.
+
+    Raises `error` for any other value: TopicConfigError for a topic
+    setting, ValueError for the override of one consumer group.
+    """
+    if max_attempts is None:
+        return None
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) \
+            or max_attempts < 1:
+        raise error(
+            f"max_attempts must be an int of 1 or more or None "
+            f"(unlimited), got {max_attempts!r}")
+    if max_attempts > MAX_ATTEMPTS:
+        raise error(
+            f"max_attempts must be from 1 to {MAX_ATTEMPTS} (2**32 - 1) or "
+            f"None (unlimited), got {max_attempts!r}")
+    return max_attempts
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool = True,
@@ -294,12 +320,7 @@ class TopicConfig:
                 f"{on_expire!r}")
         lanes = _check_weights(weights)
         topic_rate, lane_rates = _check_rates(rate, lanes)
-        if max_attempts is not None and (
-                isinstance(max_attempts, bool)
-                or not isinstance(max_attempts, int) or max_attempts < 1):
-            raise TopicConfigError(
-                f"max_attempts must be an int of 1 or more or None "
-                f"(unlimited), got {max_attempts!r}")
+        check_max_attempts(max_attempts, TopicConfigError)
         if retry is not None and not isinstance(retry, Backoff):
             raise TypeError(
                 f"retry must be an mqs.Backoff or None, got "
@@ -342,6 +363,10 @@ def _check_weights(weights: Mapping[int, int] | None
                 f"weights values must be ints of 1 or more, got {weight!r} "
                 f"for priority {priority} (use strict policy to starve a "
                 f"lane)")
+        if weight > MAX_WEIGHT:
+            raise TopicConfigError(
+                f"weights values must be from 1 to {MAX_WEIGHT} (2**32 - "
+                f"1), got {weight!r} for priority {priority}")
         checked.append((priority, weight))
     return tuple(sorted(checked, reverse=True))
 
