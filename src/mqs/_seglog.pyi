@@ -26,6 +26,9 @@ class RecoveryReport(NamedTuple):
     first_bad_position: int
     temp_files_removed: int
 
+def check_options(segment_bytes: int, fsync: str,
+                  fsync_interval_s: float) -> int: ...
+
 class SegmentLog:
     path: str
     readonly: bool

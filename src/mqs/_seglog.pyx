@@ -198,6 +198,40 @@ def _check_seconds(name, value, allow_none):
     return int(value * 1e9)
 
 
+def check_options(segment_bytes, fsync, fsync_interval_s):
+    """Check the SegmentLog options that a log broker passes on.
+
+    Returns `fsync_interval_s` in ns (at least 1). Raises TypeError or
+    ValueError, naming the value, for an invalid option, so a caller can
+    check them before it creates any file.
+    """
+    if not isinstance(fsync, str):
+        raise TypeError(
+            f"fsync must be a str, got {type(fsync).__name__} {fsync!r}")
+    if fsync not in _FSYNC_MODES:
+        raise ValueError(
+            f"fsync must be 'always', 'interval' or 'never', got "
+            f"{fsync!r}")
+    hint = ""
+    if isinstance(segment_bytes, int) and not isinstance(
+            segment_bytes, bool):
+        # Suggest the nearest valid size: a multiple of 4096 within
+        # the allowed range.
+        suggestion = -(-segment_bytes // 4096) * 4096
+        suggestion = max(MQS_SEGLOG_MIN_SEGMENT_BYTES,
+                         min(MQS_SEGLOG_MAX_SEGMENT_BYTES, suggestion))
+        if suggestion != segment_bytes:
+            hint = f" (try {suggestion})"
+    _check_int("segment_bytes", segment_bytes,
+               MQS_SEGLOG_MIN_SEGMENT_BYTES, MQS_SEGLOG_MAX_SEGMENT_BYTES,
+               hint)
+    if segment_bytes % 4096:
+        raise ValueError(
+            f"segment_bytes must be a multiple of 4096, got "
+            f"{segment_bytes!r}{hint}")
+    return max(1, _check_seconds("fsync_interval_s", fsync_interval_s, False))
+
+
 cdef object _as_bytes(object value, str what):
     """Return a bytes-like object that supports the simple buffer API."""
     if PyBytes_CheckExact(value):
@@ -374,30 +408,7 @@ cdef class SegmentLog:
             # A log broker keeps its segment logs in subdirectories, so
             # segments and a lock file at its top would corrupt it.
             check_directory_kind(self.path, SEGMENT_LOG)
-        if not isinstance(fsync, str):
-            raise TypeError(
-                f"fsync must be a str, got {type(fsync).__name__} {fsync!r}")
-        if fsync not in _FSYNC_MODES:
-            raise ValueError(
-                f"fsync must be 'always', 'interval' or 'never', got "
-                f"{fsync!r}")
-        hint = ""
-        if isinstance(segment_bytes, int) and not isinstance(
-                segment_bytes, bool):
-            # Suggest the nearest valid size: a multiple of 4096 within
-            # the allowed range.
-            suggestion = -(-segment_bytes // 4096) * 4096
-            suggestion = max(MQS_SEGLOG_MIN_SEGMENT_BYTES,
-                             min(MQS_SEGLOG_MAX_SEGMENT_BYTES, suggestion))
-            if suggestion != segment_bytes:
-                hint = f" (try {suggestion})"
-        _check_int("segment_bytes", segment_bytes,
-                   MQS_SEGLOG_MIN_SEGMENT_BYTES, MQS_SEGLOG_MAX_SEGMENT_BYTES,
-                   hint)
-        if segment_bytes % 4096:
-            raise ValueError(
-                f"segment_bytes must be a multiple of 4096, got "
-                f"{segment_bytes!r}{hint}")
+        interval_ns = check_options(segment_bytes, fsync, fsync_interval_s)
         _check_int("fsync_interval_records", fsync_interval_records, 0,
                    2**62)
         if retention_bytes is not None:
@@ -406,8 +417,7 @@ cdef class SegmentLog:
         config.segment_bytes = segment_bytes
         config.fsync_mode = _FSYNC_MODES[fsync]
         config.readonly = bool(readonly)
-        config.fsync_interval_ns = max(
-            1, _check_seconds("fsync_interval_s", fsync_interval_s, False))
+        config.fsync_interval_ns = interval_ns
         config.fsync_interval_records = fsync_interval_records
         config.retention_bytes = (
             -1 if retention_bytes is None else retention_bytes)

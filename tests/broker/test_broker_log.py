@@ -19,7 +19,8 @@ import time
 import pytest
 
 import mqs
-from mqs.broker._log_shared import unlink_journal
+from mqs.broker._log import LogBackend
+from mqs.broker._log_shared import journal_files, unlink_journal
 
 SEGMENT = 1 << 20
 
@@ -441,6 +442,41 @@ def test_log_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="path must name the log broker's "
                                          "directory, got ''"):
         mqs.Broker(backend="log", path="")
+
+
+BAD_OPTIONS = [
+    ({"fsync_interval_s": -1}, ValueError, "fsync_interval_s must be >= 0"),
+    ({"fsync_interval_s": float("nan")}, ValueError, "got nan"),
+    ({"fsync_interval_s": "1"}, TypeError, "number of seconds"),
+    ({"segment_bytes": 5}, ValueError, r"from 8192 to .*got 5 \(try 8192\)"),
+    ({"segment_bytes": 8192 + 1}, ValueError, "multiple of 4096"),
+    ({"sample_every": -5}, ValueError, "at least 1"),
+    ({"sample_every": "x"}, TypeError, "sample_every must be an int"),
+    ({"compact_bytes": 0}, ValueError, "compact_bytes must be"),
+    ({"fsync": "sometimes"}, ValueError, "fsync must be"),
+]
+
+
+@pytest.mark.parametrize("options, error, match", BAD_OPTIONS + [
+    ({"sync_acks": "yes"}, TypeError, "sync_acks must be True or False"),
+    ({"journal_bytes": 5}, ValueError, "journal_bytes must be"),
+])
+def test_log_bad_option_creates_nothing(tmp_path, options, error, match):
+    path = tmp_path / "broker"
+    with pytest.raises(error, match=match):
+        mqs.Broker(backend="log", path=path, **options)
+    assert not path.exists()
+    assert journal_files(path) == []
+
+
+@pytest.mark.parametrize("options, error, match", BAD_OPTIONS)
+def test_log_backend_bad_option_creates_nothing(tmp_path, options, error,
+                                                match):
+    """The single-process LogBackend checks its options up front too."""
+    path = tmp_path / "broker"
+    with pytest.raises(error, match=match):
+        LogBackend(path, **options)
+    assert not path.exists()
 
 
 def test_log_unpicklable_body_changes_nothing(tmp_path):

@@ -111,7 +111,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mqs._dirkind import LOG_BROKER, check_directory_kind
-from mqs._seglog import SegmentLog
+from mqs._seglog import SegmentLog, check_options
 from mqs.broker._backend import Delivery, Envelope, GroupStats
 from mqs.broker._memory import (
     MemoryBackend,
@@ -183,9 +183,9 @@ class LogBackend(MemoryBackend):
     DirectoryKindError
         If `path` is a durable SharedQueue's or a bare segment log's
         directory.
-    ValueError
-        If `fsync` is unknown, or `path` contains files that are not a
-        log broker's.
+    TypeError, ValueError
+        If an option is invalid, checked before anything is created, or
+        if `path` contains files that are not a log broker's.
     LogVersionError
         If the log was written by a newer mqs.
     """
@@ -203,7 +203,8 @@ class LogBackend(MemoryBackend):
                  segment_bytes: int = 16 << 20,
                  compact_bytes: int = 64 << 20,
                  sample_every: int | None | str = "default") -> None:
-        _check_log_options(path, fsync, compact_bytes)
+        _check_log_options(path, fsync, fsync_interval_s, segment_bytes,
+                           compact_bytes, sample_every)
         super().__init__(clock=self._read_clock,
                          sample_every=_sample_every(sample_every))
         self.path = os.fspath(path)
@@ -860,8 +861,14 @@ def _lock_directory(path: str) -> int:
     return fd
 
 
-def _check_log_options(path: Any, fsync: Any, compact_bytes: Any) -> None:
-    """Raise TypeError or ValueError for an invalid log broker option."""
+def _check_log_options(path: Any, fsync: Any, fsync_interval_s: Any,
+                       segment_bytes: Any, compact_bytes: Any,
+                       sample_every: Any) -> None:
+    """Raise TypeError or ValueError for an invalid log broker option.
+
+    Runs before the broker creates its directory or journal, so that a
+    bad option leaves nothing behind.
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(
             f"path must be a str or os.PathLike, got "
@@ -873,11 +880,13 @@ def _check_log_options(path: Any, fsync: Any, compact_bytes: Any) -> None:
         raise ValueError(
             f"fsync must be 'always', 'interval' or 'never', got "
             f"{fsync!r}")
+    check_options(segment_bytes, fsync, fsync_interval_s)
     if isinstance(compact_bytes, bool) or not isinstance(
             compact_bytes, int) or compact_bytes < 1:
         raise ValueError(
             f"compact_bytes must be an int of 1 or more, got "
             f"{compact_bytes!r}")
+    _sample_every(sample_every)
 
 
 def _make_directory(path: str) -> None:

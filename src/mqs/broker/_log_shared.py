@@ -528,9 +528,10 @@ class SharedLogBackend(ShmBackend):
     DirectoryKindError
         If `path` is a durable SharedQueue's or a bare segment log's
         directory.
-    ValueError
-        If an option is invalid, or `path` contains files that are not
-        a log broker's.
+    TypeError, ValueError
+        If an option is invalid, checked before the directory or the
+        journal is created, or if `path` contains files that are not a
+        log broker's.
     LogVersionError
         If the log was written by a newer mqs.
     LogLocked
@@ -555,7 +556,8 @@ class SharedLogBackend(ShmBackend):
                  sample_every: int | None | str = "default",
                  journal_bytes: int = DEFAULT_JOURNAL_BYTES,
                  sync_acks: bool = False) -> None:
-        _check_log_options(path, fsync, compact_bytes)
+        _check_log_options(path, fsync, fsync_interval_s, segment_bytes,
+                           compact_bytes, sample_every)
         _check_journal_bytes(journal_bytes)
         if not isinstance(sync_acks, bool):
             raise TypeError(f"sync_acks must be True or False, got "
