@@ -503,6 +503,31 @@ def test_log_rejects_newer_snapshot_format(path):
     assert not _lock_is_held(path)
 
 
+def test_log_rejected_open_leaves_no_exit_error(path):
+    """A broker whose open raised is not closed again when the
+    interpreter exits, which failed on its closed journal."""
+    from mqs.broker._log import FORMAT, LogBackend
+
+    class NewerLogBackend(LogBackend):
+        _snapshot_format = (FORMAT[0], 99)
+
+    NewerLogBackend(path, segment_bytes=1 << 20).close()
+    code = textwrap.dedent("""
+        import sys
+        import mqs
+        try:
+            mqs.Broker(backend="log", path=sys.argv[1])
+        except mqs.LogVersionError:
+            print("rejected")
+    """)
+    result = subprocess.run([sys.executable, "-c", code, str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "rejected"
+    assert "closing it at exit failed" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def _lock_is_held(path):
     import fcntl
 
