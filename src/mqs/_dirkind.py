@@ -18,9 +18,12 @@ LOG_BROKER = "log broker"
 SEGMENT_LOG = "segment log"
 
 # Marker files: a durable queue creates its control file before its log,
-# and a log broker keeps CURRENT and its log-NNNNNN directories.
+# and a log broker keeps CURRENT and its log-NNNNNN directories. A log
+# broker writes its directory identity (broker.id) before its journal and
+# log, so a directory whose first open failed still counts as one.
 QUEUE_CONTROL_FILE = "queue.ctl"
 BROKER_CURRENT_FILE = "CURRENT"
+BROKER_ID_FILE = "broker.id"
 BROKER_LOG_PREFIX = "log-"
 
 # Call that opens each kind, named in the message of DirectoryKindError.
@@ -40,7 +43,7 @@ def directory_kind(path: str) -> str | None:
         return None
     if QUEUE_CONTROL_FILE in names:
         return DURABLE_QUEUE
-    if BROKER_CURRENT_FILE in names or any(
+    if BROKER_CURRENT_FILE in names or BROKER_ID_FILE in names or any(
             name.startswith(BROKER_LOG_PREFIX)
             and os.path.isdir(os.path.join(path, name)) for name in names):
         return LOG_BROKER

@@ -654,7 +654,16 @@ def _run_clean(args: argparse.Namespace) -> int:
 
     console = _console()
     path = args.path
-    if os.path.isdir(path) and directory_kind(path) == LOG_BROKER:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CommandError(
+            f"{path!r} is not a directory; give a log broker directory, or "
+            f"the path of one that was removed")
+    kind = directory_kind(path)
+    if kind not in (None, LOG_BROKER):
+        raise CommandError(
+            f"{path!r} is a {kind} directory, not a log broker; mqs clean "
+            f"only removes the /dev/shm journals of log brokers")
+    if kind == LOG_BROKER:
         # The last process to close the broker snapshots the journal
         # into the log and removes it.
         Broker(backend="log", path=path).close()

@@ -323,6 +323,66 @@ def test_cli_clean_keeps_journal_in_use(path):
     assert journal_files(path) == []
 
 
+# Opens the broker at argv[1] with a SegmentLog that fails as on a full
+# disk, so the open raises after it created broker.id and the journal but
+# before the first log.
+FAILED_FIRST_OPEN = """
+import errno, sys
+import mqs
+import mqs.broker._log as log_module
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "no space left (simulated)")
+
+log_module.SegmentLog = no_space
+try:
+    mqs.Broker(backend="log", path=sys.argv[1])
+except OSError:
+    print("rejected")
+"""
+
+
+def test_cli_clean_after_failed_first_open(path):
+    opened = subprocess.run(
+        [sys.executable, "-c", FAILED_FIRST_OPEN, str(path)],
+        capture_output=True, text=True, timeout=60)
+    assert opened.stdout.strip() == "rejected", opened.stderr
+    assert "CURRENT" not in os.listdir(path)
+    assert journal_files(path) != []
+
+    result = run_clean(path)
+    assert result.returncode == 0, result.stderr
+    assert "0 journal(s) in use" in result.stdout
+    assert journal_files(path) == []
+
+
+def test_cli_clean_rejects_file(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    result = run_clean(a_file)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    message = result.stderr.strip()
+    assert "\n" not in message
+    assert f"{str(a_file)!r} is not a directory" in message
+    assert "Errno" not in message
+
+
+def test_cli_clean_rejects_durable_queue(tmp_path):
+    directory = tmp_path / "queue"
+    queue = mqs.SharedQueue(persist=str(directory))
+    queue.put(b"kept")
+    queue.close()
+    result = run_clean(directory)
+    assert result.returncode == 1
+    assert "is a durable SharedQueue directory, not a log broker" in \
+        result.stderr
+    assert "CURRENT" not in os.listdir(directory)
+    queue = mqs.SharedQueue(persist=str(directory))
+    assert queue.get(timeout=10) == b"kept"
+    queue.close()
+
+
 # Opens the broker with compact_bytes=argv[2], stores message "first" and
 # prints "ready". Once the file named by argv[3] exists, it stores
 # message "second", prints "second" and waits to be killed.
