@@ -196,6 +196,14 @@ def test_delay_put_on_shut_down_queue_raises():
         ({"at": "tomorrow"}, TypeError, "at must be a datetime or epoch seconds"),
         ({"at": float("nan")}, ValueError, "at must be a finite epoch time"),
         ({"delay": 1, "at": 1}, ValueError, "pass delay or at, not both"),
+        ({"delay": 1e300}, ValueError,
+         r"delay must be at most mqs.MAX_DELAY_SECONDS = 315576000 seconds "
+         r"\(10 years\), got 1e\+300"),
+        ({"delay": mqs.MAX_DELAY_SECONDS + 1}, ValueError, "got 315576001.0"),
+        ({"at": 1e300}, ValueError,
+         r"at must be at most .* \(10 years\) from now, got 1e\+300"),
+        ({"at": datetime.datetime(9999, 1, 1)}, ValueError,
+         r"from now, got datetime.datetime\(9999, 1, 1, 0, 0\)"),
     ],
 )
 def test_delay_rejects_bad_input(kwargs, error, message):
@@ -207,10 +215,11 @@ def test_delay_rejects_bad_input(kwargs, error, message):
     assert q.unfinished_tasks == 0
 
 
-def test_delay_huge_delay_stays_pending():
+def test_delay_max_delay_stays_pending():
     q = mqs.Queue()
-    q.put("x", delay=1e12)
-    assert q.delayed == 1
+    q.put("x", delay=mqs.MAX_DELAY_SECONDS)
+    q.put("y", at=time.time() + mqs.MAX_DELAY_SECONDS - 60)
+    assert q.delayed == 2
     with pytest.raises(mqs.Empty):
         q.get(timeout=0.05)
 

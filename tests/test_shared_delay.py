@@ -250,6 +250,11 @@ def test_shared_delay_rounds_capacity_up_to_pages():
      r"at must be a finite epoch time in seconds, got inf"),
     ({"delay": 1, "at": 2}, ValueError,
      r"pass delay or at, not both \(got delay=1, at=2\)"),
+    ({"delay": 1e300}, ValueError,
+     r"delay must be at most mqs.MAX_DELAY_SECONDS = 315576000 seconds "
+     r"\(10 years\), got 1e\+300"),
+    ({"at": 1e300}, ValueError,
+     r"at must be at most .* \(10 years\) from now, got 1e\+300"),
 ])
 def test_shared_delay_rejects_bad_delay_and_at(kwargs, error, message):
     q = SharedQueue(capacity_bytes=PAGE)

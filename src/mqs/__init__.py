@@ -24,6 +24,7 @@ from mqs.errors import (
     LogVersionError,
     OffsetOutOfRange,
 )
+from mqs._limits import MAX_DELAY_SECONDS
 from mqs._seglog import LogRecord, SegmentLog
 from mqs._ring import RingBuffer
 from mqs._wheel import TimingWheel
@@ -43,6 +44,7 @@ from mqs.broker import (
 from mqs import metrics
 
 __all__ = [
+    "MAX_DELAY_SECONDS",
     "Queue",
     "SimpleQueue",
     "RingBuffer",

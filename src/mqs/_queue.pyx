@@ -53,6 +53,7 @@ import weakref
 
 from mqs import _aio
 from mqs import metrics as _metrics
+from mqs._limits import check_max_delay
 from mqs.errors import Empty, Full, ShutDown
 
 __all__ = ["Queue", "SimpleQueue"]
@@ -469,8 +470,7 @@ cdef int64_t _due_ns(object delay, object at) except? -1:
             raise ValueError(
                 f"delay must be a finite number of seconds >= 0, got "
                 f"{delay!r}")
-        if seconds >= (INT64_MAX - now) / 1e9:
-            return INT64_MAX - 1
+        check_max_delay("delay", seconds, delay)
         return now + <int64_t>(seconds * 1e9)
 
     if isinstance(at, datetime.datetime):
@@ -484,8 +484,7 @@ cdef int64_t _due_ns(object delay, object at) except? -1:
         raise TypeError(
             f"at must be a datetime or epoch seconds, got "
             f"{type(at).__name__} {at!r}")
-    if seconds >= 9e9:
-        return INT64_MAX - 1
+    check_max_delay("at", seconds - time.time(), at)
     if seconds <= 0:
         return now
     # Converted once, here: later wall-clock steps do not move it.
@@ -936,8 +935,9 @@ cdef class Queue:
         ShutDown
             If `shutdown` was called, also while waiting.
         ValueError
-            If `timeout` or `delay` is negative or not finite, or both
-            `delay` and `at` are given.
+            If `timeout` or `delay` is negative or not finite, if `delay`
+            or `at` is more than `mqs.MAX_DELAY_SECONDS` (10 years) from
+            now, or if both `delay` and `at` are given.
         TypeError
             If `delay` or `at` has the wrong type.
 

@@ -1421,9 +1421,11 @@ cdef class SharedQueue:
             `max_message_size`, or for a delayed put, when it could never
             fit the delayed area: it could never fit.
         ValueError
-            If the queue is closed; `timeout` or `delay` is negative or
-            not finite; both `delay` and `at` are given; or the queue has
-            no delayed area (``delayed_capacity_bytes=0``).
+            If the queue is closed, `timeout` or `delay` is negative or
+            not finite, `delay` or `at` is more than
+            `mqs.MAX_DELAY_SECONDS` (10 years) from now, both `delay` and
+            `at` are given, or the queue has no delayed area
+            (``delayed_capacity_bytes=0``).
         TypeError
             If `delay` or `at` has the wrong type.
 

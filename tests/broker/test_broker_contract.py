@@ -1321,6 +1321,8 @@ def test_replace_keeps_lanes_and_policy(broker, change):
     ({"weights": {9: 2**32, 0: 1}},
      r"from 1 to 4294967295 .*got 4294967296 for priority 9"),
     ({"ttl": 0}, "ttl must be above 0"),
+    ({"ttl": 1e300}, r"ttl must be at most .*\(10 years\), got 1e\+300"),
+    ({"ttl": float("inf")}, r"ttl must be at most .*, got inf"),
     ({"weights": {9: 1, 0: 1}, "rate": {5: 10}},
      r"rate keys must be lane priorities \[0, 9\], got 5"),
     ({"rate": 0}, "above 0, got 0"),
@@ -1458,6 +1460,50 @@ def test_publish_rejects_infinite_delay(broker, options):
     broker.publish("t", "ok")
     assert drain(consumer) == ["ok"]
     assert broker.stats("t")["published"] == 1
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"delay": 1e300}, r"delay must be at most mqs.MAX_DELAY_SECONDS = "
+                       r"315576000 seconds \(10 years\), got 1e\+300"),
+    ({"delay": mqs.MAX_DELAY_SECONDS + 1}, "got 315576001"),
+    ({"at": 1e300}, r"at must be at most .* from now, got 1e\+300"),
+    ({"ttl": 1e300}, r"ttl must be at most .*, got 1e\+300"),
+    ({"ttl": float("inf")}, "ttl must be a finite number"),
+])
+def test_publish_rejects_delay_past_limit(broker, options, match):
+    consumer = broker.consume("t", "g")
+    with pytest.raises(ValueError, match=match):
+        broker.publish("t", "never", **options)
+    with pytest.raises(ValueError, match=match):
+        broker.publish_many("t", ["never"], **options)
+    broker.publish("t", "ok")
+    assert drain(consumer) == ["ok"]
+    assert broker.stats("t")["published"] == 1
+
+
+def test_publish_accepts_max_delay(broker):
+    consumer = broker.consume("t", "g")
+    broker.publish("t", "late", delay=mqs.MAX_DELAY_SECONDS)
+    broker.publish("t", "later", at=time.time() + mqs.MAX_DELAY_SECONDS - 60)
+    broker.publish("t", "kept", ttl=mqs.MAX_DELAY_SECONDS)
+    assert drain(consumer) == ["kept"]
+    assert broker.stats("t")["published"] == 3
+
+
+def test_deadlines_past_limit_rejected(broker):
+    too_long = mqs.MAX_DELAY_SECONDS * 2
+    with pytest.raises(ValueError, match="ack_timeout must be at most"):
+        broker.consume("t", "g", ack_timeout=too_long)
+    broker.publish("t", "x")
+    consumer = broker.consume("t", "g")
+    message = consumer.get(timeout=5)
+    with pytest.raises(ValueError, match="seconds must be at most"):
+        message.extend(too_long)
+    with pytest.raises(ValueError, match=r"delay must be at most .*"
+                                         r"\(10 years\), got 1e\+300"):
+        message.nack(delay=1e300)
+    assert message.nack(delay=0)
+    assert consumer.get(timeout=5).body == "x"
 
 
 def test_infinite_deadlines_rejected(broker):

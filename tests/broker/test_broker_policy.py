@@ -113,10 +113,21 @@ def test_backoff_jitter_stays_within_spread():
     ({"jitter": 2}, "jitter must be from 0 to 1, got 2"),
     ({"base": 5, "max": 1}, "max must be at least base"),
     ({"base": -1}, "base must be 0 or more"),
+    ({"base": 1e300, "max": 1e300},
+     r"base must be at most mqs.MAX_DELAY_SECONDS = 315576000 seconds "
+     r"\(10 years\), got 1e\+300"),
+    ({"max": 1e300}, r"Backoff max must be at most .*, got 1e\+300"),
+    ({"max": float("inf")}, "Backoff max must be a finite number"),
 ])
 def test_backoff_rejects_bad_values(kwargs, match):
     with pytest.raises(mqs.TopicConfigError, match=match):
         mqs.Backoff(**kwargs)
+
+
+def test_backoff_accepts_max_delay():
+    backoff = mqs.Backoff(base=mqs.MAX_DELAY_SECONDS,
+                          max=mqs.MAX_DELAY_SECONDS, jitter=0)
+    assert backoff.delay(1) == mqs.MAX_DELAY_SECONDS
 
 
 # Token bucket and rate limits.

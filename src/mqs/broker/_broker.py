@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from mqs._limits import check_max_delay
 from mqs._topiccore import MessageBase
 from mqs.broker._backend import (
     Backend,
@@ -102,6 +103,8 @@ def _seconds(name: str, value: Any, *, allow_none: bool = True,
         # open, so it is rejected before it reaches a backend.
         raise ValueError(
             f"{name} must be a finite number of seconds, got {value!r}")
+    if not allow_inf:
+        check_max_delay(name, value, value)
     return value
 
 
@@ -128,7 +131,9 @@ def _delay_of(delay: Any, at: Any) -> float:
             f"{type(at).__name__} {at!r}")
     if not math.isfinite(at):
         raise ValueError(f"at must be a finite time, got {at!r}")
-    return max(0.0, at - time.time())
+    delay = max(0.0, at - time.time())
+    check_max_delay("at", delay, at)
+    return delay
 
 
 def _check_hashable(name: str, value: Any) -> None:
@@ -966,8 +971,9 @@ class Broker:
             Delay before redelivery after a nack without an explicit
             delay (None: at once).
         ttl : float, optional
-            Seconds after publish that a message may still be delivered;
-            later it is dropped (``on_expire="drop"``) or dead-lettered
+            Seconds after publish that a message may still be delivered,
+            at most `mqs.MAX_DELAY_SECONDS` (10 years); later it is
+            dropped (``on_expire="drop"``) or dead-lettered
             (``"dead_letter"``), and counted.
         retention : float, optional
             Seconds a message stays stored after every group finished it,
@@ -1054,7 +1060,7 @@ class Broker:
             key=key, headers=dict(headers) if headers else None,
             dedup_id=dedup_id, reply_to=reply_to,
             correlation_id=correlation_id,
-            ttl=_seconds("ttl", ttl, allow_zero=False))
+            ttl=_seconds("ttl", ttl, allow_zero=False, allow_inf=False))
 
     def publish(self, topic: str, body: Any, *, priority: int = 0,
                 delay: float | None = None, at: Any = None, key: Any = None,
@@ -1070,7 +1076,8 @@ class Broker:
             0 to 9, 9 highest.
         delay, at : optional
             Seconds to wait, or a `datetime` / `time.time()` value to wait
-            for, before the message can be delivered (not both).
+            for, before the message can be delivered (not both), at most
+            `mqs.MAX_DELAY_SECONDS` (10 years) from now.
         key : hashable, optional
             Ordering key: messages of one key go out in publish order, one
             at a time per group.
@@ -1078,7 +1085,8 @@ class Broker:
             A second publish with the same id within the topic's
             `dedup_window` is dropped (counted) and returns the first id.
         ttl : float, optional
-            Overrides the topic's ttl for this message.
+            Overrides the topic's ttl for this message, above 0 and at
+            most `mqs.MAX_DELAY_SECONDS`.
         timeout : float, optional
             Bound of the wait when the topic is full and blocks.
 
@@ -1086,6 +1094,8 @@ class Broker:
         ------
         InvalidPriority
             For a priority outside 0 to 9.
+        ValueError
+            For a negative, infinite or too long `delay`, `at` or `ttl`.
         Full
             When the topic is full (``when_full="raise"``, or ``"block"``
             past `timeout`).

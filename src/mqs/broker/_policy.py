@@ -16,6 +16,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+from mqs._limits import check_max_delay
 from mqs.errors import InvalidPriority, TopicConfigError
 
 __all__ = [
@@ -111,7 +112,13 @@ def check_max_attempts(max_attempts: object,
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool = True,
-                   allow_zero: bool = True) -> float | None:
+                   allow_zero: bool = True,
+                   bounded: bool = False) -> float | None:
+    """Return `value` as float seconds, or raise for an invalid one.
+
+    `bounded` values schedule a delivery or an expiry, so they must also
+    be at most `MAX_DELAY_SECONDS`, which rejects infinity.
+    """
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -123,6 +130,8 @@ def _check_seconds(name: str, value: object, *, allow_none: bool = True,
         bound = "0 or more" if allow_zero else "above 0"
         raise TopicConfigError(
             f"{name} must be {bound} seconds, got {value!r}")
+    if bounded:
+        check_max_delay(name, value, value, TopicConfigError)
     return value
 
 
@@ -141,7 +150,8 @@ class Backoff:
     factor : float
         Growth per further failure, 1 or more.
     max : float
-        Largest delay in seconds, at least `base`.
+        Largest delay in seconds, at least `base` and at most
+        `mqs.MAX_DELAY_SECONDS` (10 years).
     jitter : float
         Relative spread from 0 (none) to 1, so that many messages that
         failed together are not retried together.
@@ -153,14 +163,16 @@ class Backoff:
     jitter: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_seconds("Backoff base", self.base, allow_none=False)
-        _check_seconds("Backoff max", self.max, allow_none=False)
+        _check_seconds("Backoff base", self.base, allow_none=False,
+                       bounded=True)
         # An infinite retry delay cannot be scheduled, and a log or shm
         # broker would replay the failing nack at every open.
-        if not math.isfinite(self.max):
+        if isinstance(self.max, (int, float)) and math.isinf(self.max):
             raise TopicConfigError(
                 f"Backoff max must be a finite number of seconds, got "
                 f"{self.max!r}")
+        _check_seconds("Backoff max", self.max, allow_none=False,
+                       bounded=True)
         if isinstance(self.factor, bool) or not isinstance(
                 self.factor, (int, float)) or not self.factor >= 1:
             raise TopicConfigError(
@@ -335,7 +347,7 @@ class TopicConfig:
             name=name, weights=lanes, policy=policy, rate=topic_rate,
             lane_rates=lane_rates, dedup_window=window or 0.0,
             max_attempts=max_attempts, retry=retry,
-            ttl=_check_seconds("ttl", ttl, allow_zero=False),
+            ttl=_check_seconds("ttl", ttl, allow_zero=False, bounded=True),
             on_expire=on_expire,
             retention=_check_seconds("retention", retention),
             maxsize=maxsize, when_full=when_full)
