@@ -505,6 +505,35 @@ def test_log_errors_name_the_directory(tmp_path):
     assert "shm broker" not in str(closed.value)
 
 
+def test_log_too_large_advice_names_limit(tmp_path):
+    path = tmp_path / "broker"
+    broker = mqs.Broker(backend="log", path=path, journal_bytes=1 << 16,
+                        segment_bytes=1 << 20)
+    broker.publish("t", "kept")
+    with pytest.raises(mqs.MessageTooLarge) as too_large:
+        broker.publish("t", b"x" * (1 << 16))
+    message = str(too_large.value)
+    assert "half its journal of 65536 bytes" in message
+    assert "Close the broker in every process" in message
+    assert "larger journal_bytes" in message
+    broker.close()
+
+    # The advice works: the next open makes a new journal of the new size.
+    broker = mqs.Broker(backend="log", path=path, journal_bytes=1 << 20,
+                        segment_bytes=1 << 20)
+    broker.publish("t", b"x" * (1 << 16))
+    assert broker.stats("t")["published"] == 2
+    broker.close()
+
+    broker = mqs.Broker(backend="log", path=path, segment_bytes=1 << 14)
+    with pytest.raises(mqs.MessageTooLarge) as too_large:
+        broker.publish("t", b"x" * (1 << 16))
+    message = str(too_large.value)
+    assert "half a log segment (segment_bytes=16384)" in message
+    assert "larger segment_bytes" in message
+    broker.close()
+
+
 def test_log_directory_is_owner_only(tmp_path):
     path = tmp_path / "broker"
     open_broker(path).close()

@@ -378,6 +378,28 @@ def test_shm_message_larger_than_half_journal_raises(name):
     broker.close()
 
 
+def test_shm_too_large_advice_for_existing_broker(name):
+    open_broker(name, journal_bytes=8192).close()
+    # An existing broker keeps its journal: the larger size is ignored.
+    broker = open_broker(name, journal_bytes=1 << 20)
+    with pytest.raises(mqs.MessageTooLarge) as too_large:
+        broker.publish("t", b"x" * 5000)
+    message = str(too_large.value)
+    assert "4096 bytes that shm broker" in message
+    assert "half its journal of 8192 bytes" in message
+    assert "ignores the journal_bytes passed to open it" in message
+    assert f"mqs.Broker.unlink({name!r})" in message
+    assert "discards its topics and messages" in message
+    broker.close()
+
+    # The advice works: after unlink the larger journal takes the message.
+    assert mqs.Broker.unlink(name)
+    broker = open_broker(name, journal_bytes=1 << 20)
+    broker.publish("t", b"x" * 5000)
+    assert broker.stats("t")["published"] == 1
+    broker.close()
+
+
 # Journal wrap and replicas.
 
 def test_shm_journal_wraps_into_snapshots(name):

@@ -1465,6 +1465,18 @@ class SharedLogBackend(ShmBackend):
                 except FileNotFoundError:
                     pass
 
+    def _size_advice(self) -> str:
+        journal_bytes = self._journal.journal_bytes
+        if self._segment_bytes < journal_bytes:
+            return (f"That is half a log segment (segment_bytes="
+                    f"{self._segment_bytes}). Open the broker with a larger "
+                    f"segment_bytes, or send smaller messages.")
+        return (f"That is half its journal of {journal_bytes} bytes, which "
+                f"keeps its size while any process has the broker open. "
+                f"Close the broker in every process and open it again with "
+                f"a larger journal_bytes (the log keeps its topics and "
+                f"messages), or send smaller messages.")
+
     @property
     def _label(self) -> str:
         """Name the broker in messages by its directory, not by the shm

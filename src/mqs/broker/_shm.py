@@ -646,13 +646,24 @@ class ShmBackend(LogBackend):
         the journal; raise `MessageTooLarge` if it can never fit."""
         if len(data) > self._max_record:
             raise MessageTooLarge(
-                f"a {op} record of {len(data)} bytes does not fit in half "
-                f"the journal of {self._label} "
-                f"({self._max_record} bytes); open the broker with a larger "
-                f"journal_bytes or send smaller messages")
+                f"a {op} record of {len(data)} bytes is larger than the "
+                f"{self._max_record} bytes that {self._label} accepts. "
+                f"{self._size_advice()}")
         if not self._journal.has_room(len(data)):
             self._compact()
         return data
+
+    def _size_advice(self) -> str:
+        """Return the advice of `MessageTooLarge`: where `_max_record`
+        comes from and how to raise it."""
+        return (
+            f"That is half its journal of {self._journal.journal_bytes} "
+            f"bytes. An existing broker keeps its journal size and ignores "
+            f"the journal_bytes passed to open it, so to enlarge it close "
+            f"the broker in every process, call "
+            f"mqs.Broker.unlink({self.shm_name!r}), which discards its "
+            f"topics and messages, and create it again with a larger "
+            f"journal_bytes. Or send smaller messages.")
 
     def _append(self, data: bytes) -> None:
         end = self._journal.append(data)
