@@ -1201,7 +1201,8 @@ class Broker:
             Unacknowledged messages this consumer may hold at once.
         ack_timeout : float
             Seconds to ack a message before it is redelivered with
-            ``attempts + 1`` (or dead-lettered at `max_attempts`).
+            ``attempts + 1`` (or dead-lettered at `max_attempts`), above
+            0 and at most `mqs.MAX_DELAY_SECONDS`.
         auto_ack : bool
             Acknowledge at delivery: at most once, never redelivered.
         start : str
