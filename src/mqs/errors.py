@@ -29,6 +29,7 @@ __all__ = [
     "AlreadySettled",
     "MessageDetached",
     "ProducerFlushError",
+    "ProducerForked",
     "BackendUnavailable",
     "BackendConnectionError",
     "CertificateVerifyError",
@@ -228,6 +229,17 @@ class ProducerFlushError(MqsError, RuntimeError):
         super().__init__(message)
         self.dropped = dropped
         self.by_topic = dict(by_topic or {})
+
+
+class ProducerForked(MqsError, RuntimeError):
+    """Raised by every call of a `Producer` in a process forked from the
+    one that created it.
+
+    The child's copy of the producer shares the parent's buffered
+    messages and may hold a copy of a lock taken at the fork, so using it
+    could publish the parent's messages twice or wait forever. Create a
+    new producer in the child with `Broker.producer`.
+    """
 
 
 class BackendUnavailable(MqsError, ValueError):

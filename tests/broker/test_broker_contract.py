@@ -24,6 +24,8 @@ import pytest
 import mqs
 from mqs.broker._backend import Backend
 
+import broker_children
+
 
 def drain(consumer, limit=10_000):
     """Get and ack everything ready now; return the bodies in order."""
@@ -1152,6 +1154,60 @@ def test_collected_idle_producer_ends_thread(broker):
     gc.collect()
     thread.join(10)
     assert not thread.is_alive()
+
+
+def _use_inherited_producer(producer, results):
+    """Call every method of a producer inherited through fork; send the
+    name of what each call raised (or "returned") through `results`."""
+    calls = {
+        "publish": lambda: producer.publish("child"),
+        "flush": producer.flush,
+        "close": producer.close,
+        "with": lambda: producer.__enter__(),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            outcome = "returned"
+        except Exception as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        results.send((name, outcome))
+    # The child's copy of the batch is the parent's, so garbage collection
+    # of the producer must not publish it either.
+    del producer
+    gc.collect()
+    results.send(("done", ""))
+
+
+def test_forked_child_rejects_parents_producer(broker):
+    consumer = broker.consume("t", "g", auto_ack=True)
+    producer = broker.producer("t", linger=60, batch_size=100)
+    producer.publish("parent")
+    # Fork while the producer's lock is held, as a fork during a
+    # background send or a publish of another thread would. A child that
+    # took the lock would wait forever.
+    receiver, sender = broker_children.FORK.Pipe(duplex=False)
+    with producer._batcher._lock:
+        child = broker_children.start(_use_inherited_producer, producer,
+                                      sender)
+    broker_children.join(child, timeout=15)
+    outcomes = {}
+    while receiver.poll(0):
+        name, outcome = receiver.recv()
+        outcomes[name] = outcome
+    assert set(outcomes) == {"publish", "flush", "close", "with", "done"}
+    for name in ("publish", "flush", "close", "with"):
+        assert outcomes[name].startswith("ProducerForked: "), outcomes[name]
+        assert f"broker.producer('t')" in outcomes[name]
+    assert issubclass(mqs.ProducerForked, RuntimeError)
+
+    # The parent's producer works, and its message is published once.
+    producer.publish("parent-2")
+    assert len(producer.close()) == 2
+    got = consumer.get_many(10, timeout=10)
+    assert [message.body for message in got] == ["parent", "parent-2"]
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.2)
 
 
 @pytest.mark.stress

@@ -44,6 +44,7 @@ from mqs.errors import (
     Full,
     MessageDetached,
     ProducerFlushError,
+    ProducerForked,
     RequestTimeout,
     ShutDown,
     UnknownTopic,
@@ -540,6 +541,18 @@ _IDLE_WAIT_S = 1.0
 # Maximum time the exit hook waits for all producers together: for a
 # background publish to finish and for room in a full topic.
 _EXIT_TIMEOUT_S = 10.0
+# Forks in this process's ancestry line. A `_Batcher` whose generation
+# differs was created by a parent process. A generation rather than a pid
+# tells them apart, because a pid can be reused once its process ended.
+_fork_generation = 0
+
+
+def _count_fork() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 def _register_exit_hook() -> None:
@@ -559,12 +572,11 @@ def _register_exit_hook() -> None:
 
 def _flush_at_exit() -> None:
     """Publish the buffered messages of every producer of this process."""
-    pid = os.getpid()
     deadline = time.monotonic() + _EXIT_TIMEOUT_S
     for batcher in list(_batchers):
         # A forked child inherits copies of its parent's batches, which
         # the parent publishes itself.
-        if batcher.pid == pid:
+        if not batcher.forked:
             left = max(0.0, deadline - time.monotonic())
             batcher.shut("the interpreter exited", timeout=left)
 
@@ -585,6 +597,7 @@ class _Batcher:
         self.batch_size = batch_size
         self.timeout = timeout
         self.pid = os.getpid()
+        self._fork_generation = _fork_generation
         self.dropped = 0
         self._batch: list[Envelope] = []
         self._batch_started = 0.0
@@ -600,6 +613,23 @@ class _Batcher:
         self._sending = 0
         _batchers.add(self)
         _register_exit_hook()
+
+    @property
+    def forked(self) -> bool:
+        """True in a process forked from the one that created this."""
+        return self._fork_generation != _fork_generation
+
+    def check_process(self, call: str) -> None:
+        """Raise `ProducerForked` in a forked child, before any lock is
+        taken: the child's copy of `_lock` may have been held at the
+        fork, and its batch belongs to the parent."""
+        if self.forked:
+            raise ProducerForked(
+                f"Producer.{call} in process {os.getpid()}, but the "
+                f"producer of {self.topic!r} belongs to process "
+                f"{self.pid}, which this process was forked from; create "
+                f"a producer in this process with broker.producer"
+                f"({self.topic!r})")
 
     def publish(self, envelope: Envelope) -> None:
         with self._lock:
@@ -691,7 +721,11 @@ class _Batcher:
         `reason` completes the log message "... when <reason>".
         `timeout` bounds the wait for a background publish in progress
         and for room in a full topic; None waits as `flush` does.
+        In a forked child it does nothing and returns ``(0, None)``,
+        because the batch belongs to the parent, which publishes it.
         """
+        if self.forked:
+            return 0, None
         if not self._lock.acquire(timeout=-1 if timeout is None
                                   else timeout):
             # Another thread is still in a publish of this producer,
@@ -742,6 +776,9 @@ class _Batcher:
     def orphan(self) -> None:
         """Make the background thread publish the batch and end; called
         when the `Producer` is garbage-collected."""
+        if self.forked:
+            # The parent publishes the batch, and the child has no thread.
+            return
         self._orphaned = True
         # Not blocking: a finalizer may run in any thread at any point,
         # and the background thread holds the lock while it publishes.
@@ -784,8 +821,12 @@ class Producer:
     In these cases nobody can retry a failed publish, so the producer
     drops the messages it could not publish, logs a warning and counts
     them in `dropped`. `Broker.close` raises `ProducerFlushError` after
-    such a drop. A producer belongs to the process that created it: a
-    forked child must create its own.
+    such a drop.
+
+    A producer belongs to the process that created it. In a forked child,
+    `publish`, `flush`, `close` and ``with`` raise `ProducerForked`
+    (create a producer in the child instead), and `Broker.close` and the
+    exit hook leave the parent's batch alone.
     """
 
     def __init__(self, broker: Broker, topic: str, *, linger: float,
@@ -835,12 +876,14 @@ class Producer:
 
     def publish(self, body: Any, **options: Any) -> None:
         """Buffer one message; options as in `Broker.publish`."""
+        self._batcher.check_process("publish")
         envelope = self._batcher.broker._envelope(body, **options)
         self._batcher.publish(envelope)
 
     def flush(self) -> list[str]:
         """Send the buffered messages now; return the ids sent since the
         last `flush` (including background sends)."""
+        self._batcher.check_process("flush")
         return self._batcher.flush()
 
     def close(self) -> list[str]:
@@ -849,9 +892,11 @@ class Producer:
         If the flush raises, the producer stays open with the messages
         the topic did not take, so a later `close` can try again.
         """
+        self._batcher.check_process("close")
         return self._batcher.close()
 
     def __enter__(self) -> Producer:
+        self._batcher.check_process("__enter__")
         return self
 
     def __exit__(self, *exc_info: object) -> None:
