@@ -130,6 +130,14 @@ cdef class MessageBase:
             False if the ack came too late: the ack deadline had passed and
             the message was redelivered (counted as ``late_acks``). With
             ``auto_ack=True`` this does nothing and returns True.
+
+        Raises
+        ------
+        AlreadySettled
+            If the message was acked or nacked before.
+        ShutDown, ConnectionError, ...
+            The backend's error when the ack failed. The message stays
+            unsettled then, so the ack can be tried again.
         """
         consumer = self._consumer
         if consumer is None:
@@ -138,7 +146,16 @@ cdef class MessageBase:
             if consumer.auto_ack:
                 return True
             self._settle("ack")
+        # Marked before the backend call, so that a second thread's ack
+        # of this message raises AlreadySettled instead of racing it.
         self._settled = True
+        try:
+            return self._ack_in_backend(consumer)
+        except BaseException:
+            self._settled = False
+            raise
+
+    cdef object _ack_in_backend(self, consumer):
         if self._core is not None and self._reader._path._usable_core(
                 self._reader._topic) is self._core:
             try:

@@ -363,6 +363,71 @@ def test_second_ack_raises(broker):
     assert message.extend(10) is False
 
 
+def _fail_once(backend, monkeypatch, name):
+    """Make the backend method `name` raise ConnectionError at its first
+    call and work from the second; return the list of calls."""
+    method = getattr(backend, name)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ConnectionError(f"{name}: connection lost")
+        return method(*args, **kwargs)
+
+    monkeypatch.setattr(backend, name, failing)
+    return calls
+
+
+@pytest.mark.parametrize("verb", ["ack", "nack", "ack_many"])
+def test_failed_settle_can_be_retried(broker, monkeypatch, verb):
+    broker.publish("t", 1)
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    # get_many wraps the backend's Delivery, whose settling goes through
+    # the backend methods patched here (also on shm).
+    message = consumer.get_many(1, timeout=5)[0]
+    settle = {
+        "ack": message.ack,
+        "nack": lambda: message.nack(requeue=False),
+        "ack_many": lambda: consumer.ack_many([message]),
+    }[verb]
+    calls = _fail_once(broker.backend, monkeypatch, verb)
+
+    with pytest.raises(ConnectionError, match="connection lost"):
+        settle()
+    assert message._settled is False
+    assert settle() in (True, 1)
+    assert len(calls) == 2
+    with pytest.raises(mqs.AlreadySettled):
+        message.ack()
+    stats = broker.stats("t")
+    assert stats["in_flight"] == 0
+    if verb == "nack":
+        assert stats["dlq"] == 1
+    else:
+        assert stats["acked"] == 1
+
+
+@pytest.mark.parametrize("verb", ["ack", "nack", "ack_many"])
+def test_settle_after_close_stays_unsettled(broker, verb):
+    broker.publish("t", 1)
+    consumer = broker.consume("t", "g")
+    message = consumer.get(timeout=5)
+    settle = {
+        "ack": message.ack,
+        "nack": message.nack,
+        "ack_many": lambda: consumer.ack_many([message]),
+    }[verb]
+    broker.close()
+
+    with pytest.raises(mqs.ShutDown):
+        settle()
+    # The failed call settled nothing, so the next one raises ShutDown
+    # again, not AlreadySettled.
+    with pytest.raises(mqs.ShutDown):
+        message.ack()
+
+
 def test_auto_ack_message_ack_is_noop_and_nack_raises(broker):
     broker.publish("t", 1)
     message = broker.consume("t", "g", auto_ack=True).get(timeout=0)

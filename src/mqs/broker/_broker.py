@@ -251,6 +251,14 @@ class Message(MessageBase):
         bool
             False if the ack deadline had passed already (see `ack`).
 
+        Raises
+        ------
+        AlreadySettled
+            If the message was acked or nacked before.
+        ShutDown, ConnectionError, ...
+            The backend's error when the nack failed. The message stays
+            unsettled then, so the nack (or an ack) can be tried again.
+
         Notes
         -----
         Requeue position: a message ready again (at once, or after its
@@ -263,9 +271,15 @@ class Message(MessageBase):
             error = f"{type(error).__name__}: {error}"
         self._settle("nack")
         consumer = self._consumer
-        return consumer._backend.nack(consumer.topic, consumer.group,
-                                      self._delivery.tag, requeue=requeue,
-                                      delay=delay, error=error)
+        try:
+            return consumer._backend.nack(consumer.topic, consumer.group,
+                                          self._delivery.tag,
+                                          requeue=requeue, delay=delay,
+                                          error=error)
+        except BaseException:
+            # The nack failed, so the message stays unsettled (see `ack`).
+            self._settled = False
+            raise
 
     def extend(self, seconds: float) -> bool:
         """Move the ack deadline to `seconds` from now (not from the old
@@ -342,6 +356,9 @@ class Consumer:
             If a message came from another consumer or appears twice.
         AlreadySettled
             If a message was acked or nacked before; then none is acked.
+        ShutDown, ConnectionError, ...
+            The backend's error when the ack failed. The messages stay
+            unsettled then, so the ack can be tried again.
         """
         batch = list(messages)
         seen = set()
@@ -362,9 +379,16 @@ class Consumer:
                 message._settle("ack")
         for message in batch:
             message._settled = True
-        done = self._backend.ack_many(
-            self.topic, self.group,
-            [message._delivery.tag for message in batch])
+        try:
+            done = self._backend.ack_many(
+                self.topic, self.group,
+                [message._delivery.tag for message in batch])
+        except BaseException:
+            # The ack failed, so the messages stay unsettled and a retry
+            # may ack them.
+            for message in batch:
+                message._settled = False
+            raise
         return sum(done)
 
     def _wrap(self, found: list[Delivery]) -> list[Message]:
