@@ -310,7 +310,12 @@ cdef class CoreReader:
         d = core._out
         seq, slot, ticket = d.seq, d.slot, d.ticket
         attempts, priority, timestamp = d.attempts, d.priority, d.timestamp
-        body, headers, reply_to, correlation_id = _decode_payload(payload)
+        try:
+            body, headers, reply_to, correlation_id = _decode_payload(payload)
+        except Exception as exc:  # whatever the body's unpickling raised
+            # Imported here: mqs.broker imports this module.
+            from mqs.broker._backend import decode_error
+            raise decode_error(self._topic, _message_id(seq), exc) from exc
 
         message = <MessageBase>(<PyTypeObject *>self._message_type).tp_new(
             self._message_type, <PyObject *>_NO_ARGS, NULL)

@@ -85,10 +85,24 @@ class MessageTooLarge(MqsError, ValueError):
 class MessageDecodeError(MqsError, ValueError):
     """Raised by a get whose message failed to deserialize.
 
-    The message was removed from the queue, so it is dropped, and the
-    queue counts it under the reason ``"decode_failed"`` of its stats.
-    The serializer's own exception is the ``__cause__``.
+    The serializer's own exception is the ``__cause__``. A `SharedQueue`
+    removed the message, so it is dropped, and the queue counts it under
+    the reason ``"decode_failed"`` of its stats. A `Broker` consumer
+    keeps the message in flight: it is delivered again after its ack
+    deadline, and dead-lettered after the topic's ``max_attempts``.
+
+    Attributes
+    ----------
+    topic : str or None
+        The broker topic of the message (None for a `SharedQueue`).
+    message_id : str or None
+        The broker message id (None for a `SharedQueue`).
     """
+
+    def __init__(self, message="", topic=None, message_id=None):
+        super().__init__(message)
+        self.topic = topic
+        self.message_id = message_id
 
 
 class LogCorrupted(MqsError, ValueError):

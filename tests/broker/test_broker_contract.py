@@ -1978,3 +1978,66 @@ def test_undecodable_body_is_dead_lettered(broker):
     assert stats["dlq"] == 1
     assert stats["dead_lettered.ack_timeout"] == 1
     assert stats["acked"] == 0
+
+
+def test_undecodable_get_raises_decode_error(broker):
+    if broker.backend.name == "memory":
+        pytest.skip("the memory backend does not serialize bodies")
+    message_id = broker.publish("t", Unreadable())
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    with pytest.raises(mqs.MessageDecodeError) as raised:
+        consumer.get(timeout=5)
+    assert raised.value.topic == "t"
+    assert raised.value.message_id == message_id
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert message_id in str(raised.value)
+    assert consumer.in_flight == 1
+
+
+def _wait_dead_lettered(broker, consumer, count):
+    deadline = time.monotonic() + 30
+    while broker.stats("t")["dlq"] < count and time.monotonic() < deadline:
+        with pytest.raises(mqs.Empty):
+            consumer.get_many(10, timeout=0.05)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_get_many_skips_undecodable_body(broker, caplog, mode):
+    if broker.backend.name == "memory":
+        pytest.skip("the memory backend does not serialize bodies")
+    broker.publish("t", "good-1")
+    bad_id = broker.publish("t", Unreadable())
+    broker.publish("t", "good-2")
+    consumer = broker.consume("t", "g", prefetch=10, max_attempts=1,
+                              ack_timeout=0.3)
+
+    with caplog.at_level(logging.ERROR, logger="mqs.broker._backend"):
+        if mode == "sync":
+            got = consumer.get_many(10, timeout=5)
+        else:
+            got = asyncio.run(consumer.get_many_async(10, timeout=5))
+    assert [message.body for message in got] == ["good-1", "good-2"]
+    assert consumer.ack_many(got) == 2
+    assert bad_id in caplog.text
+    assert "'t'" in caplog.text
+    # The undecodable message stays in flight, then goes to the
+    # dead-letter queue after its ack deadline and max_attempts.
+    assert consumer.in_flight == 1
+    _wait_dead_lettered(broker, consumer, 1)
+    stats = broker.stats("t")
+    assert stats["acked"] == 2
+    assert stats["dlq"] == 1
+    assert stats["dead_lettered.ack_timeout"] == 1
+
+
+def test_get_many_all_undecodable_raises(broker):
+    if broker.backend.name == "memory":
+        pytest.skip("the memory backend does not serialize bodies")
+    first_id = broker.publish("t", Unreadable())
+    broker.publish("t", Unreadable())
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=60)
+    with pytest.raises(mqs.MessageDecodeError) as raised:
+        consumer.get_many(10, timeout=5)
+    assert raised.value.topic == "t"
+    assert raised.value.message_id == first_id
+    assert consumer.in_flight == 2

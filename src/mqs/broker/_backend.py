@@ -114,6 +114,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from mqs.broker._policy import TopicConfig
+from mqs.errors import MessageDecodeError
 from mqs.metrics import LatencySummary
 
 __all__ = [
@@ -252,6 +253,56 @@ def undecodable_letter(letter: DeadLetter, raw_body: bytes,
                  error, exc_info=exc)
     return dataclasses.replace(letter, body=None, decode_error=error,
                                raw_body=bytes(raw_body))
+
+
+def decode_error(topic: str, message_id: str, cause: BaseException
+                 ) -> MessageDecodeError:
+    """Return the error for message `message_id` of `topic`, whose body
+    (or headers) failed to unpickle with `cause`; the caller chains it."""
+    return MessageDecodeError(
+        f"message {message_id} of topic {topic!r} failed to unpickle "
+        f"({type(cause).__name__}: {cause}). It stays in flight: it is "
+        f"delivered again after its ack deadline and dead-lettered after "
+        f"the topic's max_attempts. Check that this process can import "
+        f"the classes of the body", topic=topic, message_id=message_id)
+
+
+def decode_each(topic: str, items: Sequence[Any],
+                decode: Callable[[Any], Delivery],
+                message_id: Callable[[Any], str]) -> list[Delivery]:
+    """Return ``decode(item)`` for each of the fetched `items` whose body
+    unpickles, in order.
+
+    A fetched item whose body fails to unpickle stays in flight, so that
+    it is delivered again after its ack deadline and dead-lettered after
+    max_attempts. It is logged with its topic and id and left out, so
+    that the other messages of the batch are still delivered. Raises
+    `MessageDecodeError` (the unpickling error chained) only when no
+    item decodes.
+    """
+    decoded = []
+    failures = []
+    for item in items:
+        try:
+            decoded.append(decode(item))
+        except Exception as exc:  # whatever the body's unpickling raised
+            failures.append((message_id(item), exc))
+    if failures and not decoded:
+        first_id, first_cause = failures[0]
+        for failed_id, cause in failures[1:]:
+            _log_decode_failure(topic, failed_id, cause)
+        raise decode_error(topic, first_id, first_cause) from first_cause
+    for failed_id, cause in failures:
+        _log_decode_failure(topic, failed_id, cause)
+    return decoded
+
+
+def _log_decode_failure(topic: str, message_id: str,
+                        cause: BaseException) -> None:
+    logger.error(
+        "message %s of topic %r failed to unpickle; it stays in flight "
+        "until its ack deadline", 
+        message_id, topic, exc_info=cause)
 
 
 @dataclasses.dataclass(frozen=True)

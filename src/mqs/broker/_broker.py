@@ -407,12 +407,18 @@ class Consumer:
         `auto_ack`: while the consumer holds `prefetch` unacknowledged
         messages it waits for an ack, a nack or a missed ack deadline.
 
+        A message whose body fails to unpickle is logged (with its topic
+        and id) and left out of the batch; it stays in flight as in
+        `get`, so the other messages still come back.
+
         Raises
         ------
         Empty
             When nothing arrived within `timeout` (never earlier).
         ShutDown
             When the consumer is or gets closed.
+        MessageDecodeError
+            When no message of the fetched batch unpickles (see `get`).
         """
         if isinstance(max_items, bool) or not isinstance(max_items, int) \
                 or max_items < 1:
@@ -432,9 +438,10 @@ class Consumer:
         """Return the next message, waiting up to `timeout` seconds.
 
         Raises `Empty` on timeout and `ShutDown` once closed. A body that
-        fails to unpickle raises the unpickling error, but its message
-        stays in flight: it is delivered again after its ack deadline,
-        and dead-lettered (reason ``"ack_timeout"``) after
+        fails to unpickle raises `MessageDecodeError` (with its topic,
+        message id and the unpickling error as ``__cause__``), but its
+        message stays in flight: it is delivered again after its ack
+        deadline, and dead-lettered (reason ``"ack_timeout"``) after
         `max_attempts`. Without `max_attempts` it comes back forever.
         """
         if (self._read_one is not None and not self._closed

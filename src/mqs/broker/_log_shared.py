@@ -157,7 +157,12 @@ from mqs._journal import (
     SharedJournal,
 )
 from mqs._seglog import SegmentLog
-from mqs.broker._backend import Delivery, Envelope
+from mqs.broker._backend import (
+    Delivery,
+    Envelope,
+    decode_each,
+    decode_error,
+)
 from mqs.broker._log import (
     _SNAPSHOT_KEY,
     CURRENT,
@@ -1098,7 +1103,7 @@ class SharedLogBackend(ShmBackend):
         found = LogBackend.fetch(self, topic, group, consumer, max_items,
                                  ack_timeout=ack_timeout, auto_ack=auto_ack,
                                  timeout=timeout)
-        return [_unpickled(delivery) for delivery in found]
+        return decode_each(topic, found, _unpickled, _delivery_id)
 
     def _fetch_now(self, topic: str, group: str, consumer: str,
                    max_items: int, ack_timeout: float, auto_ack: bool
@@ -1108,7 +1113,7 @@ class SharedLogBackend(ShmBackend):
         found = MemoryBackend.fetch(self, topic, group, consumer, max_items,
                                     ack_timeout=ack_timeout,
                                     auto_ack=auto_ack, timeout=0)
-        return [_unpickled(delivery) for delivery in found]
+        return decode_each(topic, found, _unpickled, _delivery_id)
 
     async def fetch_async(self, topic: str, group: str, consumer: str,
                           max_items: int, *, ack_timeout: float,
@@ -1184,8 +1189,11 @@ class SharedLogBackend(ShmBackend):
         if auto_ack and self._sync_acks:
             self._sync(self._log)
         delivery = found[0]
-        return _new_tuple(Delivery, (*delivery[:4], _loads(delivery[4]),
-                                     *delivery[5:]))
+        try:
+            body = _loads(delivery[4])
+        except Exception as exc:  # whatever the body's unpickling raised
+            raise decode_error(topic, delivery[0], exc) from exc
+        return _new_tuple(Delivery, (*delivery[:4], body, *delivery[5:]))
 
     def ack(self, topic: str, group: str, tag: Any) -> bool:
         # `LogBackend._settle` for an ack, without the checks that the
@@ -1485,6 +1493,10 @@ class SharedLogBackend(ShmBackend):
 
     def __repr__(self) -> str:
         return f"<SharedLogBackend {self.path!r} fsync={self.fsync!r}>"
+
+
+def _delivery_id(delivery: Delivery) -> str:
+    return delivery.id
 
 
 def _unpickled(delivery: Delivery) -> Delivery:

@@ -96,6 +96,7 @@ from mqs.broker._backend import (
     Delivery,
     Envelope,
     GroupStats,
+    decode_each,
     undecodable_letter,
 )
 from mqs import metrics
@@ -684,13 +685,12 @@ class RedisBackend(Backend):
 
     def _fetch_once(self, topic, group, consumer, max_items, ack_timeout,
                     auto_ack):
+        """Fetch up to one chunk; return its entries undecoded."""
         reply = self._run(topic, "fetch", group, consumer,
                           min(max_items, _MAX_BATCH), ack_timeout * 1000,
                           1 if auto_ack else 0, self.sample_every or 0)
         _, wait_ms, found, wake_id = reply
-        delivery = self._delivery
-        deliveries = [delivery(topic, group, raw) for raw in found]
-        return deliveries, int(wait_ms), wake_id
+        return found, int(wait_ms), wake_id
 
     def fetch(self, topic: str, group: str, consumer: str, max_items: int,
               *, ack_timeout: float, auto_ack: bool,
@@ -709,7 +709,12 @@ class RedisBackend(Backend):
                     break
                 found += more
             if found:
-                return found
+                # Decoded after every chunk is fetched, so that a batch
+                # keeps its good messages when one body fails to unpickle.
+                return decode_each(
+                    topic, found,
+                    lambda raw: self._delivery(topic, group, raw),
+                    _raw_id)
             left = self._block_cap
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -892,3 +897,9 @@ def _text(raw: bytes | None) -> str | None:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + char if char in "*?[]\\" else char for char in text)
+
+
+def _raw_id(raw: list) -> str:
+    """Return the message id of a raw entry that the fetch script
+    returned."""
+    return raw[0].decode()

@@ -193,6 +193,7 @@ from mqs.broker._backend import (
     Delivery,
     Envelope,
     GroupStats,
+    decode_each,
     unpickled_letter,
 )
 from mqs.broker._log import LogBackend, encode_record
@@ -1096,8 +1097,12 @@ class ShmBackend(LogBackend):
                         f"is closed") from None
                 continue
             # Not `_replace`, which takes twice as long.
-            return [Delivery(*delivery[:4], pickle.loads(delivery.body),
-                             *delivery[5:]) for delivery in found]
+            return decode_each(
+                topic, found,
+                lambda delivery: Delivery(*delivery[:4],
+                                          pickle.loads(delivery.body),
+                                          *delivery[5:]),
+                _delivery_id)
 
     def message_reader(self, consumer: Any, message_type: type
                        ) -> Callable[[float, bool], Any] | None:
@@ -1151,8 +1156,11 @@ class ShmBackend(LogBackend):
             if found:
                 if waiting:
                     core.cancel_wait()
-                return [_core_delivery(core.path, topic, group, group_index,
-                                       item) for item in found]
+                return decode_each(
+                    topic, found,
+                    lambda item: _core_delivery(core.path, topic, group,
+                                                group_index, item),
+                    _core_item_id)
             if not waiting:
                 # Register, then look again, so a publish in between is
                 # not missed.
@@ -1587,6 +1595,15 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _delivery_id(delivery: Delivery) -> str:
+    return delivery.id
+
+
+def _core_item_id(item: tuple) -> str:
+    """Return the message id of a delivery item of a topic core."""
+    return f"s{item[0]}"
 
 
 def _core_delivery(path: str, topic: str, group: str, group_index: int,
