@@ -12,6 +12,7 @@ import json
 import logging
 import pickle
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -1523,6 +1524,34 @@ def test_publish_rejects_unhashable_option(broker, option):
                                         f"tuple"):
         broker.publish("t", 1, **{option: ("a", [1])})
     assert broker.stats("t")["published"] == 0
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, 1, None])
+def test_bool_options_reject_non_bool(broker, value):
+    match = (rf"must be True or False, got {type(value).__name__} "
+             rf"{re.escape(repr(value))}")
+    with pytest.raises(TypeError, match="auto_ack " + match):
+        broker.consume("t", "g", auto_ack=value)
+    with pytest.raises(TypeError, match="replace " + match):
+        broker.declare_topic("t", replace=value)
+    with pytest.raises(TypeError, match="auto_declare " + match):
+        mqs.Broker(backend="memory", auto_declare=value)
+
+    broker.publish("t", "job")
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    message = consumer.get(timeout=5)
+    with pytest.raises(TypeError, match="requeue " + match):
+        message.nack(requeue=value)
+    # The rejected nack settled nothing.
+    assert message.nack(requeue=False) is True
+    assert broker.stats("t")["dlq"] == 1
+
+    with pytest.raises(TypeError, match="drain " + match):
+        consumer.close(drain=value)
+    with pytest.raises(TypeError, match="drain " + match):
+        asyncio.run(consumer.close_async(drain=value))
+    assert not consumer.closed
+    consumer.close(drain=False)
 
 
 def test_topics_lists_declared_sorted(broker):

@@ -109,6 +109,17 @@ def _seconds(name: str, value: Any, *, allow_none: bool = True,
     return value
 
 
+def _check_bool(name: str, value: Any) -> None:
+    """Raise TypeError unless `value` is True or False.
+
+    Any object has a truth value, so without this check a string from a
+    config file such as "false" or "no" would switch the option on.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got "
+                        f"{type(value).__name__} {value!r}")
+
+
 def _required_seconds(name: str, value: Any, *, allow_zero: bool = True,
                       allow_inf: bool = True) -> float:
     seconds = _seconds(name, value, allow_none=False, allow_zero=allow_zero,
@@ -266,6 +277,7 @@ class Message(MessageBase):
         already waiting there. A message with a key keeps its place at the
         head of its key, so later messages of that key still wait for it.
         """
+        _check_bool("requeue", requeue)
         delay = _seconds("delay", delay, allow_inf=False)
         if error is not None and not isinstance(error, str):
             error = f"{type(error).__name__}: {error}"
@@ -513,6 +525,7 @@ class Consumer:
         Later `get` calls raise `ShutDown` and iteration stops. Closing
         twice does nothing.
         """
+        _check_bool("drain", drain)
         timeout = _seconds("timeout", timeout)
         if self._closed:
             return 0
@@ -539,6 +552,7 @@ class Consumer:
     async def close_async(self, drain: bool = True,
                           timeout: float | None = None) -> int:
         """Like `close`, awaiting the drain without blocking the loop."""
+        _check_bool("drain", drain)
         timeout = _seconds("timeout", timeout)
         if self._closed:
             return 0
@@ -972,6 +986,7 @@ class Broker:
 
     def __init__(self, backend: str | Backend = "memory", *,
                  auto_declare: bool = True, **options: Any) -> None:
+        _check_bool("auto_declare", auto_declare)
         if isinstance(backend, Backend):
             self._backend = backend
         elif backend in BACKENDS:
@@ -1065,6 +1080,7 @@ class Broker:
             Overwrite differing stored settings instead of raising
             `TopicConfigError` (lanes and policy cannot change).
         """
+        _check_bool("replace", replace)
         config = TopicConfig.build(
             topic, weights=weights, policy=policy, rate=rate,
             dedup_window=dedup_window, max_attempts=max_attempts,
@@ -1290,6 +1306,7 @@ class Broker:
         """
         if not isinstance(group, str) or not group:
             raise TypeError(f"group must be a non-empty str, got {group!r}")
+        _check_bool("auto_ack", auto_ack)
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) \
                 or prefetch < 1:
             raise ValueError(
