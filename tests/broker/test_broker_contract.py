@@ -1554,6 +1554,30 @@ def test_bool_options_reject_non_bool(broker, value):
     consumer.close(drain=False)
 
 
+@pytest.mark.parametrize("field", ["body", "key", "headers", "dedup_id"])
+def test_unpicklable_field_raises_type_error(broker, field):
+    if not broker.backend.pickles_messages:
+        pytest.skip("the memory backend stores objects without pickling")
+    broker.declare_topic("t")
+    unpicklable = threading.Lock()
+    options = {"body": "x"}
+    if field == "headers":
+        options["headers"] = {"lock": unpicklable}
+    else:
+        options[field] = unpicklable
+    match = rf"{field} of a message to topic 't' cannot be pickled"
+
+    with pytest.raises(TypeError, match=match) as raised:
+        broker.publish("t", **options)
+    assert raised.value.__cause__ is not None
+    body = options.pop("body")
+    with pytest.raises(TypeError, match=match):
+        broker.publish_many("t", ["y", body], **options)
+    with pytest.raises(TypeError, match=match):
+        asyncio.run(broker.publish_async("t", body, **options))
+    assert broker.stats("t")["published"] == 0
+
+
 def test_topics_lists_declared_sorted(broker):
     assert broker.topics() == []
     broker.declare_topic("orders")

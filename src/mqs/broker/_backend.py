@@ -353,6 +353,9 @@ class Backend(abc.ABC):
     # before it stores any message of the batch, so `Broker.publish` may
     # skip its `has_topic` call and declare the topic only on that error.
     publish_checks_topic = False
+    # True when `publish` pickles bodies, keys, headers and dedup ids, so
+    # `Broker` can name the field whose pickling failed.
+    pickles_messages = False
 
     # Topics.
 

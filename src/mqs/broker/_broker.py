@@ -12,6 +12,7 @@ import inspect
 import logging
 import math
 import os
+import pickle
 import threading
 import time
 import uuid
@@ -63,6 +64,12 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
     "shm": ShmBackend,
 }
 _STARTS = ("earliest", "latest")
+# Exceptions of pickle.dumps for an object it cannot pickle, such as
+# TypeError "cannot pickle '_thread.lock' object" and AttributeError
+# "Can't pickle local object".
+_PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
+# The `Envelope` fields that a backend with `pickles_messages` pickles.
+_PICKLED_FIELDS = ("body", "key", "headers", "dedup_id")
 # Classes of a timeout that the fast path of `Consumer.get` accepts as
 # they are; `_seconds` checks any other value.
 _NUMBERS = (int, float)
@@ -587,8 +594,8 @@ _IDLE_WAIT_S = 1.0
 # background publish to finish and for room in a full topic.
 _EXIT_TIMEOUT_S = 10.0
 # Forks in this process's ancestry line. A `_Batcher` whose generation
-# differs was created by a parent process. A generation rather than a pid
-# tells them apart, because a pid can be reused once its process ended.
+# differs was created by a parent process. A generation is used rather
+# than a pid, because a pid can be reused once its process ended.
 _fork_generation = 0
 
 
@@ -732,7 +739,7 @@ class _Batcher:
         batch, self._batch = self._batch, []
         self._sending = len(batch)
         try:
-            self._ids += self.broker._backend.publish(
+            self._ids += self.broker._backend_publish(
                 self.topic, batch, self.timeout if timeout is None
                 else timeout)
         except BaseException as exc:
@@ -1193,6 +1200,11 @@ class Broker:
             past `timeout`).
         UnknownTopic
             If the topic does not exist and `auto_declare` is off.
+        TypeError
+            If the body, key, headers or dedup_id fails to pickle on a
+            backend that pickles them (shm, log, and redis with
+            ``serializer="pickle"``). The pickling error is the
+            ``__cause__``, and nothing is published.
         """
         if (self._publish_one is not None and priority.__class__ is int
                 and 0 <= priority <= 9 and delay is None and at is None
@@ -1202,7 +1214,12 @@ class Broker:
                 and topic.__class__ is str and not self._closed):
             # Without options nothing else needs a check, so the backend
             # may store the message at once.
-            message_id = self._publish_one(topic, body, priority)
+            try:
+                message_id = self._publish_one(topic, body, priority)
+            except _PICKLE_ERRORS as exc:
+                self._raise_unpicklable(topic, [Envelope(body, priority)],
+                                        exc)
+                raise
             if message_id is not None:
                 return message_id
         envelope = self._envelope(
@@ -1234,15 +1251,49 @@ class Broker:
         """Publish `envelopes` to `topic`, declaring it if needed."""
         if not self._backend.publish_checks_topic:
             self._ensure_topic(topic)
-            return self._backend.publish(topic, envelopes, timeout)
+            return self._backend_publish(topic, envelopes, timeout)
         # The backend raises UnknownTopic itself, so the topic check costs
         # nothing (no round trip to Redis) while the topic exists.
         self._check_topic_name(topic)
         try:
-            return self._backend.publish(topic, envelopes, timeout)
+            return self._backend_publish(topic, envelopes, timeout)
         except UnknownTopic:
             self._ensure_topic(topic)
-        return self._backend.publish(topic, envelopes, timeout)
+        return self._backend_publish(topic, envelopes, timeout)
+
+    def _backend_publish(self, topic: str, envelopes: list[Envelope],
+                         timeout: float | None) -> list[str]:
+        try:
+            return self._backend.publish(topic, envelopes, timeout)
+        except _PICKLE_ERRORS as exc:
+            self._raise_unpicklable(topic, envelopes, exc)
+            raise
+
+    def _raise_unpicklable(self, topic: str, envelopes: list[Envelope],
+                           error: Exception) -> None:
+        """Raise TypeError naming the field of `envelopes` that fails to
+        pickle, with its pickling error chained.
+
+        Returns when every field pickles, so that the caller re-raises
+        `error`, which the backend's publish raised.
+        """
+        if not self._backend.pickles_messages:
+            return
+        for envelope in envelopes:
+            for field in _PICKLED_FIELDS:
+                value = getattr(envelope, field)
+                if value is None:
+                    continue
+                try:
+                    pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                except Exception as exc:  # whatever pickling raised
+                    raise TypeError(
+                        f"{field} of a message to topic {topic!r} cannot be "
+                        f"pickled ({type(exc).__name__}: {exc}); the "
+                        f"{self._backend.name} backend pickles the {field}, "
+                        f"so pass a picklable value, such as built-in "
+                        f"types or instances of module-level classes"
+                    ) from exc
 
     async def publish_async(self, topic: str, body: Any, *,
                             timeout: float | None = None, **options: Any
@@ -1253,11 +1304,11 @@ class Broker:
         self._ensure_topic(topic)
         timeout = _seconds("timeout", timeout)
         if self._backend.topic_config(topic).when_full != "block":
-            return self._backend.publish(topic, [envelope], 0)[0]
+            return self._backend_publish(topic, [envelope], 0)[0]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
-                return self._backend.publish(topic, [envelope], 0)[0]
+                return self._backend_publish(topic, [envelope], 0)[0]
             except Full:
                 left = None if deadline is None \
                     else deadline - time.monotonic()
@@ -1396,7 +1447,7 @@ class Broker:
         envelope = self._envelope(body, correlation_id=message.correlation_id,
                                   **options)
         try:
-            self._backend.publish(message.reply_to, [envelope], 0)
+            self._backend_publish(message.reply_to, [envelope], 0)
         except UnknownTopic:
             logger.info("reply to request %s dropped: the requester timed "
                         "out", message.correlation_id)

@@ -191,6 +191,7 @@ class LogBackend(MemoryBackend):
     """
 
     name = "log"
+    pickles_messages = True
     # The format this class writes into snapshots, and those it reads.
     _snapshot_format = FORMAT
     _formats_read: tuple[tuple, ...] = (OBJECT_FORMAT, FORMAT)

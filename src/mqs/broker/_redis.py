@@ -375,6 +375,7 @@ class RedisBackend(Backend):
         self.url = _public_url(url)
         self._client = client
         self._pickle = serializer == "pickle"
+        self.pickles_messages = self._pickle
         self._namespace = namespace
         self._socket_timeout = socket_timeout
         self._retry_timeout = retry_timeout
