@@ -315,7 +315,8 @@ cdef class CoreReader:
         except Exception as exc:  # whatever the body's unpickling raised
             # Imported here: mqs.broker imports this module.
             from mqs.broker._backend import decode_error
-            raise decode_error(self._topic, _message_id(seq), exc) from exc
+            raise decode_error(self._topic, _message_id(seq), exc,
+                               auto_ack) from exc
 
         message = <MessageBase>(<PyTypeObject *>self._message_type).tp_new(
             self._message_type, <PyObject *>_NO_ARGS, NULL)

@@ -2083,6 +2083,24 @@ def test_get_many_skips_undecodable_body(broker, caplog, mode):
     assert stats["dead_lettered.ack_timeout"] == 1
 
 
+def test_auto_ack_undecodable_body_reported_lost(broker, caplog):
+    if broker.backend.name == "memory":
+        pytest.skip("the memory backend does not serialize bodies")
+    broker.publish("t", "good")
+    bad_id = broker.publish("t", Unreadable())
+    consumer = broker.consume("t", "g", prefetch=10, auto_ack=True)
+    with caplog.at_level(logging.ERROR, logger="mqs.broker._backend"):
+        got = consumer.get_many(10, timeout=5)
+    assert [message.body for message in got] == ["good"]
+    assert bad_id in caplog.text
+    assert "acked at delivery (auto_ack=True), so it is lost" in caplog.text
+    bad_again = broker.publish("t", Unreadable())
+    with pytest.raises(mqs.MessageDecodeError, match="so it is lost") \
+            as raised:
+        consumer.get(timeout=5)
+    assert raised.value.message_id == bad_again
+
+
 def test_get_many_all_undecodable_raises(broker):
     if broker.backend.name == "memory":
         pytest.skip("the memory backend does not serialize bodies")

@@ -255,27 +255,35 @@ def undecodable_letter(letter: DeadLetter, raw_body: bytes,
                                raw_body=bytes(raw_body))
 
 
-def decode_error(topic: str, message_id: str, cause: BaseException
-                 ) -> MessageDecodeError:
+def decode_error(topic: str, message_id: str, cause: BaseException,
+                 auto_ack: bool) -> MessageDecodeError:
     """Return the error for message `message_id` of `topic`, whose body
     (or headers) failed to unpickle with `cause`; the caller chains it."""
     return MessageDecodeError(
         f"message {message_id} of topic {topic!r} failed to unpickle "
-        f"({type(cause).__name__}: {cause}). It stays in flight: it is "
-        f"delivered again after its ack deadline and dead-lettered after "
-        f"the topic's max_attempts. Check that this process can import "
-        f"the classes of the body", topic=topic, message_id=message_id)
+        f"({type(cause).__name__}: {cause}). {_decode_outcome(auto_ack)}. "
+        f"Check that this process can import the classes of the body",
+        topic=topic, message_id=message_id)
+
+
+def _decode_outcome(auto_ack: bool) -> str:
+    if auto_ack:
+        return ("It was acked at delivery (auto_ack=True), so it is "
+                "lost")
+    return ("It stays in flight: it is delivered again after its ack "
+            "deadline and dead-lettered after the topic's max_attempts")
 
 
 def decode_each(topic: str, items: Sequence[Any],
                 decode: Callable[[Any], Delivery],
-                message_id: Callable[[Any], str]) -> list[Delivery]:
+                message_id: Callable[[Any], str],
+                auto_ack: bool) -> list[Delivery]:
     """Return ``decode(item)`` for each of the fetched `items` whose body
     unpickles, in order.
 
     A fetched item whose body fails to unpickle stays in flight, so that
     it is delivered again after its ack deadline and dead-lettered after
-    max_attempts. It is logged with its topic and id and left out, so
+    max_attempts (with `auto_ack` it was acked and is lost). It is logged with its topic and id and left out, so
     that the other messages of the batch are still delivered. Raises
     `MessageDecodeError` (the unpickling error chained) only when no
     item decodes.
@@ -290,19 +298,19 @@ def decode_each(topic: str, items: Sequence[Any],
     if failures and not decoded:
         first_id, first_cause = failures[0]
         for failed_id, cause in failures[1:]:
-            _log_decode_failure(topic, failed_id, cause)
-        raise decode_error(topic, first_id, first_cause) from first_cause
+            _log_decode_failure(topic, failed_id, cause, auto_ack)
+        raise decode_error(topic, first_id, first_cause,
+                           auto_ack) from first_cause
     for failed_id, cause in failures:
-        _log_decode_failure(topic, failed_id, cause)
+        _log_decode_failure(topic, failed_id, cause, auto_ack)
     return decoded
 
 
 def _log_decode_failure(topic: str, message_id: str,
-                        cause: BaseException) -> None:
-    logger.error(
-        "message %s of topic %r failed to unpickle; it stays in flight "
-        "until its ack deadline", 
-        message_id, topic, exc_info=cause)
+                        cause: BaseException, auto_ack: bool) -> None:
+    logger.error("message %s of topic %r failed to unpickle. %s",
+                 message_id, topic, _decode_outcome(auto_ack),
+                 exc_info=cause)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1103,7 +1103,8 @@ class SharedLogBackend(ShmBackend):
         found = LogBackend.fetch(self, topic, group, consumer, max_items,
                                  ack_timeout=ack_timeout, auto_ack=auto_ack,
                                  timeout=timeout)
-        return decode_each(topic, found, _unpickled, _delivery_id)
+        return decode_each(topic, found, _unpickled, _delivery_id,
+                           auto_ack)
 
     def _fetch_now(self, topic: str, group: str, consumer: str,
                    max_items: int, ack_timeout: float, auto_ack: bool
@@ -1113,7 +1114,8 @@ class SharedLogBackend(ShmBackend):
         found = MemoryBackend.fetch(self, topic, group, consumer, max_items,
                                     ack_timeout=ack_timeout,
                                     auto_ack=auto_ack, timeout=0)
-        return decode_each(topic, found, _unpickled, _delivery_id)
+        return decode_each(topic, found, _unpickled, _delivery_id,
+                           auto_ack)
 
     async def fetch_async(self, topic: str, group: str, consumer: str,
                           max_items: int, *, ack_timeout: float,
@@ -1192,7 +1194,7 @@ class SharedLogBackend(ShmBackend):
         try:
             body = _loads(delivery[4])
         except Exception as exc:  # whatever the body's unpickling raised
-            raise decode_error(topic, delivery[0], exc) from exc
+            raise decode_error(topic, delivery[0], exc, auto_ack) from exc
         return _new_tuple(Delivery, (*delivery[:4], body, *delivery[5:]))
 
     def ack(self, topic: str, group: str, tag: Any) -> bool:

@@ -715,7 +715,7 @@ class RedisBackend(Backend):
                 return decode_each(
                     topic, found,
                     lambda raw: self._delivery(topic, group, raw),
-                    _raw_id)
+                    _raw_id, auto_ack)
             left = self._block_cap
             if deadline is not None:
                 left = deadline - time.monotonic()

@@ -1102,7 +1102,7 @@ class ShmBackend(LogBackend):
                 lambda delivery: Delivery(*delivery[:4],
                                           pickle.loads(delivery.body),
                                           *delivery[5:]),
-                _delivery_id)
+                _delivery_id, auto_ack)
 
     def message_reader(self, consumer: Any, message_type: type
                        ) -> Callable[[float, bool], Any] | None:
@@ -1160,7 +1160,7 @@ class ShmBackend(LogBackend):
                     topic, found,
                     lambda item: _core_delivery(core.path, topic, group,
                                                 group_index, item),
-                    _core_item_id)
+                    _core_item_id, auto_ack)
             if not waiting:
                 # Register, then look again, so a publish in between is
                 # not missed.
