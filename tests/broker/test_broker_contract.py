@@ -1578,6 +1578,28 @@ def test_unpicklable_field_raises_type_error(broker, field):
     assert broker.stats("t")["published"] == 0
 
 
+def test_producer_drops_unpicklable_message(broker, caplog):
+    if not broker.backend.pickles_messages:
+        pytest.skip("the memory backend stores objects without pickling")
+    consumer = broker.consume("t", "g", auto_ack=True, prefetch=10)
+    producer = broker.producer("t", linger=60, batch_size=100)
+    producer.publish("a")
+    producer.publish(threading.Lock())
+    producer.publish("b")
+    with caplog.at_level(logging.WARNING, logger="mqs.broker._broker"):
+        with pytest.raises(TypeError, match="body of a message to topic "
+                                            "'t' cannot be pickled"):
+            producer.flush()
+    assert producer.dropped == 1
+    assert "dropped 1 buffered message(s) that cannot be pickled" \
+        in caplog.text
+    # The other messages stay buffered and go out with the next flush.
+    assert len(producer.flush()) == 2
+    producer.close()
+    got = consumer.get_many(10, timeout=5)
+    assert [message.body for message in got] == ["a", "b"]
+
+
 def test_topics_lists_declared_sorted(broker):
     assert broker.topics() == []
     broker.declare_topic("orders")

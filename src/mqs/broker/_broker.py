@@ -193,6 +193,21 @@ def _flush_error(failures: list[tuple[str, int, Exception | None]]
     return error
 
 
+def _unpicklable_field(envelope: Envelope
+                       ) -> tuple[str, Exception] | None:
+    """Return the first field of `envelope` that fails to pickle, with
+    the pickling error, or None if every field pickles."""
+    for field in _PICKLED_FIELDS:
+        value = getattr(envelope, field)
+        if value is None:
+            continue
+        try:
+            pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # whatever pickling raised
+            return field, exc
+    return None
+
+
 def _fast_path(backend: Backend, name: str) -> Callable[..., Any] | None:
     """Return the bound method `name` of `backend` if its class overrides
     `Backend`'s default, which only returns None."""
@@ -744,10 +759,32 @@ class _Batcher:
                 else timeout)
         except BaseException as exc:
             accepted = getattr(exc, "accepted", 0)
-            self._batch = batch[accepted:] + self._batch
+            self._batch = self._retry_batch(batch[accepted:], exc) \
+                + self._batch
             raise
         finally:
             self._sending = 0
+
+    def _retry_batch(self, unsent: list[Envelope], error: BaseException
+                     ) -> list[Envelope]:
+        """Return the messages of `unsent` that a later send may publish.
+
+        A message that fails to pickle would fail every retry and hold
+        back the batch, so after a pickling error it is dropped, counted
+        in `dropped` and logged.
+        """
+        if not (isinstance(error, _PICKLE_ERRORS)
+                and self.broker._backend.pickles_messages):
+            return unsent
+        kept = [envelope for envelope in unsent
+                if _unpicklable_field(envelope) is None]
+        lost = len(unsent) - len(kept)
+        if lost:
+            self.dropped += lost
+            logger.warning(
+                "producer of %r dropped %d buffered message(s) that cannot "
+                "be pickled: %s", self.topic, lost, error)
+        return kept
 
     def flush(self) -> list[str]:
         with self._lock:
@@ -923,7 +960,8 @@ class Producer:
     def dropped(self) -> int:
         """Buffered messages dropped because they could not be published
         when the broker closed, the interpreter exited or the producer
-        was garbage-collected (see Notes)."""
+        was garbage-collected (see Notes), or because they failed to
+        pickle (the send that found them raised TypeError)."""
         return self._batcher.dropped
 
     def publish(self, body: Any, **options: Any) -> None:
@@ -1280,20 +1318,15 @@ class Broker:
         if not self._backend.pickles_messages:
             return
         for envelope in envelopes:
-            for field in _PICKLED_FIELDS:
-                value = getattr(envelope, field)
-                if value is None:
-                    continue
-                try:
-                    pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-                except Exception as exc:  # whatever pickling raised
-                    raise TypeError(
-                        f"{field} of a message to topic {topic!r} cannot be "
-                        f"pickled ({type(exc).__name__}: {exc}); the "
-                        f"{self._backend.name} backend pickles the {field}, "
-                        f"so pass a picklable value, such as built-in "
-                        f"types or instances of module-level classes"
-                    ) from exc
+            failure = _unpicklable_field(envelope)
+            if failure is not None:
+                field, exc = failure
+                raise TypeError(
+                    f"{field} of a message to topic {topic!r} cannot be "
+                    f"pickled ({type(exc).__name__}: {exc}); the "
+                    f"{self._backend.name} backend pickles the {field}, so "
+                    f"pass a picklable value, such as built-in types or "
+                    f"instances of module-level classes") from exc
 
     async def publish_async(self, topic: str, body: Any, *,
                             timeout: float | None = None, **options: Any
