@@ -407,6 +407,27 @@ def test_killed_server_loses_no_acknowledged_publish(redis_server_factory,
     assert "retry 1" in caplog.text
 
 
+def test_failed_ack_succeeds_after_restart(redis_server_factory, caplog):
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    server = redis_server_factory(appendfsync="always")
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=0.5)
+    try:
+        consumer = broker.consume("t", "g", ack_timeout=60)
+        broker.publish("t", "held")
+        message = consumer.get(timeout=5)
+        server.kill()
+        with pytest.raises(mqs.BackendConnectionError):
+            message.ack()
+        server.restart()
+        # The failed ack settled nothing, so the retry acks the message.
+        assert message.ack() is True
+        stats = broker.stats("t")
+        assert stats["acked"] == 1
+        assert stats["in_flight"] == 0
+    finally:
+        broker.close()
+
+
 # Connections.
 
 def test_connection_killed_during_blocking_get(redis_server_factory,
