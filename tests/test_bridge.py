@@ -60,6 +60,20 @@ def test_forward_rejects_bad_idle_timeout(idle_timeout):
     broker.close()
 
 
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_bridge_bool_options_reject_non_bool(value, tmp_path):
+    broker = mqs.Broker(backend="memory")
+    broker.publish("t", b"x")
+    with pytest.raises(TypeError, match="wait_for_topic must be True or "
+                                        "False, got"):
+        bridge.forward(broker, "t", broker, "u", wait_for_topic=value)
+    assert broker.stats("t")["acked"] == 0
+    broker.close()
+    endpoint = bridge.parse_endpoint(f"log:{tmp_path / 'b'}#t")
+    with pytest.raises(TypeError, match="pickle must be True or False, got"):
+        bridge.open_endpoint(endpoint, pickle=value)
+
+
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
 def test_cli_bridge_rejects_bad_idle_exit(value, tmp_path, capsys):
     from mqs.cli import main

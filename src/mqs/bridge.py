@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from mqs.broker import Broker
+from mqs.broker._broker import _check_bool
 from mqs.errors import BackendConnectionError, Empty, UnknownTopic
 
 __all__ = ["Endpoint", "forward", "open_endpoint", "parse_endpoint",
@@ -103,6 +104,7 @@ def open_endpoint(endpoint: Endpoint, *, pickle: bool = False,
     while it opens (None: as long as `retry_timeout`). Log and shm
     brokers ignore the timeouts.
     """
+    _check_bool("pickle", pickle)
     if endpoint.backend == "redis":
         options = {}
         if retry_timeout is not None:
@@ -143,6 +145,7 @@ def forward(source: Broker, source_topic: str, destination: Broker,
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int of 1 or more, got {batch!r}")
+    _check_bool("wait_for_topic", wait_for_topic)
     if idle_timeout is not None and (
             isinstance(idle_timeout, bool)
             or not isinstance(idle_timeout, (int, float))
