@@ -200,6 +200,9 @@ def test_rate_rejects_bad_values():
         mqs.Rate(-1)
     with pytest.raises(mqs.TopicConfigError, match="burst"):
         mqs.Rate(10, burst=0)
+    with pytest.raises(mqs.TopicConfigError,
+                       match="adaptive must be True or False, got str 'no'"):
+        mqs.Rate(10, adaptive="no")
 
 
 # Circuit breaker.

@@ -240,6 +240,10 @@ class Rate:
                 or not isinstance(self.burst, int) or self.burst < 1):
             raise TopicConfigError(
                 f"rate burst must be an int of 1 or more, got {self.burst!r}")
+        if not isinstance(self.adaptive, bool):
+            raise TopicConfigError(
+                f"rate adaptive must be True or False, got "
+                f"{type(self.adaptive).__name__} {self.adaptive!r}")
         if not 0 < self.decrease < 1:
             raise TopicConfigError(
                 f"rate decrease must be between 0 and 1, got "
