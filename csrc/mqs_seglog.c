@@ -1821,21 +1821,6 @@ static uint64_t page_up(const mqs_seglog_t *log, uint64_t pos)
     return (pos + page_mask) & ~page_mask;
 }
 
-/* Map the pages the toucher just created writable in the segment's
- * mapping too. The appender's first store into each page then takes no
- * page fault, with its page_mkwrite call into the file system, which
- * cost about half of a small append. The toucher is busy meanwhile, so
- * the segment stays mapped. Kernels before 5.14 reject the advice, and
- * the appender then faults the pages in itself. */
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
-static void populate_mapping(mqs_segment_t *seg, uint64_t from, uint64_t len)
-{
-    (void)madvise(seg->map + from, (size_t)len, MADV_POPULATE_WRITE);
-}
-
 static void *toucher_main(void *arg)
 {
     mqs_seglog_t *log = arg;
@@ -1878,8 +1863,6 @@ static void *toucher_main(void *arg)
         if (hook)
             hook(hook_ctx, from, to, 1);
         ssize_t n = pwrite(seg->fd, zeros, (size_t)(to - from), (off_t)from);
-        if (n > 0)
-            populate_mapping(seg, from, (uint64_t)n);
         pthread_mutex_lock(&log->touch_mu);
         log->touch_busy = 0;
         if (n > 0)
