@@ -210,6 +210,15 @@ class Reader:
         for line in self.process.stdout:
             self.lines.append(json.loads(line))
 
+    def stop(self):
+        """Kill the child if it still runs, then close its pipes."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        self.thread.join(30)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
     def wait_for(self, key, timeout=60):
         deadline = time.monotonic() + timeout
         while True:
@@ -268,12 +277,7 @@ def test_log_removed_directory_while_process_has_it_open(path, tmp_path):
         finally:
             reopened.close()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
-        reader.thread.join(30)
-        process.stdout.close()
-        process.stderr.close()
+        reader.stop()
 
 
 def run_clean(path):
@@ -440,12 +444,7 @@ def test_log_backup_restored_in_place_wins_over_journal(
         process.send_signal(signal.SIGKILL)
         process.wait(30)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
-        reader.thread.join(30)
-        process.stdout.close()
-        process.stderr.close()
+        reader.stop()
     # compact_bytes=1 writes a new log at every operation; the default
     # keeps appending to the log of the backup.
     same_log = read_current(backup) == log_at_crash
@@ -513,12 +512,7 @@ def test_log_crash_keeps_journal_ahead_of_log(path, tmp_path):
         writer.send_signal(signal.SIGKILL)
         writer.wait(30)
     finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait(30)
-        reader.thread.join(30)
-        writer.stdout.close()
-        writer.stderr.close()
+        reader.stop()
 
     old = journal_name(path)
     broker = mqs.Broker(backend="log", path=path)
@@ -669,12 +663,7 @@ def test_log_backup_restored_before_takeover_stops_broker(path, tmp_path,
         finally:
             broker.close()
     finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait(30)
-        reader.thread.join(30)
-        writer.stdout.close()
-        writer.stderr.close()
+        reader.stop()
     assert journal_files(path) == []
     reopened = mqs.Broker(backend="log", path=path)
     try:
