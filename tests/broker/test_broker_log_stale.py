@@ -197,6 +197,26 @@ print(json.dumps({"closed": True}), flush=True)
 """
 
 
+def start_two_step_publisher(path, compact_bytes, go):
+    """Start TWO_STEP_PUBLISHER on `path`; return the process and the
+    `Reader` of its reports."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", TWO_STEP_PUBLISHER, str(path),
+         str(compact_bytes), str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return process, Reader(process)
+
+
+def stored_after_open(path, topic="old"):
+    """Open the log broker at `path` and return how many messages `topic`
+    stores."""
+    broker = mqs.Broker(backend="log", path=path)
+    try:
+        return broker.stats(topic)["stored"]
+    finally:
+        broker.close()
+
+
 class Reader:
     """Collect the JSON lines of a child's stdout in a thread."""
 
@@ -296,11 +316,7 @@ def test_cli_clean_after_crash_keeps_messages(path):
     assert "removed 0 journal(s)" in result.stdout
     assert journal_files(path) == []
     # The journal went into the log before it was removed.
-    broker = mqs.Broker(backend="log", path=path)
-    try:
-        assert broker.stats("old")["stored"] == 1
-    finally:
-        broker.close()
+    assert stored_after_open(path) == 1
 
 
 def test_cli_clean_removed_directory(path):
@@ -429,11 +445,7 @@ def test_log_backup_restored_in_place_wins_over_journal(
         path, tmp_path, caplog, compact_bytes):
     go = tmp_path / "go"
     backup = tmp_path / "backup"
-    process = subprocess.Popen(
-        [sys.executable, "-c", TWO_STEP_PUBLISHER, str(path),
-         str(compact_bytes), str(go)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reader = Reader(process)
+    process, reader = start_two_step_publisher(path, compact_bytes, go)
     try:
         reader.wait_for("ready")
         shutil.copytree(path, backup)
@@ -477,11 +489,7 @@ def test_log_crash_keeps_journal_ahead_of_log(path, tmp_path):
     """The writer is stopped, so the journal holds a publish of another
     process that the log lacks; after both die the journal wins."""
     go = tmp_path / "go"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", TWO_STEP_PUBLISHER, str(path), str(64 << 20),
-         str(go)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reader = Reader(writer)
+    writer, reader = start_two_step_publisher(path, 64 << 20, go)
     other = None
     try:
         reader.wait_for("ready")
@@ -502,11 +510,7 @@ def test_log_crash_keeps_journal_ahead_of_log(path, tmp_path):
         copy = tmp_path / "copy"
         shutil.copytree(path, copy)
         try:
-            from_log = mqs.Broker(backend="log", path=copy)
-            try:
-                assert from_log.stats("old")["stored"] == 1
-            finally:
-                from_log.close()
+            assert stored_after_open(copy) == 1
         finally:
             unlink_journal(copy)
         writer.send_signal(signal.SIGKILL)
@@ -554,11 +558,7 @@ def test_log_backup_restored_while_open_stops_broker(path, tmp_path):
         broker.close()
     # The close removed the journal and wrote nothing.
     assert journal_files(path) == []
-    reopened = mqs.Broker(backend="log", path=path)
-    try:
-        assert reopened.stats("old")["stored"] == 1
-    finally:
-        reopened.close()
+    assert stored_after_open(path) == 1
 
 
 def test_log_mismatch_cases(path):
@@ -626,11 +626,7 @@ def test_log_backup_restored_before_takeover_stops_broker(path, tmp_path,
     writer left it."""
     go = tmp_path / "go"
     backup = tmp_path / "backup"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", TWO_STEP_PUBLISHER, str(path), str(64 << 20),
-         str(go)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reader = Reader(writer)
+    writer, reader = start_two_step_publisher(path, 64 << 20, go)
     try:
         reader.wait_for("ready")
         broker = mqs.Broker(backend="log", path=path)
@@ -665,11 +661,7 @@ def test_log_backup_restored_before_takeover_stops_broker(path, tmp_path,
     finally:
         reader.stop()
     assert journal_files(path) == []
-    reopened = mqs.Broker(backend="log", path=path)
-    try:
-        assert reopened.stats("old")["stored"] == 1
-    finally:
-        reopened.close()
+    assert stored_after_open(path) == 1
 
 
 def test_log_backup_of_same_log_restored_before_close(path, tmp_path):
@@ -688,8 +680,4 @@ def test_log_backup_of_same_log_restored_before_close(path, tmp_path):
     finally:
         broker.close()
     assert journal_files(path) == []
-    reopened = mqs.Broker(backend="log", path=path)
-    try:
-        assert reopened.stats("old")["stored"] == 1
-    finally:
-        reopened.close()
+    assert stored_after_open(path) == 1
