@@ -49,8 +49,8 @@
  * touched. Every scan stops at slot_limit. When the topic has drained
  * (no message stored), an ack, a dead-letter drop or the next publish
  * gives the pages of the slots and lane rings past MQS_TC_GROW_SLOTS
- * back (madvise MADV_REMOVE, which a tmpfs file honours); the entries
- * keep theirs, so that tickets keep growing. Creating a group at
+ * back with madvise MADV_REMOVE, which a tmpfs file honours. The
+ * entries keep their pages, so that tickets keep growing. Creating a group at
  * "earliest" and repair put a whole backlog in order with one sort in a
  * scratch array, so they cost O(n log n) in the stored messages. Ack
  * deadlines and closing a consumer walk the group's in-flight list. NOTE: the other cumulative counters (acked, ...) are

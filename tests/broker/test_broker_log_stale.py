@@ -486,7 +486,7 @@ def test_log_backup_restored_in_place_wins_over_journal(
 
 
 def test_log_crash_keeps_journal_ahead_of_log(path, tmp_path):
-    """The writer is stopped, so the journal holds a publish of another
+    """The writer is stopped, so the journal contains a publish of another
     process that the log lacks; after both die the journal wins."""
     go = tmp_path / "go"
     writer, reader = start_two_step_publisher(path, 64 << 20, go)

@@ -959,8 +959,8 @@ class _Parts:
 
     The C pickler of CPython 3.11 (protocol 4 and later) passes a large
     bytes value, such as the snapshot's column of bodies, to `write` as
-    the object itself, so it is kept as views instead of being copied
-    into one output buffer first.
+    the object itself. This sink keeps such a value as views, instead of
+    copying it into one output buffer first.
     """
 
     def __init__(self, max_bytes: int) -> None:
