@@ -91,6 +91,39 @@ class JournalVersionError(JournalLayoutError, LayoutVersionError):
     than this mqs reads."""
 
 
+cdef list _parse_records(const unsigned char *records, int64_t start,
+                         int64_t end, str source):
+    cdef uint32_t length
+    cdef list found = []
+    while start < end:
+        if end - start < MQS_JOURNAL_RECORD_HEADER:
+            raise ValueError(f"{source} has a truncated record header at "
+                             f"byte {start}")
+        memcpy(&length, records + start, sizeof(length))
+        if mqs_journal_record_bytes(length) > end - start:
+            raise ValueError(f"{source} has a record of {length} bytes "
+                             f"past its end at byte {start}")
+        found.append(PyBytes_FromStringAndSize(
+            <const char *>records + start + MQS_JOURNAL_RECORD_HEADER,
+            length))
+        start += mqs_journal_record_bytes(length)
+    return found
+
+
+def read_records(bytes data, int64_t start):
+    """Return the payloads of the records in `data` (the output of
+    `SharedJournal.copy_records`) from byte `start` to its end.
+
+    Raises ValueError if `start` is outside `data` or a record runs past
+    its end."""
+    cdef int64_t end = len(data)
+    if start < 0 or start > end:
+        raise ValueError(f"record offset {start} is outside the {end} "
+                         f"bytes of copied journal records")
+    return _parse_records(<const unsigned char *>PyBytes_AS_STRING(data),
+                          start, end, "the copied journal records")
+
+
 cdef class SharedJournal(_MappedFile):
     """The mapped journal file at `path`, created if missing.
 
@@ -277,23 +310,23 @@ cdef class SharedJournal(_MappedFile):
 
     def read(self, int64_t start, int64_t end):
         """Return the payloads of the records from byte `start` to `end`."""
-        cdef unsigned char *records
-        cdef uint32_t length
-        cdef list found = []
         self._check()
         if start < 0 or end > mqs_journal_bytes(self._header) or start > end:
             raise ValueError(f"record range {start}..{end} is outside the "
                              f"journal of {self.path}")
-        records = (<unsigned char *>self._header) + MQS_JOURNAL_HEADER_BYTES
-        while start < end:
-            memcpy(&length, records + start, sizeof(length))
-            if mqs_journal_record_bytes(length) > end - start:
-                raise ValueError(f"journal {self.path} has a record of "
-                                 f"{length} bytes past its end at {start}")
-            found.append(PyBytes_FromStringAndSize(
-                <char *>records + start + MQS_JOURNAL_RECORD_HEADER, length))
-            start += mqs_journal_record_bytes(length)
-        return found
+        return _parse_records(
+            (<unsigned char *>self._header) + MQS_JOURNAL_HEADER_BYTES,
+            start, end, self.path)
+
+    def copy_records(self, int64_t end):
+        """Return the record bytes from the start of the journal to byte
+        `end`, in the layout that `read_records` parses."""
+        self._check()
+        if end < 0 or end > mqs_journal_bytes(self._header):
+            raise ValueError(f"record range 0..{end} is outside the "
+                             f"journal of {self.path}")
+        return PyBytes_FromStringAndSize(
+            (<char *>self._header) + MQS_JOURNAL_HEADER_BYTES, end)
 
     def restart(self):
         """Start a new generation with no records; return it."""

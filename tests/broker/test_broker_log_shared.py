@@ -701,3 +701,80 @@ def test_log_exit_without_close_moves_journal_to_log(path):
     assert consumer.get(timeout=5).body == "kept"
     consumer.close()
     broker.close()
+
+
+LAGGING_WRITER = """
+from mqs.broker import _log_shared
+
+snapshots = []
+write_snapshot = _log_shared.SharedLogBackend._write_snapshot
+
+
+def counted(self):
+    snapshots.append(self._generation)
+    write_snapshot(self)
+
+
+_log_shared.SharedLogBackend._write_snapshot = counted
+broker = mqs.Broker(backend="log", path=sys.argv[1], segment_bytes=1 << 20,
+                    journal_bytes=16384, fsync="interval")
+broker.declare_topic("t")
+print(json.dumps({"snapshots": len(snapshots)}), flush=True)
+go = sys.argv[2]
+while not os.path.exists(go):
+    time.sleep(0.01)
+stats = broker.stats("t")
+print(json.dumps({"snapshots": len(snapshots),
+                  "published": stats["published"]}), flush=True)
+broker.close()
+"""
+
+
+@pytest.mark.parametrize("keep_tail", [True, False])
+def test_log_lagging_writer_appends_tail(path, tmp_path, keep_tail):
+    go = tmp_path / "go"
+    child = Child(LAGGING_WRITER, path, go)
+    try:
+        assert child.wait_report()["snapshots"] == 1
+        broker = open_broker(path, fsync="interval")
+        backend = broker._backend
+        assert not backend._writer
+        # Stopped, the writer cannot append the records of this process
+        # to its log before the journal restarts.
+        child.process.send_signal(signal.SIGSTOP)
+        try:
+            ended, _ = backend._journal.position()
+            bodies = []
+            while backend._journal.position()[0] == ended:
+                bodies.append(len(bodies))
+                broker.publish("t", bodies[-1])
+            tail = f"{backend._journal_file}.tail-{ended}"
+            assert os.path.exists(tail)
+            if not keep_tail:
+                os.unlink(tail)
+        finally:
+            child.process.send_signal(signal.SIGCONT)
+        go.touch()
+        deadline = time.monotonic() + 60
+        while len(child.reports) < 2:
+            assert child.process.poll() is None, child.process.stderr.read()
+            assert time.monotonic() < deadline, "child reported nothing"
+            time.sleep(0.01)
+        report = child.reports[1]
+        assert report["published"] == len(bodies)
+        # With the tail the writer appends the missed records; without
+        # it, it writes a snapshot of the whole state to its log.
+        assert report["snapshots"] == (1 if keep_tail else 2)
+        assert child.process.wait(60) == 0
+        broker.close()
+    finally:
+        # Also closes the pipes of a child that exited.
+        child.kill()
+    # A reboot: the log alone contains every message.
+    unlink_journal(path)
+    broker = open_broker(path)
+    consumer = broker.consume("t", "g", start="earliest",
+                              prefetch=len(bodies) + 1)
+    assert sorted(take_all(consumer)) == bodies
+    consumer.close(drain=False)
+    broker.close()

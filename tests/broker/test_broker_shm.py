@@ -434,6 +434,135 @@ def test_shm_journal_wraps_into_snapshots(name):
         broker.close()
 
 
+def tail_files(name):
+    prefix = f"mqs.broker.{name}.tail-"
+    return [entry for entry in os.listdir(SHM_DIR)
+            if entry.startswith(prefix)]
+
+
+def publish_past_one_restart(broker, **options):
+    """Publish until the journal restarts once; return the generation
+    that the restart ended and the bodies published."""
+    journal = broker.backend._journal
+    ended, _ = journal.position()
+    bodies = []
+    while journal.position()[0] == ended:
+        bodies.append(len(bodies))
+        broker.publish("t", bodies[-1], **options)
+    return ended, bodies
+
+
+def count_snapshot_loads(monkeypatch, broker):
+    loads = []
+    backend = broker.backend
+    load = backend._load_snapshot_file
+
+    def counted(generation):
+        loads.append(generation)
+        load(generation)
+
+    monkeypatch.setattr(backend, "_load_snapshot_file", counted)
+    return loads
+
+
+def test_shm_lagging_replica_replays_tail(name, monkeypatch):
+    writer = open_broker(name, journal_bytes=4096)
+    # A ttl keeps the topic on the journal (a topic core has no ttl).
+    writer.declare_topic("t", ttl=3600)
+    lagging = open_broker(name)
+    loads = count_snapshot_loads(monkeypatch, lagging)
+    ended, bodies = publish_past_one_restart(writer, priority=5)
+    assert tail_files(name) == [f"mqs.broker.{name}.tail-{ended}"]
+
+    # The lagging replica applies the rest of the old generation from
+    # the tail, then the new generation's records.
+    assert lagging.stats("t") == writer.stats("t")
+    assert loads == []
+    assert lagging.backend._generation == ended + 1
+    consumer = lagging.consume("t", "g", start="earliest",
+                               prefetch=len(bodies))
+    messages = drain(consumer, len(bodies))
+    assert [message.body for message in messages] == bodies
+    assert writer.stats("t")["acked"] == len(bodies)
+    consumer.close()
+    writer.close()
+    lagging.close()
+
+
+def test_shm_replica_without_tail_loads_snapshot(name, monkeypatch):
+    writer = open_broker(name, journal_bytes=4096)
+    writer.declare_topic("t", ttl=3600)
+    lagging = open_broker(name)
+    loads = count_snapshot_loads(monkeypatch, lagging)
+    ended, bodies = publish_past_one_restart(writer)
+    for entry in tail_files(name):
+        os.unlink(os.path.join(SHM_DIR, entry))
+
+    assert lagging.stats("t") == writer.stats("t")
+    assert loads == [ended + 1]
+    consumer = lagging.consume("t", "g", start="earliest",
+                               prefetch=len(bodies))
+    assert [m.body for m in drain(consumer, len(bodies))] == bodies
+    consumer.close()
+    writer.close()
+    lagging.close()
+
+
+def test_shm_tail_of_wrong_size_is_ignored(name, monkeypatch):
+    writer = open_broker(name, journal_bytes=4096)
+    writer.declare_topic("t", ttl=3600)
+    lagging = open_broker(name)
+    loads = count_snapshot_loads(monkeypatch, lagging)
+    ended, bodies = publish_past_one_restart(writer)
+    [entry] = tail_files(name)
+    with open(os.path.join(SHM_DIR, entry), "r+b") as file:
+        file.truncate(8)
+
+    assert lagging.stats("t") == writer.stats("t")
+    assert loads == [ended + 1]
+    writer.close()
+    lagging.close()
+
+
+def test_shm_generation_with_adopt_writes_no_tail(name, monkeypatch):
+    writer = open_broker(name, journal_bytes=1 << 16)
+    writer.declare_topic("t")
+    assert "t" in writer.backend._core_paths
+    writer.publish("t", "on the core")
+    # A key moves the topic from its core to the journal (an adopt
+    # record, whose state file the next compaction removes).
+    writer.publish("t", "keyed", key="k")
+    assert "t" not in writer.backend._core_paths
+    lagging = open_broker(name)
+    loads = count_snapshot_loads(monkeypatch, lagging)
+    # The lagging replica applied the adopt record when it opened.
+    ended, bodies = publish_past_one_restart(writer)
+    assert tail_files(name) == []
+
+    assert lagging.stats("t") == writer.stats("t")
+    assert loads == [ended + 1]
+    # The next generation has no adopt record: its compaction writes
+    # a tail again.
+    lagging.stats("t")
+    loads.clear()
+    ended, more = publish_past_one_restart(writer)
+    assert tail_files(name) == [f"mqs.broker.{name}.tail-{ended}"]
+    assert lagging.stats("t") == writer.stats("t")
+    assert loads == []
+    writer.close()
+    lagging.close()
+
+
+def test_shm_unlink_removes_tail_files(name):
+    writer = open_broker(name, journal_bytes=4096)
+    writer.declare_topic("t", ttl=3600)
+    publish_past_one_restart(writer)
+    assert len(tail_files(name)) == 1
+    writer.close()
+    assert mqs.Broker.unlink(name)
+    assert tail_files(name) == []
+
+
 # Topic cores and the journal.
 
 def core_files(name):

@@ -346,7 +346,8 @@ def _journal_files(path: str | os.PathLike[str]) -> dict[str, list[str]]:
                 char in "0123456789abcdef" for char in rest[1:17]):
             identity = rest[:17]
             rest = rest[17:]
-        if rest and not rest.startswith((".durable", ".snapshot-")):
+        if rest and not rest.startswith((".durable", ".snapshot-",
+                                         ".tail-")):
             continue
         found.setdefault(prefix + identity, []).append(
             os.path.join(SHM_DIR, entry))
@@ -990,8 +991,9 @@ class SharedLogBackend(ShmBackend):
         self._close_stale_consumers()
 
         # The journal's first generation: other processes load this
-        # replica from its snapshot.
-        ShmBackend._compact(self)
+        # replica from its snapshot, since the records of generation 0
+        # do not contain the restore.
+        ShmBackend._compact(self, tail=False)
         self._write_snapshot()
 
     def _load_snapshot(self, data: bytes) -> tuple:
@@ -1465,11 +1467,15 @@ class SharedLogBackend(ShmBackend):
     def _snapshot_path(self, generation: int) -> str:
         return f"{self._journal_file}.snapshot-{generation}"
 
+    def _tail_path(self, generation: int) -> str:
+        return f"{self._journal_file}.tail-{generation}"
+
     def _remove_snapshots(self, keep: str | None) -> None:
-        prefix = os.path.basename(self._journal_file) + ".snapshot-"
+        base = os.path.basename(self._journal_file)
+        prefixes = (base + ".snapshot-", base + ".tail-")
         for entry in os.listdir(SHM_DIR):
             path = os.path.join(SHM_DIR, entry)
-            if entry.startswith(prefix) and path != keep:
+            if entry.startswith(prefixes) and path != keep:
                 try:
                     os.unlink(path)
                 except FileNotFoundError:

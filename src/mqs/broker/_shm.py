@@ -61,11 +61,16 @@ Design: topic cores for the common path, a replicated journal for the rest
     When the journal has no room for a record, the mutex holder writes
     its replica (`TopicState.snapshot`, with the core files and core
     consumers) to ``mqs.broker.<name>.snapshot-<generation>`` in /dev/shm
-    and restarts the journal empty under the next generation. A replica
-    that had applied every record of the old journal goes on as it is;
-    one that had not reloads the snapshot. The snapshot lives in its own
-    file because its size is that of the stored state, which the fixed
-    mapping cannot bound.
+    and restarts the journal empty under the next generation. It also
+    copies the old journal's records to ``mqs.broker.<name>.tail-<old
+    generation>``. A replica that had applied every record of the old
+    journal goes on as it is, and one that had not applies the rest
+    from the tail file. A replica that missed more than one generation,
+    or whose tail file is missing, reloads the snapshot. So does one
+    whose missed generation contains an ``adopt`` record, because the
+    compaction removes the adopted state's file and writes no tail then.
+    The snapshot lives in its own file because its size is that of the
+    stored state, which the fixed mapping cannot bound.
 
     Why both: the broker's rules (weighted lanes, key ordering, per-group
     rate buckets, dedup windows, retry jitter, DLQ headers) live in
@@ -133,8 +138,8 @@ Limits
     (it grows with the messages stored on the journal; those of a topic
     on its core are not part of it) about once per `journal_bytes` of
     records: about 0.5 s per million stored messages on a 2-vCPU VM,
-    and a replica that reloads the snapshot takes longer (see
-    `TopicState.snapshot`). Moving a topic from its core to the journal
+    and a replica that reloads the snapshot instead of applying the
+    tail takes longer (see `TopicState.snapshot`). Moving a topic from its core to the journal
     takes a time that grows with its stored messages too. A process stopped
     (SIGSTOP, a debugger) while it holds the mutex stalls every other
     process until it continues or dies.
@@ -172,6 +177,7 @@ from mqs._journal import (
     WRITER,
     JournalSection,
     SharedJournal,
+    read_records,
 )
 from mqs._topiccore import (
     DEAD_REASONS,
@@ -450,6 +456,9 @@ class ShmBackend(LogBackend):
 
     def _reset_state(self) -> None:
         self._topics = {}
+        # The generation in which this replica applied an `adopt` record:
+        # the compaction that ends it writes no tail (see `_write_tail`).
+        self._adopted_generation = -1
         self._next_message = 0
         self._next_consumer = 0
         # consumer id -> (topic, group, slot, token) of its process.
@@ -482,7 +491,8 @@ class ShmBackend(LogBackend):
         generation, used = self._journal.position()
         if generation != self._generation:
             if not (generation == self._generation + 1
-                    and self._applied == self._journal.restart_used):
+                    and (self._applied == self._journal.restart_used
+                         or self._replay_tail())):
                 self._load_snapshot_file(generation)
             self._generation = generation
             self._applied = 0
@@ -545,6 +555,32 @@ class ShmBackend(LogBackend):
                 # It raised the same way where it first ran.
                 logger.debug("replayed %s raised", op, exc_info=True)
 
+    def _replay_tail(self) -> bool:
+        """Apply the records of generation `_generation` that this replica
+        lacks from the tail file of its compaction; return False, changing
+        nothing, when that file is missing or does not match the journal.
+        The caller holds the mutex and found the next generation."""
+        if self._generation < 0:
+            return False
+        path = self._tail_path(self._generation)
+        try:
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                file.seek(self._applied)
+                data = file.read()
+        except FileNotFoundError:
+            return False
+        if size != self._journal.restart_used:
+            return False
+        try:
+            records = read_records(data, 0)
+        except ValueError:
+            logger.warning("%s: tail file %s is damaged; loading the "
+                           "snapshot instead", self._label, path)
+            return False
+        self._replay_records(records)
+        return True
+
     def _load_snapshot_file(self, generation: int) -> None:
         self._reset_state()
         if generation == 0:
@@ -581,9 +617,17 @@ class ShmBackend(LogBackend):
     def _snapshot_path(self, generation: int) -> str:
         return f"{self.path}.snapshot-{generation}"
 
-    def _compact(self) -> None:
+    def _tail_path(self, generation: int) -> str:
+        return f"{self.path}.tail-{generation}"
+
+    def _compact(self, tail: bool = True) -> None:
         """Write the replica as the next generation's snapshot and restart
-        the journal; the caller holds the mutex and is caught up."""
+        the journal; the caller holds the mutex and is caught up.
+
+        With `tail`, the old generation's records go to a tail file too, so
+        that replicas that lack some of them apply those instead of loading
+        the snapshot. Pass False when the replica changed outside the
+        journal's records (a restore from the log)."""
         topics = {name: state.snapshot()
                   for name, state in self._topics.items()}
         fields = (FORMAT, self._next_message, self._next_consumer,
@@ -608,16 +652,43 @@ class ShmBackend(LogBackend):
             except FileNotFoundError:
                 pass
             raise
+        old_generation, used = self._journal.position()
+        records = self._journal.copy_records(used) if tail else None
         self._generation = self._journal.restart()
         self._applied = 0
         self._remove_snapshots(keep=path)
+        if records is not None:
+            self._write_tail(old_generation, records)
         logger.debug("shm broker %s: wrote a snapshot of %d bytes for "
                      "generation %d", self.shm_name, size,
                      self._generation)
 
+    def _write_tail(self, generation: int, records: bytes) -> None:
+        """Write `records`, the whole of generation `generation`, to its
+        tail file. A generation with an `adopt` record gets none, because
+        its compaction removed the adopted state's file, which a replay
+        needs: its lagging replicas load the snapshot."""
+        if self._adopted_generation == generation:
+            return
+        path = self._tail_path(generation)
+        temp = f"{path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                         | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as file:
+                file.write(records)
+            os.replace(temp, path)
+        except OSError as exc:
+            # Without the tail, lagging replicas load the snapshot.
+            logger.warning("%s: failed to write tail file %s: %s",
+                           self._label, path, exc)
+            _unlink_quietly(temp)
+
     def _remove_snapshots(self, keep: str | None) -> None:
-        # Adopted topic states are in the new snapshot too.
+        # Adopted topic states are in the new snapshot too. Tails of older
+        # generations only serve replicas that load the snapshot anyway.
         prefixes = (os.path.basename(self.path) + ".snapshot-",
+                    os.path.basename(self.path) + ".tail-",
                     os.path.basename(self.path) + ".adopt-")
         for entry in os.listdir(SHM_DIR):
             path = os.path.join(SHM_DIR, entry)
@@ -768,6 +839,7 @@ class ShmBackend(LogBackend):
     def _do_adopt(self, topic: str, path: str) -> None:
         """Replace a core topic's state by the one its core handed over
         (see `_move_to_journal`)."""
+        self._adopted_generation = self._generation
         with open(path, "rb") as file:
             data = pickle.load(file)
         self._topics[topic] = TopicState.restore(data, self._pinned,
@@ -1521,7 +1593,8 @@ class ShmBackend(LogBackend):
         except FileNotFoundError:
             existed = False
         base = os.path.basename(path)
-        prefixes = (base + ".snapshot-", base + ".core-", base + ".adopt-")
+        prefixes = (base + ".snapshot-", base + ".tail-", base + ".core-",
+                    base + ".adopt-")
         for entry in os.listdir(SHM_DIR):
             if entry.startswith(prefixes):
                 try:
