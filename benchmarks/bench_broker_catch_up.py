@@ -9,10 +9,10 @@ two calls. That process then lacks records of the old journal and
 catches up in one of two ways, measured in the same run:
 
 - ``tail``: it applies the records it lacks from the tail file that the
-  restart wrote (the default);
-- ``snapshot``: it reloads the snapshot of the whole state, as it did
-  before tail files existed (its `_replay_tail` is replaced by one that
-  returns False).
+  restart wrote (the default when that costs less than the snapshot);
+- ``snapshot``: it reloads the newest snapshot of the whole state and
+  applies the tails after it, as a new process does (before tail files
+  existed, every lagging process reloaded a snapshot).
 
 Both hold the broker's mutex, so every other process waits as long.
 Reported per backlog size and way: the catch-ups seen, their longest
@@ -45,23 +45,20 @@ def _watch(path, way, stop, results):
     broker = mqs.Broker(backend="log", path=path, fsync="never")
     backend = broker._backend
     catch_ups = []
-    replay_tail = backend._replay_tail
-    load_snapshot = backend._load_snapshot_file
+    catch_up = backend._catch_up
 
-    def timed_tail():
+    def timed_catch_up(generation):
+        if (generation == backend._generation + 1
+                and backend._applied == backend._journal.restart_used):
+            return
         started = time.perf_counter()
-        applied = way == "tail" and replay_tail()
-        if applied:
-            catch_ups.append(time.perf_counter() - started)
-        return applied
-
-    def timed_load(generation):
-        started = time.perf_counter()
-        load_snapshot(generation)
+        if way == "tail":
+            catch_up(generation)
+        else:
+            backend._load_snapshot_file(generation)
         catch_ups.append(time.perf_counter() - started)
 
-    backend._replay_tail = timed_tail
-    backend._load_snapshot_file = timed_load
+    backend._catch_up = timed_catch_up
     longest = 0.0
     try:
         while not stop.is_set():

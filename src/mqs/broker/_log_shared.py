@@ -34,9 +34,11 @@ Design
     lock and the next process that takes it becomes the writer: it
     writes its replica (which is the journal's state) as a snapshot
     into a new log and switches ``CURRENT`` to it, so records the dead
-    writer appended or not do not matter. The writer does the same when
-    a journal compaction by another process dropped records that it had
-    not appended yet.
+    writer appended or not do not matter. When a journal restart by
+    another process dropped records that the writer had not appended
+    yet, the writer appends them from the journal's tail files (see
+    `mqs.broker._shm`), or writes a snapshot the same way when it loads
+    the journal's snapshot instead.
 
     The first process to open a broker whose journal does not exist (no
     process has it open, after a reboot, or after every process closed
@@ -883,9 +885,10 @@ class SharedLogBackend(ShmBackend):
 
     def _load_snapshot_file(self, generation: int) -> None:
         # This replica missed records of the old generation, so the log
-        # missed them too.
-        super()._load_snapshot_file(generation)
+        # missed them too. Set first, so that the replay of the tails
+        # after the snapshot does not append them to the log.
         self._log_behind = True
+        super()._load_snapshot_file(generation)
 
     def _replay_records(self, records: list[bytes]) -> None:
         super()._replay_records(records)
@@ -1462,24 +1465,11 @@ class SharedLogBackend(ShmBackend):
         self._lock_fd = _open_file(os.path.join(self.path, LOCK))
         self._start_thread()
 
-    # Snapshot files of the journal (ShmBackend keys them by `path`).
+    # Snapshot and tail files of the journal (ShmBackend names them
+    # after `path`).
 
-    def _snapshot_path(self, generation: int) -> str:
-        return f"{self._journal_file}.snapshot-{generation}"
-
-    def _tail_path(self, generation: int) -> str:
-        return f"{self._journal_file}.tail-{generation}"
-
-    def _remove_snapshots(self, keep: str | None) -> None:
-        base = os.path.basename(self._journal_file)
-        prefixes = (base + ".snapshot-", base + ".tail-")
-        for entry in os.listdir(SHM_DIR):
-            path = os.path.join(SHM_DIR, entry)
-            if entry.startswith(prefixes) and path != keep:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+    def _files_base(self) -> str:
+        return self._journal_file
 
     def _size_advice(self) -> str:
         journal_bytes = self._journal.journal_bytes

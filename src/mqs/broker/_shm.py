@@ -58,19 +58,21 @@ Design: topic cores for the common path, a replicated journal for the rest
     and tags handed out by the core keep working (``(s<seq>, ticket)`` on
     the journal).
 
-    When the journal has no room for a record, the mutex holder writes
-    its replica (`TopicState.snapshot`, with the core files and core
-    consumers) to ``mqs.broker.<name>.snapshot-<generation>`` in /dev/shm
-    and restarts the journal empty under the next generation. It also
-    copies the old journal's records to ``mqs.broker.<name>.tail-<old
-    generation>``. A replica that had applied every record of the old
-    journal goes on as it is, and one that had not applies the rest
-    from the tail file. A replica that missed more than one generation,
-    or whose tail file is missing, reloads the snapshot. So does one
-    whose missed generation contains an ``adopt`` record, because the
-    compaction removes the adopted state's file and writes no tail then.
-    The snapshot lives in its own file because its size is that of the
-    stored state, which the fixed mapping cannot bound.
+    When the journal has no room for a record, the mutex holder copies
+    its records to ``mqs.broker.<name>.tail-<generation>`` in /dev/shm
+    and restarts the journal empty under the next generation. Once the
+    tails since the last snapshot add up to that snapshot's size, the
+    restart also writes its replica (`TopicState.snapshot`, with the core
+    files and core consumers) to ``mqs.broker.<name>.snapshot-<next
+    generation>`` and removes the older snapshots and tails. A replica
+    that had applied every record of the old journal goes on as it is,
+    and one that had not applies the rest from the tails. A new replica,
+    or one for which that costs less, loads the newest snapshot and
+    applies the tails after it. A generation that contains an ``adopt``
+    record gets no tail, because the adopted state's file goes with the
+    snapshot that its restart then writes. The snapshot lives in its own
+    file because its size is that of the stored state, which the fixed
+    mapping cannot bound.
 
     Why both: the broker's rules (weighted lanes, key ordering, per-group
     rate buckets, dedup windows, retry jitter, DLQ headers) live in
@@ -133,13 +135,13 @@ Limits
     message raises `MessageTooLarge`. At most 256 processes have a
     broker of one name open at once. A consumer belongs to the process
     that opened it; a child forked after that takes its own slot and
-    must open its own consumers. A compaction holds the mutex while it
+    must open its own consumers. A snapshot holds the mutex while it
     pickles and writes the whole state, so every process waits that long
     (it grows with the messages stored on the journal; those of a topic
-    on its core are not part of it) about once per `journal_bytes` of
-    records: about 0.5 s per million stored messages on a 2-vCPU VM,
-    and a replica that reloads the snapshot instead of applying the
-    tail takes longer (see `TopicState.snapshot`). Moving a topic from its core to the journal
+    on its core are not part of it), at most about once per
+    `journal_bytes` of records: about 0.5 s per million stored messages
+    on a 2-vCPU VM. A replica that reloads the snapshot instead of
+    applying tails takes longer (see `TopicState.snapshot`). Moving a topic from its core to the journal
     takes a time that grows with its stored messages too. A process stopped
     (SIGSTOP, a debugger) while it holds the mutex stalls every other
     process until it continues or dies.
@@ -167,7 +169,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from mqs import metrics
@@ -457,7 +459,7 @@ class ShmBackend(LogBackend):
     def _reset_state(self) -> None:
         self._topics = {}
         # The generation in which this replica applied an `adopt` record:
-        # the compaction that ends it writes no tail (see `_write_tail`).
+        # the compaction that ends it writes no tail (see `_compact`).
         self._adopted_generation = -1
         self._next_message = 0
         self._next_consumer = 0
@@ -490,10 +492,7 @@ class ShmBackend(LogBackend):
         self._appended = False
         generation, used = self._journal.position()
         if generation != self._generation:
-            if not (generation == self._generation + 1
-                    and (self._applied == self._journal.restart_used
-                         or self._replay_tail())):
-                self._load_snapshot_file(generation)
+            self._catch_up(generation)
             self._generation = generation
             self._applied = 0
         if used > self._applied:
@@ -555,30 +554,59 @@ class ShmBackend(LogBackend):
                 # It raised the same way where it first ran.
                 logger.debug("replayed %s raised", op, exc_info=True)
 
-    def _replay_tail(self) -> bool:
-        """Apply the records of generation `_generation` that this replica
-        lacks from the tail file of its compaction; return False, changing
-        nothing, when that file is missing or does not match the journal.
-        The caller holds the mutex and found the next generation."""
-        if self._generation < 0:
+    def _catch_up(self, generation: int) -> None:
+        """Bring this replica to the start of journal generation
+        `generation`: from the tail files of the generations it missed
+        when they are complete and cheaper than the snapshot, otherwise
+        from the snapshot and the tails after it. The caller holds the
+        mutex."""
+        if (generation == self._generation + 1
+                and self._applied == self._journal.restart_used):
+            return
+        if 0 <= self._generation < generation:
+            snapshots, tails = self._stored_generations()
+            needed = range(self._generation, generation)
+            base = max((number for number in snapshots
+                        if number <= generation), default=None)
+            if base is None or base <= self._generation:
+                cheaper = True
+            else:
+                from_tails = sum(tails.get(number, 0) for number in needed)
+                from_snapshot = snapshots[base] + sum(
+                    tails.get(number, 0)
+                    for number in range(base, generation))
+                cheaper = from_tails - self._applied <= from_snapshot
+            if cheaper and self._apply_tails(needed, self._applied, tails):
+                return
+        self._load_snapshot_file(generation)
+
+    def _apply_tails(self, generations: range, offset: int,
+                     tails: dict[int, int]) -> bool:
+        """Apply the records of the tail files of `generations`, the first
+        from byte `offset`; return False when one is missing, does not
+        match the journal or is damaged.
+
+        It checks that every file exists and that the last one has the
+        size that the last restart ended at before it applies anything,
+        so a missing file changes nothing. A damaged file found later
+        leaves the replica part way, and the caller then loads the
+        snapshot, which resets it."""
+        if any(number not in tails for number in generations):
             return False
-        path = self._tail_path(self._generation)
-        try:
-            with open(path, "rb") as file:
-                size = os.fstat(file.fileno()).st_size
-                file.seek(self._applied)
-                data = file.read()
-        except FileNotFoundError:
+        if tails[generations[-1]] != self._journal.restart_used:
             return False
-        if size != self._journal.restart_used:
-            return False
-        try:
-            records = read_records(data, 0)
-        except ValueError:
-            logger.warning("%s: tail file %s is damaged; loading the "
-                           "snapshot instead", self._label, path)
-            return False
-        self._replay_records(records)
+        for number in generations:
+            path = self._tail_path(number)
+            try:
+                with open(path, "rb") as file:
+                    file.seek(offset if number == generations[0] else 0)
+                    records = read_records(file.read(), 0)
+            except (FileNotFoundError, ValueError) as exc:
+                logger.warning("%s: tail file %s is unusable (%s); loading "
+                               "the snapshot instead", self._label, path,
+                               exc)
+                return False
+            self._replay_records(records)
         return True
 
     def _load_snapshot_file(self, generation: int) -> None:
@@ -588,7 +616,10 @@ class ShmBackend(LogBackend):
                 handle.close()
             self._cores = {}
             return
-        path = self._snapshot_path(generation)
+        snapshots, tails = self._stored_generations()
+        base = max((number for number in snapshots if number <= generation),
+                   default=generation)
+        path = self._snapshot_path(base)
         try:
             with open(path, "rb") as file:
                 snapshot = pickle.load(file)
@@ -613,29 +644,98 @@ class ShmBackend(LogBackend):
         for topic in list(self._cores):
             if self._cores[topic].path != self._core_paths.get(topic):
                 self._cores.pop(topic).close()
+        if base < generation and not self._apply_tails(
+                range(base, generation), 0, tails):
+            raise BackendUnavailable(
+                f"{self._label}: the tail files after snapshot {path} are "
+                f"missing or damaged (the broker was unlinked, or /dev/shm "
+                f"was cleared); close it and open it again")
+
+    def _files_base(self) -> str:
+        """Return the path that this broker's snapshot and tail file names
+        start with."""
+        return self.path
 
     def _snapshot_path(self, generation: int) -> str:
-        return f"{self.path}.snapshot-{generation}"
+        return f"{self._files_base()}.snapshot-{generation}"
 
     def _tail_path(self, generation: int) -> str:
-        return f"{self.path}.tail-{generation}"
+        return f"{self._files_base()}.tail-{generation}"
+
+    def _stored_generations(self) -> tuple[dict[int, int], dict[int, int]]:
+        """Return the sizes of the snapshot files and of the tail files
+        in /dev/shm, by generation."""
+        base = os.path.basename(self._files_base())
+        prefixes = (base + ".snapshot-", base + ".tail-")
+        found: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        for entry in os.listdir(SHM_DIR):
+            for kind, prefix in enumerate(prefixes):
+                number = entry[len(prefix):]
+                if not (entry.startswith(prefix) and number.isdigit()):
+                    continue
+                try:
+                    size = os.stat(os.path.join(SHM_DIR, entry)).st_size
+                except FileNotFoundError:
+                    continue
+                found[kind][int(number)] = size
+        return found
 
     def _compact(self, tail: bool = True) -> None:
-        """Write the replica as the next generation's snapshot and restart
-        the journal; the caller holds the mutex and is caught up.
+        """Restart the journal under the next generation; the caller holds
+        the mutex and is caught up.
 
-        With `tail`, the old generation's records go to a tail file too, so
-        that replicas that lack some of them apply those instead of loading
-        the snapshot. Pass False when the replica changed outside the
-        journal's records (a restore from the log)."""
+        The old generation's records go to a tail file, from which lagging
+        replicas catch up. The replica's state goes to a snapshot file
+        for the new generation once the tails since the last snapshot add
+        up to that snapshot's size. So a new replica, which loads the
+        snapshot and applies those tails, pays at most about twice the
+        cost of loading a snapshot, and a large state is not written at
+        every restart. Pass `tail` False when the replica changed outside the
+        journal's records (a restore from the log): then only a snapshot
+        is written. A generation with an `adopt` record gets no tail
+        either, because the snapshot removes the adopted state's file,
+        which a replay of that record would need."""
+        old_generation, used = self._journal.position()
+        generation = old_generation + 1
+        snapshots, tails = self._stored_generations()
+        wrote_tail = (tail and self._adopted_generation != old_generation
+                      and self._write_tail(old_generation, used))
+        snapshot = None
+        if not wrote_tail or self._snapshot_due(used, snapshots, tails):
+            snapshot = self._snapshot_path(generation)
+            size = self._write_snapshot_file(snapshot)
+        self._generation = self._journal.restart()
+        self._applied = 0
+        if snapshot is not None:
+            keep = {snapshot}
+            if wrote_tail:
+                # For replicas that lag by less than the whole generation.
+                keep.add(self._tail_path(old_generation))
+            self._remove_snapshots(keep)
+            logger.debug("%s: wrote a snapshot of %d bytes for "
+                         "generation %d", self._label, size,
+                         self._generation)
+
+    @staticmethod
+    def _snapshot_due(used: int, snapshots: dict[int, int],
+                      tails: dict[int, int]) -> bool:
+        """Return whether a restart that ends a generation of `used` bytes
+        writes a snapshot."""
+        if not snapshots:
+            return True
+        base = max(snapshots)
+        since = used + sum(size for number, size in tails.items()
+                           if number >= base)
+        return since >= snapshots[base]
+
+    def _write_snapshot_file(self, path: str) -> int:
+        """Write the replica to snapshot file `path`; return its size."""
         topics = {name: state.snapshot()
                   for name, state in self._topics.items()}
         fields = (FORMAT, self._next_message, self._next_consumer,
                   self._now, topics, self._owners)
         if self._core_paths or self._core_consumers:
             fields += (self._core_paths, self._core_consumers)
-        generation = self._generation + 1
-        path = self._snapshot_path(generation)
         temp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                      | os.O_CLOEXEC, 0o600)
@@ -647,52 +747,37 @@ class ShmBackend(LogBackend):
                 size = file.tell()
             os.replace(temp, path)
         except BaseException:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(temp)
             raise
-        old_generation, used = self._journal.position()
-        records = self._journal.copy_records(used) if tail else None
-        self._generation = self._journal.restart()
-        self._applied = 0
-        self._remove_snapshots(keep=path)
-        if records is not None:
-            self._write_tail(old_generation, records)
-        logger.debug("shm broker %s: wrote a snapshot of %d bytes for "
-                     "generation %d", self.shm_name, size,
-                     self._generation)
+        return size
 
-    def _write_tail(self, generation: int, records: bytes) -> None:
-        """Write `records`, the whole of generation `generation`, to its
-        tail file. A generation with an `adopt` record gets none, because
-        its compaction removed the adopted state's file, which a replay
-        needs: its lagging replicas load the snapshot."""
-        if self._adopted_generation == generation:
-            return
+    def _write_tail(self, generation: int, used: int) -> bool:
+        """Copy the `used` bytes of records of generation `generation` to
+        its tail file; return False if that failed."""
         path = self._tail_path(generation)
         temp = f"{path}.{os.getpid()}.tmp"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                          | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as file:
-                file.write(records)
+                file.write(self._journal.copy_records(used))
             os.replace(temp, path)
         except OSError as exc:
-            # Without the tail, lagging replicas load the snapshot.
+            # Then the restart writes a snapshot.
             logger.warning("%s: failed to write tail file %s: %s",
                            self._label, path, exc)
             _unlink_quietly(temp)
+            return False
+        return True
 
-    def _remove_snapshots(self, keep: str | None) -> None:
-        # Adopted topic states are in the new snapshot too. Tails of older
-        # generations only serve replicas that load the snapshot anyway.
-        prefixes = (os.path.basename(self.path) + ".snapshot-",
-                    os.path.basename(self.path) + ".tail-",
-                    os.path.basename(self.path) + ".adopt-")
+    def _remove_snapshots(self, keep: Collection[str]) -> None:
+        """Remove the snapshot, tail and adopted state files not in `keep`.
+        Adopted topic states are in the new snapshot too."""
+        base = os.path.basename(self._files_base())
+        prefixes = (base + ".snapshot-", base + ".tail-", base + ".adopt-")
         for entry in os.listdir(SHM_DIR):
             path = os.path.join(SHM_DIR, entry)
-            if entry.startswith(prefixes) and path != keep:
+            if entry.startswith(prefixes) and path not in keep:
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
