@@ -475,6 +475,95 @@ def test_blocking_get_stays_within_socket_timeout(open_broker, caplog):
     assert "retry" not in caplog.text
 
 
+@pytest.fixture
+def stalled_broker(redis_server_factory):
+    """Yield a broker on a new server and a function that stops that
+    server with SIGSTOP, so that it hangs without closing connections.
+
+    The broker has retry_timeout=1 and socket_timeout=8, so a call that
+    waits a whole socket timeout shows. The server gets SIGCONT after the
+    test, and the factory then stops it by its pid.
+    """
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=1.0,
+                        socket_timeout=8.0)
+    stopped = []
+
+    def stall():
+        os.kill(server.pid, signal.SIGSTOP)
+        stopped.append(server.pid)
+
+    yield broker, stall
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    broker.close()
+
+
+def test_stalled_server_fails_calls_quickly(stalled_broker):
+    broker, stall = stalled_broker
+    consumer = broker.consume("t", "g")
+    broker.publish("t", b"held")
+    message = consumer.get(timeout=5)
+    stall()
+    calls = {
+        "publish": lambda: broker.publish("t", b"more"),
+        "get": lambda: consumer.get(timeout=0.5),
+        "ack": message.ack,
+        "stats": lambda: broker.stats("t"),
+    }
+    for name, call in calls.items():
+        started = time.monotonic()
+        with pytest.raises(mqs.BackendConnectionError,
+                           match="unreachable"):
+            call()
+        elapsed = time.monotonic() - started
+        # retry_timeout (1 s) plus the last attempt's reply wait (1 s),
+        # with room for a loaded machine; far below socket_timeout (8 s).
+        assert elapsed >= 0.9, name
+        assert elapsed < 5.0, name
+
+
+def test_waiting_get_raises_when_server_stalls(stalled_broker):
+    broker, stall = stalled_broker
+    consumer = broker.consume("t", "g")
+    outcome = []
+
+    def wait():
+        try:
+            outcome.append(consumer.get(timeout=60))
+        except Exception as exc:  # checked by the asserts below
+            outcome.append(exc)
+        outcome.append(time.monotonic())
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    # Let the consumer reach its blocking XREAD before the stop.
+    time.sleep(0.5)
+    stall()
+    stopped_at = time.monotonic()
+    waiter.join(30)
+
+    assert not waiter.is_alive()
+    error, ended_at = outcome
+    assert isinstance(error, mqs.BackendConnectionError)
+    # The block (at most 1 s), retry_timeout (1 s) and the last attempt's
+    # reply wait (1 s), with room for a loaded machine.
+    assert ended_at - stopped_at < 7.0
+
+
+def test_blocking_get_survives_short_retry_timeout(open_broker, caplog):
+    broker = open_broker(socket_timeout=0.5, retry_timeout=0.1)
+    consumer = broker.consume("t", "g")
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    started = time.monotonic()
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=2.0)
+    assert time.monotonic() - started >= 2.0
+    assert "retry" not in caplog.text
+    broker.publish("t", b"late")
+    assert consumer.get(timeout=5).body == b"late"
+
+
 def test_password_required_and_checked(redis_server_factory):
     server = redis_server_factory(password="pw-right-1")
     broker = mqs.Broker(backend="redis", url=server.url)

@@ -47,16 +47,24 @@ Connections
     for ``redis.Redis.from_url``; redis-py parses replies with hiredis
     when it is installed. A lost connection, a timed-out read or a
     server that is still loading its data is retried with exponential
-    backoff and full jitter for up to `retry_timeout` seconds, each retry
-    logged; then `BackendConnectionError` is raised. A server certificate
-    that fails TLS verification is not retried: its subclass
+    backoff and full jitter, each retry logged, until `retry_timeout`
+    seconds have passed since the call started; then
+    `BackendConnectionError` is raised. A server certificate that fails
+    TLS verification is not retried: its subclass
     `CertificateVerifyError` is raised at once.
     A script that ran before the connection dropped may therefore run
     twice: a publish may store its batch twice (use ``dedup_id`` for
     exactly-once), a second ack finds a stale tag and returns False.
+    Each attempt waits for a reply (and to connect and send) for
+    `socket_timeout` seconds, or for the part of `retry_timeout` that
+    is left if that is shorter, but at least 1 s (or `socket_timeout`
+    if that is shorter). So a server that accepts connections but does
+    not reply (stopped with SIGSTOP, or stuck behind a long command)
+    fails a call within about `retry_timeout` plus 1 s.
     Blocking waits (XREAD BLOCK on the topic's ``wake`` stream) last at
-    most half of `socket_timeout`, so a healthy connection never times
-    out while it waits.
+    most the smaller of 1 s and half of `socket_timeout`, and their
+    reply wait adds the block time. So a healthy connection never times
+    out while it waits, and a long `get` is a series of short waits.
 
 Retention
     A message stays in its lane's stream until every group that had it
@@ -75,6 +83,8 @@ Retention
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import importlib.resources
 import json
@@ -134,6 +144,19 @@ _RUN_SETTINGS = 10
 # (`RedisBackend` retry_timeout).
 DEFAULT_RETRY_TIMEOUT_S = 30.0
 
+# Minimum seconds each attempt of a call waits for a reply (capped at
+# socket_timeout), even when less of retry_timeout is left, because a
+# server busy with another client's command for a moment should not fail
+# a call with a short retry_timeout.
+_MIN_REPLY_WAIT_S = 1.0
+
+# Seconds the Redis call running in this thread (or task) may wait to
+# connect, send or read one reply. `RedisBackend._call` sets it; the
+# connections of `_bounded_connection_class` apply it. When it is None,
+# the connection's own socket timeouts apply.
+_reply_timeout: contextvars.ContextVar[float | None] = \
+    contextvars.ContextVar("mqs_redis_reply_timeout", default=None)
+
 # The fix named in the TypeError of a body, header, key or dedup id that
 # the default serializer cannot store. `mqs bridge` replaces it with the
 # name of its command-line option.
@@ -175,6 +198,67 @@ def _certificate_failed(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+@contextlib.contextmanager
+def _bounded_socket(connection: Any):
+    """Apply the current call's reply timeout to `connection`'s socket
+    inside the ``with`` body, then restore the connection's own."""
+    limit = _reply_timeout.get()
+    # redis-py keeps the socket in `_sock` (5.x to 8.x); None while the
+    # connection is closed.
+    sock = getattr(connection, "_sock", None)
+    if limit is None or sock is None:
+        yield
+        return
+    sock.settimeout(limit)
+    try:
+        yield
+    finally:
+        try:
+            sock.settimeout(connection.socket_timeout)
+        except OSError:
+            # redis-py closed the socket after an error, so there is
+            # nothing to restore.
+            pass
+
+
+def _bounded_connection_class(base: type) -> type:
+    """Return a subclass of the redis-py connection class `base` whose
+    connect, send and reply waits last at most the current call's reply
+    timeout (`_reply_timeout`).
+
+    redis-py applies one socket timeout to every command. A backend call
+    needs its own: what is left of retry_timeout, plus the block time of
+    a blocking read.
+    """
+
+    class BoundedConnection(base):  # type: ignore[misc, valid-type]
+        def _connect(self):
+            limit = _reply_timeout.get()
+            configured = self.socket_connect_timeout
+            if limit is not None and (configured is None
+                                      or configured > limit):
+                self.socket_connect_timeout = limit
+            try:
+                return super()._connect()
+            finally:
+                self.socket_connect_timeout = configured
+
+        def send_packed_command(self, *args, **kwargs):
+            if getattr(self, "_sock", None) is None:
+                # Connect first, so that the send has a socket to bound.
+                self.connect()
+            with _bounded_socket(self):
+                return super().send_packed_command(*args, **kwargs)
+
+        def read_response(self, *args, **kwargs):
+            with _bounded_socket(self):
+                return super().read_response(*args, **kwargs)
+
+    BoundedConnection.__name__ = f"Bounded{base.__name__}"
+    BoundedConnection.__qualname__ = BoundedConnection.__name__
+    return BoundedConnection
 
 
 def _public_url(url: str) -> str:
@@ -287,10 +371,12 @@ class RedisBackend(Backend):
         different namespaces on one server do not see each other. It
         cannot contain braces or colons (topic names may contain colons).
     socket_timeout : float
-        Seconds a command may wait for its reply. Blocking waits use at
-        most half of it.
+        Seconds a command may wait for its reply, unless less of
+        `retry_timeout` is left (see Connections in the module docs).
+        Blocking waits use at most half of it.
     retry_timeout : float
-        Seconds to keep retrying a lost connection before raising
+        Seconds from the start of a call to keep retrying a lost
+        connection or a server that does not reply before raising
         `BackendConnectionError`.
     connect_retry_timeout : float, optional
         Seconds to keep retrying the first connection, made while the
@@ -305,7 +391,10 @@ class RedisBackend(Backend):
         is lost without being counted. None (default) never trims.
     client : redis.Redis, optional
         Use this client instead of one built from `url` (its replies must
-        be bytes: ``decode_responses=False``).
+        be bytes: ``decode_responses=False``). The backend leaves its
+        connections as they are, so each attempt waits for a reply for
+        the client's own socket timeout, which can exceed what is left
+        of `retry_timeout`.
     sample_every : int, None or "default"
         Sample the latencies of one delivery in this many per group
         (see `group_stats`); None turns sampling off. The default is
@@ -369,6 +458,12 @@ class RedisBackend(Backend):
             client = redis.Redis.from_url(
                 url, socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_timeout)
+            # from_url picks the class for the scheme (TCP, TLS or Unix
+            # socket) and connects only on the first command, so every
+            # connection of this pool gets the bounded class.
+            pool = client.connection_pool
+            pool.connection_class = _bounded_connection_class(
+                pool.connection_class)
         else:
             url = repr(client)
         self._redis = redis
@@ -401,12 +496,20 @@ class RedisBackend(Backend):
 
     # ---- plumbing -------------------------------------------------------
 
-    def _call(self, function, *args, **kwargs):
-        """Run a redis-py call, retrying lost connections with backoff."""
+    def _call(self, function, *args, wait_s: float = 0.0, **kwargs):
+        """Run a redis-py call, retrying lost connections with backoff
+        until `_retry_timeout` seconds have passed since it started.
+
+        `wait_s` is how long the call blocks on the server on purpose
+        (XREAD BLOCK), added to the time each attempt waits for a reply.
+        """
         redis = self._redis
-        started = None
+        deadline = time.monotonic() + self._retry_timeout
         failures = 0
         while True:
+            left = deadline - time.monotonic()
+            token = _reply_timeout.set(wait_s + min(
+                self._socket_timeout, max(left, _MIN_REPLY_WAIT_S)))
             try:
                 return function(*args, **kwargs)
             except redis.AuthenticationError as exc:
@@ -426,19 +529,22 @@ class RedisBackend(Backend):
                     raise BackendConnectionError(
                         f"the redis backend of {self.url} is closed") from exc
                 now = time.monotonic()
-                started = now if started is None else started
-                if now - started >= self._retry_timeout:
+                if now >= deadline:
                     raise BackendConnectionError(
                         f"Redis at {self.url} unreachable for "
                         f"{self._retry_timeout} s ({exc}); check that the "
                         f"server runs, or raise {self._retry_option}"
                     ) from exc
                 failures += 1
-                pause = self._backoff.compute(failures)
+                # A pause that would end past the deadline is cut short,
+                # so the last attempt starts at the deadline.
+                pause = min(self._backoff.compute(failures), deadline - now)
                 logger.warning(
                     "Redis at %s: %s: %s; retry %d in %.3f s", self.url,
                     type(exc).__name__, exc, failures, pause)
                 time.sleep(pause)
+            finally:
+                _reply_timeout.reset(token)
 
     def _meta(self, topic: str) -> str:
         if "{" in topic or "}" in topic:
@@ -470,8 +576,9 @@ class RedisBackend(Backend):
         if seconds <= 0:
             return
         wake = self._meta(topic)[:-4] + "wake"
+        block_ms = max(1, int(seconds * 1000))
         self._call(self._client.xread, {wake: wake_id}, count=1,
-                   block=max(1, int(seconds * 1000)))
+                   block=block_ms, wait_s=block_ms / 1000)
 
     # ---- topics ---------------------------------------------------------
 
