@@ -624,6 +624,82 @@ def test_missing_redis_py_is_backend_unavailable(monkeypatch):
         mqs.Broker(backend="redis", url="redis://127.0.0.1:1/0")
 
 
+# Drops.
+
+def _drop_warnings(caplog, topic):
+    """Return the drop warnings of `topic` that caplog captured."""
+    return [record.getMessage() for record in caplog.records
+            if record.levelno == logging.WARNING
+            and record.getMessage().startswith(f"topic {topic!r}: messages ")]
+
+
+def test_every_drop_cause_logged(open_broker, caplog):
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    broker = open_broker()
+
+    broker.declare_topic("ttl", ttl=0.05)
+    ttl_consumer = broker.consume("ttl", "g")
+    broker.publish("ttl", b"stale")
+    time.sleep(0.2)
+    with pytest.raises(mqs.Empty):
+        ttl_consumer.get(timeout=0.1)
+
+    broker.declare_topic("full", maxsize=1, when_full="drop_oldest")
+    broker.consume("full", "g")
+    broker.publish("full", b"first")
+    broker.publish("full", b"second")
+
+    broker.publish("dedup", b"once", dedup_id="d1")
+    broker.publish("dedup", b"twice", dedup_id="d1")
+
+    dead_consumer = broker.consume("dead", "g")
+    broker.publish("dead", b"rejected")
+    dead_consumer.get(timeout=5).nack(requeue=False)
+    assert broker.dlq_purge("dead") == 1
+
+    broker.publish("late", b"before any group")
+    broker.consume("late", "g", start="latest")
+    broker.publish("late", b"after")
+
+    assert _drop_warnings(caplog, "ttl") == [
+        "topic 'ttl': messages dropped because their ttl passed so far: 1"]
+    assert _drop_warnings(caplog, "full") == [
+        "topic 'full': messages dropped to make room "
+        "(when_full='drop_oldest') so far: 1"]
+    assert _drop_warnings(caplog, "dedup") == [
+        "topic 'dedup': messages dropped as duplicates (dedup_id seen) "
+        "so far: 1"]
+    assert sorted(_drop_warnings(caplog, "dead")) == [
+        "topic 'dead': messages moved to the dead-letter queue so far: 1",
+        "topic 'dead': messages purged from the dead-letter queue so far: 1",
+    ]
+    assert _drop_warnings(caplog, "late") == [
+        "topic 'late': messages dropped because the topic's first group "
+        "started at 'latest' so far: 1"]
+    stats = broker.stats("late")
+    assert stats["dropped_unsubscribed"] == 1
+
+
+def test_drop_warnings_rate_limited_across_brokers(open_broker, caplog):
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    first = open_broker()
+    second = open_broker()
+    first.publish("t", b"kept", dedup_id="same")
+
+    # Duplicates 1 to 11 come from two brokers that share the server's
+    # count, so only the 1st and the 10th log a warning.
+    for attempt in range(11):
+        broker = first if attempt % 2 else second
+        broker.publish("t", b"again", dedup_id="same")
+
+    assert first.stats("t")["deduplicated"] == 11
+    assert _drop_warnings(caplog, "t") == [
+        "topic 't': messages dropped as duplicates (dedup_id seen) so far: 1",
+        "topic 't': messages dropped as duplicates (dedup_id seen) so far: "
+        "10",
+    ]
+
+
 # Trimmed streams.
 
 def test_entry_trimmed_while_pending_dead_letters(open_broker, redis_url,

@@ -79,6 +79,16 @@ Retention
     ``dead_lettered.trimmed``; an in-flight one is acked normally. One
     trimmed before any group read it is lost without being counted, so
     set `stream_maxlen` well above the backlog consumers may build.
+
+Drops
+    Every other message dropped (ttl passed, ``when_full="drop_oldest"``,
+    duplicate dedup id, skipped by a first group at ``"latest"``) or
+    moved to or purged from the dead-letter stream is counted in the
+    topic's counters on the server (`stats`). Each script call returns
+    the drop counters it changed, and the client logs a WARNING when a
+    total passes 1, 10, 100 and so on, as the other backends do. The
+    totals are shared by every client of the topic, so each of these
+    warnings is logged once, by the client whose call passed it.
 """
 
 from __future__ import annotations
@@ -116,6 +126,7 @@ from mqs.broker._memory import (
     _stayed_full,
 )
 from mqs.broker._policy import Backoff, Rate, TopicConfig
+from mqs.broker._state import warn_drop_count
 from mqs.errors import (
     BackendConnectionError,
     BackendUnavailable,
@@ -554,14 +565,15 @@ class RedisBackend(Backend):
         return f"{{{self._namespace}:{topic}}}:meta"
 
     def _run(self, topic: str, *args: Any) -> list:
-        """Run one operation of the script on `topic`."""
+        """Run one operation of the script on `topic`; return its reply
+        without the drop counts, which it logs."""
         if self._closed:
             # The client would reconnect: `close` does not stop it.
             raise ShutDown(f"the redis backend of {self.url} is closed; "
                            f"open a new Broker")
         try:
-            return self._call(self._script, keys=[self._meta(topic)],
-                              args=args)
+            reply = self._call(self._script, keys=[self._meta(topic)],
+                               args=args)
         except self._redis.ResponseError as exc:
             text = str(exc)
             if text.startswith("MQS_UNKNOWN"):
@@ -569,6 +581,14 @@ class RedisBackend(Backend):
             if text.startswith("MQS_SHUTDOWN"):
                 raise ShutDown(f"{text[13:]} on topic {topic!r}") from None
             raise
+        drops = reply.pop()
+        for start in range(0, len(drops), 3):
+            # The totals are the topic's on the server and count the
+            # drops of all clients, so each power of ten is logged once,
+            # by the client that passed it.
+            name, before, after = drops[start:start + 3]
+            warn_drop_count(logger, topic, name.decode(), before, after)
+        return reply
 
     def _wait_wake(self, topic: str, wake_id: bytes, seconds: float) -> None:
         """Block until the topic changes after `wake_id`, or `seconds`."""
