@@ -8,6 +8,7 @@ kill or restart a server start their own with `redis_server_factory`.
 
 import logging
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import time
 import pytest
 
 import mqs
+from test_broker_contract import FRAGILE, Fragile
 
 redis = pytest.importorskip("redis")
 
@@ -698,6 +700,81 @@ def test_drop_warnings_rate_limited_across_brokers(open_broker, caplog):
         "topic 't': messages dropped as duplicates (dedup_id seen) so far: "
         "10",
     ]
+
+
+# Dead letters with parts that fail to unpickle.
+
+def test_dlq_list_keeps_undecodable_key_and_headers(open_broker,
+                                                    monkeypatch):
+    broker = open_broker(serializer="pickle")
+    broker.publish("t", "plain", key="k", headers={"trace": "t0"})
+    broker.publish("t", "bad key", key=Fragile(1))
+    broker.publish("t", "bad headers", headers={"obj": Fragile(2)})
+    broker.publish("t", Fragile(3), key=Fragile(4),
+                   headers={"obj": Fragile(5)})
+    consumer = broker.consume("t", "g", prefetch=4)
+    for message in consumer.get_many(4, timeout=5):
+        message.nack(requeue=False)
+    monkeypatch.setitem(FRAGILE, "broken", True)
+
+    plain, bad_key, bad_headers, all_bad = broker.dlq_list("t")
+
+    assert plain.key == "k"
+    assert plain.headers["trace"] == "t0"
+    assert plain.decode_error is None
+    assert plain.raw_key is None
+    assert plain.raw_headers is None
+
+    assert bad_key.body == "bad key"
+    assert bad_key.key is None
+    assert bad_key.decode_error == "key: RuntimeError: cannot rebuild " \
+                                   "Fragile(1) here"
+    assert bad_key.raw_headers is None
+    assert bad_key.headers["mqs.dead_letter_reason"] == "rejected"
+
+    assert bad_headers.body == "bad headers"
+    assert bad_headers.decode_error == "headers: RuntimeError: cannot " \
+                                       "rebuild Fragile(2) here"
+    assert "obj" not in bad_headers.headers
+    assert bad_headers.headers["mqs.attempts"] == 1
+    assert bad_headers.raw_key is None
+
+    assert all_bad.body is None
+    assert all_bad.key is None
+    assert all_bad.decode_error == (
+        "RuntimeError: cannot rebuild Fragile(3) here; "
+        "key: RuntimeError: cannot rebuild Fragile(4) here; "
+        "headers: RuntimeError: cannot rebuild Fragile(5) here")
+
+    monkeypatch.setitem(FRAGILE, "broken", False)
+    assert pickle.loads(bad_key.raw_key).value == 1
+    assert pickle.loads(bad_headers.raw_headers)["obj"].value == 2
+    assert pickle.loads(all_bad.raw_body).value == 3
+    assert pickle.loads(all_bad.raw_key).value == 4
+    assert pickle.loads(all_bad.raw_headers)["obj"].value == 5
+
+
+def test_dlq_redrive_and_purge_undecodable_key(open_broker, monkeypatch):
+    broker = open_broker(serializer="pickle")
+    broker.publish("t", "bad key", key=Fragile(1),
+                   headers={"obj": Fragile(2)})
+    broker.publish("t", "other")
+    consumer = broker.consume("t", "g", prefetch=2)
+    for message in consumer.get_many(2, timeout=5):
+        message.nack(requeue=False)
+    monkeypatch.setitem(FRAGILE, "broken", True)
+    broken, other = broker.dlq_list("t")
+
+    assert broker.dlq_redrive("t", [broken.id]) == 1
+    assert broker.dlq_purge("t") == 1
+
+    assert broker.dlq_list("t") == []
+    monkeypatch.setitem(FRAGILE, "broken", False)
+    again = consumer.get(timeout=5)
+    assert again.id == broken.id
+    assert again.key.value == 1
+    assert again.headers["obj"].value == 2
+    assert again.ack()
 
 
 # Trimmed streams.

@@ -118,6 +118,7 @@ from mqs.broker._backend import (
     GroupStats,
     decode_each,
     undecodable_letter,
+    undecodable_part,
 )
 from mqs import metrics
 from mqs.broker._memory import (
@@ -919,23 +920,41 @@ class RedisBackend(Backend):
         reason = fields[b"why"].decode()
         attempts = int(fields[b"n"])
         error = fields[b"err"].decode()[1:] if fields[b"err"] else None
-        headers = dict(self._decode_headers(fields))
+        # A key or headers that fail to unpickle (a class that does not
+        # import here) are reported on the letter, as a body is, so that
+        # the letter is still listed and can be redriven or purged.
+        failures = []
+        key = None
+        raw_key = fields.get(b"k")
+        if raw_key is not None:
+            try:
+                key = _untoken(raw_key, self._pickle)
+            except Exception as exc:  # whatever unpickling raised
+                failures.append(("key", raw_key[2:], exc))
+        try:
+            headers = dict(self._decode_headers(fields))
+        except Exception as exc:  # whatever unpickling raised
+            headers = {}
+            raw_headers = fields.get(b"hp") or fields.get(b"h", b"")
+            failures.append(("headers", raw_headers, exc))
         headers["mqs.dead_letter_reason"] = reason
         headers["mqs.attempts"] = attempts
         headers["mqs.last_error"] = error
         headers["mqs.group"] = group
-        key = fields.get(b"k")
         letter = DeadLetter(
             id=message_id, topic=topic, group=group, body=None,
-            priority=int(fields.get(b"p", 0)),
-            key=None if key is None else _untoken(key, self._pickle),
-            headers=headers, timestamp=float(fields.get(b"t", 0)) / 1000,
+            priority=int(fields.get(b"p", 0)), key=key, headers=headers,
+            timestamp=float(fields.get(b"t", 0)) / 1000,
             attempts=attempts, reason=reason, error=error)
         try:
             body = self._decode_body(fields, message_id)
-        except Exception as exc:
-            return undecodable_letter(letter, fields.get(b"b", b""), exc)
-        return dataclasses.replace(letter, body=body)
+        except Exception as exc:  # whatever unpickling raised
+            letter = undecodable_letter(letter, fields.get(b"b", b""), exc)
+        else:
+            letter = dataclasses.replace(letter, body=body)
+        for part, raw, exc in failures:
+            letter = undecodable_part(letter, part, raw, exc)
+        return letter
 
     def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
                     ) -> int:
