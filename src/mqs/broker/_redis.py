@@ -920,23 +920,7 @@ class RedisBackend(Backend):
         reason = fields[b"why"].decode()
         attempts = int(fields[b"n"])
         error = fields[b"err"].decode()[1:] if fields[b"err"] else None
-        # A key or headers that fail to unpickle (a class that does not
-        # import here) are reported on the letter, as a body is, so that
-        # the letter is still listed and can be redriven or purged.
-        failures = []
-        key = None
-        raw_key = fields.get(b"k")
-        if raw_key is not None:
-            try:
-                key = _untoken(raw_key, self._pickle)
-            except Exception as exc:  # whatever unpickling raised
-                failures.append(("key", raw_key[2:], exc))
-        try:
-            headers = dict(self._decode_headers(fields))
-        except Exception as exc:  # whatever unpickling raised
-            headers = {}
-            raw_headers = fields.get(b"hp") or fields.get(b"h", b"")
-            failures.append(("headers", raw_headers, exc))
+        key, headers, failures = self._letter_key_and_headers(fields)
         headers["mqs.dead_letter_reason"] = reason
         headers["mqs.attempts"] = attempts
         headers["mqs.last_error"] = error
@@ -955,6 +939,31 @@ class RedisBackend(Backend):
         for part, raw, exc in failures:
             letter = undecodable_part(letter, part, raw, exc)
         return letter
+
+    def _letter_key_and_headers(self, fields: dict) -> tuple[
+            Any, dict[str, Any], list[tuple[str, bytes, Exception]]]:
+        """Decode the key and headers of a dead letter's `fields`.
+
+        Return the key, the headers and the parts that failed as (part,
+        stored bytes, exception). A part that fails (a class that does
+        not import here) is None or empty, so that the letter is still
+        listed, and can be redriven or purged, with the failure on it.
+        """
+        failures = []
+        key = None
+        raw_key = fields.get(b"k")
+        if raw_key is not None:
+            try:
+                key = _untoken(raw_key, self._pickle)
+            except Exception as exc:  # whatever unpickling raised
+                failures.append(("key", raw_key[2:], exc))
+        try:
+            headers = dict(self._decode_headers(fields))
+        except Exception as exc:  # whatever unpickling raised
+            headers = {}
+            raw_headers = fields.get(b"hp") or fields.get(b"h", b"")
+            failures.append(("headers", raw_headers, exc))
+        return key, headers, failures
 
     def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
                     ) -> int:
