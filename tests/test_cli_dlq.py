@@ -534,6 +534,49 @@ def test_dlq_redis_list_undecodable_body(redis_broker, app_module):
     assert pickle.loads(raw_body).n == 9
 
 
+def test_dlq_redis_undecodable_key_and_headers(redis_broker, app_module):
+    url, namespace = redis_broker
+    with mqs.Broker("redis", url=url, serializer="pickle",
+                    namespace=namespace) as broker:
+        broker.publish("orders", "paid", key=app_module.Order(7),
+                       headers={"order": app_module.Order(8)})
+        consumer = broker.consume("orders", "billing")
+        message = consumer.get(timeout=5)
+        message.nack(requeue=False, error="no such customer")
+        consumer.close()
+    args = redis_args(redis_broker)
+
+    listed = run_mqs("dlq", "list", "orders", *args, "--json")
+    table = run_mqs("dlq", "list", "orders", *args, columns=400)
+    redrive = run_mqs("dlq", "redrive", "orders", *args, "--id",
+                      message.id, "--json")
+
+    assert listed.returncode == 0, listed.stderr
+    *others, order = json.loads(listed.stdout)
+    assert [letter["body"] for letter in others] == [{"n": 0}, {"n": 1}]
+    assert order["id"] == message.id
+    assert order["body"] == "paid"
+    assert order["key"] is None
+    assert "order" not in order["headers"]
+    assert order["headers"]["mqs.last_error"] == "no such customer"
+    missing = f"No module named '{app_module.__name__}'"
+    assert order["decode_error"] == (
+        f"key: ModuleNotFoundError: {missing}; "
+        f"headers: ModuleNotFoundError: {missing}")
+    assert order["raw_body_base64"] is None
+    raw_key = base64.b64decode(order["raw_key_base64"])
+    assert pickle.loads(raw_key).n == 7
+    raw_headers = base64.b64decode(order["raw_headers_base64"])
+    assert pickle.loads(raw_headers)["order"].n == 8
+
+    assert table.returncode == 0, table.stderr
+    assert "1 dead letter(s) have a key or headers that failed to " \
+           "deserialize" in table.stdout
+
+    assert redrive.returncode == 0, redrive.stderr
+    assert json.loads(redrive.stdout) == {"topic": "orders", "redriven": 1}
+
+
 def test_dlq_redis_unknown_topic_is_one_line_error(redis_broker):
     result = run_mqs("dlq", "list", "nope", *redis_args(redis_broker))
     assert_one_line_error(result, "topic 'nope' not found in redis broker")

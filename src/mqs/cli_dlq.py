@@ -72,7 +72,9 @@ def add_parser(subparsers: Any) -> None:
                     "A body that fails to deserialize in this process "
                     "(a class in it does not import here) is shown with "
                     "its error, and --json gives it as decode_error and "
-                    "raw_body_base64.",
+                    "raw_body_base64. A key or headers that fail (redis "
+                    "with serializer=pickle) are reported the same way, "
+                    "as raw_key_base64 and raw_headers_base64.",
         json_help="print a JSON list instead of a table")
     listing.add_argument("--limit", type=_positive_int, metavar="N",
                          help="print only the N oldest dead letters")
@@ -222,12 +224,18 @@ def _letter_dict(letter: Any) -> dict[str, Any]:
         "timestamp": letter.timestamp,
         "headers": letter.headers,
         "body": letter.body,
-        # Set only for a body that failed to deserialize here, whose
-        # "body" is then null.
+        # Set only for a body, key or headers that failed to deserialize
+        # here. A failed body or key is then null, and failed headers
+        # keep only the mqs.* ones.
         "decode_error": letter.decode_error,
-        "raw_body_base64": None if letter.raw_body is None
-        else base64.b64encode(letter.raw_body).decode("ascii"),
+        "raw_body_base64": _base64(letter.raw_body),
+        "raw_key_base64": _base64(letter.raw_key),
+        "raw_headers_base64": _base64(letter.raw_headers),
     }
+
+
+def _base64(raw: bytes | None) -> str | None:
+    return None if raw is None else base64.b64encode(raw).decode("ascii")
 
 
 def _letters_table(topic: str, letters: Sequence[Any]) -> Table:
@@ -242,20 +250,38 @@ def _letters_table(topic: str, letters: Sequence[Any]) -> Table:
             escape(letter.id), escape(letter.group), escape(letter.reason),
             str(letter.attempts), _age(now - letter.timestamp),
             escape(letter.error or "-"), escape(_body_cell(letter)))
-    undecodable = sum(letter.decode_error is not None for letter in letters)
-    if undecodable:
-        table.caption = (
-            f"{undecodable} dead letter(s) have a body that failed to "
-            f"deserialize in this process. Run mqs where the application's "
-            f"modules import (with its PYTHONPATH, for example) to see "
-            f"those bodies; redrive and purge work on them as they are.")
+    table.caption = _undecodable_caption(letters)
     return table
 
 
+def _undecodable_caption(letters: Sequence[Any]) -> str | None:
+    """Return the table caption that counts the letters whose body, key
+    or headers failed to deserialize, or None when there are none."""
+    bodies = sum(letter.raw_body is not None for letter in letters)
+    others = sum(letter.raw_key is not None
+                 or letter.raw_headers is not None for letter in letters)
+    if not bodies and not others:
+        return None
+    sentences = []
+    if bodies:
+        sentences.append(f"{bodies} dead letter(s) have a body that failed "
+                         f"to deserialize in this process.")
+    if others:
+        sentences.append(f"{others} dead letter(s) have a key or headers "
+                         f"that failed to deserialize in this process "
+                         f"(--json gives their bytes).")
+    sentences.append("Run mqs where the application's modules import "
+                     "(with its PYTHONPATH, for example) to see them. "
+                     "Redrive and purge work on them as they are.")
+    return " ".join(sentences)
+
+
 def _body_cell(letter: Any) -> str:
-    if letter.decode_error is not None:
+    if letter.raw_body is not None:
         return (f"<{len(letter.raw_body)} bytes that failed to "
                 f"deserialize: {letter.decode_error}>")
+    if letter.decode_error is not None:
+        return f"{_preview(letter.body)} <{letter.decode_error}>"
     return _preview(letter.body)
 
 

@@ -8,6 +8,7 @@ kill or restart a server start their own with `redis_server_factory`.
 
 import logging
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import time
 import pytest
 
 import mqs
+from test_broker_contract import FRAGILE, Fragile
 
 redis = pytest.importorskip("redis")
 
@@ -475,6 +477,95 @@ def test_blocking_get_stays_within_socket_timeout(open_broker, caplog):
     assert "retry" not in caplog.text
 
 
+@pytest.fixture
+def stalled_broker(redis_server_factory):
+    """Yield a broker on a new server and a function that stops that
+    server with SIGSTOP, so that it hangs without closing connections.
+
+    The broker has retry_timeout=1 and socket_timeout=8, so a call that
+    waits a whole socket timeout shows. The server gets SIGCONT after the
+    test, and the factory then stops it by its pid.
+    """
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=1.0,
+                        socket_timeout=8.0)
+    stopped = []
+
+    def stall():
+        os.kill(server.pid, signal.SIGSTOP)
+        stopped.append(server.pid)
+
+    yield broker, stall
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    broker.close()
+
+
+def test_stalled_server_fails_calls_quickly(stalled_broker):
+    broker, stall = stalled_broker
+    consumer = broker.consume("t", "g")
+    broker.publish("t", b"held")
+    message = consumer.get(timeout=5)
+    stall()
+    calls = {
+        "publish": lambda: broker.publish("t", b"more"),
+        "get": lambda: consumer.get(timeout=0.5),
+        "ack": message.ack,
+        "stats": lambda: broker.stats("t"),
+    }
+    for name, call in calls.items():
+        started = time.monotonic()
+        with pytest.raises(mqs.BackendConnectionError,
+                           match="unreachable"):
+            call()
+        elapsed = time.monotonic() - started
+        # retry_timeout (1 s) plus the last attempt's reply wait (1 s),
+        # with room for a loaded machine; far below socket_timeout (8 s).
+        assert elapsed >= 0.9, name
+        assert elapsed < 5.0, name
+
+
+def test_waiting_get_raises_when_server_stalls(stalled_broker):
+    broker, stall = stalled_broker
+    consumer = broker.consume("t", "g")
+    outcome = []
+
+    def wait():
+        try:
+            outcome.append(consumer.get(timeout=60))
+        except Exception as exc:  # checked by the asserts below
+            outcome.append(exc)
+        outcome.append(time.monotonic())
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    # Let the consumer reach its blocking XREAD before the stop.
+    time.sleep(0.5)
+    stall()
+    stopped_at = time.monotonic()
+    waiter.join(30)
+
+    assert not waiter.is_alive()
+    error, ended_at = outcome
+    assert isinstance(error, mqs.BackendConnectionError)
+    # The block (at most 1 s), retry_timeout (1 s) and the last attempt's
+    # reply wait (1 s), with room for a loaded machine.
+    assert ended_at - stopped_at < 7.0
+
+
+def test_blocking_get_survives_short_retry_timeout(open_broker, caplog):
+    broker = open_broker(socket_timeout=0.5, retry_timeout=0.1)
+    consumer = broker.consume("t", "g")
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    started = time.monotonic()
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=2.0)
+    assert time.monotonic() - started >= 2.0
+    assert "retry" not in caplog.text
+    broker.publish("t", b"late")
+    assert consumer.get(timeout=5).body == b"late"
+
+
 def test_password_required_and_checked(redis_server_factory):
     server = redis_server_factory(password="pw-right-1")
     broker = mqs.Broker(backend="redis", url=server.url)
@@ -533,6 +624,157 @@ def test_missing_redis_py_is_backend_unavailable(monkeypatch):
     with pytest.raises(mqs.BackendUnavailable,
                        match="needs redis-py, which is not installed"):
         mqs.Broker(backend="redis", url="redis://127.0.0.1:1/0")
+
+
+# Drops.
+
+def _drop_warnings(caplog, topic):
+    """Return the drop warnings of `topic` that caplog captured."""
+    return [record.getMessage() for record in caplog.records
+            if record.levelno == logging.WARNING
+            and record.getMessage().startswith(f"topic {topic!r}: messages ")]
+
+
+def test_every_drop_cause_logged(open_broker, caplog):
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    broker = open_broker()
+
+    broker.declare_topic("ttl", ttl=0.05)
+    ttl_consumer = broker.consume("ttl", "g")
+    broker.publish("ttl", b"stale")
+    time.sleep(0.2)
+    with pytest.raises(mqs.Empty):
+        ttl_consumer.get(timeout=0.1)
+
+    broker.declare_topic("full", maxsize=1, when_full="drop_oldest")
+    broker.consume("full", "g")
+    broker.publish("full", b"first")
+    broker.publish("full", b"second")
+
+    broker.publish("dedup", b"once", dedup_id="d1")
+    broker.publish("dedup", b"twice", dedup_id="d1")
+
+    dead_consumer = broker.consume("dead", "g")
+    broker.publish("dead", b"rejected")
+    dead_consumer.get(timeout=5).nack(requeue=False)
+    assert broker.dlq_purge("dead") == 1
+
+    broker.publish("late", b"before any group")
+    broker.consume("late", "g", start="latest")
+    broker.publish("late", b"after")
+
+    assert _drop_warnings(caplog, "ttl") == [
+        "topic 'ttl': messages dropped because their ttl passed so far: 1"]
+    assert _drop_warnings(caplog, "full") == [
+        "topic 'full': messages dropped to make room "
+        "(when_full='drop_oldest') so far: 1"]
+    assert _drop_warnings(caplog, "dedup") == [
+        "topic 'dedup': messages dropped as duplicates (dedup_id seen) "
+        "so far: 1"]
+    assert sorted(_drop_warnings(caplog, "dead")) == [
+        "topic 'dead': messages moved to the dead-letter queue so far: 1",
+        "topic 'dead': messages purged from the dead-letter queue so far: 1",
+    ]
+    assert _drop_warnings(caplog, "late") == [
+        "topic 'late': messages dropped because the topic's first group "
+        "started at 'latest' so far: 1"]
+    stats = broker.stats("late")
+    assert stats["dropped_unsubscribed"] == 1
+
+
+def test_drop_warnings_rate_limited_across_brokers(open_broker, caplog):
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    first = open_broker()
+    second = open_broker()
+    first.publish("t", b"kept", dedup_id="same")
+
+    # Duplicates 1 to 11 come from two brokers that share the server's
+    # count, so only the 1st and the 10th log a warning.
+    for attempt in range(11):
+        broker = first if attempt % 2 else second
+        broker.publish("t", b"again", dedup_id="same")
+
+    assert first.stats("t")["deduplicated"] == 11
+    assert _drop_warnings(caplog, "t") == [
+        "topic 't': messages dropped as duplicates (dedup_id seen) so far: 1",
+        "topic 't': messages dropped as duplicates (dedup_id seen) so far: "
+        "10",
+    ]
+
+
+# Dead letters with parts that fail to unpickle.
+
+def test_dlq_list_keeps_undecodable_key_and_headers(open_broker,
+                                                    monkeypatch):
+    broker = open_broker(serializer="pickle")
+    broker.publish("t", "plain", key="k", headers={"trace": "t0"})
+    broker.publish("t", "bad key", key=Fragile(1))
+    broker.publish("t", "bad headers", headers={"obj": Fragile(2)})
+    broker.publish("t", Fragile(3), key=Fragile(4),
+                   headers={"obj": Fragile(5)})
+    consumer = broker.consume("t", "g", prefetch=4)
+    for message in consumer.get_many(4, timeout=5):
+        message.nack(requeue=False)
+    monkeypatch.setitem(FRAGILE, "broken", True)
+
+    plain, bad_key, bad_headers, all_bad = broker.dlq_list("t")
+
+    assert plain.key == "k"
+    assert plain.headers["trace"] == "t0"
+    assert plain.decode_error is None
+    assert plain.raw_key is None
+    assert plain.raw_headers is None
+
+    assert bad_key.body == "bad key"
+    assert bad_key.key is None
+    assert bad_key.decode_error == "key: RuntimeError: cannot rebuild " \
+                                   "Fragile(1) here"
+    assert bad_key.raw_headers is None
+    assert bad_key.headers["mqs.dead_letter_reason"] == "rejected"
+
+    assert bad_headers.body == "bad headers"
+    assert bad_headers.decode_error == "headers: RuntimeError: cannot " \
+                                       "rebuild Fragile(2) here"
+    assert "obj" not in bad_headers.headers
+    assert bad_headers.headers["mqs.attempts"] == 1
+    assert bad_headers.raw_key is None
+
+    assert all_bad.body is None
+    assert all_bad.key is None
+    assert all_bad.decode_error == (
+        "RuntimeError: cannot rebuild Fragile(3) here; "
+        "key: RuntimeError: cannot rebuild Fragile(4) here; "
+        "headers: RuntimeError: cannot rebuild Fragile(5) here")
+
+    monkeypatch.setitem(FRAGILE, "broken", False)
+    assert pickle.loads(bad_key.raw_key).value == 1
+    assert pickle.loads(bad_headers.raw_headers)["obj"].value == 2
+    assert pickle.loads(all_bad.raw_body).value == 3
+    assert pickle.loads(all_bad.raw_key).value == 4
+    assert pickle.loads(all_bad.raw_headers)["obj"].value == 5
+
+
+def test_dlq_redrive_and_purge_undecodable_key(open_broker, monkeypatch):
+    broker = open_broker(serializer="pickle")
+    broker.publish("t", "bad key", key=Fragile(1),
+                   headers={"obj": Fragile(2)})
+    broker.publish("t", "other")
+    consumer = broker.consume("t", "g", prefetch=2)
+    for message in consumer.get_many(2, timeout=5):
+        message.nack(requeue=False)
+    monkeypatch.setitem(FRAGILE, "broken", True)
+    broken, other = broker.dlq_list("t")
+
+    assert broker.dlq_redrive("t", [broken.id]) == 1
+    assert broker.dlq_purge("t") == 1
+
+    assert broker.dlq_list("t") == []
+    monkeypatch.setitem(FRAGILE, "broken", False)
+    again = consumer.get(timeout=5)
+    assert again.id == broken.id
+    assert again.key.value == 1
+    assert again.headers["obj"].value == 2
+    assert again.ack()
 
 
 # Trimmed streams.

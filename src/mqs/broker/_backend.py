@@ -205,13 +205,22 @@ class DeadLetter:
     `id` is the message id it had in the topic; `headers` include the
     ``mqs.*`` dead-letter headers listed in the module docstring.
 
-    `decode_error` is None when `body` is the message's body. A backend
-    that stores bodies serialized (shm, log, and redis with
-    ``serializer="pickle"``) sets it when the body fails to deserialize
-    in the listing process, for example because a class in it cannot be
-    imported there. Then `body` is None, `decode_error` is the
-    deserializer's exception as ``"<type>: <message>"``, and `raw_body`
-    is the serialized body as stored. `raw_body` is None otherwise.
+    `decode_error` is None when `body`, `key` and `headers` are the
+    message's own. A backend that stores bodies serialized (shm, log,
+    and redis with ``serializer="pickle"``) sets it when the body fails
+    to deserialize in the listing process, for example because a class
+    in it cannot be imported there. Then `body` is None, `decode_error`
+    is the deserializer's exception as ``"<type>: <message>"``, and
+    `raw_body` is the serialized body as stored. `raw_body` is None
+    otherwise.
+
+    The redis backend with ``serializer="pickle"`` also pickles the key
+    and the headers on their own. A key that fails to unpickle leaves
+    `key` None and its pickled bytes in `raw_key`. Headers that fail
+    leave only the ``mqs.*`` headers in `headers` and the stored bytes
+    in `raw_headers`. Each such failure adds ``"key: <type>: <message>"``
+    or ``"headers: <type>: <message>"`` to `decode_error`, after the
+    body's error if the body failed too, joined by ``"; "``.
     """
 
     id: str
@@ -227,6 +236,8 @@ class DeadLetter:
     error: str | None
     decode_error: str | None = None
     raw_body: bytes | None = None
+    raw_key: bytes | None = None
+    raw_headers: bytes | None = None
 
 
 def unpickled_letter(letter: DeadLetter) -> DeadLetter:
@@ -253,6 +264,25 @@ def undecodable_letter(letter: DeadLetter, raw_body: bytes,
                  error, exc_info=exc)
     return dataclasses.replace(letter, body=None, decode_error=error,
                                raw_body=bytes(raw_body))
+
+
+def undecodable_part(letter: DeadLetter, part: str, raw: bytes,
+                     exc: Exception) -> DeadLetter:
+    """Return `letter` marked as one whose `part`, "key" or "headers",
+    failed to deserialize from `raw` with `exc` (see `DeadLetter`).
+
+    The caller has already left the part out, so `key` is None or
+    `headers` has only the ``mqs.*`` headers.
+    """
+    error = f"{part}: {type(exc).__name__}: {exc}"
+    logger.debug("dead letter %s of topic %r: its %d-byte %s failed to "
+                 "deserialize (%s)", letter.id, letter.topic, len(raw), part,
+                 error, exc_info=exc)
+    if letter.decode_error is not None:
+        error = f"{letter.decode_error}; {error}"
+    raw_field = "raw_key" if part == "key" else "raw_headers"
+    return dataclasses.replace(letter, decode_error=error,
+                               **{raw_field: bytes(raw)})
 
 
 def decode_error(topic: str, message_id: str, cause: BaseException,

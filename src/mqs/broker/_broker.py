@@ -1501,7 +1501,13 @@ class Broker:
             deserialize in this process. Such a letter has ``body`` None,
             ``decode_error`` set to the error as ``"<type>: <message>"``
             and ``raw_body`` holding the serialized body as stored. Its
-            other fields are filled as usual.
+            other fields are filled as usual. A key or headers that fail
+            to deserialize (redis with ``serializer="pickle"`` pickles
+            them apart from the body) leave ``key`` None or only the
+            ``mqs.*`` headers, their bytes in ``raw_key`` or
+            ``raw_headers``, and add ``"key: <type>: <message>"`` or
+            ``"headers: <type>: <message>"`` to ``decode_error`` (see
+            `DeadLetter`).
 
         Notes
         -----

@@ -145,9 +145,26 @@ local function gcount(g, name, n)
   mine[name] = (mine[name] or 0) + (n or 1)
 end
 
+-- Counters of messages that were dropped (or moved to the dead-letter
+-- stream), whose totals the reply carries so that the client can log
+-- them. These are the keys of _DROP_KEYS in mqs/broker/_state.py.
+local DROP_COUNTERS = {deduplicated = true, expired = true,
+                       dropped_full = true, dead_lettered = true,
+                       dlq_purged = true, dropped_unsubscribed = true}
+-- Drop counter name -> {total before this call, total after it}.
+local drop_totals = {}
+
 local function save_counts()
   for name, n in pairs(counts) do
-    redis.call('HINCRBY', META, 'c.' .. name, n)
+    local total = redis.call('HINCRBY', META, 'c.' .. name, n)
+    if DROP_COUNTERS[name] then
+      local seen = drop_totals[name]
+      if seen then
+        seen[2] = total
+      else
+        drop_totals[name] = {total - n, total}
+      end
+    end
   end
   counts = {}
   for g, mine in pairs(group_counts) do
@@ -2305,15 +2322,18 @@ local OPS = {publish = publish, open = open_consumer,
              dlq_purge = dlq_purge, stats = stats,
              group_stats = group_stats}
 
--- Dispatch.
+-- Dispatch. Every reply ends with the drop counters that changed, as
+-- one flat list: name, total before, total after, for each.
 
 if OP == 'declare' then
-  return declare()
+  local reply = declare()
+  reply[#reply + 1] = {}
+  return reply
 end
 if OP == 'replace' then
   redis.call('HSET', META, 'cfg', ARGV[2])
   redis.call('XADD', WAKE, 'MAXLEN', 1, '*', 'n', 1)
-  return {'OK'}
+  return {'OK', {}}
 end
 local raw_cfg = redis.call('HGET', META, 'cfg')
 if not raw_cfg then
@@ -2346,4 +2366,11 @@ else
   end
 end
 reply[#reply + 1] = wake_id
+local drops = {}
+for name, totals in pairs(drop_totals) do
+  drops[#drops + 1] = name
+  drops[#drops + 1] = totals[1]
+  drops[#drops + 1] = totals[2]
+end
+reply[#reply + 1] = drops
 return reply

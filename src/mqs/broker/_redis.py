@@ -47,16 +47,24 @@ Connections
     for ``redis.Redis.from_url``; redis-py parses replies with hiredis
     when it is installed. A lost connection, a timed-out read or a
     server that is still loading its data is retried with exponential
-    backoff and full jitter for up to `retry_timeout` seconds, each retry
-    logged; then `BackendConnectionError` is raised. A server certificate
-    that fails TLS verification is not retried: its subclass
+    backoff and full jitter, each retry logged, until `retry_timeout`
+    seconds have passed since the call started; then
+    `BackendConnectionError` is raised. A server certificate that fails
+    TLS verification is not retried: its subclass
     `CertificateVerifyError` is raised at once.
     A script that ran before the connection dropped may therefore run
     twice: a publish may store its batch twice (use ``dedup_id`` for
     exactly-once), a second ack finds a stale tag and returns False.
+    Each attempt waits for a reply (and to connect and send) for
+    `socket_timeout` seconds, or for the part of `retry_timeout` that
+    is left if that is shorter, but at least 1 s (or `socket_timeout`
+    if that is shorter). So a server that accepts connections but does
+    not reply (stopped with SIGSTOP, or stuck behind a long command)
+    fails a call within about `retry_timeout` plus 1 s.
     Blocking waits (XREAD BLOCK on the topic's ``wake`` stream) last at
-    most half of `socket_timeout`, so a healthy connection never times
-    out while it waits.
+    most the smaller of 1 s and half of `socket_timeout`, and their
+    reply wait adds the block time. So a healthy connection never times
+    out while it waits, and a long `get` is a series of short waits.
 
 Retention
     A message stays in its lane's stream until every group that had it
@@ -71,10 +79,22 @@ Retention
     ``dead_lettered.trimmed``; an in-flight one is acked normally. One
     trimmed before any group read it is lost without being counted, so
     set `stream_maxlen` well above the backlog consumers may build.
+
+Drops
+    Every other message dropped (ttl passed, ``when_full="drop_oldest"``,
+    duplicate dedup id, skipped by a first group at ``"latest"``) or
+    moved to or purged from the dead-letter stream is counted in the
+    topic's counters on the server (`stats`). Each script call returns
+    the drop counters it changed, and the client logs a WARNING when a
+    total passes 1, 10, 100 and so on, as the other backends do. The
+    totals are shared by every client of the topic, so each of these
+    warnings is logged once, by the client whose call passed it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import importlib.resources
 import json
@@ -98,6 +118,7 @@ from mqs.broker._backend import (
     GroupStats,
     decode_each,
     undecodable_letter,
+    undecodable_part,
 )
 from mqs import metrics
 from mqs.broker._memory import (
@@ -106,6 +127,7 @@ from mqs.broker._memory import (
     _stayed_full,
 )
 from mqs.broker._policy import Backoff, Rate, TopicConfig
+from mqs.broker._state import warn_drop_count
 from mqs.errors import (
     BackendConnectionError,
     BackendUnavailable,
@@ -133,6 +155,19 @@ _RUN_SETTINGS = 10
 # Seconds a redis backend retries a lost connection by default
 # (`RedisBackend` retry_timeout).
 DEFAULT_RETRY_TIMEOUT_S = 30.0
+
+# Minimum seconds each attempt of a call waits for a reply (capped at
+# socket_timeout), even when less of retry_timeout is left, because a
+# server busy with another client's command for a moment should not fail
+# a call with a short retry_timeout.
+_MIN_REPLY_WAIT_S = 1.0
+
+# Seconds the Redis call running in this thread (or task) may wait to
+# connect, send or read one reply. `RedisBackend._call` sets it; the
+# connections of `_bounded_connection_class` apply it. When it is None,
+# the connection's own socket timeouts apply.
+_reply_timeout: contextvars.ContextVar[float | None] = \
+    contextvars.ContextVar("mqs_redis_reply_timeout", default=None)
 
 # The fix named in the TypeError of a body, header, key or dedup id that
 # the default serializer cannot store. `mqs bridge` replaces it with the
@@ -175,6 +210,67 @@ def _certificate_failed(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+@contextlib.contextmanager
+def _bounded_socket(connection: Any):
+    """Apply the current call's reply timeout to `connection`'s socket
+    inside the ``with`` body, then restore the connection's own."""
+    limit = _reply_timeout.get()
+    # redis-py keeps the socket in `_sock` (5.x to 8.x); None while the
+    # connection is closed.
+    sock = getattr(connection, "_sock", None)
+    if limit is None or sock is None:
+        yield
+        return
+    sock.settimeout(limit)
+    try:
+        yield
+    finally:
+        try:
+            sock.settimeout(connection.socket_timeout)
+        except OSError:
+            # redis-py closed the socket after an error, so there is
+            # nothing to restore.
+            pass
+
+
+def _bounded_connection_class(base: type) -> type:
+    """Return a subclass of the redis-py connection class `base` whose
+    connect, send and reply waits last at most the current call's reply
+    timeout (`_reply_timeout`).
+
+    redis-py applies one socket timeout to every command. A backend call
+    needs its own: what is left of retry_timeout, plus the block time of
+    a blocking read.
+    """
+
+    class BoundedConnection(base):  # type: ignore[misc, valid-type]
+        def _connect(self):
+            limit = _reply_timeout.get()
+            configured = self.socket_connect_timeout
+            if limit is not None and (configured is None
+                                      or configured > limit):
+                self.socket_connect_timeout = limit
+            try:
+                return super()._connect()
+            finally:
+                self.socket_connect_timeout = configured
+
+        def send_packed_command(self, *args, **kwargs):
+            if getattr(self, "_sock", None) is None:
+                # Connect first, so that the send has a socket to bound.
+                self.connect()
+            with _bounded_socket(self):
+                return super().send_packed_command(*args, **kwargs)
+
+        def read_response(self, *args, **kwargs):
+            with _bounded_socket(self):
+                return super().read_response(*args, **kwargs)
+
+    BoundedConnection.__name__ = f"Bounded{base.__name__}"
+    BoundedConnection.__qualname__ = BoundedConnection.__name__
+    return BoundedConnection
 
 
 def _public_url(url: str) -> str:
@@ -287,10 +383,12 @@ class RedisBackend(Backend):
         different namespaces on one server do not see each other. It
         cannot contain braces or colons (topic names may contain colons).
     socket_timeout : float
-        Seconds a command may wait for its reply. Blocking waits use at
-        most half of it.
+        Seconds a command may wait for its reply, unless less of
+        `retry_timeout` is left (see Connections in the module docs).
+        Blocking waits use at most half of it.
     retry_timeout : float
-        Seconds to keep retrying a lost connection before raising
+        Seconds from the start of a call to keep retrying a lost
+        connection or a server that does not reply before raising
         `BackendConnectionError`.
     connect_retry_timeout : float, optional
         Seconds to keep retrying the first connection, made while the
@@ -305,7 +403,10 @@ class RedisBackend(Backend):
         is lost without being counted. None (default) never trims.
     client : redis.Redis, optional
         Use this client instead of one built from `url` (its replies must
-        be bytes: ``decode_responses=False``).
+        be bytes: ``decode_responses=False``). The backend leaves its
+        connections as they are, so each attempt waits for a reply for
+        the client's own socket timeout, which can exceed what is left
+        of `retry_timeout`.
     sample_every : int, None or "default"
         Sample the latencies of one delivery in this many per group
         (see `group_stats`); None turns sampling off. The default is
@@ -369,6 +470,12 @@ class RedisBackend(Backend):
             client = redis.Redis.from_url(
                 url, socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_timeout)
+            # from_url picks the class for the scheme (TCP, TLS or Unix
+            # socket) and connects only on the first command, so every
+            # connection of this pool gets the bounded class.
+            pool = client.connection_pool
+            pool.connection_class = _bounded_connection_class(
+                pool.connection_class)
         else:
             url = repr(client)
         self._redis = redis
@@ -401,12 +508,20 @@ class RedisBackend(Backend):
 
     # ---- plumbing -------------------------------------------------------
 
-    def _call(self, function, *args, **kwargs):
-        """Run a redis-py call, retrying lost connections with backoff."""
+    def _call(self, function, *args, wait_s: float = 0.0, **kwargs):
+        """Run a redis-py call, retrying lost connections with backoff
+        until `_retry_timeout` seconds have passed since it started.
+
+        `wait_s` is how long the call blocks on the server on purpose
+        (XREAD BLOCK), added to the time each attempt waits for a reply.
+        """
         redis = self._redis
-        started = None
+        deadline = time.monotonic() + self._retry_timeout
         failures = 0
         while True:
+            left = deadline - time.monotonic()
+            token = _reply_timeout.set(wait_s + min(
+                self._socket_timeout, max(left, _MIN_REPLY_WAIT_S)))
             try:
                 return function(*args, **kwargs)
             except redis.AuthenticationError as exc:
@@ -426,19 +541,22 @@ class RedisBackend(Backend):
                     raise BackendConnectionError(
                         f"the redis backend of {self.url} is closed") from exc
                 now = time.monotonic()
-                started = now if started is None else started
-                if now - started >= self._retry_timeout:
+                if now >= deadline:
                     raise BackendConnectionError(
                         f"Redis at {self.url} unreachable for "
                         f"{self._retry_timeout} s ({exc}); check that the "
                         f"server runs, or raise {self._retry_option}"
                     ) from exc
                 failures += 1
-                pause = self._backoff.compute(failures)
+                # A pause that would end past the deadline is cut short,
+                # so the last attempt starts at the deadline.
+                pause = min(self._backoff.compute(failures), deadline - now)
                 logger.warning(
                     "Redis at %s: %s: %s; retry %d in %.3f s", self.url,
                     type(exc).__name__, exc, failures, pause)
                 time.sleep(pause)
+            finally:
+                _reply_timeout.reset(token)
 
     def _meta(self, topic: str) -> str:
         if "{" in topic or "}" in topic:
@@ -448,14 +566,15 @@ class RedisBackend(Backend):
         return f"{{{self._namespace}:{topic}}}:meta"
 
     def _run(self, topic: str, *args: Any) -> list:
-        """Run one operation of the script on `topic`."""
+        """Run one operation of the script on `topic`; return its reply
+        without the drop counts, which it logs."""
         if self._closed:
             # The client would reconnect: `close` does not stop it.
             raise ShutDown(f"the redis backend of {self.url} is closed; "
                            f"open a new Broker")
         try:
-            return self._call(self._script, keys=[self._meta(topic)],
-                              args=args)
+            reply = self._call(self._script, keys=[self._meta(topic)],
+                               args=args)
         except self._redis.ResponseError as exc:
             text = str(exc)
             if text.startswith("MQS_UNKNOWN"):
@@ -463,6 +582,14 @@ class RedisBackend(Backend):
             if text.startswith("MQS_SHUTDOWN"):
                 raise ShutDown(f"{text[13:]} on topic {topic!r}") from None
             raise
+        drops = reply.pop()
+        for start in range(0, len(drops), 3):
+            # The totals are the topic's on the server and count the
+            # drops of all clients, so each power of ten is logged once,
+            # by the client that passed it.
+            name, before, after = drops[start:start + 3]
+            warn_drop_count(logger, topic, name.decode(), before, after)
+        return reply
 
     def _wait_wake(self, topic: str, wake_id: bytes, seconds: float) -> None:
         """Block until the topic changes after `wake_id`, or `seconds`."""
@@ -470,8 +597,9 @@ class RedisBackend(Backend):
         if seconds <= 0:
             return
         wake = self._meta(topic)[:-4] + "wake"
+        block_ms = max(1, int(seconds * 1000))
         self._call(self._client.xread, {wake: wake_id}, count=1,
-                   block=max(1, int(seconds * 1000)))
+                   block=block_ms, wait_s=block_ms / 1000)
 
     # ---- topics ---------------------------------------------------------
 
@@ -792,23 +920,50 @@ class RedisBackend(Backend):
         reason = fields[b"why"].decode()
         attempts = int(fields[b"n"])
         error = fields[b"err"].decode()[1:] if fields[b"err"] else None
-        headers = dict(self._decode_headers(fields))
+        key, headers, failures = self._letter_key_and_headers(fields)
         headers["mqs.dead_letter_reason"] = reason
         headers["mqs.attempts"] = attempts
         headers["mqs.last_error"] = error
         headers["mqs.group"] = group
-        key = fields.get(b"k")
         letter = DeadLetter(
             id=message_id, topic=topic, group=group, body=None,
-            priority=int(fields.get(b"p", 0)),
-            key=None if key is None else _untoken(key, self._pickle),
-            headers=headers, timestamp=float(fields.get(b"t", 0)) / 1000,
+            priority=int(fields.get(b"p", 0)), key=key, headers=headers,
+            timestamp=float(fields.get(b"t", 0)) / 1000,
             attempts=attempts, reason=reason, error=error)
         try:
             body = self._decode_body(fields, message_id)
-        except Exception as exc:
-            return undecodable_letter(letter, fields.get(b"b", b""), exc)
-        return dataclasses.replace(letter, body=body)
+        except Exception as exc:  # whatever unpickling raised
+            letter = undecodable_letter(letter, fields.get(b"b", b""), exc)
+        else:
+            letter = dataclasses.replace(letter, body=body)
+        for part, raw, exc in failures:
+            letter = undecodable_part(letter, part, raw, exc)
+        return letter
+
+    def _letter_key_and_headers(self, fields: dict) -> tuple[
+            Any, dict[str, Any], list[tuple[str, bytes, Exception]]]:
+        """Decode the key and headers of a dead letter's `fields`.
+
+        Return the key, the headers and the parts that failed as (part,
+        stored bytes, exception). A part that fails (a class that does
+        not import here) is None or empty, so that the letter is still
+        listed, and can be redriven or purged, with the failure on it.
+        """
+        failures = []
+        key = None
+        raw_key = fields.get(b"k")
+        if raw_key is not None:
+            try:
+                key = _untoken(raw_key, self._pickle)
+            except Exception as exc:  # whatever unpickling raised
+                failures.append(("key", raw_key[2:], exc))
+        try:
+            headers = dict(self._decode_headers(fields))
+        except Exception as exc:  # whatever unpickling raised
+            headers = {}
+            raw_headers = fields.get(b"hp") or fields.get(b"h", b"")
+            failures.append(("headers", raw_headers, exc))
+        return key, headers, failures
 
     def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
                     ) -> int:

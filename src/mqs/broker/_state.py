@@ -298,9 +298,7 @@ class TopicState:
         counters = self.counters
         value = counters.get(key, 0) + n
         counters[key] = value
-        if key in _DROP_KEYS and _log_point(value - n, value):
-            logger.warning("topic %r: messages %s so far: %d",
-                           self.config.name, _DROP_KEYS[key], value)
+        warn_drop_count(logger, self.config.name, key, value - n, value)
 
     # Publishing.
 
@@ -922,6 +920,19 @@ _DROP_KEYS = {
     "dropped_unsubscribed": (
         "dropped because the topic's first group started at 'latest'"),
 }
+
+
+def warn_drop_count(log: logging.Logger, topic: str, key: str,
+                    before: int, after: int) -> None:
+    """Log a WARNING on `log` when the counter `key` of `topic` counts
+    dropped messages and passed a power of ten from `before` to `after`.
+
+    Logging at 1, 10, 100 ... drops keeps a flood of drops from flooding
+    the log while every cause still shows once.
+    """
+    if key in _DROP_KEYS and _log_point(before, after):
+        log.warning("topic %r: messages %s so far: %d", topic,
+                    _DROP_KEYS[key], after)
 
 
 def _log_point(before: int, after: int) -> bool:
