@@ -300,6 +300,64 @@ def test_log_removed_directory_while_process_has_it_open(path, tmp_path):
         reader.stop()
 
 
+
+def publish_until_unavailable(broker, timeout=10):
+    """Publish every 10 ms until the broker raises BackendUnavailable;
+    return the error's message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            broker.publish("t", "after")
+        except mqs.BackendUnavailable as exc:
+            return str(exc)
+        time.sleep(0.01)
+    raise AssertionError(f"the broker kept working for {timeout} s")
+
+
+def test_log_rmtree_removing_current_first_reports_removal(path):
+    broker = mqs.Broker(backend="log", path=path)
+    try:
+        broker.publish("t", "before")
+        # shutil.rmtree removes entries in readdir order. tmpfs on Linux
+        # 6.18 lists the newest entry first, so CURRENT, which every
+        # snapshot rewrites, goes long before broker.id. Removing CURRENT
+        # alone keeps the broker in that state until its writer thread
+        # checks the log.
+        os.unlink(path / "CURRENT")
+        message = publish_until_unavailable(broker)
+        assert "the directory was removed or replaced" in message
+
+        shutil.rmtree(path)
+        with pytest.raises(mqs.BackendUnavailable,
+                           match="the directory was removed or replaced"):
+            broker.publish("t", "after the removal")
+    finally:
+        broker.close()
+    assert journal_files(path) == []
+
+
+def test_log_rmtree_removing_log_first_reports_removal(path):
+    # A tiny compact_bytes makes every publish write a snapshot, which
+    # checks the directory's log first.
+    broker = mqs.Broker(backend="log", path=path, compact_bytes=1)
+    try:
+        broker.publish("t", "before")
+        log_name = (path / "CURRENT").read_text().strip()
+        # The order of rmtree on ext4 follows name hashes, so the log can
+        # go before CURRENT and broker.id.
+        shutil.rmtree(path / log_name)
+        message = publish_until_unavailable(broker)
+        assert "the directory was removed or replaced" in message
+
+        shutil.rmtree(path)
+        with pytest.raises(mqs.BackendUnavailable,
+                           match="the directory was removed or replaced"):
+            broker.publish("t", "after the removal")
+    finally:
+        broker.close()
+    assert journal_files(path) == []
+
+
 def run_clean(path):
     return subprocess.run(
         [sys.executable, "-m", "mqs", "clean", str(path)], check=False,

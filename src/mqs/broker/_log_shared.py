@@ -779,6 +779,13 @@ class SharedLogBackend(ShmBackend):
         operations of every process on it raise `BackendUnavailable`."""
         if directory_identity(self.path) == self._identity:
             return False
+        self._mark_directory_replaced()
+        return True
+
+    def _mark_directory_replaced(self) -> None:
+        """Make the operations of every process on this journal raise
+        `BackendUnavailable`, saying that the directory was removed or
+        replaced."""
         # Every section of this process takes the Python path from now on,
         # where it raises.
         self._enter_slow = True
@@ -791,7 +798,12 @@ class SharedLogBackend(ShmBackend):
                          "replaced while process %d had the broker open; "
                          "its journal %s no longer reaches the log",
                          self.path, os.getpid(), self.shm_name)
-        return True
+
+    def _replacement_marked(self) -> bool:
+        """Return whether a process marked the journal because it found
+        the directory or its log replaced."""
+        return self._durable[_FAILED] in (_DIRECTORY_REPLACED,
+                                          _LOG_REPLACED)
 
     def _check_directory(self) -> None:
         """Raise `BackendUnavailable` if the directory was replaced, before
@@ -818,9 +830,16 @@ class SharedLogBackend(ShmBackend):
         # A read-only open of the log costs about 2 ms for 60 MB of
         # records, less than the snapshot that follows.
         problem = _log_mismatch(self.path, self._durable)
-        if problem is not None:
-            self._mark_log_replaced(problem)
-            raise BackendUnavailable(_log_replaced_message(self.path))
+        if problem is None:
+            return
+        if _log_missing(self.path):
+            # A restored backup brings CURRENT and its log along, so a
+            # missing one most likely means that the directory is being
+            # removed.
+            self._mark_directory_replaced()
+            raise BackendUnavailable(_replaced_message(self.path))
+        self._mark_log_replaced(problem)
+        raise BackendUnavailable(_log_replaced_message(self.path))
 
     def _mark_log_replaced(self, problem: str) -> None:
         """Make the operations of every process on this journal raise
@@ -1345,23 +1364,30 @@ class SharedLogBackend(ShmBackend):
                 self._stop.wait(1.0)
 
     def _log_replaced(self) -> bool:
-        """Return whether a process found the directory's log replaced.
-        The writer checks that CURRENT still names its log first."""
-        if self._writer and self._durable[_FAILED] != _LOG_REPLACED \
+        """Return whether a process found the directory or its log
+        replaced. The writer checks that CURRENT still names its log
+        first."""
+        if self._writer and not self._replacement_marked() \
                 and _read_current(self.path) != self._log_name:
             try:
                 # A snapshot switches CURRENT and `_log_name` together
                 # inside the section.
                 with self._lock:
                     name = _read_current(self.path)
-                    if name != self._log_name:
+                    if name is None:
+                        # shutil.rmtree removes CURRENT before broker.id
+                        # when readdir lists it first (tmpfs on Linux 6.18
+                        # lists the newest entry first), so the caller's
+                        # directory check still passed.
+                        self._mark_directory_replaced()
+                    elif name != self._log_name:
                         self._mark_log_replaced(
                             f"{CURRENT} names {name}, but this process "
                             f"appends to {self._log_name}")
             except BackendUnavailable:
-                if self._durable[_FAILED] != _LOG_REPLACED:
+                if not self._replacement_marked():
                     raise
-        if self._durable[_FAILED] != _LOG_REPLACED:
+        if not self._replacement_marked():
             return False
         # Every section of this process takes the Python path, which
         # raises.
@@ -1413,8 +1439,7 @@ class SharedLogBackend(ShmBackend):
     def _stopped(self) -> bool:
         """Return whether the directory or its log was replaced, so that
         this process must write nothing more."""
-        return self._directory_replaced() or \
-            self._durable[_FAILED] == _LOG_REPLACED
+        return self._directory_replaced() or self._replacement_marked()
 
     def _close_log(self, last: bool) -> None:
         """Bring the log up to the journal and sync it (writer only). The
@@ -1425,10 +1450,11 @@ class SharedLogBackend(ShmBackend):
                         last and self._bytes_since_snapshot):
                     self._write_snapshot()
         except BackendUnavailable:
-            if self._durable[_FAILED] != _LOG_REPLACED:
+            if not self._replacement_marked():
                 raise
-            # `_check_log` found a restored log, which the next open
-            # restores from once the journal is gone.
+            # `_check_log` found a restored log or a removal in progress.
+            # The next open restores from a restored log once the journal
+            # is gone.
         else:
             if self._failed is None and self._log is not None:
                 self._log.flush()
@@ -1506,6 +1532,13 @@ def _unpickled(delivery: Delivery) -> Delivery:
     through tuple.__new__, because `_replace` takes twice as long)."""
     return _new_tuple(Delivery, (*delivery[:4], pickle.loads(delivery.body),
                                  *delivery[5:]))
+
+
+def _log_missing(path: str) -> bool:
+    """Return whether the log broker directory `path` lacks CURRENT or
+    the log that CURRENT names."""
+    name = _read_current(path)
+    return name is None or not os.path.isdir(os.path.join(path, name))
 
 
 def _log_replaced_message(path: str) -> str:
