@@ -1330,6 +1330,88 @@ def test_put_bounded_rejects_negative_timeout_when_full():
     assert q.qsize() == 1
 
 
+# (class name, maxsize, items queued before the call); maxsize None is a
+# SimpleQueue, which takes no maxsize.
+STDLIB_SHAPES = [
+    ("Queue", 0, 0), ("Queue", 0, 1),
+    ("Queue", 2, 0), ("Queue", 2, 1), ("Queue", 2, 2),
+    ("SimpleQueue", None, 0), ("SimpleQueue", None, 1),
+]
+
+# Negative timeouts, and 0 as the boundary. None is left out because a
+# blocking call with it could wait forever.
+EDGE_TIMEOUTS = [-1, -0.5, -0.0, float("-inf"), 0]
+
+
+def _filled_pair(cls_name, maxsize, filled):
+    """Return an mqs queue and a stdlib queue that contain the same items."""
+    pair = []
+    for module in (mqs, queue):
+        cls = getattr(module, cls_name)
+        q = cls() if maxsize is None else cls(maxsize)
+        for number in range(filled):
+            q.put(f"old{number}")
+        pair.append(q)
+    return pair
+
+
+def _outcome(call):
+    """Return ("returned", value) or ("raised", the stdlib class a caller
+    catches) for `call()`."""
+    try:
+        return ("returned", call())
+    except queue.Empty:
+        return ("raised", queue.Empty)
+    except queue.Full:
+        return ("raised", queue.Full)
+    except ValueError:
+        return ("raised", ValueError)
+
+
+@pytest.mark.parametrize("timeout", EDGE_TIMEOUTS)
+@pytest.mark.parametrize("block", [True, False])
+@pytest.mark.parametrize("verb", ["put", "get"])
+@pytest.mark.parametrize("cls_name, maxsize, filled", STDLIB_SHAPES)
+def test_edge_timeout_matches_stdlib(cls_name, maxsize, filled, verb,
+                                     block, timeout):
+    q, reference = _filled_pair(cls_name, maxsize, filled)
+    if verb == "put":
+        got = _outcome(lambda: q.put("new", block, timeout))
+        expected = _outcome(lambda: reference.put("new", block, timeout))
+    elif cls_name == "SimpleQueue" and block and timeout == float("-inf"):
+        # CPython 3.11's C SimpleQueue.get raises OverflowError while it
+        # converts -inf, before its sign check. mqs raises ValueError for
+        # it, as queue.Queue.get does.
+        got = _outcome(lambda: q.get(block, timeout))
+        expected = ("raised", ValueError)
+    else:
+        got = _outcome(lambda: q.get(block, timeout))
+        expected = _outcome(lambda: reference.get(block, timeout))
+
+    assert got == expected
+    assert drain(q) == drain(reference)
+
+
+@pytest.mark.parametrize("timeout", EDGE_TIMEOUTS)
+@pytest.mark.parametrize("block", [True, False])
+@pytest.mark.parametrize("maxsize, filled",
+                         [(0, 0), (0, 1), (2, 0), (2, 1), (2, 2)])
+def test_put_many_edge_timeout_matches_stdlib_puts(maxsize, filled, block,
+                                                   timeout):
+    # queue.Queue has no put_many: one put per item is its equivalent.
+    q, reference = _filled_pair("Queue", maxsize, filled)
+
+    def put_each():
+        for item in ["b", "c"]:
+            reference.put(item, block, timeout)
+
+    got = _outcome(lambda: q.put_many(["b", "c"], block, timeout))
+    expected = _outcome(put_each)
+
+    assert got == expected
+    assert drain(q) == drain(reference)
+
+
 @pytest.mark.parametrize("max_items, error, message", [
     (1.5, TypeError, "^max_items must be an int, got float 1.5$"),
     (True, TypeError, "^max_items must be an int, got bool True$"),

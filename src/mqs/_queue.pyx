@@ -935,9 +935,12 @@ cdef class Queue:
         ShutDown
             If `shutdown` was called, also while waiting.
         ValueError
-            If `timeout` or `delay` is negative or not finite, if `delay`
-            or `at` is more than `mqs.MAX_DELAY_SECONDS` (10 years) from
-            now, or if both `delay` and `at` are given.
+            If `delay` is negative or not finite, if `delay` or `at` is
+            more than `mqs.MAX_DELAY_SECONDS` (10 years) from now, or if
+            both `delay` and `at` are given. Also if `timeout` is negative
+            or NaN while the queue is bounded and `block` is true, even
+            when a slot is free, as `queue.Queue.put` does. An unbounded
+            queue ignores `timeout`.
         TypeError
             If `delay` or `at` has the wrong type.
 
@@ -1055,6 +1058,9 @@ cdef class Queue:
             were added and stay queued, the rest were not.
         ShutDown
             If the queue is or gets shut down; ``exc.accepted`` as above.
+        ValueError
+            If the queue is bounded, `block` is true and `timeout` is
+            negative or NaN; no item of the batch is added.
         """
         cdef list batch = items if type(items) is list else list(items)
         cdef Py_ssize_t n = len(batch)
@@ -1063,7 +1069,9 @@ cdef class Queue:
         cdef int64_t deadline = 0
         if self._shutdown:
             raise ShutDown("put_many on a shut-down queue", 0)
-        if block and timeout is not None:
+        # As in `put`, only a bounded queue checks the timeout: an
+        # unbounded one never waits.
+        if self._maxsize and block and timeout is not None:
             deadline = deadline_ns(timeout)
         while done < n:
             room = n - done

@@ -1731,6 +1731,32 @@ def test_broker_calls_after_close_fail(broker):
         broker.declare_topic("t")
 
 
+@pytest.mark.parametrize("call", [
+    lambda broker: broker.stats("t"),
+    lambda broker: broker.group_stats("t"),
+    lambda broker: broker.topic_config("t"),
+    lambda broker: broker.delete_topic("t"),
+    lambda broker: broker.dlq_list("t"),
+    lambda broker: broker.dlq_redrive("t"),
+    lambda broker: broker.dlq_purge("t"),
+], ids=["stats", "group_stats", "topic_config", "delete_topic", "dlq_list",
+        "dlq_redrive", "dlq_purge"])
+def test_broker_state_calls_after_close_fail(broker, call):
+    broker.publish("t", 1)
+    broker.close()
+    with pytest.raises(mqs.ShutDown, match="is closed"):
+        call(broker)
+
+
+def test_reply_after_close_fails(broker):
+    broker.declare_topic("replies")
+    broker.publish("t", "x", reply_to="replies")
+    message = broker.consume("t", "g").get(timeout=5)
+    broker.close()
+    with pytest.raises(mqs.ShutDown, match="is closed"):
+        broker.reply(message, "y")
+
+
 def test_close_with_own_unacked_messages_returns(broker):
     # No other consumer can ack them, so the drain ends at the ack timeout.
     broker.publish_many("t", [1, 2])

@@ -3,6 +3,7 @@ directory: a removed, emptied or replaced directory never gets the state
 of its predecessor back, and a crash of every process keeps the state of
 the same directory."""
 
+import errno
 import json
 import os
 import shutil
@@ -300,6 +301,64 @@ def test_log_removed_directory_while_process_has_it_open(path, tmp_path):
         reader.stop()
 
 
+
+def publish_until_unavailable(broker, timeout=10):
+    """Publish every 10 ms until the broker raises BackendUnavailable;
+    return the error's message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            broker.publish("t", "after")
+        except mqs.BackendUnavailable as exc:
+            return str(exc)
+        time.sleep(0.01)
+    raise AssertionError(f"the broker kept working for {timeout} s")
+
+
+def test_log_rmtree_removing_current_first_reports_removal(path):
+    broker = mqs.Broker(backend="log", path=path)
+    try:
+        broker.publish("t", "before")
+        # shutil.rmtree removes entries in readdir order. tmpfs on Linux
+        # 6.18 lists the newest entry first, so CURRENT, which every
+        # snapshot rewrites, goes long before broker.id. Removing CURRENT
+        # alone keeps the broker in that state until its writer thread
+        # checks the log.
+        os.unlink(path / "CURRENT")
+        message = publish_until_unavailable(broker)
+        assert "the directory was removed or replaced" in message
+
+        shutil.rmtree(path)
+        with pytest.raises(mqs.BackendUnavailable,
+                           match="the directory was removed or replaced"):
+            broker.publish("t", "after the removal")
+    finally:
+        broker.close()
+    assert journal_files(path) == []
+
+
+def test_log_rmtree_removing_log_first_reports_removal(path):
+    # A tiny compact_bytes makes every publish write a snapshot, which
+    # checks the directory's log first.
+    broker = mqs.Broker(backend="log", path=path, compact_bytes=1)
+    try:
+        broker.publish("t", "before")
+        log_name = (path / "CURRENT").read_text().strip()
+        # The order of rmtree on ext4 follows name hashes, so the log can
+        # go before CURRENT and broker.id.
+        shutil.rmtree(path / log_name)
+        message = publish_until_unavailable(broker)
+        assert "the directory was removed or replaced" in message
+
+        shutil.rmtree(path)
+        with pytest.raises(mqs.BackendUnavailable,
+                           match="the directory was removed or replaced"):
+            broker.publish("t", "after the removal")
+    finally:
+        broker.close()
+    assert journal_files(path) == []
+
+
 def run_clean(path):
     return subprocess.run(
         [sys.executable, "-m", "mqs", "clean", str(path)], check=False,
@@ -343,30 +402,27 @@ def test_cli_clean_keeps_journal_in_use(path):
     assert journal_files(path) == []
 
 
-# Opens the broker at argv[1] with a SegmentLog that fails as on a full
-# disk, so the open raises after it created broker.id and the journal but
-# before the first log.
-FAILED_FIRST_OPEN = """
-import errno, sys
+# Opens the broker at argv[1] and kills itself with SIGKILL where the
+# first log would be created, so the open dies after it created broker.id
+# and the journal but before the first log, and cleans up nothing.
+CRASHED_FIRST_OPEN = """
+import os, signal, sys
 import mqs
 import mqs.broker._log as log_module
 
-def no_space(*args, **kwargs):
-    raise OSError(errno.ENOSPC, "no space left (simulated)")
+def crash(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
 
-log_module.SegmentLog = no_space
-try:
-    mqs.Broker(backend="log", path=sys.argv[1])
-except OSError:
-    print("rejected")
+log_module.SegmentLog = crash
+mqs.Broker(backend="log", path=sys.argv[1])
 """
 
 
-def test_cli_clean_after_failed_first_open(path):
+def test_cli_clean_after_crashed_first_open(path):
     opened = subprocess.run(
-        [sys.executable, "-c", FAILED_FIRST_OPEN, str(path)],
+        [sys.executable, "-c", CRASHED_FIRST_OPEN, str(path)],
         capture_output=True, text=True, timeout=60)
-    assert opened.stdout.strip() == "rejected", opened.stderr
+    assert opened.returncode == -signal.SIGKILL, opened.stderr
     assert "CURRENT" not in os.listdir(path)
     assert journal_files(path) != []
 
@@ -374,6 +430,90 @@ def test_cli_clean_after_failed_first_open(path):
     assert result.returncode == 0, result.stderr
     assert "0 journal(s) in use" in result.stdout
     assert journal_files(path) == []
+
+
+# Opens the broker at argv[1] with argv[2] failing as on a full disk: an
+# os function, or the SegmentLog of the first log. Prints the errno of the
+# error that the open raised.
+FAILING_OPEN = """
+import errno, os, sys
+import mqs
+import mqs.broker._log as log_module
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "no space left on device (simulated)")
+
+path, failing = sys.argv[1], sys.argv[2]
+if failing == "SegmentLog":
+    log_module.SegmentLog = no_space
+else:
+    setattr(os, failing, no_space)
+try:
+    mqs.Broker(backend="log", path=path)
+except OSError as exc:
+    print(exc.errno)
+else:
+    print("opened")
+"""
+
+# Where a first open fails: writing broker.id (fsync), sizing the
+# journal's durable file in /dev/shm (ftruncate), preallocating the first
+# log (SegmentLog) and switching CURRENT to it (replace).
+OPEN_FAILURES = ["fsync", "ftruncate", "SegmentLog", "replace"]
+
+
+def open_failing(path, failing):
+    """Open the log broker at `path` in a child in which `failing` raises
+    ENOSPC; return the errno that the open raised."""
+    opened = subprocess.run(
+        [sys.executable, "-c", FAILING_OPEN, str(path), failing],
+        capture_output=True, text=True, timeout=60)
+    assert opened.returncode == 0, opened.stderr
+    return opened.stdout.strip()
+
+
+@pytest.mark.parametrize("failing", OPEN_FAILURES)
+@pytest.mark.parametrize("depth", [1, 3], ids=["directory", "parents"])
+def test_log_failed_first_open_removes_what_it_created(tmp_path, failing,
+                                                       depth):
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    path = parent.joinpath(*["new"] * depth)
+    try:
+        assert open_failing(path, failing) == str(errno.ENOSPC)
+
+        assert os.listdir(parent) == []
+        assert journal_files(path) == []
+    finally:
+        unlink_journal(path)
+
+
+@pytest.mark.parametrize("failing", OPEN_FAILURES)
+def test_log_failed_first_open_keeps_existing_directory(path, failing):
+    path.mkdir()
+
+    assert open_failing(path, failing) == str(errno.ENOSPC)
+
+    assert path.is_dir()
+    assert journal_files(path) == []
+    # The temporary file that broker.id is written to does not stay.
+    assert not [name for name in os.listdir(path)
+                if name.startswith("broker.id.")]
+
+
+@pytest.mark.parametrize("failing", ["ftruncate", "SegmentLog", "replace"])
+def test_log_failed_open_keeps_existing_broker(path, failing):
+    broker = mqs.Broker(backend="log", path=path)
+    broker.publish("t", "kept")
+    broker.close()
+    directory_id = (path / "broker.id").read_text()
+    log_name = (path / "CURRENT").read_text()
+
+    assert open_failing(path, failing) == str(errno.ENOSPC)
+
+    assert (path / "broker.id").read_text() == directory_id
+    assert (path / "CURRENT").read_text() == log_name
+    assert stored_after_open(path, "t") == 1
 
 
 def test_cli_clean_rejects_file(tmp_path):

@@ -1161,6 +1161,7 @@ class Broker:
 
     def topic_config(self, topic: str) -> TopicConfig:
         """Return the settings the backend stores for `topic`."""
+        self._check_open()
         return self._backend.topic_config(topic)
 
     def topics(self) -> list[str]:
@@ -1173,6 +1174,7 @@ class Broker:
 
     def delete_topic(self, topic: str) -> None:
         """Drop a topic with its messages, groups and dead letters."""
+        self._check_open()
         self._backend.delete_topic(topic)
 
     # Publishing.
@@ -1477,6 +1479,7 @@ class Broker:
             raise ValueError(
                 f"message {message.id} of {message.topic!r} has no reply_to; "
                 f"only messages sent by Broker.request can be replied to")
+        self._check_open()
         envelope = self._envelope(body, correlation_id=message.correlation_id,
                                   **options)
         try:
@@ -1529,6 +1532,7 @@ class Broker:
                 raise ValueError(
                     f"limit must be 0 or more, or None (every dead letter), "
                     f"got {limit!r}")
+        self._check_open()
         return self._backend.dlq_list(topic, limit)
 
     def dlq_redrive(self, topic: str, ids: Iterable[str] | None = None
@@ -1539,6 +1543,7 @@ class Broker:
         `ids` is an iterable of `DeadLetter.id` strings, or None for every
         dead letter. Ids not in the dead-letter queue are skipped.
         """
+        self._check_open()
         if ids is None:
             return self._backend.dlq_redrive(topic, None)
         # A bare str would be iterated as one id per character and redrive
@@ -1557,6 +1562,7 @@ class Broker:
 
     def dlq_purge(self, topic: str) -> int:
         """Delete the dead letters of `topic`; return how many (counted)."""
+        self._check_open()
         return self._backend.dlq_purge(topic)
 
     def stats(self, topic: str) -> dict[str, int]:
@@ -1567,7 +1573,11 @@ class Broker:
         dropped_full, dropped_unsubscribed, dead_lettered and
         dead_lettered.<reason>, dlq_purged). Gauges: stored, ready,
         delayed, in_flight (summed over groups), dlq, groups.
+
+        Raises `UnknownTopic` for an undeclared topic and `ShutDown` once
+        the broker is closed.
         """
+        self._check_open()
         return self._backend.stats(topic)
 
     def group_stats(self, topic: str) -> list[GroupStats]:
@@ -1580,7 +1590,10 @@ class Broker:
             If the topic does not exist.
         NotImplementedError
             If the backend does not report group metrics.
+        ShutDown
+            If the broker is closed.
         """
+        self._check_open()
         return self._backend.group_stats(topic)
 
     def close(self) -> None:

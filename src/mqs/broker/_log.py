@@ -890,15 +890,35 @@ def _check_log_options(path: Any, fsync: Any, fsync_interval_s: Any,
     _sample_every(sample_every)
 
 
-def _make_directory(path: str) -> None:
-    """Create the log broker directory `path` (mode 0700) if missing."""
+def _make_directory(path: str) -> list[str]:
+    """Create the log broker directory `path` (mode 0700) and its missing
+    parents, as ``os.makedirs`` does. Return the absolute paths of the
+    directories that this call created, outermost first."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(
             errno.ENOTDIR,
             f"the log broker needs a directory, but path {path!r} is a "
             f"file; pass a new or empty directory", path)
     check_directory_kind(path, LOG_BROKER)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    missing = []
+    directory = os.path.abspath(path)
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    created = []
+    # One mkdir per level distinguishes the directories this call
+    # created from those that a concurrent opener created first.
+    for directory in reversed(missing):
+        mode = 0o700 if directory == missing[0] else 0o777
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            continue
+        created.append(directory)
+    return created
 
 
 def _read_current(path: str) -> str | None:

@@ -272,27 +272,29 @@ def _read_directory_id(path: str) -> str | None:
         return None
 
 
-def _create_directory_id(path: str) -> None:
-    """Write a random id into `path` unless it has one. The id is written
-    under a temporary name and linked into place, so a concurrent opener
-    reads either no id or the whole one, and only one id wins."""
+def _create_directory_id(path: str) -> bool:
+    """Write a random id into `path` unless it has one; return whether
+    this call wrote it. The id is written under a temporary name and
+    linked into place, so a concurrent opener reads either no id or the
+    whole one, and only one id wins."""
     if _read_directory_id(path) is not None:
-        return
+        return False
     temp = os.path.join(path, f"{DIRECTORY_ID}.{os.getpid()}."
                               f"{secrets.token_hex(4)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                  0o600)
     try:
-        os.write(fd, (secrets.token_hex(16) + "\n").encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            os.write(fd, (secrets.token_hex(16) + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.link(temp, os.path.join(path, DIRECTORY_ID))
     except FileExistsError:
-        pass
+        return False
     finally:
         os.unlink(temp)
+    return True
 
 
 def directory_identity(path: str | os.PathLike[str]) -> str | None:
@@ -545,6 +547,13 @@ class SharedLogBackend(ShmBackend):
     LogLocked
         If the journal is new but another process has held the writer
         lock of `path` for 10 s (it uses a journal that was removed).
+    OSError
+        If the directory, its files or the journal cannot be created or
+        written (a full disk, missing permissions). If this open gave
+        the directory its id and no other process opened the broker
+        meanwhile, it first removes the journal and the directories
+        that it created. A directory that existed before keeps the
+        small ``broker.id``, ``users`` and ``lock`` files.
     """
 
     name = "log"
@@ -571,18 +580,13 @@ class SharedLogBackend(ShmBackend):
             raise TypeError(f"sync_acks must be True or False, got "
                             f"{type(sync_acks).__name__} {sync_acks!r}")
         directory = os.fspath(path)
-        _make_directory(directory)
+        created = _make_directory(directory)
         MemoryBackend.__init__(self, clock=self._read_clock,
                                sample_every=_sample_every(sample_every))
         self.path = directory
-        _create_directory_id(directory)
-        self._identity = directory_identity(directory)
-        if self._identity is None:
-            raise FileNotFoundError(
-                errno.ENOENT, f"log broker directory {directory!r} was "
-                f"removed while the broker was being opened", directory)
-        self.shm_name = f"{_path_prefix(directory)}.{self._identity}"
-        self._journal_file = os.path.join(SHM_DIR, PREFIX + self.shm_name)
+        # Set by `_attach`; a failed open removes only what it created.
+        self._created_id = False
+        self.shm_name = ""
         self.fsync = fsync
         self._sync_acks = sync_acks
         self._fsync_interval_s = fsync_interval_s
@@ -628,33 +632,107 @@ class SharedLogBackend(ShmBackend):
         self._lock = _SharedSection(self)  # type: ignore[assignment]
         self._bind_section_paths()
         self._changed = _ChangeWait(self)  # type: ignore[assignment]
-        self._users_fd = _open_file(os.path.join(directory, USERS))
+        self._users_fd = -1
         self._lock_fd = -1
         self._durable_fd = -1
         self._journal = None
         self._durable = None
         try:
-            fcntl.flock(self._users_fd, fcntl.LOCK_SH)
-            self._lock_fd = _open_file(os.path.join(directory, LOCK))
-            self._durable_fd = self._lock_durable_file()
-            remove_stale_journals(directory, keep=self.shm_name)
-            self._durable = _map_durable(self._durable_fd)
-            self._journal = SharedJournal(self._journal_file, journal_bytes)
-            self._max_record = min(self._journal.journal_bytes,
-                                   segment_bytes) // 2
-            self._slot, self._token = self._journal.attach()
-            _instances.add(self)
-            self._try_writer_lock()
-            # Catch up; the first process restores the broker from the log.
-            with self._lock:
-                pass
+            self._attach(journal_bytes, segment_bytes)
         except BaseException:
             # Nothing is left to close, at exit or later.
             _instances.discard(self)
             self._closed = True
             self._release_files()
+            self._remove_failed_first_open(created)
             raise
         self._start_thread()
+
+    def _attach(self, journal_bytes: int, segment_bytes: int) -> None:
+        """Give the directory its id, take the shared locks, attach to the
+        journal (creating it if needed) and catch up with the broker."""
+        directory = self.path
+        self._created_id = _create_directory_id(directory)
+        self._identity = directory_identity(directory)
+        if self._identity is None:
+            raise FileNotFoundError(
+                errno.ENOENT, f"log broker directory {directory!r} was "
+                f"removed while the broker was being opened", directory)
+        self.shm_name = f"{_path_prefix(directory)}.{self._identity}"
+        self._journal_file = os.path.join(SHM_DIR, PREFIX + self.shm_name)
+        self._users_fd = _open_file(os.path.join(directory, USERS))
+        fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+        self._lock_fd = _open_file(os.path.join(directory, LOCK))
+        self._durable_fd = self._lock_durable_file()
+        remove_stale_journals(directory, keep=self.shm_name)
+        self._durable = _map_durable(self._durable_fd)
+        self._journal = SharedJournal(self._journal_file, journal_bytes)
+        self._max_record = min(self._journal.journal_bytes,
+                               segment_bytes) // 2
+        self._slot, self._token = self._journal.attach()
+        _instances.add(self)
+        self._try_writer_lock()
+        # Catch up; the first process restores the broker from the log.
+        with self._lock:
+            pass
+
+    def _remove_failed_first_open(self, created: list[str]) -> None:
+        """Remove the journal and the directories that a failed open
+        created, after `_release_files`.
+
+        The journal and a directory with files in it are removed only if
+        this open wrote the directory's id (a new or emptied directory)
+        and no other process has the broker open. A directory that
+        existed before keeps its id and lock files. Errors of the
+        removal are logged, so that the caller raises the open's error.
+        """
+        try:
+            if self._created_id and self._remove_new_broker(created):
+                logger.debug("log broker %s: removed the journal %s and "
+                             "the directories %s that a failed open "
+                             "created", self.path, self.shm_name, created)
+            # Parents of the directory, or the directory itself when it
+            # failed to get an id, are removed only while they are empty.
+            for directory in reversed(created):
+                try:
+                    os.rmdir(directory)
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    break
+        except OSError:
+            logger.warning("log broker %s: could not remove what a failed "
+                           "open created; `mqs clean` removes the journal",
+                           self.path, exc_info=True)
+
+    def _remove_new_broker(self, created: list[str]) -> bool:
+        """Remove the journal of this open's new directory id, and the
+        directory if this open created it. Return False, removing
+        nothing, if another process has the broker open."""
+        try:
+            users_fd = os.open(os.path.join(self.path, USERS),
+                               os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            users_fd = -1
+        try:
+            if users_fd >= 0:
+                try:
+                    # Every process that has the broker open has a
+                    # shared lock on this file.
+                    fcntl.flock(users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+            if self.shm_name:
+                _unlink_own_journal(self.shm_name)
+            if created and created[-1] == os.path.abspath(self.path):
+                try:
+                    shutil.rmtree(created[-1])
+                except FileNotFoundError:
+                    pass
+            return True
+        finally:
+            if users_fd >= 0:
+                os.close(users_fd)
 
     # Files and the writer lock.
 
@@ -782,6 +860,13 @@ class SharedLogBackend(ShmBackend):
         operations of every process on it raise `BackendUnavailable`."""
         if directory_identity(self.path) == self._identity:
             return False
+        self._mark_directory_replaced()
+        return True
+
+    def _mark_directory_replaced(self) -> None:
+        """Make the operations of every process on this journal raise
+        `BackendUnavailable`, saying that the directory was removed or
+        replaced."""
         # Every section of this process takes the Python path from now on,
         # where it raises.
         self._enter_slow = True
@@ -794,7 +879,12 @@ class SharedLogBackend(ShmBackend):
                          "replaced while process %d had the broker open; "
                          "its journal %s no longer reaches the log",
                          self.path, os.getpid(), self.shm_name)
-        return True
+
+    def _replacement_marked(self) -> bool:
+        """Return whether a process marked the journal because it found
+        the directory or its log replaced."""
+        return self._durable[_FAILED] in (_DIRECTORY_REPLACED,
+                                          _LOG_REPLACED)
 
     def _check_directory(self) -> None:
         """Raise `BackendUnavailable` if the directory was replaced, before
@@ -821,9 +911,16 @@ class SharedLogBackend(ShmBackend):
         # A read-only open of the log costs about 2 ms for 60 MB of
         # records, less than the snapshot that follows.
         problem = _log_mismatch(self.path, self._durable)
-        if problem is not None:
-            self._mark_log_replaced(problem)
-            raise BackendUnavailable(_log_replaced_message(self.path))
+        if problem is None:
+            return
+        if _log_missing(self.path):
+            # A restored backup brings CURRENT and its log along, so a
+            # missing one most likely means that the directory is being
+            # removed.
+            self._mark_directory_replaced()
+            raise BackendUnavailable(_replaced_message(self.path))
+        self._mark_log_replaced(problem)
+        raise BackendUnavailable(_log_replaced_message(self.path))
 
     def _mark_log_replaced(self, problem: str) -> None:
         """Make the operations of every process on this journal raise
@@ -1350,23 +1447,30 @@ class SharedLogBackend(ShmBackend):
                 self._stop.wait(1.0)
 
     def _log_replaced(self) -> bool:
-        """Return whether a process found the directory's log replaced.
-        The writer checks that CURRENT still names its log first."""
-        if self._writer and self._durable[_FAILED] != _LOG_REPLACED \
+        """Return whether a process found the directory or its log
+        replaced. The writer checks that CURRENT still names its log
+        first."""
+        if self._writer and not self._replacement_marked() \
                 and _read_current(self.path) != self._log_name:
             try:
                 # A snapshot switches CURRENT and `_log_name` together
                 # inside the section.
                 with self._lock:
                     name = _read_current(self.path)
-                    if name != self._log_name:
+                    if name is None:
+                        # shutil.rmtree removes CURRENT before broker.id
+                        # when readdir lists it first (tmpfs on Linux 6.18
+                        # lists the newest entry first), so the caller's
+                        # directory check still passed.
+                        self._mark_directory_replaced()
+                    elif name != self._log_name:
                         self._mark_log_replaced(
                             f"{CURRENT} names {name}, but this process "
                             f"appends to {self._log_name}")
             except BackendUnavailable:
-                if self._durable[_FAILED] != _LOG_REPLACED:
+                if not self._replacement_marked():
                     raise
-        if self._durable[_FAILED] != _LOG_REPLACED:
+        if not self._replacement_marked():
             return False
         # Every section of this process takes the Python path, which
         # raises.
@@ -1418,8 +1522,7 @@ class SharedLogBackend(ShmBackend):
     def _stopped(self) -> bool:
         """Return whether the directory or its log was replaced, so that
         this process must write nothing more."""
-        return self._directory_replaced() or \
-            self._durable[_FAILED] == _LOG_REPLACED
+        return self._directory_replaced() or self._replacement_marked()
 
     def _close_log(self, last: bool) -> None:
         """Bring the log up to the journal and sync it (writer only). The
@@ -1430,10 +1533,11 @@ class SharedLogBackend(ShmBackend):
                         last and self._bytes_since_snapshot):
                     self._write_snapshot()
         except BackendUnavailable:
-            if self._durable[_FAILED] != _LOG_REPLACED:
+            if not self._replacement_marked():
                 raise
-            # `_check_log` found a restored log, which the next open
-            # restores from once the journal is gone.
+            # `_check_log` found a restored log or a removal in progress.
+            # The next open restores from a restored log once the journal
+            # is gone.
         else:
             if self._failed is None and self._log is not None:
                 self._log.flush()
@@ -1502,6 +1606,13 @@ def _unpickled(delivery: Delivery) -> Delivery:
     through tuple.__new__, because `_replace` takes twice as long)."""
     return _new_tuple(Delivery, (*delivery[:4], pickle.loads(delivery.body),
                                  *delivery[5:]))
+
+
+def _log_missing(path: str) -> bool:
+    """Return whether the log broker directory `path` lacks CURRENT or
+    the log that CURRENT names."""
+    name = _read_current(path)
+    return name is None or not os.path.isdir(os.path.join(path, name))
 
 
 def _log_replaced_message(path: str) -> str:
