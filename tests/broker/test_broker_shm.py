@@ -551,6 +551,33 @@ def test_shm_large_state_skips_snapshots(name, monkeypatch):
         broker.close()
 
 
+def test_shm_snapshot_of_dead_compaction_is_dropped(name):
+    writer = open_broker(name, journal_bytes=1 << 16)
+    store_large_state(writer)
+    skipped = False
+    for _ in range(6):
+        generation, _ = writer.backend._journal.position()
+        # What a compaction killed between its snapshot and its restart
+        # leaves: a snapshot of the next generation that misses the
+        # records appended after it.
+        stale = os.path.join(
+            SHM_DIR, f"mqs.broker.{name}.snapshot-{generation + 1}")
+        with open(stale, "wb") as file:
+            file.write(b"not a snapshot")
+        publish_past_one_restart(writer)
+        if not os.path.exists(stale):
+            skipped = True
+            break
+        # This restart wrote a snapshot of its own over it.
+        with open(stale, "rb") as file:
+            assert pickle.load(file)[0] == ("mqs.broker.shm", 2)
+    assert skipped
+    late = open_broker(name)
+    assert late.stats("t") == writer.stats("t")
+    writer.close()
+    late.close()
+
+
 def test_shm_missing_tails_raise_backend_unavailable(name):
     writer = open_broker(name, journal_bytes=1 << 16)
     store_large_state(writer)

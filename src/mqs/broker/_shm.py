@@ -698,6 +698,13 @@ class ShmBackend(LogBackend):
         old_generation, used = self._journal.position()
         generation = old_generation + 1
         snapshots, tails = self._stored_generations()
+        # A file of a later generation is left by a compaction that died
+        # before its restart. Records may have followed it into this
+        # generation, so it must not pass for the state at its start.
+        for number in [number for number in snapshots
+                       if number > old_generation]:
+            _unlink_quietly(self._snapshot_path(number))
+            del snapshots[number]
         wrote_tail = (tail and self._adopted_generation != old_generation
                       and self._write_tail(old_generation, used))
         snapshot = None
