@@ -24,6 +24,26 @@ cdef enum:
 
 cdef tuple _NO_ARGS = ()
 
+# Forks in this process's ancestry line since this module was imported.
+# A `Producer` or `Consumer` whose count differs was created by a parent
+# process. A count is used rather than a pid, because a pid can be reused
+# once its process ended.
+cdef Py_ssize_t _forks = 0
+
+
+def _count_fork():
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
+def fork_count():
+    """Return the forks in this process's ancestry line since mqs was
+    imported."""
+    return _forks
+
 
 cdef str _message_id(uint64_t seq):
     """Return the id that `ShmBackend` gives a core message: "s" and its
@@ -142,6 +162,8 @@ cdef class MessageBase:
         consumer = self._consumer
         if consumer is None:
             self._check_attached("ack")
+        if consumer._fork_count != _forks:
+            consumer._check_process("Message.ack")
         if self._settled:
             if consumer.auto_ack:
                 return True

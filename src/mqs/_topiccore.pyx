@@ -105,8 +105,8 @@ __all__ = ["TopicCore", "TopicCoreLayoutError", "TopicCoreVersionError",
            "TopicRetired", "LAYOUT_VERSION",
            "COUNTER_NAMES", "GROUP_COUNTER_NAMES", "DEAD_REASONS",
            "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD", "PAYLOAD_EXTRAS",
-           "PAYLOAD_BYTES", "decode_payload", "MessageBase", "CorePath",
-           "CoreReader"]
+           "PAYLOAD_BYTES", "decode_payload", "fork_count", "MessageBase",
+           "CorePath", "CoreReader"]
 
 # The order of the topic's counters in the header (mqs_topiccore.h).
 COUNTER_NAMES = ("published", "delivered", "acked", "nacked", "redelivered",

@@ -30,6 +30,7 @@ __all__ = [
     "MessageDetached",
     "ProducerFlushError",
     "ProducerForked",
+    "ConsumerForked",
     "BackendUnavailable",
     "BackendConnectionError",
     "CertificateVerifyError",
@@ -253,6 +254,17 @@ class ProducerForked(MqsError, RuntimeError):
     messages and may hold a copy of a lock taken at the fork, so using it
     could publish the parent's messages twice or wait forever. Create a
     new producer in the child with `Broker.producer`.
+    """
+
+
+class ConsumerForked(MqsError, RuntimeError):
+    """Raised by a `Consumer` and by the messages it delivered when they
+    are used in a process forked from the one that opened the consumer.
+
+    The consumer's in-flight messages belong to that process: a child
+    that acked one would make the parent's ack count as late, and a
+    child that closed the consumer would hand the parent's messages to
+    other consumers. Open a consumer in the child with `Broker.consume`.
     """
 
 

@@ -10,6 +10,7 @@ import copy
 import gc
 import json
 import logging
+import os
 import pickle
 import random
 import re
@@ -2160,3 +2161,64 @@ def test_get_many_all_undecodable_raises(broker):
     assert raised.value.topic == "t"
     assert raised.value.message_id == first_id
     assert consumer.in_flight == 2
+
+
+# Forked children.
+
+def _forked_consumer_calls(broker, consumer, message):
+    """In a forked child, run every call of `consumer` and `message` and
+    close `broker`; return what each call raised, by name."""
+    calls = {
+        "Message.ack": message.ack,
+        "Message.nack": message.nack,
+        "Message.extend": lambda: message.extend(5),
+        "Consumer.get": lambda: consumer.get(timeout=0.1),
+        "Consumer.get_many": lambda: consumer.get_many(5, timeout=0.1),
+        "Consumer.ack_many": lambda: consumer.ack_many([message]),
+        "Consumer.in_flight": lambda: consumer.in_flight,
+        "Consumer.close": consumer.close,
+    }
+    outcomes = {}
+    for name, call in calls.items():
+        try:
+            call()
+            outcomes[name] = "returned"
+        except mqs.ConsumerForked as exc:
+            assert name in str(exc)
+            outcomes[name] = "ConsumerForked"
+        except BaseException as exc:
+            outcomes[name] = type(exc).__name__
+    broker.close()
+    return outcomes
+
+
+def test_consumer_in_forked_child_raises(broker):
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g", ack_timeout=30)
+    broker.publish("t", "held")
+    broker.publish("t", "ready")
+    message = consumer.get(timeout=5)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            report = _forked_consumer_calls(broker, consumer, message)
+            os.write(write_end, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        report = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    outcomes = json.loads(report)
+    assert set(outcomes.values()) == {"ConsumerForked"}, outcomes
+
+    # The child's close left the parent's consumer and message alone.
+    assert message.ack() is True
+    assert consumer.get(timeout=5).body == "ready"
+    assert broker.stats("t")["late_acks"] == 0
+    assert broker.stats("t")["redelivered"] == 0

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from mqs._limits import check_max_delay
-from mqs._topiccore import MessageBase
+from mqs._topiccore import MessageBase, fork_count
 from mqs.broker._backend import (
     Backend,
     DeadLetter,
@@ -45,6 +45,7 @@ from mqs.errors import (
     Full,
     MessageDetached,
     ProducerFlushError,
+    ConsumerForked,
     ProducerForked,
     RequestTimeout,
     ShutDown,
@@ -303,6 +304,8 @@ class Message(MessageBase):
         delay = _seconds("delay", delay, allow_inf=False)
         if error is not None and not isinstance(error, str):
             error = f"{type(error).__name__}: {error}"
+        if self._consumer is not None:
+            self._consumer._check_process("Message.nack")
         self._settle("nack")
         consumer = self._consumer
         try:
@@ -321,6 +324,7 @@ class Message(MessageBase):
         seconds = _required_seconds("seconds", seconds, allow_zero=False,
                                     allow_inf=False)
         self._check_attached("extend")
+        self._consumer._check_process("Message.extend")
         if self._settled:
             return False
         consumer = self._consumer
@@ -343,7 +347,10 @@ class Consumer:
 
     Create with `Broker.consume`. Competing consumers of one group share
     its messages; each group gets every message. Thread-safe: several
-    threads may call `get` on one consumer.
+    threads may call `get` on one consumer. A consumer belongs to the
+    process that opened it: in a forked child its calls, and `ack`,
+    `nack` and `extend` of the messages it delivered, raise
+    `ConsumerForked`.
     """
 
     def __init__(self, broker: Broker, topic: str, group: str, *,
@@ -357,6 +364,10 @@ class Consumer:
         self.ack_timeout = ack_timeout
         self.auto_ack = auto_ack
         self._closed = False
+        # A consumer whose count differs was opened by a parent process
+        # (see `_check_process`).
+        self._fork_count = fork_count()
+        self._pid = os.getpid()
         self._id = self._backend.open_consumer(
             topic, group, start=start, prefetch=prefetch,
             max_attempts=max_attempts)
@@ -373,8 +384,25 @@ class Consumer:
         return self._closed
 
     @property
+    def forked(self) -> bool:
+        """True in a process forked from the one that opened this."""
+        return self._fork_count != fork_count()
+
+    def _check_process(self, call: str) -> None:
+        """Raise `ConsumerForked` in a forked child: the consumer and its
+        in-flight messages belong to the process that opened it."""
+        if self._fork_count != fork_count():
+            raise ConsumerForked(
+                f"{call} in process {os.getpid()}, but the consumer of "
+                f"topic {self.topic!r} and group {self.group!r} belongs to "
+                f"process {self._pid}, which this process was forked from; "
+                f"open a consumer in this process with broker.consume"
+                f"({self.topic!r}, {self.group!r})")
+
+    @property
     def in_flight(self) -> int:
         """Messages this consumer got and has not acked or nacked yet."""
+        self._check_process("Consumer.in_flight")
         return self._backend.in_flight(self.topic, self.group, self._id)
 
     def ack_many(self, messages: Iterable[Message]) -> int:
@@ -394,6 +422,7 @@ class Consumer:
             The backend's error when the ack failed. The messages stay
             unsettled then, so the ack can be tried again.
         """
+        self._check_process("Consumer.ack_many")
         batch = list(messages)
         seen = set()
         for message in batch:
@@ -459,6 +488,7 @@ class Consumer:
             raise ValueError(
                 f"max_items must be an int of 1 or more, got {max_items!r}")
         timeout = _seconds("timeout", timeout)
+        self._check_process("Consumer.get_many")
         self._check_open()
         found = self._backend.fetch(
             self.topic, self.group, self._id, max_items,
@@ -479,6 +509,7 @@ class Consumer:
         `max_attempts`. Without `max_attempts` it comes back forever.
         """
         if (self._read_one is not None and not self._closed
+                and self._fork_count == fork_count()
                 and (timeout is None or (timeout.__class__ in _NUMBERS
                                          and timeout >= 0))):
             # A message that is ready now needs no wait, so only the
@@ -486,6 +517,7 @@ class Consumer:
             message = self._read_one(self.ack_timeout, self.auto_ack)
             if message is not None:
                 return message
+        self._check_process("Consumer.get")
         return self.get_many(1, timeout)[0]
 
     async def get_many_async(self, max_items: int,
@@ -496,6 +528,7 @@ class Consumer:
             raise ValueError(
                 f"max_items must be an int of 1 or more, got {max_items!r}")
         timeout = _seconds("timeout", timeout)
+        self._check_process("Consumer.get_async")
         self._check_open()
         found = await self._backend.fetch_async(
             self.topic, self.group, self._id, max_items,
@@ -545,10 +578,12 @@ class Consumer:
         Then, or at once without `drain`, every message still in flight
         goes back to the group for redelivery, with its attempt counted.
         Later `get` calls raise `ShutDown` and iteration stops. Closing
-        twice does nothing.
+        twice does nothing. In a process forked from the one that opened
+        the consumer it raises `ConsumerForked` and closes nothing.
         """
         _check_bool("drain", drain)
         timeout = _seconds("timeout", timeout)
+        self._check_process("Consumer.close")
         if self._closed:
             return 0
         self._closed = True
@@ -576,6 +611,7 @@ class Consumer:
         """Like `close`, awaiting the drain without blocking the loop."""
         _check_bool("drain", drain)
         timeout = _seconds("timeout", timeout)
+        self._check_process("Consumer.close_async")
         if self._closed:
             return 0
         self._closed = True
@@ -608,19 +644,6 @@ _IDLE_WAIT_S = 1.0
 # Maximum time the exit hook waits for all producers together: for a
 # background publish to finish and for room in a full topic.
 _EXIT_TIMEOUT_S = 10.0
-# Forks in this process's ancestry line. A `_Batcher` whose generation
-# differs was created by a parent process. A generation is used rather
-# than a pid, because a pid can be reused once its process ended.
-_fork_generation = 0
-
-
-def _count_fork() -> None:
-    global _fork_generation
-    _fork_generation += 1
-
-
-os.register_at_fork(after_in_child=_count_fork)
-
 
 def _register_exit_hook() -> None:
     """Register `_flush_at_exit` with atexit, once per process.
@@ -664,7 +687,8 @@ class _Batcher:
         self.batch_size = batch_size
         self.timeout = timeout
         self.pid = os.getpid()
-        self._fork_generation = _fork_generation
+        # A `_Batcher` whose count differs was created by a parent process.
+        self._fork_count = fork_count()
         self.dropped = 0
         self._batch: list[Envelope] = []
         self._batch_started = 0.0
@@ -684,7 +708,7 @@ class _Batcher:
     @property
     def forked(self) -> bool:
         """True in a process forked from the one that created this."""
-        return self._fork_generation != _fork_generation
+        return self._fork_count != fork_count()
 
     def check_process(self, call: str) -> None:
         """Raise `ProducerForked` in a forked child, before any lock is
@@ -1609,6 +1633,8 @@ class Broker:
         consumers (`Consumer.get`, `Consumer.ack_many`), on its producers
         (`Producer.publish`) and on their messages (`Message.ack`,
         `nack`, `extend`) raise `ShutDown`. Closing twice does nothing.
+        In a process forked from the one that opened a consumer, the
+        consumer only stops: its messages stay in flight for the parent.
 
         Raises
         ------
@@ -1633,7 +1659,12 @@ class Broker:
                 if dropped:
                     failures.append((batcher.topic, dropped, error))
             for consumer in list(self._consumers):
-                consumer.close(drain=False)
+                if consumer.forked:
+                    # Its messages belong to the parent process, which
+                    # closes it; here it only stops.
+                    consumer._closed = True
+                else:
+                    consumer.close(drain=False)
         finally:
             self._backend.close()
         if failures:
