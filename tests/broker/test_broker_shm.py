@@ -578,6 +578,62 @@ def test_shm_snapshot_of_dead_compaction_is_dropped(name):
     late.close()
 
 
+def die_in_compaction(name, results):
+    """Publish until a compaction writes its snapshot, then die by
+    SIGKILL before the journal restarts; put the bodies published."""
+    broker = open_broker(name)
+    backend = broker.backend
+    write = backend._write_snapshot_file
+
+    def write_then_die(path):
+        write(path)
+        results.put(published)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    backend._snapshot_due = lambda *args: True
+    backend._write_snapshot_file = write_then_die
+    published = []
+    # A 20 KiB body finds no room in a fuller journal sooner than the
+    # parent's small ones, so the parent appends after the death.
+    while True:
+        body = ("child", len(published), b"y" * 20_000)
+        broker.publish("t", body)
+        published.append(body[:2])
+
+
+def test_shm_compaction_killed_before_restart(name):
+    writer = open_broker(name, journal_bytes=1 << 16)
+    store_large_state(writer)
+    generation, _ = writer.backend._journal.position()
+    results = FORK.SimpleQueue()
+    child = start(die_in_compaction, name, results)
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    from_child = results.get()
+    stale = os.path.join(
+        SHM_DIR, f"mqs.broker.{name}.snapshot-{generation + 1}")
+    assert writer.backend._journal.position()[0] == generation
+    assert os.path.exists(stale)
+
+    # The dead process held the mutex: the next call recovers it. Small
+    # records still fit into the old generation, then it restarts.
+    bodies = []
+    while writer.backend._journal.position()[0] == generation:
+        bodies.append(("parent", len(bodies)))
+        writer.publish("t", bodies[-1])
+    assert len(bodies) > 1
+    late = open_broker(name)
+    assert late.stats("t") == writer.stats("t")
+    consumer = late.consume("t", "g", start="earliest",
+                            prefetch=STORED + len(from_child) + len(bodies))
+    messages = drain(consumer, STORED + len(from_child) + len(bodies))
+    found = [m.body[:2] for m in messages[STORED:]]
+    assert sorted(found) == sorted(from_child + bodies)
+    consumer.close()
+    writer.close()
+    late.close()
+
+
 def test_shm_missing_tails_raise_backend_unavailable(name):
     writer = open_broker(name, journal_bytes=1 << 16)
     store_large_state(writer)
