@@ -593,7 +593,8 @@ class ShmBackend(LogBackend):
         snapshot, which resets it."""
         if any(number not in tails for number in generations):
             return False
-        if tails[generations[-1]] != self._journal.restart_used:
+        if tails[generations[-1]] != self._journal.restart_used \
+                or tails[generations[0]] < offset:
             return False
         for number in generations:
             path = self._tail_path(number)
