@@ -196,6 +196,7 @@ int mqs_br_format(mqs_bytering_t *ring, int64_t max_message_size,
                               memory_order_relaxed);
         atomic_store_explicit(&p->view_pin, MQS_BR_NO_PIN,
                               memory_order_relaxed);
+        atomic_store_explicit(&p->views, 0, memory_order_relaxed);
     }
 
     if (mqs_robust_init(&h->repair_lock.v) != MQS_OK)
@@ -406,7 +407,10 @@ static int claim_owner(const mqs_bytering_t *ring, int64_t position,
 
 /*
  * Drop the claim and pins a dead participant left, padding its claim if
- * it owns the record at that position. Caller holds the repair lock.
+ * it owns the record at that position, and count the records it held as
+ * lost: one under a get pin, `views` under a view pin (a view pin
+ * without views is a take that had not completed its CAS, or a release
+ * that had not cleared the pin yet). Caller holds the repair lock.
  * Returns records repaired, or -1 (nothing changed) while a live
  * participant announces the same position: the dead claim may be an
  * attempt that lost the CAS to it, and padding would write over a record
@@ -420,6 +424,7 @@ static int clear_dead_participant_locked(mqs_bytering_t *ring, int slot)
     int32_t state = atomic_load_explicit(&p->claim_state,
                                          memory_order_acquire);
     int repaired = 0;
+    int64_t lost = 0;
 
     if (position != MQS_BR_NO_CLAIM && state != MQS_BR_CLAIM_NONE) {
         int alive = 0;
@@ -440,14 +445,24 @@ static int clear_dead_participant_locked(mqs_bytering_t *ring, int slot)
     }
     if (atomic_load_explicit(&p->get_pin, memory_order_acquire)
         != MQS_BR_NO_PIN)
-        atomic_fetch_add_explicit(&ring->header->counters.v.lost_records, 1,
-                                  memory_order_relaxed);
+        lost = 1;
+    if (atomic_load_explicit(&p->view_pin, memory_order_acquire)
+        != MQS_BR_NO_PIN) {
+        int64_t views = atomic_load_explicit(&p->views,
+                                             memory_order_relaxed);
+        if (views > 0)
+            lost += views;
+    }
+    if (lost > 0)
+        atomic_fetch_add_explicit(&ring->header->counters.v.lost_records,
+                                  lost, memory_order_relaxed);
     atomic_store_explicit(&p->claim_state, MQS_BR_CLAIM_NONE,
                           memory_order_relaxed);
     atomic_store_explicit(&p->claim_pos, MQS_BR_NO_CLAIM,
                           memory_order_release);
     atomic_store_explicit(&p->get_pin, MQS_BR_NO_PIN, memory_order_release);
     atomic_store_explicit(&p->view_pin, MQS_BR_NO_PIN, memory_order_release);
+    atomic_store_explicit(&p->views, 0, memory_order_relaxed);
     return repaired;
 }
 
@@ -488,6 +503,7 @@ void mqs_br_detach(mqs_bytering_t *ring)
     p = participant(ring, ring->slot);
     atomic_store_explicit(&p->get_pin, MQS_BR_NO_PIN, memory_order_release);
     atomic_store_explicit(&p->view_pin, MQS_BR_NO_PIN, memory_order_release);
+    atomic_store_explicit(&p->views, 0, memory_order_relaxed);
     lock_byte(ring->fd, ring->slot, F_OFD_SETLK, F_UNLCK, NULL);
     ring->slot = -1;
     mqs_wait_signal(&ring->header->not_full.v, 1);
@@ -645,6 +661,11 @@ int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
     int64_t old_view_pin = atomic_load_explicit(&me->view_pin,
                                                 memory_order_relaxed);
 
+    /* Count the view before the pin store (release) and the CAS that
+     * follow, so a reaper that sees the pin also sees the count: a
+     * process killed between the CAS and the return is counted. */
+    if (view)
+        atomic_fetch_add_explicit(&me->views, 1, memory_order_relaxed);
     for (;;) {
         mqs_br_rec_header_t *rec = record_at(ring, head);
         uint64_t commit;
@@ -671,6 +692,9 @@ int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
                 atomic_store_explicit(pin, view ? old_view_pin
                                                 : MQS_BR_NO_PIN,
                                       memory_order_release);
+            if (view)
+                atomic_fetch_sub_explicit(&me->views, 1,
+                                          memory_order_relaxed);
             if (tail_position(ring) == head)
                 return MQS_EEMPTY;
             return MQS_EAGAIN_STUCK;
@@ -715,9 +739,12 @@ void mqs_br_unpin(mqs_bytering_t *ring, int view, int64_t position)
 {
     mqs_br_participant_t *me = participant(ring, ring->slot);
 
-    if (view)
+    if (view) {
+        /* Before the pin store (release): a reaper that sees the pin
+         * moved or cleared also sees this view released. */
+        atomic_fetch_sub_explicit(&me->views, 1, memory_order_relaxed);
         atomic_store_explicit(&me->view_pin, position, memory_order_release);
-    else
+    } else
         atomic_store_explicit(&me->get_pin, MQS_BR_NO_PIN,
                               memory_order_release);
     mqs_wait_signal(&ring->header->not_full.v, 1);

@@ -81,7 +81,9 @@
  * an unpublished record looks for the participant whose claim names that
  * position; only if that participant's lock proves it dead does the
  * reader publish the record as padding (counted in repaired). A live but
- * slow producer is waited for. Pins of dead participants are dropped.
+ * slow producer is waited for. Pins of dead participants are dropped,
+ * and what they held counted in lost_records: one for a get pin, the
+ * participant's `views` for a view pin.
  * Repairs take the robust repair_lock and re-check under it that the
  * record is still unpublished at a group head, so two repairers never
  * write over a record that a producer placed after the first repair.
@@ -171,6 +173,12 @@ typedef struct mqs_br_participant {
     _Atomic int64_t get_pin;     /* record being copied out */
     _Atomic int64_t view_pin;    /* oldest record lent as a view */
     _Atomic int64_t pid;         /* informational only, never trusted */
+    /* Records lent as views and not yet released, plus one while a view
+     * take is under way, so a reaper that finds view_pin set counts at
+     * least every view the dead process held. Only the owner changes
+     * it while it lives. An older mqs leaves it zero, so its views go
+     * uncounted, as before this field. */
+    _Atomic int64_t views;
 } mqs_br_participant_t;
 
 typedef struct mqs_br_counters {
@@ -314,8 +322,9 @@ int64_t mqs_br_count(const mqs_bytering_t *ring, int group);
 /*
  * Consumer: take the next published record of `group`, pinned with the
  * pin chosen by `view` (0: get pin, 1: view pin, which the caller keeps
- * at the oldest record it lends). The record stays valid until
- * mqs_br_unpin. Any thread of an attached process.
+ * at the oldest record it lends, and which counts the record in the
+ * participant's `views`). The record stays valid until mqs_br_unpin.
+ * Any thread of an attached process.
  * Returns MQS_OK, MQS_EEMPTY when nothing is published at the head,
  * MQS_EAGAIN_STUCK when the head record is claimed but not yet published
  * (call mqs_br_repair now and then while waiting).
@@ -335,8 +344,9 @@ int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
 int mqs_br_head_published(const mqs_bytering_t *ring, int group);
 
 /*
- * Drop the get pin (view == 0) or set the view pin to `position`
- * (MQS_BR_NO_PIN to clear it), then wake waiting producers.
+ * Drop the get pin (view == 0), or release one view (view == 1) and set
+ * the view pin to `position`, the oldest view still lent (MQS_BR_NO_PIN
+ * when none is), then wake waiting producers. Call it once per view.
  */
 void mqs_br_unpin(mqs_bytering_t *ring, int view, int64_t position);
 

@@ -967,6 +967,82 @@ def test_nested_views_hold_the_oldest_record(make_queue):
         q.put_nowait(b"4" * 112)
 
 
+def numbered(n):
+    """A 112-byte message (a 128-byte record) that starts with n."""
+    return n.to_bytes(4, "little") + bytes(108)
+
+
+def hold_then_sleep(name, mode, ready_fd):
+    """In a forked child: take messages as `mode` selects, write the
+    first 4 bytes of each to ready_fd, then sleep holding what it took."""
+    child = SharedQueue(name=name, create=False)
+    if mode == "get":
+        os.write(ready_fd, child.get(timeout=10)[:4])
+        time.sleep(CHILD_TIMEOUT_S)
+        return
+    with child.get_view(timeout=10) as first:
+        os.write(ready_fd, bytes(first[:4]))
+        if mode == "two views":
+            with child.get_view(timeout=10) as second:
+                os.write(ready_fd, bytes(second[:4]))
+                time.sleep(CHILD_TIMEOUT_S)
+        time.sleep(CHILD_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("mode, lost", [("get", 0), ("view", 1),
+                                       ("two views", 2)])
+def test_killed_view_holder_counts_consumer_died(make_queue, shm_name, mode,
+                                                 lost):
+    # 8 KiB ring: 64 records of 128 bytes, so the puts below wrap onto
+    # the bytes that the dead consumer's view pin held.
+    q = make_queue(name=shm_name, capacity_bytes=8192)
+    for n in range(10):
+        q.put(numbered(n))
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_read)
+            hold_then_sleep(shm_name, mode, ready_write)
+        finally:
+            os._exit(1)
+    os.close(ready_write)
+    prefixes = b""
+    try:
+        # The child exits (closing the pipe) if it fails before then.
+        while len(prefixes) < 4 * max(lost, 1):
+            chunk = os.read(ready_read, 4)
+            if not chunk:
+                break
+            prefixes += chunk
+    finally:
+        os.close(ready_read)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for_pid(pid) == -signal.SIGKILL
+    taken_count = len(prefixes) // 4
+    assert prefixes == b"".join(numbered(n)[:4] for n in range(taken_count))
+    assert taken_count == max(lost, 1)
+
+    # A view is counted when the dead process is reaped: by a fresh
+    # attach here, which may reuse its slot, or by any later repair.
+    fresh = make_queue(name=shm_name, create=False)
+    assert fresh.stats().dropped["consumer_died"] == lost
+    assert q.stats().dropped["consumer_died"] == lost
+
+    # No wedge: the ring wraps twice over the dead consumer's bytes and
+    # every other message arrives exactly once, in order.
+    got = []
+    for n in range(10, 138):
+        q.put_nowait(numbered(n))
+        got.append(fresh.get_nowait())
+    got.extend(fresh.get_nowait() for _ in range(10 - taken_count))
+    with pytest.raises(queue.Empty):
+        fresh.get_nowait()
+    expected = list(range(taken_count, 10)) + list(range(10, 138))
+    assert [int.from_bytes(m[:4], "little") for m in got] == expected
+    assert q.stats().dropped["consumer_died"] == lost
+
+
 # -- ring bound ----------------------------------------------------------------
 
 

@@ -1024,10 +1024,11 @@ cdef class SharedQueue:
         group), the lag of each group, bytes in use, live attached
         processes, and the crash repair counters (``repaired_records``:
         unpublished records of dead producers turned into padding;
-        ``lost_records``: an upper bound on messages taken by consumers
-        that died before returning them, plus, on a durable queue, the
-        messages found deleted before the consumer that took them read
-        them, which only a segment file deleted by hand can cause). A durable
+        ``lost_records``: without `persist`, an upper bound on messages
+        taken by consumers that died before returning them or while
+        lending them as views; on a durable queue, the messages found
+        deleted before the consumer that took them read them, which only
+        a segment file deleted by hand can cause). A durable
         queue reports its log's groups, lag (messages and seconds),
         cursors and committed offsets; its ring counters (bytes,
         repairs) describe its inbox, which only the appender reads.
@@ -1933,6 +1934,13 @@ cdef class SharedQueue:
         -----
         A view that is kept alive holds back producers once they wrap
         around to it: release views promptly.
+
+        The message is taken when the view is lent. If the process dies
+        before the block ends, the message is lost, and once another
+        process reaps the dead one (at the latest in its next `stats`)
+        ``stats().dropped["consumer_died"]`` counts it. A durable queue
+        (`persist`) ends the take before it returns the view, so a death
+        inside the block loses the message without counting it.
         """
         cdef _ViewContext context = _ViewContext()
         self._check_open()

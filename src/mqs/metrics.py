@@ -120,10 +120,12 @@ class SharedQueueStats:
     `dropped` maps a reason to a count: ``"repaired_record"`` for records
     of producers that died while publishing, turned into padding by a
     reader; ``"consumer_died"`` for an upper bound on messages taken by
-    consumers that died before returning them; ``"decode_failed"`` for
-    messages dropped because their payload failed to deserialize (raised
-    as `mqs.MessageDecodeError`). `delayed` is None for a
-    queue without delayed delivery.
+    consumers that died before returning them or while lending them as
+    views (`SharedQueue.get_view`), which a durable queue does not count
+    (it counts messages found deleted by hand before they were read);
+    ``"decode_failed"`` for messages dropped because their payload
+    failed to deserialize (raised as `mqs.MessageDecodeError`).
+    `delayed` is None for a queue without delayed delivery.
 
     A durable queue (``persist=``) reports its log: `groups`, `lag` and
     `depth` count the messages in the log and in its inbox ring that a

@@ -792,6 +792,54 @@ static void test_repair_drops_pin_of_dead_consumer(void)
     ring_file_destroy(&file);
 }
 
+/* A consumer killed while it lends records as views holds back
+ * producers until a repair drops its view pin. Every view it had not
+ * released counts as lost. Released views and a take that found nothing
+ * do not count, and a later attach of its slot counts nothing again. */
+static void test_repair_counts_views_of_dead_consumer(void)
+{
+    unsigned char data[128] = {0};
+    mqs_br_record_t record;
+    ring_file_t file;
+    mqs_bytering_t consumer, producer, next;
+    int puts = 0;
+
+    ring_file_create(&file, 4096, 1000, 0);
+    participant_open(&consumer, &file);
+    participant_open(&producer, &file);
+    for (int i = 0; i < 3; i++)
+        CHECK_EQ(put_bytes(&producer, data, 112), MQS_OK);
+    for (int i = 0; i < 3; i++)
+        CHECK_EQ(mqs_br_try_take(&consumer, 0, 1, &record), MQS_OK);
+    CHECK_EQ(mqs_br_try_take(&consumer, 0, 1, &record), MQS_EEMPTY);
+    /* Release the newest view; the oldest stays pinned. */
+    mqs_br_unpin(&consumer, 1, 0);
+    CHECK_EQ(atomic_load(&mqs_br_participant(&consumer,
+                                             consumer.slot)->views), 2);
+    participant_kill(&consumer);
+
+    while (put_bytes(&producer, data, 112) == MQS_OK)
+        puts++;
+    CHECK_EQ(puts, 29);
+    CHECK_EQ(mqs_br_repair(&producer), 0);
+    CHECK_EQ(atomic_load(&file.base.header->counters.v.lost_records), 2);
+    CHECK_EQ(put_bytes(&producer, data, 112), MQS_OK);
+    CHECK_EQ(mqs_br_repair(&producer), 0);
+    participant_open(&next, &file);
+    CHECK_EQ(atomic_load(&file.base.header->counters.v.lost_records), 2);
+
+    /* A live consumer that releases every view leaves nothing to count
+     * when it dies afterwards. */
+    CHECK_EQ(mqs_br_try_take(&next, 0, 1, &record), MQS_OK);
+    mqs_br_unpin(&next, 1, MQS_BR_NO_PIN);
+    CHECK_EQ(atomic_load(&mqs_br_participant(&next, next.slot)->views), 0);
+    participant_kill(&next);
+    CHECK_EQ(mqs_br_repair(&producer), 0);
+    CHECK_EQ(atomic_load(&file.base.header->counters.v.lost_records), 2);
+    participant_close(&producer);
+    ring_file_destroy(&file);
+}
+
 /* -- stress ---------------------------------------------------------------- */
 
 #define STRESS_PRODUCERS 3
@@ -1088,6 +1136,7 @@ int main(int argc, char **argv)
     test_repair_waits_for_live_producer();
     test_repair_keeps_live_claim_at_dead_intent_position();
     test_repair_drops_pin_of_dead_consumer();
+    test_repair_counts_views_of_dead_consumer();
     test_counts_stay_exact_across_deaths();
     test_repair_journal_finishes_dead_repairer();
     run_stress(records, 0, timeout_s);

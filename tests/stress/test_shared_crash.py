@@ -481,6 +481,46 @@ def test_consumer_killed_after_take_loses_only_its_record(failpoint_path,
     q.close()
 
 
+@pytest.mark.parametrize("take", ["get", "get_view"])
+def test_killed_mid_take_counts_consumer_died(failpoint_path, shm_name,
+                                              take):
+    """Stop a consumer between its take's CAS and the return (the record
+    is off the queue, the caller has nothing yet), SIGKILL it by PID:
+    one message counts as consumer_died, for a view as for a copy."""
+    q = SharedQueue(name=shm_name, capacity_bytes=8192)
+    for n in range(5):
+        q.put(n.to_bytes(4, "little") + bytes(108))
+    victim = start_child(failpoint_path, f"""
+        import mqs
+        q = mqs.SharedQueue(name={shm_name!r}, create=False)
+        if {take!r} == "get":
+            q.get(timeout=30)
+        else:
+            with q.get_view(timeout=30):
+                pass
+    """, failpoint="take_after_cas:1:stop")
+    try:
+        wait_for_state(victim.pid, "T")
+        os.kill(victim.pid, signal.SIGKILL)
+        status, _, stderr = communicate(victim)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
+    assert status == -signal.SIGKILL, stderr
+
+    assert q.stats().dropped["consumer_died"] == 1
+    got = [int.from_bytes(q.get(timeout=5)[:4], "little") for _ in range(4)]
+    assert got == [1, 2, 3, 4]
+    for n in range(5, 200):
+        q.put_nowait(n.to_bytes(4, "little") + bytes(108))
+        assert int.from_bytes(q.get_nowait()[:4], "little") == n
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    assert q.stats().dropped["consumer_died"] == 1
+    q.close()
+
+
 # -- stalled producers --------------------------------------------------------
 
 
