@@ -521,6 +521,14 @@ with open({out!r}, "w") as out:
 """
 
 
+def _lines_written(path):
+    try:
+        with open(path, "rb") as file:
+            return file.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
 @pytest.mark.parametrize("named", [False, True], ids=["anonymous", "named"])
 def test_durable_redelivery_after_crash_is_bounded(log_dir, shm_name,
                                                    tmp_path, named):
@@ -541,8 +549,13 @@ def test_durable_redelivery_after_crash_is_bounded(log_dir, shm_name,
     consumer = run_child(PACED_CONSUMER.format(
         name=name, create=not named, path=log_dir, out=out))
     try:
-        time.sleep(2.0)
-        assert consumer.poll() is None, consumer.communicate()
+        # Killed once it got a few hundred messages, however long its
+        # start takes on a loaded machine.
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        while _lines_written(out) < 300:
+            assert consumer.poll() is None, consumer.communicate()
+            assert time.monotonic() < deadline, "the consumer got nothing"
+            time.sleep(0.05)
         consumer.send_signal(signal.SIGKILL)
         killed_at = time.time()
         consumer.communicate(timeout=CHILD_TIMEOUT_S)
