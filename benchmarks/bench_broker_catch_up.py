@@ -31,6 +31,7 @@ import tempfile
 import time
 
 import mqs
+from bench_broker_backlog import _counts
 from mqs.broker._log_shared import unlink_journal
 
 BODY = "x" * 64
@@ -141,19 +142,6 @@ if pytest is not None:
         print()
         print(HEADER)
         print(format_row(result))
-
-
-def _counts(text):
-    try:
-        counts = [int(part.replace("_", "")) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid --counts {text!r}; give integers separated by "
-            f"commas, such as 100000,1000000") from None
-    if any(count < 1 for count in counts):
-        raise argparse.ArgumentTypeError(
-            f"every count must be at least 1, got {text!r}")
-    return counts
 
 
 def main(argv=None):

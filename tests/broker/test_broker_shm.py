@@ -650,12 +650,22 @@ def test_shm_missing_tails_raise_backend_unavailable(name):
     lagging.close()
 
 
-def test_shm_replica_without_tail_loads_snapshot(name, monkeypatch):
+def lag_small_state(name, monkeypatch):
+    """Open a writer and a replica, and make the replica lag behind a
+    restart of a journal whose state is small, so that the restart
+    writes a snapshot; return both brokers, the replica's snapshot
+    loads, the generation that the restart ended and the bodies."""
     writer = open_broker(name, journal_bytes=4096)
     writer.declare_topic("t", ttl=3600)
     lagging = open_broker(name)
     loads = count_snapshot_loads(monkeypatch, lagging)
     ended, bodies = publish_past_one_restart(writer)
+    return writer, lagging, loads, ended, bodies
+
+
+def test_shm_replica_without_tail_loads_snapshot(name, monkeypatch):
+    writer, lagging, loads, ended, bodies = lag_small_state(
+        name, monkeypatch)
     for entry in tail_files(name):
         os.unlink(os.path.join(SHM_DIR, entry))
 
@@ -670,11 +680,7 @@ def test_shm_replica_without_tail_loads_snapshot(name, monkeypatch):
 
 
 def test_shm_tail_of_wrong_size_is_ignored(name, monkeypatch):
-    writer = open_broker(name, journal_bytes=4096)
-    writer.declare_topic("t", ttl=3600)
-    lagging = open_broker(name)
-    loads = count_snapshot_loads(monkeypatch, lagging)
-    ended, bodies = publish_past_one_restart(writer)
+    writer, lagging, loads, ended, _ = lag_small_state(name, monkeypatch)
     [entry] = tail_files(name)
     with open(os.path.join(SHM_DIR, entry), "r+b") as file:
         file.truncate(8)
