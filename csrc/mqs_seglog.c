@@ -952,7 +952,10 @@ static int checkpoint_read(mqs_seglog_t *log, int64_t *base, uint64_t *pos,
     return 1;
 }
 
-/* Replace the checkpoint atomically: temp file, fsync, rename, fsync. */
+/*
+ * Replace the checkpoint atomically: temp file, fsync, rename, fsync.
+ * The "never" mode skips both fsyncs, as it skips every other sync.
+ */
 static int checkpoint_write(mqs_seglog_t *log, const mqs_segment_t *seg,
                             uint64_t pos)
 {
@@ -969,15 +972,27 @@ static int checkpoint_write(mqs_seglog_t *log, const mqs_segment_t *seg,
                 0600);
     if (fd < 0)
         return fail_errno(log, MQS_EIO);
-    if (pwrite(fd, b, sizeof b, 0) != (ssize_t)sizeof b || fsync(fd) != 0) {
+    if (pwrite(fd, b, sizeof b, 0) != (ssize_t)sizeof b ||
+        (is_durable(log) && fsync(fd) != 0)) {
         close(fd);
         return fail_errno(log, MQS_EIO);
     }
     close(fd);
-    if (renameat(log->dir_fd, temp, log->dir_fd, CHECKPOINT_NAME) != 0 ||
-        fsync(log->dir_fd) != 0)
+    if (renameat(log->dir_fd, temp, log->dir_fd, CHECKPOINT_NAME) != 0)
         return fail_errno(log, MQS_EIO);
-    return MQS_OK;
+    return sync_dir(log);
+}
+
+/*
+ * Remove a checkpoint whose position lies past the records recovery
+ * kept. Records appended over the cut are not covered by it, so the
+ * next recovery must verify them. Writer only.
+ */
+static int checkpoint_remove(mqs_seglog_t *log)
+{
+    if (unlinkat(log->dir_fd, CHECKPOINT_NAME, 0) != 0 && errno != ENOENT)
+        return fail_errno(log, MQS_EIO);
+    return sync_dir(log);
 }
 
 /* ---- recovery --------------------------------------------------------- */
@@ -1056,26 +1071,48 @@ static int damaged_at(const mqs_segment_t *seg, uint64_t pos,
 /*
  * Verify an unsealed segment and, for a writer, zero everything after
  * its last valid record, so that stale or torn bytes can never be taken
- * as records later. Records below `verify_from` were checked before (the
- * checkpoint); if walking them fails, the whole segment is verified.
+ * as records later. Records below `verify_from` (the checkpoint) are
+ * walked by their lengths and offsets only, so a damaged record there
+ * stays in place and its reads fail. If that walk ends before
+ * verify_from, or the file was truncated below it, the segment lost
+ * records since the checkpoint was written: the whole segment is
+ * verified and cut at its first invalid record, and a writer removes
+ * the checkpoint.
  */
 static int segment_recover(mqs_seglog_t *log, mqs_segment_t *seg,
                            uint64_t verify_from, mqs_seglog_recovery_t *rep)
 {
-    enum frame_result r;
     uint64_t garbage_end;
+    uint64_t file_bytes = seg->map_bytes - seg->extended_bytes;
+    int ended_early = 0;
 
+    if (verify_from < MQS_SEGLOG_HEADER_BYTES)
+        verify_from = MQS_SEGLOG_HEADER_BYTES;
     index_reset(seg);
-    r = segment_walk(seg, seg->map_bytes, verify_from,
+    /* Records below the checkpoint must end exactly at it. */
+    if (file_bytes >= verify_from)
+        segment_walk(seg, verify_from, UINT64_MAX, NULL);
+    if (seg->end_pos == verify_from) {
+        segment_walk(seg, seg->map_bytes, verify_from,
                      &rep->records_verified);
-    if (r == FRAME_BAD && seg->end_pos < verify_from) {
+    } else {
         index_reset(seg);
-        r = segment_walk(seg, seg->map_bytes, 0, &rep->records_verified);
+        segment_walk(seg, seg->map_bytes, 0, &rep->records_verified);
+        ended_early = 1;
+        rep->ended_before_checkpoint = 1;
+        rep->first_bad_offset = seg->next_offset;
+        rep->first_bad_base = seg->base_offset;
+        rep->first_bad_position = seg->end_pos;
     }
     seg->indexed = 1;
     rep->segments_scanned++;
     if (log->cfg.readonly)
         return MQS_OK;
+    if (ended_early) {
+        int rc = checkpoint_remove(log);
+        if (rc != MQS_OK)
+            return rc;
+    }
 
     garbage_end = last_nonzero_end(seg, seg->end_pos);
     if (seg->extended_bytes && garbage_end == seg->end_pos) {
@@ -1358,6 +1395,11 @@ int mqs_seglog_close(mqs_seglog_t *log)
         rc = mqs_seglog_sync(log, -1);
         if (rc == MQS_OK)
             rc = checkpoint_write(log, log->active, log->active->end_pos);
+    } else if (!log->cfg.readonly && !atomic_load(&log->poison_errno)) {
+        /* "never": record the end without a sync, so that the next open
+         * treats a damaged record below it as damage and keeps the
+         * records after it, as in the other modes. */
+        rc = checkpoint_write(log, log->active, log->active->end_pos);
     }
     log_free(log);
     return rc;

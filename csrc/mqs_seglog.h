@@ -66,17 +66,29 @@
  * acquires a non-zero length sees the whole record (the same publication
  * rule as the ring).
  *
- * recovery-point (32 bytes, replaced by write, fsync, rename, fsync of
- * the directory; written only after a sync covering it succeeded):
+ * recovery-point (32 bytes), written by a clean close of a writer for
+ * the end of its last segment, and replaced atomically (write, fsync,
+ * rename, fsync of the directory). The "always" and "interval" modes
+ * write it only after a sync covering the records succeeded. "never"
+ * syncs neither the records nor the file and directory:
  *
  *   +0 char[8] "MQSCKPT1"  +8 i64 segment base_offset  +16 u64 position
  *   +24 u32 epoch low bits  +28 u32 CRC-32C of bytes [0, 28)
  *
- * Records of that segment below `position` were synced and verified, so
- * recovery checks CRCs only from there on. Sealed segments are not
- * re-verified on open (in the "always" and "interval" modes their
- * records were synced before the seal was written), and every read
- * still checks the CRC of the record it returns.
+ * Records of that segment below `position` were complete when the log
+ * closed, so recovery walks them by length and offset only and checks
+ * CRCs from `position` on. A record damaged later stays in place and
+ * its reads return MQS_ECORRUPT, while the records after it stay
+ * readable.
+ * The walk must end exactly at `position`. If it does not (a damaged
+ * length or offset, a truncated file, or under "never" pages that an
+ * OS crash lost), recovery verifies the whole segment, cuts it at its
+ * first invalid record and removes the recovery point. Logs written
+ * before "never" wrote a recovery point have none and are verified in
+ * full. Sealed segments are not re-verified on open (in the "always"
+ * and "interval" modes their records were synced before the seal was
+ * written), and every read still checks the CRC of the record it
+ * returns.
  *
  * Threads: every function below that takes a log must be called by one
  * thread at a time (the Python binding holds the GIL), except
@@ -177,6 +189,12 @@ typedef struct mqs_seglog_recovery {
     uint64_t first_bad_position;
     int64_t temp_files_removed; /* half-created segments from a crash */
     int64_t checkpoint_offset;  /* offset the checkpoint covered, or -1 */
+    /* 1 if the records of the checkpoint's segment ended before the
+     * checkpoint's position: records there were damaged or lost after
+     * the close that wrote it. first_bad_* then give where they end,
+     * read-only handles included, and a writer cut the segment there
+     * and removed the checkpoint. */
+    int64_t ended_before_checkpoint;
 } mqs_seglog_recovery_t;
 
 typedef struct mqs_seglog_stats {
@@ -246,11 +264,13 @@ int mqs_seglog_open(mqs_seglog_t **out, const char *path,
                     mqs_seglog_recovery_t *report, int *os_errno);
 
 /*
- * Stop the flusher, sync (unless the mode is "never" or the log is
- * poisoned), write the recovery point, unmap and release the lock. The
- * handle is freed even when a step fails. Segments still referenced
- * through mqs_seglog_segment_acquire stay mapped until released.
- * Returns MQS_OK, or MQS_EPOISONED / MQS_EIO when the final sync failed.
+ * Stop the flusher, sync (unless the mode is "never"), write the
+ * recovery point (unless the log is poisoned), unmap and release the
+ * lock. The handle is freed even when a step fails. Segments still
+ * referenced through mqs_seglog_segment_acquire stay mapped until
+ * released.
+ * Returns MQS_OK, MQS_EPOISONED (the final sync failed) or MQS_EIO
+ * (writing the recovery point failed).
  */
 int mqs_seglog_close(mqs_seglog_t *log);
 

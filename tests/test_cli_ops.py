@@ -542,6 +542,41 @@ def test_dump_exits_nonzero_on_crc_error(log_dir):
     assert "1 damaged or missing record(s)" in result.stderr
 
 
+@pytest.mark.parametrize("fsync", ["never", "interval", "always"])
+def test_dump_counts_damage_after_clean_close(tmp_path, fsync):
+    path = tmp_path / "events"
+    with mqs.SegmentLog(path, fsync=fsync) as log:
+        log.append_many([b"rec-%d" % i for i in range(5)])
+    segment = next(path.glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    data[data.find(b"rec-2")] ^= 0x01
+    segment.write_bytes(bytes(data))
+    result = run_mqs("dump", str(path))
+    assert result.returncode == 1
+    assert "offset 2:" in result.stdout
+    assert "offsets 0 to 5: 4 records verified, 1 damaged" in result.stdout
+    assert "1 damaged or missing record(s)" in result.stderr
+
+
+@pytest.mark.parametrize("fsync", ["never", "interval", "always"])
+def test_dump_counts_records_lost_before_clean_end(tmp_path, fsync):
+    path = tmp_path / "events"
+    with mqs.SegmentLog(path, fsync=fsync) as log:
+        log.append_many([b"rec-%d" % i for i in range(5)])
+    segment = next(path.glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    # The length of record 2 sits 32 bytes before its value; a large
+    # length hides where the records after it start.
+    data[data.find(b"rec-2") - 32 + 2] ^= 0x10
+    segment.write_bytes(bytes(data))
+    result = run_mqs("dump", str(path))
+    assert result.returncode == 1
+    assert "offset 2: record fails its length or offset check" \
+        in result.stdout
+    assert "offsets 0 to 2: 2 records verified, 1 damaged" in result.stdout
+    assert "1 damaged or missing record(s)" in result.stderr
+
+
 def test_dump_missing_dir_is_one_line_error(tmp_path):
     result = run_mqs("dump", str(tmp_path / "nope"))
     assert_one_line_error(result, "not found")

@@ -75,6 +75,42 @@ def read_all(log):
     return [bytes(record.value) for record in log]
 
 
+CRASHING_WRITER = """
+import os, struct, sys
+import mqs
+log = mqs.SegmentLog(sys.argv[1], segment_bytes=int(sys.argv[2]),
+                     fsync=sys.argv[3])
+data = sys.stdin.buffer.read()
+pos = 0
+while pos < len(data):
+    (size,) = struct.unpack_from("<I", data, pos)
+    log.append(data[pos + 4:pos + 4 + size])
+    pos += 4 + size
+os._exit(0)
+"""
+
+
+def fill_and_crash(path, count, fsync="never", segment_bytes=SEGMENT):
+    """Append like `fill` in a child process that exits without closing.
+
+    The log is left as kill -9 of its writer leaves it: the records are
+    in the page cache, and no clean close recorded where they end.
+    """
+    payload = b"".join(struct.pack("<I", len(value_for(i))) + value_for(i)
+                       for i in range(count))
+    subprocess.run([sys.executable, "-c", CRASHING_WRITER, str(path),
+                    str(segment_bytes), fsync],
+                   input=payload, check=True, timeout=60)
+
+
+def flip_byte(path, position, mask=0x01):
+    with open(path, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)
+        f.seek(position)
+        f.write(bytes([byte[0] ^ mask]))
+
+
 # ---- basics -----------------------------------------------------------------
 
 def test_crc32c_matches_known_value():
@@ -654,7 +690,7 @@ def test_seglog_recovers_truncation_at_every_byte(tmp_path):
 
 def test_seglog_recovers_zeroed_tail_at_every_step(tmp_path):
     count = 40
-    fill(tmp_path / "pristine", count)
+    fill_and_crash(tmp_path / "pristine", count)
     positions, end = record_positions(count)
     segment = segment_files(tmp_path / "pristine")[0].name
     for cut in range(positions[-3], end, 3):
@@ -710,17 +746,143 @@ def test_seglog_recovers_zeroed_page_in_last_mib(tmp_path, caplog):
     assert f"{report.records_dropped} record(s) dropped" in caplog.text
 
 
-def test_seglog_recovery_cuts_active_segment_at_flipped_bit(tmp_path):
-    fill(tmp_path / "log", 50)
+@pytest.mark.parametrize("fsync", ["never", "interval", "always"])
+def test_seglog_recovery_cuts_at_flipped_bit_after_crash(tmp_path, fsync):
+    fill_and_crash(tmp_path / "log", 50, fsync=fsync)
     positions, _ = record_positions(50)
-    with open(segment_files(tmp_path / "log")[0], "r+b") as f:
-        f.seek(positions[20] + RECORD_HEADER + 3)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_byte(segment_files(tmp_path / "log")[0],
+              positions[20] + RECORD_HEADER + 3)
     report = reopen_and_check(tmp_path / "log", 20)
     assert report.first_bad_offset == 20
     assert report.records_dropped == 30
+    assert not report.ended_before_checkpoint
+
+
+FIVE_RECORDS = [b"rec-%d" % i for i in range(5)]
+
+
+def damage_record_2_of_5(path, fsync):
+    """Write rec-0..rec-4, close cleanly, then flip a byte of rec-2."""
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync=fsync) as log:
+        log.append_many(FIVE_RECORDS)
+    segment = segment_files(path)[0]
+    flip_byte(segment, segment.read_bytes().find(b"rec-2"))
+
+
+@pytest.mark.parametrize("fsync", ["never", "interval", "always"])
+def test_seglog_reader_sees_damage_after_clean_close(tmp_path, fsync):
+    damage_record_2_of_5(tmp_path / "log", fsync)
+    with mqs.SegmentLog(tmp_path / "log", readonly=True) as reader:
+        assert reader.end_offset == 5
+        assert not reader.recovery.ended_before_checkpoint
+        with pytest.raises(mqs.LogCorrupted,
+                           match="record at offset 2 .* failed") as e:
+            reader.read(2)
+        assert e.value.offset == 2
+        assert bytes(reader.read(1)) == b"rec-1"
+        assert bytes(reader.read(3)) == b"rec-3"
+        assert bytes(reader.read(4)) == b"rec-4"
+
+
+@pytest.mark.parametrize("fsync", ["never", "interval", "always"])
+def test_seglog_writer_keeps_records_after_damage(tmp_path, fsync, caplog):
+    damage_record_2_of_5(tmp_path / "log", fsync)
+    with caplog.at_level(logging.WARNING, logger="mqs._seglog"):
+        with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT,
+                            fsync=fsync) as log:
+            report = log.recovery
+            assert log.end_offset == 5
+            with pytest.raises(mqs.LogCorrupted, match="offset 2"):
+                log.read(2)
+            assert bytes(log.read(3)) == b"rec-3"
+            assert bytes(log.read(4)) == b"rec-4"
+            assert log.append(b"rec-5") == 5
+    assert report.torn_segments == 0
+    assert report.bytes_zeroed == 0
+    assert report.records_dropped == 0
+    assert caplog.text == ""
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT,
+                        fsync=fsync) as log:
+        assert log.end_offset == 6
+        assert bytes(log.read(4)) == b"rec-4"
+        assert bytes(log.read(5)) == b"rec-5"
+        with pytest.raises(mqs.LogCorrupted, match="offset 2"):
+            log.read(2)
+
+
+@pytest.mark.parametrize("fsync", ["never", "interval", "always"])
+@pytest.mark.parametrize("added", [1 << 20, 1 << 11],
+                         ids=["past-segment", "past-clean-end"])
+def test_seglog_cuts_when_length_damaged_below_clean_end(tmp_path, fsync,
+                                                        added, caplog):
+    path = tmp_path / "log"
+    fill(path, 10, fsync=fsync)
+    positions, end = record_positions(10)
+    # A bit flipped in record 4's length: the records after it can no
+    # longer be located. 1 MiB runs past the 64 KiB segment; 2 KiB stays
+    # inside it but past the end recorded at the close.
+    assert positions[4] + stride(value_for(4)) + added > end
+    flip_byte(segment_files(path)[0], positions[4] + added.bit_length() // 8,
+              1 << ((added.bit_length() - 1) % 8))
+
+    with caplog.at_level(logging.WARNING, logger="mqs._seglog"):
+        with mqs.SegmentLog(path, readonly=True) as reader:
+            report = reader.recovery
+            assert reader.end_offset == 4
+    assert report.ended_before_checkpoint
+    assert report.first_bad_offset == 4
+    assert report.first_bad_position == positions[4]
+    assert "before the end recorded at its last clean close" in caplog.text
+
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync=fsync) as log:
+        report = log.recovery
+        assert log.end_offset == 4
+        assert log.append(b"after") == 4
+    assert report.ended_before_checkpoint
+    assert report.torn_segments == 1
+    # Records 5 to 9, and record 4 itself while its length still fits in
+    # the segment.
+    assert report.records_dropped == (6 if added < SEGMENT else 5)
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync=fsync) as log:
+        assert not log.recovery.ended_before_checkpoint
+        assert log.end_offset == 5
+        assert bytes(log.read(4)) == b"after"
+
+
+def test_seglog_checkpoint_removed_after_cut_below_it(tmp_path):
+    path = tmp_path / "log"
+    fill(path, 10)
+    positions, _ = record_positions(10)
+    flip_byte(segment_files(path)[0], positions[4] + 2, 0x10)
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync="never") as log:
+        assert log.recovery.ended_before_checkpoint
+        # The cut removed the recovery point; it covered bytes that new
+        # records now overwrite.
+        assert not (path / "recovery-point").exists()
+        log.append(b"after")
+    assert (path / "recovery-point").exists()
+
+
+def test_seglog_verifies_log_without_recovery_point(tmp_path):
+    # A "never" log closed by an earlier version has no recovery point,
+    # like one whose writer crashed: every record is verified on open.
+    path = tmp_path / "log"
+    fill(path, 30)
+    (path / "recovery-point").unlink()
+    positions, _ = record_positions(30)
+    with mqs.SegmentLog(path, readonly=True) as reader:
+        assert reader.recovery.records_verified == 30
+        assert reader.end_offset == 30
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync="never") as log:
+        assert log.recovery.records_verified == 30
+        assert read_all(log) == [value_for(i) for i in range(30)]
+    assert (path / "recovery-point").exists()
+    flip_byte(segment_files(path)[0], positions[10] + RECORD_HEADER + 1)
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync="never") as log:
+        assert log.recovery.records_verified == 0
+        assert log.end_offset == 30
+        with pytest.raises(mqs.LogCorrupted, match="offset 10"):
+            log.read(10)
 
 
 def test_seglog_flipped_bit_in_sealed_segment_raises_on_read(tmp_path):
@@ -751,7 +913,7 @@ def test_seglog_flipped_bit_in_sealed_segment_raises_on_read(tmp_path):
 
 
 def test_seglog_recovery_is_idempotent(tmp_path):
-    fill(tmp_path / "log", 40)
+    fill_and_crash(tmp_path / "log", 40)
     _, end = record_positions(40)
     with open(segment_files(tmp_path / "log")[0], "r+b") as f:
         f.seek(end - 50)

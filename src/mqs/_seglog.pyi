@@ -25,6 +25,7 @@ class RecoveryReport(NamedTuple):
     first_bad_segment: int
     first_bad_position: int
     temp_files_removed: int
+    ended_before_checkpoint: bool = False
 
 def check_options(segment_bytes: int, fsync: str,
                   fsync_interval_s: float) -> int: ...

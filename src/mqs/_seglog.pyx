@@ -119,8 +119,9 @@ RecoveryReport = collections.namedtuple(
     "RecoveryReport",
     ["segments_scanned", "records_verified", "torn_segments",
      "bytes_zeroed", "records_dropped", "first_bad_offset",
-     "first_bad_segment", "first_bad_position", "temp_files_removed"],
-    module="mqs")
+     "first_bad_segment", "first_bad_position", "temp_files_removed",
+     "ended_before_checkpoint"],
+    defaults=(False,), module="mqs")
 
 _FSYNC_MODES = {
     "never": MQS_SEGLOG_FSYNC_NEVER,
@@ -316,8 +317,10 @@ cdef class SegmentLog:
           of the process, because the data is in the kernel's page cache
           when `append` returns; a power loss may lose the records of the
           last interval.
-        - ``"never"``: only `flush` and `close` sync. Survives kill -9
-          like "interval"; a power loss may lose anything not flushed.
+        - ``"never"``: only `flush` syncs; `close` records where the
+          records end but syncs nothing. Survives kill -9 like
+          "interval"; a power loss may lose anything not flushed, even
+          after a clean close.
     fsync_interval_s : float
         "interval" only: max age in seconds of an unsynced record.
     retention_bytes : int or None
@@ -348,16 +351,41 @@ cdef class SegmentLog:
 
     Notes
     -----
-    Recovery on open verifies the records after the last checkpoint (and
-    every record of unsealed segments), stops at the first record whose
-    length, CRC or offset is wrong, zeroes everything after it inside
-    the preallocated file (files are never shrunk) and logs a WARNING
-    with the bytes and records cut. Such a cut in the middle of a
-    segment drops the records after it too, as Kafka does; a cut in a
-    segment that is not the last leaves a gap of offsets, and reading
-    them raises `LogCorrupted`. A sealed segment is not re-verified on
-    open, but every read checks the CRC of the record it returns, so a
-    damaged record raises `LogCorrupted` and is never returned as data.
+    A clean close (`close`, or leaving the ``with`` block) of a writer
+    records where the records of the last segment end, in every mode.
+    "always" and "interval" sync the records first; "never" does not.
+    What recovery on open does depends on that record:
+
+    - After a clean close, the records up to the recorded end are
+      trusted by their lengths and offsets, and their CRCs are not
+      checked on open. A record damaged after the close stays in the
+      log: reading it raises `LogCorrupted`, the records after it stay
+      readable, `mqs dump` counts it as damaged, and appends continue
+      after the last record. Nothing is cut.
+    - After a crash (kill -9, or an OS crash or power loss), the
+      records written since the last clean close, or all records of
+      the last segment if it never had one, are verified. Recovery
+      stops at the first record whose length, CRC or offset is wrong,
+      zeroes everything after it inside the preallocated file (files
+      are never shrunk) and logs a WARNING with the bytes and records
+      cut. Such a cut in the middle of a segment drops the records
+      after it too, as Kafka does; a cut in a segment that is not the
+      last leaves a gap of offsets, and reading them raises
+      `LogCorrupted`.
+    - If the records no longer end exactly at the recorded end (a
+      damaged length or offset, a truncated file, or under "never"
+      pages that an OS crash or power loss lost after the close),
+      recovery treats the segment as after a crash, verifies all of
+      it and cuts it at its first invalid record. It logs a WARNING
+      that the records end before the end recorded at the last clean
+      close, and sets `recovery.ended_before_checkpoint`; a read-only
+      handle reports the same but cuts nothing. Under "never", bytes
+      lost inside one record's value leave the walk intact, so that
+      record stays in the log and raises `LogCorrupted`.
+
+    A sealed segment is not re-verified on open, but every read checks
+    the CRC of the record it returns, so a damaged record raises
+    `LogCorrupted` and is never returned as data.
 
     A sync error poisons the log: every later append raises
     `LogPoisoned` (the kernel may have dropped the failed pages, so a
@@ -442,7 +470,8 @@ cdef class SegmentLog:
             report.torn_segments, report.bytes_zeroed,
             report.records_dropped, report.first_bad_offset,
             report.first_bad_base, report.first_bad_position,
-            report.temp_files_removed)
+            report.temp_files_removed,
+            bool(report.ended_before_checkpoint))
         _log_recovery(self.path, self._recovery)
 
     def __dealloc__(self):
@@ -1166,7 +1195,12 @@ cdef class SegmentLog:
 
     @property
     def recovery(self):
-        """`RecoveryReport` of what recovery found and repaired on open."""
+        """`RecoveryReport` of what recovery found and repaired on open.
+
+        `ended_before_checkpoint` is true when the records of the last
+        segment ended before the end recorded at the last clean close;
+        `first_bad_offset` then gives the offset where they end.
+        """
         return self._recovery
 
     @property
@@ -1203,6 +1237,8 @@ cdef class SegmentLog:
     def close(self):
         """Sync (unless fsync="never"), write the checkpoint and unlock.
 
+        The checkpoint records where the records end, so the next open
+        keeps the records after a damaged one (see the class Notes).
         Idempotent. Views into the log stay valid.
 
         Raises
@@ -1360,6 +1396,13 @@ def _log_recovery(path, report):
     if report.temp_files_removed:
         logger.debug("removed %d half-created segment files from %s",
                      report.temp_files_removed, path)
+    if report.ended_before_checkpoint:
+        logger.warning(
+            "segment log %s: records end at offset %d (segment %020d, "
+            "position %d), before the end recorded at its last clean "
+            "close; the record there is damaged or missing",
+            path, report.first_bad_offset, report.first_bad_segment,
+            report.first_bad_position)
     if not report.torn_segments:
         return
     logger.warning(

@@ -517,6 +517,7 @@ def _run_dump(args: argparse.Namespace) -> int:
             first = max(base, stats.start_offset)
             verified, damaged = _verify_range(log, first, end, records,
                                               args.records)
+            damaged += _end_before_checkpoint(log.recovery, base)
             verified_total += verified
             damaged_total += len(damaged)
             name = f"{base:020d}.seg"
@@ -542,6 +543,24 @@ def _run_dump(args: argparse.Namespace) -> int:
             f"or missing record(s) in {escape(args.logdir)}")
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _end_before_checkpoint(report: Any,
+                           base: int) -> list[tuple[int, str]]:
+    """Return the damage where segment `base` ends short of its checkpoint.
+
+    The checkpoint records where the records of the last segment ended
+    at the last clean close. A read-only open stops at the first record
+    whose length or offset is wrong, so when that is below the recorded
+    end, the record there and the ones after it cannot be read.
+    """
+    if not report.ended_before_checkpoint or report.first_bad_segment != base:
+        return []
+    return [(report.first_bad_offset,
+             f"record fails its length or offset check at position "
+             f"{report.first_bad_position:,}, before the end recorded at "
+             f"the last clean close; the records after it cannot be "
+             f"located, and opening the log for writing cuts them")]
 
 
 def _verify_range(log: Any, first: int, end: int, lines: list[str],

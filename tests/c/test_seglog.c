@@ -701,18 +701,18 @@ static void test_recovery_zeroes_garbage_after_tail(void)
     CHECK_EQ(mqs_seglog_close(log), MQS_OK);
 }
 
-static void test_recovery_cuts_at_flipped_bit(void)
+/* Write ten 40-byte records with `mode`, close, and flip a bit in the
+ * value of record 5. */
+static void write_ten_and_flip_5(const char *path, int mode)
 {
-    char path[300], seg[400];
+    char seg[400];
     mqs_seglog_t *log;
-    mqs_seglog_recovery_t rep;
     mqs_seglog_record_t r;
     uint64_t pos5;
     uint8_t byte;
     int fd;
 
-    log_dir(path, sizeof path, "flip");
-    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_NEVER), NULL);
+    log = open_log(path, config(65536, mode), NULL);
     for (int i = 0; i < 10; i++)
         append_sized(log, 40, i);
     CHECK_EQ(mqs_seglog_read(log, 5, &r), MQS_OK);
@@ -725,6 +725,21 @@ static void test_recovery_cuts_at_flipped_bit(void)
     byte ^= 0x10;
     CHECK(pwrite(fd, &byte, 1, (off_t)pos5 + 40) == 1);
     close(fd);
+}
+
+static void test_recovery_cuts_at_flipped_bit(void)
+{
+    char path[300], point[400];
+    mqs_seglog_t *log;
+    mqs_seglog_recovery_t rep;
+    mqs_seglog_record_t r;
+
+    log_dir(path, sizeof path, "flip");
+    write_ten_and_flip_5(path, MQS_SEGLOG_FSYNC_NEVER);
+    /* Without the recovery point a clean close writes, the log looks
+     * like one whose writer crashed: the damage ends it. */
+    snprintf(point, sizeof point, "%s/recovery-point", path);
+    CHECK_EQ(unlink(point), 0);
 
     log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_NEVER), &rep);
     CHECK_EQ(rep.torn_segments, 1);
@@ -734,6 +749,36 @@ static void test_recovery_cuts_at_flipped_bit(void)
     CHECK_EQ(mqs_seglog_read(log, 4, &r), MQS_OK);
     CHECK_EQ(mqs_seglog_read(log, 5, &r), MQS_EEMPTY);
     CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+/* After a clean close, in every mode, damage below the recorded end is
+ * damage: the record fails its read and the records after it stay. */
+static void test_recovery_keeps_records_after_damage(void)
+{
+    static const int modes[] = {MQS_SEGLOG_FSYNC_NEVER,
+                                MQS_SEGLOG_FSYNC_INTERVAL,
+                                MQS_SEGLOG_FSYNC_ALWAYS};
+    char path[300], name[32];
+    mqs_seglog_t *log;
+    mqs_seglog_recovery_t rep;
+    mqs_seglog_record_t r;
+
+    for (size_t m = 0; m < sizeof modes / sizeof modes[0]; m++) {
+        snprintf(name, sizeof name, "keep%d", modes[m]);
+        log_dir(path, sizeof path, name);
+        write_ten_and_flip_5(path, modes[m]);
+
+        log = open_log(path, config(65536, modes[m]), &rep);
+        CHECK_EQ(rep.torn_segments, 0);
+        CHECK_EQ(rep.records_dropped, 0);
+        CHECK_EQ(rep.ended_before_checkpoint, 0);
+        CHECK_EQ(rep.checkpoint_offset, 0);
+        CHECK_EQ(mqs_seglog_read(log, 5, &r), MQS_ECORRUPT);
+        CHECK_EQ(mqs_seglog_read(log, 6, &r), MQS_OK);
+        CHECK_EQ(mqs_seglog_read(log, 9, &r), MQS_OK);
+        CHECK_EQ(append_text(log, NULL, "next", 1), 10);
+        CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+    }
 }
 
 static void test_open_rejects_newer_version(void)
@@ -884,6 +929,7 @@ int main(void)
     test_group_commit_shares_syncs();
     test_recovery_zeroes_garbage_after_tail();
     test_recovery_cuts_at_flipped_bit();
+    test_recovery_keeps_records_after_damage();
     test_open_rejects_newer_version();
     test_open_rejects_bad_arguments();
 

@@ -52,6 +52,7 @@ cdef extern from "mqs_seglog.h" nogil:
         uint64_t first_bad_position
         int64_t temp_files_removed
         int64_t checkpoint_offset
+        int64_t ended_before_checkpoint
 
     ctypedef struct mqs_seglog_stats_t:
         int64_t start_offset
