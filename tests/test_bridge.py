@@ -213,17 +213,22 @@ def test_cli_bridge_reports_bad_endpoint(tmp_path):
     assert "invalid endpoint 'nowhere'" in err.decode()
 
 
-@pytest.mark.parametrize("source, text", [
-    ("log:{tmp}/missing#t", "log broker directory '{tmp}/missing' not found"),
+@pytest.mark.parametrize("source, text, fix", [
+    ("log:{tmp}/missing#t", "log broker directory '{tmp}/missing' not found",
+     "check the path, or create the broker first by opening "
+     "mqs.Broker(backend='log', path='{tmp}/missing')"),
     ("shm:mqs-test-no-such-broker#t",
-     "shm broker 'mqs-test-no-such-broker' not found"),
+     "shm broker 'mqs-test-no-such-broker' not found",
+     "check the name, or create the broker first by opening "
+     "mqs.Broker(backend='shm', name='mqs-test-no-such-broker')"),
 ])
-def test_cli_bridge_refuses_a_missing_source(tmp_path, source, text):
+def test_cli_bridge_refuses_a_missing_source(tmp_path, source, text, fix):
     process = _bridge_process(source.format(tmp=tmp_path),
                               f"log:{tmp_path}/out#t")
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1
     assert text.format(tmp=tmp_path) in err.decode()
+    assert fix.format(tmp=tmp_path) in err.decode()
     assert "Traceback" not in err.decode()
     # Nothing was created in place of the missing source.
     assert not (tmp_path / "missing").exists()
@@ -278,7 +283,7 @@ def test_forward_rejects_missing_source_topic():
         bridge.forward(source, "orders", destination, "copy",
                        idle_timeout=30)
     assert info.value.topic == "orders"
-    assert "wait_for_topic=True" in str(info.value)
+    assert "pass wait_for_topic=True to wait" in str(info.value)
     # Nothing was declared in place of the missing topic.
     assert not source.backend.has_topic("orders")
 
@@ -323,7 +328,8 @@ def test_cli_bridge_rejects_missing_source_topic(tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1
     assert "source topic 'orders' does not exist" in err.decode()
-    assert "--wait-for-topic" in err.decode()
+    assert "rerun mqs bridge with --wait-for-topic to wait" in err.decode()
+    assert "wait_for_topic" not in err.decode()
     assert "Traceback" not in err.decode()
 
 
