@@ -281,7 +281,8 @@ def _sample_topics(broker: Any) -> dict[str, Any]:
 
 
 def parse_interval(text: str) -> float:
-    """Parse the seconds of ``mqs stat --interval``."""
+    """Parse the seconds of ``mqs stat --interval`` and
+    ``mqs top --interval``."""
     try:
         seconds = float(text)
     except ValueError:

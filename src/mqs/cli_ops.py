@@ -394,6 +394,8 @@ def _format_value(value: Any) -> str:
 
 
 def _add_top_parser(subparsers: Any) -> None:
+    from mqs.cli_broker import parse_interval
+
     parser = subparsers.add_parser(
         "top", help="live view of every shared queue on this machine",
         description="Show every named shared queue of this machine "
@@ -402,9 +404,11 @@ def _add_top_parser(subparsers: Any) -> None:
                     "previous refresh. Queues are read through a "
                     "read-only mapping and are not disturbed. Stop with "
                     "Ctrl-C.")
-    parser.add_argument("--interval", type=_non_negative_float, default=1.0,
+    # Above 0, because an interval of 0 redraws the table in a busy loop.
+    parser.add_argument("--interval", type=parse_interval, default=1.0,
                         metavar="SECONDS",
-                        help="seconds between refreshes (default: 1)")
+                        help="seconds between refreshes, above 0 and at "
+                             "most 3600 (default: 1)")
     parser.add_argument("--once", action="store_true",
                         help="print one table and exit (no rates)")
     parser.add_argument("--iterations", type=_positive_int, metavar="N",
