@@ -418,3 +418,21 @@ def test_cli_bridge_lost_redis_names_flag(redis_server_factory, tmp_path):
     assert elapsed < 20
     # One series of retries: closing the consumer did not retry again.
     assert error.count("retry 1 in") == 1, error
+
+
+def test_cli_bridge_retry_timeout_defaults_documented():
+    from mqs.broker._redis import DEFAULT_RETRY_TIMEOUT_S
+    from mqs.cli_broker import RETRY_TIMEOUT_S
+
+    process = _bridge_process("--help")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err.decode()
+    help_text = " ".join(out.decode().split())
+    assert (f"default: {RETRY_TIMEOUT_S:g} at start-up, "
+            f"{DEFAULT_RETRY_TIMEOUT_S:g} while running") in help_text
+    readme_path = os.path.join(os.path.dirname(__file__), os.pardir,
+                               "README.md")
+    with open(readme_path, encoding="utf-8") as readme_file:
+        readme = " ".join(readme_file.read().split())
+    assert (f"the bridge retries for {RETRY_TIMEOUT_S:g} s at start-up "
+            f"and for {DEFAULT_RETRY_TIMEOUT_S:g} s while running") in readme

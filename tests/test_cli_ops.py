@@ -520,7 +520,18 @@ def test_dump_lists_segments_and_verifies(log_dir):
     assert len(segments) >= 2
     for name in segments:
         assert name in result.stdout
-    assert "300 records verified, 0 damaged" in result.stdout
+    assert "offsets 0 to 299: 300 records verified, 0 damaged" \
+        in result.stdout
+
+
+def test_dump_empty_log_says_no_records(tmp_path):
+    path = tmp_path / "empty"
+    with mqs.SegmentLog(path, segment_bytes=8192, fsync="never"):
+        pass
+    result = run_mqs("dump", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "no records (next offset 0): 0 records verified, 0 damaged" \
+        in result.stdout
 
 
 def test_dump_records_prints_each_record(log_dir):

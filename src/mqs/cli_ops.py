@@ -535,9 +535,15 @@ def _run_dump(args: argparse.Namespace) -> int:
         console.print(table)
         for line in records:
             console.print(line, soft_wrap=True)
-        console.print(f"offsets {stats.start_offset:,} to "
-                      f"{stats.end_offset:,}: {verified_total:,} records "
-                      f"verified, {damaged_total:,} damaged")
+        # The end offset is the next one to be written, so the last
+        # record has end_offset - 1.
+        if stats.end_offset > stats.start_offset:
+            span = (f"offsets {stats.start_offset:,} to "
+                    f"{stats.end_offset - 1:,}")
+        else:
+            span = f"no records (next offset {stats.end_offset:,})"
+        console.print(f"{span}: {verified_total:,} records verified, "
+                      f"{damaged_total:,} damaged")
     finally:
         log.close()
     if damaged_total:
