@@ -213,17 +213,22 @@ def test_cli_bridge_reports_bad_endpoint(tmp_path):
     assert "invalid endpoint 'nowhere'" in err.decode()
 
 
-@pytest.mark.parametrize("source, text", [
-    ("log:{tmp}/missing#t", "log broker directory '{tmp}/missing' not found"),
+@pytest.mark.parametrize("source, text, fix", [
+    ("log:{tmp}/missing#t", "log broker directory '{tmp}/missing' not found",
+     "check the path, or create the broker first by opening "
+     "mqs.Broker(backend='log', path='{tmp}/missing')"),
     ("shm:mqs-test-no-such-broker#t",
-     "shm broker 'mqs-test-no-such-broker' not found"),
+     "shm broker 'mqs-test-no-such-broker' not found",
+     "check the name, or create the broker first by opening "
+     "mqs.Broker(backend='shm', name='mqs-test-no-such-broker')"),
 ])
-def test_cli_bridge_refuses_a_missing_source(tmp_path, source, text):
+def test_cli_bridge_refuses_a_missing_source(tmp_path, source, text, fix):
     process = _bridge_process(source.format(tmp=tmp_path),
                               f"log:{tmp_path}/out#t")
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1
     assert text.format(tmp=tmp_path) in err.decode()
+    assert fix.format(tmp=tmp_path) in err.decode()
     assert "Traceback" not in err.decode()
     # Nothing was created in place of the missing source.
     assert not (tmp_path / "missing").exists()
@@ -278,7 +283,7 @@ def test_forward_rejects_missing_source_topic():
         bridge.forward(source, "orders", destination, "copy",
                        idle_timeout=30)
     assert info.value.topic == "orders"
-    assert "wait_for_topic=True" in str(info.value)
+    assert "pass wait_for_topic=True to wait" in str(info.value)
     # Nothing was declared in place of the missing topic.
     assert not source.backend.has_topic("orders")
 
@@ -323,7 +328,8 @@ def test_cli_bridge_rejects_missing_source_topic(tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1
     assert "source topic 'orders' does not exist" in err.decode()
-    assert "--wait-for-topic" in err.decode()
+    assert "rerun mqs bridge with --wait-for-topic to wait" in err.decode()
+    assert "wait_for_topic" not in err.decode()
     assert "Traceback" not in err.decode()
 
 
@@ -412,3 +418,21 @@ def test_cli_bridge_lost_redis_names_flag(redis_server_factory, tmp_path):
     assert elapsed < 20
     # One series of retries: closing the consumer did not retry again.
     assert error.count("retry 1 in") == 1, error
+
+
+def test_cli_bridge_retry_timeout_defaults_documented():
+    from mqs.broker._redis import DEFAULT_RETRY_TIMEOUT_S
+    from mqs.cli_broker import RETRY_TIMEOUT_S
+
+    process = _bridge_process("--help")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err.decode()
+    help_text = " ".join(out.decode().split())
+    assert (f"default: {RETRY_TIMEOUT_S:g} at start-up, "
+            f"{DEFAULT_RETRY_TIMEOUT_S:g} while running") in help_text
+    readme_path = os.path.join(os.path.dirname(__file__), os.pardir,
+                               "README.md")
+    with open(readme_path, encoding="utf-8") as readme_file:
+        readme = " ".join(readme_file.read().split())
+    assert (f"the bridge retries for {RETRY_TIMEOUT_S:g} s at start-up "
+            f"and for {DEFAULT_RETRY_TIMEOUT_S:g} s while running") in readme

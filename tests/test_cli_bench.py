@@ -748,6 +748,29 @@ def test_plot_without_matplotlib_exits_two(monkeypatch, capsys, tmp_path):
     assert captured.out == ""
 
 
+def test_plot_rejects_suffix_matplotlib_cannot_write(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "charts.txt"
+    process = run_mqs("bench", "--case", "pair", "--plot", str(path))
+    assert process.returncode == 2
+    assert (f"argument --plot: {str(path)!r} has suffix '.txt', but the "
+            f"suffix names the image format") in process.stderr
+    assert "such as .png, .svg or .pdf" in process.stderr
+    # Rejected before the run, so nothing was measured or written.
+    assert process.stdout == ""
+    assert not path.exists()
+
+
+def test_plot_writes_format_of_suffix(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "charts.svg"
+    process = run_mqs("bench", "--case", "pair", "--count", "2000",
+                      "--repeat", "1", "--plot", str(path))
+    assert process.returncode == 0, process.stderr
+    assert path.read_bytes().lstrip().startswith(b"<?xml")
+    assert b"<svg" in path.read_bytes()
+
+
 def test_quick_and_full_are_exclusive():
     process = run_mqs("bench", "--quick", "--full")
     assert process.returncode == 2

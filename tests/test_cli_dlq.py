@@ -577,6 +577,22 @@ def test_dlq_redis_undecodable_key_and_headers(redis_broker, app_module):
     assert json.loads(redrive.stdout) == {"topic": "orders", "redriven": 1}
 
 
+def test_dlq_redis_list_without_pickle_names_option(redis_broker):
+    url, namespace = redis_broker
+    listed = run_mqs("dlq", "list", "orders", "--url", url, "-o",
+                     f"namespace={namespace}", "--json")
+    assert listed.returncode == 0, listed.stderr
+    letters = json.loads(listed.stdout)
+    assert len(letters) == 2
+    # Without the option the bodies stay pickled bytes.
+    assert letters[0]["body"] != {"n": 0}
+    warnings = [line for line in listed.stderr.splitlines()
+                if "has a pickled body" in line]
+    assert len(warnings) == 2
+    assert "rerun with -o serializer=pickle to unpickle it" in warnings[0]
+    assert "serializer='pickle'" not in listed.stderr
+
+
 def test_dlq_redis_unknown_topic_is_one_line_error(redis_broker):
     result = run_mqs("dlq", "list", "nope", *redis_args(redis_broker))
     assert_one_line_error(result, "topic 'nope' not found in redis broker")
@@ -587,7 +603,8 @@ def test_dlq_bad_backend_option_is_one_line_error(redis_broker):
     result = run_mqs("dlq", "list", "orders", "--url", url,
                      "-o", "colour=blue")
     assert_one_line_error(result, "cannot open the redis broker")
-    assert "colour" in result.stderr
+    assert "unexpected keyword argument 'colour'" in result.stderr
+    assert "see help(mqs.Broker)" in result.stderr
     result = run_mqs("dlq", "list", "orders", "--url", url,
                      "-o", "url=redis://elsewhere")
     assert_one_line_error(result, "give the url with --url")

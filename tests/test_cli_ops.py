@@ -502,10 +502,12 @@ def test_top_iterations_prints_rates(queue, shm_name):
     assert result.stdout.count("mqs shared queues on this machine") == 2
 
 
-def test_top_rejects_negative_interval():
-    result = run_mqs("top", "--interval", "-1")
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "7200", "x"])
+def test_top_interval_rejects_bad_value(value):
+    result = run_mqs("top", "--interval", value)
     assert result.returncode == 2
-    assert "must be a finite number of at least 0" in result.stderr
+    assert f"invalid interval {value!r}; give seconds above 0" \
+        in result.stderr
 
 
 # ------------------------------------------------------------------- dump
@@ -518,7 +520,18 @@ def test_dump_lists_segments_and_verifies(log_dir):
     assert len(segments) >= 2
     for name in segments:
         assert name in result.stdout
-    assert "300 records verified, 0 damaged" in result.stdout
+    assert "offsets 0 to 299: 300 records verified, 0 damaged" \
+        in result.stdout
+
+
+def test_dump_empty_log_says_no_records(tmp_path):
+    path = tmp_path / "empty"
+    with mqs.SegmentLog(path, segment_bytes=8192, fsync="never"):
+        pass
+    result = run_mqs("dump", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "no records (next offset 0): 0 records verified, 0 damaged" \
+        in result.stdout
 
 
 def test_dump_records_prints_each_record(log_dir):

@@ -1,6 +1,7 @@
 """Tests of stats(), latency sampling and the metrics registry."""
 
 import glob
+import logging
 import multiprocessing
 import os
 import pickle
@@ -399,6 +400,41 @@ def test_register_broker_exports_topic_stats():
     assert not [s for s in samples if s.labels.get("topic") == "gone"]
     handle.remove()
     consumer.close(drain=False)
+    broker.close()
+
+
+def test_register_broker_warns_once_per_missing_topic(caplog):
+    registry = metrics.MetricsRegistry()
+    broker = mqs.Broker()
+    handle = metrics.register_broker(broker, ["nosuch"], "shop",
+                                     registry=registry)
+    def broker_samples():
+        # collect also returns the queues of this process.
+        return [sample for sample in registry.collect(scan_shared=False)
+                if sample.labels.get("broker") == "shop"]
+
+    with caplog.at_level(logging.DEBUG, logger="mqs.metrics"):
+        assert broker_samples() == []
+        assert broker_samples() == []
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "topic 'nosuch' not found" in warnings[0].getMessage()
+    assert "broker.topics()" in warnings[0].getMessage()
+
+    # Declared later, the topic is exported without a restart.
+    broker.declare_topic("nosuch")
+    samples = broker_samples()
+    assert samples != []
+    assert {s.labels.get("topic") for s in samples} == {"nosuch"}
+    handle.remove()
+    broker.close()
+
+
+def test_register_broker_rejects_bare_topic_name():
+    broker = mqs.Broker()
+    with pytest.raises(TypeError, match=r"pass \['orders'\] for one topic"):
+        metrics.register_broker(broker, "orders",
+                                registry=metrics.MetricsRegistry())
     broker.close()
 
 

@@ -375,6 +375,20 @@ def test_queue_maxsize_reads_back_constructor_value():
     assert mqs.Queue().maxsize == 0
 
 
+@pytest.mark.parametrize("maxsize", [-1, -100])
+def test_queue_nonpositive_maxsize_reads_back_as_stdlib(maxsize):
+    q = mqs.Queue(maxsize)
+    assert q.maxsize == queue.Queue(maxsize).maxsize == maxsize
+    q.maxsize = 1
+    assert q.maxsize == 1
+    q.maxsize = maxsize
+    assert q.maxsize == maxsize
+    # Still unbounded.
+    for i in range(2000):
+        q.put_nowait(i)
+    assert not q.full()
+
+
 def test_queue_maxsize_raise_unblocks_waiting_producer():
     q = mqs.Queue(maxsize=1)
     q.put("a")

@@ -297,8 +297,8 @@ class QueueMachine(CommonRules):
 
     @invariant()
     def maxsize_matches(self):
-        # mqs reads a maxsize of 0 or less back as 0; both mean unbounded.
-        assert self.q.maxsize == max(self.reference.maxsize, 0)
+        # As in queue.Queue, a maxsize of 0 or less reads back as given.
+        assert self.q.maxsize == self.reference.maxsize
 
 
 class SimpleQueueMachine(CommonRules):

@@ -793,6 +793,18 @@ def test_serializer_error_raises_in_put_and_queue_keeps_working(make_queue):
     assert q.get(timeout=5) == b"after"
 
 
+def test_serializer_returning_str_raises_in_put(make_queue):
+    # json.dumps returns str, so the json module is not a serializer.
+    q = make_queue(capacity_bytes=PAGE, serializer=json)
+    with pytest.raises(TypeError, match=r"serializer.dumps\(\) must return "
+                                        r"bytes, but <module 'json'.* "
+                                        r"returned str '\{\"a\": 1\}'"):
+        q.put({"a": 1})
+    assert q.qsize() == 0
+    q.put(b"after")
+    assert q.get(timeout=5) == b"after"
+
+
 def test_unpicklable_object_raises_in_put_and_queue_keeps_working(
         make_queue):
     q = make_queue(capacity_bytes=PAGE)

@@ -832,6 +832,9 @@ cdef class Queue:
     cdef mqs_waitword_t _not_full
     cdef mqs_waitword_t _all_done
     cdef int64_t _maxsize
+    # `maxsize` as given: queue.Queue reads a bound of 0 or less back
+    # unchanged, while `_maxsize` stores 0 for it.
+    cdef object _maxsize_given
     cdef int64_t _unfinished
     cdef bint _shutdown
     # Delayed items wait in a timing wheel, created on the first delayed
@@ -884,12 +887,14 @@ cdef class Queue:
                 f"maxsize must be at most 2**63 - 1, got {maxsize!r}; pass 0 "
                 f"for an unbounded queue")
         self._maxsize = maxsize if maxsize > 0 else 0
+        self._maxsize_given = maxsize
         return 0
 
     @property
     def maxsize(self):
-        """Bound on queued items; 0 means unbounded. Writable."""
-        return self._maxsize
+        """Bound on queued items as given; 0 or less means unbounded.
+        Writable."""
+        return self._maxsize_given
 
     @maxsize.setter
     def maxsize(self, value):

@@ -378,6 +378,9 @@ cdef class SharedQueue:
         Object with ``dumps(obj) -> bytes`` and ``loads(bytes) -> obj`` for
         non-bytes messages; default pickle protocol 5 with out-of-band
         buffers (NumPy arrays travel without an extra pickle copy).
+        ``dumps`` must return a bytes-like object, so the `json` module
+        does not fit as is (its ``dumps`` returns str); `put` raises
+        TypeError when it gets anything else.
     wait_strategy : {"block", "spin", "yield"}
         How blocked calls wait: spin briefly then sleep on a futex
         (default), spin without sleeping, or yield the CPU in a loop.
@@ -1355,7 +1358,17 @@ cdef class SharedQueue:
                     if (<memoryview>obj).c_contiguous else obj.tobytes()]
         if self._serializer is not None:
             data = self._serializer.dumps(obj)
-            return [TYPE_CUSTOM, memoryview(data).cast("B")]
+            try:
+                view = memoryview(data)
+            except TypeError:
+                # Checked here, not at construction: calling dumps() on a
+                # sample object could fail or have side effects.
+                raise TypeError(
+                    f"serializer.dumps() must return bytes, but "
+                    f"{self._serializer!r} returned "
+                    f"{type(data).__name__} {data!r:.80}; wrap it to "
+                    f"encode the result (for text, .encode())") from None
+            return [TYPE_CUSTOM, view.cast("B")]
         buffers = []
         stream = pickle.dumps(obj, protocol=5,
                               buffer_callback=buffers.append)
@@ -1428,7 +1441,8 @@ cdef class SharedQueue:
             `at` are given, or the queue has no delayed area
             (``delayed_capacity_bytes=0``).
         TypeError
-            If `delay` or `at` has the wrong type.
+            If `delay` or `at` has the wrong type, or the serializer's
+            ``dumps`` returned something other than a bytes-like object.
 
         Notes
         -----

@@ -1,17 +1,20 @@
 """Render the charts of a `mqs bench` report with matplotlib.
 
 `render(report, path)` takes the dict that ``mqs bench --json`` writes
-and saves one PNG with up to four panels: throughput by payload size
-(the payload sweep), fixed-rate latency percentiles, and the Disruptor
-shapes over threads and over processes. A panel whose section did not
-run is left out. matplotlib is an optional dependency (the ``bench``
-extra); `missing_reason` says whether it can be imported.
+and saves one image (PNG, SVG, PDF or another format that matplotlib
+writes, named by the suffix of the path) with up to four panels:
+throughput by payload size (the payload sweep), fixed-rate latency
+percentiles, and the Disruptor shapes over threads and over
+processes. A panel whose section did not run is left out. matplotlib is
+an optional dependency (the ``bench`` extra); `missing_reason` says
+whether it can be imported.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 from mqs import bench_latency, bench_shapes
 
@@ -24,14 +27,35 @@ def missing_reason() -> str | None:
     return None
 
 
+def path_error(path: str) -> str | None:
+    """Return why matplotlib cannot write charts to `path`, judged by
+    its suffix, or None if it can. Needs matplotlib."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = os.path.splitext(path)[1]
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if suffix[1:].lower() in formats:
+        return None
+    found = f"suffix {suffix!r}" if suffix else "no suffix"
+    return (f"{path!r} has {found}, but the suffix names the image format; "
+            f"give one that matplotlib writes, such as .png, .svg or "
+            f".pdf (all: {', '.join(formats)})")
+
+
 def render(report: dict, path: str) -> None:
-    """Save the charts of `report` to `path` as PNG.
+    """Save the charts of `report` to `path`, in the image format that
+    the suffix of `path` names (see `path_error`).
 
     Raises
     ------
     ModuleNotFoundError
         If matplotlib is not installed.
+    ValueError
+        If matplotlib cannot write the format of the suffix.
     """
+    error = path_error(path)
+    if error is not None:
+        raise ValueError(error)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +91,8 @@ def render(report: dict, path: str) -> None:
         f"CPUs, Python {machine.get('python_version', '?')}, "
         f"{report.get('date_utc', '')}", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, format="png", dpi=100)
+    figure.savefig(path, format=os.path.splitext(path)[1][1:].lower(),
+                   dpi=100)
     plt.close(figure)
 
 

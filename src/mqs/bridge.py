@@ -38,6 +38,9 @@ __all__ = ["Endpoint", "forward", "open_endpoint", "parse_endpoint",
 logger = logging.getLogger(__name__)
 
 SOURCE_HEADER = "mqs.bridge.source"
+# The fix that a missing source topic's error names; `mqs bridge`
+# replaces it with its --wait-for-topic option.
+WAIT_HINT = "pass wait_for_topic=True to wait until a producer declares it"
 # Seconds between checks for the source topic under wait_for_topic.
 _TOPIC_POLL_S = 0.2
 
@@ -233,9 +236,8 @@ def _source_topic_ready(source: Broker, topic: str, wait: bool,
     if not wait:
         raise UnknownTopic(
             f"source topic {topic!r} does not exist on the source broker; "
-            f"check the name, declare the topic first, or pass "
-            f"wait_for_topic=True (mqs bridge --wait-for-topic) to wait "
-            f"until a producer declares it", topic)
+            f"check the name, declare the topic first, or "
+            f"{WAIT_HINT}", topic)
     logger.info("bridge: waiting for source topic %s to be declared", topic)
     started = time.monotonic()
     while not source.backend.has_topic(topic):

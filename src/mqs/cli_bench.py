@@ -196,9 +196,10 @@ def add_parser(subparsers) -> None:
         help="also write the machine, Python version, build flags and "
              "every result to PATH as JSON")
     parser.add_argument(
-        "--plot", metavar="PATH.png", dest="plot_path",
+        "--plot", metavar="PATH", dest="plot_path",
         help="also render charts (throughput by payload size, latency "
-             "percentiles, shapes) to PATH.png; needs matplotlib "
+             "percentiles, shapes) to PATH, in the format its suffix "
+             "names (.png, .svg, .pdf, ...); needs matplotlib "
              "(pip install 'mqs[bench]')")
     parser.set_defaults(handler=lambda args: _run_bench(args, parser))
 
@@ -234,6 +235,10 @@ def _run_bench(args: argparse.Namespace,
         missing = bench_plot.missing_reason()
         if missing is not None:
             parser.error(f"argument --plot: {missing}")
+        # Checked before the run, which takes minutes.
+        path_error = bench_plot.path_error(args.plot_path)
+        if path_error is not None:
+            parser.error(f"argument --plot: {path_error}")
 
     console = _make_console()
     machine = bench.machine_info()

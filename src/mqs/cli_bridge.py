@@ -113,8 +113,11 @@ def _run_bridge(args: argparse.Namespace) -> int:
             TypeError) as exc:
         # A redis destination names the Python fix for a body it cannot
         # store, but on the command line the fix is --pickle.
+        # The same holds for a missing source topic and --wait-for-topic.
         message = (str(exc) or type(exc).__name__).replace(
-            PICKLE_HINT, "rerun mqs bridge with --pickle")
+            PICKLE_HINT, "rerun mqs bridge with --pickle").replace(
+            bridge.WAIT_HINT, "rerun mqs bridge with --wait-for-topic to "
+                              "wait until a producer declares it")
         # --retry-timeout sets the retries while the brokers open and
         # while they run, so it is the fix for either error.
         message = name_retry_option(message)

@@ -104,11 +104,17 @@ def broker_not_found(target: str) -> CommandError:
                 f"{target!r} is not a log broker directory (it has no "
                 f"CURRENT file); give the directory of a "
                 f"Broker(backend='log', path=...)")
-        return CommandError(f"log broker directory {target!r} not found")
+        return CommandError(_log_dir_not_found(target))
     return CommandError(
         f"no shm broker named {target!r} (no {_journal_path(target)}) and "
         f"no log broker directory {target!r}; check the name, or give the "
         f"broker with --shm NAME, --path LOGDIR or --url URL")
+
+
+def _log_dir_not_found(path: str) -> str:
+    return (f"log broker directory {path!r} not found; check the path, or "
+            f"create the broker first by opening "
+            f"mqs.Broker(backend='log', path={path!r})")
 
 
 def check_log_dir(path: str) -> None:
@@ -117,7 +123,7 @@ def check_log_dir(path: str) -> None:
     from mqs.broker._log import CURRENT
 
     if not os.path.exists(path):
-        raise CommandError(f"log broker directory {path!r} not found")
+        raise CommandError(_log_dir_not_found(path))
     if not os.path.isdir(path):
         raise CommandError(f"{path!r} is not a directory; give the path "
                            f"of a log broker (Broker(backend='log', "
@@ -137,7 +143,9 @@ def check_shm_name(name: str) -> None:
                            f"name it was opened with, without '/'")
     if not os.path.exists(_journal_path(name)):
         raise CommandError(f"shm broker {name!r} not found (no "
-                           f"{_journal_path(name)})")
+                           f"{_journal_path(name)}); check the name, or "
+                           f"create the broker first by opening "
+                           f"mqs.Broker(backend='shm', name={name!r})")
 
 
 def parse_backend_option(text: str) -> tuple[str, str]:
@@ -273,7 +281,8 @@ def _sample_topics(broker: Any) -> dict[str, Any]:
 
 
 def parse_interval(text: str) -> float:
-    """Parse the seconds of ``mqs stat --interval``."""
+    """Parse the seconds of ``mqs stat --interval`` and
+    ``mqs top --interval``."""
     try:
         seconds = float(text)
     except ValueError:

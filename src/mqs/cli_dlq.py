@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -197,11 +198,31 @@ def _open_broker(args: argparse.Namespace) -> Any:
 # ------------------------------------------------------------------- list
 
 
+class _NameSerializerOption(logging.Filter):
+    """Rewrite the redis backend's warning about a pickled body so that
+    it names the -o option of mqs dlq instead of the Python keyword."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from mqs.broker._redis import PICKLED_BODY_WARNING
+
+        if record.msg == PICKLED_BODY_WARNING:
+            record.msg = (
+                "message %s has a pickled body, but mqs dlq opened the "
+                "broker without serializer=pickle, so it shows the raw "
+                "bytes; rerun with -o serializer=pickle to unpickle it "
+                "(only if every client of the server is trusted)")
+        return True
+
+
 def _run_list(args: argparse.Namespace) -> int:
     broker = _open_broker(args)
+    redis_logger = logging.getLogger("mqs.broker._redis")
+    name_option = _NameSerializerOption()
+    redis_logger.addFilter(name_option)
     try:
         letters = broker.dlq_list(args.topic, args.limit)
     finally:
+        redis_logger.removeFilter(name_option)
         broker.close()
     if args.json:
         print(json.dumps([_letter_dict(letter) for letter in letters],

@@ -394,6 +394,8 @@ def _format_value(value: Any) -> str:
 
 
 def _add_top_parser(subparsers: Any) -> None:
+    from mqs.cli_broker import parse_interval
+
     parser = subparsers.add_parser(
         "top", help="live view of every shared queue on this machine",
         description="Show every named shared queue of this machine "
@@ -402,9 +404,11 @@ def _add_top_parser(subparsers: Any) -> None:
                     "previous refresh. Queues are read through a "
                     "read-only mapping and are not disturbed. Stop with "
                     "Ctrl-C.")
-    parser.add_argument("--interval", type=_non_negative_float, default=1.0,
+    # Above 0, because an interval of 0 redraws the table in a busy loop.
+    parser.add_argument("--interval", type=parse_interval, default=1.0,
                         metavar="SECONDS",
-                        help="seconds between refreshes (default: 1)")
+                        help="seconds between refreshes, above 0 and at "
+                             "most 3600 (default: 1)")
     parser.add_argument("--once", action="store_true",
                         help="print one table and exit (no rates)")
     parser.add_argument("--iterations", type=_positive_int, metavar="N",
@@ -532,9 +536,15 @@ def _run_dump(args: argparse.Namespace) -> int:
         console.print(table)
         for line in records:
             console.print(line, soft_wrap=True)
-        console.print(f"offsets {stats.start_offset:,} to "
-                      f"{stats.end_offset:,}: {verified_total:,} records "
-                      f"verified, {damaged_total:,} damaged")
+        # The end offset is the next one to be written, so the last
+        # record has end_offset - 1.
+        if stats.end_offset > stats.start_offset:
+            span = (f"offsets {stats.start_offset:,} to "
+                    f"{stats.end_offset - 1:,}")
+        else:
+            span = f"no records (next offset {stats.end_offset:,})"
+        console.print(f"{span}: {verified_total:,} records verified, "
+                      f"{damaged_total:,} damaged")
     finally:
         log.close()
     if damaged_total:
@@ -657,11 +667,43 @@ def _add_clean_parser(subparsers: Any) -> None:
                     "before it is removed (unless other processes still "
                     "have the broker open). Journals of earlier "
                     "directories at PATH (removed, emptied or replaced "
-                    "since) are removed, and PATH may no longer exist.")
+                    "since) are removed, and PATH may no longer exist. "
+                    "Shm brokers are not cleaned: they live only in "
+                    "/dev/shm, so removing one loses its messages "
+                    "(mqs.Broker.unlink(NAME) does that).")
     parser.add_argument("path", metavar="PATH",
                         help="log broker directory, or the path of one "
                              "that was removed")
     parser.set_defaults(handler=_handler("clean", _run_clean))
+
+
+def _check_clean_path(path: str) -> str | None:
+    """Return the directory kind at `path`, or raise CommandError if
+    `mqs clean` has nothing it may clean there."""
+    from mqs.broker._log_shared import journal_files
+    from mqs.broker._shm import _journal_path
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CommandError(
+            f"{path!r} is not a directory; give a log broker directory, or "
+            f"the path of one that was removed")
+    kind = directory_kind(path)
+    if kind not in (None, LOG_BROKER):
+        raise CommandError(
+            f"{path!r} is a {kind} directory, not a log broker; mqs clean "
+            f"only removes the /dev/shm journals of log brokers")
+    if os.path.exists(path) or journal_files(path):
+        return kind
+    if "/" not in path and os.path.exists(_journal_path(path)):
+        raise CommandError(
+            f"{path!r} is an shm broker ({_journal_path(path)}), not a log "
+            f"broker directory; mqs clean only removes the journals of log "
+            f"brokers. An shm broker exists only in /dev/shm, so removing "
+            f"it loses its messages: call mqs.Broker.unlink({path!r}) if "
+            f"that is what you want")
+    raise CommandError(
+        f"log broker directory {path!r} not found, and no journal of one "
+        f"is in /dev/shm; check the path")
 
 
 def _run_clean(args: argparse.Namespace) -> int:
@@ -673,26 +715,25 @@ def _run_clean(args: argparse.Namespace) -> int:
 
     console = _console()
     path = args.path
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise CommandError(
-            f"{path!r} is not a directory; give a log broker directory, or "
-            f"the path of one that was removed")
-    kind = directory_kind(path)
-    if kind not in (None, LOG_BROKER):
-        raise CommandError(
-            f"{path!r} is a {kind} directory, not a log broker; mqs clean "
-            f"only removes the /dev/shm journals of log brokers")
+    kind = _check_clean_path(path)
+    before = set(journal_files(path))
     if kind == LOG_BROKER:
         # The last process to close the broker snapshots the journal
         # into the log and removes it.
         Broker(backend="log", path=path).close()
-    removed = remove_stale_journals(path)
+    stale = remove_stale_journals(path)
     left = sorted(journal_files(path))
-    console.print(f"{escape(path)}: removed {len(removed)} journal(s) of "
-                  f"earlier directories; {len(left)} journal(s) in use by "
-                  f"open brokers stay" + "".join(
-                      f"\n  /dev/shm/mqs.broker.{escape(name)}"
-                      for name in left))
+    moved = sorted(before - set(left) - set(stale))
+    lines = [f"{escape(path)}: removed {len(moved)} journal(s) of this "
+             f"broker (moved into its log first) and {len(stale)} of "
+             f"earlier directories at this path; {len(left)} in use by "
+             f"open brokers stay"]
+    for label, names in (("moved into the log and removed", moved),
+                         ("removed (earlier directory)", sorted(stale)),
+                         ("in use, kept", left)):
+        lines += [f"  {label}: /dev/shm/mqs.broker.{escape(name)}*"
+                  for name in names]
+    console.print("\n".join(lines), soft_wrap=True)
     return EXIT_OK
 
 

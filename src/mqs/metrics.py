@@ -960,29 +960,53 @@ def group_samples(groups: Iterable[Any], broker: str) -> Iterator[Sample]:
                              summary)
 
 
+def _log_missing_topic(name: str, topic: str, exc: LookupError,
+                       known_before: bool) -> None:
+    if known_before:
+        logger.debug("broker %s: skipping topic %r: %s", name, topic, exc)
+        return
+    logger.warning(
+        "broker %s: topic %r not found, so no metrics are exported for "
+        "it until it is declared; check the name passed to "
+        "register_broker against broker.topics(): %s", name, topic, exc)
+
+
 def register_broker(broker: Any, topics: Iterable[str], name: str = "default",
                     registry: MetricsRegistry | None = None
                     ) -> CollectorHandle:
     """Export the stats of `topics` of `broker` on every scrape.
 
-    Uses the registry's collector hook. A topic deleted later is
-    skipped (and logged at DEBUG) until it is declared again. The
-    per-group metrics (lag, error ratio, latency histograms) come from
-    `Broker.group_stats`; a backend without it exports the topic
-    metrics only (logged at DEBUG once).
+    Uses the registry's collector hook. A topic need not exist yet at
+    registration, because publishing may declare it later: until it
+    exists, scrapes skip it, and the first such scrape logs a WARNING
+    naming the topic, so a misspelt name does not go unnoticed. A topic
+    deleted after it was exported is skipped (and logged at DEBUG) until
+    it is declared again. The per-group metrics (lag, error ratio,
+    latency histograms) come from `Broker.group_stats`; a backend
+    without it exports the topic metrics only (logged at DEBUG once).
     Returns the handle whose ``remove()`` stops the export.
+
+    Raises TypeError if `topics` is a single str rather than an iterable
+    of topic names.
     """
+    if isinstance(topics, str):
+        raise TypeError(
+            f"topics must be an iterable of topic names, got str "
+            f"{topics!r}; pass [{topics!r}] for one topic")
     topics = list(topics)
     without_groups: list[bool] = []
+    # Topics exported at least once, or already warned about as missing.
+    known: set[str] = set()
 
     def collect() -> Iterator[Sample]:
         for topic in topics:
             try:
                 stats = broker.stats(topic)
             except LookupError as exc:
-                logger.debug("broker %s: skipping topic %r: %s", name,
-                             topic, exc)
+                _log_missing_topic(name, topic, exc, topic in known)
+                known.add(topic)
                 continue
+            known.add(topic)
             yield from topic_samples(stats, topic, name)
             if without_groups:
                 continue

@@ -344,6 +344,18 @@ def test_ack_many_rejects_other_consumers_message(broker):
     assert message.ack()
 
 
+def test_ack_many_rejects_non_message(broker):
+    broker.publish("t", "a")
+    consumer = broker.consume("t", "g")
+    message = consumer.get(timeout=0)
+    with pytest.raises(TypeError, match="ack_many takes Message objects "
+                                        "received from this consumer, "
+                                        "got int 1"):
+        consumer.ack_many([message, 1, 2])
+    assert consumer.in_flight == 1
+    assert consumer.ack_many([message]) == 1
+
+
 def test_extend_pushes_deadline(broker):
     broker.publish("t", "job")
     consumer = broker.consume("t", "g", ack_timeout=0.1)
@@ -562,6 +574,9 @@ def test_dlq_redrive_rejects_bare_id(broker):
         broker.dlq_redrive("t", letters[0].id + letters[1].id)
     with pytest.raises(TypeError, match="dead-letter ids must be str"):
         broker.dlq_redrive("t", [1])
+    with pytest.raises(TypeError, match=r"iterable of dead-letter ids, "
+                                        r"got int 5; pass a list"):
+        broker.dlq_redrive("t", 5)
     assert len(broker.dlq_list("t")) == 2
     assert broker.dlq_redrive("t", []) == 0
     assert broker.dlq_redrive("t", (letter.id for letter in letters)) == 2
@@ -1634,8 +1649,17 @@ def test_unknown_backend_names_choices():
 ])
 def test_backend_options_checked(backend, options, match):
     with pytest.raises(TypeError, match=(
-            rf"invalid options for backend='{backend}': .*{match}")):
+            rf"invalid options for backend='{backend}': .*{match}; see "
+            rf"help\(mqs.Broker\)")):
         mqs.Broker(backend=backend, **options)
+
+
+def test_redis_backend_options_checked(redis_url):
+    pytest.importorskip("redis")
+    with pytest.raises(TypeError, match=(
+            r"invalid options for backend='redis': got an unexpected "
+            r"keyword argument 'nope'; see help\(mqs.Broker\)")):
+        mqs.Broker(backend="redis", url=redis_url, nope=1)
 
 
 def test_delay_and_at_together_rejected(broker):

@@ -5,6 +5,11 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+import mqs
+from mqs import metrics
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -60,3 +65,39 @@ def test_readme_broker_example_runs():
         "fulfil {'id': 2, 'item': 'cake'}",
         "2 []",
     ]
+
+
+def readme_text():
+    """Return the README with its line breaks folded into spaces."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    return " ".join(readme.split())
+
+
+def test_readme_sample_every_names_backends(tmp_path):
+    readme = readme_text()
+    assert ("The memory, log and redis backends take "
+            "`Broker(..., sample_every=n)`") in readme
+    assert "The shm backend rejects it" in readme
+
+    # The redis backend takes it too; its suite needs a server.
+    for backend, options in (("memory", {}),
+                             ("log", {"path": tmp_path / "log"})):
+        with mqs.Broker(backend, sample_every=3, **options) as broker:
+            broker.declare_topic("t")
+            broker.consume("t", "g")
+            assert broker.group_stats("t")[0].sample_every == 3
+
+    name = f"test-readme-{os.getpid()}"
+    with pytest.raises(TypeError, match="unexpected keyword argument "
+                                        "'sample_every'"):
+        mqs.Broker("shm", name=name, sample_every=3)
+    previous = metrics.default_sample_every()
+    metrics.set_default_sample_every(3)
+    try:
+        with mqs.Broker("shm", name=name) as broker:
+            broker.declare_topic("t")
+            broker.consume("t", "g")
+            assert broker.group_stats("t")[0].sample_every == 3
+    finally:
+        metrics.set_default_sample_every(previous)
+        mqs.Broker.unlink(name)

@@ -453,7 +453,13 @@ BAD_OPTIONS = [
     ({"sample_every": -5}, ValueError, "at least 1"),
     ({"sample_every": "x"}, TypeError, "sample_every must be an int"),
     ({"compact_bytes": 0}, ValueError, "compact_bytes must be"),
+    ({"compact_bytes": "64M"}, TypeError,
+     "compact_bytes must be an int, got str '64M'"),
+    ({"compact_bytes": True}, TypeError,
+     "compact_bytes must be an int, got bool True"),
     ({"fsync": "sometimes"}, ValueError, "fsync must be"),
+    ({"fsync": 1}, TypeError, r"fsync must be a str \('always', "
+                              r"'interval' or 'never'\), got int 1"),
 ]
 
 

@@ -369,10 +369,15 @@ def run_clean(path):
 def test_cli_clean_after_crash_keeps_messages(path):
     crash_publisher(path, "sigkill")
     assert journal_files(path) != []
+    name = journal_name(path)
 
     result = run_clean(path)
     assert result.returncode == 0, result.stderr
-    assert "removed 0 journal(s)" in result.stdout
+    assert "removed 1 journal(s) of this broker (moved into its log " \
+        "first) and 0 of earlier directories" in result.stdout
+    assert "0 in use by open brokers stay" in result.stdout
+    assert f"moved into the log and removed: /dev/shm/{PREFIX}{name}*" \
+        in result.stdout
     assert journal_files(path) == []
     # The journal went into the log before it was removed.
     assert stored_after_open(path) == 1
@@ -384,9 +389,47 @@ def test_cli_clean_removed_directory(path):
 
     result = run_clean(path)
     assert result.returncode == 0, result.stderr
-    assert "removed 1 journal(s)" in result.stdout
+    assert "removed 0 journal(s) of this broker (moved into its log " \
+        "first) and 1 of earlier directories" in result.stdout
+    assert "removed (earlier directory): /dev/shm/mqs.broker." \
+        in result.stdout
     assert journal_files(path) == []
     assert not os.path.exists(path)
+
+    # Nothing is left to clean at the path, and saying success would
+    # hide a mistyped path.
+    result = run_clean(path)
+    assert result.returncode == 1
+    assert f"log broker directory {str(path)!r} not found, and no " \
+        f"journal of one is in /dev/shm; check the path" in result.stderr
+
+
+def test_cli_clean_rejects_shm_broker_name(tmp_path):
+    name = f"mqs-test-clean-{os.getpid()}"
+    mqs.Broker.unlink(name)
+    mqs.Broker(backend="shm", name=name).close()
+    try:
+        # Run from an empty directory, so the name is no relative path.
+        # The child imports mqs from PYTHONPATH, so make its entries
+        # absolute.
+        python_path = os.pathsep.join(
+            os.path.abspath(entry)
+            for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if entry)
+        result = subprocess.run(
+            [sys.executable, "-m", "mqs", "clean", name], check=False,
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            env={**os.environ, "COLUMNS": "200",
+                 "PYTHONPATH": python_path})
+        assert result.returncode == 1
+        assert result.stdout == ""
+        assert f"{name!r} is an shm broker" in result.stderr
+        assert "not a log broker directory" in result.stderr
+        assert f"mqs.Broker.unlink({name!r})" in result.stderr
+        # The shm broker was left alone.
+        assert os.path.exists(f"/dev/shm/mqs.broker.{name}")
+    finally:
+        mqs.Broker.unlink(name)
 
 
 def test_cli_clean_keeps_journal_in_use(path):
@@ -394,7 +437,8 @@ def test_cli_clean_keeps_journal_in_use(path):
     try:
         result = run_clean(path)
         assert result.returncode == 0, result.stderr
-        assert "1 journal(s) in use" in result.stdout
+        assert "1 in use by open brokers stay" in result.stdout
+        assert "in use, kept: /dev/shm/mqs.broker." in result.stdout
         assert journal_name(path) in result.stdout
         assert journal_files(path) != []
     finally:
@@ -428,7 +472,8 @@ def test_cli_clean_after_crashed_first_open(path):
 
     result = run_clean(path)
     assert result.returncode == 0, result.stderr
-    assert "0 journal(s) in use" in result.stdout
+    assert "removed 1 journal(s) of this broker" in result.stdout
+    assert "0 in use by open brokers stay" in result.stdout
     assert journal_files(path) == []
 
 

@@ -80,7 +80,22 @@ def _redis_backend(**options: Any) -> Backend:
     # Imported on use: redis-py is needed only by this backend.
     from mqs.broker._redis import RedisBackend
 
+    # The lambda in BACKENDS takes any keyword, so `Broker.__init__`
+    # cannot check the options against it; check them here instead.
+    _check_backend_options("redis", RedisBackend, options)
     return RedisBackend(**options)
+
+
+def _check_backend_options(backend: str, factory: Callable[..., Any],
+                           options: dict[str, Any]) -> None:
+    """Raise TypeError naming the backend if `factory` cannot take
+    `options`, before anything is opened."""
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError as exc:
+        raise TypeError(
+            f"invalid options for backend={backend!r}: {exc}; see "
+            f"help(mqs.Broker) for the options of each backend") from None
 
 
 
@@ -414,6 +429,8 @@ class Consumer:
 
         Raises
         ------
+        TypeError
+            If an item is not a `Message`.
         ValueError
             If a message came from another consumer or appears twice.
         AlreadySettled
@@ -426,6 +443,10 @@ class Consumer:
         batch = list(messages)
         seen = set()
         for message in batch:
+            if not isinstance(message, Message):
+                raise TypeError(
+                    f"ack_many takes Message objects received from this "
+                    f"consumer, got {type(message).__name__} {message!r}")
             message._check_attached("ack")
             if message._consumer is not self:
                 raise ValueError(
@@ -1060,13 +1081,7 @@ class Broker:
             self._backend = backend
         elif backend in BACKENDS:
             factory = BACKENDS[backend]
-            try:
-                inspect.signature(factory).bind(**options)
-            except TypeError as exc:
-                raise TypeError(
-                    f"invalid options for backend={backend!r}: {exc}; see "
-                    f"help(mqs.Broker) for the options of each backend"
-                ) from None
+            _check_backend_options(backend, factory, options)
             self._backend = factory(**options)
         else:
             raise BackendUnavailable(
@@ -1576,6 +1591,11 @@ class Broker:
             raise TypeError(
                 f"ids must be an iterable of dead-letter ids, got "
                 f"{type(ids).__name__} {ids!r}; pass [{ids!r}] for one id")
+        if not isinstance(ids, Iterable):
+            raise TypeError(
+                f"ids must be an iterable of dead-letter ids, got "
+                f"{type(ids).__name__} {ids!r}; pass a list of "
+                f"DeadLetter.id strings, or None for every dead letter")
         id_list = list(ids)
         for message_id in id_list:
             if not isinstance(message_id, str):

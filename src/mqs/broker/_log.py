@@ -877,13 +877,21 @@ def _check_log_options(path: Any, fsync: Any, fsync_interval_s: Any,
     if os.fspath(path) == "":
         raise ValueError("path must name the log broker's directory, got "
                          "''; pass a directory such as 'broker-data'")
+    if not isinstance(fsync, str):
+        raise TypeError(
+            f"fsync must be a str ('always', 'interval' or 'never'), got "
+            f"{type(fsync).__name__} {fsync!r}")
     if fsync not in FSYNC_MODES:
         raise ValueError(
             f"fsync must be 'always', 'interval' or 'never', got "
             f"{fsync!r}")
     check_options(segment_bytes, fsync, fsync_interval_s)
     if isinstance(compact_bytes, bool) or not isinstance(
-            compact_bytes, int) or compact_bytes < 1:
+            compact_bytes, int):
+        raise TypeError(
+            f"compact_bytes must be an int, got "
+            f"{type(compact_bytes).__name__} {compact_bytes!r}")
+    if compact_bytes < 1:
         raise ValueError(
             f"compact_bytes must be an int of 1 or more, got "
             f"{compact_bytes!r}")

@@ -174,6 +174,13 @@ _reply_timeout: contextvars.ContextVar[float | None] = \
 # name of its command-line option.
 PICKLE_HINT = "pass serializer='pickle' to the Broker"
 
+# The warning logged for each pickled body read without
+# serializer='pickle' (argument: the message id). `mqs dlq list` adds the
+# name of its -o option to it.
+PICKLED_BODY_WARNING = (
+    "message %s has a pickled body, but this broker was opened without "
+    "serializer='pickle': delivering the raw bytes")
+
 
 def _load_script() -> str:
     return importlib.resources.files("mqs.broker").joinpath(
@@ -799,10 +806,7 @@ class RedisBackend(Backend):
         if encoding == _PICKLE:
             if self._pickle:
                 return pickle.loads(body)
-            logger.warning(
-                "message %s has a pickled body, but this broker was opened "
-                "without serializer='pickle': delivering the raw bytes",
-                message_id)
+            logger.warning(PICKLED_BODY_WARNING, message_id)
         return body
 
     def _decode_headers(self, fields: dict) -> dict[str, Any]:
