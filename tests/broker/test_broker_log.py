@@ -466,6 +466,7 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize("options, error, match", BAD_OPTIONS + [
     ({"sync_acks": "yes"}, TypeError, "sync_acks must be True or False"),
     ({"journal_bytes": 5}, ValueError, "journal_bytes must be"),
+    ({"journal_bytes": "1M"}, TypeError, "journal_bytes must be an int"),
 ])
 def test_log_bad_option_creates_nothing(tmp_path, options, error, match):
     path = tmp_path / "broker"

@@ -360,6 +360,9 @@ def test_shm_rejects_bad_name_and_journal_size(name):
         open_broker("a/b")
     with pytest.raises(TypeError, match="name must be a str"):
         open_broker(5)
+    with pytest.raises(TypeError, match="journal_bytes must be an int, "
+                                        "got str '1M'"):
+        open_broker(name, journal_bytes="1M")
     with pytest.raises(ValueError, match="journal_bytes must be a multiple"):
         open_broker(name, journal_bytes=1000)
     with pytest.raises(ValueError, match="got 4100"):

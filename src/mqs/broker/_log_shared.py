@@ -1631,9 +1631,11 @@ def _replaced_message(path: str) -> str:
 
 def _check_journal_bytes(journal_bytes: Any) -> None:
     if isinstance(journal_bytes, bool) or not isinstance(
-            journal_bytes, int) or not (
-                MIN_BYTES <= journal_bytes <= MAX_BYTES) \
-            or journal_bytes % 8:
+            journal_bytes, int):
+        raise TypeError(
+            f"journal_bytes must be an int, got "
+            f"{type(journal_bytes).__name__} {journal_bytes!r}")
+    if not MIN_BYTES <= journal_bytes <= MAX_BYTES or journal_bytes % 8:
         raise ValueError(
             f"journal_bytes must be a multiple of 8 from {MIN_BYTES} "
             f"to {MAX_BYTES}, got {journal_bytes!r}")

@@ -407,8 +407,11 @@ class ShmBackend(LogBackend):
                  journal_bytes: int = DEFAULT_JOURNAL_BYTES) -> None:
         _check_name(name)
         if isinstance(journal_bytes, bool) or not isinstance(
-                journal_bytes, int) or not (
-                    MIN_BYTES <= journal_bytes <= MAX_BYTES) \
+                journal_bytes, int):
+            raise TypeError(
+                f"journal_bytes must be an int, got "
+                f"{type(journal_bytes).__name__} {journal_bytes!r}")
+        if not MIN_BYTES <= journal_bytes <= MAX_BYTES \
                 or journal_bytes % 8:
             raise ValueError(
                 f"journal_bytes must be a multiple of 8 from {MIN_BYTES} "
