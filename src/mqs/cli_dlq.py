@@ -209,8 +209,9 @@ class _NameSerializerOption(logging.Filter):
             record.msg = (
                 "message %s has a pickled body, but mqs dlq opened the "
                 "broker without serializer=pickle, so it shows the raw "
-                "bytes; rerun with -o serializer=pickle to unpickle it "
-                "(only if every client of the server is trusted)")
+                "bytes (%d such bodies so far); rerun with -o "
+                "serializer=pickle to unpickle them (only if every client "
+                "of the server is trusted)")
         return True
 
 

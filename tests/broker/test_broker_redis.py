@@ -92,6 +92,23 @@ def test_pickled_body_is_never_unpickled_without_option(open_broker):
     assert message.ack()
 
 
+def test_raw_pickled_body_warnings_rate_limited(open_broker, caplog):
+    writer = open_broker(serializer="pickle")
+    reader = open_broker()
+    for number in range(12):
+        writer.publish("t", {"id": number})
+    consumer = reader.consume("t", "g", prefetch=12)
+    with caplog.at_level("WARNING", logger="mqs.broker._redis"):
+        messages = consumer.get_many(12, timeout=5)
+    assert len(messages) == 12
+    warnings = [record.getMessage() for record in caplog.records
+                if "has a pickled body" in record.getMessage()]
+    # The 1st and the 10th such body.
+    assert len(warnings) == 2
+    assert "(1 such bodies so far)" in warnings[0]
+    assert "(10 such bodies so far)" in warnings[1]
+
+
 def test_int_and_bytes_keys_round_trip(open_broker):
     broker = open_broker()
     broker.publish("t", b"a", key=7)

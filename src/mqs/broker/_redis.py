@@ -127,7 +127,7 @@ from mqs.broker._memory import (
     _stayed_full,
 )
 from mqs.broker._policy import Backoff, Rate, TopicConfig
-from mqs.broker._state import warn_drop_count
+from mqs.broker._state import _log_point, warn_drop_count
 from mqs.errors import (
     BackendConnectionError,
     BackendUnavailable,
@@ -174,12 +174,13 @@ _reply_timeout: contextvars.ContextVar[float | None] = \
 # name of its command-line option.
 PICKLE_HINT = "pass serializer='pickle' to the Broker"
 
-# The warning logged for each pickled body read without
-# serializer='pickle' (argument: the message id). `mqs dlq list` adds the
-# name of its -o option to it.
+# The warning logged for the 1st, 10th, 100th ... pickled body read
+# without serializer='pickle' (arguments: the message id and the count).
+# `mqs dlq list` adds the name of its -o option to it.
 PICKLED_BODY_WARNING = (
     "message %s has a pickled body, but this broker was opened without "
-    "serializer='pickle': delivering the raw bytes")
+    "serializer='pickle': delivering the raw bytes (%d such bodies so "
+    "far)")
 
 
 def _load_script() -> str:
@@ -489,6 +490,8 @@ class RedisBackend(Backend):
         self.url = _public_url(url)
         self._client = client
         self._pickle = serializer == "pickle"
+        # Pickled bodies delivered raw, for PICKLED_BODY_WARNING.
+        self._raw_pickled = 0
         self.pickles_messages = self._pickle
         self._namespace = namespace
         self._socket_timeout = socket_timeout
@@ -806,7 +809,10 @@ class RedisBackend(Backend):
         if encoding == _PICKLE:
             if self._pickle:
                 return pickle.loads(body)
-            logger.warning(PICKLED_BODY_WARNING, message_id)
+            self._raw_pickled += 1
+            if _log_point(self._raw_pickled - 1, self._raw_pickled):
+                logger.warning(PICKLED_BODY_WARNING, message_id,
+                               self._raw_pickled)
         return body
 
     def _decode_headers(self, fields: dict) -> dict[str, Any]:
