@@ -197,6 +197,7 @@ int mqs_br_format(mqs_bytering_t *ring, int64_t max_message_size,
         atomic_store_explicit(&p->view_pin, MQS_BR_NO_PIN,
                               memory_order_relaxed);
         atomic_store_explicit(&p->views, 0, memory_order_relaxed);
+        atomic_store_explicit(&p->copies, 0, memory_order_relaxed);
     }
 
     if (mqs_robust_init(&h->repair_lock.v) != MQS_OK)
@@ -410,7 +411,9 @@ static int claim_owner(const mqs_bytering_t *ring, int64_t position,
  * it owns the record at that position, and count the records it held as
  * lost: one under a get pin, `views` under a view pin (a view pin
  * without views is a take that had not completed its CAS, or a release
- * that had not cleared the pin yet). Caller holds the repair lock.
+ * that had not cleared the pin yet), and its `copies` with or without a
+ * pin. The counts are cleared here, so each is added once. Caller holds
+ * the repair lock.
  * Returns records repaired, or -1 (nothing changed) while a live
  * participant announces the same position: the dead claim may be an
  * attempt that lost the CAS to it, and padding would write over a record
@@ -425,6 +428,7 @@ static int clear_dead_participant_locked(mqs_bytering_t *ring, int slot)
                                          memory_order_acquire);
     int repaired = 0;
     int64_t lost = 0;
+    int64_t copies;
 
     if (position != MQS_BR_NO_CLAIM && state != MQS_BR_CLAIM_NONE) {
         int alive = 0;
@@ -453,6 +457,9 @@ static int clear_dead_participant_locked(mqs_bytering_t *ring, int slot)
         if (views > 0)
             lost += views;
     }
+    copies = atomic_load_explicit(&p->copies, memory_order_relaxed);
+    if (copies > 0)
+        lost += copies;
     if (lost > 0)
         atomic_fetch_add_explicit(&ring->header->counters.v.lost_records,
                                   lost, memory_order_relaxed);
@@ -463,6 +470,7 @@ static int clear_dead_participant_locked(mqs_bytering_t *ring, int slot)
     atomic_store_explicit(&p->get_pin, MQS_BR_NO_PIN, memory_order_release);
     atomic_store_explicit(&p->view_pin, MQS_BR_NO_PIN, memory_order_release);
     atomic_store_explicit(&p->views, 0, memory_order_relaxed);
+    atomic_store_explicit(&p->copies, 0, memory_order_relaxed);
     return repaired;
 }
 
@@ -504,6 +512,7 @@ void mqs_br_detach(mqs_bytering_t *ring)
     atomic_store_explicit(&p->get_pin, MQS_BR_NO_PIN, memory_order_release);
     atomic_store_explicit(&p->view_pin, MQS_BR_NO_PIN, memory_order_release);
     atomic_store_explicit(&p->views, 0, memory_order_relaxed);
+    atomic_store_explicit(&p->copies, 0, memory_order_relaxed);
     lock_byte(ring->fd, ring->slot, F_OFD_SETLK, F_UNLCK, NULL);
     ring->slot = -1;
     mqs_wait_signal(&ring->header->not_full.v, 1);
@@ -744,9 +753,11 @@ void mqs_br_unpin(mqs_bytering_t *ring, int view, int64_t position)
          * moved or cleared also sees this view released. */
         atomic_fetch_sub_explicit(&me->views, 1, memory_order_relaxed);
         atomic_store_explicit(&me->view_pin, position, memory_order_release);
-    } else
+    } else {
         atomic_store_explicit(&me->get_pin, MQS_BR_NO_PIN,
                               memory_order_release);
+        MQS_FAILPOINT("unpin_after_drop");
+    }
     mqs_wait_signal(&ring->header->not_full.v, 1);
 }
 
@@ -803,6 +814,19 @@ int mqs_br_stalled_owner(const mqs_bytering_t *ring, int group)
     return alive ? owner : -1;
 }
 
+/* Whether a participant, if dead, left something for the reaper: a
+ * claim, a pin or copies not returned to its caller. */
+static int has_leftovers(mqs_br_participant_t *p)
+{
+    return atomic_load_explicit(&p->get_pin, memory_order_acquire)
+               != MQS_BR_NO_PIN
+           || atomic_load_explicit(&p->view_pin, memory_order_acquire)
+                  != MQS_BR_NO_PIN
+           || atomic_load_explicit(&p->claim_state, memory_order_acquire)
+                  != MQS_BR_CLAIM_NONE
+           || atomic_load_explicit(&p->copies, memory_order_relaxed) != 0;
+}
+
 int mqs_br_repair(mqs_bytering_t *ring)
 {
     mqs_br_header_t *h = ring->header;
@@ -827,15 +851,9 @@ int mqs_br_repair(mqs_bytering_t *ring)
         }
     }
 
-    /* Pins and claims of every other dead participant. */
+    /* Pins, claims and copies of every other dead participant. */
     for (int i = 0; i < MQS_BR_MAX_PARTICIPANTS; i++) {
-        mqs_br_participant_t *p = participant(ring, i);
-        if (atomic_load_explicit(&p->get_pin, memory_order_acquire)
-                == MQS_BR_NO_PIN
-            && atomic_load_explicit(&p->view_pin, memory_order_acquire)
-                   == MQS_BR_NO_PIN
-            && atomic_load_explicit(&p->claim_state, memory_order_acquire)
-                   == MQS_BR_CLAIM_NONE)
+        if (!has_leftovers(participant(ring, i)))
             continue;
         if (mqs_br_participant_alive(ring, i) == 0) {
             int rc = clear_dead_participant_locked(ring, i);
@@ -851,15 +869,7 @@ int mqs_br_repair(mqs_bytering_t *ring)
 int mqs_br_settle(mqs_bytering_t *ring)
 {
     for (int i = 0; i < MQS_BR_MAX_PARTICIPANTS; i++) {
-        mqs_br_participant_t *p = participant(ring, i);
-
-        if (i == ring->slot
-            || (atomic_load_explicit(&p->claim_state, memory_order_acquire)
-                    == MQS_BR_CLAIM_NONE
-                && atomic_load_explicit(&p->get_pin, memory_order_acquire)
-                       == MQS_BR_NO_PIN
-                && atomic_load_explicit(&p->view_pin, memory_order_acquire)
-                       == MQS_BR_NO_PIN))
+        if (i == ring->slot || !has_leftovers(participant(ring, i)))
             continue;
         if (mqs_br_participant_alive(ring, i) == 0)
             return mqs_br_repair(ring);

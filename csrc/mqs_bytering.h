@@ -83,7 +83,7 @@
  * reader publish the record as padding (counted in repaired). A live but
  * slow producer is waited for. Pins of dead participants are dropped,
  * and what they held counted in lost_records: one for a get pin, the
- * participant's `views` for a view pin.
+ * participant's `views` for a view pin, plus its `copies`.
  * Repairs take the robust repair_lock and re-check under it that the
  * record is still unpublished at a group head, so two repairers never
  * write over a record that a producer placed after the first repair.
@@ -179,6 +179,13 @@ typedef struct mqs_br_participant {
      * it while it lives. An older mqs leaves it zero, so its views go
      * uncounted, as before this field. */
     _Atomic int64_t views;
+    /* Records copied out and unpinned that the owner has not returned
+     * to its caller yet: a get_many batch, or a get building its
+     * result. The owner stores it before each get pin drop, so a reaper
+     * counts these records with or without a pin. Only the owner changes
+     * it while it lives. An older mqs leaves it zero, as before this
+     * field. */
+    _Atomic int64_t copies;
 } mqs_br_participant_t;
 
 typedef struct mqs_br_counters {
@@ -344,7 +351,8 @@ int mqs_br_try_take(mqs_bytering_t *ring, int group, int view,
 int mqs_br_head_published(const mqs_bytering_t *ring, int group);
 
 /*
- * Drop the get pin (view == 0), or release one view (view == 1) and set
+ * Drop the get pin (view == 0, after mqs_br_set_copies counted the
+ * copy), or release one view (view == 1) and set
  * the view pin to `position`, the oldest view still lent (MQS_BR_NO_PIN
  * when none is), then wake waiting producers. Call it once per view.
  */
@@ -458,6 +466,24 @@ static inline mqs_br_participant_t *mqs_br_participant(mqs_bytering_t *ring,
                                                        int slot)
 {
     return &ring->header->participants[slot].v;
+}
+
+/*
+ * Consumer: store how many records this participant copied out and has
+ * not returned to its caller yet. Call it before the mqs_br_unpin that
+ * drops a copy's get pin, with that copy counted, so the pin store
+ * (release) orders it first and a reaper that sees the pin dropped also
+ * sees the copy counted. A death between the two counts the copy twice.
+ * Lower it by the records returned (to 0 for a lone caller) right
+ * before they reach the caller. A plain store, not a read-modify-write,
+ * because only the owner writes it while it lives: threads sharing one
+ * slot must keep the total under one lock (in Python, the GIL) and
+ * store that total.
+ */
+static inline void mqs_br_set_copies(mqs_bytering_t *ring, int64_t copies)
+{
+    atomic_store_explicit(&ring->header->participants[ring->slot].v.copies,
+                          copies, memory_order_relaxed);
 }
 
 #endif /* MQS_BYTERING_H */

@@ -45,6 +45,7 @@ CONFIG_CAPACITY_OFFSET = 16
 PARTICIPANTS_OFFSET = 16 * 128
 PARTICIPANT_BLOCK = 128
 PARTICIPANT_PID_OFFSET = 40
+PARTICIPANT_COPIES_OFFSET = 56
 MAX_PARTICIPANTS = 256
 LOCK_BASE = 1 << 40
 # struct flock on LP64 Linux: l_type, l_whence, l_start, l_len, l_pid.
@@ -135,6 +136,21 @@ def participant_pids(path):
         if pid:
             pids[slot] = pid
     return pids
+
+
+def participant_copies(path):
+    """Return {slot: copies} of the participant blocks whose `copies`
+    word (copied out, not yet returned) is not zero."""
+    with open(path, "rb") as file:
+        header = file.read(HEADER_BYTES)
+    copies = {}
+    for slot in range(MAX_PARTICIPANTS):
+        offset = (PARTICIPANTS_OFFSET + slot * PARTICIPANT_BLOCK
+                  + PARTICIPANT_COPIES_OFFSET)
+        count = struct.unpack_from("<q", header, offset)[0]
+        if count:
+            copies[slot] = count
+    return copies
 
 
 def slot_locked(path, slot):
@@ -1053,6 +1069,134 @@ def test_killed_view_holder_counts_consumer_died(make_queue, shm_name, mode,
     expected = list(range(taken_count, 10)) + list(range(10, 138))
     assert [int.from_bytes(m[:4], "little") for m in got] == expected
     assert q.stats().dropped["consumer_died"] == lost
+
+
+class StallingNumbers:
+    """Serializer of ints as `numbered` records. Its `stall_at`-th loads
+    writes one byte to ready_fd and sleeps, so a parent can kill the
+    process while that message is copied out but not yet returned."""
+
+    def __init__(self, stall_at=None, ready_fd=None):
+        self.stall_at = stall_at
+        self.ready_fd = ready_fd
+        self.loads_done = 0
+
+    def dumps(self, n):
+        return numbered(n)
+
+    def loads(self, data):
+        self.loads_done += 1
+        if self.loads_done == self.stall_at:
+            os.write(self.ready_fd, b"s")
+            time.sleep(CHILD_TIMEOUT_S)
+        return int.from_bytes(data[:4], "little")
+
+
+def take_then_sleep(name, mode, stall_at, ready_fd):
+    """In a forked child: get or get_many as `mode` selects, stalling in
+    the `stall_at`-th decode; with stall_at None, sleep after the call
+    returned."""
+    child = SharedQueue(name=name, create=False,
+                        serializer=StallingNumbers(stall_at, ready_fd))
+    if mode == "get":
+        child.get(timeout=10)
+    else:
+        child.get_many(100, timeout=10)
+    os.write(ready_fd, b"r")
+    time.sleep(CHILD_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("mode, stall_at, lost", [
+    ("get", 1, 1),
+    ("get", None, 0),
+    ("get_many", 1, 1),
+    ("get_many", 7, 7),
+    ("get_many", 20, 20),
+    ("get_many", None, 0),
+])
+def test_killed_batch_counts_consumer_died(make_queue, shm_name, mode,
+                                           stall_at, lost):
+    # 8 KiB ring: 64 records of 128 bytes, so the puts below wrap twice
+    # over the bytes of the messages the dead consumer took.
+    q = make_queue(name=shm_name, capacity_bytes=8192,
+                   serializer=StallingNumbers())
+    for n in range(20):
+        q.put(n)
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_read)
+            take_then_sleep(shm_name, mode, stall_at, ready_write)
+        finally:
+            os._exit(1)
+    os.close(ready_write)
+    try:
+        # Empty if the child exited, closing the pipe, before then.
+        ready = os.read(ready_read, 1)
+    finally:
+        os.close(ready_read)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for_pid(pid) == -signal.SIGKILL
+    assert ready == (b"s" if stall_at else b"r")
+    # A stalled get_many took the messages up to the stalled one only.
+    taken_count = 1 if mode == "get" else stall_at or 20
+
+    fresh = make_queue(name=shm_name, create=False,
+                       serializer=StallingNumbers())
+    assert fresh.stats().dropped["consumer_died"] == lost
+    assert q.stats().dropped["consumer_died"] == lost
+
+    # No wedge: every other message arrives exactly once, in order.
+    got = []
+    for n in range(20, 148):
+        q.put_nowait(n)
+        got.extend(fresh.get_many(3, block=False))
+    while True:
+        try:
+            got.extend(fresh.get_many(100, block=False))
+        except queue.Empty:
+            break
+    assert got == list(range(taken_count, 148))
+    assert q.stats().dropped["consumer_died"] == lost
+
+
+class FailsOnFive(StallingNumbers):
+    """StallingNumbers whose loads raises for the number 5."""
+
+    def loads(self, data):
+        n = super().loads(data)
+        if n == 5:
+            raise ValueError("five does not decode")
+        return n
+
+
+def test_returned_copies_leave_no_count(make_queue, shm_name):
+    """After get and get_many return, with a decode failure among them,
+    no participant block of the file still counts copies."""
+    q = make_queue(name=shm_name, capacity_bytes=8192,
+                   serializer=FailsOnFive())
+    for n in range(12):
+        q.put(n)
+    assert q.get() == 0
+    assert q.get_many(3) == [1, 2, 3]
+    assert participant_copies(shm_path(shm_name)) == {}
+    # 5 fails to decode: the batch returns what came before it.
+    assert q.get_many(100) == [4]
+    assert participant_copies(shm_path(shm_name)) == {}
+    assert q.get_many(100) == list(range(6, 12))
+    assert participant_copies(shm_path(shm_name)) == {}
+    # A get or a get_many of 5 alone raises.
+    q.put(5)
+    with pytest.raises(mqs.MessageDecodeError, match="five does not"):
+        q.get()
+    assert participant_copies(shm_path(shm_name)) == {}
+    q.put(5)
+    with pytest.raises(mqs.MessageDecodeError, match="five does not"):
+        q.get_many(100)
+    assert participant_copies(shm_path(shm_name)) == {}
+    assert q.stats().dropped["decode_failed"] == 3
+    assert q.stats().dropped["consumer_died"] == 0
 
 
 # -- ring bound ----------------------------------------------------------------

@@ -1202,7 +1202,7 @@ cdef class _Durable:
         rtype = _KEY.unpack_from(record.key)[2]
         data = bytes(record.value) if rtype == TYPE_BYTES \
             else bytearray(record.value)
-        return self._queue._finish(rtype, data)
+        return self._queue._finish(rtype, data, False)
 
     cdef list _take(self, int64_t max_items, bint block, object timeout,
                     bint view):

@@ -64,6 +64,7 @@ from mqs.includes.mqs_bytering cimport (
     mqs_br_participant,
     mqs_br_peek,
     mqs_br_record_size,
+    mqs_br_set_copies,
     mqs_br_unstamp,
     mqs_br_record_t,
     mqs_br_repair,
@@ -508,6 +509,11 @@ cdef class SharedQueue:
     cdef readonly object name
     cdef object _serializer
     cdef list _view_positions
+    # Copies this handle took and has not returned to its caller yet,
+    # mirrored into the participant's `copies` word (mqs_br_set_copies)
+    # so that a reaper counts them if this process dies first. Changed
+    # only under the GIL, so threads sharing the handle keep one total.
+    cdef int64_t _copies
     # Monotonic ns when this handle first found the head record claimed
     # but unpublished, 0 while it is not stuck; and whether that stall was
     # logged. Kept across calls, so callers with short timeouts see it too.
@@ -956,6 +962,7 @@ cdef class SharedQueue:
         self._ring.fd = _reopen_own(self._ring.fd)
         self._ring.slot = -1
         self._view_positions = []
+        self._copies = 0
         self._attach_slot()
         if self._durable is not None:
             self._durable._after_fork()
@@ -1611,18 +1618,24 @@ cdef class SharedQueue:
                    record.length)
         return data
 
-    cdef object _finish(self, uint16_t rtype, object data):
+    cdef object _finish(self, uint16_t rtype, object data, bint copied):
         """Turn copied bytes back into the object (after the unpin).
 
         The record is already taken, so a payload that fails to decode
         is dropped: counted in the shared counters, then reported as
-        `MessageDecodeError`.
+        `MessageDecodeError`. With `copied` true, the record is one of
+        `_copies`; an error uncounts it there, because it will not reach
+        the caller.
         """
         try:
             return self._deserialize(rtype, data)
         except QueueLayoutError:
+            if copied:
+                self._return_copies(1)
             raise
         except Exception as exc:
+            if copied:
+                self._return_copies(1)
             mqs_br_count_decode_failure(&self._ring)
             raise MessageDecodeError(
                 f"message dropped: its {len(data)}-byte payload failed to "
@@ -1631,6 +1644,11 @@ cdef class SharedQueue:
                 f"and consumers use the same serializer and that every "
                 f"class in the message can be imported and rebuilt here"
             ) from exc
+        except BaseException:
+            # KeyboardInterrupt or SystemExit inside a custom loads.
+            if copied:
+                self._return_copies(1)
+            raise
 
     cdef object _deserialize(self, uint16_t rtype, object data):
         if rtype & MQS_BR_TYPE_STAMPED:
@@ -1684,11 +1702,20 @@ cdef class SharedQueue:
         self._move_trace = []
         return self._move_trace
 
-    cdef object _take_copy(self, int *status):
-        """Take one record and return it decoded, or set *status."""
+    cdef object _take_copy(self, int *status, bint batch):
+        """Take one record and return it decoded, or set *status.
+
+        For a batch (`batch` true), a message returned stays counted in
+        `_copies` until the caller passes it on with `_return_copies`.
+        Otherwise only a message that needs deserializing is counted,
+        until that is done. A take that raises leaves the count as it
+        was.
+        """
         cdef mqs_br_record_t record
         cdef int rc
         cdef object data
+        cdef object item
+        cdef bint copied = False
         self._promote_due()
         rc = mqs_br_try_take(&self._ring, self._group, 0, &record)
         status[0] = rc
@@ -1698,9 +1725,31 @@ cdef class SharedQueue:
         mqs_br_unstamp(&self._ring, &record)
         try:
             data = self._decode(&record)
+            # A single bytes or bytearray message reaches the caller a few
+            # instructions after the unpin, so only a batch or a payload
+            # to deserialize is worth counting.
+            copied = batch or (record.type != TYPE_BYTES
+                               and record.type != TYPE_BYTEARRAY)
         finally:
+            # Counted before the pin drops, so a death from here until
+            # the caller gets the message counts it in consumer_died.
+            # A copy that raised (MemoryError) has nothing to count.
+            if copied:
+                self._copies += 1
+                mqs_br_set_copies(&self._ring, self._copies)
             mqs_br_unpin(&self._ring, 0, MQS_BR_NO_PIN)
-        return self._finish(record.type, data)
+        if batch or not copied:
+            return self._finish(record.type, data, copied)
+        item = self._finish(record.type, data, True)
+        self._return_copies(1)
+        return item
+
+    cdef inline void _return_copies(self, int64_t count) noexcept:
+        """Uncount `count` copies that are about to reach the caller."""
+        self._copies -= count
+        # A close from another thread may have detached the slot.
+        if self._mapped and self._ring.slot >= 0:
+            mqs_br_set_copies(&self._ring, self._copies)
 
     def get(self, block=True, timeout=None):
         """Remove and return the oldest message.
@@ -1720,23 +1769,43 @@ cdef class SharedQueue:
             ``stats().dropped["decode_failed"]``.
         ValueError
             If the queue is closed, or `timeout` is negative.
+
+        Notes
+        -----
+        If the process dies after the message is taken and before `get`
+        returns it, the message is lost, and once another process reaps
+        the dead one (at the latest in its next `stats`)
+        ``stats().dropped["consumer_died"]`` counts it. The count is an
+        upper bound: a death in the few instructions between counting
+        the copy and dropping its pin counts it twice, and a death just
+        before the take's compare-and-swap counts a message that stays
+        queued. One window goes uncounted, to keep the bytes path free
+        of extra stores: for a `bytes` or `bytearray` message, the few
+        instructions from the pin drop to the return, which run no
+        Python code. A durable queue (`persist`) does not count these
+        losses.
         """
-        cdef int status
-        cdef object item
         self._check_open()
         if block:
             deadline_ns(timeout)  # a negative timeout raises even with items
         if self._durable is not None:
             return self._durable.get(block, timeout)
+        return self._get_copy(block, timeout, False)
+
+    cdef inline object _get_copy(self, bint block, object timeout,
+                                 bint batch):
+        """Get one message as `get` does, counted as `_take_copy` says."""
+        cdef int status
+        cdef object item
         if block and self._strategy == STRATEGY_SPIN:
-            item = self._spin_take(&status)
+            item = self._spin_take(&status, batch)
         else:
-            item = self._take_copy(&status)
+            item = self._take_copy(&status, batch)
         if status == MQS_OK:
             return item
-        return self._wait_item(block, timeout, 0)
+        return self._wait_item(block, timeout, False, batch)
 
-    cdef object _spin_take(self, int *status):
+    cdef object _spin_take(self, int *status, bint batch):
         """Retry the take for about SPIN_HOLD_NS without releasing the GIL.
 
         For the "spin" strategy: a reply in a ping-pong arrives within a
@@ -1756,7 +1825,7 @@ cdef class SharedQueue:
         while True:
             self._promote_due()
             if mqs_br_head_published(&self._ring, self._group):
-                item = self._take_copy(status)
+                item = self._take_copy(status, batch)
                 if status[0] == MQS_OK:
                     return item
             i += 1
@@ -1814,7 +1883,8 @@ cdef class SharedQueue:
             return deadline
         return next_due
 
-    cdef object _wait_item(self, bint block, object timeout, bint view):
+    cdef object _wait_item(self, bint block, object timeout, bint view,
+                           bint batch):
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef int64_t wake
         cdef uint32_t epoch
@@ -1828,7 +1898,7 @@ cdef class SharedQueue:
                 if view:
                     item = self._take_view_once(&status)
                 else:
-                    item = self._take_copy(&status)
+                    item = self._take_copy(&status, batch)
             except BaseException:
                 mqs_wait_finish(mqs_br_not_empty(&self._ring))
                 raise
@@ -1900,10 +1970,19 @@ cdef class SharedQueue:
         already taken. Otherwise it is logged and the call returns the
         messages decoded before it (on a durable queue, also those after
         it in the same claim).
+
+        Notes
+        -----
+        If the process dies before the call returns, every message it
+        took is lost, and ``stats().dropped["consumer_died"]`` counts
+        all of them, with the same upper bound as for `get`: at most one
+        message too many. A durable queue (`persist`) does not count
+        them.
         """
         cdef int status
         cdef list out
         cdef Py_ssize_t limit
+        cdef Py_ssize_t taken
         if not isinstance(max_items, int) or isinstance(max_items, bool):
             raise TypeError(
                 f"max_items must be an int, got {type(max_items).__name__} "
@@ -1919,17 +1998,27 @@ cdef class SharedQueue:
             if block:
                 deadline_ns(timeout)
             return self._durable.get_many(limit, block, timeout)
-        out = [self.get(block, timeout)]
-        while len(out) < limit:
-            try:
-                item = self._take_copy(&status)
-            except MessageDecodeError as exc:
-                # Raising would lose the messages already taken.
-                logger.warning("queue %s: %s", self._label(), exc)
-                break
-            if status != MQS_OK:
-                break
-            out.append(item)
+        if block:
+            deadline_ns(timeout)  # a negative timeout raises even with items
+        item = self._get_copy(block, timeout, True)
+        # Every message taken stays counted in the participant's `copies`
+        # until the list returns, so a death mid-batch counts them all.
+        taken = 1
+        try:
+            out = [item]
+            while taken < limit:
+                try:
+                    item = self._take_copy(&status, True)
+                except MessageDecodeError as exc:
+                    # Raising would lose the messages already taken.
+                    logger.warning("queue %s: %s", self._label(), exc)
+                    break
+                if status != MQS_OK:
+                    break
+                taken += 1
+                out.append(item)
+        finally:
+            self._return_copies(taken)
         return out
 
     # -- zero-copy views ------------------------------------------------------
@@ -1991,7 +2080,7 @@ cdef class SharedQueue:
         view = self._take_view_once(&status)
         if status == MQS_OK:
             return view
-        return self._wait_item(True, timeout, 1)
+        return self._wait_item(True, timeout, True, False)
 
     cdef void _release_view(self, int64_t position):
         try:

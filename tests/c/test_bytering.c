@@ -840,6 +840,81 @@ static void test_repair_counts_views_of_dead_consumer(void)
     ring_file_destroy(&file);
 }
 
+/* A consumer killed mid-batch loses the copies it unpinned but had not
+ * returned, plus the record under its get pin: the reaper counts them
+ * all, once. Copies returned or detached count nothing. */
+static void test_repair_counts_copies_of_dead_consumer(void)
+{
+    unsigned char data[128] = {0};
+    mqs_br_record_t record;
+    ring_file_t file;
+    mqs_bytering_t consumer, producer, next;
+
+    ring_file_create(&file, 4096, 1000, 0);
+    participant_open(&consumer, &file);
+    participant_open(&producer, &file);
+    for (int i = 0; i < 8; i++)
+        CHECK_EQ(put_bytes(&producer, data, 112), MQS_OK);
+
+    /* Three copies unpinned, a fourth take still pinned. */
+    for (int i = 0; i < 3; i++) {
+        CHECK_EQ(mqs_br_try_take(&consumer, 0, 0, &record), MQS_OK);
+        mqs_br_set_copies(&consumer, i + 1);
+        mqs_br_unpin(&consumer, 0, MQS_BR_NO_PIN);
+    }
+    CHECK_EQ(mqs_br_try_take(&consumer, 0, 0, &record), MQS_OK);
+    participant_kill(&consumer);
+    CHECK_EQ(mqs_br_repair(&producer), 0);
+    CHECK_EQ(atomic_load(&file.base.header->counters.v.lost_records), 4);
+    CHECK_EQ(atomic_load(&mqs_br_participant(&producer, 0)->copies), 0);
+
+    /* The next owner of the slot does not count them again. */
+    participant_open(&next, &file);
+    CHECK_EQ(next.slot, 0);
+    CHECK_EQ(mqs_br_repair(&producer), 0);
+    CHECK_EQ(atomic_load(&file.base.header->counters.v.lost_records), 4);
+
+    /* Copies returned to the caller count nothing. */
+    CHECK_EQ(mqs_br_try_take(&next, 0, 0, &record), MQS_OK);
+    mqs_br_set_copies(&next, 1);
+    mqs_br_unpin(&next, 0, MQS_BR_NO_PIN);
+    mqs_br_set_copies(&next, 0);
+    participant_kill(&next);
+    CHECK_EQ(mqs_br_repair(&producer), 0);
+    CHECK_EQ(atomic_load(&file.base.header->counters.v.lost_records), 4);
+
+    /* A copy without a pin counts when its owner dies... */
+    participant_open(&next, &file);
+    CHECK_EQ(mqs_br_try_take(&next, 0, 0, &record), MQS_OK);
+    mqs_br_set_copies(&next, 1);
+    mqs_br_unpin(&next, 0, MQS_BR_NO_PIN);
+    participant_kill(&next);
+    CHECK_EQ(mqs_br_repair(&producer), 0);
+    CHECK_EQ(atomic_load(&file.base.header->counters.v.lost_records), 5);
+
+    /* ...but not when its owner detaches. */
+    participant_open(&next, &file);
+    CHECK_EQ(mqs_br_try_take(&next, 0, 0, &record), MQS_OK);
+    mqs_br_set_copies(&next, 1);
+    mqs_br_unpin(&next, 0, MQS_BR_NO_PIN);
+    participant_close(&next);
+    CHECK_EQ(atomic_load(&mqs_br_participant(&producer, 0)->copies), 0);
+    participant_open(&next, &file);
+    CHECK_EQ(mqs_br_repair(&producer), 0);
+    CHECK_EQ(atomic_load(&file.base.header->counters.v.lost_records), 5);
+
+    /* The ring is not wedged: the record left and new ones go round. */
+    for (int i = 0; i < 40; i++) {
+        CHECK_EQ(mqs_br_try_take(&next, 0, 0, &record), MQS_OK);
+        mqs_br_unpin(&next, 0, MQS_BR_NO_PIN);
+        CHECK_EQ(put_bytes(&producer, data, 112), MQS_OK);
+    }
+    CHECK_EQ(mqs_br_count(&producer, 0), 1);
+    participant_close(&next);
+    participant_close(&producer);
+    ring_file_destroy(&file);
+}
+
 /* -- stress ---------------------------------------------------------------- */
 
 #define STRESS_PRODUCERS 3
@@ -1137,6 +1212,7 @@ int main(int argc, char **argv)
     test_repair_keeps_live_claim_at_dead_intent_position();
     test_repair_drops_pin_of_dead_consumer();
     test_repair_counts_views_of_dead_consumer();
+    test_repair_counts_copies_of_dead_consumer();
     test_counts_stay_exact_across_deaths();
     test_repair_journal_finishes_dead_repairer();
     run_stress(records, 0, timeout_s);

@@ -521,6 +521,74 @@ def test_killed_mid_take_counts_consumer_died(failpoint_path, shm_name,
     q.close()
 
 
+def batch_message(n, kind):
+    """Message n of a 128-byte record: raw bytes, or a pickled tuple."""
+    if kind == "bytes":
+        return n.to_bytes(4, "little") + bytes(108)
+    return (n, bytes(80))
+
+
+def batch_number(message, kind):
+    if kind == "bytes":
+        return int.from_bytes(message[:4], "little")
+    return message[0]
+
+
+@pytest.mark.parametrize("call, kind, failpoint, taken, lost", [
+    # The first message of a batch: taken, under the get pin.
+    ("get_many", "bytes", "take_after_cas:1:stop", 1, 1),
+    # Five copies unpinned, the sixth taken and still pinned.
+    ("get_many", "bytes", "take_after_cas:6:stop", 6, 6),
+    # Six copies unpinned, none returned to the caller.
+    ("get_many", "bytes", "unpin_after_drop:6:stop", 6, 6),
+    ("get_many", "pickle", "unpin_after_drop:6:stop", 6, 6),
+    # A plain get after its pin drop, before it deserializes the message.
+    ("get", "pickle", "unpin_after_drop:1:stop", 1, 1),
+    # The same for raw bytes: the documented uncounted window.
+    ("get", "bytes", "unpin_after_drop:1:stop", 1, 0),
+])
+def test_killed_mid_batch_counts_consumer_died(failpoint_path, shm_name,
+                                               call, kind, failpoint,
+                                               taken, lost):
+    """Stop a consumer inside get_many (or get) at a failpoint, SIGKILL
+    it by PID: the messages it took count as consumer_died, exactly
+    once, except in the window that get documents for raw bytes, and
+    every other message arrives exactly once."""
+    q = SharedQueue(name=shm_name, capacity_bytes=8192)
+    for n in range(20):
+        q.put(batch_message(n, kind))
+    victim = start_child(failpoint_path, f"""
+        import mqs
+        q = mqs.SharedQueue(name={shm_name!r}, create=False)
+        if {call!r} == "get":
+            q.get(timeout=30)
+        else:
+            q.get_many(100, timeout=30)
+    """, failpoint=failpoint)
+    try:
+        wait_for_state(victim.pid, "T")
+        os.kill(victim.pid, signal.SIGKILL)
+        status, _, stderr = communicate(victim)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
+    assert status == -signal.SIGKILL, stderr
+
+    assert q.stats().dropped["consumer_died"] == lost
+    got = [batch_number(m, kind) for m in q.get_many(100)]
+    assert got == list(range(taken, 20))
+    # The 8 KiB ring wraps more than twice over the dead consumer's
+    # bytes.
+    for n in range(20, 200):
+        q.put_nowait(batch_message(n, kind))
+        assert batch_number(q.get_nowait(), kind) == n
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    assert q.stats().dropped["consumer_died"] == lost
+    q.close()
+
+
 # -- stalled producers --------------------------------------------------------
 
 

@@ -96,3 +96,4 @@ cdef extern from "mqs_bytering.h" nogil:
     mqs_br_participant_t *mqs_br_participant(mqs_bytering_t *ring, int slot)
     mqs_hist_t *mqs_br_latency(mqs_bytering_t *ring)
     void mqs_br_unstamp(mqs_bytering_t *ring, mqs_br_record_t *record)
+    void mqs_br_set_copies(mqs_bytering_t *ring, int64_t copies)
