@@ -567,7 +567,7 @@ def test_dump_counts_damage_after_clean_close(tmp_path, fsync):
     result = run_mqs("dump", str(path))
     assert result.returncode == 1
     assert "offset 2:" in result.stdout
-    assert "offsets 0 to 5: 4 records verified, 1 damaged" in result.stdout
+    assert "offsets 0 to 4: 4 records verified, 1 damaged" in result.stdout
     assert "1 damaged or missing record(s)" in result.stderr
 
 
@@ -586,7 +586,7 @@ def test_dump_counts_records_lost_before_clean_end(tmp_path, fsync):
     assert result.returncode == 1
     assert "offset 2: record fails its length or offset check" \
         in result.stdout
-    assert "offsets 0 to 2: 2 records verified, 1 damaged" in result.stdout
+    assert "offsets 0 to 1: 2 records verified, 1 damaged" in result.stdout
     assert "1 damaged or missing record(s)" in result.stderr
 
 
