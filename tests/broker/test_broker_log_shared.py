@@ -746,6 +746,7 @@ def test_log_lagging_writer_appends_tail(path, tmp_path):
         broker = open_broker(path, fsync="interval")
         backend = broker._backend
         assert not backend._writer
+
         # The writer sleeps outside the section, so it cannot append the
         # records of this process to its log before the journal restarts.
         ended, _ = backend._journal.position()
@@ -754,12 +755,14 @@ def test_log_lagging_writer_appends_tail(path, tmp_path):
             bodies.append(len(bodies))
             broker.publish("t", bodies[-1])
         assert os.path.exists(f"{backend._journal_file}.tail-{ended}")
+
         go.touch()
         deadline = time.monotonic() + 60
         while len(child.reports) < 2:
             assert child.process.poll() is None, child.process.stderr.read()
             assert time.monotonic() < deadline, "child reported nothing"
             time.sleep(0.01)
+
         report = child.reports[1]
         assert report["published"] == len(bodies) + 100
         # The writer appended the records it missed from the tail, and
@@ -770,6 +773,7 @@ def test_log_lagging_writer_appends_tail(path, tmp_path):
     finally:
         # Also closes the pipes of a child that exited.
         child.kill()
+
     # A reboot: the log alone contains every message.
     unlink_journal(path)
     broker = open_broker(path)

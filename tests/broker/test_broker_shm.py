@@ -656,7 +656,7 @@ def test_shm_missing_tails_raise_backend_unavailable(name):
 def lag_small_state(name, monkeypatch):
     """Open a writer and a replica, and make the replica lag behind a
     restart of a journal whose state is small, so that the restart
-    writes a snapshot; return both brokers, the replica's snapshot
+    writes a snapshot. Return both brokers, the replica's snapshot
     loads, the generation that the restart ended and the bodies."""
     writer = open_broker(name, journal_bytes=4096)
     writer.declare_topic("t", ttl=3600)

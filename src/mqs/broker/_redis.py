@@ -157,9 +157,9 @@ _RUN_SETTINGS = 10
 DEFAULT_RETRY_TIMEOUT_S = 30.0
 
 # Minimum seconds each attempt of a call waits for a reply (capped at
-# socket_timeout), even when less of retry_timeout is left, because a
-# server busy with another client's command for a moment should not fail
-# a call with a short retry_timeout.
+# socket_timeout), even when less of retry_timeout is left. A server busy
+# with another client's command for a moment should not fail a call with
+# a short retry_timeout.
 _MIN_REPLY_WAIT_S = 1.0
 
 # Seconds the Redis call running in this thread (or task) may wait to

@@ -586,7 +586,7 @@ class ShmBackend(LogBackend):
     def _apply_tails(self, generations: range, offset: int,
                      tails: dict[int, int]) -> bool:
         """Apply the records of the tail files of `generations`, the first
-        from byte `offset`; return False when one is missing, does not
+        from byte `offset`. Return False when one is missing, does not
         match the journal or is damaged.
 
         It checks that every file exists and that the last one has the
