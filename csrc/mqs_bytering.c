@@ -409,10 +409,10 @@ static int claim_owner(const mqs_bytering_t *ring, int64_t position,
 /*
  * Drop the claim and pins a dead participant left, padding its claim if
  * it owns the record at that position, and count the records it held as
- * lost: one under a get pin, `views` under a view pin (a view pin
- * without views is a take that had not completed its CAS, or a release
- * that had not cleared the pin yet), and its `copies` with or without a
- * pin. The counts are cleared here, so each is added once. Caller holds
+ * lost: one under a get pin, `views` under a view pin, and its `copies`
+ * with or without a pin. A view pin without views is a take that had
+ * not completed its CAS, or a release that had not cleared the pin yet.
+ * The counts are cleared here, so each is added once. Caller holds
  * the repair lock.
  * Returns records repaired, or -1 (nothing changed) while a live
  * participant announces the same position: the dead claim may be an

@@ -315,6 +315,19 @@ def publish_until_unavailable(broker, timeout=10):
     raise AssertionError(f"the broker kept working for {timeout} s")
 
 
+
+def check_reports_removal(broker, path):
+    """Check that `broker`, whose directory is partly removed, reports
+    the removal, and still does once the rest goes."""
+    message = publish_until_unavailable(broker)
+    assert "the directory was removed or replaced" in message
+
+    shutil.rmtree(path)
+    with pytest.raises(mqs.BackendUnavailable,
+                       match="the directory was removed or replaced"):
+        broker.publish("t", "after the removal")
+
+
 def test_log_rmtree_removing_current_first_reports_removal(path):
     broker = mqs.Broker(backend="log", path=path)
     try:
@@ -325,13 +338,7 @@ def test_log_rmtree_removing_current_first_reports_removal(path):
         # alone keeps the broker in that state until its writer thread
         # checks the log.
         os.unlink(path / "CURRENT")
-        message = publish_until_unavailable(broker)
-        assert "the directory was removed or replaced" in message
-
-        shutil.rmtree(path)
-        with pytest.raises(mqs.BackendUnavailable,
-                           match="the directory was removed or replaced"):
-            broker.publish("t", "after the removal")
+        check_reports_removal(broker, path)
     finally:
         broker.close()
     assert journal_files(path) == []
@@ -347,13 +354,7 @@ def test_log_rmtree_removing_log_first_reports_removal(path):
         # The order of rmtree on ext4 follows name hashes, so the log can
         # go before CURRENT and broker.id.
         shutil.rmtree(path / log_name)
-        message = publish_until_unavailable(broker)
-        assert "the directory was removed or replaced" in message
-
-        shutil.rmtree(path)
-        with pytest.raises(mqs.BackendUnavailable,
-                           match="the directory was removed or replaced"):
-            broker.publish("t", "after the removal")
+        check_reports_removal(broker, path)
     finally:
         broker.close()
     assert journal_files(path) == []

@@ -92,6 +92,20 @@ def wait_for_state(pid, state, timeout=30.0):
     pytest.fail(f"process {pid} did not reach state {state} in {timeout} s")
 
 
+def kill_when_stopped(victim):
+    """Wait until `victim` stops at its failpoint, kill it with SIGKILL
+    and check that the signal ended it."""
+    try:
+        wait_for_state(victim.pid, "T")
+        os.kill(victim.pid, signal.SIGKILL)
+        status, _, stderr = communicate(victim)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
+    assert status == -signal.SIGKILL, stderr
+
+
 def message_length(producer, sequence, max_body):
     """Length of the message that make_message builds for that sequence."""
     rng = random.Random(SEED * 1000003 + producer)
@@ -499,15 +513,7 @@ def test_killed_mid_take_counts_consumer_died(failpoint_path, shm_name,
             with q.get_view(timeout=30):
                 pass
     """, failpoint="take_after_cas:1:stop")
-    try:
-        wait_for_state(victim.pid, "T")
-        os.kill(victim.pid, signal.SIGKILL)
-        status, _, stderr = communicate(victim)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait(10)
-    assert status == -signal.SIGKILL, stderr
+    kill_when_stopped(victim)
 
     assert q.stats().dropped["consumer_died"] == 1
     got = [int.from_bytes(q.get(timeout=5)[:4], "little") for _ in range(4)]
@@ -565,15 +571,7 @@ def test_killed_mid_batch_counts_consumer_died(failpoint_path, shm_name,
         else:
             q.get_many(100, timeout=30)
     """, failpoint=failpoint)
-    try:
-        wait_for_state(victim.pid, "T")
-        os.kill(victim.pid, signal.SIGKILL)
-        status, _, stderr = communicate(victim)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait(10)
-    assert status == -signal.SIGKILL, stderr
+    kill_when_stopped(victim)
 
     assert q.stats().dropped["consumer_died"] == lost
     got = [batch_number(m, kind) for m in q.get_many(100)]
