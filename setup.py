@@ -34,10 +34,42 @@ if SANITIZE:
     link_args += sanitizers
 
 
+# C files that an earlier extension compiles already.
+_compiled = set()
+
+
+def _own_copy(name, source):
+    """Return `source`, or, if another extension compiles it too, a file
+    of this extension that includes it. With the parallel build each
+    extension then writes its own object file: two compiles of one
+    source write the same object, and one extension could link it half
+    written (seen as an undefined symbol at import)."""
+    if source not in _compiled:
+        _compiled.add(source)
+        return source
+    directory = os.path.join("build", "mqs-shared-sources", name)
+    os.makedirs(directory, exist_ok=True)
+    # Not the included file's name, which would include the wrapper
+    # itself (a quoted include looks in the including file's directory
+    # first).
+    wrapper = os.path.join(directory, f"copy_{os.path.basename(source)}")
+    text = f'#include "{os.path.basename(source)}"\n'
+    try:
+        with open(wrapper, encoding="ascii") as file:
+            unchanged = file.read() == text
+    except FileNotFoundError:
+        unchanged = False
+    if not unchanged:
+        with open(wrapper, "w", encoding="ascii") as file:
+            file.write(text)
+    return wrapper
+
+
 def extension(name, sources):
     return Extension(
         f"mqs.{name}",
-        sources=[f"src/mqs/{name}.pyx", *sources],
+        sources=[f"src/mqs/{name}.pyx",
+                 *(_own_copy(name, source) for source in sources)],
         include_dirs=["csrc"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
