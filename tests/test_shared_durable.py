@@ -290,6 +290,117 @@ def test_durable_paused_consumer_keeps_claimed_message(log_dir, shm_name):
     q.close()
 
 
+def _consumer_killed_after_claim(shm_name, log_dir, take):
+    """Run a child that attaches to the durable queue and SIGKILLs
+    itself right after its claim, inside `take` (code that uses `q`);
+    return once it is dead."""
+    child = run_child(f"""
+        import os
+        import signal
+        import mqs
+        import mqs._shared
+
+        def die():
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        mqs._shared._after_claim_hook = die
+        q = mqs.SharedQueue(name={shm_name!r}, create=False,
+                            persist={log_dir!r})
+        {take}
+        print("not killed", flush=True)
+    """)
+    try:
+        out, err = child.communicate(timeout=CHILD_TIMEOUT_S)
+    finally:
+        kill_all([child])
+    assert child.returncode == -signal.SIGKILL, (out, err)
+
+
+@pytest.mark.parametrize("take, taken", [
+    ("q.get(timeout=30)", 1),
+    ("q.get_many(5, timeout=30)", 5),
+    ("q.get_many(50, timeout=30)", 10),
+])
+def test_durable_consumer_killed_after_claim_is_counted(
+        log_dir, shm_name, take, taken):
+    """A consumer of a durable queue killed between its claim and the
+    return loses what it claimed, and consumer_died counts exactly
+    that; the others stay queued."""
+    q = SharedQueue(name=shm_name, persist=log_dir,
+                    segment_bytes=SEGMENT_BYTES)
+    messages = [b"m%02d" % n for n in range(10)]
+    q.put_many(messages)
+    assert q.stats().dropped["consumer_died"] == 0
+    _consumer_killed_after_claim(shm_name, log_dir, take)
+    assert q.stats().dropped["consumer_died"] == taken
+    assert drain(q) == messages[taken:]
+    # Counted once, however often stats runs.
+    assert q.stats().dropped["consumer_died"] == taken
+    q.close()
+
+
+def test_durable_consumer_killed_inside_view_is_counted(log_dir, shm_name):
+    """A death inside a durable queue's get_view block counts the
+    message; a block that ends uncounts it."""
+    q = SharedQueue(name=shm_name, persist=log_dir,
+                    segment_bytes=SEGMENT_BYTES)
+    q.put_many([b"kept", b"viewed", b"rest"])
+    with q.get_view(timeout=5) as view:
+        assert bytes(view) == b"kept"
+        assert q.stats().dropped["consumer_died"] == 0
+    child = run_child(f"""
+        import os
+        import signal
+        import mqs
+
+        q = mqs.SharedQueue(name={shm_name!r}, create=False,
+                            persist={log_dir!r})
+        with q.get_view(timeout=30) as view:
+            print(bytes(view).decode(), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    try:
+        out, err = child.communicate(timeout=CHILD_TIMEOUT_S)
+    finally:
+        kill_all([child])
+    assert child.returncode == -signal.SIGKILL, err
+    assert out.split() == ["viewed"]
+    assert q.stats().dropped["consumer_died"] == 1
+    assert drain(q) == [b"rest"]
+    q.close()
+
+
+def test_durable_consumers_that_return_leave_nothing_counted(
+        log_dir, shm_name):
+    """Gets, batches, views and a message that fails to decode, in a
+    child that then exits without closing (so its slot is reaped):
+    nothing is counted as consumer_died."""
+    q = SharedQueue(name=shm_name, persist=log_dir,
+                    segment_bytes=SEGMENT_BYTES)
+    q.put_many([b"a", b"b", b"c", b"d", b"e"])
+    q.put({"n": 1})
+    child = run_child(f"""
+        import os
+        import pickle
+        import mqs
+
+        q = mqs.SharedQueue(name={shm_name!r}, create=False,
+                            persist={log_dir!r})
+        got = [q.get(timeout=30)]
+        got += q.get_many(2, timeout=30)
+        with q.get_view(timeout=30) as view:
+            got.append(bytes(view))
+        got.append(q.get(timeout=30))
+        got.append(q.get(timeout=30))
+        print(got, flush=True)
+        os._exit(0)
+    """)
+    assert finish(child).strip() == \
+        "[b'a', b'b', b'c', b'd', b'e', {'n': 1}]"
+    assert q.stats().dropped["consumer_died"] == 0
+    q.close()
+
+
 def test_durable_restart_after_retention_delivers_unconsumed(log_dir):
     messages = [b"%06d" % n + b"r" * 500 for n in range(3000)]
     q = SharedQueue(persist=log_dir, segment_bytes=SEGMENT_BYTES)

@@ -1126,16 +1126,29 @@ cdef class _Durable:
         self._claims (and the `reading` word) until _unclaim(*start)."""
         cdef int group = self._queue._group
         cdef int64_t n
+        cdef int64_t available
         if not self._ready():
             return 0
         start[0] = mqs_dq_get_cursor(self._control, group)
-        if start[0] >= mqs_dq_get(self._control, MQS_DQ_APPENDED_OFFSET):
+        available = mqs_dq_get(self._control, MQS_DQ_APPENDED_OFFSET) \
+            - start[0]
+        if available <= 0:
             return 0
         # Announce before the claim: the claim's cursor load, ordered
         # after this store, returns start[0] or more.
         self._claims.append(start[0])
         self._publish_reading()
+        # Count the claim as copies before it moves the cursor, so that a
+        # reaper counts it in consumer_died if this process dies before
+        # the messages reach the caller (`_take` uncounts them). At most
+        # what was there to claim: a death before the claim completes
+        # counts up to that many too many, never one too few.
+        max_n = min(max_n, available)
+        self._queue._copies += max_n
+        mqs_br_set_copies(&self._queue._ring, self._queue._copies)
         n = mqs_dq_claim(self._control, group, max_n, first)
+        if n < max_n:
+            self._queue._return_copies(max_n - n)
         if n == 0:
             self._unclaim(start[0])
             return 0
@@ -1234,6 +1247,12 @@ cdef class _Durable:
                         out.append(item)
             finally:
                 self._unclaim(start)
+                # A view stays counted until its block ends
+                # (`end_view`); the rest reach the caller now, or never
+                # (decode failures and deleted records have their own
+                # counters).
+                self._queue._return_copies(
+                    n - 1 if view and out else n)
             self._drop_reader_segments()
             if out:
                 if failure is not None:
@@ -1251,7 +1270,13 @@ cdef class _Durable:
         return self._take(max_items, block, timeout, False)
 
     cdef object get_view(self, object timeout):
+        """Take one message as a view of its log record; it counts as a
+        copy in consumer_died until `end_view`."""
         return self._take(1, True, timeout, True)[0]
+
+    cdef void end_view(self) noexcept:
+        """Uncount the message of a view whose block ended."""
+        self._queue._return_copies(1)
 
     cdef int64_t backlog(self):
         """Messages in the log that no consumer of this handle's group

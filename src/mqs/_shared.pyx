@@ -347,6 +347,8 @@ cdef class _ViewContext:
         self._view = None
         if view is not None:
             view.release()
+            if self._queue._durable is not None:
+                self._queue._durable.end_view()
         return False
 
 
@@ -1034,11 +1036,11 @@ cdef class SharedQueue:
         group), the lag of each group, bytes in use, live attached
         processes, and the crash repair counters (``repaired_records``:
         unpublished records of dead producers turned into padding;
-        ``lost_records``: without `persist`, an upper bound on messages
-        taken by consumers that died before returning them or while
-        lending them as views; on a durable queue, the messages found
-        deleted before the consumer that took them read them, which only
-        a segment file deleted by hand can cause). A durable
+        ``lost_records``: an upper bound on messages taken by consumers
+        that died before returning them or while lending them as views;
+        on a durable queue, also the messages found deleted before the
+        consumer that took them read them, which only a segment file
+        deleted by hand can cause). A durable
         queue reports its log's groups, lag (messages and seconds),
         cursors and committed offsets; its ring counters (bytes,
         repairs) describe its inbox, which only the appender reads.
@@ -1782,8 +1784,11 @@ cdef class SharedQueue:
         queued. One window goes uncounted, to keep the bytes path free
         of extra stores: for a `bytes` or `bytearray` message, the few
         instructions from the pin drop to the return, which run no
-        Python code. A durable queue (`persist`) does not count these
-        losses.
+        Python code. A durable queue (`persist`) counts what a consumer
+        claimed from the moment before its claim, so a death just before
+        the claim counts up to one message too many, and leaves the few
+        instructions from uncounting to the return uncounted, whatever
+        the message type.
         """
         self._check_open()
         if block:
@@ -1976,8 +1981,9 @@ cdef class SharedQueue:
         If the process dies before the call returns, every message it
         took is lost, and ``stats().dropped["consumer_died"]`` counts
         all of them, with the same upper bound as for `get`: at most one
-        message too many. A durable queue (`persist`) does not count
-        them.
+        message too many. On a durable queue (`persist`) the bound is
+        the number of messages that were there to claim, at most
+        `max_items`.
         """
         cdef int status
         cdef list out
@@ -2041,9 +2047,8 @@ cdef class SharedQueue:
         The message is taken when the view is lent. If the process dies
         before the block ends, the message is lost, and once another
         process reaps the dead one (at the latest in its next `stats`)
-        ``stats().dropped["consumer_died"]`` counts it. A durable queue
-        (`persist`) ends the take before it returns the view, so a death
-        inside the block loses the message without counting it.
+        ``stats().dropped["consumer_died"]`` counts it, on a durable
+        queue (`persist`) too.
         """
         cdef _ViewContext context = _ViewContext()
         self._check_open()

@@ -121,8 +121,8 @@ class SharedQueueStats:
     of producers that died while publishing, turned into padding by a
     reader; ``"consumer_died"`` for an upper bound on messages taken by
     consumers that died before returning them or while lending them as
-    views (`SharedQueue.get_view`), which a durable queue does not count
-    (it counts messages found deleted by hand before they were read);
+    views (`SharedQueue.get_view`), and on a durable queue also the
+    messages found deleted by hand before they were read;
     ``"decode_failed"`` for messages dropped because their payload
     failed to deserialize (raised as `mqs.MessageDecodeError`).
     `delayed` is None for a queue without delayed delivery.
