@@ -112,7 +112,7 @@ from typing import Any
 
 from mqs._dirkind import LOG_BROKER, check_directory_kind
 from mqs._seglog import SegmentLog, check_options
-from mqs.broker._backend import Delivery, Envelope, GroupStats
+from mqs.broker._backend import Backend, Delivery, Envelope, GroupStats
 from mqs.broker._memory import (
     MemoryBackend,
     _redeclare_changes,
@@ -198,6 +198,11 @@ class LogBackend(MemoryBackend):
     # Whether acks, nacks and auto_ack deliveries wait for a sync under
     # fsync="always" (SharedLogBackend makes it an option).
     _sync_acks = True
+    # MemoryBackend's direct paths skip the records that this class and
+    # its subclasses write, so they get the defaults back (which leave
+    # everything to `publish` and `fetch`) unless they override them.
+    publish_one = Backend.publish_one
+    fetch_one = Backend.fetch_one
 
     def __init__(self, path: str | os.PathLike[str], *,
                  fsync: str = "interval", fsync_interval_s: float = 0.05,
@@ -592,7 +597,7 @@ class LogBackend(MemoryBackend):
                     if wait is not None and wait <= 0:
                         raise _stayed_full(topic, state.config.maxsize,
                                            len(ids), len(envelopes))
-                    self._changed.wait(_slice(wait))
+                    self._wait(_slice(wait))
         finally:
             self._sync(self._log)
 

@@ -31,6 +31,11 @@ from mqs.errors import Full, ShutDown, TopicConfigError, UnknownTopic
 
 __all__ = ["MemoryBackend"]
 
+_new_tuple = tuple.__new__
+# The fields of an `Envelope` after `body` and `priority`, at their
+# defaults.
+_ENVELOPE_DEFAULTS = Envelope(None)[2:]
+
 
 class MemoryBackend(Backend):
     """Broker state in Python objects, shared by the threads of a process.
@@ -47,6 +52,9 @@ class MemoryBackend(Backend):
     """
 
     name = "memory"
+    # Threads in `_wait` (see `__init__`); a class default, because
+    # subclasses set up their own waits.
+    _waiting = 0
 
     def __init__(self, clock: Callable[[], float] | None = None, *,
                  sample_every: int | None | str = "default") -> None:
@@ -59,6 +67,8 @@ class MemoryBackend(Backend):
         self._consumer_ids = itertools.count(1)
         self._futures: list[tuple[asyncio.AbstractEventLoop,
                                   asyncio.Future]] = []
+        # Threads in `_wait`, so that `_notify` costs nothing without them.
+        self._waiting = 0
         self._closed = False
 
     def _next_id(self) -> str:
@@ -79,6 +89,8 @@ class MemoryBackend(Backend):
 
     def _notify(self) -> None:
         """Wake every waiter; the caller holds the lock."""
+        if not self._waiting and not self._futures:
+            return
         self._changed.notify_all()
         futures, self._futures = self._futures, []
         for loop, future in futures:
@@ -87,6 +99,15 @@ class MemoryBackend(Backend):
             except RuntimeError:
                 # That loop is closed; nobody waits on the future any more.
                 pass
+
+    def _wait(self, timeout: float | None) -> None:
+        """Wait on the condition for at most `timeout` seconds; the
+        caller holds the lock."""
+        self._waiting += 1
+        try:
+            self._changed.wait(timeout)
+        finally:
+            self._waiting -= 1
 
     # Topics.
 
@@ -143,7 +164,22 @@ class MemoryBackend(Backend):
                 if wait is not None and wait <= 0:
                     raise _stayed_full(topic, state.config.maxsize,
                                        len(ids), len(envelopes))
-                self._changed.wait(_slice(wait))
+                self._wait(_slice(wait))
+
+    def publish_one(self, topic: str, body: Any, priority: int
+                    ) -> str | None:
+        # `publish` for one envelope without options, on a topic without
+        # a maxsize (which never blocks): the rest goes through
+        # `publish`, which checks and waits.
+        envelope = _new_tuple(Envelope, (body, priority,
+                                         *_ENVELOPE_DEFAULTS))
+        with self._lock:
+            state = self._topics.get(topic)
+            if state is None or state.config.maxsize or self._closed:
+                return None
+            ids = state.publish((envelope,), self.clock(), time.time())
+            self._notify()
+        return ids[0]
 
     # Consuming.
 
@@ -179,8 +215,29 @@ class MemoryBackend(Backend):
                 if deadline is not None and now >= deadline:
                     return []
                 wait = _earliest(deadline, wake)
-                self._changed.wait(_slice(None if wait is None
-                                          else wait - now))
+                self._wait(_slice(None if wait is None
+                                   else wait - now))
+
+    def fetch_one(self, topic: str, group: str, consumer: str,
+                  ack_timeout: float, auto_ack: bool) -> Delivery | None:
+        # `_try_fetch` for one message, without the next wake time, which
+        # only a waiting `fetch` needs.
+        with self._lock:
+            state = self._topics.get(topic)
+            if state is None or self._closed:
+                # `fetch` raises UnknownTopic or ShutDown.
+                return None
+            try:
+                found = state.fetch(group, consumer, 1, ack_timeout,
+                                    auto_ack, self.clock())
+            except ShutDown:
+                # A closed consumer: `fetch` raises it again.
+                return None
+            if not found:
+                return None
+            if auto_ack and state.config.maxsize:
+                self._notify()
+        return found[0]
 
     def _try_fetch(self, topic, group, consumer, max_items, ack_timeout,
                    auto_ack) -> tuple[list[Delivery], float | None]:
@@ -299,7 +356,7 @@ class MemoryBackend(Backend):
 
     def wait_changed(self, timeout: float) -> None:
         with self._lock:
-            self._changed.wait(_slice(timeout))
+            self._wait(_slice(timeout))
 
     async def wait_changed_async(self, timeout: float) -> None:
         """Await a state change or `timeout` seconds, off the lock."""
