@@ -11,6 +11,7 @@ import ast
 import inspect
 import pathlib
 import pydoc
+import re
 import types
 
 import pytest
@@ -21,6 +22,7 @@ import mqs.metrics
 import mqs.queue
 import mqs.shared
 from mqs import _queue, _ring, _seglog, _shared, _topiccore, _wheel
+from mqs.broker import _broker
 
 PACKAGE = pathlib.Path(mqs.__file__).parent
 PUBLIC_MODULES = [mqs, mqs.broker, mqs.queue, mqs.shared, mqs.metrics]
@@ -410,3 +412,114 @@ def test_documented_parameter(function, name, kind, default):
 def test_message_ack_takes_no_arguments():
     parameters = list(inspect.signature(mqs.Message.ack).parameters)
     assert parameters == ["self"]
+
+
+# ---- Broker options ---------------------------------------------------------
+
+def _backend_classes():
+    """Return {backend name: the class that takes its options}."""
+    from mqs.broker._log_shared import SharedLogBackend
+    from mqs.broker._memory import MemoryBackend
+    from mqs.broker._redis import RedisBackend
+    from mqs.broker._shm import ShmBackend
+
+    return {"memory": MemoryBackend, "shm": ShmBackend,
+            "log": SharedLogBackend, "redis": RedisBackend}
+
+
+def _accepted_options(factory):
+    """Return {name: default} of the keyword options `factory` takes."""
+    parameters = inspect.signature(factory).parameters.values()
+    return {parameter.name: parameter.default for parameter in parameters
+            if parameter.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                      inspect.Parameter.VAR_KEYWORD)}
+
+
+def _broker_doc_sections():
+    """Split help(mqs.Broker)'s docstring into the text of the
+    ``**options`` entry and that of the Other Parameters section."""
+    doc = inspect.getdoc(mqs.Broker)
+    options_start = doc.index("\n**options\n")
+    other_start = doc.index("\nOther Parameters\n----------------\n")
+    other_end = other_start + len("\nOther Parameters\n----------------\n")
+    return doc[options_start:other_start], doc[other_end:]
+
+
+def _documented_backends():
+    """Return {backend: {option: required}} from the ``**options`` list."""
+    options_text, _ = _broker_doc_sections()
+    bullets = re.findall(r'- ``"(\w+)"``: (.*?)(?=\n\s*- ``|\Z)',
+                         options_text, flags=re.DOTALL)
+    return {backend: {name: bool(required) for name, required
+                      in re.findall(r"`(\w+)`( \(required\))?", text)}
+            for backend, text in bullets}
+
+
+def _documented_options():
+    """Return {option: (default, description)} from Other Parameters.
+    The default is inspect.Parameter.empty where none is written."""
+    _, other_text = _broker_doc_sections()
+    options = {}
+    name = None
+    for line in other_text.splitlines():
+        header = re.fullmatch(r"(\w+) : (.+)", line)
+        if header:
+            name = header.group(1)
+            _, found, default_text = header.group(2).rpartition(", default ")
+            default = ast.literal_eval(default_text) if found else _EMPTY
+            options[name] = (default, "")
+        elif name is not None and line.strip():
+            default, description = options[name]
+            options[name] = (default, f"{description} {line.strip()}")
+    return options
+
+
+def test_broker_doc_lists_every_backend():
+    assert set(_documented_backends()) == set(_broker.BACKENDS)
+    assert set(_backend_classes()) == set(_broker.BACKENDS)
+
+
+@pytest.mark.parametrize("backend", sorted(_broker.BACKENDS))
+def test_broker_doc_options_match_backend(backend):
+    documented = _documented_backends()[backend]
+    accepted = _accepted_options(_backend_classes()[backend])
+    assert sorted(documented) == sorted(accepted)
+    required = {name for name, default in accepted.items()
+                if default is _EMPTY}
+    assert {name for name, flag in documented.items() if flag} == required
+
+
+@pytest.mark.parametrize("backend", ["memory", "shm", "log"])
+def test_broker_factory_takes_class_options(backend):
+    # Broker calls BACKENDS[backend]. The redis entry forwards **options
+    # to RedisBackend, which the test above covers.
+    factory_options = _accepted_options(_broker.BACKENDS[backend])
+    class_options = _accepted_options(_backend_classes()[backend])
+    assert factory_options == class_options
+
+
+def test_broker_doc_describes_every_option():
+    options = _documented_options()
+    used = set().union(*(set(names) for names
+                         in _documented_backends().values()))
+    assert set(options) == used
+    for name, (_, description) in options.items():
+        assert description, f"{name} has no description"
+
+
+@pytest.mark.parametrize("backend", sorted(_broker.BACKENDS))
+def test_broker_doc_defaults_match_backend(backend):
+    options = _documented_options()
+    accepted = _accepted_options(_backend_classes()[backend])
+    for name, default in accepted.items():
+        assert options[name][0] == default, (
+            f"{name}: documented default {options[name][0]!r}, "
+            f"{backend} backend default {default!r}")
+
+
+def test_help_broker_shows_backend_options():
+    rendered = pydoc.render_doc(mqs.Broker, renderer=pydoc.plaintext)
+    assert "Other Parameters" in rendered
+    assert 'fsync : {"interval", "always", "never"}, default "interval"' \
+        in rendered
+    assert "journal_bytes : int, default 16777216" in rendered
