@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import difflib
 import inspect
 import logging
 import math
@@ -88,14 +89,33 @@ def _redis_backend(**options: Any) -> Backend:
 
 def _check_backend_options(backend: str, factory: Callable[..., Any],
                            options: dict[str, Any]) -> None:
-    """Raise TypeError naming the backend if `factory` cannot take
-    `options`, before anything is opened."""
+    """Raise TypeError if `factory` cannot take `options`, before anything
+    is opened. The message names the backend, the invalid option and the
+    options that the backend accepts."""
+    signature = inspect.signature(factory)
     try:
-        inspect.signature(factory).bind(**options)
+        signature.bind(**options)
     except TypeError as exc:
-        raise TypeError(
-            f"invalid options for backend={backend!r}: {exc}; see "
-            f"help(mqs.Broker) for the options of each backend") from None
+        problem = str(exc)
+    else:
+        return
+    parameters = signature.parameters
+    unknown = [name for name in options if name not in parameters]
+    if unknown:
+        problem = ("got an unexpected keyword argument "
+                   if len(unknown) == 1 else
+                   "got unexpected keyword arguments ")
+        problem += ", ".join(repr(name) for name in unknown)
+        guesses = difflib.get_close_matches(unknown[0], parameters, n=1)
+        if guesses:
+            problem += f" (did you mean {guesses[0]!r}?)"
+    accepted = ", ".join(
+        f"{name} (required)" if parameter.default is parameter.empty
+        else name
+        for name, parameter in parameters.items())
+    raise TypeError(
+        f"invalid options for backend={backend!r}: {problem}; the backend "
+        f"accepts {accepted}; see help(mqs.Broker) for what each one sets")
 
 
 
@@ -1160,6 +1180,11 @@ class Broker:
                  auto_declare: bool = True, **options: Any) -> None:
         _check_bool("auto_declare", auto_declare)
         if isinstance(backend, Backend):
+            if options:
+                raise TypeError(
+                    f"options {sorted(options)} apply only to a backend "
+                    f"name such as backend='log'; pass them to the "
+                    f"{type(backend).__name__} constructor instead")
             self._backend = backend
         elif backend in BACKENDS:
             factory = BACKENDS[backend]
