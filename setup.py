@@ -95,7 +95,15 @@ setup(
         nthreads=os.cpu_count() or 1,
         compiler_directives={
             "language_level": "3",
+            # Start each method docstring with its signature in the
+            # "name($self, ...)\n--\n\n" form, which CPython exposes as
+            # __text_signature__ for inspect.signature and help(). The
+            # default "c" form is plain text that inspect cannot read.
+            # A cdef class gets no signature this way (Cython 3.x puts the
+            # constructor's into __init__.__doc__), so each public class
+            # writes its own in the first lines of its docstring.
             "embedsignature": True,
+            "embedsignature.format": "clinic",
         },
     ),
     # Compile the extensions side by side: the build takes about a minute

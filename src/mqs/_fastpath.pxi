@@ -63,7 +63,10 @@ cdef str _message_id(uint64_t seq):
 
 @cython.auto_pickle(False)
 cdef class MessageBase:
-    """The fields of one delivered message and its `ack`.
+    # The first docstring lines are the text signature that
+    # inspect.signature reads; tests/test_introspection.py checks them.
+    """MessageBase(consumer, delivery, settled)\n--\n
+    The fields of one delivered message and its `ack`.
 
     `mqs.Message` subclasses it with the rest of the public API.
     Subclasses must not add a ``__dict__`` (``__slots__ = ()``), so that

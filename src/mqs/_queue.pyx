@@ -572,7 +572,10 @@ cdef list _get_many(chain_t *chain, mqs_waitword_t *not_empty,
 
 @cython.auto_pickle(False)
 cdef class SimpleQueue:
-    """Unbounded FIFO queue, a drop-in for `queue.SimpleQueue`.
+    # The first docstring lines are the text signature that
+    # inspect.signature reads; tests/test_introspection.py checks them.
+    """SimpleQueue()\n--\n
+    Unbounded FIFO queue, a drop-in for `queue.SimpleQueue`.
 
     Same methods, blocking rules and exceptions as the standard library
     class, plus `put_many`, `get_many`, `shutdown` and iteration. Items
@@ -804,7 +807,10 @@ cdef class SimpleQueue:
 
 @cython.auto_pickle(False)
 cdef class Queue:
-    """FIFO queue, a drop-in for `queue.Queue`.
+    # The first docstring lines are the text signature that
+    # inspect.signature reads; tests/test_introspection.py checks them.
+    """Queue(maxsize=0)\n--\n
+    FIFO queue, a drop-in for `queue.Queue`.
 
     Parameters
     ----------

@@ -40,7 +40,11 @@ def _next_power_of_two(n):
 
 @cython.auto_pickle(False)
 cdef class RingBuffer:
-    """Fixed-capacity ring of Python objects with Disruptor consumers.
+    # The first docstring lines are the text signature that
+    # inspect.signature reads; tests/test_introspection.py checks them.
+    """RingBuffer(capacity, *, max_consumers=0, max_workers=1,
+               multi_producer=False)\n--\n
+    Fixed-capacity ring of Python objects with Disruptor consumers.
 
     Parameters
     ----------

@@ -296,7 +296,13 @@ cdef int _sync_hook_trampoline(void *ctx, int64_t end_offset,
 
 @cython.auto_pickle(False)
 cdef class SegmentLog:
-    """A durable, append-only log of records in memory-mapped segments.
+    # The first docstring lines are the text signature that
+    # inspect.signature reads; tests/test_introspection.py checks them.
+    """SegmentLog(path, segment_bytes=67108864, fsync='interval',
+               fsync_interval_s=0.05, retention_bytes=None,
+               retention_s=None, readonly=False, *,
+               fsync_interval_records=10000)\n--\n
+    A durable, append-only log of records in memory-mapped segments.
 
     Parameters
     ----------

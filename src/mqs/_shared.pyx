@@ -354,7 +354,14 @@ cdef class _ViewContext:
 
 @cython.auto_pickle(False)
 cdef class SharedQueue:
-    """Multi-process FIFO queue in shared memory; a drop-in for
+    # The first docstring lines are the text signature that
+    # inspect.signature reads; tests/test_introspection.py checks them.
+    """SharedQueue(maxsize=0, *, name=None, create=True,
+                capacity_bytes=None, max_message_size=None,
+                serializer=None, wait_strategy='block', groups=None,
+                group=0, ctx=None, persist=None, fsync='interval',
+                delayed_capacity_bytes=None, segment_bytes=None)\n--\n
+    Multi-process FIFO queue in shared memory; a drop-in for
     `multiprocessing.Queue`.
 
     Parameters

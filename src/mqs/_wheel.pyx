@@ -163,7 +163,10 @@ cdef inline object _insert_item(TimingWheel wheel, int64_t deadline_ns,
 @cython.auto_pickle(False)
 @cython.no_gc_clear
 cdef class TimingWheel:
-    """Timers that carry Python objects and fire in due order.
+    # The first docstring lines are the text signature that
+    # inspect.signature reads; tests/test_introspection.py checks them.
+    """TimingWheel(tick_s=0.001, capacity=1024, *, clock=None)\n--\n
+    Timers that carry Python objects and fire in due order.
 
     A hierarchical timing wheel: six levels of 64 slots, occupancy bitmaps,
     and timers that move down a level as their time comes (cascading).

@@ -25,6 +25,7 @@ import pytest
 
 import mqs
 from mqs.broker._backend import Backend
+from mqs.broker._memory import MemoryBackend
 
 import broker_children
 
@@ -1649,16 +1650,55 @@ def test_unknown_backend_names_choices():
 ])
 def test_backend_options_checked(backend, options, match):
     with pytest.raises(TypeError, match=(
-            rf"invalid options for backend='{backend}': .*{match}; see "
-            rf"help\(mqs.Broker\)")):
+            rf"invalid options for backend='{backend}': .*{match}; the "
+            rf"backend accepts .*; see help\(mqs.Broker\)")):
         mqs.Broker(backend=backend, **options)
+
+
+@pytest.mark.parametrize("backend, accepted", [
+    ("memory", "clock, sample_every"),
+    ("shm", "name (required), journal_bytes"),
+    ("log", "path (required), fsync, fsync_interval_s, segment_bytes, "
+            "compact_bytes, sample_every, journal_bytes, sync_acks"),
+])
+def test_backend_option_error_lists_accepted(backend, accepted):
+    with pytest.raises(TypeError) as error:
+        mqs.Broker(backend=backend, colour="blue")
+    message = str(error.value)
+    assert "got an unexpected keyword argument 'colour'" in message
+    assert f"backend='{backend}'" in message
+    assert f"the backend accepts {accepted};" in message
+
+
+def test_backend_option_error_suggests_name(tmp_path):
+    with pytest.raises(TypeError) as error:
+        mqs.Broker(backend="log", path=tmp_path / "broker", fsyncs="always")
+    assert "'fsyncs' (did you mean 'fsync'?)" in str(error.value)
+    assert not (tmp_path / "broker").exists()
+
+
+def test_backend_option_error_names_every_unknown():
+    with pytest.raises(TypeError) as error:
+        mqs.Broker(backend="memory", path="x", colour="blue")
+    assert ("got unexpected keyword arguments 'path', 'colour'"
+            in str(error.value))
+
+
+def test_backend_instance_rejects_options():
+    backend = MemoryBackend()
+    with pytest.raises(TypeError) as error:
+        mqs.Broker(backend, clock=time.monotonic)
+    message = str(error.value)
+    assert "options ['clock'] apply only to a backend name" in message
+    assert "MemoryBackend constructor" in message
 
 
 def test_redis_backend_options_checked(redis_url):
     pytest.importorskip("redis")
     with pytest.raises(TypeError, match=(
             r"invalid options for backend='redis': got an unexpected "
-            r"keyword argument 'nope'; see help\(mqs.Broker\)")):
+            r"keyword argument 'nope'; the backend accepts url, serializer, "
+            r".*; see help\(mqs.Broker\)")):
         mqs.Broker(backend="redis", url=redis_url, nope=1)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import difflib
 import inspect
 import logging
 import math
@@ -88,14 +89,33 @@ def _redis_backend(**options: Any) -> Backend:
 
 def _check_backend_options(backend: str, factory: Callable[..., Any],
                            options: dict[str, Any]) -> None:
-    """Raise TypeError naming the backend if `factory` cannot take
-    `options`, before anything is opened."""
+    """Raise TypeError if `factory` cannot take `options`, before anything
+    is opened. The message names the backend, the invalid option and the
+    options that the backend accepts."""
+    signature = inspect.signature(factory)
     try:
-        inspect.signature(factory).bind(**options)
+        signature.bind(**options)
     except TypeError as exc:
-        raise TypeError(
-            f"invalid options for backend={backend!r}: {exc}; see "
-            f"help(mqs.Broker) for the options of each backend") from None
+        problem = str(exc)
+    else:
+        return
+    parameters = signature.parameters
+    unknown = [name for name in options if name not in parameters]
+    if unknown:
+        problem = ("got an unexpected keyword argument "
+                   if len(unknown) == 1 else
+                   "got unexpected keyword arguments ")
+        problem += ", ".join(repr(name) for name in unknown)
+        guesses = difflib.get_close_matches(unknown[0], parameters, n=1)
+        if guesses:
+            problem += f" (did you mean {guesses[0]!r}?)"
+    accepted = ", ".join(
+        f"{name} (required)" if parameter.default is parameter.empty
+        else name
+        for name, parameter in parameters.items())
+    raise TypeError(
+        f"invalid options for backend={backend!r}: {problem}; the backend "
+        f"accepts {accepted}; see help(mqs.Broker) for what each one sets")
 
 
 
@@ -1044,40 +1064,127 @@ class Broker:
     Parameters
     ----------
     backend : str or Backend
-        ``"memory"``: this process's threads share the broker.
-        ``"log"``: every process on this machine that passes the same
-        ``path=`` shares the broker, durable in that log directory
-        (``fsync=``; see `mqs.broker._log_shared`). With
-        ``fsync="always"`` a publish returns after a sync that covers it,
-        so it survives a power loss. An ack (or nack, or auto_ack
-        delivery) returns before its sync: SIGKILL of any process loses
-        none, but a power loss may undo the acks of the last
-        ``fsync_interval_s`` (50 ms) at most, and those messages are
-        delivered again with ``attempts + 1``. ``sync_acks=True`` makes acks wait for their
-        sync too. ``"redis"``: processes on
-        any host share the broker through a Redis server (``url=``,
-        ``serializer=``; see `mqs.broker._redis`). ``"shm"``: every
-        process on this machine that passes the same ``name=`` shares
-        the broker, kept in /dev/shm until `unlink` (see
-        `mqs.broker._shm`).
+        Where the broker keeps its state, and so who shares it:
+
+        - ``"memory"``: the threads of this process.
+        - ``"shm"``: every process on this machine that passes the same
+          ``name=``. The state stays in /dev/shm until `unlink` (see
+          `mqs.broker._shm`).
+        - ``"log"``: every process on this machine that passes the same
+          ``path=``, durable in that log directory (see
+          `mqs.broker._log_shared`). With ``fsync="always"`` a publish
+          returns after a sync that covers it, so it survives a power
+          loss. An ack (or nack, or auto_ack delivery) returns before its
+          sync: SIGKILL of any process loses none, but a power loss may
+          undo the acks of the last ``fsync_interval_s`` (50 ms by
+          default) at most, and those messages are delivered again with
+          ``attempts + 1``, unless ``sync_acks=True``.
+        - ``"redis"``: processes on any host, through a Redis server
+          (``url=``; see `mqs.broker._redis`).
+
+        A `Backend` instance is used as it is, and takes no `options`.
     auto_declare : bool
         Declare an unknown topic with default settings on its first
         `publish` or `consume`. False raises `UnknownTopic` instead.
     **options
-        Passed to the backend factory (``clock=`` for the memory backend,
-        ``path=``, ``fsync=``, ``fsync_interval_s=``, ``sync_acks=``,
-        ``segment_bytes=``, ``compact_bytes=`` and ``journal_bytes=`` for
-        the log backend (see `mqs.broker._log_shared`), ``url=`` and the
-        options of `mqs.broker._redis.RedisBackend` for the redis one,
-        ``name=`` and ``journal_bytes=`` for the shm one). The memory, log
-        and redis backends take ``sample_every=``, the latency sampling of
-        `group_stats`.
+        Options of the chosen backend, described under Other Parameters.
+        Another option, or a missing required one, raises TypeError that
+        names the options the backend accepts.
+
+        - ``"memory"``: `clock`, `sample_every`.
+        - ``"shm"``: `name` (required), `journal_bytes`.
+        - ``"log"``: `path` (required), `fsync`, `fsync_interval_s`,
+          `segment_bytes`, `compact_bytes`, `sample_every`,
+          `journal_bytes`, `sync_acks`.
+        - ``"redis"``: `url`, `serializer`, `namespace`,
+          `socket_timeout`, `retry_timeout`, `connect_retry_timeout`,
+          `stream_maxlen`, `client`, `sample_every`.
+
+    Other Parameters
+    ----------------
+    clock : callable, default None
+        Monotonic clock in seconds of the memory backend; None means
+        `time.monotonic`. Tests pass a simulated one and call with
+        ``timeout=0``.
+    sample_every : int, None or "default", default "default"
+        Sample the latencies of one delivery in this many per group
+        (see `group_stats`). None turns sampling off. "default" reads
+        `mqs.metrics.default_sample_every()` when the broker opens, which
+        is what the shm backend always does.
+    name : str
+        Name of the shm broker. Processes that pass the same name share
+        it.
+    journal_bytes : int, default 16777216
+        Size in bytes of the shared journal (shm and log backends) when
+        this call creates it: a multiple of 8 from 4096 to 2**31. An
+        existing journal keeps its size. A larger journal means rarer
+        snapshots.
+    path : str or os.PathLike
+        Directory of the log broker, created (mode 0700) if missing.
+    fsync : {"interval", "always", "never"}, default "interval"
+        When the log broker's records reach the device. "always": a
+        publish returns after a sync that covers it. "interval": a
+        record is synced at most `fsync_interval_s` after it is written.
+        "never": a power loss may lose what no snapshot or close synced.
+        Every mode survives SIGKILL of any process.
+    fsync_interval_s : float, default 0.05
+        Max age in seconds of an unsynced record of the log broker under
+        "interval", and of an unsynced ack under "always".
+    segment_bytes : int, default 16777216
+        Size in bytes of each log segment file, a multiple of 4096. A
+        publish batch is split into records of at most half a segment,
+        and one message that does not fit raises `MessageTooLarge`.
+    compact_bytes : int, default 67108864
+        Bytes of log records written after the last snapshot that
+        trigger a new snapshot.
+    sync_acks : bool, default False
+        Under ``fsync="always"``, make acks, nacks and auto_ack
+        deliveries of the log broker wait for a sync that covers them,
+        as publishes do.
+    url : str, default None
+        Redis server: ``redis://[user:password@]host:port/db``, or
+        ``rediss://`` for TLS, with redis-py's TLS settings in the query
+        string (``?ssl_ca_certs=/etc/ca.pem``). Required unless `client`
+        is given: the backend never guesses a server.
+    serializer : None or "pickle", default None
+        Bodies on Redis. None: bytes or str only. "pickle": any picklable
+        body, header or key. Use it only when every client that can
+        write to the server is trusted.
+    namespace : str, default "mqs"
+        First part of every Redis key. Brokers with different namespaces
+        on one server do not see each other. It cannot contain braces or
+        colons.
+    socket_timeout : float, default 5.0
+        Seconds a Redis command may wait for its reply, unless less of
+        `retry_timeout` is left. Blocking waits use at most half of it.
+    retry_timeout : float, default 30.0
+        Seconds from the start of a call to keep retrying a lost Redis
+        connection, or a server that does not reply, before raising
+        `BackendConnectionError`.
+    connect_retry_timeout : float, default None
+        Seconds to keep retrying the first Redis connection, made while
+        the broker opens. None uses `retry_timeout`.
+    stream_maxlen : int, default None
+        Cap each Redis lane stream at about this many entries (``XADD
+        MAXLEN ~``). None never trims. An entry trimmed after a group
+        read it is dead-lettered with reason "trimmed", and one trimmed
+        before any group read it is lost without being counted.
+    client : redis.Redis, default None
+        Client to use instead of one built from `url`. Its replies must
+        be bytes (``decode_responses=False``). Each attempt then waits
+        for the client's own socket timeout, which can exceed what is
+        left of `retry_timeout`.
     """
 
     def __init__(self, backend: str | Backend = "memory", *,
                  auto_declare: bool = True, **options: Any) -> None:
         _check_bool("auto_declare", auto_declare)
         if isinstance(backend, Backend):
+            if options:
+                raise TypeError(
+                    f"options {sorted(options)} apply only to a backend "
+                    f"name such as backend='log'; pass them to the "
+                    f"{type(backend).__name__} constructor instead")
             self._backend = backend
         elif backend in BACKENDS:
             factory = BACKENDS[backend]
