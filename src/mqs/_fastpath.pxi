@@ -258,13 +258,16 @@ cdef class CorePath:
         or None to make the caller use `ShmBackend.publish`.
 
         The same contract as `ShmBackend.publish_one`: None comes back
-        when the topic is not on a core here, when its core is full or
-        retired, and when the pickle is larger than a slot.
+        when its core is full or retired, and when the pickle is larger
+        than a slot. A topic without a core here goes to the backend's
+        `_publish_journal_one`, which returns None in the cases that it
+        leaves to `publish`.
         """
         cdef int64_t seq
         core = self._usable_core(topic)
         if core is None:
-            return None
+            # Also a topic on the journal, which has its own direct path.
+            return self._backend._publish_journal_one(topic, body, priority)
         try:
             seq = core._publish_pickled(body, priority, self._checked_at)
         except TopicRetired:

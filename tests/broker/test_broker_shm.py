@@ -761,6 +761,54 @@ def test_shm_plain_topic_runs_on_its_core(name):
     other.close()
 
 
+def publish_to_journal_topic(name, count):
+    broker = open_broker(name)
+    for number in range(count):
+        broker.publish("j", {"n": number})
+    broker.close()
+
+
+@pytest.mark.parametrize("settings", [
+    {"maxsize": 1000},
+    {"retry": mqs.Backoff(base=1), "max_attempts": 3},
+])
+def test_shm_journal_topic_direct_paths_across_processes(name, settings,
+                                                         monkeypatch):
+    """On a topic that the core does not cover, publish, get and ack
+    without options take the journal's direct paths (the general ones
+    raise here), in this process and in a child, and both replicas
+    agree on every count."""
+    broker = open_broker(name)
+    broker.declare_topic("j", **settings)
+    assert "j" not in broker.backend._core_paths
+    consumer = broker.consume("j", "g", prefetch=1, ack_timeout=60)
+
+    def general_path(*args, **kwargs):
+        raise AssertionError("took the general path")
+
+    join(start(publish_to_journal_topic, name, 50))
+    monkeypatch.setattr(ShmBackend, "publish", general_path)
+    monkeypatch.setattr(ShmBackend, "fetch", general_path)
+    monkeypatch.setattr(ShmBackend, "_settle", general_path)
+    for number in range(50, 60):
+        broker.publish("j", {"n": number})
+    bodies = []
+    for _ in range(60):
+        message = consumer.get(timeout=5)
+        bodies.append(message.body)
+        assert message.ack()
+    assert bodies == [{"n": number} for number in range(60)]
+    monkeypatch.undo()
+    other = open_broker(name)
+    for replica in (broker, other):
+        stats = replica.stats("j")
+        assert (stats["published"], stats["delivered"], stats["acked"],
+                stats["stored"]) == (60, 60, 60, 0)
+    consumer.close()
+    other.close()
+    broker.close()
+
+
 def test_shm_core_topic_moves_to_journal_keeping_order(name):
     broker = open_broker(name)
     other = open_broker(name)

@@ -1162,42 +1162,11 @@ class SharedLogBackend(ShmBackend):
 
     def publish_one(self, topic: str, body: Any, priority: int
                     ) -> str | None:
-        body = _dumps(body, _PROTOCOL)
-        envelope = _new_tuple(Envelope, (body, priority,
-                                         *_ENVELOPE_DEFAULTS))
-        # `LogBackend.publish` without its wait loop: a full topic that
-        # blocks and an unknown topic return None, so `publish` waits
-        # for room, declares the topic or raises.
         try:
-            with self._lock:
-                state = self._topics.get(topic)
-                if state is None:
-                    return None
-                now = self._tick()
-                # A topic without a maxsize never blocks a publish.
-                if state.config.maxsize and self._publish_blocked(
-                        state, envelope, now):
-                    return None
-                # `_logged("publish", ...)` for one envelope. The record
-                # is built here, because `encode_record` takes twice as
-                # long, and `_reserve` raises MessageTooLarge if it does
-                # not fit. It stores the envelope as ``(body, priority)``,
-                # since replay builds ``Envelope(*fields)`` and the other
-                # fields are at their defaults.
-                wall = time.time()
-                data = self._reserve("publish", _dumps(
-                    ("publish", now, (topic, [(body, priority)], wall, 0)),
-                    _PROTOCOL))
-                try:
-                    ids = state.publish((envelope,), now, wall)
-                finally:
-                    self._append(data)
-                if self._bytes_since_snapshot > self._compact_bytes:
-                    self._after_write()
+            return self._publish_journal_one(topic, body, priority)
         finally:
             if self.fsync == "always":
                 self._sync(self._log)
-        return ids[0] if ids else None
 
     def fetch(self, topic: str, group: str, consumer: str, max_items: int,
               *, ack_timeout: float, auto_ack: bool,
@@ -1258,68 +1227,9 @@ class SharedLogBackend(ShmBackend):
         if cancelled:
             task.cancel()
 
-    def fetch_one(self, topic: str, group: str, consumer: str,
-                  ack_timeout: float, auto_ack: bool) -> Delivery | None:
-        # `_try_fetch` for one message, without the next wake time that
-        # `fetch_one` does not use. `_topic`, `_after_write` and
-        # `_unpickled` are inlined, because this runs per message.
-        try:
-            with self._lock:
-                state = self._topics.get(topic)
-                if state is None:
-                    # `fetch` raises UnknownTopic.
-                    return None
-                now = self._tick()
-                if _fetch_is_idle(state, group, consumer, auto_ack, now):
-                    return None
-                data = self._reserve("fetch", _dumps(
-                    ("fetch", now, (topic, group, consumer, 1, ack_timeout,
-                                    auto_ack)), _PROTOCOL))
-                quiet = _fetch_is_quiet(state, auto_ack, now)
-                try:
-                    # As `_do_fetch` does, without its `next_wake`.
-                    found = state.fetch(group, consumer, 1, ack_timeout,
-                                        auto_ack, now)
-                finally:
-                    self._append(data)
-                self._quiet = quiet
-                if self._bytes_since_snapshot > self._compact_bytes:
-                    self._after_write()
-        except ShutDown:
-            # `fetch` raises it again, with its own checks first.
-            return None
-        if not found:
-            return None
-        if auto_ack and self._sync_acks:
-            self._sync(self._log)
-        delivery = found[0]
-        try:
-            body = _loads(delivery[4])
-        except Exception as exc:  # whatever the body's unpickling raised
-            raise decode_error(topic, delivery[0], exc, auto_ack) from exc
-        return _new_tuple(Delivery, (*delivery[:4], body, *delivery[5:]))
-
-    def ack(self, topic: str, group: str, tag: Any) -> bool:
-        # `LogBackend._settle` for an ack, without the checks that the
-        # section already makes (ShutDown once closed), and with
-        # `_logged` and `_after_write` inlined.
-        with self._lock:
-            state = self._topics.get(topic)
-            if state is None:
-                state = self._topic(topic)
-            now = self._tick()
-            data = self._reserve("ack", _dumps(
-                ("ack", now, (topic, group, tag)), _PROTOCOL))
-            try:
-                result = state.ack(group, tag, now)
-            finally:
-                self._append(data)
-            if self._bytes_since_snapshot > self._compact_bytes:
-                self._after_write()
-            log = self._log
-        if self._sync_acks:
-            self._sync(log)
-        return result
+    # `ShmBackend._ack_journal` without the check for a topic on a core,
+    # which this backend has none of.
+    ack = ShmBackend._ack_journal  # type: ignore[assignment]
 
     # Durability.
 

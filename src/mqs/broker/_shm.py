@@ -202,9 +202,15 @@ from mqs.broker._backend import (
     Envelope,
     GroupStats,
     decode_each,
+    decode_error,
     unpickled_letter,
 )
-from mqs.broker._log import LogBackend, encode_record
+from mqs.broker._log import (
+    LogBackend,
+    _fetch_is_idle,
+    _fetch_is_quiet,
+    encode_record,
+)
 from mqs.broker._memory import MemoryBackend, _redeclare_changes
 from mqs.broker._policy import TopicConfig
 from mqs.broker._state import (
@@ -253,6 +259,14 @@ CORE_MIN_CAPACITY = 65536
 # an entry (72 bytes) and a 4 byte lane ring index per lane.
 CORE_BYTES_PER_MESSAGE = 24 + CORE_SLOT_BYTES + CORE_GROUPS * (72 + 10 * 4)
 _EXTRAS = PAYLOAD_EXTRAS
+
+# The fields of an Envelope after body and priority, at their defaults,
+# for building one without the keyword handling of Envelope.__new__.
+_ENVELOPE_DEFAULTS = Envelope(None)[2:]
+_new_tuple = tuple.__new__
+_dumps = pickle.dumps
+_loads = pickle.loads
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 # Every open ShmBackend of this process, given its own slot in a child.
 _instances: weakref.WeakSet[ShmBackend] = weakref.WeakSet()
@@ -396,6 +410,12 @@ class ShmBackend(LogBackend):
     # writer whose log is behind (`_log_behind`) writes a snapshot first.
     _enter_slow = False
     _wakes_writer = False
+    # The journal direct paths (`_publish_journal_one` ...) read these,
+    # which only the log backend sets otherwise: no log to compact or
+    # to sync.
+    _bytes_since_snapshot = 0
+    _compact_bytes = math.inf
+    _sync_acks = False
     # Set by an operation that makes nothing deliverable and frees no
     # room (a plain delivery). Leaving the section then wakes no waiter
     # for messages, and clears it.
@@ -1161,6 +1181,123 @@ class ShmBackend(LogBackend):
                                                         priority)
         return message_id
 
+    # The direct paths of a topic on the journal, per message: `publish`,
+    # `fetch` and `ack` for the common case, with the checks that the
+    # section already makes left out and the record built here.
+    # SharedLogBackend, whose topics are all on the journal, uses them
+    # too.
+
+    def _publish_journal_one(self, topic: str, body: Any, priority: int
+                             ) -> str | None:
+        """`publish_one` of a topic on the journal (`CorePath` calls it
+        for a topic without a core here); None to make the caller use
+        `publish`."""
+        body = _dumps(body, _PROTOCOL)
+        envelope = _new_tuple(Envelope, (body, priority,
+                                         *_ENVELOPE_DEFAULTS))
+        # `LogBackend.publish` without its wait loop: a full topic that
+        # blocks, an unknown topic and a topic on a core return None, so
+        # `publish` waits for room, declares the topic or uses the core.
+        with self._lock:
+            if topic in self._core_paths:
+                return None
+            state = self._topics.get(topic)
+            if state is None:
+                return None
+            now = self._tick()
+            # A topic without a maxsize never blocks a publish.
+            if state.config.maxsize and self._publish_blocked(
+                    state, envelope, now):
+                return None
+            # `_logged("publish", ...)` for one envelope. The record is
+            # built here, because `encode_record` takes twice as long, and
+            # `_reserve` raises MessageTooLarge if it does not fit. It
+            # stores the envelope as ``(body, priority)``, since replay
+            # builds ``Envelope(*fields)`` and the other fields are at
+            # their defaults.
+            wall = time.time()
+            data = self._reserve("publish", _dumps(
+                ("publish", now, (topic, [(body, priority)], wall, 0)),
+                _PROTOCOL))
+            try:
+                ids = state.publish((envelope,), now, wall)
+            finally:
+                self._append(data)
+            if self._bytes_since_snapshot > self._compact_bytes:
+                self._after_write()
+        return ids[0] if ids else None
+
+    def fetch_one(self, topic: str, group: str, consumer: str,
+                  ack_timeout: float, auto_ack: bool) -> Delivery | None:
+        # `_try_fetch` for one message of a topic on the journal, without
+        # the next wake time that `fetch_one` does not use. `_topic`,
+        # `_after_write` and `_unpickled` are inlined, because this runs
+        # per message. Consumers of core topics read through `CoreReader`.
+        try:
+            with self._lock:
+                if topic in self._core_paths:
+                    return None
+                state = self._topics.get(topic)
+                if state is None:
+                    # `fetch` raises UnknownTopic.
+                    return None
+                now = self._tick()
+                if _fetch_is_idle(state, group, consumer, auto_ack, now):
+                    return None
+                data = self._reserve("fetch", _dumps(
+                    ("fetch", now, (topic, group, consumer, 1, ack_timeout,
+                                    auto_ack)), _PROTOCOL))
+                quiet = _fetch_is_quiet(state, auto_ack, now)
+                try:
+                    # As `_do_fetch` does, without its `next_wake`.
+                    found = state.fetch(group, consumer, 1, ack_timeout,
+                                        auto_ack, now)
+                finally:
+                    self._append(data)
+                self._quiet = quiet
+                if self._bytes_since_snapshot > self._compact_bytes:
+                    self._after_write()
+        except ShutDown:
+            # `fetch` raises it again, with its own checks first.
+            return None
+        if not found:
+            return None
+        if auto_ack and self._sync_acks:
+            self._sync(self._log)
+        delivery = found[0]
+        try:
+            body = _loads(delivery[4])
+        except Exception as exc:  # whatever the body's unpickling raised
+            raise decode_error(topic, delivery[0], exc, auto_ack) from exc
+        return _new_tuple(Delivery, (*delivery[:4], body, *delivery[5:]))
+
+    def _ack_journal(self, topic: str, group: str, tag: Any
+                     ) -> bool | None:
+        """Ack a journal tag of a topic on the journal; None when the
+        topic is on a core (the caller settles there)."""
+        # `LogBackend._settle` for an ack, without the checks that the
+        # section already makes (ShutDown once closed), and with
+        # `_logged` and `_after_write` inlined.
+        with self._lock:
+            if topic in self._core_paths:
+                return None
+            state = self._topics.get(topic)
+            if state is None:
+                state = self._topic(topic)
+            now = self._tick()
+            data = self._reserve("ack", _dumps(
+                ("ack", now, (topic, group, tag)), _PROTOCOL))
+            try:
+                result = state.ack(group, tag, now)
+            finally:
+                self._append(data)
+            if self._bytes_since_snapshot > self._compact_bytes:
+                self._after_write()
+            log = self._log
+        if self._sync_acks:
+            self._sync(log)
+        return result
+
     def _publish_core(self, core: TopicCore, topic: str,
                       envelopes: Sequence[Envelope],
                       encoded: Sequence[tuple[bytes, bytes]]) -> list[str]:
@@ -1376,6 +1513,10 @@ class ShmBackend(LogBackend):
                 return core.ack(tag[1], tag[2], tag[3])
             except TopicRetired:
                 pass
+        if len(tag) != 5:
+            result = self._ack_journal(topic, group, tag)
+            if result is not None:
+                return result
         # A partial, not a lambda: a closure over the arguments would
         # slow the fast path above too.
         return self._settle_tag(
