@@ -410,9 +410,9 @@ class ShmBackend(LogBackend):
     # writer whose log is behind (`_log_behind`) writes a snapshot first.
     _enter_slow = False
     _wakes_writer = False
-    # The journal direct paths (`_publish_journal_one` ...) read these,
-    # which only the log backend sets otherwise: no log to compact or
-    # to sync.
+    # The journal direct paths (`_publish_journal_one` and others) read
+    # these. Only the log backend sets them, because only it has a log
+    # to compact and to sync.
     _bytes_since_snapshot = 0
     _compact_bytes = math.inf
     _sync_acks = False
@@ -1189,9 +1189,10 @@ class ShmBackend(LogBackend):
 
     def _publish_journal_one(self, topic: str, body: Any, priority: int
                              ) -> str | None:
-        """`publish_one` of a topic on the journal (`CorePath` calls it
-        for a topic without a core here); None to make the caller use
-        `publish`."""
+        """Publish one message without options to a topic on the
+        journal, as `publish_one` does, and return its id, or None to
+        make the caller use `publish`. `CorePath` calls it for a topic
+        without a core in this process."""
         body = _dumps(body, _PROTOCOL)
         envelope = _new_tuple(Envelope, (body, priority,
                                          *_ENVELOPE_DEFAULTS))
@@ -1273,8 +1274,9 @@ class ShmBackend(LogBackend):
 
     def _ack_journal(self, topic: str, group: str, tag: Any
                      ) -> bool | None:
-        """Ack a journal tag of a topic on the journal; None when the
-        topic is on a core (the caller settles there)."""
+        """Ack a journal tag of a topic on the journal and return the
+        result, or None when the topic is on a core, where the caller
+        settles it."""
         # `LogBackend._settle` for an ack, without the checks that the
         # section already makes (ShutDown once closed), and with
         # `_logged` and `_after_write` inlined.
