@@ -53,6 +53,11 @@ cdef extern from "mqs_seglog.h" nogil:
         int64_t temp_files_removed
         int64_t checkpoint_offset
         int64_t ended_before_checkpoint
+        int64_t damaged_ranges
+        int64_t records_skipped
+        int64_t first_skipped_offset
+        int64_t first_skipped_base
+        uint64_t first_skipped_position
 
     ctypedef struct mqs_seglog_stats_t:
         int64_t start_offset
