@@ -120,8 +120,10 @@ RecoveryReport = collections.namedtuple(
     ["segments_scanned", "records_verified", "torn_segments",
      "bytes_zeroed", "records_dropped", "first_bad_offset",
      "first_bad_segment", "first_bad_position", "temp_files_removed",
-     "ended_before_checkpoint"],
-    defaults=(False,), module="mqs")
+     "ended_before_checkpoint", "records_skipped", "damaged_ranges",
+     "first_skipped_offset", "first_skipped_segment",
+     "first_skipped_position"],
+    defaults=(False, 0, 0, -1, -1, 0), module="mqs")
 
 _FSYNC_MODES = {
     "never": MQS_SEGLOG_FSYNC_NEVER,
@@ -372,16 +374,23 @@ cdef class SegmentLog:
       after it too, as Kafka does; a cut in a segment that is not the
       last leaves a gap of offsets, and reading them raises
       `LogCorrupted`.
-    - If the records no longer end exactly at the recorded end (a
-      damaged length or offset, a truncated file, or under "never"
-      pages that an OS crash or power loss lost after the close),
-      recovery treats the segment as after a crash, verifies all of
-      it and cuts it at its first invalid record. It logs a WARNING
-      that the records end before the end recorded at the last clean
-      close, and sets `recovery.ended_before_checkpoint`; a read-only
-      handle reports the same but cuts nothing. Under "never", bytes
-      lost inside one record's value leave the walk intact, so that
-      record stays in the log and raises `LogCorrupted`.
+    - If the walk by lengths no longer ends exactly at the recorded
+      end (a damaged length or offset, or under "never" pages that an
+      OS crash or power loss lost after the close), recovery checks the
+      CRC of every record and skips each damaged range to the next
+      valid record. It keeps the result only if the valid records then
+      end exactly at the recorded end and offset. The skipped offsets
+      raise `LogCorrupted`, the records after them stay readable,
+      `recovery.records_skipped` counts them, and a WARNING is logged.
+    - If that fails too (no valid record leads to the recorded end,
+      a truncated file, or zeros from lost pages at the end), recovery
+      treats the segment as after a crash, verifies all of it and cuts
+      it at its first invalid record. It logs a WARNING that the
+      records end before the end recorded at the last clean close, and
+      sets `recovery.ended_before_checkpoint`; a read-only handle
+      reports the same but cuts nothing. Under "never", bytes lost
+      inside one record's value leave the walk intact, so that record
+      stays in the log and raises `LogCorrupted`.
 
     A sealed segment is not re-verified on open, but every read checks
     the CRC of the record it returns, so a damaged record raises
@@ -471,7 +480,9 @@ cdef class SegmentLog:
             report.records_dropped, report.first_bad_offset,
             report.first_bad_base, report.first_bad_position,
             report.temp_files_removed,
-            bool(report.ended_before_checkpoint))
+            bool(report.ended_before_checkpoint), report.records_skipped,
+            report.damaged_ranges, report.first_skipped_offset,
+            report.first_skipped_base, report.first_skipped_position)
         _log_recovery(self.path, self._recovery)
 
     def __dealloc__(self):
@@ -1200,6 +1211,10 @@ cdef class SegmentLog:
         `ended_before_checkpoint` is true when the records of the last
         segment ended before the end recorded at the last clean close;
         `first_bad_offset` then gives the offset where they end.
+        `records_skipped` counts the offsets of damaged records that
+        recovery skipped to reach that end (in `damaged_ranges` runs,
+        the first at `first_skipped_offset`): reading them raises
+        `LogCorrupted`, and the records after them stay readable.
         """
         return self._recovery
 
@@ -1396,6 +1411,15 @@ def _log_recovery(path, report):
     if report.temp_files_removed:
         logger.debug("removed %d half-created segment files from %s",
                      report.temp_files_removed, path)
+    if report.records_skipped or report.damaged_ranges:
+        logger.warning(
+            "segment log %s: skipped %d damaged record(s) in %d range(s) "
+            "below the end recorded at its last clean close, from offset "
+            "%d (segment %020d, position %d); reading those offsets raises "
+            "LogCorrupted, and the records after them are kept",
+            path, report.records_skipped, report.damaged_ranges,
+            report.first_skipped_offset, report.first_skipped_segment,
+            report.first_skipped_position)
     if report.ended_before_checkpoint:
         logger.warning(
             "segment log %s: records end at offset %d (segment %020d, "
