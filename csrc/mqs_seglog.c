@@ -1579,8 +1579,15 @@ void mqs_seglog_abandon(mqs_seglog_t *log)
 
 int mqs_seglog_close(mqs_seglog_t *log)
 {
+    return mqs_seglog_close_errno(log, NULL);
+}
+
+int mqs_seglog_close_errno(mqs_seglog_t *log, int *os_errno)
+{
     int rc = MQS_OK;
 
+    if (os_errno)
+        *os_errno = 0;
     if (!log)
         return MQS_OK;
     stop_flusher(log);
@@ -1597,6 +1604,10 @@ int mqs_seglog_close(mqs_seglog_t *log)
         rc = checkpoint_write(log, log->active, log->active->end_pos,
                               log->active->next_offset);
     }
+    if (os_errno && rc == MQS_EIO)
+        *os_errno = log->last_errno;
+    else if (os_errno && rc == MQS_EPOISONED)
+        *os_errno = atomic_load(&log->poison_errno);
     log_free(log);
     return rc;
 }

@@ -300,9 +300,15 @@ int mqs_seglog_open(mqs_seglog_t **out, const char *path,
  * referenced through mqs_seglog_segment_acquire stay mapped until
  * released.
  * Returns MQS_OK, MQS_EPOISONED (the final sync failed) or MQS_EIO
- * (writing the recovery point failed).
+ * (writing the recovery point failed). Either way the recovery point
+ * may not cover the last records, so the next open checks their CRCs.
+ * After MQS_EIO every record stays readable.
  */
 int mqs_seglog_close(mqs_seglog_t *log);
+
+/* mqs_seglog_close, and *os_errno (may be NULL) gets the errno of the
+ * failed step, or 0. */
+int mqs_seglog_close_errno(mqs_seglog_t *log, int *os_errno);
 
 /*
  * Free a log handle inherited by a forked child without touching the

@@ -3,6 +3,7 @@ recovery from damaged files, retention, readers in other processes, bad
 input, and a Hypothesis model of append/roll/retain/reopen."""
 
 import errno
+import gc
 import io
 import json
 import logging
@@ -494,9 +495,55 @@ def test_seglog_sync_error_poisons_log(tmp_path, caplog):
         log.flush()
     assert bytes(log.read(0)) == b"kept"
     assert log.stats().sync_errno == errno.EIO
-    with pytest.raises(mqs.LogPoisoned, match="final sync"):
+    with pytest.raises(mqs.LogPoisoned, match="final sync") as raised:
         log.close()
+    assert raised.value.errno == errno.EIO
     assert log.closed
+
+
+def block_recovery_point(path):
+    """Make the next recovery point write fail with EISDIR, even as root:
+    its temporary file cannot be created over a directory."""
+    os.mkdir(pathlib.Path(path) / "recovery-point.tmp")
+
+
+@pytest.mark.parametrize("fsync", ["never", "interval", "always"])
+def test_seglog_close_raises_failed_recovery_point(tmp_path, fsync):
+    path = tmp_path / "log"
+    log = mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync=fsync)
+    log.append_many([value_for(i) for i in range(20)])
+    block_recovery_point(path)
+    with pytest.raises(mqs.RecoveryPointError,
+                       match="failed to write the recovery point") as raised:
+        log.close()
+    assert isinstance(raised.value, OSError)
+    assert raised.value.errno == errno.EISDIR
+    assert raised.value.filename == str(path / "recovery-point")
+    assert log.closed
+    log.close()     # a second close does nothing
+    assert not (path / "recovery-point").exists()
+
+    (path / "recovery-point.tmp").rmdir()
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync=fsync) as log:
+        # No recovery point covers the records, so all are verified.
+        assert log.recovery.records_verified == 20
+        assert read_all(log) == [value_for(i) for i in range(20)]
+    assert (path / "recovery-point").exists()
+
+
+def test_seglog_gc_logs_close_failure(tmp_path, caplog):
+    path = tmp_path / "log"
+    log = mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync="never")
+    log.append(b"kept")
+    block_recovery_point(path)
+    with caplog.at_level(logging.WARNING, logger="mqs._seglog"):
+        del log
+        gc.collect()
+    assert "on garbage collection failed" in caplog.text
+    assert "failed to write the recovery point" in caplog.text
+    (path / "recovery-point.tmp").rmdir()
+    with mqs.SegmentLog(path, readonly=True) as reader:
+        assert bytes(reader.read(0)) == b"kept"
 
 
 def test_seglog_normal_build_ignores_failpoints(tmp_path, monkeypatch):

@@ -45,6 +45,7 @@ from mqs.errors import (
     MessageTooLarge,
     MqsError,
     OffsetOutOfRange,
+    RecoveryPointError,
 )
 from mqs.includes.mqs_atomic cimport (
     MQS_ECORRUPT,
@@ -72,7 +73,7 @@ from mqs.includes.mqs_seglog cimport (
     mqs_crc32c_impl,
     mqs_seglog_append,
     mqs_seglog_abandon,
-    mqs_seglog_close,
+    mqs_seglog_close_errno,
     mqs_seglog_config_t,
     mqs_seglog_entry_t,
     mqs_seglog_find_time,
@@ -487,6 +488,8 @@ cdef class SegmentLog:
 
     def __dealloc__(self):
         cdef mqs_seglog_t *log = self._log
+        cdef int os_errno = 0
+        cdef int rc
         if log == NULL:
             return
         self._log = NULL
@@ -498,7 +501,11 @@ cdef class SegmentLog:
         # hook; closing joins it, so the GIL must be free meanwhile.
         with nogil:
             mqs_seglog_set_sync_hook(log, NULL, NULL)
-            mqs_seglog_close(log)
+            rc = mqs_seglog_close_errno(log, &os_errno)
+        if rc != MQS_OK:
+            logger.warning("closing segment log %s on garbage collection "
+                           "failed: %s",
+                           self.path, _close_error(rc, os_errno, self.path))
 
     # ---- helpers ---------------------------------------------------------
 
@@ -1254,14 +1261,21 @@ cdef class SegmentLog:
 
         The checkpoint records where the records end, so the next open
         keeps the records after a damaged one (see the class Notes).
-        Idempotent. Views into the log stay valid.
+        Idempotent: the handle is closed even when this raises, and a
+        second call does nothing. Views into the log stay valid.
 
         Raises
         ------
         LogPoisoned
-            If the final sync failed; the handle is closed anyway.
+            If the final sync failed: records since the last successful
+            sync may be lost.
+        RecoveryPointError
+            If writing the checkpoint failed. The records stay readable,
+            and the next open checks the CRCs of the records the last
+            checkpoint written does not cover.
         """
         cdef mqs_seglog_t *log = self._log
+        cdef int os_errno = 0
         cdef int rc
         if log == NULL:
             return
@@ -1273,13 +1287,10 @@ cdef class SegmentLog:
             time.sleep(0.001)
         self._log = NULL
         with nogil:
-            rc = mqs_seglog_close(log)
+            rc = mqs_seglog_close_errno(log, &os_errno)
         self._views = {}
-        if rc == MQS_EPOISONED:
-            raise LogPoisoned(
-                _errno.EIO,
-                "the final sync of this log failed; records since the last "
-                "successful sync may be lost", self.path)
+        if rc != MQS_OK:
+            raise _close_error(rc, os_errno, self.path)
 
     def _abandon_after_fork(self):
         """Drop a handle inherited through fork without touching the log.
@@ -1405,6 +1416,25 @@ def _raise_open_error(int rc, int os_errno, str path, segment_bytes):
             os_errno,
             f"failed to open segment log: {os.strerror(os_errno)}", path)
     raise ValueError(f"invalid configuration for segment log {path!r}")
+
+
+def _close_error(int rc, int os_errno, str path):
+    """Return the exception for a failed mqs_seglog_close."""
+    err = os_errno or _errno.EIO
+    if rc == MQS_EPOISONED:
+        return LogPoisoned(
+            err,
+            f"the final sync of this log failed ({os.strerror(err)}); "
+            f"records since the last successful sync may be lost", path)
+    if rc == MQS_EIO:
+        return RecoveryPointError(
+            err,
+            f"failed to write the recovery point of segment log {path!r} "
+            f"at close ({os.strerror(err)}). The records are intact, and "
+            f"the next open checks the CRCs of the records after the last "
+            f"recovery point written", os.path.join(path, "recovery-point"))
+    return MqsError(f"segment log {path!r}: unexpected status {rc} "
+                    f"from close")
 
 
 def _log_recovery(path, report):

@@ -1062,6 +1062,36 @@ static void test_resync_sealed_segment(void)
     CHECK_EQ(mqs_seglog_close(log), MQS_OK);
 }
 
+/* A failed write of the recovery point fails the close with MQS_EIO and
+ * its errno; the records stay, and the next open verifies them. */
+static void test_close_reports_recovery_point_failure(void)
+{
+    static const int64_t none[] = {-1};
+    char path[300], temp[400];
+    mqs_seglog_t *log;
+    mqs_seglog_recovery_t rep;
+    int os_errno = 0;
+
+    log_dir(path, sizeof path, "close-eio");
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
+    for (int i = 0; i < 5; i++)
+        append_sized(log, RESYNC_VALUE, i);
+    /* The temporary file cannot be created over a directory, root or
+     * not. */
+    snprintf(temp, sizeof temp, "%s/recovery-point.tmp", path);
+    CHECK_EQ(mkdir(temp, 0700), 0);
+    CHECK_EQ(mqs_seglog_close_errno(log, &os_errno), MQS_EIO);
+    CHECK_EQ(os_errno, EISDIR);
+    CHECK_EQ(rmdir(temp), 0);
+
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), &rep);
+    CHECK_EQ(rep.checkpoint_offset, -1);
+    CHECK_EQ(rep.records_verified, 5);
+    check_reads(log, 5, none);
+    CHECK_EQ(mqs_seglog_close_errno(log, &os_errno), MQS_OK);
+    CHECK_EQ(os_errno, 0);
+}
+
 static void test_open_rejects_newer_version(void)
 {
     char path[300], seg[400];
@@ -1217,6 +1247,7 @@ int main(void)
     test_resync_needs_recovery_point();
     test_resync_rejects_foreign_records();
     test_resync_sealed_segment();
+    test_close_reports_recovery_point_failure();
     test_open_rejects_newer_version();
     test_open_rejects_bad_arguments();
 

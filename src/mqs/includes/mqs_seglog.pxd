@@ -97,6 +97,7 @@ cdef extern from "mqs_seglog.h" nogil:
                         const mqs_seglog_config_t *config,
                         mqs_seglog_recovery_t *report, int *os_errno)
     int mqs_seglog_close(mqs_seglog_t *log)
+    int mqs_seglog_close_errno(mqs_seglog_t *log, int *os_errno)
     void mqs_seglog_abandon(mqs_seglog_t *log)
     int mqs_seglog_append(mqs_seglog_t *log,
                           const mqs_seglog_entry_t *entries, size_t n,
