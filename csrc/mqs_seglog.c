@@ -2649,6 +2649,9 @@ int mqs_seglog_find_time(mqs_seglog_t *log, int64_t timestamp_ns,
         size_t lo = 0, hi, gap;
         if (segment_max_ts(seg) < timestamp_ns)
             continue;
+        /* A sealed segment is indexed on its first read, and its seal
+         * alone gave the max timestamp above. */
+        segment_ensure_indexed(seg);
         /* Last entry whose running maximum is still below the target:
          * every record up to it is too old, so start after it. */
         hi = seg->tix_n;

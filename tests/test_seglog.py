@@ -546,6 +546,20 @@ def test_seglog_gc_logs_close_failure(tmp_path, caplog):
         assert bytes(reader.read(0)) == b"kept"
 
 
+def test_seglog_find_time_in_unread_sealed_segment(tmp_path):
+    path = tmp_path / "log"
+    with mqs.SegmentLog(path, segment_bytes=8192, fsync="never") as log:
+        for offset in range(100):
+            log.append(b"x" * 100, timestamp=1000 + offset)
+        assert log.stats().segments > 2
+    # A new handle has read nothing, so its sealed segments are not
+    # indexed yet.
+    with mqs.SegmentLog(path, readonly=True) as reader:
+        assert next(reader.iter_from(timestamp=1005)).offset == 5
+    with mqs.SegmentLog(path, segment_bytes=8192, fsync="never") as log:
+        assert next(log.iter_from(timestamp=1040)).offset == 40
+
+
 def test_seglog_normal_build_ignores_failpoints(tmp_path, monkeypatch):
     with open(mqs._seglog.__file__, "rb") as f:
         if b"seglog.sync_eio" in f.read():
