@@ -572,9 +572,18 @@ static uint64_t resync_candidate(const mqs_segment_t *seg, uint64_t from,
     for (pos = from + MQS_SEGLOG_ALIGN;
          pos + MQS_SEGLOG_RECORD_HEADER_BYTES <= limit;
          pos += MQS_SEGLOG_ALIGN) {
-        int64_t offset = (int64_t)get_u64(seg->map + pos +
-                                          MQS_SEGLOG_R_OFFSET);
+        const uint8_t *p = seg->map + pos;
+        int64_t offset = (int64_t)get_u64(p + MQS_SEGLOG_R_OFFSET);
         uint32_t length;
+        /* The attributes and reserved fields (0 or 1 together, from
+         * every writer) reject most bytes before the CRC, which costs a
+         * pass over `length` bytes. NOTE: values that look like record
+         * headers at many positions (lengths, offsets near `expected`
+         * and these fields) still cost one CRC each, so a search through
+         * such data is quadratic in the worst case. */
+        if ((get_u32(p + MQS_SEGLOG_R_ATTRIBUTES) &
+             ~(uint32_t)MQS_SEGLOG_ATTR_HAS_KEY) != 0)
+            continue;
         if (offset < expected ||
             (uint64_t)(offset - expected) >
                 (pos - from) / MQS_SEGLOG_RECORD_HEADER_BYTES)
