@@ -29,7 +29,10 @@
 #define SEG_NAME_BYTES 32           /* 20 digits + ".seg.tmp" + NUL */
 #define CHECKPOINT_NAME "recovery-point"
 #define CHECKPOINT_MAGIC "MQSCKPT1"
-#define CHECKPOINT_BYTES 32
+#define CHECKPOINT_BYTES 48
+/* A checkpoint written before it recorded next_offset has only its
+ * first 32 bytes. */
+#define CHECKPOINT_V1_BYTES 32
 #define LOCK_NAME "lock"
 /* The writer drops page table entries of what it wrote every this many
  * bytes of a segment. */
@@ -81,6 +84,19 @@ typedef struct time_entry {
     uint32_t pos;
 } time_entry_t;
 
+/*
+ * Damaged bytes that a resync skipped (see segment_resync): the records
+ * with offsets [first, end) lay in [pos, resume_pos) and cannot be read.
+ * The record at resume_pos has offset `end`. first == end when the
+ * damaged bytes held no record of their own.
+ */
+typedef struct gap {
+    int64_t first;
+    int64_t end;
+    uint64_t pos;
+    uint64_t resume_pos;
+} gap_t;
+
 struct mqs_segment {
     _Atomic int32_t refs;
     int fd;
@@ -97,8 +113,10 @@ struct mqs_segment {
     int64_t seal_next_offset;
 
     /* Walk state: records [base, next_offset) at [HEADER, end_pos) have
-     * been checked and indexed. For a sealed segment the walk may stop
-     * early at a damaged record; the rest up to the seal is unreadable. */
+     * been checked and indexed, except the offsets in `gaps` (in order).
+     * For a sealed segment whose records cannot be resynchronized with
+     * the seal, the walk stops early at a damaged record, and the rest
+     * up to the seal is unreadable. */
     int indexed;
     uint64_t end_pos;
     int64_t next_offset;
@@ -114,6 +132,8 @@ struct mqs_segment {
     size_t idx_n, idx_cap;
     time_entry_t *tix;
     size_t tix_n, tix_cap;
+    gap_t *gaps;
+    size_t gaps_n, gaps_cap;
 };
 
 enum failpoint {
@@ -487,6 +507,7 @@ static void index_reset(mqs_segment_t *seg)
 {
     seg->idx_n = 0;
     seg->tix_n = 0;
+    seg->gaps_n = 0;
     seg->min_ts = INT64_MAX;
     seg->max_ts = INT64_MIN;
     seg->end_pos = MQS_SEGLOG_HEADER_BYTES;
@@ -520,15 +541,152 @@ static enum frame_result segment_walk(mqs_segment_t *seg, uint64_t limit,
     }
 }
 
-/* Build the index of a sealed segment the first time it is read. */
+static int gap_add(mqs_segment_t *seg, int64_t first, int64_t end,
+                   uint64_t pos, uint64_t resume_pos)
+{
+    if (seg->gaps_n == seg->gaps_cap) {
+        size_t cap = seg->gaps_cap ? seg->gaps_cap * 2 : 4;
+        gap_t *grown = realloc(seg->gaps, cap * sizeof *grown);
+        if (!grown)
+            return MQS_ENOMEM;
+        seg->gaps = grown;
+        seg->gaps_cap = cap;
+    }
+    seg->gaps[seg->gaps_n++] = (gap_t){first, end, pos, resume_pos};
+    return MQS_OK;
+}
+
+/*
+ * First 8-byte aligned position after `from` and below `limit` where a
+ * record with a valid CRC starts whose offset lies in [expected,
+ * next_limit) (next_limit < 0: no upper bound). Each skipped record
+ * takes at least MQS_SEGLOG_RECORD_HEADER_BYTES of [from, pos), which
+ * bounds how far above `expected` the offset may be. Returns 0 if none.
+ */
+static uint64_t resync_candidate(const mqs_segment_t *seg, uint64_t from,
+                                 uint64_t limit, int64_t expected,
+                                 int64_t next_limit, int64_t *offset_out)
+{
+    uint64_t pos;
+
+    for (pos = from + MQS_SEGLOG_ALIGN;
+         pos + MQS_SEGLOG_RECORD_HEADER_BYTES <= limit;
+         pos += MQS_SEGLOG_ALIGN) {
+        const uint8_t *p = seg->map + pos;
+        int64_t offset = (int64_t)get_u64(p + MQS_SEGLOG_R_OFFSET);
+        uint32_t length;
+        /* The attributes and reserved fields (0 or 1 together, from
+         * every writer) reject most bytes before the CRC, which costs a
+         * pass over `length` bytes. NOTE: values that look like record
+         * headers at many positions (lengths, offsets near `expected`
+         * and these fields) still cost one CRC each, so a search through
+         * such data is quadratic in the worst case. */
+        if ((get_u32(p + MQS_SEGLOG_R_ATTRIBUTES) &
+             ~(uint32_t)MQS_SEGLOG_ATTR_HAS_KEY) != 0)
+            continue;
+        if (offset < expected ||
+            (uint64_t)(offset - expected) >
+                (pos - from) / MQS_SEGLOG_RECORD_HEADER_BYTES)
+            continue;
+        if (next_limit >= 0 && offset >= next_limit)
+            continue;
+        if (frame_check(seg, pos, limit, -1, 1, &length) == FRAME_VALID) {
+            *offset_out = offset;
+            return pos;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Re-index `seg` from its header up to `end_pos`, checking every CRC and
+ * skipping damaged records. Where the walk stops before end_pos, the
+ * next record that passes its checks (resync_candidate) resumes it, and
+ * the offsets in between become a gap. The result counts only if the
+ * walk then ends exactly at end_pos, with `next_offset` next when it is
+ * known (>= 0). Random bytes cannot pass: every resumed walk starts at a
+ * record with this file's CRC seed and must arrive at the end that a
+ * clean close or the seal recorded.
+ *
+ * When no record passes between the stop and end_pos, the damaged
+ * records were the last ones. That is accepted only with a known
+ * next_offset, which gives the offsets skipped, and only when the walk
+ * stopped at a non-zero length. Pages that an OS crash lost read as
+ * zeros, and recovery cuts those instead.
+ * Returns 1 on success, 0 if the records cannot be resynchronized (the
+ * walk state is then partial, and the caller resets it), MQS_ENOMEM.
+ */
+static int segment_resync(mqs_segment_t *seg, uint64_t end_pos,
+                          int64_t next_offset, int64_t *verified)
+{
+    index_reset(seg);
+    for (;;) {
+        enum frame_result stop = segment_walk(seg, end_pos, 0, verified);
+        uint64_t from = seg->end_pos;
+        int64_t expected = seg->next_offset;
+        int64_t resume_offset = -1;
+        uint64_t resume;
+
+        if (from == end_pos)
+            break;
+        resume = resync_candidate(seg, from, end_pos, expected, next_offset,
+                                  &resume_offset);
+        if (resume == 0) {
+            if (next_offset <= expected || stop != FRAME_BAD ||
+                (uint64_t)(next_offset - expected) >
+                    (end_pos - from) / MQS_SEGLOG_RECORD_HEADER_BYTES)
+                return 0;
+            resume = end_pos;
+            resume_offset = next_offset;
+        }
+        if (gap_add(seg, expected, resume_offset, from, resume) != MQS_OK)
+            return MQS_ENOMEM;
+        seg->end_pos = resume;
+        seg->next_offset = resume_offset;
+    }
+    return next_offset < 0 || seg->next_offset == next_offset;
+}
+
+/*
+ * Build the index of a sealed segment the first time it is read. A walk
+ * that stops before the seal's end resynchronizes with it, so a record
+ * damaged after the seal costs only its own offsets.
+ */
 static void segment_ensure_indexed(mqs_segment_t *seg)
 {
+    uint64_t limit = seg->sealed ? seg->seal_end_pos : seg->map_bytes;
+
     if (seg->indexed)
         return;
     index_reset(seg);
-    segment_walk(seg, seg->sealed ? seg->seal_end_pos : seg->map_bytes,
-                 UINT64_MAX, NULL);
+    segment_walk(seg, limit, UINT64_MAX, NULL);
+    if (seg->sealed && seg->end_pos != limit &&
+        segment_resync(seg, limit, seg->seal_next_offset, NULL) != 1) {
+        /* Reads past the damage return MQS_ECORRUPT. */
+        index_reset(seg);
+        segment_walk(seg, limit, UINT64_MAX, NULL);
+    }
     seg->indexed = 1;
+}
+
+/* Return the gap that contains `offset`, or NULL. *floor (may be NULL)
+ * gets the last gap that ends at or below it, or NULL. */
+static const gap_t *gap_lookup(const mqs_segment_t *seg, int64_t offset,
+                               const gap_t **floor)
+{
+    const gap_t *below = NULL;
+
+    for (size_t i = 0; i < seg->gaps_n; i++) {
+        const gap_t *g = &seg->gaps[i];
+        if (offset < g->first)
+            break;
+        if (offset < g->end)
+            return g;
+        below = g;
+    }
+    if (floor)
+        *floor = below;
+    return NULL;
 }
 
 /* Offset after the last record in the segment (by its seal, if any). */
@@ -556,6 +714,7 @@ static void segment_free(mqs_segment_t *seg)
         close(seg->fd);
     free(seg->idx);
     free(seg->tix);
+    free(seg->gaps);
     free(seg);
 }
 
@@ -932,8 +1091,9 @@ static int list_segments(mqs_seglog_t *log, int64_t min_base,
 
 /* ---- checkpoint ------------------------------------------------------- */
 
+/* Read the checkpoint; *next_offset gets -1 if it does not record one. */
 static int checkpoint_read(mqs_seglog_t *log, int64_t *base, uint64_t *pos,
-                           uint32_t *epoch_low)
+                           uint32_t *epoch_low, int64_t *next_offset)
 {
     uint8_t b[CHECKPOINT_BYTES];
     int fd = openat(log->dir_fd, CHECKPOINT_NAME, O_RDONLY | O_CLOEXEC);
@@ -943,12 +1103,17 @@ static int checkpoint_read(mqs_seglog_t *log, int64_t *base, uint64_t *pos,
         return 0;
     got = pread(fd, b, sizeof b, 0);
     close(fd);
-    if (got != (ssize_t)sizeof b || memcmp(b, CHECKPOINT_MAGIC, 8) != 0 ||
+    if (got < CHECKPOINT_V1_BYTES || memcmp(b, CHECKPOINT_MAGIC, 8) != 0 ||
         get_u32(b + 28) != mqs_crc32c_extend(0, b, 28))
         return 0;
     *base = (int64_t)get_u64(b + 8);
     *pos = get_u64(b + 16);
     *epoch_low = get_u32(b + 24);
+    *next_offset = -1;
+    if (got == CHECKPOINT_BYTES &&
+        get_u32(b + 40) == mqs_crc32c_extend(0, b, 40) &&
+        (int64_t)get_u64(b + 32) >= *base)
+        *next_offset = (int64_t)get_u64(b + 32);
     return 1;
 }
 
@@ -957,17 +1122,20 @@ static int checkpoint_read(mqs_seglog_t *log, int64_t *base, uint64_t *pos,
  * The "never" mode skips both fsyncs, as it skips every other sync.
  */
 static int checkpoint_write(mqs_seglog_t *log, const mqs_segment_t *seg,
-                            uint64_t pos)
+                            uint64_t pos, int64_t next_offset)
 {
     uint8_t b[CHECKPOINT_BYTES];
     const char *temp = CHECKPOINT_NAME ".tmp";
     int fd;
 
+    memset(b, 0, sizeof b);
     memcpy(b, CHECKPOINT_MAGIC, 8);
     put_u64(b + 8, (uint64_t)seg->base_offset);
     put_u64(b + 16, pos);
     put_u32(b + 24, (uint32_t)seg->epoch);
     put_u32(b + 28, mqs_crc32c_extend(0, b, 28));
+    put_u64(b + 32, (uint64_t)next_offset);
+    put_u32(b + 40, mqs_crc32c_extend(0, b, 40));
     fd = openat(log->dir_fd, temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
                 0600);
     if (fd < 0)
@@ -1068,19 +1236,37 @@ static int damaged_at(const mqs_segment_t *seg, uint64_t pos,
     return 1;
 }
 
+/* Add the gaps of a resynchronized segment to the report. */
+static void report_gaps(const mqs_segment_t *seg, mqs_seglog_recovery_t *rep)
+{
+    for (size_t i = 0; i < seg->gaps_n; i++) {
+        const gap_t *g = &seg->gaps[i];
+        if (rep->first_skipped_offset < 0) {
+            rep->first_skipped_offset = g->first;
+            rep->first_skipped_base = seg->base_offset;
+            rep->first_skipped_position = g->pos;
+        }
+        rep->damaged_ranges++;
+        rep->records_skipped += g->end - g->first;
+    }
+}
+
 /*
  * Verify an unsealed segment and, for a writer, zero everything after
  * its last valid record, so that stale or torn bytes can never be taken
  * as records later. Records below `verify_from` (the checkpoint) are
  * walked by their lengths and offsets only, so a damaged record there
  * stays in place and its reads fail. If that walk ends before
- * verify_from, or the file was truncated below it, the segment lost
- * records since the checkpoint was written: the whole segment is
- * verified and cut at its first invalid record, and a writer removes
- * the checkpoint.
+ * verify_from, the records are resynchronized with the checkpoint
+ * (segment_resync, with `verify_next` the offset it recorded or -1).
+ * If that fails too, or the file was truncated below verify_from, the
+ * segment lost records since the checkpoint was written: the whole
+ * segment is verified and cut at its first invalid record, and a writer
+ * removes the checkpoint.
  */
 static int segment_recover(mqs_seglog_t *log, mqs_segment_t *seg,
-                           uint64_t verify_from, mqs_seglog_recovery_t *rep)
+                           uint64_t verify_from, int64_t verify_next,
+                           mqs_seglog_recovery_t *rep)
 {
     uint64_t garbage_end;
     uint64_t file_bytes = seg->map_bytes - seg->extended_bytes;
@@ -1090,8 +1276,21 @@ static int segment_recover(mqs_seglog_t *log, mqs_segment_t *seg,
         verify_from = MQS_SEGLOG_HEADER_BYTES;
     index_reset(seg);
     /* Records below the checkpoint must end exactly at it. */
-    if (file_bytes >= verify_from)
+    if (file_bytes >= verify_from) {
         segment_walk(seg, verify_from, UINT64_MAX, NULL);
+        if (seg->end_pos != verify_from) {
+            int64_t checked = 0;
+            int rc = segment_resync(seg, verify_from, verify_next, &checked);
+            if (rc < 0)
+                return rc;
+            if (rc == 1) {
+                rep->records_verified += checked;
+                report_gaps(seg, rep);
+            } else {
+                index_reset(seg);
+            }
+        }
+    }
     if (seg->end_pos == verify_from) {
         segment_walk(seg, seg->map_bytes, verify_from,
                      &rep->records_verified);
@@ -1145,7 +1344,7 @@ static int segment_recover(mqs_seglog_t *log, mqs_segment_t *seg,
 
 static int open_existing(mqs_seglog_t *log, mqs_seglog_recovery_t *rep)
 {
-    int64_t *bases = NULL, ck_base = -1;
+    int64_t *bases = NULL, ck_base = -1, ck_next = -1;
     size_t n = 0;
     uint64_t ck_pos = 0;
     uint32_t ck_epoch = 0;
@@ -1168,18 +1367,20 @@ static int open_existing(mqs_seglog_t *log, mqs_seglog_recovery_t *rep)
     }
     free(bases);
 
-    have_ck = checkpoint_read(log, &ck_base, &ck_pos, &ck_epoch);
+    have_ck = checkpoint_read(log, &ck_base, &ck_pos, &ck_epoch, &ck_next);
     for (size_t i = 0; i < log->nsegs; i++) {
         mqs_segment_t *seg = log->segs[i];
         uint64_t verify_from = MQS_SEGLOG_HEADER_BYTES;
+        int64_t verify_next = -1;
         if (seg->sealed)
             continue;
         if (have_ck && ck_base == seg->base_offset &&
             ck_epoch == (uint32_t)seg->epoch && ck_pos <= seg->map_bytes) {
             verify_from = ck_pos;
+            verify_next = ck_next;
             rep->checkpoint_offset = ck_base;
         }
-        rc = segment_recover(log, seg, verify_from, rep);
+        rc = segment_recover(log, seg, verify_from, verify_next, rep);
         /* A writer seals every segment but the last, so appends go to
          * exactly one unsealed segment. */
         if (rc == MQS_OK && !log->cfg.readonly && i + 1 < log->nsegs)
@@ -1314,6 +1515,8 @@ int mqs_seglog_open(mqs_seglog_t **out, const char *path,
     report->first_bad_offset = -1;
     report->first_bad_base = -1;
     report->checkpoint_offset = -1;
+    report->first_skipped_offset = -1;
+    report->first_skipped_base = -1;
     if (os_errno)
         *os_errno = 0;
     rc = config_check(config);
@@ -1385,8 +1588,15 @@ void mqs_seglog_abandon(mqs_seglog_t *log)
 
 int mqs_seglog_close(mqs_seglog_t *log)
 {
+    return mqs_seglog_close_errno(log, NULL);
+}
+
+int mqs_seglog_close_errno(mqs_seglog_t *log, int *os_errno)
+{
     int rc = MQS_OK;
 
+    if (os_errno)
+        *os_errno = 0;
     if (!log)
         return MQS_OK;
     stop_flusher(log);
@@ -1394,13 +1604,19 @@ int mqs_seglog_close(mqs_seglog_t *log)
     if (!log->cfg.readonly && is_durable(log)) {
         rc = mqs_seglog_sync(log, -1);
         if (rc == MQS_OK)
-            rc = checkpoint_write(log, log->active, log->active->end_pos);
+            rc = checkpoint_write(log, log->active, log->active->end_pos,
+                                  log->active->next_offset);
     } else if (!log->cfg.readonly && !atomic_load(&log->poison_errno)) {
         /* "never": record the end without a sync, so that the next open
          * treats a damaged record below it as damage and keeps the
          * records after it, as in the other modes. */
-        rc = checkpoint_write(log, log->active, log->active->end_pos);
+        rc = checkpoint_write(log, log->active, log->active->end_pos,
+                              log->active->next_offset);
     }
+    if (os_errno && rc == MQS_EIO)
+        *os_errno = log->last_errno;
+    else if (os_errno && rc == MQS_EPOISONED)
+        *os_errno = atomic_load(&log->poison_errno);
     log_free(log);
     return rc;
 }
@@ -2221,7 +2437,7 @@ static int open_new_segments(mqs_seglog_t *log)
             break;
         if (!seg->sealed) {
             memset(&unused, 0, sizeof unused);
-            segment_recover(log, seg, 0, &unused);
+            segment_recover(log, seg, 0, -1, &unused);
         }
         rc = segs_push(log, seg);
         if (rc != MQS_OK)
@@ -2263,12 +2479,14 @@ static ssize_t find_segment(const mqs_seglog_t *log, int64_t offset)
 /*
  * Find where the record at `offset` starts. The walk to it trusts the
  * lengths because they were checked when the segment was indexed and
- * records below the walk end never change.
+ * records below the walk end never change. It never crosses a gap: an
+ * offset after one is walked to from the record that ends it.
  */
 static int locate(mqs_seglog_t *log, int64_t offset, mqs_segment_t **seg_out,
                   uint64_t *pos_out)
 {
     mqs_segment_t *seg;
+    const gap_t *floor = NULL;
     ssize_t i;
     uint64_t pos;
     int64_t at;
@@ -2287,6 +2505,8 @@ static int locate(mqs_seglog_t *log, int64_t offset, mqs_segment_t **seg_out,
     segment_ensure_indexed(seg);
     if (offset >= seg->next_offset)
         return MQS_ECORRUPT;   /* damaged in a sealed segment, or a gap */
+    if (gap_lookup(seg, offset, &floor) != NULL)
+        return MQS_ECORRUPT;   /* skipped by a resync */
     if (log->resident_seg != seg) {
         /* Reads move on to another segment: the last one's pages leave
          * this process's resident set (views still fault them back). */
@@ -2296,7 +2516,8 @@ static int locate(mqs_seglog_t *log, int64_t offset, mqs_segment_t **seg_out,
         log->resident_seg = seg;
     }
 
-    if (log->hint_seg == seg && log->hint_offset == offset) {
+    if (log->hint_seg == seg && log->hint_offset == offset &&
+        (floor == NULL || log->hint_pos >= floor->resume_pos)) {
         *seg_out = seg;
         *pos_out = log->hint_pos;
         return MQS_OK;
@@ -2317,6 +2538,10 @@ static int locate(mqs_seglog_t *log, int64_t offset, mqs_segment_t **seg_out,
         } else {
             pos = seg->idx[lo - 1].pos;
             at = seg->base_offset + seg->idx[lo - 1].rel;
+        }
+        if (floor != NULL && at < floor->end) {
+            pos = floor->resume_pos;
+            at = floor->end;
         }
     }
     while (at < offset) {
@@ -2371,7 +2596,7 @@ int mqs_seglog_read_batch(mqs_seglog_t *log, int64_t offset,
 {
     mqs_segment_t *seg;
     uint64_t pos;
-    int64_t n = 0;
+    int64_t n = 0, end;
     int rc;
 
     *count = 0;
@@ -2380,7 +2605,14 @@ int mqs_seglog_read_batch(mqs_seglog_t *log, int64_t offset,
     rc = locate(log, offset, &seg, &pos);
     if (rc != MQS_OK)
         return rc;
-    while (n < max_records && offset + n < seg->next_offset) {
+    end = seg->next_offset;
+    for (size_t g = 0; g < seg->gaps_n; g++) {
+        if (seg->gaps[g].first > offset) {
+            end = seg->gaps[g].first;
+            break;
+        }
+    }
+    while (n < max_records && offset + n < end) {
         const uint8_t *p = seg->map + pos;
         uint32_t length, key_len;
         if (frame_check(seg, pos, seg->end_pos, offset + n, 1, &length) !=
@@ -2423,9 +2655,12 @@ int mqs_seglog_find_time(mqs_seglog_t *log, int64_t timestamp_ns,
         mqs_segment_t *seg = log->segs[i];
         uint64_t pos = MQS_SEGLOG_HEADER_BYTES;
         int64_t at = seg->base_offset;
-        size_t lo = 0, hi;
+        size_t lo = 0, hi, gap;
         if (segment_max_ts(seg) < timestamp_ns)
             continue;
+        /* A sealed segment is indexed on its first read, and its seal
+         * alone gave the max timestamp above. */
+        segment_ensure_indexed(seg);
         /* Last entry whose running maximum is still below the target:
          * every record up to it is too old, so start after it. */
         hi = seg->tix_n;
@@ -2440,8 +2675,21 @@ int mqs_seglog_find_time(mqs_seglog_t *log, int64_t timestamp_ns,
             pos = seg->tix[lo - 1].pos;
             at = seg->base_offset + seg->tix[lo - 1].rel;
         }
+        gap = 0;
+        while (gap < seg->gaps_n && seg->gaps[gap].first < at)
+            gap++;
         for (; at < seg->next_offset; at++) {
-            const uint8_t *p = seg->map + pos;
+            const uint8_t *p;
+            /* Skip the offsets of damaged records: their timestamps are
+             * unknown. */
+            while (gap < seg->gaps_n && seg->gaps[gap].first == at) {
+                pos = seg->gaps[gap].resume_pos;
+                at = seg->gaps[gap].end;
+                gap++;
+            }
+            if (at >= seg->next_offset)
+                break;
+            p = seg->map + pos;
             if ((int64_t)get_u64(p + MQS_SEGLOG_R_TIMESTAMP) >= timestamp_ns) {
                 *offset = at;
                 return MQS_OK;

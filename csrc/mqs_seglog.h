@@ -66,7 +66,7 @@
  * acquires a non-zero length sees the whole record (the same publication
  * rule as the ring).
  *
- * recovery-point (32 bytes), written by a clean close of a writer for
+ * recovery-point (48 bytes), written by a clean close of a writer for
  * the end of its last segment, and replaced atomically (write, fsync,
  * rename, fsync of the directory). The "always" and "interval" modes
  * write it only after a sync covering the records succeeded. "never"
@@ -74,6 +74,12 @@
  *
  *   +0 char[8] "MQSCKPT1"  +8 i64 segment base_offset  +16 u64 position
  *   +24 u32 epoch low bits  +28 u32 CRC-32C of bytes [0, 28)
+ *   +32 i64 next_offset, the offset after the last record
+ *   +40 u32 CRC-32C of bytes [0, 40)  +44 u32 zero
+ *
+ * Versions that wrote only the first 32 bytes read the first 32 bytes
+ * of this one. A file of 32 bytes is still read, and then recovery
+ * does not know next_offset.
  *
  * Records of that segment below `position` were complete when the log
  * closed, so recovery walks them by length and offset only and checks
@@ -81,14 +87,30 @@
  * its reads return MQS_ECORRUPT, while the records after it stay
  * readable.
  * The walk must end exactly at `position`. If it does not (a damaged
- * length or offset, a truncated file, or under "never" pages that an
- * OS crash lost), recovery verifies the whole segment, cuts it at its
- * first invalid record and removes the recovery point. Logs written
- * before "never" wrote a recovery point have none and are verified in
- * full. Sealed segments are not re-verified on open (in the "always"
- * and "interval" modes their records were synced before the seal was
- * written), and every read still checks the CRC of the record it
- * returns.
+ * length or offset), recovery walks the segment again from its start
+ * and checks every CRC. At each record that fails, it searches
+ * forward, 8 bytes at a time, for the first record with a valid CRC
+ * and an offset at or after the expected one, and goes on from there
+ * (a resync). The resync holds only if that walk, through valid
+ * records, ends exactly at `position` (and at next_offset, when
+ * recorded). The records skipped in between stay in place, their
+ * offsets read as MQS_ECORRUPT, and the report counts them
+ * (records_skipped). Pages that an OS crash lost under "never" read
+ * as zeros and are skipped the same way when valid records follow
+ * them. If no valid record follows the last damaged one, the damaged
+ * records were the last ones below `position`, and only next_offset
+ * gives their offsets: without it, or when the length there is zero
+ * (lost pages rather than damage), the resync fails. When it fails, or
+ * the file was truncated below `position`, recovery verifies the whole
+ * segment, cuts it at its first invalid record and removes the
+ * recovery point.
+ * Logs written before "never" wrote a recovery point have none and are
+ * verified in full. Sealed segments are not re-verified on open (in the
+ * "always" and "interval" modes their records were synced before the
+ * seal was written), and every read still checks the CRC of the record
+ * it returns. A sealed segment whose walk stops before the seal's end
+ * on its first read resynchronizes with the seal's end_position and
+ * next_offset by the same rule.
  *
  * Threads: every function below that takes a log must be called by one
  * thread at a time (the Python binding holds the GIL), except
@@ -195,6 +217,14 @@ typedef struct mqs_seglog_recovery {
      * read-only handles included, and a writer cut the segment there
      * and removed the checkpoint. */
     int64_t ended_before_checkpoint;
+    /* Damaged records below a checkpoint that recovery skipped to
+     * resynchronize with it (see the header comment): reads of their
+     * offsets return MQS_ECORRUPT. */
+    int64_t damaged_ranges;     /* runs of consecutive damaged bytes */
+    int64_t records_skipped;    /* offsets in those ranges */
+    int64_t first_skipped_offset; /* first offset of the first, or -1 */
+    int64_t first_skipped_base; /* base offset of its segment, or -1 */
+    uint64_t first_skipped_position;
 } mqs_seglog_recovery_t;
 
 typedef struct mqs_seglog_stats {
@@ -270,9 +300,15 @@ int mqs_seglog_open(mqs_seglog_t **out, const char *path,
  * referenced through mqs_seglog_segment_acquire stay mapped until
  * released.
  * Returns MQS_OK, MQS_EPOISONED (the final sync failed) or MQS_EIO
- * (writing the recovery point failed).
+ * (writing the recovery point failed). Either way the recovery point
+ * may not cover the last records, so the next open checks their CRCs.
+ * After MQS_EIO every record stays readable.
  */
 int mqs_seglog_close(mqs_seglog_t *log);
+
+/* mqs_seglog_close, and *os_errno (may be NULL) gets the errno of the
+ * failed step, or 0. */
+int mqs_seglog_close_errno(mqs_seglog_t *log, int *os_errno);
 
 /*
  * Free a log handle inherited by a forked child without touching the

@@ -572,21 +572,47 @@ def test_dump_counts_damage_after_clean_close(tmp_path, fsync):
 
 
 @pytest.mark.parametrize("fsync", ["never", "interval", "always"])
-def test_dump_counts_records_lost_before_clean_end(tmp_path, fsync):
+def test_dump_reports_records_skipped_by_resync(tmp_path, fsync):
     path = tmp_path / "events"
     with mqs.SegmentLog(path, fsync=fsync) as log:
         log.append_many([b"rec-%d" % i for i in range(5)])
     segment = next(path.glob("*.seg"))
     data = bytearray(segment.read_bytes())
     # The length of record 2 sits 32 bytes before its value; a large
-    # length hides where the records after it start.
-    data[data.find(b"rec-2") - 32 + 2] ^= 0x10
+    # length hides where the records after it start, until recovery
+    # resynchronizes at record 3.
+    position = data.find(b"rec-2") - 32
+    data[position + 2] ^= 0x10
     segment.write_bytes(bytes(data))
     result = run_mqs("dump", str(path))
     assert result.returncode == 1
-    assert "offset 2: record fails its length or offset check" \
+    assert "offset 2: record at offset 2" in result.stdout
+    assert "offsets 0 to 4: 4 records verified, 1 damaged" in result.stdout
+    assert (f"recovery skipped 1 damaged record(s) in 1 range(s), the "
+            f"first at offset 2 (segment {0:020d}, position {position:,})"
+            in " ".join(result.stdout.split()))
+    assert "1 damaged or missing record(s)" in result.stderr
+
+
+@pytest.mark.parametrize("fsync", ["never", "interval", "always"])
+def test_dump_counts_records_lost_before_clean_end(tmp_path, fsync):
+    path = tmp_path / "events"
+    with mqs.SegmentLog(path, fsync=fsync) as log:
+        log.append_many([b"rec-%d" % i for i in range(5)])
+    segment = next(path.glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    # A large length in the last record, and a recovery point written
+    # before it recorded the next offset, so the number of offsets the
+    # damage took is unknown and the records end at offset 4.
+    data[data.find(b"rec-4") - 32 + 2] ^= 0x10
+    segment.write_bytes(bytes(data))
+    with open(path / "recovery-point", "r+b") as f:
+        f.truncate(32)
+    result = run_mqs("dump", str(path))
+    assert result.returncode == 1
+    assert "offset 4: record fails its length or offset check" \
         in result.stdout
-    assert "offsets 0 to 1: 2 records verified, 1 damaged" in result.stdout
+    assert "offsets 0 to 3: 4 records verified, 1 damaged" in result.stdout
     assert "1 damaged or missing record(s)" in result.stderr
 
 

@@ -3,11 +3,13 @@ recovery from damaged files, retention, readers in other processes, bad
 input, and a Hypothesis model of append/roll/retain/reopen."""
 
 import errno
+import gc
 import io
 import json
 import logging
 import os
 import pathlib
+import random
 import shutil
 import struct
 import subprocess
@@ -493,9 +495,69 @@ def test_seglog_sync_error_poisons_log(tmp_path, caplog):
         log.flush()
     assert bytes(log.read(0)) == b"kept"
     assert log.stats().sync_errno == errno.EIO
-    with pytest.raises(mqs.LogPoisoned, match="final sync"):
+    with pytest.raises(mqs.LogPoisoned, match="final sync") as raised:
         log.close()
+    assert raised.value.errno == errno.EIO
     assert log.closed
+
+
+def block_recovery_point(path):
+    """Make the next recovery point write fail with EISDIR, even as root:
+    its temporary file cannot be created over a directory."""
+    os.mkdir(pathlib.Path(path) / "recovery-point.tmp")
+
+
+@pytest.mark.parametrize("fsync", ["never", "interval", "always"])
+def test_seglog_close_raises_failed_recovery_point(tmp_path, fsync):
+    path = tmp_path / "log"
+    log = mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync=fsync)
+    log.append_many([value_for(i) for i in range(20)])
+    block_recovery_point(path)
+    with pytest.raises(mqs.RecoveryPointError,
+                       match="failed to write the recovery point") as raised:
+        log.close()
+    assert isinstance(raised.value, OSError)
+    assert raised.value.errno == errno.EISDIR
+    assert raised.value.filename == str(path / "recovery-point")
+    assert log.closed
+    log.close()     # a second close does nothing
+    assert not (path / "recovery-point").exists()
+
+    (path / "recovery-point.tmp").rmdir()
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync=fsync) as log:
+        # No recovery point covers the records, so all are verified.
+        assert log.recovery.records_verified == 20
+        assert read_all(log) == [value_for(i) for i in range(20)]
+    assert (path / "recovery-point").exists()
+
+
+def test_seglog_gc_logs_close_failure(tmp_path, caplog):
+    path = tmp_path / "log"
+    log = mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync="never")
+    log.append(b"kept")
+    block_recovery_point(path)
+    with caplog.at_level(logging.WARNING, logger="mqs._seglog"):
+        del log
+        gc.collect()
+    assert "on garbage collection failed" in caplog.text
+    assert "failed to write the recovery point" in caplog.text
+    (path / "recovery-point.tmp").rmdir()
+    with mqs.SegmentLog(path, readonly=True) as reader:
+        assert bytes(reader.read(0)) == b"kept"
+
+
+def test_seglog_find_time_in_unread_sealed_segment(tmp_path):
+    path = tmp_path / "log"
+    with mqs.SegmentLog(path, segment_bytes=8192, fsync="never") as log:
+        for offset in range(100):
+            log.append(b"x" * 100, timestamp=1000 + offset)
+        assert log.stats().segments > 2
+    # A new handle has read nothing, so its sealed segments are not
+    # indexed yet.
+    with mqs.SegmentLog(path, readonly=True) as reader:
+        assert next(reader.iter_from(timestamp=1005)).offset == 5
+    with mqs.SegmentLog(path, segment_bytes=8192, fsync="never") as log:
+        assert next(log.iter_from(timestamp=1040)).offset == 40
 
 
 def test_seglog_normal_build_ignores_failpoints(tmp_path, monkeypatch):
@@ -725,7 +787,17 @@ def test_seglog_recovers_garbage_after_tail(tmp_path, caplog):
     assert again.bytes_zeroed == 0
 
 
-def test_seglog_recovers_zeroed_page_in_last_mib(tmp_path, caplog):
+def read_or_damaged(log, offset):
+    """Return the value at `offset` as bytes, or None if it is damaged."""
+    try:
+        return bytes(log.read(offset))
+    except mqs.LogCorrupted:
+        return None
+
+
+def test_seglog_skips_zeroed_page_in_last_mib(tmp_path, caplog):
+    # A page lost after a clean close (as under "never" when the OS
+    # crashes): the records on it are skipped, the ones after it kept.
     path = tmp_path / "log"
     count = 12000
     fill(path, count, segment_bytes=4 << 20)
@@ -736,14 +808,41 @@ def test_seglog_recovers_zeroed_page_in_last_mib(tmp_path, caplog):
         f.write(bytes(4096))
     survivors = complete_before(positions, page)
     after = sum(1 for p in positions if p >= page + 4096)
+    lost = range(survivors, count - after)
     with caplog.at_level(logging.WARNING, logger="mqs._seglog"):
         with mqs.SegmentLog(path, segment_bytes=4 << 20) as log:
             report = log.recovery
-            assert log.end_offset == survivors
-            assert read_all(log) == [value_for(i) for i in range(survivors)]
-    assert report.first_bad_offset == survivors
-    assert after <= report.records_dropped <= count - survivors
-    assert f"{report.records_dropped} record(s) dropped" in caplog.text
+            assert log.end_offset == count
+            values = [read_or_damaged(log, i) for i in range(count)]
+            assert log.append(b"after") == count
+    assert values == [None if i in lost else value_for(i)
+                      for i in range(count)]
+    assert not report.ended_before_checkpoint
+    assert report.torn_segments == 0
+    assert report.records_dropped == 0
+    assert report.records_skipped == len(lost)
+    assert report.damaged_ranges == 1
+    assert report.first_skipped_offset == survivors
+    assert report.first_skipped_position == positions[survivors]
+    assert f"skipped {len(lost)} damaged record(s) in 1 range(s)" \
+        in caplog.text
+
+
+def test_seglog_cuts_zeroed_pages_at_clean_end(tmp_path, caplog):
+    # Zeros up to the recorded end leave no valid record to resume at,
+    # and a zero length is lost pages rather than damage: cut there.
+    path = tmp_path / "log"
+    fill(path, 200)
+    positions, end = record_positions(200)
+    with open(segment_files(path)[0], "r+b") as f:
+        f.seek(positions[150])
+        f.write(bytes(end - positions[150]))
+    with caplog.at_level(logging.WARNING, logger="mqs._seglog"):
+        report = reopen_and_check(path, 150)
+    assert report.ended_before_checkpoint
+    assert report.first_bad_offset == 150
+    assert report.records_skipped == 0
+    assert "before the end recorded at its last clean close" in caplog.text
 
 
 @pytest.mark.parametrize("fsync", ["never", "interval", "always"])
@@ -813,47 +912,175 @@ def test_seglog_writer_keeps_records_after_damage(tmp_path, fsync, caplog):
 @pytest.mark.parametrize("fsync", ["never", "interval", "always"])
 @pytest.mark.parametrize("added", [1 << 20, 1 << 11],
                          ids=["past-segment", "past-clean-end"])
-def test_seglog_cuts_when_length_damaged_below_clean_end(tmp_path, fsync,
-                                                        added, caplog):
+def test_seglog_resyncs_after_length_damaged_below_clean_end(
+        tmp_path, fsync, added, caplog):
     path = tmp_path / "log"
     fill(path, 10, fsync=fsync)
     positions, end = record_positions(10)
-    # A bit flipped in record 4's length: the records after it can no
-    # longer be located. 1 MiB runs past the 64 KiB segment; 2 KiB stays
-    # inside it but past the end recorded at the close.
+    # A bit flipped in record 4's length: the walk by lengths can no
+    # longer locate the records after it. 1 MiB runs past the 64 KiB
+    # segment; 2 KiB stays inside it but past the end recorded at the
+    # close.
     assert positions[4] + stride(value_for(4)) + added > end
     flip_byte(segment_files(path)[0], positions[4] + added.bit_length() // 8,
               1 << ((added.bit_length() - 1) % 8))
+    expected = [None if i == 4 else value_for(i) for i in range(10)]
 
     with caplog.at_level(logging.WARNING, logger="mqs._seglog"):
         with mqs.SegmentLog(path, readonly=True) as reader:
             report = reader.recovery
-            assert reader.end_offset == 4
+            assert reader.end_offset == 10
+            assert [read_or_damaged(reader, i) for i in range(10)] \
+                == expected
+    assert not report.ended_before_checkpoint
+    assert report.records_skipped == 1
+    assert report.first_skipped_offset == 4
+    assert report.first_skipped_segment == 0
+    assert report.first_skipped_position == positions[4]
+    assert "skipped 1 damaged record(s)" in caplog.text
+
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync=fsync) as log:
+        report = log.recovery
+        assert log.end_offset == 10
+        assert log.append(b"after") == 10
+    assert report.torn_segments == 0
+    assert report.records_dropped == 0
+    assert report.records_skipped == 1
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync=fsync) as log:
+        assert log.recovery.records_skipped == 1
+        assert log.end_offset == 11
+        assert [read_or_damaged(log, i) for i in range(10)] == expected
+        assert bytes(log.read(10)) == b"after"
+
+
+def truncate_recovery_point_to_32_bytes(path):
+    """Make the recovery point look like one written before it recorded
+    the next offset."""
+    with open(path / "recovery-point", "r+b") as f:
+        f.truncate(32)
+
+
+@pytest.mark.parametrize("fsync", ["never", "interval", "always"])
+@pytest.mark.parametrize("added", [1 << 20, 1 << 11],
+                         ids=["past-segment", "past-clean-end"])
+def test_seglog_cuts_damaged_last_length_without_next_offset(
+        tmp_path, fsync, added, caplog):
+    # Record 9 is the last before the recorded end, so no valid record
+    # follows it, and a recovery point without the next offset cannot
+    # tell how many offsets the damage took: cut it as after a crash.
+    path = tmp_path / "log"
+    fill(path, 10, fsync=fsync)
+    positions, end = record_positions(10)
+    flip_byte(segment_files(path)[0], positions[9] + added.bit_length() // 8,
+              1 << ((added.bit_length() - 1) % 8))
+    truncate_recovery_point_to_32_bytes(path)
+
+    with caplog.at_level(logging.WARNING, logger="mqs._seglog"):
+        with mqs.SegmentLog(path, readonly=True) as reader:
+            report = reader.recovery
+            assert reader.end_offset == 9
     assert report.ended_before_checkpoint
-    assert report.first_bad_offset == 4
-    assert report.first_bad_position == positions[4]
+    assert report.records_skipped == 0
+    assert report.first_bad_offset == 9
+    assert report.first_bad_position == positions[9]
     assert "before the end recorded at its last clean close" in caplog.text
 
     with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync=fsync) as log:
         report = log.recovery
-        assert log.end_offset == 4
-        assert log.append(b"after") == 4
+        assert log.end_offset == 9
+        assert log.append(b"after") == 9
     assert report.ended_before_checkpoint
     assert report.torn_segments == 1
-    # Records 5 to 9, and record 4 itself while its length still fits in
-    # the segment.
-    assert report.records_dropped == (6 if added < SEGMENT else 5)
+    # Record 9 itself, while its length still fits in the segment.
+    assert report.records_dropped == (1 if added < SEGMENT else 0)
     with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync=fsync) as log:
         assert not log.recovery.ended_before_checkpoint
+        assert log.end_offset == 10
+        assert bytes(log.read(9)) == b"after"
+
+
+def test_seglog_resyncs_damaged_last_length_with_next_offset(tmp_path):
+    path = tmp_path / "log"
+    fill(path, 10)
+    positions, _ = record_positions(10)
+    flip_byte(segment_files(path)[0], positions[9] + 2, 0x10)
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync="never") as log:
+        report = log.recovery
+        assert log.end_offset == 10
+        assert [read_or_damaged(log, i) for i in range(10)] \
+            == [value_for(i) for i in range(9)] + [None]
+        assert log.append(b"after") == 10
+    assert not report.ended_before_checkpoint
+    assert report.records_skipped == 1
+    assert report.first_skipped_offset == 9
+
+
+def test_seglog_resyncs_two_damaged_lengths(tmp_path):
+    path = tmp_path / "log"
+    fill(path, 40)
+    positions, _ = record_positions(40)
+    segment = segment_files(path)[0]
+    flip_byte(segment, positions[7] + 1, 0x04)
+    # Records 20 and 21 damaged together: length and offset of 20, and
+    # a zero length in 21.
+    with open(segment, "r+b") as f:
+        f.seek(positions[20])
+        f.write(random.Random(3).randbytes(16))
+        f.seek(positions[21])
+        f.write(bytes(4))
+    damaged = {7, 20, 21}
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync="never") as log:
+        report = log.recovery
+        assert log.end_offset == 40
+        assert [read_or_damaged(log, i) for i in range(40)] \
+            == [None if i in damaged else value_for(i) for i in range(40)]
+        with pytest.raises(mqs.LogCorrupted, match="offset 20"):
+            [bytes(record.value) for record in log.iter_from(8)]
+        assert [bytes(record.value) for record in log.iter_from(22)] \
+            == [value_for(i) for i in range(22, 40)]
+        batch = log.read_batch(0)
+        assert batch.num_rows == 7
+        assert log.read_batch(8).column("offset").to_pylist() \
+            == list(range(8, 20))
+    assert report.damaged_ranges == 2
+    assert report.records_skipped == 3
+    assert report.first_skipped_offset == 7
+
+
+def test_seglog_random_garbage_does_not_resync(tmp_path):
+    # Garbage from record 5 to the recorded end contains no record with
+    # this file's CRC seed, so nothing in it is returned as a record.
+    path = tmp_path / "log"
+    fill(path, 30)
+    positions, end = record_positions(30)
+    garbage = random.Random(7).randbytes(end - positions[5])
+    with open(segment_files(path)[0], "r+b") as f:
+        f.seek(positions[5])
+        f.write(garbage)
+    with mqs.SegmentLog(path, readonly=True) as reader:
+        # The recovery point records the next offset, so offsets 5 to 29
+        # are known and damaged.
+        assert reader.end_offset == 30
+        assert [read_or_damaged(reader, i) for i in range(30)] \
+            == [value_for(i) for i in range(5)] + [None] * 25
+        assert reader.recovery.records_skipped == 25
+    truncate_recovery_point_to_32_bytes(path)
+    with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync="never") as log:
+        report = log.recovery
         assert log.end_offset == 5
-        assert bytes(log.read(4)) == b"after"
+        assert read_all(log) == [value_for(i) for i in range(5)]
+    assert report.ended_before_checkpoint
+    assert report.records_skipped == 0
+    assert report.first_bad_offset == 5
+    assert report.records_dropped == 0
 
 
 def test_seglog_checkpoint_removed_after_cut_below_it(tmp_path):
     path = tmp_path / "log"
     fill(path, 10)
     positions, _ = record_positions(10)
-    flip_byte(segment_files(path)[0], positions[4] + 2, 0x10)
+    flip_byte(segment_files(path)[0], positions[9] + 2, 0x10)
+    truncate_recovery_point_to_32_bytes(path)
     with mqs.SegmentLog(path, segment_bytes=SEGMENT, fsync="never") as log:
         assert log.recovery.ended_before_checkpoint
         # The cut removed the recovery point; it covered bytes that new

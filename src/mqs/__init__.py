@@ -25,6 +25,7 @@ from mqs.errors import (
     LogPoisoned,
     LogVersionError,
     OffsetOutOfRange,
+    RecoveryPointError,
 )
 from mqs._limits import MAX_DELAY_SECONDS
 from mqs._seglog import LogRecord, SegmentLog
@@ -64,6 +65,7 @@ __all__ = [
     "LogRecord",
     "LogCorrupted",
     "LogPoisoned",
+    "RecoveryPointError",
     "LogLocked",
     "LogVersionError",
     "LayoutVersionError",

@@ -26,6 +26,11 @@ class RecoveryReport(NamedTuple):
     first_bad_position: int
     temp_files_removed: int
     ended_before_checkpoint: bool = False
+    records_skipped: int = 0
+    damaged_ranges: int = 0
+    first_skipped_offset: int = -1
+    first_skipped_segment: int = -1
+    first_skipped_position: int = 0
 
 def check_options(segment_bytes: int, fsync: str,
                   fsync_interval_s: float) -> int: ...

@@ -45,6 +45,7 @@ from mqs.errors import (
     MessageTooLarge,
     MqsError,
     OffsetOutOfRange,
+    RecoveryPointError,
 )
 from mqs.includes.mqs_atomic cimport (
     MQS_ECORRUPT,
@@ -72,7 +73,7 @@ from mqs.includes.mqs_seglog cimport (
     mqs_crc32c_impl,
     mqs_seglog_append,
     mqs_seglog_abandon,
-    mqs_seglog_close,
+    mqs_seglog_close_errno,
     mqs_seglog_config_t,
     mqs_seglog_entry_t,
     mqs_seglog_find_time,
@@ -120,8 +121,10 @@ RecoveryReport = collections.namedtuple(
     ["segments_scanned", "records_verified", "torn_segments",
      "bytes_zeroed", "records_dropped", "first_bad_offset",
      "first_bad_segment", "first_bad_position", "temp_files_removed",
-     "ended_before_checkpoint"],
-    defaults=(False,), module="mqs")
+     "ended_before_checkpoint", "records_skipped", "damaged_ranges",
+     "first_skipped_offset", "first_skipped_segment",
+     "first_skipped_position"],
+    defaults=(False, 0, 0, -1, -1, 0), module="mqs")
 
 _FSYNC_MODES = {
     "never": MQS_SEGLOG_FSYNC_NEVER,
@@ -378,16 +381,23 @@ cdef class SegmentLog:
       after it too, as Kafka does; a cut in a segment that is not the
       last leaves a gap of offsets, and reading them raises
       `LogCorrupted`.
-    - If the records no longer end exactly at the recorded end (a
-      damaged length or offset, a truncated file, or under "never"
-      pages that an OS crash or power loss lost after the close),
-      recovery treats the segment as after a crash, verifies all of
-      it and cuts it at its first invalid record. It logs a WARNING
-      that the records end before the end recorded at the last clean
-      close, and sets `recovery.ended_before_checkpoint`; a read-only
-      handle reports the same but cuts nothing. Under "never", bytes
-      lost inside one record's value leave the walk intact, so that
-      record stays in the log and raises `LogCorrupted`.
+    - If the walk by lengths no longer ends exactly at the recorded
+      end (a damaged length or offset, or under "never" pages that an
+      OS crash or power loss lost after the close), recovery checks the
+      CRC of every record and skips each damaged range to the next
+      valid record. It keeps the result only if the valid records then
+      end exactly at the recorded end and offset. The skipped offsets
+      raise `LogCorrupted`, the records after them stay readable,
+      `recovery.records_skipped` counts them, and a WARNING is logged.
+    - If that fails too (no valid record leads to the recorded end,
+      a truncated file, or zeros from lost pages at the end), recovery
+      treats the segment as after a crash, verifies all of it and cuts
+      it at its first invalid record. It logs a WARNING that the
+      records end before the end recorded at the last clean close, and
+      sets `recovery.ended_before_checkpoint`; a read-only handle
+      reports the same but cuts nothing. Under "never", bytes lost
+      inside one record's value leave the walk intact, so that record
+      stays in the log and raises `LogCorrupted`.
 
     A sealed segment is not re-verified on open, but every read checks
     the CRC of the record it returns, so a damaged record raises
@@ -477,11 +487,15 @@ cdef class SegmentLog:
             report.records_dropped, report.first_bad_offset,
             report.first_bad_base, report.first_bad_position,
             report.temp_files_removed,
-            bool(report.ended_before_checkpoint))
+            bool(report.ended_before_checkpoint), report.records_skipped,
+            report.damaged_ranges, report.first_skipped_offset,
+            report.first_skipped_base, report.first_skipped_position)
         _log_recovery(self.path, self._recovery)
 
     def __dealloc__(self):
         cdef mqs_seglog_t *log = self._log
+        cdef int os_errno = 0
+        cdef int rc
         if log == NULL:
             return
         self._log = NULL
@@ -493,7 +507,11 @@ cdef class SegmentLog:
         # hook; closing joins it, so the GIL must be free meanwhile.
         with nogil:
             mqs_seglog_set_sync_hook(log, NULL, NULL)
-            mqs_seglog_close(log)
+            rc = mqs_seglog_close_errno(log, &os_errno)
+        if rc != MQS_OK:
+            logger.warning("closing segment log %s on garbage collection "
+                           "failed: %s",
+                           self.path, _close_error(rc, os_errno, self.path))
 
     # ---- helpers ---------------------------------------------------------
 
@@ -1206,6 +1224,10 @@ cdef class SegmentLog:
         `ended_before_checkpoint` is true when the records of the last
         segment ended before the end recorded at the last clean close;
         `first_bad_offset` then gives the offset where they end.
+        `records_skipped` counts the offsets of damaged records that
+        recovery skipped to reach that end (in `damaged_ranges` runs,
+        the first at `first_skipped_offset`): reading them raises
+        `LogCorrupted`, and the records after them stay readable.
         """
         return self._recovery
 
@@ -1245,14 +1267,21 @@ cdef class SegmentLog:
 
         The checkpoint records where the records end, so the next open
         keeps the records after a damaged one (see the class Notes).
-        Idempotent. Views into the log stay valid.
+        Idempotent: the handle is closed even when this raises, and a
+        second call does nothing. Views into the log stay valid.
 
         Raises
         ------
         LogPoisoned
-            If the final sync failed; the handle is closed anyway.
+            If the final sync failed: records since the last successful
+            sync may be lost.
+        RecoveryPointError
+            If writing the checkpoint failed. The records stay readable,
+            and the next open checks the CRCs of the records the last
+            checkpoint written does not cover.
         """
         cdef mqs_seglog_t *log = self._log
+        cdef int os_errno = 0
         cdef int rc
         if log == NULL:
             return
@@ -1264,13 +1293,10 @@ cdef class SegmentLog:
             time.sleep(0.001)
         self._log = NULL
         with nogil:
-            rc = mqs_seglog_close(log)
+            rc = mqs_seglog_close_errno(log, &os_errno)
         self._views = {}
-        if rc == MQS_EPOISONED:
-            raise LogPoisoned(
-                _errno.EIO,
-                "the final sync of this log failed; records since the last "
-                "successful sync may be lost", self.path)
+        if rc != MQS_OK:
+            raise _close_error(rc, os_errno, self.path)
 
     def _abandon_after_fork(self):
         """Drop a handle inherited through fork without touching the log.
@@ -1398,10 +1424,38 @@ def _raise_open_error(int rc, int os_errno, str path, segment_bytes):
     raise ValueError(f"invalid configuration for segment log {path!r}")
 
 
+def _close_error(int rc, int os_errno, str path):
+    """Return the exception for a failed mqs_seglog_close."""
+    err = os_errno or _errno.EIO
+    if rc == MQS_EPOISONED:
+        return LogPoisoned(
+            err,
+            f"the final sync of this log failed ({os.strerror(err)}); "
+            f"records since the last successful sync may be lost", path)
+    if rc == MQS_EIO:
+        return RecoveryPointError(
+            err,
+            f"failed to write the recovery point of segment log {path!r} "
+            f"at close ({os.strerror(err)}). The records are intact, and "
+            f"the next open checks the CRCs of the records after the last "
+            f"recovery point written", os.path.join(path, "recovery-point"))
+    return MqsError(f"segment log {path!r}: unexpected status {rc} "
+                    f"from close")
+
+
 def _log_recovery(path, report):
     if report.temp_files_removed:
         logger.debug("removed %d half-created segment files from %s",
                      report.temp_files_removed, path)
+    if report.records_skipped or report.damaged_ranges:
+        logger.warning(
+            "segment log %s: skipped %d damaged record(s) in %d range(s) "
+            "below the end recorded at its last clean close, from offset "
+            "%d (segment %020d, position %d); reading those offsets raises "
+            "LogCorrupted, and the records after them are kept",
+            path, report.records_skipped, report.damaged_ranges,
+            report.first_skipped_offset, report.first_skipped_segment,
+            report.first_skipped_position)
     if report.ended_before_checkpoint:
         logger.warning(
             "segment log %s: records end at offset %d (segment %020d, "

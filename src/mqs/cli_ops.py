@@ -545,6 +545,9 @@ def _run_dump(args: argparse.Namespace) -> int:
             span = f"no records (next offset {stats.end_offset:,})"
         console.print(f"{span}: {verified_total:,} records verified, "
                       f"{damaged_total:,} damaged")
+        skipped = _skipped_line(log.recovery)
+        if skipped:
+            console.print(f"[red]{escape(skipped)}[/red]", soft_wrap=True)
     finally:
         log.close()
     if damaged_total:
@@ -552,7 +555,30 @@ def _run_dump(args: argparse.Namespace) -> int:
             f"[bold red]mqs dump: error:[/bold red] {damaged_total} damaged "
             f"or missing record(s) in {escape(args.logdir)}")
         return EXIT_FAILED
+    if skipped:
+        # Damaged bytes between records, with no offset of their own.
+        Console(stderr=True).print(
+            f"[bold red]mqs dump: error:[/bold red] damaged bytes between "
+            f"records in {escape(args.logdir)}")
+        return EXIT_FAILED
     return EXIT_OK
+
+
+def _skipped_line(report: Any) -> str:
+    """Describe the damaged records that recovery skipped, or return "".
+
+    After a clean close, recovery skips damaged records up to the next
+    valid one when the valid records then end where the close recorded.
+    Reads of the skipped offsets fail too.
+    """
+    if not report.damaged_ranges:
+        return ""
+    return (f"recovery skipped {report.records_skipped:,} damaged "
+            f"record(s) in {report.damaged_ranges:,} range(s), the first "
+            f"at offset {report.first_skipped_offset:,} (segment "
+            f"{report.first_skipped_segment:020d}, position "
+            f"{report.first_skipped_position:,}), and kept the records "
+            f"after them")
 
 
 def _end_before_checkpoint(report: Any,

@@ -16,6 +16,7 @@ __all__ = [
     "MessageDecodeError",
     "LogCorrupted",
     "LogPoisoned",
+    "RecoveryPointError",
     "LogLocked",
     "LogVersionError",
     "LayoutVersionError",
@@ -129,6 +130,16 @@ class LogPoisoned(MqsError, OSError):
     A failed fsync or msync may leave the kernel's pages marked clean, so
     a later sync could report success for lost data; the log therefore
     takes no more writes. Reopen it to recover what reached the disk.
+    """
+
+
+class RecoveryPointError(MqsError, OSError):
+    """Raised by `SegmentLog.close` when writing the recovery point failed.
+
+    The records are intact and the handle is closed. Without a recovery
+    point that covers the last records, the next open checks their CRCs
+    and cannot resynchronize past a damaged record length among them.
+    `filename` is the recovery point's path.
     """
 
 

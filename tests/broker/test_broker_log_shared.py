@@ -6,7 +6,9 @@ is simulated by removing the broker's /dev/shm journal while no process
 has it open, so that the log alone restores the broker.
 """
 
+import fcntl
 import json
+import logging
 import os
 import random
 import signal
@@ -21,7 +23,8 @@ import pytest
 import mqs
 from mqs import bench_lanes
 from mqs.broker._log import lock_holder
-from mqs.broker._log_shared import journal_name, unlink_journal
+from mqs.broker._log_shared import (
+    journal_files, journal_name, unlink_journal)
 
 
 @pytest.fixture
@@ -785,3 +788,61 @@ def test_log_lagging_writer_appends_tail(path, tmp_path):
     assert broker.stats("t")["stored"] == len(bodies) + 100
     consumer.close(drain=False)
     broker.close()
+
+
+def current_log(path):
+    return path / (path / "CURRENT").read_text().strip()
+
+
+def lock_is_free(path):
+    """Return whether no open file description holds the broker's lock."""
+    fd = os.open(path / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_log_close_logs_failed_recovery_point(path, caplog):
+    broker = open_broker(path)
+    broker.publish("t", "kept")
+    broker.close()
+    # Reopened and closed without an operation, the broker closes the
+    # log it opened, without writing a snapshot into a new one.
+    broker = open_broker(path)
+    blocked = current_log(path) / "recovery-point.tmp"
+    blocked.mkdir()     # the recovery point write fails with EISDIR
+    with caplog.at_level(logging.WARNING, logger="mqs.broker._log"):
+        broker.close()
+    assert current_log(path) == blocked.parent
+    assert "failed to write the recovery point" in caplog.text
+    assert str(path) in caplog.text
+    # The directory lock and the journal were released all the same.
+    assert lock_is_free(path)
+    assert journal_files(path) == []
+
+    blocked.rmdir()
+    broker = open_broker(path)
+    consumer = broker.consume("t", "g")
+    assert consumer.get(timeout=5).body == "kept"
+    consumer.close()
+    broker.close()
+
+
+def test_log_backend_close_logs_failed_recovery_point(path, caplog):
+    from mqs.broker._log import LogBackend
+
+    backend = LogBackend(path, segment_bytes=1 << 20)
+    backend.close()
+    backend = LogBackend(path, segment_bytes=1 << 20)
+    blocked = current_log(path) / "recovery-point.tmp"
+    blocked.mkdir()
+    with caplog.at_level(logging.WARNING, logger="mqs.broker._log"):
+        backend.close()
+    assert "failed to write the recovery point" in caplog.text
+    assert lock_is_free(path)
+    blocked.rmdir()
+    LogBackend(path, segment_bytes=1 << 20).close()

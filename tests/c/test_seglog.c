@@ -781,6 +781,317 @@ static void test_recovery_keeps_records_after_damage(void)
     }
 }
 
+/* ---- resync after a damaged length ------------------------------------ */
+
+#define RESYNC_RECORDS 20
+#define RESYNC_VALUE 40                 /* 72-byte records */
+#define RESYNC_STRIDE 72
+
+/* Write RESYNC_RECORDS records of RESYNC_VALUE bytes (record i at
+ * MQS_SEGLOG_HEADER_BYTES + i * RESYNC_STRIDE) and close cleanly. */
+static void write_resync_log(const char *path)
+{
+    mqs_seglog_t *log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS),
+                                 NULL);
+
+    for (int i = 0; i < RESYNC_RECORDS; i++)
+        CHECK_EQ(append_sized(log, RESYNC_VALUE, i), i);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+static uint64_t resync_position(int64_t offset)
+{
+    return MQS_SEGLOG_HEADER_BYTES + (uint64_t)offset * RESYNC_STRIDE;
+}
+
+/* Overwrite `n` bytes at `pos` of segment `base` of the log at `path`. */
+static void overwrite(const char *path, int64_t base, uint64_t pos,
+                      const void *bytes, size_t n)
+{
+    char seg[400];
+    int fd;
+
+    snprintf(seg, sizeof seg, "%s/%020" PRId64 ".seg", path, base);
+    fd = open(seg, O_RDWR);
+    CHECK(fd >= 0);
+    CHECK(pwrite(fd, bytes, n, (off_t)pos) == (ssize_t)n);
+    close(fd);
+}
+
+static void damage_length(const char *path, int64_t offset, uint32_t length)
+{
+    overwrite(path, 0, resync_position(offset), &length, sizeof length);
+}
+
+/* Every offset in [0, end) but those in `damaged` (a -1 terminated list)
+ * reads back as written; the damaged ones return MQS_ECORRUPT. */
+static void check_reads(mqs_seglog_t *log, int64_t end,
+                        const int64_t *damaged)
+{
+    mqs_seglog_record_t r;
+
+    for (int64_t i = 0; i < end; i++) {
+        int is_damaged = 0;
+        for (const int64_t *d = damaged; *d >= 0; d++)
+            is_damaged |= *d == i;
+        if (is_damaged) {
+            CHECK_EQ(mqs_seglog_read(log, i, &r), MQS_ECORRUPT);
+            continue;
+        }
+        CHECK_EQ(mqs_seglog_read(log, i, &r), MQS_OK);
+        CHECK_EQ(r.offset, i);
+        CHECK(value_matches(&r, RESYNC_VALUE, i));
+    }
+}
+
+static void test_resync_keeps_records_after_damaged_length(void)
+{
+    static const int64_t damaged[] = {5, -1};
+    char path[300];
+    mqs_seglog_t *log;
+    mqs_seglog_recovery_t rep;
+    mqs_seglog_stats_t st;
+    mqs_seglog_record_t r;
+    mqs_segment_t *seg = NULL;
+    int64_t count = 0, found = -1;
+
+    log_dir(path, sizeof path, "resync-middle");
+    write_resync_log(path);
+    /* Inside the next record: the walk by lengths goes astray. */
+    damage_length(path, 5, RESYNC_STRIDE + 8);
+
+    for (int pass = 0; pass < 2; pass++) {
+        log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), &rep);
+        CHECK_EQ(rep.ended_before_checkpoint, 0);
+        CHECK_EQ(rep.torn_segments, 0);
+        CHECK_EQ(rep.damaged_ranges, 1);
+        CHECK_EQ(rep.records_skipped, 1);
+        CHECK_EQ(rep.first_skipped_offset, 5);
+        CHECK_EQ(rep.first_skipped_base, 0);
+        CHECK_EQ(rep.first_skipped_position, resync_position(5));
+        mqs_seglog_get_stats(log, &st);
+        CHECK_EQ(st.end_offset, RESYNC_RECORDS + pass);
+        check_reads(log, RESYNC_RECORDS, damaged);
+        /* A batch stops before the damaged record; one after it starts
+         * at the record that ends the gap. */
+        CHECK_EQ(mqs_seglog_read_batch(log, 3, 100, NULL, NULL, NULL, NULL,
+                                       NULL, &count, &seg),
+                 MQS_OK);
+        CHECK_EQ(count, 2);
+        CHECK_EQ(mqs_seglog_read_batch(log, 5, 100, NULL, NULL, NULL, NULL,
+                                       NULL, &count, &seg),
+                 MQS_ECORRUPT);
+        CHECK_EQ(mqs_seglog_read_batch(log, 6, 100, NULL, NULL, NULL, NULL,
+                                       NULL, &count, &seg),
+                 MQS_OK);
+        CHECK_EQ(count, RESYNC_RECORDS + pass - 6);
+        /* The damaged record's timestamp (1005) is unknown. */
+        CHECK_EQ(mqs_seglog_find_time(log, 1005, &found), MQS_OK);
+        CHECK_EQ(found, 6);
+        if (pass == 0)
+            CHECK_EQ(append_sized(log, RESYNC_VALUE, RESYNC_RECORDS),
+                     RESYNC_RECORDS);
+        CHECK_EQ(mqs_seglog_read(log, RESYNC_RECORDS, &r), MQS_OK);
+        CHECK(value_matches(&r, RESYNC_VALUE, RESYNC_RECORDS));
+        CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+    }
+
+    {
+        mqs_seglog_config_t c = config(65536, MQS_SEGLOG_FSYNC_ALWAYS);
+        c.readonly = 1;
+        log = open_log(path, c, &rep);
+        CHECK_EQ(rep.records_skipped, 1);
+        check_reads(log, RESYNC_RECORDS + 1, damaged);
+        CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+    }
+}
+
+static void test_resync_damaged_last_record(void)
+{
+    static const int64_t damaged[] = {RESYNC_RECORDS - 1, -1};
+    char path[300];
+    mqs_seglog_t *log;
+    mqs_seglog_recovery_t rep;
+    mqs_seglog_stats_t st;
+
+    log_dir(path, sizeof path, "resync-last");
+    write_resync_log(path);
+    damage_length(path, RESYNC_RECORDS - 1, 0x00ffffff);
+
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), &rep);
+    CHECK_EQ(rep.ended_before_checkpoint, 0);
+    CHECK_EQ(rep.records_skipped, 1);
+    CHECK_EQ(rep.first_skipped_offset, RESYNC_RECORDS - 1);
+    mqs_seglog_get_stats(log, &st);
+    CHECK_EQ(st.end_offset, RESYNC_RECORDS);
+    check_reads(log, RESYNC_RECORDS, damaged);
+    CHECK_EQ(append_sized(log, RESYNC_VALUE, RESYNC_RECORDS), RESYNC_RECORDS);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+static void test_resync_two_damaged_records(void)
+{
+    static const int64_t damaged[] = {5, 12, 13, -1};
+    uint64_t garbage = 0x0123456789abcdefull;
+    char path[300];
+    mqs_seglog_t *log;
+    mqs_seglog_recovery_t rep;
+    mqs_seglog_stats_t st;
+
+    log_dir(path, sizeof path, "resync-two");
+    write_resync_log(path);
+    damage_length(path, 5, 40);
+    /* Records 12 and 13 damaged together: one range of two offsets, the
+     * first with garbage for its length and offset. */
+    overwrite(path, 0, resync_position(12), &garbage, sizeof garbage);
+    overwrite(path, 0, resync_position(12) + 8, &garbage, sizeof garbage);
+    damage_length(path, 13, 0);
+
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), &rep);
+    CHECK_EQ(rep.ended_before_checkpoint, 0);
+    CHECK_EQ(rep.damaged_ranges, 2);
+    CHECK_EQ(rep.records_skipped, 3);
+    CHECK_EQ(rep.first_skipped_offset, 5);
+    mqs_seglog_get_stats(log, &st);
+    CHECK_EQ(st.end_offset, RESYNC_RECORDS);
+    check_reads(log, RESYNC_RECORDS, damaged);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+/* Without a recovery point the damage ends the log, as after a crash. */
+static void test_resync_needs_recovery_point(void)
+{
+    char path[300], point[400];
+    mqs_seglog_t *log;
+    mqs_seglog_recovery_t rep;
+    mqs_seglog_record_t r;
+
+    log_dir(path, sizeof path, "resync-no-point");
+    write_resync_log(path);
+    damage_length(path, 5, RESYNC_STRIDE + 8);
+    snprintf(point, sizeof point, "%s/recovery-point", path);
+    CHECK_EQ(unlink(point), 0);
+
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), &rep);
+    CHECK_EQ(rep.records_skipped, 0);
+    CHECK_EQ(rep.damaged_ranges, 0);
+    CHECK_EQ(rep.torn_segments, 1);
+    CHECK_EQ(rep.first_bad_offset, 5);
+    CHECK_EQ(mqs_seglog_read(log, 4, &r), MQS_OK);
+    CHECK_EQ(mqs_seglog_read(log, 6, &r), MQS_EEMPTY);
+    CHECK_EQ(append_sized(log, RESYNC_VALUE, 5), 5);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+/*
+ * Records copied from another log have this layout but another CRC seed,
+ * so they never resume a walk. With a recovery point of the first 32
+ * bytes only (no next_offset), nothing resynchronizes, and the segment
+ * is cut at the damage as before.
+ */
+static void test_resync_rejects_foreign_records(void)
+{
+    char path[300], other[300], point[400], other_seg[400];
+    uint8_t bytes[RESYNC_RECORDS * RESYNC_STRIDE];
+    mqs_seglog_t *log;
+    mqs_seglog_recovery_t rep;
+    mqs_seglog_stats_t st;
+    mqs_seglog_record_t r;
+    int fd;
+
+    log_dir(path, sizeof path, "resync-foreign");
+    log_dir(other, sizeof other, "resync-foreign-source");
+    write_resync_log(path);
+    write_resync_log(other);
+    snprintf(other_seg, sizeof other_seg, "%s/%020d.seg", other, 0);
+    fd = open(other_seg, O_RDONLY);
+    CHECK(fd >= 0);
+    CHECK(pread(fd, bytes, sizeof bytes, MQS_SEGLOG_HEADER_BYTES) ==
+          (ssize_t)sizeof bytes);
+    close(fd);
+    /* Records 6 and later come from the other log, and 5 has a bad
+     * length. */
+    overwrite(path, 0, resync_position(6), bytes + 6 * RESYNC_STRIDE,
+              (RESYNC_RECORDS - 6) * RESYNC_STRIDE);
+    damage_length(path, 5, 0xfffff);
+
+    /* With next_offset recorded, offsets 5 to 19 are known and read as
+     * damaged; no foreign record is returned. */
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), &rep);
+    CHECK_EQ(rep.damaged_ranges, 1);
+    CHECK_EQ(rep.records_skipped, RESYNC_RECORDS - 5);
+    mqs_seglog_get_stats(log, &st);
+    CHECK_EQ(st.end_offset, RESYNC_RECORDS);
+    for (int64_t i = 5; i < RESYNC_RECORDS; i++)
+        CHECK_EQ(mqs_seglog_read(log, i, &r), MQS_ECORRUPT);
+    mqs_seglog_abandon(log);    /* keep the recovery point as it was */
+
+    snprintf(point, sizeof point, "%s/recovery-point", path);
+    CHECK_EQ(truncate(point, 32), 0);
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), &rep);
+    CHECK_EQ(rep.records_skipped, 0);
+    CHECK_EQ(rep.ended_before_checkpoint, 1);
+    CHECK_EQ(rep.first_bad_offset, 5);
+    CHECK_EQ(rep.records_dropped, 0);
+    mqs_seglog_get_stats(log, &st);
+    CHECK_EQ(st.end_offset, 5);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+/* A sealed segment resynchronizes with its seal on its first read. */
+static void test_resync_sealed_segment(void)
+{
+    static const int64_t damaged[] = {5, -1};
+    char path[300];
+    mqs_seglog_t *log;
+    mqs_seglog_stats_t st;
+
+    log_dir(path, sizeof path, "resync-sealed");
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
+    for (int i = 0; i < RESYNC_RECORDS; i++)
+        append_sized(log, RESYNC_VALUE, i);
+    CHECK_EQ(mqs_seglog_roll(log), MQS_OK);
+    append_sized(log, RESYNC_VALUE, RESYNC_RECORDS);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+    damage_length(path, 5, 0);
+
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
+    mqs_seglog_get_stats(log, &st);
+    CHECK_EQ(st.end_offset, RESYNC_RECORDS + 1);
+    check_reads(log, RESYNC_RECORDS + 1, damaged);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+/* A failed write of the recovery point fails the close with MQS_EIO and
+ * its errno; the records stay, and the next open verifies them. */
+static void test_close_reports_recovery_point_failure(void)
+{
+    static const int64_t none[] = {-1};
+    char path[300], temp[400];
+    mqs_seglog_t *log;
+    mqs_seglog_recovery_t rep;
+    int os_errno = 0;
+
+    log_dir(path, sizeof path, "close-eio");
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
+    for (int i = 0; i < 5; i++)
+        append_sized(log, RESYNC_VALUE, i);
+    /* The temporary file cannot be created over a directory, root or
+     * not. */
+    snprintf(temp, sizeof temp, "%s/recovery-point.tmp", path);
+    CHECK_EQ(mkdir(temp, 0700), 0);
+    CHECK_EQ(mqs_seglog_close_errno(log, &os_errno), MQS_EIO);
+    CHECK_EQ(os_errno, EISDIR);
+    CHECK_EQ(rmdir(temp), 0);
+
+    log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), &rep);
+    CHECK_EQ(rep.checkpoint_offset, -1);
+    CHECK_EQ(rep.records_verified, 5);
+    check_reads(log, 5, none);
+    CHECK_EQ(mqs_seglog_close_errno(log, &os_errno), MQS_OK);
+    CHECK_EQ(os_errno, 0);
+}
+
 static void test_open_rejects_newer_version(void)
 {
     char path[300], seg[400];
@@ -930,6 +1241,13 @@ int main(void)
     test_recovery_zeroes_garbage_after_tail();
     test_recovery_cuts_at_flipped_bit();
     test_recovery_keeps_records_after_damage();
+    test_resync_keeps_records_after_damaged_length();
+    test_resync_damaged_last_record();
+    test_resync_two_damaged_records();
+    test_resync_needs_recovery_point();
+    test_resync_rejects_foreign_records();
+    test_resync_sealed_segment();
+    test_close_reports_recovery_point_failure();
     test_open_rejects_newer_version();
     test_open_rejects_bad_arguments();
 

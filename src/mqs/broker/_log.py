@@ -127,6 +127,7 @@ from mqs.errors import (
     LogLocked,
     LogVersionError,
     MessageTooLarge,
+    RecoveryPointError,
     ShutDown,
 )
 
@@ -397,7 +398,11 @@ class LogBackend(MemoryBackend):
         self._log, self._log_name = log, name
         self._bytes_since_snapshot = 0
         if old is not None:
-            old.close()
+            try:
+                old.close()
+            except RecoveryPointError as exc:
+                # The directory is removed next, recovery point and all.
+                logger.debug("log broker %s: %s", self.path, exc)
             shutil.rmtree(os.path.join(self.path, old_name),
                           ignore_errors=True)
         logger.debug("log broker %s: wrote a snapshot of %d bytes to %s",
@@ -784,13 +789,29 @@ class LogBackend(MemoryBackend):
                 if self._failed is None and self._bytes_since_snapshot:
                     self._compact()
             finally:
-                if self._log is not None:
-                    self._log.close()
-                os.close(self._lock_fd)
+                try:
+                    if self._log is not None:
+                        close_segment_log(self._log, self.path)
+                finally:
+                    os.close(self._lock_fd)
             self._notify()
 
     def __repr__(self) -> str:
         return f"<LogBackend {self.path!r} fsync={self.fsync!r}>"
+
+
+def close_segment_log(log: SegmentLog, broker_path: str) -> None:
+    """Close the broker's `log`, logging a failed recovery point write.
+
+    The records are intact then, so the broker closes anyway, and the
+    next open checks the CRCs of the records the recovery point does not
+    cover. A failed final sync (`LogPoisoned`) may have lost records and
+    is raised.
+    """
+    try:
+        log.close()
+    except RecoveryPointError as exc:
+        logger.warning("log broker %s: %s", broker_path, exc)
 
 
 def encode_record(op: str, now: float, args: tuple) -> bytes:

@@ -178,6 +178,7 @@ from mqs.broker._log import (
     _fetch_is_quiet,
     _make_directory,
     _read_current,
+    close_segment_log,
     lock_holder,
 )
 from mqs.broker._memory import MemoryBackend, _sample_every
@@ -818,17 +819,21 @@ class SharedLogBackend(ShmBackend):
         return True
 
     def _release_files(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._journal is not None:
-            self._journal.close()
-        if self._durable is not None:
-            self._durable.release()
-        for fd in (self._lock_fd, self._users_fd, self._durable_fd):
-            if fd >= 0:
-                os.close(fd)
-        self._lock_fd = self._users_fd = self._durable_fd = -1
+        try:
+            if self._log is not None:
+                log, self._log = self._log, None
+                close_segment_log(log, self.path)
+        finally:
+            # A failed final sync of the log (LogPoisoned) still releases
+            # the journal, the mapping and the locks.
+            if self._journal is not None:
+                self._journal.close()
+            if self._durable is not None:
+                self._durable.release()
+            for fd in (self._lock_fd, self._users_fd, self._durable_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._lock_fd = self._users_fd = self._durable_fd = -1
 
     def _try_writer_lock(self) -> bool:
         """Take the writer lock if it is free; return whether this process
@@ -1073,8 +1078,8 @@ class SharedLogBackend(ShmBackend):
         self._durable[_LOG_ID] = 0
         self._reset_state()
         if self._log is not None:
-            self._log.close()
-            self._log = None
+            log, self._log = self._log, None
+            close_segment_log(log, self.path)
 
         name = _read_current(self.path)
         if name is None:

@@ -53,6 +53,11 @@ cdef extern from "mqs_seglog.h" nogil:
         int64_t temp_files_removed
         int64_t checkpoint_offset
         int64_t ended_before_checkpoint
+        int64_t damaged_ranges
+        int64_t records_skipped
+        int64_t first_skipped_offset
+        int64_t first_skipped_base
+        uint64_t first_skipped_position
 
     ctypedef struct mqs_seglog_stats_t:
         int64_t start_offset
@@ -92,6 +97,7 @@ cdef extern from "mqs_seglog.h" nogil:
                         const mqs_seglog_config_t *config,
                         mqs_seglog_recovery_t *report, int *os_errno)
     int mqs_seglog_close(mqs_seglog_t *log)
+    int mqs_seglog_close_errno(mqs_seglog_t *log, int *os_errno)
     void mqs_seglog_abandon(mqs_seglog_t *log)
     int mqs_seglog_append(mqs_seglog_t *log,
                           const mqs_seglog_entry_t *entries, size_t n,
