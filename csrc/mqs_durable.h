@@ -47,6 +47,10 @@
  *                                         its next sync; 0: none
  *   then   gathered          producers    the appender waits on it for
  *                                         gather_count
+ *   then   damaged           consumers    messages a consumer took and
+ *                                         could not read: their log
+ *                                         record failed its CRC check
+ *                                         (zero in files of older mqs)
  *
  * Group 0 uses `cursor`, so a version 1 file (blocks 0-7) reads as a
  * one-group queue. A version 2 file (4 KiB) grows to 8 KiB with zero
@@ -115,6 +119,7 @@ typedef struct mqs_dq_control {
     _Atomic int64_t reading[MQS_DQ_READERS];
     MQS_DQ_BLOCK(_Atomic int64_t) gather_count;
     MQS_DQ_BLOCK(mqs_waitword_t) gathered;
+    MQS_DQ_BLOCK(_Atomic int64_t) damaged;
 } mqs_dq_control_t;
 
 _Static_assert(sizeof(mqs_dq_control_t) <= MQS_DQ_FILE_BYTES,
@@ -133,6 +138,7 @@ enum {
     MQS_DQ_LOST = 8,
     MQS_DQ_SEGMENT_BYTES = 9,
     MQS_DQ_STORED = 10,
+    MQS_DQ_DAMAGED = 11,
 };
 
 static inline _Atomic int64_t *mqs_dq_field(mqs_dq_control_t *c, int field)
@@ -158,6 +164,8 @@ static inline _Atomic int64_t *mqs_dq_field(mqs_dq_control_t *c, int field)
         return &c->segment_bytes.v;
     case MQS_DQ_STORED:
         return &c->stored.v;
+    case MQS_DQ_DAMAGED:
+        return &c->damaged.v;
     default:
         return &c->durable_pos.v;
     }

@@ -100,7 +100,7 @@ def test_stat_json_matches_queue(queue, shm_name):
     assert stats["lag"] == [3, 4]
     assert stats["attached_processes"] == 1
     assert stats["dropped"] == {"repaired_record": 0, "consumer_died": 0,
-                                "decode_failed": 0}
+                                "decode_failed": 0, "damaged_record": 0}
 
 
 def test_stat_json_counts_delayed(queue, shm_name):

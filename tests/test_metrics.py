@@ -240,7 +240,8 @@ def test_shared_queue_stats_count_across_processes(shm_name):
         assert stats.used_bytes == 24 * 32
         assert dict(stats.dropped) == {"repaired_record": 0,
                                        "consumer_died": 0,
-                                       "decode_failed": 0}
+                                       "decode_failed": 0,
+                                       "damaged_record": 0}
         group1.close()
     finally:
         q.unlink()

@@ -401,6 +401,47 @@ def test_durable_consumers_that_return_leave_nothing_counted(
     q.close()
 
 
+def _damage_message(log_dir, marker):
+    """Flip one byte of the body that starts with `marker` in the
+    queue's segment files."""
+    for path in segment_files(log_dir):
+        with open(path, "r+b") as file:
+            data = bytearray(file.read())
+            at = data.find(marker)
+            if at >= 0:
+                data[at + len(marker)] ^= 0xFF
+                file.seek(0)
+                file.write(data)
+                return
+    raise AssertionError(f"{marker!r} not found")
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_durable_damaged_record_is_skipped_and_counted(log_dir, batch):
+    """A message whose log record was damaged on disk is dropped and
+    counted in damaged_record. A get goes on with the next message, a
+    get_many returns the others of its claim, and stats still work."""
+    q = SharedQueue(persist=log_dir, fsync="always",
+                    segment_bytes=SEGMENT_BYTES)
+    messages = [b"m%d-" % n + b"x" * 100 for n in range(5)]
+    q.put_many(messages)
+    q.close()
+    _damage_message(log_dir, b"m2-")
+    q = SharedQueue(persist=log_dir, segment_bytes=SEGMENT_BYTES)
+    assert q.stats().dropped["damaged_record"] == 0
+    if batch:
+        got = q.get_many(10, timeout=5)
+    else:
+        got = [q.get(timeout=5) for _ in range(4)]
+    assert got == messages[:2] + messages[3:]
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.2)
+    stats = q.stats()
+    assert stats.dropped["damaged_record"] == 1
+    assert stats.dropped["consumer_died"] == 0
+    q.close()
+
+
 def test_durable_restart_after_retention_delivers_unconsumed(log_dir):
     messages = [b"%06d" % n + b"r" * 500 for n in range(3000)]
     q = SharedQueue(persist=log_dir, segment_bytes=SEGMENT_BYTES)

@@ -47,6 +47,7 @@ from mqs.includes.mqs_durable cimport (
     MQS_DQ_APPENDED_OFFSET,
     MQS_DQ_APPENDED_POS,
     MQS_DQ_CURSOR,
+    MQS_DQ_DAMAGED,
     MQS_DQ_DELAYED,
     MQS_DQ_DURABLE_POS,
     MQS_DQ_FILE_BYTES,
@@ -226,7 +227,8 @@ cdef dict _durable_stats_fields(mqs_dq_control_t *control, object reader,
         delayed=mqs_dq_get(control, MQS_DQ_DELAYED),
         committed=tuple(reader.committed(_group_log_name(g))
                         for g in range(groups)),
-        lag_seconds=tuple(lag_seconds))
+        lag_seconds=tuple(lag_seconds),
+        damaged_records=mqs_dq_get(control, MQS_DQ_DAMAGED))
 
 
 cdef double _age_seconds(object reader, int64_t offset, int64_t now_ns):
@@ -234,11 +236,13 @@ cdef double _age_seconds(object reader, int64_t offset, int64_t now_ns):
     gone or not visible yet."""
     try:
         timestamp = reader.read_record(offset).timestamp
+    except LogCorrupted:
+        return 0.0
     except OffsetOutOfRange:
         try:
             reader.refresh()
             timestamp = reader.read_record(offset).timestamp
-        except OffsetOutOfRange:
+        except (OffsetOutOfRange, LogCorrupted):
             return 0.0
     return max(0.0, (now_ns - timestamp) / 1e9)
 
@@ -1193,10 +1197,20 @@ cdef class _Durable:
 
     cdef object _read(self, int64_t offset, bint view):
         """Return the message at log `offset` (or its bytes, as a view),
-        or None if retention deleted it first (counted as lost)."""
+        or None if retention deleted it first (counted as lost) or its
+        record is damaged (counted as damaged)."""
         reader = self._reader
         try:
             record = reader.read_record(offset)
+        except LogCorrupted as exc:
+            # The claim moved past it, so the message is dropped: counted,
+            # and the get goes on with the next one.
+            mqs_dq_add(self._control, MQS_DQ_DAMAGED, 1)
+            logger.warning("durable queue %s: message at offset %d is "
+                           "damaged on disk and was dropped (counted in "
+                           "stats().dropped['damaged_record']): %s",
+                           self.path, offset, exc)
+            return None
         except OffsetOutOfRange:
             try:
                 reader.refresh()

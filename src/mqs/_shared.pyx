@@ -135,6 +135,7 @@ from mqs.errors import (
     Empty,
     Full,
     LayoutVersionError,
+    LogCorrupted,
     LogLocked,
     MessageDecodeError,
     MessageTooLarge,

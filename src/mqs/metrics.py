@@ -124,7 +124,10 @@ class SharedQueueStats:
     views (`SharedQueue.get_view`), and on a durable queue also the
     messages found deleted by hand before they were read;
     ``"decode_failed"`` for messages dropped because their payload
-    failed to deserialize (raised as `mqs.MessageDecodeError`).
+    failed to deserialize (raised as `mqs.MessageDecodeError`);
+    ``"damaged_record"``, on a durable queue, for messages taken whose
+    log record failed its CRC check (damaged on disk), which the get
+    skips.
     `delayed` is None for a queue without delayed delivery.
 
     A durable queue (``persist=``) reports its log: `groups`, `lag` and
@@ -169,13 +172,16 @@ class SharedQueueStats:
     # Messages taken whose payload failed to deserialize, so the get
     # that took them raised MessageDecodeError and they were dropped.
     decode_failures: int = 0
+    # Durable queue: messages taken whose log record was damaged.
+    damaged_records: int = 0
 
     @property
     def dropped(self) -> Mapping[str, int]:
         """Messages lost, by reason."""
         return MappingProxyType({"repaired_record": self.repaired_records,
                                  "consumer_died": self.lost_records,
-                                 "decode_failed": self.decode_failures})
+                                 "decode_failed": self.decode_failures,
+                                 "damaged_record": self.damaged_records})
 
 
 @dataclass(frozen=True)

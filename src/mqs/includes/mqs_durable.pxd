@@ -17,6 +17,7 @@ cdef extern from "mqs_durable.h" nogil:
         MQS_DQ_LOST
         MQS_DQ_SEGMENT_BYTES
         MQS_DQ_STORED
+        MQS_DQ_DAMAGED
         MQS_DQ_MAX_GROUPS
         MQS_DQ_READERS
 
