@@ -250,6 +250,31 @@ def test_log_torn_last_record_opens_state_before_it(tmp_path):
     broker.close()
 
 
+def test_log_damaged_snapshot_raises_with_fix(tmp_path):
+    """A damaged record that the restore cannot get past (here the
+    final snapshot of a clean close) raises LogCorrupted naming the
+    broker and what to do, instead of opening without its state."""
+    path = tmp_path / "broker"
+    broker = open_broker(path, fsync="always")
+    broker.declare_topic("t")
+    for number in range(5):
+        broker.publish("t", b"body-%d" % number + b"x" * 100)
+    broker.close()
+    segment = last_segment(path)
+    data = bytearray(segment.read_bytes())
+    position = data.find(b"body-2")
+    assert position > 0
+    data[position + 3] ^= 0xFF
+    segment.write_bytes(bytes(data))
+
+    with pytest.raises(mqs.LogCorrupted) as caught:
+        open_broker(path)
+    message = str(caught.value)
+    assert f"log broker {path}" in message
+    assert "backup" in message
+    assert "mqs dump" in message
+
+
 def test_log_close_and_reopen_keeps_everything(tmp_path):
     path = tmp_path / "broker"
     broker = open_broker(path)

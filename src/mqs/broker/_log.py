@@ -124,6 +124,7 @@ from mqs.broker._policy import TopicConfig
 from mqs.broker._state import TopicState
 from mqs.errors import (
     BackendUnavailable,
+    LogCorrupted,
     LogLocked,
     LogVersionError,
     MessageTooLarge,
@@ -317,7 +318,19 @@ class LogBackend(MemoryBackend):
         self._log_name = name
         parts = []
         replayed = 0
-        for record in log:
+        records = iter(log)
+        while True:
+            try:
+                record = next(records, None)
+            except LogCorrupted as exc:
+                raise LogCorrupted(
+                    f"log broker {self.path}: {exc}. Its state cannot be "
+                    f"restored past a damaged record: restore the "
+                    f"directory from a backup, or see what is left with "
+                    f"`mqs dump {os.path.join(self.path, name)} "
+                    f"--verify`") from exc
+            if record is None:
+                break
             if record.key is not None:
                 parts.append(bytes(record.value))
                 continue
