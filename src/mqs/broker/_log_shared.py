@@ -1014,16 +1014,6 @@ class SharedLogBackend(ShmBackend):
         self._durable[_FAILED] = _WRITE_FAILED
         self._journal.signal(DURABLE)
 
-    def _bind_section_paths(self) -> None:
-        """Make `_append`, `_reserve` and `_tick`, which run in every
-        operation, the section's C versions (instance attributes hide
-        the methods below, which do the same)."""
-        section = self._lock
-        assert isinstance(section, _SharedSection)
-        self._append = section.append_record  # type: ignore[method-assign]
-        self._reserve = section.reserve  # type: ignore[method-assign]
-        self._tick = section.tick  # type: ignore[method-assign]
-
     def _append(self, data: bytes) -> None:
         # Append to the journal, store the position as this thread's mark
         # under "always", and append to the log when this process is the
@@ -1476,7 +1466,6 @@ class SharedLogBackend(ShmBackend):
                 os.close(fd)
         self._lock_fd = self._users_fd = -1
         super()._after_fork_in_child()
-        self._bind_section_paths()
         if self._closed:
             return
         self._users_fd = _open_file(os.path.join(self.path, USERS))

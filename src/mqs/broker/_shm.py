@@ -416,6 +416,9 @@ class ShmBackend(LogBackend):
     _bytes_since_snapshot = 0
     _compact_bytes = math.inf
     _sync_acks = False
+    # `JournalSection.append_record` stores each record's position as the
+    # thread's mark when this is true (the log backend under "always").
+    _marks_records = False
     # Set by an operation that makes nothing deliverable and frees no
     # room (a plain delivery). Leaving the section then wakes no waiter
     # for messages, and clears it.
@@ -466,6 +469,7 @@ class ShmBackend(LogBackend):
         self._fast = CorePath(self)
         self.publish_one = self._fast.publish_one  # type: ignore[method-assign]
         self._lock = _SharedSection(self)  # type: ignore[assignment]
+        self._bind_section_paths()
         self._changed = _ChangeWait(self)  # type: ignore[assignment]
         self._journal = SharedJournal(self.path, journal_bytes)
         self._max_record = self._journal.journal_bytes // 2
@@ -852,6 +856,16 @@ class ShmBackend(LogBackend):
             f"mqs.Broker.unlink({self.shm_name!r}), which discards its "
             f"topics and messages, and create it again with a larger "
             f"journal_bytes. Or send smaller messages.")
+
+    def _bind_section_paths(self) -> None:
+        """Make `_append`, `_reserve` and `_tick`, which run in every
+        operation, the section's C versions (instance attributes hide
+        the methods, which do the same)."""
+        section = self._lock
+        assert isinstance(section, _SharedSection)
+        self._append = section.append_record  # type: ignore[method-assign]
+        self._reserve = section.reserve  # type: ignore[method-assign]
+        self._tick = section.tick  # type: ignore[method-assign]
 
     def _append(self, data: bytes) -> None:
         end = self._journal.append(data)
@@ -1844,6 +1858,7 @@ class ShmBackend(LogBackend):
 
     def _after_fork_in_child(self) -> None:
         self._lock = _SharedSection(self)  # type: ignore[assignment]
+        self._bind_section_paths()
         self._held = False
         self._waiting = 0
         # The parent's coroutines hold their own registrations.
