@@ -283,8 +283,9 @@ cdef class CoreReader:
     Returns a `message_type` built without its ``__init__``, or None when
     nothing is ready, the consumer holds `prefetch` messages, or the
     case is the backend's (see `CorePath`). A fetch that dead-lettered
-    a message at its ack deadline moves the topic to the journal, which
-    keeps dead letters, and still returns the message it delivered.
+    a message at its ack deadline moves the dead letter into the topic's
+    dead-letter queue in the journal, and still returns the message it
+    delivered.
     """
 
     cdef CorePath _path
@@ -329,7 +330,8 @@ cdef class CoreReader:
             # `fetch` moves the topic or raises with the consumer named.
             return None
         if core._has_dead():
-            self._path._backend._leave_core(self._topic)
+            # Into the topic's dead-letter queue in the journal.
+            self._path._backend._collect_dead(self._topic)
         if payload is None:
             return None
 

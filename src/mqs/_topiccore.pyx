@@ -202,6 +202,10 @@ cdef tuple _histogram(mqs_hist_t *hist):
     return (counts, hist.count, hist.sum_ns, hist.max_ns)
 
 
+def _first(item):
+    return item[0]
+
+
 cdef class TopicCore(_MappedFile):
     """The mapped topic core file at `path`, created if missing.
 
@@ -692,6 +696,56 @@ cdef class TopicCore(_MappedFile):
         finally:
             self._unlock(bool(found))
         return found
+
+    def peek_dead(self):
+        """Return the dead entries in the order they died, leaving them
+        in place, as ``(group, slot, group name, seq, attempts, reason,
+        priority, timestamp, timed_out, payload)``; `drop_dead` removes
+        them. Raises `TopicRetired` once the core is retired."""
+        cdef mqs_tc_params_t *params
+        cdef mqs_tc_slot_t *stored
+        cdef mqs_tc_group_t *group
+        cdef mqs_tc_entry_t *entry
+        cdef uint64_t word
+        cdef list found = []
+        self._lock()
+        try:
+            params = &self._header.config.v.params
+            limit = min(self._header.state.v.slot_limit, params.capacity)
+            for g in range(params.max_groups):
+                group = mqs_tc_group(self._header, g)
+                if not group.used or group.dead == 0:
+                    continue
+                name = group.name[:group.name_length].decode()
+                for slot in range(limit):
+                    entry = mqs_tc_entry(self._header, g, slot)
+                    word = entry.word
+                    if word & 0xff != MQS_TC_DEAD:
+                        continue
+                    stored = mqs_tc_slot(self._header, slot)
+                    found.append((
+                        entry.deadline_seq, g, slot, name, stored.seq,
+                        word >> 16, DEAD_REASONS[(word >> 8) & 0xff],
+                        stored.priority, stored.timestamp,
+                        bool(entry.timed_out),
+                        PyBytes_FromStringAndSize(<char *>(stored + 1),
+                                                  stored.length)))
+        finally:
+            self._unlock(False)
+        found.sort(key=_first)
+        return [item[1:] for item in found]
+
+    def drop_dead(self, entries):
+        """Remove the dead entries ``(group, slot)`` of `entries` (from
+        `peek_dead`); an entry that is no longer dead is left alone."""
+        cdef uint32_t group, slot
+        pairs = [(int(g), int(s)) for g, s in entries]
+        self._lock()
+        try:
+            for group, slot in pairs:
+                mqs_tc_drop_dead(self._header, group, slot)
+        finally:
+            self._unlock(bool(pairs))
 
     def has_dead(self):
         """Return whether a group holds dead entries (read without the

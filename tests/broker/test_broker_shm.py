@@ -836,8 +836,12 @@ def test_shm_core_topic_moves_to_journal_keeping_order(name):
     other.close()
 
 
-def test_shm_core_dead_letter_moves_to_journal(name):
+def test_shm_core_dead_letter_stays_on_core(name):
+    """A dead letter leaves the topic on its core: the letter goes to
+    the topic's dead-letter queue in the journal, which every process
+    lists; a purge runs there, and only a redrive moves the topic."""
     broker = open_broker(name)
+    other = open_broker(name)
     broker.declare_topic("t", max_attempts=2)
     consumer = broker.consume("t", "g", ack_timeout=0.2)
     broker.publish("t", "poison", headers={"trace": 1})
@@ -847,16 +851,98 @@ def test_shm_core_dead_letter_moves_to_journal(name):
     assert consumer.get(timeout=5).attempts == 2
     with pytest.raises(mqs.Empty):
         consumer.get(timeout=0.5)
-    (letter,) = broker.dlq_list("t")
-    assert letter.body == "poison"
-    assert letter.reason == "ack_timeout"
-    assert letter.attempts == 2
-    assert letter.headers["trace"] == 1
-    assert letter.error == "ack deadline passed"
-    assert "t" not in broker.backend._core_paths
-    stats = broker.stats("t")
+    for replica in (broker, other):
+        (letter,) = replica.dlq_list("t")
+        assert letter.body == "poison"
+        assert letter.reason == "ack_timeout"
+        assert letter.attempts == 2
+        assert letter.headers["trace"] == 1
+        assert letter.headers["mqs.group"] == "g"
+        assert letter.error == "ack deadline passed"
+    assert "t" in broker.backend._core_paths
+    assert "t" in other.backend._core_paths
+    stats = other.stats("t")
     assert stats["redelivered"] == 1
     assert stats["dead_lettered"] == 1
+    assert stats["dlq"] == 1
+    assert other.stats("t") == broker.stats("t")
+
+    # Rejected on the core too, then purged there.
+    broker.publish("t", "rejected")
+    assert consumer.get(timeout=5).nack(requeue=False)
+    assert [letter.body for letter in other.dlq_list("t")] == \
+        ["poison", "rejected"]
+    assert other.dlq_purge("t") == 2
+    assert broker.dlq_list("t") == []
+    assert broker.stats("t")["dlq_purged"] == 2
+    assert "t" in broker.backend._core_paths
+
+    # A redrive returns the letter to its group, on the journal.
+    broker.publish("t", "again")
+    assert consumer.get(timeout=5).nack(requeue=False)
+    assert broker.dlq_redrive("t") == 1
+    assert "t" not in broker.backend._core_paths
+    message = consumer.get(timeout=5)
+    assert message.body == "again"
+    assert message.ack()
+    assert other.stats("t")["stored"] == 0
+    consumer.close()
+    broker.close()
+    other.close()
+
+
+def reject_then_die(name):
+    broker = open_broker(name)
+    consumer = broker.consume("t", "g", ack_timeout=600)
+    message = consumer.get(timeout=10)
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    shm_module._after_dead_record_hook = die
+    message.nack(requeue=False)
+
+
+def test_shm_core_dead_letter_record_applies_once(name):
+    """A process killed between appending the dead letters' record and
+    removing them from the core (holding the mutex) leaves them to the
+    next collection, which adds the same letters again: the queue holds
+    each once, and the topic stays on its core."""
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    broker.consume("t", "g").close()
+    broker.publish("t", "x")
+    child = start(reject_then_die, name)
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    assert broker.backend._cores["t"].has_dead()
+    (letter,) = broker.dlq_list("t")
+    assert (letter.body, letter.reason) == ("x", "rejected")
+    assert not broker.backend._cores["t"].has_dead()
+    stats = broker.stats("t")
+    assert stats["dlq"] == 1
+    assert stats["dead_lettered"] == 1
+    assert stats["stored"] == 0
+    assert "t" in broker.backend._core_paths
+    broker.close()
+
+
+def test_shm_core_dead_letters_split_into_small_records(name):
+    """Dead letters taken from a core at once fit the smallest journal:
+    they go into several records."""
+    broker = open_broker(name, journal_bytes=4096)
+    broker.declare_topic("t", max_attempts=1)
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=0.2)
+    bodies = [str(number) * 300 for number in range(8)]
+    broker.publish_many("t", bodies)
+    assert len(consumer.get_many(8, timeout=5)) == 8
+    time.sleep(0.4)
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.2)
+    letters = broker.dlq_list("t")
+    assert sorted(letter.body for letter in letters) == sorted(bodies)
+    assert {letter.reason for letter in letters} == {"ack_timeout"}
+    assert "t" in broker.backend._core_paths
     consumer.close()
     broker.close()
 

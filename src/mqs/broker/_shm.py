@@ -1468,12 +1468,7 @@ class ShmBackend(LogBackend):
                     f"consumer of group {group!r} on topic {topic!r} is "
                     f"closed") from None
             if core.has_dead():
-                if waiting:
-                    core.cancel_wait()
-                    waiting = False
-                self._leave_core(topic)
-                if not found:
-                    return None
+                self._collect_dead(topic)
             if found:
                 if waiting:
                     core.cancel_wait()
@@ -1559,12 +1554,12 @@ class ShmBackend(LogBackend):
     def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
              delay: float | None, error: str | None) -> bool:
         def nack_on_core(core: TopicCore, core_tag: Any) -> Any:
-            if not requeue or delay or error is not None:
-                # A dead letter, a delay or an error text: the journal
-                # keeps those.
+            if delay or error is not None:
+                # A delay or an error text: the journal keeps those.
                 return _MOVED
-            done = core.nack(*core_tag[1:4], True)
-            self._leave_core_if_dead(topic, core)
+            done = core.nack(*core_tag[1:4], requeue)
+            if core.has_dead():
+                self._collect_dead(topic)
             return done
 
         return self._settle_tag(
@@ -1623,10 +1618,10 @@ class ShmBackend(LogBackend):
     def stats(self, topic: str) -> dict[str, int]:
         def stats_on_core(core: TopicCore) -> Any:
             core.advance()
-            counts = core.stats()
-            if counts["dead"]:
+            found = self._collect_dead(topic)
+            if found is None:
                 return _MOVED
-            return _core_stats(core.counters(), counts)
+            return _core_stats(core.counters(), core.stats(), *found)
 
         return self._core_or_journal(topic, stats_on_core,
                                      functools.partial(super().stats, topic))
@@ -1635,7 +1630,7 @@ class ShmBackend(LogBackend):
         def group_stats_on_core(core: TopicCore) -> Any:
             now = time.monotonic()
             groups = core.group_stats(now)
-            if core.has_dead():
+            if core.has_dead() and self._collect_dead(topic) is None:
                 return _MOVED
             return [_core_group_stats(topic, item, now, self.sample_every)
                     for item in groups]
@@ -1646,39 +1641,99 @@ class ShmBackend(LogBackend):
 
     def dlq_list(self, topic: str, limit: int | None = None
                  ) -> list[DeadLetter]:
-        # Dead letters move a topic off its core at once, so a core
-        # without dead entries has none.
+        def list_on_core(core: TopicCore) -> Any:
+            found = self._collect_dead(topic, limit)
+            return _MOVED if found is None else found[0]
+
         letters = self._core_or_journal(
-            topic, lambda core: _MOVED if core.has_dead() else [],
+            topic, list_on_core,
             functools.partial(super().dlq_list, topic, limit))
         return [unpickled_letter(letter) for letter in letters]
 
     def dlq_redrive(self, topic: str, ids: Sequence[str] | None = None
                     ) -> int:
-        self._leave_core_if_dead(topic)
+        # A redriven message goes back to the one group that
+        # dead-lettered it, which a core cannot do: the topic moves to
+        # the journal when it has dead letters.
+        found = self._collect_dead(topic)
+        if found is not None and found[0]:
+            self._leave_core(topic)
         return super().dlq_redrive(topic, ids)
 
     def dlq_purge(self, topic: str) -> int:
-        self._leave_core_if_dead(topic)
+        self._collect_dead(topic)
         return super().dlq_purge(topic)
 
-    def _leave_core_if_dead(self, topic: str,
-                            core: TopicCore | None = None) -> None:
-        """Move a core topic whose core dead-lettered a message to the
-        journal, which keeps the topic's dead-letter queue."""
-        if core is None:
-            core = self._fast_core(topic)
-        if core is not None and core.has_dead():
-            self._leave_core(topic)
+    def _collect_dead(self, topic: str, limit: int | None = None
+                      ) -> tuple[list[DeadLetter], dict[str, int]] | None:
+        """Move the dead entries of a core topic's core into the topic's
+        dead-letter queue in the journal, where every process reads them,
+        and return that queue's letters (at most `limit`) and the
+        counters of the placeholder state that contains them; the topic
+        stays on its core. Return None when the topic is not on a
+        core.
+
+        The record is appended before the entries leave the core, so a
+        process killed in between leaves them to the next call, which
+        adds the same letters again under the same keys (no duplicate).
+        """
+        with self._lock:
+            self._check_open()
+            if topic not in self._core_paths:
+                return None
+            core = self._core(topic)
+            try:
+                dead = core.peek_dead()
+            except TopicRetired:
+                return None
+            if dead:
+                self._tick()
+                for chunk in _dead_chunks(dead, self._max_record // 2):
+                    self._logged("core_dead", topic,
+                                 [item[2:] for item in chunk])
+                if _after_dead_record_hook is not None:
+                    _after_dead_record_hook()
+                try:
+                    core.drop_dead([item[:2] for item in dead])
+                except TopicRetired:
+                    return None
+            state = self._topics[topic]
+            letters = [letter for letter, _ in state.dlq.values()]
+            counters = dict(state.counters)
+        return (letters if limit is None else letters[:limit]), counters
+
+    def _do_core_dead(self, topic: str, letters: list[tuple]) -> None:
+        """Apply a ``core_dead`` record: dead letters that a topic core
+        counted, moved into the topic's placeholder state."""
+        state = self._topics.get(topic)
+        if state is None:
+            return
+        for (group, seq, attempts, reason, priority, timestamp, timed_out,
+             payload) in letters:
+            body, headers, reply_to, correlation_id = _decode(payload)
+            envelope = Envelope(body, priority, headers=headers,
+                                reply_to=reply_to,
+                                correlation_id=correlation_id)
+            record = _Record(f"s{seq}", envelope, state.lane_of[priority],
+                             self._now, timestamp, None)
+            state.add_dead_letter(
+                record, group, attempts, reason,
+                "ack deadline passed" if timed_out else None)
 
     def _settle(self, op: str, topic: str, *args: Any, sync: bool = True
                 ) -> Any:
         if op in ("redrive", "purge"):
             with self._lock:
                 if topic in self._core_paths:
-                    # A topic on its core has no dead letters.
                     self._check_open()
-                    return 0
+                    if op == "redrive":
+                        # `dlq_redrive` moves a topic with dead letters
+                        # to the journal first.
+                        return 0
+                    # The dead letters of a topic on its core are in
+                    # its placeholder state (`_collect_dead`).
+                    self._tick()
+                    return self._logged("purge", topic)
         with self._journal_op():
             return super()._settle(op, topic, *args, sync=sync)
 
@@ -1883,6 +1938,28 @@ def _ack_on_core(core: TopicCore, tag: Any) -> bool:
     return done
 
 
+# Tests only: called by `_collect_dead` between appending its record and
+# removing the dead entries from the core.
+_after_dead_record_hook: Callable[[], None] | None = None
+
+# Bytes a dead letter adds to a ``core_dead`` record besides its body.
+_DEAD_LETTER_OVERHEAD = 128
+
+
+def _dead_chunks(dead: list[tuple], budget: int) -> list[list[tuple]]:
+    """Split `peek_dead` entries into ``core_dead`` records whose bodies
+    and overhead add up to at most `budget` bytes, one entry at least."""
+    chunks: list[list[tuple]] = []
+    size = budget
+    for item in dead:
+        cost = len(item[-1]) + _DEAD_LETTER_OVERHEAD
+        if size + cost > budget:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += cost
+    return chunks
+
 # Returned by the `on_core` functions of `_core_or_journal` and
 # `_settle_tag` to move the topic to the journal and run there.
 _MOVED = object()
@@ -1946,15 +2023,21 @@ def _core_delivery(path: str, topic: str, group: str, group_index: int,
                     timestamp, reply_to, correlation_id)
 
 
-def _core_stats(counters: dict[str, int], counts: dict[str, int]
+def _core_stats(counters: dict[str, int], counts: dict[str, int],
+                letters: list[DeadLetter], journal_counters: dict[str, int]
                 ) -> dict[str, int]:
-    """Return `TopicState.stats` of a topic on its core."""
+    """Return `TopicState.stats` of a topic on its core, whose dead
+    letters in the journal are `letters`, counted there in
+    `journal_counters` (redrives and purges)."""
     result = dict.fromkeys(COUNTER_KEYS, 0)
+    for name, value in journal_counters.items():
+        if value:
+            result[name] = value
     for name, value in counters.items():
         if name in result or (value and name.startswith("dead_lettered.")):
             result[name] = value
     result.update(stored=counts["stored"], ready=counts["ready"], delayed=0,
-                  in_flight=counts["in_flight"], dlq=0,
+                  in_flight=counts["in_flight"], dlq=len(letters),
                   groups=counts["groups"])
     return result
 

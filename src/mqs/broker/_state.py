@@ -788,18 +788,8 @@ class TopicState:
 
     def _dead_letter(self, entry: _Entry, reason: str, now: float) -> None:
         record = entry.record
-        headers = dict(record.headers)
-        headers["mqs.dead_letter_reason"] = reason
-        headers["mqs.attempts"] = entry.attempts
-        headers["mqs.last_error"] = entry.last_error
-        headers["mqs.group"] = entry.group.name
-        letter = DeadLetter(
-            id=record.id, topic=self.config.name, group=entry.group.name,
-            body=record.body, priority=record.priority, key=record.key,
-            headers=headers, timestamp=record.timestamp,
-            attempts=entry.attempts, reason=reason, error=entry.last_error)
-        # One record can be dead-lettered by several groups.
-        self.dlq[(record.id, entry.group.name)] = (letter, record)
+        self.add_dead_letter(record, entry.group.name, entry.attempts,
+                             reason, entry.last_error)
         self.count("dead_lettered")
         self.count(f"dead_lettered.{reason}")
         group = entry.group
@@ -816,6 +806,25 @@ class TopicState:
                 self.store.pop(record.id, None)
 
     # Dead letters.
+
+    def add_dead_letter(self, record: _Record, group: str, attempts: int,
+                        reason: str, error: str | None) -> None:
+        """Put `record` into the dead-letter queue as dead-lettered by
+        `group`, without counting it (the caller counts, or a topic core
+        counted it already)."""
+        headers = dict(record.headers)
+        headers["mqs.dead_letter_reason"] = reason
+        headers["mqs.attempts"] = attempts
+        headers["mqs.last_error"] = error
+        headers["mqs.group"] = group
+        letter = DeadLetter(
+            id=record.id, topic=self.config.name, group=group,
+            body=record.body, priority=record.priority, key=record.key,
+            headers=headers, timestamp=record.timestamp,
+            attempts=attempts, reason=reason, error=error)
+        # One record can be dead-lettered by several groups; the key
+        # makes adding the same letter twice change nothing.
+        self.dlq[(record.id, group)] = (letter, record)
 
     def dlq_list(self, limit: int | None) -> list[DeadLetter]:
         letters = [letter for letter, _ in self.dlq.values()]
