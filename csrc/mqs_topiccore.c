@@ -124,6 +124,9 @@ uint64_t mqs_tc_layout_bytes(const mqs_tc_params_t *params)
     return plan(&c);
 }
 
+_Static_assert(sizeof(mqs_tc_config_t) <= 2 * MQS_PAD_BYTES,
+               "max_stored must stay in the config block's padding");
+
 int mqs_tc_format(mqs_tc_header_t *h, const mqs_tc_params_t *params)
 {
     mqs_tc_config_t *c = config_of(h);
@@ -792,6 +795,8 @@ int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
     /* A fetch with auto_ack may have emptied the topic: its bodies were
      * copied by now. */
     shrink_if_drained(h);
+    if (c->max_stored && s->stored >= c->max_stored)
+        return MQS_TC_ELIMIT;
     limit = slot_limit(h);
     /* Acks mostly come in publish order, so the slot after the last one
      * taken is usually free. NOTE: a search among scattered free slots

@@ -25,9 +25,11 @@
  * redelivery at the lane's tail, extend, release to the lane's head,
  * closing a consumer, latency samples (enqueue-to-deliver and
  * deliver-to-ack histograms per group), and dead entries kept until the
- * caller takes them for its dead-letter queue. Not covered (a caller keeps these on
- * another path): keys, dedup, ttl, delays and retry backoff, rate
- * limits, retention, maxsize.
+ * caller takes them for its dead-letter queue, and a bound on stored
+ * messages (config.max_stored: the publish fails, and the caller blocks
+ * or raises). Not covered (a caller keeps these on another path): keys,
+ * dedup, ttl, delays and retry backoff, rate limits, retention,
+ * dropping the oldest message when full.
  *
  * Crash repair. Each entry's state and attempts live in one 64-bit word
  * (`word`), and a message slot is committed by storing its `seq` last.
@@ -77,6 +79,8 @@
 #define MQS_TC_VERSION 2
 /* mqs_tc_validate: the file has another MQS_TC_VERSION. */
 #define MQS_TC_EVERSION (-32)
+/* mqs_tc_publish: the topic stores max_stored messages already. */
+#define MQS_TC_ELIMIT (-33)
 #define MQS_TC_INIT_READY 0x52454459u
 #define MQS_TC_MAX_LANES 10
 #define MQS_TC_NAME_BYTES 120
@@ -157,6 +161,11 @@ typedef struct mqs_tc_config {
     uint64_t rings_offset;
     uint64_t consumers_offset;
     uint64_t total_bytes;
+    /* Bound on stored messages (the topic's maxsize), 0 for none: a
+     * publish that finds this many returns MQS_TC_ELIMIT. Set before
+     * mqs_tc_format publishes the file. It sits in the config block's
+     * padding, so files formatted before it read 0. */
+    uint64_t max_stored;
 } mqs_tc_config_t;
 
 typedef struct mqs_tc_state {
@@ -358,8 +367,9 @@ void mqs_tc_repair(mqs_tc_header_t *h);
 void mqs_tc_advance(mqs_tc_header_t *h, double now);
 
 /* Store a message and set *slot_out to its slot. Returns its seq (1,
- * 2, ...), MQS_EFULL when every slot is taken, MQS_ETOOBIG for a body
- * over slot_bytes, or MQS_EINVAL for a priority outside 0..9. */
+ * 2, ...), MQS_EFULL when every slot is taken, MQS_TC_ELIMIT when the
+ * topic stores config.max_stored messages, MQS_ETOOBIG for a body over
+ * slot_bytes, or MQS_EINVAL for a priority outside 0..9. */
 int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
                        uint32_t length, uint32_t priority, double timestamp,
                        double now, uint32_t *slot_out);

@@ -41,6 +41,7 @@ from mqs.includes.mqs_topiccore cimport (
     MQS_TC_IN_FLIGHT,
     MQS_TC_NAME_BYTES,
     MQS_TC_READY,
+    MQS_TC_ELIMIT,
     MQS_TC_EVERSION,
     MQS_TC_VERSION,
     mqs_tc_entry,
@@ -121,6 +122,8 @@ ENTRY_IN_FLIGHT = MQS_TC_IN_FLIGHT
 ENTRY_DEAD = MQS_TC_DEAD
 # Dead reasons by their code.
 DEAD_REASONS = (None, "rejected", "max_attempts", "ack_timeout")
+# `TopicCore.publish`: the topic stores `max_stored` messages already.
+LIMIT = -4
 
 # A lock wait returns to Python this often, so that Ctrl-C gets through.
 DEF SLICE_NS = 50000000
@@ -239,6 +242,8 @@ cdef class TopicCore(_MappedFile):
     # `close` waits for them to leave before it unmaps.
     cdef Py_ssize_t _waiters
     cdef bint _close_pending
+    # The bound a new file gets (see `max_stored`).
+    cdef uint64_t _max_stored
 
     def __cinit__(self, *args, **kwargs):
         self._header = NULL
@@ -250,7 +255,8 @@ cdef class TopicCore(_MappedFile):
     def __init__(self, str path, lanes, bint strict=False,
                  uint32_t capacity=65536, uint32_t slot_bytes=256,
                  uint32_t max_groups=16, uint32_t max_consumers=256,
-                 max_attempts=None, sample_every=None):
+                 max_attempts=None, sample_every=None,
+                 uint64_t max_stored=0):
         cdef mqs_tc_params_t params
         cdef uint64_t size
         memset(&params, 0, sizeof(params))
@@ -277,6 +283,7 @@ cdef class TopicCore(_MappedFile):
                 f"{max_groups} (1 to 64), max_consumers {max_consumers} (1 "
                 f"to 4096), lanes {lanes!r} (priorities 0-9 highest first, "
                 f"weights of 1 or more)")
+        self._max_stored = max_stored
         self._min_file_bytes = sizeof(mqs_tc_header_t)
         self._kind = "a topic core"
         self._layout_error = TopicCoreLayoutError
@@ -287,6 +294,8 @@ cdef class TopicCore(_MappedFile):
         return 0
 
     cdef int _format(self, const void *params) except -1:
+        # Before the format publishes the file to other processes.
+        self._header.config.v.max_stored = self._max_stored
         if mqs_tc_format(self._header,
                          <const mqs_tc_params_t *>params) != MQS_OK:
             raise OSError("cannot set up the topic core's "
@@ -343,8 +352,9 @@ cdef class TopicCore(_MappedFile):
     # Publishing.
 
     def publish(self, bytes body, int priority, double timestamp, now=None):
-        """Store a message; return its seq (1, 2, ...), or -1 when every
-        slot is taken."""
+        """Store a message; return its seq (1, 2, ...), -1 when every
+        slot is taken, or `LIMIT` when the topic stores `max_stored`
+        messages."""
         cdef int64_t rc
         cdef double at = _now(now)
         cdef uint32_t slot
@@ -355,6 +365,8 @@ cdef class TopicCore(_MappedFile):
         self._unlock(rc > 0)
         if rc == MQS_EFULL:
             return -1
+        if rc == MQS_TC_ELIMIT:
+            return LIMIT
         if rc == MQS_ETOOBIG:
             raise ValueError(
                 f"a body of {len(body)} bytes is larger than the "
@@ -366,8 +378,9 @@ cdef class TopicCore(_MappedFile):
 
     def publish_pickled(self, object body, int priority):
         """Pickle `body` and store it stamped with the current wall clock;
-        return its seq, -1 when every slot is taken, or -2 when the pickle
-        is larger than a slot.
+        return its seq, -1 when every slot is taken, -2 when the pickle
+        is larger than a slot, or `LIMIT` when the topic stores
+        `max_stored` messages.
 
         The shm broker's publish of one plain message: the same as
         `publish` of ``pickle.dumps(body, HIGHEST_PROTOCOL)`` with
@@ -406,9 +419,17 @@ cdef class TopicCore(_MappedFile):
         self._unlock(rc > 0)
         if rc == MQS_EFULL:
             return -1
+        if rc == MQS_TC_ELIMIT:
+            return LIMIT
         if rc < 0:
             raise ValueError(f"priority must be 0 to 9, got {priority}")
         return rc
+
+    @property
+    def max_stored(self):
+        """Bound on stored messages (the topic's maxsize), 0 for none."""
+        self._check_mapped()
+        return self._header.config.v.max_stored
 
     # Groups and consumers.
 

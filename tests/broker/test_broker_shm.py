@@ -769,7 +769,7 @@ def publish_to_journal_topic(name, count):
 
 
 @pytest.mark.parametrize("settings", [
-    {"maxsize": 1000},
+    {"maxsize": 1000, "when_full": "drop_oldest"},
     {"retry": mqs.Backoff(base=1), "max_attempts": 3},
 ])
 def test_shm_journal_topic_direct_paths_across_processes(name, settings,
@@ -944,6 +944,67 @@ def test_shm_core_dead_letters_split_into_small_records(name):
     assert {letter.reason for letter in letters} == {"ack_timeout"}
     assert "t" in broker.backend._core_paths
     consumer.close()
+    broker.close()
+
+
+def publish_until_full(name, results):
+    broker = open_broker(name)
+    accepted = 0
+    for number in range(500):
+        try:
+            broker.publish("b", number)
+        except mqs.Full:
+            continue
+        accepted += 1
+    results.put(accepted)
+    broker.close()
+
+
+def test_shm_core_maxsize_bound_holds_across_processes(name):
+    """A topic with maxsize stays on its core, and three processes that
+    publish into it at once store exactly maxsize messages."""
+    broker = open_broker(name)
+    broker.declare_topic("b", maxsize=300, when_full="raise")
+    assert "b" in broker.backend._core_paths
+    results = FORK.Queue()
+    children = [start(publish_until_full, name, results) for _ in range(3)]
+    for child in children:
+        join(child)
+    accepted = [results.get(timeout=10) for _ in children]
+    assert sum(accepted) == 300
+    stats = broker.stats("b")
+    assert stats["stored"] == 300
+    assert stats["published"] == 300
+    assert "b" in broker.backend._core_paths
+    broker.close()
+
+
+def consume_one_later(name, delay_s):
+    broker = open_broker(name)
+    consumer = broker.consume("b", "g", start="earliest")
+    time.sleep(delay_s)
+    assert consumer.get(timeout=10).ack()
+    consumer.close()
+    broker.close()
+
+
+def test_shm_core_maxsize_block_wakes_on_ack_of_other_process(name):
+    """A publish blocked on a full core topic returns once a consumer
+    in another process acks, and times out with Full otherwise."""
+    broker = open_broker(name)
+    broker.declare_topic("b", maxsize=2)
+    broker.publish_many("b", [1, 2])
+    with pytest.raises(mqs.Full) as caught:
+        broker.publish("b", 3, timeout=0.2)
+    assert caught.value.accepted == 0
+    child = start(consume_one_later, name, 0.3)
+    started = time.monotonic()
+    broker.publish("b", 3, timeout=30)
+    assert time.monotonic() - started < 20
+    join(child)
+    stats = broker.stats("b")
+    assert (stats["stored"], stats["acked"]) == (2, 1)
+    assert "b" in broker.backend._core_paths
     broker.close()
 
 

@@ -22,7 +22,8 @@ Design: topic cores for the common path, a replicated journal for the rest
     wait word, which wakes a blocked `fetch` or `publish` in any process.
 
     Topic cores. A topic declared without rate limits, ttl, retry
-    backoff, retention or maxsize starts on a topic core: a second file,
+    backoff, retention or ``when_full="drop_oldest"`` starts on a topic
+    core (a maxsize that blocks or raises is kept there): a second file,
     ``mqs.broker.<name>.core-<token>`` (`mqs._topiccore.TopicCore`,
     ``csrc/mqs_topiccore.h``), that holds the topic's messages, lanes,
     in-flight table, deadlines, counters and latency histograms as C
@@ -192,6 +193,7 @@ from mqs._topiccore import (
     TopicCore,
     TopicCoreVersionError,
     TopicRetired,
+    LIMIT as CORE_LIMIT,
     decode_payload,
 )
 from mqs.broker._backend import (
@@ -211,7 +213,11 @@ from mqs.broker._log import (
     _fetch_is_quiet,
     encode_record,
 )
-from mqs.broker._memory import MemoryBackend, _redeclare_changes
+from mqs.broker._memory import (
+    MemoryBackend,
+    _redeclare_changes,
+    _stayed_full,
+)
 from mqs.broker._policy import TopicConfig
 from mqs.broker._state import (
     _DEADLINE,
@@ -223,7 +229,7 @@ from mqs.broker._state import (
     _Record,
 )
 from mqs.broker._wakeup import Wakeups
-from mqs.errors import BackendUnavailable, MessageTooLarge, ShutDown
+from mqs.errors import BackendUnavailable, Full, MessageTooLarge, ShutDown
 
 __all__ = ["ShmBackend", "REAP_INTERVAL_S"]
 
@@ -307,7 +313,8 @@ def _core_topic(config: TopicConfig) -> bool:
     """Return whether a topic of `config` starts on a topic core."""
     return (config.rate is None and not config.lane_rates
             and config.ttl is None and config.retry is None
-            and config.retention is None and not config.maxsize)
+            and config.retention is None
+            and (not config.maxsize or config.when_full != "drop_oldest"))
 
 
 def _core_envelope(envelope: Envelope, config: TopicConfig) -> bool:
@@ -1036,7 +1043,7 @@ class ShmBackend(LogBackend):
             capacity=_core_capacity(_shm_free_bytes()),
             slot_bytes=CORE_SLOT_BYTES, max_groups=CORE_GROUPS,
             max_consumers=CORE_CONSUMERS, max_attempts=config.max_attempts,
-            sample_every=self.sample_every)
+            sample_every=self.sample_every, max_stored=config.maxsize or 0)
         self._cores[config.name] = handle
         return path
 
@@ -1162,17 +1169,24 @@ class ShmBackend(LogBackend):
         # cannot be pickled fails the call with nothing published, as on
         # the other backends, so a retry of the batch adds no duplicates.
         encoded = [_encode(envelope) for envelope in envelopes]
+        deadline = None if timeout is None else time.monotonic() + timeout
 
         def publish_on_core(core: TopicCore) -> Any:
-            done = len(ids)
-            ids.extend(self._publish_core(core, topic, envelopes[done:],
-                                          encoded[done:]))
-            if len(ids) == len(envelopes):
-                return ids
-            # A feature the core lacks, a full core or a large body: the
-            # topic moves to the journal, behind the messages stored so
-            # far.
-            return _MOVED
+            while True:
+                done = len(ids)
+                stored, limited = self._publish_core(
+                    core, topic, envelopes[done:], encoded[done:])
+                ids.extend(stored)
+                if len(ids) == len(envelopes):
+                    return ids
+                if not limited:
+                    # A feature the core lacks, a full core or a large
+                    # body: the topic moves to the journal, behind the
+                    # messages stored so far.
+                    return _MOVED
+                if not self._wait_core_room(core, topic, len(ids),
+                                            len(envelopes), deadline):
+                    return _MOVED
 
         def publish_on_journal() -> list[str]:
             # Bodies travel as bytes; receivers unpickle them (see
@@ -1316,9 +1330,12 @@ class ShmBackend(LogBackend):
 
     def _publish_core(self, core: TopicCore, topic: str,
                       envelopes: Sequence[Envelope],
-                      encoded: Sequence[tuple[bytes, bytes]]) -> list[str]:
+                      encoded: Sequence[tuple[bytes, bytes]]
+                      ) -> tuple[list[str], bool]:
         """Store envelopes (with their `_encode` results) in a topic core
-        until one does not fit; return the ids of those stored."""
+        until one does not fit; return the ids of those stored, and
+        whether the topic's maxsize stopped them (the others move the
+        topic to the journal)."""
         config = self._topics[topic].config
         wall = time.time()
         ids = []
@@ -1329,12 +1346,48 @@ class ShmBackend(LogBackend):
                 if len(payload) > CORE_SLOT_BYTES:
                     break
                 seq = core.publish(payload, envelope.priority, wall)
+                if seq == CORE_LIMIT:
+                    return ids, True
                 if seq < 0:
                     break
                 ids.append(f"s{seq}")
         except TopicRetired:
             pass
-        return ids
+        return ids, False
+
+    def _wait_core_room(self, core: TopicCore, topic: str, published: int,
+                        total: int, deadline: float | None) -> bool:
+        """Handle a core topic at its maxsize: raise `Full` for
+        ``when_full="raise"``, or wait until an operation on the core
+        may have made room and return True, raising `Full` at
+        `deadline`. Return False when the core was retired meanwhile."""
+        config = self._topics[topic].config
+        if config.when_full == "raise":
+            raise Full(
+                f"topic {topic!r} is full (maxsize {config.maxsize}); "
+                f"consume faster, raise maxsize or use when_full='block'",
+                published)
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise _stayed_full(topic, config.maxsize, published, total)
+        try:
+            epoch = core.wait_prepare()
+        except TopicRetired:
+            return False
+        try:
+            # A change after `wait_prepare` ends the wait at once, so
+            # an ack between the failed publish and here is not missed.
+            room = core.stats()["stored"] < core.max_stored
+        except BaseException:
+            core.cancel_wait()
+            raise
+        if room:
+            core.cancel_wait()
+        else:
+            core.wait(epoch, 0.05 if left is None else min(left, 0.05))
+        # The periodic check for dead consumers, and ShutDown once
+        # closed.
+        return self._fast_core(topic) is core
 
     def _topic(self, topic: str) -> TopicState:
         # Journal operations never run on a core topic's placeholder state:

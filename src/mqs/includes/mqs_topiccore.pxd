@@ -16,6 +16,7 @@ cdef extern from "mqs_topiccore.h" nogil:
         MQS_TC_GROUP_COUNTERS
         MQS_TC_VERSION
         MQS_TC_EVERSION
+        MQS_TC_ELIMIT
 
     ctypedef struct mqs_tc_params_t:
         uint32_t capacity
@@ -31,6 +32,7 @@ cdef extern from "mqs_topiccore.h" nogil:
 
     ctypedef struct mqs_tc_config_t:
         mqs_tc_params_t params
+        uint64_t max_stored
 
     ctypedef struct mqs_tc_state_t:
         uint64_t next_seq
