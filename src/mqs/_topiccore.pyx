@@ -140,6 +140,11 @@ class TopicCoreVersionError(TopicCoreLayoutError, LayoutVersionError):
 LAYOUT_VERSION = MQS_TC_VERSION
 
 
+class TopicCoreFull(OSError):
+    """Raised when a topic core has no free group or consumer entry left;
+    the caller can move the topic to a store without that limit."""
+
+
 class TopicRetired(Exception):
     """Raised by every operation once `retire_and_export` moved the topic
     out of the core; the caller goes on with the exported state."""
@@ -425,7 +430,7 @@ cdef class TopicCore(_MappedFile):
                                       max_attempts)
         self._unlock(rc >= 0)
         if rc == MQS_EFULL:
-            raise OSError(f"topic core {self.path} has "
+            raise TopicCoreFull(f"topic core {self.path} has "
                           f"{self._header.config.v.params.max_groups} "
                           f"groups already")
         return rc
@@ -449,7 +454,7 @@ cdef class TopicCore(_MappedFile):
         rc = mqs_tc_open_consumer(self._header, group, prefetch, owner, at)
         self._unlock(False)
         if rc == MQS_EFULL:
-            raise OSError(f"topic core {self.path} has "
+            raise TopicCoreFull(f"topic core {self.path} has "
                           f"{self._header.config.v.params.max_consumers} "
                           f"consumers open already; close some")
         if rc < 0:
