@@ -1008,7 +1008,9 @@ def _write_current(path: str, name: str) -> None:
     """Point CURRENT at log `name`: temporary file, fsync, rename, fsync
     of the directory, so a crash leaves the old or the new name."""
     temp = os.path.join(path, CURRENT + ".tmp")
-    with open(temp, "w", encoding="ascii") as file:
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as file:
         file.write(name + "\n")
         file.flush()
         os.fsync(file.fileno())

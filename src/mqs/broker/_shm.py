@@ -1062,10 +1062,17 @@ class ShmBackend(LogBackend):
         _adopt_core_state(state, data, consumers, now)
         path = f"{self.path}.adopt-{secrets.token_hex(8)}"
         temp = f"{path}.{os.getpid()}.tmp"
-        with open(temp, "wb") as file:
-            pickle.dump(state.snapshot(), file,
-                        protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(temp, path)
+        # Owner-only, as every mqs file in /dev/shm: it holds the bodies.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                pickle.dump(state.snapshot(), file,
+                            protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(temp, path)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
         self._logged("adopt", topic, path)
         _unlink_quietly(core_path)
         logger.info("shm broker %s: topic %r moved from its shared core to "
