@@ -121,7 +121,7 @@ from mqs.broker._memory import (
     _stayed_full,
 )
 from mqs.broker._policy import TopicConfig
-from mqs.broker._state import TopicState
+from mqs.broker._state import TopicState, replaying
 from mqs.errors import (
     BackendUnavailable,
     LogCorrupted,
@@ -316,6 +316,12 @@ class LogBackend(MemoryBackend):
                          fsync_interval_s=self._fsync_interval_s)
         self._log = log
         self._log_name = name
+        with replaying():
+            return self._apply_log_records(log, name)
+
+    def _apply_log_records(self, log: SegmentLog, name: str) -> int:
+        """Apply the records of `log` (named `name`) to the state; return
+        how many operations it applied after the snapshot."""
         parts = []
         replayed = 0
         records = iter(log)

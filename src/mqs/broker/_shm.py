@@ -223,6 +223,7 @@ from mqs.broker._state import (
     _Entry,
     _Group,
     _Record,
+    replaying,
 )
 from mqs.broker._wakeup import Wakeups
 from mqs.errors import BackendUnavailable, MessageTooLarge, ShutDown
@@ -565,7 +566,8 @@ class ShmBackend(LogBackend):
     def _replay_records(self, records: list[bytes]) -> None:
         self._replaying = True
         try:
-            self._replay_each(records)
+            with replaying():
+                self._replay_each(records)
         finally:
             self._replaying = False
 
