@@ -119,6 +119,8 @@ GROUP_COUNTER_NAMES = ("delivered", "acked", "nacked", "redelivered",
 ENTRY_READY = MQS_TC_READY
 ENTRY_IN_FLIGHT = MQS_TC_IN_FLIGHT
 ENTRY_DEAD = MQS_TC_DEAD
+# The maximum length of a group name in a topic core, in UTF-8 bytes.
+GROUP_NAME_BYTES = MQS_TC_NAME_BYTES
 # Dead reasons by their code.
 DEAD_REASONS = (None, "rejected", "max_attempts", "ack_timeout")
 

@@ -1002,6 +1002,26 @@ def test_shm_consumer_past_core_limit_moves_topic(name, monkeypatch):
     broker.close()
 
 
+def test_shm_long_group_name_moves_topic(name):
+    """A group name longer than a core stores moves the topic to the
+    journal, as the other backends take it."""
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    broker.publish("t", "a")
+    short = broker.consume("t", "g", prefetch=1, ack_timeout=600)
+    held = short.get(timeout=5)
+    long_name = "g" * (shm_module.GROUP_NAME_BYTES + 1)
+    long = broker.consume("t", long_name)
+    assert "t" not in broker.backend._core_paths
+    assert [message.body for message in drain(long, 1)] == ["a"]
+    assert held.ack()
+    assert {stats.group for stats in broker.group_stats("t")} == {
+        "g", long_name}
+    short.close()
+    long.close()
+    broker.close()
+
+
 def test_shm_core_capacity_fits_free_space():
     per_message = shm_module.CORE_BYTES_PER_MESSAGE
     assert shm_module._core_capacity(1 << 50) == shm_module.CORE_CAPACITY

@@ -43,8 +43,9 @@ Design: topic cores for the common path, a replicated journal for the rest
     payload over CORE_SLOT_BYTES, a full core (up to CORE_CAPACITY
     messages, fewer when /dev/shm is small: see CORE_MIN_CAPACITY),
     a nack with a delay, an error text or requeue=False, a dead letter
-    (the core's max_attempts or ack deadline dead-lettered one), a group
-    or consumer past the core's limits, or a new configuration. The mover holds the journal mutex, takes the core's
+    (the core's max_attempts or ack deadline dead-lettered one), a group,
+    consumer or group name past the core's limits, or a new
+    configuration. The mover holds the journal mutex, takes the core's
     whole state and marks it retired in one critical section of the core
     (`TopicCore.retire_and_export`), builds the `TopicState` that running
     the same operations would have built (ids, attempts, tickets, lane
@@ -146,8 +147,9 @@ Limits
     (SIGSTOP, a debugger) while it holds the mutex stalls every other
     process until it continues or dies.
     A topic core holds at most CORE_GROUPS groups and CORE_CONSUMERS
-    open consumers at once. Opening one more moves the topic to the
-    journal, which has no such limit. A core consumer whose
+    open consumers at once, and group names of up to GROUP_NAME_BYTES
+    bytes. A consumer past these limits moves the topic to the journal,
+    which has none of them. A core consumer whose
     process died between registering it and appending its ``open``
     record stays idle in the core. Repairing a core after a process
     died inside its mutex scans and sorts its stored messages, so that
@@ -186,6 +188,7 @@ from mqs._topiccore import (
     DEAD_REASONS,
     ENTRY_IN_FLIGHT,
     ENTRY_READY,
+    GROUP_NAME_BYTES,
     PAYLOAD_BYTES,
     PAYLOAD_EXTRAS,
     CorePath,
@@ -1384,25 +1387,45 @@ class ShmBackend(LogBackend):
             # The core first: a process killed between the two steps
             # leaves an idle core consumer, never a record of a consumer
             # the core does not have.
+            registered = self._open_on_core(core, topic, group, start,
+                                            prefetch, max_attempts)
+            if registered is None:
+                # The journal has no limit on groups, consumers or group
+                # names.
+                self._move_to_journal(topic)
+                self._logged("open", topic, group, consumer, start,
+                             prefetch, max_attempts, self._slot, self._token)
+            else:
+                self._logged("open", topic, group, consumer, start,
+                             prefetch, max_attempts, self._slot, self._token,
+                             registered)
+        return consumer
+
+    def _open_on_core(self, core: TopicCore, topic: str, group: str,
+                      start: str, prefetch: int, max_attempts: int | None
+                      ) -> tuple[int, int, int] | None:
+        """Register a consumer of `group` in `core` and return ``(group
+        index, consumer index, owner)``, or None when the core cannot
+        take it (too many groups or consumers, or a long group name).
+
+        A group that open_group created before open_consumer failed
+        moves with the rest of the core's state to the journal.
+        """
+        name_bytes = len(group.encode())
+        if name_bytes > GROUP_NAME_BYTES:
+            reason = (f"group name of {name_bytes} bytes is longer than "
+                      f"the {GROUP_NAME_BYTES} bytes a core stores")
+        else:
             try:
                 index = core.open_group(group, start == "earliest",
                                         max_attempts)
                 owner = secrets.randbits(63) or 1
-                number = core.open_consumer(index, prefetch, owner)
+                return index, core.open_consumer(index, prefetch, owner), owner
             except TopicCoreFull as exc:
-                # The journal has no limit on groups or consumers. A group
-                # that open_group created before open_consumer failed moves
-                # with the rest of the core's state.
-                logger.info("shm broker %s: topic %r leaves its core: %s",
-                            self.shm_name, topic, exc)
-                self._move_to_journal(topic)
-                self._logged("open", topic, group, consumer, start,
-                             prefetch, max_attempts, self._slot, self._token)
-                return consumer
-            self._logged("open", topic, group, consumer, start, prefetch,
-                         max_attempts, self._slot, self._token,
-                         (index, number, owner))
-        return consumer
+                reason = str(exc)
+        logger.info("shm broker %s: topic %r leaves its core: %s",
+                    self.shm_name, topic, reason)
+        return None
 
     def close_consumer(self, topic: str, group: str, consumer: str) -> int:
         with self._lock:
