@@ -11,6 +11,7 @@ import pytest
 
 import mqs
 from mqs import bridge
+from mqs.broker._policy import MAX_TOPIC_BYTES
 
 redis = pytest.importorskip("redis")
 
@@ -331,6 +332,37 @@ def test_cli_bridge_rejects_missing_source_topic(tmp_path):
     assert "rerun mqs bridge with --wait-for-topic to wait" in err.decode()
     assert "wait_for_topic" not in err.decode()
     assert "Traceback" not in err.decode()
+    # The failed start created no destination broker.
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bridge_missing_shm_topic_creates_nothing(tmp_path):
+    name = f"mqs-test-bridge-{os.getpid()}"
+    source = mqs.Broker(backend="shm", name=name)
+    try:
+        source.publish("orders", "x")
+        process = _bridge_process(f"shm:{name}#nosuch",
+                                  f"log:{tmp_path}/x#y")
+        out, err = process.communicate(timeout=60)
+    finally:
+        source.close()
+        mqs.Broker.unlink(name)
+    assert process.returncode == 1
+    assert "source topic 'nosuch' does not exist" in err.decode()
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_bridge_bad_topic_creates_nothing(tmp_path):
+    source = mqs.Broker(backend="log", path=tmp_path / "in")
+    source.declare_topic("orders")
+    source.close()
+    too_long = "t" * (MAX_TOPIC_BYTES + 1)
+    process = _bridge_process(f"log:{tmp_path}/in#orders",
+                              f"log:{tmp_path}/out#{too_long}")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert f"topic must be at most {MAX_TOPIC_BYTES} bytes" in err.decode()
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_bridge_wait_for_topic_idle_exit(tmp_path):
@@ -343,6 +375,8 @@ def test_cli_bridge_wait_for_topic_idle_exit(tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err.decode()
     assert out.decode().strip() == "forwarded 0 messages"
+    # The source topic never appeared, so no destination was created.
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_bridge_names_pickle_option(redis_endpoint_url, tmp_path):

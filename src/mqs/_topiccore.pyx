@@ -120,6 +120,8 @@ GROUP_COUNTER_NAMES = ("delivered", "acked", "nacked", "redelivered",
 ENTRY_READY = MQS_TC_READY
 ENTRY_IN_FLIGHT = MQS_TC_IN_FLIGHT
 ENTRY_DEAD = MQS_TC_DEAD
+# The maximum length of a group name in a topic core, in UTF-8 bytes.
+GROUP_NAME_BYTES = MQS_TC_NAME_BYTES
 # Dead reasons by their code.
 DEAD_REASONS = (None, "rejected", "max_attempts", "ack_timeout")
 # `TopicCore.publish`: the topic stores `max_stored` messages already.
@@ -141,6 +143,11 @@ class TopicCoreVersionError(TopicCoreLayoutError, LayoutVersionError):
 
 # The layout version of the topic core files this mqs creates and reads.
 LAYOUT_VERSION = MQS_TC_VERSION
+
+
+class TopicCoreFull(OSError):
+    """Raised when a topic core has no free group or consumer entry left;
+    the caller can move the topic to a store without that limit."""
 
 
 class TopicRetired(Exception):
@@ -450,7 +457,7 @@ cdef class TopicCore(_MappedFile):
                                       max_attempts)
         self._unlock(rc >= 0)
         if rc == MQS_EFULL:
-            raise OSError(f"topic core {self.path} has "
+            raise TopicCoreFull(f"topic core {self.path} has "
                           f"{self._header.config.v.params.max_groups} "
                           f"groups already")
         return rc
@@ -474,7 +481,7 @@ cdef class TopicCore(_MappedFile):
         rc = mqs_tc_open_consumer(self._header, group, prefetch, owner, at)
         self._unlock(False)
         if rc == MQS_EFULL:
-            raise OSError(f"topic core {self.path} has "
+            raise TopicCoreFull(f"topic core {self.path} has "
                           f"{self._header.config.v.params.max_consumers} "
                           f"consumers open already; close some")
         if rc < 0:

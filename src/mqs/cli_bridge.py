@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mqs import bridge
+from mqs.broker._policy import check_topic_name
 from mqs.broker._redis import DEFAULT_RETRY_TIMEOUT_S, PICKLE_HINT
 from mqs.cli import EXIT_FAILED, EXIT_OK, _positive_int
 from mqs.cli_broker import (
@@ -95,20 +96,29 @@ def _run_bridge(args: argparse.Namespace) -> int:
         connect_retry_timeout = args.retry_timeout
         if connect_retry_timeout is None:
             connect_retry_timeout = RETRY_TIMEOUT_S
+        check_topic_name(source_end.topic)
+        check_topic_name(destination_end.topic)
         source = bridge.open_endpoint(
             source_end, pickle=args.pickle,
             connect_retry_timeout=connect_retry_timeout,
             retry_timeout=args.retry_timeout)
-        destination = bridge.open_endpoint(
-            destination_end, pickle=args.pickle,
-            connect_retry_timeout=connect_retry_timeout,
-            retry_timeout=args.retry_timeout)
-        logger.info("bridge %s -> %s started", args.source, args.destination)
-        moved = bridge.forward(
-            source, source_end.topic, destination, destination_end.topic,
-            group=args.group, batch=args.batch,
-            max_messages=args.max_messages, idle_timeout=args.idle_exit,
-            stop=stop, wait_for_topic=args.wait_for_topic)
+        # Opening a log or shm destination creates it, so it opens only
+        # after both topic names are valid and the source topic exists.
+        moved = 0
+        if bridge._source_topic_ready(source, source_end.topic,
+                                      args.wait_for_topic, args.idle_exit,
+                                      stop):
+            destination = bridge.open_endpoint(
+                destination_end, pickle=args.pickle,
+                connect_retry_timeout=connect_retry_timeout,
+                retry_timeout=args.retry_timeout)
+            logger.info("bridge %s -> %s started", args.source,
+                        args.destination)
+            moved = bridge.forward(
+                source, source_end.topic, destination, destination_end.topic,
+                group=args.group, batch=args.batch,
+                max_messages=args.max_messages, idle_timeout=args.idle_exit,
+                stop=stop, wait_for_topic=args.wait_for_topic)
     except (CommandError, MqsError, OSError, ValueError,
             TypeError) as exc:
         # A redis destination names the Python fix for a body it cannot

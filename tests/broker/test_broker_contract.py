@@ -228,6 +228,51 @@ def test_ttl_dead_letters_when_asked(broker):
     assert broker.stats("t")["dead_lettered.expired"] == 1
 
 
+def test_delay_past_topic_ttl_rejected(broker):
+    """The ttl counts from the publish, so a message delayed as long as
+    its ttl or longer could never be delivered."""
+    broker.declare_topic("t", ttl=0.2)
+    consumer = broker.consume("t", "g")
+    match = (r"delay 1 s is not shorter than the ttl 0.2 s of topic 't'.*"
+             r"pass a ttl longer than the delay")
+    with pytest.raises(ValueError, match=match):
+        broker.publish("t", "never", delay=1)
+    with pytest.raises(ValueError, match="delay 0.2 s is not shorter"):
+        broker.publish("t", "never", delay=0.2)
+    with pytest.raises(ValueError, match="than the ttl 0.2 s of topic"):
+        broker.publish("t", "never", at=time.time() + 5)
+    with pytest.raises(ValueError, match=match):
+        broker.publish_many("t", ["never", "never"], delay=1)
+    with pytest.raises(ValueError, match=match):
+        asyncio.run(broker.publish_async("t", "never", delay=1))
+    producer = broker.producer("t", linger=0)
+    with pytest.raises(ValueError, match=match):
+        producer.publish("never", delay=1)
+    producer.close()
+    stats = broker.stats("t")
+    assert stats["published"] == 0
+    assert stats["expired"] == 0
+
+    # A ttl of the message's own, longer than the delay, makes it valid.
+    broker.publish("t", "due", delay=0.3, ttl=30)
+    message = consumer.get(timeout=10)
+    assert message.body == "due"
+    assert message.ack()
+    assert broker.stats("t")["expired"] == 0
+
+
+def test_delay_past_message_ttl_rejected(broker):
+    consumer = broker.consume("t", "g")
+    with pytest.raises(ValueError, match=(
+            r"delay 1 s is not shorter than the message's ttl 0.5 s")):
+        broker.publish("t", "never", delay=1, ttl=0.5)
+    broker.publish("t", "due", delay=0.1, ttl=30)
+    message = consumer.get(timeout=10)
+    assert message.body == "due"
+    assert message.ack()
+    assert broker.stats("t")["published"] == 1
+
+
 def test_when_full_raise(broker):
     broker.declare_topic("t", maxsize=2, when_full="raise")
     broker.publish_many("t", [1, 2])

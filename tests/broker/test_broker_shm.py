@@ -1077,6 +1077,98 @@ def test_shm_full_core_moves_topic(name, monkeypatch):
     broker.close()
 
 
+@pytest.mark.parametrize("publish_first", [True, False])
+def test_shm_group_past_core_limit_moves_topic(name, publish_first):
+    """The group after the core's CORE_GROUPS ones moves the topic to the
+    journal, with every stored message and each group's progress."""
+    broker = open_broker(name)
+    other = open_broker(name)
+    broker.declare_topic("t")
+    if publish_first:
+        broker.publish_many("t", ["a", "b", "c"])
+    consumers = [broker.consume("t", f"g{number}", prefetch=1,
+                                ack_timeout=600)
+                 for number in range(shm_module.CORE_GROUPS)]
+    if not publish_first:
+        broker.publish_many("t", ["a", "b", "c"])
+    assert "t" in broker.backend._core_paths
+    held = consumers[0].get(timeout=5)
+    assert held.body == "a"
+    assert [message.body for message in drain(consumers[1], 2)] == [
+        "a", "b"]
+
+    # Another process's replica opens the extra group.
+    extra = other.consume("t", "extra", prefetch=10)
+    assert "t" not in other.backend._core_paths
+    assert core_files(name) == []
+    assert [message.body for message in drain(extra, 3)] == ["a", "b", "c"]
+    # The core's in-flight delivery settles on the journal.
+    assert held.ack()
+    assert [message.body for message in drain(consumers[0], 2)] == [
+        "b", "c"]
+    assert [message.body for message in drain(consumers[1], 1)] == ["c"]
+    for consumer in consumers[2:]:
+        assert [message.body for message in drain(consumer, 3)] == [
+            "a", "b", "c"]
+    assert broker.backend._core_paths.get("t") is None
+    stats = broker.stats("t")
+    assert stats["published"] == 3
+    assert stats["acked"] == 3 * (shm_module.CORE_GROUPS + 1)
+    assert stats["stored"] == 0
+    assert other.stats("t") == stats
+    for consumer in consumers + [extra]:
+        consumer.close()
+    other.close()
+    broker.close()
+
+
+def test_shm_consumer_past_core_limit_moves_topic(name, monkeypatch):
+    """The consumer after the core's CORE_CONSUMERS open ones moves the
+    topic to the journal, and the open consumers keep working."""
+    monkeypatch.setattr(shm_module, "CORE_CONSUMERS", 2)
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    broker.publish_many("t", [0, 1, 2, 3])
+    first = broker.consume("t", "g", prefetch=1, ack_timeout=600)
+    second = broker.consume("t", "g", prefetch=1, ack_timeout=600)
+    held = first.get(timeout=5)
+    assert held.body == 0
+    assert "t" in broker.backend._core_paths
+    third = broker.consume("t", "g", prefetch=1, ack_timeout=600)
+    assert "t" not in broker.backend._core_paths
+    assert held.ack()
+    bodies = []
+    for consumer in (second, third, first):
+        bodies += [message.body for message in drain(consumer, 1)]
+    assert sorted(bodies) == [1, 2, 3]
+    stats = broker.stats("t")
+    assert stats["acked"] == 4
+    assert stats["stored"] == 0
+    for consumer in (first, second, third):
+        consumer.close()
+    broker.close()
+
+
+def test_shm_long_group_name_moves_topic(name):
+    """A group name longer than a core stores moves the topic to the
+    journal, as the other backends take it."""
+    broker = open_broker(name)
+    broker.declare_topic("t")
+    broker.publish("t", "a")
+    short = broker.consume("t", "g", prefetch=1, ack_timeout=600)
+    held = short.get(timeout=5)
+    long_name = "g" * (shm_module.GROUP_NAME_BYTES + 1)
+    long = broker.consume("t", long_name)
+    assert "t" not in broker.backend._core_paths
+    assert [message.body for message in drain(long, 1)] == ["a"]
+    assert held.ack()
+    assert {stats.group for stats in broker.group_stats("t")} == {
+        "g", long_name}
+    short.close()
+    long.close()
+    broker.close()
+
+
 def test_shm_core_capacity_fits_free_space():
     per_message = shm_module.CORE_BYTES_PER_MESSAGE
     assert shm_module._core_capacity(1 << 50) == shm_module.CORE_CAPACITY

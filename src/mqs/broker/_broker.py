@@ -1032,7 +1032,9 @@ class Producer:
     def publish(self, body: Any, **options: Any) -> None:
         """Buffer one message; options as in `Broker.publish`."""
         self._batcher.check_process("publish")
-        envelope = self._batcher.broker._envelope(body, **options)
+        broker = self._batcher.broker
+        envelope = broker._envelope(body, **options)
+        broker._check_due_before_expiry(self._batcher.topic, envelope)
         self._batcher.publish(envelope)
 
     def flush(self) -> list[str]:
@@ -1256,7 +1258,9 @@ class Broker:
             Seconds after publish that a message may still be delivered,
             at most `mqs.MAX_DELAY_SECONDS` (10 years); later it is
             dropped (``on_expire="drop"``) or dead-lettered
-            (``"dead_letter"``), and counted.
+            (``"dead_letter"``), and counted. The ttl counts from the
+            publish, not from the end of a delay, so a publish whose
+            delay is not shorter than its ttl raises ValueError.
         retention : float, optional
             Seconds a message stays stored after every group finished it,
             for groups that join later with ``start="earliest"``.
@@ -1380,7 +1384,9 @@ class Broker:
         InvalidPriority
             For a priority outside 0 to 9.
         ValueError
-            For a negative, infinite or too long `delay`, `at` or `ttl`.
+            For a negative, infinite or too long `delay`, `at` or `ttl`,
+            or a delay not shorter than the message's ttl (or else the
+            topic's), because the message would expire before it is due.
         Full
             When the topic is full (``when_full="raise"``, or ``"block"``
             past `timeout`).
@@ -1437,15 +1443,54 @@ class Broker:
         """Publish `envelopes` to `topic`, declaring it if needed."""
         if not self._backend.publish_checks_topic:
             self._ensure_topic(topic)
+            self._check_due_before_expiry(topic, envelopes[0])
             return self._backend_publish(topic, envelopes, timeout)
         # The backend raises UnknownTopic itself, so the topic check costs
         # nothing (no round trip to Redis) while the topic exists.
         self._check_topic_name(topic)
+        self._check_due_before_expiry(topic, envelopes[0])
         try:
             return self._backend_publish(topic, envelopes, timeout)
         except UnknownTopic:
             self._ensure_topic(topic)
         return self._backend_publish(topic, envelopes, timeout)
+
+    def _check_due_before_expiry(self, topic: str,
+                                 envelope: Envelope) -> None:
+        """Raise ValueError if delayed `envelope` would expire before it
+        is due, because its ttl counts from the publish.
+
+        `publish_many` checks its first envelope only, since all of them
+        share their options. A delayed publish reads the topic's settings
+        (a round trip to Redis) unless the message has its own ttl.
+        """
+        delay = envelope.delay
+        if not delay:
+            return
+        ttl = envelope.ttl
+        if ttl is not None:
+            if delay >= ttl:
+                raise ValueError(
+                    f"delay {delay:g} s is not shorter than the message's "
+                    f"ttl {ttl:g} s, which counts from the publish, so the "
+                    f"message would expire before it is due; pass a ttl "
+                    f"longer than the delay")
+            return
+        try:
+            ttl = self._backend.topic_config(topic).ttl
+        except UnknownTopic:
+            # The publish declares the topic with the default settings,
+            # which have no ttl, or raises UnknownTopic itself.
+            return
+        # NOTE: a redeclare with replace=True that shortens the ttl after
+        # this read is not seen, and its messages expire unseen (counted).
+        if ttl is not None and delay >= ttl:
+            raise ValueError(
+                f"delay {delay:g} s is not shorter than the ttl {ttl:g} s "
+                f"of topic {topic!r}, which counts from the publish, so the "
+                f"message would expire before it is due; pass a ttl longer "
+                f"than the delay to this publish, or declare the topic with "
+                f"a longer ttl")
 
     def _backend_publish(self, topic: str, envelopes: list[Envelope],
                          timeout: float | None) -> list[str]:
@@ -1483,6 +1528,7 @@ class Broker:
         event loop."""
         envelope = self._envelope(body, **options)
         self._ensure_topic(topic)
+        self._check_due_before_expiry(topic, envelope)
         timeout = _seconds("timeout", timeout)
         if self._backend.topic_config(topic).when_full != "block":
             return self._backend_publish(topic, [envelope], 0)[0]

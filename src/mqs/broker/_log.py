@@ -121,7 +121,7 @@ from mqs.broker._memory import (
     _stayed_full,
 )
 from mqs.broker._policy import TopicConfig
-from mqs.broker._state import TopicState
+from mqs.broker._state import TopicState, replaying
 from mqs.errors import (
     BackendUnavailable,
     LogCorrupted,
@@ -316,6 +316,12 @@ class LogBackend(MemoryBackend):
                          fsync_interval_s=self._fsync_interval_s)
         self._log = log
         self._log_name = name
+        with replaying():
+            return self._apply_log_records(log, name)
+
+    def _apply_log_records(self, log: SegmentLog, name: str) -> int:
+        """Apply the records of `log` (named `name`) to the state; return
+        how many operations it applied after the snapshot."""
         parts = []
         replayed = 0
         records = iter(log)
@@ -1008,7 +1014,9 @@ def _write_current(path: str, name: str) -> None:
     """Point CURRENT at log `name`: temporary file, fsync, rename, fsync
     of the directory, so a crash leaves the old or the new name."""
     temp = os.path.join(path, CURRENT + ".tmp")
-    with open(temp, "w", encoding="ascii") as file:
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as file:
         file.write(name + "\n")
         file.flush()
         os.fsync(file.fileno())

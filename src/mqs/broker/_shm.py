@@ -44,7 +44,8 @@ Design: topic cores for the common path, a replicated journal for the rest
     payload over CORE_SLOT_BYTES, a full core (up to CORE_CAPACITY
     messages, fewer when /dev/shm is small: see CORE_MIN_CAPACITY),
     a nack with a delay, an error text or requeue=False, a dead letter
-    (the core's max_attempts or ack deadline dead-lettered one), or a new
+    (the core's max_attempts or ack deadline dead-lettered one), a group,
+    consumer or group name past the core's limits, or a new
     configuration. The mover holds the journal mutex, takes the core's
     whole state and marks it retired in one critical section of the core
     (`TopicCore.retire_and_export`), builds the `TopicState` that running
@@ -147,7 +148,9 @@ Limits
     (SIGSTOP, a debugger) while it holds the mutex stalls every other
     process until it continues or dies.
     A topic core holds at most CORE_GROUPS groups and CORE_CONSUMERS
-    open consumers at once (more raise OSError). A core consumer whose
+    open consumers at once, and group names of up to GROUP_NAME_BYTES
+    bytes. A consumer past these limits moves the topic to the journal,
+    which has none of them. A core consumer whose
     process died between registering it and appending its ``open``
     record stays idle in the core. Repairing a core after a process
     died inside its mutex scans and sorts its stored messages, so that
@@ -186,11 +189,13 @@ from mqs._topiccore import (
     DEAD_REASONS,
     ENTRY_IN_FLIGHT,
     ENTRY_READY,
+    GROUP_NAME_BYTES,
     PAYLOAD_BYTES,
     PAYLOAD_EXTRAS,
     CorePath,
     CoreReader,
     TopicCore,
+    TopicCoreFull,
     TopicCoreVersionError,
     TopicRetired,
     LIMIT as CORE_LIMIT,
@@ -227,6 +232,7 @@ from mqs.broker._state import (
     _Entry,
     _Group,
     _Record,
+    replaying,
 )
 from mqs.broker._wakeup import Wakeups
 from mqs.errors import BackendUnavailable, Full, MessageTooLarge, ShutDown
@@ -570,7 +576,8 @@ class ShmBackend(LogBackend):
     def _replay_records(self, records: list[bytes]) -> None:
         self._replaying = True
         try:
-            self._replay_each(records)
+            with replaying():
+                self._replay_each(records)
         finally:
             self._replaying = False
 
@@ -1067,10 +1074,17 @@ class ShmBackend(LogBackend):
         _adopt_core_state(state, data, consumers, now)
         path = f"{self.path}.adopt-{secrets.token_hex(8)}"
         temp = f"{path}.{os.getpid()}.tmp"
-        with open(temp, "wb") as file:
-            pickle.dump(state.snapshot(), file,
-                        protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(temp, path)
+        # Owner-only, as every mqs file in /dev/shm: it holds the bodies.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                pickle.dump(state.snapshot(), file,
+                            protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(temp, path)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
         self._logged("adopt", topic, path)
         _unlink_quietly(core_path)
         logger.info("shm broker %s: topic %r moved from its shared core to "
@@ -1426,13 +1440,45 @@ class ShmBackend(LogBackend):
             # The core first: a process killed between the two steps
             # leaves an idle core consumer, never a record of a consumer
             # the core does not have.
-            index = core.open_group(group, start == "earliest", max_attempts)
-            owner = secrets.randbits(63) or 1
-            number = core.open_consumer(index, prefetch, owner)
-            self._logged("open", topic, group, consumer, start, prefetch,
-                         max_attempts, self._slot, self._token,
-                         (index, number, owner))
+            registered = self._open_on_core(core, topic, group, start,
+                                            prefetch, max_attempts)
+            if registered is None:
+                # The journal has no limit on groups, consumers or group
+                # names.
+                self._move_to_journal(topic)
+                self._logged("open", topic, group, consumer, start,
+                             prefetch, max_attempts, self._slot, self._token)
+            else:
+                self._logged("open", topic, group, consumer, start,
+                             prefetch, max_attempts, self._slot, self._token,
+                             registered)
         return consumer
+
+    def _open_on_core(self, core: TopicCore, topic: str, group: str,
+                      start: str, prefetch: int, max_attempts: int | None
+                      ) -> tuple[int, int, int] | None:
+        """Register a consumer of `group` in `core` and return ``(group
+        index, consumer index, owner)``, or None when the core cannot
+        take it (too many groups or consumers, or a long group name).
+
+        A group that open_group created before open_consumer failed
+        moves with the rest of the core's state to the journal.
+        """
+        name_bytes = len(group.encode())
+        if name_bytes > GROUP_NAME_BYTES:
+            reason = (f"group name of {name_bytes} bytes is longer than "
+                      f"the {GROUP_NAME_BYTES} bytes a core stores")
+        else:
+            try:
+                index = core.open_group(group, start == "earliest",
+                                        max_attempts)
+                owner = secrets.randbits(63) or 1
+                return index, core.open_consumer(index, prefetch, owner), owner
+            except TopicCoreFull as exc:
+                reason = str(exc)
+        logger.info("shm broker %s: topic %r leaves its core: %s",
+                    self.shm_name, topic, reason)
+        return None
 
     def close_consumer(self, topic: str, group: str, consumer: str) -> int:
         with self._lock:

@@ -23,6 +23,7 @@ import math
 import operator
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -298,7 +299,8 @@ class TopicState:
         counters = self.counters
         value = counters.get(key, 0) + n
         counters[key] = value
-        warn_drop_count(logger, self.config.name, key, value - n, value)
+        if not _replay.active:
+            warn_drop_count(logger, self.config.name, key, value - n, value)
 
     # Publishing.
 
@@ -929,6 +931,27 @@ _DROP_KEYS = {
     "dropped_unsubscribed": (
         "dropped because the topic's first group started at 'latest'"),
 }
+
+
+class _ReplayFlag(threading.local):
+    active = False
+
+
+# Set in a thread while it replays records that were applied and logged
+# before, in another process or before this open (see `replaying`).
+_replay = _ReplayFlag()
+
+
+@contextlib.contextmanager
+def replaying() -> Iterator[None]:
+    """Turn off drop warnings in this thread for a replay, because the
+    process that first ran the replayed operations logged them."""
+    outer = _replay.active
+    _replay.active = True
+    try:
+        yield
+    finally:
+        _replay.active = outer
 
 
 def warn_drop_count(log: logging.Logger, topic: str, key: str,
