@@ -4,6 +4,7 @@ Timing behaviour runs on simulated clocks and is counted, never timed.
 """
 
 import collections
+import math
 import random
 
 import pytest
@@ -109,7 +110,7 @@ def test_backoff_jitter_stays_within_spread():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"factor": 0.5}, "factor must be a number of 1 or more, got 0.5"),
+    ({"factor": 0.5}, "factor must be a finite number of 1 or more, got 0.5"),
     ({"jitter": 2}, "jitter must be from 0 to 1, got 2"),
     ({"base": 5, "max": 1}, "max must be at least base"),
     ({"base": -1}, "base must be 0 or more"),
@@ -203,6 +204,48 @@ def test_rate_rejects_bad_values():
     with pytest.raises(mqs.TopicConfigError,
                        match="adaptive must be True or False, got str 'no'"):
         mqs.Rate(10, adaptive="no")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("cut_interval", "x", "cut_interval must be a number of seconds from 0"),
+    ("cut_interval", -1, "cut_interval .* got -1"),
+    ("cut_interval", math.nan, "cut_interval .* got nan"),
+    ("cut_interval", math.inf, "cut_interval .* got inf"),
+    ("increase", math.inf, "increase must be a number above 0 and at most 1"),
+    ("increase", 0, "increase .* got 0"),
+    ("increase", "0.1", "increase .* got '0.1'"),
+    ("decrease", "0.5", "decrease must be a number between 0 and 1 .*"
+                        "got '0.5'"),
+    ("decrease", math.nan, "decrease .* got nan"),
+    ("min_per_second", "1", "min_per_second must be a number above 0 .* "
+                            "got '1'"),
+    ("min_per_second", math.nan, "min_per_second .* got nan"),
+    ("burst", 1.5, "burst must be an int of 1 or more"),
+])
+def test_rate_rejects_bad_field(field, value, match):
+    with pytest.raises(mqs.TopicConfigError, match=match):
+        mqs.Rate(10, adaptive=True, **{field: value})
+
+
+@pytest.mark.parametrize("field, value, error, match", [
+    ("factor", math.inf, mqs.TopicConfigError,
+     "factor must be a finite number of 1 or more, got inf"),
+    ("factor", "2", mqs.TopicConfigError, "factor .* got '2'"),
+    ("base", "x", TypeError, "base must be a number of seconds, got str"),
+    ("base", math.nan, mqs.TopicConfigError, "base must be 0 or more"),
+    ("max", math.inf, mqs.TopicConfigError, "max must be a finite number"),
+    ("jitter", 2, mqs.TopicConfigError, "jitter must be from 0 to 1"),
+    ("jitter", math.nan, mqs.TopicConfigError, "jitter .* got nan"),
+])
+def test_backoff_rejects_bad_field(field, value, error, match):
+    with pytest.raises(error, match=match):
+        mqs.Backoff(**{field: value})
+
+
+def test_rate_edge_values_accepted():
+    rate = mqs.Rate(10, adaptive=True, increase=1, cut_interval=0,
+                    min_per_second=10)
+    assert rate.floor == 10
 
 
 # Circuit breaker.
