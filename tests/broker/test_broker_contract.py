@@ -2214,6 +2214,34 @@ def test_auto_ack_undecodable_body_reported_lost(broker, caplog):
     assert raised.value.message_id == bad_again
 
 
+def test_get_many_max_items_rules(broker):
+    broker.publish_many("t", [1, 2, 3])
+    consumer = broker.consume("t", "g", prefetch=10)
+    for value, error, match in [
+            (1.5, TypeError, "max_items must be an int, got float 1.5"),
+            (True, TypeError, "max_items must be an int, got bool"),
+            (0, ValueError, "max_items must be at least 1, got 0"),
+            (2**63, ValueError, "max_items must be at most 2\\*\\*63 - 1")]:
+        with pytest.raises(error, match=match):
+            consumer.get_many(value, timeout=0)
+        with pytest.raises(error, match=match):
+            asyncio.run(consumer.get_many_async(value, timeout=0))
+    got = consumer.get_many(2**63 - 1, timeout=0)
+    assert [m.body for m in got] == [1, 2, 3]
+
+
+def test_get_many_max_items_matches_queue(broker):
+    queue = mqs.Queue()
+    consumer = broker.consume("t", "g")
+    for value in (1.5, "2", 0, 2**63):
+        with pytest.raises(Exception) as from_queue:
+            queue.get_many(value, block=False)
+        with pytest.raises(Exception) as from_broker:
+            consumer.get_many(value, timeout=0)
+        assert type(from_broker.value) is type(from_queue.value)
+        assert str(from_broker.value) == str(from_queue.value)
+
+
 def test_get_many_all_undecodable_raises(broker):
     if broker.backend.name == "memory":
         pytest.skip("the memory backend does not serialize bodies")

@@ -72,6 +72,12 @@ _STARTS = ("earliest", "latest")
 _PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
 # The `Envelope` fields that a backend with `pickles_messages` pickles.
 _PICKLED_FIELDS = ("body", "key", "headers", "dedup_id")
+# Largest max_items of `Consumer.get_many`, as in `mqs.Queue.get_many`.
+_MAX_ITEMS = 2**63 - 1
+# Largest number of messages one fetch requests from a backend, because the
+# topic core of the shm backend takes a 32-bit unsigned count. max_items
+# is only an upper bound, so cutting a larger one to this loses nothing.
+_MAX_FETCH = 2**32 - 1
 # Classes of a timeout that the fast path of `Consumer.get` accepts as
 # they are; `_seconds` checks any other value.
 _NUMBERS = (int, float)
@@ -207,6 +213,45 @@ def _check_hashable(name: str, value: Any) -> None:
             f"{name} must be hashable, got {type(value).__name__} "
             f"{value!r}; use a str, an int, or a tuple of those"
         ) from None
+
+
+def _fetch_limit(max_items: Any) -> int:
+    """Return the number of messages a fetch of `max_items` may take.
+
+    The rules match `mqs.Queue.get_many`: TypeError for a non-int,
+    ValueError below 1 or above 2**63 - 1. Larger limits are cut to
+    `_MAX_FETCH`, which every backend can take.
+    """
+    if isinstance(max_items, bool) or not isinstance(max_items, int):
+        raise TypeError(
+            f"max_items must be an int, got {type(max_items).__name__} "
+            f"{max_items!r}")
+    if max_items < 1:
+        raise ValueError(f"max_items must be at least 1, got {max_items!r}")
+    if max_items > _MAX_ITEMS:
+        raise ValueError(
+            f"max_items must be at most 2**63 - 1, got {max_items!r}")
+    return min(max_items, _MAX_FETCH)
+
+
+def _flush_error(failures: list[tuple[str, int, Exception | None]]
+                 ) -> ProducerFlushError:
+    """Return the error `Broker.close` raises for the batches its
+    producers dropped: ``(topic, dropped, cause)`` each."""
+    by_topic: dict[str, int] = {}
+    for topic, dropped, _ in failures:
+        by_topic[topic] = by_topic.get(topic, 0) + dropped
+    total = sum(by_topic.values())
+    causes = "; ".join(
+        f"{topic!r}: {dropped} ({type(cause).__name__}: {cause})"
+        for topic, dropped, cause in failures)
+    error = ProducerFlushError(
+        f"Broker.close dropped {total} buffered producer message(s) that "
+        f"could not be published ({causes}); close the producers before "
+        f"the broker to handle such errors", dropped=total,
+        by_topic=by_topic)
+    error.__cause__ = failures[0][2]
+    return error
 
 
 def _flush_error(failures: list[tuple[str, int, Exception | None]]
@@ -523,11 +568,12 @@ class Consumer:
             When the consumer is or gets closed.
         MessageDecodeError
             When no message of the fetched batch unpickles (see `get`).
+        TypeError
+            If `max_items` is not an int.
+        ValueError
+            If `max_items` is below 1 or above 2**63 - 1.
         """
-        if isinstance(max_items, bool) or not isinstance(max_items, int) \
-                or max_items < 1:
-            raise ValueError(
-                f"max_items must be an int of 1 or more, got {max_items!r}")
+        max_items = _fetch_limit(max_items)
         timeout = _seconds("timeout", timeout)
         self._check_process("Consumer.get_many")
         self._check_open()
@@ -564,10 +610,7 @@ class Consumer:
     async def get_many_async(self, max_items: int,
                              timeout: float | None = None) -> list[Message]:
         """Like `get_many`, awaiting without blocking the event loop."""
-        if isinstance(max_items, bool) or not isinstance(max_items, int) \
-                or max_items < 1:
-            raise ValueError(
-                f"max_items must be an int of 1 or more, got {max_items!r}")
+        max_items = _fetch_limit(max_items)
         timeout = _seconds("timeout", timeout)
         self._check_process("Consumer.get_async")
         self._check_open()
