@@ -1940,6 +1940,35 @@ def test_broker_close_closes_open_consumers(broker, request):
         other.close()
 
 
+@pytest.mark.parametrize("bodies", ["abc", b"abc", bytearray(b"ab")])
+def test_publish_many_rejects_str_bodies(broker, bodies):
+    broker.declare_topic("t")
+    with pytest.raises(TypeError, match=r"pass \[body\] to publish it as "
+                                        r"one message"):
+        broker.publish_many("t", bodies)
+    assert broker.stats("t")["published"] == 0
+
+
+def test_publish_many_unknown_option_named(broker):
+    broker.declare_topic("t")
+    with pytest.raises(TypeError, match="publish_many got unexpected "
+                                        "keyword argument.* 'bogus'; it "
+                                        "accepts priority, ") as raised:
+        broker.publish_many("t", [1], bogus=1)
+    assert "_envelope" not in str(raised.value)
+    with pytest.raises(TypeError, match=r"'priorty' \(did you mean "
+                                        r"'priority'\?\)"):
+        broker.publish_many("t", [1], priorty=1)
+    producer = broker.producer("t")
+    with pytest.raises(TypeError, match="Producer.publish got unexpected "
+                                        "keyword argument.* 'timeout'"):
+        producer.publish(1, timeout=1)
+    producer.close()
+    with pytest.raises(TypeError, match="publish_async got unexpected"):
+        asyncio.run(broker.publish_async("t", 1, bogus=1))
+    assert broker.stats("t")["published"] == 0
+
+
 def test_publish_many_of_nothing(broker):
     assert broker.publish_many("t", []) == []
     assert broker.publish_many("t", iter(())) == []

@@ -215,6 +215,27 @@ def _check_hashable(name: str, value: Any) -> None:
         ) from None
 
 
+# Keyword options of one message, which `Broker._envelope` takes.
+_MESSAGE_OPTIONS = ("priority", "delay", "at", "key", "headers", "dedup_id",
+                    "reply_to", "correlation_id", "ttl")
+
+
+def _check_options(call: str, options: Mapping[str, Any],
+                   others: tuple[str, ...] = ()) -> None:
+    """Raise TypeError naming `call` if `options` has a key that neither
+    `_MESSAGE_OPTIONS` nor `others` (options `call` takes itself) lists."""
+    unknown = [name for name in options if name not in _MESSAGE_OPTIONS]
+    if not unknown:
+        return
+    accepted = _MESSAGE_OPTIONS + others
+    problem = ", ".join(repr(name) for name in unknown)
+    guesses = difflib.get_close_matches(unknown[0], accepted, n=1)
+    hint = f" (did you mean {guesses[0]!r}?)" if guesses else ""
+    raise TypeError(
+        f"{call} got unexpected keyword argument(s) {problem}{hint}; it "
+        f"accepts {', '.join(accepted)}")
+
+
 def _fetch_limit(max_items: Any) -> int:
     """Return the number of messages a fetch of `max_items` may take.
 
@@ -1075,6 +1096,7 @@ class Producer:
     def publish(self, body: Any, **options: Any) -> None:
         """Buffer one message; options as in `Broker.publish`."""
         self._batcher.check_process("publish")
+        _check_options("Producer.publish", options)
         envelope = self._batcher.broker._envelope(body, **options)
         self._batcher.publish(envelope)
 
@@ -1466,6 +1488,13 @@ class Broker:
 
         On `Full`, ``exc.accepted`` bodies were published and stay.
         """
+        if isinstance(bodies, (str, bytes, bytearray, memoryview)):
+            raise TypeError(
+                f"publish_many takes an iterable of bodies, got "
+                f"{type(bodies).__name__} {bodies!r:.60}, which would be "
+                f"published one item per message; pass [body] to publish "
+                f"it as one message, or use publish")
+        _check_options("publish_many", options, ("timeout",))
         # The options are checked once; every envelope shares them.
         settings = self._envelope(None, **options)[1:]
         envelopes = [Envelope(body, *settings) for body in bodies]
@@ -1524,6 +1553,7 @@ class Broker:
                             ) -> str:
         """Like `publish`; a full topic is awaited without blocking the
         event loop."""
+        _check_options("publish_async", options, ("timeout",))
         envelope = self._envelope(body, **options)
         self._ensure_topic(topic)
         timeout = _seconds("timeout", timeout)
