@@ -2076,6 +2076,60 @@ def test_threads_at_least_once_with_nacks_and_abandoned(broker, scale):
     assert stats["dead_lettered"] == 0
 
 
+@pytest.mark.parametrize("timeout, error, match", [
+    (-1, ValueError, "timeout must be 0 or more seconds, got -1"),
+    ("x", TypeError, "timeout must be a number of seconds, got str 'x'"),
+    (float("nan"), ValueError, "timeout must be 0 or more seconds"),
+])
+def test_producer_rejects_bad_timeout(broker, timeout, error, match):
+    with pytest.raises(error, match=match):
+        broker.producer("t", timeout=timeout)
+    assert "t" not in broker.topics()
+
+
+@pytest.mark.parametrize("linger, error, match", [
+    (float("inf"), ValueError, "linger must be a finite number"),
+    (1e10, ValueError, "linger must be at most mqs.MAX_DELAY_SECONDS"),
+    ("x", TypeError, "linger must be a number of seconds"),
+    (-1, ValueError, "linger must be 0 or more seconds"),
+])
+def test_producer_rejects_bad_linger(broker, linger, error, match):
+    with pytest.raises(error, match=match):
+        broker.producer("t", linger=linger)
+
+
+def test_producer_max_linger_thread_survives(broker):
+    consumer = broker.consume("t", "g", auto_ack=True)
+    producer = broker.producer("t", linger=mqs.MAX_DELAY_SECONDS)
+    producer.publish(1)
+    thread = producer._batcher._thread
+    time.sleep(0.05)
+    assert thread.is_alive()
+    del producer
+    gc.collect()
+    # The collected producer's thread publishes the batch and ends.
+    assert consumer.get(timeout=10).body == 1
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_producer_timeout_bounds_full_wait(broker):
+    broker.declare_topic("t", maxsize=1)  # when_full="block"
+    broker.publish("t", 0)
+    producer = broker.producer("t", linger=60, timeout=0.2)
+    producer.publish(1)
+    started = time.monotonic()
+    with pytest.raises(mqs.Full):
+        producer.flush()
+    assert time.monotonic() - started < 5
+    consumer = broker.consume("t", "g", auto_ack=True)
+    assert consumer.get(timeout=0).body == 0
+    # The message stayed buffered and goes out now that there is room.
+    assert len(producer.flush()) == 1
+    producer.close()
+    assert consumer.get(timeout=0).body == 1
+
+
 def test_producer_linger_batches_messages(broker):
     consumer = broker.consume("t", "g", auto_ack=True)
     producer = broker.producer("t", linger=1.0, batch_size=100)

@@ -1022,6 +1022,17 @@ class Producer:
     not take are kept for the next try; the ids of the ones it took before
     the error are not returned by `flush`.
 
+    Parameters
+    ----------
+    linger : float
+        Seconds a batch waits for more messages, from 0 (send at once) to
+        `mqs.MAX_DELAY_SECONDS`.
+    batch_size : int
+        Messages that make a batch go out at once, 1 or more.
+    timeout : float, optional
+        Bound in seconds of a send's wait for room in a full topic that
+        blocks (None: no bound).
+
     Notes
     -----
     Buffered messages are published, not lost, in these cases too:
@@ -1049,7 +1060,11 @@ class Producer:
 
     def __init__(self, broker: Broker, topic: str, *, linger: float,
                  batch_size: int, timeout: float | None) -> None:
-        linger = _required_seconds("linger", linger)
+        # The cap keeps the background thread's wait within
+        # threading.TIMEOUT_MAX, past which Condition.wait raises
+        # OverflowError.
+        linger = _required_seconds("linger", linger, allow_inf=False)
+        timeout = _seconds("timeout", timeout)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
                 or batch_size < 1:
             raise ValueError(
@@ -1574,10 +1589,23 @@ class Broker:
     def producer(self, topic: str, *, linger: float = 0.005,
                  batch_size: int = 100,
                  timeout: float | None = None) -> Producer:
-        """Return a `Producer` that batches publishes to `topic`."""
-        self._ensure_topic(topic)
+        """Return a `Producer` that batches publishes to `topic`.
+
+        `linger`, `batch_size` and `timeout` are described in `Producer`.
+
+        Raises
+        ------
+        TypeError
+            For a `linger` or `timeout` that is not a number.
+        ValueError
+            For a negative or NaN `linger` or `timeout`, a `linger` above
+            `mqs.MAX_DELAY_SECONDS`, or a `batch_size` that is not an int
+            of 1 or more.
+        """
+        # The arguments are checked before the topic is declared.
         producer = Producer(self, topic, linger=linger,
                             batch_size=batch_size, timeout=timeout)
+        self._ensure_topic(topic)
         self._batchers.add(producer._batcher)
         return producer
 
