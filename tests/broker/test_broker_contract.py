@@ -1133,16 +1133,51 @@ def test_producer_linger_sends_in_background(broker):
     producer.close()
 
 
-def test_producer_reports_full_and_keeps_batch(broker):
+def test_producer_full_publish_keeps_nothing(broker):
     broker.declare_topic("t", maxsize=1, when_full="raise")
     consumer = broker.consume("t", "g")
     producer = broker.producer("t", linger=60, batch_size=2)
     producer.publish(1)
-    with pytest.raises(mqs.Full):
-        producer.publish(2)  # the batch of 2 fills; 1 went in, 2 is kept
+    with pytest.raises(mqs.Full, match="did not keep this message"):
+        producer.publish(2)  # the batch of 2 fills: 1 went in, 2 did not
+    assert producer.flush() == []
     consumer.get(timeout=0).ack()
+    producer.publish(2)  # the caller's retry
     assert len(producer.flush()) == 1
     assert consumer.get(timeout=0).body == 2
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0)
+    producer.close()
+
+
+def test_producer_full_retry_publishes_once(broker):
+    broker.declare_topic("t", maxsize=2, when_full="raise")
+    consumer = broker.consume("t", "g", prefetch=10)
+    producer = broker.producer("t", linger=60, batch_size=1)
+    producer.publish(1)
+    producer.publish(2)
+    with pytest.raises(mqs.Full, match="publish it again to retry"):
+        producer.publish(3)
+    for message in consumer.get_many(10, timeout=0):
+        message.ack()
+    producer.publish(3)
+    producer.close()
+    assert [m.body for m in consumer.get_many(10, timeout=0)] == [3]
+
+
+def test_producer_full_keeps_earlier_messages(broker):
+    broker.declare_topic("t", maxsize=1, when_full="raise")
+    consumer = broker.consume("t", "g")
+    broker.publish("t", 0)
+    producer = broker.producer("t", linger=60, batch_size=2)
+    producer.publish(1)
+    with pytest.raises(mqs.Full, match="1 earlier message.* stay buffered"):
+        producer.publish(2)
+    consumer.get(timeout=0).ack()
+    # 1 was accepted by its publish call, so it stays buffered.
+    assert len(producer.flush()) == 1
+    assert consumer.get(timeout=0).body == 1
+    producer.close()
 
 
 
@@ -1595,26 +1630,116 @@ def test_unpicklable_field_raises_type_error(broker, field):
     assert broker.stats("t")["published"] == 0
 
 
-def test_producer_drops_unpicklable_message(broker, caplog):
+class _PickleFails:
+    """An object whose pickling raises an exception that pickle itself
+    never raises."""
+
+    def __reduce__(self):
+        raise RuntimeError("no pickle")
+
+
+@pytest.mark.parametrize("unpicklable", [threading.Lock, _PickleFails],
+                         ids=["lock", "runtime_error"])
+def test_producer_drops_unpicklable_message(broker, caplog, unpicklable):
     if not broker.backend.pickles_messages:
         pytest.skip("the memory backend stores objects without pickling")
     consumer = broker.consume("t", "g", auto_ack=True, prefetch=10)
     producer = broker.producer("t", linger=60, batch_size=100)
     producer.publish("a")
-    producer.publish(threading.Lock())
+    producer.publish(unpicklable())
     producer.publish("b")
     with caplog.at_level(logging.WARNING, logger="mqs.broker._broker"):
-        with pytest.raises(TypeError, match="body of a message to topic "
-                                            "'t' cannot be pickled"):
-            producer.flush()
+        ids = producer.flush()
+    # The other messages go out with the same flush.
+    assert len(ids) == 2
     assert producer.dropped == 1
-    assert "dropped 1 buffered message(s) that cannot be pickled" \
-        in caplog.text
-    # The other messages stay buffered and go out with the next flush.
+    warnings = [record for record in caplog.records
+                if "cannot be pickled" in record.getMessage()]
+    assert len(warnings) == 1
+    producer.publish("c")
+    assert len(producer.flush()) == 1
+    producer.close()
+    assert producer.dropped == 1
+    got = consumer.get_many(10, timeout=5)
+    assert [message.body for message in got] == ["a", "b", "c"]
+
+
+def test_producer_background_drops_unpicklable(broker, caplog):
+    if not broker.backend.pickles_messages:
+        pytest.skip("the memory backend stores objects without pickling")
+    consumer = broker.consume("t", "g", auto_ack=True, prefetch=10)
+    producer = broker.producer("t", linger=0.01, batch_size=100)
+    with caplog.at_level(logging.WARNING, logger="mqs.broker._broker"):
+        producer.publish(_PickleFails())
+        producer.publish("a")
+        assert consumer.get(timeout=10).body == "a"
+        time.sleep(0.1)  # several linger periods for any retry loop
+        producer.publish("b")
+        assert consumer.get(timeout=10).body == "b"
+        producer.close()
+    assert producer.dropped == 1
+    logged = [record for record in caplog.records
+              if record.name == "mqs.broker._broker"]
+    assert len(logged) == 1
+    assert "cannot be pickled (RuntimeError: no pickle)" \
+        in logged[0].getMessage()
+
+
+def test_producer_publish_raises_own_pickle_error(broker):
+    if not broker.backend.pickles_messages:
+        pytest.skip("the memory backend stores objects without pickling")
+    consumer = broker.consume("t", "g", auto_ack=True, prefetch=10)
+    producer = broker.producer("t", linger=60, batch_size=2)
+    producer.publish("a")
+    with pytest.raises(TypeError, match="body of a message to topic 't' "
+                                        "cannot be pickled") as raised:
+        producer.publish(_PickleFails())
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    # The error reached the caller, so the message was not dropped later.
+    assert producer.dropped == 0
+    producer.close()
+    assert [m.body for m in consumer.get_many(10, timeout=5)] == ["a"]
+
+
+def test_publish_runtime_error_pickle_is_type_error(broker):
+    if not broker.backend.pickles_messages:
+        pytest.skip("the memory backend stores objects without pickling")
+    broker.declare_topic("t")
+    for options in ({}, {"priority": 3}):
+        with pytest.raises(TypeError, match="body of a message") as raised:
+            broker.publish("t", _PickleFails(), **options)
+        assert isinstance(raised.value.__cause__, RuntimeError)
+    with pytest.raises(TypeError, match="key of a message"):
+        broker.publish("t", "x", key=_PickleFails())
+    with pytest.raises(TypeError, match="headers of a message"):
+        broker.publish("t", "x", headers={"h": _PickleFails()})
+    with pytest.raises(TypeError, match="body of a message"):
+        broker.publish_many("t", ["x", _PickleFails(), "y"])
+    assert broker.stats("t")["published"] == 0
+
+
+def test_backend_error_not_taken_for_pickling(broker, monkeypatch):
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g", auto_ack=True, prefetch=10)
+    producer = broker.producer("t", linger=60, batch_size=100)
+    producer.publish("a")
+    producer.publish("b")
+    real_publish = type(broker.backend).publish
+
+    def unavailable(self, topic, envelopes, timeout):
+        raise mqs.BackendUnavailable("backend down for the test")
+
+    monkeypatch.setattr(type(broker.backend), "publish", unavailable)
+    with pytest.raises(mqs.BackendUnavailable, match="down for the test"):
+        producer.flush()
+    with pytest.raises(mqs.BackendUnavailable, match="down for the test"):
+        broker.publish("t", "c", key="k")
+    monkeypatch.setattr(type(broker.backend), "publish", real_publish)
+    # Both messages stayed buffered and nothing was dropped.
+    assert producer.dropped == 0
     assert len(producer.flush()) == 2
     producer.close()
-    got = consumer.get_many(10, timeout=5)
-    assert [message.body for message in got] == ["a", "b"]
+    assert [m.body for m in consumer.get_many(10, timeout=5)] == ["a", "b"]
 
 
 def test_topics_lists_declared_sorted(broker):

@@ -45,6 +45,7 @@ from mqs.errors import (
     Empty,
     Full,
     MessageDetached,
+    MqsError,
     ProducerFlushError,
     ConsumerForked,
     ProducerForked,
@@ -66,10 +67,6 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
     "shm": ShmBackend,
 }
 _STARTS = ("earliest", "latest")
-# Exceptions of pickle.dumps for an object it cannot pickle, such as
-# TypeError "cannot pickle '_thread.lock' object" and AttributeError
-# "Can't pickle local object".
-_PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
 # The `Envelope` fields that a backend with `pickles_messages` pickles.
 _PICKLED_FIELDS = ("body", "key", "headers", "dedup_id")
 # Largest max_items of `Consumer.get_many`, as in `mqs.Queue.get_many`.
@@ -275,23 +272,24 @@ def _flush_error(failures: list[tuple[str, int, Exception | None]]
     return error
 
 
-def _flush_error(failures: list[tuple[str, int, Exception | None]]
-                 ) -> ProducerFlushError:
-    """Return the error `Broker.close` raises for the batches its
-    producers dropped: ``(topic, dropped, cause)`` each."""
-    by_topic: dict[str, int] = {}
-    for topic, dropped, _ in failures:
-        by_topic[topic] = by_topic.get(topic, 0) + dropped
-    total = sum(by_topic.values())
-    causes = "; ".join(
-        f"{topic!r}: {dropped} ({type(cause).__name__}: {cause})"
-        for topic, dropped, cause in failures)
-    error = ProducerFlushError(
-        f"Broker.close dropped {total} buffered producer message(s) that "
-        f"could not be published ({causes}); close the producers before "
-        f"the broker to handle such errors", dropped=total,
-        by_topic=by_topic)
-    error.__cause__ = failures[0][2]
+def _may_be_pickling_error(error: Exception) -> bool:
+    """Return whether a backend's publish may have raised `error` while
+    pickling a message: a body's ``__reduce__`` can raise any exception,
+    but mqs's own errors (Full, UnknownTopic, BackendUnavailable, ...)
+    come from the backend itself."""
+    return not isinstance(error, MqsError)
+
+
+def _unpicklable_error(topic: str, backend: str, field: str,
+                       cause: Exception) -> TypeError:
+    """Return the TypeError for a message to `topic` whose `field` failed
+    to pickle with `cause`, which it chains."""
+    error = TypeError(
+        f"{field} of a message to topic {topic!r} cannot be pickled "
+        f"({type(cause).__name__}: {cause}); the {backend} backend pickles "
+        f"the {field}, so pass a picklable value, such as built-in types "
+        f"or instances of module-level classes")
+    error.__cause__ = cause
     return error
 
 
@@ -837,7 +835,7 @@ class _Batcher:
                 self._batch_started = time.monotonic()
             self._batch.append(envelope)
             if len(self._batch) >= self.batch_size or self.linger == 0:
-                self._send_locked()
+                self._send_locked(sender=envelope)
             elif len(self._batch) == 1:
                 self._start_thread()
                 self._wake.notify()
@@ -877,43 +875,89 @@ class _Batcher:
                     self._error = exc
                     self._batch_started = time.monotonic()
 
-    def _send_locked(self, timeout: float | None = None) -> None:
+    def _send_locked(self, timeout: float | None = None,
+                     sender: Envelope | None = None) -> None:
         """Publish the batch, waiting up to `timeout` seconds on a full
-        topic (None: the producer's `timeout`)."""
-        batch, self._batch = self._batch, []
-        self._sending = len(batch)
-        try:
-            self._ids += self.broker._backend_publish(
-                self.topic, batch, self.timeout if timeout is None
-                else timeout)
-        except BaseException as exc:
-            accepted = getattr(exc, "accepted", 0)
-            self._batch = self._retry_batch(batch[accepted:], exc) \
-                + self._batch
-            raise
-        finally:
-            self._sending = 0
+        topic (None: the producer's `timeout`).
 
-    def _retry_batch(self, unsent: list[Envelope], error: BaseException
-                     ) -> list[Envelope]:
-        """Return the messages of `unsent` that a later send may publish.
+        `sender` is the message of the `publish` call that sends the
+        batch. If the send raises, `sender` leaves the batch, because a
+        publish that raises has not kept its message, while the earlier
+        messages stay for the next try. Messages that fail to pickle are
+        dropped and the rest are sent (see `_drop_unpicklable`).
+        """
+        sender_error: BaseException | None = None
+        while self._batch:
+            batch, self._batch = self._batch, []
+            self._sending = len(batch)
+            try:
+                self._ids += self.broker._backend_publish(
+                    self.topic, batch, self.timeout if timeout is None
+                    else timeout)
+            except BaseException as exc:
+                unsent = batch[getattr(exc, "accepted", 0):]
+                kept, pickling_error = self._drop_unpicklable(
+                    unsent, exc, sender)
+                sender_error = sender_error or pickling_error
+                if len(kept) < len(unsent):
+                    # Only messages that would fail every retry left the
+                    # batch, so the rest go out at once.
+                    self._batch = kept + self._batch
+                    continue
+                if sender is not None:
+                    kept = [envelope for envelope in kept
+                            if envelope is not sender]
+                self._batch = kept + self._batch
+                if sender is not None and isinstance(exc, Full):
+                    raise self._sender_full(exc) from exc
+                raise
+            finally:
+                self._sending = 0
+        if sender_error is not None:
+            raise sender_error
+
+    def _sender_full(self, error: Full) -> Full:
+        """Return the `Full` that `Producer.publish` raises for `error`."""
+        return Full(
+            f"{error} (Producer.publish did not keep this message, so "
+            f"publish it again to retry it; {len(self._batch)} earlier "
+            f"message(s) stay buffered and go out with the next send)")
+
+    def _drop_unpicklable(self, unsent: list[Envelope], error: BaseException,
+                          sender: Envelope | None
+                          ) -> tuple[list[Envelope], TypeError | None]:
+        """Return the messages of `unsent` that a later send may publish,
+        and the error for `sender` if it fails to pickle.
 
         A message that fails to pickle would fail every retry and hold
-        back the batch, so after a pickling error it is dropped, counted
-        in `dropped` and logged.
+        back the batch. `Broker._backend_publish` turns any exception
+        raised while pickling into TypeError, so after one every message
+        is checked. Those that fail are dropped: `sender` with the error
+        for its `publish` call to raise, and any other, which an earlier
+        `publish` accepted, counted in `dropped` and logged.
         """
-        if not (isinstance(error, _PICKLE_ERRORS)
+        if not (isinstance(error, TypeError)
                 and self.broker._backend.pickles_messages):
-            return unsent
-        kept = [envelope for envelope in unsent
-                if _unpicklable_field(envelope) is None]
-        lost = len(unsent) - len(kept)
-        if lost:
-            self.dropped += lost
-            logger.warning(
-                "producer of %r dropped %d buffered message(s) that cannot "
-                "be pickled: %s", self.topic, lost, error)
-        return kept
+            return unsent, None
+        kept = []
+        sender_error = None
+        lost = 0
+        for envelope in unsent:
+            failure = _unpicklable_field(envelope)
+            if failure is None:
+                kept.append(envelope)
+            elif envelope is sender:
+                sender_error = _unpicklable_error(
+                    self.topic, self.broker._backend.name, *failure)
+            else:
+                lost += 1
+                field, cause = failure
+                logger.warning(
+                    "producer of %r dropped a buffered message whose %s "
+                    "cannot be pickled (%s: %s)", self.topic, field,
+                    type(cause).__name__, cause)
+        self.dropped += lost
+        return kept, sender_error
 
     def flush(self) -> list[str]:
         with self._lock:
@@ -1019,8 +1063,21 @@ class Producer:
     first message (sent by a background thread), or on `flush`/`close`.
     Errors of a background send are raised by the next `publish`,
     `flush` or `close`. The messages of a failed batch that the topic did
-    not take are kept for the next try; the ids of the ones it took before
+    not take are kept for the next try. The ids of the ones it took before
     the error are not returned by `flush`.
+
+    A `publish` that raises has not kept its message: the caller owns the
+    retry, and a retry publishes the message once. This holds for a send
+    that the publish triggers (`Full` with ``when_full="raise"``, or
+    after `timeout`) and for the error of an earlier background send that
+    it raises. The messages of earlier `publish` calls stay buffered.
+
+    A message whose body, key or headers fail to pickle (on a backend
+    that pickles them) would fail every send, so it is dropped and the
+    rest of its batch is sent. If the `publish` call of that message
+    sends the batch, it raises TypeError. Otherwise the message was
+    accepted earlier, so the producer logs a warning and counts it in
+    `dropped`.
 
     Parameters
     ----------
@@ -1105,11 +1162,21 @@ class Producer:
         """Buffered messages dropped because they could not be published
         when the broker closed, the interpreter exited or the producer
         was garbage-collected (see Notes), or because they failed to
-        pickle (the send that found them raised TypeError)."""
+        pickle after their `publish` call returned."""
         return self._batcher.dropped
 
     def publish(self, body: Any, **options: Any) -> None:
-        """Buffer one message; options as in `Broker.publish`."""
+        """Buffer one message; options as in `Broker.publish`.
+
+        Raises
+        ------
+        Full
+            When the send that this call triggers finds the topic full.
+            The message was not kept, so publish it again to retry.
+        TypeError
+            For an unknown option, or when the send that this call
+            triggers cannot pickle the message, which is not kept.
+        """
         self._batcher.check_process("publish")
         _check_options("Producer.publish", options)
         envelope = self._batcher.broker._envelope(body, **options)
@@ -1469,8 +1536,9 @@ class Broker:
         TypeError
             If the body, key, headers or dedup_id fails to pickle on a
             backend that pickles them (shm, log, and redis with
-            ``serializer="pickle"``). The pickling error is the
-            ``__cause__``, and nothing is published.
+            ``serializer="pickle"``), whatever exception pickling raised.
+            That exception is the ``__cause__``, and nothing is
+            published.
         """
         if (self._publish_one is not None and priority.__class__ is int
                 and 0 <= priority <= 9 and delay is None and at is None
@@ -1482,9 +1550,10 @@ class Broker:
             # may store the message at once.
             try:
                 message_id = self._publish_one(topic, body, priority)
-            except _PICKLE_ERRORS as exc:
-                self._raise_unpicklable(topic, [Envelope(body, priority)],
-                                        exc)
+            except Exception as exc:
+                if _may_be_pickling_error(exc):
+                    self._raise_unpicklable(
+                        topic, [Envelope(body, priority)], exc)
                 raise
             if message_id is not None:
                 return message_id
@@ -1538,8 +1607,9 @@ class Broker:
                          timeout: float | None) -> list[str]:
         try:
             return self._backend.publish(topic, envelopes, timeout)
-        except _PICKLE_ERRORS as exc:
-            self._raise_unpicklable(topic, envelopes, exc)
+        except Exception as exc:
+            if _may_be_pickling_error(exc):
+                self._raise_unpicklable(topic, envelopes, exc)
             raise
 
     def _raise_unpicklable(self, topic: str, envelopes: list[Envelope],
@@ -1555,13 +1625,7 @@ class Broker:
         for envelope in envelopes:
             failure = _unpicklable_field(envelope)
             if failure is not None:
-                field, exc = failure
-                raise TypeError(
-                    f"{field} of a message to topic {topic!r} cannot be "
-                    f"pickled ({type(exc).__name__}: {exc}); the "
-                    f"{self._backend.name} backend pickles the {field}, so "
-                    f"pass a picklable value, such as built-in types or "
-                    f"instances of module-level classes") from exc
+                raise _unpicklable_error(topic, self._backend.name, *failure)
 
     async def publish_async(self, topic: str, body: Any, *,
                             timeout: float | None = None, **options: Any
