@@ -1178,16 +1178,51 @@ def test_producer_linger_sends_in_background(broker):
     producer.close()
 
 
-def test_producer_reports_full_and_keeps_batch(broker):
+def test_producer_full_publish_keeps_nothing(broker):
     broker.declare_topic("t", maxsize=1, when_full="raise")
     consumer = broker.consume("t", "g")
     producer = broker.producer("t", linger=60, batch_size=2)
     producer.publish(1)
-    with pytest.raises(mqs.Full):
-        producer.publish(2)  # the batch of 2 fills; 1 went in, 2 is kept
+    with pytest.raises(mqs.Full, match="did not keep this message"):
+        producer.publish(2)  # the batch of 2 fills: 1 went in, 2 did not
+    assert producer.flush() == []
     consumer.get(timeout=0).ack()
+    producer.publish(2)  # the caller's retry
     assert len(producer.flush()) == 1
     assert consumer.get(timeout=0).body == 2
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0)
+    producer.close()
+
+
+def test_producer_full_retry_publishes_once(broker):
+    broker.declare_topic("t", maxsize=2, when_full="raise")
+    consumer = broker.consume("t", "g", prefetch=10)
+    producer = broker.producer("t", linger=60, batch_size=1)
+    producer.publish(1)
+    producer.publish(2)
+    with pytest.raises(mqs.Full, match="publish it again to retry"):
+        producer.publish(3)
+    for message in consumer.get_many(10, timeout=0):
+        message.ack()
+    producer.publish(3)
+    producer.close()
+    assert [m.body for m in consumer.get_many(10, timeout=0)] == [3]
+
+
+def test_producer_full_keeps_earlier_messages(broker):
+    broker.declare_topic("t", maxsize=1, when_full="raise")
+    consumer = broker.consume("t", "g")
+    broker.publish("t", 0)
+    producer = broker.producer("t", linger=60, batch_size=2)
+    producer.publish(1)
+    with pytest.raises(mqs.Full, match="1 earlier message.* stay buffered"):
+        producer.publish(2)
+    consumer.get(timeout=0).ack()
+    # 1 was accepted by its publish call, so it stays buffered.
+    assert len(producer.flush()) == 1
+    assert consumer.get(timeout=0).body == 1
+    producer.close()
 
 
 
@@ -1640,26 +1675,116 @@ def test_unpicklable_field_raises_type_error(broker, field):
     assert broker.stats("t")["published"] == 0
 
 
-def test_producer_drops_unpicklable_message(broker, caplog):
+class _PickleFails:
+    """An object whose pickling raises an exception that pickle itself
+    never raises."""
+
+    def __reduce__(self):
+        raise RuntimeError("no pickle")
+
+
+@pytest.mark.parametrize("unpicklable", [threading.Lock, _PickleFails],
+                         ids=["lock", "runtime_error"])
+def test_producer_drops_unpicklable_message(broker, caplog, unpicklable):
     if not broker.backend.pickles_messages:
         pytest.skip("the memory backend stores objects without pickling")
     consumer = broker.consume("t", "g", auto_ack=True, prefetch=10)
     producer = broker.producer("t", linger=60, batch_size=100)
     producer.publish("a")
-    producer.publish(threading.Lock())
+    producer.publish(unpicklable())
     producer.publish("b")
     with caplog.at_level(logging.WARNING, logger="mqs.broker._broker"):
-        with pytest.raises(TypeError, match="body of a message to topic "
-                                            "'t' cannot be pickled"):
-            producer.flush()
+        ids = producer.flush()
+    # The other messages go out with the same flush.
+    assert len(ids) == 2
     assert producer.dropped == 1
-    assert "dropped 1 buffered message(s) that cannot be pickled" \
-        in caplog.text
-    # The other messages stay buffered and go out with the next flush.
+    warnings = [record for record in caplog.records
+                if "cannot be pickled" in record.getMessage()]
+    assert len(warnings) == 1
+    producer.publish("c")
+    assert len(producer.flush()) == 1
+    producer.close()
+    assert producer.dropped == 1
+    got = consumer.get_many(10, timeout=5)
+    assert [message.body for message in got] == ["a", "b", "c"]
+
+
+def test_producer_background_drops_unpicklable(broker, caplog):
+    if not broker.backend.pickles_messages:
+        pytest.skip("the memory backend stores objects without pickling")
+    consumer = broker.consume("t", "g", auto_ack=True, prefetch=10)
+    producer = broker.producer("t", linger=0.01, batch_size=100)
+    with caplog.at_level(logging.WARNING, logger="mqs.broker._broker"):
+        producer.publish(_PickleFails())
+        producer.publish("a")
+        assert consumer.get(timeout=10).body == "a"
+        time.sleep(0.1)  # several linger periods for any retry loop
+        producer.publish("b")
+        assert consumer.get(timeout=10).body == "b"
+        producer.close()
+    assert producer.dropped == 1
+    logged = [record for record in caplog.records
+              if record.name == "mqs.broker._broker"]
+    assert len(logged) == 1
+    assert "cannot be pickled (RuntimeError: no pickle)" \
+        in logged[0].getMessage()
+
+
+def test_producer_publish_raises_own_pickle_error(broker):
+    if not broker.backend.pickles_messages:
+        pytest.skip("the memory backend stores objects without pickling")
+    consumer = broker.consume("t", "g", auto_ack=True, prefetch=10)
+    producer = broker.producer("t", linger=60, batch_size=2)
+    producer.publish("a")
+    with pytest.raises(TypeError, match="body of a message to topic 't' "
+                                        "cannot be pickled") as raised:
+        producer.publish(_PickleFails())
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    # The error reached the caller, so the message was not dropped later.
+    assert producer.dropped == 0
+    producer.close()
+    assert [m.body for m in consumer.get_many(10, timeout=5)] == ["a"]
+
+
+def test_publish_runtime_error_pickle_is_type_error(broker):
+    if not broker.backend.pickles_messages:
+        pytest.skip("the memory backend stores objects without pickling")
+    broker.declare_topic("t")
+    for options in ({}, {"priority": 3}):
+        with pytest.raises(TypeError, match="body of a message") as raised:
+            broker.publish("t", _PickleFails(), **options)
+        assert isinstance(raised.value.__cause__, RuntimeError)
+    with pytest.raises(TypeError, match="key of a message"):
+        broker.publish("t", "x", key=_PickleFails())
+    with pytest.raises(TypeError, match="headers of a message"):
+        broker.publish("t", "x", headers={"h": _PickleFails()})
+    with pytest.raises(TypeError, match="body of a message"):
+        broker.publish_many("t", ["x", _PickleFails(), "y"])
+    assert broker.stats("t")["published"] == 0
+
+
+def test_backend_error_not_taken_for_pickling(broker, monkeypatch):
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g", auto_ack=True, prefetch=10)
+    producer = broker.producer("t", linger=60, batch_size=100)
+    producer.publish("a")
+    producer.publish("b")
+    real_publish = type(broker.backend).publish
+
+    def unavailable(self, topic, envelopes, timeout):
+        raise mqs.BackendUnavailable("backend down for the test")
+
+    monkeypatch.setattr(type(broker.backend), "publish", unavailable)
+    with pytest.raises(mqs.BackendUnavailable, match="down for the test"):
+        producer.flush()
+    with pytest.raises(mqs.BackendUnavailable, match="down for the test"):
+        broker.publish("t", "c", key="k")
+    monkeypatch.setattr(type(broker.backend), "publish", real_publish)
+    # Both messages stayed buffered and nothing was dropped.
+    assert producer.dropped == 0
     assert len(producer.flush()) == 2
     producer.close()
-    got = consumer.get_many(10, timeout=5)
-    assert [message.body for message in got] == ["a", "b"]
+    assert [m.body for m in consumer.get_many(10, timeout=5)] == ["a", "b"]
 
 
 def test_topics_lists_declared_sorted(broker):
@@ -1985,6 +2110,35 @@ def test_broker_close_closes_open_consumers(broker, request):
         other.close()
 
 
+@pytest.mark.parametrize("bodies", ["abc", b"abc", bytearray(b"ab")])
+def test_publish_many_rejects_str_bodies(broker, bodies):
+    broker.declare_topic("t")
+    with pytest.raises(TypeError, match=r"pass \[body\] to publish it as "
+                                        r"one message"):
+        broker.publish_many("t", bodies)
+    assert broker.stats("t")["published"] == 0
+
+
+def test_publish_many_unknown_option_named(broker):
+    broker.declare_topic("t")
+    with pytest.raises(TypeError, match="publish_many got unexpected "
+                                        "keyword argument.* 'bogus'; it "
+                                        "accepts priority, ") as raised:
+        broker.publish_many("t", [1], bogus=1)
+    assert "_envelope" not in str(raised.value)
+    with pytest.raises(TypeError, match=r"'priorty' \(did you mean "
+                                        r"'priority'\?\)"):
+        broker.publish_many("t", [1], priorty=1)
+    producer = broker.producer("t")
+    with pytest.raises(TypeError, match="Producer.publish got unexpected "
+                                        "keyword argument.* 'timeout'"):
+        producer.publish(1, timeout=1)
+    producer.close()
+    with pytest.raises(TypeError, match="publish_async got unexpected"):
+        asyncio.run(broker.publish_async("t", 1, bogus=1))
+    assert broker.stats("t")["published"] == 0
+
+
 def test_publish_many_of_nothing(broker):
     assert broker.publish_many("t", []) == []
     assert broker.publish_many("t", iter(())) == []
@@ -2090,6 +2244,60 @@ def test_threads_at_least_once_with_nacks_and_abandoned(broker, scale):
     assert stats["redelivered"] >= sum(abandoned.values())
     assert stats["stored"] == 0
     assert stats["dead_lettered"] == 0
+
+
+@pytest.mark.parametrize("timeout, error, match", [
+    (-1, ValueError, "timeout must be 0 or more seconds, got -1"),
+    ("x", TypeError, "timeout must be a number of seconds, got str 'x'"),
+    (float("nan"), ValueError, "timeout must be 0 or more seconds"),
+])
+def test_producer_rejects_bad_timeout(broker, timeout, error, match):
+    with pytest.raises(error, match=match):
+        broker.producer("t", timeout=timeout)
+    assert "t" not in broker.topics()
+
+
+@pytest.mark.parametrize("linger, error, match", [
+    (float("inf"), ValueError, "linger must be a finite number"),
+    (1e10, ValueError, "linger must be at most mqs.MAX_DELAY_SECONDS"),
+    ("x", TypeError, "linger must be a number of seconds"),
+    (-1, ValueError, "linger must be 0 or more seconds"),
+])
+def test_producer_rejects_bad_linger(broker, linger, error, match):
+    with pytest.raises(error, match=match):
+        broker.producer("t", linger=linger)
+
+
+def test_producer_max_linger_thread_survives(broker):
+    consumer = broker.consume("t", "g", auto_ack=True)
+    producer = broker.producer("t", linger=mqs.MAX_DELAY_SECONDS)
+    producer.publish(1)
+    thread = producer._batcher._thread
+    time.sleep(0.05)
+    assert thread.is_alive()
+    del producer
+    gc.collect()
+    # The collected producer's thread publishes the batch and ends.
+    assert consumer.get(timeout=10).body == 1
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_producer_timeout_bounds_full_wait(broker):
+    broker.declare_topic("t", maxsize=1)  # when_full="block"
+    broker.publish("t", 0)
+    producer = broker.producer("t", linger=60, timeout=0.2)
+    producer.publish(1)
+    started = time.monotonic()
+    with pytest.raises(mqs.Full):
+        producer.flush()
+    assert time.monotonic() - started < 5
+    consumer = broker.consume("t", "g", auto_ack=True)
+    assert consumer.get(timeout=0).body == 0
+    # The message stayed buffered and goes out now that there is room.
+    assert len(producer.flush()) == 1
+    producer.close()
+    assert consumer.get(timeout=0).body == 1
 
 
 def test_producer_linger_batches_messages(broker):
@@ -2257,6 +2465,34 @@ def test_auto_ack_undecodable_body_reported_lost(broker, caplog):
             as raised:
         consumer.get(timeout=5)
     assert raised.value.message_id == bad_again
+
+
+def test_get_many_max_items_rules(broker):
+    broker.publish_many("t", [1, 2, 3])
+    consumer = broker.consume("t", "g", prefetch=10)
+    for value, error, match in [
+            (1.5, TypeError, "max_items must be an int, got float 1.5"),
+            (True, TypeError, "max_items must be an int, got bool"),
+            (0, ValueError, "max_items must be at least 1, got 0"),
+            (2**63, ValueError, "max_items must be at most 2\\*\\*63 - 1")]:
+        with pytest.raises(error, match=match):
+            consumer.get_many(value, timeout=0)
+        with pytest.raises(error, match=match):
+            asyncio.run(consumer.get_many_async(value, timeout=0))
+    got = consumer.get_many(2**63 - 1, timeout=0)
+    assert [m.body for m in got] == [1, 2, 3]
+
+
+def test_get_many_max_items_matches_queue(broker):
+    queue = mqs.Queue()
+    consumer = broker.consume("t", "g")
+    for value in (1.5, "2", 0, 2**63):
+        with pytest.raises(Exception) as from_queue:
+            queue.get_many(value, block=False)
+        with pytest.raises(Exception) as from_broker:
+            consumer.get_many(value, timeout=0)
+        assert type(from_broker.value) is type(from_queue.value)
+        assert str(from_broker.value) == str(from_queue.value)
 
 
 def test_get_many_all_undecodable_raises(broker):

@@ -3,7 +3,9 @@
 Timing behaviour runs on simulated clocks and is counted, never timed.
 """
 
+import asyncio
 import collections
+import math
 import random
 
 import pytest
@@ -109,7 +111,7 @@ def test_backoff_jitter_stays_within_spread():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"factor": 0.5}, "factor must be a number of 1 or more, got 0.5"),
+    ({"factor": 0.5}, "factor must be a finite number of 1 or more, got 0.5"),
     ({"jitter": 2}, "jitter must be from 0 to 1, got 2"),
     ({"base": 5, "max": 1}, "max must be at least base"),
     ({"base": -1}, "base must be 0 or more"),
@@ -205,6 +207,48 @@ def test_rate_rejects_bad_values():
         mqs.Rate(10, adaptive="no")
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("cut_interval", "x", "cut_interval must be a number of seconds from 0"),
+    ("cut_interval", -1, "cut_interval .* got -1"),
+    ("cut_interval", math.nan, "cut_interval .* got nan"),
+    ("cut_interval", math.inf, "cut_interval .* got inf"),
+    ("increase", math.inf, "increase must be a number above 0 and at most 1"),
+    ("increase", 0, "increase .* got 0"),
+    ("increase", "0.1", "increase .* got '0.1'"),
+    ("decrease", "0.5", "decrease must be a number between 0 and 1 .*"
+                        "got '0.5'"),
+    ("decrease", math.nan, "decrease .* got nan"),
+    ("min_per_second", "1", "min_per_second must be a number above 0 .* "
+                            "got '1'"),
+    ("min_per_second", math.nan, "min_per_second .* got nan"),
+    ("burst", 1.5, "burst must be an int of 1 or more"),
+])
+def test_rate_rejects_bad_field(field, value, match):
+    with pytest.raises(mqs.TopicConfigError, match=match):
+        mqs.Rate(10, adaptive=True, **{field: value})
+
+
+@pytest.mark.parametrize("field, value, error, match", [
+    ("factor", math.inf, mqs.TopicConfigError,
+     "factor must be a finite number of 1 or more, got inf"),
+    ("factor", "2", mqs.TopicConfigError, "factor .* got '2'"),
+    ("base", "x", TypeError, "base must be a number of seconds, got str"),
+    ("base", math.nan, mqs.TopicConfigError, "base must be 0 or more"),
+    ("max", math.inf, mqs.TopicConfigError, "max must be a finite number"),
+    ("jitter", 2, mqs.TopicConfigError, "jitter must be from 0 to 1"),
+    ("jitter", math.nan, mqs.TopicConfigError, "jitter .* got nan"),
+])
+def test_backoff_rejects_bad_field(field, value, error, match):
+    with pytest.raises(error, match=match):
+        mqs.Backoff(**{field: value})
+
+
+def test_rate_edge_values_accepted():
+    rate = mqs.Rate(10, adaptive=True, increase=1, cut_interval=0,
+                    min_per_second=10)
+    assert rate.floor == 10
+
+
 # Circuit breaker.
 
 def test_circuit_opens_on_failure_ratio_then_half_opens():
@@ -240,6 +284,114 @@ def test_circuit_call_records_exceptions():
         with pytest.raises(OSError):
             breaker.call(fail)
     assert breaker.state == "open"
+
+
+def _half_open_breaker(clock):
+    breaker = mqs.CircuitBreaker(0.5, window=4, min_calls=2,
+                                 open_seconds=10, clock=clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.state == "open"
+    clock.now += 11
+    assert breaker.state == "half_open"
+    return breaker
+
+
+def test_circuit_interrupted_trial_frees_slot():
+    clock = Clock()
+    breaker = _half_open_breaker(clock)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        breaker.call(interrupted)
+    # The interrupted trial recorded nothing, and the next trial runs.
+    assert breaker.state == "half_open"
+    assert breaker.call(lambda: "ok") == "ok"
+    assert breaker.state == "closed"
+
+
+def test_circuit_unreported_trial_expires():
+    clock = Clock()
+    breaker = _half_open_breaker(clock)
+    assert breaker.allow()  # a trial that never records an outcome
+    with pytest.raises(mqs.CircuitOpen,
+                       match="half_open: 1 trial call.* in progress"):
+        breaker.call(lambda: "ok")
+    clock.now += 10  # open_seconds later the slot is free again
+    assert breaker.call(lambda: "ok") == "ok"
+    assert breaker.state == "closed"
+
+
+def test_circuit_open_message_counts_down():
+    clock = Clock()
+    breaker = mqs.CircuitBreaker(0.5, window=4, min_calls=2,
+                                 open_seconds=10, clock=clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    clock.now += 4
+    with pytest.raises(mqs.CircuitOpen,
+                       match="circuit is open: calls are rejected for "
+                             "another 6 s"):
+        breaker.call(lambda: "ok")
+
+
+def test_circuit_call_rejects_coroutine_function():
+    breaker = mqs.CircuitBreaker(1.0, window=2, min_calls=2)
+
+    async def work():
+        return 1
+
+    with pytest.raises(TypeError, match="use await breaker.call_async"):
+        breaker.call(work)
+    with pytest.raises(TypeError, match="returned the awaitable"):
+        breaker.call(lambda: work())
+    assert breaker.state == "closed"
+
+
+def test_circuit_call_async_records_outcomes():
+    clock = Clock()
+    breaker = mqs.CircuitBreaker(1.0, window=2, min_calls=2,
+                                 open_seconds=10, clock=clock)
+
+    async def fail():
+        raise OSError("down")
+
+    async def succeed(value):
+        return value
+
+    async def scenario():
+        for _ in range(2):
+            with pytest.raises(OSError):
+                await breaker.call_async(fail)
+        assert breaker.state == "open"
+        with pytest.raises(mqs.CircuitOpen):
+            await breaker.call_async(succeed, 1)
+        clock.now += 10
+        assert await breaker.call_async(succeed, 2) == 2
+        assert breaker.state == "closed"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"failure_ratio": "0.5"}, TypeError,
+     "failure_ratio must be a number, got str '0.5'"),
+    ({"open_seconds": "5"}, TypeError,
+     "open_seconds must be a number, got str '5'"),
+    ({"open_seconds": math.inf}, ValueError,
+     "open_seconds must be a finite number"),
+    ({"open_seconds": math.nan}, ValueError, "open_seconds .* got nan"),
+    ({"failure_ratio": math.nan}, ValueError, "failure_ratio .* got nan"),
+    ({"window": 2.0}, TypeError, "window must be an int of 1 or more, got "
+                                 "float"),
+    ({"half_open_calls": 0}, ValueError, "half_open_calls .* got 0"),
+    ({"clock": 5}, TypeError, "clock must be a callable"),
+])
+def test_circuit_rejects_bad_argument(options, error, match):
+    with pytest.raises(error, match=match):
+        mqs.CircuitBreaker(**options)
 
 
 def test_circuit_rejects_bad_values():

@@ -83,6 +83,28 @@ def test_object_body_needs_pickle_serializer(open_broker):
         broker.publish("t", b"x", key=("a", 1))
 
 
+class _PickleFails:
+    def __reduce__(self):
+        raise RuntimeError("no pickle")
+
+
+def test_pickle_error_in_second_chunk(open_broker):
+    # 1000 messages fit in one script call, so the bad body is in the
+    # second call's chunk.
+    broker = open_broker(serializer="pickle")
+    broker.declare_topic("t")
+    with pytest.raises(TypeError, match="body of a message"):
+        broker.publish_many("t", [*range(1000), _PickleFails()])
+    assert broker.stats("t")["published"] == 0
+    producer = broker.producer("t", linger=60, batch_size=2000)
+    for body in [*range(1000), _PickleFails(), 1000]:
+        producer.publish(body)
+    assert len(producer.flush()) == 1001
+    producer.close()
+    assert producer.dropped == 1
+    assert broker.stats("t")["published"] == 1001
+
+
 def test_pickled_body_is_never_unpickled_without_option(open_broker):
     writer = open_broker(serializer="pickle")
     reader = open_broker()

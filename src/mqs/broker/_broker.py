@@ -45,6 +45,7 @@ from mqs.errors import (
     Empty,
     Full,
     MessageDetached,
+    MqsError,
     ProducerFlushError,
     ConsumerForked,
     ProducerForked,
@@ -66,12 +67,14 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
     "shm": ShmBackend,
 }
 _STARTS = ("earliest", "latest")
-# Exceptions of pickle.dumps for an object it cannot pickle, such as
-# TypeError "cannot pickle '_thread.lock' object" and AttributeError
-# "Can't pickle local object".
-_PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
 # The `Envelope` fields that a backend with `pickles_messages` pickles.
 _PICKLED_FIELDS = ("body", "key", "headers", "dedup_id")
+# Largest max_items of `Consumer.get_many`, as in `mqs.Queue.get_many`.
+_MAX_ITEMS = 2**63 - 1
+# Largest number of messages one fetch requests from a backend, because the
+# topic core of the shm backend takes a 32-bit unsigned count. max_items
+# is only an upper bound, so cutting a larger one to this loses nothing.
+_MAX_FETCH = 2**32 - 1
 # Classes of a timeout that the fast path of `Consumer.get` accepts as
 # they are; `_seconds` checks any other value.
 _NUMBERS = (int, float)
@@ -209,6 +212,46 @@ def _check_hashable(name: str, value: Any) -> None:
         ) from None
 
 
+# Keyword options of one message, which `Broker._envelope` takes.
+_MESSAGE_OPTIONS = ("priority", "delay", "at", "key", "headers", "dedup_id",
+                    "reply_to", "correlation_id", "ttl")
+
+
+def _check_options(call: str, options: Mapping[str, Any],
+                   others: tuple[str, ...] = ()) -> None:
+    """Raise TypeError naming `call` if `options` has a key that neither
+    `_MESSAGE_OPTIONS` nor `others` (options `call` takes itself) lists."""
+    unknown = [name for name in options if name not in _MESSAGE_OPTIONS]
+    if not unknown:
+        return
+    accepted = _MESSAGE_OPTIONS + others
+    problem = ", ".join(repr(name) for name in unknown)
+    guesses = difflib.get_close_matches(unknown[0], accepted, n=1)
+    hint = f" (did you mean {guesses[0]!r}?)" if guesses else ""
+    raise TypeError(
+        f"{call} got unexpected keyword argument(s) {problem}{hint}; it "
+        f"accepts {', '.join(accepted)}")
+
+
+def _fetch_limit(max_items: Any) -> int:
+    """Return the number of messages a fetch of `max_items` may take.
+
+    The rules match `mqs.Queue.get_many`: TypeError for a non-int,
+    ValueError below 1 or above 2**63 - 1. Larger limits are cut to
+    `_MAX_FETCH`, which every backend can take.
+    """
+    if isinstance(max_items, bool) or not isinstance(max_items, int):
+        raise TypeError(
+            f"max_items must be an int, got {type(max_items).__name__} "
+            f"{max_items!r}")
+    if max_items < 1:
+        raise ValueError(f"max_items must be at least 1, got {max_items!r}")
+    if max_items > _MAX_ITEMS:
+        raise ValueError(
+            f"max_items must be at most 2**63 - 1, got {max_items!r}")
+    return min(max_items, _MAX_FETCH)
+
+
 def _flush_error(failures: list[tuple[str, int, Exception | None]]
                  ) -> ProducerFlushError:
     """Return the error `Broker.close` raises for the batches its
@@ -226,6 +269,27 @@ def _flush_error(failures: list[tuple[str, int, Exception | None]]
         f"the broker to handle such errors", dropped=total,
         by_topic=by_topic)
     error.__cause__ = failures[0][2]
+    return error
+
+
+def _may_be_pickling_error(error: Exception) -> bool:
+    """Return whether a backend's publish may have raised `error` while
+    pickling a message: a body's ``__reduce__`` can raise any exception,
+    but mqs's own errors (Full, UnknownTopic, BackendUnavailable, ...)
+    come from the backend itself."""
+    return not isinstance(error, MqsError)
+
+
+def _unpicklable_error(topic: str, backend: str, field: str,
+                       cause: Exception) -> TypeError:
+    """Return the TypeError for a message to `topic` whose `field` failed
+    to pickle with `cause`, which it chains."""
+    error = TypeError(
+        f"{field} of a message to topic {topic!r} cannot be pickled "
+        f"({type(cause).__name__}: {cause}); the {backend} backend pickles "
+        f"the {field}, so pass a picklable value, such as built-in types "
+        f"or instances of module-level classes")
+    error.__cause__ = cause
     return error
 
 
@@ -523,11 +587,12 @@ class Consumer:
             When the consumer is or gets closed.
         MessageDecodeError
             When no message of the fetched batch unpickles (see `get`).
+        TypeError
+            If `max_items` is not an int.
+        ValueError
+            If `max_items` is below 1 or above 2**63 - 1.
         """
-        if isinstance(max_items, bool) or not isinstance(max_items, int) \
-                or max_items < 1:
-            raise ValueError(
-                f"max_items must be an int of 1 or more, got {max_items!r}")
+        max_items = _fetch_limit(max_items)
         timeout = _seconds("timeout", timeout)
         self._check_process("Consumer.get_many")
         self._check_open()
@@ -564,10 +629,7 @@ class Consumer:
     async def get_many_async(self, max_items: int,
                              timeout: float | None = None) -> list[Message]:
         """Like `get_many`, awaiting without blocking the event loop."""
-        if isinstance(max_items, bool) or not isinstance(max_items, int) \
-                or max_items < 1:
-            raise ValueError(
-                f"max_items must be an int of 1 or more, got {max_items!r}")
+        max_items = _fetch_limit(max_items)
         timeout = _seconds("timeout", timeout)
         self._check_process("Consumer.get_async")
         self._check_open()
@@ -773,7 +835,7 @@ class _Batcher:
                 self._batch_started = time.monotonic()
             self._batch.append(envelope)
             if len(self._batch) >= self.batch_size or self.linger == 0:
-                self._send_locked()
+                self._send_locked(sender=envelope)
             elif len(self._batch) == 1:
                 self._start_thread()
                 self._wake.notify()
@@ -813,43 +875,89 @@ class _Batcher:
                     self._error = exc
                     self._batch_started = time.monotonic()
 
-    def _send_locked(self, timeout: float | None = None) -> None:
+    def _send_locked(self, timeout: float | None = None,
+                     sender: Envelope | None = None) -> None:
         """Publish the batch, waiting up to `timeout` seconds on a full
-        topic (None: the producer's `timeout`)."""
-        batch, self._batch = self._batch, []
-        self._sending = len(batch)
-        try:
-            self._ids += self.broker._backend_publish(
-                self.topic, batch, self.timeout if timeout is None
-                else timeout)
-        except BaseException as exc:
-            accepted = getattr(exc, "accepted", 0)
-            self._batch = self._retry_batch(batch[accepted:], exc) \
-                + self._batch
-            raise
-        finally:
-            self._sending = 0
+        topic (None: the producer's `timeout`).
 
-    def _retry_batch(self, unsent: list[Envelope], error: BaseException
-                     ) -> list[Envelope]:
-        """Return the messages of `unsent` that a later send may publish.
+        `sender` is the message of the `publish` call that sends the
+        batch. If the send raises, `sender` leaves the batch, because a
+        publish that raises has not kept its message, while the earlier
+        messages stay for the next try. Messages that fail to pickle are
+        dropped and the rest are sent (see `_drop_unpicklable`).
+        """
+        sender_error: BaseException | None = None
+        while self._batch:
+            batch, self._batch = self._batch, []
+            self._sending = len(batch)
+            try:
+                self._ids += self.broker._backend_publish(
+                    self.topic, batch, self.timeout if timeout is None
+                    else timeout)
+            except BaseException as exc:
+                unsent = batch[getattr(exc, "accepted", 0):]
+                kept, pickling_error = self._drop_unpicklable(
+                    unsent, exc, sender)
+                sender_error = sender_error or pickling_error
+                if len(kept) < len(unsent):
+                    # Only messages that would fail every retry left the
+                    # batch, so the rest go out at once.
+                    self._batch = kept + self._batch
+                    continue
+                if sender is not None:
+                    kept = [envelope for envelope in kept
+                            if envelope is not sender]
+                self._batch = kept + self._batch
+                if sender is not None and isinstance(exc, Full):
+                    raise self._sender_full(exc) from exc
+                raise
+            finally:
+                self._sending = 0
+        if sender_error is not None:
+            raise sender_error
+
+    def _sender_full(self, error: Full) -> Full:
+        """Return the `Full` that `Producer.publish` raises for `error`."""
+        return Full(
+            f"{error} (Producer.publish did not keep this message, so "
+            f"publish it again to retry it; {len(self._batch)} earlier "
+            f"message(s) stay buffered and go out with the next send)")
+
+    def _drop_unpicklable(self, unsent: list[Envelope], error: BaseException,
+                          sender: Envelope | None
+                          ) -> tuple[list[Envelope], TypeError | None]:
+        """Return the messages of `unsent` that a later send may publish,
+        and the error for `sender` if it fails to pickle.
 
         A message that fails to pickle would fail every retry and hold
-        back the batch, so after a pickling error it is dropped, counted
-        in `dropped` and logged.
+        back the batch. `Broker._backend_publish` turns any exception
+        raised while pickling into TypeError, so after one every message
+        is checked. Those that fail are dropped: `sender` with the error
+        for its `publish` call to raise, and any other, which an earlier
+        `publish` accepted, counted in `dropped` and logged.
         """
-        if not (isinstance(error, _PICKLE_ERRORS)
+        if not (isinstance(error, TypeError)
                 and self.broker._backend.pickles_messages):
-            return unsent
-        kept = [envelope for envelope in unsent
-                if _unpicklable_field(envelope) is None]
-        lost = len(unsent) - len(kept)
-        if lost:
-            self.dropped += lost
-            logger.warning(
-                "producer of %r dropped %d buffered message(s) that cannot "
-                "be pickled: %s", self.topic, lost, error)
-        return kept
+            return unsent, None
+        kept = []
+        sender_error = None
+        lost = 0
+        for envelope in unsent:
+            failure = _unpicklable_field(envelope)
+            if failure is None:
+                kept.append(envelope)
+            elif envelope is sender:
+                sender_error = _unpicklable_error(
+                    self.topic, self.broker._backend.name, *failure)
+            else:
+                lost += 1
+                field, cause = failure
+                logger.warning(
+                    "producer of %r dropped a buffered message whose %s "
+                    "cannot be pickled (%s: %s)", self.topic, field,
+                    type(cause).__name__, cause)
+        self.dropped += lost
+        return kept, sender_error
 
     def flush(self) -> list[str]:
         with self._lock:
@@ -955,8 +1063,32 @@ class Producer:
     first message (sent by a background thread), or on `flush`/`close`.
     Errors of a background send are raised by the next `publish`,
     `flush` or `close`. The messages of a failed batch that the topic did
-    not take are kept for the next try; the ids of the ones it took before
+    not take are kept for the next try. The ids of the ones it took before
     the error are not returned by `flush`.
+
+    A `publish` that raises has not kept its message: the caller owns the
+    retry, and a retry publishes the message once. This holds for a send
+    that the publish triggers (`Full` with ``when_full="raise"``, or
+    after `timeout`) and for the error of an earlier background send that
+    it raises. The messages of earlier `publish` calls stay buffered.
+
+    A message whose body, key or headers fail to pickle (on a backend
+    that pickles them) would fail every send, so it is dropped and the
+    rest of its batch is sent. If the `publish` call of that message
+    sends the batch, it raises TypeError. Otherwise the message was
+    accepted earlier, so the producer logs a warning and counts it in
+    `dropped`.
+
+    Parameters
+    ----------
+    linger : float
+        Seconds a batch waits for more messages, from 0 (send at once) to
+        `mqs.MAX_DELAY_SECONDS`.
+    batch_size : int
+        Messages that make a batch go out at once, 1 or more.
+    timeout : float, optional
+        Bound in seconds of a send's wait for room in a full topic that
+        blocks (None: no bound).
 
     Notes
     -----
@@ -985,7 +1117,11 @@ class Producer:
 
     def __init__(self, broker: Broker, topic: str, *, linger: float,
                  batch_size: int, timeout: float | None) -> None:
-        linger = _required_seconds("linger", linger)
+        # The cap keeps the background thread's wait within
+        # threading.TIMEOUT_MAX, past which Condition.wait raises
+        # OverflowError.
+        linger = _required_seconds("linger", linger, allow_inf=False)
+        timeout = _seconds("timeout", timeout)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
                 or batch_size < 1:
             raise ValueError(
@@ -1026,12 +1162,23 @@ class Producer:
         """Buffered messages dropped because they could not be published
         when the broker closed, the interpreter exited or the producer
         was garbage-collected (see Notes), or because they failed to
-        pickle (the send that found them raised TypeError)."""
+        pickle after their `publish` call returned."""
         return self._batcher.dropped
 
     def publish(self, body: Any, **options: Any) -> None:
-        """Buffer one message; options as in `Broker.publish`."""
+        """Buffer one message; options as in `Broker.publish`.
+
+        Raises
+        ------
+        Full
+            When the send that this call triggers finds the topic full.
+            The message was not kept, so publish it again to retry.
+        TypeError
+            For an unknown option, or when the send that this call
+            triggers cannot pickle the message, which is not kept.
+        """
         self._batcher.check_process("publish")
+        _check_options("Producer.publish", options)
         broker = self._batcher.broker
         envelope = broker._envelope(body, **options)
         broker._check_due_before_expiry(self._batcher.topic, envelope)
@@ -1395,8 +1542,9 @@ class Broker:
         TypeError
             If the body, key, headers or dedup_id fails to pickle on a
             backend that pickles them (shm, log, and redis with
-            ``serializer="pickle"``). The pickling error is the
-            ``__cause__``, and nothing is published.
+            ``serializer="pickle"``), whatever exception pickling raised.
+            That exception is the ``__cause__``, and nothing is
+            published.
         """
         if (self._publish_one is not None and priority.__class__ is int
                 and 0 <= priority <= 9 and delay is None and at is None
@@ -1408,9 +1556,10 @@ class Broker:
             # may store the message at once.
             try:
                 message_id = self._publish_one(topic, body, priority)
-            except _PICKLE_ERRORS as exc:
-                self._raise_unpicklable(topic, [Envelope(body, priority)],
-                                        exc)
+            except Exception as exc:
+                if _may_be_pickling_error(exc):
+                    self._raise_unpicklable(
+                        topic, [Envelope(body, priority)], exc)
                 raise
             if message_id is not None:
                 return message_id
@@ -1429,6 +1578,13 @@ class Broker:
 
         On `Full`, ``exc.accepted`` bodies were published and stay.
         """
+        if isinstance(bodies, (str, bytes, bytearray, memoryview)):
+            raise TypeError(
+                f"publish_many takes an iterable of bodies, got "
+                f"{type(bodies).__name__} {bodies!r:.60}, which would be "
+                f"published one item per message; pass [body] to publish "
+                f"it as one message, or use publish")
+        _check_options("publish_many", options, ("timeout",))
         # The options are checked once; every envelope shares them.
         settings = self._envelope(None, **options)[1:]
         envelopes = [Envelope(body, *settings) for body in bodies]
@@ -1496,8 +1652,9 @@ class Broker:
                          timeout: float | None) -> list[str]:
         try:
             return self._backend.publish(topic, envelopes, timeout)
-        except _PICKLE_ERRORS as exc:
-            self._raise_unpicklable(topic, envelopes, exc)
+        except Exception as exc:
+            if _may_be_pickling_error(exc):
+                self._raise_unpicklable(topic, envelopes, exc)
             raise
 
     def _raise_unpicklable(self, topic: str, envelopes: list[Envelope],
@@ -1513,19 +1670,14 @@ class Broker:
         for envelope in envelopes:
             failure = _unpicklable_field(envelope)
             if failure is not None:
-                field, exc = failure
-                raise TypeError(
-                    f"{field} of a message to topic {topic!r} cannot be "
-                    f"pickled ({type(exc).__name__}: {exc}); the "
-                    f"{self._backend.name} backend pickles the {field}, so "
-                    f"pass a picklable value, such as built-in types or "
-                    f"instances of module-level classes") from exc
+                raise _unpicklable_error(topic, self._backend.name, *failure)
 
     async def publish_async(self, topic: str, body: Any, *,
                             timeout: float | None = None, **options: Any
                             ) -> str:
         """Like `publish`; a full topic is awaited without blocking the
         event loop."""
+        _check_options("publish_async", options, ("timeout",))
         envelope = self._envelope(body, **options)
         self._ensure_topic(topic)
         self._check_due_before_expiry(topic, envelope)
@@ -1547,10 +1699,23 @@ class Broker:
     def producer(self, topic: str, *, linger: float = 0.005,
                  batch_size: int = 100,
                  timeout: float | None = None) -> Producer:
-        """Return a `Producer` that batches publishes to `topic`."""
-        self._ensure_topic(topic)
+        """Return a `Producer` that batches publishes to `topic`.
+
+        `linger`, `batch_size` and `timeout` are described in `Producer`.
+
+        Raises
+        ------
+        TypeError
+            For a `linger` or `timeout` that is not a number.
+        ValueError
+            For a negative or NaN `linger` or `timeout`, a `linger` above
+            `mqs.MAX_DELAY_SECONDS`, or a `batch_size` that is not an int
+            of 1 or more.
+        """
+        # The arguments are checked before the topic is declared.
         producer = Producer(self, topic, linger=linger,
                             batch_size=batch_size, timeout=timeout)
+        self._ensure_topic(topic)
         self._batchers.add(producer._batcher)
         return producer
 

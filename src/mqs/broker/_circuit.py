@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import collections
+import inspect
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from mqs.errors import CircuitOpen
@@ -23,7 +25,10 @@ class CircuitBreaker:
     `failure_ratio`, the circuit opens: calls are rejected for
     `open_seconds`. Then it is half-open: up to `half_open_calls` trial
     calls pass; if they all succeed it closes (with an empty window), one
-    failure opens it again.
+    failure opens it again. A trial that reports no outcome within
+    `open_seconds` of its `allow()` frees its slot for another trial, so
+    a caller that never records an outcome cannot keep the circuit
+    half-open for good.
 
     Parameters
     ----------
@@ -34,40 +39,65 @@ class CircuitBreaker:
     min_calls : int
         Outcomes needed before the ratio counts, at most `window`.
     open_seconds : float
-        Time the circuit stays open before a trial.
+        Time the circuit stays open before a trial, and the time a trial
+        call may take before its slot is freed (a finite number, 0 or
+        more).
     half_open_calls : int
-        Trial calls allowed while half-open.
+        Trial calls allowed at once while half-open.
     clock : callable, optional
         Monotonic clock in seconds (default `time.monotonic`).
+
+    Raises
+    ------
+    TypeError
+        For an argument of the wrong type.
+    ValueError
+        For an argument outside its range.
 
     Notes
     -----
     A consumer uses it around the work it does per message: check
-    `allow()` (or use `call`), and on rejection ``msg.nack(delay=...)``
-    so that the message waits instead of failing.
+    `allow()` (or use `call` or `call_async`), and on rejection
+    ``msg.nack(delay=...)`` so that the message waits instead of failing.
     """
 
     def __init__(self, failure_ratio: float = 0.5, window: int = 20, *,
                  min_calls: int = 10, open_seconds: float = 30.0,
                  half_open_calls: int = 1,
                  clock: Callable[[], float] | None = None) -> None:
+        for name, number in (("failure_ratio", failure_ratio),
+                             ("open_seconds", open_seconds)):
+            if isinstance(number, bool) or not isinstance(
+                    number, (int, float)):
+                raise TypeError(
+                    f"{name} must be a number, got "
+                    f"{type(number).__name__} {number!r}")
         if not 0 < failure_ratio <= 1:
             raise ValueError(
                 f"failure_ratio must be above 0 and at most 1, got "
                 f"{failure_ratio!r}")
         for name, value in (("window", window), ("min_calls", min_calls),
                             ("half_open_calls", half_open_calls)):
-            if isinstance(value, bool) or not isinstance(value, int) \
-                    or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(
+                    f"{name} must be an int of 1 or more, got "
+                    f"{type(value).__name__} {value!r}")
+            if value < 1:
                 raise ValueError(
                     f"{name} must be an int of 1 or more, got {value!r}")
         if min_calls > window:
             raise ValueError(
                 f"min_calls must be at most window ({window}), got "
                 f"{min_calls!r}")
-        if not open_seconds >= 0:
+        if not 0 <= open_seconds < math.inf:
             raise ValueError(
-                f"open_seconds must be 0 or more, got {open_seconds!r}")
+                f"open_seconds must be a finite number of seconds, 0 or "
+                f"more, got {open_seconds!r}")
+        if clock is not None and not callable(clock):
+            raise TypeError(
+                f"clock must be a callable that returns monotonic seconds, "
+                f"such as time.monotonic, got {type(clock).__name__} "
+                f"{clock!r}")
         self.failure_ratio = failure_ratio
         self.min_calls = min_calls
         self.open_seconds = open_seconds
@@ -78,7 +108,9 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._state = "closed"
         self._opened_at = 0.0
-        self._trials = 0
+        # Clock times at which the trial calls in progress were allowed,
+        # oldest first.
+        self._trial_starts: collections.deque[float] = collections.deque()
         self._trial_successes = 0
 
     @property
@@ -89,16 +121,26 @@ class CircuitBreaker:
             return self._state
 
     def _update(self) -> None:
+        now = self._clock()
         if self._state == "open" and \
-                self._clock() - self._opened_at >= self.open_seconds:
+                now - self._opened_at >= self.open_seconds:
             self._state = "half_open"
-            self._trials = 0
+            self._trial_starts.clear()
             self._trial_successes = 0
+        if self._state == "half_open":
+            starts = self._trial_starts
+            while starts and now - starts[0] >= self.open_seconds:
+                starts.popleft()
 
     def _open(self) -> None:
         self._state = "open"
         self._opened_at = self._clock()
         self._outcomes.clear()
+        self._trial_starts.clear()
+
+    def _end_trial(self) -> None:
+        if self._trial_starts:
+            self._trial_starts.popleft()
 
     def allow(self) -> bool:
         """Return whether a call may go ahead now (counts a trial call
@@ -108,8 +150,8 @@ class CircuitBreaker:
             if self._state == "closed":
                 return True
             if self._state == "half_open" and \
-                    self._trials < self.half_open_calls:
-                self._trials += 1
+                    len(self._trial_starts) < self.half_open_calls:
+                self._trial_starts.append(self._clock())
                 return True
             return False
 
@@ -117,6 +159,7 @@ class CircuitBreaker:
         """Record a call that succeeded."""
         with self._lock:
             if self._state == "half_open":
+                self._end_trial()
                 self._trial_successes += 1
                 if self._trial_successes >= self.half_open_calls:
                     self._state = "closed"
@@ -139,9 +182,80 @@ class CircuitBreaker:
                     failed / kept >= self.failure_ratio:
                 self._open()
 
+    def release(self) -> None:
+        """Free the slot of a call that `allow()` let through but that
+        ended without an outcome to record, such as one interrupted by
+        KeyboardInterrupt or cancelled. Records nothing."""
+        with self._lock:
+            if self._state == "half_open":
+                self._end_trial()
+
+    def _rejected(self) -> CircuitOpen:
+        """Return the error for a call that `allow()` rejected."""
+        with self._lock:
+            self._update()
+            if self._state == "half_open":
+                return CircuitOpen(
+                    f"circuit is half_open: {len(self._trial_starts)} "
+                    f"trial call(s) are in progress and at most "
+                    f"{self.half_open_calls} may run at once; retry "
+                    f"later")
+            left = max(0.0,
+                       self._opened_at + self.open_seconds - self._clock())
+            return CircuitOpen(
+                f"circuit is {self._state}: calls are rejected for another "
+                f"{left:.3g} s after the failure ratio reached "
+                f"{self.failure_ratio}; retry later")
+
     def call(self, function: Callable[..., _T], *args: Any,
              **kwargs: Any) -> _T:
         """Call `function` if the circuit allows it and record the outcome.
+
+        An Exception from `function` is recorded as a failure. Any other
+        BaseException, such as KeyboardInterrupt, records nothing and
+        frees a trial slot before it propagates.
+
+        Raises
+        ------
+        CircuitOpen
+            While the circuit is open (the function is not called).
+        TypeError
+            If `function` is a coroutine function or returns an awaitable,
+            whose outcome `call` cannot see. Use `call_async` instead.
+        """
+        if inspect.iscoroutinefunction(function):
+            raise TypeError(
+                f"call cannot record the outcome of coroutine function "
+                f"{function!r}; use await breaker.call_async(...) instead")
+        if not self.allow():
+            raise self._rejected()
+        try:
+            result = function(*args, **kwargs)
+        except Exception:
+            self.record_failure()
+            raise
+        except BaseException:
+            self.release()
+            raise
+        if inspect.isawaitable(result):
+            self.release()
+            if inspect.iscoroutine(result):
+                # Closing it avoids the "never awaited" RuntimeWarning.
+                result.close()
+            raise TypeError(
+                f"call cannot record the outcome of {function!r}, which "
+                f"returned the awaitable {result!r}; use await "
+                f"breaker.call_async(...) instead")
+        self.record_success()
+        return result
+
+    async def call_async(self, function: Callable[..., Awaitable[_T]],
+                         *args: Any, **kwargs: Any) -> _T:
+        """Await ``function(*args, **kwargs)`` if the circuit allows it
+        and record the outcome as `call` does.
+
+        Cancellation (asyncio.CancelledError) records nothing and frees a
+        trial slot.
 
         Raises
         ------
@@ -149,14 +263,14 @@ class CircuitBreaker:
             While the circuit is open (the function is not called).
         """
         if not self.allow():
-            raise CircuitOpen(
-                f"circuit is {self.state}: calls are rejected for "
-                f"{self.open_seconds} s after the failure ratio reached "
-                f"{self.failure_ratio}; retry later")
+            raise self._rejected()
         try:
-            result = function(*args, **kwargs)
+            result = await function(*args, **kwargs)
         except Exception:
             self.record_failure()
+            raise
+        except BaseException:
+            self.release()
             raise
         self.record_success()
         return result

@@ -16,7 +16,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from mqs._limits import check_max_delay
+from mqs._limits import MAX_DELAY_SECONDS, check_max_delay
 from mqs.errors import InvalidPriority, TopicConfigError
 
 __all__ = [
@@ -111,6 +111,11 @@ def check_max_attempts(max_attempts: object,
     return max_attempts
 
 
+def _is_number(value: object) -> bool:
+    """Return whether `value` is an int or a float, but not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_seconds(name: str, value: object, *, allow_none: bool = True,
                    allow_zero: bool = True,
                    bounded: bool = False) -> float | None:
@@ -173,10 +178,10 @@ class Backoff:
                 f"{self.max!r}")
         _check_seconds("Backoff max", self.max, allow_none=False,
                        bounded=True)
-        if isinstance(self.factor, bool) or not isinstance(
-                self.factor, (int, float)) or not self.factor >= 1:
+        if not _is_number(self.factor) or not self.factor >= 1 \
+                or math.isinf(self.factor):
             raise TopicConfigError(
-                f"Backoff factor must be a number of 1 or more, got "
+                f"Backoff factor must be a finite number of 1 or more, got "
                 f"{self.factor!r}")
         if isinstance(self.jitter, bool) or not isinstance(
                 self.jitter, (int, float)) or not 0 <= self.jitter <= 1:
@@ -218,6 +223,22 @@ class Rate:
         once per `cut_interval` seconds), each ack raises it by
         ``per_second * increase`` up to `per_second`, never below
         `min_per_second`.
+    min_per_second : float, optional
+        Floor of the adaptive rate, above 0 and at most `per_second`.
+        The default is ``per_second / 100``.
+    decrease : float
+        Factor that a cut multiplies the current rate by, between 0 and 1.
+    increase : float
+        Share of `per_second` that each ack adds back, above 0 and at
+        most 1.
+    cut_interval : float
+        Minimum seconds between two cuts, from 0 to
+        `mqs.MAX_DELAY_SECONDS`.
+
+    Raises
+    ------
+    TopicConfigError
+        For a field of the wrong type or outside its range.
     """
 
     per_second: float
@@ -229,9 +250,11 @@ class Rate:
     cut_interval: float = 0.1
 
     def __post_init__(self) -> None:
+        # Every field is checked here because each backend stores the
+        # record as it is and reads the adaptive fields only at the first
+        # nack, where a bad value would fail that nack instead.
         rate = self.per_second
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
-                or not rate > 0 or math.isinf(rate):
+        if not _is_number(rate) or not rate > 0 or math.isinf(rate):
             raise TopicConfigError(
                 f"rate must be a finite number of deliveries per second "
                 f"above 0, got {rate!r}")
@@ -239,23 +262,35 @@ class Rate:
                 isinstance(self.burst, bool)
                 or not isinstance(self.burst, int) or self.burst < 1):
             raise TopicConfigError(
-                f"rate burst must be an int of 1 or more, got {self.burst!r}")
+                f"rate burst must be an int of 1 or more or None (one "
+                f"second of tokens), got {self.burst!r}")
         if not isinstance(self.adaptive, bool):
             raise TopicConfigError(
                 f"rate adaptive must be True or False, got "
                 f"{type(self.adaptive).__name__} {self.adaptive!r}")
-        if not 0 < self.decrease < 1:
+        if not _is_number(self.decrease) or not 0 < self.decrease < 1:
             raise TopicConfigError(
-                f"rate decrease must be between 0 and 1, got "
+                f"rate decrease must be a number between 0 and 1 (the "
+                f"factor that a cut multiplies the rate by), got "
                 f"{self.decrease!r}")
-        if not self.increase > 0:
+        if not _is_number(self.increase) or not 0 < self.increase <= 1:
             raise TopicConfigError(
-                f"rate increase must be above 0, got {self.increase!r}")
+                f"rate increase must be a number above 0 and at most 1 "
+                f"(the share of per_second that an ack adds back), got "
+                f"{self.increase!r}")
+        interval = self.cut_interval
+        if not _is_number(interval) or not 0 <= interval \
+                <= MAX_DELAY_SECONDS:
+            raise TopicConfigError(
+                f"rate cut_interval must be a number of seconds from 0 to "
+                f"{MAX_DELAY_SECONDS:.0f} (mqs.MAX_DELAY_SECONDS), got "
+                f"{interval!r}")
         low = self.min_per_second
-        if low is not None and not 0 < low <= rate:
+        if low is not None and (not _is_number(low) or not 0 < low <= rate):
             raise TopicConfigError(
-                f"min_per_second must be above 0 and at most per_second "
-                f"({rate!r}), got {low!r}")
+                f"rate min_per_second must be a number above 0 and at most "
+                f"per_second ({rate!r}), or None (per_second / 100), got "
+                f"{low!r}")
 
     @property
     def capacity(self) -> float:

@@ -740,9 +740,20 @@ class RedisBackend(Backend):
                 timeout: float | None) -> list[str]:
         deadline = None if timeout is None else time.monotonic() + timeout
         ids: list[str] = []
+        # Every chunk is encoded before the first is sent. A body that
+        # fails to pickle then fails the call with nothing published, as
+        # on the other backends, so a retry of the batch adds no
+        # duplicates.
+        chunks = {start: self._publish_args(
+                      envelopes[start:start + _MAX_BATCH])
+                  for start in range(0, len(envelopes), _MAX_BATCH)}
         while True:
-            rest = envelopes[len(ids):len(ids) + _MAX_BATCH]
-            runs, *args = self._publish_args(rest)
+            chunk = chunks.pop(len(ids), None)
+            if chunk is None:
+                # A full topic took part of a chunk before the wait.
+                chunk = self._publish_args(
+                    envelopes[len(ids):len(ids) + _MAX_BATCH])
+            runs, *args = chunk
             reply = self._run(topic, "publish", runs, self._maxlen, *args)
             status, _, new_ids, wake_id = reply
             ids += new_ids.decode().split()
