@@ -233,7 +233,9 @@ from mqs.broker._state import (
     _Group,
     _Record,
     replaying,
+    warn_drop_count,
 )
+from mqs.broker._state import logger as _state_logger
 from mqs.broker._wakeup import Wakeups
 from mqs.errors import BackendUnavailable, Full, MessageTooLarge, ShutDown
 
@@ -1796,6 +1798,11 @@ class ShmBackend(LogBackend):
                     core.drop_dead([item[:2] for item in dead])
                 except TopicRetired:
                     return None
+                # The core counted them; log as a journal topic would,
+                # on the same logger.
+                total = core.counters()["dead_lettered"]
+                warn_drop_count(_state_logger, topic, "dead_lettered",
+                                total - len(dead), total)
             state = self._topics[topic]
             letters = [letter for letter, _ in state.dlq.values()]
             counters = dict(state.counters)
