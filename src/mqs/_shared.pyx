@@ -1639,6 +1639,13 @@ cdef class SharedQueue:
                     raise Full(f"queue stayed full: put {done} items of "
                                f"the batch; the rest were not added",
                                done) from None
+                except MessageTooLarge as exc:
+                    too_large = MessageTooLarge(
+                        f"{exc}. put_many queued {done} earlier item(s), "
+                        f"which stay queued; this item and the rest of the "
+                        f"batch were not added")
+                    too_large.accepted = done
+                    raise too_large from None
                 except Exception as exc:
                     try:
                         exc.accepted = done
