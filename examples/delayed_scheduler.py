@@ -11,6 +11,7 @@ three attempts.
 
 import argparse
 import logging
+import math
 import time
 
 import mqs
@@ -59,12 +60,38 @@ def worker(broker, run_for):
     return done
 
 
+def seconds(text):
+    """Parse a finite command-line number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid number {text!r}; give seconds such as 2 or 0.5"
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds, 0 or more, got {text!r}")
+    return value
+
+
+def delay_seconds(text):
+    """Parse a delay that a publish accepts: 0 to mqs.MAX_DELAY_SECONDS."""
+    value = seconds(text)
+    if value > mqs.MAX_DELAY_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {mqs.MAX_DELAY_SECONDS:.0f} seconds "
+            f"(mqs.MAX_DELAY_SECONDS, 10 years), got {text!r}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cleanup-delay", type=float, default=3600.0,
-                        help="seconds until the cleanup job runs")
-    parser.add_argument("--run-for", type=float, default=5.0,
-                        help="seconds the worker loop runs")
+    parser.add_argument("--cleanup-delay", type=delay_seconds,
+                        default=3600.0,
+                        help="seconds until the cleanup job runs, 0 to "
+                             "315576000 (10 years)")
+    parser.add_argument("--run-for", type=seconds, default=5.0,
+                        help="seconds the worker loop runs (0 or more)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

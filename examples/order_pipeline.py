@@ -69,9 +69,24 @@ def purchasing(broker, stock, on_order, lock, restocked, stop):
     consumer.close()
 
 
+def non_negative_int(text):
+    """Parse a command-line count of 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid int {text!r}; give a whole number of 0 or more"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 or more, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--orders", type=int, default=50)
+    parser.add_argument("--orders", type=non_negative_int, default=50,
+                        help="orders to publish (0 or more)")
     args = parser.parse_args(argv)
 
     broker = mqs.Broker()

@@ -30,11 +30,26 @@ def worker(consumer, flaky, results, lock):
         message.ack()
 
 
+def positive_int(text):
+    """Parse a command-line count of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid int {text!r}; give a whole number of 1 or more"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be 1 or more, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--tasks", type=int, default=30,
-                        help="tasks of each kind")
+    parser.add_argument("--workers", type=positive_int, default=3,
+                        help="worker threads (1 or more)")
+    parser.add_argument("--tasks", type=positive_int, default=30,
+                        help="tasks of each kind (1 or more)")
     args = parser.parse_args(argv)
 
     broker = mqs.Broker()

@@ -590,6 +590,27 @@ def test_quick_run_json_describes_machine_and_profile(quick_run):
     assert report["settings"]["repeat"] == 1
 
 
+def test_build_info_lists_each_flag_once():
+    flags = bench._build_info()["compiler_flags"]
+    if flags is None:
+        pytest.skip("the extension has no GCC producer string")
+    for producer in flags:
+        options = [word for word in producer.split()
+                   if word.startswith("-")]
+        assert options
+        assert len(options) == len(set(options)), producer
+
+
+@pytest.mark.parametrize("producer,expected", [
+    ("GNU C11 12.2.0 -g -O3 -O3 -fwrapv", "GNU C11 12.2.0 -g -O3 -fwrapv"),
+    ("GNU C11 12.2.0 -O3 -O0 -O3", "GNU C11 12.2.0 -O0 -O3"),
+    ("GNU C11 12.2.0 -fno-x -fx -fno-x", "GNU C11 12.2.0 -fx -fno-x"),
+    ("GNU C11 12.2.0", "GNU C11 12.2.0"),
+])
+def test_repeated_flags_keep_last_copy(producer, expected):
+    assert bench._without_repeated_flags(producer) == expected
+
+
 def _queues_by_case(results):
     found = {}
     for result in results:

@@ -1,6 +1,7 @@
 """Tests of the Prometheus exporter: scrape a real server on 127.0.0.1."""
 
 import glob
+import logging
 import os
 import re
 import signal
@@ -157,6 +158,58 @@ def test_server_stops_on_close():
     server.close()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_closed_broker_collector_is_removed(caplog):
+    broker = mqs.Broker("memory")
+    broker.declare_topic("orders")
+    broker.publish("orders", "x")
+    handle = metrics.register_broker(broker, ["orders"], "shop")
+    try:
+        with mqs.start_metrics_server(0, scan_shared=False) as server:
+            found = samples_by_name(scrape(server.port))
+            assert value_of(found, "mqs_topic_messages", broker="shop",
+                            topic="orders", state="stored") == 1
+            broker.close()
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="mqs"):
+                texts = [scrape(server.port) for _ in range(3)]
+    finally:
+        handle.remove()
+        broker.close()
+    for text in texts:
+        assert 'broker="shop"' not in text
+    records = [record for record in caplog.records
+               if record.name.startswith("mqs")]
+    assert [record.levelname for record in records] == ["INFO"]
+    assert "broker shop is closed" in records[0].getMessage()
+    assert records[0].exc_info is None
+
+
+def test_failing_collector_logs_traceback_once(caplog):
+    registry = metrics.MetricsRegistry()
+    calls = []
+
+    def collect():
+        calls.append(1)
+        if len(calls) <= 3:
+            raise RuntimeError("source unavailable")
+        return []
+
+    handle = registry.add_collector(collect)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="mqs.metrics"):
+            for _ in range(4):
+                registry.collect(scan_shared=False)
+    finally:
+        handle.remove()
+    records = [record for record in caplog.records
+               if record.name == "mqs.metrics"]
+    assert [record.levelname for record in records] == [
+        "WARNING", "DEBUG", "DEBUG", "INFO"]
+    assert records[0].exc_info is not None
+    assert "3 scrapes in a row" in records[2].getMessage()
+    assert "after 3 failed scrapes" in records[3].getMessage()
 
 
 def test_metrics_command_serves_shared_queues(shm_name, tmp_path):

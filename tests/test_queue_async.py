@@ -56,6 +56,60 @@ def test_get_async_rejects_negative_timeout():
         run(mqs.Queue().get_async(timeout=-1))
 
 
+BAD_TIMEOUTS = [(float("nan"), ValueError), (-1, ValueError),
+                ("x", TypeError), (b"1", TypeError), ([], TypeError)]
+
+
+def sync_error(call):
+    """Return the type and message of what `call()` raises."""
+    with pytest.raises(Exception) as caught:
+        call()
+    return type(caught.value), str(caught.value)
+
+
+def async_error(coroutine):
+    """Return the type and message of what awaiting `coroutine` raises
+    within 5 seconds."""
+    async def bounded():
+        return await asyncio.wait_for(coroutine, 5)
+
+    with pytest.raises(Exception) as caught:
+        run(bounded())
+    return type(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("timeout,error", BAD_TIMEOUTS)
+@pytest.mark.parametrize("make", [mqs.Queue, mqs.SimpleQueue,
+                                  mqs.SharedQueue])
+def test_get_async_timeout_check_matches_get(make, timeout, error):
+    queue = make()
+    expected = sync_error(lambda: queue.get(timeout=timeout))
+    assert expected[0] is error
+    assert "timeout" in expected[1]
+    assert async_error(queue.get_async(timeout=timeout)) == expected
+
+
+@pytest.mark.parametrize("timeout,error", BAD_TIMEOUTS)
+@pytest.mark.parametrize("make", [lambda: mqs.Queue(maxsize=1),
+                                  lambda: mqs.SharedQueue(maxsize=1)])
+def test_put_async_timeout_check_matches_put(make, timeout, error):
+    queue = make()
+    queue.put(1)
+    expected = sync_error(lambda: queue.put(2, timeout=timeout))
+    assert expected[0] is error
+    assert "timeout" in expected[1]
+    assert async_error(queue.put_async(2, timeout=timeout)) == expected
+    assert queue.qsize() == 1
+
+
+def test_async_timeout_above_limit_waits_like_none():
+    queue = mqs.Queue()
+    threading.Timer(0.1, queue.put, ("x",)).start()
+    assert run(queue.get_async(timeout=1e12)) == "x"
+    threading.Timer(0.1, queue.put, ("y",)).start()
+    assert run(queue.get_async(timeout=float("inf"))) == "y"
+
+
 def test_queue_get_async_sees_delayed_item():
     queue = mqs.Queue()
     queue.put("later", delay=0.1)

@@ -664,6 +664,10 @@ def test_put_many_message_too_large_carries_accepted_count(make_queue):
     with pytest.raises(mqs.MessageTooLarge) as caught:
         q.put_many([b"ok", b"x" * 101, b"never"])
     assert caught.value.accepted == 1
+    message = str(caught.value)
+    assert "message is 101 bytes" in message
+    assert "queued 1 earlier item(s), which stay queued" in message
+    assert "this item and the rest of the batch were not added" in message
     assert q.get_many(5) == [b"ok"]
 
 

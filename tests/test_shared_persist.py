@@ -7,6 +7,7 @@ before a test fails.
 """
 
 import asyncio
+import glob
 import multiprocessing
 import os
 import queue
@@ -185,6 +186,58 @@ def test_second_queue_on_the_same_directory_raises(log_dir):
     first.put(b"still works")
     assert first.get(timeout=5) == b"still works"
     first.close()
+
+
+def shm_files(name):
+    """Return the files in /dev/shm of the queue `name`."""
+    return sorted(path for pattern in (f"mqs.{name}*", f"mqs-persist.{name}*")
+                  for path in glob.glob(os.path.join("/dev/shm", pattern)))
+
+
+def test_named_create_locked_log_no_ring(log_dir, shm_name):
+    first = SharedQueue(persist=log_dir)
+    try:
+        with pytest.raises(mqs.LogLocked):
+            SharedQueue(name=shm_name, persist=log_dir)
+        assert shm_files(shm_name) == []
+        with pytest.raises(mqs.QueueNotFound):
+            SharedQueue(name=shm_name, create=False)
+    finally:
+        first.close()
+
+
+def test_named_create_file_path_no_ring(tmp_path, shm_name):
+    path = tmp_path / "a-file"
+    path.write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        SharedQueue(name=shm_name, persist=str(path))
+    assert shm_files(shm_name) == []
+    assert path.read_text() == "not a directory"
+
+
+def test_named_attach_failure_keeps_ring(log_dir, tmp_path, shm_name):
+    existing = SharedQueue(name=shm_name, persist=log_dir)
+    try:
+        existing.put(b"kept")
+        before = shm_files(shm_name)
+        assert before != []
+        path = tmp_path / "a-file"
+        path.write_text("not a directory")
+        with pytest.raises(NotADirectoryError, match="is a file"):
+            SharedQueue(name=shm_name, persist=str(path))
+        assert shm_files(shm_name) == before
+        attached = SharedQueue(name=shm_name, create=False,
+                               persist=log_dir)
+        assert attached.get(timeout=5) == b"kept"
+        attached.close()
+    finally:
+        existing.close()
+
+
+def test_named_create_bad_group_no_ring(shm_name):
+    with pytest.raises(ValueError, match="group must be 0 to 0"):
+        SharedQueue(name=shm_name, group=1)
+    assert shm_files(shm_name) == []
 
 
 # -- several processes ----------------------------------------------------------

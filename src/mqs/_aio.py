@@ -9,6 +9,7 @@ adds nothing: an item moves only in the same step that returns.
 """
 
 import asyncio
+import math
 import time
 
 from mqs.errors import Empty, Full
@@ -19,13 +20,36 @@ _FIRST_PAUSE = 0.0005
 _MAX_PAUSE = 0.005
 
 
+# Above this many seconds a timeout means no limit, as in the blocking
+# calls (`deadline_ns` in _waiting.pxd).
+_NO_LIMIT_S = 1e9
+
+
 def _deadline(timeout):
+    """Return the monotonic deadline `timeout` seconds ahead, or None
+    for no limit.
+
+    Checks `timeout` as the blocking `get` and `put` do, with the same
+    messages: TypeError unless it converts to a C double, ValueError if
+    it is negative or NaN.
+    """
     if timeout is None:
         return None
-    if timeout < 0:
-        raise ValueError(f"'timeout' must be a non-negative number, got "
-                         f"{timeout!r}")
-    return time.monotonic() + timeout
+    try:
+        # math.fsum converts its items with PyFloat_AsDouble, as the
+        # blocking calls do. float() would also parse a string.
+        seconds = math.fsum((timeout,))
+    except TypeError:
+        raise TypeError(
+            f"timeout must be a number of seconds or None, got {timeout!r}"
+        ) from None
+    if seconds < 0 or math.isnan(seconds):
+        raise ValueError(
+            f"timeout must be a non-negative number of seconds, "
+            f"got {timeout!r}")
+    if seconds > _NO_LIMIT_S:
+        return None
+    return time.monotonic() + seconds
 
 
 async def _retry(attempt, failure, timeout):

@@ -228,6 +228,27 @@ def _shm_path(name):
     return os.path.join(SHM_DIR, NAME_PREFIX + name)
 
 
+def _unlink_created(name, identity):
+    """Remove the queue file `name` and its persist note after a failed
+    constructor created the file, if the name still refers to it.
+
+    NOTE: a process that attached by name between the creation and this
+    call keeps using a queue that no longer has a name.
+    """
+    path = _shm_path(name)
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return
+    if (status.st_dev, status.st_ino) != identity:
+        return  # unlinked and created again by another process
+    for stale in (path, _persist_note_path(name)):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
+
+
 def _check_name(name):
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__} "
@@ -617,24 +638,30 @@ cdef class SharedQueue:
         self._strategy = _STRATEGIES[wait_strategy]
         self._serializer = serializer
         self.name = name
+        created = None
         if name is None:
             self._create_anonymous(capacity_bytes, max_message_size, maxsize)
         else:
             _check_name(name)
             if create:
-                self._create_or_attach_named(
+                created = self._create_or_attach_named(
                     name, capacity_bytes, max_message_size, maxsize)
             else:
                 self._attach_named(name)
         _instances.add(self)
-        if name is not None:
-            self._check_layout(requested)
-        if durable_settings is not None:
-            self._open_durable(persist, fsync, durable_settings[0],
-                               durable_settings[1], durable_settings[2])
-        elif fsync != "interval":
-            self._open_durable(persist, fsync)
-        self._set_group(group)
+        try:
+            if name is not None:
+                self._check_layout(requested)
+            if durable_settings is not None:
+                self._open_durable(persist, fsync, durable_settings[0],
+                                   durable_settings[1], durable_settings[2])
+            elif fsync != "interval":
+                self._open_durable(persist, fsync)
+            self._set_group(group)
+        except BaseException:
+            if created is not None:
+                _unlink_created(name, created)
+            raise
 
     cdef int _open_durable(self, object persist, object fsync,
                            object groups=None, int64_t maxsize=0,
@@ -863,9 +890,14 @@ cdef class SharedQueue:
         os.close(fd)
         return 0
 
-    cdef int _create_or_attach_named(self, str name, int64_t capacity,
-                                     int64_t max_message_size,
-                                     int64_t maxsize) except -1:
+    cdef object _create_or_attach_named(self, str name, int64_t capacity,
+                                        int64_t max_message_size,
+                                        int64_t maxsize):
+        """Create the named queue, or attach to it if it exists.
+
+        Returns the (st_dev, st_ino) of the file when this call created
+        it, so that a failed constructor can remove it, else None.
+        """
         # Build the queue under a private name, then link it into place:
         # an attacher never sees a half-formatted file.
         path = _shm_path(name)
@@ -880,15 +912,20 @@ cdef class SharedQueue:
                 self._discard_fd(fd)
                 fd = -1
                 self._attach_named(name)
-                return 0
+                return None
+            status = os.fstat(fd)
         except BaseException:
             if fd >= 0:
                 self._discard_fd(fd)
             raise
         finally:
             os.unlink(temp)
-        self._attach_slot()
-        return 0
+        try:
+            self._attach_slot()
+        except BaseException:
+            _unlink_created(name, (status.st_dev, status.st_ino))
+            raise
+        return (status.st_dev, status.st_ino)
 
     cdef int _attach_named(self, str name) except -1:
         path = _shm_path(name)
@@ -1602,6 +1639,13 @@ cdef class SharedQueue:
                     raise Full(f"queue stayed full: put {done} items of "
                                f"the batch; the rest were not added",
                                done) from None
+                except MessageTooLarge as exc:
+                    too_large = MessageTooLarge(
+                        f"{exc}. put_many queued {done} earlier item(s), "
+                        f"which stay queued; this item and the rest of the "
+                        f"batch were not added")
+                    too_large.accepted = done
+                    raise too_large from None
                 except Exception as exc:
                     try:
                         exc.accepted = done

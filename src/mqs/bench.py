@@ -589,5 +589,20 @@ def _build_info() -> dict:
     producers = re.findall(rb"GNU C[^\0]*", binary)
     if producers:
         info["compiler_flags"] = sorted(
-            {producer.decode("utf-8", "replace") for producer in producers})
+            {_without_repeated_flags(producer.decode("utf-8", "replace"))
+             for producer in producers})
     return info
+
+
+def _without_repeated_flags(producer: str) -> str:
+    """Return a GCC producer string with each flag once.
+
+    The producer lists the flags as passed, so a flag in both Python's
+    CFLAGS and setup.py (-O3) appears twice. The last copy of each flag
+    is kept, because GCC applies the last of several -O levels and of an
+    -fx/-fno-x pair, so the result has the same effect.
+    """
+    words = producer.split()
+    last = {word: index for index, word in enumerate(words)}
+    return " ".join(word for index, word in enumerate(words)
+                    if not word.startswith("-") or last[word] == index)

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from mqs.errors import ShutDown
+
 logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
@@ -591,6 +593,8 @@ class MetricsRegistry:
         self._logs: weakref.WeakSet[Any] = weakref.WeakSet()
         self._collectors: dict[int, Callable[[], Iterable[Sample]]] = {}
         self._collector_keys = itertools.count()
+        # Failed scrapes in a row, per collector key.
+        self._collector_failures: dict[int, int] = {}
 
     def register(self, source: Any, name: str | None = None) -> None:
         """Export `source` (a queue or a `SegmentLog`) under `name`.
@@ -625,7 +629,10 @@ class MetricsRegistry:
         """Export the samples `collect()` returns, on every scrape.
 
         `collect` runs in the exporter's thread and must not block for
-        long; an exception in it is logged and its samples are skipped.
+        long. An exception in it skips its samples of that scrape. The
+        first failure in a row is logged at WARNING with its traceback,
+        the repeats at DEBUG with their count, and the next success at
+        INFO.
         """
         if not callable(collect):
             raise TypeError(f"collect must be callable, got {collect!r}")
@@ -637,6 +644,7 @@ class MetricsRegistry:
     def _remove_collector(self, key: int) -> None:
         with self._lock:
             self._collectors.pop(key, None)
+            self._collector_failures.pop(key, None)
 
     def collect(self, scan_shared: bool = True) -> list[Sample]:
         """Return the samples of every source, read now."""
@@ -651,20 +659,45 @@ class MetricsRegistry:
                 samples.extend(shared_queue_samples(stats, stats.name or ""))
         with self._lock:
             logs = list(self._logs)
-            collectors = list(self._collectors.values())
+            collectors = list(self._collectors.items())
         for log in logs:
             if log.closed:
                 continue
             if log.readonly:
                 log.refresh()
             samples.extend(log_samples(log.stats(), self._log_name(log)))
-        for collect in collectors:
+        for key, collect in collectors:
             try:
                 samples.extend(collect())
             except Exception:
-                logger.warning("metrics collector %r failed; its samples "
-                               "are skipped", collect, exc_info=True)
+                self._log_collector_failure(key, collect)
+            else:
+                self._log_collector_recovery(key, collect)
         return samples
+
+    def _log_collector_failure(self, key: int, collect: Callable) -> None:
+        """Log a failed collector, with the traceback only the first time
+        in a row, so that a collector failing on every scrape does not
+        fill the log."""
+        with self._lock:
+            if key not in self._collectors:
+                return  # removed during this scrape
+            failures = self._collector_failures.get(key, 0) + 1
+            self._collector_failures[key] = failures
+        if failures == 1:
+            logger.warning("metrics collector %r failed; its samples are "
+                           "skipped until it succeeds (repeats are logged "
+                           "at DEBUG)", collect, exc_info=True)
+        else:
+            logger.debug("metrics collector %r failed again (%d scrapes in "
+                         "a row)", collect, failures, exc_info=True)
+
+    def _log_collector_recovery(self, key: int, collect: Callable) -> None:
+        with self._lock:
+            failures = self._collector_failures.pop(key, 0)
+        if failures:
+            logger.info("metrics collector %r succeeded after %d failed "
+                        "scrapes", collect, failures)
 
     def _log_name(self, log: Any) -> str:
         with self._lock:
@@ -990,6 +1023,8 @@ def register_broker(broker: Any, topics: Iterable[str], name: str = "default",
     it is declared again. The per-group metrics (lag, error ratio,
     latency histograms) come from `Broker.group_stats`; a backend
     without it exports the topic metrics only (logged at DEBUG once).
+    Once the broker is closed (its stats raise `ShutDown`), the next
+    scrape removes the export and logs it at INFO.
     Returns the handle whose ``remove()`` stops the export.
 
     Raises TypeError if `topics` is a single str rather than an iterable
@@ -1005,6 +1040,15 @@ def register_broker(broker: Any, topics: Iterable[str], name: str = "default",
     known: set[str] = set()
 
     def collect() -> Iterator[Sample]:
+        try:
+            yield from collect_topics()
+        except ShutDown as exc:
+            handle.remove()
+            logger.info("broker %s is closed, so its metrics are no longer "
+                        "exported; call register_broker again for the "
+                        "broker that replaces it: %s", name, exc)
+
+    def collect_topics() -> Iterator[Sample]:
         for topic in topics:
             try:
                 stats = broker.stats(topic)
@@ -1026,4 +1070,5 @@ def register_broker(broker: Any, topics: Iterable[str], name: str = "default",
                 continue
             yield from group_samples(groups, name)
 
-    return (registry or REGISTRY).add_collector(collect)
+    handle = (registry or REGISTRY).add_collector(collect)
+    return handle

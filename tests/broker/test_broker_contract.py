@@ -1024,6 +1024,51 @@ def test_async_get_times_out(broker):
     asyncio.run(main())
 
 
+def test_async_get_cancel_takes_nothing(broker):
+    # A held message keeps an ack deadline pending, so the waiters await
+    # with a timeout. The publish wakes them in the same loop step that
+    # cancels them.
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=60)
+    broker.publish("t", "held")
+    held = consumer.get(timeout=5)
+    published = []
+    received = []
+    survivors = []
+
+    async def one_round(number):
+        tasks = [asyncio.create_task(consumer.get_async(timeout=30))
+                 for _ in range(20)]
+        await asyncio.sleep(0.02)
+        broker.publish("t", number)
+        published.append(number)
+        for task in tasks:
+            task.cancel()
+        done, pending = await asyncio.wait(tasks, timeout=5)
+        survivors.extend(pending)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not task.cancelled():
+                message = task.result()
+                received.append(message.body)
+                message.ack()
+
+    async def main():
+        stop = time.monotonic() + 10
+        for number in range(40):
+            if time.monotonic() > stop:
+                break
+            await one_round(number)
+
+    asyncio.run(main())
+    held.ack()
+    ready = drain(consumer)
+    assert survivors == []
+    assert len(received) == len(set(received))
+    assert sorted(received + ready) == published
+    assert consumer.in_flight == 0
+
+
 def test_async_for_and_publish_async(broker):
     consumer = broker.consume("t", "g")
 

@@ -53,6 +53,43 @@ def test_order_pipeline_fans_out_and_restocks():
     assert "stock: {'apple': 95, 'pear': 55}" in lines
 
 
+@pytest.mark.parametrize("name,args,error", [
+    ("priority_tasks.py", ["--workers", "0"],
+     "argument --workers: must be 1 or more, got 0"),
+    ("priority_tasks.py", ["--tasks", "0"],
+     "argument --tasks: must be 1 or more, got 0"),
+    ("priority_tasks.py", ["--workers", "two"],
+     "argument --workers: invalid int 'two'"),
+    ("delayed_scheduler.py", ["--cleanup-delay", "-5"],
+     "argument --cleanup-delay: must be a finite number of seconds, 0 or "
+     "more, got '-5'"),
+    ("delayed_scheduler.py", ["--cleanup-delay", "nan"],
+     "argument --cleanup-delay: must be a finite number of seconds"),
+    ("delayed_scheduler.py", ["--cleanup-delay", "1e12"],
+     "argument --cleanup-delay: must be at most 315576000 seconds"),
+    ("delayed_scheduler.py", ["--run-for", "-1"],
+     "argument --run-for: must be a finite number of seconds"),
+    ("delayed_scheduler.py", ["--run-for", "inf"],
+     "argument --run-for: must be a finite number of seconds"),
+    ("order_pipeline.py", ["--orders", "-1"],
+     "argument --orders: must be 0 or more, got -1"),
+])
+def test_example_rejects_bad_option(name, args, error):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], capture_output=True,
+        text=True, timeout=60, env=os.environ.copy())
+    assert result.returncode == 2, result.stderr
+    assert error in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_order_pipeline_accepts_zero_orders():
+    lines, _ = run_example("order_pipeline.py", "--orders", "0")
+    assert "audited orders: 0" in lines
+    assert "stock: {'apple': 120, 'pear': 80}" in lines
+
+
 def test_readme_broker_example_runs():
     readme = (EXAMPLES.parent / "README.md").read_text()
     section = readme[readme.index("## Broker"):]

@@ -367,11 +367,17 @@ class MemoryBackend(Backend):
         await self._await_future(loop, future, timeout)
 
     async def _await_future(self, loop, future, timeout) -> None:
+        # Not asyncio.wait_for: on CPython 3.11.7 it returns the result
+        # when the future is resolved in the loop step that cancels the
+        # task, so the cancelled fetch loop would go on to take a message.
+        # Awaiting the future itself raises CancelledError in that case.
+        timer = None if timeout is None else loop.call_later(
+            timeout, _resolve, future)
         try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            pass
+            await future
         finally:
+            if timer is not None:
+                timer.cancel()
             with self._lock:
                 try:
                     self._futures.remove((loop, future))
