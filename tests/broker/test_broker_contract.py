@@ -1271,6 +1271,40 @@ def test_producer_full_keeps_earlier_messages(broker):
 
 
 
+def test_producer_background_failures_logged_at_powers_of_ten(broker,
+                                                              caplog):
+    """A background send that keeps failing (a full topic that raises)
+    logs its traceback once, then a count at 10 failures, and one line
+    when the batch finally goes out."""
+    broker.declare_topic("t", maxsize=1, when_full="raise")
+    consumer = broker.consume("t", "g")
+    broker.publish("t", 0)
+    producer = broker.producer("t", linger=0.005, batch_size=100)
+    logger_name = "mqs.broker._broker"
+    with caplog.at_level(logging.INFO, logger=logger_name):
+        producer.publish(1)
+        deadline = time.monotonic() + 30
+        while producer._batcher._failed_sends < 12:
+            assert time.monotonic() < deadline, "the sends stopped failing"
+            time.sleep(0.01)
+        consumer.get(timeout=0).ack()
+        assert consumer.get(timeout=30).body == 1
+        deadline = time.monotonic() + 30
+        while producer._batcher._failed_sends:
+            assert time.monotonic() < deadline, "never counted the send"
+            time.sleep(0.01)
+    lines = [(record.levelno, record.getMessage()) for record in
+             caplog.records if record.name == logger_name]
+    failed = [message for level, message in lines
+              if level == logging.WARNING]
+    assert len(failed) == 2
+    assert "tries again every" in failed[0]
+    assert "failed to send a batch 10 times in a row" in failed[1]
+    assert any(level == logging.INFO and "sent its batch after" in message
+               for level, message in lines)
+    producer.close()
+
+
 def test_broker_close_publishes_producer_batches(broker, request):
     first = broker.producer("t", linger=60, batch_size=100)
     second = broker.producer("t", linger=60, batch_size=100)

@@ -774,6 +774,13 @@ def _flush_at_exit() -> None:
             batcher.shut("the interpreter exited", timeout=left)
 
 
+def _power_of_ten(number: int) -> bool:
+    """Return whether `number` is 1, 10, 100 ..."""
+    while number >= 10 and number % 10 == 0:
+        number //= 10
+    return number == 1
+
+
 class _Batcher:
     """The buffer, lock and background thread of one `Producer`.
 
@@ -805,6 +812,8 @@ class _Batcher:
         # Messages of the publish call in progress, for the count of a
         # `shut` that cannot wait for it.
         self._sending = 0
+        # Sends by the background thread that failed in a row.
+        self._failed_sends = 0
         _batchers.add(self)
         _register_exit_hook()
 
@@ -870,10 +879,31 @@ class _Batcher:
                 try:
                     self._send_locked()
                 except Exception as exc:  # reported to the caller
-                    logger.warning("producer of %r failed to send a batch",
-                                   self.topic, exc_info=True)
+                    self._failed_sends += 1
+                    # The traceback once per run of failures, then a
+                    # count at powers of ten: a send retried every
+                    # linger would flood the log.
+                    if self._failed_sends == 1:
+                        logger.warning(
+                            "producer of %r failed to send a batch; it "
+                            "tries again every %g s", self.topic,
+                            self.linger, exc_info=True)
+                    elif _power_of_ten(self._failed_sends):
+                        logger.warning(
+                            "producer of %r failed to send a batch %d "
+                            "times in a row: %s", self.topic,
+                            self._failed_sends, exc)
                     self._error = exc
                     self._batch_started = time.monotonic()
+                    continue
+                if self._failed_sends:
+                    logger.info("producer of %r sent its batch after %d "
+                                "failed tries", self.topic,
+                                self._failed_sends)
+                    self._failed_sends = 0
+                    # Sent after all: nothing is left for the caller to
+                    # hear about.
+                    self._error = None
 
     def _send_locked(self, timeout: float | None = None,
                      sender: Envelope | None = None) -> None:
@@ -1062,8 +1092,11 @@ class Producer:
     once it holds `batch_size` messages, or `linger` seconds after its
     first message (sent by a background thread), or on `flush`/`close`.
     Errors of a background send are raised by the next `publish`,
-    `flush` or `close`. The messages of a failed batch that the topic did
-    not take are kept for the next try. The ids of the ones it took before
+    `flush` or `close`, unless a later background send of the batch
+    succeeded first. The background thread tries again every `linger`
+    seconds and logs the first failure with its traceback, then a count
+    at 10, 100 ... failures in a row. The messages of a failed batch
+    that the topic did not take are kept for the next try. The ids of the ones it took before
     the error are not returned by `flush`.
 
     A `publish` that raises has not kept its message: the caller owns the
