@@ -442,6 +442,27 @@ def test_durable_damaged_record_is_skipped_and_counted(log_dir, batch):
     q.close()
 
 
+def test_durable_named_queue_rejects_second_log(log_dir, shm_name,
+                                                tmp_path):
+    """Attaching to a named durable queue with another persist directory
+    raises and names the queue's directory; the same directory by
+    another spelling attaches, and nothing was split between logs."""
+    first = SharedQueue(name=shm_name, persist=log_dir)
+    other = str(tmp_path / "other-log")
+    with pytest.raises(mqs.QueueLayoutError) as caught:
+        SharedQueue(name=shm_name, persist=other)
+    assert f"persist={log_dir!r}" in str(caught.value)
+    assert other in str(caught.value)
+    # The failed attach left the queue's ring in place.
+    assert os.path.exists(os.path.join(SHM_DIR, "mqs." + shm_name))
+    same = SharedQueue(name=shm_name, create=False,
+                       persist=os.path.join(log_dir, "."))
+    same.put_many([1, 2, 3])
+    assert [first.get(timeout=5) for _ in range(3)] == [1, 2, 3]
+    same.close()
+    first.close()
+
+
 def test_durable_restart_after_retention_delivers_unconsumed(log_dir):
     messages = [b"%06d" % n + b"r" * 500 for n in range(3000)]
     q = SharedQueue(persist=log_dir, segment_bytes=SEGMENT_BYTES)

@@ -253,6 +253,15 @@ def _persist_note_path(name):
     return os.path.join(SHM_DIR, f"mqs-persist.{name}")
 
 
+def _same_directory(first, second):
+    """Return whether two paths name one directory (the second may not
+    exist yet)."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return os.path.abspath(first) == os.path.abspath(second)
+
+
 def _write_persist_note(name, path):
     """Store the log directory of durable queue `name` (atomic rename)."""
     note = _persist_note_path(name)
@@ -276,6 +285,32 @@ def _write_persist_note(name, path):
         # Only tools (mqs stat, top, the exporter) read it.
         logger.debug("durable queue %s: cannot write %s", path, note,
                      exc_info=True)
+
+
+cdef object _noted_log_of(str name, uint64_t ring_secret):
+    """Return the log directory that the persist note of queue `name`
+    names when that directory's control block belongs to the ring of
+    `ring_secret` (the durable queue behind that ring), else None."""
+    cdef void *address
+    cdef uint64_t secret
+    try:
+        with open(_persist_note_path(name), "rb") as note:
+            path = note.read().decode()
+        fd = os.open(os.path.join(path, CONTROL_FILE),
+                     os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        if os.fstat(fd).st_size < MQS_DQ_FILE_BYTES:
+            return None
+        address = mmap(NULL, MQS_DQ_FILE_BYTES, PROT_READ, MAP_SHARED, fd, 0)
+    finally:
+        os.close(fd)
+    if address == MAP_FAILED:
+        return None
+    secret = mqs_dq_secret(<mqs_dq_control_t *>address)
+    munmap(address, MQS_DQ_FILE_BYTES)
+    return path if secret != 0 and secret == ring_secret else None
 
 
 def _with_durable_stats(stats, uint64_t ring_secret):
@@ -453,6 +488,16 @@ cdef class _Durable:
             raise NotADirectoryError(
                 f"persist={path!r} is a file; give a directory for the "
                 f"queue's segment log (it is created if missing)")
+        if queue.name is not None:
+            # A named ring has one durable queue behind it: a second log
+            # directory would take half of the puts each.
+            noted = _noted_log_of(queue.name, queue._ring.secret)
+            if noted is not None and not _same_directory(noted, path):
+                raise QueueLayoutError(
+                    f"shared queue {queue.name!r} keeps its messages in "
+                    f"persist={noted!r}, not {path!r}; attach with "
+                    f"persist={noted!r}, or use another queue name for "
+                    f"another log")
         check_directory_kind(path, DURABLE_QUEUE)
         os.makedirs(path, mode=0o700, exist_ok=True)
         self._queue = queue
