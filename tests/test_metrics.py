@@ -283,6 +283,31 @@ def test_inspect_foreign_file_raises_layout_error(shm_name):
     assert shm_name not in {s.name for s in metrics.scan_shared_queues()}
 
 
+def test_scan_skips_durable_queue_with_damaged_log(shm_name, tmp_path):
+    """A named durable queue whose log cannot be opened (a damaged
+    segment header) still shows its ring's stats, and the scan and the
+    exporter's collection go on with the other queues."""
+    log_dir = str(tmp_path / "log")
+    durable = mqs.SharedQueue(name=shm_name, persist=log_dir)
+    other_name = shm_name + "-other"
+    other = mqs.SharedQueue(name=other_name, capacity_bytes=PAGE)
+    try:
+        durable.put(b"x")
+        segment = sorted(glob.glob(os.path.join(log_dir, "*.seg")))[0]
+        with open(segment, "r+b") as file:
+            file.write(b"\xff" * 8)
+        found = {s.name: s for s in metrics.scan_shared_queues()}
+        assert found[shm_name].persist is None
+        assert other_name in found
+        assert list(metrics.REGISTRY.collect())
+    finally:
+        other.close()
+        durable.close()
+        for path in glob.glob(os.path.join(SHM_DIR,
+                                           f"mqs-persist.{shm_name}")):
+            os.unlink(path)
+
+
 def test_scan_finds_named_queues(shm_name):
     q = mqs.SharedQueue(name=shm_name, capacity_bytes=PAGE)
     try:

@@ -341,8 +341,16 @@ def _with_durable_stats(stats, uint64_t ring_secret):
     try:
         if mqs_dq_secret(control) != ring_secret:
             return stats
-        reader = SegmentLog(path, readonly=True)
-        fields = _durable_stats_fields(control, reader, path, stats.lag[0])
+        try:
+            reader = SegmentLog(path, readonly=True)
+            fields = _durable_stats_fields(control, reader, path,
+                                           stats.lag[0])
+        except (MqsError, OSError) as exc:
+            # A damaged or missing log: the ring's own stats still stand,
+            # and the queue's handles raise when they read the log.
+            logger.debug("durable queue %s: cannot read its log for "
+                         "stats: %s", path, exc)
+            return stats
         lost = mqs_dq_get(control, MQS_DQ_LOST)
     finally:
         if reader is not None:

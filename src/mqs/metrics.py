@@ -871,16 +871,18 @@ def inspect_durable_queue(path: str) -> SharedQueueStats:
 def scan_shared_queues() -> list[SharedQueueStats]:
     """Return the stats of every named shared queue of this machine.
 
-    Files that vanish while being read, or are not mqs queues of this
-    layout, are skipped (logged at DEBUG).
+    Files that vanish while being read, are not mqs queues of this
+    layout, or cannot be read (a damaged durable queue log, for one) are
+    skipped (logged at DEBUG), so one broken queue does not hide the
+    others.
     """
-    from mqs._shared import QueueLayoutError, QueueNotFound
+    from mqs.errors import MqsError
 
     found = []
     for path in shared_queue_paths():
         try:
             found.append(inspect_shared_queue(path))
-        except (QueueNotFound, QueueLayoutError, PermissionError) as exc:
+        except (MqsError, OSError) as exc:
             logger.debug("skipping %s: %s", path, exc)
     return found
 
