@@ -1008,6 +1008,30 @@ def test_shm_core_maxsize_block_wakes_on_ack_of_other_process(name):
     broker.close()
 
 
+@pytest.mark.parametrize("when_full", ["block", "raise"])
+def test_shm_core_maxsize_room_from_dead_letter(name, when_full):
+    """A message dead-lettered at its ack deadline frees its place on a
+    full core topic, as on the journal: a blocked publish returns and a
+    raising one is accepted once the deadline passed."""
+    broker = open_broker(name)
+    broker.declare_topic("t", maxsize=2, when_full=when_full,
+                         max_attempts=1)
+    consumer = broker.consume("t", "g", ack_timeout=0.5)
+    broker.publish_many("t", [1, 2])
+    assert consumer.get(timeout=5).body == 1
+    if when_full == "raise":
+        time.sleep(1.0)
+    started = time.monotonic()
+    broker.publish("t", 3, timeout=20)
+    assert time.monotonic() - started < 10
+    stats = broker.stats("t")
+    assert (stats["dead_lettered"], stats["dlq"], stats["stored"]) == \
+        (1, 1, 2)
+    assert "t" in broker.backend._core_paths
+    consumer.close()
+    broker.close()
+
+
 def test_shm_core_retired_without_adopt_moves_again(name):
     broker = open_broker(name)
     broker.declare_topic("t")

@@ -1378,6 +1378,11 @@ class ShmBackend(LogBackend):
         may have made room and return True, raising `Full` at
         `deadline`. Return False when the core was retired meanwhile."""
         config = self._topics[topic].config
+        if core.has_dead():
+            # Dead entries hold their slots until they move to the
+            # dead-letter queue, as a journal topic's leave the store.
+            self._collect_dead(topic)
+            return self._fast_core(topic) is core
         if config.when_full == "raise":
             raise Full(
                 f"topic {topic!r} is full (maxsize {config.maxsize}); "
