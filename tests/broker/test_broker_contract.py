@@ -16,6 +16,7 @@ import random
 import re
 import subprocess
 import sys
+import signal
 import threading
 import time
 import uuid
@@ -2646,3 +2647,66 @@ def test_consumer_in_forked_child_raises(broker):
     assert consumer.get(timeout=5).body == "ready"
     assert broker.stats("t")["late_acks"] == 0
     assert broker.stats("t")["redelivered"] == 0
+
+
+def test_close_wakes_blocked_publish(broker):
+    """A publish blocked on a full topic raises ShutDown soon after the
+    broker closes, instead of waiting out its timeout."""
+    broker.declare_topic("t", maxsize=1)
+    broker.publish("t", 1)
+    raised = []
+
+    def publish_blocked():
+        started = time.monotonic()
+        try:
+            broker.publish("t", 2, timeout=30)
+        except Exception as exc:  # the exception is the check
+            raised.append((type(exc), time.monotonic() - started))
+
+    thread = threading.Thread(target=publish_blocked)
+    thread.start()
+    time.sleep(0.3)
+    broker.close()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(raised) == 1
+    assert raised[0][0] is mqs.ShutDown
+    assert raised[0][1] < 20
+
+
+def test_memory_broker_usable_in_child_forked_while_busy():
+    """A child forked while another thread used a memory broker can use
+    its copy: the lock that thread held is new in the child."""
+    broker = mqs.Broker()
+    broker.declare_topic("t", maxsize=3)
+    consumer = broker.consume("t", "g", auto_ack=True)
+    stop = threading.Event()
+
+    def publish_and_get():
+        while not stop.is_set():
+            try:
+                broker.publish("t", 1, timeout=0.01)
+                consumer.get(timeout=0.01)
+            except (mqs.Full, mqs.Empty):
+                pass
+
+    thread = threading.Thread(target=publish_and_get)
+    thread.start()
+    codes = []
+    try:
+        for _ in range(5):
+            time.sleep(0.02)
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(10)
+                try:
+                    broker.publish("other", "x")
+                    broker.stats("other")
+                finally:
+                    os._exit(0)
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    finally:
+        stop.set()
+        thread.join()
+    assert codes == [0] * 5
+    broker.close()

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +34,8 @@ from mqs.errors import Full, ShutDown, TopicConfigError, UnknownTopic
 __all__ = ["MemoryBackend"]
 
 _new_tuple = tuple.__new__
+# Every MemoryBackend of this process (see `_after_fork_in_child`).
+_instances: weakref.WeakSet[MemoryBackend] = weakref.WeakSet()
 # The fields of an `Envelope` after `body` and `priority`, at their
 # defaults.
 _ENVELOPE_DEFAULTS = Envelope(None)[2:]
@@ -70,6 +74,7 @@ class MemoryBackend(Backend):
         # Threads in `_wait`, so that `_notify` costs nothing without them.
         self._waiting = 0
         self._closed = False
+        _instances.add(self)
 
     def _next_id(self) -> str:
         return str(next(self._ids))
@@ -153,6 +158,8 @@ class MemoryBackend(Backend):
         ids: list[str] = []
         with self._lock:
             while True:
+                # Also after each wait: `close` wakes a blocked publish.
+                self._check_open()
                 state = self._topic(topic)
                 now = self.clock()
                 ids += state.publish(envelopes[len(ids):], now, time.time(),
@@ -207,6 +214,8 @@ class MemoryBackend(Backend):
         deadline = None if timeout is None else self.clock() + timeout
         with self._lock:
             while True:
+                # Also after each wait: `close` wakes a blocked fetch.
+                self._check_open()
                 found, wake = self._try_fetch(
                     topic, group, consumer, max_items, ack_timeout, auto_ack)
                 if found:
@@ -454,3 +463,25 @@ def _conflict(stored: TopicConfig, new: TopicConfig) -> str:
         f"{getattr(new, name)!r}" for name in fields)
     return (f"topic {new.name!r} exists with other settings ({changes}); "
             f"pass replace=True to change them")
+
+
+def _after_fork_in_child() -> None:
+    """Give each memory broker that a forked child inherited new locks.
+
+    A thread of the parent may have held a broker's lock at the fork; it
+    does not exist in the child, so the lock would stay taken and the
+    child's first call would hang. The child's broker is its own copy of
+    the parent's state. NOTE: a fork in the middle of another thread's
+    operation copies that operation half done.
+    """
+    for backend in list(_instances):
+        if type(backend._lock) is not type(threading.Lock()):
+            # A subclass with its own section (shm, log) resets itself.
+            continue
+        backend._lock = threading.Lock()
+        backend._changed = threading.Condition(backend._lock)
+        backend._waiting = 0
+        backend._futures = []
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -548,8 +548,11 @@ class RedisBackend(Backend):
                         f"or ssl_cert_reqs=none to skip the check (not "
                         f"for untrusted networks)") from exc
                 if self._closed:
-                    raise BackendConnectionError(
-                        f"the redis backend of {self.url} is closed") from exc
+                    # A call that `close` cut off, as the other backends
+                    # end theirs.
+                    raise ShutDown(
+                        f"the redis backend of {self.url} is closed; open a "
+                        f"new Broker") from exc
                 now = time.monotonic()
                 if now >= deadline:
                     raise BackendConnectionError(
