@@ -8,6 +8,7 @@ before a test fails.
 
 import glob
 import json
+import logging
 import os
 import queue
 import random
@@ -439,6 +440,39 @@ def test_durable_damaged_record_is_skipped_and_counted(log_dir, batch):
     stats = q.stats()
     assert stats.dropped["damaged_record"] == 1
     assert stats.dropped["consumer_died"] == 0
+    q.close()
+
+
+def test_durable_record_damaged_while_open_is_counted(log_dir, caplog):
+    """A record damaged while the queue is open is dropped, and so are
+    the records after it when the live reader cannot pass it: each is
+    counted in damaged_record (not consumer_died) and logged at 1, 10,
+    100 ... drops, not once per message."""
+    q = SharedQueue(persist=log_dir, fsync="always",
+                    segment_bytes=SEGMENT_BYTES)
+    messages = [b"m%02d-" % n + b"z" * 50 for n in range(10)]
+    q.put_many(messages)
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while q.stats().enqueued < 10 or q.stats().lag[0] < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    _damage_message(log_dir, b"m05-")
+    got = []
+    with caplog.at_level(logging.WARNING):
+        while True:
+            try:
+                got.append(q.get(timeout=0.5))
+            except queue.Empty:
+                break
+    # Whether the reader passes the damaged record depends on how far it
+    # had indexed the segment before the damage.
+    assert got in (messages[:5], messages[:5] + messages[6:])
+    stats = q.stats()
+    assert stats.dropped["damaged_record"] == len(messages) - len(got)
+    assert stats.dropped["consumer_died"] == 0
+    warnings = [record for record in caplog.records
+                if "damaged or missing in the log" in record.getMessage()]
+    assert len(warnings) == 1
     q.close()
 
 

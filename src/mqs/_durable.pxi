@@ -228,7 +228,8 @@ cdef dict _durable_stats_fields(mqs_dq_control_t *control, object reader,
         committed=tuple(reader.committed(_group_log_name(g))
                         for g in range(groups)),
         lag_seconds=tuple(lag_seconds),
-        damaged_records=mqs_dq_get(control, MQS_DQ_DAMAGED))
+        damaged_records=(mqs_dq_get(control, MQS_DQ_DAMAGED)
+                         + mqs_dq_get(control, MQS_DQ_LOST)))
 
 
 cdef double _age_seconds(object reader, int64_t offset, int64_t now_ns):
@@ -251,6 +252,12 @@ def _persist_note_path(name):
     """File next to a named queue's ring that stores its log directory,
     so that tools reading the ring find the durable queue behind it."""
     return os.path.join(SHM_DIR, f"mqs-persist.{name}")
+
+
+def _is_power_of_ten(int64_t number):
+    while number >= 10 and number % 10 == 0:
+        number //= 10
+    return number == 1
 
 
 def _same_directory(first, second):
@@ -351,14 +358,11 @@ def _with_durable_stats(stats, uint64_t ring_secret):
             logger.debug("durable queue %s: cannot read its log for "
                          "stats: %s", path, exc)
             return stats
-        lost = mqs_dq_get(control, MQS_DQ_LOST)
     finally:
         if reader is not None:
             reader.close()
         munmap(address, MQS_DQ_FILE_BYTES)
-    return dataclasses.replace(
-        stats, depth=fields["lag"][0],
-        lost_records=stats.lost_records + lost, **fields)
+    return dataclasses.replace(stats, depth=fields["lag"][0], **fields)
 
 
 def _inspect_durable_dir(path):
@@ -392,7 +396,6 @@ def _inspect_durable_dir(path):
     try:
         reader = SegmentLog(path, readonly=True)
         fields = _durable_stats_fields(control, reader, path, 0)
-        lost = mqs_dq_get(control, MQS_DQ_LOST)
     finally:
         if reader is not None:
             reader.close()
@@ -400,7 +403,7 @@ def _inspect_durable_dir(path):
     return metrics.SharedQueueStats(
         name=None, capacity_bytes=0, max_message_size=0, group=0,
         depth=fields["lag"][0], used_bytes=0, attached_processes=0,
-        repaired_records=0, repaired_bytes=0, lost_records=lost,
+        repaired_records=0, repaired_bytes=0, lost_records=0,
         stalls_reported=0, **fields)
 
 
@@ -1250,32 +1253,27 @@ cdef class _Durable:
 
     cdef object _read(self, int64_t offset, bint view):
         """Return the message at log `offset` (or its bytes, as a view),
-        or None if retention deleted it first (counted as lost) or its
-        record is damaged (counted as damaged)."""
+        or None if its record is damaged or missing (dropped, counted in
+        dropped["damaged_record"])."""
         reader = self._reader
         try:
             record = reader.read_record(offset)
         except LogCorrupted as exc:
             # The claim moved past it, so the message is dropped: counted,
             # and the get goes on with the next one.
-            mqs_dq_add(self._control, MQS_DQ_DAMAGED, 1)
-            logger.warning("durable queue %s: message at offset %d is "
-                           "damaged on disk and was dropped (counted in "
-                           "stats().dropped['damaged_record']): %s",
-                           self.path, offset, exc)
+            self._drop_unreadable(MQS_DQ_DAMAGED, offset, exc)
             return None
         except OffsetOutOfRange:
             try:
                 reader.refresh()
                 record = reader.read_record(offset)
-            except OffsetOutOfRange:
+            except (OffsetOutOfRange, LogCorrupted) as exc:
                 # The `reading` word keeps retention below this offset,
-                # so only a bug (or a hand-deleted segment) gets here.
-                mqs_dq_add(self._control, MQS_DQ_LOST, 1)
-                logger.warning(
-                    "durable queue %s: message at offset %d was deleted "
-                    "before this consumer read it; counted as lost",
-                    self.path, offset)
+                # so only damage gets here: a hand-deleted segment, or a
+                # record damaged while the log is open, which a reader
+                # cannot pass (the records after it read as missing
+                # until the log is opened again).
+                self._drop_unreadable(MQS_DQ_LOST, offset, exc)
                 return None
         if view:
             return record.value
@@ -1283,6 +1281,21 @@ cdef class _Durable:
         data = bytes(record.value) if rtype == TYPE_BYTES \
             else bytearray(record.value)
         return self._queue._finish(rtype, data, False)
+
+    cdef int _drop_unreadable(self, int field, int64_t offset,
+                              object exc) except -1:
+        """Count a taken message whose record could not be read, and log
+        it at 1, 10, 100 ... such drops."""
+        mqs_dq_add(self._control, field, 1)
+        total = (mqs_dq_get(self._control, MQS_DQ_DAMAGED)
+                 + mqs_dq_get(self._control, MQS_DQ_LOST))
+        if _is_power_of_ten(total):
+            logger.warning(
+                "durable queue %s: message at offset %d is damaged or "
+                "missing in the log and was dropped (%s); %d so far, "
+                "counted in stats().dropped['damaged_record']",
+                self.path, offset, exc, total)
+        return 0
 
     cdef list _take(self, int64_t max_items, bint block, object timeout,
                     bint view):
@@ -1353,8 +1366,6 @@ cdef class _Durable:
         return max(0, mqs_dq_get(self._control, MQS_DQ_APPENDED_OFFSET)
                    - mqs_dq_get_cursor(self._control, self._queue._group))
 
-    cdef int64_t lost(self):
-        return mqs_dq_get(self._control, MQS_DQ_LOST)
 
     cdef dict stats_fields(self):
         """Return the SharedQueueStats fields that describe the log."""

@@ -1083,9 +1083,9 @@ cdef class SharedQueue:
         unpublished records of dead producers turned into padding;
         ``lost_records``: an upper bound on messages taken by consumers
         that died before returning them or while lending them as views;
-        on a durable queue, also the messages found deleted before the
-        consumer that took them read them, which only a segment file
-        deleted by hand can cause). A durable
+        and on a durable queue ``damaged_records``: messages taken whose
+        log record was damaged or missing, as a segment file deleted by
+        hand leaves them). A durable
         queue reports its log's groups, lag (messages and seconds),
         cursors and committed offsets; its ring counters (bytes,
         repairs) describe its inbox, which only the appender reads.
@@ -1105,7 +1105,6 @@ cdef class SharedQueue:
             fields = self._durable.stats_fields()
             stats = dataclasses.replace(
                 stats, group=self._group, depth=fields["lag"][self._group],
-                lost_records=stats.lost_records + self._durable.lost(),
                 **fields)
         elif self._delay.base != NULL:
             stats = dataclasses.replace(

@@ -123,13 +123,12 @@ class SharedQueueStats:
     of producers that died while publishing, turned into padding by a
     reader; ``"consumer_died"`` for an upper bound on messages taken by
     consumers that died before returning them or while lending them as
-    views (`SharedQueue.get_view`), and on a durable queue also the
-    messages found deleted by hand before they were read;
+    views (`SharedQueue.get_view`);
     ``"decode_failed"`` for messages dropped because their payload
     failed to deserialize (raised as `mqs.MessageDecodeError`);
     ``"damaged_record"``, on a durable queue, for messages taken whose
-    log record failed its CRC check (damaged on disk), which the get
-    skips.
+    log record failed its CRC check (damaged on disk) or was missing (a
+    segment deleted by hand), which the get skips.
     `delayed` is None for a queue without delayed delivery.
 
     A durable queue (``persist=``) reports its log: `groups`, `lag` and
@@ -174,7 +173,8 @@ class SharedQueueStats:
     # Messages taken whose payload failed to deserialize, so the get
     # that took them raised MessageDecodeError and they were dropped.
     decode_failures: int = 0
-    # Durable queue: messages taken whose log record was damaged.
+    # Durable queue: messages taken whose log record was damaged or
+    # missing.
     damaged_records: int = 0
 
     @property
