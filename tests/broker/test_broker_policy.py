@@ -375,6 +375,23 @@ def test_circuit_call_async_records_outcomes():
     asyncio.run(scenario())
 
 
+def test_circuit_call_async_rejects_plain_function():
+    """A plain function given to call_async is a usage error: it raises
+    TypeError naming the fix and records no failure."""
+    breaker = mqs.CircuitBreaker(1.0, window=2, min_calls=2,
+                                 open_seconds=10, clock=Clock())
+
+    async def scenario():
+        for _ in range(3):
+            with pytest.raises(TypeError, match="pass an async function, "
+                               "or use breaker.call"):
+                await breaker.call_async(lambda: 5)
+        assert breaker.state == "closed"
+        assert breaker.call(lambda: 6) == 6
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("options, error, match", [
     ({"failure_ratio": "0.5"}, TypeError,
      "failure_ratio must be a number, got str '0.5'"),

@@ -265,7 +265,22 @@ class CircuitBreaker:
         if not self.allow():
             raise self._rejected()
         try:
-            result = await function(*args, **kwargs)
+            awaitable = function(*args, **kwargs)
+        except Exception:
+            self.record_failure()
+            raise
+        except BaseException:
+            self.release()
+            raise
+        if not inspect.isawaitable(awaitable):
+            # A usage error, not an outcome of the protected call.
+            self.release()
+            raise TypeError(
+                f"call_async needs a function that returns an awaitable, "
+                f"but {function!r} returned {awaitable!r}; pass an async "
+                f"function, or use breaker.call(...) for a plain one")
+        try:
+            result = await awaitable
         except Exception:
             self.record_failure()
             raise
