@@ -261,6 +261,9 @@ class CircuitBreaker:
         ------
         CircuitOpen
             While the circuit is open (the function is not called).
+        TypeError
+            If `function` does not return an awaitable (a plain
+            function: use `call`). Records nothing.
         """
         if not self.allow():
             raise self._rejected()
