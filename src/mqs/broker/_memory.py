@@ -468,11 +468,12 @@ def _conflict(stored: TopicConfig, new: TopicConfig) -> str:
 def _after_fork_in_child() -> None:
     """Give each memory broker that a forked child inherited new locks.
 
-    A thread of the parent may have held a broker's lock at the fork; it
-    does not exist in the child, so the lock would stay taken and the
-    child's first call would hang. The child's broker is its own copy of
-    the parent's state. NOTE: a fork in the middle of another thread's
-    operation copies that operation half done.
+    A thread of the parent may have held a broker's lock at the fork.
+    That thread does not exist in the child, so the lock would stay taken
+    and the child's first call would hang. The child's broker is its own
+    copy of the parent's state.
+    NOTE: a fork in the middle of another thread's operation copies that
+    operation half done.
     """
     for backend in list(_instances):
         if type(backend._lock) is not type(threading.Lock()):

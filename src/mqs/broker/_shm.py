@@ -1076,7 +1076,8 @@ class ShmBackend(LogBackend):
         _adopt_core_state(state, data, consumers, now)
         path = f"{self.path}.adopt-{secrets.token_hex(8)}"
         temp = f"{path}.{os.getpid()}.tmp"
-        # Owner-only, as every mqs file in /dev/shm: it holds the bodies.
+        # Owner-only, as every mqs file in /dev/shm, because it contains
+        # the message bodies.
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                      | os.O_CLOEXEC, 0o600)
         try:
@@ -1773,11 +1774,12 @@ class ShmBackend(LogBackend):
     def _collect_dead(self, topic: str, limit: int | None = None
                       ) -> tuple[list[DeadLetter], dict[str, int]] | None:
         """Move the dead entries of a core topic's core into the topic's
-        dead-letter queue in the journal, where every process reads them,
-        and return that queue's letters (at most `limit`) and the
-        counters of the placeholder state that contains them; the topic
-        stays on its core. Return None when the topic is not on a
-        core.
+        dead-letter queue in the journal, where every process reads them.
+        The topic stays on its core.
+
+        Return that queue's letters (at most `limit`) and the counters of
+        the placeholder state that contains them, or None when the topic
+        is not on a core.
 
         The record is appended before the entries leave the core, so a
         process killed in between leaves them to the next call, which
