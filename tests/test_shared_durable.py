@@ -443,6 +443,26 @@ def test_durable_damaged_record_is_skipped_and_counted(log_dir, batch):
     q.close()
 
 
+def test_durable_handle_without_persist_puts_but_cannot_get(log_dir,
+                                                           shm_name):
+    """A handle opened by name without persist= on a durable queue puts
+    into the inbox, which the log keeps, but its gets raise: they would
+    take messages before the appender writes them to the log."""
+    q = SharedQueue(name=shm_name, persist=log_dir)
+    producer = SharedQueue(name=shm_name, create=False)
+    producer.put(b"logged")
+    takes = [lambda: producer.get(timeout=1), producer.get_nowait,
+             lambda: producer.get_many(5, timeout=1),
+             lambda: producer.get_view(timeout=1).__enter__()]
+    for take in takes:
+        with pytest.raises(mqs.QueueLayoutError) as caught:
+            take()
+        assert f"persist={log_dir!r}" in str(caught.value)
+    assert q.get(timeout=5) == b"logged"
+    producer.close()
+    q.close()
+
+
 def test_durable_record_damaged_while_open_is_counted(log_dir, caplog):
     """A record damaged while the queue is open is dropped, and so are
     the records after it when the live reader cannot pass it: each is

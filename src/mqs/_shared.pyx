@@ -554,6 +554,10 @@ cdef class SharedQueue:
     # Puts left until this handle reads the shared sampling rate and
     # stamps one (see _sample_stamp).
     cdef int64_t _sample_countdown
+    # The log directory of the durable queue whose inbox ring a handle
+    # opened by name without persist= attached to, else None: such a
+    # handle may put but not get.
+    cdef object _inbox_of
     # The log side of a durable queue (persist=), else None.
     cdef _Durable _durable
     # (messages moved, CLOCK_MONOTONIC ns after the move) per promote of
@@ -652,6 +656,8 @@ cdef class SharedQueue:
         try:
             if name is not None:
                 self._check_layout(requested)
+            if name is not None and persist is None:
+                self._inbox_of = _noted_log_of(name, self._ring.secret)
             if durable_settings is not None:
                 self._open_durable(persist, fsync, durable_settings[0],
                                    durable_settings[1], durable_settings[2])
@@ -1842,11 +1848,21 @@ cdef class SharedQueue:
         the message type.
         """
         self._check_open()
+        if self._inbox_of is not None:
+            self._raise_inbox_get()
         if block:
             deadline_ns(timeout)  # a negative timeout raises even with items
         if self._durable is not None:
             return self._durable.get(block, timeout)
         return self._get_copy(block, timeout, False)
+
+    cdef int _raise_inbox_get(self) except -1:
+        raise QueueLayoutError(
+            f"shared queue {self.name!r} is durable (its log is at "
+            f"{self._inbox_of!r}). This handle was opened without "
+            f"persist=, so it may put but not get: its gets would take "
+            f"messages before they reach the log. Open it with "
+            f"persist={self._inbox_of!r} to get")
 
     cdef inline object _get_copy(self, bint block, object timeout,
                                  bint batch):
@@ -2050,6 +2066,8 @@ cdef class SharedQueue:
             raise ValueError(
                 f"max_items must be at most 2**63 - 1, got {max_items!r}")
         self._check_open()
+        if self._inbox_of is not None:
+            self._raise_inbox_get()
         limit = max_items
         if self._durable is not None:
             if block:
@@ -2130,6 +2148,8 @@ cdef class SharedQueue:
     def _take_view(self, timeout):
         cdef int status
         self._check_open()
+        if self._inbox_of is not None:
+            self._raise_inbox_get()
         deadline_ns(timeout)  # a negative timeout raises even with items
         if self._durable is not None:
             return self._durable.get_view(timeout)
