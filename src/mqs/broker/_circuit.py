@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from mqs.errors import CircuitOpen
@@ -207,6 +208,19 @@ class CircuitBreaker:
                 f"{left:.3g} s after the failure ratio reached "
                 f"{self.failure_ratio}; retry later")
 
+    @contextlib.contextmanager
+    def _recording_errors(self) -> Iterator[None]:
+        """Record an Exception raised inside as a failure, and free the
+        trial slot for any other BaseException, then re-raise it."""
+        try:
+            yield
+        except Exception:
+            self.record_failure()
+            raise
+        except BaseException:
+            self.release()
+            raise
+
     def call(self, function: Callable[..., _T], *args: Any,
              **kwargs: Any) -> _T:
         """Call `function` if the circuit allows it and record the outcome.
@@ -229,14 +243,8 @@ class CircuitBreaker:
                 f"{function!r}; use await breaker.call_async(...) instead")
         if not self.allow():
             raise self._rejected()
-        try:
+        with self._recording_errors():
             result = function(*args, **kwargs)
-        except Exception:
-            self.record_failure()
-            raise
-        except BaseException:
-            self.release()
-            raise
         if inspect.isawaitable(result):
             self.release()
             if inspect.iscoroutine(result):
@@ -267,14 +275,8 @@ class CircuitBreaker:
         """
         if not self.allow():
             raise self._rejected()
-        try:
+        with self._recording_errors():
             awaitable = function(*args, **kwargs)
-        except Exception:
-            self.record_failure()
-            raise
-        except BaseException:
-            self.release()
-            raise
         if not inspect.isawaitable(awaitable):
             # A usage error, not an outcome of the protected call.
             self.release()
@@ -282,13 +284,7 @@ class CircuitBreaker:
                 f"call_async needs a function that returns an awaitable, "
                 f"but {function!r} returned {awaitable!r}; pass an async "
                 f"function, or use breaker.call(...) for a plain one")
-        try:
+        with self._recording_errors():
             result = await awaitable
-        except Exception:
-            self.record_failure()
-            raise
-        except BaseException:
-            self.release()
-            raise
         self.record_success()
         return result
