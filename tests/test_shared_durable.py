@@ -499,7 +499,7 @@ def test_durable_record_damaged_while_open_is_counted(log_dir, caplog):
 def test_durable_named_queue_rejects_second_log(log_dir, shm_name,
                                                 tmp_path):
     """Attaching to a named durable queue with another persist directory
-    raises and names the queue's directory; the same directory by
+    raises and names the queue's directory. The same directory by
     another spelling attaches, and nothing was split between logs."""
     first = SharedQueue(name=shm_name, persist=log_dir)
     other = str(tmp_path / "other-log")

@@ -837,9 +837,9 @@ def test_shm_core_topic_moves_to_journal_keeping_order(name):
 
 
 def test_shm_core_dead_letter_stays_on_core(name):
-    """A dead letter leaves the topic on its core: the letter goes to
+    """A dead letter leaves the topic on its core. The letter goes to
     the topic's dead-letter queue in the journal, which every process
-    lists; a purge runs there, and only a redrive moves the topic."""
+    lists. A purge runs there, and only a redrive moves the topic."""
     broker = open_broker(name)
     other = open_broker(name)
     broker.declare_topic("t", max_attempts=2)
@@ -904,10 +904,10 @@ def reject_then_die(name):
 
 
 def test_shm_core_dead_letter_record_applies_once(name):
-    """A process killed between appending the dead letters' record and
-    removing them from the core (holding the mutex) leaves them to the
-    next collection, which adds the same letters again: the queue holds
-    each once, and the topic stays on its core."""
+    """A process killed (holding the mutex) between appending the dead
+    letters' record and removing them from the core leaves them to the
+    next collection. That collection adds the same letters again, the
+    queue contains each once, and the topic stays on its core."""
     broker = open_broker(name)
     broker.declare_topic("t")
     broker.consume("t", "g").close()
@@ -988,7 +988,7 @@ def consume_one_later(name, delay_s):
     broker.close()
 
 
-def test_shm_core_maxsize_block_wakes_on_ack_of_other_process(name):
+def test_shm_core_blocked_publish_wakes_on_ack(name):
     """A publish blocked on a full core topic returns once a consumer
     in another process acks, and times out with Full otherwise."""
     broker = open_broker(name)
