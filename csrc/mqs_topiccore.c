@@ -775,29 +775,16 @@ void mqs_tc_advance(mqs_tc_header_t *h, double now)
 
 /* ---- publishing --------------------------------------------------------- */
 
-int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
-                       uint32_t length, uint32_t priority, double timestamp,
-                       double now, uint32_t *slot_out)
+/* Find a free slot for a new message and set *out to it, growing
+ * slot_limit when every slot below it is taken. Returns MQS_OK, or
+ * MQS_EFULL when all `capacity` slots are taken. */
+static int take_slot(mqs_tc_header_t *h, uint32_t *out)
 {
-    mqs_tc_config_t *c = config_of(h);
     mqs_tc_state_t *s = state_of(h);
-    uint32_t capacity = c->params.capacity;
+    uint32_t capacity = config_of(h)->params.capacity;
     uint32_t limit = slot_limit(h);
     uint32_t slot = UINT32_MAX;
-    mqs_tc_slot_t *stored;
-    uint64_t seq;
 
-    if (priority > 9)
-        return MQS_EINVAL;
-    if (length > c->params.slot_bytes)
-        return MQS_ETOOBIG;
-    mqs_tc_advance(h, now);
-    /* A fetch with auto_ack may have emptied the topic: its bodies were
-     * copied by now. */
-    shrink_if_drained(h);
-    if (c->max_stored && s->stored >= c->max_stored)
-        return MQS_TC_ELIMIT;
-    limit = slot_limit(h);
     /* Acks mostly come in publish order, so the slot after the last one
      * taken is usually free. NOTE: a search among scattered free slots
      * costs O(slot_limit). */
@@ -820,6 +807,32 @@ int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
         s->slot_limit = capacity - limit < MQS_TC_GROW_SLOTS
                         ? capacity : limit + MQS_TC_GROW_SLOTS;
     }
+    *out = slot;
+    return MQS_OK;
+}
+
+int64_t mqs_tc_publish(mqs_tc_header_t *h, const void *body,
+                       uint32_t length, uint32_t priority, double timestamp,
+                       double now, uint32_t *slot_out)
+{
+    mqs_tc_config_t *c = config_of(h);
+    mqs_tc_state_t *s = state_of(h);
+    uint32_t slot = UINT32_MAX;
+    mqs_tc_slot_t *stored;
+    uint64_t seq;
+
+    if (priority > 9)
+        return MQS_EINVAL;
+    if (length > c->params.slot_bytes)
+        return MQS_ETOOBIG;
+    mqs_tc_advance(h, now);
+    /* A fetch with auto_ack may have emptied the topic: its bodies were
+     * copied by now. */
+    shrink_if_drained(h);
+    if (c->max_stored && s->stored >= c->max_stored)
+        return MQS_TC_ELIMIT;
+    if (take_slot(h, &slot) != MQS_OK)
+        return MQS_EFULL;
     stored = mqs_tc_slot(h, slot);
     stored->length = length;
     stored->priority = (uint8_t)priority;
@@ -923,6 +936,27 @@ static void restart_round(mqs_tc_group_t *group, uint32_t lane_count)
     memset(group->deficits, 0, sizeof(group->deficits));
 }
 
+/* Name an unused group and give it the fields of a new group, with no
+ * entry and the topic's max_attempts. */
+static void reset_group(mqs_tc_header_t *h, mqs_tc_group_t *group,
+                        const char *name, uint32_t name_length)
+{
+    memcpy(group->name, name, name_length);
+    group->name_length = name_length;
+    group->max_attempts = 0;
+    restart_round(group, config_of(h)->params.lane_count);
+    group->tail_seq = 0;
+    group->front_seq = 0;
+    group->ready = group->in_flight = group->dead = 0;
+    group->flight_head = group->flight_tail = MQS_TC_NO_SLOT;
+    group->next_deadline = INFINITY;
+    memset(group->lanes, 0, sizeof(group->lanes));
+    memset(group->counters, 0, sizeof(group->counters));
+    group->countdown = 1;
+    mqs_hist_reset(&group->enqueue_to_deliver);
+    mqs_hist_reset(&group->deliver_to_ack);
+}
+
 int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
                           uint32_t name_length, int earliest, double now)
 {
@@ -949,20 +983,7 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     /* Entries of an unused group are all free (mqs_tc_repair clears a
      * group whose creation did not finish); tickets stay. */
     s->opening_group = g + 1;
-    memcpy(group->name, name, name_length);
-    group->name_length = name_length;
-    group->max_attempts = 0;
-    restart_round(group, c->params.lane_count);
-    group->tail_seq = 0;
-    group->front_seq = 0;
-    group->ready = group->in_flight = group->dead = 0;
-    group->flight_head = group->flight_tail = MQS_TC_NO_SLOT;
-    group->next_deadline = INFINITY;
-    memset(group->lanes, 0, sizeof(group->lanes));
-    memset(group->counters, 0, sizeof(group->counters));
-    group->countdown = 1;
-    mqs_hist_reset(&group->enqueue_to_deliver);
-    mqs_hist_reset(&group->deliver_to_ack);
+    reset_group(h, group, name, name_length);
     if (earliest)
         count = visit_in_order(h, g, MQS_TC_FREE, stored_slot, NULL,
                                publish_key, enter_new_group, &now);
