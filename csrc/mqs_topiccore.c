@@ -1431,6 +1431,144 @@ void mqs_tc_stats(mqs_tc_header_t *h, mqs_tc_stats_t *out)
     }
 }
 
+/* ---- importing ---------------------------------------------------------- */
+
+int64_t mqs_tc_import_group(mqs_tc_header_t *h, const char *name,
+                            uint32_t name_length, uint32_t max_attempts,
+                            const int64_t *counters)
+{
+    mqs_tc_config_t *c = config_of(h);
+    mqs_tc_state_t *s = state_of(h);
+    mqs_tc_group_t *group = NULL;
+    uint32_t g;
+
+    if (name_length == 0 || name_length > MQS_TC_NAME_BYTES
+        || mqs_tc_find_group(h, name, name_length) >= 0)
+        return MQS_EINVAL;
+    for (g = 0; g < c->params.max_groups; g++) {
+        group = mqs_tc_group(h, g);
+        if (!atomic_load_explicit(&group->used, memory_order_relaxed))
+            break;
+    }
+    if (g == c->params.max_groups)
+        return MQS_EFULL;
+    reset_group(h, group, name, name_length);
+    group->max_attempts = max_attempts;
+    memcpy(group->counters, counters, sizeof(group->counters));
+    /* No entry of the group is touched before it is used, so a repair
+     * never needs to clear it (opening_group stays 0). */
+    atomic_store_explicit(&group->used, 1, memory_order_release);
+    s->groups_used++;
+    return g;
+}
+
+int64_t mqs_tc_import_message(mqs_tc_header_t *h, uint64_t seq,
+                              const void *body, uint32_t length,
+                              uint32_t priority, double timestamp,
+                              int retained)
+{
+    mqs_tc_config_t *c = config_of(h);
+    mqs_tc_state_t *s = state_of(h);
+    mqs_tc_slot_t *stored;
+    uint32_t slot;
+
+    if (seq == 0 || seq <= s->next_seq || priority > 9
+        || (retained && s->groups_used > 0))
+        return MQS_EINVAL;
+    if (length > c->params.slot_bytes)
+        return MQS_ETOOBIG;
+    if (take_slot(h, &slot) != MQS_OK)
+        return MQS_EFULL;
+    stored = mqs_tc_slot(h, slot);
+    stored->length = length;
+    stored->priority = (uint8_t)priority;
+    stored->lane = c->lane_of[priority];
+    stored->retained = retained != 0;
+    stored->timestamp = timestamp;
+    if (length > 0)
+        memcpy(body_of(stored), body, length);
+    /* Committed last, as a publish commits. Until its entries are
+     * imported, a repair frees it as a slot no group needs. */
+    atomic_store_explicit(&stored->seq, seq, memory_order_release);
+    s->next_seq = seq;
+    s->counters[MQS_TC_PUBLISHED] = (int64_t)seq;
+    s->stored++;
+    s->alloc_hint = slot + 1;
+    return slot;
+}
+
+int mqs_tc_import_entry(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
+                        uint32_t state, uint32_t reason, uint64_t attempts,
+                        double now)
+{
+    mqs_tc_params_t *p = &config_of(h)->params;
+    mqs_tc_group_t *g;
+    mqs_tc_entry_t *e;
+
+    if (group >= p->max_groups || slot >= slot_limit(h)
+        || attempts >= ((uint64_t)1 << 48))
+        return MQS_EINVAL;
+    g = mqs_tc_group(h, group);
+    if (!atomic_load_explicit(&g->used, memory_order_relaxed)
+        || load_seq(mqs_tc_slot(h, slot)) == 0)
+        return MQS_EINVAL;
+    e = mqs_tc_entry(h, group, slot);
+    if (mqs_tc_word_state(load_word(e)) != MQS_TC_FREE)
+        return MQS_EINVAL;
+    switch (state) {
+    case MQS_TC_READY:
+    case MQS_TC_IN_FLIGHT:
+        if (reason != MQS_TC_REASON_NONE)
+            return MQS_EINVAL;
+        e->consumer = MQS_TC_NO_CONSUMER;
+        e->sampled_at = 0;
+        e->timed_out = 0;
+        e->flight_prev = e->flight_next = MQS_TC_NO_SLOT;
+        make_ready(h, group, slot, attempts, 0, now);
+        return MQS_OK;
+    case MQS_TC_DEAD:
+        if (reason > MQS_TC_REASON_ACK_TIMEOUT)
+            return MQS_EINVAL;
+        /* The image does not keep whether an earlier deadline of the
+         * entry passed, only the reason of its death. */
+        e->consumer = MQS_TC_NO_CONSUMER;
+        e->sampled_at = 0;
+        e->timed_out = reason == MQS_TC_REASON_ACK_TIMEOUT;
+        e->flight_prev = e->flight_next = MQS_TC_NO_SLOT;
+        /* deadline_seq orders the dead entries for mqs_tc_next_dead, so
+         * they come out in the order they were imported. */
+        e->deadline_seq = ++state_of(h)->timer_seq;
+        store_word(e, mqs_tc_word(MQS_TC_DEAD, reason, attempts));
+        g->dead++;
+        return MQS_OK;
+    default:
+        return MQS_EINVAL;
+    }
+}
+
+int mqs_tc_import_finish(mqs_tc_header_t *h, uint64_t next_seq,
+                         const int64_t *counters, uint64_t *unneeded_seq)
+{
+    mqs_tc_state_t *s = state_of(h);
+    uint32_t limit = slot_limit(h);
+
+    for (uint32_t slot = 0; slot < limit; slot++) {
+        uint64_t seq = load_seq(mqs_tc_slot(h, slot));
+        if (seq != 0 && !slot_needed(h, slot)) {
+            if (unneeded_seq != NULL)
+                *unneeded_seq = seq;
+            return MQS_EINVAL;
+        }
+    }
+    if (next_seq > s->next_seq)
+        s->next_seq = next_seq;
+    memcpy(s->counters, counters, sizeof(s->counters));
+    /* The published counter is next_seq in every core (mqs_tc_repair
+     * sets it so). */
+    s->counters[MQS_TC_PUBLISHED] = (int64_t)s->next_seq;
+    return MQS_OK;
+}
+
 /* ---- crash repair ------------------------------------------------------- */
 
 static int orphaned(mqs_tc_header_t *h, uint32_t slot, mqs_tc_entry_t *e,

@@ -447,6 +447,57 @@ void mqs_tc_stats(mqs_tc_header_t *h, mqs_tc_stats_t *out);
  * released entry goes back to the head with its older time. */
 int mqs_tc_oldest_ready(mqs_tc_header_t *h, uint32_t group, double *out);
 
+/*
+ * Loading a saved state (an image) into a fresh core, one with no used
+ * group, no committed slot and next_seq 0. The caller holds the mutex
+ * and calls mqs_tc_import_group for each group, then
+ * mqs_tc_import_message for each message in ascending seq, then
+ * mqs_tc_import_entry for each entry in the order it should join its
+ * lane, and last mqs_tc_import_finish. They neither advance deadlines
+ * nor bump the operation counters. Each step commits as the operations
+ * above do (the entry word or slot seq last), so a repair after the
+ * importer died leaves a consistent core that is partly filled.
+ */
+
+/* Create the next unused group with `max_attempts` (0: the topic's) and
+ * its MQS_TC_GROUP_COUNTERS `counters`; return its index. Returns
+ * MQS_EINVAL for a bad name or one that exists, or MQS_EFULL when
+ * max_groups exist. */
+int64_t mqs_tc_import_group(mqs_tc_header_t *h, const char *name,
+                            uint32_t name_length, uint32_t max_attempts,
+                            const int64_t *counters);
+
+/* Store a message with its own `seq`, which must be above every seq
+ * stored so far, and return its slot. `retained` marks a message kept
+ * for the first group, so it is only valid while no group exists.
+ * Returns MQS_EINVAL for a seq of 0 or not above next_seq, a priority
+ * outside 0..9 or `retained` with a group, MQS_ETOOBIG for a body over
+ * slot_bytes, or MQS_EFULL when every slot is taken. */
+int64_t mqs_tc_import_message(mqs_tc_header_t *h, uint64_t seq,
+                              const void *body, uint32_t length,
+                              uint32_t priority, double timestamp,
+                              int retained);
+
+/* Set the free entry of (group, slot) from a saved entry word. A ready
+ * or in-flight entry becomes ready at its lane's tail since `now` with
+ * its `attempts`, and a dead entry stays dead with its `reason` behind
+ * the dead entries imported before it. Returns MQS_OK or MQS_EINVAL.
+ * MQS_EINVAL is for an unused group, a slot with no message, an entry
+ * that is not free or a state outside 1..3. It is also for a reason
+ * other than 0 on a live entry or above 3 on a dead one, and for
+ * attempts of 2**48 or more. */
+int mqs_tc_import_entry(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
+                        uint32_t state, uint32_t reason, uint64_t attempts,
+                        double now);
+
+/* Check that every stored message is retained or has an entry, then set
+ * next_seq to the larger of `next_seq` and the last seq stored, and the
+ * MQS_TC_COUNTERS topic `counters`, except published, which is next_seq.
+ * Returns MQS_OK, or MQS_EINVAL with *unneeded_seq set to the seq of a
+ * message nothing needs (the counters are left unchanged then). */
+int mqs_tc_import_finish(mqs_tc_header_t *h, uint64_t next_seq,
+                         const int64_t *counters, uint64_t *unneeded_seq);
+
 /* Accessors for callers and tests. */
 mqs_tc_slot_t *mqs_tc_slot(mqs_tc_header_t *h, uint32_t slot);
 mqs_tc_group_t *mqs_tc_group(mqs_tc_header_t *h, uint32_t group);

@@ -7,8 +7,9 @@ UndefinedBehaviorSanitizer, and ThreadSanitizer (threads mode only).
 
 - units: publish, fetch, ack, prefetch, weighted and strict lanes, ack
   deadlines, max_attempts, nack, release, closing consumers, groups
-  started at "earliest" and "latest", and every operation but release
-  working while malloc fails.
+  started at "earliest" and "latest", every operation but release
+  working while malloc fails, and importing a saved state (mirrors that
+  a repair leaves unchanged, delivery order, and rejected input).
 - crash: a child SIGKILLed at a failpoint while it holds the mutex; the
   parent gets EOWNERDEAD, the repair rebuilds the lanes, and every
   message that was not acked is delivered once more, nothing twice.

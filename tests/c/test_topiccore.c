@@ -397,6 +397,228 @@ static void test_no_allocation_when_malloc_fails(void)
     topic_free(h, &p);
 }
 
+/* ---- importing an image ------------------------------------------------ */
+
+static void check_consistent(mqs_tc_header_t *h);
+
+static int64_t import_number(mqs_tc_header_t *h, uint64_t seq,
+                             uint32_t number, uint32_t priority, int retained)
+{
+    return mqs_tc_import_message(h, seq, &number, sizeof(number), priority,
+                                 2.0, retained);
+}
+
+static void test_import_state(void)
+{
+    mqs_tc_params_t p = params_of(16, 2, 1);   /* strict lanes 9 and 5 */
+    uint64_t size;
+    mqs_tc_header_t *h = topic_new(&p, &size);
+    int64_t group_counters[MQS_TC_GROUP_COUNTERS] = {7, 3, 2, 1, 2, 1};
+    int64_t counters[MQS_TC_COUNTERS] = {0};
+    int64_t slots[6];
+    uint64_t unneeded = 0;
+    mqs_tc_delivery_t out[8];
+    mqs_tc_dead_t dead;
+    mqs_tc_stats_t stats;
+    unsigned char *copy;
+
+    /* The import allocates nothing. */
+    malloc_fails = 1;
+    for (int i = 0; i < MQS_TC_COUNTERS; i++)
+        counters[i] = 10 + i;
+    CHECK_EQ(mqs_tc_import_group(h, "a", 1, 3, group_counters), 0);
+    CHECK_EQ(mqs_tc_import_group(h, "b", 1, 0, group_counters), 1);
+    /* Seqs 3, 5, 6, 8, 9, 12: gaps left by messages acked before. */
+    uint64_t seqs[6] = {3, 5, 6, 8, 9, 12};
+    uint32_t priorities[6] = {5, 9, 5, 9, 5, 9};
+    for (int i = 0; i < 6; i++) {
+        slots[i] = import_number(h, seqs[i], (uint32_t)i, priorities[i], 0);
+        CHECK_EQ(slots[i], i);
+    }
+    /* Group a: 8 and 3 ready in that order, 6 was in flight (now ready
+     * at the tail of lane 5), 5 dead after 3 attempts. */
+    CHECK_EQ(mqs_tc_import_entry(h, 0, 3, MQS_TC_READY, 0, 1, NOW), MQS_OK);
+    CHECK_EQ(mqs_tc_import_entry(h, 0, 0, MQS_TC_READY, 0, 2, NOW), MQS_OK);
+    CHECK_EQ(mqs_tc_import_entry(h, 0, 2, MQS_TC_IN_FLIGHT, 0, 1, NOW),
+             MQS_OK);
+    CHECK_EQ(mqs_tc_import_entry(h, 0, 1, MQS_TC_DEAD,
+                                 MQS_TC_REASON_MAX_ATTEMPTS, 3, NOW), MQS_OK);
+    /* Group b: 12 and 9 ready, 8 dead as rejected. */
+    CHECK_EQ(mqs_tc_import_entry(h, 1, 5, MQS_TC_READY, 0, 0, NOW), MQS_OK);
+    CHECK_EQ(mqs_tc_import_entry(h, 1, 4, MQS_TC_READY, 0, 0, NOW), MQS_OK);
+    CHECK_EQ(mqs_tc_import_entry(h, 1, 3, MQS_TC_DEAD,
+                                 MQS_TC_REASON_REJECTED, 1, NOW), MQS_OK);
+    CHECK_EQ(mqs_tc_import_finish(h, 20, counters, &unneeded), MQS_OK);
+    malloc_fails = 0;
+
+    CHECK_EQ(h->state.v.next_seq, 20);
+    CHECK_EQ(counter(h, MQS_TC_PUBLISHED), 20);
+    CHECK_EQ(counter(h, MQS_TC_ACKED), counters[MQS_TC_ACKED]);
+    CHECK_EQ(counter(h, MQS_TC_RECOVERIES), counters[MQS_TC_RECOVERIES]);
+    CHECK_EQ(mqs_tc_group(h, 0)->max_attempts, 3);
+    CHECK_EQ(mqs_tc_group(h, 1)->counters[MQS_TC_GROUP_ACKED], 3);
+    mqs_tc_stats(h, &stats);
+    CHECK_EQ(stats.stored, 6);
+    CHECK_EQ(stats.ready, 5);
+    CHECK_EQ(stats.in_flight, 0);
+    CHECK_EQ(stats.dead, 2);
+    check_consistent(h);
+
+    /* A repair rebuilds the same mirrors: only its own counter and the
+     * slot search hint change. */
+    copy = malloc(size);
+    CHECK(copy != NULL);
+    if (copy != NULL) {
+        int64_t recoveries = counter(h, MQS_TC_RECOVERIES);
+        uint32_t hint = h->state.v.alloc_hint;
+        memcpy(copy, h, size);
+        mqs_tc_repair(h);
+        CHECK_EQ(counter(h, MQS_TC_RECOVERIES), recoveries + 1);
+        h->state.v.counters[MQS_TC_RECOVERIES] = recoveries;
+        h->state.v.alloc_hint = hint;
+        CHECK_EQ(memcmp(copy, h, size), 0);
+        free(copy);
+    }
+
+    /* Dead entries in the order they were imported. */
+    CHECK_EQ(mqs_tc_next_dead(h, &dead), 1);
+    CHECK_EQ(dead.group, 0);
+    CHECK_EQ(dead.seq, 5);
+    CHECK_EQ(dead.attempts, 3);
+    CHECK_EQ(dead.reason, MQS_TC_REASON_MAX_ATTEMPTS);
+    mqs_tc_drop_dead(h, dead.group, dead.slot);
+    CHECK_EQ(mqs_tc_next_dead(h, &dead), 1);
+    CHECK_EQ(dead.group, 1);
+    CHECK_EQ(dead.seq, 8);
+    CHECK_EQ(dead.reason, MQS_TC_REASON_REJECTED);
+    mqs_tc_drop_dead(h, dead.group, dead.slot);
+    CHECK_EQ(mqs_tc_next_dead(h, &dead), 0);
+
+    /* Strict lanes: lane 9 (seq 8), then lane 5 in import order. */
+    CHECK_EQ(mqs_tc_open_consumer(h, 0, 8, 1, NOW), 0);
+    CHECK_EQ(mqs_tc_fetch(h, 0, 8, 30.0, 0, NOW, out), 3);
+    CHECK_EQ(out[0].seq, 8);
+    CHECK_EQ(out[0].attempts, 2);
+    CHECK_EQ(out[1].seq, 3);
+    CHECK_EQ(out[1].attempts, 3);
+    CHECK_EQ(out[2].seq, 6);
+    CHECK_EQ(out[2].attempts, 2);
+    CHECK_EQ(number_of(&out[2]), 2);
+    for (int i = 0; i < 3; i++)
+        CHECK_EQ(mqs_tc_ack(h, 0, out[i].slot, out[i].ticket, NOW), 1);
+    mqs_tc_stats(h, &stats);
+    CHECK_EQ(stats.stored, 2);          /* group b still needs 9 and 12 */
+
+    /* A publish continues the seq; a new group at "earliest" enters
+     * every stored message. */
+    CHECK_EQ(publish_number(h, 100, 5), 21);
+    CHECK_EQ(mqs_tc_open_group(h, "c", 1, 1, NOW), 2);
+    CHECK_EQ(mqs_tc_open_consumer(h, 2, 8, 1, NOW), 1);
+    CHECK_EQ(mqs_tc_fetch(h, 1, 8, 30.0, 1, NOW, out), 3);
+    CHECK_EQ(out[0].seq, 12);
+    CHECK_EQ(out[1].seq, 9);
+    CHECK_EQ(out[2].seq, 21);
+    /* Group b delivers its imported entries, then the new message. */
+    CHECK_EQ(mqs_tc_open_consumer(h, 1, 8, 1, NOW), 2);
+    CHECK_EQ(mqs_tc_fetch(h, 2, 8, 30.0, 1, NOW, out), 3);
+    CHECK_EQ(out[0].seq, 12);
+    CHECK_EQ(out[0].attempts, 1);
+    CHECK_EQ(out[1].seq, 9);
+    CHECK_EQ(out[2].seq, 21);
+    CHECK_EQ(mqs_tc_fetch(h, 0, 8, 30.0, 1, NOW, out), 1);
+    CHECK_EQ(out[0].seq, 21);
+    mqs_tc_stats(h, &stats);
+    CHECK_EQ(stats.stored, 0);
+    topic_free(h, &p);
+}
+
+static void test_import_retained_without_groups(void)
+{
+    mqs_tc_params_t p = params_of(8, 1, 0);
+    mqs_tc_header_t *h = topic_new(&p, NULL);
+    int64_t counters[MQS_TC_COUNTERS] = {0};
+    mqs_tc_delivery_t out[4];
+
+    CHECK_EQ(import_number(h, 4, 0, 0, 1), 0);
+    CHECK_EQ(import_number(h, 7, 1, 0, 1), 1);
+    /* A next_seq below the last seq stored becomes that seq. */
+    CHECK_EQ(mqs_tc_import_finish(h, 2, counters, NULL), MQS_OK);
+    CHECK_EQ(h->state.v.next_seq, 7);
+    CHECK_EQ(counter(h, MQS_TC_PUBLISHED), 7);
+    CHECK_EQ(mqs_tc_open_group(h, "g", 1, 1, NOW), 0);
+    CHECK_EQ(mqs_tc_open_consumer(h, 0, 4, 1, NOW), 0);
+    CHECK_EQ(mqs_tc_fetch(h, 0, 4, 30.0, 1, NOW, out), 2);
+    CHECK_EQ(out[0].seq, 4);
+    CHECK_EQ(out[1].seq, 7);
+    topic_free(h, &p);
+}
+
+static void test_import_rejects_bad_input(void)
+{
+    mqs_tc_params_t p = params_of(4, 1, 0);
+    mqs_tc_header_t *h = topic_new(&p, NULL);
+    int64_t counters[MQS_TC_COUNTERS] = {0};
+    int64_t group_counters[MQS_TC_GROUP_COUNTERS] = {0};
+    unsigned char big[65] = {0};
+    uint64_t unneeded = 0;
+    char long_name[MQS_TC_NAME_BYTES + 1];
+
+    memset(long_name, 'x', sizeof(long_name));
+    CHECK_EQ(mqs_tc_import_group(h, "", 0, 0, group_counters), MQS_EINVAL);
+    CHECK_EQ(mqs_tc_import_group(h, long_name, sizeof(long_name), 0,
+                                 group_counters), MQS_EINVAL);
+    for (uint32_t g = 0; g < p.max_groups; g++) {
+        char name = (char)('a' + g);
+        CHECK_EQ(mqs_tc_import_group(h, &name, 1, 0, group_counters), g);
+    }
+    CHECK_EQ(mqs_tc_import_group(h, "a", 1, 0, group_counters), MQS_EINVAL);
+    CHECK_EQ(mqs_tc_import_group(h, "z", 1, 0, group_counters), MQS_EFULL);
+
+    CHECK_EQ(import_number(h, 0, 0, 0, 0), MQS_EINVAL);
+    CHECK_EQ(import_number(h, 5, 0, 10, 0), MQS_EINVAL);
+    CHECK_EQ(import_number(h, 5, 0, 0, 1), MQS_EINVAL);   /* retained */
+    CHECK_EQ(mqs_tc_import_message(h, 5, big, sizeof(big), 0, 2.0, 0),
+             MQS_ETOOBIG);
+    CHECK_EQ(import_number(h, 5, 0, 0, 0), 0);
+    CHECK_EQ(import_number(h, 5, 1, 0, 0), MQS_EINVAL);   /* not above */
+    CHECK_EQ(import_number(h, 4, 1, 0, 0), MQS_EINVAL);
+    CHECK_EQ(import_number(h, 6, 1, 0, 0), 1);
+    CHECK_EQ(import_number(h, 7, 2, 0, 0), 2);
+    CHECK_EQ(import_number(h, 8, 3, 0, 0), 3);
+    CHECK_EQ(import_number(h, 9, 4, 0, 0), MQS_EFULL);
+
+    CHECK_EQ(mqs_tc_import_entry(h, 0, 0, MQS_TC_FREE, 0, 0, NOW),
+             MQS_EINVAL);
+    CHECK_EQ(mqs_tc_import_entry(h, 0, 0, 4, 0, 0, NOW), MQS_EINVAL);
+    CHECK_EQ(mqs_tc_import_entry(h, 0, 0, MQS_TC_READY, 1, 0, NOW),
+             MQS_EINVAL);
+    CHECK_EQ(mqs_tc_import_entry(h, 0, 0, MQS_TC_DEAD, 4, 0, NOW),
+             MQS_EINVAL);
+    CHECK_EQ(mqs_tc_import_entry(h, 0, 0, MQS_TC_READY, 0,
+                                 (uint64_t)1 << 48, NOW), MQS_EINVAL);
+    CHECK_EQ(mqs_tc_import_entry(h, p.max_groups, 0, MQS_TC_READY, 0, 0,
+                                 NOW), MQS_EINVAL);
+    CHECK_EQ(mqs_tc_import_entry(h, 0, p.capacity, MQS_TC_READY, 0, 0,
+                                 NOW), MQS_EINVAL);
+    CHECK_EQ(mqs_tc_import_entry(h, 0, 0, MQS_TC_READY, 0, 0, NOW), MQS_OK);
+    /* The same entry twice. */
+    CHECK_EQ(mqs_tc_import_entry(h, 0, 0, MQS_TC_DEAD, 1, 0, NOW),
+             MQS_EINVAL);
+    CHECK_EQ(mqs_tc_import_entry(h, 1, 1, MQS_TC_DEAD, 1, 1, NOW), MQS_OK);
+    CHECK_EQ(mqs_tc_import_entry(h, 2, 3, MQS_TC_IN_FLIGHT, 0, 1, NOW),
+             MQS_OK);
+    /* Seq 7 (slot 2) has no entry. */
+    counters[MQS_TC_ACKED] = 5;
+    CHECK_EQ(mqs_tc_import_finish(h, 0, counters, &unneeded), MQS_EINVAL);
+    CHECK_EQ(unneeded, 7);
+    CHECK_EQ(counter(h, MQS_TC_ACKED), 0);
+    CHECK_EQ(mqs_tc_import_entry(h, 3, 2, MQS_TC_READY, 0, 0, NOW), MQS_OK);
+    CHECK_EQ(mqs_tc_import_finish(h, 0, counters, &unneeded), MQS_OK);
+    CHECK_EQ(counter(h, MQS_TC_ACKED), 5);
+    check_consistent(h);
+    topic_free(h, &p);
+}
+
 /* ---- crash repair ------------------------------------------------------- */
 
 /* Run `body` in a child with MQS_FAILPOINT=point; expect it killed. */
@@ -643,6 +865,9 @@ int main(int argc, char **argv)
         test_nack_release_and_close();
         test_groups_start_and_backlog();
         test_no_allocation_when_malloc_fails();
+        test_import_state();
+        test_import_retained_without_groups();
+        test_import_rejects_bad_input();
     } else if (argc >= 3 && strcmp(argv[1], "crash") == 0) {
         test_crash(argv[2]);
     } else if (argc >= 3 && strcmp(argv[1], "threads") == 0) {
