@@ -37,7 +37,9 @@ from mqs.includes.mqs_atomic cimport (
     MQS_OK,
 )
 from mqs.includes.mqs_topiccore cimport (
+    MQS_TC_COUNTERS,
     MQS_TC_DEAD,
+    MQS_TC_GROUP_COUNTERS,
     MQS_TC_IN_FLIGHT,
     MQS_TC_NAME_BYTES,
     MQS_TC_READY,
@@ -81,6 +83,23 @@ from mqs.includes.mqs_topiccore cimport (
     mqs_tc_version,
 )
 from mqs.includes.mqs_hist cimport MQS_HIST_BUCKETS, mqs_hist_t
+
+# The import functions, declared here rather than in
+# mqs/includes/mqs_topiccore.pxd because only this module calls them.
+cdef extern from "mqs_topiccore.h" nogil:
+    int64_t mqs_tc_import_group(mqs_tc_header_t *h, const char *name,
+                                uint32_t name_length, uint32_t max_attempts,
+                                const int64_t *counters)
+    int64_t mqs_tc_import_message(mqs_tc_header_t *h, uint64_t seq,
+                                  const void *body, uint32_t length,
+                                  uint32_t priority, double timestamp,
+                                  int retained)
+    int mqs_tc_import_entry(mqs_tc_header_t *h, uint32_t group,
+                            uint32_t slot, uint32_t state, uint32_t reason,
+                            uint64_t attempts, double now)
+    int mqs_tc_import_finish(mqs_tc_header_t *h, uint64_t next_seq,
+                             const int64_t *counters,
+                             uint64_t *unneeded_seq)
 from mqs.includes.mqs_wait cimport (
     mqs_monotonic_ns,
     mqs_wait_finish,
@@ -116,7 +135,7 @@ COUNTER_NAMES = ("published", "delivered", "acked", "nacked", "redelivered",
                  "dropped_unsubscribed", "recoveries")
 GROUP_COUNTER_NAMES = ("delivered", "acked", "nacked", "redelivered",
                        "dead_lettered", "errors")
-# Entry states in `retire_and_export`.
+# Entry states in `retire_and_export` and `export_image`.
 ENTRY_READY = MQS_TC_READY
 ENTRY_IN_FLIGHT = MQS_TC_IN_FLIGHT
 ENTRY_DEAD = MQS_TC_DEAD
@@ -214,6 +233,163 @@ cdef tuple _histogram(mqs_hist_t *hist):
 
 def _first(item):
     return item[0]
+
+
+# The largest attempts count an entry word holds (bits 16-63).
+_MAX_ENTRY_ATTEMPTS = (1 << 48) - 1
+_STATE_NAMES = {MQS_TC_READY: "ready", MQS_TC_IN_FLIGHT: "in flight",
+                MQS_TC_DEAD: "dead"}
+
+
+def _image_int(value, str what, low, high):
+    """Return `value` as an int in low..high, else raise ValueError
+    naming `what`."""
+    if isinstance(value, float) or not hasattr(value, "__index__"):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    number = value.__index__()
+    if not low <= number <= high:
+        raise ValueError(f"{what} must be {low} to {high}, got {number}")
+    return number
+
+
+def _image_tuple(item, names, str what):
+    """Return `item` as a tuple of len(names) fields, else raise
+    ValueError naming `what`."""
+    fields = tuple(item) if isinstance(item, (tuple, list)) else None
+    if fields is None or len(fields) != len(names):
+        raise ValueError(f"{what} must be a tuple ({', '.join(names)}), got "
+                         f"{item!r}")
+    return fields
+
+
+def _image_counters(counters, names, str what):
+    """Return the values of a counters dict of an image in `names`
+    order."""
+    if not isinstance(counters, dict):
+        raise ValueError(f"{what} must be a dict of counters, got "
+                         f"{counters!r}")
+    for name in counters:
+        if name not in names:
+            raise ValueError(f"{what} has the unknown counter {name!r}; "
+                             f"known: {', '.join(names)}")
+    values = []
+    for name in names:
+        if name not in counters:
+            raise ValueError(f"{what} has no counter {name!r}")
+        values.append(_image_int(counters[name], f"{what}[{name!r}]",
+                                 -(1 << 63), (1 << 63) - 1))
+    return values
+
+
+def _check_image(image, str path, uint32_t capacity, uint32_t slot_bytes,
+                 uint32_t max_groups):
+    """Validate an image for `TopicCore.import_image`; return it as
+    ``(next_seq, counters, messages, groups)`` with plain values, the
+    group names encoded and the counters as lists."""
+    if not isinstance(image, dict):
+        raise ValueError(f"an image is a dict from TopicCore.export_image, "
+                         f"got {type(image).__name__}")
+    for key in ("next_seq", "counters", "messages", "groups"):
+        if key not in image:
+            raise ValueError(f"the image has no {key!r} key")
+    next_seq = _image_int(image["next_seq"], "next_seq", 0, (1 << 64) - 1)
+    counters = _image_counters(image["counters"], COUNTER_NAMES, "counters")
+    groups_in = list(image["groups"])
+    messages_in = list(image["messages"])
+    if len(groups_in) > max_groups:
+        raise ValueError(f"the image has {len(groups_in)} groups, more than "
+                         f"the {max_groups} of topic core {path}")
+    if len(messages_in) > capacity:
+        raise ValueError(f"the image has {len(messages_in)} messages, more "
+                         f"than the capacity {capacity} of topic core "
+                         f"{path}")
+
+    messages = []
+    last = 0
+    for item in messages_in:
+        seq, priority, timestamp, retained, payload = _image_tuple(
+            item, ("seq", "priority", "timestamp", "retained", "payload"),
+            "a message")
+        seq = _image_int(seq, "a message seq", 1, (1 << 64) - 1)
+        if seq <= last:
+            raise ValueError(f"message seqs must be strictly ascending, got "
+                             f"{seq} after {last}")
+        last = seq
+        priority = _image_int(priority, f"the priority of message {seq}",
+                              0, 9)
+        if not isinstance(timestamp, (int, float)):
+            raise ValueError(f"the timestamp of message {seq} must be a "
+                             f"number, got {timestamp!r}")
+        if not isinstance(payload, bytes):
+            raise ValueError(f"the payload of message {seq} must be bytes, "
+                             f"got {type(payload).__name__}")
+        if len(payload) > slot_bytes:
+            raise ValueError(
+                f"a body of {len(payload)} bytes is larger than the "
+                f"{slot_bytes} bytes of a topic core slot (message {seq})")
+        if retained and groups_in:
+            raise ValueError(
+                f"message {seq} is retained, but the image has groups: a "
+                f"core keeps messages for its first group only while it "
+                f"has no group")
+        messages.append((seq, priority, float(timestamp), bool(retained),
+                         payload))
+
+    known = {message[0] for message in messages}
+    needed = set()
+    names = set()
+    groups = []
+    for item in groups_in:
+        name, max_attempts, group_counters, entries_in = _image_tuple(
+            item, ("name", "max_attempts", "counters", "entries"), "a group")
+        if not isinstance(name, str):
+            raise ValueError(f"a group name must be a str, got {name!r}")
+        encoded = name.encode()
+        if not 0 < len(encoded) <= MQS_TC_NAME_BYTES:
+            raise ValueError(f"group names of a topic core are 1 to "
+                             f"{MQS_TC_NAME_BYTES} bytes, got {name!r}")
+        if encoded in names:
+            raise ValueError(f"the image lists group {name!r} twice")
+        names.add(encoded)
+        max_attempts = _image_int(max_attempts,
+                                  f"max_attempts of group {name!r}", 0,
+                                  (1 << 32) - 1)
+        group_values = _image_counters(group_counters, GROUP_COUNTER_NAMES,
+                                       f"the counters of group {name!r}")
+        entries = []
+        seen = set()
+        for entry in entries_in:
+            seq, state, reason, attempts = _image_tuple(
+                entry, ("seq", "state", "reason", "attempts"),
+                f"an entry of group {name!r}")
+            if seq not in known:
+                raise ValueError(f"group {name!r} has an entry for seq "
+                                 f"{seq!r}, which is not among the image's "
+                                 f"messages")
+            if seq in seen:
+                raise ValueError(f"group {name!r} lists its entry for seq "
+                                 f"{seq} twice")
+            seen.add(seq)
+            state = _image_int(state, f"the state of the entry for seq "
+                               f"{seq} in group {name!r}", MQS_TC_READY,
+                               MQS_TC_DEAD)
+            reason = _image_int(
+                reason, f"the dead reason of the entry for seq {seq} in "
+                f"group {name!r} ({_STATE_NAMES[state]})", 0,
+                len(DEAD_REASONS) - 1 if state == MQS_TC_DEAD else 0)
+            attempts = _image_int(attempts, f"the attempts of the entry for "
+                                  f"seq {seq} in group {name!r}", 0,
+                                  _MAX_ENTRY_ATTEMPTS)
+            entries.append((seq, state, reason, attempts))
+        needed |= seen
+        groups.append((encoded, max_attempts, group_values, entries))
+
+    for seq, _, _, retained, _ in messages:
+        if not retained and seq not in needed:
+            raise ValueError(f"message {seq} has no entry in any group and "
+                             f"is not retained, so a core would not keep "
+                             f"it")
+    return next_seq, counters, messages, groups
 
 
 cdef class TopicCore(_MappedFile):
@@ -877,6 +1053,190 @@ cdef class TopicCore(_MappedFile):
             self._unlock(True)
         return {"slots": slots, "groups": groups, "consumers": consumers,
                 "counters": counters}
+
+    def export_image(self):
+        """Return the topic's state as an image without retiring the core.
+
+        The image is a dict of plain values, read in one critical
+        section, that `import_image` loads into a fresh core::
+
+            {"next_seq": int,
+             "counters": {name: int for name in COUNTER_NAMES},
+             "messages": [(seq, priority, timestamp, retained, payload)],
+             "groups": [(name, max_attempts,
+                         {name: int for name in GROUP_COUNTER_NAMES},
+                         [(seq, state, reason, attempts)])]}
+
+        Messages are the stored ones in ascending seq. Groups are the
+        used ones in index order. A group's entries are its ready ones
+        in delivery order (ascending ready order, which keeps each
+        lane's order), then its in-flight ones and then its dead ones,
+        each in ascending seq. state is `ENTRY_READY`,
+        `ENTRY_IN_FLIGHT` or `ENTRY_DEAD`, and reason indexes
+        `DEAD_REASONS`. Works on a retired core too.
+
+        NOTE: an image leaves out consumers, tickets, deadlines, the
+        weighted scheduler's place in its round, latency histograms,
+        the order in which dead entries died (across groups too), and
+        whether a dead entry missed an ack deadline before it died of
+        another reason (`peek_dead`'s timed_out).
+        """
+        cdef mqs_tc_params_t *params
+        cdef mqs_tc_slot_t *stored
+        cdef mqs_tc_group_t *group
+        cdef mqs_tc_entry_t *entry
+        cdef uint64_t word
+        cdef uint32_t slot, g, limit, state
+        self._lock_any()
+        try:
+            params = &self._header.config.v.params
+            # No slot at or above slot_limit was ever used.
+            limit = min(self._header.state.v.slot_limit, params.capacity)
+            seq_of = {}
+            messages = []
+            for slot in range(limit):
+                stored = mqs_tc_slot(self._header, slot)
+                if stored.seq == 0:
+                    continue
+                seq_of[slot] = stored.seq
+                messages.append((stored.seq, stored.priority,
+                                 stored.timestamp, bool(stored.retained),
+                                 PyBytes_FromStringAndSize(
+                                     <char *>(stored + 1), stored.length)))
+            messages.sort(key=_first)
+            groups = []
+            for g in range(params.max_groups):
+                group = mqs_tc_group(self._header, g)
+                if not group.used:
+                    continue
+                ready = []
+                in_flight = []
+                dead = []
+                for slot in range(limit):
+                    entry = mqs_tc_entry(self._header, g, slot)
+                    word = entry.word
+                    state = word & 0xff
+                    if state == 0:
+                        continue
+                    item = (seq_of[slot], state, (word >> 8) & 0xff,
+                            word >> 16)
+                    if state == MQS_TC_READY:
+                        ready.append((entry.ready_seq, item))
+                    elif state == MQS_TC_IN_FLIGHT:
+                        in_flight.append(item)
+                    else:
+                        dead.append(item)
+                ready.sort(key=_first)
+                in_flight.sort(key=_first)
+                dead.sort(key=_first)
+                entries = [item for _, item in ready] + in_flight + dead
+                groups.append((
+                    group.name[:group.name_length].decode(),
+                    group.max_attempts,
+                    {name: group.counters[index] for index, name
+                     in enumerate(GROUP_COUNTER_NAMES)},
+                    entries))
+            counters = {name: self._header.state.v.counters[index]
+                        for index, name in enumerate(COUNTER_NAMES)}
+            next_seq = self._header.state.v.next_seq
+        finally:
+            self._unlock(False)
+        return {"next_seq": next_seq, "counters": counters,
+                "messages": messages, "groups": groups}
+
+    def import_image(self, image, now=None):
+        """Load an image from `export_image` into this fresh core.
+
+        The core must have no group, no stored message and next_seq 0.
+        Groups get indexes 0, 1, ... in the image's order, and messages
+        keep their seq. Ready and in-flight entries become ready at
+        their lanes' tails in the image's order since `now`, keeping
+        their attempts. Dead entries stay dead, and `take_dead` returns
+        them in the image's order. next_seq becomes the larger of the
+        image's and its last message seq, and the topic counters are the
+        image's, except that published equals next_seq as in every core.
+
+        Raises ValueError naming the value for a core that is not fresh
+        or an invalid image, before changing anything, and `TopicRetired`
+        for a retired core.
+        """
+        cdef double at = _now(now)
+        cdef int64_t topic_counters[MQS_TC_COUNTERS]
+        cdef int64_t group_counters[MQS_TC_GROUP_COUNTERS]
+        cdef int64_t rc
+        cdef uint64_t unneeded_seq = 0
+        cdef mqs_tc_params_t *params
+        cdef bytes payload
+        cdef bint changed = False
+        self._check_mapped()
+        params = &self._header.config.v.params
+        next_seq, counters, messages, groups = _check_image(
+            image, self.path, params.capacity, params.slot_bytes,
+            params.max_groups)
+        for index, value in enumerate(counters):
+            topic_counters[index] = value
+        self._lock()
+        try:
+            reason = self._not_fresh()
+            if reason is not None:
+                raise ValueError(
+                    f"cannot import an image into topic core {self.path}: "
+                    f"it {reason}. Import only into a newly created core")
+            changed = True
+            slot_of = {}
+            for name, max_attempts, values, _ in groups:
+                for index, value in enumerate(values):
+                    group_counters[index] = value
+                rc = mqs_tc_import_group(self._header,
+                                         PyBytes_AS_STRING(name),
+                                         <uint32_t>len(name), max_attempts,
+                                         group_counters)
+                if rc < 0:
+                    self._import_failed(f"group {name.decode()!r}", rc)
+            for seq, priority, timestamp, retained, payload in messages:
+                rc = mqs_tc_import_message(
+                    self._header, seq, PyBytes_AS_STRING(payload),
+                    <uint32_t>len(payload), priority, timestamp, retained)
+                if rc < 0:
+                    self._import_failed(f"message {seq}", rc)
+                slot_of[seq] = rc
+            for index, (name, _, _, entries) in enumerate(groups):
+                for seq, state, reason, attempts in entries:
+                    rc = mqs_tc_import_entry(self._header, index,
+                                             slot_of[seq], state, reason,
+                                             attempts, at)
+                    if rc < 0:
+                        self._import_failed(
+                            f"the entry for seq {seq} of group "
+                            f"{name.decode()!r}", rc)
+            rc = mqs_tc_import_finish(self._header, next_seq,
+                                      topic_counters, &unneeded_seq)
+            if rc < 0:
+                self._import_failed(f"message {unneeded_seq}, which no "
+                                    f"group needs,", rc)
+        finally:
+            self._unlock(changed)
+
+    cdef object _not_fresh(self):
+        """Return why the core is not fresh for `import_image`, or None.
+        The caller holds the mutex."""
+        cdef mqs_tc_params_t *params = &self._header.config.v.params
+        cdef uint32_t g
+        if self._header.state.v.next_seq != 0:
+            return (f"has published messages up to seq "
+                    f"{self._header.state.v.next_seq}")
+        if self._header.state.v.stored != 0:
+            return f"stores {self._header.state.v.stored} messages"
+        for g in range(params.max_groups):
+            if mqs_tc_group(self._header, g).used:
+                return "has groups"
+        return None
+
+    cdef int _import_failed(self, str what, int64_t rc) except -1:
+        raise ValueError(
+            f"importing {what} into topic core {self.path} failed (status "
+            f"{rc}), and the core is left partly filled. Remove the file "
+            f"and import the image into a new core")
 
     # Statistics.
 
