@@ -1490,6 +1490,7 @@ int64_t mqs_tc_import_message(mqs_tc_header_t *h, uint64_t seq,
     /* Committed last, as a publish commits. Until its entries are
      * imported, a repair frees it as a slot no group needs. */
     atomic_store_explicit(&stored->seq, seq, memory_order_release);
+    MQS_FAILPOINT("tc_import_message_after_commit");
     s->next_seq = seq;
     s->counters[MQS_TC_PUBLISHED] = (int64_t)seq;
     s->stored++;
@@ -1539,6 +1540,7 @@ int mqs_tc_import_entry(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
          * they come out in the order they were imported. */
         e->deadline_seq = ++state_of(h)->timer_seq;
         store_word(e, mqs_tc_word(MQS_TC_DEAD, reason, attempts));
+        MQS_FAILPOINT("tc_import_dead_after_commit");
         g->dead++;
         return MQS_OK;
     default:
