@@ -308,6 +308,23 @@ def test_import_image_retained_messages(make_core):
     assert other.counters()["dropped_unsubscribed"] == 3
 
 
+def test_import_image_grows_past_first_slots(make_core):
+    # A core uses its first 4096 slots until it needs more.
+    count = 4200
+    core = make_core(capacity=5000, max_groups=1)
+    group = core.open_group("g", True, now=NOW)
+    for number in range(count):
+        core.publish(b"%d" % number, number % 10, 1.0, now=NOW)
+    image = core.export_image()
+    copy = make_core(capacity=5000, max_groups=1)
+    copy.import_image(image, now=NOW)
+    assert copy.export_image() == image
+    consumer = copy.open_consumer(group, count, 1, now=NOW)
+    found = copy.fetch(consumer, count, ACK_TIMEOUT, auto_ack=True, now=NOW)
+    assert sorted(item[0] for item in found) == list(range(1, count + 1))
+    assert copy.stats()["stored"] == 0
+
+
 def test_export_image_of_retired_core(make_core):
     core = make_core()
     drive(core)
