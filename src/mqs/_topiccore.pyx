@@ -223,6 +223,21 @@ cdef tuple _decode_payload(bytes payload):
     return _loads(payload), {}, None, None
 
 
+cdef int _set_histogram(mqs_hist_t *hist, tuple state) except -1:
+    """Load the state that `_histogram` returns into `hist`."""
+    counts, count, sum_ns, max_ns = state
+    for index, value in counts.items():
+        if not 0 <= index < MQS_HIST_BUCKETS:
+            raise ValueError(f"histogram bucket {index!r} is out of range "
+                             f"0..{MQS_HIST_BUCKETS - 1}")
+    for index in range(MQS_HIST_BUCKETS):
+        hist.buckets[index] = counts.get(index, 0)
+    hist.count = count
+    hist.sum_ns = sum_ns
+    hist.max_ns = max_ns
+    return 0
+
+
 cdef tuple _histogram(mqs_hist_t *hist):
     """Return a histogram as the state of a `mqs.metrics.LogLinearHistogram`
     (sparse bucket counts, count, sum_ns, max_ns)."""
@@ -689,6 +704,14 @@ cdef class TopicCore(_MappedFile):
             return None
         c = mqs_tc_consumer(self._header, consumer)
         return c.owner if c.used else None
+
+    def slot_seq(self, uint32_t slot):
+        """Return the seq of the message in `slot`, or 0 for a free slot
+        or one out of range (read without the mutex)."""
+        self._check_mapped()
+        if slot >= self._header.config.v.params.capacity:
+            return 0
+        return mqs_tc_slot(self._header, slot).seq
 
     def consumer_in_flight(self, uint32_t consumer):
         self._check_mapped()
@@ -1239,6 +1262,49 @@ cdef class TopicCore(_MappedFile):
             f"and import the image into a new core")
 
     # Statistics.
+
+    def group_histograms(self):
+        """group_histograms(self)\n--\n
+        Return ``{group name: (enqueue_to_deliver, deliver_to_ack)}`` of
+        the used groups, each histogram as in `group_stats`."""
+        cdef mqs_tc_group_t *group
+        found = {}
+        self._lock()
+        try:
+            for g in range(self._header.config.v.params.max_groups):
+                group = mqs_tc_group(self._header, g)
+                if group.used:
+                    found[group.name[:group.name_length].decode()] = (
+                        _histogram(&group.enqueue_to_deliver),
+                        _histogram(&group.deliver_to_ack))
+        finally:
+            self._unlock(False)
+        return found
+
+    def set_group_histograms(self, histograms):
+        """set_group_histograms(self, histograms)\n--\n
+        Load latency histograms as `group_histograms` returns them into
+        the groups of those names; names of no group are skipped. Meant
+        for a core that `import_image` just filled."""
+        cdef mqs_tc_group_t *group
+        cdef bytes encoded
+        cdef int64_t index
+        self._lock()
+        try:
+            for name, (enqueue_to_deliver, deliver_to_ack) in \
+                    histograms.items():
+                encoded = name.encode()
+                index = mqs_tc_find_group(self._header,
+                                          PyBytes_AS_STRING(encoded),
+                                          <uint32_t>len(encoded))
+                if index < 0:
+                    continue
+                group = mqs_tc_group(self._header, <uint32_t>index)
+                _set_histogram(&group.enqueue_to_deliver,
+                               tuple(enqueue_to_deliver))
+                _set_histogram(&group.deliver_to_ack, tuple(deliver_to_ack))
+        finally:
+            self._unlock(False)
 
     def group_stats(self, now=None):
         """Return per used group: ``(index, name, consumers, ready,
