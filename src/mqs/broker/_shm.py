@@ -1044,7 +1044,7 @@ class ShmBackend(LogBackend):
         return self._cores.get(topic)
 
     def _create_core(self, config: TopicConfig) -> str:
-        path = f"{self.path}.core-{secrets.token_hex(8)}"
+        path = f"{self._files_base()}.core-{secrets.token_hex(8)}"
         weights = config.weight_map
         handle = TopicCore(
             path, [(lane, weights[lane]) for lane in config.lanes],
@@ -1068,7 +1068,7 @@ class ShmBackend(LogBackend):
             return
         core = self._core(topic)
         core_path = core.path
-        data = core.retire_and_export()
+        data = _shift_core_times(core.retire_and_export(), self._offset)
         now = self._tick()
         consumers = {entry[2]: consumer for consumer, entry
                      in self._core_consumers.items() if entry[0] == topic}
@@ -1356,6 +1356,8 @@ class ShmBackend(LogBackend):
         config = self._topics[topic].config
         wall = time.time()
         ids = []
+        stored = []
+        limited = False
         try:
             for envelope, (payload, _) in zip(envelopes, encoded):
                 if not _core_envelope(envelope, config):
@@ -1364,13 +1366,22 @@ class ShmBackend(LogBackend):
                     break
                 seq = core.publish(payload, envelope.priority, wall)
                 if seq == CORE_LIMIT:
-                    return ids, True
+                    limited = True
+                    break
                 if seq < 0:
                     break
                 ids.append(f"s{seq}")
+                stored.append((seq, envelope.priority, wall, payload))
         except TopicRetired:
             pass
-        return ids, False
+        finally:
+            if stored:
+                self._core_published(topic, stored)
+        return ids, limited
+
+    def _core_published(self, topic: str, stored: list[tuple]) -> None:
+        """Called after `_publish_core` stored messages ``(seq, priority,
+        timestamp, payload)`` in the core of `topic`."""
 
     def _wait_core_room(self, core: TopicCore, topic: str, published: int,
                         total: int, deadline: float | None) -> bool:
@@ -2179,6 +2190,23 @@ def _core_group_stats(topic: str, item: tuple, now: float,
         delayed=0, in_flight=in_flight, sample_every=sample_every,
         enqueue_to_deliver=_summary(enqueue_to_deliver, sample_every),
         deliver_to_ack=_summary(deliver_to_ack, sample_every), **counters)
+
+
+def _shift_core_times(data: dict, offset: float) -> dict:
+    """Return a core's export (`TopicCore.retire_and_export`) with its
+    monotonic times (deadlines, ready and sample times) moved to broker
+    time, which is the monotonic clock plus `offset` (0 for the shm
+    backend, the wall clock's lead for the log backend)."""
+    if not offset:
+        return data
+    groups = []
+    for group in data["groups"]:
+        entries = [(*entry[:6], entry[6] + offset, entry[7], entry[8],
+                    entry[9] + offset,
+                    entry[10] + offset if entry[10] else 0.0, entry[11])
+                   for entry in group[6]]
+        groups.append((*group[:6], entries, *group[7:]))
+    return {**data, "groups": groups}
 
 
 def _adopt_core_state(state: TopicState, data: dict,
