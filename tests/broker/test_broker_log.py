@@ -185,8 +185,9 @@ def test_log_sigkill_during_publish_loop_recovers_prefix(tmp_path, reboot):
 
     broker = open_broker(path)
     stats = broker.stats("t")
-    # Every publish that returned is there; one more batch may be too.
-    assert stats["published"] in (published, published + 10)
+    # Every publish that returned is there, and part or all of one more
+    # batch may be (a topic core stores a batch one message at a time).
+    assert published <= stats["published"] <= published + 10
     assert stats["stored"] == stats["published"] - stats["acked"]
     consumer = broker.consume("t", "g", prefetch=100_000, ack_timeout=600)
     rest = bodies_of(consumer.get_many(100_000, timeout=0))

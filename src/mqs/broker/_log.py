@@ -366,12 +366,22 @@ class LogBackend(MemoryBackend):
                 f"log broker {self.path!r} has format {snapshot[0]!r}, this "
                 f"mqs reads {self._snapshot_format!r}; upgrade mqs to open "
                 f"it")
-        _, self._next_message, self._next_consumer, now, topics = snapshot
+        (_, self._next_message, self._next_consumer, now, topics,
+         *extra) = snapshot
         self._now = self._last = max(self._last, now)
         self._topics = {
             name: TopicState.restore(data, self._pinned, self._next_id)
             for name, data in topics.items()}
+        self._load_snapshot_extra(extra)
         return snapshot[0]
+
+    def _load_snapshot_extra(self, extra: list) -> None:
+        """Load the fields a subclass added after the topics (see
+        `_snapshot_extra`)."""
+
+    def _snapshot_extra(self) -> tuple:
+        """Return the fields that follow the topics in a snapshot."""
+        return ()
 
     def _snapshot_parts(self) -> list[Any]:
         """Return the pickled snapshot as bytes-like parts of at most
@@ -381,7 +391,8 @@ class LogBackend(MemoryBackend):
         parts = _Parts(self._max_record)
         pickle.dump(
             (self._snapshot_format, self._next_message,
-             self._next_consumer, self._now, topics),
+             self._next_consumer, self._now, topics,
+             *self._snapshot_extra()),
             parts, protocol=pickle.HIGHEST_PROTOCOL)
         return parts.finish()
 

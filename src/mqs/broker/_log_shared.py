@@ -29,6 +29,23 @@ Design
     journal's ``durable`` word. The writer's own threads sync their
     publishes themselves, sharing syncs in the segment log.
 
+    Plain topics (no rate, ttl, retry backoff, retention or
+    ``drop_oldest``) live on a C topic core in /dev/shm, as on the shm
+    backend, and stay there until an operation needs what a core lacks
+    (a key, a delay, a dedup id, a large body, a 9th group); then the
+    topic moves to the journal for good. A core operation that changes
+    what a restore must rebuild (publish, delivery, ack, nack, release,
+    group creation) runs inside the section and appends a record with
+    its result: the seqs a publish got, the seqs and attempts a fetch
+    delivered, the seq an ack settled. Other processes skip these
+    records, since they see the core itself, but the writer copies them
+    into the log like any other. Snapshots of the log hold each core's
+    state (`TopicCore.export_image`), and a restore replays the records
+    after it into a `CoreImage` and loads that into a new core
+    (`mqs.broker._coreimage`). A move to the journal hands over state
+    that the records do not carry (the scheduler's place, tickets), so
+    the writer writes a snapshot right after each move.
+
     A process that is not the writer tries the lock every
     `TAKEOVER_INTERVAL_S`. When the writer dies, the kernel drops its
     lock and the next process that takes it becomes the writer: it
@@ -147,7 +164,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mqs._journal import (
@@ -159,7 +176,9 @@ from mqs._journal import (
     SharedJournal,
 )
 from mqs._seglog import SegmentLog
+from mqs._topiccore import TopicCore, TopicRetired
 from mqs.broker._backend import (
+    Backend,
     Delivery,
     Envelope,
     decode_each,
@@ -179,18 +198,25 @@ from mqs.broker._log import (
     _make_directory,
     _read_current,
     close_segment_log,
+    encode_record,
     lock_holder,
 )
+from mqs.broker._coreimage import CoreImage
 from mqs.broker._memory import MemoryBackend, _sample_every
 from mqs.broker._shm import (
     DEFAULT_JOURNAL_BYTES,
     PREFIX,
     SHM_DIR,
+    CORE_SLOT_BYTES,
     ShmBackend,
+    _adopt_core_state,
+    _core_delivery,
     _ChangeWait,
     _instances,
+    _JournalOp,
     _SharedSection,
 )
+from mqs.broker._policy import TopicConfig
 from mqs.errors import (
     BackendUnavailable,
     LogCorrupted,
@@ -243,7 +269,10 @@ _DURABLE_FILE_BYTES = 4096
 # objects; this backend keeps them pickled (as bytes), like the shm
 # backend. Version 4 stores each topic as `TopicState.snapshot` columns;
 # version 2, still read, stored the `TopicState` objects themselves.
-SHARED_FORMAT = (FORMAT[0], 4)
+# Version 5 adds a field after the topics: the `TopicCore.export_image`
+# of each topic kept on a topic core (see `mqs.broker._coreimage`).
+SHARED_FORMAT = (FORMAT[0], 5)
+COLUMN_SHARED_FORMAT = (FORMAT[0], 4)
 OBJECT_SHARED_FORMAT = (FORMAT[0], 2)
 # Formats whose bodies are objects, pickled once on replay.
 _OBJECT_BODY_FORMATS = (OBJECT_FORMAT, FORMAT)
@@ -352,7 +381,7 @@ def _journal_files(path: str | os.PathLike[str]) -> dict[str, list[str]]:
             identity = rest[:17]
             rest = rest[17:]
         if rest and not rest.startswith((".durable", ".snapshot-",
-                                         ".tail-")):
+                                         ".tail-", ".core-", ".adopt-")):
             continue
         found.setdefault(prefix + identity, []).append(
             os.path.join(SHM_DIR, entry))
@@ -513,6 +542,147 @@ def _log_mismatch(path: str, words: Sequence[int]) -> str | None:
     return None
 
 
+_dumps = pickle.dumps
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+# Where the op name of a record starts: after the protocol (2 bytes) and
+# frame (9 bytes) opcodes of `pickle.dumps` at protocol 5 and the 2
+# bytes that open a short str. The ops of core records start with this.
+_OP_AT = 13
+_IMAGE_OP = b"image_"
+
+
+class _LoggedCore:
+    """A `TopicCore` handle of the log backend.
+
+    The operations that change what a restore must rebuild run in the
+    broker's section and append a record with their result there, so
+    the log holds them in the order the core ran them. The others pass
+    through. `open_group` runs in a section its caller holds.
+    """
+
+    __slots__ = ("_backend", "_topic", "_core", "path", "_groups",
+                 "_consumers")
+
+    def __init__(self, backend: SharedLogBackend, topic: str,
+                 core: TopicCore) -> None:
+        self._backend = backend
+        self._topic = topic
+        self._core = core
+        self.path = core.path
+        # Group index -> name, for the groups this process opened, which
+        # are the only ones its consumers and tags name.
+        self._groups: dict[int, str] = {}
+        # Consumer index -> group index, for this process's consumers.
+        self._consumers: dict[int, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+    def _check(self) -> None:
+        backend = self._backend
+        if backend._failed is not None:
+            raise backend._failed_error()
+
+    def _group_name(self, index: int) -> str:
+        name = self._groups.get(index)
+        if name is None:
+            # Not opened through this handle: the backend's consumers of
+            # the topic name it.
+            backend = self._backend
+            for consumer, entry in backend._core_consumers.items():
+                if entry[0] == self._topic and entry[1] == index:
+                    name = self._groups[index] = backend._owners[consumer][1]
+                    break
+            else:
+                raise AssertionError(
+                    f"group {index} of topic core {self.path} has no "
+                    f"consumer in this process")
+        return name
+
+    def _group_of(self, consumer: int) -> int:
+        index = self._consumers.get(consumer)
+        if index is None:
+            for entry in self._backend._core_consumers.values():
+                if entry[0] == self._topic and entry[2] == consumer:
+                    index = self._consumers[consumer] = entry[1]
+                    break
+            else:
+                raise AssertionError(
+                    f"consumer {consumer} of topic core {self.path} is not "
+                    f"this process's")
+        return index
+
+    def open_group(self, name: str, earliest: bool,
+                   max_attempts: int | None = None) -> int:
+        index: int = self._core.open_group(name, earliest, max_attempts)
+        self._groups[index] = name
+        self._backend._log_core("image_group", self._topic, name, earliest,
+                                max_attempts)
+        return index
+
+    def open_consumer(self, group: int, prefetch: int, owner: int) -> int:
+        number: int = self._core.open_consumer(group, prefetch, owner)
+        self._consumers[number] = group
+        return number
+
+    def fetch(self, consumer: int, max_items: int, ack_timeout: float,
+              auto_ack: bool = False, now: float | None = None,
+              owner: int = 0) -> list:
+        backend = self._backend
+        with backend._lock:
+            self._check()
+            found: list = self._core.fetch(consumer, max_items, ack_timeout,
+                                           auto_ack, now, owner)
+            if found:
+                group = self._group_name(self._group_of(consumer))
+                items = [(item[0], item[3], item[2]) for item in found]
+                # In parts that fit a record of the smallest journal.
+                step = max(1, backend._max_record // 64)
+                for start in range(0, len(items), step):
+                    backend._log_core("image_deliver", self._topic, group,
+                                      auto_ack, items[start:start + step],
+                                      consumer, ack_timeout)
+        return found
+
+    def ack(self, group: int, slot: int, ticket: int) -> bool:
+        backend = self._backend
+        with backend._lock:
+            self._check()
+            seq = self._core.slot_seq(slot)
+            done: bool = self._core.ack(group, slot, ticket)
+            if done:
+                backend._log_core("image_ack", self._topic,
+                                  self._group_name(group), seq)
+        return done
+
+    def nack(self, group: int, slot: int, ticket: int, requeue: bool
+             ) -> bool:
+        backend = self._backend
+        with backend._lock:
+            self._check()
+            seq = self._core.slot_seq(slot)
+            done: bool = self._core.nack(group, slot, ticket, requeue)
+            if done:
+                backend._log_core("image_nack", self._topic,
+                                  self._group_name(group), seq,
+                                  bool(requeue))
+        return done
+
+    def release(self, group: int, tags: list) -> int:
+        backend = self._backend
+        with backend._lock:
+            self._check()
+            seqs = [self._core.slot_seq(slot) for slot, _ in tags]
+            count: int = self._core.release(group, tags)
+            if count:
+                step = max(1, backend._max_record // 32)
+                for start in range(0, len(seqs), step):
+                    backend._log_core("image_release", self._topic,
+                                      self._group_name(group),
+                                      seqs[start:start + step])
+        return count
+
+
 class SharedLogBackend(ShmBackend):
     """A durable log broker that several processes can open at once.
 
@@ -560,12 +730,16 @@ class SharedLogBackend(ShmBackend):
     name = "log"
     _snapshot_format = SHARED_FORMAT
     _formats_read = (OBJECT_FORMAT, OBJECT_SHARED_FORMAT, FORMAT,
-                     SHARED_FORMAT)
+                     COLUMN_SHARED_FORMAT, SHARED_FORMAT)
     # A publish looks the topic up under the journal mutex, after the
     # replay, so the Broker needs no has_topic round before it.
     publish_checks_topic = True
-    # No topic is on a core, so the lookup needs no core check.
-    _topic = MemoryBackend._topic
+    # True while `_restore` replays the log: records of core operations
+    # then go into `_images` (see `mqs.broker._coreimage`).
+    _restoring = False
+    # A topic moved from its core to the journal since the last snapshot
+    # (see `_do_adopt`).
+    _adopted = False
 
     def __init__(self, path: str | os.PathLike[str], *,
                  fsync: str = "interval", fsync_interval_s: float = 0.05,
@@ -604,6 +778,15 @@ class SharedLogBackend(ShmBackend):
         self._failed = None
         self._closed = False
         self._reset_state()
+        # Plain topics live on topic cores in /dev/shm, as for the shm
+        # backend, through `_LoggedCore` handles that log each change.
+        self._core_topics = True
+        self._cores = {}
+        self._images: dict[str, CoreImage] = {}
+        # Restore only: the prefetch of each replayed core consumer.
+        self._prefetches: dict[str, int] = {}
+        self._guard = threading.local()
+        self._journal_op_context = _JournalOp(self._guard)
         self._generation = -1
         self._applied = 0
         self._held = False
@@ -999,6 +1182,16 @@ class SharedLogBackend(ShmBackend):
                 LogBackend._append(self, data)
             self._durable[_LOG_END] = self._log.end_offset
             self._replayed = True
+            if self._adopted:
+                self._write_snapshot()
+
+    def _replay_each(self, records: list[bytes]) -> None:
+        if not self._restoring:
+            # Records of core operations (ops "image_..."): the replica
+            # has nothing to apply, so they are not even unpickled.
+            records = [data for data in records
+                       if data[_OP_AT:_OP_AT + len(_IMAGE_OP)] != _IMAGE_OP]
+        super()._replay_each(records)
 
     def _reserve(self, op: str, data: bytes) -> bytes:
         # After a failed append the log misses a record that the journal
@@ -1079,10 +1272,19 @@ class SharedLogBackend(ShmBackend):
         else:
             self._remove_stale_logs(name)
             self._raw_bodies = False
-            LogBackend._replay(self, name)
+            self._images = {}
+            self._prefetches = {}
+            # As in a journal replay: the core files named by the records
+            # belong to processes that are gone, and nothing touches them.
+            self._restoring = self._replaying = True
+            try:
+                LogBackend._replay(self, name)
+            finally:
+                self._restoring = self._replaying = False
             if self._raw_bodies:
                 self._pickle_bodies()
         self._log_behind = False
+        self._rebuild_cores()
         self._close_stale_consumers()
 
         # The journal's first generation: other processes load this
@@ -1123,6 +1325,7 @@ class SharedLogBackend(ShmBackend):
         switch to it. The caller holds the mutex and is the writer."""
         self._check_directory()
         self._check_log()
+        self._adopted = False
         old = self._log_name
         # The store order keeps the words valid for `_log_mismatch` if
         # the process dies between any two of them.
@@ -1144,44 +1347,141 @@ class SharedLogBackend(ShmBackend):
                 and self._bytes_since_snapshot > self._compact_bytes:
             self._write_snapshot()
 
-    # Operations: every topic of this backend is on the journal, so they
-    # skip the shm backend's choice between a topic core and the journal.
+    # Operations. Plain topics are on topic cores, as for the shm
+    # backend, and the others on the journal; `ShmBackend` chooses.
 
     def publish(self, topic: str, envelopes: Sequence[Envelope],
                 timeout: float | None) -> list[str]:
-        # Bodies travel as bytes; receivers unpickle them (see `fetch`).
-        encoded = [Envelope(pickle.dumps(
-            envelope.body, protocol=pickle.HIGHEST_PROTOCOL),
-            *envelope[1:]) for envelope in envelopes]
-        return LogBackend.publish(self, topic, encoded, timeout)
-
-    def publish_one(self, topic: str, body: Any, priority: int
-                    ) -> str | None:
         try:
-            return self._publish_journal_one(topic, body, priority)
+            return ShmBackend.publish(self, topic, envelopes, timeout)
         finally:
             if self.fsync == "always":
                 self._sync(self._log)
 
+    def publish_one(self, topic: str, body: Any, priority: int
+                    ) -> str | None:
+        core = self._cores.get(topic)
+        try:
+            if core is None:
+                return self._publish_journal_one(topic, body, priority)
+            return self._publish_core_one(core, topic, body, priority)
+        finally:
+            if self.fsync == "always":
+                self._sync(self._log)
+
+    def _publish_core_one(self, core: _LoggedCore, topic: str, body: Any,
+                          priority: int) -> str | None:
+        """`_LoggedCore.publish` of one plain message with the record
+        built here; None makes the caller use `publish` (a moved topic,
+        a full core, a large body)."""
+        payload = _dumps(body, _PROTOCOL)
+        if len(payload) > CORE_SLOT_BYTES:
+            return None
+        wall = time.time()
+        try:
+            with self._lock:
+                if self._failed is not None:
+                    raise self._failed_error()
+                if self._cores.get(topic) is not core:
+                    # The catch-up applied a delete or a move.
+                    return None
+                seq = core._core.publish(payload, priority, wall)
+                if seq <= 0:
+                    return None
+                now = self._tick()
+                self._append(self._reserve("image_publish", _dumps(
+                    ("image_publish", now,
+                     (topic, seq, priority, wall, payload)), _PROTOCOL)))
+                if self._bytes_since_snapshot > self._compact_bytes:
+                    self._after_write()
+        except TopicRetired:
+            return None
+        return f"s{seq}"
+
+    def _publish_core(self, core: Any, topic: str,
+                      envelopes: Sequence[Envelope],
+                      encoded: Sequence[tuple[bytes, bytes]]
+                      ) -> tuple[list[str], bool]:
+        # One section and one record (per journal-sized chunk) for the
+        # batch, through `_core_published`.
+        with self._lock:
+            if self._failed is not None:
+                raise self._failed_error()
+            if topic not in self._core_paths:
+                # The catch-up applied a delete or a move: `publish` goes
+                # on with the journal.
+                return [], False
+            # The core of the topic now, which a delete and a declare by
+            # another process may have replaced.
+            return ShmBackend._publish_core(self, self._core(topic)._core,
+                                            topic, envelopes, encoded)
+
+    def _core_published(self, topic: str, stored: list[tuple]) -> None:
+        budget = self._max_record // 2
+        chunk: list[tuple] = []
+        size = 0
+        for item in stored:
+            if chunk and size + len(item[3]) > budget:
+                self._log_core("image_publish_many", topic, chunk)
+                chunk, size = [], 0
+            chunk.append(item)
+            size += len(item[3]) + 32
+        self._log_core("image_publish_many", topic, chunk)
+
+    def fetch_one(self, topic: str, group: str, consumer: str,
+                  ack_timeout: float, auto_ack: bool) -> Delivery | None:
+        entry = self._core_consumers.get(consumer)
+        if entry is None:
+            return ShmBackend.fetch_one(self, topic, group, consumer,
+                                        ack_timeout, auto_ack)
+        core = self._cores.get(topic)
+        if core is None:
+            return None
+        _, group_index, number, owner = entry
+        try:
+            with self._lock:
+                if self._cores.get(topic) is not core:
+                    return None
+                found = core._core.fetch(number, 1, ack_timeout, auto_ack,
+                                         None, owner)
+                if not found:
+                    return None
+                item = found[0]
+                now = self._tick()
+                self._append(self._reserve("image_deliver", _dumps(
+                    ("image_deliver", now,
+                     (topic, group, auto_ack, [(item[0], item[3], item[2])],
+                      number, ack_timeout)), _PROTOCOL)))
+                if self._bytes_since_snapshot > self._compact_bytes:
+                    self._after_write()
+        except (TopicRetired, ShutDown):
+            # `fetch` moves the topic or raises ShutDown with its checks.
+            return None
+        if auto_ack and self._sync_acks:
+            self._sync(self._log)
+        try:
+            return _core_delivery(core.path, topic, group, group_index, item)
+        except Exception as exc:  # whatever the body's unpickling raised
+            raise decode_error(topic, f"s{item[0]}", exc, auto_ack) from exc
+
     def fetch(self, topic: str, group: str, consumer: str, max_items: int,
               *, ack_timeout: float, auto_ack: bool,
               timeout: float | None) -> list[Delivery]:
-        found = LogBackend.fetch(self, topic, group, consumer, max_items,
+        found = ShmBackend.fetch(self, topic, group, consumer, max_items,
                                  ack_timeout=ack_timeout, auto_ack=auto_ack,
                                  timeout=timeout)
-        return decode_each(topic, found, _unpickled, _delivery_id,
-                           auto_ack)
+        if found and auto_ack and self._sync_acks:
+            self._sync(self._log)
+        return found
 
     def _fetch_now(self, topic: str, group: str, consumer: str,
                    max_items: int, ack_timeout: float, auto_ack: bool
                    ) -> list[Delivery]:
         # `fetch` without the sync wait of sync_acks, which `fetch_async`
         # awaits off the event loop's thread.
-        found = MemoryBackend.fetch(self, topic, group, consumer, max_items,
-                                    ack_timeout=ack_timeout,
-                                    auto_ack=auto_ack, timeout=0)
-        return decode_each(topic, found, _unpickled, _delivery_id,
-                           auto_ack)
+        return ShmBackend.fetch(self, topic, group, consumer, max_items,
+                                ack_timeout=ack_timeout, auto_ack=auto_ack,
+                                timeout=0)
 
     async def fetch_async(self, topic: str, group: str, consumer: str,
                           max_items: int, *, ack_timeout: float,
@@ -1222,9 +1522,258 @@ class SharedLogBackend(ShmBackend):
         if cancelled:
             task.cancel()
 
-    # `ShmBackend._ack_journal` without the check for a topic on a core,
-    # which this backend has none of.
-    ack = ShmBackend._ack_journal  # type: ignore[assignment]
+    def ack(self, topic: str, group: str, tag: Any) -> bool:
+        if len(tag) != 5:
+            result = self._ack_journal(topic, group, tag)
+            if result is not None:
+                return result
+        core = self._cores.get(topic)
+        if core is not None and core.path == tag[0]:
+            # `_LoggedCore.ack` with the record built here.
+            try:
+                with self._lock:
+                    if self._cores.get(topic) is not core:
+                        raise TopicRetired(topic)
+                    result = core._core.ack(tag[1], tag[2], tag[3])
+                    if result:
+                        now = self._tick()
+                        self._append(self._reserve("image_ack", _dumps(
+                            ("image_ack", now, (topic, group, tag[4])),
+                            _PROTOCOL)))
+                        if self._bytes_since_snapshot > self._compact_bytes:
+                            self._after_write()
+            except TopicRetired:
+                pass
+            else:
+                if self._sync_acks:
+                    self._sync(self._log)
+                return result
+        result = ShmBackend.ack(self, topic, group, tag)
+        if self._sync_acks:
+            self._sync(self._log)
+        return result
+
+    def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
+             delay: float | None, error: str | None) -> bool:
+        result = ShmBackend.nack(self, topic, group, tag, requeue=requeue,
+                                 delay=delay, error=error)
+        if self._sync_acks and len(tag) == 5:
+            self._sync(self._log)
+        return result
+
+    # Topic cores: each change that a restore must rebuild is logged
+    # (see `mqs.broker._coreimage`).
+
+    def _files_base(self) -> str:
+        return self._journal_file
+
+    def _core(self, topic: str) -> Any:
+        handle = self._cores.get(topic)
+        if handle is None:
+            handle = self._cores[topic] = _LoggedCore(
+                self, topic, self._open_core(self._core_paths[topic]))
+        return handle
+
+    def _create_core(self, config: TopicConfig) -> str:
+        path = ShmBackend._create_core(self, config)
+        self._cores[config.name] = _LoggedCore(self, config.name,
+                                               self._cores[config.name])
+        return path
+
+    def message_reader(self, consumer: Any, message_type: type
+                       ) -> Callable[[float, bool], Any] | None:
+        # Not the shm backend's `CoreReader`, which runs core operations
+        # without the section and without records.
+        return Backend.message_reader(self, consumer, message_type)
+
+    def _log_core(self, op: str, *args: Any) -> None:
+        """Append the record of a core operation; the caller holds the
+        section. No replica applies it (they share the core); `_restore`
+        replays it into `_images`."""
+        self._tick()
+        data = self._reserve(op, encode_record(op, self._now, args))
+        self._append(data)
+        if self._bytes_since_snapshot > self._compact_bytes:
+            self._after_write()
+
+    def _image(self, topic: str) -> CoreImage | None:
+        return self._images.get(topic) if self._restoring else None
+
+    def _do_image_publish(self, topic: str, seq: int, priority: int,
+                         timestamp: float, payload: bytes) -> None:
+        image = self._image(topic)
+        if image is not None:
+            image.publish(seq, priority, timestamp, payload)
+
+    def _do_image_publish_many(self, topic: str, items: list[tuple]
+                              ) -> None:
+        image = self._image(topic)
+        if image is not None:
+            for seq, priority, timestamp, payload in items:
+                image.publish(seq, priority, timestamp, payload)
+
+    def _do_image_group(self, topic: str, group: str, earliest: bool,
+                       max_attempts: int | None) -> None:
+        image = self._image(topic)
+        if image is not None:
+            image.open_group(group, earliest, max_attempts)
+
+    def _do_image_deliver(self, topic: str, group: str, auto_ack: bool,
+                         items: list[tuple[int, int, int]], consumer: int,
+                         ack_timeout: float) -> None:
+        image = self._image(topic)
+        index = None if image is None else image.group_index(group)
+        if index is not None:
+            image.deliver(index, items, auto_ack, consumer,
+                          self._now + ack_timeout)
+
+    def _do_image_ack(self, topic: str, group: str, seq: int) -> None:
+        image = self._image(topic)
+        index = None if image is None else image.group_index(group)
+        if index is not None:
+            image.ack(index, seq)
+
+    def _do_image_nack(self, topic: str, group: str, seq: int,
+                      requeue: bool) -> None:
+        image = self._image(topic)
+        index = None if image is None else image.group_index(group)
+        if index is not None:
+            image.nack(index, seq, requeue)
+
+    def _do_image_release(self, topic: str, group: str, seqs: list[int]
+                         ) -> None:
+        image = self._image(topic)
+        index = None if image is None else image.group_index(group)
+        if index is not None:
+            image.release(index, seqs)
+
+    def _do_core_dead(self, topic: str, letters: list[tuple]) -> None:
+        super()._do_core_dead(topic, letters)
+        image = self._image(topic)
+        if image is not None:
+            for letter in letters:
+                image.drop_dead(letter[0], letter[1])
+
+    def _do_declare(self, config: TopicConfig, seed: int,
+                    core_path: str | None = None) -> None:
+        new = config.name not in self._topics
+        super()._do_declare(config, seed, core_path)
+        if self._restoring and new and core_path is not None:
+            self._images[config.name] = CoreImage()
+
+    def _do_delete(self, topic: str) -> None:
+        self._images.pop(topic, None)
+        super()._do_delete(topic)
+
+    def _move_to_journal(self, topic: str) -> None:
+        super()._move_to_journal(topic)
+        if self._adopted and self._writer and not self._log_behind:
+            self._write_snapshot()
+
+    def _do_adopt(self, topic: str, path: str) -> None:
+        if not self._restoring:
+            super()._do_adopt(topic, path)
+            # The state a move hands to the journal holds what the records
+            # do not (the scheduler's place, tickets, the ready order as
+            # deadlines left it), so a replay of the log could not rebuild
+            # it exactly: the writer writes a snapshot after the move,
+            # right after its own move or once it has appended another
+            # process's.
+            self._adopted = True
+            return
+        # Restoring a log whose writer stopped between a move and the
+        # snapshot after it (a power loss within that time): the adopt
+        # file in /dev/shm is gone, so the state comes from the image,
+        # which has the messages, entries and attempts but not the
+        # scheduler's place nor, for deliveries made before the last
+        # snapshot, their tickets. The records after the move then
+        # replay against a state that may differ in which message a
+        # fetch took; an ack or nack whose tag no longer matches is
+        # stale, and its message is delivered again (at-least-once).
+        image = self._images.pop(topic, None) or CoreImage()
+        self._core_paths.pop(topic, None)
+        self._adopt_image(topic, image)
+
+    def _do_open(self, topic: str, group: str, consumer: str, start: str,
+                 prefetch: int, max_attempts: int | None, slot: int = -1,
+                 token: int = 0, core: tuple[int, int, int] | None = None
+                 ) -> None:
+        super()._do_open(topic, group, consumer, start, prefetch,
+                         max_attempts, slot, token, core)
+        if self._restoring and core is not None:
+            self._prefetches[consumer] = prefetch
+
+    def _adopt_image(self, topic: str, image: CoreImage) -> None:
+        """Fill the placeholder state of `topic` from `image`, as a move
+        to the journal does from a core's export, with the core
+        consumers the replay has open (a restore closes them after)."""
+        state = self._topics[topic]
+        consumers = {}
+        registered = []
+        for consumer, entry in list(self._core_consumers.items()):
+            if entry[0] == topic:
+                _, group_index, number, owner = entry
+                consumers[number] = consumer
+                registered.append((number, group_index,
+                                   self._prefetches.get(consumer, 1), owner))
+                del self._core_consumers[consumer]
+        data = image.export_data(len(state.config.lanes), self._now,
+                                 registered)
+        _adopt_core_state(state, data, consumers, self._now)
+
+    def _load_snapshot_extra(self, extra: list) -> None:
+        images = extra[0] if extra else {}
+        self._images = {}
+        for topic, image in images.items():
+            if topic in self._topics:
+                self._images[topic] = CoreImage(image)
+                self._core_paths[topic] = ""
+
+    def _snapshot_extra(self) -> tuple:
+        images = {}
+        for topic in self._core_paths:
+            if self._restoring:
+                image = self._images.get(topic) or CoreImage()
+                data = image.image()
+                data["histograms"] = image.histograms
+            else:
+                core = self._core(topic)
+                data = core.export_image()
+                data["histograms"] = core.group_histograms()
+            images[topic] = data
+        return (images,)
+
+    def _rebuild_cores(self) -> None:
+        """After a restore, load each core topic's image into a new core
+        (or into the journal if no core can take it). No consumer of the
+        log's processes is left, so none of theirs stays registered."""
+        images, self._images = self._images, {}
+        for consumer, entry in list(self._core_consumers.items()):
+            del self._core_consumers[consumer]
+            self._owners.pop(consumer, None)
+        for topic in list(self._core_paths):
+            image = images.get(topic) or CoreImage()
+            config = self._topics[topic].config
+            path = None
+            try:
+                path = self._create_core(config)
+                self._cores[topic].import_image(image.image())
+                self._cores[topic].set_group_histograms(image.histograms)
+            except (OSError, ValueError) as exc:
+                logger.warning(
+                    "log broker %s: topic %r goes to the journal, because "
+                    "a new topic core could not take its state: %s",
+                    self.path, topic, exc)
+                handle = self._cores.pop(topic, None)
+                if handle is not None:
+                    handle.close()
+                if path is not None:
+                    _unlink_files([path])
+                del self._core_paths[topic]
+                self._adopt_image(topic, image)
+                continue
+            self._core_paths[topic] = path
+
 
     # Durability.
 

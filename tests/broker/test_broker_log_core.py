@@ -1,0 +1,388 @@
+"""The log backend's plain topics on topic cores, and their restore from
+the log (`mqs.broker._coreimage`, `SharedLogBackend._rebuild_cores`).
+
+A restore from the log alone is what a reboot leaves: the tests remove
+the broker's /dev/shm files (journal and cores) with
+`mqs.broker._log_shared.unlink_journal` after every process that used it
+is gone, then open the directory again.
+"""
+
+import multiprocessing
+import os
+import pickle
+import signal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mqs
+from mqs._topiccore import TopicCore
+from mqs.broker._coreimage import DEAD, IN_FLIGHT, READY, CoreImage
+from mqs.broker._log_shared import _journal_files, unlink_journal
+
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+
+CTX = multiprocessing.get_context("fork")
+
+
+def _open(path, **options):
+    return mqs.Broker(backend="log", path=path, **options)
+
+
+def _core_files(path):
+    return [name for files in _journal_files(path).values()
+            for name in files if ".core-" in name]
+
+
+def _drain(consumer, limit=1000):
+    """Return (body, attempts) of every message ready now, acked."""
+    found = []
+    while len(found) < limit:
+        try:
+            message = consumer.get(timeout=0.2)
+        except mqs.Empty:
+            return found
+        found.append((message.body, message.attempts))
+        message.ack()
+    return found
+
+
+# ---- the image model against a real core ----------------------------------
+
+def _new_core(path, max_attempts=0):
+    return TopicCore(str(path), [(9, 3), (5, 2), (0, 1)], capacity=64,
+                     slot_bytes=64, max_groups=4, max_consumers=8,
+                     max_attempts=max_attempts)
+
+
+def _normal(image):
+    """Comparable form of an image: messages, and per group its entries
+    as {seq: (state, attempts)} with dead reasons left out."""
+    messages = {item[0]: item[1:] for item in image["messages"]}
+    groups = {name: (max_attempts,
+                     {seq: (state, attempts)
+                      for seq, state, _, attempts in entries})
+              for name, max_attempts, _, entries in image["groups"]}
+    return messages, groups
+
+
+OPS = st.lists(st.tuples(
+    st.sampled_from(["publish", "group", "fetch", "ack", "nack", "reject",
+                     "release"]),
+    st.integers(0, 9), st.integers(0, 2)), max_size=40)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_image_replays_core_operations(tmp_path, ops):
+    """Every record the backend writes, applied to a `CoreImage`, gives
+    the state that the core itself exports."""
+    path = tmp_path / f"core-{os.urandom(4).hex()}"
+    core = _new_core(path)
+    image = CoreImage()
+    consumers = {}
+    held = {}
+    now = 1.0
+    try:
+        for op, number, which in ops:
+            now += 0.001
+            group = f"g{which}"
+            if op == "publish":
+                payload = pickle.dumps(number)
+                seq = core.publish(payload, number, 100.0 + now, now)
+                if seq > 0:
+                    image.publish(seq, number, 100.0 + now, payload)
+            elif op == "group":
+                index = core.open_group(group, number % 2 == 0, None, now)
+                image.open_group(group, number % 2 == 0, None)
+                consumers[group] = (index, core.open_consumer(
+                    index, 100, 1, now))
+            elif group not in consumers:
+                continue
+            elif op == "fetch":
+                index, consumer = consumers[group]
+                found = core.fetch(consumer, 1 + number % 3, 3600.0, False,
+                                   now, 0)
+                image.deliver(index, [(item[0], item[3], item[2])
+                                      for item in found], False)
+                for item in found:
+                    held.setdefault(group, []).append(item)
+            elif held.get(group):
+                index, _ = consumers[group]
+                seq, slot, ticket = held[group].pop(
+                    number % len(held[group]))[:3]
+                if op == "ack":
+                    assert core.ack(index, slot, ticket, now)
+                    image.ack(index, seq)
+                elif op in ("nack", "reject"):
+                    assert core.nack(index, slot, ticket, op == "nack", now)
+                    image.nack(index, seq, op == "nack")
+                else:
+                    assert core.release(index, [(slot, ticket)], now) == 1
+                    image.release(index, [seq])
+        assert _normal(image.image()) == _normal(core.export_image())
+        counters = core.export_image()["counters"]
+        for name in ("published", "acked", "nacked", "delivered",
+                     "dropped_unsubscribed"):
+            assert image.counters.get(name, 0) == counters[name], name
+    finally:
+        core.close()
+
+
+def test_image_skips_records_it_already_holds():
+    """A snapshot taken while an operation ran already holds it: the
+    record applied again changes nothing."""
+    image = CoreImage()
+    image.open_group("g", True, None)
+    image.publish(1, 0, 5.0, b"a")
+    image.publish(2, 0, 6.0, b"b")
+    image.deliver(0, [(1, 1, 1)], False)
+    image.ack(0, 1)
+    before = image.image()
+    image.open_group("g", False, None)
+    image.publish(2, 0, 6.0, b"b")
+    image.ack(0, 1)
+    image.drop_dead("g", 1)
+    assert image.image() == before
+    assert image.image()["messages"] == [(2, 0, 6.0, False, b"b")]
+
+
+def test_image_first_group_drops_messages_it_does_not_take():
+    image = CoreImage()
+    image.publish(1, 0, 5.0, b"a")
+    assert image.image()["messages"][0][3] is True  # retained
+    image.open_group("late", False, None)
+    assert image.image()["messages"] == []
+    assert image.counters["dropped_unsubscribed"] == 1
+
+
+def test_image_export_data_is_adoptable():
+    """A move to the journal during a restore builds the journal state
+    from the image: in-flight entries are ready again, dead ones are dead
+    letters."""
+    image = CoreImage()
+    image.open_group("g", True, 3)
+    for seq in (1, 2, 3):
+        image.publish(seq, 0, float(seq), pickle.dumps(seq))
+    image.deliver(0, [(1, 1, 7), (2, 1, 8)], False, 3, 80.0)
+    image.nack(0, 2, False)
+    data = image.export_data(1, 50.0, [(3, 0, 5, 99)])
+    entries = {entry[0]: entry for entry in data["groups"][0][6]}
+    assert {seq: entry[1] for seq, entry in entries.items()} == \
+        {1: IN_FLIGHT, 2: DEAD, 3: READY}
+    # Ticket, deadline and consumer of the delivery in flight.
+    assert (entries[1][4], entries[1][6], entries[1][8]) == (7, 80.0, 3)
+    assert [slot[1] for slot in data["slots"]] == [1, 2, 3]
+    assert data["consumers"] == [(3, 0, 5, 99)]
+
+
+# ---- the broker ------------------------------------------------------------
+
+def test_replicas_skip_core_records_unread(tmp_path):
+    """Other processes skip core records by their op name's bytes; every
+    other record is applied."""
+    from mqs.broker import _log_shared
+    from mqs.broker._log import encode_record
+
+    for op in ("image_publish", "image_ack", "image_deliver"):
+        data = encode_record(op, 12.5, ("t", 1, [(1, 2, 3)] * 100))
+        assert data[_log_shared._OP_AT:].startswith(_log_shared._IMAGE_OP)
+    for op in ("core_dead", "delete", "adopt"):
+        data = encode_record(op, 12.5, ("t",))
+        assert not data[_log_shared._OP_AT:].startswith(
+            _log_shared._IMAGE_OP)
+    broker = _open(str(tmp_path / "b"))
+    applied = []
+    backend = broker._backend
+    backend._apply = lambda op, args: applied.append(op)
+    try:
+        backend._replay_each([encode_record("image_ack", 1.0, ("t", "g", 1)),
+                              encode_record("delete", 1.0, ("x",))])
+    finally:
+        del backend._apply
+        broker.close()
+    assert applied == ["delete"]
+
+
+def test_plain_topic_lives_on_a_core_until_the_last_close(tmp_path):
+    path = str(tmp_path / "b")
+    broker = _open(path)
+    try:
+        broker.declare_topic("t")
+        broker.declare_topic("timed", ttl=60)
+        assert "t" in broker._backend._core_paths
+        assert "timed" not in broker._backend._core_paths
+        assert len(_core_files(path)) == 1
+    finally:
+        broker.close()
+    assert _core_files(path) == []
+
+
+def test_state_survives_the_last_close(tmp_path):
+    path = str(tmp_path / "b")
+    broker = _open(path)
+    broker.declare_topic("t")
+    first = broker.consume("t", "first", prefetch=10)
+    for n in range(6):
+        broker.publish("t", n, priority=n % 3)
+    second = broker.consume("t", "second", start="earliest")
+    held = first.get(timeout=1)
+    rejected = first.get(timeout=1)
+    rejected.nack(requeue=False)
+    acked = first.get(timeout=1)
+    acked.ack()
+    second.get(timeout=1).ack()
+    broker.close()
+
+    broker = _open(path)
+    try:
+        assert "t" in broker._backend._core_paths
+        stats = broker.stats("t")
+        assert stats["dlq"] == 1
+        first = broker.consume("t", "first", prefetch=10)
+        got = {body: attempts for body, attempts in _drain(first)}
+        assert set(got) == set(range(6)) - {rejected.body, acked.body}
+        # The message held at the close was in flight: delivered again.
+        assert got[held.body] == 2
+        assert [letter.body for letter in broker.dlq_list("t")] == \
+            [rejected.body]
+        second = broker.consume("t", "second")
+        assert len(_drain(second)) == 5
+        # Seqs go on where they stopped.
+        assert broker.publish("t", "next") == "s7"
+    finally:
+        broker.close()
+
+
+def _child_work(path, compact_bytes, report, steps):
+    broker = _open(path, compact_bytes=compact_bytes)
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g", prefetch=50)
+    acked = []
+    for n in range(steps):
+        broker.publish("t", n, priority=n % 10)
+        if n % 3 == 2:
+            message = consumer.get(timeout=5)
+            message.ack()
+            acked.append(message.body)
+    held = [consumer.get(timeout=5) for _ in range(4)]
+    held[0].nack()          # back to the tail
+    held[1].nack(requeue=False)
+    report.put((acked, [message.body for message in held]))
+    signal.pause()
+
+
+@pytest.mark.parametrize("compact_bytes", [64 << 20, 4096])
+def test_restore_from_records_after_a_kill(tmp_path, compact_bytes):
+    """SIGKILL of the only process, then /dev/shm cleared as by a reboot:
+    the snapshot and the core records after it restore every message
+    that was not acked, none twice. A small compact_bytes makes the
+    writer take snapshots while records keep coming."""
+    path = str(tmp_path / "b")
+    report = CTX.Queue()
+    child = CTX.Process(target=_child_work,
+                        args=(path, compact_bytes, report, 60))
+    child.start()
+    try:
+        acked, held = report.get(timeout=60)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+    assert unlink_journal(path)
+    broker = _open(path)
+    try:
+        consumer = broker.consume("t", "g", prefetch=100)
+        got = dict(_drain(consumer))
+        assert len(got) == 60 - len(acked) - 1
+        assert set(got) == set(range(60)) - set(acked) - {held[1]}
+        assert [letter.body for letter in broker.dlq_list("t")] == \
+            [held[1]]
+        # The nacked message and the two in flight were delivered once.
+        assert {body for body, attempts in got.items()
+                if attempts == 2} == {held[0], held[2], held[3]}
+        assert broker.stats("t")["published"] == 60
+    finally:
+        broker.close()
+
+
+def _child_move(path, ready):
+    broker = _open(path)
+    broker.declare_topic("t")
+    consumer = broker.consume("t", "g", prefetch=10)
+    for n in range(5):
+        broker.publish("t", n)
+    consumer.get(timeout=5).ack()
+    held = consumer.get(timeout=5)
+    # A key needs the journal: the topic moves with its state.
+    broker.publish("t", "keyed", key="k")
+    held.ack()
+    broker.publish("t", "after")
+    ready.set()
+    signal.pause()
+
+
+def test_restore_of_a_topic_that_moved_to_the_journal(tmp_path):
+    path = str(tmp_path / "b")
+    ready = CTX.Event()
+    child = CTX.Process(target=_child_move, args=(path, ready))
+    child.start()
+    try:
+        assert ready.wait(60)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+    unlink_journal(path)
+    broker = _open(path)
+    try:
+        assert "t" not in broker._backend._core_paths
+        consumer = broker.consume("t", "g")
+        assert sorted(map(str, (body for body, _ in _drain(consumer)))) == \
+            ["2", "3", "4", "after", "keyed"]
+    finally:
+        broker.close()
+
+
+def _child_peer(path, start, ready, count):
+    broker = _open(path)
+    consumer = broker.consume("t", "g", prefetch=count)
+    for n in range(start, start + count):
+        broker.publish("t", n)
+    for _ in range(count // 2):
+        consumer.get(timeout=5).ack()
+    ready.set()
+    signal.pause()
+
+
+def test_records_of_other_processes_reach_the_log(tmp_path):
+    """Two processes work on one core topic; the writer copies the other's
+    core records into the log, so a restore after both are killed has
+    every operation of both."""
+    path = str(tmp_path / "b")
+    broker = _open(path)
+    broker.declare_topic("t")
+    broker.close()
+    children = []
+    for start in (0, 100):
+        ready = CTX.Event()
+        child = CTX.Process(target=_child_peer,
+                            args=(path, start, ready, 20))
+        child.start()
+        children.append((child, ready))
+        assert ready.wait(60)
+    for child, _ in children:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+    unlink_journal(path)
+    broker = _open(path)
+    try:
+        stats = broker.stats("t")
+        assert stats["published"] == 40
+        assert stats["stored"] == 20
+        consumer = broker.consume("t", "g", prefetch=100)
+        bodies = [body for body, _ in _drain(consumer)]
+        assert len(bodies) == 20 and len(set(bodies)) == 20
+    finally:
+        broker.close()
