@@ -133,7 +133,7 @@ def test_image_replays_core_operations(tmp_path, ops):
 
 
 def test_image_skips_records_it_already_holds():
-    """A snapshot taken while an operation ran already holds it: the
+    """A snapshot taken while an operation ran already contains it: the
     record applied again changes nothing."""
     image = CoreImage()
     image.open_group("g", True, None)
@@ -150,7 +150,7 @@ def test_image_skips_records_it_already_holds():
     assert image.image()["messages"] == [(2, 0, 6.0, False, b"b")]
 
 
-def test_image_first_group_drops_messages_it_does_not_take():
+def test_image_first_group_drops_retained():
     image = CoreImage()
     image.publish(1, 0, 5.0, b"a")
     assert image.image()["messages"][0][3] is True  # retained
@@ -207,7 +207,7 @@ def test_replicas_skip_core_records_unread(tmp_path):
     assert applied == ["delete"]
 
 
-def test_plain_topic_lives_on_a_core_until_the_last_close(tmp_path):
+def test_plain_topic_core_until_last_close(tmp_path):
     path = str(tmp_path / "b")
     broker = _open(path)
     try:
@@ -324,7 +324,7 @@ def _child_move(path, ready):
     signal.pause()
 
 
-def test_restore_of_a_topic_that_moved_to_the_journal(tmp_path):
+def test_restore_after_move_to_journal(tmp_path):
     path = str(tmp_path / "b")
     ready = CTX.Event()
     child = CTX.Process(target=_child_move, args=(path, ready))
@@ -357,7 +357,7 @@ def _child_peer(path, start, ready, count):
 
 
 def test_records_of_other_processes_reach_the_log(tmp_path):
-    """Two processes work on one core topic; the writer copies the other's
+    """Two processes work on one core topic. The writer copies the other's
     core records into the log, so a restore after both are killed has
     every operation of both."""
     path = str(tmp_path / "b")
@@ -383,6 +383,7 @@ def test_records_of_other_processes_reach_the_log(tmp_path):
         assert stats["stored"] == 20
         consumer = broker.consume("t", "g", prefetch=100)
         bodies = [body for body, _ in _drain(consumer)]
-        assert len(bodies) == 20 and len(set(bodies)) == 20
+        assert len(bodies) == 20
+        assert len(set(bodies)) == 20
     finally:
         broker.close()

@@ -7,7 +7,7 @@ that share the broker skip those records: they all see the core
 itself. A process that restores the broker from the log alone (after a
 reboot, or after the last process closed it) replays them into a
 `CoreImage` instead, starting from the image that the log's snapshot
-holds (`TopicCore.export_image`), and loads the result into a fresh
+contains (`TopicCore.export_image`), and loads the result into a fresh
 core (`TopicCore.import_image`).
 
 Each record carries the result of its operation, so an image needs no
@@ -142,8 +142,8 @@ class CoreImage:
     def deliver(self, index: int, items: list[tuple[int, int, int]],
                 auto_ack: bool, consumer: int = _NO_CONSUMER,
                 deadline: float = 0.0) -> None:
-        """Deliveries of ``(seq, attempts, ticket)`` to core consumer
-        `consumer`, due back at broker time `deadline`."""
+        """Apply deliveries of ``(seq, attempts, ticket)`` to core
+        consumer `consumer`, due back at broker time `deadline`."""
         group = self.groups[index]
         entries = group[3]
         for seq, attempts, ticket in items:
@@ -188,8 +188,8 @@ class CoreImage:
                 entry[:] = _ready(max(entry[2] - 1, 0))
 
     def drop_dead(self, name: str, seq: int) -> None:
-        """A ``core_dead`` record moved the entry to the dead-letter
-        queue."""
+        """Remove an entry that a ``core_dead`` record moved to the
+        dead-letter queue."""
         index = self._names.get(name)
         if index is None:
             return

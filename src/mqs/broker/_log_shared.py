@@ -544,9 +544,9 @@ def _log_mismatch(path: str, words: Sequence[int]) -> str | None:
 
 _dumps = pickle.dumps
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
-# Where the op name of a record starts: after the protocol (2 bytes) and
-# frame (9 bytes) opcodes of `pickle.dumps` at protocol 5 and the 2
-# bytes that open a short str. The ops of core records start with this.
+# Offset of a record's op name: after the protocol (2 bytes) and frame
+# (9 bytes) opcodes of `pickle.dumps` at protocol 5 and the 2 bytes that
+# open a short str. The op names of core records start with _IMAGE_OP.
 _OP_AT = 13
 _IMAGE_OP = b"image_"
 
@@ -556,7 +556,7 @@ class _LoggedCore:
 
     The operations that change what a restore must rebuild run in the
     broker's section and append a record with their result there, so
-    the log holds them in the order the core ran them. The others pass
+    the log contains them in the order the core ran them. The others pass
     through. `open_group` runs in a section its caller holds.
     """
 
@@ -1371,9 +1371,9 @@ class SharedLogBackend(ShmBackend):
 
     def _publish_core_one(self, core: _LoggedCore, topic: str, body: Any,
                           priority: int) -> str | None:
-        """`_LoggedCore.publish` of one plain message with the record
-        built here; None makes the caller use `publish` (a moved topic,
-        a full core, a large body)."""
+        """Publish one plain message on a core topic, with its record
+        built here, and return its id; None makes the caller use
+        `publish` (a moved topic, a full core, a large body)."""
         payload = _dumps(body, _PROTOCOL)
         if len(payload) > CORE_SLOT_BYTES:
             return None
@@ -1673,20 +1673,20 @@ class SharedLogBackend(ShmBackend):
     def _do_adopt(self, topic: str, path: str) -> None:
         if not self._restoring:
             super()._do_adopt(topic, path)
-            # The state a move hands to the journal holds what the records
-            # do not (the scheduler's place, tickets, the ready order as
-            # deadlines left it), so a replay of the log could not rebuild
-            # it exactly: the writer writes a snapshot after the move,
+            # The state a move hands to the journal contains what the
+            # records do not (the scheduler's place, tickets, the ready
+            # order as deadlines left it), so a replay of the log could not
+            # rebuild it exactly. The writer writes a snapshot after the move,
             # right after its own move or once it has appended another
             # process's.
             self._adopted = True
             return
         # Restoring a log whose writer stopped between a move and the
-        # snapshot after it (a power loss within that time): the adopt
-        # file in /dev/shm is gone, so the state comes from the image,
-        # which has the messages, entries and attempts but not the
-        # scheduler's place nor, for deliveries made before the last
-        # snapshot, their tickets. The records after the move then
+        # snapshot after it (a power loss within that time). The adopt
+        # file in /dev/shm is gone, so the state comes from the image.
+        # It has the messages, entries and attempts, but not the
+        # scheduler's place, nor the tickets of deliveries made before
+        # the last snapshot. The records after the move then
         # replay against a state that may differ in which message a
         # fetch took; an ack or nack whose tag no longer matches is
         # stale, and its message is delivered again (at-least-once).
