@@ -137,6 +137,10 @@ What survives what
     lost with the journal.
 
 Limits
+    A `publish_many` to a topic on its core stores one message after
+    the other, so a process killed in the middle leaves the messages it
+    stored so far (a topic on the journal takes the whole batch in one
+    record, or none of it).
     Those of the shm backend (at most 256 processes at once, one record
     in half the journal) and of the log backend (bodies must be
     picklable; the directory is owner-only). A process stopped while it
