@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mqs._topiccore import COUNTER_NAMES, GROUP_COUNTER_NAMES
+from mqs._topiccore import COUNTER_NAMES, DEAD_REASONS, GROUP_COUNTER_NAMES
 
 READY = 1
 IN_FLIGHT = 2
@@ -57,10 +57,14 @@ class CoreImage:
     docs); `image` is a `TopicCore.export_image` dict to start from."""
 
     __slots__ = ("next_seq", "counters", "messages", "groups", "_names",
-                 "histograms")
+                 "histograms", "max_attempts")
 
-    def __init__(self, image: dict | None = None) -> None:
+    def __init__(self, image: dict | None = None,
+                 max_attempts: int | None = None) -> None:
         self.next_seq = 0
+        # The topic's max_attempts, for the groups that set none (0 or
+        # None: no limit), as the core's `exhausted` check uses it.
+        self.max_attempts = max_attempts or 0
         self.counters: dict[str, int] = {}
         # seq -> [priority, timestamp, retained, payload]
         self.messages: dict[int, list] = {}
@@ -101,6 +105,15 @@ class CoreImage:
             return
         if not any(seq in group[3] for group in self.groups):
             del self.messages[seq]
+
+    def _exhausted(self, group: list, attempts: int) -> bool:
+        limit = group[1] or self.max_attempts
+        return limit != 0 and attempts >= limit
+
+    def _count_dead(self, group: list, reason: str) -> None:
+        self._count("dead_lettered")
+        self._count(f"dead_lettered.{reason}")
+        self._group_count(group, "dead_lettered")
 
     def group_index(self, name: str) -> int | None:
         return self._names.get(name)
@@ -150,9 +163,17 @@ class CoreImage:
             entry = entries.get(seq)
             if entry is None:
                 continue
+            if entry[0] == IN_FLIGHT:
+                # Put back without a record since its delivery: its ack
+                # deadline passed or its consumer closed, and the core
+                # counted a redelivery.
+                self._count("redelivered")
+                self._group_count(group, "redelivered")
             if auto_ack:
                 del entries[seq]
                 self._free_if_done(seq)
+                self._count("acked")
+                self._group_count(group, "acked")
             else:
                 entry[:] = [IN_FLIGHT, 0, attempts, ticket, consumer,
                             deadline]
@@ -174,11 +195,20 @@ class CoreImage:
             return
         self._count("nacked")
         self._group_count(group, "nacked")
-        if requeue:
+        self._group_count(group, "errors")
+        if not requeue:
+            reason = 1
+        elif self._exhausted(group, entry[2]):
+            # The core dead-letters a requeue at max_attempts.
+            reason = 2
+        else:
             # Back at its lane's tail: last in the ready order.
             group[3][seq] = _ready(entry[2])
-        else:
-            group[3][seq] = [DEAD, 1, entry[2], 0, _NO_CONSUMER, 0.0]
+            self._count("redelivered")
+            self._group_count(group, "redelivered")
+            return
+        group[3][seq] = [DEAD, reason, entry[2], 0, _NO_CONSUMER, 0.0]
+        self._count_dead(group, DEAD_REASONS[reason])
 
     def release(self, index: int, seqs: list[int]) -> None:
         entries = self.groups[index][3]
@@ -187,14 +217,25 @@ class CoreImage:
             if entry is not None and entry[0] == IN_FLIGHT:
                 entry[:] = _ready(max(entry[2] - 1, 0))
 
-    def drop_dead(self, name: str, seq: int) -> None:
+    def drop_dead(self, name: str, seq: int, reason: str | None = None
+                  ) -> None:
         """Remove an entry that a ``core_dead`` record moved to the
-        dead-letter queue."""
+        dead-letter queue, where its core dead-lettered it for `reason`
+        (a name in `DEAD_REASONS`)."""
         index = self._names.get(name)
         if index is None:
             return
-        if self.groups[index][3].pop(seq, None) is not None:
-            self._free_if_done(seq)
+        group = self.groups[index]
+        entry = group[3].pop(seq, None)
+        if entry is None:
+            return
+        if entry[0] != DEAD and reason:
+            # Dead-lettered at its ack deadline, which has no record of
+            # its own: count it as the core did.
+            if reason == "ack_timeout":
+                self._group_count(group, "errors")
+            self._count_dead(group, reason)
+        self._free_if_done(seq)
 
     # Export.
 

@@ -1656,14 +1656,15 @@ class SharedLogBackend(ShmBackend):
         image = self._image(topic)
         if image is not None:
             for letter in letters:
-                image.drop_dead(letter[0], letter[1])
+                image.drop_dead(letter[0], letter[1], letter[3])
 
     def _do_declare(self, config: TopicConfig, seed: int,
                     core_path: str | None = None) -> None:
         new = config.name not in self._topics
         super()._do_declare(config, seed, core_path)
         if self._restoring and new and core_path is not None:
-            self._images[config.name] = CoreImage()
+            self._images[config.name] = CoreImage(
+                max_attempts=config.max_attempts)
 
     def _do_delete(self, topic: str) -> None:
         self._images.pop(topic, None)
@@ -1730,7 +1731,8 @@ class SharedLogBackend(ShmBackend):
         self._images = {}
         for topic, image in images.items():
             if topic in self._topics:
-                self._images[topic] = CoreImage(image)
+                self._images[topic] = CoreImage(
+                    image, self._topics[topic].config.max_attempts)
                 self._core_paths[topic] = ""
 
     def _snapshot_extra(self) -> tuple:
