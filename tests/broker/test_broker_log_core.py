@@ -419,7 +419,11 @@ def test_restore_after_move_to_journal(tmp_path):
 
 
 def _child_peer(path, start, ready, count):
-    broker = _open(path)
+    # Under the default fsync="interval" a call returns before the
+    # writer copies its record into the log, so a kill of both and the
+    # journal's removal could lose it. "always" with sync_acks makes
+    # every publish and ack wait until the log has it.
+    broker = _open(path, fsync="always", sync_acks=True)
     consumer = broker.consume("t", "g", prefetch=count)
     for n in range(start, start + count):
         broker.publish("t", n)
