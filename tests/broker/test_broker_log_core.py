@@ -376,7 +376,11 @@ def test_restore_from_records_after_a_kill(tmp_path, compact_bytes):
         # The nacked message and the two in flight were delivered once.
         assert {body for body, attempts in got.items()
                 if attempts == 2} == {held[0], held[2], held[3]}
-        assert broker.stats("t")["published"] == 60
+        stats = broker.stats("t")
+        assert stats["published"] == 60
+        # The requeue, and the two in flight that the restore returned.
+        assert stats["redelivered"] == 3
+        assert stats["dead_lettered.rejected"] == 1
     finally:
         broker.close()
 

@@ -29,7 +29,7 @@ restore.
 
 In-flight entries become ready again on import, with their attempts
 kept, as the log backend does with every in-flight message at a
-restart. Entries that a core dead-lettered at an ack deadline without
+restart, and `count_returned` counts them as redelivered. Entries that a core dead-lettered at an ack deadline without
 a record stay in flight here until the ``core_dead`` record that moves
 them to the dead-letter queue; if that record is lost with the power,
 the message is delivered once more after the restore.
@@ -293,3 +293,14 @@ class CoreImage:
                          in sorted(self.messages.items())],
             "groups": groups,
         }
+
+
+def count_returned(image: dict[str, Any]) -> None:
+    """Count each in-flight entry of `image` (a `CoreImage.image` dict)
+    as redelivered, as a core does when it closes the consumer that held
+    it. `TopicCore.import_image` makes those entries ready without
+    counting them."""
+    for _, _, group_counters, entries in image["groups"]:
+        returned = sum(1 for entry in entries if entry[1] == IN_FLIGHT)
+        group_counters["redelivered"] += returned
+        image["counters"]["redelivered"] += returned

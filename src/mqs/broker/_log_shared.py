@@ -205,7 +205,7 @@ from mqs.broker._log import (
     encode_record,
     lock_holder,
 )
-from mqs.broker._coreimage import CoreImage
+from mqs.broker._coreimage import CoreImage, count_returned
 from mqs.broker._memory import MemoryBackend, _sample_every
 from mqs.broker._shm import (
     DEFAULT_JOURNAL_BYTES,
@@ -1763,7 +1763,11 @@ class SharedLogBackend(ShmBackend):
             path = None
             try:
                 path = self._create_core(config)
-                self._cores[topic].import_image(image.image())
+                data = image.image()
+                # The consumers that held the in-flight entries are gone:
+                # count them as closing those consumers does.
+                count_returned(data)
+                self._cores[topic].import_image(data)
                 self._cores[topic].set_group_histograms(image.histograms)
             except (OSError, ValueError) as exc:
                 logger.warning(
