@@ -159,16 +159,23 @@ class CoreImage:
         consumer `consumer`, due back at broker time `deadline`."""
         group = self.groups[index]
         entries = group[3]
+        delivered = 0
         for seq, attempts, ticket in items:
             entry = entries.get(seq)
             if entry is None:
+                # Acked already, by an auto_ack delivery that the image
+                # contains, among others.
                 continue
             if entry[0] == IN_FLIGHT:
+                if entry[2] >= attempts:
+                    # This delivery: the snapshot contains it.
+                    continue
                 # Put back without a record since its delivery: its ack
                 # deadline passed or its consumer closed, and the core
                 # counted a redelivery.
                 self._count("redelivered")
                 self._group_count(group, "redelivered")
+            delivered += 1
             if auto_ack:
                 del entries[seq]
                 self._free_if_done(seq)
@@ -177,8 +184,8 @@ class CoreImage:
             else:
                 entry[:] = [IN_FLIGHT, 0, attempts, ticket, consumer,
                             deadline]
-        self._count("delivered", len(items))
-        self._group_count(group, "delivered", len(items))
+        self._count("delivered", delivered)
+        self._group_count(group, "delivered", delivered)
 
     def ack(self, index: int, seq: int) -> None:
         group = self.groups[index]
