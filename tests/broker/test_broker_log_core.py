@@ -445,6 +445,40 @@ def test_restore_after_move_to_journal(tmp_path):
         broker.close()
 
 
+def test_calls_after_another_process_moved_topic(tmp_path):
+    """A second broker (as another process would) moves the topic to the
+    journal. The first one's next core call catches up in the section,
+    which closes its core handle: the call goes on with the journal."""
+    path = str(tmp_path / "b")
+    first = _open(path)
+    second = _open(path)
+    try:
+        first.declare_topic("t")
+        consumer = first.consume("t", "g", prefetch=10)
+        for n in range(4):
+            first.publish("t", n)
+        nacked = consumer.get(timeout=1)
+        released = consumer.get(timeout=1)
+        second.declare_topic("t")
+        second.publish("t", "keyed", key="k")
+        assert "t" not in second._backend._core_paths
+
+        found = consumer.get_many(5, timeout=1)
+        assert sorted(map(str, (message.body for message in found))) == \
+            ["2", "3", "keyed"]
+        assert nacked.nack()
+        assert "t" not in first._backend._core_paths
+        other = second.consume("t", "g", prefetch=10)
+        # The held message and the three of get_many go back.
+        assert consumer.close(drain=False) == 4
+        bodies = {message.body for message in other.get_many(10, timeout=1)}
+        assert bodies == {0, 1, 2, 3, "keyed"}
+        assert released.body in bodies
+    finally:
+        first.close()
+        second.close()
+
+
 def _child_peer(path, start, ready, count):
     # Under the default fsync="interval" a call returns before the
     # writer copies its record into the log, so a kill of both and the

@@ -586,6 +586,11 @@ class _LoggedCore:
         backend = self._backend
         if backend._failed is not None:
             raise backend._failed_error()
+        if backend._cores.get(self._topic) is not self:
+            # The catch-up on entering the section applied another
+            # process's move or delete, which closed this handle. The
+            # caller goes on as for a core that another process retired.
+            raise TopicRetired(self._topic)
 
     def _group_name(self, index: int) -> str:
         name = self._groups.get(index)
