@@ -29,10 +29,15 @@ restore.
 
 In-flight entries become ready again on import, with their attempts
 kept, as the log backend does with every in-flight message at a
-restart, and `count_returned` counts them as redelivered. Entries that a core dead-lettered at an ack deadline without
-a record stay in flight here until the ``core_dead`` record that moves
-them to the dead-letter queue; if that record is lost with the power,
-the message is delivered once more after the restore.
+restart, and `count_returned` counts them as redelivered.
+
+Entries that a core dead-lettered at an ack deadline have no record of
+their own, so they stay in flight here until the ``core_dead`` record
+that moves them to the dead-letter queue. A process writes it when it
+next collects the core's dead entries: a get_many or a waiting get, a
+nack, stats or dlq_list on the topic. A restore before that record
+reached the log (none was written yet, or a power loss took it)
+delivers the message once more, past its max_attempts.
 """
 
 from __future__ import annotations
