@@ -479,6 +479,25 @@ def test_calls_after_another_process_moved_topic(tmp_path):
         second.close()
 
 
+def test_ack_many_small_journal_splits(tmp_path):
+    """ack_many of journal deliveries (here of a topic moved from its
+    core) writes records split to fit the smallest journal."""
+    broker = _open(str(tmp_path / "b"), journal_bytes=4096)
+    try:
+        broker.declare_topic("t")
+        consumer = broker.consume("t", "g", prefetch=300)
+        broker.publish_many("t", range(300))
+        broker.publish("t", "keyed", key="k")
+        assert "t" not in broker._backend._core_paths
+        held = consumer.get_many(300, timeout=1)
+        assert len(held) == 300
+        assert consumer.ack_many(held) == 300
+        assert [message.body for message in consumer.get_many(
+            10, timeout=1)] == ["keyed"]
+    finally:
+        broker.close()
+
+
 def _child_peer(path, start, ready, count):
     # Under the default fsync="interval" a call returns before the
     # writer copies its record into the log, so a kill of both and the

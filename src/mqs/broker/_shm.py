@@ -1661,13 +1661,21 @@ class ShmBackend(LogBackend):
                    for tag in tags]
         if any(len(tag) == 5 for tag in tags):
             self._leave_core(topic)
-        # One record, so one mutex round and one replay for the batch.
-        try:
-            return self._settle("ack_many", topic, group, journal)
-        except _OnCore:
-            # The topic is on a core now; each tag settles there or is
-            # stale.
-            return [self.ack(topic, group, tag) for tag in tags]
+        # One record per part, so one mutex round and one replay for
+        # each, in parts that fit a record of the journal.
+        names = len(topic.encode()) + len(group.encode())
+        step = max(1, (self._max_record - names - 256) // _ACK_TAG_BYTES)
+        results: list[bool] = []
+        for start in range(0, len(journal), step):
+            try:
+                results += self._settle("ack_many", topic, group,
+                                        journal[start:start + step])
+            except _OnCore:
+                # The topic is on a core now; each tag left settles
+                # there or is stale.
+                return results + [self.ack(topic, group, tag)
+                                  for tag in tags[start:]]
+        return results
 
     def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
              delay: float | None, error: str | None) -> bool:
@@ -2066,6 +2074,9 @@ def _ack_on_core(core: TopicCore, tag: Any) -> bool:
 # removing the dead entries from the core.
 _after_dead_record_hook: Callable[[], None] | None = None
 
+# Bytes that `ack_many` allows for each tag in a journal record. A tag
+# with an id of a few digits pickles to about 11 bytes.
+_ACK_TAG_BYTES = 40
 # Bytes a dead letter adds to a ``core_dead`` record besides its body.
 _DEAD_LETTER_OVERHEAD = 128
 
