@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import mqs
 from mqs._topiccore import TopicCore
+from mqs.broker import _log_shared
 from mqs.broker._coreimage import DEAD, IN_FLIGHT, READY, CoreImage
 from mqs.broker._log_shared import _journal_files, unlink_journal
 
@@ -280,7 +281,6 @@ def test_image_export_data_is_adoptable():
 def test_replicas_skip_core_records_unread(tmp_path):
     """Other processes skip core records by their op name's bytes; every
     other record is applied."""
-    from mqs.broker import _log_shared
     from mqs.broker._log import encode_record
 
     for op in ("image_publish", "image_ack", "image_deliver"):
@@ -494,6 +494,28 @@ def test_ack_many_small_journal_splits(tmp_path):
         assert consumer.ack_many(held) == 300
         assert [message.body for message in consumer.get_many(
             10, timeout=1)] == ["keyed"]
+    finally:
+        broker.close()
+
+
+def test_ack_many_syncs_once(tmp_path):
+    """Under sync_acks, ack_many of a core's deliveries waits for one
+    sync that covers the batch, not for one per ack."""
+    broker = _open(str(tmp_path / "b"), fsync="always", sync_acks=True)
+    backend = broker._backend
+    syncs = []
+    try:
+        broker.declare_topic("t")
+        consumer = broker.consume("t", "g", prefetch=50)
+        broker.publish_many("t", range(50))
+        held = consumer.get_many(50, timeout=1)
+        sync = backend._sync
+        backend._sync = lambda *args: syncs.append(args) or sync(*args)
+        assert consumer.ack_many(held) == 50
+        del backend._sync
+        assert "t" in backend._core_paths
+        assert len(syncs) == 1
+        assert backend._durable[_log_shared._DURABLE] >= backend._local.mark
     finally:
         broker.close()
 

@@ -1536,30 +1536,52 @@ class SharedLogBackend(ShmBackend):
             result = self._ack_journal(topic, group, tag)
             if result is not None:
                 return result
-        core = self._cores.get(topic)
-        if core is not None and core.path == tag[0]:
-            # `_LoggedCore.ack` with the record built here.
-            try:
-                with self._lock:
-                    if self._cores.get(topic) is not core:
-                        raise TopicRetired(topic)
-                    result = core._core.ack(tag[1], tag[2], tag[3])
-                    if result:
-                        now = self._tick()
-                        self._append(self._reserve("image_ack", _dumps(
-                            ("image_ack", now, (topic, group, tag[4])),
-                            _PROTOCOL)))
-                        if self._bytes_since_snapshot > self._compact_bytes:
-                            self._after_write()
-            except TopicRetired:
-                pass
-            else:
-                if self._sync_acks:
-                    self._sync(self._log)
-                return result
-        result = ShmBackend.ack(self, topic, group, tag)
+        result = self._ack_logged(topic, group, tag)
+        if result is None:
+            result = ShmBackend.ack(self, topic, group, tag)
         if self._sync_acks:
             self._sync(self._log)
+        return result
+
+    def ack_many(self, topic: str, group: str, tags: Sequence[Any]
+                 ) -> list[bool]:
+        tags = list(tags)
+        if not tags or not all(len(tag) == 5 for tag in tags):
+            return ShmBackend.ack_many(self, topic, group, tags)
+        # Tags of a core: under sync_acks one sync after the last ack
+        # covers every record before it, so the batch waits once.
+        results = []
+        for tag in tags:
+            result = self._ack_logged(topic, group, tag)
+            if result is None:
+                result = ShmBackend.ack(self, topic, group, tag)
+            results.append(result)
+        if self._sync_acks:
+            self._sync(self._log)
+        return results
+
+    def _ack_logged(self, topic: str, group: str, tag: Any) -> bool | None:
+        """Ack a core delivery as `_LoggedCore.ack` does, with the record
+        built here and without the sync of sync_acks. Return None when
+        the tag's core is not the topic's, so the caller goes on with
+        `ShmBackend.ack`."""
+        core = self._cores.get(topic)
+        if core is None or core.path != tag[0]:
+            return None
+        try:
+            with self._lock:
+                if self._cores.get(topic) is not core:
+                    raise TopicRetired(topic)
+                result: bool = core._core.ack(tag[1], tag[2], tag[3])
+                if result:
+                    now = self._tick()
+                    self._append(self._reserve("image_ack", _dumps(
+                        ("image_ack", now, (topic, group, tag[4])),
+                        _PROTOCOL)))
+                    if self._bytes_since_snapshot > self._compact_bytes:
+                        self._after_write()
+        except TopicRetired:
+            return None
         return result
 
     def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
