@@ -424,6 +424,25 @@ def _child_move(path, ready):
     signal.pause()
 
 
+def test_move_writes_adopt_file_in_shm(tmp_path):
+    """The state a move hands over goes to a file next to the journal in
+    /dev/shm, which the next snapshot removes, and not next to the log
+    directory."""
+    path = str(tmp_path / "b")
+    broker = _open(path)
+    try:
+        broker.declare_topic("t")
+        broker.publish("t", "plain")
+        broker.publish("t", "keyed", key="k")
+        assert "t" not in broker._backend._core_paths
+        assert sorted(os.listdir(tmp_path)) == ["b"]
+    finally:
+        broker.close()
+    assert sorted(os.listdir(tmp_path)) == ["b"]
+    assert not [name for files in _journal_files(path).values()
+                for name in files if ".adopt-" in name]
+
+
 def test_restore_after_move_to_journal(tmp_path):
     path = str(tmp_path / "b")
     ready = CTX.Event()

@@ -1074,7 +1074,9 @@ class ShmBackend(LogBackend):
                      in self._core_consumers.items() if entry[0] == topic}
         state = self._topics[topic]
         _adopt_core_state(state, data, consumers, now)
-        path = f"{self.path}.adopt-{secrets.token_hex(8)}"
+        # Next to the journal, where `_remove_snapshots` finds it. The
+        # log backend's `path` is its log directory, not the journal.
+        path = f"{self._files_base()}.adopt-{secrets.token_hex(8)}"
         temp = f"{path}.{os.getpid()}.tmp"
         # Owner-only, as every mqs file in /dev/shm, because it contains
         # the message bodies.
