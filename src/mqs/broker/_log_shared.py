@@ -1595,9 +1595,6 @@ class SharedLogBackend(ShmBackend):
     # Topic cores: each change that a restore must rebuild is logged
     # (see `mqs.broker._coreimage`).
 
-    def _files_base(self) -> str:
-        return self._journal_file
-
     def _core(self, topic: str) -> Any:
         handle = self._cores.get(topic)
         if handle is None:
