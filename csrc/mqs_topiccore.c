@@ -936,6 +936,21 @@ static void restart_round(mqs_tc_group_t *group, uint32_t lane_count)
     memset(group->deficits, 0, sizeof(group->deficits));
 }
 
+/* Return the index of the first unused group, or max_groups when every
+ * group is used. */
+static uint32_t unused_group(mqs_tc_header_t *h)
+{
+    uint32_t limit = config_of(h)->params.max_groups;
+    uint32_t g;
+
+    for (g = 0; g < limit; g++) {
+        if (!atomic_load_explicit(&mqs_tc_group(h, g)->used,
+                                  memory_order_relaxed))
+            break;
+    }
+    return g;
+}
+
 /* Name an unused group and give it the fields of a new group, with no
  * entry and the topic's max_attempts. */
 static void reset_group(mqs_tc_header_t *h, mqs_tc_group_t *group,
@@ -973,13 +988,10 @@ int64_t mqs_tc_open_group(mqs_tc_header_t *h, const char *name,
     found = mqs_tc_find_group(h, name, name_length);
     if (found >= 0)
         return found;
-    for (g = 0; g < c->params.max_groups; g++) {
-        group = mqs_tc_group(h, g);
-        if (!atomic_load_explicit(&group->used, memory_order_relaxed))
-            break;
-    }
+    g = unused_group(h);
     if (g == c->params.max_groups)
         return MQS_EFULL;
+    group = mqs_tc_group(h, g);
     /* Entries of an unused group are all free (mqs_tc_repair clears a
      * group whose creation did not finish); tickets stay. */
     s->opening_group = g + 1;
@@ -1445,13 +1457,10 @@ int64_t mqs_tc_import_group(mqs_tc_header_t *h, const char *name,
     if (name_length == 0 || name_length > MQS_TC_NAME_BYTES
         || mqs_tc_find_group(h, name, name_length) >= 0)
         return MQS_EINVAL;
-    for (g = 0; g < c->params.max_groups; g++) {
-        group = mqs_tc_group(h, g);
-        if (!atomic_load_explicit(&group->used, memory_order_relaxed))
-            break;
-    }
+    g = unused_group(h);
     if (g == c->params.max_groups)
         return MQS_EFULL;
+    group = mqs_tc_group(h, g);
     reset_group(h, group, name, name_length);
     group->max_attempts = max_attempts;
     memcpy(group->counters, counters, sizeof(group->counters));
