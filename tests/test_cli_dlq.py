@@ -239,7 +239,16 @@ def test_dlq_held_writer_lock_is_one_line_error(broker_dir):
     fd = os.open(os.path.join(broker_dir, "lock"), os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        result = run_mqs("dlq", "list", "orders", "--path", broker_dir)
+        # `python -m mqs` with a shorter wait for the lock than 10 s.
+        result = subprocess.run(
+            [sys.executable, "-c",
+             "import sys\n"
+             "from mqs.broker import _log_shared\n"
+             "_log_shared.RESTORE_WAIT_S = 0.5\n"
+             "from mqs.cli import main\n"
+             "sys.exit(main())",
+             "dlq", "list", "orders", "--path", broker_dir],
+            check=False, capture_output=True, text=True, timeout=60)
     finally:
         os.close(fd)
         unlink_journal(broker_dir)

@@ -548,6 +548,9 @@ def _log_mismatch(path: str, words: Sequence[int]) -> str | None:
 
 _dumps = pickle.dumps
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+# How long an open waits for the process that has the writer lock to
+# restore a new journal before it raises LogLocked.
+RESTORE_WAIT_S = 10.0
 # Offset of a record's op name: after the protocol (2 bytes) and frame
 # (9 bytes) opcodes of `pickle.dumps` at protocol 5 and the 2 bytes that
 # open a short str. The op names of core records start with _IMAGE_OP.
@@ -1231,7 +1234,7 @@ class SharedLogBackend(ShmBackend):
     def _restore_or_wait(self) -> None:
         """Restore a new journal from the log, or wait for the process
         that has the writer lock to do it. The caller holds the mutex."""
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + RESTORE_WAIT_S
         while not self._try_writer_lock():
             # The writer restores it once it gets the mutex.
             self._leave_shared()
@@ -1239,7 +1242,8 @@ class SharedLogBackend(ShmBackend):
                 raise LogLocked(
                     errno.EAGAIN,
                     f"log broker {self.path!r} has a new journal, but "
-                    f"another process has held its writer lock for 10 s "
+                    f"another process has held its writer lock for "
+                    f"{RESTORE_WAIT_S:g} s "
                     f"without restoring it (it uses a journal that was "
                     f"removed); close that process",
                     os.path.join(self.path, LOCK))
