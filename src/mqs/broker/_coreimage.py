@@ -5,10 +5,10 @@ the shm backend does, and appends a record of each core operation to
 the journal, which its writer copies into the segment log. Processes
 that share the broker skip those records: they all see the core
 itself. A process that restores the broker from the log alone (after a
-reboot, or after the last process closed it) replays them into a
-`CoreImage` instead, starting from the image that the log's snapshot
-contains (`TopicCore.export_image`), and loads the result into a fresh
-core (`TopicCore.import_image`).
+reboot, or after the last process closed it) starts a `CoreImage` from
+the image in the log's snapshot (`TopicCore.export_image`). It replays
+the records after the snapshot into it, and loads the result into a
+fresh core (`TopicCore.import_image`).
 
 Each record carries the result of its operation, so an image needs no
 scheduler: the seq a publish got, the seqs and attempts a fetch

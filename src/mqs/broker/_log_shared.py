@@ -1719,10 +1719,10 @@ class SharedLogBackend(ShmBackend):
         # file in /dev/shm is gone, so the state comes from the image.
         # It has the messages, entries and attempts, but not the
         # scheduler's place, nor the tickets of deliveries made before
-        # the last snapshot. The records after the move then
-        # replay against a state that may differ in which message a
-        # fetch took; an ack or nack whose tag no longer matches is
-        # stale, and its message is delivered again (at-least-once).
+        # the last snapshot. The records after the move then replay
+        # against a state in which a fetch may take another message. An
+        # ack or nack whose tag no longer matches is then stale, so its
+        # message is delivered again (at-least-once).
         image = self._images.pop(topic, None) or CoreImage()
         self._core_paths.pop(topic, None)
         self._adopt_image(topic, image)
