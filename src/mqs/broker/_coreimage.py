@@ -21,8 +21,8 @@ the operation.
 
 A record is appended after its core operation, in the same section.
 A process killed between the two leaves a change that only the core
-has; the writer's next snapshot contains it, but a reboot before that
-loses it. For a publish, delivery, ack or nack that call never returned.
+has. The writer's next snapshot contains it, but a reboot before that
+snapshot loses it. For a publish, delivery, ack or nack that call never returned.
 For a group creation, the records about that group are skipped, and
 the group starts anew when a consumer opens it again after the
 restore.

@@ -1384,9 +1384,9 @@ class SharedLogBackend(ShmBackend):
 
     def _publish_core_one(self, core: _LoggedCore, topic: str, body: Any,
                           priority: int) -> str | None:
-        """Publish one plain message on a core topic, with its record
-        built here, and return its id; None makes the caller use
-        `publish` (a moved topic, a full core, a large body)."""
+        """Publish one plain message on a core topic and log it, and
+        return its id. None makes the caller use `publish` (a moved
+        topic, a full core, a large body)."""
         payload = _dumps(body, _PROTOCOL)
         if len(payload) > CORE_SLOT_BYTES:
             return None
@@ -1401,12 +1401,8 @@ class SharedLogBackend(ShmBackend):
                 seq = core._core.publish(payload, priority, wall)
                 if seq <= 0:
                     return None
-                now = self._tick()
-                self._append(self._reserve("image_publish", _dumps(
-                    ("image_publish", now,
-                     (topic, seq, priority, wall, payload)), _PROTOCOL)))
-                if self._bytes_since_snapshot > self._compact_bytes:
-                    self._after_write()
+                self._log_core("image_publish", topic, seq, priority, wall,
+                               payload)
         except TopicRetired:
             return None
         return f"s{seq}"
@@ -1460,13 +1456,9 @@ class SharedLogBackend(ShmBackend):
                 if not found:
                     return None
                 item = found[0]
-                now = self._tick()
-                self._append(self._reserve("image_deliver", _dumps(
-                    ("image_deliver", now,
-                     (topic, group, auto_ack, [(item[0], item[3], item[2])],
-                      number, ack_timeout)), _PROTOCOL)))
-                if self._bytes_since_snapshot > self._compact_bytes:
-                    self._after_write()
+                self._log_core("image_deliver", topic, group, auto_ack,
+                               [(item[0], item[3], item[2])], number,
+                               ack_timeout)
         except (TopicRetired, ShutDown):
             # `fetch` moves the topic or raises ShutDown with its checks.
             return None
@@ -1565,8 +1557,9 @@ class SharedLogBackend(ShmBackend):
         return results
 
     def _ack_logged(self, topic: str, group: str, tag: Any) -> bool | None:
-        """Ack a core delivery as `_LoggedCore.ack` does, with the record
-        built here and without the sync of sync_acks. Return None when
+        """Ack a core delivery as `_LoggedCore.ack` does, without the
+        slot lookup (the tag has the seq) and without the sync of
+        sync_acks. Return None when
         the tag's core is not the topic's, so the caller goes on with
         `ShmBackend.ack`."""
         core = self._cores.get(topic)
@@ -1578,12 +1571,7 @@ class SharedLogBackend(ShmBackend):
                     raise TopicRetired(topic)
                 result: bool = core._core.ack(tag[1], tag[2], tag[3])
                 if result:
-                    now = self._tick()
-                    self._append(self._reserve("image_ack", _dumps(
-                        ("image_ack", now, (topic, group, tag[4])),
-                        _PROTOCOL)))
-                    if self._bytes_since_snapshot > self._compact_bytes:
-                        self._after_write()
+                    self._log_core("image_ack", topic, group, tag[4])
         except TopicRetired:
             return None
         return result
@@ -1620,11 +1608,12 @@ class SharedLogBackend(ShmBackend):
 
     def _log_core(self, op: str, *args: Any) -> None:
         """Append the record of a core operation; the caller holds the
-        section. No replica applies it (they share the core); `_restore`
-        replays it into `_images`."""
-        self._tick()
-        data = self._reserve(op, encode_record(op, self._now, args))
-        self._append(data)
+        section. No replica applies it, because they share the core, and
+        `_restore` replays it into `_images`."""
+        # `encode_record` without its check for a publish, which core
+        # operations never are, because this runs three times per message.
+        now = self._tick()
+        self._append(self._reserve(op, _dumps((op, now, args), _PROTOCOL)))
         if self._bytes_since_snapshot > self._compact_bytes:
             self._after_write()
 
