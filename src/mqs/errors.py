@@ -207,17 +207,28 @@ class TopicConfigError(MqsError, ValueError):
 
 
 class UnknownTopic(MqsError, LookupError):
-    """Raised for a topic that was never declared on the broker.
+    """Raised for a topic that was never declared on the broker, or that
+    was deleted while a publish waited for room in it.
 
     Attributes
     ----------
     topic : str
         The name that was not found.
+    deleted : bool
+        True when the topic was deleted while a blocked publish waited
+        for room. `Broker.publish` then raises instead of declaring the
+        topic anew, so no message lands in a topic that someone removed.
+    published : int
+        With `deleted`: how many of the call's messages were published
+        before the topic was deleted.
     """
 
-    def __init__(self, message="", topic=None):
+    def __init__(self, message="", topic=None, *, deleted=False,
+                 published=0):
         super().__init__(message)
         self.topic = topic
+        self.deleted = deleted
+        self.published = published
 
 
 class RequestTimeout(MqsError, TimeoutError):

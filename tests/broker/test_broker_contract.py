@@ -2674,6 +2674,59 @@ def test_close_wakes_blocked_publish(broker):
     assert raised[0][1] < 20
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_delete_topic_ends_blocked_publish_without_redeclaring(broker,
+                                                               batch):
+    """A publish blocked on a full topic that another thread deletes
+    raises UnknownTopic marked `deleted`, with the count it published,
+    and the topic stays deleted: the broker's auto_declare does not bring
+    it back with the rest of the batch."""
+    broker.declare_topic("t", maxsize=2)
+    # A single message finds the topic full; of a batch of 3, the first
+    # fits.
+    broker.publish_many("t", ["first", "second"][:2 if batch == 1 else 1])
+    raised = []
+
+    def publish_blocked():
+        try:
+            if batch == 1:
+                broker.publish("t", "x", timeout=30)
+            else:
+                broker.publish_many("t", ["a", "b", "c"], timeout=30)
+        except Exception as exc:  # the exception is the check
+            raised.append(exc)
+
+    thread = threading.Thread(target=publish_blocked)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while broker.stats("t")["stored"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert thread.is_alive()
+    broker.delete_topic("t")
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(raised) == 1
+    error = raised[0]
+    assert type(error) is mqs.UnknownTopic
+    assert error.deleted is True
+    assert error.topic == "t"
+    assert error.published == (0 if batch == 1 else 1)
+    assert "was deleted while a publish waited" in str(error)
+    assert "t" not in broker.topics()
+    # A later publish declares the topic again, as for any unknown topic.
+    broker.publish("t", "again")
+    assert broker.stats("t")["stored"] == 1
+
+
+def test_unknown_topic_without_auto_declare_is_not_marked_deleted(tmp_path):
+    broker = mqs.Broker(auto_declare=False)
+    with pytest.raises(mqs.UnknownTopic) as raised:
+        broker.publish("never", 1)
+    assert raised.value.deleted is False
+    assert raised.value.published == 0
+
+
 def test_memory_broker_usable_in_child_forked_while_busy():
     """A child forked while another thread used a memory broker can use
     its copy: the lock that thread held is new in the child."""

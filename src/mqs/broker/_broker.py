@@ -1640,7 +1640,11 @@ class Broker:
         self._check_due_before_expiry(topic, envelopes[0])
         try:
             return self._backend_publish(topic, envelopes, timeout)
-        except UnknownTopic:
+        except UnknownTopic as exc:
+            # A topic deleted while the publish waited for room stays
+            # deleted.
+            if exc.deleted:
+                raise
             self._ensure_topic(topic)
         return self._backend_publish(topic, envelopes, timeout)
 

@@ -115,6 +115,7 @@ from mqs._seglog import SegmentLog, check_options
 from mqs.broker._backend import Backend, Delivery, Envelope, GroupStats
 from mqs.broker._memory import (
     MemoryBackend,
+    _deleted_while_full,
     _redeclare_changes,
     _sample_every,
     _slice,
@@ -614,10 +615,14 @@ class LogBackend(MemoryBackend):
                 timeout: float | None) -> list[str]:
         deadline = None if timeout is None else self.clock() + timeout
         ids: list[str] = []
+        waited = False
         try:
             with self._lock:
                 while True:
                     self._check_open()
+                    if waited and topic not in self._topics:
+                        raise _deleted_while_full(topic, len(ids),
+                                                  len(envelopes))
                     state = self._topic(topic)
                     now = self._tick()
                     if not self._publish_blocked(state, envelopes[len(ids)],
@@ -633,6 +638,7 @@ class LogBackend(MemoryBackend):
                         raise _stayed_full(topic, state.config.maxsize,
                                            len(ids), len(envelopes))
                     self._wait(_slice(wait))
+                    waited = True
         finally:
             self._sync(self._log)
 

@@ -156,10 +156,13 @@ class MemoryBackend(Backend):
                 timeout: float | None) -> list[str]:
         deadline = None if timeout is None else self.clock() + timeout
         ids: list[str] = []
+        waited = False
         with self._lock:
             while True:
                 # Also after each wait: `close` wakes a blocked publish.
                 self._check_open()
+                if waited and topic not in self._topics:
+                    raise _deleted_while_full(topic, len(ids), len(envelopes))
                 state = self._topic(topic)
                 now = self.clock()
                 ids += state.publish(envelopes[len(ids):], now, time.time(),
@@ -172,6 +175,7 @@ class MemoryBackend(Backend):
                     raise _stayed_full(topic, state.config.maxsize,
                                        len(ids), len(envelopes))
                 self._wait(_slice(wait))
+                waited = True
 
     def publish_one(self, topic: str, body: Any, priority: int
                     ) -> str | None:
@@ -433,6 +437,17 @@ def _stayed_full(topic: str, maxsize: int, published: int,
         f"topic {topic!r} stayed full (maxsize {maxsize}): published "
         f"{published} of {total} messages; consume faster or raise maxsize",
         published)
+
+
+def _deleted_while_full(topic: str, published: int,
+                        total: int) -> UnknownTopic:
+    """Return the `UnknownTopic` a blocked publish raises when its topic
+    was deleted while it waited for room."""
+    return UnknownTopic(
+        f"topic {topic!r} was deleted while a publish waited for room in "
+        f"it: published {published} of {total} messages; declare the topic "
+        f"again to publish the rest", topic, deleted=True,
+        published=published)
 
 
 def _redeclare_changes(stored: TopicConfig, config: TopicConfig,

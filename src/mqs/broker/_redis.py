@@ -122,6 +122,7 @@ from mqs.broker._backend import (
 )
 from mqs import metrics
 from mqs.broker._memory import (
+    _deleted_while_full,
     _redeclare_changes,
     _sample_every,
     _stayed_full,
@@ -750,6 +751,7 @@ class RedisBackend(Backend):
         chunks = {start: self._publish_args(
                       envelopes[start:start + _MAX_BATCH])
                   for start in range(0, len(envelopes), _MAX_BATCH)}
+        waited = False
         while True:
             chunk = chunks.pop(len(ids), None)
             if chunk is None:
@@ -757,7 +759,13 @@ class RedisBackend(Backend):
                 chunk = self._publish_args(
                     envelopes[len(ids):len(ids) + _MAX_BATCH])
             runs, *args = chunk
-            reply = self._run(topic, "publish", runs, self._maxlen, *args)
+            try:
+                reply = self._run(topic, "publish", runs, self._maxlen, *args)
+            except UnknownTopic:
+                if not ids and not waited:
+                    raise
+                raise _deleted_while_full(topic, len(ids),
+                                          len(envelopes)) from None
             status, _, new_ids, wake_id = reply
             ids += new_ids.decode().split()
             if status == b"OK" and len(ids) == len(envelopes):
@@ -776,6 +784,7 @@ class RedisBackend(Backend):
                                    len(ids), len(envelopes))
             self._wait_wake(topic, wake_id,
                             self._block_cap if left is None else left)
+            waited = True
 
     # ---- consuming ------------------------------------------------------
 

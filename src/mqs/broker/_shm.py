@@ -220,6 +220,7 @@ from mqs.broker._log import (
 )
 from mqs.broker._memory import (
     MemoryBackend,
+    _deleted_while_full,
     _redeclare_changes,
     _stayed_full,
 )
@@ -237,7 +238,13 @@ from mqs.broker._state import (
 )
 from mqs.broker._state import logger as _state_logger
 from mqs.broker._wakeup import Wakeups
-from mqs.errors import BackendUnavailable, Full, MessageTooLarge, ShutDown
+from mqs.errors import (
+    BackendUnavailable,
+    Full,
+    MessageTooLarge,
+    ShutDown,
+    UnknownTopic,
+)
 
 __all__ = ["ShmBackend", "REAP_INTERVAL_S"]
 
@@ -1189,8 +1196,10 @@ class ShmBackend(LogBackend):
         # the other backends, so a retry of the batch adds no duplicates.
         encoded = [_encode(envelope) for envelope in envelopes]
         deadline = None if timeout is None else time.monotonic() + timeout
+        waited = False
 
         def publish_on_core(core: TopicCore) -> Any:
+            nonlocal waited
             while True:
                 done = len(ids)
                 stored, limited = self._publish_core(
@@ -1203,6 +1212,7 @@ class ShmBackend(LogBackend):
                     # body: the topic moves to the journal, behind the
                     # messages stored so far.
                     return _MOVED
+                waited = True
                 if not self._wait_core_room(core, topic, len(ids),
                                             len(envelopes), deadline):
                     return _MOVED
@@ -1211,9 +1221,18 @@ class ShmBackend(LogBackend):
             # Bodies travel as bytes; receivers unpickle them (see
             # `fetch`).
             done = len(ids)
+            if waited and topic not in self._topics:
+                # The core retired because the topic was deleted.
+                raise _deleted_while_full(topic, done, len(envelopes))
             moved = [Envelope(body, *envelope[1:]) for envelope, (_, body)
                      in zip(envelopes[done:], encoded[done:])]
-            return ids + journal_publish(topic, moved, timeout)
+            try:
+                return ids + journal_publish(topic, moved, timeout)
+            except UnknownTopic as exc:
+                if not exc.deleted:
+                    raise
+                raise _deleted_while_full(topic, done + exc.published,
+                                          len(envelopes)) from None
 
         return self._core_or_journal(topic, publish_on_core,
                                      publish_on_journal)
