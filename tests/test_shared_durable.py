@@ -450,6 +450,11 @@ def test_durable_handle_without_persist_puts_but_cannot_get(log_dir,
     take messages before the appender writes them to the log."""
     q = SharedQueue(name=shm_name, persist=log_dir)
     producer = SharedQueue(name=shm_name, create=False)
+    # The handle reports the queue's log, but not an fsync mode: its puts
+    # do not wait for a sync.
+    assert producer.persist == q.persist == log_dir
+    assert producer.fsync is None
+    assert q.fsync == "interval"
     producer.put(b"logged")
     takes = [lambda: producer.get(timeout=1), producer.get_nowait,
              lambda: producer.get_many(5, timeout=1),

@@ -696,12 +696,27 @@ cdef class SharedQueue:
 
     @property
     def persist(self):
-        """Directory of the queue's segment log, or None if not durable."""
-        return self._durable.path if self._durable is not None else None
+        """Directory of the queue's segment log, or None if not durable.
+
+        A handle opened without ``persist=`` on a durable queue reports
+        the directory too: its puts reach the log through the appender,
+        but its gets raise until it is opened with ``persist=``.
+        """
+        if self._durable is not None:
+            return self._durable.path
+        return self._inbox_of
+
+    @property
+    def _has_log(self):
+        """Whether this handle has the log side of a durable queue (it was
+        opened with ``persist=``)."""
+        return self._durable is not None
 
     @property
     def fsync(self):
-        """Durability mode of a durable queue, or None."""
+        """Durability mode of this handle's puts on a durable queue, or
+        None (also for a handle opened without ``persist=``, whose puts
+        return without waiting for a sync)."""
         return self._durable.fsync if self._durable is not None else None
 
     cdef int _check_layout(self, dict requested) except -1:
@@ -1027,7 +1042,8 @@ cdef class SharedQueue:
 
         serializer = self._serializer
         strategy = {v: k for k, v in _STRATEGIES.items()}[self._strategy]
-        persist = self.persist
+        # A handle without the log side reaches the child as one too.
+        persist = self._durable.path if self._durable is not None else None
         fsync = self.fsync or "interval"
         if self.name is not None:
             return (_attach_by_name,

@@ -716,7 +716,7 @@ class MetricsRegistry:
             # A named queue is read by the machine-wide scan already,
             # except a durable one, whose ring is only its inbox.
             if scan_shared and queue.name is not None \
-                    and queue.persist is None:
+                    and not queue._has_log:
                 continue
             try:
                 stats = queue.stats()
@@ -731,7 +731,7 @@ def _local_durable_names() -> set[str]:
     from mqs import _shared
 
     return {queue.name for queue in _shared._live_queues()
-            if queue.name is not None and queue.persist is not None}
+            if queue.name is not None and queue._has_log}
 
 
 REGISTRY = MetricsRegistry()
