@@ -38,7 +38,12 @@ def test_broker_bench_runs_every_case(redis_url):
         shm = cases[ratio["numerator"]]["rate_per_s"]
         peer = cases[ratio["denominator"]]["rate_per_s"]
         assert ratio["value"] == pytest.approx(shm / peer)
-        assert ratio["met"] == (ratio["value"] >= bench_broker.TARGET)
+        if ratio["numerator"].startswith("shm.per_message."):
+            assert ratio["target"] == bench_broker.TARGET
+            assert ratio["met"] == (ratio["value"] >= bench_broker.TARGET)
+        else:
+            assert ratio["target"] is None
+            assert ratio["met"] is None
     tracked = [name for name, ratio in ratios.items() if ratio["tracked"]]
     assert tracked == ["per_message.1p1c_vs_redis_streams"]
 
@@ -84,3 +89,28 @@ def test_broker_bench_worker_failure_raises(monkeypatch):
 def test_broker_bench_rejects_unknown_case():
     with pytest.raises(ValueError, match="unknown case 'shm.x'"):
         bench_broker.run_broker_bench(cases=["shm.x"])
+
+
+def test_batched_ratio_is_shown_without_a_target():
+    """The 30x target is set for one call per message: a batched ratio is
+    printed with "no target" and stays out of the tracked-ratios table."""
+    from mqs import cli_bench_tables
+
+    result = {"cases": [], "ratios": [
+        {"name": "per_message.1p1c_vs_redis_streams", "value": 31.0,
+         "target": 30.0, "met": True, "tracked": True,
+         "numerator": "shm.per_message.1p1c",
+         "denominator": "redis.per_message.1p1c"},
+        {"name": "batched.1p_vs_redis_streams", "value": 3.5,
+         "target": None, "met": None, "tracked": False,
+         "numerator": "shm.batched.1p", "denominator": "redis.batched.1p"},
+    ]}
+    text = bench_broker.format_broker_bench(result)
+    lines = {line.split()[0]: line for line in text.splitlines() if line}
+    assert lines["batched.1p_vs_redis_streams"].split()[1:] == [
+        "3.50x", "no", "target"]
+    assert "target >= 30x  met  (tracked)" in lines[
+        "per_message.1p1c_vs_redis_streams"]
+    rows = cli_bench_tables.section_ratios(None, None, result)
+    assert [row.name for row in rows] == [
+        "broker per_message.1p1c_vs_redis_streams"]

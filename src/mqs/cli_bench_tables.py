@@ -338,9 +338,11 @@ def section_ratios(timers: dict | None, log: dict | None,
                               per_second=ratio["denominator"] is None)
                  for ratio in log["ratios"]]
     if broker is not None:
+        # The batched ratios have no target (see mqs.bench_broker).
         rows += [SectionRatio(f"broker {ratio['name']}", ratio["value"],
                               ratio["target"], ratio["met"])
-                 for ratio in broker["ratios"]]
+                 for ratio in broker["ratios"]
+                 if ratio["target"] is not None]
     if redis is not None and "ratios" in redis:
         rows += [SectionRatio(f"redis {ratio['name']}", ratio["value"],
                               ratio["target"], ratio["met"])
