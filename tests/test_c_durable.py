@@ -17,25 +17,32 @@ SOURCES = [c_build.C_TESTS / "test_durable.c"]
 TIMEOUT_SECONDS = 300
 
 
-@pytest.mark.parametrize("build", list(c_build.BUILD_FLAGS))
-def test_c_durable_threads(build, tmp_path):
-    binary = c_build.compile_c(build, SOURCES, tmp_path / "test_durable")
+@pytest.fixture(scope="module", params=list(c_build.BUILD_FLAGS))
+def binary(request, tmp_path_factory):
+    """Compile tests/c/test_durable.c once per build; return (name, path)."""
+    build = request.param
+    path = tmp_path_factory.mktemp(f"c-durable-{build}") / "test_durable"
+    c_build.compile_c(build, SOURCES, path)
+    return build, path
+
+
+def test_c_durable_threads(binary):
+    build, path = binary
     records = max(20_000, int(100_000 * c_build.scale_factor()))
     if build != "plain":
         records //= 5
-    result = c_build.run_c([str(binary), "threads", str(records)],
+    result = c_build.run_c([str(path), "threads", str(records)],
                            TIMEOUT_SECONDS)
     output = c_build.assert_clean(result, f"test_durable ({build})")
     assert result.stdout.rstrip().endswith(" passed, 0 failed"), output
 
 
-@pytest.mark.parametrize("build", list(c_build.BUILD_FLAGS))
-def test_c_durable_gather(build, tmp_path):
-    binary = c_build.compile_c(build, SOURCES, tmp_path / "test_durable")
+def test_c_durable_gather(binary):
+    build, path = binary
     rounds = max(2_000, int(10_000 * c_build.scale_factor()))
     if build != "plain":
         rounds //= 5
-    result = c_build.run_c([str(binary), "gather", str(rounds)],
+    result = c_build.run_c([str(path), "gather", str(rounds)],
                            TIMEOUT_SECONDS)
     output = c_build.assert_clean(result, f"test_durable gather ({build})")
     assert result.stdout.rstrip().endswith(" passed, 0 failed"), output
