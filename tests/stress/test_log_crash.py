@@ -20,7 +20,7 @@ drained after. No message whose ack returned is delivered again. A
 message was delivered again only after a delivery to a consumer that
 was killed before it logged the ack.
 
-MQS_TEST_SCALE multiplies the run time (default: 10 s of kills). Random
+MQS_TEST_SCALE multiplies the run time (default: 5 s of kills). Random
 choices use fixed seeds.
 """
 
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.stress
 
 PRODUCERS = 4
 CONSUMERS = 4
-RUN_S = 10.0
+RUN_S = 5.0
 
 
 def open_broker(path, sync_acks=False):
