@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 import zlib
@@ -590,48 +591,130 @@ def test_killed_mid_batch_counts_consumer_died(failpoint_path, shm_name,
 # -- stalled producers --------------------------------------------------------
 
 
-@pytest.mark.parametrize("failpoint", PUT_FAILPOINTS)
-def test_stalled_producer_is_waited_for_and_reported(failpoint_path,
-                                                     shm_name, caplog,
-                                                     failpoint):
-    q = SharedQueue(name=shm_name, capacity_bytes=1 << 16)
-    stalled = start_child(failpoint_path,
-                          produce_code(shm_name, 1, 5, 512),
+class RecordingHandler(logging.Handler):
+    """Logging handler that stores every record it receives, from any
+    thread."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def text_about(self, name):
+        """Return the messages that contain queue name `name`, one per line."""
+        messages = [record.getMessage() for record in self.records]
+        return "\n".join(m for m in messages if repr(name) in m)
+
+
+def observe_stalled_producer(failpoint_path, failpoint, name, handler):
+    """Stop producer 1 at `failpoint` in its 3rd put, on new queue `name`,
+    and record what a reader of the queue observes while it waits and
+    after the producer continues. Returns a dict of the observations."""
+    seen = {}
+    q = SharedQueue(name=name, capacity_bytes=1 << 16)
+    stalled = start_child(failpoint_path, produce_code(name, 1, 5, 512),
                           failpoint=f"{failpoint}:3:stop")
     try:
         wait_for_state(stalled.pid, "T")
-        survivor = start_child(failpoint_path,
-                               produce_code(shm_name, 2, 50, 512))
-        status, _, stderr = communicate(survivor)
-        assert status == 0, stderr
+        seen["pid"] = stalled.pid
+        survivor = start_child(failpoint_path, produce_code(name, 2, 50, 512))
+        seen["survivor"] = communicate(survivor)
 
-        assert [HEADER.unpack_from(q.get(timeout=5))[:2]
-                for _ in range(2)] == [(1, 0), (1, 1)]
+        seen["first"] = [HEADER.unpack_from(q.get(timeout=5))[:2]
+                         for _ in range(2)]
         start = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="mqs._shared"), \
-                pytest.raises(queue.Empty):
+        try:
             q.get(timeout=STALL_WAIT_S)
-        assert time.monotonic() - start >= STALL_WAIT_S
-        assert stalled.poll() is None
-        assert q.stats().repaired_records == 0
-        assert re.search(rf"waiting \d+\.\d s for a live producer "
-                         rf"\(pid {stalled.pid}, slot \d+\) to publish a "
-                         rf"record it claimed", caplog.text)
-        assert "into padding" not in caplog.text
+            seen["stalled_get"] = "returned a message"
+        except queue.Empty:
+            seen["stalled_get"] = "Empty"
+        seen["waited_s"] = time.monotonic() - start
+        seen["alive_after_wait"] = stalled.poll() is None
+        seen["repaired_in_stall"] = q.stats().repaired_records
+        seen["log"] = handler.text_about(name)
 
         stalled.send_signal(signal.SIGCONT)
-        status, stdout, stderr = communicate(stalled)
+        seen["stalled"] = communicate(stalled)
     finally:
         if stalled.poll() is None:
             stalled.kill()
             stalled.communicate()
+    seen["got"] = drain(q, 3 + 50, poll=False)
+    seen["repaired_after"] = q.stats().repaired_records
+    q.close()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def stalled_producer_runs(failpoint_path):
+    """Run observe_stalled_producer for each of PUT_FAILPOINTS at once, in
+    threads on queues of their own. Returns {failpoint: the dict of
+    observations, or the exception that ended the run}.
+
+    A stall is reported only after the head was stuck for 5 s, so four
+    runs one after the other took 29 s. A blocked get releases the GIL,
+    so the threads wait out their stalls together.
+    """
+    handler = RecordingHandler()
+    logger = logging.getLogger("mqs._shared")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    names = {failpoint: f"test-stall-{uuid.uuid4().hex[:16]}"
+             for failpoint in PUT_FAILPOINTS}
+    results = {}
+
+    def run(failpoint):
+        try:
+            results[failpoint] = observe_stalled_producer(
+                failpoint_path, failpoint, names[failpoint], handler)
+        except BaseException as exc:  # pytest.fail raises a BaseException subclass
+            results[failpoint] = exc
+
+    threads = [threading.Thread(target=run, args=(failpoint,))
+               for failpoint in PUT_FAILPOINTS]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(4 * CHILD_TIMEOUT_S)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        for name in names.values():
+            for path in Path("/dev/shm").glob(f"mqs.{name}*"):
+                path.unlink()
+    assert not [thread for thread in threads if thread.is_alive()]
+    return results
+
+
+@pytest.mark.parametrize("failpoint", PUT_FAILPOINTS)
+def test_stalled_producer_is_waited_for_and_reported(stalled_producer_runs,
+                                                     failpoint):
+    seen = stalled_producer_runs[failpoint]
+    if isinstance(seen, BaseException):
+        raise seen
+    status, _, stderr = seen["survivor"]
+    assert status == 0, stderr
+    assert seen["first"] == [(1, 0), (1, 1)]
+    assert seen["stalled_get"] == "Empty"
+    assert seen["waited_s"] >= STALL_WAIT_S
+    assert seen["alive_after_wait"]
+    assert seen["repaired_in_stall"] == 0
+    assert re.search(rf"waiting \d+\.\d s for a live producer "
+                     rf"\(pid {seen['pid']}, slot \d+\) to publish a "
+                     rf"record it claimed", seen["log"])
+    assert "into padding" not in seen["log"]
+
+    status, stdout, stderr = seen["stalled"]
     assert status == 0, stderr
     assert stdout == "5\n"
-    got = drain(q, 3 + 50, poll=False)
+    got = seen["got"]
     assert [n for p, n in got if p == 1] == [2, 3, 4]
     assert [n for p, n in got if p == 2] == list(range(50))
-    assert q.stats().repaired_records == 0
-    q.close()
+    assert seen["repaired_after"] == 0
 
 
 def wait_out_stall(q, seconds, poll_timeout):
