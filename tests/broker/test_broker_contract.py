@@ -2719,6 +2719,26 @@ def test_delete_topic_ends_blocked_publish_without_redeclaring(broker,
     assert broker.stats("t")["stored"] == 1
 
 
+def test_consumer_of_deleted_topic_raises_shutdown_after_redeclare(broker):
+    """A consumer whose topic was deleted and declared again belongs to
+    no group of the new topic: its get raises ShutDown, not a bare
+    KeyError, and a new consumer of the same group gets the message."""
+    broker.declare_topic("t")
+    stale = broker.consume("t", "g")
+    broker.delete_topic("t")
+    broker.publish("t", "after")
+    for get in (lambda: stale.get(timeout=0.2),
+                lambda: stale.get_many(5, timeout=0.2)):
+        with pytest.raises(mqs.ShutDown, match="is closed"):
+            get()
+    fresh = broker.consume("t", "g")
+    message = fresh.get(timeout=5)
+    assert message.body == "after"
+    assert message.ack()
+    stale.close()
+    fresh.close()
+
+
 def test_unknown_topic_without_auto_declare_is_not_marked_deleted(tmp_path):
     broker = mqs.Broker(auto_declare=False)
     with pytest.raises(mqs.UnknownTopic) as raised:

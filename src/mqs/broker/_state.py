@@ -513,8 +513,10 @@ class TopicState:
               ack_timeout: float, auto_ack: bool, now: float
               ) -> list[Delivery]:
         self.advance(now)
-        group = self.groups[group_name]
-        slot = group.consumers.get(consumer)
+        # A consumer opened before its topic was deleted and declared
+        # again finds no group here, or a new one without it.
+        group = self.groups.get(group_name)
+        slot = None if group is None else group.consumers.get(consumer)
         if slot is None:
             raise ShutDown(
                 f"consumer {consumer} of group {group_name!r} on topic "
