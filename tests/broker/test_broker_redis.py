@@ -153,6 +153,21 @@ def test_url_is_required():
         mqs.Broker(backend="redis", url=5)
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("localhost:6379", "'localhost:6379'"),
+    ("http://cache:6379/0", "'http://cache:6379/0'"),
+    ("redis://cache:port/0", "'redis://cache:port/0'"),
+    ("redis://app:secret@cache:70000/0", "'redis://app:***@cache:70000/0'"),
+])
+def test_invalid_url_names_url_and_form(url, shown):
+    with pytest.raises(ValueError) as raised:
+        mqs.Broker(backend="redis", url=url)
+    message = str(raised.value)
+    assert f"invalid Redis URL {shown}" in message
+    assert "redis://[user:password@]host:port/db" in message
+    assert "secret" not in message
+
+
 @pytest.mark.parametrize("retry_timeout", [-1, float("nan"), "30", True])
 def test_retry_timeout_checked(retry_timeout):
     # Without a url: the check must come before the url check, and no

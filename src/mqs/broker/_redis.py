@@ -101,6 +101,7 @@ import json
 import logging
 import pickle
 import random
+import re
 import ssl
 import time
 import urllib.parse
@@ -295,6 +296,15 @@ def _public_url(url: str) -> str:
          parts.fragment))
 
 
+def _masked_url(url: str) -> str:
+    """Return `url` with its password replaced by ``***``, also for a URL
+    that `urllib.parse` rejects (such as one with an invalid port)."""
+    try:
+        return _public_url(url)
+    except ValueError:
+        return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
 # ---- topic settings as JSON ---------------------------------------------
 
 def _rate_for_script(rate: Rate) -> dict[str, Any]:
@@ -476,9 +486,16 @@ class RedisBackend(Backend):
                     f"as 'redis://127.0.0.1:6379/0' or "
                     f"'rediss://user:password@host:6380/0', got "
                     f"{type(url).__name__} {url!r}")
-            client = redis.Redis.from_url(
-                url, socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout)
+            try:
+                client = redis.Redis.from_url(
+                    url, socket_timeout=socket_timeout,
+                    socket_connect_timeout=socket_timeout)
+            except ValueError as exc:
+                # redis-py's message names neither the URL nor its form.
+                raise ValueError(
+                    f"invalid Redis URL {_masked_url(url)!r}: {exc}; use "
+                    f"redis://[user:password@]host:port/db, rediss:// for "
+                    f"TLS or unix:///path/to/redis.sock") from exc
             # from_url picks the class for the scheme (TCP, TLS or Unix
             # socket) and connects only on the first command, so every
             # connection of this pool gets the bounded class.
