@@ -656,6 +656,22 @@ def test_purge_unknown_queue_is_one_line_error():
     assert_one_line_error(result, "no shared queue named")
 
 
+@pytest.mark.parametrize("command", [
+    ("purge", "--yes"),
+    ("tail", "--group", "0", "--timeout", "0"),
+])
+def test_queue_command_on_shm_broker_names_broker(shm_broker, command):
+    """purge and tail work on shared queues; given an shm broker's name
+    they say that it is a broker and which commands read it, instead of
+    claiming that no broker of that name exists."""
+    name, *options = command
+    result = run_mqs(name, shm_broker, *options)
+    assert_one_line_error(result, f"{shm_broker!r} is an shm broker")
+    assert "no shm broker of that name" not in result.stderr
+    assert f"mqs stat {shm_broker}" in result.stderr
+    assert f"mqs dlq list {shm_broker} TOPIC" in result.stderr
+
+
 # ------------------------------------------------------------------- tail
 
 

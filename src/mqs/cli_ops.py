@@ -144,11 +144,18 @@ def _open_log(path: str) -> Any:
 
 def _queue_stats(name: str) -> metrics.SharedQueueStats:
     """Read a shared queue's stats, with errors worded for the CLI."""
+    from mqs.cli_broker import shm_broker_exists
     from mqs.shared import QueueLayoutError, QueueNotFound
 
     try:
         return metrics.inspect_shared_queue(name)
     except QueueNotFound:
+        if shm_broker_exists(name):
+            raise CommandError(
+                f"{name!r} is an shm broker, not a shared queue, and this "
+                f"command works on shared queues only; read the broker's "
+                f"counters with `mqs stat {name}` and a topic's dead "
+                f"letters with `mqs dlq list {name} TOPIC`") from None
         raise CommandError(
             f"no shared queue named {name!r}, no shm broker of that name "
             f"and no directory {name!r}; list the queues with `mqs top "
