@@ -88,6 +88,34 @@ def test_dlq_list_json_fields(broker_dir):
         == [letter.id for letter in stored]
 
 
+def test_dlq_list_json_any_picklable_body(tmp_path):
+    """--json prints valid JSON for every picklable body and header: a
+    dict key or a float that JSON cannot hold becomes its repr, as other
+    objects do, instead of a traceback or a bare NaN."""
+    path = str(tmp_path / "broker")
+    bodies = [{("sku", 7): 2}, float("nan"), [float("inf")], {1: "one"},
+              {1, 2}]
+    with open_broker(path) as broker:
+        broker.declare_topic("orders")
+        for body in bodies:
+            broker.publish("orders", body, headers={("a", 1): "tuple key"})
+        consumer = broker.consume("orders", "billing", prefetch=10)
+        for message in consumer.get_many(10, timeout=5):
+            message.nack(requeue=False)
+        consumer.close()
+    result = run_mqs("dlq", "list", "orders", "--path", path, "--json")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+    def reject_constant(name):
+        raise AssertionError(f"{name} is not valid JSON")
+
+    letters = json.loads(result.stdout, parse_constant=reject_constant)
+    assert [letter["body"] for letter in letters] == [
+        {"('sku', 7)": 2}, "nan", ["inf"], {"1": "one"}, "{1, 2}"]
+    assert letters[0]["headers"]["('a', 1)"] == "tuple key"
+
+
 def test_dlq_list_limit(broker_dir):
     letters = dlq_json(broker_dir, "--limit", "2")
     assert [letter["body"]["n"] for letter in letters] == [0, 1]

@@ -20,6 +20,7 @@ import argparse
 import base64
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -226,8 +227,9 @@ def _run_list(args: argparse.Namespace) -> int:
         redis_logger.removeFilter(name_option)
         broker.close()
     if args.json:
-        print(json.dumps([_letter_dict(letter) for letter in letters],
-                         indent=2, default=repr))
+        print(json.dumps(
+            [_json_safe(_letter_dict(letter)) for letter in letters],
+            indent=2, default=repr, allow_nan=False))
         return EXIT_OK
     _console().print(_letters_table(args.topic, letters))
     return EXIT_OK
@@ -254,6 +256,22 @@ def _letter_dict(letter: Any) -> dict[str, Any]:
         "raw_key_base64": _base64(letter.raw_key),
         "raw_headers_base64": _base64(letter.raw_headers),
     }
+
+
+def _json_safe(value: Any) -> Any:
+    """Return `value` with what JSON cannot hold as its repr: a dict key
+    other than str, int, float, bool or None (such as a tuple), and NaN
+    or an infinity. Other objects are left to ``default=repr``."""
+    if isinstance(value, dict):
+        return {key if key is None or isinstance(key, (str, int, bool))
+                or (isinstance(key, float) and math.isfinite(key))
+                else repr(key): _json_safe(item)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return value
 
 
 def _base64(raw: bytes | None) -> str | None:
