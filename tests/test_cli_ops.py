@@ -262,6 +262,28 @@ def test_stat_shm_broker_json(shm_broker):
     check_broker_json(json.loads(flagged.stdout))
 
 
+@pytest.mark.parametrize("interval", [None, 0.05])
+def test_stat_skips_topic_deleted_while_reading(shm_broker, monkeypatch,
+                                                interval):
+    """A topic that another process deletes between the listing and the
+    reading of its stats, such as the reply topic of a finished
+    Broker.request, is left out instead of failing the whole command."""
+    from mqs.cli_broker import broker_stats
+
+    listed = mqs.Broker.topics
+
+    def topics_then_delete(broker):
+        names = listed(broker)
+        if "audit" in names:
+            broker.delete_topic("audit")
+        return names
+
+    monkeypatch.setattr(mqs.Broker, "topics", topics_then_delete)
+    stats = broker_stats("shm", shm_broker, interval_s=interval)
+    assert sorted(stats["topics"]) == ["orders"]
+    assert stats["topics"]["orders"]["stats"]["published"] == 5
+
+
 def test_stat_shm_broker_table(shm_broker):
     result = run_mqs("stat", shm_broker)
     assert result.returncode == 0, result.stderr

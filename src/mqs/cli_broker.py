@@ -267,16 +267,24 @@ def broker_stats(option: str, value: str,
 
 
 def _sample_topics(broker: Any) -> dict[str, Any]:
+    from mqs.errors import UnknownTopic
     from mqs.metrics import stats_as_dict
 
     topics: dict[str, Any] = {}
     for topic in broker.topics():
+        try:
+            group_stats = broker.group_stats(topic)
+            stats = broker.stats(topic)
+        except UnknownTopic:
+            # Deleted by another process since the listing, such as the
+            # reply topic of a request that finished.
+            continue
         groups = []
-        for group in broker.group_stats(topic):
+        for group in group_stats:
             record = stats_as_dict(group)
             record["error_ratio"] = group.error_ratio
             groups.append(record)
-        topics[topic] = {"stats": broker.stats(topic), "groups": groups}
+        topics[topic] = {"stats": stats, "groups": groups}
     return topics
 
 
