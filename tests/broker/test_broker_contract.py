@@ -229,6 +229,29 @@ def test_ttl_dead_letters_when_asked(broker):
     assert broker.stats("t")["dead_lettered.expired"] == 1
 
 
+def test_ttl_expires_when_group_reaches_message(broker):
+    """A message past its ttl stays counted as ready until a get of its
+    group reaches it; then it expires for that group alone, and each
+    group counts it in `expired`."""
+    broker.declare_topic("t", ttl=0.05)
+    first = broker.consume("t", "A")
+    second = broker.consume("t", "B")
+    broker.publish("t", "old")
+    time.sleep(0.1)
+    stats = broker.stats("t")
+    assert stats["ready"] == 2
+    assert stats["expired"] == 0
+    assert drain(first) == []
+    stats = broker.stats("t")
+    assert stats["ready"] == 1
+    assert stats["expired"] == 1
+    assert drain(second) == []
+    stats = broker.stats("t")
+    assert stats["ready"] == 0
+    assert stats["stored"] == 0
+    assert stats["expired"] == 2
+
+
 def test_delay_past_topic_ttl_rejected(broker):
     """The ttl counts from the publish, so a message delayed as long as
     its ttl or longer could never be delivered."""

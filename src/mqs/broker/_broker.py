@@ -1440,7 +1440,10 @@ class Broker:
             dropped (``on_expire="drop"``) or dead-lettered
             (``"dead_letter"``), and counted. The ttl counts from the
             publish, not from the end of a delay, so a publish whose
-            delay is not shorter than its ttl raises ValueError.
+            delay is not shorter than its ttl raises ValueError. A
+            message expires when a get of its group reaches it: until
+            then `stats` counts it as ready, and each group counts it in
+            ``expired``.
         retention : float, optional
             Seconds a message stays stored after every group finished it,
             for groups that join later with ``start="earliest"``.
