@@ -616,6 +616,26 @@ def test_dlq_redrive_resets_attempts(broker):
     assert broker.stats("t")["redriven"] == 1
 
 
+def test_dlq_redrive_into_full_topic_keeps_letters(broker):
+    """A redrive puts every letter back even past the topic's maxsize,
+    so none is lost; publishes then find the topic full until consumers
+    bring it below maxsize again."""
+    broker.declare_topic("t", maxsize=1, when_full="raise")
+    consumer = broker.consume("t", "g")
+    broker.publish("t", "failed")
+    consumer.get(timeout=5).nack(requeue=False)
+    broker.publish("t", "waiting")
+    assert broker.dlq_redrive("t") == 1
+    stats = broker.stats("t")
+    assert stats["stored"] == 2
+    assert stats["dlq"] == 0
+    with pytest.raises(mqs.Full):
+        broker.publish("t", "more")
+    assert drain(consumer) == ["waiting", "failed"]
+    broker.publish("t", "more")
+    assert drain(consumer) == ["more"]
+
+
 def test_dlq_list_limit(broker):
     broker.publish_many("t", ["x", "y", "z"])
     consumer = broker.consume("t", "g", prefetch=3)

@@ -1938,7 +1938,10 @@ class Broker:
         return how many moved.
 
         `ids` is an iterable of `DeadLetter.id` strings, or None for every
-        dead letter. Ids not in the dead-letter queue are skipped.
+        dead letter. Ids not in the dead-letter queue are skipped. The
+        topic's `maxsize` does not limit a redrive: every letter goes
+        back, and publishes find the topic full until it is below
+        `maxsize` again.
         """
         self._check_open()
         if ids is None:
