@@ -11,7 +11,15 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
-from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.mman cimport (
+    MAP_FAILED,
+    MAP_FIXED,
+    MAP_SHARED,
+    PROT_READ,
+    PROT_WRITE,
+    mmap,
+    munmap,
+)
 
 from mqs.includes.mqs_atomic cimport MQS_EFULL, MQS_ETIMEDOUT, MQS_OK
 from mqs.includes.mqs_journal cimport (
@@ -221,8 +229,21 @@ cdef class SharedJournal(_MappedFile):
     def reopen(self):
         """Give this process its own open file description (after fork),
         dropping the slot that belonged to the parent's."""
+        cdef void *base
         self._check()
         fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC)
+        # The inherited mapping references the parent's open file
+        # description, and so keeps the parent's slot lock held while
+        # this process lives: the parent would not be seen as dead. Map
+        # the file again from the new description at the same address
+        # (MAP_FIXED replaces the old mapping in one step).
+        base = mmap(self._base, <size_t>self._file_bytes,
+                    PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0)
+        if base == MAP_FAILED:
+            os.close(fd)
+            raise OSError(f"cannot map {self._file_bytes} bytes of "
+                          f"{self.path} again after fork; /dev/shm or the "
+                          f"address space is exhausted")
         os.close(self._fd)
         self._fd = fd
         self._slot = -1

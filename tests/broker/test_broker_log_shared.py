@@ -119,6 +119,52 @@ def reported(children, key):
             if key in report}
 
 
+FORKING_CONSUMER = """
+broker = mqs.Broker(backend="log", path=sys.argv[1], segment_bytes=1 << 20)
+consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+assert len(consumer.get_many(3, timeout=10)) == 3
+grandchild = os.fork()
+if grandchild == 0:
+    # Off the pipes, so that they close when the child dies.
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    time.sleep(600)
+    os._exit(0)
+print(json.dumps({"grandchild": grandchild}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_log_consumer_redelivered_while_forked_child_lives(path):
+    """A process that forked a child and then died is seen as dead at
+    once, although the child still maps the broker's journal: its
+    in-flight messages come back long before their ack deadline."""
+    broker = open_broker(path)
+    broker.declare_topic("t")
+    broker.consume("t", "g").close()
+    broker.publish_many("t", [0, 1, 2])
+    child = Child(FORKING_CONSUMER, path)
+    grandchild = child.wait_report()["grandchild"]
+    try:
+        child.kill()
+        consumer = broker.consume("t", "g", prefetch=10)
+        messages = []
+        deadline = time.monotonic() + 10
+        while len(messages) < 3 and time.monotonic() < deadline:
+            try:
+                messages += consumer.get_many(10, timeout=0.2)
+            except mqs.Empty:
+                pass
+        assert sorted(message.body for message in messages) == [0, 1, 2]
+        assert all(message.attempts == 2 for message in messages)
+        consumer.ack_many(messages)
+        consumer.close()
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+    broker.close()
+
+
 def test_log_processes_share_topics_groups_and_acks(path):
     broker = open_broker(path, fsync="always")
     broker.declare_topic("t")

@@ -1439,6 +1439,43 @@ def test_shm_core_consumer_of_killed_process_redelivered(name):
     broker.close()
 
 
+@pytest.mark.parametrize("ttl", [None, 600], ids=["core", "journal"])
+def test_shm_consumer_redelivered_while_forked_child_lives(name, ttl):
+    """A process that forked a child (a worker pool, say) and then died
+    is seen as dead at once, although the child still maps the broker:
+    its in-flight messages come back long before their ack deadline."""
+    broker = open_broker(name)
+    broker.declare_topic("t", ttl=ttl)
+    broker.consume("t", "g").close()
+    broker.publish_many("t", list(range(3)))
+    results = FORK.Queue()
+    child = start(take_fork_and_hang, name, results)
+    grandchild = results.get(timeout=30)
+    try:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        consumer = broker.consume("t", "g", prefetch=10)
+        messages = drain(consumer, 3, timeout=10)
+        assert sorted(message.body for message in messages) == [0, 1, 2]
+        assert all(message.attempts == 2 for message in messages)
+        consumer.close()
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+    broker.close()
+
+
+def take_fork_and_hang(name, results):
+    broker = open_broker(name)
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+    assert len(consumer.get_many(3, timeout=10)) == 3
+    grandchild = os.fork()
+    if grandchild == 0:
+        time.sleep(600)
+        os._exit(0)
+    results.put(grandchild)
+    time.sleep(600)
+
+
 def take_and_hang(name):
     broker = open_broker(name)
     consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
