@@ -150,6 +150,29 @@ int mqs_br_map(mqs_bytering_t *ring, int fd, int64_t capacity)
     return MQS_OK;
 }
 
+int mqs_br_remap(mqs_bytering_t *ring, int fd)
+{
+    size_t capacity = (size_t)ring->capacity;
+    void *header, *first, *second;
+
+    /* MAP_FIXED replaces each old mapping in one step, so the pointers
+     * into the mapping stay valid throughout. */
+    header = mmap(ring->header, MQS_BR_HEADER_BYTES, PROT_READ | PROT_WRITE,
+                  MAP_SHARED | MAP_FIXED, fd, 0);
+    if (header == MAP_FAILED)
+        return MQS_ENOMEM;
+    first = mmap(ring->data, capacity, PROT_READ | PROT_WRITE,
+                 MAP_SHARED | MAP_FIXED, fd, MQS_BR_HEADER_BYTES);
+    if (first == MAP_FAILED)
+        return MQS_ENOMEM;
+    second = mmap(ring->data + capacity, capacity, PROT_READ | PROT_WRITE,
+                  MAP_SHARED | MAP_FIXED, fd, MQS_BR_HEADER_BYTES);
+    if (second == MAP_FAILED)
+        return MQS_ENOMEM;
+    ring->fd = fd;
+    return MQS_OK;
+}
+
 void mqs_br_unmap(mqs_bytering_t *ring)
 {
     if (ring->data != NULL)

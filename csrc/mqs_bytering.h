@@ -264,6 +264,18 @@ int mqs_br_map(mqs_bytering_t *ring, int fd, int64_t capacity);
 void mqs_br_unmap(mqs_bytering_t *ring);
 
 /*
+ * Map the header and both copies of the data region again from fd, a new
+ * open file description of the same file, at the same addresses, and
+ * make fd the handle's own. A forked child calls it: the mappings it
+ * inherited reference the parent's description, which keeps the
+ * parent's liveness lock held while the child lives. The handle takes
+ * no ownership of fd. Returns MQS_OK, or MQS_ENOMEM when the address
+ * space is exhausted: part of the old mappings may be gone then, so the
+ * handle must not be used.
+ */
+int mqs_br_remap(mqs_bytering_t *ring, int fd);
+
+/*
  * Write a fresh header into a mapped, zero-filled file, then mark it
  * ready. Only the creating process, before anyone attaches.
  * Returns MQS_OK, or MQS_EINVAL when the robust mutex cannot be set up.

@@ -106,6 +106,15 @@ int mqs_delay_map(mqs_delay_t *d, int fd, int64_t offset,
     return MQS_OK;
 }
 
+int mqs_delay_remap(mqs_delay_t *d, int fd, int64_t offset)
+{
+    void *base = mmap(d->base, (size_t)d->area_bytes,
+                      PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd,
+                      offset);
+
+    return base == MAP_FAILED ? MQS_ENOMEM : MQS_OK;
+}
+
 void mqs_delay_unmap(mqs_delay_t *d)
 {
     if (d->base != NULL)

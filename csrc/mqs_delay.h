@@ -168,6 +168,13 @@ int mqs_delay_map(mqs_delay_t *d, int fd, int64_t offset,
 void mqs_delay_unmap(mqs_delay_t *d);
 
 /*
+ * Map the area again from fd, a new open file description of the same
+ * file, at the same address and `offset` (see mqs_br_remap). Returns
+ * MQS_OK, or MQS_ENOMEM, after which the area must not be used.
+ */
+int mqs_delay_remap(mqs_delay_t *d, int fd, int64_t offset);
+
+/*
  * Write an empty area into a mapped, zero-filled region. Only the
  * creating process, before anyone attaches. Returns MQS_OK, or
  * MQS_EINVAL when the area is too small or the mutex cannot be set up.

@@ -1429,6 +1429,52 @@ def test_forked_child_takes_its_own_liveness_lock(make_queue, shm_name):
     assert q.get(timeout=5) == b"child attached"
 
 
+def test_dead_process_lock_drops_while_its_child_lives(make_queue,
+                                                      shm_name):
+    """A process that attached a queue, forked a child and then died is
+    seen as dead, although the child still maps the queue: the child's
+    inherited mapping must not hold the dead process's liveness lock."""
+    q = make_queue(name=shm_name, capacity_bytes=PAGE)
+    ready_read, ready_write = os.pipe()
+    go_read, go_write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(ready_read)
+            os.close(go_write)
+            # Its own attach, so the mapping is its own too.
+            q.close()
+            own = mqs.SharedQueue(name=shm_name, create=False)
+            if os.fork() == 0:
+                # Attached by now (at fork), so it reports itself.
+                os.write(ready_write, b"r")
+                os.read(go_read, 1)
+                os._exit(0)
+            os.read(go_read, 1)
+            own.close()
+        finally:
+            os._exit(0)
+    os.close(ready_write)
+    os.close(go_read)
+    try:
+        assert os.read(ready_read, 1) == b"r"
+        # This process, the child and the grandchild.
+        assert q.stats().attached_processes == 3
+        os.kill(child, signal.SIGKILL)
+        assert wait_for_pid(child) == -signal.SIGKILL
+        assert q.stats().attached_processes == 2
+    finally:
+        # The grandchild reads end of file and exits.
+        os.close(go_write)
+        os.close(ready_read)
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while q.stats().attached_processes > 1 \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    q.put(b"still works")
+    assert q.get(timeout=5) == b"still works"
+
+
 def test_named_queue_attaches_from_unrelated_program(make_queue, shm_name):
     q = make_queue(name=shm_name, capacity_bytes=PAGE)
     q.put({"question": 6 * 7})

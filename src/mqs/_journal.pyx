@@ -236,11 +236,14 @@ cdef class SharedJournal(_MappedFile):
         # description, and so keeps the parent's slot lock held while
         # this process lives: the parent would not be seen as dead. Map
         # the file again from the new description at the same address
-        # (MAP_FIXED replaces the old mapping in one step).
+        # (MAP_FIXED replaces the old mapping in one step). A failure may
+        # leave no mapping there, so the journal counts as closed then.
         base = mmap(self._base, <size_t>self._file_bytes,
                     PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0)
         if base == MAP_FAILED:
             os.close(fd)
+            self._base = NULL
+            self._mapped(NULL)
             raise OSError(f"cannot map {self._file_bytes} bytes of "
                           f"{self.path} again after fork; /dev/shm or the "
                           f"address space is exhausted")

@@ -56,6 +56,7 @@ from mqs.includes.mqs_bytering cimport (
     mqs_br_format,
     mqs_br_latency,
     mqs_br_map,
+    mqs_br_remap,
     mqs_br_not_empty,
     mqs_br_not_full,
     mqs_br_advance,
@@ -94,6 +95,7 @@ from mqs.includes.mqs_delay cimport (
     mqs_delay_count,
     mqs_delay_format,
     mqs_delay_map,
+    mqs_delay_remap,
     mqs_delay_max_payload,
     mqs_delay_next_due,
     mqs_delay_promote,
@@ -1027,7 +1029,21 @@ cdef class SharedQueue:
     cdef int _reattach_after_fork(self) except -1:
         if self._closed or not self._mapped:
             return 0
-        self._ring.fd = _reopen_own(self._ring.fd)
+        old_fd = self._ring.fd
+        fd = os.open(f"/proc/self/fd/{old_fd}", os.O_RDWR | os.O_CLOEXEC)
+        # The inherited mappings reference the parent's open file
+        # description, which would keep the parent's liveness lock held
+        # while this child lives: map the file again from our own.
+        if mqs_br_remap(&self._ring, fd) != MQS_OK or (
+                self._delay.base != NULL and mqs_delay_remap(
+                    &self._delay, fd,
+                    mqs_br_file_bytes(self._ring.capacity)) != MQS_OK):
+            os.close(fd)
+            raise OSError(
+                f"cannot map shared queue {self._label()} again after "
+                f"fork; the address space is exhausted, and the queue is "
+                f"unusable in this process")
+        os.close(old_fd)
         self._ring.slot = -1
         self._view_positions = []
         self._copies = 0

@@ -63,6 +63,7 @@ cdef extern from "mqs_bytering.h" nogil:
                            int64_t maxsize, int32_t n_groups)
     int mqs_br_map(mqs_bytering_t *ring, int fd, int64_t capacity)
     void mqs_br_unmap(mqs_bytering_t *ring)
+    int mqs_br_remap(mqs_bytering_t *ring, int fd)
     int mqs_br_format(mqs_bytering_t *ring, int64_t max_message_size,
                       int64_t maxsize, int32_t n_groups, uint64_t secret)
     int mqs_br_validate(const mqs_br_header_t *header, int64_t file_bytes)

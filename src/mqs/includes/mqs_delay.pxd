@@ -32,6 +32,7 @@ cdef extern from "mqs_delay.h" nogil:
     int mqs_delay_map(mqs_delay_t *d, int fd, int64_t offset,
                       int64_t area_bytes)
     void mqs_delay_unmap(mqs_delay_t *d)
+    int mqs_delay_remap(mqs_delay_t *d, int fd, int64_t offset)
     int mqs_delay_format(mqs_delay_t *d, int64_t now_ns)
     int mqs_delay_validate(const mqs_delay_t *d)
     int mqs_delay_try_put(mqs_delay_t *d, mqs_bytering_t *ring,
