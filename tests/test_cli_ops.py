@@ -351,6 +351,16 @@ def test_stat_redis_broker_json(redis_url):
     check_broker_json(stats)
 
 
+def test_stat_redis_namespace_without_topics_notes_option(redis_url):
+    namespace = f"mqs-cli-empty-{uuid.uuid4().hex[:12]}"
+    result = run_mqs("stat", "--url", redis_url, "-o",
+                     f"namespace={namespace}", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["topics"] == {}
+    assert f"no topics in namespace {namespace!r}" in result.stderr
+    assert "-o namespace=NAME" in result.stderr
+
+
 def test_stat_interval_prints_rates(shm_name):
     broker = mqs.Broker("shm", name=shm_name)
     broker.declare_topic("t")

@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -276,8 +277,17 @@ def _run_stat(args: argparse.Namespace) -> int:
     if broker is not None:
         from mqs.cli_broker import broker_stats, broker_table
 
-        result = broker_stats(*broker, dict(args.option), args.interval,
+        options = dict(args.option)
+        result = broker_stats(*broker, options, args.interval,
                               args.retry_timeout)
+        if broker[0] == "url" and not result["topics"]:
+            # A namespace is not checked when the broker opens, so a
+            # wrong one shows as an empty broker.
+            namespace = options.get("namespace", "mqs")
+            print(f"mqs stat: note: the redis broker at {broker[1]} has no "
+                  f"topics in namespace {namespace!r}; if its clients use "
+                  f"another namespace, give it with -o namespace=NAME",
+                  file=sys.stderr)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
