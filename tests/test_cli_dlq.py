@@ -634,7 +634,11 @@ def test_dlq_redis_list_without_pickle_names_option(redis_broker):
 
 def test_dlq_redis_unknown_topic_is_one_line_error(redis_broker):
     result = run_mqs("dlq", "list", "nope", *redis_args(redis_broker))
-    assert_one_line_error(result, "topic 'nope' not found in redis broker")
+    _, namespace = redis_broker
+    assert_one_line_error(
+        result, f"topic 'nope' not found in namespace {namespace!r} of "
+                f"redis broker")
+    assert "-o namespace=NAME" in result.stderr
 
 
 def test_dlq_bad_backend_option_is_one_line_error(redis_broker):

@@ -190,6 +190,14 @@ def _open_broker(args: argparse.Namespace) -> Any:
     if not broker.backend.has_topic(args.topic):
         broker.close()
         backend = BACKEND_OPTIONS[option][0]
+        if option == "url":
+            # A wrong namespace hides every topic of the broker.
+            namespace = dict(args.option).get("namespace", "mqs")
+            raise CommandError(
+                f"topic {args.topic!r} not found in namespace "
+                f"{namespace!r} of redis broker {value!r}; check the "
+                f"name, and give the namespace of its clients with -o "
+                f"namespace=NAME")
         raise CommandError(
             f"topic {args.topic!r} not found in {backend} broker "
             f"{value!r}; check the name")
