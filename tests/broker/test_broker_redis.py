@@ -83,6 +83,31 @@ def test_object_body_needs_pickle_serializer(open_broker):
         broker.publish("t", b"x", key=("a", 1))
 
 
+@pytest.mark.parametrize("headers, named", [
+    ({1: 2}, "the int key 1"),
+    ({"outer": {("a", 1): "x"}}, "the tuple key ('a', 1)"),
+    ({"pair": (1, 2)}, "headers['pair'] is a tuple"),
+    ({"list": [1, {2.5}]}, "headers['list'][1] is a set"),
+    ({"blob": b"raw"}, "headers['blob'] is a bytes"),
+])
+def test_headers_that_json_would_change_raise(open_broker, headers, named):
+    """Without pickle, headers travel as JSON, which would turn an int key
+    into a str and a tuple into a list: such headers raise TypeError
+    naming the part, and nothing is published."""
+    broker = open_broker()
+    broker.declare_topic("t")
+    with pytest.raises(TypeError, match=re.escape(named)) as raised:
+        broker.publish("t", b"x", headers=headers)
+    assert "serializer='pickle'" in str(raised.value)
+    assert broker.stats("t")["published"] == 0
+    exact = {"s": "x", "i": 1, "f": 2.5, "b": True, "n": None,
+             "l": [1, "two", [3.0]], "d": {"k": {"deep": False}}}
+    broker.publish("t", b"y", headers=exact)
+    message = broker.consume("t", "g").get(timeout=5)
+    assert message.headers == exact
+    assert type(message.headers["l"]) is list
+
+
 class _PickleFails:
     def __reduce__(self):
         raise RuntimeError("no pickle")

@@ -33,7 +33,10 @@ Mapping
 Bodies
     By default a body must be ``bytes``, ``bytearray``, ``memoryview`` or
     ``str`` (sent as UTF-8 and returned as ``str``); headers must be JSON
-    values; keys and dedup ids must be ``str``, ``bytes`` or ``int``.
+    values that come back as sent (dicts with ``str`` keys, lists, ``str``,
+    ``int``, ``float``, ``bool`` and None; a tuple or an ``int`` key
+    raises `TypeError`); keys and dedup ids must be ``str``, ``bytes`` or
+    ``int``.
     ``serializer="pickle"`` accepts any picklable body, header and key.
     It is off by default because unpickling runs code: anyone who can
     write to the Redis server could run code in every consumer. A broker
@@ -175,6 +178,38 @@ _reply_timeout: contextvars.ContextVar[float | None] = \
 # the default serializer cannot store. `mqs bridge` replaces it with the
 # name of its command-line option.
 PICKLE_HINT = "pass serializer='pickle' to the Broker"
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check_json_exact(value: Any, where: str) -> None:
+    """Raise TypeError unless `value` comes back from JSON as it went in:
+    dicts with str keys, lists and str, int, float, bool or None, by
+    exact type. JSON would turn other keys into strings and tuples into
+    lists without a word."""
+    kind = type(value)
+    if kind in _JSON_SCALARS:
+        return
+    if kind is list:
+        for index, item in enumerate(value):
+            _check_json_exact(item, f"{where}[{index}]")
+        return
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(
+                    f"{where} has the {type(key).__name__} key {key!r}; "
+                    f"backend='redis' stores headers as JSON, which keeps "
+                    f"only str keys; use str keys, or {PICKLE_HINT} to "
+                    f"keep any key")
+            _check_json_exact(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(
+        f"{where} is a {kind.__name__} ({value!r:.60}); backend='redis' "
+        f"stores headers as JSON, which returns only dict, list, str, int, "
+        f"float, bool and None as they were sent; convert it, or "
+        f"{PICKLE_HINT} to keep any object")
+
 
 # The warning logged for the 1st, 10th, 100th ... pickled body read
 # without serializer='pickle' (arguments: the message id and the count).
@@ -711,13 +746,8 @@ class RedisBackend(Backend):
             return b"", b""
         if self._pickle:
             return b"", pickle.dumps(headers, protocol=4)
-        try:
-            return json.dumps(headers).encode(), b""
-        except TypeError as exc:
-            raise TypeError(
-                f"headers must be JSON values on backend='redis' ({exc}); "
-                f"{PICKLE_HINT} to allow others"
-            ) from None
+        _check_json_exact(headers, "headers")
+        return json.dumps(headers).encode(), b""
 
     def _publish_args(self, envelopes: Sequence[Envelope]) -> list:
         """Return the script's arguments: runs of consecutive messages
