@@ -1560,7 +1560,11 @@ class Broker:
             Overrides the topic's ttl for this message, above 0 and at
             most `mqs.MAX_DELAY_SECONDS`.
         timeout : float, optional
-            Bound of the wait when the topic is full and blocks.
+            Bound of the wait when the topic is full and blocks. It does
+            not bound the wait for durability: under ``fsync="always"``
+            a log broker's publish returns once the log is synced, so a
+            writer process that is stopped (SIGSTOP) holds it until the
+            writer runs again or dies and another process takes over.
 
         Raises
         ------
