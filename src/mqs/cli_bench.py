@@ -498,7 +498,8 @@ def _print_tables(console: Console, run: BenchRun, profile: Profile) -> None:
     extra = tables.section_ratios(run.timers, run.log, run.broker,
                                   run.redis)
     if ratios or unmeasured or extra:
-        console.print(_ratios_table(ratios, unmeasured, extra))
+        console.print(_ratios_table(ratios, unmeasured, extra,
+                                    judged=profile.name != "quick"))
 
 
 def _report(args: argparse.Namespace, run: BenchRun, profile: Profile,
@@ -780,26 +781,41 @@ def _latency_table(report: bench_ipc.IpcReport) -> Table:
 def _ratios_table(
         ratios: list[bench.RatioResult],
         unmeasured: list[tuple[bench.TrackedRatio, str]],
-        extra: list[tables.SectionRatio] | None = None) -> Table:
+        extra: list[tables.SectionRatio] | None = None, *,
+        judged: bool = True) -> Table:
+    """Return the tracked ratios. With `judged` false (a --quick run,
+    whose counts are too small to hold a target to) the status column
+    says so instead of met or missed."""
     table = Table(title="Tracked ratios (throughput: of medians; "
                         "latency: of p50)")
     table.add_column("ratio")
     table.add_column("value", justify="right")
     table.add_column("target", justify="right")
     table.add_column("status")
+    smoke = "not judged (--quick)"
     for ratio in ratios:
         status = "[green]met[/green]" if ratio.met else "[red]missed[/red]"
         table.add_row(ratio.tracked.name, _format_ratio(ratio.value),
                       f"{ratio.tracked.comparison} {ratio.tracked.target:g}x",
-                      status)
+                      status if judged else smoke)
     for tracked, reason in unmeasured:
         table.add_row(tracked.name, "-",
                       f"{tracked.comparison} {tracked.target:g}x",
                       "not measured")
     for row in extra or []:
-        table.add_row(*row.cells())
+        cells = row.cells()
+        if not judged and row.met is not None:
+            cells = (*cells[:3], smoke)
+        table.add_row(*cells)
     notes = dict.fromkeys(reason for _, reason in unmeasured)
+    captions = []
+    if not judged:
+        captions.append("--quick is a smoke run: its counts are too small "
+                        "to hold the targets to; run mqs bench without "
+                        "--quick to judge them")
     if notes:
-        table.caption = "not measured: " + "\n".join(
-            escape(note) for note in notes)
+        captions.append("not measured: " + "\n".join(
+            escape(note) for note in notes))
+    if captions:
+        table.caption = "\n".join(captions)
     return table
