@@ -454,8 +454,11 @@ def test_log_rejects_bare_segment_log(tmp_path):
 def test_log_rejects_bad_input(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(NotADirectoryError, match="is a file"):
+    with pytest.raises(NotADirectoryError, match="not a file") as raised:
         open_broker(a_file)
+    # The path shows once, as the error's filename.
+    assert str(raised.value).count(str(a_file)) == 1
+    assert raised.value.filename == str(a_file)
     with pytest.raises(ValueError, match="fsync must be .*got 'sometimes'"):
         open_broker(tmp_path / "b", fsync="sometimes")
     foreign = tmp_path / "foreign"

@@ -967,8 +967,8 @@ def _make_directory(path: str) -> list[str]:
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(
             errno.ENOTDIR,
-            f"the log broker needs a directory, but path {path!r} is a "
-            f"file; pass a new or empty directory", path)
+            "a log broker needs a directory, not a file; pass a new or "
+            "empty directory", path)
     check_directory_kind(path, LOG_BROKER)
     missing = []
     directory = os.path.abspath(path)
