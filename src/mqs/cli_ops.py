@@ -767,10 +767,18 @@ def _run_clean(args: argparse.Namespace) -> int:
     stale = remove_stale_journals(path)
     left = sorted(journal_files(path))
     moved = sorted(before - set(left) - set(stale))
-    lines = [f"{escape(path)}: removed {len(moved)} journal(s) of this "
-             f"broker (moved into its log first) and {len(stale)} of "
-             f"earlier directories at this path; {len(left)} in use by "
-             f"open brokers stay"]
+    if kind == LOG_BROKER:
+        lines = [f"{escape(path)}: removed {len(moved)} journal(s) of this "
+                 f"broker (moved into its log first) and {len(stale)} of "
+                 f"earlier directories at this path; {len(left)} in use by "
+                 f"open brokers stay"]
+    else:
+        # A directory that holds no log broker (now), or none at all:
+        # only journals of earlier brokers at this path can go.
+        lines = [f"{escape(path)}: no log broker here now; removed "
+                 f"{len(stale)} journal(s) of earlier log broker "
+                 f"directories at this path; {len(left)} in use by open "
+                 f"brokers stay"]
     for label, names in (("moved into the log and removed", moved),
                          ("removed (earlier directory)", sorted(stale)),
                          ("in use, kept", left)):

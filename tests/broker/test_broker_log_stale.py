@@ -390,8 +390,9 @@ def test_cli_clean_removed_directory(path):
 
     result = run_clean(path)
     assert result.returncode == 0, result.stderr
-    assert "removed 0 journal(s) of this broker (moved into its log " \
-        "first) and 1 of earlier directories" in result.stdout
+    assert "no log broker here now; removed 1 journal(s) of earlier log " \
+        "broker directories at this path" in result.stdout
+    assert "of this broker" not in result.stdout
     assert "removed (earlier directory): /dev/shm/mqs.broker." \
         in result.stdout
     assert journal_files(path) == []
@@ -403,6 +404,18 @@ def test_cli_clean_removed_directory(path):
     assert result.returncode == 1
     assert f"log broker directory {str(path)!r} not found, and no " \
         f"journal of one is in /dev/shm; check the path" in result.stderr
+
+
+def test_cli_clean_plain_directory_names_no_broker(tmp_path):
+    """A directory that holds no log broker gets no report about "this
+    broker"."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    result = run_clean(plain)
+    assert result.returncode == 0, result.stderr
+    assert "no log broker here now; removed 0 journal(s)" in result.stdout
+    assert "of this broker" not in result.stdout
+    assert os.listdir(plain) == []
 
 
 def test_cli_clean_rejects_shm_broker_name(tmp_path):
