@@ -159,9 +159,10 @@ def test_dlq_redrive_all_json(broker_dir):
 def test_dlq_redrive_unknown_id_moves_nothing(broker_dir):
     first = dead_letters(broker_dir)[0].id
     result = run_mqs("dlq", "redrive", "orders", "--path", broker_dir,
-                     "--id", first, "--id", "no-such-id")
+                     "--id", first, "--id", "no-such-id", "--id", "")
+    # Each id is quoted, so an empty one shows as ''.
     assert_one_line_error(result, "not in the dead-letter queue of "
-                                  "'orders': no-such-id")
+                                  "'orders': 'no-such-id', ''; list")
     assert len(dead_letters(broker_dir)) == 3
 
 

@@ -363,8 +363,8 @@ def _run_redrive(args: argparse.Namespace) -> int:
             if missing:
                 raise CommandError(
                     f"not in the dead-letter queue of {args.topic!r}: "
-                    f"{', '.join(missing)}; list the ids with `mqs dlq "
-                    f"list`")
+                    f"{', '.join(map(repr, missing))}; list the ids with "
+                    f"`mqs dlq list`")
         moved = broker.dlq_redrive(args.topic, ids)
     finally:
         broker.close()
