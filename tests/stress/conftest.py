@@ -3,6 +3,7 @@
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sysconfig
 import tempfile
@@ -59,8 +60,11 @@ def _compile_object(cc, flags, source, target, niceness=0):
     ]
     if platform.machine() == "x86_64":
         command.insert(1, "-mcx16")  # the 16-byte CAS of mqs_atomic.h
+    # A process group of its own, so that a stop also ends the compiler
+    # proper (cc1) that the gcc driver started.
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
         preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
 
 
@@ -125,8 +129,9 @@ def pytest_collection_modifyitems(config, items):
     when a Cython output must be made again, the failpoint_path fixture
     does the whole build itself.
     """
-    if not any("failpoint_path" in getattr(item, "fixturenames", ())
-               for item in items):
+    if config.option.collectonly or not any(
+            "failpoint_path" in getattr(item, "fixturenames", ())
+            for item in items):
         return
     installed = _installed_package()
     cc = _compiler()
@@ -147,7 +152,13 @@ def pytest_sessionfinish(session):
     """Stop an early build that no test waited for and remove its files."""
     for compiler in _early_build.get("compilers", {}).values():
         if compiler.poll() is None:
-            compiler.kill()
+            # The driver's children hold its output pipe open, so
+            # killing the driver alone leaves communicate() waiting for
+            # them to finish compiling.
+            try:
+                os.killpg(compiler.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             compiler.communicate()
     if "out" in _early_build:
         shutil.rmtree(_early_build["out"], ignore_errors=True)
