@@ -783,9 +783,9 @@ def _ratios_table(
         unmeasured: list[tuple[bench.TrackedRatio, str]],
         extra: list[tables.SectionRatio] | None = None, *,
         judged: bool = True) -> Table:
-    """Return the tracked ratios. With `judged` false (a --quick run,
-    whose counts are too small to hold a target to) the status column
-    says so instead of met or missed."""
+    """Return the table of tracked ratios. With `judged` false (a --quick
+    run, whose counts are too small for the targets) the status column
+    reads "not judged" instead of met or missed."""
     table = Table(title="Tracked ratios (throughput: of medians; "
                         "latency: of p50)")
     table.add_column("ratio")

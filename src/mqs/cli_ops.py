@@ -773,7 +773,7 @@ def _run_clean(args: argparse.Namespace) -> int:
                  f"earlier directories at this path; {len(left)} in use by "
                  f"open brokers stay"]
     else:
-        # A directory that holds no log broker (now), or none at all:
+        # The path has no log broker now (or no directory at all), so
         # only journals of earlier brokers at this path can go.
         lines = [f"{escape(path)}: no log broker here now; removed "
                  f"{len(stale)} journal(s) of earlier log broker "

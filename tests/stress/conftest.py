@@ -152,7 +152,7 @@ def pytest_sessionfinish(session):
     """Stop an early build that no test waited for and remove its files."""
     for compiler in _early_build.get("compilers", {}).values():
         if compiler.poll() is None:
-            # The driver's children hold its output pipe open, so
+            # The driver's children keep its output pipe open, so
             # killing the driver alone leaves communicate() waiting for
             # them to finish compiling.
             try:
