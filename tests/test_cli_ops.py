@@ -694,7 +694,8 @@ def test_purge_unknown_queue_is_one_line_error():
 ])
 def test_queue_command_on_shm_broker_names_broker(shm_broker, command):
     """purge and tail work on shared queues only. Given an shm broker's
-    name, they say that it is a broker and which commands read it."""
+    name, their error names it as a broker and lists the commands that
+    read one."""
     name, *options = command
     result = run_mqs(name, shm_broker, *options)
     assert_one_line_error(result, f"{shm_broker!r} is an shm broker")

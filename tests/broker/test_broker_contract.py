@@ -231,7 +231,7 @@ def test_ttl_dead_letters_when_asked(broker):
 
 def test_ttl_expires_when_group_reaches_message(broker):
     """A message past its ttl stays counted as ready until a get of its
-    group reaches it; then it expires for that group alone, and each
+    group reaches it. It then expires for that group alone, and each
     group counts it in `expired`."""
     broker.declare_topic("t", ttl=0.05)
     first = broker.consume("t", "A")
@@ -618,7 +618,7 @@ def test_dlq_redrive_resets_attempts(broker):
 
 def test_dlq_redrive_into_full_topic_keeps_letters(broker):
     """A redrive puts every letter back even past the topic's maxsize,
-    so none is lost; publishes then find the topic full until consumers
+    so none is lost. Publishes then find the topic full until consumers
     bring it below maxsize again."""
     broker.declare_topic("t", maxsize=1, when_full="raise")
     consumer = broker.consume("t", "g")
@@ -2782,7 +2782,7 @@ def test_consumer_of_deleted_topic_raises_shutdown_after_redeclare(broker):
     fresh.close()
 
 
-def test_unknown_topic_without_auto_declare_is_not_marked_deleted(tmp_path):
+def test_unknown_topic_not_marked_deleted():
     broker = mqs.Broker(auto_declare=False)
     with pytest.raises(mqs.UnknownTopic) as raised:
         broker.publish("never", 1)

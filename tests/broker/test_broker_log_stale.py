@@ -407,7 +407,7 @@ def test_cli_clean_removed_directory(path):
 
 
 def test_cli_clean_plain_directory_names_no_broker(tmp_path):
-    """A directory that holds no log broker gets no report about "this
+    """A directory without a log broker gets no report about "this
     broker"."""
     plain = tmp_path / "plain"
     plain.mkdir()

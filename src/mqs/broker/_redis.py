@@ -185,8 +185,8 @@ _JSON_SCALARS = (str, int, float, bool, type(None))
 def _check_json_exact(value: Any, where: str) -> None:
     """Raise TypeError unless `value` comes back from JSON as it went in:
     dicts with str keys, lists and str, int, float, bool or None, by
-    exact type. JSON would turn other keys into strings and tuples into
-    lists without a word."""
+    exact type. JSON would silently turn other keys into strings and
+    tuples into lists."""
     kind = type(value)
     if kind in _JSON_SCALARS:
         return
