@@ -656,6 +656,122 @@ static void test_group_commit_shares_syncs(void)
     CHECK_EQ(mqs_seglog_close(log), MQS_OK);
 }
 
+/*
+ * The leader of a sync waits for the threads that synced in the last two
+ * rounds, not for as many threads as the last sync had: thread A syncs
+ * alone while B and C queue behind it, so the next sync, led by B or C,
+ * waits for A's next record, which A appends 0.5 ms after its sync, and
+ * covers four records. Counting A as one caller of the last round, a
+ * leader would not wait, and its sync would cover three. A thread can
+ * miss the wait (2 ms at most here) on a busy machine, so the scenario
+ * runs up to five times and one four-record sync suffices.
+ */
+typedef struct gather_state {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int syncs;                      /* hook calls of phase 0 */
+    int held;                       /* the first sync waits in its hook */
+    int released;
+    int64_t covered[8];
+} gather_state_t;
+
+static int gather_hook(void *ctx, int64_t end_offset, int phase)
+{
+    gather_state_t *g = ctx;
+
+    if (phase != 0)
+        return 0;
+    pthread_mutex_lock(&g->mu);
+    if (g->syncs < 8)
+        g->covered[g->syncs] = end_offset;
+    g->syncs++;
+    if (g->syncs == 1) {
+        g->held = 1;
+        pthread_cond_broadcast(&g->cv);
+        while (!g->released)
+            pthread_cond_wait(&g->cv, &g->mu);
+    }
+    pthread_mutex_unlock(&g->mu);
+    return 0;
+}
+
+typedef struct gather_arg {
+    mqs_seglog_t *log;
+    pthread_mutex_t *append_mu;
+    int records;
+    int pause_us;                   /* before each record after the first */
+    int errors;
+} gather_arg_t;
+
+static void *gather_appender(void *p)
+{
+    gather_arg_t *a = p;
+
+    for (int i = 0; i < a->records; i++) {
+        mqs_seglog_entry_t e = {.value = "gather", .value_len = 6};
+        int64_t offset;
+        if (i > 0)
+            usleep((useconds_t)a->pause_us);
+        pthread_mutex_lock(a->append_mu);
+        int rc = mqs_seglog_append(a->log, &e, 1, &offset);
+        pthread_mutex_unlock(a->append_mu);
+        if (rc != MQS_OK || mqs_seglog_sync(a->log, offset + 1) != MQS_OK)
+            a->errors++;
+    }
+    return NULL;
+}
+
+static void test_sync_waits_for_recent_callers(void)
+{
+    int best = 0;
+
+    for (int attempt = 0; attempt < 5 && best < 4; attempt++) {
+        char path[300], name[32];
+        mqs_seglog_t *log;
+        pthread_mutex_t append_mu = PTHREAD_MUTEX_INITIALIZER;
+        gather_state_t g = {.syncs = 0};
+        pthread_t threads[3];
+        gather_arg_t args[3];
+
+        snprintf(name, sizeof name, "gather%d", attempt);
+        log_dir(path, sizeof path, name);
+        pthread_mutex_init(&g.mu, NULL);
+        pthread_cond_init(&g.cv, NULL);
+        log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
+        mqs_seglog_set_sync_hook(log, gather_hook, &g);
+        for (int t = 0; t < 3; t++)
+            args[t] = (gather_arg_t){log, &append_mu, t == 0 ? 2 : 1, 500,
+                                     0};
+        pthread_create(&threads[0], NULL, gather_appender, &args[0]);
+        pthread_mutex_lock(&g.mu);
+        while (!g.held)
+            pthread_cond_wait(&g.cv, &g.mu);
+        pthread_mutex_unlock(&g.mu);
+        pthread_create(&threads[1], NULL, gather_appender, &args[1]);
+        pthread_create(&threads[2], NULL, gather_appender, &args[2]);
+        /* B and C append and queue behind A's sync. */
+        usleep(100 * 1000);
+        pthread_mutex_lock(&g.mu);
+        g.released = 1;
+        pthread_cond_broadcast(&g.cv);
+        pthread_mutex_unlock(&g.mu);
+        for (int t = 0; t < 3; t++) {
+            pthread_join(threads[t], NULL);
+            CHECK_EQ(args[t].errors, 0);
+        }
+        CHECK_EQ(g.covered[0], 1);
+        CHECK(g.syncs >= 2);
+        if (g.syncs >= 2 && g.covered[1] > best)
+            best = (int)g.covered[1];
+        mqs_seglog_set_sync_hook(log, NULL, NULL);
+        CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+        pthread_cond_destroy(&g.cv);
+        pthread_mutex_destroy(&g.mu);
+    }
+    printf("gather: the second sync covered %d records\n", best);
+    CHECK_EQ(best, 4);
+}
+
 /* ---- recovery ----------------------------------------------------------- */
 
 static void test_recovery_zeroes_garbage_after_tail(void)
@@ -1238,6 +1354,7 @@ int main(void)
     test_toucher_never_overwrites_records();
     test_always_sync_covers_each_record();
     test_group_commit_shares_syncs();
+    test_sync_waits_for_recent_callers();
     test_recovery_zeroes_garbage_after_tail();
     test_recovery_cuts_at_flipped_bit();
     test_recovery_keeps_records_after_damage();
