@@ -243,6 +243,9 @@ typedef struct mqs_seglog_stats {
      * up with the toucher. */
     int64_t zeros_by_toucher;
     int64_t zeros_by_appender;
+    /* Records appended with pwrite() instead of stores into the mapping,
+     * because syncs came every few records (see mqs_seglog_append). */
+    int64_t records_by_write;
 } mqs_seglog_stats_t;
 
 /* One record to append; key may be NULL with has_key 0. */
@@ -327,7 +330,10 @@ void mqs_seglog_abandon(mqs_seglog_t *log);
  * (except when a roll fails midway: the records before it stay). Rolls
  * to a new segment when the active one is full and then applies
  * retention. Does not sync, except what a roll needs: call
- * mqs_seglog_sync for "always".
+ * mqs_seglog_sync for "always". Records go into the mapping by stores,
+ * or by pwrite() while recent syncs covered few records each (a sync
+ * write-protects the page it ends in, and the next store would fault).
+ * Readers see the same bytes either way.
  * Returns MQS_OK, MQS_EINVAL (n < 1), MQS_ETOOBIG (a record larger than
  * fits in a segment), MQS_EREADONLY, MQS_EPOISONED, MQS_ENOSPACE or
  * MQS_EIO (a new segment could not be created).

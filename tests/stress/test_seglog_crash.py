@@ -193,6 +193,8 @@ def test_seglog_survives_random_kills(tmp_path):
 
 FAILPOINTS = [
     ("seglog.mid_record", "never"),
+    # Under "always" each append syncs, so records go through pwrite().
+    ("seglog.mid_record", "always"),
     ("seglog.after_append", "interval"),
     ("seglog.after_sync", "always"),
     ("seglog.roll_sealed", "interval"),
