@@ -30,3 +30,4 @@ cdef class SegmentLog:
     cdef int _raise_status(self, int rc, object offset=*) except -1
     cdef int _sync(self, int64_t end_offset) except -1
     cdef int64_t _append_entries(self, void *entries, size_t n) except -1
+    cdef int64_t append_bytes(self, bytes data) except -1

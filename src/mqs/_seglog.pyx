@@ -677,6 +677,8 @@ cdef class SegmentLog:
         cdef Py_buffer value_buf, key_buf
         cdef bint value_held = False, key_held = False
         cdef int64_t offset
+        if key is None and timestamp is None and PyBytes_CheckExact(data):
+            return self.append_bytes(data)
         self._check_writer()
         if PyBytes_CheckExact(data):
             e.value = PyBytes_AS_STRING(data)
@@ -717,6 +719,28 @@ cdef class SegmentLog:
                 PyBuffer_Release(&value_buf)
             if key_held:
                 PyBuffer_Release(&key_buf)
+        if self._fsync_mode == MQS_SEGLOG_FSYNC_ALWAYS:
+            self._sync(offset + 1)
+        return offset
+
+    cdef int64_t append_bytes(self, bytes data) except -1:
+        """`append` of a bytes value without key or timestamp, callable
+        from Cython without argument parsing (the log broker appends
+        three records per message this way)."""
+        cdef mqs_seglog_entry_t e
+        cdef int64_t offset
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        self._check_writer()
+        if size > 0xFFFFFFFF:
+            raise MessageTooLarge(
+                f"record value is {size} bytes; max is 4294967295")
+        e.value = PyBytes_AS_STRING(data)
+        e.value_len = size
+        e.has_key = 0
+        e.key = NULL
+        e.key_len = 0
+        e.timestamp_ns = _timestamp_ns(None)
+        offset = self._append_entries(&e, 1)
         if self._fsync_mode == MQS_SEGLOG_FSYNC_ALWAYS:
             self._sync(offset + 1)
         return offset

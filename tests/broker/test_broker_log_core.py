@@ -7,6 +7,7 @@ the broker's /dev/shm files (journal and cores) with
 is gone, then open the directory again.
 """
 
+import functools
 import multiprocessing
 import os
 import pickle
@@ -301,6 +302,31 @@ def test_replicas_skip_core_records_unread(tmp_path):
         del backend._apply
         broker.close()
     assert applied == ["delete"]
+
+
+def test_section_log_core_appends_the_python_record(tmp_path):
+    """The section's C `log_core`, which the backend binds as
+    `_log_core`, appends the record that the Python method appends: the
+    op, the broker time of the operation and the arguments."""
+    broker = _open(str(tmp_path / "b"))
+    backend = broker._backend
+    found = []
+    try:
+        broker.declare_topic("t")
+        assert backend._log_core == backend._lock.log_core
+        for log_core in (backend._lock.log_core,
+                         functools.partial(
+                             _log_shared.SharedLogBackend._log_core,
+                             backend)):
+            with backend._lock:
+                log_core("image_ack", "t", "g", 7)
+                now = backend._now
+            log = backend._log
+            op, at, args = pickle.loads(log.read(log.end_offset - 1))
+            found.append((op, args, at == now))
+    finally:
+        broker.close()
+    assert found == [("image_ack", ("t", "g", 7), True)] * 2
 
 
 def test_plain_topic_core_until_last_close(tmp_path):

@@ -1606,10 +1606,16 @@ class SharedLogBackend(ShmBackend):
         # without the section and without records.
         return Backend.message_reader(self, consumer, message_type)
 
+    def _bind_section_paths(self) -> None:
+        super()._bind_section_paths()
+        # The C version of `_log_core`, as for `_append` and the others.
+        self._log_core = self._lock.log_core  # type: ignore[method-assign]
+
     def _log_core(self, op: str, *args: Any) -> None:
         """Append the record of a core operation; the caller holds the
         section. No replica applies it, because they share the core, and
-        `_restore` replays it into `_images`."""
+        `_restore` replays it into `_images`. (`_bind_section_paths`
+        hides this method behind the section's C version.)"""
         # `encode_record` without its check for a publish, which core
         # operations never are, because this runs three times per message.
         now = self._tick()
