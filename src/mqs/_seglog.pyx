@@ -423,6 +423,12 @@ cdef class SegmentLog:
     times as fast (BENCHMARKS.md); when the thread falls behind,
     `append` writes the zeros itself, as it would without the thread.
 
+    While syncs come every few records (``fsync="always"``, or a caller
+    that flushes after each append), `append` writes each record with
+    ``pwrite()`` instead of storing it into the mapping, because a sync
+    write-protects the page it ends in and the next store would fault.
+    Readers see the same bytes either way.
+
     Resident memory follows the pages in use, not the size of the log:
     the writer releases the pages behind it as it goes, and a reader
     keeps resident about the segment it reads plus the views it holds.
