@@ -608,6 +608,7 @@ typedef struct group_arg {
     mqs_seglog_t *log;
     pthread_mutex_t *append_mu;
     int records;
+    int pause_us;                   /* before each record after the first */
     int errors;
 } group_arg_t;
 
@@ -618,6 +619,8 @@ static void *group_appender(void *p)
 
     for (int i = 0; i < a->records; i++) {
         int64_t offset;
+        if (i > 0 && a->pause_us)
+            usleep((useconds_t)a->pause_us);
         pthread_mutex_lock(a->append_mu);
         int rc = mqs_seglog_append(a->log, &e, 1, &offset);
         pthread_mutex_unlock(a->append_mu);
@@ -640,7 +643,7 @@ static void test_group_commit_shares_syncs(void)
     log_dir(path, sizeof path, "group");
     log = open_log(path, config(1 << 20, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
     for (int t = 0; t < 8; t++) {
-        args[t] = (group_arg_t){log, &mu, 200, 0};
+        args[t] = (group_arg_t){log, &mu, 200, 0, 0};
         pthread_create(&threads[t], NULL, group_appender, &args[t]);
     }
     for (int t = 0; t < 8; t++) {
@@ -775,32 +778,6 @@ static int gather_hook(void *ctx, int64_t end_offset, int phase)
     return 0;
 }
 
-typedef struct gather_arg {
-    mqs_seglog_t *log;
-    pthread_mutex_t *append_mu;
-    int records;
-    int pause_us;                   /* before each record after the first */
-    int errors;
-} gather_arg_t;
-
-static void *gather_appender(void *p)
-{
-    gather_arg_t *a = p;
-
-    for (int i = 0; i < a->records; i++) {
-        mqs_seglog_entry_t e = {.value = "gather", .value_len = 6};
-        int64_t offset;
-        if (i > 0)
-            usleep((useconds_t)a->pause_us);
-        pthread_mutex_lock(a->append_mu);
-        int rc = mqs_seglog_append(a->log, &e, 1, &offset);
-        pthread_mutex_unlock(a->append_mu);
-        if (rc != MQS_OK || mqs_seglog_sync(a->log, offset + 1) != MQS_OK)
-            a->errors++;
-    }
-    return NULL;
-}
-
 static void test_sync_waits_for_recent_callers(void)
 {
     int best = 0;
@@ -811,7 +788,7 @@ static void test_sync_waits_for_recent_callers(void)
         pthread_mutex_t append_mu = PTHREAD_MUTEX_INITIALIZER;
         gather_state_t g = {.syncs = 0};
         pthread_t threads[3];
-        gather_arg_t args[3];
+        group_arg_t args[3];
 
         snprintf(name, sizeof name, "gather%d", attempt);
         log_dir(path, sizeof path, name);
@@ -820,15 +797,14 @@ static void test_sync_waits_for_recent_callers(void)
         log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
         mqs_seglog_set_sync_hook(log, gather_hook, &g);
         for (int t = 0; t < 3; t++)
-            args[t] = (gather_arg_t){log, &append_mu, t == 0 ? 2 : 1, 500,
-                                     0};
-        pthread_create(&threads[0], NULL, gather_appender, &args[0]);
+            args[t] = (group_arg_t){log, &append_mu, t == 0 ? 2 : 1, 500, 0};
+        pthread_create(&threads[0], NULL, group_appender, &args[0]);
         pthread_mutex_lock(&g.mu);
         while (!g.held)
             pthread_cond_wait(&g.cv, &g.mu);
         pthread_mutex_unlock(&g.mu);
-        pthread_create(&threads[1], NULL, gather_appender, &args[1]);
-        pthread_create(&threads[2], NULL, gather_appender, &args[2]);
+        pthread_create(&threads[1], NULL, group_appender, &args[1]);
+        pthread_create(&threads[2], NULL, group_appender, &args[2]);
         /* B and C append and queue behind A's sync. */
         usleep(100 * 1000);
         pthread_mutex_lock(&g.mu);
