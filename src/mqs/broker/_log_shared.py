@@ -1608,8 +1608,10 @@ class SharedLogBackend(ShmBackend):
 
     def _bind_section_paths(self) -> None:
         super()._bind_section_paths()
+        section = self._lock
+        assert isinstance(section, _SharedSection)
         # The C version of `_log_core`, as for `_append` and the others.
-        self._log_core = self._lock.log_core  # type: ignore[method-assign]
+        self._log_core = section.log_core
 
     def _log_core(self, op: str, *args: Any) -> None:
         """Append the record of a core operation; the caller holds the
