@@ -243,6 +243,8 @@ struct mqs_seglog {
     int last_errno;
 };
 
+static int sync_as(mqs_seglog_t *log, int64_t end_offset, int caller);
+
 /*
  * When the syncs of the last rounds covered fewer than 32 records each on
  * average, appends go through pwrite() (see pwrite_record). A pwrite()
@@ -1636,7 +1638,7 @@ int mqs_seglog_close_errno(mqs_seglog_t *log, int *os_errno)
     stop_flusher(log);
     stop_toucher(log);
     if (!log->cfg.readonly && is_durable(log)) {
-        rc = mqs_seglog_sync(log, -1);
+        rc = sync_as(log, -1, 0);
         if (rc == MQS_OK)
             rc = checkpoint_write(log, log->active, log->active->end_pos,
                                   log->active->next_offset);
@@ -1753,7 +1755,12 @@ static int sync_leave(mqs_seglog_t *log, int status)
     return status;
 }
 
-int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
+/*
+ * mqs_seglog_sync. `caller` is 0 for the log's own syncs (the "interval"
+ * flusher's timer, close): they have no record in flight, so no leader
+ * waits for them, and they lead without waiting for others.
+ */
+static int sync_as(mqs_seglog_t *log, int64_t end_offset, int caller)
 {
     mqs_segment_t *seg, **pending;
     size_t pending_n;
@@ -1772,7 +1779,7 @@ int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
         if (atomic_load(&log->synced_offset) >= target_offset &&
             (end_offset >= 0 || log->pending_n == 0))
             return sync_leave(log, MQS_OK);
-        if (!noted) {
+        if (!noted && caller) {
             /* A caller with records to sync: the leader may wait for it. */
             note_caller(log);
             if (log->sync_gathering)
@@ -1788,7 +1795,8 @@ int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
      * pub_pos is stored before pub_offset, so loading in the opposite
      * order gives a position at or past that offset's record. */
     log->sync_running = 1;
-    gather_callers(log);
+    if (caller)
+        gather_callers(log);
     log->arrivals = 0;
     log->sync_round++;
     seg = log->active;
@@ -1847,6 +1855,11 @@ int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
     return MQS_OK;
 }
 
+int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
+{
+    return sync_as(log, end_offset, 1);
+}
+
 static void deadline_after(struct timespec *ts, int64_t ns)
 {
     clock_gettime(CLOCK_MONOTONIC, ts);
@@ -1875,7 +1888,7 @@ static void *flusher_main(void *arg)
             break;
         log->flush_requested = 0;
         pthread_mutex_unlock(&log->flush_mu);
-        int rc = mqs_seglog_sync(log, -1);
+        int rc = sync_as(log, -1, 0);
         pthread_mutex_lock(&log->flush_mu);
         if (rc != MQS_OK)
             break;
