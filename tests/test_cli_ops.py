@@ -704,6 +704,18 @@ def test_queue_command_on_shm_broker_names_broker(shm_broker, command):
     assert f"mqs dlq list {shm_broker} TOPIC" in result.stderr
 
 
+def test_purge_log_broker_dir_error(tmp_path):
+    """purge works on shared queues only. Given a log broker's directory
+    (a name without '/', run from its parent), the error names the
+    directory's kind and the command that deletes the broker's dead
+    letters, instead of claiming that no such directory exists."""
+    mqs.Broker(backend="log", path=str(tmp_path / "shop")).close()
+    result = run_mqs("purge", "shop", "--yes", cwd=tmp_path)
+    assert_one_line_error(result, "'shop' is a log broker directory")
+    assert "no directory" not in result.stderr
+    assert "mqs dlq purge shop TOPIC" in result.stderr
+
+
 # ------------------------------------------------------------------- tail
 
 

@@ -157,6 +157,8 @@ def _queue_stats(name: str) -> metrics.SharedQueueStats:
                 f"command works on shared queues only; read the broker's "
                 f"counters with `mqs stat {name}` and a topic's dead "
                 f"letters with `mqs dlq list {name} TOPIC`") from None
+        if os.path.isdir(name):
+            raise CommandError(_directory_not_queue(name)) from None
         raise CommandError(
             f"no shared queue named {name!r}, no shm broker of that name "
             f"and no directory {name!r}; list the queues with `mqs top "
@@ -165,6 +167,22 @@ def _queue_stats(name: str) -> metrics.SharedQueueStats:
         raise CommandError(str(exc)) from None
     except ValueError as exc:  # a name with '/' or NUL
         raise CommandError(str(exc)) from None
+
+
+def _directory_not_queue(name: str) -> str:
+    """Return the error message for a directory given to a command that
+    works on shared queues only."""
+    kind = directory_kind(name)
+    if kind == LOG_BROKER:
+        return (f"{name!r} is a log broker directory, not a shared queue, "
+                f"and this command works on shared queues only; delete a "
+                f"topic's dead letters with `mqs dlq purge {name} TOPIC` "
+                f"and read the broker's counters with `mqs stat {name}`")
+    description = f"a {kind} directory" if kind else "a directory"
+    return (f"{name!r} is {description}, not a shared queue, and this command "
+            f"works on shared queues only; give the name the queue was "
+            f"created with (SharedQueue(name=...)), or read the directory "
+            f"with `mqs stat {name}`")
 
 
 def _check_queue_name(name: str) -> None:
