@@ -494,6 +494,12 @@ BAD_OPTIONS = [
 
 @pytest.mark.parametrize("options, error, match", BAD_OPTIONS + [
     ({"sync_acks": "yes"}, TypeError, "sync_acks must be True or False"),
+    # Only "always" syncs acks, so elsewhere sync_acks=True would do
+    # nothing.
+    ({"sync_acks": True}, ValueError,
+     "sync_acks=True needs fsync='always', got fsync='interval'"),
+    ({"sync_acks": True, "fsync": "never"}, ValueError,
+     "sync_acks=True needs fsync='always', got fsync='never'"),
     ({"journal_bytes": 5}, ValueError, "journal_bytes must be"),
     ({"journal_bytes": "1M"}, TypeError, "journal_bytes must be an int"),
 ])

@@ -1322,7 +1322,8 @@ class Broker:
     sync_acks : bool, default False
         Under ``fsync="always"``, make acks, nacks and auto_ack
         deliveries of the log broker wait for a sync that covers them,
-        as publishes do.
+        as publishes do. True with another `fsync` mode raises
+        ValueError, because acks in those modes never wait for a sync.
     url : str, default None
         Redis server: ``redis://[user:password@]host:port/db``, or
         ``rediss://`` for TLS, with redis-py's TLS settings in the query

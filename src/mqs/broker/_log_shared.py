@@ -708,11 +708,12 @@ class SharedLogBackend(ShmBackend):
         Size of the shm journal when this call creates it, as for
         `ShmBackend`.
     sync_acks : bool
-        ``fsync="always"`` only: make acks, nacks and auto_ack
-        deliveries wait for a sync that covers their record, as
-        publishes do. The default (False) returns once the record is in
-        the journal; the next sync, at most `fsync_interval_s` later,
-        makes it durable (see "What survives what" in the module docs).
+        ``fsync="always"`` only (True with another mode raises
+        ValueError): make acks, nacks and auto_ack deliveries wait for a
+        sync that covers their record, as publishes do. The default
+        (False) returns once the record is in the journal; the next
+        sync, at most `fsync_interval_s` later, makes it durable (see
+        "What survives what" in the module docs).
 
     Raises
     ------
@@ -766,6 +767,13 @@ class SharedLogBackend(ShmBackend):
         if not isinstance(sync_acks, bool):
             raise TypeError(f"sync_acks must be True or False, got "
                             f"{type(sync_acks).__name__} {sync_acks!r}")
+        if sync_acks and fsync != "always":
+            # The other modes never wait for a sync, so the flag would be
+            # ignored while the caller believes acks are synced.
+            raise ValueError(
+                f"sync_acks=True needs fsync='always', got fsync={fsync!r}; "
+                f"pass fsync='always' to make acks wait for their sync, or "
+                f"leave sync_acks False")
         directory = os.fspath(path)
         created = _make_directory(directory)
         MemoryBackend.__init__(self, clock=self._read_clock,
