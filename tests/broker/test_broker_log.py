@@ -576,6 +576,51 @@ def test_log_too_large_advice_names_limit(tmp_path):
     broker.close()
 
 
+@pytest.mark.parametrize("topic_options", [{}, {"ttl": 600}],
+                         ids=["core", "journal"])
+def test_log_smallest_segment_takes_largest_record(tmp_path, topic_options):
+    """With the smallest segment_bytes, the segment header leaves less
+    than half a segment for one record. A publish just below the limit
+    the broker names must be stored, not break the broker, and the
+    snapshot that the close writes must fit too."""
+    path = tmp_path / "broker"
+    broker = mqs.Broker(backend="log", path=path, segment_bytes=8192)
+    broker.declare_topic("t", **topic_options)
+    broker.consume("t", "g").close()
+    with pytest.raises(mqs.MessageTooLarge) as too_large:
+        broker.publish("t", b"x" * 5000)
+    limit = int(str(too_large.value).split(" bytes that ")[0].split()[-1])
+    assert limit <= 4055
+    # A body of 100 bytes less than the limit leaves room for the rest
+    # of the publish record.
+    broker.publish("t", b"b" * (limit - 100))
+    broker.publish("t", "after")
+    bodies = [b"%d" % i * 500 for i in range(10)]
+    broker.publish_many("t", bodies)
+    broker.close()
+
+    again = mqs.Broker(backend="log", path=path, segment_bytes=8192)
+    consumer = again.consume("t", "g", auto_ack=True)
+    got = [message.body for message in consumer.get_many(20, timeout=5)]
+    assert got == [b"b" * (limit - 100), "after", *bodies]
+    consumer.close()
+    again.close()
+
+
+@pytest.mark.parametrize("segment_bytes", [8192, 12288, 1 << 20])
+def test_log_max_record_fits_segment(tmp_path, segment_bytes):
+    """`max_record_bytes` repeats the segment layout of the C log; a
+    record of that size with the longest key must fit in one segment."""
+    from mqs.broker._log import max_record_bytes
+
+    limit = max_record_bytes(segment_bytes)
+    assert limit <= segment_bytes // 2
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=segment_bytes,
+                        fsync="never") as log:
+        log.append_many([(b"s" + bytes(8), b"v" * limit)])
+        log.append(b"v" * limit)
+
+
 def test_log_directory_is_owner_only(tmp_path):
     path = tmp_path / "broker"
     open_broker(path).close()

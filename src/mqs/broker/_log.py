@@ -149,6 +149,13 @@ LOCK = "lock"
 # Record keys: snapshot parts carry one, operations none. Replay reads
 # any key as a snapshot part, so the first part may carry more bytes.
 _SNAPSHOT_KEY = b"s"
+# Segment layout (csrc/mqs_seglog.h): a header of 4096 bytes, then
+# records that each start with a header of 32 bytes. The longest record
+# key is the first key of a snapshot: _SNAPSHOT_KEY and an 8-byte
+# incarnation id (see `_log_shared._incarnation_key`).
+_SEGMENT_HEADER_BYTES = 4096
+_RECORD_HEADER_BYTES = 32
+_MAX_KEY_BYTES = len(_SNAPSHOT_KEY) + 8
 # Operations whose lost record can only cause a redelivery: with
 # sync_acks=False they return without waiting for a sync.
 _ACK_OPS = frozenset({"ack", "ack_many", "nack"})
@@ -221,7 +228,7 @@ class LogBackend(MemoryBackend):
         self._fsync_interval_s = fsync_interval_s
         self._segment_bytes = segment_bytes
         self._compact_bytes = compact_bytes
-        self._max_record = segment_bytes // 2
+        self._max_record = max_record_bytes(segment_bytes)
         # Broker time: see the module docs.
         self._offset = time.time() - time.monotonic()
         self._last = 0.0
@@ -922,6 +929,15 @@ def _lock_directory(path: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return fd
+
+
+def max_record_bytes(segment_bytes: int) -> int:
+    """Return the largest record value, in bytes, that the broker writes
+    into segments of `segment_bytes`: half a segment, or less when the
+    segment header leaves less room than that for one record (the
+    smallest segments, 8192 bytes)."""
+    room = segment_bytes - _SEGMENT_HEADER_BYTES - _RECORD_HEADER_BYTES
+    return min(segment_bytes // 2, room - _MAX_KEY_BYTES)
 
 
 def _check_log_options(path: Any, fsync: Any, fsync_interval_s: Any,

@@ -204,6 +204,7 @@ from mqs.broker._log import (
     close_segment_log,
     encode_record,
     lock_holder,
+    max_record_bytes,
 )
 from mqs.broker._coreimage import CoreImage, count_returned
 from mqs.broker._memory import MemoryBackend, _sample_every
@@ -871,8 +872,8 @@ class SharedLogBackend(ShmBackend):
         remove_stale_journals(directory, keep=self.shm_name)
         self._durable = _map_durable(self._durable_fd)
         self._journal = SharedJournal(self._journal_file, journal_bytes)
-        self._max_record = min(self._journal.journal_bytes,
-                               segment_bytes) // 2
+        self._max_record = min(self._journal.journal_bytes // 2,
+                               max_record_bytes(segment_bytes))
         self._slot, self._token = self._journal.attach()
         _instances.add(self)
         self._try_writer_lock()
@@ -2074,7 +2075,7 @@ class SharedLogBackend(ShmBackend):
     def _size_advice(self) -> str:
         journal_bytes = self._journal.journal_bytes
         if self._segment_bytes < journal_bytes:
-            return (f"That is half a log segment (segment_bytes="
+            return (f"That is at most half a log segment (segment_bytes="
                     f"{self._segment_bytes}). Open the broker with a larger "
                     f"segment_bytes, or send smaller messages.")
         return (f"That is half its journal of {journal_bytes} bytes, which "
