@@ -199,6 +199,52 @@ def test_log_processes_share_topics_groups_and_acks(path):
     broker.close()
 
 
+ALWAYS_CHILD = """
+broker = mqs.Broker(backend="log", path=sys.argv[1], fsync="always",
+                    segment_bytes=1 << 20)
+consumer = broker.consume("t", "g", ack_timeout=600)
+broker.publish("t", "from-always")
+print(json.dumps({"published": 1}), flush=True)
+# The parent checks the sync of the publish before the get appends more.
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+assert consumer.get(timeout=30).ack()
+print(json.dumps({"acked": 1}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_log_always_process_synced_by_never_writer(path, tmp_path):
+    """fsync is an option of each open. A process that opened with
+    "always" gets its publishes synced before they return, and its acks
+    within about `fsync_interval_s`, also while the writer is a process
+    that opened with "never" (whose own calls never sync)."""
+    broker = open_broker(path, fsync="never")
+    broker.declare_topic("t")
+    log = broker._backend._log
+    go_on = tmp_path / "go-on"
+    child = Child(ALWAYS_CHILD, path, go_on)
+    try:
+        assert child.wait_report() == {"published": 1}
+        # The writer appended the child's publish before the publish
+        # returned, and synced it.
+        assert log.synced_offset == log.end_offset
+        go_on.touch()
+        deadline = time.monotonic() + 30
+        while len(child.reports) < 2:
+            assert child.process.poll() is None, child.process.stderr.read()
+            assert time.monotonic() < deadline, "child never acked"
+            time.sleep(0.01)
+        end = log.end_offset
+        deadline = time.monotonic() + 5
+        while log.synced_offset < end:
+            assert time.monotonic() < deadline, (log.synced_offset, end)
+            time.sleep(0.01)
+    finally:
+        child.kill()
+    broker.close()
+
+
 # "reboot" removes the journal after the kills, so the log alone must
 # contain every ack that returned, which needs sync_acks=True. "kill"
 # keeps the journal, which contains every ack that returned in any mode.

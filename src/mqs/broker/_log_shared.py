@@ -87,6 +87,12 @@ What survives what
     do. Manual deliveries, extend, release and consumer open and close
     never wait, as in `LogBackend` (a restart returns every in-flight
     message anyway).
+    `fsync` is a setting of each open. A process that passes
+    ``"always"`` gets its syncs also when the writer passed another
+    mode: from its open until the last close removes the journal, every
+    writer syncs before it reports records durable.
+    NOTE: the interval syncs are the writer's own, so a process that
+    passes ``"interval"`` while the writer passed ``"never"`` gets none.
     ``"interval"`` and ``"never"``: every operation that returned
     survives SIGKILL of any process, because the journal keeps it until
     a writer has it in the log; a power loss loses what the writer had
@@ -259,10 +265,15 @@ DIRECTORY_ID = "broker.id"
 # _LOG_END     That log's end offset after the writer's last append.
 # _NEXT_LOG_ID The incarnation id of the log that a snapshot is writing,
 #              from before CURRENT names it until _LOG_ID is that id.
+# _ALWAYS_USED 1 once a process opened the journal with fsync="always",
+#              which makes every writer sync before it advances _DURABLE,
+#              whatever its own mode. It stays 1 until the journal is
+#              removed, because a process that dies cannot clear it.
 # `_log_mismatch` compares the log words with the directory's log.
 _DURABLE, _FAILED, _VERSION = 0, 1, 2
 # `JournalSection.append_record` stores _LOG_END (DURABLE_LOG_END).
 _LOG_NUMBER, _LOG_ID, _LOG_END, _NEXT_LOG_ID = 3, 4, DURABLE_LOG_END, 6
+_ALWAYS_USED = 7
 _WRITE_FAILED, _DIRECTORY_REPLACED, _LOG_REPLACED = 1, 2, 3
 # Processes of an older mqs can share a journal with this one (the
 # journal layout is the same). They leave the log words as they are,
@@ -871,6 +882,10 @@ class SharedLogBackend(ShmBackend):
         self._durable_fd = self._lock_durable_file()
         remove_stale_journals(directory, keep=self.shm_name)
         self._durable = _map_durable(self._durable_fd)
+        if self.fsync == "always":
+            # The writer may be a process that opened with another mode;
+            # this word makes it sync what this process waits for.
+            self._durable[_ALWAYS_USED] = 1
         self._journal = SharedJournal(self._journal_file, journal_bytes)
         self._max_record = min(self._journal.journal_bytes // 2,
                                max_record_bytes(segment_bytes))
@@ -1832,7 +1847,7 @@ class SharedLogBackend(ShmBackend):
         log, mark = self._log_state
         if log is None or mark <= self._durable[_DURABLE]:
             return
-        if self.fsync == "always":
+        if self.fsync == "always" or self._durable[_ALWAYS_USED]:
             try:
                 log.flush()
             except ValueError:
