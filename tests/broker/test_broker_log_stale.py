@@ -5,6 +5,7 @@ the same directory."""
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -326,6 +327,21 @@ def check_reports_removal(broker, path):
     with pytest.raises(mqs.BackendUnavailable,
                        match="the directory was removed or replaced"):
         broker.publish("t", "after the removal")
+
+
+def test_log_close_after_removal_logs_no_warning(path, caplog):
+    """The close of a broker whose directory was removed cannot write the
+    recovery point of its log, and need not: no open reads that log
+    again. It must not warn that the next open checks the records."""
+    broker = mqs.Broker(backend="log", path=path)
+    broker.publish("t", "before")
+    shutil.rmtree(path)
+    publish_until_unavailable(broker)
+    with caplog.at_level(logging.WARNING):
+        broker.close()
+    assert "recovery point" not in caplog.text
+    assert "the next open" not in caplog.text
+    assert journal_files(path) == []
 
 
 def test_log_rmtree_removing_current_first_reports_removal(path):

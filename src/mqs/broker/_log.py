@@ -843,18 +843,22 @@ class LogBackend(MemoryBackend):
         return f"<LogBackend {self.path!r} fsync={self.fsync!r}>"
 
 
-def close_segment_log(log: SegmentLog, broker_path: str) -> None:
+def close_segment_log(log: SegmentLog, broker_path: str,
+                      directory_gone: bool = False) -> None:
     """Close the broker's `log`, logging a failed recovery point write.
 
     The records are intact then, so the broker closes anyway, and the
     next open checks the CRCs of the records the recovery point does not
     cover. A failed final sync (`LogPoisoned`) may have lost records and
-    is raised.
+    is raised. With `directory_gone` (the broker directory was removed
+    or replaced, which the caller reported already), no open reads this
+    log again, so the failure is logged at DEBUG level only.
     """
     try:
         log.close()
     except RecoveryPointError as exc:
-        logger.warning("log broker %s: %s", broker_path, exc)
+        level = logging.DEBUG if directory_gone else logging.WARNING
+        logger.log(level, "log broker %s: %s", broker_path, exc)
 
 
 def encode_record(op: str, now: float, args: tuple) -> bytes:

@@ -1041,7 +1041,10 @@ class SharedLogBackend(ShmBackend):
         try:
             if self._log is not None:
                 log, self._log = self._log, None
-                close_segment_log(log, self.path)
+                # `close` checked the directory before it got here.
+                gone = self._durable is not None and \
+                    self._durable[_FAILED] == _DIRECTORY_REPLACED
+                close_segment_log(log, self.path, directory_gone=gone)
         finally:
             # A failed final sync of the log (LogPoisoned) still releases
             # the journal, the mapping and the locks.
