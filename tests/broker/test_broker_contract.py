@@ -2262,6 +2262,21 @@ def test_publish_many_unknown_option_named(broker):
     assert broker.stats("t")["published"] == 0
 
 
+def test_publish_many_rejects_shared_dedup_id(broker):
+    """Every message of a batch shares its options, so one dedup_id for
+    several bodies would keep the first and drop the rest as
+    duplicates."""
+    broker.declare_topic("t")
+    with pytest.raises(ValueError, match="dedup_id 'batch-1' would be "
+                                         "shared by the 2 messages"):
+        broker.publish_many("t", [1, 2], dedup_id="batch-1")
+    assert broker.stats("t")["published"] == 0
+    assert broker.stats("t")["deduplicated"] == 0
+    # A batch of one body may carry a dedup_id.
+    first = broker.publish_many("t", [1], dedup_id="batch-1")
+    assert broker.publish_many("t", [1], dedup_id="batch-1") == first
+
+
 def test_publish_many_of_nothing(broker):
     assert broker.publish_many("t", []) == []
     assert broker.publish_many("t", iter(())) == []

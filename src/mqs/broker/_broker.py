@@ -1617,7 +1617,10 @@ class Broker:
         """Publish every body of `bodies` in one backend call, in order,
         with the same options as `publish`; return their ids.
 
-        On `Full`, ``exc.accepted`` bodies were published and stay.
+        On `Full`, ``exc.accepted`` bodies were published and stay. A
+        `dedup_id` with more than one body raises ValueError, because the
+        messages would share it and all but the first would be dropped as
+        duplicates.
         """
         if isinstance(bodies, (str, bytes, bytearray, memoryview)):
             raise TypeError(
@@ -1629,6 +1632,14 @@ class Broker:
         # The options are checked once; every envelope shares them.
         settings = self._envelope(None, **options)[1:]
         envelopes = [Envelope(body, *settings) for body in bodies]
+        dedup_id = options.get("dedup_id")
+        if dedup_id is not None and len(envelopes) > 1:
+            raise ValueError(
+                f"dedup_id {dedup_id!r} would be shared by the "
+                f"{len(envelopes)} messages of publish_many, so all but the "
+                f"first would be dropped as duplicates; publish each body "
+                f"with its own dedup_id through publish, or leave dedup_id "
+                f"out")
         timeout = _seconds("timeout", timeout)
         if not envelopes:
             self._ensure_topic(topic)
