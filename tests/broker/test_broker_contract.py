@@ -2233,7 +2233,8 @@ def test_broker_close_closes_open_consumers(broker, request):
         other.close()
 
 
-@pytest.mark.parametrize("bodies", ["abc", b"abc", bytearray(b"ab")])
+@pytest.mark.parametrize("bodies", ["abc", b"abc", bytearray(b"ab"),
+                                    {"id": 1, "item": "tea"}])
 def test_publish_many_rejects_str_bodies(broker, bodies):
     broker.declare_topic("t")
     with pytest.raises(TypeError, match=r"pass \[body\] to publish it as "

@@ -1622,7 +1622,8 @@ class Broker:
         messages would share it and all but the first would be dropped as
         duplicates.
         """
-        if isinstance(bodies, (str, bytes, bytearray, memoryview)):
+        # A dict would be published one key per message.
+        if isinstance(bodies, (str, bytes, bytearray, memoryview, Mapping)):
             raise TypeError(
                 f"publish_many takes an iterable of bodies, got "
                 f"{type(bodies).__name__} {bodies!r:.60}, which would be "
