@@ -18,6 +18,7 @@ import pytest
 
 import mqs
 from mqs.broker._log_shared import (
+    DIRECTORY_CHECK_INTERVAL_S,
     SHM_DIR,
     _log_mismatch,
     _path_prefix,
@@ -327,6 +328,33 @@ def check_reports_removal(broker, path):
     with pytest.raises(mqs.BackendUnavailable,
                        match="the directory was removed or replaced"):
         broker.publish("t", "after the removal")
+
+
+def test_log_relative_path_survives_chdir(path, tmp_path, monkeypatch):
+    """A broker opened with a relative path keeps using the directory it
+    opened after the process changes its working directory, as daemons
+    do. The directory check must not take the chdir for a removal."""
+    monkeypatch.chdir(path.parent)
+    broker = mqs.Broker(backend="log", path=path.name)
+    try:
+        broker.publish("t", "before")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        # Past the interval of the writer thread's directory check.
+        time.sleep(DIRECTORY_CHECK_INTERVAL_S + 0.3)
+        broker.publish("t", "after")
+        assert not (elsewhere / path.name).exists()
+    finally:
+        broker.close()
+    reopened = mqs.Broker(backend="log", path=path)
+    try:
+        consumer = reopened.consume("t", "g", auto_ack=True)
+        got = [message.body for message in consumer.get_many(5, timeout=5)]
+        assert got == ["before", "after"]
+        consumer.close()
+    finally:
+        reopened.close()
 
 
 def test_log_close_after_removal_logs_no_warning(path, caplog):

@@ -786,7 +786,9 @@ class SharedLogBackend(ShmBackend):
                 f"sync_acks=True needs fsync='always', got fsync={fsync!r}; "
                 f"pass fsync='always' to make acks wait for their sync, or "
                 f"leave sync_acks False")
-        directory = os.fspath(path)
+        # Absolute, so that a later chdir of the process neither moves
+        # the broker nor looks like a removal to the directory check.
+        directory = os.path.abspath(os.fspath(path))
         created = _make_directory(directory)
         MemoryBackend.__init__(self, clock=self._read_clock,
                                sample_every=_sample_every(sample_every))
