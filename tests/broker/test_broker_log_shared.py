@@ -245,6 +245,43 @@ def test_log_always_process_synced_by_never_writer(path, tmp_path):
     broker.close()
 
 
+INTERVAL_CHILD = """
+broker = mqs.Broker(backend="log", path=sys.argv[1], fsync="interval",
+                    segment_bytes=1 << 20)
+broker.publish("t", "from-interval")
+print(json.dumps({"published": 1}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_log_interval_process_synced_by_never_writer(path):
+    """A process that opened with "interval" gets its records synced
+    within about `fsync_interval_s` also while the writer opened with
+    "never"."""
+    broker = open_broker(path, fsync="never")
+    broker.declare_topic("t")
+    log = broker._backend._log
+    before = log.end_offset
+    child = Child(INTERVAL_CHILD, path)
+    try:
+        assert child.wait_report() == {"published": 1}
+        # The writer's log thread appends the child's publish.
+        deadline = time.monotonic() + 5
+        while log.end_offset == before:
+            assert time.monotonic() < deadline, "publish never appended"
+            time.sleep(0.01)
+        end = log.end_offset
+        # 50 ms and the log thread's wake-up interval, with room for a
+        # loaded machine.
+        deadline = time.monotonic() + 5
+        while log.synced_offset < end:
+            assert time.monotonic() < deadline, (log.synced_offset, end)
+            time.sleep(0.01)
+    finally:
+        child.kill()
+    broker.close()
+
+
 # "reboot" removes the journal after the kills, so the log alone must
 # contain every ack that returned, which needs sync_acks=True. "kill"
 # keeps the journal, which contains every ack that returned in any mode.

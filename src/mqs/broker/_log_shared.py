@@ -91,8 +91,10 @@ What survives what
     ``"always"`` gets its syncs also when the writer passed another
     mode: from its open until the last close removes the journal, every
     writer syncs before it reports records durable.
-    NOTE: the interval syncs are the writer's own, so a process that
-    passes ``"interval"`` while the writer passed ``"never"`` gets none.
+    A process that passes ``"interval"`` makes a writer that passed
+    ``"never"`` sync every `fsync_interval_s` (the writer's) in its log
+    thread, which wakes every `TAKEOVER_INTERVAL_S`, so such records
+    wait up to the sum of both.
     ``"interval"`` and ``"never"``: every operation that returned
     survives SIGKILL of any process, because the journal keeps it until
     a writer has it in the log; a power loss loses what the writer had
@@ -269,11 +271,14 @@ DIRECTORY_ID = "broker.id"
 #              which makes every writer sync before it advances _DURABLE,
 #              whatever its own mode. It stays 1 until the journal is
 #              removed, because a process that dies cannot clear it.
+# _INTERVAL_USED 1 once a process opened it with fsync="interval", which
+#              makes a writer that opened with "never" sync every
+#              `fsync_interval_s` (its own); kept as _ALWAYS_USED is.
 # `_log_mismatch` compares the log words with the directory's log.
 _DURABLE, _FAILED, _VERSION = 0, 1, 2
 # `JournalSection.append_record` stores _LOG_END (DURABLE_LOG_END).
 _LOG_NUMBER, _LOG_ID, _LOG_END, _NEXT_LOG_ID = 3, 4, DURABLE_LOG_END, 6
-_ALWAYS_USED = 7
+_ALWAYS_USED, _INTERVAL_USED = 7, 8
 _WRITE_FAILED, _DIRECTORY_REPLACED, _LOG_REPLACED = 1, 2, 3
 # Processes of an older mqs can share a journal with this one (the
 # journal layout is the same). They leave the log words as they are,
@@ -843,6 +848,8 @@ class SharedLogBackend(ShmBackend):
         # Journal position after the last record of another process that
         # the writer appended: its thread syncs up to there.
         self._others_mark = 0
+        # Writer under "never": when `_sync_for_interval` syncs next.
+        self._next_interval_sync = 0.0
         self._replayed = False
         self._local = threading.local()
         self._stop = threading.Event()
@@ -884,10 +891,12 @@ class SharedLogBackend(ShmBackend):
         self._durable_fd = self._lock_durable_file()
         remove_stale_journals(directory, keep=self.shm_name)
         self._durable = _map_durable(self._durable_fd)
+        # The writer may be a process that opened with a weaker mode;
+        # these words make it sync as this process's mode promises.
         if self.fsync == "always":
-            # The writer may be a process that opened with another mode;
-            # this word makes it sync what this process waits for.
             self._durable[_ALWAYS_USED] = 1
+        elif self.fsync == "interval":
+            self._durable[_INTERVAL_USED] = 1
         self._journal = SharedJournal(self._journal_file, journal_bytes)
         self._max_record = min(self._journal.journal_bytes // 2,
                                max_record_bytes(segment_bytes))
@@ -1928,6 +1937,25 @@ class SharedLogBackend(ShmBackend):
         by the segment log's own flusher (see `_segment_fsync`)."""
         return self._others_mark > self._durable[_DURABLE]
 
+    def _sync_for_interval(self) -> None:
+        """Sync the log every `fsync_interval_s` while it has unsynced
+        records, for the processes that opened with "interval" (writer
+        under "never" only, from the log thread). The thread wakes at
+        least every `TAKEOVER_INTERVAL_S`, which adds to the bound."""
+        log = self._log_state[0]
+        now = time.monotonic()
+        if log is None or now < self._next_interval_sync:
+            return
+        if log.synced_offset >= log.end_offset:
+            return
+        self._next_interval_sync = now + self._fsync_interval_s
+        try:
+            log.flush()
+        except ValueError:
+            # A snapshot closed this log after syncing its records.
+            if not log.closed:
+                raise
+
     def _run_log_thread(self) -> None:
         next_check = 0.0
         while not self._stop.is_set():
@@ -1957,6 +1985,8 @@ class SharedLogBackend(ShmBackend):
                         pass
                 if self._sync_due():
                     self._flush_log()
+                if self.fsync == "never" and self._durable[_INTERVAL_USED]:
+                    self._sync_for_interval()
             except ShutDown:
                 return
             except Exception:
