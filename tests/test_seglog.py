@@ -1184,6 +1184,28 @@ def test_seglog_commit_round_trip(tmp_path):
     assert [p.name for p in (tmp_path / "log").glob(".consumer-*")] == []
 
 
+def test_seglog_relative_path_survives_chdir(tmp_path, monkeypatch):
+    """A log opened with a relative path keeps its directory after the
+    process changes its working directory: commits and group offsets go
+    to the log it opened, not to a path under the new directory."""
+    monkeypatch.chdir(tmp_path)
+    log = mqs.SegmentLog("events", segment_bytes=8192, fsync="never")
+    try:
+        for i in range(5):
+            log.append(b"e%d" % i)
+        elsewhere = tmp_path / "elsewhere"
+        (elsewhere / "events").mkdir(parents=True)
+        monkeypatch.chdir(elsewhere)
+        log.commit("billing", 3)
+        assert log.committed("billing") == 3
+        assert log.path == str(tmp_path / "events")
+    finally:
+        log.close()
+    assert os.listdir(elsewhere / "events") == []
+    with mqs.SegmentLog(tmp_path / "events", fsync="never") as reopened:
+        assert reopened.committed("billing") == 3
+
+
 def test_seglog_commit_detects_damage(tmp_path):
     with mqs.SegmentLog(tmp_path / "log", segment_bytes=SEGMENT) as log:
         log.append_many([b"record"] * 6)

@@ -453,7 +453,9 @@ cdef class SegmentLog:
             raise TypeError(
                 f"path must be a str or os.PathLike, got "
                 f"{type(path).__name__} {path!r}")
-        self.path = os.fsdecode(os.fspath(path))
+        # Absolute, so that commits after a chdir of the process still go
+        # to this log's directory.
+        self.path = os.path.abspath(os.fsdecode(os.fspath(path)))
         if not readonly and directory_kind(self.path) == LOG_BROKER:
             # A log broker keeps its segment logs in subdirectories, so
             # segments and a lock file at its top would corrupt it.
