@@ -621,6 +621,37 @@ def test_log_max_record_fits_segment(tmp_path, segment_bytes):
         log.append(b"v" * limit)
 
 
+@pytest.mark.parametrize("current", ["log-999999\n", "", "garbage\x00",
+                                     "log-\xe9"],
+                         ids=["missing-log", "empty", "not-a-name",
+                              "not-ascii"])
+def test_log_bad_current_raises_keeps_log(tmp_path, current):
+    """A CURRENT file that names no log directory of the broker (a
+    partial copy, a manual edit) must stop the open with an error that
+    names the file, instead of starting an empty broker and deleting
+    the real log as a leftover of a compaction."""
+    path = tmp_path / "broker"
+    broker = mqs.Broker(backend="log", path=path)
+    broker.publish("t", "kept")
+    broker.close()
+    logs = sorted(entry.name for entry in path.glob("log-*"))
+    good = (path / "CURRENT").read_text()
+    (path / "CURRENT").write_text(current)
+
+    with pytest.raises(mqs.LogCorrupted, match="CURRENT") as raised:
+        mqs.Broker(backend="log", path=path)
+    assert logs[0] in str(raised.value)
+    assert sorted(entry.name for entry in path.glob("log-*")) == logs
+
+    # The fix that the error names works.
+    (path / "CURRENT").write_text(good)
+    broker = mqs.Broker(backend="log", path=path)
+    consumer = broker.consume("t", "g", auto_ack=True)
+    assert consumer.get(timeout=5).body == "kept"
+    consumer.close()
+    broker.close()
+
+
 def test_log_directory_is_owner_only(tmp_path):
     path = tmp_path / "broker"
     open_broker(path).close()

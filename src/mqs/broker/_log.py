@@ -105,6 +105,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -145,6 +146,8 @@ FSYNC_MODES = ("always", "interval", "never")
 FORMAT = ("mqs.broker.log", 3)
 OBJECT_FORMAT = ("mqs.broker.log", 1)
 CURRENT = "CURRENT"
+# Names of log directories: "log-" and a number of at least six digits.
+_LOG_NAME = re.compile(r"log-[0-9]{6,}")
 LOCK = "lock"
 # Record keys: snapshot parts carry one, operations none. Replay reads
 # any key as a snapshot part, so the first part may carry more bytes.
@@ -286,7 +289,7 @@ class LogBackend(MemoryBackend):
     # Opening, replay and compaction.
 
     def _open(self) -> None:
-        name = _read_current(self.path)
+        name = read_checked_current(self.path)
         if name is None:
             _check_empty(self.path)
             self._compact()
@@ -1012,12 +1015,43 @@ def _make_directory(path: str) -> list[str]:
 
 
 def _read_current(path: str) -> str | None:
-    """Return the name of the active log in `path`, or None if none."""
+    """Return the name of the active log in `path`, or None if none. A
+    byte that is not ASCII reads as U+FFFD, so such a name matches no log
+    (`read_checked_current` reports it)."""
     try:
-        with open(os.path.join(path, CURRENT), encoding="ascii") as file:
+        with open(os.path.join(path, CURRENT), encoding="ascii",
+                  errors="replace") as file:
             return file.read().strip() or None
     except FileNotFoundError:
         return None
+
+
+def read_checked_current(path: str) -> str | None:
+    """Return the name of the active log in `path`, or None if there is
+    no CURRENT file; raise `LogCorrupted` if CURRENT exists but does not
+    name one of the broker's log directories.
+
+    A restore reads CURRENT this way before it deletes the other logs as
+    leftovers of a killed compaction, so a damaged CURRENT costs no log.
+    """
+    current = os.path.join(path, CURRENT)
+    try:
+        with open(current, "rb") as file:
+            text = file.read().strip()
+    except FileNotFoundError:
+        return None
+    name = text.decode("ascii", errors="replace")
+    if _LOG_NAME.fullmatch(name) and os.path.isdir(os.path.join(path, name)):
+        return name
+    logs = sorted(entry for entry in os.listdir(path)
+                  if _LOG_NAME.fullmatch(entry))
+    found = ", ".join(logs) if logs else "none"
+    raise LogCorrupted(
+        f"log broker {path!r}: {CURRENT} names {name!r}, which is not a "
+        f"log directory of the broker (log directories found: {found}); "
+        f"nothing was changed. Restore the directory from a backup, or "
+        f"write the name of the newest log directory into {current!r}",
+        path=current)
 
 
 def lock_holder(path: str) -> int | None:

@@ -213,6 +213,7 @@ from mqs.broker._log import (
     encode_record,
     lock_holder,
     max_record_bytes,
+    read_checked_current,
 )
 from mqs.broker._coreimage import CoreImage, count_returned
 from mqs.broker._memory import MemoryBackend, _sample_every
@@ -1315,7 +1316,7 @@ class SharedLogBackend(ShmBackend):
             log, self._log = self._log, None
             close_segment_log(log, self.path)
 
-        name = _read_current(self.path)
+        name = read_checked_current(self.path)
         if name is None:
             _check_empty(self.path)
             self._log_name = ""
