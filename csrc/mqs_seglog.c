@@ -1377,6 +1377,47 @@ static int segment_recover(mqs_seglog_t *log, mqs_segment_t *seg,
     return MQS_OK;
 }
 
+/*
+ * Read-only: open the segments that the seals of the last ones name, up
+ * to (not including) base `below`. A roll seals the old segment with
+ * its next offset and then creates the next segment at that base, so a
+ * sealed last segment names the file that follows it. The listing
+ * alone is not enough: readdir() may skip a file that is renamed into
+ * the directory while it runs, even when it returns a file renamed
+ * later. POSIX leaves such entries unspecified, and ext4 returns them in
+ * hash order. A skipped segment's offsets would then read as damaged.
+ * No file at that base is a gap of offsets (a recovery cut or
+ * retention), and the listing goes on after it. Unsealed segments are
+ * walked when `walk` is set; open_existing walks them later itself.
+ */
+static int open_sealed_successors(mqs_seglog_t *log, int64_t below, int walk)
+{
+    while (log->nsegs > 0) {
+        mqs_segment_t *last = log->segs[log->nsegs - 1], *seg;
+        mqs_seglog_recovery_t unused;
+        int64_t next = last->seal_next_offset;
+        int rc;
+
+        if (!last->sealed || next <= last->base_offset || next >= below)
+            return MQS_OK;
+        rc = segment_open(log, next, &seg);
+        if (rc == MQS_EIO && log->last_errno == ENOENT)
+            return MQS_OK;
+        if (rc != MQS_OK)
+            return rc;
+        if (walk && !seg->sealed) {
+            memset(&unused, 0, sizeof unused);
+            segment_recover(log, seg, 0, -1, &unused);
+        }
+        rc = segs_push(log, seg);
+        if (rc != MQS_OK) {
+            segment_free(seg);
+            return rc;
+        }
+    }
+    return MQS_OK;
+}
+
 static int open_existing(mqs_seglog_t *log, mqs_seglog_recovery_t *rep)
 {
     int64_t *bases = NULL, ck_base = -1, ck_next = -1;
@@ -1390,7 +1431,11 @@ static int open_existing(mqs_seglog_t *log, mqs_seglog_recovery_t *rep)
         return rc;
     for (size_t i = 0; i < n; i++) {
         mqs_segment_t *seg;
-        rc = segment_open(log, bases[i], &seg);
+        rc = MQS_OK;
+        if (log->cfg.readonly)
+            rc = open_sealed_successors(log, bases[i], 0);
+        if (rc == MQS_OK)
+            rc = segment_open(log, bases[i], &seg);
         if (rc == MQS_OK && segs_push(log, seg) != MQS_OK) {
             segment_free(seg);
             rc = MQS_ENOMEM;
@@ -2631,16 +2676,40 @@ int mqs_seglog_refresh(mqs_seglog_t *log)
     }
 }
 
+/*
+ * Read-only: walk `last` to its end before a segment is added after it,
+ * because refresh walks only the last segment. A writer seals a segment
+ * before it creates the next one, so the seal is there to load now even
+ * when `last` was opened unsealed (by open_sealed_successors, just
+ * after the roll that created it).
+ */
+static void finish_walk(mqs_segment_t *last)
+{
+    if (last->sealed)
+        return;
+    segment_walk(last, last->map_bytes, 0, NULL);
+    seal_load_and_walk(last);
+}
+
 static int open_new_segments(mqs_seglog_t *log)
 {
     int64_t *bases = NULL;
     size_t n = 0;
-    int64_t after = log->nsegs ? log->segs[log->nsegs - 1]->base_offset : -1;
-    int rc = list_segments(log, after, &bases, &n, NULL);
+    int64_t after;
+    int rc = open_sealed_successors(log, INT64_MAX, 1);
 
+    if (rc != MQS_OK)
+        return rc;
+    after = log->nsegs ? log->segs[log->nsegs - 1]->base_offset : -1;
+    rc = list_segments(log, after, &bases, &n, NULL);
     for (size_t i = 0; rc == MQS_OK && i < n; i++) {
         mqs_segment_t *seg;
         mqs_seglog_recovery_t unused;
+        if (log->nsegs)
+            finish_walk(log->segs[log->nsegs - 1]);
+        rc = open_sealed_successors(log, bases[i], 1);
+        if (rc != MQS_OK)
+            break;
         rc = segment_open(log, bases[i], &seg);
         if (rc == MQS_EIO && log->last_errno == ENOENT) {
             rc = MQS_OK;    /* removed by retention meanwhile */

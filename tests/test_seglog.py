@@ -1327,6 +1327,65 @@ def test_seglog_reader_reads_records_sealed_after_its_walk(tmp_path):
     writer.close()
 
 
+ROLLING_WRITER = r"""
+import sys, time
+import mqs
+
+log = mqs.SegmentLog(sys.argv[1], segment_bytes=8192, fsync="never")
+deadline = time.monotonic() + float(sys.argv[2])
+count = 0
+while time.monotonic() < deadline:
+    # 3,000 bytes: one record per 8 KiB segment, so every append rolls.
+    log.append(count.to_bytes(8, "little") * 375)
+    count += 1
+log.close()
+print(count)
+"""
+
+
+def test_seglog_reader_follows_fast_rolls_in_large_directory(tmp_path):
+    """A reader follows a writer in another process that rolls at every
+    append, in a directory of 20,000 other files, so that each listing
+    runs while segments are renamed into place. readdir() may skip such
+    a file even when it returns a later one. The reader must still open
+    every segment, by the name that the previous segment's seal gives,
+    and read every record. A skipped segment used to read as damaged."""
+    path = tmp_path / "log"
+    path.mkdir()
+    for n in range(20000):
+        (path / f"unrelated-{n:05d}").touch()
+    mqs.SegmentLog(path, segment_bytes=8192, fsync="never").close()
+
+    writer = subprocess.Popen(
+        [sys.executable, "-c", ROLLING_WRITER, str(path), "1.0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = mqs.SegmentLog(path, readonly=True)
+    offset = 0
+    total = None
+    try:
+        deadline = time.monotonic() + 60
+        while total is None or offset < total:
+            assert time.monotonic() < deadline, f"stalled at {offset}"
+            if total is None and writer.poll() is not None:
+                out, err = writer.communicate()
+                assert writer.returncode == 0, err
+                total = int(out)
+            try:
+                record = reader.read_record(offset)
+            except mqs.OffsetOutOfRange:
+                continue
+            expected = offset.to_bytes(8, "little") * 375
+            assert bytes(record.value) == expected, f"offset {offset}"
+            offset += 1
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        reader.close()
+    assert total > 100
+    assert offset == total
+
+
 # ---- model-based ------------------------------------------------------------
 
 @settings(max_examples=25, stateful_step_count=30, deadline=None,
