@@ -1434,8 +1434,14 @@ static int open_existing(mqs_seglog_t *log, mqs_seglog_recovery_t *rep)
         rc = MQS_OK;
         if (log->cfg.readonly)
             rc = open_sealed_successors(log, bases[i], 0);
-        if (rc == MQS_OK)
+        if (rc == MQS_OK) {
             rc = segment_open(log, bases[i], &seg);
+            /* A reader lists without the writer lock, so retention may
+             * have removed the file since. */
+            if (rc == MQS_EIO && log->cfg.readonly &&
+                log->last_errno == ENOENT)
+                continue;
+        }
         if (rc == MQS_OK && segs_push(log, seg) != MQS_OK) {
             segment_free(seg);
             rc = MQS_ENOMEM;

@@ -1386,6 +1386,44 @@ def test_seglog_reader_follows_fast_rolls_in_large_directory(tmp_path):
     assert offset == total
 
 
+RETAINING_WRITER = r"""
+import sys, time
+import mqs
+
+log = mqs.SegmentLog(sys.argv[1], segment_bytes=8192, fsync="never",
+                     retention_bytes=8 * 8192)
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    log.append(b"x" * 3000)
+log.close()
+"""
+
+
+def test_seglog_readonly_open_while_retention_deletes(tmp_path):
+    """Read-only handles opened while a writer in another process rolls
+    at every append and retention deletes the oldest segments. A file
+    listed by the reader may be gone before it is opened. The open must
+    skip it instead of raising FileNotFoundError."""
+    path = tmp_path / "log"
+    mqs.SegmentLog(path, segment_bytes=8192, fsync="never").close()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", RETAINING_WRITER, str(path), "1.0"],
+        stderr=subprocess.PIPE, text=True)
+    opens = 0
+    try:
+        while writer.poll() is None:
+            with mqs.SegmentLog(path, readonly=True) as reader:
+                assert reader.end_offset >= reader.start_offset
+            opens += 1
+        assert writer.returncode == 0, writer.stderr.read()
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        writer.stderr.close()
+    assert opens > 100
+
+
 # ---- model-based ------------------------------------------------------------
 
 @settings(max_examples=25, stateful_step_count=30, deadline=None,
