@@ -1424,6 +1424,111 @@ def test_seglog_readonly_open_while_retention_deletes(tmp_path):
     assert opens > 100
 
 
+FLIPPING_WRITER = r"""
+import random, sys, time
+import mqs
+from test_seglog import mixed_record
+
+log = mqs.SegmentLog(sys.argv[1], segment_bytes=65536, fsync="always")
+rng = random.Random(5)
+deadline = time.monotonic() + float(sys.argv[2])
+offset = 0
+while time.monotonic() < deadline:
+    if rng.random() < 0.3:
+        # One sync for the batch: the syncs cover many records each.
+        batch = [mixed_record(offset + n) for n in range(rng.randrange(50, 200))]
+        assert log.append_many(
+            [value if key is None else (key, value) for key, value in batch]
+        ) == offset
+        offset += len(batch)
+    else:
+        # A sync per record: appends go through pwrite() once the syncs
+        # of recent rounds covered few records each.
+        for _ in range(rng.randrange(20, 100)):
+            key, value = mixed_record(offset)
+            assert log.append(value, key=key) == offset
+            offset += 1
+log.close()
+print(offset)
+"""
+
+
+def mixed_record(offset):
+    """Return the (key, value) of record `offset` of FLIPPING_WRITER:
+    values of 0 bytes to more than two pages, a third of them keyed."""
+    rng = random.Random(offset)
+    size = rng.choice([0, 1, 7, 100, 4095, 4096, 4097, rng.randrange(9000)])
+    key = b"key-%d" % offset if rng.random() < 0.33 else None
+    return key, (value_for(offset, size) * (size // 1000 + 1))[:size]
+
+
+def test_seglog_reader_processes_follow_always_writer(tmp_path):
+    """Two read-only processes follow a writer under fsync="always" that
+    switches between batches (one sync each) and a sync per record,
+    rolling 64 KiB segments. This process then reads the log again.
+    Every record a reader returns has the key and value written, in
+    order and without gaps, whether it was stored into the mapping or
+    written with pwrite()."""
+
+    path = tmp_path / "log"
+    mqs.SegmentLog(path, segment_bytes=65536, fsync="always").close()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(pathlib.Path(__file__).parent), env.get("PYTHONPATH", "")])
+    writer = subprocess.Popen(
+        [sys.executable, "-c", FLIPPING_WRITER, str(path), "1.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    readers = [subprocess.Popen(
+        [sys.executable, "-c", FOLLOWING_READER, str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    try:
+        out, err = writer.communicate(timeout=60)
+        assert writer.returncode == 0, err
+        total = int(out)
+        results = [reader.communicate(f"{total}\n", timeout=60)
+                   for reader in readers]
+        with mqs.SegmentLog(path, readonly=True) as log:
+            for offset in range(total):
+                record = log.read_record(offset)
+                key, value = mixed_record(offset)
+                assert bytes(record.value) == value, f"offset {offset}"
+                assert (None if record.key is None
+                        else bytes(record.key)) == key, f"offset {offset}"
+    finally:
+        for child in [writer] + readers:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+    assert total > 1000
+    for reader, (out, err) in zip(readers, results):
+        assert reader.returncode == 0, err
+        assert out.split() == [str(total), "0"]
+
+
+# Reads until the record count arrives on stdin and it has read them all.
+# Prints how many it read and how many differed from what was written.
+FOLLOWING_READER = r"""
+import select, sys
+import mqs
+from test_seglog import mixed_record
+
+log = mqs.SegmentLog(sys.argv[1], readonly=True)
+offset, errors = 0, 0
+total = None
+while total is None or offset < total:
+    for record in log.iter_from(offset):
+        key, value = mixed_record(offset)
+        if (record.offset != offset or bytes(record.value) != value
+                or (None if record.key is None else bytes(record.key)) != key):
+            errors += 1
+        offset += 1
+    if total is None and select.select([sys.stdin], [], [], 0.001)[0]:
+        total = int(sys.stdin.readline())
+print(offset, errors)
+"""
+
+
 # ---- model-based ------------------------------------------------------------
 
 @settings(max_examples=25, stateful_step_count=30, deadline=None,
