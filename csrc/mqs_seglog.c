@@ -1808,8 +1808,10 @@ static int sync_leave(mqs_seglog_t *log, int status)
 
 /*
  * mqs_seglog_sync. `caller` is 0 for the log's own syncs (the "interval"
- * flusher's timer, close): they have no record in flight, so no leader
- * waits for them, and they lead without waiting for others.
+ * flusher's timer, close, a roll): no leader waits for them, and they
+ * lead without waiting for others. The first two have no record in
+ * flight; a roll runs in the appending thread, which holds the lock that
+ * the other callers need before they can arrive.
  */
 static int sync_as(mqs_seglog_t *log, int64_t end_offset, int caller)
 {
@@ -2120,7 +2122,10 @@ static int roll_locked(mqs_seglog_t *log)
         return replace_empty_active(log);
     }
     if (is_durable(log)) {
-        rc = mqs_seglog_sync(log, old->next_offset);
+        /* The appending thread syncs here, holding whatever lock its
+         * caller serialises appends with (the GIL for SegmentLog), so
+         * no other caller could arrive while it waited for them. */
+        rc = sync_as(log, old->next_offset, 0);
         if (rc != MQS_OK)
             return rc;
     }
@@ -2444,6 +2449,7 @@ static int pwrite_record(mqs_seglog_t *log, mqs_segment_t *seg,
     uint32_t crc;
     struct iovec iov[5];
     int n = 0, first = 0;
+    uint64_t skipped = 0;           /* bytes the first write took */
 
     memset(header, 0, sizeof header);
     put_u64(header + MQS_SEGLOG_R_OFFSET, (uint64_t)seg->next_offset);
@@ -2473,7 +2479,10 @@ static int pwrite_record(mqs_seglog_t *log, mqs_segment_t *seg,
         iov[n++].iov_len = half;
     }
 #ifdef MQS_FAILPOINTS
-    /* Two writes, so that the failpoint finds half a record written. */
+    /* Two writes, so that the failpoint finds half a record written.
+     * pwrite_all moves the entries it wrote, so sum them before. */
+    for (int i = 0; i < n; i++)
+        skipped += iov[i].iov_len;
     if (pwrite_all(seg->fd, iov, n, seg->end_pos + MQS_SEGLOG_R_CRC) != 0)
         return -1;
     failpoint_kill(log, FP_MID_RECORD);
@@ -2490,9 +2499,6 @@ static int pwrite_record(mqs_seglog_t *log, mqs_segment_t *seg,
         iov[n++].iov_len = stride - length;
     }
     if (n > first) {
-        uint64_t skipped = 0;
-        for (int i = 0; i < first; i++)
-            skipped += iov[i].iov_len;
         if (pwrite_all(seg->fd, iov + first, n - first,
                        seg->end_pos + MQS_SEGLOG_R_CRC + skipped) != 0)
             return -1;
