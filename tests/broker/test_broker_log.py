@@ -642,6 +642,8 @@ def test_log_bad_current_raises_keeps_log(tmp_path, current):
         mqs.Broker(backend="log", path=path)
     assert logs[0] in str(raised.value)
     assert sorted(entry.name for entry in path.glob("log-*")) == logs
+    # The failed open removed the journal it created in /dev/shm.
+    assert journal_files(str(path)) == []
 
     # The fix that the error names works.
     (path / "CURRENT").write_text(good)

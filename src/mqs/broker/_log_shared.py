@@ -914,7 +914,9 @@ class SharedLogBackend(ShmBackend):
 
         The journal and a directory with files in it are removed only if
         this open wrote the directory's id (a new or emptied directory)
-        and no other process has the broker open. A directory that
+        and no other process has the broker open. The journal alone is
+        also removed when this open created it (a restore that failed),
+        unless another process has the broker open. A directory that
         existed before keeps its id and lock files. Errors of the
         removal are logged, so that the caller raises the open's error.
         """
@@ -923,6 +925,14 @@ class SharedLogBackend(ShmBackend):
                 logger.debug("log broker %s: removed the journal %s and "
                              "the directories %s that a failed open "
                              "created", self.path, self.shm_name, created)
+            elif self._journal is not None and self._journal.created \
+                    and self._remove_new_broker([]):
+                # A restore that failed (LogCorrupted, a full disk): the
+                # log keeps the broker, so the new journal is only a
+                # partial copy of it.
+                logger.debug("log broker %s: removed the journal %s that "
+                             "a failed open created", self.path,
+                             self.shm_name)
             # Parents of the directory, or the directory itself when it
             # failed to get an id, are removed only while they are empty.
             for directory in reversed(created):
