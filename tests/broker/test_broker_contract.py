@@ -2245,6 +2245,17 @@ def test_publish_many_rejects_str_bodies(broker, bodies):
     assert broker.stats("t")["published"] == 0
 
 
+@pytest.mark.parametrize("bodies", [None, 42])
+def test_publish_many_rejects_non_iterable_bodies(broker, bodies):
+    broker.declare_topic("t")
+    with pytest.raises(TypeError, match=r"publish_many takes an iterable of "
+                                        r"bodies .* got \w+ .*pass \[body\]"):
+        broker.publish_many("t", bodies)
+    assert broker.stats("t")["published"] == 0
+    # A generator is an iterable of bodies.
+    assert len(broker.publish_many("t", (n for n in range(3)))) == 3
+
+
 def test_publish_many_unknown_option_named(broker):
     broker.declare_topic("t")
     with pytest.raises(TypeError, match="publish_many got unexpected "

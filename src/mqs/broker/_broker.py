@@ -1629,6 +1629,14 @@ class Broker:
                 f"{type(bodies).__name__} {bodies!r:.60}, which would be "
                 f"published one item per message; pass [body] to publish "
                 f"it as one message, or use publish")
+        try:
+            bodies = iter(bodies)
+        except TypeError:
+            raise TypeError(
+                f"publish_many takes an iterable of bodies (a list, a "
+                f"tuple, a generator), got {type(bodies).__name__} "
+                f"{bodies!r:.60}; pass [body] to publish one message"
+            ) from None
         _check_options("publish_many", options, ("timeout",))
         # The options are checked once; every envelope shares them.
         settings = self._envelope(None, **options)[1:]
