@@ -156,15 +156,18 @@ def test_stat_unknown_name_is_one_line_error():
 def test_stat_bad_path_is_one_line_error(tmp_path):
     path = tmp_path / "missing" / "log"
     result = run_mqs("stat", str(path))
-    assert_one_line_error(result, f"segment log directory '{path}' not "
-                                  f"found")
+    # The error lists every kind of path mqs stat reads.
+    assert_one_line_error(result, f"'{path}' not found; give a log broker, "
+                                  f"durable queue or segment log directory")
 
 
 def test_stat_file_path_is_one_line_error(tmp_path):
     path = tmp_path / "file"
     path.write_bytes(b"not a log")
     result = run_mqs("stat", str(path))
-    assert_one_line_error(result, f"'{path}' is not a directory")
+    assert_one_line_error(result, f"'{path}' is not a directory; give a "
+                                  f"log broker, durable queue or segment "
+                                  f"log directory")
 
 
 def test_stat_shm_path_reads_queue(queue, shm_name):

@@ -324,11 +324,13 @@ def _run_stat(args: argparse.Namespace) -> int:
         table = _log_table(stats)
     elif os.sep in args.target \
             and not args.target.startswith(metrics.SHM_DIR + os.sep):
+        # A path: mqs stat reads directories only.
+        kinds = "a log broker, durable queue or segment log directory"
         if os.path.exists(args.target):
             raise CommandError(f"{args.target!r} is not a directory; give "
-                               f"a segment log directory")
-        raise CommandError(f"segment log directory {args.target!r} not "
-                           f"found")
+                               f"{kinds}")
+        raise CommandError(f"{args.target!r} not found; give {kinds}, or "
+                           f"the name of an shm broker or shared queue")
     else:
         stats = _queue_stats(args.target)
         table = _queue_table(stats)
