@@ -1665,6 +1665,9 @@ def test_replace_keeps_lanes_and_policy(broker, change):
     ({"ttl": 0}, "ttl must be above 0"),
     ({"ttl": 1e300}, r"ttl must be at most .*\(10 years\), got 1e\+300"),
     ({"ttl": float("inf")}, r"ttl must be at most .*, got inf"),
+    # Dedup ids are kept for the window: forever would grow without end.
+    ({"dedup_window": float("inf")},
+     r"dedup_window must be at most .*\(10 years\), got inf"),
     ({"weights": {9: 1, 0: 1}, "rate": {5: 10}},
      r"rate keys must be lane priorities \[0, 9\], got 5"),
     ({"rate": 0}, "above 0, got 0"),

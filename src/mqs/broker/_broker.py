@@ -1427,7 +1427,8 @@ class Broker:
             Token-bucket limit on deliveries per second of each group:
             one for the topic, or ``{lane: rate}`` per lane.
         dedup_window : float
-            Seconds a `dedup_id` is remembered (default 300; 0 disables).
+            Seconds a `dedup_id` is remembered (default 300; 0 disables;
+            at most `mqs.MAX_DELAY_SECONDS`, 10 years).
         max_attempts : int, optional
             Deliveries before a failing message goes to the DLQ, from 1
             to 2**32 - 1 (None: retry forever). `consume` can override it

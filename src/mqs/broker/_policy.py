@@ -381,7 +381,7 @@ class TopicConfig:
             raise TopicConfigError(
                 f"maxsize must be an int of 0 (unbounded) or more, got "
                 f"{maxsize!r}")
-        window = _check_seconds("dedup_window", dedup_window)
+        window = _check_seconds("dedup_window", dedup_window, bounded=True)
         return cls(
             name=name, weights=lanes, policy=policy, rate=topic_rate,
             lane_rates=lane_rates, dedup_window=window or 0.0,
