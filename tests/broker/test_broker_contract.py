@@ -2040,6 +2040,31 @@ def test_publish_rejects_delay_past_limit(broker, options, match):
     assert broker.stats("t")["published"] == 1
 
 
+@pytest.mark.parametrize("options, error, match", [
+    ({"reply_to": ""}, TypeError,
+     "reply_to must be a topic name: topic must be a non-empty str"),
+    ({"reply_to": 5}, TypeError, "reply_to must be a topic name"),
+    ({"reply_to": "r\0"}, ValueError, "reply_to must be a topic name: .*NUL"),
+    ({"correlation_id": 7}, TypeError,
+     "correlation_id must be a str or None, got int 7"),
+])
+def test_publish_rejects_bad_reply_fields(broker, options, error, match):
+    """A reply could never reach an empty or invalid reply_to, and a
+    correlation_id that is not a str would come back changed from some
+    backends; both are refused before anything is stored."""
+    consumer = broker.consume("t", "g")
+    with pytest.raises(error, match=match):
+        broker.publish("t", "never", **options)
+    with pytest.raises(error, match=match):
+        broker.publish_many("t", ["never"], **options)
+    broker.publish("t", "ok", reply_to="r", correlation_id="c")
+    message = consumer.get(timeout=5)
+    assert (message.body, message.reply_to, message.correlation_id) == \
+        ("ok", "r", "c")
+    message.ack()
+    assert broker.stats("t")["published"] == 1
+
+
 def test_publish_accepts_max_delay(broker):
     consumer = broker.consume("t", "g")
     broker.publish("t", "late", delay=mqs.MAX_DELAY_SECONDS)

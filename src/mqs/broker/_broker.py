@@ -1525,8 +1525,17 @@ class Broker:
             raise TypeError(
                 f"headers must be a dict or None, got "
                 f"{type(headers).__name__} {headers!r}")
-        if reply_to is not None and not isinstance(reply_to, str):
-            raise TypeError(f"reply_to must be a topic name, got {reply_to!r}")
+        if reply_to is not None:
+            try:
+                check_topic_name(reply_to)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"reply_to must be a topic name: {exc}") \
+                    from None
+        if correlation_id is not None and not isinstance(correlation_id, str):
+            raise TypeError(
+                f"correlation_id must be a str or None, got "
+                f"{type(correlation_id).__name__} {correlation_id!r}; every "
+                f"backend hands it back as a str")
         for name, value in (("key", key), ("dedup_id", dedup_id)):
             _check_hashable(name, value)
         return Envelope(
