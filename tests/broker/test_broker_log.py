@@ -628,7 +628,7 @@ def test_log_max_record_fits_segment(tmp_path, segment_bytes):
 def test_log_bad_current_raises_keeps_log(tmp_path, current):
     """A CURRENT file that names no log directory of the broker (a
     partial copy, a manual edit) must stop the open with an error that
-    names the file, instead of starting an empty broker and deleting
+    names the file. The open must not start an empty broker and delete
     the real log as a leftover of a compaction."""
     path = tmp_path / "broker"
     broker = mqs.Broker(backend="log", path=path)
