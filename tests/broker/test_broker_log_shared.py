@@ -57,13 +57,15 @@ class Child:
         for line in self.process.stdout:
             self.reports.append(json.loads(line))
 
-    def wait_report(self, timeout=60):
+    def wait_report(self, timeout=60, number=1):
+        """Return the child's report `number` (from 1) once it came."""
         deadline = time.monotonic() + timeout
-        while not self.reports:
+        while len(self.reports) < number:
             assert self.process.poll() is None, self.process.stderr.read()
-            assert time.monotonic() < deadline, "child reported nothing"
+            assert time.monotonic() < deadline, \
+                f"child sent {len(self.reports)} of {number} reports"
             time.sleep(0.01)
-        return self.reports[0]
+        return self.reports[number - 1]
 
     def kill(self):
         self.process.send_signal(signal.SIGKILL)
@@ -230,19 +232,21 @@ def test_log_always_process_synced_by_never_writer(path, tmp_path):
         # returned, and synced it.
         assert log.synced_offset == log.end_offset
         go_on.touch()
-        deadline = time.monotonic() + 30
-        while len(child.reports) < 2:
-            assert child.process.poll() is None, child.process.stderr.read()
-            assert time.monotonic() < deadline, "child never acked"
-            time.sleep(0.01)
-        end = log.end_offset
-        deadline = time.monotonic() + 5
-        while log.synced_offset < end:
-            assert time.monotonic() < deadline, (log.synced_offset, end)
-            time.sleep(0.01)
+        child.wait_report(30, number=2)  # acked
+        _wait_synced(log)
     finally:
         child.kill()
     broker.close()
+
+
+def _wait_synced(log, seconds=5.0):
+    """Wait until `log` is synced up to its end now: the writer's own
+    syncs and its log thread's, with room for a loaded machine."""
+    end = log.end_offset
+    deadline = time.monotonic() + seconds
+    while log.synced_offset < end:
+        assert time.monotonic() < deadline, (log.synced_offset, end)
+        time.sleep(0.01)
 
 
 INTERVAL_CHILD = """
@@ -270,13 +274,8 @@ def test_log_interval_process_synced_by_never_writer(path):
         while log.end_offset == before:
             assert time.monotonic() < deadline, "publish never appended"
             time.sleep(0.01)
-        end = log.end_offset
-        # 50 ms and the log thread's wake-up interval, with room for a
-        # loaded machine.
-        deadline = time.monotonic() + 5
-        while log.synced_offset < end:
-            assert time.monotonic() < deadline, (log.synced_offset, end)
-            time.sleep(0.01)
+        # 50 ms and the log thread's wake-up interval.
+        _wait_synced(log)
     finally:
         child.kill()
     broker.close()
@@ -891,13 +890,7 @@ def test_log_lagging_writer_appends_tail(path, tmp_path):
         assert os.path.exists(f"{backend._journal_file}.tail-{ended}")
 
         go.touch()
-        deadline = time.monotonic() + 60
-        while len(child.reports) < 2:
-            assert child.process.poll() is None, child.process.stderr.read()
-            assert time.monotonic() < deadline, "child reported nothing"
-            time.sleep(0.01)
-
-        report = child.reports[1]
+        report = child.wait_report(60, number=2)
         assert report["published"] == len(bodies) + 100
         # The writer appended the records it missed from the tail, and
         # wrote no snapshot of the whole state into its log.
