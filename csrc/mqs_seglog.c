@@ -1810,7 +1810,7 @@ static int sync_leave(mqs_seglog_t *log, int status)
  * mqs_seglog_sync. `caller` is 0 for the log's own syncs (the "interval"
  * flusher's timer, close, a roll): no leader waits for them, and they
  * lead without waiting for others. The first two have no record in
- * flight; a roll runs in the appending thread, which holds the lock that
+ * flight. A roll runs in the appending thread, which holds the lock that
  * the other callers need before they can arrive.
  */
 static int sync_as(mqs_seglog_t *log, int64_t end_offset, int caller)

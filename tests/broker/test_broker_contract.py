@@ -2049,9 +2049,9 @@ def test_publish_rejects_delay_past_limit(broker, options, match):
      "correlation_id must be a str or None, got int 7"),
 ])
 def test_publish_rejects_bad_reply_fields(broker, options, error, match):
-    """A reply could never reach an empty or invalid reply_to, and a
+    """A reply could never reach an empty or invalid reply_to. A
     correlation_id that is not a str would come back changed from some
-    backends; both are refused before anything is stored."""
+    backends. Both raise before anything is stored."""
     consumer = broker.consume("t", "g")
     with pytest.raises(error, match=match):
         broker.publish("t", "never", **options)

@@ -741,11 +741,11 @@ static void test_large_syncs_append_by_store(void)
 
 /*
  * The leader of a sync waits for the threads that synced in the last two
- * rounds, not for as many threads as the last sync had: thread A syncs
- * alone while B and C queue behind it, so the next sync, led by B or C,
- * waits for A's next record, which A appends 0.5 ms after its sync, and
- * covers four records. Counting A as one caller of the last round, a
- * leader would not wait, and its sync would cover three. A thread can
+ * rounds, not for as many threads as the last sync had. Thread A syncs
+ * alone while B and C queue behind it. The next sync, led by B or C,
+ * waits for A's next record (A appends it 0.5 ms after its sync), so it
+ * covers four records. A leader that counted A as the one caller of the
+ * last round would not wait, and its sync would cover three. A thread can
  * miss the wait (2 ms at most here) on a busy machine, so the scenario
  * runs up to five times and one four-record sync suffices.
  */
