@@ -1873,16 +1873,7 @@ class SharedLogBackend(ShmBackend):
         if log is None or mark <= self._durable[_DURABLE]:
             return
         if self.fsync == "always" or self._durable[_ALWAYS_USED]:
-            try:
-                log.flush()
-            except ValueError:
-                # A snapshot closed this log after syncing its records.
-                if not log.closed:
-                    raise
-            except BaseException:
-                self._durable[_FAILED] = _WRITE_FAILED
-                self._journal.signal(DURABLE)
-                raise
+            self._sync_writer_log(log)
         # Every thread whose records one sync covered gets here. Only the
         # first to store a higher position wakes the waiters, which check
         # the position after they register and before they park.
@@ -1960,12 +1951,21 @@ class SharedLogBackend(ShmBackend):
         if log.synced_offset >= log.end_offset:
             return
         self._next_interval_sync = now + self._fsync_interval_s
+        self._sync_writer_log(log)
+
+    def _sync_writer_log(self, log: Any) -> None:
+        """Sync `log`, the writer's. A failed sync makes the operations
+        of every process raise, because their records may be lost."""
         try:
             log.flush()
         except ValueError:
             # A snapshot closed this log after syncing its records.
             if not log.closed:
                 raise
+        except BaseException:
+            self._durable[_FAILED] = _WRITE_FAILED
+            self._journal.signal(DURABLE)
+            raise
 
     def _run_log_thread(self) -> None:
         next_check = 0.0
@@ -1982,6 +1982,10 @@ class SharedLogBackend(ShmBackend):
                         continue
                     logger.info("log broker %s: process %d took over the "
                                 "log", self.path, os.getpid())
+                # Before the wait below, which may go on idle rounds
+                # without reaching the end of this loop.
+                if self.fsync == "never" and self._durable[_INTERVAL_USED]:
+                    self._sync_for_interval()
                 # Only commits of other processes wake this thread, so
                 # that it does not take the GIL once per commit.
                 epoch = self._journal.wait_prepare(WRITER)
@@ -1996,8 +2000,6 @@ class SharedLogBackend(ShmBackend):
                         pass
                 if self._sync_due():
                     self._flush_log()
-                if self.fsync == "never" and self._durable[_INTERVAL_USED]:
-                    self._sync_for_interval()
             except ShutDown:
                 return
             except Exception:
