@@ -263,7 +263,6 @@ static void note_round(mqs_seglog_t *log, int64_t records)
                           memory_order_relaxed);
 }
 
-
 /* ---- small helpers ---------------------------------------------------- */
 
 static inline uint64_t align_up(uint64_t n)
@@ -2503,8 +2502,9 @@ static int pwrite_record(mqs_seglog_t *log, mqs_segment_t *seg,
                        seg->end_pos + MQS_SEGLOG_R_CRC + skipped) != 0)
             return -1;
     }
-    /* The bytes above before the length, for readers of the mapping in
-     * any thread or process (the kernel's copies run on this CPU). */
+    /* Order the bytes written above before the length word, for readers
+     * of the mapping in other threads and processes: the kernel copied
+     * them in this thread, so a fence here orders them. */
     atomic_thread_fence(memory_order_release);
     put_u32(header, length);
     iov[0].iov_base = header;

@@ -1343,7 +1343,7 @@ print(count)
 """
 
 
-def test_seglog_reader_follows_fast_rolls_in_large_directory(tmp_path):
+def test_seglog_reader_follows_fast_rolls(tmp_path):
     """A reader follows a writer in another process that rolls at every
     append, in a directory of 20,000 other files, so that each listing
     runs while segments are renamed into place. readdir() may skip such
@@ -1399,7 +1399,7 @@ log.close()
 """
 
 
-def test_seglog_readonly_open_while_retention_deletes(tmp_path):
+def test_seglog_readonly_open_during_retention(tmp_path):
     """Read-only handles opened while a writer in another process rolls
     at every append and retention deletes the oldest segments. A file
     listed by the reader may be gone before it is opened. The open must
@@ -1462,7 +1462,7 @@ def mixed_record(offset):
     return key, (value_for(offset, size) * (size // 1000 + 1))[:size]
 
 
-def test_seglog_reader_processes_follow_always_writer(tmp_path):
+def test_seglog_readers_follow_always_writer(tmp_path):
     """Two read-only processes follow a writer under fsync="always" that
     switches between batches (one sync each) and a sync per record,
     rolling 64 KiB segments. This process then reads the log again.

@@ -2273,7 +2273,7 @@ NOT_ITERABLE = (r"publish_many takes an iterable of bodies .* got \w+ "
     (bytearray(b"ab"), ONE_MESSAGE), ({"id": 1, "item": "tea"}, ONE_MESSAGE),
     (None, NOT_ITERABLE), (42, NOT_ITERABLE),
 ])
-def test_publish_many_rejects_bodies_of_one_message(broker, bodies, match):
+def test_publish_many_rejects_non_list_bodies(broker, bodies, match):
     """A str, bytes or dict would be published one item per message, and
     None or a number is no iterable at all: both raise before anything
     is published."""

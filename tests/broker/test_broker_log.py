@@ -578,7 +578,7 @@ def test_log_too_large_advice_names_limit(tmp_path):
 
 @pytest.mark.parametrize("topic_options", [{}, {"ttl": 600}],
                          ids=["core", "journal"])
-def test_log_smallest_segment_takes_largest_record(tmp_path, topic_options):
+def test_log_smallest_segment_largest_record(tmp_path, topic_options):
     """With the smallest segment_bytes, the segment header leaves less
     than half a segment for one record. A publish just below the limit
     the broker names must be stored, not break the broker, and the

@@ -304,7 +304,7 @@ def test_replicas_skip_core_records_unread(tmp_path):
     assert applied == ["delete"]
 
 
-def test_section_log_core_appends_the_python_record(tmp_path):
+def test_section_log_core_matches_python(tmp_path):
     """The section's C `log_core`, which the backend binds as
     `_log_core`, appends the record that the Python method appends: the
     op, the broker time of the operation and the arguments."""

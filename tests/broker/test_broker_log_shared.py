@@ -216,7 +216,7 @@ time.sleep(600)
 """
 
 
-def test_log_always_process_synced_by_never_writer(path, tmp_path):
+def test_log_never_writer_syncs_always(path, tmp_path):
     """fsync is an option of each open. A process that opened with
     "always" gets its publishes synced before they return, and its acks
     within about `fsync_interval_s`, also while the writer is a process
@@ -262,7 +262,7 @@ time.sleep(600)
 """
 
 
-def test_log_interval_process_synced_by_never_writer(path):
+def test_log_never_writer_syncs_interval(path):
     """A process that opened with "interval" gets its records synced
     within about `fsync_interval_s` also while the writer opened with
     "never"."""

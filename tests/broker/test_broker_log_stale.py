@@ -357,7 +357,7 @@ def test_log_relative_path_survives_chdir(path, tmp_path, monkeypatch):
         reopened.close()
 
 
-def test_log_close_after_removal_logs_no_warning(path, caplog):
+def test_log_close_after_removal_quiet(path, caplog):
     """The close of a broker whose directory was removed cannot write the
     recovery point of its log, and need not: no open reads that log
     again. It must not warn that the next open checks the records."""

@@ -753,7 +753,7 @@ typedef struct gather_state {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int syncs;                      /* hook calls of phase 0 */
-    int held;                       /* the first sync waits in its hook */
+    int first_held;                 /* the first sync waits in its hook */
     int released;
     int64_t covered[8];
 } gather_state_t;
@@ -769,7 +769,7 @@ static int gather_hook(void *ctx, int64_t end_offset, int phase)
         g->covered[g->syncs] = end_offset;
     g->syncs++;
     if (g->syncs == 1) {
-        g->held = 1;
+        g->first_held = 1;
         pthread_cond_broadcast(&g->cv);
         while (!g->released)
             pthread_cond_wait(&g->cv, &g->mu);
@@ -800,7 +800,7 @@ static void test_sync_waits_for_recent_callers(void)
             args[t] = (group_arg_t){log, &append_mu, t == 0 ? 2 : 1, 500, 0};
         pthread_create(&threads[0], NULL, group_appender, &args[0]);
         pthread_mutex_lock(&g.mu);
-        while (!g.held)
+        while (!g.first_held)
             pthread_cond_wait(&g.cv, &g.mu);
         pthread_mutex_unlock(&g.mu);
         pthread_create(&threads[1], NULL, group_appender, &args[1]);

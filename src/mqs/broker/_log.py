@@ -1028,7 +1028,7 @@ def _read_current(path: str) -> str | None:
 
 def read_checked_current(path: str) -> str | None:
     """Return the name of the active log in `path`, or None if there is
-    no CURRENT file; raise `LogCorrupted` if CURRENT exists but does not
+    no CURRENT file. Raise `LogCorrupted` if CURRENT exists but does not
     name one of the broker's log directories.
 
     A restore reads CURRENT this way before it deletes the other logs as

@@ -1064,9 +1064,10 @@ class SharedLogBackend(ShmBackend):
             if self._log is not None:
                 log, self._log = self._log, None
                 # `close` checked the directory before it got here.
-                gone = self._durable is not None and \
+                directory_gone = self._durable is not None and \
                     self._durable[_FAILED] == _DIRECTORY_REPLACED
-                close_segment_log(log, self.path, directory_gone=gone)
+                close_segment_log(log, self.path,
+                                  directory_gone=directory_gone)
         finally:
             # A failed final sync of the log (LogPoisoned) still releases
             # the journal, the mapping and the locks.
