@@ -107,7 +107,8 @@ PROFILES = {
     "default": Profile(
         "default", bench.DEFAULT_REPEAT, bench.DEFAULT_COUNT,
         {"threads": 30_000, "processes": 10_000}, (8, 64, 512, 4096, 65536),
-        10_000, 64 << 20, 2_500, 100_000, 0.05),
+        10_000, 64 << 20, 2_500, 100_000, 0.05, broker_scale=0.5,
+        broker_repeat=3),
     "full": Profile(
         "full", 5, bench.FULL_COUNT,
         {"threads": 200_000, "processes": 50_000},
