@@ -1641,6 +1641,22 @@ def test_seglog_bench_reports_cases_and_ratios(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_durable_queue_bench_times_puts_not_exit(tmp_path, monkeypatch):
+    from mqs import bench_seglog
+
+    producer = bench_seglog._durable_producer
+
+    def slow_exit_producer(*args):
+        producer(*args)
+        time.sleep(1.5)
+
+    monkeypatch.setattr(bench_seglog, "_durable_producer",
+                        slow_exit_producer)
+    done = bench_seglog._durable_queue_round(str(tmp_path), 16)
+    assert done.amount == 16
+    assert 0 < done.elapsed_ns < 1.4e9
+
+
 def test_seglog_bench_compares_with_redis(tmp_path, redis_server_factory):
     # The fixture only checks for redis-server (skip or CI failure):
     # the benchmark starts its own servers.
