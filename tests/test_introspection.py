@@ -21,7 +21,7 @@ import mqs.broker
 import mqs.metrics
 import mqs.queue
 import mqs.shared
-from mqs import _queue, _ring, _seglog, _shared, _topiccore, _wheel
+from mqs import _journal, _queue, _ring, _seglog, _shared, _slots, _topiccore, _wheel
 from mqs.broker import _broker
 
 PACKAGE = pathlib.Path(mqs.__file__).parent
@@ -38,8 +38,21 @@ NATIVE_CLASSES = [
     (mqs.RingBuffer, _ring, "_ring.pyx", "_ring.pyi"),
     (mqs.TimingWheel, _wheel, "_wheel.pyx", "_wheel.pyi"),
     (mqs.SegmentLog, _seglog, "_seglog.pyx", "_seglog.pyi"),
-    (_topiccore.MessageBase, _topiccore, "_fastpath.pxi", None),
+    (_topiccore.MessageBase, _topiccore, "_fastpath.pxi", "_topiccore.pyi"),
 ]
+
+# Internal Cython classes that a stub types, in rows like NATIVE_CLASSES.
+# inspect cannot read their constructor signatures, so the stub checks
+# compare their __init__ with the source.
+STUBBED_INTERNAL_CLASSES = [
+    (_topiccore.TopicCore, _topiccore, "_topiccore.pyx", "_topiccore.pyi"),
+    (_topiccore.CorePath, _topiccore, "_fastpath.pxi", "_topiccore.pyi"),
+    (_topiccore.CoreReader, _topiccore, "_fastpath.pxi", "_topiccore.pyi"),
+]
+
+# Compiled modules with a .pyi stub next to them.
+STUBBED_MODULES = [_journal, _queue, _ring, _seglog, _shared, _slots,
+                   _topiccore, _wheel]
 
 
 def _defines_init(cls):
@@ -289,27 +302,118 @@ def _runtime_parameters(signature, stub_parameters):
 
 def _stub_cases():
     cases = []
-    for cls, _, _, stub in NATIVE_CLASSES:
+    for cls, module, source, stub in NATIVE_CLASSES + STUBBED_INTERNAL_CLASSES:
         if stub is None:
             continue
         for name, function in _stub_functions(stub, cls.__name__).items():
             if name.startswith("_") and name != "__init__":
                 continue
-            cases.append(pytest.param(cls, name, function,
+            cases.append(pytest.param(cls, module, source, name, function,
                                       id=f"{cls.__name__}.{name}"))
     return cases
 
 
-@pytest.mark.parametrize("cls, name, function", _stub_cases())
-def test_stub_matches_runtime_signature(cls, name, function):
+@pytest.mark.parametrize("cls, module, source, name, function",
+                         _stub_cases())
+def test_stub_matches_runtime_signature(cls, module, source, name,
+                                        function):
     expected = _stub_parameters(function)
     if name == "__init__":
-        signature = inspect.signature(cls)
+        # The same as inspect.signature(cls) for NATIVE_CLASSES (see
+        # test_class_signature_matches_source).
+        signature = _source_signature(cls, module, source)
     else:
         method = inspect.signature(getattr(cls, name))
         signature = method.replace(
             parameters=list(method.parameters.values())[1:])
     assert _runtime_parameters(signature, expected) == expected
+
+
+# Public names of compiled modules that their stubs do not declare yet.
+# The check below compares with this table exactly, so a new name
+# without a stub line fails, and so does a stub that fills a gap
+# without removing it here.
+STUB_GAPS = {
+    "mqs._journal": {"JournalVersionError"},
+    "mqs._queue": {"due_monotonic_ns"},
+    "mqs._seglog": {"LOG_BROKER", "SEGMENT_LOG"},
+    "mqs._shared": {
+        "CONTROL_FILE", "DEFAULT_CAPACITY_BYTES",
+        "DEFAULT_DELAYED_CAPACITY_BYTES", "DELAYED_DIR", "DURABLE_GROUP",
+        "DURABLE_QUEUE", "NAME_PREFIX", "QUEUE_CONTROL_FILE",
+        "QueueVersionError", "SHM_DIR"},
+}
+
+# Class members that Python, Cython or typing.NamedTuple adds, or that
+# typeshed declares on object, so a stub need not repeat them.
+_IMPLICIT_MEMBERS = {"__dict__", "__doc__", "__getnewargs__",
+                     "__match_args__", "__module__", "__new__",
+                     "__pyx_vtable__", "__reduce__", "__repr__",
+                     "__setstate__", "__slots__", "__weakref__"}
+
+
+def _stub_names(nodes):
+    """Return {name: node} of the definitions among stub AST nodes."""
+    names = {}
+    for node in nodes:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names[node.name] = node
+        elif isinstance(node, ast.AnnAssign):
+            names[node.target.id] = node
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                names[target.id] = node
+    return names
+
+
+def _stub_module(module):
+    stub = PACKAGE / f"{module.__name__.rpartition('.')[2]}.pyi"
+    return ast.parse(stub.read_text(encoding="utf-8"))
+
+
+def _runtime_names(module):
+    """Return the public names that `module` defines: its functions,
+    classes and constants, without the modules, classes and functions it
+    imports."""
+    return {name for name, value in vars(module).items()
+            if not name.startswith("_")
+            and not isinstance(value, types.ModuleType)
+            and getattr(value, "__module__", module.__name__)
+            == module.__name__}
+
+
+def _runtime_members(cls):
+    return {name for name in vars(cls)
+            if name not in _IMPLICIT_MEMBERS
+            and (not name.startswith("_") or name.startswith("__"))}
+
+
+@pytest.mark.parametrize("module", STUBBED_MODULES,
+                         ids=[module.__name__ for module in STUBBED_MODULES])
+def test_stub_declares_module_names(module):
+    names = _stub_names(_stub_module(module).body)
+    missing = _runtime_names(module) - set(names)
+    assert missing == STUB_GAPS.get(module.__name__, set())
+    unknown = {name for name in names
+               if not name.startswith("_") and not hasattr(module, name)}
+    assert unknown == set()
+    if "__all__" in names:
+        assert ast.literal_eval(names["__all__"].value) == module.__all__
+
+
+@pytest.mark.parametrize("module", STUBBED_MODULES,
+                         ids=[module.__name__ for module in STUBBED_MODULES])
+def test_stub_declares_class_members(module):
+    for name, node in _stub_names(_stub_module(module).body).items():
+        # A stub-only class, such as a Protocol, has no runtime members.
+        if not isinstance(node, ast.ClassDef) or not hasattr(module, name):
+            continue
+        cls = getattr(module, name)
+        members = set(_stub_names(node.body))
+        assert _runtime_members(cls) - members == set(), name
+        unknown = {member for member in members
+                   if not member.startswith("_") and not hasattr(cls, member)}
+        assert unknown == set(), name
 
 
 # ---- Documented API ---------------------------------------------------------
