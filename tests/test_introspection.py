@@ -329,21 +329,6 @@ def test_stub_matches_runtime_signature(cls, module, source, name,
     assert _runtime_parameters(signature, expected) == expected
 
 
-# Public names of compiled modules that their stubs do not declare yet.
-# The check below compares with this table exactly, so a new name
-# without a stub line fails, and so does a stub that fills a gap
-# without removing it here.
-STUB_GAPS = {
-    "mqs._journal": {"JournalVersionError"},
-    "mqs._queue": {"due_monotonic_ns"},
-    "mqs._seglog": {"LOG_BROKER", "SEGMENT_LOG"},
-    "mqs._shared": {
-        "CONTROL_FILE", "DEFAULT_CAPACITY_BYTES",
-        "DEFAULT_DELAYED_CAPACITY_BYTES", "DELAYED_DIR", "DURABLE_GROUP",
-        "DURABLE_QUEUE", "NAME_PREFIX", "QUEUE_CONTROL_FILE",
-        "QueueVersionError", "SHM_DIR"},
-}
-
 # Class members that Python, Cython or typing.NamedTuple adds, or that
 # typeshed declares on object, so a stub need not repeat them.
 _IMPLICIT_MEMBERS = {"__dict__", "__doc__", "__getnewargs__",
@@ -393,7 +378,7 @@ def _runtime_members(cls):
 def test_stub_declares_module_names(module):
     names = _stub_names(_stub_module(module).body)
     missing = _runtime_names(module) - set(names)
-    assert missing == STUB_GAPS.get(module.__name__, set())
+    assert missing == set()
     unknown = {name for name in names
                if not name.startswith("_") and not hasattr(module, name)}
     assert unknown == set()

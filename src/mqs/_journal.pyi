@@ -1,6 +1,8 @@
 import threading
 from typing import Any
 
+from mqs.errors import LayoutVersionError
+
 MIN_BYTES: int
 MAX_BYTES: int
 CHANGED: int
@@ -10,6 +12,7 @@ WRITER: int
 RECORD_HEADER: int
 
 class JournalLayoutError(ValueError): ...
+class JournalVersionError(JournalLayoutError, LayoutVersionError): ...
 
 def read_records(data: bytes, start: int) -> list[bytes]: ...
 

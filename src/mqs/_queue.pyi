@@ -7,6 +7,9 @@ from mqs.metrics import QueueStats
 
 _T = TypeVar("_T")
 
+def due_monotonic_ns(delay: float | None = ...,
+                     at: datetime.datetime | float | None = ...) -> int: ...
+
 class SimpleQueue(Generic[_T]):
     def __init__(self) -> None: ...
     def __class_getitem__(cls, item: Any) -> types.GenericAlias: ...

@@ -6,6 +6,9 @@ import pyarrow
 
 from mqs.metrics import SegmentLogStats as SegmentLogStats
 
+LOG_BROKER: str
+SEGMENT_LOG: str
+
 _BytesLike = Union[bytes, bytearray, memoryview]
 _Item = Union[_BytesLike, tuple[_BytesLike | None, _BytesLike]]
 

@@ -4,7 +4,7 @@ from collections.abc import Coroutine, Iterable
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
 
-from mqs.errors import MqsError
+from mqs.errors import LayoutVersionError, MqsError
 from mqs.metrics import SharedQueueStats
 
 class _Serializer(Protocol):
@@ -13,6 +13,17 @@ class _Serializer(Protocol):
 
 class QueueNotFound(MqsError, FileNotFoundError): ...
 class QueueLayoutError(MqsError, ValueError): ...
+class QueueVersionError(QueueLayoutError, LayoutVersionError): ...
+
+CONTROL_FILE: str
+DEFAULT_CAPACITY_BYTES: int
+DEFAULT_DELAYED_CAPACITY_BYTES: int
+DELAYED_DIR: str
+DURABLE_GROUP: str
+DURABLE_QUEUE: str
+NAME_PREFIX: str
+QUEUE_CONTROL_FILE: str
+SHM_DIR: str
 
 class SharedQueue:
     name: str | None

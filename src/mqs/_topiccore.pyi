@@ -10,8 +10,9 @@ __all__ = ["TopicCore", "TopicCoreLayoutError", "TopicCoreVersionError",
            "TopicRetired", "LAYOUT_VERSION",
            "COUNTER_NAMES", "GROUP_COUNTER_NAMES", "DEAD_REASONS",
            "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD", "PAYLOAD_EXTRAS",
-           "PAYLOAD_BYTES", "decode_payload", "fork_count", "MessageBase",
-           "CorePath", "CoreReader"]
+           "PAYLOAD_BYTES", "LIMIT", "GROUP_NAME_BYTES", "TopicCoreFull",
+           "decode_payload", "fork_count", "MessageBase", "CorePath",
+           "CoreReader"]
 
 _DeliveryT = TypeVar("_DeliveryT", bound=tuple[Any, ...])
 

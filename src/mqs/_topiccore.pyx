@@ -125,8 +125,9 @@ __all__ = ["TopicCore", "TopicCoreLayoutError", "TopicCoreVersionError",
            "TopicRetired", "LAYOUT_VERSION",
            "COUNTER_NAMES", "GROUP_COUNTER_NAMES", "DEAD_REASONS",
            "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD", "PAYLOAD_EXTRAS",
-           "PAYLOAD_BYTES", "decode_payload", "fork_count", "MessageBase",
-           "CorePath", "CoreReader"]
+           "PAYLOAD_BYTES", "LIMIT", "GROUP_NAME_BYTES", "TopicCoreFull",
+           "decode_payload", "fork_count", "MessageBase", "CorePath",
+           "CoreReader"]
 
 # The order of the topic's counters in the header (mqs_topiccore.h).
 COUNTER_NAMES = ("published", "delivered", "acked", "nacked", "redelivered",
@@ -734,7 +735,8 @@ cdef class TopicCore(_MappedFile):
     def fetch(self, uint32_t consumer, uint32_t max_items, double ack_timeout,
               bint auto_ack=False, now=None, uint64_t owner=0):
         """Deliver up to `max_items`; return a list of ``(seq, slot,
-        ticket, attempts, priority, timestamp, body)``.
+        ticket, attempts, priority, timestamp, payload)``, where `payload`
+        is the stored bytes (see `decode_payload`).
 
         Raises `ShutDown` for a consumer that is not open, or whose owner
         token is not `owner` (unless `owner` is 0): a closed consumer's
@@ -908,7 +910,8 @@ cdef class TopicCore(_MappedFile):
 
     def take_dead(self):
         """Remove the dead entries; return them in the order they died as
-        ``(group, seq, attempts, reason, priority, timestamp, body)``."""
+        ``(group, seq, attempts, reason, priority, timestamp, payload)``
+        with the stored payload bytes (see `decode_payload`)."""
         cdef mqs_tc_dead_t dead
         cdef list found = []
         self._lock()
