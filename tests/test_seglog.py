@@ -1657,6 +1657,16 @@ def test_durable_queue_bench_times_puts_not_exit(tmp_path, monkeypatch):
     assert 0 < done.elapsed_ns < 1.4e9
 
 
+def test_durable_queue_bench_min_puts(tmp_path):
+    from mqs import bench_seglog
+
+    result = bench_seglog.run_seglog_bench(
+        directory=str(tmp_path), scale=0.001, repeat=1,
+        cases=["durable_queue.always.8_processes"])
+    (case,) = result["cases"]
+    assert case["amount"] == bench_seglog.MIN_PROCESS_PUTS
+
+
 def test_seglog_bench_compares_with_redis(tmp_path, redis_server_factory):
     # The fixture only checks for redis-server (skip or CI failure):
     # the benchmark starts its own servers.
