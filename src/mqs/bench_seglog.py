@@ -79,9 +79,9 @@ SEGMENT_BYTES = 256 << 20
 # Records per round at scale 1. The "always" and peer cases sync per
 # record, so they get far fewer records than the page-cache cases.
 # Puts of the 8-process case in all, at any scale. The 8 processes start
-# putting up to about 3 ms apart on a 2-vCPU VM, and a round of 400 puts
-# took 10 to 12 ms there (32,000 to 38,000 puts/s) against 34 ms for
-# 2,000 (57,000 to 59,000 puts/s), so the start skew decided small rounds.
+# putting up to about 3 ms apart on a 2-vCPU VM. There, a round of 400
+# puts took 10 to 12 ms (32,000 to 38,000 puts/s) and one of 2,000 took
+# 34 ms (57,000 to 59,000 puts/s), so the start skew decided small rounds.
 MIN_PROCESS_PUTS = 2_000
 BASE_COUNTS = {
     "always": 3_000,
