@@ -6,6 +6,7 @@ server restarts, trimmed streams and dropped connections. Tests that
 kill or restart a server start their own with `redis_server_factory`.
 """
 
+import asyncio
 import logging
 import os
 import pickle
@@ -1076,3 +1077,168 @@ def test_topics_only_of_own_namespace(open_broker, namespace):
         assert other.topics() == ["billing"]
     finally:
         other.delete_topic("billing")
+
+
+# asyncio.
+
+def _evalsha_calls(url):
+    admin = redis.Redis.from_url(url)
+    try:
+        stats = admin.info("commandstats").get("cmdstat_evalsha", {})
+    finally:
+        admin.close()
+    return stats.get("calls", 0)
+
+
+def test_idle_get_async_does_not_poll(redis_server_factory):
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url)
+    try:
+        consumer = broker.consume("t", "g")
+        before = _evalsha_calls(server.url)
+
+        async def main():
+            with pytest.raises(mqs.Empty):
+                await consumer.get_async(timeout=0.8)
+
+        asyncio.run(main())
+        # One fetch at the start, and one more if the wait for a change
+        # ended at its 1 s cap. Polling every 10 ms would make about 80.
+        assert _evalsha_calls(server.url) - before <= 3
+    finally:
+        broker.close()
+
+
+def test_get_async_wakes_on_publish(open_broker):
+    broker = open_broker()
+    consumer = broker.consume("t", "g")
+
+    async def main():
+        waiter = asyncio.create_task(consumer.get_async(timeout=10))
+        await asyncio.sleep(0.2)
+        await broker.publish_async("t", b"late")
+        return await waiter
+
+    message = asyncio.run(main())
+    assert message.body == b"late"
+    message.ack()
+
+
+def _ticks_during(coroutine_function):
+    """Run `coroutine_function()` beside a 10 ms ticker; return (ticks,
+    the seconds it took, what it raised)."""
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        started = time.monotonic()
+        try:
+            await coroutine_function()
+        except Exception as exc:  # reported by the caller's asserts
+            raised = exc
+        else:
+            raised = None
+        task.cancel()
+        return ticks, time.monotonic() - started, raised
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("operation", ["get_async", "publish_async"])
+def test_async_call_does_not_block_loop_in_outage(redis_server_factory,
+                                                  operation):
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=1.5)
+    try:
+        consumer = broker.consume("t", "g")
+        server.kill()
+        if operation == "get_async":
+            call = lambda: consumer.get_async(timeout=30)  # noqa: E731
+        else:
+            call = lambda: broker.publish_async("t", b"x")  # noqa: E731
+        ticks, seconds, raised = _ticks_during(call)
+        assert isinstance(raised, mqs.BackendConnectionError), raised
+        assert seconds >= 1.5
+        # The loop kept running while the calls retried in other threads:
+        # 150 ticks at most in 1.5 s, so a third of them leaves room for
+        # a busy machine.
+        assert ticks >= 50
+    finally:
+        # Closing the consumer needs the server.
+        server.restart()
+        broker.close()
+
+
+@pytest.mark.parametrize("auto_ack", [False, True])
+def test_cancelled_get_async_returns_taken_message(open_broker, monkeypatch,
+                                                   auto_ack):
+    broker = open_broker()
+    consumer = broker.consume("t", "g", auto_ack=auto_ack, ack_timeout=60)
+    broker.publish("t", b"taken")
+    backend = broker._backend
+    fetch_ready = backend._fetch_ready
+
+    def slow_fetch_ready(*args):
+        # The await is cancelled while this call is on its way.
+        time.sleep(0.3)
+        return fetch_ready(*args)
+
+    monkeypatch.setattr(backend, "_fetch_ready", slow_fetch_ready)
+
+    async def main():
+        task = asyncio.create_task(consumer.get_async(timeout=10))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The fetch in the executor ends after the cancel and takes the
+        # message, which the loop then hands back.
+        await asyncio.sleep(0.5)
+
+    asyncio.run(main())
+    monkeypatch.undo()
+    message = consumer.get(timeout=5)
+    assert message.body == b"taken"
+    # Released messages get their attempt refunded.
+    assert message.attempts == 1
+    if not auto_ack:
+        message.ack()
+    stats = broker.stats("t")
+    assert stats["in_flight"] == 0
+    assert stats["stored"] == 0
+
+
+def _publish_async_in_child(broker):
+    async def main():
+        await asyncio.wait_for(broker.publish_async("t", b"from child"), 20)
+
+    asyncio.run(main())
+
+
+def test_publish_async_in_forked_child(open_broker):
+    import multiprocessing
+
+    broker = open_broker()
+    consumer = broker.consume("t", "g")
+    broker.publish("t", b"first")
+
+    async def first():
+        return await consumer.get_async(timeout=5)
+
+    # The parent's executor threads exist before the fork.
+    asyncio.run(first()).ack()
+    child = multiprocessing.get_context("fork").Process(
+        target=_publish_async_in_child, args=(broker,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    message = consumer.get(timeout=5)
+    assert message.body == b"from child"
+    message.ack()

@@ -599,6 +599,15 @@ class Backend(abc.ABC):
     def wait_changed(self, timeout: float) -> None:
         """Block until the state may have changed or `timeout` passed."""
 
+    async def run_blocking(self, function: Callable[..., Any],
+                           *args: Any) -> Any:
+        """Return ``function(*args)`` for a coroutine.
+
+        This default calls it in the event loop's thread, because the
+        local backends return at once. A backend that waits on the
+        network runs it in other threads."""
+        return function(*args)
+
     async def wait_changed_async(self, timeout: float) -> None:
         """Await a possible state change or `timeout` seconds, without
         blocking the event loop. This default sleeps up to 5 ms; a backend

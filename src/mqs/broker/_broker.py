@@ -1754,15 +1754,16 @@ class Broker:
         event loop."""
         _check_options("publish_async", options, ("timeout",))
         envelope = self._envelope(body, **options)
-        self._ensure_topic(topic)
-        self._check_due_before_expiry(topic, envelope)
         timeout = _seconds("timeout", timeout)
-        if self._backend.topic_config(topic).when_full != "block":
-            return self._backend_publish(topic, [envelope], 0)[0]
+        run = self._backend.run_blocking
+        if await run(self._prepare_publish, topic, envelope) != "block":
+            return (await run(self._backend_publish, topic, [envelope],
+                              0))[0]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
-                return self._backend_publish(topic, [envelope], 0)[0]
+                return (await run(self._backend_publish, topic, [envelope],
+                                  0))[0]
             except Full:
                 left = None if deadline is None \
                     else deadline - time.monotonic()
@@ -1770,6 +1771,13 @@ class Broker:
                     raise
             step = 0.05 if left is None else min(left, 0.05)
             await self._backend.wait_changed_async(step)
+
+    def _prepare_publish(self, topic: str, envelope: Envelope) -> str:
+        """Check a publish of `envelope` to `topic`, declaring the topic
+        if needed, and return its when_full policy (`publish_async`)."""
+        self._ensure_topic(topic)
+        self._check_due_before_expiry(topic, envelope)
+        return self._backend.topic_config(topic).when_full
 
     def producer(self, topic: str, *, linger: float = 0.005,
                  batch_size: int = 100,

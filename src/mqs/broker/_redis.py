@@ -69,6 +69,13 @@ Connections
     reply wait adds the block time. So a healthy connection never times
     out while it waits, and a long `get` is a series of short waits.
 
+asyncio
+    `fetch_async` and `Broker.publish_async` (through `run_blocking`)
+    run their calls, retries included, in the backend's executor of
+    `_ASYNC_WORKERS` threads. An awaiting fetch parks on a `Wakeups`
+    thread per topic, which blocks on the topic's wake stream (XREAD
+    BLOCK) while any coroutine waits for that topic.
+
 Retention
     A message stays in its lane's stream until every group that had it
     finished it (and `retention` passed), then the script deletes it
@@ -96,19 +103,24 @@ Drops
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
 import importlib.resources
 import json
 import logging
+import os
 import pickle
 import random
 import re
 import ssl
+import threading
 import time
 import urllib.parse
 import uuid
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,6 +145,7 @@ from mqs.broker._memory import (
 )
 from mqs.broker._policy import Backoff, Rate, TopicConfig
 from mqs.broker._state import _log_point, warn_drop_count
+from mqs.broker._wakeup import Wakeups
 from mqs.errors import (
     BackendConnectionError,
     BackendUnavailable,
@@ -156,6 +169,11 @@ _BYTES, _STR, _PICKLE = b"b", b"s", b"p"
 # bodies (the list of _settings_args).
 _RUN_SETTINGS = 10
 
+
+# Threads that run the Redis calls of `fetch_async` and `publish_async`
+# for one backend, so that an event loop never waits on the network. The
+# waits for a change run in `Wakeups` threads instead, one per topic.
+_ASYNC_WORKERS = 8
 
 # Seconds a redis backend retries a lost connection by default
 # (`RedisBackend` retry_timeout).
@@ -556,6 +574,16 @@ class RedisBackend(Backend):
         self._backoff = redis.backoff.FullJitterBackoff(cap=2.0, base=0.05)
         self._rng = random.Random()
         self._closed = False
+        # asyncio (see `fetch_async`): the executor is made by the first
+        # async call, and each awaited topic gets one wake stream word.
+        self._async_lock = threading.Lock()
+        self._async_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._wakeups = Wakeups(f"redis {self.url}")
+        self._wake_words: dict[str, _WakeStream] = {}
+        # consumer -> raw deliveries that a cancelled `fetch_async` took
+        # with auto_ack, which that consumer's next fetch returns.
+        self._stashed: dict[str, list] = {}
+        _backends.add(self)
         self._script = client.register_script(_load_script())
         if connect_retry_timeout is not None:
             self._retry_timeout = connect_retry_timeout
@@ -843,6 +871,17 @@ class RedisBackend(Backend):
         return consumer
 
     def close_consumer(self, topic: str, group: str, consumer: str) -> int:
+        with self._async_lock:
+            stashed = self._stashed.pop(consumer, [])
+        if stashed:
+            # NOTE: acked on the server when the cancelled get_async took
+            # them, so they cannot go back to the group.
+            logger.warning(
+                "redis broker %s: consumer of %r/%r closed with %d "
+                "auto-acked messages that a cancelled get_async took and no "
+                "later get returned; they are lost: %s", self.url, topic,
+                group, len(stashed), ", ".join(_raw_id(raw)
+                                               for raw in stashed))
         try:
             return int(self._run(topic, "close", group, consumer)[1])
         except UnknownTopic:
@@ -901,37 +940,165 @@ class RedisBackend(Backend):
         _, wait_ms, found, wake_id = reply
         return found, int(wait_ms), wake_id
 
+    def _fetch_ready(self, topic, group, consumer, max_items, ack_timeout,
+                     auto_ack):
+        """Take up to `max_items` ready entries, in chunks; return them
+        undecoded with the first chunk's wait time and wake id."""
+        found, wait_ms, wake_id = self._fetch_once(
+            topic, group, consumer, max_items, ack_timeout, auto_ack)
+        # A full chunk: take more of what is ready, in further calls.
+        while len(found) < max_items and len(found) % _MAX_BATCH == 0 \
+                and found:
+            more, _, _ = self._fetch_once(
+                topic, group, consumer, max_items - len(found),
+                ack_timeout, auto_ack)
+            if not more:
+                break
+            found += more
+        return found, wait_ms, wake_id
+
+    def _decode_found(self, topic: str, group: str, found: list,
+                      auto_ack: bool) -> list[Delivery]:
+        # Decoded after every chunk is fetched, so that a batch keeps its
+        # good messages when one body fails to unpickle.
+        return decode_each(topic, found,
+                           lambda raw: self._delivery(topic, group, raw),
+                           _raw_id, auto_ack)
+
+    def _wait_left(self, deadline: float | None, wait_ms: int
+                   ) -> float | None:
+        """Return the seconds to wait for a change, or None when the
+        deadline passed."""
+        left = self._block_cap
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+        if wait_ms >= 0:
+            left = min(left, wait_ms / 1000)
+        return max(left, 0.001)
+
     def fetch(self, topic: str, group: str, consumer: str, max_items: int,
               *, ack_timeout: float, auto_ack: bool,
               timeout: float | None) -> list[Delivery]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            found, wait_ms, wake_id = self._fetch_once(
-                topic, group, consumer, max_items, ack_timeout, auto_ack)
-            # A full chunk: take more of what is ready, in further calls.
-            while len(found) < max_items and len(found) % _MAX_BATCH == 0 \
-                    and found:
-                more, _, _ = self._fetch_once(
-                    topic, group, consumer, max_items - len(found),
-                    ack_timeout, auto_ack)
-                if not more:
-                    break
-                found += more
+            found = self._take_stashed(consumer, max_items)
+            if not found:
+                found, wait_ms, wake_id = self._fetch_ready(
+                    topic, group, consumer, max_items, ack_timeout, auto_ack)
             if found:
-                # Decoded after every chunk is fetched, so that a batch
-                # keeps its good messages when one body fails to unpickle.
-                return decode_each(
-                    topic, found,
-                    lambda raw: self._delivery(topic, group, raw),
-                    _raw_id, auto_ack)
-            left = self._block_cap
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return []
-            if wait_ms >= 0:
-                left = min(left, wait_ms / 1000)
-            self._wait_wake(topic, wake_id, max(left, 0.001))
+                return self._decode_found(topic, group, found, auto_ack)
+            left = self._wait_left(deadline, wait_ms)
+            if left is None:
+                return []
+            self._wait_wake(topic, wake_id, left)
+
+    async def fetch_async(self, topic: str, group: str, consumer: str,
+                          max_items: int, *, ack_timeout: float,
+                          auto_ack: bool, timeout: float | None
+                          ) -> list[Delivery]:
+        """Like `fetch`; the Redis calls run in the backend's threads.
+
+        The script calls that take messages run in an executor. The
+        waits for a change run in a `Wakeups` thread that blocks on the
+        topic's wake stream. So the event loop neither polls nor waits
+        on the network, also while a lost connection is retried.
+
+        A cancelled await cannot stop a script call already sent. When
+        one took messages, they go back to the group at the head of
+        their lanes with the attempt refunded (`release`), or, under
+        auto_ack, come back from this consumer's next fetch.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            found = self._take_stashed(consumer, max_items)
+            if found:
+                return self._decode_found(topic, group, found, auto_ack)
+            fetching = loop.run_in_executor(
+                self._executor(), self._fetch_ready, topic, group, consumer,
+                max_items, ack_timeout, auto_ack)
+            try:
+                found, wait_ms, wake_id = await asyncio.shield(fetching)
+            except asyncio.CancelledError:
+                fetching.add_done_callback(
+                    lambda done: self._give_back(topic, group, consumer,
+                                                 auto_ack, done))
+                raise
+            if found:
+                return self._decode_found(topic, group, found, auto_ack)
+            left = self._wait_left(deadline, wait_ms)
+            if left is None:
+                return []
+            await self._wakeups.wait(self._wake_word(topic), wake_id, left)
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._async_lock:
+            if self._closed:
+                raise ShutDown(f"the redis backend of {self.url} is "
+                               f"closed; open a new Broker")
+            if self._async_pool is None:
+                self._async_pool = concurrent.futures.ThreadPoolExecutor(
+                    _ASYNC_WORKERS, thread_name_prefix="mqs-redis")
+            return self._async_pool
+
+    def _wake_word(self, topic: str) -> _WakeStream:
+        with self._async_lock:
+            word = self._wake_words.get(topic)
+            if word is None:
+                word = _WakeStream(self, self._meta(topic)[:-4] + "wake")
+                self._wake_words[topic] = word
+            return word
+
+    def _take_stashed(self, consumer: str, max_items: int) -> list:
+        if not self._stashed:
+            return []
+        with self._async_lock:
+            stashed = self._stashed.get(consumer)
+            if not stashed:
+                return []
+            returned = stashed[:max_items]
+            del stashed[:max_items]
+            if not stashed:
+                del self._stashed[consumer]
+            return returned
+
+    def _give_back(self, topic: str, group: str, consumer: str,
+                   auto_ack: bool, done: asyncio.Future) -> None:
+        """Return what the fetch of a cancelled `fetch_async` took."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        found = done.result()[0]
+        if not found:
+            return
+        if auto_ack:
+            with self._async_lock:
+                self._stashed.setdefault(consumer, []).extend(found)
+            return
+        tags = [(raw[0].decode(), raw[1]) for raw in found]
+        try:
+            self._executor().submit(self._release_taken, topic, group, tags)
+        except (ShutDown, RuntimeError):
+            # Closed meanwhile: the deliveries come back after their ack
+            # deadline, as those of a consumer process that died.
+            logger.info("redis broker %s: %d messages taken by a cancelled "
+                        "get_async on %r/%r come back after their ack "
+                        "deadline, because the broker closed", self.url,
+                        len(tags), topic, group)
+
+    def _release_taken(self, topic: str, group: str, tags: list) -> None:
+        try:
+            self.release(topic, group, tags)
+        except Exception:
+            logger.warning("redis broker %s: failed to put back %d messages "
+                           "taken by a cancelled get_async on %r/%r; they "
+                           "come back after their ack deadline", self.url,
+                           len(tags), topic, group, exc_info=True)
+
+    async def run_blocking(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor(), function, *args)
 
     def ack(self, topic: str, group: str, tag: Any) -> bool:
         message_id, ticket = tag
@@ -1108,8 +1275,55 @@ class RedisBackend(Backend):
 
     def close(self) -> None:
         # Calls still running in other threads fail instead of retrying.
-        self._closed = True
+        with self._async_lock:
+            self._closed = True
+            pool, self._async_pool = self._async_pool, None
+        # A wakeup thread may be inside an XREAD BLOCK of up to _block_cap.
+        self._wakeups.close(timeout=self._block_cap + 1.0)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+
+
+# Every open backend, so a forked child can drop the parent's threads.
+_backends: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # The executor's threads did not survive the fork; the stashed
+    # deliveries belong to the parent's consumers. (`Wakeups` resets its
+    # own threads.)
+    for backend in list(_backends):
+        backend._async_lock = threading.Lock()
+        backend._async_pool = None
+        backend._stashed = {}
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class _WakeStream:
+    """A topic's wake stream as a wait word of `Wakeups`: its epoch is the
+    id of the stream's one entry, which every change replaces."""
+
+    def __init__(self, backend: RedisBackend, key: str) -> None:
+        self._backend = backend
+        self._key = key
+
+    def wait_prepare(self) -> bytes:
+        backend = self._backend
+        last = backend._call(backend._client.xrevrange, self._key, "+", "-",
+                             count=1)
+        return last[0][0] if last else b"0-0"
+
+    def wait(self, epoch: bytes, timeout: float) -> None:
+        backend = self._backend
+        block_ms = max(1, int(min(timeout, backend._block_cap) * 1000))
+        backend._call(backend._client.xread, {self._key: epoch}, count=1,
+                      block=block_ms, wait_s=block_ms / 1000)
+
+    def cancel_wait(self) -> None:
+        pass
 
 
 def _unknown_topic(topic: str) -> str:
