@@ -1151,7 +1151,8 @@ def _ticks_during(coroutine_function):
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("operation", ["get_async", "publish_async"])
+@pytest.mark.parametrize("operation",
+                         ["get_async", "publish_async", "request_async"])
 def test_async_call_does_not_block_loop_in_outage(redis_server_factory,
                                                   operation):
     server = redis_server_factory()
@@ -1161,8 +1162,11 @@ def test_async_call_does_not_block_loop_in_outage(redis_server_factory,
         server.kill()
         if operation == "get_async":
             call = lambda: consumer.get_async(timeout=30)  # noqa: E731
-        else:
+        elif operation == "publish_async":
             call = lambda: broker.publish_async("t", b"x")  # noqa: E731
+        else:
+            call = lambda: broker.request_async(  # noqa: E731
+                "t", b"x", timeout=30)
         ticks, seconds, raised = _ticks_during(call)
         assert isinstance(raised, mqs.BackendConnectionError), raised
         assert seconds >= 1.5

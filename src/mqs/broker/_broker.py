@@ -1885,9 +1885,12 @@ class Broker:
                             **options: Any) -> Message:
         """Like `request`, awaiting the reply without blocking the loop."""
         timeout = _required_seconds("timeout", timeout)
-        reply_topic, correlation_id = self._open_reply(topic)
+        # The topic calls wait on the network on the redis backend.
+        run = self._backend.run_blocking
+        reply_topic, correlation_id = await run(self._open_reply, topic)
         try:
-            replies = self.consume(reply_topic, "reply", auto_ack=True)
+            replies = await run(lambda: self.consume(reply_topic, "reply",
+                                                     auto_ack=True))
             await self.publish_async(topic, body, reply_to=reply_topic,
                                      correlation_id=correlation_id,
                                      **options)
@@ -1899,7 +1902,7 @@ class Broker:
                     f"{timeout} s (correlation id {correlation_id})"
                 ) from None
         finally:
-            self._backend.delete_topic(reply_topic)
+            await run(self._backend.delete_topic, reply_topic)
 
     def _open_reply(self, topic: str) -> tuple[str, str]:
         correlation_id = uuid.uuid4().hex
