@@ -576,6 +576,69 @@ def test_closed_queue_raises_value_error(make_queue, call):
         call(q)
 
 
+CLOSE_WHILE_WAITING = """
+import json, sys, threading, time
+import mqs
+
+case, directory = sys.argv[1], sys.argv[2]
+if case == "durable_get":
+    q = mqs.SharedQueue(persist=directory, capacity_bytes=65536)
+else:
+    q = mqs.SharedQueue(capacity_bytes=4096)
+view = None
+if case == "put":
+    while True:
+        try:
+            q.put_nowait(b"x" * 100)
+        except mqs.Full:
+            break
+elif case == "get_with_view":
+    q.put(b"viewed")
+    view = q.get_view(timeout=5)
+    record = view.__enter__()
+outcome = []
+
+
+def call():
+    try:
+        if case == "put":
+            q.put(b"y" * 100, timeout=30)
+        else:
+            q.get(timeout=30)
+        outcome.append("returned")
+    except ValueError as exc:
+        outcome.append(str(exc))
+
+
+waiter = threading.Thread(target=call)
+waiter.start()
+time.sleep(0.3)
+q.close()
+waiter.join(10)
+if view is not None:
+    # The view outlives the close and the waiter: its record stays.
+    outcome.append(bytes(record).decode())
+    view.__exit__(None, None, None)
+print(json.dumps(outcome))
+"""
+
+
+@pytest.mark.parametrize("case",
+                         ["get", "put", "durable_get", "get_with_view"])
+def test_close_while_thread_waits(case, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_WHILE_WAITING, case,
+         str(tmp_path / "q")],
+        capture_output=True, text=True, timeout=60)
+    # A close() that unmapped the ring under the waiting thread would
+    # kill the process with SIGSEGV.
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert "closed by another thread" in outcome[0]
+    if case == "get_with_view":
+        assert outcome[1:] == ["viewed"]
+
+
 def test_join_thread_requires_close(make_queue):
     q = make_queue(capacity_bytes=PAGE)
     with pytest.raises(AssertionError, match="not closed"):

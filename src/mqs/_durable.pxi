@@ -659,6 +659,8 @@ cdef class _Durable:
         wake = mqs_monotonic_ns() + WAIT_SLICE_NS
         if self._schedule and self._schedule[0][0] < wake:
             wake = self._schedule[0][0]
+        # The appender thread, which close() stops and joins before it
+        # unmaps anything.
         park(mqs_br_not_empty(&queue._ring), epoch, wake, 1, STRATEGY_BLOCK)
         return 0
 
@@ -1139,7 +1141,7 @@ cdef class _Durable:
             gather = mqs_dq_gather_count(self._control)
             if gather > 0 and mqs_br_count(&self._queue._ring, 0) >= gather:
                 mqs_wait_signal(mqs_dq_gathered(self._control), 1)
-            park(word, epoch, -1, 1, STRATEGY_SLEEP)
+            self._queue._park(word, epoch, -1, STRATEGY_SLEEP)
 
     cdef bint full(self):
         """Whether a bounded queue stores maxsize messages or more."""
@@ -1246,7 +1248,7 @@ cdef class _Durable:
             if not block:
                 mqs_wait_finish(word)
                 raise Empty()
-            if park(word, epoch, deadline, 1, strategy):
+            if self._queue._park(word, epoch, deadline, strategy):
                 raise Empty()
             if strategy == STRATEGY_BLOCK:
                 strategy = STRATEGY_SLEEP
@@ -1374,9 +1376,12 @@ cdef class _Durable:
 
     # -- closing ------------------------------------------------------------
 
-    cdef int close(self) except -1:
+    cdef int close(self, bint keep_control=False) except -1:
         """Move what is left in the inbox into the log, commit the cursor,
-        release the writer lock (another process takes over) and stop."""
+        release the writer lock (another process takes over) and stop.
+
+        With `keep_control` the control file stays mapped for threads
+        still waiting on its words; `release_control` unmaps it."""
         cdef int64_t deadline
         if self._closed:
             return 0
@@ -1404,6 +1409,11 @@ cdef class _Durable:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if not keep_control:
+            self.release_control()
+        return 0
+
+    cdef int release_control(self) except -1:
         if self._control != NULL:
             munmap(self._control, MQS_DQ_FILE_BYTES)
             self._control = NULL

@@ -534,6 +534,10 @@ cdef class SharedQueue:
     cdef mqs_delay_t _delay
     cdef bint _mapped
     cdef bint _closed
+    # Threads of this process inside a wait on the mapping (with the GIL
+    # released). close() leaves the unmap to the last of them.
+    cdef int _parked
+    cdef bint _close_done
     cdef int _group
     cdef int _groups_wanted
     cdef int64_t _delayed_wanted
@@ -1383,8 +1387,10 @@ cdef class SharedQueue:
                 return rc
             if mqs_monotonic_ns() >= end:
                 return MQS_EFULL
+            self._parked += 1
             with nogil:
                 usleep(20)
+            self._left_wait()
 
     cdef int _raise_too_large(self, Py_ssize_t total) except -1:
         cdef int64_t max_size = mqs_br_config(&self._ring).max_message_size
@@ -1595,8 +1601,8 @@ cdef class SharedQueue:
             if rc == MQS_OK:
                 mqs_wait_finish(mqs_br_not_full(&self._ring))
                 return 0
-            if park(mqs_br_not_full(&self._ring), epoch, deadline, 1,
-                    strategy):
+            if self._park(mqs_br_not_full(&self._ring), epoch, deadline,
+                          strategy):
                 if self._retry_after_repair(obj, due) == MQS_OK:
                     return 0
                 raise Full()
@@ -2014,8 +2020,8 @@ cdef class SharedQueue:
                 expired = True
             else:
                 wake = self._wake_time(deadline)
-                expired = park(mqs_br_not_empty(&self._ring), epoch,
-                               wake, 1, strategy)
+                expired = self._park(mqs_br_not_empty(&self._ring), epoch,
+                                     wake, strategy)
                 if expired and wake != deadline:
                     # Woken for a delayed message, not by the timeout.
                     expired = False
@@ -2206,6 +2212,35 @@ cdef class SharedQueue:
 
     # -- closing ---------------------------------------------------------------
 
+    cdef int _park(self, mqs_waitword_t *word, uint32_t epoch,
+                   int64_t deadline, int strategy) except -1:
+        """`park` on a word of this handle's mappings, shared across
+        processes. Raises ValueError when the handle was closed during
+        the wait, and the last waiter to leave finishes the close."""
+        cdef int expired
+        self._parked += 1
+        try:
+            expired = park(word, epoch, deadline, 1, strategy)
+        finally:
+            self._left_wait()
+        return expired
+
+    cdef int _left_wait(self) except -1:
+        """Count a thread out of a wait on the mappings; raise ValueError
+        if close() started meanwhile."""
+        self._parked -= 1
+        if not self._closed and (self._durable is None
+                                 or not self._durable._closed):
+            return 0
+        if self._durable is not None \
+                and threading.current_thread() is self._durable._thread:
+            # The appender thread, which close() joins before it unmaps.
+            return 0
+        if self._closed and self._parked == 0:
+            self._finish_close()
+        raise ValueError(f"Queue {self!r} was closed by another thread "
+                         f"while this call waited")
+
     def close(self):
         """Stop using the queue in this process, as `multiprocessing.Queue`.
 
@@ -2214,14 +2249,29 @@ cdef class SharedQueue:
         a view of a record (or a slice of one) is alive, this process
         keeps its participant slot, so producers still keep off that
         record; the slot and the mapping are released with the last view.
+        Calls that other threads are blocked in raise `ValueError`
+        within about 50 ms, and the last of them releases the mapping.
         """
         if self._closed:
             return
         if self._durable is not None:
-            self._durable.close()
+            # Stops the appender thread before the handle is marked
+            # closed. The control file stays mapped until _finish_close,
+            # because waits may start while close() joins the thread.
+            self._durable.close(True)
         self._closed = True
+        if not self._parked:
+            self._finish_close()
+
+    cdef int _finish_close(self) except -1:
+        if self._close_done:
+            return 0
+        self._close_done = True
+        if self._durable is not None:
+            self._durable.release_control()
         if not self._view_positions:
             self._detach_and_unmap()
+        return 0
 
     cdef int _detach_and_unmap(self) except -1:
         if self._mapped and self._ring.slot >= 0 \
