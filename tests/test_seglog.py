@@ -378,6 +378,15 @@ def test_seglog_rejects_path_that_is_a_file(tmp_path):
         mqs.SegmentLog(path)
 
 
+def test_seglog_rejects_empty_path(tmp_path, monkeypatch):
+    """An empty path would open a log in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="path must name the segment log's "
+                       "directory, got ''"):
+        mqs.SegmentLog("")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_seglog_rejects_newer_format_version(tmp_path):
     fill(tmp_path / "log", 3)
     segment = segment_files(tmp_path / "log")[0]

@@ -120,6 +120,18 @@ def test_persist_rejects_bad_arguments(tmp_path, log_dir):
         SharedQueue(persist=b"bytes path")
 
 
+def test_persist_rejects_empty_or_int_path(tmp_path, monkeypatch):
+    """An empty or int persist path raises an error that names persist."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="persist must name the directory "
+                       "of the queue's segment log, got ''"):
+        SharedQueue(persist="")
+    with pytest.raises(TypeError, match="persist must be a str or "
+                       "os.PathLike path, got int 5"):
+        SharedQueue(persist=5)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_persist_rejects_a_foreign_log(log_dir):
     log = mqs.SegmentLog(log_dir)
     log.append(b"not a queue record")

@@ -491,10 +491,18 @@ cdef class _Durable:
             raise ValueError(
                 f"fsync must be 'always', 'interval' or 'never', got "
                 f"{fsync!r}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"persist must be a str or os.PathLike path, "
+                            f"got {type(path).__name__} {path!r}")
         path = os.fspath(path)
         if not isinstance(path, str):
             raise TypeError(f"persist must be a str or os.PathLike path, "
                             f"got {type(path).__name__} {path!r}")
+        if not path:
+            raise ValueError(
+                "persist must name the directory of the queue's segment "
+                "log, got ''; pass a directory such as 'jobs' (it is "
+                "created if missing)")
         if os.path.exists(path) and not os.path.isdir(path):
             raise NotADirectoryError(
                 f"persist={path!r} is a file; give a directory for the "

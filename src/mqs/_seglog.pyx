@@ -453,6 +453,12 @@ cdef class SegmentLog:
             raise TypeError(
                 f"path must be a str or os.PathLike, got "
                 f"{type(path).__name__} {path!r}")
+        # os.path.abspath would turn an empty path into the working
+        # directory.
+        if not os.fspath(path):
+            raise ValueError(
+                f"path must name the segment log's directory, got "
+                f"{path!r}; pass a directory such as 'events'")
         # Absolute, so that commits after a chdir of the process still go
         # to this log's directory.
         self.path = os.path.abspath(os.fsdecode(os.fspath(path)))

@@ -1244,6 +1244,10 @@ cdef class SharedQueue:
         leaves the count exact. Delayed messages count once they are due
         (this call moves the due ones into the ring first); `delayed`
         counts the others.
+
+        NOTE: on a durable queue (`persist`), a delayed message counts
+        here and in `empty`, not in `delayed`, from its `put` until the
+        appender thread has moved it into the log.
         """
         self._check_open()
         self._promote_due()

@@ -10,6 +10,7 @@ import copy
 import gc
 import json
 import logging
+import multiprocessing
 import os
 import pickle
 import random
@@ -872,6 +873,39 @@ def test_message_pickle_in_other_process(broker):
     expected = f"{message.id} x 4 {{'h': 1}}"
     assert result.stdout.decode().strip() == expected
     assert message.ack()
+
+
+def _child_that_never_runs(broker):
+    raise AssertionError("a broker reached a spawned child")
+
+
+def test_broker_pickle_names_fix(broker):
+    """Passing a broker, consumer or producer to a spawned process
+    raises TypeError that names how to open the broker there."""
+    name = broker.backend.name
+    hint = {"shm": "open mqs.Broker(backend='shm', name=",
+            "log": "open mqs.Broker(backend='log', path=",
+            "redis": "open mqs.Broker(backend='redis', url=URL)",
+            "memory": "open an shm or log broker in each process"}[name]
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(target=_child_that_never_runs, args=(broker,))
+    with pytest.raises(TypeError) as raised:
+        process.start()
+    assert "cannot be pickled" in str(raised.value)
+    assert hint in str(raised.value)
+    consumer = broker.consume("t", "g")
+    with pytest.raises(TypeError) as raised:
+        pickle.dumps(consumer)
+    assert "a consumer belongs to the process" in str(raised.value)
+    assert hint in str(raised.value)
+    assert "broker.consume('t', 'g') there" in str(raised.value)
+    producer = broker.producer("t")
+    with pytest.raises(TypeError) as raised:
+        pickle.dumps(producer)
+    assert "a producer belongs to the process" in str(raised.value)
+    assert "broker.producer('t') there" in str(raised.value)
+    producer.close()
+    consumer.close()
 
 
 # Delays.

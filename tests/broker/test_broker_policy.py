@@ -324,6 +324,62 @@ def test_circuit_unreported_trial_expires():
     assert breaker.state == "closed"
 
 
+def test_circuit_stale_call_outcome_is_ignored():
+    """A slow call allowed while closed that ends during a trial does not
+    close or reopen the circuit: only the trial decides."""
+    clock = Clock()
+    breaker = mqs.CircuitBreaker(0.5, window=4, min_calls=2,
+                                 open_seconds=10, clock=clock)
+
+    async def scenario(outcome):
+        release = asyncio.Event()
+
+        async def slow():
+            await release.wait()
+            if outcome == "fail":
+                raise OSError("down")
+            return "late"
+
+        stale = asyncio.create_task(breaker.call_async(slow))
+        await asyncio.sleep(0)  # the slow call is allowed while closed
+        breaker.record_failure()
+        breaker.record_failure()
+        assert breaker.state == "open"
+        clock.now += 11
+        assert breaker.allow()  # a trial starts
+        release.set()
+        if outcome == "fail":
+            with pytest.raises(OSError):
+                await stale
+        else:
+            assert await stale == "late"
+        assert breaker.state == "half_open"
+        assert not breaker.allow()  # the trial still has its slot
+        breaker.record_success()
+        assert breaker.state == "closed"
+
+    asyncio.run(scenario("succeed"))
+    asyncio.run(scenario("fail"))
+
+
+def test_circuit_expired_trial_outcome_is_ignored():
+    """A trial that outlived its slot does not count over the trial that
+    took the slot after it."""
+    clock = Clock()
+    breaker = _half_open_breaker(clock)
+
+    def slow_trial():
+        clock.now += 10  # the slot expires while the call runs
+        assert breaker.allow()  # a second trial takes the freed slot
+        return "late"
+
+    assert breaker.call(slow_trial) == "late"
+    assert breaker.state == "half_open"
+    assert not breaker.allow()
+    breaker.record_failure()  # the second trial fails
+    assert breaker.state == "open"
+
+
 def test_circuit_open_message_counts_down():
     clock = Clock()
     breaker = mqs.CircuitBreaker(0.5, window=4, min_calls=2,

@@ -478,6 +478,13 @@ class Consumer:
         return (f"<mqs.Consumer {self.topic!r} group={self.group!r} "
                 f"prefetch={self.prefetch} {state}>")
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"{self!r} cannot be pickled, because a consumer belongs to "
+            f"the process that opened it; "
+            f"{_reopen_hint(self._backend)}, then call "
+            f"broker.consume({self.topic!r}, {self.group!r}) there")
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -1170,6 +1177,13 @@ class Producer:
         return (f"<mqs.Producer {self.topic!r} linger={self.linger} "
                 f"batch_size={self.batch_size}>")
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"{self!r} cannot be pickled, because a producer belongs to "
+            f"the process that created it; "
+            f"{_reopen_hint(self._batcher.broker.backend)}, then call "
+            f"broker.producer({self.topic!r}) there")
+
     @property
     def topic(self) -> str:
         return self._batcher.topic
@@ -1238,6 +1252,25 @@ class Producer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _reopen_hint(backend: Backend) -> str:
+    """Return how another process opens the broker of `backend`."""
+    name = backend.name
+    if name == "shm":
+        where = f"name={getattr(backend, 'shm_name', '...')!r}"
+    elif name == "log":
+        where = f"path={getattr(backend, 'path', '...')!r}"
+    elif name == "redis":
+        # The URL without its password, so it is safe in a message.
+        return (f"open mqs.Broker(backend='redis', url=URL) in that "
+                f"process, with the URL of {getattr(backend, 'url', '')}")
+    elif name == "memory":
+        return ("a memory broker serves only the threads of one process, "
+                "so open an shm or log broker in each process instead")
+    else:
+        return f"open a broker of the {name!r} backend in that process"
+    return f"open mqs.Broker(backend={name!r}, {where}) in that process"
 
 
 class Broker:
@@ -1390,6 +1423,14 @@ class Broker:
 
     def __repr__(self) -> str:
         return f"<mqs.Broker backend={self._backend.name!r}>"
+
+    def __reduce__(self) -> Any:
+        # Without this, pickle fails on an internal lock with a message
+        # that names neither the broker nor the fix.
+        raise TypeError(
+            f"{self!r} cannot be pickled, so it cannot reach a spawn or "
+            f"forkserver child through Process(args=...); "
+            f"{_reopen_hint(self._backend)}")
 
     @property
     def backend(self) -> Backend:

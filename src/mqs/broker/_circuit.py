@@ -31,6 +31,13 @@ class CircuitBreaker:
     a caller that never records an outcome cannot keep the circuit
     half-open for good.
 
+    `call` and `call_async` count an outcome only while the state that
+    allowed the call lasts. A call allowed before the circuit last
+    changed state, or a trial whose slot expired, records nothing, so a
+    slow call that began while the circuit was closed cannot close it
+    again in place of a trial. `record_success` and `record_failure`
+    cannot tell which call they report, so they always count.
+
     Parameters
     ----------
     failure_ratio : float
@@ -109,9 +116,13 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._state = "closed"
         self._opened_at = 0.0
-        # Clock times at which the trial calls in progress were allowed,
-        # oldest first.
-        self._trial_starts: collections.deque[float] = collections.deque()
+        # Incremented at every change of state, so that `call` can drop
+        # the outcome of a call that an earlier state allowed.
+        self._generation = 0
+        # Trial id -> clock time at which that trial call was allowed, for
+        # the trials in progress, oldest first.
+        self._trials: dict[int, float] = {}
+        self._next_trial_id = 0
         self._trial_successes = 0
 
     @property
@@ -126,62 +137,102 @@ class CircuitBreaker:
         if self._state == "open" and \
                 now - self._opened_at >= self.open_seconds:
             self._state = "half_open"
-            self._trial_starts.clear()
+            self._generation += 1
+            self._trials.clear()
             self._trial_successes = 0
         if self._state == "half_open":
-            starts = self._trial_starts
-            while starts and now - starts[0] >= self.open_seconds:
-                starts.popleft()
+            trials = self._trials
+            while trials:
+                trial_id, start = next(iter(trials.items()))
+                if now - start < self.open_seconds:
+                    break
+                del trials[trial_id]
 
     def _open(self) -> None:
         self._state = "open"
+        self._generation += 1
         self._opened_at = self._clock()
         self._outcomes.clear()
-        self._trial_starts.clear()
+        self._trials.clear()
 
-    def _end_trial(self) -> None:
-        if self._trial_starts:
-            self._trial_starts.popleft()
+    def _end_oldest_trial(self) -> None:
+        if self._trials:
+            del self._trials[next(iter(self._trials))]
+
+    def _admit(self) -> tuple[int, int | None] | None:
+        """Return a ticket for a call that may go ahead now, or None.
+
+        The ticket is the generation that allowed the call and, while
+        half-open, the id of its trial slot. The lock must be held.
+        """
+        self._update()
+        if self._state == "closed":
+            return self._generation, None
+        if self._state == "half_open" and \
+                len(self._trials) < self.half_open_calls:
+            trial_id = self._next_trial_id
+            self._next_trial_id += 1
+            self._trials[trial_id] = self._clock()
+            return self._generation, trial_id
+        return None
+
+    def _count_success(self) -> None:
+        if self._state == "half_open":
+            self._trial_successes += 1
+            if self._trial_successes >= self.half_open_calls:
+                self._state = "closed"
+                self._generation += 1
+                self._outcomes.clear()
+        elif self._state == "closed":
+            self._outcomes.append(True)
+
+    def _count_failure(self) -> None:
+        if self._state == "half_open":
+            self._open()
+            return
+        if self._state != "closed":
+            return
+        self._outcomes.append(False)
+        kept = len(self._outcomes)
+        failed = kept - sum(self._outcomes)
+        if kept >= self.min_calls and failed / kept >= self.failure_ratio:
+            self._open()
+
+    def _settle(self, ticket: tuple[int, int | None],
+                succeeded: bool | None) -> None:
+        """Free the slot of the call that `ticket` admitted and count its
+        outcome (None counts nothing), unless the state that admitted it
+        is over or its trial slot expired."""
+        generation, trial_id = ticket
+        with self._lock:
+            self._update()
+            if generation != self._generation:
+                return
+            if trial_id is not None and \
+                    self._trials.pop(trial_id, None) is None:
+                return
+            if succeeded is True:
+                self._count_success()
+            elif succeeded is False:
+                self._count_failure()
 
     def allow(self) -> bool:
         """Return whether a call may go ahead now (counts a trial call
         while half-open)."""
         with self._lock:
-            self._update()
-            if self._state == "closed":
-                return True
-            if self._state == "half_open" and \
-                    len(self._trial_starts) < self.half_open_calls:
-                self._trial_starts.append(self._clock())
-                return True
-            return False
+            return self._admit() is not None
 
     def record_success(self) -> None:
         """Record a call that succeeded."""
         with self._lock:
             if self._state == "half_open":
-                self._end_trial()
-                self._trial_successes += 1
-                if self._trial_successes >= self.half_open_calls:
-                    self._state = "closed"
-                    self._outcomes.clear()
-            elif self._state == "closed":
-                self._outcomes.append(True)
+                self._end_oldest_trial()
+            self._count_success()
 
     def record_failure(self) -> None:
         """Record a call that failed; may open the circuit."""
         with self._lock:
-            if self._state == "half_open":
-                self._open()
-                return
-            if self._state != "closed":
-                return
-            self._outcomes.append(False)
-            kept = len(self._outcomes)
-            failed = kept - sum(self._outcomes)
-            if kept >= self.min_calls and \
-                    failed / kept >= self.failure_ratio:
-                self._open()
+            self._count_failure()
 
     def release(self) -> None:
         """Free the slot of a call that `allow()` let through but that
@@ -189,7 +240,7 @@ class CircuitBreaker:
         KeyboardInterrupt or cancelled. Records nothing."""
         with self._lock:
             if self._state == "half_open":
-                self._end_trial()
+                self._end_oldest_trial()
 
     def _rejected(self) -> CircuitOpen:
         """Return the error for a call that `allow()` rejected."""
@@ -197,7 +248,7 @@ class CircuitBreaker:
             self._update()
             if self._state == "half_open":
                 return CircuitOpen(
-                    f"circuit is half_open: {len(self._trial_starts)} "
+                    f"circuit is half_open: {len(self._trials)} "
                     f"trial call(s) are in progress and at most "
                     f"{self.half_open_calls} may run at once; retry "
                     f"later")
@@ -208,17 +259,25 @@ class CircuitBreaker:
                 f"{left:.3g} s after the failure ratio reached "
                 f"{self.failure_ratio}; retry later")
 
+    def _admit_or_raise(self) -> tuple[int, int | None]:
+        with self._lock:
+            ticket = self._admit()
+        if ticket is None:
+            raise self._rejected()
+        return ticket
+
     @contextlib.contextmanager
-    def _recording_errors(self) -> Iterator[None]:
+    def _recording_errors(self, ticket: tuple[int, int | None]
+                          ) -> Iterator[None]:
         """Record an Exception raised inside as a failure, and free the
         trial slot for any other BaseException, then re-raise it."""
         try:
             yield
         except Exception:
-            self.record_failure()
+            self._settle(ticket, False)
             raise
         except BaseException:
-            self.release()
+            self._settle(ticket, None)
             raise
 
     def call(self, function: Callable[..., _T], *args: Any,
@@ -241,12 +300,11 @@ class CircuitBreaker:
             raise TypeError(
                 f"call cannot record the outcome of coroutine function "
                 f"{function!r}; use await breaker.call_async(...) instead")
-        if not self.allow():
-            raise self._rejected()
-        with self._recording_errors():
+        ticket = self._admit_or_raise()
+        with self._recording_errors(ticket):
             result = function(*args, **kwargs)
         if inspect.isawaitable(result):
-            self.release()
+            self._settle(ticket, None)
             if inspect.iscoroutine(result):
                 # Closing it avoids the "never awaited" RuntimeWarning.
                 result.close()
@@ -254,7 +312,7 @@ class CircuitBreaker:
                 f"call cannot record the outcome of {function!r}, which "
                 f"returned the awaitable {result!r}; use await "
                 f"breaker.call_async(...) instead")
-        self.record_success()
+        self._settle(ticket, True)
         return result
 
     async def call_async(self, function: Callable[..., Awaitable[_T]],
@@ -273,18 +331,17 @@ class CircuitBreaker:
             If `function` does not return an awaitable (a plain
             function: use `call`). Records nothing.
         """
-        if not self.allow():
-            raise self._rejected()
-        with self._recording_errors():
+        ticket = self._admit_or_raise()
+        with self._recording_errors(ticket):
             awaitable = function(*args, **kwargs)
         if not inspect.isawaitable(awaitable):
             # A usage error, not an outcome of the protected call.
-            self.release()
+            self._settle(ticket, None)
             raise TypeError(
                 f"call_async needs a function that returns an awaitable, "
                 f"but {function!r} returned {awaitable!r}; pass an async "
                 f"function, or use breaker.call(...) for a plain one")
-        with self._recording_errors():
+        with self._recording_errors(ticket):
             result = await awaitable
-        self.record_success()
+        self._settle(ticket, True)
         return result
