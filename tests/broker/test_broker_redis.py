@@ -914,6 +914,44 @@ def test_large_batches_split_into_script_calls(open_broker):
     assert broker.stats("t")["acked"] == total
 
 
+def test_batch_split_below_server_bulk_limit(redis_server_factory):
+    # A publish joins a run's bodies into one argument. Five bodies of
+    # 300 kB each fit a server that takes 1 MiB per argument, but their
+    # join does not.
+    server = redis_server_factory(config={"proto-max-bulk-len": "1mb"})
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=5)
+    try:
+        bodies = [bytes([n]) * 300_000 for n in range(5)]
+        assert len(broker.publish_many("t", bodies)) == 5
+        consumer = broker.consume("t", "g", prefetch=5)
+        got = consumer.get_many(5, timeout=5)
+        assert [m.body for m in got] == bodies
+        assert consumer.ack_many(got) == 5
+    finally:
+        broker.close()
+
+
+def test_body_over_server_bulk_limit_too_large(redis_server_factory):
+    server = redis_server_factory(config={"proto-max-bulk-len": "1mb"})
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=5)
+    try:
+        size = 2 << 20
+        with pytest.raises(mqs.MessageTooLarge) as caught:
+            broker.publish("t", b"x" * size)
+        text = str(caught.value)
+        assert f"{size} bytes" in text
+        assert "proto-max-bulk-len" in text
+        assert "0 of 1 messages were published" in text
+        # The batch keeps the messages before the one that cannot fit.
+        with pytest.raises(mqs.MessageTooLarge,
+                           match="2 of 3 messages were published"):
+            broker.publish_many("t", [b"a", b"b", b"x" * size])
+        assert broker.stats("t")["published"] == 2
+        assert broker.publish("t", b"small")
+    finally:
+        broker.close()
+
+
 def test_stream_maxlen_caps_stored_entries(open_broker):
     broker = open_broker(stream_maxlen=100)
     broker.publish_many("t", [b"x"] * 2000)

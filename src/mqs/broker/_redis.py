@@ -37,6 +37,8 @@ Bodies
     ``int``, ``float``, ``bool`` and None; a tuple or an ``int`` key
     raises `TypeError`); keys and dedup ids must be ``str``, ``bytes`` or
     ``int``.
+    A body or headers longer than the server's proto-max-bulk-len (512
+    MiB by default) raise `MessageTooLarge`.
     ``serializer="pickle"`` accepts any picklable body, header and key.
     It is off by default because unpickling runs code: anyone who can
     write to the Redis server could run code in every consumer. A broker
@@ -151,6 +153,7 @@ from mqs.errors import (
     BackendUnavailable,
     CertificateVerifyError,
     Full,
+    MessageTooLarge,
     ShutDown,
     UnknownTopic,
 )
@@ -163,6 +166,11 @@ _SERIALIZERS = (None, "pickle")
 # Messages per script call: Redis runs one script at a time, so a larger
 # batch would hold up every other client of the server for longer.
 _MAX_BATCH = 1000
+# Bytes of bodies per publish call, for the same reason. A publish sends
+# a run's bodies joined into one argument, and Redis rejects an argument
+# longer than its proto-max-bulk-len (512 MiB by default), so a batch of
+# bodies that are each small enough must not be joined beyond that.
+_MAX_BATCH_BYTES = 8 << 20
 # Body encodings stored in the entry's "e" field.
 _BYTES, _STR, _PICKLE = b"b", b"s", b"p"
 # Arguments of each run of a publish after its message count, up to the
@@ -777,15 +785,16 @@ class RedisBackend(Backend):
         _check_json_exact(headers, "headers")
         return json.dumps(headers).encode(), b""
 
-    def _publish_args(self, envelopes: Sequence[Envelope]) -> list:
+    def _publish_args(self, envelopes: Sequence[Envelope],
+                      encoded: Sequence[tuple[bytes, bytes]]) -> list:
         """Return the script's arguments: runs of consecutive messages
         that share every setting, each with its settings once, then its
-        body lengths and its bodies joined into one argument each."""
+        body lengths and its bodies joined into one argument each.
+        `encoded` holds each envelope's body and encoding."""
         args: list = [0]
         bodies: list[bytes] = []
         previous = None
-        for envelope in envelopes:
-            body, encoding = self._encode_body(envelope.body)
+        for envelope, (body, encoding) in zip(envelopes, encoded):
             # The types too: 1 == True, but they are different keys.
             settings = (envelope[1:], encoding, type(envelope.key),
                         type(envelope.dedup_id))
@@ -823,17 +832,30 @@ class RedisBackend(Backend):
         # fails to pickle then fails the call with nothing published, as
         # on the other backends, so a retry of the batch adds no
         # duplicates.
-        chunks = {start: self._publish_args(
-                      envelopes[start:start + _MAX_BATCH])
-                  for start in range(0, len(envelopes), _MAX_BATCH)}
+        encoded = [self._encode_body(envelope.body)
+                   for envelope in envelopes]
+        sizes = [len(body) for body, _ in encoded]
+
+        def chunk_from(start: int, end: int | None = None
+                       ) -> tuple[int, list]:
+            if end is None:
+                end = _chunk_end(sizes, start)
+            return end, self._publish_args(envelopes[start:end],
+                                           encoded[start:end])
+
+        chunks = {}
+        start = 0
+        while start < len(envelopes):
+            chunks[start] = chunk_from(start)
+            start = chunks[start][0]
         waited = False
         while True:
-            chunk = chunks.pop(len(ids), None)
+            start = len(ids)
+            chunk = chunks.pop(start, None)
             if chunk is None:
                 # A full topic took part of a chunk before the wait.
-                chunk = self._publish_args(
-                    envelopes[len(ids):len(ids) + _MAX_BATCH])
-            runs, *args = chunk
+                chunk = chunk_from(start)
+            end, (runs, *args) = chunk
             try:
                 reply = self._run(topic, "publish", runs, self._maxlen, *args)
             except UnknownTopic:
@@ -841,6 +863,20 @@ class RedisBackend(Backend):
                     raise
                 raise _deleted_while_full(topic, len(ids),
                                           len(envelopes)) from None
+            except self._redis.ResponseError as exc:
+                if "invalid bulk length" not in str(exc):
+                    raise
+                # Redis rejected an argument while reading the command,
+                # before the script ran, so nothing of the chunk is
+                # stored. Smaller chunks may fit, but one message cannot.
+                if end - start == 1:
+                    raise _too_large_for_server(
+                        topic, self.url, args, len(ids), len(envelopes)
+                    ) from None
+                middle = start + (end - start) // 2
+                chunks[start] = chunk_from(start, middle)
+                chunks[middle] = chunk_from(middle, end)
+                continue
             status, _, new_ids, wake_id = reply
             ids += new_ids.decode().split()
             if status == b"OK" and len(ids) == len(envelopes):
@@ -1339,6 +1375,32 @@ def _end_run(args: list, bodies: list[bytes]) -> None:
     args[-1 - _RUN_SETTINGS] = len(bodies)
     args.append(" ".join([str(len(body)) for body in bodies]))
     args.append(b"".join(bodies))
+
+
+def _chunk_end(sizes: Sequence[int], start: int) -> int:
+    """Return the end of the publish chunk that starts at `start`: at most
+    _MAX_BATCH messages whose bodies total at most _MAX_BATCH_BYTES, but
+    at least one message."""
+    end = start + 1
+    total = sizes[start]
+    limit = min(len(sizes), start + _MAX_BATCH)
+    while end < limit and total + sizes[end] <= _MAX_BATCH_BYTES:
+        total += sizes[end]
+        end += 1
+    return end
+
+
+def _too_large_for_server(topic: str, url: str, args: list, published: int,
+                          total: int) -> MessageTooLarge:
+    """Return the error of a message that Redis rejected because one of
+    its publish arguments (body or headers) exceeds proto-max-bulk-len."""
+    largest = max(len(arg) for arg in args if isinstance(arg, (bytes, str)))
+    return MessageTooLarge(
+        f"a message to topic {topic!r} has a part (body or headers) of "
+        f"{largest} bytes, more than the Redis server at {url} accepts in "
+        f"one argument (its proto-max-bulk-len, 512 MiB by default); send "
+        f"a smaller body, or raise proto-max-bulk-len on the server. "
+        f"{published} of {total} messages were published before it")
 
 
 def _text(raw: bytes | None) -> str | None:
