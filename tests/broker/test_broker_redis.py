@@ -489,6 +489,33 @@ def test_killed_server_loses_no_acknowledged_publish(redis_server_factory,
     assert "retry 1" in caplog.text
 
 
+def test_fetch_retry_returns_lost_reply_messages(open_broker, monkeypatch):
+    # The connection drops after the fetch script ran and took the one
+    # message, so its reply never arrives. The retry must deliver that
+    # message now, not after its ack deadline with attempts 2.
+    broker = open_broker()
+    consumer = broker.consume("t", "g", prefetch=1, ack_timeout=60)
+    broker.publish("t", b"only")
+    backend = broker.backend
+    script = backend._script
+    lost = []
+
+    def lose_first_fetch_reply(*args, **kwargs):
+        reply = script(*args, **kwargs)
+        if kwargs["args"][0] == "fetch" and not lost:
+            lost.append(reply)
+            raise redis.ConnectionError("reply lost after the script ran")
+        return reply
+
+    monkeypatch.setattr(backend, "_script", lose_first_fetch_reply)
+    message = consumer.get(timeout=5)
+    assert len(lost[0][2]) == 1
+    assert message.body == b"only"
+    assert message.attempts == 1
+    assert message.ack()
+    assert consumer.in_flight == 0
+
+
 def test_failed_ack_succeeds_after_restart(redis_server_factory, caplog):
     caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
     server = redis_server_factory(appendfsync="always")

@@ -34,6 +34,8 @@
 --                  "bk" token buckets (msgpack)
 --   P g:G\0cons    hash consumer -> prefetch
 --   P g:G\0inf     hash consumer -> messages it holds in flight
+--   P g:G\0lf      hash consumer -> "<call id> <n>": its last fetch that
+--                  took messages, and its timer "B<n>|G"
 --   P g:G\0ctr     hash: the group's counters (delivered, acked, nacked,
 --                  redelivered, dead_lettered, errors)
 --   P g:G\0hist    hash: sampled latency histograms, "e" enqueue to
@@ -1583,6 +1585,7 @@ local function close_consumer()
     returned = returned + 1
   end
   redis.call('HDEL', gkey(g, 'inf'), consumer)
+  redis.call('HDEL', gkey(g, 'lf'), consumer)
   group_table(inflight_delta, g)[consumer] = nil
   changed = true
   return {'OK', returned}
@@ -1890,8 +1893,32 @@ local function only_lane(eligible)
   return first ~= nil and next(eligible, first) == nil
 end
 
+-- Puts back the deliveries of timer "B<batch>|G" that `consumer` still
+-- holds, unseen, at the head of their lanes, as release does. A fetch
+-- whose reply was lost took them, so its retry returns them first.
+local function release_batch(g, consumer, batch)
+  local held = {}
+  for _, item in ipairs(redis.call('LRANGE', P .. 'dl:' .. batch, 0, -1)) do
+    local bar = string.find(item, '|', 1, true)
+    local id = string.sub(item, 1, bar - 1)
+    local rec = get_rec(g, id)
+    if rec and rec.s == 'F' and rec.c == consumer
+        and rec.t == tonumber(string.sub(item, bar + 1)) then
+      held[#held + 1] = {id, rec}
+    end
+  end
+  for i = #held, 1, -1 do
+    local id, rec = held[i][1], held[i][2]
+    rec.a = rec.a - 1
+    leave_flight(g, id, rec)
+    park(g, id, rec)
+    make_ready(g, id, rec, true)
+  end
+end
+
 -- ARGV: op, group, consumer, max items, ack timeout ms, auto_ack (1/0),
--- sample_every (0: no latency samples).
+-- sample_every (0: no latency samples), call id (unique per fetch, the
+-- same in its retries; "" for none).
 local function fetch()
   local g, consumer = ARGV[2], ARGV[3]
   sample_every = tonumber(ARGV[7]) or 0
@@ -1899,6 +1926,18 @@ local function fetch()
   if not prefetch then
     return redis.error_reply('MQS_SHUTDOWN consumer ' .. consumer ..
                              ' of group ' .. g .. ' is closed')
+  end
+  local call_id = ARGV[8] or ''
+  if call_id ~= '' then
+    -- "<call id> <batch>" of the consumer's last fetch that took
+    -- messages: the same call id means that this call is its retry.
+    local last = redis.call('HGET', gkey(g, 'lf'), consumer)
+    if last then
+      local space = string.find(last, ' ', 1, true)
+      if string.sub(last, 1, space - 1) == call_id then
+        release_batch(g, consumer, string.sub(last, space + 1))
+      end
+    end
   end
   local auto_ack = ARGV[6] == '1'
   local ack_ms = tonumber(ARGV[5])
@@ -1963,6 +2002,10 @@ local function fetch()
     local batch = P .. 'dl:' .. state.batch
     call_chunked('RPUSH', batch, flying)
     redis.call('ZADD', TM, NOW + ack_ms, 'B' .. state.batch .. '|' .. g)
+    if call_id ~= '' then
+      redis.call('HSET', gkey(g, 'lf'), consumer,
+                 call_id .. ' ' .. state.batch)
+    end
   end
   return {'OK', next_wake(g, waiting), found}
 end

@@ -59,7 +59,10 @@ Connections
     `CertificateVerifyError` is raised at once.
     A script that ran before the connection dropped may therefore run
     twice: a publish may store its batch twice (use ``dedup_id`` for
-    exactly-once), a second ack finds a stale tag and returns False.
+    exactly-once), a second ack finds a stale tag and returns False. A
+    fetch is safe to run twice: its retry first puts back, unseen, the
+    messages that the lost attempt took (except with ``auto_ack``, which
+    acked them already), then takes messages again.
     Each attempt waits for a reply (and to connect and send) for
     `socket_timeout` seconds, or for the part of `retry_timeout` that
     is left if that is shorter, but at least 1 s (or `socket_timeout`
@@ -111,6 +114,7 @@ import contextlib
 import contextvars
 import dataclasses
 import importlib.resources
+import itertools
 import json
 import logging
 import os
@@ -592,6 +596,9 @@ class RedisBackend(Backend):
         # with auto_ack, which that consumer's next fetch returns.
         self._stashed: dict[str, list] = {}
         _backends.add(self)
+        # Fetch call ids: unique per backend object and call.
+        self._call_prefix = uuid.uuid4().hex[:12] + ":"
+        self._call_numbers = itertools.count()
         self._script = client.register_script(_load_script())
         if connect_retry_timeout is not None:
             self._retry_timeout = connect_retry_timeout
@@ -970,9 +977,13 @@ class RedisBackend(Backend):
     def _fetch_once(self, topic, group, consumer, max_items, ack_timeout,
                     auto_ack):
         """Fetch up to one chunk; return its entries undecoded."""
+        # A retry of the call after a lost connection sends the same call
+        # id, so the script puts back what the first attempt took.
+        call_id = f"{self._call_prefix}{next(self._call_numbers)}"
         reply = self._run(topic, "fetch", group, consumer,
                           min(max_items, _MAX_BATCH), ack_timeout * 1000,
-                          1 if auto_ack else 0, self.sample_every or 0)
+                          1 if auto_ack else 0, self.sample_every or 0,
+                          call_id)
         _, wait_ms, found, wake_id = reply
         return found, int(wait_ms), wake_id
 
