@@ -194,6 +194,35 @@ def test_invalid_url_names_url_and_form(url, shown):
     assert "secret" not in message
 
 
+@pytest.mark.parametrize("path", ["/abc", "/0x1", "/1.5"])
+def test_url_path_must_be_database_number(path):
+    url = f"redis://app:secret@cache:6379{path}"
+    with pytest.raises(ValueError) as raised:
+        mqs.Broker(backend="redis", url=url)
+    message = str(raised.value)
+    assert f"the path {path!r} is not a database number" in message
+    assert "'redis://app:***@cache:6379" in message
+    assert "secret" not in message
+
+
+def test_url_database_out_of_range_named(redis_url):
+    url = redis_url.rsplit("/", 1)[0] + "/99"
+    with pytest.raises(ValueError) as raised:
+        mqs.Broker(backend="redis", url=url)
+    message = str(raised.value)
+    assert "the server has no database 99" in message
+    assert "'databases' setting" in message
+
+
+@pytest.mark.parametrize("socket_timeout", [0, -1, float("nan"), "5", True])
+def test_socket_timeout_checked(redis_url, socket_timeout):
+    with pytest.raises(ValueError, match=(
+            f"socket_timeout must be above 0 seconds, got "
+            f"{re.escape(repr(socket_timeout))}")):
+        mqs.Broker(backend="redis", url=redis_url,
+                   socket_timeout=socket_timeout)
+
+
 @pytest.mark.parametrize("retry_timeout", [-1, float("nan"), "30", True])
 def test_retry_timeout_checked(retry_timeout):
     # Without a url: the check must come before the url check, and no

@@ -370,6 +370,26 @@ def _masked_url(url: str) -> str:
         return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
+def _check_database_path(url: str) -> None:
+    """Raise ValueError if the path of a redis:// or rediss:// `url` is not
+    a database number: redis-py (checked on 8.2) ignores such a path and
+    uses database 0."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        # redis-py's own parse of the URL raises the clearer error.
+        return
+    if parts.scheme not in ("redis", "rediss"):
+        return
+    path = parts.path.replace("/", "")
+    if path and not re.fullmatch(r"[0-9]+", path):
+        raise ValueError(
+            f"invalid Redis URL {_masked_url(url)!r}: the path "
+            f"{parts.path!r} is not a database number; use "
+            f"redis://[user:password@]host:port/db with db a number such "
+            f"as 0")
+
+
 # ---- topic settings as JSON ---------------------------------------------
 
 def _rate_for_script(rate: Rate) -> dict[str, Any]:
@@ -530,7 +550,9 @@ class RedisBackend(Backend):
                 f"namespace cannot contain ':', got {namespace!r}; use "
                 f"another separator, such as "
                 f"{namespace.replace(':', '.')!r}")
-        if not socket_timeout > 0:
+        if isinstance(socket_timeout, bool) \
+                or not isinstance(socket_timeout, (int, float)) \
+                or not socket_timeout > 0:
             raise ValueError(
                 f"socket_timeout must be above 0 seconds, got "
                 f"{socket_timeout!r}")
@@ -551,6 +573,7 @@ class RedisBackend(Backend):
                     f"as 'redis://127.0.0.1:6379/0' or "
                     f"'rediss://user:password@host:6380/0', got "
                     f"{type(url).__name__} {url!r}")
+            _check_database_path(url)
             try:
                 client = redis.Redis.from_url(
                     url, socket_timeout=socket_timeout,
@@ -605,6 +628,14 @@ class RedisBackend(Backend):
             self._retry_option = "connect_retry_timeout"
         try:
             self._call(client.ping)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("DB index is out of range"):
+                raise
+            database = client.connection_pool.connection_kwargs.get("db")
+            raise ValueError(
+                f"invalid Redis URL {self.url!r}: the server has no database "
+                f"{database} ({exc}); use a database number below the "
+                f"server's 'databases' setting (16 by default)") from None
         finally:
             self._retry_timeout = retry_timeout
             self._retry_option = "retry_timeout"
