@@ -689,6 +689,63 @@ def test_waiting_get_raises_when_server_stalls(stalled_broker):
     assert ended_at - stopped_at < 7.0
 
 
+# Runs for ARGV[1] ms, as a long script of another client would.
+BUSY_SCRIPT = """
+local start = redis.call('TIME')
+while true do
+  local now = redis.call('TIME')
+  if (now[1] - start[1]) * 1000 + (now[2] - start[2]) / 1000
+      > tonumber(ARGV[1]) then
+    return 1
+  end
+end
+"""
+
+
+def test_busy_server_is_retried(redis_server_factory, caplog):
+    # Past lua-time-limit, a server that runs a script replies BUSY to
+    # every other command until the script ends.
+    server = redis_server_factory(config={"lua-time-limit": "100"})
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=30)
+    try:
+        consumer = broker.consume("t", "g")
+        other = redis.Redis.from_url(server.url)
+        busy = threading.Thread(target=other.eval,
+                                args=(BUSY_SCRIPT, 0, 1500))
+        caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+        busy.start()
+        time.sleep(0.5)
+        broker.publish("t", b"during")
+        busy.join()
+        other.close()
+        assert "BUSY" in caplog.text
+        assert consumer.get(timeout=5).body == b"during"
+    finally:
+        broker.close()
+
+
+def test_busy_server_error_names_cause(redis_server_factory):
+    server = redis_server_factory(config={"lua-time-limit": "100"})
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=0.5)
+    try:
+        broker.declare_topic("t")
+        other = redis.Redis.from_url(server.url)
+        busy = threading.Thread(target=other.eval,
+                                args=(BUSY_SCRIPT, 0, 3000))
+        busy.start()
+        time.sleep(0.5)
+        with pytest.raises(mqs.BackendConnectionError) as raised:
+            broker.publish("t", b"during")
+        busy.join()
+        other.close()
+        message = str(raised.value)
+        assert "stayed busy running a script for 0.5 s" in message
+        assert "SLOWLOG GET" in message
+        assert "raise retry_timeout" in message
+    finally:
+        broker.close()
+
+
 def test_blocking_get_survives_short_retry_timeout(open_broker, caplog):
     broker = open_broker(socket_timeout=0.5, retry_timeout=0.1)
     consumer = broker.consume("t", "g")

@@ -348,6 +348,13 @@ def _bounded_connection_class(base: type) -> type:
     return BoundedConnection
 
 
+def _server_busy(exc: BaseException) -> bool:
+    """Return whether a redis-py error is the BUSY reply of a server that
+    runs a script past its busy-reply-threshold (lua-time-limit): the
+    server runs no other command until the script ends."""
+    return str(exc).startswith("BUSY ")
+
+
 def _public_url(url: str) -> str:
     """Return `url` with its password replaced by ``***``."""
     parts = urllib.parse.urlsplit(url)
@@ -665,7 +672,11 @@ class RedisBackend(Backend):
                 raise BackendConnectionError(
                     f"Redis at {self.url} rejected the credentials ({exc}); "
                     f"check the user and password in the URL") from None
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError,
+                    redis.ResponseError) as exc:
+                busy = _server_busy(exc)
+                if isinstance(exc, redis.ResponseError) and not busy:
+                    raise
                 if _certificate_failed(exc):
                     # Retrying cannot fix a certificate.
                     raise CertificateVerifyError(
@@ -681,6 +692,12 @@ class RedisBackend(Backend):
                         f"the redis backend of {self.url} is closed; open a "
                         f"new Broker") from exc
                 now = time.monotonic()
+                if now >= deadline and busy:
+                    raise BackendConnectionError(
+                        f"Redis at {self.url} stayed busy running a script "
+                        f"for {self._retry_timeout} s ({exc}); find the "
+                        f"long script with SLOWLOG GET on the server, or "
+                        f"raise {self._retry_option}") from exc
                 if now >= deadline:
                     raise BackendConnectionError(
                         f"Redis at {self.url} unreachable for "
