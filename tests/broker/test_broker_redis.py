@@ -972,6 +972,34 @@ def test_dlq_redrive_and_purge_undecodable_key(open_broker, monkeypatch):
 
 # Trimmed streams.
 
+@pytest.mark.parametrize("options", [
+    {"ttl": 0.2},
+    {"delay": 600},
+])
+def test_fetch_bounds_entries_skipped_per_call(open_broker, options):
+    # Redis runs no other command while a script runs, so one fetch
+    # expires or parks at most 1000 entries (FETCH_WORK in _redis.lua),
+    # then returns and is called again.
+    broker = open_broker()
+    consumer = broker.consume("t", "g")
+    broker.publish_many("t", [b"skipped"] * 2500, **options)
+    broker.publish("t", b"live")
+    time.sleep(0.3)
+    backend = broker.backend
+    found, wait_ms, _ = backend._fetch_once("t", "g", consumer._id, 1, 30,
+                                            False)
+    assert found == []
+    assert wait_ms == 0
+    message = consumer.get(timeout=10)
+    assert message.body == b"live"
+    assert message.ack()
+    stats = broker.stats("t")
+    if "ttl" in options:
+        assert stats["expired"] == 2500
+    else:
+        assert stats["delayed"] == 2500
+
+
 def test_entry_trimmed_while_pending_dead_letters(open_broker, redis_url,
                                                   namespace):
     broker = open_broker()

@@ -1700,12 +1700,26 @@ local function rq_head(g, lane)
   return head
 end
 
+-- Entries that a fetch may handle without delivering them (expired,
+-- dead-lettered or parked) before it returns what it has, so that one
+-- call never holds the server for long: Redis runs no other command
+-- while a script runs. The client calls again at once (wake in 0 ms).
+local FETCH_WORK = 1000
+local fetch_work = 0
+local out_of_work = false
+
 -- Returns the next deliverable entry of a lane: 'q', id (from the ready
 -- list) or 's', id, fields (from the stream), or nil. Hidden and delayed
 -- entries met at the head of the stream are parked on the way.
 local function candidate(g, lane)
   local sid, sfields
   while true do
+    if fetch_work >= FETCH_WORK then
+      -- Entries older than the list's head may wait in the stream, so
+      -- the lane has no candidate before the next call.
+      out_of_work = true
+      return nil
+    end
     local found = peek(g, lane)
     if not found then
       sid = nil
@@ -1721,6 +1735,7 @@ local function candidate(g, lane)
     end
     read_peeked(g, lane, PARKED, sid)
     park_unready(g, lane, sid, sfields, rec)
+    fetch_work = fetch_work + 1
   end
   local head = rq_head(g, lane)
   if head then
@@ -1857,11 +1872,14 @@ local function read_bulk(g, lane, consumer, want, auto_ack, ack_ms, found)
     local rec = field(fields, 'k') and get_rec(g, id)
     if rec or (tonumber(field(fields, 'd')) or 0) > NOW then
       park_unready(g, lane, id, fields, rec)
+      fetch_work = fetch_work + 1
     else
       local delivery = take(g, lane, {'r', id, fields}, consumer, auto_ack,
                             ack_ms)
       if delivery then
         found[#found + 1] = delivery
+      else
+        fetch_work = fetch_work + 1
       end
     end
   end
@@ -1949,7 +1967,7 @@ local function fetch()
   local cands = {}
   local waiting = {}
   local rated = cfg.rate or #cfg.lane_rates > 0
-  while #found < limit do
+  while #found < limit and fetch_work < FETCH_WORK do
     if invalidate then
       cands = {}
       invalidate = false
@@ -1976,6 +1994,9 @@ local function fetch()
         end
       end
     end
+    if out_of_work then
+      break
+    end
     local lane = pick(g, eligible)
     if lane == nil then
       break
@@ -1989,8 +2010,13 @@ local function fetch()
       local delivery = take(g, lane, cand, consumer, auto_ack, ack_ms)
       if delivery then
         found[#found + 1] = delivery
+      else
+        fetch_work = fetch_work + 1
       end
     end
+  end
+  if fetch_work >= FETCH_WORK then
+    out_of_work = true
   end
   if auto_ack and #found > 0 and cfg.maxsize > 0 then
     changed = true
@@ -2006,6 +2032,9 @@ local function fetch()
       redis.call('HSET', gkey(g, 'lf'), consumer,
                  call_id .. ' ' .. state.batch)
     end
+  end
+  if out_of_work then
+    return {'OK', 0, found}
   end
   return {'OK', next_wake(g, waiting), found}
 end
