@@ -599,7 +599,7 @@ def test_connection_killed_during_blocking_get(redis_server_factory,
     admin.close()
     broker.close()
     assert results == [b"after"]
-    assert "retry 1" in caplog.text
+    assert "the wait for a change of topic 't' ended early" in caplog.text
 
 
 def test_blocking_get_stays_within_socket_timeout(open_broker, caplog):
@@ -743,6 +743,38 @@ def test_busy_server_error_names_cause(redis_server_factory):
         assert "SLOWLOG GET" in message
         assert "raise retry_timeout" in message
     finally:
+        broker.close()
+
+
+def test_blocking_get_survives_frequent_connection_kills(
+        redis_server_factory):
+    # Each blocking wait (up to 1 s) loses its connection within 0.3 s,
+    # for longer than retry_timeout. The get keeps waiting, since every
+    # script call in between succeeds.
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=1.0)
+    admin = redis.Redis.from_url(server.url)
+    stop = threading.Event()
+
+    def kill_connections():
+        while not stop.wait(0.3):
+            admin.client_kill_filter(_type="normal", skipme=True)
+
+    killer = threading.Thread(target=kill_connections)
+    try:
+        consumer = broker.consume("t", "g")
+        killer.start()
+        with pytest.raises(mqs.Empty):
+            consumer.get(timeout=3)
+        stop.set()
+        killer.join()
+        broker.publish("t", b"after")
+        assert consumer.get(timeout=5).body == b"after"
+    finally:
+        stop.set()
+        if killer.is_alive():
+            killer.join()
+        admin.close()
         broker.close()
 
 

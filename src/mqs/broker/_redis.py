@@ -72,7 +72,9 @@ Connections
     Blocking waits (XREAD BLOCK on the topic's ``wake`` stream) last at
     most the smaller of 1 s and half of `socket_timeout`, and their
     reply wait adds the block time. So a healthy connection never times
-    out while it waits, and a long `get` is a series of short waits.
+    out while it waits, and a long `get` is a series of short waits. A
+    wait that loses its connection ends early and is not retried: the
+    script call after it retries instead.
 
 asyncio
     `fetch_async` and `Broker.publish_async` (through `run_blocking`)
@@ -652,15 +654,19 @@ class RedisBackend(Backend):
 
     # ---- plumbing -------------------------------------------------------
 
-    def _call(self, function, *args, wait_s: float = 0.0, **kwargs):
+    def _call(self, function, *args, wait_s: float = 0.0,
+              retry_timeout: float | None = None, **kwargs):
         """Run a redis-py call, retrying lost connections with backoff
-        until `_retry_timeout` seconds have passed since it started.
+        until `_retry_timeout` seconds (or `retry_timeout`, if given) have
+        passed since it started.
 
         `wait_s` is how long the call blocks on the server on purpose
         (XREAD BLOCK), added to the time each attempt waits for a reply.
         """
         redis = self._redis
-        deadline = time.monotonic() + self._retry_timeout
+        if retry_timeout is None:
+            retry_timeout = self._retry_timeout
+        deadline = time.monotonic() + retry_timeout
         failures = 0
         while True:
             left = deadline - time.monotonic()
@@ -695,13 +701,13 @@ class RedisBackend(Backend):
                 if now >= deadline and busy:
                     raise BackendConnectionError(
                         f"Redis at {self.url} stayed busy running a script "
-                        f"for {self._retry_timeout} s ({exc}); find the "
+                        f"for {retry_timeout} s ({exc}); find the "
                         f"long script with SLOWLOG GET on the server, or "
                         f"raise {self._retry_option}") from exc
                 if now >= deadline:
                     raise BackendConnectionError(
                         f"Redis at {self.url} unreachable for "
-                        f"{self._retry_timeout} s ({exc}); check that the "
+                        f"{retry_timeout} s ({exc}); check that the "
                         f"server runs, or raise {self._retry_option}"
                     ) from exc
                 failures += 1
@@ -755,8 +761,20 @@ class RedisBackend(Backend):
             return
         wake = self._meta(topic)[:-4] + "wake"
         block_ms = max(1, int(seconds * 1000))
-        self._call(self._client.xread, {wake: wake_id}, count=1,
-                   block=block_ms, wait_s=block_ms / 1000)
+        try:
+            self._call(self._client.xread, {wake: wake_id}, count=1,
+                       block=block_ms, wait_s=block_ms / 1000,
+                       retry_timeout=0.0)
+        except CertificateVerifyError:
+            raise
+        except BackendConnectionError as exc:
+            # The wait only paces the caller's loop, whose next script
+            # call retries a lost connection for retry_timeout. Retrying
+            # the wait itself would fail a get when connections drop
+            # more often than the wait lasts (up to 1 s).
+            logger.warning("Redis at %s: the wait for a change of topic %r "
+                           "ended early (%s); the next call retries",
+                           self.url, topic, exc.__cause__ or exc)
 
     # ---- topics ---------------------------------------------------------
 
