@@ -545,6 +545,61 @@ def test_fetch_retry_returns_lost_reply_messages(open_broker, monkeypatch):
     assert consumer.in_flight == 0
 
 
+@pytest.mark.parametrize("many", [False, True])
+def test_ack_retry_after_lost_reply_is_true(open_broker, monkeypatch, many):
+    # The connection drops after the ack script ran, so its reply never
+    # arrives and the retry finds the message finished.
+    broker = open_broker()
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    broker.publish("t", b"only")
+    message = consumer.get(timeout=5)
+    backend = broker.backend
+    script = backend._script
+    lost = []
+
+    def lose_first_ack_reply(*args, **kwargs):
+        reply = script(*args, **kwargs)
+        if kwargs["args"][0] in ("ack", "ack_many") and not lost:
+            lost.append(reply)
+            raise redis.ConnectionError("reply lost after the script ran")
+        return reply
+
+    monkeypatch.setattr(backend, "_script", lose_first_ack_reply)
+    if many:
+        assert consumer.ack_many([message]) == 1
+    else:
+        assert message.ack() is True
+    assert len(lost) == 1
+    stats = broker.stats("t")
+    assert stats["acked"] == 1
+    assert stats["late_acks"] == 0
+
+
+def test_ack_retry_of_redelivered_message_is_late(open_broker, monkeypatch):
+    # The first attempt never reached the server, and the message was
+    # redelivered meanwhile: the retry is a late ack.
+    broker = open_broker()
+    consumer = broker.consume("t", "g", ack_timeout=0.2, prefetch=2)
+    broker.publish("t", b"only")
+    message = consumer.get(timeout=5)
+    time.sleep(0.4)
+    again = consumer.get(timeout=5)
+    backend = broker.backend
+    script = backend._script
+    failed = []
+
+    def fail_first_ack(*args, **kwargs):
+        if kwargs["args"][0] == "ack" and not failed:
+            failed.append(True)
+            raise redis.ConnectionError("lost before the script ran")
+        return script(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "_script", fail_first_ack)
+    assert message.ack() is False
+    assert again.ack() is True
+    assert broker.stats("t")["late_acks"] == 1
+
+
 def test_failed_ack_succeeds_after_restart(redis_server_factory, caplog):
     caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
     server = redis_server_factory(appendfsync="always")

@@ -1915,18 +1915,18 @@ end
 -- holds, unseen, at the head of their lanes, as release does. A fetch
 -- whose reply was lost took them, so its retry returns them first.
 local function release_batch(g, consumer, batch)
-  local held = {}
+  local taken = {}
   for _, item in ipairs(redis.call('LRANGE', P .. 'dl:' .. batch, 0, -1)) do
     local bar = string.find(item, '|', 1, true)
     local id = string.sub(item, 1, bar - 1)
     local rec = get_rec(g, id)
     if rec and rec.s == 'F' and rec.c == consumer
         and rec.t == tonumber(string.sub(item, bar + 1)) then
-      held[#held + 1] = {id, rec}
+      taken[#taken + 1] = {id, rec}
     end
   end
-  for i = #held, 1, -1 do
-    local id, rec = held[i][1], held[i][2]
+  for i = #taken, 1, -1 do
+    local id, rec = taken[i][1], taken[i][2]
     rec.a = rec.a - 1
     leave_flight(g, id, rec)
     park(g, id, rec)
@@ -2050,7 +2050,14 @@ local function live(g, id, ticket)
   return rec
 end
 
-local function ack_one(g, id, ticket)
+local function ack_one(g, id, ticket, retried)
+  if retried and not get_rec(g, id) then
+    -- The message is finished. This call retries an ack whose reply was
+    -- lost, and that ack most likely finished it.
+    -- NOTE: it may also have been finished after its ack deadline
+    -- passed (acked after a redelivery, dead-lettered or expired).
+    return 1
+  end
   local rec = live(g, id, ticket)
   if not rec then
     return 0
@@ -2066,13 +2073,14 @@ local function ack_one(g, id, ticket)
   return 1
 end
 
--- ARGV: op, group, id, ticket.
+-- ARGV: op, group, id, ticket, retried ("1" when this call is a retry
+-- after a lost connection, else "0").
 local function ack()
-  return {'OK', ack_one(ARGV[2], ARGV[3], ARGV[4])}
+  return {'OK', ack_one(ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1')}
 end
 
 -- ARGV: op, group, count, then "id:ticket" per delivery, joined by
--- spaces.
+-- spaces, and retried (as for ack).
 local function ack_many()
   local g, n = ARGV[2], tonumber(ARGV[3])
   local ids, tickets = {}, {}
@@ -2087,8 +2095,9 @@ local function ack_many()
   load_recs(g, ids)
   load_refs(ids)
   local done = {}
+  local retried = ARGV[5] == '1'
   for i = 1, n do
-    done[i] = ack_one(g, ids[i], tickets[i])
+    done[i] = ack_one(g, ids[i], tickets[i], retried)
   end
   return {'OK', done}
 end

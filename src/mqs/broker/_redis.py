@@ -59,7 +59,8 @@ Connections
     `CertificateVerifyError` is raised at once.
     A script that ran before the connection dropped may therefore run
     twice: a publish may store its batch twice (use ``dedup_id`` for
-    exactly-once), a second ack finds a stale tag and returns False. A
+    exactly-once). An ack that is retried and finds the message finished
+    returns True, as its first attempt most likely acked it. A
     fetch is safe to run twice: its retry first puts back, unseen, the
     messages that the lost attempt took (except with ``auto_ack``, which
     acked them already), then takes messages again.
@@ -728,16 +729,28 @@ class RedisBackend(Backend):
                 f"got {topic!r}")
         return f"{{{self._namespace}:{topic}}}:meta"
 
-    def _run(self, topic: str, *args: Any) -> list:
+    def _run(self, topic: str, *args: Any, mark_retries: bool = False
+             ) -> list:
         """Run one operation of the script on `topic`; return its reply
-        without the drop counts, which it logs."""
+        without the drop counts, which it logs.
+
+        With `mark_retries`, the script gets one more argument: "0" on the
+        first attempt and "1" on the retries after a lost connection.
+        """
         if self._closed:
             # The client would reconnect: `close` does not stop it.
             raise ShutDown(f"the redis backend of {self.url} is closed; "
                            f"open a new Broker")
+        script = self._script
+        if mark_retries:
+            attempts = itertools.count()
+
+            def script(keys: list, args: Sequence[Any]) -> Any:
+                retried = "1" if next(attempts) else "0"
+                return self._script(keys=keys, args=[*args, retried])
+
         try:
-            reply = self._call(self._script, keys=[self._meta(topic)],
-                               args=args)
+            reply = self._call(script, keys=[self._meta(topic)], args=args)
         except self._redis.ResponseError as exc:
             text = str(exc)
             if text.startswith("MQS_UNKNOWN"):
@@ -1215,7 +1228,8 @@ class RedisBackend(Backend):
 
     def ack(self, topic: str, group: str, tag: Any) -> bool:
         message_id, ticket = tag
-        return self._run(topic, "ack", group, message_id, ticket)[1] == 1
+        return self._run(topic, "ack", group, message_id, ticket,
+                         mark_retries=True)[1] == 1
 
     def ack_many(self, topic: str, group: str, tags: Sequence[Any]
                  ) -> list[bool]:
@@ -1226,7 +1240,8 @@ class RedisBackend(Backend):
             # each argument on its own, which costs more than the join.
             joined = " ".join([f"{message_id}:{ticket}"
                                for message_id, ticket in chunk])
-            reply = self._run(topic, "ack_many", group, len(chunk), joined)
+            reply = self._run(topic, "ack_many", group, len(chunk), joined,
+                              mark_retries=True)
             done += [flag == 1 for flag in reply[1]]
         return done
 
