@@ -545,10 +545,11 @@ def test_fetch_retry_returns_lost_reply_messages(open_broker, monkeypatch):
     assert consumer.in_flight == 0
 
 
-@pytest.mark.parametrize("many", [False, True])
-def test_ack_retry_after_lost_reply_is_true(open_broker, monkeypatch, many):
-    # The connection drops after the ack script ran, so its reply never
-    # arrives and the retry finds the message finished.
+@pytest.mark.parametrize("settle", ["ack", "ack_many", "nack"])
+def test_settle_retry_after_lost_reply_is_true(open_broker, monkeypatch,
+                                               settle):
+    # The connection drops after the ack or nack script ran, so its reply
+    # never arrives and the retry finds the message settled.
     broker = open_broker()
     consumer = broker.consume("t", "g", ack_timeout=60)
     broker.publish("t", b"only")
@@ -557,25 +558,33 @@ def test_ack_retry_after_lost_reply_is_true(open_broker, monkeypatch, many):
     script = backend._script
     lost = []
 
-    def lose_first_ack_reply(*args, **kwargs):
+    def lose_first_settle_reply(*args, **kwargs):
         reply = script(*args, **kwargs)
-        if kwargs["args"][0] in ("ack", "ack_many") and not lost:
+        if kwargs["args"][0] == settle and not lost:
             lost.append(reply)
             raise redis.ConnectionError("reply lost after the script ran")
         return reply
 
-    monkeypatch.setattr(backend, "_script", lose_first_ack_reply)
-    if many:
+    monkeypatch.setattr(backend, "_script", lose_first_settle_reply)
+    if settle == "ack_many":
         assert consumer.ack_many([message]) == 1
-    else:
+    elif settle == "ack":
         assert message.ack() is True
+    else:
+        assert message.nack() is True
     assert len(lost) == 1
     stats = broker.stats("t")
-    assert stats["acked"] == 1
     assert stats["late_acks"] == 0
+    if settle == "nack":
+        assert stats["nacked"] == 1
+        assert consumer.get(timeout=5).attempts == 2
+    else:
+        assert stats["acked"] == 1
 
 
-def test_ack_retry_of_redelivered_message_is_late(open_broker, monkeypatch):
+@pytest.mark.parametrize("settle", ["ack", "nack"])
+def test_settle_retry_of_redelivered_message_is_late(open_broker,
+                                                     monkeypatch, settle):
     # The first attempt never reached the server, and the message was
     # redelivered meanwhile: the retry is a late ack.
     broker = open_broker()
@@ -588,14 +597,17 @@ def test_ack_retry_of_redelivered_message_is_late(open_broker, monkeypatch):
     script = backend._script
     failed = []
 
-    def fail_first_ack(*args, **kwargs):
-        if kwargs["args"][0] == "ack" and not failed:
+    def fail_first_settle(*args, **kwargs):
+        if kwargs["args"][0] == settle and not failed:
             failed.append(True)
             raise redis.ConnectionError("lost before the script ran")
         return script(*args, **kwargs)
 
-    monkeypatch.setattr(backend, "_script", fail_first_ack)
-    assert message.ack() is False
+    monkeypatch.setattr(backend, "_script", fail_first_settle)
+    if settle == "ack":
+        assert message.ack() is False
+    else:
+        assert message.nack() is False
     assert again.ack() is True
     assert broker.stats("t")["late_acks"] == 1
 

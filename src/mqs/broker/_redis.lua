@@ -2117,9 +2117,19 @@ local function retry_ms(attempts, random)
 end
 
 -- ARGV: op, group, id, ticket, requeue (1/0), delay ms ("" for the
--- topic's retry), error ("" for none, else "=" .. text), random in [0, 1).
+-- topic's retry), error ("" for none, else "=" .. text), random in [0, 1),
+-- retried (as for ack).
 local function nack()
   local g, id = ARGV[2], ARGV[3]
+  if ARGV[9] == '1' then
+    local rec = get_rec(g, id)
+    if not rec or (rec.t == tonumber(ARGV[4]) + 1 and rec.s ~= 'F') then
+      -- Dead-lettered, or put back once since this delivery (each put
+      -- back raises the ticket) and not delivered again: most likely
+      -- by the attempt whose reply was lost (see ack_one).
+      return {'OK', 1}
+    end
+  end
   local rec = live(g, id, ARGV[4])
   if not rec then
     return {'OK', 0}

@@ -59,8 +59,8 @@ Connections
     `CertificateVerifyError` is raised at once.
     A script that ran before the connection dropped may therefore run
     twice: a publish may store its batch twice (use ``dedup_id`` for
-    exactly-once). An ack that is retried and finds the message finished
-    returns True, as its first attempt most likely acked it. A
+    exactly-once). An ack or nack that is retried and finds the message
+    settled returns True, as its first attempt most likely settled it. A
     fetch is safe to run twice: its retry first puts back, unseen, the
     messages that the lost attempt took (except with ``auto_ack``, which
     acked them already), then takes messages again.
@@ -1251,7 +1251,8 @@ class RedisBackend(Backend):
         reply = self._run(
             topic, "nack", group, message_id, ticket, 1 if requeue else 0,
             "" if delay is None else delay * 1000,
-            "" if error is None else "=" + error, self._rng.random())
+            "" if error is None else "=" + error, self._rng.random(),
+            mark_retries=True)
         return reply[1] == 1
 
     def extend(self, topic: str, group: str, tag: Any, seconds: float
