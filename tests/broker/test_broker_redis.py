@@ -756,6 +756,34 @@ def test_waiting_get_raises_when_server_stalls(stalled_broker):
     assert ended_at - stopped_at < 7.0
 
 
+def test_stalled_server_close_async_keeps_loop_running(stalled_broker):
+    broker, stall = stalled_broker
+    consumer = broker.consume("t", "g")
+
+    async def main():
+        gaps = []
+
+        async def ticker():
+            while True:
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - before)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0.1)
+        stall()
+        with pytest.raises(mqs.BackendConnectionError, match="unreachable"):
+            await consumer.close_async()
+        task.cancel()
+        return gaps
+
+    gaps = asyncio.run(main())
+    # The close fails after about 2 s: retry_timeout (1 s) and the last
+    # attempt's reply wait (1 s). The loop ticks every 10 ms meanwhile.
+    assert len(gaps) >= 20
+    assert max(gaps) < 0.5
+
+
 # Runs for ARGV[1] ms, as a long script of another client would.
 BUSY_SCRIPT = """
 local start = redis.call('TIME')
