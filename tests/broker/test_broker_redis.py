@@ -194,6 +194,35 @@ def test_invalid_url_names_url_and_form(url, shown):
     assert "secret" not in message
 
 
+@pytest.mark.parametrize("path", ["/abc", "/0x1", "/1.5"])
+def test_url_path_must_be_database_number(path):
+    url = f"redis://app:secret@cache:6379{path}"
+    with pytest.raises(ValueError) as raised:
+        mqs.Broker(backend="redis", url=url)
+    message = str(raised.value)
+    assert f"the path {path!r} is not a database number" in message
+    assert "'redis://app:***@cache:6379" in message
+    assert "secret" not in message
+
+
+def test_url_database_out_of_range_named(redis_url):
+    url = redis_url.rsplit("/", 1)[0] + "/99"
+    with pytest.raises(ValueError) as raised:
+        mqs.Broker(backend="redis", url=url)
+    message = str(raised.value)
+    assert "the server has no database 99" in message
+    assert "'databases' setting" in message
+
+
+@pytest.mark.parametrize("socket_timeout", [0, -1, float("nan"), "5", True])
+def test_socket_timeout_checked(redis_url, socket_timeout):
+    with pytest.raises(ValueError, match=(
+            f"socket_timeout must be above 0 seconds, got "
+            f"{re.escape(repr(socket_timeout))}")):
+        mqs.Broker(backend="redis", url=redis_url,
+                   socket_timeout=socket_timeout)
+
+
 @pytest.mark.parametrize("retry_timeout", [-1, float("nan"), "30", True])
 def test_retry_timeout_checked(retry_timeout):
     # Without a url: the check must come before the url check, and no
@@ -489,6 +518,100 @@ def test_killed_server_loses_no_acknowledged_publish(redis_server_factory,
     assert "retry 1" in caplog.text
 
 
+def test_fetch_retry_returns_lost_reply_messages(open_broker, monkeypatch):
+    # The connection drops after the fetch script ran and took the one
+    # message, so its reply never arrives. The retry must deliver that
+    # message now, not after its ack deadline with attempts 2.
+    broker = open_broker()
+    consumer = broker.consume("t", "g", prefetch=1, ack_timeout=60)
+    broker.publish("t", b"only")
+    backend = broker.backend
+    script = backend._script
+    lost = []
+
+    def lose_first_fetch_reply(*args, **kwargs):
+        reply = script(*args, **kwargs)
+        if kwargs["args"][0] == "fetch" and not lost:
+            lost.append(reply)
+            raise redis.ConnectionError("reply lost after the script ran")
+        return reply
+
+    monkeypatch.setattr(backend, "_script", lose_first_fetch_reply)
+    message = consumer.get(timeout=5)
+    assert len(lost[0][2]) == 1
+    assert message.body == b"only"
+    assert message.attempts == 1
+    assert message.ack()
+    assert consumer.in_flight == 0
+
+
+@pytest.mark.parametrize("settle", ["ack", "ack_many", "nack"])
+def test_settle_retry_after_lost_reply_is_true(open_broker, monkeypatch,
+                                               settle):
+    # The connection drops after the ack or nack script ran, so its reply
+    # never arrives and the retry finds the message settled.
+    broker = open_broker()
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    broker.publish("t", b"only")
+    message = consumer.get(timeout=5)
+    backend = broker.backend
+    script = backend._script
+    lost = []
+
+    def lose_first_settle_reply(*args, **kwargs):
+        reply = script(*args, **kwargs)
+        if kwargs["args"][0] == settle and not lost:
+            lost.append(reply)
+            raise redis.ConnectionError("reply lost after the script ran")
+        return reply
+
+    monkeypatch.setattr(backend, "_script", lose_first_settle_reply)
+    if settle == "ack_many":
+        assert consumer.ack_many([message]) == 1
+    elif settle == "ack":
+        assert message.ack() is True
+    else:
+        assert message.nack() is True
+    assert len(lost) == 1
+    stats = broker.stats("t")
+    assert stats["late_acks"] == 0
+    if settle == "nack":
+        assert stats["nacked"] == 1
+        assert consumer.get(timeout=5).attempts == 2
+    else:
+        assert stats["acked"] == 1
+
+
+@pytest.mark.parametrize("settle", ["ack", "nack"])
+def test_settle_retry_of_redelivered_message_is_late(open_broker,
+                                                     monkeypatch, settle):
+    # The first attempt never reached the server, and the message was
+    # redelivered meanwhile: the retry is a late ack.
+    broker = open_broker()
+    consumer = broker.consume("t", "g", ack_timeout=0.2, prefetch=2)
+    broker.publish("t", b"only")
+    message = consumer.get(timeout=5)
+    time.sleep(0.4)
+    again = consumer.get(timeout=5)
+    backend = broker.backend
+    script = backend._script
+    failed = []
+
+    def fail_first_settle(*args, **kwargs):
+        if kwargs["args"][0] == settle and not failed:
+            failed.append(True)
+            raise redis.ConnectionError("lost before the script ran")
+        return script(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "_script", fail_first_settle)
+    if settle == "ack":
+        assert message.ack() is False
+    else:
+        assert message.nack() is False
+    assert again.ack() is True
+    assert broker.stats("t")["late_acks"] == 1
+
+
 def test_failed_ack_succeeds_after_restart(redis_server_factory, caplog):
     caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
     server = redis_server_factory(appendfsync="always")
@@ -543,7 +666,7 @@ def test_connection_killed_during_blocking_get(redis_server_factory,
     admin.close()
     broker.close()
     assert results == [b"after"]
-    assert "retry 1" in caplog.text
+    assert "the wait for a change of topic 't' ended early" in caplog.text
 
 
 def test_blocking_get_stays_within_socket_timeout(open_broker, caplog):
@@ -631,6 +754,123 @@ def test_waiting_get_raises_when_server_stalls(stalled_broker):
     # The block (at most 1 s), retry_timeout (1 s) and the last attempt's
     # reply wait (1 s), with room for a loaded machine.
     assert ended_at - stopped_at < 7.0
+
+
+def test_stalled_server_close_async_keeps_loop_running(stalled_broker):
+    broker, stall = stalled_broker
+    consumer = broker.consume("t", "g")
+
+    async def main():
+        gaps = []
+
+        async def ticker():
+            while True:
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - before)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0.1)
+        stall()
+        with pytest.raises(mqs.BackendConnectionError, match="unreachable"):
+            await consumer.close_async()
+        task.cancel()
+        return gaps
+
+    gaps = asyncio.run(main())
+    # The close fails after about 2 s: retry_timeout (1 s) and the last
+    # attempt's reply wait (1 s). The loop ticks every 10 ms meanwhile.
+    assert len(gaps) >= 20
+    assert max(gaps) < 0.5
+
+
+# Runs for ARGV[1] ms, as a long script of another client would.
+BUSY_SCRIPT = """
+local start = redis.call('TIME')
+while true do
+  local now = redis.call('TIME')
+  if (now[1] - start[1]) * 1000 + (now[2] - start[2]) / 1000
+      > tonumber(ARGV[1]) then
+    return 1
+  end
+end
+"""
+
+
+def test_busy_server_is_retried(redis_server_factory, caplog):
+    # Past lua-time-limit, a server that runs a script replies BUSY to
+    # every other command until the script ends.
+    server = redis_server_factory(config={"lua-time-limit": "100"})
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=30)
+    try:
+        consumer = broker.consume("t", "g")
+        other = redis.Redis.from_url(server.url)
+        busy = threading.Thread(target=other.eval,
+                                args=(BUSY_SCRIPT, 0, 1500))
+        caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+        busy.start()
+        time.sleep(0.5)
+        broker.publish("t", b"during")
+        busy.join()
+        other.close()
+        assert "BUSY" in caplog.text
+        assert consumer.get(timeout=5).body == b"during"
+    finally:
+        broker.close()
+
+
+def test_busy_server_error_names_cause(redis_server_factory):
+    server = redis_server_factory(config={"lua-time-limit": "100"})
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=0.5)
+    try:
+        broker.declare_topic("t")
+        other = redis.Redis.from_url(server.url)
+        busy = threading.Thread(target=other.eval,
+                                args=(BUSY_SCRIPT, 0, 3000))
+        busy.start()
+        time.sleep(0.5)
+        with pytest.raises(mqs.BackendConnectionError) as raised:
+            broker.publish("t", b"during")
+        busy.join()
+        other.close()
+        message = str(raised.value)
+        assert "stayed busy running a script for 0.5 s" in message
+        assert "SLOWLOG GET" in message
+        assert "raise retry_timeout" in message
+    finally:
+        broker.close()
+
+
+def test_blocking_get_survives_frequent_connection_kills(
+        redis_server_factory):
+    # Each blocking wait (up to 1 s) loses its connection within 0.3 s,
+    # for longer than retry_timeout. The get keeps waiting, since every
+    # script call in between succeeds.
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=1.0)
+    admin = redis.Redis.from_url(server.url)
+    stop = threading.Event()
+
+    def kill_connections():
+        while not stop.wait(0.3):
+            admin.client_kill_filter(_type="normal", skipme=True)
+
+    killer = threading.Thread(target=kill_connections)
+    try:
+        consumer = broker.consume("t", "g")
+        killer.start()
+        with pytest.raises(mqs.Empty):
+            consumer.get(timeout=3)
+        stop.set()
+        killer.join()
+        broker.publish("t", b"after")
+        assert consumer.get(timeout=5).body == b"after"
+    finally:
+        stop.set()
+        if killer.is_alive():
+            killer.join()
+        admin.close()
+        broker.close()
 
 
 def test_blocking_get_survives_short_retry_timeout(open_broker, caplog):
@@ -859,6 +1099,34 @@ def test_dlq_redrive_and_purge_undecodable_key(open_broker, monkeypatch):
 
 # Trimmed streams.
 
+@pytest.mark.parametrize("options", [
+    {"ttl": 0.2},
+    {"delay": 600},
+])
+def test_fetch_bounds_entries_skipped_per_call(open_broker, options):
+    # Redis runs no other command while a script runs, so one fetch
+    # expires or parks at most 1000 entries (FETCH_WORK in _redis.lua),
+    # then returns and is called again.
+    broker = open_broker()
+    consumer = broker.consume("t", "g")
+    broker.publish_many("t", [b"skipped"] * 2500, **options)
+    broker.publish("t", b"live")
+    time.sleep(0.3)
+    backend = broker.backend
+    found, wait_ms, _ = backend._fetch_once("t", "g", consumer._id, 1, 30,
+                                            False)
+    assert found == []
+    assert wait_ms == 0
+    message = consumer.get(timeout=10)
+    assert message.body == b"live"
+    assert message.ack()
+    stats = broker.stats("t")
+    if "ttl" in options:
+        assert stats["expired"] == 2500
+    else:
+        assert stats["delayed"] == 2500
+
+
 def test_entry_trimmed_while_pending_dead_letters(open_broker, redis_url,
                                                   namespace):
     broker = open_broker()
@@ -912,6 +1180,44 @@ def test_large_batches_split_into_script_calls(open_broker):
     assert [m.body for m in got] == [b"%d" % i for i in range(total)]
     assert consumer.ack_many(got) == total
     assert broker.stats("t")["acked"] == total
+
+
+def test_batch_split_below_server_bulk_limit(redis_server_factory):
+    # A publish joins a run's bodies into one argument. Five bodies of
+    # 300 kB each fit a server that takes 1 MiB per argument, but their
+    # join does not.
+    server = redis_server_factory(config={"proto-max-bulk-len": "1mb"})
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=5)
+    try:
+        bodies = [bytes([n]) * 300_000 for n in range(5)]
+        assert len(broker.publish_many("t", bodies)) == 5
+        consumer = broker.consume("t", "g", prefetch=5)
+        got = consumer.get_many(5, timeout=5)
+        assert [m.body for m in got] == bodies
+        assert consumer.ack_many(got) == 5
+    finally:
+        broker.close()
+
+
+def test_body_over_server_bulk_limit_too_large(redis_server_factory):
+    server = redis_server_factory(config={"proto-max-bulk-len": "1mb"})
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=5)
+    try:
+        size = 2 << 20
+        with pytest.raises(mqs.MessageTooLarge) as caught:
+            broker.publish("t", b"x" * size)
+        text = str(caught.value)
+        assert f"{size} bytes" in text
+        assert "proto-max-bulk-len" in text
+        assert "0 of 1 messages were published" in text
+        # The batch keeps the messages before the one that cannot fit.
+        with pytest.raises(mqs.MessageTooLarge,
+                           match="2 of 3 messages were published"):
+            broker.publish_many("t", [b"a", b"b", b"x" * size])
+        assert broker.stats("t")["published"] == 2
+        assert broker.publish("t", b"small")
+    finally:
+        broker.close()
 
 
 def test_stream_maxlen_caps_stored_entries(open_broker):

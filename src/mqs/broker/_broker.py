@@ -727,14 +727,18 @@ class Consumer:
         self._closed = True
         if timeout is None:
             timeout = self.ack_timeout
+        # On redis, each call waits on the network.
+        run = self._backend.run_blocking
         if drain:
             deadline = None if timeout is None else time.monotonic() + timeout
-            while self.in_flight:
+            while await run(self._backend.in_flight, self.topic, self.group,
+                            self._id):
                 left = 0.05 if deadline is None else deadline - time.monotonic()
                 if left <= 0:
                     break
                 await self._backend.wait_changed_async(min(left, 0.05))
-        return self._backend.close_consumer(self.topic, self.group, self._id)
+        return await run(self._backend.close_consumer, self.topic,
+                         self.group, self._id)
 
     def __enter__(self) -> Consumer:
         return self

@@ -34,6 +34,8 @@
 --                  "bk" token buckets (msgpack)
 --   P g:G\0cons    hash consumer -> prefetch
 --   P g:G\0inf     hash consumer -> messages it holds in flight
+--   P g:G\0lf      hash consumer -> "<call id> <n>": its last fetch that
+--                  took messages, and its timer "B<n>|G"
 --   P g:G\0ctr     hash: the group's counters (delivered, acked, nacked,
 --                  redelivered, dead_lettered, errors)
 --   P g:G\0hist    hash: sampled latency histograms, "e" enqueue to
@@ -1583,6 +1585,7 @@ local function close_consumer()
     returned = returned + 1
   end
   redis.call('HDEL', gkey(g, 'inf'), consumer)
+  redis.call('HDEL', gkey(g, 'lf'), consumer)
   group_table(inflight_delta, g)[consumer] = nil
   changed = true
   return {'OK', returned}
@@ -1697,12 +1700,26 @@ local function rq_head(g, lane)
   return head
 end
 
+-- Entries that a fetch may handle without delivering them (expired,
+-- dead-lettered or parked) before it returns what it has, so that one
+-- call never holds the server for long: Redis runs no other command
+-- while a script runs. The client calls again at once (wake in 0 ms).
+local FETCH_WORK = 1000
+local fetch_work = 0
+local out_of_work = false
+
 -- Returns the next deliverable entry of a lane: 'q', id (from the ready
 -- list) or 's', id, fields (from the stream), or nil. Hidden and delayed
 -- entries met at the head of the stream are parked on the way.
 local function candidate(g, lane)
   local sid, sfields
   while true do
+    if fetch_work >= FETCH_WORK then
+      -- Entries older than the list's head may wait in the stream, so
+      -- the lane has no candidate before the next call.
+      out_of_work = true
+      return nil
+    end
     local found = peek(g, lane)
     if not found then
       sid = nil
@@ -1718,6 +1735,7 @@ local function candidate(g, lane)
     end
     read_peeked(g, lane, PARKED, sid)
     park_unready(g, lane, sid, sfields, rec)
+    fetch_work = fetch_work + 1
   end
   local head = rq_head(g, lane)
   if head then
@@ -1854,11 +1872,14 @@ local function read_bulk(g, lane, consumer, want, auto_ack, ack_ms, found)
     local rec = field(fields, 'k') and get_rec(g, id)
     if rec or (tonumber(field(fields, 'd')) or 0) > NOW then
       park_unready(g, lane, id, fields, rec)
+      fetch_work = fetch_work + 1
     else
       local delivery = take(g, lane, {'r', id, fields}, consumer, auto_ack,
                             ack_ms)
       if delivery then
         found[#found + 1] = delivery
+      else
+        fetch_work = fetch_work + 1
       end
     end
   end
@@ -1890,8 +1911,32 @@ local function only_lane(eligible)
   return first ~= nil and next(eligible, first) == nil
 end
 
+-- Puts back the deliveries of timer "B<batch>|G" that `consumer` still
+-- holds, unseen, at the head of their lanes, as release does. A fetch
+-- whose reply was lost took them, so its retry returns them first.
+local function release_batch(g, consumer, batch)
+  local taken = {}
+  for _, item in ipairs(redis.call('LRANGE', P .. 'dl:' .. batch, 0, -1)) do
+    local bar = string.find(item, '|', 1, true)
+    local id = string.sub(item, 1, bar - 1)
+    local rec = get_rec(g, id)
+    if rec and rec.s == 'F' and rec.c == consumer
+        and rec.t == tonumber(string.sub(item, bar + 1)) then
+      taken[#taken + 1] = {id, rec}
+    end
+  end
+  for i = #taken, 1, -1 do
+    local id, rec = taken[i][1], taken[i][2]
+    rec.a = rec.a - 1
+    leave_flight(g, id, rec)
+    park(g, id, rec)
+    make_ready(g, id, rec, true)
+  end
+end
+
 -- ARGV: op, group, consumer, max items, ack timeout ms, auto_ack (1/0),
--- sample_every (0: no latency samples).
+-- sample_every (0: no latency samples), call id (unique per fetch, the
+-- same in its retries; "" for none).
 local function fetch()
   local g, consumer = ARGV[2], ARGV[3]
   sample_every = tonumber(ARGV[7]) or 0
@@ -1899,6 +1944,18 @@ local function fetch()
   if not prefetch then
     return redis.error_reply('MQS_SHUTDOWN consumer ' .. consumer ..
                              ' of group ' .. g .. ' is closed')
+  end
+  local call_id = ARGV[8] or ''
+  if call_id ~= '' then
+    -- "<call id> <batch>" of the consumer's last fetch that took
+    -- messages: the same call id means that this call is its retry.
+    local last = redis.call('HGET', gkey(g, 'lf'), consumer)
+    if last then
+      local space = string.find(last, ' ', 1, true)
+      if string.sub(last, 1, space - 1) == call_id then
+        release_batch(g, consumer, string.sub(last, space + 1))
+      end
+    end
   end
   local auto_ack = ARGV[6] == '1'
   local ack_ms = tonumber(ARGV[5])
@@ -1910,7 +1967,7 @@ local function fetch()
   local cands = {}
   local waiting = {}
   local rated = cfg.rate or #cfg.lane_rates > 0
-  while #found < limit do
+  while #found < limit and fetch_work < FETCH_WORK do
     if invalidate then
       cands = {}
       invalidate = false
@@ -1937,6 +1994,9 @@ local function fetch()
         end
       end
     end
+    if out_of_work then
+      break
+    end
     local lane = pick(g, eligible)
     if lane == nil then
       break
@@ -1950,8 +2010,13 @@ local function fetch()
       local delivery = take(g, lane, cand, consumer, auto_ack, ack_ms)
       if delivery then
         found[#found + 1] = delivery
+      else
+        fetch_work = fetch_work + 1
       end
     end
+  end
+  if fetch_work >= FETCH_WORK then
+    out_of_work = true
   end
   if auto_ack and #found > 0 and cfg.maxsize > 0 then
     changed = true
@@ -1963,6 +2028,13 @@ local function fetch()
     local batch = P .. 'dl:' .. state.batch
     call_chunked('RPUSH', batch, flying)
     redis.call('ZADD', TM, NOW + ack_ms, 'B' .. state.batch .. '|' .. g)
+    if call_id ~= '' then
+      redis.call('HSET', gkey(g, 'lf'), consumer,
+                 call_id .. ' ' .. state.batch)
+    end
+  end
+  if out_of_work then
+    return {'OK', 0, found}
   end
   return {'OK', next_wake(g, waiting), found}
 end
@@ -1978,7 +2050,14 @@ local function live(g, id, ticket)
   return rec
 end
 
-local function ack_one(g, id, ticket)
+local function ack_one(g, id, ticket, retried)
+  if retried and not get_rec(g, id) then
+    -- The message is finished. This call retries an ack whose reply was
+    -- lost, and that ack most likely finished it.
+    -- NOTE: it may also have been finished after its ack deadline
+    -- passed (acked after a redelivery, dead-lettered or expired).
+    return 1
+  end
   local rec = live(g, id, ticket)
   if not rec then
     return 0
@@ -1994,13 +2073,14 @@ local function ack_one(g, id, ticket)
   return 1
 end
 
--- ARGV: op, group, id, ticket.
+-- ARGV: op, group, id, ticket, retried ("1" when this call is a retry
+-- after a lost connection, else "0").
 local function ack()
-  return {'OK', ack_one(ARGV[2], ARGV[3], ARGV[4])}
+  return {'OK', ack_one(ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1')}
 end
 
 -- ARGV: op, group, count, then "id:ticket" per delivery, joined by
--- spaces.
+-- spaces, and retried (as for ack).
 local function ack_many()
   local g, n = ARGV[2], tonumber(ARGV[3])
   local ids, tickets = {}, {}
@@ -2015,8 +2095,9 @@ local function ack_many()
   load_recs(g, ids)
   load_refs(ids)
   local done = {}
+  local retried = ARGV[5] == '1'
   for i = 1, n do
-    done[i] = ack_one(g, ids[i], tickets[i])
+    done[i] = ack_one(g, ids[i], tickets[i], retried)
   end
   return {'OK', done}
 end
@@ -2036,9 +2117,19 @@ local function retry_ms(attempts, random)
 end
 
 -- ARGV: op, group, id, ticket, requeue (1/0), delay ms ("" for the
--- topic's retry), error ("" for none, else "=" .. text), random in [0, 1).
+-- topic's retry), error ("" for none, else "=" .. text), random in [0, 1),
+-- retried (as for ack).
 local function nack()
   local g, id = ARGV[2], ARGV[3]
+  if ARGV[9] == '1' then
+    local rec = get_rec(g, id)
+    if not rec or (rec.t == tonumber(ARGV[4]) + 1 and rec.s ~= 'F') then
+      -- Dead-lettered, or put back once since this delivery (each put
+      -- back raises the ticket) and not delivered again: most likely
+      -- by the attempt whose reply was lost (see ack_one).
+      return {'OK', 1}
+    end
+  end
   local rec = live(g, id, ARGV[4])
   if not rec then
     return {'OK', 0}

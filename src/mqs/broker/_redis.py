@@ -37,6 +37,8 @@ Bodies
     ``int``, ``float``, ``bool`` and None; a tuple or an ``int`` key
     raises `TypeError`); keys and dedup ids must be ``str``, ``bytes`` or
     ``int``.
+    A body or headers longer than the server's proto-max-bulk-len (512
+    MiB by default) raise `MessageTooLarge`.
     ``serializer="pickle"`` accepts any picklable body, header and key.
     It is off by default because unpickling runs code: anyone who can
     write to the Redis server could run code in every consumer. A broker
@@ -57,7 +59,11 @@ Connections
     `CertificateVerifyError` is raised at once.
     A script that ran before the connection dropped may therefore run
     twice: a publish may store its batch twice (use ``dedup_id`` for
-    exactly-once), a second ack finds a stale tag and returns False.
+    exactly-once). An ack or nack that is retried and finds the message
+    settled returns True, as its first attempt most likely settled it. A
+    fetch is safe to run twice: its retry first puts back, unseen, the
+    messages that the lost attempt took (except with ``auto_ack``, which
+    acked them already), then takes messages again.
     Each attempt waits for a reply (and to connect and send) for
     `socket_timeout` seconds, or for the part of `retry_timeout` that
     is left if that is shorter, but at least 1 s (or `socket_timeout`
@@ -67,7 +73,9 @@ Connections
     Blocking waits (XREAD BLOCK on the topic's ``wake`` stream) last at
     most the smaller of 1 s and half of `socket_timeout`, and their
     reply wait adds the block time. So a healthy connection never times
-    out while it waits, and a long `get` is a series of short waits.
+    out while it waits, and a long `get` is a series of short waits. A
+    wait that loses its connection ends early and is not retried: the
+    script call after it retries instead.
 
 asyncio
     `fetch_async` and `Broker.publish_async` (through `run_blocking`)
@@ -109,6 +117,7 @@ import contextlib
 import contextvars
 import dataclasses
 import importlib.resources
+import itertools
 import json
 import logging
 import os
@@ -151,6 +160,7 @@ from mqs.errors import (
     BackendUnavailable,
     CertificateVerifyError,
     Full,
+    MessageTooLarge,
     ShutDown,
     UnknownTopic,
 )
@@ -163,6 +173,11 @@ _SERIALIZERS = (None, "pickle")
 # Messages per script call: Redis runs one script at a time, so a larger
 # batch would hold up every other client of the server for longer.
 _MAX_BATCH = 1000
+# Bytes of bodies per publish call, for the same reason. A publish sends
+# a run's bodies joined into one argument, and Redis rejects an argument
+# longer than its proto-max-bulk-len (512 MiB by default), so a batch of
+# bodies that are each small enough must not be joined beyond that.
+_MAX_BATCH_BYTES = 8 << 20
 # Body encodings stored in the entry's "e" field.
 _BYTES, _STR, _PICKLE = b"b", b"s", b"p"
 # Arguments of each run of a publish after its message count, up to the
@@ -336,6 +351,13 @@ def _bounded_connection_class(base: type) -> type:
     return BoundedConnection
 
 
+def _server_busy(exc: BaseException) -> bool:
+    """Return whether a redis-py error is the BUSY reply of a server that
+    runs a script past its busy-reply-threshold (lua-time-limit): the
+    server runs no other command until the script ends."""
+    return str(exc).startswith("BUSY ")
+
+
 def _public_url(url: str) -> str:
     """Return `url` with its password replaced by ``***``."""
     parts = urllib.parse.urlsplit(url)
@@ -356,6 +378,26 @@ def _masked_url(url: str) -> str:
         return _public_url(url)
     except ValueError:
         return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+def _check_database_path(url: str) -> None:
+    """Raise ValueError if the path of a redis:// or rediss:// `url` is not
+    a database number: redis-py (checked on 8.2) ignores such a path and
+    uses database 0."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        # redis-py's own parse of the URL raises the clearer error.
+        return
+    if parts.scheme not in ("redis", "rediss"):
+        return
+    path = parts.path.replace("/", "")
+    if path and not re.fullmatch(r"[0-9]+", path):
+        raise ValueError(
+            f"invalid Redis URL {_masked_url(url)!r}: the path "
+            f"{parts.path!r} is not a database number; use "
+            f"redis://[user:password@]host:port/db with db a number such "
+            f"as 0")
 
 
 # ---- topic settings as JSON ---------------------------------------------
@@ -518,7 +560,9 @@ class RedisBackend(Backend):
                 f"namespace cannot contain ':', got {namespace!r}; use "
                 f"another separator, such as "
                 f"{namespace.replace(':', '.')!r}")
-        if not socket_timeout > 0:
+        if isinstance(socket_timeout, bool) \
+                or not isinstance(socket_timeout, (int, float)) \
+                or not socket_timeout > 0:
             raise ValueError(
                 f"socket_timeout must be above 0 seconds, got "
                 f"{socket_timeout!r}")
@@ -539,6 +583,7 @@ class RedisBackend(Backend):
                     f"as 'redis://127.0.0.1:6379/0' or "
                     f"'rediss://user:password@host:6380/0', got "
                     f"{type(url).__name__} {url!r}")
+            _check_database_path(url)
             try:
                 client = redis.Redis.from_url(
                     url, socket_timeout=socket_timeout,
@@ -584,12 +629,23 @@ class RedisBackend(Backend):
         # with auto_ack, which that consumer's next fetch returns.
         self._stashed: dict[str, list] = {}
         _backends.add(self)
+        # Fetch call ids: unique per backend object and call.
+        self._call_prefix = uuid.uuid4().hex[:12] + ":"
+        self._call_numbers = itertools.count()
         self._script = client.register_script(_load_script())
         if connect_retry_timeout is not None:
             self._retry_timeout = connect_retry_timeout
             self._retry_option = "connect_retry_timeout"
         try:
             self._call(client.ping)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("DB index is out of range"):
+                raise
+            database = client.connection_pool.connection_kwargs.get("db")
+            raise ValueError(
+                f"invalid Redis URL {self.url!r}: the server has no database "
+                f"{database} ({exc}); use a database number below the "
+                f"server's 'databases' setting (16 by default)") from None
         finally:
             self._retry_timeout = retry_timeout
             self._retry_option = "retry_timeout"
@@ -599,15 +655,19 @@ class RedisBackend(Backend):
 
     # ---- plumbing -------------------------------------------------------
 
-    def _call(self, function, *args, wait_s: float = 0.0, **kwargs):
+    def _call(self, function, *args, wait_s: float = 0.0,
+              retry_timeout: float | None = None, **kwargs):
         """Run a redis-py call, retrying lost connections with backoff
-        until `_retry_timeout` seconds have passed since it started.
+        until `_retry_timeout` seconds (or `retry_timeout`, if given) have
+        passed since it started.
 
         `wait_s` is how long the call blocks on the server on purpose
         (XREAD BLOCK), added to the time each attempt waits for a reply.
         """
         redis = self._redis
-        deadline = time.monotonic() + self._retry_timeout
+        if retry_timeout is None:
+            retry_timeout = self._retry_timeout
+        deadline = time.monotonic() + retry_timeout
         failures = 0
         while True:
             left = deadline - time.monotonic()
@@ -619,7 +679,11 @@ class RedisBackend(Backend):
                 raise BackendConnectionError(
                     f"Redis at {self.url} rejected the credentials ({exc}); "
                     f"check the user and password in the URL") from None
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError,
+                    redis.ResponseError) as exc:
+                busy = _server_busy(exc)
+                if isinstance(exc, redis.ResponseError) and not busy:
+                    raise
                 if _certificate_failed(exc):
                     # Retrying cannot fix a certificate.
                     raise CertificateVerifyError(
@@ -635,10 +699,16 @@ class RedisBackend(Backend):
                         f"the redis backend of {self.url} is closed; open a "
                         f"new Broker") from exc
                 now = time.monotonic()
+                if now >= deadline and busy:
+                    raise BackendConnectionError(
+                        f"Redis at {self.url} stayed busy running a script "
+                        f"for {retry_timeout} s ({exc}); find the "
+                        f"long script with SLOWLOG GET on the server, or "
+                        f"raise {self._retry_option}") from exc
                 if now >= deadline:
                     raise BackendConnectionError(
                         f"Redis at {self.url} unreachable for "
-                        f"{self._retry_timeout} s ({exc}); check that the "
+                        f"{retry_timeout} s ({exc}); check that the "
                         f"server runs, or raise {self._retry_option}"
                     ) from exc
                 failures += 1
@@ -659,16 +729,28 @@ class RedisBackend(Backend):
                 f"got {topic!r}")
         return f"{{{self._namespace}:{topic}}}:meta"
 
-    def _run(self, topic: str, *args: Any) -> list:
+    def _run(self, topic: str, *args: Any, mark_retries: bool = False
+             ) -> list:
         """Run one operation of the script on `topic`; return its reply
-        without the drop counts, which it logs."""
+        without the drop counts, which it logs.
+
+        With `mark_retries`, the script gets one more argument: "0" on the
+        first attempt and "1" on the retries after a lost connection.
+        """
         if self._closed:
             # The client would reconnect: `close` does not stop it.
             raise ShutDown(f"the redis backend of {self.url} is closed; "
                            f"open a new Broker")
+        script = self._script
+        if mark_retries:
+            attempts = itertools.count()
+
+            def script(keys: list, args: Sequence[Any]) -> Any:
+                retried = "1" if next(attempts) else "0"
+                return self._script(keys=keys, args=[*args, retried])
+
         try:
-            reply = self._call(self._script, keys=[self._meta(topic)],
-                               args=args)
+            reply = self._call(script, keys=[self._meta(topic)], args=args)
         except self._redis.ResponseError as exc:
             text = str(exc)
             if text.startswith("MQS_UNKNOWN"):
@@ -692,8 +774,20 @@ class RedisBackend(Backend):
             return
         wake = self._meta(topic)[:-4] + "wake"
         block_ms = max(1, int(seconds * 1000))
-        self._call(self._client.xread, {wake: wake_id}, count=1,
-                   block=block_ms, wait_s=block_ms / 1000)
+        try:
+            self._call(self._client.xread, {wake: wake_id}, count=1,
+                       block=block_ms, wait_s=block_ms / 1000,
+                       retry_timeout=0.0)
+        except CertificateVerifyError:
+            raise
+        except BackendConnectionError as exc:
+            # The wait only paces the caller's loop, whose next script
+            # call retries a lost connection for retry_timeout. Retrying
+            # the wait itself would fail a get when connections drop
+            # more often than the wait lasts (up to 1 s).
+            logger.warning("Redis at %s: the wait for a change of topic %r "
+                           "ended early (%s); the next call retries",
+                           self.url, topic, exc.__cause__ or exc)
 
     # ---- topics ---------------------------------------------------------
 
@@ -777,15 +871,16 @@ class RedisBackend(Backend):
         _check_json_exact(headers, "headers")
         return json.dumps(headers).encode(), b""
 
-    def _publish_args(self, envelopes: Sequence[Envelope]) -> list:
+    def _publish_args(self, envelopes: Sequence[Envelope],
+                      encoded: Sequence[tuple[bytes, bytes]]) -> list:
         """Return the script's arguments: runs of consecutive messages
         that share every setting, each with its settings once, then its
-        body lengths and its bodies joined into one argument each."""
+        body lengths and its bodies joined into one argument each.
+        `encoded` holds each envelope's body and encoding."""
         args: list = [0]
         bodies: list[bytes] = []
         previous = None
-        for envelope in envelopes:
-            body, encoding = self._encode_body(envelope.body)
+        for envelope, (body, encoding) in zip(envelopes, encoded):
             # The types too: 1 == True, but they are different keys.
             settings = (envelope[1:], encoding, type(envelope.key),
                         type(envelope.dedup_id))
@@ -823,17 +918,30 @@ class RedisBackend(Backend):
         # fails to pickle then fails the call with nothing published, as
         # on the other backends, so a retry of the batch adds no
         # duplicates.
-        chunks = {start: self._publish_args(
-                      envelopes[start:start + _MAX_BATCH])
-                  for start in range(0, len(envelopes), _MAX_BATCH)}
+        encoded = [self._encode_body(envelope.body)
+                   for envelope in envelopes]
+        sizes = [len(body) for body, _ in encoded]
+
+        def chunk_from(start: int, end: int | None = None
+                       ) -> tuple[int, list]:
+            if end is None:
+                end = _chunk_end(sizes, start)
+            return end, self._publish_args(envelopes[start:end],
+                                           encoded[start:end])
+
+        chunks = {}
+        start = 0
+        while start < len(envelopes):
+            chunks[start] = chunk_from(start)
+            start = chunks[start][0]
         waited = False
         while True:
-            chunk = chunks.pop(len(ids), None)
+            start = len(ids)
+            chunk = chunks.pop(start, None)
             if chunk is None:
                 # A full topic took part of a chunk before the wait.
-                chunk = self._publish_args(
-                    envelopes[len(ids):len(ids) + _MAX_BATCH])
-            runs, *args = chunk
+                chunk = chunk_from(start)
+            end, (runs, *args) = chunk
             try:
                 reply = self._run(topic, "publish", runs, self._maxlen, *args)
             except UnknownTopic:
@@ -841,6 +949,20 @@ class RedisBackend(Backend):
                     raise
                 raise _deleted_while_full(topic, len(ids),
                                           len(envelopes)) from None
+            except self._redis.ResponseError as exc:
+                if "invalid bulk length" not in str(exc):
+                    raise
+                # Redis rejected an argument while reading the command,
+                # before the script ran, so nothing of the chunk is
+                # stored. Smaller chunks may fit, but one message cannot.
+                if end - start == 1:
+                    raise _too_large_for_server(
+                        topic, self.url, args, len(ids), len(envelopes)
+                    ) from None
+                middle = start + (end - start) // 2
+                chunks[start] = chunk_from(start, middle)
+                chunks[middle] = chunk_from(middle, end)
+                continue
             status, _, new_ids, wake_id = reply
             ids += new_ids.decode().split()
             if status == b"OK" and len(ids) == len(envelopes):
@@ -934,9 +1056,13 @@ class RedisBackend(Backend):
     def _fetch_once(self, topic, group, consumer, max_items, ack_timeout,
                     auto_ack):
         """Fetch up to one chunk; return its entries undecoded."""
+        # A retry of the call after a lost connection sends the same call
+        # id, so the script puts back what the first attempt took.
+        call_id = f"{self._call_prefix}{next(self._call_numbers)}"
         reply = self._run(topic, "fetch", group, consumer,
                           min(max_items, _MAX_BATCH), ack_timeout * 1000,
-                          1 if auto_ack else 0, self.sample_every or 0)
+                          1 if auto_ack else 0, self.sample_every or 0,
+                          call_id)
         _, wait_ms, found, wake_id = reply
         return found, int(wait_ms), wake_id
 
@@ -1102,7 +1228,8 @@ class RedisBackend(Backend):
 
     def ack(self, topic: str, group: str, tag: Any) -> bool:
         message_id, ticket = tag
-        return self._run(topic, "ack", group, message_id, ticket)[1] == 1
+        return self._run(topic, "ack", group, message_id, ticket,
+                         mark_retries=True)[1] == 1
 
     def ack_many(self, topic: str, group: str, tags: Sequence[Any]
                  ) -> list[bool]:
@@ -1113,7 +1240,8 @@ class RedisBackend(Backend):
             # each argument on its own, which costs more than the join.
             joined = " ".join([f"{message_id}:{ticket}"
                                for message_id, ticket in chunk])
-            reply = self._run(topic, "ack_many", group, len(chunk), joined)
+            reply = self._run(topic, "ack_many", group, len(chunk), joined,
+                              mark_retries=True)
             done += [flag == 1 for flag in reply[1]]
         return done
 
@@ -1123,7 +1251,8 @@ class RedisBackend(Backend):
         reply = self._run(
             topic, "nack", group, message_id, ticket, 1 if requeue else 0,
             "" if delay is None else delay * 1000,
-            "" if error is None else "=" + error, self._rng.random())
+            "" if error is None else "=" + error, self._rng.random(),
+            mark_retries=True)
         return reply[1] == 1
 
     def extend(self, topic: str, group: str, tag: Any, seconds: float
@@ -1339,6 +1468,32 @@ def _end_run(args: list, bodies: list[bytes]) -> None:
     args[-1 - _RUN_SETTINGS] = len(bodies)
     args.append(" ".join([str(len(body)) for body in bodies]))
     args.append(b"".join(bodies))
+
+
+def _chunk_end(sizes: Sequence[int], start: int) -> int:
+    """Return the end of the publish chunk that starts at `start`: at most
+    _MAX_BATCH messages whose bodies total at most _MAX_BATCH_BYTES, but
+    at least one message."""
+    end = start + 1
+    total = sizes[start]
+    limit = min(len(sizes), start + _MAX_BATCH)
+    while end < limit and total + sizes[end] <= _MAX_BATCH_BYTES:
+        total += sizes[end]
+        end += 1
+    return end
+
+
+def _too_large_for_server(topic: str, url: str, args: list, published: int,
+                          total: int) -> MessageTooLarge:
+    """Return the error of a message that Redis rejected because one of
+    its publish arguments (body or headers) exceeds proto-max-bulk-len."""
+    largest = max(len(arg) for arg in args if isinstance(arg, (bytes, str)))
+    return MessageTooLarge(
+        f"a message to topic {topic!r} has a part (body or headers) of "
+        f"{largest} bytes, more than the Redis server at {url} accepts in "
+        f"one argument (its proto-max-bulk-len, 512 MiB by default); send "
+        f"a smaller body, or raise proto-max-bulk-len on the server. "
+        f"{published} of {total} messages were published before it")
 
 
 def _text(raw: bytes | None) -> str | None:
