@@ -178,6 +178,8 @@ _MAX_BATCH = 1000
 # longer than its proto-max-bulk-len (512 MiB by default), so a batch of
 # bodies that are each small enough must not be joined beyond that.
 _MAX_BATCH_BYTES = 8 << 20
+# Redis's default proto-max-bulk-len, assumed when CONFIG GET is refused.
+_DEFAULT_MAX_BULK = 512 << 20
 # Body encodings stored in the entry's "e" field.
 _BYTES, _STR, _PICKLE = b"b", b"s", b"p"
 # Arguments of each run of a publish after its message count, up to the
@@ -649,6 +651,22 @@ class RedisBackend(Backend):
         finally:
             self._retry_timeout = retry_timeout
             self._retry_option = "retry_timeout"
+        self._max_bulk = self._server_max_bulk()
+
+    def _server_max_bulk(self) -> int:
+        """Return the server's proto-max-bulk-len, or its default when the
+        server does not allow CONFIG GET (managed services, ACLs)."""
+        try:
+            reply = self._call(self._client.config_get, "proto-max-bulk-len")
+        except self._redis.ResponseError:
+            return _DEFAULT_MAX_BULK
+        for key, value in reply.items():
+            if key in ("proto-max-bulk-len", b"proto-max-bulk-len"):
+                try:
+                    return int(value)
+                except ValueError:
+                    break
+        return _DEFAULT_MAX_BULK
 
     def __repr__(self) -> str:
         return f"<RedisBackend {self.url} namespace={self._namespace!r}>"
@@ -942,23 +960,30 @@ class RedisBackend(Backend):
                 # A full topic took part of a chunk before the wait.
                 chunk = chunk_from(start)
             end, (runs, *args) = chunk
-            try:
-                reply = self._run(topic, "publish", runs, self._maxlen, *args)
-            except UnknownTopic:
-                if not ids and not waited:
-                    raise
-                raise _deleted_while_full(topic, len(ids),
-                                          len(envelopes)) from None
-            except self._redis.ResponseError as exc:
-                if "invalid bulk length" not in str(exc):
-                    raise
-                # Redis rejected an argument while reading the command,
-                # before the script ran, so nothing of the chunk is
-                # stored. Smaller chunks may fit, but one message cannot.
+            rejected = _longest_part(args) > self._max_bulk
+            if not rejected:
+                try:
+                    reply = self._run(topic, "publish", runs, self._maxlen,
+                                      *args)
+                except UnknownTopic:
+                    if not ids and not waited:
+                        raise
+                    raise _deleted_while_full(topic, len(ids),
+                                              len(envelopes)) from None
+                except self._redis.ResponseError as exc:
+                    # The limit was lowered since the connect: Redis
+                    # rejected an argument while reading the command, before
+                    # the script ran, so nothing of the chunk is stored.
+                    # (Redis may also close the connection instead, which
+                    # the retries then report.)
+                    if "invalid bulk length" not in str(exc):
+                        raise
+                    rejected = True
+            if rejected:
+                # Smaller chunks may fit, but one message cannot.
                 if end - start == 1:
                     raise _too_large_for_server(
-                        topic, self.url, args, len(ids), len(envelopes)
-                    ) from None
+                        topic, self.url, args, len(ids), len(envelopes))
                 middle = start + (end - start) // 2
                 chunks[start] = chunk_from(start, middle)
                 chunks[middle] = chunk_from(middle, end)
@@ -1483,11 +1508,17 @@ def _chunk_end(sizes: Sequence[int], start: int) -> int:
     return end
 
 
+def _longest_part(args: list) -> int:
+    """Return the size in bytes of the longest bytes or str argument."""
+    return max((len(arg if isinstance(arg, bytes) else arg.encode())
+                for arg in args if isinstance(arg, (bytes, str))), default=0)
+
+
 def _too_large_for_server(topic: str, url: str, args: list, published: int,
                           total: int) -> MessageTooLarge:
-    """Return the error of a message that Redis rejected because one of
-    its publish arguments (body or headers) exceeds proto-max-bulk-len."""
-    largest = max(len(arg) for arg in args if isinstance(arg, (bytes, str)))
+    """Return the error of a message whose publish arguments (body or
+    headers) exceed the server's proto-max-bulk-len."""
+    largest = _longest_part(args)
     return MessageTooLarge(
         f"a message to topic {topic!r} has a part (body or headers) of "
         f"{largest} bytes, more than the Redis server at {url} accepts in "
