@@ -2918,3 +2918,34 @@ def test_memory_broker_usable_in_child_forked_while_busy():
         thread.join()
     assert codes == [0] * 5
     broker.close()
+
+
+def test_topic_lost_elsewhere_keeps_declared_settings(broker, caplog):
+    """A topic this broker declared, then deleted behind its back (by
+    another process, or lost with a Redis server's data), comes back on
+    the next publish with the declared settings, not the defaults."""
+    broker.declare_topic("t", max_attempts=3, weights={9: 2, 0: 1})
+    broker._backend.delete_topic("t")
+    caplog.set_level(logging.WARNING, logger="mqs.broker._broker")
+    broker.publish("t", "after")
+    config = broker.topic_config("t")
+    assert config.max_attempts == 3
+    assert dict(config.weights) == {0: 1, 9: 2}
+    assert "declaring it again with the same settings" in caplog.text
+
+
+def test_topic_deleted_by_broker_takes_defaults(broker):
+    broker.declare_topic("t", max_attempts=3)
+    broker.delete_topic("t")
+    broker.publish("t", "after")
+    assert broker.topic_config("t").max_attempts is None
+
+
+def test_topic_lost_elsewhere_without_auto_declare(broker):
+    strict = mqs.Broker(broker.backend, auto_declare=False)
+    strict.declare_topic("t", max_attempts=3)
+    broker.delete_topic("t")
+    with pytest.raises(mqs.UnknownTopic,
+                       match="declared by this broker, is missing"):
+        strict.publish("t", "after")
+    assert not broker._backend.has_topic("t")

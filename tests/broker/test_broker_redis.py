@@ -1552,3 +1552,24 @@ def test_publish_async_in_forked_child(open_broker):
     message = consumer.get(timeout=5)
     assert message.body == b"from child"
     message.ack()
+
+
+def test_server_data_loss_keeps_declared_settings(redis_server_factory):
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url)
+    try:
+        broker.declare_topic("orders", max_attempts=3, weights={9: 5, 0: 1})
+        consumer = broker.consume("orders", "g")
+        admin = redis.Redis.from_url(server.url)
+        # As a restart of a server without persistence loses everything.
+        admin.flushall()
+        admin.close()
+        broker.publish("orders", b"after")
+        config = broker.topic_config("orders")
+        assert config.max_attempts == 3
+        assert dict(config.weights) == {0: 1, 9: 5}
+        with pytest.raises(mqs.ShutDown,
+                           match="unknown to the server .*consume again"):
+            consumer.get(timeout=1)
+    finally:
+        broker.close()

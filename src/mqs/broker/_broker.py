@@ -1415,6 +1415,10 @@ class Broker:
                 f"unknown backend {backend!r}; choose one of "
                 f"{sorted(BACKENDS)}")
         self.auto_declare = auto_declare
+        # The settings of the topics declared through this broker and not
+        # deleted by it, which `_ensure_topic` restores when the backend
+        # lost them.
+        self._declared: dict[str, TopicConfig] = {}
         self._closed = False
         # Consumers that `close` must close first. Weak, because a
         # consumer dropped without `Consumer.close` must not leak.
@@ -1512,7 +1516,9 @@ class Broker:
             retry=retry, ttl=ttl, on_expire=on_expire, retention=retention,
             maxsize=maxsize, when_full=when_full)
         self._check_open()
-        return self._backend.declare_topic(config, replace=replace)
+        stored = self._backend.declare_topic(config, replace=replace)
+        self._declared[topic] = stored
+        return stored
 
     def _check_open(self) -> None:
         # The memory and redis backends keep working after their close,
@@ -1528,6 +1534,10 @@ class Broker:
         self._check_topic_name(topic)
         if self._backend.has_topic(topic):
             return
+        declared = self._declared.get(topic)
+        if declared is not None:
+            self._declare_again(declared)
+            return
         if not self.auto_declare:
             raise UnknownTopic(
                 f"unknown topic {topic!r}; declare it first with "
@@ -1535,6 +1545,25 @@ class Broker:
                 f"auto_declare=True", topic)
         try:
             self.declare_topic(topic)
+        except Exception:
+            if not self._backend.has_topic(topic):
+                raise
+
+    def _declare_again(self, config: TopicConfig) -> None:
+        """Declare again, with its settings rather than the defaults, a
+        topic that this broker declared and that went missing. Another
+        process may have deleted it, or the backend lost it, as a Redis
+        server restarted without persistence does."""
+        topic = config.name
+        where = (f"topic {topic!r}, declared by this broker, is missing "
+                 f"from the {self._backend.name} backend (deleted by another "
+                 f"process, or lost with the backend's data)")
+        if not self.auto_declare:
+            raise UnknownTopic(f"{where}; declare it again", topic)
+        logger.warning("%s; declaring it again with the same settings",
+                       where)
+        try:
+            self._backend.declare_topic(config)
         except Exception:
             if not self._backend.has_topic(topic):
                 raise
@@ -1555,6 +1584,7 @@ class Broker:
     def delete_topic(self, topic: str) -> None:
         """Drop a topic with its messages, groups and dead letters."""
         self._check_open()
+        self._declared.pop(topic, None)
         self._backend.delete_topic(topic)
 
     # Publishing.

@@ -1943,7 +1943,10 @@ local function fetch()
   local prefetch = redis.call('HGET', gkey(g, 'cons'), consumer)
   if not prefetch then
     return redis.error_reply('MQS_SHUTDOWN consumer ' .. consumer ..
-                             ' of group ' .. g .. ' is closed')
+                             ' of group ' .. g .. ' is closed or unknown ' ..
+                             'to the server (deleted with its topic, or ' ..
+                             'lost with the server\'s data); call ' ..
+                             'consume again')
   end
   local call_id = ARGV[8] or ''
   if call_id ~= '' then
