@@ -2,7 +2,8 @@ import datetime
 import os
 from collections.abc import Coroutine, Iterable
 from contextlib import AbstractContextManager
-from typing import Any, Literal, Protocol
+import types
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from mqs.errors import LayoutVersionError, MqsError
 from mqs.metrics import SharedQueueStats
@@ -25,8 +26,11 @@ NAME_PREFIX: str
 QUEUE_CONTROL_FILE: str
 SHM_DIR: str
 
-class SharedQueue:
+_T = TypeVar("_T")
+
+class SharedQueue(Generic[_T]):
     name: str | None
+    def __class_getitem__(cls, item: Any) -> types.GenericAlias: ...
     def __init__(
         self,
         maxsize: int = 0,
@@ -63,7 +67,7 @@ class SharedQueue:
     def delayed(self) -> int: ...
     @property
     def delayed_capacity_bytes(self) -> int: ...
-    def for_group(self, group: int) -> SharedQueue: ...
+    def for_group(self, group: int) -> SharedQueue[_T]: ...
     def stats(self) -> SharedQueueStats: ...
     def set_latency_sampling(self, sample_every: int | None) -> None: ...
     def delayed_stats(self) -> dict[str, int]: ...
@@ -72,7 +76,7 @@ class SharedQueue:
     def full(self) -> bool: ...
     def put(
         self,
-        obj: Any,
+        obj: _T,
         block: bool = True,
         timeout: float | None = None,
         *,
@@ -81,29 +85,29 @@ class SharedQueue:
     ) -> None: ...
     def put_nowait(
         self,
-        obj: Any,
+        obj: _T,
         *,
         delay: float | None = None,
         at: datetime.datetime | float | None = None,
     ) -> None: ...
     def put_async(
-        self, obj: Any, timeout: float | None = None
+        self, obj: _T, timeout: float | None = None
     ) -> Coroutine[Any, Any, None]: ...
     def put_many(
         self,
-        items: Iterable[Any],
+        items: Iterable[_T],
         block: bool = True,
         timeout: float | None = None,
         *,
         delay: float | None = None,
         at: datetime.datetime | float | None = None,
     ) -> None: ...
-    def get(self, block: bool = True, timeout: float | None = None) -> Any: ...
-    def get_nowait(self) -> Any: ...
-    def get_async(self, timeout: float | None = None) -> Coroutine[Any, Any, Any]: ...
+    def get(self, block: bool = True, timeout: float | None = None) -> _T: ...
+    def get_nowait(self) -> _T: ...
+    def get_async(self, timeout: float | None = None) -> Coroutine[Any, Any, _T]: ...
     def get_many(
         self, max_items: int, block: bool = True, timeout: float | None = None
-    ) -> list[Any]: ...
+    ) -> list[_T]: ...
     def get_view(
         self, timeout: float | None = None
     ) -> AbstractContextManager[memoryview]: ...

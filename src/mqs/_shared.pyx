@@ -126,6 +126,7 @@ import secrets
 import stat
 import struct
 import time
+import types
 import weakref
 
 from mqs import _aio
@@ -580,6 +581,9 @@ cdef class SharedQueue:
         self._delay.base = NULL
         self._view_positions = []
         self._sample_countdown = 1
+
+    # SharedQueue[int] in annotations, as queue.Queue[int].
+    __class_getitem__ = classmethod(types.GenericAlias)
 
     def __init__(self, maxsize=0, *, name=None, create=True,
                  capacity_bytes=None, max_message_size=None,

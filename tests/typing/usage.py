@@ -25,7 +25,8 @@ pushed: bool = ring.try_push(name)
 seen: list[object] = ring.poll(reader)
 print(first, batch, pushed, seen)
 
-frames = mqs.SharedQueue(capacity_bytes=1 << 20, groups=2)
+frames: mqs.SharedQueue[bytes] = mqs.SharedQueue(capacity_bytes=1 << 20,
+                                                  groups=2)
 audit = frames.for_group(1)
 frames.put(b"frame")
 frames.put(b"later", delay=0.5)
@@ -33,11 +34,12 @@ frames.put_many([b"a", b"b"], at=datetime.datetime.now())
 waiting: int = frames.delayed + frames.delayed_capacity_bytes
 with audit.get_view(timeout=1.0) as view:
     size: int = view.nbytes
-first_frame: object = frames.get(timeout=1.0)
+first_frame: bytes = frames.get(timeout=1.0)
 print(size, first_frame, frames.qsize(), audit.group, waiting)
 frames.close()
 
-durable = mqs.SharedQueue(persist="/tmp/mqs-typing-jobs", fsync="always")
+durable: mqs.SharedQueue[str] = mqs.SharedQueue(
+    persist="/tmp/mqs-typing-jobs", fsync="always")
 log_dir: str | None = durable.persist
 print(log_dir, durable.fsync)
 durable.close()
@@ -47,7 +49,7 @@ async def waits() -> None:
     queued: mqs.Queue[int] = mqs.Queue(maxsize=1)
     await queued.put_async(1, timeout=1.0)
     value: int = await queued.get_async(timeout=1.0)
-    shared = mqs.SharedQueue()
+    shared: mqs.SharedQueue[bytes] = mqs.SharedQueue()
     await shared.put_async(b"x")
-    got: object = await shared.get_async()
+    got: bytes = await shared.get_async()
     print(value, got)
