@@ -630,6 +630,9 @@ class RedisBackend(Backend):
         # consumer -> raw deliveries that a cancelled `fetch_async` took
         # with auto_ack, which that consumer's next fetch returns.
         self._stashed: dict[str, list] = {}
+        # consumer -> (topic, prefetch, max_attempts) of the consumers this
+        # backend opened and did not close, for `_reopen`.
+        self._opened: dict[str, tuple[str, int, int | None]] = {}
         _backends.add(self)
         # Fetch call ids: unique per backend object and call.
         self._call_prefix = uuid.uuid4().hex[:12] + ":"
@@ -851,6 +854,10 @@ class RedisBackend(Backend):
         # this (and Broker.request, which deletes its reply topic) slows
         # down with the number of keys on the server.
         meta = self._meta(topic)
+        # Its consumers end with it (ShutDown), as on the other backends.
+        for consumer, opened in list(self._opened.items()):
+            if opened[0] == topic:
+                self._opened.pop(consumer, None)
         if not self.has_topic(topic):
             raise UnknownTopic(_unknown_topic(topic), topic)
         prefix = meta[:-4]
@@ -1015,9 +1022,32 @@ class RedisBackend(Backend):
         consumer = f"c{uuid.uuid4().hex[:16]}"
         self._run(topic, "open", group, consumer, start, prefetch,
                   "" if max_attempts is None else max_attempts)
+        self._opened[consumer] = (topic, prefetch, max_attempts)
         return consumer
 
+    def _reopen(self, topic: str, group: str, consumer: str) -> bool:
+        """Register again a consumer of this backend that the server no
+        longer knows; return False for one that was closed or whose topic
+        this backend deleted.
+
+        The server loses the registration with its data (a restart
+        without persistence), or with the topic when another process
+        deleted it and a publish declared it again. The group comes back
+        at "earliest": everything in the topic arrived after the loss."""
+        opened = self._opened.get(consumer)
+        if opened is None:
+            return False
+        _, prefetch, max_attempts = opened
+        logger.warning("redis broker %s: consumer %s of %r/%r is unknown to "
+                       "the server (lost with its data, or with the topic); "
+                       "registering it again", self.url, consumer, topic,
+                       group)
+        self._run(topic, "open", group, consumer, "earliest", prefetch,
+                  "" if max_attempts is None else max_attempts)
+        return True
+
     def close_consumer(self, topic: str, group: str, consumer: str) -> int:
+        self._opened.pop(consumer, None)
         with self._async_lock:
             stashed = self._stashed.pop(consumer, [])
         if stashed:
@@ -1084,10 +1114,17 @@ class RedisBackend(Backend):
         # A retry of the call after a lost connection sends the same call
         # id, so the script puts back what the first attempt took.
         call_id = f"{self._call_prefix}{next(self._call_numbers)}"
-        reply = self._run(topic, "fetch", group, consumer,
-                          min(max_items, _MAX_BATCH), ack_timeout * 1000,
-                          1 if auto_ack else 0, self.sample_every or 0,
-                          call_id)
+        args = (topic, "fetch", group, consumer, min(max_items, _MAX_BATCH),
+                ack_timeout * 1000, 1 if auto_ack else 0,
+                self.sample_every or 0, call_id)
+        try:
+            reply = self._run(*args)
+        except ShutDown:
+            # The fetch script raises it only for a consumer it does not
+            # know.
+            if not self._reopen(topic, group, consumer):
+                raise
+            reply = self._run(*args)
         _, wait_ms, found, wake_id = reply
         return found, int(wait_ms), wake_id
 
