@@ -280,6 +280,9 @@ def ratios_table(report: dict) -> list[str]:
             ratio["met"]]
         rows.append([f"log {ratio['name']}", value_text, target, status])
     for ratio in (report.get("broker") or {}).get("ratios") or []:
+        if ratio["target"] is None:
+            # The batched shapes, kept for comparison without a target.
+            continue
         status = {True: "met", False: "missed", None: "not measured"}[
             ratio["met"]]
         rows.append([f"broker {ratio['name']}", _ratio(ratio["value"]),
