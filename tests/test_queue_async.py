@@ -8,27 +8,11 @@ import time
 import pytest
 
 import mqs
+from loop_ticks import ticking
 
 
 def run(coroutine):
     return asyncio.run(coroutine)
-
-
-async def ticking(awaitable):
-    """Await `awaitable` while counting 10 ms ticks of the loop."""
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
-    try:
-        return await awaitable, ticks
-    finally:
-        task.cancel()
 
 
 @pytest.mark.parametrize("make", [mqs.Queue, mqs.SimpleQueue,

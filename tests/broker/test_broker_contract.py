@@ -26,6 +26,7 @@ import weakref
 import pytest
 
 import mqs
+from loop_ticks import ticking
 from mqs.broker._backend import Backend
 from mqs.broker._memory import MemoryBackend
 
@@ -1059,19 +1060,8 @@ def test_async_get_does_not_block_loop(broker):
     consumer = broker.consume("t", "g")
 
     async def main():
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
         publisher.start()
-        message = await consumer.get_async(timeout=10)
-        task.cancel()
-        return message, ticks
+        return await ticking(consumer.get_async(timeout=10))
 
     # Joined below: a backend in another process may see the publish
     # before the timer's thread has its reply.

@@ -21,6 +21,7 @@ import time
 import pytest
 
 import mqs
+from loop_ticks import ticking
 from test_broker_contract import FRAGILE, Fragile
 
 redis = pytest.importorskip("redis")
@@ -1435,23 +1436,10 @@ def _ticks_during(coroutine_function):
     the seconds it took, what it raised)."""
 
     async def main():
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
         started = time.monotonic()
-        try:
-            await coroutine_function()
-        except Exception as exc:  # reported by the caller's asserts
-            raised = exc
-        else:
-            raised = None
-        task.cancel()
+        result, ticks = await ticking(coroutine_function(),
+                                      errors=(Exception,))
+        raised = result if isinstance(result, Exception) else None
         return ticks, time.monotonic() - started, raised
 
     return asyncio.run(main())
