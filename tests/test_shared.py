@@ -639,6 +639,80 @@ def test_close_while_thread_waits(case, tmp_path):
         assert outcome[1:] == ["viewed"]
 
 
+CLOSE_WHILE_SERIALIZING = """
+import json, sys, threading, time
+import mqs
+
+case = sys.argv[1]
+
+
+def load_slowly():
+    time.sleep(0.3)
+    return "loaded"
+
+
+class SlowToLoad:
+    def __reduce__(self):
+        return (load_slowly, ())
+
+
+class SlowToDump:
+    def __reduce__(self):
+        time.sleep(0.3)
+        return (str, ("dumped",))
+
+
+q = mqs.SharedQueue(capacity_bytes=65536)
+outcome = []
+
+
+def call():
+    try:
+        if case == "put":
+            outcome.append(q.put(SlowToDump()))
+        elif case == "get_after_wait":
+            outcome.append(q.get(timeout=30))
+        else:
+            outcome.append(q.get_many(10, timeout=30))
+    except ValueError as exc:
+        outcome.append(str(exc))
+
+
+if case == "get_many":
+    for _ in range(3):
+        q.put(SlowToLoad())
+caller = threading.Thread(target=call)
+caller.start()
+time.sleep(0.1)
+if case == "get_after_wait":
+    # Wakes the waiting get, which then deserializes for 0.3 s.
+    q.put(SlowToLoad())
+    time.sleep(0.1)
+q.close()
+caller.join(10)
+print(json.dumps(outcome))
+"""
+
+
+@pytest.mark.parametrize("case", ["put", "get_after_wait", "get_many"])
+def test_close_while_thread_serializes(case):
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_WHILE_SERIALIZING, case],
+        capture_output=True, text=True, timeout=60)
+    # The serializer runs Python code, so close() can run in between. A
+    # ring unmapped under the caller killed the process with SIGSEGV.
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    if case == "put":
+        assert "closed by another thread" in outcome[0]
+    elif case == "get_after_wait":
+        # The message was taken before the close, so it is returned.
+        assert outcome == ["loaded"]
+    else:
+        # The batch stops at the close, and the rest stays queued.
+        assert outcome == [["loaded"]]
+
+
 def test_join_thread_requires_close(make_queue):
     q = make_queue(capacity_bytes=PAGE)
     with pytest.raises(AssertionError, match="not closed"):
