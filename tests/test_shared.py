@@ -713,6 +713,52 @@ def test_close_while_thread_serializes(case):
         assert outcome == [["loaded"]]
 
 
+CLOSE_IN_FORKED_CHILD = """
+import os, sys, threading, time
+import mqs
+
+q = mqs.SharedQueue(name=sys.argv[1], capacity_bytes=65536)
+
+
+def wait():
+    try:
+        q.get(timeout=30)
+    except ValueError:
+        pass
+
+
+waiter = threading.Thread(target=wait)
+waiter.start()
+time.sleep(0.2)
+pid = os.fork()
+if pid == 0:
+    q.close()
+    try:
+        q.stats()
+        os._exit(3)
+    except ValueError:
+        pass
+    # The child's slot is free again: close left no participant behind.
+    other = mqs.SharedQueue(name=sys.argv[1])
+    attached = other.stats().attached_processes
+    other.close()
+    os._exit(0 if attached == 2 else 4)
+_, status = os.waitpid(pid, 0)
+q.close()
+waiter.join(10)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_close_in_child_forked_during_wait(shm_name):
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_IN_FORKED_CHILD, shm_name],
+        capture_output=True, text=True, timeout=60)
+    # The child inherited the count of the parent's waiting thread, so
+    # its close() never unmapped the queue nor freed its slot.
+    assert result.returncode == 0, result.stderr
+
+
 def test_join_thread_requires_close(make_queue):
     q = make_queue(capacity_bytes=PAGE)
     with pytest.raises(AssertionError, match="not closed"):

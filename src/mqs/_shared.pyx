@@ -1036,7 +1036,13 @@ cdef class SharedQueue:
         return 0
 
     cdef int _reattach_after_fork(self) except -1:
-        if self._closed or not self._mapped:
+        # The threads counted there are the parent's, and none of them
+        # exists in this process to leave the wait and finish a close.
+        self._parked = 0
+        if self._closed:
+            self._finish_close()
+            return 0
+        if not self._mapped:
             return 0
         old_fd = self._ring.fd
         fd = os.open(f"/proc/self/fd/{old_fd}", os.O_RDWR | os.O_CLOEXEC)
