@@ -759,6 +759,38 @@ def test_close_in_child_forked_during_wait(shm_name):
     assert result.returncode == 0, result.stderr
 
 
+CTRL_C_DURING_CLOSE = """
+import os, signal, threading, time
+import mqs
+
+q = mqs.SharedQueue(capacity_bytes=4096)
+
+
+def interrupt_and_close():
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGINT)
+    q.close()
+
+
+threading.Thread(target=interrupt_and_close).start()
+try:
+    q.get(timeout=30)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+except ValueError as exc:
+    print(f"ValueError: {exc}")
+"""
+
+
+def test_ctrl_c_during_close_reaches_caller():
+    result = subprocess.run(
+        [sys.executable, "-c", CTRL_C_DURING_CLOSE],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # The ValueError of the close must not replace the KeyboardInterrupt.
+    assert result.stdout.strip() == "KeyboardInterrupt"
+
+
 def test_join_thread_requires_close(make_queue):
     q = make_queue(capacity_bytes=PAGE)
     with pytest.raises(AssertionError, match="not closed"):

@@ -2254,8 +2254,12 @@ cdef class SharedQueue:
         self._parked += 1
         try:
             expired = park(word, epoch, deadline, 1, strategy)
-        finally:
-            self._left_wait()
+        except BaseException:
+            # What a signal handler raised (KeyboardInterrupt) goes to the
+            # caller even when close() ran during the wait.
+            self._leave_wait()
+            raise
+        self._left_wait()
         return expired
 
     cdef int _left_wait(self) except -1:
