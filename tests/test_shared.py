@@ -639,6 +639,158 @@ def test_close_while_thread_waits(case, tmp_path):
         assert outcome[1:] == ["viewed"]
 
 
+CLOSE_WHILE_SERIALIZING = """
+import json, sys, threading, time
+import mqs
+
+case = sys.argv[1]
+
+
+def load_slowly():
+    time.sleep(0.3)
+    return "loaded"
+
+
+class SlowToLoad:
+    def __reduce__(self):
+        return (load_slowly, ())
+
+
+class SlowToDump:
+    def __reduce__(self):
+        time.sleep(0.3)
+        return (str, ("dumped",))
+
+
+q = mqs.SharedQueue(capacity_bytes=65536)
+outcome = []
+
+
+def call():
+    try:
+        if case == "put":
+            outcome.append(q.put(SlowToDump()))
+        elif case == "get_after_wait":
+            outcome.append(q.get(timeout=30))
+        else:
+            outcome.append(q.get_many(10, timeout=30))
+    except ValueError as exc:
+        outcome.append(str(exc))
+
+
+if case == "get_many":
+    for _ in range(3):
+        q.put(SlowToLoad())
+caller = threading.Thread(target=call)
+caller.start()
+time.sleep(0.1)
+if case == "get_after_wait":
+    # Wakes the waiting get, which then deserializes for 0.3 s.
+    q.put(SlowToLoad())
+    time.sleep(0.1)
+q.close()
+caller.join(10)
+print(json.dumps(outcome))
+"""
+
+
+@pytest.mark.parametrize("case", ["put", "get_after_wait", "get_many"])
+def test_close_while_thread_serializes(case):
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_WHILE_SERIALIZING, case],
+        capture_output=True, text=True, timeout=60)
+    # The serializer runs Python code, so close() can run in between. A
+    # ring unmapped under the caller killed the process with SIGSEGV.
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    if case == "put":
+        assert "closed by another thread" in outcome[0]
+    elif case == "get_after_wait":
+        # The message was taken before the close, so it is returned.
+        assert outcome == ["loaded"]
+    else:
+        # The batch stops at the close, and the rest stays queued.
+        assert outcome == [["loaded"]]
+
+
+CLOSE_IN_FORKED_CHILD = """
+import os, sys, threading, time
+import mqs
+
+q = mqs.SharedQueue(name=sys.argv[1], capacity_bytes=65536)
+
+
+def wait():
+    try:
+        q.get(timeout=30)
+    except ValueError:
+        pass
+
+
+waiter = threading.Thread(target=wait)
+waiter.start()
+time.sleep(0.2)
+pid = os.fork()
+if pid == 0:
+    q.close()
+    try:
+        q.stats()
+        os._exit(3)
+    except ValueError:
+        pass
+    # The child's slot is free again: close left no participant behind.
+    other = mqs.SharedQueue(name=sys.argv[1])
+    attached = other.stats().attached_processes
+    other.close()
+    os._exit(0 if attached == 2 else 4)
+_, status = os.waitpid(pid, 0)
+q.close()
+waiter.join(10)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_close_in_child_forked_during_wait(shm_name):
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_IN_FORKED_CHILD, shm_name],
+        capture_output=True, text=True, timeout=60)
+    # The child inherited the count of the parent's waiting thread, so
+    # its close() never unmapped the queue nor freed its slot.
+    assert result.returncode == 0, result.stderr
+
+
+CTRL_C_DURING_CLOSE = """
+import os, signal, threading, time
+import mqs
+
+q = mqs.SharedQueue(capacity_bytes=4096)
+
+
+def interrupt_and_close():
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGINT)
+    q.close()
+
+
+threading.Thread(target=interrupt_and_close).start()
+try:
+    q.get(timeout=30)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+except ValueError as exc:
+    print(f"ValueError: {exc}")
+"""
+
+
+def test_ctrl_c_during_close_reaches_caller():
+    result = subprocess.run(
+        [sys.executable, "-c", CTRL_C_DURING_CLOSE],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # The ValueError of the close must not replace the KeyboardInterrupt.
+    assert result.stdout.strip() == "KeyboardInterrupt"
+
+
 def test_join_thread_requires_close(make_queue):
     q = make_queue(capacity_bytes=PAGE)
     with pytest.raises(AssertionError, match="not closed"):

@@ -13,6 +13,8 @@ import os
 import queue
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -1043,3 +1045,54 @@ def test_durable_queue_survives_random_sigkills(log_dir, shm_name, scale):
         stats.close()
     for handle in handles:
         handle.close()
+
+
+CLOSE_DURING_DURABLE_TAKE = """
+import json, sys, threading, time
+import mqs
+
+
+def load_slowly():
+    time.sleep(0.2)
+    return "loaded"
+
+
+class SlowToLoad:
+    def __reduce__(self):
+        return (load_slowly, ())
+
+
+q = mqs.SharedQueue(persist=sys.argv[1], capacity_bytes=65536)
+for _ in range(3):
+    q.put(SlowToLoad())
+q.put("last")
+# Lets the appender move all four into the log, so one get claims all.
+time.sleep(1.0)
+outcome = []
+
+
+def call():
+    try:
+        outcome.append(q.get_many(10, timeout=30))
+    except Exception as exc:
+        outcome.append(f"{type(exc).__name__}: {exc}")
+
+
+caller = threading.Thread(target=call)
+caller.start()
+time.sleep(0.1)
+q.close()
+caller.join(10)
+print(json.dumps(outcome))
+"""
+
+
+def test_durable_close_during_take(log_dir):
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_DURING_DURABLE_TAKE, log_dir],
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    # close() ran while the batch was deserialized. The reader it closed
+    # failed the rest of the claimed messages, and they were lost.
+    assert json.loads(result.stdout) == [
+        ["loaded", "loaded", "loaded", "last"]]

@@ -1309,7 +1309,25 @@ cdef class _Durable:
 
     cdef list _take(self, int64_t max_items, bint block, object timeout,
                     bint view):
-        """Claim and read up to max_items messages, at least one."""
+        """Claim and read up to max_items messages, at least one.
+
+        Counted as a wait of the queue for its whole run, because reading
+        and deserializing let other threads run. A close() from one of
+        them keeps the reader and the control file open until the
+        messages claimed are read and returned."""
+        cdef list out
+        self._queue._parked += 1
+        try:
+            out = self._claim_and_read(max_items, block, timeout, view)
+        except BaseException:
+            self._queue._leave_wait()
+            raise
+        # Messages already claimed are returned even if close() ran.
+        self._queue._leave_wait()
+        return out
+
+    cdef list _claim_and_read(self, int64_t max_items, bint block,
+                              object timeout, bint view):
         cdef int64_t deadline = deadline_ns(timeout) if block else 0
         cdef int64_t first = 0
         cdef int64_t start = 0
@@ -1388,8 +1406,9 @@ cdef class _Durable:
         """Move what is left in the inbox into the log, commit the cursor,
         release the writer lock (another process takes over) and stop.
 
-        With `keep_control` the control file stays mapped for threads
-        still waiting on its words; `release_control` unmaps it."""
+        With `keep_control` the control file stays mapped and the reader
+        open, for threads still waiting on its words or reading claimed
+        messages; `release_control` closes both."""
         cdef int64_t deadline
         if self._closed:
             return 0
@@ -1414,14 +1433,15 @@ cdef class _Durable:
                     self._writer = None
         else:
             self._after_fork()
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
         if not keep_control:
             self.release_control()
         return 0
 
     cdef int release_control(self) except -1:
+        """Close the reader and unmap the control file."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._control != NULL:
             munmap(self._control, MQS_DQ_FILE_BYTES)
             self._control = NULL

@@ -535,8 +535,9 @@ cdef class SharedQueue:
     cdef mqs_delay_t _delay
     cdef bint _mapped
     cdef bint _closed
-    # Threads of this process inside a wait on the mapping (with the GIL
-    # released). close() leaves the unmap to the last of them.
+    # Threads of this process inside a wait on the mapping, or inside a
+    # take whose deserializer may let another thread run. close() leaves
+    # the unmap to the last of them.
     cdef int _parked
     cdef bint _close_done
     cdef int _group
@@ -1035,7 +1036,13 @@ cdef class SharedQueue:
         return 0
 
     cdef int _reattach_after_fork(self) except -1:
-        if self._closed or not self._mapped:
+        # The threads counted there are the parent's, and none of them
+        # exists in this process to leave the wait and finish a close.
+        self._parked = 0
+        if self._closed:
+            self._finish_close()
+            return 0
+        if not self._mapped:
             return 0
         old_fd = self._ring.fd
         fd = os.open(f"/proc/self/fd/{old_fd}", os.O_RDWR | os.O_CLOEXEC)
@@ -1332,6 +1339,10 @@ cdef class SharedQueue:
                 view = keep[i + 1]
                 parts[i + 1] = &view[0] if view.shape[0] else NULL
                 lengths[i + 1] = view.shape[0]
+        if self._closed:
+            # The serializer runs Python code, during which another
+            # thread may have closed the handle and unmapped the ring.
+            self._raise_closed_meanwhile()
         if stamp_ns < 0:
             rc = self._put_parts(&parts[1], &lengths[1], n, rtype, due)
         else:
@@ -2012,6 +2023,10 @@ cdef class SharedQueue:
         cdef object item
         while True:
             epoch = mqs_wait_prepare(mqs_br_not_empty(&self._ring))
+            # Counted as a wait, because deserializing runs Python code,
+            # during which another thread may call close(). The ring then
+            # stays mapped until this thread has finished the wait below.
+            self._parked += 1
             try:
                 if view:
                     item = self._take_view_once(&status)
@@ -2019,12 +2034,18 @@ cdef class SharedQueue:
                     item = self._take_copy(&status, batch)
             except BaseException:
                 mqs_wait_finish(mqs_br_not_empty(&self._ring))
+                self._leave_wait()
                 raise
-            if status == MQS_OK:
+            if status == MQS_OK or not block or self._closed:
                 mqs_wait_finish(mqs_br_not_empty(&self._ring))
+            if self._leave_wait():
+                if status == MQS_OK:
+                    # Taken already: raising would lose the message.
+                    return item
+                self._raise_closed_meanwhile()
+            if status == MQS_OK:
                 return item
             if not block:
-                mqs_wait_finish(mqs_br_not_empty(&self._ring))
                 expired = True
             else:
                 wake = self._wake_time(deadline)
@@ -2128,6 +2149,10 @@ cdef class SharedQueue:
         try:
             out = [item]
             while taken < limit:
+                if self._closed:
+                    # Another thread closed the handle while the last
+                    # message was deserialized, so the ring may be gone.
+                    break
                 try:
                     item = self._take_copy(&status, True)
                 except MessageDecodeError as exc:
@@ -2229,23 +2254,37 @@ cdef class SharedQueue:
         self._parked += 1
         try:
             expired = park(word, epoch, deadline, 1, strategy)
-        finally:
-            self._left_wait()
+        except BaseException:
+            # What a signal handler raised (KeyboardInterrupt) goes to the
+            # caller even when close() ran during the wait.
+            self._leave_wait()
+            raise
+        self._left_wait()
         return expired
 
     cdef int _left_wait(self) except -1:
         """Count a thread out of a wait on the mappings; raise ValueError
         if close() started meanwhile."""
+        if self._leave_wait():
+            self._raise_closed_meanwhile()
+        return 0
+
+    cdef bint _leave_wait(self) except -1:
+        """Count a thread out of a wait on the mappings. Return True if
+        close() started meanwhile; the last thread out then unmaps."""
         self._parked -= 1
         if not self._closed and (self._durable is None
                                  or not self._durable._closed):
-            return 0
+            return False
         if self._durable is not None \
                 and threading.current_thread() is self._durable._thread:
             # The appender thread, which close() joins before it unmaps.
-            return 0
+            return False
         if self._closed and self._parked == 0:
             self._finish_close()
+        return True
+
+    cdef int _raise_closed_meanwhile(self) except -1:
         raise ValueError(f"Queue {self!r} was closed by another thread "
                          f"while this call waited")
 

@@ -1542,6 +1542,43 @@ def test_publish_async_in_forked_child(open_broker):
     message.ack()
 
 
+@pytest.mark.parametrize("use_async", [False, True])
+def test_data_loss_during_wait_redeclares(redis_server_factory, use_async):
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url)
+    try:
+        broker.declare_topic("orders", max_attempts=3)
+        consumer = broker.consume("orders", "g")
+
+        def lose_data_then_publish():
+            time.sleep(0.5)
+            admin = redis.Redis.from_url(server.url)
+            # As a restart of a server without persistence loses everything.
+            admin.flushall()
+            admin.close()
+            # Longer than a wait slice of the get, so its next fetch runs
+            # while the topic is missing.
+            time.sleep(2.0)
+            broker.publish("orders", b"after")
+
+        thread = threading.Thread(target=lose_data_then_publish)
+        thread.start()
+        try:
+            if use_async:
+                message = asyncio.run(consumer.get_async(timeout=30))
+            else:
+                message = consumer.get(timeout=30)
+        finally:
+            thread.join(30)
+        # The get declared the topic again, with this broker's settings,
+        # in place of raising UnknownTopic.
+        assert message.body == b"after"
+        assert broker.topic_config("orders").max_attempts == 3
+        message.ack()
+    finally:
+        broker.close()
+
+
 def test_server_data_loss_keeps_declared_settings(redis_server_factory):
     server = redis_server_factory()
     broker = mqs.Broker(backend="redis", url=server.url)

@@ -174,6 +174,14 @@ def _required_seconds(name: str, value: Any, *, allow_zero: bool = True,
     return seconds
 
 
+def _time_left(deadline: float | None) -> float | None:
+    """Return the seconds until the time.monotonic() `deadline` (at
+    least 0), or None for no deadline."""
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
 def _delay_of(delay: Any, at: Any) -> float:
     """Return the delay in seconds that `delay` or `at` requests."""
     if delay is not None and at is not None:
@@ -603,10 +611,19 @@ class Consumer:
         timeout = _seconds("timeout", timeout)
         self._check_process("Consumer.get_many")
         self._check_open()
-        found = self._backend.fetch(
-            self.topic, self.group, self._id, max_items,
-            ack_timeout=self.ack_timeout, auto_ack=self.auto_ack,
-            timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            found = self._backend.fetch(
+                self.topic, self.group, self._id, max_items,
+                ack_timeout=self.ack_timeout, auto_ack=self.auto_ack,
+                timeout=timeout)
+        except UnknownTopic:
+            if not self._broker._declare_lost(self.topic):
+                raise
+            found = self._backend.fetch(
+                self.topic, self.group, self._id, max_items,
+                ack_timeout=self.ack_timeout, auto_ack=self.auto_ack,
+                timeout=_time_left(deadline))
         if not found:
             raise Empty()
         return self._wrap(found)
@@ -640,10 +657,20 @@ class Consumer:
         timeout = _seconds("timeout", timeout)
         self._check_process("Consumer.get_async")
         self._check_open()
-        found = await self._backend.fetch_async(
-            self.topic, self.group, self._id, max_items,
-            ack_timeout=self.ack_timeout, auto_ack=self.auto_ack,
-            timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            found = await self._backend.fetch_async(
+                self.topic, self.group, self._id, max_items,
+                ack_timeout=self.ack_timeout, auto_ack=self.auto_ack,
+                timeout=timeout)
+        except UnknownTopic:
+            if not await self._backend.run_blocking(
+                    self._broker._declare_lost, self.topic):
+                raise
+            found = await self._backend.fetch_async(
+                self.topic, self.group, self._id, max_items,
+                ack_timeout=self.ack_timeout, auto_ack=self.auto_ack,
+                timeout=_time_left(deadline))
         if not found:
             raise Empty()
         return self._wrap(found)
@@ -1548,6 +1575,16 @@ class Broker:
         except Exception:
             if not self._backend.has_topic(topic):
                 raise
+
+    def _declare_lost(self, topic: str) -> bool:
+        """Declare `topic` again if this broker declared it and it went
+        missing while a consumer waited; return False if this broker
+        never declared it (or deleted it)."""
+        declared = self._declared.get(topic)
+        if declared is None:
+            return False
+        self._declare_again(declared)
+        return True
 
     def _declare_again(self, config: TopicConfig) -> None:
         """Declare again, with its settings rather than the defaults, a
