@@ -1578,8 +1578,10 @@ class Broker:
 
     def _declare_lost(self, topic: str) -> bool:
         """Declare `topic` again if this broker declared it and it went
-        missing while a consumer waited; return False if this broker
-        never declared it (or deleted it)."""
+        missing while a consumer waited.
+
+        Returns False, declaring nothing, for a topic that this broker
+        never declared or deleted itself."""
         declared = self._declared.get(topic)
         if declared is None:
             return False

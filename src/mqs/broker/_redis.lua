@@ -1701,9 +1701,9 @@ local function rq_head(g, lane)
 end
 
 -- Entries that a fetch may handle without delivering them (expired,
--- dead-lettered or parked) before it returns what it has, so that one
--- call never holds the server for long: Redis runs no other command
--- while a script runs. The client calls again at once (wake in 0 ms).
+-- dead-lettered or parked) before it returns what it has. Redis runs no
+-- other command while a script runs, so this bounds how long one call
+-- blocks the server. The client calls again at once (wake in 0 ms).
 local FETCH_WORK = 1000
 local fetch_work = 0
 local out_of_work = false
