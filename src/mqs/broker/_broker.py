@@ -1559,11 +1559,7 @@ class Broker:
 
     def _ensure_topic(self, topic: str) -> None:
         self._check_topic_name(topic)
-        if self._backend.has_topic(topic):
-            return
-        declared = self._declared.get(topic)
-        if declared is not None:
-            self._declare_again(declared)
+        if self._backend.has_topic(topic) or self._declare_lost(topic):
             return
         if not self.auto_declare:
             raise UnknownTopic(
@@ -1578,7 +1574,7 @@ class Broker:
 
     def _declare_lost(self, topic: str) -> bool:
         """Declare `topic` again if this broker declared it and it went
-        missing while a consumer waited.
+        missing (another process deleted it, or the backend lost it).
 
         Returns False, declaring nothing, for a topic that this broker
         never declared or deleted itself."""

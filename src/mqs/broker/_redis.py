@@ -1026,9 +1026,9 @@ class RedisBackend(Backend):
         return consumer
 
     def _reopen(self, topic: str, group: str, consumer: str) -> bool:
-        """Register again a consumer of this backend that the server no
-        longer knows; return False for one that was closed or whose topic
-        this backend deleted.
+        """Register again a consumer of this backend whose registration
+        the server lost. Returns False for one that was closed or whose
+        topic this backend deleted.
 
         The server loses the registration with its data (a restart
         without persistence), or with the topic when another process
