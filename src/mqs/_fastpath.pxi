@@ -6,15 +6,19 @@
 # runs in C up to the backend call. `CorePath` and `CoreReader` run
 # `Broker.publish` of a message without options, `Consumer.get` of a
 # message that is ready now and its `Message.ack` straight on a topic
-# core of the shm backend (`mqs.broker._shm`). They return None for
-# every case they leave to the backend's own methods, which do every
-# check (topic moved to the journal, broker closed, consumers to reap).
+# core of the shm backend (`mqs.broker._shm`), and `LoggedPath` runs
+# them on a core of the log backend (`mqs.broker._log_shared`), in its
+# section and with their records. They return None for every case they
+# leave to the backend's own methods, which do every check (topic moved
+# to the journal, broker closed, consumers to reap).
 
 cimport cython
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeASCII
+
+from mqs._journal cimport JournalSection
 
 cdef enum:
     # Fields of `mqs.broker.Delivery`, and the position of its tag.
@@ -181,7 +185,11 @@ cdef class MessageBase:
             raise
 
     cdef object _ack_in_backend(self, consumer):
-        if self._core is not None and self._reader._path._usable_core(
+        if self._core is not None and self._reader._logged:
+            result = (<LoggedPath>self._reader._path)._ack(self)
+            if result is not None:
+                return result
+        elif self._core is not None and self._reader._path._usable_core(
                 self._reader._topic) is self._core:
             try:
                 return self._core._ack(self._reader._group_index, self._slot,
@@ -297,6 +305,8 @@ cdef class CoreReader:
     cdef uint32_t _group_index
     cdef uint32_t _number
     cdef uint64_t _owner
+    # `_path` is a `LoggedPath`.
+    cdef bint _logged
 
     def __init__(self, CorePath path, consumer, type message_type,
                  type delivery_type, str topic, str group,
@@ -313,13 +323,15 @@ cdef class CoreReader:
         self._group_index = group_index
         self._number = number
         self._owner = owner
+        self._logged = type(path) is LoggedPath
 
     def __call__(self, double ack_timeout, bint auto_ack):
-        cdef MessageBase message
         cdef mqs_tc_delivery_t *d
         cdef uint64_t seq, ticket, attempts
         cdef uint32_t slot, priority
         cdef double timestamp
+        if self._logged:
+            return (<LoggedPath>self._path)._take(self, ack_timeout, auto_ack)
         core = self._path._usable_core(self._topic)
         if core is None:
             return None
@@ -340,6 +352,14 @@ cdef class CoreReader:
         d = core._out
         seq, slot, ticket = d.seq, d.slot, d.ticket
         attempts, priority, timestamp = d.attempts, d.priority, d.timestamp
+        return self._message(core, payload, seq, slot, ticket, attempts,
+                             priority, timestamp, auto_ack)
+
+    cdef object _message(self, TopicCore core, bytes payload, uint64_t seq,
+                         uint32_t slot, uint64_t ticket, uint64_t attempts,
+                         uint32_t priority, double timestamp, bint auto_ack):
+        """Unpickle `payload` and return the message of this delivery."""
+        cdef MessageBase message
         try:
             body, headers, reply_to, correlation_id = _decode_payload(payload)
         except Exception as exc:  # whatever the body's unpickling raised
@@ -380,3 +400,160 @@ cdef class CoreReader:
             self._topic, self._group, message.body, message.priority,
             message.attempts, None, message.headers, message.timestamp,
             message.reply_to, message.correlation_id)
+
+
+@cython.auto_pickle(False)
+cdef class LoggedPath(CorePath):
+    """The fast paths of one `SharedLogBackend` on its topic cores.
+
+    What `CorePath` and `CoreReader` do on the shm backend, inside the
+    log backend's section (`JournalSection`), appending the record of
+    each core operation as the backend's `_LoggedCore` handles do
+    (``image_publish``, ``image_deliver``, ``image_ack``), and waiting
+    for the sync of ``fsync="always"`` where the backend's methods wait.
+    The backend's ``_cores`` holds those handles; each call reads it,
+    ``_lock`` (the section) and ``_failed`` from the instance dict, and
+    checks after entering the section that the catch-up left the
+    topic's handle in place. Every other case goes to the backend's
+    methods.
+    """
+
+    cdef bint _always
+
+    def __init__(self, backend):
+        CorePath.__init__(self, backend)
+        self._always = backend.fsync == "always"
+
+    cdef object _handle(self, str topic):
+        """Return the backend's `_LoggedCore` of `topic`, or None."""
+        cdef PyObject *item = PyDict_GetItem(self._state, "_cores")
+        if item == NULL or type(<object>item) is not dict:
+            return None
+        item = PyDict_GetItem(<object>item, topic)
+        if item == NULL:
+            return None
+        return <object>item
+
+    cdef JournalSection _section(self):
+        cdef PyObject *item = PyDict_GetItem(self._state, "_lock")
+        if item == NULL:
+            raise AttributeError(f"{self._backend!r} has no section")
+        return <JournalSection?><object>item
+
+    def publish_one(self, str topic, body, int priority):
+        """`SharedLogBackend.publish_one`: pickle, store and log one
+        message without options; return its id, or None to make the
+        caller use `publish`."""
+        backend = self._backend
+        try:
+            handle = self._handle(topic)
+            if handle is None:
+                return backend._publish_journal_one(topic, body, priority)
+            return self._publish(handle, topic, body, priority)
+        finally:
+            if self._always:
+                backend._sync(backend._log)
+
+    cdef object _publish(self, handle, str topic, body, int priority):
+        cdef TopicCore core = <TopicCore?>handle._core
+        cdef bytes payload = _dumps(body, _PICKLE_PROTOCOL)
+        cdef double wall
+        cdef int64_t seq = 0
+        cdef JournalSection section
+        cdef PyObject *failed
+        wall = _wall_clock()
+        section = self._section()
+        section.enter_section()
+        try:
+            failed = PyDict_GetItem(self._state, "_failed")
+            if failed != NULL and <object>failed is not None:
+                raise self._backend._failed_error()
+            if self._handle(topic) is not handle:
+                # The catch-up applied a delete or a move.
+                return None
+            seq = core._publish_payload(payload, priority, wall,
+                                        mqs_monotonic_ns() / 1e9)
+            if seq <= 0:
+                # Full, at maxsize, or larger than a slot.
+                return None
+            section.log_record("image_publish",
+                               (topic, seq, priority, wall, payload))
+        except TopicRetired:
+            return None
+        finally:
+            section.leave_section()
+        return _message_id(<uint64_t>seq)
+
+    cdef object _take(self, CoreReader reader, double ack_timeout,
+                      bint auto_ack):
+        """`CoreReader.__call__` on a core of the log backend."""
+        cdef TopicCore core
+        cdef JournalSection section
+        cdef mqs_tc_delivery_t *d
+        cdef uint64_t seq = 0, ticket = 0, attempts = 0
+        cdef uint32_t slot = 0, priority = 0
+        cdef double timestamp = 0
+        handle = self._handle(reader._topic)
+        if handle is None:
+            return None
+        core = <TopicCore?>handle._core
+        payload = None
+        section = self._section()
+        section.enter_section()
+        try:
+            if self._handle(reader._topic) is not handle:
+                return None
+            payload = core._take_one(reader._number, ack_timeout, auto_ack,
+                                     reader._owner,
+                                     mqs_monotonic_ns() / 1e9)
+            if payload is not None:
+                # Copied before anything else runs on the core.
+                d = core._out
+                seq, slot, ticket = d.seq, d.slot, d.ticket
+                attempts, priority = d.attempts, d.priority
+                timestamp = d.timestamp
+                section.log_record("image_deliver", (
+                    reader._topic, reader._group, auto_ack,
+                    [(seq, attempts, ticket)], reader._number, ack_timeout))
+        except (TopicRetired, ShutDown):
+            # `fetch` moves the topic or raises with the consumer named.
+            return None
+        finally:
+            section.leave_section()
+        if core._has_dead():
+            # Into the topic's dead-letter queue in the journal.
+            self._backend._collect_dead(reader._topic)
+        if payload is None:
+            return None
+        if auto_ack and self._always and self._backend._sync_acks:
+            self._backend._sync(self._backend._log)
+        return reader._message(core, payload, seq, slot, ticket, attempts,
+                               priority, timestamp, auto_ack)
+
+    cdef object _ack(self, MessageBase message):
+        """Ack `message` as `SharedLogBackend.ack` does; return None when
+        its core is no longer the topic's, for the backend's `ack`."""
+        cdef CoreReader reader = message._reader
+        cdef TopicCore core = message._core
+        cdef JournalSection section
+        cdef bint done = False
+        handle = self._handle(reader._topic)
+        if handle is None or handle._core is not core:
+            return None
+        section = self._section()
+        section.enter_section()
+        try:
+            if self._handle(reader._topic) is not handle:
+                return None
+            done = core._ack(reader._group_index, message._slot,
+                             message._ticket, mqs_monotonic_ns() / 1e9) == 1
+            if done:
+                section.log_record("image_ack", (reader._topic, reader._group,
+                                                 message._seq))
+        except TopicRetired:
+            return None
+        finally:
+            section.leave_section()
+        if self._always and self._backend._sync_acks:
+            self._backend._sync(self._backend._log)
+        return done

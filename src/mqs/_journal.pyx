@@ -439,11 +439,6 @@ cdef class JournalSection:
     ``_wakes_writer`` is true.
     """
 
-    cdef object _backend
-    cdef readonly object thread_lock
-    cdef object _acquire
-    cdef object _release
-
     def __init__(self, backend):
         self._backend = backend
         self.thread_lock = threading.Lock()
@@ -451,6 +446,13 @@ cdef class JournalSection:
         self._release = self.thread_lock.release
 
     def __enter__(self):
+        self.enter_section()
+
+    def __exit__(self, *exc_info):
+        self.leave_section()
+
+    cdef int enter_section(self) except -1:
+        """`__enter__`, for the paths of `mqs._topiccore`."""
         if not self._acquire(False):
             self._acquire_contended()
         try:
@@ -459,12 +461,15 @@ cdef class JournalSection:
             self._backend._leave_shared()
             self._release()
             raise
+        return 0
 
-    def __exit__(self, *exc_info):
+    cdef int leave_section(self) except -1:
+        """`__exit__`, for the paths of `mqs._topiccore`."""
         try:
             self._leave()
         finally:
             self._release()
+        return 0
 
     def _acquire_contended(self):
         """Take the thread lock that another thread holds.
@@ -620,12 +625,16 @@ cdef class JournalSection:
         `reserve` and `append_record` would, then compact when the
         records since the last snapshot pass ``_compact_bytes``. The
         caller holds the section."""
+        self.log_record(op, args)
+
+    cdef int log_record(self, str op, tuple args) except -1:
         cdef object backend = self._backend
         cdef double now = self._tick()
         self._append_record(self._reserve(op, _dumps((op, now, args),
                                                      _PROTOCOL)))
         if backend._bytes_since_snapshot > backend._compact_bytes:
             backend._after_write()
+        return 0
 
     def tick(self):
         """The log backends' ``_tick``: set and return the broker time of

@@ -3,6 +3,7 @@ from typing import Any, TypeVar
 
 from mqs.broker._backend import Delivery
 from mqs.broker._broker import Consumer
+from mqs.broker._log_shared import SharedLogBackend
 from mqs.broker._shm import ShmBackend
 from mqs.errors import LayoutVersionError
 
@@ -12,7 +13,7 @@ __all__ = ["TopicCore", "TopicCoreLayoutError", "TopicCoreVersionError",
            "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD", "PAYLOAD_EXTRAS",
            "PAYLOAD_BYTES", "LIMIT", "GROUP_NAME_BYTES", "TopicCoreFull",
            "decode_payload", "fork_count", "MessageBase", "CorePath",
-           "CoreReader"]
+           "CoreReader", "LoggedPath"]
 
 _DeliveryT = TypeVar("_DeliveryT", bound=tuple[Any, ...])
 
@@ -189,6 +190,10 @@ class MessageBase:
 
 class CorePath:
     def __init__(self, backend: ShmBackend) -> None: ...
+    def publish_one(self, topic: str, body: Any, priority: int) -> str | None: ...
+
+class LoggedPath(CorePath):
+    def __init__(self, backend: SharedLogBackend) -> None: ...
     def publish_one(self, topic: str, body: Any, priority: int) -> str | None: ...
 
 class CoreReader:

@@ -127,7 +127,7 @@ __all__ = ["TopicCore", "TopicCoreLayoutError", "TopicCoreVersionError",
            "ENTRY_READY", "ENTRY_IN_FLIGHT", "ENTRY_DEAD", "PAYLOAD_EXTRAS",
            "PAYLOAD_BYTES", "LIMIT", "GROUP_NAME_BYTES", "TopicCoreFull",
            "decode_payload", "fork_count", "MessageBase", "CorePath",
-           "CoreReader"]
+           "CoreReader", "LoggedPath"]
 
 # The order of the topic's counters in the header (mqs_topiccore.h).
 COUNTER_NAMES = ("published", "delivered", "acked", "nacked", "redelivered",
@@ -602,8 +602,13 @@ cdef class TopicCore(_MappedFile):
             memcpy(data + 1, PyBytes_AS_STRING(body), length - 1)
         else:
             payload = _dumps(body, _PICKLE_PROTOCOL)
-            length = len(payload)
-        cdef double wall = _wall_clock()
+        return self._publish_payload(payload, priority, _wall_clock(), at)
+
+    cdef int64_t _publish_payload(self, bytes payload, int priority,
+                                  double wall, double at) except? -3:
+        """Store `payload` stamped `wall`; return its seq, -1 when every
+        slot is taken, -2 when it is larger than a slot, or `LIMIT`."""
+        cdef Py_ssize_t length = len(payload)
         cdef int64_t rc
         cdef uint32_t slot
         self._lock()

@@ -12,13 +12,14 @@ import multiprocessing
 import os
 import pickle
 import signal
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mqs
-from mqs._topiccore import TopicCore
+from mqs._topiccore import CoreReader, LoggedPath, TopicCore
 from mqs.broker import _log_shared
 from mqs.broker._coreimage import DEAD, IN_FLIGHT, READY, CoreImage
 from mqs.broker._log_shared import _journal_files, unlink_journal
@@ -327,6 +328,94 @@ def test_section_log_core_matches_python(tmp_path):
     finally:
         broker.close()
     assert found == [("image_ack", ("t", "g", 7), True)] * 2
+
+
+def _last_records(log, count):
+    return [pickle.loads(log.read(offset))
+            for offset in range(log.end_offset - count, log.end_offset)]
+
+
+def test_c_paths_append_the_core_records(tmp_path):
+    """Publish, get and ack of a plain message run in C (`LoggedPath`
+    and its `CoreReader`), and append the records that `_LoggedCore`
+    appends: the publish with its seq, priority, timestamp and payload,
+    the delivery with its seq, attempts and ticket, and the ack."""
+    broker = _open(str(tmp_path / "b"))
+    backend = broker._backend
+    try:
+        broker.declare_topic("t")
+        consumer = broker.consume("t", "g", ack_timeout=30)
+        assert backend.publish_one.__self__ is backend._fast
+        assert type(backend._fast) is LoggedPath
+        assert type(consumer._read_one) is CoreReader
+        assert broker.publish("t", {"n": 1}, priority=4) == "s1"
+        message = consumer.get(timeout=1)
+        assert message.ack() is True
+        published, delivered, acked = _last_records(backend._log, 3)
+    finally:
+        broker.close()
+    op, _, (topic, seq, priority, wall, payload) = published
+    assert (op, topic, seq, priority) == ("image_publish", "t", 1, 4)
+    assert pickle.loads(payload) == {"n": 1}
+    assert wall == message.timestamp
+    op, _, (topic, group, auto_ack, items, number, ack_timeout) = delivered
+    assert (op, topic, group, auto_ack, ack_timeout) == \
+        ("image_deliver", "t", "g", False, 30)
+    assert [(seq, attempts) for seq, attempts, _ in items] == [(1, 1)]
+    assert acked[0] == "image_ack" and acked[2] == ("t", "g", 1)
+
+
+def test_c_get_moves_dead_letters_to_the_dlq(tmp_path):
+    """A get whose core dead-letters a message at its ack deadline
+    (max_attempts reached) moves the letter into the topic's dead-letter
+    queue at once, and the letter survives a reopen."""
+    path = str(tmp_path / "b")
+    broker = _open(path)
+    try:
+        broker.declare_topic("t", max_attempts=1)
+        consumer = broker.consume("t", "g", ack_timeout=0.05, prefetch=10)
+        broker.publish("t", "lost")
+        assert consumer.get(timeout=1).body == "lost"
+        time.sleep(0.2)
+        broker.publish("t", "next")
+        assert consumer.get(timeout=1).body == "next"
+        # Moved by the get, not left for the next call that collects.
+        assert not broker._backend._cores["t"]._core.has_dead()
+        assert broker.stats("t")["dlq"] == 1
+        assert [letter.body for letter in broker.dlq_list("t")] == ["lost"]
+    finally:
+        broker.close()
+    broker = _open(path)
+    try:
+        assert [letter.body for letter in broker.dlq_list("t")] == ["lost"]
+    finally:
+        broker.close()
+
+
+def test_c_paths_follow_a_topic_deleted_by_another_process(tmp_path):
+    """After another process deletes and declares the topic again, the C
+    paths of this process see the new core: its publish lands there, a
+    message of the old core cannot be acked into the new one, and the
+    consumer of the old core gets ShutDown."""
+    path = str(tmp_path / "b")
+    broker = _open(path)
+    other = _open(path)
+    try:
+        broker.declare_topic("t")
+        consumer = broker.consume("t", "g")
+        broker.publish("t", "old")
+        message = consumer.get(timeout=1)
+        other.delete_topic("t")
+        other.declare_topic("t")
+        fresh = other.consume("t", "g")
+        broker.publish("t", "new")
+        assert fresh.get(timeout=1).body == "new"
+        assert message.ack() is False
+        with pytest.raises(mqs.ShutDown):
+            consumer.get(timeout=0.2)
+    finally:
+        other.close()
+        broker.close()
 
 
 def test_plain_topic_core_until_last_close(tmp_path):

@@ -188,7 +188,7 @@ from mqs._journal import (
     SharedJournal,
 )
 from mqs._seglog import SegmentLog
-from mqs._topiccore import TopicCore, TopicRetired
+from mqs._topiccore import LoggedPath, TopicCore, TopicRetired
 from mqs.broker._backend import (
     Backend,
     Delivery,
@@ -857,6 +857,12 @@ class SharedLogBackend(ShmBackend):
         self._thread: threading.Thread | None = None
         self._lock = _SharedSection(self)  # type: ignore[assignment]
         self._bind_section_paths()
+        # The per-message paths on the topic cores, in C: publish here,
+        # and `Consumer.get` and `Message.ack` through the `CoreReader`
+        # of `ShmBackend.message_reader`. The instance attribute hides
+        # the `publish_one` method, so `Broker` calls C directly.
+        self._fast = LoggedPath(self)
+        self.publish_one = self._fast.publish_one  # type: ignore[method-assign]
         self._changed = _ChangeWait(self)  # type: ignore[assignment]
         self._users_fd = -1
         self._lock_fd = -1
@@ -1423,39 +1429,12 @@ class SharedLogBackend(ShmBackend):
 
     def publish_one(self, topic: str, body: Any, priority: int
                     ) -> str | None:
-        core = self._cores.get(topic)
-        try:
-            if core is None:
-                return self._publish_journal_one(topic, body, priority)
-            return self._publish_core_one(core, topic, body, priority)
-        finally:
-            if self.fsync == "always":
-                self._sync(self._log)
-
-    def _publish_core_one(self, core: _LoggedCore, topic: str, body: Any,
-                          priority: int) -> str | None:
-        """Publish one plain message on a core topic and log it, and
-        return its id. None makes the caller use `publish` (a moved
-        topic, a full core, a large body)."""
-        payload = _dumps(body, _PROTOCOL)
-        if len(payload) > CORE_SLOT_BYTES:
-            return None
-        wall = time.time()
-        try:
-            with self._lock:
-                if self._failed is not None:
-                    raise self._failed_error()
-                if self._cores.get(topic) is not core:
-                    # The catch-up applied a delete or a move.
-                    return None
-                seq = core._core.publish(payload, priority, wall)
-                if seq <= 0:
-                    return None
-                self._log_core("image_publish", topic, seq, priority, wall,
-                               payload)
-        except TopicRetired:
-            return None
-        return f"s{seq}"
+        # `__init__` hides this method behind `LoggedPath.publish_one`,
+        # which runs it in C: the section, the core's publish and its
+        # ``image_publish`` record, then the sync of "always".
+        message_id: str | None = self._fast.publish_one(topic, body,
+                                                        priority)
+        return message_id
 
     def _publish_core(self, core: Any, topic: str,
                       envelopes: Sequence[Envelope],
@@ -1649,12 +1628,6 @@ class SharedLogBackend(ShmBackend):
         self._cores[config.name] = _LoggedCore(self, config.name,
                                                self._cores[config.name])
         return path
-
-    def message_reader(self, consumer: Any, message_type: type
-                       ) -> Callable[[float, bool], Any] | None:
-        # Not the shm backend's `CoreReader`, which runs core operations
-        # without the section and without records.
-        return Backend.message_reader(self, consumer, message_type)
 
     def _bind_section_paths(self) -> None:
         super()._bind_section_paths()
