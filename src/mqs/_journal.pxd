@@ -3,6 +3,7 @@
 
 cdef class JournalSection:
     cdef object _backend
+    cdef dict _state
     cdef readonly object thread_lock
     cdef object _acquire
     cdef object _release

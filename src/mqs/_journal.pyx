@@ -8,7 +8,9 @@ What the records mean is up to `mqs.broker._shm`.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from posix.mman cimport (
@@ -412,6 +414,28 @@ cdef extern from "<time.h>" nogil:
     int CLOCK_MONOTONIC
 
 
+cdef inline object _attr(object backend, dict state, str name):
+    """``backend.<name>``: from the instance dict `state` when it is
+    there (the common case, and several times faster than the attribute
+    lookup through the class's long MRO), else through getattr (a class
+    default)."""
+    cdef PyObject *item = PyDict_GetItem(state, name)
+    if item != NULL:
+        return <object>item
+    return getattr(backend, name)
+
+
+cdef inline bint _true(object backend, dict state, str name) except -1:
+    cdef PyObject *item = PyDict_GetItem(state, name)
+    if item != NULL:
+        if <object>item is True:
+            return True
+        if <object>item is False:
+            return False
+        return bool(<object>item)
+    return bool(getattr(backend, name))
+
+
 cdef inline double _monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -441,6 +465,9 @@ cdef class JournalSection:
 
     def __init__(self, backend):
         self._backend = backend
+        # Read and written directly: none of the attributes the section
+        # uses is a descriptor (a property would make this wrong).
+        self._state = backend.__dict__
         self.thread_lock = threading.Lock()
         self._acquire = self.thread_lock.acquire
         self._release = self.thread_lock.release
@@ -490,12 +517,15 @@ cdef class JournalSection:
 
     cdef int _enter(self) except -1:
         cdef object backend = self._backend
-        cdef object found = backend._journal
+        cdef dict state = self._state
+        cdef object found = _attr(backend, state, "_journal")
         cdef SharedJournal journal
         cdef uint64_t position
         cdef int rc
-        if (backend._closed or backend._enter_slow
-                or (backend._log_behind and backend._writer)
+        if (_true(backend, state, "_closed")
+                or _true(backend, state, "_enter_slow")
+                or (_true(backend, state, "_log_behind")
+                    and _true(backend, state, "_writer"))
                 or type(found) is not SharedJournal
                 or (<SharedJournal>found)._header == NULL):
             backend._enter_shared()
@@ -509,37 +539,40 @@ cdef class JournalSection:
             # waits in slices that let signals through, or raises.
             backend._enter_shared()
             return 0
-        backend._held = True
-        backend._appended = False
+        state["_held"] = True
+        state["_appended"] = False
         position = mqs_journal_head(journal._header).position
         if (rc == 1
-                or <int64_t>(position >> 32) != <int64_t>backend._generation
+                or <int64_t>(position >> 32)
+                    != <int64_t>_attr(backend, state, "_generation")
                 or <int64_t>(position & 0xffffffffu)
-                    != <int64_t>backend._applied
-                or _monotonic() >= <double>backend._next_reap):
+                    != <int64_t>_attr(backend, state, "_applied")
+                or _monotonic()
+                    >= <double>_attr(backend, state, "_next_reap")):
             backend._enter_locked()
         return 0
 
     cdef int _leave(self) except -1:
         cdef object backend = self._backend
-        cdef object found = backend._journal
+        cdef dict state = self._state
+        cdef object found = _attr(backend, state, "_journal")
         cdef SharedJournal journal
         if type(found) is not SharedJournal:
             backend._leave_shared()
             return 0
-        if not backend._held:
+        if not _true(backend, state, "_held"):
             return 0
-        backend._held = False
+        state["_held"] = False
         journal = <SharedJournal>found
         journal._check()
         mqs_journal_unlock(journal._header)
-        if backend._appended:
-            if backend._quiet:
-                backend._quiet = False
+        if _true(backend, state, "_appended"):
+            if _true(backend, state, "_quiet"):
+                state["_quiet"] = False
             else:
                 mqs_wait_signal(mqs_journal_word(journal._header,
                                                  MQS_JOURNAL_CHANGED), 1)
-            if backend._wakes_writer:
+            if _true(backend, state, "_wakes_writer"):
                 mqs_wait_signal(mqs_journal_word(journal._header,
                                                  MQS_JOURNAL_WRITER), 1)
         return 0
@@ -554,7 +587,8 @@ cdef class JournalSection:
 
     cdef int _append_record(self, bytes data) except -1:
         cdef object backend = self._backend
-        cdef object found = backend._journal
+        cdef dict state = self._state
+        cdef object found = _attr(backend, state, "_journal")
         cdef SharedJournal journal
         cdef int64_t end
         cdef uint64_t position
@@ -572,14 +606,15 @@ cdef class JournalSection:
                                          <uint32_t>len(data))
         if end < 0:
             raise AssertionError("journal full after a compaction")
-        backend._applied = end
-        backend._appended = True
-        position = (<uint64_t>(<int64_t>backend._generation) << 32) \
-            | <uint64_t>end
-        if backend._marks_records:
+        state["_applied"] = end
+        state["_appended"] = True
+        position = (<uint64_t>(<int64_t>_attr(backend, state, "_generation"))
+                    << 32) | <uint64_t>end
+        if _true(backend, state, "_marks_records"):
             backend._local.mark = position
-        if backend._writer and not backend._log_behind:
-            log = backend._log
+        if _true(backend, state, "_writer") \
+                and not _true(backend, state, "_log_behind"):
+            log = _attr(backend, state, "_log")
             try:
                 if type(log) is SegmentLog:
                     offset = (<SegmentLog>log).append_bytes(data)
@@ -590,9 +625,10 @@ cdef class JournalSection:
                 backend._fail_append(exc)
                 raise
             # How far the log reaches, for the check of a restored backup.
-            backend._durable[_DURABLE_LOG_END] = offset + 1
-            backend._bytes_since_snapshot += len(data)
-            backend._log_state = (log, position)
+            _attr(backend, state, "_durable")[_DURABLE_LOG_END] = offset + 1
+            state["_bytes_since_snapshot"] = _attr(
+                backend, state, "_bytes_since_snapshot") + len(data)
+            state["_log_state"] = (log, position)
         return 0
 
     def reserve(self, op, bytes data):
@@ -605,10 +641,12 @@ cdef class JournalSection:
 
     cdef object _reserve(self, op, bytes data):
         cdef object backend = self._backend
-        cdef object found = backend._journal
+        cdef dict state = self._state
+        cdef object found = _attr(backend, state, "_journal")
         cdef SharedJournal journal
         cdef Py_ssize_t length = len(data)
-        if (backend._failed is None and length <= backend._max_record
+        if (_attr(backend, state, "_failed") is None
+                and length <= _attr(backend, state, "_max_record")
                 and type(found) is SharedJournal):
             journal = <SharedJournal>found
             if journal._header != NULL and mqs_journal_record_bytes(length) \
@@ -629,10 +667,12 @@ cdef class JournalSection:
 
     cdef int log_record(self, str op, tuple args) except -1:
         cdef object backend = self._backend
+        cdef dict state = self._state
         cdef double now = self._tick()
         self._append_record(self._reserve(op, _dumps((op, now, args),
                                                      _PROTOCOL)))
-        if backend._bytes_since_snapshot > backend._compact_bytes:
+        if _attr(backend, state, "_bytes_since_snapshot") \
+                > _attr(backend, state, "_compact_bytes"):
             backend._after_write()
         return 0
 
@@ -644,13 +684,15 @@ cdef class JournalSection:
 
     cdef double _tick(self) except? -1.0:
         cdef object backend = self._backend
-        cdef double now = _monotonic() + <double>backend._offset
-        cdef double last = backend._last
-        cdef double pinned = backend._now
+        cdef dict state = self._state
+        cdef double now = _monotonic() + <double>_attr(backend, state,
+                                                       "_offset")
+        cdef double last = _attr(backend, state, "_last")
+        cdef double pinned = _attr(backend, state, "_now")
         if now < last:
             now = last
-        backend._last = now
+        state["_last"] = now
         if now < pinned:
             now = pinned
-        backend._now = now
+        state["_now"] = now
         return now
