@@ -1096,3 +1096,131 @@ def test_durable_close_during_take(log_dir):
     # failed the rest of the claimed messages, and they were lost.
     assert json.loads(result.stdout) == [
         ["loaded", "loaded", "loaded", "last"]]
+
+
+CLOSE_DURING_SYNC_WAIT = """
+import json, sys, threading, time
+import mqs
+
+q = mqs.SharedQueue(persist=sys.argv[1], fsync="always",
+                    capacity_bytes=1 << 20)
+outcome = {"ok": [], "accepted": [], "refused": [], "other": []}
+lock = threading.Lock()
+
+
+def produce(first):
+    n = first
+    while True:
+        try:
+            q.put(n)
+            kind = "ok"
+        except ValueError as exc:
+            kind = "accepted" if getattr(exc, "accepted", 0) else "refused"
+        except Exception as exc:
+            kind = "other"
+            n = f"{type(exc).__name__}: {exc}"
+        with lock:
+            outcome[kind].append(n)
+        if kind != "ok":
+            return
+        n += 4
+
+
+threads = [threading.Thread(target=produce, args=(k,)) for k in range(4)]
+for thread in threads:
+    thread.start()
+time.sleep(0.3)
+q.close()
+for thread in threads:
+    thread.join(10)
+print(json.dumps(outcome))
+"""
+
+
+def test_close_during_sync_wait_keeps_puts_exact(log_dir):
+    """close() while 4 threads wait in put for their sync (fsync="always",
+    this process the appender): each put either returned (stored and
+    synced), raised ValueError with ``accepted`` set (stored, so a retry
+    would duplicate it) or raised the plain closed error (not stored).
+    A put that raised the closed error while its message was stored made
+    callers retry into duplicates."""
+    for _ in range(3):
+        result = subprocess.run(
+            [sys.executable, "-c", CLOSE_DURING_SYNC_WAIT, log_dir],
+            capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        assert result.returncode == 0, result.stderr
+        outcome = json.loads(result.stdout)
+        assert outcome["other"] == []
+        assert len(outcome["ok"]) > 0
+        q = SharedQueue(persist=log_dir, fsync="always")
+        try:
+            found = drain(q)
+        finally:
+            q.close()
+        assert sorted(found) == sorted(outcome["ok"] + outcome["accepted"])
+        assert not set(outcome["refused"]) & set(found)
+
+
+APPENDER_THEN_WAIT = """
+import sys, time
+import mqs
+
+q = mqs.SharedQueue(name=sys.argv[1], persist=sys.argv[2], fsync="always")
+q.put("first")
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+PUT_THEN_CLOSE = """
+import json, sys, threading, time
+import mqs
+
+q = mqs.SharedQueue(name=sys.argv[1], persist=sys.argv[2], fsync="always")
+outcome = []
+
+
+def put():
+    try:
+        q.put("second")
+        outcome.append("returned")
+    except ValueError as exc:
+        outcome.append(["ValueError", getattr(exc, "accepted", None),
+                        str(exc)])
+
+
+thread = threading.Thread(target=put)
+thread.start()
+time.sleep(0.3)
+q.close()
+thread.join(20)
+print(json.dumps(outcome))
+"""
+
+
+def test_close_during_sync_wait_of_another_appender(shm_name, log_dir):
+    """The appender is another process, stopped (SIGSTOP), so a put
+    waits for its sync until close() ends the wait: it raises
+    ValueError with ``accepted = 1``, and the message is written once
+    the appender runs again, exactly once."""
+    appender = run_child(APPENDER_THEN_WAIT.replace(
+        "sys.argv[1]", repr(shm_name)).replace("sys.argv[2]", repr(log_dir)))
+    try:
+        assert appender.stdout.readline().strip() == "ready"
+        os.kill(appender.pid, signal.SIGSTOP)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", PUT_THEN_CLOSE, shm_name, log_dir],
+                capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        finally:
+            os.kill(appender.pid, signal.SIGCONT)
+        assert result.returncode == 0, result.stderr
+        [(kind, accepted, text)] = json.loads(result.stdout)
+        assert (kind, accepted) == ("ValueError", 1)
+        assert "do not put it again" in text
+    finally:
+        kill_all([appender])
+    q = SharedQueue(name=shm_name, persist=log_dir, fsync="always")
+    try:
+        assert drain(q) == ["first", "second"]
+    finally:
+        q.close()

@@ -423,6 +423,9 @@ cdef class _Durable:
     # Set by close(): ends the appender thread's wait between takeover
     # attempts, so that close() does not wait for the poll interval.
     cdef object _stop_event
+    # Set once close() has moved this process's inbox records into the log
+    # (when it is the appender) and synced them, for `wait_durable`.
+    cdef object _drained
     cdef bint _stopping
     cdef bint _closed
     cdef int _pid
@@ -529,6 +532,7 @@ cdef class _Durable:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
+        self._drained = threading.Event()
         fd = os.open(os.path.join(path, CONTROL_FILE),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -1149,7 +1153,39 @@ cdef class _Durable:
             gather = mqs_dq_gather_count(self._control)
             if gather > 0 and mqs_br_count(&self._queue._ring, 0) >= gather:
                 mqs_wait_signal(mqs_dq_gathered(self._control), 1)
-            self._queue._park(word, epoch, -1, STRATEGY_SLEEP)
+            # `SharedQueue._park`, except when close() ran meanwhile.
+            self._queue._parked += 1
+            try:
+                park(word, epoch, -1, 1, STRATEGY_SLEEP)
+            except BaseException:
+                self._queue._leave_wait()
+                raise
+            if self._closed or self._queue._closed:
+                return self._closed_while_waiting(position)
+            self._queue._left_wait()
+
+    cdef int _closed_while_waiting(self, int64_t position) except -1:
+        """End a `wait_durable` that close() interrupted: return when the
+        record at `position` is durable after all, else raise ValueError
+        with ``accepted = 1``. The put's message is in the queue either
+        way, so the caller must not put it again. The caller is still
+        counted as waiting, so the control file is mapped."""
+        cdef bint durable
+        # close() moves this process's inbox into the log and syncs it
+        # when this process is the appender (bounded by CLOSE_DRAIN_NS).
+        self._drained.wait(CLOSE_DRAIN_NS / 1e9 + 5.0)
+        durable = self._control != NULL and self._ready() and mqs_dq_get(
+            self._control, MQS_DQ_DURABLE_POS) > position
+        self._queue._leave_wait()
+        if durable:
+            return 0
+        error = ValueError(
+            f"Queue {self._queue!r} was closed by another thread while "
+            f"this put waited for its sync; the message was accepted and "
+            f"stays in the queue, where the appender of another process "
+            f"writes it, so do not put it again (exc.accepted)")
+        error.accepted = 1
+        raise error
 
     cdef bint full(self):
         """Whether a bounded queue stores maxsize messages or more."""
@@ -1415,24 +1451,27 @@ cdef class _Durable:
         self._closed = True
         self._stopping = True
         _durables.discard(self)
-        if self._pid == os.getpid():
-            if self._thread is not None:
-                self._stop_event.set()
-                mqs_wait_signal(mqs_br_not_empty(&self._queue._ring), 1)
-                self._thread.join()
-            with self._lock:
-                if self._writer is not None:
-                    deadline = mqs_monotonic_ns() + CLOSE_DRAIN_NS
-                    while self._append_batch() and \
-                            mqs_monotonic_ns() < deadline:
-                        pass
-                    self._commit_cursor(True)
-                    self._delayed_log.close()
-                    self._delayed_log = None
-                    self._writer.close()
-                    self._writer = None
-        else:
-            self._after_fork()
+        try:
+            if self._pid == os.getpid():
+                if self._thread is not None:
+                    self._stop_event.set()
+                    mqs_wait_signal(mqs_br_not_empty(&self._queue._ring), 1)
+                    self._thread.join()
+                with self._lock:
+                    if self._writer is not None:
+                        deadline = mqs_monotonic_ns() + CLOSE_DRAIN_NS
+                        while self._append_batch() and \
+                                mqs_monotonic_ns() < deadline:
+                            pass
+                        self._commit_cursor(True)
+                        self._delayed_log.close()
+                        self._delayed_log = None
+                        self._writer.close()
+                        self._writer = None
+            else:
+                self._after_fork()
+        finally:
+            self._drained.set()
         if not keep_control:
             self.release_control()
         return 0
@@ -1467,6 +1506,7 @@ cdef class _Durable:
         self._thread = None
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
+        self._drained = threading.Event()
         return 0
 
     def __dealloc__(self):

@@ -1555,7 +1555,13 @@ cdef class SharedQueue:
             not finite, `delay` or `at` is more than
             `mqs.MAX_DELAY_SECONDS` (10 years) from now, both `delay` and
             `at` are given, or the queue has no delayed area
-            (``delayed_capacity_bytes=0``).
+            (``delayed_capacity_bytes=0``). With ``fsync="always"``, when
+            another thread closes the queue while this put waits for its
+            sync and another process's appender has not synced it yet,
+            the error has ``accepted = 1``: the message is in the queue
+            and is written when that appender runs, so putting it again
+            would duplicate it. (When this process is the appender,
+            close() syncs it and the put returns.)
         TypeError
             If `delay` or `at` has the wrong type, or the serializer's
             ``dumps`` returned something other than a bytes-like object.
