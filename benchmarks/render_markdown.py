@@ -258,6 +258,30 @@ def redis_broker_table(report: dict) -> list[str]:
             + _table(["loop", "batch", "median/s", "rounds/s"], rows))
 
 
+def backends_table(report: dict) -> list[str]:
+    backends = report.get("broker_backends")
+    if not backends:
+        return []
+    rows = []
+    for case in backends["cases"]:
+        if "skipped" in case:
+            rows.append([case["subject"], case["shape"],
+                         "skipped: " + case["skipped"], "", ""])
+            continue
+        latency = ["", ""]
+        if "latency_p50_us" in case:
+            latency = [f"{case['latency_p50_us']:,.1f}",
+                       f"{case['latency_p99_us']:,.1f}"]
+        rows.append([case["subject"], case["shape"],
+                     f"{case['rate_per_s']:,.0f}", *latency])
+    return ([(f"### Broker per backend (messages published, got and acked "
+              f"per second, {backends['count']:,} per round, median of "
+              f"{backends['repeat']}; latency of one message in flight, "
+              f"µs)"), ""]
+            + _table(["subject", "shape", "median/s", "p50 µs", "p99 µs"],
+                     rows))
+
+
 def ratios_table(report: dict) -> list[str]:
     rows = [[r["name"], _ratio(r["value"]), (f"{r['comparison']} "
              f"{r['target']:g}x"), "met" if r["met"] else "missed"]
@@ -291,6 +315,13 @@ def ratios_table(report: dict) -> list[str]:
         rows.append([f"redis-broker {ratio['name']}",
                      _ratio(ratio["value"]), f">= {ratio['target']:g}x",
                      "met" if ratio["met"] else "missed"])
+    for ratio in (report.get("broker_backends") or {}).get("ratios") or []:
+        if not ratio["tracked"]:
+            continue
+        status = {True: "met", False: "missed", None: "not measured"}[
+            ratio["met"]]
+        rows.append([f"backends {ratio['name']}", _ratio(ratio["value"]),
+                     f">= {ratio['target']:g}x", status])
     met = sum(row[3] == "met" for row in rows)
     return (["### Tracked ratios", "",
              f"{met} of {len(rows)} targets are met in this run.", ""]
@@ -305,7 +336,7 @@ def render(report: dict, commit: str | None = None, plot: str | None = None,
         lines += [f"![Charts of this run]({plot})", ""]
     for part in (queue_tables, shape_tables, payload_table, latency_table,
                  timers_table, log_table, broker_table, redis_broker_table,
-                 ratios_table):
+                 backends_table, ratios_table):
         lines += part(report)
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -13,6 +13,7 @@ import pytest
 
 from mqs import (
     bench,
+    bench_backends,
     bench_broker,
     bench_ipc,
     bench_latency,
@@ -748,6 +749,27 @@ def test_quick_run_json_has_redis_broker(quick_run):
         assert ratio["met"] == (ratio["value"] >= ratio["target"])
 
 
+def test_quick_run_json_has_broker_backends(quick_run):
+    _, report, _ = quick_run
+    section = report["broker_backends"]
+    assert section["count"] == cli_bench.PROFILES["quick"].backends_count
+    cases = {(case["subject"], case["shape"]): case
+             for case in section["cases"]}
+    assert set(cases) == {(subject, shape)
+                          for subject in bench_backends.SUBJECT_NAMES
+                          for shape in bench_backends.SHAPE_NAMES}
+    for (subject, shape), case in cases.items():
+        if "skipped" in case:
+            assert subject in ("SQLiteAckQueue", "redis backend",
+                               "Redis Streams everysec"), case
+            continue
+        assert case["rate_per_s"] > 0, case
+        if shape == "1 thread":
+            assert 0 < case["latency_p50_us"] <= case["latency_p99_us"]
+    tracked = [ratio for ratio in section["ratios"] if ratio["tracked"]]
+    assert {ratio["target"] for ratio in tracked} <= {10.0, 20.0}
+
+
 def test_quick_run_json_keeps_tracked_ratios(quick_run):
     _, report, _ = quick_run
     measured = {ratio["name"] for ratio in report["ratios"]}
@@ -816,3 +838,4 @@ def test_count_option_applies_to_shapes_and_latency(tmp_path):
     assert report["timers"] is None
     assert report["log"] is None
     assert report["broker"] is None
+    assert report["broker_backends"] is None

@@ -31,6 +31,7 @@ from rich.table import Table
 
 from mqs import (
     bench,
+    bench_backends,
     bench_broker,
     bench_ipc,
     bench_latency,
@@ -61,6 +62,10 @@ SECTION_DESCRIPTIONS = {
     "redis-broker": "the broker's redis backend, batched, against "
                     "per-message XADD, XREADGROUP+XACK and LPUSH/BRPOP "
                     "loops of redis-py",
+    "broker-backends": "broker publish+get+ack per backend (memory, shm, "
+                       "log always/interval, redis) in threads, with "
+                       "latency, against SQLiteAckQueue and Redis Streams "
+                       "(appendfsync everysec)",
 }
 
 
@@ -90,6 +95,10 @@ class Profile:
     # loop's row is its median round).
     redis_count: int = 5_000
     redis_rounds: int = 3
+    # Messages per round of the broker-backends section, and its timed
+    # rounds.
+    backends_count: int = 1_000
+    backends_repeat: int = 1
 
     def payload_messages(self, size_bytes: int) -> int:
         """Messages per run at `size_bytes`, capped by the byte budget."""
@@ -103,7 +112,7 @@ PROFILES = {
         {"threads": 2_000, "processes": 1_000}, (8, 4096, 65536), 1_000,
         4 << 20, 300, 10_000, 0.005, shape_warmup=False,
         lateness_messages=200, broker_scale=0.02, redis_count=1_000,
-        redis_rounds=1),
+        redis_rounds=1, backends_count=100),
     "default": Profile(
         "default", bench.DEFAULT_REPEAT, bench.DEFAULT_COUNT,
         {"threads": 30_000, "processes": 10_000}, (8, 64, 512, 4096, 65536),
@@ -115,7 +124,7 @@ PROFILES = {
         bench_shapes.PAYLOAD_SIZES, 50_000, 512 << 20, 20_000,
         bench_wheel.DEFAULT_COUNT, 1.0, wheel_repeat=3, seglog_repeat=5,
         lateness_messages=2_000, broker_scale=1.0, broker_repeat=3,
-        redis_count=20_000),
+        redis_count=20_000, backends_count=2_000, backends_repeat=3),
 }
 
 
@@ -213,14 +222,17 @@ def _profile(args: argparse.Namespace) -> Profile:
         profile = dataclasses.replace(profile, repeat=args.repeat,
                                       wheel_repeat=args.repeat,
                                       seglog_repeat=args.repeat,
-                                      broker_repeat=args.repeat)
+                                      broker_repeat=args.repeat,
+                                      backends_repeat=args.repeat)
     if args.count is not None:
         profile = dataclasses.replace(
             profile, queue_count=args.count,
             shape_counts={domain: args.count
                           for domain in profile.shape_counts},
             payload_count=args.count, payload_budget_bytes=1 << 62,
-            latency_count=args.count, wheel_count=args.count)
+            latency_count=args.count, wheel_count=args.count,
+            backends_count=max(args.count, bench_backends.PRODUCERS
+                               * bench_backends.CONSUMERS // 2))
     return profile
 
 
@@ -315,6 +327,7 @@ class BenchRun:
     log: dict | None = None
     broker: dict | None = None
     redis: dict | None = None
+    backends: dict | None = None
     durations: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -341,6 +354,13 @@ def _broker_runs(profile: Profile) -> int:
     return len(ready) * (profile.broker_repeat + 1)
 
 
+def _backends_runs(profile: Profile) -> int:
+    ready = [name for name in bench_backends.SUBJECT_NAMES
+             if bench_backends.skip_reason(name) is None]
+    return (len(ready) * len(bench_backends.SHAPE_NAMES)
+            * (profile.backends_repeat + 1))
+
+
 def _seglog_runs(profile: Profile) -> int:
     ready = [name for name in bench_seglog.CASE_NAMES
              if bench_seglog._skip_reason(name) is None]
@@ -364,7 +384,9 @@ def _run_with_progress(console: Console, case_names: list[str],
              + (_seglog_runs(profile) if "log" in case_names else 0)
              + (_broker_runs(profile) if "broker" in case_names else 0)
              + (len(bench_redis.BROKER_COMPARISON) * profile.redis_rounds
-                if "redis-broker" in case_names else 0))
+                if "redis-broker" in case_names else 0)
+             + (_backends_runs(profile)
+                if "broker-backends" in case_names else 0))
     # No auto refresh: its thread would be running while the cross-process
     # cases fork, and a fork copies the locks that thread may hold.
     progress = Progress(
@@ -432,6 +454,11 @@ def _run_with_progress(console: Console, case_names: list[str],
             with clock("redis-broker"):
                 run.redis = _run_redis_broker(
                     profile, lambda text: advance("redis-broker", text))
+        if "broker-backends" in case_names:
+            with clock("broker-backends"):
+                run.backends = bench_backends.run_backends_bench(
+                    profile.backends_count, profile.backends_repeat,
+                    progress=lambda text: advance("broker-backends", text))
         return run
 
 
@@ -496,8 +523,10 @@ def _print_tables(console: Console, run: BenchRun, profile: Profile) -> None:
         console.print(tables.broker_table(run.broker))
     if run.redis is not None:
         console.print(tables.redis_broker_table(run.redis))
+    if run.backends is not None:
+        console.print(tables.backends_table(run.backends))
     extra = tables.section_ratios(run.timers, run.log, run.broker,
-                                  run.redis)
+                                  run.redis, run.backends)
     if ratios or unmeasured or extra:
         console.print(_ratios_table(ratios, unmeasured, extra,
                                     judged=profile.name != "quick"))
@@ -520,6 +549,10 @@ def _report(args: argparse.Namespace, run: BenchRun, profile: Profile,
     if run.broker is not None:
         broker = {key: value for key, value in run.broker.items()
                   if key != "machine"}
+    backends = None
+    if run.backends is not None:
+        backends = {key: value for key, value in run.backends.items()
+                    if key != "machine"}
     return {
         "command": ["mqs", *args.argv],
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -548,6 +581,7 @@ def _report(args: argparse.Namespace, run: BenchRun, profile: Profile,
         "log": log,
         "broker": broker,
         "redis_broker": run.redis,
+        "broker_backends": backends,
     }
 
 
@@ -590,6 +624,8 @@ def _settings(profile: Profile, case_names: list[str],
         "redis_broker": {"count": profile.redis_count,
                          "rounds": profile.redis_rounds,
                          "batch": bench_redis.DEFAULT_BATCH},
+        "broker_backends": {"count": profile.backends_count,
+                            "repeat": profile.backends_repeat},
     }
 
 

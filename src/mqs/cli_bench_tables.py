@@ -252,6 +252,38 @@ def broker_table(broker: dict) -> Table:
     return table
 
 
+def backends_table(backends: dict) -> Table:
+    """Return one row per subject and shape of the broker-backends
+    section, skipped ones with the reason."""
+    table = Table(
+        title="Broker per backend: messages published, got and acked "
+              "per second",
+        caption=f"{backends['count']:,} messages per round, median of "
+                f"{backends['repeat']} timed rounds after 1 warm-up round; "
+                f"one call per message; latency of one publish, get and "
+                f"ack with one message in flight (1 thread).")
+    table.add_column("subject", no_wrap=True)
+    table.add_column("shape", no_wrap=True)
+    table.add_column("median/s", justify="right")
+    table.add_column("min-max/s", justify="right")
+    table.add_column("p50 µs", justify="right")
+    table.add_column("p99 µs", justify="right")
+    for case in backends["cases"]:
+        if "skipped" in case:
+            table.add_row(case["subject"], case["shape"], "skipped",
+                          escape(case["skipped"]), "", "")
+            continue
+        latency = ("", "")
+        if "latency_p50_us" in case:
+            latency = (f"{case['latency_p50_us']:,.1f}",
+                       f"{case['latency_p99_us']:,.1f}")
+        table.add_row(
+            case["subject"], case["shape"], f"{case['rate_per_s']:,.0f}",
+            f"{case['rate_min_per_s']:,.0f}-{case['rate_max_per_s']:,.0f}",
+            *latency)
+    return table
+
+
 @dataclasses.dataclass(frozen=True)
 class SectionRatio:
     """A tracked ratio of the timers or log section, for the ratios table."""
@@ -324,9 +356,10 @@ def redis_broker_table(report: dict) -> Table:
 
 def section_ratios(timers: dict | None, log: dict | None,
                    broker: dict | None = None,
-                   redis: dict | None = None) -> list[SectionRatio]:
-    """Return the tracked ratios of the timers, log, broker and
-    redis-broker sections."""
+                   redis: dict | None = None,
+                   backends: dict | None = None) -> list[SectionRatio]:
+    """Return the tracked ratios of the timers, log, broker,
+    redis-broker and broker-backends sections."""
     rows = []
     if timers is not None:
         rows += [SectionRatio(f"timers {name}", ratio["measured"],
@@ -347,4 +380,8 @@ def section_ratios(timers: dict | None, log: dict | None,
         rows += [SectionRatio(f"redis {ratio['name']}", ratio["value"],
                               ratio["target"], ratio["met"])
                  for ratio in redis["ratios"]]
+    if backends is not None:
+        rows += [SectionRatio(f"backends {ratio['name']}", ratio["value"],
+                              ratio["target"], ratio["met"])
+                 for ratio in backends["ratios"] if ratio["tracked"]]
     return rows
