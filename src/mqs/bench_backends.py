@@ -13,10 +13,10 @@ through publish, get and ack, one message per call, in three shapes:
 
 Subjects (each one that cannot run here is skipped with the reason):
 
-- ``memory``, ``shm`` and ``log fsync=interval`` / ``log fsync=always``:
-  `mqs.Broker` on that backend; "always" returns from each publish once
-  a sync covers it (concurrent producers share syncs), "interval" syncs
-  every 50 ms;
+- ``memory``, ``shm``, ``log fsync=interval`` and ``log fsync=always``:
+  `mqs.Broker` on that backend. Under "always" each publish returns once
+  a sync covers it, and concurrent producers share syncs. "interval"
+  syncs every 50 ms;
 - ``redis backend``: `mqs.Broker(backend="redis",
   serializer="pickle")` on the same redis-server as the Redis Streams
   peer;
@@ -131,8 +131,8 @@ class _ShmSubject(_BrokerSubject):
 
 class _RedisBackendSubject(_BrokerSubject):
     def __init__(self, url: str) -> None:
-        # The items are dicts: pickled, as the other subjects do (only
-        # the bench's own throwaway server sees them).
+        # The items are dicts, so they are pickled as the other subjects
+        # do. Only the bench's own throwaway server stores them.
         broker = mqs.Broker(backend="redis", url=url, serializer="pickle")
         super().__init__(broker, f"mqs-bench-{uuid.uuid4().hex[:8]}")
 
@@ -353,12 +353,12 @@ def run_backends_bench(count: int = 2000, repeat: int = 3,
     Returns
     -------
     dict
-        ``machine``, ``count``, ``repeat``, ``cases`` (subject, shape,
-        median/min/max messages per second, and for ``1 thread`` the
-        p50 and p99 latency in µs of one publish, get and ack; or
-        ``skipped`` with the reason) and ``ratios`` (name, numerator,
-        denominator, shape, value, target or None, met or None, and
-        ``tracked``).
+        ``machine``, ``count``, ``repeat``, ``cases`` and ``ratios``.
+        Each case has the subject, the shape and the median, min and
+        max messages per second, and for ``1 thread`` the p50 and p99
+        latency in µs of one publish, get and ack (or ``skipped`` with
+        the reason). Each ratio has its name, numerator, denominator,
+        shape, value, target or None, met or None, and ``tracked``.
 
     Raises
     ------
