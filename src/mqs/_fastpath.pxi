@@ -13,7 +13,7 @@
 # to the journal, broker closed, consumers to reap).
 
 cimport cython
-from cpython.dict cimport PyDict_GetItem
+from cpython.dict cimport PyDict_GetItemWithError
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeASCII
@@ -245,18 +245,18 @@ cdef class CorePath:
         """Return the core handle of `topic`, or None when the backend is
         closed, its periodic check for dead consumers is due, or the
         topic is not on a core in this process."""
-        cdef PyObject *item = PyDict_GetItem(self._state, "_closed")
+        cdef PyObject *item = PyDict_GetItemWithError(self._state, "_closed")
         if item == NULL or <object>item is not False:
             return None
-        item = PyDict_GetItem(self._state, "_next_reap")
+        item = PyDict_GetItemWithError(self._state, "_next_reap")
         self._checked_at = mqs_monotonic_ns() / 1e9
         if item == NULL or self._checked_at >= <double><object>item:
             return None
-        item = PyDict_GetItem(self._state, "_cores")
+        item = PyDict_GetItemWithError(self._state, "_cores")
         if item == NULL or type(<object>item) is not dict:
             return None
         # Borrowed references: no Python code runs until the cast.
-        item = PyDict_GetItem(<object>item, topic)
+        item = PyDict_GetItemWithError(<object>item, topic)
         if item == NULL:
             return None
         return <TopicCore?><object>item
@@ -426,16 +426,16 @@ cdef class LoggedPath(CorePath):
 
     cdef object _handle(self, str topic):
         """Return the backend's `_LoggedCore` of `topic`, or None."""
-        cdef PyObject *item = PyDict_GetItem(self._state, "_cores")
+        cdef PyObject *item = PyDict_GetItemWithError(self._state, "_cores")
         if item == NULL or type(<object>item) is not dict:
             return None
-        item = PyDict_GetItem(<object>item, topic)
+        item = PyDict_GetItemWithError(<object>item, topic)
         if item == NULL:
             return None
         return <object>item
 
     cdef JournalSection _section(self):
-        cdef PyObject *item = PyDict_GetItem(self._state, "_lock")
+        cdef PyObject *item = PyDict_GetItemWithError(self._state, "_lock")
         if item == NULL:
             raise AttributeError(f"{self._backend!r} has no section")
         return <JournalSection?><object>item
@@ -465,7 +465,7 @@ cdef class LoggedPath(CorePath):
         section = self._section()
         section.enter_section()
         try:
-            failed = PyDict_GetItem(self._state, "_failed")
+            failed = PyDict_GetItemWithError(self._state, "_failed")
             if failed != NULL and <object>failed is not None:
                 raise self._backend._failed_error()
             if self._handle(topic) is not handle:

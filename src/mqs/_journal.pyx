@@ -8,7 +8,7 @@ What the records mean is up to `mqs.broker._shm`.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -419,14 +419,14 @@ cdef inline object _attr(object backend, dict state, str name):
     there (the common case, and several times faster than the attribute
     lookup through the class's long MRO), else through getattr (a class
     default)."""
-    cdef PyObject *item = PyDict_GetItem(state, name)
+    cdef PyObject *item = PyDict_GetItemWithError(state, name)
     if item != NULL:
         return <object>item
     return getattr(backend, name)
 
 
 cdef inline bint _true(object backend, dict state, str name) except -1:
-    cdef PyObject *item = PyDict_GetItem(state, name)
+    cdef PyObject *item = PyDict_GetItemWithError(state, name)
     if item != NULL:
         if <object>item is True:
             return True

@@ -831,6 +831,9 @@ class SharedLogBackend(ShmBackend):
         self._applied = 0
         self._held = False
         self._appended = False
+        # In the instance dict, where the section reads them first.
+        self._enter_slow = False
+        self._quiet = False
         self._waiting = 0
         self._next_reap = 0.0
         self._writer = False

@@ -482,6 +482,9 @@ class ShmBackend(LogBackend):
         self._applied = 0
         self._held = False
         self._appended = False
+        # In the instance dict, where the section reads them first.
+        self._enter_slow = False
+        self._quiet = False
         self._waiting = 0
         self._next_reap = 0.0
         # The per-message paths on the topic cores, in C. The instance
