@@ -1603,3 +1603,41 @@ def test_server_data_loss_keeps_declared_settings(redis_server_factory):
             consumer.get(timeout=1)
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_data_loss_ends_blocked_publish(redis_server_factory, use_async):
+    """A publish blocked on a full topic whose data the server loses
+    raises UnknownTopic marked `deleted`, sync and async alike, and the
+    topic stays gone."""
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url)
+    try:
+        broker.declare_topic("orders", maxsize=1)
+        broker.publish("orders", b"first")
+
+        def lose_data():
+            time.sleep(0.5)
+            admin = redis.Redis.from_url(server.url)
+            # As a restart of a server without persistence loses everything.
+            admin.flushall()
+            admin.close()
+
+        thread = threading.Thread(target=lose_data)
+        thread.start()
+        try:
+            with pytest.raises(mqs.UnknownTopic) as raised:
+                if use_async:
+                    asyncio.run(broker.publish_async("orders", b"x",
+                                                     timeout=30))
+                else:
+                    broker.publish("orders", b"x", timeout=30)
+        finally:
+            thread.join(30)
+        assert raised.value.deleted is True
+        assert raised.value.published == 0
+        assert "was deleted while a publish waited" in str(raised.value)
+        assert not broker.backend.has_topic("orders")
+    finally:
+        broker.close()
+

@@ -31,7 +31,7 @@ from mqs.broker._backend import (
     GroupStats,
 )
 from mqs.broker._log_shared import SharedLogBackend
-from mqs.broker._memory import MemoryBackend
+from mqs.broker._memory import MemoryBackend, _deleted_while_full
 from mqs.broker._policy import (
     Backoff,
     TopicConfig,
@@ -1861,17 +1861,25 @@ class Broker:
                             timeout: float | None = None, **options: Any
                             ) -> str:
         """Like `publish`; a full topic is awaited without blocking the
-        event loop."""
+        event loop.
+
+        As with `publish`, a topic deleted (or lost with the backend's
+        data) while the call waits for room raises `UnknownTopic` with
+        ``deleted=True``, and the topic is not declared again.
+        """
         _check_options("publish_async", options, ("timeout",))
         envelope = self._envelope(body, **options)
         timeout = _seconds("timeout", timeout)
         run = self._backend.run_blocking
         if await run(self._prepare_publish, topic, envelope) != "block":
-            return (await run(self._backend_publish, topic, [envelope],
-                              0))[0]
+            return (await run(self._publish_prepared, topic, envelope))[0]
         deadline = None if timeout is None else time.monotonic() + timeout
+        waited = False
         while True:
             try:
+                if not waited:
+                    return (await run(self._publish_prepared, topic,
+                                      envelope))[0]
                 return (await run(self._backend_publish, topic, [envelope],
                                   0))[0]
             except Full:
@@ -1879,8 +1887,25 @@ class Broker:
                     else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise
+            except UnknownTopic as exc:
+                if not waited or exc.deleted:
+                    raise
+                raise _deleted_while_full(topic, 0, 1) from None
             step = 0.05 if left is None else min(left, 0.05)
             await self._backend.wait_changed_async(step)
+            waited = True
+
+    def _publish_prepared(self, topic: str, envelope: Envelope) -> list[str]:
+        """Publish `envelope`, checked by `_prepare_publish`, without
+        waiting for room; declare the topic again if it went missing
+        since that check."""
+        try:
+            return self._backend_publish(topic, [envelope], 0)
+        except UnknownTopic as exc:
+            if exc.deleted:
+                raise
+            self._ensure_topic(topic)
+        return self._backend_publish(topic, [envelope], 0)
 
     def _prepare_publish(self, topic: str, envelope: Envelope) -> str:
         """Check a publish of `envelope` to `topic`, declaring the topic
