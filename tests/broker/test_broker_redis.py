@@ -1641,3 +1641,87 @@ def test_data_loss_ends_blocked_publish(redis_server_factory, use_async):
     finally:
         broker.close()
 
+
+
+def _stash_auto_acked(consumer, monkeypatch, ending, count):
+    """Make a get_async of `consumer` (auto_ack) take `count` messages
+    after its await ended: cancelled (`ending` "cancel") or with its
+    event loop closed ("loop_closed"). Wait until the backend stashed
+    them for the consumer."""
+    backend = consumer._backend
+    fetch_ready = backend._fetch_ready
+    fetched = threading.Event()
+
+    def slow_fetch_ready(*args):
+        # The await ends while this call is on its way.
+        time.sleep(0.3)
+        try:
+            return fetch_ready(*args)
+        finally:
+            fetched.set()
+
+    monkeypatch.setattr(backend, "_fetch_ready", slow_fetch_ready)
+
+    async def main():
+        task = asyncio.create_task(consumer.get_many_async(count,
+                                                           timeout=10))
+        await asyncio.sleep(0.1)
+        if ending == "loop_closed":
+            # asyncio.run cancels the task and closes the loop before
+            # the fetch returns.
+            return
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The loop runs on while the fetch ends and takes the messages.
+        await asyncio.sleep(0.5)
+
+    asyncio.run(main())
+    assert fetched.wait(10)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5
+    while not backend._stashed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(backend._stashed[consumer._id]) == count
+
+
+@pytest.mark.parametrize("close_async", [False, True])
+@pytest.mark.parametrize("ending", ["cancel", "loop_closed"])
+def test_close_gives_back_auto_acked_stash(open_broker, monkeypatch,
+                                            close_async, ending):
+    """Messages that a cancelled get_async took under auto_ack go back
+    to the group when the consumer closes before another get, also when
+    the event loop closed while the fetch ran."""
+    broker = open_broker()
+    consumer = broker.consume("t", "g", auto_ack=True)
+    broker.publish_many("t", [b"first", b"second"])
+    _stash_auto_acked(consumer, monkeypatch, ending, 2)
+    if close_async:
+        returned = asyncio.run(consumer.close_async())
+    else:
+        returned = consumer.close()
+    assert returned == 2
+    assert broker.backend.lost_auto_acked == 0
+    other = broker.consume("t", "g", auto_ack=True)
+    got = other.get_many(2, timeout=5)
+    assert [message.body for message in got] == [b"first", b"second"]
+    # Given back unseen: the attempt is refunded.
+    assert [message.attempts for message in got] == [1, 1]
+    stats = broker.stats("t")
+    assert stats["stored"] == 0
+    assert stats["in_flight"] == 0
+
+
+def test_close_counts_stash_of_deleted_topic(open_broker, monkeypatch,
+                                             caplog):
+    broker = open_broker()
+    consumer = broker.consume("t", "g", auto_ack=True)
+    broker.publish_many("t", [b"first", b"second"])
+    _stash_auto_acked(consumer, monkeypatch, "cancel", 2)
+    # Deleted by another process: nothing is left to give them back to.
+    open_broker().delete_topic("t")
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    assert consumer.close() == 0
+    assert broker.backend.lost_auto_acked == 2
+    assert "could not be given back" in caplog.text
+

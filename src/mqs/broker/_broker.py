@@ -714,8 +714,10 @@ class Consumer:
         the wait, so there is none.
         Then, or at once without `drain`, every message still in flight
         goes back to the group for redelivery, with its attempt counted.
-        Later `get` calls raise `ShutDown` and iteration stops. Closing
-        twice does nothing. In a process forked from the one that opened
+        On redis, messages that a cancelled `get_async` took under
+        `auto_ack` and no later get returned go back too, unseen, and
+        count in the result. Later `get` calls raise `ShutDown` and
+        iteration stops. Closing twice does nothing. In a process forked from the one that opened
         the consumer it raises `ConsumerForked` and closes nothing.
         """
         _check_bool("drain", drain)

@@ -2208,6 +2208,79 @@ local function release()
   return {'OK', returned}
 end
 
+-- Enters the record of an entry given back unseen into group `g` at the
+-- head of its lane, or at the head of the entries waiting behind the
+-- visible entry of its key.
+local function enter_front(g, id, rec)
+  local key = rec.k
+  local head = gkey(g, 'kh')
+  if key ~= '' and redis.call('HEXISTS', head, key) == 1 then
+    rec.s = 'H'
+    put_rec(g, id, rec)
+    redis.call('LPUSH', gkey(g, 'kw:' .. key), id)
+    return
+  end
+  if key ~= '' then
+    redis.call('HSET', head, key, id)
+  end
+  make_ready(g, id, rec, true)
+end
+
+-- Gives back to group `g`, unseen and with the attempt refunded, entries
+-- that a fetch finished under auto_ack but whose reply no caller took (a
+-- cancelled get_async). An entry the group holds again is skipped. One
+-- whose stream entry is gone is kept as a copy in P rd, as a redriven
+-- entry is. Replies with the number given back, or -1 when the group
+-- does not exist.
+-- ARGV: op, group, count, then per entry: id, attempts, field count and
+-- the fields (name, value, ...) that the fetch returned.
+local function put_back()
+  local g = ARGV[2]
+  if redis.call('HEXISTS', GROUPS, g) == 0 then
+    return {'OK', -1}
+  end
+  local items = {}
+  local at = 4
+  for i = 1, tonumber(ARGV[3]) do
+    local n = tonumber(ARGV[at + 2])
+    local fields = {}
+    for j = 1, n do
+      fields[j] = ARGV[at + 2 + j]
+    end
+    items[i] = {ARGV[at], tonumber(ARGV[at + 1]), fields}
+    at = at + 3 + n
+  end
+  local returned = 0
+  for i = #items, 1, -1 do
+    local id, attempts, fields = items[i][1], items[i][2], items[i][3]
+    if not get_rec(g, id) then
+      local lane = lane_of(tonumber(field(fields, 'p')) or 0)
+      local redriven = 0
+      if #redis.call('XRANGE', stream(lane), id, id) == 0 then
+        local copy = {}
+        for j = 1, #fields, 2 do
+          if ENTRY_FIELDS[fields[j]] then
+            copy[#copy + 1] = fields[j]
+            copy[#copy + 1] = fields[j + 1]
+          end
+        end
+        redis.call('HSET', RD, id, cmsgpack.pack(copy))
+        redriven = 1
+      end
+      set_refs(id, get_refs(id) + 1)
+      -- Delivered before, so its delay passed; its ttl still counts.
+      local rec = setmetatable(
+        {s = '', t = 0, a = math.max(attempts - 1, 0), l = lane,
+         k = field(fields, 'k') or '', r = 1, c = '', p = 0, d = 0,
+         x = tonumber(field(fields, 'x')) or 0, rd = redriven}, REC)
+      enter_front(g, id, rec)
+      returned = returned + 1
+    end
+  end
+  changed = true
+  return {'OK', returned}
+end
+
 -- ARGV: op, group, consumer.
 local function in_flight()
   local g, consumer = ARGV[2], ARGV[3]
@@ -2411,7 +2484,8 @@ end
 local OPS = {publish = publish, open = open_consumer,
              close = close_consumer, fetch = fetch, ack = ack,
              ack_many = ack_many, nack = nack,
-             extend = extend, release = release, in_flight = in_flight,
+             extend = extend, release = release, put_back = put_back,
+             in_flight = in_flight,
              dlq_list = dlq_list, dlq_redrive = dlq_redrive,
              dlq_purge = dlq_purge, stats = stats,
              group_stats = group_stats}

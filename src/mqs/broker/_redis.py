@@ -527,6 +527,14 @@ class RedisBackend(Backend):
         Sample the latencies of one delivery in this many per group
         (see `group_stats`); None turns sampling off. The default is
         `mqs.metrics.default_sample_every()` when the backend is made.
+
+    Attributes
+    ----------
+    lost_auto_acked : int
+        Messages that a cancelled `get_async` took under ``auto_ack``
+        and that could not be given back to their group when the
+        consumer closed (the topic or group was deleted, the server
+        stayed unreachable, or the broker had closed). Each is logged.
     """
 
     name = "redis"
@@ -628,8 +636,10 @@ class RedisBackend(Backend):
         self._wakeups = Wakeups(f"redis {self.url}")
         self._wake_words: dict[str, _WakeStream] = {}
         # consumer -> raw deliveries that a cancelled `fetch_async` took
-        # with auto_ack, which that consumer's next fetch returns.
+        # with auto_ack, which that consumer's next fetch returns, or its
+        # close gives back to the group (`_put_back`).
         self._stashed: dict[str, list] = {}
+        self.lost_auto_acked = 0
         # consumer -> (topic, prefetch, max_attempts) of the consumers this
         # backend opened and did not close, for `_reopen`.
         self._opened: dict[str, tuple[str, int, int | None]] = {}
@@ -1047,22 +1057,55 @@ class RedisBackend(Backend):
         return True
 
     def close_consumer(self, topic: str, group: str, consumer: str) -> int:
-        self._opened.pop(consumer, None)
         with self._async_lock:
+            self._opened.pop(consumer, None)
             stashed = self._stashed.pop(consumer, [])
-        if stashed:
-            # NOTE: acked on the server when the cancelled get_async took
-            # them, so they cannot go back to the group.
-            logger.warning(
-                "redis broker %s: consumer of %r/%r closed with %d "
-                "auto-acked messages that a cancelled get_async took and no "
-                "later get returned; they are lost: %s", self.url, topic,
-                group, len(stashed), ", ".join(_raw_id(raw)
-                                               for raw in stashed))
+        returned = self._put_back(topic, group, stashed) if stashed else 0
         try:
-            return int(self._run(topic, "close", group, consumer)[1])
+            return returned + int(self._run(topic, "close", group,
+                                            consumer)[1])
         except UnknownTopic:
-            return 0
+            return returned
+
+    def _put_back(self, topic: str, group: str, found: list) -> int:
+        """Give back to `group`, unseen and with the attempt refunded,
+        raw deliveries that a fetch took under auto_ack for a get_async
+        that was cancelled; return how many went back.
+
+        The fetch finished them on the server, so they go back as copies
+        of their fields at the head of their lanes. Those that cannot go
+        back (the topic or group is gone, or the server stays
+        unreachable) are counted in `lost_auto_acked` and logged.
+        """
+        returned = 0
+        error: Exception | None = None
+        try:
+            for start in range(0, len(found), _MAX_BATCH):
+                chunk = found[start:start + _MAX_BATCH]
+                args: list = []
+                for message_id, _, attempts, flat in chunk:
+                    args += [message_id, attempts, len(flat), *flat]
+                done = int(self._run(topic, "put_back", group, len(chunk),
+                                     *args)[1])
+                if done < 0:
+                    error = UnknownTopic(
+                        f"group {group!r} of topic {topic!r} no longer "
+                        f"exists", topic)
+                    break
+                # An entry the group holds again counts as given back.
+                returned += len(chunk)
+        except (UnknownTopic, ShutDown, BackendConnectionError) as exc:
+            error = exc
+        lost = found[returned:]
+        if lost:
+            with self._async_lock:
+                self.lost_auto_acked += len(lost)
+            logger.warning(
+                "redis broker %s: %d auto-acked message(s) of %r/%r that a "
+                "cancelled get_async took could not be given back (%s); "
+                "they are lost: %s", self.url, len(lost), topic, group,
+                error, ", ".join(_raw_id(raw) for raw in lost))
+        return returned
 
     def _delivery(self, topic: str, group: str, raw: list) -> Delivery:
         message_id, ticket, attempts, flat = raw
@@ -1195,8 +1238,10 @@ class RedisBackend(Backend):
 
         A cancelled await cannot stop a script call already sent. When
         one took messages, they go back to the group at the head of
-        their lanes with the attempt refunded (`release`), or, under
-        auto_ack, come back from this consumer's next fetch.
+        their lanes with the attempt refunded (`release`). Under
+        auto_ack they come back from this consumer's next fetch, or go
+        back to the group in the same way when the consumer closes
+        first, also when the event loop closed while the call ran.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         loop = asyncio.get_running_loop()
@@ -1204,12 +1249,15 @@ class RedisBackend(Backend):
             found = self._take_stashed(consumer, max_items)
             if found:
                 return self._decode_found(topic, group, found, auto_ack)
-            fetching = loop.run_in_executor(
-                self._executor(), self._fetch_ready, topic, group, consumer,
-                max_items, ack_timeout, auto_ack)
+            fetching = self._executor().submit(
+                self._fetch_ready, topic, group, consumer, max_items,
+                ack_timeout, auto_ack)
             try:
-                found, wait_ms, wake_id = await asyncio.shield(fetching)
+                found, wait_ms, wake_id = await asyncio.shield(
+                    asyncio.wrap_future(fetching, loop=loop))
             except asyncio.CancelledError:
+                # On the executor's future, not the loop's: its callback
+                # runs also when the loop closed before the fetch ended.
                 fetching.add_done_callback(
                     lambda done: self._give_back(topic, group, consumer,
                                                  auto_ack, done))
@@ -1253,8 +1301,14 @@ class RedisBackend(Backend):
             return returned
 
     def _give_back(self, topic: str, group: str, consumer: str,
-                   auto_ack: bool, done: asyncio.Future) -> None:
-        """Return what the fetch of a cancelled `fetch_async` took."""
+                   auto_ack: bool,
+                   done: concurrent.futures.Future) -> None:
+        """Return what the fetch of a cancelled `fetch_async` took.
+
+        Runs in the executor thread that ran the fetch, or in the event
+        loop's thread when the fetch had ended before the cancel, so it
+        leaves the Redis calls to the executor.
+        """
         if done.cancelled() or done.exception() is not None:
             return
         found = done.result()[0]
@@ -1262,7 +1316,21 @@ class RedisBackend(Backend):
             return
         if auto_ack:
             with self._async_lock:
-                self._stashed.setdefault(consumer, []).extend(found)
+                if consumer in self._opened:
+                    self._stashed.setdefault(consumer, []).extend(found)
+                    return
+            # The consumer closed while the fetch ran.
+            try:
+                self._executor().submit(self._put_back, topic, group, found)
+            except (ShutDown, RuntimeError):
+                with self._async_lock:
+                    self.lost_auto_acked += len(found)
+                logger.warning(
+                    "redis broker %s: %d auto-acked message(s) of %r/%r "
+                    "that a cancelled get_async took are lost, because the "
+                    "broker closed before they could be given back: %s",
+                    self.url, len(found), topic, group,
+                    ", ".join(_raw_id(raw) for raw in found))
             return
         tags = [(raw[0].decode(), raw[1]) for raw in found]
         try:
