@@ -1725,3 +1725,108 @@ def test_close_counts_stash_of_deleted_topic(open_broker, monkeypatch,
     assert broker.backend.lost_auto_acked == 2
     assert "could not be given back" in caplog.text
 
+
+# Memory.
+
+def _limit_memory(admin, headroom):
+    """Set the maxmemory of the server of client `admin` to its used
+    memory now plus `headroom` bytes, with the noeviction policy."""
+    admin.config_set("maxmemory-policy", "noeviction")
+    used = admin.info("memory")["used_memory"]
+    admin.config_set("maxmemory", used + headroom)
+
+
+def _fill_until_out_of_memory(broker, topic, batch):
+    """Publish batches of `batch` bodies of 1 KiB until the server runs
+    out of memory; return the ids published and the error."""
+    published = []
+    for _ in range(1000):
+        try:
+            published += broker.publish_many(topic, [b"x" * 1024] * batch)
+        except mqs.BackendOutOfMemory as exc:
+            return published, exc
+    raise AssertionError("the server never ran out of memory")
+
+
+def test_out_of_memory_raises_and_recovers(redis_server_factory):
+    """A server out of memory fails the calls that store data with
+    BackendOutOfMemory, naming the topic and the fixes; consumers still
+    get and ack, and once they freed memory publishing works again,
+    with nothing lost."""
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        broker.declare_topic("t", maxsize=1_000_000, when_full="block")
+        consumer = broker.consume("t", "g", prefetch=10_000)
+        broker.declare_topic("other")
+        _limit_memory(admin, 2 << 20)
+        # 2500 messages take three script calls, so one that fails after
+        # the first keeps what that one stored.
+        published, error = _fill_until_out_of_memory(broker, "t", 2500)
+        assert isinstance(error, mqs.Full)
+        assert error.topic == "t"
+        assert error.accepted % 1000 == 0
+        text = str(error)
+        for part in ("'t'", "out of memory", "maxmemory", "retention",
+                     "ack", "dlq_purge"):
+            assert part in text
+        assert error.__cause__ is None
+        total = len(published) + error.accepted
+        assert broker.stats("t")["published"] == total
+
+        # Raised at once although the topic blocks when full.
+        started = time.monotonic()
+        with pytest.raises(mqs.BackendOutOfMemory):
+            broker.publish("t", b"one")
+        with pytest.raises(mqs.BackendOutOfMemory):
+            asyncio.run(broker.publish_async("t", b"one", timeout=30))
+        assert time.monotonic() - started < 10
+        producer = broker.producer("t", linger=60, batch_size=100)
+        for index in range(5):
+            producer.publish(b"buffered %d" % index)
+        with pytest.raises(mqs.BackendOutOfMemory):
+            producer.flush()
+        assert producer.dropped == 0
+        unbuffered = broker.producer("t", linger=0)
+        with pytest.raises(mqs.BackendOutOfMemory, match="did not keep"):
+            unbuffered.publish(b"not kept")
+        unbuffered.close()
+        # Deleting a topic frees memory, so it works too.
+        broker.delete_topic("other")
+        assert not broker.backend.has_topic("other")
+        with pytest.raises(mqs.BackendOutOfMemory):
+            broker.declare_topic("new")
+        with pytest.raises(mqs.BackendOutOfMemory):
+            broker.request("t", b"question", timeout=1)
+        assert not [name for name in broker.topics()
+                    if name.startswith("mqs.reply.")]
+
+        # Consumers keep working: a new one of the group, gets and acks.
+        second = broker.consume("t", "g", prefetch=10_000)
+        got = 0
+        deadline = time.monotonic() + 60
+        while got < total and time.monotonic() < deadline:
+            batch = second.get_many(5000, timeout=1)
+            assert second.ack_many(batch) == len(batch)
+            got += len(batch)
+        assert got == total
+        stats = broker.stats("t")
+        assert stats["acked"] == total
+        assert stats["stored"] == 0
+
+        # Memory freed: publishing works again.
+        broker.publish("t", b"after")
+        assert len(producer.flush()) == 5
+        producer.close()
+        bodies = [message.body for message in consumer.get_many(10,
+                                                                 timeout=5)]
+        assert bodies == [b"after"] + [b"buffered %d" % index
+                                       for index in range(5)]
+    finally:
+        # No limit, so that the close of a failed test publishes the
+        # producer's batch and does not hide the failure.
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        broker.close()
+

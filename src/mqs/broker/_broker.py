@@ -41,6 +41,7 @@ from mqs.broker._policy import (
 )
 from mqs.broker._shm import ShmBackend
 from mqs.errors import (
+    BackendOutOfMemory,
     BackendUnavailable,
     Empty,
     Full,
@@ -987,11 +988,14 @@ class _Batcher:
             raise sender_error
 
     def _sender_full(self, error: Full) -> Full:
-        """Return the `Full` that `Producer.publish` raises for `error`."""
-        return Full(
-            f"{error} (Producer.publish did not keep this message, so "
-            f"publish it again to retry it; {len(self._batch)} earlier "
-            f"message(s) stay buffered and go out with the next send)")
+        """Return the `Full` that `Producer.publish` raises for `error`,
+        of the same class."""
+        text = (f"{error} (Producer.publish did not keep this message, so "
+                f"publish it again to retry it; {len(self._batch)} earlier "
+                f"message(s) stay buffered and go out with the next send)")
+        if isinstance(error, BackendOutOfMemory):
+            return BackendOutOfMemory(text, topic=error.topic)
+        return Full(text)
 
     def _drop_unpicklable(self, unsent: list[Envelope], error: BaseException,
                           sender: Envelope | None
@@ -1884,6 +1888,9 @@ class Broker:
                                       envelope))[0]
                 return (await run(self._backend_publish, topic, [envelope],
                                   0))[0]
+            except BackendOutOfMemory:
+                # Not a full topic: waiting frees no memory on the server.
+                raise
             except Full:
                 left = None if deadline is None \
                     else deadline - time.monotonic()

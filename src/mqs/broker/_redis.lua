@@ -2228,9 +2228,9 @@ end
 
 -- Gives back to group `g`, unseen and with the attempt refunded, entries
 -- that a fetch finished under auto_ack but whose reply no caller took (a
--- cancelled get_async). An entry the group holds again is skipped. One
--- whose stream entry is gone is kept as a copy in P rd, as a redriven
--- entry is. Replies with the number given back, or -1 when the group
+-- cancelled get_async). An entry that has a record in the group again is
+-- skipped. One whose stream entry is gone is kept as a copy in P rd, as
+-- a redriven entry is. Replies with the number given back, or -1 when the group
 -- does not exist.
 -- ARGV: op, group, count, then per entry: id, attempts, field count and
 -- the fields (name, value, ...) that the fetch returned.
@@ -2473,12 +2473,15 @@ end
 -- Topics.
 
 -- ARGV: op, config JSON. Stores it unless one is stored; returns the
--- stored one.
+-- stored one. A stored one is read first, so that declaring an existing
+-- topic needs no write, which a server out of memory would reject.
 local function declare()
-  if redis.call('HSETNX', META, 'cfg', ARGV[2]) == 1 then
-    return {'NEW'}
+  local stored = redis.call('HGET', META, 'cfg')
+  if stored then
+    return {'EXISTS', stored}
   end
-  return {'EXISTS', redis.call('HGET', META, 'cfg')}
+  redis.call('HSETNX', META, 'cfg', ARGV[2])
+  return {'NEW'}
 end
 
 local OPS = {publish = publish, open = open_consumer,
@@ -2489,6 +2492,12 @@ local OPS = {publish = publish, open = open_consumer,
              dlq_list = dlq_list, dlq_redrive = dlq_redrive,
              dlq_purge = dlq_purge, stats = stats,
              group_stats = group_stats}
+
+-- Operations that run also on a server out of memory (see below).
+local MAY_EXCEED_MAXMEMORY = {
+  fetch = true, ack = true, ack_many = true, nack = true, extend = true,
+  release = true, put_back = true, close = true, in_flight = true,
+  dlq_list = true, dlq_purge = true, stats = true, group_stats = true}
 
 -- Dispatch. Every reply ends with the drop counters that changed, as
 -- one flat list: name, total before, total after, for each.
@@ -2512,6 +2521,18 @@ NOW = now_ms()
 local operation = OPS[OP]
 if not operation then
   return redis.error_reply('MQS_BUG unknown operation ' .. tostring(OP))
+end
+-- A server whose used memory is above maxmemory (and that may evict
+-- nothing) rejects a script's first write command that can add data
+-- (OOM), but none after the script wrote anything. That is how Redis
+-- runs scripts without a "#!lua" flags line (documented on its "OOM
+-- error" page, checked on Redis 7.0). These operations free memory or
+-- add little, and consumers need them to drain a topic, so each starts
+-- with a write that adds nothing (HDEL of a field that never exists).
+-- Publishing, declaring and creating a group still get the OOM error.
+if MAY_EXCEED_MAXMEMORY[OP]
+    or OP == 'open' and redis.call('HEXISTS', GROUPS, ARGV[2]) == 1 then
+  redis.call('HDEL', META, '')
 end
 fire()
 trim_retained()

@@ -98,6 +98,18 @@ Retention
     trimmed before any group read it is lost without being counted, so
     set `stream_maxlen` well above the backlog consumers may build.
 
+Memory
+    A server whose used memory is above its ``maxmemory`` and that may
+    evict nothing (the ``noeviction`` policy) rejects writes that add
+    data. A publish, the declare of a new topic, the first consumer of a
+    new group and a redrive then raise `BackendOutOfMemory` (a `Full`)
+    at once, whatever `when_full`, naming the topic and the fixes. Such
+    a call stores nothing; ``accepted`` counts the messages of a batch
+    that earlier script calls stored. Getting, acking, nacking,
+    extending, closing consumers, deleting topics, purging dead letters
+    and reading stats keep working, so consumers can free memory: their
+    scripts may take the server a little past ``maxmemory``.
+
 Drops
     Every other message dropped (ttl passed, ``when_full="drop_oldest"``,
     duplicate dedup id, skipped by a first group at ``"latest"``) or
@@ -157,6 +169,7 @@ from mqs.broker._state import _log_point, warn_drop_count
 from mqs.broker._wakeup import Wakeups
 from mqs.errors import (
     BackendConnectionError,
+    BackendOutOfMemory,
     BackendUnavailable,
     CertificateVerifyError,
     Full,
@@ -788,6 +801,11 @@ class RedisBackend(Backend):
                 raise UnknownTopic(_unknown_topic(topic), topic) from None
             if text.startswith("MQS_SHUTDOWN"):
                 raise ShutDown(f"{text[13:]} on topic {topic!r}") from None
+            if self._out_of_memory(exc):
+                # The script stopped at its first write, so it changed
+                # nothing (see the dispatch in _redis.lua).
+                raise _out_of_memory_error(topic, self.url,
+                                           str(args[0])) from None
             raise
         drops = reply.pop()
         for start in range(0, len(drops), 3):
@@ -797,6 +815,13 @@ class RedisBackend(Backend):
             name, before, after = drops[start:start + 3]
             warn_drop_count(logger, topic, name.decode(), before, after)
         return reply
+
+    def _out_of_memory(self, exc: BaseException) -> bool:
+        """Return whether a redis-py error is the OOM reply of a server
+        whose used memory is above its maxmemory."""
+        oom = getattr(self._redis.exceptions, "OutOfMemoryError", None)
+        return (oom is not None and isinstance(exc, oom)) \
+            or "used memory > 'maxmemory'" in str(exc)
 
     def _wait_wake(self, topic: str, wake_id: bytes, seconds: float) -> None:
         """Block until the topic changes after `wake_id`, or `seconds`."""
@@ -879,7 +904,13 @@ class RedisBackend(Backend):
         for start in range(0, len(others), 500):
             self._call(self._client.unlink, *others[start:start + 500])
         # Wake blocked waiters, which then find the topic gone.
-        self._call(self._client.xadd, wake, {"n": 1}, maxlen=1)
+        try:
+            self._call(self._client.xadd, wake, {"n": 1}, maxlen=1)
+        except self._redis.ResponseError as exc:
+            if not self._out_of_memory(exc):
+                raise
+            # A server out of memory rejects the XADD. The waiters then
+            # find the topic gone when their wait (at most 1 s) ends.
         self._call(self._client.unlink, wake)
 
     # ---- producing ------------------------------------------------------
@@ -987,6 +1018,11 @@ class RedisBackend(Backend):
                         raise
                     raise _deleted_while_full(topic, len(ids),
                                               len(envelopes)) from None
+                except BackendOutOfMemory as exc:
+                    # Raised at once, whatever when_full: waiting frees no
+                    # memory unless consumers or an operator act.
+                    exc.accepted = len(ids)
+                    raise
                 except self._redis.ResponseError as exc:
                     # The limit was lowered since the connect: Redis
                     # rejected an argument while reading the command, before
@@ -1092,7 +1128,8 @@ class RedisBackend(Backend):
                         f"group {group!r} of topic {topic!r} no longer "
                         f"exists", topic)
                     break
-                # An entry the group holds again counts as given back.
+                # An entry that is back in the group already counts as
+                # given back.
                 returned += len(chunk)
         except (UnknownTopic, ShutDown, BackendConnectionError) as exc:
             error = exc
@@ -1583,6 +1620,31 @@ class _WakeStream:
 
     def cancel_wait(self) -> None:
         pass
+
+
+# Descriptions of the script operations that a server out of memory
+# rejects, for the message of BackendOutOfMemory.
+_OPERATION_WORDS = {
+    "publish": "a publish",
+    "declare": "declaring it",
+    "replace": "declaring it",
+    "open": "opening the first consumer of a group",
+    "dlq_redrive": "redriving dead letters",
+}
+
+
+def _out_of_memory_error(topic: str, url: str, operation: str
+                         ) -> BackendOutOfMemory:
+    """Return the error of a script call on `topic` that the server at
+    `url` rejected because its used memory is above maxmemory."""
+    doing = _OPERATION_WORDS.get(operation, f"the {operation} call")
+    return BackendOutOfMemory(
+        f"the Redis server at {url} is out of memory (used memory above "
+        f"its maxmemory, and nothing it may evict), so {doing} on topic "
+        f"{topic!r} was rejected and stored nothing; raise maxmemory on "
+        f"the server, shorten the topic's retention, consume and ack its "
+        f"backlog, or purge its dead letters with "
+        f"broker.dlq_purge({topic!r}), then try again", topic=topic)
 
 
 def _unknown_topic(topic: str) -> str:
