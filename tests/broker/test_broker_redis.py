@@ -1830,3 +1830,140 @@ def test_out_of_memory_raises_and_recovers(redis_server_factory):
         admin.close()
         broker.close()
 
+
+# Consumer leases.
+
+_LEASED_HOLDER = textwrap.dedent("""
+    import sys, time
+    import mqs
+    from mqs.broker import _redis
+    # A short lease, so that the test need not wait the default 5 s.
+    _redis._LEASE_MIN_S = 1.0
+    url, namespace = sys.argv[1], sys.argv[2]
+    broker = mqs.Broker(backend="redis", url=url, namespace=namespace)
+    consumer = broker.consume("t", "g", prefetch=5, ack_timeout=0.3)
+    got = consumer.get_many(5, timeout=30)
+    print(consumer._id, *(m.body.decode() for m in got), flush=True)
+    time.sleep(600)
+""")
+
+
+def _consumer_fields(admin, namespace, topic, group, consumer):
+    """Return the names of the group hashes that still have a field of
+    `consumer`."""
+    prefix = f"{{{namespace}:{topic}}}:g:{group}\0"
+    return [name for name in ("cons", "inf", "lf", "ls")
+            if admin.hexists(prefix + name, consumer)]
+
+
+def test_sigkilled_consumer_expires(open_broker, redis_url, namespace):
+    """A consumer whose process was killed stops renewing its lease:
+    once the lease passed and its messages went back, the next script
+    call removes it, its fields and its stream consumer, and counts it."""
+    broker = open_broker()
+    broker.publish_many("t", [b"%d" % i for i in range(5)])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen(
+        [sys.executable, "-c", _LEASED_HOLDER, redis_url, namespace],
+        stdout=subprocess.PIPE, env=env)
+    try:
+        dead, *bodies = child.stdout.readline().decode().split()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    assert sorted(bodies) == ["0", "1", "2", "3", "4"]
+    admin = redis.Redis.from_url(redis_url)
+    lane = lane_stream(namespace, "t", 0)
+    assert _consumer_fields(admin, namespace, "t", "g", dead) == [
+        "cons", "inf", "lf", "ls"]
+    assert broker.group_stats("t")[0].consumers == 1
+
+    survivor = broker.consume("t", "g", prefetch=5, ack_timeout=30)
+    got = []
+    counts = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            got += survivor.get_many(5, timeout=0.2)
+        except mqs.Empty:
+            pass
+        counts.append(broker.group_stats("t")[0].consumers)
+        if len(got) == 5 and counts[-1] == 1:
+            break
+    # Its messages came back after their ack deadline; the lease (1 s)
+    # ended later.
+    assert sorted(m.body for m in got) == [b"%d" % i for i in range(5)]
+    assert {m.attempts for m in got} == {2}
+    assert counts[0] == 2
+    assert counts[-1] == 1
+    assert survivor.ack_many(got) == 5
+    assert _consumer_fields(admin, namespace, "t", "g", dead) == []
+    names = {entry["name"].decode()
+             for entry in admin.xinfo_consumers(lane, "g")}
+    assert dead not in names
+    assert survivor._id in names
+    admin.close()
+    stats = broker.stats("t")
+    assert stats["consumers_expired"] == 1
+    assert stats["redelivered"] == 5
+    assert stats["acked"] == 5
+    assert stats["stored"] == 0
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_waiting_consumer_keeps_lease(open_broker, monkeypatch, caplog,
+                                      use_async):
+    """A consumer that waits in get longer than its lease renews it and
+    stays registered, while other clients' calls check the leases."""
+    monkeypatch.setattr("mqs.broker._redis._LEASE_MIN_S", 1.0)
+    broker = open_broker()
+    other = open_broker()
+    consumer = broker.consume("t", "g", ack_timeout=0.1)
+    caplog.set_level(logging.INFO, logger="mqs.broker._redis")
+    counts = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            counts.append(other.group_stats("t")[0].consumers)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with pytest.raises(mqs.Empty):
+            if use_async:
+                asyncio.run(consumer.get_async(timeout=3))
+            else:
+                consumer.get(timeout=3)
+    finally:
+        done.set()
+        watcher.join(10)
+    assert len(counts) > 10
+    assert set(counts) == {1}
+    assert "registering it again" not in caplog.text
+    assert broker.stats("t")["consumers_expired"] == 0
+
+
+def test_idle_consumer_expires_and_returns(open_broker, monkeypatch,
+                                           caplog):
+    """A consumer that made no call for longer than its lease is removed,
+    and its next get registers it again, logged at INFO."""
+    monkeypatch.setattr("mqs.broker._redis._LEASE_MIN_S", 1.0)
+    broker = open_broker()
+    consumer = broker.consume("t", "g", ack_timeout=0.1)
+    time.sleep(1.5)
+    assert broker.group_stats("t")[0].consumers == 0
+    assert broker.stats("t")["consumers_expired"] == 1
+    broker.publish("t", b"later")
+    caplog.set_level(logging.INFO, logger="mqs.broker._redis")
+    message = consumer.get(timeout=5)
+    assert message.body == b"later"
+    assert message.ack()
+    assert broker.group_stats("t")[0].consumers == 1
+    records = [record for record in caplog.records
+               if "registering it again" in record.getMessage()]
+    assert len(records) == 1
+    assert records[0].levelno == logging.INFO
+    assert "lease" in records[0].getMessage()

@@ -478,7 +478,7 @@ class Consumer:
         self._pid = os.getpid()
         self._id = self._backend.open_consumer(
             topic, group, start=start, prefetch=prefetch,
-            max_attempts=max_attempts)
+            max_attempts=max_attempts, ack_timeout=ack_timeout)
         self._read_one: Callable[[float, bool], Message | None] | None = \
             self._backend.message_reader(self, Message)
 

@@ -98,6 +98,21 @@ Retention
     trimmed before any group read it is lost without being counted, so
     set `stream_maxlen` well above the backlog consumers may build.
 
+Consumer leases
+    Each consumer has a lease of 3 times its ack_timeout, at least 5 s,
+    which its fetches renew (a waiting get fetches at least every half
+    lease). When a lease ends, the next script call on the topic by
+    any client removes the consumer, unless it still holds deliveries
+    (extended past their deadline; it is checked again one lease
+    later). Its group fields, its lease timer and its consumer in each
+    lane's stream group go, `stats` counts it as
+    ``consumers_expired``, and the client that removed it logs a
+    WARNING. So a consumer whose process died (SIGKILL) stops counting
+    in `group_stats` about one lease after its last fetch, and its
+    deliveries came back at their ack deadlines before that. A live
+    consumer that made no get for a lease is removed too; its next get
+    registers it again and logs that at INFO.
+
 Memory
     A server whose used memory is above its ``maxmemory`` and that may
     evict nothing (the ``noeviction`` policy) rejects writes that add
@@ -204,6 +219,19 @@ _RUN_SETTINGS = 10
 # for one backend, so that an event loop never waits on the network. The
 # waits for a change run in `Wakeups` threads instead, one per topic.
 _ASYNC_WORKERS = 8
+
+# A consumer's lease: the seconds after its last fetch (or its open) at
+# which the server removes it, unless it holds deliveries, so that the
+# consumers of a process that died do not stay registered. The lease is
+# _LEASE_FACTOR times the consumer's ack_timeout, at least _LEASE_MIN_S,
+# which is well above the longest wait between two fetches of a waiting
+# get (see `_wait_left`).
+_LEASE_FACTOR = 3
+_LEASE_MIN_S = 5.0
+
+# Counters of `stats` that only this backend has: "consumers_expired"
+# counts the consumers removed when their lease ended.
+_REDIS_COUNTER_KEYS = ("consumers_expired",)
 
 # Seconds a redis backend retries a lost connection by default
 # (`RedisBackend` retry_timeout).
@@ -653,9 +681,12 @@ class RedisBackend(Backend):
         # close gives back to the group (`_put_back`).
         self._stashed: dict[str, list] = {}
         self.lost_auto_acked = 0
-        # consumer -> (topic, prefetch, max_attempts) of the consumers this
-        # backend opened and did not close, for `_reopen`.
-        self._opened: dict[str, tuple[str, int, int | None]] = {}
+        # consumer -> (topic, prefetch, max_attempts, ack_timeout) of the
+        # consumers this backend opened and did not close, for `_reopen`.
+        self._opened: dict[str, tuple[str, int, int | None,
+                                      float | None]] = {}
+        # consumer -> time.monotonic() of its last fetch, for `_reopen`.
+        self._last_fetch: dict[str, float] = {}
         _backends.add(self)
         # Fetch call ids: unique per backend object and call.
         self._call_prefix = uuid.uuid4().hex[:12] + ":"
@@ -813,6 +844,13 @@ class RedisBackend(Backend):
             # drops of all clients, so each power of ten is logged once,
             # by the client that passed it.
             name, before, after = drops[start:start + 3]
+            if name == b"consumers_expired":
+                logger.warning(
+                    "redis broker %s: removed %d consumer(s) of topic %r "
+                    "whose lease ended: their process died, or they made "
+                    "no get for the lease (%d removed so far)", self.url,
+                    after - before, topic, after)
+                continue
             warn_drop_count(logger, topic, name.decode(), before, after)
         return reply
 
@@ -893,6 +931,7 @@ class RedisBackend(Backend):
         for consumer, opened in list(self._opened.items()):
             if opened[0] == topic:
                 self._opened.pop(consumer, None)
+                self._last_fetch.pop(consumer, None)
         if not self.has_topic(topic):
             raise UnknownTopic(_unknown_topic(topic), topic)
         prefix = meta[:-4]
@@ -1064,11 +1103,14 @@ class RedisBackend(Backend):
     # ---- consuming ------------------------------------------------------
 
     def open_consumer(self, topic: str, group: str, *, start: str,
-                      prefetch: int, max_attempts: int | None) -> str:
+                      prefetch: int, max_attempts: int | None,
+                      ack_timeout: float | None = None) -> str:
         consumer = f"c{uuid.uuid4().hex[:16]}"
         self._run(topic, "open", group, consumer, start, prefetch,
-                  "" if max_attempts is None else max_attempts)
-        self._opened[consumer] = (topic, prefetch, max_attempts)
+                  "" if max_attempts is None else max_attempts,
+                  _lease_s(ack_timeout) * 1000)
+        self._opened[consumer] = (topic, prefetch, max_attempts, ack_timeout)
+        self._last_fetch[consumer] = time.monotonic()
         return consumer
 
     def _reopen(self, topic: str, group: str, consumer: str) -> bool:
@@ -1076,25 +1118,36 @@ class RedisBackend(Backend):
         the server lost. Returns False for one that was closed or whose
         topic this backend deleted.
 
-        The server loses the registration with its data (a restart
-        without persistence), or with the topic when another process
-        deleted it and a publish declared it again. The group comes back
-        at "earliest": everything in the topic arrived after the loss."""
+        The server removes a consumer whose lease ended (it made no
+        fetch for that long). It loses the registration with its data
+        (a restart without persistence), or with the topic when another
+        process deleted it and a publish declared it again. The group
+        comes back at "earliest": everything in the topic arrived after
+        the loss."""
         opened = self._opened.get(consumer)
         if opened is None:
             return False
-        _, prefetch, max_attempts = opened
-        logger.warning("redis broker %s: consumer %s of %r/%r is unknown to "
-                       "the server (lost with its data, or with the topic); "
-                       "registering it again", self.url, consumer, topic,
-                       group)
+        _, prefetch, max_attempts, ack_timeout = opened
+        lease = _lease_s(ack_timeout)
+        idle = time.monotonic() - self._last_fetch.get(consumer, 0.0)
+        if idle > lease:
+            logger.info("redis broker %s: consumer %s of %r/%r made no get "
+                        "for %.1f s, longer than its lease of %g s, so the "
+                        "server removed it; registering it again", self.url,
+                        consumer, topic, group, idle, lease)
+        else:
+            logger.warning("redis broker %s: consumer %s of %r/%r is unknown "
+                           "to the server (lost with its data, or with the "
+                           "topic); registering it again", self.url,
+                           consumer, topic, group)
         self._run(topic, "open", group, consumer, "earliest", prefetch,
-                  "" if max_attempts is None else max_attempts)
+                  "" if max_attempts is None else max_attempts, lease * 1000)
         return True
 
     def close_consumer(self, topic: str, group: str, consumer: str) -> int:
         with self._async_lock:
             self._opened.pop(consumer, None)
+            self._last_fetch.pop(consumer, None)
             stashed = self._stashed.pop(consumer, [])
         returned = self._put_back(topic, group, stashed) if stashed else 0
         try:
@@ -1196,7 +1249,8 @@ class RedisBackend(Backend):
         call_id = f"{self._call_prefix}{next(self._call_numbers)}"
         args = (topic, "fetch", group, consumer, min(max_items, _MAX_BATCH),
                 ack_timeout * 1000, 1 if auto_ack else 0,
-                self.sample_every or 0, call_id)
+                self.sample_every or 0, call_id,
+                _lease_s(ack_timeout) * 1000)
         try:
             reply = self._run(*args)
         except ShutDown:
@@ -1205,6 +1259,7 @@ class RedisBackend(Backend):
             if not self._reopen(topic, group, consumer):
                 raise
             reply = self._run(*args)
+        self._last_fetch[consumer] = time.monotonic()
         _, wait_ms, found, wake_id = reply
         return found, int(wait_ms), wake_id
 
@@ -1233,10 +1288,14 @@ class RedisBackend(Backend):
                            lambda raw: self._delivery(topic, group, raw),
                            _raw_id, auto_ack)
 
-    def _wait_left(self, deadline: float | None, wait_ms: int
-                   ) -> float | None:
+    def _wait_left(self, deadline: float | None, wait_ms: int,
+                   ack_timeout: float) -> float | None:
         """Return the seconds to wait for a change, or None when the
-        deadline passed."""
+        deadline passed.
+
+        A wait lasts at most half the consumer's lease, so that the next
+        fetch renews the lease before it ends.
+        """
         left = self._block_cap
         if deadline is not None:
             left = deadline - time.monotonic()
@@ -1244,6 +1303,7 @@ class RedisBackend(Backend):
                 return None
         if wait_ms >= 0:
             left = min(left, wait_ms / 1000)
+        left = min(left, _lease_s(ack_timeout) / 2)
         return max(left, 0.001)
 
     def fetch(self, topic: str, group: str, consumer: str, max_items: int,
@@ -1257,7 +1317,7 @@ class RedisBackend(Backend):
                     topic, group, consumer, max_items, ack_timeout, auto_ack)
             if found:
                 return self._decode_found(topic, group, found, auto_ack)
-            left = self._wait_left(deadline, wait_ms)
+            left = self._wait_left(deadline, wait_ms, ack_timeout)
             if left is None:
                 return []
             self._wait_wake(topic, wake_id, left)
@@ -1301,7 +1361,7 @@ class RedisBackend(Backend):
                 raise
             if found:
                 return self._decode_found(topic, group, found, auto_ack)
-            left = self._wait_left(deadline, wait_ms)
+            left = self._wait_left(deadline, wait_ms, ack_timeout)
             if left is None:
                 return []
             await self._wakeups.wait(self._wake_word(topic), wake_id, left)
@@ -1521,7 +1581,8 @@ class RedisBackend(Backend):
 
     def stats(self, topic: str) -> dict[str, int]:
         flat = self._run(topic, "stats")[1]
-        result = dict.fromkeys(COUNTER_KEYS + GAUGE_KEYS, 0)
+        result = dict.fromkeys(COUNTER_KEYS + GAUGE_KEYS
+                               + _REDIS_COUNTER_KEYS, 0)
         for name, value in zip(flat[::2], flat[1::2]):
             result[name.decode()] = int(value)
         return result
@@ -1645,6 +1706,14 @@ def _out_of_memory_error(topic: str, url: str, operation: str
         f"the server, shorten the topic's retention, consume and ack its "
         f"backlog, or purge its dead letters with "
         f"broker.dlq_purge({topic!r}), then try again", topic=topic)
+
+
+def _lease_s(ack_timeout: float | None) -> float:
+    """Return the lease in seconds of a consumer with `ack_timeout`
+    (None: the default of `Broker.consume`, 30 s)."""
+    if ack_timeout is None:
+        ack_timeout = 30.0
+    return max(_LEASE_MIN_S, _LEASE_FACTOR * ack_timeout)
 
 
 def _unknown_topic(topic: str) -> str:
