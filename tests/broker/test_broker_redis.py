@@ -1736,14 +1736,21 @@ def _limit_memory(admin, headroom):
     admin.config_set("maxmemory", used + headroom)
 
 
-def _fill_until_out_of_memory(broker, topic, batch):
+def _fill_until_out_of_memory(broker, topic, batch, admin):
     """Publish batches of `batch` bodies of 1 KiB until the server runs
-    out of memory; return the ids published and the error."""
+    out of memory; return the ids published and the error.
+
+    Then lower maxmemory 256 KiB below the used memory: the server freed
+    the rejected call's arguments, which may take it below the limit
+    again.
+    """
     published = []
     for _ in range(1000):
         try:
             published += broker.publish_many(topic, [b"x" * 1024] * batch)
         except mqs.BackendOutOfMemory as exc:
+            used = admin.info("memory")["used_memory"]
+            admin.config_set("maxmemory", used - (256 << 10))
             return published, exc
     raise AssertionError("the server never ran out of memory")
 
@@ -1763,7 +1770,8 @@ def test_out_of_memory_raises_and_recovers(redis_server_factory):
         _limit_memory(admin, 2 << 20)
         # 2500 messages take three script calls, so one that fails after
         # the first keeps what that one stored.
-        published, error = _fill_until_out_of_memory(broker, "t", 2500)
+        published, error = _fill_until_out_of_memory(broker, "t", 2500,
+                                                      admin)
         assert isinstance(error, mqs.Full)
         assert error.topic == "t"
         assert error.accepted % 1000 == 0
@@ -1826,6 +1834,30 @@ def test_out_of_memory_raises_and_recovers(redis_server_factory):
     finally:
         # No limit, so that the close of a failed test publishes the
         # producer's batch and does not hide the failure.
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        broker.close()
+
+
+
+def test_reply_out_of_memory_names_reply_topic(redis_server_factory):
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        broker.declare_topic("replies")
+        broker.publish("t", b"question", reply_to="replies",
+                       correlation_id="c1")
+        request = broker.consume("t", "g").get(timeout=5)
+        _limit_memory(admin, 1 << 20)
+        _fill_until_out_of_memory(broker, "filler", 100, admin)
+        with pytest.raises(mqs.BackendOutOfMemory) as raised:
+            request.reply(b"answer")
+        assert raised.value.topic == "replies"
+        assert "'replies'" in str(raised.value)
+        # The responder still settles the request.
+        assert request.ack()
+    finally:
         admin.config_set("maxmemory", 0)
         admin.close()
         broker.close()
