@@ -1863,6 +1863,39 @@ def test_reply_out_of_memory_names_reply_topic(redis_server_factory):
         broker.close()
 
 
+
+def test_producer_backs_off_while_out_of_memory(redis_server_factory):
+    """A producer's background send that finds the server out of memory
+    tries again every 0.5 s rather than every linger, keeps its batch,
+    and sends it once memory is back."""
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        broker.declare_topic("t")
+        _limit_memory(admin, 1 << 20)
+        _fill_until_out_of_memory(broker, "filler", 100, admin)
+        producer = broker.producer("t", linger=0.005, batch_size=100)
+        before = _evalsha_calls(server.url)
+        for index in range(3):
+            producer.publish(b"%d" % index)
+        time.sleep(1.5)
+        # About 3 tries; one every 5 ms linger would make about 300.
+        assert _evalsha_calls(server.url) - before <= 10
+        assert producer.dropped == 0
+        admin.config_set("maxmemory", 0)
+        deadline = time.monotonic() + 10
+        while broker.stats("t")["published"] < 3 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert broker.stats("t")["published"] == 3
+        producer.close()
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        broker.close()
+
+
 # Consumer leases.
 
 _LEASED_HOLDER = textwrap.dedent("""

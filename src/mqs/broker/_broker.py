@@ -788,6 +788,11 @@ _IDLE_WAIT_S = 1.0
 # Maximum time the exit hook waits for all producers together: for a
 # background publish to finish and for room in a full topic.
 _EXIT_TIMEOUT_S = 10.0
+# Minimum seconds between the tries of a background send while the
+# backend's server is out of memory (BackendOutOfMemory). Memory comes
+# back only when consumers or an operator act, so trying every linger
+# (5 ms by default) would only load the server.
+_OUT_OF_MEMORY_RETRY_S = 0.5
 
 def _register_exit_hook() -> None:
     """Register `_flush_at_exit` with atexit, once per process.
@@ -921,6 +926,9 @@ class _Batcher:
                     self._send_locked()
                 except Exception as exc:  # reported to the caller
                     self._failed_sends += 1
+                    pause = self.linger
+                    if isinstance(exc, BackendOutOfMemory):
+                        pause = max(pause, _OUT_OF_MEMORY_RETRY_S)
                     # The traceback once per run of failures, then a
                     # count at powers of ten: a send retried every
                     # linger would flood the log.
@@ -928,14 +936,16 @@ class _Batcher:
                         logger.warning(
                             "producer of %r failed to send a batch; it "
                             "tries again every %g s", self.topic,
-                            self.linger, exc_info=True)
+                            pause, exc_info=True)
                     elif _power_of_ten(self._failed_sends):
                         logger.warning(
                             "producer of %r failed to send a batch %d "
                             "times in a row: %s", self.topic,
                             self._failed_sends, exc)
                     self._error = exc
-                    self._batch_started = time.monotonic()
+                    # The loop waits until linger after the batch start.
+                    self._batch_started = \
+                        time.monotonic() + pause - self.linger
                     continue
                 if self._failed_sends:
                     logger.info("producer of %r sent its batch after %d "
