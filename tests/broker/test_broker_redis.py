@@ -1902,8 +1902,9 @@ _LEASED_HOLDER = textwrap.dedent("""
     import sys, time
     import mqs
     from mqs.broker import _redis
-    # A short lease, so that the test need not wait the default 5 s.
-    _redis._LEASE_MIN_S = 1.0
+    # A lease shorter than the default 5 s, but long enough that the
+    # test sees the consumer registered after the kill.
+    _redis._LEASE_MIN_S = 3.0
     url, namespace = sys.argv[1], sys.argv[2]
     broker = mqs.Broker(backend="redis", url=url, namespace=namespace)
     consumer = broker.consume("t", "g", prefetch=5, ack_timeout=0.3)
@@ -1956,8 +1957,8 @@ def test_sigkilled_consumer_expires(open_broker, redis_url, namespace):
         counts.append(broker.group_stats("t")[0].consumers)
         if len(got) == 5 and counts[-1] == 1:
             break
-    # Its messages came back after their ack deadline; the lease (1 s)
-    # ended later.
+    # Its messages came back after their ack deadline (0.3 s); the lease
+    # (3 s) ended later.
     assert sorted(m.body for m in got) == [b"%d" % i for i in range(5)]
     assert {m.attempts for m in got} == {2}
     assert counts[0] == 2
@@ -1981,7 +1982,7 @@ def test_waiting_consumer_keeps_lease(open_broker, monkeypatch, caplog,
                                       use_async):
     """A consumer that waits in get longer than its lease renews it and
     stays registered, while other clients' calls check the leases."""
-    monkeypatch.setattr("mqs.broker._redis._LEASE_MIN_S", 1.0)
+    monkeypatch.setattr("mqs.broker._redis._LEASE_MIN_S", 2.0)
     broker = open_broker()
     other = open_broker()
     consumer = broker.consume("t", "g", ack_timeout=0.1)
@@ -1999,9 +2000,9 @@ def test_waiting_consumer_keeps_lease(open_broker, monkeypatch, caplog,
     try:
         with pytest.raises(mqs.Empty):
             if use_async:
-                asyncio.run(consumer.get_async(timeout=3))
+                asyncio.run(consumer.get_async(timeout=4))
             else:
-                consumer.get(timeout=3)
+                consumer.get(timeout=4)
     finally:
         done.set()
         watcher.join(10)
