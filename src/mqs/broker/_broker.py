@@ -718,8 +718,9 @@ class Consumer:
         On redis, messages that a cancelled `get_async` took under
         `auto_ack` and no later get returned go back too, unseen, and
         count in the result. Later `get` calls raise `ShutDown` and
-        iteration stops. Closing twice does nothing. In a process forked from the one that opened
-        the consumer it raises `ConsumerForked` and closes nothing.
+        iteration stops. Closing twice does nothing. In a process
+        forked from the one that opened the consumer it raises
+        `ConsumerForked` and closes nothing.
         """
         _check_bool("drain", drain)
         timeout = _seconds("timeout", timeout)
@@ -1914,7 +1915,8 @@ class Broker:
             await self._backend.wait_changed_async(step)
             waited = True
 
-    def _publish_prepared(self, topic: str, envelope: Envelope) -> list[str]:
+    def _publish_prepared(self, topic: str, envelope: Envelope
+                          ) -> list[str]:
         """Publish `envelope`, checked by `_prepare_publish`, without
         waiting for room; declare the topic again if it went missing
         since that check."""

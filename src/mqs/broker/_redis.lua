@@ -2303,8 +2303,8 @@ end
 -- that a fetch finished under auto_ack but whose reply no caller took (a
 -- cancelled get_async). An entry that has a record in the group again is
 -- skipped. One whose stream entry is gone is kept as a copy in P rd, as
--- a redriven entry is. Replies with the number given back, or -1 when the group
--- does not exist.
+-- a redriven entry is. Replies with the number given back, or -1 when
+-- the group does not exist.
 -- ARGV: op, group, count, then per entry: id, attempts, field count and
 -- the fields (name, value, ...) that the fetch returned.
 local function put_back()
@@ -2596,13 +2596,14 @@ if not operation then
   return redis.error_reply('MQS_BUG unknown operation ' .. tostring(OP))
 end
 -- A server whose used memory is above maxmemory (and that may evict
--- nothing) rejects a script's first write command that can add data
--- (OOM), but none after the script wrote anything. That is how Redis
--- runs scripts without a "#!lua" flags line (documented on its "OOM
--- error" page, checked on Redis 7.0). These operations free memory or
--- add little, and consumers need them to drain a topic, so each starts
--- with a write that adds nothing (HDEL of a field that never exists).
--- Publishing, declaring and creating a group still get the OOM error.
+-- nothing) rejects the first write command that can add data of a
+-- script without a "#!lua" flags line (the OOM error, as the Redis docs
+-- page "OOM error" describes), but no write after the script wrote
+-- anything (checked on Redis 7.0.15, and by the backend's tests). These
+-- operations free memory or add little, and consumers need them to
+-- drain a topic, so each starts with a write that adds nothing (HDEL of
+-- a field that never exists). Publishing, declaring and creating a
+-- group still get the OOM error.
 if MAY_EXCEED_MAXMEMORY[OP]
     or OP == 'open' and redis.call('HEXISTS', GROUPS, ARGV[2]) == 1 then
   redis.call('HDEL', META, '')
