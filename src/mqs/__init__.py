@@ -4,6 +4,7 @@ from mqs.errors import Empty, Full, MessageTooLarge, MqsError, ShutDown
 from mqs.errors import (
     AlreadySettled,
     BackendConnectionError,
+    BackendOutOfMemory,
     CertificateVerifyError,
     BackendUnavailable,
     CircuitOpen,
@@ -91,6 +92,7 @@ __all__ = [
     "ProducerForked",
     "ConsumerForked",
     "BackendConnectionError",
+    "BackendOutOfMemory",
     "CertificateVerifyError",
     "BackendUnavailable",
     "metrics",

@@ -34,6 +34,7 @@ __all__ = [
     "ConsumerForked",
     "BackendUnavailable",
     "BackendConnectionError",
+    "BackendOutOfMemory",
     "CertificateVerifyError",
 ]
 
@@ -298,6 +299,32 @@ class BackendUnavailable(MqsError, ValueError):
 class BackendConnectionError(MqsError, ConnectionError):
     """Raised when a broker backend's server stays unreachable, or
     rejects the credentials, after the backend's retries."""
+
+
+class BackendOutOfMemory(Full):
+    """Raised at once, whatever the topic's `when_full`, by a call that
+    would store data on a broker backend's server that is out of memory:
+    a Redis server whose used memory is above its ``maxmemory`` and that
+    may evict nothing (the ``noeviction`` policy).
+
+    Publishing, declaring a topic and opening the first consumer of a
+    group raise it. Getting, acking, nacking, closing consumers and
+    purging dead letters keep working, so consumers can free memory.
+    Raise ``maxmemory``, shorten the topic's retention, consume and ack
+    the backlog or purge the dead letters, then publish again.
+
+    Attributes
+    ----------
+    topic : str or None
+        The topic of the call.
+    accepted : int
+        Messages of the call that were published before the server ran
+        out of memory. They stay stored.
+    """
+
+    def __init__(self, message="", accepted=0, topic=None):
+        super().__init__(message, accepted)
+        self.topic = topic
 
 
 class CertificateVerifyError(BackendConnectionError):

@@ -2844,6 +2844,35 @@ def test_delete_topic_ends_blocked_publish_without_redeclaring(broker,
     assert broker.stats("t")["stored"] == 1
 
 
+def test_delete_topic_ends_blocked_publish_async(broker):
+    """publish_async blocked on a full topic that another thread deletes
+    raises as the blocking publish does: UnknownTopic marked `deleted`,
+    and the topic stays deleted."""
+    broker.declare_topic("t", maxsize=1)
+    broker.publish("t", "first")
+
+    def delete_later():
+        time.sleep(0.5)
+        broker.delete_topic("t")
+
+    async def publish_blocked():
+        with pytest.raises(mqs.UnknownTopic) as raised:
+            await broker.publish_async("t", "x", timeout=30)
+        return raised.value
+
+    thread = threading.Thread(target=delete_later)
+    thread.start()
+    try:
+        error = asyncio.run(publish_blocked())
+    finally:
+        thread.join(30)
+    assert error.deleted is True
+    assert error.topic == "t"
+    assert error.published == 0
+    assert "was deleted while a publish waited" in str(error)
+    assert "t" not in broker.topics()
+
+
 def test_consumer_of_deleted_topic_raises_shutdown_after_redeclare(broker):
     """A consumer whose topic was deleted and declared again belongs to
     no group of the new topic: its get raises ShutDown, not a bare

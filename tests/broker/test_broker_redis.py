@@ -1603,3 +1603,433 @@ def test_server_data_loss_keeps_declared_settings(redis_server_factory):
             consumer.get(timeout=1)
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_data_loss_ends_blocked_publish(redis_server_factory, use_async):
+    """A publish blocked on a full topic whose data the server loses
+    raises UnknownTopic marked `deleted`, sync and async alike, and the
+    topic stays gone."""
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url)
+    try:
+        broker.declare_topic("orders", maxsize=1)
+        broker.publish("orders", b"first")
+
+        def lose_data():
+            time.sleep(0.5)
+            admin = redis.Redis.from_url(server.url)
+            # As a restart of a server without persistence loses everything.
+            admin.flushall()
+            admin.close()
+
+        thread = threading.Thread(target=lose_data)
+        thread.start()
+        try:
+            with pytest.raises(mqs.UnknownTopic) as raised:
+                if use_async:
+                    asyncio.run(broker.publish_async("orders", b"x",
+                                                     timeout=30))
+                else:
+                    broker.publish("orders", b"x", timeout=30)
+        finally:
+            thread.join(30)
+        assert raised.value.deleted is True
+        assert raised.value.published == 0
+        assert "was deleted while a publish waited" in str(raised.value)
+        assert not broker.backend.has_topic("orders")
+    finally:
+        broker.close()
+
+
+
+def _stash_auto_acked(consumer, monkeypatch, ending, count):
+    """Make a get_async of `consumer` (auto_ack) take `count` messages
+    after its await ended: cancelled (`ending` "cancel") or with its
+    event loop closed ("loop_closed"). Wait until the backend stashed
+    them for the consumer."""
+    backend = consumer._backend
+    fetch_ready = backend._fetch_ready
+    fetched = threading.Event()
+
+    def slow_fetch_ready(*args):
+        # The await ends while this call is on its way.
+        time.sleep(0.3)
+        try:
+            return fetch_ready(*args)
+        finally:
+            fetched.set()
+
+    monkeypatch.setattr(backend, "_fetch_ready", slow_fetch_ready)
+
+    async def main():
+        task = asyncio.create_task(consumer.get_many_async(count,
+                                                           timeout=10))
+        await asyncio.sleep(0.1)
+        if ending == "loop_closed":
+            # asyncio.run cancels the task and closes the loop before
+            # the fetch returns.
+            return
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The loop runs on while the fetch ends and takes the messages.
+        await asyncio.sleep(0.5)
+
+    asyncio.run(main())
+    assert fetched.wait(10)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5
+    while not backend._stashed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(backend._stashed[consumer._id]) == count
+
+
+@pytest.mark.parametrize("close_async", [False, True])
+@pytest.mark.parametrize("ending", ["cancel", "loop_closed"])
+def test_close_gives_back_auto_acked_stash(open_broker, monkeypatch,
+                                            close_async, ending):
+    """Messages that a cancelled get_async took under auto_ack go back
+    to the group when the consumer closes before another get, also when
+    the event loop closed while the fetch ran."""
+    broker = open_broker()
+    consumer = broker.consume("t", "g", auto_ack=True)
+    broker.publish_many("t", [b"first", b"second"])
+    _stash_auto_acked(consumer, monkeypatch, ending, 2)
+    if close_async:
+        returned = asyncio.run(consumer.close_async())
+    else:
+        returned = consumer.close()
+    assert returned == 2
+    assert broker.backend.lost_auto_acked == 0
+    other = broker.consume("t", "g", auto_ack=True)
+    got = other.get_many(2, timeout=5)
+    assert [message.body for message in got] == [b"first", b"second"]
+    # Given back unseen: the attempt is refunded.
+    assert [message.attempts for message in got] == [1, 1]
+    stats = broker.stats("t")
+    assert stats["stored"] == 0
+    assert stats["in_flight"] == 0
+
+
+def test_close_counts_stash_of_deleted_topic(open_broker, monkeypatch,
+                                             caplog):
+    broker = open_broker()
+    consumer = broker.consume("t", "g", auto_ack=True)
+    broker.publish_many("t", [b"first", b"second"])
+    _stash_auto_acked(consumer, monkeypatch, "cancel", 2)
+    # Deleted by another process: nothing is left to give them back to.
+    open_broker().delete_topic("t")
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    assert consumer.close() == 0
+    assert broker.backend.lost_auto_acked == 2
+    assert "could not be given back" in caplog.text
+
+
+# Memory.
+
+def _limit_memory(admin, headroom):
+    """Set the maxmemory of the server of client `admin` to its used
+    memory now plus `headroom` bytes, with the noeviction policy."""
+    admin.config_set("maxmemory-policy", "noeviction")
+    used = admin.info("memory")["used_memory"]
+    admin.config_set("maxmemory", used + headroom)
+
+
+def _fill_until_out_of_memory(broker, topic, batch, admin):
+    """Publish batches of `batch` bodies of 1 KiB until the server runs
+    out of memory; return the ids published and the error.
+
+    Then lower maxmemory 256 KiB below the used memory: the server freed
+    the rejected call's arguments, which may take it below the limit
+    again.
+    """
+    published = []
+    for _ in range(1000):
+        try:
+            published += broker.publish_many(topic, [b"x" * 1024] * batch)
+        except mqs.BackendOutOfMemory as exc:
+            used = admin.info("memory")["used_memory"]
+            admin.config_set("maxmemory", used - (256 << 10))
+            return published, exc
+    raise AssertionError("the server never ran out of memory")
+
+
+def test_out_of_memory_raises_and_recovers(redis_server_factory):
+    """A server out of memory fails the calls that store data with
+    BackendOutOfMemory, naming the topic and the fixes; consumers still
+    get and ack, and once they freed memory publishing works again,
+    with nothing lost."""
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        broker.declare_topic("t", maxsize=1_000_000, when_full="block")
+        consumer = broker.consume("t", "g", prefetch=10_000)
+        broker.declare_topic("other")
+        _limit_memory(admin, 2 << 20)
+        # 2500 messages take three script calls, so one that fails after
+        # the first keeps what that one stored.
+        published, error = _fill_until_out_of_memory(broker, "t", 2500,
+                                                      admin)
+        assert isinstance(error, mqs.Full)
+        assert error.topic == "t"
+        assert error.accepted % 1000 == 0
+        text = str(error)
+        for part in ("'t'", "out of memory", "maxmemory", "retention",
+                     "ack", "dlq_purge"):
+            assert part in text
+        assert error.__cause__ is None
+        total = len(published) + error.accepted
+        assert broker.stats("t")["published"] == total
+
+        # Raised at once although the topic blocks when full.
+        started = time.monotonic()
+        with pytest.raises(mqs.BackendOutOfMemory):
+            broker.publish("t", b"one")
+        with pytest.raises(mqs.BackendOutOfMemory):
+            asyncio.run(broker.publish_async("t", b"one", timeout=30))
+        assert time.monotonic() - started < 10
+        producer = broker.producer("t", linger=60, batch_size=100)
+        for index in range(5):
+            producer.publish(b"buffered %d" % index)
+        with pytest.raises(mqs.BackendOutOfMemory):
+            producer.flush()
+        assert producer.dropped == 0
+        unbuffered = broker.producer("t", linger=0)
+        with pytest.raises(mqs.BackendOutOfMemory, match="did not keep"):
+            unbuffered.publish(b"not kept")
+        unbuffered.close()
+        # Deleting a topic frees memory, so it works too.
+        broker.delete_topic("other")
+        assert not broker.backend.has_topic("other")
+        with pytest.raises(mqs.BackendOutOfMemory):
+            broker.declare_topic("new")
+        with pytest.raises(mqs.BackendOutOfMemory):
+            broker.request("t", b"question", timeout=1)
+        assert not [name for name in broker.topics()
+                    if name.startswith("mqs.reply.")]
+
+        # Consumers keep working: a new one of the group, gets and acks.
+        second = broker.consume("t", "g", prefetch=10_000)
+        got = 0
+        deadline = time.monotonic() + 60
+        while got < total and time.monotonic() < deadline:
+            batch = second.get_many(5000, timeout=1)
+            assert second.ack_many(batch) == len(batch)
+            got += len(batch)
+        assert got == total
+        stats = broker.stats("t")
+        assert stats["acked"] == total
+        assert stats["stored"] == 0
+
+        # Memory freed: publishing works again.
+        broker.publish("t", b"after")
+        assert len(producer.flush()) == 5
+        producer.close()
+        bodies = [message.body for message in consumer.get_many(10,
+                                                                 timeout=5)]
+        assert bodies == [b"after"] + [b"buffered %d" % index
+                                       for index in range(5)]
+    finally:
+        # No limit, so that the close of a failed test publishes the
+        # producer's batch and does not hide the failure.
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        broker.close()
+
+
+
+def test_reply_out_of_memory_names_reply_topic(redis_server_factory):
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        broker.declare_topic("replies")
+        broker.publish("t", b"question", reply_to="replies",
+                       correlation_id="c1")
+        request = broker.consume("t", "g").get(timeout=5)
+        _limit_memory(admin, 1 << 20)
+        _fill_until_out_of_memory(broker, "filler", 100, admin)
+        with pytest.raises(mqs.BackendOutOfMemory) as raised:
+            request.reply(b"answer")
+        assert raised.value.topic == "replies"
+        assert "'replies'" in str(raised.value)
+        # The responder still settles the request.
+        assert request.ack()
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        broker.close()
+
+
+
+def test_producer_backs_off_while_out_of_memory(redis_server_factory):
+    """A producer's background send that finds the server out of memory
+    tries again every 0.5 s rather than every linger, keeps its batch,
+    and sends it once memory is back."""
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        broker.declare_topic("t")
+        _limit_memory(admin, 1 << 20)
+        _fill_until_out_of_memory(broker, "filler", 100, admin)
+        producer = broker.producer("t", linger=0.005, batch_size=100)
+        before = _evalsha_calls(server.url)
+        for index in range(3):
+            producer.publish(b"%d" % index)
+        time.sleep(1.5)
+        # About 3 tries; one every 5 ms linger would make about 300.
+        assert _evalsha_calls(server.url) - before <= 10
+        assert producer.dropped == 0
+        admin.config_set("maxmemory", 0)
+        deadline = time.monotonic() + 10
+        while broker.stats("t")["published"] < 3 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert broker.stats("t")["published"] == 3
+        producer.close()
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        broker.close()
+
+
+# Consumer leases.
+
+_LEASED_HOLDER = textwrap.dedent("""
+    import sys, time
+    import mqs
+    from mqs.broker import _redis
+    # A lease shorter than the default 5 s, but long enough that the
+    # test sees the consumer registered after the kill.
+    _redis._LEASE_MIN_S = 3.0
+    url, namespace = sys.argv[1], sys.argv[2]
+    broker = mqs.Broker(backend="redis", url=url, namespace=namespace)
+    consumer = broker.consume("t", "g", prefetch=5, ack_timeout=0.3)
+    got = consumer.get_many(5, timeout=30)
+    print(consumer._id, *(m.body.decode() for m in got), flush=True)
+    time.sleep(600)
+""")
+
+
+def _consumer_fields(admin, namespace, topic, group, consumer):
+    """Return the names of the group hashes that still have a field of
+    `consumer`."""
+    prefix = f"{{{namespace}:{topic}}}:g:{group}\0"
+    return [name for name in ("cons", "inf", "lf", "ls")
+            if admin.hexists(prefix + name, consumer)]
+
+
+def test_sigkilled_consumer_expires(open_broker, redis_url, namespace):
+    """A consumer whose process was killed stops renewing its lease:
+    once the lease passed and its messages went back, the next script
+    call removes it, its fields and its stream consumer, and counts it."""
+    broker = open_broker()
+    broker.publish_many("t", [b"%d" % i for i in range(5)])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen(
+        [sys.executable, "-c", _LEASED_HOLDER, redis_url, namespace],
+        stdout=subprocess.PIPE, env=env)
+    try:
+        dead, *bodies = child.stdout.readline().decode().split()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    assert sorted(bodies) == ["0", "1", "2", "3", "4"]
+    admin = redis.Redis.from_url(redis_url)
+    lane = lane_stream(namespace, "t", 0)
+    assert _consumer_fields(admin, namespace, "t", "g", dead) == [
+        "cons", "inf", "lf", "ls"]
+    assert broker.group_stats("t")[0].consumers == 1
+
+    survivor = broker.consume("t", "g", prefetch=5, ack_timeout=30)
+    got = []
+    counts = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            got += survivor.get_many(5, timeout=0.2)
+        except mqs.Empty:
+            pass
+        counts.append(broker.group_stats("t")[0].consumers)
+        if len(got) == 5 and counts[-1] == 1:
+            break
+    # Its messages came back after their ack deadline (0.3 s); the lease
+    # (3 s) ended later.
+    assert sorted(m.body for m in got) == [b"%d" % i for i in range(5)]
+    assert {m.attempts for m in got} == {2}
+    assert counts[0] == 2
+    assert counts[-1] == 1
+    assert survivor.ack_many(got) == 5
+    assert _consumer_fields(admin, namespace, "t", "g", dead) == []
+    names = {entry["name"].decode()
+             for entry in admin.xinfo_consumers(lane, "g")}
+    assert dead not in names
+    assert survivor._id in names
+    admin.close()
+    stats = broker.stats("t")
+    assert stats["consumers_expired"] == 1
+    assert stats["redelivered"] == 5
+    assert stats["acked"] == 5
+    assert stats["stored"] == 0
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_waiting_consumer_keeps_lease(open_broker, monkeypatch, caplog,
+                                      use_async):
+    """A consumer that waits in get longer than its lease renews it and
+    stays registered, while other clients' calls check the leases."""
+    monkeypatch.setattr("mqs.broker._redis._LEASE_MIN_S", 2.0)
+    broker = open_broker()
+    other = open_broker()
+    consumer = broker.consume("t", "g", ack_timeout=0.1)
+    caplog.set_level(logging.INFO, logger="mqs.broker._redis")
+    counts = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            counts.append(other.group_stats("t")[0].consumers)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with pytest.raises(mqs.Empty):
+            if use_async:
+                asyncio.run(consumer.get_async(timeout=4))
+            else:
+                consumer.get(timeout=4)
+    finally:
+        done.set()
+        watcher.join(10)
+    assert len(counts) > 10
+    assert set(counts) == {1}
+    assert "registering it again" not in caplog.text
+    assert broker.stats("t")["consumers_expired"] == 0
+
+
+def test_idle_consumer_expires_and_returns(open_broker, monkeypatch,
+                                           caplog):
+    """A consumer that made no call for longer than its lease is removed,
+    and its next get registers it again, logged at INFO."""
+    monkeypatch.setattr("mqs.broker._redis._LEASE_MIN_S", 1.0)
+    broker = open_broker()
+    consumer = broker.consume("t", "g", ack_timeout=0.1)
+    time.sleep(1.5)
+    assert broker.group_stats("t")[0].consumers == 0
+    assert broker.stats("t")["consumers_expired"] == 1
+    broker.publish("t", b"later")
+    caplog.set_level(logging.INFO, logger="mqs.broker._redis")
+    message = consumer.get(timeout=5)
+    assert message.body == b"later"
+    assert message.ack()
+    assert broker.group_stats("t")[0].consumers == 1
+    records = [record for record in caplog.records
+               if "registering it again" in record.getMessage()]
+    assert len(records) == 1
+    assert records[0].levelno == logging.INFO
+    assert "lease" in records[0].getMessage()

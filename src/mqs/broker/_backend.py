@@ -449,10 +449,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def open_consumer(self, topic: str, group: str, *, start: str,
-                      prefetch: int, max_attempts: int | None) -> str:
+                      prefetch: int, max_attempts: int | None,
+                      ack_timeout: float | None = None) -> str:
         """Create the group if needed and register a consumer; return its id.
 
         `max_attempts`, when not None, overrides the topic's for the group.
+        `ack_timeout` is the consumer's, for a backend that sizes a lease
+        from it (redis); the others ignore it.
         """
 
     @abc.abstractmethod

@@ -31,7 +31,7 @@ from mqs.broker._backend import (
     GroupStats,
 )
 from mqs.broker._log_shared import SharedLogBackend
-from mqs.broker._memory import MemoryBackend
+from mqs.broker._memory import MemoryBackend, _deleted_while_full
 from mqs.broker._policy import (
     Backoff,
     TopicConfig,
@@ -41,6 +41,7 @@ from mqs.broker._policy import (
 )
 from mqs.broker._shm import ShmBackend
 from mqs.errors import (
+    BackendOutOfMemory,
     BackendUnavailable,
     Empty,
     Full,
@@ -477,7 +478,7 @@ class Consumer:
         self._pid = os.getpid()
         self._id = self._backend.open_consumer(
             topic, group, start=start, prefetch=prefetch,
-            max_attempts=max_attempts)
+            max_attempts=max_attempts, ack_timeout=ack_timeout)
         self._read_one: Callable[[float, bool], Message | None] | None = \
             self._backend.message_reader(self, Message)
 
@@ -714,9 +715,12 @@ class Consumer:
         the wait, so there is none.
         Then, or at once without `drain`, every message still in flight
         goes back to the group for redelivery, with its attempt counted.
-        Later `get` calls raise `ShutDown` and iteration stops. Closing
-        twice does nothing. In a process forked from the one that opened
-        the consumer it raises `ConsumerForked` and closes nothing.
+        On redis, messages that a cancelled `get_async` took under
+        `auto_ack` and no later get returned go back too, unseen, and
+        count in the result. Later `get` calls raise `ShutDown` and
+        iteration stops. Closing twice does nothing. In a process
+        forked from the one that opened the consumer it raises
+        `ConsumerForked` and closes nothing.
         """
         _check_bool("drain", drain)
         timeout = _seconds("timeout", timeout)
@@ -785,6 +789,11 @@ _IDLE_WAIT_S = 1.0
 # Maximum time the exit hook waits for all producers together: for a
 # background publish to finish and for room in a full topic.
 _EXIT_TIMEOUT_S = 10.0
+# Minimum seconds between the tries of a background send while the
+# backend's server is out of memory (BackendOutOfMemory). Memory comes
+# back only when consumers or an operator act, so trying every linger
+# (5 ms by default) would only load the server.
+_OUT_OF_MEMORY_RETRY_S = 0.5
 
 def _register_exit_hook() -> None:
     """Register `_flush_at_exit` with atexit, once per process.
@@ -918,6 +927,9 @@ class _Batcher:
                     self._send_locked()
                 except Exception as exc:  # reported to the caller
                     self._failed_sends += 1
+                    pause = self.linger
+                    if isinstance(exc, BackendOutOfMemory):
+                        pause = max(pause, _OUT_OF_MEMORY_RETRY_S)
                     # The traceback once per run of failures, then a
                     # count at powers of ten: a send retried every
                     # linger would flood the log.
@@ -925,14 +937,16 @@ class _Batcher:
                         logger.warning(
                             "producer of %r failed to send a batch; it "
                             "tries again every %g s", self.topic,
-                            self.linger, exc_info=True)
+                            pause, exc_info=True)
                     elif _power_of_ten(self._failed_sends):
                         logger.warning(
                             "producer of %r failed to send a batch %d "
                             "times in a row: %s", self.topic,
                             self._failed_sends, exc)
                     self._error = exc
-                    self._batch_started = time.monotonic()
+                    # The loop waits until linger after the batch start.
+                    self._batch_started = \
+                        time.monotonic() + pause - self.linger
                     continue
                 if self._failed_sends:
                     logger.info("producer of %r sent its batch after %d "
@@ -985,11 +999,14 @@ class _Batcher:
             raise sender_error
 
     def _sender_full(self, error: Full) -> Full:
-        """Return the `Full` that `Producer.publish` raises for `error`."""
-        return Full(
-            f"{error} (Producer.publish did not keep this message, so "
-            f"publish it again to retry it; {len(self._batch)} earlier "
-            f"message(s) stay buffered and go out with the next send)")
+        """Return the `Full` that `Producer.publish` raises for `error`,
+        of the same class."""
+        text = (f"{error} (Producer.publish did not keep this message, so "
+                f"publish it again to retry it; {len(self._batch)} earlier "
+                f"message(s) stay buffered and go out with the next send)")
+        if isinstance(error, BackendOutOfMemory):
+            return BackendOutOfMemory(text, topic=error.topic)
+        return Full(text)
 
     def _drop_unpicklable(self, unsent: list[Envelope], error: BaseException,
                           sender: Envelope | None
@@ -1861,26 +1878,55 @@ class Broker:
                             timeout: float | None = None, **options: Any
                             ) -> str:
         """Like `publish`; a full topic is awaited without blocking the
-        event loop."""
+        event loop.
+
+        As with `publish`, a topic deleted (or lost with the backend's
+        data) while the call waits for room raises `UnknownTopic` with
+        ``deleted=True``, and the topic is not declared again.
+        """
         _check_options("publish_async", options, ("timeout",))
         envelope = self._envelope(body, **options)
         timeout = _seconds("timeout", timeout)
         run = self._backend.run_blocking
         if await run(self._prepare_publish, topic, envelope) != "block":
-            return (await run(self._backend_publish, topic, [envelope],
-                              0))[0]
+            return (await run(self._publish_prepared, topic, envelope))[0]
         deadline = None if timeout is None else time.monotonic() + timeout
+        waited = False
         while True:
             try:
+                if not waited:
+                    return (await run(self._publish_prepared, topic,
+                                      envelope))[0]
                 return (await run(self._backend_publish, topic, [envelope],
                                   0))[0]
+            except BackendOutOfMemory:
+                # Not a full topic: waiting frees no memory on the server.
+                raise
             except Full:
                 left = None if deadline is None \
                     else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise
+            except UnknownTopic as exc:
+                if not waited or exc.deleted:
+                    raise
+                raise _deleted_while_full(topic, 0, 1) from None
             step = 0.05 if left is None else min(left, 0.05)
             await self._backend.wait_changed_async(step)
+            waited = True
+
+    def _publish_prepared(self, topic: str, envelope: Envelope
+                          ) -> list[str]:
+        """Publish `envelope`, checked by `_prepare_publish`, without
+        waiting for room; declare the topic again if it went missing
+        since that check."""
+        try:
+            return self._backend_publish(topic, [envelope], 0)
+        except UnknownTopic as exc:
+            if exc.deleted:
+                raise
+            self._ensure_topic(topic)
+        return self._backend_publish(topic, [envelope], 0)
 
     def _prepare_publish(self, topic: str, envelope: Envelope) -> str:
         """Check a publish of `envelope` to `topic`, declaring the topic

@@ -687,7 +687,8 @@ class LogBackend(MemoryBackend):
     # Consuming.
 
     def open_consumer(self, topic: str, group: str, *, start: str,
-                      prefetch: int, max_attempts: int | None) -> str:
+                      prefetch: int, max_attempts: int | None,
+                      ack_timeout: float | None = None) -> str:
         with self._lock:
             self._check_open()
             self._topic(topic)

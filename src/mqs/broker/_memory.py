@@ -195,7 +195,8 @@ class MemoryBackend(Backend):
     # Consuming.
 
     def open_consumer(self, topic: str, group: str, *, start: str,
-                      prefetch: int, max_attempts: int | None) -> str:
+                      prefetch: int, max_attempts: int | None,
+                      ack_timeout: float | None = None) -> str:
         consumer = f"c{next(self._consumer_ids)}"
         with self._lock:
             self._topic(topic).open_consumer(

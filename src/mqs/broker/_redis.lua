@@ -19,7 +19,8 @@
 --   P ret          zset "L|id" -> time (ms) the entry is kept until
 --   P tm           zset of timers, scored by their time in ms: "D<id>|G"
 --                  (delay due), "A<id>|G" (ack deadline moved by extend),
---                  "B<n>|G" (ack deadline of the deliveries of one fetch)
+--                  "B<n>|G" (ack deadline of the deliveries of one fetch),
+--                  "L<consumer>|G" (end of a consumer's lease)
 --   P dl:<n>       list "id|ticket": the deliveries of timer "B<n>|G"
 --   P dlq          stream of dead letters
 --   P rd           hash id -> msgpack copy of a redriven entry's fields
@@ -36,6 +37,9 @@
 --   P g:G\0inf     hash consumer -> messages it holds in flight
 --   P g:G\0lf      hash consumer -> "<call id> <n>": its last fetch that
 --                  took messages, and its timer "B<n>|G"
+--   P g:G\0ls      hash consumer -> its lease in ms: a consumer that makes
+--                  no fetch for that long, and holds nothing in flight,
+--                  is removed when its timer "L<consumer>|G" fires
 --   P g:G\0ctr     hash: the group's counters (delivered, acked, nacked,
 --                  redelivered, dead_lettered, errors)
 --   P g:G\0hist    hash: sampled latency histograms, "e" enqueue to
@@ -150,9 +154,12 @@ end
 -- Counters of messages that were dropped (or moved to the dead-letter
 -- stream), whose totals the reply carries so that the client can log
 -- them. These are the keys of _DROP_KEYS in mqs/broker/_state.py.
+-- consumers_expired (consumers removed when their lease ended) is
+-- returned the same way, for the client to log.
 local DROP_COUNTERS = {deduplicated = true, expired = true,
                        dropped_full = true, dead_lettered = true,
-                       dlq_purged = true, dropped_unsubscribed = true}
+                       dlq_purged = true, dropped_unsubscribed = true,
+                       consumers_expired = true}
 -- Drop counter name -> {total before this call, total after it}.
 local drop_totals = {}
 
@@ -1096,13 +1103,17 @@ local function fire_overdue()
   overdue = {}
 end
 
+local lease_ended
+
 local function fire()
+  -- Leases end after the deadlines, so that a consumer's deliveries that
+  -- are overdue go back before it is checked.
+  local leases = {}
   for _ = 1, 100 do
     local due = redis.call('ZRANGEBYSCORE', TM, '-inf', NOW,
                            'LIMIT', 0, 200)
     if #due == 0 then
-      fire_overdue()
-      return
+      break
     end
     for _, member in ipairs(due) do
       redis.call('ZREM', TM, member)
@@ -1113,6 +1124,8 @@ local function fire()
       local g = string.sub(member, bar + 1)
       if kind == 'B' then
         fire_batch(g, id)
+      elseif kind == 'L' then
+        leases[#leases + 1] = {g, id}
       else
         local rec = get_rec(g, id)
         if rec and kind == 'D' and rec.s == 'D' then
@@ -1125,6 +1138,9 @@ local function fire()
     end
   end
   fire_overdue()
+  for _, lease in ipairs(leases) do
+    lease_ended(lease[1], lease[2])
+  end
 end
 
 local function trim_retained()
@@ -1541,18 +1557,76 @@ local function create_group(g, start)
   end
 end
 
--- ARGV: op, group, consumer, start, prefetch, max_attempts ("" none).
+-- ARGV: op, group, consumer, start, prefetch, max_attempts ("" none),
+-- lease ms (absent or "": none, the consumer stays until closed).
 local function open_consumer()
-  local g = ARGV[2]
+  local g, consumer = ARGV[2], ARGV[3]
   if redis.call('HEXISTS', GROUPS, g) == 0 then
     create_group(g, ARGV[4])
   end
   if ARGV[6] ~= '' then
     redis.call('HSET', GROUPS, g, ARGV[6])
   end
-  redis.call('HSET', gkey(g, 'cons'), ARGV[3], ARGV[5])
+  redis.call('HSET', gkey(g, 'cons'), consumer, ARGV[5])
+  local lease = tonumber(ARGV[7] or '')
+  if lease then
+    redis.call('HSET', gkey(g, 'ls'), consumer, lease)
+    redis.call('ZADD', TM, NOW + lease, timer_member('L', g, consumer))
+  end
   changed = true
   return {'OK'}
+end
+
+-- Moves the end of the lease of `consumer` to `lease` ms from now. It is
+-- moved once a third of the lease passed, so that a consumer waiting in
+-- a series of fetches writes once per third of its lease. A consumer
+-- without a lease timer (closed, removed, or opened without a lease)
+-- gets none.
+local function renew_lease(g, consumer, lease)
+  local member = timer_member('L', g, consumer)
+  local ends = tonumber(redis.call('ZSCORE', TM, member))
+  if ends and ends < NOW + lease * 2 / 3 then
+    redis.call('ZADD', TM, NOW + lease, member)
+  end
+end
+
+-- Deletes the fields of `consumer` in group `g`, its lease timer and its
+-- consumer in each lane's stream group. Its deliveries must have left
+-- flight already: their PEL entries then belong to the parked consumer.
+local function forget_consumer(g, consumer)
+  for _, name in ipairs({'cons', 'inf', 'lf', 'ls'}) do
+    redis.call('HDEL', gkey(g, name), consumer)
+  end
+  redis.call('ZREM', TM, timer_member('L', g, consumer))
+  group_table(inflight_delta, g)[consumer] = nil
+  save_stream_ops()
+  for _, lane in ipairs(cfg.lanes) do
+    -- XGROUP DELCONSUMER drops the consumer's PEL entries, so it runs
+    -- only when there are none.
+    local pending = redis.pcall('XPENDING', stream(lane), g, '-', '+', 1,
+                                consumer)
+    if type(pending) == 'table' and not pending.err and #pending == 0 then
+      redis.pcall('XGROUP', 'DELCONSUMER', stream(lane), g, consumer)
+    end
+  end
+end
+
+-- Handles the end of the lease of `consumer`: one that holds deliveries
+-- (their deadline was extended) is checked again after another lease;
+-- one that holds none is removed and counted.
+lease_ended = function(g, consumer)
+  if redis.call('HEXISTS', gkey(g, 'cons'), consumer) == 0 then
+    redis.call('HDEL', gkey(g, 'ls'), consumer)
+    return
+  end
+  if inflight(g, consumer) > 0 then
+    local lease = tonumber(redis.call('HGET', gkey(g, 'ls'), consumer))
+    redis.call('ZADD', TM, NOW + (lease or 60000),
+               timer_member('L', g, consumer))
+    return
+  end
+  forget_consumer(g, consumer)
+  count('consumers_expired')
 end
 
 local function ids_by_seq(ids)
@@ -1584,9 +1658,7 @@ local function close_consumer()
     make_ready(g, id, rec, false)
     returned = returned + 1
   end
-  redis.call('HDEL', gkey(g, 'inf'), consumer)
-  redis.call('HDEL', gkey(g, 'lf'), consumer)
-  group_table(inflight_delta, g)[consumer] = nil
+  forget_consumer(g, consumer)
   changed = true
   return {'OK', returned}
 end
@@ -1936,7 +2008,8 @@ end
 
 -- ARGV: op, group, consumer, max items, ack timeout ms, auto_ack (1/0),
 -- sample_every (0: no latency samples), call id (unique per fetch, the
--- same in its retries; "" for none).
+-- same in its retries; "" for none), lease ms (absent or "": the lease
+-- is not renewed; the dispatch renews it).
 local function fetch()
   local g, consumer = ARGV[2], ARGV[3]
   sample_every = tonumber(ARGV[7]) or 0
@@ -2208,6 +2281,79 @@ local function release()
   return {'OK', returned}
 end
 
+-- Enters the record of an entry given back unseen into group `g` at the
+-- head of its lane, or at the head of the entries waiting behind the
+-- visible entry of its key.
+local function enter_front(g, id, rec)
+  local key = rec.k
+  local head = gkey(g, 'kh')
+  if key ~= '' and redis.call('HEXISTS', head, key) == 1 then
+    rec.s = 'H'
+    put_rec(g, id, rec)
+    redis.call('LPUSH', gkey(g, 'kw:' .. key), id)
+    return
+  end
+  if key ~= '' then
+    redis.call('HSET', head, key, id)
+  end
+  make_ready(g, id, rec, true)
+end
+
+-- Gives back to group `g`, unseen and with the attempt refunded, entries
+-- that a fetch finished under auto_ack but whose reply no caller took (a
+-- cancelled get_async). An entry that has a record in the group again is
+-- skipped. One whose stream entry is gone is kept as a copy in P rd, as
+-- a redriven entry is. Replies with the number given back, or -1 when
+-- the group does not exist.
+-- ARGV: op, group, count, then per entry: id, attempts, field count and
+-- the fields (name, value, ...) that the fetch returned.
+local function put_back()
+  local g = ARGV[2]
+  if redis.call('HEXISTS', GROUPS, g) == 0 then
+    return {'OK', -1}
+  end
+  local items = {}
+  local at = 4
+  for i = 1, tonumber(ARGV[3]) do
+    local n = tonumber(ARGV[at + 2])
+    local fields = {}
+    for j = 1, n do
+      fields[j] = ARGV[at + 2 + j]
+    end
+    items[i] = {ARGV[at], tonumber(ARGV[at + 1]), fields}
+    at = at + 3 + n
+  end
+  local returned = 0
+  for i = #items, 1, -1 do
+    local id, attempts, fields = items[i][1], items[i][2], items[i][3]
+    if not get_rec(g, id) then
+      local lane = lane_of(tonumber(field(fields, 'p')) or 0)
+      local redriven = 0
+      if #redis.call('XRANGE', stream(lane), id, id) == 0 then
+        local copy = {}
+        for j = 1, #fields, 2 do
+          if ENTRY_FIELDS[fields[j]] then
+            copy[#copy + 1] = fields[j]
+            copy[#copy + 1] = fields[j + 1]
+          end
+        end
+        redis.call('HSET', RD, id, cmsgpack.pack(copy))
+        redriven = 1
+      end
+      set_refs(id, get_refs(id) + 1)
+      -- Delivered before, so its delay passed; its ttl still counts.
+      local rec = setmetatable(
+        {s = '', t = 0, a = math.max(attempts - 1, 0), l = lane,
+         k = field(fields, 'k') or '', r = 1, c = '', p = 0, d = 0,
+         x = tonumber(field(fields, 'x')) or 0, rd = redriven}, REC)
+      enter_front(g, id, rec)
+      returned = returned + 1
+    end
+  end
+  changed = true
+  return {'OK', returned}
+end
+
 -- ARGV: op, group, consumer.
 local function in_flight()
   local g, consumer = ARGV[2], ARGV[3]
@@ -2400,21 +2546,31 @@ end
 -- Topics.
 
 -- ARGV: op, config JSON. Stores it unless one is stored; returns the
--- stored one.
+-- stored one. A stored one is read first, so that declaring an existing
+-- topic needs no write, which a server out of memory would reject.
 local function declare()
-  if redis.call('HSETNX', META, 'cfg', ARGV[2]) == 1 then
-    return {'NEW'}
+  local stored = redis.call('HGET', META, 'cfg')
+  if stored then
+    return {'EXISTS', stored}
   end
-  return {'EXISTS', redis.call('HGET', META, 'cfg')}
+  redis.call('HSETNX', META, 'cfg', ARGV[2])
+  return {'NEW'}
 end
 
 local OPS = {publish = publish, open = open_consumer,
              close = close_consumer, fetch = fetch, ack = ack,
              ack_many = ack_many, nack = nack,
-             extend = extend, release = release, in_flight = in_flight,
+             extend = extend, release = release, put_back = put_back,
+             in_flight = in_flight,
              dlq_list = dlq_list, dlq_redrive = dlq_redrive,
              dlq_purge = dlq_purge, stats = stats,
              group_stats = group_stats}
+
+-- Operations that run also on a server out of memory (see below).
+local MAY_EXCEED_MAXMEMORY = {
+  fetch = true, ack = true, ack_many = true, nack = true, extend = true,
+  release = true, put_back = true, close = true, in_flight = true,
+  dlq_list = true, dlq_purge = true, stats = true, group_stats = true}
 
 -- Dispatch. Every reply ends with the drop counters that changed, as
 -- one flat list: name, total before, total after, for each.
@@ -2438,6 +2594,24 @@ NOW = now_ms()
 local operation = OPS[OP]
 if not operation then
   return redis.error_reply('MQS_BUG unknown operation ' .. tostring(OP))
+end
+-- A server whose used memory is above maxmemory (and that may evict
+-- nothing) rejects the first write command that can add data of a
+-- script without a "#!lua" flags line (the OOM error, as the Redis docs
+-- page "OOM error" describes), but no write after the script wrote
+-- anything (checked on Redis 7.0.15, and by the backend's tests). These
+-- operations free memory or add little, and consumers need them to
+-- drain a topic, so each starts with a write that adds nothing (HDEL of
+-- a field that never exists). Publishing, declaring and creating a
+-- group still get the OOM error.
+if MAY_EXCEED_MAXMEMORY[OP]
+    or OP == 'open' and redis.call('HEXISTS', GROUPS, ARGV[2]) == 1 then
+  redis.call('HDEL', META, '')
+end
+-- A fetch renews the consumer's lease before the timers fire, so that a
+-- live consumer is never removed by its own call.
+if OP == 'fetch' and (ARGV[9] or '') ~= '' then
+  renew_lease(ARGV[2], ARGV[3], tonumber(ARGV[9]))
 end
 fire()
 trim_retained()

@@ -98,6 +98,33 @@ Retention
     trimmed before any group read it is lost without being counted, so
     set `stream_maxlen` well above the backlog consumers may build.
 
+Consumer leases
+    Each consumer has a lease of 3 times its ack_timeout, at least 5 s,
+    which its fetches renew (a waiting get fetches at least every half
+    lease). When a lease ends, the next script call on the topic by
+    any client removes the consumer, unless it still holds deliveries
+    (extended past their deadline; it is checked again one lease
+    later). Its group fields, its lease timer and its consumer in each
+    lane's stream group go, `stats` counts it as
+    ``consumers_expired``, and the client that removed it logs a
+    WARNING. So a consumer whose process died (SIGKILL) stops counting
+    in `group_stats` about one lease after its last fetch, and its
+    deliveries came back at their ack deadlines before that. A live
+    consumer that made no get for a lease is removed too; its next get
+    registers it again and logs that at INFO.
+
+Memory
+    A server whose used memory is above its ``maxmemory`` and that may
+    evict nothing (the ``noeviction`` policy) rejects writes that add
+    data. A publish, the declare of a new topic, the first consumer of a
+    new group and a redrive then raise `BackendOutOfMemory` (a `Full`)
+    at once, whatever `when_full`, naming the topic and the fixes. Such
+    a call stores nothing; ``accepted`` counts the messages of a batch
+    that earlier script calls stored. Getting, acking, nacking,
+    extending, closing consumers, deleting topics, purging dead letters
+    and reading stats keep working, so consumers can free memory: their
+    scripts may take the server a little past ``maxmemory``.
+
 Drops
     Every other message dropped (ttl passed, ``when_full="drop_oldest"``,
     duplicate dedup id, skipped by a first group at ``"latest"``) or
@@ -157,6 +184,7 @@ from mqs.broker._state import _log_point, warn_drop_count
 from mqs.broker._wakeup import Wakeups
 from mqs.errors import (
     BackendConnectionError,
+    BackendOutOfMemory,
     BackendUnavailable,
     CertificateVerifyError,
     Full,
@@ -191,6 +219,19 @@ _RUN_SETTINGS = 10
 # for one backend, so that an event loop never waits on the network. The
 # waits for a change run in `Wakeups` threads instead, one per topic.
 _ASYNC_WORKERS = 8
+
+# A consumer's lease: the seconds after its last fetch (or its open) at
+# which the server removes it, unless it holds deliveries, so that the
+# consumers of a process that died do not stay registered. The lease is
+# _LEASE_FACTOR times the consumer's ack_timeout, at least _LEASE_MIN_S,
+# which is well above the longest wait between two fetches of a waiting
+# get (see `_wait_left`).
+_LEASE_FACTOR = 3
+_LEASE_MIN_S = 5.0
+
+# Counters of `stats` that only this backend has: "consumers_expired"
+# counts the consumers removed when their lease ended.
+_REDIS_COUNTER_KEYS = ("consumers_expired",)
 
 # Seconds a redis backend retries a lost connection by default
 # (`RedisBackend` retry_timeout).
@@ -527,6 +568,14 @@ class RedisBackend(Backend):
         Sample the latencies of one delivery in this many per group
         (see `group_stats`); None turns sampling off. The default is
         `mqs.metrics.default_sample_every()` when the backend is made.
+
+    Attributes
+    ----------
+    lost_auto_acked : int
+        Messages that a cancelled `get_async` took under ``auto_ack``
+        and that could not be given back to their group when the
+        consumer closed (the topic or group was deleted, the server
+        stayed unreachable, or the broker had closed). Each is logged.
     """
 
     name = "redis"
@@ -628,11 +677,16 @@ class RedisBackend(Backend):
         self._wakeups = Wakeups(f"redis {self.url}")
         self._wake_words: dict[str, _WakeStream] = {}
         # consumer -> raw deliveries that a cancelled `fetch_async` took
-        # with auto_ack, which that consumer's next fetch returns.
+        # with auto_ack, which that consumer's next fetch returns, or its
+        # close gives back to the group (`_put_back`).
         self._stashed: dict[str, list] = {}
-        # consumer -> (topic, prefetch, max_attempts) of the consumers this
-        # backend opened and did not close, for `_reopen`.
-        self._opened: dict[str, tuple[str, int, int | None]] = {}
+        self.lost_auto_acked = 0
+        # consumer -> (topic, prefetch, max_attempts, ack_timeout) of the
+        # consumers this backend opened and did not close, for `_reopen`.
+        self._opened: dict[str, tuple[str, int, int | None,
+                                      float | None]] = {}
+        # consumer -> time.monotonic() of its last fetch, for `_reopen`.
+        self._last_fetch: dict[str, float] = {}
         _backends.add(self)
         # Fetch call ids: unique per backend object and call.
         self._call_prefix = uuid.uuid4().hex[:12] + ":"
@@ -778,6 +832,11 @@ class RedisBackend(Backend):
                 raise UnknownTopic(_unknown_topic(topic), topic) from None
             if text.startswith("MQS_SHUTDOWN"):
                 raise ShutDown(f"{text[13:]} on topic {topic!r}") from None
+            if self._out_of_memory(exc):
+                # The script stopped at its first write, so it changed
+                # nothing (see the dispatch in _redis.lua).
+                raise _out_of_memory_error(topic, self.url,
+                                           str(args[0])) from None
             raise
         drops = reply.pop()
         for start in range(0, len(drops), 3):
@@ -785,8 +844,22 @@ class RedisBackend(Backend):
             # drops of all clients, so each power of ten is logged once,
             # by the client that passed it.
             name, before, after = drops[start:start + 3]
+            if name == b"consumers_expired":
+                logger.warning(
+                    "redis broker %s: removed %d consumer(s) of topic %r "
+                    "whose lease ended: their process died, or they made "
+                    "no get for the lease (%d removed so far)", self.url,
+                    after - before, topic, after)
+                continue
             warn_drop_count(logger, topic, name.decode(), before, after)
         return reply
+
+    def _out_of_memory(self, exc: BaseException) -> bool:
+        """Return whether a redis-py error is the OOM reply of a server
+        whose used memory is above its maxmemory."""
+        oom = getattr(self._redis.exceptions, "OutOfMemoryError", None)
+        return (oom is not None and isinstance(exc, oom)) \
+            or "used memory > 'maxmemory'" in str(exc)
 
     def _wait_wake(self, topic: str, wake_id: bytes, seconds: float) -> None:
         """Block until the topic changes after `wake_id`, or `seconds`."""
@@ -858,6 +931,7 @@ class RedisBackend(Backend):
         for consumer, opened in list(self._opened.items()):
             if opened[0] == topic:
                 self._opened.pop(consumer, None)
+                self._last_fetch.pop(consumer, None)
         if not self.has_topic(topic):
             raise UnknownTopic(_unknown_topic(topic), topic)
         prefix = meta[:-4]
@@ -869,7 +943,13 @@ class RedisBackend(Backend):
         for start in range(0, len(others), 500):
             self._call(self._client.unlink, *others[start:start + 500])
         # Wake blocked waiters, which then find the topic gone.
-        self._call(self._client.xadd, wake, {"n": 1}, maxlen=1)
+        try:
+            self._call(self._client.xadd, wake, {"n": 1}, maxlen=1)
+        except self._redis.ResponseError as exc:
+            if not self._out_of_memory(exc):
+                raise
+            # A server out of memory rejects the XADD. The waiters then
+            # find the topic gone when their wait (at most 1 s) ends.
         self._call(self._client.unlink, wake)
 
     # ---- producing ------------------------------------------------------
@@ -977,6 +1057,11 @@ class RedisBackend(Backend):
                         raise
                     raise _deleted_while_full(topic, len(ids),
                                               len(envelopes)) from None
+                except BackendOutOfMemory as exc:
+                    # Raised at once, whatever when_full: waiting frees no
+                    # memory unless consumers or an operator act.
+                    exc.accepted = len(ids)
+                    raise
                 except self._redis.ResponseError as exc:
                     # The limit was lowered since the connect: Redis
                     # rejected an argument while reading the command, before
@@ -1018,11 +1103,14 @@ class RedisBackend(Backend):
     # ---- consuming ------------------------------------------------------
 
     def open_consumer(self, topic: str, group: str, *, start: str,
-                      prefetch: int, max_attempts: int | None) -> str:
+                      prefetch: int, max_attempts: int | None,
+                      ack_timeout: float | None = None) -> str:
         consumer = f"c{uuid.uuid4().hex[:16]}"
         self._run(topic, "open", group, consumer, start, prefetch,
-                  "" if max_attempts is None else max_attempts)
-        self._opened[consumer] = (topic, prefetch, max_attempts)
+                  "" if max_attempts is None else max_attempts,
+                  _lease_s(ack_timeout) * 1000)
+        self._opened[consumer] = (topic, prefetch, max_attempts, ack_timeout)
+        self._last_fetch[consumer] = time.monotonic()
         return consumer
 
     def _reopen(self, topic: str, group: str, consumer: str) -> bool:
@@ -1030,39 +1118,84 @@ class RedisBackend(Backend):
         the server lost. Returns False for one that was closed or whose
         topic this backend deleted.
 
-        The server loses the registration with its data (a restart
-        without persistence), or with the topic when another process
-        deleted it and a publish declared it again. The group comes back
-        at "earliest": everything in the topic arrived after the loss."""
+        The server removes a consumer whose lease ended (it made no
+        fetch for that long). It loses the registration with its data
+        (a restart without persistence), or with the topic when another
+        process deleted it and a publish declared it again. The group
+        comes back at "earliest": everything in the topic arrived after
+        the loss."""
         opened = self._opened.get(consumer)
         if opened is None:
             return False
-        _, prefetch, max_attempts = opened
-        logger.warning("redis broker %s: consumer %s of %r/%r is unknown to "
-                       "the server (lost with its data, or with the topic); "
-                       "registering it again", self.url, consumer, topic,
-                       group)
+        _, prefetch, max_attempts, ack_timeout = opened
+        lease = _lease_s(ack_timeout)
+        idle = time.monotonic() - self._last_fetch.get(consumer, 0.0)
+        if idle > lease:
+            logger.info("redis broker %s: consumer %s of %r/%r made no get "
+                        "for %.1f s, longer than its lease of %g s, so the "
+                        "server removed it; registering it again", self.url,
+                        consumer, topic, group, idle, lease)
+        else:
+            logger.warning("redis broker %s: consumer %s of %r/%r is unknown "
+                           "to the server (lost with its data, or with the "
+                           "topic); registering it again", self.url,
+                           consumer, topic, group)
         self._run(topic, "open", group, consumer, "earliest", prefetch,
-                  "" if max_attempts is None else max_attempts)
+                  "" if max_attempts is None else max_attempts, lease * 1000)
         return True
 
     def close_consumer(self, topic: str, group: str, consumer: str) -> int:
-        self._opened.pop(consumer, None)
         with self._async_lock:
+            self._opened.pop(consumer, None)
+            self._last_fetch.pop(consumer, None)
             stashed = self._stashed.pop(consumer, [])
-        if stashed:
-            # NOTE: acked on the server when the cancelled get_async took
-            # them, so they cannot go back to the group.
-            logger.warning(
-                "redis broker %s: consumer of %r/%r closed with %d "
-                "auto-acked messages that a cancelled get_async took and no "
-                "later get returned; they are lost: %s", self.url, topic,
-                group, len(stashed), ", ".join(_raw_id(raw)
-                                               for raw in stashed))
+        returned = self._put_back(topic, group, stashed) if stashed else 0
         try:
-            return int(self._run(topic, "close", group, consumer)[1])
+            return returned + int(self._run(topic, "close", group,
+                                            consumer)[1])
         except UnknownTopic:
-            return 0
+            return returned
+
+    def _put_back(self, topic: str, group: str, found: list) -> int:
+        """Give back to `group`, unseen and with the attempt refunded,
+        raw deliveries that a fetch took under auto_ack for a get_async
+        that was cancelled; return how many went back.
+
+        The fetch finished them on the server, so they go back as copies
+        of their fields at the head of their lanes. Those that cannot go
+        back (the topic or group is gone, or the server stays
+        unreachable) are counted in `lost_auto_acked` and logged.
+        """
+        returned = 0
+        error: Exception | None = None
+        try:
+            for start in range(0, len(found), _MAX_BATCH):
+                chunk = found[start:start + _MAX_BATCH]
+                args: list = []
+                for message_id, _, attempts, flat in chunk:
+                    args += [message_id, attempts, len(flat), *flat]
+                done = int(self._run(topic, "put_back", group, len(chunk),
+                                     *args)[1])
+                if done < 0:
+                    error = UnknownTopic(
+                        f"group {group!r} of topic {topic!r} no longer "
+                        f"exists", topic)
+                    break
+                # An entry that is back in the group already counts as
+                # given back.
+                returned += len(chunk)
+        except (UnknownTopic, ShutDown, BackendConnectionError) as exc:
+            error = exc
+        lost = found[returned:]
+        if lost:
+            with self._async_lock:
+                self.lost_auto_acked += len(lost)
+            logger.warning(
+                "redis broker %s: %d auto-acked message(s) of %r/%r that a "
+                "cancelled get_async took could not be given back (%s); "
+                "they are lost: %s", self.url, len(lost), topic, group,
+                error, ", ".join(_raw_id(raw) for raw in lost))
+        return returned
 
     def _delivery(self, topic: str, group: str, raw: list) -> Delivery:
         message_id, ticket, attempts, flat = raw
@@ -1116,7 +1249,8 @@ class RedisBackend(Backend):
         call_id = f"{self._call_prefix}{next(self._call_numbers)}"
         args = (topic, "fetch", group, consumer, min(max_items, _MAX_BATCH),
                 ack_timeout * 1000, 1 if auto_ack else 0,
-                self.sample_every or 0, call_id)
+                self.sample_every or 0, call_id,
+                _lease_s(ack_timeout) * 1000)
         try:
             reply = self._run(*args)
         except ShutDown:
@@ -1125,6 +1259,7 @@ class RedisBackend(Backend):
             if not self._reopen(topic, group, consumer):
                 raise
             reply = self._run(*args)
+        self._last_fetch[consumer] = time.monotonic()
         _, wait_ms, found, wake_id = reply
         return found, int(wait_ms), wake_id
 
@@ -1153,10 +1288,14 @@ class RedisBackend(Backend):
                            lambda raw: self._delivery(topic, group, raw),
                            _raw_id, auto_ack)
 
-    def _wait_left(self, deadline: float | None, wait_ms: int
-                   ) -> float | None:
+    def _wait_left(self, deadline: float | None, wait_ms: int,
+                   ack_timeout: float) -> float | None:
         """Return the seconds to wait for a change, or None when the
-        deadline passed."""
+        deadline passed.
+
+        A wait lasts at most half the consumer's lease, so that the next
+        fetch renews the lease before it ends.
+        """
         left = self._block_cap
         if deadline is not None:
             left = deadline - time.monotonic()
@@ -1164,6 +1303,7 @@ class RedisBackend(Backend):
                 return None
         if wait_ms >= 0:
             left = min(left, wait_ms / 1000)
+        left = min(left, _lease_s(ack_timeout) / 2)
         return max(left, 0.001)
 
     def fetch(self, topic: str, group: str, consumer: str, max_items: int,
@@ -1177,7 +1317,7 @@ class RedisBackend(Backend):
                     topic, group, consumer, max_items, ack_timeout, auto_ack)
             if found:
                 return self._decode_found(topic, group, found, auto_ack)
-            left = self._wait_left(deadline, wait_ms)
+            left = self._wait_left(deadline, wait_ms, ack_timeout)
             if left is None:
                 return []
             self._wait_wake(topic, wake_id, left)
@@ -1195,8 +1335,10 @@ class RedisBackend(Backend):
 
         A cancelled await cannot stop a script call already sent. When
         one took messages, they go back to the group at the head of
-        their lanes with the attempt refunded (`release`), or, under
-        auto_ack, come back from this consumer's next fetch.
+        their lanes with the attempt refunded (`release`). Under
+        auto_ack they come back from this consumer's next fetch, or go
+        back to the group in the same way when the consumer closes
+        first, also when the event loop closed while the call ran.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         loop = asyncio.get_running_loop()
@@ -1204,19 +1346,22 @@ class RedisBackend(Backend):
             found = self._take_stashed(consumer, max_items)
             if found:
                 return self._decode_found(topic, group, found, auto_ack)
-            fetching = loop.run_in_executor(
-                self._executor(), self._fetch_ready, topic, group, consumer,
-                max_items, ack_timeout, auto_ack)
+            fetching = self._executor().submit(
+                self._fetch_ready, topic, group, consumer, max_items,
+                ack_timeout, auto_ack)
             try:
-                found, wait_ms, wake_id = await asyncio.shield(fetching)
+                found, wait_ms, wake_id = await asyncio.shield(
+                    asyncio.wrap_future(fetching, loop=loop))
             except asyncio.CancelledError:
+                # On the executor's future, not the loop's: its callback
+                # runs also when the loop closed before the fetch ended.
                 fetching.add_done_callback(
                     lambda done: self._give_back(topic, group, consumer,
                                                  auto_ack, done))
                 raise
             if found:
                 return self._decode_found(topic, group, found, auto_ack)
-            left = self._wait_left(deadline, wait_ms)
+            left = self._wait_left(deadline, wait_ms, ack_timeout)
             if left is None:
                 return []
             await self._wakeups.wait(self._wake_word(topic), wake_id, left)
@@ -1253,8 +1398,14 @@ class RedisBackend(Backend):
             return returned
 
     def _give_back(self, topic: str, group: str, consumer: str,
-                   auto_ack: bool, done: asyncio.Future) -> None:
-        """Return what the fetch of a cancelled `fetch_async` took."""
+                   auto_ack: bool,
+                   done: concurrent.futures.Future) -> None:
+        """Return what the fetch of a cancelled `fetch_async` took.
+
+        Runs in the executor thread that ran the fetch, or in the event
+        loop's thread when the fetch had ended before the cancel, so it
+        leaves the Redis calls to the executor.
+        """
         if done.cancelled() or done.exception() is not None:
             return
         found = done.result()[0]
@@ -1262,7 +1413,21 @@ class RedisBackend(Backend):
             return
         if auto_ack:
             with self._async_lock:
-                self._stashed.setdefault(consumer, []).extend(found)
+                if consumer in self._opened:
+                    self._stashed.setdefault(consumer, []).extend(found)
+                    return
+            # The consumer closed while the fetch ran.
+            try:
+                self._executor().submit(self._put_back, topic, group, found)
+            except (ShutDown, RuntimeError):
+                with self._async_lock:
+                    self.lost_auto_acked += len(found)
+                logger.warning(
+                    "redis broker %s: %d auto-acked message(s) of %r/%r "
+                    "that a cancelled get_async took are lost, because the "
+                    "broker closed before they could be given back: %s",
+                    self.url, len(found), topic, group,
+                    ", ".join(_raw_id(raw) for raw in found))
             return
         tags = [(raw[0].decode(), raw[1]) for raw in found]
         try:
@@ -1416,7 +1581,8 @@ class RedisBackend(Backend):
 
     def stats(self, topic: str) -> dict[str, int]:
         flat = self._run(topic, "stats")[1]
-        result = dict.fromkeys(COUNTER_KEYS + GAUGE_KEYS, 0)
+        result = dict.fromkeys(COUNTER_KEYS + GAUGE_KEYS
+                               + _REDIS_COUNTER_KEYS, 0)
         for name, value in zip(flat[::2], flat[1::2]):
             result[name.decode()] = int(value)
         return result
@@ -1515,6 +1681,39 @@ class _WakeStream:
 
     def cancel_wait(self) -> None:
         pass
+
+
+# Descriptions of the script operations that a server out of memory
+# rejects, for the message of BackendOutOfMemory.
+_OPERATION_WORDS = {
+    "publish": "a publish",
+    "declare": "declaring it",
+    "replace": "declaring it",
+    "open": "opening the first consumer of a group",
+    "dlq_redrive": "redriving dead letters",
+}
+
+
+def _out_of_memory_error(topic: str, url: str, operation: str
+                         ) -> BackendOutOfMemory:
+    """Return the error of a script call on `topic` that the server at
+    `url` rejected because its used memory is above maxmemory."""
+    doing = _OPERATION_WORDS.get(operation, f"the {operation} call")
+    return BackendOutOfMemory(
+        f"the Redis server at {url} is out of memory (used memory above "
+        f"its maxmemory, and nothing it may evict), so {doing} on topic "
+        f"{topic!r} was rejected and stored nothing; raise maxmemory on "
+        f"the server, shorten the topic's retention, consume and ack its "
+        f"backlog, or purge its dead letters with "
+        f"broker.dlq_purge({topic!r}), then try again", topic=topic)
+
+
+def _lease_s(ack_timeout: float | None) -> float:
+    """Return the lease in seconds of a consumer with `ack_timeout`
+    (None: the default of `Broker.consume`, 30 s)."""
+    if ack_timeout is None:
+        ack_timeout = 30.0
+    return max(_LEASE_MIN_S, _LEASE_FACTOR * ack_timeout)
 
 
 def _unknown_topic(topic: str) -> str:

@@ -1465,7 +1465,8 @@ class ShmBackend(LogBackend):
         return super().has_topic(topic)
 
     def open_consumer(self, topic: str, group: str, *, start: str,
-                      prefetch: int, max_attempts: int | None) -> str:
+                      prefetch: int, max_attempts: int | None,
+                      ack_timeout: float | None = None) -> str:
         with self._lock:
             self._check_open()
             core = None
