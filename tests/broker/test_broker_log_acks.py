@@ -288,6 +288,51 @@ def test_log_rejects_sync_acks_not_bool(path):
         open_broker(path, sync_acks="yes")
 
 
+# A process that is not the writer publishes in a thread, which waits for
+# the writer's sync (held back by the test), and closes the broker
+# meanwhile. The thread must end with ShutDown, not crash the process on
+# the journal that the close unmapped.
+CLOSE_WHILE_PUBLISH_WAITS = """
+path = sys.argv[1]
+broker = mqs.Broker(backend="log", path=path, fsync="always",
+                    segment_bytes=4 << 20)
+assert not broker._backend._writer
+outcome = []
+
+
+def publish():
+    try:
+        outcome.append(broker.publish("t", "waits"))
+    except mqs.ShutDown as exc:
+        outcome.append(type(exc).__name__)
+
+
+thread = threading.Thread(target=publish)
+thread.start()
+time.sleep(0.5)
+print("waiting" if thread.is_alive() else "returned", flush=True)
+broker.close()
+thread.join(30)
+print("hung" if thread.is_alive() else outcome[0], flush=True)
+"""
+
+
+def test_always_close_during_publish_sync(path, sync_gate):
+    broker = open_broker(path)
+    broker.declare_topic("t")
+    gate = sync_gate(broker)
+    script = "import sys, threading, time\nimport mqs\n" + \
+        textwrap.dedent(CLOSE_WHILE_PUBLISH_WAITS)
+    try:
+        child = subprocess.run([sys.executable, "-c", script, str(path)],
+                               capture_output=True, text=True, timeout=60)
+    finally:
+        gate.open()
+    assert child.returncode == 0, (child.returncode, child.stderr)
+    assert child.stdout.split() == ["waiting", "ShutDown"]
+    broker.close()
+
+
 # ---- SIGKILL and power loss -------------------------------------------------
 
 # Publishes, gets and acks one message at a time in one thread, and
