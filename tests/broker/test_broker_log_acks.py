@@ -186,6 +186,29 @@ def test_always_sync_acks_true_ack_waits(path, sync_gate):
     broker.close()
 
 
+def test_always_sync_acks_auto_ack_get_waits(path, sync_gate):
+    """An auto_ack get of a core topic (the C reader) under sync_acks
+    returns only after a sync that covers its delivery record."""
+    broker = open_broker(path, sync_acks=True)
+    broker.publish("t", "a")
+    consumer = broker.consume("t", "g", prefetch=1, ack_timeout=600,
+                              auto_ack=True)
+    assert type(consumer._read_one).__name__ == "CoreReader"
+    gate = sync_gate(broker)
+    log = gate.log
+    thread, result = run_in_thread(consumer.get, 5)
+    thread.join(0.5)
+    assert thread.is_alive(), "auto_ack get returned before its sync"
+    end = log.end_offset
+    gate.open()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert result["value"].body == "a"
+    assert log.synced_offset >= end
+    consumer.close(drain=False)
+    broker.close()
+
+
 def test_sync_acks_get_async_frees_loop(path, sync_gate):
     broker = open_broker(path, sync_acks=True)
     broker.publish("t", "a")
