@@ -396,6 +396,49 @@ def test_c_get_moves_dead_letters_to_the_dlq(tmp_path):
         broker.close()
 
 
+@pytest.mark.parametrize("backend", ["log", "shm"])
+def test_c_get_keeps_message_when_dlq_move_fails(tmp_path, backend):
+    """An auto_ack get whose fetch dead-letters another message returns
+    the message it delivered, also when moving the dead letter into the
+    dead-letter queue fails (a close by another thread, a failed log
+    write). The core has delivered and settled that message, so raising
+    would lose it. The next call moves the dead letter."""
+    if backend == "log":
+        broker = _open(str(tmp_path / "b"))
+    else:
+        name = f"test-dlq-move-{os.getpid()}-{tmp_path.name}"
+        mqs.Broker.unlink(name)
+        broker = mqs.Broker(backend="shm", name=name)
+    try:
+        broker.declare_topic("t", max_attempts=1)
+        timed = broker.consume("t", "g", ack_timeout=0.05)
+        auto = broker.consume("t", "g", auto_ack=True)
+        assert type(auto._read_one) is CoreReader
+        broker.publish("t", "lost")
+        assert timed.get(timeout=1).body == "lost"
+        time.sleep(0.2)
+        broker.publish("t", "kept")
+        backend_object = broker._backend
+        collect = backend_object._collect_dead
+        failures = []
+
+        def failing_collect(topic, limit=None):
+            failures.append(topic)
+            raise mqs.ShutDown("closed by another thread")
+
+        backend_object._collect_dead = failing_collect
+        try:
+            assert auto.get(timeout=1).body == "kept"
+        finally:
+            backend_object._collect_dead = collect
+        assert failures == ["t"]
+        assert [letter.body for letter in broker.dlq_list("t")] == ["lost"]
+    finally:
+        broker.close()
+        if backend == "shm":
+            mqs.Broker.unlink(name)
+
+
 def test_c_paths_follow_a_topic_deleted_by_another_process(tmp_path):
     """After another process deletes and declares the topic again, the C
     paths of this process see the new core: its publish lands there, a
@@ -751,8 +794,8 @@ while True:
 
 def _read_reports(directory):
     """Return the bodies of the workers' reports by step ("P", "G", "a",
-    "A"), and the attempts of each "G"; a line cut by the kill is left
-    out."""
+    "A"), with the attempts of each "G". A line that a kill cut short is
+    left out."""
     steps = {"P": set(), "G": {}, "a": set(), "A": set()}
     for name in os.listdir(directory):
         with open(os.path.join(directory, name)) as file:
