@@ -3,7 +3,11 @@ attaching, retiring and exporting."""
 
 import os
 import pickle
+import signal
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -312,6 +316,68 @@ def test_topiccore_close_waits_for_parked_waiter(path):
     with pytest.raises(ValueError, match="closed"):
         core.publish(b"x", 0, 0.0)
     core.signal()  # a no-op on a closed handle
+
+
+# A thread waits for the core's mutex, which a stopped process holds
+# (inside export_image, which holds it for milliseconds), while another
+# thread closes the handle. The waiter must raise TopicRetired once it
+# gets the mutex, instead of touching the unmapped file. Run in a child
+# process, because the failure is a crash.
+CLOSE_WHILE_LOCK_WAITS = """
+path = sys.argv[1]
+core = TopicCore(path, [(0, 1)], capacity=1 << 15)
+core.open_group("g", True)
+for _ in range((1 << 15) - 1):
+    core.publish(b"x", 0, 0.0)
+parent = os.getpid()
+holder = os.fork()
+if holder == 0:
+    # Ends with its parent, and keeps no pipe of the test open.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    other = TopicCore(path, [(0, 1)])
+    while os.getppid() == parent:
+        other.export_image()
+    os._exit(0)
+outcome = []
+
+
+def read_stats():
+    try:
+        outcome.append(core.stats()["stored"])
+    except TopicRetired:
+        outcome.append("TopicRetired")
+
+
+for _ in range(50):
+    time.sleep(0.01)
+    os.kill(holder, signal.SIGSTOP)
+    waiter = threading.Thread(target=read_stats)
+    waiter.start()
+    waiter.join(0.2)
+    if waiter.is_alive():
+        break
+    os.kill(holder, signal.SIGCONT)
+else:
+    raise AssertionError("the stopped process never held the mutex")
+core.close()
+os.kill(holder, signal.SIGCONT)
+waiter.join(30)
+os.kill(holder, signal.SIGKILL)
+os.waitpid(holder, 0)
+print("hung" if waiter.is_alive() else outcome[0], flush=True)
+"""
+
+
+def test_topiccore_close_while_lock_waits(path):
+    script = ("import os, signal, sys, threading, time\n"
+              "from mqs._topiccore import TopicCore, TopicRetired\n"
+              + textwrap.dedent(CLOSE_WHILE_LOCK_WAITS))
+    child = subprocess.run([sys.executable, "-c", script, path],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, (child.returncode, child.stderr)
+    assert child.stdout.split() == ["TopicRetired"]
 
 
 def test_topiccore_closed_handle_rejects_new_waiter(path):

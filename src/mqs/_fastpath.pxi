@@ -342,8 +342,13 @@ cdef class CoreReader:
             # `fetch` moves the topic or raises with the consumer named.
             return None
         if core._has_dead():
-            # Into the topic's dead-letter queue in the journal.
-            self._path._backend._collect_dead(self._topic)
+            # Into the topic's dead-letter queue in the journal, without
+            # losing the message delivered here if that fails.
+            if payload is None:
+                self._path._backend._collect_dead(self._topic)
+            else:
+                self._path._backend._collect_dead_after_delivery(
+                    self._topic)
         if payload is None:
             return None
 
@@ -521,8 +526,12 @@ cdef class LoggedPath(CorePath):
         finally:
             section.leave_section()
         if core._has_dead():
-            # Into the topic's dead-letter queue in the journal.
-            self._backend._collect_dead(reader._topic)
+            # Into the topic's dead-letter queue in the journal, without
+            # losing the message delivered here if that fails.
+            if payload is None:
+                self._backend._collect_dead(reader._topic)
+            else:
+                self._backend._collect_dead_after_delivery(reader._topic)
         if payload is None:
             return None
         if auto_ack and self._always and self._backend._sync_acks:

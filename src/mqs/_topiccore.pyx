@@ -533,15 +533,44 @@ cdef class TopicCore(_MappedFile):
         if self._header == NULL or self._close_pending:
             raise ValueError(f"topic core {self.path} is closed")
         rc = mqs_tc_lock(self._header, 0)
-        while rc == MQS_ETIMEDOUT:
-            with nogil:
-                rc = mqs_tc_lock(self._header, SLICE_NS)
-            if rc == MQS_ETIMEDOUT:
-                PyErr_CheckSignals()
+        if rc == MQS_ETIMEDOUT:
+            rc = self._lock_contended()
         if rc < 0:
             raise OSError(f"the process-shared mutex of {self.path} is "
                           f"unusable (status {rc})")
         return 0
+
+    cdef int _lock_contended(self) except? -1:
+        """Wait for the mutex that another thread or process holds, in
+        slices without the GIL, and return `mqs_tc_lock`'s result.
+
+        The wait counts as a waiter (`_waiters`), so a `close` by another
+        thread meanwhile leaves the file mapped until this thread is out
+        of it. Raises `TopicRetired` after such a close, with the mutex
+        released again.
+        """
+        cdef mqs_tc_header_t *header = self._header
+        cdef int rc = MQS_ETIMEDOUT
+        self._waiters += 1
+        try:
+            while rc == MQS_ETIMEDOUT:
+                with nogil:
+                    rc = mqs_tc_lock(header, SLICE_NS)
+                if rc == MQS_ETIMEDOUT:
+                    PyErr_CheckSignals()
+        finally:
+            self._waiters -= 1
+            if self._close_pending:
+                if rc == MQS_OK or rc == 1:
+                    mqs_tc_unlock(header)
+                    rc = MQS_ETIMEDOUT
+                if self._waiters == 0:
+                    self._close_file()
+        if self._close_pending:
+            # `close` runs only after the topic left the core (a delete,
+            # a move, a new journal), so the caller goes on as for that.
+            raise TopicRetired(self.path)
+        return rc
 
     cdef inline void _unlock(self, bint changed):
         mqs_tc_unlock(self._header)

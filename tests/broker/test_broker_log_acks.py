@@ -186,6 +186,29 @@ def test_always_sync_acks_true_ack_waits(path, sync_gate):
     broker.close()
 
 
+def test_always_sync_acks_auto_ack_get_waits(path, sync_gate):
+    """An auto_ack get of a core topic (the C reader) under sync_acks
+    returns only after a sync that covers its delivery record."""
+    broker = open_broker(path, sync_acks=True)
+    broker.publish("t", "a")
+    consumer = broker.consume("t", "g", prefetch=1, ack_timeout=600,
+                              auto_ack=True)
+    assert type(consumer._read_one).__name__ == "CoreReader"
+    gate = sync_gate(broker)
+    log = gate.log
+    thread, result = run_in_thread(consumer.get, 5)
+    thread.join(0.5)
+    assert thread.is_alive(), "auto_ack get returned before its sync"
+    end = log.end_offset
+    gate.open()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert result["value"].body == "a"
+    assert log.synced_offset >= end
+    consumer.close(drain=False)
+    broker.close()
+
+
 def test_sync_acks_get_async_frees_loop(path, sync_gate):
     broker = open_broker(path, sync_acks=True)
     broker.publish("t", "a")
@@ -286,6 +309,51 @@ def test_log_rejects_sync_acks_not_bool(path):
     with pytest.raises(TypeError, match="sync_acks must be True or False, "
                                         "got str 'yes'"):
         open_broker(path, sync_acks="yes")
+
+
+# A process that is not the writer publishes in a thread, which waits for
+# the writer's sync (held back by the test), and closes the broker
+# meanwhile. The thread must end with ShutDown, not crash the process on
+# the journal that the close unmapped.
+CLOSE_WHILE_PUBLISH_WAITS = """
+path = sys.argv[1]
+broker = mqs.Broker(backend="log", path=path, fsync="always",
+                    segment_bytes=4 << 20)
+assert not broker._backend._writer
+outcome = []
+
+
+def publish():
+    try:
+        outcome.append(broker.publish("t", "waits"))
+    except mqs.ShutDown as exc:
+        outcome.append(type(exc).__name__)
+
+
+thread = threading.Thread(target=publish)
+thread.start()
+time.sleep(0.5)
+print("waiting" if thread.is_alive() else "returned", flush=True)
+broker.close()
+thread.join(30)
+print("hung" if thread.is_alive() else outcome[0], flush=True)
+"""
+
+
+def test_always_close_during_publish_sync(path, sync_gate):
+    broker = open_broker(path)
+    broker.declare_topic("t")
+    gate = sync_gate(broker)
+    script = "import sys, threading, time\nimport mqs\n" + \
+        textwrap.dedent(CLOSE_WHILE_PUBLISH_WAITS)
+    try:
+        child = subprocess.run([sys.executable, "-c", script, str(path)],
+                               capture_output=True, text=True, timeout=60)
+    finally:
+        gate.open()
+    assert child.returncode == 0, (child.returncode, child.stderr)
+    assert child.stdout.split() == ["waiting", "ShutDown"]
+    broker.close()
 
 
 # ---- SIGKILL and power loss -------------------------------------------------

@@ -809,6 +809,43 @@ def test_shm_journal_topic_direct_paths_across_processes(name, settings,
     broker.close()
 
 
+def publish_keyed_with_ttl(name):
+    broker = open_broker(name)
+    for number in range(4):
+        broker.publish("j", number, key=f"k{number % 2}")
+    broker.close()
+
+
+def test_shm_journal_ttl_expires_across_processes(name):
+    """Messages of a journal topic with a ttl and keys, published by a
+    child, expire at the ttl in this process too: the broker time of
+    both replicas (`JournalSection.tick`) agrees, the keys free up, and
+    every replica counts the expiries."""
+    broker = open_broker(name)
+    broker.declare_topic("j", ttl=0.3, maxsize=10)
+    assert "j" not in broker.backend._core_paths
+    consumer = broker.consume("j", "g", prefetch=10, ack_timeout=60)
+    join(start(publish_keyed_with_ttl, name))
+    first = consumer.get(timeout=5)
+    assert first.body == 0
+    time.sleep(0.6)
+    # The first message was in flight, so only the three others expired.
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.2)
+    assert first.ack() is True
+    broker.publish("j", "after", key="k0")
+    assert consumer.get(timeout=5).body == "after"
+    other = open_broker(name)
+    for replica in (broker, other):
+        stats = replica.stats("j")
+        assert stats["published"] == 5
+        assert stats["expired"] == 3
+        assert stats["stored"] == 1
+    consumer.close()
+    other.close()
+    broker.close()
+
+
 def test_shm_core_topic_moves_to_journal_keeping_order(name):
     broker = open_broker(name)
     other = open_broker(name)

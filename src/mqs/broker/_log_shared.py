@@ -1859,12 +1859,43 @@ class SharedLogBackend(ShmBackend):
 
     def _sync(self, log: Any, target: int | None = None) -> None:
         """Return once the log is durable up to journal position `target`,
-        by default this thread's last record (under "always")."""
+        by default this thread's last record (under "always").
+
+        Raises ShutDown when the broker is closed before that, also by
+        another thread while this one waits.
+        """
         if self.fsync != "always":
             return
         if target is None:
             target = getattr(self._local, "mark", 0)
-        while self._durable[_DURABLE] < target:
+        if self._closed:
+            raise ShutDown(f"log broker {self.path!r} is closed")
+        if self._durable[_DURABLE] >= target:
+            return
+        # Counted in `_waiting` under the thread lock, as in
+        # `ShmBackend._wait_for_change`. `close` sets `_closed`, then waits
+        # up to 1 s for the counted threads before it unmaps the journal
+        # that this thread parks on and releases the durable words.
+        section = self._lock
+        assert isinstance(section, _SharedSection)
+        with section.thread_lock:
+            if self._closed:
+                raise ShutDown(f"log broker {self.path!r} is closed")
+            self._waiting += 1
+        try:
+            self._wait_durable(target)
+        finally:
+            with section.thread_lock:
+                self._waiting -= 1
+
+    def _wait_durable(self, target: int) -> None:
+        """Wait until the log is durable up to `target`, for `_sync`."""
+        while True:
+            # First, because `close` releases what the checks below read.
+            if self._closed:
+                raise ShutDown(f"log broker {self.path!r} is closed")
+            if self._durable[_DURABLE] >= target:
+                return
             if self._failed is not None:
                 raise self._failed_error()
             if self._durable[_FAILED] in (_DIRECTORY_REPLACED,
@@ -1875,8 +1906,6 @@ class SharedLogBackend(ShmBackend):
                     f"log broker {self.path!r}: the writer process failed "
                     f"to append or sync the log; close the broker in every "
                     f"process and check the disk")
-            if self._closed:
-                raise ShutDown(f"log broker {self.path!r} is closed")
             if self._writer and not self._log_behind:
                 self._flush_log()
                 continue

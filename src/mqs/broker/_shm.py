@@ -1611,7 +1611,10 @@ class ShmBackend(LogBackend):
                     f"consumer of group {group!r} on topic {topic!r} is "
                     f"closed") from None
             if core.has_dead():
-                self._collect_dead(topic)
+                if found:
+                    self._collect_dead_after_delivery(topic)
+                else:
+                    self._collect_dead(topic)
             if found:
                 if waiting:
                     core.cancel_wait()
@@ -1858,6 +1861,22 @@ class ShmBackend(LogBackend):
             letters = [letter for letter, _ in state.dlq.values()]
             counters = dict(state.counters)
         return (letters if limit is None else letters[:limit]), counters
+
+    def _collect_dead_after_delivery(self, topic: str) -> None:
+        """Run `_collect_dead` after a fetch of the core delivered
+        messages, logging its failure instead of raising it.
+
+        The core has delivered those messages (and settled them under
+        auto_ack), so raising here would lose them for the caller. The
+        dead letters stay on the core until the next call moves them.
+        """
+        try:
+            self._collect_dead(topic)
+        except (ShutDown, BackendUnavailable, OSError) as exc:
+            logger.warning("%s: moving the dead letters of topic %r to "
+                           "its dead-letter queue failed (%s); the next "
+                           "call on the topic tries again", self._label,
+                           topic, exc)
 
     def _do_core_dead(self, topic: str, letters: list[tuple]) -> None:
         """Apply a ``core_dead`` record: dead letters that a topic core
