@@ -421,17 +421,19 @@ def run_backends_bench(count: int = 2000, repeat: int = 3,
                 case["latency_p99_us"] = _percentile(ordered, 0.99) / 1e3
             cases.append(case)
     return {"machine": machine_info(), "count": count, "repeat": repeat,
-            "cases": cases, "ratios": _ratios(rates)}
+            "cases": cases, "ratios": _ratios(rates, names)}
 
 
-def _ratios(rates: dict[tuple[str, str], float]) -> list[dict]:
+def _ratios(rates: dict[tuple[str, str], float], names: Sequence[str]
+            ) -> list[dict]:
+    """Return the ratios whose two subjects were both requested."""
     ratios = []
     for top, bottom, goal, goal_shapes in RATIOS:
+        if top not in names or bottom not in names:
+            continue
         for shape in SHAPE_NAMES:
             numerator = rates.get((top, shape))
             denominator = rates.get((bottom, shape))
-            if numerator is None and denominator is None:
-                continue
             value = (None if numerator is None or denominator is None
                      else numerator / denominator)
             target = goal if shape in goal_shapes else None
