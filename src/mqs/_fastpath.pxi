@@ -439,6 +439,16 @@ cdef class LoggedPath(CorePath):
             return None
         return <object>item
 
+    cdef int _check_failed(self) except -1:
+        """Raise the backend's error after a failed log append, before a
+        core operation whose record could not be logged. The caller
+        holds the section."""
+        cdef PyObject *failed = PyDict_GetItemWithError(self._state,
+                                                        "_failed")
+        if failed != NULL and <object>failed is not None:
+            raise self._backend._failed_error()
+        return 0
+
     cdef JournalSection _section(self):
         cdef PyObject *item = PyDict_GetItemWithError(self._state, "_lock")
         if item == NULL:
@@ -465,14 +475,11 @@ cdef class LoggedPath(CorePath):
         cdef double wall
         cdef int64_t seq = 0
         cdef JournalSection section
-        cdef PyObject *failed
         wall = _wall_clock()
         section = self._section()
         section.enter_section()
         try:
-            failed = PyDict_GetItemWithError(self._state, "_failed")
-            if failed != NULL and <object>failed is not None:
-                raise self._backend._failed_error()
+            self._check_failed()
             if self._handle(topic) is not handle:
                 # The catch-up applied a delete or a move.
                 return None
@@ -506,6 +513,7 @@ cdef class LoggedPath(CorePath):
         section = self._section()
         section.enter_section()
         try:
+            self._check_failed()
             if self._handle(reader._topic) is not handle:
                 return None
             payload = core._take_one(reader._number, ack_timeout, auto_ack,
@@ -552,6 +560,7 @@ cdef class LoggedPath(CorePath):
         section = self._section()
         section.enter_section()
         try:
+            self._check_failed()
             if self._handle(reader._topic) is not handle:
                 return None
             done = core._ack(reader._group_index, message._slot,

@@ -465,6 +465,32 @@ def test_c_paths_follow_a_topic_deleted_by_another_process(tmp_path):
         broker.close()
 
 
+def test_c_paths_take_nothing_after_failed_append(tmp_path):
+    """After a log append failed, get and ack raise BackendUnavailable
+    before they change the core, whose records could not be logged: the
+    ready message stays ready and the held one stays in flight."""
+    broker = _open(str(tmp_path / "b"))
+    backend = broker._backend
+    try:
+        broker.declare_topic("t")
+        consumer = broker.consume("t", "g", prefetch=10)
+        broker.publish("t", 1)
+        broker.publish("t", 2)
+        held = consumer.get(timeout=1)
+        backend._failed = OSError(28, "No space left on device")
+        with pytest.raises(mqs.BackendUnavailable, match="failed to append"):
+            consumer.get(timeout=0.2)
+        with pytest.raises(mqs.BackendUnavailable, match="failed to append"):
+            held.ack()
+        with pytest.raises(mqs.BackendUnavailable, match="failed to append"):
+            broker.publish("t", 3)
+        stats = backend._cores["t"]._core.stats()
+        assert (stats["ready"], stats["in_flight"]) == (1, 1)
+    finally:
+        backend._failed = None
+        broker.close()
+
+
 def test_plain_topic_core_until_last_close(tmp_path):
     path = str(tmp_path / "b")
     broker = _open(path)

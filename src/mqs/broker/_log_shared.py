@@ -1481,6 +1481,8 @@ class SharedLogBackend(ShmBackend):
         _, group_index, number, owner = entry
         try:
             with self._lock:
+                if self._failed is not None:
+                    raise self._failed_error()
                 if self._cores.get(topic) is not core:
                     return None
                 found = core._core.fetch(number, 1, ack_timeout, auto_ack,
@@ -1599,6 +1601,9 @@ class SharedLogBackend(ShmBackend):
             return None
         try:
             with self._lock:
+                if self._failed is not None:
+                    # The ack's record could not be logged.
+                    raise self._failed_error()
                 if self._cores.get(topic) is not core:
                     raise TopicRetired(topic)
                 result: bool = core._core.ack(tag[1], tag[2], tag[3])
