@@ -63,7 +63,10 @@ def test_broker_bench_split_shape_workers():
     assert bench_broker._shape_messages("4p", 7) == 28
 
 
-def test_broker_bench_leaves_no_keys_or_brokers(redis_url):
+def test_broker_bench_leaves_no_keys_or_brokers(redis_server_factory):
+    # A server of its own: tests of other files may write keys
+    # with the same prefix to the shared one meanwhile.
+    redis_url = redis_server_factory().url
     client = redis.Redis.from_url(redis_url)
     before = set(client.scan_iter(match="mqs-bench:*"))
     bench_broker.run_broker_bench(scale=SCALE, repeat=1, url=redis_url,

@@ -30,7 +30,10 @@ def test_redis_loop_reports_count_and_rate(redis_url, loop):
     assert result.params["batch"] == expected_batch
 
 
-def test_redis_loops_leave_no_keys(redis_url):
+def test_redis_loops_leave_no_keys(redis_server_factory):
+    # A server of its own: tests of other files may write keys
+    # with the same prefix to the shared one meanwhile.
+    redis_url = redis_server_factory().url
     client = redis.Redis.from_url(redis_url)
     before = set(client.scan_iter(match="mqs-bench:*"))
     bench_redis.xadd_pipelined(redis_url, COUNT, body_bytes=10, batch=7)
@@ -40,7 +43,10 @@ def test_redis_loops_leave_no_keys(redis_url):
     client.close()
 
 
-def test_broker_loops_leave_no_keys(redis_url):
+def test_broker_loops_leave_no_keys(redis_server_factory):
+    # A server of its own: tests of other files may write keys
+    # with the same prefix to the shared one meanwhile.
+    redis_url = redis_server_factory().url
     client = redis.Redis.from_url(redis_url)
     before = set(client.scan_iter(match="{mqs-bench-*"))
     bench_redis.broker_publish_batched(redis_url, 30, batch=7)
