@@ -1462,21 +1462,22 @@ local function end_backlog()
   end
 end
 
--- Enters the record of a redriven entry into group `g`: behind the
--- visible entry of its key, or else ready at the tail of its lane.
-local function enter_record(g, id, rec)
+-- Enters the record of an entry into group `g`: behind the visible
+-- entry of its key, or else ready in its lane. A redriven entry goes to
+-- the tail of either; one given back unseen (`front`) to the head.
+local function enter_record(g, id, rec, front)
   local key = rec.k
   local head = gkey(g, 'kh')
   if key ~= '' and redis.call('HEXISTS', head, key) == 1 then
     rec.s = 'H'
     put_rec(g, id, rec)
-    redis.call('RPUSH', gkey(g, 'kw:' .. key), id)
+    redis.call(front and 'LPUSH' or 'RPUSH', gkey(g, 'kw:' .. key), id)
     return
   end
   if key ~= '' then
     redis.call('HSET', head, key, id)
   end
-  make_ready(g, id, rec, false)
+  make_ready(g, id, rec, front or false)
 end
 
 -- Enters the redriven entries whose stream entry is gone into a new
@@ -2281,24 +2282,6 @@ local function release()
   return {'OK', returned}
 end
 
--- Enters the record of an entry given back unseen into group `g` at the
--- head of its lane, or at the head of the entries waiting behind the
--- visible entry of its key.
-local function enter_front(g, id, rec)
-  local key = rec.k
-  local head = gkey(g, 'kh')
-  if key ~= '' and redis.call('HEXISTS', head, key) == 1 then
-    rec.s = 'H'
-    put_rec(g, id, rec)
-    redis.call('LPUSH', gkey(g, 'kw:' .. key), id)
-    return
-  end
-  if key ~= '' then
-    redis.call('HSET', head, key, id)
-  end
-  make_ready(g, id, rec, true)
-end
-
 -- Gives back to group `g`, unseen and with the attempt refunded, entries
 -- that a fetch finished under auto_ack but whose reply no caller took (a
 -- cancelled get_async). An entry that has a record in the group again is
@@ -2346,7 +2329,7 @@ local function put_back()
         {s = '', t = 0, a = math.max(attempts - 1, 0), l = lane,
          k = field(fields, 'k') or '', r = 1, c = '', p = 0, d = 0,
          x = tonumber(field(fields, 'x')) or 0, rd = redriven}, REC)
-      enter_front(g, id, rec)
+      enter_record(g, id, rec, true)
       returned = returned + 1
     end
   end
