@@ -303,9 +303,9 @@ class BackendConnectionError(MqsError, ConnectionError):
 
 class BackendOutOfMemory(Full):
     """Raised at once, whatever the topic's `when_full`, by a call that
-    would store data on a broker backend's server that is out of memory:
-    a Redis server whose used memory is above its ``maxmemory`` and that
-    may evict nothing (the ``noeviction`` policy).
+    would store data on a broker backend's server that is out of memory.
+    For Redis, that is a server whose used memory is above its
+    ``maxmemory`` and whose policy evicts nothing (``noeviction``).
 
     Publishing, declaring a topic and opening the first consumer of a
     group raise it. Getting, acking, nacking, closing consumers and
