@@ -16,7 +16,8 @@ def test_local_subjects_in_every_shape():
     assert set(cases) == {(subject, shape) for subject in LOCAL
                           for shape in bench_backends.SHAPE_NAMES}
     for (subject, shape), case in cases.items():
-        assert case["messages"] == 40 and case["rounds"] == 1
+        assert case["messages"] == 40
+        assert case["rounds"] == 1
         assert 0 < case["rate_min_per_s"] <= case["rate_per_s"] \
             <= case["rate_max_per_s"]
         if shape == "1 thread":
@@ -46,14 +47,16 @@ def test_peers_and_ratios():
         assert interval["value"] == pytest.approx(
             rates["log fsync=interval", shape]
             / rates["Redis Streams everysec", shape])
-        assert interval["target"] == 20.0 and interval["tracked"]
+        assert interval["target"] == 20.0
+        assert interval["tracked"]
         assert interval["met"] == (interval["value"] >= 20.0)
         always = ratios[f"log fsync=always / SQLiteAckQueue, {shape}"]
         # The target is set for 4 concurrent producers only.
         assert always["tracked"] == (shape != "1 thread")
         assert always["target"] == (None if shape == "1 thread" else 10.0)
         backend = ratios[f"redis backend / Redis Streams everysec, {shape}"]
-        assert backend["target"] is None and backend["value"] > 0
+        assert backend["target"] is None
+        assert backend["value"] > 0
 
 
 def test_lost_item_fails_the_round(monkeypatch):

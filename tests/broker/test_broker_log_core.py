@@ -366,7 +366,8 @@ def test_c_paths_append_the_core_records(tmp_path):
     assert (op, topic, group, auto_ack, ack_timeout) == \
         ("image_deliver", "t", "g", False, 30)
     assert [(seq, attempts) for seq, attempts, _ in items] == [(1, 1)]
-    assert acked[0] == "image_ack" and acked[2] == ("t", "g", 1)
+    assert acked[0] == "image_ack"
+    assert acked[2] == ("t", "g", 1)
 
 
 def test_c_get_moves_dead_letters_to_the_dlq(tmp_path):
@@ -441,7 +442,7 @@ def test_c_get_keeps_message_when_dlq_move_fails(tmp_path, backend):
 
 def test_c_paths_follow_a_topic_deleted_by_another_process(tmp_path):
     """After another process deletes and declares the topic again, the C
-    paths of this process see the new core: its publish lands there, a
+    paths of this process use the new core. A publish lands there, a
     message of the old core cannot be acked into the new one, and the
     consumer of the old core gets ShutDown."""
     path = str(tmp_path / "b")
