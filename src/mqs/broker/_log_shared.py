@@ -194,7 +194,6 @@ from mqs.broker._backend import (
     Delivery,
     Envelope,
     decode_each,
-    decode_error,
 )
 from mqs.broker._log import (
     _SNAPSHOT_KEY,
@@ -224,7 +223,6 @@ from mqs.broker._shm import (
     CORE_SLOT_BYTES,
     ShmBackend,
     _adopt_core_state,
-    _core_delivery,
     _ChangeWait,
     _instances,
     _JournalOp,
@@ -1468,40 +1466,6 @@ class SharedLogBackend(ShmBackend):
             chunk.append(item)
             size += len(item[3]) + 32
         self._log_core("image_publish_many", topic, chunk)
-
-    def fetch_one(self, topic: str, group: str, consumer: str,
-                  ack_timeout: float, auto_ack: bool) -> Delivery | None:
-        entry = self._core_consumers.get(consumer)
-        if entry is None:
-            return ShmBackend.fetch_one(self, topic, group, consumer,
-                                        ack_timeout, auto_ack)
-        core = self._cores.get(topic)
-        if core is None:
-            return None
-        _, group_index, number, owner = entry
-        try:
-            with self._lock:
-                if self._failed is not None:
-                    raise self._failed_error()
-                if self._cores.get(topic) is not core:
-                    return None
-                found = core._core.fetch(number, 1, ack_timeout, auto_ack,
-                                         None, owner)
-                if not found:
-                    return None
-                item = found[0]
-                self._log_core("image_deliver", topic, group, auto_ack,
-                               [(item[0], item[3], item[2])], number,
-                               ack_timeout)
-        except (TopicRetired, ShutDown):
-            # `fetch` moves the topic or raises ShutDown with its checks.
-            return None
-        if auto_ack and self._sync_acks:
-            self._sync(self._log)
-        try:
-            return _core_delivery(core.path, topic, group, group_index, item)
-        except Exception as exc:  # whatever the body's unpickling raised
-            raise decode_error(topic, f"s{item[0]}", exc, auto_ack) from exc
 
     def fetch(self, topic: str, group: str, consumer: str, max_items: int,
               *, ack_timeout: float, auto_ack: bool,
