@@ -126,6 +126,8 @@ uint64_t mqs_tc_layout_bytes(const mqs_tc_params_t *params)
 
 _Static_assert(sizeof(mqs_tc_config_t) <= 2 * MQS_PAD_BYTES,
                "max_stored must stay in the config block's padding");
+_Static_assert(sizeof(mqs_tc_state_t) <= 2 * MQS_PAD_BYTES,
+               "the pending fields must stay in the state block's padding");
 
 int mqs_tc_format(mqs_tc_header_t *h, const mqs_tc_params_t *params)
 {
@@ -1156,6 +1158,45 @@ static int64_t nanoseconds(double seconds)
     return (int64_t)(seconds * 1e9 + (seconds < 0 ? -0.5 : 0.5));
 }
 
+/*
+ * Note an ack or delivery of (g, slot) that is about to change the
+ * entry and then the counters, so that mqs_tc_repair can set those
+ * counters to match the entry if this holder dies in between. The kind
+ * is cleared first and stored last, so a repair never reads a kind with
+ * the fields of another operation; a holder killed at any point has
+ * stored everything before that point (only the compiler could reorder
+ * them, which the fences forbid).
+ */
+static void pending_begin(mqs_tc_header_t *h, uint32_t kind, uint32_t g,
+                          uint32_t slot, uint64_t ticket)
+{
+    mqs_tc_state_t *s = state_of(h);
+    mqs_tc_group_t *group = mqs_tc_group(h, g);
+
+    atomic_store_explicit(&s->pending_kind, 0, memory_order_relaxed);
+    atomic_signal_fence(memory_order_seq_cst);
+    s->pending_group = g;
+    s->pending_slot = slot;
+    s->pending_ticket = ticket;
+    s->pending_before[MQS_TC_BEFORE_DELIVERED] =
+        s->counters[MQS_TC_DELIVERED];
+    s->pending_before[MQS_TC_BEFORE_ACKED] = s->counters[MQS_TC_ACKED];
+    s->pending_before[MQS_TC_BEFORE_GROUP_DELIVERED] =
+        group->counters[MQS_TC_GROUP_DELIVERED];
+    s->pending_before[MQS_TC_BEFORE_GROUP_ACKED] =
+        group->counters[MQS_TC_GROUP_ACKED];
+    atomic_signal_fence(memory_order_seq_cst);
+    atomic_store_explicit(&s->pending_kind, kind, memory_order_relaxed);
+    atomic_signal_fence(memory_order_seq_cst);
+}
+
+static void pending_end(mqs_tc_header_t *h)
+{
+    atomic_signal_fence(memory_order_seq_cst);
+    atomic_store_explicit(&state_of(h)->pending_kind, 0,
+                          memory_order_relaxed);
+}
+
 /* Record the enqueue-to-deliver latency of a sampled delivery and mark
  * it for deliver-to-ack, as TopicState._sample_delivery does. */
 static void sample_delivery(mqs_tc_header_t *h, mqs_tc_group_t *group,
@@ -1208,6 +1249,9 @@ int64_t mqs_tc_fetch(mqs_tc_header_t *h, uint32_t consumer,
         uint64_t attempts = mqs_tc_word_attempts(load_word(e)) + 1;
         mqs_tc_delivery_t *d = &out[n++];
 
+        pending_begin(h, auto_ack ? MQS_TC_PENDING_FETCH_AUTO_ACK
+                                  : MQS_TC_PENDING_FETCH,
+                      g, slot, e->ticket + 1);
         group->ready--;
         e->ticket++;
         d->slot = slot;
@@ -1221,6 +1265,7 @@ int64_t mqs_tc_fetch(mqs_tc_header_t *h, uint32_t consumer,
         d->body = body_of(stored);
         s->counters[MQS_TC_DELIVERED]++;
         group->counters[MQS_TC_GROUP_DELIVERED]++;
+        MQS_FAILPOINT("tc_fetch_after_count");
         e->sampled_at = 0;
         if (--group->countdown <= 0)
             sample_delivery(h, group, e, now, auto_ack);
@@ -1240,6 +1285,7 @@ int64_t mqs_tc_fetch(mqs_tc_header_t *h, uint32_t consumer,
         c->in_flight++;
         group->in_flight++;
     }
+    pending_end(h);
     return n;
 }
 
@@ -1272,13 +1318,16 @@ int mqs_tc_ack(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
 
     if (e == NULL)
         return 0;
+    pending_begin(h, MQS_TC_PENDING_ACK, group, slot, ticket);
     state_of(h)->counters[MQS_TC_ACKED]++;
     mqs_tc_group(h, group)->counters[MQS_TC_GROUP_ACKED]++;
+    MQS_FAILPOINT("tc_ack_after_count");
     if (e->sampled_at != 0)
         mqs_hist_record(&mqs_tc_group(h, group)->deliver_to_ack,
                         nanoseconds(now - e->sampled_at));
     leave_flight(h, group, e);
     finish(h, group, slot);
+    pending_end(h);
     shrink_if_drained(h);
     return 1;
 }
@@ -1611,6 +1660,53 @@ static void requeue_orphan(mqs_tc_header_t *h, uint32_t g, uint32_t slot,
     count_redelivery(h, g);
 }
 
+/*
+ * Set the counters of an ack or delivery whose holder died (see
+ * pending_begin) from the entry: to their values before it, or one
+ * more where the entry shows the operation done. Runs first in repair,
+ * before orphaned in-flight entries go back to their lanes.
+ */
+static void repair_pending(mqs_tc_header_t *h, uint32_t limit)
+{
+    mqs_tc_state_t *s = state_of(h);
+    uint32_t kind = atomic_load_explicit(&s->pending_kind,
+                                         memory_order_relaxed);
+    uint32_t g = s->pending_group, slot = s->pending_slot;
+    mqs_tc_group_t *group;
+    int64_t done = 1, acked;
+
+    atomic_store_explicit(&s->pending_kind, 0, memory_order_relaxed);
+    if (kind < MQS_TC_PENDING_ACK || kind > MQS_TC_PENDING_FETCH_AUTO_ACK ||
+        g >= config_of(h)->params.max_groups)
+        return;
+    group = mqs_tc_group(h, g);
+    if (!atomic_load_explicit(&group->used, memory_order_relaxed))
+        return;
+    if (slot < limit) {
+        /* Past the limit only after an ack that freed the last slot. */
+        mqs_tc_entry_t *e = mqs_tc_entry(h, g, slot);
+        uint32_t state = mqs_tc_word_state(load_word(e));
+        int same = e->ticket == s->pending_ticket;
+
+        if (kind == MQS_TC_PENDING_ACK)
+            done = !(state == MQS_TC_IN_FLIGHT && same);
+        else if (kind == MQS_TC_PENDING_FETCH)
+            done = state == MQS_TC_IN_FLIGHT && same;
+        else
+            done = state != MQS_TC_READY;
+    }
+    acked = kind != MQS_TC_PENDING_FETCH ? done : 0;
+    s->counters[MQS_TC_ACKED] = s->pending_before[MQS_TC_BEFORE_ACKED] + acked;
+    group->counters[MQS_TC_GROUP_ACKED] =
+        s->pending_before[MQS_TC_BEFORE_GROUP_ACKED] + acked;
+    if (kind != MQS_TC_PENDING_ACK) {
+        s->counters[MQS_TC_DELIVERED] =
+            s->pending_before[MQS_TC_BEFORE_DELIVERED] + done;
+        group->counters[MQS_TC_GROUP_DELIVERED] =
+            s->pending_before[MQS_TC_BEFORE_GROUP_DELIVERED] + done;
+    }
+}
+
 void mqs_tc_repair(mqs_tc_header_t *h)
 {
     mqs_tc_params_t *p = &config_of(h)->params;
@@ -1619,6 +1715,7 @@ void mqs_tc_repair(mqs_tc_header_t *h)
     uint32_t groups_used = 0;
 
     s->counters[MQS_TC_RECOVERIES]++;
+    repair_pending(h, limit);
     s->slot_limit = limit;
     for (uint32_t g = 0; g < p->max_groups; g++) {
         mqs_tc_group_t *group = mqs_tc_group(h, g);

@@ -190,7 +190,31 @@ typedef struct mqs_tc_state {
     /* 1 + the index of the group mqs_tc_open_group is creating, else 0:
      * the only unused group whose entries may be other than free. */
     uint32_t opening_group;
+    /* The ack or delivery in progress (MQS_TC_PENDING_*, 0 for none) and
+     * the counters it changes as they were before it. A holder that dies
+     * between the entry's commit and its counters leaves counters that
+     * disagree with the entries; mqs_tc_repair sets them from these.
+     * Files formatted before these fields read 0 here. */
+    _Atomic uint32_t pending_kind;
+    uint32_t pending_group;
+    uint32_t pending_slot;
+    uint32_t pending_reserved;
+    uint64_t pending_ticket;    /* the delivery's ticket after the op */
+    int64_t pending_before[4];  /* MQS_TC_BEFORE_* */
 } mqs_tc_state_t;
+
+enum {
+    MQS_TC_PENDING_ACK = 1,
+    MQS_TC_PENDING_FETCH = 2,
+    MQS_TC_PENDING_FETCH_AUTO_ACK = 3,
+};
+
+enum {
+    MQS_TC_BEFORE_DELIVERED,
+    MQS_TC_BEFORE_ACKED,
+    MQS_TC_BEFORE_GROUP_DELIVERED,
+    MQS_TC_BEFORE_GROUP_ACKED,
+};
 
 #define MQS_TC_BLOCK(type) \
     union { type v; char pad[((sizeof(type) + MQS_PAD_BYTES - 1) \

@@ -12,7 +12,9 @@ UndefinedBehaviorSanitizer, and ThreadSanitizer (threads mode only).
   a repair leaves unchanged, delivery order, and rejected input).
 - crash: a child SIGKILLed at a failpoint while it holds the mutex; the
   parent gets EOWNERDEAD, the repair rebuilds the lanes, and every
-  message that was not acked is delivered once more, nothing twice. A
+  message that was not acked is delivered once more, nothing twice. The
+  repaired counters match the entries: a child killed after counting an
+  ack or a delivery but before the entry changed leaves no count. A
   child killed while importing a saved state leaves what it committed.
 - threads: a producer and a consumer thread; each message acked once.
 """
@@ -28,7 +30,9 @@ SOURCES = [c_build.C_TESTS / "test_topiccore.c",
 FLAGS = ["-DMQS_FAILPOINTS=1", "-Wl,--wrap=malloc"]
 TIMEOUT_SECONDS = 300
 KILL_POINTS = ["tc_publish_before_commit", "tc_publish_after_commit",
-               "tc_fetch_after_commit", "tc_finish_before_free",
+               "tc_fetch_after_commit", "tc_fetch_after_count",
+               "tc_fetch_after_count:3", "tc_ack_after_count",
+               "tc_finish_before_free",
                "tc_open_group_before_commit", "tc_requeue_after_leave:2",
                "tc_import_message_after_commit:2",
                "tc_import_dead_after_commit"]

@@ -400,6 +400,7 @@ static void test_no_allocation_when_malloc_fails(void)
 /* ---- importing an image ------------------------------------------------ */
 
 static void check_consistent(mqs_tc_header_t *h);
+static void check_counters(mqs_tc_header_t *h);
 
 static int64_t import_number(mqs_tc_header_t *h, uint64_t seq,
                              uint32_t number, uint32_t priority, int retained)
@@ -682,6 +683,24 @@ static void child_open_group(mqs_tc_header_t *h)
     mqs_tc_unlock(h);
 }
 
+/* Check the counters of group 0, the only group of the crash tests,
+ * against the topic's and the entries: what is stored was published
+ * and not acked. */
+static void check_counters(mqs_tc_header_t *h)
+{
+    mqs_tc_group_t *group = mqs_tc_group(h, 0);
+    mqs_tc_stats_t stats;
+
+    mqs_tc_stats(h, &stats);
+    CHECK_EQ(h->state.v.pending_kind, 0);
+    CHECK_EQ(group->counters[MQS_TC_GROUP_ACKED], counter(h, MQS_TC_ACKED));
+    CHECK_EQ(group->counters[MQS_TC_GROUP_DELIVERED],
+             counter(h, MQS_TC_DELIVERED));
+    CHECK_EQ((int64_t)stats.stored,
+             (int64_t)h->state.v.next_seq - counter(h, MQS_TC_ACKED));
+    CHECK(counter(h, MQS_TC_DELIVERED) >= counter(h, MQS_TC_ACKED));
+}
+
 /* Check the mirrors against the words after a repair. */
 static void check_consistent(mqs_tc_header_t *h)
 {
@@ -782,7 +801,8 @@ static void test_crash(const char *point)
     if (strcmp(point, "tc_publish_before_commit") == 0
         || strcmp(point, "tc_publish_after_commit") == 0)
         run_killed(point, child_publish, h);
-    else if (strcmp(point, "tc_fetch_after_commit") == 0)
+    else if (strcmp(point, "tc_fetch_after_commit") == 0
+             || strncmp(point, "tc_fetch_after_count", 20) == 0)
         run_killed(point, child_fetch, h);
     else if (strcmp(point, "tc_open_group_before_commit") == 0)
         run_killed(point, child_open_group, h);
@@ -793,6 +813,20 @@ static void test_crash(const char *point)
     CHECK_EQ(mqs_tc_lock(h, 0), 1);
     CHECK_EQ(counter(h, MQS_TC_RECOVERIES), 1);
     check_consistent(h);
+    check_counters(h);
+    if (strcmp(point, "tc_ack_after_count") == 0) {
+        /* Killed in its first ack after counting it, before the entry
+         * changed: the ack did not happen, nor does its count. */
+        CHECK_EQ(counter(h, MQS_TC_ACKED), 0);
+        CHECK_EQ(counter(h, MQS_TC_DELIVERED), 4);
+    } else if (strcmp(point, "tc_fetch_after_count") == 0) {
+        CHECK_EQ(counter(h, MQS_TC_DELIVERED), 0);
+    } else if (strcmp(point, "tc_fetch_after_count:3") == 0) {
+        /* Two deliveries committed, the third counted only. */
+        CHECK_EQ(counter(h, MQS_TC_DELIVERED), 2);
+    } else if (strcmp(point, "tc_finish_before_free") == 0) {
+        CHECK_EQ(counter(h, MQS_TC_ACKED), 1);
+    }
     /* The dead process's consumer is closed, as its owner's reaper
      * would; every message not acked comes back exactly once. */
     mqs_tc_close_consumer(h, 1, NOW);
@@ -830,6 +864,9 @@ static void test_crash(const char *point)
     CHECK_EQ(stats.stored, 0);
     CHECK_EQ(stats.ready, 0);
     CHECK_EQ(stats.in_flight, 0);
+    /* Every message was acked once, and counted once. */
+    CHECK_EQ(counter(h, MQS_TC_ACKED), (int64_t)h->state.v.next_seq);
+    check_counters(h);
     if (strcmp(point, "tc_open_group_before_commit") == 0)
         CHECK_EQ(mqs_tc_find_group(h, "new", 3), -1);
     mqs_tc_unlock(h);
