@@ -307,6 +307,10 @@ cdef class CoreReader:
     cdef uint64_t _owner
     # `_path` is a `LoggedPath`.
     cdef bint _logged
+    # Set by `_read`: whether its None meant that the core had nothing
+    # for this consumer (nothing ready, or `prefetch` held), rather than a
+    # case left to the backend.
+    cdef bint _nothing_ready
 
     def __init__(self, CorePath path, consumer, type message_type,
                  type delivery_type, str topic, str group,
@@ -326,10 +330,91 @@ cdef class CoreReader:
         self._logged = type(path) is LoggedPath
 
     def __call__(self, double ack_timeout, bint auto_ack):
+        return self._read(ack_timeout, auto_ack)
+
+    def wait_read(self, double ack_timeout, bint auto_ack, double timeout):
+        """`__call__`, waiting up to `timeout` seconds (no limit when it
+        is negative) for a message on the core.
+
+        Returns None at the timeout, and as soon as the case is the
+        backend's: the backend closed, the topic off its core, the
+        consumer closed. The caller then uses `fetch` with the time
+        left. The periodic check for dead consumers runs in the wait,
+        through the backend's `_fast_core`. The wait runs
+        without the GIL on the core's change word, in slices of at most
+        50 ms, so signal handlers run between them; nothing is taken
+        while it waits.
+        """
+        cdef double now, deadline
+        cdef uint32_t epoch
+        cdef TopicCore core
+        message = self._read(ack_timeout, auto_ack)
+        if message is not None or not self._nothing_ready:
+            return message
+        now = mqs_monotonic_ns() / 1e9
+        deadline = now + timeout if timeout >= 0 else now + 1e18
+        while now < deadline:
+            core = self._waitable_core(now)
+            if core is None:
+                return None
+            try:
+                epoch = core.wait_prepare()
+            except TopicRetired:
+                return None
+            try:
+                # Again after registering, so that a publish in between
+                # is not missed.
+                message = self._read(ack_timeout, auto_ack)
+            except BaseException:
+                core.cancel_wait()
+                raise
+            if message is not None or not self._nothing_ready:
+                core.cancel_wait()
+                return message
+            core.wait(epoch, min(deadline - now, 0.05))
+            PyErr_CheckSignals()
+            now = mqs_monotonic_ns() / 1e9
+        return None
+
+    cdef TopicCore _waitable_core(self, double now):
+        """Return the core to wait on for `wait_read`, or None when the
+        case is the backend's (see there)."""
+        cdef dict state = self._path._state
+        cdef PyObject *item = PyDict_GetItemWithError(state, "_closed")
+        if item == NULL or <object>item is not False:
+            return None
+        item = PyDict_GetItemWithError(state, "_next_reap")
+        if item == NULL:
+            return None
+        if now >= <double><object>item:
+            # The periodic check for dead consumers, under the section,
+            # as the backend's `fetch` runs it; then the wait goes on.
+            self._path._backend._fast_core(self._topic)
+            item = PyDict_GetItemWithError(state, "_next_reap")
+            if item == NULL or now >= <double><object>item:
+                return None
+        if getattr(self._consumer, "_closed", True) is not False:
+            return None
+        if self._logged:
+            handle = (<LoggedPath>self._path)._handle(self._topic)
+            if handle is None:
+                return None
+            return <TopicCore?>handle._core
+        item = PyDict_GetItemWithError(state, "_cores")
+        if item == NULL or type(<object>item) is not dict:
+            return None
+        item = PyDict_GetItemWithError(<object>item, self._topic)
+        if item == NULL:
+            return None
+        return <TopicCore?><object>item
+
+    cdef object _read(self, double ack_timeout, bint auto_ack):
+        """`__call__`; sets `_nothing_ready`."""
         cdef mqs_tc_delivery_t *d
         cdef uint64_t seq, ticket, attempts
         cdef uint32_t slot, priority
         cdef double timestamp
+        self._nothing_ready = False
         if self._logged:
             return (<LoggedPath>self._path)._take(self, ack_timeout, auto_ack)
         core = self._path._usable_core(self._topic)
@@ -350,6 +435,7 @@ cdef class CoreReader:
                 self._path._backend._collect_dead_after_delivery(
                     self._topic)
         if payload is None:
+            self._nothing_ready = True
             return None
 
         # Copied before the unpickler runs, because it may run code that
@@ -541,6 +627,7 @@ cdef class LoggedPath(CorePath):
             else:
                 self._backend._collect_dead_after_delivery(reader._topic)
         if payload is None:
+            reader._nothing_ready = True
             return None
         if auto_ack and self._always and self._backend._sync_acks:
             self._backend._sync(self._backend._log)

@@ -481,6 +481,9 @@ class Consumer:
             max_attempts=max_attempts, ack_timeout=ack_timeout)
         self._read_one: Callable[[float, bool], Message | None] | None = \
             self._backend.message_reader(self, Message)
+        # A reader that can also wait for a message (`CoreReader`).
+        self._wait_read: Callable[[float, bool, float], Message | None] \
+            | None = getattr(self._read_one, "wait_read", None)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -645,7 +648,17 @@ class Consumer:
                                          and timeout >= 0))):
             # A message that is ready now needs no wait, so only the
             # timeout is checked first.
-            message = self._read_one(self.ack_timeout, self.auto_ack)
+            if self._wait_read is None:
+                message = self._read_one(self.ack_timeout, self.auto_ack)
+            else:
+                # Waits for a message without the Python path below;
+                # None leaves the case (or the time left) to it.
+                started = time.monotonic()
+                message = self._wait_read(
+                    self.ack_timeout, self.auto_ack,
+                    -1.0 if timeout is None else timeout)
+                if message is None and timeout is not None:
+                    timeout = max(0.0, timeout - (time.monotonic() - started))
             if message is not None:
                 return message
         self._check_process("Consumer.get")

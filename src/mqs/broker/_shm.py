@@ -1642,6 +1642,10 @@ class ShmBackend(LogBackend):
             core.wait(epoch, 0.05 if deadline is None
                       else min(0.05, deadline - now))
             waiting = False
+            if self._cores.get(topic) is not core:
+                # Deleted or moved by another thread while this one
+                # waited, which may have closed this handle.
+                return None
 
     def _core_tag(self, topic: str, tag: Any
                   ) -> tuple[TopicCore | None, Any]:

@@ -1,0 +1,209 @@
+"""`Consumer.get` waiting on a topic core (`CoreReader.wait_read`).
+
+On the shm and log backends a `get` that finds nothing ready waits on
+the topic core's change word without the GIL and takes the message in
+C when it comes, without the backend's Python `fetch`. Every case that
+the backend must handle (a closed consumer or broker, the topic leaving
+its core, the periodic check for dead consumers) goes back to `fetch`
+with the time left. These tests check that the wait is the C one, that
+it ends on a publish, a timeout, a close and a signal, and that it
+never takes a message it does not return.
+"""
+
+import contextlib
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import mqs
+from mqs._topiccore import CoreReader
+
+
+@contextlib.contextmanager
+def open_broker(kind, tmp_path):
+    if kind == "log":
+        broker = mqs.Broker(backend="log", path=tmp_path / "broker",
+                            segment_bytes=1 << 20)
+        try:
+            yield broker
+        finally:
+            broker.close()
+        return
+    name = f"test-wait-{os.getpid()}-{tmp_path.name}"
+    mqs.Broker.unlink(name)
+    broker = mqs.Broker(backend="shm", name=name, journal_bytes=1 << 20)
+    try:
+        yield broker
+    finally:
+        broker.close()
+        mqs.Broker.unlink(name)
+
+
+@pytest.fixture(params=["shm", "log"])
+def broker(request, tmp_path):
+    with open_broker(request.param, tmp_path) as opened:
+        yield opened
+
+
+def count_fetches(consumer):
+    """Count the calls of the backend's Python `fetch` by `consumer`."""
+    backend = consumer._backend
+    calls = []
+    original = backend.fetch
+
+    def fetch(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    backend.fetch = fetch
+    return calls
+
+
+def publish_later(broker, body, delay, topic="t"):
+    thread = threading.Timer(delay, broker.publish, (topic, body))
+    thread.start()
+    return thread
+
+
+def test_get_waits_in_c(broker):
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    assert type(consumer._read_one) is CoreReader
+    calls = count_fetches(consumer)
+    timer = publish_later(broker, "late", 0.2)
+    started = time.monotonic()
+    message = consumer.get(timeout=30)
+    elapsed = time.monotonic() - started
+    timer.join()
+    assert message.body == "late"
+    assert elapsed >= 0.15
+    # Neither the wait nor the take went through the Python path.
+    assert calls == []
+    assert message.ack()
+    assert broker.stats("t")["acked"] == 1
+
+
+def test_get_timeout_on_an_empty_core_raises_empty(broker):
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    started = time.monotonic()
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.3)
+    assert time.monotonic() - started >= 0.3
+    # A message published after the timeout is still there.
+    broker.publish("t", "after")
+    assert consumer.get(timeout=5).body == "after"
+
+
+def test_get_waits_while_prefetch_is_held(broker):
+    consumer = broker.consume("t", "g", prefetch=1, ack_timeout=60)
+    broker.publish_many("t", ["a", "b"])
+    first = consumer.get(timeout=5)
+    # "b" is ready, but the consumer holds its one unacked message: the
+    # get waits until the ack from another thread makes room.
+    timer = threading.Timer(0.2, first.ack)
+    timer.start()
+    started = time.monotonic()
+    second = consumer.get(timeout=30)
+    timer.join()
+    assert second.body == "b"
+    assert time.monotonic() - started >= 0.15
+
+
+def test_close_from_another_thread_ends_a_waiting_get(broker):
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    timer = threading.Timer(0.2, consumer.close)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(mqs.ShutDown):
+        consumer.get(timeout=30)
+    timer.join()
+    assert time.monotonic() - started < 10
+    # Nothing was taken by the closed consumer.
+    broker.publish("t", "kept")
+    other = broker.consume("t", "g", ack_timeout=60)
+    assert other.get(timeout=5).body == "kept"
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_signal_handler_exception_ends_a_waiting_get(broker):
+    def handler(signum, frame):
+        raise Interrupted()
+
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        started = time.monotonic()
+        with pytest.raises(Interrupted):
+            consumer.get(timeout=30)
+        assert time.monotonic() - started < 10
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # The interrupted get took nothing: the next one gets the message
+    # as its first delivery.
+    broker.publish("t", "once")
+    message = consumer.get(timeout=5)
+    assert message.body == "once"
+    assert message.attempts == 1
+    assert broker.stats("t")["delivered"] == 1
+
+
+def test_topic_deleted_during_a_waiting_get(broker):
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    timer = threading.Timer(0.2, broker.delete_topic, ("t",))
+    timer.start()
+    started = time.monotonic()
+    # The wait goes back to the backend, which raises for the topic that
+    # is gone or waits out the timeout; it never hangs past it.
+    with pytest.raises((mqs.Empty, mqs.ShutDown, mqs.UnknownTopic)):
+        consumer.get(timeout=1.0)
+    timer.join()
+    assert time.monotonic() - started < 10
+
+
+def test_messages_of_many_producers_reach_waiting_consumers(broker):
+    count = 400
+    consumers = [broker.consume("t", "g", prefetch=1, ack_timeout=60)
+                 for _ in range(3)]
+    received = []
+    lock = threading.Lock()
+    errors = []
+
+    def consume(consumer):
+        try:
+            while True:
+                try:
+                    message = consumer.get(timeout=2)
+                except mqs.Empty:
+                    return
+                with lock:
+                    received.append(message.body)
+                assert message.ack()
+        except BaseException as exc:  # reported after the join
+            errors.append(exc)
+
+    def produce(part):
+        for n in range(part, count, 4):
+            broker.publish("t", n)
+            if n % 50 == 0:
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=consume, args=(consumer,))
+               for consumer in consumers]
+    threads += [threading.Thread(target=produce, args=(part,))
+                for part in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert sorted(received) == list(range(count))
+    stats = broker.stats("t")
+    assert stats["acked"] == count
+    assert stats["delivered"] == count
