@@ -178,6 +178,7 @@ struct mqs_seglog {
     pthread_cond_t sync_cv;
     pthread_cond_t gather_cv;       /* CLOCK_MONOTONIC */
     int sync_running;
+    /* While a leader gathers: the arrivals it waits for, else 0. */
     int sync_gathering;
     int arrivals;                   /* callers since the last snapshot */
     uint64_t sync_round;            /* snapshots taken so far */
@@ -1790,7 +1791,7 @@ static void gather_callers(mqs_seglog_t *log)
     if (wait_ns > 2000000)
         wait_ns = 2000000;
     deadline_after(&deadline, wait_ns);
-    log->sync_gathering = 1;
+    log->sync_gathering = goal;
     while (log->arrivals < goal) {
         if (pthread_cond_timedwait(&log->gather_cv, &log->sync_mu,
                                    &deadline) == ETIMEDOUT)
@@ -1834,7 +1835,11 @@ static int sync_as(mqs_seglog_t *log, int64_t end_offset, int caller)
         if (!noted && caller) {
             /* A caller with records to sync: the leader may wait for it. */
             note_caller(log);
-            if (log->sync_gathering)
+            /* Only the arrival the leader waits for wakes it: each wake
+             * costs the leader a switch, and it takes the mutex that
+             * this thread holds until its wait below. */
+            if (log->sync_gathering &&
+                log->arrivals >= log->sync_gathering)
                 pthread_cond_signal(&log->gather_cv);
         }
         if (!log->sync_running)
@@ -1894,8 +1899,10 @@ static int sync_as(mqs_seglog_t *log, int64_t end_offset, int caller)
         }
         atomic_fetch_add(&log->syncs, 1);
     }
-    pthread_cond_broadcast(&log->sync_cv);
+    /* After the unlock, so that the woken waiters do not block at once
+     * on the mutex that this thread still holds. */
     sync_leave(log, MQS_OK);
+    pthread_cond_broadcast(&log->sync_cv);
 
     for (size_t i = 0; i < pending_n; i++)
         mqs_seglog_segment_release(pending[i]);
