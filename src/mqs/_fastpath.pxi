@@ -221,6 +221,14 @@ def _detached_message(type message_type, dict fields):
     return message
 
 
+# Words of the log backend's durable file (`mqs.broker._log_shared`:
+# _DURABLE, _FAILED) and the journal's wait word for durability.
+cdef enum:
+    _DURABLE_POSITION = 0
+    _DURABLE_FAILED = 1
+_DURABLE_WORD = MQS_JOURNAL_DURABLE
+
+
 @cython.auto_pickle(False)
 cdef class CorePath:
     """The fast paths of one `ShmBackend` on its topic cores.
@@ -515,6 +523,63 @@ cdef class LoggedPath(CorePath):
         CorePath.__init__(self, backend)
         self._always = backend.fsync == "always"
 
+    cdef object _item(self, str name):
+        """Return the backend's instance attribute `name`, or None."""
+        cdef PyObject *item = PyDict_GetItemWithError(self._state, name)
+        if item == NULL:
+            return None
+        return <object>item
+
+    cdef int _sync(self) except -1:
+        """Return once this thread's last record is durable, as the
+        backend's `_sync` does under fsync="always".
+
+        This process's writer syncs its own log here with the steps of
+        `_sync`, `_wait_durable`, `_flush_log` and `_publish_durable`,
+        without their Python frames. Every other case runs the backend's
+        `_sync`: a closed broker, another process as the writer, a log
+        that is behind the journal, a failed append or sync, or a mark
+        that the log state does not reach yet.
+        """
+        cdef object backend = self._backend
+        cdef dict state = self._state
+        durable = self._item("_durable")
+        target = getattr(self._item("_local"), "mark", 0)
+        if durable is None or self._item("_closed") is not False:
+            backend._sync(backend._log)
+            return 0
+        if durable[_DURABLE_POSITION] >= target:
+            return 0
+        log_state = self._item("_log_state")
+        if (self._item("_writer") is not True
+                or self._item("_log_behind") is not False
+                or self._item("_failed") is not None
+                or durable[_DURABLE_FAILED]
+                or type(log_state) is not tuple
+                or log_state[0] is None or log_state[1] < target):
+            backend._sync(backend._log)
+            return 0
+        log, mark = log_state
+        thread_lock = self._section().thread_lock
+        # Counted in `_waiting` as in `_sync`: `close` waits for counted
+        # threads before it unmaps the journal and the durable words.
+        with thread_lock:
+            if self._item("_closed") is not False:
+                backend._sync(backend._log)
+                return 0
+            state["_waiting"] = state["_waiting"] + 1
+        try:
+            backend._sync_writer_log(log)
+            if mark > durable[_DURABLE_POSITION]:
+                durable[_DURABLE_POSITION] = mark
+            self._item("_journal").signal(_DURABLE_WORD)
+        finally:
+            with thread_lock:
+                state["_waiting"] = state["_waiting"] - 1
+        if durable[_DURABLE_POSITION] < target:
+            backend._sync(backend._log)
+        return 0
+
     cdef object _handle(self, str topic):
         """Return the backend's `_LoggedCore` of `topic`, or None."""
         cdef PyObject *item = PyDict_GetItemWithError(self._state, "_cores")
@@ -553,7 +618,7 @@ cdef class LoggedPath(CorePath):
             return self._publish(handle, topic, body, priority)
         finally:
             if self._always:
-                backend._sync(backend._log)
+                self._sync()
 
     cdef object _publish(self, handle, str topic, body, int priority):
         cdef TopicCore core = <TopicCore?>handle._core

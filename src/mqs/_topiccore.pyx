@@ -83,6 +83,7 @@ from mqs.includes.mqs_topiccore cimport (
     mqs_tc_version,
 )
 from mqs.includes.mqs_hist cimport MQS_HIST_BUCKETS, mqs_hist_t
+from mqs.includes.mqs_journal cimport MQS_JOURNAL_DURABLE
 
 # The import functions, declared here rather than in
 # mqs/includes/mqs_topiccore.pxd because only this module calls them.

@@ -466,6 +466,58 @@ def test_c_paths_follow_a_topic_deleted_by_another_process(tmp_path):
         broker.close()
 
 
+def test_c_publish_syncs_its_record(tmp_path):
+    """Under fsync="always" a publish on a core returns with its record
+    synced and the durable position past it, through the C sync of the
+    writer, without the backend's Python `_sync`."""
+    broker = _open(str(tmp_path / "b"), fsync="always")
+    backend = broker._backend
+    python_syncs = []
+    original = backend._sync
+
+    def counted_sync(*args):
+        python_syncs.append(args)
+        return original(*args)
+
+    try:
+        broker.declare_topic("t")
+        backend._sync = counted_sync
+        for n in range(5):
+            broker.publish("t", n)
+            log = backend._log
+            assert log.synced_offset == log.end_offset
+            mark = backend._local.mark
+            assert backend._durable[_log_shared._DURABLE] >= mark
+        assert python_syncs == []
+        # The durable word and the failure word it reads are the ones
+        # the backend writes.
+        assert backend._durable[_log_shared._FAILED] == 0
+    finally:
+        broker.close()
+
+
+def test_c_publish_sync_failure_fails_backend(tmp_path):
+    """A failed sync in the C path marks the durable file failed, as the
+    backend's `_sync_writer_log` does, so every later operation raises."""
+    broker = _open(str(tmp_path / "b"), fsync="always")
+    backend = broker._backend
+    try:
+        broker.declare_topic("t")
+        broker.publish("t", "synced")
+        backend._log._set_sync_hook(lambda end, phase: 5 if phase == 0
+                                    else 0)
+        with pytest.raises(mqs.LogPoisoned):
+            broker.publish("t", "lost")
+        assert backend._durable[_log_shared._FAILED] == \
+            _log_shared._WRITE_FAILED
+        with pytest.raises(mqs.BackendUnavailable):
+            broker.publish("t", "after")
+    finally:
+        # The poisoned log fails its final sync as well.
+        with pytest.raises(mqs.LogPoisoned):
+            broker.close()
+
+
 def test_c_paths_take_nothing_after_failed_append(tmp_path):
     """After a log append failed, get and ack raise BackendUnavailable
     before they change the core, whose records could not be logged: the
