@@ -212,3 +212,6 @@ class CoreReader:
     def __call__(
         self, ack_timeout: float, auto_ack: bool
     ) -> MessageBase | None: ...
+    def wait_read(
+        self, ack_timeout: float, auto_ack: bool, timeout: float
+    ) -> MessageBase | None: ...
