@@ -632,6 +632,104 @@ def test_seglog_group_commit_shares_syncs(tmp_path):
                           for i in range(per_thread))
 
 
+def test_seglog_close_while_threads_sync(tmp_path):
+    """Close returns while other threads keep calling flush and append.
+
+    Calls that start after close began wait for it, then raise
+    ValueError. Before, they kept a sync in flight at every check of
+    close, so it never returned.
+    """
+    log = mqs.SegmentLog(tmp_path / "log", segment_bytes=1 << 20,
+                         fsync="always")
+    stop = threading.Event()
+    errors = []
+
+    def work(index):
+        while not stop.is_set():
+            try:
+                if index % 2:
+                    log.flush()
+                else:
+                    log.append(b"r" * 100)
+            except ValueError as exc:
+                # Raised only once the close has synced.
+                errors.append((exc, log.closed))
+                return
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    closer = threading.Thread(target=log.close)
+    try:
+        for worker in workers:
+            worker.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        closer.start()
+        closer.join(timeout=20)
+        assert not closer.is_alive(), "close did not return within 20 s"
+        assert time.monotonic() - started < 20
+    finally:
+        stop.set()
+        closer.join(timeout=60)
+        for worker in workers:
+            worker.join(timeout=60)
+    assert log.closed
+    assert len(errors) == len(workers)
+    assert all("is closed" in str(exc) for exc, _ in errors)
+    assert all(closed for _, closed in errors)
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=1 << 20) as reopened:
+        assert reopened.recovery.records_dropped == 0
+        assert reopened.end_offset > 0
+
+
+TWO_CLOSES_SCRIPT = r"""
+import sys
+import threading
+import mqs
+
+# Under "never" only the flush below syncs.
+log = mqs.SegmentLog(sys.argv[1], segment_bytes=1 << 20, fsync="never")
+log.append(b"x")
+in_sync = threading.Event()
+release = threading.Event()
+
+def hook(end_offset, phase):
+    # Hold the first sync open, so that both closes wait for it.
+    if phase == 0 and not in_sync.is_set():
+        in_sync.set()
+        release.wait(30)
+    return 0
+
+log._set_sync_hook(hook)
+log.append(b"y")
+flusher = threading.Thread(target=log.flush)
+flusher.start()
+in_sync.wait(30)
+closers = [threading.Thread(target=log.close) for _ in range(2)]
+for closer in closers:
+    closer.start()
+threading.Timer(0.3, release.set).start()
+for closer in closers + [flusher]:
+    closer.join(30)
+print("alive", sum(t.is_alive() for t in closers + [flusher]), log.closed)
+"""
+
+
+def test_seglog_two_concurrent_closes(tmp_path):
+    """Two threads closing at once close the C handle once.
+
+    Both closes wait for a flush that a sync hook holds open. Before, the
+    second close then closed the handle that the first had freed.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_CLOSES_SCRIPT, str(tmp_path / "log")],
+        capture_output=True, text=True, timeout=25)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["alive", "0", "True"]
+    with mqs.SegmentLog(tmp_path / "log", segment_bytes=1 << 20) as reopened:
+        assert reopened.end_offset == 2
+        assert reopened.recovery.records_dropped == 0
+
+
 # ---- retention --------------------------------------------------------------
 
 def test_seglog_retention_by_bytes(tmp_path):

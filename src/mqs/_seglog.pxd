@@ -17,6 +17,7 @@ cdef class SegmentLog:
     cdef uint64_t _segment_bytes
     cdef dict _views
     cdef int _inflight
+    cdef bint _closing
     cdef object _sync_hook
     cdef object _recovery
     cdef object __weakref__

@@ -530,6 +530,11 @@ cdef class SegmentLog:
     # ---- helpers ---------------------------------------------------------
 
     cdef int _check_open(self) except -1:
+        if self._closing:
+            # Raise only once the close has synced, because callers that
+            # find the log closed rely on that sync for their records.
+            while self._log != NULL:
+                time.sleep(0.001)
         if self._log == NULL:
             raise ValueError(f"segment log {self.path!r} is closed")
         return 0
@@ -1306,7 +1311,9 @@ cdef class SegmentLog:
         The checkpoint records where the records end, so the next open
         keeps the records after a damaged one (see the class Notes).
         Idempotent: the handle is closed even when this raises, and a
-        second call does nothing. Views into the log stay valid.
+        second call does nothing. Views into the log stay valid. The
+        close waits for the syncs already running. Calls by other threads
+        that start meanwhile wait for the close, then raise ValueError.
 
         Raises
         ------
@@ -1327,6 +1334,16 @@ cdef class SegmentLog:
             # No sync, checkpoint or unlock: those belong to the parent.
             self._abandon_after_fork()
             return
+        if self._closing:
+            # Another thread's close owns `log`: a second close of it
+            # would free it twice.
+            while self._log != NULL:
+                time.sleep(0.001)
+            return
+        # New calls wait from here on (see `_check_open`). Otherwise
+        # threads that keep calling flush or append keep a sync in
+        # flight at every check below, and close never returns.
+        self._closing = True
         while self._inflight:
             time.sleep(0.001)
         self._log = NULL

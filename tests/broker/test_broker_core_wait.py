@@ -7,7 +7,9 @@ the backend must handle (a closed consumer or broker, the topic leaving
 its core, the periodic check for dead consumers) goes back to `fetch`
 with the time left. These tests check that the wait is the C one, that
 it ends on a publish, a timeout, a close and a signal, and that it
-never takes a message it does not return.
+never takes a message it does not return. It also gets a message that
+comes back after an ack deadline or from a SIGKILLed process, and one
+published after the topic moved off its core.
 """
 
 import contextlib
@@ -207,3 +209,118 @@ def test_messages_of_many_producers_reach_waiting_consumers(broker):
     stats = broker.stats("t")
     assert stats["acked"] == count
     assert stats["delivered"] == count
+
+
+def reopen(broker):
+    """Open the broker that `broker` opened, as another process would."""
+    backend = broker.backend
+    if backend.name == "log":
+        return mqs.Broker(backend="log", path=backend.path,
+                          segment_bytes=1 << 20)
+    return mqs.Broker(backend="shm", name=backend.shm_name)
+
+
+def get_in_thread(consumer, timeout):
+    """Start `consumer.get(timeout)` in a thread; return the thread and a
+    dict that gets "message" or "error", and "seconds"."""
+    result = {}
+
+    def get():
+        started = time.monotonic()
+        try:
+            result["message"] = consumer.get(timeout=timeout)
+        except BaseException as exc:  # checked by the caller
+            result["error"] = exc
+        result["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=get)
+    thread.start()
+    return thread, result
+
+
+def test_ack_timeout_redelivers_to_waiting_get(broker):
+    holder = broker.consume("t", "g", ack_timeout=0.5)
+    waiter = broker.consume("t", "g", ack_timeout=60)
+    broker.publish("t", "expires")
+    assert holder.get(timeout=5).body == "expires"
+    started = time.monotonic()
+    # Nothing signals the core when the deadline passes: the waiting get
+    # must look again between its wait slices.
+    message = waiter.get(timeout=30)
+    elapsed = time.monotonic() - started
+    assert message.body == "expires"
+    assert message.attempts == 2
+    assert 0.3 <= elapsed < 10
+
+
+def test_killed_process_redelivers_to_waiting_get(broker):
+    waiter = broker.consume("t", "g", ack_timeout=600)
+    broker.publish("t", "held")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            child = reopen(broker)
+            consumer = child.consume("t", "g", ack_timeout=600)
+            body = consumer.get(timeout=10).body
+            os.write(write_fd, body.encode())
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.close(write_fd)
+    try:
+        _, status = os.waitpid(pid, 0)
+        child_body = os.read(read_fd, 100)
+    finally:
+        os.close(read_fd)
+    assert os.WIFSIGNALED(status)
+    assert child_body == b"held"
+    # The dead process's consumer is closed by the periodic check that
+    # the waiting get runs, long before the 600 s ack deadline.
+    started = time.monotonic()
+    message = waiter.get(timeout=30)
+    assert message.body == "held"
+    assert message.attempts == 2
+    assert time.monotonic() - started < 10
+    assert message.ack()
+    assert broker.stats("t")["stored"] == 0
+
+
+def test_topic_moved_off_core_during_waiting_get(broker):
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    assert "t" in broker.backend._core_paths
+    thread, result = get_in_thread(consumer, 30)
+    time.sleep(0.2)
+    # A core stores no delayed message, so this moves the topic to the
+    # journal while the get waits on the core.
+    broker.publish("t", "delayed", delay=0.3)
+    thread.join(60)
+    assert "t" not in broker.backend._core_paths
+    assert "error" not in result
+    assert result["message"].body == "delayed"
+    assert result["seconds"] < 10
+
+
+def test_broker_close_ends_waiting_get(broker):
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    thread, result = get_in_thread(consumer, 30)
+    time.sleep(0.2)
+    broker.close()
+    thread.join(60)
+    assert isinstance(result.get("error"), mqs.ShutDown)
+    assert result["seconds"] < 10
+
+
+def test_keyboard_interrupt_ends_waiting_get(broker):
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        consumer.get(timeout=30)
+    timer.join()
+    assert time.monotonic() - started < 10
+    broker.publish("t", "next")
+    message = consumer.get(timeout=5)
+    assert message.body == "next"
+    assert message.attempts == 1
