@@ -322,15 +322,17 @@ def test_shm_failpoint_inside_append_recovers(name, scale, failpoint_path):
 
 
 CORE_POINTS = ["tc_publish_before_commit", "tc_publish_after_commit",
-               "tc_fetch_after_commit", "tc_finish_before_free"]
+               "tc_fetch_after_commit", "tc_finish_before_free",
+               "tc_fetch_after_count", "tc_ack_after_count"]
 
 
 def test_shm_failpoint_inside_core_recovers(name, scale, failpoint_path):
     """Kill a process inside the topic core's mutex, at the failpoints
     between its stores, in the copy of mqs built with failpoints. The
     next locker repairs the core (EOWNERDEAD): a publish killed before
-    its commit never happened, one killed after it did, and every
-    message the dead consumer held comes back."""
+    its commit never happened, one killed after it did, every message
+    the dead consumer held comes back, and the counters match the
+    entries (stored = published - acked)."""
     rng = random.Random(11)
     broker = mqs.Broker(backend="shm", name=name)
     broker.declare_topic("t")
@@ -349,6 +351,8 @@ def test_shm_failpoint_inside_core_recovers(name, scale, failpoint_path):
         # is too, although its process never saw the id.
         expected = returned + (point == "tc_publish_after_commit")
         assert stats["published"] == expected, failpoint
+        assert stats["stored"] == stats["published"] - stats["acked"], \
+            failpoint
         returned = expected
 
     # Drain with the consumer of this process once the dead children's
