@@ -1163,9 +1163,9 @@ static int64_t nanoseconds(double seconds)
  * entry and then the counters, so that mqs_tc_repair can set those
  * counters to match the entry if this holder dies in between. The kind
  * is cleared first and stored last, so a repair never reads a kind with
- * the fields of another operation; a holder killed at any point has
- * stored everything before that point (only the compiler could reorder
- * them, which the fences forbid).
+ * the fields of another operation. A holder killed at any point has
+ * stored everything before that point. Only the compiler could reorder
+ * those stores, and the fences forbid it.
  */
 static void pending_begin(mqs_tc_header_t *h, uint32_t kind, uint32_t g,
                           uint32_t slot, uint64_t ticket)

@@ -92,3 +92,10 @@ def broker(request, tmp_path):
     """Return a fresh broker on each backend of `BACKEND_FACTORIES`."""
     with BACKEND_FACTORIES[request.param](tmp_path, request) as fresh:
         yield fresh
+
+
+@pytest.fixture(params=["log", "shm"])
+def core_broker(request, tmp_path):
+    """Return a fresh broker on each backend with topic cores."""
+    with BACKEND_FACTORIES[request.param](tmp_path, request) as fresh:
+        yield fresh

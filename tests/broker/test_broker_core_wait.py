@@ -12,7 +12,6 @@ comes back after an ack deadline or from a SIGKILLed process, and one
 published after the topic moved off its core.
 """
 
-import contextlib
 import os
 import signal
 import threading
@@ -24,30 +23,10 @@ import mqs
 from mqs._topiccore import CoreReader
 
 
-@contextlib.contextmanager
-def open_broker(kind, tmp_path):
-    if kind == "log":
-        broker = mqs.Broker(backend="log", path=tmp_path / "broker",
-                            segment_bytes=1 << 20)
-        try:
-            yield broker
-        finally:
-            broker.close()
-        return
-    name = f"test-wait-{os.getpid()}-{tmp_path.name}"
-    mqs.Broker.unlink(name)
-    broker = mqs.Broker(backend="shm", name=name, journal_bytes=1 << 20)
-    try:
-        yield broker
-    finally:
-        broker.close()
-        mqs.Broker.unlink(name)
-
-
-@pytest.fixture(params=["shm", "log"])
-def broker(request, tmp_path):
-    with open_broker(request.param, tmp_path) as opened:
-        yield opened
+@pytest.fixture
+def broker(core_broker):
+    """The shm and the log broker (conftest), the two with topic cores."""
+    return core_broker
 
 
 def count_fetches(consumer):
