@@ -717,7 +717,7 @@ print("alive", sum(t.is_alive() for t in closers + [flusher]), log.closed)
 def test_seglog_two_concurrent_closes(tmp_path):
     """Two threads closing at once close the C handle once.
 
-    Both closes wait for a flush that a sync hook holds open. Before, the
+    Both closes wait for a flush that a sync hook keeps open. Before, the
     second close then closed the handle that the first had freed.
     """
     result = subprocess.run(

@@ -81,7 +81,7 @@ def test_get_waits_while_prefetch_is_held(broker):
     consumer = broker.consume("t", "g", prefetch=1, ack_timeout=60)
     broker.publish_many("t", ["a", "b"])
     first = consumer.get(timeout=5)
-    # "b" is ready, but the consumer holds its one unacked message: the
+    # "b" is ready, but the consumer has its one unacked message: the
     # get waits until the ack from another thread makes room.
     timer = threading.Timer(0.2, first.ack)
     timer.start()
@@ -235,6 +235,9 @@ def test_ack_timeout_redelivers_to_waiting_get(broker):
 def test_killed_process_redelivers_to_waiting_get(broker):
     waiter = broker.consume("t", "g", ack_timeout=600)
     broker.publish("t", "held")
+
+    # A forked child takes the message with a consumer of its own, then
+    # dies with the message in flight.
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -246,6 +249,7 @@ def test_killed_process_redelivers_to_waiting_get(broker):
             os.write(write_fd, body.encode())
         finally:
             os.kill(os.getpid(), signal.SIGKILL)
+
     os.close(write_fd)
     try:
         _, status = os.waitpid(pid, 0)
