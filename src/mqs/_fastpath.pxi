@@ -348,10 +348,11 @@ cdef class CoreReader:
         backend's: the backend closed, the topic off its core, the
         consumer closed. The caller then uses `fetch` with the time
         left. The periodic check for dead consumers runs in the wait,
-        through the backend's `_fast_core`. The wait runs
-        without the GIL on the core's change word, in slices of at most
-        50 ms, so signal handlers run between them; nothing is taken
-        while it waits.
+        through the backend's `_fast_core`.
+
+        The wait runs without the GIL on the core's change word, in
+        slices of at most 50 ms, so signal handlers run between them.
+        Nothing is taken while it waits.
         """
         cdef double now, deadline
         cdef uint32_t epoch
@@ -408,13 +409,7 @@ cdef class CoreReader:
             if handle is None:
                 return None
             return <TopicCore?>handle._core
-        item = PyDict_GetItemWithError(state, "_cores")
-        if item == NULL or type(<object>item) is not dict:
-            return None
-        item = PyDict_GetItemWithError(<object>item, self._topic)
-        if item == NULL:
-            return None
-        return <TopicCore?><object>item
+        return self._path._usable_core(self._topic)
 
     cdef object _read(self, double ack_timeout, bint auto_ack):
         """`__call__`; sets `_nothing_ready`."""
