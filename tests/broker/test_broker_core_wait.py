@@ -66,7 +66,7 @@ def test_get_waits_in_c(broker):
     assert broker.stats("t")["acked"] == 1
 
 
-def test_get_timeout_on_an_empty_core_raises_empty(broker):
+def test_get_timeout_raises_empty(broker):
     consumer = broker.consume("t", "g", ack_timeout=60)
     started = time.monotonic()
     with pytest.raises(mqs.Empty):
@@ -92,7 +92,7 @@ def test_get_waits_while_prefetch_is_held(broker):
     assert time.monotonic() - started >= 0.15
 
 
-def test_close_from_another_thread_ends_a_waiting_get(broker):
+def test_consumer_close_ends_waiting_get(broker):
     consumer = broker.consume("t", "g", ack_timeout=60)
     timer = threading.Timer(0.2, consumer.close)
     timer.start()
@@ -111,7 +111,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_signal_handler_exception_ends_a_waiting_get(broker):
+def test_signal_handler_ends_waiting_get(broker):
     def handler(signum, frame):
         raise Interrupted()
 
@@ -135,7 +135,7 @@ def test_signal_handler_exception_ends_a_waiting_get(broker):
     assert broker.stats("t")["delivered"] == 1
 
 
-def test_topic_deleted_during_a_waiting_get(broker):
+def test_delete_topic_ends_waiting_get(broker):
     consumer = broker.consume("t", "g", ack_timeout=60)
     timer = threading.Timer(0.2, broker.delete_topic, ("t",))
     timer.start()
@@ -148,7 +148,7 @@ def test_topic_deleted_during_a_waiting_get(broker):
     assert time.monotonic() - started < 10
 
 
-def test_messages_of_many_producers_reach_waiting_consumers(broker):
+def test_waiting_consumers_get_every_message(broker):
     count = 400
     consumers = [broker.consume("t", "g", prefetch=1, ack_timeout=60)
                  for _ in range(3)]
