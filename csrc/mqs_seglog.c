@@ -175,11 +175,13 @@ struct mqs_seglog {
     _Atomic int64_t pub_pos;        /* end position in the active segment */
 
     pthread_mutex_t sync_mu;
-    pthread_cond_t sync_cv;
-    pthread_cond_t gather_cv;       /* CLOCK_MONOTONIC */
+    pthread_cond_t sync_cv;         /* CLOCK_MONOTONIC */
     int sync_running;
     /* While a leader gathers: the arrivals it waits for, else 0. */
     int sync_gathering;
+    /* Gathers started, and the last one that an arrival took over. */
+    uint64_t gather_gen, taken_gen;
+    _Atomic int64_t syncs_taken_over, gather_timeouts;
     int arrivals;                   /* callers since the last snapshot */
     uint64_t sync_round;            /* snapshots taken so far */
     struct sync_caller {            /* who called recently (gather_callers) */
@@ -1580,7 +1582,6 @@ static void log_free(mqs_seglog_t *log)
     pthread_cond_destroy(&log->sync_cv);
     pthread_mutex_destroy(&log->flush_mu);
     pthread_cond_destroy(&log->flush_cv);
-    pthread_cond_destroy(&log->gather_cv);
     pthread_mutex_destroy(&log->touch_mu);
     pthread_cond_destroy(&log->touch_cv);
     free(log);
@@ -1616,13 +1617,14 @@ int mqs_seglog_open(mqs_seglog_t **out, const char *path,
     log->lock_fd = -1;
     log->page_bytes = sysconf(_SC_PAGESIZE);
     pthread_mutex_init(&log->sync_mu, NULL);
-    pthread_cond_init(&log->sync_cv, NULL);
     pthread_mutex_init(&log->flush_mu, NULL);
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&log->sync_cv, &attr);
     pthread_cond_init(&log->flush_cv, &attr);
-    pthread_cond_init(&log->gather_cv, &attr);
     atomic_init(&log->round_records_x8, 4 * SMALL_ROUNDS_X8);
+    atomic_init(&log->syncs_taken_over, 0);
+    atomic_init(&log->gather_timeouts, 0);
     pthread_mutex_init(&log->touch_mu, NULL);
     pthread_cond_init(&log->touch_cv, NULL);
     pthread_condattr_destroy(&attr);
@@ -1777,27 +1779,41 @@ static int recent_callers(const mqs_seglog_t *log)
  * Counting those made 4 threads settle at 2.3 records per sync. Now 4
  * threads reach 4.0 and 8 threads 7.9 (Python threads that append 60
  * bytes under "always", 2-vCPU KVM guest). Called with sync_mu held.
+ *
+ * The arrival that completes the group runs the sync itself (sync_as)
+ * and the leader waits for it like any other caller: waking the leader
+ * to run it put one more wake-up between the last record and its sync.
+ * Return 1 when an arrival took the sync over, 0 when this thread is to
+ * run it (the group is complete, or the wait ran out).
  */
-static void gather_callers(mqs_seglog_t *log)
+static int gather_callers(mqs_seglog_t *log)
 {
     struct timespec deadline;
     int64_t wait_ns = 2 * log->last_sync_ns;
     int goal = recent_callers(log);
+    uint64_t gen;
 
     if (goal < 2 || log->arrivals >= goal)
-        return;
+        return 0;
     if (wait_ns < 20000)
         wait_ns = 20000;
     if (wait_ns > 2000000)
         wait_ns = 2000000;
     deadline_after(&deadline, wait_ns);
+    gen = ++log->gather_gen;
     log->sync_gathering = goal;
-    while (log->arrivals < goal) {
-        if (pthread_cond_timedwait(&log->gather_cv, &log->sync_mu,
+    while (log->taken_gen != gen) {
+        if (pthread_cond_timedwait(&log->sync_cv, &log->sync_mu,
                                    &deadline) == ETIMEDOUT)
             break;
     }
+    /* Taken over: the taker cleared sync_gathering, and it may belong to
+     * a later gather by now. */
+    if (log->taken_gen == gen)
+        return 1;
     log->sync_gathering = 0;
+    atomic_fetch_add(&log->gather_timeouts, 1);
+    return 0;
 }
 
 static int sync_leave(mqs_seglog_t *log, int status)
@@ -1821,12 +1837,15 @@ static int sync_as(mqs_seglog_t *log, int64_t end_offset, int caller)
     uint64_t from, to;
     int err = 0;
 
+    int noted = 0, took_over = 0;
+
     if (log->cfg.readonly)
         return MQS_EREADONLY;
     pthread_mutex_lock(&log->sync_mu);
     pub = atomic_load_explicit(&log->pub_offset, memory_order_acquire);
     target_offset = (end_offset < 0 || end_offset > pub) ? pub : end_offset;
-    for (int noted = 0;; noted = 1) {
+wait:
+    for (;; noted = 1) {
         if (atomic_load(&log->poison_errno))
             return sync_leave(log, MQS_EPOISONED);
         if (atomic_load(&log->synced_offset) >= target_offset &&
@@ -1835,12 +1854,16 @@ static int sync_as(mqs_seglog_t *log, int64_t end_offset, int caller)
         if (!noted && caller) {
             /* A caller with records to sync: the leader may wait for it. */
             note_caller(log);
-            /* Only the arrival the leader waits for wakes it: each wake
-             * costs the leader a switch, and it takes the mutex that
-             * this thread holds until its wait below. */
+            /* The arrival the gathering leader waits for: run the sync
+             * in its place (gather_callers). sync_running stays set. */
             if (log->sync_gathering &&
-                log->arrivals >= log->sync_gathering)
-                pthread_cond_signal(&log->gather_cv);
+                log->arrivals >= log->sync_gathering) {
+                log->sync_gathering = 0;
+                log->taken_gen = log->gather_gen;
+                took_over = 1;
+                atomic_fetch_add(&log->syncs_taken_over, 1);
+                break;
+            }
         }
         if (!log->sync_running)
             break;
@@ -1851,9 +1874,11 @@ static int sync_as(mqs_seglog_t *log, int64_t end_offset, int caller)
      * before the snapshot below, including those of waiting threads.
      * pub_pos is stored before pub_offset, so loading in the opposite
      * order gives a position at or past that offset's record. */
-    log->sync_running = 1;
-    if (caller)
-        gather_callers(log);
+    if (!took_over) {
+        log->sync_running = 1;
+        if (caller && gather_callers(log))
+            goto wait;
+    }
     log->arrivals = 0;
     log->sync_round++;
     seg = log->active;
@@ -3016,6 +3041,8 @@ void mqs_seglog_get_stats(mqs_seglog_t *log, mqs_seglog_stats_t *s)
         s->bytes += (int64_t)log->segs[i]->map_bytes;
     s->appended_records = log->appended;
     s->records_by_write = log->records_by_write;
+    s->syncs_taken_over = atomic_load(&log->syncs_taken_over);
+    s->gather_timeouts = atomic_load(&log->gather_timeouts);
     s->syncs = atomic_load(&log->syncs);
     s->sync_errno = atomic_load(&log->poison_errno);
     s->segments_deleted = log->segments_deleted;

@@ -246,6 +246,12 @@ typedef struct mqs_seglog_stats {
     /* Records appended with pwrite() instead of stores into the mapping,
      * because syncs came every few records (see mqs_seglog_append). */
     int64_t records_by_write;
+    /* Group commit under "always": syncs run by the caller that
+     * completed a gathering leader's group, and gathers that ran out of
+     * time before their group was complete (gather_callers in
+     * mqs_seglog.c). */
+    int64_t syncs_taken_over;
+    int64_t gather_timeouts;
 } mqs_seglog_stats_t;
 
 /* One record to append; key may be NULL with has_key 0. */
