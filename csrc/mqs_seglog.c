@@ -1944,6 +1944,26 @@ int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
     return sync_as(log, end_offset, 1);
 }
 
+int mqs_seglog_sync_starts_now(mqs_seglog_t *log)
+{
+    int starts, goal;
+
+    pthread_mutex_lock(&log->sync_mu);
+    if (log->sync_gathering) {
+        /* This caller would take the gathering leader's sync over. */
+        starts = log->arrivals + 1 >= log->sync_gathering;
+    } else if (log->sync_running) {
+        starts = 0;
+    } else {
+        /* This caller would lead, gathering only when at least two
+         * threads called in the last rounds. */
+        goal = recent_callers(log);
+        starts = goal < 2 || log->arrivals + 1 >= goal;
+    }
+    pthread_mutex_unlock(&log->sync_mu);
+    return starts;
+}
+
 static void deadline_after(struct timespec *ts, int64_t ns)
 {
     clock_gettime(CLOCK_MONOTONIC, ts);

@@ -359,6 +359,16 @@ int mqs_seglog_append(mqs_seglog_t *log, const mqs_seglog_entry_t *entries,
 int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset);
 
 /*
+ * Whether a caller of mqs_seglog_sync arriving now would have its sync
+ * start without waiting: it would complete a gathering leader's group,
+ * or lead without gathering. 0 while a sync runs, or when it would wait
+ * for others. A hint: other callers may arrive first. Lets a caller do,
+ * just before the sync starts, work that should not run while the group
+ * gathers (the log broker wakes its consumers there).
+ */
+int mqs_seglog_sync_starts_now(mqs_seglog_t *log);
+
+/*
  * Find the record at `offset` and check its CRC.
  * Returns MQS_OK, MQS_ERANGE (offset below the first retained record),
  * MQS_EEMPTY (offset at or past the end; a read-only handle first looks

@@ -632,6 +632,36 @@ def test_seglog_group_commit_shares_syncs(tmp_path):
                           for i in range(per_thread))
 
 
+def test_seglog_sync_starts_now_hint(tmp_path):
+    """`_sync_starts_now` says whether a flush would start its sync at
+    once: yes on a log nobody synced, no while a sync runs, no on a
+    closed log (no error either: it is a hint)."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(end, phase):
+        if phase == 0:
+            entered.set()
+            assert release.wait(60)
+        return 0
+
+    log = mqs.SegmentLog(tmp_path / "log", segment_bytes=1 << 20,
+                         fsync="always")
+    try:
+        assert log._sync_starts_now() is True
+        log._set_sync_hook(hook)
+        writer = threading.Thread(target=log.append, args=(b"x",))
+        writer.start()
+        assert entered.wait(30)
+        assert log._sync_starts_now() is False
+        release.set()
+        writer.join(30)
+        log._set_sync_hook(None)
+    finally:
+        release.set()
+        log.close()
+    assert log._sync_starts_now() is False
+
+
 def test_seglog_close_while_threads_sync(tmp_path):
     """Close returns while other threads keep calling flush and append.
 

@@ -96,6 +96,7 @@ from mqs.includes.mqs_seglog cimport (
     mqs_seglog_set_sync_hook,
     mqs_seglog_stats_t,
     mqs_seglog_sync,
+    mqs_seglog_sync_starts_now,
 )
 
 __all__ = ["SegmentLog", "LogRecord", "SegmentLogStats", "RecoveryReport"]
@@ -853,6 +854,18 @@ cdef class SegmentLog:
         if self.readonly:
             self._raise_status(MQS_EREADONLY)
         self._sync(-1)
+
+    def _sync_starts_now(self):
+        """Whether a `flush` called now would start its sync without
+        waiting for other callers (group commit under "always"): it would
+        complete the group that a leader gathers, or lead alone. False
+        while a sync runs. A hint, for a caller that has work to do just
+        before the sync starts; other threads may call first. False on
+        a closed or closing log (the GIL keeps `close` from freeing the
+        handle during the call)."""
+        if self._closing or self._log == NULL:
+            return False
+        return mqs_seglog_sync_starts_now(self._log) != 0
 
     def roll(self):
         """Seal the active segment and start a new one (no-op if empty)."""

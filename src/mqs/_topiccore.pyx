@@ -444,6 +444,10 @@ cdef class TopicCore(_MappedFile):
     cdef bint _close_pending
     # The bound a new file gets (see `max_stored`).
     cdef uint64_t _max_stored
+    # Publishes of this process that did not signal the change word
+    # (`LoggedPath`), and how many of them a signal has covered.
+    cdef uint64_t _quiet_published
+    cdef uint64_t _quiet_signaled
 
     def __cinit__(self, *args, **kwargs):
         self._header = NULL
@@ -635,9 +639,13 @@ cdef class TopicCore(_MappedFile):
         return self._publish_payload(payload, priority, _wall_clock(), at)
 
     cdef int64_t _publish_payload(self, bytes payload, int priority,
-                                  double wall, double at) except? -3:
+                                  double wall, double at,
+                                  bint signal=True) except? -3:
         """Store `payload` stamped `wall`; return its seq, -1 when every
-        slot is taken, -2 when it is larger than a slot, or `LIMIT`."""
+        slot is taken, -2 when it is larger than a slot, or `LIMIT`.
+
+        With `signal` false the waiters are not told; the caller must call
+        `_signal_quiet` later (see `LoggedPath`)."""
         cdef Py_ssize_t length = len(payload)
         cdef int64_t rc
         cdef uint32_t slot
@@ -650,14 +658,30 @@ cdef class TopicCore(_MappedFile):
         rc = mqs_tc_publish(self._header, PyBytes_AS_STRING(payload),
                             <uint32_t>length, <uint32_t>priority, wall, at,
                             &slot)
-        self._unlock(rc > 0)
+        self._unlock(rc > 0 and signal)
         if rc == MQS_EFULL:
             return -1
         if rc == MQS_TC_ELIMIT:
             return LIMIT
         if rc < 0:
             raise ValueError(f"priority must be 0 to 9, got {priority}")
+        if not signal:
+            self._quiet_published += 1
         return rc
+
+    @property
+    def _quiet_pending(self):
+        """Test hook: publishes of this handle that no signal covered."""
+        return self._quiet_published - self._quiet_signaled
+
+    cdef int _signal_quiet(self) except -1:
+        """Tell the waiters about the publishes that `_publish_payload`
+        made without a signal. A handle that `close` unmapped is skipped:
+        its topic left the core, and `retire` woke the file's waiters."""
+        self._quiet_signaled = self._quiet_published
+        if self._header != NULL:
+            mqs_wait_signal(mqs_tc_changed(self._header), 1)
+        return 0
 
     @property
     def max_stored(self):

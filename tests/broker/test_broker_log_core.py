@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -492,6 +493,150 @@ def test_c_publish_syncs_its_record(tmp_path):
         # The durable word and the failure word it reads are the ones
         # the backend writes.
         assert backend._durable[_log_shared._FAILED] == 0
+    finally:
+        broker.close()
+
+
+def test_publish_wakes_at_sync_start(tmp_path):
+    """Under fsync="always" a publish on a core wakes the consumers when
+    the sync that covers its record starts, not after that sync: the
+    signal is given and a consumer waiting in `get` has the message
+    while the sync is still held before its I/O."""
+    broker = _open(str(tmp_path / "b"), fsync="always")
+    backend = broker._backend
+    entered, release = threading.Event(), threading.Event()
+    got, published = [], []
+
+    def hook(end, phase):
+        if phase == 0:
+            entered.set()
+            assert release.wait(60)
+        return 0
+
+    try:
+        broker.declare_topic("t")
+        consumer = broker.consume("t", "g")
+        broker.publish("t", "before")
+        consumer.get(timeout=5).ack()
+        core = backend._cores["t"]._core
+        # Nothing left to sync, so the hook blocks the publish's own sync.
+        backend._log.flush()
+        backend._log._set_sync_hook(hook)
+
+        def consume():
+            message = consumer.get(timeout=30)
+            got.append(message.body)
+            message.ack()
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        # Let the reader park in its wait first.
+        time.sleep(0.2)
+        writer = threading.Thread(
+            target=lambda: published.append(broker.publish("t", "held")))
+        writer.start()
+        assert entered.wait(30)
+        # Woken before the sync's I/O, by the call that started it.
+        assert core._quiet_pending == 0
+        reader.join(30)
+        assert got == ["held"], "the consumer waited for the sync to end"
+        assert published == []
+        release.set()
+        writer.join(30)
+        assert len(published) == 1
+        assert core._quiet_pending == 0
+    finally:
+        release.set()
+        backend._log._set_sync_hook(None)
+        broker.close()
+
+
+def test_publishes_leave_no_wake_pending(tmp_path):
+    """Producer threads publish on a core under fsync="always" while
+    consumer threads wait: every message arrives, once, and every
+    publish returned with its consumers woken, by the call that started
+    its sync or by its own call after the sync."""
+    broker = _open(str(tmp_path / "b"), fsync="always")
+    producers, consumers, per_producer = 4, 3, 150
+    total = producers * per_producer
+    received, errors = [], []
+    lock = threading.Lock()
+    try:
+        broker.declare_topic("t")
+        core = broker._backend._cores["t"]._core
+
+        def produce(p):
+            try:
+                for n in range(per_producer):
+                    broker.publish("t", (p, n))
+            except Exception as exc:  # reported by the assert below
+                errors.append(exc)
+
+        def consume():
+            consumer = broker.consume("t", "g")
+            try:
+                while True:
+                    with lock:
+                        if len(received) >= total:
+                            return
+                    try:
+                        message = consumer.get(timeout=0.5)
+                    except mqs.Empty:
+                        continue
+                    with lock:
+                        received.append(message.body)
+                    message.ack()
+            except Exception as exc:  # reported by the assert below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=consume)
+                   for _ in range(consumers)]
+        threads += [threading.Thread(target=produce, args=(p,))
+                    for p in range(producers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert errors == []
+        assert sorted(received) == sorted(
+            (p, n) for p in range(producers) for n in range(per_producer))
+        assert core._quiet_pending == 0
+        stats = broker._backend._log._raw_stats()
+        assert stats.synced_offset == stats.end_offset
+    finally:
+        broker.close()
+
+
+def _child_publish_quiet(path, count, out):
+    broker = _open(path, fsync="always")
+    try:
+        for n in range(count):
+            broker.publish("t", n)
+        out.send(broker._backend._cores["t"]._core._quiet_pending)
+    finally:
+        broker.close()
+
+
+def test_non_writer_publish_wakes_consumers(tmp_path):
+    """A process that is not the log's writer publishes on a core under
+    fsync="always" and waits for the writer's sync in Python: its
+    publishes return with the consumers woken, and a consumer of the
+    writer's process receives them."""
+    path = str(tmp_path / "b")
+    broker = _open(path, fsync="always")
+    try:
+        broker.declare_topic("t")
+        consumer = broker.consume("t", "g", prefetch=10)
+        receiver, sender = CTX.Pipe(duplex=False)
+        child = CTX.Process(target=_child_publish_quiet,
+                            args=(path, 5, sender))
+        child.start()
+        assert receiver.poll(60)
+        assert receiver.recv() == 0
+        child.join(30)
+        assert child.exitcode == 0
+        bodies = sorted(consumer.get(timeout=5).body for _ in range(5))
+        assert bodies == list(range(5))
     finally:
         broker.close()
 

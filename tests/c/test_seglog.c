@@ -799,6 +799,8 @@ static void test_sync_waits_for_recent_callers(void)
         pthread_mutex_init(&g.mu, NULL);
         pthread_cond_init(&g.cv, NULL);
         log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
+        /* Nobody synced yet: a caller would lead without gathering. */
+        CHECK_EQ(mqs_seglog_sync_starts_now(log), 1);
         mqs_seglog_set_sync_hook(log, gather_hook, &g);
         for (int t = 0; t < 3; t++)
             args[t] = (group_arg_t){log, &append_mu, t == 0 ? 2 : 1, 500, 0};
@@ -807,6 +809,8 @@ static void test_sync_waits_for_recent_callers(void)
         while (!g.first_held)
             pthread_cond_wait(&g.cv, &g.mu);
         pthread_mutex_unlock(&g.mu);
+        /* A sync runs: a caller would wait for it. */
+        CHECK_EQ(mqs_seglog_sync_starts_now(log), 0);
         pthread_create(&threads[1], NULL, group_appender, &args[1]);
         pthread_create(&threads[2], NULL, group_appender, &args[2]);
         /* B and C append and queue behind A's sync. */
@@ -821,6 +825,9 @@ static void test_sync_waits_for_recent_callers(void)
         }
         CHECK_EQ(g.covered[0], 1);
         CHECK(g.syncs >= 2);
+        /* Three threads synced in the last rounds: a caller would lead
+         * and gather them. */
+        CHECK_EQ(mqs_seglog_sync_starts_now(log), 0);
         if (g.syncs >= 2 && g.covered[1] > best)
             best = (int)g.covered[1];
         if (g.syncs >= 2 && g.covered[1] == 4)

@@ -103,6 +103,7 @@ cdef extern from "mqs_seglog.h" nogil:
                           const mqs_seglog_entry_t *entries, size_t n,
                           int64_t *first_offset)
     int mqs_seglog_sync(mqs_seglog_t *log, int64_t end_offset)
+    int mqs_seglog_sync_starts_now(mqs_seglog_t *log)
     int mqs_seglog_read(mqs_seglog_t *log, int64_t offset,
                         mqs_seglog_record_t *record)
     int mqs_seglog_read_batch(mqs_seglog_t *log, int64_t offset,
