@@ -68,6 +68,38 @@ mqs_tc_consumer_t *mqs_tc_consumer(mqs_tc_header_t *h, uint32_t consumer)
            + consumer;
 }
 
+int mqs_tc_may_fetch(mqs_tc_header_t *h, uint32_t consumer, uint32_t group,
+                     uint64_t owner, int auto_ack, double now)
+{
+    const mqs_tc_params_t *p = &config_of(h)->params;
+    mqs_tc_state_t *s = state_of(h);
+    mqs_tc_consumer_t *c;
+    mqs_tc_group_t *g;
+    double next_deadline;
+
+    /* Racy reads of fields that holders of the mutex write: relaxed
+     * atomic loads, each of an aligned word. */
+    if (atomic_load_explicit(&s->retired, memory_order_acquire))
+        return 1;
+    if (consumer >= p->max_consumers || group >= p->max_groups)
+        return 1;
+    c = mqs_tc_consumer(h, consumer);
+    if (!atomic_load_explicit(&c->used, memory_order_acquire) ||
+        __atomic_load_n(&c->group, __ATOMIC_RELAXED) != group ||
+        (owner && __atomic_load_n(&c->owner, __ATOMIC_RELAXED) != owner))
+        return 1;
+    __atomic_load(&s->next_deadline, &next_deadline, __ATOMIC_RELAXED);
+    if (now >= next_deadline)
+        return 1;
+    g = mqs_tc_group(h, group);
+    if (__atomic_load_n(&g->dead, __ATOMIC_RELAXED))
+        return 1;
+    if (!__atomic_load_n(&g->ready, __ATOMIC_RELAXED))
+        return 0;
+    return auto_ack || __atomic_load_n(&c->prefetch, __ATOMIC_RELAXED) >
+                           __atomic_load_n(&c->in_flight, __ATOMIC_RELAXED);
+}
+
 static uint64_t round_up(uint64_t n)
 {
     return (n + MQS_PAD_BYTES - 1) / MQS_PAD_BYTES * MQS_PAD_BYTES;

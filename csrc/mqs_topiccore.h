@@ -522,6 +522,20 @@ int mqs_tc_import_entry(mqs_tc_header_t *h, uint32_t group, uint32_t slot,
 int mqs_tc_import_finish(mqs_tc_header_t *h, uint64_t next_seq,
                          const int64_t *counters, uint64_t *unneeded_seq);
 
+/*
+ * Whether mqs_tc_fetch by `consumer` (of `group`, with process token
+ * `owner`) could deliver something or raise now, read without the mutex:
+ * a hint for a waiter that woke at a change and decides whether to
+ * return to its caller. It is 0 only in this case: the topic is not
+ * retired, the consumer is open in `group` for `owner`, no deadline is
+ * due at `now` and the group has no dead messages to collect. Then it
+ * is 0 when the group has nothing ready, or when the consumer has no
+ * room (unless `auto_ack`). Every change that makes it 1 is followed by
+ * a signal of mqs_tc_changed.
+ */
+int mqs_tc_may_fetch(mqs_tc_header_t *h, uint32_t consumer, uint32_t group,
+                     uint64_t owner, int auto_ack, double now);
+
 /* Accessors for callers and tests. */
 mqs_tc_slot_t *mqs_tc_slot(mqs_tc_header_t *h, uint32_t slot);
 mqs_tc_group_t *mqs_tc_group(mqs_tc_header_t *h, uint32_t group);

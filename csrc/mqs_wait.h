@@ -83,6 +83,13 @@ static inline uint32_t mqs_wait_prepare(mqs_waitword_t *w)
     return epoch;
 }
 
+/* The current epoch, for a registered waiter that goes on waiting after
+ * a wake-up: a signal after this read moves the epoch past it. */
+static inline uint32_t mqs_wait_epoch(mqs_waitword_t *w)
+{
+    return mqs_load_acquire_u32(&w->epoch);
+}
+
 /* Deregister a waiter registered by mqs_wait_prepare. Any thread. */
 static inline void mqs_wait_finish(mqs_waitword_t *w)
 {

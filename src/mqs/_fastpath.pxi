@@ -319,6 +319,8 @@ cdef class CoreReader:
     # for this consumer (nothing ready, or `prefetch` held), rather than a
     # case left to the backend.
     cdef bint _nothing_ready
+    # Waits of `wait_read` that ended and found nothing (a test hook).
+    cdef Py_ssize_t _empty_wake_count
 
     def __init__(self, CorePath path, consumer, type message_type,
                  type delivery_type, str topic, str group,
@@ -357,6 +359,7 @@ cdef class CoreReader:
         cdef double now, deadline
         cdef uint32_t epoch
         cdef TopicCore core
+        cdef bint woke = False
         message = self._read(ack_timeout, auto_ack)
         if message is not None or not self._nothing_ready:
             return message
@@ -380,10 +383,21 @@ cdef class CoreReader:
             if message is not None or not self._nothing_ready:
                 core.cancel_wait()
                 return message
-            core.wait(epoch, min(deadline - now, 0.05))
+            if woke:
+                self._empty_wake_count += 1
+            core._wait_fetchable(epoch, min(deadline - now, 0.05),
+                                 self._number, self._group_index,
+                                 self._owner, auto_ack)
+            woke = True
             PyErr_CheckSignals()
             now = mqs_monotonic_ns() / 1e9
         return None
+
+    @property
+    def _empty_wakes(self):
+        """Test hook: waits of `wait_read` that ended (a change, a slice
+        of at most 50 ms, a close) and then found nothing to take."""
+        return self._empty_wake_count
 
     cdef TopicCore _waitable_core(self, double now):
         """Return the core to wait on for `wait_read`, or None when the

@@ -61,6 +61,7 @@ from mqs.includes.mqs_topiccore cimport (
     mqs_tc_drop_dead,
     mqs_tc_extend,
     mqs_tc_fetch,
+    mqs_tc_may_fetch,
     mqs_tc_find_group,
     mqs_tc_format,
     mqs_tc_group,
@@ -103,10 +104,13 @@ cdef extern from "mqs_topiccore.h" nogil:
                              uint64_t *unneeded_seq)
 from mqs.includes.mqs_wait cimport (
     mqs_monotonic_ns,
+    mqs_wait_epoch,
     mqs_wait_finish,
     mqs_wait_park,
     mqs_wait_prepare,
     mqs_wait_signal,
+    mqs_wait_sleep,
+    mqs_waitword_t,
 )
 
 import os
@@ -1456,6 +1460,39 @@ cdef class TopicCore(_MappedFile):
         with nogil:
             mqs_wait_park(mqs_tc_changed(self._header), epoch, timeout_ns, 1)
         self._finish_wait()
+
+    cdef int _wait_fetchable(self, uint32_t epoch, double timeout,
+                             uint32_t consumer, uint32_t group,
+                             uint64_t owner, bint auto_ack) except -1:
+        """`wait` for `CoreReader.wait_read`: wake at a change after
+        which a fetch by `consumer` may find something
+        (`mqs_tc_may_fetch`), when `close` is pending, or after `timeout`
+        seconds (at most 50 ms). Changes that leave nothing for it, such
+        as the deliveries and acks of other consumers, do not wake the
+        caller: with 4 consumers each of them woke the other three, and
+        each wake-up took the GIL to find nothing."""
+        cdef int64_t timeout_ns = <int64_t>(min(max(timeout, 0.0), 0.05)
+                                            * 1e9)
+        cdef int64_t end = mqs_monotonic_ns() + timeout_ns
+        cdef int64_t now
+        cdef int rc
+        cdef mqs_waitword_t *word = mqs_tc_changed(self._header)
+        # The registration keeps the file mapped (see `close`).
+        with nogil:
+            rc = mqs_wait_park(word, epoch, timeout_ns, 1)
+            while rc == MQS_OK and not self._close_pending:
+                now = mqs_monotonic_ns()
+                if now >= end:
+                    break
+                # Read before the check: a change after it moves the
+                # epoch past this value and ends the sleep below.
+                epoch = mqs_wait_epoch(word)
+                if mqs_tc_may_fetch(self._header, consumer, group, owner,
+                                    auto_ack, now / 1e9):
+                    break
+                rc = mqs_wait_sleep(word, epoch, end - now, 1)
+        self._finish_wait()
+        return 0
 
     def cancel_wait(self):
         """Deregister a waiter that did not call `wait`."""

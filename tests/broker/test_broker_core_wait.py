@@ -49,6 +49,47 @@ def publish_later(broker, body, delay, topic="t"):
     return thread
 
 
+def test_wait_ignores_changes_for_others(broker):
+    """A consumer with no room (prefetch 1, one message unacked) waits
+    through the publishes, deliveries and acks of another consumer of its
+    group. They do not send it back to take nothing each time, and only
+    the ends of its 50 ms slices wake it. Once its message is acked it
+    has room, and the next publish reaches it."""
+    count = 80
+    waiting = broker.consume("t", "g", prefetch=1, ack_timeout=60)
+    other = broker.consume("t", "g", prefetch=100, ack_timeout=60)
+    broker.publish("t", "first")
+    unacked = waiting.get(timeout=5)
+    reader = waiting._read_one
+    outcome = []
+
+    def wait():
+        try:
+            waiting.get(timeout=1.0)
+        except mqs.Empty:
+            outcome.append("empty")
+        else:
+            outcome.append("message")
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.05)
+    # Spread over about 0.4 s, with the GIL free in between, so that
+    # each change could wake the waiting thread.
+    for n in range(count):
+        broker.publish("t", n)
+        other.get(timeout=5).ack()
+        time.sleep(0.005)
+    thread.join(30)
+    assert outcome == ["empty"]
+    # About one wake per 50 ms slice of its 1 s wait, not one per change
+    # (240 of them).
+    assert reader._empty_wakes <= 30
+    unacked.ack()
+    broker.publish("t", "after")
+    assert waiting.get(timeout=5).body == "after"
+
+
 def test_get_waits_in_c(broker):
     consumer = broker.consume("t", "g", ack_timeout=60)
     assert type(consumer._read_one) is CoreReader

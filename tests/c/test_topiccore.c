@@ -160,6 +160,48 @@ static void test_publish_fetch_ack(void)
     topic_free(h, &p);
 }
 
+/* mqs_tc_may_fetch is 0 only when a fetch by the consumer would find
+ * nothing and raise nothing. */
+static void test_may_fetch(void)
+{
+    mqs_tc_params_t p = params_of(8, 1, 0);
+    mqs_tc_header_t *h = topic_new(&p, NULL);
+    mqs_tc_delivery_t out[2];
+    mqs_tc_dead_t dead;
+
+    CHECK_EQ(mqs_tc_open_group(h, "g", 1, 0, NOW), 0);
+    CHECK_EQ(mqs_tc_open_group(h, "h", 1, 0, NOW), 1);
+    CHECK_EQ(mqs_tc_open_consumer(h, 0, 1, 7, NOW), 0);
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 0, 7, 0, NOW), 0);
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 0, 0, 0, NOW), 0);
+    /* The fetch would raise: another group, owner or consumer. */
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 1, 7, 0, NOW), 1);
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 0, 8, 0, NOW), 1);
+    CHECK_EQ(mqs_tc_may_fetch(h, 1, 0, 7, 0, NOW), 1);
+    CHECK_EQ(mqs_tc_may_fetch(h, 99, 0, 7, 0, NOW), 1);
+    publish_number(h, 1, 0);
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 0, 7, 0, NOW), 1);
+    CHECK_EQ(mqs_tc_fetch(h, 0, 1, 1.0, 0, NOW, out), 1);
+    publish_number(h, 2, 0);
+    /* Ready, but prefetch 1 is used up, unless the fetch auto-acks. */
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 0, 7, 0, NOW), 0);
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 0, 7, 1, NOW), 1);
+    /* The in-flight message's deadline is due. */
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 0, 7, 0, NOW + 1.0), 1);
+    CHECK_EQ(mqs_tc_ack(h, 0, out[0].slot, out[0].ticket, NOW), 1);
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 0, 7, 0, NOW), 1);
+    /* A dead letter waits for collection. */
+    CHECK_EQ(mqs_tc_fetch(h, 0, 1, 1.0, 0, NOW, out), 1);
+    CHECK_EQ(mqs_tc_nack(h, 0, out[0].slot, out[0].ticket, 0, NOW), 1);
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 0, 7, 0, NOW), 1);
+    CHECK_EQ(mqs_tc_next_dead(h, &dead), 1);
+    mqs_tc_drop_dead(h, dead.group, dead.slot);
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 0, 7, 0, NOW), 0);
+    atomic_store(&h->state.v.retired, 1);
+    CHECK_EQ(mqs_tc_may_fetch(h, 0, 0, 7, 0, NOW), 1);
+    topic_free(h, &p);
+}
+
 static void test_weighted_and_strict_lanes(void)
 {
     for (int strict = 0; strict <= 1; strict++) {
@@ -956,6 +998,7 @@ int main(int argc, char **argv)
     if (argc >= 2 && strcmp(argv[1], "units") == 0) {
         test_layout_rejects_bad_params();
         test_publish_fetch_ack();
+        test_may_fetch();
         test_weighted_and_strict_lanes();
         test_deadline_redelivers_then_dead_letters();
         test_nack_release_and_close();

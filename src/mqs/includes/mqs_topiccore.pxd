@@ -163,3 +163,6 @@ cdef extern from "mqs_topiccore.h" nogil:
     mqs_tc_entry_t *mqs_tc_entry(mqs_tc_header_t *h, uint32_t group,
                                  uint32_t slot)
     mqs_tc_consumer_t *mqs_tc_consumer(mqs_tc_header_t *h, uint32_t consumer)
+    int mqs_tc_may_fetch(mqs_tc_header_t *h, uint32_t consumer,
+                         uint32_t group, uint64_t owner, int auto_ack,
+                         double now) nogil

@@ -11,6 +11,7 @@ cdef extern from "mqs_wait.h" nogil:
     int64_t mqs_monotonic_ns()
     uint32_t mqs_wait_prepare(mqs_waitword_t *w)
     void mqs_wait_finish(mqs_waitword_t *w)
+    uint32_t mqs_wait_epoch(mqs_waitword_t *w)
     int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch, int64_t timeout_ns,
                       int shared)
     int mqs_wait_sleep(mqs_waitword_t *w, uint32_t epoch,
