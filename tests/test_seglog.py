@@ -623,11 +623,15 @@ def test_seglog_group_commit_shares_syncs(tmp_path):
         for worker in workers:
             worker.join(timeout=120)
         stats = log.stats()
+        stats_raw = log._raw_stats()
         seen = sorted(struct.unpack("<II", bytes(r.value)) for r in log)
     assert errors == []
     assert stats.end_offset == threads * per_thread
     assert stats.synced_offset == threads * per_thread
     assert stats.syncs < threads * per_thread * 3 // 4
+    # The group commit's own counts (mqs_seglog_stats_t).
+    assert 0 <= stats_raw.syncs_taken_over <= stats_raw.syncs
+    assert 0 <= stats_raw.gather_timeouts <= stats_raw.syncs
     assert seen == sorted((t, i) for t in range(threads)
                           for i in range(per_thread))
 

@@ -115,7 +115,7 @@ _RawStats = collections.namedtuple(
     "_RawStats",
     ["start_offset", "end_offset", "synced_offset", "segments", "bytes",
      "appended_records", "syncs", "sync_errno", "segments_deleted",
-     "records_deleted"])
+     "records_deleted", "syncs_taken_over", "gather_timeouts"])
 
 RecoveryReport = collections.namedtuple(
     "RecoveryReport",
@@ -1211,9 +1211,11 @@ cdef class SegmentLog:
         `committed` is read from the consumer offset files of the
         directory, and `records_dropped` from the recovery on open.
         """
-        raw = self._raw_stats()
+        raw = self._raw_stats()._asdict()
+        # The group commit's counts stay in `_raw_stats`.
+        del raw["syncs_taken_over"], raw["gather_timeouts"]
         return SegmentLogStats(
-            path=self.path, **raw._asdict(),
+            path=self.path, **raw,
             records_dropped=self._recovery.records_dropped,
             committed=types.MappingProxyType(self._committed_offsets()))
 
@@ -1234,7 +1236,8 @@ cdef class SegmentLog:
         return _RawStats(
             s.start_offset, s.end_offset, s.synced_offset, s.segments,
             s.bytes, s.appended_records, s.syncs, s.sync_errno,
-            s.segments_deleted, s.records_deleted)
+            s.segments_deleted, s.records_deleted, s.syncs_taken_over,
+            s.gather_timeouts)
 
     def _committed_offsets(self):
         """Return {group: committed offset} of every consumer group.

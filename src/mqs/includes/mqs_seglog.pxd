@@ -70,6 +70,8 @@ cdef extern from "mqs_seglog.h" nogil:
         int64_t sync_errno
         int64_t segments_deleted
         int64_t records_deleted
+        int64_t syncs_taken_over
+        int64_t gather_timeouts
 
     ctypedef struct mqs_seglog_entry_t:
         const void *key
