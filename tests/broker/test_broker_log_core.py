@@ -607,6 +607,39 @@ def test_publishes_leave_no_wake_pending(tmp_path):
         broker.close()
 
 
+class _LogWithoutHint:
+    """A stand-in for the broker's SegmentLog without `_sync_starts_now`,
+    as a wrapper of the crash tests may be."""
+
+    def __init__(self, log):
+        self._real = log
+
+    def __getattr__(self, name):
+        if name == "_sync_starts_now":
+            raise AttributeError(name)
+        return getattr(self._real, name)
+
+
+def test_publish_wakes_without_log_hint(tmp_path):
+    """A log without the hint gets its consumers woken before its sync,
+    and the publish still returns with its record synced."""
+    broker = _open(str(tmp_path / "b"), fsync="always")
+    backend = broker._backend
+    real = backend._log
+    try:
+        broker.declare_topic("t")
+        consumer = broker.consume("t", "g")
+        core = backend._cores["t"]._core
+        backend._log = _LogWithoutHint(real)
+        broker.publish("t", "one")
+        assert core._quiet_pending == 0
+        assert real.synced_offset == real.end_offset
+        assert consumer.get(timeout=5).body == "one"
+    finally:
+        backend._log = real
+        broker.close()
+
+
 def _child_publish_quiet(path, count, out):
     broker = _open(path, fsync="always")
     try:
