@@ -6,6 +6,7 @@ server restarts, trimmed streams and dropped connections. Tests that
 kill or restart a server start their own with `redis_server_factory`.
 """
 
+import concurrent.futures
 import asyncio
 import logging
 import os
@@ -21,6 +22,7 @@ import time
 import pytest
 
 import mqs
+from mqs.broker import _redis
 from loop_ticks import ticking
 from test_broker_contract import FRAGILE, Fragile
 
@@ -1727,6 +1729,33 @@ def test_close_counts_stash_of_deleted_topic(open_broker, monkeypatch,
     assert consumer.close() == 0
     assert broker.backend.lost_auto_acked == 2
     assert "could not be given back" in caplog.text
+
+
+def test_close_counts_cancelled_give_back(open_broker, caplog):
+    """A give-back of auto-acked messages that is still queued in the
+    backend's threads when the broker closes is cancelled by the close:
+    its messages are counted as lost and named in the log."""
+    broker = open_broker()
+    backend = broker.backend
+    gate = threading.Event()
+    # Every worker busy, so the give-back below stays queued.
+    busy = [backend._executor().submit(gate.wait, 30)
+            for _ in range(_redis._ASYNC_WORKERS)]
+    fetched = concurrent.futures.Future()
+    found = [(b"1-0", 1, 1, [b"b", b"x"]), (b"2-0", 2, 1, [b"b", b"y"])]
+    fetched.set_result((found, 0, None))
+    caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+    try:
+        # The consumer closed while its fetch ran: the messages go back
+        # through the executor.
+        backend._give_back("t", "g", "closed-consumer", True, fetched)
+        assert backend.lost_auto_acked == 0
+        broker.close()
+        assert backend.lost_auto_acked == 2
+        assert "1-0, 2-0" in caplog.text
+    finally:
+        gate.set()
+        concurrent.futures.wait(busy, timeout=30)
 
 
 # Memory.

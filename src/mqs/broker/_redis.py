@@ -1197,6 +1197,18 @@ class RedisBackend(Backend):
                 error, ", ".join(_raw_id(raw) for raw in lost))
         return returned
 
+    def _count_lost_give_back(self, topic: str, group: str,
+                              found: list) -> None:
+        """Count and log the auto-acked messages of a cancelled get_async
+        that the broker closed before they could be given back."""
+        with self._async_lock:
+            self.lost_auto_acked += len(found)
+        logger.warning(
+            "redis broker %s: %d auto-acked message(s) of %r/%r that a "
+            "cancelled get_async took are lost, because the broker closed "
+            "before they could be given back: %s", self.url, len(found),
+            topic, group, ", ".join(_raw_id(raw) for raw in found))
+
     def _delivery(self, topic: str, group: str, raw: list) -> Delivery:
         message_id, ticket, attempts, flat = raw
         if len(flat) == 6 and flat[4] == b"t" and flat[0] == b"b":
@@ -1418,16 +1430,17 @@ class RedisBackend(Backend):
                     return
             # The consumer closed while the fetch ran.
             try:
-                self._executor().submit(self._put_back, topic, group, found)
+                putting = self._executor().submit(self._put_back, topic,
+                                                  group, found)
             except (ShutDown, RuntimeError):
-                with self._async_lock:
-                    self.lost_auto_acked += len(found)
-                logger.warning(
-                    "redis broker %s: %d auto-acked message(s) of %r/%r "
-                    "that a cancelled get_async took are lost, because the "
-                    "broker closed before they could be given back: %s",
-                    self.url, len(found), topic, group,
-                    ", ".join(_raw_id(raw) for raw in found))
+                self._count_lost_give_back(topic, group, found)
+                return
+            def count_if_cancelled(call: concurrent.futures.Future) -> None:
+                # `close` cancels the call if it is still queued then.
+                if call.cancelled():
+                    self._count_lost_give_back(topic, group, found)
+
+            putting.add_done_callback(count_if_cancelled)
             return
         tags = [(raw[0].decode(), raw[1]) for raw in found]
         try:
