@@ -1802,14 +1802,18 @@ static int gather_callers(mqs_seglog_t *log)
     deadline_after(&deadline, wait_ns);
     gen = ++log->gather_gen;
     log->sync_gathering = goal;
-    while (log->taken_gen != gen) {
+    /* taken_gen reaches gen only when this gather is taken over, because
+     * until then sync_running stays set for this thread and no later
+     * gather can start. A later gather may have been taken over too by
+     * the time this thread wakes, so the test is >=, not ==. */
+    while (log->taken_gen < gen) {
         if (pthread_cond_timedwait(&log->sync_cv, &log->sync_mu,
                                    &deadline) == ETIMEDOUT)
             break;
     }
     /* Taken over: the taker cleared sync_gathering, and it may belong to
      * a later gather by now. */
-    if (log->taken_gen == gen)
+    if (log->taken_gen >= gen)
         return 1;
     log->sync_gathering = 0;
     atomic_fetch_add(&log->gather_timeouts, 1);

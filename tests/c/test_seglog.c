@@ -17,6 +17,9 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <semaphore.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -894,6 +897,256 @@ static void test_group_commit_taken_over(void)
     CHECK_EQ(mqs_seglog_close(log), MQS_OK);
 }
 
+/*
+ * A leader must see that its group was taken over even when a later
+ * group was taken over too before it woke. Leader L gathers, and A's
+ * arrival takes L's sync (S1) over. A signal handler holds L while S1
+ * runs and ends and the next group gathers. B or M takes that group's
+ * sync (S2) over, and L wakes after its deadline. A leader that compared
+ * its gather with the last one taken over counted that as a timeout of
+ * its own gather. It then ran a sync next to S2, although S1 had covered
+ * its record. The hook counts the syncs in progress. A must arrive
+ * within L's gather (2 ms), so the scenario runs up to ten times and
+ * counts only the runs where A took S1 over.
+ */
+typedef struct stale_state {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    mqs_seglog_t *log;
+    pthread_mutex_t append_mu;
+    pthread_t leader, taker;
+    int syncs;                      /* hook calls of phase 0 */
+    int running, max_running;       /* syncs between phases 0 and 1 */
+    int leader_waits;               /* L is in its second sync call */
+    int s1_held;                    /* A runs S1 and L is held */
+    int s1_released;
+    int s2_started;
+    int errors;
+} stale_state_t;
+
+static _Atomic int leader_held;
+static sem_t leader_thaw;
+
+static void hold_leader(int signo)
+{
+    int saved = errno;
+
+    (void)signo;
+    atomic_store(&leader_held, 1);
+    while (sem_wait(&leader_thaw) != 0 && errno == EINTR)
+        ;
+    errno = saved;
+}
+
+static int stale_hook(void *ctx, int64_t end_offset, int phase)
+{
+    stale_state_t *s = ctx;
+    int number, taken;
+
+    (void)end_offset;
+    pthread_mutex_lock(&s->mu);
+    if (phase != 0) {
+        s->running--;
+        pthread_mutex_unlock(&s->mu);
+        return 0;
+    }
+    number = ++s->syncs;
+    if (++s->running > s->max_running)
+        s->max_running = s->running;
+    /* S1 is taken over when A runs it while L waits for it. */
+    taken = number == 3 && s->leader_waits &&
+            pthread_equal(pthread_self(), s->taker);
+    pthread_mutex_unlock(&s->mu);
+    if (number <= 2) {
+        /* The warm-up syncs: 2 ms each, so that a leader gathers for
+         * the longest time (2 ms). */
+        usleep(2000);
+    } else if (taken) {
+        /* S1, taken over by A: hold L, then hold S1 until the main
+         * thread has M and B waiting. */
+        pthread_kill(s->leader, SIGUSR1);
+        while (!atomic_load(&leader_held))
+            usleep(100);
+        pthread_mutex_lock(&s->mu);
+        s->s1_held = 1;
+        pthread_cond_broadcast(&s->cv);
+        while (!s->s1_released)
+            pthread_cond_wait(&s->cv, &s->mu);
+        pthread_mutex_unlock(&s->mu);
+    } else if (number == 4 && s->s1_held) {
+        /* S2: let L go, and keep S2 running while L decides. */
+        pthread_mutex_lock(&s->mu);
+        s->s2_started = 1;
+        pthread_mutex_unlock(&s->mu);
+        sem_post(&leader_thaw);
+        usleep(30000);
+    }
+    return 0;
+}
+
+static void stale_append_sync(stale_state_t *s)
+{
+    mqs_seglog_entry_t e = {.value = "0123456789", .value_len = 10};
+    int64_t offset;
+    int rc;
+
+    pthread_mutex_lock(&s->append_mu);
+    rc = mqs_seglog_append(s->log, &e, 1, &offset);
+    pthread_mutex_unlock(&s->append_mu);
+    if (rc != MQS_OK || mqs_seglog_sync(s->log, offset + 1) != MQS_OK) {
+        pthread_mutex_lock(&s->mu);
+        s->errors++;
+        pthread_mutex_unlock(&s->mu);
+    }
+}
+
+/* The end offset, or the synced one. Under the append mutex, because the
+ * stats read the appender's fields without a lock. */
+static int64_t stale_end_offset(stale_state_t *s, int synced)
+{
+    mqs_seglog_stats_t stats;
+
+    pthread_mutex_lock(&s->append_mu);
+    mqs_seglog_get_stats(s->log, &stats);
+    pthread_mutex_unlock(&s->append_mu);
+    return synced ? stats.synced_offset : stats.end_offset;
+}
+
+static void *stale_middle(void *p)
+{
+    stale_append_sync(p);
+    return NULL;
+}
+
+/* L: sync alone first, then once more after A's first sync. */
+static void *stale_leader(void *p)
+{
+    stale_state_t *s = p;
+
+    stale_append_sync(s);
+    while (stale_end_offset(s, 1) < 2)
+        usleep(50);
+    pthread_mutex_lock(&s->mu);
+    s->leader_waits = 1;
+    pthread_mutex_unlock(&s->mu);
+    stale_append_sync(s);
+    pthread_mutex_lock(&s->mu);
+    s->leader_waits = 0;
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* A: sync alone after L, then arrive 0.3 ms after L's second record,
+ * while L gathers, and once more after that sync. */
+static void *stale_taker(void *p)
+{
+    stale_state_t *s = p;
+
+    while (stale_end_offset(s, 1) < 1)
+        usleep(50);
+    stale_append_sync(s);
+    while (stale_end_offset(s, 0) < 3)
+        usleep(50);
+    usleep(300);
+    stale_append_sync(s);
+    stale_append_sync(s);
+    return NULL;
+}
+
+/* B: arrive when that completes the group of S2's leader. */
+static void *stale_completer(void *p)
+{
+    stale_state_t *s = p;
+
+    for (int i = 0; i < 200000; i++) {
+        if (mqs_seglog_sync_starts_now(s->log))
+            break;
+        pthread_mutex_lock(&s->mu);
+        int started = s->s2_started;
+        pthread_mutex_unlock(&s->mu);
+        if (started)
+            break;
+        usleep(1);
+    }
+    stale_append_sync(s);
+    return NULL;
+}
+
+static void test_takeover_seen_after_later_takeover(void)
+{
+    struct sigaction action, old_action;
+    int runs = 0, max_running = 0;
+
+    memset(&action, 0, sizeof action);
+    action.sa_handler = hold_leader;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGUSR1, &action, &old_action);
+    for (int attempt = 0; attempt < 10 && runs < 2; attempt++) {
+        char path[300], name[32];
+        stale_state_t s;
+        pthread_t middle, completer;
+        mqs_seglog_stats_t stats;
+
+        memset(&s, 0, sizeof s);
+        pthread_mutex_init(&s.mu, NULL);
+        pthread_cond_init(&s.cv, NULL);
+        pthread_mutex_init(&s.append_mu, NULL);
+        sem_init(&leader_thaw, 0, 0);
+        atomic_store(&leader_held, 0);
+        snprintf(name, sizeof name, "stale%d", attempt);
+        log_dir(path, sizeof path, name);
+        s.log = open_log(path, config(1 << 20, MQS_SEGLOG_FSYNC_ALWAYS),
+                         NULL);
+        mqs_seglog_set_sync_hook(s.log, stale_hook, &s);
+
+        pthread_mutex_lock(&s.mu);
+        pthread_create(&s.leader, NULL, stale_leader, &s);
+        pthread_create(&s.taker, NULL, stale_taker, &s);
+        pthread_mutex_unlock(&s.mu);
+        /* Wait for S1 to be held, or for the run to miss the scenario:
+         * L's gather ran out before A arrived. */
+        pthread_mutex_lock(&s.mu);
+        for (int i = 0; i < 200 && !s.s1_held; i++) {
+            pthread_mutex_unlock(&s.mu);
+            usleep(1000);
+            pthread_mutex_lock(&s.mu);
+        }
+        int held = s.s1_held;
+        pthread_mutex_unlock(&s.mu);
+        if (held) {
+            pthread_create(&middle, NULL, stale_middle, &s);
+            pthread_create(&completer, NULL, stale_completer, &s);
+            usleep(20000);
+            pthread_mutex_lock(&s.mu);
+            s.s1_released = 1;
+            pthread_cond_broadcast(&s.cv);
+            pthread_mutex_unlock(&s.mu);
+            pthread_join(middle, NULL);
+            pthread_join(completer, NULL);
+        }
+        pthread_join(s.leader, NULL);
+        pthread_join(s.taker, NULL);
+        mqs_seglog_set_sync_hook(s.log, NULL, NULL);
+        mqs_seglog_get_stats(s.log, &stats);
+        CHECK_EQ(s.errors, 0);
+        CHECK_EQ(stats.synced_offset, stats.end_offset);
+        if (held && s.s2_started && stats.syncs_taken_over >= 2)
+            runs++;
+        if (s.max_running > max_running)
+            max_running = s.max_running;
+        CHECK_EQ(mqs_seglog_close(s.log), MQS_OK);
+        sem_destroy(&leader_thaw);
+        pthread_cond_destroy(&s.cv);
+        pthread_mutex_destroy(&s.mu);
+        pthread_mutex_destroy(&s.append_mu);
+    }
+    sigaction(SIGUSR1, &old_action, NULL);
+    printf("stale takeover: %d runs of the scenario, at most %d syncs at "
+           "once\n", runs, max_running);
+    CHECK(runs >= 1);
+    CHECK_EQ(max_running, 1);
+}
+
 /* ---- recovery ----------------------------------------------------------- */
 
 static void test_recovery_zeroes_garbage_after_tail(void)
@@ -1477,6 +1730,7 @@ int main(void)
     test_always_sync_covers_each_record();
     test_group_commit_shares_syncs();
     test_group_commit_taken_over();
+    test_takeover_seen_after_later_takeover();
     test_small_syncs_append_by_write();
     test_large_syncs_append_by_store();
     test_sync_waits_for_recent_callers();
