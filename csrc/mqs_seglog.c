@@ -1880,8 +1880,12 @@ wait:
      * order gives a position at or past that offset's record. */
     if (!took_over) {
         log->sync_running = 1;
-        if (caller && gather_callers(log))
+        if (caller && gather_callers(log)) {
+            /* Counted once already: a second count would make the next
+             * leader's group look complete one arrival early. */
+            noted = 1;
             goto wait;
+        }
     }
     log->arrivals = 0;
     log->sync_round++;

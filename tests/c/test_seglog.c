@@ -898,6 +898,55 @@ static void test_group_commit_taken_over(void)
 }
 
 /*
+ * Group commit when each sync takes longer than a leader gathers (3 ms
+ * against 2 ms), so the gathering leader's deadline passes while the
+ * arrival that took its sync over runs it. The leader was counted as an
+ * arrival when it called, and must not be counted again when it goes
+ * back to wait. The second count made the next leader's group look
+ * complete one arrival early, and 4 threads got fewer than 3 records per
+ * sync instead of 4. The bound leaves room for threads that a busy
+ * machine holds back for 2 ms.
+ */
+static int slower_sync_hook(void *ctx, int64_t end_offset, int phase)
+{
+    (void)ctx;
+    (void)end_offset;
+    if (phase == 0)
+        usleep(3000);
+    return 0;
+}
+
+static void test_group_commit_slow_syncs(void)
+{
+    char path[300];
+    mqs_seglog_t *log;
+    mqs_seglog_stats_t s;
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_t threads[4];
+    group_arg_t args[4];
+
+    log_dir(path, sizeof path, "slowsync");
+    log = open_log(path, config(1 << 20, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
+    mqs_seglog_set_sync_hook(log, slower_sync_hook, NULL);
+    for (int t = 0; t < 4; t++) {
+        args[t] = (group_arg_t){log, &mu, 80, 0, 0};
+        pthread_create(&threads[t], NULL, group_appender, &args[t]);
+    }
+    for (int t = 0; t < 4; t++) {
+        pthread_join(threads[t], NULL);
+        CHECK_EQ(args[t].errors, 0);
+    }
+    mqs_seglog_set_sync_hook(log, NULL, NULL);
+    mqs_seglog_get_stats(log, &s);
+    printf("slow syncs: 320 records, %" PRId64 " syncs, %" PRId64
+           " taken over\n", s.syncs, s.syncs_taken_over);
+    CHECK_EQ(s.synced_offset, 320);
+    /* At least 3.33 records per sync. */
+    CHECK(s.syncs * 10 <= 320 * 3);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+}
+
+/*
  * A leader must see that its group was taken over even when a later
  * group was taken over too before it woke. Leader L gathers, and A's
  * arrival takes L's sync (S1) over. A signal handler holds L while S1
@@ -1730,6 +1779,7 @@ int main(void)
     test_always_sync_covers_each_record();
     test_group_commit_shares_syncs();
     test_group_commit_taken_over();
+    test_group_commit_slow_syncs();
     test_takeover_seen_after_later_takeover();
     test_small_syncs_append_by_write();
     test_large_syncs_append_by_store();
