@@ -640,6 +640,79 @@ def test_publish_wakes_without_log_hint(tmp_path):
         broker.close()
 
 
+def test_groups_wake_while_syncs_are_shared(tmp_path):
+    """Under fsync="always", with two producer threads of another topic
+    keeping the group commit busy (gathers, takeovers), a consumer of
+    each of two groups waits in `get` for every publish on the topic.
+    Each get returns well before its 50 ms slice ends. A wake-up lost
+    between the quiet store and the sync would show as a get that
+    returns only at the slice end, about 48 ms after the publish,
+    because each get starts its wait 2 ms before the publish."""
+    broker = _open(str(tmp_path / "b"), fsync="always")
+    rounds, slow_ms = 100, 40
+    stop = threading.Event()
+    errors = []
+    try:
+        broker.declare_topic("t")
+        consumers = [broker.consume("t", group) for group in ("g1", "g2")]
+        broker.publish("t", "first")
+        for consumer in consumers:
+            consumer.get(timeout=5).ack()
+        received = [[] for _ in consumers]
+        waiting = [threading.Event() for _ in consumers]
+
+        def noise():
+            try:
+                while not stop.is_set():
+                    broker.publish("noise", "x")
+            except Exception as exc:  # reported by the assert below
+                errors.append(exc)
+
+        def consume(index):
+            try:
+                for _ in range(rounds):
+                    waiting[index].set()
+                    message = consumers[index].get(timeout=10)
+                    received[index].append((message.body, time.monotonic()))
+                    message.ack()
+            except Exception as exc:  # reported by the assert below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=noise) for _ in range(2)]
+        threads += [threading.Thread(target=consume, args=(index,))
+                    for index in range(len(consumers))]
+        for thread in threads:
+            thread.start()
+        returned = {}
+        for n in range(rounds):
+            for event in waiting:
+                assert event.wait(10)
+                event.clear()
+            # Let the consumers park in their waits.
+            time.sleep(0.002)
+            broker.publish("t", n)
+            returned[n] = time.monotonic()
+            deadline = time.monotonic() + 10
+            while (min(len(r) for r in received) <= n
+                   and time.monotonic() < deadline):
+                time.sleep(0.0005)
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        assert errors == []
+        for index, got in enumerate(received):
+            assert [body for body, _ in got] == list(range(rounds))
+            late = [round((at - returned[body]) * 1000, 1)
+                    for body, at in got
+                    if (at - returned[body]) * 1000 >= slow_ms]
+            # A busy machine may hold a woken thread back now and then;
+            # lost wake-ups would make nearly every get late.
+            assert len(late) <= rounds // 4, (index, late)
+    finally:
+        stop.set()
+        broker.close()
+
+
 def _child_publish_quiet(path, count, out):
     broker = _open(path, fsync="always")
     try:
