@@ -361,9 +361,18 @@ cdef class CoreReader:
         cdef TopicCore core
         cdef bint woke = False
         message = self._read(ack_timeout, auto_ack)
-        if message is not None or not self._nothing_ready:
+        if message is not None:
             return message
         now = mqs_monotonic_ns() / 1e9
+        if not self._nothing_ready:
+            # The periodic check for dead consumers may have been due
+            # (`_usable_core`): `_waitable_core` runs it, then the read
+            # is tried once more before the case goes to `fetch`.
+            if self._waitable_core(now) is None:
+                return None
+            message = self._read(ack_timeout, auto_ack)
+            if message is not None or not self._nothing_ready:
+                return message
         deadline = now + timeout if timeout >= 0 else now + 1e18
         while now < deadline:
             core = self._waitable_core(now)

@@ -49,6 +49,21 @@ def publish_later(broker, body, delay, topic="t"):
     return thread
 
 
+def test_get_runs_due_reap_in_c(broker):
+    """A get that finds the periodic check for dead consumers due runs
+    it and waits in C, without the backend's Python `fetch` (on a busy
+    machine 50 ms pass easily between the last check and a get)."""
+    consumer = broker.consume("t", "g", ack_timeout=60)
+    calls = count_fetches(consumer)
+    timer = publish_later(broker, "late", 0.2)
+    consumer._backend._next_reap = 0.0
+    message = consumer.get(timeout=30)
+    timer.join()
+    assert message.body == "late"
+    assert calls == []
+    assert consumer._backend._next_reap > 0.0
+
+
 def test_wait_ignores_changes_for_others(broker):
     """A consumer with no room (prefetch 1, one message unacked) waits
     through the publishes, deliveries and acks of another consumer of its
