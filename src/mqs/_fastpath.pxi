@@ -360,19 +360,10 @@ cdef class CoreReader:
         cdef uint32_t epoch
         cdef TopicCore core
         cdef bint woke = False
-        message = self._read(ack_timeout, auto_ack)
-        if message is not None:
+        message = self._read_checked(ack_timeout, auto_ack)
+        if message is not None or not self._nothing_ready:
             return message
         now = mqs_monotonic_ns() / 1e9
-        if not self._nothing_ready:
-            # The periodic check for dead consumers may have been due
-            # (`_usable_core`): `_waitable_core` runs it, then the read
-            # is tried once more before the case goes to `fetch`.
-            if self._waitable_core(now) is None:
-                return None
-            message = self._read(ack_timeout, auto_ack)
-            if message is not None or not self._nothing_ready:
-                return message
         deadline = now + timeout if timeout >= 0 else now + 1e18
         while now < deadline:
             core = self._waitable_core(now)
@@ -385,7 +376,7 @@ cdef class CoreReader:
             try:
                 # Again after registering, so that a publish in between
                 # is not missed.
-                message = self._read(ack_timeout, auto_ack)
+                message = self._read_checked(ack_timeout, auto_ack)
             except BaseException:
                 core.cancel_wait()
                 raise
@@ -407,6 +398,20 @@ cdef class CoreReader:
         """Test hook: waits of `wait_read` that ended (a change, a slice
         of at most 50 ms, a close) and then found nothing to take."""
         return self._empty_wake_count
+
+    cdef object _read_checked(self, double ack_timeout, bint auto_ack):
+        """`_read`, for `wait_read`: when the read left the case to the
+        backend, run the periodic check for dead consumers if it is due
+        (`_usable_core` leaves that to the backend, and it falls due every
+        50 ms on the shm backend) and read once more. Other threads may
+        hold the GIL for milliseconds between the wait's check and the
+        read, so without this a get went to `fetch` now and then."""
+        message = self._read(ack_timeout, auto_ack)
+        if message is not None or self._nothing_ready:
+            return message
+        if self._waitable_core(mqs_monotonic_ns() / 1e9) is None:
+            return None
+        return self._read(ack_timeout, auto_ack)
 
     cdef TopicCore _waitable_core(self, double now):
         """Return the core to wait on for `wait_read`, or None when the
