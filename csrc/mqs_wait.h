@@ -159,18 +159,14 @@ static inline int mqs_wait_sleep(mqs_waitword_t *w, uint32_t epoch,
 }
 
 /*
- * Wait until the epoch differs from `epoch` or `timeout_ns` passes: spin
- * for up to MQS_WAIT_SPIN_NS, yield until MQS_WAIT_YIELD_NS, then sleep
- * on the futex (mqs_wait_sleep); neither phase outlasts the timeout. Any
- * thread, without any lock held. `shared` selects a futex that works
- * across processes (the word must then be in MAP_SHARED memory).
- *
- * Returns MQS_OK when the epoch moved (or on a spurious wake-up: callers
- * re-check their condition in any case), MQS_ETIMEDOUT when the timeout
- * passed, MQS_EINTR when a signal interrupted the sleep.
+ * mqs_wait_park with the yield phase ending `awake_ns` after the start
+ * instead of MQS_WAIT_YIELD_NS, for a waiter that expects its change
+ * later than a handoff takes (the consumers of a log broker under
+ * fsync="always" wait about one disk sync for the next message).
  */
-static inline int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch,
-                                int64_t timeout_ns, int shared)
+static inline int mqs_wait_park_awake(mqs_waitword_t *w, uint32_t epoch,
+                                      int64_t timeout_ns, int64_t awake_ns,
+                                      int shared)
 {
     int64_t now = mqs_monotonic_ns();
     int64_t deadline = mqs_wait_deadline(now, timeout_ns);
@@ -178,8 +174,7 @@ static inline int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch,
 
     spin_end = deadline - now < MQS_WAIT_SPIN_NS ? deadline
                                                  : now + MQS_WAIT_SPIN_NS;
-    yield_end = deadline - now < MQS_WAIT_YIELD_NS ? deadline
-                                                   : now + MQS_WAIT_YIELD_NS;
+    yield_end = deadline - now < awake_ns ? deadline : now + awake_ns;
     for (uint32_t i = 0;; i++) {
         if (mqs_load_acquire_u32(&w->epoch) != epoch)
             return MQS_OK;
@@ -194,6 +189,24 @@ static inline int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch,
         sched_yield();
     }
     return mqs_wait_sleep(w, epoch, deadline - mqs_monotonic_ns(), shared);
+}
+
+/*
+ * Wait until the epoch differs from `epoch` or `timeout_ns` passes: spin
+ * for up to MQS_WAIT_SPIN_NS, yield until MQS_WAIT_YIELD_NS, then sleep
+ * on the futex (mqs_wait_sleep); neither phase outlasts the timeout. Any
+ * thread, without any lock held. `shared` selects a futex that works
+ * across processes (the word must then be in MAP_SHARED memory).
+ *
+ * Returns MQS_OK when the epoch moved (or on a spurious wake-up: callers
+ * re-check their condition in any case), MQS_ETIMEDOUT when the timeout
+ * passed, MQS_EINTR when a signal interrupted the sleep.
+ */
+static inline int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch,
+                                int64_t timeout_ns, int shared)
+{
+    return mqs_wait_park_awake(w, epoch, timeout_ns, MQS_WAIT_YIELD_NS,
+                               shared);
 }
 
 /*

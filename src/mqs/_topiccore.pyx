@@ -107,6 +107,7 @@ from mqs.includes.mqs_wait cimport (
     mqs_wait_epoch,
     mqs_wait_finish,
     mqs_wait_park,
+    mqs_wait_park_awake,
     mqs_wait_prepare,
     mqs_wait_signal,
     mqs_wait_sleep,
@@ -1463,14 +1464,19 @@ cdef class TopicCore(_MappedFile):
 
     cdef int _wait_fetchable(self, uint32_t epoch, double timeout,
                              uint32_t consumer, uint32_t group,
-                             uint64_t owner, bint auto_ack) except -1:
+                             uint64_t owner, bint auto_ack,
+                             int64_t awake_ns) except -1:
         """`wait` for `CoreReader.wait_read`: wake at a change after
         which a fetch by `consumer` may find something
         (`mqs_tc_may_fetch`), when `close` is pending, or after `timeout`
         seconds (at most 50 ms). Changes that leave nothing for it, such
         as the deliveries and acks of other consumers, do not wake the
         caller: with 4 consumers each of them woke the other three, and
-        each wake-up took the GIL to find nothing."""
+        each wake-up took the GIL to find nothing.
+
+        A positive `awake_ns` keeps the first wait awake (spinning, then
+        yielding the CPU) that long before it sleeps, instead of 50 us
+        (`mqs_wait_park_awake`)."""
         cdef int64_t timeout_ns = <int64_t>(min(max(timeout, 0.0), 0.05)
                                             * 1e9)
         cdef int64_t end = mqs_monotonic_ns() + timeout_ns
@@ -1479,7 +1485,10 @@ cdef class TopicCore(_MappedFile):
         cdef mqs_waitword_t *word = mqs_tc_changed(self._header)
         # The registration keeps the file mapped (see `close`).
         with nogil:
-            rc = mqs_wait_park(word, epoch, timeout_ns, 1)
+            if awake_ns > 0:
+                rc = mqs_wait_park_awake(word, epoch, timeout_ns, awake_ns, 1)
+            else:
+                rc = mqs_wait_park(word, epoch, timeout_ns, 1)
             while rc == MQS_OK and not self._close_pending:
                 now = mqs_monotonic_ns()
                 if now >= end:

@@ -49,6 +49,31 @@ def publish_later(broker, body, delay, topic="t"):
     return thread
 
 
+@pytest.mark.parametrize("backend, fsync, awake_ns", [
+    ("shm", None, 0), ("log", "interval", 0), ("log", "always", 200_000)])
+def test_always_consumers_stay_awake_longer(tmp_path, backend, fsync,
+                                            awake_ns):
+    """Only the consumers of a log broker under fsync="always", whose
+    next message comes about one disk sync later, stay awake 200 us
+    before they sleep; the others keep the default."""
+    name = f"test-awake-{os.getpid()}-{tmp_path.name}"
+    if backend == "shm":
+        opened = mqs.Broker(backend="shm", name=name)
+    else:
+        opened = mqs.Broker(backend="log", path=str(tmp_path / "b"),
+                            fsync=fsync)
+    try:
+        consumer = opened.consume("t", "g")
+        assert type(consumer._read_one) is CoreReader
+        assert consumer._read_one._awake_wait_ns == awake_ns
+        opened.publish("t", "x")
+        assert consumer.get(timeout=5).body == "x"
+    finally:
+        opened.close()
+        if backend == "shm":
+            mqs.Broker.unlink(name)
+
+
 def test_get_runs_due_reap_in_c(broker):
     """A get that finds the periodic check for dead consumers due runs
     it and waits in C, without the backend's Python `fetch` (on a busy

@@ -12,6 +12,8 @@ cdef extern from "mqs_wait.h" nogil:
     uint32_t mqs_wait_prepare(mqs_waitword_t *w)
     void mqs_wait_finish(mqs_waitword_t *w)
     uint32_t mqs_wait_epoch(mqs_waitword_t *w)
+    int mqs_wait_park_awake(mqs_waitword_t *w, uint32_t epoch,
+                            int64_t timeout_ns, int64_t awake_ns, int shared)
     int mqs_wait_park(mqs_waitword_t *w, uint32_t epoch, int64_t timeout_ns,
                       int shared)
     int mqs_wait_sleep(mqs_waitword_t *w, uint32_t epoch,
