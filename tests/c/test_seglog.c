@@ -856,16 +856,19 @@ static void test_sync_waits_for_recent_callers(void)
  * run out of time (4 Python threads on a log broker). The bounds leave
  * room for threads that a busy machine holds back for 2 ms.
  */
-static int slow_sync_hook(void *ctx, int64_t end_offset, int phase)
+/* A sync hook that sleeps *(int *)ctx microseconds before the I/O. */
+static int sleepy_sync_hook(void *ctx, int64_t end_offset, int phase)
 {
-    (void)ctx;
     (void)end_offset;
     if (phase == 0)
-        usleep(1000);
+        usleep((useconds_t)*(int *)ctx);
     return 0;
 }
 
-static void test_group_commit_taken_over(void)
+/* 4 threads append and sync `per_thread` records each while every sync
+ * takes `sync_us`; return the log's stats and close it. */
+static mqs_seglog_stats_t run_slow_group(const char *name, int sync_us,
+                                         int per_thread)
 {
     char path[300];
     mqs_seglog_t *log;
@@ -874,11 +877,11 @@ static void test_group_commit_taken_over(void)
     pthread_t threads[4];
     group_arg_t args[4];
 
-    log_dir(path, sizeof path, "takeover");
+    log_dir(path, sizeof path, name);
     log = open_log(path, config(1 << 20, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
-    mqs_seglog_set_sync_hook(log, slow_sync_hook, NULL);
+    mqs_seglog_set_sync_hook(log, sleepy_sync_hook, &sync_us);
     for (int t = 0; t < 4; t++) {
-        args[t] = (group_arg_t){log, &mu, 100, 0, 0};
+        args[t] = (group_arg_t){log, &mu, per_thread, 0, 0};
         pthread_create(&threads[t], NULL, group_appender, &args[t]);
     }
     for (int t = 0; t < 4; t++) {
@@ -887,6 +890,14 @@ static void test_group_commit_taken_over(void)
     }
     mqs_seglog_set_sync_hook(log, NULL, NULL);
     mqs_seglog_get_stats(log, &s);
+    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
+    return s;
+}
+
+static void test_group_commit_taken_over(void)
+{
+    mqs_seglog_stats_t s = run_slow_group("takeover", 1000, 100);
+
     printf("takeover: 400 records, %" PRId64 " syncs, %" PRId64
            " taken over, %" PRId64 " gathers out of time\n",
            s.syncs, s.syncs_taken_over, s.gather_timeouts);
@@ -894,7 +905,6 @@ static void test_group_commit_taken_over(void)
     CHECK(s.syncs < 200);
     CHECK(s.syncs_taken_over * 2 >= s.syncs);
     CHECK(s.gather_timeouts * 5 <= s.syncs);
-    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
 }
 
 /*
@@ -907,43 +917,15 @@ static void test_group_commit_taken_over(void)
  * sync instead of 4. The bound leaves room for threads that a busy
  * machine holds back for 2 ms.
  */
-static int slower_sync_hook(void *ctx, int64_t end_offset, int phase)
-{
-    (void)ctx;
-    (void)end_offset;
-    if (phase == 0)
-        usleep(3000);
-    return 0;
-}
-
 static void test_group_commit_slow_syncs(void)
 {
-    char path[300];
-    mqs_seglog_t *log;
-    mqs_seglog_stats_t s;
-    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-    pthread_t threads[4];
-    group_arg_t args[4];
+    mqs_seglog_stats_t s = run_slow_group("slowsync", 3000, 80);
 
-    log_dir(path, sizeof path, "slowsync");
-    log = open_log(path, config(1 << 20, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
-    mqs_seglog_set_sync_hook(log, slower_sync_hook, NULL);
-    for (int t = 0; t < 4; t++) {
-        args[t] = (group_arg_t){log, &mu, 80, 0, 0};
-        pthread_create(&threads[t], NULL, group_appender, &args[t]);
-    }
-    for (int t = 0; t < 4; t++) {
-        pthread_join(threads[t], NULL);
-        CHECK_EQ(args[t].errors, 0);
-    }
-    mqs_seglog_set_sync_hook(log, NULL, NULL);
-    mqs_seglog_get_stats(log, &s);
     printf("slow syncs: 320 records, %" PRId64 " syncs, %" PRId64
            " taken over\n", s.syncs, s.syncs_taken_over);
     CHECK_EQ(s.synced_offset, 320);
     /* At least 3.33 records per sync. */
     CHECK(s.syncs * 10 <= 320 * 3);
-    CHECK_EQ(mqs_seglog_close(log), MQS_OK);
 }
 
 /*
