@@ -802,7 +802,7 @@ static void test_sync_waits_for_recent_callers(void)
         pthread_mutex_init(&g.mu, NULL);
         pthread_cond_init(&g.cv, NULL);
         log = open_log(path, config(65536, MQS_SEGLOG_FSYNC_ALWAYS), NULL);
-        /* Nobody synced yet: a caller would lead without gathering. */
+        /* No thread synced yet: a caller would lead without gathering. */
         CHECK_EQ(mqs_seglog_sync_starts_now(log), 1);
         mqs_seglog_set_sync_hook(log, gather_hook, &g);
         for (int t = 0; t < 3; t++)
@@ -851,8 +851,8 @@ static void test_sync_waits_for_recent_callers(void)
  * each while every sync takes 1 ms (a slow disk, by the hook), so a
  * leader waits up to 2 ms for the group. The arrival that completes a
  * group runs its sync. A leader whose group was taken over must leave
- * the gathering state alone when it wakes: it belongs to the next
- * leader by then, and clearing it made about 40% of the later gathers
+ * the gathering state alone when it wakes, because it belongs to the
+ * next leader by then. Clearing it made about 40% of the later gathers
  * run out of time (4 Python threads on a log broker). The bounds leave
  * room for threads that a busy machine holds back for 2 ms.
  */
@@ -931,7 +931,7 @@ static void test_group_commit_slow_syncs(void)
 /*
  * A leader must see that its group was taken over even when a later
  * group was taken over too before it woke. Leader L gathers, and A's
- * arrival takes L's sync (S1) over. A signal handler holds L while S1
+ * arrival takes L's sync (S1) over. A signal handler keeps L while S1
  * runs and ends and the next group gathers. B or M takes that group's
  * sync (S2) over, and L wakes after its deadline. A leader that compared
  * its gather with the last one taken over counted that as a timeout of
