@@ -638,8 +638,8 @@ def test_seglog_group_commit_shares_syncs(tmp_path):
 
 def test_seglog_sync_starts_now_hint(tmp_path):
     """`_sync_starts_now` returns whether a flush would start its sync
-    at once: yes on a log nobody synced, no while a sync runs, no on a
-    closed log (no error either: it is a hint)."""
+    at once: yes on a log that no thread synced, no while a sync runs,
+    no on a closed log (no error either, because it is a hint)."""
     entered, release = threading.Event(), threading.Event()
 
     def hook(end, phase):
