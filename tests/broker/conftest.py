@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 import mqs
+from mqs.broker._redis import RedisBackend
 
 
 @contextlib.contextmanager
@@ -48,13 +49,18 @@ def _shm_broker(tmp_path):
 
 
 @contextlib.contextmanager
-def _redis_broker(tmp_path, request):
+def _redis_broker(tmp_path, request, functions=True):
     # The suite's bodies are ints, tuples and objects, so the broker
     # pickles them.
     url = request.getfixturevalue("redis_url")
     namespace = request.getfixturevalue("redis_namespace")
+    if not functions:
+        # The EVALSHA path of servers before Redis 7.
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setattr(RedisBackend, "_use_functions", False)
     broker = mqs.Broker(backend="redis", url=url, serializer="pickle",
                         namespace=namespace)
+    assert (broker.backend._library is None) is (not functions)
     try:
         yield broker
     finally:
@@ -83,6 +89,8 @@ BACKEND_FACTORIES = {
     "memory": lambda tmp_path, request: _memory_broker(tmp_path),
     "log": lambda tmp_path, request: _log_broker(tmp_path),
     "redis": _redis_broker,
+    "redis-eval": lambda tmp_path, request: _redis_broker(
+        tmp_path, request, functions=False),
     "shm": lambda tmp_path, request: _shm_broker(tmp_path),
 }
 

@@ -529,17 +529,17 @@ def test_fetch_retry_returns_lost_reply_messages(open_broker, monkeypatch):
     consumer = broker.consume("t", "g", prefetch=1, ack_timeout=60)
     broker.publish("t", b"only")
     backend = broker.backend
-    script = backend._script
+    invoke = backend._invoke
     lost = []
 
-    def lose_first_fetch_reply(*args, **kwargs):
-        reply = script(*args, **kwargs)
-        if kwargs["args"][0] == "fetch" and not lost:
+    def lose_first_fetch_reply(keys, args, allow_oom):
+        reply = invoke(keys, args, allow_oom)
+        if args[0] == "fetch" and not lost:
             lost.append(reply)
             raise redis.ConnectionError("reply lost after the script ran")
         return reply
 
-    monkeypatch.setattr(backend, "_script", lose_first_fetch_reply)
+    monkeypatch.setattr(backend, "_invoke", lose_first_fetch_reply)
     message = consumer.get(timeout=5)
     assert len(lost[0][2]) == 1
     assert message.body == b"only"
@@ -558,17 +558,17 @@ def test_settle_retry_after_lost_reply_is_true(open_broker, monkeypatch,
     broker.publish("t", b"only")
     message = consumer.get(timeout=5)
     backend = broker.backend
-    script = backend._script
+    invoke = backend._invoke
     lost = []
 
-    def lose_first_settle_reply(*args, **kwargs):
-        reply = script(*args, **kwargs)
-        if kwargs["args"][0] == settle and not lost:
+    def lose_first_settle_reply(keys, args, allow_oom):
+        reply = invoke(keys, args, allow_oom)
+        if args[0] == settle and not lost:
             lost.append(reply)
             raise redis.ConnectionError("reply lost after the script ran")
         return reply
 
-    monkeypatch.setattr(backend, "_script", lose_first_settle_reply)
+    monkeypatch.setattr(backend, "_invoke", lose_first_settle_reply)
     if settle == "ack_many":
         assert consumer.ack_many([message]) == 1
     elif settle == "ack":
@@ -597,16 +597,16 @@ def test_settle_retry_of_redelivered_message_is_late(open_broker,
     time.sleep(0.4)
     again = consumer.get(timeout=5)
     backend = broker.backend
-    script = backend._script
+    invoke = backend._invoke
     failed = []
 
-    def fail_first_settle(*args, **kwargs):
-        if kwargs["args"][0] == settle and not failed:
+    def fail_first_settle(keys, args, allow_oom):
+        if args[0] == settle and not failed:
             failed.append(True)
             raise redis.ConnectionError("lost before the script ran")
-        return script(*args, **kwargs)
+        return invoke(keys, args, allow_oom)
 
-    monkeypatch.setattr(backend, "_script", fail_first_settle)
+    monkeypatch.setattr(backend, "_invoke", fail_first_settle)
     if settle == "ack":
         assert message.ack() is False
     else:
@@ -1787,11 +1787,16 @@ def _fill_until_out_of_memory(broker, topic, batch, admin):
     raise AssertionError("the server never ran out of memory")
 
 
-def test_out_of_memory_raises_and_recovers(redis_server_factory):
+@pytest.mark.parametrize("functions", [True, False],
+                         ids=["fcall", "evalsha"])
+def test_out_of_memory_raises_and_recovers(redis_server_factory,
+                                           monkeypatch, functions):
     """A server out of memory fails the calls that store data with
     BackendOutOfMemory, naming the topic and the fixes; consumers still
     get and ack, and once they freed memory publishing works again,
-    with nothing lost."""
+    with nothing lost. Both ways of running the script: library
+    functions, and EVALSHA for servers before Redis 7."""
+    monkeypatch.setattr(_redis.RedisBackend, "_use_functions", functions)
     server = redis_server_factory()
     broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
     admin = redis.Redis.from_url(server.url)
@@ -1842,6 +1847,9 @@ def test_out_of_memory_raises_and_recovers(redis_server_factory):
         assert not [name for name in broker.topics()
                     if name.startswith("mqs.reply.")]
 
+        # A new group would store its state, so opening it fails.
+        with pytest.raises(mqs.BackendOutOfMemory):
+            broker.consume("t", "new-group")
         # Consumers keep working: a new one of the group, gets and acks.
         second = broker.consume("t", "g", prefetch=10_000)
         got = 0
@@ -2066,3 +2074,85 @@ def test_idle_consumer_expires_and_returns(open_broker, monkeypatch,
     assert len(records) == 1
     assert records[0].levelno == logging.INFO
     assert "lease" in records[0].getMessage()
+
+
+# Library functions.
+
+def test_library_reloaded_after_function_flush(redis_server_factory):
+    """Operations run as FCALL of the library that the broker loaded, and
+    a server that lost the library (FUNCTION FLUSH, or a restart without
+    persistence) gets it again at the next call, which then succeeds."""
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        library = broker.backend._library
+        assert library is not None and library.startswith("mqs_")
+        consumer = broker.consume("t", "g")
+        admin.config_resetstat()
+        broker.publish("t", b"one")
+        calls = admin.info("commandstats")
+        assert calls["cmdstat_fcall"]["calls"] == 1
+        assert "cmdstat_evalsha" not in calls
+
+        admin.function_flush()
+        assert admin.function_list() == []
+        broker.publish("t", b"two")
+        names = [entry[b"library_name"] if b"library_name" in entry
+                 else entry["library_name"]
+                 for entry in map(_as_dict, admin.function_list())]
+        assert names in ([library.encode()], [library])
+        for body in (b"one", b"two"):
+            message = consumer.get(timeout=5)
+            assert message.body == body
+            assert message.ack()
+    finally:
+        admin.close()
+        broker.close()
+
+
+def _as_dict(entry):
+    """Return a FUNCTION LIST entry as a dict (RESP2 returns a flat
+    list of names and values)."""
+    if isinstance(entry, dict):
+        return entry
+    return dict(zip(entry[::2], entry[1::2]))
+
+
+def test_denied_function_load_uses_evalsha(redis_server_factory, caplog):
+    """A user whose ACL denies FUNCTION gets every operation through
+    EVALSHA, with the reason logged once at INFO."""
+    server = redis_server_factory()
+    admin = redis.Redis.from_url(server.url)
+    admin.acl_setuser("limited", enabled=True, passwords=["+secret"],
+                      keys=["*"], channels=["*"],
+                      commands=["+@all", "-function"])
+    url = server.url.replace("redis://", "redis://limited:secret@", 1)
+    caplog.set_level(logging.INFO, logger="mqs.broker._redis")
+    broker = mqs.Broker(backend="redis", url=url)
+    try:
+        assert broker.backend._library is None
+        records = [record for record in caplog.records
+                   if "FUNCTION LOAD" in record.getMessage()]
+        assert len(records) == 1
+        assert records[0].levelno == logging.INFO
+        consumer = broker.consume("t", "g")
+        admin.config_resetstat()
+        broker.publish("t", b"one")
+        assert "cmdstat_fcall" not in admin.info("commandstats")
+        message = consumer.get(timeout=5)
+        assert message.body == b"one"
+        assert message.ack()
+    finally:
+        admin.close()
+        broker.close()
+
+
+def test_allow_oom_ops_match_script():
+    """The client's list of operations that a server above its
+    maxmemory runs is the script's MAY_EXCEED_MAXMEMORY table."""
+    source = _redis._load_script()
+    table = re.search(r"local MAY_EXCEED_MAXMEMORY = \{(.*?)\}", source,
+                      re.S).group(1)
+    names = set(re.findall(r"(\w+) = true", table))
+    assert names == set(_redis._MAY_EXCEED_MAXMEMORY)

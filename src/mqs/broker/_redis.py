@@ -143,6 +143,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import hashlib
 import importlib.resources
 import itertools
 import json
@@ -299,6 +300,42 @@ PICKLED_BODY_WARNING = (
 def _load_script() -> str:
     return importlib.resources.files("mqs.broker").joinpath(
         "_redis.lua").read_text(encoding="utf-8")
+
+
+# The operations that a server above its maxmemory still runs: the
+# MAY_EXCEED_MAXMEMORY table of _redis.lua. Their library function has
+# the allow-oom flag.
+_MAY_EXCEED_MAXMEMORY = frozenset({
+    "fetch", "ack", "ack_many", "nack", "extend", "release", "put_back",
+    "close", "in_flight", "dlq_list", "dlq_purge", "stats", "group_stats"})
+
+
+def _library_name(body: str) -> str:
+    """Return the name of the library that loads `body`: a digest of the
+    code, so that clients of different mqs versions on one server each
+    call their own."""
+    return "mqs_" + hashlib.sha1(body.encode("utf-8")).hexdigest()[:16]
+
+
+def _eval_script(body: str) -> str:
+    """Return `body` as a script for EVAL, which passes the keys and
+    arguments in the globals KEYS and ARGV."""
+    return ("local CALL_KEYS, CALL_ARGV = KEYS, ARGV\n" + body
+            + "\nreturn run_call(CALL_KEYS, CALL_ARGV, false)\n")
+
+
+def _library_code(body: str) -> str:
+    """Return `body` as a library for FUNCTION LOAD with two functions:
+    NAME, and NAME_oom with the allow-oom flag."""
+    name = _library_name(body)
+    return (f"#!lua name={name}\n{body}\n"
+            f"redis.register_function{{function_name='{name}', "
+            f"callback=function(keys, args) "
+            f"return run_call(keys, args, false) end}}\n"
+            f"redis.register_function{{function_name='{name}_oom', "
+            f"callback=function(keys, args) "
+            f"return run_call(keys, args, true) end, "
+            f"flags={{'allow-oom'}}}}\n")
 
 
 def _redis_module():
@@ -691,7 +728,14 @@ class RedisBackend(Backend):
         # Fetch call ids: unique per backend object and call.
         self._call_prefix = uuid.uuid4().hex[:12] + ":"
         self._call_numbers = itertools.count()
-        self._script = client.register_script(_load_script())
+        body = _load_script()
+        self._script = client.register_script(_eval_script(body))
+        self._library_code = _library_code(body)
+        self._library_name = _library_name(body)
+        # The library's name once FUNCTION LOAD succeeded; None runs every
+        # operation with EVALSHA (servers before Redis 7, or an ACL that
+        # denies FUNCTION).
+        self._library: str | None = None
         if connect_retry_timeout is not None:
             self._retry_timeout = connect_retry_timeout
             self._retry_option = "connect_retry_timeout"
@@ -709,6 +753,32 @@ class RedisBackend(Backend):
             self._retry_timeout = retry_timeout
             self._retry_option = "retry_timeout"
         self._max_bulk = self._server_max_bulk()
+        if self._use_functions:
+            self._load_library()
+
+    # Whether to load the script as a library of functions when the server
+    # takes FUNCTION LOAD. Tests turn it off to run the EVALSHA path that
+    # servers before Redis 7 take.
+    _use_functions = True
+
+    def _load_library(self) -> None:
+        """Load the script as a library (FUNCTION LOAD), or leave
+        `_library` None when the server does not take it."""
+        try:
+            self._call(self._client.function_load, self._library_code)
+        except self._redis.ResponseError as exc:
+            text = str(exc)
+            if "already exists" not in text:
+                if not (text.startswith("unknown command")
+                        or "NOPERM" in text or "no permissions" in text):
+                    raise
+                logger.info(
+                    "Redis at %s does not take FUNCTION LOAD (%s); mqs "
+                    "runs its script with EVALSHA, which costs more per "
+                    "operation", self.url, text)
+                self._library = None
+                return
+        self._library = self._library_name
 
     def _server_max_bulk(self) -> int:
         """Return the server's proto-max-bulk-len, or its default when the
@@ -797,6 +867,25 @@ class RedisBackend(Backend):
             finally:
                 _reply_timeout.reset(token)
 
+    def _invoke(self, keys: list, args: Sequence[Any],
+                allow_oom: bool) -> Any:
+        """Run one operation of the script: FCALL of the library, or
+        EVALSHA when the server has no library."""
+        if self._library is None:
+            return self._script(keys=keys, args=args)
+        name = self._library + "_oom" if allow_oom else self._library
+        try:
+            return self._client.fcall(name, len(keys), *keys, *args)
+        except self._redis.ResponseError as exc:
+            # A restart without persistence or a FUNCTION FLUSH removed
+            # the library.
+            if "Function not found" not in str(exc):
+                raise
+        self._load_library()
+        if self._library is None:
+            return self._script(keys=keys, args=args)
+        return self._client.fcall(name, len(keys), *keys, *args)
+
     def _meta(self, topic: str) -> str:
         if "{" in topic or "}" in topic:
             raise ValueError(
@@ -816,16 +905,28 @@ class RedisBackend(Backend):
             # The client would reconnect: `close` does not stop it.
             raise ShutDown(f"the redis backend of {self.url} is closed; "
                            f"open a new Broker")
-        script = self._script
+        script = self._invoke
         if mark_retries:
             attempts = itertools.count()
 
-            def script(keys: list, args: Sequence[Any]) -> Any:
+            def script(keys: list, args: Sequence[Any],
+                       allow_oom: bool) -> Any:
                 retried = "1" if next(attempts) else "0"
-                return self._script(keys=keys, args=[*args, retried])
+                return self._invoke(keys, [*args, retried], allow_oom)
 
+        keys = [self._meta(topic)]
         try:
-            reply = self._call(script, keys=[self._meta(topic)], args=args)
+            try:
+                reply = self._call(script, keys, args,
+                                   args[0] in _MAY_EXCEED_MAXMEMORY)
+            except self._redis.ResponseError as exc:
+                # A server above its maxmemory runs the open of an
+                # existing group: only the function with the allow-oom
+                # flag gets to check that the group exists.
+                if not (args[0] == "open" and self._library is not None
+                        and self._out_of_memory(exc)):
+                    raise
+                reply = self._call(script, keys, args, True)
         except self._redis.ResponseError as exc:
             text = str(exc)
             if text.startswith("MQS_UNKNOWN"):
