@@ -1707,6 +1707,9 @@ local function peek(g, lane)
   if buffer and buffer.i <= #buffer.entries then
     return buffer.entries[buffer.i]
   end
+  if buffer and buffer.ended then
+    return nil
+  end
   save_stream_ops()
   local from = '(' .. cursor(g, lane)
   -- The first peek of a lane in a call reads one entry: a fetch that
@@ -1716,6 +1719,57 @@ local function peek(g, lane)
                                         'COUNT', n)}
   peeks[name] = buffer
   return buffer.entries[1]
+end
+
+-- Peeks the first unread entry of each lane of `g` without a buffer,
+-- with one HMGET of the cursors and one XREAD instead of an HGET and an
+-- XRANGE per lane (20 calls on a topic with the 10 default lanes). A
+-- lane found empty stays empty for the rest of the call: only a publish
+-- adds stream entries, and a fetch publishes nothing.
+local function peek_lanes(g)
+  local lanes = {}
+  for _, lane in ipairs(cfg.lanes) do
+    if not peeks[g .. '\0' .. lane] then
+      lanes[#lanes + 1] = lane
+    end
+  end
+  if #lanes < 2 then
+    return
+  end
+  save_stream_ops()
+  local load = {'HMGET', gkey(g, 'sch')}
+  for _, lane in ipairs(lanes) do
+    if not cursors[g .. '\0' .. lane] then
+      load[#load + 1] = 'c' .. lane
+    end
+  end
+  if #load > 2 then
+    local loaded = redis.call(unpack(load))
+    local k = 0
+    for _, lane in ipairs(lanes) do
+      local name = g .. '\0' .. lane
+      if not cursors[name] then
+        k = k + 1
+        cursors[name] = loaded[k] or '0-0'
+      end
+    end
+  end
+  local args = {'XREAD', 'COUNT', 1, 'STREAMS'}
+  for _, lane in ipairs(lanes) do
+    args[#args + 1] = stream(lane)
+  end
+  for _, lane in ipairs(lanes) do
+    args[#args + 1] = cursors[g .. '\0' .. lane]
+  end
+  local first = {}
+  for _, pair in ipairs(redis.call(unpack(args)) or {}) do
+    first[pair[1]] = pair[2][1]
+  end
+  for _, lane in ipairs(lanes) do
+    local entry = first[stream(lane)]
+    peeks[g .. '\0' .. lane] = {i = 1, entries = {entry},
+                                ended = entry == nil}
+  end
 end
 
 -- Reads the peeked head of a lane's unread part into the PEL of
@@ -2042,6 +2096,9 @@ local function fetch()
   local cands = {}
   local waiting = {}
   local rated = cfg.rate or #cfg.lane_rates > 0
+  if limit > 0 then
+    peek_lanes(g)
+  end
   while #found < limit and fetch_work < FETCH_WORK do
     if invalidate then
       cands = {}
