@@ -1729,11 +1729,11 @@ local function peek(g, lane)
   return buffer.entries[1]
 end
 
--- Peeks the first unread entry of each lane of `g` without a buffer,
--- with one HMGET of the cursors and one XREAD instead of an HGET and an
--- XRANGE per lane (20 calls on a topic with the 10 default lanes). A
--- lane found empty stays empty for the rest of the call: only a publish
--- adds stream entries, and a fetch publishes nothing.
+-- Peeks the first unread entry of each lane of `g` without a buffer.
+-- One HMGET of the cursors and one XREAD replace an HGET and an XRANGE
+-- per lane, 20 calls on a topic with the 10 default lanes. A lane found
+-- empty stays empty for the rest of the call, because only a publish
+-- adds stream entries and a fetch publishes nothing.
 local function peek_lanes(g)
   local lanes = {}
   for _, lane in ipairs(cfg.lanes) do
