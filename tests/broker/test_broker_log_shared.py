@@ -345,6 +345,151 @@ def test_log_sigkill_of_writer_loses_nothing_returned(path, scale,
     broker.close()
 
 
+# The writer process of test_log_sigkill_during_publish_sync. It
+# declares topic "t" on a topic core or on the journal, and blocks each
+# sync of its log before the I/O while the file argv[3] exists. It
+# prints the count of messages published to "t" whenever that changes.
+HOLDING_WRITER = """
+path, placement, hold = sys.argv[1:4]
+broker = mqs.Broker(backend="log", path=path, fsync="always",
+                    segment_bytes=1 << 20)
+if placement == "core":
+    broker.declare_topic("t")
+else:
+    # A ttl keeps the topic on the journal.
+    broker.declare_topic("t", ttl=3600)
+broker.consume("t", "g").close()
+
+
+def hold_syncs(end, phase):
+    deadline = time.monotonic() + 60
+    while (phase == 0 and os.path.exists(hold)
+           and time.monotonic() < deadline):
+        time.sleep(0.005)
+    return 0
+
+
+broker._backend._log._set_sync_hook(hold_syncs)
+print(json.dumps({"writer": broker._backend._writer,
+                  "on_core": "t" in broker._backend._core_paths}),
+      flush=True)
+published = 0
+while True:
+    count = broker.stats("t")["published"]
+    if count != published:
+        published = count
+        print(json.dumps({"published": count}), flush=True)
+    time.sleep(0.01)
+"""
+
+ALWAYS_PUBLISHER = """
+broker = mqs.Broker(backend="log", path=sys.argv[1], fsync="always",
+                    segment_bytes=1 << 20)
+print(json.dumps({"writer": broker._backend._writer}), flush=True)
+for body in sys.argv[2:]:
+    broker.publish("t", body)
+    print(json.dumps({"published": body}), flush=True)
+time.sleep(600)
+"""
+
+
+def _take_acked(consumer, count, timeout=30):
+    """Get and ack the next `count` messages of `consumer` (fewer if they
+    do not come within `timeout` seconds), check that no more come within
+    0.5 s, and return them sorted by body."""
+    messages = []
+    deadline = time.monotonic() + timeout
+    while len(messages) < count and time.monotonic() < deadline:
+        try:
+            messages += consumer.get_many(count - len(messages),
+                                          timeout=0.5)
+        except mqs.Empty:
+            pass
+    with pytest.raises(mqs.Empty):
+        consumer.get_many(10, timeout=0.5)
+    consumer.ack_many(messages)
+    return sorted(messages, key=lambda message: message.body)
+
+
+# "live" consumes while the writer runs. "reboot" kills every process
+# and removes the journal, so the log alone must contain the message.
+@pytest.mark.parametrize("end", ["live", "reboot"])
+@pytest.mark.parametrize("placement", ["core", "journal"])
+def test_log_sigkill_during_publish_sync(path, tmp_path, placement, end):
+    """A producer that is not the writer, killed while its publish waits
+    for the writer's sync, leaves its message published: it is delivered
+    once, and the writer and the other producers go on."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    writer = Child(HOLDING_WRITER, path, placement, hold)
+    children = [writer]
+    try:
+        assert writer.wait_report() == {"writer": True,
+                                        "on_core": placement == "core"}
+        victim = Child(ALWAYS_PUBLISHER, path, "victim")
+        children.append(victim)
+        other = Child(ALWAYS_PUBLISHER, path, "other", "after")
+        children.append(other)
+        assert victim.wait_report() == {"writer": False}
+        assert other.wait_report() == {"writer": False}
+
+        # Both records are in the journal and the writer blocks its
+        # syncs, so both publishes wait.
+        deadline = time.monotonic() + 30
+        while not any(report.get("published", 0) >= 2
+                      for report in writer.reports):
+            assert time.monotonic() < deadline, writer.reports
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert victim.reports == [{"writer": False}]
+        assert other.reports == [{"writer": False}]
+
+        victim.kill()
+        hold.unlink()
+        assert other.wait_report(30, number=2) == {"published": "other"}
+        # "after" was committed after the victim's record, so the sync
+        # that its publish waited for covers that record too.
+        assert other.wait_report(30, number=3) == {"published": "after"}
+
+        if end == "live":
+            broker = open_broker(path)
+            consumer = broker.consume("t", "g", prefetch=10,
+                                      ack_timeout=600)
+            messages = _take_acked(consumer, 3)
+            assert [m.body for m in messages] == ["after", "other", "victim"]
+            assert [m.attempts for m in messages] == [1, 1, 1]
+            consumer.close()
+            broker.close()
+    finally:
+        # The other producer dies before the writer. Otherwise it would
+        # take the writer lock and write the state into the log as a
+        # snapshot.
+        for child in reversed(children):
+            if child.process.poll() is None:
+                child.kill()
+
+    if end == "reboot":
+        assert unlink_journal(path)
+    broker = open_broker(path)
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=600)
+    if end == "live":
+        # Acked before the restart.
+        with pytest.raises(mqs.Empty):
+            consumer.get_many(10, timeout=0.5)
+    else:
+        messages = _take_acked(consumer, 3)
+        assert [m.body for m in messages] == ["after", "other", "victim"]
+        assert [m.attempts for m in messages] == [1, 1, 1]
+    consumer.close()
+
+    stats = broker.stats("t")
+    assert stats["published"] == 3
+    assert stats["acked"] == 3
+    assert stats["stored"] == 0
+    broker.close()
+    assert journal_files(path) == []
+
+
 def test_log_restart_of_every_process_keeps_state(path):
     broker = open_broker(path, fsync="interval")
     broker.declare_topic("t", max_attempts=3)
