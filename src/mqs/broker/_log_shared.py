@@ -70,8 +70,12 @@ What survives what
     ``fsync="always"``: publish, topic and DLQ changes return after the
     writer synced a log that holds their record, in whichever process
     they ran. They survive SIGKILL of any process, the writer included,
-    and a power loss. Ack, ack_many, nack and auto_ack deliveries return
-    once their record is in the journal, without waiting for a sync.
+    and a power loss. A publish whose process is killed while it waits
+    for that sync committed its record to the journal before the wait,
+    so its message is delivered all the same. Only a power loss before a
+    sync covers the record loses it. Ack, ack_many, nack and auto_ack
+    deliveries return once their record is in the journal, without
+    waiting for a sync.
     The next sync makes them durable: the writer's log thread syncs
     those of other processes at once, a publish of any process syncs
     every record before its own (the log keeps the journal's order),
