@@ -27,6 +27,7 @@ import mqs
 from mqs._topiccore import CoreReader, LoggedPath, TopicCore
 from mqs.broker import _log_shared
 from mqs.broker._coreimage import DEAD, IN_FLIGHT, READY, CoreImage
+from mqs.broker._log import _read_current
 from mqs.broker._log_shared import _journal_files, unlink_journal
 
 pytestmark = pytest.mark.skipif(
@@ -898,6 +899,87 @@ def test_restore_from_records_after_a_kill(tmp_path, compact_bytes):
         # The requeue, and the two in flight that the restore returned.
         assert stats["redelivered"] == 3
         assert stats["dead_lettered.rejected"] == 1
+    finally:
+        broker.close()
+
+
+def _child_writer(path, ready, go_on):
+    broker = _open(path, fsync="always")
+    broker.declare_topic("t")
+    broker.consume("t", "g").close()
+    broker.publish("t", "first")
+    ready.set()
+    assert go_on.wait(60)
+    broker.publish("t", "second")
+    ready.set()
+    signal.pause()
+
+
+def _child_publish_unrecorded(path):
+    # What a core publish leaves when its process is killed after the core
+    # stored the message and before the record reached the journal: the
+    # message on the core, the journal mutex held by a dead process.
+    broker = _open(path)
+    backend = broker._backend
+    with backend._lock:
+        core = backend._core("t")._core
+        core.publish(pickle.dumps("unrecorded", pickle.HIGHEST_PROTOCOL), 0,
+                     time.time())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture
+def log_path(tmp_path):
+    """Return a log broker path whose /dev/shm files are removed after
+    the test, also when it fails before its last close."""
+    path = str(tmp_path / "b")
+    yield path
+    unlink_journal(path)
+
+
+def test_core_publish_without_record_survives_reboot(log_path):
+    """A process killed inside the section after a core change whose
+    record it did not commit leaves the log without that change. The
+    writer writes the state into the log as a snapshot once a process
+    found the mutex's holder dead, so a reboot after that snapshot keeps
+    the message, and the counters add up."""
+    path = log_path
+    ready = CTX.Event()
+    go_on = CTX.Event()
+    writer = CTX.Process(target=_child_writer, args=(path, ready, go_on))
+    writer.start()
+    try:
+        assert ready.wait(60)
+        ready.clear()
+        log_before = _read_current(path)
+        victim = CTX.Process(target=_child_publish_unrecorded, args=(path,))
+        victim.start()
+        victim.join(60)
+        assert victim.exitcode == -signal.SIGKILL
+
+        # The writer's log thread or, at the latest, its next publish
+        # takes the mutex and finds the holder dead. The snapshot after
+        # that switches CURRENT to a new log.
+        go_on.set()
+        assert ready.wait(60)
+        deadline = time.monotonic() + 10
+        while _read_current(path) == log_before \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join(10)
+
+    assert unlink_journal(path)
+    broker = _open(path)
+    try:
+        consumer = broker.consume("t", "g", prefetch=100)
+        found = sorted(_drain(consumer))
+        assert found == [("first", 1), ("second", 1), ("unrecorded", 1)]
+        stats = broker.stats("t")
+        assert stats["published"] == 3
+        assert stats["acked"] == 3
+        assert stats["stored"] == 0
     finally:
         broker.close()
 

@@ -44,7 +44,11 @@ Design
     after it into a `CoreImage` and loads that into a new core
     (`mqs.broker._coreimage`). A move to the journal hands over state
     that the records do not carry (the scheduler's place, tickets), so
-    the writer writes a snapshot right after each move.
+    the writer writes a snapshot right after each move. A process killed
+    inside the section between a core change and the commit of its
+    record leaves the log without that change. So once a process finds
+    the mutex's previous holder dead, the writer writes a snapshot too
+    (`_lock_recovered`), and a reboot before it loses the change.
 
     A process that is not the writer tries the lock every
     `TAKEOVER_INTERVAL_S`. When the writer dies, the kernel drops its
@@ -158,7 +162,8 @@ Limits
     picklable; the directory is owner-only). A process stopped while it
     holds the journal mutex stalls every other process. Each change of
     writer (a close or a death) writes the whole state into a new log
-    while it holds the mutex, so it costs what a compaction costs. Under
+    while it holds the mutex, so it costs what a compaction costs, and so
+    does the death of a process that held the mutex. Under
     ``"always"`` a call waits for the writer, so a stopped writer stalls
     the durable calls of every process until it continues or dies.
 """
@@ -277,11 +282,16 @@ DIRECTORY_ID = "broker.id"
 # _INTERVAL_USED 1 once a process opened it with fsync="interval", which
 #              makes a writer that opened with "never" sync every
 #              `fsync_interval_s` (its own); kept as _ALWAYS_USED is.
+# _SNAPSHOT_DUE 1 once a process found the journal mutex's previous
+#              holder dead. That holder may have changed a topic core
+#              without committing the record of the change, so the writer
+#              writes the state as a snapshot, which stores 0. Older mqs
+#              versions neither set nor read it.
 # `_log_mismatch` compares the log words with the directory's log.
 _DURABLE, _FAILED, _VERSION = 0, 1, 2
 # `JournalSection.append_record` stores _LOG_END (DURABLE_LOG_END).
 _LOG_NUMBER, _LOG_ID, _LOG_END, _NEXT_LOG_ID = 3, 4, DURABLE_LOG_END, 6
-_ALWAYS_USED, _INTERVAL_USED = 7, 8
+_ALWAYS_USED, _INTERVAL_USED, _SNAPSHOT_DUE = 7, 8, 9
 _WRITE_FAILED, _DIRECTORY_REPLACED, _LOG_REPLACED = 1, 2, 3
 # Processes of an older mqs can share a journal with this one (the
 # journal layout is the same). They leave the log words as they are,
@@ -1224,6 +1234,15 @@ class SharedLogBackend(ShmBackend):
             raise self._stopped_error()
         ShmBackend._enter_shared(self)
 
+    def _lock_recovered(self) -> None:
+        super()._lock_recovered()
+        # The dead holder may have changed a topic core (a publish, a
+        # delivery, an ack) without committing the record of the change,
+        # so the log misses it. The writer's log thread writes the state,
+        # which includes each core's, as a snapshot.
+        self._durable[_SNAPSHOT_DUE] = 1
+        self._journal.signal(WRITER)
+
     def _enter_locked(self) -> None:
         ShmBackend._enter_locked(self)
         # Generation 0 is a journal that no process has restored yet:
@@ -1410,6 +1429,7 @@ class SharedLogBackend(ShmBackend):
         self._durable[_LOG_ID] = incarnation
         self._durable[_LOG_END] = self._log.end_offset
         self._durable[_NEXT_LOG_ID] = 0
+        self._durable[_SNAPSHOT_DUE] = 0
         self._set_log_mark()
         self._log_behind = False
         if old and old != self._log_name:
@@ -1918,6 +1938,12 @@ class SharedLogBackend(ShmBackend):
         by the segment log's own flusher (see `_segment_fsync`)."""
         return self._others_mark > self._durable[_DURABLE]
 
+    def _recovery_snapshot_due(self) -> bool:
+        """Return whether a process found the journal mutex's holder dead
+        since the last snapshot (see `_lock_recovered`), unless a failed
+        append stopped every write."""
+        return bool(self._durable[_SNAPSHOT_DUE]) and self._failed is None
+
     def _sync_for_interval(self) -> None:
         """Sync the log every `fsync_interval_s` while it has unsynced
         records, for the processes that opened with "interval" (writer
@@ -1968,15 +1994,18 @@ class SharedLogBackend(ShmBackend):
                 # Only commits of other processes wake this thread, so
                 # that it does not take the GIL once per commit.
                 epoch = self._journal.wait_prepare(WRITER)
-                if self._caught_up() and not self._sync_due():
+                if self._caught_up() and not self._sync_due() \
+                        and not self._recovery_snapshot_due():
                     self._journal.wait(epoch, TAKEOVER_INTERVAL_S, WRITER)
-                    if self._caught_up() and not self._sync_due():
+                    if self._caught_up() and not self._sync_due() \
+                            and not self._recovery_snapshot_due():
                         continue
                 else:
                     self._journal.cancel_wait(WRITER)
-                if not self._caught_up():
+                if not self._caught_up() or self._recovery_snapshot_due():
                     with self._lock:
-                        pass
+                        if self._recovery_snapshot_due():
+                            self._write_snapshot()
                 if self._sync_due():
                     self._flush_log()
             except ShutDown:
@@ -2069,8 +2098,9 @@ class SharedLogBackend(ShmBackend):
         `last` process also writes a snapshot and removes the journal."""
         try:
             with self._lock:
-                if self._log_behind or (
-                        last and self._bytes_since_snapshot):
+                changed = self._bytes_since_snapshot \
+                    or self._recovery_snapshot_due()
+                if self._log_behind or (last and changed):
                     self._write_snapshot()
         except BackendUnavailable:
             if not self._replacement_marked():
