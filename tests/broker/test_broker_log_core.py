@@ -1224,6 +1224,15 @@ def _read_reports(directory):
     return steps
 
 
+def _wait_published(directory, count, timeout=60):
+    """Wait until the workers' reports list `count` returned publishes,
+    or `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(_read_reports(directory)["P"]) < count \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("journal", ["kept", "removed"])
 def test_c_paths_survive_repeated_kills(tmp_path, journal):
     """Two processes publish, get and ack through the C paths under
@@ -1253,12 +1262,16 @@ def test_c_paths_survive_repeated_kills(tmp_path, journal):
     workers = [start(0), start(1)]
     try:
         for _ in range(8):
+            # On a busy machine a restarted worker may take longer to
+            # start than the pause below: each kill comes after the
+            # workers published again.
+            _wait_published(reports, len(_read_reports(reports)["P"]) + 1)
             time.sleep(rng.uniform(0.1, 0.4))
             index = rng.randrange(2)
             workers[index].kill()
             workers[index].wait(30)
             workers[index] = start(index)
-        time.sleep(0.3)
+        _wait_published(reports, 150)
     finally:
         for worker in workers:
             worker.kill()
