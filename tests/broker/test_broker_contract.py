@@ -589,6 +589,21 @@ def test_max_attempts_dead_letters_with_headers(broker):
     assert broker.stats("t")["dead_lettered.max_attempts"] == 1
 
 
+def test_nack_error_with_lone_surrogate(broker):
+    # os.fsdecode turns undecodable bytes of a file name into lone
+    # surrogates, which strict UTF-8 cannot encode.
+    text = "cannot read " + os.fsdecode(b"/data/\xff") + " or \ud800"
+    broker.declare_topic("t", max_attempts=1)
+    broker.publish("t", "poison")
+    consumer = broker.consume("t", "g")
+    message = consumer.get(timeout=0)
+    assert message.nack(error=OSError(text)) is True
+    (letter,) = broker.dlq_list("t")
+    assert letter.headers["mqs.last_error"] == f"OSError: {text}"
+    assert letter.error == f"OSError: {text}"
+    assert broker.stats("t")["dead_lettered.max_attempts"] == 1
+
+
 def test_consume_max_attempts_overrides_topic(broker):
     broker.publish("t", "poison")
     consumer = broker.consume("t", "g", max_attempts=1, ack_timeout=0.05)

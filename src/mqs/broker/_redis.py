@@ -1589,11 +1589,15 @@ class RedisBackend(Backend):
     def nack(self, topic: str, group: str, tag: Any, *, requeue: bool,
              delay: float | None, error: str | None) -> bool:
         message_id, ticket = tag
+        # "surrogatepass" keeps error texts with lone surrogates (from
+        # os.fsdecode, for example), which strict UTF-8 rejects, and
+        # `_dead_letter` decodes them back unchanged.
         reply = self._run(
             topic, "nack", group, message_id, ticket, 1 if requeue else 0,
             "" if delay is None else delay * 1000,
-            "" if error is None else "=" + error, self._rng.random(),
-            mark_retries=True)
+            "" if error is None
+            else b"=" + error.encode("utf-8", "surrogatepass"),
+            self._rng.random(), mark_retries=True)
         return reply[1] == 1
 
     def extend(self, topic: str, group: str, tag: Any, seconds: float
@@ -1636,7 +1640,8 @@ class RedisBackend(Backend):
         group = fields[b"g"].decode()
         reason = fields[b"why"].decode()
         attempts = int(fields[b"n"])
-        error = fields[b"err"].decode()[1:] if fields[b"err"] else None
+        error = fields[b"err"][1:].decode("utf-8", "surrogatepass") \
+            if fields[b"err"] else None
         key, headers, failures = self._letter_key_and_headers(fields)
         headers["mqs.dead_letter_reason"] = reason
         headers["mqs.attempts"] = attempts
