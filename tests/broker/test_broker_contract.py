@@ -589,6 +589,18 @@ def test_max_attempts_dead_letters_with_headers(broker):
     assert broker.stats("t")["dead_lettered.max_attempts"] == 1
 
 
+def test_consume_rejects_surrogate_group(broker):
+    broker.declare_topic("t")
+    for group in ["\udc80", "orders-\ud800"]:
+        with pytest.raises(ValueError, match="lone surrogate") as caught:
+            broker.consume("t", group)
+        assert repr(group) in str(caught.value)
+    assert broker.stats("t")["groups"] == 0
+    broker.publish("t", "a")
+    message = broker.consume("t", "g").get(timeout=5)
+    assert message.body == "a"
+
+
 def test_nack_error_with_lone_surrogate(broker):
     # os.fsdecode turns undecodable bytes of a file name into lone
     # surrogates, which strict UTF-8 cannot encode.

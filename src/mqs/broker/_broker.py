@@ -1983,7 +1983,8 @@ class Broker:
         ----------
         group : str
             Consumer group: every group gets every message, the consumers
-            of one group compete for them.
+            of one group compete for them. A name with a lone surrogate
+            raises ValueError.
         prefetch : int
             Unacknowledged messages this consumer may hold at once.
         ack_timeout : float
@@ -2001,6 +2002,13 @@ class Broker:
         """
         if not isinstance(group, str) or not group:
             raise TypeError(f"group must be a non-empty str, got {group!r}")
+        try:
+            group.encode("utf-8")
+        except UnicodeEncodeError:
+            # The shm, log and redis backends store the name as UTF-8.
+            raise ValueError(
+                f"group must be valid UTF-8 text, got {group!r} with a lone "
+                f"surrogate; pass a name without one") from None
         _check_bool("auto_ack", auto_ack)
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) \
                 or prefetch < 1:
