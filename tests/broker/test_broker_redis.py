@@ -87,6 +87,32 @@ def test_object_body_needs_pickle_serializer(open_broker):
         broker.publish("t", b"x", key=("a", 1))
 
 
+@pytest.mark.parametrize("field", ["body", "key", "dedup_id"])
+def test_surrogate_str_raises_without_pickle(open_broker, field):
+    broker = open_broker()
+    broker.declare_topic("t")
+    text = os.fsdecode(b"file-\xff")
+    options = {"body": b"x", field: text}
+    with pytest.raises(ValueError, match="lone surrogate at index 5") \
+            as raised:
+        broker.publish("t", **options)
+    assert repr(text) in str(raised.value)
+    assert "serializer='pickle'" in str(raised.value)
+    assert broker.stats("t")["published"] == 0
+
+
+def test_surrogate_str_pickled_with_pickle(open_broker):
+    broker = open_broker(serializer="pickle")
+    text = os.fsdecode(b"file-\xff") + "\ud800"
+    broker.publish("t", text, key=text, dedup_id=text)
+    broker.publish("t", text, key=text, dedup_id=text)
+    message = broker.consume("t", "g").get(timeout=5)
+    assert message.body == text
+    assert message.key == text
+    assert broker.stats("t")["published"] == 1
+    assert broker.stats("t")["deduplicated"] == 1
+
+
 @pytest.mark.parametrize("headers, named", [
     ({1: 2}, "the int key 1"),
     ({"outer": {("a", 1): "x"}}, "the tuple key ('a', 1)"),

@@ -529,10 +529,24 @@ def _config_from_json(raw: bytes | str) -> TopicConfig:
 
 # ---- values as Redis strings --------------------------------------------
 
+def _build_surrogate_error(what: str, value: str,
+                           error: UnicodeEncodeError) -> ValueError:
+    return ValueError(
+        f"{what} {value!r} has a lone surrogate at index {error.start}, "
+        f"which is not valid UTF-8 on backend='redis'; pass it as bytes "
+        f"(os.fsencode reverses os.fsdecode), or {PICKLE_HINT} to store "
+        f"the str as it is")
+
+
 def _token(value: Any, what: str, allow_pickle: bool) -> bytes:
     """Encode a key or dedup id as a type-tagged byte string."""
     if isinstance(value, str):
-        return b"s:" + value.encode()
+        try:
+            return b"s:" + value.encode()
+        except UnicodeEncodeError as exc:
+            if not allow_pickle:
+                raise _build_surrogate_error(what, value, exc) from None
+            return b"p:" + pickle.dumps(value, protocol=4)
     if isinstance(value, bytes):
         return b"b:" + value
     if isinstance(value, int) and not isinstance(value, bool):
@@ -1059,7 +1073,11 @@ class RedisBackend(Backend):
         if isinstance(body, (bytes, bytearray, memoryview)):
             return bytes(body), _BYTES
         if isinstance(body, str):
-            return body.encode(), _STR
+            try:
+                return body.encode(), _STR
+            except UnicodeEncodeError as exc:
+                if not self._pickle:
+                    raise _build_surrogate_error("body", body, exc) from None
         if self._pickle:
             return pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL), \
                 _PICKLE
