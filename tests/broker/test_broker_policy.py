@@ -7,6 +7,7 @@ import asyncio
 import collections
 import math
 import random
+import time
 
 import pytest
 
@@ -74,6 +75,23 @@ def test_scheduler_strict_always_highest():
     scheduler = LaneScheduler(config)
     assert {scheduler.pick({9, 0}) for _ in range(50)} == {9}
     assert scheduler.pick(set()) is None
+
+
+@pytest.mark.parametrize("clock", [1, 0, "monotonic", 2.5])
+def test_memory_broker_rejects_bad_clock(clock):
+    with pytest.raises(TypeError, match="clock must be a callable") \
+            as raised:
+        mqs.Broker(clock=clock)
+    assert repr(clock) in str(raised.value)
+
+
+def test_memory_broker_default_clock_is_monotonic():
+    broker = mqs.Broker(clock=None)
+    assert broker.backend.clock is time.monotonic
+    broker.publish("t", 1, delay=0.05)
+    message = broker.consume("t", "g").get(timeout=5)
+    assert message.body == 1
+    broker.close()
 
 
 def test_broker_weighted_share_on_simulated_clock():

@@ -62,7 +62,14 @@ class MemoryBackend(Backend):
 
     def __init__(self, clock: Callable[[], float] | None = None, *,
                  sample_every: int | None | str = "default") -> None:
-        self.clock = clock or time.monotonic
+        if clock is not None and not callable(clock):
+            # Checked here, because the first use comes only at the first
+            # publish, far from the mistake.
+            raise TypeError(
+                f"clock must be a callable returning monotonic seconds, or "
+                f"None for time.monotonic, got {type(clock).__name__} "
+                f"{clock!r}")
+        self.clock = time.monotonic if clock is None else clock
         self.sample_every = _sample_every(sample_every)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
