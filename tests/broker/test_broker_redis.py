@@ -1462,6 +1462,61 @@ def test_get_async_wakes_on_publish(open_broker):
     message.ack()
 
 
+# More waiters than redis-py 8.2's default pool of 100 connections.
+MANY_WAITERS = 120
+
+
+def test_many_waiting_gets_leave_room(open_broker):
+    """Each waiting get uses a pooled connection for its blocking read,
+    so more waiters than a pool of 100 must not starve the publishes."""
+    broker = open_broker()
+    consumers = [broker.consume(f"t{i}", "g") for i in range(MANY_WAITERS)]
+    bodies = [None] * MANY_WAITERS
+
+    def wait(index):
+        try:
+            message = consumers[index].get(timeout=20)
+        except mqs.Empty:
+            return
+        bodies[index] = message.body
+        message.ack()
+
+    threads = [threading.Thread(target=wait, args=(index,))
+               for index in range(MANY_WAITERS)]
+    for thread in threads:
+        thread.start()
+    # Let every thread reach its blocking read before the publishes.
+    time.sleep(2)
+    started = time.monotonic()
+    for index in range(MANY_WAITERS):
+        broker.publish(f"t{index}", f"body {index}".encode())
+    publish_seconds = time.monotonic() - started
+    for thread in threads:
+        thread.join()
+    assert publish_seconds < 5
+    assert bodies == [f"body {index}".encode()
+                      for index in range(MANY_WAITERS)]
+
+
+def test_many_awaited_topics_leave_room(open_broker):
+    broker = open_broker()
+    consumers = [broker.consume(f"t{i}", "g") for i in range(MANY_WAITERS)]
+
+    async def main():
+        waiters = [asyncio.create_task(consumer.get_async(timeout=20))
+                   for consumer in consumers]
+        await asyncio.sleep(2)
+        for index in range(MANY_WAITERS):
+            await broker.publish_async(f"t{index}", f"body {index}".encode())
+        return await asyncio.gather(*waiters)
+
+    messages = asyncio.run(main())
+    assert [message.body for message in messages] == [
+        f"body {index}".encode() for index in range(MANY_WAITERS)]
+    for message in messages:
+        message.ack()
+
+
 def _ticks_during(coroutine_function):
     """Run `coroutine_function()` beside a 10 ms ticker; return (ticks,
     the seconds it took, what it raised)."""

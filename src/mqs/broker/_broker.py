@@ -1450,7 +1450,9 @@ class Broker:
         Client to use instead of one built from `url`. Its replies must
         be bytes (``decode_responses=False``). Each attempt then waits
         for the client's own socket timeout, which can exceed what is
-        left of `retry_timeout`.
+        left of `retry_timeout`. Every waiting get uses a connection of
+        the client's pool, so its ``max_connections`` must exceed the
+        number of threads and awaited topics that wait at once.
     """
 
     def __init__(self, backend: str | Backend = "memory", *,

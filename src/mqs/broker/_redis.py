@@ -221,6 +221,14 @@ _RUN_SETTINGS = 10
 # waits for a change run in `Wakeups` threads instead, one per topic.
 _ASYNC_WORKERS = 8
 
+# Max connections of the pool that the backend builds from `url`. Every
+# waiting get uses one for its blocking XREAD, so the pool needs one per
+# waiting thread and awaited topic, plus those of the other calls.
+# redis-py 8.2 caps a pool at 100 when max_connections is not given. With
+# that cap, 100 waiting gets took every connection, and publishes and the
+# other gets only retried until they timed out.
+_MAX_CONNECTIONS = 2 ** 31
+
 # A consumer's lease: the seconds after its last fetch (or its open) at
 # which the server removes it, unless it holds deliveries, so that the
 # consumers of a process that died do not stay registered. The lease is
@@ -689,7 +697,8 @@ class RedisBackend(Backend):
             try:
                 client = redis.Redis.from_url(
                     url, socket_timeout=socket_timeout,
-                    socket_connect_timeout=socket_timeout)
+                    socket_connect_timeout=socket_timeout,
+                    max_connections=_MAX_CONNECTIONS)
             except ValueError as exc:
                 # redis-py's message names neither the URL nor its form.
                 raise ValueError(
