@@ -601,6 +601,20 @@ def test_consume_rejects_surrogate_group(broker):
     assert message.body == "a"
 
 
+def test_consume_rejects_prefetch_over_limit(broker):
+    broker.declare_topic("t")
+    for prefetch in [2**32, 10**12]:
+        with pytest.raises(ValueError, match="prefetch must be at most "
+                           "4294967295") as raised:
+            broker.consume("t", "g", prefetch=prefetch)
+        assert str(prefetch) in str(raised.value)
+    assert broker.stats("t")["groups"] == 0
+    consumer = broker.consume("t", "g", prefetch=2**32 - 1)
+    broker.publish_many("t", range(3))
+    messages = consumer.get_many(10, timeout=5)
+    assert [message.body for message in messages] == [0, 1, 2]
+
+
 def test_nack_error_with_lone_surrogate(broker):
     # os.fsdecode turns undecodable bytes of a file name into lone
     # surrogates, which strict UTF-8 cannot encode.

@@ -33,6 +33,7 @@ from mqs.broker._backend import (
 from mqs.broker._log_shared import SharedLogBackend
 from mqs.broker._memory import MemoryBackend, _deleted_while_full
 from mqs.broker._policy import (
+    MAX_PREFETCH,
     Backoff,
     TopicConfig,
     check_max_attempts,
@@ -1988,7 +1989,8 @@ class Broker:
             of one group compete for them. A name with a lone surrogate
             raises ValueError.
         prefetch : int
-            Unacknowledged messages this consumer may hold at once.
+            Unacknowledged messages this consumer may hold at once, from
+            1 to 2**32 - 1.
         ack_timeout : float
             Seconds to ack a message before it is redelivered with
             ``attempts + 1`` (or dead-lettered at `max_attempts`), above
@@ -2016,6 +2018,10 @@ class Broker:
                 or prefetch < 1:
             raise ValueError(
                 f"prefetch must be an int of 1 or more, got {prefetch!r}")
+        if prefetch > MAX_PREFETCH:
+            raise ValueError(
+                f"prefetch must be at most {MAX_PREFETCH} (2**32 - 1), got "
+                f"{prefetch}; pass a smaller limit of unacked messages")
         if start not in _STARTS:
             raise ValueError(
                 f"start must be 'earliest' or 'latest', got {start!r}")

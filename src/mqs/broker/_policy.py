@@ -50,6 +50,9 @@ MAX_TOPIC_BYTES = 255
 # values so that a topic config works on all of them.
 MAX_ATTEMPTS = 2**32 - 1
 MAX_WEIGHT = 2**32 - 1
+# Largest prefetch of a consumer, for the same reason: the topic core of
+# the shm and log backends stores it as a 32-bit unsigned int.
+MAX_PREFETCH = 2**32 - 1
 
 
 def check_priority(priority: object) -> int:
