@@ -615,6 +615,20 @@ def test_consume_rejects_prefetch_over_limit(broker):
     assert [message.body for message in messages] == [0, 1, 2]
 
 
+def test_declare_rejects_maxsize_over_limit(broker):
+    for maxsize in [2**63, 2**64]:
+        with pytest.raises(mqs.TopicConfigError,
+                           match="maxsize must be at most") as raised:
+            broker.declare_topic("t", maxsize=maxsize)
+        assert str(maxsize) in str(raised.value)
+    assert "t" not in broker.topics()
+    broker.declare_topic("t", maxsize=2**63 - 1, when_full="raise")
+    broker.consume("t", "g").close()
+    broker.publish_many("t", range(3))
+    assert broker.topic_config("t").maxsize == 2**63 - 1
+    assert broker.stats("t")["stored"] == 3
+
+
 def test_nack_error_with_lone_surrogate(broker):
     # os.fsdecode turns undecodable bytes of a file name into lone
     # surrogates, which strict UTF-8 cannot encode.

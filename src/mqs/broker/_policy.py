@@ -53,6 +53,9 @@ MAX_WEIGHT = 2**32 - 1
 # Largest prefetch of a consumer, for the same reason: the topic core of
 # the shm and log backends stores it as a 32-bit unsigned int.
 MAX_PREFETCH = 2**32 - 1
+# Largest maxsize of a topic. The topic core stores it as a 64-bit
+# unsigned int, and mqs.Queue takes the same bound.
+MAX_MAXSIZE = 2**63 - 1
 
 
 def check_priority(priority: object) -> int:
@@ -384,6 +387,10 @@ class TopicConfig:
             raise TopicConfigError(
                 f"maxsize must be an int of 0 (unbounded) or more, got "
                 f"{maxsize!r}")
+        if maxsize > MAX_MAXSIZE:
+            raise TopicConfigError(
+                f"maxsize must be at most {MAX_MAXSIZE} (2**63 - 1), got "
+                f"{maxsize}; pass 0 for an unbounded topic")
         window = _check_seconds("dedup_window", dedup_window, bounded=True)
         return cls(
             name=name, weights=lanes, policy=policy, rate=topic_rate,
