@@ -629,6 +629,18 @@ def test_declare_rejects_maxsize_over_limit(broker):
     assert broker.stats("t")["stored"] == 3
 
 
+def test_dlq_list_takes_huge_limit(broker):
+    broker.declare_topic("t", max_attempts=1)
+    broker.publish_many("t", ["a", "b"])
+    consumer = broker.consume("t", "g", prefetch=2)
+    for message in consumer.get_many(2, timeout=5):
+        message.nack(requeue=False)
+    for limit in [2**53, 2**63 - 1, 2**64]:
+        letters = broker.dlq_list("t", limit=limit)
+        assert [letter.body for letter in letters] == ["a", "b"]
+    assert len(broker.dlq_list("t", limit=1)) == 1
+
+
 def test_nack_error_with_lone_surrogate(broker):
     # os.fsdecode turns undecodable bytes of a file name into lone
     # surrogates, which strict UTF-8 cannot encode.

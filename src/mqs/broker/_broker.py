@@ -77,6 +77,11 @@ _MAX_ITEMS = 2**63 - 1
 # topic core of the shm backend takes a 32-bit unsigned count. max_items
 # is only an upper bound, so cutting a larger one to this loses nothing.
 _MAX_FETCH = 2**32 - 1
+# Largest limit of `dlq_list` that reaches a backend. The redis backend
+# passes it to a Lua script, whose numbers are doubles, and from 2**63 - 1
+# on the server rejects the rounded value. No dead-letter queue contains
+# 2**53 letters, so cutting a larger limit to it returns the same list.
+_MAX_DLQ_LIMIT = 2**53
 # Classes of a timeout that the fast path of `Consumer.get` accepts as
 # they are; `_seconds` checks any other value.
 _NUMBERS = (int, float)
@@ -2160,6 +2165,7 @@ class Broker:
                 raise ValueError(
                     f"limit must be 0 or more, or None (every dead letter), "
                     f"got {limit!r}")
+            limit = min(limit, _MAX_DLQ_LIMIT)
         self._check_open()
         return self._backend.dlq_list(topic, limit)
 
