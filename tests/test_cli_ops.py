@@ -686,6 +686,20 @@ def test_purge_yes_discards_every_group(queue, shm_name):
     assert queue.get(timeout=5) == b"after"
 
 
+def test_purge_keeps_and_names_delayed(queue, shm_name):
+    queue.put_many([b"a", b"b"])
+    queue.put(b"later", delay=60)
+    dry_run = run_mqs("purge", shm_name)
+    assert dry_run.returncode == 2
+    assert "1 delayed message(s) not due yet stay" in dry_run.stderr
+    result = run_mqs("purge", shm_name, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "[2, 2]" in result.stdout
+    assert "1 delayed message(s) not due yet stay" in result.stdout
+    assert queue.qsize() == 0
+    assert queue.delayed == 1
+
+
 def test_purge_unknown_queue_is_one_line_error():
     result = run_mqs("purge", "no-such-queue-for-cli", "--yes")
     assert_one_line_error(result, "no shared queue named")

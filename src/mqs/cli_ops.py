@@ -680,9 +680,10 @@ def _add_purge_parser(subparsers: Any) -> None:
         "purge", help="discard every message queued in a shared queue",
         description="Discard the messages that are queued in a named "
                     "shared queue when the command starts, in every "
-                    "consumer group. Messages put meanwhile stay. Without "
-                    "--yes only prints what would be discarded and exits "
-                    "with status 2.")
+                    "consumer group. Messages put meanwhile stay, and so "
+                    "do delayed messages that are not due yet, which are "
+                    "delivered when due. Without --yes only prints what "
+                    "would be discarded and exits with status 2.")
     parser.add_argument("name", metavar="NAME", help="shared queue name")
     parser.add_argument("--yes", action="store_true",
                         help="discard the messages (required)")
@@ -698,8 +699,9 @@ def _run_purge(args: argparse.Namespace) -> int:
     if not args.yes:
         Console(stderr=True).print(
             f"mqs purge: would discard {max(stats.lag):,} message(s) of "
-            f"{escape(args.name)} (lag per group: {list(stats.lag)}); "
-            f"run again with --yes to discard them", soft_wrap=True)
+            f"{escape(args.name)} (lag per group: {list(stats.lag)})"
+            f"{_format_delayed_note(stats.delayed)}; run again with --yes to "
+            f"discard them", soft_wrap=True)
         return EXIT_USAGE
     discarded = []
     queue = SharedQueue(name=args.name, create=False)
@@ -713,8 +715,16 @@ def _run_purge(args: argparse.Namespace) -> int:
     finally:
         queue.close()
     console.print(f"purged {escape(args.name)}: discarded "
-                  f"{discarded} message(s) per group")
+                  f"{discarded} message(s) per group"
+                  f"{_format_delayed_note(stats.delayed)}")
     return EXIT_OK
+
+
+def _format_delayed_note(delayed: int) -> str:
+    """Return the note that purge leaves `delayed` messages, or ''."""
+    if not delayed:
+        return ""
+    return f"; {delayed:,} delayed message(s) not due yet stay"
 
 
 # ------------------------------------------------------------------ clean
