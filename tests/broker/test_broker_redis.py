@@ -51,6 +51,30 @@ def open_broker(redis_url, namespace):
         broker.close()
 
 
+def test_given_client_is_used(redis_url, namespace):
+    client = redis.Redis.from_url(redis_url)
+    broker = mqs.Broker(backend="redis", client=client, namespace=namespace)
+    try:
+        broker.publish("t", b"through the given client")
+        message = broker.consume("t", "g").get(timeout=5)
+        assert message.body == b"through the given client"
+        message.ack()
+    finally:
+        broker.close()
+        client.close()
+
+
+def test_decoding_client_is_rejected(redis_url, namespace):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with pytest.raises(ValueError,
+                           match="decode_responses=False") as raised:
+            mqs.Broker(backend="redis", client=client, namespace=namespace)
+        assert "decodes replies to str" in str(raised.value)
+    finally:
+        client.close()
+
+
 # The min idle time of the backend's XAUTOCLAIM (CLAIM_IDLE_MS in
 # _redis.lua): a delivery's PEL idle time reaches it at the ack deadline.
 CLAIM_IDLE_MS = 10 ** 12

@@ -712,6 +712,13 @@ class RedisBackend(Backend):
             pool.connection_class = _bounded_connection_class(
                 pool.connection_class)
         else:
+            # The backend parses replies as bytes, so a client that
+            # decodes them would fail at the first publish or get.
+            if client.get_connection_kwargs().get("decode_responses"):
+                raise ValueError(
+                    f"client {client!r} decodes replies to str; the redis "
+                    f"backend needs bytes, so create the client with "
+                    f"decode_responses=False (the default)")
             url = repr(client)
         self._redis = redis
         self.url = _public_url(url)
