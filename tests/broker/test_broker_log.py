@@ -571,7 +571,7 @@ def test_log_too_large_advice_names_limit(tmp_path):
     with pytest.raises(mqs.MessageTooLarge) as too_large:
         broker.publish("t", b"x" * (1 << 16))
     message = str(too_large.value)
-    assert "half a log segment (segment_bytes=16384)" in message
+    assert "half a log segment (segment_bytes=16384, which" in message
     assert "larger segment_bytes" in message
     broker.close()
 

@@ -1119,3 +1119,45 @@ def test_log_backend_close_logs_failed_recovery_point(path, caplog):
     assert lock_is_free(path)
     blocked.rmdir()
     LogBackend(path, segment_bytes=1 << 20).close()
+
+
+def test_processes_share_first_segment_bytes(path):
+    """A process that opens a broker with another segment_bytes than the
+    processes that have it open takes theirs: a record that fits its own
+    segments but not the writer's is rejected where it is published, and
+    the writer keeps working. Once every process closed the broker, a new
+    open sets the size again."""
+    writer = mqs.Broker(backend="log", path=path, segment_bytes=8192)
+    try:
+        writer.declare_topic("t")
+        consumer = writer.consume("t", "g")
+        child = Child("""
+            broker = mqs.Broker(backend="log", path=sys.argv[1])
+            try:
+                broker.publish("t", b"z" * 6000)
+            except mqs.MessageTooLarge as exc:
+                print(json.dumps({"error": str(exc)}), flush=True)
+            broker.publish("t", b"small")
+            print(json.dumps({"published": True}), flush=True)
+            broker.close()
+        """, path)
+        child.wait_report(number=2)
+        assert child.process.wait(30) == 0
+        child.kill()
+        error, published = child.reports
+        assert "segment_bytes=8192" in error["error"]
+        assert published == {"published": True}
+        writer.publish("t", b"writer")
+        for body in (b"small", b"writer"):
+            message = consumer.get(timeout=5)
+            assert message.body == body
+            assert message.ack()
+    finally:
+        writer.close()
+    reopened = mqs.Broker(backend="log", path=path)
+    try:
+        reopened.publish("t", b"y" * 6000)
+        assert reopened.stats("t")["stored"] == 1
+        assert reopened.consume("t", "g").get(timeout=5).body == b"y" * 6000
+    finally:
+        reopened.close()

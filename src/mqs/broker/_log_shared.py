@@ -282,6 +282,10 @@ DIRECTORY_ID = "broker.id"
 # _INTERVAL_USED 1 once a process opened it with fsync="interval", which
 #              makes a writer that opened with "never" sync every
 #              `fsync_interval_s` (its own); kept as _ALWAYS_USED is.
+# _SEGMENT_BYTES segment_bytes of the first process that opened the
+#              broker since every process closed it, which the others
+#              take too (`_claim_segment_bytes`); 0 in journals of older
+#              mqs versions.
 # _SNAPSHOT_DUE 1 once a process found the journal mutex's previous
 #              holder dead. That holder may have changed a topic core
 #              without committing the record of the change, so the writer
@@ -291,7 +295,7 @@ DIRECTORY_ID = "broker.id"
 _DURABLE, _FAILED, _VERSION = 0, 1, 2
 # `JournalSection.append_record` stores _LOG_END (DURABLE_LOG_END).
 _LOG_NUMBER, _LOG_ID, _LOG_END, _NEXT_LOG_ID = 3, 4, DURABLE_LOG_END, 6
-_ALWAYS_USED, _INTERVAL_USED, _SNAPSHOT_DUE = 7, 8, 9
+_ALWAYS_USED, _INTERVAL_USED, _SNAPSHOT_DUE, _SEGMENT_BYTES = 7, 8, 9, 10
 _WRITE_FAILED, _DIRECTORY_REPLACED, _LOG_REPLACED = 1, 2, 3
 # Processes of an older mqs can share a journal with this one (the
 # journal layout is the same). They leave the log words as they are,
@@ -733,7 +737,9 @@ class SharedLogBackend(ShmBackend):
     path, fsync, fsync_interval_s, segment_bytes, compact_bytes,
     sample_every
         As for `LogBackend`, except that `fsync_interval_s` also bounds
-        how long an ack stays unsynced under ``fsync="always"``.
+        how long an ack stays unsynced under ``fsync="always"``, and
+        that the processes that have the broker open share the
+        `segment_bytes` of the first of them.
     journal_bytes : int
         Size of the shm journal when this call creates it, as for
         `ShmBackend`.
@@ -913,6 +919,14 @@ class SharedLogBackend(ShmBackend):
         self._durable_fd = self._lock_durable_file()
         remove_stale_journals(directory, keep=self.shm_name)
         self._durable = _map_durable(self._durable_fd)
+        shared = self._durable[_SEGMENT_BYTES]
+        if shared and shared != self._segment_bytes:
+            logger.info(
+                "log broker %s: segment_bytes=%d of the processes that have "
+                "it open applies instead of %d (it holds until every "
+                "process closed the broker)", directory, shared,
+                self._segment_bytes)
+            self._segment_bytes = segment_bytes = shared
         # The writer may be a process that opened with a weaker mode;
         # these words make it sync as this process's mode promises.
         if self.fsync == "always":
@@ -999,6 +1013,23 @@ class SharedLogBackend(ShmBackend):
 
     # Files and the writer lock.
 
+    def _claim_segment_bytes(self, fd: int) -> None:
+        """Store this process's segment_bytes in the durable file at `fd`
+        unless a process stored one before. The caller holds the file's
+        lock exclusively, so no other process reads the word meanwhile.
+
+        Any process of the broker may become the writer, which appends
+        the records of every process into segments of its own size. So
+        they all take the segment size of the first open (`_attach`), as
+        a record that fits one process's segments may not fit another's.
+        """
+        offset = _SEGMENT_BYTES * 8
+        stored = os.pread(fd, 8, offset)
+        # The words are native int64 (`_map_durable`).
+        if len(stored) < 8 or not int.from_bytes(stored, sys.byteorder):
+            os.pwrite(fd, self._segment_bytes.to_bytes(8, sys.byteorder),
+                      offset)
+
     def _lock_durable_file(self) -> int:
         """Open the journal's durable file and take a shared `flock` on it;
         return its descriptor.
@@ -1021,6 +1052,7 @@ class SharedLogBackend(ShmBackend):
                     if self._discard_outdated_journal(fd):
                         os.close(fd)
                         continue
+                    self._claim_segment_bytes(fd)
                     # Not atomic: another opener may take the lock
                     # exclusively in between and run the same check.
                     fcntl.flock(fd, fcntl.LOCK_SH)
@@ -2148,8 +2180,10 @@ class SharedLogBackend(ShmBackend):
         journal_bytes = self._journal.journal_bytes
         if self._segment_bytes < journal_bytes:
             return (f"That is at most half a log segment (segment_bytes="
-                    f"{self._segment_bytes}). Open the broker with a larger "
-                    f"segment_bytes, or send smaller messages.")
+                    f"{self._segment_bytes}, which the broker keeps while "
+                    f"any process has it open). Close the broker in every "
+                    f"process and open it with a larger segment_bytes, or "
+                    f"send smaller messages.")
         return (f"That is half its journal of {journal_bytes} bytes, which "
                 f"keeps its size while any process has the broker open. "
                 f"Close the broker in every process and open it again with "
