@@ -2655,16 +2655,31 @@ local function begin_call(keys, args)
   fetch_work, out_of_work, sample_every, delivered_before = 0, false, 0, {}
 end
 
+-- Returns whether a server above its maxmemory may run this call with
+-- the allow-oom flag: an operation of MAY_EXCEED_MAXMEMORY, the open of
+-- an existing group, or the declare of an existing topic. That declare
+-- only reads the stored configuration, so EVAL runs it too.
+local function may_exceed_maxmemory()
+  if MAY_EXCEED_MAXMEMORY[OP] then
+    return true
+  end
+  if OP == 'open' then
+    return redis.call('HEXISTS', GROUPS, ARGV[2]) == 1
+  end
+  if OP == 'declare' then
+    return redis.call('HEXISTS', META, 'cfg') == 1
+  end
+  return false
+end
+
 -- Runs one call. `allow_oom` is true for the library function that a
 -- server above its maxmemory still runs (registered with the allow-oom
--- flag), which takes only the operations of MAY_EXCEED_MAXMEMORY and the
--- open of an existing group. Every reply ends with the drop counters
--- that changed, as one flat list: name, total before, total after, for
--- each.
+-- flag), which takes only the calls that may_exceed_maxmemory accepts.
+-- Every reply ends with the drop counters that changed, as one flat
+-- list: name, total before, total after, for each.
 local function run_call(keys, args, allow_oom)
   begin_call(keys, args)
-  if allow_oom and not MAY_EXCEED_MAXMEMORY[OP] and not (OP == 'open'
-      and redis.call('HEXISTS', GROUPS, ARGV[2]) == 1) then
+  if allow_oom and not may_exceed_maxmemory() then
     -- The error a server above its maxmemory gives a function without
     -- the allow-oom flag: the client retries with this function only
     -- after that error.

@@ -318,6 +318,13 @@ _MAY_EXCEED_MAXMEMORY = frozenset({
     "close", "in_flight", "dlq_list", "dlq_purge", "stats", "group_stats"})
 
 
+# The operations that a server above its maxmemory runs only for an
+# existing group or topic. They go through the plain function first, and
+# after its OOM error through the allow-oom one, where the script rejects
+# them unless the group or topic exists.
+_RETRIED_WITH_ALLOW_OOM = frozenset({"open", "declare"})
+
+
 def _library_name(body: str) -> str:
     """Return the name of the library that loads `body`: a digest of the
     code, so that clients of different mqs versions on one server each
@@ -951,9 +958,11 @@ class RedisBackend(Backend):
                                    args[0] in _MAY_EXCEED_MAXMEMORY)
             except self._redis.ResponseError as exc:
                 # A server above its maxmemory runs the open of an
-                # existing group: only the function with the allow-oom
-                # flag gets to check that the group exists.
-                if not (args[0] == "open" and self._library is not None
+                # existing group and the declare of an existing topic:
+                # only the function with the allow-oom flag gets to check
+                # that they exist.
+                if not (args[0] in _RETRIED_WITH_ALLOW_OOM
+                        and self._library is not None
                         and self._out_of_memory(exc)):
                     raise
                 reply = self._call(script, keys, args, True)
