@@ -3,8 +3,9 @@
 Every broker that names the same server, database and `namespace` shares
 the topics, so producers and consumers may run in many processes and
 hosts. Each operation of the contract runs as one call of a Lua script
-(``_redis.lua``, registered once and called with EVALSHA), so it is
-atomic however many clients run it. That file lists every key.
+(``_redis.lua``, loaded once as a library of functions and called with
+FCALL, or with EVALSHA on servers before Redis 7), so it is atomic
+however many clients run it. That file lists every key.
 
 Mapping
     Each lane of a topic is a Redis Stream, and a message id is its
@@ -317,6 +318,10 @@ _MAY_EXCEED_MAXMEMORY = frozenset({
     "fetch", "ack", "ack_many", "nack", "extend", "release", "put_back",
     "close", "in_flight", "dlq_list", "dlq_purge", "stats", "group_stats"})
 
+
+# Seconds after which a backend that runs EVALSHA because a server out
+# of memory rejected FUNCTION LOAD tries to load the library again.
+_LIBRARY_RETRY_S = 30.0
 
 # The operations that a server above its maxmemory runs only for an
 # existing group or topic. They go through the plain function first, and
@@ -773,6 +778,9 @@ class RedisBackend(Backend):
         # operation with EVALSHA (servers before Redis 7, or an ACL that
         # denies FUNCTION).
         self._library: str | None = None
+        # time.monotonic() at which to try FUNCTION LOAD again after a
+        # server out of memory rejected it, or None.
+        self._library_retry_at: float | None = None
         if connect_retry_timeout is not None:
             self._retry_timeout = connect_retry_timeout
             self._retry_option = "connect_retry_timeout"
@@ -801,9 +809,13 @@ class RedisBackend(Backend):
     def _load_library(self) -> None:
         """Load the script as a library (FUNCTION LOAD), or leave
         `_library` None when the server does not take it."""
+        self._library_retry_at = None
         try:
             self._call(self._client.function_load, self._library_code)
         except self._redis.ResponseError as exc:
+            if self._out_of_memory(exc):
+                self._library_out_of_memory(exc)
+                return
             text = str(exc)
             if "already exists" not in text:
                 if not (text.startswith("unknown command")
@@ -816,6 +828,30 @@ class RedisBackend(Backend):
                 self._library = None
                 return
         self._library = self._library_name
+
+    def _library_out_of_memory(self, exc: BaseException) -> None:
+        """Use the library if the server has it, after FUNCTION LOAD failed
+        with the OOM error. Otherwise run EVALSHA, and try FUNCTION LOAD
+        again after _LIBRARY_RETRY_S.
+
+        A server above its maxmemory rejects FUNCTION LOAD even when the
+        library exists (checked on Redis 7.0.15), but it runs the
+        allow-oom function and SCRIPT LOAD, so consumers can still start
+        and drain it."""
+        try:
+            listed = self._call(self._client.execute_command, "FUNCTION",
+                                "LIST", "LIBRARYNAME", self._library_name)
+        except self._redis.ResponseError:
+            listed = []
+        if listed:
+            self._library = self._library_name
+            return
+        self._library = None
+        self._library_retry_at = time.monotonic() + _LIBRARY_RETRY_S
+        logger.warning(
+            "Redis at %s is out of memory and rejected FUNCTION LOAD (%s); "
+            "mqs runs its script with EVALSHA, and loads the library again "
+            "in %g s", self.url, exc, _LIBRARY_RETRY_S)
 
     def _server_max_bulk(self) -> int:
         """Return the server's proto-max-bulk-len, or its default when the
@@ -908,6 +944,9 @@ class RedisBackend(Backend):
                 allow_oom: bool) -> Any:
         """Run one operation of the script: FCALL of the library, or
         EVALSHA when the server has no library."""
+        retry_at = self._library_retry_at
+        if retry_at is not None and time.monotonic() >= retry_at:
+            self._load_library()
         if self._library is None:
             return self._script(keys=keys, args=args)
         name = self._library + "_oom" if allow_oom else self._library
