@@ -7,9 +7,13 @@ values, not only that no error was raised.
 """
 
 import logging
+import os
 import time
+import uuid
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 import mqs
 from mqs.broker import _redis
@@ -149,3 +153,177 @@ def test_library_lost_while_out_of_memory(redis_server_factory,
         admin.config_set("maxmemory", 0)
         admin.close()
         broker.close()
+
+
+# FCALL against EVALSHA. A library function keeps the file's upvalues
+# between calls, and begin_call resets the per-call state. A reset it
+# misses would carry one call's buffers or caches into the next call,
+# which may be of another topic or group, or come after an error.
+
+_TOPICS = ("t0", "t1")
+_GROUPS = ("g", "h")
+_COMPARED = ("published", "delivered", "acked", "nacked", "redelivered",
+             "late_acks", "dead_lettered", "redriven", "stored", "ready",
+             "in_flight", "dlq", "groups")
+
+_steps = st.lists(st.one_of(
+    st.tuples(st.just("publish"), st.sampled_from(_TOPICS),
+              st.integers(0, 9), st.sampled_from([None, None, "a", "b"]),
+              st.integers(1, 3)),
+    st.tuples(st.just("fetch"), st.integers(0, 3), st.integers(1, 5)),
+    st.tuples(st.just("ack"), st.integers(0, 30)),
+    st.tuples(st.just("nack"), st.integers(0, 30), st.booleans()),
+    st.tuples(st.just("release"), st.integers(0, 30)),
+    st.tuples(st.just("close"), st.integers(0, 3)),
+    st.tuples(st.just("redrive"), st.sampled_from(_TOPICS)),
+    st.tuples(st.just("replace"), st.sampled_from(_TOPICS),
+              st.integers(1, 4)),
+    st.tuples(st.just("error"), st.integers(0, 4),
+              st.sampled_from(_TOPICS)),
+    st.tuples(st.just("missing"),),
+    st.tuples(st.just("stats"), st.sampled_from(_TOPICS)),
+), min_size=10, max_size=40)
+
+
+class _Side:
+    """One broker, in its own namespace, with a consumer per topic and
+    group and the messages that they got and did not settle."""
+
+    def __init__(self, broker):
+        self.broker = broker
+        for topic in _TOPICS:
+            broker.declare_topic(topic, weights={9: 3, 4: 2, 0: 1},
+                                 max_attempts=3)
+        self.consumers = [self._open(topic, group)
+                          for topic in _TOPICS for group in _GROUPS]
+        self.unsettled = []
+        self.serial = 0
+
+    def _open(self, topic, group):
+        return self.broker.consume(topic, group, prefetch=4,
+                                   ack_timeout=600)
+
+    def _error(self, kind, topic):
+        """Run a call that the script rejects, and return the error's
+        type: an unknown operation, bad arguments (MQS_BUG), a Lua runtime
+        error, or a consumer the server does not know."""
+        backend = self.broker.backend
+        consumer = self.consumers[_TOPICS.index(topic) * len(_GROUPS)]
+        calls = [
+            ("nosuch", "g"),
+            ("ack_many", "g", 3, "1-1:1", "0"),
+            # Lua runtime errors after the timers fired: a nil command
+            # argument, and math.min of a nil limit.
+            ("release", "g", 2, "1-1", "1"),
+            ("fetch", "g", consumer._id, "x", 1000, 0, 0, "", ""),
+            ("fetch", "g", "unknown", 5, 1000, 0, 0, "", ""),
+        ]
+        try:
+            backend._run(topic, *calls[kind])
+        except Exception as exc:
+            return type(exc).__name__
+        return None
+
+    def apply(self, step):
+        kind = step[0]
+        broker = self.broker
+        if kind == "publish":
+            bodies = []
+            for _ in range(step[4]):
+                self.serial += 1
+                bodies.append(b"%d" % self.serial)
+            broker.publish_many(step[1], bodies, priority=step[2],
+                                key=step[3])
+            return None
+
+        if kind == "fetch":
+            consumer = self.consumers[step[1]]
+            try:
+                got = consumer.get_many(step[2], timeout=0)
+            except mqs.Empty:
+                return []
+            self.unsettled += got
+            return [(message.topic, message.group, message.body,
+                     message.attempts) for message in got]
+
+        if kind in ("ack", "nack", "release"):
+            if not self.unsettled:
+                return None
+            message = self.unsettled.pop(step[1] % len(self.unsettled))
+            if kind == "ack":
+                return message.ack()
+            if kind == "nack":
+                return message.nack(requeue=step[2], delay=0)
+            return broker.backend.release(message.topic,
+                                          message._consumer.group,
+                                          [message._delivery.tag])
+
+        if kind == "close":
+            consumer = self.consumers[step[1]]
+            self.unsettled = [message for message in self.unsettled
+                              if message._consumer is not consumer]
+            returned = consumer.close(drain=False)
+            self.consumers[step[1]] = self._open(consumer.topic,
+                                                 consumer.group)
+            return returned
+
+        if kind == "redrive":
+            return broker.dlq_redrive(step[1])
+
+        if kind == "replace":
+            broker.declare_topic(step[1], weights={9: 3, 4: 2, 0: 1},
+                                 max_attempts=step[2], replace=True)
+            return None
+
+        if kind == "error":
+            return self._error(step[1], step[2])
+
+        if kind == "missing":
+            with pytest.raises(mqs.UnknownTopic):
+                broker.stats("missing")
+            return None
+
+        stats = broker.stats(step[1])
+        return {name: stats[name] for name in _COMPARED}
+
+
+@settings(max_examples=int(25 * float(os.environ.get("MQS_TEST_SCALE",
+                                                     "1"))),
+          deadline=None,
+          suppress_health_check=[HealthCheck.too_slow,
+                                 HealthCheck.function_scoped_fixture])
+@given(_steps)
+def test_fcall_matches_evalsha(redis_url, steps):
+    """Random operations on two topics with two groups each, with calls
+    that the script rejects between them, return the same values through
+    the library as through EVALSHA, and leave the same counters."""
+    namespaces = [f"mqs-test-{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    sides = []
+    try:
+        for functions, namespace in zip((True, False), namespaces):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(_redis.RedisBackend, "_use_functions",
+                              functions)
+                broker = mqs.Broker(backend="redis", url=redis_url,
+                                    namespace=namespace)
+            sides.append(broker)
+            assert (broker.backend._library is not None) is functions
+        sides = [_Side(broker) for broker in sides]
+        library, script = sides
+        for index, step in enumerate(steps):
+            expected = script.apply(step)
+            got = library.apply(step)
+            assert got == expected, (index, step)
+        for topic in _TOPICS:
+            assert library.apply(("stats", topic)) \
+                == script.apply(("stats", topic))
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        for side in sides:
+            broker = side.broker if isinstance(side, _Side) else side
+            broker.close()
+        for namespace in namespaces:
+            keys = list(client.scan_iter(match=f"{{{namespace}:*"))
+            if keys:
+                client.unlink(*keys)
+        client.close()
