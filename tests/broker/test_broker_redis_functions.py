@@ -155,6 +155,47 @@ def test_library_lost_while_out_of_memory(redis_server_factory,
         broker.close()
 
 
+# The registration of another mqs version: the same Lua body, but its
+# allow-oom function lacks the flag.
+_OTHER_FUNCTIONS = (
+    "redis.register_function{{function_name='{name}', "
+    "callback=function(keys, args) "
+    "return run_call(keys, args, false) end}}\n"
+    "redis.register_function{{function_name='{name}_oom', "
+    "callback=function(keys, args) "
+    "return run_call(keys, args, true) end}}\n")
+
+
+def test_library_name_covers_registration(redis_server_factory,
+                                          monkeypatch):
+    """A library with the same Lua body but other functions or flags, as
+    another mqs version may register, gets a name of its own. A broker
+    never calls the other's functions: here the other's allow-oom
+    function has no flag, so its gets would fail above maxmemory."""
+    server = redis_server_factory()
+    admin = redis.Redis.from_url(server.url)
+    with monkeypatch.context() as patch:
+        patch.setattr(_redis, "_LIBRARY_FUNCTIONS", _OTHER_FUNCTIONS,
+                      raising=False)
+        other = mqs.Broker(backend="redis", url=server.url,
+                           retry_timeout=2)
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
+    try:
+        assert broker.backend._library != other.backend._library
+        assert sorted(_library_names(admin)) == sorted(
+            [broker.backend._library, other.backend._library])
+        consumer = broker.consume("t", "g")
+        broker.publish("t", b"one")
+        _exceed_maxmemory(admin)
+        message = consumer.get(timeout=5)
+        assert message.body == b"one"
+        assert message.ack()
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        broker.close()
+        other.close()
+
 # FCALL against EVALSHA. A library function keeps the file's upvalues
 # between calls, and begin_call resets the per-call state. A reset it
 # misses would carry one call's buffers or caches into the next call,

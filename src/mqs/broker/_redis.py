@@ -330,11 +330,24 @@ _LIBRARY_RETRY_S = 30.0
 _RETRIED_WITH_ALLOW_OOM = frozenset({"open", "declare"})
 
 
+# The lines after the script's body that register the library's two
+# functions: NAME, and NAME_oom with the allow-oom flag.
+_LIBRARY_FUNCTIONS = (
+    "redis.register_function{{function_name='{name}', "
+    "callback=function(keys, args) "
+    "return run_call(keys, args, false) end}}\n"
+    "redis.register_function{{function_name='{name}_oom', "
+    "callback=function(keys, args) "
+    "return run_call(keys, args, true) end, "
+    "flags={{'allow-oom'}}}}\n")
+
+
 def _library_name(body: str) -> str:
     """Return the name of the library that loads `body`: a digest of the
-    code, so that clients of different mqs versions on one server each
-    call their own."""
-    return "mqs_" + hashlib.sha1(body.encode("utf-8")).hexdigest()[:16]
+    body and of _LIBRARY_FUNCTIONS, so that clients of different mqs
+    versions on one server each call their own."""
+    code = body + "\n" + _LIBRARY_FUNCTIONS
+    return "mqs_" + hashlib.sha1(code.encode("utf-8")).hexdigest()[:16]
 
 
 def _eval_script(body: str) -> str:
@@ -345,17 +358,11 @@ def _eval_script(body: str) -> str:
 
 
 def _library_code(body: str) -> str:
-    """Return `body` as a library for FUNCTION LOAD with two functions:
-    NAME, and NAME_oom with the allow-oom flag."""
+    """Return `body` as a library for FUNCTION LOAD, with the functions
+    of _LIBRARY_FUNCTIONS."""
     name = _library_name(body)
     return (f"#!lua name={name}\n{body}\n"
-            f"redis.register_function{{function_name='{name}', "
-            f"callback=function(keys, args) "
-            f"return run_call(keys, args, false) end}}\n"
-            f"redis.register_function{{function_name='{name}_oom', "
-            f"callback=function(keys, args) "
-            f"return run_call(keys, args, true) end, "
-            f"flags={{'allow-oom'}}}}\n")
+            + _LIBRARY_FUNCTIONS.format(name=name))
 
 
 def _redis_module():
