@@ -155,6 +155,34 @@ def test_library_lost_while_out_of_memory(redis_server_factory,
         broker.close()
 
 
+def test_denied_fcall_uses_evalsha(redis_server_factory, caplog):
+    """A user whose ACL allows FUNCTION LOAD but denies FCALL gets every
+    operation through EVALSHA, with the reason logged once at INFO."""
+    server = redis_server_factory()
+    admin = redis.Redis.from_url(server.url)
+    admin.acl_setuser("limited", enabled=True, passwords=["+secret"],
+                      keys=["*"], channels=["*"],
+                      commands=["+@all", "-fcall"])
+    url = server.url.replace("redis://", "redis://limited:secret@", 1)
+    caplog.set_level(logging.INFO, logger="mqs.broker._redis")
+    broker = mqs.Broker(backend="redis", url=url)
+    try:
+        consumer = broker.consume("t", "g")
+        broker.publish_many("t", [b"one", b"two"])
+        for body in (b"one", b"two"):
+            message = consumer.get(timeout=5)
+            assert message.body == body
+            assert message.ack()
+        assert broker.backend._library is None
+        records = [record for record in caplog.records
+                   if "denies FCALL" in record.getMessage()]
+        assert len(records) == 1
+        assert records[0].levelno == logging.INFO
+        assert broker.stats("t")["acked"] == 2
+    finally:
+        admin.close()
+        broker.close()
+
 # The registration of another mqs version: the same Lua body, but its
 # allow-oom function lacks the flag.
 _OTHER_FUNCTIONS = (
