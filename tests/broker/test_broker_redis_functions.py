@@ -155,6 +155,58 @@ def test_library_lost_while_out_of_memory(redis_server_factory,
         broker.close()
 
 
+def test_failed_library_retry_keeps_evalsha(redis_server_factory,
+                                            monkeypatch, caplog):
+    """A retry of FUNCTION LOAD that fails with an error other than OOM
+    leaves the operation running through EVALSHA, logs the error and is
+    tried again after another period, which then loads the library."""
+    monkeypatch.setattr(_redis, "_LIBRARY_RETRY_S", 0.3)
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        library = broker.backend._library
+        consumer = broker.consume("t", "g", prefetch=10)
+        broker.publish_many("t", [b"a", b"b", b"c"])
+        _exceed_maxmemory(admin)
+        admin.function_flush()
+        message = consumer.get(timeout=5)
+        assert message.body == b"a"
+        assert message.ack()
+        assert broker.backend._library is None
+        admin.config_set("maxmemory", 0)
+
+        client = broker.backend._client
+        load = client.function_load
+        failures = []
+
+        def fail_once(code):
+            if not failures:
+                failures.append(code)
+                raise redis.ResponseError("ERR simulated failure")
+            return load(code)
+
+        monkeypatch.setattr(client, "function_load", fail_once)
+        caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
+        time.sleep(0.4)
+        message = consumer.get(timeout=5)
+        assert message.body == b"b"
+        assert message.ack()
+        assert len(failures) == 1
+        assert broker.backend._library is None
+        assert "simulated failure" in caplog.text
+
+        time.sleep(0.4)
+        message = consumer.get(timeout=5)
+        assert message.body == b"c"
+        assert message.ack()
+        assert broker.backend._library == library
+        assert _library_names(admin) == [library]
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        broker.close()
+
 def test_denied_fcall_uses_evalsha(redis_server_factory, caplog):
     """A user whose ACL allows FUNCTION LOAD but denies FCALL gets every
     operation through EVALSHA, with the reason logged once at INFO."""

@@ -816,7 +816,6 @@ class RedisBackend(Backend):
     def _load_library(self) -> None:
         """Load the script as a library (FUNCTION LOAD), or leave
         `_library` None when the server does not take it."""
-        self._library_retry_at = None
         try:
             self._call(self._client.function_load, self._library_code)
         except self._redis.ResponseError as exc:
@@ -833,8 +832,10 @@ class RedisBackend(Backend):
                     "runs its script with EVALSHA, which costs more per "
                     "operation", self.url, text)
                 self._library = None
+                self._library_retry_at = None
                 return
         self._library = self._library_name
+        self._library_retry_at = None
 
     def _library_out_of_memory(self, exc: BaseException) -> None:
         """Use the library if the server has it, after FUNCTION LOAD failed
@@ -852,6 +853,7 @@ class RedisBackend(Backend):
             listed = []
         if listed:
             self._library = self._library_name
+            self._library_retry_at = None
             return
         self._library = None
         self._library_retry_at = time.monotonic() + _LIBRARY_RETRY_S
@@ -947,13 +949,26 @@ class RedisBackend(Backend):
             finally:
                 _reply_timeout.reset(token)
 
+    def _retry_library(self) -> None:
+        """Try FUNCTION LOAD again for a backend that runs EVALSHA because
+        a server out of memory rejected it. An error of this optional
+        load is logged, and the call goes on with EVALSHA."""
+        self._library_retry_at = time.monotonic() + _LIBRARY_RETRY_S
+        try:
+            self._load_library()
+        except self._redis.ResponseError as exc:
+            logger.warning(
+                "Redis at %s: FUNCTION LOAD failed (%s); mqs runs its "
+                "script with EVALSHA, and tries again in %g s", self.url,
+                exc, _LIBRARY_RETRY_S)
+
     def _invoke(self, keys: list, args: Sequence[Any],
                 allow_oom: bool) -> Any:
         """Run one operation of the script: FCALL of the library, or
         EVALSHA when the server has no library."""
         retry_at = self._library_retry_at
         if retry_at is not None and time.monotonic() >= retry_at:
-            self._load_library()
+            self._retry_library()
         if self._library is None:
             return self._script(keys=keys, args=args)
         name = self._library + "_oom" if allow_oom else self._library
