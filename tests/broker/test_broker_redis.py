@@ -1209,6 +1209,46 @@ def test_entry_trimmed_while_pending_dead_letters(open_broker, redis_url,
         consumer.get(timeout=0.2)
 
 
+def test_trimmed_dead_letter_not_redriven(open_broker, redis_url,
+                                          namespace):
+    """A dead letter whose entry was trimmed contains no message, so a
+    redrive leaves it in the dead-letter queue and redrives the others.
+    Redriven, it would be a message without fields, which fails to decode
+    at every delivery."""
+    broker = open_broker()
+    consumer = broker.consume("t", "g", prefetch=10, ack_timeout=0.2)
+    broker.publish("t", b"gone")
+    message = consumer.get(timeout=5)
+    admin = redis.Redis.from_url(redis_url)
+    assert admin.xtrim(lane_stream(namespace, "t", 0), maxlen=0) == 1
+    admin.close()
+    deadline = time.monotonic() + 20
+    while not broker.dlq_list("t") and time.monotonic() < deadline:
+        with pytest.raises(mqs.Empty):
+            consumer.get(timeout=0.1)
+    broker.publish("t", b"kept")
+    kept = consumer.get(timeout=5)
+    assert kept.body == b"kept"
+    assert kept.nack(requeue=False)
+    assert [letter.reason for letter in broker.dlq_list("t")] \
+        == ["trimmed", "rejected"]
+
+    assert broker.dlq_redrive("t", [message.id]) == 0
+    assert broker.dlq_redrive("t") == 1
+    (letter,) = broker.dlq_list("t")
+    assert letter.id == message.id
+    assert letter.reason == "trimmed"
+    again = consumer.get(timeout=5)
+    assert again.body == b"kept"
+    assert again.ack()
+    with pytest.raises(mqs.Empty):
+        consumer.get(timeout=0.2)
+    stats = broker.stats("t")
+    assert stats["redriven"] == 1
+    assert stats["dlq"] == 1
+    assert stats["stored"] == 0
+
+
 def test_ack_of_trimmed_pending_entry(open_broker, redis_url, namespace):
     broker = open_broker()
     consumer = broker.consume("t", "g")

@@ -2421,6 +2421,9 @@ local function dlq_list()
 end
 
 -- ARGV: op, then the message ids to redrive (none: every dead letter).
+-- A dead letter without a body stays in the stream: its entry was
+-- trimmed before it was dead-lettered, so no copy of the message is
+-- left to deliver.
 local function dlq_redrive()
   local wanted = nil
   if #ARGV > 1 then
@@ -2433,7 +2436,7 @@ local function dlq_redrive()
   for _, entry in ipairs(redis.call('XRANGE', DLQ, '-', '+')) do
     local fields = entry[2]
     local id = field(fields, 'id')
-    if wanted == nil or wanted[id] then
+    if (wanted == nil or wanted[id]) and field(fields, 'b') then
       redis.call('XDEL', DLQ, entry[1])
       local g = field(fields, 'g')
       local lane = tonumber(field(fields, 'l'))
