@@ -155,6 +155,50 @@ def test_library_lost_while_out_of_memory(redis_server_factory,
         broker.close()
 
 
+def test_library_lost_again_after_reload(redis_server_factory,
+                                         monkeypatch):
+    """A library removed again between its reload and the call (two
+    FUNCTION FLUSH or restarts close together) is loaded once more, and
+    the operation succeeds. One that keeps going away fails the
+    operation with the server's error."""
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
+    admin = redis.Redis.from_url(server.url)
+    backend = broker.backend
+    load = backend._load_library
+    loads = []
+
+    def load_then_flush(flushes):
+        def run():
+            load()
+            loads.append(True)
+            if len(loads) <= flushes:
+                admin.function_flush()
+        return run
+
+    try:
+        consumer = broker.consume("t", "g")
+        broker.publish("t", b"one")
+        admin.function_flush()
+        monkeypatch.setattr(backend, "_load_library", load_then_flush(2))
+        message = consumer.get(timeout=5)
+        assert message.body == b"one"
+        assert message.ack()
+        assert len(loads) == 3
+        assert _library_names(admin) == [backend._library]
+
+        loads.clear()
+        admin.function_flush()
+        monkeypatch.setattr(backend, "_load_library", load_then_flush(10))
+        with pytest.raises(redis.ResponseError, match="Function not found"):
+            broker.publish("t", b"two")
+        assert len(loads) == 3
+        monkeypatch.setattr(backend, "_load_library", load)
+    finally:
+        admin.close()
+        broker.close()
+
+
 def test_failed_library_retry_keeps_evalsha(redis_server_factory,
                                             monkeypatch, caplog):
     """A retry of FUNCTION LOAD that fails with an error other than OOM

@@ -323,6 +323,11 @@ _MAY_EXCEED_MAXMEMORY = frozenset({
 # of memory rejected FUNCTION LOAD tries to load the library again.
 _LIBRARY_RETRY_S = 30.0
 
+# FUNCTION LOADs that one operation makes at most when FCALL finds the
+# library gone, as a FUNCTION FLUSH or restart may remove it again
+# before the call.
+_LIBRARY_LOADS = 3
+
 # The operations that a server above its maxmemory runs only for an
 # existing group or topic. They go through the plain function first, and
 # after its OOM error through the allow-oom one, where the script rejects
@@ -969,31 +974,31 @@ class RedisBackend(Backend):
         retry_at = self._library_retry_at
         if retry_at is not None and time.monotonic() >= retry_at:
             self._retry_library()
-        if self._library is None:
-            return self._script(keys=keys, args=args)
-        name = self._library + "_oom" if allow_oom else self._library
-        try:
-            return self._client.fcall(name, len(keys), *keys, *args)
-        except self._redis.ResponseError as exc:
-            text = str(exc)
-            if "'fcall' command" in text:
-                # An ACL that allows FUNCTION LOAD but denies FCALL: the
-                # NOPERM reply names the command, and a key that the ACL
-                # denies gives another text.
-                logger.info(
-                    "Redis at %s denies FCALL (%s); mqs runs its script "
-                    "with EVALSHA, which costs more per operation",
-                    self.url, text)
-                self._library = None
+        for loads in itertools.count():
+            if self._library is None:
                 return self._script(keys=keys, args=args)
-            # A restart without persistence or a FUNCTION FLUSH removed
-            # the library.
-            if "Function not found" not in text:
-                raise
-        self._load_library()
-        if self._library is None:
-            return self._script(keys=keys, args=args)
-        return self._client.fcall(name, len(keys), *keys, *args)
+            name = self._library + "_oom" if allow_oom else self._library
+            try:
+                return self._client.fcall(name, len(keys), *keys, *args)
+            except self._redis.ResponseError as exc:
+                text = str(exc)
+                if "'fcall' command" in text:
+                    # An ACL that allows FUNCTION LOAD but denies FCALL:
+                    # the NOPERM reply names the command, and a key that
+                    # the ACL denies gives another text.
+                    logger.info(
+                        "Redis at %s denies FCALL (%s); mqs runs its "
+                        "script with EVALSHA, which costs more per "
+                        "operation", self.url, text)
+                    self._library = None
+                    return self._script(keys=keys, args=args)
+                # A restart without persistence or a FUNCTION FLUSH
+                # removed the library. It may be removed again between
+                # the load and the call, so the load is tried a few times.
+                if "Function not found" not in text \
+                        or loads >= _LIBRARY_LOADS:
+                    raise
+            self._load_library()
 
     def _meta(self, topic: str) -> str:
         if "{" in topic or "}" in topic:
