@@ -109,13 +109,11 @@ def test_broker_opens_while_out_of_memory(redis_server_factory,
             second.close()
 
 
-def test_library_lost_while_out_of_memory(redis_server_factory,
-                                          monkeypatch, caplog):
+def test_library_lost_while_out_of_memory(redis_server_factory, caplog):
     """A library lost while the server is above its maxmemory cannot be
     loaded again, because FUNCTION LOAD adds data. The broker then runs
     EVALSHA and logs it, and loads the library again once memory is
     back."""
-    monkeypatch.setattr(_redis, "_LIBRARY_RETRY_S", 0.5)
     server = redis_server_factory()
     broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
     admin = redis.Redis.from_url(server.url)
@@ -137,9 +135,11 @@ def test_library_lost_while_out_of_memory(redis_server_factory,
                    if "rejected FUNCTION LOAD" in record.getMessage()]
         assert len(records) == 1
         assert "EVALSHA" in records[0].getMessage()
+        assert broker.backend._library_retry_at > time.monotonic() + 20
 
         admin.config_set("maxmemory", 0)
-        time.sleep(0.6)
+        # The retry period (30 s) passed.
+        broker.backend._library_retry_at = time.monotonic()
         admin.config_resetstat()
         message = consumer.get(timeout=5)
         assert message.body == b"b"
@@ -204,7 +204,6 @@ def test_failed_library_retry_keeps_evalsha(redis_server_factory,
     """A retry of FUNCTION LOAD that fails with an error other than OOM
     leaves the operation running through EVALSHA, logs the error and is
     tried again after another period, which then loads the library."""
-    monkeypatch.setattr(_redis, "_LIBRARY_RETRY_S", 0.3)
     server = redis_server_factory()
     broker = mqs.Broker(backend="redis", url=server.url, retry_timeout=2)
     admin = redis.Redis.from_url(server.url)
@@ -232,7 +231,7 @@ def test_failed_library_retry_keeps_evalsha(redis_server_factory,
 
         monkeypatch.setattr(client, "function_load", fail_once)
         caplog.set_level(logging.WARNING, logger="mqs.broker._redis")
-        time.sleep(0.4)
+        broker.backend._library_retry_at = time.monotonic()
         message = consumer.get(timeout=5)
         assert message.body == b"b"
         assert message.ack()
@@ -240,7 +239,7 @@ def test_failed_library_retry_keeps_evalsha(redis_server_factory,
         assert broker.backend._library is None
         assert "simulated failure" in caplog.text
 
-        time.sleep(0.4)
+        broker.backend._library_retry_at = time.monotonic()
         message = consumer.get(timeout=5)
         assert message.body == b"c"
         assert message.ack()
