@@ -1226,8 +1226,10 @@ def test_trimmed_dead_letter_not_redriven(open_broker, redis_url,
     while not broker.dlq_list("t") and time.monotonic() < deadline:
         with pytest.raises(mqs.Empty):
             consumer.get(timeout=0.1)
+    # Far from its ack deadline, so that the acks below are in time.
+    steady = broker.consume("t", "g", prefetch=10, ack_timeout=60)
     broker.publish("t", b"kept")
-    kept = consumer.get(timeout=5)
+    kept = steady.get(timeout=5)
     assert kept.body == b"kept"
     assert kept.nack(requeue=False)
     assert [letter.reason for letter in broker.dlq_list("t")] \
@@ -1238,11 +1240,11 @@ def test_trimmed_dead_letter_not_redriven(open_broker, redis_url,
     (letter,) = broker.dlq_list("t")
     assert letter.id == message.id
     assert letter.reason == "trimmed"
-    again = consumer.get(timeout=5)
+    again = steady.get(timeout=5)
     assert again.body == b"kept"
     assert again.ack()
     with pytest.raises(mqs.Empty):
-        consumer.get(timeout=0.2)
+        steady.get(timeout=0.2)
     stats = broker.stats("t")
     assert stats["redriven"] == 1
     assert stats["dlq"] == 1
