@@ -1183,11 +1183,11 @@ def test_fetch_bounds_entries_skipped_per_call(open_broker, options):
         assert stats["delayed"] == 2500
 
 
-def test_entry_trimmed_while_pending_dead_letters(open_broker, redis_url,
-                                                  namespace):
-    broker = open_broker()
-    consumer = broker.consume("t", "g", ack_timeout=0.2)
-    broker.publish("t", b"gone", headers={"trace": "t1"})
+def _trim_in_flight(broker, consumer, redis_url, namespace, **options):
+    """Publish b"gone" to topic "t", get it with `consumer` (whose ack
+    timeout is short), trim it from its stream and wait until its ack
+    deadline dead-letters it; return the message."""
+    broker.publish("t", b"gone", **options)
     message = consumer.get(timeout=5)
     admin = redis.Redis.from_url(redis_url)
     assert admin.xtrim(lane_stream(namespace, "t", 0), maxlen=0) == 1
@@ -1196,6 +1196,15 @@ def test_entry_trimmed_while_pending_dead_letters(open_broker, redis_url,
     while not broker.dlq_list("t") and time.monotonic() < deadline:
         with pytest.raises(mqs.Empty):
             consumer.get(timeout=0.1)
+    return message
+
+
+def test_entry_trimmed_while_pending_dead_letters(open_broker, redis_url,
+                                                  namespace):
+    broker = open_broker()
+    consumer = broker.consume("t", "g", ack_timeout=0.2)
+    message = _trim_in_flight(broker, consumer, redis_url, namespace,
+                              headers={"trace": "t1"})
     (letter,) = broker.dlq_list("t")
     assert letter.id == message.id
     assert letter.reason == "trimmed"
@@ -1217,15 +1226,7 @@ def test_trimmed_dead_letter_not_redriven(open_broker, redis_url,
     at every delivery."""
     broker = open_broker()
     consumer = broker.consume("t", "g", prefetch=10, ack_timeout=0.2)
-    broker.publish("t", b"gone")
-    message = consumer.get(timeout=5)
-    admin = redis.Redis.from_url(redis_url)
-    assert admin.xtrim(lane_stream(namespace, "t", 0), maxlen=0) == 1
-    admin.close()
-    deadline = time.monotonic() + 20
-    while not broker.dlq_list("t") and time.monotonic() < deadline:
-        with pytest.raises(mqs.Empty):
-            consumer.get(timeout=0.1)
+    message = _trim_in_flight(broker, consumer, redis_url, namespace)
     # Far from its ack deadline, so that the acks below are in time.
     steady = broker.consume("t", "g", prefetch=10, ack_timeout=60)
     broker.publish("t", b"kept")
@@ -2277,85 +2278,3 @@ def test_idle_consumer_expires_and_returns(open_broker, monkeypatch,
     assert len(records) == 1
     assert records[0].levelno == logging.INFO
     assert "lease" in records[0].getMessage()
-
-
-# Library functions.
-
-def test_library_reloaded_after_function_flush(redis_server_factory):
-    """Operations run as FCALL of the library that the broker loaded, and
-    a server that lost the library (FUNCTION FLUSH, or a restart without
-    persistence) gets it again at the next call, which then succeeds."""
-    server = redis_server_factory()
-    broker = mqs.Broker(backend="redis", url=server.url)
-    admin = redis.Redis.from_url(server.url)
-    try:
-        library = broker.backend._library
-        assert library is not None and library.startswith("mqs_")
-        consumer = broker.consume("t", "g")
-        admin.config_resetstat()
-        broker.publish("t", b"one")
-        calls = admin.info("commandstats")
-        assert calls["cmdstat_fcall"]["calls"] == 1
-        assert "cmdstat_evalsha" not in calls
-
-        admin.function_flush()
-        assert admin.function_list() == []
-        broker.publish("t", b"two")
-        names = [entry[b"library_name"] if b"library_name" in entry
-                 else entry["library_name"]
-                 for entry in map(_as_dict, admin.function_list())]
-        assert names in ([library.encode()], [library])
-        for body in (b"one", b"two"):
-            message = consumer.get(timeout=5)
-            assert message.body == body
-            assert message.ack()
-    finally:
-        admin.close()
-        broker.close()
-
-
-def _as_dict(entry):
-    """Return a FUNCTION LIST entry as a dict (RESP2 returns a flat
-    list of names and values)."""
-    if isinstance(entry, dict):
-        return entry
-    return dict(zip(entry[::2], entry[1::2]))
-
-
-def test_denied_function_load_uses_evalsha(redis_server_factory, caplog):
-    """A user whose ACL denies FUNCTION gets every operation through
-    EVALSHA, with the reason logged once at INFO."""
-    server = redis_server_factory()
-    admin = redis.Redis.from_url(server.url)
-    admin.acl_setuser("limited", enabled=True, passwords=["+secret"],
-                      keys=["*"], channels=["*"],
-                      commands=["+@all", "-function"])
-    url = server.url.replace("redis://", "redis://limited:secret@", 1)
-    caplog.set_level(logging.INFO, logger="mqs.broker._redis")
-    broker = mqs.Broker(backend="redis", url=url)
-    try:
-        assert broker.backend._library is None
-        records = [record for record in caplog.records
-                   if "FUNCTION LOAD" in record.getMessage()]
-        assert len(records) == 1
-        assert records[0].levelno == logging.INFO
-        consumer = broker.consume("t", "g")
-        admin.config_resetstat()
-        broker.publish("t", b"one")
-        assert "cmdstat_fcall" not in admin.info("commandstats")
-        message = consumer.get(timeout=5)
-        assert message.body == b"one"
-        assert message.ack()
-    finally:
-        admin.close()
-        broker.close()
-
-
-def test_allow_oom_ops_match_script():
-    """The client's list of operations that a server above its
-    maxmemory runs is the script's MAY_EXCEED_MAXMEMORY table."""
-    source = _redis._load_script()
-    table = re.search(r"local MAY_EXCEED_MAXMEMORY = \{(.*?)\}", source,
-                      re.S).group(1)
-    names = set(re.findall(r"(\w+) = true", table))
-    assert names == set(_redis._MAY_EXCEED_MAXMEMORY)

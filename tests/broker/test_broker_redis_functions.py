@@ -8,6 +8,7 @@ values, not only that no error was raised.
 
 import logging
 import os
+import re
 import time
 import uuid
 
@@ -250,19 +251,25 @@ def test_failed_library_retry_keeps_evalsha(redis_server_factory,
         admin.close()
         broker.close()
 
-def test_denied_fcall_uses_evalsha(redis_server_factory, caplog):
-    """A user whose ACL allows FUNCTION LOAD but denies FCALL gets every
-    operation through EVALSHA, with the reason logged once at INFO."""
+@pytest.mark.parametrize("denied, reason", [
+    ("-function", "does not take FUNCTION LOAD"),
+    ("-fcall", "denies FCALL")], ids=["function", "fcall"])
+def test_denied_acl_uses_evalsha(redis_server_factory, caplog, denied,
+                                 reason):
+    """A user whose ACL denies FUNCTION, or allows FUNCTION LOAD but
+    denies FCALL, gets every operation through EVALSHA, with the reason
+    logged once at INFO."""
     server = redis_server_factory()
     admin = redis.Redis.from_url(server.url)
     admin.acl_setuser("limited", enabled=True, passwords=["+secret"],
                       keys=["*"], channels=["*"],
-                      commands=["+@all", "-fcall"])
+                      commands=["+@all", denied])
     url = server.url.replace("redis://", "redis://limited:secret@", 1)
     caplog.set_level(logging.INFO, logger="mqs.broker._redis")
     broker = mqs.Broker(backend="redis", url=url)
     try:
         consumer = broker.consume("t", "g")
+        admin.config_resetstat()
         broker.publish_many("t", [b"one", b"two"])
         for body in (b"one", b"two"):
             message = consumer.get(timeout=5)
@@ -270,13 +277,55 @@ def test_denied_fcall_uses_evalsha(redis_server_factory, caplog):
             assert message.ack()
         assert broker.backend._library is None
         records = [record for record in caplog.records
-                   if "denies FCALL" in record.getMessage()]
+                   if reason in record.getMessage()]
         assert len(records) == 1
         assert records[0].levelno == logging.INFO
+        assert "cmdstat_evalsha" in admin.info("commandstats")
         assert broker.stats("t")["acked"] == 2
     finally:
         admin.close()
         broker.close()
+
+
+def test_library_reloaded_after_function_flush(redis_server_factory):
+    """Operations run as FCALL of the library that the broker loaded, and
+    a server that lost the library (FUNCTION FLUSH, or a restart without
+    persistence) gets it again at the next call, which then succeeds."""
+    server = redis_server_factory()
+    broker = mqs.Broker(backend="redis", url=server.url)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        library = broker.backend._library
+        assert library is not None and library.startswith("mqs_")
+        consumer = broker.consume("t", "g")
+        admin.config_resetstat()
+        broker.publish("t", b"one")
+        calls = admin.info("commandstats")
+        assert calls["cmdstat_fcall"]["calls"] == 1
+        assert "cmdstat_evalsha" not in calls
+
+        admin.function_flush()
+        assert _library_names(admin) == []
+        broker.publish("t", b"two")
+        assert _library_names(admin) == [library]
+        for body in (b"one", b"two"):
+            message = consumer.get(timeout=5)
+            assert message.body == body
+            assert message.ack()
+    finally:
+        admin.close()
+        broker.close()
+
+
+def test_allow_oom_ops_match_script():
+    """The client's list of operations that a server above its
+    maxmemory runs is the script's MAY_EXCEED_MAXMEMORY table."""
+    source = _redis._load_script()
+    table = re.search(r"local MAY_EXCEED_MAXMEMORY = \{(.*?)\}", source,
+                      re.S).group(1)
+    names = set(re.findall(r"(\w+) = true", table))
+    assert names == set(_redis._MAY_EXCEED_MAXMEMORY)
+
 
 # The registration of another mqs version: the same Lua body, but its
 # allow-oom function lacks the flag.
