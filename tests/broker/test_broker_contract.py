@@ -998,6 +998,21 @@ def test_delay_longer_than_ack_timeout_delivers_once(broker):
     assert broker.stats("t")["delivered"] == 1
 
 
+def test_delayed_batch_keeps_publish_order(broker):
+    """Messages published together with one delay fall due at the same
+    time and come out in publish order (Redis orders timers of equal
+    time by their text, in which id "<ms>-10" sorts before "<ms>-9")."""
+    consumer = broker.consume("t", "g", prefetch=1000)
+    broker.publish_many("t", list(range(300)), delay=0.2)
+    received = []
+    deadline = time.monotonic() + 30
+    while len(received) < 300 and time.monotonic() < deadline:
+        batch = consumer.get_many(300, timeout=5)
+        received += [message.body for message in batch]
+        assert consumer.ack_many(batch) == len(batch)
+    assert received == list(range(300))
+
+
 def test_at_accepts_wall_clock_time(broker):
     consumer = broker.consume("t", "g")
     broker.publish("t", "at", at=time.time() + 0.1)
