@@ -1120,6 +1120,8 @@ local FIRE_MAX = 2000
 -- before "<ms>-9", so the delayed messages of one publish_many came out
 -- of order. A group of equal times is taken whole (up to FIRE_MAX
 -- timers), so that the next batch does not start inside it.
+-- NOTE: of a larger group, each call takes the FIRE_MAX first in text
+-- order and sorts those, so publish order holds only within each call.
 local function due_timers()
   local raw = redis.call('ZRANGEBYSCORE', TM, '-inf', NOW, 'WITHSCORES',
                          'LIMIT', 0, FIRE_BATCH)
