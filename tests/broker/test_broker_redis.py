@@ -1184,9 +1184,9 @@ def test_fetch_bounds_entries_skipped_per_call(open_broker, options):
 
 
 def _trim_in_flight(broker, consumer, redis_url, namespace, **options):
-    """Publish b"gone" to topic "t", get it with `consumer` (whose ack
-    timeout is short), trim it from its stream and wait until its ack
-    deadline dead-letters it; return the message."""
+    """Publish b"gone" to topic "t" and get it with `consumer`, whose ack
+    timeout is short. Then trim it from its stream, wait until its ack
+    deadline dead-letters it, and return the message."""
     broker.publish("t", b"gone", **options)
     message = consumer.get(timeout=5)
     admin = redis.Redis.from_url(redis_url)

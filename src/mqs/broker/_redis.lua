@@ -2769,10 +2769,10 @@ local function run_call(keys, args, allow_oom)
   end
   -- A server whose used memory is above maxmemory (and that may evict
   -- nothing) rejects the first write command that can add data of a
-  -- script without a "#!lua" flags line (the OOM error, as the Redis
-  -- docs page "OOM error" describes), but no write after the script
-  -- wrote anything (checked on Redis 7.0.15, and by the backend's
-  -- tests). These operations free memory or add little, and consumers
+  -- script without a "#!lua" flags line, with the OOM error that the
+  -- Redis docs page "OOM error" describes. It rejects no write after
+  -- the script wrote anything (checked on Redis 7.0.15, and by the
+  -- backend's tests). These operations free memory or add little, and consumers
   -- need them to drain a topic, so each starts with a write that adds
   -- nothing (HDEL of a field that never exists). Publishing, declaring
   -- and creating a group still get the OOM error. A library function
