@@ -75,6 +75,19 @@ def test_decoding_client_is_rejected(redis_url, namespace):
         client.close()
 
 
+def test_client_with_url_is_rejected(redis_url, namespace):
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with pytest.raises(ValueError, match="not both") as raised:
+            mqs.Broker(backend="redis", client=client, namespace=namespace,
+                       url="redis://user:secret@127.0.0.1:1/0")
+        message = str(raised.value)
+        assert "url=" in message and "client=" in message
+        assert "secret" not in message
+    finally:
+        client.close()
+
+
 # The min idle time of the backend's XAUTOCLAIM (CLAIM_IDLE_MS in
 # _redis.lua): a delivery's PEL idle time reaches it at the ack deadline.
 CLAIM_IDLE_MS = 10 ** 12

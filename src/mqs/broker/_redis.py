@@ -736,6 +736,11 @@ class RedisBackend(Backend):
             pool.connection_class = _bounded_connection_class(
                 pool.connection_class)
         else:
+            if url is not None:
+                raise ValueError(
+                    f"pass url= or client=, not both: the backend would "
+                    f"connect through client {client!r} and ignore url "
+                    f"{_masked_url(url)!r}")
             # The backend parses replies as bytes, so a client that
             # decodes them would fail at the first publish or get.
             if client.get_connection_kwargs().get("decode_responses"):
