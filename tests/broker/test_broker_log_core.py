@@ -107,7 +107,7 @@ def test_image_replays_core_operations(tmp_path, ops, max_attempts):
             elif op == "group":
                 index = core.open_group(group, number % 2 == 0, None, now)
                 image.open_group(group, number % 2 == 0, None)
-                # One consumer per group: the core holds 8.
+                # One consumer per group: a core takes at most 8.
                 if group not in consumers:
                     consumers[group] = (index, core.open_consumer(
                         index, 100, 1, now))
