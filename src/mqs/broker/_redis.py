@@ -792,8 +792,9 @@ class RedisBackend(Backend):
         self._library_code = _library_code(body)
         self._library_name = _library_name(body)
         # The library's name once FUNCTION LOAD succeeded; None runs every
-        # operation with EVALSHA (servers before Redis 7, or an ACL that
-        # denies FUNCTION).
+        # operation with EVALSHA: servers before Redis 7, an ACL that
+        # denies FUNCTION or FCALL, or a server out of memory until a
+        # retry at `_library_retry_at` loads the library.
         self._library: str | None = None
         # time.monotonic() at which to try FUNCTION LOAD again after a
         # server out of memory rejected it, or None.
