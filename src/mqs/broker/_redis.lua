@@ -1149,18 +1149,12 @@ local function due_timers()
     timer[4] = tonumber(ms) or -1
     timer[5] = tonumber(seq) or -1
   end
+  -- Fields 2 to 5 in turn: time, kind, the id's time and sequence.
   table.sort(due, function(a, b)
-    if a[2] ~= b[2] then
-      return a[2] < b[2]
-    end
-    if a[3] ~= b[3] then
-      return a[3] < b[3]
-    end
-    if a[4] ~= b[4] then
-      return a[4] < b[4]
-    end
-    if a[5] ~= b[5] then
-      return a[5] < b[5]
+    for key = 2, 5 do
+      if a[key] ~= b[key] then
+        return a[key] < b[key]
+      end
     end
     return a[1] < b[1]
   end)
@@ -2772,9 +2766,9 @@ local function run_call(keys, args, allow_oom)
   -- script without a "#!lua" flags line, with the OOM error that the
   -- Redis docs page "OOM error" describes. It rejects no write after
   -- the script wrote anything (checked on Redis 7.0.15, and by the
-  -- backend's tests). These operations free memory or add little, and consumers
-  -- need them to drain a topic, so each starts with a write that adds
-  -- nothing (HDEL of a field that never exists). Publishing, declaring
+  -- backend's tests). These operations free memory or add little. As
+  -- consumers need them to drain a topic, each starts with a write that
+  -- adds nothing (HDEL of a field that never exists). Publishing, declaring
   -- and creating a group still get the OOM error. A library function
   -- gets that error before it starts unless it has the allow-oom flag.
   -- So the client calls these operations through the one that has it.
