@@ -891,7 +891,7 @@ class SharedLogBackend(ShmBackend):
         self._journal = None
         self._durable = None
         try:
-            self._attach(journal_bytes, segment_bytes)
+            self._attach(journal_bytes)
         except BaseException:
             # Nothing is left to close, at exit or later.
             _instances.discard(self)
@@ -901,7 +901,7 @@ class SharedLogBackend(ShmBackend):
             raise
         self._start_thread()
 
-    def _attach(self, journal_bytes: int, segment_bytes: int) -> None:
+    def _attach(self, journal_bytes: int) -> None:
         """Give the directory its id, take the shared locks, attach to the
         journal (creating it if needed) and catch up with the broker."""
         directory = self.path
@@ -926,7 +926,7 @@ class SharedLogBackend(ShmBackend):
                 "it open applies instead of %d (it holds until every "
                 "process closed the broker)", directory, shared,
                 self._segment_bytes)
-            self._segment_bytes = segment_bytes = shared
+            self._segment_bytes = shared
         # The writer may be a process that opened with a weaker mode;
         # these words make it sync as this process's mode promises.
         if self.fsync == "always":
@@ -935,7 +935,7 @@ class SharedLogBackend(ShmBackend):
             self._durable[_INTERVAL_USED] = 1
         self._journal = SharedJournal(self._journal_file, journal_bytes)
         self._max_record = min(self._journal.journal_bytes // 2,
-                               max_record_bytes(segment_bytes))
+                               max_record_bytes(self._segment_bytes))
         self._slot, self._token = self._journal.attach()
         _instances.add(self)
         self._try_writer_lock()
