@@ -82,7 +82,8 @@ def test_client_with_url_is_rejected(redis_url, namespace):
             mqs.Broker(backend="redis", client=client, namespace=namespace,
                        url="redis://user:secret@127.0.0.1:1/0")
         message = str(raised.value)
-        assert "url=" in message and "client=" in message
+        assert "url=" in message
+        assert "client=" in message
         assert "secret" not in message
     finally:
         client.close()
